@@ -1,0 +1,32 @@
+"""The ``cpp`` backend: the compiled CPU extension ``aqcf_kernels._C`` (csrc/cpu)."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from ..params import ConvParams
+
+try:
+    from .. import _C  # type: ignore[attr-defined]
+
+    _IMPORT_ERROR: str | None = None
+except ImportError as e:  # not built: `pip install -e .` builds it
+    _C = None
+    _IMPORT_ERROR = f"extension aqcf_kernels._C not built ({e})"
+
+
+class CppBackend:
+    name = "cpp"
+    device_types = ("cpu",)
+
+    def unavailable(self) -> str | None:
+        return _IMPORT_ERROR
+
+    def cannot_serve(self, input: Tensor, weight: Tensor, params: ConvParams, algorithm: str) -> str | None:
+        return None
+
+    def conv(self, input, weight, bias, p: ConvParams, algorithm: str) -> Tensor:
+        return _C.conv(input, weight, bias, *p.as_op_args(), algorithm == "fast8")
+
+    def conv_weight_grad(self, input, grad_output, weight_shape, p: ConvParams, algorithm: str) -> Tensor:
+        return _C.conv_weight_grad(input, grad_output, list(weight_shape), *p.as_op_args(), algorithm == "fast8")

@@ -1,0 +1,93 @@
+"""The ``torch`` backend: composite PyTorch, any device, any floating dtype, always available.
+
+``hamilton`` runs one real conv on the expanded weight (the 16 products fused into one dense
+GEMM by oneDNN/cuDNN); ``fast8`` runs 8 dense real convs on transformed operands.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..params import ConvParams
+from ..quaternion import (
+    conjugate_components,
+    expand_weight_grouped,
+    fast8_product,
+    fold_weight_grad_grouped,
+    from_group_major,
+    to_group_major,
+)
+
+
+def real_conv(x: Tensor, w: Tensor, p: ConvParams) -> Tensor:
+    """The real (transposed) conv that one quaternion product is made of."""
+    n = p.spatial_dims
+    if p.transposed:
+        fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[n - 1]
+        return fn(x, w, None, p.stride, p.padding, p.output_padding, p.groups, p.dilation)
+    fn = (F.conv1d, F.conv2d, F.conv3d)[n - 1]
+    return fn(x, w, None, p.stride, p.padding, p.dilation, p.groups)
+
+
+def real_conv_weight_grad(x: Tensor, gy: Tensor, weight_shape, p: ConvParams) -> Tensor:
+    """Gradient w.r.t. the weight of the NON-transposed real conv ``gy = conv(x, w)``."""
+    dummy = gy.new_empty(1).expand(weight_shape)
+    return torch.ops.aten.convolution_backward(
+        gy, x, dummy, None, p.stride, p.padding, p.dilation, False, [0] * p.spatial_dims,
+        p.groups, [False, True, False],
+    )[1]
+
+
+def add_bias(y: Tensor, bias: Tensor | None) -> Tensor:
+    if bias is None:
+        return y
+    return y + bias.view(1, -1, *([1] * (y.dim() - 2)))
+
+
+def as_nontransposed(p: ConvParams) -> ConvParams:
+    return ConvParams(p.spatial_dims, p.stride, p.padding, p.dilation, False, (0,) * p.spatial_dims, p.groups)
+
+
+class TorchBackend:
+    name = "torch"
+    device_types = ("cpu", "cuda", "mps", "xpu", "meta")
+
+    def unavailable(self) -> str | None:
+        return None
+
+    def cannot_serve(self, input, weight, params, algorithm) -> str | None:
+        return None
+
+    def conv(self, input: Tensor, weight: Tensor, bias: Tensor | None, p: ConvParams, algorithm: str) -> Tensor:
+        if algorithm == "hamilton":
+            e = expand_weight_grouped(weight, p.groups)
+            y = from_group_major(real_conv(to_group_major(input, p.groups), e, p), p.groups)
+            return add_bias(y, bias)
+        # A transposed conv is the adjoint: conj(W) ⊗ x with conv_transpose products.
+        w = weight.unbind(0)
+        left = conjugate_components(w) if p.transposed else w
+        out = fast8_product(left, input.chunk(4, dim=1), lambda wc, xc: real_conv(xc, wc, p))
+        return add_bias(torch.cat(out, dim=1), bias)
+
+    def conv_weight_grad(self, input: Tensor, grad_output: Tensor, weight_shape, p: ConvParams, algorithm: str) -> Tensor:
+        # For a transposed conv y = convT(x, W), <gy, convT(x, W)> = <conv(gy, W), x>: its weight
+        # gradient is the non-transposed one with the roles of input and grad_output swapped.
+        if p.transposed:
+            input, grad_output = grad_output, input
+        q = as_nontransposed(p)
+        if algorithm == "hamilton":
+            shape = [4 * weight_shape[1], 4 * weight_shape[2], *weight_shape[3:]]
+            ge = real_conv_weight_grad(to_group_major(input, q.groups), to_group_major(grad_output, q.groups), shape, q)
+            return fold_weight_grad_grouped(ge, q.groups)
+        # gW = gy ⊗ conj(x), each product a weight-gradient correlation.
+        wgrad = partial(real_conv_weight_grad, weight_shape=list(weight_shape[1:]), p=q)
+        out = fast8_product(
+            grad_output.chunk(4, dim=1),
+            conjugate_components(input.chunk(4, dim=1)),
+            lambda g, x: wgrad(x, g),
+        )
+        return torch.stack(out, dim=0)

@@ -1,0 +1,109 @@
+"""``torch.nn.functional``-style quaternion ops over ``torch.ops.aqcf``.
+
+Arguments follow ``F.conv{1,2,3}d`` / ``F.conv_transpose{1,2,3}d``; channel counts are real
+channels in the blocked ``[r|i|j|k]`` layout; the weight is ``(4, out/4, in/4/groups, *k)``
+(transposed: ``(4, in/4, out/4/groups, *k)``). ``algorithm`` is 'auto', 'hamilton' or 'fast8'.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import ops  # noqa: F401  (registers torch.ops.aqcf)
+from .params import IntOrSeq, check_conv_args, fast8_pays_off
+
+
+def quaternion_conv(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: IntOrSeq = 1,
+    padding: IntOrSeq | str = 0,
+    dilation: IntOrSeq = 1,
+    groups: int = 1,
+    *,
+    transposed: bool = False,
+    output_padding: IntOrSeq = 0,
+    algorithm: str = "auto",
+) -> Tensor:
+    """Quaternion (transposed) conv of any spatial rank (taken from ``weight.dim() - 3``)."""
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"weight must be a Tensor, got {type(weight).__name__}")
+    spatial_dims = weight.dim() - 3
+    if spatial_dims not in (1, 2, 3):
+        raise ValueError(f"weight must have 4, 5 or 6 dims (4, A, B, *kernel), got shape {tuple(weight.shape)}")
+    p, extra = check_conv_args(
+        input, weight, bias, spatial_dims, stride, padding, dilation, groups, transposed, output_padding, algorithm
+    )
+    if any(extra):  # padding='same' with an even effective kernel: one more on the right
+        input = F.pad(input, [v for e in reversed(extra) for v in (0, e)])
+    if algorithm == "auto":
+        algorithm = "fast8" if fast8_pays_off(input, weight, p) else "hamilton"
+    return torch.ops.aqcf.qconv(input, weight, bias, *p.as_op_args(), algorithm)
+
+
+def _check_rank(name: str, weight: Tensor, spatial_dims: int) -> None:
+    if isinstance(weight, Tensor) and weight.dim() != spatial_dims + 3:
+        raise ValueError(
+            f"{name}: weight must be {spatial_dims + 3}-D (4, A, B, *kernel_size), got shape {tuple(weight.shape)}"
+        )
+
+
+def _make_conv(spatial_dims: int):
+    name = f"quaternion_conv{spatial_dims}d"
+
+    def conv(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, algorithm="auto"):
+        _check_rank(name, weight, spatial_dims)
+        return quaternion_conv(input, weight, bias, stride, padding, dilation, groups, algorithm=algorithm)
+
+    conv.__name__ = conv.__qualname__ = name
+    conv.__doc__ = f"Quaternion {spatial_dims}d conv ``y = W ⊗ x``; arguments as ``F.conv{spatial_dims}d``."
+    return conv
+
+
+def _make_conv_transpose(spatial_dims: int):
+    name = f"quaternion_conv_transpose{spatial_dims}d"
+
+    def conv_transpose(
+        input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1, *, algorithm="auto"
+    ):
+        _check_rank(name, weight, spatial_dims)
+        return quaternion_conv(
+            input, weight, bias, stride, padding, dilation, groups,
+            transposed=True, output_padding=output_padding, algorithm=algorithm,
+        )
+
+    conv_transpose.__name__ = conv_transpose.__qualname__ = name
+    conv_transpose.__doc__ = (
+        f"Quaternion {spatial_dims}d transposed conv (the adjoint of the conv with the same weight); "
+        f"arguments as ``F.conv_transpose{spatial_dims}d``."
+    )
+    return conv_transpose
+
+
+quaternion_conv1d = _make_conv(1)
+quaternion_conv2d = _make_conv(2)
+quaternion_conv3d = _make_conv(3)
+quaternion_conv_transpose1d = _make_conv_transpose(1)
+quaternion_conv_transpose2d = _make_conv_transpose(2)
+quaternion_conv_transpose3d = _make_conv_transpose(3)
+
+
+def quaternion_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, algorithm: str = "auto") -> Tensor:
+    """Quaternion linear map over the last dim (blocked ``[r|i|j|k]``); weight ``(4, out/4, in/4)``."""
+    if not isinstance(weight, Tensor) or weight.dim() != 3 or weight.shape[0] != 4:
+        shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
+        raise ValueError(f"quaternion_linear: weight must have shape (4, out/4, in/4), got {shape}")
+    if not isinstance(input, Tensor) or input.dim() < 1:
+        raise ValueError("quaternion_linear: input must be a Tensor with at least 1 dim (..., in_features)")
+    if input.shape[-1] != 4 * weight.shape[2]:
+        raise ValueError(
+            f"quaternion_linear: input has {input.shape[-1]} features, weight expects {4 * weight.shape[2]}"
+        )
+    lead = input.shape[:-1]
+    # Rows as the batch of a 1x1 conv1d: (M, in, 1) -> (M, out, 1).
+    x = input.reshape(-1, input.shape[-1], 1)
+    y = quaternion_conv(x, weight.unsqueeze(-1), bias, algorithm=algorithm)
+    return y.reshape(*lead, y.shape[1])

@@ -1,0 +1,213 @@
+"""Argument checking and shape arithmetic for quaternion convolutions.
+
+Everything a caller can get wrong is caught here, before any kernel runs, with an error that
+names the argument. The ops receive a fully resolved :class:`ConvParams`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .quaternion import ALGORITHMS
+
+IntOrSeq = int | Sequence[int]
+
+
+@dataclass(frozen=True)
+class ConvParams:
+    """Resolved hyper-parameters of one quaternion (transposed) convolution."""
+
+    spatial_dims: int
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    transposed: bool
+    output_padding: tuple[int, ...]
+    groups: int
+
+    def as_op_args(self) -> tuple:
+        return (
+            list(self.stride), list(self.padding), list(self.dilation), self.transposed,
+            list(self.output_padding), self.groups,
+        )
+
+    @staticmethod
+    def from_op_args(spatial_dims, stride, padding, dilation, transposed, output_padding, groups):
+        return ConvParams(
+            spatial_dims, tuple(stride), tuple(padding), tuple(dilation), bool(transposed),
+            tuple(output_padding), int(groups),
+        )
+
+
+def _tuple(value: IntOrSeq, n: int, name: str) -> tuple[int, ...]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value,) * n
+    try:
+        out = tuple(int(v) for v in value)  # type: ignore[union-attr]
+    except TypeError:
+        raise TypeError(f"{name} must be an int or a sequence of {n} ints, got {value!r}") from None
+    if len(out) == 1:
+        out = out * n
+    if len(out) != n:
+        raise ValueError(f"{name} must have {n} elements for a {n}d conv, got {value!r}")
+    return out
+
+
+def conv_output_size(in_size: Sequence[int], kernel: Sequence[int], p: ConvParams) -> list[int]:
+    out = []
+    for i, k, s, pad, d, op in zip(in_size, kernel, p.stride, p.padding, p.dilation, p.output_padding):
+        if p.transposed:
+            out.append((i - 1) * s - 2 * pad + d * (k - 1) + op + 1)
+        else:
+            out.append((i + 2 * pad - d * (k - 1) - 1) // s + 1)
+    return out
+
+
+def conv_output_shape(input_shape: Sequence[int], weight_shape: Sequence[int], p: ConvParams) -> list[int]:
+    """Shape of ``qconv(input, weight)``; the weight is ``(4, A, B, *k)``."""
+    out_q = weight_shape[2] * p.groups if p.transposed else weight_shape[1]
+    return [input_shape[0], 4 * out_q, *conv_output_size(input_shape[2:], weight_shape[3:], p)]
+
+
+def same_padding(kernel: Sequence[int], dilation: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """torch's ``padding='same'``: total ``d*(k-1)`` per dim, the odd element on the right.
+
+    Returns ``(symmetric, extra_right)``; a non-zero ``extra_right`` is applied with ``F.pad``
+    before the conv, exactly as ``torch.nn.functional.conv2d`` does it.
+    """
+    total = [d * (k - 1) for k, d in zip(kernel, dilation)]
+    left = tuple(t // 2 for t in total)
+    return left, tuple(t - lft for t, lft in zip(total, left))
+
+
+def check_conv_args(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    spatial_dims: int,
+    stride: IntOrSeq,
+    padding: IntOrSeq | str,
+    dilation: IntOrSeq,
+    groups: int,
+    transposed: bool,
+    output_padding: IntOrSeq,
+    algorithm: str,
+) -> tuple[ConvParams, tuple[int, ...]]:
+    """Validate everything and resolve ``padding``.
+
+    Returns the params and the extra right-side padding ``'same'`` needs (zeros otherwise).
+    """
+    kind = f"quaternion_conv{'_transpose' if transposed else ''}{spatial_dims}d"
+    if not isinstance(input, Tensor):
+        raise TypeError(f"{kind}: input must be a Tensor, got {type(input).__name__}")
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"{kind}: weight must be a Tensor, got {type(weight).__name__}")
+    if input.dim() != spatial_dims + 2:
+        raise ValueError(
+            f"{kind}: input must be {spatial_dims + 2}-D (N, C, {'*' * spatial_dims}), "
+            f"got shape {tuple(input.shape)}"
+        )
+    if weight.dim() != spatial_dims + 3 or weight.shape[0] != 4:
+        io = "in/4, out/4/groups" if transposed else "out/4, in/4/groups"
+        raise ValueError(
+            f"{kind}: weight must have shape (4, {io}, *kernel_size) with {spatial_dims} kernel "
+            f"dims, got {tuple(weight.shape)}"
+        )
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"{kind}: groups must be a positive int, got {groups!r}")
+    if algorithm not in (*ALGORITHMS, "auto"):
+        raise ValueError(f"{kind}: unknown algorithm {algorithm!r}; expected one of {(*ALGORITHMS, 'auto')}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if t.dtype != input.dtype:
+            raise TypeError(f"{kind}: {name} dtype {t.dtype} does not match input dtype {input.dtype}")
+        if t.device != input.device:
+            raise ValueError(f"{kind}: {name} is on {t.device} but input is on {input.device}")
+    if not input.is_floating_point():
+        raise TypeError(f"{kind}: input must be a floating-point tensor, got {input.dtype}")
+
+    channels = input.shape[1]
+    if channels % (4 * groups):
+        raise ValueError(
+            f"{kind}: input has {channels} channels, not a multiple of 4 * groups = {4 * groups} "
+            "(quaternion tensors are blocked [r|i|j|k] and groups split each block)"
+        )
+    cq_in = channels // 4
+    a, b = weight.shape[1], weight.shape[2]
+    if transposed:
+        ok = a == cq_in and a % groups == 0
+        expected = f"(4, {cq_in}, out/4/groups, ...)"
+    else:
+        ok = b * groups == cq_in and a % groups == 0
+        expected = f"(4, out/4 (a multiple of groups={groups}), {cq_in // groups}, ...)"
+    if not ok:
+        raise ValueError(
+            f"{kind}: weight shape {tuple(weight.shape)} does not fit input with {channels} "
+            f"channels and groups={groups}; expected {expected}"
+        )
+    out_channels = 4 * (b * groups if transposed else a)
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != out_channels):
+        raise ValueError(f"{kind}: bias must have shape ({out_channels},), got {tuple(bias.shape)}")
+
+    kernel = tuple(weight.shape[3:])
+    stride_t = _tuple(stride, spatial_dims, "stride")
+    dilation_t = _tuple(dilation, spatial_dims, "dilation")
+    out_pad = _tuple(output_padding, spatial_dims, "output_padding")
+    if any(s < 1 for s in stride_t):
+        raise ValueError(f"{kind}: stride must be positive, got {stride}")
+    if any(d < 1 for d in dilation_t):
+        raise ValueError(f"{kind}: dilation must be positive, got {dilation}")
+    extra = (0,) * spatial_dims
+    if isinstance(padding, str):
+        if transposed:
+            raise ValueError(f"{kind}: padding={padding!r} is only supported for non-transposed convs")
+        if padding == "valid":
+            pad_t = (0,) * spatial_dims
+        elif padding == "same":
+            if any(s != 1 for s in stride_t):
+                raise ValueError(f"{kind}: padding='same' needs stride 1, got stride={stride}")
+            pad_t, extra = same_padding(kernel, dilation_t)
+            extra = tuple(e - p for e, p in zip(extra, pad_t))
+        else:
+            raise ValueError(f"{kind}: padding must be an int, a sequence, 'same' or 'valid', got {padding!r}")
+    else:
+        pad_t = _tuple(padding, spatial_dims, "padding")
+    if any(p < 0 for p in pad_t):
+        raise ValueError(f"{kind}: padding must be non-negative, got {padding}")
+    if transposed:
+        if any(op < 0 or op >= s for op, s in zip(out_pad, stride_t)):
+            raise ValueError(f"{kind}: output_padding must be in [0, stride), got {output_padding} (stride={stride})")
+    elif any(out_pad):
+        raise ValueError(f"{kind}: output_padding is only meaningful for transposed convs")
+
+    p = ConvParams(spatial_dims, stride_t, pad_t, dilation_t, transposed, out_pad, groups)
+    padded = [i + e for i, e in zip(input.shape[2:], extra)]
+    if any(o < 1 for o in conv_output_size(padded, kernel, p)):
+        raise ValueError(
+            f"{kind}: input spatial size {tuple(input.shape[2:])} is too small for kernel {kernel} "
+            f"with padding={pad_t}, dilation={dilation_t}, stride={stride_t}"
+        )
+    return p, extra
+
+
+def fast8_pays_off(input: Tensor, weight: Tensor, p: ConvParams) -> bool:
+    """The ``algorithm='auto'`` policy, from the CPU benchmark (see README).
+
+    fast8 only in fp32/fp64 (its component-wise error grows in half precision when real parts
+    dominate) and only where each of its 8 products is a conv big enough for oneDNN to run at
+    full speed, so halving the FLOPs halves the time.
+    """
+    if input.dtype not in (torch.float32, torch.float64):
+        return False
+    cq_out = weight.shape[2] * p.groups if p.transposed else weight.shape[1]
+    cq_in = input.shape[1] // 4
+    return min(cq_in, cq_out) // p.groups >= FAST8_MIN_CHANNELS_PER_GROUP
+
+
+# Smallest quaternion channels per group for which fast8 beats the expanded conv (benchmark).
+FAST8_MIN_CHANNELS_PER_GROUP = 8

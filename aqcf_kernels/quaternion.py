@@ -1,0 +1,129 @@
+"""Quaternion algebra shared by every backend.
+
+A quaternion conv, its input gradient and its weight gradient are all Hamilton products
+``Z = A ⊗ B`` in which each scalar product ``A_p * B_a`` is a real bilinear map (a conv, a
+transposed conv, or a weight-gradient correlation):
+
+* forward            ``y  = W ⊗ x``             product = conv
+* transposed forward ``y  = conj(W) ⊗ x``       product = conv_transpose (the adjoint)
+* weight gradient    ``gW = gy ⊗ conj(x)``      product = weight-gradient correlation
+
+so two algorithms serve all of them:
+
+* ``hamilton``: the 16 products (fused into one dense GEMM/conv on the expanded weight);
+* ``fast8``: Howell & Lafon's 8-multiplication product, valid for non-commuting blocks.
+
+``FAST8_LEFT[m] = (p, q, sign)`` means the left operand of product m is ``A_p + sign * A_q``;
+``FAST8_RIGHT`` likewise for B. The outputs are recovered with :data:`FAST8_OUT`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from .reference import HAMILTON
+
+ALGORITHMS = ("hamilton", "fast8")
+
+R, I, J, K = 0, 1, 2, 3
+
+# Howell & Lafon, with A = (a1, b1, c1, d1) and B = (a2, b2, c2, d2):
+# s1=(d1-c1)(c2-d2) s2=(a1+b1)(a2+b2) s3=(a1-b1)(c2+d2) s4=(c1+d1)(a2-b2)
+# s5=(d1-b1)(b2-c2) s6=(d1+b1)(b2+c2) s7=(a1+c1)(a2-d2) s8=(a1-c1)(a2+d2)
+FAST8_LEFT: tuple[tuple[int, int, int], ...] = (
+    (K, J, -1), (R, I, +1), (R, I, -1), (J, K, +1),
+    (K, I, -1), (K, I, +1), (R, J, +1), (R, J, -1),
+)
+FAST8_RIGHT: tuple[tuple[int, int, int], ...] = (
+    (J, K, -1), (R, I, +1), (J, K, +1), (R, I, -1),
+    (I, J, -1), (I, J, +1), (R, K, -1), (R, K, +1),
+)
+# s9 = s6+s7+s8, t = (s5+s9)/2, Z = (s1+t-s6, s2+t-s9, s3+t-s8, s4+t-s7). Expanded:
+# Z_c = s_c + 1/2 * sum_m FAST8_OUT[c][m] * s_{5+m}
+FAST8_OUT: tuple[tuple[int, int, int, int], ...] = (
+    (+1, -1, +1, +1),
+    (+1, -1, -1, -1),
+    (+1, +1, +1, -1),
+    (+1, +1, -1, +1),
+)
+
+
+def hamilton_table(transposed: bool = False) -> Tensor:
+    """``T[p, c, a]`` = sign with which ``W_p`` maps input component a to output component c.
+
+    ``expand(W)[c, a] = sum_p T[p, c, a] W_p`` and the weight gradient folds back with the same
+    table. For a transposed conv the roles of c and a swap (the adjoint).
+    """
+    t = torch.zeros(4, 4, 4)
+    for c in range(4):
+        for a in range(4):
+            p, sign = HAMILTON[a][c] if transposed else HAMILTON[c][a]
+            t[p, c, a] = sign
+    return t
+
+
+def expand_weight_grouped(weight: Tensor, groups: int) -> Tensor:
+    """``(4, G*A, B, *k)`` -> ``(G*4*A, 4*B, *k)``: per group the expanded weight, stacked
+    group-major — the weight of one real conv with ``groups=G`` on a group-major tensor."""
+    four, ga, b, *ks = weight.shape
+    t = hamilton_table().to(weight)
+    w = weight.reshape(4, groups, ga // groups, b, *ks)
+    e = torch.einsum("pca,pgxy...->gcxay...", t, w)
+    return e.reshape(ga * 4, 4 * b, *ks)
+
+
+def fold_weight_grad_grouped(grad_expanded: Tensor, groups: int) -> Tensor:
+    """Adjoint of :func:`expand_weight_grouped`: ``(G*4*A, 4*B, *k)`` -> ``(4, G*A, B, *k)``."""
+    g4a, b4, *ks = grad_expanded.shape
+    a, b = g4a // groups // 4, b4 // 4
+    t = hamilton_table().to(grad_expanded)
+    e = grad_expanded.reshape(groups, 4, a, 4, b, *ks)
+    return torch.einsum("pca,gcxay...->pgxy...", t, e).reshape(4, groups * a, b, *ks)
+
+
+def to_group_major(x: Tensor, groups: int) -> Tensor:
+    """Blocked ``[r|i|j|k]`` (each block split in groups) -> ``[g0: r i j k | g1: ...]``."""
+    if groups == 1:
+        return x
+    n, c = x.shape[:2]
+    return x.reshape(n, 4, groups, c // 4 // groups, *x.shape[2:]).transpose(1, 2).reshape(x.shape)
+
+
+def from_group_major(x: Tensor, groups: int) -> Tensor:
+    if groups == 1:
+        return x
+    n, c = x.shape[:2]
+    return x.reshape(n, groups, 4, c // 4 // groups, *x.shape[2:]).transpose(1, 2).reshape(x.shape)
+
+
+def conjugate_components(q: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return q[0], -q[1], -q[2], -q[3]
+
+
+def fast8_product(
+    left: Sequence[Tensor],
+    right: Sequence[Tensor],
+    product: Callable[[Tensor, Tensor], Tensor],
+) -> list[Tensor]:
+    """Hamilton product ``left ⊗ right`` with 8 calls of the bilinear ``product``.
+
+    Streams one product at a time so at most one transformed operand pair and the four
+    accumulated ``s5..s8`` contributions are alive: the transformed copies never outlive the
+    call (peak memory close to the expanded conv's).
+    """
+    s = []
+    for (lp, lq, ls), (rp, rq, rs) in zip(FAST8_LEFT, FAST8_RIGHT, strict=True):
+        s.append(product(torch.add(left[lp], left[lq], alpha=ls), torch.add(right[rp], right[rq], alpha=rs)))
+    u = s[4] - s[5]  # butterfly of s5..s8 (Z_r = s1 + (u + v)/2, Z_i = s1 + (u - v)/2, ...)
+    w = s[4] + s[5]
+    v = s[6] + s[7]
+    z = s[6] - s[7]
+    return [
+        torch.add(s[0], u + v, alpha=0.5),
+        torch.add(s[1], u - v, alpha=0.5),
+        torch.add(s[2], w + z, alpha=0.5),
+        torch.add(s[3], w - z, alpha=0.5),
+    ]
