@@ -1,7 +1,6 @@
 """aqcf-kernels: fast quaternion layers for PyTorch."""
 
-from . import functional, ops, reference  # noqa: F401
-from .backends import backends
+from . import backends, functional, ops, reference
 
 __all__ = ["backends", "functional", "ops", "reference"]
 __version__ = "0.1.0"

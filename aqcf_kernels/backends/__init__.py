@@ -9,6 +9,9 @@ in the device's priority list that can serve.
 from __future__ import annotations
 
 import os
+import sys
+import types
+from dataclasses import dataclass
 from typing import Protocol
 
 from torch import Tensor
@@ -81,13 +84,43 @@ def select(input: Tensor, weight: Tensor, params: ConvParams, algorithm: str) ->
     raise BackendError(f"no backend serves {input.device.type} tensors: " + "; ".join(reasons))
 
 
-def backends() -> str:
-    """A table of every registered backend: devices, and why it is unavailable (if it is)."""
-    rows = ["backend  devices     status", "-------  ----------  ------"]
-    for name, backend in _REGISTRY.items():
-        why = backend.unavailable()
-        rows.append(f"{name:<8} {','.join(backend.device_types):<11} {'available' if why is None else 'unavailable: ' + why}")
-    return "\n".join(rows)
+@dataclass(frozen=True)
+class BackendStatus:
+    name: str
+    device_types: tuple[str, ...]
+    reason: str | None  # why unavailable on this machine; None if available
+
+    @property
+    def available(self) -> bool:
+        return self.reason is None
+
+
+class BackendTable(list):
+    """What :func:`backends` returns: a list of :class:`BackendStatus` that prints as a table."""
+
+    def __repr__(self) -> str:
+        rows = ["backend  devices            status", "-------  -----------------  ------"]
+        for s in self:
+            status = "available" if s.available else f"unavailable: {s.reason}"
+            rows.append(f"{s.name:<8} {','.join(s.device_types):<18} {status}")
+        return "\n".join(rows)
+
+    __str__ = __repr__
+
+
+def backends() -> BackendTable:
+    """Every registered backend, the devices it serves and why it is unavailable (if it is)."""
+    return BackendTable(BackendStatus(n, b.device_types, b.unavailable()) for n, b in _REGISTRY.items())
+
+
+class _CallableModule(types.ModuleType):
+    # `aqcf_kernels.backends()` prints the table while `aqcf_kernels.backends.select` etc. stay
+    # reachable: the package and the function users call share one name.
+    def __call__(self) -> BackendTable:
+        return backends()
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 
 def _register_builtin() -> None:

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import importlib
+
 from torch import Tensor
 
 from ..params import ConvParams
 
 try:
-    from .. import _C  # type: ignore[attr-defined]
-
+    _C = importlib.import_module("aqcf_kernels._C")
     _IMPORT_ERROR: str | None = None
-except ImportError as e:  # not built: `pip install -e .` builds it
+except ImportError as e:  # not built: `pip install -e . --no-build-isolation` builds it
     _C = None
-    _IMPORT_ERROR = f"extension aqcf_kernels._C not built ({e})"
+    _IMPORT_ERROR = f"extension aqcf_kernels._C not importable ({e}); build it with `make ext`"
 
 
 class CppBackend:

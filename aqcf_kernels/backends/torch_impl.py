@@ -54,7 +54,7 @@ def as_nontransposed(p: ConvParams) -> ConvParams:
 
 class TorchBackend:
     name = "torch"
-    device_types = ("cpu", "cuda", "mps", "xpu", "meta")
+    device_types = ("cpu", "cuda", "mps", "xpu")
 
     def unavailable(self) -> str | None:
         return None

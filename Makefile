@@ -1,0 +1,40 @@
+# Two entry points on a fresh machine: `make bench` (the main job) and `make test`.
+# Both create .venv (torch 2.13.0 CPU from the local disk, the package in editable mode with its
+# C++ extension built against that torch) the first time.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+BENCH_ARGS ?= --grid targets
+
+.PHONY: install bench test lint format ext clean
+
+$(VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/cpu/*.cpp csrc/cpu/*.h)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)" setuptools wheel
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+bench: install
+	$(VENV)/bin/aqcf-bench conv $(BENCH_ARGS)
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+# Rebuild the extension in place after editing csrc/ (incremental, seconds).
+ext: install
+	$(PY) setup.py build_ext --inplace
+
+clean:
+	rm -rf build *.egg-info aqcf_kernels/_C*.so
