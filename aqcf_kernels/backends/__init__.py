@@ -124,10 +124,12 @@ sys.modules[__name__].__class__ = _CallableModule
 
 
 def _register_builtin() -> None:
+    from ..triton.conv import TritonBackend
     from . import cpp, torch_impl
 
     register(torch_impl.TorchBackend())
     register(cpp.CppBackend())
+    register(TritonBackend())
 
 
 _register_builtin()

@@ -1,0 +1,144 @@
+"""Launchers for the Triton quaternion-conv kernels, and the ``triton`` backend.
+
+Serves CUDA tensors; under ``TRITON_INTERPRET=1`` it also serves CPU tensors so the kernels are
+proven on machines without a GPU (``AQCF_BACKEND=triton``). The interpreter must be chosen before
+triton compiles anything: set the variable before importing ``aqcf_kernels``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from ..params import ConvParams, conv_output_shape
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+try:
+    import triton
+
+    from .conv_kernels import qconv_kernel, qconv_wgrad_kernel
+
+    _IMPORT_ERROR: str | None = None
+except ImportError as e:  # triton is optional (the `dev` extra, or a CUDA torch, brings it)
+    triton = None
+    _IMPORT_ERROR = f"triton not importable ({e})"
+
+_DOT_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _as_5d(t: Tensor) -> Tensor:
+    """(N, C, *S) with 1-3 spatial dims -> (N, C, D, H, W); size-1 dims cost nothing."""
+    while t.dim() < 5:
+        t = t.unsqueeze(2)
+    return t
+
+
+def _spatial3(values, n: int, fill: int) -> tuple[int, int, int]:
+    return (fill,) * (3 - n) + tuple(values)
+
+
+def _dot_config(dtype: torch.dtype):
+    import triton.language as tl
+
+    if INTERPRET:  # bf16 arithmetic is wrong in the interpreter: dot in fp32 there
+        return tl.float32, "ieee"
+    if dtype == torch.float32:
+        tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32
+        return tl.float32, "tf32" if tf32 else "ieee"
+    return (tl.float16 if dtype == torch.float16 else tl.bfloat16), "ieee"
+
+
+def _blocks(fast8: bool) -> tuple[int, int, int]:
+    # fast8 holds 8 fp32 accumulators: halve the N tile to stay in registers.
+    if INTERPRET:
+        return 32, 16, 16
+    return (64, 32, 32) if fast8 else (64, 64, 32)
+
+
+def conv(input: Tensor, weight: Tensor, bias: Tensor | None, p: ConvParams, algorithm: str) -> Tensor:
+    n = p.spatial_dims
+    out = torch.empty(conv_output_shape(input.shape, weight.shape, p), dtype=input.dtype, device=input.device)
+    x5, y5 = _as_5d(input), _as_5d(out)
+    w = weight.reshape(*weight.shape[:3], *_spatial3(weight.shape[3:], n, 1))
+    cq_in, cq_out = input.shape[1] // 4, out.shape[1] // 4
+    cg_in, cg_out = cq_in // p.groups, cq_out // p.groups
+    if p.transposed:  # weight (4, Cq_in, Cq_out/G, *k)
+        s_wo, s_wc, w_group = w.stride(2), w.stride(1), cg_in * w.stride(1)
+    else:  # weight (4, Cq_out, Cq_in/G, *k)
+        s_wo, s_wc, w_group = w.stride(1), w.stride(2), cg_out * w.stride(1)
+    m = y5.shape[0] * y5.shape[2] * y5.shape[3] * y5.shape[4]
+    block_m, block_n, block_k = _blocks(algorithm == "fast8")
+    dot_dtype, precision = _dot_config(input.dtype)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(cg_out, block_n), p.groups)
+    qconv_kernel[grid](
+        x5, w, bias if bias is not None else w, y5,
+        m, cq_in, cq_out, cg_in, cg_out,
+        *x5.shape[2:], *y5.shape[2:], *w.shape[3:],
+        *x5.stride(), *y5.stride(),
+        w.stride(0), s_wo, s_wc, *w.stride()[3:], w_group,
+        *_spatial3(p.stride, n, 1), *_spatial3(p.padding, n, 0), *_spatial3(p.dilation, n, 1),
+        TRANSPOSED=p.transposed, FAST8=algorithm == "fast8", HAS_BIAS=bias is not None,
+        DOT_DTYPE=dot_dtype, PRECISION=precision,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+    )
+    return out
+
+
+def conv_weight_grad(input: Tensor, grad_output: Tensor, weight_shape, p: ConvParams, algorithm: str) -> Tensor:
+    # A transposed conv's weight gradient is the conv's with input and grad_output swapped.
+    x, gy = (grad_output, input) if p.transposed else (input, grad_output)
+    n = p.spatial_dims
+    x5, g5 = _as_5d(x), _as_5d(gy)
+    ks = _spatial3(weight_shape[3:], n, 1)
+    gw = torch.zeros((*weight_shape[:3], *ks), dtype=torch.float32, device=x.device)
+    cq_in, cq_out = x.shape[1] // 4, gy.shape[1] // 4
+    cg_in, cg_out = cq_in // p.groups, cq_out // p.groups
+    pix = g5.shape[0] * g5.shape[2] * g5.shape[3] * g5.shape[4]
+    block_o, block_c, block_p = _blocks(algorithm == "fast8")[::-1] if INTERPRET else (32, 32, 64)
+    n_oc = triton.cdiv(cg_out, block_o) * triton.cdiv(cg_in, block_c)
+    kvol = ks[0] * ks[1] * ks[2]
+    # Split the pixel reduction until the grid has a few programs per SM (atomics combine them).
+    target = 1 if INTERPRET else 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
+    splits = max(1, min(triton.cdiv(pix, block_p), target // max(1, n_oc * kvol * p.groups)))
+    per_split = triton.cdiv(triton.cdiv(pix, splits), block_p) * block_p
+    splits = triton.cdiv(pix, per_split)
+    dot_dtype, precision = _dot_config(x.dtype)
+    grid = (n_oc, kvol, p.groups * splits)
+    qconv_wgrad_kernel[grid](
+        x5, g5, gw,
+        pix, per_split, cq_in, cq_out, cg_in, cg_out,
+        *x5.shape[2:], *g5.shape[2:], *ks,
+        *x5.stride(), *g5.stride(),
+        *_spatial3(p.stride, n, 1), *_spatial3(p.padding, n, 0), *_spatial3(p.dilation, n, 1),
+        FAST8=algorithm == "fast8", DOT_DTYPE=dot_dtype, PRECISION=precision,
+        BLOCK_O=block_o, BLOCK_C=block_c, BLOCK_P=block_p,
+    )
+    return gw.reshape(weight_shape).to(x.dtype)
+
+
+class TritonBackend:
+    name = "triton"
+    device_types = ("cuda", "cpu")
+
+    def unavailable(self) -> str | None:
+        if _IMPORT_ERROR:
+            return _IMPORT_ERROR
+        if not INTERPRET and not torch.cuda.is_available():
+            return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU)"
+        return None
+
+    def cannot_serve(self, input: Tensor, weight: Tensor, params: ConvParams, algorithm: str) -> str | None:
+        if input.device.type == "cpu" and not INTERPRET:
+            return "serves CPU tensors only under TRITON_INTERPRET=1"
+        if input.dtype not in _DOT_DTYPES:
+            return f"no tl.dot in {input.dtype} (fp32/fp16/bf16 only)"
+        return None
+
+    def conv(self, input, weight, bias, p: ConvParams, algorithm: str) -> Tensor:
+        return conv(input, weight, bias, p, algorithm)
+
+    def conv_weight_grad(self, input, grad_output, weight_shape, p: ConvParams, algorithm: str) -> Tensor:
+        return conv_weight_grad(input, grad_output, weight_shape, p, algorithm)
