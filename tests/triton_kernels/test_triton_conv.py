@@ -1,0 +1,120 @@
+"""Triton quaternion-conv kernels (forward, input grad, weight grad) against the reference.
+
+On machines without CUDA, tests/conftest.py sets TRITON_INTERPRET=1 before anything imports
+triton, so the very kernels that run on GPUs run here on CPU tensors (slowly: shapes are tiny,
+but every case has partial tiles and masked edges). float64 has no tl.dot, so the check is
+fp32/fp16 against the float64 reference within the accuracy contract; bf16 arithmetic is wrong
+in the interpreter, so bf16 is checked only on GPUs (tests marked gpu).
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+from aqcf_kernels import functional as QF
+from aqcf_kernels import reference
+from aqcf_kernels.backends import registered
+
+TRITON = registered()["triton"]
+pytestmark = pytest.mark.skipif(
+    TRITON.unavailable() is not None, reason=f"triton backend unavailable: {TRITON.unavailable()}"
+)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (spatial_dims, transposed, groups, stride, padding, dilation, output_padding, bias)
+CASES = [
+    (2, False, 1, 1, 1, 1, 0, True),
+    (2, False, 2, 2, 0, (1, 2), 0, False),
+    (2, True, 1, 2, 1, 1, 1, True),
+    (2, True, 2, (1, 2), 0, 2, 0, False),
+    (3, False, 1, 2, 1, 1, 0, True),
+    (3, True, 2, 2, 0, 1, (1, 0, 1), True),
+]
+IDS = [f"{n}d-{'T' if t else 'conv'}-g{g}-s{s}-p{p}-d{d}" for n, t, g, s, p, d, _, _ in CASES]
+
+
+def _make(case, dtype, generator):
+    n, transposed, groups, *_, bias = case
+    cq_in, cq_out = 3 * groups, 5 * groups  # odd channel counts: partial K and N tiles
+    spatial = (7, 6, 5)[:n] if n == 2 else (4, 5, 3)
+    kernel = (3, 2, 3)[:n] if n == 2 else (2, 3, 2)
+    shape_w = (4, cq_in, cq_out // groups, *kernel) if transposed else (4, cq_out, cq_in // groups, *kernel)
+    x = torch.randn(2, 4 * cq_in, *spatial, generator=generator, dtype=torch.float64)
+    w = torch.randn(*shape_w, generator=generator, dtype=torch.float64) / 4
+    b = torch.randn(4 * cq_out, generator=generator, dtype=torch.float64) if bias else None
+    return x, w, b
+
+
+def _run(fn, case, x, w, b):
+    n, transposed, groups, stride, padding, dilation, output_padding, _ = case
+    kw = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    if transposed:
+        kw.update(transposed=True, output_padding=output_padding)
+    return fn(x, w, b, **kw)
+
+
+def _grads(fn, case, x, w, b, gy_seed):
+    leaves = [t.detach().requires_grad_() for t in (x, w, b) if t is not None]
+    xx, ww, *bb = leaves
+    y = _run(fn, case, xx, ww, bb[0] if bb else None)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(gy_seed), dtype=torch.float64)
+    y.backward(gy.to(y.dtype).to(y.device))
+    return [y.detach()] + [t.grad for t in leaves]
+
+
+def _rel(out, ref):
+    out, ref = out.double().cpu(), ref.double().cpu()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+@pytest.fixture
+def force_triton(monkeypatch):
+    monkeypatch.setenv("AQCF_BACKEND", "triton")
+
+
+@pytest.mark.parametrize("algorithm", ["hamilton", "fast8"])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_triton_fp32_matches_reference(case, algorithm, force_triton):
+    g = torch.Generator().manual_seed(zlib.crc32(f"{IDS[CASES.index(case)]}-{algorithm}".encode()))
+    x, w, b = _make(case, torch.float64, g)
+    ref = _grads(reference.quaternion_conv_naive, case, x, w, b, gy_seed=1)
+
+    def ours(x, w, b, **kw):
+        return QF.quaternion_conv(x, w, b, algorithm=algorithm, **kw)
+
+    to = dict(dtype=torch.float32, device=DEVICE)
+    got = _grads(ours, case, x.to(**to), w.to(**to), None if b is None else b.to(**to), gy_seed=1)
+    # tf32 would be ~1e-3: the tests run in ieee fp32 (the default allow_tf32=False)
+    tol = 1e-5 if algorithm == "hamilton" else 5e-4
+    for name, o, r in zip(["y", "grad_input", "grad_weight", "grad_bias"], got, ref):
+        assert o.dtype == torch.float32
+        assert _rel(o, r) <= tol, f"{name}: relative error {_rel(o, r):.2e} > {tol}"
+
+
+@pytest.mark.parametrize("case", CASES[::2], ids=IDS[::2])
+def test_triton_fp16_within_twice_expanded_error(case, force_triton):
+    g = torch.Generator().manual_seed(7)
+    x, w, b = _make(case, torch.float64, g)
+    ref = _grads(reference.quaternion_conv_naive, case, x, w, b, gy_seed=2)
+    to = dict(dtype=torch.float16, device=DEVICE)
+    args = (x.to(**to), w.to(**to), None if b is None else b.to(**to))
+    baseline = _grads(reference.quaternion_conv_expanded, case, *args, gy_seed=2)
+
+    def ours(x, w, b, **kw):
+        return QF.quaternion_conv(x, w, b, algorithm="hamilton", **kw)
+
+    got = _grads(ours, case, *args, gy_seed=2)
+    for name, o, e, r in zip(["y", "grad_input", "grad_weight", "grad_bias"], got, baseline, ref):
+        assert o.dtype == torch.float16
+        # floor: when the expanded conv happens to be near-exact, allow a few fp16 ulps
+        assert _rel(o, r) <= max(2 * _rel(e, r), 2e-3), f"{name}: {_rel(o, r):.2e} vs expanded {_rel(e, r):.2e}"
+
+
+def test_triton_rejects_float64(force_triton):
+    x = torch.randn(1, 8, 5, 5, dtype=torch.float64, device=DEVICE)
+    w = torch.randn(4, 2, 2, 3, 3, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(RuntimeError, match="triton.*float64"):
+        QF.quaternion_conv2d(x, w)
