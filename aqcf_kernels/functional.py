@@ -102,8 +102,15 @@ def quaternion_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None,
         raise ValueError(
             f"quaternion_linear: input has {input.shape[-1]} features, weight expects {4 * weight.shape[2]}"
         )
-    lead = input.shape[:-1]
-    # Rows as the batch of a 1x1 conv1d: (M, in, 1) -> (M, out, 1).
-    x = input.reshape(-1, input.shape[-1], 1)
-    y = quaternion_conv(x, weight.unsqueeze(-1), bias, algorithm=algorithm)
-    return y.reshape(*lead, y.shape[1])
+    lead, features = input.shape[:-1], input.shape[-1]
+    x = input.reshape(-1, features)
+    if x.shape[0] == 0:  # no rows: a batch of zero 1x1 convs keeps shapes and autograd intact
+        y = quaternion_conv(x.unsqueeze(-1), weight.unsqueeze(-1), bias, algorithm=algorithm)
+        return y.reshape(*lead, y.shape[1])
+    # The M rows as the LENGTH of one 1x1 conv1d, (1, in, M) -> (1, out, M): one GEMM over all rows
+    # whose four component blocks are contiguous slices (fast8 splits them without copies). Measured
+    # on CPU against rows-as-batch (M, in, 1): forward + backward 1.1-3x faster (M from 16 to 8192,
+    # 16 to 256 features, both algorithms), forward alone faster except hamilton at M=4096, 64x64.
+    y = quaternion_conv(x.t().contiguous().unsqueeze(0), weight.unsqueeze(-1), bias, algorithm=algorithm)
+    # Back to rows; contiguous like F.linear's output (views of it must keep working).
+    return y.squeeze(0).t().contiguous().reshape(*lead, y.shape[1])

@@ -19,6 +19,7 @@ so two algorithms serve all of them:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -51,12 +52,8 @@ FAST8_OUT: tuple[tuple[int, int, int, int], ...] = (
 )
 
 
-def hamilton_table(transposed: bool = False) -> Tensor:
-    """``T[p, c, a]`` = sign with which ``W_p`` maps input component a to output component c.
-
-    ``expand(W)[c, a] = sum_p T[p, c, a] W_p`` and the weight gradient folds back with the same
-    table. For a transposed conv the roles of c and a swap (the adjoint).
-    """
+@functools.lru_cache(maxsize=None)
+def _hamilton_table_cpu(transposed: bool) -> Tensor:
     t = torch.zeros(4, 4, 4)
     for c in range(4):
         for a in range(4):
@@ -65,11 +62,28 @@ def hamilton_table(transposed: bool = False) -> Tensor:
     return t
 
 
+@functools.lru_cache(maxsize=64)
+def _hamilton_table(transposed: bool, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return _hamilton_table_cpu(transposed).to(dtype=dtype, device=device)
+
+
+def hamilton_table(transposed: bool = False, like: Tensor | None = None) -> Tensor:
+    """``T[p, c, a]`` = sign with which ``W_p`` maps input component a to output component c.
+
+    ``expand(W)[c, a] = sum_p T[p, c, a] W_p`` and the weight gradient folds back with the same
+    table. For a transposed conv the roles of c and a swap (the adjoint). Cached per dtype and
+    device (``like``'s), since every hamilton-algorithm call needs it: treat it as read-only.
+    """
+    if like is None:
+        return _hamilton_table_cpu(transposed)
+    return _hamilton_table(transposed, like.dtype, like.device)
+
+
 def expand_weight_grouped(weight: Tensor, groups: int) -> Tensor:
     """``(4, G*A, B, *k)`` -> ``(G*4*A, 4*B, *k)``: per group the expanded weight, stacked
     group-major — the weight of one real conv with ``groups=G`` on a group-major tensor."""
     four, ga, b, *ks = weight.shape
-    t = hamilton_table().to(weight)
+    t = hamilton_table(like=weight)
     w = weight.reshape(4, groups, ga // groups, b, *ks)
     e = torch.einsum("pca,pgxy...->gcxay...", t, w)
     return e.reshape(ga * 4, 4 * b, *ks)
@@ -79,7 +93,7 @@ def fold_weight_grad_grouped(grad_expanded: Tensor, groups: int) -> Tensor:
     """Adjoint of :func:`expand_weight_grouped`: ``(G*4*A, 4*B, *k)`` -> ``(4, G*A, B, *k)``."""
     g4a, b4, *ks = grad_expanded.shape
     a, b = g4a // groups // 4, b4 // 4
-    t = hamilton_table().to(grad_expanded)
+    t = hamilton_table(like=grad_expanded)
     e = grad_expanded.reshape(groups, 4, a, 4, b, *ks)
     return torch.einsum("pca,gcxay...->pgxy...", t, e).reshape(4, groups * a, b, *ks)
 

@@ -1,0 +1,102 @@
+"""What every quaternion layer shares: one ``weight`` ``(4, A, B, ...)``, init, component I/O."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..quaternion import ALGORITHMS
+from .init import CRITERIA, quaternion_init_
+
+COMPONENTS = ("r", "i", "j", "k")
+
+
+def check_quaternion_channels(cls_name: str, name: str, value: Any, groups: int = 1) -> int:
+    """Real channel counts must be positive multiples of 4 (blocked [r|i|j|k]) and of 4*groups."""
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0 or value % (4 * groups):
+        why = f"4 * groups = {4 * groups}" if groups > 1 else "4"
+        raise ValueError(
+            f"{cls_name}: {name} must be a positive multiple of {why} (real channels of a blocked "
+            f"[r|i|j|k] quaternion tensor{', each block split in groups' if groups > 1 else ''}), got {value!r}"
+        )
+    return value
+
+
+def check_layer_options(cls_name: str, algorithm: str, init_criterion: str) -> None:
+    if algorithm not in (*ALGORITHMS, "auto"):
+        raise ValueError(f"{cls_name}: algorithm must be one of {('auto', *ALGORITHMS)}, got {algorithm!r}")
+    if init_criterion not in CRITERIA:
+        raise ValueError(f"{cls_name}: init_criterion must be one of {CRITERIA}, got {init_criterion!r}")
+
+
+class QuaternionModule(nn.Module):
+    """Base of the quaternion layers: ``weight`` is ONE ``(4, A, B, ...)`` parameter, index r, i, j, k.
+
+    Subclasses set ``weight``, ``bias``, ``init_criterion`` and implement
+    :meth:`_args_from_component_shape`.
+    """
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    init_criterion: str
+    #: Parcollet's ``r_weight`` is the transpose of our component (his linear layers store (in, out)).
+    _parcollet_transposed = False
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Parcollet's quaternion init for the weight; the bias starts at zero.
+
+        Zero bias follows Parcollet (his layers ``bias.data.zero_()``) rather than torch's uniform
+        ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``: the bias is a real per-channel shift with no
+        quaternion structure, and starting at zero keeps the output statistics those of the
+        quaternion init alone. ``generator`` makes the weight reproducible without touching the
+        global RNG; without it ``torch.manual_seed`` does.
+        """
+        quaternion_init_(self.weight, self.init_criterion, generator)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    @classmethod
+    def _args_from_component_shape(cls, shape: torch.Size, kwargs: dict[str, Any]) -> tuple:
+        """Positional constructor arguments (channels, kernel size) for components of ``shape``."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_components(
+        cls, r: Tensor, i: Tensor, j: Tensor, k: Tensor, bias: Tensor | None = None, **kwargs: Any
+    ) -> QuaternionModule:
+        """Build a layer whose ``weight`` is ``stack([r, i, j, k])`` (copied) and whose bias is ``bias``.
+
+        The components are in this layer's layout (``weight[0]`` etc.); channel counts and kernel
+        size are read from their shape, every other constructor argument goes in ``kwargs``.
+        The layer has a bias exactly when ``bias`` is given; device and dtype default to ``r``'s.
+        """
+        comps = (r, i, j, k)
+        if any(not isinstance(c, Tensor) for c in comps) or any(c.shape != r.shape for c in comps):
+            shapes = [tuple(c.shape) if isinstance(c, Tensor) else type(c).__name__ for c in comps]
+            raise ValueError(f"{cls.__name__}.from_components: r, i, j, k must be tensors of one shape, got {shapes}")
+        kwargs.setdefault("device", r.device)
+        kwargs.setdefault("dtype", r.dtype)
+        layer = cls(*cls._args_from_component_shape(r.shape, kwargs), bias=bias is not None, **kwargs)
+        with torch.no_grad():
+            layer.weight.copy_(torch.stack(comps))
+            if bias is not None:
+                layer.bias.copy_(bias)
+        return layer
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        # Parcollet-style checkpoints (Pytorch-Quaternion-Neural-Networks, speechbrain) hold four
+        # component tensors; stack them into our single weight and load normally (shape errors and
+        # strictness then behave as for any state dict). load_state_dict hands us its own copy.
+        keys = [f"{prefix}{c}_weight" for c in COMPONENTS]
+        if prefix + "weight" not in state_dict and all(key in state_dict for key in keys):
+            comps = [state_dict.pop(key) for key in keys]
+            if self._parcollet_transposed:
+                comps = [c.transpose(0, 1) for c in comps]
+            state_dict[prefix + "weight"] = torch.stack(comps)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
