@@ -1,0 +1,395 @@
+"""What every benchmark family shares: interleaved timing, peak memory, environment, output files.
+
+Timing runs the providers of one case round-robin (A, B, C, A, B, C, ... with the starting
+provider rotating every rep), so slow drift of a shared machine hits every provider alike, and
+reports the median and interquartile range of wall-clock reps after warmup.
+
+Peak memory: on CUDA, the caching allocator's peak; on CPU (no allocator statistics), the growth
+of the process's peak resident set size over one step: ``malloc_trim(0)`` returns freed heap
+pages to the kernel, writing ``5`` to ``/proc/self/clear_refs`` resets ``VmHWM`` to the current
+RSS, and after the step ``VmHWM - RSS before`` is the peak. This runs after the timing, in a
+fresh process whose glibc mmap threshold is pinned (``benchmarks._memory_worker``), which makes it
+repeatable to a few hundred KiB. Where that is impossible (no writable ``clear_refs``), peaks are
+reported as ``None`` ("n/a").
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import datetime
+import gc
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MiB = 2**20
+
+Step = Callable[[], object]
+
+
+# ---------------------------------------------------------------------------------------------
+# Command-line options every family takes
+# ---------------------------------------------------------------------------------------------
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, default_out: str = "bench-out") -> None:
+    """Options shared by every family: threads, reps, warmup, dtype, device, output folder."""
+    g = parser.add_argument_group("measurement")
+    g.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU); default 2")
+    g.add_argument("--reps", type=int, default=7, help="timed reps per provider and case (default 7)")
+    g.add_argument("--warmup", type=int, default=2, help="untimed reps per provider and case first (default 2)")
+    g.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="default float32")
+    g.add_argument("--device", default="cpu", help="torch device, e.g. cpu (default) or cuda")
+    g.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    g.add_argument("--out", type=Path, default=Path(default_out), help=f"output folder (default {default_out}/)")
+
+
+def configure_torch(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------
+
+
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    """A no-op on CPU; waits for queued kernels on an accelerator."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def time_interleaved(
+    steps: Mapping[str, Step], reps: int, warmup: int, sync: Callable[[], None] = lambda: None
+) -> dict[str, list[float]]:
+    """Wall-clock seconds of ``reps`` calls of every step, run round-robin after ``warmup`` rounds.
+
+    The provider that starts each round rotates, so no provider always runs right after the
+    same other one (cache state, turbo, allocator) or always first.
+    """
+    names = list(steps)
+    for _ in range(warmup):
+        for name in names:
+            steps[name]()
+    sync()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    gc.collect()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for rep in range(reps):
+            k = rep % len(names)
+            for name in names[k:] + names[:k]:
+                sync()
+                t0 = time.perf_counter()
+                steps[name]()
+                sync()
+                times[name].append(time.perf_counter() - t0)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return times
+
+
+@dataclass
+class Timing:
+    median: float
+    q1: float
+    q3: float
+    samples: list[float] = field(repr=False)
+
+    @property
+    def iqr(self) -> float:
+        return self.q3 - self.q1
+
+    @staticmethod
+    def of(samples: Sequence[float]) -> Timing:
+        s = list(samples)
+        if len(s) == 1:
+            return Timing(s[0], s[0], s[0], s)
+        q1, median, q3 = statistics.quantiles(s, n=4, method="inclusive")
+        return Timing(median, q1, q3, s)
+
+
+# ---------------------------------------------------------------------------------------------
+# Peak memory
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+class PeakMemory:
+    """Peak memory one step adds on top of what is live before it, in bytes (``None`` = n/a)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.unavailable: str | None = None
+        self._malloc_trim = None
+        if device.type == "cuda":
+            return
+        if device.type != "cpu":
+            self.unavailable = f"no peak-memory measurement for {device.type}"
+            return
+        try:
+            self._malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc: still measured, just noisier
+            self._malloc_trim = None
+        try:
+            self._reset_hwm()
+            _read_status_kib("VmHWM")
+            _read_status_kib("VmRSS")
+        except (OSError, KeyError) as e:
+            self.unavailable = f"cannot reset or read the peak RSS ({e})"
+
+    def method(self, pinned: bool) -> str:
+        if self.unavailable:
+            return f"n/a: {self.unavailable}"
+        if self.device.type == "cuda":
+            return "torch.cuda.max_memory_allocated growth over one step"
+        parts = ["mmap threshold pinned at 128 KiB" if pinned else "dynamic mmap threshold (not glibc)"]
+        parts += ["malloc_trim(0)"] if self._malloc_trim is not None else []
+        parts += ["/proc/self/clear_refs=5, one step, VmHWM - VmRSS before"]
+        return ", ".join(parts)
+
+    @staticmethod
+    def _reset_hwm() -> None:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+    def measure(self, step: Step) -> int | None:
+        if self.unavailable:
+            return None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            before = torch.cuda.memory_allocated(self.device)
+            step()
+            torch.cuda.synchronize(self.device)
+            return max(0, torch.cuda.max_memory_allocated(self.device) - before)
+        if self._malloc_trim is not None:
+            self._malloc_trim(0)
+        self._reset_hwm()
+        before = _read_status_kib("VmRSS")
+        step()
+        return max(0, _read_status_kib("VmHWM") - before) * 1024
+
+
+def measure_memory_in_subprocess(module: str, payload: Mapping[str, Any]) -> Any | None:
+    """``module.measure_memory(payload, pinned)`` in a fresh Python (``benchmarks._memory_worker``)
+    whose mmap threshold is pinned before torch loads; its JSON result, or ``None`` on failure."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "memory.json"
+        cmd = [sys.executable, "-m", "benchmarks._memory_worker", module, str(out)]
+        proc = subprocess.run(cmd, input=json.dumps(payload), text=True, env=env)
+        if proc.returncode != 0 or not out.exists():
+            print(f"WARNING: peak-memory worker failed (exit {proc.returncode}): peaks are n/a", file=sys.stderr)
+            return None
+        return json.loads(out.read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# Environment
+# ---------------------------------------------------------------------------------------------
+
+
+def command_line() -> str:
+    """How this benchmark was started, as one would type it again."""
+    prog = Path(sys.argv[0])
+    if prog.name in ("cli.py", "__main__.py") and prog.parent.name == "benchmarks":
+        head = ["python", "-m", "benchmarks.cli"]
+    else:
+        head = [prog.name]
+    return shlex.join([*head, *sys.argv[1:]])
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except Exception:  # noqa: BLE001 - a broken optional install must not stop a benchmark
+        return None
+
+
+def environment(device: torch.device, threads: int) -> dict[str, Any]:
+    """Machine, software, commit and command line, for the JSON next to every table."""
+    commit = _git("rev-parse", "--short", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    env: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command_line(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads() if device.type == "cpu" else threads,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "numpy": _version("numpy"),
+        "git_commit": commit,
+        "git_dirty": None if status is None else bool(status),
+        "device": str(device),
+        "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    try:
+        from aqcf_kernels import backends
+
+        table = backends()
+        try:  # a list of statuses (name, device_types, reason)
+            env["backends"] = {
+                s.name: {"devices": list(s.device_types), "unavailable": s.reason}
+                for s in table  # type: ignore
+            }
+        except (AttributeError, TypeError):
+            env["backends"] = str(table)
+    except Exception as e:  # noqa: BLE001
+        env["backends"] = f"unavailable: {e}"
+    return env
+
+
+def warn_if_busy(env: Mapping[str, Any]) -> None:
+    """A CPU benchmark on a machine already busy measures the other jobs (and OpenMP barriers
+    spinning against them: 2 threads on a loaded 2-core machine can be 10x+ slower)."""
+    load, cores = env.get("loadavg_start"), env.get("cpu_count")
+    if load and cores and env.get("device") == "cpu" and load[0] > 0.5 * cores:
+        print(
+            f"WARNING: 1-minute load average {load[0]:.1f} on {cores} cores before the run: "
+            "timings will be noisy (the JSON records the load)",
+            file=sys.stderr,
+        )
+
+
+def environment_line(env: Mapping[str, Any]) -> str:
+    dirty = "+dirty" if env.get("git_dirty") else ""
+    where = env.get("gpu") or env["cpu_model"]
+    return (
+        f"{where}, {env['threads']} thread{'s' if env['threads'] != 1 else ''}, "
+        f"torch {env['torch']}, triton {env['triton']}, "
+        f"commit {env['git_commit']}{dirty}, {env['date']}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------
+
+
+def progress(i: int, n: int, label: str, started: float) -> None:
+    print(f"[{i}/{n}] {label}  ({time.perf_counter() - started:.0f}s elapsed)", file=sys.stderr, flush=True)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]], align_left: int = 1) -> str:
+    """A GitHub markdown table; the first ``align_left`` columns left-aligned, the rest right."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def fmt(row: list[str]) -> str:
+        return (
+            "| "
+            + " | ".join(
+                c.ljust(w) if i < align_left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
+            + " |"
+        )
+
+    rule = (
+        "|"
+        + "|".join(":" + "-" * (w + 1) if i < align_left else "-" * (w + 1) + ":" for i, w in enumerate(widths))
+        + "|"
+    )
+    return "\n".join([fmt(cells[0]), rule, *(fmt(r) for r in cells[1:])])
+
+
+def write_json(path: Path, data: object) -> None:
+    path.write_text(json.dumps(data, indent=2, allow_nan=False, default=str) + "\n")
+
+
+def grouped_bars(
+    path: Path,
+    groups: Sequence[str],
+    panels: Sequence[tuple[str, str, Mapping[str, Sequence[float | None]]]],
+    suptitle: str,
+) -> None:
+    """One PNG: per panel ``(title, ylabel, {series: value per group})``, bars grouped by group,
+    a dashed line at 1.0 (the baseline). Missing values (``None``) leave a gap."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_series = max((len(series) for _, _, series in panels), default=1)
+    width = min(0.8 / max(n_series, 1), 0.25)
+    fig_w = max(8.0, 0.28 * len(groups) * max(n_series, 1) + 2.0)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(fig_w, 3.6 * len(panels)), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (title, ylabel, series) in zip(axes[:, 0], panels, strict=True):
+        for s, (name, values) in enumerate(series.items()):
+            xs = [g + (s - (len(series) - 1) / 2) * width for g in range(len(groups))]
+            pts = [(x, v) for x, v in zip(xs, values, strict=True) if v is not None]
+            if not pts:
+                continue
+            bars = ax.bar([p[0] for p in pts], [p[1] for p in pts], width, label=name, color=colors[s % len(colors)])
+            if len(groups) <= 16:
+                ax.bar_label(bars, fmt="%.2f", fontsize=6, padding=1)
+        top = max((v for vs in series.values() for v in vs if v is not None), default=1.0)
+        ax.set_ylim(0, max(top, 1.0) * 1.22)  # headroom for the legend and labels
+        ax.axhline(1.0, color="black", linestyle="--", linewidth=0.8)
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel(ylabel)
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels(groups, rotation=30, ha="right", fontsize=7)
+        ax.set_xlim(-0.6, len(groups) - 0.4)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7, ncols=min(len(series), 6), loc="upper left")
+    fig.suptitle(suptitle, fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

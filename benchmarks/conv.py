@@ -1,0 +1,616 @@
+"""Quaternion convolution benchmark (``aqcf-bench conv``).
+
+Providers, all run on the same tensors in the same process, interleaved per case:
+
+* ``naive16``  — :func:`aqcf_kernels.reference.quaternion_conv_naive`, 16 real convs;
+* ``expanded`` — :func:`aqcf_kernels.reference.quaternion_conv_expanded`, Parcollet's expanded
+  weight + one real conv: what every quaternion library does, and the baseline of every ratio;
+* ``hamilton``, ``fast8``, ``auto`` — :func:`aqcf_kernels.functional.quaternion_conv` with that
+  algorithm (the JSON records which backend, and for ``auto`` which algorithm, served the call).
+
+Cases are stride-1, ``padding=kernel//2`` ("same") convs with bias, in = out channels. Modes:
+
+* ``fwd``    — inference forward (``torch.no_grad``);
+* ``bwd``    — gradients w.r.t. input, weight and bias, of a forward graph built beforehand;
+* ``fwdbwd`` — a training step: forward, then those gradients. Its peak memory includes what
+  autograd saves for backward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from aqcf_kernels import backends as _backends
+from aqcf_kernels.functional import quaternion_conv
+from aqcf_kernels.params import check_conv_args, fast8_pays_off
+from aqcf_kernels.reference import quaternion_conv_expanded, quaternion_conv_naive
+
+from . import common
+
+ConvFn = Callable[[Tensor, Tensor, Tensor | None], Tensor]
+MODES = ("fwd", "bwd", "fwdbwd")
+BASELINE = "expanded"
+
+
+# ---------------------------------------------------------------------------------------------
+# Cases
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    """A stride-1 'same' quaternion conv, ``channels`` quaternion channels in and out."""
+
+    dims: int
+    channels: int  # quaternion channels (real channels = 4x)
+    size: int  # spatial extent, the same along every dim
+    batch: int
+    kernel: int = 3
+
+    @property
+    def name(self) -> str:
+        return f"{self.dims}d {self.channels}q k{self.kernel} N{self.batch} {'x'.join([str(self.size)] * self.dims)}"
+
+    @property
+    def padding(self) -> int:
+        return self.kernel // 2
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (self.batch, 4 * self.channels, *([self.size] * self.dims))
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return (4, self.channels, self.channels, *([self.kernel] * self.dims))
+
+    @property
+    def gflop(self) -> float:
+        """Forward GFLOP of the expanded real conv (2 x multiply-adds)."""
+        return 2 * self.batch * self.size**self.dims * (4 * self.channels) ** 2 * self.kernel**self.dims / 1e9
+
+
+# The issue's target cases (QuaternionConv2d/3d layers).
+TARGETS: dict[str, Case] = {
+    "2d-64q": Case(dims=2, channels=64, size=64, batch=8),
+    "2d-32q": Case(dims=2, channels=32, size=64, batch=8),
+    "3d-32q": Case(dims=3, channels=32, size=32, batch=2),
+}
+
+# Full grid: every rank x channel count x (spatial size, batch), a large-spatial and a deep
+# (small-spatial) shape per rank, up to FULL_MAX_GFLOP forward GFLOP per case (the largest would
+# take minutes each on a 2-core CPU), plus the targets, which cover the big 2d/3d cases.
+FULL_CHANNELS = (16, 32, 64, 128)
+FULL_SHAPES: dict[int, tuple[tuple[int, int], ...]] = {  # dims -> ((size, batch), ...)
+    1: ((4096, 8), (1024, 8)),
+    2: ((64, 4), (16, 8)),
+    3: ((32, 1), (8, 2)),
+}
+FULL_MAX_GFLOP = 16.0
+
+
+def _full_grid() -> list[Case]:
+    cases = [
+        Case(dims, ch, size, batch)
+        for dims, shapes in FULL_SHAPES.items()
+        for ch in FULL_CHANNELS
+        for size, batch in shapes
+    ]
+    cases = [c for c in cases if c.gflop <= FULL_MAX_GFLOP]
+    cases += [t for t in TARGETS.values() if t not in cases]
+    return sorted(cases, key=lambda c: (c.dims, c.channels, c.gflop))
+
+
+GRIDS: dict[str, Callable[[], list[Case]]] = {
+    "quick": lambda: [
+        Case(dims=1, channels=16, size=1024, batch=8),
+        Case(dims=1, channels=64, size=1024, batch=4),
+        Case(dims=2, channels=16, size=32, batch=4),
+        Case(dims=2, channels=32, size=32, batch=4),
+        Case(dims=2, channels=64, size=32, batch=2),
+        Case(dims=3, channels=16, size=16, batch=1),
+    ],
+    "targets": lambda: list(TARGETS.values()),
+    "full": _full_grid,
+}
+
+
+def target_name(case: Case) -> str | None:
+    return next((name for name, t in TARGETS.items() if t == case), None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Providers
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Provider:
+    """A reference function, or ours (:func:`quaternion_conv` with ``algorithm``)."""
+
+    name: str
+    reference: Callable[..., Tensor] | None = None
+    algorithm: str | None = None
+
+    def build(self, case: Case) -> ConvFn:
+        if self.reference is not None:
+            return partial(self.reference, stride=1, padding=case.padding)
+        return partial(quaternion_conv, stride=1, padding=case.padding, algorithm=self.algorithm)
+
+    def served_by(self, x: Tensor, w: Tensor, case: Case) -> str:
+        """``reference``, or ``backend/algorithm`` that serves ours (the forward call)."""
+        if self.algorithm is None:
+            return "reference"
+        try:
+            p, _ = check_conv_args(x, w, None, case.dims, 1, case.padding, 1, 1, False, 0, self.algorithm)
+            algorithm = self.algorithm
+            if algorithm == "auto":
+                algorithm = "fast8" if fast8_pays_off(x, w, p) else "hamilton"
+            return f"{_backends.select(x, w, p, algorithm).name}/{algorithm}"
+        except Exception as e:  # noqa: BLE001 - a report, not a check
+            return f"unknown ({type(e).__name__})"
+
+
+PROVIDERS: dict[str, Provider] = {
+    "naive16": Provider("naive16", reference=quaternion_conv_naive),
+    "expanded": Provider("expanded", reference=quaternion_conv_expanded),
+    "hamilton": Provider("hamilton", algorithm="hamilton"),
+    "fast8": Provider("fast8", algorithm="fast8"),
+    "auto": Provider("auto", algorithm="auto"),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs and steps
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Inputs:
+    x: Tensor
+    w: Tensor
+    b: Tensor
+    grad_out: Tensor
+
+    @property
+    def leaves(self) -> tuple[Tensor, Tensor, Tensor]:
+        return (self.x, self.w, self.b)
+
+
+def make_inputs(case: Case, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Inputs:
+    """Seeded input, weight (fan-in scaled), bias and output gradient, all leaves needing grad."""
+    g = torch.Generator().manual_seed(0)
+    fan_in = 4 * case.channels * case.kernel**case.dims
+
+    def rand(shape: Sequence[int], scale: float = 1.0, grad: bool = True) -> Tensor:
+        t = (torch.randn(shape, generator=g) * scale).to(device=device, dtype=dtype)
+        return t.requires_grad_(grad)
+
+    return Inputs(
+        x=rand(case.input_shape),
+        w=rand(case.weight_shape, 1 / math.sqrt(fan_in)),
+        b=rand((4 * case.channels,), 0.1),
+        grad_out=rand(case.input_shape, grad=False),  # 'same' padding: output shape = input shape
+    )
+
+
+def make_step(mode: str, fn: ConvFn, inputs: Inputs) -> common.Step:
+    """The measured unit of ``mode``: a zero-argument callable."""
+    leaves, gy = inputs.leaves, inputs.grad_out
+    if mode == "fwd":
+
+        def fwd() -> None:
+            with torch.no_grad():
+                fn(*leaves)
+
+        return fwd
+    if mode == "fwdbwd":
+        return lambda: torch.autograd.grad(fn(*leaves), leaves, gy)
+    if mode == "bwd":
+        y = fn(*leaves)  # built once, outside the timing; kept for every rep
+        return lambda: torch.autograd.grad(y, leaves, gy, retain_graph=True)
+    raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+
+
+def forward_error(fn: ConvFn, ref: Tensor, inputs: Inputs) -> float:
+    """max |y - y_ref| / max |y_ref| of one forward: a wrong kernel's timing means nothing."""
+    with torch.no_grad():
+        y = fn(*inputs.leaves)
+        return float((y - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    case: Case
+    mode: str
+    timings: dict[str, common.Timing]
+    peaks: dict[str, int | None]
+    served_by: dict[str, str]
+    errors: dict[str, float] = field(default_factory=dict)
+    memory_method: str = "not measured"
+
+    def speedup(self, provider: str, over: str = BASELINE) -> float | None:
+        """``t_over / t_provider`` (> 1: the provider is faster)."""
+        if provider not in self.timings or over not in self.timings:
+            return None
+        return self.timings[over].median / self.timings[provider].median
+
+    def peak_ratio(self, provider: str, over: str = BASELINE) -> float | None:
+        """``peak_provider / peak_over`` (< 1: the provider needs less memory)."""
+        a, b = self.peaks.get(provider), self.peaks.get(over)
+        return None if a is None or not b else a / b
+
+    def to_json(self) -> dict[str, Any]:
+        providers = {}
+        for name, t in self.timings.items():
+            peak = self.peaks.get(name)
+            providers[name] = {
+                "median_ms": t.median * 1e3,
+                "q1_ms": t.q1 * 1e3,
+                "q3_ms": t.q3 * 1e3,
+                "iqr_ms": t.iqr * 1e3,
+                "times_ms": [s * 1e3 for s in t.samples],
+                "speedup_vs_expanded": self.speedup(name),
+                "peak_mib": None if peak is None else peak / common.MiB,
+                "peak_ratio_vs_expanded": self.peak_ratio(name),
+                "served_by": self.served_by.get(name),
+                "max_rel_err_fwd": self.errors.get(name),
+            }
+        case = {
+            "name": self.case.name,
+            "target": target_name(self.case),
+            "dims": self.case.dims,
+            "channels_q": self.case.channels,
+            "size": self.case.size,
+            "batch": self.case.batch,
+            "kernel": self.case.kernel,
+            "input_shape": list(self.case.input_shape),
+            "weight_shape": list(self.case.weight_shape),
+            "gflop_fwd": self.case.gflop,
+        }
+        return {"case": case, "mode": self.mode, "providers": providers}
+
+
+def run(
+    cases: Sequence[Case],
+    modes: Sequence[str] = MODES,
+    providers: Sequence[str] = tuple(PROVIDERS),
+    reps: int = 7,
+    warmup: int = 2,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    memory: bool = True,
+) -> list[Result]:
+    """Time every provider on every case and mode; then, if ``memory``, measure their peaks.
+
+    Memory comes second, in a pass of its own: measuring it repeatably (on CPU) changes how glibc
+    allocates (see ``benchmarks._memory_worker``), so it runs in a fresh process.
+    """
+    device = torch.device(device)
+    sync = common.synchronizer(device)
+    n = len(cases) * len(modes) * (2 if memory else 1)
+    results: list[Result] = []
+    i, started = 0, time.perf_counter()
+    for case in cases:
+        inputs = make_inputs(case, dtype, device)
+        fns = {name: PROVIDERS[name].build(case) for name in providers}
+        served = {name: PROVIDERS[name].served_by(inputs.x, inputs.w, case) for name in providers}
+        errors = _forward_errors(case, fns, inputs, dtype)
+        for mode in modes:
+            i += 1
+            common.progress(i, n, f"time {case.name} {mode}", started)
+            steps = {name: make_step(mode, fn, inputs) for name, fn in fns.items()}
+            times = common.time_interleaved(steps, reps, warmup, sync)
+            timings = {k: common.Timing.of(v) for k, v in times.items()}
+            results.append(Result(case, mode, timings, dict.fromkeys(fns), served, errors))
+    memory_method = "not measured"
+    if memory:
+        payload = {
+            "cases": [asdict(c) for c in cases],
+            "modes": list(modes),
+            "providers": list(providers),
+            "dtype": str(dtype).removeprefix("torch."),
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+            "progress": [i, n, time.perf_counter() - started],
+        }
+        measured = common.measure_memory_in_subprocess(__name__, payload)
+        if measured is not None:
+            for r, peaks in zip(results, measured["peaks"], strict=True):
+                r.peaks.update(peaks)
+            memory_method = measured["method"]
+    for r in results:
+        r.memory_method = memory_method
+    return results
+
+
+def measure_memory(payload: dict[str, Any], pinned: bool) -> dict[str, Any]:
+    """The memory pass of :func:`run`, in the worker process: peaks per result, in run's order."""
+    common.configure_torch(payload["threads"])
+    device, dtype = torch.device(payload["device"]), common.DTYPES[payload["dtype"]]
+    meter = common.PeakMemory(device)
+    i, n, elapsed = payload["progress"]
+    started = time.perf_counter() - elapsed
+    peaks = []
+    for case in (Case(**c) for c in payload["cases"]):
+        inputs = make_inputs(case, dtype, device)
+        fns = {name: PROVIDERS[name].build(case) for name in payload["providers"]}
+        for mode in payload["modes"]:
+            i += 1
+            common.progress(i, n, f"memory {case.name} {mode}", started)
+            row = {}
+            for name, fn in fns.items():
+                step = make_step(mode, fn, inputs)  # one provider's bwd graph alive at a time
+                step()  # first call: oneDNN primitives, caches
+                row[name] = meter.measure(step)
+                del step
+            peaks.append(row)
+    return {"peaks": peaks, "method": meter.method(pinned)}
+
+
+def _forward_errors(case: Case, fns: dict[str, ConvFn], inputs: Inputs, dtype: torch.dtype) -> dict[str, float]:
+    if BASELINE not in fns:
+        return {}
+    with torch.no_grad():
+        ref = fns[BASELINE](*inputs.leaves)
+    errors = {name: forward_error(fn, ref, inputs) for name, fn in fns.items()}
+    tol = 1e-3 if dtype in (torch.float32, torch.float64) else 5e-2
+    for name, err in errors.items():
+        if err > tol:
+            print(f"WARNING: {name} differs from {BASELINE} on {case.name}: max rel err {err:.2e}", file=sys.stderr)
+    return errors
+
+
+# ---------------------------------------------------------------------------------------------
+# Targets of the issue
+# ---------------------------------------------------------------------------------------------
+
+# (target case, provider auto is compared with, minimum speedup of auto), all in fwdbwd.
+SPEED_TARGETS = (
+    ("2d-64q", "expanded", 2.0),
+    ("2d-64q", "naive16", 4.0),
+    ("2d-32q", "expanded", 1.6),
+    ("3d-32q", "expanded", 1.9),
+)
+AUTO_FLOOR = 0.95  # auto never slower than this fraction of expanded's speed, anywhere
+
+
+def check_targets(results: Sequence[Result]) -> list[dict[str, Any]]:
+    """PASS / FAIL / SKIP (not in this run) for each target, with the measured value."""
+
+    def verdict(label: str, value: float | None, ok: bool, detail: str) -> dict[str, Any]:
+        status = "SKIP" if value is None else ("PASS" if ok else "FAIL")
+        return {"target": label, "status": status, "value": value, "detail": detail}
+
+    by_key = {(r.case, r.mode): r for r in results}
+    out = []
+    for tname, over, need in SPEED_TARGETS:
+        r = by_key.get((TARGETS[tname], "fwdbwd"))
+        value = r.speedup("auto", over) if r else None
+        detail = (
+            f"{value:.2f}x" if value is not None else f"auto or {over} on {TARGETS[tname].name} fwdbwd not in this run"
+        )
+        out.append(
+            verdict(f"{tname} fwdbwd: auto >= {need}x {over}", value, value is not None and value >= need, detail)
+        )
+
+    speed = [(r.speedup("auto"), r) for r in results]
+    speed = [(s, r) for s, r in speed if s is not None]
+    worst_s, worst_r = min(speed, key=lambda p: p[0], default=(None, None))
+    out.append(
+        verdict(
+            f"auto >= {AUTO_FLOOR}x expanded in every case and mode",
+            worst_s,
+            worst_s is not None and worst_s >= AUTO_FLOOR,
+            f"worst {worst_s:.2f}x ({worst_r.case.name} {worst_r.mode})" if worst_r else "auto and expanded not run",
+        )
+    )
+
+    mem = [(r.peak_ratio("auto"), r) for r in results if r.mode == "fwdbwd"]
+    mem = [(m, r) for m, r in mem if m is not None]
+    worst_m, worst_r = max(mem, key=lambda p: p[0], default=(None, None))
+    out.append(
+        verdict(
+            "auto fwdbwd peak memory <= expanded's in every case",
+            worst_m,
+            worst_m is not None and worst_m <= 1.0,
+            f"worst {worst_m:.2f}x expanded's ({worst_r.case.name})" if worst_r else "no fwdbwd peak memory measured",
+        )
+    )
+    return out
+
+
+def targets_text(checks: Sequence[dict[str, Any]]) -> str:
+    return "\n".join(f"{c['status']:<4}  {c['target']}: {c['detail']}" for c in checks)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports
+# ---------------------------------------------------------------------------------------------
+
+
+def _ms(r: Result, name: str) -> str:
+    if name not in r.timings:
+        return "-"
+    text = f"{r.timings[name].median * 1e3:.1f}"
+    s = r.speedup(name)
+    return text if name == BASELINE or s is None else f"{text} ({s:.2f}x)"
+
+
+def _mib(r: Result, name: str) -> str:
+    peak = r.peaks.get(name)
+    if peak is None:
+        return "n/a"
+    ratio = r.peak_ratio(name)
+    mib = peak / common.MiB
+    text = f"{mib:.1f}" if mib < 100 else f"{mib:.0f}"
+    return text if name == BASELINE or ratio is None else f"{text} ({ratio:.2f}x)"
+
+
+def markdown(results: Sequence[Result], env: dict[str, Any], checks: Sequence[dict[str, Any]] | None = None) -> str:
+    providers = list(results[0].timings) if results else []
+    auto_by = "auto served by"
+    head = ["case", "mode"]
+    time_rows = [[r.case.name, r.mode, *(_ms(r, p) for p in providers), r.served_by.get("auto", "-")] for r in results]
+    mem_rows = [[r.case.name, r.mode, *(_mib(r, p) for p in providers)] for r in results]
+    parts = [
+        "# Quaternion conv benchmark",
+        "",
+        common.environment_line(env),
+        "",
+        f"`{env['command']}`",
+        "",
+        "## Time: median ms (speedup vs expanded = t_expanded / t_provider, > 1 is faster)",
+        "",
+        common.markdown_table(head + providers + [auto_by], time_rows, align_left=2),
+        "",
+        "## Peak memory: MiB above what was live before one step (ratio to expanded, < 1 is less)",
+        "",
+        common.markdown_table(head + providers, mem_rows, align_left=2),
+    ]
+    if checks:
+        parts += ["", "## Targets", "", "```", targets_text(checks), "```"]
+    return "\n".join(parts) + "\n"
+
+
+def plot(path: Path, results: Sequence[Result], env: dict[str, Any]) -> None:
+    """Speedup vs expanded per case (one panel per mode), then fwdbwd peak-memory ratio."""
+    if not results:
+        return
+    providers = [p for p in results[0].timings if p != BASELINE]
+    modes = list(dict.fromkeys(r.mode for r in results))
+    cases = list(dict.fromkeys(r.case for r in results))
+    by_key = {(r.case, r.mode): r for r in results}
+
+    def series(mode: str, metric: Callable[[Result, str], float | None]) -> dict[str, list[float | None]]:
+        return {p: [metric(by_key[(c, mode)], p) if (c, mode) in by_key else None for c in cases] for p in providers}
+
+    panels = [
+        (f"{mode}: speedup vs expanded (higher is better)", "t_expanded / t", series(mode, Result.speedup))
+        for mode in modes
+    ]
+    mem_mode = "fwdbwd" if "fwdbwd" in modes else modes[-1]
+    mem = series(mem_mode, Result.peak_ratio)
+    if any(v is not None for vs in mem.values() for v in vs):
+        panels.append((f"{mem_mode}: peak memory vs expanded (lower is better)", "peak / peak_expanded", mem))
+    common.grouped_bars(path, [c.name for c in cases], panels, "aqcf-bench conv — " + common.environment_line(env))
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def _csv(choices: Sequence[str]) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        bad = [t for t in items if t not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(choices)}")
+        return items
+
+    return parse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``conv`` family's own options (besides :func:`common.add_common_arguments`)."""
+    parser.add_argument(
+        "--grid",
+        choices=list(GRIDS),
+        default="quick",
+        help="quick: small cases, ~1 min; targets: the issue's 3 cases; full: every rank, "
+        "channel count and shape (several minutes). Default quick",
+    )
+    parser.add_argument("--modes", type=_csv(MODES), default=list(MODES), help="comma-separated; default all")
+    parser.add_argument(
+        "--providers",
+        type=_csv(list(PROVIDERS)),
+        default=list(PROVIDERS),
+        help=f"comma-separated; default all; {BASELINE} is always run (ratios)",
+    )
+    parser.add_argument(
+        "--cases",
+        type=lambda t: [x.strip() for x in t.split(",") if x.strip()],
+        default=None,
+        help="comma-separated substrings: keep the grid's cases whose name contains one (e.g. '2d 64q,3d')",
+    )
+    parser.add_argument("--check-targets", action="store_true", help="report PASS/FAIL for the issue's targets")
+    parser.add_argument("--list", action="store_true", help="list the grid's cases and exit")
+
+
+def main(args: argparse.Namespace) -> int:
+    cases = GRIDS[args.grid]()
+    if args.cases:
+        cases = [c for c in cases if any(m in c.name for m in args.cases)]
+        if not cases:
+            print(f"no case of grid {args.grid!r} matches {args.cases}; see --list", file=sys.stderr)
+            return 2
+    if args.list:
+        for case in cases:
+            tag = target_name(case)
+            print(f"{case.name:<28} {case.gflop:7.2f} GFLOP fwd" + (f"  [target {tag}]" if tag else ""))
+        print(f"{len(cases)} cases, {sum(c.gflop for c in cases):.1f} GFLOP fwd in all")
+        return 0
+    common.configure_torch(args.threads)
+    device = torch.device(args.device)
+    providers = [p for p in PROVIDERS if p in args.providers or p == BASELINE]
+    env = common.environment(device, args.threads)
+    common.warn_if_busy(env)
+    results = run(
+        cases,
+        args.modes,
+        providers,
+        args.reps,
+        args.warmup,
+        common.DTYPES[args.dtype],
+        device,
+        memory=not args.no_memory,
+    )
+    env["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    checks = check_targets(results) if args.check_targets else None
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    memory_method = results[0].memory_method if results else "not measured"
+    config = {
+        "grid": args.grid,
+        "modes": args.modes,
+        "providers": providers,
+        "reps": args.reps,
+        "warmup": args.warmup,
+        "dtype": args.dtype,
+        "baseline": BASELINE,
+        "memory": memory_method,
+        "conv": "stride 1, padding kernel//2, bias, in = out channels",
+    }
+    common.write_json(
+        args.out / "conv.json",
+        {
+            "family": "conv",
+            "env": env,
+            "config": config,
+            "results": [r.to_json() for r in results],
+            "targets": checks,
+        },
+    )
+    md = markdown(results, env, checks)
+    (args.out / "conv.md").write_text(md)
+    plot(args.out / "conv.png", results, env)
+    print(md)
+    print(f"wrote {args.out / 'conv.md'}, conv.json, conv.png", file=sys.stderr)
+    return 0
