@@ -123,6 +123,11 @@ GRIDS: dict[str, Callable[[], list[Case]]] = {
     ],
     "targets": lambda: list(TARGETS.values()),
     "full": _full_grid,
+    # GPU (benchmarks/gpu_suite.sh): 16q..256q; the GPU target is 2d 64q N=32 64x64.
+    "gpu": lambda: [
+        *(Case(dims=2, channels=ch, size=64, batch=32) for ch in (16, 32, 64, 128, 256)),
+        *(Case(dims=3, channels=ch, size=32, batch=4) for ch in (16, 32, 64, 128)),
+    ],
 }
 
 
@@ -142,11 +147,20 @@ class Provider:
     name: str
     reference: Callable[..., Tensor] | None = None
     algorithm: str | None = None
+    backend: str | None = None  # forced backend (GPU providers); None: the registry's choice
 
     def build(self, case: Case) -> ConvFn:
         if self.reference is not None:
             return partial(self.reference, stride=1, padding=case.padding)
-        return partial(quaternion_conv, stride=1, padding=case.padding, algorithm=self.algorithm)
+        fn = partial(quaternion_conv, stride=1, padding=case.padding, algorithm=self.algorithm)
+        if self.backend is None:
+            return fn
+
+        def forced(*args: Tensor | None) -> Tensor:
+            with _backends.use(self.backend):
+                return fn(*args)
+
+        return forced
 
     def served_by(self, x: Tensor, w: Tensor, case: Case) -> str:
         """``reference``, or ``backend/algorithm`` that serves ours (the forward call)."""
@@ -157,6 +171,9 @@ class Provider:
             algorithm = self.algorithm
             if algorithm == "auto":
                 algorithm = "fast8" if fast8_pays_off(x, w, p) else "hamilton"
+            if self.backend is not None:
+                with _backends.use(self.backend):
+                    return f"{_backends.select(x, w, p, algorithm).name}/{algorithm}"
             return f"{_backends.select(x, w, p, algorithm).name}/{algorithm}"
         except Exception as e:  # noqa: BLE001 - a report, not a check
             return f"unknown ({type(e).__name__})"
@@ -168,7 +185,13 @@ PROVIDERS: dict[str, Provider] = {
     "hamilton": Provider("hamilton", algorithm="hamilton"),
     "fast8": Provider("fast8", algorithm="fast8"),
     "auto": Provider("auto", algorithm="auto"),
+    # GPU providers: each backend forced (the registry would pick triton first)
+    "cuda": Provider("cuda", algorithm="hamilton", backend="cuda"),
+    "triton/hamilton": Provider("triton/hamilton", algorithm="hamilton", backend="triton"),
+    "triton/fast8": Provider("triton/fast8", algorithm="fast8", backend="triton"),
 }
+CPU_PROVIDERS = ("naive16", "expanded", "hamilton", "fast8", "auto")
+GPU_PROVIDERS = ("naive16", "expanded", "cuda", "triton/hamilton", "triton/fast8", "auto")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -541,8 +564,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--providers",
         type=_csv(list(PROVIDERS)),
-        default=list(PROVIDERS),
-        help=f"comma-separated; default all; {BASELINE} is always run (ratios)",
+        default=None,
+        help=f"comma-separated; default: {', '.join(CPU_PROVIDERS)} on CPU, {', '.join(GPU_PROVIDERS)} on CUDA; "
+        f"{BASELINE} is always run (ratios)",
     )
     parser.add_argument(
         "--cases",
@@ -551,6 +575,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated substrings: keep the grid's cases whose name contains one (e.g. '2d 64q,3d')",
     )
     parser.add_argument("--check-targets", action="store_true", help="report PASS/FAIL for the issue's targets")
+    parser.add_argument(
+        "--tf32", action="store_true", help="CUDA float32: allow TF32 in cuDNN/cuBLAS and the Triton kernels"
+    )
     parser.add_argument("--list", action="store_true", help="list the grid's cases and exit")
 
 
@@ -569,7 +596,11 @@ def main(args: argparse.Namespace) -> int:
         return 0
     common.configure_torch(args.threads)
     device = torch.device(args.device)
-    providers = [p for p in PROVIDERS if p in args.providers or p == BASELINE]
+    wanted = args.providers or (GPU_PROVIDERS if device.type == "cuda" else CPU_PROVIDERS)
+    providers = [p for p in PROVIDERS if p in wanted or p == BASELINE]
+    if device.type == "cuda" and args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     env = common.environment(device, args.threads)
     common.warn_if_busy(env)
     results = run(
@@ -594,6 +625,7 @@ def main(args: argparse.Namespace) -> int:
         "reps": args.reps,
         "warmup": args.warmup,
         "dtype": args.dtype,
+        "tf32": bool(device.type == "cuda" and args.tf32),
         "baseline": BASELINE,
         "memory": memory_method,
         "conv": "stride 1, padding kernel//2, bias, in = out channels",

@@ -18,7 +18,7 @@ import os
 import pytest
 import torch
 
-from benchmarks.conv import MODES, PROVIDERS, TARGETS, make_inputs, make_step
+from benchmarks.conv import CPU_PROVIDERS, MODES, PROVIDERS, TARGETS, make_inputs, make_step
 
 pytestmark = pytest.mark.benchmark
 
@@ -42,7 +42,7 @@ def target(request):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("provider", list(PROVIDERS))
+@pytest.mark.parametrize("provider", CPU_PROVIDERS)
 def test_conv(benchmark, target, provider: str, mode: str) -> None:
     name, case, inputs = target
     step = make_step(mode, PROVIDERS[provider].build(case), inputs)

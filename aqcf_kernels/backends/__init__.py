@@ -8,10 +8,12 @@ in the device's priority list that can serve.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import types
 from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Protocol
 
 from torch import Tensor
@@ -62,8 +64,24 @@ def _reason(backend: Backend, input: Tensor, weight: Tensor, params: ConvParams,
     return backend.unavailable() or backend.cannot_serve(input, weight, params, algorithm)
 
 
+_USE: list[str] = []  # stack of `use(...)` overrides; a module global, not a context variable,
+# because autograd runs CUDA backward on its own threads
+
+
+@contextlib.contextmanager
+def use(name: str) -> Iterator[None]:
+    """Force backend ``name`` inside the block (over ``AQCF_BACKEND``); same errors if it can't serve."""
+    if name not in _REGISTRY:
+        raise BackendError(f"{name!r} is not a backend; known: {sorted(_REGISTRY)}")
+    _USE.append(name)
+    try:
+        yield
+    finally:
+        _USE.pop()
+
+
 def select(input: Tensor, weight: Tensor, params: ConvParams, algorithm: str) -> Backend:
-    forced = os.environ.get("AQCF_BACKEND", "").strip()
+    forced = _USE[-1] if _USE else os.environ.get("AQCF_BACKEND", "").strip()
     if forced and forced != "auto":
         backend = _REGISTRY.get(forced)
         if backend is None:

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Every GPU check and benchmark in one call (< 9 min on an H100), for a lent GPU machine with
+# torch, triton, ninja and pytest preinstalled and no network:
+#   bash benchmarks/gpu_suite.sh OUTDIR
+# 1. builds the extension in place (CUDA sources included when torch has CUDA);
+# 2. runs the GPU tests (tests/gpu) and the Triton kernel tests natively on the GPU;
+# 3. benchmarks QuaternionConv2d/3d fwd, bwd, fwd+bwd: naive16, expanded (cuDNN), cuda,
+#    triton/hamilton, triton/fast8, auto, in tf32 and in bf16; ratios to expanded.
+# Writes at most 8 files under OUTDIR (setup.log, tests.txt, {tf32,bf16}/conv.{md,json,png}).
+# Each stage runs even if an earlier one failed; the exit code is non-zero if any failed.
+set -uo pipefail
+OUT=${1:?usage: bash benchmarks/gpu_suite.sh OUTDIR}
+cd "$(dirname "$0")/.."
+mkdir -p "$OUT"
+PY=${PYTHON:-python}
+status=0
+t0=$(date +%s)
+stamp() { echo "[gpu_suite +$(($(date +%s) - t0))s] $*" | tee -a "$OUT/setup.log"; }
+
+stamp "machine"
+{ nvidia-smi; "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"; git rev-parse --short HEAD; } >>"$OUT/setup.log" 2>&1
+
+stamp "building the extension (CUDA included)"
+if MAX_JOBS=${MAX_JOBS:-16} "$PY" setup.py build_ext --inplace >>"$OUT/setup.log" 2>&1; then
+  stamp "build ok"
+else
+  stamp "BUILD FAILED (see above)"; status=1
+fi
+"$PY" -c "import aqcf_kernels; print(aqcf_kernels.backends())" >>"$OUT/setup.log" 2>&1
+
+stamp "GPU tests"
+if timeout 240 "$PY" -m pytest -q -p no:cacheprovider -m "not slow" tests/gpu tests/triton_kernels -rs >"$OUT/tests.txt" 2>&1; then
+  stamp "tests passed"
+else
+  stamp "TESTS FAILED or timed out (see tests.txt)"; status=1
+fi
+tail -n 3 "$OUT/tests.txt" | tee -a "$OUT/setup.log"
+
+for mode in tf32 bf16; do
+  stamp "benchmark $mode"
+  if [ "$mode" = tf32 ]; then args=(--dtype float32 --tf32); else args=(--dtype bfloat16); fi
+  if ! timeout 150 "$PY" -m benchmarks.cli conv --device cuda --grid gpu --reps 10 --warmup 3 \
+      "${args[@]}" --out "$OUT/$mode" >>"$OUT/setup.log" 2>&1; then
+    stamp "BENCHMARK $mode FAILED or timed out"; status=1
+  fi
+done
+stamp "done, status $status"
+exit $status
