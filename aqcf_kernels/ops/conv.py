@@ -49,10 +49,11 @@ def qconv(
 ) -> Tensor:
     """Quaternion (transposed) convolution ``y = W ⊗ x`` (+ bias)."""
     p = _params(weight.dim(), stride, padding, dilation, transposed, output_padding, groups)
+    backend = backends.select(input, weight, p, algorithm)  # even for empty inputs: a forced backend is checked
     out = _empty_output(input, conv_output_shape(input.shape, weight.shape, p))
     if input.numel() == 0 or out.numel() == 0:
         return out.zero_() if bias is None else out.copy_(bias.view(1, -1, *[1] * p.spatial_dims).expand_as(out))
-    y = backends.select(input, weight, p, algorithm).conv(input, weight, bias, p, algorithm)
+    y = backend.conv(input, weight, bias, p, algorithm)
     return out.copy_(y) if y.stride() != out.stride() else y
 
 
@@ -77,9 +78,9 @@ def qconv_weight_grad(
 ) -> Tensor:
     """Gradient of ``<grad_output, qconv(input, W)>`` with respect to W."""
     p = _params(len(weight_shape), stride, padding, dilation, transposed, output_padding, groups)
+    backend = backends.select(input, input.new_empty(1).expand(weight_shape), p, algorithm)
     if input.numel() == 0 or grad_output.numel() == 0:
         return input.new_zeros(weight_shape)
-    backend = backends.select(input, input.new_empty(1).expand(weight_shape), p, algorithm)
     return backend.conv_weight_grad(input, grad_output, weight_shape, p, algorithm).contiguous()
 
 

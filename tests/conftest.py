@@ -1,0 +1,123 @@
+"""Shared test helpers: random quaternion tensors, relative errors, and backend forcing.
+
+The helpers are handed out as session-scoped fixtures (factories) rather than imported, so every
+test package can use them without depending on how pytest names this module.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Without a GPU, run the Triton kernels in triton's interpreter on CPU tensors. It must be set
+# before triton decorates any kernel, i.e. before aqcf_kernels is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from aqcf_kernels.backends import registered  # noqa: E402
+from aqcf_kernels.params import check_conv_args
+
+#: Every registered backend, in a stable order; tests parametrise over all of them and the
+#: ``backend`` fixture skips (with the backend's own reason) those that cannot run here.
+BACKEND_NAMES = sorted(registered())
+
+
+def cpp_required() -> bool:
+    """CI sets ``AQCF_REQUIRE_CPP=1`` after building the extension: then a missing ``cpp`` is a failure."""
+    return os.environ.get("AQCF_REQUIRE_CPP", "").strip() == "1"
+
+
+def make_quaternion(
+    *shape: int,
+    dim: int = 1,
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+    real_dominant: bool = False,
+    requires_grad: bool = False,
+) -> torch.Tensor:
+    """A fresh random (never zero) quaternion tensor, blocked ``[r | i | j | k]`` along ``dim``.
+
+    Values are drawn in float64 from a private generator (so tests never depend on the global RNG
+    or on each other) and only then cast: the same seed gives the same numbers in every dtype.
+    With ``real_dominant`` the imaginary blocks are scaled by 0.01, the regime in which fast8's
+    component-wise error is largest (its sums mix a big real part into small imaginary ones).
+    """
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(*shape, generator=g, dtype=torch.float64)
+    if real_dominant:
+        blocks = t.unflatten(dim, (4, -1))  # (..., 4, Cq, ...): index 0 along `dim` is the real block
+        blocks[(slice(None),) * dim + (slice(1, None),)] *= 0.01
+        t = blocks.flatten(dim, dim + 1)
+    return t.to(dtype).requires_grad_(requires_grad)
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor, dim: int = 1) -> dict[str, float]:
+    """‖out − ref‖ / ‖ref‖ over the whole tensor ('all') and per component ('r', 'i', 'j', 'k').
+
+    Computed in float64 so the measurement does not add error of its own; ``dim`` is the blocked
+    quaternion dim (1 for feature maps, 0 for weights).
+    """
+    out, ref = out.detach().double(), ref.detach().double()
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    errors = {"all": ((out - ref).norm() / ref.norm()).item()}
+    for name, o, r in zip("rijk", out.chunk(4, dim), ref.chunk(4, dim), strict=True):
+        errors[name] = ((o - r).norm() / r.norm()).item()
+    return errors
+
+
+def skip_unless_served(backend: str, input: torch.Tensor, weight: torch.Tensor, algorithm: str, **conv_kwargs) -> None:
+    """Skip, with the backend's own reason, a call the forced backend declares it cannot serve.
+
+    Backends may decline calls (the triton backend has no float64, say); forcing one through
+    ``AQCF_BACKEND`` then raises. That is a declared limitation, so the test is skipped visibly
+    (``pytest -rs``) instead of failing, while everything the backend accepts is held to the contract.
+    """
+    kw = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1, "transposed": False, "output_padding": 0}
+    p, _ = check_conv_args(
+        input, weight, None, spatial_dims=weight.dim() - 3, algorithm=algorithm, **{**kw, **conv_kwargs}
+    )
+    resolved = "hamilton" if algorithm == "auto" else algorithm
+    why = registered()[backend].cannot_serve(input, weight, p, resolved)
+    if why is not None:
+        pytest.skip(f"backend {backend!r} declines this call ({input.dtype}, {resolved}): {why}")
+
+
+@pytest.fixture(scope="session")
+def served():
+    """Factory fixture: :func:`skip_unless_served`."""
+    return skip_unless_served
+
+
+@pytest.fixture(scope="session")
+def qrand():
+    """Factory fixture: :func:`make_quaternion`."""
+    return make_quaternion
+
+
+@pytest.fixture(scope="session")
+def rel_errors():
+    """Factory fixture: :func:`rel_error` (whole tensor and per component)."""
+    return rel_error
+
+
+@pytest.fixture(params=BACKEND_NAMES)
+def backend(request, monkeypatch) -> str:
+    """Force one registered backend through ``AQCF_BACKEND`` for the whole test.
+
+    An unavailable backend is skipped with its own reason (visible in ``pytest -rs``), except
+    ``cpp`` under ``AQCF_REQUIRE_CPP=1``, which fails: CI built it, so its absence is a bug.
+    A backend that does not serve CPU tensors at all is skipped too: these are CPU tests.
+    """
+    name = request.param
+    impl = registered()[name]
+    why = impl.unavailable()
+    if why is not None:
+        if name == "cpp" and cpp_required():
+            pytest.fail(f"AQCF_REQUIRE_CPP=1 but the cpp backend is unavailable: {why}")
+        pytest.skip(f"backend {name!r} unavailable: {why}")
+    if "cpu" not in impl.device_types:
+        pytest.skip(f"backend {name!r} does not serve CPU tensors (serves {', '.join(impl.device_types)})")
+    monkeypatch.setenv("AQCF_BACKEND", name)
+    return name

@@ -1,0 +1,158 @@
+"""Backend registry and selection, the ``aqcf_kernels.backends()`` table, and empty batches."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import aqcf_kernels
+from aqcf_kernels import backends, reference
+from aqcf_kernels import functional as qF
+from aqcf_kernels.backends import PRIORITY, BackendError, registered, select
+from aqcf_kernels.backends.torch_impl import TorchBackend
+from aqcf_kernels.params import ConvParams
+
+# Tiny convs only: one intra-op thread runs them faster (see tests/conv/conftest.py).
+pytestmark = pytest.mark.usefixtures("single_threaded")
+
+
+def test_cpp_backend_available_when_required():
+    # CI builds the extension and sets AQCF_REQUIRE_CPP=1: from then on a missing or broken
+    # extension must fail the run instead of quietly testing only the torch backend.
+    assert "cpp" in registered()
+    why = registered()["cpp"].unavailable()
+    if os.environ.get("AQCF_REQUIRE_CPP", "").strip() == "1":
+        assert why is None, f"AQCF_REQUIRE_CPP=1 but the cpp backend is unavailable: {why}"
+    elif why is not None:
+        pytest.skip(f"cpp backend not built ({why}); AQCF_REQUIRE_CPP=1 makes this a failure")
+
+
+class FakeBackend(TorchBackend):
+    """A registry entry we control: delegates to the torch backend and counts its calls."""
+
+    device_types = ("cpu",)
+
+    def __init__(self, name: str, unavailable: str | None = None):
+        self.name, self._unavailable, self.calls = name, unavailable, 0
+
+    def unavailable(self):
+        return self._unavailable
+
+    def conv(self, *args):
+        self.calls += 1
+        return super().conv(*args)
+
+
+@pytest.fixture
+def fake_backends(monkeypatch):
+    """Register a broken ('fake-broken') and a working ('fake-ok') backend, for this test only."""
+    fakes = {"fake-broken": FakeBackend("fake-broken", "simulated: library missing"), "fake-ok": FakeBackend("fake-ok")}
+    for name, impl in fakes.items():
+        monkeypatch.setitem(backends._REGISTRY, name, impl)
+    return fakes
+
+
+def _args():
+    x = torch.randn(1, 8, 5, 5, generator=torch.Generator().manual_seed(40))
+    w = torch.randn(4, 2, 2, 3, 3, generator=torch.Generator().manual_seed(41))
+    return x, w, ConvParams(2, (1, 1), (0, 0), (1, 1), False, (0, 0), 1)
+
+
+@pytest.mark.parametrize("env", [None, "", "auto"])
+def test_default_cpu_selection_is_first_available_backend_in_priority(monkeypatch, env):
+    if env is None:
+        monkeypatch.delenv("AQCF_BACKEND", raising=False)
+    else:
+        monkeypatch.setenv("AQCF_BACKEND", env)
+    x, w, p = _args()
+    impls = registered()
+    available = [
+        name
+        for name in PRIORITY["cpu"]
+        if name in impls and impls[name].unavailable() is None and "cpu" in impls[name].device_types
+    ]
+    assert available, f"no available CPU backend in PRIORITY['cpu'] = {PRIORITY['cpu']}"
+    for algorithm in ("hamilton", "fast8"):
+        assert select(x, w, p, algorithm).name == available[0]
+
+
+def test_selection_passes_over_an_unavailable_backend(monkeypatch, fake_backends):
+    monkeypatch.delenv("AQCF_BACKEND", raising=False)
+    monkeypatch.setitem(PRIORITY, "cpu", ["fake-broken", "fake-ok", *PRIORITY["cpu"]])
+    x, w, p = _args()
+    assert select(x, w, p, "hamilton").name == "fake-ok"
+    y = qF.quaternion_conv2d(x, w)
+    assert fake_backends["fake-ok"].calls == 1  # the selected backend really computed the call
+    torch.testing.assert_close(y, reference.quaternion_conv_naive(x, w))
+
+
+def test_forced_backend_wins_over_priority(monkeypatch, fake_backends):
+    monkeypatch.setitem(PRIORITY, "cpu", ["fake-ok", *PRIORITY["cpu"]])
+    monkeypatch.setenv("AQCF_BACKEND", "torch")
+    x, w, p = _args()
+    assert select(x, w, p, "fast8").name == "torch"
+    qF.quaternion_conv2d(x, w)
+    assert fake_backends["fake-ok"].calls == 0
+
+
+def test_forced_unavailable_backend_is_an_error_not_a_fallback(monkeypatch, fake_backends):
+    monkeypatch.setenv("AQCF_BACKEND", "fake-broken")
+    x, w, _ = _args()
+    with pytest.raises(BackendError, match=r"AQCF_BACKEND='fake-broken' cannot serve this call: simulated"):
+        qF.quaternion_conv2d(x, w)
+
+
+def test_no_backend_for_the_device_is_an_error(monkeypatch, fake_backends):
+    # Every candidate can refuse; the error then lists each one's reason.
+    monkeypatch.delenv("AQCF_BACKEND", raising=False)
+    monkeypatch.setitem(PRIORITY, "cpu", ["fake-broken"])
+    monkeypatch.setitem(backends._REGISTRY, "torch", FakeBackend("torch", "simulated: torch refuses"))
+    x, w, p = _args()
+    with pytest.raises(BackendError, match=r"no backend serves cpu tensors: fake-broken: simulated.*torch: simulated"):
+        select(x, w, p, "hamilton")
+
+
+def test_backends_table_lists_every_backend_with_reasons(fake_backends):
+    table = str(aqcf_kernels.backends())
+    rows = {line.split()[0]: line for line in table.splitlines()[2:]}
+    assert set(rows) == set(registered())
+    for name, impl in registered().items():
+        why = impl.unavailable()
+        if why is None:
+            assert "unavailable" not in rows[name] and "available" in rows[name]
+        else:
+            assert f"unavailable: {why}" in rows[name]
+        for device in impl.device_types:
+            assert device in rows[name]
+    assert "unavailable: simulated: library missing" in rows["fake-broken"]
+
+
+# Empty batch: every rank, conv and transposed (strided, with output_padding), with bias.
+EMPTY_CASES = {
+    "conv1d": ((0, 8, 7), (4, 2, 2, 3), dict(stride=2)),
+    "conv_transpose1d": ((0, 8, 7), (4, 2, 1, 3), dict(stride=2, output_padding=1, transposed=True)),
+    "conv2d": ((0, 8, 5, 4), (4, 4, 1, 3, 2), dict(padding=1, groups=2)),
+    "conv_transpose2d": ((0, 8, 5, 4), (4, 2, 2, 3, 3), dict(stride=2, output_padding=1, transposed=True)),
+    "conv3d": ((0, 4, 3, 4, 3), (4, 2, 1, 2, 2, 2), dict()),
+    "conv_transpose3d": ((0, 8, 2, 3, 2), (4, 2, 1, 2, 2, 2), dict(stride=2, groups=2, transposed=True)),
+}
+
+
+@pytest.mark.parametrize("algorithm", ["hamilton", "fast8"])
+@pytest.mark.parametrize("case", list(EMPTY_CASES))
+def test_empty_batch_gives_empty_output_and_zero_grads(backend, algorithm, case, qrand):
+    x_shape, w_shape, kwargs = EMPTY_CASES[case]
+    x = torch.empty(x_shape, dtype=torch.float64, requires_grad=True)
+    w = qrand(*w_shape, dim=0, seed=50, requires_grad=True)
+    out_channels = 4 * (w_shape[2] * kwargs.get("groups", 1) if kwargs.get("transposed") else w_shape[1])
+    b = qrand(out_channels, dim=0, seed=51, requires_grad=True)
+    y = qF.quaternion_conv(x, w, b, **kwargs, algorithm=algorithm)
+    # torch's own convs handle empty batches: the naive reference gives the expected shape.
+    assert y.shape == reference.quaternion_conv_naive(x.detach(), w.detach(), b.detach(), **kwargs).shape
+    assert y.shape[0] == 0 and y.shape[1] == out_channels
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    assert torch.equal(w.grad, torch.zeros_like(w))
+    assert torch.equal(b.grad, torch.zeros_like(b))

@@ -1,0 +1,237 @@
+"""Every backend and algorithm against ``reference.quaternion_conv_naive`` (the 16-conv ground truth).
+
+float64 over a hypothesis-driven grid of conv hyper-parameters and input layouts: forward and the
+input, weight and bias gradients. The two reference baselines are checked against each other on
+the same grid, and the naive conv against an element-wise Hamilton product for 1x1 kernels (the
+one case where "y = W ⊗ x" can be written without any convolution at all).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from aqcf_kernels import functional as qF
+from aqcf_kernels import reference
+
+# Tiny convs only: one intra-op thread runs them faster (see tests/conv/conftest.py).
+pytestmark = pytest.mark.usefixtures("single_threaded")
+
+
+@dataclass(frozen=True)
+class ConvConfig:
+    spatial_dims: int
+    transposed: bool
+    batch: int
+    cq_in: int
+    cq_out: int
+    groups: int
+    spatial: tuple[int, ...]
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...] | int | str
+    dilation: tuple[int, ...]
+    output_padding: tuple[int, ...]
+    bias: bool
+    layout: str  # input: contiguous | strided (a slice) | transposed-view | channels_last
+    weight_layout: str  # contiguous | transposed-view (dims 1 and 2 swapped in memory)
+    grad_layout: str  # grad_output: contiguous | strided
+    seed: int
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        if self.transposed:  # (4, Cq_in, Cq_out/G, *k)
+            return (4, self.cq_in, self.cq_out // self.groups, *self.kernel)
+        return (4, self.cq_out, self.cq_in // self.groups, *self.kernel)
+
+    def kwargs(self) -> dict:
+        kw = dict(stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups)
+        if self.transposed:
+            kw.update(transposed=True, output_padding=self.output_padding)
+        return kw
+
+
+def _output_sizes(c: ConvConfig) -> list[int]:
+    """torch's output-size rule (the shape contract of F.conv*/F.conv_transpose*)."""
+    if c.padding == "same":
+        return list(c.spatial)
+    pad = (0,) * c.spatial_dims if c.padding == "valid" else c.padding
+    pad = (pad,) * c.spatial_dims if isinstance(pad, int) else pad
+    out = []
+    for i, k, s, p, d, op in zip(c.spatial, c.kernel, c.stride, pad, c.dilation, c.output_padding, strict=True):
+        if c.transposed:
+            out.append((i - 1) * s - 2 * p + d * (k - 1) + op + 1)
+        else:
+            out.append((i + 2 * p - d * (k - 1) - 1) // s + 1)
+    return out
+
+
+@st.composite
+def conv_configs(draw) -> ConvConfig:
+    n = draw(st.sampled_from([1, 2, 3]))
+    transposed = draw(st.booleans())
+    groups = draw(st.sampled_from([1, 1, 2]))
+    cq_in = groups * draw(st.integers(1, 2))
+    cq_out = groups * draw(st.integers(1, 2))
+
+    def per_dim(values):
+        return draw(st.tuples(*[values] * n))
+
+    kernel = per_dim(st.integers(1, 3))
+    stride = per_dim(st.integers(1, 2))
+    dilation = per_dim(st.integers(1, 2))
+    int_padding = st.one_of(st.integers(0, 2), st.tuples(*[st.integers(0, 2)] * n))
+    if transposed:
+        padding = draw(int_padding)
+        output_padding = tuple(draw(st.integers(0, s - 1)) for s in stride)
+    else:
+        strings = ["valid", "same"] if all(s == 1 for s in stride) else ["valid"]
+        padding = draw(st.one_of(int_padding, st.sampled_from(strings)))
+        output_padding = (0,) * n
+    # Odd and partial sizes; 3d stays smaller so each example costs milliseconds.
+    spatial = per_dim(st.integers(1, (9, 6, 4)[n - 1]))
+    layouts = ["contiguous", "strided", "transposed-view"] + (["channels_last"] if n > 1 else [])
+    config = ConvConfig(
+        spatial_dims=n,
+        transposed=transposed,
+        batch=draw(st.sampled_from([1, 1, 2, 3])),
+        cq_in=cq_in,
+        cq_out=cq_out,
+        groups=groups,
+        spatial=spatial,
+        kernel=kernel,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        output_padding=output_padding,
+        bias=draw(st.booleans()),
+        layout=draw(st.sampled_from(layouts)),
+        weight_layout=draw(st.sampled_from(["contiguous", "transposed-view"])),
+        grad_layout=draw(st.sampled_from(["contiguous", "strided"])),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+    assume(all(o >= 1 for o in _output_sizes(config)))
+    return config
+
+
+def _with_layout(shape, layout: str, seed: int, qrand, dim: int = 1) -> torch.Tensor:
+    """A float64 tensor with the given memory layout (values differ per layout; irrelevant)."""
+    if layout == "contiguous":
+        t = qrand(*shape, dim=dim, seed=seed)
+    elif layout == "strided":  # every other element of a wider tensor: last-dim stride 2
+        t = qrand(*shape[:-1], 2 * shape[-1], dim=dim, seed=seed)[..., ::2]
+    elif layout == "transposed-view":  # two dims swapped in memory: dims 1, 2 of a weight, else the last two
+        a, b = (1, 2) if dim == 0 else (-2, -1)
+        swapped = list(shape)
+        swapped[a], swapped[b] = shape[b], shape[a]
+        t = qrand(*swapped, dim=dim, seed=seed).transpose(a, b)
+    else:
+        fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+        t = qrand(*shape, seed=seed).contiguous(memory_format=fmt)
+    assert t.shape == tuple(shape)
+    return t.detach()  # a leaf with the view's strides
+
+
+def _leaves(c: ConvConfig, qrand):
+    x = _with_layout((c.batch, 4 * c.cq_in, *c.spatial), c.layout, c.seed, qrand).requires_grad_(True)
+    w = _with_layout(c.weight_shape, c.weight_layout, c.seed + 1, qrand, dim=0).requires_grad_(True)
+    b = qrand(4 * c.cq_out, dim=0, seed=c.seed + 2, requires_grad=True) if c.bias else None
+    return x, w, b
+
+
+def _forward_and_grads(fn, x, w, b, c: ConvConfig, qrand):
+    """Output and the gradients of <g, out> w.r.t. (input, weight, bias) for a fixed random g."""
+    y = fn(x, w, b)
+    g = _with_layout(y.shape, c.grad_layout, c.seed + 3, qrand)
+    leaves = [t for t in (x, w, b) if t is not None]
+    return y, torch.autograd.grad(y, leaves, g)
+
+
+def _fresh(*tensors):
+    """Contiguous float64 copies as new leaves, so the reference sees plain inputs."""
+    return [None if t is None else t.detach().contiguous().requires_grad_(True) for t in tensors]
+
+
+GRID = settings(
+    max_examples=120,
+    deadline=None,
+    # The `backend` fixture only sets AQCF_BACKEND, which holds for every example of the test.
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+
+
+# torch warns that 'same' with an even kernel copies the input: expected, and not our concern here.
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@pytest.mark.parametrize("algorithm", ["hamilton", "fast8"])
+@GRID
+@given(c=conv_configs())
+def test_matches_naive_reference_forward_and_grads(backend, algorithm, c, qrand, served):
+    x, w, b = _leaves(c, qrand)
+    served(backend, x, w, algorithm, **c.kwargs())  # a declared limitation (e.g. no float64) skips visibly
+    y, grads = _forward_and_grads(
+        lambda x, w, b: qF.quaternion_conv(x, w, b, **c.kwargs(), algorithm=algorithm), x, w, b, c, qrand
+    )
+    y_ref, grads_ref = _forward_and_grads(
+        lambda x, w, b: reference.quaternion_conv_naive(x, w, b, **c.kwargs()), *_fresh(x, w, b), c, qrand
+    )
+    torch.testing.assert_close(y, y_ref, msg=lambda m: f"forward: {m}")
+    assert len(grads) == len(grads_ref)
+    for name, got, want in zip(("input", "weight", "bias"), grads, grads_ref, strict=False):  # no bias: 2 grads
+        torch.testing.assert_close(got, want, msg=lambda m, name=name: f"{name} gradient: {m}")
+    if c.layout == "channels_last" and not x.is_contiguous():
+        # Outputs follow the input's memory format, like torch's convs (an input that is both
+        # contiguous and channels_last, e.g. 1x1 spatial, is contiguous to torch too).
+        fmt = torch.channels_last if c.spatial_dims == 2 else torch.channels_last_3d
+        assert y.is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@settings(max_examples=100, deadline=None)
+@given(c=conv_configs())
+def test_expanded_reference_agrees_with_naive_reference(c, qrand):
+    # The benchmark baseline (one conv on Parcollet's expanded weight) and the ground truth must
+    # agree, including groups (where a plain torch `groups` would mix components across groups).
+    x, w, b = _leaves(c, qrand)
+    y, grads = _forward_and_grads(
+        lambda x, w, b: reference.quaternion_conv_expanded(x, w, b, **c.kwargs()), x, w, b, c, qrand
+    )
+    y_ref, grads_ref = _forward_and_grads(
+        lambda x, w, b: reference.quaternion_conv_naive(x, w, b, **c.kwargs()), *_fresh(x, w, b), c, qrand
+    )
+    torch.testing.assert_close(y, y_ref)
+    for got, want in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    spatial_dims=st.sampled_from([1, 2, 3]),
+    transposed=st.booleans(),
+    cq_in=st.integers(1, 3),
+    cq_out=st.integers(1, 3),
+    batch=st.integers(1, 2),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_naive_reference_with_1x1_kernel_is_the_hamilton_product(
+    spatial_dims, transposed, cq_in, cq_out, batch, seed, qrand
+):
+    # With a 1x1 kernel, y_o(pixel) = sum_i W[o, i] ⊗ x_i(pixel) (a transposed conv is the adjoint:
+    # y_o = sum_i conj(W[i, o]) ⊗ x_i), which reference.hamilton_product computes with no conv at all.
+    spatial = (5, 3, 2)[:spatial_dims]
+    x = qrand(batch, 4 * cq_in, *spatial, seed=seed)
+    ones = (1,) * spatial_dims
+    w = qrand(4, *((cq_in, cq_out) if transposed else (cq_out, cq_in)), *ones, dim=0, seed=seed + 1)
+    y = reference.quaternion_conv_naive(x, w, transposed=transposed)
+
+    w2 = w.reshape(4, *w.shape[1:3])  # (4, A, B)
+    if transposed:  # (4, in, out) -> conj, as (4, out, in)
+        w2 = reference.conjugate(w2, dim=0).transpose(1, 2)
+    # Broadcast to (N, 4, out, in, *spatial): blocked along dim 1 with one channel per block.
+    q = w2.reshape(1, 4, cq_out, cq_in, *ones)
+    p = x.reshape(batch, 4, 1, cq_in, *spatial)
+    expected = reference.hamilton_product(q, p, dim=1).sum(dim=3).reshape(batch, 4 * cq_out, *spatial)
+    torch.testing.assert_close(y, expected)
