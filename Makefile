@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 BENCH_ARGS ?= --grid targets
 
-.PHONY: install bench test lint format ext clean
+.PHONY: install bench test lint format ext check-cuda clean
 
 $(VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/cpu/*.cpp csrc/cpu/*.h)
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ format: install
 # Rebuild the extension in place after editing csrc/ (incremental, seconds).
 ext: install
 	$(PY) setup.py build_ext --inplace
+
+# Compile-and-link check of the CUDA sources against a CUDA build of torch (no GPU needed to
+# build; nothing built here runs): a separate .venv-cuda with torch 2.14.1.
+check-cuda:
+	tools/check_cuda.sh
 
 clean:
 	rm -rf build *.egg-info aqcf_kernels/_C*.so

@@ -22,7 +22,7 @@ except ImportError as e:  # pragma: no cover - a clear message beats setuptools'
 here = os.path.dirname(os.path.abspath(__file__))
 cpu_sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
 cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-cxx_flags = ["-O3", "-fopenmp", "-std=c++17"]
+cxx_flags = ["-O3", "-fopenmp"]  # torch chooses the -std its headers need (C++20 from 2.14)
 ext_modules = []
 if cpu_sources:
     use_cuda = bool(cuda_sources) and torch.version.cuda is not None and not os.environ.get("AQCF_NO_CUDA")

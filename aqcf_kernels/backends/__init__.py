@@ -143,10 +143,11 @@ sys.modules[__name__].__class__ = _CallableModule
 
 def _register_builtin() -> None:
     from ..triton.conv import TritonBackend
-    from . import cpp, torch_impl
+    from . import cpp, cuda, torch_impl
 
     register(torch_impl.TorchBackend())
     register(cpp.CppBackend())
+    register(cuda.CudaBackend())
     register(TritonBackend())
 
 

@@ -1,0 +1,49 @@
+"""The ``cuda`` backend: the CUDA kernels of the compiled extension ``aqcf_kernels._C`` (csrc/cuda).
+
+The extension carries them only when it was built against a CUDA torch (setup.py adds csrc/cuda and
+``-DAQCF_WITH_CUDA``); a CPU-only build has ``conv`` but no ``cuda_conv``.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import Tensor
+
+from ..params import ConvParams
+
+try:
+    _C = importlib.import_module("aqcf_kernels._C")
+    _IMPORT_ERROR: str | None = None
+except ImportError as e:  # not built: `pip install -e . --no-build-isolation` builds it
+    _C = None
+    _IMPORT_ERROR = f"extension aqcf_kernels._C not importable ({e}); build it with `make ext`"
+
+
+class CudaBackend:
+    name = "cuda"
+    device_types = ("cuda",)
+
+    def unavailable(self) -> str | None:
+        if _IMPORT_ERROR:
+            return _IMPORT_ERROR
+        if not hasattr(_C, "cuda_conv"):
+            return (
+                "aqcf_kernels._C was built without CUDA kernels (needs a CUDA torch at build time and "
+                "AQCF_NO_CUDA unset; rebuild with `pip install -e . --no-build-isolation`)"
+            )
+        if not torch.cuda.is_available():
+            return "no CUDA device"
+        return None
+
+    def cannot_serve(self, input: Tensor, weight: Tensor, params: ConvParams, algorithm: str) -> str | None:
+        if input.dtype not in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+            return f"no kernel for {input.dtype} (float64/float32/float16/bfloat16 only)"
+        return None
+
+    def conv(self, input, weight, bias, p: ConvParams, algorithm: str) -> Tensor:
+        return _C.cuda_conv(input, weight, bias, *p.as_op_args(), algorithm == "fast8")
+
+    def conv_weight_grad(self, input, grad_output, weight_shape, p: ConvParams, algorithm: str) -> Tensor:
+        return _C.cuda_conv_weight_grad(input, grad_output, list(weight_shape), *p.as_op_args(), algorithm == "fast8")
