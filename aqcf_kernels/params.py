@@ -210,4 +210,4 @@ def fast8_pays_off(input: Tensor, weight: Tensor, p: ConvParams) -> bool:
 
 
 # Smallest quaternion channels per group for which fast8 beats the expanded conv (benchmark).
-FAST8_MIN_CHANNELS_PER_GROUP = 8
+FAST8_MIN_CHANNELS_PER_GROUP = 32

@@ -1,0 +1,201 @@
+#include "conv.h"
+
+#include "fast8.h"
+
+#include <algorithm>
+
+namespace aqcf {
+namespace {
+
+// HAMILTON[c][a] = (p, sign) of aqcf_kernels/reference.py: output component c receives
+// sign * (W_p * x_a).
+constexpr int kHamiltonComponent[4][4] = {{0, 1, 2, 3}, {1, 0, 3, 2}, {2, 3, 0, 1}, {3, 2, 1, 0}};
+constexpr int kHamiltonSign[4][4] = {{+1, -1, -1, -1}, {+1, +1, -1, +1}, {+1, +1, +1, -1}, {+1, -1, +1, +1}};
+
+// S[4c + a, p] = sign iff W_p feeds block (c, a) of the expanded weight. Expansion is S @ W and
+// the weight-gradient fold is its adjoint S^T @ gE: one table, adjoint by construction.
+at::Tensor hamilton_matrix(const at::TensorOptions& options) {
+  at::Tensor s = at::zeros({16, 4}, at::kDouble);
+  auto acc = s.accessor<double, 2>();
+  for (int c = 0; c < 4; ++c)
+    for (int a = 0; a < 4; ++a) acc[4 * c + a][kHamiltonComponent[c][a]] = kHamiltonSign[c][a];
+  return s.to(options);
+}
+
+// (4, G*Ag, B, *k) -> (G*4*Ag, 4*B, *k): each group's expanded weight, stacked group-major, i.e.
+// the weight of one real conv with `groups=G` on a group-major tensor (expand_weight_grouped).
+at::Tensor expand_weight(const at::Tensor& w, int64_t groups) {
+  const int64_t a = w.size(1), b = w.size(2), taps = w.numel() / (4 * a * b);
+  std::vector<int64_t> shape{4 * a, 4 * b};
+  shape.insert(shape.end(), w.sizes().begin() + 3, w.sizes().end());
+  return at::mm(hamilton_matrix(w.options()), w.reshape({4, -1}))  // (c, a, G, Ag, B, taps)
+      .view({4, 4, groups, a / groups, b, taps})
+      .permute({2, 0, 3, 1, 4, 5})
+      .reshape(shape);
+}
+
+// Adjoint of expand_weight: (G*4*Ag, 4*B, *k) -> weight_shape (fold_weight_grad_grouped).
+at::Tensor fold_weight_grad(const at::Tensor& grad_expanded, at::IntArrayRef weight_shape, int64_t groups) {
+  const int64_t a = weight_shape[1], b = weight_shape[2], taps = grad_expanded.numel() / (16 * a * b);
+  at::Tensor e = grad_expanded.reshape({groups, 4, a / groups, 4, b, taps}).permute({1, 3, 0, 2, 4, 5}).reshape({16, -1});
+  return at::mm(hamilton_matrix(e.options()).t(), e).view(weight_shape);
+}
+
+// Reorders dim 1 from [a][b][rest] to [b][a][rest], keeping the memory format (channels_last in,
+// channels_last out). (a, b) = (4, G) turns blocked [r|i|j|k] (each block split in G groups) into
+// group-major [g0: r i j k | g1: ...], so torch's `groups` sees whole quaternions; (G, 4) undoes it.
+at::Tensor swap_channel_factors(const at::Tensor& x, int64_t a, int64_t b) {
+  if (a == 1 || b == 1) return x;
+  auto split = [&](int64_t outer, int64_t inner) {
+    std::vector<int64_t> sizes = x.sizes().vec();
+    sizes[1] /= outer * inner;
+    sizes.insert(sizes.begin() + 1, {outer, inner});
+    return sizes;
+  };
+  at::Tensor out = at::empty_like(x, x.options(), x.suggest_memory_format());
+  out.view(split(b, a)).copy_(x.reshape(split(a, b)).transpose(1, 2));
+  return out;
+}
+
+at::Tensor real_conv(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, const ConvParams& p) {
+  return at::convolution(x, w, bias, p.stride, p.padding, p.dilation, p.transposed, p.output_padding, p.groups);
+}
+
+// Gradient w.r.t. the weight (of `shape`) of the NON-transposed real conv gy = conv(x, w).
+at::Tensor real_conv_weight_grad(const at::Tensor& x, const at::Tensor& gy, at::IntArrayRef shape, const ConvParams& p) {
+  const at::Tensor w = at::empty({}, x.options()).expand(shape);  // only its shape is read
+  const std::vector<int64_t> no_output_padding(p.stride.size(), 0);
+  return std::get<1>(at::convolution_backward(
+      gy, x, w, std::nullopt, p.stride, p.padding, p.dilation, false, no_output_padding, p.groups,
+      {false, true, false}));
+}
+
+// Blocked [r|i|j|k] components along dim 1 (views).
+std::array<at::Tensor, 4> blocks(const at::Tensor& t) {
+  auto c = t.chunk(4, 1);
+  return {c[0], c[1], c[2], c[3]};
+}
+
+// Components of a (4, ...) weight-shaped tensor (views).
+std::array<at::Tensor, 4> components(const at::Tensor& t) {
+  return {t.select(0, 0), t.select(0, 1), t.select(0, 2), t.select(0, 3)};
+}
+
+std::vector<int64_t> output_shape(const at::Tensor& x, const at::Tensor& w, const ConvParams& p) {
+  std::vector<int64_t> shape{x.size(0), 4 * (p.transposed ? w.size(2) * p.groups : w.size(1))};
+  for (size_t d = 0; d < p.stride.size(); ++d) {
+    const int64_t in = x.size(2 + d), span = p.dilation[d] * (w.size(3 + d) - 1);
+    shape.push_back(
+        p.transposed ? (in - 1) * p.stride[d] - 2 * p.padding[d] + span + p.output_padding[d] + 1
+                     : (in + 2 * p.padding[d] - span - 1) / p.stride[d] + 1);
+  }
+  return shape;
+}
+
+// fast8 runs its 8 products on batch slices: every transformed operand is read by the product
+// right after it is written, and every product by the combine pass right after, so slices whose
+// components are ~kSliceBytes keep that traffic in cache rather than DRAM (and bound the extra
+// memory to a few slices). Samples are independent in a conv; weight gradients sum over them.
+constexpr int64_t kSliceBytes = 2 << 20;
+
+int64_t batch_slice(const at::Tensor& a, const at::Tensor& b) {
+  auto component_bytes = [](const at::Tensor& t) {
+    return t.numel() / std::max<int64_t>(1, 4 * t.size(0)) * t.element_size();
+  };
+  return std::max<int64_t>(1, kSliceBytes / std::max<int64_t>(1, std::max(component_bytes(a), component_bytes(b))));
+}
+
+at::Tensor conv_hamilton(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, const ConvParams& p) {
+  const int64_t g = p.groups;
+  std::optional<at::Tensor> b;  // the conv adds it, in the conv's (group-major) channel order
+  if (bias) b = swap_channel_factors(bias->view({1, -1}), 4, g).view(-1);
+  const at::Tensor y = real_conv(swap_channel_factors(x, 4, g), expand_weight(w, g), b, p);
+  return swap_channel_factors(y, g, 4);
+}
+
+at::Tensor conv_fast8(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, const ConvParams& p) {
+  // The output pass writes straight into y, so y is born in the layout the op layer returns.
+  at::Tensor y = at::empty(output_shape(x, w, p), x.options().memory_format(x.suggest_memory_format()));
+  std::array<at::Tensor, 4> b;
+  if (bias) {
+    std::vector<int64_t> shape(y.dim(), 1);
+    shape[1] = -1;
+    for (int c = 0; c < 4; ++c) b[c] = bias->chunk(4)[c].view(shape);
+  }
+  // Groups partition the quaternion channels inside each component block, which is exactly
+  // torch's `groups` on one component: every product is a plain (grouped) real conv. A transposed
+  // conv is the adjoint, conj(W) ⊗ x with transposed products.
+  const int64_t slice = batch_slice(x, y);
+  for (int64_t n0 = 0; n0 < x.size(0); n0 += slice) {
+    const int64_t len = std::min(slice, x.size(0) - n0);
+    fast8_hamilton_product(
+        {components(w), p.transposed}, {blocks(x.narrow(0, n0, len))},
+        [&](const at::Tensor& wm, const at::Tensor& xm) { return real_conv(xm, wm, std::nullopt, p); },
+        blocks(y.narrow(0, n0, len)), b);
+  }
+  return y;
+}
+
+void check_args(const at::Tensor& input, int64_t weight_dim, const ConvParams& p, const char* fn) {
+  const size_t n = input.dim() - 2;
+  TORCH_CHECK(input.device().is_cpu(), "aqcf_kernels._C.", fn, ": expects CPU tensors, got ", input.device());
+  TORCH_CHECK(input.dim() >= 3 && weight_dim == input.dim() + 1,
+      "aqcf_kernels._C.", fn, ": input must be (N, C, *spatial) and weight (4, A, B, *kernel), got dims ",
+      input.dim(), " and ", weight_dim);
+  TORCH_CHECK(p.stride.size() == n && p.padding.size() == n && p.dilation.size() == n && p.output_padding.size() == n,
+      "aqcf_kernels._C.", fn, ": stride, padding, dilation and output_padding need ", n, " entries each");
+  TORCH_CHECK(p.groups >= 1 && input.size(1) % (4 * p.groups) == 0,
+      "aqcf_kernels._C.", fn, ": ", input.size(1), " channels are not a multiple of 4 * groups = ", 4 * p.groups);
+}
+
+}  // namespace
+
+at::Tensor conv(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const ConvParams& p,
+    bool fast8) {
+  check_args(input, weight.dim(), p, "conv");
+  return fast8 ? conv_fast8(input, weight, bias, p) : conv_hamilton(input, weight, bias, p);
+}
+
+at::Tensor conv_weight_grad(
+    const at::Tensor& input,
+    const at::Tensor& grad_output,
+    at::IntArrayRef weight_shape,
+    const ConvParams& p,
+    bool fast8) {
+  check_args(input, weight_shape.size(), p, "conv_weight_grad");
+  // For y = convT(x, W), <gy, convT(x, W)> = <conv(gy, W), x>: the weight gradient of the
+  // non-transposed conv with the roles of input and grad_output swapped.
+  const at::Tensor& x = p.transposed ? grad_output : input;
+  const at::Tensor& gy = p.transposed ? input : grad_output;
+  ConvParams q = p;
+  q.transposed = false;
+  std::fill(q.output_padding.begin(), q.output_padding.end(), 0);
+
+  if (!fast8) {
+    std::vector<int64_t> expanded{4 * weight_shape[1], 4 * weight_shape[2]};
+    expanded.insert(expanded.end(), weight_shape.begin() + 3, weight_shape.end());
+    const int64_t g = q.groups;
+    const at::Tensor ge = real_conv_weight_grad(
+        swap_channel_factors(x, 4, g), swap_channel_factors(gy, 4, g), expanded, q);
+    return fold_weight_grad(ge, weight_shape, g);
+  }
+  at::Tensor gw = at::empty(weight_shape, input.options());
+  // gW = gy ⊗ conj(x), each product a weight-gradient correlation. Both operands are large; the
+  // output (weight-sized) is tiny, and every batch slice after the first accumulates into it.
+  const std::vector<int64_t> component_shape(weight_shape.begin() + 1, weight_shape.end());
+  const int64_t slice = batch_slice(x, gy);
+  for (int64_t n0 = 0; n0 < x.size(0); n0 += slice) {
+    const int64_t len = std::min(slice, x.size(0) - n0);
+    fast8_hamilton_product(
+        {blocks(gy.narrow(0, n0, len))}, {blocks(x.narrow(0, n0, len)), true},
+        [&](const at::Tensor& gm, const at::Tensor& xm) { return real_conv_weight_grad(xm, gm, component_shape, q); },
+        components(gw), n0 == 0 ? std::array<at::Tensor, 4>{} : components(gw));
+  }
+  return gw;
+}
+
+}  // namespace aqcf

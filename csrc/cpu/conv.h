@@ -1,0 +1,37 @@
+// Quaternion (transposed) convolution and its weight gradient on CPU tensors.
+//
+// Same semantics as aqcf_kernels/backends/torch_impl.py: blocked [r|i|j|k] channels, y = W ⊗ x,
+// weight (4, out/4, in/4/groups, *k) (transposed: (4, in/4, out/4/groups, *k), the adjoint).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <vector>
+
+namespace aqcf {
+
+struct ConvParams {
+  std::vector<int64_t> stride, padding, dilation;
+  bool transposed;
+  std::vector<int64_t> output_padding;
+  int64_t groups;
+};
+
+// y = W ⊗ x (+ bias); `fast8` picks Howell & Lafon's 8 dense products over the expanded conv.
+at::Tensor conv(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const ConvParams& p,
+    bool fast8);
+
+// Gradient of <grad_output, conv(input, W)> with respect to W, a tensor of `weight_shape`.
+at::Tensor conv_weight_grad(
+    const at::Tensor& input,
+    const at::Tensor& grad_output,
+    at::IntArrayRef weight_shape,
+    const ConvParams& p,
+    bool fast8);
+
+}  // namespace aqcf
