@@ -144,10 +144,11 @@ EMPTY_CASES = {
 @pytest.mark.parametrize("case", list(EMPTY_CASES))
 def test_empty_batch_gives_empty_output_and_zero_grads(backend, algorithm, case, qrand):
     x_shape, w_shape, kwargs = EMPTY_CASES[case]
-    x = torch.empty(x_shape, dtype=torch.float64, requires_grad=True)
-    w = qrand(*w_shape, dim=0, seed=50, requires_grad=True)
+    # float32: the one dtype every backend serves (triton has no float64)
+    x = torch.empty(x_shape, dtype=torch.float32, requires_grad=True)
+    w = qrand(*w_shape, dim=0, seed=50, dtype=torch.float32, requires_grad=True)
     out_channels = 4 * (w_shape[2] * kwargs.get("groups", 1) if kwargs.get("transposed") else w_shape[1])
-    b = qrand(out_channels, dim=0, seed=51, requires_grad=True)
+    b = qrand(out_channels, dim=0, seed=51, dtype=torch.float32, requires_grad=True)
     y = qF.quaternion_conv(x, w, b, **kwargs, algorithm=algorithm)
     # torch's own convs handle empty batches: the naive reference gives the expected shape.
     assert y.shape == reference.quaternion_conv_naive(x.detach(), w.detach(), b.detach(), **kwargs).shape
