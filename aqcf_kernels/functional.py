@@ -71,8 +71,16 @@ def _make_conv_transpose(spatial_dims: int):
     ):
         _check_rank(name, weight, spatial_dims)
         return quaternion_conv(
-            input, weight, bias, stride, padding, dilation, groups,
-            transposed=True, output_padding=output_padding, algorithm=algorithm,
+            input,
+            weight,
+            bias,
+            stride,
+            padding,
+            dilation,
+            groups,
+            transposed=True,
+            output_padding=output_padding,
+            algorithm=algorithm,
         )
 
     conv_transpose.__name__ = conv_transpose.__qualname__ = name

@@ -31,15 +31,24 @@ class ConvParams:
 
     def as_op_args(self) -> tuple:
         return (
-            list(self.stride), list(self.padding), list(self.dilation), self.transposed,
-            list(self.output_padding), self.groups,
+            list(self.stride),
+            list(self.padding),
+            list(self.dilation),
+            self.transposed,
+            list(self.output_padding),
+            self.groups,
         )
 
     @staticmethod
     def from_op_args(spatial_dims, stride, padding, dilation, transposed, output_padding, groups):
         return ConvParams(
-            spatial_dims, tuple(stride), tuple(padding), tuple(dilation), bool(transposed),
-            tuple(output_padding), int(groups),
+            spatial_dims,
+            tuple(stride),
+            tuple(padding),
+            tuple(dilation),
+            bool(transposed),
+            tuple(output_padding),
+            int(groups),
         )
 
 
@@ -59,7 +68,7 @@ def _tuple(value: IntOrSeq, n: int, name: str) -> tuple[int, ...]:
 
 def conv_output_size(in_size: Sequence[int], kernel: Sequence[int], p: ConvParams) -> list[int]:
     out = []
-    for i, k, s, pad, d, op in zip(in_size, kernel, p.stride, p.padding, p.dilation, p.output_padding):
+    for i, k, s, pad, d, op in zip(in_size, kernel, p.stride, p.padding, p.dilation, p.output_padding, strict=True):
         if p.transposed:
             out.append((i - 1) * s - 2 * pad + d * (k - 1) + op + 1)
         else:
@@ -79,9 +88,9 @@ def same_padding(kernel: Sequence[int], dilation: Sequence[int]) -> tuple[tuple[
     Returns ``(symmetric, extra_right)``; a non-zero ``extra_right`` is applied with ``F.pad``
     before the conv, exactly as ``torch.nn.functional.conv2d`` does it.
     """
-    total = [d * (k - 1) for k, d in zip(kernel, dilation)]
+    total = [d * (k - 1) for k, d in zip(kernel, dilation, strict=True)]
     left = tuple(t // 2 for t in total)
-    return left, tuple(t - lft for t, lft in zip(total, left))
+    return left, tuple(t - lft for t, lft in zip(total, left, strict=True))
 
 
 def check_conv_args(
@@ -108,8 +117,7 @@ def check_conv_args(
         raise TypeError(f"{kind}: weight must be a Tensor, got {type(weight).__name__}")
     if input.dim() != spatial_dims + 2:
         raise ValueError(
-            f"{kind}: input must be {spatial_dims + 2}-D (N, C, {'*' * spatial_dims}), "
-            f"got shape {tuple(input.shape)}"
+            f"{kind}: input must be {spatial_dims + 2}-D (N, C, {'*' * spatial_dims}), got shape {tuple(input.shape)}"
         )
     if weight.dim() != spatial_dims + 3 or weight.shape[0] != 4:
         io = "in/4, out/4/groups" if transposed else "out/4, in/4/groups"
@@ -172,7 +180,7 @@ def check_conv_args(
             if any(s != 1 for s in stride_t):
                 raise ValueError(f"{kind}: padding='same' needs stride 1, got stride={stride}")
             pad_t, extra = same_padding(kernel, dilation_t)
-            extra = tuple(e - p for e, p in zip(extra, pad_t))
+            extra = tuple(e - p for e, p in zip(extra, pad_t, strict=True))
         else:
             raise ValueError(f"{kind}: padding must be an int, a sequence, 'same' or 'valid', got {padding!r}")
     else:
@@ -180,13 +188,13 @@ def check_conv_args(
     if any(p < 0 for p in pad_t):
         raise ValueError(f"{kind}: padding must be non-negative, got {padding}")
     if transposed:
-        if any(op < 0 or op >= s for op, s in zip(out_pad, stride_t)):
+        if any(op < 0 or op >= s for op, s in zip(out_pad, stride_t, strict=True)):
             raise ValueError(f"{kind}: output_padding must be in [0, stride), got {output_padding} (stride={stride})")
     elif any(out_pad):
         raise ValueError(f"{kind}: output_padding is only meaningful for transposed convs")
 
     p = ConvParams(spatial_dims, stride_t, pad_t, dilation_t, transposed, out_pad, groups)
-    padded = [i + e for i, e in zip(input.shape[2:], extra)]
+    padded = [i + e for i, e in zip(input.shape[2:], extra, strict=True)]
     if any(o < 1 for o in conv_output_size(padded, kernel, p)):
         raise ValueError(
             f"{kind}: input spatial size {tuple(input.shape[2:])} is too small for kernel {kernel} "

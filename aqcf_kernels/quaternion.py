@@ -35,12 +35,24 @@ R, I, J, K = 0, 1, 2, 3
 # s1=(d1-c1)(c2-d2) s2=(a1+b1)(a2+b2) s3=(a1-b1)(c2+d2) s4=(c1+d1)(a2-b2)
 # s5=(d1-b1)(b2-c2) s6=(d1+b1)(b2+c2) s7=(a1+c1)(a2-d2) s8=(a1-c1)(a2+d2)
 FAST8_LEFT: tuple[tuple[int, int, int], ...] = (
-    (K, J, -1), (R, I, +1), (R, I, -1), (J, K, +1),
-    (K, I, -1), (K, I, +1), (R, J, +1), (R, J, -1),
+    (K, J, -1),
+    (R, I, +1),
+    (R, I, -1),
+    (J, K, +1),
+    (K, I, -1),
+    (K, I, +1),
+    (R, J, +1),
+    (R, J, -1),
 )
 FAST8_RIGHT: tuple[tuple[int, int, int], ...] = (
-    (J, K, -1), (R, I, +1), (J, K, +1), (R, I, -1),
-    (I, J, -1), (I, J, +1), (R, K, -1), (R, K, +1),
+    (J, K, -1),
+    (R, I, +1),
+    (J, K, +1),
+    (R, I, -1),
+    (I, J, -1),
+    (I, J, +1),
+    (R, K, -1),
+    (R, K, +1),
 )
 # s9 = s6+s7+s8, t = (s5+s9)/2, Z = (s1+t-s6, s2+t-s9, s3+t-s8, s4+t-s7). Expanded:
 # Z_c = s_c + 1/2 * sum_m FAST8_OUT[c][m] * s_{5+m}
@@ -52,7 +64,7 @@ FAST8_OUT: tuple[tuple[int, int, int, int], ...] = (
 )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _hamilton_table_cpu(transposed: bool) -> Tensor:
     t = torch.zeros(4, 4, 4)
     for c in range(4):

@@ -118,7 +118,14 @@ def quaternion_conv_naive(
         for a in range(4):
             p, sign = HAMILTON[a][c] if transposed else HAMILTON[c][a]
             term = sign * _real_conv(
-                xs[a], weight[p], spatial_dims, transposed, stride, padding, dilation, groups,
+                xs[a],
+                weight[p],
+                spatial_dims,
+                transposed,
+                stride,
+                padding,
+                dilation,
+                groups,
                 output_padding,
             )
             y = term if y is None else y + term

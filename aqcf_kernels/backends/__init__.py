@@ -12,8 +12,8 @@ import contextlib
 import os
 import sys
 import types
-from dataclasses import dataclass
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
 from torch import Tensor

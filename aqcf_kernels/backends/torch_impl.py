@@ -37,8 +37,17 @@ def real_conv_weight_grad(x: Tensor, gy: Tensor, weight_shape, p: ConvParams) ->
     """Gradient w.r.t. the weight of the NON-transposed real conv ``gy = conv(x, w)``."""
     dummy = gy.new_empty(1).expand(weight_shape)
     return torch.ops.aten.convolution_backward(
-        gy, x, dummy, None, p.stride, p.padding, p.dilation, False, [0] * p.spatial_dims,
-        p.groups, [False, True, False],
+        gy,
+        x,
+        dummy,
+        None,
+        p.stride,
+        p.padding,
+        p.dilation,
+        False,
+        [0] * p.spatial_dims,
+        p.groups,
+        [False, True, False],
     )[1]
 
 
@@ -73,7 +82,9 @@ class TorchBackend:
         out = fast8_product(left, input.chunk(4, dim=1), lambda wc, xc: real_conv(xc, wc, p))
         return add_bias(torch.cat(out, dim=1), bias)
 
-    def conv_weight_grad(self, input: Tensor, grad_output: Tensor, weight_shape, p: ConvParams, algorithm: str) -> Tensor:
+    def conv_weight_grad(
+        self, input: Tensor, grad_output: Tensor, weight_shape, p: ConvParams, algorithm: str
+    ) -> Tensor:
         # For a transposed conv y = convT(x, W), <gy, convT(x, W)> = <conv(gy, W), x>: its weight
         # gradient is the non-transposed one with the roles of input and grad_output swapped.
         if p.transposed:

@@ -139,8 +139,16 @@ class _QuaternionConvNd(QuaternionModule):
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
         return quaternion_conv(
-            input, self.weight, self.bias, self.stride, padding, self.dilation, self.groups,
-            transposed=self._transposed, output_padding=output_padding, algorithm=self.algorithm,
+            input,
+            self.weight,
+            self.bias,
+            self.stride,
+            padding,
+            self.dilation,
+            self.groups,
+            transposed=self._transposed,
+            output_padding=output_padding,
+            algorithm=self.algorithm,
         )
 
     def _unbatched(self, input: Tensor) -> bool:
@@ -193,8 +201,20 @@ class _QuaternionConv(_QuaternionConvNd):
     ) -> None:
         super().__init__()
         self._setup(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, 0, groups, bias, padding_mode,
-            device, dtype, algorithm, init_criterion,
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            0,
+            groups,
+            bias,
+            padding_mode,
+            device,
+            dtype,
+            algorithm,
+            init_criterion,
         )
 
     def forward(self, input: Tensor) -> Tensor:
@@ -229,8 +249,20 @@ class _QuaternionConvTranspose(_QuaternionConvNd):
     ) -> None:
         super().__init__()
         self._setup(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, output_padding, groups, bias,
-            padding_mode, device, dtype, algorithm, init_criterion,
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            output_padding,
+            groups,
+            bias,
+            padding_mode,
+            device,
+            dtype,
+            algorithm,
+            init_criterion,
         )
 
     def _output_padding(self, input: Tensor, output_size: Sequence[int] | None) -> tuple[int, ...]:
@@ -248,8 +280,10 @@ class _QuaternionConvTranspose(_QuaternionConvNd):
                 f"elements (got {len(output_size)})"
             )
         min_sizes = [
-            (input.shape[lead + d] - 1) * self.stride[d] - 2 * self.padding[d]
-            + self.dilation[d] * (self.kernel_size[d] - 1) + 1
+            (input.shape[lead + d] - 1) * self.stride[d]
+            - 2 * self.padding[d]
+            + self.dilation[d] * (self.kernel_size[d] - 1)
+            + 1
             for d in range(n)
         ]
         max_sizes = [m + s - 1 for m, s in zip(min_sizes, self.stride, strict=True)]

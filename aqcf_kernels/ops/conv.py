@@ -29,9 +29,7 @@ def _params(weight_dim, stride, padding, dilation, transposed, output_padding, g
 
 def _empty_output(input: Tensor, shape) -> Tensor:
     # Outputs follow the input's memory format (channels_last in, channels_last out), like torch.
-    return torch.empty(
-        shape, dtype=input.dtype, device=input.device, memory_format=suggest_memory_format(input)
-    )
+    return torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=suggest_memory_format(input))
 
 
 @torch.library.custom_op("aqcf::qconv", mutates_args=())
@@ -97,8 +95,10 @@ def input_grad(grad_output: Tensor, weight: Tensor, input_shape, p: ConvParams, 
     else:
         # Choose output_padding so the transposed conv lands exactly on the input size (the
         # rows a strided conv never read get zero gradient).
-        natural = conv_output_shape(grad_output.shape, weight.shape, ConvParams(n, p.stride, p.padding, p.dilation, True, (0,) * n, p.groups))
-        extra = tuple(int(i) - o for i, o in zip(input_shape[2:], natural[2:]))
+        natural = conv_output_shape(
+            grad_output.shape, weight.shape, ConvParams(n, p.stride, p.padding, p.dilation, True, (0,) * n, p.groups)
+        )
+        extra = tuple(int(i) - o for i, o in zip(input_shape[2:], natural[2:], strict=True))
         adjoint = ConvParams(n, p.stride, p.padding, p.dilation, True, extra, p.groups)
     return torch.ops.aqcf.qconv(grad_output, weight, None, *adjoint.as_op_args(), algorithm)
 

@@ -39,8 +39,23 @@ def _dot(a, b, acc, SWAP: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.c
 
 
 @triton.jit
-def _hamilton_acc(acc_r, acc_i, acc_j, acc_k, ar, ai, aj, ak, br, bi, bj, bk, SWAP: tl.constexpr,
-                  DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+def _hamilton_acc(
+    acc_r,
+    acc_i,
+    acc_j,
+    acc_k,
+    ar,
+    ai,
+    aj,
+    ak,
+    br,
+    bi,
+    bj,
+    bk,
+    SWAP: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """acc += A ⊗ B for one tile, ``dot(a_p, b_q)`` being one real product (A left of B)."""
     # Z_r = A_r B_r - A_i B_i - A_j B_j - A_k B_k
     acc_r = _dot(ar, br, acc_r, SWAP, DOT_DTYPE, PRECISION)
@@ -66,8 +81,27 @@ def _hamilton_acc(acc_r, acc_i, acc_j, acc_k, ar, ai, aj, ak, br, bi, bj, bk, SW
 
 
 @triton.jit
-def _fast8_acc(s1, s2, s3, s4, s5, s6, s7, s8, ar, ai, aj, ak, br, bi, bj, bk, SWAP: tl.constexpr,
-               DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+def _fast8_acc(
+    s1,
+    s2,
+    s3,
+    s4,
+    s5,
+    s6,
+    s7,
+    s8,
+    ar,
+    ai,
+    aj,
+    ak,
+    br,
+    bi,
+    bj,
+    bk,
+    SWAP: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """s_m += L_m(A) · R_m(B): the 8 products of quaternion.FAST8_LEFT / FAST8_RIGHT."""
     s1 = _dot(ak - aj, bj - bk, s1, SWAP, DOT_DTYPE, PRECISION)
     s2 = _dot(ar + ai, br + bi, s2, SWAP, DOT_DTYPE, PRECISION)
@@ -92,20 +126,60 @@ def _fast8_finish(s1, s2, s3, s4, s5, s6, s7, s8):
 
 @triton.jit
 def qconv_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr,
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,
     M,  # N * OD * OH * OW: output pixels
-    CQ_IN, CQ_OUT,  # quaternion channels of x and y
-    CG_IN, CG_OUT,  # per group
-    ID, IH, IW, OD, OH, OW, KD, KH, KW,
-    s_xn, s_xc, s_xd, s_xh, s_xw,
-    s_yn, s_yc, s_yd, s_yh, s_yw,
+    CQ_IN,
+    CQ_OUT,  # quaternion channels of x and y
+    CG_IN,
+    CG_OUT,  # per group
+    ID,
+    IH,
+    IW,
+    OD,
+    OH,
+    OW,
+    KD,
+    KH,
+    KW,
+    s_xn,
+    s_xc,
+    s_xd,
+    s_xh,
+    s_xw,
+    s_yn,
+    s_yc,
+    s_yd,
+    s_yh,
+    s_yw,
     # weight strides: component, along output channel, along input channel, kernel dims;
     # and the offset of one group along the weight's grouped dim
-    s_wp, s_wo, s_wc, s_wd, s_wh, s_ww, w_group,
-    SD, SH, SW, PD, PH, PW, DD, DH, DW,
-    TRANSPOSED: tl.constexpr, FAST8: tl.constexpr, HAS_BIAS: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    s_wp,
+    s_wo,
+    s_wc,
+    s_wd,
+    s_wh,
+    s_ww,
+    w_group,
+    SD,
+    SH,
+    SW,
+    PD,
+    PH,
+    PW,
+    DD,
+    DH,
+    DW,
+    TRANSPOSED: tl.constexpr,
+    FAST8: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -178,8 +252,25 @@ def qconv_kernel(
             # The GEMM is x-tile @ w-tile, but the algebra is W ⊗ x: W is the left operand.
             if FAST8:
                 acc_r, acc_i, acc_j, acc_k, acc_5, acc_6, acc_7, acc_8 = _fast8_acc(
-                    acc_r, acc_i, acc_j, acc_k, acc_5, acc_6, acc_7, acc_8,
-                    wr, wi, wj, wk, xr, xi, xj, xk, True, DOT_DTYPE, PRECISION,
+                    acc_r,
+                    acc_i,
+                    acc_j,
+                    acc_k,
+                    acc_5,
+                    acc_6,
+                    acc_7,
+                    acc_8,
+                    wr,
+                    wi,
+                    wj,
+                    wk,
+                    xr,
+                    xi,
+                    xj,
+                    xk,
+                    True,
+                    DOT_DTYPE,
+                    PRECISION,
                 )
             else:
                 acc_r, acc_i, acc_j, acc_k = _hamilton_acc(
@@ -207,16 +298,49 @@ def qconv_kernel(
 
 @triton.jit
 def qconv_wgrad_kernel(
-    x_ptr, gy_ptr, gw_ptr,
+    x_ptr,
+    gy_ptr,
+    gw_ptr,
     P,  # N * OD * OH * OW: pixels of gy, the reduction dim
     PIX_PER_SPLIT,  # pixels each program reduces (a multiple of BLOCK_P)
-    CQ_IN, CQ_OUT, CG_IN, CG_OUT,
-    ID, IH, IW, OD, OH, OW, KD, KH, KW,
-    s_xn, s_xc, s_xd, s_xh, s_xw,
-    s_gn, s_gc, s_gd, s_gh, s_gw,
-    SD, SH, SW, PD, PH, PW, DD, DH, DW,
-    FAST8: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    CQ_IN,
+    CQ_OUT,
+    CG_IN,
+    CG_OUT,
+    ID,
+    IH,
+    IW,
+    OD,
+    OH,
+    OW,
+    KD,
+    KH,
+    KW,
+    s_xn,
+    s_xc,
+    s_xd,
+    s_xh,
+    s_xw,
+    s_gn,
+    s_gc,
+    s_gd,
+    s_gh,
+    s_gw,
+    SD,
+    SH,
+    SW,
+    PD,
+    PH,
+    PW,
+    DD,
+    DH,
+    DW,
+    FAST8: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_O: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
     """gW (4, CQ_OUT, CG_IN, KD, KH, KW), fp32, zero-filled, += gy ⊗ conj(x) over one pixel split."""
     pid_oc = tl.program_id(0)
@@ -278,8 +402,25 @@ def qconv_wgrad_kernel(
         xk = -tl.load(x_ptr + x_off + 3 * x_comp, mask=x_msk, other=0.0).to(tl.float32)
         if FAST8:
             acc_r, acc_i, acc_j, acc_k, acc_5, acc_6, acc_7, acc_8 = _fast8_acc(
-                acc_r, acc_i, acc_j, acc_k, acc_5, acc_6, acc_7, acc_8,
-                gr, gi, gj, gk, xr, xi, xj, xk, False, DOT_DTYPE, PRECISION,
+                acc_r,
+                acc_i,
+                acc_j,
+                acc_k,
+                acc_5,
+                acc_6,
+                acc_7,
+                acc_8,
+                gr,
+                gi,
+                gj,
+                gk,
+                xr,
+                xi,
+                xj,
+                xk,
+                False,
+                DOT_DTYPE,
+                PRECISION,
             )
         else:
             acc_r, acc_i, acc_j, acc_k = _hamilton_acc(
