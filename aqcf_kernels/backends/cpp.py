@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import importlib
-
 from torch import Tensor
 
 from ..params import ConvParams
-
-try:
-    _C = importlib.import_module("aqcf_kernels._C")
-    _IMPORT_ERROR: str | None = None
-except ImportError as e:  # not built: `pip install -e . --no-build-isolation` builds it
-    _C = None
-    _IMPORT_ERROR = f"extension aqcf_kernels._C not importable ({e}); build it with `make ext`"
+from ._extension import _C
+from ._extension import IMPORT_ERROR as _IMPORT_ERROR
 
 
 class CppBackend:
