@@ -64,31 +64,24 @@ FAST8_OUT: tuple[tuple[int, int, int, int], ...] = (
 )
 
 
-@functools.cache
-def _hamilton_table_cpu(transposed: bool) -> Tensor:
-    t = torch.zeros(4, 4, 4)
+@functools.lru_cache(maxsize=64)
+def _hamilton_table(dtype: torch.dtype, device: torch.device) -> Tensor:
+    t = torch.zeros(4, 4, 4, dtype=dtype)
     for c in range(4):
         for a in range(4):
-            p, sign = HAMILTON[a][c] if transposed else HAMILTON[c][a]
+            p, sign = HAMILTON[c][a]
             t[p, c, a] = sign
-    return t
+    return t.to(device)
 
 
-@functools.lru_cache(maxsize=64)
-def _hamilton_table(transposed: bool, dtype: torch.dtype, device: torch.device) -> Tensor:
-    return _hamilton_table_cpu(transposed).to(dtype=dtype, device=device)
-
-
-def hamilton_table(transposed: bool = False, like: Tensor | None = None) -> Tensor:
+def hamilton_table(like: Tensor) -> Tensor:
     """``T[p, c, a]`` = sign with which ``W_p`` maps input component a to output component c.
 
     ``expand(W)[c, a] = sum_p T[p, c, a] W_p`` and the weight gradient folds back with the same
-    table. For a transposed conv the roles of c and a swap (the adjoint). Cached per dtype and
-    device (``like``'s), since every hamilton-algorithm call needs it: treat it as read-only.
+    table (a transposed conv reads the same matrix as torch's ``(in, out)`` weight). Cached per
+    dtype and device of ``like``, since every hamilton-algorithm call needs it: read-only.
     """
-    if like is None:
-        return _hamilton_table_cpu(transposed)
-    return _hamilton_table(transposed, like.dtype, like.device)
+    return _hamilton_table(like.dtype, like.device)
 
 
 def expand_weight_grouped(weight: Tensor, groups: int) -> Tensor:
