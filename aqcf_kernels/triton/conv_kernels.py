@@ -33,9 +33,13 @@ def _dot(a, b, acc, SWAP: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.c
     ``SWAP``: the tiles are laid out so the GEMM is ``b @ a`` (conv: x-tile @ w-tile while the
     algebra is W ⊗ x); which operand is "left" matters for the quaternion signs only.
     """
+    # if/else, not an early return: triton's frontend also compiles what follows a returning
+    # constexpr branch, and the swapped dot would not type-check there.
     if SWAP:
-        return tl.dot(b.to(DOT_DTYPE), a.to(DOT_DTYPE), acc, input_precision=PRECISION)
-    return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
+        out = tl.dot(b.to(DOT_DTYPE), a.to(DOT_DTYPE), acc, input_precision=PRECISION)
+    else:
+        out = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
+    return out
 
 
 @triton.jit
@@ -125,6 +129,46 @@ def _fast8_finish(s1, s2, s3, s4, s5, s6, s7, s8):
 
 
 @triton.jit
+def _quaternion_mma(
+    acc, a, b, FAST8: tl.constexpr, SWAP: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr
+):
+    """One K step of ``A ⊗ B`` into the 8 accumulators (``acc[4:]`` are fast8's s5..s8; unused,
+    and compiled away, for hamilton). ``a``, ``b``: (r, i, j, k) tiles."""
+    if FAST8:
+        out = _fast8_acc(*acc, *a, *b, SWAP, DOT_DTYPE, PRECISION)
+    else:
+        r, i, j, k = _hamilton_acc(acc[0], acc[1], acc[2], acc[3], *a, *b, SWAP, DOT_DTYPE, PRECISION)
+        out = r, i, j, k, acc[4], acc[5], acc[6], acc[7]
+    return out
+
+
+@triton.jit
+def _zero_accumulators(BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
+    z = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
+    return z, z, z, z, z, z, z, z
+
+
+@triton.jit
+def _load_quaternion(ptrs, comp_stride, mask):
+    """The r, i, j, k tiles at ``ptrs + c * comp_stride``, upcast to fp32 at once."""
+    r = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    i = tl.load(ptrs + comp_stride, mask=mask, other=0.0).to(tl.float32)
+    j = tl.load(ptrs + 2 * comp_stride, mask=mask, other=0.0).to(tl.float32)
+    k = tl.load(ptrs + 3 * comp_stride, mask=mask, other=0.0).to(tl.float32)
+    return r, i, j, k
+
+
+@triton.jit
+def _unflatten_pixels(offs, OD, OH, OW):
+    """Flat (n, d, h, w) pixel index -> its coordinates."""
+    ow = offs % OW
+    t = offs // OW
+    oh = t % OH
+    t = t // OH
+    return t // OD, t % OD, oh, ow
+
+
+@triton.jit
 def qconv_kernel(
     x_ptr,
     w_ptr,
@@ -187,25 +231,12 @@ def qconv_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
-    ow = offs_m % OW
-    t = offs_m // OW
-    oh = t % OH
-    t = t // OH
-    od = t % OD
-    n = t // OD
+    n, od, oh, ow = _unflatten_pixels(offs_m, OD, OH, OW)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < CG_OUT
 
-    acc_r = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_j = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_k = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if FAST8:
-        acc_5 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc_6 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc_7 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc_8 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _zero_accumulators(BLOCK_M, BLOCK_N)
 
     x_comp = CQ_IN * s_xc  # distance between the r, i, j, k blocks of x
     w_base = w_ptr + g * w_group + offs_n[None, :] * s_wo
@@ -235,49 +266,19 @@ def qconv_kernel(
             k_mask = offs_k < CG_IN
             x_off = x_pix[:, None] + (g * CG_IN + offs_k)[None, :] * s_xc
             x_msk = valid[:, None] & k_mask[None, :]
-            xr = tl.load(x_off, mask=x_msk, other=0.0).to(tl.float32)
-            xi = tl.load(x_off + x_comp, mask=x_msk, other=0.0).to(tl.float32)
-            xj = tl.load(x_off + 2 * x_comp, mask=x_msk, other=0.0).to(tl.float32)
-            xk = tl.load(x_off + 3 * x_comp, mask=x_msk, other=0.0).to(tl.float32)
+            xr, xi, xj, xk = _load_quaternion(x_off, x_comp, x_msk)
             w_off = w_k + offs_k[:, None] * s_wc
             w_msk = k_mask[:, None] & n_mask[None, :]
-            wr = tl.load(w_off, mask=w_msk, other=0.0).to(tl.float32)
-            wi = tl.load(w_off + s_wp, mask=w_msk, other=0.0).to(tl.float32)
-            wj = tl.load(w_off + 2 * s_wp, mask=w_msk, other=0.0).to(tl.float32)
-            wk = tl.load(w_off + 3 * s_wp, mask=w_msk, other=0.0).to(tl.float32)
+            wr, wi, wj, wk = _load_quaternion(w_off, s_wp, w_msk)
             if TRANSPOSED:  # the adjoint: conj(W) ⊗ x
                 wi = -wi
                 wj = -wj
                 wk = -wk
-            # The GEMM is x-tile @ w-tile, but the algebra is W ⊗ x: W is the left operand.
-            if FAST8:
-                acc_r, acc_i, acc_j, acc_k, acc_5, acc_6, acc_7, acc_8 = _fast8_acc(
-                    acc_r,
-                    acc_i,
-                    acc_j,
-                    acc_k,
-                    acc_5,
-                    acc_6,
-                    acc_7,
-                    acc_8,
-                    wr,
-                    wi,
-                    wj,
-                    wk,
-                    xr,
-                    xi,
-                    xj,
-                    xk,
-                    True,
-                    DOT_DTYPE,
-                    PRECISION,
-                )
-            else:
-                acc_r, acc_i, acc_j, acc_k = _hamilton_acc(
-                    acc_r, acc_i, acc_j, acc_k, wr, wi, wj, wk, xr, xi, xj, xk, True, DOT_DTYPE, PRECISION
-                )
+            # The GEMM is x-tile @ w-tile, but the algebra is W ⊗ x: W is the left operand (SWAP).
+            acc = _quaternion_mma(acc, (wr, wi, wj, wk), (xr, xi, xj, xk), FAST8, True, DOT_DTYPE, PRECISION)
+    acc_r, acc_i, acc_j, acc_k = acc[0], acc[1], acc[2], acc[3]
     if FAST8:
-        acc_r, acc_i, acc_j, acc_k = _fast8_finish(acc_r, acc_i, acc_j, acc_k, acc_5, acc_6, acc_7, acc_8)
+        acc_r, acc_i, acc_j, acc_k = _fast8_finish(*acc)
 
     y_pix = y_ptr + n * s_yn + od * s_yd + oh * s_yh + ow * s_yw
     ch = g * CG_OUT + offs_n
@@ -358,15 +359,7 @@ def qconv_wgrad_kernel(
     kh = (kk // KW) % KH
     kd = kk // (KW * KH)
 
-    acc_r = tl.zeros((BLOCK_O, BLOCK_C), dtype=tl.float32)
-    acc_i = tl.zeros((BLOCK_O, BLOCK_C), dtype=tl.float32)
-    acc_j = tl.zeros((BLOCK_O, BLOCK_C), dtype=tl.float32)
-    acc_k = tl.zeros((BLOCK_O, BLOCK_C), dtype=tl.float32)
-    if FAST8:
-        acc_5 = tl.zeros((BLOCK_O, BLOCK_C), dtype=tl.float32)
-        acc_6 = tl.zeros((BLOCK_O, BLOCK_C), dtype=tl.float32)
-        acc_7 = tl.zeros((BLOCK_O, BLOCK_C), dtype=tl.float32)
-        acc_8 = tl.zeros((BLOCK_O, BLOCK_C), dtype=tl.float32)
+    acc = _zero_accumulators(BLOCK_O, BLOCK_C)
 
     g_comp = CQ_OUT * s_gc
     x_comp = CQ_IN * s_xc
@@ -376,12 +369,7 @@ def qconv_wgrad_kernel(
     for p0 in range(p_start, p_start + PIX_PER_SPLIT, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
         p_mask = offs_p < P
-        ow = offs_p % OW
-        t = offs_p // OW
-        oh = t % OH
-        t = t // OH
-        od = t % OD
-        n = t // OD
+        n, od, oh, ow = _unflatten_pixels(offs_p, OD, OH, OW)
         idd = od * SD - PD + kd * DD
         ih = oh * SH - PH + kh * DH
         iw = ow * SW - PW + kw * DW
@@ -389,45 +377,15 @@ def qconv_wgrad_kernel(
         # gy tiles as [BLOCK_O, BLOCK_P] (the left operand), x tiles as [BLOCK_P, BLOCK_C]
         g_off = g_ch[:, None] + (n * s_gn + od * s_gd + oh * s_gh + ow * s_gw)[None, :]
         g_msk = o_mask[:, None] & p_mask[None, :]
-        gr = tl.load(gy_ptr + g_off, mask=g_msk, other=0.0).to(tl.float32)
-        gi = tl.load(gy_ptr + g_off + g_comp, mask=g_msk, other=0.0).to(tl.float32)
-        gj = tl.load(gy_ptr + g_off + 2 * g_comp, mask=g_msk, other=0.0).to(tl.float32)
-        gk = tl.load(gy_ptr + g_off + 3 * g_comp, mask=g_msk, other=0.0).to(tl.float32)
+        gr, gi, gj, gk = _load_quaternion(gy_ptr + g_off, g_comp, g_msk)
         x_off = (n * s_xn + idd * s_xd + ih * s_xh + iw * s_xw)[:, None] + x_ch[None, :]
         x_msk = valid[:, None] & c_mask[None, :]
-        xr = tl.load(x_ptr + x_off, mask=x_msk, other=0.0).to(tl.float32)
+        xr, xi, xj, xk = _load_quaternion(x_ptr + x_off, x_comp, x_msk)
         # conj(x): the weight gradient is gy ⊗ conj(x)
-        xi = -tl.load(x_ptr + x_off + x_comp, mask=x_msk, other=0.0).to(tl.float32)
-        xj = -tl.load(x_ptr + x_off + 2 * x_comp, mask=x_msk, other=0.0).to(tl.float32)
-        xk = -tl.load(x_ptr + x_off + 3 * x_comp, mask=x_msk, other=0.0).to(tl.float32)
-        if FAST8:
-            acc_r, acc_i, acc_j, acc_k, acc_5, acc_6, acc_7, acc_8 = _fast8_acc(
-                acc_r,
-                acc_i,
-                acc_j,
-                acc_k,
-                acc_5,
-                acc_6,
-                acc_7,
-                acc_8,
-                gr,
-                gi,
-                gj,
-                gk,
-                xr,
-                xi,
-                xj,
-                xk,
-                False,
-                DOT_DTYPE,
-                PRECISION,
-            )
-        else:
-            acc_r, acc_i, acc_j, acc_k = _hamilton_acc(
-                acc_r, acc_i, acc_j, acc_k, gr, gi, gj, gk, xr, xi, xj, xk, False, DOT_DTYPE, PRECISION
-            )
+        acc = _quaternion_mma(acc, (gr, gi, gj, gk), (xr, -xi, -xj, -xk), FAST8, False, DOT_DTYPE, PRECISION)
+    acc_r, acc_i, acc_j, acc_k = acc[0], acc[1], acc[2], acc[3]
     if FAST8:
-        acc_r, acc_i, acc_j, acc_k = _fast8_finish(acc_r, acc_i, acc_j, acc_k, acc_5, acc_6, acc_7, acc_8)
+        acc_r, acc_i, acc_j, acc_k = _fast8_finish(*acc)
 
     kvol = KD * KH * KW
     s_o = CG_IN * kvol
