@@ -122,3 +122,66 @@ def quaternion_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None,
     y = quaternion_conv(x.t().contiguous().unsqueeze(0), weight.unsqueeze(-1), bias, algorithm=algorithm)
     # Back to rows; contiguous like F.linear's output (views of it must keep working).
     return y.squeeze(0).t().contiguous().reshape(*lead, y.shape[1])
+
+
+def _check_attention_args(q_a, k_a, v_a, q_b, k_b, v_b) -> None:
+    named = {"q_a": q_a, "k_a": k_a, "v_a": v_a, "q_b": q_b, "k_b": k_b, "v_b": v_b}
+    for name, t in named.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"cross_attention: {name} must be a Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"cross_attention: {name} must be (batch, heads, tokens, head_dim), got {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"cross_attention: {name} must be floating point, got {t.dtype}")
+        if t.dtype != q_a.dtype or t.device != q_a.device:
+            raise ValueError(
+                f"cross_attention: {name} is {t.dtype} on {t.device} but q_a is {q_a.dtype} on {q_a.device}"
+            )
+        if t.shape[0] != q_a.shape[0] or t.shape[1] != q_a.shape[1] or t.shape[3] != q_a.shape[3]:
+            raise ValueError(
+                f"cross_attention: {name} has shape {tuple(t.shape)}; every tensor needs q_a's batch, heads and "
+                f"head_dim {tuple(q_a.shape[:2])}, {q_a.shape[3]} (expand a batch-1 stream first)"
+            )
+        if t.shape[2] == 0:
+            raise ValueError(f"cross_attention: {name} has no tokens (softmax over an empty set is undefined)")
+    for stream in "ab":
+        if named[f"k_{stream}"].shape[2] != named[f"v_{stream}"].shape[2]:
+            raise ValueError(
+                f"cross_attention: k_{stream} has {named[f'k_{stream}'].shape[2]} tokens but v_{stream} has "
+                f"{named[f'v_{stream}'].shape[2]}"
+            )
+
+
+def cross_attention(
+    q_a: Tensor, k_a: Tensor, v_a: Tensor, q_b: Tensor, k_b: Tensor, v_b: Tensor, scale: float | None = None
+) -> tuple[Tensor, Tensor]:
+    """Both directions of the A-QCF attention, never storing an ``N_a × N_b`` matrix.
+
+    ``out_a = softmax(q_a k_bᵀ·scale) v_b`` and ``out_b = softmax(q_b k_aᵀ·scale) v_a``; every tensor is
+    ``(B, H, N, E)``; keys and values of a stream have the same token count, which may differ from
+    its queries' (pooled keys/values). ``scale``
+    defaults to ``1/sqrt(E)``: with ``E = 4·d`` reals per head, that is the block's ``1/sqrt(4·d)``.
+    """
+    _check_attention_args(q_a, k_a, v_a, q_b, k_b, v_b)
+    scale = q_a.shape[-1] ** -0.5 if scale is None else float(scale)
+    out_a, out_b, _, _ = torch.ops.aqcf.cross_attention(q_a, k_a, v_a, q_b, k_b, v_b, scale)
+    return out_a, out_b
+
+
+def gated_residual(f: Tensor, o: Tensor, gate_logits: Tensor, alpha: Tensor) -> Tensor:
+    """``f + alpha · sigmoid(gate_logits) ⊙ o`` in one fused pass; ``gate_logits`` may broadcast."""
+    if f.shape != o.shape:
+        raise ValueError(f"gated_residual: f {tuple(f.shape)} and o {tuple(o.shape)} must have the same shape")
+    try:
+        if torch.broadcast_shapes(gate_logits.shape, f.shape) != f.shape:
+            raise RuntimeError
+    except RuntimeError:
+        raise ValueError(
+            f"gated_residual: gate_logits {tuple(gate_logits.shape)} must broadcast to f {tuple(f.shape)}"
+        ) from None
+    if alpha.numel() != 1:
+        raise ValueError(f"gated_residual: alpha must hold one value, got shape {tuple(alpha.shape)}")
+    for name, t in (("o", o), ("gate_logits", gate_logits), ("alpha", alpha)):
+        if t.dtype != f.dtype or t.device != f.device:
+            raise ValueError(f"gated_residual: {name} is {t.dtype} on {t.device} but f is {f.dtype} on {f.device}")
+    return torch.ops.aqcf.gated_residual(f, o, gate_logits, alpha)

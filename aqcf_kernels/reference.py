@@ -175,3 +175,31 @@ def quaternion_conv_expanded(
     if bias is not None:
         y = y + bias.view(1, -1, *([1] * spatial_dims))
     return y
+
+
+# --------------------------------------------------------------------------------------------
+# A-QCF cross-attention (see aqcf_kernels.nn.attention for the block this is part of)
+# --------------------------------------------------------------------------------------------
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Materialised ``softmax(q kᵀ · scale) v`` and the log-sum-exp of each score row.
+
+    ``q`` is ``(B, H, Nq, E)``, ``k`` and ``v`` are ``(B, H, Nk, E)``. With a head's ``E = 4·d``
+    reals laid out ``[r | i | j | k]``, the real dot product ``q·k`` is ``Re(Σ_c q_c ⊗ conj(k_c))``
+    over the head's ``d`` quaternion channels, so this is the quaternion score of the A-QCF block.
+    """
+    scores = (q @ k.transpose(-1, -2)) * scale
+    return torch.softmax(scores, dim=-1) @ v, torch.logsumexp(scores, dim=-1)
+
+
+def cross_attention(
+    q_a: Tensor, k_a: Tensor, v_a: Tensor, q_b: Tensor, k_b: Tensor, v_b: Tensor, scale: float
+) -> tuple[Tensor, Tensor]:
+    """Both directions of the A-QCF attention: a's queries read b's keys/values and vice versa."""
+    return attention(q_a, k_b, v_b, scale)[0], attention(q_b, k_a, v_a, scale)[0]
+
+
+def gated_residual(f: Tensor, o: Tensor, gate_logits: Tensor, alpha: Tensor) -> Tensor:
+    """``f + α · sigmoid(g) ⊙ o``: the A-QCF block's gate-and-residual epilogue."""
+    return f + alpha * torch.sigmoid(gate_logits) * o

@@ -1,9 +1,12 @@
-"""Backend registry: who computes a quaternion conv on which device, and why not otherwise.
+"""Backend registry: who computes each op family on which device, and why not otherwise.
 
-A backend implements two functions over resolved arguments (see :class:`Backend`) and says,
-for any call, either ``None`` (it can serve) or a short reason it cannot. Selection: an explicit
-``AQCF_BACKEND`` wins (and is an error if that backend cannot serve); otherwise the first backend
-in the device's priority list that can serve.
+Two op families have backends: the quaternion conv (``conv``; see :class:`Backend`) and the
+A-QCF attention (``attention``: the cross-attention and the gated residual, see
+``aqcf_kernels.ops.attention``). A backend says, for any call, either ``None`` (it can serve) or a
+short reason it cannot. Selection: an explicit ``AQCF_BACKEND`` (or :func:`use`) wins and is an
+error if that backend cannot serve; a family with no backend of that name (``cpp`` has no
+attention kernel) selects as if nothing were forced. Otherwise the first backend in the device's
+priority list that can serve.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import contextlib
 import os
 import sys
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -41,27 +44,33 @@ class Backend(Protocol):
         """Gradient of ``<grad_output, conv(input, W)>`` with respect to W."""
 
 
-_REGISTRY: dict[str, Backend] = {}
-# Priority per device type; GPU backends insert themselves in front of "torch".
-PRIORITY: dict[str, list[str]] = {"cpu": ["cpp", "torch"], "cuda": ["triton", "cuda", "torch"]}
+class Family:
+    """The backends of one op family and their priority per device type."""
+
+    def __init__(self, name: str, priority: dict[str, list[str]]) -> None:
+        self.name = name
+        self.backends: dict[str, object] = {}
+        self.priority = priority
 
 
-def register(backend: Backend) -> None:
-    _REGISTRY[backend.name] = backend
+CONV = Family("conv", {"cpu": ["cpp", "torch"], "cuda": ["triton", "cuda", "torch"]})
+ATTENTION = Family("attention", {"cpu": ["torch"], "cuda": ["triton", "torch"]})
+FAMILIES = {f.name: f for f in (CONV, ATTENTION)}
+# The conv family's tables under their historical names (tests patch them).
+_REGISTRY = CONV.backends
+PRIORITY = CONV.priority
 
 
-def registered() -> dict[str, Backend]:
-    return dict(_REGISTRY)
+def register(backend: object, family: str = "conv") -> None:
+    FAMILIES[family].backends[backend.name] = backend
+
+
+def registered(family: str = "conv") -> dict:
+    return dict(FAMILIES[family].backends)
 
 
 class BackendError(RuntimeError):
     pass
-
-
-def _reason(backend: Backend, input: Tensor, weight: Tensor, params: ConvParams, algorithm: str) -> str | None:
-    if input.device.type not in backend.device_types:
-        return f"does not run on {input.device.type} tensors (serves {', '.join(backend.device_types)})"
-    return backend.unavailable() or backend.cannot_serve(input, weight, params, algorithm)
 
 
 _USE: list[str] = []  # stack of `use(...)` overrides; a module global, not a context variable,
@@ -71,8 +80,8 @@ _USE: list[str] = []  # stack of `use(...)` overrides; a module global, not a co
 @contextlib.contextmanager
 def use(name: str) -> Iterator[None]:
     """Force backend ``name`` inside the block (over ``AQCF_BACKEND``); same errors if it can't serve."""
-    if name not in _REGISTRY:
-        raise BackendError(f"{name!r} is not a backend; known: {sorted(_REGISTRY)}")
+    if not any(name in f.backends for f in FAMILIES.values()):
+        raise BackendError(f"{name!r} is not a backend; known: {_known()}")
     _USE.append(name)
     try:
         yield
@@ -80,30 +89,48 @@ def use(name: str) -> Iterator[None]:
         _USE.pop()
 
 
-def select(input: Tensor, weight: Tensor, params: ConvParams, algorithm: str) -> Backend:
+def _known() -> list[str]:
+    return sorted({n for f in FAMILIES.values() for n in f.backends})
+
+
+def select_in(family: Family, device_type: str, why_not: Callable[[object], str | None]) -> object:
+    """The backend of ``family`` for a call on ``device_type``; ``why_not(b)`` is b's own refusal."""
+
+    def reason(backend) -> str | None:
+        if device_type not in backend.device_types:
+            return f"does not run on {device_type} tensors (serves {', '.join(backend.device_types)})"
+        return backend.unavailable() or why_not(backend)
+
     forced = _USE[-1] if _USE else os.environ.get("AQCF_BACKEND", "").strip()
     if forced and forced != "auto":
-        backend = _REGISTRY.get(forced)
-        if backend is None:
-            raise BackendError(f"AQCF_BACKEND={forced!r} is not a backend; known: {sorted(_REGISTRY)}")
-        why = _reason(backend, input, weight, params, algorithm)
-        if why:
-            raise BackendError(f"AQCF_BACKEND={forced!r} cannot serve this call: {why}")
-        return backend
+        if not any(forced in f.backends for f in FAMILIES.values()):
+            raise BackendError(f"AQCF_BACKEND={forced!r} is not a backend; known: {_known()}")
+        backend = family.backends.get(forced)
+        if backend is not None:
+            why = reason(backend)
+            if why:
+                raise BackendError(f"AQCF_BACKEND={forced!r} cannot serve this call: {why}")
+            return backend
     reasons = []
-    for name in PRIORITY.get(input.device.type, []) + ["torch"]:
-        backend = _REGISTRY.get(name)
+    for name in family.priority.get(device_type, []) + ["torch"]:
+        backend = family.backends.get(name)
         if backend is None:
             continue
-        why = _reason(backend, input, weight, params, algorithm)
+        why = reason(backend)
         if why is None:
             return backend
         reasons.append(f"{name}: {why}")
-    raise BackendError(f"no backend serves {input.device.type} tensors: " + "; ".join(reasons))
+    raise BackendError(f"no {family.name} backend serves {device_type} tensors: " + "; ".join(reasons))
+
+
+def select(input: Tensor, weight: Tensor, params: ConvParams, algorithm: str) -> Backend:
+    """The conv backend for this call."""
+    return select_in(CONV, input.device.type, lambda b: b.cannot_serve(input, weight, params, algorithm))
 
 
 @dataclass(frozen=True)
 class BackendStatus:
+    family: str
     name: str
     device_types: tuple[str, ...]
     reason: str | None  # why unavailable on this machine; None if available
@@ -117,18 +144,22 @@ class BackendTable(list):
     """What :func:`backends` returns: a list of :class:`BackendStatus` that prints as a table."""
 
     def __repr__(self) -> str:
-        rows = ["backend  devices            status", "-------  -----------------  ------"]
+        rows = ["backend  family     devices            status", "-------  ---------  -----------------  ------"]
         for s in self:
             status = "available" if s.available else f"unavailable: {s.reason}"
-            rows.append(f"{s.name:<8} {','.join(s.device_types):<18} {status}")
+            rows.append(f"{s.name:<8} {s.family:<10} {','.join(s.device_types):<18} {status}")
         return "\n".join(rows)
 
     __str__ = __repr__
 
 
 def backends() -> BackendTable:
-    """Every registered backend, the devices it serves and why it is unavailable (if it is)."""
-    return BackendTable(BackendStatus(n, b.device_types, b.unavailable()) for n, b in _REGISTRY.items())
+    """Every registered backend per op family, the devices it serves and why it is unavailable (if it is)."""
+    return BackendTable(
+        BackendStatus(f.name, n, b.device_types, b.unavailable())
+        for f in FAMILIES.values()
+        for n, b in f.backends.items()
+    )
 
 
 class _CallableModule(types.ModuleType):
@@ -142,13 +173,16 @@ sys.modules[__name__].__class__ = _CallableModule
 
 
 def _register_builtin() -> None:
+    from ..triton.attention import TritonAttentionBackend
     from ..triton.conv import TritonBackend
-    from . import cpp, cuda, torch_impl
+    from . import cpp, cuda, torch_attention, torch_impl
 
     register(torch_impl.TorchBackend())
     register(cpp.CppBackend())
     register(cuda.CudaBackend())
     register(TritonBackend())
+    register(torch_attention.TorchAttentionBackend(), family="attention")
+    register(TritonAttentionBackend(), family="attention")
 
 
 _register_builtin()

@@ -1,0 +1,125 @@
+"""The ``torch`` backend of the attention family: any device, any floating dtype, always available.
+
+On CPU it is PyTorch's own flash-attention kernel (what ``F.scaled_dot_product_attention`` runs
+there), called through the aten op that also returns the log-sum-exp the backward needs, so the
+forward/backward split of ``aqcf::cross_attention`` costs nothing extra. Elsewhere (a CUDA machine
+without triton) it is a query-chunked attention in plain PyTorch: memory grows with
+``chunk × N_k``, never with ``N_q × N_k``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Query rows per chunk of the generic path: 256 rows × 16384 keys × 4 B = 16 MB of scores.
+CHUNK_ROWS = 256
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The log-sum-exp is kept in fp32 (fp64 for fp64 inputs), whatever the inputs' precision."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def chunked_attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """``softmax(q kᵀ·scale) v`` and its log-sum-exp, ``CHUNK_ROWS`` query rows at a time."""
+    ct = _compute_dtype(q.dtype)
+    kc, vc = k.to(ct), v.to(ct)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[:-1], dtype=lse_dtype(q.dtype), device=q.device)
+    for start in range(0, q.shape[-2], CHUNK_ROWS):
+        rows = slice(start, start + CHUNK_ROWS)
+        s = (q[..., rows, :].to(ct) @ kc.transpose(-1, -2)) * scale
+        m = torch.logsumexp(s, dim=-1, keepdim=True)
+        out[..., rows, :] = (torch.exp(s - m) @ vc).to(q.dtype)
+        lse[..., rows] = m.squeeze(-1).to(lse.dtype)
+    return out, lse
+
+
+def chunked_attention_backward(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Flash-attention backward: recompute P from the saved log-sum-exp, one query chunk at a time.
+
+    With ``δ = rowsum(dO ⊙ O)``: ``dV = Pᵀ dO``, ``dS = P ⊙ (dO Vᵀ − δ)``, ``dQ = dS K·scale``,
+    ``dK = dSᵀ Q·scale``.
+    """
+    ct = _compute_dtype(q.dtype)
+    kc, vc = k.to(ct), v.to(ct)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.zeros(k.shape, dtype=ct, device=k.device)
+    dv = torch.zeros(v.shape, dtype=ct, device=v.device)
+    delta = (grad_out.to(ct) * out.to(ct)).sum(-1, keepdim=True)
+    for start in range(0, q.shape[-2], CHUNK_ROWS):
+        rows = slice(start, start + CHUNK_ROWS)
+        qc, go = q[..., rows, :].to(ct), grad_out[..., rows, :].to(ct)
+        p = torch.exp((qc @ kc.transpose(-1, -2)) * scale - lse[..., rows, None].to(ct))
+        dv += p.transpose(-1, -2) @ go
+        ds = p * (go @ vc.transpose(-1, -2) - delta[..., rows, :])
+        dq[..., rows, :] = ((ds @ kc) * scale).to(q.dtype)
+        dk += (ds.transpose(-1, -2) @ qc) * scale
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _cpu_flash_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
+    return out.contiguous(), lse.to(lse_dtype(q.dtype)).contiguous()
+
+
+def _cpu_flash_backward(grad_out, q, k, v, out, lse, scale) -> tuple[Tensor, Tensor, Tensor]:
+    # The kernel reads the log-sum-exp in the dtype its forward wrote (fp32 for half inputs).
+    lse = lse.to(q.dtype) if q.dtype in (torch.float32, torch.float64) else lse.float()
+    grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        grad_out.contiguous(), q, k, v, out, lse, 0.0, False, scale=scale
+    )
+    return tuple(g.contiguous() for g in grads)
+
+
+class TorchAttentionBackend:
+    name = "torch"
+    device_types = ("cpu", "cuda", "mps", "xpu")
+
+    def unavailable(self) -> str | None:
+        return None
+
+    def cannot_serve_attention(self, q: Tensor) -> str | None:
+        return None
+
+    def cannot_serve_gate(self, f: Tensor, gate_logits: Tensor) -> str | None:
+        return None
+
+    def attention_forward(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+        if q.device.type == "cpu":
+            return _cpu_flash_forward(q, k, v, scale)
+        return chunked_attention_forward(q, k, v, scale)
+
+    def attention_backward(self, grad_out, q, k, v, out, lse, scale) -> tuple[Tensor, Tensor, Tensor]:
+        if q.device.type == "cpu":
+            return _cpu_flash_backward(grad_out, q, k, v, out, lse, scale)
+        return chunked_attention_backward(grad_out, q, k, v, out, lse, scale)
+
+    def cross_attention(self, q_a, k_a, v_a, q_b, k_b, v_b, scale):
+        out_a, lse_a = self.attention_forward(q_a, k_b, v_b, scale)
+        out_b, lse_b = self.attention_forward(q_b, k_a, v_a, scale)
+        return out_a, out_b, lse_a, lse_b
+
+    def cross_attention_backward(self, grad_a, grad_b, q_a, k_a, v_a, q_b, k_b, v_b, out_a, out_b, lse_a, lse_b, scale):
+        dq_a, dk_b, dv_b = self.attention_backward(grad_a, q_a, k_b, v_b, out_a, lse_a, scale)
+        dq_b, dk_a, dv_a = self.attention_backward(grad_b, q_b, k_a, v_a, out_b, lse_b, scale)
+        return dq_a, dk_a, dv_a, dq_b, dk_b, dv_b
+
+    def gated_residual(self, f: Tensor, o: Tensor, gate_logits: Tensor, alpha: Tensor) -> Tensor:
+        return f + alpha * (torch.sigmoid(gate_logits) * o)
+
+    def gated_residual_backward(self, grad, o, gate_logits, alpha) -> tuple[Tensor, Tensor, Tensor]:
+        s = torch.sigmoid(gate_logits)
+        go = grad * alpha
+        d_o = go * s
+        # The gate may broadcast (one value per channel): its gradient sums over what it spans.
+        d_g = (go * o * s * (1 - s)).sum_to_size(gate_logits.shape)
+        d_alpha = (grad * s * o).sum().reshape(alpha.shape)
+        return d_o, d_g, d_alpha

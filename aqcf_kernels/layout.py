@@ -1,0 +1,72 @@
+"""Helpers for the blocked ``[r | i | j | k]`` channel layout.
+
+Every split or join of quaternion channels (skip connections, heads, chunks) goes through here:
+a plain ``torch.cat``/``reshape`` on dim 1 of a blocked tensor mixes the components.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def quaternion_channels(x: Tensor, name: str = "input", dim: int = 1) -> int:
+    """Number of quaternion channels of ``x`` along ``dim``; a clear error if it isn't blocked."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(x).__name__}")
+    if x.dim() <= dim:
+        raise ValueError(f"{name} must have a channel dim {dim}, got shape {tuple(x.shape)}")
+    c = x.shape[dim]
+    if c % 4 or c == 0:
+        raise ValueError(
+            f"{name} must have a positive multiple of 4 channels in dim {dim} (blocked [r|i|j|k] layout), "
+            f"got {c} (shape {tuple(x.shape)})"
+        )
+    return c // 4
+
+
+def as_components(x: Tensor, dim: int = 1) -> Tensor:
+    """View ``(..., 4·Cq, ...)`` as ``(..., 4, Cq, ...)``: component axis at ``dim``, channels at ``dim + 1``."""
+    cq = quaternion_channels(x, dim=dim)
+    return x.unflatten(dim, (4, cq))
+
+
+def from_components(x: Tensor, dim: int = 1) -> Tensor:
+    """Inverse of :func:`as_components`."""
+    return x.flatten(dim, dim + 1)
+
+
+def qcat(tensors: Sequence[Tensor], dim: int = 1) -> Tensor:
+    """Concatenate quaternion tensors per component: ``[r_a r_b | i_a i_b | j_a j_b | k_a k_b]``."""
+    if len(tensors) == 0:
+        raise ValueError("qcat: expected at least one tensor")
+    parts = [as_components(t, dim) for t in tensors]
+    return from_components(torch.cat(parts, dim=dim + 1), dim)
+
+
+def qsplit(x: Tensor, split_size_or_sections: int | Sequence[int], dim: int = 1) -> tuple[Tensor, ...]:
+    """Split quaternion channels (counts in quaternions), each piece keeping all four components."""
+    comp = as_components(x, dim)
+    pieces = torch.split(comp, split_size_or_sections, dim=dim + 1)
+    return tuple(from_components(p, dim) for p in pieces)
+
+
+def split_heads(x: Tensor, heads: int) -> Tensor:
+    """Tokens-last blocked ``(B, 4·Cq, N)`` → ``(B, H, N, 4·d)`` with ``d = Cq / H``.
+
+    Head ``h`` owns quaternion channels ``[h·d, (h+1)·d)`` of every component block; its last
+    axis is ``[r | i | j | k]`` of those ``d`` channels, so the real dot product of two such rows is
+    ``Re(Σ q ⊗ conj(k))`` over the head.
+    """
+    b, c, n = x.shape
+    d = c // 4 // heads
+    return x.view(b, 4, heads, d, n).permute(0, 2, 4, 1, 3).reshape(b, heads, n, 4 * d)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """Inverse of :func:`split_heads`: ``(B, H, N, 4·d)`` → ``(B, 4·H·d, N)``."""
+    b, h, n, e = x.shape
+    d = e // 4
+    return x.view(b, h, n, 4, d).permute(0, 3, 1, 4, 2).reshape(b, 4 * h * d, n)

@@ -1,0 +1,143 @@
+"""The A-QCF attention op family: ``aqcf.cross_attention`` and ``aqcf.gated_residual``.
+
+``cross_attention(q_a, k_a, v_a, q_b, k_b, v_b, scale)`` computes BOTH directions of the block's
+attention in one call (the Triton backend in one launch):
+
+* ``out_a = softmax(q_a k_bᵀ · scale) v_b`` — stream a's queries read stream b's tokens;
+* ``out_b = softmax(q_b k_aᵀ · scale) v_a`` — and the other way round;
+
+with every tensor ``(B, H, N, E)`` (``E = 4·d``: a head's ``d`` quaternion channels, ``[r|i|j|k]``).
+It also returns the log-sum-exp of each score row, which is all the backward needs to recompute
+the probabilities: no ``N_a × N_b`` matrix is ever stored. The backward is an op of its own
+(``cross_attention_backward``); like FlashAttention's, it has no derivative itself.
+
+``gated_residual(f, o, g, alpha) = f + alpha · sigmoid(g) ⊙ o`` is the block's epilogue, one fused
+elementwise pass (``g`` may broadcast over tokens). Arguments reaching these ops are already checked
+(``aqcf_kernels.functional``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from ..backends.torch_attention import lse_dtype
+
+
+def _select_attention(q: Tensor):
+    return backends.select_in(backends.ATTENTION, q.device.type, lambda b: b.cannot_serve_attention(q))
+
+
+def _select_gate(f: Tensor, gate_logits: Tensor):
+    return backends.select_in(backends.ATTENTION, f.device.type, lambda b: b.cannot_serve_gate(f, gate_logits))
+
+
+def _lse_like(q: Tensor) -> Tensor:
+    return q.new_empty(q.shape[:-1], dtype=lse_dtype(q.dtype))
+
+
+@torch.library.custom_op("aqcf::cross_attention", mutates_args=())
+def cross_attention(
+    q_a: Tensor, k_a: Tensor, v_a: Tensor, q_b: Tensor, k_b: Tensor, v_b: Tensor, scale: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Both attention directions: ``(out_a, out_b, lse_a, lse_b)``."""
+    out_a, out_b, lse_a, lse_b = _select_attention(q_a).cross_attention(q_a, k_a, v_a, q_b, k_b, v_b, scale)
+    return out_a.contiguous(), out_b.contiguous(), lse_a.contiguous(), lse_b.contiguous()
+
+
+@cross_attention.register_fake
+def _(q_a, k_a, v_a, q_b, k_b, v_b, scale):
+    return torch.empty_like(q_a), torch.empty_like(q_b), _lse_like(q_a), _lse_like(q_b)
+
+
+@torch.library.custom_op("aqcf::cross_attention_backward", mutates_args=())
+def cross_attention_backward(
+    grad_a: Tensor,
+    grad_b: Tensor,
+    q_a: Tensor,
+    k_a: Tensor,
+    v_a: Tensor,
+    q_b: Tensor,
+    k_b: Tensor,
+    v_b: Tensor,
+    out_a: Tensor,
+    out_b: Tensor,
+    lse_a: Tensor,
+    lse_b: Tensor,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients ``(dq_a, dk_a, dv_a, dq_b, dk_b, dv_b)`` from the saved outputs and log-sum-exps."""
+    grads = _select_attention(q_a).cross_attention_backward(
+        grad_a, grad_b, q_a, k_a, v_a, q_b, k_b, v_b, out_a, out_b, lse_a, lse_b, scale
+    )
+    return tuple(g.contiguous() for g in grads)
+
+
+@cross_attention_backward.register_fake
+def _(grad_a, grad_b, q_a, k_a, v_a, q_b, k_b, v_b, out_a, out_b, lse_a, lse_b, scale):
+    return tuple(torch.empty_like(t) for t in (q_a, k_a, v_a, q_b, k_b, v_b))
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q_a, k_a, v_a, q_b, k_b, v_b, scale = inputs
+    out_a, out_b, lse_a, lse_b = output
+    ctx.save_for_backward(q_a, k_a, v_a, q_b, k_b, v_b, out_a, out_b, lse_a, lse_b)
+    ctx.scale = scale
+
+
+def _attention_backward(ctx, grad_a, grad_b, _grad_lse_a, _grad_lse_b):
+    q_a, k_a, v_a, q_b, k_b, v_b, out_a, out_b, lse_a, lse_b = ctx.saved_tensors
+    # An output that did not reach the loss arrives as None: its direction contributes nothing.
+    grad_a = torch.zeros_like(out_a) if grad_a is None else grad_a
+    grad_b = torch.zeros_like(out_b) if grad_b is None else grad_b
+    grads = torch.ops.aqcf.cross_attention_backward(
+        grad_a, grad_b, q_a, k_a, v_a, q_b, k_b, v_b, out_a, out_b, lse_a, lse_b, ctx.scale
+    )
+    return (*grads, None)
+
+
+cross_attention.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+
+
+@torch.library.custom_op("aqcf::gated_residual", mutates_args=())
+def gated_residual(f: Tensor, o: Tensor, gate_logits: Tensor, alpha: Tensor) -> Tensor:
+    """``f + alpha · sigmoid(gate_logits) ⊙ o``."""
+    return _select_gate(f, gate_logits).gated_residual(f, o, gate_logits, alpha).contiguous()
+
+
+@gated_residual.register_fake
+def _(f, o, gate_logits, alpha):
+    return torch.empty_like(f, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("aqcf::gated_residual_backward", mutates_args=())
+def gated_residual_backward(
+    grad: Tensor, o: Tensor, gate_logits: Tensor, alpha: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients ``(d_o, d_gate_logits, d_alpha)`` of :func:`gated_residual` (``d_f`` is ``grad``)."""
+    d_o, d_g, d_alpha = _select_gate(grad, gate_logits).gated_residual_backward(grad, o, gate_logits, alpha)
+    return d_o.contiguous(), d_g.contiguous(), d_alpha.contiguous()
+
+
+@gated_residual_backward.register_fake
+def _(grad, o, gate_logits, alpha):
+    return (
+        torch.empty_like(o, memory_format=torch.contiguous_format),
+        torch.empty_like(gate_logits, memory_format=torch.contiguous_format),
+        torch.empty_like(alpha, memory_format=torch.contiguous_format),
+    )
+
+
+def _gate_setup_context(ctx, inputs, output):
+    f, o, gate_logits, alpha = inputs
+    ctx.save_for_backward(o, gate_logits, alpha)
+
+
+def _gate_backward(ctx, grad):
+    o, gate_logits, alpha = ctx.saved_tensors
+    d_o, d_g, d_alpha = torch.ops.aqcf.gated_residual_backward(grad, o, gate_logits, alpha)
+    return grad, d_o, d_g, d_alpha
+
+
+gated_residual.register_autograd(_gate_backward, setup_context=_gate_setup_context)

@@ -1,0 +1,135 @@
+"""Launchers for the Triton attention kernels, and the ``triton`` backend of the attention family.
+
+Serves CUDA tensors, and CPU tensors under ``TRITON_INTERPRET=1`` (as the conv backend does).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .conv import _DOT_DTYPES, _IMPORT_ERROR, INTERPRET, _dot_config, triton
+
+if triton is not None:
+    from .attention_kernels import (
+        attention_bwd_dkdv_kernel,
+        attention_bwd_dq_kernel,
+        attention_fwd_kernel,
+        gated_residual_bwd_kernel,
+        gated_residual_fwd_kernel,
+    )
+
+GATE_BLOCK = 1024
+
+
+def _head_block(e: int) -> int:
+    return max(16, triton.next_power_of_2(e))
+
+
+def _tiles(e: int) -> tuple[int, int]:
+    if INTERPRET:  # interpreted programs cost per program: few, big tiles
+        return 64, 64
+    # Keep q, k, v tiles and the fp32 accumulator in registers up to E = 128.
+    return (128, 64) if e <= 64 else (64, 64)
+
+
+def _contiguous(*tensors: Tensor) -> list[Tensor]:
+    return [t.contiguous() for t in tensors]
+
+
+def cross_attention(q_a, k_a, v_a, q_b, k_b, v_b, scale: float):
+    q_a, k_a, v_a, q_b, k_b, v_b = _contiguous(q_a, k_a, v_a, q_b, k_b, v_b)
+    b, h, n_qa, e = q_a.shape
+    n_ka, n_qb, n_kb = k_a.shape[2], q_b.shape[2], k_b.shape[2]
+    out_a, out_b = torch.empty_like(q_a), torch.empty_like(q_b)
+    lse_a = torch.empty((b, h, n_qa), dtype=torch.float32, device=q_a.device)
+    lse_b = torch.empty((b, h, n_qb), dtype=torch.float32, device=q_a.device)
+    block_m, block_n = _tiles(e)
+    dot_dtype, precision = _dot_config(q_a.dtype)
+    tiles_a = triton.cdiv(n_qa, block_m)
+    grid = (tiles_a + triton.cdiv(n_qb, block_m), b * h)
+    attention_fwd_kernel[grid](
+        q_a, k_b, v_b, out_a, lse_a, q_b, k_a, v_a, out_b, lse_b,
+        n_qa, n_ka, n_qb, n_kb, tiles_a, scale,
+        E=e, DOT_DTYPE=dot_dtype, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_E=_head_block(e),
+    )  # fmt: skip
+    return out_a, out_b, lse_a, lse_b
+
+
+def cross_attention_backward(grad_a, grad_b, q_a, k_a, v_a, q_b, k_b, v_b, out_a, out_b, lse_a, lse_b, scale):
+    grad_a, grad_b, q_a, k_a, v_a, q_b, k_b, v_b = _contiguous(grad_a, grad_b, q_a, k_a, v_a, q_b, k_b, v_b)
+    lse_a, lse_b = lse_a.float().contiguous(), lse_b.float().contiguous()
+    b, h, n_qa, e = q_a.shape
+    n_ka, n_qb, n_kb = k_a.shape[2], q_b.shape[2], k_b.shape[2]
+    # δ = rowsum(dO ⊙ O): one cheap elementwise pass, shared by both backward kernels.
+    delta_a = (grad_a.float() * out_a.float()).sum(-1).contiguous()
+    delta_b = (grad_b.float() * out_b.float()).sum(-1).contiguous()
+    grads = [torch.empty_like(t) for t in (q_a, k_a, v_a, q_b, k_b, v_b)]
+    dq_a, dk_a, dv_a, dq_b, dk_b, dv_b = grads
+    block_m, block_n = _tiles(e)
+    dot_dtype, precision = _dot_config(q_a.dtype)
+    consts = dict(E=e, DOT_DTYPE=dot_dtype, PRECISION=precision, BLOCK_E=_head_block(e))
+    tiles_b = triton.cdiv(n_kb, block_n)
+    attention_bwd_dkdv_kernel[(tiles_b + triton.cdiv(n_ka, block_n), b * h)](
+        q_a, k_b, v_b, grad_a, lse_a, delta_a, dk_b, dv_b,
+        q_b, k_a, v_a, grad_b, lse_b, delta_b, dk_a, dv_a,
+        n_qa, n_ka, n_qb, n_kb, tiles_b, scale, BLOCK_M=block_n, BLOCK_N=block_m, **consts,
+    )  # fmt: skip
+    tiles_a = triton.cdiv(n_qa, block_m)
+    attention_bwd_dq_kernel[(tiles_a + triton.cdiv(n_qb, block_m), b * h)](
+        q_a, k_b, v_b, grad_a, lse_a, delta_a, dq_a,
+        q_b, k_a, v_a, grad_b, lse_b, delta_b, dq_b,
+        n_qa, n_ka, n_qb, n_kb, tiles_a, scale, BLOCK_M=block_m, BLOCK_N=block_n, **consts,
+    )  # fmt: skip
+    return dq_a, dk_a, dv_a, dq_b, dk_b, dv_b
+
+
+def gated_residual(f: Tensor, o: Tensor, gate_logits: Tensor, alpha: Tensor) -> Tensor:
+    f, o, g = _contiguous(f, o, gate_logits.expand_as(f))
+    y = torch.empty_like(f)
+    numel = f.numel()
+    gated_residual_fwd_kernel[(triton.cdiv(numel, GATE_BLOCK),)](f, o, g, alpha, y, numel, BLOCK=GATE_BLOCK)
+    return y
+
+
+def gated_residual_backward(grad: Tensor, o: Tensor, gate_logits: Tensor, alpha: Tensor):
+    grad, o, g = _contiguous(grad, o, gate_logits.expand_as(o))
+    d_o, d_g = torch.empty_like(o), torch.empty_like(g)
+    programs = triton.cdiv(o.numel(), GATE_BLOCK)
+    partial = torch.empty(programs, dtype=torch.float32, device=o.device)
+    gated_residual_bwd_kernel[(programs,)](grad, o, g, alpha, d_o, d_g, partial, o.numel(), BLOCK=GATE_BLOCK)
+    d_alpha = partial.sum().to(alpha.dtype).reshape(alpha.shape)
+    return d_o, d_g.sum_to_size(gate_logits.shape), d_alpha
+
+
+class TritonAttentionBackend:
+    name = "triton"
+    device_types = ("cuda", "cpu")
+
+    def unavailable(self) -> str | None:
+        if _IMPORT_ERROR:
+            return _IMPORT_ERROR
+        if not INTERPRET and not torch.cuda.is_available():
+            return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU)"
+        return None
+
+    def _cannot_serve(self, t: Tensor) -> str | None:
+        if t.device.type == "cpu" and not INTERPRET:
+            return "serves CPU tensors only under TRITON_INTERPRET=1"
+        if t.dtype not in _DOT_DTYPES:
+            return f"no tl.dot in {t.dtype} (fp32/fp16/bf16 only)"
+        return None
+
+    def cannot_serve_attention(self, q: Tensor) -> str | None:
+        why = self._cannot_serve(q)
+        if why is None and q.shape[-1] > 256:
+            return f"head size {q.shape[-1]} > 256 reals does not fit the kernel's register tiles"
+        return why
+
+    def cannot_serve_gate(self, f: Tensor, gate_logits: Tensor) -> str | None:
+        return self._cannot_serve(f)
+
+    cross_attention = staticmethod(cross_attention)
+    cross_attention_backward = staticmethod(cross_attention_backward)
+    gated_residual = staticmethod(gated_residual)
+    gated_residual_backward = staticmethod(gated_residual_backward)
