@@ -1,7 +1,7 @@
 """``aqcf-bench FAMILY [options]``: run one op family's benchmark and write its table, JSON and plot.
 
 Each family is a module with ``add_arguments(parser)`` and ``main(args) -> int``; register new
-ones (``attention``, ``model``) in :data:`FAMILIES`.
+ones (``model``) in :data:`FAMILIES`.
 
 Examples::
 
@@ -20,9 +20,10 @@ from collections.abc import Sequence
 
 from . import common
 
-# family -> (module, one-line help). Add "attention" and "model" here when their modules exist.
+# family -> (module, one-line help).
 FAMILIES: dict[str, tuple[str, str]] = {
     "conv": ("benchmarks.conv", "quaternion convolutions 1d/2d/3d vs naive16 and expanded-weight baselines"),
+    "attention": ("benchmarks.attention", "the A-QCF block vs materialised and SDPA-composed blocks, 256-16384 tokens"),
 }
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ..params import ConvParams
+from ..params import ConvParams, is_pointwise
 from ._extension import _C
 from ._extension import IMPORT_ERROR as _IMPORT_ERROR
+from .torch_impl import pointwise_conv, pointwise_weight_grad
 
 
 class CppBackend:
@@ -19,8 +20,15 @@ class CppBackend:
     def cannot_serve(self, input: Tensor, weight: Tensor, params: ConvParams, algorithm: str) -> str | None:
         return None
 
+    # Pointwise hamilton convs are one MKL GEMM (see torch_impl.pointwise_conv): the extension's
+    # hamilton would call the same oneDNN 1x1 conv that is slower on these shapes.
     def conv(self, input, weight, bias, p: ConvParams, algorithm: str) -> Tensor:
+        if algorithm == "hamilton" and is_pointwise(weight.shape, p):
+            return pointwise_conv(input, weight, bias, p)
         return _C.conv(input, weight, bias, *p.as_op_args(), algorithm == "fast8")
 
     def conv_weight_grad(self, input, grad_output, weight_shape, p: ConvParams, algorithm: str) -> Tensor:
+        if algorithm == "hamilton" and is_pointwise(weight_shape, p):
+            x, gy = (grad_output, input) if p.transposed else (input, grad_output)
+            return pointwise_weight_grad(x, gy, weight_shape)
         return _C.conv_weight_grad(input, grad_output, list(weight_shape), *p.as_op_args(), algorithm == "fast8")

@@ -63,6 +63,13 @@ CASES = {
             dict(stride=(2, 1, 1), padding=(1, 0, 0), output_padding=(1, 0, 0), groups=2),
         ),
     ),
+    # Pointwise (1x1, unit stride, no padding, one group) convs take the GEMM path of the CPU backends.
+    "pointwise1d": (qF.quaternion_conv1d, Case((2, 8, 5), (4, 3, 2, 1), {})),
+    "pointwise_transpose2d": (
+        qF.quaternion_conv_transpose2d,
+        Case((2, 8, 3, 2), (4, 2, 3, 1, 1), dict(output_padding=0)),
+    ),
+    "pointwise3d": (qF.quaternion_conv3d, Case((1, 4, 2, 3, 2), (4, 2, 1, 1, 1, 1), {})),
 }
 
 
