@@ -14,10 +14,21 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from aqcf_kernels.triton.attention_kernels import (
+    attention_bwd_dkdv_kernel,
+    attention_bwd_dq_kernel,
+    attention_fwd_kernel,
+    gated_residual_bwd_kernel,
+    gated_residual_fwd_kernel,
+)
 from aqcf_kernels.triton.conv_kernels import qconv_kernel, qconv_wgrad_kernel
 
 TARGET = GPUTarget("cuda", 90, 32)
 DTYPES = {"fp32": (tl.float32, "*fp32"), "bf16": (tl.bfloat16, "*bf16")}
+
+
+# Arguments whose type is not the tensor dtype / i32 default: fp32 accumulators and statistics.
+FP32_POINTERS = {"gw_ptr", "la_ptr", "lb_ptr", "da_ptr", "db_ptr", "dalpha_partial_ptr"}
 
 
 def compile_variant(kernel, pointers, constexprs, ptr_type):
@@ -25,8 +36,10 @@ def compile_variant(kernel, pointers, constexprs, ptr_type):
         name: "constexpr" if name in constexprs else (ptr_type if name in pointers else "i32")
         for name in kernel.arg_names
     }
-    if "gw_ptr" in pointers:
-        signature["gw_ptr"] = "*fp32"  # the weight gradient accumulates in fp32
+    for name in FP32_POINTERS & set(pointers):
+        signature[name] = "*fp32"
+    if "scale" in signature:
+        signature["scale"] = "fp32"
     triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=TARGET)
 
 
@@ -62,8 +75,26 @@ def main() -> int:
                 ptr_type,
             )
             count += 1
+    count += compile_attention()
     print(f"compiled {count} kernel variants for sm_90")
     return 0
+
+
+def compile_attention() -> int:
+    """The attention kernels (forward, both backward halves) and the gate, in fp32 (TF32) and bf16."""
+    count = 0
+    for dtype, precision in (("fp32", "tf32"), ("bf16", "ieee")):
+        dot_dtype, ptr_type = DTYPES[dtype]
+        consts = dict(E=32, DOT_DTYPE=dot_dtype, PRECISION=precision, BLOCK_M=128, BLOCK_N=64, BLOCK_E=32)
+        for kernel in (attention_fwd_kernel, attention_bwd_dkdv_kernel, attention_bwd_dq_kernel):
+            pointers = {name for name in kernel.arg_names if name.endswith("_ptr")}
+            compile_variant(kernel, pointers, consts, ptr_type)
+            count += 1
+        for kernel in (gated_residual_fwd_kernel, gated_residual_bwd_kernel):
+            pointers = {name for name in kernel.arg_names if name.endswith("_ptr")}
+            compile_variant(kernel, pointers, dict(BLOCK=1024), ptr_type)
+            count += 1
+    return count
 
 
 if __name__ == "__main__":
