@@ -65,7 +65,15 @@ def chunked_attention_backward(
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
+def _dense_rows(t: Tensor) -> Tensor:
+    # The private CPU kernel assumes unit stride along the head dim (F.scaled_dot_product_attention
+    # checks that before calling it; we call it directly, so we must): a strided view gave wrong
+    # results silently (one quaternion channel per head makes such views).
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def _cpu_flash_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    q, k, v = _dense_rows(q), _dense_rows(k), _dense_rows(v)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
     return out.contiguous(), lse.to(lse_dtype(q.dtype)).contiguous()
 
@@ -73,6 +81,7 @@ def _cpu_flash_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[T
 def _cpu_flash_backward(grad_out, q, k, v, out, lse, scale) -> tuple[Tensor, Tensor, Tensor]:
     # The kernel reads the log-sum-exp in the dtype its forward wrote (fp32 for half inputs).
     lse = lse.to(q.dtype) if q.dtype in (torch.float32, torch.float64) else lse.float()
+    q, k, v, out = _dense_rows(q), _dense_rows(k), _dense_rows(v), _dense_rows(out)
     grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
         grad_out.contiguous(), q, k, v, out, lse, 0.0, False, scale=scale
     )

@@ -1,5 +1,6 @@
 """Quaternion ``torch.nn`` layers: parameters, init and repr; ``forward`` calls :mod:`aqcf_kernels.functional`."""
 
+from ..layout import qcat, qsplit
 from .attention import AQCFBlock
 from .conv import (
     QuaternionConv1d,
@@ -11,6 +12,27 @@ from .conv import (
 )
 from .init import quaternion_init_
 from .linear import QuaternionLinear
+from .norm import (
+    QuaternionBatchNorm1d,
+    QuaternionBatchNorm2d,
+    QuaternionBatchNorm3d,
+    QuaternionInstanceNorm1d,
+    QuaternionInstanceNorm2d,
+    QuaternionInstanceNorm3d,
+    quaternion_batch_norm,
+    quaternion_instance_norm,
+)
+from .pool import (
+    QuaternionAvgPool1d,
+    QuaternionAvgPool2d,
+    QuaternionAvgPool3d,
+    QuaternionDropout,
+    QuaternionMaxPool1d,
+    QuaternionMaxPool2d,
+    QuaternionMaxPool3d,
+    quaternion_dropout,
+    quaternion_max_pool,
+)
 
 __all__ = [
     "AQCFBlock",
@@ -22,4 +44,23 @@ __all__ = [
     "QuaternionConvTranspose3d",
     "QuaternionLinear",
     "quaternion_init_",
+    "QuaternionBatchNorm1d",
+    "QuaternionBatchNorm2d",
+    "QuaternionBatchNorm3d",
+    "QuaternionInstanceNorm1d",
+    "QuaternionInstanceNorm2d",
+    "QuaternionInstanceNorm3d",
+    "quaternion_batch_norm",
+    "quaternion_instance_norm",
+    "QuaternionMaxPool1d",
+    "QuaternionMaxPool2d",
+    "QuaternionMaxPool3d",
+    "QuaternionAvgPool1d",
+    "QuaternionAvgPool2d",
+    "QuaternionAvgPool3d",
+    "QuaternionDropout",
+    "quaternion_max_pool",
+    "quaternion_dropout",
+    "qcat",
+    "qsplit",
 ]

@@ -33,6 +33,12 @@ def _tiles(e: int) -> tuple[int, int]:
     return (128, 64) if e <= 64 else (64, 64)
 
 
+def _launch_options() -> dict:
+    # FlashAttention's Triton settings for 128-row tiles at head sizes up to 128 (8 warps, a
+    # 3-stage load pipeline); the interpreter takes none.
+    return {} if INTERPRET else {"num_warps": 8, "num_stages": 3}
+
+
 def _contiguous(*tensors: Tensor) -> list[Tensor]:
     return [t.contiguous() for t in tensors]
 
@@ -52,6 +58,7 @@ def cross_attention(q_a, k_a, v_a, q_b, k_b, v_b, scale: float):
         q_a, k_b, v_b, out_a, lse_a, q_b, k_a, v_a, out_b, lse_b,
         n_qa, n_ka, n_qb, n_kb, tiles_a, scale,
         E=e, DOT_DTYPE=dot_dtype, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_E=_head_block(e),
+        **_launch_options(),
     )  # fmt: skip
     return out_a, out_b, lse_a, lse_b
 
@@ -68,12 +75,12 @@ def cross_attention_backward(grad_a, grad_b, q_a, k_a, v_a, q_b, k_b, v_b, out_a
     dq_a, dk_a, dv_a, dq_b, dk_b, dv_b = grads
     block_m, block_n = _tiles(e)
     dot_dtype, precision = _dot_config(q_a.dtype)
-    consts = dict(E=e, DOT_DTYPE=dot_dtype, PRECISION=precision, BLOCK_E=_head_block(e))
+    consts = dict(E=e, DOT_DTYPE=dot_dtype, PRECISION=precision, BLOCK_E=_head_block(e), **_launch_options())
     tiles_b = triton.cdiv(n_kb, block_n)
     attention_bwd_dkdv_kernel[(tiles_b + triton.cdiv(n_ka, block_n), b * h)](
         q_a, k_b, v_b, grad_a, lse_a, delta_a, dk_b, dv_b,
         q_b, k_a, v_a, grad_b, lse_b, delta_b, dk_a, dv_a,
-        n_qa, n_ka, n_qb, n_kb, tiles_b, scale, BLOCK_M=block_n, BLOCK_N=block_m, **consts,
+        n_qa, n_ka, n_qb, n_kb, tiles_b, scale, BLOCK_M=block_m, BLOCK_N=block_n, **consts,
     )  # fmt: skip
     tiles_a = triton.cdiv(n_qa, block_m)
     attention_bwd_dq_kernel[(tiles_a + triton.cdiv(n_qb, block_m), b * h)](

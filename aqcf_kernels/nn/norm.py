@@ -1,0 +1,422 @@
+"""Quaternion batch and instance normalisation, with ``torch.nn.BatchNorm*d`` / ``InstanceNorm*d`` signatures.
+
+``num_features`` counts REAL channels of a blocked ``[r|i|j|k]`` tensor (a multiple of 4); a
+quaternion channel ``c`` is the real channels ``(c, Cq + c, 2Cq + c, 3Cq + c)``. Two modes:
+
+**Shared variance** (default; Parcollet et al. 2019, speechbrain's ``QBatchNorm``). With ``μ`` the
+mean of each real channel and ``σ²`` ONE variance per quaternion channel, the expected squared
+modulus of the centred quaternion,
+
+    σ² = E|x − μ|² = E[(x_r − μ_r)² + (x_i − μ_i)² + (x_j − μ_j)² + (x_k − μ_k)²],
+    y  = γ · (x − μ) / sqrt(σ² + eps) + β,
+
+with ``γ`` one scalar per quaternion channel (shape ``(Cq,)``) and ``β`` one per real channel
+(``(4Cq,)``). Every component of a quaternion is divided by the same number, so the layer keeps its
+direction: with ``β = 0`` it commutes with multiplying the input by a unit quaternion (a rotation of R⁴).
+
+**Whitening** (``whiten=True``; Gaudet & Maida 2018). ``V = E[(x − μ)(x − μ)ᵀ]`` is the 4×4
+covariance of the four components of each quaternion channel, and
+
+    V + eps·I = L Lᵀ  (Cholesky),   y = γ · L⁻¹ (x − μ) + β,
+
+so ``L⁻¹(x − μ)`` has identity covariance. ``γ`` is a full 4×4 matrix per quaternion channel
+(``(Cq, 4, 4)``), ``β`` is ``(4Cq,)``. All channels are whitened at once: one batched covariance
+(a batched matmul), one batched 4×4 Cholesky and triangular solve, ``γ·L⁻¹`` folded into one 4×4
+matrix, and one batched matmul over the data; no Python loop over channels.
+
+Running statistics follow ``torch.nn.BatchNorm``: exponential average with ``momentum`` (``None``:
+cumulative average over ``num_batches_tracked``), unbiased (``n/(n−1)``) variances, the biased
+ones for normalising. ``running_mean`` is per real channel ``(4Cq,)``; ``running_var`` is per
+quaternion channel ``(Cq,)``, or in whitening mode ``running_cov`` ``(Cq, 4, 4)``. Their initial
+values (``1`` and ``I/4``, same trace) and ``γ``'s (``1`` and ``I/2``) make an untrained layer in
+eval mode the identity in both modes, and its training-mode output ``E|y − β|² = 1`` in both.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..layout import quaternion_channels
+from ._base import check_quaternion_channels
+
+
+def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Statistics in at least float32 (as cuDNN's BN does for half inputs): squares of fp16/bf16
+    # activations overflow or lose most digits, and the 4x4 factorisations need float32 anyway.
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _check_shape(fn: str, name: str, t: Tensor | None, shape: tuple[int, ...]) -> None:
+    if t is not None and tuple(t.shape) != shape:
+        raise ValueError(f"{fn}: {name} must have shape {shape}, got {tuple(t.shape)}")
+
+
+def _whitening_matrix(cov: Tensor, eps: float) -> Tensor:
+    """``L⁻¹`` with ``cov + eps·I = L Lᵀ``: lower triangular, and ``L⁻¹ (cov + eps·I) L⁻ᵀ = I``.
+
+    Batched over every leading dim. Why Cholesky and not ZCA (``V^(-1/2)`` by ``eigh``, what
+    Trabelsi et al. use for complex BN): ``cholesky_ex`` and ``solve_triangular`` never synchronise
+    with the host, whereas ``linalg.eigh`` checks its LAPACK/cuSOLVER status on every call (a
+    device sync per layer per step, and no CUDA graphs); their gradients are stable and twice
+    differentiable, whereas eigh's backward divides by eigenvalue gaps, which vanish exactly when
+    the components are isotropic, the common case for quaternion features; and it is what Gaudet &
+    Maida proposed for quaternion BN. Any two whitening matrices differ by an orthogonal matrix on
+    the left, which the full 4x4 ``γ`` that follows can absorb, so nothing is lost in expressiveness.
+    """
+    eye = torch.eye(4, dtype=cov.dtype, device=cov.device)
+    # Not checked for positive definiteness: a check costs a sync, and a failed factorisation
+    # shows up as NaN in the output. eps > 0 keeps V + eps*I positive definite in exact arithmetic.
+    chol = torch.linalg.cholesky_ex(cov + eps * eye).L
+    return torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
+
+
+def _quaternion_norm(
+    fn: str,
+    input: Tensor,
+    per_sample: bool,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    use_input_stats: bool,
+    momentum: float,
+    eps: float,
+    whiten: bool,
+) -> Tensor:
+    """Shared body of batch norm (statistics over batch and space) and instance norm (space only)."""
+    cq = quaternion_channels(input, name=f"{fn}: input")
+    _check_shape(fn, "weight", weight, (cq, 4, 4) if whiten else (cq,))
+    _check_shape(fn, "bias", bias, (4 * cq,))
+    _check_shape(fn, "running_mean", running_mean, (4 * cq,))
+    _check_shape(fn, "running_var", running_var, (cq, 4, 4) if whiten else (cq,))
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{fn}: running_mean and running_var must be given together")
+    if not use_input_stats and running_mean is None:
+        raise ValueError(f"{fn}: running_mean and running_var are required when not using input statistics")
+
+    acc = _stat_dtype(input.dtype)
+    x = input.unflatten(1, (4, cq)).to(acc)  # (N, 4, Cq, *S): component axis 1, quaternion channel axis 2
+    spatial = tuple(range(3, x.dim()))
+    ones = (1,) * len(spatial)
+
+    if use_input_stats:
+        reduce = spatial if per_sample else (0, *spatial)
+        count = math.prod(x.shape[d] for d in reduce)
+        if count <= 1:
+            what = "spatial element" if per_sample else "value per channel"
+            raise ValueError(f"{fn}: expected more than 1 {what} when training, got input size {tuple(input.shape)}")
+        mean = x.mean(reduce, keepdim=True)  # (N or 1, 4, Cq, 1...)
+        xc = x - mean
+        if whiten:
+            # Components on the second-to-last axis, every sample of the statistic on the last:
+            # (Cq, 4, N*S) for batch norm, (N, Cq, 4, S) for instance norm; V = Z Zᵀ / count.
+            if per_sample:
+                z = xc.permute(0, 2, 1, *spatial).flatten(3)
+            else:
+                z = xc.permute(2, 1, 0, *spatial).flatten(2)
+            stat = z @ z.mT / count  # (Cq, 4, 4) or (N, Cq, 4, 4)
+        else:
+            stat = xc.square().mean(reduce, keepdim=True).sum(1, keepdim=True)  # (N or 1, 1, Cq, 1...)
+        if running_mean is not None:
+            with torch.no_grad():
+                # Instance norm tracks the average over the batch of the per-sample statistics (torch does too).
+                new_mean = mean.detach().reshape(-1, 4 * cq).mean(0)
+                new_var = stat.detach().reshape(-1, cq, 4, 4) if whiten else stat.detach().reshape(-1, cq)
+                new_var = new_var.mean(0) * (count / (count - 1))
+                running_mean.lerp_(new_mean.to(running_mean.dtype), momentum)
+                running_var.lerp_(new_var.to(running_var.dtype), momentum)
+    else:
+        xc = x - running_mean.to(acc).view(1, 4, cq, *ones)
+        stat = running_var.to(acc) if whiten else running_var.to(acc).view(1, 1, cq, *ones)
+
+    beta = None if bias is None else bias.to(acc).view(1, 4, cq, *ones)
+    if whiten:
+        m = _whitening_matrix(stat, eps)
+        if weight is not None:
+            m = weight.to(acc) @ m  # fold γ into the whitening: one 4x4 per channel touches the data
+        # y[n, i, c] = Σ_j m[(n,) c, i, j] · xc[n, j, c]: a batched 4x4 matmul over every position.
+        y = torch.einsum("cij,njc...->nic..." if m.dim() == 3 else "ncij,njc...->nic...", m, xc)
+        if beta is not None:
+            y = y + beta
+    else:
+        scale = (stat + eps).rsqrt()
+        if weight is not None:
+            scale = scale * weight.to(acc).view(1, 1, cq, *ones)
+        # (x - μ)·scale rather than x·scale - μ·scale (one pass fewer): no cancellation when |μ| >> σ.
+        y = xc * scale if beta is None else torch.addcmul(beta, xc, scale)
+    return y.flatten(1, 2).to(input.dtype)
+
+
+def quaternion_batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    whiten: bool = False,
+) -> Tensor:
+    """Quaternion batch norm of a blocked ``(N, 4Cq, *S)`` tensor; arguments as ``F.batch_norm``.
+
+    Statistics are over the batch and spatial dims. Shared variance (default):
+    ``y = γ (x − μ) / sqrt(E|x − μ|² + eps) + β`` with ``μ`` per real channel and ``E|x − μ|²`` per
+    quaternion channel; ``weight`` ``(Cq,)``, ``running_var`` ``(Cq,)``. ``whiten=True``:
+    ``y = γ L⁻¹ (x − μ) + β`` with ``V + eps·I = L Lᵀ`` the Cholesky factor of the 4×4 component
+    covariance; ``weight`` ``(Cq, 4, 4)``, ``running_var`` holds the covariance ``(Cq, 4, 4)``.
+    ``bias`` and ``running_mean`` are ``(4Cq,)``. In training, the input's statistics are used and
+    the running ones (if given) move towards the unbiased batch statistics by ``momentum``; otherwise
+    the running statistics are used.
+    """
+    return _quaternion_norm(
+        "quaternion_batch_norm",
+        input,
+        False,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        training,
+        momentum,
+        eps,
+        whiten,
+    )
+
+
+def quaternion_instance_norm(
+    input: Tensor,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    use_input_stats: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    whiten: bool = False,
+) -> Tensor:
+    """Quaternion instance norm of a blocked ``(N, 4Cq, *S)`` tensor; arguments as ``F.instance_norm``.
+
+    The math of :func:`quaternion_batch_norm` with statistics over the spatial dims of each sample
+    separately. Running statistics (if given and ``use_input_stats``) move towards the batch average
+    of the per-sample unbiased statistics.
+    """
+    return _quaternion_norm(
+        "quaternion_instance_norm",
+        input,
+        True,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        use_input_stats,
+        momentum,
+        eps,
+        whiten,
+    )
+
+
+class _QuaternionNorm(nn.Module):
+    """Shared body of the quaternion batch and instance norms.
+
+    Subclasses fix ``_per_sample`` (instance norm), ``_ranks`` (accepted input ranks, batched last)
+    and ``_unbatched_rank`` (the rank of an unbatched input, instance norm only).
+    """
+
+    _per_sample: bool
+    _ranks: tuple[int, ...]
+    _unbatched_rank: int | None = None
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float,
+        momentum: float | None,
+        affine: bool,
+        track_running_stats: bool,
+        device: Any,
+        dtype: Any,
+        whiten: bool,
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        check_quaternion_channels(name, "num_features", num_features)
+        if momentum is not None and not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"{name}: momentum must be in [0, 1] or None, got {momentum!r}")
+        self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        self.affine, self.track_running_stats, self.whiten = affine, track_running_stats, whiten
+        cq = num_features // 4
+        factory = {"device": device, "dtype": dtype}
+        if affine:
+            self.weight = nn.Parameter(torch.empty((cq, 4, 4) if whiten else (cq,), **factory))
+            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.empty(num_features, **factory))
+            self.register_buffer(self._var_name, torch.empty((cq, 4, 4) if whiten else (cq,), **factory))
+            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer(self._var_name, None)
+            self.register_buffer("num_batches_tracked", None)
+        self.reset_parameters()
+
+    @property
+    def _var_name(self) -> str:
+        return "running_cov" if self.whiten else "running_var"
+
+    def reset_running_stats(self) -> None:
+        """Mean 0; variance 1, or covariance ``I/4`` (the same trace ``E|x − μ|² = 1``); no batches seen."""
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            var = getattr(self, self._var_name)
+            if self.whiten:
+                var.copy_(torch.eye(4, dtype=var.dtype, device=var.device).div(4).expand_as(var))
+            else:
+                var.fill_(1.0)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        """``γ = 1`` (shared variance) or ``γ = I/2`` (whitening), ``β = 0``, and fresh running statistics.
+
+        ``γ = I/2`` (Gaudet & Maida's ``1/sqrt(4)``) gives whitened outputs covariance ``I/4``, i.e.
+        ``E|y − β|² = 1`` as in the shared-variance mode, so switching modes keeps the activation scale.
+        """
+        self.reset_running_stats()
+        if self.affine:
+            with torch.no_grad():
+                if self.whiten:
+                    eye = torch.eye(4, dtype=self.weight.dtype, device=self.weight.device)
+                    self.weight.copy_(eye.div(2).expand_as(self.weight))
+                else:
+                    self.weight.fill_(1.0)
+                self.bias.zero_()
+
+    def _check_input(self, input: Tensor) -> bool:
+        """Rank and channel checks; returns whether ``input`` is unbatched."""
+        name = type(self).__name__
+        if not isinstance(input, Tensor):
+            raise TypeError(f"{name}: input must be a Tensor, got {type(input).__name__}")
+        ranks = (self._unbatched_rank, *self._ranks) if self._unbatched_rank else self._ranks
+        if input.dim() not in ranks:
+            expected = " or ".join(f"{r}D" for r in ranks)
+            raise ValueError(f"{name}: expected {expected} input (got {input.dim()}D input)")
+        unbatched = input.dim() == self._unbatched_rank
+        channel_dim = 0 if unbatched else 1
+        quaternion_channels(input, name=f"{name}: input", dim=channel_dim)
+        if input.shape[channel_dim] != self.num_features:
+            raise ValueError(
+                f"{name}: input has {input.shape[channel_dim]} channels in dim {channel_dim}, "
+                f"expected num_features={self.num_features}"
+            )
+        return unbatched
+
+    def forward(self, input: Tensor) -> Tensor:
+        unbatched = self._check_input(input)
+        x = input.unsqueeze(0) if unbatched else input
+        # torch.nn.BatchNorm's bookkeeping: count batches, and momentum=None means a cumulative average.
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+        use_input_stats = self.training or not self.track_running_stats
+        y = _quaternion_norm(
+            type(self).__name__,
+            x,
+            self._per_sample,
+            self.running_mean,
+            getattr(self, self._var_name),
+            self.weight,
+            self.bias,
+            use_input_stats,
+            factor,
+            self.eps,
+            self.whiten,
+        )
+        return y.squeeze(0) if unbatched else y
+
+    def extra_repr(self) -> str:
+        s = (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+            f"track_running_stats={self.track_running_stats}"
+        )
+        return s + ", whiten=True" if self.whiten else s
+
+
+class _QuaternionBatchNorm(_QuaternionNorm):
+    _per_sample = False
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        whiten: bool = False,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, whiten)
+
+
+class _QuaternionInstanceNorm(_QuaternionNorm):
+    _per_sample = True
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = False,
+        track_running_stats: bool = False,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        whiten: bool = False,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, whiten)
+
+
+class QuaternionBatchNorm1d(_QuaternionBatchNorm):
+    """Quaternion batch norm of ``(N, C)`` or ``(N, C, L)``; arguments as ``torch.nn.BatchNorm1d`` plus ``whiten``."""
+
+    _ranks = (2, 3)
+
+
+class QuaternionBatchNorm2d(_QuaternionBatchNorm):
+    """Quaternion batch norm of ``(N, C, H, W)``; arguments as ``torch.nn.BatchNorm2d`` plus ``whiten``."""
+
+    _ranks = (4,)
+
+
+class QuaternionBatchNorm3d(_QuaternionBatchNorm):
+    """Quaternion batch norm of ``(N, C, D, H, W)``; arguments as ``torch.nn.BatchNorm3d`` plus ``whiten``."""
+
+    _ranks = (5,)
+
+
+class QuaternionInstanceNorm1d(_QuaternionInstanceNorm):
+    """Quaternion instance norm of ``(N, C, L)`` or ``(C, L)``; as ``torch.nn.InstanceNorm1d`` plus ``whiten``."""
+
+    _ranks, _unbatched_rank = (3,), 2
+
+
+class QuaternionInstanceNorm2d(_QuaternionInstanceNorm):
+    """Quaternion instance norm of ``(N, C, H, W)`` or ``(C, H, W)``; as ``torch.nn.InstanceNorm2d`` plus ``whiten``."""
+
+    _ranks, _unbatched_rank = (4,), 3
+
+
+class QuaternionInstanceNorm3d(_QuaternionInstanceNorm):
+    """Quaternion instance norm of ``(N, C, D, H, W)`` or ``(C, D, H, W)``; as ``nn.InstanceNorm3d`` plus ``whiten``."""
+
+    _ranks, _unbatched_rank = (5,), 4
