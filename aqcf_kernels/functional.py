@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops  # noqa: F401  (registers torch.ops.aqcf)
+from .ops.conv import ACTIVATIONS
 from .params import IntOrSeq, check_conv_args, fast8_pays_off
 
 
@@ -27,8 +28,18 @@ def quaternion_conv(
     transposed: bool = False,
     output_padding: IntOrSeq = 0,
     algorithm: str = "auto",
+    activation: str | None = None,
+    negative_slope: float = 0.01,
 ) -> Tensor:
-    """Quaternion (transposed) conv of any spatial rank (taken from ``weight.dim() - 3``)."""
+    """Quaternion (transposed) conv of any spatial rank (taken from ``weight.dim() - 3``).
+
+    ``activation`` ('relu', 'leaky_relu' with ``negative_slope``, 'gelu' (erf form), or None) is
+    applied to every real output channel; the Triton backend fuses it into the conv's epilogue.
+    """
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be None or one of {ACTIVATIONS}, got {activation!r}")
+    if not isinstance(negative_slope, (int, float)) or isinstance(negative_slope, bool):
+        raise TypeError(f"negative_slope must be a number, got {type(negative_slope).__name__}")
     if not isinstance(weight, Tensor):
         raise TypeError(f"weight must be a Tensor, got {type(weight).__name__}")
     spatial_dims = weight.dim() - 3
@@ -41,6 +52,11 @@ def quaternion_conv(
         input = F.pad(input, [v for e in reversed(extra) for v in (0, e)])
     if algorithm == "auto":
         algorithm = "fast8" if fast8_pays_off(input, weight, p) else "hamilton"
+    if activation is not None:
+        y, _ = torch.ops.aqcf.qconv_act(
+            input, weight, bias, *p.as_op_args(), algorithm, activation, float(negative_slope)
+        )
+        return y
     return torch.ops.aqcf.qconv(input, weight, bias, *p.as_op_args(), algorithm)
 
 
@@ -54,12 +70,38 @@ def _check_rank(name: str, weight: Tensor, spatial_dims: int) -> None:
 def _make_conv(spatial_dims: int):
     name = f"quaternion_conv{spatial_dims}d"
 
-    def conv(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, algorithm="auto"):
+    def conv(
+        input,
+        weight,
+        bias=None,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups=1,
+        *,
+        algorithm="auto",
+        activation=None,
+        negative_slope=0.01,
+    ):
         _check_rank(name, weight, spatial_dims)
-        return quaternion_conv(input, weight, bias, stride, padding, dilation, groups, algorithm=algorithm)
+        return quaternion_conv(
+            input,
+            weight,
+            bias,
+            stride,
+            padding,
+            dilation,
+            groups,
+            algorithm=algorithm,
+            activation=activation,
+            negative_slope=negative_slope,
+        )
 
     conv.__name__ = conv.__qualname__ = name
-    conv.__doc__ = f"Quaternion {spatial_dims}d conv ``y = W ⊗ x``; arguments as ``F.conv{spatial_dims}d``."
+    conv.__doc__ = (
+        f"Quaternion {spatial_dims}d conv ``y = W ⊗ x``; arguments as ``F.conv{spatial_dims}d``, plus "
+        "``algorithm`` and a fused ``activation`` (see :func:`quaternion_conv`)."
+    )
     return conv
 
 
@@ -67,7 +109,18 @@ def _make_conv_transpose(spatial_dims: int):
     name = f"quaternion_conv_transpose{spatial_dims}d"
 
     def conv_transpose(
-        input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1, *, algorithm="auto"
+        input,
+        weight,
+        bias=None,
+        stride=1,
+        padding=0,
+        output_padding=0,
+        groups=1,
+        dilation=1,
+        *,
+        algorithm="auto",
+        activation=None,
+        negative_slope=0.01,
     ):
         _check_rank(name, weight, spatial_dims)
         return quaternion_conv(
@@ -81,6 +134,8 @@ def _make_conv_transpose(spatial_dims: int):
             transposed=True,
             output_padding=output_padding,
             algorithm=algorithm,
+            activation=activation,
+            negative_slope=negative_slope,
         )
 
     conv_transpose.__name__ = conv_transpose.__qualname__ = name

@@ -3,10 +3,12 @@
 # torch, triton, ninja and pytest preinstalled and no network:
 #   bash benchmarks/gpu_suite.sh OUTDIR
 # 1. builds the extension in place (CUDA sources included when torch has CUDA);
-# 2. runs the GPU tests (tests/gpu) and the Triton kernel tests natively on the GPU;
+# 2. runs the GPU tests (tests/gpu), the Triton kernel tests and the attention tests natively on the GPU;
 # 3. benchmarks QuaternionConv2d/3d fwd, bwd, fwd+bwd: naive16, expanded (cuDNN), cuda,
-#    triton/hamilton, triton/fast8, auto, in tf32 and in bf16; ratios to expanded.
-# Writes at most 8 files under OUTDIR (setup.log, tests.txt, {tf32,bf16}/conv.{md,json,png}).
+#    triton/hamilton, triton/fast8, auto, in tf32 and in bf16; ratios to expanded;
+# 4. benchmarks the A-QCF block in bf16 (naive, SDPA-composed, ours), 256 to 16384 tokens.
+# Writes OUTDIR/{setup.log,tests.txt}, OUTDIR/{tf32,bf16}/conv.{md,json,png} and
+# OUTDIR/attention/attention.{md,json,png}. (The device tool brings back 8 files: tar OUTDIR there.)
 # Each stage runs even if an earlier one failed; the exit code is non-zero if any failed.
 set -uo pipefail
 OUT=${1:?usage: bash benchmarks/gpu_suite.sh OUTDIR}
@@ -29,7 +31,7 @@ fi
 "$PY" -c "import aqcf_kernels; print(aqcf_kernels.backends())" >>"$OUT/setup.log" 2>&1
 
 stamp "GPU tests"
-if timeout 240 "$PY" -m pytest -q -p no:cacheprovider -m "not slow" tests/gpu tests/triton_kernels -rs >"$OUT/tests.txt" 2>&1; then
+if timeout 240 "$PY" -m pytest -q -p no:cacheprovider -m "not slow" tests/gpu tests/triton_kernels tests/attention -rs >"$OUT/tests.txt" 2>&1; then
   stamp "tests passed"
 else
   stamp "TESTS FAILED or timed out (see tests.txt)"; status=1
@@ -44,5 +46,10 @@ for mode in tf32 bf16; do
     stamp "BENCHMARK $mode FAILED or timed out"; status=1
   fi
 done
+stamp "benchmark attention bf16"
+if ! timeout 150 "$PY" -m benchmarks.cli attention --device cuda --dtype bfloat16 --grid full --reps 10 --warmup 3 \
+    --naive-max-gib 20 --out "$OUT/attention" >>"$OUT/setup.log" 2>&1; then
+  stamp "BENCHMARK attention FAILED or timed out"; status=1
+fi
 stamp "done, status $status"
 exit $status

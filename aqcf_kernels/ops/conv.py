@@ -113,6 +113,11 @@ def _qconv_setup_context(ctx, inputs, output):
 
 def _qconv_backward(ctx, grad_output):
     input, weight = ctx.saved_tensors
+    return _conv_grads(ctx, input, weight, grad_output)
+
+
+def _conv_grads(ctx, input, weight, grad_output):
+    """(grad_input, grad_weight, grad_bias, None...) of a qconv, as qconv/qconv_weight_grad calls."""
     p, algorithm = ctx.params, ctx.algorithm
     grad_input = grad_weight = grad_bias = None
     if ctx.needs_input_grad[0]:
@@ -149,3 +154,98 @@ def _weight_grad_backward(ctx, grad_grad_weight):
 
 
 qconv_weight_grad.register_autograd(_weight_grad_backward, setup_context=_weight_grad_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# Conv with a fused activation: aqcf.qconv_act
+# --------------------------------------------------------------------------------------------
+
+ACTIVATIONS = ("relu", "leaky_relu", "gelu")
+
+
+def stores_preactivation(activation: str, negative_slope: float) -> bool:
+    """Whether the backward needs the pre-activation ``z``: ReLU and LeakyReLU (slope ≥ 0) read the
+    sign of z off the output (``y > 0 ⇔ z > 0``), so only GELU and a negative slope keep z."""
+    return activation == "gelu" or (activation == "leaky_relu" and negative_slope < 0)
+
+
+def activate(z: Tensor, activation: str, negative_slope: float) -> Tensor:
+    if activation == "relu":
+        return torch.relu(z)
+    if activation == "leaky_relu":
+        return torch.nn.functional.leaky_relu(z, negative_slope)
+    return torch.nn.functional.gelu(z)
+
+
+def activation_grad(grad: Tensor, y: Tensor, pre: Tensor, activation: str, negative_slope: float) -> Tensor:
+    """``dL/dz`` from ``dL/dy``; differentiable (double backward goes through it)."""
+    if activation == "gelu":
+        cdf = 0.5 * (1.0 + torch.erf(pre * 0.7071067811865476))
+        pdf = torch.exp(-0.5 * pre * pre) * 0.3989422804014327
+        return grad * (cdf + pre * pdf)
+    positive = (pre > 0) if stores_preactivation(activation, negative_slope) else (y > 0)
+    slope = 0.0 if activation == "relu" else negative_slope
+    return torch.where(positive, grad, grad * slope)
+
+
+def _no_preactivation(input: Tensor) -> Tensor:
+    return input.new_empty(0)
+
+
+@torch.library.custom_op("aqcf::qconv_act", mutates_args=())
+def qconv_act(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    transposed: bool,
+    output_padding: list[int],
+    groups: int,
+    algorithm: str,
+    activation: str,
+    negative_slope: float,
+) -> tuple[Tensor, Tensor]:
+    """``(act(W ⊗ x + b), z)``: z is the pre-activation where the backward needs it, else empty.
+
+    The Triton backend applies the activation in the kernel's epilogue; other backends run the conv
+    and then the activation.
+    """
+    p = _params(weight.dim(), stride, padding, dilation, transposed, output_padding, groups)
+    backend = backends.select(input, weight, p, algorithm)
+    keep = stores_preactivation(activation, negative_slope)
+    fused = getattr(backend, "conv_act", None)
+    if fused is not None and input.numel() > 0:
+        y, z = fused(input, weight, bias, p, algorithm, activation, negative_slope, keep)
+    else:
+        z = qconv(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups, algorithm)
+        y = activate(z, activation, negative_slope)
+    return y, (z if keep else _no_preactivation(input))
+
+
+@qconv_act.register_fake
+def _(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups, algorithm, activation, slope):
+    p = _params(weight.dim(), stride, padding, dilation, transposed, output_padding, groups)
+    y = _empty_output(input, conv_output_shape(input.shape, weight.shape, p))
+    return y, (torch.empty_like(y) if stores_preactivation(activation, slope) else _no_preactivation(input))
+
+
+def _qconv_act_setup_context(ctx, inputs, output):
+    input, weight, bias, stride, padding, dilation, transposed, output_padding, groups, algorithm, act, slope = inputs
+    y, pre = output
+    ctx.save_for_backward(input, weight, y, pre)
+    ctx.params = _params(weight.dim(), stride, padding, dilation, transposed, output_padding, groups)
+    ctx.algorithm, ctx.activation, ctx.negative_slope = algorithm, act, slope
+    ctx.has_bias = bias is not None
+
+
+def _qconv_act_backward(ctx, grad_y, grad_pre):
+    input, weight, y, pre = ctx.saved_tensors
+    grad_z = activation_grad(grad_y, y, pre, ctx.activation, ctx.negative_slope)
+    if grad_pre is not None and grad_pre.numel():  # z itself reached the loss (double backward)
+        grad_z = grad_z + grad_pre
+    return (*_conv_grads(ctx, input, weight, grad_z), None, None)
+
+
+qconv_act.register_autograd(_qconv_act_backward, setup_context=_qconv_act_setup_context)

@@ -59,7 +59,20 @@ def _blocks(fast8: bool) -> tuple[int, int, int]:
     return (64, 32, 32) if fast8 else (64, 64, 32)
 
 
-def conv(input: Tensor, weight: Tensor, bias: Tensor | None, p: ConvParams, algorithm: str) -> Tensor:
+ACTIVATION_CODES = {None: 0, "relu": 1, "leaky_relu": 2, "gelu": 3}
+
+
+def conv(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    p: ConvParams,
+    algorithm: str,
+    activation: str | None = None,
+    negative_slope: float = 0.0,
+    pre: Tensor | None = None,
+) -> Tensor:
+    """The conv, with ``activation`` applied in the epilogue; ``pre`` (if given) receives z."""
     n = p.spatial_dims
     out = torch.empty(conv_output_shape(input.shape, weight.shape, p), dtype=input.dtype, device=input.device)
     x5, y5 = _as_5d(input), _as_5d(out)
@@ -97,6 +110,8 @@ def conv(input: Tensor, weight: Tensor, bias: Tensor | None, p: ConvParams, algo
         *_spatial3(p.stride, n, 1),
         *_spatial3(p.padding, n, 0),
         *_spatial3(p.dilation, n, 1),
+        _as_5d(pre) if pre is not None else y5,
+        float(negative_slope),
         TRANSPOSED=p.transposed,
         FAST8=algorithm == "fast8",
         HAS_BIAS=bias is not None,
@@ -105,6 +120,8 @@ def conv(input: Tensor, weight: Tensor, bias: Tensor | None, p: ConvParams, algo
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
+        ACTIVATION=ACTIVATION_CODES[activation],
+        STORE_PRE=pre is not None,
     )
     return out
 
@@ -180,3 +197,11 @@ class TritonBackend:
 
     def conv_weight_grad(self, input, grad_output, weight_shape, p: ConvParams, algorithm: str) -> Tensor:
         return conv_weight_grad(input, grad_output, weight_shape, p, algorithm)
+
+    def conv_act(self, input, weight, bias, p: ConvParams, algorithm, activation, negative_slope, keep_pre):
+        """Conv with the activation fused in the epilogue: ``(y, z)``, z written only if ``keep_pre``."""
+        pre = None
+        if keep_pre:
+            pre = torch.empty(conv_output_shape(input.shape, weight.shape, p), dtype=input.dtype, device=input.device)
+        y = conv(input, weight, bias, p, algorithm, activation, negative_slope, pre)
+        return y, pre

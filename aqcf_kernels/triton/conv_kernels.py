@@ -169,6 +169,20 @@ def _unflatten_pixels(offs, OD, OH, OW):
 
 
 @triton.jit
+def _activate(v, ACTIVATION: tl.constexpr, negative_slope):
+    """Epilogue activation on the fp32 accumulator: 0 none, 1 ReLU, 2 LeakyReLU, 3 GELU (erf)."""
+    if ACTIVATION == 1:
+        out = tl.maximum(v, 0.0)
+    elif ACTIVATION == 2:
+        out = tl.where(v > 0, v, v * negative_slope)
+    elif ACTIVATION == 3:
+        out = 0.5 * v * (1.0 + tl.math.erf(v * 0.7071067811865476))
+    else:
+        out = v
+    return out
+
+
+@triton.jit
 def qconv_kernel(
     x_ptr,
     w_ptr,
@@ -216,6 +230,8 @@ def qconv_kernel(
     DD,
     DH,
     DW,
+    z_ptr,  # pre-activation output (written only when STORE_PRE)
+    negative_slope,
     TRANSPOSED: tl.constexpr,
     FAST8: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -224,6 +240,8 @@ def qconv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    ACTIVATION: tl.constexpr = 0,  # see ACTIVATION_CODES in triton/conv.py
+    STORE_PRE: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -280,9 +298,10 @@ def qconv_kernel(
     if FAST8:
         acc_r, acc_i, acc_j, acc_k = _fast8_finish(*acc)
 
-    y_pix = y_ptr + n * s_yn + od * s_yd + oh * s_yh + ow * s_yw
     ch = g * CG_OUT + offs_n
-    y_off = y_pix[:, None] + ch[None, :] * s_yc
+    # z (when stored) has y's shape and strides: one offset serves both
+    y_rel = (n * s_yn + od * s_yd + oh * s_yh + ow * s_yw)[:, None] + ch[None, :] * s_yc
+    y_off = y_ptr + y_rel
     y_msk = m_mask[:, None] & n_mask[None, :]
     y_comp = CQ_OUT * s_yc
     if HAS_BIAS:
@@ -291,10 +310,16 @@ def qconv_kernel(
         acc_j += tl.load(b_ptr + 2 * CQ_OUT + ch, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         acc_k += tl.load(b_ptr + 3 * CQ_OUT + ch, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     out_ty = y_ptr.dtype.element_ty
-    tl.store(y_off, acc_r.to(out_ty), mask=y_msk)
-    tl.store(y_off + y_comp, acc_i.to(out_ty), mask=y_msk)
-    tl.store(y_off + 2 * y_comp, acc_j.to(out_ty), mask=y_msk)
-    tl.store(y_off + 3 * y_comp, acc_k.to(out_ty), mask=y_msk)
+    if STORE_PRE:  # the backward of GELU (or a negative slope) needs z itself
+        z_off = z_ptr + y_rel
+        tl.store(z_off, acc_r.to(out_ty), mask=y_msk)
+        tl.store(z_off + y_comp, acc_i.to(out_ty), mask=y_msk)
+        tl.store(z_off + 2 * y_comp, acc_j.to(out_ty), mask=y_msk)
+        tl.store(z_off + 3 * y_comp, acc_k.to(out_ty), mask=y_msk)
+    tl.store(y_off, _activate(acc_r, ACTIVATION, negative_slope).to(out_ty), mask=y_msk)
+    tl.store(y_off + y_comp, _activate(acc_i, ACTIVATION, negative_slope).to(out_ty), mask=y_msk)
+    tl.store(y_off + 2 * y_comp, _activate(acc_j, ACTIVATION, negative_slope).to(out_ty), mask=y_msk)
+    tl.store(y_off + 3 * y_comp, _activate(acc_k, ACTIVATION, negative_slope).to(out_ty), mask=y_msk)
 
 
 @triton.jit

@@ -38,8 +38,9 @@ def compile_variant(kernel, pointers, constexprs, ptr_type):
     }
     for name in FP32_POINTERS & set(pointers):
         signature[name] = "*fp32"
-    if "scale" in signature:
-        signature["scale"] = "fp32"
+    for name in ("scale", "negative_slope"):
+        if name in signature:
+            signature[name] = "fp32"
     triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=TARGET)
 
 
@@ -53,7 +54,7 @@ def main() -> int:
         dot_dtype, ptr_type = DTYPES[dtype]
         compile_variant(
             qconv_kernel,
-            {"x_ptr", "w_ptr", "b_ptr", "y_ptr"},
+            {"x_ptr", "w_ptr", "b_ptr", "y_ptr", "z_ptr"},
             dict(
                 TRANSPOSED=transposed,
                 FAST8=fast8,
@@ -63,6 +64,9 @@ def main() -> int:
                 BLOCK_M=64,
                 BLOCK_N=32 if fast8 else 64,
                 BLOCK_K=32,
+                # the fused epilogue: GELU keeping z in one variant per dtype, no activation elsewhere
+                ACTIVATION=3 if transposed else 0,
+                STORE_PRE=transposed,
             ),
             ptr_type,
         )
