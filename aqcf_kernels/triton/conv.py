@@ -51,12 +51,32 @@ def _dot_config(dtype: torch.dtype):
     return (tl.float16 if dtype == torch.float16 else tl.bfloat16), "ieee"
 
 
-def _blocks(fast8: bool) -> tuple[int, int, int]:
-    # Interpreted programs cost per program and step, not per element: big tiles run fastest.
-    if INTERPRET:
-        return 128, 32, 32
-    # fast8 holds 8 fp32 accumulators: halve the N tile to stay in registers.
-    return (64, 32, 32) if fast8 else (64, 64, 32)
+# Interpreted programs cost per program and step, not per element: one config, big tiles.
+INTERPRETER_BLOCKS = {"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 32}
+
+
+def _gpu_configs() -> list:
+    """Tile shapes the forward kernel is autotuned over on a GPU (per shape, dtype and variant).
+
+    fast8 holds 8 fp32 accumulator tiles instead of 4, so the narrow-N configs are there for it;
+    a config that runs out of registers or shared memory is simply never picked.
+    """
+    shapes = [(64, 64, 32, 4, 3), (128, 64, 32, 8, 3), (64, 32, 32, 4, 4), (128, 32, 32, 4, 3), (32, 64, 32, 4, 4)]
+    shapes += [(128, 128, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 64, 4, 3)]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s) for m, n, k, w, s in shapes
+    ]
+
+
+# The autotuner re-benchmarks every config for each new key: the GEMM sizes and the constexpr
+# variant (dtypes are added to the key by triton itself). The interpreter gets the same wrapper
+# with its one config (more fail there), so CPU tests run the launcher the GPU runs. The
+# weight-gradient kernel is not autotuned: its fp32 atomics would accumulate across trial runs.
+if triton is not None:
+    _qconv_forward = triton.autotune(
+        configs=[triton.Config(INTERPRETER_BLOCKS)] if INTERPRET else _gpu_configs(),
+        key=["M", "CG_IN", "CG_OUT", "KD", "KH", "KW", "TRANSPOSED", "FAST8", "HAS_BIAS", "ACTIVATION", "STORE_PRE"],
+    )(qconv_kernel)
 
 
 ACTIVATION_CODES = {None: 0, "relu": 1, "leaky_relu": 2, "gelu": 3}
@@ -84,10 +104,12 @@ def conv(
     else:  # weight (4, Cq_out, Cq_in/G, *k)
         s_wo, s_wc, w_group = w.stride(1), w.stride(2), cg_out * w.stride(1)
     m = y5.shape[0] * y5.shape[2] * y5.shape[3] * y5.shape[4]
-    block_m, block_n, block_k = _blocks(algorithm == "fast8")
     dot_dtype, precision = _dot_config(input.dtype)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(cg_out, block_n), p.groups)
-    qconv_kernel[grid](
+
+    def grid(meta):
+        return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(cg_out, meta["BLOCK_N"]), p.groups
+
+    _qconv_forward[grid](
         x5,
         w,
         bias if bias is not None else w,
@@ -117,9 +139,6 @@ def conv(
         HAS_BIAS=bias is not None,
         DOT_DTYPE=dot_dtype,
         PRECISION=precision,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
         ACTIVATION=ACTIVATION_CODES[activation],
         STORE_PRE=pre is not None,
     )
