@@ -1,0 +1,6 @@
+"""Networks built from :mod:`aqcf_kernels.nn`: the A-QCF-Net liver-tumour segmentation model (arXiv 2512.21760)."""
+
+from .aqcfnet import AQCFNet
+from .layers import RealAQCFBlock, use_expanded_convs
+
+__all__ = ["AQCFNet", "RealAQCFBlock", "use_expanded_convs"]

@@ -1,0 +1,414 @@
+"""A-QCF-Net: a dual-stream (CT, MRI) quaternion U-Net with A-QCF cross-fusion (arXiv 2512.21760).
+
+What the paper states, and this builds: twin quaternion encoder streams, one per modality; an A-QCF
+block after each down-sampling stage exchanging information between the streams both ways; a shared
+quaternion bottleneck giving a modality-agnostic representation; a decoder predicting background /
+liver / tumour; quaternion layers for ~4x fewer parameters than the real-valued network.
+
+Layout for ``features = (F0, ..., F_{L-1})`` and ``bottleneck = B`` (all REAL channel counts of
+blocked ``[r|i|j|k]`` quaternion feature maps, so ``F/4`` quaternion channels each)::
+
+    per stream s ∈ {ct, mri}:
+      stem_s:     real conv 3 (in_channels -> F0) → quaternion norm → act
+      level l:    [qconv 3 → qnorm → act] x 2  (F_{l-1} -> F_l; F_{-1} = F0)   ──► skip_s[l]
+      down l:     qconv 3 stride 2 → qnorm → act   (down='conv')   or quaternion max-pool 2 (down='pool')
+      fusion l:   (f_ct, f_mri) <- AQCFBlock_l(f_ct, f_mri)          (levels in ``fusion_levels``)
+    shared, run once per modality:
+      bottleneck: [qconv 3 → qnorm → act] x 2  (F_{L-1} -> B)
+      decoder l = L-1 .. 0: qconvT 2 stride 2 (-> F_l), qcat with skip_s[l], [qconv → qnorm → act] x 2 (2F_l -> F_l)
+      head:       real conv 1 (F0 -> out_channels);  deep supervision: real conv 1 at decoder levels 1..n
+
+Documented choices where the paper is silent (deviations):
+
+* **Stem**: a learnable real 3×3 conv (``in_channels -> F0``) per stream, followed by the body's
+  norm and activation. Each of the four quaternion components gets its own learned filters of the
+  image; the alternatives (grey value in the real part and zeros elsewhere, or the value copied to
+  all four) hand the first quaternion conv a degenerate quaternion.
+* **Widths and depth**: ``features=(32, 64, 128, 256)``, ``bottleneck=512`` (real channels), two
+  conv units per level, a MONAI/nnU-Net-like layout. ``features`` at fused levels must be multiples
+  of ``4·heads`` (each attention head owns whole quaternion channels), the others multiples of 4.
+* **Down-sampling**: ``down='conv'`` (default, as MONAI's UNet) is a strided quaternion conv unit at
+  constant width; ``'pool'`` keeps the largest-modulus quaternion of each 2×…×2 window.
+* **Fusion**: ``AQCFBlock`` (this package's definition, see :mod:`aqcf_kernels.nn.attention`) on the
+  down-sampled features of level l, i.e. after each down-sampling stage; it feeds the next level of
+  each stream, while skips are taken before fusion from each image's own stream. Blocks start as the
+  identity (``alpha = 0``). ``kv_pool=1024`` (default) average-pools keys/values to at most 1024
+  tokens per stream, which keeps the high-resolution levels linear in the query count (2D 128²:
+  level 0 has 64² = 4096 tokens, keys pooled to 32²; 3D 64³: 32³ = 32768 tokens, keys pooled to 8³).
+  Queries are never pooled, so every position receives its own update. ``kv_pool=None`` disables it.
+* **Shared bottleneck AND shared decoder**: one set of weights for both modalities after the
+  encoders (the paper shares the bottleneck; sharing the decoder too halves the decoder parameters
+  and keeps the representation modality-agnostic down to the logits). Each modality runs through
+  them separately, so batch norm statistics are per modality and batch (never a CT/MRI mixture).
+* **Activation**: ``act='leaky_relu'`` (slope 0.01, nnU-Net's), a split activation on every real
+  component; ``'relu'`` and ``'gelu'`` are available.
+* **Dropout**: ``dropout > 0`` adds dropout at the end of every two-unit block (whole quaternions
+  in the quaternion network).
+* **Odd sizes**: each input is zero-padded at the far end of every spatial dim to a multiple of
+  ``2**len(features)`` and the logits are cropped back, so any size works and every stride-2 stage
+  halves exactly. CT and MRI may have different sizes (the A-QCF block allows different token counts).
+* **Deep supervision** (``deep_supervision=True`` or an int n): extra real 1×1 heads at the n
+  coarsest-but-one decoder levels (True: every decoder level below full resolution). In training mode
+  each modality then maps to a list ``[full-res, 1/2, 1/4, ...]`` of logits at their own resolution
+  (cropped to ``ceil(size / 2**k)``; resample the target for the loss, as nnU-Net does); in eval
+  mode to the full-resolution logits only.
+* **Batches**: sample n of the CT batch is fused with sample n of the MRI batch; an MRI batch of 1 is
+  shared by every CT sample (the ``'mri'`` logits then have the CT batch size, one per pairing).
+  Other mismatches are an error.
+* **Real twin** (``real_valued=True``): the same topology and real channel counts with ``torch.nn``
+  convs, norms, pools and dropout (C² instead of C²/4 weights per tap), and
+  :class:`~aqcf_kernels.models.layers.RealAQCFBlock` (the A-QCF block with real projections) for
+  fusion. The stem and heads are real in both, so the parameter ratio is slightly above 1/4.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import nn as qnn
+from ..nn.attention import GATES
+from ..quaternion import ALGORITHMS
+from .layers import ACTIVATIONS, NORMS, LayerFactory, use_expanded_convs
+
+MODALITIES = ("ct", "mri")
+MODES = ("joint", "ct", "mri")
+DOWNS = ("conv", "pool")
+CONV_IMPLS = ("fused", "expanded")
+PARTS = ("stem", "encoder", "fusion", "bottleneck", "decoder", "head")
+
+Output = Tensor | list[Tensor]
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+class _Stream(nn.Module):
+    """One modality's encoder: ``levels[l]`` then ``downs[l]``, for every level (the stem is separate)."""
+
+    def __init__(self, layers: LayerFactory, features: tuple[int, ...], down: str, dropout: float) -> None:
+        super().__init__()
+        widths = (features[0], *features)
+        self.levels = nn.ModuleList(layers.conv_block(widths[l], widths[l + 1], dropout) for l in range(len(features)))
+        self.downs = nn.ModuleList(
+            layers.unit(f, f, stride=2) if down == "conv" else layers.max_pool() for f in features
+        )
+
+
+class _Decoder(nn.Module):
+    """``ups[l]`` (transposed conv into width ``F_l``), qcat with the skip, ``blocks[l]``; l from deep to shallow."""
+
+    def __init__(self, layers: LayerFactory, features: tuple[int, ...], bottleneck: int, dropout: float) -> None:
+        super().__init__()
+        widths = (*features, bottleneck)
+        self.ups = nn.ModuleList(layers.conv_transpose(widths[l + 1], widths[l]) for l in range(len(features)))
+        self.blocks = nn.ModuleList(layers.conv_block(2 * f, f, dropout) for f in features)
+
+
+class AQCFNet(nn.Module):
+    """A-QCF-Net: two quaternion encoder streams (CT, MRI) fused by A-QCF blocks, a shared quaternion
+    bottleneck and decoder, real output heads. ``forward(ct=None, mri=None) -> {'ct': logits, 'mri': logits}``.
+
+    Architecture and every choice the paper leaves open: see the module docstring.
+
+    Args:
+        spatial_dims: 2 (slices) or 3 (volumes).
+        in_channels: image channels per modality (1 for CT and MRI).
+        out_channels: classes (3: background, liver, tumour); the logits are ``(B, out_channels, *size)``.
+        features: REAL channels of the quaternion feature maps of each encoder/decoder level (``F/4``
+            quaternion channels); multiples of 4, and of ``4·heads`` at fused levels. Their number is
+            the number of down-sampling stages.
+        bottleneck: real channels of the shared bottleneck, a multiple of 4.
+        fusion_levels: ``'all'`` (every level, the paper's), ``'none'``, or a sequence of level indices
+            ``0 .. len(features)-1`` that get an A-QCF block after their down-sampling.
+        heads: attention heads of the A-QCF blocks.
+        kv_pool: A-QCF keys/values average-pooled to at most this many tokens (``None``: never).
+        gate: the A-QCF gate, ``'token'``, ``'channel'`` or ``'none'``.
+        norm: ``'batch'`` or ``'instance'`` (quaternion shared-variance normalisation; real in the twin).
+        act: ``'leaky_relu'``, ``'relu'`` or ``'gelu'``, applied to every real component.
+        down: ``'conv'`` (strided quaternion conv unit) or ``'pool'`` (quaternion max-pool).
+        deep_supervision: ``False``, ``True`` (a head at every decoder level below full resolution) or the
+            number of such extra heads; their logits are returned, as a list, in training mode only.
+        mode: ``'joint'`` (both streams and fusion), or ``'ct'`` / ``'mri'``: the unimodal baseline with
+            the same body, that stream only and no fusion.
+        real_valued: build the real-valued twin (same topology and real channel counts, ~4x parameters).
+        dropout: dropout probability at the end of every two-unit block (0: none).
+        algorithm: quaternion product algorithm of every quaternion conv (``'auto'``, ``'hamilton'``, ``'fast8'``).
+        conv_impl: ``'fused'`` (this package's ops) or ``'expanded'`` (every quaternion conv as the
+            expanded-weight reference conv; same parameters and outputs, for benchmarks).
+        device, dtype: of the parameters.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int = 1,
+        out_channels: int = 3,
+        features: Sequence[int] = (32, 64, 128, 256),
+        bottleneck: int = 512,
+        fusion_levels: str | Sequence[int] = "all",
+        heads: int = 4,
+        kv_pool: int | None = 1024,
+        gate: str = "token",
+        norm: str = "batch",
+        act: str = "leaky_relu",
+        down: str = "conv",
+        deep_supervision: bool | int = False,
+        mode: str = "joint",
+        real_valued: bool = False,
+        dropout: float = 0.0,
+        algorithm: str = "auto",
+        conv_impl: str = "fused",
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__()
+        self._config = {k: v for k, v in locals().items() if k not in ("self", "__class__", "device", "dtype")}
+        self._validate_scalars(spatial_dims, in_channels, out_channels, heads, kv_pool, gate, norm, act, down)
+        self._validate_options(mode, real_valued, dropout, algorithm, conv_impl)
+        features = self._validate_features(features, bottleneck)
+        fused = self._validate_fusion(fusion_levels, mode, len(features))
+        for l in fused:
+            if features[l] % (4 * heads):
+                raise ValueError(
+                    f"AQCFNet: features[{l}] = {features[l]} must be a multiple of 4 * heads = {4 * heads} at a "
+                    "fused level (each attention head owns whole quaternion channels); change features, heads or "
+                    "fusion_levels"
+                )
+        n_aux = self._validate_deep_supervision(deep_supervision, len(features))
+
+        self.spatial_dims, self.in_channels, self.out_channels = spatial_dims, in_channels, out_channels
+        self.features, self.bottleneck_channels, self.fusion_levels = features, bottleneck, fused
+        self.heads, self.kv_pool, self.gate, self.norm, self.act, self.down = heads, kv_pool, gate, norm, act, down
+        self.deep_supervision, self.mode, self.real_valued = n_aux, mode, bool(real_valued)
+        self.dropout, self.algorithm, self.conv_impl = dropout, algorithm, conv_impl
+        self.modalities = MODALITIES if mode == "joint" else (mode,)
+
+        layers = LayerFactory(spatial_dims, self.real_valued, norm, act, algorithm, device, dtype)
+        self.stem = nn.ModuleDict()
+        self.encoder = nn.ModuleDict()
+        for name in self.modalities:
+            # No bias in the stem conv: the norm's shift replaces it.
+            stem_conv = layers.real_conv(in_channels, features[0], 3, padding=1, bias=False)
+            self.stem[name] = nn.Sequential(stem_conv, layers.norm(features[0]), layers.act())
+            self.encoder[name] = _Stream(layers, features, down, dropout)
+        self.fusion = nn.ModuleDict({str(l): layers.fusion(features[l], heads, kv_pool, gate) for l in fused})
+        self.bottleneck = layers.conv_block(features[-1], bottleneck, dropout)
+        self.decoder = _Decoder(layers, features, bottleneck, dropout)
+        self.head = nn.ModuleList(
+            layers.real_conv(features[l], out_channels, 1, bias=True) for l in range(n_aux + 1)
+        )  # head[0]: the output; head[k]: deep supervision at decoder level k
+        if conv_impl == "expanded":
+            use_expanded_convs(self)
+
+    # -----------------------------------------------------------------------------------------
+    # Argument checks (ValueError naming the argument, as MONAI's networks do)
+    # -----------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _validate_scalars(spatial_dims, in_channels, out_channels, heads, kv_pool, gate, norm, act, down) -> None:
+        if spatial_dims not in (2, 3) or isinstance(spatial_dims, bool):
+            raise ValueError(f"AQCFNet: spatial_dims must be 2 or 3, got {spatial_dims!r}")
+        for name, v in (("in_channels", in_channels), ("out_channels", out_channels), ("heads", heads)):
+            if not _is_int(v) or v <= 0:
+                raise ValueError(f"AQCFNet: {name} must be a positive int, got {v!r}")
+        if kv_pool is not None and (not _is_int(kv_pool) or kv_pool <= 0):
+            raise ValueError(f"AQCFNet: kv_pool must be None or a positive int, got {kv_pool!r}")
+        for name, v, allowed in (("gate", gate, GATES), ("norm", norm, NORMS), ("act", act, ACTIVATIONS)):
+            if v not in allowed:
+                raise ValueError(f"AQCFNet: {name} must be one of {allowed}, got {v!r}")
+        if down not in DOWNS:
+            raise ValueError(f"AQCFNet: down must be one of {DOWNS}, got {down!r}")
+
+    @staticmethod
+    def _validate_options(mode, real_valued, dropout, algorithm, conv_impl) -> None:
+        if mode not in MODES:
+            raise ValueError(f"AQCFNet: mode must be one of {MODES}, got {mode!r}")
+        if not isinstance(real_valued, bool):
+            raise ValueError(f"AQCFNet: real_valued must be a bool, got {real_valued!r}")
+        if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"AQCFNet: dropout must be a probability in [0, 1), got {dropout!r}")
+        if algorithm not in ("auto", *ALGORITHMS):
+            raise ValueError(f"AQCFNet: algorithm must be one of {('auto', *ALGORITHMS)}, got {algorithm!r}")
+        if conv_impl not in CONV_IMPLS:
+            raise ValueError(f"AQCFNet: conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}")
+        if real_valued and conv_impl != "fused":
+            raise ValueError("AQCFNet: conv_impl='expanded' replaces quaternion convs; real_valued=True has none")
+
+    @staticmethod
+    def _validate_features(features, bottleneck) -> tuple[int, ...]:
+        if isinstance(features, (str, bytes)) or not isinstance(features, Sequence) or len(features) == 0:
+            raise ValueError(f"AQCFNet: features must be a non-empty sequence of ints, got {features!r}")
+        for l, f in enumerate(features):
+            if not _is_int(f) or f <= 0 or f % 4:
+                raise ValueError(
+                    f"AQCFNet: features[{l}] must be a positive multiple of 4 (real channels of a quaternion "
+                    f"feature map), got {f!r}"
+                )
+        if not _is_int(bottleneck) or bottleneck <= 0 or bottleneck % 4:
+            raise ValueError(
+                f"AQCFNet: bottleneck must be a positive multiple of 4 (real channels of a quaternion feature "
+                f"map), got {bottleneck!r}"
+            )
+        return tuple(features)
+
+    @staticmethod
+    def _validate_fusion(fusion_levels, mode: str, levels: int) -> tuple[int, ...]:
+        if fusion_levels == "all":
+            # A unimodal model has nothing to fuse: 'all' (the default) means no block there.
+            return tuple(range(levels)) if mode == "joint" else ()
+        if fusion_levels is None or fusion_levels == "none":
+            return ()
+        if isinstance(fusion_levels, str) or not isinstance(fusion_levels, Sequence):
+            raise ValueError(
+                f"AQCFNet: fusion_levels must be 'all', 'none' or a sequence of level indices, got {fusion_levels!r}"
+            )
+        if any(not _is_int(l) or not 0 <= l < levels for l in fusion_levels) or len(set(fusion_levels)) != len(
+            fusion_levels
+        ):
+            raise ValueError(
+                f"AQCFNet: fusion_levels must hold distinct level indices in 0..{levels - 1} (one per entry of "
+                f"features), got {fusion_levels!r}"
+            )
+        if fusion_levels and mode != "joint":
+            raise ValueError(
+                f"AQCFNet: mode={mode!r} has one stream and no fusion; got fusion_levels={fusion_levels!r}"
+            )
+        return tuple(sorted(fusion_levels))
+
+    @staticmethod
+    def _validate_deep_supervision(deep_supervision, levels: int) -> int:
+        if isinstance(deep_supervision, bool):
+            return levels - 1 if deep_supervision else 0
+        if not _is_int(deep_supervision) or not 0 <= deep_supervision <= levels - 1:
+            raise ValueError(
+                f"AQCFNet: deep_supervision must be a bool or an int in 0..{levels - 1} (extra heads at the decoder "
+                f"levels below full resolution), got {deep_supervision!r}"
+            )
+        return deep_supervision
+
+    # -----------------------------------------------------------------------------------------
+    # Forward
+    # -----------------------------------------------------------------------------------------
+
+    def _check_inputs(self, inputs: dict[str, Tensor]) -> None:
+        if not inputs:
+            raise ValueError(f"AQCFNet.forward: pass at least one of {', '.join(f'{m}=' for m in self.modalities)}")
+        for name, x in inputs.items():
+            if name not in self.modalities:
+                raise ValueError(
+                    f"AQCFNet.forward: this model was built with mode={self.mode!r} and has no {name} stream; "
+                    f"pass {self.mode}= only (or build mode='joint')"
+                )
+            n = self.spatial_dims
+            if not isinstance(x, Tensor) or x.dim() != n + 2 or x.shape[1] != self.in_channels:
+                shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+                raise ValueError(
+                    f"AQCFNet.forward: {name} must be (batch, in_channels={self.in_channels}, "
+                    f"{', '.join('DHW'[3 - n :])}), got {shape}"
+                )
+        if len(inputs) == 2:
+            b_ct, b_mri = inputs["ct"].shape[0], inputs["mri"].shape[0]
+            if b_mri not in (b_ct, 1):
+                raise ValueError(
+                    f"AQCFNet.forward: batch sizes ct={b_ct} and mri={b_mri} differ; sample n of ct is fused with "
+                    "sample n of mri, or mri has batch 1 and is shared by every ct sample"
+                )
+
+    def _pad(self, x: Tensor) -> Tensor:
+        """Zero-pad the far end of every spatial dim to a multiple of ``2**levels``."""
+        m = 2 ** len(self.features)
+        pads = [p for s in reversed(x.shape[2:]) for p in (0, -s % m)]
+        return F.pad(x, pads) if any(pads) else x
+
+    def _decode(self, x: Tensor, skips: list[Tensor], size: Sequence[int]) -> Output:
+        aux = self.deep_supervision if self.training else 0
+        outputs: list[Tensor] = []
+        for l in reversed(range(len(self.features))):
+            x = self.decoder.ups[l](x)
+            skip = skips[l]
+            if skip.shape[0] != x.shape[0]:  # a shared batch-1 MRI stream, fused with every CT sample
+                skip = skip.expand(x.shape[0], *skip.shape[1:])
+            x = self.decoder.blocks[l](qnn.qcat([x, skip]))
+            if l <= aux:
+                crop = tuple(slice(0, -(-s // 2**l)) for s in size)
+                outputs.append(self.head[l](x)[(..., *crop)])
+        outputs.reverse()  # full resolution first
+        return outputs if aux else outputs[0]
+
+    def forward(self, ct: Tensor | None = None, mri: Tensor | None = None) -> dict[str, Output]:
+        """Logits ``(B, out_channels, *size)`` per modality given, at each input's own size.
+
+        With both, the streams are fused at ``fusion_levels``; with one, fusion is skipped. With deep
+        supervision in training mode each value is a list ``[full-res, 1/2, ...]`` (see the module docstring).
+        """
+        inputs = {name: x for name, x in (("ct", ct), ("mri", mri)) if x is not None}
+        self._check_inputs(inputs)
+        sizes = {name: tuple(x.shape[2:]) for name, x in inputs.items()}
+        feats = {name: self.stem[name](self._pad(x)) for name, x in inputs.items()}
+        skips: dict[str, list[Tensor]] = {name: [] for name in inputs}
+        for l in range(len(self.features)):
+            for name in inputs:
+                f = self.encoder[name].levels[l](feats[name])
+                skips[name].append(f)
+                feats[name] = self.encoder[name].downs[l](f)
+            if len(inputs) == 2 and l in self.fusion_levels:
+                feats["ct"], feats["mri"] = self.fusion[str(l)](feats["ct"], feats["mri"])
+        return {name: self._decode(self.bottleneck(feats[name]), skips[name], sizes[name]) for name in inputs}
+
+    # -----------------------------------------------------------------------------------------
+    # Introspection
+    # -----------------------------------------------------------------------------------------
+
+    def _part_counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(PARTS, 0)
+        for name, p in self.named_parameters():
+            counts[name.split(".", 1)[0]] += p.numel()
+        return counts
+
+    def count_parameters(self, twin: bool = True) -> dict[str, Any]:
+        """Parameter counts: ``total``, ``trainable``, ``parts`` (stem, encoder, fusion, bottleneck,
+        decoder, head), and with ``twin`` the same for the other flavour of this configuration
+        (``'real_twin'`` for a quaternion model, ``'quaternion_twin'`` for a real one, built on the meta
+        device: no memory, no init) with ``ratio`` = quaternion total / real total (~0.25)."""
+        out: dict[str, Any] = {
+            "total": sum(p.numel() for p in self.parameters()),
+            "trainable": sum(p.numel() for p in self.parameters() if p.requires_grad),
+            "parts": self._part_counts(),
+        }
+        if twin:
+            config = {**self._config, "real_valued": not self.real_valued, "conv_impl": "fused"}
+            other = AQCFNet(**config, device="meta")
+            counts = other.count_parameters(twin=False)
+            out["quaternion_twin" if self.real_valued else "real_twin"] = counts
+            q, r = (counts["total"], out["total"]) if self.real_valued else (out["total"], counts["total"])
+            out["ratio"] = q / r
+        return out
+
+    def extra_repr(self) -> str:
+        s = (
+            f"spatial_dims={self.spatial_dims}, in_channels={self.in_channels}, out_channels={self.out_channels}, "
+            f"features={self.features}, bottleneck={self.bottleneck_channels}, mode={self.mode!r}"
+        )
+        if self.mode == "joint":
+            s += f", fusion_levels={self.fusion_levels}"
+        if self.fusion_levels:
+            s += f", heads={self.heads}, kv_pool={self.kv_pool}, gate={self.gate!r}"
+        s += f", norm={self.norm!r}, act={self.act!r}, down={self.down!r}"
+        if self.deep_supervision:
+            s += f", deep_supervision={self.deep_supervision}"
+        if self.dropout:
+            s += f", dropout={self.dropout}"
+        if self.real_valued:
+            s += ", real_valued=True"
+        else:
+            s += f", algorithm={self.algorithm!r}, conv_impl={self.conv_impl!r}"
+        s += f", pad_to_multiple_of={2 ** len(self.features)}"
+        return s
+
+
+__all__ = ["AQCFNet", "MODALITIES", "MODES"]

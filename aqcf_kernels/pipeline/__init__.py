@@ -1,0 +1,1 @@
+"""The reproduction pipeline: config, training, inference, evaluation, explanation (the `train` extra)."""

@@ -1,0 +1,115 @@
+"""Checkpoints written atomically, and the models a run config describes.
+
+A checkpoint is one ``torch.save`` dict: ``config`` (the run's :class:`RunConfig` as a dict),
+``model`` (state dict), and for training ``optimizer``, ``scheduler``, ``loader`` (sampler
+position), ``rng`` (torch, numpy, python, CUDA), ``epoch``, ``step``, ``best``. It is written to a
+temporary file in the same folder, flushed to disk and renamed over the old one: an interruption
+leaves the previous checkpoint intact, never a torn file.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..models import AQCFNet
+from .config import RunConfig
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:  # the rename itself must reach the disk too
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
+        raise ValueError(f"checkpoint {path} is not readable ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+        raise ValueError(f"checkpoint {path} is not an aqcf-train checkpoint (no config/model)")
+    return ckpt
+
+
+class UnimodalPair(nn.Module):
+    """One independent network per modality behind the joint interface ``forward(ct=, mri=) -> dict``."""
+
+    def __init__(self, nets: dict[str, nn.Module]) -> None:
+        super().__init__()
+        self.nets = nn.ModuleDict(nets)
+
+    def forward(self, ct: Tensor | None = None, mri: Tensor | None = None) -> dict[str, Tensor]:
+        return {m: self.nets[m](x) for m, x in (("ct", ct), ("mri", mri)) if x is not None}
+
+
+def _dynunet(cfg: RunConfig) -> nn.Module:
+    from monai.networks.nets import DynUNet
+
+    m, levels = cfg.model, len(cfg.model.features)
+    kernel = [[3] * m.spatial_dims] * (levels + 1)
+    strides = [[1] * m.spatial_dims] + [[2] * m.spatial_dims] * levels
+    # nnU-Net's topology with this run's widths (the real channel counts of AQCF-Net's levels).
+    return DynUNet(
+        m.spatial_dims,
+        in_channels=1,
+        out_channels=3,
+        kernel_size=kernel,
+        strides=strides,
+        upsample_kernel_size=strides[1:],
+        filters=[*m.features, m.bottleneck],
+        norm_name="instance",
+        res_block=True,
+    )
+
+
+def build_model(cfg: RunConfig) -> nn.Module:
+    """The network of ``cfg.train.mode``: A-QCF-Net (joint), its unimodal baselines, or two DynUNets."""
+    if cfg.train.mode == "dynunet":
+        return UnimodalPair({"ct": _dynunet(cfg), "mri": _dynunet(cfg)})
+    m = cfg.model
+    return AQCFNet(
+        m.spatial_dims,
+        features=m.features,
+        bottleneck=m.bottleneck,
+        heads=m.heads,
+        kv_pool=m.kv_pool,
+        gate=m.gate,
+        norm=m.norm,
+        down=m.down,
+        deep_supervision=m.deep_supervision,
+        dropout=m.dropout,
+        mode=cfg.train.mode,
+    )
+
+
+def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, RunConfig]:
+    """The model of a checkpoint, weights loaded, in eval mode, and its run config."""
+    ckpt = load_checkpoint(path)
+    cfg = RunConfig.from_dict(ckpt["config"], f"{path} (config)")
+    model = build_model(cfg)
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), cfg

@@ -1,0 +1,202 @@
+"""The run configuration: a YAML file plus ``--set section.key=value`` overrides, checked on load.
+
+Every field has a default; ``configs/lits_atlas.yaml`` is the paper's recipe as best we know it, and
+``configs/demo.yaml`` the synthetic demo. Unknown keys and wrongly typed values are errors naming
+the key, before anything runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MODES = ("joint", "ct", "mri", "dynunet")
+
+
+@dataclass
+class DataConfig:
+    ct_root: str | None = None  # folder searched recursively for CT cases (LiTS, MSD, nnU-Net layouts)
+    mri_root: str | None = None  # MRI cases (ATLAS, nnU-Net layouts)
+    ct_layout: str | None = None  # None: detected
+    mri_layout: str | None = None
+    cache_dir: str = "cache"  # preprocessed arrays (memory-mapped), keyed by file + settings
+    hu_window: tuple[float, float] = (-200.0, 250.0)
+    target_spacing: tuple[float, float, float] | None = None  # mm (x, y, z) in RAS axes; None keeps native
+    split_seed: int = 0
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    slice_size: tuple[int, int] = (256, 256)  # 2D training crops (and sliding-window ROI)
+    patch_size: tuple[int, int, int] = (32, 128, 128)  # 3D training patches (z, x, y)
+    tumour_prob: float = 0.5  # tumour oversampling: share of draws forced to contain tumour
+    num_workers: int = 0
+
+
+@dataclass
+class ModelConfig:
+    spatial_dims: int = 2
+    features: tuple[int, ...] = (32, 64, 128, 256)
+    bottleneck: int = 512
+    heads: int = 4
+    kv_pool: int | None = 1024
+    gate: str = "token"
+    norm: str = "batch"
+    down: str = "conv"
+    deep_supervision: bool = False
+    dropout: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    mode: str = "joint"
+    epochs: int = 100
+    steps_per_epoch: int = 250
+    batch_size: int = 8  # per modality and process
+    lr: float = 3e-4
+    weight_decay: float = 1e-5
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    amp: bool = True  # bf16 autocast on CUDA (no effect on CPU)
+    seed: int = 0
+    val_every: int = 1  # epochs
+    val_cases: int | None = None  # validate on at most this many cases per modality (None: all)
+    augment: bool = True
+    # Share of joint steps that run each modality alone (no fusion), as inference does: test cases
+    # come one modality at a time, so the streams must also work without the other.
+    solo_prob: float = 0.5
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @staticmethod
+    def from_dict(data: dict[str, Any], source: str = "config") -> RunConfig:
+        cfg = RunConfig()
+        for section, values in (data or {}).items():
+            if section not in ("data", "model", "train"):
+                raise ValueError(f"{source}: unknown section {section!r} (expected data, model, train)")
+            if not isinstance(values, dict):
+                raise ValueError(f"{source}: section {section!r} must be a mapping, got {type(values).__name__}")
+            for key, value in values.items():
+                apply_override(cfg, f"{section}.{key}", value, source)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if self.train.mode not in MODES:
+            raise ValueError(f"train.mode must be one of {MODES}, got {self.train.mode!r}")
+        if not 0.0 <= self.train.solo_prob <= 1.0:
+            raise ValueError(f"train.solo_prob must be in [0, 1], got {self.train.solo_prob}")
+        if self.model.spatial_dims not in (2, 3):
+            raise ValueError(f"model.spatial_dims must be 2 or 3, got {self.model.spatial_dims}")
+        for name in ("epochs", "steps_per_epoch", "batch_size", "val_every"):
+            if getattr(self.train, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self.train, name)}")
+
+    def check_data_roots(self) -> None:
+        """Training and evaluation need the roots of the modalities of the mode, as existing folders."""
+        for modality in self.modalities:
+            root = getattr(self.data, f"{modality}_root")
+            if not root:
+                raise ValueError(
+                    f"train.mode={self.train.mode!r} needs data.{modality}_root (set it in the YAML or with --set)"
+                )
+            if not Path(root).is_dir():
+                raise FileNotFoundError(f"data.{modality}_root = {root!r} is not a folder")
+
+    def with_absolute_paths(self) -> RunConfig:
+        """A copy whose data folders are absolute, so a run's saved config works from any directory."""
+        out = RunConfig.from_dict(self.to_dict())
+        for key in ("ct_root", "mri_root", "cache_dir"):
+            value = getattr(out.data, key)
+            if value:
+                setattr(out.data, key, str(Path(value).resolve()))
+        return out
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return {"joint": ("ct", "mri"), "ct": ("ct",), "mri": ("mri",), "dynunet": ("ct", "mri")}[self.train.mode]
+
+
+def _coerce(value: Any, annotation: Any, key: str, source: str) -> Any:
+    """``value`` as the field's type (YAML lists to tuples, ints to floats), or a clear error."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, option, key, source)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0])
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{source}: {key} must be a list, got {value!r}")
+        item_types = args[:1] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
+        if len(item_types) != len(value):
+            raise ValueError(f"{source}: {key} must have {len(item_types)} entries, got {value!r}")
+        return tuple(_coerce(v, t, key, source) for v, t in zip(value, item_types, strict=True))
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{source}: {key} must be true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"{source}: {key} must be an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError(f"{source}: {key} must be a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"{source}: {key} must be a string, got {value!r}")
+    raise TypeError(f"unsupported config type {annotation} for {key}")
+
+
+def apply_override(cfg: RunConfig, dotted: str, value: Any, source: str = "override") -> None:
+    """Set ``section.key`` of ``cfg`` to ``value`` (coerced to the field's type), or a clear error."""
+    section_name, _, key = dotted.partition(".")
+    section = getattr(cfg, section_name, None)
+    if section is None or not dataclasses.is_dataclass(section):
+        raise ValueError(f"{source}: unknown section {section_name!r} in {dotted!r} (expected data, model, train)")
+    hints = typing.get_type_hints(type(section))
+    if key not in hints:
+        raise ValueError(f"{source}: unknown key {dotted!r}; {section_name} has {', '.join(hints)}")
+    setattr(section, key, _coerce(value, hints[key], dotted, source))
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """The YAML file at ``path`` (or the defaults) with ``section.key=value`` overrides applied."""
+    import yaml
+
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML ({e})") from None
+    cfg = RunConfig.from_dict(data, str(path) if path else "defaults")
+    for item in overrides or []:
+        dotted, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected section.key=value")
+        apply_override(cfg, dotted.strip(), yaml.safe_load(text), f"--set {item}")
+    cfg.validate()
+    return cfg

@@ -1,0 +1,283 @@
+"""``aqcf-evaluate``: score a trained run on its held-out cases, next to the paper's table.
+
+    aqcf-evaluate runs/joint                          # best.pt on the test split
+    aqcf-evaluate runs/joint --checkpoint last --split val --out runs/joint/eval-val
+    aqcf-evaluate runs/ct --no-masks --device cuda
+
+For every modality of the run's mode, every case of the run's saved split (``split_{modality}.json``,
+written by ``aqcf-train``; never re-drawn here) is predicted whole-volume with MONAI's sliding-window
+inference (:mod:`aqcf_kernels.pipeline.inference`) on the preprocessed grid, and scored with
+nnU-Net's per-case Dice rule for liver (labels 1 ∪ 2) and tumour (label 2) and HD95 in mm
+(:mod:`aqcf_kernels.pipeline.metrics`): on the preprocessed grid, which without resampling is the
+original one cropped and reoriented (same scores), or, for a run with ``data.target_spacing``, on the
+original grid against the dataset's own label file (:func:`score_case`). Written to ``--out``
+(default ``RUN_DIR/eval_{split}_{checkpoint}``):
+
+* ``per_case_{modality}.csv``: one row per case (``nan`` where a metric is undefined);
+* ``results.json``: the summaries and per-case rows (undefined metrics as ``null``);
+* ``results.md``: one row per modality beside the paper's A-QCF-Net / nnU-Net tumour Dice (also printed);
+* ``masks/{modality}/{case_id}.nii.gz``: the predicted labels (uint8, 0/1/2) mapped back onto the
+  ORIGINAL image grid with the input's affine and header, so they overlay the input in any viewer
+  (skipped with ``--no-masks``).
+
+Relative data paths in the run's config are read from the current directory, as during training;
+``--set data.ct_root=...`` (data keys only) points the evaluation at moved data or cache folders.
+Errors (missing run folder, checkpoint or split, bad data) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["METRICS", "evaluate", "main", "resolve_checkpoint", "score_case"]
+
+#: Per-case metric columns, in table order.
+METRICS = ("dice_liver", "dice_tumour", "hd95_liver", "hd95_tumour")
+_SPLITS = ("test", "val", "train")
+
+
+def resolve_checkpoint(run_dir: str | Path, checkpoint: str | Path = "best") -> Path:
+    """``best``/``last`` -> ``RUN_DIR/{best,last}.pt``; anything else is a path. Raises if it is missing."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run folder {run_dir} does not exist (expected the --out folder of aqcf-train)")
+    path = run_dir / f"{checkpoint}.pt" if str(checkpoint) in ("best", "last") else Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    return path
+
+
+def _tag(checkpoint: str | Path) -> str:
+    return str(checkpoint) if str(checkpoint) in ("best", "last") else Path(checkpoint).stem
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/inf as ``null`` (strict JSON), numpy scalars as Python numbers, recursively."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    fields = ["case_id", *METRICS, "label_tumour_voxels", "pred_tumour_voxels", "grid", "seconds", "mask"]
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("nan" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
+
+
+def _resampled(case: Any) -> bool:
+    z, x, y = case.meta["shape"]
+    return tuple(case.meta["ras_shape_before_resampling"]) != (x, y, z)
+
+
+def score_case(pred: np.ndarray, case: Any) -> dict[str, Any]:
+    """Dice/HD95 of a prediction on the case's preprocessed grid, with voxel counts and the grid used.
+
+    Without resampling the preprocessed grid is the original one cropped (every labelled voxel kept)
+    and reoriented, so the scores equal those on the original grid. A resampled case is scored on
+    the original grid instead (prediction mapped back, the dataset's own label file, its spacing), as
+    nnU-Net and the challenges do. An unlabelled case gets NaN metrics.
+    """
+    from ..data import load_nifti, restore_to_original
+    from .metrics import case_metrics
+
+    if case.label is None:
+        return {**dict.fromkeys(METRICS, float("nan")), "label_tumour_voxels": None,
+                "pred_tumour_voxels": int((pred == 2).sum()), "grid": None}  # fmt: skip
+    if not _resampled(case):
+        label, spacing, grid = np.asarray(case.label), case.spacing, "preprocessed"
+    else:
+        pred = restore_to_original(pred, case, order=0)
+        raw = np.asarray(load_nifti(case.meta["label_path"]).dataobj)
+        label = np.rint(raw.reshape(raw.shape[:3])).astype(np.uint8)
+        spacing, grid = case.meta["original"]["spacing"], "original"
+    return {
+        **case_metrics(pred, label, spacing),
+        "label_tumour_voxels": int((label == 2).sum()),
+        "pred_tumour_voxels": int((pred == 2).sum()),
+        "grid": grid,
+    }
+
+
+def _check_splits(run_dir: Path, modalities: Sequence[str]) -> None:
+    from .train import SPLIT_FRACTIONS
+
+    for modality in modalities:
+        path = run_dir / SPLIT_FRACTIONS.format(modality=modality)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"split file {path} does not exist: evaluate the folder aqcf-train wrote (its split is reused, "
+                "never re-drawn, so that the test cases stay held out)"
+            )
+
+
+def evaluate(
+    run_dir: str | Path,
+    checkpoint: str | Path = "best",
+    split: str = "test",
+    out: str | Path | None = None,
+    device: str = "cpu",
+    write_masks: bool = True,
+    *,
+    data_overrides: Sequence[str] = (),
+    progress: bool | None = None,
+    echo: bool = True,
+) -> dict[str, Any]:
+    """Predict and score every case of ``split``; write CSVs, ``results.json``/``.md`` and masks to ``out``.
+
+    Args:
+        run_dir: the ``--out`` folder of ``aqcf-train`` (holds the checkpoints and ``split_*.json``).
+        checkpoint: ``"best"``, ``"last"`` or a path to a checkpoint.
+        split: ``"test"`` (default), ``"val"`` or ``"train"``.
+        out: output folder; default ``run_dir / f"eval_{split}_{checkpoint name}"``.
+        device: torch device for inference (``"cpu"``, ``"cuda"``, ``"cuda:1"``...).
+        write_masks: also write predicted masks as NIfTI on the original grids.
+        data_overrides: ``"data.KEY=VALUE"`` overrides of the run's data section (moved data/cache).
+        progress: tqdm bars (``None``: only on a terminal).
+        echo: print the markdown table.
+
+    Returns:
+        The content of ``results.json``: ``{"run_dir", "checkpoint", "split", "mode", "out",
+        "modalities": {modality: {"summary": {...}, "cases": [row, ...]}}, "paper": {...}, "table"}``
+        (undefined metrics are NaN here, ``null`` in the file).
+
+    Raises:
+        FileNotFoundError: missing run folder, checkpoint or split file.
+        ValueError: bad split name or override; :class:`~aqcf_kernels.data.DataError` for bad data.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from ..data import write_prediction
+    from .checkpoint import load_for_inference
+    from .config import apply_override
+    from .inference import predict_labels
+    from .metrics import PAPER, markdown_table, summarise
+    from .train import prepare_data
+
+    if split not in _SPLITS:
+        raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
+    run_dir = Path(run_dir)
+    ckpt_path = resolve_checkpoint(run_dir, checkpoint)
+    model, cfg = load_for_inference(ckpt_path, device)
+    _apply_data_overrides(cfg, data_overrides, apply_override)
+    _check_splits(run_dir, cfg.modalities)
+    data = prepare_data(cfg, run_dir, progress=progress)  # type: ignore[arg-type]  # None: tqdm decides
+    out = Path(out) if out is not None else run_dir / f"eval_{split}_{_tag(checkpoint)}"
+    out.mkdir(parents=True, exist_ok=True)
+
+    results: dict[str, Any] = {
+        "run_dir": str(run_dir),
+        "checkpoint": str(ckpt_path),
+        "split": split,
+        "mode": cfg.train.mode,
+        "out": str(out),
+        "modalities": {},
+        "paper": PAPER,
+    }
+    summaries: dict[str, dict[str, float]] = {}
+    for modality in cfg.modalities:
+        cases = data[modality][split]
+        if not cases:
+            warnings.warn(f"{modality}: the {split} split of {run_dir} is empty; nothing to evaluate", stacklevel=2)
+        rows: list[dict[str, Any]] = []
+        bar = tqdm(cases, desc=f"evaluate {modality}", unit="case", disable=None if progress is None else not progress)
+        for case in bar:
+            started = time.perf_counter()
+            with torch.inference_mode():
+                pred = predict_labels(model, case.image, modality, cfg, device)
+            row: dict[str, Any] = {"case_id": case.case_id, **score_case(pred, case)}
+            if write_masks:
+                mask = write_prediction(pred, case, out / "masks" / modality / f"{case.case_id}.nii.gz")
+                row["mask"] = str(mask.relative_to(out))
+            row["seconds"] = time.perf_counter() - started
+            rows.append(row)
+            if not math.isnan(row["dice_tumour"]):
+                bar.set_postfix(tumour_dice=f"{row['dice_tumour']:.3f}")
+        bar.close()
+        summaries[modality] = summarise([{k: row[k] for k in METRICS} for row in rows])
+        results["modalities"][modality] = {"summary": summaries[modality], "cases": rows}
+        _write_csv(out / f"per_case_{modality}.csv", rows)
+
+    table = markdown_table(summaries, label=f"{cfg.train.mode}, {ckpt_path.name}, {split} split")
+    results["table"] = table
+    (out / "results.md").write_text(table)
+    (out / "results.json").write_text(json.dumps(_json_safe(results), indent=1) + "\n")
+    if echo:
+        print(table, end="", flush=True)
+        print(f"written to {out}", flush=True)
+    return results
+
+
+def _apply_data_overrides(cfg: Any, overrides: Sequence[str], setter: Any) -> None:
+    import yaml
+
+    for item in overrides:
+        dotted, sep, text = item.partition("=")
+        dotted = dotted.strip()
+        if not sep or not dotted.startswith("data."):
+            raise ValueError(f"--set {item!r}: expected data.KEY=VALUE (only the data section can be changed)")
+        setter(cfg, dotted, yaml.safe_load(text), f"--set {item}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``aqcf-evaluate`` command line."""
+    p = argparse.ArgumentParser(
+        prog="aqcf-evaluate",
+        description="Score a trained run on its saved test (or val) split: per-case Dice (nnU-Net's rule) and "
+        "HD95, a table next to the paper's numbers, and the predicted masks as NIfTI on the input grids.",
+    )
+    p.add_argument("run_dir", type=Path, help="the --out folder of aqcf-train")
+    p.add_argument("--checkpoint", default="best", help="best (default), last, or a path to a checkpoint")
+    p.add_argument("--split", default="test", choices=_SPLITS, help="which part of the run's saved split (test)")
+    p.add_argument("--out", type=Path, help="output folder (default RUN_DIR/eval_{split}_{checkpoint})")
+    p.add_argument("--device", default="cpu", help="torch device for inference (cpu, cuda, cuda:1, ...)")
+    p.add_argument("--no-masks", action="store_true", help="do not write the predicted masks as NIfTI")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="data.KEY=VALUE", help="override a data path (moved data/cache)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``aqcf-evaluate``; returns the exit status (2 on a user-facing error)."""
+    args = build_parser().parse_args(argv)
+    try:
+        evaluate(
+            args.run_dir,
+            checkpoint=args.checkpoint,
+            split=args.split,
+            out=args.out,
+            device=args.device,
+            write_masks=not args.no_masks,
+            data_overrides=args.set,
+            progress=False if args.quiet else None,
+        )
+    except (ValueError, FileNotFoundError) as e:
+        print(f"aqcf-evaluate: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

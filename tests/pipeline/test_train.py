@@ -1,0 +1,117 @@
+"""aqcf-train: exact resume, atomic checkpoints, clear config errors, and a 2-process torchrun (gloo) run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from aqcf_kernels.pipeline import checkpoint as ckpt_module
+from aqcf_kernels.pipeline.checkpoint import load_checkpoint, save_atomic
+from aqcf_kernels.pipeline.train import main as train_main
+from aqcf_kernels.pipeline.train import train
+
+from .conftest import subprocess_env
+
+
+def _tmp_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+
+def _crashing_save(obj, f, *args, **kwargs) -> None:
+    """torch.save that dies half-way: some bytes reach the file, then the process 'crashes'."""
+    f.write(b"PK\x03\x04 partial checkpoint")
+    raise RuntimeError("simulated crash during torch.save")
+
+
+def test_resume_matches_uninterrupted_run(datasets, tmp_path: Path, monkeypatch) -> None:
+    """2 epochs in one go == 1 epoch, a crash while saving epoch 2, then --resume (model, optimiser, step)."""
+    cfg = datasets.config("joint", train__epochs=2, train__augment=True)
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    train(cfg, straight)
+    train(cfg, interrupted, max_epochs_this_run=1)
+    first = load_checkpoint(interrupted / "last.pt")
+    assert first["epoch"] == 0 and first["step"] == 2
+
+    # Crash while writing the epoch-2 checkpoint: the epoch-1 checkpoint survives, no temp files remain.
+    before = (interrupted / "last.pt").read_bytes()
+    with monkeypatch.context() as m:
+        m.setattr(ckpt_module.torch, "save", _crashing_save)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            train(cfg, interrupted, resume=True)
+    assert (interrupted / "last.pt").read_bytes() == before
+    assert _tmp_files(interrupted) == []
+
+    train(cfg, interrupted, resume=True)
+    a, b = load_checkpoint(straight / "last.pt"), load_checkpoint(interrupted / "last.pt")
+    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (1, 4)
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 4
+
+
+def test_save_atomic_keeps_old_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    path = save_atomic({"config": {}, "model": {"w": torch.ones(3)}}, tmp_path / "last.pt")
+    before = path.read_bytes()
+    monkeypatch.setattr(ckpt_module.torch, "save", _crashing_save)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        save_atomic({"config": {}, "model": {"w": torch.zeros(3)}}, path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before and _tmp_files(tmp_path) == []
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--set", "train.epochz=3"], "unknown key 'train.epochz'; train has mode, epochs"),
+        (["--set", "trian.epochs=3"], "unknown section 'trian'"),
+        (["--set", "train.epochs=many"], "train.epochs must be an integer, got 'many'"),
+        (["--set", "data.slice_size=[48]"], "data.slice_size must have 2 entries"),
+        (["--set", "train.mode=fancy"], "train.mode must be one of"),
+        (["--set", "data.ct_root=null"], "train.mode='joint' needs data.ct_root"),
+        (["--set", "data.mri_root=/no/such/folder"], "/no/such/folder"),
+        (["--config", "/no/such.yaml"], "config file /no/such.yaml does not exist"),
+    ],
+)
+def test_config_errors(datasets, tmp_path: Path, capsys, extra: list[str], message: str) -> None:
+    args = ["--out", str(tmp_path / "run")]
+    for item in datasets.overrides("joint"):
+        args += ["--set", item]
+    assert train_main([*args, *extra]) == 2
+    err = capsys.readouterr().err
+    assert "aqcf-train: error:" in err and message in err, err
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_config_file_errors(tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epochs: 2\n  lr: fast\n")
+    assert train_main(["--config", str(bad), "--out", str(tmp_path / "run")]) == 2
+    assert f"{bad}: train.lr must be a number, got 'fast'" in capsys.readouterr().err
+    bad.write_text("optimiser:\n  lr: 0.1\n")
+    assert train_main(["--config", str(bad), "--out", str(tmp_path / "run")]) == 2
+    assert "unknown section 'optimiser'" in capsys.readouterr().err
+
+
+def test_torchrun_two_processes(datasets, tmp_path: Path) -> None:
+    """``torchrun --nproc-per-node 2 -m aqcf_kernels.pipeline.train`` on CPU (gloo) finishes and writes last.pt."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd += ["-m", "aqcf_kernels.pipeline.train", "--out", str(out)]
+    for item in datasets.overrides("joint"):
+        cmd += ["--set", item]
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=180, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["step"] == 2 and ckpt["epoch"] == 0
+    assert (out / "metrics.jsonl").read_text().count('"kind": "val"') == 1  # rank 0 logs once
+    print(f"torchrun smoke test: {time.perf_counter() - started:.1f} s")
