@@ -46,9 +46,14 @@ def cross_attention(
     return out_a.contiguous(), out_b.contiguous(), lse_a.contiguous(), lse_b.contiguous()
 
 
+def _dense_like(t: Tensor) -> Tensor:
+    # The real ops return contiguous tensors whatever the inputs' strides (split_heads views are not).
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
 @cross_attention.register_fake
 def _(q_a, k_a, v_a, q_b, k_b, v_b, scale):
-    return torch.empty_like(q_a), torch.empty_like(q_b), _lse_like(q_a), _lse_like(q_b)
+    return _dense_like(q_a), _dense_like(q_b), _lse_like(q_a), _lse_like(q_b)
 
 
 @torch.library.custom_op("aqcf::cross_attention_backward", mutates_args=())
@@ -76,7 +81,7 @@ def cross_attention_backward(
 
 @cross_attention_backward.register_fake
 def _(grad_a, grad_b, q_a, k_a, v_a, q_b, k_b, v_b, out_a, out_b, lse_a, lse_b, scale):
-    return tuple(torch.empty_like(t) for t in (q_a, k_a, v_a, q_b, k_b, v_b))
+    return tuple(_dense_like(t) for t in (q_a, k_a, v_a, q_b, k_b, v_b))
 
 
 def _attention_setup_context(ctx, inputs, output):

@@ -409,3 +409,17 @@ def test_block_on_triton_matches_torch_backend(gate):
     names = ["f_a'", "f_b'", "d f_a", "d f_b"] + [n for n, _ in block.named_parameters()]
     for name, o, r in zip(names, got, ref, strict=True):
         assert rel(o, r) <= 1e-5, f"{name}: {rel(o, r):.2e}"
+
+
+def test_block_compiles_with_one_quaternion_channel_per_head():
+    """torch.compile, forward and backward, where split_heads gives non-contiguous views (d = 1): the
+    op's fake reports contiguous outputs, as the real op returns."""
+    block = make_block(8, 2, "token", dtype=torch.float32, seed=21)
+    g = torch.Generator().manual_seed(22)
+    f_a, f_b = torch.randn(2, 8, 5, 3, generator=g), torch.randn(2, 8, 7, generator=g)
+    compiled = torch.compile(block, fullgraph=True)
+    outs = compiled(f_a, f_b)
+    for got, want in zip(outs, block(f_a, f_b), strict=True):
+        torch.testing.assert_close(got, want)
+    (outs[0].square().sum() + outs[1].sum()).backward()
+    assert all(p.grad is not None for p in block.parameters())
