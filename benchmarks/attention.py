@@ -150,20 +150,13 @@ def make_step(mode: str, fn, block: AQCFBlock, inputs: Inputs) -> common.Step:
 
 
 @dataclass
-class Result:
+class Result(common.ProviderRatios):
+    baseline = BASELINE
     case: Case
     mode: str
     timings: dict[str, common.Timing | None]
     errors: dict[str, float]
     peaks: dict[str, int | None] = field(default_factory=dict)
-
-    def speedup(self, name: str, over: str = BASELINE) -> float | None:
-        a, b = self.timings.get(over), self.timings.get(name)
-        return None if a is None or b is None else a.median / b.median
-
-    def peak_ratio(self, name: str, over: str = BASELINE) -> float | None:
-        a, b = self.peaks.get(over), self.peaks.get(name)
-        return None if not a or b is None else b / a
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -212,15 +205,7 @@ def run(cases, modes, providers, reps, warmup, dtype, device, naive_max_gib, mem
             timings = {p: (common.Timing.of(times[p]) if p in times else None) for p in providers}
             results.append(Result(case, mode, timings, errors))
     if memory:
-        payload = {
-            "cases": [asdict(c) for c in cases],
-            "modes": list(modes),
-            "providers": list(providers),
-            "dtype": str(dtype).removeprefix("torch."),
-            "device": str(device),
-            "threads": torch.get_num_threads(),
-            "naive_max_gib": naive_max_gib,
-        }
+        payload = common.memory_payload(cases, modes, providers, dtype, device, naive_max_gib=naive_max_gib)
         measured = common.measure_memory_in_subprocess(__name__, payload)
         if measured is not None:
             for r, peaks in zip(results, measured["peaks"], strict=True):
@@ -262,13 +247,7 @@ TARGETS = (
 
 def check_targets(results: Sequence[Result]) -> list[dict[str, Any]]:
     hit = [r for r in results if r.case == TARGET_CASE and r.mode == "fwdbwd"]
-    checks = []
-    for label, metric, ok in TARGETS:
-        value = metric(hit[0]) if hit else None
-        status = "SKIP" if value is None else ("PASS" if ok(value) else "FAIL")
-        detail = "not measured in this run" if value is None else f"{value:.3f}"
-        checks.append({"target": label, "status": status, "value": value, "detail": detail})
-    return checks
+    return [common.target_verdict(label, metric(hit[0]) if hit else None, ok) for label, metric, ok in TARGETS]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,19 +256,11 @@ def check_targets(results: Sequence[Result]) -> list[dict[str, Any]]:
 
 
 def _ms(r: Result, name: str) -> str:
-    t = r.timings.get(name)
-    if t is None:
-        return "skipped"
-    s = r.speedup(name)
-    return f"{t.median * 1e3:.1f}" + ("" if name == BASELINE or s is None else f" ({s:.2f}x)")
+    return common.time_cell(r.timings.get(name), r.speedup(name), name == BASELINE, digits=1)
 
 
 def _mib(r: Result, name: str) -> str:
-    peak = r.peaks.get(name)
-    if peak is None:
-        return "n/a"
-    ratio = r.peak_ratio(name)
-    return f"{peak / common.MiB:.1f}" + ("" if name == BASELINE or ratio is None else f" ({ratio:.3f}x)")
+    return common.memory_cell(r.peaks.get(name), r.peak_ratio(name), name == BASELINE, digits=1)
 
 
 def markdown(results: Sequence[Result], env: dict[str, Any], checks) -> str:

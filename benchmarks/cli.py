@@ -24,6 +24,7 @@ from . import common
 FAMILIES: dict[str, tuple[str, str]] = {
     "conv": ("benchmarks.conv", "quaternion convolutions 1d/2d/3d vs naive16 and expanded-weight baselines"),
     "attention": ("benchmarks.attention", "the A-QCF block vs materialised and SDPA-composed blocks, 256-16384 tokens"),
+    "model": ("benchmarks.model", "A-QCF-Net training step: ours vs expanded-weight convs vs the real-valued twin"),
 }
 
 

@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -393,3 +393,56 @@ def grouped_bars(
     fig.tight_layout(rect=(0, 0, 1, 0.98))
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def time_cell(timing: Timing | None, speedup: float | None, baseline: bool, digits: int = 1) -> str:
+    """A table cell: median ms, with the speedup over the baseline unless this is the baseline."""
+    if timing is None:
+        return "skipped"
+    text = f"{timing.median * 1e3:.{digits}f}"
+    return text if baseline or speedup is None else f"{text} ({speedup:.2f}x)"
+
+
+def memory_cell(peak: int | None, ratio: float | None, baseline: bool, digits: int = 1) -> str:
+    """A table cell: peak MiB, with the ratio to the baseline's peak unless this is the baseline."""
+    if peak is None:
+        return "n/a"
+    text = f"{peak / MiB:.{digits}f}"
+    return text if baseline or ratio is None else f"{text} ({ratio:.3f}x)"
+
+
+def target_verdict(label: str, value: float | None, ok: Callable[[float], bool]) -> dict[str, Any]:
+    """PASS / FAIL, or SKIP when the run did not measure it."""
+    status = "SKIP" if value is None else ("PASS" if ok(value) else "FAIL")
+    detail = "not measured in this run" if value is None else f"{value:.3f}"
+    return {"target": label, "status": status, "value": value, "detail": detail}
+
+
+class ProviderRatios:
+    """Speedup and memory ratio of a provider over the baseline, for result rows holding
+    ``timings`` and ``peaks`` per provider (the class sets ``baseline``)."""
+
+    baseline: str
+    timings: Mapping[str, Timing | None]
+    peaks: Mapping[str, int | None]
+
+    def speedup(self, name: str, over: str | None = None) -> float | None:
+        a, b = self.timings.get(over or self.baseline), self.timings.get(name)
+        return None if a is None or b is None else a.median / b.median
+
+    def peak_ratio(self, name: str, over: str | None = None) -> float | None:
+        a, b = self.peaks.get(over or self.baseline), self.peaks.get(name)
+        return None if not a or b is None else b / a
+
+
+def memory_payload(cases, modes, providers, dtype: torch.dtype, device: torch.device, **extra: Any) -> dict[str, Any]:
+    """What a family's ``measure_memory`` worker needs to rebuild the run (see ``benchmarks._memory_worker``)."""
+    return {
+        "cases": [asdict(c) for c in cases],
+        "modes": list(modes),
+        "providers": list(providers),
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        **extra,
+    }

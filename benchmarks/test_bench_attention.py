@@ -18,21 +18,18 @@ import pytest
 import torch
 
 from benchmarks.attention import MODES, PROVIDERS, TARGET_CASE, build, make_block, make_inputs, make_step
+from benchmarks.conftest import THREADS
 
 pytestmark = pytest.mark.benchmark
 
-THREADS = int(os.environ.get("AQCF_BENCH_THREADS", "2"))
+
 ROUNDS = int(os.environ.get("AQCF_BENCH_ROUNDS", "3"))
 
 
 @pytest.fixture(scope="module")
 def setup():
-    before = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
     device = torch.device("cpu")
-    block = make_block(TARGET_CASE, torch.float32, device)
-    yield block, make_inputs(TARGET_CASE, torch.float32, device)
-    torch.set_num_threads(before)
+    return make_block(TARGET_CASE, torch.float32, device), make_inputs(TARGET_CASE, torch.float32, device)
 
 
 @pytest.mark.parametrize("mode", MODES)

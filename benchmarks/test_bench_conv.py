@@ -22,16 +22,7 @@ from benchmarks.conv import CPU_PROVIDERS, MODES, PROVIDERS, TARGETS, make_input
 
 pytestmark = pytest.mark.benchmark
 
-THREADS = int(os.environ.get("AQCF_BENCH_THREADS", "2"))
 ROUNDS = int(os.environ.get("AQCF_BENCH_ROUNDS", "5"))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module", params=list(TARGETS))

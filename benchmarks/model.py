@@ -1,0 +1,347 @@
+"""``aqcf-bench model``: one A-QCF-Net training step (forward + backward), three builds, time and peak memory.
+
+Providers, all the same network (``aqcf_kernels.models.AQCFNet``, joint mode, CT and MRI both given,
+training mode, A-QCF alphas set nonzero so the fusion path counts):
+
+* ``expanded``: every quaternion conv and transposed conv (the A-QCF projections included) runs
+  ``reference.quaternion_conv_expanded`` on its own weight (Parcollet's 16-block real weight and one
+  real conv: what every other quaternion library does); same weights as ``ours`` — the baseline;
+* ``ours``: the model on this package's layers (``aqcf.qconv``, ``algorithm='auto'``);
+* ``real``: the real-valued twin, same topology and real channel counts with ``torch.nn`` layers
+  (4x the parameters, the same conv FLOPs as ``expanded``).
+
+Everything but the convs (norms, activations, A-QCF attention, pooling) is shared by ``ours`` and
+``expanded``, so the model-level speedup is the conv speedup diluted by the rest. Cases: the issue's
+2D 128² (4 levels, batch 4) and 3D 64³ (batch 1; features (16, 32, 64, 128), bottleneck 256 so a
+3D step stays within seconds on a 2-core CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from aqcf_kernels import nn as qnn
+from aqcf_kernels.models import AQCFNet
+
+from . import common
+
+MODES = ("fwd", "fwdbwd")
+PROVIDERS = ("expanded", "ours", "real")
+BASELINE = "expanded"
+
+
+@dataclass(frozen=True)
+class Case:
+    spatial_dims: int
+    size: int
+    batch: int
+    features: tuple[int, ...] = (32, 64, 128, 256)
+    bottleneck: int = 512
+
+    @property
+    def name(self) -> str:
+        shape = "x".join([str(self.size)] * self.spatial_dims)
+        return f"{self.spatial_dims}d {shape} B{self.batch} f{self.features[0]}-{self.features[-1]}/{self.bottleneck}"
+
+
+F3D = {"features": (16, 32, 64, 128), "bottleneck": 256}
+GRIDS: dict[str, Callable[[], list[Case]]] = {
+    "quick": lambda: [Case(2, 64, 2), Case(3, 32, 2, **F3D)],
+    "targets": lambda: [Case(2, 128, 4), Case(3, 64, 1, **F3D)],
+    "full": lambda: [Case(2, 64, 2), Case(2, 128, 4), Case(3, 32, 2, **F3D), Case(3, 64, 1, **F3D)],
+}
+TARGET_CASES = (Case(2, 128, 4), Case(3, 64, 1, **F3D))
+
+
+def make_model(name: str, case: Case, dtype: torch.dtype, device: torch.device) -> AQCFNet:
+    """The network of ``case`` for one provider; ``ours`` and ``expanded`` share their weights (same seed)."""
+    kw: dict[str, Any] = {"real_valued": True} if name == "real" else {"conv_impl": "fused" if name == "ours" else name}
+    torch.manual_seed(0)
+    model = AQCFNet(
+        case.spatial_dims, features=case.features, bottleneck=case.bottleneck, device=device, dtype=dtype, **kw
+    )
+    with torch.no_grad():  # a trained model: the attention path contributes
+        for m in model.modules():
+            if isinstance(m, qnn.AQCFBlock):
+                m.alpha_a.fill_(0.5)
+                m.alpha_b.fill_(-0.5)
+    return model
+
+
+@dataclass
+class Inputs:
+    ct: Tensor
+    mri: Tensor
+    g_ct: Tensor
+    g_mri: Tensor
+
+
+def make_inputs(case: Case, dtype: torch.dtype, device: torch.device) -> Inputs:
+    gen = torch.Generator().manual_seed(case.size)
+    shape = (case.batch, 1, *([case.size] * case.spatial_dims))
+    grad_shape = (case.batch, 3, *shape[2:])
+
+    def rand(s: tuple[int, ...]) -> Tensor:
+        return torch.randn(s, generator=gen).to(device=device, dtype=dtype)
+
+    return Inputs(rand(shape), rand(shape), rand(grad_shape), rand(grad_shape))
+
+
+def make_step(mode: str, model: AQCFNet, inputs: Inputs) -> common.Step:
+    params = list(model.parameters())
+    model.train()
+    if mode == "fwd":
+
+        def step() -> None:
+            with torch.no_grad():
+                model(ct=inputs.ct, mri=inputs.mri)
+
+        return step
+
+    def step() -> None:
+        for p in params:
+            p.grad = None
+        out = model(ct=inputs.ct, mri=inputs.mri)
+        torch.autograd.backward([out["ct"], out["mri"]], [inputs.g_ct, inputs.g_mri])
+
+    return step
+
+
+@dataclass
+class Result(common.ProviderRatios):
+    baseline = BASELINE
+    case: Case
+    mode: str
+    timings: dict[str, common.Timing | None]
+    errors: dict[str, float | None]
+    params: dict[str, int]
+    peaks: dict[str, int | None] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "case": asdict(self.case),
+            "mode": self.mode,
+            "providers": {
+                name: {
+                    "median_s": t.median if t else None,
+                    "iqr_s": t.iqr if t else None,
+                    "samples_s": t.samples if t else None,
+                    "speedup_vs_expanded": self.speedup(name),
+                    "peak_bytes": self.peaks.get(name),
+                    "peak_ratio_vs_expanded": self.peak_ratio(name),
+                    "parameters": self.params.get(name),
+                    "forward_rel_error_vs_expanded": self.errors.get(name),
+                }
+                for name, t in self.timings.items()
+            },
+        }
+
+
+def _forward_errors(models: dict[str, AQCFNet], inputs: Inputs) -> dict[str, float | None]:
+    """Relative error of each build's logits against ``expanded`` (same weights; ``real`` has its own: None).
+
+    Evaluated in eval mode (running statistics, still at their init), so the check moves no buffers."""
+    if BASELINE not in models:
+        return dict.fromkeys(models)
+    outs = {}
+    with torch.no_grad():
+        for name, model in models.items():
+            model.eval()
+            out = model(ct=inputs.ct, mri=inputs.mri)
+            model.train()
+            outs[name] = torch.cat([out["ct"].flatten(), out["mri"].flatten()])
+    ref = outs[BASELINE]
+    return {name: None if name == "real" else ((o - ref).norm() / ref.norm()).item() for name, o in outs.items()}
+
+
+def run(cases, modes, providers, reps, warmup, dtype, device, memory=True) -> list[Result]:
+    sync = common.synchronizer(device)
+    results: list[Result] = []
+    n, i, started = len(cases) * len(modes), 0, time.perf_counter()
+    for case in cases:
+        models = {name: make_model(name, case, dtype, device) for name in providers}
+        inputs = make_inputs(case, dtype, device)
+        errors = _forward_errors(models, inputs)
+        params = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
+        for mode in modes:
+            i += 1
+            common.progress(i, n, f"time {case.name} {mode}", started)
+            steps = {name: make_step(mode, m, inputs) for name, m in models.items()}
+            times = common.time_interleaved(steps, reps, warmup, sync)
+            timings = {p: common.Timing.of(times[p]) for p in providers}
+            results.append(Result(case, mode, timings, errors, params))
+        del models
+    if memory:
+        payload = common.memory_payload(cases, modes, providers, dtype, device)
+        common.progress(n, n, "peak memory (fresh worker process)", started)
+        measured = common.measure_memory_in_subprocess(__name__, payload)
+        if measured is not None:
+            for r, peaks in zip(results, measured["peaks"], strict=True):
+                r.peaks.update(peaks)
+    return results
+
+
+def _case_from_json(c: dict[str, Any]) -> Case:
+    return Case(**{**c, "features": tuple(c["features"])})
+
+
+def measure_memory(payload: dict[str, Any], pinned: bool) -> dict[str, Any]:
+    """The memory pass of :func:`run`, in a fresh worker process (``benchmarks._memory_worker``)."""
+    common.configure_torch(payload["threads"])
+    device, dtype = torch.device(payload["device"]), common.DTYPES[payload["dtype"]]
+    meter = common.PeakMemory(device)
+    peaks = []
+    for case in (_case_from_json(c) for c in payload["cases"]):
+        inputs = make_inputs(case, dtype, device)
+        rows = {mode: dict.fromkeys(payload["providers"]) for mode in payload["modes"]}
+        for name in payload["providers"]:
+            model = make_model(name, case, dtype, device)
+            for mode in payload["modes"]:
+                step = make_step(mode, model, inputs)
+                step()  # first call: kernels, caches, gradient buffers
+                rows[mode][name] = meter.measure(step)
+                del step
+            del model
+        peaks += [rows[mode] for mode in payload["modes"]]
+    return {"peaks": peaks, "method": meter.method(pinned)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Targets (CPU, fp32, forward+backward): ours >= 1.6x expanded, peak memory <= expanded
+# ---------------------------------------------------------------------------------------------
+
+TARGETS = (
+    ("speed ours >= 1.6x expanded", lambda r: r.speedup("ours"), lambda v: v >= 1.6),
+    ("memory ours <= expanded", lambda r: r.peak_ratio("ours"), lambda v: v <= 1.0),
+)
+
+
+def check_targets(results: Sequence[Result]) -> list[dict[str, Any]]:
+    checks = []
+    for case in TARGET_CASES:
+        hit = [r for r in results if r.case == case and r.mode == "fwdbwd"]
+        for label, metric, ok in TARGETS:
+            checks.append(common.target_verdict(f"{case.name}: {label}", metric(hit[0]) if hit else None, ok))
+    return checks
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports
+# ---------------------------------------------------------------------------------------------
+
+
+def _ms(r: Result, name: str) -> str:
+    return common.time_cell(r.timings.get(name), r.speedup(name), name == BASELINE, digits=0)
+
+
+def _mib(r: Result, name: str) -> str:
+    return common.memory_cell(r.peaks.get(name), r.peak_ratio(name), name == BASELINE, digits=0)
+
+
+def markdown(results: Sequence[Result], env: dict[str, Any], checks) -> str:
+    providers = list(results[0].timings) if results else []
+    head = ["case", "mode", *providers]
+    params = [
+        [r.case.name, *(f"{r.params[p] / 1e6:.2f}M" for p in providers)] for r in results if r.mode == results[0].mode
+    ]
+    parts = [
+        "# A-QCF-Net training step benchmark",
+        "",
+        common.environment_line(env),
+        "",
+        f"`{env['command']}`",
+        "",
+        "Joint mode (CT + MRI), training mode, loss gradient w.r.t. both logits; `expanded` = the same",
+        "network and weights with expanded-weight reference convs, `real` = the real-valued twin.",
+        "",
+        "## Time: median ms (speedup vs expanded = t_expanded / t, > 1 is faster)",
+        "",
+        common.markdown_table(head, [[r.case.name, r.mode, *(_ms(r, p) for p in providers)] for r in results], 2),
+        "",
+        "## Peak memory: MiB above what was live before one step (ratio to expanded)",
+        "",
+        common.markdown_table(head, [[r.case.name, r.mode, *(_mib(r, p) for p in providers)] for r in results], 2),
+        "",
+        "## Parameters",
+        "",
+        common.markdown_table(["case", *providers], params, 1),
+    ]
+    if checks:
+        parts += [
+            "",
+            "## Targets",
+            "",
+            "```",
+            *(f"{c['status']:<4}  {c['target']}: {c['detail']}" for c in checks),
+            "```",
+        ]
+    return "\n".join(parts) + "\n"
+
+
+def plot(path: Path, results: Sequence[Result], env: dict[str, Any]) -> None:
+    """Speedup and peak-memory ratio against ``expanded``, bars per case and mode."""
+    providers = [p for p in (list(results[0].timings) if results else []) if p != BASELINE]
+    groups = [f"{r.case.name} {r.mode}" for r in results]
+    panels = [
+        ("speedup vs expanded (t_expanded / t)", "x", {p: [r.speedup(p) for r in results] for p in providers}),
+        ("peak memory / expanded's", "ratio", {p: [r.peak_ratio(p) for r in results] for p in providers}),
+    ]
+    common.grouped_bars(path, groups, panels, "aqcf-bench model — " + common.environment_line(env))
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    grids = "quick (2D 64² B2, 3D 32³ B2; ~1-2 min), targets (2D 128² B4, 3D 64³ B1), full (both)"
+    parser.add_argument("--grid", choices=list(GRIDS), default="quick", help=grids)
+    parser.add_argument("--modes", type=lambda t: t.split(","), default=["fwdbwd"], help="fwd,fwdbwd (default fwdbwd)")
+    parser.add_argument("--providers", type=lambda t: t.split(","), default=list(PROVIDERS),
+                        help="expanded,ours,real (expanded, the baseline, always runs)")  # fmt: skip
+    parser.add_argument("--dims", type=lambda t: [int(x) for x in t.split(",")], default=[2, 3],
+                        help="spatial dims of the grid's cases to run: 2, 3 or 2,3 (default)")  # fmt: skip
+    parser.add_argument("--check-targets", action="store_true", help="PASS/FAIL of the issue's CPU targets")
+
+
+def main(args: argparse.Namespace) -> int:
+    bad = [m for m in args.modes if m not in MODES] + [p for p in args.providers if p not in PROVIDERS]
+    if bad:
+        print(f"unknown mode/provider {bad}; modes {MODES}, providers {PROVIDERS}", file=sys.stderr)
+        return 2
+    cases = [c for c in GRIDS[args.grid]() if c.spatial_dims in args.dims]
+    if not cases:
+        print(f"no case of grid {args.grid!r} has spatial dims {args.dims}", file=sys.stderr)
+        return 2
+    common.configure_torch(args.threads)
+    device = torch.device(args.device)
+    dtype = common.DTYPES[args.dtype]
+    providers = [p for p in PROVIDERS if p in args.providers or p == BASELINE]
+    env = common.environment(device, args.threads)
+    common.warn_if_busy(env)
+    results = run(cases, args.modes, providers, args.reps, args.warmup, dtype, device, memory=not args.no_memory)
+    env["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    checks = check_targets(results) if args.check_targets else None
+    args.out.mkdir(parents=True, exist_ok=True)
+    config = {"modes": args.modes, "providers": providers, "reps": args.reps, "warmup": args.warmup,
+              "dtype": args.dtype, "baseline": BASELINE,
+              "model": "AQCFNet joint, train mode, norm='batch', down='conv', kv_pool=1024, alphas +-0.5"}  # fmt: skip
+    common.write_json(args.out / "model.json", {"family": "model", "env": env, "config": config,
+                      "results": [r.to_json() for r in results], "targets": checks})  # fmt: skip
+    text = markdown(results, env, checks)
+    (args.out / "model.md").write_text(text)
+    plot(args.out / "model.png", results, env)
+    print(text)
+    print(f"wrote {args.out}/model.md, .json, .png")
+    return 0
