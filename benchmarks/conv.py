@@ -24,7 +24,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -344,15 +344,9 @@ def run(
             results.append(Result(case, mode, timings, dict.fromkeys(fns), served, errors))
     memory_method = "not measured"
     if memory:
-        payload = {
-            "cases": [asdict(c) for c in cases],
-            "modes": list(modes),
-            "providers": list(providers),
-            "dtype": str(dtype).removeprefix("torch."),
-            "device": str(device),
-            "threads": torch.get_num_threads(),
-            "progress": [i, n, time.perf_counter() - started],
-        }
+        payload = common.memory_payload(
+            cases, modes, providers, dtype, device, progress=[i, n, time.perf_counter() - started]
+        )
         measured = common.measure_memory_in_subprocess(__name__, payload)
         if measured is not None:
             for r, peaks in zip(results, measured["peaks"], strict=True):
