@@ -121,3 +121,33 @@ def backend(request, monkeypatch) -> str:
         pytest.skip(f"backend {name!r} does not serve CPU tensors (serves {', '.join(impl.device_types)})")
     monkeypatch.setenv("AQCF_BACKEND", name)
     return name
+
+
+# Thread count. Tiny tensors (gradcheck, the hypothesis grid, tiny models) gain nothing from
+# intra-op threads and, on a 2-core machine shared with other jobs, each parallel op can stall on
+# its second thread: gradcheck of a 1d conv took 23 s with 2 threads and 1.3 s with 1. Modules opt
+# in with ``pytestmark = pytest.mark.usefixtures("single_threaded")``; realistically sized accuracy
+# tests use ``all_threads`` so multi-threaded kernels are held to the contract too.
+# ``AQCF_TEST_THREADS`` overrides the single thread.
+_DEFAULT_THREADS = torch.get_num_threads()
+
+
+def _with_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def single_threaded():
+    """Run the test with one intra-op thread (or ``AQCF_TEST_THREADS``)."""
+    yield from _with_threads(int(os.environ.get("AQCF_TEST_THREADS", "1")))
+
+
+@pytest.fixture
+def all_threads():
+    """Run the test with torch's default intra-op thread count (what users get)."""
+    yield from _with_threads(_DEFAULT_THREADS)

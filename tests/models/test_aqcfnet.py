@@ -21,13 +21,7 @@ SIZES = {2: (19, 23), 3: (11, 13, 9)}
 OTHER_SIZES = {2: (17, 20), 3: (9, 12, 10)}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors gain nothing from a second intra-op thread and can stall on it on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_threaded")
 
 
 def image(batch: int, size: tuple[int, ...], seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -25,14 +25,7 @@ IN = {1: QuaternionInstanceNorm1d, 2: QuaternionInstanceNorm2d, 3: QuaternionIns
 ODD = {0: (), 1: (7,), 2: (5, 7), 3: (3, 5, 4)}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors gain nothing from intra-op threads, and on a busy machine each parallel op can
-    # stall for a scheduler tick waiting for its second thread (seconds over a gradcheck).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_threaded")
 
 
 def qrandn(*shape: int, seed: int, dtype: torch.dtype = F64) -> torch.Tensor:

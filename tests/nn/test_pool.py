@@ -29,14 +29,7 @@ MAXPOOL = {1: QuaternionMaxPool1d, 2: QuaternionMaxPool2d, 3: QuaternionMaxPool3
 AVGPOOL = {1: QuaternionAvgPool1d, 2: QuaternionAvgPool2d, 3: QuaternionAvgPool3d}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors gain nothing from intra-op threads, and on a busy machine each parallel op can
-    # stall for a scheduler tick waiting for its second thread (seconds over a gradcheck).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_threaded")
 
 
 def qrandn(*shape: int, seed: int, dtype: torch.dtype = F64, transpose: bool = False) -> torch.Tensor:

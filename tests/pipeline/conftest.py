@@ -12,12 +12,11 @@ other and make the tiny convolutions ~40x slower.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 
 from aqcf_kernels.data.synth import write_dataset
 from aqcf_kernels.pipeline.config import RunConfig, load_config
@@ -60,13 +59,9 @@ class Datasets:
         return load_config(None, self.overrides(mode, **extra))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread() -> Iterator[None]:
-    """One intra-op thread per test module here (restored afterwards); subprocesses get OMP_NUM_THREADS=1."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+@pytest.fixture(autouse=True)
+def _single_threaded(single_threaded) -> None:
+    """One intra-op thread for every test here (tests/conftest.py); subprocesses get OMP_NUM_THREADS=1."""
 
 
 @pytest.fixture(scope="session")
