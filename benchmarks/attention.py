@@ -287,16 +287,8 @@ def markdown(results: Sequence[Result], env: dict[str, Any], checks) -> str:
         "## Peak memory: MiB above what was live before one step (ratio to naive)",
         "",
         common.markdown_table(head[:-1], [[r.case.name, r.mode, *(_mib(r, p) for p in providers)] for r in results], 2),
+        *common.targets_lines(checks),
     ]
-    if checks:
-        parts += [
-            "",
-            "## Targets",
-            "",
-            "```",
-            *(f"{c['status']:<4}  {c['target']}: {c['detail']}" for c in checks),
-            "```",
-        ]
     return "\n".join(parts) + "\n"
 
 

@@ -446,3 +446,10 @@ def memory_payload(cases, modes, providers, dtype: torch.dtype, device: torch.de
         "threads": torch.get_num_threads(),
         **extra,
     }
+
+
+def targets_lines(checks: Sequence[Mapping[str, Any]] | None) -> list[str]:
+    """The "## Targets" section of a report (nothing if no targets were checked)."""
+    if not checks:
+        return []
+    return ["", "## Targets", "", "```", *(f"{c['status']:<4}  {c['target']}: {c['detail']}" for c in checks), "```"]

@@ -275,16 +275,8 @@ def markdown(results: Sequence[Result], env: dict[str, Any], checks) -> str:
         "## Parameters",
         "",
         common.markdown_table(["case", *providers], params, 1),
+        *common.targets_lines(checks),
     ]
-    if checks:
-        parts += [
-            "",
-            "## Targets",
-            "",
-            "```",
-            *(f"{c['status']:<4}  {c['target']}: {c['detail']}" for c in checks),
-            "```",
-        ]
     return "\n".join(parts) + "\n"
 
 
