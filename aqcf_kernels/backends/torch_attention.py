@@ -17,17 +17,14 @@ CHUNK_ROWS = 256
 
 
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The log-sum-exp is kept in fp32 (fp64 for fp64 inputs), whatever the inputs' precision."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 (fp64 for fp64 inputs), whatever the inputs' precision: the dtype of the log-sum-exp
+    and of the chunked path's arithmetic."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def chunked_attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """``softmax(q kᵀ·scale) v`` and its log-sum-exp, ``CHUNK_ROWS`` query rows at a time."""
-    ct = _compute_dtype(q.dtype)
+    ct = lse_dtype(q.dtype)
     kc, vc = k.to(ct), v.to(ct)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:-1], dtype=lse_dtype(q.dtype), device=q.device)
@@ -48,7 +45,7 @@ def chunked_attention_backward(
     With ``δ = rowsum(dO ⊙ O)``: ``dV = Pᵀ dO``, ``dS = P ⊙ (dO Vᵀ − δ)``, ``dQ = dS K·scale``,
     ``dK = dSᵀ Q·scale``.
     """
-    ct = _compute_dtype(q.dtype)
+    ct = lse_dtype(q.dtype)
     kc, vc = k.to(ct), v.to(ct)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.zeros(k.shape, dtype=ct, device=k.device)

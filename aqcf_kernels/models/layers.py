@@ -116,23 +116,13 @@ class RealAQCFBlock(qnn.AQCFBlock):
     attention of the same width (a head still owns ``channels / heads`` real channels).
     """
 
-    def __init__(
-        self,
-        channels: int,
-        heads: int = 4,
-        kv_pool: int | None = None,
-        gate: str = "token",
-        bias: bool = True,
-        device: Any = None,
-        dtype: Any = None,
-        *,
-        algorithm: str = "auto",
-    ) -> None:
-        super().__init__(channels, heads, kv_pool, gate, bias, device, dtype, algorithm=algorithm)
-        factory = {"device": device, "dtype": dtype, "bias": bias}
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         for name, module in list(self.named_children()):
             if isinstance(module, qnn.QuaternionConv1d):
-                setattr(self, name, nn.Conv1d(module.in_channels, module.out_channels, 1, **factory))
+                w = module.weight
+                real = nn.Conv1d(module.in_channels, module.out_channels, 1, bias=module.bias is not None)
+                setattr(self, name, real.to(device=w.device, dtype=w.dtype))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -216,11 +216,14 @@ def qconv_act(
     backend = backends.select(input, weight, p, algorithm)
     keep = stores_preactivation(activation, negative_slope)
     fused = getattr(backend, "conv_act", None)
-    if fused is not None and input.numel() > 0:
-        y, z = fused(input, weight, bias, p, algorithm, activation, negative_slope, keep)
-    else:
+    if fused is None or input.numel() == 0:
         z = qconv(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups, algorithm)
-        y = activate(z, activation, negative_slope)
+        return activate(z, activation, negative_slope), (z if keep else _no_preactivation(input))
+    y, z = fused(input, weight, bias, p, algorithm, activation, negative_slope, keep)
+    # Outputs follow the input's memory format, as qconv's (and the fake's) do.
+    like = _empty_output(input, y.shape)
+    if y.stride() != like.stride():
+        y, z = like.copy_(y), (torch.empty_like(like).copy_(z) if keep else None)
     return y, (z if keep else _no_preactivation(input))
 
 

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,6 +180,23 @@ def apply_override(cfg: RunConfig, dotted: str, value: Any, source: str = "overr
     setattr(section, key, _coerce(value, hints[key], dotted, source))
 
 
+def apply_overrides(cfg: RunConfig, items: Sequence[str], sections: Sequence[str] | None = None) -> None:
+    """Apply ``--set section.key=value`` items (values parsed as YAML); ``sections`` limits what may change."""
+    import yaml
+
+    for item in items:
+        dotted, sep, text = item.partition("=")
+        dotted = dotted.strip()
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected section.key=value")
+        if sections is not None and dotted.partition(".")[0] not in sections:
+            raise ValueError(
+                f"--set {item!r}: expected {'|'.join(sections)}.KEY=VALUE (only the {', '.join(sections)} "
+                f"section{'s' if len(sections) > 1 else ''} can be changed)"
+            )
+        apply_override(cfg, dotted, yaml.safe_load(text), f"--set {item}")
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """The YAML file at ``path`` (or the defaults) with ``section.key=value`` overrides applied."""
     import yaml
@@ -193,10 +211,6 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         except yaml.YAMLError as e:
             raise ValueError(f"{path}: not valid YAML ({e})") from None
     cfg = RunConfig.from_dict(data, str(path) if path else "defaults")
-    for item in overrides or []:
-        dotted, sep, text = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set {item!r}: expected section.key=value")
-        apply_override(cfg, dotted.strip(), yaml.safe_load(text), f"--set {item}")
+    apply_overrides(cfg, overrides or [])
     cfg.validate()
     return cfg

@@ -119,10 +119,10 @@ def score_case(pred: np.ndarray, case: Any) -> dict[str, Any]:
 
 
 def _check_splits(run_dir: Path, modalities: Sequence[str]) -> None:
-    from .train import SPLIT_FRACTIONS
+    from .train import SPLIT_FILE
 
     for modality in modalities:
-        path = run_dir / SPLIT_FRACTIONS.format(modality=modality)
+        path = run_dir / SPLIT_FILE.format(modality=modality)
         if not path.is_file():
             raise FileNotFoundError(
                 f"split file {path} does not exist: evaluate the folder aqcf-train wrote (its split is reused, "
@@ -169,7 +169,7 @@ def evaluate(
 
     from ..data import write_prediction
     from .checkpoint import load_for_inference
-    from .config import apply_override
+    from .config import apply_overrides
     from .inference import predict_labels
     from .metrics import PAPER, markdown_table, summarise
     from .train import prepare_data
@@ -179,7 +179,7 @@ def evaluate(
     run_dir = Path(run_dir)
     ckpt_path = resolve_checkpoint(run_dir, checkpoint)
     model, cfg = load_for_inference(ckpt_path, device)
-    _apply_data_overrides(cfg, data_overrides, apply_override)
+    apply_overrides(cfg, data_overrides, sections=("data",))
     _check_splits(run_dir, cfg.modalities)
     data = prepare_data(cfg, run_dir, progress=progress)  # type: ignore[arg-type]  # None: tqdm decides
     out = Path(out) if out is not None else run_dir / f"eval_{split}_{_tag(checkpoint)}"
@@ -226,17 +226,6 @@ def evaluate(
         print(table, end="", flush=True)
         print(f"written to {out}", flush=True)
     return results
-
-
-def _apply_data_overrides(cfg: Any, overrides: Sequence[str], setter: Any) -> None:
-    import yaml
-
-    for item in overrides:
-        dotted, sep, text = item.partition("=")
-        dotted = dotted.strip()
-        if not sep or not dotted.startswith("data."):
-            raise ValueError(f"--set {item!r}: expected data.KEY=VALUE (only the data section can be changed)")
-        setter(cfg, dotted, yaml.safe_load(text), f"--set {item}")
 
 
 def build_parser() -> argparse.ArgumentParser:

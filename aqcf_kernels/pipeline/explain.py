@@ -330,8 +330,8 @@ def explain(
     from tqdm.auto import tqdm
 
     from .checkpoint import load_for_inference
-    from .config import apply_override
-    from .evaluate import _apply_data_overrides, _check_splits, resolve_checkpoint
+    from .config import apply_overrides
+    from .evaluate import _check_splits, resolve_checkpoint
     from .inference import predict_labels
     from .train import prepare_data
 
@@ -342,7 +342,7 @@ def explain(
     run_dir = Path(run_dir)
     ckpt_path = resolve_checkpoint(run_dir, checkpoint)
     model, cfg = load_for_inference(ckpt_path, device)
-    _apply_data_overrides(cfg, data_overrides, apply_override)
+    apply_overrides(cfg, data_overrides, sections=("data",))
     modalities = _modalities(modality, cfg.modalities)
     dims = cfg.model.spatial_dims
     multiple = 2 ** len(cfg.model.features)

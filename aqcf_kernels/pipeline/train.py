@@ -37,7 +37,7 @@ from .config import RunConfig, load_config
 from .inference import predict_labels
 from .metrics import dice
 
-SPLIT_FRACTIONS = "split_{modality}.json"
+SPLIT_FILE = "split_{modality}.json"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,7 +64,7 @@ def prepare_data(cfg: RunConfig, run_dir: Path, *, progress: bool = True) -> dic
         cases = find_cases(root, layout, modality=modality)
         cached = preprocess_cases(cases, Path(d.cache_dir) / modality, preprocess_config(cfg), progress=progress)
         split = load_or_create_split(
-            run_dir / SPLIT_FRACTIONS.format(modality=modality), [c.case_id for c in cached], fractions, d.split_seed
+            run_dir / SPLIT_FILE.format(modality=modality), [c.case_id for c in cached], fractions, d.split_seed
         )
         by_id = {c.case_id: c for c in cached}
         out[modality] = {part: [by_id[i] for i in ids] for part, ids in split.items()}

@@ -118,3 +118,19 @@ def test_bad_activation_is_a_clear_error(qrand):
         qF.quaternion_conv1d(x, w, activation="tanh")
     with pytest.raises(TypeError, match="negative_slope must be a number"):
         qF.quaternion_conv1d(x, w, activation="leaky_relu", negative_slope="0.1")
+
+
+@pytest.mark.parametrize("activation,slope", [("relu", 0.01), ("gelu", 0.01)])
+def test_output_follows_the_input_memory_format(backend, activation, slope, qrand, served):
+    """channels_last in, channels_last out (y and the kept pre-activation), as qconv and the fake say."""
+    x = qrand(2, 8, 5, 6, seed=8, dtype=torch.float32).to(memory_format=torch.channels_last)
+    w = qrand(4, 3, 2, 3, 3, dim=0, seed=9, dtype=torch.float32)
+    served(backend, x, w, "hamilton", padding=1)
+    y, pre = torch.ops.aqcf.qconv_act(
+        x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, "hamilton", activation, slope
+    )
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    if pre.numel():
+        assert pre.is_contiguous(memory_format=torch.channels_last)
+    ref = reference.quaternion_conv_expanded(x.double(), w.double(), padding=1)
+    torch.testing.assert_close(y.double(), torch_activation(ref, activation, slope), rtol=1e-5, atol=1e-5)
