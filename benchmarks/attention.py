@@ -188,7 +188,6 @@ def _forward_errors(fns: dict, inputs: Inputs) -> dict[str, float]:
 
 
 def run(cases, modes, providers, reps, warmup, dtype, device, naive_max_gib, memory=True) -> list[Result]:
-    sync = common.synchronizer(device)
     results: list[Result] = []
     n, i, started = len(cases) * len(modes), 0, time.perf_counter()
     for case in cases:
@@ -201,7 +200,7 @@ def run(cases, modes, providers, reps, warmup, dtype, device, naive_max_gib, mem
             i += 1
             common.progress(i, n, f"time {case.name} {mode}", started)
             steps = {name: make_step(mode, fn, block, inputs) for name, fn in fns.items()}
-            times = common.time_interleaved(steps, reps, warmup, sync)
+            times = common.time_interleaved(steps, reps, warmup, device)
             timings = {p: (common.Timing.of(times[p]) if p in times else None) for p in providers}
             results.append(Result(case, mode, timings, errors))
     if memory:

@@ -2,7 +2,8 @@
 
 Timing runs the providers of one case round-robin (A, B, C, A, B, C, ... with the starting
 provider rotating every rep), so slow drift of a shared machine hits every provider alike, and
-reports the median and interquartile range of wall-clock reps after warmup.
+reports the median and interquartile range of the reps after warmup (wall clock on CPU, CUDA
+events with the L2 flushed before each call on a GPU: :class:`StepClock`).
 
 Peak memory: on CUDA, the caching allocator's peak; on CPU (no allocator statistics), the growth
 of the process's peak resident set size over one step: ``malloc_trim(0)`` returns freed heap
@@ -70,26 +71,63 @@ def configure_torch(threads: int) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def synchronizer(device: torch.device) -> Callable[[], None]:
-    """A no-op on CPU; waits for queued kernels on an accelerator."""
-    if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    return lambda: None
+class StepClock:
+    """Times one call of a step, in seconds.
+
+    CPU: wall clock around the call. CUDA: a pair of CUDA events around the call (device time,
+    not host time), each call preceded, outside the timed region, by writing a 256 MiB buffer: that
+    evicts the 50 MB L2 as ``triton.testing.do_bench`` does, so a step never reads inputs the
+    previous one left in cache (the same effect as rotating input sets, at no extra memory per case).
+    """
+
+    FLUSH_BYTES = 256 * MiB
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self._flush = torch.empty(self.FLUSH_BYTES // 4, dtype=torch.int32, device=device) if self.cuda else None
+        self._pending: list[tuple[str, Any, Any]] = []
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def time(self, name: str, step: Step, times: dict[str, list[float]]) -> None:
+        """Run ``step`` once and append its time to ``times[name]`` (on CUDA, at :meth:`collect`)."""
+        if not self.cuda:
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+            return
+        self._flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        self._pending.append((name, start, end))
+
+    def collect(self, times: dict[str, list[float]]) -> None:
+        self.sync()
+        for name, start, end in self._pending:
+            times[name].append(start.elapsed_time(end) / 1e3)
+        self._pending.clear()
 
 
 def time_interleaved(
-    steps: Mapping[str, Step], reps: int, warmup: int, sync: Callable[[], None] = lambda: None
+    steps: Mapping[str, Step], reps: int, warmup: int, device: torch.device | str = "cpu"
 ) -> dict[str, list[float]]:
-    """Wall-clock seconds of ``reps`` calls of every step, run round-robin after ``warmup`` rounds.
+    """Seconds of ``reps`` calls of every step, run round-robin after ``warmup`` rounds.
 
     The provider that starts each round rotates, so no provider always runs right after the
-    same other one (cache state, turbo, allocator) or always first.
+    same other one (cache state, turbo, allocator) or always first. See :class:`StepClock` for
+    what is timed on each device.
     """
+    clock = StepClock(torch.device(device))
     names = list(steps)
     for _ in range(warmup):
         for name in names:
             steps[name]()
-    sync()
+    clock.sync()
     times: dict[str, list[float]] = {name: [] for name in names}
     gc.collect()
     gc_was_enabled = gc.isenabled()
@@ -98,11 +136,8 @@ def time_interleaved(
         for rep in range(reps):
             k = rep % len(names)
             for name in names[k:] + names[:k]:
-                sync()
-                t0 = time.perf_counter()
-                steps[name]()
-                sync()
-                times[name].append(time.perf_counter() - t0)
+                clock.time(name, steps[name], times)
+            clock.collect(times)
     finally:
         if gc_was_enabled:
             gc.enable()

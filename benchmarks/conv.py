@@ -326,7 +326,6 @@ def run(
     allocates (see ``benchmarks._memory_worker``), so it runs in a fresh process.
     """
     device = torch.device(device)
-    sync = common.synchronizer(device)
     n = len(cases) * len(modes) * (2 if memory else 1)
     results: list[Result] = []
     i, started = 0, time.perf_counter()
@@ -339,7 +338,7 @@ def run(
             i += 1
             common.progress(i, n, f"time {case.name} {mode}", started)
             steps = {name: make_step(mode, fn, inputs) for name, fn in fns.items()}
-            times = common.time_interleaved(steps, reps, warmup, sync)
+            times = common.time_interleaved(steps, reps, warmup, device)
             timings = {k: common.Timing.of(v) for k, v in times.items()}
             results.append(Result(case, mode, timings, dict.fromkeys(fns), served, errors))
     memory_method = "not measured"

@@ -1,55 +1,70 @@
 #!/usr/bin/env bash
-# Every GPU check and benchmark in one call (< 9 min on an H100), for a lent GPU machine with
-# torch, triton, ninja and pytest preinstalled and no network:
-#   bash benchmarks/gpu_suite.sh OUTDIR
-# 1. builds the extension in place (CUDA sources included when torch has CUDA);
-# 2. runs the GPU tests (tests/gpu), the Triton kernel tests and the attention tests natively on the GPU;
-# 3. benchmarks QuaternionConv2d/3d fwd, bwd, fwd+bwd: naive16, expanded (cuDNN), cuda,
-#    triton/hamilton, triton/fast8, auto, in tf32 and in bf16; ratios to expanded;
-# 4. benchmarks the A-QCF block in bf16 (naive, SDPA-composed, ours), 256 to 16384 tokens.
+# Every GPU check and benchmark, for a lent GPU machine with torch, triton, ninja and pytest
+# preinstalled and no network:
+#   bash benchmarks/gpu_suite.sh OUTDIR [STAGE ...]
+# Stages, in this order (all of them by default; name some to split the suite over two calls of a
+# tool that limits one command to 10 minutes, on the same warm machine):
+#   build      the extension in place (CUDA sources included when torch has CUDA)
+#   tests      the GPU tests (tests/gpu), the Triton kernel tests and the attention tests, natively
+#   conv-tf32  QuaternionConv2d/3d fwd, bwd, fwd+bwd: naive16, expanded (cuDNN), cuda,
+#   conv-bf16  triton/hamilton, triton/fast8, auto; ratios to expanded
+#   attention  the A-QCF block in bf16 (naive, SDPA-composed, ours), 256 to 16384 tokens
 # Writes OUTDIR/{setup.log,tests.txt}, OUTDIR/{tf32,bf16}/conv.{md,json,png} and
 # OUTDIR/attention/attention.{md,json,png}. (The device tool brings back 8 files: tar OUTDIR there.)
 # Each stage runs even if an earlier one failed; the exit code is non-zero if any failed.
 set -uo pipefail
-OUT=${1:?usage: bash benchmarks/gpu_suite.sh OUTDIR}
+OUT=${1:?usage: bash benchmarks/gpu_suite.sh OUTDIR [build|tests|conv-tf32|conv-bf16|attention ...]}
+shift
+STAGES=${*:-build tests conv-tf32 conv-bf16 attention}
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
-PY=${PYTHON:-python}
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
 status=0
 t0=$(date +%s)
 stamp() { echo "[gpu_suite +$(($(date +%s) - t0))s] $*" | tee -a "$OUT/setup.log"; }
+wants() { [[ " $STAGES " == *" $1 "* ]]; }
 
-stamp "machine"
+stamp "machine; stages: $STAGES"
 { nvidia-smi; "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"; git rev-parse --short HEAD; } >>"$OUT/setup.log" 2>&1
 
-stamp "building the extension (CUDA included)"
-if MAX_JOBS=${MAX_JOBS:-16} "$PY" setup.py build_ext --inplace >>"$OUT/setup.log" 2>&1; then
-  stamp "build ok"
-else
-  stamp "BUILD FAILED (see above)"; status=1
+if wants build; then
+  stamp "building the extension (CUDA included)"
+  if MAX_JOBS=${MAX_JOBS:-16} "$PY" setup.py build_ext --inplace >>"$OUT/setup.log" 2>&1; then
+    stamp "build ok"
+  else
+    stamp "BUILD FAILED (see above)"; status=1
+  fi
+  "$PY" -c "import aqcf_kernels; print(aqcf_kernels.backends())" >>"$OUT/setup.log" 2>&1
 fi
-"$PY" -c "import aqcf_kernels; print(aqcf_kernels.backends())" >>"$OUT/setup.log" 2>&1
 
-stamp "GPU tests"
-if timeout 240 "$PY" -m pytest -q -p no:cacheprovider -m "not slow" tests/gpu tests/triton_kernels tests/attention -rs >"$OUT/tests.txt" 2>&1; then
-  stamp "tests passed"
-else
-  stamp "TESTS FAILED or timed out (see tests.txt)"; status=1
+if wants tests; then
+  stamp "GPU tests"
+  if timeout 300 "$PY" -m pytest -q -p no:cacheprovider -m "not slow" tests/gpu tests/triton_kernels tests/attention \
+      -rs --durations=15 >"$OUT/tests.txt" 2>&1; then
+    stamp "tests passed"
+  else
+    stamp "TESTS FAILED or timed out (see tests.txt)"; status=1
+  fi
+  tail -n 3 "$OUT/tests.txt" | tee -a "$OUT/setup.log"
 fi
-tail -n 3 "$OUT/tests.txt" | tee -a "$OUT/setup.log"
 
 for mode in tf32 bf16; do
-  stamp "benchmark $mode"
+  wants "conv-$mode" || continue
+  stamp "benchmark conv $mode"
   if [ "$mode" = tf32 ]; then args=(--dtype float32 --tf32); else args=(--dtype bfloat16); fi
-  if ! timeout 150 "$PY" -m benchmarks.cli conv --device cuda --grid gpu --reps 10 --warmup 3 \
+  if ! timeout 300 "$PY" -m benchmarks.cli conv --device cuda --grid gpu --reps 10 --warmup 3 \
       "${args[@]}" --out "$OUT/$mode" >>"$OUT/setup.log" 2>&1; then
-    stamp "BENCHMARK $mode FAILED or timed out"; status=1
+    stamp "BENCHMARK conv $mode FAILED or timed out"; status=1
   fi
 done
-stamp "benchmark attention bf16"
-if ! timeout 150 "$PY" -m benchmarks.cli attention --device cuda --dtype bfloat16 --grid full --reps 10 --warmup 3 \
-    --naive-max-gib 20 --out "$OUT/attention" >>"$OUT/setup.log" 2>&1; then
-  stamp "BENCHMARK attention FAILED or timed out"; status=1
+
+if wants attention; then
+  stamp "benchmark attention bf16"
+  if ! timeout 240 "$PY" -m benchmarks.cli attention --device cuda --dtype bfloat16 --grid full --reps 10 --warmup 3 \
+      --naive-max-gib 20 --out "$OUT/attention" >>"$OUT/setup.log" 2>&1; then
+    stamp "BENCHMARK attention FAILED or timed out"; status=1
+  fi
 fi
 stamp "done, status $status"
 exit $status

@@ -165,7 +165,6 @@ def _forward_errors(models: dict[str, AQCFNet], inputs: Inputs) -> dict[str, flo
 
 
 def run(cases, modes, providers, reps, warmup, dtype, device, memory=True) -> list[Result]:
-    sync = common.synchronizer(device)
     results: list[Result] = []
     n, i, started = len(cases) * len(modes), 0, time.perf_counter()
     for case in cases:
@@ -177,7 +176,7 @@ def run(cases, modes, providers, reps, warmup, dtype, device, memory=True) -> li
             i += 1
             common.progress(i, n, f"time {case.name} {mode}", started)
             steps = {name: make_step(mode, m, inputs) for name, m in models.items()}
-            times = common.time_interleaved(steps, reps, warmup, sync)
+            times = common.time_interleaved(steps, reps, warmup, device)
             timings = {p: common.Timing.of(times[p]) for p in providers}
             results.append(Result(case, mode, timings, errors, params))
         del models
