@@ -12,6 +12,8 @@
 # Writes OUTDIR/{setup.log,tests.txt}, OUTDIR/{tf32,bf16}/conv.{md,json,png} and
 # OUTDIR/attention/attention.{md,json,png}. (The device tool brings back 8 files: tar OUTDIR there.)
 # Each stage runs even if an earlier one failed; the exit code is non-zero if any failed.
+# Environment: PYTHON (default python3); CONV_CASES, a --cases filter for the conv grid (e.g.
+# "2d 64q,3d 32q"); BENCH_ARGS, extra arguments for every benchmark (e.g. --no-memory).
 set -uo pipefail
 OUT=${1:?usage: bash benchmarks/gpu_suite.sh OUTDIR [build|tests|conv-tf32|conv-bf16|attention ...]}
 shift
@@ -40,8 +42,11 @@ fi
 
 if wants tests; then
   stamp "GPU tests"
-  if timeout 300 "$PY" -m pytest -q -p no:cacheprovider -m "not slow" tests/gpu tests/triton_kernels tests/attention \
-      -rs --durations=15 >"$OUT/tests.txt" 2>&1; then
+  # pytest-xdist, where installed, compiles kernels in parallel and turns a crashing test into a
+  # failure (the worker is replaced) instead of ending the whole run.
+  parallel=(); if "$PY" -c "import xdist" 2>/dev/null; then parallel=(-n 8); fi
+  if timeout 300 "$PY" -m pytest -q -p no:cacheprovider -m "not slow" "${parallel[@]}" \
+      tests/gpu tests/triton_kernels tests/attention -rs --durations=15 >"$OUT/tests.txt" 2>&1; then
     stamp "tests passed"
   else
     stamp "TESTS FAILED or timed out (see tests.txt)"; status=1
@@ -53,16 +58,19 @@ for mode in tf32 bf16; do
   wants "conv-$mode" || continue
   stamp "benchmark conv $mode"
   if [ "$mode" = tf32 ]; then args=(--dtype float32 --tf32); else args=(--dtype bfloat16); fi
+  if [ -n "${CONV_CASES:-}" ]; then args+=(--cases "$CONV_CASES"); fi
+  # shellcheck disable=SC2086 # BENCH_ARGS is a list of words
   if ! timeout 300 "$PY" -m benchmarks.cli conv --device cuda --grid gpu --reps 10 --warmup 3 \
-      "${args[@]}" --out "$OUT/$mode" >>"$OUT/setup.log" 2>&1; then
+      "${args[@]}" ${BENCH_ARGS:-} --out "$OUT/$mode" >>"$OUT/setup.log" 2>&1; then
     stamp "BENCHMARK conv $mode FAILED or timed out"; status=1
   fi
 done
 
 if wants attention; then
   stamp "benchmark attention bf16"
+  # shellcheck disable=SC2086
   if ! timeout 240 "$PY" -m benchmarks.cli attention --device cuda --dtype bfloat16 --grid full --reps 10 --warmup 3 \
-      --naive-max-gib 20 --out "$OUT/attention" >>"$OUT/setup.log" 2>&1; then
+      --naive-max-gib 20 ${BENCH_ARGS:-} --out "$OUT/attention" >>"$OUT/setup.log" 2>&1; then
     stamp "BENCHMARK attention FAILED or timed out"; status=1
   fi
 fi

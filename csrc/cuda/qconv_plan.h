@@ -19,12 +19,6 @@
 namespace aqcf {
 namespace cuda {
 
-inline std::string shape_str(at::IntArrayRef s) {
-  std::string out = "(";
-  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
-  return out + ")";
-}
-
 // (N, C, *S) with 1-3 spatial dims -> (N, C, D, H, W) by inserting size-1 dims (a view).
 inline at::Tensor as_5d(at::Tensor t) {
   while (t.dim() < 5) t = t.unsqueeze(2);
@@ -41,7 +35,7 @@ inline int checked_int(int64_t v, const char* what) {
 // (size-1) dims filled with `fill`.
 inline void spatial3(at::IntArrayRef v, int64_t n, int fill, int out[3], const char* name) {
   TORCH_CHECK(static_cast<int64_t>(v.size()) == n, "aqcf cuda: ", name, " must have ", n, " elements for a ", n,
-              "d conv, got ", shape_str(v));
+              "d conv, got ", at::IntArrayRef(v));
   for (int d = 0; d < 3; ++d) out[d] = d < 3 - n ? fill : checked_int(v[d - (3 - n)], name);
 }
 
@@ -64,7 +58,7 @@ inline Geometry make_geometry(const at::Tensor& x, const at::Tensor& y, at::IntA
     g.in[d] = checked_int(x5.size(2 + d), "input spatial size");
     g.out[d] = checked_int(y5.size(2 + d), "output spatial size");
     TORCH_CHECK(g.kernel[d] >= 1 && g.stride[d] >= 1 && g.dil[d] >= 1, "aqcf cuda: kernel size ",
-                shape_str(kernel), ", stride ", shape_str(stride), " and dilation ", shape_str(dilation),
+                at::IntArrayRef(kernel), ", stride ", at::IntArrayRef(stride), " and dilation ", at::IntArrayRef(dilation),
                 " must be positive");
   }
   for (int d = 0; d < 5; ++d) {
@@ -103,20 +97,20 @@ inline ConvPlan plan_conv(const at::Tensor& input, const at::Tensor& weight, con
   TORCH_CHECK(input.is_floating_point(), "aqcf cuda_conv: input must be floating point, got ", input.scalar_type());
   const int64_t n = input.dim() - 2;
   TORCH_CHECK(n >= 1 && n <= 3, "aqcf cuda_conv: input must be 3-D, 4-D or 5-D (N, C, *spatial), got shape ",
-              shape_str(input.sizes()));
+              at::IntArrayRef(input.sizes()));
   TORCH_CHECK(weight.dim() == n + 3 && weight.size(0) == 4, "aqcf cuda_conv: weight must have shape (4, A, B, *k) with ",
-              n, " kernel dims, got ", shape_str(weight.sizes()));
+              n, " kernel dims, got ", at::IntArrayRef(weight.sizes()));
   TORCH_CHECK(groups >= 1, "aqcf cuda_conv: groups must be positive, got ", groups);
   TORCH_CHECK(input.size(1) % (4 * groups) == 0, "aqcf cuda_conv: input has ", input.size(1),
               " channels, not a multiple of 4 * groups = ", 4 * groups);
   const int64_t cq_in = input.size(1) / 4, a = weight.size(1), b = weight.size(2);
   int64_t cq_out;
   if (transposed) {  // weight (4, Cq_in, Cq_out / G, *k)
-    TORCH_CHECK(a == cq_in, "aqcf cuda_conv: transposed weight ", shape_str(weight.sizes()), " must have size ", cq_in,
+    TORCH_CHECK(a == cq_in, "aqcf cuda_conv: transposed weight ", at::IntArrayRef(weight.sizes()), " must have size ", cq_in,
                 " (input quaternion channels) at dim 1");
     cq_out = b * groups;
   } else {  // weight (4, Cq_out, Cq_in / G, *k)
-    TORCH_CHECK(b * groups == cq_in && a % groups == 0, "aqcf cuda_conv: weight ", shape_str(weight.sizes()),
+    TORCH_CHECK(b * groups == cq_in && a % groups == 0, "aqcf cuda_conv: weight ", at::IntArrayRef(weight.sizes()),
                 " does not fit ", input.size(1), " input channels with groups=", groups,
                 "; expected (4, out/4 (a multiple of groups), ", cq_in / groups, ", *k)");
     cq_out = a;
@@ -128,12 +122,12 @@ inline ConvPlan plan_conv(const at::Tensor& input, const at::Tensor& weight, con
   for (int64_t d = 0; d < n; ++d) {
     const int64_t i = input.size(2 + d), k = weight.size(3 + d);
     const int64_t s = stride[d], p = padding[d], dl = dilation[d];
-    TORCH_CHECK(k >= 1 && s >= 1 && dl >= 1 && p >= 0, "aqcf cuda_conv: invalid kernel ", shape_str(weight.sizes().slice(3)),
-                ", stride ", shape_str(stride), ", padding ", shape_str(padding), " or dilation ", shape_str(dilation));
+    TORCH_CHECK(k >= 1 && s >= 1 && dl >= 1 && p >= 0, "aqcf cuda_conv: invalid kernel ", at::IntArrayRef(weight.sizes().slice(3)),
+                ", stride ", at::IntArrayRef(stride), ", padding ", at::IntArrayRef(padding), " or dilation ", at::IntArrayRef(dilation));
     const int64_t o = transposed ? (i - 1) * s - 2 * p + dl * (k - 1) + output_padding[d] + 1
                                  : (i + 2 * p - dl * (k - 1) - 1) / s + 1;
-    TORCH_CHECK(o >= 1, "aqcf cuda_conv: input spatial size ", shape_str(input.sizes().slice(2)),
-                " is too small for kernel ", shape_str(weight.sizes().slice(3)));
+    TORCH_CHECK(o >= 1, "aqcf cuda_conv: input spatial size ", at::IntArrayRef(input.sizes().slice(2)),
+                " is too small for kernel ", at::IntArrayRef(weight.sizes().slice(3)));
     out_shape.push_back(o);
   }
 
@@ -141,7 +135,7 @@ inline ConvPlan plan_conv(const at::Tensor& input, const at::Tensor& weight, con
   if (bias.has_value() && bias->defined()) {
     check_same(*bias, input, "bias");
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == 4 * cq_out, "aqcf cuda_conv: bias must have shape (", 4 * cq_out,
-                ",), got ", shape_str(bias->sizes()));
+                ",), got ", at::IntArrayRef(bias->sizes()));
     plan.b = bias->contiguous();
   }
   // Outputs follow the input's memory format (channels_last in, channels_last out), like torch.
@@ -172,13 +166,13 @@ inline WgradPlan plan_wgrad(const at::Tensor& input, const at::Tensor& grad_outp
   const int64_t n = input.dim() - 2;
   TORCH_CHECK(n >= 1 && n <= 3 && grad_output.dim() == input.dim(),
               "aqcf cuda_conv_weight_grad: input and grad_output must both be 3-D, 4-D or 5-D, got ",
-              shape_str(input.sizes()), " and ", shape_str(grad_output.sizes()));
+              at::IntArrayRef(input.sizes()), " and ", at::IntArrayRef(grad_output.sizes()));
   TORCH_CHECK(static_cast<int64_t>(weight_shape.size()) == n + 3 && weight_shape[0] == 4,
               "aqcf cuda_conv_weight_grad: weight_shape must be (4, A, B, *k) with ", n, " kernel dims, got ",
-              shape_str(weight_shape));
+              at::IntArrayRef(weight_shape));
   TORCH_CHECK(groups >= 1, "aqcf cuda_conv_weight_grad: groups must be positive, got ", groups);
   TORCH_CHECK(input.size(0) == grad_output.size(0), "aqcf cuda_conv_weight_grad: batch sizes differ: ",
-              shape_str(input.sizes()), " vs ", shape_str(grad_output.sizes()));
+              at::IntArrayRef(input.sizes()), " vs ", at::IntArrayRef(grad_output.sizes()));
 
   WgradPlan plan;
   // The transposed conv's weight gradient is the conv's with input and grad_output swapped
@@ -186,12 +180,12 @@ inline WgradPlan plan_wgrad(const at::Tensor& input, const at::Tensor& grad_outp
   plan.x = transposed ? grad_output : input;
   plan.gy = transposed ? input : grad_output;
   TORCH_CHECK(plan.x.size(1) % (4 * groups) == 0 && plan.gy.size(1) % (4 * groups) == 0,
-              "aqcf cuda_conv_weight_grad: channels of input ", shape_str(input.sizes()), " and grad_output ",
-              shape_str(grad_output.sizes()), " must be multiples of 4 * groups = ", 4 * groups);
+              "aqcf cuda_conv_weight_grad: channels of input ", at::IntArrayRef(input.sizes()), " and grad_output ",
+              at::IntArrayRef(grad_output.sizes()), " must be multiples of 4 * groups = ", 4 * groups);
   const int64_t cq_in = plan.x.size(1) / 4, cq_out = plan.gy.size(1) / 4;
   TORCH_CHECK(weight_shape[1] == cq_out && weight_shape[2] * groups == cq_in, "aqcf cuda_conv_weight_grad: weight_shape ",
-              shape_str(weight_shape), " does not fit input ", shape_str(input.sizes()), " and grad_output ",
-              shape_str(grad_output.sizes()), " with groups=", groups, " (transposed=", transposed, ")");
+              at::IntArrayRef(weight_shape), " does not fit input ", at::IntArrayRef(input.sizes()), " and grad_output ",
+              at::IntArrayRef(grad_output.sizes()), " with groups=", groups, " (transposed=", transposed, ")");
   const at::ScalarType acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t taps = c10::multiply_integers(weight_shape.slice(3));
   plan.gw = at::zeros({4, cq_out, cq_in / groups, taps}, input.options().dtype(acc));
