@@ -215,13 +215,17 @@ def is_pointwise(weight_shape: Sequence[int], p: ConvParams) -> bool:
 
 
 def fast8_pays_off(input: Tensor, weight: Tensor, p: ConvParams) -> bool:
-    """The ``algorithm='auto'`` policy, from the CPU benchmark (see README).
+    """The ``algorithm='auto'`` policy, from the CPU and GPU benchmarks (see README).
 
     fast8 only in fp32/fp64 (its component-wise error grows in half precision when real parts
     dominate) and only where each of its 8 products is a conv big enough for oneDNN to run at
     full speed, so halving the FLOPs halves the time.
     """
     if input.dtype not in (torch.float32, torch.float64):
+        return False
+    if input.device.type != "cpu":
+        # Measured on GPUs: 8 convs lost to one cuDNN conv on the expanded weight (Triton fast8
+        # 0.17-0.20x of it at 64 quaternion channels, benchmarks/results/conv-gpu-*).
         return False
     if is_pointwise(weight.shape, p):
         # One GEMM on the expanded weight (the pointwise path) beat 8 batched GEMMs plus the

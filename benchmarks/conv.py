@@ -19,6 +19,7 @@ Cases are stride-1, ``padding=kernel//2`` ("same") convs with bias, in = out cha
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -152,15 +153,12 @@ class Provider:
     def build(self, case: Case) -> ConvFn:
         if self.reference is not None:
             return partial(self.reference, stride=1, padding=case.padding)
-        fn = partial(quaternion_conv, stride=1, padding=case.padding, algorithm=self.algorithm)
-        if self.backend is None:
-            return fn
+        return partial(quaternion_conv, stride=1, padding=case.padding, algorithm=self.algorithm)
 
-        def forced(*args: Tensor | None) -> Tensor:
-            with _backends.use(self.backend):
-                return fn(*args)
-
-        return forced
+    def scope(self) -> contextlib.AbstractContextManager:
+        """Where every call of a step runs: the forced backend, backward included (autograd
+        selects the backend of the backward ops when they run, not when the forward ran)."""
+        return contextlib.nullcontext() if self.backend is None else _backends.use(self.backend)
 
     def served_by(self, x: Tensor, w: Tensor, case: Case) -> str:
         """``reference``, or ``backend/algorithm`` that serves ours (the forward call)."""
@@ -228,21 +226,37 @@ def make_inputs(case: Case, dtype: torch.dtype = torch.float32, device: str | to
     )
 
 
-def make_step(mode: str, fn: ConvFn, inputs: Inputs) -> common.Step:
-    """The measured unit of ``mode``: a zero-argument callable."""
+def make_step(
+    mode: str,
+    fn: ConvFn,
+    inputs: Inputs,
+    scope: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> common.Step:
+    """The measured unit of ``mode``: a zero-argument callable, each call inside ``scope()``."""
     leaves, gy = inputs.leaves, inputs.grad_out
     if mode == "fwd":
 
         def fwd() -> None:
-            with torch.no_grad():
+            with scope(), torch.no_grad():
                 fn(*leaves)
 
         return fwd
     if mode == "fwdbwd":
-        return lambda: torch.autograd.grad(fn(*leaves), leaves, gy)
+
+        def fwdbwd() -> None:
+            with scope():
+                torch.autograd.grad(fn(*leaves), leaves, gy)
+
+        return fwdbwd
     if mode == "bwd":
-        y = fn(*leaves)  # built once, outside the timing; kept for every rep
-        return lambda: torch.autograd.grad(y, leaves, gy, retain_graph=True)
+        with scope():
+            y = fn(*leaves)  # built once, outside the timing; kept for every rep
+
+        def bwd() -> None:
+            with scope():
+                torch.autograd.grad(y, leaves, gy, retain_graph=True)
+
+        return bwd
     raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
 
 
@@ -337,7 +351,7 @@ def run(
         for mode in modes:
             i += 1
             common.progress(i, n, f"time {case.name} {mode}", started)
-            steps = {name: make_step(mode, fn, inputs) for name, fn in fns.items()}
+            steps = {name: make_step(mode, fn, inputs, PROVIDERS[name].scope) for name, fn in fns.items()}
             times = common.time_interleaved(steps, reps, warmup, device)
             timings = {k: common.Timing.of(v) for k, v in times.items()}
             results.append(Result(case, mode, timings, dict.fromkeys(fns), served, errors))
@@ -372,7 +386,7 @@ def measure_memory(payload: dict[str, Any], pinned: bool) -> dict[str, Any]:
             common.progress(i, n, f"memory {case.name} {mode}", started)
             row = {}
             for name, fn in fns.items():
-                step = make_step(mode, fn, inputs)  # one provider's bwd graph alive at a time
+                step = make_step(mode, fn, inputs, PROVIDERS[name].scope)  # one bwd graph alive at a time
                 step()  # first call: oneDNN primitives, caches
                 row[name] = meter.measure(step)
                 del step
@@ -385,7 +399,10 @@ def _forward_errors(case: Case, fns: dict[str, ConvFn], inputs: Inputs, dtype: t
         return {}
     with torch.no_grad():
         ref = fns[BASELINE](*inputs.leaves)
-    errors = {name: forward_error(fn, ref, inputs) for name, fn in fns.items()}
+    errors = {}
+    for name, fn in fns.items():
+        with PROVIDERS[name].scope():
+            errors[name] = forward_error(fn, ref, inputs)
     tol = 1e-3 if dtype in (torch.float32, torch.float64) else 5e-2
     for name, err in errors.items():
         if err > tol:

@@ -13,7 +13,8 @@
 # OUTDIR/attention/attention.{md,json,png}. (The device tool brings back 8 files: tar OUTDIR there.)
 # Each stage runs even if an earlier one failed; the exit code is non-zero if any failed.
 # Environment: PYTHON (default python3); CONV_CASES, a --cases filter for the conv grid (e.g.
-# "2d 64q,3d 32q"); BENCH_ARGS, extra arguments for every benchmark (e.g. --no-memory).
+# "2d 64q,3d 32q"); BENCH_ARGS, extra arguments for every benchmark (e.g. --no-memory);
+# XDIST_WORKERS, pytest-xdist workers for the tests (default 8).
 set -uo pipefail
 OUT=${1:?usage: bash benchmarks/gpu_suite.sh OUTDIR [build|tests|conv-tf32|conv-bf16|attention ...]}
 shift
@@ -44,8 +45,8 @@ if wants tests; then
   stamp "GPU tests"
   # pytest-xdist, where installed, compiles kernels in parallel and turns a crashing test into a
   # failure (the worker is replaced) instead of ending the whole run.
-  parallel=(); if "$PY" -c "import xdist" 2>/dev/null; then parallel=(-n 8); fi
-  if timeout 300 "$PY" -m pytest -q -p no:cacheprovider -m "not slow" "${parallel[@]}" \
+  parallel=(); if "$PY" -c "import xdist" 2>/dev/null; then parallel=(-n "${XDIST_WORKERS:-8}"); fi
+  if timeout "${TESTS_TIMEOUT:-300}" "$PY" -m pytest -q -p no:cacheprovider -m "not slow" "${parallel[@]}" \
       tests/gpu tests/triton_kernels tests/attention -rs --durations=15 >"$OUT/tests.txt" 2>&1; then
     stamp "tests passed"
   else

@@ -36,7 +36,7 @@ def target(request):
 @pytest.mark.parametrize("provider", CPU_PROVIDERS)
 def test_conv(benchmark, target, provider: str, mode: str) -> None:
     name, case, inputs = target
-    step = make_step(mode, PROVIDERS[provider].build(case), inputs)
+    step = make_step(mode, PROVIDERS[provider].build(case), inputs, PROVIDERS[provider].scope)
     benchmark.group = f"{case.name} {mode}"
     benchmark.extra_info.update(
         case=case.name,

@@ -46,8 +46,9 @@ def _dot_config(dtype: torch.dtype):
     if INTERPRET:  # bf16 arithmetic is wrong in the interpreter: dot in fp32 there
         return tl.float32, "ieee"
     if dtype == torch.float32:
-        tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32
-        return tl.float32, "tf32" if tf32 else "ieee"
+        # TF32 only on request (torch.backends.cuda.matmul.allow_tf32, off by default), not on
+        # cudnn.allow_tf32: that one defaults to True and would cost fp32 callers three digits.
+        return tl.float32, "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
     return (tl.float16 if dtype == torch.float16 else tl.bfloat16), "ieee"
 
 

@@ -159,3 +159,24 @@ def test_empty_batch_gives_empty_output_and_zero_grads(backend, algorithm, case,
     assert x.grad.shape == x.shape
     assert torch.equal(w.grad, torch.zeros_like(w))
     assert torch.equal(b.grad, torch.zeros_like(b))
+
+
+def test_cuda_calls_go_to_cudnn_on_the_expanded_weight_unless_forced(monkeypatch):
+    # The GPU benchmarks (benchmarks/results/*-gpu-*) found cuDNN on the expanded weight faster
+    # than the fused kernels everywhere, so `auto` must not pick them on CUDA.
+    from aqcf_kernels.backends import CONV, use
+    from aqcf_kernels.params import FAST8_MIN_CHANNELS_PER_GROUP, fast8_pays_off
+
+    monkeypatch.delenv("AQCF_BACKEND", raising=False)
+    assert CONV.priority["cuda"][0] == "torch"
+    wide = FAST8_MIN_CHANNELS_PER_GROUP * 2
+    _, _, p = _args()
+    x_meta = torch.empty(2, 4 * wide, 9, 9, device="meta")
+    w_meta = torch.empty(4, wide, wide, 3, 3, device="meta")
+    assert fast8_pays_off(torch.empty(x_meta.shape), torch.empty(w_meta.shape), p)  # the same on CPU: fast8
+    assert not fast8_pays_off(x_meta, w_meta, p)  # any non-CPU device: hamilton
+    from aqcf_kernels.backends import select_in
+
+    assert select_in(CONV, "cuda", lambda b: None).name == "torch"
+    with use("triton"):
+        assert select_in(CONV, "cuda", lambda b: None).name == "triton"
