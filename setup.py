@@ -21,7 +21,8 @@ except ImportError as e:  # pragma: no cover - a clear message beats setuptools'
 
 here = os.path.dirname(os.path.abspath(__file__))
 cpu_sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+# csrc/cuda: kernels and launches in .cu (nvcc), host entry points in .cpp (the C++ compiler)
+cuda_sources = sorted(f for ext in ("cu", "cpp") for f in glob.glob(os.path.join("csrc", "cuda", f"*.{ext}")))
 cxx_flags = ["-O3", "-fopenmp"]  # torch chooses the -std its headers need (C++20 from 2.14)
 ext_modules = []
 if cpu_sources:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Compile-and-link check of the CUDA build of aqcf_kernels._C (`make check-cuda`, CI).
 #
-# Builds ALL extension sources (csrc/cpu/*.cpp + csrc/cuda/*.cu, with -DAQCF_WITH_CUDA) through the
+# Builds ALL extension sources (csrc/cpu/*.cpp + csrc/cuda/*.{cu,cpp}, with -DAQCF_WITH_CUDA) through the
 # project's own setup.py into a temporary directory, then imports the result (which resolves every
 # symbol) and checks that the binding exposes the CUDA entry points. No GPU is needed or used: a
 # machine without one can only prove that the code compiles and links.
@@ -91,7 +91,7 @@ else
   trap 'rm -rf "$build"' EXIT
 fi
 echo "check-cuda: torch $("$py" -c 'import torch; print(torch.__version__)'), CUDA_HOME=$CUDA_HOME," \
-  "arch $TORCH_CUDA_ARCH_LIST, sources: $(ls csrc/cpu/*.cpp csrc/cuda/*.cu | tr '\n' ' ')"
+  "arch $TORCH_CUDA_ARCH_LIST, sources: $(ls csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cpp | tr '\n' ' ')"
 
 # setup.py builds a CUDAExtension with -DAQCF_WITH_CUDA when torch has CUDA: the real build recipe.
 "$py" setup.py --quiet build_ext --build-lib "$build/lib" --build-temp "$build/tmp" \

@@ -1,4 +1,4 @@
-// Host API of the CUDA quaternion convolution (qconv_cuda.cu). Plain C++: the binding file, compiled
+// Host API of the CUDA quaternion convolution (qconv_cuda.cpp). Plain C++: the binding file, compiled
 // by the host compiler, includes it under `#ifdef AQCF_WITH_CUDA` and calls aqcf_register_cuda(m).
 //
 // Same arguments and semantics as the CPU extension's conv / conv_weight_grad (csrc/cpu/conv.h).

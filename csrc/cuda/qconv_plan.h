@@ -1,6 +1,6 @@
 // Host-side planning of the CUDA quaternion convolution launches: argument checks, output allocation,
 // the weight in GEMM order and the kernels' Geometry. Device-independent ATen code (it runs on CPU
-// tensors too), so qconv_cuda.cu is left with only device checks and launches, and the same planning
+// tensors too), so it is compiled with the C++ compiler (qconv_cuda.cpp) and nvcc sees only launches, and the same planning
 // can drive a host emulation of the kernels in tests.
 #pragma once
 
@@ -14,7 +14,7 @@
 #include <string>
 #include <vector>
 
-#include "qconv_kernels.cuh"
+#include "qconv_geometry.h"
 
 namespace aqcf {
 namespace cuda {

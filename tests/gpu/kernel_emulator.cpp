@@ -4,7 +4,7 @@
 // becomes `static` (one copy, shared by the block's threads; blocks run one after another),
 // __syncthreads is a std::barrier and atomicAdd takes a mutex. The launch planning (argument checks,
 // weight layout, geometry, pixel splits) is the extension's own qconv_plan.h; only the launch itself
-// mirrors qconv_cuda.cu. Every output is NaN-poisoned before the kernel runs.
+// mirrors qconv_launch.cu (grids as in qconv_cuda.cpp). Every output is NaN-poisoned before the kernel runs.
 #include <torch/extension.h>
 
 #include <atomic>
@@ -34,6 +34,7 @@ T atomicAdd(T* p, T v) {
   return old;
 }
 
+#include "qconv_kernels.cuh"
 #include "qconv_plan.h"
 
 template <typename F>

@@ -3,7 +3,7 @@
 Proves the kernels' tiling, indexing and quaternion algebra on machines without a GPU:
 kernel_emulator.cpp compiles the kernel source as plain C++ (256 std::threads per block, shared
 memory as statics, __syncthreads as a barrier) behind the extension's own launch planning
-(qconv_plan.h). It cannot prove what only hardware shows (the launch code in qconv_cuda.cu, races
+(qconv_plan.h). It cannot prove what only hardware shows (the launch code in qconv_launch.cu, races
 the barrier-per-phase emulation hides, memory limits, speed): tests/gpu/test_cuda_backend.py does.
 
 Slow (builds a C++20 extension, ~1 min on 2 cores, and emulates every thread): `pytest -m slow`.

@@ -1,14 +1,13 @@
-// Host entry points of the CUDA quaternion convolution: device checks, launches and the pybind11
-// registration (aqcf_register_cuda, called from the extension's one binding file).
+// Host entry points of the CUDA quaternion convolution: device checks, planning, launch grids and
+// the pybind11 registration (aqcf_register_cuda, called from the extension's one binding file).
+// Compiled by the C++ compiler, not nvcc (see qconv_launch.h for why).
 //
 // Semantics are those of aqcf_kernels/backends/torch_impl.py: blocked [r|i|j|k] channels, y = W ⊗ x
 // with weight (4, out/4, in/4/groups, *k); a transposed conv is the adjoint, conj(W) ⊗ x with
-// weight (4, in/4, out/4/groups, *k). Argument checks and shapes: qconv_plan.h; kernels:
-// qconv_kernels.cuh.
+// weight (4, in/4, out/4/groups, *k). Argument checks and shapes: qconv_plan.h; launches:
+// qconv_launch.cu; kernels: qconv_kernels.cuh.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
@@ -16,17 +15,16 @@
 #include <limits>
 #include <optional>
 #include <string>
-#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "qconv_cuda.h"
-#include "qconv_kernels.cuh"
+#include "qconv_launch.h"
 #include "qconv_plan.h"
 
 namespace aqcf {
 namespace {
 
-using cuda::AccType;
 using cuda::Tile;
 
 constexpr int64_t kMaxGridYZ = 65535;
@@ -42,14 +40,11 @@ bool poison_output() {
   return v != nullptr && std::string(v) == "1";
 }
 
-// Calls f(std::true_type{}) or f(std::false_type{}): the algorithm as a compile-time bool.
+// f(Tile<acc_t, fast8>{}) for the accumulation type of `dtype`: the block tile that sets the grid.
 template <typename F>
-void with_fast8(bool fast8, F&& f) {
-  if (fast8) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
-  }
+auto with_tile(at::ScalarType dtype, bool fast8, F&& f) {
+  if (dtype == at::kDouble) return fast8 ? f(Tile<double, true>{}) : f(Tile<double, false>{});
+  return fast8 ? f(Tile<float, true>{}) : f(Tile<float, false>{});
 }
 
 }  // namespace
@@ -64,23 +59,15 @@ at::Tensor cuda_conv(const at::Tensor& input, const at::Tensor& weight, const st
   if (plan.y.numel() == 0) return plan.y;
   if (poison_output()) plan.y.fill_(std::numeric_limits<double>::quiet_NaN());
 
-  const at::Tensor x5 = cuda::as_5d(input), y5 = cuda::as_5d(plan.y);
-  const bool x_channels_fast = cuda::channels_fast(input);
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, input.scalar_type(), "aqcf_cuda_conv", [&] {
-    with_fast8(fast8, [&](auto fast8_tag) {
-      constexpr bool kFast8 = decltype(fast8_tag)::value;
-      using T = Tile<typename AccType<scalar_t>::type, kFast8>;
-      const int64_t gx = (plan.M + T::BR - 1) / T::BR, gy = (plan.g.cg_out + T::BL - 1) / T::BL;
-      TORCH_CHECK(gx <= std::numeric_limits<int>::max() && gy <= kMaxGridYZ && groups <= kMaxGridYZ,
-                  "aqcf cuda_conv: problem too large for one launch (grid ", gx, " x ", gy, " x ", groups, ")");
-      const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy), static_cast<unsigned>(groups));
-      cuda::qconv_kernel<scalar_t, kFast8><<<grid, T::kThreads, 0, stream>>>(
-          x5.data_ptr<scalar_t>(), plan.w.data_ptr<scalar_t>(), plan.b ? plan.b->data_ptr<scalar_t>() : nullptr,
-          y5.data_ptr<scalar_t>(), plan.g, plan.M, transposed, x_channels_fast);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+  const auto [gx, gy] = with_tile(input.scalar_type(), fast8, [&](auto tile) {
+    using T = decltype(tile);
+    return std::pair<int64_t, int64_t>{(plan.M + T::BR - 1) / T::BR, (plan.g.cg_out + T::BL - 1) / T::BL};
   });
+  TORCH_CHECK(gx <= std::numeric_limits<int>::max() && gy <= kMaxGridYZ && groups <= kMaxGridYZ,
+              "aqcf cuda_conv: problem too large for one launch (grid ", gx, " x ", gy, " x ", groups, ")");
+  cuda::launch_qconv(cuda::as_5d(input), plan.w, plan.b ? &*plan.b : nullptr, cuda::as_5d(plan.y), plan.g, plan.M,
+                     transposed, cuda::channels_fast(input), fast8,
+                     {static_cast<unsigned>(gx), static_cast<unsigned>(gy), static_cast<unsigned>(groups)});
   return plan.y;
 }
 
@@ -94,31 +81,21 @@ at::Tensor cuda_conv_weight_grad(const at::Tensor& input, const at::Tensor& grad
   cuda::WgradPlan plan = cuda::plan_wgrad(input, grad_output, weight_shape, stride, padding, dilation, transposed, groups);
   const cuda::Geometry& g = plan.g;
   if (plan.P > 0 && g.cg_in > 0 && g.cg_out > 0) {
-    const at::Tensor x5 = cuda::as_5d(plan.x), g5 = cuda::as_5d(plan.gy);
-    const bool channels_fast = cuda::channels_fast(plan.x);
     const int64_t taps = plan.gw.size(3);
     const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-    const auto stream = at::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, input.scalar_type(),
-                                    "aqcf_cuda_conv_weight_grad", [&] {
-      using acc_t = typename AccType<scalar_t>::type;
-      with_fast8(fast8, [&](auto fast8_tag) {
-        constexpr bool kFast8 = decltype(fast8_tag)::value;
-        using T = Tile<acc_t, kFast8>;
-        const int64_t tiles = ((g.cg_out + T::BL - 1) / T::BL) * ((g.cg_in + T::BR - 1) / T::BR);
-        TORCH_CHECK(tiles <= std::numeric_limits<int>::max() && taps <= kMaxGridYZ && groups <= kMaxGridYZ,
-                    "aqcf cuda_conv_weight_grad: problem too large for one launch (", tiles, " tiles, ", taps,
-                    " taps, ", groups, " groups)");
-        const cuda::PixelSplit split =
-            cuda::split_pixels(plan.P, tiles * taps * groups, 4 * static_cast<int64_t>(sms), kMaxGridYZ / groups, T::BK);
-        const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(taps),
-                        static_cast<unsigned>(groups * split.splits));
-        cuda::qconv_wgrad_kernel<scalar_t, kFast8><<<grid, T::kThreads, 0, stream>>>(
-            x5.data_ptr<scalar_t>(), g5.data_ptr<scalar_t>(), plan.gw.data_ptr<acc_t>(), g, plan.P, split.per_split,
-            static_cast<int>(split.splits), channels_fast);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
+    const auto [tiles, bk] = with_tile(input.scalar_type(), fast8, [&](auto tile) {
+      using T = decltype(tile);
+      return std::pair<int64_t, int>{((g.cg_out + T::BL - 1) / T::BL) * ((g.cg_in + T::BR - 1) / T::BR), T::BK};
     });
+    TORCH_CHECK(tiles <= std::numeric_limits<int>::max() && taps <= kMaxGridYZ && groups <= kMaxGridYZ,
+                "aqcf cuda_conv_weight_grad: problem too large for one launch (", tiles, " tiles, ", taps, " taps, ",
+                groups, " groups)");
+    const cuda::PixelSplit split =
+        cuda::split_pixels(plan.P, tiles * taps * groups, 4 * static_cast<int64_t>(sms), kMaxGridYZ / groups, bk);
+    cuda::launch_qconv_wgrad(cuda::as_5d(plan.x), cuda::as_5d(plan.gy), plan.gw, g, plan.P, split.per_split,
+                             static_cast<int>(split.splits), cuda::channels_fast(plan.x), fast8,
+                             {static_cast<unsigned>(tiles), static_cast<unsigned>(taps),
+                              static_cast<unsigned>(groups * split.splits)});
   }
   return plan.gw.view(weight_shape).to(input.scalar_type());
 }
