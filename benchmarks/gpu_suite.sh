@@ -14,7 +14,7 @@
 # Each stage runs even if an earlier one failed; the exit code is non-zero if any failed.
 # Environment: PYTHON (default python3); CONV_CASES, a --cases filter for the conv grid (e.g.
 # "2d 64q,3d 32q"); BENCH_ARGS, extra arguments for every benchmark (e.g. --no-memory);
-# XDIST_WORKERS, pytest-xdist workers for the tests (default 8).
+# XDIST_WORKERS, pytest-xdist workers for the tests (default 8); TESTS_TIMEOUT, seconds (default 300).
 set -uo pipefail
 OUT=${1:?usage: bash benchmarks/gpu_suite.sh OUTDIR [build|tests|conv-tf32|conv-bf16|attention ...]}
 shift
