@@ -96,7 +96,9 @@ std::vector<int64_t> output_shape(const at::Tensor& x, const at::Tensor& w, cons
 // right after it is written, and every product by the combine pass right after, so slices whose
 // components are ~kSliceBytes keep that traffic in cache rather than DRAM (and bound the extra
 // memory to a few slices). Samples are independent in a conv; weight gradients sum over them.
-constexpr int64_t kSliceBytes = 2 << 20;
+// 1 MiB beat 2 MiB in one-process A/B runs (2 threads, fwd+bwd): 2d 64q N8 64² 1.3x, 1d 64q 1.07x,
+// 2d and 3d 32q within 3%; slices never go below one sample.
+constexpr int64_t kSliceBytes = 1 << 20;
 
 int64_t batch_slice(const at::Tensor& a, const at::Tensor& b) {
   auto component_bytes = [](const at::Tensor& t) {
