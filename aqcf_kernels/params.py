@@ -233,8 +233,14 @@ def fast8_pays_off(input: Tensor, weight: Tensor, p: ConvParams) -> bool:
         return False
     cq_out = weight.shape[2] * p.groups if p.transposed else weight.shape[1]
     cq_in = input.shape[1] // 4
-    return min(cq_in, cq_out) // p.groups >= FAST8_MIN_CHANNELS_PER_GROUP
+    per_group = min(cq_in, cq_out) // p.groups
+    if per_group >= FAST8_MIN_CHANNELS_PER_GROUP:
+        return True
+    # Below that, only 2d convs with 16 channels per group (one AVX-512 register of fp32) won, in
+    # one-process A/B runs of fwd+bwd: 1.20-1.44x (N4-8, 64-128², plain and 2x2 transposed); 8, 24
+    # and 40 channels, and 3d with 16, did not (0.79x, 0.89x, 1.06x, 0.13x).
+    return p.spatial_dims == 2 and per_group == 16
 
 
-# Smallest quaternion channels per group for which fast8 beats the expanded conv (benchmark).
+# Smallest quaternion channels per group from which fast8 beats the expanded conv (benchmark).
 FAST8_MIN_CHANNELS_PER_GROUP = 32

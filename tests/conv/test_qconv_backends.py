@@ -180,3 +180,30 @@ def test_cuda_calls_go_to_cudnn_on_the_expanded_weight_unless_forced(monkeypatch
     assert select_in(CONV, "cuda", lambda b: None).name == "torch"
     with use("triton"):
         assert select_in(CONV, "cuda", lambda b: None).name == "triton"
+
+
+@pytest.mark.parametrize(
+    ("dims", "channels", "fast8"),
+    [(2, 8, False), (2, 16, True), (2, 24, False), (2, 32, True), (3, 16, False), (3, 32, True), (1, 16, False)],
+)
+def test_auto_policy_on_cpu_follows_the_measured_channel_counts(dims, channels, fast8):
+    # From one-process A/B runs (see params.fast8_pays_off): fast8 from 32 quaternion channels per
+    # group, and at exactly 16 in 2d; hamilton elsewhere.
+    from aqcf_kernels.params import check_conv_args, fast8_pays_off
+
+    x = torch.empty(1, 4 * channels, *[6] * dims)
+    w = torch.empty(4, channels, channels, *[3] * dims)
+    p, _ = check_conv_args(x, w, None, dims, 1, 1, 1, 1, False, 0, "auto")
+    assert fast8_pays_off(x, w, p) is fast8
+
+
+@pytest.mark.parametrize(
+    ("channels", "groups", "fast8"), [(64, 2, True), (32, 2, True), (48, 2, False), (32, 4, False)]
+)
+def test_auto_policy_counts_channels_per_group(channels, groups, fast8):
+    from aqcf_kernels.params import check_conv_args, fast8_pays_off
+
+    x = torch.empty(1, 4 * channels, 6, 6)
+    w = torch.empty(4, channels, channels // groups, 3, 3)
+    p, _ = check_conv_args(x, w, None, 2, 1, 1, 1, groups, False, 0, "auto")
+    assert fast8_pays_off(x, w, p) is fast8
