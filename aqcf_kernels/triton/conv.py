@@ -54,6 +54,7 @@ def _dot_config(dtype: torch.dtype):
 
 # Interpreted programs cost per program and step, not per element: one config, big tiles.
 INTERPRETER_BLOCKS = {"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 32}
+INTERPRETER_WGRAD_BLOCKS = {"BLOCK_O": 32, "BLOCK_C": 32, "BLOCK_P": 128}
 
 
 def _gpu_configs() -> list:
@@ -69,15 +70,32 @@ def _gpu_configs() -> list:
     ]
 
 
+def _wgrad_gpu_configs() -> list:
+    """Tile shapes of the weight-gradient kernel on a GPU (per shape, dtype and variant).
+
+    The first is the old fixed choice. On an H100 its fp32 hamilton variant took 25-98 ms where
+    fast8 took 3-8 ms, and a static look at the sm_90 cubins (cuobjdump) shows every fp32 variant
+    of it spilling (1.6-12.7 KB of stack per thread); the others spill far less there. Measuring
+    decides which wins.
+    """
+    shapes = [(32, 32, 64, 4), (32, 32, 32, 8), (64, 64, 32, 8), (64, 32, 32, 4)]
+    return [triton.Config({"BLOCK_O": o, "BLOCK_C": c, "BLOCK_P": p}, num_warps=w) for o, c, p, w in shapes]
+
+
 # The autotuner re-benchmarks every config for each new key: the GEMM sizes and the constexpr
-# variant (dtypes are added to the key by triton itself). The interpreter gets the same wrapper
-# with its one config (more fail there), so CPU tests run the launcher the GPU runs. The
-# weight-gradient kernel is not autotuned: its fp32 atomics would accumulate across trial runs.
+# variant (dtypes are added to the key by triton itself). The interpreter gets the same wrappers
+# with one config each (more fail there), so CPU tests run the launchers the GPU runs. The
+# weight gradient accumulates with fp32 atomics: the autotuner zeroes it before every trial.
 if triton is not None:
     _qconv_forward = triton.autotune(
         configs=[triton.Config(INTERPRETER_BLOCKS)] if INTERPRET else _gpu_configs(),
         key=["M", "CG_IN", "CG_OUT", "KD", "KH", "KW", "TRANSPOSED", "FAST8", "HAS_BIAS", "ACTIVATION", "STORE_PRE"],
     )(qconv_kernel)
+    _qconv_wgrad = triton.autotune(
+        configs=[triton.Config(INTERPRETER_WGRAD_BLOCKS)] if INTERPRET else _wgrad_gpu_configs(),
+        key=["P", "CG_IN", "CG_OUT", "KD", "KH", "KW", "FAST8"],
+        reset_to_zero=["gw_ptr"],
+    )(qconv_wgrad_kernel)
 
 
 ACTIVATION_CODES = {None: 0, "relu": 1, "leaky_relu": 2, "gelu": 3}
@@ -156,22 +174,24 @@ def conv_weight_grad(input: Tensor, grad_output: Tensor, weight_shape, p: ConvPa
     cq_in, cq_out = x.shape[1] // 4, gy.shape[1] // 4
     cg_in, cg_out = cq_in // p.groups, cq_out // p.groups
     pix = g5.shape[0] * g5.shape[2] * g5.shape[3] * g5.shape[4]
-    block_o, block_c, block_p = (32, 32, 128) if INTERPRET else (32, 32, 64)
-    n_oc = triton.cdiv(cg_out, block_o) * triton.cdiv(cg_in, block_c)
     kvol = ks[0] * ks[1] * ks[2]
-    # Split the pixel reduction until the grid has a few programs per SM (atomics combine them).
+    # Split the pixel reduction until the grid has a few programs per SM (atomics combine them),
+    # counted with 32 x 32 tiles and 32-pixel slices whatever tiles the autotuner picks.
     target = 1 if INTERPRET else 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
-    splits = max(1, min(triton.cdiv(pix, block_p), target // max(1, n_oc * kvol * p.groups)))
-    per_split = triton.cdiv(triton.cdiv(pix, splits), block_p) * block_p
-    splits = triton.cdiv(pix, per_split)
+    n_oc = triton.cdiv(cg_out, 32) * triton.cdiv(cg_in, 32)
+    splits = max(1, min(triton.cdiv(pix, 32), target // max(1, n_oc * kvol * p.groups)))
     dot_dtype, precision = _dot_config(x.dtype)
-    grid = (n_oc, kvol, p.groups * splits)
-    qconv_wgrad_kernel[grid](
+
+    def grid(meta):
+        tiles = triton.cdiv(cg_out, meta["BLOCK_O"]) * triton.cdiv(cg_in, meta["BLOCK_C"])
+        return tiles, kvol, p.groups * splits
+
+    _qconv_wgrad[grid](
         x5,
         g5,
         gw,
         pix,
-        per_split,
+        splits,
         cq_in,
         cq_out,
         cg_in,
@@ -187,9 +207,6 @@ def conv_weight_grad(input: Tensor, grad_output: Tensor, weight_shape, p: ConvPa
         FAST8=algorithm == "fast8",
         DOT_DTYPE=dot_dtype,
         PRECISION=precision,
-        BLOCK_O=block_o,
-        BLOCK_C=block_c,
-        BLOCK_P=block_p,
     )
     return gw.reshape(weight_shape).to(x.dtype)
 

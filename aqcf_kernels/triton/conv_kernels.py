@@ -328,7 +328,7 @@ def qconv_wgrad_kernel(
     gy_ptr,
     gw_ptr,
     P,  # N * OD * OH * OW: pixels of gy, the reduction dim
-    PIX_PER_SPLIT,  # pixels each program reduces (a multiple of BLOCK_P)
+    SPLITS,  # the pixel reduction is split in SPLITS programs per (tile, tap, group)
     CQ_IN,
     CQ_OUT,
     CG_IN,
@@ -372,9 +372,10 @@ def qconv_wgrad_kernel(
     pid_oc = tl.program_id(0)
     kk = tl.program_id(1)
     pid_gs = tl.program_id(2)
-    n_split = tl.cdiv(P, PIX_PER_SPLIT)
-    g = pid_gs // n_split
-    split = pid_gs % n_split
+    # Each split reduces a whole number of BLOCK_P slices (BLOCK_P is the autotuner's choice).
+    per_split = tl.cdiv(tl.cdiv(P, SPLITS), BLOCK_P) * BLOCK_P
+    g = pid_gs // SPLITS
+    split = pid_gs % SPLITS
     n_cblk = tl.cdiv(CG_IN, BLOCK_C)
     offs_o = (pid_oc // n_cblk) * BLOCK_O + tl.arange(0, BLOCK_O)
     offs_c = (pid_oc % n_cblk) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -390,8 +391,8 @@ def qconv_wgrad_kernel(
     x_comp = CQ_IN * s_xc
     g_ch = (g * CG_OUT + offs_o) * s_gc
     x_ch = (g * CG_IN + offs_c) * s_xc
-    p_start = split * PIX_PER_SPLIT
-    for p0 in range(p_start, p_start + PIX_PER_SPLIT, BLOCK_P):
+    p_start = split * per_split
+    for p0 in range(p_start, p_start + per_split, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
         p_mask = offs_p < P
         n, od, oh, ow = _unflatten_pixels(offs_p, OD, OH, OW)
