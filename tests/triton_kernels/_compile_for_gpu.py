@@ -31,7 +31,9 @@ DTYPES = {"fp32": (tl.float32, "*fp32"), "bf16": (tl.bfloat16, "*bf16")}
 FP32_POINTERS = {"gw_ptr", "la_ptr", "lb_ptr", "da_ptr", "db_ptr", "dalpha_partial_ptr"}
 
 
-def compile_variant(kernel, pointers, constexprs, ptr_type):
+def compile_variant(kernel, pointers, constexprs, ptr_type, options=None):
+    """The compiled kernel (``.asm['cubin']``, ``.asm['ptx']``) for sm_90; ``options`` e.g. num_warps."""
+    options = options or {}
     signature = {
         name: "constexpr" if name in constexprs else (ptr_type if name in pointers else "i32")
         for name in kernel.arg_names
@@ -41,7 +43,9 @@ def compile_variant(kernel, pointers, constexprs, ptr_type):
     for name in ("scale", "negative_slope"):
         if name in signature:
             signature[name] = "fp32"
-    triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=TARGET)
+    return triton.compile(
+        ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=TARGET, options=options
+    )
 
 
 def main() -> int:
