@@ -392,7 +392,10 @@ def qconv_wgrad_kernel(
     g_ch = (g * CG_OUT + offs_o) * s_gc
     x_ch = (g * CG_IN + offs_c) * s_xc
     p_start = split * per_split
-    for p0 in range(p_start, p_start + per_split, BLOCK_P):
+    # The split count is the launcher's, the slice size the autotuner's: trailing splits can be
+    # empty, and then skip the loop (their atomics add zeros).
+    p_end = tl.minimum(p_start + per_split, P)
+    for p0 in range(p_start, p_end, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
         p_mask = offs_p < P
         n, od, oh, ow = _unflatten_pixels(offs_p, OD, OH, OW)

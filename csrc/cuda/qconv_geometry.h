@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 namespace aqcf {
 namespace cuda {
@@ -35,6 +36,17 @@ struct Tile {
   static constexpr int BR = kSide * TR;
   static constexpr int BK = 8;
 };
+
+// Calls f(std::true_type{}) or f(std::false_type{}): the algorithm as a compile-time bool (for the
+// launches and the kernel emulator of tests/gpu).
+template <typename F>
+void with_fast8(bool fast8, F&& f) {
+  if (fast8) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
 
 // ---------------------------------------------------------------------------------------------
 // Shapes and strides. 1D/2D convs are 3D convs with size-1 leading spatial dims. Tensors x and y

@@ -5,26 +5,11 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
-#include <type_traits>
-
 #include "qconv_kernels.cuh"
 #include "qconv_launch.h"
 
 namespace aqcf {
 namespace cuda {
-namespace {
-
-// Calls f(std::true_type{}) or f(std::false_type{}): the algorithm as a compile-time bool.
-template <typename F>
-void with_fast8(bool fast8, F&& f) {
-  if (fast8) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
-  }
-}
-
-}  // namespace
 
 void launch_qconv(const at::Tensor& x5, const at::Tensor& w, const at::Tensor* bias, const at::Tensor& y5,
                   const Geometry& g, int64_t M, bool transposed, bool x_channels_fast, bool fast8, Grid grid) {

@@ -55,15 +55,6 @@ void emulate(dim3 grid, int threads, F body) {
       }
 }
 
-template <typename F>
-void with_fast8(bool fast8, F&& f) {
-  if (fast8) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
-  }
-}
-
 using namespace aqcf::cuda;
 
 at::Tensor emu_conv(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
