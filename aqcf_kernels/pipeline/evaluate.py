@@ -40,22 +40,16 @@ from typing import Any
 
 import numpy as np
 
+from .checkpoint import load_for_inference
+from .config import apply_overrides
+from .data import SPLITS, check_splits, prepare_data
+from .inference import predict_labels, resolve_checkpoint
+from .metrics import PAPER, case_metrics, markdown_table, summarise
+
 __all__ = ["METRICS", "evaluate", "main", "resolve_checkpoint", "score_case"]
 
 #: Per-case metric columns, in table order.
 METRICS = ("dice_liver", "dice_tumour", "hd95_liver", "hd95_tumour")
-_SPLITS = ("test", "val", "train")
-
-
-def resolve_checkpoint(run_dir: str | Path, checkpoint: str | Path = "best") -> Path:
-    """``best``/``last`` -> ``RUN_DIR/{best,last}.pt``; anything else is a path. Raises if it is missing."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"run folder {run_dir} does not exist (expected the --out folder of aqcf-train)")
-    path = run_dir / f"{checkpoint}.pt" if str(checkpoint) in ("best", "last") else Path(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    return path
 
 
 def _tag(checkpoint: str | Path) -> str:
@@ -98,7 +92,6 @@ def score_case(pred: np.ndarray, case: Any) -> dict[str, Any]:
     nnU-Net and the challenges do. An unlabelled case gets NaN metrics.
     """
     from ..data import load_nifti, restore_to_original
-    from .metrics import case_metrics
 
     if case.label is None:
         return {**dict.fromkeys(METRICS, float("nan")), "label_tumour_voxels": None,
@@ -116,18 +109,6 @@ def score_case(pred: np.ndarray, case: Any) -> dict[str, Any]:
         "pred_tumour_voxels": int((pred == 2).sum()),
         "grid": grid,
     }
-
-
-def _check_splits(run_dir: Path, modalities: Sequence[str]) -> None:
-    from .train import SPLIT_FILE
-
-    for modality in modalities:
-        path = run_dir / SPLIT_FILE.format(modality=modality)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"split file {path} does not exist: evaluate the folder aqcf-train wrote (its split is reused, "
-                "never re-drawn, so that the test cases stay held out)"
-            )
 
 
 def evaluate(
@@ -168,20 +149,15 @@ def evaluate(
     from tqdm.auto import tqdm
 
     from ..data import write_prediction
-    from .checkpoint import load_for_inference
-    from .config import apply_overrides
-    from .inference import predict_labels
-    from .metrics import PAPER, markdown_table, summarise
-    from .train import prepare_data
 
-    if split not in _SPLITS:
-        raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     run_dir = Path(run_dir)
     ckpt_path = resolve_checkpoint(run_dir, checkpoint)
     model, cfg = load_for_inference(ckpt_path, device)
     apply_overrides(cfg, data_overrides, sections=("data",))
-    _check_splits(run_dir, cfg.modalities)
-    data = prepare_data(cfg, run_dir, progress=progress)  # type: ignore[arg-type]  # None: tqdm decides
+    check_splits(run_dir, cfg.modalities)
+    data = prepare_data(cfg, run_dir, progress=progress)
     out = Path(out) if out is not None else run_dir / f"eval_{split}_{_tag(checkpoint)}"
     out.mkdir(parents=True, exist_ok=True)
 
@@ -237,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("run_dir", type=Path, help="the --out folder of aqcf-train")
     p.add_argument("--checkpoint", default="best", help="best (default), last, or a path to a checkpoint")
-    p.add_argument("--split", default="test", choices=_SPLITS, help="which part of the run's saved split (test)")
+    p.add_argument("--split", default="test", choices=SPLITS, help="which part of the run's saved split (test)")
     p.add_argument("--out", type=Path, help="output folder (default RUN_DIR/eval_{split}_{checkpoint})")
     p.add_argument("--device", default="cpu", help="torch device for inference (cpu, cuda, cuda:1, ...)")
     p.add_argument("--no-masks", action="store_true", help="do not write the predicted masks as NIfTI")

@@ -49,6 +49,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checkpoint import load_for_inference
+from .config import apply_overrides
+from .data import SPLITS, check_splits, prepare_data
+from .inference import predict_labels, resolve_checkpoint
+
 __all__ = ["METHODS", "ClassScores", "available_layers", "default_layers", "explain", "main"]
 
 #: Method name -> MONAI class name in :mod:`monai.visualize`.
@@ -329,12 +334,6 @@ def explain(
     from monai import visualize
     from tqdm.auto import tqdm
 
-    from .checkpoint import load_for_inference
-    from .config import apply_overrides
-    from .evaluate import _check_splits, resolve_checkpoint
-    from .inference import predict_labels
-    from .train import prepare_data
-
     if method not in (*METHODS, "both"):
         raise ValueError(f"method must be one of {(*METHODS, 'both')}, got {method!r}")
     if cases < 1:
@@ -349,8 +348,8 @@ def explain(
     available = {m: available_layers(model, m, dims, _probe_size(cfg)) for m in modalities}
     chosen = _resolve_layers(layers, available) if layers else {m: default_layers(model, m) for m in modalities}
     methods = list(METHODS) if method == "both" else [method]
-    _check_splits(run_dir, cfg.modalities)
-    data = prepare_data(cfg, run_dir, progress=progress)  # type: ignore[arg-type]  # None: tqdm decides
+    check_splits(run_dir, cfg.modalities)
+    data = prepare_data(cfg, run_dir, progress=progress)
     out = Path(out) if out is not None else run_dir / "explain"
 
     written: list[Path] = []
@@ -424,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", nargs="+", metavar="NAME", help="layers to explain (default: deepest encoder level)")
     p.add_argument("--method", default="both", choices=[*METHODS, "both"], help="Grad-CAM, Grad-CAM++ or both")
     p.add_argument("--cases", type=int, default=3, help="cases per modality (the first of the split; default 3)")
-    p.add_argument("--split", default="test", choices=["test", "val", "train"], help="which part of the saved split")
+    p.add_argument("--split", default="test", choices=SPLITS, help="which part of the saved split")
     p.add_argument("--out", type=Path, help="output folder (default RUN_DIR/explain)")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
     p.add_argument("--set", action="append", default=[], metavar="data.KEY=VALUE", help="override a data path")
@@ -434,9 +433,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _list_layers(run_dir: Path, checkpoint: str, modality: str, device: str) -> None:
-    from .checkpoint import load_for_inference
-    from .evaluate import resolve_checkpoint
-
     model, cfg = load_for_inference(resolve_checkpoint(run_dir, checkpoint), device)
     size = _probe_size(cfg)
     for m in _modalities(modality, cfg.modalities):

@@ -1,4 +1,4 @@
-"""Whole-volume prediction with MONAI's sliding-window inference.
+"""Whole-volume prediction with MONAI's sliding-window inference, and the checkpoint of a run to predict with.
 
 A 2D model sees the volume slice by slice (axial, a batch of slices at a time), each slice tiled by
 windows of the training crop size; a 3D model tiles the volume with windows of the training patch
@@ -7,6 +7,8 @@ size. Windows overlap by a quarter and are blended with Gaussian weights (nnU-Ne
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -14,6 +16,17 @@ from torch import Tensor, nn
 from .config import RunConfig
 
 SLICES_PER_BATCH = 8
+
+
+def resolve_checkpoint(run_dir: str | Path, checkpoint: str | Path = "best") -> Path:
+    """``best``/``last`` -> ``RUN_DIR/{best,last}.pt``; anything else is a path. Raises if it is missing."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run folder {run_dir} does not exist (expected the --out folder of aqcf-train)")
+    path = run_dir / f"{checkpoint}.pt" if str(checkpoint) in ("best", "last") else Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    return path
 
 
 def _predictor(model: nn.Module, modality: str):

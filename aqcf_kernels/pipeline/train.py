@@ -11,6 +11,7 @@ CUDA; gradient clipping. Each epoch ends with sliding-window validation on whole
 ``last.pt`` (and ``best.pt`` on a better mean tumour Dice) atomically; ``metrics.jsonl`` and
 ``curves.png`` follow the run. ``--resume`` restores model, optimiser, scheduler, sampler position
 and every RNG, so an interrupted run ends with the weights an uninterrupted one would have.
+The data (cases, cache, split, samplers) comes from :mod:`aqcf_kernels.pipeline.data`.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import random
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -34,80 +36,13 @@ from torch import Tensor, nn
 
 from .checkpoint import build_model, load_checkpoint, save_atomic
 from .config import RunConfig, load_config
+from .data import SingleStream, make_loader, prepare_data
 from .inference import predict_labels
 from .metrics import dice
 
-SPLIT_FILE = "split_{modality}.json"
-
-
-# ---------------------------------------------------------------------------------------------
-# Data
-# ---------------------------------------------------------------------------------------------
-
-
-def preprocess_config(cfg: RunConfig):
-    from ..data import PreprocessConfig
-
-    return PreprocessConfig(ct_window=tuple(cfg.data.hu_window), target_spacing=cfg.data.target_spacing)
-
-
-def prepare_data(cfg: RunConfig, run_dir: Path, *, progress: bool = True) -> dict[str, dict[str, list]]:
-    """Per modality: the cached cases of each split (train/val/test), the split written to ``run_dir``."""
-    from ..data import find_cases, load_or_create_split, preprocess_cases
-
-    cfg.check_data_roots()
-    d = cfg.data
-    fractions = (1.0 - d.val_fraction - d.test_fraction, d.val_fraction, d.test_fraction)
-    out: dict[str, dict[str, list]] = {}
-    for modality in cfg.modalities:
-        root, layout = getattr(d, f"{modality}_root"), getattr(d, f"{modality}_layout") or "auto"
-        cases = find_cases(root, layout, modality=modality)
-        cached = preprocess_cases(cases, Path(d.cache_dir) / modality, preprocess_config(cfg), progress=progress)
-        split = load_or_create_split(
-            run_dir / SPLIT_FILE.format(modality=modality), [c.case_id for c in cached], fractions, d.split_seed
-        )
-        by_id = {c.case_id: c for c in cached}
-        out[modality] = {part: [by_id[i] for i in ids] for part, ids in split.items()}
-        if not out[modality]["train"]:
-            raise ValueError(f"{modality}: the split leaves no training case ({len(cached)} cases under {root})")
-    return out
-
-
-def make_loader(cfg: RunConfig, train_cases: dict[str, list], rank: int, world_size: int):
-    """The unpaired training stream: ``next(loader) -> {modality: {"image", "label", "case"}}``."""
-    from ..data import InfiniteLoader, JointLoader, PatchDataset, SliceDataset, flip_intensity_augment
-
-    d, t = cfg.data, cfg.train
-    transform = flip_intensity_augment() if t.augment else None
-
-    def dataset(modality: str, seed: int):
-        cases = train_cases[modality]
-        common = {"tumour_prob": d.tumour_prob, "seed": seed, "transform": transform}
-        if cfg.model.spatial_dims == 3:
-            return PatchDataset(cases, d.patch_size, **common)
-        return SliceDataset(cases, d.slice_size, **common)
-
-    kw = {"num_workers": d.num_workers, "rank": rank, "world_size": world_size}
-    if len(cfg.modalities) == 2:
-        return JointLoader(dataset("ct", t.seed), dataset("mri", t.seed + 1), t.batch_size, **kw)
-    (modality,) = cfg.modalities
-    return _SingleStream(modality, InfiniteLoader(dataset(modality, t.seed), t.batch_size, **kw))
-
-
-class _SingleStream:
-    """One modality's loader with the joint loader's interface (a dict per step, state_dict)."""
-
-    def __init__(self, modality: str, loader) -> None:
-        self.modality, self.loader = modality, loader
-
-    def __next__(self) -> dict[str, Any]:
-        return {self.modality: next(self.loader)}
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.loader.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.loader.load_state_dict(state)
+if TYPE_CHECKING:
+    from ..data import CachedCase, JointLoader
+    from .config import TrainConfig
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,8 +170,106 @@ def plot_curves(log_path: Path, png_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The run
+# The run: train() = setup_run, then per epoch train_epoch and (rank 0) finish_epoch
 # ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingRun:
+    """One process's training state: what it was built from, what it trains, and where it stands."""
+
+    cfg: RunConfig  # the resolved config (absolute paths; on resume, the checkpoint's own)
+    run_dir: Path
+    rank: int
+    world_size: int
+    device: torch.device
+    data: dict[str, dict[str, list[CachedCase]]]  # modality -> split part -> cases
+    model: nn.Module
+    net: nn.Module  # the model as one module call per step (_Step), wrapped in DDP across processes
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    loader: JointLoader | SingleStream
+    loss_fn: nn.Module
+    solo_steps: bool  # some joint steps run the modalities apart (solo_step)
+    amp: bool  # bf16 autocast
+    start_epoch: int = 0  # the first epoch this process runs (0-based)
+    step: int = 0  # optimiser steps taken so far, over every session of the run
+    best: float = -math.inf  # the best selection score so far (that of best.pt)
+
+    @property
+    def main_process(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def log_path(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
+
+def train(
+    cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, max_epochs_this_run: int | None = None
+) -> dict[str, Any]:
+    """Train until ``cfg.train.epochs`` (or ``max_epochs_this_run`` more epochs); returns the last record."""
+    run_dir = Path(run_dir)
+    run = setup_run(cfg, run_dir, resume=resume)
+    t = run.cfg.train
+    stop = t.epochs if max_epochs_this_run is None else min(t.epochs, run.start_epoch + max_epochs_this_run)
+    record: dict[str, Any] = {}
+    for epoch in range(run.start_epoch, stop):
+        losses, seconds = train_epoch(run, epoch)
+        if run.main_process:
+            record = finish_epoch(run, epoch, losses, seconds)
+        _barrier()
+    if run.main_process:
+        _ensure_best_checkpoint(run_dir)
+    return record
+
+
+def setup_run(cfg: RunConfig, run_dir: Path, *, resume: bool = False) -> TrainingRun:
+    """This process's run, ready for its next epoch: DDP initialised, the run folder and data prepared,
+    model/optimiser/scheduler/loader built and, on ``resume``, restored from ``last.pt`` (whose config
+    replaces ``cfg``) with every RNG."""
+    rank, world_size, device = _distributed()
+    ckpt = None
+    if resume:
+        ckpt = load_checkpoint(run_dir / "last.pt")
+        cfg = RunConfig.from_dict(ckpt["config"], f"{run_dir / 'last.pt'} (config)")
+    else:
+        cfg = cfg.with_absolute_paths()
+    _seed_everything(cfg.train.seed)
+    data = _prepare_run_folder(cfg, run_dir, main_process=rank == 0)
+    model = build_model(cfg).to(device)
+    optimizer, scheduler = build_optimizer(model, cfg.train)
+    loader = make_loader(cfg, {m: data[m]["train"] for m in cfg.modalities}, rank, world_size)
+    start_epoch, step, best = 0, 0, -math.inf
+    if ckpt is not None:
+        start_epoch, step, best = restore_training(ckpt, model, optimizer, scheduler, loader)
+    # Solo steps leave the fusion blocks out of the graph: DDP must expect unused parameters.
+    solo_steps = cfg.train.mode == "joint" and cfg.train.solo_prob > 0
+    net: nn.Module = _Step(model)
+    if world_size > 1:
+        net = nn.parallel.DistributedDataParallel(net, find_unused_parameters=solo_steps)
+
+    from monai.losses import DiceCELoss
+
+    return TrainingRun(
+        cfg=cfg,
+        run_dir=run_dir,
+        rank=rank,
+        world_size=world_size,
+        device=device,
+        data=data,
+        model=model,
+        net=net,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        loader=loader,
+        loss_fn=DiceCELoss(to_onehot_y=True, softmax=True),
+        solo_steps=solo_steps,
+        amp=cfg.train.amp and device.type == "cuda",
+        start_epoch=start_epoch,
+        step=step,
+        best=best,
+    )
 
 
 def _distributed() -> tuple[int, int, torch.device]:
@@ -256,22 +289,14 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def train(
-    cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, max_epochs_this_run: int | None = None
-) -> dict[str, Any]:
-    """Train until ``cfg.train.epochs`` (or ``max_epochs_this_run`` more epochs); returns the last record."""
-    run_dir = Path(run_dir)
-    rank, world_size, device = _distributed()
-    main_process = rank == 0
-    ckpt = None
-    if resume:
-        ckpt = load_checkpoint(run_dir / "last.pt")
-        cfg = RunConfig.from_dict(ckpt["config"], f"{run_dir / 'last.pt'} (config)")
-    else:
-        cfg = cfg.with_absolute_paths()
-    torch.manual_seed(cfg.train.seed)
-    np.random.seed(cfg.train.seed)
-    random.seed(cfg.train.seed)
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _prepare_run_folder(cfg: RunConfig, run_dir: Path, *, main_process: bool) -> dict[str, dict[str, list]]:
+    """``config.json`` and the data (:func:`prepare_data`): rank 0 first, the other ranks once it is done."""
     if main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
@@ -279,91 +304,115 @@ def train(
     _barrier()
     if not main_process:
         data = prepare_data(cfg, run_dir, progress=False)
+    return data
 
-    model = build_model(cfg).to(device)
-    t = cfg.train
+
+def build_optimizer(
+    model: nn.Module, t: TrainConfig
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW, and its per-step warm-up + cosine schedule over the whole run (:func:`lr_lambda`)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     total_steps = t.epochs * t.steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.warmup_steps, total_steps))
-    loader = make_loader(cfg, {m: data[m]["train"] for m in cfg.modalities}, rank, world_size)
-    start_epoch, step, best = 0, 0, -math.inf
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        loader.load_state_dict(ckpt["loader"])
-        set_rng_state(ckpt["rng"])
-        start_epoch, step, best = ckpt["epoch"] + 1, ckpt["step"], ckpt["best"]
-    # Solo steps leave the fusion blocks out of the graph: DDP must expect unused parameters.
-    solo_steps = cfg.train.mode == "joint" and cfg.train.solo_prob > 0
-    net = _Step(model)
-    if world_size > 1:
-        net = nn.parallel.DistributedDataParallel(net, find_unused_parameters=solo_steps)
+    return optimizer, scheduler
 
-    from monai.losses import DiceCELoss
 
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    amp = t.amp and device.type == "cuda"
-    log_path, record = run_dir / "metrics.jsonl", {}
-    end_epoch = t.epochs if max_epochs_this_run is None else min(t.epochs, start_epoch + max_epochs_this_run)
-    for epoch in range(start_epoch, end_epoch):
-        net.train()
-        started, losses = time.perf_counter(), []
-        bar = _progress(t.steps_per_epoch, f"epoch {epoch + 1}/{t.epochs}", main_process)
-        for _ in range(t.steps_per_epoch):
-            batch = next(loader)
-            inputs = {m: batch[m]["image"].to(device, non_blocking=True) for m in cfg.modalities}
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                outputs = net(inputs, solo_steps and solo_step(cfg.train, step))
-            parts = {
-                m: deep_supervision_loss(loss_fn, _float(outputs[m]), batch[m]["label"].to(device))
-                for m in cfg.modalities
-            }
-            loss = sum(parts.values())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if t.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            losses.append(
-                {k: v.item() for k, v in {"loss": loss, **{f"loss_{m}": p for m, p in parts.items()}}.items()}
-            )
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]['loss']:.3f}")
-        bar.close()
-        if main_process:
-            mean = {k: float(np.mean([r[k] for r in losses])) for k in losses[0]}
-            _append(log_path, {"kind": "train", "epoch": epoch + 1, "step": step, "lr": scheduler.get_last_lr()[0],
-                               "seconds": time.perf_counter() - started, **mean})  # fmt: skip
-            record = {"kind": "val", "epoch": epoch + 1, "step": step}
-            if (epoch + 1) % t.val_every == 0 or epoch + 1 == t.epochs:
-                record.update(validate(model, cfg, {m: data[m]["val"] for m in cfg.modalities}, device))
-            _append(log_path, record)
-            state = {
-                "config": cfg.to_dict(),
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "loader": loader.state_dict(),
-                "rng": rng_state(),
-                "epoch": epoch,
-                "step": step,
-                "best": best,
-            }
-            score = record.get("score", float("nan"))
-            if not math.isnan(score) and score > best:
-                best = state["best"] = score
-                save_atomic(state, run_dir / "best.pt")
-            save_atomic(state, run_dir / "last.pt")
-            plot_curves(log_path, run_dir / "curves.png")
-            print(json.dumps(record), flush=True)
-        _barrier()
-    if main_process and not (run_dir / "best.pt").exists() and (run_dir / "last.pt").exists():
+def restore_training(
+    ckpt: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    loader: JointLoader | SingleStream,
+) -> tuple[int, int, float]:
+    """Load a training checkpoint's states and RNGs in place; returns (next epoch, step, best score)."""
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    loader.load_state_dict(ckpt["loader"])
+    set_rng_state(ckpt["rng"])
+    return ckpt["epoch"] + 1, ckpt["step"], ckpt["best"]
+
+
+def train_epoch(run: TrainingRun, epoch: int) -> tuple[list[dict[str, float]], float]:
+    """The optimisation steps of one epoch; returns each step's losses and the seconds they took."""
+    t = run.cfg.train
+    run.net.train()
+    started, losses = time.perf_counter(), []
+    bar = _progress(t.steps_per_epoch, f"epoch {epoch + 1}/{t.epochs}", run.main_process)
+    for _ in range(t.steps_per_epoch):
+        losses.append(train_step(run))
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]['loss']:.3f}")
+    bar.close()
+    return losses, time.perf_counter() - started
+
+
+def train_step(run: TrainingRun) -> dict[str, float]:
+    """One optimiser step on the loader's next batch; returns the loss and each modality's part of it."""
+    modalities, device, t = run.cfg.modalities, run.device, run.cfg.train
+    batch = next(run.loader)
+    inputs = {m: batch[m]["image"].to(device, non_blocking=True) for m in modalities}
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.amp):
+        outputs = run.net(inputs, run.solo_steps and solo_step(t, run.step))
+    parts = {
+        m: deep_supervision_loss(run.loss_fn, _float(outputs[m]), batch[m]["label"].to(device)) for m in modalities
+    }
+    loss = sum(parts.values())
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if t.grad_clip > 0:
+        nn.utils.clip_grad_norm_(run.model.parameters(), t.grad_clip)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.step += 1
+    return {k: v.item() for k, v in {"loss": loss, **{f"loss_{m}": p for m, p in parts.items()}}.items()}
+
+
+def finish_epoch(run: TrainingRun, epoch: int, losses: list[dict[str, float]], seconds: float) -> dict[str, Any]:
+    """Rank 0 after an epoch: its training row in ``metrics.jsonl``, validation when due (a row too),
+    ``best.pt``/``last.pt``, ``curves.png``; returns (and prints) the validation record."""
+    t = run.cfg.train
+    mean = {k: float(np.mean([r[k] for r in losses])) for k in losses[0]}
+    _append(run.log_path, {"kind": "train", "epoch": epoch + 1, "step": run.step,
+                           "lr": run.scheduler.get_last_lr()[0], "seconds": seconds, **mean})  # fmt: skip
+    record = {"kind": "val", "epoch": epoch + 1, "step": run.step}
+    if (epoch + 1) % t.val_every == 0 or epoch + 1 == t.epochs:
+        record.update(validate(run.model, run.cfg, {m: run.data[m]["val"] for m in run.cfg.modalities}, run.device))
+    _append(run.log_path, record)
+    save_checkpoints(run, epoch, record.get("score", float("nan")))
+    plot_curves(run.log_path, run.run_dir / "curves.png")
+    print(json.dumps(record), flush=True)
+    return record
+
+
+def checkpoint_state(run: TrainingRun, epoch: int) -> dict[str, Any]:
+    """Everything an exact resume after ``epoch`` needs (the format of :mod:`.checkpoint`), RNGs as of now."""
+    return {
+        "config": run.cfg.to_dict(),
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "loader": run.loader.state_dict(),
+        "rng": rng_state(),
+        "epoch": epoch,
+        "step": run.step,
+        "best": run.best,
+    }
+
+
+def save_checkpoints(run: TrainingRun, epoch: int, score: float) -> None:
+    """``best.pt`` if ``score`` beats the best so far, then ``last.pt``; each written atomically."""
+    state = checkpoint_state(run, epoch)
+    if not math.isnan(score) and score > run.best:
+        run.best = state["best"] = score
+        save_atomic(state, run.run_dir / "best.pt")
+    save_atomic(state, run.run_dir / "last.pt")
+
+
+def _ensure_best_checkpoint(run_dir: Path) -> None:
+    if not (run_dir / "best.pt").exists() and (run_dir / "last.pt").exists():
         # no validation score yet (e.g. no tumour anywhere in val): the last weights stand in
         save_atomic(load_checkpoint(run_dir / "last.pt"), run_dir / "best.pt")
-    return record
 
 
 def _float(out):

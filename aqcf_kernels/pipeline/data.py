@@ -1,0 +1,113 @@
+"""A run's data: find the cases, preprocess them into the cache, split them, and sample training batches.
+
+Shared by ``aqcf-train`` (which draws the split and writes it to the run folder as
+``split_{modality}.json``), and ``aqcf-evaluate`` / ``aqcf-explain`` (which reuse that saved split,
+never re-drawing it, so that the test cases stay held out: :func:`check_splits` first).
+The readers, cache and samplers themselves live in :mod:`aqcf_kernels.data`; this module applies a
+:class:`RunConfig` to them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .config import RunConfig
+
+if TYPE_CHECKING:
+    from ..data import CachedCase, InfiniteLoader, JointLoader, PreprocessConfig
+
+__all__ = ["SPLITS", "SPLIT_FILE", "SingleStream", "check_splits", "make_loader", "prepare_data", "preprocess_config"]
+
+#: The split's file in the run folder, per modality.
+SPLIT_FILE = "split_{modality}.json"
+#: The parts of a split.
+SPLITS = ("test", "val", "train")
+
+
+def preprocess_config(cfg: RunConfig) -> PreprocessConfig:
+    """The preprocessing (CT window, target spacing) the run's config asks for."""
+    from ..data import PreprocessConfig
+
+    return PreprocessConfig(ct_window=tuple(cfg.data.hu_window), target_spacing=cfg.data.target_spacing)
+
+
+def prepare_data(
+    cfg: RunConfig, run_dir: Path, *, progress: bool | None = True
+) -> dict[str, dict[str, list[CachedCase]]]:
+    """Per modality: the cached cases of each split (train/val/test), the split written to ``run_dir``.
+
+    ``progress``: tqdm bars while preprocessing (``None``: only on a terminal).
+    """
+    from ..data import find_cases, load_or_create_split, preprocess_cases
+
+    cfg.check_data_roots()
+    d = cfg.data
+    fractions = (1.0 - d.val_fraction - d.test_fraction, d.val_fraction, d.test_fraction)
+    out: dict[str, dict[str, list]] = {}
+    for modality in cfg.modalities:
+        root, layout = getattr(d, f"{modality}_root"), getattr(d, f"{modality}_layout") or "auto"
+        cases = find_cases(root, layout, modality=modality)
+        cached = preprocess_cases(cases, Path(d.cache_dir) / modality, preprocess_config(cfg), progress=progress)
+        split = load_or_create_split(
+            run_dir / SPLIT_FILE.format(modality=modality), [c.case_id for c in cached], fractions, d.split_seed
+        )
+        by_id = {c.case_id: c for c in cached}
+        out[modality] = {part: [by_id[i] for i in ids] for part, ids in split.items()}
+        if not out[modality]["train"]:
+            raise ValueError(f"{modality}: the split leaves no training case ({len(cached)} cases under {root})")
+    return out
+
+
+def check_splits(run_dir: Path, modalities: Sequence[str]) -> None:
+    """Raise :class:`FileNotFoundError` unless ``run_dir`` holds the saved split of every modality.
+
+    Call before :func:`prepare_data` on a finished run: that would otherwise draw a new split.
+    """
+    for modality in modalities:
+        path = run_dir / SPLIT_FILE.format(modality=modality)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"split file {path} does not exist: evaluate the folder aqcf-train wrote (its split is reused, "
+                "never re-drawn, so that the test cases stay held out)"
+            )
+
+
+def make_loader(
+    cfg: RunConfig, train_cases: dict[str, list[CachedCase]], rank: int, world_size: int
+) -> JointLoader | SingleStream:
+    """The unpaired training stream: ``next(loader) -> {modality: {"image", "label", "case"}}``."""
+    from ..data import InfiniteLoader, JointLoader, PatchDataset, SliceDataset, flip_intensity_augment
+
+    d, t = cfg.data, cfg.train
+    transform = flip_intensity_augment() if t.augment else None
+
+    def dataset(modality: str, seed: int):
+        cases = train_cases[modality]
+        common = {"tumour_prob": d.tumour_prob, "seed": seed, "transform": transform}
+        if cfg.model.spatial_dims == 3:
+            return PatchDataset(cases, d.patch_size, **common)
+        return SliceDataset(cases, d.slice_size, **common)
+
+    kw = {"num_workers": d.num_workers, "rank": rank, "world_size": world_size}
+    if len(cfg.modalities) == 2:
+        return JointLoader(dataset("ct", t.seed), dataset("mri", t.seed + 1), t.batch_size, **kw)
+    (modality,) = cfg.modalities
+    return SingleStream(modality, InfiniteLoader(dataset(modality, t.seed), t.batch_size, **kw))
+
+
+class SingleStream:
+    """One modality's loader with the joint loader's interface (a dict per step, state_dict)."""
+
+    def __init__(self, modality: str, loader: InfiniteLoader) -> None:
+        self.modality, self.loader = modality, loader
+
+    def __next__(self) -> dict[str, Any]:
+        return {self.modality: next(self.loader)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state)
