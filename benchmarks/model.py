@@ -5,7 +5,8 @@ training mode, A-QCF alphas set nonzero so the fusion path counts):
 
 * ``expanded``: every quaternion conv and transposed conv (the A-QCF projections included) runs
   ``reference.quaternion_conv_expanded`` on its own weight (Parcollet's 16-block real weight and one
-  real conv: what every other quaternion library does); same weights as ``ours`` — the baseline;
+  real conv: what every other quaternion library does); same weights as ``ours`` — the baseline,
+  built by :func:`benchmarks.baselines.use_expanded_convs`;
 * ``ours``: the model on this package's layers (``aqcf.qconv``, ``algorithm='auto'``);
 * ``real``: the real-valued twin, same topology and real channel counts with ``torch.nn`` layers
   (4x the parameters, the same conv FLOPs as ``expanded``).
@@ -34,6 +35,7 @@ from aqcf_kernels import nn as qnn
 from aqcf_kernels.models import AQCFNet
 
 from . import common
+from .baselines import use_expanded_convs
 
 MODES = ("fwd", "fwdbwd")
 PROVIDERS = ("expanded", "ours", "real")
@@ -65,11 +67,17 @@ TARGET_CASES = (Case(2, 128, 4), Case(3, 64, 1, **F3D))
 
 def make_model(name: str, case: Case, dtype: torch.dtype, device: torch.device) -> AQCFNet:
     """The network of ``case`` for one provider; ``ours`` and ``expanded`` share their weights (same seed)."""
-    kw: dict[str, Any] = {"real_valued": True} if name == "real" else {"conv_impl": "fused" if name == "ours" else name}
     torch.manual_seed(0)
     model = AQCFNet(
-        case.spatial_dims, features=case.features, bottleneck=case.bottleneck, device=device, dtype=dtype, **kw
+        case.spatial_dims,
+        features=case.features,
+        bottleneck=case.bottleneck,
+        real_valued=name == "real",
+        device=device,
+        dtype=dtype,
     )
+    if name == "expanded":
+        use_expanded_convs(model)
     with torch.no_grad():  # a trained model: the attention path contributes
         for m in model.modules():
             if isinstance(m, qnn.AQCFBlock):

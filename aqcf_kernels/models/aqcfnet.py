@@ -63,6 +63,7 @@ Documented choices where the paper is silent (deviations):
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -70,50 +71,44 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import nn as qnn
-from ..nn.attention import GATES
-from ..quaternion import ALGORITHMS
-from .layers import ACTIVATIONS, NORMS, LayerFactory, use_expanded_convs
+from .layers import LayerFactory
+from .options import MODES, AQCFNetOptions
 
 MODALITIES = ("ct", "mri")
-MODES = ("joint", "ct", "mri")
-DOWNS = ("conv", "pool")
-CONV_IMPLS = ("fused", "expanded")
 PARTS = ("stem", "encoder", "fusion", "bottleneck", "decoder", "head")
 
 Output = Tensor | list[Tensor]
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 class _Stream(nn.Module):
     """One modality's encoder: ``levels[l]`` then ``downs[l]``, for every level (the stem is separate)."""
 
-    def __init__(self, layers: LayerFactory, features: tuple[int, ...], down: str, dropout: float) -> None:
+    def __init__(self, layers: LayerFactory, features: tuple[int, ...]) -> None:
         super().__init__()
         widths = (features[0], *features)
-        self.levels = nn.ModuleList(layers.conv_block(widths[l], widths[l + 1], dropout) for l in range(len(features)))
+        self.levels = nn.ModuleList(layers.conv_block(widths[l], widths[l + 1]) for l in range(len(features)))
         self.downs = nn.ModuleList(
-            layers.unit(f, f, stride=2) if down == "conv" else layers.max_pool() for f in features
+            layers.unit(f, f, stride=2) if layers.options.down == "conv" else layers.max_pool() for f in features
         )
 
 
 class _Decoder(nn.Module):
     """``ups[l]`` (transposed conv into width ``F_l``), qcat with the skip, ``blocks[l]``; l from deep to shallow."""
 
-    def __init__(self, layers: LayerFactory, features: tuple[int, ...], bottleneck: int, dropout: float) -> None:
+    def __init__(self, layers: LayerFactory, features: tuple[int, ...], bottleneck: int) -> None:
         super().__init__()
         widths = (*features, bottleneck)
         self.ups = nn.ModuleList(layers.conv_transpose(widths[l + 1], widths[l]) for l in range(len(features)))
-        self.blocks = nn.ModuleList(layers.conv_block(2 * f, f, dropout) for f in features)
+        self.blocks = nn.ModuleList(layers.conv_block(2 * f, f) for f in features)
 
 
 class AQCFNet(nn.Module):
     """A-QCF-Net: two quaternion encoder streams (CT, MRI) fused by A-QCF blocks, a shared quaternion
     bottleneck and decoder, real output heads. ``forward(ct=None, mri=None) -> {'ct': logits, 'mri': logits}``.
 
-    Architecture and every choice the paper leaves open: see the module docstring.
+    Architecture and every choice the paper leaves open: see the module docstring. The options are
+    checked (a ``ValueError`` naming the option) and kept, in canonical form, as ``self.options``
+    (:class:`~aqcf_kernels.models.options.AQCFNetOptions`); :meth:`from_options` builds from such a set.
 
     Args:
         spatial_dims: 2 (slices) or 3 (volumes).
@@ -138,8 +133,6 @@ class AQCFNet(nn.Module):
         real_valued: build the real-valued twin (same topology and real channel counts, ~4x parameters).
         dropout: dropout probability at the end of every two-unit block (0: none).
         algorithm: quaternion product algorithm of every quaternion conv (``'auto'``, ``'hamilton'``, ``'fast8'``).
-        conv_impl: ``'fused'`` (this package's ops) or ``'expanded'`` (every quaternion conv as the
-            expanded-weight reference conv; same parameters and outputs, for benchmarks).
         device, dtype: of the parameters.
     """
 
@@ -162,134 +155,39 @@ class AQCFNet(nn.Module):
         real_valued: bool = False,
         dropout: float = 0.0,
         algorithm: str = "auto",
-        conv_impl: str = "fused",
         device: Any = None,
         dtype: Any = None,
     ) -> None:
         super().__init__()
-        self._config = {k: v for k, v in locals().items() if k not in ("self", "__class__", "device", "dtype")}
-        self._validate_scalars(spatial_dims, in_channels, out_channels, heads, kv_pool, gate, norm, act, down)
-        self._validate_options(mode, real_valued, dropout, algorithm, conv_impl)
-        features = self._validate_features(features, bottleneck)
-        fused = self._validate_fusion(fusion_levels, mode, len(features))
-        for l in fused:
-            if features[l] % (4 * heads):
-                raise ValueError(
-                    f"AQCFNet: features[{l}] = {features[l]} must be a multiple of 4 * heads = {4 * heads} at a "
-                    "fused level (each attention head owns whole quaternion channels); change features, heads or "
-                    "fusion_levels"
-                )
-        n_aux = self._validate_deep_supervision(deep_supervision, len(features))
-
+        arguments = locals()  # every option is an argument of the same name (tests/models checks it)
+        requested = AQCFNetOptions(**{f.name: arguments[f.name] for f in dataclasses.fields(AQCFNetOptions)})
+        self.options = options = requested.validated()
+        # What forward reads; every other option is in self.options.
         self.spatial_dims, self.in_channels, self.out_channels = spatial_dims, in_channels, out_channels
-        self.features, self.bottleneck_channels, self.fusion_levels = features, bottleneck, fused
-        self.heads, self.kv_pool, self.gate, self.norm, self.act, self.down = heads, kv_pool, gate, norm, act, down
-        self.deep_supervision, self.mode, self.real_valued = n_aux, mode, bool(real_valued)
-        self.dropout, self.algorithm, self.conv_impl = dropout, algorithm, conv_impl
+        self.features, self.fusion_levels = options.features, options.fusion_levels
+        self.deep_supervision, self.mode, self.real_valued = options.deep_supervision, mode, real_valued
         self.modalities = MODALITIES if mode == "joint" else (mode,)
 
-        layers = LayerFactory(spatial_dims, self.real_valued, norm, act, algorithm, device, dtype)
+        features = options.features
+        layers = LayerFactory(options, device, dtype)
         self.stem = nn.ModuleDict()
         self.encoder = nn.ModuleDict()
         for name in self.modalities:
             # No bias in the stem conv: the norm's shift replaces it.
             stem_conv = layers.real_conv(in_channels, features[0], 3, padding=1, bias=False)
             self.stem[name] = nn.Sequential(stem_conv, layers.norm(features[0]), layers.act())
-            self.encoder[name] = _Stream(layers, features, down, dropout)
-        self.fusion = nn.ModuleDict({str(l): layers.fusion(features[l], heads, kv_pool, gate) for l in fused})
-        self.bottleneck = layers.conv_block(features[-1], bottleneck, dropout)
-        self.decoder = _Decoder(layers, features, bottleneck, dropout)
+            self.encoder[name] = _Stream(layers, features)
+        self.fusion = nn.ModuleDict({str(l): layers.fusion(features[l]) for l in options.fusion_levels})
+        self.bottleneck = layers.conv_block(features[-1], bottleneck)
+        self.decoder = _Decoder(layers, features, bottleneck)
         self.head = nn.ModuleList(
-            layers.real_conv(features[l], out_channels, 1, bias=True) for l in range(n_aux + 1)
+            layers.real_conv(features[l], out_channels, 1, bias=True) for l in range(options.deep_supervision + 1)
         )  # head[0]: the output; head[k]: deep supervision at decoder level k
-        if conv_impl == "expanded":
-            use_expanded_convs(self)
 
-    # -----------------------------------------------------------------------------------------
-    # Argument checks (ValueError naming the argument, as MONAI's networks do)
-    # -----------------------------------------------------------------------------------------
-
-    @staticmethod
-    def _validate_scalars(spatial_dims, in_channels, out_channels, heads, kv_pool, gate, norm, act, down) -> None:
-        if spatial_dims not in (2, 3) or isinstance(spatial_dims, bool):
-            raise ValueError(f"AQCFNet: spatial_dims must be 2 or 3, got {spatial_dims!r}")
-        for name, v in (("in_channels", in_channels), ("out_channels", out_channels), ("heads", heads)):
-            if not _is_int(v) or v <= 0:
-                raise ValueError(f"AQCFNet: {name} must be a positive int, got {v!r}")
-        if kv_pool is not None and (not _is_int(kv_pool) or kv_pool <= 0):
-            raise ValueError(f"AQCFNet: kv_pool must be None or a positive int, got {kv_pool!r}")
-        for name, v, allowed in (("gate", gate, GATES), ("norm", norm, NORMS), ("act", act, ACTIVATIONS)):
-            if v not in allowed:
-                raise ValueError(f"AQCFNet: {name} must be one of {allowed}, got {v!r}")
-        if down not in DOWNS:
-            raise ValueError(f"AQCFNet: down must be one of {DOWNS}, got {down!r}")
-
-    @staticmethod
-    def _validate_options(mode, real_valued, dropout, algorithm, conv_impl) -> None:
-        if mode not in MODES:
-            raise ValueError(f"AQCFNet: mode must be one of {MODES}, got {mode!r}")
-        if not isinstance(real_valued, bool):
-            raise ValueError(f"AQCFNet: real_valued must be a bool, got {real_valued!r}")
-        if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"AQCFNet: dropout must be a probability in [0, 1), got {dropout!r}")
-        if algorithm not in ("auto", *ALGORITHMS):
-            raise ValueError(f"AQCFNet: algorithm must be one of {('auto', *ALGORITHMS)}, got {algorithm!r}")
-        if conv_impl not in CONV_IMPLS:
-            raise ValueError(f"AQCFNet: conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}")
-        if real_valued and conv_impl != "fused":
-            raise ValueError("AQCFNet: conv_impl='expanded' replaces quaternion convs; real_valued=True has none")
-
-    @staticmethod
-    def _validate_features(features, bottleneck) -> tuple[int, ...]:
-        if isinstance(features, (str, bytes)) or not isinstance(features, Sequence) or len(features) == 0:
-            raise ValueError(f"AQCFNet: features must be a non-empty sequence of ints, got {features!r}")
-        for l, f in enumerate(features):
-            if not _is_int(f) or f <= 0 or f % 4:
-                raise ValueError(
-                    f"AQCFNet: features[{l}] must be a positive multiple of 4 (real channels of a quaternion "
-                    f"feature map), got {f!r}"
-                )
-        if not _is_int(bottleneck) or bottleneck <= 0 or bottleneck % 4:
-            raise ValueError(
-                f"AQCFNet: bottleneck must be a positive multiple of 4 (real channels of a quaternion feature "
-                f"map), got {bottleneck!r}"
-            )
-        return tuple(features)
-
-    @staticmethod
-    def _validate_fusion(fusion_levels, mode: str, levels: int) -> tuple[int, ...]:
-        if fusion_levels == "all":
-            # A unimodal model has nothing to fuse: 'all' (the default) means no block there.
-            return tuple(range(levels)) if mode == "joint" else ()
-        if fusion_levels is None or fusion_levels == "none":
-            return ()
-        if isinstance(fusion_levels, str) or not isinstance(fusion_levels, Sequence):
-            raise ValueError(
-                f"AQCFNet: fusion_levels must be 'all', 'none' or a sequence of level indices, got {fusion_levels!r}"
-            )
-        if any(not _is_int(l) or not 0 <= l < levels for l in fusion_levels) or len(set(fusion_levels)) != len(
-            fusion_levels
-        ):
-            raise ValueError(
-                f"AQCFNet: fusion_levels must hold distinct level indices in 0..{levels - 1} (one per entry of "
-                f"features), got {fusion_levels!r}"
-            )
-        if fusion_levels and mode != "joint":
-            raise ValueError(
-                f"AQCFNet: mode={mode!r} has one stream and no fusion; got fusion_levels={fusion_levels!r}"
-            )
-        return tuple(sorted(fusion_levels))
-
-    @staticmethod
-    def _validate_deep_supervision(deep_supervision, levels: int) -> int:
-        if isinstance(deep_supervision, bool):
-            return levels - 1 if deep_supervision else 0
-        if not _is_int(deep_supervision) or not 0 <= deep_supervision <= levels - 1:
-            raise ValueError(
-                f"AQCFNet: deep_supervision must be a bool or an int in 0..{levels - 1} (extra heads at the decoder "
-                f"levels below full resolution), got {deep_supervision!r}"
-            )
-        return deep_supervision
+    @classmethod
+    def from_options(cls, options: AQCFNetOptions, device: Any = None, dtype: Any = None) -> AQCFNet:
+        """The network of an option set (a run config's, or another model's ``options``)."""
+        return cls(**dataclasses.asdict(options), device=device, dtype=dtype)
 
     # -----------------------------------------------------------------------------------------
     # Forward
@@ -381,8 +279,8 @@ class AQCFNet(nn.Module):
             "parts": self._part_counts(),
         }
         if twin:
-            config = {**self._config, "real_valued": not self.real_valued, "conv_impl": "fused"}
-            other = AQCFNet(**config, device="meta")
+            twin_options = dataclasses.replace(self.options, real_valued=not self.real_valued)
+            other = AQCFNet.from_options(twin_options, device="meta")
             counts = other.count_parameters(twin=False)
             out["quaternion_twin" if self.real_valued else "real_twin"] = counts
             q, r = (counts["total"], out["total"]) if self.real_valued else (out["total"], counts["total"])
@@ -390,24 +288,22 @@ class AQCFNet(nn.Module):
         return out
 
     def extra_repr(self) -> str:
+        o = self.options
         s = (
-            f"spatial_dims={self.spatial_dims}, in_channels={self.in_channels}, out_channels={self.out_channels}, "
-            f"features={self.features}, bottleneck={self.bottleneck_channels}, mode={self.mode!r}"
+            f"spatial_dims={o.spatial_dims}, in_channels={o.in_channels}, out_channels={o.out_channels}, "
+            f"features={o.features}, bottleneck={o.bottleneck}, mode={o.mode!r}"
         )
-        if self.mode == "joint":
-            s += f", fusion_levels={self.fusion_levels}"
-        if self.fusion_levels:
-            s += f", heads={self.heads}, kv_pool={self.kv_pool}, gate={self.gate!r}"
-        s += f", norm={self.norm!r}, act={self.act!r}, down={self.down!r}"
-        if self.deep_supervision:
-            s += f", deep_supervision={self.deep_supervision}"
-        if self.dropout:
-            s += f", dropout={self.dropout}"
-        if self.real_valued:
-            s += ", real_valued=True"
-        else:
-            s += f", algorithm={self.algorithm!r}, conv_impl={self.conv_impl!r}"
-        s += f", pad_to_multiple_of={2 ** len(self.features)}"
+        if o.mode == "joint":
+            s += f", fusion_levels={o.fusion_levels}"
+        if o.fusion_levels:
+            s += f", heads={o.heads}, kv_pool={o.kv_pool}, gate={o.gate!r}"
+        s += f", norm={o.norm!r}, act={o.act!r}, down={o.down!r}"
+        if o.deep_supervision:
+            s += f", deep_supervision={o.deep_supervision}"
+        if o.dropout:
+            s += f", dropout={o.dropout}"
+        s += ", real_valued=True" if o.real_valued else f", algorithm={o.algorithm!r}"
+        s += f", pad_to_multiple_of={2 ** len(o.features)}"
         return s
 
 

@@ -1,105 +1,23 @@
-"""The building blocks AQCFNet is made of, in three flavours with one topology.
+"""The building blocks AQCFNet is made of, in two flavours with one topology.
 
 * ``quaternion`` (the model): :mod:`aqcf_kernels.nn` layers; every conv is the fused
   ``aqcf.qconv`` op.
-* ``expanded`` (benchmark baseline): the same modules, parameters and state dict, but every
-  quaternion (transposed) conv runs :func:`aqcf_kernels.reference.quaternion_conv_expanded` on its
-  own weight: Parcollet's 16-block real weight and one real conv, what every other quaternion
-  library does. :func:`use_expanded_convs` switches a built model over in place.
 * ``real`` (the real-valued twin): ``torch.nn`` convs, norms, pools and dropout with the SAME real
   channel counts, so a C -> C conv has C² weights per tap instead of the quaternion conv's C²/4;
   the fusion block is :class:`RealAQCFBlock`.
+
+The expanded-weight build (the benchmarks' baseline) is made from a built model by
+``benchmarks.baselines.use_expanded_convs``; the library doesn't know about it.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 
 from .. import nn as qnn
-from .. import reference
-from ..nn.conv import _QuaternionConvNd
-
-# ---------------------------------------------------------------------------------------------
-# Expanded-weight reference convs (benchmark baseline)
-# ---------------------------------------------------------------------------------------------
-
-
-class _ExpandedConvMixin:
-    """Runs the conv as ``reference.quaternion_conv_expanded`` on this module's own weight.
-
-    Only the computation changes: parameters, init, state dict and repr are the parent's, so a
-    fused and an expanded build with the same weights compute the same function.
-    """
-
-    def _conv_forward(self, input: Tensor, output_padding: Any) -> Tensor:
-        padding = self.padding
-        if self.padding_mode != "zeros":
-            input = nn.functional.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            padding = 0
-        return reference.quaternion_conv_expanded(
-            input,
-            self.weight,
-            self.bias,
-            self.stride,
-            padding,
-            self.dilation,
-            self.groups,
-            transposed=self.transposed,
-            output_padding=output_padding,
-        )
-
-
-class ExpandedQuaternionConv1d(_ExpandedConvMixin, qnn.QuaternionConv1d):
-    """:class:`~aqcf_kernels.nn.QuaternionConv1d` computed with the expanded-weight reference conv."""
-
-
-class ExpandedQuaternionConv2d(_ExpandedConvMixin, qnn.QuaternionConv2d):
-    """:class:`~aqcf_kernels.nn.QuaternionConv2d` computed with the expanded-weight reference conv."""
-
-
-class ExpandedQuaternionConv3d(_ExpandedConvMixin, qnn.QuaternionConv3d):
-    """:class:`~aqcf_kernels.nn.QuaternionConv3d` computed with the expanded-weight reference conv."""
-
-
-class ExpandedQuaternionConvTranspose1d(_ExpandedConvMixin, qnn.QuaternionConvTranspose1d):
-    """:class:`~aqcf_kernels.nn.QuaternionConvTranspose1d` computed with the expanded-weight reference conv."""
-
-
-class ExpandedQuaternionConvTranspose2d(_ExpandedConvMixin, qnn.QuaternionConvTranspose2d):
-    """:class:`~aqcf_kernels.nn.QuaternionConvTranspose2d` computed with the expanded-weight reference conv."""
-
-
-class ExpandedQuaternionConvTranspose3d(_ExpandedConvMixin, qnn.QuaternionConvTranspose3d):
-    """:class:`~aqcf_kernels.nn.QuaternionConvTranspose3d` computed with the expanded-weight reference conv."""
-
-
-_EXPANDED: dict[type, type] = {
-    qnn.QuaternionConv1d: ExpandedQuaternionConv1d,
-    qnn.QuaternionConv2d: ExpandedQuaternionConv2d,
-    qnn.QuaternionConv3d: ExpandedQuaternionConv3d,
-    qnn.QuaternionConvTranspose1d: ExpandedQuaternionConvTranspose1d,
-    qnn.QuaternionConvTranspose2d: ExpandedQuaternionConvTranspose2d,
-    qnn.QuaternionConvTranspose3d: ExpandedQuaternionConvTranspose3d,
-}
-
-
-def use_expanded_convs(module: nn.Module) -> nn.Module:
-    """Make every quaternion (transposed) conv in ``module`` (the A-QCF blocks' projections included)
-    compute with the expanded-weight reference conv; returns ``module``, changed in place.
-
-    Each conv's class becomes its ``Expanded*`` subclass, which adds no state: parameters, buffers,
-    state-dict keys and the RNG draws of construction stay exactly those of the fused build.
-    """
-    for m in module.modules():
-        cls = _EXPANDED.get(type(m))
-        if cls is not None:
-            m.__class__ = cls
-        elif isinstance(m, _QuaternionConvNd) and not isinstance(m, _ExpandedConvMixin):
-            raise TypeError(f"use_expanded_convs: no expanded-weight version of {type(m).__name__}")
-    return module
-
+from .options import AQCFNetOptions
 
 # ---------------------------------------------------------------------------------------------
 # Real-valued A-QCF block (the real twin's fusion)
@@ -129,30 +47,20 @@ class RealAQCFBlock(qnn.AQCFBlock):
 # One factory per flavour
 # ---------------------------------------------------------------------------------------------
 
-ACTIVATIONS = ("relu", "leaky_relu", "gelu")
-NORMS = ("batch", "instance")
-
 
 class LayerFactory:
-    """Builds AQCFNet's layers for one spatial rank and flavour (quaternion or real).
+    """Builds AQCFNet's layers for the spatial rank and flavour (quaternion or real) of ``options``.
 
     Quaternion activations are "split" activations (applied to every real component), as in
     Parcollet's and speechbrain's quaternion networks.
     """
 
-    def __init__(
-        self,
-        spatial_dims: int,
-        real_valued: bool,
-        norm: str,
-        act: str,
-        algorithm: str,
-        device: Any = None,
-        dtype: Any = None,
-    ) -> None:
-        self.spatial_dims, self.real_valued, self.norm_name, self.act_name = spatial_dims, real_valued, norm, act
-        self.algorithm = algorithm
+    def __init__(self, options: AQCFNetOptions, device: Any = None, dtype: Any = None) -> None:
+        self.options = options
+        self.spatial_dims, self.real_valued = options.spatial_dims, options.real_valued
         self.factory = {"device": device, "dtype": dtype}
+        # Keyword arguments of every conv and transposed conv of this flavour.
+        self.conv_options = self.factory if self.real_valued else {**self.factory, "algorithm": options.algorithm}
 
     def _pick(self, quaternion: tuple[type, ...], real: tuple[type, ...]) -> type:
         return (real if self.real_valued else quaternion)[self.spatial_dims - 1]
@@ -168,8 +76,7 @@ class LayerFactory:
         cls = self._pick(
             (qnn.QuaternionConv1d, qnn.QuaternionConv2d, qnn.QuaternionConv3d), (nn.Conv1d, nn.Conv2d, nn.Conv3d)
         )
-        extra = {} if self.real_valued else {"algorithm": self.algorithm}
-        return cls(cin, cout, kernel_size, stride=stride, padding=padding, bias=bias, **self.factory, **extra)
+        return cls(cin, cout, kernel_size, stride=stride, padding=padding, bias=bias, **self.conv_options)
 
     def conv_transpose(self, cin: int, cout: int) -> nn.Module:
         """Kernel 2, stride 2: exactly doubles every spatial size."""
@@ -177,11 +84,10 @@ class LayerFactory:
             (qnn.QuaternionConvTranspose1d, qnn.QuaternionConvTranspose2d, qnn.QuaternionConvTranspose3d),
             (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d),
         )
-        extra = {} if self.real_valued else {"algorithm": self.algorithm}
-        return cls(cin, cout, 2, stride=2, **self.factory, **extra)
+        return cls(cin, cout, 2, stride=2, **self.conv_options)
 
     def norm(self, channels: int) -> nn.Module:
-        if self.norm_name == "batch":
+        if self.options.norm == "batch":
             cls = self._pick(
                 (qnn.QuaternionBatchNorm1d, qnn.QuaternionBatchNorm2d, qnn.QuaternionBatchNorm3d),
                 (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d),
@@ -195,9 +101,9 @@ class LayerFactory:
         return cls(channels, affine=True, **self.factory)
 
     def act(self) -> nn.Module:
-        if self.act_name == "relu":
+        if self.options.act == "relu":
             return nn.ReLU()
-        if self.act_name == "leaky_relu":
+        if self.options.act == "leaky_relu":
             return nn.LeakyReLU(0.01)
         return nn.GELU()
 
@@ -208,35 +114,30 @@ class LayerFactory:
         )
         return cls(2)
 
-    def dropout(self, p: float) -> nn.Module:
+    def dropout(self) -> nn.Module:
+        p = self.options.dropout
         return nn.Dropout(p) if self.real_valued else qnn.QuaternionDropout(p)
 
-    def fusion(self, channels: int, heads: int, kv_pool: int | None, gate: str) -> nn.Module:
+    def fusion(self, channels: int) -> nn.Module:
         cls = RealAQCFBlock if self.real_valued else qnn.AQCFBlock
-        return cls(channels, heads=heads, kv_pool=kv_pool, gate=gate, algorithm=self.algorithm, **self.factory)
+        o = self.options
+        return cls(channels, heads=o.heads, kv_pool=o.kv_pool, gate=o.gate, algorithm=o.algorithm, **self.factory)
 
     def unit(self, cin: int, cout: int, stride: int = 1) -> nn.Sequential:
-        """conv 3 (no bias: the norm's shift replaces it) → norm → activation."""
+        """conv 3 (no bias: the norm's shift replaces it) → norm → activation.
+
+        The norm sits between the conv and the activation, so the activation can't be fused into the
+        conv op (``quaternion_conv(..., activation=)``); no quaternion conv of the model is followed
+        directly by an activation.
+        """
         return nn.Sequential(self.conv(cin, cout, 3, stride=stride, padding=1), self.norm(cout), self.act())
 
-    def conv_block(self, cin: int, cout: int, dropout: float) -> nn.Sequential:
+    def conv_block(self, cin: int, cout: int) -> nn.Sequential:
         """Two units; dropout (whole quaternions in the quaternion flavour) at the end if ``dropout > 0``."""
         layers = [self.unit(cin, cout), self.unit(cout, cout)]
-        if dropout > 0:
-            layers.append(self.dropout(dropout))
+        if self.options.dropout > 0:
+            layers.append(self.dropout())
         return nn.Sequential(*layers)
 
 
-__all__ = [
-    "ACTIVATIONS",
-    "NORMS",
-    "ExpandedQuaternionConv1d",
-    "ExpandedQuaternionConv2d",
-    "ExpandedQuaternionConv3d",
-    "ExpandedQuaternionConvTranspose1d",
-    "ExpandedQuaternionConvTranspose2d",
-    "ExpandedQuaternionConvTranspose3d",
-    "LayerFactory",
-    "RealAQCFBlock",
-    "use_expanded_convs",
-]
+__all__ = ["LayerFactory", "RealAQCFBlock"]

@@ -90,20 +90,7 @@ def build_model(cfg: RunConfig) -> nn.Module:
     """The network of ``cfg.train.mode``: A-QCF-Net (joint), its unimodal baselines, or two DynUNets."""
     if cfg.train.mode == "dynunet":
         return UnimodalPair({"ct": _dynunet(cfg), "mri": _dynunet(cfg)})
-    m = cfg.model
-    return AQCFNet(
-        m.spatial_dims,
-        features=m.features,
-        bottleneck=m.bottleneck,
-        heads=m.heads,
-        kv_pool=m.kv_pool,
-        gate=m.gate,
-        norm=m.norm,
-        down=m.down,
-        deep_supervision=m.deep_supervision,
-        dropout=m.dropout,
-        mode=cfg.train.mode,
-    )
+    return AQCFNet.from_options(cfg.model_options())
 
 
 def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, RunConfig]:

@@ -16,7 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-MODES = ("joint", "ct", "mri", "dynunet")
+from ..models.options import MODES as AQCFNET_MODES
+from ..models.options import AQCFNetOptions, ArchitectureOptions
+
+MODES = (*AQCFNET_MODES, "dynunet")
 
 
 @dataclass
@@ -37,18 +40,9 @@ class DataConfig:
     num_workers: int = 0
 
 
-@dataclass
-class ModelConfig:
-    spatial_dims: int = 2
-    features: tuple[int, ...] = (32, 64, 128, 256)
-    bottleneck: int = 512
-    heads: int = 4
-    kv_pool: int | None = 1024
-    gate: str = "token"
-    norm: str = "batch"
-    down: str = "conv"
-    deep_supervision: bool = False
-    dropout: float = 0.0
+#: The ``model`` section: the A-QCF-Net architecture options, declared once in :mod:`aqcf_kernels.models.options`
+#: (``AQCFNet``'s other options, its input/output channels and mode, come from the data and ``train.mode``).
+ModelConfig = ArchitectureOptions
 
 
 @dataclass
@@ -98,11 +92,19 @@ class RunConfig:
             raise ValueError(f"train.mode must be one of {MODES}, got {self.train.mode!r}")
         if not 0.0 <= self.train.solo_prob <= 1.0:
             raise ValueError(f"train.solo_prob must be in [0, 1], got {self.train.solo_prob}")
-        if self.model.spatial_dims not in (2, 3):
-            raise ValueError(f"model.spatial_dims must be 2 or 3, got {self.model.spatial_dims}")
         for name in ("epochs", "steps_per_epoch", "batch_size", "val_every"):
             if getattr(self.train, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self.train, name)}")
+        self.model_options().validated(prefix="model.")
+
+    def model_options(self) -> AQCFNetOptions:
+        """The A-QCF-Net of this run: the ``model`` section, one input channel, three classes, ``train.mode``.
+
+        The ``dynunet`` baseline uses only the section's widths, but they are checked as a joint
+        A-QCF-Net's, so the baseline always has the widths of a network it is compared with.
+        """
+        mode = self.train.mode if self.train.mode in AQCFNET_MODES else "joint"
+        return AQCFNetOptions(**dataclasses.asdict(self.model), in_channels=1, out_channels=3, mode=mode)
 
     def check_data_roots(self) -> None:
         """Training and evaluation need the roots of the modalities of the mode, as existing folders."""

@@ -14,7 +14,7 @@ from torch import nn
 
 from aqcf_kernels import nn as qnn
 from aqcf_kernels.models import AQCFNet, RealAQCFBlock
-from aqcf_kernels.models.layers import ExpandedQuaternionConv2d, ExpandedQuaternionConvTranspose2d
+from benchmarks.baselines import ExpandedQuaternionConv2d, ExpandedQuaternionConvTranspose2d, use_expanded_convs
 
 TINY = {"features": (8, 16), "bottleneck": 32, "heads": 2}
 SIZES = {2: (19, 23), 3: (11, 13, 9)}
@@ -274,7 +274,7 @@ def test_state_dict_round_trip() -> None:
 def test_expanded_build_matches_fused(algorithm: str) -> None:
     kw = {"dtype": torch.float64, "algorithm": algorithm, "deep_supervision": True, "kv_pool": 16}
     fused = tiny(**kw)
-    expanded = tiny(conv_impl="expanded", **kw)
+    expanded = use_expanded_convs(tiny(**kw))
     # The same construction, so the same init; every quaternion conv swapped, nothing else.
     for (k, v), (k2, v2) in zip(fused.state_dict().items(), expanded.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(v, v2), k
@@ -289,6 +289,11 @@ def test_expanded_build_matches_fused(algorithm: str) -> None:
     b.sum().backward()
     for (name, p), p2 in zip(fused.named_parameters(), expanded.parameters(), strict=True):
         torch.testing.assert_close(p.grad, p2.grad, rtol=1e-9, atol=1e-10, msg=name)
+
+
+def test_expanded_build_needs_quaternion_convs() -> None:
+    with pytest.raises(ValueError, match="AQCFNet has no quaternion convs"):
+        use_expanded_convs(tiny(real_valued=True))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,8 +324,7 @@ def test_expanded_build_matches_fused(algorithm: str) -> None:
         ({"kv_pool": 0}, "kv_pool must be None or a positive int"),
         ({"dropout": 1.0}, "dropout must be a probability"),
         ({"algorithm": "fast4"}, "algorithm must be one of"),
-        ({"conv_impl": "naive"}, "conv_impl must be one of"),
-        ({"conv_impl": "expanded", "real_valued": True}, "real_valued=True has none"),
+        ({"real_valued": 1}, "real_valued must be a bool"),
         ({"deep_supervision": 2}, r"deep_supervision must be a bool or an int in 0..1"),
     ],
 )
@@ -348,7 +352,7 @@ def test_repr_names_the_settings() -> None:
         "norm='batch'",
         "down='conv'",
         "deep_supervision=1",
-        "conv_impl='fused'",
+        "algorithm='auto'",
         "pad_to_multiple_of=4",
     ):
         assert setting in text, setting
