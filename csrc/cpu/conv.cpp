@@ -127,14 +127,10 @@ at::Tensor conv_fast8(const at::Tensor& x, const at::Tensor& w, const std::optio
   // Groups partition the quaternion channels inside each component block, which is exactly
   // torch's `groups` on one component: every product is a plain (grouped) real conv. A transposed
   // conv is the adjoint, conj(W) ⊗ x with transposed products.
-  const int64_t slice = batch_slice(x, y);
-  for (int64_t n0 = 0; n0 < x.size(0); n0 += slice) {
-    const int64_t len = std::min(slice, x.size(0) - n0);
-    fast8_hamilton_product(
-        {components(w), p.transposed}, {blocks(x.narrow(0, n0, len))},
-        [&](const at::Tensor& wm, const at::Tensor& xm) { return real_conv(xm, wm, std::nullopt, p); },
-        blocks(y.narrow(0, n0, len)), b);
-  }
+  fast8_hamilton_product(
+      {components(w), p.transposed, /*batched=*/false}, {blocks(x)},
+      [&](const at::Tensor& wm, const at::Tensor& xm) { return real_conv(xm, wm, std::nullopt, p); }, blocks(y),
+      /*out_batched=*/true, b, {x.size(0), batch_slice(x, y)});
   return y;
 }
 
@@ -186,17 +182,12 @@ at::Tensor conv_weight_grad(
     return fold_weight_grad(ge, weight_shape, g);
   }
   at::Tensor gw = at::empty(weight_shape, input.options());
-  // gW = gy ⊗ conj(x), each product a weight-gradient correlation. Both operands are large; the
-  // output (weight-sized) is tiny, and every batch slice after the first accumulates into it.
+  // gW = gy ⊗ conj(x), each product a weight-gradient correlation; the sum over batch slices.
   const std::vector<int64_t> component_shape(weight_shape.begin() + 1, weight_shape.end());
-  const int64_t slice = batch_slice(x, gy);
-  for (int64_t n0 = 0; n0 < x.size(0); n0 += slice) {
-    const int64_t len = std::min(slice, x.size(0) - n0);
-    fast8_hamilton_product(
-        {blocks(gy.narrow(0, n0, len))}, {blocks(x.narrow(0, n0, len)), true},
-        [&](const at::Tensor& gm, const at::Tensor& xm) { return real_conv_weight_grad(xm, gm, component_shape, q); },
-        components(gw), n0 == 0 ? std::array<at::Tensor, 4>{} : components(gw));
-  }
+  fast8_hamilton_product(
+      {blocks(gy)}, {blocks(x), /*conjugate=*/true},
+      [&](const at::Tensor& gm, const at::Tensor& xm) { return real_conv_weight_grad(xm, gm, component_shape, q); },
+      components(gw), /*out_batched=*/false, {}, {x.size(0), batch_slice(x, gy)});
   return gw;
 }
 

@@ -2,7 +2,15 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 #include <ATen/TensorIterator.h>
+#include <ATen/ThreadLocalState.h>
+#include <c10/util/ParallelGuard.h>
+
+#include <atomic>
+#include <exception>
+#include <memory>
+#include <vector>
 
 #include <utility>
 
@@ -27,18 +35,23 @@ constexpr int kOut[4][4] = {{+1, -1, +1, +1}, {+1, -1, -1, -1}, {+1, +1, +1, -1}
 
 // A transformed operand is `scale * tensor`. The scale is ±1 and only comes from conjugation: it
 // is carried to the output coefficients (the products are bilinear) instead of costing a pass.
-struct Scaled {
-  at::Tensor tensor;
-  double scale;
-};
+// conj(A)_c = σ_c A_c with σ = (1, -1, -1, -1), and σ_p A_p + s σ_q A_q = σ_p (A_p + s σ_p σ_q A_q):
+// the transform of a conjugated operand is σ_p times a plain sum.
+int conjugation_sign(const QuaternionOperand& a, int component) {
+  return (a.conjugate && component != R) ? -1 : 1;
+}
 
-Scaled transform(const QuaternionOperand& a, ComponentSum t) {
-  // conj(A)_c = σ_c A_c with σ = (1, -1, -1, -1), and σ_p A_p + s σ_q A_q = σ_p (A_p + s σ_p σ_q A_q).
-  const int sp = (a.conjugate && t.p != R) ? -1 : 1;
-  const int sq = (a.conjugate && t.q != R) ? -1 : 1;
-  // One TensorIterator pass (ATen's vectorised kernel) reading both components once. Its output
-  // follows the components' memory format, so channels_last stays channels_last for the product.
-  return {at::add(a.components[t.p], a.components[t.q], t.sign * sp * sq), double(sp)};
+double transform_scale(const QuaternionOperand& a, ComponentSum t) {
+  return conjugation_sign(a, t.p);
+}
+
+// The transformed operand (without its scale) on samples [n0, n0 + len) of a batched operand, or
+// whole for a shared one. One TensorIterator pass (ATen's vectorised kernel) reading both
+// components once; its output follows the components' memory format (channels_last stays so).
+at::Tensor transform(const QuaternionOperand& a, ComponentSum t, int64_t n0, int64_t len) {
+  const int sign = t.sign * conjugation_sign(a, t.p) * conjugation_sign(a, t.q);
+  if (!a.batched) return at::add(a.components[t.p], a.components[t.q], sign);
+  return at::add(a.components[t.p].narrow(0, n0, len), a.components[t.q].narrow(0, n0, len), sign);
 }
 
 // The innermost loop, written so the compiler vectorises it. `addend_at(i)` is 0, a per-row
@@ -113,6 +126,36 @@ void combine(
   });
 }
 
+// Runs item(i) for i in [0, n) on at::get_num_threads() threads in ONE parallel region, handing
+// items out on demand (a shared counter), so a thread that gets less CPU takes fewer items and
+// nobody waits at a barrier until the end. Inside, ATen (and oneDNN) see a parallel region and
+// run serially; the caller's thread-local state (grad mode, dispatch exclusions) is carried over.
+template <typename Item>
+void parallel_items(int64_t n, const Item& item) {
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
+  if (threads <= 1 || at::in_parallel_region()) {
+    for (int64_t i = 0; i < n; ++i) item(i);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  std::atomic<bool> failed{false};
+  std::exception_ptr error;
+  const at::ThreadLocalState state;
+#pragma omp parallel num_threads(threads)
+  {
+    at::ThreadLocalStateGuard tls(state);
+    c10::ParallelGuard in_parallel(true);
+    for (int64_t i = next.fetch_add(1); i < n && !failed.load(std::memory_order_relaxed); i = next.fetch_add(1)) {
+      try {
+        item(i);
+      } catch (...) {
+        if (!failed.exchange(true)) error = std::current_exception();
+      }
+    }
+  }
+  if (error) std::rethrow_exception(error);
+}
+
 }  // namespace
 
 void fast8_hamilton_product(
@@ -120,30 +163,71 @@ void fast8_hamilton_product(
     const QuaternionOperand& right,
     BilinearProduct product,
     const std::array<at::Tensor, 4>& out,
-    const std::array<at::Tensor, 4>& addend) {
-  // Each transform is read by exactly one product, so transforming on demand costs the same as
-  // precomputing (a weight-sized operand is re-transformed per batch slice: 8 tiny adds), and a
-  // large operand's transform dies as soon as its product returns.
-  auto scaled_product = [&](int m) -> Scaled {
-    Scaled l = transform(left, kLeft[m]);
-    Scaled r = transform(right, kRight[m]);
-    return {product(l.tensor, r.tensor), l.scale * r.scale};
+    bool out_batched,
+    const std::array<at::Tensor, 4>& addend,
+    BatchSlices batch) {
+  const int64_t slices = (batch.batch + batch.slice - 1) / batch.slice;
+  auto slice_start = [&](int64_t s) { return s * batch.slice; };
+  auto slice_len = [&](int64_t s) { return std::min(batch.slice, batch.batch - s * batch.slice); };
+  // A shared operand (the weight) is transformed once for every slice; a batched one per item,
+  // right before its product reads it.
+  std::array<at::Tensor, 8> left_shared, right_shared;
+  std::array<double, 8> scale{};
+  for (int m = 0; m < 8; ++m) {
+    if (!left.batched) left_shared[m] = transform(left, kLeft[m], 0, 0);
+    if (!right.batched) right_shared[m] = transform(right, kRight[m], 0, 0);
+    scale[m] = transform_scale(left, kLeft[m]) * transform_scale(right, kRight[m]);
+  }
+  auto product_m = [&](int m, int64_t s) {
+    const int64_t n0 = slice_start(s), len = slice_len(s);
+    const at::Tensor l = left.batched ? transform(left, kLeft[m], n0, len) : left_shared[m];
+    const at::Tensor r = right.batched ? transform(right, kRight[m], n0, len) : right_shared[m];
+    return product(l, r);
   };
-  // s5..s8 feed every output component, so they are computed first and kept; each s_c then lives
-  // only until the pass that writes Z_c.
-  std::array<at::Tensor, 4> shared;
-  std::array<double, 4> shared_scale{};
-  for (int j = 0; j < 4; ++j) {
-    Scaled s = scaled_product(4 + j);
-    shared[j] = std::move(s.tensor);
-    shared_scale[j] = s.scale;
+  // Z_c = s_c + 1/2 sum_j kOut[c][j] s_{5+j}, each s_m carrying its conjugation scale.
+  auto write_output = [&](const std::array<at::Tensor, 8>& s, auto&& out_c, auto&& addend_c) {
+    for (int c = 0; c < 4; ++c) {
+      std::array<double, 5> k{scale[c]};
+      for (int j = 0; j < 4; ++j) k[1 + j] = 0.5 * kOut[c][j] * scale[4 + j];
+      combine(out_c(c), s[c], {s[4], s[5], s[6], s[7]}, k, addend_c(c));
+    }
+  };
+
+  if (out_batched) {
+    // Items (slice, product), slice-major, so only ~threads + 1 slices are in flight; whoever
+    // finishes a slice's 8th product writes that slice's output while it is still in cache.
+    std::vector<std::array<at::Tensor, 8>> products(slices);
+    std::unique_ptr<std::atomic<int>[]> pending(new std::atomic<int>[slices]);
+    for (int64_t s = 0; s < slices; ++s) pending[s].store(8);
+    parallel_items(8 * slices, [&](int64_t i) {
+      const int64_t s = i / 8;
+      const int m = int(i % 8);
+      products[s][m] = product_m(m, s);
+      if (pending[s].fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+      write_output(
+          products[s], [&](int c) { return out[c].narrow(0, slice_start(s), slice_len(s)); },
+          [&](int c) { return addend[c]; });
+      products[s] = {};
+    });
+    return;
   }
-  for (int c = 0; c < 4; ++c) {
-    Scaled s = scaled_product(c);
-    std::array<double, 5> k{s.scale};
-    for (int j = 0; j < 4; ++j) k[1 + j] = 0.5 * kOut[c][j] * shared_scale[j];
-    combine(out[c], s.tensor, shared, k, addend[c]);
-  }
+  // Shared output: the slices are cut into one contiguous run per thread, and item (run, product)
+  // sums its run's products in order; runs are then added in order, so the sum does not depend on
+  // which thread took which item.
+  const int64_t runs = std::min<int64_t>(slices, std::max(1, at::get_num_threads()));
+  std::vector<std::array<at::Tensor, 8>> sums(runs);
+  parallel_items(8 * runs, [&](int64_t i) {
+    const int64_t run = i / 8;
+    const int m = int(i % 8);
+    at::Tensor& sum = sums[run][m];
+    for (int64_t s = run * slices / runs; s < (run + 1) * slices / runs; ++s) {
+      at::Tensor p = product_m(m, s);
+      sum = sum.defined() ? sum.add_(p) : std::move(p);
+    }
+  });
+  for (int64_t run = 1; run < runs; ++run)
+    for (int m = 0; m < 8; ++m) sums[0][m].add_(sums[run][m]);
+  write_output(sums[0], [&](int c) { return out[c]; }, [](int) { return at::Tensor(); });
 }
 
 }  // namespace aqcf

@@ -3,8 +3,16 @@
 // A quaternion conv, its transposed conv and its weight gradient are all Hamilton products
 // Z = A ⊗ B whose scalar products A_p * B_a are one real bilinear map (conv, conv_transpose or
 // the weight-gradient correlation); see aqcf_kernels/quaternion.py. This engine runs any of them
-// with 8 calls of that map instead of 16, streaming so that the transformed operands never
-// outlive the product that reads them.
+// with 8 calls of that map instead of 16, on batch slices, streaming so that the transformed
+// operands never outlive the product that reads them.
+//
+// Threading: the whole product is ONE parallel region whose threads take (slice, product) items
+// from a shared counter, and each item runs single-threaded (ATen and oneDNN run serially inside a
+// parallel region). The first engine parallelised every add, conv and output pass separately:
+// ~30 parallel regions per slice, each ending in a barrier that waits for the slowest thread. On a
+// busy machine (another process on one of the two cores) a descheduled thread stalled every one of
+// those barriers and fwd+bwd fell to 0.26-0.6x of the expanded conv. With items handed out on
+// demand, a thread that gets less CPU simply takes fewer items.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -16,24 +24,37 @@ namespace aqcf {
 
 // One operand of a Hamilton product: its four components [r, i, j, k]. With `conjugate` the
 // operand is read as (r, -i, -j, -k); the signs are folded into the transforms and the output
-// coefficients, so the conjugate is never materialised.
+// coefficients, so the conjugate is never materialised. A `batched` operand is cut into batch
+// slices along dim 0 with the product; a shared one (a weight) is read whole by every slice.
 struct QuaternionOperand {
   std::array<at::Tensor, 4> components;
   bool conjugate = false;
+  bool batched = true;
 };
 
 // A real bilinear map product(left, right) -> tensor with the shape of one output component.
+// Called concurrently from several threads.
 using BilinearProduct = c10::function_ref<at::Tensor(const at::Tensor&, const at::Tensor&)>;
 
-// Writes Z_c + addend[c] into out[c] for Z = left ⊗ right. `out[c]` may be strided views (e.g. the
-// blocks of one blocked tensor). `addend[c]`, if defined, broadcasts to out[c]: a bias, or out[c]
-// itself to accumulate. Peak extra memory: s5..s8 (one output's worth), one s_c, and one
-// transformed pair (left_m, right_m).
+// How the batch (dim 0 of the batched operands) is cut: `batch` samples, `slice` per item.
+struct BatchSlices {
+  int64_t batch;
+  int64_t slice;
+};
+
+// Z = left ⊗ right, slice by slice.
+// * batched output: writes Z_c + addend[c] into out[c] (strided views, e.g. the blocks of one
+//   blocked tensor); `addend[c]`, if defined, broadcasts to out[c] (a bias).
+// * shared output (a weight gradient): writes the sum over slices of Z_c into out[c], with a
+//   summation order fixed by the thread count (deterministic run to run).
+// Peak extra memory: the 8 products of the slices in flight (~ threads + 1 slices).
 void fast8_hamilton_product(
     const QuaternionOperand& left,
     const QuaternionOperand& right,
     BilinearProduct product,
     const std::array<at::Tensor, 4>& out,
-    const std::array<at::Tensor, 4>& addend);
+    bool out_batched,
+    const std::array<at::Tensor, 4>& addend,
+    BatchSlices slices);
 
 }  // namespace aqcf
