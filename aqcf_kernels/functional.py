@@ -13,7 +13,7 @@ from torch import Tensor
 
 from . import ops  # noqa: F401  (registers torch.ops.aqcf)
 from .ops.conv import ACTIVATIONS
-from .params import IntOrSeq, check_conv_args, fast8_pays_off
+from .params import IntOrSeq, check_conv_args
 
 
 def quaternion_conv(
@@ -35,6 +35,7 @@ def quaternion_conv(
 
     ``activation`` ('relu', 'leaky_relu' with ``negative_slope``, 'gelu' (erf form), or None) is
     applied to every real output channel; the Triton backend fuses it into the conv's epilogue.
+    ``algorithm='auto'`` is resolved per call by the backend registry (``aqcf_kernels.backends.policy``).
     """
     if activation is not None and activation not in ACTIVATIONS:
         raise ValueError(f"activation must be None or one of {ACTIVATIONS}, got {activation!r}")
@@ -50,14 +51,9 @@ def quaternion_conv(
     )
     if any(extra):  # padding='same' with an even effective kernel: one more on the right
         input = F.pad(input, [v for e in reversed(extra) for v in (0, e)])
-    if algorithm == "auto":
-        algorithm = "fast8" if fast8_pays_off(input, weight, p) else "hamilton"
-    if activation is not None:
-        y, _ = torch.ops.aqcf.qconv_act(
-            input, weight, bias, *p.as_op_args(), algorithm, activation, float(negative_slope)
-        )
-        return y
-    return torch.ops.aqcf.qconv(input, weight, bias, *p.as_op_args(), algorithm)
+    # 'auto' goes to the op as is: the backend that serves the call picks the algorithm.
+    y, _ = torch.ops.aqcf.qconv(input, weight, bias, *p.as_op_args(), algorithm, activation, float(negative_slope))
+    return y
 
 
 def _check_rank(name: str, weight: Tensor, spatial_dims: int) -> None:

@@ -1,7 +1,8 @@
 """Argument checking and shape arithmetic for quaternion convolutions.
 
 Everything a caller can get wrong is caught here, before any kernel runs, with an error that
-names the argument. The ops receive a fully resolved :class:`ConvParams`.
+names the argument. The ops receive a fully resolved :class:`ConvParams`; ``algorithm='auto'`` is
+only checked here, and resolved by the backend that serves the call (``aqcf_kernels.backends``).
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from .quaternion import ALGORITHMS
@@ -212,35 +212,3 @@ def is_pointwise(weight_shape: Sequence[int], p: ConvParams) -> bool:
         and all(o == 0 for o in p.output_padding)
         and p.groups == 1
     )
-
-
-def fast8_pays_off(input: Tensor, weight: Tensor, p: ConvParams) -> bool:
-    """The ``algorithm='auto'`` policy, from the CPU and GPU benchmarks (see README).
-
-    fast8 only in fp32/fp64 (its component-wise error grows in half precision when real parts
-    dominate) and only where each of its 8 products is a conv big enough for oneDNN to run at
-    full speed, so halving the FLOPs halves the time.
-    """
-    if input.dtype not in (torch.float32, torch.float64):
-        return False
-    if input.device.type != "cpu":
-        # Measured on GPUs: 8 convs lost to one cuDNN conv on the expanded weight (Triton fast8
-        # 0.17-0.20x of it at 64 quaternion channels, benchmarks/results/conv-gpu-*).
-        return False
-    if is_pointwise(weight.shape, p):
-        # One GEMM on the expanded weight (the pointwise path) beat 8 batched GEMMs plus the
-        # operand transforms at every size measured (64-192 quaternion channels, 1-8k tokens).
-        return False
-    cq_out = weight.shape[2] * p.groups if p.transposed else weight.shape[1]
-    cq_in = input.shape[1] // 4
-    per_group = min(cq_in, cq_out) // p.groups
-    if per_group >= FAST8_MIN_CHANNELS_PER_GROUP:
-        return True
-    # Below that, only 2d convs with 16 channels per group (one AVX-512 register of fp32) won, in
-    # one-process A/B runs of fwd+bwd: 1.20-1.44x (N4-8, 64-128², plain and 2x2 transposed); 8, 24
-    # and 40 channels, and 3d with 16, did not (0.79x, 0.89x, 1.06x, 0.13x).
-    return p.spatial_dims == 2 and per_group == 16
-
-
-# Smallest quaternion channels per group from which fast8 beats the expanded conv (benchmark).
-FAST8_MIN_CHANNELS_PER_GROUP = 32

@@ -25,11 +25,41 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .reference import HAMILTON
-
 ALGORITHMS = ("hamilton", "fast8")
 
 R, I, J, K = 0, 1, 2, 3
+
+
+def unit_product(p: int, a: int) -> tuple[int, int]:
+    """``e_p ⊗ e_a = sign · e_c`` for the units ``e_0 = 1, e_1 = i, e_2 = j, e_3 = k``: returns ``(c, sign)``.
+
+    Hamilton's rules: 1 is the identity, ``i² = j² = k² = −1``, and the product of two different
+    imaginary units is the third, positive in cyclic order (``ij = k, jk = i, ki = j``), negative
+    against it (``ji = −k``, ...).
+    """
+    if p == R:
+        return a, +1
+    if a == R:
+        return p, +1
+    if p == a:
+        return R, -1
+    third = I + J + K - p - a
+    return third, (+1 if (a - p) % 3 == 1 else -1)
+
+
+def _hamilton_rows() -> tuple[tuple[tuple[int, int], ...], ...]:
+    rows: list[list[tuple[int, int]]] = [[(R, 0)] * 4 for _ in range(4)]
+    for p in range(4):
+        for a in range(4):
+            c, sign = unit_product(p, a)
+            rows[c][a] = (p, sign)
+    return tuple(tuple(row) for row in rows)
+
+
+#: ``HAMILTON[c][a] = (p, sign)``: in ``y = W ⊗ x``, output component c receives ``sign * (W_p * x_a)``
+#: (row c of Parcollet's expanded weight). Derived from :func:`unit_product`; the test oracle
+#: ``aqcf_kernels.reference`` writes the same table out by hand.
+HAMILTON: tuple[tuple[tuple[int, int], ...], ...] = _hamilton_rows()
 
 # Howell & Lafon, with A = (a1, b1, c1, d1) and B = (a2, b2, c2, d2):
 # s1=(d1-c1)(c2-d2) s2=(a1+b1)(a2+b2) s3=(a1-b1)(c2+d2) s4=(c1+d1)(a2-b2)

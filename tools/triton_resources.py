@@ -21,8 +21,8 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "triton_kernels"))
 from _compile_for_gpu import compile_variant  # noqa: E402
 
-from aqcf_kernels.triton.conv import _wgrad_gpu_configs  # noqa: E402
-from aqcf_kernels.triton.conv_kernels import qconv_wgrad_kernel  # noqa: E402
+from aqcf_kernels.backends.triton.conv import wgrad_gpu_configs  # noqa: E402
+from aqcf_kernels.backends.triton.conv_kernels import qconv_wgrad_kernel  # noqa: E402
 
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 VARIANTS = [
@@ -47,7 +47,7 @@ def main() -> int:
         print("unset TRITON_INTERPRET: the interpreter compiles nothing", file=sys.stderr)
         return 2
     print(f"{'dtype':5} {'dot':4} {'algorithm':9} {'tiles (O, C, P)':16} {'warps':>5} {'regs':>5} {'stack B':>8}")
-    for (name, dot, ptr, precision), fast8, config in itertools.product(VARIANTS, (False, True), _wgrad_gpu_configs()):
+    for (name, dot, ptr, precision), fast8, config in itertools.product(VARIANTS, (False, True), wgrad_gpu_configs()):
         constexprs = dict(FAST8=fast8, DOT_DTYPE=dot, PRECISION=precision, **config.kwargs)
         kernel = compile_variant(
             qconv_wgrad_kernel, {"x_ptr", "gy_ptr", "gw_ptr"}, constexprs, ptr, {"num_warps": config.num_warps}

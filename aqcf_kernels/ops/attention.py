@@ -22,14 +22,14 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from ..backends.torch_attention import lse_dtype
+from ..backends.base import AttentionBackend, lse_dtype
 
 
-def _select_attention(q: Tensor):
+def _select_attention(q: Tensor) -> AttentionBackend:
     return backends.select_in(backends.ATTENTION, q.device.type, lambda b: b.cannot_serve_attention(q))
 
 
-def _select_gate(f: Tensor, gate_logits: Tensor):
+def _select_gate(f: Tensor, gate_logits: Tensor) -> AttentionBackend:
     return backends.select_in(backends.ATTENTION, f.device.type, lambda b: b.cannot_serve_gate(f, gate_logits))
 
 

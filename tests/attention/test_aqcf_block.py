@@ -392,7 +392,7 @@ def test_block_on_triton_matches_torch_backend(gate):
         return [y_a.detach(), y_b.detach(), a.grad, b.grad] + [p.grad.clone() for p in block.parameters()]
 
     calls = []
-    from aqcf_kernels.triton import attention as TRA
+    from aqcf_kernels.backends.triton import attention as TRA
 
     real = TRA.attention_fwd_kernel
 

@@ -20,7 +20,7 @@ import aqcf_kernels
 from aqcf_kernels import backends, reference
 from aqcf_kernels import functional as QF
 from aqcf_kernels.backends import BackendError, registered
-from aqcf_kernels.backends import torch_attention as TA
+from aqcf_kernels.backends.torch import attention as TA
 from aqcf_kernels.ops import attention as attention_ops
 
 from ._util import (
@@ -430,14 +430,14 @@ def test_cpu_attention_auto_is_torch_even_with_triton_interpreter(monkeypatch):
 
 def test_forced_triton_on_cpu_without_interpreter_is_an_error(monkeypatch):
     triton_backend = registered("attention")["triton"]
-    from aqcf_kernels.triton import attention as TRA
+    from aqcf_kernels.backends.triton import common as triton_common
 
-    if TRA._IMPORT_ERROR:
-        pytest.skip(f"triton not importable: {TRA._IMPORT_ERROR}")
+    if triton_common.IMPORT_ERROR:
+        pytest.skip(f"triton not importable: {triton_common.IMPORT_ERROR}")
     if torch.cuda.is_available():
         pytest.skip("with CUDA the triton backend is available; the CPU-without-interpreter refusal is not")
     # As if TRITON_INTERPRET were unset: the backend must refuse CPU tensors, never fall back silently.
-    monkeypatch.setattr(TRA, "INTERPRET", False)
+    monkeypatch.setattr(triton_common, "INTERPRET", False)
     assert triton_backend.unavailable() is not None
     inputs = attention_inputs(1, 1, 3, 3, 3, 3, 4, seed=99)
     f = inputs[0].float()

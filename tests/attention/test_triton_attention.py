@@ -216,7 +216,7 @@ def test_triton_gate_fp16(gate_shape):
 
 def test_triton_gate_selected_when_forced(monkeypatch):
     """The gate really runs the triton kernels (not a torch fallback) when triton is forced."""
-    from aqcf_kernels.triton import attention as TRA
+    from aqcf_kernels.backends.triton import attention as TRA
 
     calls = []
     real_fwd, real_bwd = TRA.gated_residual_fwd_kernel, TRA.gated_residual_bwd_kernel
@@ -266,7 +266,7 @@ def test_triton_tiles_cover_every_row_once_and_no_idle_programs(tiles, monkeypat
     """The launchers with the tile shapes they pick on a GPU for E ≤ 64 (BLOCK_M = 128 query rows,
     BLOCK_N = 64 keys): results still match, and each launch's grid has exactly one program per tile of
     the rows that program kind owns (query tiles for fwd/dq, key tiles for dk/dv), none idle."""
-    from aqcf_kernels.triton import attention as TRA
+    from aqcf_kernels.backends.triton import attention as TRA
 
     monkeypatch.setattr(TRA, "_tiles", lambda e: tiles)
     launches = {}

@@ -18,6 +18,7 @@ import torch
 
 from aqcf_kernels import functional as qF
 from aqcf_kernels import params, reference
+from aqcf_kernels.backends import policy
 
 # (input shape, weight shape, kwargs): conv and transposed conv, 16q in and out.
 CASES = {
@@ -104,12 +105,12 @@ def test_half_precision_error_at_most_twice_the_expanded_conv(
     )
     # The 'auto' policy must never pick fast8 in half precision, even where the channel count is
     # big enough for it in float32 (so it is the dtype that decides, not the size).
-    assert not params.fast8_pays_off(x, w, p)
-    wide = params.FAST8_MIN_CHANNELS_PER_GROUP
+    assert not policy.fast8_pays_off(x, w, p)
+    wide = policy.FAST8_MIN_CHANNELS_PER_GROUP
     x_wide = x.new_empty(x.shape[0], 4 * wide, *x.shape[2:])
     w_wide = w.new_empty(4, wide, wide, *w.shape[3:])
-    assert not params.fast8_pays_off(x_wide, w_wide, p)
-    assert params.fast8_pays_off(x_wide.float(), w_wide.float(), p)
+    assert not policy.fast8_pays_off(x_wide, w_wide, p)
+    assert policy.fast8_pays_off(x_wide.float(), w_wide.float(), p)
     served(backend, x, w, "hamilton", **kwargs)
 
     ours = _run(lambda x, w, b: qF.quaternion_conv(x, w, b, **kwargs, algorithm="auto"), x, w, b, 13, qrand)

@@ -1,4 +1,4 @@
-"""The conv with a fused activation (``activation=`` of the functional ops, op ``aqcf.qconv_act``).
+"""The conv with a fused activation (``activation=`` of the functional ops, op ``aqcf.qconv``).
 
 Against the reference conv followed by torch's own activation, forward and every gradient: float64
 gradcheck + gradgradcheck where the backend takes float64, fp32 against the float64 reference
@@ -97,16 +97,14 @@ def test_opcheck_qconv_act(qrand):
     b = qrand(12, dim=0, seed=3, requires_grad=True)
     for activation, slope in ACTIVATIONS:
         args = (x, w, b, [1], [1], [1], False, [0], 1, "hamilton", activation, slope)
-        torch.library.opcheck(torch.ops.aqcf.qconv_act.default, args)
+        torch.library.opcheck(torch.ops.aqcf.qconv.default, args)
 
 
 def test_preactivation_kept_only_where_the_backward_needs_it(qrand):
     x = qrand(1, 4, 5, seed=1)
     w = qrand(4, 1, 1, 3, dim=0, seed=2)
     sizes = {
-        (act, slope): torch.ops.aqcf.qconv_act(x, w, None, [1], [1], [1], False, [0], 1, "hamilton", act, slope)[
-            1
-        ].numel()
+        (act, slope): torch.ops.aqcf.qconv(x, w, None, [1], [1], [1], False, [0], 1, "hamilton", act, slope)[1].numel()
         for act, slope in ACTIVATIONS
     }
     assert sizes == {("relu", 0.01): 0, ("leaky_relu", 0.2): 0, ("leaky_relu", -0.3): 20, ("gelu", 0.01): 20}
@@ -126,9 +124,7 @@ def test_output_follows_the_input_memory_format(backend, activation, slope, qran
     x = qrand(2, 8, 5, 6, seed=8, dtype=torch.float32).to(memory_format=torch.channels_last)
     w = qrand(4, 3, 2, 3, 3, dim=0, seed=9, dtype=torch.float32)
     served(backend, x, w, "hamilton", padding=1)
-    y, pre = torch.ops.aqcf.qconv_act(
-        x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, "hamilton", activation, slope
-    )
+    y, pre = torch.ops.aqcf.qconv(x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, "hamilton", activation, slope)
     assert y.is_contiguous(memory_format=torch.channels_last)
     if pre.numel():
         assert pre.is_contiguous(memory_format=torch.channels_last)

@@ -11,7 +11,7 @@ import aqcf_kernels
 from aqcf_kernels import backends, reference
 from aqcf_kernels import functional as qF
 from aqcf_kernels.backends import PRIORITY, BackendError, registered, select
-from aqcf_kernels.backends.torch_impl import TorchBackend
+from aqcf_kernels.backends.torch import TorchConvBackend as TorchBackend
 from aqcf_kernels.params import ConvParams
 
 # Tiny convs only: one intra-op thread runs them faster (see tests/conv/conftest.py).
@@ -50,7 +50,7 @@ def fake_backends(monkeypatch):
     """Register a broken ('fake-broken') and a working ('fake-ok') backend, for this test only."""
     fakes = {"fake-broken": FakeBackend("fake-broken", "simulated: library missing"), "fake-ok": FakeBackend("fake-ok")}
     for name, impl in fakes.items():
-        monkeypatch.setitem(backends._REGISTRY, name, impl)
+        monkeypatch.setitem(backends.CONV.backends, name, impl)
     return fakes
 
 
@@ -108,7 +108,7 @@ def test_no_backend_for_the_device_is_an_error(monkeypatch, fake_backends):
     # Every candidate can refuse; the error then lists each one's reason.
     monkeypatch.delenv("AQCF_BACKEND", raising=False)
     monkeypatch.setitem(PRIORITY, "cpu", ["fake-broken"])
-    monkeypatch.setitem(backends._REGISTRY, "torch", FakeBackend("torch", "simulated: torch refuses"))
+    monkeypatch.setitem(backends.CONV.backends, "torch", FakeBackend("torch", "simulated: torch refuses"))
     x, w, p = _args()
     with pytest.raises(
         BackendError, match=r"no conv backend serves cpu tensors: fake-broken: simulated.*torch: simulated"
@@ -165,7 +165,7 @@ def test_cuda_calls_go_to_cudnn_on_the_expanded_weight_unless_forced(monkeypatch
     # The GPU benchmarks (benchmarks/results/*-gpu-*) found cuDNN on the expanded weight faster
     # than the fused kernels everywhere, so `auto` must not pick them on CUDA.
     from aqcf_kernels.backends import CONV, use
-    from aqcf_kernels.params import FAST8_MIN_CHANNELS_PER_GROUP, fast8_pays_off
+    from aqcf_kernels.backends.policy import FAST8_MIN_CHANNELS_PER_GROUP, fast8_pays_off
 
     monkeypatch.delenv("AQCF_BACKEND", raising=False)
     assert CONV.priority["cuda"][0] == "torch"
@@ -187,9 +187,10 @@ def test_cuda_calls_go_to_cudnn_on_the_expanded_weight_unless_forced(monkeypatch
     [(2, 8, False), (2, 16, True), (2, 24, False), (2, 32, True), (3, 16, False), (3, 32, True), (1, 16, False)],
 )
 def test_auto_policy_on_cpu_follows_the_measured_channel_counts(dims, channels, fast8):
-    # From one-process A/B runs (see params.fast8_pays_off): fast8 from 32 quaternion channels per
+    # From one-process A/B runs (see backends.policy.fast8_pays_off): fast8 from 32 quaternion channels per
     # group, and at exactly 16 in 2d; hamilton elsewhere.
-    from aqcf_kernels.params import check_conv_args, fast8_pays_off
+    from aqcf_kernels.backends.policy import fast8_pays_off
+    from aqcf_kernels.params import check_conv_args
 
     x = torch.empty(1, 4 * channels, *[6] * dims)
     w = torch.empty(4, channels, channels, *[3] * dims)
@@ -201,7 +202,8 @@ def test_auto_policy_on_cpu_follows_the_measured_channel_counts(dims, channels, 
     ("channels", "groups", "fast8"), [(64, 2, True), (32, 2, True), (48, 2, False), (32, 4, False)]
 )
 def test_auto_policy_counts_channels_per_group(channels, groups, fast8):
-    from aqcf_kernels.params import check_conv_args, fast8_pays_off
+    from aqcf_kernels.backends.policy import fast8_pays_off
+    from aqcf_kernels.params import check_conv_args
 
     x = torch.empty(1, 4 * channels, 6, 6)
     w = torch.empty(4, channels, channels // groups, 3, 3)

@@ -3,7 +3,8 @@
 float64 over a hypothesis-driven grid of conv hyper-parameters and input layouts: forward and the
 input, weight and bias gradients. The two reference baselines are checked against each other on
 the same grid, and the naive conv against an element-wise Hamilton product for 1x1 kernels (the
-one case where "y = W ⊗ x" can be written without any convolution at all).
+one case where "y = W ⊗ x" can be written without any convolution at all), and the library's Hamilton
+table against the reference's.
 """
 
 from __future__ import annotations
@@ -235,3 +236,11 @@ def test_naive_reference_with_1x1_kernel_is_the_hamilton_product(
     p = x.reshape(batch, 4, 1, cq_in, *spatial)
     expected = reference.hamilton_product(q, p, dim=1).sum(dim=3).reshape(batch, 4 * cq_out, *spatial)
     torch.testing.assert_close(y, expected)
+
+
+def test_library_hamilton_table_is_the_references():
+    # The library derives its table from Hamilton's rules (aqcf_kernels.quaternion.unit_product); the
+    # oracle writes it out by hand. Every backend's signs come from the former, every test's from the latter.
+    from aqcf_kernels import quaternion
+
+    assert quaternion.HAMILTON == reference.HAMILTON

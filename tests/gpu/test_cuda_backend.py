@@ -36,7 +36,7 @@ def force_cuda(monkeypatch):
     """AQCF_BACKEND=cuda, poisoned outputs, ieee fp32 everywhere (tf32 would be ~1e-3)."""
     backend = registered().get("cuda")
     if backend is None:
-        pytest.fail("the cuda backend is not registered (aqcf_kernels/backends/__init__.py)")
+        pytest.fail("the cuda backend is not registered (aqcf_kernels/backends/cuda/__init__.py)")
     why = backend.unavailable()
     if why is not None:  # a GPU machine whose extension lacks the CUDA kernels: a build bug
         pytest.fail(f"cuda backend unavailable on a machine with a GPU: {why}")

@@ -14,14 +14,14 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from aqcf_kernels.triton.attention_kernels import (
+from aqcf_kernels.backends.triton.attention_kernels import (
     attention_bwd_dkdv_kernel,
     attention_bwd_dq_kernel,
     attention_fwd_kernel,
     gated_residual_bwd_kernel,
     gated_residual_fwd_kernel,
 )
-from aqcf_kernels.triton.conv_kernels import qconv_kernel, qconv_wgrad_kernel
+from aqcf_kernels.backends.triton.conv_kernels import qconv_kernel, qconv_wgrad_kernel
 
 TARGET = GPUTarget("cuda", 90, 32)
 DTYPES = {"fp32": (tl.float32, "*fp32"), "bf16": (tl.bfloat16, "*bf16")}

@@ -126,15 +126,15 @@ def test_triton_rejects_float64(force_triton):
 def test_fp32_dots_use_tf32_only_when_matmul_tf32_is_allowed(matmul_tf32, cudnn_tf32, monkeypatch):
     # cudnn.allow_tf32 defaults to True: following it made every fp32 Triton conv TF32 on the H100
     # (relative error ~7e-4 against the 1e-5 contract). Only the matmul flag (default False) counts.
-    from aqcf_kernels.triton import conv as triton_conv
+    from aqcf_kernels.backends.triton import common as triton_common
 
-    monkeypatch.setattr(triton_conv, "INTERPRET", False)
+    monkeypatch.setattr(triton_common, "INTERPRET", False)
     # torch's flag objects are not plain attributes (monkeypatch can't restore them): by hand
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul_tf32, cudnn_tf32
     try:
-        _, precision = triton_conv._dot_config(torch.float32)
-        bf16_precision = triton_conv._dot_config(torch.bfloat16)[1]
+        _, precision = triton_common.dot_config(torch.float32)
+        bf16_precision = triton_common.dot_config(torch.bfloat16)[1]
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
     assert precision == ("tf32" if matmul_tf32 else "ieee")

@@ -1,4 +1,4 @@
-"""The ``torch`` backend: composite PyTorch, any device, any floating dtype, always available.
+"""The ``torch`` conv backend: composite PyTorch, any device, any floating dtype, always available.
 
 ``hamilton`` runs one real conv on the expanded weight (the 16 products fused into one dense
 GEMM by oneDNN/cuDNN); ``fast8`` runs 8 dense real convs on transformed operands.
@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..params import ConvParams, is_pointwise
-from ..quaternion import (
+from ...params import ConvParams, is_pointwise
+from ...quaternion import (
     conjugate_components,
     expand_weight_grouped,
     fast8_product,
@@ -21,6 +21,7 @@ from ..quaternion import (
     from_group_major,
     to_group_major,
 )
+from ..base import ConvBackend
 
 
 def real_conv(x: Tensor, w: Tensor, p: ConvParams) -> Tensor:
@@ -86,14 +87,14 @@ def as_nontransposed(p: ConvParams) -> ConvParams:
     return ConvParams(p.spatial_dims, p.stride, p.padding, p.dilation, False, (0,) * p.spatial_dims, p.groups)
 
 
-class TorchBackend:
+class TorchConvBackend(ConvBackend):
     name = "torch"
     device_types = ("cpu", "cuda", "mps", "xpu")
 
     def unavailable(self) -> str | None:
         return None
 
-    def cannot_serve(self, input, weight, params, algorithm) -> str | None:
+    def cannot_serve(self, input: Tensor, weight: Tensor, params: ConvParams, algorithm: str) -> str | None:
         return None
 
     def conv(self, input: Tensor, weight: Tensor, bias: Tensor | None, p: ConvParams, algorithm: str) -> Tensor:

@@ -1,4 +1,4 @@
-"""The ``cuda`` backend: the CUDA kernels of the compiled extension ``aqcf_kernels._C`` (csrc/cuda).
+"""The ``cuda`` conv backend: the CUDA kernels of the compiled extension ``aqcf_kernels._C`` (csrc/cuda).
 
 The extension carries them only when it was built against a CUDA torch (setup.py adds csrc/cuda and
 ``-DAQCF_WITH_CUDA``); a CPU-only build has ``conv`` but no ``cuda_conv``.
@@ -9,12 +9,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..params import ConvParams
-from ._extension import _C
-from ._extension import IMPORT_ERROR as _IMPORT_ERROR
+from ...params import ConvParams
+from .._extension import _C
+from .._extension import IMPORT_ERROR as _IMPORT_ERROR
+from ..base import ConvBackend
 
 
-class CudaBackend:
+class CudaConvBackend(ConvBackend):
     name = "cuda"
     device_types = ("cuda",)
 
@@ -35,8 +36,10 @@ class CudaBackend:
             return f"no kernel for {input.dtype} (float64/float32/float16/bfloat16 only)"
         return None
 
-    def conv(self, input, weight, bias, p: ConvParams, algorithm: str) -> Tensor:
+    def conv(self, input: Tensor, weight: Tensor, bias: Tensor | None, p: ConvParams, algorithm: str) -> Tensor:
         return _C.cuda_conv(input, weight, bias, *p.as_op_args(), algorithm == "fast8")
 
-    def conv_weight_grad(self, input, grad_output, weight_shape, p: ConvParams, algorithm: str) -> Tensor:
+    def conv_weight_grad(
+        self, input: Tensor, grad_output: Tensor, weight_shape: list[int], p: ConvParams, algorithm: str
+    ) -> Tensor:
         return _C.cuda_conv_weight_grad(input, grad_output, list(weight_shape), *p.as_op_args(), algorithm == "fast8")

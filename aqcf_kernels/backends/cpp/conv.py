@@ -1,16 +1,17 @@
-"""The ``cpp`` backend: the compiled CPU extension ``aqcf_kernels._C`` (csrc/cpu)."""
+"""The ``cpp`` conv backend: the compiled CPU extension ``aqcf_kernels._C`` (csrc/cpu)."""
 
 from __future__ import annotations
 
 from torch import Tensor
 
-from ..params import ConvParams, is_pointwise
-from ._extension import _C
-from ._extension import IMPORT_ERROR as _IMPORT_ERROR
-from .torch_impl import pointwise_conv, pointwise_weight_grad
+from ...params import ConvParams, is_pointwise
+from .._extension import _C
+from .._extension import IMPORT_ERROR as _IMPORT_ERROR
+from ..base import ConvBackend
+from ..torch.conv import pointwise_conv, pointwise_weight_grad
 
 
-class CppBackend:
+class CppConvBackend(ConvBackend):
     name = "cpp"
     device_types = ("cpu",)
 
@@ -20,14 +21,16 @@ class CppBackend:
     def cannot_serve(self, input: Tensor, weight: Tensor, params: ConvParams, algorithm: str) -> str | None:
         return None
 
-    # Pointwise hamilton convs are one MKL GEMM (see torch_impl.pointwise_conv): the extension's
+    # Pointwise hamilton convs are one MKL GEMM (see backends/torch/conv.py, pointwise_conv): the extension's
     # hamilton would call the same oneDNN 1x1 conv that is slower on these shapes.
-    def conv(self, input, weight, bias, p: ConvParams, algorithm: str) -> Tensor:
+    def conv(self, input: Tensor, weight: Tensor, bias: Tensor | None, p: ConvParams, algorithm: str) -> Tensor:
         if algorithm == "hamilton" and is_pointwise(weight.shape, p):
             return pointwise_conv(input, weight, bias, p)
         return _C.conv(input, weight, bias, *p.as_op_args(), algorithm == "fast8")
 
-    def conv_weight_grad(self, input, grad_output, weight_shape, p: ConvParams, algorithm: str) -> Tensor:
+    def conv_weight_grad(
+        self, input: Tensor, grad_output: Tensor, weight_shape: list[int], p: ConvParams, algorithm: str
+    ) -> Tensor:
         if algorithm == "hamilton" and is_pointwise(weight_shape, p):
             x, gy = (grad_output, input) if p.transposed else (input, grad_output)
             return pointwise_weight_grad(x, gy, weight_shape)

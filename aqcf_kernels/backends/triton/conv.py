@@ -1,4 +1,4 @@
-"""Launchers for the Triton quaternion-conv kernels, and the ``triton`` backend.
+"""Launchers for the Triton quaternion-conv kernels, and the ``triton`` conv backend.
 
 Serves CUDA tensors; under ``TRITON_INTERPRET=1`` it also serves CPU tensors so the kernels are
 proven on machines without a GPU (``AQCF_BACKEND=triton``). The interpreter must be chosen before
@@ -7,26 +7,16 @@ triton compiles anything: set the variable before importing ``aqcf_kernels``.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
-from ..params import ConvParams, conv_output_shape
+from ...params import ConvParams, conv_output_shape
+from ..base import ConvBackend
+from . import common
+from .common import triton
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-try:
-    import triton
-
+if triton is not None:
     from .conv_kernels import qconv_kernel, qconv_wgrad_kernel
-
-    _IMPORT_ERROR: str | None = None
-except ImportError as e:  # triton is optional (the `dev` extra, or a CUDA torch, brings it)
-    triton = None
-    _IMPORT_ERROR = f"triton not importable ({e})"
-
-_DOT_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def _as_5d(t: Tensor) -> Tensor:
@@ -40,24 +30,12 @@ def _spatial3(values, n: int, fill: int) -> tuple[int, int, int]:
     return (fill,) * (3 - n) + tuple(values)
 
 
-def _dot_config(dtype: torch.dtype):
-    import triton.language as tl
-
-    if INTERPRET:  # bf16 arithmetic is wrong in the interpreter: dot in fp32 there
-        return tl.float32, "ieee"
-    if dtype == torch.float32:
-        # TF32 only on request (torch.backends.cuda.matmul.allow_tf32, off by default), not on
-        # cudnn.allow_tf32: that one defaults to True and would cost fp32 callers three digits.
-        return tl.float32, "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    return (tl.float16 if dtype == torch.float16 else tl.bfloat16), "ieee"
-
-
 # Interpreted programs cost per program and step, not per element: one config, big tiles.
 INTERPRETER_BLOCKS = {"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 32}
 INTERPRETER_WGRAD_BLOCKS = {"BLOCK_O": 32, "BLOCK_C": 32, "BLOCK_P": 128}
 
 
-def _gpu_configs() -> list:
+def forward_gpu_configs() -> list:
     """Tile shapes the forward kernel is autotuned over on a GPU (per shape, dtype and variant).
 
     fast8 holds 8 fp32 accumulator tiles instead of 4, so the narrow-N configs are there for it;
@@ -70,7 +48,7 @@ def _gpu_configs() -> list:
     ]
 
 
-def _wgrad_gpu_configs() -> list:
+def wgrad_gpu_configs() -> list:
     """Tile shapes of the weight-gradient kernel on a GPU (per shape, dtype and variant).
 
     The first is the old fixed choice. On an H100 its fp32 hamilton variant took 25-98 ms where
@@ -88,11 +66,11 @@ def _wgrad_gpu_configs() -> list:
 # weight gradient accumulates with fp32 atomics: the autotuner zeroes it before every trial.
 if triton is not None:
     _qconv_forward = triton.autotune(
-        configs=[triton.Config(INTERPRETER_BLOCKS)] if INTERPRET else _gpu_configs(),
+        configs=[triton.Config(INTERPRETER_BLOCKS)] if common.INTERPRET else forward_gpu_configs(),
         key=["M", "CG_IN", "CG_OUT", "KD", "KH", "KW", "TRANSPOSED", "FAST8", "HAS_BIAS", "ACTIVATION", "STORE_PRE"],
     )(qconv_kernel)
     _qconv_wgrad = triton.autotune(
-        configs=[triton.Config(INTERPRETER_WGRAD_BLOCKS)] if INTERPRET else _wgrad_gpu_configs(),
+        configs=[triton.Config(INTERPRETER_WGRAD_BLOCKS)] if common.INTERPRET else wgrad_gpu_configs(),
         key=["P", "CG_IN", "CG_OUT", "KD", "KH", "KW", "FAST8"],
         reset_to_zero=["gw_ptr"],
     )(qconv_wgrad_kernel)
@@ -123,7 +101,7 @@ def conv(
     else:  # weight (4, Cq_out, Cq_in/G, *k)
         s_wo, s_wc, w_group = w.stride(1), w.stride(2), cg_out * w.stride(1)
     m = y5.shape[0] * y5.shape[2] * y5.shape[3] * y5.shape[4]
-    dot_dtype, precision = _dot_config(input.dtype)
+    dot_dtype, precision = common.dot_config(input.dtype)
 
     def grid(meta):
         return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(cg_out, meta["BLOCK_N"]), p.groups
@@ -177,10 +155,10 @@ def conv_weight_grad(input: Tensor, grad_output: Tensor, weight_shape, p: ConvPa
     kvol = ks[0] * ks[1] * ks[2]
     # Split the pixel reduction until the grid has a few programs per SM (atomics combine them),
     # counted with 32 x 32 tiles and 32-pixel slices whatever tiles the autotuner picks.
-    target = 1 if INTERPRET else 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
+    target = 1 if common.INTERPRET else 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
     n_oc = triton.cdiv(cg_out, 32) * triton.cdiv(cg_in, 32)
     splits = max(1, min(triton.cdiv(pix, 32), target // max(1, n_oc * kvol * p.groups)))
-    dot_dtype, precision = _dot_config(x.dtype)
+    dot_dtype, precision = common.dot_config(x.dtype)
 
     def grid(meta):
         tiles = triton.cdiv(cg_out, meta["BLOCK_O"]) * triton.cdiv(cg_in, meta["BLOCK_C"])
@@ -211,31 +189,36 @@ def conv_weight_grad(input: Tensor, grad_output: Tensor, weight_shape, p: ConvPa
     return gw.reshape(weight_shape).to(x.dtype)
 
 
-class TritonBackend:
+class TritonConvBackend(ConvBackend):
     name = "triton"
     device_types = ("cuda", "cpu")
+    fuses_activation = True  # the activation runs in the forward kernel's epilogue
 
     def unavailable(self) -> str | None:
-        if _IMPORT_ERROR:
-            return _IMPORT_ERROR
-        if not INTERPRET and not torch.cuda.is_available():
-            return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU)"
-        return None
+        return common.unavailable()
 
     def cannot_serve(self, input: Tensor, weight: Tensor, params: ConvParams, algorithm: str) -> str | None:
-        if input.device.type == "cpu" and not INTERPRET:
-            return "serves CPU tensors only under TRITON_INTERPRET=1"
-        if input.dtype not in _DOT_DTYPES:
-            return f"no tl.dot in {input.dtype} (fp32/fp16/bf16 only)"
-        return None
+        return common.cannot_serve_tensor(input)
 
-    def conv(self, input, weight, bias, p: ConvParams, algorithm: str) -> Tensor:
+    def conv(self, input: Tensor, weight: Tensor, bias: Tensor | None, p: ConvParams, algorithm: str) -> Tensor:
         return conv(input, weight, bias, p, algorithm)
 
-    def conv_weight_grad(self, input, grad_output, weight_shape, p: ConvParams, algorithm: str) -> Tensor:
+    def conv_weight_grad(
+        self, input: Tensor, grad_output: Tensor, weight_shape: list[int], p: ConvParams, algorithm: str
+    ) -> Tensor:
         return conv_weight_grad(input, grad_output, weight_shape, p, algorithm)
 
-    def conv_act(self, input, weight, bias, p: ConvParams, algorithm, activation, negative_slope, keep_pre):
+    def conv_act(
+        self,
+        input: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        p: ConvParams,
+        algorithm: str,
+        activation: str,
+        negative_slope: float,
+        keep_pre: bool,
+    ) -> tuple[Tensor, Tensor | None]:
         """Conv with the activation fused in the epilogue: ``(y, z)``, z written only if ``keep_pre``."""
         pre = None
         if keep_pre:

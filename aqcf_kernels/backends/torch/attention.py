@@ -12,18 +12,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..base import AttentionBackend, lse_dtype
+
 # Query rows per chunk of the generic path: 256 rows × 16384 keys × 4 B = 16 MB of scores.
 CHUNK_ROWS = 256
 
 
-def lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 (fp64 for fp64 inputs), whatever the inputs' precision: the dtype of the log-sum-exp
-    and of the chunked path's arithmetic."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def chunked_attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """``softmax(q kᵀ·scale) v`` and its log-sum-exp, ``CHUNK_ROWS`` query rows at a time."""
+    """``softmax(q kᵀ·scale) v`` and its log-sum-exp, ``CHUNK_ROWS`` query rows at a time (arithmetic in
+    :func:`lse_dtype`)."""
     ct = lse_dtype(q.dtype)
     kc, vc = k.to(ct), v.to(ct)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -85,7 +82,7 @@ def _cpu_flash_backward(grad_out, q, k, v, out, lse, scale) -> tuple[Tensor, Ten
     return tuple(g.contiguous() for g in grads)
 
 
-class TorchAttentionBackend:
+class TorchAttentionBackend(AttentionBackend):
     name = "torch"
     device_types = ("cpu", "cuda", "mps", "xpu")
 

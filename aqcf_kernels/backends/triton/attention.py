@@ -8,7 +8,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .conv import _DOT_DTYPES, _IMPORT_ERROR, INTERPRET, _dot_config, triton
+from ..base import AttentionBackend
+from . import common
+from .common import triton
 
 if triton is not None:
     from .attention_kernels import (
@@ -27,7 +29,7 @@ def _head_block(e: int) -> int:
 
 
 def _tiles(e: int) -> tuple[int, int]:
-    if INTERPRET:  # interpreted programs cost per program: few, big tiles
+    if common.INTERPRET:  # interpreted programs cost per program: few, big tiles
         return 64, 64
     # Keep q, k, v tiles and the fp32 accumulator in registers up to E = 128.
     return (128, 64) if e <= 64 else (64, 64)
@@ -36,7 +38,7 @@ def _tiles(e: int) -> tuple[int, int]:
 def _launch_options() -> dict:
     # FlashAttention's Triton settings for 128-row tiles at head sizes up to 128 (8 warps, a
     # 3-stage load pipeline); the interpreter takes none.
-    return {} if INTERPRET else {"num_warps": 8, "num_stages": 3}
+    return {} if common.INTERPRET else {"num_warps": 8, "num_stages": 3}
 
 
 def _contiguous(*tensors: Tensor) -> list[Tensor]:
@@ -51,7 +53,7 @@ def cross_attention(q_a, k_a, v_a, q_b, k_b, v_b, scale: float):
     lse_a = torch.empty((b, h, n_qa), dtype=torch.float32, device=q_a.device)
     lse_b = torch.empty((b, h, n_qb), dtype=torch.float32, device=q_a.device)
     block_m, block_n = _tiles(e)
-    dot_dtype, precision = _dot_config(q_a.dtype)
+    dot_dtype, precision = common.dot_config(q_a.dtype)
     tiles_a = triton.cdiv(n_qa, block_m)
     grid = (tiles_a + triton.cdiv(n_qb, block_m), b * h)
     attention_fwd_kernel[grid](
@@ -74,7 +76,7 @@ def cross_attention_backward(grad_a, grad_b, q_a, k_a, v_a, q_b, k_b, v_b, out_a
     grads = [torch.empty_like(t) for t in (q_a, k_a, v_a, q_b, k_b, v_b)]
     dq_a, dk_a, dv_a, dq_b, dk_b, dv_b = grads
     block_m, block_n = _tiles(e)
-    dot_dtype, precision = _dot_config(q_a.dtype)
+    dot_dtype, precision = common.dot_config(q_a.dtype)
     consts = dict(E=e, DOT_DTYPE=dot_dtype, PRECISION=precision, BLOCK_E=_head_block(e), **_launch_options())
     tiles_b = triton.cdiv(n_kb, block_n)
     attention_bwd_dkdv_kernel[(tiles_b + triton.cdiv(n_ka, block_n), b * h)](
@@ -109,32 +111,21 @@ def gated_residual_backward(grad: Tensor, o: Tensor, gate_logits: Tensor, alpha:
     return d_o, d_g.sum_to_size(gate_logits.shape), d_alpha
 
 
-class TritonAttentionBackend:
+class TritonAttentionBackend(AttentionBackend):
     name = "triton"
     device_types = ("cuda", "cpu")
 
     def unavailable(self) -> str | None:
-        if _IMPORT_ERROR:
-            return _IMPORT_ERROR
-        if not INTERPRET and not torch.cuda.is_available():
-            return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU)"
-        return None
-
-    def _cannot_serve(self, t: Tensor) -> str | None:
-        if t.device.type == "cpu" and not INTERPRET:
-            return "serves CPU tensors only under TRITON_INTERPRET=1"
-        if t.dtype not in _DOT_DTYPES:
-            return f"no tl.dot in {t.dtype} (fp32/fp16/bf16 only)"
-        return None
+        return common.unavailable()
 
     def cannot_serve_attention(self, q: Tensor) -> str | None:
-        why = self._cannot_serve(q)
+        why = common.cannot_serve_tensor(q)
         if why is None and q.shape[-1] > 256:
             return f"head size {q.shape[-1]} > 256 reals does not fit the kernel's register tiles"
         return why
 
     def cannot_serve_gate(self, f: Tensor, gate_logits: Tensor) -> str | None:
-        return self._cannot_serve(f)
+        return common.cannot_serve_tensor(f)
 
     cross_attention = staticmethod(cross_attention)
     cross_attention_backward = staticmethod(cross_attention_backward)

@@ -1,0 +1,236 @@
+"""The backend registry: who computes each op family on which device, and why not otherwise.
+
+Two op families have backends, each with its Protocol (``base.py``): the quaternion conv
+(:data:`CONV`, :class:`~aqcf_kernels.backends.base.ConvBackend`) and the A-QCF attention
+(:data:`ATTENTION`, :class:`~aqcf_kernels.backends.base.AttentionBackend`). Backends register
+themselves (:func:`register`, called by each backend package's ``__init__``); :func:`discover` imports
+every backend package.
+
+Selection: an explicit ``AQCF_BACKEND`` (or :func:`use`) wins and is an error if that backend cannot
+serve — never a silent fallback; a family with no backend of that name (``cpp`` has no attention
+kernel) selects as if nothing were forced. Otherwise the backends in the device's priority list
+(then ``torch``, which runs anywhere) that can serve, in that order. A registered backend that is in
+no priority list serves only when forced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import pkgutil
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from torch import Tensor
+
+from ..params import ConvParams
+from . import policy
+from .base import CONV_KINDS, AttentionBackend, Backend, ConvBackend, ConvKind, protocol_members
+
+B = TypeVar("B", bound=Backend)
+
+
+class BackendError(RuntimeError):
+    pass
+
+
+class Family(Generic[B]):
+    """The backends of one op family, the Protocol they implement, and their priority per device type."""
+
+    def __init__(self, name: str, protocol: type[B], priority: dict[str, list[str]]) -> None:
+        self.name = name
+        self.protocol = protocol
+        self.backends: dict[str, B] = {}
+        #: device type -> backend names, most preferred first (the order measured to be fastest)
+        self.priority = priority
+
+
+# On CUDA the composite backend comes first: cuDNN on the expanded weight beat the fused Triton and
+# CUDA kernels in every case measured on an H100 and an H200 (benchmarks/results/*-gpu-*), by 2.5x
+# and more. Those two serve when forced (AQCF_BACKEND / use()). Ranking backends against each other
+# is a measured, cross-backend decision, so it lives here and not in each backend.
+CONV: Family[ConvBackend] = Family("conv", ConvBackend, {"cpu": ["cpp", "torch"], "cuda": ["torch", "triton", "cuda"]})
+ATTENTION: Family[AttentionBackend] = Family(
+    "attention", AttentionBackend, {"cpu": ["torch"], "cuda": ["triton", "torch"]}
+)
+FAMILIES: dict[str, Family] = {f.name: f for f in (CONV, ATTENTION)}
+#: The backend tried last on every device (after the device's priority list): it runs anywhere.
+FALLBACK = "torch"
+
+
+def register(backend: Backend, family: str = "conv") -> None:
+    """Add ``backend`` to ``family`` ('conv' or 'attention'), replacing a backend of the same name.
+
+    A backend missing a member of the family's Protocol is refused here, at import, rather than
+    failing on its first call.
+    """
+    fam = FAMILIES[family]
+    missing = sorted(m for m in protocol_members(fam.protocol) if not hasattr(backend, m))
+    if missing:
+        raise TypeError(f"{backend!r} is not a {family} backend ({fam.protocol.__name__}): missing {missing}")
+    fam.backends[backend.name] = backend
+
+
+def registered(family: str = "conv") -> dict[str, Backend]:
+    return dict(FAMILIES[family].backends)
+
+
+def discover(package: str, path: Iterable[str]) -> None:
+    """Import every backend package under ``path`` (the sub-packages of ``package`` whose names do
+    not start with ``_``); each registers its backends when imported."""
+    for module in pkgutil.iter_modules(path):
+        if module.ispkg and not module.name.startswith("_"):
+            importlib.import_module(f"{package}.{module.name}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Forcing a backend
+# ----------------------------------------------------------------------------------------------
+
+_USE: list[str] = []  # stack of `use(...)` overrides; a module global, not a context variable,
+# because autograd runs CUDA backward on its own threads
+
+
+@contextlib.contextmanager
+def use(name: str) -> Iterator[None]:
+    """Force backend ``name`` inside the block (over ``AQCF_BACKEND``); same errors if it can't serve."""
+    if not any(name in f.backends for f in FAMILIES.values()):
+        raise BackendError(f"{name!r} is not a backend; known: {_known()}")
+    _USE.append(name)
+    try:
+        yield
+    finally:
+        _USE.pop()
+
+
+def _known() -> list[str]:
+    return sorted({n for f in FAMILIES.values() for n in f.backends})
+
+
+def forced() -> str | None:
+    """The backend forced by :func:`use` or ``AQCF_BACKEND`` (``None``: the registry chooses)."""
+    name = _USE[-1] if _USE else os.environ.get("AQCF_BACKEND", "").strip()
+    if not name or name == "auto":
+        return None
+    if not any(name in f.backends for f in FAMILIES.values()):
+        raise BackendError(f"AQCF_BACKEND={name!r} is not a backend; known: {_known()}")
+    return name
+
+
+# ----------------------------------------------------------------------------------------------
+# Selection
+# ----------------------------------------------------------------------------------------------
+
+
+def serving(family: Family[B], device_type: str, why_not: Callable[[B], str | None]) -> Iterator[B]:
+    """The backends of ``family`` that can serve a call on ``device_type``, in selection order.
+
+    ``why_not(b)`` is b's own refusal of this call. Lazy: the first one costs only the checks of the
+    backends before it. Raises :class:`BackendError` (with every backend's reason) if none can serve.
+    """
+
+    def reason(backend: B) -> str | None:
+        if device_type not in backend.device_types:
+            return f"does not run on {device_type} tensors (serves {', '.join(backend.device_types)})"
+        return backend.unavailable() or why_not(backend)
+
+    name = forced()
+    if name is not None and name in family.backends:
+        why = reason(family.backends[name])
+        if why:
+            raise BackendError(f"AQCF_BACKEND={name!r} cannot serve this call: {why}")
+        yield family.backends[name]
+        return
+    reasons, served = [], False
+    for name in dict.fromkeys([*family.priority.get(device_type, []), FALLBACK]):
+        backend = family.backends.get(name)
+        if backend is None:
+            continue
+        why = reason(backend)
+        if why is None:
+            served = True
+            yield backend
+        else:
+            reasons.append(f"{name}: {why}")
+    if not served:
+        raise BackendError(f"no {family.name} backend serves {device_type} tensors: " + "; ".join(reasons))
+
+
+def select_in(family: Family[B], device_type: str, why_not: Callable[[B], str | None]) -> B:
+    """The backend of ``family`` for a call on ``device_type``: the first that can serve it."""
+    return next(serving(family, device_type, why_not))
+
+
+def resolve_conv(
+    input: Tensor, weight: Tensor, params: ConvParams, algorithm: str, kind: ConvKind
+) -> tuple[ConvBackend, str]:
+    """The conv backend and the algorithm (never 'auto') that run this call.
+
+    ``algorithm`` is the caller's: 'hamilton', 'fast8' or 'auto'. The candidates are every
+    (backend, algorithm) pair that can serve the call — backends as :func:`serving` orders them,
+    algorithms from :meth:`ConvBackend.algorithms` for 'auto' — and :func:`policy.choose_conv`
+    picks among them. ``kind`` says which computation of a conv this call is (forward, input
+    gradient, weight gradient; for the weight gradient ``weight`` is a stand-in of its shape).
+    """
+    if kind not in CONV_KINDS:
+        raise ValueError(f"kind must be one of {CONV_KINDS}, got {kind!r}")
+    offered: dict[str, list[str]] = {}  # backend name -> the algorithms it serves for this call
+
+    def why_not(backend: ConvBackend) -> str | None:
+        wanted = backend.algorithms(input) if algorithm == "auto" else (algorithm,)
+        refusals = {a: backend.cannot_serve(input, weight, params, a) for a in wanted}
+        offered[backend.name] = [a for a, why in refusals.items() if why is None]
+        if offered[backend.name]:
+            return None
+        return "; ".join(dict.fromkeys(why for why in refusals.values() if why))
+
+    candidates = [(b, a) for b in serving(CONV, input.device.type, why_not) for a in offered[b.name]]
+    if len(candidates) == 1:  # forced backend and algorithm: nothing to choose
+        return candidates[0]
+    return policy.choose_conv(input.device.type, candidates, input, weight, params, kind)
+
+
+def select(input: Tensor, weight: Tensor, params: ConvParams, algorithm: str) -> ConvBackend:
+    """The conv backend that runs ``qconv(input, weight)`` with ``algorithm`` (see :func:`resolve_conv`)."""
+    return resolve_conv(input, weight, params, algorithm, "forward")[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# The table `aqcf_kernels.backends()` prints
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    family: str
+    name: str
+    device_types: tuple[str, ...]
+    reason: str | None  # why unavailable on this machine; None if available
+
+    @property
+    def available(self) -> bool:
+        return self.reason is None
+
+
+class BackendTable(list):
+    """What :func:`backends` returns: a list of :class:`BackendStatus` that prints as a table."""
+
+    def __repr__(self) -> str:
+        rows = ["backend  family     devices            status", "-------  ---------  -----------------  ------"]
+        for s in self:
+            status = "available" if s.available else f"unavailable: {s.reason}"
+            rows.append(f"{s.name:<8} {s.family:<10} {','.join(s.device_types):<18} {status}")
+        return "\n".join(rows)
+
+    __str__ = __repr__
+
+
+def backends() -> BackendTable:
+    """Every registered backend per op family, the devices it serves and why it is unavailable (if it is)."""
+    return BackendTable(
+        BackendStatus(f.name, n, b.device_types, b.unavailable())
+        for f in FAMILIES.values()
+        for n, b in f.backends.items()
+    )
