@@ -10,6 +10,7 @@
 #include <atomic>
 #include <exception>
 #include <memory>
+#include <omp.h>
 #include <vector>
 
 #include <utility>
@@ -145,6 +146,11 @@ void parallel_items(int64_t n, const Item& item) {
   {
     at::ThreadLocalStateGuard tls(state);
     c10::ParallelGuard in_parallel(true);
+    // One thread per item, and every library below must know it: oneDNN sizes a primitive (its
+    // work split, and barriers between its threads) by omp_get_max_threads() when it creates it,
+    // and a primitive made for 2 threads but run inside this region deadlocks at its first barrier
+    // (seen with the fp32 weight-gradient kernels). This ICV is this implicit task's own.
+    omp_set_num_threads(1);
     for (int64_t i = next.fetch_add(1); i < n && !failed.load(std::memory_order_relaxed); i = next.fetch_add(1)) {
       try {
         item(i);
