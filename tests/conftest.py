@@ -16,6 +16,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# 'auto' measures and remembers its choices (aqcf_kernels.tuning): the suite keeps them in a cache
+# file of its own, never in the user's ~/.cache, and child processes (torchrun tests) share it.
+if "AQCF_TUNING_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["AQCF_TUNING_CACHE"] = os.path.join(tempfile.mkdtemp(prefix="aqcf-tests-tuning-"), "tuning.json")
+
 from aqcf_kernels.backends import registered  # noqa: E402
 from aqcf_kernels.params import check_conv_args
 

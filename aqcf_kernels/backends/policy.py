@@ -1,4 +1,4 @@
-"""Which (backend, algorithm) runs a conv call: :func:`choose_conv`, the one hook, and today's rule.
+"""Which (backend, algorithm) runs a conv call: :func:`choose_conv`, by measurement or by rule.
 
 :func:`aqcf_kernels.backends.resolve_conv` lists the candidates — every (backend, algorithm) pair that
 can serve the call, backends in the device's priority order (only the forced one under
@@ -6,23 +6,91 @@ can serve the call, backends in the device's priority order (only the forced one
 (:meth:`~aqcf_kernels.backends.base.ConvBackend.algorithms`, the accuracy contract) or the one the
 caller named — and asks :func:`choose_conv` to pick when there is more than one.
 
-Today the pick is a rule measured once (:func:`fast8_pays_off`): the first backend by priority, and
-on it fast8 where the rule says it pays off. A measuring autotuner replaces the body of
-:func:`choose_conv`; nothing else needs to change.
+:func:`choose_conv` first prunes the pairs the prior knows to be hopeless (:func:`plausible`), then
+lets :mod:`aqcf_kernels.tuning` time the rest once per call signature (``tuning.mode='measure'``,
+the default) or takes the rule measured once on one machine (:func:`heuristic`: the first
+backend, fast8 where :func:`fast8_pays_off`), which is also the answer wherever nothing can be
+timed (``torch.compile`` tracing, fake tensors, CUDA graph capture).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
+from torch._prims_common import suggest_memory_format
 
+from .. import tuning
 from ..params import ConvParams, is_pointwise
 from .base import ConvBackend, ConvKind
 
 # Smallest quaternion channels per group from which fast8 beats the expanded conv (benchmark).
 FAST8_MIN_CHANNELS_PER_GROUP = 32
+
+#: Runs the call with one (backend, algorithm) pair and returns its result.
+RunConv = Callable[[ConvBackend, str], Tensor]
+
+
+def plausible(
+    backend: ConvBackend, algorithm: str, candidates: Sequence[tuple[ConvBackend, str]], weight: Tensor, p: ConvParams
+) -> bool:
+    """Whether a pair is worth timing: False for what was measured hopeless, so measuring stays cheap."""
+    names = {b.name for b, _ in candidates}
+    if backend.name in ("triton", "cuda") and "torch" in names:
+        # cuDNN on the expanded weight beat the fused Triton and CUDA kernels in every case measured
+        # on an H100 and an H200 by 2.5x and more (benchmarks/results/*-gpu-*); their first calls
+        # also autotune/compile for seconds. They serve when forced.
+        return False
+    if backend.name == "torch" and (_offers(candidates, "cpp", algorithm)):
+        # The same algorithm, compiled: the cpp engine is the composite's computation without its
+        # Python passes (and its fast8 runs its products in one parallel region).
+        return False
+    if algorithm == "fast8" and is_pointwise(weight.shape, p):
+        # One GEMM on the expanded weight (the pointwise path) beat 8 batched GEMMs plus the
+        # operand transforms at every size measured (64-192 quaternion channels, 1-8k tokens).
+        return False
+    return True
+
+
+def _offers(candidates: Sequence[tuple[ConvBackend, str]], backend: str, algorithm: str) -> bool:
+    return any(b.name == backend and a == algorithm for b, a in candidates)
+
+
+def heuristic(
+    candidates: Sequence[tuple[ConvBackend, str]], input: Tensor, weight: Tensor, params: ConvParams
+) -> tuple[ConvBackend, str]:
+    """The rule: the first backend, with fast8 where :func:`fast8_pays_off` (the prior of measuring)."""
+    backend = candidates[0][0]
+    offered = [algorithm for b, algorithm in candidates if b is backend]
+    if "fast8" in offered and fast8_pays_off(input, weight, params):
+        return backend, "fast8"
+    return backend, offered[0]
+
+
+def signature(input: Tensor, weight: Tensor, params: ConvParams, kind: ConvKind, names: Sequence[str]) -> str:
+    """What a measured choice is valid for (the tuning cache's key).
+
+    The computation (kind, geometry, shapes, dtype, memory format), where it runs (device model,
+    threads) and what was on offer (the candidate pairs: forcing a backend changes them).
+    """
+    device = input.device
+    if device.type == "cuda":
+        where = f"cuda:{torch.cuda.get_device_name(device)}"
+    else:
+        where = f"{device.type}:{tuning.fingerprint()['cpu']}:{torch.get_num_threads()}t"
+    layout = "cl" if suggest_memory_format(input) != torch.contiguous_format else "cf"
+    if not input.is_contiguous(memory_format=suggest_memory_format(input)):
+        layout += "-strided"
+    p = params
+    geometry = (
+        f"s{list(p.stride)}p{list(p.padding)}d{list(p.dilation)}t{int(p.transposed)}"
+        f"op{list(p.output_padding)}g{p.groups}"
+    )
+    return (
+        f"{kind}|{where}|{str(input.dtype).removeprefix('torch.')}|x{list(input.shape)}|w{list(weight.shape)}|"
+        f"{geometry}|{layout}|{','.join(names)}"
+    )
 
 
 def choose_conv(
@@ -32,18 +100,34 @@ def choose_conv(
     weight: Tensor,
     params: ConvParams,
     kind: ConvKind,
-) -> tuple[ConvBackend, str]:
+    run: RunConv | None = None,
+) -> tuple[ConvBackend, str, Tensor | None]:
     """The (backend, algorithm) that runs this call, among ``candidates`` (at least two, in preference order).
 
     ``input``, ``weight`` and ``params`` are those of the call (for ``kind='weight_grad'`` the conv's
     input and a data-less stand-in of the weight's shape; for ``'input_grad'`` the ``grad_output``
-    and the adjoint geometry). Today: the first backend, with fast8 where :func:`fast8_pays_off`.
+    and the adjoint geometry). ``run`` computes the call with a given pair: with it, a first call of
+    a signature is measured and its result is returned as the third value (the call is done); without
+    it (or when the choice was known) the third value is ``None``. Without ``run`` an unmeasured
+    signature gets the heuristic's answer.
     """
-    backend = candidates[0][0]
-    offered = [algorithm for b, algorithm in candidates if b is backend]
-    if "fast8" in offered and fast8_pays_off(input, weight, params):
-        return backend, "fast8"
-    return backend, offered[0]
+    prior = heuristic(candidates, input, weight, params)
+    kept = [c for c in candidates if c == prior or plausible(c[0], c[1], candidates, weight, params)]
+    if len(kept) == 1:
+        return (*kept[0], None)
+    pairs = {tuning.Candidate(b.name, a): (b, a) for b, a in kept}
+    key = signature(input, weight, params, kind, [str(c) for c in pairs])
+    if run is None:
+        known = tuning.lookup(key)
+        return (*pairs.get(known, prior), None) if known is not None else (*prior, None)
+    choice, output = tuning.choose(
+        key,
+        list(pairs),
+        tuning.Candidate(prior[0].name, prior[1]),
+        lambda c: run(*pairs[c]),
+        (input, weight),
+    )
+    return (*pairs[choice.candidate], output)
 
 
 def fast8_pays_off(input: Tensor, weight: Tensor, p: ConvParams) -> bool:

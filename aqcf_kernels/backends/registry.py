@@ -164,15 +164,22 @@ def select_in(family: Family[B], device_type: str, why_not: Callable[[B], str | 
 
 
 def resolve_conv(
-    input: Tensor, weight: Tensor, params: ConvParams, algorithm: str, kind: ConvKind
-) -> tuple[ConvBackend, str]:
-    """The conv backend and the algorithm (never 'auto') that run this call.
+    input: Tensor,
+    weight: Tensor,
+    params: ConvParams,
+    algorithm: str,
+    kind: ConvKind,
+    run: policy.RunConv | None = None,
+) -> tuple[ConvBackend, str, Tensor | None]:
+    """The conv backend and the algorithm (never 'auto') that run this call, and maybe its result.
 
     ``algorithm`` is the caller's: 'hamilton', 'fast8' or 'auto'. The candidates are every
     (backend, algorithm) pair that can serve the call — backends as :func:`serving` orders them,
     algorithms from :meth:`ConvBackend.algorithms` for 'auto' — and :func:`policy.choose_conv`
-    picks among them. ``kind`` says which computation of a conv this call is (forward, input
-    gradient, weight gradient; for the weight gradient ``weight`` is a stand-in of its shape).
+    picks among them, measuring when it is given ``run`` (which computes the call with one pair);
+    a measured call's result is the third value (``None`` otherwise: run the pair yourself).
+    ``kind`` says which computation of a conv this call is (forward, input gradient, weight
+    gradient; for the weight gradient ``weight`` is a stand-in of its shape).
     """
     if kind not in CONV_KINDS:
         raise ValueError(f"kind must be one of {CONV_KINDS}, got {kind!r}")
@@ -188,8 +195,8 @@ def resolve_conv(
 
     candidates = [(b, a) for b in serving(CONV, input.device.type, why_not) for a in offered[b.name]]
     if len(candidates) == 1:  # forced backend and algorithm: nothing to choose
-        return candidates[0]
-    return policy.choose_conv(input.device.type, candidates, input, weight, params, kind)
+        return (*candidates[0], None)
+    return policy.choose_conv(input.device.type, candidates, input, weight, params, kind, run)
 
 
 def select(input: Tensor, weight: Tensor, params: ConvParams, algorithm: str) -> ConvBackend:

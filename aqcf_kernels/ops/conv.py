@@ -146,11 +146,19 @@ def qconv(
 def _qconv(call: QConvArgs) -> tuple[Tensor, Tensor]:
     input, weight, bias, p = call.input, call.weight, call.bias, call.params
     activation, slope = call.activation, call.negative_slope
-    # Resolved even for empty inputs: a forced backend that cannot serve is an error either way.
-    backend, algorithm = backends.resolve_conv(input, weight, p, call.algorithm, call.kind)
     keep = stores_preactivation(activation, slope)
     out = _empty_output(input, conv_output_shape(input.shape, weight.shape, p))
-    if input.numel() == 0 or out.numel() == 0:
+    empty = input.numel() == 0 or out.numel() == 0
+
+    def run(backend: backends.ConvBackend, algorithm: str) -> Tensor:
+        return backend.conv(input, weight, bias, p, algorithm)
+
+    # Resolved even for empty inputs: a forced backend that cannot serve is an error either way. A
+    # first call of a signature under 'auto' may be measured: then `measured` is its conv output.
+    backend, algorithm, measured = backends.resolve_conv(
+        input, weight, p, call.algorithm, call.kind, run=None if empty else run
+    )
+    if empty:
         z = out.zero_() if bias is None else out.copy_(bias.view(1, -1, *[1] * p.spatial_dims).expand_as(out))
     elif activation is not None and backend.fuses_activation:
         y, z = backend.conv_act(input, weight, bias, p, algorithm, activation, slope, keep)
@@ -158,7 +166,7 @@ def _qconv(call: QConvArgs) -> tuple[Tensor, Tensor]:
             y, z = out.copy_(y), (torch.empty_like(out).copy_(z) if keep else None)
         return y, (z if keep else _no_preactivation(input))
     else:
-        z = backend.conv(input, weight, bias, p, algorithm)
+        z = measured if measured is not None else run(backend, algorithm)
         z = out.copy_(z) if z.stride() != out.stride() else z
     if activation is None:
         return z, _no_preactivation(input)
@@ -252,10 +260,17 @@ def qconv_weight_grad(
     """Gradient of ``<grad_output, qconv(input, W)>`` with respect to W."""
     p = ConvParams.from_op_args(len(weight_shape) - 3, stride, padding, dilation, transposed, output_padding, groups)
     weight = input.new_empty(1).expand(weight_shape)  # its shape, dtype and device, without data
-    backend, algorithm = backends.resolve_conv(input, weight, p, algorithm, "weight_grad")
-    if input.numel() == 0 or grad_output.numel() == 0:
+    empty = input.numel() == 0 or grad_output.numel() == 0
+
+    def run(backend: backends.ConvBackend, algorithm: str) -> Tensor:
+        return backend.conv_weight_grad(input, grad_output, weight_shape, p, algorithm)
+
+    backend, algorithm, measured = backends.resolve_conv(
+        input, weight, p, algorithm, "weight_grad", run=None if empty else run
+    )
+    if empty:
         return input.new_zeros(weight_shape)
-    return backend.conv_weight_grad(input, grad_output, weight_shape, p, algorithm).contiguous()
+    return (measured if measured is not None else run(backend, algorithm)).contiguous()
 
 
 @qconv_weight_grad.register_fake

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import aqcf_kernels
-from aqcf_kernels import backends, reference
+from aqcf_kernels import backends, reference, tuning
 from aqcf_kernels import functional as qF
 from aqcf_kernels.backends import PRIORITY, BackendError, registered, select
 from aqcf_kernels.backends.torch import TorchConvBackend as TorchBackend
@@ -47,7 +47,12 @@ class FakeBackend(TorchBackend):
 
 @pytest.fixture
 def fake_backends(monkeypatch):
-    """Register a broken ('fake-broken') and a working ('fake-ok') backend, for this test only."""
+    """Register a broken ('fake-broken') and a working ('fake-ok') backend, for this test only.
+
+    These tests are about the priority rule, so 'auto' follows the rule here instead of timing every
+    backend on its first call (measuring is tested in test_tuning.py).
+    """
+    monkeypatch.setattr(tuning, "mode", "heuristic")
     fakes = {"fake-broken": FakeBackend("fake-broken", "simulated: library missing"), "fake-ok": FakeBackend("fake-ok")}
     for name, impl in fakes.items():
         monkeypatch.setitem(backends.CONV.backends, name, impl)

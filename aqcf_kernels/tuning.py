@@ -1,0 +1,370 @@
+"""``algorithm='auto'`` by measurement: time the candidates once per call signature, keep the fastest.
+
+cuDNN's ``benchmark`` mode, for our (backend, algorithm) pairs. The first call with a new
+signature (the op kind — forward, input gradient or weight gradient —, the device and its model,
+dtype, shapes, conv hyper-parameters, memory format and thread count) runs every candidate the
+accuracy contract allows and the heuristic prior did not rule out, and the fastest is remembered:
+in-process, and in an on-disk cache keyed by a machine fingerprint (CPU model, torch, triton and
+package versions), so the next process on the same machine measures nothing.
+
+The switch: ``aqcf_kernels.tuning.mode = 'measure' | 'heuristic'`` (environment:
+``AQCF_TUNING``); ``heuristic`` is the fixed rule of :mod:`aqcf_kernels.backends.policy`, which
+is also used wherever nothing can be timed (fake tensors, CUDA graph capture) and prunes hopeless
+candidates before measuring. The cache file is ``AQCF_TUNING_CACHE`` (``off`` for none; default
+``$XDG_CACHE_HOME/aqcf_kernels/tuning-<fingerprint>.json``). Writes are atomic (temporary file,
+then rename, under a file lock where the OS has one), so concurrent processes and DDP ranks never
+corrupt it; a corrupt or foreign file is ignored with one warning and rewritten.
+
+Silent by default; ``logging.getLogger("aqcf_kernels.tuning").setLevel(logging.DEBUG)`` shows each
+choice with its timings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+__all__ = [
+    "MODES",
+    "Candidate",
+    "Choice",
+    "mode",
+    "choose",
+    "lookup",
+    "clear",
+    "cache_path",
+    "fingerprint",
+    "using",
+]
+
+MODES = ("measure", "heuristic")
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: 'measure' (default) or 'heuristic'; read from ``AQCF_TUNING`` at import.
+mode: str = os.environ.get("AQCF_TUNING", "measure").strip().lower() or "measure"
+if mode not in MODES:
+    warnings.warn(f"AQCF_TUNING={mode!r} is not one of {MODES}; using 'measure'", stacklevel=1)
+    mode = "measure"
+
+# A candidate more than this factor slower than the best after its first (cold) run is dropped;
+# the others are run once more and compared on their best time, which the first run's one-time
+# costs (allocations, oneDNN primitive creation) do not distort.
+CLEAR_LOSS = 1.4
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to compute a call: a backend and an algorithm."""
+
+    backend: str
+    algorithm: str
+
+    def __str__(self) -> str:
+        return f"{self.backend}/{self.algorithm}"
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What :func:`choose` decided, and how."""
+
+    candidate: Candidate
+    how: str  # 'measured', 'cached' (in this process or on disk), 'heuristic', 'only'
+    timings_ms: dict[str, float] | None = None
+
+
+@contextlib.contextmanager
+def using(new_mode: str) -> Iterator[None]:
+    """Run the block with ``tuning.mode = new_mode``."""
+    global mode
+    if new_mode not in MODES:
+        raise ValueError(f"tuning mode must be one of {MODES}, got {new_mode!r}")
+    old, mode = mode, new_mode
+    try:
+        yield
+    finally:
+        mode = old
+
+
+# ------------------------------------------------------------------------------------------------
+# Machine fingerprint and the on-disk cache
+# ------------------------------------------------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+_FINGERPRINT: dict[str, Any] | None = None
+
+
+def fingerprint() -> dict[str, Any]:
+    """What a cached choice is only valid for: this CPU, these torch/triton/package versions."""
+    global _FINGERPRINT
+    if _FINGERPRINT is None:
+        _FINGERPRINT = {
+            "cpu": _cpu_model(),
+            "cpu_count": os.cpu_count(),
+            "torch": torch.__version__,
+            "triton": _version("triton"),
+            "aqcf_kernels": _version("aqcf-kernels"),
+        }
+    return _FINGERPRINT
+
+
+def _fingerprint_hash() -> str:
+    return hashlib.sha256(json.dumps(fingerprint(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def cache_path() -> Path | None:
+    """The cache file (``None``: no disk cache)."""
+    configured = os.environ.get("AQCF_TUNING_CACHE")
+    if configured is not None:
+        configured = configured.strip()
+        return None if configured.lower() in ("", "off", "0", "none") else Path(configured).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "aqcf_kernels" / f"tuning-{_fingerprint_hash()}.json"
+
+
+_lock = threading.Lock()
+_memory: dict[str, Candidate] = {}
+_disk: dict[str, dict[str, Any]] | None = None  # the file's entries as loaded (None: not read yet)
+_disk_path: Path | None = None
+_warned: set[str] = set()
+
+
+def _warn_once(problem: str, message: str) -> None:
+    """Warn about ``problem`` (e.g. 'corrupt:<path>') once per process, however often it recurs."""
+    if problem not in _warned:
+        _warned.add(problem)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _read(path: Path) -> dict[str, dict[str, Any]]:
+    """The valid entries of the cache file; ``{}`` (with one warning) if it is corrupt or foreign."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    except OSError as e:
+        _warn_once(f"unreadable:{path}", f"aqcf_kernels.tuning: cannot read the cache {path} ({e}); measuring again")
+        return {}
+    try:
+        payload = json.loads(text)
+        if not isinstance(payload, dict) or not isinstance(payload.get("choices"), dict):
+            raise ValueError("not a tuning cache")
+    except ValueError as e:
+        _warn_once(
+            f"corrupt:{path}",
+            f"aqcf_kernels.tuning: ignoring the corrupt cache file {path} ({e}); it will be rewritten",
+        )
+        return {}
+    if payload.get("fingerprint") != fingerprint():
+        _warn_once(
+            f"foreign:{path}",
+            f"aqcf_kernels.tuning: ignoring the cache file {path}, written for another machine or version "
+            f"({payload.get('fingerprint')}); it will be rewritten",
+        )
+        return {}
+    return {
+        k: v
+        for k, v in payload["choices"].items()
+        if isinstance(v, dict) and isinstance(v.get("backend"), str) and isinstance(v.get("algorithm"), str)
+    }
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    try:
+        import fcntl
+    except ImportError:  # no advisory locks here: the rename alone still keeps the file whole
+        yield
+        return
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _write(path: Path, key: str, entry: dict[str, Any]) -> None:
+    """Merge one entry into the file: read, add, write a temporary file, rename over it."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _file_lock(path):
+            choices = _read(path)
+            choices[key] = entry
+            payload = {"fingerprint": fingerprint(), "choices": choices}
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    json.dump(payload, f, indent=1, sort_keys=True)
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+    except OSError as e:  # a read-only home must not break the layer: the choice stays in memory
+        _warn_once(
+            f"unwritable:{path}",
+            f"aqcf_kernels.tuning: cannot write the cache {path} ({e}); choices are kept in memory only",
+        )
+
+
+def _disk_entries() -> dict[str, dict[str, Any]]:
+    global _disk, _disk_path
+    path = cache_path()
+    if path is None:
+        return {}
+    if _disk is None or _disk_path != path:
+        _disk, _disk_path = _read(path), path
+    return _disk
+
+
+def clear(memory: bool = True, disk: bool = False) -> None:
+    """Forget the choices made in this process (and, with ``disk``, delete the cache file)."""
+    global _disk, _disk_path
+    with _lock:
+        if memory:
+            _memory.clear()
+            _disk, _disk_path = None, None
+        path = cache_path()
+        if disk and path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+
+# ------------------------------------------------------------------------------------------------
+# Measuring
+# ------------------------------------------------------------------------------------------------
+
+
+def can_time(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether calls on these tensors can be timed now (not while tracing or capturing a graph)."""
+    if torch.compiler.is_compiling():
+        return False
+    for t in tensors:
+        if isinstance(t, torch._subclasses.FakeTensor) or t.device.type == "meta":
+            return False
+    if any(t.device.type == "cuda" for t in tensors) and torch.cuda.is_current_stream_capturing():
+        return False
+    return True
+
+
+def _timer(device: torch.device) -> Callable[[], float]:
+    if device.type == "cuda":
+
+        def now() -> float:
+            torch.cuda.synchronize(device)
+            return time.perf_counter()
+
+        return now
+    return time.perf_counter
+
+
+def _measure(
+    candidates: Sequence[Candidate], run: Callable[[Candidate], T], device: torch.device
+) -> tuple[Candidate, T, dict[str, float]]:
+    """Run every candidate once, drop the clear losers, run the rest once more; fastest best time wins.
+
+    The result of the winner's last run is returned, so one of the runs is the call itself.
+    """
+    now = _timer(device)
+    best: dict[Candidate, float] = {}
+    result: dict[Candidate, T] = {}
+
+    def timed(c: Candidate) -> None:
+        start = now()
+        result[c] = run(c)
+        best[c] = min(best.get(c, float("inf")), now() - start)
+
+    for c in candidates:
+        timed(c)
+    fastest = min(best.values())
+    close = [c for c in candidates if best[c] <= CLEAR_LOSS * fastest]
+    if len(close) > 1:
+        for c in close:
+            timed(c)
+    winner = min(close, key=lambda c: best[c])
+    for c in candidates:  # keep only the winner's output alive
+        if c != winner:
+            result.pop(c, None)
+    return winner, result[winner], {str(c): round(t * 1e3, 4) for c, t in best.items()}
+
+
+def lookup(key: str) -> Candidate | None:
+    """The remembered choice for ``key`` (this process's, else the disk cache's), without measuring."""
+    with _lock:
+        cached = _memory.get(key)
+        if cached is None:
+            entry = _disk_entries().get(key)
+            if entry is not None:
+                cached = _memory[key] = Candidate(entry["backend"], entry["algorithm"])
+                log.debug("%s: %s (from %s)", key, cached, _disk_path)
+    return cached
+
+
+def choose(
+    key: str,
+    candidates: Sequence[Candidate],
+    prior: Candidate,
+    run: Callable[[Candidate], T],
+    tensors: Sequence[torch.Tensor],
+) -> tuple[Choice, T | None]:
+    """The candidate for the call with signature ``key``, and that call's result if measuring computed it.
+
+    ``candidates`` are the pairs that may serve (the accuracy contract and the prior already
+    applied), ``prior`` the heuristic's pick (one of them). ``run(c)`` computes the call with
+    candidate ``c``. A fresh measurement returns the winner's output (the call is not repeated);
+    otherwise the second value is ``None`` and the caller runs the chosen candidate.
+    """
+    if prior not in candidates:
+        raise ValueError(f"the prior {prior} is not among the candidates {[str(c) for c in candidates]}")
+    if len(candidates) == 1:
+        return Choice(candidates[0], "only"), None
+    if mode == "heuristic" or not can_time(tensors):
+        return Choice(prior, "heuristic"), None
+    known = lookup(key)
+    if known in candidates:  # (not if that backend is gone, e.g. triton uninstalled: measure again)
+        return Choice(known, "cached"), None
+    device = next((t.device for t in tensors), torch.device("cpu"))
+    winner, output, timings = _measure(candidates, run, device)
+    log.debug("%s: %s (measured, ms: %s)", key, winner, timings)
+    with _lock:
+        _memory[key] = winner
+        path = cache_path()
+        if path is not None:
+            entry = {"backend": winner.backend, "algorithm": winner.algorithm, "ms": timings}
+            _write(path, key, entry)
+            _disk_entries()[key] = entry
+    return Choice(winner, "measured", timings), output

@@ -1,0 +1,268 @@
+"""``algorithm='auto'`` by measurement (aqcf_kernels.tuning): what is measured, what is remembered, and
+that the cache file survives corruption, foreign machines and concurrent writers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import aqcf_kernels.functional as QF
+from aqcf_kernels import backends, reference, tuning
+from aqcf_kernels.backends import policy
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch) -> Path:
+    """A fresh, empty tuning cache file and an empty in-process memory, in 'measure' mode."""
+    path = tmp_path / "tuning.json"
+    monkeypatch.setenv("AQCF_TUNING_CACHE", str(path))
+    monkeypatch.setattr(tuning, "mode", "measure")
+    monkeypatch.setattr(tuning, "_warned", set())
+    tuning.clear()
+    yield path
+    tuning.clear()
+
+
+@pytest.fixture
+def measured(monkeypatch) -> list[list[str]]:
+    """Records the candidates of every measurement (one list per measured signature)."""
+    calls: list[list[str]] = []
+    real = tuning._measure
+
+    def spy(candidates, run, device):
+        calls.append([str(c) for c in candidates])
+        return real(candidates, run, device)
+
+    monkeypatch.setattr(tuning, "_measure", spy)
+    return calls
+
+
+def _inputs(dtype=torch.float32, channels=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4 * channels, 9, 7, generator=g).to(dtype)
+    w = (0.2 * torch.randn(4, channels, channels, 3, 3, generator=g)).to(dtype)
+    b = torch.randn(4 * channels, generator=g).to(dtype)
+    return x, w, b
+
+
+def _slow_down(monkeypatch, backend: str, algorithm: str, seconds: float) -> None:
+    """Make one (backend, algorithm) pair slower by ``seconds`` per call, results unchanged."""
+    impl = backends.registered()[backend]
+    conv, wgrad = type(impl).conv, type(impl).conv_weight_grad
+
+    def slow_conv(self, input, weight, bias, p, alg):
+        if alg == algorithm:
+            time.sleep(seconds)
+        return conv(self, input, weight, bias, p, alg)
+
+    def slow_wgrad(self, input, grad_output, weight_shape, p, alg):
+        if alg == algorithm:
+            time.sleep(seconds)
+        return wgrad(self, input, grad_output, weight_shape, p, alg)
+
+    monkeypatch.setattr(type(impl), "conv", slow_conv)
+    monkeypatch.setattr(type(impl), "conv_weight_grad", slow_wgrad)
+
+
+def _cpu_backend() -> str:
+    """The conv backend 'auto' measures on CPU here (cpp where the extension is built)."""
+    return backends.select_in(backends.CONV, "cpu", lambda b: None).name
+
+
+@pytest.mark.parametrize("slow", ["hamilton", "fast8"])
+def test_measuring_picks_the_faster_pair_for_every_kind(cache, measured, monkeypatch, slow) -> None:
+    """Whichever algorithm is made slower loses, in the forward, input gradient and weight gradient alike."""
+    backend = _cpu_backend()
+    _slow_down(monkeypatch, backend, slow, 0.05)
+    x, w, b = _inputs()
+    x.requires_grad_()
+    w.requires_grad_()
+    y = QF.quaternion_conv2d(x, w, b, padding=1)
+    y.backward(torch.randn_like(y))
+    fast = "hamilton" if slow == "fast8" else "fast8"
+    entries = json.loads(cache.read_text())["choices"]
+    kinds = sorted(key.split("|")[0] for key in entries)
+    assert kinds == ["forward", "input_grad", "weight_grad"]
+    assert {e["algorithm"] for e in entries.values()} == {fast}
+    assert all(e["backend"] == backend for e in entries.values())
+    assert len(measured) == 3 and all(
+        sorted(m) == sorted([f"{backend}/hamilton", f"{backend}/fast8"]) for m in measured
+    )
+    # The measured call's result is the call's result: same as the reference.
+    ref = reference.quaternion_conv_expanded(x.detach().double(), w.detach().double(), b.double(), padding=1)
+    torch.testing.assert_close(y.detach().double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_a_cached_choice_is_reused(cache, measured) -> None:
+    x, w, b = _inputs()
+    y1 = QF.quaternion_conv2d(x, w, b, padding=1)
+    assert len(measured) == 1
+    y2 = QF.quaternion_conv2d(x, w, b, padding=1)
+    assert len(measured) == 1, "the second call of a signature must not measure"
+    torch.testing.assert_close(y1, y2, rtol=1e-4, atol=1e-4)
+    # A new process (here: forgetting the in-process memory) reads the disk cache instead of measuring.
+    tuning.clear(memory=True)
+    QF.quaternion_conv2d(x, w, b, padding=1)
+    assert len(measured) == 1
+    # A different signature (another spatial size) is measured.
+    QF.quaternion_conv2d(x[..., :5], w, b, padding=1)
+    assert len(measured) == 2
+
+
+def test_corrupt_cache_is_ignored_with_one_warning_and_rewritten(cache, measured) -> None:
+    cache.write_text("{ not json")
+    x, w, b = _inputs()
+    with pytest.warns(RuntimeWarning, match="corrupt"):
+        QF.quaternion_conv2d(x, w, b, padding=1)
+    payload = json.loads(cache.read_text())
+    assert payload["fingerprint"] == tuning.fingerprint() and len(payload["choices"]) == 1
+    # Only one warning per problem, even across new signatures.
+    cache.write_text("[]")
+    tuning.clear()
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        QF.quaternion_conv2d(x[..., :6], w, b, padding=1)
+    assert [str(c.message) for c in caught if "corrupt" in str(c.message)] == [], "warned twice"
+    assert len(json.loads(cache.read_text())["choices"]) == 1
+
+
+def test_foreign_cache_is_ignored_and_rewritten(cache, measured) -> None:
+    x, w, b = _inputs()
+    QF.quaternion_conv2d(x, w, b, padding=1)
+    payload = json.loads(cache.read_text())
+    key = next(iter(payload["choices"]))
+    payload["fingerprint"] = {**payload["fingerprint"], "cpu": "Some Other CPU"}
+    payload["choices"][key]["algorithm"] = "made-up"
+    cache.write_text(json.dumps(payload))
+    tuning.clear()
+    with pytest.warns(RuntimeWarning, match="another machine"):
+        QF.quaternion_conv2d(x, w, b, padding=1)
+    assert len(measured) == 2, "a foreign entry must not be trusted"
+    rewritten = json.loads(cache.read_text())
+    assert rewritten["fingerprint"] == tuning.fingerprint()
+    assert rewritten["choices"][key]["algorithm"] in ("hamilton", "fast8")
+
+
+def test_concurrent_writers_never_corrupt_the_cache(tmp_path: Path) -> None:
+    """Several processes merging entries at once: the file stays valid JSON and keeps every entry."""
+    path = tmp_path / "tuning.json"
+    writers, entries = 4, 25
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from aqcf_kernels import tuning
+        me = int(sys.argv[1])
+        for i in range({entries}):
+            tuning._write(tuning.Path({str(path)!r}), f"key-{{me}}-{{i}}", {{"backend": "cpp", "algorithm": "fast8"}})
+        """
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(i)]) for i in range(writers)]
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    payload = json.loads(path.read_text())
+    assert sorted(payload["choices"]) == sorted(f"key-{w}-{i}" for w in range(writers) for i in range(entries))
+    assert not list(tmp_path.glob("*.tmp")), "temporary files left behind"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_measuring_never_picks_outside_the_accuracy_contract(cache, measured, monkeypatch, dtype) -> None:
+    """In half precision fast8 is opt-in: even when it would be faster, 'auto' never runs it."""
+    backend = _cpu_backend()
+    _slow_down(monkeypatch, backend, "hamilton", 0.05)
+    x, w, b = _inputs(dtype)
+    x.requires_grad_()
+    w.requires_grad_()
+    seen: list[str] = []
+    impl = backends.registered()[backend]
+    conv = type(impl).conv
+
+    def spy(self, input, weight, bias, p, alg):
+        seen.append(alg)
+        return conv(self, input, weight, bias, p, alg)
+
+    monkeypatch.setattr(type(impl), "conv", spy)
+    y = QF.quaternion_conv2d(x, w, b, padding=1)
+    y.float().sum().backward()
+    assert seen and set(seen) == {"hamilton"}
+    assert all("fast8" not in c for m in measured for c in m)
+
+
+def test_heuristic_mode_measures_nothing_and_follows_the_rule(cache, measured) -> None:
+    x, w, b = _inputs(channels=32)
+    with tuning.using("heuristic"):
+        QF.quaternion_conv2d(x, w, b, padding=1)
+        choice = backends.resolve_conv(x, w, *_geometry(), "auto", "forward")
+    assert measured == [] and not cache.exists()
+    expected = "fast8" if policy.fast8_pays_off(x, w, _geometry()[0]) else "hamilton"
+    assert choice[1] == expected
+
+
+def _geometry():
+    from aqcf_kernels.params import ConvParams
+
+    return (ConvParams(2, (1, 1), (1, 1), (1, 1), False, (0, 0), 1),)
+
+
+def test_unknown_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="tuning mode"):
+        with tuning.using("fastest"):
+            pass
+
+
+def test_compiled_model_still_works_and_measures_at_run_time(cache, measured) -> None:
+    """Under torch.compile(fullgraph=True) the op is opaque: tracing uses fakes (nothing timed), the
+    compiled graph's calls run the real op, which measures like eager."""
+    torch._dynamo.reset()
+    x, w, b = _inputs()
+    x.requires_grad_()
+    w.requires_grad_()
+
+    def f(x, w, b):
+        return QF.quaternion_conv2d(x, w, b, padding=1).relu().sum()
+
+    compiled = torch.compile(f, fullgraph=True, dynamic=False)
+    out = compiled(x, w, b)
+    out.backward()
+    gx, gw = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    f(x, w, b).backward()
+    torch.testing.assert_close(gx, x.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gw, w.grad, rtol=1e-4, atol=1e-4)
+    assert len(measured) == 3  # forward, input gradient, weight gradient; eager reused the choices
+
+
+def test_measuring_chooses_between_backends(cache, measured, monkeypatch) -> None:
+    """The backend, when none is forced, is measured too: a faster backend lower in the priority wins."""
+    from aqcf_kernels.backends.torch import TorchConvBackend
+
+    class Sleeper(TorchConvBackend):
+        device_types = ("cpu",)
+
+        def __init__(self, name: str, seconds: float) -> None:
+            self.name, self.seconds = name, seconds
+
+        def algorithms(self, input):
+            return ("hamilton",)
+
+        def conv(self, *args):
+            time.sleep(self.seconds)
+            return super().conv(*args)
+
+    for name, seconds in (("slow-first", 0.05), ("fast-second", 0.0)):
+        monkeypatch.setitem(backends.CONV.backends, name, Sleeper(name, seconds))
+    monkeypatch.setitem(backends.PRIORITY, "cpu", ["slow-first", "fast-second"])
+    monkeypatch.delenv("AQCF_BACKEND", raising=False)
+    x, w, b = _inputs()
+    QF.quaternion_conv2d(x, w, b, padding=1)
+    # torch, the fallback of every device, is a candidate too (it is the same computation as fast-second).
+    assert measured and {"fast-second/hamilton", "slow-first/hamilton"} <= set(measured[0])
+    (entry,) = json.loads(cache.read_text())["choices"].values()
+    assert entry["backend"] in ("fast-second", "torch"), entry

@@ -1,0 +1,70 @@
+"""What measuring costs: the first fwd+bwd of a new signature under ``algorithm='auto'`` against later ones.
+
+Each case runs in a fresh tuning cache. The first training step measures three signatures (forward,
+input gradient, weight gradient); the extra time it takes over a step whose choices are known,
+divided by that step's time, is the cost of measuring in "calls of the layer".
+
+    python tools/tuning_cost.py            # the conv benchmark's target cases
+    python tools/tuning_cost.py --reps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("AQCF_TUNING_CACHE", str(Path(tempfile.mkdtemp(prefix="aqcf-tuning-cost-")) / "tuning.json"))
+
+import aqcf_kernels.functional as QF  # noqa: E402
+from aqcf_kernels import tuning  # noqa: E402
+
+CASES = {  # name: (spatial dims, quaternion channels, size, batch)
+    "2d 64q N8 64²": (2, 64, 64, 8),
+    "2d 32q N8 64²": (2, 32, 64, 8),
+    "3d 32q N2 32³": (3, 32, 32, 2),
+    "2d 16q N4 64²": (2, 16, 64, 4),
+    "1d 16q N8 1024": (1, 16, 1024, 8),
+}
+
+
+def step(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> float:
+    start = time.perf_counter()
+    y = QF.quaternion_conv(x, w, b, padding=1)
+    y.backward(torch.ones_like(y))
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reps", type=int, default=3, help="fresh-cache repetitions per case (default 3)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print(f"{'case':<16} {'first step':>11} {'later step':>11} {'cost (calls)':>13}")
+    for name, (dims, ch, size, batch) in CASES.items():
+        x = torch.randn(batch, 4 * ch, *[size] * dims, requires_grad=True)
+        w = (0.1 * torch.randn(4, ch, ch, *[3] * dims)).requires_grad_()
+        b = torch.randn(4 * ch, requires_grad=True)
+        with tuning.using("heuristic"):
+            step(x, w, b)  # allocator and oneDNN warm-up, outside the measurement
+        costs, firsts, laters = [], [], []
+        for _ in range(args.reps):
+            tuning.clear(memory=True, disk=True)
+            first = step(x, w, b)
+            later = statistics.median(step(x, w, b) for _ in range(3))
+            firsts.append(first)
+            laters.append(later)
+            costs.append((first - later) / later)
+        print(
+            f"{name:<16} {statistics.median(firsts) * 1e3:9.0f}ms {statistics.median(laters) * 1e3:9.0f}ms "
+            f"{statistics.median(costs):13.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
