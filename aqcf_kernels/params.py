@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from .quaternion import ALGORITHMS
+from .quaternion import check_algorithm
 
 IntOrSeq = int | Sequence[int]
 
@@ -52,17 +52,25 @@ class ConvParams:
         )
 
 
-def _tuple(value: IntOrSeq, n: int, name: str) -> tuple[int, ...]:
+def int_tuple(owner: str, name: str, value: IntOrSeq, n: int, minimum: int | None = None) -> tuple[int, ...]:
+    """The one parser of int-or-sequence arguments (``stride=2``, ``kernel_size=(3, 5)``) for an ``n``-d op.
+
+    An int, or a sequence of ``n`` ints (or of one, repeated, as ``F.conv2d`` accepts); with
+    ``minimum``, every element must be at least that. Errors name ``owner`` and the argument.
+    """
     if isinstance(value, int) and not isinstance(value, bool):
-        return (value,) * n
-    try:
-        out = tuple(int(v) for v in value)  # type: ignore[union-attr]
-    except TypeError:
-        raise TypeError(f"{name} must be an int or a sequence of {n} ints, got {value!r}") from None
-    if len(out) == 1:
-        out = out * n
-    if len(out) != n:
-        raise ValueError(f"{name} must have {n} elements for a {n}d conv, got {value!r}")
+        out: tuple[int, ...] = (value,) * n
+    else:
+        try:
+            out = tuple(int(v) for v in value)  # type: ignore[union-attr]
+        except TypeError:
+            raise TypeError(f"{owner}: {name} must be an int or a sequence of {n} ints, got {value!r}") from None
+        if len(out) == 1:
+            out = out * n
+        if len(out) != n:
+            raise ValueError(f"{owner}: {name} must have {n} elements for a {n}d op, got {value!r}")
+    if minimum is not None and any(v < minimum for v in out):
+        raise ValueError(f"{owner}: {name} must be >= {minimum}, got {value!r}")
     return out
 
 
@@ -127,8 +135,7 @@ def check_conv_args(
         )
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
         raise ValueError(f"{kind}: groups must be a positive int, got {groups!r}")
-    if algorithm not in (*ALGORITHMS, "auto"):
-        raise ValueError(f"{kind}: unknown algorithm {algorithm!r}; expected one of {(*ALGORITHMS, 'auto')}")
+    check_algorithm(kind, algorithm)
     for name, t in (("weight", weight), ("bias", bias)):
         if t is None:
             continue
@@ -163,9 +170,9 @@ def check_conv_args(
         raise ValueError(f"{kind}: bias must have shape ({out_channels},), got {tuple(bias.shape)}")
 
     kernel = tuple(weight.shape[3:])
-    stride_t = _tuple(stride, spatial_dims, "stride")
-    dilation_t = _tuple(dilation, spatial_dims, "dilation")
-    out_pad = _tuple(output_padding, spatial_dims, "output_padding")
+    stride_t = int_tuple(kind, "stride", stride, spatial_dims)
+    dilation_t = int_tuple(kind, "dilation", dilation, spatial_dims)
+    out_pad = int_tuple(kind, "output_padding", output_padding, spatial_dims)
     if any(s < 1 for s in stride_t):
         raise ValueError(f"{kind}: stride must be positive, got {stride}")
     if any(d < 1 for d in dilation_t):
@@ -184,7 +191,7 @@ def check_conv_args(
         else:
             raise ValueError(f"{kind}: padding must be an int, a sequence, 'same' or 'valid', got {padding!r}")
     else:
-        pad_t = _tuple(padding, spatial_dims, "padding")
+        pad_t = int_tuple(kind, "padding", padding, spatial_dims)
     if any(p < 0 for p in pad_t):
         raise ValueError(f"{kind}: padding must be non-negative, got {padding}")
     if transposed:

@@ -26,6 +26,16 @@ import torch
 from torch import Tensor
 
 ALGORITHMS = ("hamilton", "fast8")
+#: What callers may pass: an algorithm, or 'auto' (the backend picks one per call, see aqcf_kernels.tuning).
+ALGORITHM_CHOICES = ("auto", *ALGORITHMS)
+
+
+def check_algorithm(owner: str, algorithm: object) -> str:
+    """The one check of an ``algorithm`` argument; ``owner`` names the caller in the error."""
+    if algorithm not in ALGORITHM_CHOICES:
+        raise ValueError(f"{owner}: unknown algorithm {algorithm!r}; algorithm must be one of {ALGORITHM_CHOICES}")
+    return algorithm  # type: ignore[return-value]
+
 
 R, I, J, K = 0, 1, 2, 3
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..nn.attention import GATES
-from ..quaternion import ALGORITHMS
+from ..quaternion import ALGORITHM_CHOICES
 
 MODES = ("joint", "ct", "mri")
 DOWNS = ("conv", "pool")
@@ -33,7 +33,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "act": ACTIVATIONS,
     "down": DOWNS,
     "mode": MODES,
-    "algorithm": ("auto", *ALGORITHMS),
+    "algorithm": ALGORITHM_CHOICES,
 }
 
 

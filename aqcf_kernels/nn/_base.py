@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..quaternion import ALGORITHMS
+from ..quaternion import check_algorithm
 from .init import CRITERIA, quaternion_init_
 
 COMPONENTS = ("r", "i", "j", "k")
@@ -25,8 +25,7 @@ def check_quaternion_channels(cls_name: str, name: str, value: Any, groups: int 
 
 
 def check_layer_options(cls_name: str, algorithm: str, init_criterion: str) -> None:
-    if algorithm not in (*ALGORITHMS, "auto"):
-        raise ValueError(f"{cls_name}: algorithm must be one of {('auto', *ALGORITHMS)}, got {algorithm!r}")
+    check_algorithm(cls_name, algorithm)
     if init_criterion not in CRITERIA:
         raise ValueError(f"{cls_name}: init_criterion must be one of {CRITERIA}, got {init_criterion!r}")
 

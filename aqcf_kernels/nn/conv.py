@@ -16,27 +16,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..functional import quaternion_conv
+from ..params import int_tuple
 from ._base import QuaternionModule, check_layer_options, check_quaternion_channels
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 PADDING_STRINGS = ("same", "valid")
 
 IntOrTuple = int | Sequence[int]
-
-
-def _ntuple(cls_name: str, name: str, value: IntOrTuple, n: int, minimum: int) -> tuple[int, ...]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        out = (value,) * n
-    else:
-        try:
-            out = tuple(int(v) for v in value)  # type: ignore[union-attr]
-        except TypeError:
-            raise TypeError(f"{cls_name}: {name} must be an int or a tuple of {n} ints, got {value!r}") from None
-        if len(out) != n:
-            raise ValueError(f"{cls_name}: {name} must be an int or a tuple of {n} ints, got {value!r}")
-    if any(v < minimum for v in out):
-        raise ValueError(f"{cls_name}: {name} must be >= {minimum}, got {value!r}")
-    return out
 
 
 class _QuaternionConvNd(QuaternionModule):
@@ -68,10 +54,10 @@ class _QuaternionConvNd(QuaternionModule):
         check_quaternion_channels(name, "in_channels", in_channels, groups)
         check_quaternion_channels(name, "out_channels", out_channels, groups)
         check_layer_options(name, algorithm, init_criterion)
-        kernel_size = _ntuple(name, "kernel_size", kernel_size, n, 1)
-        stride = _ntuple(name, "stride", stride, n, 1)
-        dilation = _ntuple(name, "dilation", dilation, n, 1)
-        output_padding = _ntuple(name, "output_padding", output_padding, n, 0)
+        kernel_size = int_tuple(name, "kernel_size", kernel_size, n, minimum=1)
+        stride = int_tuple(name, "stride", stride, n, minimum=1)
+        dilation = int_tuple(name, "dilation", dilation, n, minimum=1)
+        output_padding = int_tuple(name, "output_padding", output_padding, n, minimum=0)
         if padding_mode not in PADDING_MODES:
             raise ValueError(f"{name}: padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
         if self._transposed and padding_mode != "zeros":
@@ -86,7 +72,7 @@ class _QuaternionConvNd(QuaternionModule):
             if padding == "same" and any(s != 1 for s in stride):
                 raise ValueError(f"{name}: padding='same' is not supported for strided convolutions")
         else:
-            padding = _ntuple(name, "padding", padding, n, 0)
+            padding = int_tuple(name, "padding", padding, n, minimum=0)
 
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
         self.stride, self.padding, self.dilation = stride, padding, dilation
