@@ -350,13 +350,15 @@ def main(args: argparse.Namespace) -> int:
     tokens = args.tokens or [c.tokens for c in GRIDS[args.grid]()]
     cases = [Case(n, args.channels, args.heads, args.batch) for n in tokens]
     common.configure_torch(args.threads)
+    common.use_fresh_tuning_cache()
     device = torch.device(args.device)
     dtype = common.DTYPES[args.dtype]
     providers = [p for p in PROVIDERS if p in args.providers or p == BASELINE]
-    env = common.environment(device, args.threads)
+    env = common.environment(device, args.threads, args.load)
     common.warn_if_busy(env)
-    results = run(cases, args.modes, providers, args.reps, args.warmup, dtype, device, args.naive_max_gib,
-                  memory=not args.no_memory)  # fmt: skip
+    with common.background_load(args.load):
+        results = run(cases, args.modes, providers, args.reps, args.warmup, dtype, device, args.naive_max_gib,
+                      memory=not args.no_memory)  # fmt: skip
     env["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     checks = check_targets(results) if args.check_targets else None
     args.out.mkdir(parents=True, exist_ok=True)

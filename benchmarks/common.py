@@ -17,6 +17,7 @@ reported as ``None`` ("n/a").
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import ctypes.util
 import datetime
@@ -30,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,10 +61,52 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_out: str = "be
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu (default) or cuda")
     g.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     g.add_argument("--out", type=Path, default=Path(default_out), help=f"output folder (default {default_out}/)")
+    g.add_argument(
+        "--load",
+        type=int,
+        default=0,
+        metavar="N",
+        help="keep N other processes busy (one spinning core each, like `yes > /dev/null`) while timing: "
+        "how the providers hold up on a machine that is not idle. Default 0",
+    )
 
 
 def configure_torch(threads: int) -> None:
     torch.set_num_threads(threads)
+
+
+def use_fresh_tuning_cache() -> None:
+    """Make ``auto`` measure in this run: a temporary tuning cache, unless ``AQCF_TUNING_CACHE`` is set.
+
+    A cache written earlier (idle, or by another load) would replay that run's choices; the
+    benchmark shows what ``auto`` picks under the conditions it measures.
+    """
+    if "AQCF_TUNING_CACHE" not in os.environ:
+        os.environ["AQCF_TUNING_CACHE"] = str(Path(tempfile.mkdtemp(prefix="aqcf-bench-tuning-")) / "tuning.json")
+
+
+_SPIN = "while True: pass"
+
+
+@contextlib.contextmanager
+def background_load(processes: int) -> Iterator[None]:
+    """``processes`` busy-looping child processes for the duration of the block (0: nothing).
+
+    The machine of a real user is rarely idle (data-loader workers, other jobs): this reproduces
+    the simplest such load, one core taken by another process, as ``yes > /dev/null`` does.
+    """
+    if processes <= 0:
+        yield
+        return
+    children = [subprocess.Popen([sys.executable, "-c", _SPIN]) for _ in range(processes)]
+    try:
+        time.sleep(0.2)  # let them get scheduled before the first timed call
+        yield
+    finally:
+        for child in children:
+            child.kill()
+        for child in children:
+            child.wait()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,7 +333,7 @@ def _version(module: str) -> str | None:
         return None
 
 
-def environment(device: torch.device, threads: int) -> dict[str, Any]:
+def environment(device: torch.device, threads: int, load: int = 0) -> dict[str, Any]:
     """Machine, software, commit and command line, for the JSON next to every table."""
     commit = _git("rev-parse", "--short", "HEAD")
     status = _git("status", "--porcelain", "--untracked-files=no")
@@ -310,6 +353,7 @@ def environment(device: torch.device, threads: int) -> dict[str, Any]:
         "git_dirty": None if status is None else bool(status),
         "device": str(device),
         "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "background_load": load,
     }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
@@ -334,6 +378,9 @@ def warn_if_busy(env: Mapping[str, Any]) -> None:
     """A CPU benchmark on a machine already busy measures the other jobs (and OpenMP barriers
     spinning against them: 2 threads on a loaded 2-core machine can be 10x+ slower)."""
     load, cores = env.get("loadavg_start"), env.get("cpu_count")
+    if env.get("background_load"):
+        print(f"timing with {env['background_load']} busy process(es) started by --load", file=sys.stderr)
+        return
     if load and cores and env.get("device") == "cpu" and load[0] > 0.5 * cores:
         print(
             f"WARNING: 1-minute load average {load[0]:.1f} on {cores} cores before the run: "
@@ -349,6 +396,7 @@ def environment_line(env: Mapping[str, Any]) -> str:
         f"{where}, {env['threads']} thread{'s' if env['threads'] != 1 else ''}, "
         f"torch {env['torch']}, triton {env['triton']}, "
         f"commit {env['git_commit']}{dirty}, {env['date']}"
+        + (f", {env['background_load']} busy process(es) (--load)" if env.get("background_load") else "")
     )
 
 

@@ -324,12 +324,14 @@ def main(args: argparse.Namespace) -> int:
         print(f"no case of grid {args.grid!r} has spatial dims {args.dims}", file=sys.stderr)
         return 2
     common.configure_torch(args.threads)
+    common.use_fresh_tuning_cache()
     device = torch.device(args.device)
     dtype = common.DTYPES[args.dtype]
     providers = [p for p in PROVIDERS if p in args.providers or p == BASELINE]
-    env = common.environment(device, args.threads)
+    env = common.environment(device, args.threads, args.load)
     common.warn_if_busy(env)
-    results = run(cases, args.modes, providers, args.reps, args.warmup, dtype, device, memory=not args.no_memory)
+    with common.background_load(args.load):
+        results = run(cases, args.modes, providers, args.reps, args.warmup, dtype, device, memory=not args.no_memory)
     env["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     checks = check_targets(results) if args.check_targets else None
     args.out.mkdir(parents=True, exist_ok=True)
