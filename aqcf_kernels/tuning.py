@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -46,6 +46,7 @@ __all__ = [
     "mode",
     "choose",
     "lookup",
+    "recall",
     "clear",
     "cache_path",
     "fingerprint",
@@ -157,6 +158,9 @@ def cache_path() -> Path | None:
 
 _lock = threading.Lock()
 _memory: dict[str, Candidate] = {}
+# The same choices under the callers' cheap hashable keys (tuples of shapes, dtypes, ...): a known
+# signature is then found without formatting its string key, which cost more than a small conv.
+_recent: dict[Hashable, Candidate] = {}
 _disk: dict[str, dict[str, Any]] | None = None  # the file's entries as loaded (None: not read yet)
 _disk_path: Path | None = None
 _warned: set[str] = set()
@@ -257,6 +261,7 @@ def clear(memory: bool = True, disk: bool = False) -> None:
     with _lock:
         if memory:
             _memory.clear()
+            _recent.clear()
             _disk, _disk_path = None, None
         path = cache_path()
         if disk and path is not None:
@@ -322,6 +327,11 @@ def _measure(
     return winner, result[winner], {str(c): round(t * 1e3, 4) for c, t in best.items()}
 
 
+def recall(fast_key: Hashable) -> Candidate | None:
+    """The choice made in this process for a call whose cheap key is ``fast_key`` (see :func:`choose`)."""
+    return _recent.get(fast_key) if mode == "measure" else None
+
+
 def lookup(key: str) -> Candidate | None:
     """The remembered choice for ``key`` (this process's, else the disk cache's), without measuring."""
     with _lock:
@@ -340,13 +350,15 @@ def choose(
     prior: Candidate,
     run: Callable[[Candidate], T],
     tensors: Sequence[torch.Tensor],
+    fast_key: Hashable | None = None,
 ) -> tuple[Choice, T | None]:
     """The candidate for the call with signature ``key``, and that call's result if measuring computed it.
 
     ``candidates`` are the pairs that may serve (the accuracy contract and the prior already
     applied), ``prior`` the heuristic's pick (one of them). ``run(c)`` computes the call with
     candidate ``c``. A fresh measurement returns the winner's output (the call is not repeated);
-    otherwise the second value is ``None`` and the caller runs the chosen candidate.
+    otherwise the second value is ``None`` and the caller runs the chosen candidate. ``fast_key``
+    (optional, hashable, as specific as ``key``) makes the choice available to :func:`recall`.
     """
     if prior not in candidates:
         raise ValueError(f"the prior {prior} is not among the candidates {[str(c) for c in candidates]}")
@@ -356,12 +368,16 @@ def choose(
         return Choice(prior, "heuristic"), None
     known = lookup(key)
     if known in candidates:  # (not if that backend is gone, e.g. triton uninstalled: measure again)
+        if fast_key is not None:
+            _recent[fast_key] = known
         return Choice(known, "cached"), None
     device = next((t.device for t in tensors), torch.device("cpu"))
     winner, output, timings = _measure(candidates, run, device)
     log.debug("%s: %s (measured, ms: %s)", key, winner, timings)
     with _lock:
         _memory[key] = winner
+        if fast_key is not None:
+            _recent[fast_key] = winner
         path = cache_path()
         if path is not None:
             entry = {"backend": winner.backend, "algorithm": winner.algorithm, "ms": timings}

@@ -111,6 +111,12 @@ def choose_conv(
     it (or when the choice was known) the third value is ``None``. Without ``run`` an unmeasured
     signature gets the heuristic's answer.
     """
+    offered = tuple((b.name, a) for b, a in candidates)
+    fast_key = (kind, input.device, input.dtype, input.shape, input.stride(), weight.shape, params, offered)
+    fast_key += (torch.get_num_threads(),)
+    known = tuning.recall(fast_key)
+    if known is not None:
+        return next((b, a) for b, a in candidates if (b.name, a) == (known.backend, known.algorithm)) + (None,)
     prior = heuristic(candidates, input, weight, params)
     kept = [c for c in candidates if c == prior or plausible(c[0], c[1], candidates, weight, params)]
     if len(kept) == 1:
@@ -126,6 +132,7 @@ def choose_conv(
         tuning.Candidate(prior[0].name, prior[1]),
         lambda c: run(*pairs[c]),
         (input, weight),
+        fast_key,
     )
     return (*pairs[choice.candidate], output)
 
