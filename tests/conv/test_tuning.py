@@ -158,8 +158,11 @@ def test_concurrent_writers_never_corrupt_the_cache(tmp_path: Path) -> None:
     writers, entries = 4, 25
     script = textwrap.dedent(
         f"""
-        import sys
-        from aqcf_kernels import tuning
+        import importlib.util, sys
+        # tuning.py alone (it needs only torch): importing the whole package would dominate the test's time
+        spec = importlib.util.spec_from_file_location("tuning", {tuning.__file__!r})
+        tuning = sys.modules["tuning"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(tuning)
         me = int(sys.argv[1])
         for i in range({entries}):
             tuning._write(tuning.Path({str(path)!r}), f"key-{{me}}-{{i}}", {{"backend": "cpp", "algorithm": "fast8"}})
