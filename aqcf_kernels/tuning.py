@@ -49,6 +49,7 @@ __all__ = [
     "recall",
     "clear",
     "cache_path",
+    "cpu_model",
     "fingerprint",
     "using",
 ]
@@ -107,7 +108,8 @@ def using(new_mode: str) -> Iterator[None]:
 # ------------------------------------------------------------------------------------------------
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), as the cache fingerprint and the benchmarks record it."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
@@ -133,7 +135,7 @@ def fingerprint() -> dict[str, Any]:
     global _FINGERPRINT
     if _FINGERPRINT is None:
         _FINGERPRINT = {
-            "cpu": _cpu_model(),
+            "cpu": cpu_model(),
             "cpu_count": os.cpu_count(),
             "torch": torch.__version__,
             "triton": _version("triton"),

@@ -38,6 +38,8 @@ from typing import Any
 
 import torch
 
+from aqcf_kernels import tuning
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MiB = 2**20
 
@@ -307,17 +309,6 @@ def command_line() -> str:
     return shlex.join([*head, *sys.argv[1:]])
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _git(*args: str) -> str | None:
     try:
         out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
@@ -342,7 +333,7 @@ def environment(device: torch.device, threads: int, load: int = 0) -> dict[str, 
         "command": command_line(),
         "platform": platform.platform(),
         "machine": platform.machine(),
-        "cpu_model": _cpu_model(),
+        "cpu_model": tuning.cpu_model(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads() if device.type == "cpu" else threads,
         "python": platform.python_version(),
