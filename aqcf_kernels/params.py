@@ -7,6 +7,7 @@ only checked here, and resolved by the backend that serves the call (``aqcf_kern
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -170,6 +171,44 @@ def check_conv_args(
         raise ValueError(f"{kind}: bias must have shape ({out_channels},), got {tuple(bias.shape)}")
 
     kernel = tuple(weight.shape[3:])
+    key = tuple(_plain(v) for v in (stride, padding, dilation, output_padding))
+    if None not in key:
+        stride, padding, dilation, output_padding = key
+    # Not plain ints (a bool, a float, a tensor...): checked, and refused, without the cache.
+    geometry = _conv_geometry.__wrapped__ if None in key else _conv_geometry
+    p, extra = geometry(kind, spatial_dims, kernel, stride, padding, dilation, output_padding, transposed, groups)
+    padded = [i + e for i, e in zip(input.shape[2:], extra, strict=True)]
+    if any(o < 1 for o in conv_output_size(padded, kernel, p)):
+        raise ValueError(
+            f"{kind}: input spatial size {tuple(input.shape[2:])} is too small for kernel {kernel} "
+            f"with padding={p.padding}, dilation={p.dilation}, stride={p.stride}"
+        )
+    return p, extra
+
+
+def _plain(value: object) -> object:
+    """``value`` as a hashable cache key if it is an int or a list/tuple of ints (``bool`` excluded:
+    ``True == 1`` would share a cache entry with ``1``), else ``None``."""
+    if type(value) is int or type(value) is str:
+        return value
+    if type(value) in (tuple, list) and all(type(v) is int for v in value):
+        return tuple(value)
+    return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _conv_geometry(
+    kind: str,
+    spatial_dims: int,
+    kernel: tuple[int, ...],
+    stride: IntOrSeq,
+    padding: IntOrSeq | str,
+    dilation: IntOrSeq,
+    output_padding: IntOrSeq,
+    transposed: bool,
+    groups: int,
+) -> tuple[ConvParams, tuple[int, ...]]:
+    """The geometry half of :func:`check_conv_args` (no tensors): memoised, layers repeat it every call."""
     stride_t = int_tuple(kind, "stride", stride, spatial_dims)
     dilation_t = int_tuple(kind, "dilation", dilation, spatial_dims)
     out_pad = int_tuple(kind, "output_padding", output_padding, spatial_dims)
@@ -200,14 +239,7 @@ def check_conv_args(
     elif any(out_pad):
         raise ValueError(f"{kind}: output_padding is only meaningful for transposed convs")
 
-    p = ConvParams(spatial_dims, stride_t, pad_t, dilation_t, transposed, out_pad, groups)
-    padded = [i + e for i, e in zip(input.shape[2:], extra, strict=True)]
-    if any(o < 1 for o in conv_output_size(padded, kernel, p)):
-        raise ValueError(
-            f"{kind}: input spatial size {tuple(input.shape[2:])} is too small for kernel {kernel} "
-            f"with padding={pad_t}, dilation={dilation_t}, stride={stride_t}"
-        )
-    return p, extra
+    return ConvParams(spatial_dims, stride_t, pad_t, dilation_t, transposed, out_pad, groups), extra
 
 
 def is_pointwise(weight_shape: Sequence[int], p: ConvParams) -> bool:

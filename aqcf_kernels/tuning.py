@@ -28,9 +28,11 @@ import json
 import logging
 import os
 import platform
+import sys
 import tempfile
 import threading
 import time
+import types
 import warnings
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
@@ -90,17 +92,38 @@ class Choice:
     timings_ms: dict[str, float] | None = None
 
 
-@contextlib.contextmanager
-def using(new_mode: str) -> Iterator[None]:
-    """Run the block with ``tuning.mode = new_mode``."""
+_listeners: list[Callable[[], None]] = []
+
+
+def on_change(listener: Callable[[], None]) -> None:
+    """Call ``listener()`` whenever a choice made so far may no longer hold: the mode changed or the
+    remembered choices were cleared. (The compiled extension serves remembered choices without asking
+    this module again; aqcf_kernels.backends listens to drop them.)"""
+    _listeners.append(listener)
+
+
+def _changed() -> None:
+    for listener in _listeners:
+        listener()
+
+
+def _set_mode(new_mode: str) -> None:
     global mode
     if new_mode not in MODES:
         raise ValueError(f"tuning mode must be one of {MODES}, got {new_mode!r}")
-    old, mode = mode, new_mode
+    mode = new_mode
+    _changed()
+
+
+@contextlib.contextmanager
+def using(new_mode: str) -> Iterator[None]:
+    """Run the block with ``tuning.mode = new_mode``."""
+    old = mode
+    _set_mode(new_mode)
     try:
         yield
     finally:
-        mode = old
+        _set_mode(old)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -265,6 +288,7 @@ def clear(memory: bool = True, disk: bool = False) -> None:
             _memory.clear()
             _recent.clear()
             _disk, _disk_path = None, None
+            _changed()
         path = cache_path()
         if disk and path is not None:
             with contextlib.suppress(FileNotFoundError):
@@ -386,3 +410,20 @@ def choose(
             _write(path, key, entry)
             _disk_entries()[key] = entry
     return Choice(winner, "measured", timings), output
+
+
+class _TuningModule(types.ModuleType):
+    """``tuning.mode = ...`` is checked and announced (:func:`on_change`), like :func:`using`."""
+
+    @property
+    def mode(self) -> str:
+        return globals()["mode"]
+
+    @mode.setter
+    def mode(self, new_mode: str) -> None:
+        _set_mode(new_mode)
+
+
+_this = sys.modules.get(__name__)
+if _this is not None and _this.__dict__ is globals():  # (not when a test executes this file on its own)
+    _this.__class__ = _TuningModule

@@ -158,3 +158,12 @@ def single_threaded():
 def all_threads():
     """Run the test with torch's default intra-op thread count (what users get)."""
     yield from _with_threads(_DEFAULT_THREADS)
+
+
+@pytest.fixture(autouse=True)
+def _no_remembered_native_choices():
+    """Each test starts with no conv choices remembered by the compiled extension (csrc/cpu/op.h): a test
+    that replaces a backend's methods must see its own replacement asked, not a choice another test made."""
+    from aqcf_kernels.backends._extension import forget_native_choices
+
+    forget_native_choices()

@@ -1,16 +1,30 @@
-"""The compiled extension ``aqcf_kernels._C``, shared by the ``cpp`` and ``cuda`` backends.
+"""The compiled extension ``aqcf_kernels._C``, shared by the ``cpp`` and ``cuda`` backends and by the
+native definitions of the conv ops (csrc/cpu/op.cpp).
 
-Imported once; when it is missing (not built) both backends report the same reason.
+Imported once; when it is missing (not built) both backends report the same reason and the conv ops
+are defined in Python (aqcf_kernels/ops/conv.py). ``AQCF_NO_EXTENSION=1`` ignores a built extension,
+so that path can be tested on a machine that has one.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 from types import ModuleType
 
-try:
-    _C: ModuleType | None = importlib.import_module("aqcf_kernels._C")
-    IMPORT_ERROR: str | None = None
-except ImportError as e:  # not built: `pip install -e . --no-build-isolation` (or `make ext`) builds it
-    _C = None
-    IMPORT_ERROR = f"extension aqcf_kernels._C not importable ({e}); build it with `make ext`"
+_C: ModuleType | None = None
+IMPORT_ERROR: str | None = None
+if os.environ.get("AQCF_NO_EXTENSION", "").strip() == "1":
+    IMPORT_ERROR = "extension aqcf_kernels._C ignored (AQCF_NO_EXTENSION=1)"
+else:
+    try:
+        _C = importlib.import_module("aqcf_kernels._C")
+    except ImportError as e:  # not built: `pip install -e . --no-build-isolation` (or `make ext`) builds it
+        IMPORT_ERROR = f"extension aqcf_kernels._C not importable ({e}); build it with `make ext`"
+
+
+def forget_native_choices() -> None:
+    """Drop the choices the extension serves without asking Python (see csrc/cpu/op.h): something that
+    decides them changed (a backend registered or forced, the priorities, the tuning mode or memory)."""
+    if _C is not None:
+        _C._forget_conv_choices()

@@ -25,8 +25,10 @@ from typing import Generic, TypeVar
 
 from torch import Tensor
 
+from .. import tuning
 from ..params import ConvParams
 from . import policy
+from ._extension import forget_native_choices
 from .base import CONV_KINDS, AttentionBackend, Backend, ConvBackend, ConvKind, protocol_members
 
 B = TypeVar("B", bound=Backend)
@@ -36,15 +38,29 @@ class BackendError(RuntimeError):
     pass
 
 
+class _Announced(dict):
+    """A dict whose item changes (``register``, tests' ``monkeypatch.setitem``) drop the choices the
+    compiled extension remembered: they were made with the old contents."""
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        forget_native_choices()
+
+    def __delitem__(self, key) -> None:
+        super().__delitem__(key)
+        forget_native_choices()
+
+
 class Family(Generic[B]):
     """The backends of one op family, the Protocol they implement, and their priority per device type."""
 
     def __init__(self, name: str, protocol: type[B], priority: dict[str, list[str]]) -> None:
         self.name = name
         self.protocol = protocol
-        self.backends: dict[str, B] = {}
-        #: device type -> backend names, most preferred first (the order measured to be fastest)
-        self.priority = priority
+        self.backends: dict[str, B] = _Announced()
+        #: device type -> backend names, most preferred first (the order measured to be fastest); replace
+        #: a device's list rather than editing it in place, so remembered choices are dropped
+        self.priority: dict[str, list[str]] = _Announced(priority)
 
 
 # On CUDA the composite backend comes first: cuDNN on the expanded weight beat the fused Triton and
@@ -56,6 +72,7 @@ ATTENTION: Family[AttentionBackend] = Family(
     "attention", AttentionBackend, {"cpu": ["torch"], "cuda": ["triton", "torch"]}
 )
 FAMILIES: dict[str, Family] = {f.name: f for f in (CONV, ATTENTION)}
+tuning.on_change(forget_native_choices)
 #: The backend tried last on every device (after the device's priority list): it runs anywhere.
 FALLBACK = "torch"
 
@@ -99,10 +116,12 @@ def use(name: str) -> Iterator[None]:
     if not any(name in f.backends for f in FAMILIES.values()):
         raise BackendError(f"{name!r} is not a backend; known: {_known()}")
     _USE.append(name)
+    forget_native_choices()
     try:
         yield
     finally:
         _USE.pop()
+        forget_native_choices()
 
 
 def _known() -> list[str]:

@@ -19,6 +19,13 @@ with the same two ops, so double backward, ``torch.compile`` and ``opcheck`` wor
 Autograd saves the caller's algorithm (``'auto'`` stays ``'auto'``), and ``qconv``'s ``kind``
 argument says which of the three computations a call is, so each is resolved on its own.
 Arguments reaching these ops are already checked (``aqcf_kernels.params``).
+
+Where the compiled extension is built (:data:`NATIVE`), it defines both ops: schema, CPU kernel and
+autograd in C++ (csrc/cpu/op.cpp; the Python path cost ~0.2 ms a call, several times a small conv).
+Its CPU kernel asks the Python implementation here the first time it meets a call signature, and
+serves that signature itself afterwards when the answer was the extension (:func:`_remember`).
+Python keeps the fake implementations and the kernels of other devices. Without the extension
+these functions define the ops, with the same schemas, and the autograd formulas below.
 """
 
 from __future__ import annotations
@@ -32,7 +39,11 @@ from torch import Tensor
 from torch._prims_common import make_channels_last_strides_for, make_contiguous_strides_for, suggest_memory_format
 
 from .. import backends
+from ..backends._extension import _C
 from ..params import ConvParams, conv_output_shape
+
+#: Whether the compiled extension defines ``aqcf::qconv`` and ``aqcf::qconv_weight_grad`` (csrc/cpu/op.cpp).
+NATIVE = _C is not None and hasattr(_C, "_set_fallbacks")
 
 ACTIVATIONS = ("relu", "leaky_relu", "gelu")
 
@@ -134,7 +145,13 @@ def _no_preactivation(input: Tensor) -> Tensor:
     return input.new_empty(0)
 
 
-@torch.library.custom_op("aqcf::qconv", mutates_args=())
+def _remember(kind: str, algorithm: str, backend, chosen: str, input: Tensor, other: Tensor, weight_shape, p) -> None:
+    """Let the extension serve later calls with this signature without asking Python again, when what
+    served this one is the extension's own conv (not a test's stand-in for it)."""
+    if NATIVE and input.device.type == "cpu" and getattr(backend, "serves_natively", lambda: False)():
+        _C._remember_conv_choice(kind, algorithm, input, other, list(weight_shape), *p.as_op_args(), chosen == "fast8")
+
+
 def qconv(
     input: Tensor,
     weight: Tensor,
@@ -187,13 +204,13 @@ def _qconv(call: QConvArgs) -> tuple[Tensor, Tensor]:
         return y, (_in_output_format(input, z) if keep else _no_preactivation(input))
     else:
         z = _in_output_format(input, measured if measured is not None else run(backend, algorithm))
+        _remember(call.kind, call.algorithm, backend, algorithm, input, weight, weight.shape, p)
     if activation is None:
         return z, _no_preactivation(input)
     return activate(z, activation, slope), (z if keep else _no_preactivation(input))
 
 
-@qconv.register_fake
-def _(*args, **kwargs):
+def _qconv_fake(*args, **kwargs):
     call = qconv_args(*args, **kwargs)
     y = _empty_output(call.input, conv_output_shape(call.input.shape, call.weight.shape, call.params))
     keep = stores_preactivation(call.activation, call.negative_slope)
@@ -255,15 +272,11 @@ def _qconv_backward(ctx, grad_y, grad_pre):
     return grad_input, grad_weight, grad_bias, *[None] * (ctx.num_inputs - 3)
 
 
-qconv.register_autograd(_qconv_backward, setup_context=_qconv_setup_context)
-
-
 # --------------------------------------------------------------------------------------------
 # aqcf::qconv_weight_grad
 # --------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("aqcf::qconv_weight_grad", mutates_args=())
 def qconv_weight_grad(
     input: Tensor,
     grad_output: Tensor,
@@ -284,16 +297,18 @@ def qconv_weight_grad(
     def run(backend: backends.ConvBackend, algorithm: str) -> Tensor:
         return backend.conv_weight_grad(input, grad_output, weight_shape, p, algorithm)
 
+    algorithm_asked = algorithm
     backend, algorithm, measured = backends.resolve_conv(
         input, weight, p, algorithm, "weight_grad", run=None if empty else run
     )
     if empty:
         return input.new_zeros(weight_shape)
-    return (measured if measured is not None else run(backend, algorithm)).contiguous()
+    out = (measured if measured is not None else run(backend, algorithm)).contiguous()
+    _remember("weight_grad", algorithm_asked, backend, algorithm, input, grad_output, weight_shape, p)
+    return out
 
 
-@qconv_weight_grad.register_fake
-def _(input, grad_output, weight_shape, *geometry_and_algorithm):
+def _weight_grad_fake(input, grad_output, weight_shape, *geometry_and_algorithm):
     return input.new_empty(weight_shape)
 
 
@@ -317,4 +332,22 @@ def _weight_grad_backward(ctx, grad_grad_weight):
     return g_input, g_grad_output, *[None] * (ctx.num_inputs - 2)
 
 
-qconv_weight_grad.register_autograd(_weight_grad_backward, setup_context=_weight_grad_setup_context)
+# --------------------------------------------------------------------------------------------
+# Registration
+# --------------------------------------------------------------------------------------------
+
+if NATIVE:
+    _C._set_fallbacks(qconv, qconv_weight_grad)
+    for _name, _impl, _fake in (
+        ("aqcf::qconv", qconv, _qconv_fake),
+        ("aqcf::qconv_weight_grad", qconv_weight_grad, _weight_grad_fake),
+    ):
+        torch.library.impl(_name, "CompositeExplicitAutograd", _impl)  # devices without a compiled kernel
+        torch.library.register_fake(_name, _fake)
+else:
+    _qconv_op = torch.library.custom_op("aqcf::qconv", qconv, mutates_args=())
+    _qconv_op.register_fake(_qconv_fake)
+    _qconv_op.register_autograd(_qconv_backward, setup_context=_qconv_setup_context)
+    _weight_grad_op = torch.library.custom_op("aqcf::qconv_weight_grad", qconv_weight_grad, mutates_args=())
+    _weight_grad_op.register_fake(_weight_grad_fake)
+    _weight_grad_op.register_autograd(_weight_grad_backward, setup_context=_weight_grad_setup_context)

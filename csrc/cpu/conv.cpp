@@ -107,7 +107,40 @@ int64_t batch_slice(const at::Tensor& a, const at::Tensor& b) {
   return std::max<int64_t>(1, kSliceBytes / std::max<int64_t>(1, std::max(component_bytes(a), component_bytes(b))));
 }
 
+// A 1x1 conv (or transposed conv) with unit stride, no padding and one group: a GEMM over tokens.
+bool is_pointwise(at::IntArrayRef weight_shape, const ConvParams& p) {
+  auto all_equal = [](at::IntArrayRef v, int64_t value) {
+    return std::all_of(v.begin(), v.end(), [value](int64_t e) { return e == value; });
+  };
+  return all_equal(weight_shape.slice(3), 1) && all_equal(p.stride, 1) && all_equal(p.padding, 0) &&
+      all_equal(p.output_padding, 0) && p.groups == 1;
+}
+
+// A pointwise quaternion conv as ONE batched GEMM on the expanded weight: oneDNN ran a 1x1 conv well
+// below its GEMM speed on these shapes (64q, 1k-4k tokens: ~4x the time of a matmul with the same
+// weight), and the A-QCF block's projections and quaternion_linear are all pointwise. A transposed
+// pointwise conv is the transposed matrix. (backends/torch/conv.py: pointwise_conv)
+at::Tensor conv_pointwise(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, const ConvParams& p) {
+  at::Tensor e = expand_weight(w, 1).flatten(1);
+  if (p.transposed) e = e.t();
+  at::Tensor y = at::matmul(e, x.reshape({x.size(0), x.size(1), -1}));
+  if (bias) y = y.add(bias->unsqueeze(1));
+  std::vector<int64_t> shape{x.size(0), e.size(0)};
+  shape.insert(shape.end(), x.sizes().begin() + 2, x.sizes().end());
+  return y.view(shape);
+}
+
+// Weight gradient of the non-transposed pointwise conv: sum over the batch of gy_b x_b^T, folded.
+at::Tensor conv_pointwise_weight_grad(const at::Tensor& x, const at::Tensor& gy, at::IntArrayRef weight_shape) {
+  const at::Tensor ge = at::einsum(
+      "bon,bin->oi", {gy.reshape({gy.size(0), gy.size(1), -1}), x.reshape({x.size(0), x.size(1), -1})});
+  std::vector<int64_t> expanded{ge.size(0), ge.size(1)};
+  expanded.insert(expanded.end(), weight_shape.begin() + 3, weight_shape.end());
+  return fold_weight_grad(ge.reshape(expanded), weight_shape, 1);
+}
+
 at::Tensor conv_hamilton(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, const ConvParams& p) {
+  if (is_pointwise(w.sizes(), p)) return conv_pointwise(x, w, bias, p);
   const int64_t g = p.groups;
   std::optional<at::Tensor> b;  // the conv adds it, in the conv's (group-major) channel order
   if (bias) b = swap_channel_factors(bias->view({1, -1}), 4, g).view(-1);
@@ -173,6 +206,7 @@ at::Tensor conv_weight_grad(
   q.transposed = false;
   std::fill(q.output_padding.begin(), q.output_padding.end(), 0);
 
+  if (!fast8 && is_pointwise(weight_shape, q)) return conv_pointwise_weight_grad(x, gy, weight_shape);
   if (!fast8) {
     std::vector<int64_t> expanded{4 * weight_shape[1], 4 * weight_shape[2]};
     expanded.insert(expanded.end(), weight_shape.begin() + 3, weight_shape.end());

@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "conv.h"
+#include "op.h"
 #ifdef AQCF_WITH_CUDA
 #include "../cuda/qconv_cuda.h"
 #endif
@@ -13,6 +14,29 @@ aqcf::ConvParams params(
     std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation,
     bool transposed, std::vector<int64_t> output_padding, int64_t groups) {
   return {std::move(stride), std::move(padding), std::move(dilation), transposed, std::move(output_padding), groups};
+}
+
+// Python callables called from the CPU kernels of aqcf::qconv / aqcf::qconv_weight_grad (op.h). They
+// are never destroyed: the dispatcher may outlive the interpreter's teardown of module globals.
+void set_fallbacks(py::function conv, py::function weight_grad) {
+  auto* conv_fn = new py::function(std::move(conv));
+  auto* weight_grad_fn = new py::function(std::move(weight_grad));
+  aqcf::set_fallbacks(
+      [conv_fn](const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                const aqcf::ConvParams& p, const std::string& algorithm, const std::optional<std::string>& activation,
+                double negative_slope, const std::string& kind) {
+        py::gil_scoped_acquire gil;
+        return (*conv_fn)(input, weight, bias, p.stride, p.padding, p.dilation, p.transposed, p.output_padding,
+                          p.groups, algorithm, activation, negative_slope, kind)
+            .cast<std::tuple<at::Tensor, at::Tensor>>();
+      },
+      [weight_grad_fn](const at::Tensor& input, const at::Tensor& grad_output, const std::vector<int64_t>& shape,
+                       const aqcf::ConvParams& p, const std::string& algorithm) {
+        py::gil_scoped_acquire gil;
+        return (*weight_grad_fn)(input, grad_output, shape, p.stride, p.padding, p.dilation, p.transposed,
+                                 p.output_padding, p.groups, algorithm)
+            .cast<at::Tensor>();
+      });
 }
 
 }  // namespace
@@ -47,6 +71,26 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("input"), py::arg("grad_output"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"),
       py::arg("dilation"), py::arg("transposed"), py::arg("output_padding"), py::arg("groups"), py::arg("fast8"),
       py::call_guard<py::gil_scoped_release>());
+  m.def("_set_fallbacks", &set_fallbacks,
+        "The Python implementations of aqcf::qconv and aqcf::qconv_weight_grad the CPU kernels ask first",
+        py::arg("conv"), py::arg("weight_grad"));
+  m.def(
+      "_remember_conv_choice",
+      [](const std::string& kind, const std::string& algorithm, const at::Tensor& input, const at::Tensor& other,
+         std::vector<int64_t> weight_shape, std::vector<int64_t> stride, std::vector<int64_t> padding,
+         std::vector<int64_t> dilation, bool transposed, std::vector<int64_t> output_padding, int64_t groups,
+         bool fast8) {
+        aqcf::remember_choice(
+            kind, algorithm, input, other, weight_shape,
+            params(std::move(stride), std::move(padding), std::move(dilation), transposed, std::move(output_padding), groups),
+            fast8);
+      },
+      "Serve later calls with this signature in C++ (other: the weight, or grad_output for 'weight_grad')",
+      py::arg("kind"), py::arg("algorithm"), py::arg("input"), py::arg("other"), py::arg("weight_shape"),
+      py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("transposed"), py::arg("output_padding"),
+      py::arg("groups"), py::arg("fast8"));
+  m.def("_forget_conv_choices", &aqcf::forget_choices, "Drop every remembered choice (the dispatch state changed)");
+  m.def("_remembered_conv_choices", &aqcf::remembered_choices, "How many call signatures are served in C++");
 #ifdef AQCF_WITH_CUDA
   aqcf_register_cuda(m);
 #endif

@@ -1,0 +1,401 @@
+#include "op.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/MemoryFormat.h>
+#include <c10/util/strides.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <mutex>
+#include <string_view>
+#include <unordered_map>
+
+namespace aqcf {
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// ------------------------------------------------------------------------------------------------
+// Choices remembered from Python
+// ------------------------------------------------------------------------------------------------
+
+std::mutex choices_mutex;
+std::unordered_map<std::string, bool> choices;  // signature -> fast8
+QConvFallback conv_fallback;
+QConvWeightGradFallback weight_grad_fallback;
+
+// What a choice depends on that Python does not announce: the thread count (tuning measures per
+// thread count) and AQCF_BACKEND, which users and tests change with the environment.
+std::string signature(
+    std::string_view kind, std::string_view algorithm, const Tensor& input, const Tensor& other,
+    at::IntArrayRef weight_shape, const ConvParams& p) {
+  std::string key;
+  key.reserve(256);
+  key.append(kind).append("|").append(algorithm).append("|");
+  const char* forced = std::getenv("AQCF_BACKEND");
+  key.append(forced ? forced : "").append("|");
+  auto put = [&](int64_t v) { key.append(std::to_string(v)).push_back(','); };
+  auto put_all = [&](at::IntArrayRef values) {
+    for (int64_t v : values) put(v);
+    key.push_back(';');
+  };
+  put(static_cast<int64_t>(input.scalar_type()));
+  put(at::get_num_threads());
+  put_all(input.sizes());
+  put_all(input.strides());
+  put_all(other.sizes());
+  put_all(other.strides());
+  put_all(weight_shape);
+  put_all(p.stride);
+  put_all(p.padding);
+  put_all(p.dilation);
+  put_all(p.output_padding);
+  put(p.transposed);
+  put(p.groups);
+  return key;
+}
+
+std::optional<bool> recall_choice(const std::string& key) {
+  std::lock_guard<std::mutex> lock(choices_mutex);
+  auto it = choices.find(key);
+  if (it == choices.end()) return std::nullopt;
+  return it->second;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Helpers shared by the kernels and the autograd formulas
+// ------------------------------------------------------------------------------------------------
+
+std::vector<int64_t> ints(c10::SymIntArrayRef values) {
+  return C10_AS_INTARRAYREF_SLOW(values).vec();
+}
+
+ConvParams params_of(
+    c10::SymIntArrayRef stride, c10::SymIntArrayRef padding, c10::SymIntArrayRef dilation, bool transposed,
+    c10::SymIntArrayRef output_padding, const c10::SymInt& groups) {
+  return {ints(stride), ints(padding), ints(dilation), transposed, ints(output_padding), groups.expect_int()};
+}
+
+bool stores_preactivation(const std::optional<std::string_view>& activation, double negative_slope) {
+  return activation && (*activation == "gelu" || (*activation == "leaky_relu" && negative_slope < 0));
+}
+
+Tensor activate(const Tensor& z, std::string_view activation, double negative_slope) {
+  if (activation == "relu") return at::relu(z);
+  if (activation == "leaky_relu") return at::leaky_relu(z, negative_slope);
+  TORCH_CHECK(activation == "gelu", "aqcf::qconv: unknown activation ", activation);
+  return at::gelu(z);
+}
+
+// dL/dz from dL/dy (differentiable: double backward goes through it); as ops/conv.py's activation_grad.
+Tensor activation_grad(
+    const Tensor& grad, const Tensor& y, const Tensor& pre, std::string_view activation, double negative_slope) {
+  if (activation == "gelu") {
+    const Tensor cdf = 0.5 * (1.0 + at::erf(pre * 0.7071067811865476));
+    const Tensor pdf = at::exp(-0.5 * pre * pre) * 0.3989422804014327;
+    return grad * (cdf + pre * pdf);
+  }
+  const Tensor positive = stores_preactivation(activation, negative_slope) ? pre.gt(0) : y.gt(0);
+  const double slope = activation == "relu" ? 0.0 : negative_slope;
+  return at::where(positive, grad, grad * slope);
+}
+
+// The op's outputs follow the input's memory format (as the fake implementation in ops/conv.py):
+// channels_last in, channels_last out; a backend output with other strides is copied once.
+Tensor in_output_format(const Tensor& input, const Tensor& t) {
+  const bool spatial = t.dim() == 4 || t.dim() == 5;
+  const at::MemoryFormat format = spatial ? input.suggest_memory_format() : at::MemoryFormat::Contiguous;
+  std::vector<int64_t> expected;
+  if (format == at::MemoryFormat::ChannelsLast) {
+    expected = c10::get_channels_last_strides_2d(t.sizes());
+  } else if (format == at::MemoryFormat::ChannelsLast3d) {
+    expected = c10::get_channels_last_strides_3d(t.sizes());
+  } else {
+    const auto strides = c10::contiguous_strides(t.sizes());
+    expected.assign(strides.begin(), strides.end());
+  }
+  if (t.strides() == at::IntArrayRef(expected)) return t;
+  return at::empty_strided(t.sizes(), expected, t.options()).copy_(t);
+}
+
+// ------------------------------------------------------------------------------------------------
+// CPU kernels: a remembered choice runs here; anything else asks Python
+// ------------------------------------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor> qconv_cpu(
+    const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias, c10::SymIntArrayRef stride,
+    c10::SymIntArrayRef padding, c10::SymIntArrayRef dilation, bool transposed, c10::SymIntArrayRef output_padding,
+    c10::SymInt groups, std::string_view algorithm, std::optional<std::string_view> activation,
+    double negative_slope, std::string_view kind) {
+  const ConvParams p = params_of(stride, padding, dilation, transposed, output_padding, groups);
+  const std::optional<bool> fast8 =
+      recall_choice(signature(kind, algorithm, input, weight, weight.sizes(), p));
+  if (!fast8) {
+    TORCH_CHECK(conv_fallback, "aqcf::qconv: the Python implementation is not registered (import aqcf_kernels)");
+    std::optional<std::string> act;
+    if (activation) act = std::string(*activation);
+    return conv_fallback(input, weight, bias, p, std::string(algorithm), act, negative_slope, std::string(kind));
+  }
+  const Tensor z = in_output_format(input, conv(input, weight, bias, p, *fast8));
+  if (!activation) return {z, input.new_empty({0})};
+  const Tensor y = activate(z, *activation, negative_slope);
+  return {y, stores_preactivation(activation, negative_slope) ? z : input.new_empty({0})};
+}
+
+Tensor qconv_weight_grad_cpu(
+    const Tensor& input, const Tensor& grad_output, c10::SymIntArrayRef weight_shape, c10::SymIntArrayRef stride,
+    c10::SymIntArrayRef padding, c10::SymIntArrayRef dilation, bool transposed, c10::SymIntArrayRef output_padding,
+    c10::SymInt groups, std::string_view algorithm) {
+  const ConvParams p = params_of(stride, padding, dilation, transposed, output_padding, groups);
+  const std::vector<int64_t> shape = ints(weight_shape);
+  const std::optional<bool> fast8 =
+      recall_choice(signature("weight_grad", algorithm, input, grad_output, shape, p));
+  if (!fast8) {
+    TORCH_CHECK(weight_grad_fallback, "aqcf::qconv_weight_grad: the Python implementation is not registered");
+    return weight_grad_fallback(input, grad_output, shape, p, std::string(algorithm));
+  }
+  return conv_weight_grad(input, grad_output, shape, p, *fast8).contiguous();
+}
+
+// ------------------------------------------------------------------------------------------------
+// Autograd: the backward is made of the same two ops (double backward, torch.compile, opcheck)
+// ------------------------------------------------------------------------------------------------
+
+const auto& qconv_op() {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("aqcf::qconv", "")
+          .typed<std::tuple<Tensor, Tensor>(
+              const Tensor&, const Tensor&, const std::optional<Tensor>&, c10::SymIntArrayRef, c10::SymIntArrayRef,
+              c10::SymIntArrayRef, bool, c10::SymIntArrayRef, c10::SymInt, std::string_view,
+              std::optional<std::string_view>, double, std::string_view)>();
+  return op;
+}
+
+const auto& weight_grad_op() {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("aqcf::qconv_weight_grad", "")
+          .typed<Tensor(
+              const Tensor&, const Tensor&, c10::SymIntArrayRef, c10::SymIntArrayRef, c10::SymIntArrayRef,
+              c10::SymIntArrayRef, bool, c10::SymIntArrayRef, c10::SymInt, std::string_view)>();
+  return op;
+}
+
+// The geometry an autograd context keeps: stride, padding, dilation, output_padding, groups, transposed.
+struct Geometry {
+  std::vector<c10::SymInt> stride, padding, dilation, output_padding;
+  c10::SymInt groups;
+  bool transposed;
+
+  void save(AutogradContext* ctx) const {
+    ctx->saved_data["stride"] = c10::SymIntArrayRef(stride);
+    ctx->saved_data["padding"] = c10::SymIntArrayRef(padding);
+    ctx->saved_data["dilation"] = c10::SymIntArrayRef(dilation);
+    ctx->saved_data["output_padding"] = c10::SymIntArrayRef(output_padding);
+    ctx->saved_data["groups"] = groups;
+    ctx->saved_data["transposed"] = transposed;
+  }
+  static Geometry load(AutogradContext* ctx) {
+    return {ctx->saved_data["stride"].toSymIntVector(), ctx->saved_data["padding"].toSymIntVector(),
+            ctx->saved_data["dilation"].toSymIntVector(), ctx->saved_data["output_padding"].toSymIntVector(),
+            ctx->saved_data["groups"].toSymInt(), ctx->saved_data["transposed"].toBool()};
+  }
+};
+
+Tensor conv_via_op(const Tensor& input, const Tensor& weight, const Geometry& g, std::string_view algorithm,
+                   std::string_view kind) {
+  return std::get<0>(qconv_op().call(
+      input, weight, std::nullopt, g.stride, g.padding, g.dilation, g.transposed, g.output_padding, g.groups,
+      algorithm, std::nullopt, 0.01, kind));
+}
+
+// d/d input of qconv(input, weight): the adjoint conv of grad_output (a quaternion transposed conv is
+// defined as the adjoint). For a strided conv, output_padding lands the result on the input's size.
+Tensor input_grad(const Tensor& grad_output, const Tensor& weight, c10::SymIntArrayRef input_shape,
+                  const Geometry& g, std::string_view algorithm) {
+  Geometry adjoint = g;
+  adjoint.transposed = !g.transposed;
+  const size_t n = g.stride.size();
+  for (size_t d = 0; d < n; ++d) {
+    if (g.transposed) {
+      adjoint.output_padding[d] = 0;
+    } else {
+      const c10::SymInt k = weight.sym_size(3 + d);
+      const c10::SymInt natural =
+          (grad_output.sym_size(2 + d) - 1) * g.stride[d] - 2 * g.padding[d] + g.dilation[d] * (k - 1) + 1;
+      adjoint.output_padding[d] = input_shape[2 + d] - natural;
+    }
+  }
+  return conv_via_op(grad_output, weight, adjoint, algorithm, "input_grad");
+}
+
+Tensor weight_grad(const Tensor& input, const Tensor& grad_output, c10::SymIntArrayRef weight_shape,
+                   const Geometry& g, std::string_view algorithm) {
+  return weight_grad_op().call(
+      input, grad_output, weight_shape, g.stride, g.padding, g.dilation, g.transposed, g.output_padding, g.groups,
+      algorithm);
+}
+
+class QConvFunction : public torch::autograd::Function<QConvFunction> {
+ public:
+  static variable_list forward(
+      AutogradContext* ctx, const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
+      c10::SymIntArrayRef stride, c10::SymIntArrayRef padding, c10::SymIntArrayRef dilation, bool transposed,
+      c10::SymIntArrayRef output_padding, c10::SymInt groups, std::string_view algorithm,
+      std::optional<std::string_view> activation, double negative_slope, std::string_view kind) {
+    Tensor y, pre;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      std::tie(y, pre) = qconv_op().call(
+          input, weight, bias, stride, padding, dilation, transposed, output_padding, groups, algorithm, activation,
+          negative_slope, kind);
+    }
+    // The activation's backward reads y (and the pre-activation, where kept); a plain conv needs neither.
+    if (activation) {
+      ctx->save_for_backward({input, weight, y, pre});
+      ctx->saved_data["activation"] = std::string(*activation);
+    } else {
+      ctx->save_for_backward({input, weight});
+    }
+    Geometry{stride.vec(), padding.vec(), dilation.vec(), output_padding.vec(), groups, transposed}.save(ctx);
+    ctx->saved_data["algorithm"] = std::string(algorithm);
+    ctx->saved_data["negative_slope"] = negative_slope;
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    return {y, pre};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const Tensor &input = saved[0], &weight = saved[1];
+    const Geometry g = Geometry::load(ctx);
+    const std::string algorithm = ctx->saved_data["algorithm"].toStringRef();
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    Tensor grad_z = grads[0];
+    if (saved.size() == 4 && grad_z.defined()) {
+      grad_z = activation_grad(
+          grad_z, saved[2], saved[3], ctx->saved_data["activation"].toStringRef(),
+          ctx->saved_data["negative_slope"].toDouble());
+    }
+    if (grads[1].defined() && grads[1].sym_numel() != 0) {  // the pre-activation itself reached the loss
+      grad_z = grad_z.defined() ? grad_z + grads[1] : grads[1];
+    }
+    variable_list out(13);
+    if (!grad_z.defined()) return out;
+    if (ctx->needs_input_grad(0)) out[0] = input_grad(grad_z, weight, input.sym_sizes(), g, algorithm);
+    if (ctx->needs_input_grad(1)) out[1] = weight_grad(input, grad_z, weight.sym_sizes(), g, algorithm);
+    if (has_bias && ctx->needs_input_grad(2)) {
+      std::vector<int64_t> dims{0};
+      for (int64_t d = 2; d < grad_z.dim(); ++d) dims.push_back(d);
+      out[2] = grad_z.sum(dims);
+    }
+    return out;
+  }
+};
+
+class QConvWeightGradFunction : public torch::autograd::Function<QConvWeightGradFunction> {
+ public:
+  static variable_list forward(
+      AutogradContext* ctx, const Tensor& input, const Tensor& grad_output, c10::SymIntArrayRef weight_shape,
+      c10::SymIntArrayRef stride, c10::SymIntArrayRef padding, c10::SymIntArrayRef dilation, bool transposed,
+      c10::SymIntArrayRef output_padding, c10::SymInt groups, std::string_view algorithm) {
+    Tensor gw;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      gw = weight_grad_op().call(
+          input, grad_output, weight_shape, stride, padding, dilation, transposed, output_padding, groups, algorithm);
+    }
+    ctx->save_for_backward({input, grad_output});
+    Geometry{stride.vec(), padding.vec(), dilation.vec(), output_padding.vec(), groups, transposed}.save(ctx);
+    ctx->saved_data["algorithm"] = std::string(algorithm);
+    return {gw};
+  }
+
+  // qconv_weight_grad(x, gy) is bilinear: <H, wgrad(x, gy)> = <gy, qconv(x, H)>.
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const Tensor &input = saved[0], &grad_output = saved[1];
+    const Geometry g = Geometry::load(ctx);
+    const std::string algorithm = ctx->saved_data["algorithm"].toStringRef();
+    variable_list out(10);
+    const Tensor& h = grads[0];
+    if (!h.defined()) return out;
+    if (ctx->needs_input_grad(0)) out[0] = input_grad(grad_output, h, input.sym_sizes(), g, algorithm);
+    if (ctx->needs_input_grad(1)) out[1] = conv_via_op(input, h, g, algorithm, "forward");
+    return out;
+  }
+};
+
+std::tuple<Tensor, Tensor> qconv_autograd(
+    const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias, c10::SymIntArrayRef stride,
+    c10::SymIntArrayRef padding, c10::SymIntArrayRef dilation, bool transposed, c10::SymIntArrayRef output_padding,
+    c10::SymInt groups, std::string_view algorithm, std::optional<std::string_view> activation,
+    double negative_slope, std::string_view kind) {
+  auto out = QConvFunction::apply(
+      input, weight, bias, stride, padding, dilation, transposed, output_padding, std::move(groups), algorithm,
+      activation, negative_slope, kind);
+  return {out[0], out[1]};
+}
+
+Tensor qconv_weight_grad_autograd(
+    const Tensor& input, const Tensor& grad_output, c10::SymIntArrayRef weight_shape, c10::SymIntArrayRef stride,
+    c10::SymIntArrayRef padding, c10::SymIntArrayRef dilation, bool transposed, c10::SymIntArrayRef output_padding,
+    c10::SymInt groups, std::string_view algorithm) {
+  return QConvWeightGradFunction::apply(
+      input, grad_output, weight_shape, stride, padding, dilation, transposed, output_padding, std::move(groups),
+      algorithm)[0];
+}
+
+}  // namespace
+
+void set_fallbacks(QConvFallback conv, QConvWeightGradFallback weight_grad) {
+  conv_fallback = std::move(conv);
+  weight_grad_fallback = std::move(weight_grad);
+}
+
+void remember_choice(
+    const std::string& kind, const std::string& algorithm, const at::Tensor& input, const at::Tensor& other,
+    at::IntArrayRef weight_shape, const ConvParams& p, bool fast8) {
+  const std::string key = signature(kind, algorithm, input, other, weight_shape, p);
+  std::lock_guard<std::mutex> lock(choices_mutex);
+  choices[key] = fast8;
+}
+
+void forget_choices() {
+  std::lock_guard<std::mutex> lock(choices_mutex);
+  choices.clear();
+}
+
+int64_t remembered_choices() {
+  std::lock_guard<std::mutex> lock(choices_mutex);
+  return static_cast<int64_t>(choices.size());
+}
+
+}  // namespace aqcf
+
+// The schemas are those torch.library.custom_op infers from ops/conv.py's Python signatures, which
+// define the ops instead when this extension is not built: programs exported with either agree.
+TORCH_LIBRARY(aqcf, m) {
+  m.def(
+      "qconv(Tensor input, Tensor weight, Tensor? bias, SymInt[] stride, SymInt[] padding, SymInt[] dilation, "
+      "bool transposed, SymInt[] output_padding, SymInt groups, str algorithm, str? activation=None, "
+      "float negative_slope=0.01, str kind=\"forward\") -> (Tensor, Tensor)");
+  m.def(
+      "qconv_weight_grad(Tensor input, Tensor grad_output, SymInt[] weight_shape, SymInt[] stride, "
+      "SymInt[] padding, SymInt[] dilation, bool transposed, SymInt[] output_padding, SymInt groups, "
+      "str algorithm) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(aqcf, CPU, m) {
+  m.impl("qconv", &aqcf::qconv_cpu);
+  m.impl("qconv_weight_grad", &aqcf::qconv_weight_grad_cpu);
+}
+
+TORCH_LIBRARY_IMPL(aqcf, Autograd, m) {
+  m.impl("qconv", &aqcf::qconv_autograd);
+  m.impl("qconv_weight_grad", &aqcf::qconv_weight_grad_autograd);
+}

@@ -1,0 +1,152 @@
+"""The conv ops defined by the compiled extension (csrc/cpu/op.cpp) and, without it, by Python.
+
+With the extension, a call signature is resolved in Python once (backend, algorithm, maybe measured)
+and served in C++ afterwards when the extension's own conv won; anything that decides choices drops
+the remembered ones. Without it (``AQCF_NO_EXTENSION=1``) the same schemas come from Python.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from aqcf_kernels import backends, reference, tuning
+from aqcf_kernels import functional as qF
+from aqcf_kernels.backends._extension import _C
+from aqcf_kernels.ops import conv as conv_ops
+
+ROOT = Path(__file__).resolve().parents[2]
+
+native = pytest.mark.skipif(not conv_ops.NATIVE, reason="aqcf_kernels._C is not built")
+
+
+def test_the_extension_defines_the_ops_when_built() -> None:
+    if os.environ.get("AQCF_REQUIRE_CPP", "").strip() == "1":
+        assert conv_ops.NATIVE, "AQCF_REQUIRE_CPP=1 but the conv ops are not the extension's"
+    # The schemas are those Python infers from the signatures that define the ops without the
+    # extension: a program exported on either install calls the same ops.
+    for name, fn in (("qconv", conv_ops.qconv), ("qconv_weight_grad", conv_ops.qconv_weight_grad)):
+        registered = str(getattr(torch.ops.aqcf, name).default._schema)
+        inferred = torch.library.infer_schema(fn, mutates_args=())
+        assert registered == f"aqcf::{name}{inferred}"
+
+
+class CountingFallbacks:
+    """The Python implementations, counting how often the extension's CPU kernels ask them."""
+
+    def __init__(self) -> None:
+        self.conv = self.weight_grad = 0
+
+    def qconv(self, *args):
+        self.conv += 1
+        return conv_ops.qconv(*args)
+
+    def qconv_weight_grad(self, *args):
+        self.weight_grad += 1
+        return conv_ops.qconv_weight_grad(*args)
+
+
+@pytest.fixture
+def asked():
+    counter = CountingFallbacks()
+    _C._set_fallbacks(counter.qconv, counter.qconv_weight_grad)
+    backends.registry.forget_native_choices()
+    try:
+        yield counter
+    finally:
+        _C._set_fallbacks(conv_ops.qconv, conv_ops.qconv_weight_grad)
+
+
+def _step(x, w, b, algorithm="hamilton", **kw):
+    x, w, b = (t.detach().requires_grad_() for t in (x, w, b))
+    y = qF.quaternion_conv2d(x, w, b, padding=1, algorithm=algorithm, **kw)
+    grads = torch.autograd.grad(y, (x, w, b), torch.ones_like(y))
+    return y, grads
+
+
+@native
+@pytest.mark.parametrize("algorithm", ["hamilton", "fast8", "auto"])
+def test_a_signature_is_resolved_in_python_once_then_served_natively(asked, qrand, algorithm) -> None:
+    x, w, b = qrand(2, 12, 7, 6, dtype=torch.float64, seed=1), qrand(4, 5, 3, 3, 3, seed=2), qrand(20, seed=3)
+    y1, g1 = _step(x, w, b, algorithm)
+    # forward and input gradient ask for qconv, the weight gradient for qconv_weight_grad
+    assert (asked.conv, asked.weight_grad) == (2, 1)
+    assert _C._remembered_conv_choices() == 3
+    y2, g2 = _step(x, w, b, algorithm)
+    assert (asked.conv, asked.weight_grad) == (2, 1), "a remembered signature went back to Python"
+    torch.testing.assert_close(y2, y1, rtol=0, atol=0)
+    for a, b_ in zip(g2, g1, strict=True):
+        torch.testing.assert_close(a, b_, rtol=0, atol=0)
+    torch.testing.assert_close(y2, reference.quaternion_conv_naive(x, w, b, padding=1))
+
+
+@native
+def test_activation_and_channels_last_served_natively_match_python(asked, qrand) -> None:
+    x = qrand(2, 8, 6, 5, dtype=torch.float64, seed=4).contiguous(memory_format=torch.channels_last)
+    w, b = qrand(4, 3, 2, 3, 3, seed=5), qrand(12, seed=6)
+    first = _step(x, w, b, activation="gelu")
+    second = _step(x, w, b, activation="gelu")
+    assert asked.conv == 2  # the second step never asked
+    assert second[0].stride() == first[0].stride() and second[0].is_contiguous(memory_format=torch.channels_last)
+    for a, b_ in zip((second[0], *second[1]), (first[0], *first[1]), strict=True):
+        torch.testing.assert_close(a, b_, rtol=0, atol=0)
+
+
+@native
+def test_what_decides_a_choice_drops_the_remembered_ones(asked, qrand, monkeypatch) -> None:
+    x, w, b = qrand(1, 8, 5, 5, dtype=torch.float64, seed=7), qrand(4, 2, 2, 3, 3, seed=8), qrand(8, seed=9)
+    _step(x, w, b)
+    assert _C._remembered_conv_choices() == 3
+    with backends.use("torch"):  # forcing a backend
+        assert _C._remembered_conv_choices() == 0
+        asked_before = asked.conv
+        _step(x, w, b)
+        _step(x, w, b)
+        assert asked.conv == asked_before + 4, "the forced torch backend must be asked every time"
+    assert _C._remembered_conv_choices() == 0
+    _step(x, w, b)
+    assert _C._remembered_conv_choices() == 3
+    monkeypatch.setattr(tuning, "mode", "heuristic")  # the tuning mode
+    assert _C._remembered_conv_choices() == 0
+    _step(x, w, b)
+    tuning.clear()  # the tuning memory
+    assert _C._remembered_conv_choices() == 0
+    _step(x, w, b)
+    monkeypatch.setitem(backends.PRIORITY, "cpu", ["torch", "cpp"])  # the priorities
+    assert _C._remembered_conv_choices() == 0
+    monkeypatch.setitem(backends.PRIORITY, "cpu", ["cpp", "torch"])
+    _step(x, w, b)
+    asked_before = asked.conv
+    monkeypatch.setenv("AQCF_BACKEND", "torch")  # the environment is part of the signature
+    _step(x, w, b)
+    assert asked.conv == asked_before + 2
+
+
+def test_tuning_mode_assignments_are_checked() -> None:
+    with pytest.raises(ValueError, match="tuning mode must be one of"):
+        tuning.mode = "fastest"
+
+
+@pytest.mark.skipif(_C is None, reason="without the extension the whole suite tests the Python definitions")
+def test_the_python_definitions_pass_opcheck_and_gradcheck() -> None:
+    """``AQCF_NO_EXTENSION=1``: the ops as defined without the extension, through the same tests."""
+    env = {k: v for k, v in os.environ.items() if k != "AQCF_REQUIRE_CPP"}
+    env["AQCF_NO_EXTENSION"] = "1"
+    check = "from aqcf_kernels.ops import conv; assert not conv.NATIVE, 'the extension still defines the ops'"
+    subprocess.run([sys.executable, "-c", check], env=env, cwd=ROOT, check=True)
+    tests = ["tests/conv/test_qconv_opcheck.py", "tests/conv/test_qconv_gradcheck.py", "tests/conv/test_tuning.py"]
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout
