@@ -17,6 +17,9 @@ any folder above it):
     nnU-Net v2 raw: a ``dataset.json`` with ``channel_names`` and ``file_ending``, images
     ``imagesTr/<case>_0000<ending>``, labels ``labelsTr/<case><ending>``. Single channel only.
 
+For inference on new scans, a DICOM series (a folder of single-frame ``.dcm`` slices) is read with
+pydicom by :func:`read_dicom_series`, its geometry taken from the headers (see the DICOM section).
+
 All layouts use labels 0 background, 1 liver, 2 tumour (checked when the arrays are read, see
 :mod:`aqcf_kernels.data.preprocess`). Dot-files, macOS ``._*`` AppleDouble junk (present in the MSD
 archives) and ``__MACOSX`` folders are skipped.
@@ -30,11 +33,24 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from .errors import DataError
 
-__all__ = ["LAYOUTS", "Case", "detect_layouts", "find_cases", "modality_from_name"]
+__all__ = [
+    "DICOM_SUFFIXES",
+    "LAYOUTS",
+    "Case",
+    "DicomSeries",
+    "DicomVolume",
+    "detect_layouts",
+    "dicom_files",
+    "find_cases",
+    "is_dicom_file",
+    "modality_from_name",
+    "read_dicom_series",
+    "scan_dicom_series",
+]
 
 Modality = Literal["ct", "mri"]
 
@@ -342,3 +358,235 @@ def find_cases(
     if modality is not None:
         cases = [Case(c.case_id, c.image, c.label, modality, c.layout) for c in cases]
     return sorted(cases, key=lambda c: _natural_key(c.case_id))
+
+
+# -------------------------------------------------------------------------------------------- DICOM
+#
+# A DICOM series is a folder of single-frame slices (CT or MR Image Storage). Geometry comes from the
+# headers alone: ImageOrientationPatient (the row and column direction cosines), PixelSpacing (row
+# spacing, then column spacing) and ImagePositionPatient (the centre of each slice's first pixel), in
+# the patient's LPS frame; slices are sorted along the normal (row x column), whatever the file names
+# or InstanceNumbers say. The volume is returned as NIfTI orders it: array index (i, j, k) = (column,
+# row, slice), with a RAS affine (LPS with x and y negated), which is what dcm2niix writes too.
+
+#: File suffixes taken as DICOM without looking inside (case-insensitive); files without a suffix are
+#: DICOM when they carry the ``DICM`` magic at byte 128 (many scanners export extensionless files).
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+
+#: Largest allowed relative deviation of one slice gap from the median gap (missing slices, tilts).
+DICOM_GAP_RTOL = 0.05
+
+
+def _pydicom():
+    try:
+        import pydicom
+    except ImportError as e:  # pragma: no cover - the train extra installs it
+        raise DataError("reading DICOM needs pydicom: pip install pydicom (or the package's [train] extra)") from e
+    return pydicom
+
+
+def is_dicom_file(path: str | os.PathLike) -> bool:
+    """A file named ``*.dcm`` / ``*.dicom`` / ``*.ima``, or without suffix and with the DICOM magic."""
+    p = Path(path)
+    if _is_junk(p.name) or p.name.upper() == "DICOMDIR" or not p.is_file():
+        return False
+    if p.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    if p.suffix:
+        return False
+    try:
+        with open(p, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def dicom_files(folder: str | os.PathLike) -> list[Path]:
+    """The DICOM files directly inside ``folder`` (not its subfolders), sorted by name."""
+    folder = Path(folder)
+    return [folder / f for f in sorted(os.listdir(folder)) if is_dicom_file(folder / f)]
+
+
+@dataclass(frozen=True)
+class DicomSeries:
+    """The headers-only view of a DICOM series folder (:func:`scan_dicom_series`).
+
+    ``modality`` is the DICOM Modality tag as written (``"CT"``, ``"MR"``, ...); :attr:`pipeline_modality`
+    maps it to 'ct' / 'mri' (``None`` for anything else).
+    """
+
+    folder: Path
+    files: tuple[Path, ...]
+    series_uid: str
+    modality: str
+    description: str
+
+    @property
+    def pipeline_modality(self) -> Modality | None:
+        return {"CT": "ct", "MR": "mri"}.get(self.modality.strip().upper())  # type: ignore[return-value]
+
+
+@dataclass
+class DicomVolume:
+    """A DICOM series as a volume: ``data`` indexed (column, row, slice), rescaled (HU for CT), RAS ``affine``."""
+
+    data: Any
+    affine: Any
+    series: DicomSeries
+
+    def to_nifti(self):
+        """The volume as an in-memory ``nibabel.Nifti1Image`` (qform and sform = the affine, scanner space)."""
+        import nibabel as nib
+
+        img = nib.Nifti1Image(self.data, self.affine)
+        img.set_qform(self.affine, code=1)
+        img.set_sform(self.affine, code=1)
+        img.header.set_xyzt_units("mm", "sec")
+        return img
+
+
+def _read_header(path: Path):
+    pydicom = _pydicom()
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception as e:  # noqa: BLE001 - pydicom raises many types for a broken file
+        raise DataError(f"{path}: unreadable DICOM ({type(e).__name__}: {e})") from e
+
+
+def scan_dicom_series(folder: str | os.PathLike) -> DicomSeries:
+    """Read the headers of the DICOM files in ``folder`` and check that they form one series.
+
+    Raises:
+        DataError: no DICOM files, an unreadable file, or several series (SeriesInstanceUID) in the
+            folder: the message lists them, each series must be in a folder of its own.
+    """
+    folder = Path(folder)
+    files = dicom_files(folder)
+    if not files:
+        raise DataError(f"{folder}: no DICOM files (*.dcm, or files with the DICM magic)")
+    by_uid: dict[str, list[tuple[Path, Any]]] = {}
+    for f in files:
+        ds = _read_header(f)
+        by_uid.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((f, ds))
+    if len(by_uid) > 1:
+        parts = []
+        for uid, members in by_uid.items():
+            ds = members[0][1]
+            what = " ".join(str(ds.get(k, "")).strip() for k in ("Modality", "SeriesDescription")).strip()
+            parts.append(f"{uid or '<no SeriesInstanceUID>'} ({what or 'no description'}, {len(members)} files)")
+        raise DataError(
+            f"{folder}: {len(by_uid)} DICOM series mixed in one folder ({'; '.join(parts)}); "
+            "put each series in a folder of its own"
+        )
+    ((uid, members),) = by_uid.items()
+    ds = members[0][1]
+    return DicomSeries(
+        folder,
+        tuple(f for f, _ in members),
+        uid,
+        str(ds.get("Modality", "")).strip(),
+        str(ds.get("SeriesDescription", "")).strip(),
+    )
+
+
+def _floats(ds: Any, keyword: str, n: int, path: Path) -> list[float]:
+    value = ds.get(keyword)
+    try:
+        out = [float(v) for v in value]  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        out = []
+    if len(out) != n:
+        raise DataError(f"{path}: DICOM {keyword} missing or malformed ({value!r}); cannot place the slice in space")
+    return out
+
+
+def read_dicom_series(series: DicomSeries | str | os.PathLike) -> DicomVolume:
+    """Read a single-frame DICOM series into a volume with its patient-space geometry.
+
+    Slices are sorted along the slice normal by their ImagePositionPatient; RescaleSlope and
+    RescaleIntercept are applied per slice (CT values in HU). The stored dtype is int16 when the
+    rescaled values are integers within its range (CT), float32 otherwise.
+
+    Raises:
+        DataError: mixed series, a multi-frame object, missing or inconsistent geometry (orientation,
+            pixel spacing, image size differing between slices), duplicate slice positions, uneven
+            slice gaps (missing slices), or pixel data pydicom cannot decode.
+    """
+    import numpy as np
+
+    if not isinstance(series, DicomSeries):
+        series = scan_dicom_series(series)
+    pydicom = _pydicom()
+    folder = series.folder
+    slices = []
+    for f in series.files:
+        try:
+            ds = pydicom.dcmread(f)
+        except Exception as e:  # noqa: BLE001
+            raise DataError(f"{f}: unreadable DICOM ({type(e).__name__}: {e})") from e
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+            raise DataError(f"{f}: multi-frame DICOM (enhanced CT/MR) is not supported; export single-frame slices")
+        if "PixelData" not in ds:
+            raise DataError(f"{f}: DICOM file without pixel data in an image series")
+        orient = np.array(_floats(ds, "ImageOrientationPatient", 6, f))
+        position = np.array(_floats(ds, "ImagePositionPatient", 3, f))
+        spacing = np.array(_floats(ds, "PixelSpacing", 2, f))
+        slices.append((f, ds, orient, position, spacing, (int(ds.Rows), int(ds.Columns))))
+
+    f0, ds0, orient, _, spacing, size = slices[0]
+    for f, _, o, _, s, sz in slices[1:]:
+        if sz != size:
+            raise DataError(f"{f}: image size {sz} differs from {size} of {f0} in the same series")
+        if not np.allclose(o, orient, atol=1e-4):
+            raise DataError(f"{f}: ImageOrientationPatient differs from {f0}'s in the same series")
+        if not np.allclose(s, spacing, rtol=1e-4):
+            raise DataError(f"{f}: PixelSpacing {s.tolist()} differs from {f0}'s {spacing.tolist()}")
+    row, col = orient[:3], orient[3:]  # direction of increasing column index, of increasing row index
+    normal = np.cross(row, col)
+    if not (abs(np.linalg.norm(row) - 1) < 1e-3 and abs(np.linalg.norm(col) - 1) < 1e-3 and abs(row @ col) < 1e-3):
+        raise DataError(f"{f0}: ImageOrientationPatient {orient.tolist()} is not two orthonormal directions")
+    slices.sort(key=lambda s: float(s[3] @ normal))
+    depth = np.array([float(s[3] @ normal) for s in slices])
+    if len(slices) > 1:
+        gaps = np.diff(depth)
+        if np.any(gaps < 1e-4):
+            i = int(np.argmin(gaps))
+            raise DataError(
+                f"{folder}: two slices at the same position ({slices[i][0].name}, {slices[i + 1][0].name}); "
+                "a series with repeated acquisitions must be split first"
+            )
+        median = float(np.median(gaps))
+        if np.max(np.abs(gaps - median)) > DICOM_GAP_RTOL * median:
+            raise DataError(
+                f"{folder}: uneven slice gaps ({gaps.min():.3g}-{gaps.max():.3g} mm): slices missing from the series?"
+            )
+        step = (slices[-1][3] - slices[0][3]) / (len(slices) - 1)
+    else:
+        thickness = float(ds0.get("SpacingBetweenSlices") or ds0.get("SliceThickness") or 1.0)
+        step = normal * thickness
+
+    lps = np.eye(4)
+    lps[:3, 0] = row * spacing[1]  # i: along a row (next column), PixelSpacing[1] = column spacing
+    lps[:3, 1] = col * spacing[0]  # j: down a column (next row), PixelSpacing[0] = row spacing
+    lps[:3, 2] = step
+    lps[:3, 3] = slices[0][3]
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # LPS -> RAS
+
+    data = np.empty((size[1], size[0], len(slices)), np.float32)
+    integral = True
+    for k, (f, ds, *_rest) in enumerate(slices):
+        try:
+            pixels = ds.pixel_array
+        except Exception as e:  # noqa: BLE001 - compressed syntaxes need optional decoders
+            syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "?")
+            raise DataError(f"{f}: cannot decode DICOM pixel data (transfer syntax {syntax}: {e})") from e
+        if pixels.ndim != 2:
+            raise DataError(f"{f}: expected a single-channel 2D slice, got pixel data of shape {pixels.shape}")
+        slope = float(ds.get("RescaleSlope", 1) or 1)
+        inter = float(ds.get("RescaleIntercept", 0) or 0)
+        integral &= pixels.dtype.kind in "iu" and slope.is_integer() and inter.is_integer()
+        data[:, :, k] = pixels.T.astype(np.float32) * np.float32(slope) + np.float32(inter)
+    if integral and data.size and -32768 <= data.min() and data.max() <= 32767:
+        data = data.astype(np.int16)
+    return DicomVolume(data, affine, series)
