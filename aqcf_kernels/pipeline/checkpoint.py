@@ -2,13 +2,18 @@
 
 A checkpoint is one ``torch.save`` dict: ``config`` (the run's :class:`RunConfig` as a dict),
 ``model`` (state dict), and for training ``optimizer``, ``scheduler``, ``loader`` (sampler
-position), ``rng`` (torch, numpy, python, CUDA), ``epoch``, ``step``, ``best``. It is written to a
+position), ``rng`` (torch, numpy, python, CUDA), ``epoch`` (0-based index of the last finished
+epoch), ``step``, ``best`` (the best selection value so far), ``selection`` (the best-checkpoint
+criterion's state: ``criterion`` text, ``alpha``, ``ema``, ``best``, ``best_epoch`` 1-based as in
+``metrics.jsonl``), ``role`` (``"best"`` or ``"last"``) and ``selected_by`` (why ``best.pt`` holds
+these weights). :func:`checkpoint_info` turns these into what evaluation reports. It is written to a
 temporary file in the same folder, flushed to disk and renamed over the old one: an interruption
 leaves the previous checkpoint intact, never a torn file.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -93,10 +98,67 @@ def build_model(cfg: RunConfig) -> nn.Module:
     return AQCFNet.from_options(cfg.model_options())
 
 
-def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, RunConfig]:
-    """The model of a checkpoint, weights loaded, in eval mode, and its run config."""
+def checkpoint_info(ckpt: dict[str, Any], path: str | os.PathLike) -> dict[str, Any]:
+    """Which weights a checkpoint holds and why: plain values for reports, and one ``description`` line.
+
+    Keys: ``file``, ``role`` (``best``/``last``/None), ``epoch`` (1-based, as ``metrics.jsonl``),
+    ``epochs`` (planned), ``step``, ``fold``, ``selected_by`` (the criterion that made it best, or
+    why best is the last epoch), ``criterion`` (the run's best-checkpoint criterion), ``best_epoch``,
+    ``best_value`` (the criterion's value at ``best_epoch``), ``description``.
+    """
+    path = Path(path)
+    config = ckpt.get("config") or {}
+    selection = ckpt.get("selection") or {}
+    epoch = ckpt.get("epoch")
+    info: dict[str, Any] = {
+        "file": str(path),
+        "role": ckpt.get("role"),
+        "epoch": epoch + 1 if isinstance(epoch, int) else None,
+        "epochs": (config.get("train") or {}).get("epochs"),
+        "step": ckpt.get("step"),
+        "fold": (config.get("data") or {}).get("fold"),
+        "selected_by": ckpt.get("selected_by"),
+        "criterion": selection.get("criterion"),
+        "best_epoch": selection.get("best_epoch"),
+        "best_value": selection.get("best") if isinstance(selection.get("best"), float) else None,
+    }
+    if info["best_value"] is not None and not math.isfinite(info["best_value"]):
+        info["best_value"] = None
+    of = f"/{info['epochs']}" if info["epochs"] else ""
+    text = f"{path.name}: weights of epoch {info['epoch'] if info['epoch'] is not None else '?'}{of}"
+    if info["step"] is not None:
+        text += f" (step {info['step']})"
+    if info["fold"] is not None:
+        text += f", fold {info['fold']}"
+    if info["role"] == "best" and info["selected_by"]:
+        text += f"; best by {info['selected_by']}"
+        if info["best_value"] is not None and info["best_epoch"] == info["epoch"]:
+            text += f" = {info['best_value']:.4f}"
+    elif info["role"] == "last":
+        text += "; the last saved epoch"
+        if info["best_epoch"] is not None and info["criterion"]:
+            text += f" (best.pt: epoch {info['best_epoch']}, by {info['criterion']})"
+    else:
+        text += "; how these weights were chosen is not recorded (a checkpoint from before the criterion was)"
+    info["description"] = text
+    return info
+
+
+def load_run_checkpoint(
+    path: str | os.PathLike, device: str | torch.device = "auto"
+) -> tuple[nn.Module, RunConfig, dict[str, Any]]:
+    """The model of a checkpoint (weights loaded, eval mode, on ``device``), its config and :func:`checkpoint_info`."""
+    from .device import resolve_device
+
+    device = resolve_device(device)
     ckpt = load_checkpoint(path)
     cfg = RunConfig.from_dict(ckpt["config"], f"{path} (config)")
     model = build_model(cfg)
     model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), cfg
+    return model.to(device).eval(), cfg, checkpoint_info(ckpt, path)
+
+
+def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, RunConfig]:
+    """The model of a checkpoint, weights loaded, in eval mode, and its run config."""
+    model, cfg, _ = load_run_checkpoint(path, device)
+    return model, cfg

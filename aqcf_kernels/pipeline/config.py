@@ -32,8 +32,13 @@ class DataConfig:
     hu_window: tuple[float, float] = (-200.0, 250.0)
     target_spacing: tuple[float, float, float] | None = None  # mm (x, y, z) in RAS axes; None keeps native
     split_seed: int = 0
-    val_fraction: float = 0.15
+    val_fraction: float = 0.15  # unused with a fold: the fold is the validation set
     test_fraction: float = 0.15
+    # Cross-validation (nnU-Net's convention): None = one seeded train/val/test split by the fractions;
+    # k in 0..folds-1 = the test set held out, the other patients cut into `folds` parts, validate on
+    # part k; "all" = train on every non-test patient, validate on none (best.pt is then the last epoch).
+    fold: int | str | None = None
+    folds: int = 5
     slice_size: tuple[int, int] = (256, 256)  # 2D training crops (and sliding-window ROI)
     patch_size: tuple[int, int, int] = (32, 128, 128)  # 3D training patches (z, x, y)
     tumour_prob: float = 0.5  # tumour oversampling: share of draws forced to contain tumour
@@ -56,6 +61,7 @@ class TrainConfig:
     warmup_steps: int = 100
     grad_clip: float = 1.0
     amp: bool = True  # bf16 autocast on CUDA (no effect on CPU)
+    device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N; torchrun: each rank its own GPU
     seed: int = 0
     val_every: int = 1  # epochs
     val_cases: int | None = None  # validate on at most this many cases per modality (None: all)
@@ -95,6 +101,15 @@ class RunConfig:
         for name in ("epochs", "steps_per_epoch", "batch_size", "val_every"):
             if getattr(self.train, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self.train, name)}")
+        if self.data.fold is not None:
+            from ..data.split import check_fold
+
+            try:
+                check_fold(self.data.fold, self.data.folds)
+            except ValueError as e:
+                raise ValueError(f"data.fold / data.folds: {e}") from None
+        elif isinstance(self.data.folds, bool) or self.data.folds < 2:
+            raise ValueError(f"data.folds must be >= 2, got {self.data.folds}")
         self.model_options().validated(prefix="model.")
 
     def model_options(self) -> AQCFNetOptions:
@@ -129,6 +144,30 @@ class RunConfig:
     @property
     def modalities(self) -> tuple[str, ...]:
         return {"joint": ("ct", "mri"), "ct": ("ct",), "mri": ("mri",), "dynunet": ("ct", "mri")}[self.train.mode]
+
+
+#: Keys a resumed run may change (``--resume`` with another value): where it runs, not what it computes.
+RESUME_MAY_CHANGE = ("train.device",)
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: value}
+
+
+def config_diff(old: RunConfig, new: RunConfig, ignore: Sequence[str] = ()) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, old value, new value)`` for every key whose value differs, keys in config order."""
+    a, b = _flatten(old.to_dict()), _flatten(new.to_dict())
+    return [(k, a.get(k), b.get(k)) for k in dict.fromkeys([*a, *b]) if k not in ignore and a.get(k) != b.get(k)]
+
+
+def format_diff(diff: Sequence[tuple[str, Any, Any]]) -> str:
+    """``key: old → new`` items of :func:`config_diff`, joined on one line."""
+    return "; ".join(f"{key}: {json.dumps(a)} → {json.dumps(b)}" for key, a, b in diff)
 
 
 def _coerce(value: Any, annotation: Any, key: str, source: str) -> Any:

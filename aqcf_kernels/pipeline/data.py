@@ -1,7 +1,7 @@
 """A run's data: find the cases, preprocess them into the cache, split them, and sample training batches.
 
-Shared by ``aqcf-train`` (which draws the split and writes it to the run folder as
-``split_{modality}.json``), and ``aqcf-evaluate`` / ``aqcf-explain`` (which reuse that saved split,
+Shared by ``aqcf-train`` (which draws the split, or the cross-validation fold, and writes it to the
+run folder as ``split_{modality}.json``), and ``aqcf-evaluate`` / ``aqcf-explain`` (which reuse that saved split,
 never re-drawing it, so that the test cases stay held out: :func:`check_splits` first).
 The readers, cache and samplers themselves live in :mod:`aqcf_kernels.data`; this module applies a
 :class:`RunConfig` to them.
@@ -38,6 +38,9 @@ def prepare_data(
 ) -> dict[str, dict[str, list[CachedCase]]]:
     """Per modality: the cached cases of each split (train/val/test), the split written to ``run_dir``.
 
+    With ``data.fold`` set the split is that cross-validation fold (:func:`~aqcf_kernels.data.split.make_fold_split`:
+    the same held-out test set for every fold of a seed); otherwise the seeded train/val/test split.
+
     ``progress``: tqdm bars while preprocessing (``None``: only on a terminal).
     """
     from ..data import find_cases, load_or_create_split, preprocess_cases
@@ -51,7 +54,12 @@ def prepare_data(
         cases = find_cases(root, layout, modality=modality)
         cached = preprocess_cases(cases, Path(d.cache_dir) / modality, preprocess_config(cfg), progress=progress)
         split = load_or_create_split(
-            run_dir / SPLIT_FILE.format(modality=modality), [c.case_id for c in cached], fractions, d.split_seed
+            run_dir / SPLIT_FILE.format(modality=modality),
+            [c.case_id for c in cached],
+            fractions,
+            d.split_seed,
+            fold=d.fold,
+            folds=d.folds,
         )
         by_id = {c.case_id: c for c in cached}
         out[modality] = {part: [by_id[i] for i in ids] for part, ids in split.items()}

@@ -3,6 +3,7 @@
     aqcf-evaluate runs/joint                          # best.pt on the test split
     aqcf-evaluate runs/joint --checkpoint last --split val --out runs/joint/eval-val
     aqcf-evaluate runs/ct --no-masks --device cuda
+    aqcf-evaluate runs/fold0 runs/fold1 runs/fold2 runs/fold3 runs/fold4 --split val   # cross-validation
 
 For every modality of the run's mode, every case of the run's saved split (``split_{modality}.json``,
 written by ``aqcf-train``; never re-drawn here) is predicted whole-volume with MONAI's sliding-window
@@ -20,6 +21,17 @@ original grid against the dataset's own label file (:func:`score_case`). Written
   ORIGINAL image grid with the input's affine and header, so they overlay the input in any viewer
   (skipped with ``--no-masks``).
 
+Which weights were scored is always said: the checkpoint file, the epoch its weights are from, and
+the criterion that made it ``best.pt`` (:func:`~aqcf_kernels.pipeline.checkpoint.checkpoint_info`)
+are printed, written under ``checkpoint_info`` in ``results.json`` and as a line of ``results.md``.
+
+Several run folders (e.g. the folds of a cross-validation, ``aqcf-train --fold k``) are each
+evaluated as above (into their own default folder) and summarised over the runs, mean ± sd of each
+metric per modality, in ``--out`` (default: ``eval_{split}_{checkpoint}_runs`` next to the runs):
+``summary.json`` and ``summary.md`` (:func:`evaluate_runs`). ``--split val`` gives the
+cross-validation estimate (each fold on its own validation cases), ``--split test`` the spread of
+the fold models on the shared held-out test set.
+
 Relative data paths in the run's config are read from the current directory, as during training;
 ``--set data.ct_root=...`` (data keys only) points the evaluation at moved data or cache folders.
 Errors (missing run folder, checkpoint or split, bad data) print one line and exit with status 2.
@@ -31,6 +43,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import sys
 import time
 import warnings
@@ -40,13 +53,14 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import load_for_inference
+from .checkpoint import load_run_checkpoint
 from .config import apply_overrides
 from .data import SPLITS, check_splits, prepare_data
+from .device import DEVICE_CHOICES_HELP, resolve_device
 from .inference import predict_labels, resolve_checkpoint
 from .metrics import PAPER, case_metrics, markdown_table, summarise
 
-__all__ = ["METRICS", "evaluate", "main", "resolve_checkpoint", "score_case"]
+__all__ = ["METRICS", "evaluate", "evaluate_runs", "main", "resolve_checkpoint", "score_case", "summarise_runs"]
 
 #: Per-case metric columns, in table order.
 METRICS = ("dice_liver", "dice_tumour", "hd95_liver", "hd95_tumour")
@@ -116,7 +130,7 @@ def evaluate(
     checkpoint: str | Path = "best",
     split: str = "test",
     out: str | Path | None = None,
-    device: str = "cpu",
+    device: str = "auto",
     write_masks: bool = True,
     *,
     data_overrides: Sequence[str] = (),
@@ -130,16 +144,18 @@ def evaluate(
         checkpoint: ``"best"``, ``"last"`` or a path to a checkpoint.
         split: ``"test"`` (default), ``"val"`` or ``"train"``.
         out: output folder; default ``run_dir / f"eval_{split}_{checkpoint name}"``.
-        device: torch device for inference (``"cpu"``, ``"cuda"``, ``"cuda:1"``...).
+        device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ``"cuda:1"``... (a DeviceError, a
+            ValueError, for one this machine lacks).
         write_masks: also write predicted masks as NIfTI on the original grids.
         data_overrides: ``"data.KEY=VALUE"`` overrides of the run's data section (moved data/cache).
         progress: tqdm bars (``None``: only on a terminal).
         echo: print the markdown table.
 
     Returns:
-        The content of ``results.json``: ``{"run_dir", "checkpoint", "split", "mode", "out",
-        "modalities": {modality: {"summary": {...}, "cases": [row, ...]}}, "paper": {...}, "table"}``
-        (undefined metrics are NaN here, ``null`` in the file).
+        The content of ``results.json``: ``{"run_dir", "checkpoint", "checkpoint_info", "fold", "split",
+        "mode", "out", "modalities": {modality: {"summary": {...}, "cases": [row, ...]}}, "paper": {...},
+        "table"}`` (undefined metrics are NaN here, ``null`` in the file); ``checkpoint_info`` says which
+        epoch the weights are from and the criterion that chose them.
 
     Raises:
         FileNotFoundError: missing run folder, checkpoint or split file.
@@ -150,11 +166,12 @@ def evaluate(
 
     from ..data import write_prediction
 
+    torch_device = resolve_device(device)
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     run_dir = Path(run_dir)
     ckpt_path = resolve_checkpoint(run_dir, checkpoint)
-    model, cfg = load_for_inference(ckpt_path, device)
+    model, cfg, info = load_run_checkpoint(ckpt_path, torch_device)
     apply_overrides(cfg, data_overrides, sections=("data",))
     check_splits(run_dir, cfg.modalities)
     data = prepare_data(cfg, run_dir, progress=progress)
@@ -164,6 +181,8 @@ def evaluate(
     results: dict[str, Any] = {
         "run_dir": str(run_dir),
         "checkpoint": str(ckpt_path),
+        "checkpoint_info": info,
+        "fold": cfg.data.fold,
         "split": split,
         "mode": cfg.train.mode,
         "out": str(out),
@@ -180,7 +199,7 @@ def evaluate(
         for case in bar:
             started = time.perf_counter()
             with torch.inference_mode():
-                pred = predict_labels(model, case.image, modality, cfg, device)
+                pred = predict_labels(model, case.image, modality, cfg, torch_device)
             row: dict[str, Any] = {"case_id": case.case_id, **score_case(pred, case)}
             if write_masks:
                 mask = write_prediction(pred, case, out / "masks" / modality / f"{case.case_id}.nii.gz")
@@ -194,14 +213,156 @@ def evaluate(
         results["modalities"][modality] = {"summary": summaries[modality], "cases": rows}
         _write_csv(out / f"per_case_{modality}.csv", rows)
 
-    table = markdown_table(summaries, label=f"{cfg.train.mode}, {ckpt_path.name}, {split} split")
+    fold = "" if cfg.data.fold is None else f", fold {cfg.data.fold}"
+    epoch = "" if info["epoch"] is None else f" (epoch {info['epoch']})"
+    table = markdown_table(summaries, label=f"{cfg.train.mode}{fold}, {ckpt_path.name}{epoch}, {split} split")
     results["table"] = table
-    (out / "results.md").write_text(table)
+    checkpoint_line = f"Checkpoint {info['description']}."
+    (out / "results.md").write_text(f"{table}\n{checkpoint_line}\n")
     (out / "results.json").write_text(json.dumps(_json_safe(results), indent=1) + "\n")
     if echo:
         print(table, end="", flush=True)
+        print(checkpoint_line, flush=True)
         print(f"written to {out}", flush=True)
     return results
+
+
+def _mean_sd(values: Sequence[float]) -> dict[str, Any]:
+    defined = [float(v) for v in values if v is not None and not math.isnan(v)]
+    mean = float(np.mean(defined)) if defined else float("nan")
+    sd = float(np.std(defined, ddof=1)) if len(defined) > 1 else float("nan")
+    return {"mean": mean, "sd": sd, "n": len(defined), "values": [float(v) for v in values]}
+
+
+def summarise_runs(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per modality and metric of :data:`METRICS`: mean and sample sd (ddof 1; NaN for one run) over the
+    runs' case means, the number of runs where it is defined (``n``), and each run's value."""
+    modalities = list(dict.fromkeys(m for r in results for m in r["modalities"]))
+    return {
+        m: {
+            k: _mean_sd([r["modalities"][m]["summary"].get(k, math.nan) for r in results if m in r["modalities"]])
+            for k in METRICS
+        }
+        for m in modalities
+    }
+
+
+def _pm(stats: dict[str, Any], scale: float, digits: int = 1) -> str:
+    if math.isnan(stats["mean"]):
+        return "n/a"
+    text = f"{scale * stats['mean']:.{digits}f}"
+    return text + (f" ± {scale * stats['sd']:.{digits}f}" if not math.isnan(stats["sd"]) else "")
+
+
+def _runs_table(summary: dict[str, dict[str, dict[str, Any]]], label: str) -> str:
+    rows = [
+        f"Summary over runs ({label}): mean ± sd (sample sd, n-1) over the runs of each run's mean over its cases.",
+        "",
+        "| modality | runs | liver Dice % | tumour Dice % | liver HD95 mm | tumour HD95 mm |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for modality, stats in summary.items():
+        runs = max(len(s["values"]) for s in stats.values())
+        rows.append(
+            f"| {modality} | {runs} | {_pm(stats['dice_liver'], 100)} | {_pm(stats['dice_tumour'], 100)} | "
+            f"{_pm(stats['hd95_liver'], 1)} | {_pm(stats['hd95_tumour'], 1)} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def evaluate_runs(
+    run_dirs: Sequence[str | Path],
+    checkpoint: str = "best",
+    split: str = "test",
+    out: str | Path | None = None,
+    device: str = "auto",
+    write_masks: bool = True,
+    *,
+    data_overrides: Sequence[str] = (),
+    progress: bool | None = None,
+    echo: bool = True,
+) -> dict[str, Any]:
+    """:func:`evaluate` each run (into its default folder), then mean ± sd over the runs per modality.
+
+    Meant for the folds of one cross-validation (``aqcf-train --fold k``): the runs must share the
+    mode; runs of the same fold, or (``split="test"``) with different test cases, get a warning.
+    Writes ``summary.json`` and ``summary.md`` to ``out`` (default: the runs' common parent folder /
+    ``eval_{split}_{checkpoint}_runs``).
+
+    Returns:
+        ``{"split", "checkpoint", "mode", "out", "runs": [{"run_dir", "fold", "checkpoint_info", "out",
+        "summaries"}], "same_cases", "modalities": {modality: {metric: {"mean", "sd", "n", "values"}}},
+        "table"}``.
+    """
+    resolve_device(device)
+    if str(checkpoint) not in ("best", "last"):
+        raise ValueError(f"with several run folders, --checkpoint must be best or last, got {str(checkpoint)!r}")
+    run_dirs = [Path(r) for r in run_dirs]
+    if len({r.resolve() for r in run_dirs}) != len(run_dirs):
+        raise ValueError("a run folder is given more than once")
+    modes = {}
+    for run_dir in run_dirs:
+        resolve_checkpoint(run_dir, checkpoint)  # every folder checked before the first is evaluated
+        if (run_dir / "config.json").is_file():
+            modes[run_dir] = (json.loads((run_dir / "config.json").read_text()).get("train") or {}).get("mode")
+    if len(set(modes.values())) > 1:
+        shown = ", ".join(f"{r}: {m}" for r, m in modes.items())
+        raise ValueError(f"the runs have different modes ({shown}): summarise runs of one model only")
+    each = []
+    for run_dir in run_dirs:
+        each.append(evaluate(run_dir, checkpoint, split, None, device, write_masks,
+                             data_overrides=data_overrides, progress=progress, echo=False))  # fmt: skip
+        if echo:
+            fold = "" if each[-1]["fold"] is None else f" (fold {each[-1]['fold']})"
+            print(f"{run_dir}{fold}: {each[-1]['checkpoint_info']['description']}", flush=True)
+    modes = sorted({r["mode"] for r in each})
+    if len(modes) > 1:
+        raise ValueError(f"the runs have different modes ({', '.join(modes)}): summarise runs of one model only")
+    folds = [r["fold"] for r in each]
+    if len(set(map(str, folds))) != len(folds):
+        warnings.warn(f"several runs of the same fold ({folds}): the summary is not a cross-validation", stacklevel=2)
+    cases = [{m: [row["case_id"] for row in r["modalities"][m]["cases"]] for m in r["modalities"]} for r in each]
+    same_cases = all(c == cases[0] for c in cases)
+    if split == "test" and not same_cases:
+        warnings.warn("the runs' test sets differ: the summary mixes different cases", stacklevel=2)
+    summary = summarise_runs(each)
+    if out is None:
+        parent = Path(os.path.commonpath([str(r.resolve()) for r in run_dirs]))
+        out = parent / f"eval_{split}_{checkpoint}_runs"
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = _runs_table(summary, f"{len(each)} runs, {modes[0]}, {checkpoint}.pt, {split} split")
+    lines = [
+        f"- {r['run_dir']}" + ("" if r["fold"] is None else f" (fold {r['fold']})")
+        + f": {r['checkpoint_info']['description']}; results in {r['out']}"
+        for r in each
+    ]  # fmt: skip
+    markdown = table + "\nRuns:\n\n" + "\n".join(lines) + "\n"
+    result = {
+        "split": split,
+        "checkpoint": str(checkpoint),
+        "mode": modes[0],
+        "out": str(out),
+        "runs": [
+            {
+                "run_dir": r["run_dir"],
+                "fold": r["fold"],
+                "checkpoint_info": r["checkpoint_info"],
+                "out": r["out"],
+                "summaries": {m: v["summary"] for m, v in r["modalities"].items()},
+            }
+            for r in each
+        ],  # fmt: skip
+        "same_cases": same_cases,
+        "modalities": summary,
+        "table": table,
+    }
+    (out / "summary.md").write_text(markdown)
+    (out / "summary.json").write_text(json.dumps(_json_safe(result), indent=1) + "\n")
+    if echo:
+        print(table, end="", flush=True)
+        print(f"written to {out}", flush=True)
+    return result
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -211,11 +372,23 @@ def build_parser() -> argparse.ArgumentParser:
         description="Score a trained run on its saved test (or val) split: per-case Dice (nnU-Net's rule) and "
         "HD95, a table next to the paper's numbers, and the predicted masks as NIfTI on the input grids.",
     )
-    p.add_argument("run_dir", type=Path, help="the --out folder of aqcf-train")
+    p.add_argument(
+        "run_dirs",
+        nargs="+",
+        type=Path,
+        metavar="RUN_DIR",
+        help="the --out folder of aqcf-train; several (e.g. the folds of a cross-validation): each is evaluated "
+        "and the metrics are summarised over them (mean ± sd) in --out",
+    )
     p.add_argument("--checkpoint", default="best", help="best (default), last, or a path to a checkpoint")
     p.add_argument("--split", default="test", choices=SPLITS, help="which part of the run's saved split (test)")
-    p.add_argument("--out", type=Path, help="output folder (default RUN_DIR/eval_{split}_{checkpoint})")
-    p.add_argument("--device", default="cpu", help="torch device for inference (cpu, cuda, cuda:1, ...)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="output folder (default RUN_DIR/eval_{split}_{checkpoint}); with several runs, the summary's "
+        "(default eval_{split}_{checkpoint}_runs in their common parent folder)",
+    )
+    p.add_argument("--device", default="auto", help=f"{DEVICE_CHOICES_HELP} (default auto)")
     p.add_argument("--no-masks", action="store_true", help="do not write the predicted masks as NIfTI")
     p.add_argument(
         "--set", action="append", default=[], metavar="data.KEY=VALUE", help="override a data path (moved data/cache)"
@@ -227,9 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``aqcf-evaluate``; returns the exit status (2 on a user-facing error)."""
     args = build_parser().parse_args(argv)
+    several = len(args.run_dirs) > 1
     try:
-        evaluate(
-            args.run_dir,
+        (evaluate_runs if several else evaluate)(
+            args.run_dirs if several else args.run_dirs[0],
             checkpoint=args.checkpoint,
             split=args.split,
             out=args.out,

@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from .checkpoint import load_for_inference
 from .config import apply_overrides
 from .data import SPLITS, check_splits, prepare_data
+from .device import DEVICE_CHOICES_HELP, resolve_device
 from .inference import predict_labels, resolve_checkpoint
 
 __all__ = ["METHODS", "ClassScores", "available_layers", "default_layers", "explain", "main"]
@@ -311,7 +312,7 @@ def explain(
     out: str | Path | None = None,
     *,
     split: str = "test",
-    device: str = "cpu",
+    device: str = "auto",
     data_overrides: Sequence[str] = (),
     progress: bool | None = None,
 ) -> list[Path]:
@@ -327,13 +328,15 @@ def explain(
         cases: explain the first ``cases`` cases of the split per modality.
         out: output folder (default ``run_dir / "explain"``).
         split: which part of the run's saved split.
-        device: torch device.
+        device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` (a DeviceError, a
+            ValueError, for one this machine lacks).
         data_overrides: ``"data.KEY=VALUE"`` overrides of the run's data section.
         progress: tqdm bars (``None``: only on a terminal).
     """
     from monai import visualize
     from tqdm.auto import tqdm
 
+    device = resolve_device(device)
     if method not in (*METHODS, "both"):
         raise ValueError(f"method must be one of {(*METHODS, 'both')}, got {method!r}")
     if cases < 1:
@@ -425,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", type=int, default=3, help="cases per modality (the first of the split; default 3)")
     p.add_argument("--split", default="test", choices=SPLITS, help="which part of the saved split")
     p.add_argument("--out", type=Path, help="output folder (default RUN_DIR/explain)")
-    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
+    p.add_argument("--device", default="auto", help=f"{DEVICE_CHOICES_HELP} (default auto)")
     p.add_argument("--set", action="append", default=[], metavar="data.KEY=VALUE", help="override a data path")
     p.add_argument("--list-layers", action="store_true", help="print the layer names --layers accepts and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -433,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _list_layers(run_dir: Path, checkpoint: str, modality: str, device: str) -> None:
+    device = resolve_device(device)
     model, cfg = load_for_inference(resolve_checkpoint(run_dir, checkpoint), device)
     size = _probe_size(cfg)
     for m in _modalities(modality, cfg.modalities):

@@ -2,29 +2,52 @@
 
     aqcf-train --config configs/lits_atlas.yaml --out runs/joint
     aqcf-train --config configs/lits_atlas.yaml --out runs/ct --set train.mode=ct
-    aqcf-train --out runs/joint --resume                  # continue exactly where it stopped
+    aqcf-train --config configs/lits_atlas.yaml --out runs/fold0 --fold 0      # 5-fold cross-validation
+    aqcf-train --config configs/lits_atlas.yaml --out runs/joint --resume       # continue where it stopped
     torchrun --nproc-per-node 2 -m aqcf_kernels.pipeline.train --config ... --out ...
 
 Every step takes one CT batch and one MRI batch (independent, unpaired samplers) and sums MONAI's
 DiceCELoss of each stream. AdamW with linear warm-up and a cosine decay per step; bf16 autocast on
 CUDA; gradient clipping. Each epoch ends with sliding-window validation on whole volumes and writes
-``last.pt`` (and ``best.pt`` on a better mean tumour Dice) atomically; ``metrics.jsonl`` and
-``curves.png`` follow the run. ``--resume`` restores model, optimiser, scheduler, sampler position
-and every RNG, so an interrupted run ends with the weights an uninterrupted one would have.
+``last.pt`` atomically; ``metrics.jsonl`` and ``curves.png`` follow the run.
+
+**best.pt** is chosen much as nnU-Net chooses its best checkpoint: the highest exponential moving
+average (alpha 0.9) of the mean foreground Dice, the mean of liver and tumour Dice over the
+modalities (:func:`selection_score`, :class:`BestSelection`). A tumour Dice of 0 early in training
+counts as 0 rather than deciding alone, and one lucky validation cannot win by itself: the EMA
+starts at 0, so even the first validation weighs only 10% (nnU-Net starts it at the first score,
+which lets a lucky first epoch win a short run; the two agree after a few dozen validations). The
+checkpoint, the ``metrics.jsonl`` rows (``best_epoch``, ``ema``) and ``curves.png`` record which
+epoch won and by what criterion. A run without validation cases (``--fold all``) keeps the last
+epoch as best.
+
+**Folds**: ``--fold k`` (``data.fold``) trains fold k of ``data.folds`` (5) patient-level folds
+(nnU-Net's convention; the same held-out test set for every fold of a seed), ``--fold all`` on
+every non-test case. ``--device`` (``train.device``, default ``auto``) picks the device; under
+torchrun each rank uses its own GPU.
+
+**Interrupting and resuming**: Ctrl-C ends with one line saying what was saved (``last.pt`` is
+written at that moment if an epoch finished since the last save) and the exact command that
+continues. ``--resume`` restores model, optimiser, scheduler, sampler position and every RNG, so an
+interrupted run ends with the weights an uninterrupted one would have; it takes the run's own
+config from ``last.pt``, or the original command line if its config equals that one (a different
+config is an error naming each differing key; only ``train.device`` may change).
 The data (cases, cache, split, samplers) comes from :mod:`aqcf_kernels.pipeline.data`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
 import random
+import shlex
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,8 +58,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checkpoint import build_model, load_checkpoint, save_atomic
-from .config import RunConfig, load_config
+from .config import RESUME_MAY_CHANGE, RunConfig, apply_override, config_diff, format_diff, load_config
 from .data import SingleStream, make_loader, prepare_data
+from .device import DEVICE_CHOICES_HELP, resolve_device
 from .inference import predict_labels
 from .metrics import dice
 
@@ -133,18 +157,87 @@ def validate(model: nn.Module, cfg: RunConfig, val_cases: dict[str, list], devic
     return out
 
 
+#: Smoothing of the best-checkpoint criterion (as nnU-Net: ``ema = 0.9 * ema + 0.1 * pseudo_dice``).
+EMA_ALPHA = 0.9
+
+
 def selection_score(val: dict[str, float]) -> float:
-    """What ``best.pt`` maximises: mean tumour Dice over the modalities, ties (e.g. no tumour found yet,
-    early in training) broken by liver Dice; NaN where nothing is defined."""
-    tumour = [v for k, v in val.items() if k.endswith("dice_tumour") and not math.isnan(v)]
-    liver = [v for k, v in val.items() if k.endswith("dice_liver") and not math.isnan(v)]
-    if not tumour and not liver:
-        return float("nan")
-    return (float(np.mean(tumour)) if tumour else 0.0) + 1e-3 * (float(np.mean(liver)) if liver else 0.0)
+    """One validation's value for the best-checkpoint criterion: the mean foreground Dice.
+
+    The mean of every defined ``{modality}_dice_liver`` and ``{modality}_dice_tumour`` (NaN ones,
+    e.g. no tumour in any validation case, are skipped); NaN where none is defined. A tumour Dice of
+    0 (typical early in training) weighs as one region of four, never as the whole score.
+    """
+    values = [v for k, v in val.items() if k.endswith(("_dice_liver", "_dice_tumour")) and not math.isnan(v)]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def criterion_text(modalities: Sequence[str], alpha: float = EMA_ALPHA) -> str:
+    """The best-checkpoint criterion in words, as checkpoints, logs and evaluations record it."""
+    return (
+        f"the highest EMA (alpha {alpha}, from 0) of the mean foreground Dice (liver and tumour, "
+        f"{' and '.join(m.upper() for m in modalities)}) on the validation cases"
+    )
+
+
+def no_validation_text(fold: int | str | None) -> str:
+    """What best.pt is in a run without validation cases."""
+    why = "fold 'all' trains on every non-test case" if fold == "all" else "the run has no validation cases"
+    return f"being the last epoch ({why}, so there is no validation to choose by)"
+
+
+@dataclass
+class BestSelection:
+    """The rule for ``best.pt``: the epoch with the highest exponential moving average of
+    :func:`selection_score`, ``ema = alpha * ema + (1 - alpha) * score`` from ``ema = 0``.
+
+    nnU-Net's rule, but for the start: nnU-Net starts the EMA at the first score, so in a short run
+    a lucky first validation stays best unless later ones beat it by a wide margin. From 0, the
+    EMA after validation t is nnU-Net's minus ``alpha**t`` times the first score: a handicap on
+    early epochs (a first validation weighs 10%, not 100%) that fades after a few dozen
+    validations, where the two choose alike. The EMA is therefore no Dice estimate early on.
+    Epochs are 1-based, as in ``metrics.jsonl``; validations with a NaN score leave the EMA as is.
+    """
+
+    criterion: str = ""
+    alpha: float = EMA_ALPHA
+    ema: float | None = None  # after the last validation (None before the first)
+    best: float = -math.inf  # the highest EMA so far
+    best_epoch: int | None = None  # the epoch it was reached at (that of best.pt)
+
+    def update(self, epoch: int, score: float) -> bool:
+        """Fold in the score of ``epoch``; True when this epoch becomes the best."""
+        if math.isnan(score):
+            return False
+        self.ema = self.alpha * (self.ema or 0.0) + (1.0 - self.alpha) * score
+        if self.ema > self.best:
+            self.best, self.best_epoch = self.ema, epoch
+            return True
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any] | None, criterion: str) -> BestSelection:
+        """A selection restored from a checkpoint (a fresh one for checkpoints from before the criterion)."""
+        if not state or state.get("criterion") != criterion:
+            return cls(criterion=criterion)
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in state.items() if k in known})
+
+
+def best_epoch_by_ema(scores: Sequence[float], alpha: float = EMA_ALPHA) -> int | None:
+    """The epoch (1-based) :class:`BestSelection` picks from one score per epoch (None if all are NaN)."""
+    selection = BestSelection(alpha=alpha)
+    for epoch, score in enumerate(scores, start=1):
+        selection.update(epoch, score)
+    return selection.best_epoch
 
 
 def plot_curves(log_path: Path, png_path: Path) -> None:
-    """Training loss per logged step and validation Dice per epoch, from ``metrics.jsonl``."""
+    """Training loss per logged step and validation Dice per epoch, from ``metrics.jsonl``; the EMA that
+    selects ``best.pt`` dashed, and the epoch of ``best.pt`` marked on both panels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,12 +246,25 @@ def plot_curves(log_path: Path, png_path: Path) -> None:
     rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     steps = [r for r in rows if r.get("kind") == "train"]
     epochs = [r for r in rows if r.get("kind") == "val"]
+    sessions = [r for r in rows if r.get("kind") == "run"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for key in sorted({k for r in steps for k in r if k.startswith("loss")}):
         ax1.plot([r["step"] for r in steps if key in r], [r[key] for r in steps if key in r], label=key)
     ax1.set(xlabel="step", ylabel="loss", title="training loss", yscale="log")
     for key in sorted({k for r in epochs for k in r if "dice" in k}):
         ax2.plot([r["epoch"] for r in epochs], [r.get(key, float("nan")) for r in epochs], marker="o", label=key)
+    smoothed = [r for r in epochs if r.get("ema") is not None]
+    if smoothed:
+        ax2.plot([r["epoch"] for r in smoothed], [r["ema"] for r in smoothed], "k--", lw=1.2,
+                 label=f"EMA ({EMA_ALPHA}) of mean fg Dice (selects best.pt)")  # fmt: skip
+    best = next((r["best_epoch"] for r in reversed(epochs) if r.get("best_epoch") is not None), None)
+    if best is not None:
+        validated = not sessions or sessions[-1].get("validates", True)
+        label = f"best.pt: epoch {best}" + (" (highest EMA)" if validated else " (= last, no validation)")
+        ax2.axvline(best, color="tab:red", ls=":", lw=1.5, label=label)
+        step = next((r["step"] for r in epochs if r.get("epoch") == best), None)
+        if step is not None:
+            ax1.axvline(step, color="tab:red", ls=":", lw=1.5, label=label)
     ax2.set(xlabel="epoch", ylabel="Dice", title="validation (whole volumes)", ylim=(0, 1))
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
@@ -194,7 +300,11 @@ class TrainingRun:
     amp: bool  # bf16 autocast
     start_epoch: int = 0  # the first epoch this process runs (0-based)
     step: int = 0  # optimiser steps taken so far, over every session of the run
-    best: float = -math.inf  # the best selection score so far (that of best.pt)
+    selection: BestSelection = field(default_factory=BestSelection)  # what chose best.pt so far
+    validates: bool = True  # False without validation cases (fold 'all'): best.pt is the last epoch
+    current_epoch: int = -1  # the epoch (0-based) being trained or finished now
+    trained_epoch: int = -1  # the last epoch (0-based) whose optimisation steps all ran
+    saved_epoch: int = -1  # the epoch (0-based) last.pt holds
 
     @property
     def main_process(self) -> bool:
@@ -205,44 +315,133 @@ class TrainingRun:
         return self.run_dir / "metrics.jsonl"
 
 
+class TrainingInterrupted(Exception):
+    """Ctrl-C during training, after :func:`train` saved what could be saved; ``str()`` says what that was."""
+
+    def __init__(
+        self, run_dir: Path, epoch: int, epochs: int, saved_epoch: int | None, written_now: bool, main_process: bool
+    ) -> None:
+        self.run_dir, self.epoch, self.epochs = run_dir, epoch, epochs
+        self.saved_epoch, self.written_now, self.main_process = saved_epoch, written_now, main_process
+        super().__init__(self.summary())
+
+    def summary(self) -> str:
+        where = f"interrupted in epoch {self.epoch}/{self.epochs}"
+        last = self.run_dir / "last.pt"
+        if self.saved_epoch is None:
+            return f"{where} before any epoch finished: nothing saved"
+        if self.written_now:
+            return f"{where}: saved {last} (epoch {self.saved_epoch}, written now)"
+        return f"{where}: {last} holds epoch {self.saved_epoch}, the last completed"
+
+    @property
+    def resumable(self) -> bool:
+        return self.saved_epoch is not None
+
+
 def train(
-    cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, max_epochs_this_run: int | None = None
+    cfg: RunConfig | None,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    max_epochs_this_run: int | None = None,
+    device: str | None = None,
 ) -> dict[str, Any]:
-    """Train until ``cfg.train.epochs`` (or ``max_epochs_this_run`` more epochs); returns the last record."""
+    """Train until ``cfg.train.epochs`` (or ``max_epochs_this_run`` more epochs); returns the last record.
+
+    Args:
+        cfg: the run's config; with ``resume``, None takes the run's own (from ``last.pt``), and a
+            config must equal it (except ``train.device``) or it is a ValueError listing the differences.
+        run_dir: the run folder (``--out``).
+        resume: continue the run in ``run_dir`` from ``last.pt``.
+        max_epochs_this_run: stop after this many epochs of this session (a job-length limit).
+        device: overrides ``train.device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``).
+
+    Raises:
+        TrainingInterrupted: on KeyboardInterrupt, after writing ``last.pt`` if an epoch finished since
+            the last save.
+        DeviceError: a device this machine cannot provide (a ValueError).
+    """
     run_dir = Path(run_dir)
-    run = setup_run(cfg, run_dir, resume=resume)
+    run = setup_run(cfg, run_dir, resume=resume, device=device)
     t = run.cfg.train
     stop = t.epochs if max_epochs_this_run is None else min(t.epochs, run.start_epoch + max_epochs_this_run)
     record: dict[str, Any] = {}
-    for epoch in range(run.start_epoch, stop):
-        losses, seconds = train_epoch(run, epoch)
-        if run.main_process:
-            record = finish_epoch(run, epoch, losses, seconds)
-        _barrier()
+    try:
+        for epoch in range(run.start_epoch, stop):
+            run.current_epoch = epoch
+            losses, seconds = train_epoch(run, epoch)
+            run.trained_epoch = epoch
+            if run.main_process:
+                record = finish_epoch(run, epoch, losses, seconds)
+            _barrier()
+    except KeyboardInterrupt:
+        raise save_on_interrupt(run) from None
     if run.main_process:
-        _ensure_best_checkpoint(run_dir)
+        _ensure_best_checkpoint(run)
     return record
 
 
-def setup_run(cfg: RunConfig, run_dir: Path, *, resume: bool = False) -> TrainingRun:
+def save_on_interrupt(run: TrainingRun) -> TrainingInterrupted:
+    """After a KeyboardInterrupt: write ``last.pt`` (rank 0, atomically) if an epoch finished since the
+    last save, and say what the run folder now holds."""
+    written = False
+    if run.main_process and run.trained_epoch > run.saved_epoch:
+        selection = dataclasses.replace(run.selection)
+        if not run.validates:
+            selection.best_epoch = run.trained_epoch + 1
+        save_checkpoints(run, run.trained_epoch, selection, best=not run.validates)
+        written = True
+    saved = run.saved_epoch + 1 if run.saved_epoch >= 0 else None
+    epochs = run.cfg.train.epochs
+    return TrainingInterrupted(run.run_dir, run.current_epoch + 1, epochs, saved, written, run.main_process)
+
+
+def resolve_run_config(cfg: RunConfig | None, run_dir: Path, ckpt: dict[str, Any]) -> RunConfig:
+    """The config a resumed run continues with: the run's own (``ckpt``'s), ``train.device`` taken from
+    ``cfg`` when given; a ``cfg`` that differs in any other key is a ValueError listing each
+    (``section.key: old → new``)."""
+    source = run_dir / "last.pt"
+    saved = RunConfig.from_dict(ckpt["config"], f"{source} (config)")
+    if cfg is None:
+        return saved
+    diff = config_diff(saved, cfg.with_absolute_paths(), ignore=RESUME_MAY_CHANGE)
+    if diff:
+        raise ValueError(
+            f"--resume: this command's config differs from the run's own (in {source}): {format_diff(diff)}; "
+            f"give the original command line, or just --out {run_dir} --resume"
+        )
+    for key in RESUME_MAY_CHANGE:
+        section, name = key.split(".")
+        apply_override(saved, key, getattr(getattr(cfg, section), name))
+    return saved
+
+
+def setup_run(cfg: RunConfig | None, run_dir: Path, *, resume: bool = False, device: str | None = None) -> TrainingRun:
     """This process's run, ready for its next epoch: DDP initialised, the run folder and data prepared,
     model/optimiser/scheduler/loader built and, on ``resume``, restored from ``last.pt`` (whose config
-    replaces ``cfg``) with every RNG."""
-    rank, world_size, device = _distributed()
+    replaces ``cfg``: :func:`resolve_run_config`) with every RNG. ``device`` overrides ``train.device``."""
     ckpt = None
     if resume:
         ckpt = load_checkpoint(run_dir / "last.pt")
-        cfg = RunConfig.from_dict(ckpt["config"], f"{run_dir / 'last.pt'} (config)")
+        cfg = resolve_run_config(cfg, run_dir, ckpt)
+    elif cfg is None:
+        raise ValueError("a new run needs a config")
     else:
         cfg = cfg.with_absolute_paths()
+    if device is not None:
+        apply_override(cfg, "train.device", device, "--device")
+    rank, world_size, torch_device = _distributed(cfg.train.device)
     _seed_everything(cfg.train.seed)
     data = _prepare_run_folder(cfg, run_dir, main_process=rank == 0)
-    model = build_model(cfg).to(device)
+    model = build_model(cfg).to(torch_device)
     optimizer, scheduler = build_optimizer(model, cfg.train)
     loader = make_loader(cfg, {m: data[m]["train"] for m in cfg.modalities}, rank, world_size)
-    start_epoch, step, best = 0, 0, -math.inf
+    validates = any(data[m]["val"] for m in cfg.modalities)
+    criterion = criterion_text(cfg.modalities) if validates else no_validation_text(cfg.data.fold)
+    start_epoch, step, selection = 0, 0, BestSelection(criterion=criterion)
     if ckpt is not None:
-        start_epoch, step, best = restore_training(ckpt, model, optimizer, scheduler, loader)
+        start_epoch, step, selection = restore_training(ckpt, model, optimizer, scheduler, loader, criterion)
     # Solo steps leave the fusion blocks out of the graph: DDP must expect unused parameters.
     solo_steps = cfg.train.mode == "joint" and cfg.train.solo_prob > 0
     net: nn.Module = _Step(model)
@@ -251,12 +450,12 @@ def setup_run(cfg: RunConfig, run_dir: Path, *, resume: bool = False) -> Trainin
 
     from monai.losses import DiceCELoss
 
-    return TrainingRun(
+    run = TrainingRun(
         cfg=cfg,
         run_dir=run_dir,
         rank=rank,
         world_size=world_size,
-        device=device,
+        device=torch_device,
         data=data,
         model=model,
         net=net,
@@ -265,23 +464,40 @@ def setup_run(cfg: RunConfig, run_dir: Path, *, resume: bool = False) -> Trainin
         loader=loader,
         loss_fn=DiceCELoss(to_onehot_y=True, softmax=True),
         solo_steps=solo_steps,
-        amp=cfg.train.amp and device.type == "cuda",
+        amp=cfg.train.amp and torch_device.type == "cuda",
         start_epoch=start_epoch,
         step=step,
-        best=best,
+        selection=selection,
+        validates=validates,
+        current_epoch=start_epoch - 1,
+        trained_epoch=start_epoch - 1,
+        saved_epoch=start_epoch - 1,
     )
+    if run.main_process:
+        _append(run.log_path, {"kind": "run", "session": "resume" if resume else "start", "from_epoch": start_epoch + 1,
+                               "device": str(torch_device), "world_size": world_size, "fold": cfg.data.fold,
+                               "folds": cfg.data.folds, "validates": validates, "criterion": criterion})  # fmt: skip
+        if not validates:
+            print(f"aqcf-train: no validation cases (fold {cfg.data.fold!r}): best.pt will be the last epoch's weights",
+                  flush=True)  # fmt: skip
+    return run
 
 
-def _distributed() -> tuple[int, int, torch.device]:
+def _distributed(spec: str = "auto") -> tuple[int, int, torch.device]:
+    """(rank, world size, device): ``spec`` resolved (:func:`resolve_device`, a one-line DeviceError for a
+    device this machine lacks); under torchrun a CUDA device is each rank's own (``LOCAL_RANK``)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(spec)
+    if device.type == "cuda":
+        if world_size > 1:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        elif device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return rank, world_size, torch.device("cuda", local)
-    return rank, world_size, torch.device("cpu")
+    return rank, world_size, device
 
 
 def _barrier() -> None:
@@ -323,14 +539,18 @@ def restore_training(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LambdaLR,
     loader: JointLoader | SingleStream,
-) -> tuple[int, int, float]:
-    """Load a training checkpoint's states and RNGs in place; returns (next epoch, step, best score)."""
+    criterion: str = "",
+) -> tuple[int, int, BestSelection]:
+    """Load a training checkpoint's states and RNGs in place; returns (next epoch, step, best selection).
+
+    A checkpoint from before the EMA criterion (or with another ``criterion``) starts a fresh selection.
+    """
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     loader.load_state_dict(ckpt["loader"])
     set_rng_state(ckpt["rng"])
-    return ckpt["epoch"] + 1, ckpt["step"], ckpt["best"]
+    return ckpt["epoch"] + 1, ckpt["step"], BestSelection.from_state(ckpt.get("selection"), criterion)
 
 
 def train_epoch(run: TrainingRun, epoch: int) -> tuple[list[dict[str, float]], float]:
@@ -339,11 +559,13 @@ def train_epoch(run: TrainingRun, epoch: int) -> tuple[list[dict[str, float]], f
     run.net.train()
     started, losses = time.perf_counter(), []
     bar = _progress(t.steps_per_epoch, f"epoch {epoch + 1}/{t.epochs}", run.main_process)
-    for _ in range(t.steps_per_epoch):
-        losses.append(train_step(run))
-        bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1]['loss']:.3f}")
-    bar.close()
+    try:
+        for _ in range(t.steps_per_epoch):
+            losses.append(train_step(run))
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]['loss']:.3f}")
+    finally:
+        bar.close()  # also on Ctrl-C: what is printed next starts on a clean line
     return losses, time.perf_counter() - started
 
 
@@ -369,24 +591,37 @@ def train_step(run: TrainingRun) -> dict[str, float]:
 
 
 def finish_epoch(run: TrainingRun, epoch: int, losses: list[dict[str, float]], seconds: float) -> dict[str, Any]:
-    """Rank 0 after an epoch: its training row in ``metrics.jsonl``, validation when due (a row too),
-    ``best.pt``/``last.pt``, ``curves.png``; returns (and prints) the validation record."""
+    """Rank 0 after an epoch: its training row in ``metrics.jsonl``, validation when due, the best-epoch
+    criterion (:class:`BestSelection`), ``best.pt``/``last.pt``, then the validation row and
+    ``curves.png``; returns (and prints) the validation record.
+
+    The row is written after the checkpoints, so a Ctrl-C in between never leaves a log naming a
+    best epoch that ``best.pt`` does not hold.
+    """
     t = run.cfg.train
     mean = {k: float(np.mean([r[k] for r in losses])) for k in losses[0]}
     _append(run.log_path, {"kind": "train", "epoch": epoch + 1, "step": run.step,
                            "lr": run.scheduler.get_last_lr()[0], "seconds": seconds, **mean})  # fmt: skip
-    record = {"kind": "val", "epoch": epoch + 1, "step": run.step}
-    if (epoch + 1) % t.val_every == 0 or epoch + 1 == t.epochs:
+    record: dict[str, Any] = {"kind": "val", "epoch": epoch + 1, "step": run.step}
+    selection = dataclasses.replace(run.selection)
+    new_best = False
+    if not run.validates:
+        selection.best_epoch, new_best = epoch + 1, True  # best = last
+    elif (epoch + 1) % t.val_every == 0 or epoch + 1 == t.epochs:
         record.update(validate(run.model, run.cfg, {m: run.data[m]["val"] for m in run.cfg.modalities}, run.device))
+        new_best = selection.update(epoch + 1, record["score"])
+        record["ema"] = selection.ema
+    record["best_epoch"], record["new_best"] = selection.best_epoch, new_best
+    save_checkpoints(run, epoch, selection, best=new_best)
     _append(run.log_path, record)
-    save_checkpoints(run, epoch, record.get("score", float("nan")))
     plot_curves(run.log_path, run.run_dir / "curves.png")
     print(json.dumps(record), flush=True)
     return record
 
 
-def checkpoint_state(run: TrainingRun, epoch: int) -> dict[str, Any]:
+def checkpoint_state(run: TrainingRun, epoch: int, selection: BestSelection | None = None) -> dict[str, Any]:
     """Everything an exact resume after ``epoch`` needs (the format of :mod:`.checkpoint`), RNGs as of now."""
+    selection = run.selection if selection is None else selection
     return {
         "config": run.cfg.to_dict(),
         "model": run.model.state_dict(),
@@ -396,23 +631,30 @@ def checkpoint_state(run: TrainingRun, epoch: int) -> dict[str, Any]:
         "rng": rng_state(),
         "epoch": epoch,
         "step": run.step,
-        "best": run.best,
+        "best": selection.best,
+        "selection": selection.state_dict(),
     }
 
 
-def save_checkpoints(run: TrainingRun, epoch: int, score: float) -> None:
-    """``best.pt`` if ``score`` beats the best so far, then ``last.pt``; each written atomically."""
-    state = checkpoint_state(run, epoch)
-    if not math.isnan(score) and score > run.best:
-        run.best = state["best"] = score
-        save_atomic(state, run.run_dir / "best.pt")
-    save_atomic(state, run.run_dir / "last.pt")
+def save_checkpoints(run: TrainingRun, epoch: int, selection: BestSelection, *, best: bool) -> None:
+    """``best.pt`` when ``best`` (this epoch is the new best of ``selection``), then ``last.pt``; each
+    written atomically. ``run.selection`` becomes ``selection`` once ``best.pt`` holds its best epoch."""
+    state = checkpoint_state(run, epoch, selection)
+    if best:
+        save_atomic({**state, "role": "best", "selected_by": selection.criterion}, run.run_dir / "best.pt")
+    run.selection = selection
+    save_atomic({**state, "role": "last", "selected_by": None}, run.run_dir / "last.pt")
+    run.saved_epoch = epoch
 
 
-def _ensure_best_checkpoint(run_dir: Path) -> None:
-    if not (run_dir / "best.pt").exists() and (run_dir / "last.pt").exists():
-        # no validation score yet (e.g. no tumour anywhere in val): the last weights stand in
-        save_atomic(load_checkpoint(run_dir / "last.pt"), run_dir / "best.pt")
+def _ensure_best_checkpoint(run: TrainingRun) -> None:
+    best, last = run.run_dir / "best.pt", run.run_dir / "last.pt"
+    if not best.exists() and last.exists():
+        # no validation Dice was ever defined (no liver or tumour in any val case): the last weights stand in
+        ckpt = load_checkpoint(last)
+        ckpt["role"] = "best"
+        ckpt["selected_by"] = "being the last epoch (no validation Dice was ever defined, so none to choose by)"
+        save_atomic(ckpt, best)
 
 
 def _float(out):
@@ -430,30 +672,110 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="step", disable=not enabled or None, leave=False)
 
 
+RESUME_HELP = """\
+resuming: --resume continues the run in --out from its last.pt (written atomically after every
+epoch, and at the moment of a Ctrl-C if an epoch finished since): model, optimiser, scheduler,
+sampler position and every RNG, so the result equals an uninterrupted run's. Give either just
+--out DIR --resume (the run's own config), or the original command line plus --resume: its config
+(--config, --set, --fold) must then equal the run's, else the differing keys are listed and nothing
+runs; only --device (train.device) may change. Ctrl-C prints the exact command that continues.
+
+best.pt: the epoch with the highest EMA (alpha 0.9, started at 0 so that a lucky early validation
+cannot win) of the mean foreground Dice (liver and tumour, every modality) on the validation
+cases, much as nnU-Net; --fold all (no validation) keeps the last epoch."""
+
+
+def _fold(text: str) -> int | str:
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fold number or 'all', got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="aqcf-train", description=__doc__.split("\n\n")[0])
+    """The ``aqcf-train`` command line."""
+    p = argparse.ArgumentParser(
+        prog="aqcf-train",
+        description=__doc__.split("\n\n")[0],
+        epilog=RESUME_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", type=Path, help="YAML config (see configs/); defaults if omitted")
     p.add_argument("--out", type=Path, required=True, help="run folder: checkpoints, metrics.jsonl, curves.png")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
+    p.add_argument("--fold", type=_fold, metavar="K|all",
+                   help="cross-validation fold (data.fold): K in 0..data.folds-1 (5 folds by default, patient-level, "
+                        "the test set held out), or 'all' (train on every non-test case, no validation)")  # fmt: skip
+    p.add_argument("--device", help=f"train.device: {DEVICE_CHOICES_HELP} (default auto; torchrun: each rank's GPU)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from last.pt (see 'resuming' below)")  # fmt: skip
     p.add_argument("--max-epochs-this-run", type=int, default=None,
                    help="stop after this many epochs (a job-length limit); --resume continues")  # fmt: skip
     return p
 
 
+def _command_config(args: argparse.Namespace) -> RunConfig:
+    """The config the command line describes: --config, then --set, then --fold and --device."""
+    cfg = load_config(args.config, args.set)
+    if args.fold is not None:
+        apply_override(cfg, "data.fold", args.fold, "--fold")
+    if args.device is not None:
+        apply_override(cfg, "train.device", args.device, "--device")
+    cfg.validate()
+    return cfg
+
+
+def continue_command(argv: Sequence[str], resume: bool) -> str:
+    """The shell command that continues (``resume``) or restarts this run: the same arguments, plus or
+    minus ``--resume``, under ``aqcf-train`` (or ``torchrun ... -m aqcf_kernels.pipeline.train``)."""
+    args = [a for a in argv if a != "--resume"] + (["--resume"] if resume else [])
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+        nodes = [f"--nnodes={world // local}"] if world > local else []
+        launcher = ["torchrun", *nodes, f"--nproc-per-node={local}", "-m", "aqcf_kernels.pipeline.train"]
+    else:
+        launcher = ["aqcf-train"]
+    return shlex.join([*launcher, *args])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``aqcf-train``; returns the exit status (2 on a user-facing error, 130 on Ctrl-C)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    main_process = int(os.environ.get("RANK", "0")) == 0
     try:
         if args.resume:
-            if args.config or args.set:
-                raise ValueError("--resume takes the run's own config (from last.pt); drop --config/--set")
-            cfg = RunConfig()
+            if not (args.out / "last.pt").is_file():
+                raise FileNotFoundError(f"--resume: {args.out} holds no run to continue (no last.pt)")
+            given = args.config or args.set or args.fold is not None
+            cfg = _command_config(args) if given else None
         else:
-            cfg = load_config(args.config, args.set)
+            cfg = _command_config(args)
             cfg.check_data_roots()
             if (args.out / "last.pt").exists():
-                raise ValueError(f"{args.out} already holds a run (last.pt): use --resume or another --out")
-        train(cfg, args.out, resume=args.resume, max_epochs_this_run=args.max_epochs_this_run)
+                raise ValueError(
+                    f"{args.out} already holds a run (last.pt): add --resume to continue it, or use another --out"
+                )
+        resolve_device(cfg.train.device if cfg is not None and args.device is None else args.device)
+        train(cfg, args.out, resume=args.resume, max_epochs_this_run=args.max_epochs_this_run, device=args.device)
+    except TrainingInterrupted as e:
+        if e.main_process:
+            resumable = e.resumable or (args.out / "last.pt").is_file()
+            verb = "continue with" if resumable else "start again with"
+            print(f"aqcf-train: {e}; {verb}: {continue_command(argv, resumable)}", file=sys.stderr, flush=True)
+        return 130
+    except KeyboardInterrupt:  # before the first epoch began (preparing data), or a second Ctrl-C while saving
+        if main_process:
+            last = args.out / "last.pt"
+            if last.is_file():
+                state = f"{last} is unchanged; continue with: {continue_command(argv, True)}"
+            else:
+                state = f"nothing saved; start again with: {continue_command(argv, False)}"
+            print(f"aqcf-train: interrupted; {state}", file=sys.stderr, flush=True)
+        return 130
     except (ValueError, FileNotFoundError) as e:
         print(f"aqcf-train: error: {e}", file=sys.stderr)
         return 2

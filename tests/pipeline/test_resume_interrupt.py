@@ -1,0 +1,153 @@
+"""Ctrl-C ends training with one line (what was saved, the command that continues); --resume takes the original
+command line when its config is the run's own, and lists the differing keys when it is not."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import pytest
+
+from aqcf_kernels.pipeline import train as tr
+from aqcf_kernels.pipeline.checkpoint import load_checkpoint, load_for_inference
+
+
+def _args(datasets, out: Path, **extra: object) -> list[str]:
+    args = ["--out", str(out)]
+    for item in datasets.overrides("ct", train__epochs=2, train__steps_per_epoch=1, **extra):
+        args += ["--set", item]
+    return args
+
+
+def _interrupt_line(err: str) -> str:
+    """The one line Ctrl-C ends with: the last on stderr (after any preprocessing bar), and the only one
+    from aqcf-train; no traceback."""
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert "Traceback" not in err, err
+    ours = [line for line in lines if "aqcf-train" in line]
+    assert len(ours) == 1 and lines[-1] == ours[0] and ours[0].startswith("aqcf-train: interrupted"), err
+    return ours[0]
+
+
+def test_resume_with_another_config_lists_the_differences(datasets, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    args = _args(datasets, out)
+    assert tr.main([*args, "--max-epochs-this-run", "1"]) == 0
+    assert load_checkpoint(out / "last.pt")["epoch"] == 0
+    before = (out / "last.pt").read_bytes()
+
+    changed = [*args, "--set", "train.lr=0.01", "--set", "train.epochs=3", "--fold", "0", "--resume"]
+    capsys.readouterr()
+    assert tr.main(changed) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("aqcf-train: error: --resume: this command's config differs from the run's own")
+    for item in ("data.fold: null → 0", "train.epochs: 2 → 3", "train.lr: 0.0003 → 0.01"):
+        assert item in err, err
+    assert "train.device" not in err and "data.ct_root" not in err  # only what differs
+    assert (out / "last.pt").read_bytes() == before  # nothing ran
+
+    # Without --resume the folder is protected; the message says how to continue.
+    capsys.readouterr()
+    assert tr.main(args) == 2
+    assert "already holds a run (last.pt): add --resume" in capsys.readouterr().err
+
+    # The original command line (+ --resume) continues; the device may differ.
+    assert tr.main([*args, "--resume", "--device", "cpu"]) == 0
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["epoch"] == 1 and ckpt["config"]["train"]["device"] == "cpu"
+    # Just --out DIR --resume uses the run's own config (here: nothing left to train).
+    assert tr.main(["--out", str(out), "--resume"]) == 0
+    assert load_checkpoint(out / "last.pt")["epoch"] == 1
+    capsys.readouterr()
+    assert tr.main(["--out", str(tmp_path / "nothing"), "--resume"]) == 2
+    assert "holds no run to continue (no last.pt)" in capsys.readouterr().err
+
+
+def test_resume_help_is_documented() -> None:
+    text = tr.build_parser().format_help()
+    assert "--resume" in text and "original command line" in text and "differing keys" in text
+
+
+def test_ctrl_c_during_an_epoch(datasets, tmp_path: Path, monkeypatch, capsys) -> None:
+    """Ctrl-C in epoch 2: last.pt (epoch 1) is loadable, one line names it and the exact continue command."""
+    out = tmp_path / "run"
+    args = _args(datasets, out)
+    real_epoch = tr.train_epoch
+
+    def interrupted_epoch(run, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real_epoch(run, epoch)
+
+    monkeypatch.setattr(tr, "train_epoch", interrupted_epoch)
+    capsys.readouterr()
+    assert tr.main(args) == 130
+    line = _interrupt_line(capsys.readouterr().err)
+    command = shlex.join(["aqcf-train", *args, "--resume"])
+    assert line == (
+        f"aqcf-train: interrupted in epoch 2/2: {out / 'last.pt'} holds epoch 1, the last completed; "
+        f"continue with: {command}"
+    )
+    assert load_checkpoint(out / "last.pt")["epoch"] == 0
+    model, cfg = load_for_inference(out / "last.pt")
+    assert cfg.train.epochs == 2
+    monkeypatch.undo()
+
+    # The printed command continues the run to its end.
+    assert tr.main(shlex.split(command)[1:]) == 0
+    assert load_checkpoint(out / "last.pt")["epoch"] == 1
+
+
+def test_ctrl_c_during_validation_saves_the_finished_epoch(datasets, tmp_path: Path, monkeypatch, capsys) -> None:
+    """The training steps of epoch 2 finished, its validation was interrupted: last.pt is written at that
+    moment (epoch 2), atomically, and the line says so."""
+    out = tmp_path / "run"
+    args = _args(datasets, out)
+    calls: list[int] = []
+
+    def validate(model, cfg, val_cases, device):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return {"ct_dice_liver": 0.5, "ct_dice_tumour": 0.1, "score": 0.3}
+
+    monkeypatch.setattr(tr, "validate", validate)
+    assert tr.main(args) == 130
+    line = _interrupt_line(capsys.readouterr().err)
+    assert line.startswith(f"aqcf-train: interrupted in epoch 2/2: saved {out / 'last.pt'} (epoch 2, written now);")
+    assert line.endswith(shlex.join(["aqcf-train", *args, "--resume"]))
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["epoch"] == 1 and ckpt["step"] == 2 and ckpt["role"] == "last"
+    assert load_checkpoint(out / "best.pt")["epoch"] == 0  # best.pt is the validated epoch 1, untouched
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("resumed", [False, True])
+def test_ctrl_c_before_any_epoch_finished(datasets, tmp_path: Path, monkeypatch, capsys, resumed: bool) -> None:
+    out = tmp_path / "run"
+    args = _args(datasets, out)
+
+    def interrupted_epoch(run, epoch):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tr, "train_epoch", interrupted_epoch)
+    if not resumed:
+        assert tr.main(args) == 130
+        line = _interrupt_line(capsys.readouterr().err)
+        assert line == (
+            "aqcf-train: interrupted in epoch 1/2 before any epoch finished: nothing saved; "
+            f"start again with: {shlex.join(['aqcf-train', *args])}"
+        )
+        assert not (out / "last.pt").exists()
+        return
+    monkeypatch.undo()
+    assert tr.main([*args, "--max-epochs-this-run", "1"]) == 0
+    monkeypatch.setattr(tr, "train_epoch", interrupted_epoch)
+    capsys.readouterr()
+    assert tr.main(["--out", str(out), "--resume"]) == 130
+    line = _interrupt_line(capsys.readouterr().err)
+    assert line == (
+        f"aqcf-train: interrupted in epoch 2/2: {out / 'last.pt'} holds epoch 1, the last completed; "
+        f"continue with: aqcf-train --out {out} --resume"
+    )
