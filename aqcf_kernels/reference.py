@@ -203,3 +203,180 @@ def cross_attention(
 def gated_residual(f: Tensor, o: Tensor, gate_logits: Tensor, alpha: Tensor) -> Tensor:
     """``f + α · sigmoid(g) ⊙ o``: the A-QCF block's gate-and-residual epilogue."""
     return f + alpha * torch.sigmoid(gate_logits) * o
+
+
+# --------------------------------------------------------------------------------------------
+# Quaternion recurrent layers (see aqcf_kernels.nn.recurrent), the way speechbrain builds them
+# --------------------------------------------------------------------------------------------
+#
+# Everything here is time-major: ``input`` is ``(T, B, in_features)``, states are ``(B, H)``.
+# Every projection is the expanded-weight quaternion linear map (speechbrain's ``QLinear``: the
+# 4x4 block real weight, rebuilt on every call, and one real matmul). A layer projects the input of
+# all time steps at once, then loops over time adding the projection of the previous hidden state.
+#
+# Gates, as speechbrain's q_RNN.py applies them: the projection of one step, ``G * H`` reals laid
+# out [r | i | j | k] (``G * Hq`` quaternions each), is cut into G equal consecutive pieces, and each
+# piece, ``H`` reals, is one gate read as a blocked ``[r | i | j | k]`` tensor of ``Hq`` quaternions
+# (speechbrain's ``gates.chunk(4 * G)`` and ``torch.cat`` of four chunks is exactly ``chunk(G)``). So
+# with G = 4 the first gate is the real component block of the projection, the second the i block,
+# and so on; Parcollet's original QLSTM instead gives each gate a quaternion linear map of its own.
+# Gate order: LSTM (input, forget, output, candidate), speechbrain's, not torch.nn.LSTM's (i, f, g, o);
+# LiGRU (candidate, update).
+
+
+def quaternion_linear_expanded(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``y = W ⊗ x`` over the last dim as ONE real matmul on the expanded weight; ``weight`` ``(4, out/4, in/4)``.
+
+    ``expand_weight(W)`` is ``(out, in)``; its transpose is speechbrain's ``cat_kernels_4_quaternion``
+    (``(in, out)``, the same ``torch.cat`` construction with its ``(in/4, out/4)`` components), so
+    ``input @ expand_weight(W).T`` is ``quaternion_linear_op``.
+    """
+    y = input @ expand_weight(weight).t()
+    return y if bias is None else y + bias
+
+
+def quaternion_batch_norm_rows(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    eps: float = 1e-4,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+) -> Tensor:
+    """speechbrain's ``QBatchNorm`` output on rows ``x`` ``(N, 4Cq)``: ``γ (x − μ) / sqrt(σ² + eps) + β``.
+
+    ``μ`` per real column and ``σ² = mean |x − μ|²`` per quaternion column, from the batch, or from
+    ``running_mean`` / ``running_var`` when given (eval mode). ``weight`` (γ) is ``(Cq,)``, ``bias`` (β) ``(4Cq,)``.
+    """
+    if running_mean is None:
+        mean = x.mean(0)
+        r, i, j, k = split_components(x - mean, dim=1)
+        var = (r * r + i * i + j * j + k * k).mean(0)
+    else:
+        mean, var = running_mean, running_var
+    scale = torch.cat([var, var, var, var]).add(eps).rsqrt() * torch.cat([weight, weight, weight, weight])
+    return (x - mean) * scale + bias
+
+
+def _time_order(steps: int, reverse: bool) -> range:
+    return range(steps - 1, -1, -1) if reverse else range(steps)
+
+
+def quaternion_rnn_layer(
+    input: Tensor,
+    h0: Tensor,
+    weight_ih: Tensor,
+    weight_hh: Tensor,
+    bias_ih: Tensor | None = None,
+    bias_hh: Tensor | None = None,
+    nonlinearity: str = "tanh",
+    reverse: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """One direction of a quaternion Elman RNN: ``h_t = act(W_ih ⊗ x_t + b_ih + W_hh ⊗ h_{t−1} + b_hh)``.
+
+    ``act`` is tanh or ReLU (speechbrain's ``QRNN``). ``reverse`` runs from the last step to the first.
+    Returns ``(output (T, B, H), h_last)`` where ``h_last`` is the state after the last step processed.
+    """
+    act = torch.tanh if nonlinearity == "tanh" else torch.relu
+    wx = quaternion_linear_expanded(input, weight_ih, bias_ih)  # every time step at once
+    h, outputs = h0, [None] * input.shape[0]
+    for t in _time_order(input.shape[0], reverse):
+        h = act(wx[t] + quaternion_linear_expanded(h, weight_hh, bias_hh))
+        outputs[t] = h
+    return torch.stack(outputs), h
+
+
+def quaternion_lstm_layer(
+    input: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    weight_ih: Tensor,
+    weight_hh: Tensor,
+    bias_ih: Tensor | None = None,
+    bias_hh: Tensor | None = None,
+    reverse: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One direction of a quaternion LSTM (speechbrain's ``QLSTM`` cell, gates i, f, o, g).
+
+    ``c_t = σ(f) c_{t−1} + σ(i) tanh(g)``, ``h_t = σ(o) tanh(c_t)``, element-wise on every real
+    component. Returns ``(output (T, B, H), h_last, c_last)``.
+    """
+    wx = quaternion_linear_expanded(input, weight_ih, bias_ih)
+    h, c, outputs = h0, c0, [None] * input.shape[0]
+    for t in _time_order(input.shape[0], reverse):
+        i, f, o, g = (wx[t] + quaternion_linear_expanded(h, weight_hh, bias_hh)).chunk(4, dim=-1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        outputs[t] = h
+    return torch.stack(outputs), h, c
+
+
+def quaternion_ligru_layer(
+    input: Tensor,
+    h0: Tensor,
+    weight_ih: Tensor,
+    weight_hh: Tensor,
+    bias_ih: Tensor | None = None,
+    norm=None,
+    nonlinearity: str = "relu",
+    negative_slope: float = 0.01,
+    reverse: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """One direction of a quaternion light GRU (Ravanelli et al. 2018; speechbrain's ``QLiGRU``).
+
+    ``[a | z] = norm(W_ih ⊗ x_t + b_ih) + W_hh ⊗ h_{t−1}``, ``z ← σ(z)``, ``h_t = z h_{t−1} + (1 − z) act(a)``:
+    one update gate, no reset gate, a ReLU candidate (or leaky ReLU / tanh), and ``norm`` (a function
+    of the ``(T·B, 2H)`` rows, e.g. :func:`quaternion_batch_norm_rows`; ``None`` for none) on the input
+    projection of all steps together. Returns ``(output (T, B, H), h_last)``.
+    """
+    act = {
+        "relu": torch.relu,
+        "tanh": torch.tanh,
+        "leaky_relu": lambda v: F.leaky_relu(v, negative_slope),
+    }[nonlinearity]
+    wx = quaternion_linear_expanded(input, weight_ih, bias_ih)
+    if norm is not None:
+        wx = norm(wx.reshape(-1, wx.shape[-1])).reshape(wx.shape)
+    h, outputs = h0, [None] * input.shape[0]
+    for t in _time_order(input.shape[0], reverse):
+        a, z = (wx[t] + quaternion_linear_expanded(h, weight_hh)).chunk(2, dim=-1)
+        z = torch.sigmoid(z)
+        h = z * h + (1 - z) * act(a)
+        outputs[t] = h
+    return torch.stack(outputs), h
+
+
+def quaternion_recurrent(
+    mode: str,
+    input: Tensor,
+    layers: list[list[dict]],
+    h0: Tensor,
+    c0: Tensor | None = None,
+    **cell_kwargs,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """A stack of quaternion recurrent layers, torch.nn's way: time-major, every layer and direction looped.
+
+    ``mode`` is 'rnn', 'lstm' or 'ligru'; ``layers[l][d]`` holds the keyword arguments of layer
+    ``l``, direction ``d`` (0 forward, 1 reverse) for :func:`quaternion_rnn_layer` /
+    :func:`quaternion_lstm_layer` / :func:`quaternion_ligru_layer` (``weight_ih``, ``weight_hh``,
+    ``bias_ih``, ``bias_hh`` or ``norm``). ``h0`` (and ``c0``) are ``(layers · directions, B, H)``,
+    index ``l · directions + d``. A layer's output is the plain concatenation of its directions'
+    outputs along the features (forward first), as torch.nn and speechbrain do, and is the next
+    layer's input. Returns ``(output (T, B, directions · H), h_n, c_n)`` (``c_n`` None but for LSTM).
+    """
+    x, hs, cs = input, [], []
+    for lay, directions in enumerate(layers):
+        outs = []
+        for d, params in enumerate(directions):
+            k = lay * len(directions) + d
+            if mode == "lstm":
+                out, h, c = quaternion_lstm_layer(x, h0[k], c0[k], **params, reverse=d == 1, **cell_kwargs)
+                cs.append(c)
+            elif mode == "rnn":
+                out, h = quaternion_rnn_layer(x, h0[k], **params, reverse=d == 1, **cell_kwargs)
+            else:
+                out, h = quaternion_ligru_layer(x, h0[k], **params, reverse=d == 1, **cell_kwargs)
+            outs.append(out)
+            hs.append(h)
+        x = torch.cat(outs, dim=-1)
+    return x, torch.stack(hs), torch.stack(cs) if cs else None

@@ -8,6 +8,7 @@ Examples::
     aqcf-bench conv --grid quick --out /tmp/bq
     aqcf-bench conv --grid targets --check-targets --reps 11
     aqcf-bench conv --grid full --modes fwdbwd --providers expanded,auto
+    aqcf-bench rnn --grid targets --check-targets
     python -m benchmarks.cli conv --list --grid full
 """
 
@@ -25,6 +26,7 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "conv": ("benchmarks.conv", "quaternion convolutions 1d/2d/3d vs naive16 and expanded-weight baselines"),
     "attention": ("benchmarks.attention", "the A-QCF block vs materialised and SDPA-composed blocks, 256-16384 tokens"),
     "model": ("benchmarks.model", "A-QCF-Net training step: ours vs expanded-weight convs vs the real-valued twin"),
+    "rnn": ("benchmarks.rnn", "quaternion LiGRU/LSTM stacks: ours vs speechbrain's per-step expanded-weight build"),
 }
 
 

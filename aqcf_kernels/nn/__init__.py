@@ -10,7 +10,7 @@ from .conv import (
     QuaternionConvTranspose2d,
     QuaternionConvTranspose3d,
 )
-from .init import quaternion_init_
+from .init import init_quaternion_, quaternion_init_, random_init_, unitary_init_
 from .linear import QuaternionLinear
 from .norm import (
     QuaternionBatchNorm1d,
@@ -33,6 +33,7 @@ from .pool import (
     quaternion_dropout,
     quaternion_max_pool,
 )
+from .recurrent import QuaternionLiGRU, QuaternionLSTM, QuaternionRNN
 
 __all__ = [
     "AQCFBlock",
@@ -44,6 +45,12 @@ __all__ = [
     "QuaternionConvTranspose3d",
     "QuaternionLinear",
     "quaternion_init_",
+    "unitary_init_",
+    "random_init_",
+    "init_quaternion_",
+    "QuaternionRNN",
+    "QuaternionLSTM",
+    "QuaternionLiGRU",
     "QuaternionBatchNorm1d",
     "QuaternionBatchNorm2d",
     "QuaternionBatchNorm3d",

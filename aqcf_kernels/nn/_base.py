@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..quaternion import check_algorithm
-from .init import CRITERIA, quaternion_init_
+from .init import check_init, init_quaternion_
 
 COMPONENTS = ("r", "i", "j", "k")
 
@@ -24,27 +24,30 @@ def check_quaternion_channels(cls_name: str, name: str, value: Any, groups: int 
     return value
 
 
-def check_layer_options(cls_name: str, algorithm: str, init_criterion: str) -> None:
+def check_layer_options(cls_name: str, algorithm: str, init_criterion: str, init: str = "quaternion") -> None:
+    """Checks of the options every quaternion layer takes; each error names its argument."""
     check_algorithm(cls_name, algorithm)
-    if init_criterion not in CRITERIA:
-        raise ValueError(f"{cls_name}: init_criterion must be one of {CRITERIA}, got {init_criterion!r}")
+    check_init(cls_name, init, init_criterion)
 
 
 class QuaternionModule(nn.Module):
     """Base of the quaternion layers: ``weight`` is ONE ``(4, A, B, ...)`` parameter, index r, i, j, k.
 
-    Subclasses set ``weight``, ``bias``, ``init_criterion`` and implement
+    Subclasses set ``weight``, ``bias``, ``init_criterion``, ``init`` and implement
     :meth:`_args_from_component_shape`.
     """
 
     weight: nn.Parameter
     bias: nn.Parameter | None
     init_criterion: str
+    #: The weight init scheme (``aqcf_kernels.nn.init.INITS``); a class attribute so subclasses that
+    #: predate ``init=`` keep Parcollet's quaternion init.
+    init: str = "quaternion"
     #: Parcollet's ``r_weight`` is the transpose of our component (his linear layers store (in, out)).
     _parcollet_transposed = False
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Parcollet's quaternion init for the weight; the bias starts at zero.
+        """The weight from its ``init`` scheme and ``init_criterion``; the bias starts at zero.
 
         Zero bias follows Parcollet (his layers ``bias.data.zero_()``) rather than torch's uniform
         ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``: the bias is a real per-channel shift with no
@@ -52,7 +55,7 @@ class QuaternionModule(nn.Module):
         quaternion init alone. ``generator`` makes the weight reproducible without touching the
         global RNG; without it ``torch.manual_seed`` does.
         """
-        quaternion_init_(self.weight, self.init_criterion, generator)
+        init_quaternion_(self.weight, self.init, self.init_criterion, generator)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
@@ -96,6 +99,11 @@ class QuaternionModule(nn.Module):
             if self._parcollet_transposed:
                 comps = [c.transpose(0, 1) for c in comps]
             state_dict[prefix + "weight"] = torch.stack(comps)
+            # speechbrain's QConv2d(bias=False) registers an all-zero "bias" BUFFER (its state dict
+            # has the key); a bias-free layer of ours computes the same function without it.
+            bias = state_dict.get(prefix + "bias")
+            if self.bias is None and isinstance(bias, Tensor) and not bias.any():
+                del state_dict[prefix + "bias"]
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

@@ -3,7 +3,9 @@
 Channel counts are real channels of a blocked ``[r|i|j|k]`` tensor (multiples of 4 and of
 4 * groups). The weight is ONE parameter ``(4, out/4, in/4/groups, *kernel_size)``
 (transposed: ``(4, in/4, out/4/groups, *kernel_size)``); ``y = W ⊗ x``. All six classes share
-:class:`_QuaternionConvNd`; the leaves only fix the spatial rank and the argument order.
+:class:`_QuaternionConvNd`; the leaves only fix the spatial rank and the argument order. Every layer
+also takes ``init`` ('quaternion', 'unitary', 'random') and ``init_criterion`` ('glorot', 'he'): see
+:func:`aqcf_kernels.nn.init.init_quaternion_`.
 """
 
 from __future__ import annotations
@@ -47,13 +49,14 @@ class _QuaternionConvNd(QuaternionModule):
         dtype: Any,
         algorithm: str,
         init_criterion: str,
+        init: str = "quaternion",
     ) -> None:
         name, n = type(self).__name__, self._spatial_dims
         if not isinstance(groups, int) or isinstance(groups, bool) or groups <= 0:
             raise ValueError(f"{name}: groups must be a positive int, got {groups!r}")
         check_quaternion_channels(name, "in_channels", in_channels, groups)
         check_quaternion_channels(name, "out_channels", out_channels, groups)
-        check_layer_options(name, algorithm, init_criterion)
+        check_layer_options(name, algorithm, init_criterion, init)
         kernel_size = int_tuple(name, "kernel_size", kernel_size, n, minimum=1)
         stride = int_tuple(name, "stride", stride, n, minimum=1)
         dilation = int_tuple(name, "dilation", dilation, n, minimum=1)
@@ -78,6 +81,7 @@ class _QuaternionConvNd(QuaternionModule):
         self.stride, self.padding, self.dilation = stride, padding, dilation
         self.transposed, self.output_padding, self.groups = self._transposed, output_padding, groups
         self.padding_mode, self.algorithm, self.init_criterion = padding_mode, algorithm, init_criterion
+        self.init = init
         self._reversed_padding_repeated_twice = self._pad_for_f_pad()
 
         a, b = (in_channels, out_channels) if self._transposed else (out_channels, in_channels)
@@ -158,6 +162,8 @@ class _QuaternionConvNd(QuaternionModule):
             s += ", padding_mode={padding_mode!r}"
         if self.algorithm != "auto":
             s += ", algorithm={algorithm!r}"
+        if self.init != "quaternion":
+            s += ", init={init!r}"
         if self.init_criterion != "glorot":
             s += ", init_criterion={init_criterion!r}"
         return s.format(**self.__dict__)
@@ -184,6 +190,7 @@ class _QuaternionConv(_QuaternionConvNd):
         *,
         algorithm: str = "auto",
         init_criterion: str = "glorot",
+        init: str = "quaternion",
     ) -> None:
         super().__init__()
         self._setup(
@@ -201,6 +208,7 @@ class _QuaternionConv(_QuaternionConvNd):
             dtype,
             algorithm,
             init_criterion,
+            init,
         )
 
     def forward(self, input: Tensor) -> Tensor:
@@ -232,6 +240,7 @@ class _QuaternionConvTranspose(_QuaternionConvNd):
         *,
         algorithm: str = "auto",
         init_criterion: str = "glorot",
+        init: str = "quaternion",
     ) -> None:
         super().__init__()
         self._setup(
@@ -249,6 +258,7 @@ class _QuaternionConvTranspose(_QuaternionConvNd):
             dtype,
             algorithm,
             init_criterion,
+            init,
         )
 
     def _output_padding(self, input: Tensor, output_size: Sequence[int] | None) -> tuple[int, ...]:

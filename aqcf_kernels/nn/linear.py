@@ -14,7 +14,8 @@ from ._base import QuaternionModule, check_layer_options, check_quaternion_chann
 class QuaternionLinear(QuaternionModule):
     """``y = W ⊗ x`` over the last dim (blocked ``[r|i|j|k]``); ``weight`` is ``(4, out/4, in/4)``.
 
-    Arguments as ``torch.nn.Linear`` plus ``algorithm`` and ``init_criterion``. Parcollet's
+    Arguments as ``torch.nn.Linear`` plus ``algorithm``, ``init`` ('quaternion', 'unitary' or 'random',
+    see :func:`aqcf_kernels.nn.init.init_quaternion_`) and ``init_criterion``. Parcollet's
     linear layers store each component as ``(in/4, out/4)``; his state dicts load transposed.
     """
 
@@ -30,14 +31,15 @@ class QuaternionLinear(QuaternionModule):
         *,
         algorithm: str = "auto",
         init_criterion: str = "glorot",
+        init: str = "quaternion",
     ) -> None:
         super().__init__()
         name = type(self).__name__
         check_quaternion_channels(name, "in_features", in_features)
         check_quaternion_channels(name, "out_features", out_features)
-        check_layer_options(name, algorithm, init_criterion)
+        check_layer_options(name, algorithm, init_criterion, init)
         self.in_features, self.out_features = in_features, out_features
-        self.algorithm, self.init_criterion = algorithm, init_criterion
+        self.algorithm, self.init_criterion, self.init = algorithm, init_criterion, init
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty((4, out_features // 4, in_features // 4), **factory))
         if bias:
@@ -59,6 +61,8 @@ class QuaternionLinear(QuaternionModule):
         s = f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
         if self.algorithm != "auto":
             s += f", algorithm={self.algorithm!r}"
+        if self.init != "quaternion":
+            s += f", init={self.init!r}"
         if self.init_criterion != "glorot":
             s += f", init_criterion={self.init_criterion!r}"
         return s

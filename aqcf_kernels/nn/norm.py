@@ -30,6 +30,11 @@ ones for normalising. ``running_mean`` is per real channel ``(4Cq,)``; ``running
 quaternion channel ``(Cq,)``, or in whitening mode ``running_cov`` ``(Cq, 4, 4)``. Their initial
 values (``1`` and ``I/4``, same trace) and ``γ``'s (``1`` and ``I/2``) make an untrained layer in
 eval mode the identity in both modes, and its training-mode output ``E|y − β|² = 1`` in both.
+
+speechbrain's ``QBatchNorm`` state dicts load into the shared-variance mode (``gamma``/``beta`` become
+``weight``/``bias``); build the layer with ``eps=1e-4`` (speechbrain's default) and the outputs match
+in both modes. What differs is only how the running statistics move in training: speechbrain tracks
+the biased variance and copies the first batch's statistics instead of averaging them in.
 """
 
 from __future__ import annotations
@@ -266,6 +271,20 @@ class _QuaternionNorm(nn.Module):
             self.register_buffer(self._var_name, None)
             self.register_buffer("num_batches_tracked", None)
         self.reset_parameters()
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        # speechbrain's QBatchNorm names its affine parameters gamma (Cq,) and beta (4Cq,): the
+        # shared-variance mode's weight and bias. Its buffers (running_mean (4Cq,), running_var (Cq,),
+        # num_batches_tracked) already have our names and shapes. load_state_dict hands us its own copy.
+        if not self.whiten and prefix + "weight" not in state_dict and prefix + "gamma" in state_dict:
+            state_dict[prefix + "weight"] = state_dict.pop(prefix + "gamma")
+            if prefix + "beta" in state_dict:
+                state_dict[prefix + "bias"] = state_dict.pop(prefix + "beta")
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     @property
     def _var_name(self) -> str:
