@@ -21,8 +21,12 @@ install: $(VENV)/.installed
 bench: install
 	$(VENV)/bin/aqcf-bench conv $(BENCH_ARGS)
 
+# Two pytest workers (pytest-xdist), one per core of the project's CI machine: the suite is mostly
+# single-threaded Python and small tensors. 1081 tests took 4 min 53 s so (2-core EPYC); the 809 of the
+# day before took 7.5-8.5 min in one process.
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 # The synthetic demo: phantoms in LiTS (CT) and ATLAS (MRI) layouts, joint training (< 10 min on
 # 2 CPU cores), evaluation next to the paper's table, Grad-CAM overlays. Everything under demo/.

@@ -11,6 +11,7 @@ import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from .quaternion import check_algorithm
@@ -175,7 +176,9 @@ def check_conv_args(
     if None not in key:
         stride, padding, dilation, output_padding = key
     # Not plain ints (a bool, a float, a tensor...): checked, and refused, without the cache.
-    geometry = _conv_geometry.__wrapped__ if None in key else _conv_geometry
+    # (Under torch.compile too: dynamo traces through the function and warns about the cache.)
+    uncached = None in key or torch.compiler.is_compiling()
+    geometry = _conv_geometry.__wrapped__ if uncached else _conv_geometry
     p, extra = geometry(kind, spatial_dims, kernel, stride, padding, dilation, output_padding, transposed, groups)
     padded = [i + e for i, e in zip(input.shape[2:], extra, strict=True)]
     if any(o < 1 for o in conv_output_size(padded, kernel, p)):
