@@ -23,7 +23,9 @@ here = os.path.dirname(os.path.abspath(__file__))
 cpu_sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
 # csrc/cuda: kernels and launches in .cu (nvcc), host entry points in .cpp (the C++ compiler)
 cuda_sources = sorted(f for ext in ("cu", "cpp") for f in glob.glob(os.path.join("csrc", "cuda", f"*.{ext}")))
-cxx_flags = ["-O3", "-fopenmp"]  # torch chooses the -std its headers need (C++20 from 2.14)
+# torch chooses the -std its headers need (C++20 from 2.14). -fno-trapping-math (nothing here enables
+# floating-point traps) lets GCC turn per-element selects into vector blends (csrc/cpu/norm.cpp).
+cxx_flags = ["-O3", "-fopenmp", "-fno-trapping-math"]
 ext_modules = []
 if cpu_sources:
     use_cuda = bool(cuda_sources) and torch.version.cuda is not None and not os.environ.get("AQCF_NO_CUDA")

@@ -107,6 +107,19 @@ def use_expanded_convs(module: nn.Module) -> nn.Module:
     return module
 
 
+def use_composite_norms(module: nn.Module) -> nn.Module:
+    """Make every quaternion norm in ``module`` compute as the quaternion libraries do: the composite
+    PyTorch norm (several passes: mean, centring, squares per component, rsqrt, scale, shift; as
+    speechbrain's ``QBatchNorm``), then the activation as a separate pass. Returns ``module``, changed in
+    place (no state added)."""
+    norms = [m for m in module.modules() if isinstance(m, qnn.norm._QuaternionNorm)]
+    if not norms:
+        raise ValueError(f"use_composite_norms: {type(module).__name__} has no quaternion norms")
+    for m in norms:
+        m.fused = False
+    return module
+
+
 __all__ = [
     "ExpandedQuaternionConv1d",
     "ExpandedQuaternionConv2d",
@@ -114,6 +127,7 @@ __all__ = [
     "ExpandedQuaternionConvTranspose1d",
     "ExpandedQuaternionConvTranspose2d",
     "ExpandedQuaternionConvTranspose3d",
+    "use_composite_norms",
     "use_expanded_convs",
 ]
 

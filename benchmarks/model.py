@@ -1,18 +1,22 @@
-"""``aqcf-bench model``: one A-QCF-Net training step (forward + backward), three builds, time and peak memory.
+"""``aqcf-bench model``: one A-QCF-Net training step (forward + backward), four builds, time and peak memory.
 
 Providers, all the same network (``aqcf_kernels.models.AQCFNet``, joint mode, CT and MRI both given,
 training mode, A-QCF alphas set nonzero so the fusion path counts):
 
+* ``baseline``: what a user assembles from today's libraries: ``expanded``'s convs and the
+  quaternion norms composite, as speechbrain writes them, each followed by its activation as a
+  separate pass (:func:`benchmarks.baselines.use_composite_norms`); same weights as ``ours``;
 * ``expanded``: every quaternion conv and transposed conv (the A-QCF projections included) runs
   ``reference.quaternion_conv_expanded`` on its own weight (Parcollet's 16-block real weight and one
-  real conv: what every other quaternion library does); same weights as ``ours`` — the baseline,
-  built by :func:`benchmarks.baselines.use_expanded_convs`;
-* ``ours``: the model on this package's layers (``aqcf.qconv``, ``algorithm='auto'``);
+  real conv: what every other quaternion library does); same weights as ``ours`` — the ratio column's
+  reference, built by :func:`benchmarks.baselines.use_expanded_convs`; norms as ``ours``;
+* ``ours``: the model on this package's layers (``aqcf.qconv``, ``algorithm='auto'``, the fused
+  quaternion norm + activation ``aqcf.qnorm``);
 * ``real``: the real-valued twin, same topology and real channel counts with ``torch.nn`` layers
   (4x the parameters, the same conv FLOPs as ``expanded``).
 
-Everything but the convs (norms, activations, A-QCF attention, pooling) is shared by ``ours`` and
-``expanded``, so the model-level speedup is the conv speedup diluted by the rest. Cases: the issue's
+The A-QCF attention and pooling are shared by all quaternion builds; ``ours`` / ``baseline`` is what the
+package buys a user. Cases: the issue's
 2D 128² (4 levels, batch 4) and 3D 64³ (batch 1; features (16, 32, 64, 128), bottleneck 256 so a
 3D step stays within seconds on a 2-core CPU).
 """
@@ -35,10 +39,10 @@ from aqcf_kernels import nn as qnn
 from aqcf_kernels.models import AQCFNet
 
 from . import common
-from .baselines import use_expanded_convs
+from .baselines import use_composite_norms, use_expanded_convs
 
 MODES = ("fwd", "fwdbwd")
-PROVIDERS = ("expanded", "ours", "real")
+PROVIDERS = ("baseline", "expanded", "ours", "real")
 BASELINE = "expanded"
 
 
@@ -76,8 +80,10 @@ def make_model(name: str, case: Case, dtype: torch.dtype, device: torch.device) 
         device=device,
         dtype=dtype,
     )
-    if name == "expanded":
+    if name in ("expanded", "baseline"):
         use_expanded_convs(model)
+    if name == "baseline":
+        use_composite_norms(model)
     with torch.no_grad():  # a trained model: the attention path contributes
         for m in model.modules():
             if isinstance(m, qnn.AQCFBlock):

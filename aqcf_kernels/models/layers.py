@@ -86,19 +86,29 @@ class LayerFactory:
         )
         return cls(cin, cout, 2, stride=2, **self.conv_options)
 
-    def norm(self, channels: int) -> nn.Module:
+    def norm(self, channels: int, **fused: Any) -> nn.Module:
+        """The norm; ``fused`` (quaternion norms only): ``activation=``, ``negative_slope=``."""
         if self.options.norm == "batch":
             cls = self._pick(
                 (qnn.QuaternionBatchNorm1d, qnn.QuaternionBatchNorm2d, qnn.QuaternionBatchNorm3d),
                 (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d),
             )
-            return cls(channels, **self.factory)
+            return cls(channels, **self.factory, **fused)
         cls = self._pick(
             (qnn.QuaternionInstanceNorm1d, qnn.QuaternionInstanceNorm2d, qnn.QuaternionInstanceNorm3d),
             (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d),
         )
         # Affine like MONAI's default instance norm, so both norms carry learnable scale and shift.
-        return cls(channels, affine=True, **self.factory)
+        return cls(channels, affine=True, **self.factory, **fused)
+
+    def norm_act(self, channels: int) -> list[nn.Module]:
+        """norm → activation: one quaternion norm with the activation fused in (``aqcf::qnorm``: one pass
+        over the tensor instead of the norm's several plus the activation's), or the real norm and
+        activation modules. Either way the norm is the first module, so parameter names don't change."""
+        if self.real_valued:
+            return [self.norm(channels), self.act()]
+        # negative_slope 0.01: nn.LeakyReLU's default, what act() builds
+        return [self.norm(channels, activation=self.options.act, negative_slope=0.01)]
 
     def act(self) -> nn.Module:
         if self.options.act == "relu":
@@ -124,13 +134,12 @@ class LayerFactory:
         return cls(channels, heads=o.heads, kv_pool=o.kv_pool, gate=o.gate, algorithm=o.algorithm, **self.factory)
 
     def unit(self, cin: int, cout: int, stride: int = 1) -> nn.Sequential:
-        """conv 3 (no bias: the norm's shift replaces it) → norm → activation.
+        """conv 3 (no bias: the norm's shift replaces it) → norm → activation (:meth:`norm_act`).
 
-        The norm sits between the conv and the activation, so the activation can't be fused into the
-        conv op (``quaternion_conv(..., activation=)``); no quaternion conv of the model is followed
-        directly by an activation.
+        The norm sits between the conv and the activation, so the activation is fused into the norm,
+        not the conv; no quaternion conv of the model is followed directly by an activation.
         """
-        return nn.Sequential(self.conv(cin, cout, 3, stride=stride, padding=1), self.norm(cout), self.act())
+        return nn.Sequential(self.conv(cin, cout, 3, stride=stride, padding=1), *self.norm_act(cout))
 
     def conv_block(self, cin: int, cout: int) -> nn.Sequential:
         """Two units; dropout (whole quaternions in the quaternion flavour) at the end if ``dropout > 0``."""

@@ -46,6 +46,8 @@ import torch
 from torch import Tensor, nn
 
 from ..layout import quaternion_channels
+from ..ops import norm as norm_ops
+from ..ops.conv import ACTIVATIONS, activate
 from ._base import check_quaternion_channels
 
 
@@ -91,8 +93,16 @@ def _quaternion_norm(
     momentum: float,
     eps: float,
     whiten: bool,
+    activation: str | None = None,
+    negative_slope: float = 0.01,
+    fused: bool = True,
 ) -> Tensor:
-    """Shared body of batch norm (statistics over batch and space) and instance norm (space only)."""
+    """Shared body of batch norm (statistics over batch and space) and instance norm (space only),
+    followed by ``activation`` (None, 'relu', 'leaky_relu' with ``negative_slope``, 'gelu').
+
+    With ``fused`` (default) the compiled ``aqcf::qnorm`` op does it in one pass where it can
+    (:func:`aqcf_kernels.ops.norm.available`: CPU, float32/64, shared variance); the composite code
+    below is the reference and serves everything else."""
     cq = quaternion_channels(input, name=f"{fn}: input")
     _check_shape(fn, "weight", weight, (cq, 4, 4) if whiten else (cq,))
     _check_shape(fn, "bias", bias, (4 * cq,))
@@ -103,17 +113,28 @@ def _quaternion_norm(
     if not use_input_stats and running_mean is None:
         raise ValueError(f"{fn}: running_mean and running_var are required when not using input statistics")
 
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ValueError(f"{fn}: activation must be None or one of {ACTIVATIONS}, got {activation!r}")
     acc = _stat_dtype(input.dtype)
-    x = input.unflatten(1, (4, cq)).to(acc)  # (N, 4, Cq, *S): component axis 1, quaternion channel axis 2
-    spatial = tuple(range(3, x.dim()))
+    spatial = tuple(range(3, input.dim() + 1))
     ones = (1,) * len(spatial)
+    reduce = spatial if per_sample else (0, *spatial)
+    count = math.prod(input.unflatten(1, (4, cq)).shape[d] for d in reduce)
+    if use_input_stats and count <= 1:
+        what = "spatial element" if per_sample else "value per channel"
+        raise ValueError(f"{fn}: expected more than 1 {what} when training, got input size {tuple(input.shape)}")
 
+    if fused and norm_ops.available(input, whiten):
+        stats = (None, None) if use_input_stats else (running_mean, running_var)
+        y, mean, var = torch.ops.aqcf.qnorm(
+            input, weight, bias, *stats, use_input_stats, per_sample, eps, activation, float(negative_slope)
+        )
+        if use_input_stats and running_mean is not None:
+            _update_running(running_mean, running_var, mean, var, count, momentum, cq, whiten)
+        return y
+
+    x = input.unflatten(1, (4, cq)).to(acc)  # (N, 4, Cq, *S): component axis 1, quaternion channel axis 2
     if use_input_stats:
-        reduce = spatial if per_sample else (0, *spatial)
-        count = math.prod(x.shape[d] for d in reduce)
-        if count <= 1:
-            what = "spatial element" if per_sample else "value per channel"
-            raise ValueError(f"{fn}: expected more than 1 {what} when training, got input size {tuple(input.shape)}")
         mean = x.mean(reduce, keepdim=True)  # (N or 1, 4, Cq, 1...)
         xc = x - mean
         if whiten:
@@ -127,13 +148,7 @@ def _quaternion_norm(
         else:
             stat = xc.square().mean(reduce, keepdim=True).sum(1, keepdim=True)  # (N or 1, 1, Cq, 1...)
         if running_mean is not None:
-            with torch.no_grad():
-                # Instance norm tracks the average over the batch of the per-sample statistics (torch does too).
-                new_mean = mean.detach().reshape(-1, 4 * cq).mean(0)
-                new_var = stat.detach().reshape(-1, cq, 4, 4) if whiten else stat.detach().reshape(-1, cq)
-                new_var = new_var.mean(0) * (count / (count - 1))
-                running_mean.lerp_(new_mean.to(running_mean.dtype), momentum)
-                running_var.lerp_(new_var.to(running_var.dtype), momentum)
+            _update_running(running_mean, running_var, mean, stat, count, momentum, cq, whiten)
     else:
         xc = x - running_mean.to(acc).view(1, 4, cq, *ones)
         stat = running_var.to(acc) if whiten else running_var.to(acc).view(1, 1, cq, *ones)
@@ -153,7 +168,30 @@ def _quaternion_norm(
             scale = scale * weight.to(acc).view(1, 1, cq, *ones)
         # (x - μ)·scale rather than x·scale - μ·scale (one pass fewer): no cancellation when |μ| >> σ.
         y = xc * scale if beta is None else torch.addcmul(beta, xc, scale)
-    return y.flatten(1, 2).to(input.dtype)
+    y = y.flatten(1, 2).to(input.dtype)
+    return y if activation is None else activate(y, activation, negative_slope)
+
+
+@torch.no_grad()
+def _update_running(
+    running_mean: Tensor,
+    running_var: Tensor,
+    mean: Tensor,
+    stat: Tensor,
+    count: int,
+    momentum: float,
+    cq: int,
+    whiten: bool,
+) -> None:
+    """torch.nn.BatchNorm's update from this batch's statistics (biased ``stat``; unbiased into the average).
+
+    Instance norm tracks the average over the batch of the per-sample statistics (torch does too).
+    """
+    new_mean = mean.detach().reshape(-1, 4 * cq).mean(0)
+    new_var = stat.detach().reshape(-1, cq, 4, 4) if whiten else stat.detach().reshape(-1, cq)
+    new_var = new_var.mean(0) * (count / (count - 1))
+    running_mean.lerp_(new_mean.to(running_mean.dtype), momentum)
+    running_var.lerp_(new_var.to(running_var.dtype), momentum)
 
 
 def quaternion_batch_norm(
@@ -166,6 +204,8 @@ def quaternion_batch_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
     whiten: bool = False,
+    activation: str | None = None,
+    negative_slope: float = 0.01,
 ) -> Tensor:
     """Quaternion batch norm of a blocked ``(N, 4Cq, *S)`` tensor; arguments as ``F.batch_norm``.
 
@@ -176,7 +216,8 @@ def quaternion_batch_norm(
     covariance; ``weight`` ``(Cq, 4, 4)``, ``running_var`` holds the covariance ``(Cq, 4, 4)``.
     ``bias`` and ``running_mean`` are ``(4Cq,)``. In training, the input's statistics are used and
     the running ones (if given) move towards the unbiased batch statistics by ``momentum``; otherwise
-    the running statistics are used.
+    the running statistics are used. ``activation`` (None, 'relu', 'leaky_relu' with ``negative_slope``,
+    'gelu') follows, fused into the normalisation pass where the compiled op serves the call.
     """
     return _quaternion_norm(
         "quaternion_batch_norm",
@@ -190,6 +231,8 @@ def quaternion_batch_norm(
         momentum,
         eps,
         whiten,
+        activation,
+        negative_slope,
     )
 
 
@@ -203,6 +246,8 @@ def quaternion_instance_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
     whiten: bool = False,
+    activation: str | None = None,
+    negative_slope: float = 0.01,
 ) -> Tensor:
     """Quaternion instance norm of a blocked ``(N, 4Cq, *S)`` tensor; arguments as ``F.instance_norm``.
 
@@ -222,6 +267,8 @@ def quaternion_instance_norm(
         momentum,
         eps,
         whiten,
+        activation,
+        negative_slope,
     )
 
 
@@ -235,6 +282,9 @@ class _QuaternionNorm(nn.Module):
     _per_sample: bool
     _ranks: tuple[int, ...]
     _unbatched_rank: int | None = None
+    #: the compiled fused op where it serves the call (``False``: the composite reference, then the
+    #: activation; what benchmarks/baselines.py's ``use_composite_norms`` sets)
+    fused: bool = True
 
     def __init__(
         self,
@@ -246,10 +296,15 @@ class _QuaternionNorm(nn.Module):
         device: Any,
         dtype: Any,
         whiten: bool,
+        activation: str | None = None,
+        negative_slope: float = 0.01,
     ) -> None:
         super().__init__()
         name = type(self).__name__
         check_quaternion_channels(name, "num_features", num_features)
+        if activation is not None and activation not in ACTIVATIONS:
+            raise ValueError(f"{name}: activation must be None or one of {ACTIVATIONS}, got {activation!r}")
+        self.activation, self.negative_slope = activation, negative_slope
         if momentum is not None and not 0.0 <= momentum <= 1.0:
             raise ValueError(f"{name}: momentum must be in [0, 1] or None, got {momentum!r}")
         self.num_features, self.eps, self.momentum = num_features, eps, momentum
@@ -358,6 +413,9 @@ class _QuaternionNorm(nn.Module):
             factor,
             self.eps,
             self.whiten,
+            self.activation,
+            self.negative_slope,
+            fused=self.fused,
         )
         return y.squeeze(0) if unbatched else y
 
@@ -366,7 +424,13 @@ class _QuaternionNorm(nn.Module):
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
             f"track_running_stats={self.track_running_stats}"
         )
-        return s + ", whiten=True" if self.whiten else s
+        if self.whiten:
+            s += ", whiten=True"
+        if self.activation is not None:
+            s += f", activation={self.activation!r}"
+            if self.activation == "leaky_relu":
+                s += f", negative_slope={self.negative_slope}"
+        return s
 
 
 class _QuaternionBatchNorm(_QuaternionNorm):
@@ -383,8 +447,12 @@ class _QuaternionBatchNorm(_QuaternionNorm):
         dtype: Any = None,
         *,
         whiten: bool = False,
+        activation: str | None = None,
+        negative_slope: float = 0.01,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, whiten)
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, whiten, activation, negative_slope
+        )
 
 
 class _QuaternionInstanceNorm(_QuaternionNorm):
@@ -401,8 +469,12 @@ class _QuaternionInstanceNorm(_QuaternionNorm):
         dtype: Any = None,
         *,
         whiten: bool = False,
+        activation: str | None = None,
+        negative_slope: float = 0.01,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, whiten)
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, whiten, activation, negative_slope
+        )
 
 
 class QuaternionBatchNorm1d(_QuaternionBatchNorm):

@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "conv.h"
+#include "norm.h"
 #include "op.h"
 #ifdef AQCF_WITH_CUDA
 #include "../cuda/qconv_cuda.h"
@@ -71,6 +72,37 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("input"), py::arg("grad_output"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"),
       py::arg("dilation"), py::arg("transposed"), py::arg("output_padding"), py::arg("groups"), py::arg("fast8"),
       py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "qnorm_forward",
+      [](const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+         const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+         bool use_input_stats, bool per_sample, double eps, std::optional<std::string> activation,
+         double negative_slope) {
+        return aqcf::qnorm_forward(
+            input, weight, bias, running_mean, running_var,
+            {use_input_stats, per_sample, eps, std::move(activation), negative_slope});
+      },
+      "Quaternion shared-variance norm + affine + activation: (y, mean, var)", py::arg("input"), py::arg("weight"),
+      py::arg("bias"), py::arg("running_mean"), py::arg("running_var"), py::arg("use_input_stats"),
+      py::arg("per_sample"), py::arg("eps"), py::arg("activation"), py::arg("negative_slope"),
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "qnorm_backward",
+      [](const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+         const std::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& var, bool use_input_stats,
+         bool per_sample, double eps, std::optional<std::string> activation, double negative_slope,
+         std::vector<bool> needs) {
+        TORCH_CHECK(needs.size() == 3, "qnorm_backward: needs has 3 entries");
+        auto [gx, gw, gb] = aqcf::qnorm_backward(
+            grad_output, input, weight, bias, mean, var,
+            {use_input_stats, per_sample, eps, std::move(activation), negative_slope}, {needs[0], needs[1], needs[2]});
+        auto maybe = [](const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt; };
+        return std::make_tuple(maybe(gx), maybe(gw), maybe(gb));
+      },
+      "Gradients of qnorm_forward's y w.r.t. input, weight, bias (None where not needed)",
+      py::arg("grad_output"), py::arg("input"), py::arg("weight"), py::arg("bias"), py::arg("mean"), py::arg("var"),
+      py::arg("use_input_stats"), py::arg("per_sample"), py::arg("eps"), py::arg("activation"),
+      py::arg("negative_slope"), py::arg("needs"), py::call_guard<py::gil_scoped_release>());
   m.def("_set_fallbacks", &set_fallbacks,
         "The Python implementations of aqcf::qconv and aqcf::qconv_weight_grad the CPU kernels ask first",
         py::arg("conv"), py::arg("weight_grad"));

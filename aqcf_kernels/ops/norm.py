@@ -1,0 +1,149 @@
+"""The fused quaternion norm op: ``aqcf::qnorm`` (shared variance, affine and activation in one pass).
+
+``qnorm(input, weight, bias, running_mean, running_var, use_input_stats, per_sample, eps, activation,
+negative_slope) -> (y, mean, var)`` normalises a blocked ``(N, 4Cq, *S)`` tensor with one variance per
+quaternion channel (batch norm; instance norm with ``per_sample``), applies ``γ``/``β`` and the
+activation, and returns the statistics it used: the mean per real channel ``(G, 4Cq)`` and the biased
+shared variance ``(G, Cq)``, ``G = N`` for instance norm in training and 1 otherwise (the caller
+updates the running statistics from them). Compiled extension only (csrc/cpu/norm.cpp: CPU, float32
+and float64, NCHW and channels_last); :func:`aqcf_kernels.nn.norm._quaternion_norm`'s composite path
+is the reference and serves everything else.
+
+Why fused: the composite path reads and writes the activation tensor ~6 times (statistics, centring,
+scaling, shift, activation, dtype casts) and its backward more; this op reads it twice forward
+(statistics, then normalise + affine + activation) and three times backward (sums, then the input
+gradient), recomputing the pre-activation from the input instead of storing it.
+
+Its backward is an op of its own (``qnorm_backward``) with no derivative; when the gradient must be
+differentiable (``create_graph=True``), the backward differentiates the composite reference instead.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..backends._extension import _C
+from ..layout import quaternion_channels
+
+
+def available(input: Tensor, whiten: bool) -> bool:
+    """Whether ``qnorm`` serves this call (else the composite path does)."""
+    return (
+        _C is not None
+        and not whiten
+        and input.device.type == "cpu"
+        and input.dtype in (torch.float32, torch.float64)
+        and input.dim() >= 3
+    )
+
+
+def _groups(input: Tensor, use_input_stats: bool, per_sample: bool) -> int:
+    return input.shape[0] if (use_input_stats and per_sample) else 1
+
+
+def _output_like(input: Tensor) -> Tensor:
+    # The extension keeps channels_last (4d/5d) and makes everything else contiguous.
+    if input.dim() in (4, 5):
+        fmt = torch.channels_last if input.dim() == 4 else torch.channels_last_3d
+        if not input.is_contiguous() and input.is_contiguous(memory_format=fmt):
+            return torch.empty_like(input, memory_format=fmt)
+    return torch.empty_like(input, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("aqcf::qnorm", mutates_args=())
+def qnorm(
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    use_input_stats: bool,
+    per_sample: bool,
+    eps: float,
+    activation: str | None,
+    negative_slope: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(y, mean, var)``: see the module docstring."""
+    return _C.qnorm_forward(
+        input, weight, bias, running_mean, running_var, use_input_stats, per_sample, eps, activation, negative_slope
+    )
+
+
+@qnorm.register_fake
+def _(input, weight, bias, running_mean, running_var, use_input_stats, per_sample, eps, activation, negative_slope):
+    cq = quaternion_channels(input, name="qnorm: input")
+    g = _groups(input, use_input_stats, per_sample)
+    return _output_like(input), input.new_empty(g, 4 * cq), input.new_empty(g, cq)
+
+
+@torch.library.custom_op("aqcf::qnorm_backward", mutates_args=())
+def qnorm_backward(
+    grad_output: Tensor,
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    use_input_stats: bool,
+    per_sample: bool,
+    eps: float,
+    activation: str | None,
+    negative_slope: float,
+    needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of ``qnorm``'s ``y`` w.r.t. input, weight and bias (empty tensors where not needed)."""
+    gx, gw, gb = _C.qnorm_backward(
+        grad_output, input, weight, bias, mean, var, use_input_stats, per_sample, eps, activation, negative_slope,
+        needs,
+    )  # fmt: skip
+    # a fresh empty tensor for each gradient not computed (outputs of a custom op may not alias)
+    return tuple(g if g is not None else input.new_empty(0) for g in (gx, gw, gb))
+
+
+@qnorm_backward.register_fake
+def _(grad_output, input, weight, bias, mean, var, use_input_stats, per_sample, eps, activation, slope, needs):
+    gx = _output_like(input) if needs[0] else input.new_empty(0)
+    gw = torch.empty_like(weight) if needs[1] and weight is not None else input.new_empty(0)
+    gb = torch.empty_like(bias) if needs[2] and bias is not None else input.new_empty(0)
+    return gx, gw, gb
+
+
+def _setup_context(ctx, inputs, output):
+    input, weight, bias, _, _, use_input_stats, per_sample, eps, activation, slope = inputs
+    _, mean, var = output
+    ctx.mark_non_differentiable(mean, var)
+    ctx.save_for_backward(input, weight, bias, mean, var)
+    ctx.options = (use_input_stats, per_sample, eps, activation, slope)
+
+
+def _backward(ctx, grad_y, _grad_mean, _grad_var):
+    input, weight, bias, mean, var = ctx.saved_tensors
+    needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
+    if torch.is_grad_enabled():  # create_graph=True: the gradient must itself be differentiable
+        gx, gw, gb = _composite_backward(grad_y, input, weight, bias, mean, var, ctx.options, needs)
+    else:
+        gx, gw, gb = torch.ops.aqcf.qnorm_backward(grad_y, input, weight, bias, mean, var, *ctx.options, needs)
+    return (gx if needs[0] else None), (gw if needs[1] else None), (gb if needs[2] else None), *[None] * 7
+
+
+def _composite_backward(grad_y, input, weight, bias, mean, var, options, needs):
+    """The gradients through the composite reference (double backward works through it): slower, only
+    for ``create_graph=True``. The statistics are recomputed from the input in training, and are the
+    saved running ones in eval."""
+    from ..nn.norm import _quaternion_norm  # (nn.norm imports this module)
+
+    use_input_stats, per_sample, eps, activation, slope = options
+    running = (None, None) if use_input_stats else (mean.reshape(-1), var.reshape(-1))
+    wrt = [t for t, need in zip((input, weight, bias), needs, strict=True) if need and t is not None]
+    y = _quaternion_norm(
+        "qnorm", input, per_sample, *running, weight, bias, use_input_stats, 0.0, eps, False, activation, slope,
+        fused=False,
+    )  # fmt: skip
+    grads = iter(torch.autograd.grad(y, wrt, grad_y, create_graph=True))
+    return tuple(
+        next(grads) if need and t is not None else None for t, need in zip((input, weight, bias), needs, strict=True)
+    )
+
+
+qnorm.register_autograd(_backward, setup_context=_setup_context)

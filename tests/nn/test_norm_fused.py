@@ -1,0 +1,122 @@
+"""The fused quaternion norm + activation (``aqcf::qnorm``, csrc/cpu/norm.cpp) against the composite path.
+
+The composite code of :func:`aqcf_kernels.nn.norm._quaternion_norm` (``fused=False``) is the reference
+(tests/nn/test_norm.py holds it to the definitions); here the fused op must match it, forward, every
+gradient and the running statistics, for batch and instance norm, training and eval, every activation,
+NCHW and channels_last, 1d/2d/3d, and pass gradcheck in float64.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from aqcf_kernels.nn import QuaternionBatchNorm2d, QuaternionInstanceNorm3d
+from aqcf_kernels.nn.norm import _quaternion_norm
+from aqcf_kernels.ops import norm as norm_ops
+
+pytestmark = pytest.mark.skipif(norm_ops._C is None, reason="aqcf_kernels._C is not built")
+
+ACTIVATIONS = [(None, 0.01), ("relu", 0.01), ("leaky_relu", 0.2), ("leaky_relu", -0.3), ("gelu", 0.01)]
+SHAPES = {"1d": (3, 12, 7), "2d": (2, 8, 5, 3), "3d": (2, 8, 3, 2, 3)}
+
+
+def _inputs(qrand, shape, dtype, channels_last=False, affine=True, seed=0):
+    x = qrand(*shape, dtype=dtype, seed=seed)
+    # an offset mean and unequal component scales: centring and the shared variance both matter
+    x = (x * torch.linspace(0.5, 2.0, shape[1], dtype=dtype).view(1, -1, *[1] * (len(shape) - 2)) + 3.0).detach()
+    if channels_last and x.dim() in (4, 5):
+        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    cq = shape[1] // 4
+    w = (qrand(cq, dtype=dtype, seed=seed + 1) * 0.5 + 1.0) if affine else None
+    b = qrand(shape[1], dtype=dtype, seed=seed + 2) if affine else None
+    rm = qrand(shape[1], dtype=dtype, seed=seed + 3) * 0.1
+    rv = qrand(cq, dtype=dtype, seed=seed + 4).abs() + 0.5
+    return x, w, b, rm, rv
+
+
+def _run(fused, x, w, b, rm, rv, per_sample, training, act, slope):
+    x = x.detach().clone().requires_grad_()
+    params = [t.detach().clone().requires_grad_() for t in (w, b) if t is not None]
+    w_, b_ = (params + [None, None])[:2] if w is not None else (None, None)
+    rm, rv = rm.clone(), rv.clone()
+    y = _quaternion_norm("t", x, per_sample, rm, rv, w_, b_, training, 0.1, 1e-5, False, act, slope, fused=fused)
+    # drawn in float64 whatever y's dtype, so float32 and float64 runs get the same gradient
+    gy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(9)).to(y.dtype)
+    grads = torch.autograd.grad(y, [x, *params], gy)
+    return y, grads, rm, rv
+
+
+@pytest.mark.parametrize("act,slope", ACTIVATIONS)
+@pytest.mark.parametrize("per_sample", [False, True], ids=["batch", "instance"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dims", list(SHAPES))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_fused_matches_composite_float64(qrand, act, slope, per_sample, training, dims, channels_last) -> None:
+    if channels_last and dims == "1d":
+        pytest.skip("channels_last is a 4d/5d layout")
+    x, w, b, rm, rv = _inputs(qrand, SHAPES[dims], torch.float64, channels_last)
+    fused = _run(True, x, w, b, rm, rv, per_sample, training, act, slope)
+    ref = _run(False, x, w, b, rm, rv, per_sample, training, act, slope)
+    torch.testing.assert_close(fused[0], ref[0], rtol=1e-10, atol=1e-10)
+    for g, r in zip(fused[1], ref[1], strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(fused[2], ref[2], rtol=1e-12, atol=1e-12)  # running mean
+    torch.testing.assert_close(fused[3], ref[3], rtol=1e-12, atol=1e-12)  # running var
+    if channels_last:
+        assert fused[0].is_contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["batch", "instance"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_fused_float32_within_the_contract(qrand, per_sample, channels_last) -> None:
+    """float32 ≤ 1e-5 relative to the float64 reference (forward and input gradient)."""
+    shape = (4, 16, 33, 31)  # odd sizes: vector tails in both layouts
+    x64, w, b, rm, rv = _inputs(qrand, shape, torch.float64, channels_last, seed=5)
+    ref = _run(False, x64, w, b, rm, rv, per_sample, True, "gelu", 0.01)
+    out = _run(True, x64.float(), w.float(), b.float(), rm.float(), rv.float(), per_sample, True, "gelu", 0.01)
+    for o, r in zip((out[0], *out[1]), (ref[0], *ref[1]), strict=True):
+        assert ((o.double() - r).norm() / r.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("act,slope", ACTIVATIONS)
+@pytest.mark.parametrize("per_sample", [False, True], ids=["batch", "instance"])
+def test_fused_gradcheck_float64(qrand, act, slope, per_sample) -> None:
+    x, w, b, rm, rv = _inputs(qrand, (2, 8, 3, 4), torch.float64, seed=11)
+
+    def f(x, w, b):
+        return _quaternion_norm("t", x, per_sample, None, None, w, b, True, 0.1, 1e-5, False, act, slope)
+
+    inputs = tuple(t.detach().requires_grad_() for t in (x, w, b))
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+def test_fused_without_affine_and_non_contiguous_input(qrand) -> None:
+    x, _, _, rm, rv = _inputs(qrand, (3, 8, 6, 5), torch.float64, affine=False, seed=3)
+    x = x.transpose(2, 3)  # neither NCHW nor channels_last: made contiguous on the way in
+    fused = _run(True, x, None, None, rm, rv, True, True, "relu", 0.01)
+    ref = _run(False, x, None, None, rm, rv, True, True, "relu", 0.01)
+    torch.testing.assert_close(fused[0], ref[0])
+    torch.testing.assert_close(fused[1][0], ref[1][0])
+
+
+def test_modules_take_an_activation_and_serve_it_fused(qrand, monkeypatch) -> None:
+    calls = []
+    real = torch.ops.aqcf.qnorm
+
+    def spy(*args):
+        calls.append(args[8])
+        return real(*args)
+
+    bn = QuaternionBatchNorm2d(8, activation="leaky_relu", negative_slope=0.1)
+    x = qrand(2, 8, 4, 4, dtype=torch.float32, seed=21)
+    ref = torch.nn.functional.leaky_relu(QuaternionBatchNorm2d(8)(x), 0.1)
+    monkeypatch.setattr(torch.ops.aqcf, "qnorm", spy)
+    torch.testing.assert_close(bn(x), ref)
+    assert calls == ["leaky_relu"]
+    assert "activation='leaky_relu', negative_slope=0.1" in repr(bn)
+    inorm = QuaternionInstanceNorm3d(8, activation="gelu", affine=True)
+    x3 = qrand(2, 8, 3, 4, 2, dtype=torch.float32, seed=22)
+    torch.testing.assert_close(inorm(x3), torch.nn.functional.gelu(QuaternionInstanceNorm3d(8, affine=True)(x3)))
+    with pytest.raises(ValueError, match="activation must be None or one of"):
+        QuaternionBatchNorm2d(8, activation="tanh")
