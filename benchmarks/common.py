@@ -279,6 +279,36 @@ class PeakMemory:
         return max(0, _read_status_kib("VmHWM") - before) * 1024
 
 
+def measure_builds_memory(
+    payload: Mapping[str, Any],
+    pinned: bool,
+    cases: Sequence[Any],
+    make_inputs: Callable[[Any, torch.dtype, torch.device], Any],
+    make_build: Callable[[str, Any, torch.dtype, torch.device], Any],
+    make_step: Callable[[str, Any, Any], Step],
+) -> dict[str, Any]:
+    """The memory pass of a benchmark whose providers are builds of one model (``aqcf-bench model``,
+    ``rnn``), run in a fresh worker process: per case, each build made once, each mode's step run once
+    (kernels, caches, gradient buffers) and then measured."""
+    configure_torch(payload["threads"])
+    device, dtype = torch.device(payload["device"]), DTYPES[payload["dtype"]]
+    meter = PeakMemory(device)
+    peaks = []
+    for case in cases:
+        inputs = make_inputs(case, dtype, device)
+        rows = {mode: dict.fromkeys(payload["providers"]) for mode in payload["modes"]}
+        for name in payload["providers"]:
+            build = make_build(name, case, dtype, device)
+            for mode in payload["modes"]:
+                step = make_step(mode, build, inputs)
+                step()
+                rows[mode][name] = meter.measure(step)
+                del step
+            del build
+        peaks += [rows[mode] for mode in payload["modes"]]
+    return {"peaks": peaks, "method": meter.method(pinned)}
+
+
 def measure_memory_in_subprocess(module: str, payload: Mapping[str, Any]) -> Any | None:
     """``module.measure_memory(payload, pinned)`` in a fresh Python (``benchmarks._memory_worker``)
     whose mmap threshold is pinned before torch loads; its JSON result, or ``None`` on failure."""

@@ -210,23 +210,8 @@ def _case_from_json(c: dict[str, Any]) -> Case:
 
 def measure_memory(payload: dict[str, Any], pinned: bool) -> dict[str, Any]:
     """The memory pass of :func:`run`, in a fresh worker process (``benchmarks._memory_worker``)."""
-    common.configure_torch(payload["threads"])
-    device, dtype = torch.device(payload["device"]), common.DTYPES[payload["dtype"]]
-    meter = common.PeakMemory(device)
-    peaks = []
-    for case in (_case_from_json(c) for c in payload["cases"]):
-        inputs = make_inputs(case, dtype, device)
-        rows = {mode: dict.fromkeys(payload["providers"]) for mode in payload["modes"]}
-        for name in payload["providers"]:
-            model = make_model(name, case, dtype, device)
-            for mode in payload["modes"]:
-                step = make_step(mode, model, inputs)
-                step()  # first call: kernels, caches, gradient buffers
-                rows[mode][name] = meter.measure(step)
-                del step
-            del model
-        peaks += [rows[mode] for mode in payload["modes"]]
-    return {"peaks": peaks, "method": meter.method(pinned)}
+    cases = [_case_from_json(c) for c in payload["cases"]]
+    return common.measure_builds_memory(payload, pinned, cases, make_inputs, make_model, make_step)
 
 
 # ---------------------------------------------------------------------------------------------
