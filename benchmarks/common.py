@@ -499,6 +499,18 @@ def grouped_bars(
     plt.close(fig)
 
 
+def plot_ratios(path: Path, results: Sequence[Any], baseline: str, title: str) -> None:
+    """Speedup and peak-memory ratio against ``baseline``, bars per case and mode (results with
+    ``timings``, ``speedup`` and ``peak_ratio``, as :class:`ProviderRatios`)."""
+    providers = [p for p in (list(results[0].timings) if results else []) if p != baseline]
+    groups = [f"{r.case.name} {r.mode}" for r in results]
+    panels = [
+        (f"speedup vs {baseline} (t_{baseline} / t)", "x", {p: [r.speedup(p) for r in results] for p in providers}),
+        (f"peak memory / {baseline}'s", "ratio", {p: [r.peak_ratio(p) for r in results] for p in providers}),
+    ]
+    grouped_bars(path, groups, panels, title)
+
+
 def time_cell(timing: Timing | None, speedup: float | None, baseline: bool, digits: int = 1) -> str:
     """A table cell: median ms, with the speedup over the baseline unless this is the baseline."""
     if timing is None:

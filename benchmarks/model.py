@@ -279,14 +279,7 @@ def markdown(results: Sequence[Result], env: dict[str, Any], checks) -> str:
 
 
 def plot(path: Path, results: Sequence[Result], env: dict[str, Any]) -> None:
-    """Speedup and peak-memory ratio against ``expanded``, bars per case and mode."""
-    providers = [p for p in (list(results[0].timings) if results else []) if p != BASELINE]
-    groups = [f"{r.case.name} {r.mode}" for r in results]
-    panels = [
-        ("speedup vs expanded (t_expanded / t)", "x", {p: [r.speedup(p) for r in results] for p in providers}),
-        ("peak memory / expanded's", "ratio", {p: [r.peak_ratio(p) for r in results] for p in providers}),
-    ]
-    common.grouped_bars(path, groups, panels, "aqcf-bench model — " + common.environment_line(env))
+    common.plot_ratios(path, results, BASELINE, "aqcf-bench model — " + common.environment_line(env))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,7 +292,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grid", choices=list(GRIDS), default="quick", help=grids)
     parser.add_argument("--modes", type=lambda t: t.split(","), default=["fwdbwd"], help="fwd,fwdbwd (default fwdbwd)")
     parser.add_argument("--providers", type=lambda t: t.split(","), default=list(PROVIDERS),
-                        help="expanded,ours,real (expanded, the baseline, always runs)")  # fmt: skip
+                        help="baseline,expanded,ours,real (expanded, the ratios' reference, always runs)")  # fmt: skip
     parser.add_argument("--dims", type=lambda t: [int(x) for x in t.split(",")], default=[2, 3],
                         help="spatial dims of the grid's cases to run: 2, 3 or 2,3 (default)")  # fmt: skip
     parser.add_argument("--check-targets", action="store_true", help="PASS/FAIL of the issue's CPU targets")

@@ -247,14 +247,7 @@ def markdown(results: Sequence[Result], env: dict[str, Any], checks) -> str:
 
 
 def plot(path: Path, results: Sequence[Result], env: dict[str, Any]) -> None:
-    """Speedup and peak-memory ratio against ``expanded``, bars per case and mode."""
-    providers = [p for p in (list(results[0].timings) if results else []) if p != BASELINE]
-    groups = [f"{r.case.name} {r.mode}" for r in results]
-    panels = [
-        ("speedup vs expanded (t_expanded / t)", "x", {p: [r.speedup(p) for r in results] for p in providers}),
-        ("peak memory / expanded's", "ratio", {p: [r.peak_ratio(p) for r in results] for p in providers}),
-    ]
-    common.grouped_bars(path, groups, panels, "aqcf-bench rnn — " + common.environment_line(env))
+    common.plot_ratios(path, results, BASELINE, "aqcf-bench rnn — " + common.environment_line(env))
 
 
 # ---------------------------------------------------------------------------------------------
