@@ -36,9 +36,9 @@ def measured(monkeypatch) -> list[list[str]]:
     calls: list[list[str]] = []
     real = tuning._measure
 
-    def spy(candidates, run, device):
+    def spy(candidates, run, device, prior):
         calls.append([str(c) for c in candidates])
-        return real(candidates, run, device)
+        return real(candidates, run, device, prior)
 
     monkeypatch.setattr(tuning, "_measure", spy)
     return calls
@@ -74,6 +74,30 @@ def _slow_down(monkeypatch, backend: str, algorithm: str, seconds: float) -> Non
 def _cpu_backend() -> str:
     """The conv backend 'auto' measures on CPU here (cpp where the extension is built)."""
     return backends.select_in(backends.CONV, "cpu", lambda b: None).name
+
+
+@pytest.mark.parametrize(
+    ("prior_ms", "other_ms", "expected"),
+    [(10.4, 10.0, "prior"), (10.0, 10.4, "prior"), (11.0, 10.0, "other"), (10.0, 11.0, "prior")],
+)
+def test_a_tie_goes_to_the_prior(monkeypatch, prior_ms, other_ms, expected) -> None:
+    """Within TIE_MARGIN the prior wins; beyond it the faster one does (a fake clock: no timing noise)."""
+    clock = [0.0]
+    monkeypatch.setattr(tuning, "_timer", lambda device: lambda: clock[0])
+    prior, other = tuning.Candidate("cpp", "hamilton"), tuning.Candidate("cpp", "fast8")
+    cost = {prior: prior_ms / 1e3, other: other_ms / 1e3}
+    runs: list[tuning.Candidate] = []
+
+    def run(c: tuning.Candidate) -> str:
+        runs.append(c)
+        clock[0] += cost[c]
+        return f"output of {c}"
+
+    winner, output, timings = tuning._measure([other, prior], run, torch.device("cpu"), prior)
+    assert winner == (prior if expected == "prior" else other)
+    assert output == f"output of {winner}"
+    assert timings == {str(other): other_ms, str(prior): prior_ms}
+    assert runs == [other, prior, other, prior]  # both close: each timed twice
 
 
 @pytest.mark.parametrize("slow", ["hamilton", "fast8"])
