@@ -380,3 +380,162 @@ def quaternion_recurrent(
             hs.append(h)
         x = torch.cat(outs, dim=-1)
     return x, torch.stack(hs), torch.stack(cs) if cs else None
+
+
+# --------------------------------------------------------------------------------------------
+# Rotation ("spinor") layers: y = W ⊗ x ⊗ W⁻¹ on the pure part (see aqcf_kernels.nn.rotation)
+# --------------------------------------------------------------------------------------------
+#
+# Written literally: every weight quaternion rotates every input quaternion it meets with two
+# Hamilton products, independently of the library's closed-form rotation matrix. Components are
+# stacked on dim 0 here (``(4, ...)``), so one product broadcasts over any (out, in, tap, position).
+
+
+def _hamilton_stacked(q: Tensor, p: Tensor) -> Tensor:
+    """``q ⊗ p`` for quaternions stacked on dim 0 (``(4, ...)``, broadcasting), with the HAMILTON table."""
+    rows = []
+    for row in HAMILTON:
+        terms = [sign * q[comp] * p[a] for a, (comp, sign) in enumerate(row)]
+        rows.append(terms[0] + terms[1] + terms[2] + terms[3])
+    return torch.stack(rows)
+
+
+def rotate_pure(w: Tensor, v: Tensor, eps: float = 1e-4) -> Tensor:
+    """``(w ⊗ v ⊗ w* + eps · v) / (|w|² + eps)`` for ``w`` ``(4, ...)`` and pure ``v`` ``(3, ...)``: ``(3, ...)``.
+
+    Parcollet's and speechbrain's rotation normalises ``q = w / sqrt(|w|² + eps)`` and applies the
+    matrix with ``1 - 2(q_j² + q_k²)`` etc. on its diagonal; for ``|q| < 1`` that matrix is the
+    rotation ``q ⊗ v ⊗ q*`` plus ``(1 - |q|²) v``, which is this expression. ``eps=0``: the pure rotation.
+    """
+    x = torch.cat([torch.zeros_like(v[:1]), v])
+    w_conj = torch.cat([w[:1], -w[1:]])
+    rotated = _hamilton_stacked(_hamilton_stacked(w, x), w_conj)[1:]
+    return (rotated + eps * v) / ((w * w).sum(0) + eps)
+
+
+def _pure_blocks(x: Tensor, dim: int, quaternion_format: bool) -> Tensor:
+    """The ``[i|j|k]`` blocks of ``x`` along ``dim``, stacked on a new dim 0: ``(3, ...)``."""
+    blocks = x.chunk(4 if quaternion_format else 3, dim=dim)
+    return torch.stack(blocks[1:] if quaternion_format else blocks)
+
+
+def _with_real_block(pure: Tensor, dim: int, quaternion_format: bool) -> Tensor:
+    """``(3, ...)`` components back to one blocked tensor, a zero real block first if ``quaternion_format``."""
+    blocks = list(pure.unbind(0))
+    if quaternion_format:
+        blocks.insert(0, torch.zeros_like(blocks[0]))
+    return torch.cat(blocks, dim=dim)
+
+
+def quaternion_rotation_conv_reference(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    *,
+    transposed: bool = False,
+    output_padding=0,
+    scale: Tensor | None = None,
+    quaternion_format: bool = True,
+    eps: float = 1e-4,
+) -> Tensor:
+    """Rotation conv ``y_o(t) = Σ_{i, tap} scale · rotate_pure(W_{o,i,tap}, x_i(t + tap))``, literally.
+
+    The input patches are gathered with a one-hot (im2col) conv, so stride, padding and dilation
+    are torch's; then every (output, input, tap) weight quaternion rotates every patch quaternion
+    (:func:`rotate_pure`) and the results are summed. ``groups`` partitions the quaternion channels.
+    The real output block is zero with ``quaternion_format`` (the real input block is ignored);
+    without it input and output are ``[i|j|k]`` tensors. A transposed conv is the adjoint of the
+    conv with the same weight, computed here as the vector-Jacobian product of this conv.
+    """
+    spatial_dims = weight.dim() - 3
+    n_blocks = 4 if quaternion_format else 3
+    if transposed:
+        out_sizes = [
+            (size - 1) * s - 2 * p + d * (k - 1) + op + 1
+            for size, s, p, d, k, op in zip(
+                input.shape[2:],
+                _ntuple(stride, spatial_dims),
+                _ntuple(padding, spatial_dims),
+                _ntuple(dilation, spatial_dims),
+                weight.shape[3:],
+                _ntuple(output_padding, spatial_dims),
+                strict=True,
+            )
+        ]
+        z = input.new_zeros((input.shape[0], n_blocks * weight.shape[2] * groups, *out_sizes), requires_grad=True)
+        with torch.enable_grad():
+            forward = quaternion_rotation_conv_reference(
+                z,
+                weight,
+                None,
+                stride,
+                padding,
+                dilation,
+                groups,
+                scale=scale,
+                quaternion_format=quaternion_format,
+                eps=eps,
+            )
+            (y,) = torch.autograd.grad(forward, z, grad_outputs=input, create_graph=True)
+    else:
+        kernel = weight.shape[3:]
+        taps = 1
+        for k in kernel:
+            taps *= k
+        one_hot = torch.eye(taps, dtype=input.dtype, device=input.device).reshape(taps, 1, *kernel)
+        channels = input.shape[1]
+        patches = _real_conv(
+            input,
+            one_hot.repeat(channels, *([1] * (spatial_dims + 1))),
+            spatial_dims,
+            False,
+            stride,
+            padding,
+            dilation,
+            channels,
+            0,
+        )  # (N, C * taps, *out): channel-major
+        out_spatial = patches.shape[2:]
+        patches = patches.reshape(input.shape[0], channels, taps, *out_spatial)
+        v = _pure_blocks(patches, 1, quaternion_format)  # (3, N, Cq, taps, *out)
+        cq_group = v.shape[2] // groups
+        v = v.reshape(3, v.shape[1], groups, 1, cq_group, taps, *out_spatial)  # (3, N, G, 1, B, taps, *out)
+        a_group = weight.shape[1] // groups
+        w = weight.reshape(4, 1, groups, a_group, cq_group, taps, *([1] * spatial_dims))  # (4, 1, G, A, B, taps)
+        rotated = rotate_pure(w, v, eps)  # (3, N, G, A, B, taps, *out)
+        if scale is not None:
+            rotated = rotated * scale.reshape(1, 1, groups, a_group, cq_group, taps, *([1] * spatial_dims))
+        pure = rotated.sum(dim=(4, 5)).flatten(2, 3)  # (3, N, out quaternions, *out)
+        y = _with_real_block(pure, 1, quaternion_format)
+    if bias is not None:
+        y = y + bias.view(1, -1, *([1] * spatial_dims))
+    return y
+
+
+def quaternion_rotation_linear_reference(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    scale: Tensor | None = None,
+    quaternion_format: bool = True,
+    eps: float = 1e-4,
+) -> Tensor:
+    """Rotation linear map over the last dim, weight ``(4, A, B)``.
+
+    ``y_o = Σ_i scale_{o,i} · rotate_pure(W_{o,i}, x_i)``, blocks as in :func:`quaternion_rotation_conv_reference`.
+    """
+    v = _pure_blocks(input, -1, quaternion_format).unsqueeze(-2)  # (3, ..., 1, B)
+    rotated = rotate_pure(weight, v, eps)  # (3, ..., A, B)
+    if scale is not None:
+        rotated = rotated * scale
+    y = _with_real_block(rotated.sum(-1), -1, quaternion_format)
+    return y if bias is None else y + bias
+
+
+def _ntuple(value, n: int) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
