@@ -13,15 +13,36 @@ from .init import check_init, init_quaternion_
 COMPONENTS = ("r", "i", "j", "k")
 
 
-def check_quaternion_channels(cls_name: str, name: str, value: Any, groups: int = 1) -> int:
-    """Real channel counts must be positive multiples of 4 (blocked [r|i|j|k]) and of 4*groups."""
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0 or value % (4 * groups):
-        why = f"4 * groups = {4 * groups}" if groups > 1 else "4"
+def check_quaternion_channels(cls_name: str, name: str, value: Any, groups: int = 1, blocks: int = 4) -> int:
+    """Real channel counts must be positive multiples of 4 (blocked [r|i|j|k]) and of 4*groups.
+
+    ``blocks=3``: the pure ``[i|j|k]`` tensors of a rotation layer with ``quaternion_format=False``.
+    """
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0 or value % (blocks * groups):
+        why = f"{blocks} * groups = {blocks * groups}" if groups > 1 else str(blocks)
+        layout = "[r|i|j|k] quaternion" if blocks == 4 else "[i|j|k] pure-quaternion"
         raise ValueError(
             f"{cls_name}: {name} must be a positive multiple of {why} (real channels of a blocked "
-            f"[r|i|j|k] quaternion tensor{', each block split in groups' if groups > 1 else ''}), got {value!r}"
+            f"{layout} tensor{', each block split in groups' if groups > 1 else ''}), got {value!r}"
         )
     return value
+
+
+def check_rotation_options(cls_name: str, rotation: Any, quaternion_format: Any, scale: Any, algorithm: str) -> None:
+    """Checks of ``rotation`` / ``quaternion_format`` / ``scale`` (see :mod:`aqcf_kernels.nn.rotation`)."""
+    for name, value in (("rotation", rotation), ("quaternion_format", quaternion_format), ("scale", scale)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{cls_name}: {name} must be a bool, got {value!r}")
+    if not rotation and (scale or not quaternion_format):
+        given = "scale=True" if scale else "quaternion_format=False"
+        raise ValueError(f"{cls_name}: {given} only applies to a rotation layer (pass rotation=True)")
+    if rotation and algorithm != "auto":
+        # A rotation layer is one real conv on a derived (non-Hamilton) weight: there is no
+        # Hamilton product for 'hamilton' or 'fast8' to organise.
+        raise ValueError(
+            f"{cls_name}: rotation=True runs one real conv on the derived rotation weight; "
+            f"algorithm={algorithm!r} cannot serve it (leave algorithm='auto')"
+        )
 
 
 def check_layer_options(cls_name: str, algorithm: str, init_criterion: str, init: str = "quaternion") -> None:
@@ -58,6 +79,10 @@ class QuaternionModule(nn.Module):
         init_quaternion_(self.weight, self.init, self.init_criterion, generator)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
+        # Rotation layers' per-weight scale: Xavier-uniform, as Parcollet's and speechbrain's.
+        scale = getattr(self, "scale_param", None)
+        if scale is not None:
+            nn.init.xavier_uniform_(scale, generator=generator)
 
     @classmethod
     def _args_from_component_shape(cls, shape: torch.Size, kwargs: dict[str, Any]) -> tuple:
@@ -99,6 +124,18 @@ class QuaternionModule(nn.Module):
             if self._parcollet_transposed:
                 comps = [c.transpose(0, 1) for c in comps]
             state_dict[prefix + "weight"] = torch.stack(comps)
+            # Rotation (spinor) layers: their per-weight ``scale_param`` is laid out as a component.
+            scale = state_dict.get(prefix + "scale_param")
+            if self._parcollet_transposed and isinstance(scale, Tensor) and scale.dim() == 2:
+                state_dict[prefix + "scale_param"] = scale.transpose(0, 1)
+            # speechbrain's QLinear names its bias ``b``.
+            if prefix + "b" in state_dict and prefix + "bias" not in state_dict:
+                state_dict[prefix + "bias"] = state_dict.pop(prefix + "b")
+            # Their ``zero_kernel`` is a frozen all-zero Parameter that only pads their matrix: a rotation
+            # layer of ours drops it (non-zero, or into a plain layer: left in, so an unexpected key).
+            zero = state_dict.get(prefix + "zero_kernel")
+            if getattr(self, "rotation", False) and isinstance(zero, Tensor) and not zero.any():
+                del state_dict[prefix + "zero_kernel"]
             # speechbrain's QConv2d(bias=False) registers an all-zero "bias" BUFFER (its state dict
             # has the key); a bias-free layer of ours computes the same function without it.
             bias = state_dict.get(prefix + "bias")

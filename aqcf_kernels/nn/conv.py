@@ -6,6 +6,15 @@ Channel counts are real channels of a blocked ``[r|i|j|k]`` tensor (multiples of
 :class:`_QuaternionConvNd`; the leaves only fix the spatial rank and the argument order. Every layer
 also takes ``init`` ('quaternion', 'unitary', 'random') and ``init_criterion`` ('glorot', 'he'): see
 :func:`aqcf_kernels.nn.init.init_quaternion_`.
+
+``rotation=True`` makes any of them a rotation ("spinor") layer, Parcollet's ``QuaternionConv(rotation=True)``
+and speechbrain's ``QConv1d/2d(spinor=True)``: ``y = W ⊗ x ⊗ W⁻¹`` on the pure part of ``x``, every
+weight normalised first (see :mod:`aqcf_kernels.nn.rotation` for the exact formula and its ε). With it,
+``scale=True`` adds their learnt per-weight ``scale_param`` (shape of one weight component, Xavier-uniform
+init) and ``quaternion_format=False`` makes input and output ``[i|j|k]`` tensors (channels multiples of 3)
+instead of ``[r|i|j|k]`` ones whose real input block is ignored and real output block is zero before the
+bias. Their state dicts load (``zero_kernel`` is dropped). speechbrain's ``max_norm`` (an in-place
+renorm of the weight before each call) is not offered: a rotation normalises the weight anyway.
 """
 
 from __future__ import annotations
@@ -19,7 +28,8 @@ from torch import Tensor, nn
 
 from ..functional import quaternion_conv
 from ..params import int_tuple
-from ._base import QuaternionModule, check_layer_options, check_quaternion_channels
+from ._base import QuaternionModule, check_layer_options, check_quaternion_channels, check_rotation_options
+from .rotation import quaternion_rotation_conv, rotation_channel_blocks
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 PADDING_STRINGS = ("same", "valid")
@@ -50,13 +60,18 @@ class _QuaternionConvNd(QuaternionModule):
         algorithm: str,
         init_criterion: str,
         init: str = "quaternion",
+        rotation: bool = False,
+        quaternion_format: bool = True,
+        scale: bool = False,
     ) -> None:
         name, n = type(self).__name__, self._spatial_dims
         if not isinstance(groups, int) or isinstance(groups, bool) or groups <= 0:
             raise ValueError(f"{name}: groups must be a positive int, got {groups!r}")
-        check_quaternion_channels(name, "in_channels", in_channels, groups)
-        check_quaternion_channels(name, "out_channels", out_channels, groups)
         check_layer_options(name, algorithm, init_criterion, init)
+        check_rotation_options(name, rotation, quaternion_format, scale, algorithm)
+        blocks = rotation_channel_blocks(quaternion_format)
+        check_quaternion_channels(name, "in_channels", in_channels, groups, blocks)
+        check_quaternion_channels(name, "out_channels", out_channels, groups, blocks)
         kernel_size = int_tuple(name, "kernel_size", kernel_size, n, minimum=1)
         stride = int_tuple(name, "stride", stride, n, minimum=1)
         dilation = int_tuple(name, "dilation", dilation, n, minimum=1)
@@ -82,15 +97,20 @@ class _QuaternionConvNd(QuaternionModule):
         self.transposed, self.output_padding, self.groups = self._transposed, output_padding, groups
         self.padding_mode, self.algorithm, self.init_criterion = padding_mode, algorithm, init_criterion
         self.init = init
+        self.rotation, self.quaternion_format, self.scale = rotation, quaternion_format, scale
         self._reversed_padding_repeated_twice = self._pad_for_f_pad()
 
         a, b = (in_channels, out_channels) if self._transposed else (out_channels, in_channels)
         factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty((4, a // 4, b // 4 // groups, *kernel_size), **factory))
+        self.weight = nn.Parameter(torch.empty((4, a // blocks, b // blocks // groups, *kernel_size), **factory))
         if bias:
             self.bias = nn.Parameter(torch.empty(out_channels, **factory))
         else:
             self.register_parameter("bias", None)
+        if scale:
+            self.scale_param = nn.Parameter(torch.empty(self.weight.shape[1:], **factory))
+        else:
+            self.register_parameter("scale_param", None)
         self.reset_parameters()
 
     def _pad_for_f_pad(self) -> list[int]:
@@ -118,7 +138,8 @@ class _QuaternionConvNd(QuaternionModule):
                 f"got shape {tuple(shape)}"
             )
         groups = kwargs.get("groups", 1)
-        a, b = 4 * shape[0], 4 * shape[1] * groups
+        blocks = rotation_channel_blocks(kwargs.get("quaternion_format", True))
+        a, b = blocks * shape[0], blocks * shape[1] * groups
         in_channels, out_channels = (a, b) if cls._transposed else (b, a)
         return in_channels, out_channels, tuple(shape[2:])
 
@@ -128,6 +149,20 @@ class _QuaternionConvNd(QuaternionModule):
             # Like torch: pad explicitly with the mode, then convolve without padding.
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
+        if self.rotation:
+            return quaternion_rotation_conv(
+                input,
+                self.weight,
+                self.bias,
+                self.stride,
+                padding,
+                self.dilation,
+                self.groups,
+                transposed=self._transposed,
+                output_padding=output_padding,
+                scale=self.scale_param,
+                quaternion_format=self.quaternion_format,
+            )
         return quaternion_conv(
             input,
             self.weight,
@@ -166,6 +201,12 @@ class _QuaternionConvNd(QuaternionModule):
             s += ", init={init!r}"
         if self.init_criterion != "glorot":
             s += ", init_criterion={init_criterion!r}"
+        if self.rotation:
+            s += ", rotation=True"
+            if not self.quaternion_format:
+                s += ", quaternion_format=False"
+            if self.scale:
+                s += ", scale=True"
         return s.format(**self.__dict__)
 
 
@@ -191,6 +232,9 @@ class _QuaternionConv(_QuaternionConvNd):
         algorithm: str = "auto",
         init_criterion: str = "glorot",
         init: str = "quaternion",
+        rotation: bool = False,
+        quaternion_format: bool = True,
+        scale: bool = False,
     ) -> None:
         super().__init__()
         self._setup(
@@ -209,6 +253,9 @@ class _QuaternionConv(_QuaternionConvNd):
             algorithm,
             init_criterion,
             init,
+            rotation,
+            quaternion_format,
+            scale,
         )
 
     def forward(self, input: Tensor) -> Tensor:
@@ -241,6 +288,9 @@ class _QuaternionConvTranspose(_QuaternionConvNd):
         algorithm: str = "auto",
         init_criterion: str = "glorot",
         init: str = "quaternion",
+        rotation: bool = False,
+        quaternion_format: bool = True,
+        scale: bool = False,
     ) -> None:
         super().__init__()
         self._setup(
@@ -259,6 +309,9 @@ class _QuaternionConvTranspose(_QuaternionConvNd):
             algorithm,
             init_criterion,
             init,
+            rotation,
+            quaternion_format,
+            scale,
         )
 
     def _output_padding(self, input: Tensor, output_size: Sequence[int] | None) -> tuple[int, ...]:
