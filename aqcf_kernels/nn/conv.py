@@ -351,36 +351,36 @@ class _QuaternionConvTranspose(_QuaternionConvNd):
 
 
 class QuaternionConv1d(_QuaternionConv):
-    """Quaternion 1d conv; arguments as ``torch.nn.Conv1d`` plus ``algorithm`` and ``init_criterion``."""
+    """Quaternion 1d conv; arguments as ``torch.nn.Conv1d`` + ``algorithm``, ``init``, ``rotation`` (see module)."""
 
     _spatial_dims = 1
 
 
 class QuaternionConv2d(_QuaternionConv):
-    """Quaternion 2d conv; arguments as ``torch.nn.Conv2d`` plus ``algorithm`` and ``init_criterion``."""
+    """Quaternion 2d conv; arguments as ``torch.nn.Conv2d`` + ``algorithm``, ``init``, ``rotation`` (see module)."""
 
     _spatial_dims = 2
 
 
 class QuaternionConv3d(_QuaternionConv):
-    """Quaternion 3d conv; arguments as ``torch.nn.Conv3d`` plus ``algorithm`` and ``init_criterion``."""
+    """Quaternion 3d conv; arguments as ``torch.nn.Conv3d`` + ``algorithm``, ``init``, ``rotation`` (see module)."""
 
     _spatial_dims = 3
 
 
 class QuaternionConvTranspose1d(_QuaternionConvTranspose):
-    """Quaternion 1d transposed conv; arguments as ``torch.nn.ConvTranspose1d`` + ``algorithm``, ``init_criterion``."""
+    """Quaternion 1d transposed conv; arguments as ``torch.nn.ConvTranspose1d`` + options (see module)."""
 
     _spatial_dims = 1
 
 
 class QuaternionConvTranspose2d(_QuaternionConvTranspose):
-    """Quaternion 2d transposed conv; arguments as ``torch.nn.ConvTranspose2d`` + ``algorithm``, ``init_criterion``."""
+    """Quaternion 2d transposed conv; arguments as ``torch.nn.ConvTranspose2d`` + options (see module)."""
 
     _spatial_dims = 2
 
 
 class QuaternionConvTranspose3d(_QuaternionConvTranspose):
-    """Quaternion 3d transposed conv; arguments as ``torch.nn.ConvTranspose3d`` + ``algorithm``, ``init_criterion``."""
+    """Quaternion 3d transposed conv; arguments as ``torch.nn.ConvTranspose3d`` + options (see module)."""
 
     _spatial_dims = 3

@@ -30,6 +30,10 @@ tensor expressions and autograd differentiates through it (``weight``, ``scale``
 library's meaning (each group holds all components): the pure blocks are reordered group-major
 around the real conv, as the expanded-weight conv does.
 
+speechbrain's ``quaternion_linear_rotation_op`` (``QLinear(spinor=True)``) is the one original that
+differs: its block matrix applies ``R(q)ᵀ`` (the rotation by ``q*``) and it normalises by
+``|w| + 1e-4``; :func:`quaternion_rotation_linear` follows Parcollet's linear, which applies ``R(q)``.
+
 A transposed rotation conv is the adjoint of the rotation conv with the same weight (the library's
 definition of every transposed conv): per tap it applies ``R(q)ᵀ = R(q*)``, the inverse rotation.
 Parcollet's ``quaternion_transpose_conv_rotation`` builds this same kernel but then convolves with

@@ -127,6 +127,16 @@ def test_conv_matches_reference(case, quaternion_format, scale):
         assert_close(real, layer.bias[: y.shape[1] // 4].view(1, -1, *[1] * case[0]).expand_as(real))
 
 
+@pytest.mark.parametrize("case", [CASES[2], CASES[7]], ids=_case_id)
+def test_float32_within_contract(case):
+    """float32 within 1e-5 relative error of the float64 reference (the library's hamilton contract)."""
+    layer, channels = _rotation_layer(case, True, True)
+    x = _randn(2, channels, *ODD_SIZES[case[0]], seed=29)
+    expected = _reference_of(layer, x)
+    y = layer.float()(x.float()).double()
+    assert ((y - expected).norm() / expected.norm()).item() <= 1e-5
+
+
 def test_real_input_block_is_ignored():
     layer, channels = _rotation_layer(CASES[2], True, False)
     x = _randn(2, channels, 9, 7, seed=2)
