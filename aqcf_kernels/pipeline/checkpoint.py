@@ -1,21 +1,34 @@
-"""Checkpoints written atomically, and the models a run config describes.
+"""Checkpoints written atomically, read safely, and the models a run config describes.
 
-A checkpoint is one ``torch.save`` dict: ``config`` (the run's :class:`RunConfig` as a dict),
-``model`` (state dict), and for training ``optimizer``, ``scheduler``, ``loader`` (sampler
-position), ``rng`` (torch, numpy, python, CUDA), ``epoch`` (0-based index of the last finished
-epoch), ``step``, ``best`` (the best selection value so far), ``selection`` (the best-checkpoint
-criterion's state: ``criterion`` text, ``alpha``, ``ema``, ``best``, ``best_epoch`` 1-based as in
-``metrics.jsonl``), ``role`` (``"best"`` or ``"last"``) and ``selected_by`` (why ``best.pt`` holds
-these weights). :func:`checkpoint_info` turns these into what evaluation reports. It is written to a
-temporary file in the same folder, flushed to disk and renamed over the old one: an interruption
-leaves the previous checkpoint intact, never a torn file.
+A checkpoint is one ``torch.save`` dict of tensors and plain Python values only (dicts, lists,
+tuples, str, int, float, bool, None), so that it is read with ``torch.load(weights_only=True)``:
+a checkpoint from someone else (``aqcf-predict`` on a shared run) can hold no code that runs on load.
+Keys: ``config`` (the run's :class:`RunConfig` as a plain dict), ``model`` (state dict), and for
+training ``optimizer``, ``scheduler``, ``loader`` (sampler position), ``rng`` (torch, numpy,
+python, CUDA; numpy's as plain parts, see :func:`~aqcf_kernels.pipeline.train.rng_state`),
+``epochs_done`` (how many epochs had finished: the 1-based number of the last one, as in
+``metrics.jsonl``), ``step``, ``best`` (the best selection value so far), ``selection`` (the
+best-checkpoint criterion's state: ``criterion`` text, ``alpha``, ``ema``, ``best``,
+``best_epoch``), ``role`` (``"best"`` or ``"last"``) and ``selected_by`` (why ``best.pt`` holds
+these weights). :func:`checkpoint_info` turns these into what evaluation reports.
+
+A file that needs anything else to load (a code-executing pickle, or a checkpoint of an older
+aqcf-train, which kept numpy arrays) is refused by :func:`load_checkpoint` with
+:class:`UnsafeCheckpointError`, naming what it would import; nothing in it is run, and there is no
+unsafe fallback.
+
+A checkpoint is written to a temporary file in the same folder, flushed to disk and renamed over
+the old one: an interruption leaves the previous checkpoint intact, never a torn file.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import pickletools
+import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -47,17 +60,93 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
     return path
 
 
+class UnsafeCheckpointError(ValueError):
+    """A file that ``torch.load(weights_only=True)`` refuses because its pickle imports or calls more
+    than tensors and plain values need; it was not run."""
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint dict at ``path``, read with ``torch.load(weights_only=True)`` onto the CPU.
+
+    Raises:
+        FileNotFoundError: no such file.
+        UnsafeCheckpointError: its pickle would import anything beyond tensors and plain values (a
+            code-executing file, or a checkpoint of an older aqcf-train); one line naming the file
+            and what it would import. Nothing in it is run and there is no unsafe retry.
+        ValueError: a damaged file, or not an aqcf-train checkpoint (no ``config``/``model``).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        raise ValueError(f"checkpoint {path} is not readable ({type(e).__name__}: {e})") from None
+        with warnings.catch_warnings():
+            # A bare pickle's protocol warns before it is refused; the refusal below says all there is.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means one of the two things below
+        refused = _refused_globals(path, e)
+        if refused:
+            older = all(name.startswith("numpy.") for name in refused)
+            why = (
+                "a checkpoint of aqcf-train from before safe loading, whose RNG state held numpy arrays: retrain"
+                if older
+                else "no aqcf-train checkpoint does: the file may run code when unpickled"
+            )
+            raise UnsafeCheckpointError(
+                f"checkpoint {path} cannot be loaded safely: its pickle imports {', '.join(refused)}, beyond the "
+                f"tensors and plain values torch.load(weights_only=True) allows ({why}); nothing in it was run"
+            ) from None
+        raise ValueError(f"checkpoint {path} is not readable ({type(e).__name__}: {_first_line(e)})") from None
     if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
         raise ValueError(f"checkpoint {path} is not an aqcf-train checkpoint (no config/model)")
     return ckpt
+
+
+def _first_line(error: BaseException) -> str:
+    """The informative line of an error: torch's weights-only refusals wrap it in a paragraph of advice."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    boilerplate = ("Weights only load failed", "(1)", "(2)", "Please file an issue", "Check the documentation")
+    useful = [line for line in lines if not line.startswith(boilerplate)]
+    return (useful or lines or [type(error).__name__])[0]
+
+
+def _refused_globals(path: Path, error: BaseException) -> list[str]:
+    """``module.name`` of each global the file's pickle imports that weights-only loading does not
+    allow, found by reading the pickle (never running it); empty for a damaged file."""
+    try:  # a zip checkpoint (torch.save's format): torch lists them itself
+        names = list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # noqa: BLE001 - a bare pickle or a legacy (non-zip) torch.save file
+        names = _pickle_globals(path)
+    # The refusal itself names the global it stopped at (legacy files pickle the data after a header).
+    names += re.findall(r"GLOBAL ([\w.]+)", str(error))
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals
+
+        allowed = set(_get_allowed_globals())
+    except ImportError:  # a future torch without the private list: report every global
+        allowed = set()
+    return sorted({n for n in names if n not in allowed})
+
+
+def _pickle_globals(path: Path) -> list[str]:
+    """The globals every pickle in the file refers to (``GLOBAL`` and ``STACK_GLOBAL`` opcodes), read by
+    :mod:`pickletools`, which decodes opcodes and runs nothing; stops at the first undecodable byte."""
+    names: list[str] = []
+    strings: list[str] = []
+    with path.open("rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        try:
+            while f.tell() < size:
+                for opcode, arg, _ in pickletools.genops(f):
+                    if opcode.name == "GLOBAL":
+                        names.append(str(arg).replace(" ", "."))
+                    elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                        names.append(f"{strings[-2]}.{strings[-1]}")
+                    elif isinstance(arg, str):
+                        strings.append(arg)
+        except Exception:  # noqa: BLE001 - raw tensor bytes or damage: the globals found so far
+            pass
+    return names
 
 
 class UnimodalPair(nn.Module):
@@ -101,7 +190,8 @@ def build_model(cfg: RunConfig) -> nn.Module:
 def checkpoint_info(ckpt: dict[str, Any], path: str | os.PathLike) -> dict[str, Any]:
     """Which weights a checkpoint holds and why: plain values for reports, and one ``description`` line.
 
-    Keys: ``file``, ``role`` (``best``/``last``/None), ``epoch`` (1-based, as ``metrics.jsonl``),
+    Keys: ``file``, ``role`` (``best``/``last``/None), ``epoch`` (of the weights: the checkpoint's
+    ``epochs_done``, 1-based as ``metrics.jsonl``),
     ``epochs`` (planned), ``step``, ``fold``, ``selected_by`` (the criterion that made it best, or
     why best is the last epoch), ``criterion`` (the run's best-checkpoint criterion), ``best_epoch``,
     ``best_value`` (the criterion's value at ``best_epoch``), ``description``.
@@ -109,11 +199,11 @@ def checkpoint_info(ckpt: dict[str, Any], path: str | os.PathLike) -> dict[str, 
     path = Path(path)
     config = ckpt.get("config") or {}
     selection = ckpt.get("selection") or {}
-    epoch = ckpt.get("epoch")
+    epoch = ckpt.get("epochs_done")
     info: dict[str, Any] = {
         "file": str(path),
         "role": ckpt.get("role"),
-        "epoch": epoch + 1 if isinstance(epoch, int) else None,
+        "epoch": epoch if isinstance(epoch, int) else None,
         "epochs": (config.get("train") or {}).get("epochs"),
         "step": ckpt.get("step"),
         "fold": (config.get("data") or {}).get("fold"),

@@ -14,12 +14,16 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from .config import RunConfig
+
+if TYPE_CHECKING:
+    from ..data import CachedCase
 
 SLICES_PER_BATCH = 8
 OVERLAP = 0.25
@@ -147,11 +151,26 @@ def predict_probabilities(
         model.train(was_training)
 
 
-def predict_labels(model: nn.Module, image: np.ndarray, modality: str, cfg: RunConfig, device="cpu") -> np.ndarray:
-    """Label map ``(z, x, y)`` uint8 (0 background, 1 liver, 2 tumour) of a preprocessed volume."""
+def predict_labels(
+    model: nn.Module, image: np.ndarray, modality: str, cfg: RunConfig, device="cpu", *, pad_value: float = 0.0
+) -> np.ndarray:
+    """Label map ``(z, x, y)`` uint8 (0 background, 1 liver, 2 tumour) of a preprocessed volume.
+
+    ``pad_value`` as in :func:`predict_logits`; for a cached case use :func:`predict_case_labels`,
+    which pads with the case's own air value.
+    """
     was_training = model.training
     model.eval()
     try:
-        return predict_logits(model, image, modality, cfg, device).argmax(0).numpy().astype(np.uint8)
+        logits = predict_logits(model, image, modality, cfg, device, pad_value=pad_value)
+        return logits.argmax(0).numpy().astype(np.uint8)
     finally:
         model.train(was_training)
+
+
+def predict_case_labels(model: nn.Module, case: CachedCase, modality: str, cfg: RunConfig, device="cpu") -> np.ndarray:
+    """:func:`predict_labels` of a preprocessed case, windows padded with its normalised air
+    (:attr:`~aqcf_kernels.data.CachedCase.pad_value`), as ``aqcf-predict`` and the training samplers
+    pad: validation, ``aqcf-evaluate`` and ``aqcf-explain`` then see what prediction sees (an MRI
+    z-score's air is far below 0, so padding with 0 would put a bright frame around small volumes)."""
+    return predict_labels(model, case.image, modality, cfg, device, pad_value=case.pad_value)

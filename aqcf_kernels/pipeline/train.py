@@ -61,7 +61,7 @@ from .checkpoint import build_model, load_checkpoint, save_atomic
 from .config import RESUME_MAY_CHANGE, RunConfig, apply_override, config_diff, format_diff, load_config
 from .data import SingleStream, make_loader, prepare_data
 from .device import DEVICE_CHOICES_HELP, resolve_device
-from .inference import predict_labels
+from .inference import predict_case_labels
 from .metrics import dice
 
 if TYPE_CHECKING:
@@ -121,16 +121,36 @@ def solo_step(t, step: int) -> bool:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG's state as tensors and plain values (what :func:`~.checkpoint.load_checkpoint` reads safely).
+
+    numpy's legacy MT19937 state becomes its parts, the 624-word key as an int64 tensor; python's is
+    ``(version, tuple of 625 ints, gauss)`` already; torch's and CUDA's are uint8 tensors.
+    """
+    bit_generator, key, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "bit_generator": str(bit_generator),
+            "key": torch.from_numpy(key.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "python": random.getstate(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` saved, bit for bit."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    key = n["key"].numpy().astype(np.uint32)
+    np.random.set_state((n["bit_generator"], key, n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -147,7 +167,7 @@ def validate(model: nn.Module, cfg: RunConfig, val_cases: dict[str, list], devic
         cases = cases[: cfg.train.val_cases] if cfg.train.val_cases else cases
         scores: dict[str, list[float]] = {"liver": [], "tumour": []}
         for case in cases:
-            pred = predict_labels(model, case.image, modality, cfg, device)
+            pred = predict_case_labels(model, case, modality, cfg, device)
             for region in scores:
                 scores[region].append(dice(pred, np.asarray(case.label), region))
         for region, values in scores.items():
@@ -541,7 +561,7 @@ def restore_training(
     loader: JointLoader | SingleStream,
     criterion: str = "",
 ) -> tuple[int, int, BestSelection]:
-    """Load a training checkpoint's states and RNGs in place; returns (next epoch, step, best selection).
+    """Load a training checkpoint's states and RNGs in place; returns (next epoch 0-based, step, best selection).
 
     A checkpoint from before the EMA criterion (or with another ``criterion``) starts a fresh selection.
     """
@@ -550,7 +570,8 @@ def restore_training(
     scheduler.load_state_dict(ckpt["scheduler"])
     loader.load_state_dict(ckpt["loader"])
     set_rng_state(ckpt["rng"])
-    return ckpt["epoch"] + 1, ckpt["step"], BestSelection.from_state(ckpt.get("selection"), criterion)
+    # epochs_done is also the 0-based index of the next epoch
+    return ckpt["epochs_done"], ckpt["step"], BestSelection.from_state(ckpt.get("selection"), criterion)
 
 
 def train_epoch(run: TrainingRun, epoch: int) -> tuple[list[dict[str, float]], float]:
@@ -620,7 +641,8 @@ def finish_epoch(run: TrainingRun, epoch: int, losses: list[dict[str, float]], s
 
 
 def checkpoint_state(run: TrainingRun, epoch: int, selection: BestSelection | None = None) -> dict[str, Any]:
-    """Everything an exact resume after ``epoch`` needs (the format of :mod:`.checkpoint`), RNGs as of now."""
+    """Everything an exact resume after ``epoch`` (0-based loop index) needs, in the format of
+    :mod:`.checkpoint` (``epochs_done = epoch + 1``, tensors and plain values only), RNGs as of now."""
     selection = run.selection if selection is None else selection
     return {
         "config": run.cfg.to_dict(),
@@ -629,7 +651,7 @@ def checkpoint_state(run: TrainingRun, epoch: int, selection: BestSelection | No
         "scheduler": run.scheduler.state_dict(),
         "loader": run.loader.state_dict(),
         "rng": rng_state(),
-        "epoch": epoch,
+        "epochs_done": epoch + 1,
         "step": run.step,
         "best": selection.best,
         "selection": selection.state_dict(),

@@ -87,7 +87,7 @@ def test_tiny_run_records_the_best_epoch(datasets, tmp_path: Path, monkeypatch, 
     assert len(calls) == 3
 
     best, last = load_checkpoint(run_dir / "best.pt"), load_checkpoint(run_dir / "last.pt")
-    assert best["epoch"] == last["epoch"] == 2  # 0-based index: the 3rd epoch
+    assert best["epochs_done"] == last["epochs_done"] == 3  # 1-based, as metrics.jsonl
     assert best["role"] == "best" and last["role"] == "last"
     assert best["selection"]["best_epoch"] == 3 and "EMA (alpha 0.9, from 0)" in best["selected_by"]
     assert "mean foreground Dice" in best["selected_by"]

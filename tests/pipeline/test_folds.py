@@ -106,7 +106,7 @@ def test_fold_runs_and_their_summary(datasets, tmp_path: Path, capsys) -> None:
     assert split["fold"] == "all" and split["val"] == [] and split["test"] == splits[0]["test"]
     assert sorted(split["train"]) == sorted(splits[0]["train"] + splits[0]["val"])
     best = load_checkpoint(everything / "best.pt")
-    assert best["epoch"] == load_checkpoint(everything / "last.pt")["epoch"]
+    assert best["epochs_done"] == load_checkpoint(everything / "last.pt")["epochs_done"]
     assert "last epoch" in best["selected_by"] and "fold 'all'" in best["selected_by"]
     val_rows = [json.loads(r) for r in (everything / "metrics.jsonl").read_text().splitlines() if '"val"' in r]
     assert val_rows[-1]["best_epoch"] == 1 and "ct_dice_liver" not in val_rows[-1]

@@ -33,7 +33,7 @@ def test_resume_with_another_config_lists_the_differences(datasets, tmp_path: Pa
     out = tmp_path / "run"
     args = _args(datasets, out)
     assert tr.main([*args, "--max-epochs-this-run", "1"]) == 0
-    assert load_checkpoint(out / "last.pt")["epoch"] == 0
+    assert load_checkpoint(out / "last.pt")["epochs_done"] == 1
     before = (out / "last.pt").read_bytes()
 
     changed = [*args, "--set", "train.lr=0.01", "--set", "train.epochs=3", "--fold", "0", "--resume"]
@@ -55,10 +55,10 @@ def test_resume_with_another_config_lists_the_differences(datasets, tmp_path: Pa
     # The original command line (+ --resume) continues; the device may differ.
     assert tr.main([*args, "--resume", "--device", "cpu"]) == 0
     ckpt = load_checkpoint(out / "last.pt")
-    assert ckpt["epoch"] == 1 and ckpt["config"]["train"]["device"] == "cpu"
+    assert ckpt["epochs_done"] == 2 and ckpt["config"]["train"]["device"] == "cpu"
     # Just --out DIR --resume uses the run's own config (here: nothing left to train).
     assert tr.main(["--out", str(out), "--resume"]) == 0
-    assert load_checkpoint(out / "last.pt")["epoch"] == 1
+    assert load_checkpoint(out / "last.pt")["epochs_done"] == 2
     capsys.readouterr()
     assert tr.main(["--out", str(tmp_path / "nothing"), "--resume"]) == 2
     assert "holds no run to continue (no last.pt)" in capsys.readouterr().err
@@ -89,14 +89,14 @@ def test_ctrl_c_during_an_epoch(datasets, tmp_path: Path, monkeypatch, capsys) -
         f"aqcf-train: interrupted in epoch 2/2: {out / 'last.pt'} holds epoch 1, the last completed; "
         f"continue with: {command}"
     )
-    assert load_checkpoint(out / "last.pt")["epoch"] == 0
+    assert load_checkpoint(out / "last.pt")["epochs_done"] == 1
     model, cfg = load_for_inference(out / "last.pt")
     assert cfg.train.epochs == 2
     monkeypatch.undo()
 
     # The printed command continues the run to its end.
     assert tr.main(shlex.split(command)[1:]) == 0
-    assert load_checkpoint(out / "last.pt")["epoch"] == 1
+    assert load_checkpoint(out / "last.pt")["epochs_done"] == 2
 
 
 def test_ctrl_c_during_validation_saves_the_finished_epoch(datasets, tmp_path: Path, monkeypatch, capsys) -> None:
@@ -118,8 +118,8 @@ def test_ctrl_c_during_validation_saves_the_finished_epoch(datasets, tmp_path: P
     assert line.startswith(f"aqcf-train: interrupted in epoch 2/2: saved {out / 'last.pt'} (epoch 2, written now);")
     assert line.endswith(shlex.join(["aqcf-train", *args, "--resume"]))
     ckpt = load_checkpoint(out / "last.pt")
-    assert ckpt["epoch"] == 1 and ckpt["step"] == 2 and ckpt["role"] == "last"
-    assert load_checkpoint(out / "best.pt")["epoch"] == 0  # best.pt is the validated epoch 1, untouched
+    assert ckpt["epochs_done"] == 2 and ckpt["step"] == 2 and ckpt["role"] == "last"
+    assert load_checkpoint(out / "best.pt")["epochs_done"] == 1  # best.pt is the validated epoch 1, untouched
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 

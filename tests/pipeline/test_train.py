@@ -35,7 +35,7 @@ def test_resume_matches_uninterrupted_run(datasets, tmp_path: Path, monkeypatch)
     train(cfg, straight)
     train(cfg, interrupted, max_epochs_this_run=1)
     first = load_checkpoint(interrupted / "last.pt")
-    assert first["epoch"] == 0 and first["step"] == 2
+    assert first["epochs_done"] == 1 and first["step"] == 2
 
     # Crash while writing the epoch-2 checkpoint: the epoch-1 checkpoint survives, no temp files remain.
     before = (interrupted / "last.pt").read_bytes()
@@ -48,7 +48,7 @@ def test_resume_matches_uninterrupted_run(datasets, tmp_path: Path, monkeypatch)
 
     train(cfg, interrupted, resume=True)
     a, b = load_checkpoint(straight / "last.pt"), load_checkpoint(interrupted / "last.pt")
-    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (1, 4)
+    assert (a["epochs_done"], a["step"]) == (b["epochs_done"], b["step"]) == (2, 4)
     assert a["model"].keys() == b["model"].keys()
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
@@ -112,6 +112,6 @@ def test_torchrun_two_processes(datasets, tmp_path: Path) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=180, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ckpt = load_checkpoint(out / "last.pt")
-    assert ckpt["step"] == 2 and ckpt["epoch"] == 0
+    assert ckpt["step"] == 2 and ckpt["epochs_done"] == 1
     assert (out / "metrics.jsonl").read_text().count('"kind": "val"') == 1  # rank 0 logs once
     print(f"torchrun smoke test: {time.perf_counter() - started:.1f} s")
