@@ -34,16 +34,19 @@ def preprocess_config(cfg: RunConfig) -> PreprocessConfig:
 
 
 def prepare_data(
-    cfg: RunConfig, run_dir: Path, *, progress: bool | None = True
+    cfg: RunConfig, run_dir: Path, *, progress: bool | None = None
 ) -> dict[str, dict[str, list[CachedCase]]]:
     """Per modality: the cached cases of each split (train/val/test), the split written to ``run_dir``.
 
     With ``data.fold`` set the split is that cross-validation fold (:func:`~aqcf_kernels.data.split.make_fold_split`:
     the same held-out test set for every fold of a seed); otherwise the seeded train/val/test split.
 
-    ``progress``: tqdm bars while preprocessing (``None``: only on a terminal).
+    ``progress``: tqdm bars while preprocessing (``None``, the default: only when stderr is a terminal,
+    tqdm's convention and that of every other bar of the pipeline; ``False``: never).
     """
-    from ..data import find_cases, load_or_create_split, preprocess_cases
+    from tqdm.auto import tqdm
+
+    from ..data import find_cases, load_or_create_split, preprocess_case
 
     cfg.check_data_roots()
     d = cfg.data
@@ -52,7 +55,10 @@ def prepare_data(
     for modality in cfg.modalities:
         root, layout = getattr(d, f"{modality}_root"), getattr(d, f"{modality}_layout") or "auto"
         cases = find_cases(root, layout, modality=modality)
-        cached = preprocess_cases(cases, Path(d.cache_dir) / modality, preprocess_config(cfg), progress=progress)
+        disable = None if progress is None else not progress
+        # The bar closes also on a DataError, so the error line that follows starts on a line of its own.
+        with tqdm(cases, desc=f"preprocess {modality}", unit="case", disable=disable) as bar:
+            cached = [preprocess_case(c, Path(d.cache_dir) / modality, preprocess_config(cfg)) for c in bar]
         split = load_or_create_split(
             run_dir / SPLIT_FILE.format(modality=modality),
             [c.case_id for c in cached],

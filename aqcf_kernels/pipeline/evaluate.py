@@ -57,7 +57,7 @@ from .checkpoint import load_run_checkpoint
 from .config import apply_overrides
 from .data import SPLITS, check_splits, prepare_data
 from .device import DEVICE_CHOICES_HELP, resolve_device
-from .inference import predict_labels, resolve_checkpoint
+from .inference import predict_case_labels, resolve_checkpoint
 from .metrics import PAPER, case_metrics, markdown_table, summarise
 
 __all__ = ["METRICS", "evaluate", "evaluate_runs", "main", "resolve_checkpoint", "score_case", "summarise_runs"]
@@ -196,19 +196,21 @@ def evaluate(
             warnings.warn(f"{modality}: the {split} split of {run_dir} is empty; nothing to evaluate", stacklevel=2)
         rows: list[dict[str, Any]] = []
         bar = tqdm(cases, desc=f"evaluate {modality}", unit="case", disable=None if progress is None else not progress)
-        for case in bar:
-            started = time.perf_counter()
-            with torch.inference_mode():
-                pred = predict_labels(model, case.image, modality, cfg, torch_device)
-            row: dict[str, Any] = {"case_id": case.case_id, **score_case(pred, case)}
-            if write_masks:
-                mask = write_prediction(pred, case, out / "masks" / modality / f"{case.case_id}.nii.gz")
-                row["mask"] = str(mask.relative_to(out))
-            row["seconds"] = time.perf_counter() - started
-            rows.append(row)
-            if not math.isnan(row["dice_tumour"]):
-                bar.set_postfix(tumour_dice=f"{row['dice_tumour']:.3f}")
-        bar.close()
+        try:
+            for case in bar:
+                started = time.perf_counter()
+                with torch.inference_mode():
+                    pred = predict_case_labels(model, case, modality, cfg, torch_device)
+                row: dict[str, Any] = {"case_id": case.case_id, **score_case(pred, case)}
+                if write_masks:
+                    mask = write_prediction(pred, case, out / "masks" / modality / f"{case.case_id}.nii.gz")
+                    row["mask"] = str(mask.relative_to(out))
+                row["seconds"] = time.perf_counter() - started
+                rows.append(row)
+                if not math.isnan(row["dice_tumour"]):
+                    bar.set_postfix(tumour_dice=f"{row['dice_tumour']:.3f}")
+        finally:
+            bar.close()  # also on an error: its message then starts on a clean line
         summaries[modality] = summarise([{k: row[k] for k in METRICS} for row in rows])
         results["modalities"][modality] = {"summary": summaries[modality], "cases": rows}
         _write_csv(out / f"per_case_{modality}.csv", rows)

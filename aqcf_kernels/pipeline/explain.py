@@ -2,7 +2,7 @@
 
     aqcf-explain runs/joint                                   # both methods, default layer per stream, 3 test cases
     aqcf-explain runs/joint --list-layers                     # the layer names accepted by --layers
-    aqcf-explain runs/joint --modality ct --layers model.encoder.ct.levels.3 model.decoder.blocks.0 --cases 5
+    aqcf-explain runs/joint --modality ct --layers encoder.ct.levels.3 decoder.blocks.0 --cases 5
     aqcf-explain runs/dynunet --method gradcampp --out figs/cam
 
 For each modality and each of the first ``--cases`` cases of the run's saved split (test by default),
@@ -13,7 +13,9 @@ size centred on the slice's tumour (or liver), clipped to the volume. MONAI's ``
 ``GradCAMpp`` then explain the tumour class (index 2) at each chosen layer, and one PNG per case,
 method and layer is written to ``OUT/{modality}/{case}_{method}_{layer}.png`` with four panels:
 image, ground truth, prediction, and the heat map over the image (label tumour outlined). Slices are
-drawn in the radiological convention (patient's right on the viewer's left, anterior up).
+drawn in the radiological convention (patient's right on the viewer's left, anterior up). Which
+weights are explained (checkpoint file, epoch, the criterion that made it ``best.pt``) is printed
+first, in the words of ``aqcf-evaluate`` (:func:`~aqcf_kernels.pipeline.checkpoint.checkpoint_info`).
 
 **The wrapper** (:class:`ClassScores`). MONAI's CAMs back-propagate ``logits[:, class_idx]``, which
 for a segmentation net is a whole map; Grad-CAM++ moreover multiplies ``exp(score)`` into the
@@ -23,12 +25,14 @@ interest (Seg-Grad-CAM, Vinogradova et al., AAAI 2020). Here the region is the t
 predicts on the input, or, if it predicts none, the tumour of the label, or else the whole input; the
 same region serves every class. Without a region set, each class uses its own predicted (argmax)
 region (the whole input where that is empty). The wrapper holds the network as ``model``, so MONAI
-sees every layer name with a ``model.`` prefix (``model.encoder.ct.levels.3``); ``--layers`` accepts
-names with or without it. Only layers that run in a single-modality forward can be explained: the
-A-QCF fusion blocks only run when CT and MRI are given together, which evaluation never does.
+sees every layer name with a ``model.`` prefix (``model.encoder.ct.levels.3``); ``--list-layers``
+prints the names without it, as the PNG file names spell them, and ``--layers`` accepts either. Only
+layers that run in a single-modality forward can be explained: the A-QCF fusion blocks only run when
+CT and MRI are given together, which evaluation never does; a name that is no layer at all is an
+error listing the known ones.
 
 Default layers (the deepest encoder level of each stream, before its down-sampling): A-QCF-Net
-``model.encoder.{ct,mri}.levels.{L-1}``; DynUNet pair ``model.nets.{ct,mri}.downsamples.{L-2}``.
+``encoder.{ct,mri}.levels.{L-1}``; DynUNet pair ``nets.{ct,mri}.downsamples.{L-2}``.
 
 MONAI's default CAM post-processing maps (min, max) to (1, 0), i.e. *inverts* the map; maps are
 instead scaled here to [0, 1] with the maximum at 1 (an all-zero map stays zero and says so).
@@ -49,13 +53,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import load_for_inference
+from .checkpoint import load_run_checkpoint
 from .config import apply_overrides
 from .data import SPLITS, check_splits, prepare_data
 from .device import DEVICE_CHOICES_HELP, resolve_device
-from .inference import predict_labels, resolve_checkpoint
+from .inference import predict_case_labels, resolve_checkpoint
 
-__all__ = ["METHODS", "ClassScores", "available_layers", "default_layers", "explain", "main"]
+__all__ = ["METHODS", "ClassScores", "available_layers", "default_layers", "explain", "main", "short_name"]
 
 #: Method name -> MONAI class name in :mod:`monai.visualize`.
 METHODS = {"gradcam": "GradCAM", "gradcampp": "GradCAMpp"}
@@ -145,12 +149,26 @@ def default_layers(model: nn.Module, modality: str) -> list[str]:
     raise ValueError(f"no default layer for {type(model).__name__}; pass --layers (see --list-layers)")
 
 
-def _resolve_layers(requested: Sequence[str], available: dict[str, dict[str, tuple[int, ...]]]) -> dict[str, list[str]]:
-    """Per modality, the requested layers (prefixed) that run for it; a layer that runs for none is an error."""
+def short_name(layer: str) -> str:
+    """A layer's name without the wrapper's ``model.`` prefix: as ``--list-layers`` prints it and the PNG
+    file names spell it."""
+    return layer[len(PREFIX) :] if layer.startswith(PREFIX) else layer
+
+
+def _resolve_layers(
+    requested: Sequence[str], available: dict[str, dict[str, tuple[int, ...]]], model: nn.Module
+) -> dict[str, list[str]]:
+    """Per modality, the requested layers (prefixed) that run for it. A name that is no module of the
+    model is an error listing the known layers; a module that runs for none of the modalities (a
+    fusion block) is an error saying so."""
     out: dict[str, list[str]] = {m: [] for m in available}
+    modules = {name for name, _ in model.named_modules() if name}
     for name in requested:
-        full = name if name.startswith(PREFIX) else PREFIX + name
+        full = PREFIX + short_name(name)
         hits = [m for m, layers in available.items() if full in layers]
+        if not hits and short_name(name) not in modules:
+            known = list(dict.fromkeys(short_name(layer) for layers in available.values() for layer in layers))
+            raise ValueError(f"no such layer {name!r}; known layers: {', '.join(known)}")
         if not hits:
             raise ValueError(
                 f"layer {name!r} does not run for {' or '.join(available)} "
@@ -315,6 +333,7 @@ def explain(
     device: str = "auto",
     data_overrides: Sequence[str] = (),
     progress: bool | None = None,
+    echo: bool = True,
 ) -> list[Path]:
     """Write Grad-CAM / Grad-CAM++ overlays of the tumour class; returns the PNG paths.
 
@@ -332,6 +351,8 @@ def explain(
             ValueError, for one this machine lacks).
         data_overrides: ``"data.KEY=VALUE"`` overrides of the run's data section.
         progress: tqdm bars (``None``: only on a terminal).
+        echo: print which weights are explained (:func:`~aqcf_kernels.pipeline.checkpoint.checkpoint_info`'s
+            line, as ``aqcf-evaluate`` prints it) before the first case.
     """
     from monai import visualize
     from tqdm.auto import tqdm
@@ -343,17 +364,20 @@ def explain(
         raise ValueError(f"cases must be at least 1, got {cases}")
     run_dir = Path(run_dir)
     ckpt_path = resolve_checkpoint(run_dir, checkpoint)
-    model, cfg = load_for_inference(ckpt_path, device)
+    model, cfg, info = load_run_checkpoint(ckpt_path, device)
     apply_overrides(cfg, data_overrides, sections=("data",))
     modalities = _modalities(modality, cfg.modalities)
     dims = cfg.model.spatial_dims
     multiple = 2 ** len(cfg.model.features)
     available = {m: available_layers(model, m, dims, _probe_size(cfg)) for m in modalities}
-    chosen = _resolve_layers(layers, available) if layers else {m: default_layers(model, m) for m in modalities}
+    chosen = _resolve_layers(layers, available, model) if layers else {m: default_layers(model, m) for m in modalities}
     methods = list(METHODS) if method == "both" else [method]
     check_splits(run_dir, cfg.modalities)
     data = prepare_data(cfg, run_dir, progress=progress)
     out = Path(out) if out is not None else run_dir / "explain"
+    if echo:
+        print(f"Checkpoint {info['description']}.", flush=True)
+    epoch = "" if info["epoch"] is None else f" (epoch {info['epoch']})"
 
     written: list[Path] = []
     for m in modalities:
@@ -370,31 +394,34 @@ def explain(
         if not selected:
             warnings.warn(f"{m}: the {split} split of {run_dir} is empty; nothing to explain", stacklevel=2)
         bar = tqdm(selected, desc=f"explain {m}", unit="case", disable=None if progress is None else not progress)
-        for case in bar:
-            pred = predict_labels(model, case.image, m, cfg, device)
-            label = np.asarray(case.label) if case.label is not None else None
-            z, why, focus = _pick_slice(label, pred)
-            x, window, z_in = _cam_input(case, z, focus, cfg)
-            size = x.shape[2:]
-            x = _pad_to(x, multiple, case.pad_value).to(device)
-            label_in = label[window] if label is not None else None
-            wrapper.region, region_name = _score_region(wrapper, x, label_in, multiple)
-            image_in, pred_in = np.asarray(case.image[window]), pred[window]
-            for (layer, name), cam in cams.items():
-                raw = cam(x, class_idx=TUMOUR)[(..., *[slice(0, s) for s in size])]
-                heat, top = _unit(raw)
-                if dims == 2:
-                    heat = heat[None]  # (1, x, y): the slice, like image_in
-                short = layer[len(PREFIX) :] if layer.startswith(PREFIX) else layer
-                path = out / m / f"{_sanitise(case.case_id)}_{name}_{_sanitise(short)}.png"
-                title = f"{case.case_id} ({m}), axial slice {z} ({why}); {cfg.train.mode} model, {ckpt_path.name}"
-                heat_title = f"{METHODS[name]}, tumour, at {short}\nscore region: {region_name}"
-                if top <= 0:
-                    heat_title += " (map all zero)"
-                panels = (image_in[z_in], None if label_in is None else label_in[z_in], pred_in[z_in], heat[z_in])
-                written.append(_figure(path, *panels, title, heat_title))
-            wrapper.region = None
-        bar.close()
+        try:
+            for case in bar:
+                pred = predict_case_labels(model, case, m, cfg, device)
+                label = np.asarray(case.label) if case.label is not None else None
+                z, why, focus = _pick_slice(label, pred)
+                x, window, z_in = _cam_input(case, z, focus, cfg)
+                size = x.shape[2:]
+                x = _pad_to(x, multiple, case.pad_value).to(device)
+                label_in = label[window] if label is not None else None
+                wrapper.region, region_name = _score_region(wrapper, x, label_in, multiple)
+                image_in, pred_in = np.asarray(case.image[window]), pred[window]
+                for (layer, name), cam in cams.items():
+                    raw = cam(x, class_idx=TUMOUR)[(..., *[slice(0, s) for s in size])]
+                    heat, top = _unit(raw)
+                    if dims == 2:
+                        heat = heat[None]  # (1, x, y): the slice, like image_in
+                    short = short_name(layer)
+                    path = out / m / f"{_sanitise(case.case_id)}_{name}_{_sanitise(short)}.png"
+                    title = f"{case.case_id} ({m}), axial slice {z} ({why}); {cfg.train.mode} model, "
+                    title += f"{ckpt_path.name}{epoch}"
+                    heat_title = f"{METHODS[name]}, tumour, at {short}\nscore region: {region_name}"
+                    if top <= 0:
+                        heat_title += " (map all zero)"
+                    panels = (image_in[z_in], None if label_in is None else label_in[z_in], pred_in[z_in], heat[z_in])
+                    written.append(_figure(path, *panels, title, heat_title))
+                wrapper.region = None
+        finally:
+            bar.close()  # also on an error: the message then starts on a clean line
     return written
 
 
@@ -430,20 +457,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="output folder (default RUN_DIR/explain)")
     p.add_argument("--device", default="auto", help=f"{DEVICE_CHOICES_HELP} (default auto)")
     p.add_argument("--set", action="append", default=[], metavar="data.KEY=VALUE", help="override a data path")
-    p.add_argument("--list-layers", action="store_true", help="print the layer names --layers accepts and exit")
+    p.add_argument(
+        "--list-layers", action="store_true", help="print the layer names --layers accepts (as PNG names spell them)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 
 def _list_layers(run_dir: Path, checkpoint: str, modality: str, device: str) -> None:
     device = resolve_device(device)
-    model, cfg = load_for_inference(resolve_checkpoint(run_dir, checkpoint), device)
+    model, cfg, _ = load_run_checkpoint(resolve_checkpoint(run_dir, checkpoint), device)
     size = _probe_size(cfg)
     for m in _modalities(modality, cfg.modalities):
         defaults = set(default_layers(model, m))
         print(f"{m} stream ({cfg.train.mode} model; output shapes (C, *S) for a {size}-voxel input; * = default):")
         for name, shape in available_layers(model, m, cfg.model.spatial_dims, size).items():
-            print(f"  {'*' if name in defaults else ' '} {name:<48} {tuple(shape)}")
+            print(f"  {'*' if name in defaults else ' '} {short_name(name):<48} {tuple(shape)}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -21,7 +22,8 @@ from PIL import Image
 from aqcf_kernels.data import find_cases
 from aqcf_kernels.pipeline import evaluate as ev
 from aqcf_kernels.pipeline import explain as ex
-from aqcf_kernels.pipeline.checkpoint import load_for_inference
+from aqcf_kernels.pipeline.checkpoint import checkpoint_info, load_checkpoint, load_for_inference
+from aqcf_kernels.pipeline.data import prepare_data
 from aqcf_kernels.pipeline.metrics import dice
 
 MODALITIES = {"joint": ["ct", "mri"], "ct": ["ct"], "mri": ["mri"], "dynunet": ["ct", "mri"]}
@@ -166,7 +168,7 @@ def test_explain_cli_and_layers(trained, tmp_path: Path, capsys) -> None:
     run_dir = trained("joint")
     assert ex.main([str(run_dir), "--list-layers", "--modality", "ct"]) == 0
     listed = capsys.readouterr().out
-    assert "* model.encoder.ct.levels.1" in listed and "model.decoder.blocks.0" in listed
+    assert "* encoder.ct.levels.1" in listed and " decoder.blocks.0 " in listed and "model." not in listed
     assert "encoder.mri" not in listed and "fusion" not in listed  # fusion never runs with one modality
     # Names with or without the wrapper's prefix; a shared (decoder) layer is explained for both streams.
     args = [str(run_dir), "--layers", "decoder.blocks.0", "model.encoder.ct.levels.0", "--method", "gradcam"]
@@ -196,3 +198,131 @@ def test_class_scores_wrapper() -> None:
     # x == 0 ties every class (argmax 0 there): class 0 averages over {0}, class 1 is empty -> everything,
     # class 2 over {1, 2, 3}
     torch.testing.assert_close(wrapper(x), torch.tensor([[0.0, 3.0, 6.0]]))
+
+
+def _listed_layers(text: str) -> list[str]:
+    """The names ``--list-layers`` printed (the lines under each stream's header)."""
+    return [line[4:].split()[0] for line in text.splitlines() if line.startswith("  ")]
+
+
+def test_listed_layer_names_are_the_png_names(trained, tmp_path: Path, capsys) -> None:
+    """Each name --list-layers prints is accepted by --layers as printed and is the name the PNG carries."""
+    run_dir = trained("mri")
+    assert ex.main([str(run_dir), "--list-layers"]) == 0
+    listed = _listed_layers(capsys.readouterr().out)
+    assert "encoder.mri.levels.1" in listed and len(listed) > 5
+    chosen = [listed[0], "encoder.mri.levels.1", listed[-1]]
+    assert ex.main([str(run_dir), "--layers", *chosen, "--method", "gradcam", "--cases", "1",
+                    "--out", str(tmp_path), "--quiet"]) == 0  # fmt: skip
+    case = json.loads((run_dir / "split_mri.json").read_text())["test"][0]
+    names = sorted(p.name for p in (tmp_path / "mri").glob("*.png"))
+    assert names == sorted(f"{case}_gradcam_{layer}.png" for layer in chosen)
+
+
+def test_unknown_layer_lists_the_known_ones(trained, capsys) -> None:
+    run_dir = trained("joint")
+    assert ex.main([str(run_dir), "--list-layers"]) == 0
+    listed = set(_listed_layers(capsys.readouterr().out))
+    assert ex.main([str(run_dir), "--layers", "encoder.ct.levelz.9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    prefix = "aqcf-explain: error: no such layer 'encoder.ct.levelz.9'; known layers: "
+    assert err.startswith(prefix), err
+    assert set(err.removeprefix(prefix).split(", ")) == listed  # exactly what --list-layers prints
+    # A real layer that never runs with one modality is another error (fusion blocks need both).
+    assert ex.main([str(run_dir), "--layers", "model.fusion.0"]) == 2
+    assert "does not run for ct or mri" in capsys.readouterr().err
+
+
+def test_explain_says_which_checkpoint_as_evaluate_does(trained, tmp_path: Path, capsys) -> None:
+    run_dir = trained("mri")
+    capsys.readouterr()
+    ev.evaluate(run_dir, "last", out=tmp_path / "eval", write_masks=False, progress=False)
+    evaluate_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("Checkpoint "))
+    expected = checkpoint_info(load_checkpoint(run_dir / "last.pt"), run_dir / "last.pt")["description"]
+    assert evaluate_line == f"Checkpoint {expected}."
+    assert "last.pt: weights of epoch 1/1" in expected and "best.pt: epoch 1, by" in expected
+    assert ex.main([str(run_dir), "--checkpoint", "last", "--cases", "1", "--method", "gradcam",
+                    "--out", str(tmp_path / "cam"), "--quiet"]) == 0  # fmt: skip
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == evaluate_line and out[1].endswith(".png")
+
+
+def test_evaluation_pads_windows_as_prediction_does(trained, datasets, tmp_path: Path) -> None:
+    """MRI volumes (40x40 in-plane) are smaller than the 48x48 window: evaluation pads them with the case's
+    normalised air (far below 0 after the z-score), as aqcf-predict does, so both give the same masks."""
+    from aqcf_kernels.pipeline import predict as pr
+
+    run_dir = trained("mri")
+    results = ev.evaluate(run_dir, out=tmp_path / "eval", progress=False, echo=False)
+    originals = _originals(datasets, "mri")
+    case_ids = [row["case_id"] for row in results["modalities"]["mri"]["cases"]]
+    images = [originals[case_id][0] for case_id in case_ids]
+    rows = pr.predict(images, tmp_path / "predicted", run_dir, modality="mri", progress=False)
+    pads = set()
+    for case_id, row in zip(case_ids, rows, strict=True):
+        evaluated = np.asarray(nib.load(tmp_path / "eval" / "masks" / "mri" / f"{case_id}.nii.gz").dataobj)
+        predicted = np.asarray(nib.load(tmp_path / "predicted" / row["mask"]).dataobj)
+        np.testing.assert_array_equal(evaluated, predicted)
+    for case in prepare_data(load_for_inference(run_dir / "best.pt")[1], run_dir, progress=False)["mri"]["test"]:
+        pads.add(case.pad_value)
+    assert all(p < -0.5 for p in pads), pads  # padding with 0 would differ from air
+
+
+def _fake_terminal(monkeypatch) -> None:
+    """Make the captured stderr claim to be a terminal, so bars with ``disable=None`` draw."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+
+
+def _error_starts_a_line(err: str, start: str) -> None:
+    # A bar left open ends with "\r<bar>" and no newline: the error would follow on the bar's line.
+    assert any(line.startswith(start) for line in err.split("\n")), repr(err[-500:])
+
+
+@pytest.mark.parametrize("command", ["evaluate", "explain", "preprocess"])
+def test_error_lines_start_on_their_own_line(trained, datasets, tmp_path: Path, monkeypatch, capsys, command) -> None:
+    """An error during a progress bar is printed after the bar is closed, never onto the bar's line."""
+    import aqcf_kernels.data as data_module
+    from aqcf_kernels.data import DataError
+
+    run_dir = trained("ct")  # 3 training cases: the second fails
+    calls: list[int] = []
+
+    def fail_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise DataError("boom on the second case")
+        return real(*args, **kwargs)
+
+    if command == "evaluate":
+        real = ev.score_case
+        monkeypatch.setattr(ev, "score_case", fail_second)
+        argv, main = [str(run_dir), "--split", "train", "--no-masks", "--out", str(tmp_path)], ev.main
+    elif command == "explain":
+        real = ex._figure
+        monkeypatch.setattr(ex, "_figure", fail_second)
+        argv = [str(run_dir), "--split", "train", "--cases", "2", "--method", "gradcam", "--out", str(tmp_path)]
+        main = ex.main
+    else:
+        real = data_module.preprocess_case
+        monkeypatch.setattr(data_module, "preprocess_case", fail_second)
+        argv, main = [str(run_dir), "--no-masks", "--out", str(tmp_path)], ev.main
+    _fake_terminal(monkeypatch)
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{command} ct" in err  # the bar was drawn
+    _error_starts_a_line(err, f"aqcf-{'explain' if command == 'explain' else 'evaluate'}: error: boom on the second")
+
+
+def test_preprocessing_bar_only_on_a_terminal(datasets, tmp_path: Path, monkeypatch, capsys) -> None:
+    """prepare_data (what aqcf-train calls) follows tqdm's convention, as every other bar: none on a pipe."""
+    cfg = datasets.config("ct")
+    capsys.readouterr()
+    prepare_data(cfg, tmp_path)
+    assert "preprocess" not in capsys.readouterr().err
+    _fake_terminal(monkeypatch)
+    prepare_data(cfg, tmp_path)
+    assert "preprocess ct" in capsys.readouterr().err
+    prepare_data(cfg, tmp_path, progress=False)
+    assert capsys.readouterr().err == ""
