@@ -131,7 +131,9 @@ class LayerFactory:
     def fusion(self, channels: int) -> nn.Module:
         cls = RealAQCFBlock if self.real_valued else qnn.AQCFBlock
         o = self.options
-        return cls(channels, heads=o.heads, kv_pool=o.kv_pool, gate=o.gate, algorithm=o.algorithm, **self.factory)
+        return cls(
+            channels, heads=o.heads_at(channels), kv_pool=o.kv_pool, gate=o.gate, algorithm=o.algorithm, **self.factory
+        )
 
     def unit(self, cin: int, cout: int, stride: int = 1) -> nn.Sequential:
         """conv 3 (no bias: the norm's shift replaces it) → norm → activation (:meth:`norm_act`).

@@ -26,6 +26,14 @@ DOWNS = ("conv", "pool")
 NORMS = ("batch", "instance")
 ACTIVATIONS = ("relu", "leaky_relu", "gelu")
 
+#: Real channels per attention head under ``heads='auto'`` (MONAI's SwinUNETR keeps 16 per head too).
+#: Narrower heads make the A-QCF block cost several times more for the same width: each head's
+#: softmax over the keys costs as much as a wide head's, and the CPU attention kernel runs tiny
+#: matmuls. Measured on the 2D target's level-0 block (32 real channels, 64² queries, keys pooled to
+#: 1024, batch 4, fwd+bwd, AMD EPYC 2 threads): 4 heads of 8 reals 3.9 s, 2 heads of 16 reals 1.8 s,
+#: 1 head of 32 reals 1.6 s; at level 1 (64 reals, 32² tokens) 4 heads of 16: 0.94 s, 2 of 32: 0.72 s.
+HEAD_CHANNELS = 16
+
 #: The options that must be one of a fixed list of names.
 CHOICES: dict[str, tuple[str, ...]] = {
     "gate": GATES,
@@ -59,7 +67,7 @@ class ArchitectureOptions:
     features: tuple[int, ...] = (32, 64, 128, 256)
     bottleneck: int = 512
     fusion_levels: str | tuple[int, ...] = "all"
-    heads: int = 4
+    heads: int | str = "auto"
     kv_pool: int | None = 1024
     gate: str = "token"
     norm: str = "batch"
@@ -88,9 +96,11 @@ class AQCFNetOptions(ArchitectureOptions):
         """
         if not _is_int(self.spatial_dims) or self.spatial_dims not in (2, 3):
             raise ValueError(f"{prefix}spatial_dims must be 2 or 3, got {self.spatial_dims!r}")
-        for name in ("in_channels", "out_channels", "heads"):
+        for name in ("in_channels", "out_channels"):
             if not _is_positive_int(getattr(self, name)):
                 raise ValueError(f"{prefix}{name} must be a positive int, got {getattr(self, name)!r}")
+        if self.heads != "auto" and not _is_positive_int(self.heads):
+            raise ValueError(f"{prefix}heads must be 'auto' or a positive int, got {self.heads!r}")
         if self.kv_pool is not None and not _is_positive_int(self.kv_pool):
             raise ValueError(f"{prefix}kv_pool must be None or a positive int, got {self.kv_pool!r}")
         for name, allowed in CHOICES.items():
@@ -103,7 +113,7 @@ class AQCFNetOptions(ArchitectureOptions):
             raise ValueError(f"{prefix}dropout must be a probability in [0, 1), got {dropout!r}")
         features = self._validated_features(prefix)
         fusion_levels = self._validated_fusion_levels(prefix, len(features))
-        for level in fusion_levels:
+        for level in fusion_levels if self.heads != "auto" else ():
             if features[level] % (4 * self.heads):
                 raise ValueError(
                     f"{prefix}features[{level}] = {features[level]} must be a multiple of 4 * heads = "
@@ -114,6 +124,17 @@ class AQCFNetOptions(ArchitectureOptions):
         return dataclasses.replace(
             self, features=features, fusion_levels=fusion_levels, deep_supervision=deep_supervision
         )
+
+    def heads_at(self, width: int) -> int:
+        """The attention heads of an A-QCF block on ``width`` real channels: ``heads``, or under
+        ``'auto'`` one head per :data:`HEAD_CHANNELS` real channels (at least one; each head owns
+        whole quaternion channels, so the count divides ``width / 4``)."""
+        if self.heads != "auto":
+            return self.heads
+        heads = max(1, width // HEAD_CHANNELS)
+        while (width // 4) % heads:
+            heads -= 1
+        return heads
 
     def _validated_features(self, prefix: str) -> tuple[int, ...]:
         features = self.features
@@ -167,4 +188,13 @@ class AQCFNetOptions(ArchitectureOptions):
         return value
 
 
-__all__ = ["ACTIVATIONS", "CHOICES", "DOWNS", "MODES", "NORMS", "AQCFNetOptions", "ArchitectureOptions"]
+__all__ = [
+    "ACTIVATIONS",
+    "CHOICES",
+    "HEAD_CHANNELS",
+    "DOWNS",
+    "MODES",
+    "NORMS",
+    "AQCFNetOptions",
+    "ArchitectureOptions",
+]

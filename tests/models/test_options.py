@@ -76,9 +76,12 @@ def test_run_config_model_section_is_the_architecture_options() -> None:
     ("data", "match"),
     [
         ({"model": {"spatial_dims": 4}}, "model.spatial_dims must be 2 or 3, got 4"),
-        ({"model": {"heads": 0}}, "model.heads must be a positive int"),
+        ({"model": {"heads": 0}}, "model.heads must be 'auto' or a positive int"),
         ({"model": {"features": [16, 18]}}, r"model.features\[1\] must be a positive multiple of 4"),
-        ({"model": {"features": [8, 16]}}, r"model.features\[0\] = 8 must be a multiple of 4 \* heads = 16"),
+        (
+            {"model": {"features": [8, 16], "heads": 4}},
+            r"model.features\[0\] = 8 must be a multiple of 4 \* heads = 16",
+        ),
         ({"model": {"algorithm": "fast4"}}, "model.algorithm must be one of"),
         ({"model": {"act": "swish"}}, "model.act must be one of"),
         ({"model": {"fusion_levels": [0]}, "train": {"mode": "ct"}}, "mode='ct' has one stream and no fusion"),
@@ -90,3 +93,25 @@ def test_run_config_model_section_is_the_architecture_options() -> None:
 def test_run_config_model_errors_name_the_key(data: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         RunConfig.from_dict(data)
+
+
+@pytest.mark.parametrize(
+    ("width", "heads"),
+    [(4, 1), (16, 1), (32, 2), (48, 3), (64, 4), (128, 8), (256, 16), (40, 2), (36, 1), (80, 5), (96, 6)],
+)
+def test_auto_heads_give_each_head_16_real_channels(width: int, heads: int) -> None:
+    options = AQCFNetOptions(features=(width,), bottleneck=8, heads="auto").validated()
+    assert options.heads_at(width) == heads
+    assert (width // 4) % heads == 0  # each head owns whole quaternion channels
+    assert AQCFNetOptions(features=(width,), bottleneck=8, heads=1).validated().heads_at(width) == 1
+
+
+def test_the_model_builds_its_blocks_with_the_heads_of_their_level() -> None:
+    model = AQCFNet(2, features=(32, 64, 128), bottleneck=128, device="meta")
+    assert model.options.heads == "auto"
+    assert [block.heads for block in model.fusion.values()] == [2, 4, 8]
+    fixed = AQCFNet(2, features=(32, 64, 128), bottleneck=128, heads=2, device="meta")
+    assert [block.heads for block in fixed.fusion.values()] == [2, 2, 2]
+    with pytest.raises(ValueError, match="model.heads must be 'auto' or a positive int"):
+        RunConfig.from_dict({"model": {"heads": "some"}})
+    assert RunConfig.from_dict({"model": {"heads": "auto"}}).model.heads == "auto"

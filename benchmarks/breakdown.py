@@ -1,0 +1,114 @@
+"""Where a step's time goes: each module family's share, forward and backward, from one profiled step.
+
+The modules of each family (e.g. every conv) are wrapped in a profiler scope while the step runs
+(forward hooks). An op inside a scope belongs to that family; the outermost family scope wins, so a
+block's own convs count for the block (the A-QCF block's projections are its attention's cost). A
+backward op belongs to the family of the forward op that recorded its autograd node: the
+profiler gives both the same sequence number. What no family claims, and the step's time outside
+any op (Python, the optimizer's bookkeeping), is ``rest``.
+
+Profiling slows small ops more than big ones, so the breakdown is reported as shares of the
+profiled step; :func:`component_times` scales them to an unprofiled median.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator, Mapping
+
+from torch import nn
+from torch.autograd.profiler import record_function
+from torch.profiler import ProfilerActivity, profile
+
+REST = "rest"
+_SCOPE = "breakdown::"
+_BACKWARD = "autograd::engine::evaluate_function: "
+
+
+@contextlib.contextmanager
+def _family_scopes(model: nn.Module, families: Mapping[str, tuple[type, ...]]) -> Iterator[None]:
+    """Every module of a family runs its forward inside a ``breakdown::<family>`` profiler scope,
+    unless a family scope is already open (the outermost wins)."""
+    open_scopes: list[record_function | None] = []
+
+    def enter(family: str) -> Callable:
+        def hook(module: nn.Module, args) -> None:
+            inside = any(s is not None for s in open_scopes)
+            scope = None if inside else record_function(_SCOPE + family)
+            if scope is not None:
+                scope.__enter__()
+            open_scopes.append(scope)
+
+        return hook
+
+    def leave(module: nn.Module, args, output) -> None:
+        scope = open_scopes.pop()
+        if scope is not None:
+            scope.__exit__(None, None, None)
+
+    handles = []
+    for module in model.modules():
+        family = next((f for f, types in families.items() if isinstance(module, types)), None)
+        if family is not None:
+            handles.append(module.register_forward_pre_hook(enter(family)))
+            handles.append(module.register_forward_hook(leave))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def shares(model: nn.Module, step: Callable[[], None], families: Mapping[str, tuple[type, ...]]) -> dict[str, float]:
+    """Fraction of one profiled ``step()`` spent in each family's modules (forward and backward) and in
+    ``rest``; the fractions sum to 1."""
+    with _family_scopes(model, families), profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        step()
+        wall_us = (time.perf_counter() - start) * 1e6
+    events = prof.events()
+    family_of_event: dict[int, str] = {}
+    family_of_node: dict[int, str] = {}  # forward op's sequence number -> family
+
+    def family(e) -> str | None:
+        key = id(e)
+        if key not in family_of_event:
+            if e.name.startswith(_SCOPE):
+                found = e.name[len(_SCOPE) :]
+            elif e.name.startswith(_BACKWARD):
+                found = family_of_node.get(e.sequence_nr)
+            else:
+                found = family(e.cpu_parent) if e.cpu_parent is not None else None
+            family_of_event[key] = found
+        return family_of_event[key]
+
+    # Forward first (events come in start order, a node's forward op before its backward), then all.
+    for e in events:
+        if not e.name.startswith(_BACKWARD) and e.sequence_nr >= 0:
+            f = family(e)
+            if f is not None:
+                family_of_node.setdefault(e.sequence_nr, f)
+    spent: dict[str, float] = dict.fromkeys(families, 0.0)
+    thread = next((e.thread for e in events if e.name.startswith(_SCOPE)), None)
+    for e in events:
+        if e.thread != thread:  # (intra-op worker threads run inside a main-thread op's span)
+            continue
+        f = family(e)
+        if f is not None:
+            spent[f] += e.self_cpu_time_total
+    claimed = sum(spent.values())
+    total = max(wall_us, claimed)
+    result = {f: t / total for f, t in spent.items()}
+    result[REST] = 1.0 - sum(result.values())
+    return result
+
+
+def component_times(
+    model: nn.Module, step: Callable[[], None], families: Mapping[str, tuple[type, ...]], median_s: float
+) -> dict[str, float]:
+    """:func:`shares` of one profiled step, scaled to an unprofiled step of ``median_s`` seconds."""
+    return {f: share * median_s for f, share in shares(model, step, families).items()}
+
+
+__all__ = ["REST", "component_times", "shares"]
