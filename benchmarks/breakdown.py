@@ -60,9 +60,11 @@ def _family_scopes(model: nn.Module, families: Mapping[str, tuple[type, ...]]) -
             h.remove()
 
 
-def shares(model: nn.Module, step: Callable[[], None], families: Mapping[str, tuple[type, ...]]) -> dict[str, float]:
-    """Fraction of one profiled ``step()`` spent in each family's modules (forward and backward) and in
-    ``rest``; the fractions sum to 1."""
+def profiled_seconds(
+    model: nn.Module, step: Callable[[], None], families: Mapping[str, tuple[type, ...]]
+) -> dict[str, float]:
+    """Seconds of one profiled ``step()`` spent in each family's modules (forward and backward) and in
+    ``rest``; they sum to the profiled step's wall time."""
     with _family_scopes(model, families), profile(activities=[ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
         step()
@@ -97,11 +99,15 @@ def shares(model: nn.Module, step: Callable[[], None], families: Mapping[str, tu
         f = family(e)
         if f is not None:
             spent[f] += e.self_cpu_time_total
-    claimed = sum(spent.values())
-    total = max(wall_us, claimed)
-    result = {f: t / total for f, t in spent.items()}
-    result[REST] = 1.0 - sum(result.values())
-    return result
+    spent[REST] = max(wall_us - sum(spent.values()), 0.0)
+    return {f: t / 1e6 for f, t in spent.items()}
+
+
+def shares(model: nn.Module, step: Callable[[], None], families: Mapping[str, tuple[type, ...]]) -> dict[str, float]:
+    """:func:`profiled_seconds` as fractions of the profiled step; they sum to 1."""
+    seconds = profiled_seconds(model, step, families)
+    total = sum(seconds.values())
+    return {f: t / total for f, t in seconds.items()}
 
 
 def component_times(
@@ -111,4 +117,4 @@ def component_times(
     return {f: share * median_s for f, share in shares(model, step, families).items()}
 
 
-__all__ = ["REST", "component_times", "shares"]
+__all__ = ["REST", "component_times", "profiled_seconds", "shares"]
