@@ -9,10 +9,11 @@ on one case: reading the NIfTI, preprocessing (body crop, RAS, HU window), slidi
 Providers, the same network and weights (random init, seed 0; inference cost does not depend on the
 weights) from one run folder:
 
-* ``baseline``: every quaternion conv and transposed conv computed with the expanded-weight reference
-  conv (:func:`benchmarks.baselines.use_expanded_convs`: what other quaternion libraries do). The
-  issue's baseline also swaps in composite norms and an SDPA attention block; those builds do not
-  exist in :mod:`benchmarks.baselines` yet, so this baseline differs from ``ours`` in the convs only.
+* ``baseline``: the model issue's baseline build: every quaternion conv and transposed conv computed
+  with the expanded-weight reference conv (:func:`benchmarks.baselines.use_expanded_convs`: what other
+  quaternion libraries do) and the quaternion norms composite, each followed by its activation as a
+  separate pass (:func:`benchmarks.baselines.use_composite_norms`, as speechbrain writes them). One
+  modality per case means no A-QCF block runs, so the attention does not enter this comparison.
 * ``ours``: the model on this package's layers (``algorithm='auto'``).
 
 Each provider runs in a fresh Python process (its own allocator state, tuning cache and peak RSS):
@@ -52,7 +53,7 @@ MODELS: dict[str, list[str]] = {
         "model.spatial_dims=2",
         "model.features=[32, 64, 128, 256]",
         "model.bottleneck=512",
-        "model.heads=4",
+        "model.heads=auto",
         "model.deep_supervision=true",
         "data.slice_size=[256, 256]",
     ],
@@ -61,7 +62,7 @@ MODELS: dict[str, list[str]] = {
         "model.spatial_dims=2",
         "model.features=[16, 32]",
         "model.bottleneck=32",
-        "model.heads=2",
+        "model.heads=auto",
         "data.slice_size=[64, 64]",
     ],
 }
@@ -116,9 +117,9 @@ def _warm_up(run: Path, provider: str) -> None:
 def _prepare(provider: str):
     if provider == "ours":
         return None
-    from .baselines import use_expanded_convs
+    from .baselines import use_composite_norms, use_expanded_convs
 
-    return use_expanded_convs
+    return lambda model: use_composite_norms(use_expanded_convs(model))
 
 
 def _status_kib(key: str) -> int | None:
@@ -231,7 +232,7 @@ def run_benchmark(
         "threads": threads,
         "reps": reps,
         "providers": results,
-        "baseline_build": "expanded-weight convs only (composite-norm/SDPA baseline not in benchmarks/baselines.py)",
+        "baseline_build": "expanded-weight convs + composite quaternion norms with separate activations",
         "env": common.environment(torch.device("cpu"), threads),
     }
     if "baseline" in results and "ours" in results:
