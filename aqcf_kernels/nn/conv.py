@@ -37,6 +37,10 @@ PADDING_STRINGS = ("same", "valid")
 IntOrTuple = int | Sequence[int]
 
 
+# How an unbatched input of each spatial rank is read, as torch's docs write it.
+_UNBATCHED_LAYOUT = {1: "C, L", 2: "C, H, W", 3: "C, D, H, W"}
+
+
 class _QuaternionConvNd(QuaternionModule):
     """Shared body of the quaternion (transposed) convs; ``_spatial_dims`` and ``_transposed`` select which."""
 
@@ -177,8 +181,30 @@ class _QuaternionConvNd(QuaternionModule):
         )
 
     def _unbatched(self, input: Tensor) -> bool:
-        # torch's conv modules accept (C, *spatial); the functional ops want a batch dim.
-        return isinstance(input, Tensor) and input.dim() == self._spatial_dims + 1
+        """Whether ``input`` is one unbatched sample ``(C, *spatial)`` (torch's conv modules accept it;
+        the functional ops want a batch dim). Checks the rank and channel count first, so the error
+        says how the input was read."""
+        if not isinstance(input, Tensor):
+            return False  # the functional op names the argument
+        n, name = self._spatial_dims, type(self).__name__
+        if input.dim() not in (n + 1, n + 2):
+            raise ValueError(
+                f"{name}: expected {n + 1}D (unbatched) or {n + 2}D (batched) input, got {input.dim()}D input "
+                f"of shape {tuple(input.shape)}"
+            )
+        unbatched = input.dim() == n + 1
+        channels = input.shape[0 if unbatched else 1]
+        if channels != self.in_channels:
+            read_as = (
+                f"was read as unbatched ({_UNBATCHED_LAYOUT[n]}) with {channels} channels"
+                if unbatched
+                else f"has {channels} channels (dim 1)"
+            )
+            raise ValueError(
+                f"{name}: input of shape {tuple(input.shape)} {read_as}, but the layer expects "
+                f"in_channels={self.in_channels}"
+            )
+        return unbatched
 
     def extra_repr(self) -> str:
         n = self._spatial_dims

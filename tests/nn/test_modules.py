@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
+from aqcf_kernels import nn as qnn
 from aqcf_kernels import reference as ref
 from aqcf_kernels.nn import (
     QuaternionConv1d,
@@ -439,3 +440,16 @@ def test_linear_double_backward_and_empty_input():
     assert y.shape == (0, 2, 4)
     y.sum().backward()
     assert not layer.weight.grad.any()
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_conv_input_errors_say_how_the_input_was_read(transposed: bool) -> None:
+    cls = qnn.QuaternionConvTranspose2d if transposed else qnn.QuaternionConv2d
+    layer = cls(8, 8, 3)
+    with pytest.raises(ValueError, match=r"expected 3D \(unbatched\) or 4D \(batched\) input, got 5D input"):
+        layer(torch.randn(1, 1, 8, 6, 6))
+    with pytest.raises(ValueError, match=r"\(12, 6, 6\) was read as unbatched \(C, H, W\) with 12 channels, .*=8"):
+        layer(torch.randn(12, 6, 6))
+    with pytest.raises(ValueError, match=r"\(2, 12, 6, 6\) has 12 channels \(dim 1\), .*in_channels=8"):
+        layer(torch.randn(2, 12, 6, 6))
+    assert layer(torch.randn(8, 6, 6)).shape[0] == 8  # unbatched in, unbatched out
