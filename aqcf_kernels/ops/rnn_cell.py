@@ -1,0 +1,260 @@
+"""The fused recurrent op: ``aqcf::rnn_sequence``, one direction of a recurrent layer over a whole sequence.
+
+``rnn_sequence(proj, h0, c0, weight, mode, nonlinearity, negative_slope, reverse) -> (output, cells, saved)``
+runs ``gates_t = proj_t + h_{t−1} Wᵀ`` and the cell of ``mode`` for every step (from the last to the
+first with ``reverse``):
+
+* ``proj`` ``(T, B, G·H)``: the input projection of every step (biases and, for the LiGRU, the batch
+  norm already applied); ``weight`` ``(G·H, H)``: the expanded real recurrent weight
+  (:func:`aqcf_kernels.nn.recurrent._expanded_weight`); ``h0`` ``(B, H)``; ``c0`` ``(B, H)``, the LSTM only;
+* ``mode`` 'rnn' (``h = act(gates)``, act tanh or relu), 'lstm' (gates ``[i | f | o | g]``) or 'ligru'
+  (gates ``[a | z]``, ``h = σ(z) h + (1 − σ(z)) act(a)``, act relu, leaky_relu or tanh): the cells of
+  :func:`rnn_cell`, :func:`lstm_cell` and :func:`ligru_cell`, the composite reference;
+* ``output`` ``(T, B, H)`` every ``h_t``; ``cells`` ``(T, B, H)`` every ``c_t`` (LSTM; else empty);
+  ``saved``: what the backward reads (not differentiable).
+
+On CPU float32/float64 with the compiled extension it runs csrc/cpu/rnn_cell.cpp: one ``addmm`` and
+one fused element-wise pass per step, and a backward through time in C++ that keeps the gates'
+gradients (they ARE the gradient of ``proj``) and forms the weight gradient in one GEMM at the end.
+Elsewhere (``AQCF_NO_EXTENSION=1``, other devices or dtypes) the same op runs the composite cells in a
+Python loop and differentiates them with autograd. When the gradient must itself be differentiable
+(``create_graph=True``) the backward differentiates the composite loop too.
+
+Why a whole sequence per call: per step the GEMM has only the batch as rows, so dispatching a composite
+cell (6-9 ops) and its autograd nodes costs as much as the arithmetic, and autograd's backward
+computes and adds one full ``(G·H, H)`` weight gradient per step (see the module's measurements in
+nn/recurrent.py's docstring).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..backends._extension import _C
+
+GATES = {"rnn": 1, "lstm": 4, "ligru": 2}
+
+
+# ---------------------------------------------------------------------------------------------
+# The composite cells (the reference of the fused kernel; the layers use them for packed sequences)
+# ---------------------------------------------------------------------------------------------
+
+
+def rnn_cell(gates: Tensor, nonlinearity: str) -> Tensor:
+    """Elman cell: ``h_t = act(gates)``, ``gates = W_ih ⊗ x_t + b_ih + W_hh ⊗ h_{t−1} + b_hh``."""
+    return torch.tanh(gates) if nonlinearity == "tanh" else torch.relu(gates)
+
+
+def lstm_cell(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """LSTM cell on gates ``[i | f | o | g]`` (speechbrain's order): returns ``(h_t, c_t)``.
+
+    ``c_t = σ(f) c_{t−1} + σ(i) tanh(g)``, ``h_t = σ(o) tanh(c_t)``, element-wise on every real
+    component (as speechbrain's ``QLSTM``). One sigmoid call serves the three gates.
+    """
+    hidden = gates.shape[-1] // 4
+    i, f, o = torch.sigmoid(gates[..., : 3 * hidden]).chunk(3, dim=-1)
+    c = torch.addcmul(f * c, i, torch.tanh(gates[..., 3 * hidden :]))
+    return o * torch.tanh(c), c
+
+
+def _ligru_candidate(a: Tensor, nonlinearity: str, negative_slope: float) -> Tensor:
+    if nonlinearity == "relu":
+        return torch.relu(a)
+    if nonlinearity == "leaky_relu":
+        return F.leaky_relu(a, negative_slope)
+    return torch.tanh(a)
+
+
+def ligru_cell(gates: Tensor, h: Tensor, nonlinearity: str, negative_slope: float) -> Tensor:
+    """Light GRU cell on gates ``[a | z]``: ``h_t = z h_{t−1} + (1 − z) act(a)`` with ``z = σ(z)``."""
+    a, z = gates.chunk(2, dim=-1)
+    candidate = _ligru_candidate(a, nonlinearity, negative_slope)
+    return torch.lerp(candidate, h, torch.sigmoid(z))  # candidate + z (h − candidate)
+
+
+# ---------------------------------------------------------------------------------------------
+# The op
+# ---------------------------------------------------------------------------------------------
+
+
+def available(proj: Tensor) -> bool:
+    """Whether the compiled kernel serves ``rnn_sequence`` for this input (else the composite loop does)."""
+    return _C is not None and proj.device.type == "cpu" and proj.dtype in (torch.float32, torch.float64)
+
+
+def _composite(
+    proj: Tensor,
+    h0: Tensor,
+    c0: Tensor | None,
+    weight: Tensor,
+    mode: str,
+    nonlinearity: str,
+    negative_slope: float,
+    reverse: bool,
+    keep_saved: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The op by the composite cells, differentiable: ``(output, cells, saved)`` as the kernel's."""
+    steps = proj.shape[0]
+    weight_t = weight.t()
+    h, c = h0, c0
+    outputs: list[Tensor] = [h0] * steps
+    cells: list[Tensor] = [h0] * steps
+    saved: list[Tensor] = [h0] * steps
+    for t in range(steps - 1, -1, -1) if reverse else range(steps):
+        gates = torch.addmm(proj[t], h, weight_t)
+        if mode == "lstm":
+            h, c = lstm_cell(gates, c)
+            cells[t] = c
+            if keep_saved:
+                hidden = h.shape[-1]
+                saved[t] = torch.cat([torch.sigmoid(gates[:, : 3 * hidden]), torch.tanh(gates[:, 3 * hidden :])], -1)
+        elif mode == "ligru":
+            h = ligru_cell(gates, h, nonlinearity, negative_slope)
+            if keep_saved:
+                a, z = gates.chunk(2, dim=-1)
+                saved[t] = torch.cat([a, torch.sigmoid(z)], -1)
+        else:
+            h = rnn_cell(gates, nonlinearity)
+        outputs[t] = h
+    empty = proj.new_empty(0)
+    return (
+        torch.stack(outputs) if steps else proj.new_empty(0, *h0.shape),
+        torch.stack(cells) if mode == "lstm" and steps else empty.clone(),
+        torch.stack(saved) if mode != "rnn" and keep_saved and steps else empty.clone(),
+    )
+
+
+def _check(proj: Tensor, h0: Tensor, c0: Tensor | None, weight: Tensor, mode: str) -> None:
+    if mode not in GATES:
+        raise ValueError(f"rnn_sequence: mode must be one of {sorted(GATES)}, got {mode!r}")
+    steps, batch, gates_h = proj.shape
+    hidden = h0.shape[-1]
+    if gates_h != GATES[mode] * hidden or tuple(h0.shape) != (batch, hidden):
+        raise ValueError(f"rnn_sequence: proj {tuple(proj.shape)} and h0 {tuple(h0.shape)} disagree for {mode!r}")
+    if tuple(weight.shape) != (gates_h, hidden):
+        raise ValueError(f"rnn_sequence: weight must be {(gates_h, hidden)}, got {tuple(weight.shape)}")
+    if (mode == "lstm") != (c0 is not None):
+        raise ValueError("rnn_sequence: c0 is given for (and only for) the LSTM")
+
+
+@torch.library.custom_op("aqcf::rnn_sequence", mutates_args=())
+def rnn_sequence(
+    proj: Tensor,
+    h0: Tensor,
+    c0: Tensor | None,
+    weight: Tensor,
+    mode: str,
+    nonlinearity: str,
+    negative_slope: float,
+    reverse: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(output, cells, saved)``: see the module docstring."""
+    _check(proj, h0, c0, weight, mode)
+    if available(proj):
+        return torch.ops.aqcf._rnn_sequence_forward_cpu(
+            proj, h0, c0, weight, mode, nonlinearity, negative_slope, reverse
+        )
+    with torch.no_grad():
+        return _composite(proj, h0, c0, weight, mode, nonlinearity, negative_slope, reverse, keep_saved=True)
+
+
+@rnn_sequence.register_fake
+def _(proj, h0, c0, weight, mode, nonlinearity, negative_slope, reverse):
+    steps, batch, gates_h = proj.shape
+    hidden = h0.shape[-1]
+    output = proj.new_empty(steps, batch, hidden)
+    cells = proj.new_empty(steps, batch, hidden) if mode == "lstm" else proj.new_empty(0)
+    saved = proj.new_empty(steps, batch, gates_h) if mode != "rnn" else proj.new_empty(0)
+    return output, cells, saved
+
+
+@torch.library.custom_op("aqcf::rnn_sequence_backward", mutates_args=())
+def rnn_sequence_backward(
+    grad_output: Tensor | None,
+    grad_cells: Tensor | None,
+    output: Tensor,
+    cells: Tensor,
+    saved: Tensor,
+    h0: Tensor,
+    c0: Tensor | None,
+    weight: Tensor,
+    mode: str,
+    nonlinearity: str,
+    negative_slope: float,
+    reverse: bool,
+    needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of ``rnn_sequence`` w.r.t. proj, h0, c0 and weight (empty tensors where not needed).
+
+    The compiled kernel only: the composite path differentiates the composite loop instead (it needs
+    ``proj``, which this op does not take)."""
+    if not available(output):
+        raise NotImplementedError("aqcf::rnn_sequence_backward: CPU float32/float64 with the compiled extension only")
+    return torch.ops.aqcf._rnn_sequence_backward_cpu(
+        grad_output, grad_cells, output, cells, saved, h0, c0, weight, mode, nonlinearity, negative_slope, reverse,
+        needs,
+    )  # fmt: skip
+
+
+@rnn_sequence_backward.register_fake
+def _(grad_output, grad_cells, output, cells, saved, h0, c0, weight, mode, nonlinearity, slope, reverse, needs):
+    steps, batch, hidden = output.shape
+    empty = output.new_empty(0)
+    return (
+        output.new_empty(steps, batch, GATES[mode] * hidden) if needs[0] else empty,
+        output.new_empty(batch, hidden) if needs[1] else empty.clone(),
+        output.new_empty(batch, hidden) if needs[2] and c0 is not None else empty.clone(),
+        torch.empty_like(weight, memory_format=torch.contiguous_format) if needs[3] else empty.clone(),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    proj, h0, c0, weight, mode, nonlinearity, negative_slope, reverse = inputs
+    out, cells, saved = output
+    ctx.mark_non_differentiable(saved)
+    ctx.save_for_backward(proj, h0, c0, weight, out, cells, saved)
+    ctx.options = (mode, nonlinearity, negative_slope, reverse)
+
+
+def _backward(ctx, grad_output, grad_cells, _grad_saved):
+    proj, h0, c0, weight, out, cells, saved = ctx.saved_tensors
+    needs = [ctx.needs_input_grad[i] for i in range(4)]
+    needs[2] = needs[2] and c0 is not None
+    if torch.is_grad_enabled() or not available(proj):
+        # create_graph=True (the gradient must be differentiable) or no kernel: differentiate the loop
+        grads = _composite_backward(grad_output, grad_cells, proj, h0, c0, weight, ctx.options, needs)
+    else:
+        grads = torch.ops.aqcf.rnn_sequence_backward(
+            grad_output, grad_cells, out, cells, saved, h0, c0, weight, *ctx.options, needs
+        )
+    return *(g if need else None for g, need in zip(grads, needs, strict=True)), None, None, None, None
+
+
+def _composite_backward(grad_output, grad_cells, proj, h0, c0, weight, options, needs):
+    """The gradients through the composite loop, recomputed (double backward works through it)."""
+    inputs = [
+        t.detach().requires_grad_() if need and not t.requires_grad else t
+        for t, need in zip((proj, h0, c0, weight), needs, strict=True)
+    ]
+    wrt = [t for t, need in zip(inputs, needs, strict=True) if need]
+    if not wrt:
+        return None, None, None, None
+    with torch.enable_grad():
+        out, cells, _ = _composite(*inputs, *options, keep_saved=False)
+        outputs, grads = [out], [grad_output]
+        if cells.numel() and grad_cells is not None:
+            outputs.append(cells)
+            grads.append(grad_cells)
+        found = iter(
+            torch.autograd.grad(outputs, wrt, grads, create_graph=torch.is_grad_enabled(), allow_unused=True)
+        )
+    result = []
+    for t, need in zip(inputs, needs, strict=True):
+        g = next(found) if need else None
+        result.append(torch.zeros_like(t) if need and g is None else g)
+    return tuple(result)
+
+
+rnn_sequence.register_autograd(_backward, setup_context=_setup_context)
