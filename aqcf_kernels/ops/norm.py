@@ -5,9 +5,13 @@ negative_slope) -> (y, mean, var)`` normalises a blocked ``(N, 4Cq, *S)`` tensor
 quaternion channel (batch norm; instance norm with ``per_sample``), applies ``γ``/``β`` and the
 activation, and returns the statistics it used: the mean per real channel ``(G, 4Cq)`` and the biased
 shared variance ``(G, Cq)``, ``G = N`` for instance norm in training and 1 otherwise (the caller
-updates the running statistics from them). Compiled extension only (csrc/cpu/norm.cpp: CPU, float32
-and float64, NCHW and channels_last); :func:`aqcf_kernels.nn.norm._quaternion_norm`'s composite path
-is the reference and serves everything else.
+updates the running statistics from them), in at least float32. Two implementations: the compiled
+extension on CPU (csrc/cpu/norm.cpp: float32 and float64, NCHW and channels_last) and Triton kernels
+on CUDA (backends/triton/norm.py: float16/bfloat16/float32/float64, statistics in float32 or
+float64), which also serve CPU tensors under ``TRITON_INTERPRET=1`` when the ``triton`` backend is
+forced (``AQCF_BACKEND=triton`` or ``backends.use("triton")``), as the conv kernels are proven without
+a GPU. :func:`aqcf_kernels.nn.norm._quaternion_norm`'s composite path is the reference and serves
+everything else.
 
 Why fused: the composite path reads and writes the activation tensor ~6 times (statistics, centring,
 scaling, shift, activation, dtype casts) and its backward more; this op reads it twice forward
@@ -29,13 +33,27 @@ from ..layout import quaternion_channels
 
 def available(input: Tensor, whiten: bool) -> bool:
     """Whether ``qnorm`` serves this call (else the composite path does)."""
-    return (
-        _C is not None
-        and not whiten
-        and input.device.type == "cpu"
-        and input.dtype in (torch.float32, torch.float64)
-        and input.dim() >= 3
-    )
+    if whiten or input.dim() < 3:
+        return False
+    cpp = _C is not None and input.device.type == "cpu" and input.dtype in (torch.float32, torch.float64)
+    return cpp or _triton_serves(input)
+
+
+def _triton_serves(input: Tensor) -> bool:
+    """Whether the Triton kernels take this call: CUDA tensors whenever triton imports; CPU tensors only
+    under ``TRITON_INTERPRET=1`` with the ``triton`` backend forced (the compiled kernel serves CPU)."""
+    from ..backends.triton import common
+
+    if common.IMPORT_ERROR is not None or (input.device.type == "cpu" and not common.INTERPRET):
+        return False
+    from ..backends.registry import forced
+    from ..backends.triton import norm as triton_norm
+
+    return triton_norm.serves(input) and (input.device.type != "cpu" or forced() == "triton")
+
+
+def _stat_dtype(input: Tensor) -> torch.dtype:
+    return torch.promote_types(input.dtype, torch.float32)
 
 
 def _groups(input: Tensor, use_input_stats: bool, per_sample: bool) -> int:
@@ -65,6 +83,12 @@ def qnorm(
     negative_slope: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(y, mean, var)``: see the module docstring."""
+    if _triton_serves(input):
+        from ..backends.triton import norm as triton_norm
+
+        return triton_norm.forward(
+            input, weight, bias, running_mean, running_var, use_input_stats, per_sample, eps, activation, negative_slope
+        )
     return _C.qnorm_forward(
         input, weight, bias, running_mean, running_var, use_input_stats, per_sample, eps, activation, negative_slope
     )
@@ -74,7 +98,8 @@ def qnorm(
 def _(input, weight, bias, running_mean, running_var, use_input_stats, per_sample, eps, activation, negative_slope):
     cq = quaternion_channels(input, name="qnorm: input")
     g = _groups(input, use_input_stats, per_sample)
-    return _output_like(input), input.new_empty(g, 4 * cq), input.new_empty(g, cq)
+    acc = _stat_dtype(input)
+    return _output_like(input), input.new_empty(g, 4 * cq, dtype=acc), input.new_empty(g, cq, dtype=acc)
 
 
 @torch.library.custom_op("aqcf::qnorm_backward", mutates_args=())
@@ -93,6 +118,14 @@ def qnorm_backward(
     needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of ``qnorm``'s ``y`` w.r.t. input, weight and bias (empty tensors where not needed)."""
+    if _triton_serves(input):
+        from ..backends.triton import norm as triton_norm
+
+        gx, gw, gb = triton_norm.backward(
+            grad_output, input, weight, bias, mean, var, use_input_stats, per_sample, eps, activation, negative_slope,
+            needs,
+        )  # fmt: skip
+        return tuple(g if g is not None else input.new_empty(0) for g in (gx, gw, gb))
     gx, gw, gb = _C.qnorm_backward(
         grad_output, input, weight, bias, mean, var, use_input_stats, per_sample, eps, activation, negative_slope,
         needs,

@@ -1,0 +1,190 @@
+"""The Triton fused quaternion norm (``aqcf::qnorm`` on backends/triton/norm.py) against the composite path.
+
+Without CUDA, tests/conftest.py sets TRITON_INTERPRET=1 and these tests force the ``triton`` backend
+(``AQCF_BACKEND=triton``), under which ``aqcf::qnorm`` runs the Triton kernels on CPU tensors; on a GPU
+they run natively on CUDA tensors. The composite code of :func:`aqcf_kernels.nn.norm._quaternion_norm`
+(``fused=False``) in float64 is the reference. Shapes are tiny but odd, so every case crosses partial
+tiles, several tiles per program and several chunks per sample (the interpreter's 16 x 16 tiles, two
+tiles a chunk): every merge of the statistics runs. A spy checks that the kernels actually served.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from aqcf_kernels.backends.triton import common
+from aqcf_kernels.nn.norm import _quaternion_norm
+from aqcf_kernels.ops import norm as norm_ops
+
+pytestmark = pytest.mark.skipif(common.unavailable() is not None, reason=f"triton: {common.unavailable()}")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ACTIVATIONS = [(None, 0.01), ("relu", 0.01), ("leaky_relu", -0.3), ("gelu", 0.01)]
+# (shape, channels_last): 1d, 2d NCHW, 2d channels_last, 3d channels_last; S = 37, 35, 35, 30
+LAYOUTS = [((2, 12, 37), False), ((3, 12, 7, 5), False), ((3, 12, 7, 5), True), ((2, 8, 3, 5, 2), True)]
+
+
+@pytest.fixture
+def triton_calls(monkeypatch):
+    """Force the triton backend and count the Triton forward/backward launches of ``aqcf::qnorm``."""
+    from aqcf_kernels.backends.triton import norm as triton_norm
+
+    monkeypatch.setenv("AQCF_BACKEND", "triton")
+    calls = {"forward": 0, "backward": 0}
+    for name in calls:
+        real = getattr(triton_norm, name)
+
+        def spy(*args, _real=real, _name=name):
+            calls[_name] += 1
+            return _real(*args)
+
+        monkeypatch.setattr(triton_norm, name, spy)
+    return calls
+
+
+def _inputs(shape, dtype, channels_last=False, seed=0, offset=3.0, spread=1.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64)
+    # an offset mean and unequal component scales: centring and the shared variance both matter
+    x = x * torch.linspace(0.5, 2.0, shape[1], dtype=torch.float64).view(1, -1, *[1] * (len(shape) - 2))
+    x = (x * spread + offset).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    cq = shape[1] // 4
+    w = (torch.randn(cq, generator=g, dtype=torch.float64) * 0.5 + 1.0).to(dtype)
+    b = torch.randn(shape[1], generator=g, dtype=torch.float64).to(dtype)
+    rm = (torch.randn(shape[1], generator=g, dtype=torch.float64) * 0.1).float()
+    rv = (torch.rand(cq, generator=g, dtype=torch.float64) + 0.5).float()
+    gy = torch.randn(shape, generator=g, dtype=torch.float64)  # contiguous even when x is channels_last
+    return x, w, b, rm, rv, gy
+
+
+def _run(fused, x, w, b, rm, rv, gy, per_sample, training, act, slope, dtype=None, device=DEVICE):
+    """``(y, (dx, dw, db), running_mean, running_var)``, inputs cast to ``dtype`` (running stats stay float32)."""
+    to = dict(device=device, dtype=dtype or x.dtype)
+    x = x.to(**to).detach().requires_grad_()
+    w, b = (t.to(**to).detach().requires_grad_() for t in (w, b))
+    rm, rv = rm.to(device).clone(), rv.to(device).clone()
+    y = _quaternion_norm("t", x, per_sample, rm, rv, w, b, training, 0.1, 1e-5, False, act, slope, fused=fused)
+    grads = torch.autograd.grad(y, [x, w, b], gy.to(y))
+    return y, grads, rm, rv
+
+
+def _rel(out, ref):
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def _check(got, ref, tol, names=("y", "grad_input", "grad_weight", "grad_bias")):
+    for name, o, r in zip(names, (got[0], *got[1]), (ref[0], *ref[1]), strict=True):
+        assert _rel(o, r) <= tol, f"{name}: relative error {_rel(o, r):.2e} > {tol}"
+
+
+@pytest.mark.parametrize("act,slope", ACTIVATIONS, ids=[a or "none" for a, _ in ACTIVATIONS])
+@pytest.mark.parametrize("per_sample", [False, True], ids=["batch", "instance"])
+def test_float32_matches_reference_and_running_stats(triton_calls, act, slope, per_sample):
+    shape, channels_last = LAYOUTS[(ACTIVATIONS.index((act, slope)) + per_sample) % len(LAYOUTS)]
+    x, w, b, rm, rv, gy = _inputs(shape, torch.float64, channels_last, seed=len(shape) + per_sample)
+    ref = _run(False, x, w, b, rm, rv, gy, per_sample, True, act, slope, device="cpu")
+    composite32 = _run(False, x, w, b, rm, rv, gy, per_sample, True, act, slope, torch.float32, device="cpu")
+    got = _run(True, x, w, b, rm, rv, gy, per_sample, True, act, slope, torch.float32)
+    assert triton_calls == {"forward": 1, "backward": 1}
+    assert got[0].dtype == torch.float32
+    _check(got, ref, 1e-5)
+    # the running statistics move exactly as the composite path moves them (same dtype)
+    torch.testing.assert_close(got[2].cpu(), composite32[2], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(got[3].cpu(), composite32[3], rtol=1e-6, atol=1e-7)
+    if channels_last:
+        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        assert got[0].is_contiguous(memory_format=fmt) and got[1][0].is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["batch", "instance"])
+def test_eval_mode_uses_running_stats(triton_calls, per_sample):
+    shape, channels_last = LAYOUTS[1 + per_sample]
+    x, w, b, rm, rv, gy = _inputs(shape, torch.float64, channels_last, seed=11)
+    ref = _run(False, x, w, b, rm.double(), rv.double(), gy, per_sample, False, "leaky_relu", 0.2, device="cpu")
+    got = _run(True, x, w, b, rm, rv, gy, per_sample, False, "leaky_relu", 0.2, torch.float32)
+    assert triton_calls == {"forward": 1, "backward": 1}
+    _check(got, ref, 1e-5)
+    assert torch.equal(got[2].cpu(), rm) and torch.equal(got[3].cpu(), rv)  # untouched in eval
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("per_sample", [False, True], ids=["batch", "instance"])
+def test_half_precision_within_twice_the_composite_error(triton_calls, dtype, per_sample):
+    """fp16/bf16 in, fp32 statistics and arithmetic: at most 2x the composite path's error in the same dtype."""
+    if dtype == torch.bfloat16 and per_sample:
+        pytest.skip("one bf16 case is enough: the kernels upcast at load, as for fp16")
+    shape, channels_last = LAYOUTS[2 - per_sample]
+    x, w, b, rm, rv, gy = _inputs(shape, torch.float64, channels_last, seed=21)
+    ref = _run(False, x, w, b, rm, rv, gy, per_sample, True, "gelu", 0.01, device="cpu")
+    composite = _run(False, x, w, b, rm, rv, gy, per_sample, True, "gelu", 0.01, dtype, device="cpu")
+    got = _run(True, x, w, b, rm, rv, gy, per_sample, True, "gelu", 0.01, dtype)
+    assert triton_calls == {"forward": 1, "backward": 1}
+    for name, o, c, r in zip(("y", "dx", "dw", "db"), (got[0], *got[1]), (composite[0], *composite[1]),
+                             (ref[0], *ref[1]), strict=True):  # fmt: skip
+        assert o.dtype == dtype
+        assert _rel(o, r) <= max(2 * _rel(c, r), 2e-3), f"{name}: {_rel(o, r):.2e} vs composite {_rel(c, r):.2e}"
+
+
+def test_no_cancellation_when_the_mean_dwarfs_the_spread(triton_calls):
+    """|μ| = 3000 σ: the naive E[x²] − E[x]² in float32 would lose every digit of σ² (μ² ε ≈ 50 σ²)."""
+    shape = (3, 8, 11, 7)
+    x, w, b, rm, rv, gy = _inputs(shape, torch.float32, seed=31, offset=300.0, spread=0.1)
+    x64 = x.double()  # the reference sees exactly the float32 values
+    for per_sample in (False, True):
+        reduce = (3, 4) if per_sample else (0, 3, 4)
+        xq = x64.unflatten(1, (4, 2))
+        want_mean = xq.mean(reduce, keepdim=True)
+        want_var = (xq - want_mean).square().mean(reduce, keepdim=True).sum(1).reshape(-1, 2)
+        _, mean, var = torch.ops.aqcf.qnorm(x.to(DEVICE), None, None, None, None, True, per_sample, 1e-5, None, 0.0)
+        assert mean.dtype == var.dtype == torch.float32
+        assert _rel(var, want_var) <= 1e-6
+        assert _rel(mean, want_mean.reshape(var.shape[0], 8)) <= 1e-7
+        ref = _run(False, x64, w, b, rm, rv, gy, per_sample, True, None, 0.01, device="cpu")
+        composite = _run(False, x, w, b, rm, rv, gy, per_sample, True, None, 0.01, device="cpu")
+        got = _run(True, x, w, b, rm, rv, gy, per_sample, True, None, 0.01)
+        for name, o, c, r in zip(("y", "dx", "dw", "db"), (got[0], *got[1]), (composite[0], *composite[1]),
+                                 (ref[0], *ref[1]), strict=True):  # fmt: skip
+            assert _rel(o, r) <= max(2 * _rel(c, r), 1e-5), f"{name}: {_rel(o, r):.2e} vs composite {_rel(c, r):.2e}"
+    assert triton_calls == {"forward": 4, "backward": 2}
+
+
+def test_non_contiguous_input_without_affine(triton_calls):
+    x, _, _, rm, rv, _ = _inputs((2, 8, 6, 5), torch.float64, seed=41)
+    x = x.transpose(2, 3)  # neither NCHW nor channels_last: made contiguous on the way in
+    gy = torch.randn(x.shape, generator=torch.Generator().manual_seed(42), dtype=torch.float64)
+
+    def run(fused, dtype):
+        xx = x.to(device=DEVICE if fused else "cpu", dtype=dtype).requires_grad_()
+        y = _quaternion_norm("t", xx, True, None, None, None, None, True, 0.1, 1e-5, False, "relu", 0.01, fused=fused)
+        return y, torch.autograd.grad(y, [xx], gy.to(y))
+
+    got, ref = run(True, torch.float32), run(False, torch.float64)
+    assert triton_calls == {"forward": 1, "backward": 1}
+    _check(got, ref, 1e-5, names=("y", "grad_input"))
+
+
+@pytest.mark.parametrize("act,slope", [("gelu", 0.01), ("leaky_relu", 0.2)], ids=["gelu", "leaky_relu"])
+@pytest.mark.parametrize("per_sample", [False, True], ids=["batch", "instance"])
+def test_gradcheck_float64(triton_calls, act, slope, per_sample):
+    """float64 runs the same kernels with float64 accumulation; fast-mode gradcheck (random projections)."""
+    x, w, b, *_ = _inputs((2, 8, 3, 5), torch.float64, seed=51)
+
+    def f(x, w, b):
+        return _quaternion_norm("t", x, per_sample, None, None, w, b, True, 0.1, 1e-5, False, act, slope)
+
+    inputs = tuple(t.to(DEVICE).detach().requires_grad_() for t in (x, w, b))
+    assert torch.autograd.gradcheck(f, inputs, fast_mode=True)
+    assert triton_calls["forward"] > 0 and triton_calls["backward"] > 0
+
+
+def test_cpu_tensors_go_to_the_compiled_kernel_unless_triton_is_forced(monkeypatch):
+    x = torch.randn(2, 8, 3, 3)
+    monkeypatch.delenv("AQCF_BACKEND", raising=False)
+    assert not norm_ops._triton_serves(x)
+    assert not norm_ops.available(x.half(), whiten=False)  # composite: no CPU kernel in half precision
+    monkeypatch.setenv("AQCF_BACKEND", "triton")
+    assert norm_ops._triton_serves(x) == common.INTERPRET
+    assert not norm_ops.available(x, whiten=True) and not norm_ops.available(x.flatten(1), whiten=False)
