@@ -153,32 +153,13 @@ class _QuaternionConvNd(QuaternionModule):
             # Like torch: pad explicitly with the mode, then convolve without padding.
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
+        args = (input, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
+        geometry = {"transposed": self._transposed, "output_padding": output_padding}
         if self.rotation:
             return quaternion_rotation_conv(
-                input,
-                self.weight,
-                self.bias,
-                self.stride,
-                padding,
-                self.dilation,
-                self.groups,
-                transposed=self._transposed,
-                output_padding=output_padding,
-                scale=self.scale_param,
-                quaternion_format=self.quaternion_format,
+                *args, **geometry, scale=self.scale_param, quaternion_format=self.quaternion_format
             )
-        return quaternion_conv(
-            input,
-            self.weight,
-            self.bias,
-            self.stride,
-            padding,
-            self.dilation,
-            self.groups,
-            transposed=self._transposed,
-            output_padding=output_padding,
-            algorithm=self.algorithm,
-        )
+        return quaternion_conv(*args, **geometry, algorithm=self.algorithm)
 
     def _unbatched(self, input: Tensor) -> bool:
         """Whether ``input`` is one unbatched sample ``(C, *spatial)`` (torch's conv modules accept it;
