@@ -74,7 +74,8 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from ..functional import quaternion_linear
-from ..quaternion import HAMILTON, check_algorithm
+from ..ops import rnn_cell as rnn_cell_ops
+from ..quaternion import check_algorithm
 from ._base import COMPONENTS, check_quaternion_channels
 from .init import check_init, init_quaternion_
 from .norm import QuaternionBatchNorm1d
@@ -84,33 +85,9 @@ from .norm import QuaternionBatchNorm1d
 # ---------------------------------------------------------------------------------------------
 
 
-def _rnn_cell(gates: Tensor, nonlinearity: str) -> Tensor:
-    """Elman cell: ``h_t = act(gates)``, ``gates = W_ih ⊗ x_t + b_ih + W_hh ⊗ h_{t−1} + b_hh``."""
-    return torch.tanh(gates) if nonlinearity == "tanh" else torch.relu(gates)
-
-
-def _lstm_cell(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-    """LSTM cell on gates ``[i | f | o | g]`` (speechbrain's order): returns ``(h_t, c_t)``.
-
-    ``c_t = σ(f) c_{t−1} + σ(i) tanh(g)``, ``h_t = σ(o) tanh(c_t)``, element-wise on every real
-    component (as speechbrain's ``QLSTM``). One sigmoid call serves the three gates.
-    """
-    hidden = gates.shape[-1] // 4
-    i, f, o = torch.sigmoid(gates[..., : 3 * hidden]).chunk(3, dim=-1)
-    c = torch.addcmul(f * c, i, torch.tanh(gates[..., 3 * hidden :]))
-    return o * torch.tanh(c), c
-
-
-def _ligru_cell(gates: Tensor, h: Tensor, nonlinearity: str, negative_slope: float) -> Tensor:
-    """Light GRU cell on gates ``[a | z]``: ``h_t = z h_{t−1} + (1 − z) act(a)`` with ``z = σ(z)``."""
-    a, z = gates.chunk(2, dim=-1)
-    if nonlinearity == "relu":
-        candidate = torch.relu(a)
-    elif nonlinearity == "leaky_relu":
-        candidate = F.leaky_relu(a, negative_slope)
-    else:
-        candidate = torch.tanh(a)
-    return torch.lerp(candidate, h, torch.sigmoid(z))  # candidate + z (h − candidate)
+# The composite cells live in ops/rnn_cell.py (the fused kernel's reference); the per-step loop below uses
+# them where the fused op does not serve (packed sequences, no extension, other devices, fast8).
+_rnn_cell, _lstm_cell, _ligru_cell = rnn_cell_ops.rnn_cell, rnn_cell_ops.lstm_cell, rnn_cell_ops.ligru_cell
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,14 +95,7 @@ def _ligru_cell(gates: Tensor, h: Tensor, nonlinearity: str, negative_slope: flo
 # ---------------------------------------------------------------------------------------------
 
 
-def _expanded_weight(weight: Tensor) -> Tensor:
-    """The real ``(4A, 4B)`` matrix of a ``(4, A, B)`` quaternion weight: block ``(c, a)`` is ``±W_p``
-    (:data:`aqcf_kernels.quaternion.HAMILTON`), so ``h @ E.T`` is ``W ⊗ h`` over the last dim.
-
-    Built with ``torch.cat`` (its backward is slicing, and it traces under ``torch.compile`` without the
-    cached sign table of :func:`~aqcf_kernels.quaternion.expand_weight_grouped`)."""
-    rows = [torch.cat([weight[p] if sign > 0 else -weight[p] for p, sign in row], dim=1) for row in HAMILTON]
-    return torch.cat(rows, dim=0)
+_expanded_weight = rnn_cell_ops.expanded_weight
 
 
 def _direction_suffix(direction: int) -> str:
@@ -227,6 +197,10 @@ class _QuaternionRNNBase(nn.Module):
         return proj
 
     def _cell(self, gates: Tensor, h: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        raise NotImplementedError
+
+    def _sequence_args(self) -> tuple[str, str, float]:
+        """``(mode, nonlinearity, negative_slope)`` of :func:`aqcf_kernels.ops.rnn_cell.rnn_sequence`."""
         raise NotImplementedError
 
     @property
@@ -412,6 +386,11 @@ class _QuaternionRNNBase(nn.Module):
         # bias (b_ih + b_hh: one pass fewer), then the norm (the LiGRU, which never has b_hh).
         bias = b_hh if b_ih is None else (b_ih if b_hh is None else b_ih + b_hh)
         proj = self._normalize(sfx, quaternion_linear(x, w_ih, bias, algorithm=self.algorithm))
+        if self.algorithm != "fast8" and sizes is None and proj.shape[0] > 0 and rnn_cell_ops.available(proj):
+            # the whole sequence in one fused op (csrc/cpu/rnn_cell.cpp)
+            output, cells, _ = torch.ops.aqcf.rnn_sequence(proj, h0, c0, w_hh, *self._sequence_args(), reverse)
+            last = 0 if reverse else -1
+            return output, output[last], (cells[last] if c0 is not None else None)
         steps = proj.unbind(0) if sizes is None else proj.split(sizes)
         # 2. The recurrent product: the expanded weight, built once (see the module docstring).
         w_hh_t = None if self.algorithm == "fast8" else _expanded_weight(w_hh).t()
@@ -537,6 +516,9 @@ class QuaternionRNN(_QuaternionRNNBase):
     def _cell(self, gates: Tensor, h: Tensor, c: Tensor | None) -> tuple[Tensor, None]:
         return _rnn_cell(gates, self.nonlinearity), None
 
+    def _sequence_args(self) -> tuple[str, str, float]:
+        return "rnn", self.nonlinearity, 0.0
+
     def _extra_repr_options(self) -> str:
         return "" if self.nonlinearity == "tanh" else f", nonlinearity={self.nonlinearity!r}"
 
@@ -576,6 +558,9 @@ class QuaternionLSTM(_QuaternionRNNBase):
 
     def _cell(self, gates: Tensor, h: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor]:
         return _lstm_cell(gates, c)
+
+    def _sequence_args(self) -> tuple[str, str, float]:
+        return "lstm", "tanh", 0.0
 
 
 class QuaternionLiGRU(_QuaternionRNNBase):
@@ -652,6 +637,9 @@ class QuaternionLiGRU(_QuaternionRNNBase):
 
     def _cell(self, gates: Tensor, h: Tensor, c: Tensor | None) -> tuple[Tensor, None]:
         return _ligru_cell(gates, h, self.nonlinearity, self.negative_slope), None
+
+    def _sequence_args(self) -> tuple[str, str, float]:
+        return "ligru", self.nonlinearity, self.negative_slope
 
     def _extra_repr_options(self) -> str:
         s = "" if self.nonlinearity == "relu" else f", nonlinearity={self.nonlinearity!r}"

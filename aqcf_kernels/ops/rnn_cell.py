@@ -5,17 +5,19 @@ runs ``gates_t = proj_t + h_{t−1} Wᵀ`` and the cell of ``mode`` for every st
 first with ``reverse``):
 
 * ``proj`` ``(T, B, G·H)``: the input projection of every step (biases and, for the LiGRU, the batch
-  norm already applied); ``weight`` ``(G·H, H)``: the expanded real recurrent weight
-  (:func:`aqcf_kernels.nn.recurrent._expanded_weight`); ``h0`` ``(B, H)``; ``c0`` ``(B, H)``, the LSTM only;
+  norm already applied); ``weight`` ``(4, G·H/4, H/4)``: the quaternion recurrent weight, ``W ⊗ h`` over
+  the blocked last dim; ``h0`` ``(B, H)``; ``c0`` ``(B, H)``, the LSTM only;
 * ``mode`` 'rnn' (``h = act(gates)``, act tanh or relu), 'lstm' (gates ``[i | f | o | g]``) or 'ligru'
   (gates ``[a | z]``, ``h = σ(z) h + (1 − σ(z)) act(a)``, act relu, leaky_relu or tanh): the cells of
   :func:`rnn_cell`, :func:`lstm_cell` and :func:`ligru_cell`, the composite reference;
 * ``output`` ``(T, B, H)`` every ``h_t``; ``cells`` ``(T, B, H)`` every ``c_t`` (LSTM; else empty);
   ``saved``: what the backward reads (not differentiable).
 
-On CPU float32/float64 with the compiled extension it runs csrc/cpu/rnn_cell.cpp: one ``addmm`` and
-one fused element-wise pass per step, and a backward through time in C++ that keeps the gates'
-gradients (they ARE the gradient of ``proj``) and forms the weight gradient in one GEMM at the end.
+On CPU float32/float64 with the compiled extension it runs csrc/cpu/rnn_cell.cpp: per step one GEMM of
+the stacked components of ``h`` with the four weight components (reading the quaternion weight, 1/4 of
+the expanded one: at batch 8 a step is bound by reading the weight) and one fused element-wise pass
+(Hamilton signs, gates, cell); a backward through time in C++ that keeps the gates' gradients (they ARE
+the gradient of ``proj``) and forms the weight gradient in one GEMM at the end.
 Elsewhere (``AQCF_NO_EXTENSION=1``, other devices or dtypes) the same op runs the composite cells in a
 Python loop and differentiates them with autograd. When the gradient must itself be differentiable
 (``create_graph=True``) the backward differentiates the composite loop too.
@@ -33,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..backends._extension import _C
+from ..quaternion import HAMILTON
 
 GATES = {"rnn": 1, "lstm": 4, "ligru": 2}
 
@@ -79,6 +82,16 @@ def ligru_cell(gates: Tensor, h: Tensor, nonlinearity: str, negative_slope: floa
 # ---------------------------------------------------------------------------------------------
 
 
+def expanded_weight(weight: Tensor) -> Tensor:
+    """The real ``(4A, 4B)`` matrix of a ``(4, A, B)`` quaternion weight: block ``(c, a)`` is ``±W_p``
+    (:data:`aqcf_kernels.quaternion.HAMILTON`), so ``h @ E.T`` is ``W ⊗ h`` over the last dim.
+
+    Built with ``torch.cat`` (its backward is slicing, and it traces under ``torch.compile`` without the
+    cached sign table of :func:`~aqcf_kernels.quaternion.expand_weight_grouped`)."""
+    rows = [torch.cat([weight[p] if sign > 0 else -weight[p] for p, sign in row], dim=1) for row in HAMILTON]
+    return torch.cat(rows, dim=0)
+
+
 def available(proj: Tensor) -> bool:
     """Whether the compiled kernel serves ``rnn_sequence`` for this input (else the composite loop does)."""
     return _C is not None and proj.device.type == "cpu" and proj.dtype in (torch.float32, torch.float64)
@@ -97,7 +110,7 @@ def _composite(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The op by the composite cells, differentiable: ``(output, cells, saved)`` as the kernel's."""
     steps = proj.shape[0]
-    weight_t = weight.t()
+    weight_t = expanded_weight(weight).t()
     h, c = h0, c0
     outputs: list[Tensor] = [h0] * steps
     cells: list[Tensor] = [h0] * steps
@@ -133,8 +146,8 @@ def _check(proj: Tensor, h0: Tensor, c0: Tensor | None, weight: Tensor, mode: st
     hidden = h0.shape[-1]
     if gates_h != GATES[mode] * hidden or tuple(h0.shape) != (batch, hidden):
         raise ValueError(f"rnn_sequence: proj {tuple(proj.shape)} and h0 {tuple(h0.shape)} disagree for {mode!r}")
-    if tuple(weight.shape) != (gates_h, hidden):
-        raise ValueError(f"rnn_sequence: weight must be {(gates_h, hidden)}, got {tuple(weight.shape)}")
+    if hidden % 4 or tuple(weight.shape) != (4, gates_h // 4, hidden // 4):
+        raise ValueError(f"rnn_sequence: weight must be {(4, gates_h // 4, hidden // 4)}, got {tuple(weight.shape)}")
     if (mode == "lstm") != (c0 is not None):
         raise ValueError("rnn_sequence: c0 is given for (and only for) the LSTM")
 
@@ -247,9 +260,7 @@ def _composite_backward(grad_output, grad_cells, proj, h0, c0, weight, options, 
         if cells.numel() and grad_cells is not None:
             outputs.append(cells)
             grads.append(grad_cells)
-        found = iter(
-            torch.autograd.grad(outputs, wrt, grads, create_graph=torch.is_grad_enabled(), allow_unused=True)
-        )
+        found = iter(torch.autograd.grad(outputs, wrt, grads, create_graph=torch.is_grad_enabled(), allow_unused=True))
     result = []
     for t, need in zip(inputs, needs, strict=True):
         g = next(found) if need else None

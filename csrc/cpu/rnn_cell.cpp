@@ -114,6 +114,73 @@ void with_activation(Act a, F&& f) {
   }
 }
 
+// The Hamilton product y = W ⊗ h per step without the expanded weight: the four components of h,
+// stacked as rows (4B, H/4), times the four weight components side by side (Wcat, (G·H, H/4)): one
+// GEMM that reads the 1/4-size quaternion weight (at batch 8 the step is bound by reading the weight:
+// the expanded one, 4 MiB for an LSTM at 512 hidden, misses the L2 cache, the quaternion one does not).
+// Then y_c = Σ_a s(c, a) · (W_{p(c,a)} h_a), with p, s from HAMILTON[c][a] = (p, s)
+// (aqcf_kernels/quaternion.py), summed into the gates by the element-wise passes below.
+constexpr int kP[4][4] = {{0, 1, 2, 3}, {1, 0, 3, 2}, {2, 3, 0, 1}, {3, 2, 1, 0}};
+constexpr int kS[4][4] = {{1, -1, -1, -1}, {1, 1, -1, 1}, {1, 1, 1, -1}, {1, -1, 1, 1}};
+
+// gates (B, 4A) = proj (B, 4A) + Σ_a s · Y[a·B + b, p·A : (p+1)·A] per output component c; Y (4B, 4A)
+template <typename T>
+void hamilton_gates(const T* proj, const T* y, T* gates, int64_t B, int64_t A) {
+  for (int64_t b = 0; b < B; ++b) {
+    for (int c = 0; c < 4; ++c) {
+      const T* pr = proj + b * 4 * A + c * A;
+      T* g = gates + b * 4 * A + c * A;
+      const T* y0 = y + (0 * B + b) * 4 * A + kP[c][0] * A;
+      const T* y1 = y + (1 * B + b) * 4 * A + kP[c][1] * A;
+      const T* y2 = y + (2 * B + b) * 4 * A + kP[c][2] * A;
+      const T* y3 = y + (3 * B + b) * 4 * A + kP[c][3] * A;
+      const T s0 = T(kS[c][0]), s1 = T(kS[c][1]), s2 = T(kS[c][2]), s3 = T(kS[c][3]);
+#pragma omp simd
+      for (int64_t o = 0; o < A; ++o) g[o] = pr[o] + s0 * y0[o] + s1 * y1[o] + s2 * y2[o] + s3 * y3[o];
+    }
+  }
+}
+
+// The adjoint: dY (4B, 4A) with dY[a·B + b, p(c,a)·A + o] = s(c, a) · dgates[b, c·A + o] (for each a,
+// c ↦ p(c, a) is a permutation: every entry is written once), so that dh_stacked = dY · Wcat.
+template <typename T>
+void hamilton_scatter(const T* dgates, T* dy, int64_t B, int64_t A) {
+  for (int64_t b = 0; b < B; ++b) {
+    for (int a = 0; a < 4; ++a) {
+      for (int c = 0; c < 4; ++c) {
+        const T* dg = dgates + b * 4 * A + c * A;
+        T* d = dy + (a * B + b) * 4 * A + kP[c][a] * A;
+        const T s = T(kS[c][a]);
+#pragma omp simd
+        for (int64_t o = 0; o < A; ++o) d[o] = s * dg[o];
+      }
+    }
+  }
+}
+
+// h (B, H) <-> its stacked components (4B, H/4); `accumulate` adds into h
+template <typename T>
+void stack_components(const T* h, T* stacked, int64_t B, int64_t Q) {
+  for (int64_t a = 0; a < 4; ++a)
+    for (int64_t b = 0; b < B; ++b) std::memcpy(stacked + (a * B + b) * Q, h + b * 4 * Q + a * Q, Q * sizeof(T));
+}
+
+template <typename T>
+void unstack_components(const T* stacked, T* h, int64_t B, int64_t Q, bool accumulate) {
+  for (int64_t a = 0; a < 4; ++a) {
+    for (int64_t b = 0; b < B; ++b) {
+      const T* src = stacked + (a * B + b) * Q;
+      T* dst = h + b * 4 * Q + a * Q;
+      if (accumulate) {
+#pragma omp simd
+        for (int64_t k = 0; k < Q; ++k) dst[k] += src[k];
+      } else {
+        std::memcpy(dst, src, Q * sizeof(T));
+      }
+    }
+  }
+}
+
 // Rows of one step in parallel only when a step has enough elements to pay for waking the threads
 // (a batch of 8 at 512 hidden does not; under load the wake-up costs far more than the cell).
 template <typename F>
@@ -279,10 +346,11 @@ Sizes check_inputs(const Tensor& proj, const Tensor& h0, const std::optional<Ten
   TORCH_CHECK(proj.device().is_cpu(), "aqcf rnn_sequence: expects CPU tensors");
   TORCH_CHECK(proj.scalar_type() == at::kFloat || proj.scalar_type() == at::kDouble,
               "aqcf rnn_sequence: float32 or float64 only, got ", proj.scalar_type());
-  TORCH_CHECK(proj.dim() == 3 && h0.dim() == 2 && weight.dim() == 2, "aqcf rnn_sequence: proj (T, B, G·H), h0 (B, H), "
-              "weight (G·H, H) expected, got ", proj.sizes(), ", ", h0.sizes(), ", ", weight.sizes());
+  TORCH_CHECK(proj.dim() == 3 && h0.dim() == 2 && weight.dim() == 3, "aqcf rnn_sequence: proj (T, B, G·H), h0 (B, H), "
+              "weight (4, G·H/4, H/4) expected, got ", proj.sizes(), ", ", h0.sizes(), ", ", weight.sizes());
   const int64_t T = proj.size(0), B = proj.size(1), H = h0.size(1);
-  TORCH_CHECK(proj.size(2) == G * H && h0.size(0) == B && weight.size(0) == G * H && weight.size(1) == H,
+  TORCH_CHECK(H % 4 == 0 && proj.size(2) == G * H && h0.size(0) == B && weight.size(0) == 4 &&
+                  weight.size(1) == G * H / 4 && weight.size(2) == H / 4,
               "aqcf rnn_sequence: shapes disagree: proj ", proj.sizes(), ", h0 ", h0.sizes(), ", weight ",
               weight.sizes(), " for ", G, " gates");
   TORCH_CHECK(h0.scalar_type() == proj.scalar_type() && weight.scalar_type() == proj.scalar_type(),
@@ -297,110 +365,125 @@ Sizes check_inputs(const Tensor& proj, const Tensor& h0, const std::optional<Ten
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor> rnn_sequence_forward(const Tensor& proj_, const Tensor& h0_,
-                                                        const std::optional<Tensor>& c0_, const Tensor& weight_,
+                                                        const std::optional<Tensor>& c0_, const Tensor& weight,
                                                         const RnnOptions& o) {
-  const Sizes s = check_inputs(proj_, h0_, c0_, weight_, o);
+  const Sizes s = check_inputs(proj_, h0_, c0_, weight, o);
+  const int64_t A = s.G * s.H / 4, Q = s.H / 4;
   const Act act = parse_activation(o);
   const auto opt = proj_.options();
+  const Tensor proj = proj_.contiguous();
   const Tensor h0 = h0_.contiguous();
-  const Tensor weight_t = weight_.t();  // gates = proj_t + h W^T (BLAS reads the transpose in place)
+  const Tensor wcat_t = weight.reshape({4 * A, Q}).t();  // Y = h_stacked Wcatᵀ
   Tensor output = at::empty({s.T, s.B, s.H}, opt);
   Tensor cells = o.mode == "lstm" ? at::empty({s.T, s.B, s.H}, opt) : at::empty({0}, opt);
-  // rnn: the step's pre-activation is computed straight into output[t] and activated in place
   Tensor saved = o.mode == "rnn" ? at::empty({0}, opt) : at::empty({s.T, s.B, s.G * s.H}, opt);
   const Tensor c0 = o.mode == "lstm" ? c0_->contiguous() : Tensor();
+  Tensor h_stacked = at::empty({4 * s.B, Q}, opt);
+  Tensor y = at::empty({4 * s.B, 4 * A}, opt);
 
-  for (int64_t step = 0; step < s.T; ++step) {
-    const int64_t t = o.reverse ? s.T - 1 - step : step;
-    const int64_t prev = o.reverse ? t + 1 : t - 1;
-    const Tensor h_prev = step == 0 ? h0 : output[prev];
-    Tensor gates = o.mode == "rnn" ? output[t] : saved[t];
-    at::addmm_out(gates, proj_[t], h_prev, weight_t);
-    AT_DISPATCH_FLOATING_TYPES(output.scalar_type(), "rnn_sequence_forward", [&] {
-      const auto slope = static_cast<scalar_t>(o.negative_slope);
+  AT_DISPATCH_FLOATING_TYPES(proj.scalar_type(), "rnn_sequence_forward", [&] {
+    const auto slope = static_cast<scalar_t>(o.negative_slope);
+    scalar_t* out = output.data_ptr<scalar_t>();
+    scalar_t* hs = h_stacked.data_ptr<scalar_t>();
+    stack_components(h0.data_ptr<scalar_t>(), hs, s.B, Q);
+    const int64_t row = s.B * s.H, gate_row = s.B * s.G * s.H;
+    for (int64_t step = 0; step < s.T; ++step) {
+      const int64_t t = o.reverse ? s.T - 1 - step : step;
+      const int64_t prev = o.reverse ? t + 1 : t - 1;
+      const scalar_t* h_prev = step == 0 ? h0.data_ptr<scalar_t>() : out + prev * row;
+      at::mm_out(y, h_stacked, wcat_t);
+      // the pre-activations: straight into output[t] for the RNN (activated in place), else into saved[t]
+      scalar_t* gates = o.mode == "rnn" ? out + t * row : saved.data_ptr<scalar_t>() + t * gate_row;
+      hamilton_gates<scalar_t>(proj.data_ptr<scalar_t>() + t * gate_row, y.data_ptr<scalar_t>(), gates, s.B, A);
       if (o.mode == "lstm") {
-        const scalar_t* c_prev = (step == 0 ? c0 : cells[prev]).data_ptr<scalar_t>();
-        lstm_step<scalar_t>(gates.data_ptr<scalar_t>(), c_prev, cells[t].data_ptr<scalar_t>(),
-                            output[t].data_ptr<scalar_t>(), s.B, s.H);
-        return;
+        const scalar_t* c_prev = step == 0 ? c0.data_ptr<scalar_t>() : cells.data_ptr<scalar_t>() + prev * row;
+        lstm_step<scalar_t>(gates, c_prev, cells.data_ptr<scalar_t>() + t * row, out + t * row, s.B, s.H);
+      } else {
+        with_activation(act, [&](auto a) {
+          constexpr Act Ac = decltype(a)::value;
+          if (o.mode == "rnn") {
+            rnn_step<scalar_t, Ac>(gates, s.B, s.H, slope);
+          } else {
+            ligru_step<scalar_t, Ac>(gates, h_prev, out + t * row, s.B, s.H, slope);
+          }
+        });
       }
-      with_activation(act, [&](auto a) {
-        constexpr Act A = decltype(a)::value;
-        if (o.mode == "rnn") {
-          rnn_step<scalar_t, A>(gates.data_ptr<scalar_t>(), s.B, s.H, slope);
-        } else {
-          ligru_step<scalar_t, A>(gates.data_ptr<scalar_t>(), h_prev.data_ptr<scalar_t>(),
-                                  output[t].data_ptr<scalar_t>(), s.B, s.H, slope);
-        }
-      });
-    });
-  }
+      stack_components(out + t * row, hs, s.B, Q);
+    }
+  });
   return {output, cells, saved};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_sequence_backward(
     const std::optional<Tensor>& grad_output_, const std::optional<Tensor>& grad_cells_, const Tensor& output,
     const Tensor& cells, const Tensor& saved, const Tensor& h0_, const std::optional<Tensor>& c0_,
-    const Tensor& weight_, const RnnOptions& o, std::array<bool, 4> mask) {
+    const Tensor& weight, const RnnOptions& o, std::array<bool, 4> mask) {
   const int64_t G = gate_count(o.mode);
   const int64_t T = output.size(0), B = output.size(1), H = output.size(2);
+  const int64_t A = G * H / 4, Q = H / 4;
   const Act act = parse_activation(o);
   const auto opt = output.options();
-  const Tensor weight = weight_.contiguous();
+  const Tensor wcat = weight.reshape({4 * A, Q}).contiguous();
   const Tensor h0 = h0_.contiguous();
   const bool lstm = o.mode == "lstm";
   const Tensor c0 = lstm ? c0_->contiguous() : Tensor();
-  const Tensor grad_output =
-      grad_output_ && grad_output_->defined() ? grad_output_->contiguous() : Tensor();
+  const Tensor grad_output = grad_output_ && grad_output_->defined() ? grad_output_->contiguous() : Tensor();
   const Tensor grad_cells = lstm && grad_cells_ && grad_cells_->defined() ? grad_cells_->contiguous() : Tensor();
 
   Tensor grad_gates = at::empty({T, B, G * H}, opt);  // = grad_proj
   Tensor dh = at::zeros({B, H}, opt);                 // gradient of h_t through the recurrence
   Tensor dc = lstm ? at::zeros({B, H}, opt) : Tensor();
-  for (int64_t step = T - 1; step >= 0; --step) {
-    const int64_t t = o.reverse ? T - 1 - step : step;
-    const int64_t prev = o.reverse ? t + 1 : t - 1;
-    Tensor dg = grad_gates[t];
-    AT_DISPATCH_FLOATING_TYPES(output.scalar_type(), "rnn_sequence_backward", [&] {
-      const auto slope = static_cast<scalar_t>(o.negative_slope);
-      const scalar_t* go = grad_output.defined() ? grad_output[t].data_ptr<scalar_t>() : nullptr;
+  Tensor dy = at::empty({4 * B, 4 * A}, opt);
+  Tensor dh_stacked = at::empty({4 * B, Q}, opt);
+  AT_DISPATCH_FLOATING_TYPES(output.scalar_type(), "rnn_sequence_backward", [&] {
+    const auto slope = static_cast<scalar_t>(o.negative_slope);
+    const scalar_t* out = output.data_ptr<scalar_t>();
+    const int64_t row = B * H, gate_row = B * G * H;
+    scalar_t* dhp = dh.data_ptr<scalar_t>();
+    for (int64_t step = T - 1; step >= 0; --step) {
+      const int64_t t = o.reverse ? T - 1 - step : step;
+      const int64_t prev = o.reverse ? t + 1 : t - 1;
+      scalar_t* dg = grad_gates.data_ptr<scalar_t>() + t * gate_row;
+      const scalar_t* go = grad_output.defined() ? grad_output.data_ptr<scalar_t>() + t * row : nullptr;
       if (lstm) {
-        const scalar_t* gc = grad_cells.defined() ? grad_cells[t].data_ptr<scalar_t>() : nullptr;
-        const scalar_t* c_prev = (step == 0 ? c0 : cells[prev]).data_ptr<scalar_t>();
-        lstm_step_backward<scalar_t>(go, gc, dh.data_ptr<scalar_t>(), dc.data_ptr<scalar_t>(),
-                                     saved[t].data_ptr<scalar_t>(), c_prev, cells[t].data_ptr<scalar_t>(),
-                                     dg.data_ptr<scalar_t>(), B, H);
-        return;
+        const scalar_t* gc = grad_cells.defined() ? grad_cells.data_ptr<scalar_t>() + t * row : nullptr;
+        const scalar_t* c_prev = step == 0 ? c0.data_ptr<scalar_t>() : cells.data_ptr<scalar_t>() + prev * row;
+        lstm_step_backward<scalar_t>(go, gc, dhp, dc.data_ptr<scalar_t>(), saved.data_ptr<scalar_t>() + t * gate_row,
+                                     c_prev, cells.data_ptr<scalar_t>() + t * row, dg, B, H);
+      } else {
+        with_activation(act, [&](auto a) {
+          constexpr Act Ac = decltype(a)::value;
+          if (o.mode == "rnn") {
+            rnn_step_backward<scalar_t, Ac>(go, dhp, out + t * row, dg, B, H, slope);
+          } else {
+            const scalar_t* h_prev = step == 0 ? h0.data_ptr<scalar_t>() : out + prev * row;
+            ligru_step_backward<scalar_t, Ac>(go, dhp, saved.data_ptr<scalar_t>() + t * gate_row, h_prev, dg, B, H,
+                                              slope);
+          }
+        });
       }
-      with_activation(act, [&](auto a) {
-        constexpr Act A = decltype(a)::value;
-        if (o.mode == "rnn") {
-          rnn_step_backward<scalar_t, A>(go, dh.data_ptr<scalar_t>(), output[t].data_ptr<scalar_t>(),
-                                         dg.data_ptr<scalar_t>(), B, H, slope);
-        } else {
-          const scalar_t* h_prev = (step == 0 ? h0 : output[prev]).data_ptr<scalar_t>();
-          ligru_step_backward<scalar_t, A>(go, dh.data_ptr<scalar_t>(), saved[t].data_ptr<scalar_t>(), h_prev,
-                                           dg.data_ptr<scalar_t>(), B, H, slope);
-        }
-      });
-    });
-    // the gradient of h_{t−1}: through the GEMM (plus, for the LiGRU, the direct z·dh already in dh)
-    if (o.mode == "ligru") {
-      dh.addmm_(dg, weight);
-    } else {
-      at::mm_out(dh, dg, weight);
+      // the gradient of h_{t−1} through the GEMM (the LiGRU adds it to the direct z·dh already in dh)
+      hamilton_scatter<scalar_t>(dg, dy.data_ptr<scalar_t>(), B, A);
+      at::mm_out(dh_stacked, dy, wcat);
+      unstack_components<scalar_t>(dh_stacked.data_ptr<scalar_t>(), dhp, B, Q, o.mode == "ligru");
     }
-  }
+  });
 
   Tensor grad_weight;
   if (mask[3]) {
-    // Σ_t dgates_tᵀ h_{t−1}: the first step processed reads h0, the others the previous output
+    // Σ_t dgates_tᵀ h_{t−1} as the expanded (G·H, H) gradient, in one GEMM over every step (the first
+    // step processed reads h0), then folded onto the four components: dW_p = Σ_{p(c,a) = p} s · dE[c, a]
     const int64_t first = o.reverse ? T - 1 : 0;
-    grad_weight = at::mm(grad_gates[first].t(), h0);
+    Tensor grad_expanded = at::mm(grad_gates[first].t(), h0);
     if (T > 1) {
       const Tensor later = o.reverse ? grad_gates.narrow(0, 0, T - 1) : grad_gates.narrow(0, 1, T - 1);
       const Tensor h_prev = o.reverse ? output.narrow(0, 1, T - 1) : output.narrow(0, 0, T - 1);
-      grad_weight.addmm_(later.reshape({-1, G * H}).t(), h_prev.reshape({-1, H}));
+      grad_expanded.addmm_(later.reshape({-1, G * H}).t(), h_prev.reshape({-1, H}));
+    }
+    const Tensor blocks = grad_expanded.view({4, A, 4, Q});
+    grad_weight = at::zeros({4, A, Q}, opt);
+    for (int c = 0; c < 4; ++c) {
+      for (int a = 0; a < 4; ++a) grad_weight[kP[c][a]].add_(blocks.select(0, c).select(1, a), kS[c][a]);
     }
   }
   return {mask[0] ? grad_gates : Tensor(), mask[1] ? dh : Tensor(), mask[2] && lstm ? dc : Tensor(), grad_weight};
