@@ -9,16 +9,18 @@
 #   conv-tf32  QuaternionConv2d/3d fwd, bwd, fwd+bwd: naive16, expanded (cuDNN), cuda,
 #   conv-bf16  triton/hamilton, triton/fast8, auto; ratios to expanded
 #   attention  the A-QCF block in bf16 (naive, SDPA-composed, ours), 256 to 16384 tokens
-# Writes OUTDIR/{setup.log,tests.txt}, OUTDIR/{tf32,bf16}/conv.{md,json,png} and
-# OUTDIR/attention/attention.{md,json,png}. (The device tool brings back 8 files: tar OUTDIR there.)
+#   norm       fused quaternion norm + GELU fwd+bwd (Triton kernels) vs the composite path, batch and
+#              instance, 2d and 3d, fp32 and bf16 (~1 min)
+# Writes OUTDIR/{setup.log,tests.txt}, OUTDIR/{tf32,bf16}/conv.{md,json,png},
+# OUTDIR/attention/attention.{md,json,png} and OUTDIR/norm/norm.{md,json}. (The device tool brings back 8 files: tar OUTDIR there.)
 # Each stage runs even if an earlier one failed; the exit code is non-zero if any failed.
 # Environment: PYTHON (default python3); CONV_CASES, a --cases filter for the conv grid (e.g.
 # "2d 64q,3d 32q"); BENCH_ARGS, extra arguments for every benchmark (e.g. --no-memory);
 # XDIST_WORKERS, pytest-xdist workers for the tests (default 8); TESTS_TIMEOUT, seconds (default 300).
 set -uo pipefail
-OUT=${1:?usage: bash benchmarks/gpu_suite.sh OUTDIR [build|tests|conv-tf32|conv-bf16|attention ...]}
+OUT=${1:?usage: bash benchmarks/gpu_suite.sh OUTDIR [build|tests|conv-tf32|conv-bf16|attention|norm ...]}
 shift
-STAGES=${*:-build tests conv-tf32 conv-bf16 attention}
+STAGES=${*:-build tests conv-tf32 conv-bf16 attention norm}
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
@@ -73,6 +75,65 @@ if wants attention; then
   if ! timeout 240 "$PY" -m benchmarks.cli attention --device cuda --dtype bfloat16 --grid full --reps 10 --warmup 3 \
       --naive-max-gib 20 ${BENCH_ARGS:-} --out "$OUT/attention" >>"$OUT/setup.log" 2>&1; then
     stamp "BENCHMARK attention FAILED or timed out"; status=1
+  fi
+fi
+if wants norm; then
+  stamp "benchmark norm fwd+bwd (triton fused vs composite)"
+  mkdir -p "$OUT/norm"
+  if ! timeout 180 "$PY" - "$OUT/norm" >>"$OUT/setup.log" 2>&1 <<'PYEOF'
+import json, sys, torch
+from aqcf_kernels import nn as qnn
+
+out, rows = sys.argv[1], []
+cases = [("2d", qnn.QuaternionBatchNorm2d, qnn.QuaternionInstanceNorm2d, (8, 256, 64, 64)),
+         ("3d", qnn.QuaternionBatchNorm3d, qnn.QuaternionInstanceNorm3d, (2, 128, 32, 32, 32))]
+
+
+def timed(fn, reps=20, warmup=5):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(); fn(); end.record(); torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+for dims, bn, inorm, shape in cases:
+    for kind, cls in (("batch", bn), ("instance", inorm)):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(shape, device="cuda", dtype=dtype).requires_grad_()
+            gy = torch.randn_like(x)
+            res = {}
+            for provider in ("fused", "composite"):
+                m = cls(shape[1], activation="gelu", affine=True).cuda().to(dtype)
+                m.fused = provider == "fused"
+                x.grad = None
+                y = m(x); y.backward(gy); res[provider + "_y"] = y.detach().float()
+                res[provider + "_g"] = x.grad.float().clone()
+
+                def step(m=m):
+                    m(x).backward(gy)
+
+                res[provider] = timed(step)
+            err = ((res["fused_y"] - res["composite_y"]).norm() / res["composite_y"].norm()).item()
+            gerr = ((res["fused_g"] - res["composite_g"]).norm() / res["composite_g"].norm()).item()
+            rows.append(dict(dims=dims, norm=kind, dtype=str(dtype).split(".")[1], shape=list(shape),
+                             fused_ms=res["fused"], composite_ms=res["composite"],
+                             speedup=res["composite"] / res["fused"], rel_err_y=err, rel_err_dx=gerr))
+            print(rows[-1], flush=True)
+json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows),
+          open(f"{out}/norm.json", "w"), indent=1)
+with open(f"{out}/norm.md", "w") as f:
+    f.write("| dims | norm | dtype | shape | fused ms | composite ms | speedup | rel err y | rel err dx |\n")
+    f.write("|---|---|---|---|---|---|---|---|---|\n")
+    for r in rows:
+        f.write(f"| {r['dims']} | {r['norm']} | {r['dtype']} | {tuple(r['shape'])} | {r['fused_ms']:.3f} | "
+                f"{r['composite_ms']:.3f} | {r['speedup']:.2f}x | {r['rel_err_y']:.1e} | {r['rel_err_dx']:.1e} |\n")
+PYEOF
+  then
+    stamp "BENCHMARK norm FAILED or timed out"; status=1
   fi
 fi
 stamp "done, status $status"
