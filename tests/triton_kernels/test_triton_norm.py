@@ -209,3 +209,16 @@ def test_kernels_compile_for_sm90_without_spills_and_with_vector_loads():
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "no spills, vectorised loads" in result.stdout
+
+
+def test_opcheck_half_input_float32_statistics(triton_calls):
+    """The fake (meta) implementation agrees with the kernels: half in, half out, float32 statistics."""
+    x, w, b, *_ = _inputs((2, 8, 3, 5), torch.float16, seed=61)
+    args = [t.to(DEVICE).requires_grad_() for t in (x, w, b)]
+    y, mean, var = torch.ops.aqcf.qnorm(*args, None, None, True, True, 1e-5, "gelu", 0.01)
+    assert y.dtype == torch.float16 and mean.dtype == var.dtype == torch.float32
+    torch.library.opcheck(
+        torch.ops.aqcf.qnorm.default,
+        (*args, None, None, True, True, 1e-5, "gelu", 0.01),
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
