@@ -36,6 +36,9 @@ names (``--folds 0 1 2``: ``RUN/fold_0`` or ``RUN/fold0`` ...), or when ``--run`
 itself but ``fold*`` subfolders that do (nnU-Net's layout). The members must share the preprocessing
 (CT window, spacing).
 
+``--checkpoint FILE.pt2`` predicts with a program written by ``aqcf-export`` (one modality, no model code
+needed; its run config travels inside it).
+
 The modality of a case is ``--modality``, else the DICOM Modality tag (CT or MR), else the run's only
 modality (a joint run needs ``--modality`` for NIfTI inputs). Errors (missing input, nothing readable,
 a run folder without checkpoints, a modality the run was not trained for, a DICOM folder mixing
@@ -214,11 +217,12 @@ class Member:
 
     @property
     def modalities(self) -> tuple[str, ...]:
-        return tuple(self.cfg.modalities)
+        exported = getattr(self.model, "exported_modality", None)  # an aqcf-export program: one stream
+        return (exported,) if exported else tuple(self.cfg.modalities)
 
 
 def _checkpoints_in(folder: Path) -> list[Path]:
-    return sorted(folder.glob("*.pt"))
+    return sorted([*folder.glob("*.pt"), *folder.glob("*.pt2")])  # .pt2: programs written by aqcf-export
 
 
 def _fold_dirs(folder: Path) -> list[Path]:
@@ -301,7 +305,15 @@ def load_members(
     for d in dirs:
         path = _checkpoint_path(d, checkpoint)
         try:
-            model, cfg = load_for_inference(path, device)
+            if path.suffix == ".pt2":
+                from .export import ExportError, load_exported
+
+                try:
+                    model, cfg = load_exported(path, device)
+                except ExportError as e:
+                    raise PredictError(str(e)) from None
+            else:
+                model, cfg = load_for_inference(path, device)
         except RuntimeError as e:  # state dict and config disagree: a damaged or hand-edited checkpoint
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise PredictError(f"checkpoint {path} does not load into the model its config describes ({first})") from e
@@ -637,7 +649,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--checkpoint",
         default="best",
-        help="best (default), last, or a checkpoint file (a bare file name is looked up in each run folder)",
+        help="best (default), last, or a checkpoint file (a bare file name is looked up in each run folder); "
+        "a .pt2 file written by aqcf-export predicts without the model's code",
     )
     p.add_argument(
         "--folds",
