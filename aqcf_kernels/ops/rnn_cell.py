@@ -242,7 +242,8 @@ def _backward(ctx, grad_output, grad_cells, _grad_saved):
         grads = torch.ops.aqcf.rnn_sequence_backward(
             grad_output, grad_cells, out, cells, saved, h0, c0, weight, *ctx.options, needs
         )
-    return *(g if need else None for g, need in zip(grads, needs, strict=True)), None, None, None, None
+    proj_grad, h0_grad, c0_grad, weight_grad = [g if need else None for g, need in zip(grads, needs, strict=True)]
+    return proj_grad, h0_grad, c0_grad, weight_grad, None, None, None, None
 
 
 def _composite_backward(grad_output, grad_cells, proj, h0, c0, weight, options, needs):
