@@ -1,5 +1,14 @@
 """Launchers for the Triton quaternion-conv kernels, and the ``triton`` conv backend.
 
+Which kernel serves what:
+
+* forward and input gradient (a conv or a transposed conv, with the fused bias + activation),
+  ``hamilton``: the implicit GEMM of :mod:`.igemm` (channels_last, pre-packed expanded weight,
+  one ``tl.dot`` per K step);
+* the same with ``fast8``, and tensors of 2**31 elements or more (int32 offsets): ``qconv_kernel``
+  of :mod:`.conv_kernels` (fast8's 8 products and butterfly are not one GEMM on a packed weight);
+* the weight gradient, both algorithms: ``qconv_wgrad_kernel``.
+
 Serves CUDA tensors; under ``TRITON_INTERPRET=1`` it also serves CPU tensors so the kernels are
 proven on machines without a GPU (``AQCF_BACKEND=triton``). The interpreter must be chosen before
 triton compiles anything: set the variable before importing ``aqcf_kernels``.
@@ -16,6 +25,7 @@ from . import common
 from .common import triton
 
 if triton is not None:
+    from . import igemm
     from .conv_kernels import qconv_kernel, qconv_wgrad_kernel
 
 
@@ -89,7 +99,7 @@ def conv(
     negative_slope: float = 0.0,
     pre: Tensor | None = None,
 ) -> Tensor:
-    """The conv, with ``activation`` applied in the epilogue; ``pre`` (if given) receives z."""
+    """The conv with ``qconv_kernel``, ``activation`` applied in the epilogue; ``pre`` (if given) receives z."""
     n = p.spatial_dims
     out = torch.empty(conv_output_shape(input.shape, weight.shape, p), dtype=input.dtype, device=input.device)
     x5, y5 = _as_5d(input), _as_5d(out)
@@ -201,7 +211,7 @@ class TritonConvBackend(ConvBackend):
         return common.cannot_serve_tensor(input)
 
     def conv(self, input: Tensor, weight: Tensor, bias: Tensor | None, p: ConvParams, algorithm: str) -> Tensor:
-        return conv(input, weight, bias, p, algorithm)
+        return conv_any(input, weight, bias, p, algorithm, None, 0.0, False)[0]
 
     def conv_weight_grad(
         self, input: Tensor, grad_output: Tensor, weight_shape: list[int], p: ConvParams, algorithm: str
@@ -220,8 +230,23 @@ class TritonConvBackend(ConvBackend):
         keep_pre: bool,
     ) -> tuple[Tensor, Tensor | None]:
         """Conv with the activation fused in the epilogue: ``(y, z)``, z written only if ``keep_pre``."""
-        pre = None
-        if keep_pre:
-            pre = torch.empty(conv_output_shape(input.shape, weight.shape, p), dtype=input.dtype, device=input.device)
-        y = conv(input, weight, bias, p, algorithm, activation, negative_slope, pre)
-        return y, pre
+        return conv_any(input, weight, bias, p, algorithm, activation, negative_slope, keep_pre)
+
+
+def conv_any(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    p: ConvParams,
+    algorithm: str,
+    activation: str | None,
+    negative_slope: float,
+    keep_pre: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """``(y, z)`` by the kernel that serves the call (see the module docstring); z only if ``keep_pre``."""
+    if algorithm == "hamilton" and igemm.cannot_serve(input, weight, p) is None:
+        return igemm.conv_igemm(input, weight, bias, p, activation, negative_slope, keep_pre)
+    pre = None
+    if keep_pre:
+        pre = torch.empty(conv_output_shape(input.shape, weight.shape, p), dtype=input.dtype, device=input.device)
+    return conv(input, weight, bias, p, algorithm, activation, negative_slope, pre), pre
