@@ -4,6 +4,7 @@ A static proxy only; a GPU run decides.
 
     python tools/triton_resources.py            # the conv weight-gradient kernel (autotuned configs)
     python tools/triton_resources.py --norm     # the fused norm kernels: registers, stack, load widths
+    python tools/triton_resources.py --igemm [--json FILE]   # the implicit-GEMM conv: issue 13's criteria
 
 TRITON_INTERPRET must be unset. The GPU machines run triton 3.6: to read what they will run, put a
 triton 3.6 first on the path (``pip install --no-deps --target DIR triton==3.6.0``, then
@@ -57,6 +58,9 @@ def main() -> int:
         return 2
     if "--norm" in sys.argv[1:]:
         return norm_main(quick="--quick" in sys.argv[1:])
+    if "--igemm" in sys.argv[1:]:  # [--json FILE]
+        argv = sys.argv[1:]
+        return igemm_main(argv[argv.index("--json") + 1] if "--json" in argv else None)
     print(f"{'dtype':5} {'dot':4} {'algorithm':9} {'tiles (O, C, P)':16} {'warps':>5} {'regs':>5} {'stack B':>8}")
     for (name, dot, ptr, precision), fast8, config in itertools.product(VARIANTS, (False, True), wgrad_gpu_configs()):
         constexprs = dict(FAST8=fast8, DOT_DTYPE=dot, PRECISION=precision, **config.kwargs)
@@ -159,6 +163,196 @@ def norm_main(quick: bool = False) -> int:
             bad += 1
     print("all variants: no spills, vectorised loads" if not bad else f"{bad} variant(s) spill or load scalars")
     return 1 if bad else 0
+
+
+# --------------------------------------------------------------------------------------------------
+# The implicit-GEMM conv kernel (aqcf_kernels/backends/triton/igemm.py): issue 13's static proof
+# --------------------------------------------------------------------------------------------------
+
+#: pointer type and dot dtype of each input dtype
+IGEMM_POINTERS = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
+IGEMM_DOTS = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}
+
+
+def compile_launch(kernel, args: dict, constexprs: dict, options: dict):
+    """Compile ``kernel`` for sm_90 as a launch with ``args`` would be specialised by triton's JIT.
+
+    ``args`` maps every non-constexpr argument to its value: a pointer as its type string (``'*bf16'``;
+    taken 16-byte aligned, as torch's allocations are), a float (an ``fp32`` scalar), or an int: equal
+    to 1 it becomes a constexpr, divisible by 16 it gets ``tt.divisibility = 16``.
+    """
+    signature, consts, attrs = {}, dict(constexprs), {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in consts:
+            signature[name] = "constexpr"
+            continue
+        value = args[name]
+        if isinstance(value, str):
+            signature[name] = value
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        elif value == 1:
+            signature[name], consts[name] = "constexpr", 1
+        else:
+            signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def resource_usage(cubin: bytes) -> dict[str, int]:
+    """``{'REG', 'STACK', 'SHARED'}`` of the cubin's kernel, from ``cuobjdump --dump-resource-usage``."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        out = subprocess.run([str(CUOBJDUMP), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    finally:
+        os.unlink(f.name)
+    return {key: int(re.search(key + r":(\d+)", out).group(1)) for key in ("REG", "STACK", "SHARED")}
+
+
+def ptx_main_loop(ptx: str) -> str:
+    """The PTX of the main loop: from a label to the last backward branch to it, the widest such
+    region that holds an MMA (``wgmma``/``mma``; else an ``fma``). Empty if there is none."""
+    lines = ptx.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\$L__BB\d+_\d+):", line.strip()))}
+    best = ""
+    for i, line in enumerate(lines):
+        m = re.search(r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);", line)
+        if m and labels.get(m.group(1), i + 1) < i:
+            body = "\n".join(lines[labels[m.group(1)] : i + 1])
+            if re.search(r"\b(wgmma\.mma_async|mma\.sync|fma\.rn)", body) and len(body) > len(best):
+                best = body
+    return best
+
+
+def ttgir_main_loop(ttgir: str) -> str:
+    """The body of the ``scf.for`` that holds the dot (TTGIR text; nested regions included)."""
+    lines = ttgir.splitlines()
+    for i, line in enumerate(lines):
+        if "scf.for" in line:
+            indent = len(line) - len(line.lstrip())
+            for j in range(i + 1, len(lines)):
+                if lines[j].strip().startswith("}") and len(lines[j]) - len(lines[j].lstrip()) == indent:
+                    body = "\n".join(lines[i + 1 : j])
+                    if "warp_group_dot" in body or "tt.dot" in body:
+                        return body
+                    break
+    return ""
+
+
+def igemm_launch_args(
+    dtype: str, cq_in: int, cq_out: int, groups: int = 1, dims: int = 2, size: int = 64, batch: int = 32,
+    k: int = 3, stride: int = 1, transposed: bool = False,
+) -> dict:  # fmt: skip
+    """The arguments of ``qconv_igemm_kernel`` for a ``k``^dims conv (padding k//2) on a batch of ``size``^dims
+    channels_last images, as ``igemm.conv_igemm`` passes them (transposed: the input gradient of a stride-s conv)."""
+    pad = k // 2
+    if transposed:
+        out = (size - 1) * stride - 2 * pad + k + (stride - 1)  # the input size of the strided conv
+    else:
+        out = (size + 2 * pad - k) // stride + 1
+    sp_in = (1,) * (3 - dims) + (size,) * dims
+    sp_out = (1,) * (3 - dims) + (out,) * dims
+    ks = (1,) * (3 - dims) + (k,) * dims
+    unit = (1,) * (3 - dims)
+    c_x = 4 * cq_in
+    ptr = IGEMM_POINTERS[dtype]
+    args = dict(x_ptr=ptr, w_ptr=ptr, b_ptr=ptr, y_ptr=ptr, z_ptr=ptr, negative_slope=0.01)
+    args.update(M=batch * sp_out[0] * sp_out[1] * sp_out[2], C_Y=4 * cq_out, K_TAP=4 * cq_in // groups)
+    args.update(N_G=4 * cq_out // groups, CQ_IN=cq_in, CG_IN=cq_in // groups, CQ_OUT=cq_out, CG_OUT=cq_out // groups)
+    args.update(zip(("ID", "IH", "IW", "OD", "OH", "OW", "KD", "KH", "KW"), (*sp_in, *sp_out, *ks), strict=True))
+    strides = (sp_in[0] * sp_in[1] * sp_in[2] * c_x, sp_in[1] * sp_in[2] * c_x, sp_in[2] * c_x, c_x)
+    args.update(zip(("s_xn", "s_xd", "s_xh", "s_xw"), strides, strict=True))
+    args.update(zip(("SD", "SH", "SW"), unit + (stride,) * dims, strict=True))
+    args.update(zip(("PD", "PH", "PW"), (0,) * (3 - dims) + (pad,) * dims, strict=True))
+    args.update(zip(("DD", "DH", "DW"), (1, 1, 1), strict=True))
+    return args
+
+
+def igemm_variants():
+    """``(label, dtype, precision, args, constexprs, config)``: every autotune config a launch of each case
+    may run (``igemm.prune_configs``), over the cases: 2d 64q bf16 (conv + bias + ReLU), fp16 with GELU
+    keeping the pre-activation, 16q and 8q (memory-bound widths), groups=4, the input gradient of a
+    stride-2 conv (transposed), 3d 32q, and fp32 with TF32 and in IEEE fp32."""
+    from aqcf_kernels.backends.triton.igemm import gpu_configs, prune_configs
+
+    base = dict(TRANSPOSED=False, GROUPED=False, HAS_BIAS=True, ACTIVATION=1, STORE_PRE=False)
+    cases = [
+        ("2d 64q", "bf16", "ieee", igemm_launch_args("bf16", 64, 64), {}, None),
+        ("2d 64q gelu+pre", "fp16", "ieee", igemm_launch_args("fp16", 64, 64), dict(ACTIVATION=3, STORE_PRE=True), 0),
+        ("2d 16q", "bf16", "ieee", igemm_launch_args("bf16", 16, 16), {}, None),
+        ("2d 8q", "bf16", "ieee", igemm_launch_args("bf16", 8, 8), {}, None),
+        ("2d 64q g4", "bf16", "ieee", igemm_launch_args("bf16", 64, 64, groups=4), dict(GROUPED=True), 2),
+        (
+            "2d 64q dgrad s2", "bf16", "ieee", igemm_launch_args("bf16", 64, 64, stride=2, transposed=True, size=32),
+            dict(TRANSPOSED=True, HAS_BIAS=False, ACTIVATION=0), 0,
+        ),
+        ("3d 32q", "bf16", "ieee", igemm_launch_args("bf16", 32, 32, dims=3, size=32, batch=2), {}, 2),
+        ("2d 64q", "fp32", "tf32", igemm_launch_args("fp32", 64, 64), {}, 0),
+        ("2d 64q", "fp32", "tf32", igemm_launch_args("fp32", 64, 64), {}, 4),
+        ("2d 64q", "fp32", "ieee", igemm_launch_args("fp32", 64, 64), {}, None),
+    ]  # fmt: skip
+    configs = gpu_configs()
+    for label, dtype, precision, args, extra, which in cases:
+        consts = {**base, **extra, "DOT_DTYPE": IGEMM_DOTS[dtype], "PRECISION": precision}
+        chosen = prune_configs(configs, args, **consts) if which is None else [configs[which]]
+        for config in chosen:
+            yield label, dtype, precision, args, consts, config
+
+
+def analyse_igemm(kernel, dtype: str) -> dict:
+    """The static figures and the criteria of issue 13 for one compiled variant."""
+    ptx, ttgir = kernel.asm["ptx"], kernel.asm["ttgir"]
+    loop, tloop = ptx_main_loop(ptx), ttgir_main_loop(ttgir)
+    usage = resource_usage(kernel.asm["cubin"])
+    scalar_2byte = re.findall(r"\bld\.global(?:\.[a-z]+)*\.(?:b16|u16|s16|f16)\b", loop)
+    copies = re.findall(r"ttg\.async_copy_global_to_local.*?:\s*tensor<(\d+x\d+)x!tt\.ptr", tloop)
+    return dict(
+        regs=usage["REG"],
+        stack=usage["STACK"],
+        smem=kernel.metadata.shared,
+        scalar_2byte_loads_in_loop=len(scalar_2byte) if dtype != "fp32" else 0,
+        async_copies_in_loop=copies,
+        tma_in_loop=len(re.findall(r"async_tma_copy_global_to_local", tloop)),
+        plain_loads_in_loop=len(re.findall(r"\btt\.load\b", tloop)),
+        cp_async_bytes=sorted(
+            {int(b, 0) for b in re.findall(r"cp\.async\.c[ag]\.shared\.global[^,]*,[^,]*,\s*(\w+)", loop)}
+        ),
+        wgmma_in_loop=len(re.findall(r"\bwgmma\.mma_async", loop)),
+        mma_sync_in_loop=len(re.findall(r"\bmma\.sync", loop)),
+        fma_in_loop=len(re.findall(r"\bfma\.rn\.f32", loop)),
+        wait_pendings_in_loop=[int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", loop)],
+    )
+
+
+def igemm_main(json_path: str | None = None) -> int:
+    """Compile every variant of :func:`igemm_variants`, print its figures (and write them as JSON)."""
+    import json
+
+    from aqcf_kernels.backends.triton.igemm import qconv_igemm_kernel
+
+    rows = []
+    head = f"{'case':16} {'dtype':5} {'dot':4} {'tiles (M,N,K)':15} {'w':>2} {'st':>2} {'regs':>4} {'smem B':>7}"
+    print(head + f" {'spill':>5} {'ld16':>4} {'async copies':16} {'wgmma':>5} {'waits':8}")
+    for label, dtype, precision, args, constexprs, config in igemm_variants():
+        consts = dict(constexprs, **config.kwargs)
+        options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+        kernel = compile_launch(qconv_igemm_kernel, args, consts, options)
+        tiles = tuple(config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+        row = dict(case=label, dtype=dtype, precision=precision, tiles=tiles, **options, **analyse_igemm(kernel, dtype))
+        rows.append(row)
+        print(
+            f"{label:16} {dtype:5} {precision:4} {','.join(map(str, tiles)):15} {config.num_warps:2} "
+            f"{config.num_stages:2} {row['regs']:4} {row['smem']:7} {row['stack']:5} "
+            f"{row['scalar_2byte_loads_in_loop']:4} {' '.join(row['async_copies_in_loop']):16} "
+            f"{row['wgmma_in_loop']:5} {row['wait_pendings_in_loop']!s:8}"
+        )
+    if json_path:
+        Path(json_path).write_text(json.dumps(rows, indent=1))
+    return 0
 
 
 if __name__ == "__main__":

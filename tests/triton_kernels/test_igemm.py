@@ -114,14 +114,15 @@ def _ours(activation=None, negative_slope=0.1):
 @pytest.mark.parametrize("groups", [1, 3])
 @pytest.mark.parametrize("transposed", [False, True])
 def test_pack_weight_is_the_expanded_weight(transposed, groups):
-    """Per group, B[tap·4Cg_in + a·Cg_in + i, c·Cg_out + o] is Parcollet's expanded weight (transposed for a conv)."""
+    """Per group, B[c·Cg_out + o, tap·4Cg_in + a·Cg_in + i] (K-major) is Parcollet's expanded weight
+    (transposed for a transposed conv)."""
     g = torch.Generator().manual_seed(3)
     w = torch.randn(4, 2 * groups, 5, 3, 2, generator=g, dtype=torch.float64)
     packed = igemm.pack_weight(w, groups, transposed)
     for gi, wg in enumerate(w.chunk(groups, dim=1)):
         e = reference.expand_weight(wg)  # conv: (4·out, 4·in, *k); transposed: (4·in, 4·out, *k)
         e = e.permute(2, 3, 1, 0) if not transposed else e.permute(2, 3, 0, 1)  # (*k, 4·in, 4·out)
-        assert torch.equal(packed[gi], e.reshape(-1, e.shape[-1]))
+        assert torch.equal(packed[gi].T, e.reshape(-1, e.shape[-1]))
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)

@@ -6,8 +6,9 @@ for the ``hamilton`` algorithm (issue 13, second design). The kernel is a plain 
 
     y[pixel, n] = sum_K  x_im2col[pixel, K] · B[K, n]        K = (tap, input component, channel)
 
-* **B is the expanded real weight, pre-packed per call** (:func:`pack_weight`): per group
-  ``[taps · 4·Cg_in, 4·Cg_out]``, row-major (the N dim contiguous), Hamilton signs folded in, so the
+* **B is the expanded real weight, pre-packed per call** (:func:`pack_weight`): per group the
+  ``[taps · 4·Cg_in, 4·Cg_out]`` matrix stored K-major (``[N, K]``, K contiguous: what wgmma needs for
+  TF32, whose operands cannot be transposed in shared memory), Hamilton signs folded in, so the
   main loop holds no quaternion algebra at all: one load of an x tile, one load of a B tile, one dot.
   For a transposed conv B is the *transpose* of the conv's expanded matrix, i.e. the expansion of the
   conjugate transpose of the quaternion weight (Parcollet's matrix read as torch's ``(in, out)``
@@ -59,10 +60,11 @@ INT32_LIMIT = 2**31
 
 
 def pack_weight(weight: Tensor, groups: int, transposed: bool, dtype: torch.dtype | None = None) -> Tensor:
-    """The GEMM's B operand: ``(G, taps·4·Cg_in, 4·Cg_out)``, contiguous, in ``dtype`` (default: the weight's).
+    """The GEMM's B operand stored K-major: ``(G, 4·Cg_out, taps·4·Cg_in)``, contiguous, in ``dtype``
+    (default: the weight's); ``packed[g].T`` is the ``[K, N]`` matrix B of group g.
 
-    Row ``tap·4·Cg_in + a·Cg_in + i`` (input component a, channel i of the group; taps in row-major
-    order of the kernel dims), column ``c·Cg_out + o`` (output component c, channel o):
+    K index ``tap·4·Cg_in + a·Cg_in + i`` (input component a, channel i of the group; taps in row-major
+    order of the kernel dims), N index ``c·Cg_out + o`` (output component c, channel o):
 
     * conv, weight ``(4, Cq_out, Cg_in, *k)``: ``B = sign · W_p[g·Cg_out + o, i, tap]`` with
       ``(p, sign) = HAMILTON[c][a]`` — the transpose of Parcollet's expanded weight, per group;
@@ -76,14 +78,14 @@ def pack_weight(weight: Tensor, groups: int, transposed: bool, dtype: torch.dtyp
     t = hamilton_table(like=weight)  # T[p, c, a]: sign of W_p from input comp a into output comp c
     if transposed:  # (4, G*Cg_in, Cg_out, *k): rows are input channels
         w = weight.reshape(4, groups, a_dim // groups, b_dim, *ks)
-        packed = torch.einsum("pac,pgio...->g...aico", t, w)
+        packed = torch.einsum("pac,pgio...->gco...ai", t, w)
         cg_in, cg_out = a_dim // groups, b_dim
     else:  # (4, G*Cg_out, Cg_in, *k)
         w = weight.reshape(4, groups, a_dim // groups, b_dim, *ks)
-        packed = torch.einsum("pca,pgoi...->g...aico", t, w)
+        packed = torch.einsum("pca,pgoi...->gco...ai", t, w)
         cg_in, cg_out = b_dim, a_dim // groups
     taps = math.prod(ks)
-    return packed.reshape(groups, taps * 4 * cg_in, 4 * cg_out).to(dtype or weight.dtype).contiguous()
+    return packed.reshape(groups, 4 * cg_out, taps * 4 * cg_in).to(dtype or weight.dtype).contiguous()
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,7 +96,7 @@ def pack_weight(weight: Tensor, groups: int, transposed: bool, dtype: torch.dtyp
 @triton.jit
 def qconv_igemm_kernel(
     x_ptr,  # (N, ID, IH, IW, C_X) channels_last, channel stride 1
-    w_ptr,  # (G, KD*KH*KW*K_TAP, N_G) packed weight
+    w_ptr,  # (G, N_G, KD*KH*KW*K_TAP) packed weight, K-major
     b_ptr,  # (4*CQ_OUT,) blocked bias (read when HAS_BIAS)
     y_ptr,  # (M, C_Y) channels_last output
     z_ptr,  # (M, C_Y) pre-activation (written when STORE_PRE)
@@ -175,7 +177,8 @@ def qconv_igemm_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N_G
-    w_base = w_ptr + g * (KD * KH * KW * K_TAP) * N_G + offs_n[None, :]
+    k_all = KD * KH * KW * K_TAP
+    w_base = w_ptr + g * N_G * k_all + offs_n[None, :] * k_all
 
     # K = taps × segments × channel blocks: one contiguous run of 4·Cq_in channels per tap without
     # groups, four runs (one per component) of Cg_in channels with them.
@@ -222,7 +225,7 @@ def qconv_igemm_kernel(
         k_ok = ck < seg_len
         x_tile = (x_rows + idd * s_xd + ih * s_xh + iw * s_xw)[:, None] + (x_chan + seg * seg_stride + ck)[None, :]
         a = tl.load(x_tile, mask=ok[:, None] & k_ok[None, :], other=0.0)
-        w_tile = w_base + (tap * K_TAP + seg * seg_len + ck)[:, None] * N_G
+        w_tile = w_base + (tap * K_TAP + seg * seg_len + ck)[:, None]
         b = tl.load(w_tile, mask=k_ok[:, None] & n_mask[None, :], other=0.0)
         acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
 
@@ -275,11 +278,18 @@ def gpu_configs() -> list:
 
 def prune_configs(configs: list, named_args: dict, **kwargs) -> list:
     """Drop configs whose N tile is wider than the layer (``N_G`` columns) or whose K tile is wider than a
-    contiguous channel run (``K_TAP``, or ``CG_IN`` with groups), each rounded up to a power of two ≥ 32."""
+    contiguous channel run (``K_TAP``, or ``CG_IN`` with groups), each rounded up to a power of two ≥ 32.
+
+    In IEEE fp32 the dot runs on FMAs with the accumulator in registers: only tiles of ≤ 32 accumulators
+    per thread are kept (compiled for sm_90, the bigger ones spill 64-168 B; see test_igemm_static.py).
+    """
     grouped = kwargs.get("GROUPED", named_args.get("GROUPED", False))
     widest_n = max(32, triton.next_power_of_2(named_args["N_G"]))
     widest_k = max(32, triton.next_power_of_2(named_args["CG_IN"] if grouped else named_args["K_TAP"]))
     kept = [c for c in configs if c.kwargs["BLOCK_N"] <= widest_n and c.kwargs["BLOCK_K"] <= widest_k]
+    if kwargs.get("PRECISION") == "ieee" and kwargs.get("DOT_DTYPE") == tl.float32:
+        fma = [c for c in kept or configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 32 * 32 * c.num_warps]
+        kept = fma or kept
     return kept or configs
 
 
