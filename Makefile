@@ -25,8 +25,15 @@ bench: install
 # single-threaded Python and small tensors. 1081 tests took 4 min 53 s so (2-core EPYC); the 809 of the
 # day before took 7.5-8.5 min in one process.
 TEST_WORKERS ?= 2
-test: install
-	$(PY) -m pytest -q -n $(TEST_WORKERS)
+# Triton 3.6 (what the lent GPU machines run), beside the venv's own triton: the static tests
+# (tests/triton_kernels/test_igemm_static.py) compile the kernels for sm_90 with it, no GPU needed.
+TRITON36 ?= .venv-triton36
+$(TRITON36)/.installed:
+	$(PY) -m pip install --quiet --no-deps --target $(TRITON36) triton==3.6.0
+	touch $@
+
+test: install $(TRITON36)/.installed
+	AQCF_TRITON36=$(TRITON36) $(PY) -m pytest -q -n $(TEST_WORKERS)
 
 # The synthetic demo: phantoms in LiTS (CT) and ATLAS (MRI) layouts, joint training (< 10 min on
 # 2 CPU cores), evaluation next to the paper's table, Grad-CAM overlays. Everything under demo/.
