@@ -7,8 +7,9 @@ Providers, the same layer and weights (built from one seed, batch-first, trainin
   the expanded (16-block real) weight, then per time step ``QLinear(h)`` with its expanded weight
   rebuilt by ``torch.cat`` every step, and the composite cell — the baseline;
 * ``ours``: :class:`aqcf_kernels.nn.QuaternionLiGRU` / ``QuaternionLSTM`` (input projection by
-  ``aqcf.qconv`` with ``algorithm='auto'``, the recurrent weight expanded once per forward, one
-  ``addmm`` and the cell per step).
+  ``aqcf.qconv`` with ``algorithm='auto'``, then each direction's recurrence in one ``aqcf::rnn_sequence``
+  call on CPU: per step one GEMM on the quaternion weight's components and the fused cell, the
+  backward through time in C++; see :mod:`aqcf_kernels.ops.rnn_cell`).
 
 The issue's cases (``--grid targets``): 4 layers x 512 real hidden (128 quaternions), input 512,
 batch 8, 500 steps, unidirectional, fp32, forward+backward. Targets on CPU: ours >= 1.5x expanded,
@@ -19,6 +20,8 @@ layer for the LSTM at 512), so its peak at the target size is several GiB.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import os
 import sys
 import time
@@ -163,6 +166,10 @@ def run(cases, modes, providers, reps, warmup, dtype, device, memory=True) -> li
             results.append(Result(case, mode, {p: common.Timing.of(times[p]) for p in providers}, errors))
         del models
     if memory:
+        # The timing builds' freed memory (the baseline's per-step weights, GiBs at the target size) stays
+        # in this process's malloc arenas: give it back before the worker allocates as much again (the
+        # kernel's OOM killer took this process during the target grid's memory pass otherwise).
+        _release_freed_memory()
         payload = common.memory_payload(cases, modes, providers, dtype, device)
         common.progress(n, n, "peak memory (fresh worker process)", started)
         measured = common.measure_memory_in_subprocess(__name__, payload)
@@ -170,6 +177,15 @@ def run(cases, modes, providers, reps, warmup, dtype, device, memory=True) -> li
             for r, peaks in zip(results, measured["peaks"], strict=True):
                 r.peaks.update(peaks)
     return results
+
+
+def _release_freed_memory() -> None:
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:  # not glibc: nothing to trim
+            pass
 
 
 def measure_memory(payload: dict[str, Any], pinned: bool) -> dict[str, Any]:

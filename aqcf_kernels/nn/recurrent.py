@@ -13,18 +13,29 @@ How a layer computes, per direction:
 1. the input projection of EVERY time step at once, one quaternion GEMM
    (:func:`aqcf_kernels.functional.quaternion_linear`, ``algorithm`` as given: 'auto' measures
    hamilton against fast8), plus the recurrent bias folded in, plus (LiGRU) the batch norm;
-2. a loop over time: ``gates = proj_t + W_hh ⊗ h_{t−1}`` and the layer's cell function
-   (:func:`_rnn_cell`, :func:`_lstm_cell`, :func:`_ligru_cell`: composite PyTorch for now, one function
-   per layer type so a fused kernel can replace it).
+2. the recurrence ``gates = proj_t + W_hh ⊗ h_{t−1}`` and the layer's cell, every step.
 
-The recurrent product runs on the expanded real weight (hamilton), built ONCE per forward: each step
-is then one ``addmm``, and autograd sums the steps' weight gradients into that one matrix, folded back
-to the quaternion weight once. Measured on this 2-core CPU (batch 8, 512 real hidden, LSTM gates),
-forward+backward per step: the ``aqcf.qconv`` op called per step 13-17 ms, speechbrain's construction
-(weight rebuilt every step) 5-7 ms, the expanded weight built once 2-3 ms. The per-step op pays its
-dispatch, weight expansion and fold on every step of a GEMM whose batch is only the minibatch, which
-is also why fast8 cannot pay there; ``algorithm='fast8'`` still runs the recurrent step on the op
-(opt-in, for measuring).
+On CPU float32/float64 with the compiled extension, step 2 of an unpacked sequence is ONE op per
+direction, :func:`aqcf_kernels.ops.rnn_cell.rnn_sequence` (csrc/cpu/rnn_cell.cpp): per step one GEMM of
+the four stacked components of ``h`` with the four weight components (it reads the quaternion weight,
+a quarter of the expanded one: at batch 8 the step is bound by reading the weight) and one fused
+element-wise pass (Hamilton signs, gates, cell); its backward runs through time in C++, keeps the
+gates' gradients (they are the gradient of the projection) and forms the weight gradient in one GEMM
+over all steps. Measured on this 2-core CPU (1 layer, 512 real hidden, batch 8, 100 steps,
+forward+backward, LSTM): the per-step composite loop spent ~60% of its time in the backward's two
+GEMMs per step (one of them the rank-8 weight gradient, a full 4 MiB matrix per step) and ~10% adding
+those per-step weight gradients; the fused op runs the same layer ~4x faster (1951 -> 495 ms on one
+busy thread).
+
+Elsewhere (packed sequences, no extension, other devices, ``algorithm='fast8'``) a Python loop runs the
+composite cells (:func:`_rnn_cell`, :func:`_lstm_cell`, :func:`_ligru_cell`) with the recurrent product
+on the expanded real weight, built ONCE per forward: each step is one ``addmm``, and autograd sums the
+steps' weight gradients into that one matrix, folded back to the quaternion weight once. Measured
+(batch 8, 512 real hidden, LSTM gates, forward+backward per step): the ``aqcf.qconv`` op called per
+step 13-17 ms, speechbrain's construction (weight rebuilt every step) 5-7 ms, the expanded weight built
+once 2-3 ms. The per-step op pays its dispatch, weight expansion and fold on every step of a GEMM whose
+batch is only the minibatch, which is also why fast8 cannot pay there; ``algorithm='fast8'`` still runs
+the recurrent step on the op (opt-in, for measuring).
 
 Weights: per layer ``l`` and direction (suffix ``_reverse``) ONE quaternion parameter per projection,
 ``weight_ih_l{l}`` ``(4, G·H/4, in/4)`` and ``weight_hh_l{l}`` ``(4, G·H/4, H/4)`` (G gates: 1, 4, 2),
