@@ -119,7 +119,8 @@ def _quaternion_norm(
     spatial = tuple(range(3, input.dim() + 1))
     ones = (1,) * len(spatial)
     reduce = spatial if per_sample else (0, *spatial)
-    count = math.prod(input.unflatten(1, (4, cq)).shape[d] for d in reduce)
+    blocked = input.unflatten(1, (4, cq)).shape
+    count = math.prod([blocked[d] for d in reduce])  # (a list: dynamo cannot trace a generator here)
     if use_input_stats and count <= 1:
         what = "spatial element" if per_sample else "value per channel"
         raise ValueError(f"{fn}: expected more than 1 {what} when training, got input size {tuple(input.shape)}")
