@@ -43,13 +43,9 @@ VARIANTS = [
 
 
 def resources(cubin: bytes) -> tuple[int, int]:
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(cubin)
-    try:
-        out = subprocess.run([str(CUOBJDUMP), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-    finally:
-        os.unlink(f.name)
-    return int(re.search(r"REG:(\d+)", out).group(1)), int(re.search(r"STACK:(\d+)", out).group(1))
+    """(registers, stack bytes) of the cubin's kernel."""
+    usage = resource_usage(cubin)
+    return usage["REG"], usage["STACK"]
 
 
 def main() -> int:

@@ -61,6 +61,10 @@ class QuaternionModule(nn.Module):
     weight: nn.Parameter
     bias: nn.Parameter | None
     init_criterion: str
+    algorithm: str
+    rotation: bool
+    quaternion_format: bool
+    scale: bool
     #: The weight init scheme (``aqcf_kernels.nn.init.INITS``); a class attribute so subclasses that
     #: predate ``init=`` keep Parcollet's quaternion init.
     init: str = "quaternion"
@@ -83,6 +87,23 @@ class QuaternionModule(nn.Module):
         scale = getattr(self, "scale_param", None)
         if scale is not None:
             nn.init.xavier_uniform_(scale, generator=generator)
+
+    def _options_repr(self) -> str:
+        """The ``extra_repr`` suffix of the options every quaternion layer has, where not the default."""
+        s = ""
+        if self.algorithm != "auto":
+            s += f", algorithm={self.algorithm!r}"
+        if self.init != "quaternion":
+            s += f", init={self.init!r}"
+        if self.init_criterion != "glorot":
+            s += f", init_criterion={self.init_criterion!r}"
+        if self.rotation:
+            s += ", rotation=True"
+            if not self.quaternion_format:
+                s += ", quaternion_format=False"
+            if self.scale:
+                s += ", scale=True"
+        return s
 
     @classmethod
     def _args_from_component_shape(cls, shape: torch.Size, kwargs: dict[str, Any]) -> tuple:

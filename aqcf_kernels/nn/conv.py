@@ -202,19 +202,7 @@ class _QuaternionConvNd(QuaternionModule):
             s += ", bias=False"
         if self.padding_mode != "zeros":
             s += ", padding_mode={padding_mode!r}"
-        if self.algorithm != "auto":
-            s += ", algorithm={algorithm!r}"
-        if self.init != "quaternion":
-            s += ", init={init!r}"
-        if self.init_criterion != "glorot":
-            s += ", init_criterion={init_criterion!r}"
-        if self.rotation:
-            s += ", rotation=True"
-            if not self.quaternion_format:
-                s += ", quaternion_format=False"
-            if self.scale:
-                s += ", scale=True"
-        return s.format(**self.__dict__)
+        return s.format(**self.__dict__) + self._options_repr()
 
 
 class _QuaternionConv(_QuaternionConvNd):

@@ -82,16 +82,4 @@ class QuaternionLinear(QuaternionModule):
 
     def extra_repr(self) -> str:
         s = f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
-        if self.algorithm != "auto":
-            s += f", algorithm={self.algorithm!r}"
-        if self.init != "quaternion":
-            s += f", init={self.init!r}"
-        if self.init_criterion != "glorot":
-            s += f", init_criterion={self.init_criterion!r}"
-        if self.rotation:
-            s += ", rotation=True"
-            if not self.quaternion_format:
-                s += ", quaternion_format=False"
-            if self.scale:
-                s += ", scale=True"
-        return s
+        return s + self._options_repr()
