@@ -97,7 +97,43 @@ def test_a_tie_goes_to_the_prior(monkeypatch, prior_ms, other_ms, expected) -> N
     assert winner == (prior if expected == "prior" else other)
     assert output == f"output of {winner}"
     assert timings == {str(other): other_ms, str(prior): prior_ms}
-    assert runs == [other, prior, other, prior]  # both close: each timed twice
+    assert runs == [other, prior, prior, other]  # both close: each timed twice, the second round reversed
+
+
+def test_cheap_calls_get_more_rounds_and_a_cold_first_run_does_not_decide(monkeypatch) -> None:
+    """A 1 ms call gets MAX_ROUNDS rounds in alternating order; the prior, slow only on its cold first
+    run (as on a fresh process's first call), wins on its warm runs (a fake clock: no timing noise)."""
+    clock = [0.0]
+    monkeypatch.setattr(tuning, "_timer", lambda device: lambda: clock[0])
+    prior, other = tuning.Candidate("cpp", "hamilton"), tuning.Candidate("cpp", "fast8")
+    runs: list[tuning.Candidate] = []
+
+    def run(c: tuning.Candidate) -> str:
+        cold = c not in runs
+        runs.append(c)
+        clock[0] += {prior: 2.0e-3 if cold else 0.8e-3, other: 1.0e-3}[c]
+        return f"output of {c}"
+
+    winner, output, timings = tuning._measure([prior, other], run, torch.device("cpu"), prior)
+    assert winner == prior and output == f"output of {prior}"
+    assert timings == {str(prior): 0.8, str(other): 1.0}
+    assert len(runs) == 2 * tuning.MAX_ROUNDS
+    assert runs[:6] == [prior, other, other, prior, prior, other]
+
+
+def test_expensive_calls_are_measured_in_two_rounds(monkeypatch) -> None:
+    """Beyond the cheap budget, measuring stays at two rounds (~3 calls of the layer besides the call)."""
+    clock = [0.0]
+    monkeypatch.setattr(tuning, "_timer", lambda device: lambda: clock[0])
+    a, b = tuning.Candidate("cpp", "hamilton"), tuning.Candidate("cpp", "fast8")
+    runs: list[tuning.Candidate] = []
+
+    def run(c: tuning.Candidate) -> None:
+        runs.append(c)
+        clock[0] += tuning.CHEAP_BUDGET_S / 3
+
+    tuning._measure([a, b], run, torch.device("cpu"), a)
+    assert runs == [a, b, b, a]
 
 
 @pytest.mark.parametrize("slow", ["hamilton", "fast8"])
