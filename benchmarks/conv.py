@@ -332,6 +332,7 @@ def run(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     memory: bool = True,
+    min_time: float = 0.0,
 ) -> list[Result]:
     """Time every provider on every case and mode; then, if ``memory``, measure their peaks.
 
@@ -351,7 +352,7 @@ def run(
             i += 1
             common.progress(i, n, f"time {case.name} {mode}", started)
             steps = {name: make_step(mode, fn, inputs, PROVIDERS[name].scope) for name, fn in fns.items()}
-            times = common.time_interleaved(steps, reps, warmup, device)
+            times = common.time_interleaved(steps, reps, warmup, device, min_time)
             timings = {k: common.Timing.of(v) for k, v in times.items()}
             results.append(Result(case, mode, timings, dict.fromkeys(fns), served, errors))
     memory_method = "not measured"
@@ -623,6 +624,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--check-targets", action="store_true", help="report PASS/FAIL for the issue's targets")
     parser.add_argument(
+        "--min-time",
+        type=float,
+        default=0.5,
+        metavar="S",
+        help="more reps for fast cases: about S seconds of timed calls per provider and case (at most "
+        f"{common.MAX_REPS} reps; 0: exactly --reps). Default 0.5",
+    )
+    parser.add_argument(
         "--tf32", action="store_true", help="CUDA float32: allow TF32 in cuDNN/cuBLAS and the Triton kernels"
     )
     parser.add_argument("--list", action="store_true", help="list the grid's cases and exit")
@@ -661,6 +670,7 @@ def main(args: argparse.Namespace) -> int:
             common.DTYPES[args.dtype],
             device,
             memory=not args.no_memory,
+            min_time=args.min_time,
         )
     env["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     checks = check_targets(results, args.load) if args.check_targets else None
@@ -672,6 +682,7 @@ def main(args: argparse.Namespace) -> int:
         "modes": args.modes,
         "providers": providers,
         "reps": args.reps,
+        "min_time_s": args.min_time,
         "warmup": args.warmup,
         "dtype": args.dtype,
         "tf32": bool(device.type == "cuda" and args.tf32),
