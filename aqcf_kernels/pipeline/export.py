@@ -25,8 +25,11 @@ the training crop, already such a size for the usual configurations.
 * **onnx**: every quaternion op is lowered to standard ONNX operators (opset 18), so ONNX Runtime
   runs it with no custom domain: a quaternion (transposed) conv becomes one real ``Conv`` /
   ``ConvTranspose`` on its expanded weight (the 4x4 real blocks of the Hamilton product, computed
-  once at export: :func:`lowered_for_onnx`); the fused norm + activation the composite norm
-  (``ReduceMean``, ``Sub``, ``Mul``, ``Sqrt`` ...) and the activation; the A-QCF attention
+  once at export: :func:`lowered_for_onnx`); a rotation conv one real ``Conv`` on its derived weight
+  (also computed once) of the pure blocks; the fused norm + activation the composite norm
+  (``ReduceMean``, ``Sub``, ``Mul``, ``Sqrt`` ...) and the activation, a whitening norm one 4x4
+  ``MatMul`` per quaternion channel (with running statistics the Cholesky is done at export; on the
+  input's statistics it is unrolled into elementwise ops); the A-QCF attention
   ``MatMul``/``Softmax``/``MatMul`` per direction and its gated residual ``Sigmoid``/``Mul``/``Add``
   (:data:`LOWERINGS`, applied to whatever custom op remains in the program). The trained weights and
   the eager path are untouched: the lowering works on a copy. ``metadata_props["aqcf_export"]`` holds
@@ -274,6 +277,23 @@ def _check_device(path: Path, meta: dict[str, Any], device: torch.device) -> tor
 # ----------------------------------------------------------------------------------- ONNX lowering
 
 
+def _lowered_geometry(conv: Any, input: Tensor, output_padding: Sequence[int]) -> tuple[Tensor, Any]:
+    """``input`` padded as ``conv`` pads it and the :class:`~aqcf_kernels.params.ConvParams` of the real conv
+    that follows: non-zero padding modes and ``'same'`` become an explicit ``F.pad`` (``Pad`` in ONNX)."""
+    from ..params import ConvParams
+
+    n = conv._spatial_dims
+    padding = conv.padding
+    if conv.padding_mode != "zeros" or isinstance(padding, str):
+        # _reversed_padding_repeated_twice is 'same' resolved too (odd element on the right).
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        input = F.pad(input, conv._reversed_padding_repeated_twice, mode=mode)
+        padding = (0,) * n
+    p = ConvParams(n, tuple(conv.stride), tuple(padding), tuple(conv.dilation), conv._transposed,
+                   tuple(output_padding), conv.groups)  # fmt: skip
+    return input, p
+
+
 class _LoweredConvMixin:
     """A quaternion (transposed) conv computed as ONE real conv on its expanded weight (``expanded_weight``,
     the 16 signed blocks of the Hamilton product, fixed at lowering). Forward, padding modes, unbatched
@@ -283,30 +303,55 @@ class _LoweredConvMixin:
 
     def _conv_forward(self, input: Tensor, output_padding: Sequence[int]) -> Tensor:
         from ..backends.torch.conv import add_bias, real_conv
-        from ..params import ConvParams
         from ..quaternion import from_group_major, to_group_major
 
-        n = self._spatial_dims
-        padding = self.padding
-        if self.padding_mode != "zeros" or isinstance(padding, str):
-            # _reversed_padding_repeated_twice is 'same' resolved too (odd element on the right).
-            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
-            input = F.pad(input, self._reversed_padding_repeated_twice, mode=mode)
-            padding = (0,) * n
-        p = ConvParams(n, tuple(self.stride), tuple(padding), tuple(self.dilation), self._transposed,
-                       tuple(output_padding), self.groups)  # fmt: skip
+        input, p = _lowered_geometry(self, input, output_padding)
         y = from_group_major(real_conv(to_group_major(input, p.groups), self.expanded_weight, p), p.groups)
         return add_bias(y, self.bias)
 
 
-class _LoweredNormMixin:
-    """A quaternion norm (shared variance) + activation in the fewest standard ops, for inference.
+class _LoweredRotationConvMixin:
+    """A rotation (spinor) conv as ONE real conv of the pure blocks on its derived weight (``rotation_weight``,
+    :func:`~aqcf_kernels.nn.rotation.rotation_real_weight` of the weight and ``scale``, fixed at lowering).
 
-    With running statistics (batch norm in eval) ``(x - μ) · s + β`` with ``s = γ / sqrt(σ² + eps)``
-    per real channel, fixed at lowering (``lowered_mean``, ``lowered_scale``); otherwise the statistics
-    of the input (instance norm), as the composite reference computes them. Why not the reference
-    itself: it casts to the statistics dtype and reshapes for checks, ~2.5x the nodes, each of which
-    costs the ONNX exporter time; the arithmetic is the same, in the same order.
+    Why a constant rather than the derivation (normalise, 3x3 rotation matrices, reorder) in the graph:
+    it depends on the parameters only, so in an inference graph it would be recomputed on every call for
+    the same result, and as a constant the graph is what the Hamilton convs' is (``Conv`` on a folded
+    weight); the weight is the eager layer's own function of the same parameters, so nothing is re-derived.
+    Around the conv, as :func:`~aqcf_kernels.nn.rotation.quaternion_rotation_conv` does: with
+    ``quaternion_format`` the real input block is dropped (``Slice``) and the real output block is zero
+    (``Pad`` on the channel axis) before the bias; groups reorder the three pure blocks group-major.
+    """
+
+    rotation_weight: Tensor
+
+    def _conv_forward(self, input: Tensor, output_padding: Sequence[int]) -> Tensor:
+        from ..backends.torch.conv import add_bias, real_conv
+        from ..nn.rotation import _pure_from_group_major, _pure_group_major
+
+        input, p = _lowered_geometry(self, input, output_padding)
+        if self.quaternion_format:
+            input = input[:, self.in_channels // 4 :]
+        y = _pure_from_group_major(real_conv(_pure_group_major(input, p.groups), self.rotation_weight, p), p.groups)
+        if self.quaternion_format:  # the zero real block in front of [i|j|k] (F.pad lists the last dim first)
+            y = F.pad(y, [0, 0] * self._spatial_dims + [self.out_channels // 4, 0])
+        return add_bias(y, self.bias)
+
+
+class _LoweredNormMixin:
+    """A quaternion norm + activation in the fewest standard ops, for inference.
+
+    Shared variance: with running statistics (batch norm in eval) ``(x - μ) · s + β`` with
+    ``s = γ / sqrt(σ² + eps)`` per real channel, fixed at lowering (``lowered_mean``, ``lowered_scale``);
+    otherwise the statistics of the input (instance norm), as the composite reference computes them.
+    Why not the reference itself: it casts to the statistics dtype and reshapes for checks, ~2.5x the
+    nodes, each of which costs the ONNX exporter time; the arithmetic is the same, in the same order.
+
+    Whitening: ``M (x - μ) + β`` with one 4x4 ``M = γ L⁻¹`` per quaternion channel
+    (:func:`_per_channel_4x4`). With running statistics ``M`` is folded at lowering (``lowered_matrix``,
+    the eager layer's own Cholesky of ``running_cov``), so the graph has no factorisation at all;
+    otherwise (instance norm) the covariance is the input's and ``L⁻¹`` is
+    :func:`_unrolled_whitening_matrix`, elementwise ops on the 4x4 entries.
     """
 
     def forward(self, input: Tensor) -> Tensor:
@@ -317,7 +362,9 @@ class _LoweredNormMixin:
         unbatched = self._check_input(input)
         x = input.unsqueeze(0) if unbatched else input
         cq, ones = self.num_features // 4, (1,) * (x.dim() - 2)
-        if self.track_running_stats:
+        if self.whiten:
+            y = self._whitened(x)
+        elif self.track_running_stats:
             centred, scale = x - self.lowered_mean.view(1, -1, *ones), self.lowered_scale.view(1, -1, *ones)
             y = centred * scale if self.bias is None else torch.addcmul(self.bias.view(1, -1, *ones), centred, scale)
         else:
@@ -335,16 +382,93 @@ class _LoweredNormMixin:
             y = activate(y, self.activation, self.negative_slope)
         return y.squeeze(0) if unbatched else y
 
+    def _whitened(self, x: Tensor) -> Tensor:
+        """``γ L⁻¹ (x - μ) + β`` of a batched ``(N, 4Cq, *S)`` input (before the activation)."""
+        cq, ones = self.num_features // 4, (1,) * (x.dim() - 2)
+        q = x.unflatten(1, (4, cq))  # (N, 4, Cq, *S)
+        if self.track_running_stats:
+            centred, matrix = q - self.lowered_mean.view(1, 4, cq, *ones), self.lowered_matrix
+        else:
+            spatial = tuple(range(3, q.dim()))
+            centred = q - q.mean(spatial if self._per_sample else (0, *spatial), keepdim=True)
+            # As the reference: components on the second-to-last axis, every sample of the statistic on
+            # the last, (N, Cq, 4, S) for instance norm, (Cq, 4, N*S) for batch norm; V = Z Zᵀ / count.
+            if self._per_sample:
+                z = centred.transpose(1, 2).flatten(3)
+            else:
+                z = centred.permute(2, 1, 0, *spatial).flatten(2)
+            matrix = _unrolled_whitening_matrix(z @ z.mT / z.shape[-1], self.eps)
+            if self.weight is not None:
+                matrix = self.weight @ matrix
+        y = _per_channel_4x4(matrix, centred)
+        if self.bias is not None:
+            y = y + self.bias.view(1, 4, cq, *ones)
+        return y.flatten(1, 2)
+
+
+def _per_channel_4x4(matrix: Tensor, x: Tensor) -> Tensor:
+    """``y[n, i, c] = Σ_j matrix[(n,) c, i, j] · x[n, j, c]`` at every position of ``x`` ``(N, 4, Cq, *S)``;
+    ``matrix`` ``(Cq, 4, 4)`` or, per sample, ``(N, Cq, 4, 4)``.
+
+    One batched ``MatMul`` (quaternion channels, and samples, as the batch: 4x4 times 4xS) between two
+    ``Transpose``. Why not a grouped 1x1 ``Conv``: it needs the same two transposes (a group's four input
+    channels must be adjacent, and the blocked layout puts them ``Cq`` apart) and cannot take a matrix
+    per sample (instance norm); why not a dense 1x1 ``Conv`` on the blocked layout: a block-diagonal
+    ``(4Cq, 4Cq)`` weight, ``Cq`` times the multiplications.
+    """
+    flat = x.flatten(3) if x.dim() > 3 else x.unsqueeze(3)  # (N, 4, Cq, S); S = 1 for a (N, C) batch norm input
+    return (matrix @ flat.transpose(1, 2)).transpose(1, 2).reshape(x.shape)
+
+
+def _unrolled_whitening_matrix(cov: Tensor, eps: float) -> Tensor:
+    """:func:`~aqcf_kernels.nn.norm._whitening_matrix` (``L⁻¹`` with ``cov + eps·I = L Lᵀ``, batched over the
+    leading dims of ``cov`` ``(..., 4, 4)``) unrolled into elementwise ops on the 4x4 entries: the
+    Cholesky-Banachiewicz recurrence (LAPACK's, for a matrix this small), then forward substitution.
+
+    For a whitening norm on its input's statistics, whose covariance exists only at run time: ONNX has
+    no Cholesky or triangular solve, and a 4x4 needs 4 ``Sqrt``, 4 ``Reciprocal`` and a few dozen
+    ``Mul``/``Sub``/``Div`` on ``(N, Cq)`` tensors, nothing next to the matmul over the data.
+    """
+    a = [[cov[..., i, j] for j in range(4)] for i in range(4)]
+    chol: list[list[Tensor]] = [[] for _ in range(4)]  # row i holds L[i, 0..i]
+    for i in range(4):
+        for j in range(i + 1):
+            s = a[i][j] + eps if i == j else a[i][j]
+            for k in range(j):
+                s = s - chol[i][k] * chol[j][k]
+            chol[i].append(s.sqrt() if i == j else s / chol[j][j])
+    inv: list[list[Tensor]] = [[] for _ in range(4)]  # row i holds L⁻¹[i, 0..i]
+    for i in range(4):
+        d = chol[i][i].reciprocal()
+        for j in range(i):  # L[i, j..i] · L⁻¹[j..i, j] = 0 below the diagonal
+            s = chol[i][j] * inv[j][j]
+            for k in range(j + 1, i):
+                s = s + chol[i][k] * inv[k][j]
+            inv[i].append(-s * d)
+        inv[i].append(d)
+    zero = torch.zeros_like(a[0][0])
+    return torch.stack([torch.stack(row + [zero] * (3 - i), dim=-1) for i, row in enumerate(inv)], dim=-2)
+
 
 def _lower_norm(norm: nn.Module) -> None:
     """Turn ``norm`` (in place) into its :class:`_LoweredNormMixin` class, running statistics folded."""
     if norm.track_running_stats:
         with torch.no_grad():
-            scale = (norm.running_var + norm.eps).rsqrt()
-            if norm.weight is not None:
-                scale = scale * norm.weight
-            # per real channel: the blocked layout repeats the quaternion channels' scale for r, i, j, k
-            norm.register_buffer("lowered_scale", scale.repeat(4).clone())
+            if norm.whiten:
+                from ..nn.norm import _stat_dtype, _whitening_matrix
+
+                # The eager layer's own γ·L⁻¹ (LAPACK's Cholesky, in its statistics dtype), once.
+                cov = norm.running_cov
+                matrix = _whitening_matrix(cov.to(_stat_dtype(cov.dtype)), norm.eps)
+                if norm.weight is not None:
+                    matrix = norm.weight.to(matrix.dtype) @ matrix
+                norm.register_buffer("lowered_matrix", matrix.to(cov.dtype).contiguous())
+            else:
+                scale = (norm.running_var + norm.eps).rsqrt()
+                if norm.weight is not None:
+                    scale = scale * norm.weight
+                # per real channel: the blocked layout repeats the quaternion channels' scale for r, i, j, k
+                norm.register_buffer("lowered_scale", scale.repeat(4).clone())
             norm.register_buffer("lowered_mean", norm.running_mean.clone())
     norm.__class__ = _lowered_class(type(norm), _LoweredNormMixin)
 
@@ -357,28 +481,35 @@ def _lowered_class(cls: type, mixin: type = _LoweredConvMixin) -> type:
 def lowered_for_onnx(module: nn.Module) -> nn.Module:
     """A copy of ``module`` whose quaternion convs and norms compute with standard PyTorch ops, for inference.
 
-    Convs: one real conv on the expanded weight (a buffer computed here, once; the quaternion weight
-    is dropped from the copy). Norms: :class:`_LoweredNormMixin` (running statistics folded into a
-    scale and shift). ``module`` itself is not changed. Raises :class:`ExportError` for layers without
-    an ONNX lowering (rotation convs; whitening norms, which need a Cholesky factorisation).
+    Convs: one real conv on the expanded weight, or for a rotation conv on the derived rotation weight
+    (:class:`_LoweredRotationConvMixin`); a buffer computed here, once, and the quaternion weight (and
+    ``scale_param``) dropped from the copy. Norms: :class:`_LoweredNormMixin` (running statistics folded
+    into a scale and shift, or for a whitening norm into one 4x4 matrix per quaternion channel). The
+    lowered norms refuse to run in training mode. ``module`` itself is not changed.
     """
     from ..nn.conv import _QuaternionConvNd
     from ..nn.norm import _QuaternionNorm
+    from ..nn.rotation import rotation_real_weight
     from ..quaternion import expand_weight_grouped
 
     lowered = copy.deepcopy(module)
-    for name, m in lowered.named_modules():
+    for m in lowered.modules():
         if isinstance(m, _QuaternionConvNd):
-            if m.rotation:
-                raise ExportError(f"{name or type(m).__name__}: rotation convs have no ONNX lowering")
             with torch.no_grad():
-                expanded = expand_weight_grouped(m.weight.detach(), m.groups).contiguous()
-            del m.weight  # the copy computes with the expanded weight only: no unused parameter is exported
-            m.register_buffer("expanded_weight", expanded)
-            m.__class__ = _lowered_class(type(m))
+                if m.rotation:
+                    scale = None if m.scale_param is None else m.scale_param.detach()
+                    folded = rotation_real_weight(m.weight.detach(), scale, m.groups)
+                    buffer, mixin = "rotation_weight", _LoweredRotationConvMixin
+                else:
+                    folded = expand_weight_grouped(m.weight.detach(), m.groups)
+                    buffer, mixin = "expanded_weight", _LoweredConvMixin
+            # The copy computes with the folded weight only: no unused parameter is exported.
+            del m.weight
+            if m.rotation:
+                m.scale_param = None
+            m.register_buffer(buffer, folded.contiguous())
+            m.__class__ = _lowered_class(type(m), mixin)
         elif isinstance(m, _QuaternionNorm):
-            if m.whiten:
-                raise ExportError(f"{name or type(m).__name__}: whitening norms have no ONNX lowering (Cholesky)")
             _lower_norm(m)
     return lowered
 
@@ -488,6 +619,23 @@ def lower_custom_ops(program: torch.export.ExportedProgram) -> torch.export.Expo
     return lowered
 
 
+#: aten ops a quaternion layer can put in a graph that ONNX has no operator for: the whitening norms'
+#: factorisation when they are called as functions (the modules are lowered without it).
+_FACTORISATIONS = ("aten.linalg_cholesky_ex.default", "aten.linalg_solve_triangular.default")
+
+
+def _check_no_factorisation(program: torch.export.ExportedProgram) -> None:
+    """Refuse, in one line, a graph the ONNX exporter would fail on with a page of its own diagnostics."""
+    found = sorted({str(n.target) for n in program.graph.nodes if str(n.target) in _FACTORISATIONS})
+    if found:
+        raise ExportError(
+            f"the graph computes a Cholesky factorisation ({', '.join(found)}), which ONNX has no operator for: "
+            "a whitening norm called as a function (quaternion_batch_norm/quaternion_instance_norm with "
+            "whiten=True); use the QuaternionBatchNorm*d/QuaternionInstanceNorm*d modules, which are lowered "
+            "without it"
+        )
+
+
 def _onnx_missing() -> list[str]:
     return [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
 
@@ -512,11 +660,13 @@ def onnx_program(
 
     :func:`lowered_for_onnx`, :func:`torch.export.export` with ``dynamic_shapes``, :func:`lower_custom_ops`
     for any ``aqcf`` op left (functional calls, the A-QCF attention), then the dynamo ONNX exporter at
-    opset :data:`ONNX_OPSET`. Raises :class:`ExportError` if a node outside the standard domain remains.
+    opset :data:`ONNX_OPSET`. Raises :class:`ExportError` for a factorisation left in the graph (a whitening
+    norm called as a function) and if a node outside the standard domain remains.
     """
     _check_onnx_packages()
     lowered = lowered_for_onnx(module).cpu().eval()
     program = lower_custom_ops(torch.export.export(lowered, args, dynamic_shapes=dynamic_shapes))
+    _check_no_factorisation(program)
     exported = torch.onnx.export(
         program,
         args,
