@@ -5,12 +5,14 @@ A static proxy only; a GPU run decides.
     python tools/triton_resources.py            # the conv weight-gradient kernel (autotuned configs)
     python tools/triton_resources.py --norm     # the fused norm kernels: registers, stack, load widths
     python tools/triton_resources.py --igemm [--json FILE]   # the implicit-GEMM conv: issue 13's criteria
+    python tools/triton_resources.py --rnn [--quick]         # the fused recurrence's cell kernels (issue 16)
 
 TRITON_INTERPRET must be unset. The GPU machines run triton 3.6: to read what they will run, put a
 triton 3.6 first on the path (``pip install --no-deps --target DIR triton==3.6.0``, then
 ``PYTHONPATH=DIR``). ``--norm`` compiles each kernel with the specialisation a real launch gets
 (pointers and integers divisible by 16 marked so, unit strides constexpr) and exits non-zero if a
-variant spills or if its loads of the activation tensors are not vectorised.
+variant spills or if its loads of the activation tensors are not vectorised; ``--rnn`` does the same
+for the recurrence's forward and backward cell kernels, every mode and candidate.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ def main() -> int:
         return 2
     if "--norm" in sys.argv[1:]:
         return norm_main(quick="--quick" in sys.argv[1:])
+    if "--rnn" in sys.argv[1:]:
+        return rnn_main(quick="--quick" in sys.argv[1:])
     if "--igemm" in sys.argv[1:]:  # [--json FILE]
         argv = sys.argv[1:]
         return igemm_main(argv[argv.index("--json") + 1] if "--json" in argv else None)
@@ -349,6 +353,68 @@ def igemm_main(json_path: str | None = None) -> int:
     if json_path:
         Path(json_path).write_text(json.dumps(rows, indent=1))
     return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# The fused recurrence's cell kernels (aqcf_kernels/backends/triton/rnn_cell.py): issue 16
+# --------------------------------------------------------------------------------------------------
+
+RNN_CELLS = [("rnn", "tanh"), ("rnn", "relu"), ("lstm", "tanh"), ("ligru", "relu"), ("ligru", "leaky_relu"),
+             ("ligru", "tanh")]  # fmt: skip
+RNN_DTYPES = {
+    "fp32": ("*fp32", tl.float32, 0.25),
+    "bf16": ("*bf16", tl.float32, 0.25),
+    "fp64": ("*fp64", tl.float64, 0.02),
+}
+
+
+def rnn_variants(quick: bool = False, batch: int = 8, hidden: int = 512):
+    """``(label, kernel, dtype, args, constexprs)``: the forward and backward cell kernels of every cell as a
+    launch at ``batch`` x ``hidden`` gets them (the launcher's tiles), fp32 and bf16, and the LSTM in fp64.
+    ``quick`` (the test suite): each cell's two kernels in one dtype, fp32 and bf16 alternating."""
+    from aqcf_kernels.backends.triton import rnn_cell as tr
+
+    block_b, block_h = tr._blocks(batch, hidden)
+    cases = [(dtype, cell) for dtype in ("fp32", "bf16") for cell in RNN_CELLS]
+    if quick:
+        cases = [("fp32" if i % 2 == 0 else "bf16", cell) for i, cell in enumerate(RNN_CELLS)]
+    cases.append(("fp64", ("lstm", "tanh")))
+    for dtype, (mode, nonlinearity) in cases:
+        ptr, acc, small = RNN_DTYPES[dtype]
+        acc_ptr = "*fp64" if dtype == "fp64" else "*fp32"
+        consts = dict(
+            MODE=tr.MODE_CODES[mode], ACT=0 if mode == "lstm" else tr.ACTIVATION_CODES[nonlinearity], ACC=acc,
+            SMALL=small, BLOCK_B=block_b, BLOCK_H=block_h,
+        )  # fmt: skip
+        sizes = dict(B=batch, H=hidden, negative_slope=0.01)
+        names = ("proj_ptr", "mm_ptr", "h_prev_ptr", "c_prev_ptr", "h_ptr", "c_ptr", "saved_ptr")
+        fwd = dict(dict.fromkeys(names, ptr), stride_pb=tr.GATES[mode] * hidden, stride_pj=1, **sizes)
+        names = ("go_ptr", "gc_ptr", "dh_ptr", "saved_ptr", "h_ptr", "h_prev_ptr", "c_prev_ptr", "c_ptr", "dg_ptr")
+        bwd = dict(dict.fromkeys(names, ptr), dc_ptr=acc_ptr, **sizes)
+        label = f"{mode} {nonlinearity}"
+        yield label + " fwd", tr.rnn_cell_fwd_kernel, dtype, fwd, consts
+        yield label + " bwd", tr.rnn_cell_bwd_kernel, dtype, bwd, dict(consts, HAS_GO=True, HAS_GC=mode == "lstm")
+
+
+def rnn_main(quick: bool = False) -> int:
+    from aqcf_kernels.backends.triton import rnn_cell as tr
+
+    batch, hidden = 8, 512
+    block_b, block_h = tr._blocks(batch, hidden)
+    print(f"triton {triton.__version__}, sm_90, batch {batch} x hidden {hidden}, tile ({block_b}, {block_h}), "
+          f"num_warps {tr.GPU_WARPS}")  # fmt: skip
+    print(f"{'kernel':20} {'dtype':5} {'regs':>5} {'stack B':>8}  loads")
+    bad = 0
+    for label, kernel, dtype, args, constexprs in rnn_variants(quick, batch, hidden):
+        compiled = compile_launch(kernel, args, constexprs, {"num_warps": tr.GPU_WARPS})
+        usage = resource_usage(compiled.asm["cubin"])
+        widths = load_widths(compiled.asm["ptx"])
+        vector = any(k.startswith(("v4", "v2")) for k in widths)
+        print(f"{label:20} {dtype:5} {usage['REG']:5} {usage['STACK']:8}  {widths}")
+        if usage["STACK"] or not vector:
+            bad += 1
+    print("all variants: no spills, vectorised loads" if not bad else f"{bad} variant(s) spill or load scalars")
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

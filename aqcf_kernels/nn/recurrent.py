@@ -25,9 +25,11 @@ over all steps. Measured on this 2-core CPU (1 layer, 512 real hidden, batch 8, 
 forward+backward, LSTM): the per-step composite loop spent ~60% of its time in the backward's two
 GEMMs per step (one of them the rank-8 weight gradient, a full 4 MiB matrix per step) and ~10% adding
 those per-step weight gradients; the fused op runs the same layer ~4x faster (1951 -> 495 ms on one
-busy thread).
+busy thread). On CUDA (every tensor of one dtype, triton importable) the same op runs the Triton
+kernels of backends/triton/rnn_cell.py: per step a cuBLAS GEMM on the expanded weight and one Triton
+launch for the whole cell, forward and backward.
 
-Elsewhere (packed sequences, no extension, other devices, ``algorithm='fast8'``) a Python loop runs the
+Elsewhere (packed sequences, no extension or triton, other devices, ``algorithm='fast8'``) a Python loop runs the
 composite cells (:func:`_rnn_cell`, :func:`_lstm_cell`, :func:`_ligru_cell`) with the recurrent product
 on the expanded real weight, built ONCE per forward: each step is one ``addmm``, and autograd sums the
 steps' weight gradients into that one matrix, folded back to the quaternion weight once. Measured
@@ -397,8 +399,13 @@ class _QuaternionRNNBase(nn.Module):
         # bias (b_ih + b_hh: one pass fewer), then the norm (the LiGRU, which never has b_hh).
         bias = b_hh if b_ih is None else (b_ih if b_hh is None else b_ih + b_hh)
         proj = self._normalize(sfx, quaternion_linear(x, w_ih, bias, algorithm=self.algorithm))
-        if self.algorithm != "fast8" and sizes is None and proj.shape[0] > 0 and rnn_cell_ops.available(proj):
-            # the whole sequence in one fused op (csrc/cpu/rnn_cell.cpp)
+        if (
+            self.algorithm != "fast8"
+            and sizes is None
+            and proj.shape[0] > 0
+            and rnn_cell_ops.available(proj, h0, c0, w_hh)
+        ):
+            # the whole sequence in one fused op (csrc/cpu/rnn_cell.cpp; Triton on CUDA)
             output, cells, _ = torch.ops.aqcf.rnn_sequence(proj, h0, c0, w_hh, *self._sequence_args(), reverse)
             last = 0 if reverse else -1
             return output, output[last], (cells[last] if c0 is not None else None)

@@ -44,12 +44,11 @@ def _triton_serves(input: Tensor) -> bool:
     under ``TRITON_INTERPRET=1`` with the ``triton`` backend forced (the compiled kernel serves CPU)."""
     from ..backends.triton import common
 
-    if common.IMPORT_ERROR is not None or (input.device.type == "cpu" and not common.INTERPRET):
+    if not common.serves_fused(input):
         return False
-    from ..backends.registry import forced
     from ..backends.triton import norm as triton_norm
 
-    return triton_norm.serves(input) and (input.device.type != "cpu" or forced() == "triton")
+    return triton_norm.serves(input)
 
 
 def _stat_dtype(input: Tensor) -> torch.dtype:

@@ -18,6 +18,12 @@ the stacked components of ``h`` with the four weight components (reading the qua
 the expanded one: at batch 8 a step is bound by reading the weight) and one fused element-wise pass
 (Hamilton signs, gates, cell); a backward through time in C++ that keeps the gates' gradients (they ARE
 the gradient of ``proj``) and forms the weight gradient in one GEMM at the end.
+On CUDA (float16/bfloat16/float32/float64, every tensor of one dtype) with triton importable it runs
+backends/triton/rnn_cell.py: per step the recurrent GEMM on cuBLAS and ONE Triton launch for the
+``proj`` add and the whole cell (math in float32, float64 for float64), the same backward through time
+with one Triton launch per step for the gates' gradient. Those kernels also serve CPU tensors under
+``TRITON_INTERPRET=1`` when the ``triton`` backend is forced (``AQCF_BACKEND=triton``), to prove them
+without a GPU (the norm's rule: :func:`aqcf_kernels.backends.triton.common.serves_fused`).
 Elsewhere (``AQCF_NO_EXTENSION=1``, other devices or dtypes) the same op runs the composite cells in a
 Python loop and differentiates them with autograd. When the gradient must itself be differentiable
 (``create_graph=True``) the backward differentiates the composite loop too.
@@ -92,9 +98,28 @@ def expanded_weight(weight: Tensor) -> Tensor:
     return torch.cat(rows, dim=0)
 
 
-def available(proj: Tensor) -> bool:
-    """Whether the compiled kernel serves ``rnn_sequence`` for this input (else the composite loop does)."""
+def _cpp_serves(proj: Tensor) -> bool:
     return _C is not None and proj.device.type == "cpu" and proj.dtype in (torch.float32, torch.float64)
+
+
+def _triton_serves(*tensors: Tensor | None) -> bool:
+    """Whether the Triton kernels (backends/triton/rnn_cell.py) take this call: the device rule of every
+    fused op (:func:`aqcf_kernels.backends.triton.common.serves_fused`: CUDA whenever triton imports, CPU
+    only under ``TRITON_INTERPRET=1`` with the ``triton`` backend forced), and one dtype and device for all
+    the tensors."""
+    from ..backends.triton import common
+
+    if not common.serves_fused(tensors[0]):
+        return False
+    from ..backends.triton import rnn_cell as triton_rnn
+
+    return triton_rnn.serves(*tensors)
+
+
+def available(proj: Tensor, *others: Tensor | None) -> bool:
+    """Whether a fused kernel (Triton, or the compiled C++ one on CPU) serves ``rnn_sequence`` for this
+    input (else the composite loop does); ``others`` (h0, c0, weight), if given, must match ``proj``."""
+    return _triton_serves(proj, *others) or _cpp_serves(proj)
 
 
 def _composite(
@@ -165,7 +190,11 @@ def rnn_sequence(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(output, cells, saved)``: see the module docstring."""
     _check(proj, h0, c0, weight, mode)
-    if available(proj):
+    if _triton_serves(proj, h0, c0, weight):
+        from ..backends.triton import rnn_cell as triton_rnn
+
+        return triton_rnn.forward(proj, h0, c0, weight, mode, nonlinearity, negative_slope, reverse)
+    if _cpp_serves(proj):
         return torch.ops.aqcf._rnn_sequence_forward_cpu(
             proj, h0, c0, weight, mode, nonlinearity, negative_slope, reverse
         )
@@ -201,10 +230,19 @@ def rnn_sequence_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of ``rnn_sequence`` w.r.t. proj, h0, c0 and weight (empty tensors where not needed).
 
-    The compiled kernel only: the composite path differentiates the composite loop instead (it needs
-    ``proj``, which this op does not take)."""
-    if not available(output):
-        raise NotImplementedError("aqcf::rnn_sequence_backward: CPU float32/float64 with the compiled extension only")
+    The fused kernels only (Triton, or the compiled one on CPU): the composite path differentiates the
+    composite loop instead (it needs ``proj``, which this op does not take)."""
+    if _triton_serves(output, saved if saved.numel() else None, h0, c0, weight):
+        from ..backends.triton import rnn_cell as triton_rnn
+
+        return triton_rnn.backward(
+            grad_output, grad_cells, output, cells, saved, h0, c0, weight, mode, nonlinearity, negative_slope,
+            reverse, needs,
+        )  # fmt: skip
+    if not _cpp_serves(output):
+        raise NotImplementedError(
+            "aqcf::rnn_sequence_backward: the Triton kernels (CUDA) or the compiled extension (CPU float32/64) only"
+        )
     return torch.ops.aqcf._rnn_sequence_backward_cpu(
         grad_output, grad_cells, output, cells, saved, h0, c0, weight, mode, nonlinearity, negative_slope, reverse,
         needs,
@@ -235,7 +273,7 @@ def _backward(ctx, grad_output, grad_cells, _grad_saved):
     proj, h0, c0, weight, out, cells, saved = ctx.saved_tensors
     needs = [ctx.needs_input_grad[i] for i in range(4)]
     needs[2] = needs[2] and c0 is not None
-    if torch.is_grad_enabled() or not available(proj):
+    if torch.is_grad_enabled() or not available(proj, h0, c0, weight):
         # create_graph=True (the gradient must be differentiable) or no kernel: differentiate the loop
         grads = _composite_backward(grad_output, grad_cells, proj, h0, c0, weight, ctx.options, needs)
     else:

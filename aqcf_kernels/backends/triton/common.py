@@ -57,3 +57,21 @@ def cannot_serve_tensor(t: Tensor) -> str | None:
     if t.dtype not in DOT_DTYPES:
         return f"no tl.dot in {t.dtype} (fp32/fp16/bf16 only)"
     return None
+
+
+def serves_fused(t: Tensor) -> bool:
+    """Whether the Triton kernels of a fused op that dispatches outside the backend registry (the norm
+    ``aqcf::qnorm``, the recurrence ``aqcf::rnn_sequence``) take tensors on ``t``'s device: CUDA tensors
+    whenever triton imports; CPU tensors only under ``TRITON_INTERPRET=1`` with the ``triton`` backend
+    forced (``AQCF_BACKEND=triton`` or ``backends.use("triton")``), since the compiled C++ kernels serve
+    CPU otherwise and the interpreter is only there to prove the kernels without a GPU. Each op adds its
+    own dtype and shape conditions."""
+    if IMPORT_ERROR is not None:
+        return False
+    if t.device.type == "cuda":
+        return not INTERPRET
+    if t.device.type != "cpu" or not INTERPRET:
+        return False
+    from ..registry import forced  # (the registry imports the backends: not at module level)
+
+    return forced() == "triton"
