@@ -11,16 +11,18 @@
 #   attention  the A-QCF block in bf16 (naive, SDPA-composed, ours), 256 to 16384 tokens
 #   norm       fused quaternion norm + GELU fwd+bwd (Triton kernels) vs the composite path, batch and
 #              instance, 2d and 3d, fp32 and bf16 (~1 min)
+#   rnn        QLSTM / QLiGRU layer fwd+bwd, 512 hidden, batch 8, 100 steps: the fused recurrence
+#              (aqcf::rnn_sequence on the Triton cell kernels) vs the composite per-step loop, fp32 and bf16
 # Writes OUTDIR/{setup.log,tests.txt}, OUTDIR/{tf32,bf16}/conv.{md,json,png},
-# OUTDIR/attention/attention.{md,json,png} and OUTDIR/norm/norm.{md,json}. (The device tool brings back 8 files: tar OUTDIR there.)
+# OUTDIR/attention/attention.{md,json,png}, OUTDIR/norm/norm.{md,json} and OUTDIR/rnn/rnn.{md,json}. (The device tool brings back 8 files: tar OUTDIR there.)
 # Each stage runs even if an earlier one failed; the exit code is non-zero if any failed.
 # Environment: PYTHON (default python3); CONV_CASES, a --cases filter for the conv grid (e.g.
 # "2d 64q,3d 32q"); BENCH_ARGS, extra arguments for every benchmark (e.g. --no-memory);
 # XDIST_WORKERS, pytest-xdist workers for the tests (default 8); TESTS_TIMEOUT, seconds (default 300).
 set -uo pipefail
-OUT=${1:?usage: bash benchmarks/gpu_suite.sh OUTDIR [build|tests|conv-tf32|conv-bf16|attention|norm ...]}
+OUT=${1:?usage: bash benchmarks/gpu_suite.sh OUTDIR [build|tests|conv-tf32|conv-bf16|attention|norm|rnn ...]}
 shift
-STAGES=${*:-build tests conv-tf32 conv-bf16 attention norm}
+STAGES=${*:-build tests conv-tf32 conv-bf16 attention norm rnn}
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
@@ -134,6 +136,89 @@ with open(f"{out}/norm.md", "w") as f:
 PYEOF
   then
     stamp "BENCHMARK norm FAILED or timed out"; status=1
+  fi
+fi
+if wants rnn; then
+  stamp "benchmark rnn fwd+bwd (fused recurrence on Triton vs the composite per-step loop)"
+  mkdir -p "$OUT/rnn"
+  if ! timeout 180 "$PY" - "$OUT/rnn" >>"$OUT/setup.log" 2>&1 <<'PYEOF'
+import json, os, sys, torch
+from aqcf_kernels import nn as qnn
+from aqcf_kernels.nn import recurrent
+
+out, rows = sys.argv[1], []
+device = os.environ.get("RNN_DEVICE", "cuda")  # (RNN_DEVICE=cpu RNN_SIZE=16: a dry run of this script)
+size = int(os.environ.get("RNN_SIZE", "512"))
+steps, batch = 100, 8
+available = recurrent.rnn_cell_ops.available
+calls = [0]  # Triton forward launches of the fused op: proof that the kernels served the "fused" rows
+from aqcf_kernels.backends.triton import rnn_cell as triton_rnn
+real_forward = triton_rnn.forward
+
+
+def counting(*args):
+    calls[0] += 1
+    return real_forward(*args)
+
+
+triton_rnn.forward = counting
+
+
+def timed(fn, reps=10, warmup=3):
+    import time
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter(); fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(1e3 * (time.perf_counter() - start))
+    return sorted(times)[len(times) // 2]
+
+
+for name, cls in (("lstm", qnn.QuaternionLSTM), ("ligru", qnn.QuaternionLiGRU)):
+    for dtype in (torch.float32, torch.bfloat16):
+        layer = cls(size, size).to(device=device, dtype=dtype)
+        x = torch.randn(steps, batch, size, device=device, dtype=dtype).requires_grad_()
+        gy = torch.randn(steps, batch, size, device=device, dtype=dtype)
+        res = {}
+        calls[0] = 0
+        for provider in ("fused", "composite"):
+            # the composite provider: the layer's per-step loop (as when no fused kernel serves)
+            recurrent.rnn_cell_ops.available = available if provider == "fused" else (lambda *args: False)
+            x.grad = None
+            y = layer(x)[0]; y.backward(gy)
+            res[provider + "_y"], res[provider + "_g"] = y.detach().double(), x.grad.double().clone()
+
+            def step():
+                layer(x)[0].backward(gy)
+
+            res[provider] = timed(step)
+            if provider == "fused":
+                triton_fwd, calls[0] = calls[0], 0
+        recurrent.rnn_cell_ops.available = available
+        err = ((res["fused_y"] - res["composite_y"]).norm() / res["composite_y"].norm()).item()
+        gerr = ((res["fused_g"] - res["composite_g"]).norm() / res["composite_g"].norm()).item()
+        rows.append(dict(layer=name, dtype=str(dtype).split(".")[1], steps=steps, batch=batch, hidden=size,
+                         fused_ms=res["fused"], composite_ms=res["composite"],
+                         speedup=res["composite"] / res["fused"], rel_err_y=err, rel_err_dx=gerr,
+                         triton_forward_calls=triton_fwd, composite_triton_calls=calls[0]))
+        print(rows[-1], flush=True)
+json.dump(dict(device=torch.cuda.get_device_name() if device == "cuda" else device, torch=torch.__version__,
+               rows=rows), open(f"{out}/rnn.json", "w"), indent=1)
+with open(f"{out}/rnn.md", "w") as f:
+    f.write("| layer | dtype | T x B x H | fused ms | composite ms | speedup | rel err y | rel err dx | triton calls |\n")
+    f.write("|---|---|---|---|---|---|---|---|---|\n")
+    for r in rows:
+        f.write(f"| {r['layer']} | {r['dtype']} | {r['steps']}x{r['batch']}x{r['hidden']} | {r['fused_ms']:.2f} | "
+                f"{r['composite_ms']:.2f} | {r['speedup']:.2f}x | {r['rel_err_y']:.1e} | {r['rel_err_dx']:.1e} | "
+                f"{r['triton_forward_calls']} |\n")
+PYEOF
+  then
+    stamp "BENCHMARK rnn FAILED or timed out"; status=1
   fi
 fi
 stamp "done, status $status"
