@@ -5,6 +5,7 @@ A static proxy only; a GPU run decides.
     python tools/triton_resources.py            # the conv weight-gradient kernel (autotuned configs)
     python tools/triton_resources.py --norm     # the fused norm kernels: registers, stack, load widths
     python tools/triton_resources.py --igemm [--json FILE]   # the implicit-GEMM conv: issue 13's criteria
+    python tools/triton_resources.py --wgrad [--json FILE]   # its weight-gradient GEMM: the same criteria
     python tools/triton_resources.py --rnn [--quick]         # the fused recurrence's cell kernels (issue 16)
 
 TRITON_INTERPRET must be unset. The GPU machines run triton 3.6: to read what they will run, put a
@@ -18,6 +19,7 @@ for the recurrence's forward and backward cell kernels, every mode and candidate
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import re
 import subprocess
@@ -58,6 +60,9 @@ def main() -> int:
         return norm_main(quick="--quick" in sys.argv[1:])
     if "--rnn" in sys.argv[1:]:
         return rnn_main(quick="--quick" in sys.argv[1:])
+    if "--wgrad" in sys.argv[1:]:  # [--json FILE]
+        argv = sys.argv[1:]
+        return wgrad_main(argv[argv.index("--json") + 1] if "--json" in argv else None)
     if "--igemm" in sys.argv[1:]:  # [--json FILE]
         argv = sys.argv[1:]
         return igemm_main(argv[argv.index("--json") + 1] if "--json" in argv else None)
@@ -415,6 +420,109 @@ def rnn_main(quick: bool = False) -> int:
             bad += 1
     print("all variants: no spills, vectorised loads" if not bad else f"{bad} variant(s) spill or load scalars")
     return 1 if bad else 0
+
+
+# --------------------------------------------------------------------------------------------------
+# The weight-gradient GEMM of the implicit-GEMM conv (aqcf_kernels/backends/triton/igemm_wgrad.py)
+# --------------------------------------------------------------------------------------------------
+
+#: SMs of an H100/H200 SXM (the split-K policy's target)
+SM90_SMS = 132
+
+
+def wgrad_launch_args(
+    dtype: str, cq_in: int, cq_out: int, groups: int = 1, dims: int = 2, size: int = 64, batch: int = 32,
+    k: int = 3, stride: int = 1, transposed: bool = False,
+) -> dict:  # fmt: skip
+    """The arguments of ``qconv_wgrad_igemm_kernel`` for the weight gradient of a ``k``^dims conv (padding
+    k//2) on a batch of ``size``^dims channels_last images, as ``igemm_wgrad.conv_weight_grad_igemm`` passes
+    them, its split count included (the GPU policy with :data:`SM90_SMS` SMs). ``transposed``: the weight
+    gradient of the stride-``stride`` transposed conv whose output is that image (x and gy swapped, the
+    bias summed over x)."""
+    from aqcf_kernels.backends.triton import igemm_wgrad as iw
+
+    pad = k // 2
+    out = (size + 2 * pad - k) // stride + 1
+    sp_in = (1,) * (3 - dims) + (size,) * dims
+    sp_out = (1,) * (3 - dims) + (out,) * dims
+    ks = (1,) * (3 - dims) + (k,) * dims
+    unit = (1,) * (3 - dims)
+    c_x, m = 4 * cq_in, batch * math.prod(sp_out)
+    ptr = IGEMM_POINTERS[dtype]
+    args = dict(x_ptr=ptr, gy_ptr=ptr, part_ptr="*fp32", bsrc_ptr=ptr, bpart_ptr="*fp32")
+    args.update(M=m, C_Y=4 * cq_out, K_TAP=4 * cq_in // groups, N_G=4 * cq_out // groups)
+    args.update(CQ_IN=cq_in, CG_IN=cq_in // groups, CQ_OUT=cq_out, CG_OUT=cq_out // groups)
+    args.update(zip(("ID", "IH", "IW", "OD", "OH", "OW", "KD", "KH", "KW"), (*sp_in, *sp_out, *ks), strict=True))
+    strides = (math.prod(sp_in) * c_x, sp_in[1] * sp_in[2] * c_x, sp_in[2] * c_x, c_x)
+    args.update(zip(("s_xn", "s_xd", "s_xh", "s_xw"), strides, strict=True))
+    args.update(zip(("SD", "SH", "SW"), unit + (stride,) * dims, strict=True))
+    args.update(zip(("PD", "PH", "PW"), (0,) * (3 - dims) + (pad,) * dims, strict=True))
+    args.update(zip(("DD", "DH", "DW"), (1, 1, 1), strict=True))
+    args.update(MB=batch * math.prod(sp_in), C_B=c_x) if transposed else args.update(MB=m, C_B=4 * cq_out)
+    taps = math.prod(ks)
+    tiles = iw.gemm_tiles(cq_in, cq_out, groups, taps, 128, 128) * groups
+    partial = 4 * 16 * cq_out * cq_in // groups * taps
+    splits = min(triton.cdiv(iw.PROGRAMS_PER_SM * SM90_SMS, tiles), m // iw.MIN_PIXELS_PER_SPLIT, iw.MAX_SPLITS)
+    args["SPLITS"] = max(1, min(splits, iw.PARTIAL_BYTES // partial))
+    return args
+
+
+def wgrad_variants():
+    """``(label, dtype, precision, args, constexprs, config)``: every autotune config a launch of each case may
+    run (``igemm_wgrad.prune_configs``; a fixed one where ``which`` says so), over the cases: 2d 64q bf16 and
+    fp16, 16q and 8q (narrow), groups 2 (128q: runs of 64 channels) and 4 (64q: runs of 16), the transposed
+    conv's weight gradient (stride 2), 3d 32q, 1d, and fp32 with TF32 and in IEEE fp32."""
+    from aqcf_kernels.backends.triton.igemm_wgrad import gpu_configs, prune_configs
+
+    cases = [
+        ("2d 64q", "bf16", "ieee", wgrad_launch_args("bf16", 64, 64), {}, None),
+        ("2d 64q", "fp16", "ieee", wgrad_launch_args("fp16", 64, 64), {}, None),
+        ("2d 64q no bias", "bf16", "ieee", wgrad_launch_args("bf16", 64, 64), dict(HAS_BIAS=False), 0),
+        ("2d 16q", "bf16", "ieee", wgrad_launch_args("bf16", 16, 16), {}, None),
+        ("2d 8q", "bf16", "ieee", wgrad_launch_args("bf16", 8, 8), {}, None),
+        ("2d 128q g2", "bf16", "ieee", wgrad_launch_args("bf16", 128, 128, groups=2), dict(GROUPED=True), None),
+        ("2d 64q g4", "fp16", "ieee", wgrad_launch_args("fp16", 64, 64, groups=4), dict(GROUPED=True), None),
+        ("2d 64q T s2", "bf16", "ieee", wgrad_launch_args("bf16", 64, 64, stride=2, transposed=True), {}, 0),
+        ("3d 32q", "bf16", "ieee", wgrad_launch_args("bf16", 32, 32, dims=3, size=32, batch=2), {}, 4),
+        ("1d 64q", "fp16", "ieee", wgrad_launch_args("fp16", 64, 64, dims=1, size=4096, batch=32), {}, 2),
+        ("2d 64q", "fp32", "tf32", wgrad_launch_args("fp32", 64, 64), {}, 0),
+        ("2d 64q", "fp32", "ieee", wgrad_launch_args("fp32", 64, 64), {}, None),
+    ]  # fmt: skip
+    configs = gpu_configs()
+    for label, dtype, precision, args, extra, which in cases:
+        consts = {"GROUPED": False, "HAS_BIAS": True, **extra, "DOT_DTYPE": IGEMM_DOTS[dtype], "PRECISION": precision}
+        chosen = prune_configs(configs, args, **consts) if which is None else [configs[which]]
+        for config in chosen:
+            yield label, dtype, precision, args, consts, config
+
+
+def wgrad_main(json_path: str | None = None) -> int:
+    """Compile every variant of :func:`wgrad_variants`, print its figures (and write them as JSON): the
+    criteria of ``--igemm``, read on the GEMM's pixel loop (the bias programs' loop holds no dot)."""
+    import json
+
+    from aqcf_kernels.backends.triton.igemm_wgrad import qconv_wgrad_igemm_kernel
+
+    rows = []
+    head = f"{'case':15} {'dtype':5} {'dot':4} {'tiles (M,N,K)':13} {'w':>2} {'st':>2} {'spl':>3} {'regs':>4}"
+    print(head + f" {'smem B':>7} {'spill':>5} {'ld16':>4} {'async copies':14} {'wgmma':>5} {'mma':>3} {'waits':8}")
+    for label, dtype, precision, args, constexprs, config in wgrad_variants():
+        consts = dict(constexprs, **config.kwargs)
+        options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+        kernel = compile_launch(qconv_wgrad_igemm_kernel, args, consts, options)
+        tiles = tuple(config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+        row = dict(case=label, dtype=dtype, precision=precision, tiles=tiles, splits=args["SPLITS"], **options)
+        row.update(analyse_igemm(kernel, dtype))
+        rows.append(row)
+        print(
+            f"{label:15} {dtype:5} {precision:4} {','.join(map(str, tiles)):13} {config.num_warps:2} "
+            f"{config.num_stages:2} {args['SPLITS']:3} {row['regs']:4} {row['smem']:7} {row['stack']:5} "
+            f"{row['scalar_2byte_loads_in_loop']:4} {' '.join(row['async_copies_in_loop']):14} "
+            f"{row['wgmma_in_loop']:5} {row['mma_sync_in_loop']:3} {row['wait_pendings_in_loop']!s:8}"
+        )
+    if json_path:
+        Path(json_path).write_text(json.dumps(rows, indent=1))
+    return 0
 
 
 if __name__ == "__main__":

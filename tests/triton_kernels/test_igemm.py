@@ -7,7 +7,7 @@ and the input gradient (the adjoint conv, served by the same kernel), in fp32 (â
 contract) and fp16 (â‰¤ 2x the expanded-weight conv's error in fp16), against a float64 reference.
 Every case has odd channel counts and partial tiles; the first has several M, N and K blocks and a
 partial GROUP_M band with the interpreter's tiles (igemm.INTERPRETER_CONFIG). The weight gradient is
-another kernel (conv_kernels.qconv_wgrad_kernel, tested in test_triton_conv.py): not requested here.
+another kernel (igemm_wgrad.py, tested in test_igemm_wgrad.py): not requested here.
 """
 
 from __future__ import annotations

@@ -7,7 +7,9 @@ Which kernel serves what:
   one ``tl.dot`` per K step);
 * the same with ``fast8``, and tensors of 2**31 elements or more (int32 offsets): ``qconv_kernel``
   of :mod:`.conv_kernels` (fast8's 8 products and butterfly are not one GEMM on a packed weight);
-* the weight gradient, both algorithms: ``qconv_wgrad_kernel``.
+* the weight gradient, ``hamilton``: the split-K GEMM ``dE = gyᵀ · im2col(x)`` and the reduce-and-fold
+  kernel of :mod:`.igemm_wgrad`;
+* the weight gradient with ``fast8``, and tensors of 2**31 elements or more: ``qconv_wgrad_kernel``.
 
 Serves CUDA tensors; under ``TRITON_INTERPRET=1`` it also serves CPU tensors so the kernels are
 proven on machines without a GPU (``AQCF_BACKEND=triton``). The interpreter must be chosen before
@@ -25,7 +27,7 @@ from . import common
 from .common import triton
 
 if triton is not None:
-    from . import igemm
+    from . import igemm, igemm_wgrad
     from .conv_kernels import qconv_kernel, qconv_wgrad_kernel
 
 
@@ -216,6 +218,8 @@ class TritonConvBackend(ConvBackend):
     def conv_weight_grad(
         self, input: Tensor, grad_output: Tensor, weight_shape: list[int], p: ConvParams, algorithm: str
     ) -> Tensor:
+        if algorithm == "hamilton" and igemm_wgrad.cannot_serve(input, grad_output) is None:
+            return igemm_wgrad.conv_weight_grad_igemm(input, grad_output, weight_shape, p)[0]
         return conv_weight_grad(input, grad_output, weight_shape, p, algorithm)
 
     def conv_act(

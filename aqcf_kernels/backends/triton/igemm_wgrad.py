@@ -1,0 +1,488 @@
+"""Weight (and bias) gradient of the implicit-GEMM quaternion conv: one GEMM with split-K over pixels,
+then one small kernel that reduces the splits and folds the Hamilton blocks (issue 13, second design).
+
+A module of its own rather than more of :mod:`.igemm`: it is the same concept (the GEMM on the packed,
+expanded weight, on channels_last activations) seen from the other side, and it shares igemm's
+boundary helpers and packing layout, but its loop runs over pixels, not over (tap, channel), so the
+two kernels have nothing else in common.
+
+**The GEMM.** :func:`.igemm.pack_weight` stores per group the expanded weight K-major,
+``E[g] = [4·Cg_out, taps·4·Cg_in]`` (row ``c·Cg_out + o``, column ``tap·4·Cg_in + a·Cg_in + i``), and
+the forward is ``y = im2col(x) · E[g]ᵀ``. Its gradient is therefore one GEMM per group::
+
+    dE[g] = gyᵀ · im2col(x)          M = output channels, N = (tap, input channel), K = pixels N·spatial
+
+* **Split-K over pixels** (grid axis 1): split s reduces a contiguous pixel range into its own fp32
+  partial buffer ``[splits, G, 4·Cg_out, taps·4·Cg_in]`` — no atomics, so the result is deterministic
+  (bit-identical from run to run for a given tile config) and the autotuner needs no reset.
+* **A column tile never crosses a tap** (nor, with groups, a component): it is BLOCK_N contiguous
+  channels of one tap, so the x tile of a step is BLOCK_K pixels × BLOCK_N contiguous channels (16-byte
+  vector loads, async copies when pipelined), and the tap's spatial offset ``k·dil − pad`` is a
+  scalar computed once per program. The gy tile is BLOCK_K pixels × BLOCK_M contiguous channels. One
+  ``tl.dot`` per step: ``acc += tl.trans(gy_tile) · x_tile`` (both operands pixel-major in memory, i.e.
+  MN-major: wgmma reads 16-bit MN-major operands from shared memory directly; compiled for sm_90 by
+  triton 3.6, TF32 gets wgmma in flight too: ``tools/triton_resources.py --wgrad``).
+* **Per-pixel coordinates without a division in the loop**: the pixel coordinates (n, od, oh, ow) of a
+  step are those of the previous step plus BLOCK_K written in the mixed radix (OW, OH, OD): digits
+  computed once, then an add and a conditional subtract per digit (each digit's carry is 0 or 1). A
+  runtime ``//`` and ``%`` per pixel and step (what the old kernel does) costs more issue slots than
+  the wgmma it feeds.
+* **Bias gradient from the same launch**: with ``HAS_BIAS`` the grid has a few more programs that sum
+  the conv's output gradient over their split's pixels (``[splits, C]`` fp32 partial sums); they read
+  the same pixel range the GEMM programs of that split read, while those run.
+* Groups: the group is grid axis 2; with groups each component of a group is its own run of channels
+  (``GROUPED``), as in igemm. Geometry: 1d/2d/3d as 3d with size-1 dims (launch-time specialisation
+  makes them constants). A transposed conv's weight gradient is the conv's with input and
+  grad_output swapped (the transposed conv is the conv's adjoint with the same weight), so the GEMM
+  always reads through the conv's index map; its bias gradient is then the sum of the *x* operand.
+
+**The fold** (:func:`qconv_wgrad_fold_kernel`): ``gW_p = Σ_s Σ_{c,a} T[p, c, a] · dE_s[c, a]`` with
+``T = quaternion.hamilton_table`` — the adjoint of the expansion (each block (c, a) of E is ±W_p) — read
+as a 4×16 table, so no quaternion algebra is written out in the kernel. Splits are summed in a fixed
+order; the result is cast to the input dtype. The same launch reduces the bias partial sums.
+
+Accumulation is fp32 throughout; inputs fp16 / bf16 / fp32 (see :func:`common.dot_config`). fast8
+keeps ``conv_kernels.qconv_wgrad_kernel`` (its 8 products are not one GEMM of this shape).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ...params import ConvParams
+from ...quaternion import hamilton_table
+from . import common
+from .igemm import INT32_LIMIT, _channels_last_5d, _spatial3
+
+# --------------------------------------------------------------------------------------------
+# the GEMM kernel
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _split_range(P, split, SPLITS, BLOCK_K: tl.constexpr):
+    """``[start, end)`` of split ``split`` over ``P`` pixels: a whole number of BLOCK_K steps each (trailing
+    splits may be empty: their programs write zeros)."""
+    per_split = tl.cdiv(tl.cdiv(P, SPLITS), BLOCK_K) * BLOCK_K
+    start = split * per_split
+    return start, tl.minimum(start + per_split, P)
+
+
+@triton.jit
+def _wgrad_gemm_tile(
+    x_ptr, gy_ptr, part_ptr, tile, split, g, G,
+    M, C_Y, K_TAP, N_G, CQ_IN, CG_IN, CQ_OUT, CG_OUT,
+    ID, IH, IW, OD, OH, OW, KD, KH, KW,
+    s_xn, s_xd, s_xh, s_xw, SD, SH, SW, PD, PH, PW, DD, DH, DW, SPLITS,
+    GROUPED: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """One [BLOCK_M, BLOCK_N] tile of split ``split``'s partial dE of group g."""
+    # Rows (output channels) and columns (one tap's input channels) come in runs of contiguous
+    # channels: one run of 4·Cg without groups, one per component with them. (Without groups the run
+    # offsets are literal 0s: an unhinted runtime term would cost the tiles their 16-byte alignment.)
+    if GROUPED:
+        rseg_len = CG_OUT
+        rseg_stride = CQ_OUT
+        y_chan = g * CG_OUT
+        n_rseg = 4
+        cseg_len = CG_IN
+        cseg_stride = CQ_IN
+        x_chan = g * CG_IN
+        n_cseg = 4
+    else:
+        rseg_len = N_G
+        rseg_stride = 0
+        y_chan = 0
+        n_rseg = 1
+        cseg_len = K_TAP
+        cseg_stride = 0
+        x_chan = 0
+        n_cseg = 1
+    rblocks = tl.cdiv(rseg_len, BLOCK_M)
+    n_rows = n_rseg * rblocks
+    row_tile = tile % n_rows  # consecutive programs share the x tile (same columns), differ in gy rows
+    col_tile = tile // n_rows
+    rseg = row_tile // rblocks
+    ro = (row_tile - rseg * rblocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cblocks = tl.cdiv(cseg_len, BLOCK_N)
+    per_tap = n_cseg * cblocks
+    tap = col_tile // per_tap
+    rc = col_tile - tap * per_tap
+    cseg = rc // cblocks
+    ck = (rc - cseg * cblocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    r_ok = ro < rseg_len
+    k_ok = ck < cseg_len
+    gy_cols = y_chan + rseg * rseg_stride + ro
+    x_cols = x_chan + cseg * cseg_stride + ck
+    # the tap's offset into the input, hoisted: input = output · stride + (k · dil − pad)
+    td = (tap // (KW * KH)) * DD - PD
+    th = ((tap // KW) % KH) * DH - PH
+    tw = (tap % KW) * DW - PW
+
+    p_start, p_end = _split_range(M, split, SPLITS, BLOCK_K)
+    # Pixel coordinates of the first step (the only division per pixel), and BLOCK_K in the mixed
+    # radix (OW, OH, OD, N): each step adds these digits, carrying at most 1 into the next digit.
+    offs_p = p_start + tl.arange(0, BLOCK_K)
+    ow = offs_p % OW
+    t = offs_p // OW
+    oh = t % OH
+    t = t // OH
+    od = t % OD
+    nb = t // OD
+    step_w = BLOCK_K % OW
+    t_step = BLOCK_K // OW
+    step_h = t_step % OH
+    t_step = t_step // OH
+    step_d = t_step % OD
+    step_n = t_step // OD
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for p0 in range(p_start, p_end, BLOCK_K):
+        offs_p = p0 + tl.arange(0, BLOCK_K)
+        p_ok = offs_p < p_end
+        a = tl.load(gy_ptr + offs_p[:, None] * C_Y + gy_cols[None, :], mask=p_ok[:, None] & r_ok[None, :], other=0.0)
+        idd = od * SD + td
+        ih = oh * SH + th
+        iw = ow * SW + tw
+        ok = p_ok & (idd >= 0) & (ih >= 0) & (iw >= 0) & (idd < ID) & (ih < IH) & (iw < IW)
+        x_rows = nb * s_xn + idd * s_xd + ih * s_xh + iw * s_xw
+        b = tl.load(x_ptr + x_rows[:, None] + x_cols[None, :], mask=ok[:, None] & k_ok[None, :], other=0.0)
+        acc = tl.dot(tl.trans(a.to(DOT_DTYPE)), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
+        ow += step_w
+        carry = ow >= OW
+        ow = tl.where(carry, ow - OW, ow)
+        oh += step_h + carry.to(tl.int32)
+        carry = oh >= OH
+        oh = tl.where(carry, oh - OH, oh)
+        od += step_d + carry.to(tl.int32)
+        carry = od >= OD
+        od = tl.where(carry, od - OD, od)
+        nb += step_n + carry.to(tl.int32)
+
+    # partial dE of (split, group): row rseg·rseg_len + o, column tap·K_TAP + cseg·cseg_len + channel
+    tk = KD * KH * KW * K_TAP
+    rows = (split * G + g) * N_G + rseg * rseg_len + ro
+    out = part_ptr + rows[:, None] * tk + (tap * K_TAP + cseg * cseg_len + ck)[None, :]
+    tl.store(out, acc, mask=r_ok[:, None] & k_ok[None, :])
+
+
+@triton.jit
+def _bias_partial_tile(
+    src_ptr, bpart_ptr, tile, split, P, C, SPLITS, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr
+):  # fmt: skip
+    """``bpart[split, c] = Σ src[p, c]`` over the split's pixels, for BLOCK_C channels (src (P, C) contiguous)."""
+    cols = tile * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = cols < C
+    p_start, p_end = _split_range(P, split, SPLITS, BLOCK_P)
+    # element-wise fp32 sums in registers, one cross-thread reduction at the end
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for p0 in range(p_start, p_end, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        v_ok = (offs_p < p_end)[:, None] & c_ok[None, :]
+        acc += tl.load(src_ptr + offs_p[:, None] * C + cols[None, :], mask=v_ok, other=0.0).to(tl.float32)
+    tl.store(bpart_ptr + split * C + cols, tl.sum(acc, axis=0), mask=c_ok)
+
+
+@triton.jit
+def qconv_wgrad_igemm_kernel(
+    x_ptr,  # (N, ID, IH, IW, C_X) channels_last, contiguous: the conv's input
+    gy_ptr,  # (M, C_Y) channels_last, contiguous: the gradient of the conv's output
+    part_ptr,  # (SPLITS, G, N_G, KD*KH*KW*K_TAP) fp32: partial dE per split
+    bsrc_ptr,  # (MB, C_B) contiguous: the tensor whose pixel sums are the bias gradient (HAS_BIAS)
+    bpart_ptr,  # (SPLITS, C_B) fp32: partial bias sums (HAS_BIAS)
+    M,  # N * OD * OH * OW: output pixels, the reduction dim
+    C_Y,  # 4 * CQ_OUT: channels of gy
+    K_TAP,  # 4 * CG_IN: input channels of a group per tap
+    N_G,  # 4 * CG_OUT: output channels of a group (GEMM M)
+    CQ_IN,
+    CG_IN,
+    CQ_OUT,
+    CG_OUT,
+    ID,
+    IH,
+    IW,
+    OD,
+    OH,
+    OW,
+    KD,
+    KH,
+    KW,
+    s_xn,
+    s_xd,
+    s_xh,
+    s_xw,
+    SD,
+    SH,
+    SW,
+    PD,
+    PH,
+    PW,
+    DD,
+    DH,
+    DW,
+    MB,  # pixels of the bias source
+    C_B,  # channels of the bias source
+    SPLITS,
+    GROUPED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Grid ``(GEMM tiles [+ bias tiles per group], SPLITS, G)``; see the module docstring."""
+    tile = tl.program_id(0)
+    split = tl.program_id(1)
+    g = tl.program_id(2)
+    G = tl.num_programs(2)
+    n_seg = 4 if GROUPED else 1
+    row_len = CG_OUT if GROUPED else N_G
+    col_len = CG_IN if GROUPED else K_TAP
+    gemm_tiles = n_seg * tl.cdiv(row_len, BLOCK_M) * KD * KH * KW * n_seg * tl.cdiv(col_len, BLOCK_N)
+    # (the GEMM call is written once per constexpr branch: only one of them is compiled)
+    if HAS_BIAS:
+        if tile >= gemm_tiles:  # the bias programs: channel tiles dealt over the groups' grid axis
+            _bias_partial_tile(
+                bsrc_ptr, bpart_ptr, (tile - gemm_tiles) * G + g, split, MB, C_B, SPLITS, BLOCK_M, BLOCK_K
+            )
+        else:
+            _wgrad_gemm_tile(
+                x_ptr, gy_ptr, part_ptr, tile, split, g, G, M, C_Y, K_TAP, N_G, CQ_IN, CG_IN, CQ_OUT, CG_OUT,
+                ID, IH, IW, OD, OH, OW, KD, KH, KW, s_xn, s_xd, s_xh, s_xw, SD, SH, SW, PD, PH, PW, DD, DH, DW,
+                SPLITS, GROUPED, DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+            )  # fmt: skip
+    else:
+        _wgrad_gemm_tile(
+            x_ptr, gy_ptr, part_ptr, tile, split, g, G, M, C_Y, K_TAP, N_G, CQ_IN, CG_IN, CQ_OUT, CG_OUT,
+            ID, IH, IW, OD, OH, OW, KD, KH, KW, s_xn, s_xd, s_xh, s_xw, SD, SH, SW, PD, PH, PW, DD, DH, DW,
+            SPLITS, GROUPED, DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# the reduce-and-fold kernel
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def qconv_wgrad_fold_kernel(
+    part_ptr,  # (SPLITS, G, N_G, TAPS*K_TAP) fp32
+    t_ptr,  # (4, 4, 4) fp32: T[p, c, a], the Hamilton table
+    gw_ptr,  # (4, CQ_OUT, CG_IN, TAPS) in the weight's dtype
+    bpart_ptr,  # (SPLITS, C_B) fp32 (HAS_BIAS)
+    gb_ptr,  # (C_B,) in the bias gradient's dtype (HAS_BIAS)
+    Q,  # CQ_OUT * CG_IN * TAPS: positions of one component of gW
+    SPLIT_STRIDE,  # G * N_G * TAPS * K_TAP
+    SPLITS,
+    N_G,
+    CG_OUT,
+    CG_IN,
+    TAPS,
+    C_B,
+    HAS_BIAS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """``gW[p, go, i, tap] = Σ_s Σ_{c,a} T[p, c, a] · dE_s[g, c·Cg_out + o, tap·4Cg_in + a·Cg_in + i]``, then
+    (trailing programs) ``gb = Σ_s bpart[s]``."""
+    pid = tl.program_id(0)
+    w_programs = tl.cdiv(Q, BLOCK)
+    if pid < w_programs:
+        q = pid * BLOCK + tl.arange(0, BLOCK)
+        q_ok = q < Q
+        tap = q % TAPS
+        r = q // TAPS
+        i = r % CG_IN
+        go = r // CG_IN
+        g = go // CG_OUT
+        o = go - g * CG_OUT
+        k_tap = 4 * CG_IN
+        tk = TAPS * k_tap
+        # the 16 blocks (c, a) of position q, as rows of a [16, BLOCK] tile
+        ca = tl.arange(0, 16)
+        blocks = (ca // 4) * CG_OUT * tk + (ca % 4) * CG_IN
+        offs = blocks[:, None] + ((g * N_G + o) * tk + tap * k_tap + i)[None, :]
+        e = tl.zeros((16, BLOCK), dtype=tl.float32)
+        for s in range(0, SPLITS):  # fixed order: deterministic
+            e += tl.load(part_ptr + s * SPLIT_STRIDE + offs, mask=q_ok[None, :], other=0.0)
+        comps = tl.arange(0, 4)
+        table = tl.load(t_ptr + comps[:, None] * 16 + ca[None, :])  # [4, 16]
+        gw = tl.sum(table[:, :, None] * e[None, :, :], axis=1)  # [4, BLOCK]
+        tl.store(gw_ptr + comps[:, None] * Q + q[None, :], gw.to(gw_ptr.dtype.element_ty), mask=q_ok[None, :])
+    else:
+        if HAS_BIAS:
+            cols = (pid - w_programs) * BLOCK + tl.arange(0, BLOCK)
+            c_ok = cols < C_B
+            acc = tl.zeros((BLOCK,), dtype=tl.float32)
+            for s in range(0, SPLITS):
+                acc += tl.load(bpart_ptr + s * C_B + cols, mask=c_ok, other=0.0)
+            tl.store(gb_ptr + cols, acc.to(gb_ptr.dtype.element_ty), mask=c_ok)
+
+
+# --------------------------------------------------------------------------------------------
+# launcher
+# --------------------------------------------------------------------------------------------
+
+#: Interpreted programs cost per program and step, whatever their tiles (tests/triton_kernels/
+#: test_igemm_wgrad.py has cases with several row, column and pixel blocks and partial ones).
+INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}
+
+#: fold-kernel positions per program
+FOLD_BLOCK = 128
+
+#: split-K policy on a GPU: about this many programs per SM, at least this many pixels per split (the
+#: pipelined loop needs steps to fill), at most this many splits and bytes of partial buffers
+PROGRAMS_PER_SM = 2
+MIN_PIXELS_PER_SPLIT = 2048
+MAX_SPLITS = 64
+PARTIAL_BYTES = 64 << 20
+
+
+def gpu_configs() -> list:
+    """The autotune set on a GPU: (BLOCK_M out-channels, BLOCK_N tap-channels, BLOCK_K pixels, warps, stages).
+
+    ≥ 64 in M and N for wgmma (one warpgroup covers 64 rows), 128×128 with 8 warps for wide layers, narrow
+    tiles for 8q–16q layers and grouped ones (runs of Cg channels); :func:`prune_configs` drops tiles
+    wider than the layer's runs.
+    """
+    shapes = [
+        (128, 128, 64, 8, 3),
+        (128, 128, 32, 8, 4),
+        (128, 64, 64, 4, 3),
+        (64, 128, 64, 4, 3),
+        (64, 64, 64, 4, 4),
+        (64, 64, 32, 4, 3),
+        (64, 32, 64, 4, 4),
+        (32, 64, 64, 4, 4),
+        (32, 32, 64, 4, 4),
+    ]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s) for m, n, k, w, s in shapes
+    ]
+
+
+def prune_configs(configs: list, named_args: dict, **kwargs) -> list:
+    """Drop configs wider than the layer's contiguous runs (rows: ``N_G``, or ``CG_OUT`` with groups;
+    columns: ``K_TAP``, or ``CG_IN``), each rounded up to a power of two ≥ 32. In IEEE fp32 the dot runs on
+    FMAs with the accumulator *and both operands* in registers: keep tiles with BLOCK_M·BLOCK_N·BLOCK_K
+    ≤ 32³ per warp (compiled for sm_90, 64×64×64 with 4 warps spills 16 B; the kept ones do not)."""
+    grouped = kwargs.get("GROUPED", named_args.get("GROUPED", False))
+    widest_m = max(32, triton.next_power_of_2(named_args["CG_OUT"] if grouped else named_args["N_G"]))
+    widest_n = max(32, triton.next_power_of_2(named_args["CG_IN"] if grouped else named_args["K_TAP"]))
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= widest_m and c.kwargs["BLOCK_N"] <= widest_n]
+    if kwargs.get("PRECISION") == "ieee" and kwargs.get("DOT_DTYPE") == tl.float32:
+        tile = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+        fma = [c for c in kept or configs if math.prod(c.kwargs[k] for k in tile) <= 32**3 * c.num_warps]
+        kept = fma or kept
+    return kept or configs
+
+
+# Each program writes (never accumulates into) its own partial tile: autotuning trials need no reset.
+_wgrad_igemm = triton.autotune(
+    configs=[triton.Config(INTERPRETER_CONFIG)] if common.INTERPRET else gpu_configs(),
+    key=["M", "K_TAP", "N_G", "KD", "KH", "KW", "SD", "SH", "SW", "SPLITS", "GROUPED", "HAS_BIAS"],
+    prune_configs_by=None if common.INTERPRET else {"early_config_prune": prune_configs},
+)(qconv_wgrad_igemm_kernel)
+
+
+def _operands(input: Tensor, grad_output: Tensor, p: ConvParams) -> tuple[Tensor, Tensor]:
+    """``(x, gy)`` of the conv whose weight gradient this is (a transposed conv swaps them)."""
+    return (grad_output, input) if p.transposed else (input, grad_output)
+
+
+def gemm_tiles(cq_in: int, cq_out: int, groups: int, taps: int, block_m: int, block_n: int) -> int:
+    """Tiles of one split and group of the GEMM (rows and columns come in runs; see the kernel)."""
+    seg, cg_in, cg_out = (4, cq_in // groups, cq_out // groups) if groups > 1 else (1, 4 * cq_in, 4 * cq_out)
+    return seg * triton.cdiv(cg_out, block_m) * taps * seg * triton.cdiv(cg_in, block_n)
+
+
+def default_splits(pixels: int, tiles: int, partial_bytes: int, device: torch.device) -> int:
+    """How many pixel ranges the GEMM splits its reduction into: enough programs to fill the GPU
+    (:data:`PROGRAMS_PER_SM` per SM, counted with ``tiles`` programs per split), bounded by
+    :data:`MIN_PIXELS_PER_SPLIT`, :data:`MAX_SPLITS` and :data:`PARTIAL_BYTES`. 1 off CUDA (interpreter)."""
+    if device.type != "cuda":
+        return 1
+    target = PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    splits = min(triton.cdiv(target, max(1, tiles)), pixels // MIN_PIXELS_PER_SPLIT, MAX_SPLITS)
+    return max(1, min(splits, PARTIAL_BYTES // max(1, partial_bytes)))
+
+
+def cannot_serve(input: Tensor, grad_output: Tensor) -> str | None:
+    """Why :func:`conv_weight_grad_igemm` cannot take this call (``None`` if it can)."""
+    if max(input.numel(), grad_output.numel()) >= INT32_LIMIT:
+        return "a tensor of 2**31 elements or more (the implicit GEMM's offsets are int32)"
+    return None
+
+
+def conv_weight_grad_igemm(
+    input: Tensor,
+    grad_output: Tensor,
+    weight_shape,
+    p: ConvParams,
+    with_bias: bool = False,
+    splits: int | None = None,
+    config: dict | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """``(grad_weight, grad_bias or None)`` of ``qconv(input, W) (+ bias)`` (hamilton), in ``input``'s dtype.
+
+    ``input`` and ``grad_output`` in any layout (converted to channels_last at the boundary, one copy each
+    if they are not). ``splits``: pixel ranges of the split-K reduction (default :func:`default_splits`);
+    ``config``: ``{"BLOCK_M", "BLOCK_N", "BLOCK_K"}`` (+ ``num_warps``, ``num_stages``) to run one tile
+    config instead of the autotuned set (tests, tools).
+    """
+    x, gy = _operands(input, grad_output, p)
+    n = p.spatial_dims
+    x5, g5 = _channels_last_5d(x), _channels_last_5d(gy)
+    ks = _spatial3(weight_shape[3:], n, 1)
+    taps = math.prod(ks)
+    groups = p.groups
+    cq_in, cq_out = x.shape[1] // 4, gy.shape[1] // 4
+    cg_in, cg_out = cq_in // groups, cq_out // groups
+    m = math.prod(g5.shape[:4])
+    tk = taps * 4 * cg_in
+    part_numel = groups * 4 * cg_out * tk
+    if splits is None:
+        nominal = gemm_tiles(cq_in, cq_out, groups, taps, 128, 128) * groups
+        splits = default_splits(m, nominal, 4 * part_numel, x.device)
+    splits = max(1, min(splits, (INT32_LIMIT - 1) // part_numel))
+    part = torch.empty((splits, groups, 4 * cg_out, tk), dtype=torch.float32, device=x.device)
+    # the bias belongs to the output of the call: the conv's gy, or (transposed) the conv's x
+    bsrc = x5 if p.transposed else g5
+    c_b = bsrc.shape[-1]
+    bpart = torch.empty((splits, c_b), dtype=torch.float32, device=x.device) if with_bias else part
+    dot_dtype, precision = common.dot_config(x.dtype)
+
+    def grid(meta):
+        tiles = gemm_tiles(cq_in, cq_out, groups, taps, meta["BLOCK_M"], meta["BLOCK_N"])
+        if with_bias:
+            tiles += triton.cdiv(triton.cdiv(c_b, meta["BLOCK_M"]), groups)
+        return tiles, splits, groups
+
+    args = (
+        x5, g5, part, bsrc, bpart, m, 4 * cq_out, 4 * cg_in, 4 * cg_out, cq_in, cg_in, cq_out, cg_out,
+        *x5.shape[1:4], *g5.shape[1:4], *ks, *x5.stride()[:4],
+        *_spatial3(p.stride, n, 1), *_spatial3(p.padding, n, 0), *_spatial3(p.dilation, n, 1),
+        math.prod(bsrc.shape[:4]), c_b, splits,
+    )  # fmt: skip
+    consts = dict(GROUPED=groups > 1, HAS_BIAS=with_bias, DOT_DTYPE=dot_dtype, PRECISION=precision)
+    if config is None:
+        _wgrad_igemm[grid](*args, **consts)
+    else:
+        qconv_wgrad_igemm_kernel[grid](*args, **consts, **config)
+
+    gw = torch.empty((4, weight_shape[1], weight_shape[2], taps), dtype=x.dtype, device=x.device)
+    gb = torch.empty(c_b, dtype=x.dtype, device=x.device) if with_bias else None
+    q = weight_shape[1] * weight_shape[2] * taps
+    programs = triton.cdiv(q, FOLD_BLOCK) + (triton.cdiv(c_b, FOLD_BLOCK) if with_bias else 0)
+    qconv_wgrad_fold_kernel[(programs,)](
+        part, hamilton_table(like=part), gw, bpart, gb if gb is not None else gw,
+        q, part_numel, splits, 4 * cg_out, cg_out, cg_in, taps, c_b,
+        HAS_BIAS=with_bias, BLOCK=FOLD_BLOCK,
+    )  # fmt: skip
+    return gw.reshape(weight_shape), gb

@@ -1,0 +1,173 @@
+"""The weight-gradient GEMM of the implicit-GEMM conv (aqcf_kernels/backends/triton/igemm_wgrad.py)
+against reference.py.
+
+Run by triton's interpreter on CPU (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU): the weight
+and bias gradients of convs and transposed convs, 1d/2d/3d, groups, stride, padding, dilation, against
+autograd through ``reference.quaternion_conv_naive`` in float64 — fp32 within the hamilton contract
+(≤ 1e-5), fp16 within 2x the expanded-weight conv's error in fp16. Every case has odd channel counts and
+partial tiles; the first has two row tiles, two column blocks per tap and 3 pixel steps with the
+interpreter's tiles (igemm_wgrad.INTERPRETER_CONFIG), and is also run with several split counts (one
+that divides nothing, one with empty splits) and another tile config. Determinism: two runs are
+bit-identical. The backend test goes through the public op with the triton backend forced.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+from aqcf_kernels import functional as QF
+from aqcf_kernels import reference
+from aqcf_kernels.backends import registered
+from aqcf_kernels.params import ConvParams
+
+from .test_igemm import _kwargs, _make, _rel
+
+TRITON = registered()["triton"]
+pytestmark = pytest.mark.skipif(
+    TRITON.unavailable() is not None, reason=f"triton backend unavailable: {TRITON.unavailable()}"
+)
+if TRITON.unavailable() is None:
+    from aqcf_kernels.backends.triton import igemm_wgrad
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (spatial_dims, transposed, groups, stride, padding, dilation, output_padding, cq_in, cq_out, spatial, kernel)
+CASES = [
+    # 2 row tiles (36 rows) x 2 column blocks per tap (40 channels) x 6 taps, 84 pixels (3 steps of 32)
+    (2, False, 1, 1, 1, 1, 0, 10, 9, (7, 6), (3, 2)),
+    (2, False, 2, 2, 0, (1, 2), 0, 6, 10, (7, 6), (1, 2)),
+    (2, True, 1, 2, 1, 1, 1, 3, 5, (5, 4), (3, 2)),
+    (2, True, 2, (1, 2), 0, 2, 0, 6, 2, (3, 3), (1, 2)),
+    (3, False, 1, 2, 1, 1, 0, 3, 5, (5, 4, 3), (2, 3, 2)),
+    (3, True, 1, 2, 0, 1, (1, 0, 1), 2, 6, (2, 3, 2), (2, 1, 2)),
+    (1, False, 2, 2, 1, 2, 0, 4, 6, (11,), (2,)),
+    (1, True, 1, 3, 1, 1, 2, 5, 3, (5,), (3,)),
+]
+IDS = [f"{c[0]}d-{'T' if c[1] else 'conv'}-g{c[2]}-s{c[3]}-p{c[4]}-d{c[5]}" for c in CASES]
+#: few taps, so that split counts are cheap to interpret: 2 row tiles x 2 column blocks x 2 taps, 84 pixels
+SPLIT_CASE = (2, False, 1, 1, 1, 1, 0, 10, 9, (7, 6), (1, 2))
+
+
+def _params(case) -> ConvParams:
+    n, transposed, groups, stride, padding, dilation, output_padding, *_ = case
+
+    def tup(v):
+        return tuple(v) if isinstance(v, tuple) else (v,) * n
+
+    return ConvParams(n, tup(stride), tup(padding), tup(dilation), transposed, tup(output_padding), groups)
+
+
+def _reference_grads(fn, case, x, w, b, gy_seed: int):
+    """``(grad_weight, grad_bias, gy)`` of ``<gy, fn(x, w, b)>`` by autograd."""
+    w, b = w.detach().requires_grad_(), b.detach().requires_grad_()
+    y = fn(x, w, b, **_kwargs(case))
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(gy_seed), dtype=torch.float64)
+    y.backward(gy.to(y.dtype))
+    return w.grad, b.grad, gy
+
+
+def _ours(case, x, gy, w_shape, splits=None, config=None):
+    return igemm_wgrad.conv_weight_grad_igemm(x, gy, w_shape, _params(case), True, splits, config)
+
+
+def _seed(case) -> int:
+    return zlib.crc32(repr(case).encode())
+
+
+def _check_fp32(case, splits=None, config=None, x_view=None, gy_view=None):
+    x, w, b = _make(case, torch.Generator().manual_seed(_seed(case)))
+    rw, rb, gy = _reference_grads(reference.quaternion_conv_naive, case, x, w, b, gy_seed=1)
+    to = dict(dtype=torch.float32, device=DEVICE)
+    xf, gyf = x.to(**to), gy.to(**to)
+    gw, gb = _ours(case, (x_view or (lambda t: t))(xf), (gy_view or (lambda t: t))(gyf), w.shape, splits, config)
+    for name, o, r in (("grad_weight", gw, rw), ("grad_bias", gb, rb)):
+        assert o.dtype == torch.float32 and o.shape == r.shape, name
+        assert _rel(o, r) <= 1e-5, f"{name}: relative error {_rel(o, r):.2e}"
+    return gw, gb
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_wgrad_fp32_weight_and_bias(case):
+    # grouped cases interpret 16 programs per tap, group and split (one per pair of component runs): one split
+    _check_fp32(case, splits=1 if case[2] > 1 else 2)
+
+
+@pytest.mark.parametrize("splits", [1, 5], ids=lambda s: f"splits{s}")
+def test_wgrad_split_counts(splits):
+    """1 (3 steps: carries across rows and images) and 5 (84 pixels: 32 + 32 + 20, then two empty splits
+    that write zeros)."""
+    _check_fp32(SPLIT_CASE, splits=splits)
+
+
+def test_wgrad_other_tiles():
+    """Tiles wider than the layer's runs (partial 64-wide blocks) and 16-pixel steps (carries across rows)."""
+    _check_fp32(CASES[0], splits=2, config={"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16})
+    _check_fp32(CASES[4], splits=1, config={"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64})
+
+
+def test_wgrad_non_contiguous_inputs():
+    """A spatially strided x and a gy view with permuted strides (converted at the boundary)."""
+
+    def strided(t):  # the same values, read through a view with non-unit spatial strides
+        big = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+        big[..., ::2] = t
+        return big[..., ::2]
+
+    def permuted(t):
+        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+    _check_fp32(SPLIT_CASE, splits=2, x_view=strided, gy_view=permuted)
+    _check_fp32(CASES[2], splits=2, x_view=permuted, gy_view=strided)
+
+
+def test_wgrad_deterministic():
+    case = SPLIT_CASE
+    x, w, b = _make(case, torch.Generator().manual_seed(4))
+    gy = _reference_grads(reference.quaternion_conv_naive, case, x, w, b, gy_seed=5)[2]
+    runs = [_ours(case, x.float(), gy.float(), w.shape, splits=2) for _ in range(2)]
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+@pytest.mark.parametrize("case", CASES[:6:2], ids=IDS[:6:2])
+def test_wgrad_fp16_within_twice_expanded_error(case):
+    x, w, b = _make(case, torch.Generator().manual_seed(6))
+    rw, rb, gy = _reference_grads(reference.quaternion_conv_naive, case, x, w, b, gy_seed=2)
+    to = dict(dtype=torch.float16, device=DEVICE)
+    ew, eb, _ = _reference_grads(reference.quaternion_conv_expanded, case, x.to(**to), w.to(**to), b.to(**to), 2)
+    gw, gb = _ours(case, x.to(**to), gy.to(**to), w.shape, splits=1)
+    for name, o, e, r in (("grad_weight", gw, ew, rw), ("grad_bias", gb, eb, rb)):
+        assert o.dtype == torch.float16
+        # floor: when the expanded conv happens to be near-exact, allow a few fp16 ulps
+        assert _rel(o, r) <= max(2 * _rel(e, r), 2e-3), f"{name}: {_rel(o, r):.2e} vs expanded {_rel(e, r):.2e}"
+
+
+@pytest.fixture
+def wgrad_calls(monkeypatch):
+    """Force the triton backend and count the new kernel's launches (so a fallback can't pass silently)."""
+    monkeypatch.setenv("AQCF_BACKEND", "triton")
+    calls = []
+    real = igemm_wgrad.conv_weight_grad_igemm
+
+    def counting(*args, **kwargs):
+        calls.append(args[3].transposed)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(igemm_wgrad, "conv_weight_grad_igemm", counting)
+    return calls
+
+
+@pytest.mark.parametrize("case", [CASES[2], CASES[7]], ids=[IDS[2], IDS[7]])
+def test_backend_hamilton_weight_grad_uses_new_kernel(case, wgrad_calls):
+    """Through the public op: autograd's weight gradient runs the new kernel (hamilton), fast8 does not."""
+    x, w, b = _make(case, torch.Generator().manual_seed(8))
+    rw, rb, gy = _reference_grads(reference.quaternion_conv_naive, case, x, w, b, gy_seed=3)
+    for algorithm in ("hamilton", "fast8"):
+        wf = w.float().to(DEVICE).requires_grad_()
+        bf = b.float().to(DEVICE).requires_grad_()
+        y = QF.quaternion_conv(x.float().to(DEVICE), wf, bf, algorithm=algorithm, **_kwargs(case))
+        y.backward(gy.float().to(DEVICE))
+        assert _rel(wf.grad, rw) <= (1e-5 if algorithm == "hamilton" else 5e-4)
+        assert _rel(bf.grad, rb) <= 1e-5
+        assert wgrad_calls == [case[1]], algorithm

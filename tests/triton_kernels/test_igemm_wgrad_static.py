@@ -1,0 +1,98 @@
+"""Static proof (issue 13) of the weight-gradient GEMM (aqcf_kernels/backends/triton/igemm_wgrad.py): what an
+H100/H200 would run, read without a GPU.
+
+Every autotune config the launcher may pick for each case (igemm_wgrad.gpu_configs() after
+igemm_wgrad.prune_configs(); cases in ``tools/triton_resources.py`` ``wgrad_variants``: 2d 64q bf16/fp16,
+16q, 8q, groups 2 and 4, the transposed conv's weight gradient, 3d, 1d, fp32 with TF32 and in IEEE fp32) is
+compiled for sm_90 by **triton 3.6** with a real launch's specialisation, by ``tools/triton_resources.py
+--wgrad`` in a subprocess (triton 3.6 found as in test_igemm_static.py). The criteria, on the GEMM's pixel
+loop (the bias programs' loop has no dot):
+
+* 0 bytes of stack (spills) per thread;
+* fp16/bf16: no scalar 2-byte global loads in the main loop;
+* fp16/bf16 tiles ≥ 64 rows: one 16-byte async copy per operand tile (gy: BLOCK_K x BLOCK_M, x: BLOCK_K x
+  BLOCK_N), no plain ``tt.load`` in the loop, and wgmma kept in flight (``wgmma.wait_group`` with ≥ 1
+  pending). Narrower tiles (8q layers, groups of ≤ 32 channels) compile to ``mma.sync`` with gy through
+  registers.
+
+fp32 variants are compiled and printed (no spills asserted, nothing else): IEEE fp32 has no tensor-core
+instruction; TF32 compiles to wgmma in flight too (figures in the output).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from .test_igemm_static import ROOT, TRITON36, WHY_NOT
+
+pytestmark = pytest.mark.skipif(TRITON36 is None, reason=WHY_NOT)
+
+
+@pytest.fixture(scope="module")
+def variants(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("wgrad-static") / "figures.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(TRITON36), str(ROOT), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, str(ROOT / "tools" / "triton_resources.py"), "--wgrad", "--json", str(out)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    print("\n" + result.stdout)  # registers, shared memory, spills, ... per variant
+    return json.loads(out.read_text())
+
+
+def _name(v: dict) -> str:
+    tiles = "x".join(map(str, v["tiles"]))
+    return f"{v['case']} {v['dtype']}/{v['precision']} {tiles} w{v['num_warps']} s{v['num_stages']}"
+
+
+def _half(v: dict) -> bool:
+    return v["dtype"] in ("fp16", "bf16")
+
+
+def test_every_config_and_case_compiled(variants):
+    cases = {(v["case"], v["dtype"], v["precision"]) for v in variants}
+    assert len(cases) >= 12 and len(variants) >= 25, cases
+    assert {v["dtype"] for v in variants} == {"bf16", "fp16", "fp32"}
+    for v in variants:
+        print(f"{_name(v):44} regs {v['regs']:3}  smem {v['smem']:6} B  stack {v['stack']} B  splits {v['splits']}")
+
+
+def test_no_spills(variants):
+    bad = [f"{_name(v)}: {v['stack']} B" for v in variants if v["stack"] != 0]
+    assert not bad, "stack (spills) per thread: " + "; ".join(bad)
+
+
+def test_no_scalar_two_byte_loads_in_main_loop(variants):
+    bad = [f"{_name(v)}: {v['scalar_2byte_loads_in_loop']}" for v in variants if v["scalar_2byte_loads_in_loop"]]
+    assert not bad, "scalar 2-byte ld.global in the main loop: " + "; ".join(bad)
+
+
+def test_async_copies_for_both_operands(variants):
+    """On the wgmma tiles (≥ 64 rows). The narrow ones (mma.sync) take gy through registers: no async copy
+    of it, but no scalar 2-byte loads either (test above)."""
+    bad = []
+    for v in [v for v in variants if _half(v) and v["tiles"][0] >= 64]:
+        m, n, k = v["tiles"]
+        copies = sorted(v["async_copies_in_loop"])
+        if copies != sorted([f"{k}x{m}", f"{k}x{n}"]) or v["plain_loads_in_loop"] or v["cp_async_bytes"] != [16]:
+            loads, widths = v["plain_loads_in_loop"], v["cp_async_bytes"]
+            bad.append(f"{_name(v)}: async copies {copies}, tt.load {loads}, cp.async widths {widths} B")
+    assert not bad, "; ".join(bad)
+
+
+def test_wgmma_in_flight_where_tiles_allow(variants):
+    wide = [v for v in variants if _half(v) and v["tiles"][0] >= 64]
+    assert len(wide) >= 10
+    bad = []
+    for v in wide:
+        pendings = v["wait_pendings_in_loop"]
+        if not v["wgmma_in_loop"] or not pendings or min(pendings) < 1:
+            bad.append(f"{_name(v)}: {v['wgmma_in_loop']} wgmma, waits {pendings}, {v['mma_sync_in_loop']} mma.sync")
+    assert not bad, "; ".join(bad)
+    narrow = [v for v in variants if _half(v) and v["tiles"][0] < 64]
+    assert all(v["mma_sync_in_loop"] or v["wgmma_in_loop"] for v in narrow), [_name(v) for v in narrow]
