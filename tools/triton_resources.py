@@ -522,7 +522,25 @@ def wgrad_main(json_path: str | None = None) -> int:
         )
     if json_path:
         Path(json_path).write_text(json.dumps(rows, indent=1))
-    return 0
+    return wgrad_fold_main()
+
+
+def wgrad_fold_main() -> int:
+    """Registers, stack and load widths of the reduce-and-fold kernel (2d 64q 3x3, 8 splits, with bias);
+    non-zero if it spills."""
+    from aqcf_kernels.backends.triton.igemm_wgrad import FOLD_BLOCK, qconv_wgrad_fold_kernel
+
+    bad = 0
+    for ptr in ("*bf16", "*fp32"):
+        args = dict(part_ptr="*fp32", t_ptr="*fp32", gw_ptr=ptr, bpart_ptr="*fp32", gb_ptr=ptr, Q=64 * 64 * 9)
+        args.update(SPLIT_STRIDE=256 * 2304, SPLITS=8, N_G=256, CG_OUT=64, CG_IN=64, TAPS=9, C_B=256)
+        consts = dict(HAS_BIAS=True, BLOCK=FOLD_BLOCK)
+        kernel = compile_launch(qconv_wgrad_fold_kernel, args, consts, {"num_warps": 4})
+        usage = resource_usage(kernel.asm["cubin"])
+        widths = load_widths(kernel.asm["ptx"])
+        print(f"fold kernel, {ptr[1:]} out: regs {usage['REG']}, stack {usage['STACK']} B, loads {widths}")
+        bad += usage["STACK"] != 0
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -15,8 +15,9 @@ loop (the bias programs' loop has no dot):
   pending). Narrower tiles (8q layers, groups of ≤ 32 channels) compile to ``mma.sync`` with gy through
   registers.
 
-fp32 variants are compiled and printed (no spills asserted, nothing else): IEEE fp32 has no tensor-core
-instruction; TF32 compiles to wgmma in flight too (figures in the output).
+The reduce-and-fold kernel is compiled too (bf16 and fp32 outputs): the tool exits non-zero, failing the
+fixture, if it spills. fp32 variants of the GEMM are compiled and printed (no spills asserted, nothing
+else): IEEE fp32 has no tensor-core instruction; TF32 compiles to wgmma in flight too (see the output).
 """
 
 from __future__ import annotations
