@@ -57,7 +57,7 @@ def _half(v: dict) -> bool:
 
 def test_every_config_and_case_compiled(variants):
     cases = {(v["case"], v["dtype"], v["precision"]) for v in variants}
-    assert len(cases) >= 12 and len(variants) >= 25, cases
+    assert len(cases) >= 12 and len(variants) >= 20, cases
     assert {v["dtype"] for v in variants} == {"bf16", "fp16", "fp32"}
     for v in variants:
         print(f"{_name(v):44} regs {v['regs']:3}  smem {v['smem']:6} B  stack {v['stack']} B  splits {v['splits']}")
