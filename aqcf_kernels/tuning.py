@@ -5,7 +5,11 @@ signature (the op kind — forward, input gradient or weight gradient —, the d
 dtype, shapes, conv hyper-parameters, memory format and thread count) runs every candidate the
 accuracy contract allows and the heuristic prior did not rule out, and the fastest is remembered:
 in-process, and in an on-disk cache keyed by a machine fingerprint (CPU model, torch, triton and
-package versions), so the next process on the same machine measures nothing.
+package versions), so the next process on the same machine measures nothing. Where the first
+measurement is close (the runner-up within :data:`DOUBT_MARGIN`), the choice is provisional: the
+next few calls of the signature are computed by the close candidates in turn, each timed, and the
+choice is remembered once they all have :data:`REFINE_SAMPLES` more timings. Those calls do the
+layer's real work, so measuring never costs more than the first call's extra runs (~3 calls).
 
 The switch: ``aqcf_kernels.tuning.mode = 'measure' | 'heuristic'`` (environment:
 ``AQCF_TUNING``); ``heuristic`` is the fixed rule of :mod:`aqcf_kernels.backends.policy`, which
@@ -80,15 +84,18 @@ CLEAR_LOSS = 2.5
 # step, where the algorithms' working sets meet (benchmarks/results, issue 12).
 TIE_MARGIN = 0.05
 
-# Calls so cheap that measuring them twice took less than this get more rounds (up to MAX_ROUNDS, in
-# alternating order), the best of which decides. A first call in a fresh process is timed while
-# threads, allocator and oneDNN's JIT are still warming up: on the 2-core EPYC the 1d 16q N8 1024
-# forward picked fast8 in 8 of 8 fresh processes (hamilton measured 5.0-5.6 ms against its warm
-# ~4 ms) and hamilton in 28 of 30 measurements later in one process, while a 40-rep A/B put fast8 at
-# 1.33x hamilton's time. The extra rounds cost at most this budget once per signature (they matter
-# only where a call takes a few ms; from ~15 ms up the measuring stays at two rounds, ~3 calls).
-CHEAP_BUDGET_S = 0.03
-MAX_ROUNDS = 6
+# A first measurement whose winner is not clearly ahead (within this fraction of the runner-up) is
+# provisional: the next calls of the signature are computed by the close candidates in turn, each
+# timed, until each has REFINE_SAMPLES more timings; then the best times decide (the tie rule
+# above still applies) and the choice is remembered. Those calls do the layer's real work, so
+# refining costs only the difference between the candidates on a few calls, not extra calls.
+# Why: two timings per candidate on a first call are not enough where candidates are close. A
+# fresh process's first call is timed while threads, allocator and oneDNN's JIT are still warming
+# up: on the 2-core EPYC the 1d 16q N8 1024 forward picked fast8 in 8 of 8 fresh processes (hamilton
+# measured 5.0-5.6 ms against its warm ~4 ms) and hamilton in 28 of 30 measurements later in one
+# process, while a 40-rep A/B put fast8 at 1.33x hamilton's time.
+DOUBT_MARGIN = 0.25
+REFINE_SAMPLES = 3
 
 
 @dataclass(frozen=True)
@@ -102,12 +109,22 @@ class Candidate:
         return f"{self.backend}/{self.algorithm}"
 
 
+@dataclass
+class _Refining:
+    """A provisional choice: the close candidates' best times so far and the samples still to take."""
+
+    prior: Candidate
+    best: dict[Candidate, float]
+    left: dict[Candidate, int]
+    fast_key: Hashable | None
+
+
 @dataclass(frozen=True)
 class Choice:
     """What :func:`choose` decided, and how."""
 
     candidate: Candidate
-    how: str  # 'measured', 'cached' (in this process or on disk), 'heuristic', 'only'
+    how: str  # 'measured', 'refining' (provisional: later calls still time), 'cached', 'heuristic', 'only'
     timings_ms: dict[str, float] | None = None
 
 
@@ -205,6 +222,7 @@ _memory: dict[str, Candidate] = {}
 # The same choices under the callers' cheap hashable keys (tuples of shapes, dtypes, ...): a known
 # signature is then found without formatting its string key, which cost more than a small conv.
 _recent: dict[Hashable, Candidate] = {}
+_pending: dict[str, _Refining] = {}  # signature -> a provisional choice still being timed
 _disk: dict[str, dict[str, Any]] | None = None  # the file's entries as loaded (None: not read yet)
 _disk_path: Path | None = None
 _warned: set[str] = set()
@@ -306,6 +324,7 @@ def clear(memory: bool = True, disk: bool = False) -> None:
         if memory:
             _memory.clear()
             _recent.clear()
+            _pending.clear()
             _disk, _disk_path = None, None
             _changed()
         path = cache_path()
@@ -342,14 +361,22 @@ def _timer(device: torch.device) -> Callable[[], float]:
     return time.perf_counter
 
 
+def _winner(best: dict[Candidate, float], prior: Candidate) -> Candidate:
+    """The fastest best time, unless ``prior`` is within :data:`TIE_MARGIN` of it."""
+    winner = min(best, key=lambda c: best[c])
+    if prior in best and best[prior] <= (1 + TIE_MARGIN) * best[winner]:
+        return prior
+    return winner
+
+
 def _measure(
     candidates: Sequence[Candidate], run: Callable[[Candidate], T], device: torch.device, prior: Candidate
-) -> tuple[Candidate, T, dict[str, float]]:
-    """Run every candidate once, drop the clear losers, run the rest once more (more rounds while the
-    measuring is cheap, see :data:`CHEAP_BUDGET_S`), each round in the opposite order to the one
-    before; the fastest best time wins, unless ``prior`` is within :data:`TIE_MARGIN` of it.
+) -> tuple[Candidate, T, dict[Candidate, float]]:
+    """Run every candidate once, drop the clear losers, run the rest once more in the opposite order;
+    the fastest best time wins, unless ``prior`` is within :data:`TIE_MARGIN` of it.
 
-    The result of the winner's last run is returned, so one of the runs is the call itself.
+    Returns the winner, the result of its last run (so one of the runs is the call itself) and the
+    best time of each candidate still in the running (the clear losers are left out).
     """
     now = _timer(device)
     best: dict[Candidate, float] = {}
@@ -360,24 +387,58 @@ def _measure(
         result[c] = run(c)
         best[c] = min(best.get(c, float("inf")), now() - start)
 
-    started = now()
     for c in candidates:
         timed(c)
     fastest = min(best.values())
     close = [c for c in candidates if best[c] <= CLEAR_LOSS * fastest]
-    order, rounds = close, 1
-    while len(close) > 1 and (rounds < 2 or (rounds < MAX_ROUNDS and now() - started < CHEAP_BUDGET_S)):
-        order = order[::-1]
-        for c in order:
+    if len(close) > 1:
+        for c in reversed(close):
             timed(c)
-        rounds += 1
-    winner = min(close, key=lambda c: best[c])
-    if prior in close and best[prior] <= (1 + TIE_MARGIN) * best[winner]:
-        winner = prior
+    close_best = {c: best[c] for c in close}
+    winner = _winner(close_best, prior)
     for c in candidates:  # keep only the winner's output alive
         if c != winner:
             result.pop(c, None)
-    return winner, result[winner], {str(c): round(t * 1e3, 4) for c, t in best.items()}
+    return winner, result[winner], close_best
+
+
+def _doubtful(best: dict[Candidate, float], winner: Candidate) -> bool:
+    """Whether a runner-up is within :data:`DOUBT_MARGIN` of the winner (more timings are needed)."""
+    return any(c != winner and t <= (1 + DOUBT_MARGIN) * best[winner] for c, t in best.items())
+
+
+def _ms(best: dict[Candidate, float]) -> dict[str, float]:
+    return {str(c): round(t * 1e3, 4) for c, t in best.items()}
+
+
+def _settle(key: str, winner: Candidate, fast_key: Hashable | None, best: dict[Candidate, float]) -> None:
+    """Remember ``winner`` for ``key`` in this process and in the disk cache."""
+    with _lock:
+        _memory[key] = winner
+        _pending.pop(key, None)
+        if fast_key is not None:
+            _recent[fast_key] = winner
+        path = cache_path()
+        if path is not None:
+            entry = {"backend": winner.backend, "algorithm": winner.algorithm, "ms": _ms(best)}
+            _write(path, key, entry)
+            _disk_entries()[key] = entry
+
+
+def _refine(key: str, state: _Refining, run: Callable[[Candidate], T], device: torch.device) -> tuple[Choice, T]:
+    """Compute this call with the provisional choice's next candidate, timed; settle when done."""
+    c = max(state.left, key=lambda c: state.left[c])  # the candidate with the most samples to take
+    now = _timer(device)
+    start = now()
+    output = run(c)
+    state.best[c] = min(state.best[c], now() - start)
+    state.left[c] -= 1
+    if any(state.left.values()):
+        return Choice(c, "refining", _ms(state.best)), output
+    winner = _winner(state.best, state.prior)
+    log.debug("%s: %s (refined, ms: %s)", key, winner, _ms(state.best))
+    _settle(key, winner, state.fast_key, state.best)
+    return Choice(c, "measured", _ms(state.best)), output
 
 
 def recall(fast_key: Hashable) -> Candidate | None:
@@ -425,18 +486,16 @@ def choose(
             _recent[fast_key] = known
         return Choice(known, "cached"), None
     device = next((t.device for t in tensors), torch.device("cpu"))
-    winner, output, timings = _measure(candidates, run, device, prior)
-    log.debug("%s: %s (measured, ms: %s)", key, winner, timings)
-    with _lock:
-        _memory[key] = winner
-        if fast_key is not None:
-            _recent[fast_key] = winner
-        path = cache_path()
-        if path is not None:
-            entry = {"backend": winner.backend, "algorithm": winner.algorithm, "ms": timings}
-            _write(path, key, entry)
-            _disk_entries()[key] = entry
-    return Choice(winner, "measured", timings), output
+    state = _pending.get(key)
+    if state is not None and set(state.best) <= set(candidates):
+        return _refine(key, state, run, device)
+    winner, output, best = _measure(candidates, run, device, prior)
+    log.debug("%s: %s (measured, ms: %s)", key, winner, _ms(best))
+    if _doubtful(best, winner):
+        _pending[key] = _Refining(prior, best, dict.fromkeys(best, REFINE_SAMPLES), fast_key)
+        return Choice(winner, "refining", _ms(best)), output
+    _settle(key, winner, fast_key, best)
+    return Choice(winner, "measured", _ms(best)), output
 
 
 class _TuningModule(types.ModuleType):

@@ -170,7 +170,7 @@ class Provider:
         try:
             p, _ = check_conv_args(x, w, None, case.dims, 1, case.padding, 1, 1, False, 0, self.algorithm)
             with self.scope():
-                backend, algorithm, _ = _backends.resolve_conv(x, w, p, self.algorithm, "forward")
+                backend, algorithm, *_ = _backends.resolve_conv(x, w, p, self.algorithm, "forward")
             return f"{backend.name}/{algorithm}"
         except Exception as e:  # noqa: BLE001 - a report, not a check
             return f"unknown ({type(e).__name__})"
@@ -347,7 +347,7 @@ def run(
         inputs = make_inputs(case, dtype, device)
         fns = {name: PROVIDERS[name].build(case) for name in providers}
         errors = _forward_errors(case, fns, inputs, dtype)  # also the first call: auto measures its forward
-        served = {name: PROVIDERS[name].served_by(inputs.x, inputs.w, case) for name in providers}
+        served: dict[str, str] = {}  # filled after the timing: auto's choice once its refining is done
         for mode in modes:
             i += 1
             common.progress(i, n, f"time {case.name} {mode}", started)
@@ -355,6 +355,7 @@ def run(
             times = common.time_interleaved(steps, reps, warmup, device, min_time)
             timings = {k: common.Timing.of(v) for k, v in times.items()}
             results.append(Result(case, mode, timings, dict.fromkeys(fns), served, errors))
+        served.update({name: PROVIDERS[name].served_by(inputs.x, inputs.w, case) for name in providers})
     memory_method = "not measured"
     if memory:
         payload = common.memory_payload(

@@ -101,7 +101,7 @@ def choose_conv(
     params: ConvParams,
     kind: ConvKind,
     run: RunConv | None = None,
-) -> tuple[ConvBackend, str, Tensor | None]:
+) -> tuple[ConvBackend, str, Tensor | None, bool]:
     """The (backend, algorithm) that runs this call, among ``candidates`` (at least two, in preference order).
 
     ``input``, ``weight`` and ``params`` are those of the call (for ``kind='weight_grad'`` the conv's
@@ -109,23 +109,25 @@ def choose_conv(
     and the adjoint geometry). ``run`` computes the call with a given pair: with it, a first call of
     a signature is measured and its result is returned as the third value (the call is done); without
     it (or when the choice was known) the third value is ``None``. Without ``run`` an unmeasured
-    signature gets the heuristic's answer.
+    signature gets the heuristic's answer. The fourth value says whether the pair is final for the
+    signature; it is not while a measured choice is still being refined (``tuning.DOUBT_MARGIN``), when
+    later calls may run another pair.
     """
     offered = tuple((b.name, a) for b, a in candidates)
     fast_key = (kind, input.device, input.dtype, input.shape, input.stride(), weight.shape, params, offered)
     fast_key += (torch.get_num_threads(),)
     known = tuning.recall(fast_key)
     if known is not None:
-        return next((b, a) for b, a in candidates if (b.name, a) == (known.backend, known.algorithm)) + (None,)
+        return next((b, a) for b, a in candidates if (b.name, a) == (known.backend, known.algorithm)) + (None, True)
     prior = heuristic(candidates, input, weight, params)
     kept = [c for c in candidates if c == prior or plausible(c[0], c[1], candidates, weight, params)]
     if len(kept) == 1:
-        return (*kept[0], None)
+        return (*kept[0], None, True)
     pairs = {tuning.Candidate(b.name, a): (b, a) for b, a in kept}
     key = signature(input, weight, params, kind, [str(c) for c in pairs])
     if run is None:
         known = tuning.lookup(key)
-        return (*pairs.get(known, prior), None) if known is not None else (*prior, None)
+        return (*pairs.get(known, prior), None, True) if known is not None else (*prior, None, True)
     choice, output = tuning.choose(
         key,
         list(pairs),
@@ -134,7 +136,7 @@ def choose_conv(
         (input, weight),
         fast_key,
     )
-    return (*pairs[choice.candidate], output)
+    return (*pairs[choice.candidate], output, choice.how != "refining")
 
 
 def fast8_pays_off(input: Tensor, weight: Tensor, p: ConvParams) -> bool:

@@ -189,8 +189,9 @@ def resolve_conv(
     algorithm: str,
     kind: ConvKind,
     run: policy.RunConv | None = None,
-) -> tuple[ConvBackend, str, Tensor | None]:
-    """The conv backend and the algorithm (never 'auto') that run this call, and maybe its result.
+) -> tuple[ConvBackend, str, Tensor | None, bool]:
+    """The conv backend and the algorithm (never 'auto') that run this call, maybe its result, and
+    whether that pair is final for the call's signature (see :func:`policy.choose_conv`).
 
     ``algorithm`` is the caller's: 'hamilton', 'fast8' or 'auto'. The candidates are every
     (backend, algorithm) pair that can serve the call — backends as :func:`serving` orders them,
@@ -214,7 +215,7 @@ def resolve_conv(
 
     candidates = [(b, a) for b in serving(CONV, input.device.type, why_not) for a in offered[b.name]]
     if len(candidates) == 1:  # forced backend and algorithm: nothing to choose
-        return (*candidates[0], None)
+        return (*candidates[0], None, True)
     return policy.choose_conv(input.device.type, candidates, input, weight, params, kind, run)
 
 

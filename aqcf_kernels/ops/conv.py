@@ -192,7 +192,7 @@ def _qconv(call: QConvArgs) -> tuple[Tensor, Tensor]:
 
     # Resolved even for empty inputs: a forced backend that cannot serve is an error either way. A
     # first call of a signature under 'auto' may be measured: then `measured` is its conv output.
-    backend, algorithm, measured = backends.resolve_conv(
+    backend, algorithm, measured, final = backends.resolve_conv(
         input, weight, p, call.algorithm, call.kind, run=None if empty else run
     )
     if empty:
@@ -204,7 +204,8 @@ def _qconv(call: QConvArgs) -> tuple[Tensor, Tensor]:
         return y, (_in_output_format(input, z) if keep else _no_preactivation(input))
     else:
         z = _in_output_format(input, measured if measured is not None else run(backend, algorithm))
-        _remember(call.kind, call.algorithm, backend, algorithm, input, weight, weight.shape, p)
+        if final:
+            _remember(call.kind, call.algorithm, backend, algorithm, input, weight, weight.shape, p)
     if activation is None:
         return z, _no_preactivation(input)
     return activate(z, activation, slope), (z if keep else _no_preactivation(input))
@@ -298,13 +299,14 @@ def qconv_weight_grad(
         return backend.conv_weight_grad(input, grad_output, weight_shape, p, algorithm)
 
     algorithm_asked = algorithm
-    backend, algorithm, measured = backends.resolve_conv(
+    backend, algorithm, measured, final = backends.resolve_conv(
         input, weight, p, algorithm, "weight_grad", run=None if empty else run
     )
     if empty:
         return input.new_zeros(weight_shape)
     out = (measured if measured is not None else run(backend, algorithm)).contiguous()
-    _remember("weight_grad", algorithm_asked, backend, algorithm, input, grad_output, weight_shape, p)
+    if final:
+        _remember("weight_grad", algorithm_asked, backend, algorithm, input, grad_output, weight_shape, p)
     return out
 
 

@@ -74,11 +74,18 @@ def _step(x, w, b, algorithm="hamilton", **kw):
 def test_a_signature_is_resolved_in_python_once_then_served_natively(asked, qrand, algorithm) -> None:
     x, w, b = qrand(2, 12, 7, 6, dtype=torch.float64, seed=1), qrand(4, 5, 3, 3, 3, seed=2), qrand(20, seed=3)
     y1, g1 = _step(x, w, b, algorithm)
-    # forward and input gradient ask for qconv, the weight gradient for qconv_weight_grad
-    assert (asked.conv, asked.weight_grad) == (2, 1)
+    if algorithm == "auto":  # a close measurement is refined on the next calls before it is remembered
+        for _ in range(2 * tuning.REFINE_SAMPLES):
+            if _C._remembered_conv_choices() == 3:
+                break
+            y1, g1 = _step(x, w, b, algorithm)
+        y1, g1 = _step(x, w, b, algorithm)
+    else:  # forward and input gradient ask for qconv, the weight gradient for qconv_weight_grad
+        assert (asked.conv, asked.weight_grad) == (2, 1)
     assert _C._remembered_conv_choices() == 3
+    asked_before = (asked.conv, asked.weight_grad)
     y2, g2 = _step(x, w, b, algorithm)
-    assert (asked.conv, asked.weight_grad) == (2, 1), "a remembered signature went back to Python"
+    assert (asked.conv, asked.weight_grad) == asked_before, "a remembered signature went back to Python"
     torch.testing.assert_close(y2, y1, rtol=0, atol=0)
     for a, b_ in zip(g2, g1, strict=True):
         torch.testing.assert_close(a, b_, rtol=0, atol=0)
