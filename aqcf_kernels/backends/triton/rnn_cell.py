@@ -56,6 +56,22 @@ ACC_DTYPES[torch.float64] = torch.float64
 
 
 @triton.jit
+def _step_tile(B, H, MODE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    """This program's ``(BLOCK_B, BLOCK_H)`` tile of (batch, hidden unit), its mask, and the gates' row
+    length ``G·H`` of ``MODE`` (program (h block, b block), in the forward and the backward alike)."""
+    offs_j = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask = (offs_b[:, None] < B) & (offs_j[None, :] < H)
+    if MODE == 1:
+        GH = 4 * H
+    elif MODE == 2:
+        GH = 2 * H
+    else:
+        GH = H
+    return offs_b, offs_j, mask, GH
+
+
+@triton.jit
 def _sigmoid(x):
     return 1.0 / (1.0 + tl.exp(-x))
 
@@ -131,15 +147,7 @@ def rnn_cell_fwd_kernel(
     BLOCK_H: tl.constexpr,
 ):
     """One forward step of the cell for a ``(BLOCK_B, BLOCK_H)`` tile of hidden units; program (h block, b block)."""
-    offs_j = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
-    mask = (offs_b[:, None] < B) & (offs_j[None, :] < H)
-    if MODE == 1:
-        GH = 4 * H
-    elif MODE == 2:
-        GH = 2 * H
-    else:
-        GH = H
+    offs_b, offs_j, mask, GH = _step_tile(B, H, MODE, BLOCK_B, BLOCK_H)
     p = proj_ptr + offs_b[:, None] * stride_pb + offs_j[None, :] * stride_pj
     gate_offs = offs_b[:, None] * GH + offs_j[None, :]
     m = mm_ptr + gate_offs
@@ -196,15 +204,7 @@ def rnn_cell_bwd_kernel(
     BLOCK_H: tl.constexpr,
 ):
     """One backward step of the cell for a tile of hidden units; program (h block, b block) as the forward's."""
-    offs_j = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
-    mask = (offs_b[:, None] < B) & (offs_j[None, :] < H)
-    if MODE == 1:
-        GH = 4 * H
-    elif MODE == 2:
-        GH = 2 * H
-    else:
-        GH = H
+    offs_b, offs_j, mask, GH = _step_tile(B, H, MODE, BLOCK_B, BLOCK_H)
     hc = offs_b[:, None] * H + offs_j[None, :]
     gate_offs = offs_b[:, None] * GH + offs_j[None, :]
     s = saved_ptr + gate_offs
