@@ -35,7 +35,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # (spatial_dims, transposed, groups, stride, padding, dilation, output_padding, cq_in, cq_out, spatial, kernel)
 CASES = [
-    # 2 row tiles (36 rows) x 2 column blocks per tap (40 channels) x 6 taps, 84 pixels (3 steps of 32)
+    # 2 row tiles (36 rows) x 2 column blocks per tap (40 channels) x 6 taps, 84 pixels (one step of the
+    # interpreter's 128; test_wgrad_other_tiles runs it in 6 steps of 16)
     (2, False, 1, 1, 1, 1, 0, 10, 9, (7, 6), (3, 2)),
     (2, False, 2, 2, 0, (1, 2), 0, 6, 10, (7, 6), (1, 2)),
     (2, True, 1, 2, 1, 1, 1, 3, 5, (5, 4), (3, 2)),
@@ -97,8 +98,8 @@ def test_wgrad_fp32_weight_and_bias(case):
 @pytest.mark.parametrize("splits", [1, 5], ids=lambda s: f"splits{s}")
 def test_wgrad_split_counts(splits):
     """1 (3 steps: carries across rows and images) and 5 (84 pixels: 32 + 32 + 20, then two empty splits
-    that write zeros)."""
-    _check_fp32(SPLIT_CASE, splits=splits)
+    that write zeros), with 32-pixel steps (the interpreter's default takes 128)."""
+    _check_fp32(SPLIT_CASE, splits=splits, config={"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32})
 
 
 def test_wgrad_other_tiles():

@@ -74,6 +74,16 @@ def _split_range(P, split, SPLITS, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def _digits(p, OW, OH, OD):
+    """``p`` (a pixel index, or a count of pixels) in the mixed radix ``(OW, OH, OD, N)``: (w, h, d, n)."""
+    w = p % OW
+    t = p // OW
+    h = t % OH
+    t = t // OH
+    return w, h, t % OD, t // OD
+
+
+@triton.jit
 def _wgrad_gemm_tile(
     x_ptr, gy_ptr, part_ptr, tile, split, g, G,
     M, C_Y, K_TAP, N_G, CQ_IN, CG_IN, CQ_OUT, CG_OUT,
@@ -129,18 +139,8 @@ def _wgrad_gemm_tile(
     # Pixel coordinates of the first step (the only division per pixel), and BLOCK_K in the mixed
     # radix (OW, OH, OD, N): each step adds these digits, carrying at most 1 into the next digit.
     offs_p = p_start + tl.arange(0, BLOCK_K)
-    ow = offs_p % OW
-    t = offs_p // OW
-    oh = t % OH
-    t = t // OH
-    od = t % OD
-    nb = t // OD
-    step_w = BLOCK_K % OW
-    t_step = BLOCK_K // OW
-    step_h = t_step % OH
-    t_step = t_step // OH
-    step_d = t_step % OD
-    step_n = t_step // OD
+    ow, oh, od, nb = _digits(offs_p, OW, OH, OD)
+    step_w, step_h, step_d, step_n = _digits(BLOCK_K, OW, OH, OD)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for p0 in range(p_start, p_end, BLOCK_K):
