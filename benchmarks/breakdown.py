@@ -60,11 +60,9 @@ def _family_scopes(model: nn.Module, families: Mapping[str, tuple[type, ...]]) -
             h.remove()
 
 
-def profiled_seconds(
-    model: nn.Module, step: Callable[[], None], families: Mapping[str, tuple[type, ...]]
-) -> dict[str, float]:
-    """Seconds of one profiled ``step()`` spent in each family's modules (forward and backward) and in
-    ``rest``; they sum to the profiled step's wall time."""
+def _attributed(model: nn.Module, step: Callable[[], None], families: Mapping[str, tuple[type, ...]]):
+    """Run ``step()`` once under the profiler; return its wall time in µs and, for each op event of the
+    step's thread that a family claims, ``(event, family)``."""
     with _family_scopes(model, families), profile(activities=[ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
         step()
@@ -91,16 +89,34 @@ def profiled_seconds(
             f = family(e)
             if f is not None:
                 family_of_node.setdefault(e.sequence_nr, f)
-    spent: dict[str, float] = dict.fromkeys(families, 0.0)
     thread = next((e.thread for e in events if e.name.startswith(_SCOPE)), None)
-    for e in events:
-        if e.thread != thread:  # (intra-op worker threads run inside a main-thread op's span)
-            continue
-        f = family(e)
-        if f is not None:
-            spent[f] += e.self_cpu_time_total
+    # (intra-op worker threads run inside a main-thread op's span)
+    claimed = [(e, f) for e in events if e.thread == thread and (f := family(e)) is not None]
+    return wall_us, claimed
+
+
+def profiled_seconds(
+    model: nn.Module, step: Callable[[], None], families: Mapping[str, tuple[type, ...]]
+) -> dict[str, float]:
+    """Seconds of one profiled ``step()`` spent in each family's modules (forward and backward) and in
+    ``rest``; they sum to the profiled step's wall time."""
+    wall_us, claimed = _attributed(model, step, families)
+    spent: dict[str, float] = dict.fromkeys(families, 0.0)
+    for e, f in claimed:
+        spent[f] += e.self_cpu_time_total
     spent[REST] = max(wall_us - sum(spent.values()), 0.0)
     return {f: t / 1e6 for f, t in spent.items()}
+
+
+def profiled_ops(
+    model: nn.Module, step: Callable[[], None], families: Mapping[str, tuple[type, ...]]
+) -> dict[str, set[str]]:
+    """The names of the ops of one profiled ``step()`` that each family claims (what
+    :func:`profiled_seconds` adds up), for checking the attribution without timing anything."""
+    ops: dict[str, set[str]] = {f: set() for f in families}
+    for e, f in _attributed(model, step, families)[1]:
+        ops[f].add(e.name)
+    return ops
 
 
 def shares(model: nn.Module, step: Callable[[], None], families: Mapping[str, tuple[type, ...]]) -> dict[str, float]:
@@ -117,4 +133,4 @@ def component_times(
     return {f: share * median_s for f, share in shares(model, step, families).items()}
 
 
-__all__ = ["REST", "component_times", "profiled_seconds", "shares"]
+__all__ = ["REST", "component_times", "profiled_ops", "profiled_seconds", "shares"]
