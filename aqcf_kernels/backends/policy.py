@@ -46,6 +46,11 @@ def plausible(
         # The same algorithm, compiled: the cpp engine is the composite's computation without its
         # Python passes (and its fast8 runs its products in one parallel region).
         return False
+    if backend.name == "cpp_cl" and p.spatial_dims != 3:
+        # oneDNN's 2d convs gained nothing channels_last that paid for the copies: the weight
+        # gradient 32->32 at 128² N4 took 13 ms as called and 30 ms so, 64->64 at 64² 17 -> 31 (2-core
+        # EPYC); the whole 2d model channels_last measured 1.00x training (README, issue 14).
+        return False
     if algorithm == "fast8" and is_pointwise(weight.shape, p):
         # One GEMM on the expanded weight (the pointwise path) beat 8 batched GEMMs plus the
         # operand transforms at every size measured (64-192 quaternion channels, 1-8k tokens).

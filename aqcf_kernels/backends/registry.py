@@ -65,9 +65,13 @@ class Family(Generic[B]):
 
 # On CUDA the composite backend comes first: cuDNN on the expanded weight beat the fused Triton and
 # CUDA kernels in every case measured on an H100 and an H200 (benchmarks/results/*-gpu-*), by 2.5x
-# and more. Those two serve when forced (AQCF_BACKEND / use()). Ranking backends against each other
-# is a measured, cross-backend decision, so it lives here and not in each backend.
-CONV: Family[ConvBackend] = Family("conv", ConvBackend, {"cpu": ["cpp", "torch"], "cuda": ["torch", "triton", "cuda"]})
+# and more. Those two serve when forced (AQCF_BACKEND / use()). On the CPU, ``cpp_cl`` (the same
+# engine on channels_last copies) is a candidate ``auto`` measures, never the rule's pick. Ranking
+# backends against each other is a measured, cross-backend decision, so it lives here and not in
+# each backend.
+CONV: Family[ConvBackend] = Family(
+    "conv", ConvBackend, {"cpu": ["cpp", "cpp_cl", "torch"], "cuda": ["torch", "triton", "cuda"]}
+)
 ATTENTION: Family[AttentionBackend] = Family(
     "attention", AttentionBackend, {"cpu": ["torch"], "cuda": ["triton", "torch"]}
 )

@@ -140,15 +140,18 @@ def test_tuning_mode_assignments_are_checked() -> None:
 
 
 @pytest.mark.skipif(_C is None, reason="without the extension the whole suite tests the Python definitions")
-def test_the_python_definitions_pass_opcheck_and_gradcheck() -> None:
+# One file per test, so the test workers share the three runs (together ~70 s on the 2-core CI machine).
+@pytest.mark.parametrize(
+    "test_file", ["tests/conv/test_qconv_opcheck.py", "tests/conv/test_qconv_gradcheck.py", "tests/conv/test_tuning.py"]
+)
+def test_the_python_definitions_pass_opcheck_and_gradcheck(test_file: str) -> None:
     """``AQCF_NO_EXTENSION=1``: the ops as defined without the extension, through the same tests."""
     env = {k: v for k, v in os.environ.items() if k != "AQCF_REQUIRE_CPP"}
     env["AQCF_NO_EXTENSION"] = "1"
     check = "from aqcf_kernels.ops import conv; assert not conv.NATIVE, 'the extension still defines the ops'"
     subprocess.run([sys.executable, "-c", check], env=env, cwd=ROOT, check=True)
-    tests = ["tests/conv/test_qconv_opcheck.py", "tests/conv/test_qconv_gradcheck.py", "tests/conv/test_tuning.py"]
     run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-p", "no:xdist", test_file],
         env=env,
         cwd=ROOT,
         capture_output=True,

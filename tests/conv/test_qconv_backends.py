@@ -149,11 +149,12 @@ EMPTY_CASES = {
 
 @pytest.mark.parametrize("algorithm", ["hamilton", "fast8"])
 @pytest.mark.parametrize("case", list(EMPTY_CASES))
-def test_empty_batch_gives_empty_output_and_zero_grads(backend, algorithm, case, qrand):
+def test_empty_batch_gives_empty_output_and_zero_grads(backend, algorithm, case, qrand, served):
     x_shape, w_shape, kwargs = EMPTY_CASES[case]
     # float32: the one dtype every backend serves (triton has no float64)
     x = torch.empty(x_shape, dtype=torch.float32, requires_grad=True)
     w = qrand(*w_shape, dim=0, seed=50, dtype=torch.float32, requires_grad=True)
+    served(backend, x, w, algorithm, **kwargs)
     out_channels = 4 * (w_shape[2] * kwargs.get("groups", 1) if kwargs.get("transposed") else w_shape[1])
     b = qrand(out_channels, dim=0, seed=51, dtype=torch.float32, requires_grad=True)
     y = qF.quaternion_conv(x, w, b, **kwargs, algorithm=algorithm)

@@ -346,3 +346,32 @@ def test_measuring_chooses_between_backends(cache, measured, monkeypatch) -> Non
     assert len(measured) == 1 and {"fast-second/hamilton", "slow-first/hamilton"} <= set(measured[0])
     (entry,) = json.loads(cache.read_text())["choices"].values()
     assert entry["backend"] in ("fast-second", "torch"), entry
+
+
+@pytest.mark.skipif("cpp_cl" not in backends.registered() or backends.registered()["cpp_cl"].unavailable() is not None,
+                    reason="the extension is not built")  # fmt: skip
+def test_3d_convs_also_measure_the_channels_last_copies(cache, measured, monkeypatch) -> None:
+    """``cpp_cl`` (the cpp engine on channels_last copies) is a candidate for 3d convs, not for 2d ones;
+    when it is the fastest it serves every kind, and the caller still gets channels-first tensors."""
+    monkeypatch.delenv("AQCF_BACKEND", raising=False)
+    _slow_down(monkeypatch, "cpp", "hamilton", 0.25)  # (cpp_cl has its own methods: not slowed)
+    _slow_down(monkeypatch, "cpp", "fast8", 0.25)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 8, 5, 6, 7, generator=g, requires_grad=True)
+    w = (0.3 * torch.randn(4, 3, 2, 3, 3, 3, generator=g)).requires_grad_()
+    y = QF.quaternion_conv3d(x, w, None, padding=1)
+    gy = torch.randn(y.shape, generator=g)
+    y.backward(gy)
+    assert len(measured) == 3 and all("cpp_cl/hamilton" in m for m in measured)
+    entries = json.loads(cache.read_text())["choices"]
+    assert sorted(key.split("|")[0] for key in entries) == ["forward", "input_grad", "weight_grad"]
+    assert {(e["backend"], e["algorithm"]) for e in entries.values()} == {("cpp_cl", "hamilton")}
+    assert y.is_contiguous() and x.grad.is_contiguous()
+    xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = reference.quaternion_conv_expanded(xd, wd, None, padding=1)
+    ref.backward(gy.double())
+    for got, want in ((y, ref), (x.grad, xd.grad), (w.grad, wd.grad)):
+        torch.testing.assert_close(got.detach().double(), want.detach(), rtol=1e-4, atol=1e-4)
+    # A 2d conv does not offer it (measured: the copies cost more than oneDNN gains there).
+    QF.quaternion_conv2d(*_inputs()[:2], None, padding=1)
+    assert "cpp_cl/hamilton" not in measured[-1]
