@@ -9,7 +9,9 @@ package versions), so the next process on the same machine measures nothing. Whe
 measurement is close (the runner-up within :data:`DOUBT_MARGIN`), the choice is provisional: the
 next few calls of the signature are computed by the close candidates in turn, each timed, and the
 choice is remembered once they all have :data:`REFINE_SAMPLES` more timings. Those calls do the
-layer's real work, so measuring never costs more than the first call's extra runs (~3 calls).
+layer's real work, so measuring costs the first call's extra runs: 3.1-4.4 calls of the layer per
+signature on the 2-core EPYC (``tools/tuning_cost.py``, README), above the issue's ~3 because a
+candidate up to :data:`CLEAR_LOSS` times slower on its cold first run is run a second time.
 
 The switch: ``aqcf_kernels.tuning.mode = 'measure' | 'heuristic'`` (environment:
 ``AQCF_TUNING``); ``heuristic`` is the fixed rule of :mod:`aqcf_kernels.backends.policy`, which
