@@ -3,15 +3,15 @@
 cuDNN's ``benchmark`` mode, for our (backend, algorithm) pairs. The first call with a new
 signature (the op kind — forward, input gradient or weight gradient —, the device and its model,
 dtype, shapes, conv hyper-parameters, memory format and thread count) runs every candidate the
-accuracy contract allows and the heuristic prior did not rule out, and the fastest is remembered:
-in-process, and in an on-disk cache keyed by a machine fingerprint (CPU model, torch, triton and
-package versions), so the next process on the same machine measures nothing. Where the first
-measurement is close (the runner-up within :data:`DOUBT_MARGIN`), the choice is provisional: the
-next few calls of the signature are computed by the close candidates in turn, each timed, and the
-choice is remembered once they all have :data:`REFINE_SAMPLES` more timings. Those calls do the
-layer's real work, so measuring costs the first call's extra runs: 3.1-4.4 calls of the layer per
-signature on the 2-core EPYC (``tools/tuning_cost.py``, README), above the issue's ~3 because a
-candidate up to :data:`CLEAR_LOSS` times slower on its cold first run is run a second time.
+accuracy contract allows and the heuristic prior did not rule out, once, and returns the fastest's
+result. A first run is cold, so that choice is provisional while a runner-up is within
+:data:`CLEAR_LOSS`: the next calls of the signature are computed by the candidates still in the
+running in turn, each timed (:data:`REFINE_SAMPLES` warm timings for the leader and candidates
+within :data:`DOUBT_MARGIN` of it, one for the others), then the best times decide and the choice
+is remembered: in-process, and in an on-disk cache keyed by a machine fingerprint (CPU model,
+torch, triton and package versions), so the next process on the same machine measures nothing.
+Those later calls do the layer's real work, so measuring costs only the other candidates' first
+runs plus their difference to the winner on a few calls (``tools/tuning_cost.py``, README).
 
 The switch: ``aqcf_kernels.tuning.mode = 'measure' | 'heuristic'`` (environment:
 ``AQCF_TUNING``); ``heuristic`` is the fixed rule of :mod:`aqcf_kernels.backends.policy`, which
@@ -73,10 +73,10 @@ if mode not in MODES:
     mode = "measure"
 
 # A candidate more than this factor slower than the best on its first run is dropped; the others are
-# run once more and compared on their best time. The first run is cold (oneDNN primitive creation,
-# first-touch page faults of new buffers): on small layers that alone made a candidate 1.4-1.6x
-# slower than its warm self (1d 16q N8 1024: hamilton 6.5 ms cold, 3.0 ms warm), so a tighter factor
-# dropped the faster candidate.
+# timed again, warm, on later calls. The first run is cold (oneDNN primitive creation, first-touch
+# page faults of new buffers): on small layers that alone made a candidate 1.4-1.6x slower than its
+# warm self (1d 16q N8 1024: hamilton 6.5 ms cold, 3.0 ms warm), so a tighter factor dropped the
+# faster candidate.
 CLEAR_LOSS = 2.5
 
 # Candidates whose best times are within this fraction of the fastest are a tie, and a tie goes to
@@ -86,16 +86,18 @@ CLEAR_LOSS = 2.5
 # step, where the algorithms' working sets meet (benchmarks/results, issue 12).
 TIE_MARGIN = 0.05
 
-# A first measurement whose winner is not clearly ahead (within this fraction of the runner-up) is
-# provisional: the next calls of the signature are computed by the close candidates in turn, each
-# timed, until each has REFINE_SAMPLES more timings; then the best times decide (the tie rule
-# above still applies) and the choice is remembered. Those calls do the layer's real work, so
-# refining costs only the difference between the candidates on a few calls, not extra calls.
-# Why: two timings per candidate on a first call are not enough where candidates are close. A
-# fresh process's first call is timed while threads, allocator and oneDNN's JIT are still warming
-# up: on the 2-core EPYC the 1d 16q N8 1024 forward picked fast8 in 8 of 8 fresh processes (hamilton
-# measured 5.0-5.6 ms against its warm ~4 ms) and hamilton in 28 of 30 measurements later in one
-# process, while a 40-rep A/B put fast8 at 1.33x hamilton's time.
+# After the first runs, the candidates within CLEAR_LOSS are timed on the next calls of the
+# signature, which they compute in turn (the leader most often): REFINE_SAMPLES warm timings for the
+# leader and every candidate within DOUBT_MARGIN of it, one for the others (a re-check of a first
+# run that may have been cold). Then the best times decide (the tie rule above still applies) and
+# the choice is remembered. Those calls do the layer's real work, so they cost only the difference
+# between the candidates, not extra calls.
+# Why several warm timings where candidates are close: a fresh process's first call is timed while
+# threads, allocator and oneDNN's JIT are still warming up: on the 2-core EPYC the 1d 16q N8 1024
+# forward picked fast8 in 8 of 8 fresh processes (hamilton measured 5.0-5.6 ms against its warm
+# ~4 ms) and hamilton in 28 of 30 measurements later in one process, while a 40-rep A/B put fast8
+# at 1.33x hamilton's time. Why not a second round on the first call, as before: it ran every
+# candidate twice there, 3.1-4.4 calls of the layer on top of the call itself (2026-12-02).
 DOUBT_MARGIN = 0.25
 REFINE_SAMPLES = 3
 
@@ -374,39 +376,30 @@ def _winner(best: dict[Candidate, float], prior: Candidate) -> Candidate:
 def _measure(
     candidates: Sequence[Candidate], run: Callable[[Candidate], T], device: torch.device, prior: Candidate
 ) -> tuple[Candidate, T, dict[Candidate, float]]:
-    """Run every candidate once, drop the clear losers, run the rest once more in the opposite order;
-    the fastest best time wins, unless ``prior`` is within :data:`TIE_MARGIN` of it.
+    """Run every candidate once; the fastest wins, unless ``prior`` is within :data:`TIE_MARGIN` of it.
 
-    Returns the winner, the result of its last run (so one of the runs is the call itself) and the
-    best time of each candidate still in the running (the clear losers are left out).
+    Returns the winner, the result of its run (so one of the runs is the call itself) and the time
+    of each candidate still in the running (within :data:`CLEAR_LOSS` of the fastest).
     """
     now = _timer(device)
-    best: dict[Candidate, float] = {}
-    result: dict[Candidate, T] = {}
-
-    def timed(c: Candidate) -> None:
-        start = now()
-        result[c] = run(c)
-        best[c] = min(best.get(c, float("inf")), now() - start)
-
+    first: dict[Candidate, float] = {}
+    kept_output: dict[Candidate, T] = {}  # the fastest so far and the prior (a tie goes to it)
     for c in candidates:
-        timed(c)
-    fastest = min(best.values())
-    close = [c for c in candidates if best[c] <= CLEAR_LOSS * fastest]
-    if len(close) > 1:
-        for c in reversed(close):
-            timed(c)
-    close_best = {c: best[c] for c in close}
-    winner = _winner(close_best, prior)
-    for c in candidates:  # keep only the winner's output alive
-        if c != winner:
-            result.pop(c, None)
-    return winner, result[winner], close_best
+        start = now()
+        output = run(c)
+        first[c] = now() - start
+        leader = min(first, key=first.__getitem__)
+        kept_output = {k: v for k, v in {**kept_output, c: output}.items() if k in (leader, prior)}
+        del output
+    kept = {c: t for c, t in first.items() if t <= CLEAR_LOSS * min(first.values())}
+    winner = _winner(kept, prior)
+    return winner, kept_output[winner], kept
 
 
-def _doubtful(best: dict[Candidate, float], winner: Candidate) -> bool:
-    """Whether a runner-up is within :data:`DOUBT_MARGIN` of the winner (more timings are needed)."""
-    return any(c != winner and t <= (1 + DOUBT_MARGIN) * best[winner] for c, t in best.items())
+def _samples(best: dict[Candidate, float], leader: Candidate) -> dict[Candidate, int]:
+    """The warm timings each candidate still in the running needs before the choice is remembered."""
+    close = {c for c, t in best.items() if t <= (1 + DOUBT_MARGIN) * best[leader]}
+    return {c: REFINE_SAMPLES if c in close and len(close) > 1 else 1 for c in best}
 
 
 def _ms(best: dict[Candidate, float]) -> dict[str, float]:
@@ -492,9 +485,9 @@ def choose(
     if state is not None and set(state.best) <= set(candidates):
         return _refine(key, state, run, device)
     winner, output, best = _measure(candidates, run, device, prior)
-    log.debug("%s: %s (measured, ms: %s)", key, winner, _ms(best))
-    if _doubtful(best, winner):
-        _pending[key] = _Refining(prior, best, dict.fromkeys(best, REFINE_SAMPLES), fast_key)
+    log.debug("%s: %s (first runs, ms: %s)", key, winner, _ms(best))
+    if len(best) > 1:
+        _pending[key] = _Refining(prior, best, _samples(best, winner), fast_key)
         return Choice(winner, "refining", _ms(best)), output
     _settle(key, winner, fast_key, best)
     return Choice(winner, "measured", _ms(best)), output

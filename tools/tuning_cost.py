@@ -1,8 +1,10 @@
-"""What measuring costs: the first fwd+bwd of a new signature under ``algorithm='auto'`` against later ones.
+"""What measuring costs: the fwd+bwd steps of a new signature under ``algorithm='auto'`` until its
+choices are remembered, against steps whose choices are known.
 
 Each case runs in a fresh tuning cache. The first training step measures three signatures (forward,
-input gradient, weight gradient); the extra time it takes over a step whose choices are known,
-divided by that step's time, is the cost of measuring in "calls of the layer".
+input gradient, weight gradient) and the next few re-check the first runs on real calls
+(``tuning.REFINE_SAMPLES``); the extra time all those steps take over as many steps with the
+remembered choices, divided by one such step's time, is the cost of measuring in "calls of the layer".
 
     python tools/tuning_cost.py            # the conv benchmark's target cases
     python tools/tuning_cost.py --reps 5
@@ -45,24 +47,27 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3, help="fresh-cache repetitions per case (default 3)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    print(f"{'case':<16} {'first step':>11} {'later step':>11} {'cost (calls)':>13}")
+    print(f"{'case':<16} {'first step':>11} {'steps':>7} {'later step':>11} {'cost (calls)':>13}")
     for name, (dims, ch, size, batch) in CASES.items():
         x = torch.randn(batch, 4 * ch, *[size] * dims, requires_grad=True)
         w = (0.1 * torch.randn(4, ch, ch, *[3] * dims)).requires_grad_()
         b = torch.randn(4 * ch, requires_grad=True)
         with tuning.using("heuristic"):
             step(x, w, b)  # allocator and oneDNN warm-up, outside the measurement
-        costs, firsts, laters = [], [], []
+        costs, firsts, laters, counts = [], [], [], []
         for _ in range(args.reps):
             tuning.clear(memory=True, disk=True)
-            first = step(x, w, b)
-            later = statistics.median(step(x, w, b) for _ in range(3))
-            firsts.append(first)
+            measuring = [step(x, w, b)]
+            while tuning._pending:  # the first runs re-checked on the next calls
+                measuring.append(step(x, w, b))
+            later = statistics.median(step(x, w, b) for _ in range(5))
+            firsts.append(measuring[0])
             laters.append(later)
-            costs.append((first - later) / later)
+            counts.append(len(measuring))
+            costs.append((sum(measuring) - len(measuring) * later) / later)
         print(
-            f"{name:<16} {statistics.median(firsts) * 1e3:9.0f}ms {statistics.median(laters) * 1e3:9.0f}ms "
-            f"{statistics.median(costs):13.2f}"
+            f"{name:<16} {statistics.median(firsts) * 1e3:9.0f}ms {statistics.median(counts):7.0f} "
+            f"{statistics.median(laters) * 1e3:9.0f}ms {statistics.median(costs):13.2f}"
         )
 
 

@@ -46,16 +46,29 @@ def plausible(
         # The same algorithm, compiled: the cpp engine is the composite's computation without its
         # Python passes (and its fast8 runs its products in one parallel region).
         return False
-    if backend.name == "cpp_cl" and p.spatial_dims != 3:
-        # oneDNN's 2d convs gained nothing channels_last that paid for the copies: the weight
-        # gradient 32->32 at 128² N4 took 13 ms as called and 30 ms so, 64->64 at 64² 17 -> 31 (2-core
-        # EPYC); the whole 2d model channels_last measured 1.00x training (README, issue 14).
+    if backend.name == "cpp_cl" and not _few_channels_3d(weight, p):
+        # Only 3d convs on few channels gained from the channels_last copies (2-core EPYC, ms with the
+        # copies; fwd / input grad / weight grad): 4q at 64³ 63/56/127 as called vs 55/57/107 (weight
+        # grad alone, quiet: 122 vs 64), 8q at 32³ 13/13/42 vs 14/14/28, 16q at 16³ 30/26/19 vs
+        # 22/27/26, 32q N2 at 32³ 345/351/481 vs 368/387/483 (none). In 2d the copies cost more than
+        # oneDNN gains: the weight gradient 32->32 at 128² N4 13 -> 30 ms, 64->64 at 64² 17 -> 31; the
+        # whole 2d model channels_last measured 1.00x training (README, issue 14). A third
+        # candidate where it cannot win would only make measuring dearer.
         return False
     if algorithm == "fast8" and is_pointwise(weight.shape, p):
         # One GEMM on the expanded weight (the pointwise path) beat 8 batched GEMMs plus the
         # operand transforms at every size measured (64-192 quaternion channels, 1-8k tokens).
         return False
     return True
+
+
+def _few_channels_3d(weight: Tensor, p: ConvParams) -> bool:
+    """A 3d conv with fewer quaternion channels per group, in and out, than fast8 needs to pay off.
+
+    The weight is (4, A, B, *k): A all of one side's channels, B the other side's per group (which
+    side is which depends on ``transposed``, the per-group pair does not).
+    """
+    return p.spatial_dims == 3 and max(weight.shape[1] // p.groups, weight.shape[2]) < FAST8_MIN_CHANNELS_PER_GROUP
 
 
 def _offers(candidates: Sequence[tuple[ConvBackend, str]], backend: str, algorithm: str) -> bool:
