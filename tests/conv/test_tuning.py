@@ -189,8 +189,15 @@ def test_measuring_picks_the_faster_pair_for_every_kind(cache, measured, monkeyp
     x, w, b = _inputs()
     x.requires_grad_()
     w.requires_grad_()
-    y = QF.quaternion_conv2d(x, w, b, padding=1)
-    y.backward(torch.randn_like(y))
+
+    def step() -> torch.Tensor:
+        y = QF.quaternion_conv2d(x, w, b, padding=1)
+        y.backward(torch.randn_like(y))
+        return y
+
+    # (A loaded machine can make the fast pair's cold first run look 2.5x slower than it is: then the
+    # next steps re-check before the choice is remembered.)
+    y = _settled(step)
     fast = "hamilton" if slow == "fast8" else "fast8"
     entries = json.loads(cache.read_text())["choices"]
     kinds = sorted(key.split("|")[0] for key in entries)
@@ -389,9 +396,15 @@ def test_3d_convs_also_measure_the_channels_last_copies(cache, measured, monkeyp
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 8, 5, 6, 7, generator=g, requires_grad=True)
     w = (0.3 * torch.randn(4, 3, 2, 3, 3, 3, generator=g)).requires_grad_()
-    y = QF.quaternion_conv3d(x, w, None, padding=1)
-    gy = torch.randn(y.shape, generator=g)
-    y.backward(gy)
+    gy = torch.randn(2, 12, 5, 6, 7, generator=g)
+
+    def step() -> torch.Tensor:
+        x.grad = w.grad = None
+        y = QF.quaternion_conv3d(x, w, None, padding=1)
+        y.backward(gy)
+        return y
+
+    y = _settled(step)
     assert len(measured) == 3 and all("cpp_cl/hamilton" in m for m in measured)
     entries = json.loads(cache.read_text())["choices"]
     assert sorted(key.split("|")[0] for key in entries) == ["forward", "input_grad", "weight_grad"]
