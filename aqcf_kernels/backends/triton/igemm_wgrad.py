@@ -57,6 +57,7 @@ from torch import Tensor
 from ...params import ConvParams
 from ...quaternion import hamilton_table
 from . import common
+from .conv_kernels import _unflatten_pixels
 from .igemm import INT32_LIMIT, _channels_last_5d, _spatial3
 
 # --------------------------------------------------------------------------------------------
@@ -71,16 +72,6 @@ def _split_range(P, split, SPLITS, BLOCK_K: tl.constexpr):
     per_split = tl.cdiv(tl.cdiv(P, SPLITS), BLOCK_K) * BLOCK_K
     start = split * per_split
     return start, tl.minimum(start + per_split, P)
-
-
-@triton.jit
-def _digits(p, OW, OH, OD):
-    """``p`` (a pixel index, or a count of pixels) in the mixed radix ``(OW, OH, OD, N)``: (w, h, d, n)."""
-    w = p % OW
-    t = p // OW
-    h = t % OH
-    t = t // OH
-    return w, h, t % OD, t // OD
 
 
 @triton.jit
@@ -139,8 +130,8 @@ def _wgrad_gemm_tile(
     # Pixel coordinates of the first step (the only division per pixel), and BLOCK_K in the mixed
     # radix (OW, OH, OD, N): each step adds these digits, carrying at most 1 into the next digit.
     offs_p = p_start + tl.arange(0, BLOCK_K)
-    ow, oh, od, nb = _digits(offs_p, OW, OH, OD)
-    step_w, step_h, step_d, step_n = _digits(BLOCK_K, OW, OH, OD)
+    nb, od, oh, ow = _unflatten_pixels(offs_p, OD, OH, OW)
+    step_n, step_d, step_h, step_w = _unflatten_pixels(BLOCK_K, OD, OH, OW)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for p0 in range(p_start, p_end, BLOCK_K):
