@@ -46,11 +46,10 @@ class CppChannelsLastConvBackend(CppConvBackend):
     """The ``cpp`` engine's hamilton conv run on channels_last copies of channels-first operands.
 
     oneDNN's real convs on few channels and many voxels are much faster channels_last, enough to pay
-    for the copies there and not elsewhere (2 AVX2 cores, fp32, ms per call, channels_last including
-    the copies): the 3d weight gradient 16->16 at 64³ 107 -> 52, 32->32 at 32³ 36 -> 23, the 3d
-    forward 16->16 at 64³ 51 -> 20 (without the copies); the 2d weight gradient 32->32 at 128² N4
-    13 -> 30. So this is one more candidate for ``algorithm='auto'`` to measure (the policy times it
-    for 3d convs only) and the caller's memory format is kept: a network stays channels-first.
+    for the copies there and not elsewhere (the measurements are with the rule that says where it is
+    timed: ``policy.plausible``). One more candidate for ``algorithm='auto'``, never the rule's pick;
+    the caller's memory format is kept, so a network stays channels-first. (Its methods are not the
+    extension's op kernels, so ``serves_natively`` is false: every call comes through Python.)
     """
 
     name = "cpp_cl"
@@ -68,9 +67,6 @@ class CppChannelsLastConvBackend(CppConvBackend):
         if is_pointwise(weight.shape, params):
             return "a pointwise conv is one GEMM on the tokens in the cpp backend, whatever the layout"
         return None
-
-    def serves_natively(self) -> bool:
-        return False  # the extension's op kernels run the caller's layout
 
     def conv(self, input: Tensor, weight: Tensor, bias: Tensor | None, p: ConvParams, algorithm: str) -> Tensor:
         return _C.conv(_channels_last(input), weight, bias, *p.as_op_args(), False)
