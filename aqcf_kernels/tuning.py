@@ -127,9 +127,16 @@ class _Refining:
 class Choice:
     """What :func:`choose` decided, and how."""
 
-    candidate: Candidate
-    how: str  # 'measured', 'refining' (provisional: later calls still time), 'cached', 'heuristic', 'only'
+    candidate: Candidate  # what computes this call
+    # 'measured', 'refining' (provisional: later calls still time), 'outrun' (the last refining call,
+    # computed by a candidate that lost: later calls run the winner), 'cached', 'heuristic', 'only'
+    how: str
     timings_ms: dict[str, float] | None = None
+
+    @property
+    def final(self) -> bool:
+        """Whether later calls of the signature run ``candidate`` too, so a caller may remember it."""
+        return self.how not in ("refining", "outrun")
 
 
 _listeners: list[Callable[[], None]] = []
@@ -433,7 +440,7 @@ def _refine(key: str, state: _Refining, run: Callable[[Candidate], T], device: t
     winner = _winner(state.best, state.prior)
     log.debug("%s: %s (refined, ms: %s)", key, winner, _ms(state.best))
     _settle(key, winner, state.fast_key, state.best)
-    return Choice(c, "measured", _ms(state.best)), output
+    return Choice(c, "measured" if c == winner else "outrun", _ms(state.best)), output
 
 
 def recall(fast_key: Hashable) -> Candidate | None:

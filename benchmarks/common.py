@@ -1,7 +1,7 @@
 """What every benchmark family shares: interleaved timing, peak memory, environment, output files.
 
-Timing runs the providers of one case round-robin (A, B, C, A, B, C, ... with the starting
-provider rotating every rep), so slow drift of a shared machine hits every provider alike, and
+Timing runs the providers of one case interleaved (every rep calls each once, in a fresh shuffled
+order), so slow drift of a shared machine hits every provider alike, and
 reports the median and interquartile range of the reps after warmup (wall clock on CPU, CUDA
 events with the L2 flushed before each call on a GPU: :class:`StepClock`).
 
@@ -26,6 +26,7 @@ import json
 import math
 import os
 import platform
+import random
 import shlex
 import statistics
 import subprocess
@@ -161,16 +162,22 @@ class StepClock:
 
 #: the most reps ``min_time`` may ask for
 MAX_REPS = 200
+#: seeds the order of the providers within each rep (:func:`time_interleaved`)
+ORDER_SEED = 0
 
 
 def time_interleaved(
     steps: Mapping[str, Step], reps: int, warmup: int, device: torch.device | str = "cpu", min_time: float = 0.0
 ) -> dict[str, list[float]]:
-    """Seconds of ``reps`` calls of every step, run round-robin after ``warmup`` rounds.
+    """Seconds of ``reps`` calls of every step, interleaved, after ``warmup`` rounds.
 
-    The provider that starts each round rotates, so no provider always runs right after the
-    same other one (cache state, turbo, allocator) or always first. See :class:`StepClock` for
-    what is timed on each device.
+    Each rep calls every step once, in an order shuffled afresh (seeded, so runs repeat), so each
+    provider runs after each other one about equally often, and first as often as any. Rotating
+    one fixed order would only change who starts: a provider would still almost always follow
+    the same neighbour, and inherit what it leaves behind (the cache, the allocator's trimmed or
+    grown heap). On the 2-core CPU machine that made two providers running the very same
+    computation differ by 17% in one run (1d 16q conv, fwd+bwd, 2026-12-02). See
+    :class:`StepClock` for what is timed on each device.
 
     ``min_time``: more reps (up to :data:`MAX_REPS`) until each provider gets about this many seconds
     of timed calls, judged from the last warmup round. On the 2-core CPU machine the medians of 7 or
@@ -193,9 +200,9 @@ def time_interleaved(
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        for rep in range(reps):
-            k = rep % len(names)
-            for name in names[k:] + names[:k]:
+        order = random.Random(ORDER_SEED)
+        for _ in range(reps):
+            for name in order.sample(names, len(names)):
                 clock.time(name, steps[name], times)
             clock.collect(times)
     finally:

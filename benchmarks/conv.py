@@ -6,7 +6,8 @@ Providers, all run on the same tensors in the same process, interleaved per case
 * ``expanded`` — :func:`aqcf_kernels.reference.quaternion_conv_expanded`, Parcollet's expanded
   weight + one real conv: what every quaternion library does, and the baseline of every ratio;
 * ``hamilton``, ``fast8``, ``auto`` — :func:`aqcf_kernels.functional.quaternion_conv` with that
-  algorithm (the JSON records which backend, and for ``auto`` which algorithm, served the call).
+  algorithm (the report says which backend and algorithm served the forward, the input gradient
+  and the weight gradient: ``auto`` chooses each on its own).
 
 Cases are stride-1, ``padding=kernel//2`` ("same") convs with bias, in = out channels. Modes:
 
@@ -35,6 +36,7 @@ from torch import Tensor
 
 from aqcf_kernels import backends as _backends
 from aqcf_kernels.functional import quaternion_conv
+from aqcf_kernels.ops.conv import adjoint_params
 from aqcf_kernels.params import check_conv_args
 from aqcf_kernels.reference import quaternion_conv_expanded, quaternion_conv_naive
 
@@ -160,20 +162,36 @@ class Provider:
         selects the backend of the backward ops when they run, not when the forward ran)."""
         return contextlib.nullcontext() if self.backend is None else _backends.use(self.backend)
 
-    def served_by(self, x: Tensor, w: Tensor, case: Case) -> str:
-        """``reference``, or ``backend/algorithm`` that serves ours (the forward call).
+    def served_by(self, inputs: Inputs, case: Case) -> str:
+        """``reference``, or the ``backend/algorithm`` pairs that serve ours: the forward's, then in
+        parentheses those of the input gradient (``dx``) and weight gradient (``dw``) that differ
+        from it, e.g. ``cpp/hamilton (dw cpp/fast8)``: each is chosen on its own.
 
-        For ``auto``, asked after the timing: the choice its measurement made in this run.
+        For ``auto``, asked after the timing: the choices its measurement made in this run.
         """
         if self.algorithm is None:
             return "reference"
+        x, w, gy = inputs.x, inputs.w, inputs.grad_out
         try:
             p, _ = check_conv_args(x, w, None, case.dims, 1, case.padding, 1, 1, False, 0, self.algorithm)
+            calls = {
+                "forward": (x, w, p),
+                "input_grad": (gy, w, adjoint_params(gy.shape, w.shape, x.shape, p)),
+                "weight_grad": (x, x.new_empty(1).expand(w.shape), p),  # the weight's shape, no data
+            }
             with self.scope():
-                backend, algorithm, *_ = _backends.resolve_conv(x, w, p, self.algorithm, "forward")
-            return f"{backend.name}/{algorithm}"
+                chosen = {}
+                for kind, (a, b, params) in calls.items():
+                    backend, algorithm, *_ = _backends.resolve_conv(a, b, params, self.algorithm, kind)
+                    chosen[kind] = f"{backend.name}/{algorithm}"
         except Exception as e:  # noqa: BLE001 - a report, not a check
             return f"unknown ({type(e).__name__})"
+        others = [f"{GRADIENT_TAGS[k]} {c}" for k, c in chosen.items() if k != "forward" and c != chosen["forward"]]
+        return chosen["forward"] + (f" ({', '.join(others)})" if others else "")
+
+
+#: how :meth:`Provider.served_by` names the gradient computations
+GRADIENT_TAGS = {"input_grad": "dx", "weight_grad": "dw"}
 
 
 PROVIDERS: dict[str, Provider] = {
@@ -355,7 +373,7 @@ def run(
             times = common.time_interleaved(steps, reps, warmup, device, min_time)
             timings = {k: common.Timing.of(v) for k, v in times.items()}
             results.append(Result(case, mode, timings, dict.fromkeys(fns), served, errors))
-        served.update({name: PROVIDERS[name].served_by(inputs.x, inputs.w, case) for name in providers})
+        served.update({name: PROVIDERS[name].served_by(inputs, case) for name in providers})
     memory_method = "not measured"
     if memory:
         payload = common.memory_payload(

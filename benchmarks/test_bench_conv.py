@@ -42,7 +42,7 @@ def test_conv(benchmark, target, provider: str, mode: str) -> None:
         case=case.name,
         mode=mode,
         gflop_fwd=case.gflop,
-        served_by=PROVIDERS[provider].served_by(inputs.x, inputs.w, case),
+        served_by=PROVIDERS[provider].served_by(inputs, case),
         threads=torch.get_num_threads(),
     )
     benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=1, iterations=1)

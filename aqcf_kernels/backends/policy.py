@@ -129,7 +129,7 @@ def choose_conv(
     it (or when the choice was known) the third value is ``None``. Without ``run`` an unmeasured
     signature gets the heuristic's answer. The fourth value says whether the pair is final for the
     signature; it is not while a measured choice is still being refined (``tuning.DOUBT_MARGIN``), when
-    later calls may run another pair.
+    later calls may run another pair, nor on the refining's last call when a pair that lost computed it.
     """
     offered = tuple((b.name, a) for b, a in candidates)
     fast_key = (kind, input.device, input.dtype, input.shape, input.stride(), weight.shape, params, offered)
@@ -154,7 +154,7 @@ def choose_conv(
         (input, weight),
         fast_key,
     )
-    return (*pairs[choice.candidate], output, choice.how != "refining")
+    return (*pairs[choice.candidate], output, choice.final)
 
 
 def fast8_pays_off(input: Tensor, weight: Tensor, p: ConvParams) -> bool:

@@ -223,19 +223,24 @@ def conv(input: Tensor, weight: Tensor, bias: Tensor | None, p: ConvParams, algo
     return torch.ops.aqcf.qconv(input, weight, bias, *p.as_op_args(), algorithm, kind=kind)[0]
 
 
-def input_grad(grad_output: Tensor, weight: Tensor, input_shape, p: ConvParams, algorithm: str) -> Tensor:
-    """Gradient w.r.t. the input of ``qconv(input, weight)``: the adjoint conv of grad_output."""
+def adjoint_params(grad_output_shape, weight_shape, input_shape, p: ConvParams) -> ConvParams:
+    """The geometry of the conv of ``grad_output`` with the same weight that is the input gradient of
+    ``qconv(input, weight)`` with geometry ``p``: a conv's adjoint is the transposed conv, and back."""
     n = p.spatial_dims
     if p.transposed:
-        adjoint = ConvParams(n, p.stride, p.padding, p.dilation, False, (0,) * n, p.groups)
-    else:
-        # Choose output_padding so the transposed conv lands exactly on the input size (the
-        # rows a strided conv never read get zero gradient).
-        natural = conv_output_shape(
-            grad_output.shape, weight.shape, ConvParams(n, p.stride, p.padding, p.dilation, True, (0,) * n, p.groups)
-        )
-        extra = tuple(int(i) - o for i, o in zip(input_shape[2:], natural[2:], strict=True))
-        adjoint = ConvParams(n, p.stride, p.padding, p.dilation, True, extra, p.groups)
+        return ConvParams(n, p.stride, p.padding, p.dilation, False, (0,) * n, p.groups)
+    # Choose output_padding so the transposed conv lands exactly on the input size (the rows a
+    # strided conv never read get zero gradient).
+    natural = conv_output_shape(
+        grad_output_shape, weight_shape, ConvParams(n, p.stride, p.padding, p.dilation, True, (0,) * n, p.groups)
+    )
+    extra = tuple(int(i) - o for i, o in zip(input_shape[2:], natural[2:], strict=True))
+    return ConvParams(n, p.stride, p.padding, p.dilation, True, extra, p.groups)
+
+
+def input_grad(grad_output: Tensor, weight: Tensor, input_shape, p: ConvParams, algorithm: str) -> Tensor:
+    """Gradient w.r.t. the input of ``qconv(input, weight)``: the adjoint conv of grad_output."""
+    adjoint = adjoint_params(grad_output.shape, weight.shape, input_shape, p)
     return conv(grad_output, weight, None, adjoint, algorithm, kind="input_grad")
 
 

@@ -1,8 +1,11 @@
-"""The interleaved timer: round-robin order and the reps that ``min_time`` adds for fast steps."""
+"""The interleaved timer: the order of the providers within each rep and the reps that ``min_time``
+adds for fast steps."""
 
 from __future__ import annotations
 
+import itertools
 import time
+from collections import Counter
 
 from benchmarks import common
 
@@ -15,15 +18,13 @@ def _sleeper(seconds: float, log: list[str], name: str):
     return step
 
 
-def test_min_time_adds_reps_for_fast_steps_and_rotates_the_first() -> None:
+def test_min_time_adds_reps_for_fast_steps() -> None:
     log: list[str] = []
     steps = {"a": _sleeper(0.002, log, "a"), "b": _sleeper(0.002, log, "b")}
     times = common.time_interleaved(steps, reps=3, warmup=1, min_time=0.05)
     # ~2 ms per call: 0.05 s asks for ~25 reps (sleep overshoots, so allow fewer), far above 3
     assert all(8 <= len(v) <= 26 for v in times.values()), {k: len(v) for k, v in times.items()}
     assert len(times["a"]) == len(times["b"])
-    timed = log[2:]  # after the warmup round
-    assert timed[:4] == ["a", "b", "b", "a"]
     assert all(t >= 0.002 for v in times.values() for t in v)
 
 
@@ -32,3 +33,25 @@ def test_without_min_time_the_reps_are_exact_and_capped_with_it() -> None:
     steps = {"a": _sleeper(0.0, log, "a")}
     assert len(common.time_interleaved(steps, reps=4, warmup=1)["a"]) == 4
     assert len(common.time_interleaved(steps, reps=4, warmup=1, min_time=10.0)["a"]) == common.MAX_REPS
+
+
+def test_each_step_follows_each_other_about_equally_often() -> None:
+    """A provider that always ran right after the same neighbour would inherit its cache and heap
+    state in every rep; the shuffled order spreads the neighbours (and who runs first) evenly."""
+    log: list[str] = []
+    names = ["a", "b", "c", "d"]
+    reps = 240
+    common.time_interleaved({n: _sleeper(0.0, log, n) for n in names}, reps=reps, warmup=1)
+    timed = log[len(names) :]
+    rounds = [timed[i : i + len(names)] for i in range(0, len(timed), len(names))]
+    assert len(rounds) == reps and all(sorted(r) == names for r in rounds)
+    follows = Counter(zip(timed, timed[1:], strict=False))
+    pairs = list(itertools.permutations(names, 2))
+    # 959 successions: 720 within rounds, ~60 per ordered pair of distinct steps, plus ~15 from the
+    # round boundaries: ~75 each; a fixed order rotated per round gives one pair ~240 and others ~0
+    assert all(50 <= follows[p] <= 110 for p in pairs), {f"{a}>{b}": follows[(a, b)] for a, b in pairs}
+    firsts = Counter(r[0] for r in rounds)
+    assert all(40 <= firsts[n] <= 80 for n in names), firsts
+    log2: list[str] = []  # seeded: a second run repeats the same orders
+    common.time_interleaved({n: _sleeper(0.0, log2, n) for n in names}, reps=reps, warmup=1)
+    assert log2 == log
