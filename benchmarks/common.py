@@ -175,9 +175,7 @@ def time_interleaved(
     provider runs after each other one about equally often, and first as often as any. Rotating
     one fixed order would only change who starts: a provider would still almost always follow
     the same neighbour, and inherit what it leaves behind (the cache, the allocator's trimmed or
-    grown heap). On the 2-core CPU machine that made two providers running the very same
-    computation differ by 17% in one run (1d 16q conv, fwd+bwd, 2026-12-02). See
-    :class:`StepClock` for what is timed on each device.
+    grown heap). See :class:`StepClock` for what is timed on each device.
 
     ``min_time``: more reps (up to :data:`MAX_REPS`) until each provider gets about this many seconds
     of timed calls, judged from the last warmup round. On the 2-core CPU machine the medians of 7 or
