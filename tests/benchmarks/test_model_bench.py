@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks import breakdown
-from benchmarks.model import FAMILIES, Case, check_targets, markdown, run
+from benchmarks import breakdown, common
+from benchmarks.model import FAMILIES, TARGET_CASES, Case, Result, check_targets, conv_gflop, markdown, run
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
 
@@ -89,3 +89,58 @@ def test_tiny_model_run_reports_breakdown_and_targets() -> None:
     text = markdown(results, env, check_targets(results))
     assert "## Where the time goes" in text and "norms+acts" in text
     assert r.speedup("ours", "baseline") > 0
+    # the convs' FLOPs (a backward does twice the forward's: input and weight gradients) and the peak
+    fwd, fwdbwd = results
+    assert fwdbwd.conv_gflop == pytest.approx(3 * fwd.conv_gflop, rel=0.05)
+    assert fwd.peak_gflops > 0 and "GFLOP per step" in text
+    assert fwd.time_bound("baseline") > 1  # the other families at most the baseline's own, its convs halved
+
+
+def _timing(seconds: float) -> common.Timing:
+    return common.Timing.of([seconds])
+
+
+def _result(mode: str, components: dict[str, dict[str, float]], **kw) -> Result:
+    timings = {p: _timing(sum(c.values())) for p, c in components.items()}
+    return Result(TARGET_CASES[0], mode, timings, {}, {}, components=components, **kw)
+
+
+def test_the_bound_halves_the_convs_and_takes_the_cheapest_build_of_everything_else() -> None:
+    def fam(convs, attention, norms, rest):
+        return {"convs": convs, "attention": attention, "norms+acts": norms, breakdown.REST: rest}
+
+    comps = {"baseline": fam(6.0, 2.0, 1.5, 0.5), "ours": fam(4.0, 2.2, 0.6, 0.4), "real": fam(5.0, 1.8, 0.7, 0.5)}
+    r = _result("fwd", comps)
+    # baseline 10 s; best possible: 3 (half its convs) + 1.8 + 0.6 + 0.4
+    assert r.time_bound("baseline") == pytest.approx(10.0 / 5.8)
+    assert r.time_bound("real") == pytest.approx(8.0 / (2.5 + 2.8))
+    # a matmul peak that would run the convs' work faster than half the baseline's conv time wins
+    fast = _result("fwd", comps, conv_gflop=100.0, peak_gflops=50.0)  # half the work at the peak: 1 s
+    assert fast.time_bound("baseline") == pytest.approx(10.0 / 3.8)
+    slow = _result("fwd", comps, conv_gflop=100.0, peak_gflops=10.0)  # 5 s: half the conv time stays
+    assert slow.time_bound("baseline") == pytest.approx(10.0 / 5.8)
+
+
+def test_a_target_beyond_its_bound_is_reported_unreachable() -> None:
+    def fam(convs, other):
+        return {"convs": convs, "attention": other, "norms+acts": 0.0, breakdown.REST: 0.0}
+
+    # inference: baseline 10 s with 8 s of convs -> bound 10 / (4 + 2) = 1.67 < 1.8
+    fwd = _result("fwd", {"baseline": fam(8.0, 2.0), "ours": fam(6.0, 2.0), "real": fam(8.0, 2.0)})
+    # training: bound 10 / (2 + 1) = 3.3, reachable; ours measured 10 / 9
+    fwdbwd = _result("fwdbwd", {"baseline": fam(4.0, 6.0), "ours": fam(8.0, 1.0), "real": fam(4.0, 6.0)})
+    name = TARGET_CASES[0].name
+    checks = {c["target"].removeprefix(f"{name}: "): c for c in check_targets([fwd, fwdbwd]) if name in c["target"]}
+    inference = checks["inference ours >= 1.8x baseline"]
+    assert inference["status"] == "FAIL" and inference["bound"] == pytest.approx(10 / 6)
+    assert inference["detail"].endswith("(bound 1.67: unreachable)")
+    training = checks["training step ours >= 1.6x baseline"]
+    assert training["status"] == "FAIL" and training["detail"] == "1.111 (bound 3.33)"
+    assert "bound" not in checks["training peak memory ours <= 0.8x baseline"]
+
+
+def test_conv_gflop_counts_the_convs_of_a_step() -> None:
+    x, w = torch.randn(2, 8, 10, 12), torch.randn(16, 8, 3, 3)
+    expected = 2 * 2 * 16 * 8 * 3 * 3 * 8 * 10 / 1e9  # output 8x10 (no padding)
+    assert conv_gflop(lambda: torch.nn.functional.conv2d(x, w)) == pytest.approx(expected)
+    assert conv_gflop(lambda: torch.mm(x.flatten(1), x.flatten(1).T)) is None
