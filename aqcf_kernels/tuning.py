@@ -443,6 +443,13 @@ def _refine(key: str, state: _Refining, run: Callable[[Candidate], T], device: t
     return Choice(c, "measured" if c == winner else "outrun", _ms(state.best)), output
 
 
+def provisional() -> frozenset[str]:
+    """The signatures whose measured choice is still provisional: their next calls time the
+    candidates in turn (:data:`DOUBT_MARGIN`) before the choice is remembered."""
+    with _lock:
+        return frozenset(_pending)
+
+
 def recall(fast_key: Hashable) -> Candidate | None:
     """The choice made in this process for a call whose cheap key is ``fast_key`` (see :func:`choose`)."""
     return _recent.get(fast_key) if mode == "measure" else None

@@ -15,6 +15,10 @@ Cases are stride-1, ``padding=kernel//2`` ("same") convs with bias, in = out cha
 * ``bwd``    — gradients w.r.t. input, weight and bias, of a forward graph built beforehand;
 * ``fwdbwd`` — a training step: forward, then those gradients. Its peak memory includes what
   autograd saves for backward.
+
+Timing and memory start once ``auto`` (and a forced algorithm's choice among backends) has settled
+its choices for the step (:func:`common.settle_choices`): the steady state. What measuring costs is
+``tools/tuning_cost.py``'s to report.
 """
 
 from __future__ import annotations
@@ -370,6 +374,8 @@ def run(
             i += 1
             common.progress(i, n, f"time {case.name} {mode}", started)
             steps = {name: make_step(mode, fn, inputs, PROVIDERS[name].scope) for name, fn in fns.items()}
+            for step in steps.values():
+                common.settle_choices(step)
             times = common.time_interleaved(steps, reps, warmup, device, min_time)
             timings = {k: common.Timing.of(v) for k, v in times.items()}
             results.append(Result(case, mode, timings, dict.fromkeys(fns), served, errors))
@@ -406,7 +412,7 @@ def measure_memory(payload: dict[str, Any], pinned: bool) -> dict[str, Any]:
             row = {}
             for name, fn in fns.items():
                 step = make_step(mode, fn, inputs, PROVIDERS[name].scope)  # one bwd graph alive at a time
-                step()  # first call: oneDNN primitives, caches
+                common.settle_choices(step)  # first calls: auto's choices, oneDNN primitives, caches
                 row[name] = meter.measure(step)
                 del step
             peaks.append(row)

@@ -21,7 +21,9 @@ package buys a user. Modes: ``fwdbwd`` (a training step: train mode, forward and
 into convs, norms + activations, attention (the A-QCF blocks, their projections included) and rest
 (:mod:`benchmarks.breakdown`). Cases: the issue's
 2D 128² (4 levels, batch 4) and 3D 64³ (batch 1; features (16, 32, 64, 128), bottleneck 256 so a
-3D step stays within seconds on a 2-core CPU).
+3D step stays within seconds on a 2-core CPU). Timing starts once ``ours`` has settled its ``auto``
+choices (:func:`common.settle_choices`); each time target also reports the most ``ours`` could gain
+(:meth:`Result.time_bound`).
 """
 
 from __future__ import annotations
@@ -237,6 +239,8 @@ def run(cases, modes, providers, reps, warmup, dtype, device, memory=True) -> li
             i += 1
             common.progress(i, n, f"time {case.name} {mode}", started)
             steps = {name: make_step(mode, m, inputs) for name, m in models.items()}
+            for step in steps.values():
+                common.settle_choices(step)
             times = common.time_interleaved(steps, reps, warmup, device)
             timings = {p: common.Timing.of(times[p]) for p in providers}
             components = {

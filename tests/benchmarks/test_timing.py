@@ -7,6 +7,9 @@ import itertools
 import time
 from collections import Counter
 
+import pytest
+
+from aqcf_kernels import tuning
 from benchmarks import common
 
 
@@ -55,3 +58,27 @@ def test_each_step_follows_each_other_about_equally_often() -> None:
     log2: list[str] = []  # seeded: a second run repeats the same orders
     common.time_interleaved({n: _sleeper(0.0, log2, n) for n in names}, reps=reps, warmup=1)
     assert log2 == log
+
+
+def test_settle_choices_calls_until_auto_remembers(monkeypatch) -> None:
+    """Three provisional choices of the step resolve one per call; one left open by other code before
+    is not waited for; a step that never settles is an error, not a benchmark of its refining calls."""
+    open_choices = {"elsewhere"}
+    monkeypatch.setattr(tuning, "provisional", lambda: frozenset(open_choices))
+    calls: list[int] = []
+
+    def step() -> None:
+        if not calls:
+            open_choices.update({"a", "b", "c"})
+        calls.append(1)
+        open_choices.discard(min(open_choices - {"elsewhere"}, default=None))
+
+    assert common.settle_choices(step) == 3 and len(calls) == 3
+
+    def never() -> None:
+        calls.append(1)
+        open_choices.add("d")
+
+    with pytest.raises(RuntimeError, match="still provisional"):
+        common.settle_choices(never)
+    assert len(calls) == 3 + common.SETTLE_LIMIT
