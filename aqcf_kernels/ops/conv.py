@@ -188,7 +188,9 @@ def _qconv(call: QConvArgs) -> tuple[Tensor, Tensor]:
     empty = input.numel() == 0 or math.prod(shape) == 0
 
     def run(backend: backends.ConvBackend, algorithm: str) -> Tensor:
-        return backend.conv(input, weight, bias, p, algorithm)
+        # In the caller's memory format: a backend that computes in another (cpp_cl) is timed with
+        # its conversion back, which the caller pays too.
+        return _in_output_format(input, backend.conv(input, weight, bias, p, algorithm))
 
     # Resolved even for empty inputs: a forced backend that cannot serve is an error either way. A
     # first call of a signature under 'auto' may be measured: then `measured` is its conv output.
@@ -203,7 +205,7 @@ def _qconv(call: QConvArgs) -> tuple[Tensor, Tensor]:
         y = _in_output_format(input, y)  # the output's memory format, as the fake's
         return y, (_in_output_format(input, z) if keep else _no_preactivation(input))
     else:
-        z = _in_output_format(input, measured if measured is not None else run(backend, algorithm))
+        z = measured if measured is not None else run(backend, algorithm)
         if final:
             _remember(call.kind, call.algorithm, backend, algorithm, input, weight, weight.shape, p)
     if activation is None:
