@@ -160,22 +160,28 @@ class StepClock:
         self._pending.clear()
 
 
-def settle_choices(step: Step) -> int:
-    """Call ``step`` until ``algorithm='auto'`` has remembered every choice it made (its first calls
-    of a new signature time the candidates, see :mod:`aqcf_kernels.tuning`); the calls it took.
+def settle_choices(steps: Mapping[str, Step]) -> int:
+    """Call the steps round by round, each round in a shuffled order as :func:`time_interleaved` does,
+    until ``algorithm='auto'`` has remembered every choice they made; the rounds it took.
 
     Benchmarks time a build's steady state: a cold first call (measuring) or a provisional choice
-    (refining) inside the timed reps would bill measuring to the build. What measuring costs is
-    reported on its own (``tools/tuning_cost.py``, README)."""
-    elsewhere = tuning.provisional()  # left open by other code: this step may never call them
-    for calls in range(1, SETTLE_LIMIT + 1):
-        step()
+    (refining) inside the timed reps would bill measuring to the build. The refining calls run
+    between the other providers' calls, as the timed ones will: a conv refined on back-to-back
+    calls of itself alone, with its operands hot in cache, chose ``fast8`` for a 2 ms 1d conv that
+    loses to ``hamilton`` once other work runs in between. What measuring costs is reported on its
+    own (``tools/tuning_cost.py``, README)."""
+    elsewhere = tuning.provisional()  # left open by other code: these steps may never call them
+    order = random.Random(ORDER_SEED)
+    names = list(steps)
+    for rounds in range(1, SETTLE_LIMIT + 1):
+        for name in order.sample(names, len(names)):
+            steps[name]()
         if not tuning.provisional() - elsewhere:
-            return calls
-    raise RuntimeError(f"auto's choices still provisional after {SETTLE_LIMIT} calls of the step")
+            return rounds
+    raise RuntimeError(f"auto's choices still provisional after {SETTLE_LIMIT} rounds of the steps")
 
 
-#: more calls than refining a choice can take (each call times one candidate of each open choice)
+#: more rounds than refining a choice can take (each call times one candidate of each open choice)
 SETTLE_LIMIT = 4 * tuning.REFINE_SAMPLES + 2
 
 
@@ -354,7 +360,7 @@ def measure_builds_memory(
             build = make_build(name, case, dtype, device)
             for mode in payload["modes"]:
                 step = make_step(mode, build, inputs)
-                settle_choices(step)  # and the first call's caches
+                settle_choices({name: step})  # and the first call's caches
                 rows[mode][name] = meter.measure(step)
                 del step
             del build

@@ -374,8 +374,7 @@ def run(
             i += 1
             common.progress(i, n, f"time {case.name} {mode}", started)
             steps = {name: make_step(mode, fn, inputs, PROVIDERS[name].scope) for name, fn in fns.items()}
-            for step in steps.values():
-                common.settle_choices(step)
+            common.settle_choices(steps)
             times = common.time_interleaved(steps, reps, warmup, device, min_time)
             timings = {k: common.Timing.of(v) for k, v in times.items()}
             results.append(Result(case, mode, timings, dict.fromkeys(fns), served, errors))
@@ -412,7 +411,7 @@ def measure_memory(payload: dict[str, Any], pinned: bool) -> dict[str, Any]:
             row = {}
             for name, fn in fns.items():
                 step = make_step(mode, fn, inputs, PROVIDERS[name].scope)  # one bwd graph alive at a time
-                common.settle_choices(step)  # first calls: auto's choices, oneDNN primitives, caches
+                common.settle_choices({name: step})  # first calls: auto's choices, oneDNN primitives, caches
                 row[name] = meter.measure(step)
                 del step
             peaks.append(row)

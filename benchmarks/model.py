@@ -239,8 +239,7 @@ def run(cases, modes, providers, reps, warmup, dtype, device, memory=True) -> li
             i += 1
             common.progress(i, n, f"time {case.name} {mode}", started)
             steps = {name: make_step(mode, m, inputs) for name, m in models.items()}
-            for step in steps.values():
-                common.settle_choices(step)
+            common.settle_choices(steps)
             times = common.time_interleaved(steps, reps, warmup, device)
             timings = {p: common.Timing.of(times[p]) for p in providers}
             components = {

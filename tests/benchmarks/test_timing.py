@@ -61,24 +61,27 @@ def test_each_step_follows_each_other_about_equally_often() -> None:
 
 
 def test_settle_choices_calls_until_auto_remembers(monkeypatch) -> None:
-    """Three provisional choices of the step resolve one per call; one left open by other code before
-    is not waited for; a step that never settles is an error, not a benchmark of its refining calls."""
+    """Three provisional choices of the steps resolve one per round, every step called in each round;
+    one left open by other code before is not waited for; steps that never settle are an error,
+    not a benchmark of their refining calls."""
     open_choices = {"elsewhere"}
     monkeypatch.setattr(tuning, "provisional", lambda: frozenset(open_choices))
-    calls: list[int] = []
+    calls: list[str] = []
 
     def step() -> None:
-        if not calls:
+        if "auto" not in calls:  # the first call opens three choices
             open_choices.update({"a", "b", "c"})
-        calls.append(1)
+        calls.append("auto")
         open_choices.discard(min(open_choices - {"elsewhere"}, default=None))
 
-    assert common.settle_choices(step) == 3 and len(calls) == 3
+    steps = {"auto": step, "other": lambda: calls.append("other")}
+    assert common.settle_choices(steps) == 3
+    assert sorted(calls) == ["auto"] * 3 + ["other"] * 3
 
     def never() -> None:
-        calls.append(1)
+        calls.append("never")
         open_choices.add("d")
 
     with pytest.raises(RuntimeError, match="still provisional"):
-        common.settle_choices(never)
-    assert len(calls) == 3 + common.SETTLE_LIMIT
+        common.settle_choices({"never": never})
+    assert calls.count("never") == common.SETTLE_LIMIT
