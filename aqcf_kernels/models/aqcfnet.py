@@ -69,6 +69,7 @@ Documented choices where the paper is silent (deviations):
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Sequence
 from typing import Any
@@ -265,6 +266,22 @@ class AQCFNet(nn.Module):
             if len(inputs) == 2 and l in self.fusion_levels:
                 feats["ct"], feats["mri"] = self.fusion[str(l)](feats["ct"], feats["mri"])
         return {name: self._decode(self.bottleneck(feats[name]), skips[name], sizes[name]) for name in inputs}
+
+    def single_stream(self, modality: str) -> AQCFNet:
+        """This network as a one-modality network: the same modules and weights (shared, not copied)
+        without the other modality's stem and encoder and without the fusion blocks, none of which a
+        forward with ``modality`` alone runs. ``aqcf-export`` traces it, so a modality's program
+        carries only the weights it uses. Its ``forward`` takes ``modality=`` only."""
+        if modality not in self.modalities:
+            raise ValueError(f"AQCFNet.single_stream: no {modality!r} stream; this model has {self.modalities}")
+        view = copy.copy(self)  # the module dicts are replaced below, never edited: self is untouched
+        view._modules = dict(self._modules)
+        view._parameters, view._buffers = dict(self._parameters), dict(self._buffers)
+        view.stem = nn.ModuleDict({modality: self.stem[modality]})
+        view.encoder = nn.ModuleDict({modality: self.encoder[modality]})
+        view.fusion = nn.ModuleDict()
+        view.modalities, view.mode = (modality,), modality
+        return view
 
     # -----------------------------------------------------------------------------------------
     # Introspection

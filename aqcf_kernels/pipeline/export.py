@@ -169,7 +169,10 @@ class ModalityNet(nn.Module):
 
     def __init__(self, net: nn.Module, modality: str) -> None:
         super().__init__()
-        self.net, self.modality = net, modality
+        # Only the modality's own weights: a traced program keeps every parameter of the module it
+        # was given, used or not (a joint network's CT program held the MRI stream and the fusion).
+        single_stream = getattr(net, "single_stream", None)
+        self.net, self.modality = (net if single_stream is None else single_stream(modality)), modality
 
     def forward(self, image: Tensor) -> Tensor:
         out = self.net(**{self.modality: image})[self.modality]

@@ -95,6 +95,30 @@ def test_one_modality_skips_fusion() -> None:
     torch.testing.assert_close(model(ct=ct)["ct"], alone["ct"])
 
 
+@pytest.mark.parametrize("modality", ["ct", "mri"])
+def test_single_stream_is_the_one_modality_forward_with_only_its_weights(modality: str) -> None:
+    model = tiny().eval()
+    set_alphas(model)
+    x = image(2, SIZES[2], 3)
+    stream = model.single_stream(modality)
+    with torch.no_grad():
+        # (auto may compute the two calls with different algorithms: fp32 rounding apart)
+        torch.testing.assert_close(
+            stream(**{modality: x})[modality], model(**{modality: x})[modality], rtol=1e-5, atol=1e-6
+        )
+    names = {n for n, _ in stream.named_parameters()}
+    other = "mri" if modality == "ct" else "ct"
+    assert names and not {n for n in names if f".{other}." in n or n.startswith("fusion.")}
+    assert {n for n, _ in model.named_parameters() if f".{other}." not in n and not n.startswith("fusion.")} == names
+    # shared, not copied; the model itself keeps both streams
+    assert stream.stem[modality][0].weight is model.stem[modality][0].weight
+    assert set(model.stem) == {"ct", "mri"} and len(model.fusion) > 0
+    with pytest.raises(ValueError, match=f"no {other} stream"):
+        stream(**{other: x})
+    with pytest.raises(ValueError, match="no 'pet' stream"):
+        model.single_stream("pet")
+
+
 def test_fusion_levels() -> None:
     assert list(tiny(fusion_levels=(1,)).fusion) == ["1"]
     assert len(tiny(fusion_levels="none").fusion) == 0

@@ -285,6 +285,22 @@ def test_3d_fused_joint_network_pt2_and_onnx(tmp_path: Path) -> None:
             torch.testing.assert_close(torch.from_numpy(got), want, rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize("modality", ["ct", "mri"])
+def test_a_modality_program_carries_only_its_own_weights(modality: str) -> None:
+    """A joint network's CT program used to hold the MRI stem and encoder and the fusion blocks too
+    (torch.export keeps every parameter of the module it traces): 42 of 154 tensors for nothing."""
+    net = AQCFNet(2, features=(8, 16), bottleneck=16).eval()
+    program = ex.export_program(net, modality, ex.InputSpec(2, 1, 3, 4, (16, 16)))
+    other = "mri" if modality == "ct" else "ct"
+    names = set(program.state_dict)
+    assert names and not [n for n in names if f".{other}." in n or ".fusion." in n]
+    used = {f"net.{n}" for n, _ in net.named_parameters() if f".{other}." not in n and not n.startswith("fusion.")}
+    assert used <= names
+    x = _random_input(2, 1, 16, 24, seed=4)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), net(**{modality: x})[modality], rtol=1e-5, atol=1e-6)
+
+
 class _Layers(nn.Module):
     """Every conv/norm variant the lowerings handle: grouped, reflect- and 'same'-padded, transposed,
     batch norm with running statistics and instance norm without, fused activations."""
