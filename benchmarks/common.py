@@ -165,19 +165,29 @@ def settle_choices(steps: Mapping[str, Step]) -> int:
     until ``algorithm='auto'`` has remembered every choice they made; the rounds it took.
 
     Benchmarks time a build's steady state: a cold first call (measuring) or a provisional choice
-    (refining) inside the timed reps would bill measuring to the build. The refining calls run
-    between the other providers' calls, as the timed ones will: a conv refined on back-to-back
-    calls of itself alone, with its operands hot in cache, chose ``fast8`` for a 2 ms 1d conv that
-    loses to ``hamilton`` once other work runs in between. What measuring costs is reported on its
-    own (``tools/tuning_cost.py``, README)."""
+    (refining) inside the timed reps would bill measuring to the build. The first round calls every
+    step; later rounds those whose first call opened or settled a choice and the quickest of the
+    others, in turn, so refining calls have other work between them as the timed ones will (a conv
+    refined on back-to-back calls of itself, its operands hot in cache, chose ``fast8`` for a 2 ms
+    1d conv that loses to ``hamilton`` once other work runs in between), without re-running costly
+    references (``naive16``) a dozen times. What measuring costs is reported on its own
+    (``tools/tuning_cost.py``, README)."""
     elsewhere = tuning.provisional()  # left open by other code: these steps may never call them
     order = random.Random(ORDER_SEED)
-    names = list(steps)
+    active = list(steps)
     for rounds in range(1, SETTLE_LIMIT + 1):
-        for name in order.sample(names, len(names)):
+        measuring, seconds = [], {}
+        for name in order.sample(active, len(active)):
+            before, start = tuning.provisional(), time.perf_counter()
             steps[name]()
+            seconds[name] = time.perf_counter() - start
+            if tuning.provisional() != before:
+                measuring.append(name)
         if not tuning.provisional() - elsewhere:
             return rounds
+        if rounds == 1:
+            others = [name for name in steps if name not in measuring]
+            active = measuring + ([min(others, key=seconds.__getitem__)] if others else [])
     raise RuntimeError(f"auto's choices still provisional after {SETTLE_LIMIT} rounds of the steps")
 
 

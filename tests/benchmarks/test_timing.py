@@ -61,9 +61,8 @@ def test_each_step_follows_each_other_about_equally_often() -> None:
 
 
 def test_settle_choices_calls_until_auto_remembers(monkeypatch) -> None:
-    """Three provisional choices of the steps resolve one per round, every step called in each round;
-    one left open by other code before is not waited for; steps that never settle are an error,
-    not a benchmark of their refining calls."""
+    """Three provisional choices resolve one per round; a choice left open by other code before is not
+    waited for; steps that never settle are an error, not a benchmark of their refining calls."""
     open_choices = {"elsewhere"}
     monkeypatch.setattr(tuning, "provisional", lambda: frozenset(open_choices))
     calls: list[str] = []
@@ -74,9 +73,14 @@ def test_settle_choices_calls_until_auto_remembers(monkeypatch) -> None:
         calls.append("auto")
         open_choices.discard(min(open_choices - {"elsewhere"}, default=None))
 
-    steps = {"auto": step, "other": lambda: calls.append("other")}
+    def slow_reference() -> None:
+        calls.append("slow")
+        time.sleep(0.02)
+
+    steps = {"auto": step, "quick": lambda: calls.append("quick"), "slow": slow_reference}
     assert common.settle_choices(steps) == 3
-    assert sorted(calls) == ["auto"] * 3 + ["other"] * 3
+    # after the first round: the step refining, and the quickest other step as the work in between
+    assert sorted(calls) == ["auto"] * 3 + ["quick"] * 3 + ["slow"]
 
     def never() -> None:
         calls.append("never")
