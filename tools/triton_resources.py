@@ -218,42 +218,46 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
     return {key: int(re.search(key + r":(\d+)", out).group(1)) for key in ("REG", "STACK", "SHARED")}
 
 
-def ptx_main_loop(ptx: str) -> str:
-    """The PTX of the main loop: from a label to the last backward branch to it, the widest such
-    region that holds an MMA (``wgmma``/``mma``; else an ``fma``). Empty if there is none."""
+def ptx_loops(ptx: str) -> list[str]:
+    """The PTX of each MMA loop, in program order: a region from a label to a backward branch to it that
+    holds an MMA (``wgmma``/``mma``; else an ``fma``) and no other such region (the innermost ones: fast8's
+    forward has eight K loops one after the other)."""
     lines = ptx.splitlines()
     labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\$L__BB\d+_\d+):", line.strip()))}
-    best = ""
+    regions = []
     for i, line in enumerate(lines):
         m = re.search(r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);", line)
         if m and labels.get(m.group(1), i + 1) < i:
-            body = "\n".join(lines[labels[m.group(1)] : i + 1])
-            if re.search(r"\b(wgmma\.mma_async|mma\.sync|fma\.rn)", body) and len(body) > len(best):
-                best = body
-    return best
+            start = labels[m.group(1)]
+            if re.search(r"\b(wgmma\.mma_async|mma\.sync|fma\.rn)", "\n".join(lines[start : i + 1])):
+                regions.append((start, i))
+    innermost = [r for r in regions if not any(o != r and r[0] <= o[0] and o[1] <= r[1] for o in regions)]
+    return ["\n".join(lines[s : e + 1]) for s, e in sorted(innermost)]
 
 
-def ttgir_main_loop(ttgir: str) -> str:
-    """The body of the ``scf.for`` that holds the dot (TTGIR text; nested regions included)."""
+def ttgir_loops(ttgir: str) -> list[str]:
+    """The body of each ``scf.for`` that holds a dot (TTGIR text), innermost ones, in program order."""
     lines = ttgir.splitlines()
+    bodies = []
     for i, line in enumerate(lines):
         if "scf.for" in line:
             indent = len(line) - len(line.lstrip())
             for j in range(i + 1, len(lines)):
                 if lines[j].strip().startswith("}") and len(lines[j]) - len(lines[j].lstrip()) == indent:
                     body = "\n".join(lines[i + 1 : j])
-                    if "warp_group_dot" in body or "tt.dot" in body:
-                        return body
+                    if ("warp_group_dot" in body or "tt.dot" in body) and "scf.for" not in body:
+                        bodies.append(body)
                     break
-    return ""
+    return bodies
 
 
 def igemm_launch_args(
     dtype: str, cq_in: int, cq_out: int, groups: int = 1, dims: int = 2, size: int = 64, batch: int = 32,
-    k: int = 3, stride: int = 1, transposed: bool = False,
+    k: int = 3, stride: int = 1, transposed: bool = False, fast8: bool = False,
 ) -> dict:  # fmt: skip
     """The arguments of ``qconv_igemm_kernel`` for a ``k``^dims conv (padding k//2) on a batch of ``size``^dims
-    channels_last images, as ``igemm.conv_igemm`` passes them (transposed: the input gradient of a stride-s conv)."""
+    channels_last images, as ``igemm.conv_igemm`` passes them (transposed: the input gradient of a stride-s conv;
+    fast8: x is the 8 combinations, each product's GEMM Cg_in channels per tap into Cg_out columns)."""
     pad = k // 2
     if transposed:
         out = (size - 1) * stride - 2 * pad + k + (stride - 1)  # the input size of the strided conv
@@ -263,17 +267,24 @@ def igemm_launch_args(
     sp_out = (1,) * (3 - dims) + (out,) * dims
     ks = (1,) * (3 - dims) + (k,) * dims
     unit = (1,) * (3 - dims)
-    c_x = 4 * cq_in
+    c_x, per_product = (8 * cq_in, 1) if fast8 else (4 * cq_in, 4)
     ptr = IGEMM_POINTERS[dtype]
     args = dict(x_ptr=ptr, w_ptr=ptr, b_ptr=ptr, y_ptr=ptr, z_ptr=ptr, negative_slope=0.01)
-    args.update(M=batch * sp_out[0] * sp_out[1] * sp_out[2], C_Y=4 * cq_out, K_TAP=4 * cq_in // groups)
-    args.update(N_G=4 * cq_out // groups, CQ_IN=cq_in, CG_IN=cq_in // groups, CQ_OUT=cq_out, CG_OUT=cq_out // groups)
+    args.update(M=batch * sp_out[0] * sp_out[1] * sp_out[2], C_Y=4 * cq_out, K_TAP=per_product * cq_in // groups)
+    args.update(N_G=per_product * cq_out // groups, CQ_IN=cq_in, CG_IN=cq_in // groups, CQ_OUT=cq_out)
+    args.update(CG_OUT=cq_out // groups)
     args.update(zip(("ID", "IH", "IW", "OD", "OH", "OW", "KD", "KH", "KW"), (*sp_in, *sp_out, *ks), strict=True))
     strides = (sp_in[0] * sp_in[1] * sp_in[2] * c_x, sp_in[1] * sp_in[2] * c_x, sp_in[2] * c_x, c_x)
     args.update(zip(("s_xn", "s_xd", "s_xh", "s_xw"), strides, strict=True))
     args.update(zip(("SD", "SH", "SW"), unit + (stride,) * dims, strict=True))
     args.update(zip(("PD", "PH", "PW"), (0,) * (3 - dims) + (pad,) * dims, strict=True))
     args.update(zip(("DD", "DH", "DW"), (1, 1, 1), strict=True))
+    # sub-pixel phases (dilation 1): a transposed conv's taps of one phase step by the stride, its rows are
+    # that phase's ⌈out/stride⌉ outputs per dim
+    steps = unit + ((stride,) * dims if transposed else (1,) * dims)
+    args.update(zip(("KSD", "KSH", "KSW", "ESD", "ESH", "ESW"), (*steps, 1, 1, 1), strict=True))
+    if transposed:
+        args["M"] = batch * math.prod(-(-o // s) for o, s in zip(sp_out, steps, strict=True))
     return args
 
 
@@ -281,10 +292,12 @@ def igemm_variants():
     """``(label, dtype, precision, args, constexprs, config)``: every autotune config a launch of each case
     may run (``igemm.prune_configs``), over the cases: 2d 64q bf16 (conv + bias + ReLU), fp16 with GELU
     keeping the pre-activation, 16q and 8q (memory-bound widths), groups=4, the input gradient of a
-    stride-2 conv (transposed), 3d 32q, and fp32 with TF32 and in IEEE fp32."""
+    stride-2 conv (transposed), 3d 32q, and fp32 with TF32 and in IEEE fp32; fast8 (8 K loops) at 64q and 128q
+    bf16 (the GPU targets), its input gradient, groups, 16q, and fp32 with TF32 and in IEEE fp32."""
     from aqcf_kernels.backends.triton.igemm import gpu_configs, prune_configs
 
-    base = dict(TRANSPOSED=False, GROUPED=False, HAS_BIAS=True, ACTIVATION=1, STORE_PRE=False)
+    base = dict(TRANSPOSED=False, GROUPED=False, FAST8=False, HAS_BIAS=True, ACTIVATION=1, STORE_PRE=False)
+    f8 = dict(FAST8=True)
     cases = [
         ("2d 64q", "bf16", "ieee", igemm_launch_args("bf16", 64, 64), {}, None),
         ("2d 64q gelu+pre", "fp16", "ieee", igemm_launch_args("fp16", 64, 64), dict(ACTIVATION=3, STORE_PRE=True), 0),
@@ -299,6 +312,18 @@ def igemm_variants():
         ("2d 64q", "fp32", "tf32", igemm_launch_args("fp32", 64, 64), {}, 0),
         ("2d 64q", "fp32", "tf32", igemm_launch_args("fp32", 64, 64), {}, 4),
         ("2d 64q", "fp32", "ieee", igemm_launch_args("fp32", 64, 64), {}, None),
+        ("2d 64q fast8", "bf16", "ieee", igemm_launch_args("bf16", 64, 64, fast8=True), f8, None),
+        ("2d 128q fast8", "bf16", "ieee", igemm_launch_args("bf16", 128, 128, fast8=True), f8, 8),
+        (
+            "2d 64q f8 dgrad", "fp16", "ieee", igemm_launch_args("fp16", 64, 64, stride=2, transposed=True, size=32,
+                                                                 fast8=True),
+            dict(f8, TRANSPOSED=True, HAS_BIAS=False, ACTIVATION=0), 10,
+        ),
+        ("2d 128q f8 g2", "bf16", "ieee", igemm_launch_args("bf16", 128, 128, groups=2, fast8=True),
+         dict(f8, GROUPED=True), 9),
+        ("2d 16q fast8", "bf16", "ieee", igemm_launch_args("bf16", 16, 16, fast8=True), f8, None),
+        ("2d 64q fast8", "fp32", "tf32", igemm_launch_args("fp32", 64, 64, fast8=True), f8, 8),
+        ("2d 64q fast8", "fp32", "ieee", igemm_launch_args("fp32", 64, 64, fast8=True), f8, None),
     ]  # fmt: skip
     configs = gpu_configs()
     for label, dtype, precision, args, extra, which in cases:
@@ -308,28 +333,53 @@ def igemm_variants():
             yield label, dtype, precision, args, consts, config
 
 
-def analyse_igemm(kernel, dtype: str) -> dict:
-    """The static figures and the criteria of issue 13 for one compiled variant."""
-    ptx, ttgir = kernel.asm["ptx"], kernel.asm["ttgir"]
-    loop, tloop = ptx_main_loop(ptx), ttgir_main_loop(ttgir)
-    usage = resource_usage(kernel.asm["cubin"])
+def _loop_figures(loop: str, tloop: str, dtype: str) -> dict:
+    """Issue 13's figures of one MMA loop (its PTX and its TTGIR)."""
     scalar_2byte = re.findall(r"\bld\.global(?:\.[a-z]+)*\.(?:b16|u16|s16|f16)\b", loop)
-    copies = re.findall(r"ttg\.async_copy_global_to_local.*?:\s*tensor<(\d+x\d+)x!tt\.ptr", tloop)
+    return dict(
+        scalar_2byte_loads=len(scalar_2byte) if dtype != "fp32" else 0,
+        async_copies=re.findall(r"ttg\.async_copy_global_to_local.*?:\s*tensor<(\d+x\d+)x!tt\.ptr", tloop),
+        tma=len(re.findall(r"async_tma_copy_global_to_local", tloop)),
+        plain_loads=len(re.findall(r"\btt\.load\b", tloop)),
+        cp_async_bytes={int(b, 0) for b in re.findall(r"cp\.async\.c[ag]\.shared\.global[^,]*,[^,]*,\s*(\w+)", loop)},
+        wgmma=len(re.findall(r"\bwgmma\.mma_async", loop)),
+        mma_sync=len(re.findall(r"\bmma\.sync", loop)),
+        fma=len(re.findall(r"\bfma\.rn\.f32", loop)),
+        wait_pendings=[int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", loop)],
+    )
+
+
+def _copies(row: dict) -> str:
+    """The async copies of a variant's loops for the table: one loop's, with ``xN`` when N loops copy alike."""
+    loops = row["async_copies_per_loop"]
+    first = " ".join(loops[0])
+    return first + (f" x{len(loops)}" if len(loops) > 1 and all(c == loops[0] for c in loops) else "")
+
+
+def analyse_igemm(kernel, dtype: str) -> dict:
+    """The static figures and the criteria of issue 13 for one compiled variant, over every MMA loop (one,
+    or fast8's eight): counts summed, the async copies of each loop, the wgmma count of the poorest loop,
+    every wait's pending count."""
+    ptx, ttgir = kernel.asm["ptx"], kernel.asm["ttgir"]
+    ploops, tloops = ptx_loops(ptx), ttgir_loops(ttgir)
+    usage = resource_usage(kernel.asm["cubin"])
+    per_loop = [_loop_figures(p, t, dtype) for p, t in zip(ploops, tloops, strict=False)] or [
+        _loop_figures("", "", dtype)
+    ]
     return dict(
         regs=usage["REG"],
         stack=usage["STACK"],
         smem=kernel.metadata.shared,
-        scalar_2byte_loads_in_loop=len(scalar_2byte) if dtype != "fp32" else 0,
-        async_copies_in_loop=copies,
-        tma_in_loop=len(re.findall(r"async_tma_copy_global_to_local", tloop)),
-        plain_loads_in_loop=len(re.findall(r"\btt\.load\b", tloop)),
-        cp_async_bytes=sorted(
-            {int(b, 0) for b in re.findall(r"cp\.async\.c[ag]\.shared\.global[^,]*,[^,]*,\s*(\w+)", loop)}
-        ),
-        wgmma_in_loop=len(re.findall(r"\bwgmma\.mma_async", loop)),
-        mma_sync_in_loop=len(re.findall(r"\bmma\.sync", loop)),
-        fma_in_loop=len(re.findall(r"\bfma\.rn\.f32", loop)),
-        wait_pendings_in_loop=[int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", loop)],
+        dot_loops=(len(ploops), len(tloops)),
+        scalar_2byte_loads_in_loop=sum(f["scalar_2byte_loads"] for f in per_loop),
+        async_copies_per_loop=[f["async_copies"] for f in per_loop],
+        tma_in_loop=min(f["tma"] for f in per_loop),
+        plain_loads_in_loop=sum(f["plain_loads"] for f in per_loop),
+        cp_async_bytes=sorted(set().union(*(f["cp_async_bytes"] for f in per_loop))),
+        wgmma_in_loop=min(f["wgmma"] for f in per_loop),
+        mma_sync_in_loop=sum(f["mma_sync"] for f in per_loop),
+        fma_in_loop=sum(f["fma"] for f in per_loop),
+        wait_pendings_in_loop=[n for f in per_loop for n in f["wait_pendings"]],
     )
 
 
@@ -347,17 +397,38 @@ def igemm_main(json_path: str | None = None) -> int:
         options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
         kernel = compile_launch(qconv_igemm_kernel, args, consts, options)
         tiles = tuple(config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-        row = dict(case=label, dtype=dtype, precision=precision, tiles=tiles, **options, **analyse_igemm(kernel, dtype))
+        row = dict(case=label, dtype=dtype, precision=precision, tiles=tiles, fast8=consts["FAST8"], **options)
+        row.update(analyse_igemm(kernel, dtype))
         rows.append(row)
         print(
             f"{label:16} {dtype:5} {precision:4} {','.join(map(str, tiles)):15} {config.num_warps:2} "
             f"{config.num_stages:2} {row['regs']:4} {row['smem']:7} {row['stack']:5} "
-            f"{row['scalar_2byte_loads_in_loop']:4} {' '.join(row['async_copies_in_loop']):16} "
+            f"{row['scalar_2byte_loads_in_loop']:4} {_copies(row):16} "
             f"{row['wgmma_in_loop']:5} {row['wait_pendings_in_loop']!s:8}"
         )
     if json_path:
         Path(json_path).write_text(json.dumps(rows, indent=1))
-    return 0
+    return fast8_combine_main()
+
+
+def fast8_combine_main() -> int:
+    """Registers, stack and load widths of fast8's pre-pass (the 8 combinations of a 64q activation, 32 x 64x64
+    pixels); non-zero if it spills or loads scalars."""
+    from aqcf_kernels.backends.triton import fast8
+
+    bad = 0
+    for ptr in ("*bf16", "*fp32"):
+        args = dict(src_ptr=ptr, dst_ptr=ptr, P=32 * 64 * 64, CQ=64)
+        consts = dict(
+            fast8.combination_codes("right", False), BLOCK_P=fast8.COMBINE_BLOCK_P, BLOCK_C=fast8.COMBINE_BLOCK_C
+        )
+        kernel = compile_launch(fast8.combine_kernel, args, consts, {"num_warps": 4})
+        usage = resource_usage(kernel.asm["cubin"])
+        widths = load_widths(kernel.asm["ptx"])
+        vector = any(w.startswith(("v4", "v2")) for w in widths)
+        print(f"fast8 combinations, {ptr[1:]}: regs {usage['REG']}, stack {usage['STACK']} B, loads {widths}")
+        bad += usage["STACK"] != 0 or not vector
+    return 1 if bad else 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -432,13 +503,13 @@ SM90_SMS = 132
 
 def wgrad_launch_args(
     dtype: str, cq_in: int, cq_out: int, groups: int = 1, dims: int = 2, size: int = 64, batch: int = 32,
-    k: int = 3, stride: int = 1, transposed: bool = False,
+    k: int = 3, stride: int = 1, transposed: bool = False, fast8: bool = False,
 ) -> dict:  # fmt: skip
     """The arguments of ``qconv_wgrad_igemm_kernel`` for the weight gradient of a ``k``^dims conv (padding
     k//2) on a batch of ``size``^dims channels_last images, as ``igemm_wgrad.conv_weight_grad_igemm`` passes
     them, its split count included (the GPU policy with :data:`SM90_SMS` SMs). ``transposed``: the weight
     gradient of the stride-``stride`` transposed conv whose output is that image (x and gy swapped, the
-    bias summed over x)."""
+    bias summed over x). ``fast8``: x and gy are the 8 combinations, one GEMM per product and group."""
     from aqcf_kernels.backends.triton import igemm_wgrad as iw
 
     pad = k // 2
@@ -447,10 +518,12 @@ def wgrad_launch_args(
     sp_out = (1,) * (3 - dims) + (out,) * dims
     ks = (1,) * (3 - dims) + (k,) * dims
     unit = (1,) * (3 - dims)
-    c_x, m = 4 * cq_in, batch * math.prod(sp_out)
+    per_product = 1 if fast8 else 4
+    c_x, m = (8 if fast8 else 4) * cq_in, batch * math.prod(sp_out)
     ptr = IGEMM_POINTERS[dtype]
     args = dict(x_ptr=ptr, gy_ptr=ptr, part_ptr="*fp32", bsrc_ptr=ptr, bpart_ptr="*fp32")
-    args.update(M=m, C_Y=4 * cq_out, K_TAP=4 * cq_in // groups, N_G=4 * cq_out // groups)
+    args.update(M=m, C_Y=(8 if fast8 else 4) * cq_out, K_TAP=per_product * cq_in // groups)
+    args.update(N_G=per_product * cq_out // groups)
     args.update(CQ_IN=cq_in, CG_IN=cq_in // groups, CQ_OUT=cq_out, CG_OUT=cq_out // groups)
     args.update(zip(("ID", "IH", "IW", "OD", "OH", "OW", "KD", "KH", "KW"), (*sp_in, *sp_out, *ks), strict=True))
     strides = (math.prod(sp_in) * c_x, sp_in[1] * sp_in[2] * c_x, sp_in[2] * c_x, c_x)
@@ -458,10 +531,11 @@ def wgrad_launch_args(
     args.update(zip(("SD", "SH", "SW"), unit + (stride,) * dims, strict=True))
     args.update(zip(("PD", "PH", "PW"), (0,) * (3 - dims) + (pad,) * dims, strict=True))
     args.update(zip(("DD", "DH", "DW"), (1, 1, 1), strict=True))
-    args.update(MB=batch * math.prod(sp_in), C_B=c_x) if transposed else args.update(MB=m, C_B=4 * cq_out)
+    args.update(MB=batch * math.prod(sp_in), C_B=4 * cq_in) if transposed else args.update(MB=m, C_B=4 * cq_out)
     taps = math.prod(ks)
-    tiles = iw.gemm_tiles(cq_in, cq_out, groups, taps, 128, 128) * groups
-    partial = 4 * 16 * cq_out * cq_in // groups * taps
+    grid_groups = (8 if fast8 else 1) * groups
+    tiles = iw.gemm_tiles(cq_in, cq_out, groups, taps, 128, 128, fast8) * grid_groups
+    partial = 4 * (8 if fast8 else 16) * cq_out * cq_in // groups * taps
     splits = min(triton.cdiv(iw.PROGRAMS_PER_SM * SM90_SMS, tiles), m // iw.MIN_PIXELS_PER_SPLIT, iw.MAX_SPLITS)
     args["SPLITS"] = max(1, min(splits, iw.PARTIAL_BYTES // partial))
     return args
@@ -487,10 +561,22 @@ def wgrad_variants():
         ("1d 64q", "fp16", "ieee", wgrad_launch_args("fp16", 64, 64, dims=1, size=4096, batch=32), {}, 2),
         ("2d 64q", "fp32", "tf32", wgrad_launch_args("fp32", 64, 64), {}, 0),
         ("2d 64q", "fp32", "ieee", wgrad_launch_args("fp32", 64, 64), {}, None),
+        ("2d 64q fast8", "bf16", "ieee", wgrad_launch_args("bf16", 64, 64, fast8=True), dict(FAST8=True), None),
+        ("2d 128q fast8", "bf16", "ieee", wgrad_launch_args("bf16", 128, 128, fast8=True), dict(FAST8=True), 0),
+        ("2d 64q f8 g4", "fp16", "ieee", wgrad_launch_args("fp16", 64, 64, groups=4, fast8=True),
+         dict(FAST8=True, GROUPED=True), None),
+        ("2d 64q fast8", "fp32", "tf32", wgrad_launch_args("fp32", 64, 64, fast8=True), dict(FAST8=True), 2),
     ]  # fmt: skip
     configs = gpu_configs()
     for label, dtype, precision, args, extra, which in cases:
-        consts = {"GROUPED": False, "HAS_BIAS": True, **extra, "DOT_DTYPE": IGEMM_DOTS[dtype], "PRECISION": precision}
+        consts = {
+            "GROUPED": False,
+            "FAST8": False,
+            "HAS_BIAS": True,
+            **extra,
+            "DOT_DTYPE": IGEMM_DOTS[dtype],
+            "PRECISION": precision,
+        }
         chosen = prune_configs(configs, args, **consts) if which is None else [configs[which]]
         for config in chosen:
             yield label, dtype, precision, args, consts, config
@@ -517,7 +603,7 @@ def wgrad_main(json_path: str | None = None) -> int:
         print(
             f"{label:15} {dtype:5} {precision:4} {','.join(map(str, tiles)):13} {config.num_warps:2} "
             f"{config.num_stages:2} {args['SPLITS']:3} {row['regs']:4} {row['smem']:7} {row['stack']:5} "
-            f"{row['scalar_2byte_loads_in_loop']:4} {' '.join(row['async_copies_in_loop']):14} "
+            f"{row['scalar_2byte_loads_in_loop']:4} {_copies(row):14} "
             f"{row['wgmma_in_loop']:5} {row['mma_sync_in_loop']:3} {row['wait_pendings_in_loop']!s:8}"
         )
     if json_path:
@@ -526,19 +612,22 @@ def wgrad_main(json_path: str | None = None) -> int:
 
 
 def wgrad_fold_main() -> int:
-    """Registers, stack and load widths of the reduce-and-fold kernel (2d 64q 3x3, 8 splits, with bias);
-    non-zero if it spills."""
+    """Registers, stack and load widths of the reduce-and-fold kernel (2d 64q 3x3, 8 splits, with bias), of
+    hamilton's 16 blocks and fast8's 8 products; non-zero if it spills."""
     from aqcf_kernels.backends.triton.igemm_wgrad import FOLD_BLOCK, qconv_wgrad_fold_kernel
 
     bad = 0
-    for ptr in ("*bf16", "*fp32"):
+    for ptr, blocks in (("*bf16", 16), ("*fp32", 16), ("*bf16", 8)):
+        per = 4 if blocks == 16 else 1
         args = dict(part_ptr="*fp32", t_ptr="*fp32", gw_ptr=ptr, bpart_ptr="*fp32", gb_ptr=ptr, Q=64 * 64 * 9)
-        args.update(SPLIT_STRIDE=256 * 2304, SPLITS=8, N_G=256, CG_OUT=64, CG_IN=64, TAPS=9, C_B=256)
-        consts = dict(HAS_BIAS=True, BLOCK=FOLD_BLOCK)
+        args.update(SPLIT_STRIDE=blocks * 64 * 64 * 9, SPLITS=8, N_G=per * 64, K_TAP=per * 64)
+        args.update(PRODUCT_STRIDE=64 * 64 * 9, CG_OUT=64, CG_IN=64, TAPS=9, C_B=256)
+        consts = dict(NB=blocks, HAS_BIAS=True, BLOCK=FOLD_BLOCK)
         kernel = compile_launch(qconv_wgrad_fold_kernel, args, consts, {"num_warps": 4})
         usage = resource_usage(kernel.asm["cubin"])
         widths = load_widths(kernel.asm["ptx"])
-        print(f"fold kernel, {ptr[1:]} out: regs {usage['REG']}, stack {usage['STACK']} B, loads {widths}")
+        which = "hamilton" if blocks == 16 else "fast8"
+        print(f"fold kernel, {which}, {ptr[1:]} out: regs {usage['REG']}, stack {usage['STACK']} B, loads {widths}")
         bad += usage["STACK"] != 0
     return 1 if bad else 0
 

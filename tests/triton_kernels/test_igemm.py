@@ -4,7 +4,10 @@ Run by triton's interpreter on CPU (tests/conftest.py sets TRITON_INTERPRET=1 wi
 the public op with the triton backend forced, so the launcher, the weight packing, the channels_last
 boundary and autograd's adjoint calls are what is tested: the forward of convs and transposed convs,
 and the input gradient (the adjoint conv, served by the same kernel), in fp32 (≤ 1e-5, the hamilton
-contract) and fp16 (≤ 2x the expanded-weight conv's error in fp16), against a float64 reference.
+contract; fast8 ≤ 5e-4, also on real-dominant data) and fp16 (≤ 2x the expanded-weight conv's error in
+fp16; fast8 on balanced components), against a float64 reference. fast8 runs the same kernel as 8 GEMMs
+on the operand combinations of aqcf_kernels/backends/triton/fast8.py (tested here against
+quaternion.FAST8_LEFT / FAST8_RIGHT) with the butterfly in the epilogue.
 Every case has odd channel counts and partial tiles; the first has several M, N and K blocks and a
 partial GROUP_M band with the interpreter's tiles (igemm.INTERPRETER_CONFIG). The weight gradient is
 another kernel (igemm_wgrad.py, tested in test_igemm_wgrad.py): not requested here.
@@ -95,20 +98,28 @@ def igemm_calls(monkeypatch):
     real = igemm.conv_igemm
 
     def counting(*args, **kwargs):
-        calls.append(args[3].transposed)
+        algorithm = kwargs.get("algorithm", args[7] if len(args) > 7 else "hamilton")
+        calls.append(args[3].transposed if algorithm == "hamilton" else (args[3].transposed, algorithm))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(igemm, "conv_igemm", counting)
     return calls
 
 
-def _ours(activation=None, negative_slope=0.1):
+def _ours(activation=None, negative_slope=0.1, algorithm="hamilton"):
     def fn(x, w, b, **kw):
         return QF.quaternion_conv(
-            x, w, b, algorithm="hamilton", activation=activation, negative_slope=negative_slope, **kw
+            x, w, b, algorithm=algorithm, activation=activation, negative_slope=negative_slope, **kw
         )
 
     return fn
+
+
+def _launches(case, algorithm: str) -> list:
+    """What ``igemm_calls`` records for a forward and its input gradient: the adjoint is transposed for a
+    conv, plain for a transposed conv."""
+    calls = [case[1], not case[1]]
+    return calls if algorithm == "hamilton" else [(t, algorithm) for t in calls]
 
 
 @pytest.mark.parametrize("groups", [1, 3])
@@ -133,10 +144,35 @@ def test_igemm_fp32_forward_and_input_grad(case, igemm_calls):
     to = dict(dtype=torch.float32, device=DEVICE)
     got = _forward_and_input_grad(_ours(), case, x.to(**to), w.to(**to), b.to(**to), gy_seed=1)
     # the forward, then the adjoint (transposed for a conv, plain for a transposed conv)
-    assert igemm_calls == [case[1], not case[1]]
+    assert igemm_calls == _launches(case, "hamilton")
     for name, o, r in zip(("y", "grad_input"), got, ref, strict=True):
         assert o.dtype == torch.float32 and o.shape == r.shape
         assert _rel(o, r) <= 1e-5, f"{name}: relative error {_rel(o, r):.2e}"
+
+
+#: transposed convs whose sub-pixel phases have different tap sets: gcd(stride, dilation) > 1 (taps exist
+#: only for some phases), a 1-tap dim with stride 3 (two of its three phases have no tap: bias only), 3d
+SUBPIXEL_CASES = [
+    (2, True, 1, (2, 3), (1, 0), (2, 1), (1, 2), 3, 5, (4, 3), (3, 1)),
+    (1, True, 1, 3, 1, 3, 2, 2, 3, (5,), (4,)),
+    (3, True, 1, 2, (1, 1, 0), (1, 2, 1), (1, 0, 1), 2, 3, (3, 2, 3), (3, 2, 1)),
+    (2, True, 2, 2, (0, 2), 3, 1, 4, 2, (3, 3), (2, 2)),
+]
+SUBPIXEL_IDS = ["2d-gcd2-empty-phases", "1d-s3-d3", "3d-mixed", "2d-g2-d3"]
+
+
+@pytest.mark.parametrize("algorithm", ["hamilton", "fast8"])
+@pytest.mark.parametrize("case", SUBPIXEL_CASES, ids=SUBPIXEL_IDS)
+def test_transposed_sub_pixel_phases(case, algorithm, igemm_calls):
+    """A transposed conv runs one grid slice per output phase with only the taps that feed it: every phase
+    (those without a tap included) matches the reference, forward and input gradient."""
+    x, w, b = _make(case, torch.Generator().manual_seed(zlib.crc32(repr(case).encode())))
+    ref = _forward_and_input_grad(reference.quaternion_conv_naive, case, x, w, b, gy_seed=6)
+    to = dict(dtype=torch.float32, device=DEVICE)
+    got = _forward_and_input_grad(_ours(algorithm=algorithm), case, x.to(**to), w.to(**to), b.to(**to), gy_seed=6)
+    assert igemm_calls == _launches(case, algorithm)
+    for name, o, r in zip(("y", "grad_input"), got, ref, strict=True):
+        assert _rel(o, r) <= (1e-5 if algorithm == "hamilton" else 5e-4), f"{name}: relative error {_rel(o, r):.2e}"
 
 
 #: small cases for the epilogue: a conv with bias (the pre-activation kept for leaky_relu/gelu) and a transposed one
@@ -182,9 +218,93 @@ def test_igemm_channels_last_in_channels_last_out_no_bias(igemm_calls):
     assert _rel(y, ref) <= 1e-5
 
 
-def test_igemm_not_used_for_fast8(igemm_calls):
-    """fast8 keeps the old kernel (its 8 products are not one GEMM on a packed weight)."""
-    case = CASES[4]
-    x, w, b = _make(case, torch.Generator().manual_seed(2))
-    QF.quaternion_conv(x.float(), w.float(), b.float(), algorithm="fast8", **_kwargs(case))
-    assert igemm_calls == []
+# ------------------------------------------------------------------------------------------------
+# fast8: 8 GEMMs on the operand combinations, the butterfly in the epilogue
+# ------------------------------------------------------------------------------------------------
+
+#: fast8 interprets 8 K loops per program: the cases with several M, N and K blocks, groups, 3d, 1d
+FAST8_CASES = [CASES[0], CASES[3], CASES[5], CASES[7]]
+FAST8_IDS = [IDS[CASES.index(c)] for c in FAST8_CASES]
+
+
+def _fast8_combinations(q: list, table, conjugate: bool) -> list:
+    """The 8 combinations of quaternion components ``q``, straight from quaternion.FAST8_LEFT/RIGHT."""
+    if conjugate:
+        q = [q[0], -q[1], -q[2], -q[3]]
+    return [q[p] + sign * q[r] for p, r, sign in table]
+
+
+@pytest.mark.parametrize("conjugate", [False, True], ids=["plain", "conjugate"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_fast8_combinations_follow_the_tables(side, conjugate):
+    from aqcf_kernels.backends.triton import fast8
+    from aqcf_kernels.quaternion import FAST8_LEFT, FAST8_RIGHT
+
+    table = FAST8_LEFT if side == "left" else FAST8_RIGHT
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(2, 3, 5, 7, 4 * 9, generator=g).to(DEVICE)  # channels_last, 9 quaternion channels
+    got = fast8.combine_activation(x, side, conjugate)
+    want = _fast8_combinations(list(x.chunk(4, dim=-1)), table, conjugate)
+    assert torch.equal(got, torch.cat(want, dim=-1))
+    w = torch.randn(4, 6, 5, 3, 2, generator=g, dtype=torch.float64)
+    assert torch.equal(
+        fast8.combine_weight(w, side, conjugate), torch.stack(_fast8_combinations(list(w), table, conjugate))
+    )
+
+
+@pytest.mark.parametrize("case", FAST8_CASES, ids=FAST8_IDS)
+def test_fast8_fp32_forward_and_input_grad(case, igemm_calls):
+    g = torch.Generator().manual_seed(zlib.crc32(("fast8" + IDS[CASES.index(case)]).encode()))
+    x, w, b = _make(case, g)
+    ref = _forward_and_input_grad(reference.quaternion_conv_naive, case, x, w, b, gy_seed=1)
+    to = dict(dtype=torch.float32, device=DEVICE)
+    got = _forward_and_input_grad(_ours(algorithm="fast8"), case, x.to(**to), w.to(**to), b.to(**to), gy_seed=1)
+    assert igemm_calls == _launches(case, "fast8")
+    for name, o, r in zip(("y", "grad_input"), got, ref, strict=True):
+        assert o.dtype == torch.float32 and o.shape == r.shape
+        assert _rel(o, r) <= 5e-4, f"{name}: relative error {_rel(o, r):.2e}"
+
+
+def test_fast8_fp32_real_dominant_data(igemm_calls):
+    """The contract holds when the imaginary parts are 1% of the real part (the combinations then cancel)."""
+    case = CASES[0]
+    x, w, b = _make(case, torch.Generator().manual_seed(13))
+    scale = torch.tensor([1.0, 0.01, 0.01, 0.01], dtype=torch.float64)
+    x = (x.unflatten(1, (4, -1)) * scale[:, None, None, None]).flatten(1, 2)
+    w = w * scale.view(4, 1, 1, 1, 1)
+    ref = _forward_and_input_grad(reference.quaternion_conv_naive, case, x, w, b, gy_seed=3)
+    got = _forward_and_input_grad(_ours(algorithm="fast8"), case, x.float(), w.float(), b.float(), gy_seed=3)
+    assert igemm_calls == _launches(case, "fast8")
+    for name, o, r in zip(("y", "grad_input"), got, ref, strict=True):
+        assert _rel(o, r) <= 5e-4, f"{name}: relative error {_rel(o, r):.2e}"
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_fast8_fused_bias_activation(activation, igemm_calls):
+    """Each of the four output components goes through the epilogue (gelu keeps the pre-activation)."""
+    case = ACT_CASES[0]
+    x, w, b = _make(case, torch.Generator().manual_seed(14))
+    ref = _forward_and_input_grad(reference.quaternion_conv_naive, case, x, w, b, gy_seed=4, activation=activation)
+    to = dict(dtype=torch.float32, device=DEVICE)
+    got = _forward_and_input_grad(
+        _ours(activation, algorithm="fast8"), case, x.to(**to), w.to(**to), b.to(**to), gy_seed=4
+    )
+    assert igemm_calls == _launches(case, "fast8")
+    for name, o, r in zip(("y", "grad_input"), got, ref, strict=True):
+        assert _rel(o, r) <= 5e-4, f"{name}: relative error {_rel(o, r):.2e}"
+
+
+@pytest.mark.parametrize("case", FAST8_CASES[:2], ids=FAST8_IDS[:2])
+def test_fast8_fp16_balanced_within_twice_expanded_error(case, igemm_calls):
+    """Opt-in fast8 in half precision: the combinations are rounded to fp16 once, before the GEMMs; on
+    balanced components (randn in every component) within 2x the expanded conv's error in fp16."""
+    x, w, b = _make(case, torch.Generator().manual_seed(15))
+    ref = _forward_and_input_grad(reference.quaternion_conv_naive, case, x, w, b, gy_seed=2)
+    to = dict(dtype=torch.float16, device=DEVICE)
+    args = (x.to(**to), w.to(**to), b.to(**to))
+    baseline = _forward_and_input_grad(reference.quaternion_conv_expanded, case, *args, gy_seed=2)
+    got = _forward_and_input_grad(_ours(algorithm="fast8"), case, *args, gy_seed=2)
+    assert igemm_calls == _launches(case, "fast8")
+    for name, o, e, r in zip(("y", "grad_input"), got, baseline, ref, strict=True):
+        assert o.dtype == torch.float16
+        assert _rel(o, r) <= max(2 * _rel(e, r), 2e-3), f"{name}: {_rel(o, r):.2e} vs expanded {_rel(e, r):.2e}"

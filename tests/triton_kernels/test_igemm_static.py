@@ -2,7 +2,9 @@
 
 Every autotune config the launcher may pick for each case (igemm.gpu_configs() after
 igemm.prune_configs(); cases: 2d 64q/16q/8q bf16, fp16 with GELU keeping the pre-activation, groups=4,
-the input gradient of a stride-2 conv, 3d 32q, fp32 with TF32 and in IEEE fp32) is compiled for sm_90
+the input gradient of a stride-2 conv, 3d 32q, fp32 with TF32 and in IEEE fp32; fast8, whose program runs
+8 K loops one after the other (one per product) with four accumulators: 64q and 128q bf16, its input
+gradient, groups, 16q, fp32 with TF32 and in IEEE fp32) is compiled for sm_90
 by **triton 3.6** (the GPU machines' version) with the specialisation a real launch gets (integer
 arguments equal to 1 constexpr, multiples of 16 and pointers marked divisible by 16), by
 ``tools/triton_resources.py --igemm`` in a subprocess. The criteria:
@@ -12,7 +14,8 @@ arguments equal to 1 constexpr, multiples of 16 and pointers marked divisible by
 * async copies for both operands: in the TTGIR main loop, one ``ttg.async_copy_global_to_local`` of the
   x tile (BLOCK_M x BLOCK_K) and one of the weight tile (BLOCK_K x BLOCK_N), no plain ``tt.load``, and
   every ``cp.async`` 16 bytes wide;
-* the wgmma kept in flight: ``wgmma.wait_group`` in the main loop waits with ≥ 1 group pending.
+* the wgmma kept in flight: ``wgmma.wait_group`` in the main loop waits with ≥ 1 group pending;
+* each of those holds for every K loop: one in a hamilton program, eight in a fast8 one.
 
 IEEE fp32 (the default for fp32 inputs: TF32 only when ``torch.backends.cuda.matmul.allow_tf32``) has
 no tensor-core instruction: that variant is an expected failure of the wgmma criterion, with its figure.
@@ -87,10 +90,19 @@ def _tensor_core(v: dict) -> bool:
 
 def test_every_config_and_case_compiled(variants):
     from_cases = {(v["case"], v["dtype"], v["precision"]) for v in variants}
-    assert len(from_cases) >= 9 and len(variants) >= 15, from_cases
+    assert len(from_cases) >= 16 and len(variants) >= 25, from_cases
     assert {v["dtype"] for v in variants} == {"bf16", "fp16", "fp32"}
     for v in variants:
         print(f"{_name(v):48} regs {v['regs']:3}  smem {v['smem']:6} B  stack {v['stack']} B")
+
+
+def test_one_pipelined_loop_per_product(variants):
+    """hamilton compiles to one MMA loop, fast8 to eight (none merged, none lost), in PTX and in TTGIR alike."""
+    assert any(v["fast8"] for v in variants) and any(not v["fast8"] for v in variants)
+    bad = [
+        f"{_name(v)}: {v['dot_loops']}" for v in variants if tuple(v["dot_loops"]) != ((8, 8) if v["fast8"] else (1, 1))
+    ]
+    assert not bad, "MMA loops (PTX, TTGIR): " + "; ".join(bad)
 
 
 def test_no_spills(variants):
@@ -107,10 +119,11 @@ def test_async_copies_for_both_operands(variants):
     bad = []
     for v in variants:
         m, n, k = v["tiles"]
-        copies = sorted(v["async_copies_in_loop"])
         if v["tma_in_loop"] >= 2:
             continue
-        if copies != sorted([f"{m}x{k}", f"{k}x{n}"]) or v["plain_loads_in_loop"] or v["cp_async_bytes"] != [16]:
+        want = sorted([f"{m}x{k}", f"{k}x{n}"])
+        copies = [sorted(c) for c in v["async_copies_per_loop"]]
+        if any(c != want for c in copies) or v["plain_loads_in_loop"] or v["cp_async_bytes"] != [16]:
             loads, widths = v["plain_loads_in_loop"], v["cp_async_bytes"]
             bad.append(f"{_name(v)}: async copies {copies}, tt.load {loads}, cp.async widths {widths} B")
     assert not bad, "; ".join(bad)

@@ -8,7 +8,9 @@ autograd through ``reference.quaternion_conv_naive`` in float64 — fp32 within 
 partial tiles; the first has two row tiles, two column blocks per tap and 3 pixel steps with the
 interpreter's tiles (igemm_wgrad.INTERPRETER_CONFIG), and is also run with several split counts (one
 that divides nothing, one with empty splits) and another tile config. Determinism: two runs are
-bit-identical. The backend test goes through the public op with the triton backend forced.
+bit-identical. fast8 (8 GEMMs on the combinations of gy and conj(x), the butterfly in the fold) within its
+contract: fp32 ≤ 5e-4, fp16 within 2x the expanded conv's error on balanced components. The backend test
+goes through the public op with the triton backend forced.
 """
 
 from __future__ import annotations
@@ -69,23 +71,25 @@ def _reference_grads(fn, case, x, w, b, gy_seed: int):
     return w.grad, b.grad, gy
 
 
-def _ours(case, x, gy, w_shape, splits=None, config=None):
-    return igemm_wgrad.conv_weight_grad_igemm(x, gy, w_shape, _params(case), True, splits, config)
+def _ours(case, x, gy, w_shape, splits=None, config=None, algorithm="hamilton"):
+    return igemm_wgrad.conv_weight_grad_igemm(x, gy, w_shape, _params(case), True, splits, config, algorithm)
 
 
 def _seed(case) -> int:
     return zlib.crc32(repr(case).encode())
 
 
-def _check_fp32(case, splits=None, config=None, x_view=None, gy_view=None):
+def _check_fp32(case, splits=None, config=None, x_view=None, gy_view=None, algorithm="hamilton"):
     x, w, b = _make(case, torch.Generator().manual_seed(_seed(case)))
     rw, rb, gy = _reference_grads(reference.quaternion_conv_naive, case, x, w, b, gy_seed=1)
     to = dict(dtype=torch.float32, device=DEVICE)
     xf, gyf = x.to(**to), gy.to(**to)
-    gw, gb = _ours(case, (x_view or (lambda t: t))(xf), (gy_view or (lambda t: t))(gyf), w.shape, splits, config)
+    xf, gyf = (x_view or (lambda t: t))(xf), (gy_view or (lambda t: t))(gyf)
+    gw, gb = _ours(case, xf, gyf, w.shape, splits, config, algorithm)
+    tol = 1e-5 if algorithm == "hamilton" else 5e-4
     for name, o, r in (("grad_weight", gw, rw), ("grad_bias", gb, rb)):
         assert o.dtype == torch.float32 and o.shape == r.shape, name
-        assert _rel(o, r) <= 1e-5, f"{name}: relative error {_rel(o, r):.2e}"
+        assert _rel(o, r) <= tol, f"{name}: relative error {_rel(o, r):.2e}"
     return gw, gb
 
 
@@ -144,6 +148,33 @@ def test_wgrad_fp16_within_twice_expanded_error(case):
         assert _rel(o, r) <= max(2 * _rel(e, r), 2e-3), f"{name}: {_rel(o, r):.2e} vs expanded {_rel(e, r):.2e}"
 
 
+#: fast8 interprets 8 product-groups per group: a grouped conv, a transposed one, 3d, 1d
+FAST8_CASES = [CASES[0], CASES[3], CASES[4], CASES[6]]
+
+
+@pytest.mark.parametrize("case", FAST8_CASES, ids=[IDS[CASES.index(c)] for c in FAST8_CASES])
+def test_wgrad_fast8_fp32_weight_and_bias(case):
+    _check_fp32(case, splits=2 if case[2] == 1 else 1, algorithm="fast8")
+
+
+def test_wgrad_fast8_other_tiles_and_splits():
+    """Several row, column and pixel blocks per product (16-pixel steps, 3 splits)."""
+    _check_fp32(CASES[0], splits=3, config={"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, algorithm="fast8")
+
+
+@pytest.mark.parametrize("case", FAST8_CASES[:2], ids=[IDS[CASES.index(c)] for c in FAST8_CASES[:2]])
+def test_wgrad_fast8_fp16_balanced_within_twice_expanded_error(case):
+    """Opt-in fast8 in half precision (combinations rounded to fp16 once), balanced components."""
+    x, w, b = _make(case, torch.Generator().manual_seed(16))
+    rw, rb, gy = _reference_grads(reference.quaternion_conv_naive, case, x, w, b, gy_seed=2)
+    to = dict(dtype=torch.float16, device=DEVICE)
+    ew, eb, _ = _reference_grads(reference.quaternion_conv_expanded, case, x.to(**to), w.to(**to), b.to(**to), 2)
+    gw, gb = _ours(case, x.to(**to), gy.to(**to), w.shape, splits=1, algorithm="fast8")
+    for name, o, e, r in (("grad_weight", gw, ew, rw), ("grad_bias", gb, eb, rb)):
+        assert o.dtype == torch.float16
+        assert _rel(o, r) <= max(2 * _rel(e, r), 2e-3), f"{name}: {_rel(o, r):.2e} vs expanded {_rel(e, r):.2e}"
+
+
 @pytest.fixture
 def wgrad_calls(monkeypatch):
     """Force the triton backend and count the new kernel's launches (so a fallback can't pass silently)."""
@@ -152,7 +183,7 @@ def wgrad_calls(monkeypatch):
     real = igemm_wgrad.conv_weight_grad_igemm
 
     def counting(*args, **kwargs):
-        calls.append(args[3].transposed)
+        calls.append((args[3].transposed, kwargs.get("algorithm", "hamilton")))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(igemm_wgrad, "conv_weight_grad_igemm", counting)
@@ -160,8 +191,8 @@ def wgrad_calls(monkeypatch):
 
 
 @pytest.mark.parametrize("case", [CASES[2], CASES[7]], ids=[IDS[2], IDS[7]])
-def test_backend_hamilton_weight_grad_uses_new_kernel(case, wgrad_calls):
-    """Through the public op: autograd's weight gradient runs the new kernel (hamilton), fast8 does not."""
+def test_backend_weight_grad_uses_the_gemm_kernel(case, wgrad_calls):
+    """Through the public op: autograd's weight gradient runs the split-K GEMM, with either algorithm."""
     x, w, b = _make(case, torch.Generator().manual_seed(8))
     rw, rb, gy = _reference_grads(reference.quaternion_conv_naive, case, x, w, b, gy_seed=3)
     for algorithm in ("hamilton", "fast8"):
@@ -171,4 +202,5 @@ def test_backend_hamilton_weight_grad_uses_new_kernel(case, wgrad_calls):
         y.backward(gy.float().to(DEVICE))
         assert _rel(wf.grad, rw) <= (1e-5 if algorithm == "hamilton" else 5e-4)
         assert _rel(bf.grad, rb) <= 1e-5
-        assert wgrad_calls == [case[1]], algorithm
+        assert wgrad_calls == [(case[1], algorithm)], algorithm
+        wgrad_calls.clear()

@@ -3,7 +3,9 @@ H100/H200 would run, read without a GPU.
 
 Every autotune config the launcher may pick for each case (igemm_wgrad.gpu_configs() after
 igemm_wgrad.prune_configs(); cases in ``tools/triton_resources.py`` ``wgrad_variants``: 2d 64q bf16/fp16,
-16q, 8q, groups 2 and 4, the transposed conv's weight gradient, 3d, 1d, fp32 with TF32 and in IEEE fp32) is
+16q, 8q, groups 2 and 4, the transposed conv's weight gradient, 3d, 1d, fp32 with TF32 and in IEEE fp32; fast8,
+the same GEMM on the combinations of gy and conj(x), one per product and group: 64q and 128q bf16, groups 4,
+TF32) is
 compiled for sm_90 by **triton 3.6** with a real launch's specialisation, by ``tools/triton_resources.py
 --wgrad`` in a subprocess (triton 3.6 found as in test_igemm_static.py). The criteria, on the GEMM's pixel
 loop (the bias programs' loop has no dot):
@@ -15,7 +17,8 @@ loop (the bias programs' loop has no dot):
   pending). Narrower tiles (8q layers, groups of ≤ 32 channels) compile to ``mma.sync`` with gy through
   registers.
 
-The reduce-and-fold kernel is compiled too (bf16 and fp32 outputs): the tool exits non-zero, failing the
+The reduce-and-fold kernel is compiled too (hamilton's 16 blocks with bf16 and fp32 outputs, fast8's 8 products
+with bf16): the tool exits non-zero, failing the
 fixture, if it spills. fp32 variants of the GEMM are compiled and printed (no spills asserted, nothing
 else): IEEE fp32 has no tensor-core instruction; TF32 compiles to wgmma in flight too (see the output).
 """
@@ -79,8 +82,12 @@ def test_async_copies_for_both_operands(variants):
     bad = []
     for v in [v for v in variants if _half(v) and v["tiles"][0] >= 64]:
         m, n, k = v["tiles"]
-        copies = sorted(v["async_copies_in_loop"])
-        if copies != sorted([f"{k}x{m}", f"{k}x{n}"]) or v["plain_loads_in_loop"] or v["cp_async_bytes"] != [16]:
+        copies = [sorted(c) for c in v["async_copies_per_loop"]]
+        if (
+            any(c != sorted([f"{k}x{m}", f"{k}x{n}"]) for c in copies)
+            or v["plain_loads_in_loop"]
+            or v["cp_async_bytes"] != [16]
+        ):
             loads, widths = v["plain_loads_in_loop"], v["cp_async_bytes"]
             bad.append(f"{_name(v)}: async copies {copies}, tt.load {loads}, cp.async widths {widths} B")
     assert not bad, "; ".join(bad)

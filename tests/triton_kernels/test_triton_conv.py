@@ -1,4 +1,9 @@
-"""Triton quaternion-conv kernels (forward, input grad, weight grad) against the reference.
+"""The first-design Triton quaternion-conv kernels (conv_kernels.py: forward, input grad, weight grad)
+against the reference.
+
+Since the implicit GEMMs (igemm.py, igemm_wgrad.py; tested in test_igemm*.py) serve both algorithms, these
+kernels serve only tensors of 2**31 elements or more (the GEMMs' offsets are int32): the tests make the
+GEMMs refuse every call and count the first design's launches, so a fallback cannot pass silently.
 
 On machines without CUDA, tests/conftest.py sets TRITON_INTERPRET=1 before anything imports
 triton, so the very kernels that run on GPUs run here on CPU tensors (slowly: shapes are tiny,
@@ -74,7 +79,23 @@ def _rel(out, ref):
 
 @pytest.fixture
 def force_triton(monkeypatch):
+    """The triton backend with the first design's kernels (the GEMMs refuse); yields their launches."""
+    from aqcf_kernels.backends.triton import conv as triton_conv
+    from aqcf_kernels.backends.triton import igemm, igemm_wgrad
+
     monkeypatch.setenv("AQCF_BACKEND", "triton")
+    for module in (igemm, igemm_wgrad):
+        monkeypatch.setattr(module, "cannot_serve", lambda *args, **kwargs: "refused by the test")
+    launches = []
+    for name in ("conv", "conv_weight_grad"):
+        real = getattr(triton_conv, name)
+
+        def counting(*args, _real=real, _name=name, **kwargs):
+            launches.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(triton_conv, name, counting)
+    return launches
 
 
 @pytest.mark.parametrize("algorithm", ["hamilton", "fast8"])
@@ -91,6 +112,7 @@ def test_triton_fp32_matches_reference(case, algorithm, force_triton):
     got = _grads(ours, case, x.to(**to), w.to(**to), None if b is None else b.to(**to), gy_seed=1)
     # tf32 would be ~1e-3: the tests run in ieee fp32 (the default allow_tf32=False)
     tol = 1e-5 if algorithm == "hamilton" else 5e-4
+    assert sorted(force_triton) == ["conv", "conv", "conv_weight_grad"]
     for name, o, r in zip(["y", "grad_input", "grad_weight", "grad_bias"][: len(got)], got, ref, strict=True):
         assert o.dtype == torch.float32
         assert _rel(o, r) <= tol, f"{name}: relative error {_rel(o, r):.2e} > {tol}"
@@ -109,6 +131,7 @@ def test_triton_fp16_within_twice_expanded_error(case, force_triton):
         return QF.quaternion_conv(x, w, b, algorithm="hamilton", **kw)
 
     got = _grads(ours, case, *args, gy_seed=2)
+    assert sorted(force_triton) == ["conv", "conv", "conv_weight_grad"]
     names = ["y", "grad_input", "grad_weight", "grad_bias"][: len(got)]
     for name, o, e, r in zip(names, got, baseline, ref, strict=True):
         assert o.dtype == torch.float16

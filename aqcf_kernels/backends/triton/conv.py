@@ -2,14 +2,14 @@
 
 Which kernel serves what:
 
-* forward and input gradient (a conv or a transposed conv, with the fused bias + activation),
-  ``hamilton``: the implicit GEMM of :mod:`.igemm` (channels_last, pre-packed expanded weight,
-  one ``tl.dot`` per K step);
-* the same with ``fast8``, and tensors of 2**31 elements or more (int32 offsets): ``qconv_kernel``
-  of :mod:`.conv_kernels` (fast8's 8 products and butterfly are not one GEMM on a packed weight);
-* the weight gradient, ``hamilton``: the split-K GEMM ``dE = gyᵀ · im2col(x)`` and the reduce-and-fold
-  kernel of :mod:`.igemm_wgrad`;
-* the weight gradient with ``fast8``, and tensors of 2**31 elements or more: ``qconv_wgrad_kernel``.
+* forward and input gradient (a conv or a transposed conv, with the fused bias + activation):
+  the implicit GEMM of :mod:`.igemm` (channels_last, one ``tl.dot`` per K step): ``hamilton`` on the
+  pre-packed expanded weight, ``fast8`` as 8 GEMMs on the operand combinations of :mod:`.fast8` with
+  the butterfly in the epilogue;
+* the weight gradient: the split-K GEMM ``dE = gyᵀ · im2col(x)`` (fast8: 8 of them, on the
+  combinations of gy and conj(x)) and the reduce-and-fold kernel of :mod:`.igemm_wgrad`;
+* tensors of 2**31 elements or more (the implicit GEMMs' offsets are int32): ``qconv_kernel`` and
+  ``qconv_wgrad_kernel`` of :mod:`.conv_kernels`, the first design.
 
 Serves CUDA tensors; under ``TRITON_INTERPRET=1`` it also serves CPU tensors so the kernels are
 proven on machines without a GPU (``AQCF_BACKEND=triton``). The interpreter must be chosen before
@@ -218,8 +218,8 @@ class TritonConvBackend(ConvBackend):
     def conv_weight_grad(
         self, input: Tensor, grad_output: Tensor, weight_shape: list[int], p: ConvParams, algorithm: str
     ) -> Tensor:
-        if algorithm == "hamilton" and igemm_wgrad.cannot_serve(input, grad_output) is None:
-            return igemm_wgrad.conv_weight_grad_igemm(input, grad_output, weight_shape, p)[0]
+        if igemm_wgrad.cannot_serve(input, grad_output, algorithm) is None:
+            return igemm_wgrad.conv_weight_grad_igemm(input, grad_output, weight_shape, p, algorithm=algorithm)[0]
         return conv_weight_grad(input, grad_output, weight_shape, p, algorithm)
 
     def conv_act(
@@ -248,8 +248,8 @@ def conv_any(
     keep_pre: bool,
 ) -> tuple[Tensor, Tensor | None]:
     """``(y, z)`` by the kernel that serves the call (see the module docstring); z only if ``keep_pre``."""
-    if algorithm == "hamilton" and igemm.cannot_serve(input, weight, p) is None:
-        return igemm.conv_igemm(input, weight, bias, p, activation, negative_slope, keep_pre)
+    if igemm.cannot_serve(input, weight, p, algorithm) is None:
+        return igemm.conv_igemm(input, weight, bias, p, activation, negative_slope, keep_pre, algorithm)
     pre = None
     if keep_pre:
         pre = torch.empty(conv_output_shape(input.shape, weight.shape, p), dtype=input.dtype, device=input.device)

@@ -14,8 +14,14 @@ for the ``hamilton`` algorithm (issue 13, second design). The kernel is a plain 
   conjugate transpose of the quaternion weight (Parcollet's matrix read as torch's ``(in, out)``
   weight). No kernel flip and no zero insertion are materialised: the kernel reads the taps through
   the gradient-of-conv index map (output pixel o gathers input pixel i where
-  ``i·stride = o + pad − k·dil``), so a stride-s transposed conv masks (s^d − 1)/s^d of its rows per
-  tap instead of multiplying zeros (a sub-pixel decomposition would avoid that; not done).
+  ``i·stride = o + pad − k·dil``).
+* **Sub-pixel transposed convs**: that map links tap k to output o only when ``k·dil ≡ o + pad (mod
+  stride)``, which depends on o's phase ``o mod stride`` alone. So a transposed conv (and the input
+  gradient of every strided conv) runs one grid slice per phase (``stride^d`` of them), whose rows are
+  that phase's outputs and whose K loop runs only the taps that feed them (:func:`_phase_taps`):
+  ``1/stride^d`` of the taps on average, where a loop over all taps would mask ``(s^d − 1)/s^d`` of each
+  tile's rows and still multiply them. Within a phase a tap's input coordinate is a per-row base plus a
+  scalar, as in the forward conv: no division and no stride test in the loop.
 * **Activations channels_last** (NDHWC; 1d and 2d run as 3d with size-1 dims, which launch-time
   specialisation turns into constants): a K step reads BLOCK_K contiguous channels of BLOCK_M
   pixels — 16-byte vector loads, async copies (``cp.async``) when the loop is pipelined. NCHW callers
@@ -28,6 +34,14 @@ for the ``hamilton`` algorithm (issue 13, second design). The kernel is a plain 
 * **Grouped tile order** (``GROUP_M`` row tiles share the B tiles they read) for L2 reuse.
 * **Epilogue**: bias, then relu / leaky_relu / gelu (``ACTIVATION``, constexpr) on the fp32
   accumulator; the pre-activation is written too when the backward needs it (``STORE_PRE``).
+* **fast8** (``FAST8``): x is replaced by its 8 operand combinations and B by the 8 combinations of the
+  weight (:mod:`.fast8`, pre-passes), and a program runs 8 K loops over the same output tile, one per
+  product, each the loop above with one run of Cg_in channels per tap (half the hamilton loop's
+  multiply-adds in all). The butterfly happens in registers: s5..s8 are folded into four accumulators
+  as they finish, s1..s4 accumulate onto them, and the epilogue stores the four output components. Four
+  accumulators live at once, so fast8 takes tiles a quarter the size of hamilton's
+  (:data:`ACCUMULATOR_REGS`). A grid axis over the products with the butterfly in a second pass would
+  keep hamilton's tiles but write and read the 8 products in fp32: ~8x the output's bytes twice.
 
 Accumulation is fp32; inputs fp16 / bf16 / fp32 (fp32 dots in IEEE fp32 unless TF32 is allowed,
 see :func:`common.dot_config`). Offsets are int32: tensors of 2**31 elements or more are not served
@@ -47,6 +61,8 @@ from ...params import ConvParams, conv_output_shape
 from ...quaternion import hamilton_table
 from . import common
 from .conv_kernels import _activate
+from .fast8 import combine_activation
+from .fast8 import pack_weight as fast8_pack_weight
 
 #: activation codes of the epilogue (the same as the old kernel's)
 ACTIVATION_CODES = {None: 0, "relu": 1, "leaky_relu": 2, "gelu": 3}
@@ -94,16 +110,90 @@ def pack_weight(weight: Tensor, groups: int, transposed: bool, dtype: torch.dtyp
 
 
 @triton.jit
+def _phase_taps(ph, S, P, D, K, KSTEP):
+    """The taps of one dim that feed the outputs ``o ≡ ph (mod S)`` of a transposed conv (sub-pixel phase ph).
+
+    Input i feeds output o through tap k when ``i·S = o + P − k·D``, i.e. when ``k·D ≡ ph + P (mod S)``:
+    ``k ≡ k0 (mod KSTEP)`` with ``KSTEP = S / gcd(S, D)``, or no k at all. Returns ``(k0, count, offset)``:
+    the taps are ``k0 + j·KSTEP`` for ``j < count``, and output ``o = q·S + ph`` reads input
+    ``q + offset − j·D/gcd(S, D)`` through the j-th.
+    """
+    k0 = KSTEP  # KSTEP: none found
+    for k in range(0, KSTEP):
+        k0 = tl.where(((ph + P - k * D) % S == 0) & (k0 == KSTEP), k, k0)
+    count = tl.where(k0 < tl.minimum(K, KSTEP), (K - 1 - k0) // KSTEP + 1, 0)
+    offset = (ph + P - k0 * D) // S  # exact when count > 0
+    return k0, count, offset
+
+
+@triton.jit
+def _k_loop(
+    acc, x_rows, bd, bh, bw, m_mask, w_cols, n_mask, k_all, x_chan, seg_len, seg_stride, n_seg, k_tap,
+    TD, TH, TW, k0d, k0h, k0w, ksd, ksh, ksw, ed, eh, ew, ID, IH, IW, KH, KW, s_xd, s_xh, s_xw,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """``acc += im2col(x)[rows, K] · B[K, cols]`` over K = taps × ``n_seg`` runs of ``seg_len`` channels.
+
+    The taps are ``TD × TH × TW``: the j-th of a dim is the weight's tap ``k0 + j·ks`` and moves the input
+    coordinate by ``e`` (per row, from the base ``b``). Run ``seg`` of a tap is x's channels
+    ``x_chan + seg·seg_stride + [0, seg_len)`` and B's columns ``tap·k_tap + seg·seg_len + [0, seg_len)`` of
+    the rows at ``w_cols`` (row pointers, ``k_all`` long).
+    """
+    offs_k = tl.arange(0, BLOCK_K)
+    blocks = tl.cdiv(seg_len, BLOCK_K)
+    steps_per_tap = n_seg * blocks
+    steps = TD * TH * TW * steps_per_tap
+    for s in range(0, steps):
+        t = s // steps_per_tap
+        r = s - t * steps_per_tap
+        seg = r // blocks
+        c0 = (r - seg * blocks) * BLOCK_K
+        jw = t % TW
+        jh = (t // TW) % TH
+        jd = t // (TW * TH)
+        idd = bd + jd * ed
+        ih = bh + jh * eh
+        iw = bw + jw * ew
+        ok = (idd >= 0) & (ih >= 0) & (iw >= 0) & (idd < ID) & (ih < IH) & (iw < IW) & m_mask
+        tap = ((k0d + jd * ksd) * KH + k0h + jh * ksh) * KW + k0w + jw * ksw
+        ck = c0 + offs_k
+        k_ok = ck < seg_len
+        x_tile = (x_rows + idd * s_xd + ih * s_xh + iw * s_xw)[:, None] + (x_chan + seg * seg_stride + ck)[None, :]
+        a = tl.load(x_tile, mask=ok[:, None] & k_ok[None, :], other=0.0)
+        w_tile = w_cols + (tap * k_tap + seg * seg_len + ck)[:, None]
+        b = tl.load(w_tile, mask=k_ok[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _epilogue(
+    acc, ch, n_mask, y_rows, m_mask, b_ptr, y_ptr, z_ptr, C_Y, negative_slope,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr,
+):  # fmt: skip
+    """Bias, activation, store of a tile of output channels ``ch`` at output pixels ``y_rows`` (and of the
+    pre-activation if STORE_PRE)."""
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + ch, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    y_rel = y_rows[:, None] * C_Y + ch[None, :]
+    y_msk = m_mask[:, None] & n_mask[None, :]
+    out_ty = y_ptr.dtype.element_ty
+    if STORE_PRE:
+        tl.store(z_ptr + y_rel, acc.to(out_ty), mask=y_msk)
+    tl.store(y_ptr + y_rel, _activate(acc, ACTIVATION, negative_slope).to(out_ty), mask=y_msk)
+
+
+@triton.jit
 def qconv_igemm_kernel(
-    x_ptr,  # (N, ID, IH, IW, C_X) channels_last, channel stride 1
-    w_ptr,  # (G, N_G, KD*KH*KW*K_TAP) packed weight, K-major
+    x_ptr,  # (N, ID, IH, IW, C_X) channels_last, channel stride 1 (FAST8: the 8 combinations, C_X = 8·CQ_IN)
+    w_ptr,  # (G, R, KD*KH*KW*K_TAP) packed weight, K-major (R = N_G; FAST8: 8·N_G, fast8.pack_weight)
     b_ptr,  # (4*CQ_OUT,) blocked bias (read when HAS_BIAS)
-    y_ptr,  # (M, C_Y) channels_last output
-    z_ptr,  # (M, C_Y) pre-activation (written when STORE_PRE)
-    M,  # N * OD * OH * OW: output pixels (GEMM M)
+    y_ptr,  # (N*OD*OH*OW, C_Y) channels_last output
+    z_ptr,  # (N*OD*OH*OW, C_Y) pre-activation (written when STORE_PRE)
+    M,  # GEMM rows per phase: N*OD*OH*OW output pixels (TRANSPOSED: N * ⌈OD/SD⌉ * ⌈OH/SH⌉ * ⌈OW/SW⌉)
     C_Y,  # real channels of y: its pixel stride
-    K_TAP,  # 4 * CG_IN: real input channels of a group per tap
-    N_G,  # 4 * CG_OUT: real output channels of a group (GEMM N)
+    K_TAP,  # real input channels of a group per tap: 4 * CG_IN (FAST8: CG_IN, one product's)
+    N_G,  # real output channels of a group (GEMM N): 4 * CG_OUT (FAST8: CG_OUT, one product's)
     CQ_IN,
     CG_IN,
     CQ_OUT,
@@ -130,9 +220,16 @@ def qconv_igemm_kernel(
     DD,
     DH,
     DW,
+    KSD,  # TRANSPOSED: S / gcd(S, D) per dim, the step between the taps of one phase
+    KSH,
+    KSW,
+    ESD,  # TRANSPOSED: D / gcd(S, D) per dim, the input step between them
+    ESH,
+    ESW,
     negative_slope,
     TRANSPOSED: tl.constexpr,
     GROUPED: tl.constexpr,
+    FAST8: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,
     STORE_PRE: tl.constexpr,
@@ -156,93 +253,139 @@ def qconv_igemm_kernel(
     pid_n = (pid % width) // rows_here
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < M
-    ow = offs_m % OW
-    t = offs_m // OW
-    oh = t % OH
-    t = t // OH
-    od = t % OD
-    nb = t // OD
-    # Per-row base coordinates, hoisted out of the K loop: a step adds its tap's scalar offset.
-    if TRANSPOSED:  # input i feeds output o when i * stride = o + pad - k * dil
-        bd = od + PD
-        bh = oh + PH
-        bw = ow + PW
+    if TRANSPOSED:
+        # Sub-pixel: grid axis 2 is the output phase (o ≡ ph mod stride per dim); the program's rows are
+        # outputs o = q·S + ph of that phase only, so each dim runs only the taps that feed it, with the
+        # input coordinate a per-row base plus a scalar per tap (no division, no stride mask in the loop).
+        phase = tl.program_id(2)
+        k0d, TD, offd = _phase_taps(phase // (SW * SH), SD, PD, DD, KD, KSD)
+        k0h, TH, offh = _phase_taps((phase // SW) % SH, SH, PH, DH, KH, KSH)
+        k0w, TW, offw = _phase_taps(phase % SW, SW, PW, DW, KW, KSW)
+        QD = tl.cdiv(OD, SD)
+        QH = tl.cdiv(OH, SH)
+        QW = tl.cdiv(OW, SW)
+        qw = offs_m % QW
+        t = offs_m // QW
+        qh = t % QH
+        t = t // QH
+        qd = t % QD
+        nb = t // QD
+        od = qd * SD + phase // (SW * SH)
+        oh = qh * SH + (phase // SW) % SH
+        ow = qw * SW + phase % SW
+        m_mask = (offs_m < M) & (od < OD) & (oh < OH) & (ow < OW)
+        y_rows = ((nb * OD + od) * OH + oh) * OW + ow
+        bd = qd + offd
+        bh = qh + offh
+        bw = qw + offw
+        ed = -ESD
+        eh = -ESH
+        ew = -ESW
+        ksd = KSD
+        ksh = KSH
+        ksw = KSW
     else:
+        m_mask = offs_m < M
+        y_rows = offs_m
+        ow = offs_m % OW
+        t = offs_m // OW
+        oh = t % OH
+        t = t // OH
+        od = t % OD
+        nb = t // OD
+        # per-row base coordinates, hoisted out of the K loop: a step adds its tap's scalar offset
         bd = od * SD - PD
         bh = oh * SH - PH
         bw = ow * SW - PW
+        TD = KD
+        TH = KH
+        TW = KW
+        k0d = 0
+        k0h = 0
+        k0w = 0
+        ksd = 1
+        ksh = 1
+        ksw = 1
+        ed = DD
+        eh = DH
+        ew = DW
     x_rows = x_ptr + nb * s_xn
 
-    offs_k = tl.arange(0, BLOCK_K)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N_G
     k_all = KD * KH * KW * K_TAP
-    w_base = w_ptr + g * N_G * k_all + offs_n[None, :] * k_all
+    zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
-    # K = taps × segments × channel blocks: one contiguous run of 4·Cq_in channels per tap without
-    # groups, four runs (one per component) of Cg_in channels with them.
-    # (Without groups the run's offset is a literal 0: an unhinted runtime term would cost the x
-    # tile its 16-byte alignment, i.e. its vector loads and async copies.)
-    if GROUPED:
-        seg_len = CG_IN
-        seg_stride = CQ_IN
-        n_seg = 4
-        x_chan = g * CG_IN
+    if FAST8:
+        # Product m of group g: x's run m·Cq_in + g·Cg_in, B's rows (g·8 + m)·Cg_out + o. The butterfly
+        # (quaternion.FAST8_OUT, computed as quaternion.fast8_product does) keeps four accumulators alive:
+        # s5..s8 become u, w, v, z, those the four outputs' halves, and s1..s4 accumulate onto them.
+        w_group = w_ptr + (g * 8 * N_G + offs_n[None, :]) * k_all
+        u = zero
+        w = zero
+        v = zero
+        z = zero
+        for m in tl.static_range(4, 8):
+            # fmt: off
+            s = _k_loop(zero, x_rows, bd, bh, bw, m_mask, w_group + m * N_G * k_all, n_mask, k_all,
+                        m * CQ_IN + g * CG_IN, K_TAP, 0, 1, K_TAP, TD, TH, TW, k0d, k0h, k0w, ksd, ksh, ksw,
+                        ed, eh, ew, ID, IH, IW, KH, KW, s_xd, s_xh, s_xw, DOT_DTYPE, PRECISION, BLOCK_K)
+            # fmt: on
+            if m == 4:
+                u = s
+                w = s
+            if m == 5:
+                u = u - s
+                w = w + s
+            if m == 6:
+                v = s
+                z = s
+            if m == 7:
+                v = v + s
+                z = z - s
+        half_r = 0.5 * (u + v)
+        half_i = 0.5 * (u - v)
+        half_j = 0.5 * (w + z)
+        half_k = 0.5 * (w - z)
+        for c in tl.static_range(4):
+            acc = half_r
+            if c == 1:
+                acc = half_i
+            if c == 2:
+                acc = half_j
+            if c == 3:
+                acc = half_k
+            # fmt: off
+            acc = _k_loop(acc, x_rows, bd, bh, bw, m_mask, w_group + c * N_G * k_all, n_mask, k_all,
+                          c * CQ_IN + g * CG_IN, K_TAP, 0, 1, K_TAP, TD, TH, TW, k0d, k0h, k0w, ksd, ksh, ksw,
+                          ed, eh, ew, ID, IH, IW, KH, KW, s_xd, s_xh, s_xw, DOT_DTYPE, PRECISION, BLOCK_K)
+            _epilogue(acc, c * CQ_OUT + g * CG_OUT + offs_n, n_mask, y_rows, m_mask, b_ptr, y_ptr, z_ptr, C_Y,
+                      negative_slope, HAS_BIAS, ACTIVATION, STORE_PRE)
+            # fmt: on
     else:
-        seg_len = K_TAP
-        seg_stride = 0
-        n_seg = 1
-        x_chan = 0
-    blocks = tl.cdiv(seg_len, BLOCK_K)
-    steps_per_tap = n_seg * blocks
-    steps = KD * KH * KW * steps_per_tap
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for s in range(0, steps):
-        tap = s // steps_per_tap
-        r = s - tap * steps_per_tap
-        seg = r // blocks
-        c0 = (r - seg * blocks) * BLOCK_K
-        kw = tap % KW
-        kh = (tap // KW) % KH
-        kd = tap // (KW * KH)
-        if TRANSPOSED:
-            nd = bd - kd * DD
-            nh = bh - kh * DH
-            nw = bw - kw * DW
-            idd = nd // SD
-            ih = nh // SH
-            iw = nw // SW
-            ok = (nd >= 0) & (nh >= 0) & (nw >= 0) & (nd % SD == 0) & (nh % SH == 0) & (nw % SW == 0)
+        # K = taps × segments × channel blocks: one contiguous run of 4·Cq_in channels per tap without
+        # groups, four runs (one per component) of Cg_in channels with them.
+        # (Without groups the run's offset is a literal 0: an unhinted runtime term would cost the x
+        # tile its 16-byte alignment, i.e. its vector loads and async copies.)
+        w_cols = w_ptr + (g * N_G + offs_n[None, :]) * k_all
+        if GROUPED:
+            # fmt: off
+            acc = _k_loop(zero, x_rows, bd, bh, bw, m_mask, w_cols, n_mask, k_all, g * CG_IN, CG_IN, CQ_IN, 4,
+                          K_TAP, TD, TH, TW, k0d, k0h, k0w, ksd, ksh, ksw, ed, eh, ew, ID, IH, IW, KH, KW,
+                          s_xd, s_xh, s_xw, DOT_DTYPE, PRECISION, BLOCK_K)
+            # fmt: on
+            # column n = (component c, channel o) of the group -> blocked channel c·Cq_out + g·Cg_out + o
+            comp = offs_n // CG_OUT
+            ch = comp * CQ_OUT + g * CG_OUT + (offs_n - comp * CG_OUT)
         else:
-            idd = bd + kd * DD
-            ih = bh + kh * DH
-            iw = bw + kw * DW
-            ok = (idd >= 0) & (ih >= 0) & (iw >= 0)
-        ok = ok & (idd < ID) & (ih < IH) & (iw < IW) & m_mask
-        ck = c0 + offs_k
-        k_ok = ck < seg_len
-        x_tile = (x_rows + idd * s_xd + ih * s_xh + iw * s_xw)[:, None] + (x_chan + seg * seg_stride + ck)[None, :]
-        a = tl.load(x_tile, mask=ok[:, None] & k_ok[None, :], other=0.0)
-        w_tile = w_base + (tap * K_TAP + seg * seg_len + ck)[:, None]
-        b = tl.load(w_tile, mask=k_ok[:, None] & n_mask[None, :], other=0.0)
-        acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
-
-    # column n = (component c, channel o) of the group -> blocked channel c·Cq_out + g·Cg_out + o
-    if GROUPED:
-        comp = offs_n // CG_OUT
-        ch = comp * CQ_OUT + g * CG_OUT + (offs_n - comp * CG_OUT)
-    else:
-        ch = offs_n
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + ch, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    y_rel = offs_m[:, None] * C_Y + ch[None, :]
-    y_msk = m_mask[:, None] & n_mask[None, :]
-    out_ty = y_ptr.dtype.element_ty
-    if STORE_PRE:
-        tl.store(z_ptr + y_rel, acc.to(out_ty), mask=y_msk)
-    tl.store(y_ptr + y_rel, _activate(acc, ACTIVATION, negative_slope).to(out_ty), mask=y_msk)
+            # fmt: off
+            acc = _k_loop(zero, x_rows, bd, bh, bw, m_mask, w_cols, n_mask, k_all, 0, K_TAP, 0, 1, K_TAP,
+                          TD, TH, TW, k0d, k0h, k0w, ksd, ksh, ksw, ed, eh, ew, ID, IH, IW, KH, KW,
+                          s_xd, s_xh, s_xw, DOT_DTYPE, PRECISION, BLOCK_K)
+            # fmt: on
+            ch = offs_n
+        _epilogue(acc, ch, n_mask, y_rows, m_mask, b_ptr, y_ptr, z_ptr, C_Y, negative_slope, HAS_BIAS, ACTIVATION,
+                  STORE_PRE)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,8 +400,10 @@ INTERPRETER_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 2
 def gpu_configs() -> list:
     """The autotune set on a GPU: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), BLOCK_K 32–64, 3–4 stages.
 
-    128×128 with 8 warps for wide layers, 128×64 / 64×128 with 4, and narrow N for 8q–16q layers
-    (4·Cg_out = 32–64 columns); :func:`prune_configs` drops tiles wider than the layer.
+    hamilton: 128×128 with 8 warps for wide layers, 128×64 / 64×128 with 4, and narrow N for 8q–16q layers
+    (4·Cg_out = 32–64 columns). fast8 holds four accumulator tiles (the butterfly's), so its tiles are a
+    quarter of those: 128×32 and 64×64 with 8 warps, 64×32 with 4. :func:`prune_configs` keeps for each
+    call the tiles that fit its width and its accumulators.
     """
     shapes = [
         (128, 128, 64, 8, 3),
@@ -269,6 +414,11 @@ def gpu_configs() -> list:
         (64, 64, 64, 4, 3),
         (128, 32, 64, 4, 4),
         (128, 32, 32, 4, 4),
+        (128, 32, 64, 8, 3),
+        (64, 32, 32, 4, 4),  # (not 8 warps: a 32x32 half-precision B tile is 8 bytes per thread, no 16-byte copies)
+        (64, 64, 64, 8, 3),
+        (64, 32, 64, 4, 3),
+        (32, 32, 32, 4, 3),  # fast8 in IEEE fp32: four accumulators on FMAs
     ]
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
@@ -276,26 +426,52 @@ def gpu_configs() -> list:
     ]
 
 
+#: fp32 accumulator registers per thread (all of a program's accumulator tiles: fast8 holds four) that
+#: the kept tiles have: on tensor cores (wgmma) more than 64 spill (compiled for sm_90 by triton 3.6:
+#: fast8 128×64 with 8 warps 64 B, 64×64 with 4 warps 48 B), fewer than 32 only add autotuning trials;
+#: on FMAs (IEEE fp32) 32 (the bigger hamilton tiles spill 64–168 B, and even 128×32 on 8 warps, 16 a
+#: thread, spills 8 B). See test_igemm_static.py.
+ACCUMULATOR_REGS = {"tensor cores": (32, 64), "fma": (32, 32)}
+
+
 def prune_configs(configs: list, named_args: dict, **kwargs) -> list:
     """Drop configs whose N tile is wider than the layer (``N_G`` columns) or whose K tile is wider than a
-    contiguous channel run (``K_TAP``, or ``CG_IN`` with groups), each rounded up to a power of two ≥ 32.
-
-    In IEEE fp32 the dot runs on FMAs with the accumulator in registers: only tiles of ≤ 32 accumulators
-    per thread are kept (compiled for sm_90, the bigger ones spill 64-168 B; see test_igemm_static.py).
+    contiguous channel run (``K_TAP``, or ``CG_IN`` with groups), each rounded up to a power of two ≥ 32,
+    then those outside :data:`ACCUMULATOR_REGS` (and, on tensor cores, narrower than a warpgroup's 64 rows).
     """
     grouped = kwargs.get("GROUPED", named_args.get("GROUPED", False))
     widest_n = max(32, triton.next_power_of_2(named_args["N_G"]))
     widest_k = max(32, triton.next_power_of_2(named_args["CG_IN"] if grouped else named_args["K_TAP"]))
-    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= widest_n and c.kwargs["BLOCK_K"] <= widest_k]
-    if kwargs.get("PRECISION") == "ieee" and kwargs.get("DOT_DTYPE") == tl.float32:
-        fma = [c for c in kept or configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 32 * 32 * c.num_warps]
-        kept = fma or kept
-    return kept or configs
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= widest_n and c.kwargs["BLOCK_K"] <= widest_k] or configs
+    fma = kwargs.get("PRECISION") == "ieee" and kwargs.get("DOT_DTYPE") == tl.float32
+    low, high = ACCUMULATOR_REGS["fma" if fma else "tensor cores"]
+    tiles = 4 if kwargs.get("FAST8") else 1
+
+    def fits(c) -> bool:
+        regs = tiles * c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] // (32 * c.num_warps)
+        return low <= regs <= high and (fma or c.kwargs["BLOCK_M"] >= 64)
+
+    return [c for c in kept if fits(c)] or kept
 
 
 _igemm = triton.autotune(
     configs=[triton.Config(INTERPRETER_CONFIG)] if common.INTERPRET else gpu_configs(),
-    key=["M", "K_TAP", "N_G", "KD", "KH", "KW", "SD", "SH", "SW", "TRANSPOSED", "GROUPED", "HAS_BIAS", "ACTIVATION"],
+    key=[
+        "M",
+        "K_TAP",
+        "N_G",
+        "KD",
+        "KH",
+        "KW",
+        "SD",
+        "SH",
+        "SW",
+        "TRANSPOSED",
+        "GROUPED",
+        "FAST8",
+        "HAS_BIAS",
+        "ACTIVATION",
+    ],
     prune_configs_by=None if common.INTERPRET else {"early_config_prune": prune_configs},
 )(qconv_igemm_kernel)
 
@@ -313,10 +489,11 @@ def _channels_last_5d(t: Tensor) -> Tensor:
     return cl.reshape(t.shape[0], *_spatial3(t.shape[2:], n, 1), t.shape[1])
 
 
-def cannot_serve(input: Tensor, weight: Tensor, p: ConvParams) -> str | None:
+def cannot_serve(input: Tensor, weight: Tensor, p: ConvParams, algorithm: str = "hamilton") -> str | None:
     """Why :func:`conv_igemm` cannot take this call (``None`` if it can)."""
     out = conv_output_shape(input.shape, weight.shape, p)
-    if max(input.numel(), math.prod(out)) >= INT32_LIMIT:
+    operand = input.numel() * (2 if algorithm == "fast8" else 1)  # fast8 reads the 8 combinations of x
+    if max(operand, math.prod(out)) >= INT32_LIMIT:
         return "a tensor of 2**31 elements or more (the implicit GEMM's offsets are int32)"
     return None
 
@@ -329,8 +506,10 @@ def conv_igemm(
     activation: str | None = None,
     negative_slope: float = 0.0,
     keep_pre: bool = False,
+    algorithm: str = "hamilton",
 ) -> tuple[Tensor, Tensor | None]:
-    """``(act(W ⊗ x + b), W ⊗ x + b or None)`` (transposed: the adjoint) as one implicit GEMM.
+    """``(act(W ⊗ x + b), W ⊗ x + b or None)`` (transposed: the adjoint) as one implicit GEMM (``hamilton``)
+    or 8 (``fast8``: on the combinations of x and W, :mod:`.fast8`, with the butterfly in the epilogue).
 
     ``input`` ``(N, 4·Cq_in, *S)`` in any layout; outputs are channels_last (strides of
     ``torch.channels_last`` / ``channels_last_3d``; 1d outputs ``(N, C, L)`` with channel stride 1).
@@ -343,13 +522,29 @@ def conv_igemm(
     z5 = torch.empty_like(y5) if keep_pre else y5
     cq_in, cq_out = input.shape[1] // 4, shape[1] // 4
     cg_in, cg_out = cq_in // p.groups, cq_out // p.groups
-    packed = pack_weight(weight, p.groups, p.transposed, input.dtype)
+    fast8 = algorithm == "fast8"
+    if fast8:  # each product: Cg_in channels of its x combination per tap into Cg_out columns
+        x5 = combine_activation(x5, "right")
+        packed = fast8_pack_weight(weight, p.groups, p.transposed, input.dtype)
+        k_tap, n_g = cg_in, cg_out
+    else:
+        packed = pack_weight(weight, p.groups, p.transposed, input.dtype)
+        k_tap, n_g = 4 * cg_in, 4 * cg_out
     ks = _spatial3(weight.shape[3:], n, 1)
-    m = shape[0] * math.prod(out_spatial)
+    strides, dilations = _spatial3(p.stride, n, 1), _spatial3(p.dilation, n, 1)
+    if p.transposed:  # one grid slice per sub-pixel phase, each over its ⌈O/S⌉ outputs per dim
+        phases = math.prod(strides)
+        m = shape[0] * math.prod(-(-o // s) for o, s in zip(out_spatial, strides, strict=True))
+        common_steps = [math.gcd(s, d) for s, d in zip(strides, dilations, strict=True)]
+        tap_steps = [s // c for s, c in zip(strides, common_steps, strict=True)]
+        input_steps = [d // c for d, c in zip(dilations, common_steps, strict=True)]
+    else:
+        phases, m = 1, shape[0] * math.prod(out_spatial)
+        tap_steps = input_steps = [1, 1, 1]
     dot_dtype, precision = common.dot_config(input.dtype)
 
     def grid(meta):
-        return triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(4 * cg_out, meta["BLOCK_N"]), p.groups
+        return triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n_g, meta["BLOCK_N"]), p.groups, phases
 
     _igemm[grid](
         x5,
@@ -359,8 +554,8 @@ def conv_igemm(
         z5,
         m,
         shape[1],
-        4 * cg_in,
-        4 * cg_out,
+        k_tap,
+        n_g,
         cq_in,
         cg_in,
         cq_out,
@@ -369,12 +564,15 @@ def conv_igemm(
         *out_spatial,
         *ks,
         *x5.stride()[:4],
-        *_spatial3(p.stride, n, 1),
+        *strides,
         *_spatial3(p.padding, n, 0),
-        *_spatial3(p.dilation, n, 1),
+        *dilations,
+        *tap_steps,
+        *input_steps,
         float(negative_slope),
         TRANSPOSED=p.transposed,
         GROUPED=p.groups > 1,
+        FAST8=fast8,
         HAS_BIAS=bias is not None,
         ACTIVATION=ACTIVATION_CODES[activation],
         STORE_PRE=keep_pre,

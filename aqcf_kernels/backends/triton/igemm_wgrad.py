@@ -41,8 +41,13 @@ the forward is ``y = im2col(x) · E[g]ᵀ``. Its gradient is therefore one GEMM 
 as a 4×16 table, so no quaternion algebra is written out in the kernel. Splits are summed in a fixed
 order; the result is cast to the input dtype. The same launch reduces the bias partial sums.
 
-Accumulation is fp32 throughout; inputs fp16 / bf16 / fp32 (see :func:`common.dot_config`). fast8
-keeps ``conv_kernels.qconv_wgrad_kernel`` (its 8 products are not one GEMM of this shape).
+**fast8** (``gW = gy ⊗ conj(x)`` with 8 products): the same GEMM on the combinations of gy and conj(x)
+(:func:`.fast8.combine_activation`), each product of each group one run of Cg channels on both sides
+(``FAST8``: the product-groups ``m·G + g`` are the group axis, 8·G of them), so 8 GEMMs of a sixteenth
+of the hamilton GEMM's size each; the fold applies the butterfly (:func:`.fast8.fold_table`) instead of
+the Hamilton table.
+
+Accumulation is fp32 throughout; inputs fp16 / bf16 / fp32 (see :func:`common.dot_config`).
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ from ...params import ConvParams
 from ...quaternion import hamilton_table
 from . import common
 from .conv_kernels import _unflatten_pixels
+from .fast8 import PRODUCTS, combine_activation, fold_table
 from .igemm import INT32_LIMIT, _channels_last_5d, _spatial3
 
 # --------------------------------------------------------------------------------------------
@@ -80,14 +86,23 @@ def _wgrad_gemm_tile(
     M, C_Y, K_TAP, N_G, CQ_IN, CG_IN, CQ_OUT, CG_OUT,
     ID, IH, IW, OD, OH, OW, KD, KH, KW,
     s_xn, s_xd, s_xh, s_xw, SD, SH, SW, PD, PH, PW, DD, DH, DW, SPLITS,
-    GROUPED: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    GROUPED: tl.constexpr, FAST8: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """One [BLOCK_M, BLOCK_N] tile of split ``split``'s partial dE of group g."""
+    """One [BLOCK_M, BLOCK_N] tile of split ``split``'s partial dE of group g (FAST8: of product-group g)."""
     # Rows (output channels) and columns (one tap's input channels) come in runs of contiguous
     # channels: one run of 4·Cg without groups, one per component with them. (Without groups the run
     # offsets are literal 0s: an unhinted runtime term would cost the tiles their 16-byte alignment.)
-    if GROUPED:
+    if FAST8:  # product-group g = m·G + group: one run of Cg channels of each combined operand
+        rseg_len = CG_OUT
+        rseg_stride = 0
+        y_chan = g * CG_OUT
+        n_rseg = 1
+        cseg_len = CG_IN
+        cseg_stride = 0
+        x_chan = g * CG_IN
+        n_cseg = 1
+    elif GROUPED:
         rseg_len = CG_OUT
         rseg_stride = CQ_OUT
         y_chan = g * CG_OUT
@@ -188,7 +203,7 @@ def qconv_wgrad_igemm_kernel(
     bsrc_ptr,  # (MB, C_B) contiguous: the tensor whose pixel sums are the bias gradient (HAS_BIAS)
     bpart_ptr,  # (SPLITS, C_B) fp32: partial bias sums (HAS_BIAS)
     M,  # N * OD * OH * OW: output pixels, the reduction dim
-    C_Y,  # 4 * CQ_OUT: channels of gy
+    C_Y,  # 4 * CQ_OUT: channels of gy (FAST8: 8 * CQ_OUT, its combinations)
     K_TAP,  # 4 * CG_IN: input channels of a group per tap
     N_G,  # 4 * CG_OUT: output channels of a group (GEMM M)
     CQ_IN,
@@ -221,6 +236,7 @@ def qconv_wgrad_igemm_kernel(
     C_B,  # channels of the bias source
     SPLITS,
     GROUPED: tl.constexpr,
+    FAST8: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -233,9 +249,9 @@ def qconv_wgrad_igemm_kernel(
     split = tl.program_id(1)
     g = tl.program_id(2)
     G = tl.num_programs(2)
-    n_seg = 4 if GROUPED else 1
-    row_len = CG_OUT if GROUPED else N_G
-    col_len = CG_IN if GROUPED else K_TAP
+    n_seg = 4 if GROUPED and not FAST8 else 1
+    row_len = CG_OUT if GROUPED or FAST8 else N_G
+    col_len = CG_IN if GROUPED or FAST8 else K_TAP
     gemm_tiles = n_seg * tl.cdiv(row_len, BLOCK_M) * KD * KH * KW * n_seg * tl.cdiv(col_len, BLOCK_N)
     # (the GEMM call is written once per constexpr branch: only one of them is compiled)
     if HAS_BIAS:
@@ -247,13 +263,13 @@ def qconv_wgrad_igemm_kernel(
             _wgrad_gemm_tile(
                 x_ptr, gy_ptr, part_ptr, tile, split, g, G, M, C_Y, K_TAP, N_G, CQ_IN, CG_IN, CQ_OUT, CG_OUT,
                 ID, IH, IW, OD, OH, OW, KD, KH, KW, s_xn, s_xd, s_xh, s_xw, SD, SH, SW, PD, PH, PW, DD, DH, DW,
-                SPLITS, GROUPED, DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+                SPLITS, GROUPED, FAST8, DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
             )  # fmt: skip
     else:
         _wgrad_gemm_tile(
             x_ptr, gy_ptr, part_ptr, tile, split, g, G, M, C_Y, K_TAP, N_G, CQ_IN, CG_IN, CQ_OUT, CG_OUT,
             ID, IH, IW, OD, OH, OW, KD, KH, KW, s_xn, s_xd, s_xh, s_xw, SD, SH, SW, PD, PH, PW, DD, DH, DW,
-            SPLITS, GROUPED, DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+            SPLITS, GROUPED, FAST8, DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip
 
 
@@ -264,24 +280,29 @@ def qconv_wgrad_igemm_kernel(
 
 @triton.jit
 def qconv_wgrad_fold_kernel(
-    part_ptr,  # (SPLITS, G, N_G, TAPS*K_TAP) fp32
-    t_ptr,  # (4, 4, 4) fp32: T[p, c, a], the Hamilton table
+    part_ptr,  # (SPLITS, G, N_G, TAPS*K_TAP) fp32; fast8: (SPLITS, 8·G, CG_OUT, TAPS*CG_IN), product-major
+    t_ptr,  # (4, NB) fp32: gW_p = Σ_b t[p, b] · block b
     gw_ptr,  # (4, CQ_OUT, CG_IN, TAPS) in the weight's dtype
     bpart_ptr,  # (SPLITS, C_B) fp32 (HAS_BIAS)
     gb_ptr,  # (C_B,) in the bias gradient's dtype (HAS_BIAS)
     Q,  # CQ_OUT * CG_IN * TAPS: positions of one component of gW
-    SPLIT_STRIDE,  # G * N_G * TAPS * K_TAP
+    SPLIT_STRIDE,  # elements of one split's partial dE
     SPLITS,
-    N_G,
+    N_G,  # partial rows per group: 4·CG_OUT (fast8: CG_OUT)
+    K_TAP,  # partial columns per tap: 4·CG_IN (fast8: CG_IN)
+    PRODUCT_STRIDE,  # fast8: elements of one product's partial, G·CG_OUT·TAPS·CG_IN
     CG_OUT,
     CG_IN,
     TAPS,
     C_B,
+    NB: tl.constexpr,  # blocks folded per position: 16 (hamilton's (c, a) blocks) or 8 (fast8's products)
     HAS_BIAS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """``gW[p, go, i, tap] = Σ_s Σ_{c,a} T[p, c, a] · dE_s[g, c·Cg_out + o, tap·4Cg_in + a·Cg_in + i]``, then
-    (trailing programs) ``gb = Σ_s bpart[s]``."""
+    """``gW[p, go, i, tap] = Σ_s Σ_b t[p, b] · dE_s[block b of position (go, i, tap)]``, then (trailing
+    programs) ``gb = Σ_s bpart[s]``. Hamilton: block ``(c, a)`` is row ``c·Cg_out + o``, column ``a·Cg_in + i``
+    of the tap, ``t = quaternion.hamilton_table`` (the adjoint of the expansion: each block of E is ±W_p);
+    fast8: block m is product m's partial, ``t = fast8.fold_table`` (the butterfly)."""
     pid = tl.program_id(0)
     w_programs = tl.cdiv(Q, BLOCK)
     if pid < w_programs:
@@ -293,17 +314,19 @@ def qconv_wgrad_fold_kernel(
         go = r // CG_IN
         g = go // CG_OUT
         o = go - g * CG_OUT
-        k_tap = 4 * CG_IN
-        tk = TAPS * k_tap
-        # the 16 blocks (c, a) of position q, as rows of a [16, BLOCK] tile
-        ca = tl.arange(0, 16)
-        blocks = (ca // 4) * CG_OUT * tk + (ca % 4) * CG_IN
-        offs = blocks[:, None] + ((g * N_G + o) * tk + tap * k_tap + i)[None, :]
-        e = tl.zeros((16, BLOCK), dtype=tl.float32)
+        tk = TAPS * K_TAP
+        # the NB blocks of position q, as rows of a [NB, BLOCK] tile
+        b = tl.arange(0, NB)
+        if NB == 16:
+            blocks = (b // 4) * CG_OUT * tk + (b % 4) * CG_IN
+        else:
+            blocks = b * PRODUCT_STRIDE
+        offs = blocks[:, None] + ((g * N_G + o) * tk + tap * K_TAP + i)[None, :]
+        e = tl.zeros((NB, BLOCK), dtype=tl.float32)
         for s in range(0, SPLITS):  # fixed order: deterministic
             e += tl.load(part_ptr + s * SPLIT_STRIDE + offs, mask=q_ok[None, :], other=0.0)
         comps = tl.arange(0, 4)
-        table = tl.load(t_ptr + comps[:, None] * 16 + ca[None, :])  # [4, 16]
+        table = tl.load(t_ptr + comps[:, None] * NB + b[None, :])  # [4, NB]
         gw = tl.sum(table[:, :, None] * e[None, :, :], axis=1)  # [4, BLOCK]
         tl.store(gw_ptr + comps[:, None] * Q + q[None, :], gw.to(gw_ptr.dtype.element_ty), mask=q_ok[None, :])
     else:
@@ -364,7 +387,7 @@ def prune_configs(configs: list, named_args: dict, **kwargs) -> list:
     columns: ``K_TAP``, or ``CG_IN``), each rounded up to a power of two ≥ 32. In IEEE fp32 the dot runs on
     FMAs with the accumulator *and both operands* in registers: keep tiles with BLOCK_M·BLOCK_N·BLOCK_K
     ≤ 32³ per warp (compiled for sm_90, 64×64×64 with 4 warps spills 16 B; the kept ones do not)."""
-    grouped = kwargs.get("GROUPED", named_args.get("GROUPED", False))
+    grouped = kwargs.get("GROUPED", named_args.get("GROUPED", False)) or kwargs.get("FAST8", False)
     widest_m = max(32, triton.next_power_of_2(named_args["CG_OUT"] if grouped else named_args["N_G"]))
     widest_n = max(32, triton.next_power_of_2(named_args["CG_IN"] if grouped else named_args["K_TAP"]))
     kept = [c for c in configs if c.kwargs["BLOCK_M"] <= widest_m and c.kwargs["BLOCK_N"] <= widest_n]
@@ -378,7 +401,7 @@ def prune_configs(configs: list, named_args: dict, **kwargs) -> list:
 # Each program writes (never accumulates into) its own partial tile: autotuning trials need no reset.
 _wgrad_igemm = triton.autotune(
     configs=[triton.Config(INTERPRETER_CONFIG)] if common.INTERPRET else gpu_configs(),
-    key=["M", "K_TAP", "N_G", "KD", "KH", "KW", "SD", "SH", "SW", "SPLITS", "GROUPED", "HAS_BIAS"],
+    key=["M", "K_TAP", "N_G", "KD", "KH", "KW", "SD", "SH", "SW", "SPLITS", "GROUPED", "FAST8", "HAS_BIAS"],
     prune_configs_by=None if common.INTERPRET else {"early_config_prune": prune_configs},
 )(qconv_wgrad_igemm_kernel)
 
@@ -388,9 +411,15 @@ def _operands(input: Tensor, grad_output: Tensor, p: ConvParams) -> tuple[Tensor
     return (grad_output, input) if p.transposed else (input, grad_output)
 
 
-def gemm_tiles(cq_in: int, cq_out: int, groups: int, taps: int, block_m: int, block_n: int) -> int:
-    """Tiles of one split and group of the GEMM (rows and columns come in runs; see the kernel)."""
-    seg, cg_in, cg_out = (4, cq_in // groups, cq_out // groups) if groups > 1 else (1, 4 * cq_in, 4 * cq_out)
+def gemm_tiles(cq_in: int, cq_out: int, groups: int, taps: int, block_m: int, block_n: int, fast8: bool = False) -> int:
+    """Tiles of one split and group of the GEMM (rows and columns come in runs; see the kernel); fast8: of
+    one split and product-group."""
+    if fast8:
+        seg, cg_in, cg_out = 1, cq_in // groups, cq_out // groups
+    elif groups > 1:
+        seg, cg_in, cg_out = 4, cq_in // groups, cq_out // groups
+    else:
+        seg, cg_in, cg_out = 1, 4 * cq_in, 4 * cq_out
     return seg * triton.cdiv(cg_out, block_m) * taps * seg * triton.cdiv(cg_in, block_n)
 
 
@@ -405,9 +434,10 @@ def default_splits(pixels: int, tiles: int, partial_bytes: int, device: torch.de
     return max(1, min(splits, PARTIAL_BYTES // max(1, partial_bytes)))
 
 
-def cannot_serve(input: Tensor, grad_output: Tensor) -> str | None:
+def cannot_serve(input: Tensor, grad_output: Tensor, algorithm: str = "hamilton") -> str | None:
     """Why :func:`conv_weight_grad_igemm` cannot take this call (``None`` if it can)."""
-    if max(input.numel(), grad_output.numel()) >= INT32_LIMIT:
+    combined = 2 if algorithm == "fast8" else 1  # fast8 reads the 8 combinations of each operand
+    if combined * max(input.numel(), grad_output.numel()) >= INT32_LIMIT:
         return "a tensor of 2**31 elements or more (the implicit GEMM's offsets are int32)"
     return None
 
@@ -420,49 +450,59 @@ def conv_weight_grad_igemm(
     with_bias: bool = False,
     splits: int | None = None,
     config: dict | None = None,
+    algorithm: str = "hamilton",
 ) -> tuple[Tensor, Tensor | None]:
-    """``(grad_weight, grad_bias or None)`` of ``qconv(input, W) (+ bias)`` (hamilton), in ``input``'s dtype.
+    """``(grad_weight, grad_bias or None)`` of ``qconv(input, W) (+ bias)``, in ``input``'s dtype.
 
-    ``input`` and ``grad_output`` in any layout (converted to channels_last at the boundary, one copy each
-    if they are not). ``splits``: pixel ranges of the split-K reduction (default :func:`default_splits`);
-    ``config``: ``{"BLOCK_M", "BLOCK_N", "BLOCK_K"}`` (+ ``num_warps``, ``num_stages``) to run one tile
-    config instead of the autotuned set (tests, tools).
+    ``hamilton``: one GEMM per group on the operands; ``fast8``: ``gW = gy ⊗ conj(x)`` as 8 GEMMs per group
+    on the combinations of gy and conj(x) (:mod:`.fast8`; the product-groups ``m·G + g`` are the grid's
+    group axis), the butterfly in the fold. ``input`` and ``grad_output`` in any layout (converted to
+    channels_last at the boundary, one copy each if they are not). ``splits``: pixel ranges of the split-K
+    reduction (default :func:`default_splits`); ``config``: ``{"BLOCK_M", "BLOCK_N", "BLOCK_K"}`` (+
+    ``num_warps``, ``num_stages``) to run one tile config instead of the autotuned set (tests, tools).
     """
     x, gy = _operands(input, grad_output, p)
     n = p.spatial_dims
     x5, g5 = _channels_last_5d(x), _channels_last_5d(gy)
+    # the bias belongs to the output of the call: the conv's gy, or (transposed) the conv's x
+    bsrc = x5 if p.transposed else g5
+    fast8 = algorithm == "fast8"
     ks = _spatial3(weight_shape[3:], n, 1)
     taps = math.prod(ks)
     groups = p.groups
     cq_in, cq_out = x.shape[1] // 4, gy.shape[1] // 4
     cg_in, cg_out = cq_in // groups, cq_out // groups
     m = math.prod(g5.shape[:4])
-    tk = taps * 4 * cg_in
-    part_numel = groups * 4 * cg_out * tk
+    if fast8:  # one run of Cg channels per product-group on each side
+        x5, g5 = combine_activation(x5, "right", conjugate=True), combine_activation(g5, "left")
+        grid_groups, k_tap, n_g, blocks = PRODUCTS * groups, cg_in, cg_out, PRODUCTS
+    else:
+        grid_groups, k_tap, n_g, blocks = groups, 4 * cg_in, 4 * cg_out, 16
+    tk = taps * k_tap
+    part_numel = grid_groups * n_g * tk
     if splits is None:
-        nominal = gemm_tiles(cq_in, cq_out, groups, taps, 128, 128) * groups
+        nominal = gemm_tiles(cq_in, cq_out, groups, taps, 128, 128, fast8) * grid_groups
         splits = default_splits(m, nominal, 4 * part_numel, x.device)
     splits = max(1, min(splits, (INT32_LIMIT - 1) // part_numel))
-    part = torch.empty((splits, groups, 4 * cg_out, tk), dtype=torch.float32, device=x.device)
-    # the bias belongs to the output of the call: the conv's gy, or (transposed) the conv's x
-    bsrc = x5 if p.transposed else g5
+    part = torch.empty((splits, grid_groups, n_g, tk), dtype=torch.float32, device=x.device)
+    table = fold_table(like=part) if fast8 else hamilton_table(like=part)
     c_b = bsrc.shape[-1]
     bpart = torch.empty((splits, c_b), dtype=torch.float32, device=x.device) if with_bias else part
     dot_dtype, precision = common.dot_config(x.dtype)
 
     def grid(meta):
-        tiles = gemm_tiles(cq_in, cq_out, groups, taps, meta["BLOCK_M"], meta["BLOCK_N"])
+        tiles = gemm_tiles(cq_in, cq_out, groups, taps, meta["BLOCK_M"], meta["BLOCK_N"], fast8)
         if with_bias:
-            tiles += triton.cdiv(triton.cdiv(c_b, meta["BLOCK_M"]), groups)
-        return tiles, splits, groups
+            tiles += triton.cdiv(triton.cdiv(c_b, meta["BLOCK_M"]), grid_groups)
+        return tiles, splits, grid_groups
 
     args = (
-        x5, g5, part, bsrc, bpart, m, 4 * cq_out, 4 * cg_in, 4 * cg_out, cq_in, cg_in, cq_out, cg_out,
+        x5, g5, part, bsrc, bpart, m, g5.shape[-1], k_tap, n_g, cq_in, cg_in, cq_out, cg_out,
         *x5.shape[1:4], *g5.shape[1:4], *ks, *x5.stride()[:4],
         *_spatial3(p.stride, n, 1), *_spatial3(p.padding, n, 0), *_spatial3(p.dilation, n, 1),
         math.prod(bsrc.shape[:4]), c_b, splits,
     )  # fmt: skip
-    consts = dict(GROUPED=groups > 1, HAS_BIAS=with_bias, DOT_DTYPE=dot_dtype, PRECISION=precision)
+    consts = dict(GROUPED=groups > 1, FAST8=fast8, HAS_BIAS=with_bias, DOT_DTYPE=dot_dtype, PRECISION=precision)
     if config is None:
         _wgrad_igemm[grid](*args, **consts)
     else:
@@ -473,8 +513,8 @@ def conv_weight_grad_igemm(
     q = weight_shape[1] * weight_shape[2] * taps
     programs = triton.cdiv(q, FOLD_BLOCK) + (triton.cdiv(c_b, FOLD_BLOCK) if with_bias else 0)
     qconv_wgrad_fold_kernel[(programs,)](
-        part, hamilton_table(like=part), gw, bpart, gb if gb is not None else gw,
-        q, part_numel, splits, 4 * cg_out, cg_out, cg_in, taps, c_b,
-        HAS_BIAS=with_bias, BLOCK=FOLD_BLOCK,
+        part, table, gw, bpart, gb if gb is not None else gw,
+        q, part_numel, splits, n_g, k_tap, groups * cg_out * tk, cg_out, cg_in, taps, c_b,
+        NB=blocks, HAS_BIAS=with_bias, BLOCK=FOLD_BLOCK,
     )  # fmt: skip
     return gw.reshape(weight_shape), gb
