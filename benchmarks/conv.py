@@ -30,7 +30,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -65,10 +65,14 @@ class Case:
     size: int  # spatial extent, the same along every dim
     batch: int
     kernel: int = 3
+    channels_last: bool = False  # input and output gradient in torch.channels_last(_3d) (2d and 3d)
 
     @property
     def name(self) -> str:
-        return f"{self.dims}d {self.channels}q k{self.kernel} N{self.batch} {'x'.join([str(self.size)] * self.dims)}"
+        spatial = "x".join([str(self.size)] * self.dims)
+        return f"{self.dims}d {self.channels}q k{self.kernel} N{self.batch} {spatial}" + (
+            " cl" if self.channels_last else ""
+        )
 
     @property
     def padding(self) -> int:
@@ -155,11 +159,14 @@ class Provider:
     reference: Callable[..., Tensor] | None = None
     algorithm: str | None = None
     backend: str | None = None  # forced backend (GPU providers); None: the registry's choice
+    activation: str | None = None  # a ReLU after the conv: fused in ours, a separate op after a reference
 
     def build(self, case: Case) -> ConvFn:
         if self.reference is not None:
-            return partial(self.reference, stride=1, padding=case.padding)
-        return partial(quaternion_conv, stride=1, padding=case.padding, algorithm=self.algorithm)
+            conv = partial(self.reference, stride=1, padding=case.padding)
+            return conv if self.activation is None else _then_relu(conv)
+        kwargs = {} if self.activation is None else {"activation": self.activation}
+        return partial(quaternion_conv, stride=1, padding=case.padding, algorithm=self.algorithm, **kwargs)
 
     def scope(self) -> contextlib.AbstractContextManager:
         """Where every call of a step runs: the forced backend, backward included (autograd
@@ -194,6 +201,13 @@ class Provider:
         return chosen["forward"] + (f" ({', '.join(others)})" if others else "")
 
 
+def _then_relu(conv: ConvFn) -> ConvFn:
+    def conv_relu(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
+        return torch.relu(conv(x, w, b))
+
+    return conv_relu
+
+
 #: how :meth:`Provider.served_by` names the gradient computations
 GRADIENT_TAGS = {"input_grad": "dx", "weight_grad": "dw"}
 
@@ -208,6 +222,9 @@ PROVIDERS: dict[str, Provider] = {
     "cuda": Provider("cuda", algorithm="hamilton", backend="cuda"),
     "triton/hamilton": Provider("triton/hamilton", algorithm="hamilton", backend="triton"),
     "triton/fast8": Provider("triton/fast8", algorithm="fast8", backend="triton"),
+    # conv + bias + ReLU (GPU target): cuDNN on the expanded weight then torch.relu, against the fused epilogue
+    "expanded+relu": Provider("expanded+relu", reference=quaternion_conv_expanded, activation="relu"),
+    "triton/hamilton+relu": Provider("triton/hamilton+relu", algorithm="hamilton", backend="triton", activation="relu"),
 }
 CPU_PROVIDERS = ("naive16", "expanded", "hamilton", "fast8", "auto")
 GPU_PROVIDERS = ("naive16", "expanded", "cuda", "triton/hamilton", "triton/fast8", "auto")
@@ -235,16 +252,22 @@ def make_inputs(case: Case, dtype: torch.dtype = torch.float32, device: str | to
     g = torch.Generator().manual_seed(0)
     fan_in = 4 * case.channels * case.kernel**case.dims
 
-    def rand(shape: Sequence[int], scale: float = 1.0, grad: bool = True) -> Tensor:
+    def rand(shape: Sequence[int], scale: float = 1.0, grad: bool = True, activation: bool = False) -> Tensor:
         t = (torch.randn(shape, generator=g) * scale).to(device=device, dtype=dtype)
+        if activation and case.channels_last and case.dims in CHANNELS_LAST:
+            t = t.contiguous(memory_format=CHANNELS_LAST[case.dims])
         return t.requires_grad_(grad)
 
     return Inputs(
-        x=rand(case.input_shape),
+        x=rand(case.input_shape, activation=True),
         w=rand(case.weight_shape, 1 / math.sqrt(fan_in)),
         b=rand((4 * case.channels,), 0.1),
-        grad_out=rand(case.input_shape, grad=False),  # 'same' padding: output shape = input shape
+        grad_out=rand(case.input_shape, grad=False, activation=True),  # 'same' padding: output shape = input's
     )
+
+
+#: the channels_last memory format of each rank (1d tensors have none)
+CHANNELS_LAST = {2: torch.channels_last, 3: torch.channels_last_3d}
 
 
 def make_step(
@@ -451,6 +474,23 @@ AUTO_BEST_OF = ("expanded", "hamilton", "fast8")
 # With another process spinning on a core (--load): auto on these targets, fwdbwd, vs expanded.
 LOADED_TARGETS = (("2d-64q", 1.3), ("3d-32q", 1.3))
 
+# On a GPU (issue 13; bf16, channels_last, L2 flushed; benchmarks/gpu_suite.sh): (case, mode, provider,
+# over, minimum speedup). The fused conv + bias + ReLU is against cuDNN on the expanded weight + torch.relu.
+GPU_TARGET_64Q = Case(dims=2, channels=64, size=64, batch=32)
+GPU_SPEED_TARGETS = (
+    (GPU_TARGET_64Q, "fwd", "triton/hamilton", "expanded", 0.9),
+    (GPU_TARGET_64Q, "fwdbwd", "triton/hamilton", "expanded", 0.9),
+    (GPU_TARGET_64Q, "fwdbwd", "triton/hamilton+relu", "expanded+relu", 1.1),
+    (Case(dims=2, channels=16, size=64, batch=32), "fwdbwd", "triton/hamilton", "expanded", 1.2),
+    (GPU_TARGET_64Q, "fwdbwd", "triton/fast8", "expanded", 1.3),
+    (Case(dims=2, channels=128, size=64, batch=32), "fwdbwd", "triton/fast8", "expanded", 1.3),
+)
+#: what auto may pick on a GPU, by dtype class: fast8 is opt-in in half precision (DESIGN.md)
+GPU_AUTO_BEST_OF = {
+    "half": ("expanded", "triton/hamilton", "cuda"),
+    "full": ("expanded", "triton/hamilton", "triton/fast8", "cuda"),
+}
+
 
 def best_of(r: Result, names: Sequence[str]) -> tuple[str, float] | None:
     """The fastest of ``names`` that ran on this case and mode, with its median seconds."""
@@ -458,12 +498,48 @@ def best_of(r: Result, names: Sequence[str]) -> tuple[str, float] | None:
     return min(ran, key=lambda p: p[1]) if ran else None
 
 
-def check_targets(results: Sequence[Result], load: int = 0) -> list[dict[str, Any]]:
-    """PASS / FAIL / SKIP (not in this run) for each target, with the measured value."""
+def _verdict(label: str, value: float | None, ok: bool, detail: str) -> dict[str, Any]:
+    status = "SKIP" if value is None else ("PASS" if ok else "FAIL")
+    return {"target": label, "status": status, "value": value, "detail": detail}
 
-    def verdict(label: str, value: float | None, ok: bool, detail: str) -> dict[str, Any]:
-        status = "SKIP" if value is None else ("PASS" if ok else "FAIL")
-        return {"target": label, "status": status, "value": value, "detail": detail}
+
+def check_gpu_targets(results: Sequence[Result], dtype: torch.dtype) -> list[dict[str, Any]]:
+    """Issue 13's GPU targets: :data:`GPU_SPEED_TARGETS` (bf16 channels_last cases; SKIP in another dtype or
+    layout, or where the case or a provider did not run), and auto against the best it may pick, every case."""
+    by_key = {(r.case, r.mode): r for r in results}
+    out = []
+    for case, mode, provider, over, need in GPU_SPEED_TARGETS:
+        label = f"{case.name} {mode}: {provider} >= {need}x {over} (bf16, channels_last)"
+        r = by_key.get((replace(case, channels_last=True), mode)) if dtype == torch.bfloat16 else None
+        value = r.speedup(provider, over) if r else None
+        if value is not None:
+            detail = f"{value:.2f}x"
+        elif dtype != torch.bfloat16:
+            detail = f"a {str(dtype).removeprefix('torch.')} run"
+        else:
+            detail = f"{provider} or {over} on {case.name} cl {mode} not in this run"
+        out.append(_verdict(label, value, value is not None and value >= need, detail))
+    names = GPU_AUTO_BEST_OF["half" if dtype in (torch.float16, torch.bfloat16) else "full"]
+    vs_best = []
+    for r in results:
+        best = best_of(r, names)
+        if r.mode == "fwdbwd" and best is not None and "auto" in r.timings:
+            vs_best.append((best[1] / r.timings["auto"].median, best[0], r))
+    worst = min(vs_best, key=lambda p: p[0], default=None)
+    out.append(
+        _verdict(
+            f"auto >= {AUTO_FLOOR}x the best of {', '.join(names)} in every case (fwdbwd)",
+            worst[0] if worst else None,
+            worst is not None and worst[0] >= AUTO_FLOOR,
+            f"worst {worst[0]:.2f}x ({worst[2].case.name}, best {worst[1]})" if worst else "auto not run",
+        )
+    )
+    return out
+
+
+def check_targets(results: Sequence[Result], load: int = 0) -> list[dict[str, Any]]:
+    """PASS / FAIL / SKIP (not in this run) for each CPU target, with the measured value."""
+    verdict = _verdict
 
     by_key = {(r.case, r.mode): r for r in results}
     out = []
@@ -658,6 +734,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tf32", action="store_true", help="CUDA float32: allow TF32 in cuDNN/cuBLAS and the Triton kernels"
     )
+    parser.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="2d/3d inputs and output gradients in channels_last memory format (the GPU targets' layout)",
+    )
     parser.add_argument("--list", action="store_true", help="list the grid's cases and exit")
 
 
@@ -668,6 +749,8 @@ def main(args: argparse.Namespace) -> int:
         if not cases:
             print(f"no case of grid {args.grid!r} matches {args.cases}; see --list", file=sys.stderr)
             return 2
+    if args.channels_last:
+        cases = [replace(c, channels_last=True) for c in cases]
     if args.list:
         for case in cases:
             tag = target_name(case)
@@ -697,7 +780,12 @@ def main(args: argparse.Namespace) -> int:
             min_time=args.min_time,
         )
     env["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    checks = check_targets(results, args.load) if args.check_targets else None
+    if not args.check_targets:
+        checks = None
+    elif device.type == "cuda":
+        checks = check_gpu_targets(results, common.DTYPES[args.dtype])
+    else:
+        checks = check_targets(results, args.load)
 
     args.out.mkdir(parents=True, exist_ok=True)
     memory_method = results[0].memory_method if results else "not measured"

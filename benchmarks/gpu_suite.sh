@@ -7,13 +7,14 @@
 #   build      the extension in place (CUDA sources included when torch has CUDA)
 #   tests      the GPU tests (tests/gpu), the Triton kernel tests and the attention tests, natively
 #   conv-tf32  QuaternionConv2d/3d fwd, bwd, fwd+bwd: naive16, expanded (cuDNN), cuda,
-#   conv-bf16  triton/hamilton, triton/fast8, auto; ratios to expanded
+#   conv-bf16  triton/hamilton, triton/fast8, auto; ratios to expanded (bf16: channels_last, the GPU
+#              targets checked; plus conv+bias+ReLU fused vs cuDNN + torch.relu on 2d 64q)
 #   attention  the A-QCF block in bf16 (naive, SDPA-composed, ours), 256 to 16384 tokens
 #   norm       fused quaternion norm + GELU fwd+bwd (Triton kernels) vs the composite path, batch and
 #              instance, 2d and 3d, fp32 and bf16 (~1 min)
 #   rnn        QLSTM / QLiGRU layer fwd+bwd, 512 hidden, batch 8, 100 steps: the fused recurrence
 #              (aqcf::rnn_sequence on the Triton cell kernels) vs the composite per-step loop, fp32 and bf16
-# Writes OUTDIR/{setup.log,tests.txt}, OUTDIR/{tf32,bf16}/conv.{md,json,png},
+# Writes OUTDIR/{setup.log,tests.txt}, OUTDIR/{tf32,bf16,bf16-relu}/conv.{md,json,png},
 # OUTDIR/attention/attention.{md,json,png}, OUTDIR/norm/norm.{md,json} and OUTDIR/rnn/rnn.{md,json}. (The device tool brings back 8 files: tar OUTDIR there.)
 # Each stage runs even if an earlier one failed; the exit code is non-zero if any failed.
 # Environment: PYTHON (default python3); CONV_CASES, a --cases filter for the conv grid (e.g.
@@ -62,12 +63,22 @@ fi
 for mode in tf32 bf16; do
   wants "conv-$mode" || continue
   stamp "benchmark conv $mode"
-  if [ "$mode" = tf32 ]; then args=(--dtype float32 --tf32); else args=(--dtype bfloat16); fi
+  # bf16 runs the GPU targets: channels_last activations, PASS/FAIL per target in the report
+  if [ "$mode" = tf32 ]; then args=(--dtype float32 --tf32); else args=(--dtype bfloat16 --channels-last --check-targets); fi
   if [ -n "${CONV_CASES:-}" ]; then args+=(--cases "$CONV_CASES"); fi
   # shellcheck disable=SC2086 # BENCH_ARGS is a list of words
   if ! timeout 300 "$PY" -m benchmarks.cli conv --device cuda --grid gpu --reps 10 --warmup 3 \
       "${args[@]}" ${BENCH_ARGS:-} --out "$OUT/$mode" >>"$OUT/setup.log" 2>&1; then
     stamp "BENCHMARK conv $mode FAILED or timed out"; status=1
+  fi
+  if [ "$mode" = bf16 ]; then
+    stamp "benchmark conv+bias+ReLU bf16: the fused epilogue vs cuDNN + torch.relu"
+    # shellcheck disable=SC2086
+    if ! timeout 120 "$PY" -m benchmarks.cli conv --device cuda --grid gpu --cases "2d 64q k3 N32" --modes fwdbwd \
+        --providers expanded+relu,triton/hamilton+relu "${args[@]}" --reps 10 --warmup 3 ${BENCH_ARGS:-} \
+        --out "$OUT/bf16-relu" >>"$OUT/setup.log" 2>&1; then
+      stamp "BENCHMARK conv+ReLU FAILED or timed out"; status=1
+    fi
   fi
 done
 

@@ -84,3 +84,73 @@ def test_a_provider_served_by_one_pair_reports_it_once():
     provider = Provider("torch/hamilton", algorithm="hamilton", backend="torch")
     assert provider.served_by(inputs, case) == "torch/hamilton"
     assert PROVIDERS["expanded"].served_by(inputs, case) == "reference"
+
+
+def test_channels_last_cases_feed_channels_last_activations():
+    from dataclasses import replace
+
+    case = replace(Case(dims=2, channels=2, size=5, batch=2), channels_last=True)
+    inputs = make_inputs(case)
+    assert case.name.endswith(" cl")
+    assert inputs.x.is_contiguous(memory_format=torch.channels_last) and not inputs.x.is_contiguous()
+    assert inputs.grad_out.is_contiguous(memory_format=torch.channels_last)
+    assert inputs.w.is_contiguous()  # the weight keeps its layout
+    three = make_inputs(replace(Case(dims=3, channels=1, size=3, batch=1), channels_last=True))
+    assert three.x.is_contiguous(memory_format=torch.channels_last_3d)
+    plain = make_inputs(Case(dims=2, channels=2, size=5, batch=2))
+    assert torch.equal(plain.x, inputs.x)  # the same values, another layout
+
+
+def test_relu_providers_are_the_conv_then_relu():
+    """The reference pair applies torch.relu after the expanded conv; ours passes activation='relu' (fused)."""
+    case = Case(dims=2, channels=2, size=5, batch=2)
+    inputs = make_inputs(case)
+    with torch.no_grad():
+        conv = PROVIDERS["expanded"].build(case)(*inputs.leaves)
+        ref = PROVIDERS["expanded+relu"].build(case)(*inputs.leaves)
+        ours = PROVIDERS["hamilton"].build(case)
+    assert (conv < 0).any() and torch.equal(ref, torch.relu(conv))
+    fused = PROVIDERS["triton/hamilton+relu"].build(case)
+    assert fused.keywords["activation"] == "relu" and "activation" not in ours.keywords
+
+
+def _result(case, mode, seconds: dict):
+    from benchmarks.common import Timing
+    from benchmarks.conv import Result
+
+    return Result(case, mode, {k: Timing.of([v]) for k, v in seconds.items()}, {}, {})
+
+
+def test_gpu_targets_read_the_bf16_channels_last_cases():
+    from dataclasses import replace
+
+    from benchmarks.conv import GPU_SPEED_TARGETS, check_gpu_targets
+
+    seconds: dict = {}
+    for case, mode, provider, over, need in GPU_SPEED_TARGETS:
+        row = seconds.setdefault((replace(case, channels_last=True), mode), {"expanded": 1.0, "auto": 1.0})
+        # each provider just past its target, except the fast8 ones (just short of it)
+        row[over] = 1.0
+        row[provider] = 1.0 / need * (1.02 if provider == "triton/fast8" else 0.98)
+    results = [_result(case, mode, row) for (case, mode), row in seconds.items()]
+    checks = check_gpu_targets(results, torch.bfloat16)
+    status = [c["status"] for c in checks]
+    fast8 = ["triton/fast8" in c["target"] for c in checks[:-1]]
+    assert status[:-1] == ["FAIL" if f else "PASS" for f in fast8]
+    # auto at the expanded conv's time, while triton/hamilton was faster on some cases: below 0.95x the best
+    assert status[-1] == "FAIL" and "best triton/hamilton" in checks[-1]["detail"]
+    # another dtype, or the NCHW cases: nothing to judge
+    assert all(c["status"] == "SKIP" for c in check_gpu_targets(results, torch.float32)[:-1])
+    nchw = [_result(replace(r.case, channels_last=False), r.mode, {k: t.median for k, t in r.timings.items()})
+            for r in results]  # fmt: skip
+    assert all(c["status"] == "SKIP" for c in check_gpu_targets(nchw, torch.bfloat16)[:-1])
+
+
+def test_gpu_auto_is_judged_against_what_it_may_pick():
+    """In bf16 fast8 is opt-in: a faster triton/fast8 does not count against auto; in fp32 it does."""
+    from benchmarks.conv import check_gpu_targets
+
+    case = Case(dims=2, channels=32, size=64, batch=32)
+    r = _result(case, "fwdbwd", {"expanded": 1.0, "triton/hamilton": 1.2, "triton/fast8": 0.5, "auto": 1.0})
+    assert check_gpu_targets([r], torch.bfloat16)[-1]["status"] == "PASS"
+    assert check_gpu_targets([r], torch.float32)[-1]["status"] == "FAIL"
