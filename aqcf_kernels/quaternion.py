@@ -158,6 +158,26 @@ def from_group_major(x: Tensor, groups: int) -> Tensor:
     return x.reshape(n, groups, 4, c // 4 // groups, *x.shape[2:]).transpose(1, 2).reshape(x.shape)
 
 
+def component_balance(t: Tensor, dim: int = 1, sample: int = 2**16) -> float:
+    """How evenly the four components of ``t`` (blocked ``[r|i|j|k]`` along ``dim``) are scaled: the smallest
+    component's RMS over the largest's (1.0 for equal scales; 1.0 for an all-zero tensor).
+
+    Read on a strided sample of about ``sample`` values per component, the same number of positions along
+    every other dim (a view: no copy, in any memory format), so it costs a small fraction of one pass over
+    ``t``; the result is a Python float, so on a GPU it waits for the device.
+    """
+    v = t.unflatten(dim, (4, -1))
+    comp = dim % t.dim()
+    per_dim = max(2, round(sample ** (1 / max(1, v.dim() - 1))))
+    picks = tuple(
+        slice(None) if d == comp else slice(None, None, -(-size // per_dim)) for d, size in enumerate(v.shape)
+    )
+    others = [d for d in range(v.dim()) if d != comp]
+    rms = v[picks].float().square().mean(dim=others).sqrt()
+    top = float(rms.max())
+    return 1.0 if top == 0.0 else float(rms.min()) / top
+
+
 def conjugate_components(q: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return q[0], -q[1], -q[2], -q[3]
 

@@ -40,6 +40,7 @@ import threading
 import time
 import types
 import warnings
+import weakref
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,9 @@ import torch
 
 __all__ = [
     "MODES",
+    "HALF_FAST8",
+    "half_fast8",
+    "half_fast8_allowed",
     "Candidate",
     "Choice",
     "mode",
@@ -71,6 +75,23 @@ mode: str = os.environ.get("AQCF_TUNING", "measure").strip().lower() or "measure
 if mode not in MODES:
     warnings.warn(f"AQCF_TUNING={mode!r} is not one of {MODES}; using 'measure'", stacklevel=1)
     mode = "measure"
+
+#: Whether ``algorithm='auto'`` may consider fast8 in half precision (fp16/bf16), where its error is
+#: bounded only on balanced components (DESIGN.md's contract): ``'never'`` (default) or ``'balanced'``: for
+#: a call whose operands' component scales are within :data:`HALF_FAST8_MIN_BALANCE` of each other
+#: (:func:`aqcf_kernels.quaternion.component_balance`, checked on every such call: a sampled reduction and,
+#: on a GPU, one wait for the device per call; what it costs: README). Read from ``AQCF_FAST8_HALF``.
+HALF_FAST8 = ("never", "balanced")
+half_fast8: str = os.environ.get("AQCF_FAST8_HALF", "never").strip().lower() or "never"
+if half_fast8 not in HALF_FAST8:
+    warnings.warn(f"AQCF_FAST8_HALF={half_fast8!r} is not one of {HALF_FAST8}; using 'never'", stacklevel=1)
+    half_fast8 = "never"
+#: The smallest component RMS over the largest (of the input, and of the weight where it is an operand)
+#: at which the guard lets fast8 run in half precision. Measured (64q 3x3, float64 reference, fast8's
+#: kernel numerics: combinations rounded to the dtype once, fp32 accumulation, in bf16 and fp16 alike):
+#: the worst component's error is 1.3x the expanded conv's at equal scales, 1.7x at 0.5, 2.0x at 0.4,
+#: 2.6x at 0.3, 7x at 0.1 (whole-tensor error 1.3-1.5x throughout).
+HALF_FAST8_MIN_BALANCE = 0.5
 
 # A candidate more than this factor slower than the best on its first run is dropped; the others are
 # timed again, warm, on later calls. The first run is cold (oneDNN primitive creation, first-touch
@@ -160,6 +181,44 @@ def _set_mode(new_mode: str) -> None:
         raise ValueError(f"tuning mode must be one of {MODES}, got {new_mode!r}")
     mode = new_mode
     _changed()
+
+
+def _set_half_fast8(value: str) -> None:
+    global half_fast8
+    if value not in HALF_FAST8:
+        raise ValueError(f"tuning.half_fast8 must be one of {HALF_FAST8}, got {value!r}")
+    half_fast8 = value
+    _changed()
+
+
+def half_fast8_allowed(input: torch.Tensor, weight: torch.Tensor | None = None) -> bool:
+    """Whether ``auto`` may consider fast8 for a half-precision call on these operands (``weight=None``: it
+    is not an operand of the call, as for a weight gradient): :data:`half_fast8` is ``'balanced'``, the data
+    can be read (not while tracing or capturing a graph) and every operand's components are balanced."""
+    if half_fast8 != "balanced" or not can_time([input]):
+        return False
+    from .quaternion import component_balance
+
+    # Every backend on offer asks about the same call: read the data once per call. The same tensor
+    # objects (not just the same addresses, which the allocator reuses) at the same versions (an
+    # in-place write bumps them) hold the same data.
+    operands = [(weakref.ref(t), t._version) for t in (input, weight) if t is not None]
+    last = _last_guard.get("operands")
+    if (
+        last is None
+        or len(last) != len(operands)
+        or any(
+            ref() is None or ref() is not now() or v != nv for (ref, v), (now, nv) in zip(last, operands, strict=True)
+        )
+    ):
+        balance = component_balance(input)
+        if weight is not None:
+            balance = min(balance, component_balance(weight, dim=0))
+        _last_guard.update(operands=operands, allowed=balance >= HALF_FAST8_MIN_BALANCE)
+    return _last_guard["allowed"]
+
+
+_last_guard: dict = {}  # the operands the guard read last (weak references and versions) and its verdict
 
 
 @contextlib.contextmanager
@@ -517,6 +576,14 @@ class _TuningModule(types.ModuleType):
     @mode.setter
     def mode(self, new_mode: str) -> None:
         _set_mode(new_mode)
+
+    @property
+    def half_fast8(self) -> str:
+        return globals()["half_fast8"]
+
+    @half_fast8.setter
+    def half_fast8(self, value: str) -> None:
+        _set_half_fast8(value)
 
 
 _this = sys.modules.get(__name__)

@@ -22,6 +22,7 @@ from typing import Literal, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from .. import tuning
 from ..params import ConvParams
 from ..quaternion import ALGORITHMS
 
@@ -68,14 +69,18 @@ class ConvBackend(Backend, Protocol):
         """
         ...
 
-    def algorithms(self, input: Tensor) -> tuple[str, ...]:
-        """The algorithms ``algorithm='auto'`` may choose on this backend for ``input``.
+    def algorithms(self, input: Tensor, weight: Tensor | None = None) -> tuple[str, ...]:
+        """The algorithms ``algorithm='auto'`` may choose on this backend for ``input`` (and ``weight``, when it
+        is an operand of the call: not for a weight gradient).
 
-        The default is the accuracy contract (DESIGN.md): hamilton always; fast8 only in float32 and
-        float64 — in half precision its error is bounded only on balanced components, so there it is
-        opt-in (an explicit ``algorithm='fast8'``), never picked for the caller.
+        The default is the accuracy contract (DESIGN.md): hamilton always; fast8 in float32 and float64 —
+        in half precision its error is bounded only on balanced components, so there it is opt-in (an
+        explicit ``algorithm='fast8'``), or picked for the caller only behind the balance guard when
+        ``tuning.half_fast8 = 'balanced'`` (:func:`aqcf_kernels.tuning.half_fast8_allowed`).
         """
-        return ALGORITHMS if input.dtype in (torch.float32, torch.float64) else ("hamilton",)
+        if input.dtype in (torch.float32, torch.float64) or tuning.half_fast8_allowed(input, weight):
+            return ALGORITHMS
+        return ("hamilton",)
 
     @abstractmethod
     def conv(self, input: Tensor, weight: Tensor, bias: Tensor | None, params: ConvParams, algorithm: str) -> Tensor:

@@ -210,7 +210,12 @@ def resolve_conv(
     offered: dict[str, list[str]] = {}  # backend name -> the algorithms it serves for this call
 
     def why_not(backend: ConvBackend) -> str | None:
-        wanted = backend.algorithms(input) if algorithm == "auto" else (algorithm,)
+        # (a weight gradient's "weight" is a stand-in of the shape, no data)
+        wanted = (
+            backend.algorithms(input, None if kind == "weight_grad" else weight)
+            if algorithm == "auto"
+            else (algorithm,)
+        )
         refusals = {a: backend.cannot_serve(input, weight, params, a) for a in wanted}
         offered[backend.name] = [a for a, why in refusals.items() if why is None]
         if offered[backend.name]:

@@ -400,7 +400,7 @@ def test_measuring_chooses_between_backends(cache, measured, monkeypatch) -> Non
         def __init__(self, name: str, seconds: float) -> None:
             self.name, self.seconds = name, seconds
 
-        def algorithms(self, input):
+        def algorithms(self, input, weight=None):
             return ("hamilton",)
 
         def conv(self, *args):
@@ -500,3 +500,84 @@ def test_channels_last_copies_are_timed_only_for_3d_convs_on_few_channels() -> N
     assert not offered((4, 32, 8, 3, 3, 3), geometry(3))  # 32 output channels
     assert not offered((4, 8, 32, 3, 3, 3), geometry(3, transposed=True))  # 32 per group out
     assert not offered((4, 8, 8, 3, 3), geometry(2))
+
+
+# ------------------------------------------------------------------------------------------------
+# fast8 in half precision: opt-in behind the component-balance guard
+# ------------------------------------------------------------------------------------------------
+
+
+def _scaled(t: torch.Tensor, imaginary: float, dim: int) -> torch.Tensor:
+    """``t`` with its i, j, k components (blocked along ``dim``) scaled by ``imaginary``."""
+    scale = torch.tensor([1.0, imaginary, imaginary, imaginary], dtype=t.dtype)
+    shape = [1] * (t.dim() + 1)
+    shape[dim] = 4
+    return (t.unflatten(dim, (4, -1)) * scale.view(shape)).flatten(dim, dim + 1)
+
+
+def test_component_balance_reads_the_component_scales() -> None:
+    from aqcf_kernels.quaternion import component_balance
+
+    x, w, _ = _inputs(torch.float32, channels=16)
+    assert component_balance(x) > 0.8 and component_balance(w, dim=0) > 0.8
+    assert component_balance(_scaled(x, 0.1, 1)) == pytest.approx(0.1, rel=0.15)
+    assert component_balance(_scaled(w, 0.3, 0), dim=0) == pytest.approx(0.3, rel=0.15)
+    cl = _scaled(x, 0.2, 1).contiguous(memory_format=torch.channels_last)
+    assert component_balance(cl) == pytest.approx(component_balance(_scaled(x, 0.2, 1)))
+    assert component_balance(torch.zeros(2, 8, 3, 3)) == 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_fast8_only_behind_the_balance_guard(cache, monkeypatch, dtype) -> None:
+    """With ``tuning.half_fast8 = 'balanced'`` auto measures fast8 in half precision on balanced operands
+    (and picks it when it is faster), never on unbalanced ones: a skewed input, or a skewed weight for the
+    forward; by default it never does."""
+    backend = _cpu_backend()
+    _slow_down(monkeypatch, backend, "hamilton", 0.25)
+    impl = backends.registered()[backend]
+    x, w, b = _inputs(dtype, channels=16)
+    p = _geometry()[0]
+    assert impl.algorithms(x, w) == ("hamilton",)  # the default: never
+    monkeypatch.setattr(tuning, "half_fast8", "balanced")
+    assert impl.algorithms(x, w) == ("hamilton", "fast8")
+    assert impl.algorithms(_scaled(x, 0.3, 1), w) == ("hamilton",)
+    assert impl.algorithms(x, _scaled(w, 0.3, 0)) == ("hamilton",)
+    assert impl.algorithms(_scaled(x, 0.6, 1), _scaled(w, 0.6, 0)) == ("hamilton", "fast8")
+    assert impl.algorithms(x.float(), _scaled(w, 0.1, 0).float()) == ("hamilton", "fast8")  # fp32: the contract
+
+    _settled(lambda: QF.quaternion_conv2d(x, w, b, padding=1))
+    entries = json.loads(cache.read_text())["choices"]
+    # balanced: fast8 on offer, measured, and faster (its own signature: the pairs on offer are part of it)
+    assert {key.split("|")[-1]: e["algorithm"] for key, e in entries.items()} == {
+        f"{backend}/hamilton,{backend}/fast8": "fast8"
+    }
+    # skewed: hamilton only, whatever was measured for the balanced call
+    skewed = _scaled(x, 0.3, 1)
+    assert [a for _, a in [backends.resolve_conv(skewed, w, p, "auto", "forward")[:2]]] == ["hamilton"]
+
+
+def test_half_fast8_guard_reads_each_call_once_and_sees_in_place_writes(monkeypatch) -> None:
+    from aqcf_kernels import quaternion
+
+    reads = []
+    real = quaternion.component_balance
+
+    def counting(t, dim=1, sample=2**16):
+        reads.append(dim)
+        return real(t, dim, sample)
+
+    monkeypatch.setattr(quaternion, "component_balance", counting)
+    monkeypatch.setattr(tuning, "half_fast8", "balanced")
+    x, w, _ = _inputs(torch.bfloat16, channels=16)
+    assert tuning.half_fast8_allowed(x, w) and tuning.half_fast8_allowed(x, w)
+    assert reads == [1, 0]  # input and weight, once for both asks
+    x[:, 16:] *= 0.1  # in place: the imaginary components shrink
+    assert not tuning.half_fast8_allowed(x, w)
+    assert tuning.half_fast8_allowed(torch.randn(2, 64, 5, 5, dtype=torch.bfloat16))  # another tensor: read anew
+    assert len(reads) == 5
+
+
+def test_half_fast8_setting_is_checked() -> None:
+    with pytest.raises(ValueError, match="half_fast8 must be one of"):
+        tuning.half_fast8 = "always"
+    assert tuning.half_fast8 == "never"
