@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_suite.sh OUTDIR [STAGE ...]
 # Stages, in this order (all of them by default; name some to split the suite over two calls of a
 # tool that limits one command to 10 minutes, on the same warm machine):
-#   build      the extension in place (CUDA sources included when torch has CUDA)
+#   build      the extension in place (its ATen host code is the cuda backend)
 #   tests      the GPU tests (tests/gpu), the Triton kernel tests and the attention tests, natively
 #   conv-tf32  QuaternionConv2d/3d fwd, bwd, fwd+bwd: naive16, expanded (cuDNN), cuda,
 #   conv-bf16  triton/hamilton, triton/fast8, auto; ratios to expanded (bf16: channels_last, the GPU
@@ -37,7 +37,7 @@ stamp "machine; stages: $STAGES"
 { nvidia-smi; "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"; git rev-parse --short HEAD; } >>"$OUT/setup.log" 2>&1
 
 if wants build; then
-  stamp "building the extension (CUDA included)"
+  stamp "building the extension"
   if MAX_JOBS=${MAX_JOBS:-16} "$PY" setup.py build_ext --inplace >>"$OUT/setup.log" 2>&1; then
     stamp "build ok"
   else

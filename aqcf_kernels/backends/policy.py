@@ -38,9 +38,11 @@ def plausible(
     """Whether a pair is worth timing: False for what was measured hopeless, so measuring stays cheap."""
     names = {b.name for b, _ in candidates}
     if backend.name in ("triton", "cuda") and "torch" in names:
-        # cuDNN on the expanded weight beat the fused Triton and CUDA kernels in every case measured
-        # on an H100 and an H200 by 2.5x and more (benchmarks/results/*-gpu-*); their first calls
-        # also autotune/compile for seconds. They serve when forced.
+        # cuDNN on the expanded weight beat the first-design Triton kernels and the hand-written CUDA
+        # kernels in every case measured on an H100 and an H200 by 2.5x and more
+        # (benchmarks/results/*-gpu-*). Their replacements (Triton's implicit GEMMs, whose first calls
+        # also autotune and compile for seconds; the cuda backend's ATen path, cuDNN itself) have not
+        # run on a GPU yet: until benchmarks/gpu_suite.sh measures them they serve when forced.
         return False
     if backend.name == "torch" and (_offers(candidates, "cpp", algorithm)):
         # The same algorithm, compiled: the cpp engine is the composite's computation without its

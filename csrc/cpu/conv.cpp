@@ -167,9 +167,9 @@ at::Tensor conv_fast8(const at::Tensor& x, const at::Tensor& w, const std::optio
   return y;
 }
 
-void check_args(const at::Tensor& input, int64_t weight_dim, const ConvParams& p, const char* fn) {
+void check_args(const at::Tensor& input, int64_t weight_dim, const ConvParams& p, const char* fn, bool cpu = true) {
   const size_t n = input.dim() - 2;
-  TORCH_CHECK(input.device().is_cpu(), "aqcf_kernels._C.", fn, ": expects CPU tensors, got ", input.device());
+  TORCH_CHECK(!cpu || input.device().is_cpu(), "aqcf_kernels._C.", fn, ": expects CPU tensors, got ", input.device());
   TORCH_CHECK(input.dim() >= 3 && weight_dim == input.dim() + 1,
       "aqcf_kernels._C.", fn, ": input must be (N, C, *spatial) and weight (4, A, B, *kernel), got dims ",
       input.dim(), " and ", weight_dim);
@@ -177,6 +177,16 @@ void check_args(const at::Tensor& input, int64_t weight_dim, const ConvParams& p
       "aqcf_kernels._C.", fn, ": stride, padding, dilation and output_padding need ", n, " entries each");
   TORCH_CHECK(p.groups >= 1 && input.size(1) % (4 * p.groups) == 0,
       "aqcf_kernels._C.", fn, ": ", input.size(1), " channels are not a multiple of 4 * groups = ", 4 * p.groups);
+}
+
+void check_same_device(
+    const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& c, const char* fn) {
+  TORCH_CHECK(a.device() == b.device() && (!c || c->device() == a.device()),
+      "aqcf_kernels._C.", fn, ": every tensor must be on one device, got ", a.device(), " and ",
+      (a.device() != b.device() ? b.device() : c->device()));
+  TORCH_CHECK(a.scalar_type() == b.scalar_type() && (!c || c->scalar_type() == a.scalar_type()),
+      "aqcf_kernels._C.", fn, ": every tensor must have one dtype, got ", a.scalar_type(), " and ",
+      (a.scalar_type() != b.scalar_type() ? b.scalar_type() : c->scalar_type()));
 }
 
 }  // namespace
@@ -191,13 +201,16 @@ at::Tensor conv(
   return fast8 ? conv_fast8(input, weight, bias, p) : conv_hamilton(input, weight, bias, p);
 }
 
-at::Tensor conv_weight_grad(
+namespace {
+
+// The weight gradient; `in_sequence`: fast8's products one after the other (any device).
+at::Tensor weight_grad(
     const at::Tensor& input,
     const at::Tensor& grad_output,
     at::IntArrayRef weight_shape,
     const ConvParams& p,
-    bool fast8) {
-  check_args(input, weight_shape.size(), p, "conv_weight_grad");
+    bool fast8,
+    bool in_sequence) {
   // For y = convT(x, W), <gy, convT(x, W)> = <conv(gy, W), x>: the weight gradient of the
   // non-transposed conv with the roles of input and grad_output swapped.
   const at::Tensor& x = p.transposed ? grad_output : input;
@@ -218,11 +231,67 @@ at::Tensor conv_weight_grad(
   at::Tensor gw = at::empty(weight_shape, input.options());
   // gW = gy ⊗ conj(x), each product a weight-gradient correlation; the sum over batch slices.
   const std::vector<int64_t> component_shape(weight_shape.begin() + 1, weight_shape.end());
-  fast8_hamilton_product(
-      {blocks(gy)}, {blocks(x), /*conjugate=*/true},
-      [&](const at::Tensor& gm, const at::Tensor& xm) { return real_conv_weight_grad(xm, gm, component_shape, q); },
-      components(gw), /*out_batched=*/false, {}, {x.size(0), batch_slice(x, gy)});
+  auto product = [&](const at::Tensor& gm, const at::Tensor& xm) {
+    return real_conv_weight_grad(xm, gm, component_shape, q);
+  };
+  if (in_sequence) {
+    fast8_hamilton_product_in_sequence({blocks(gy)}, {blocks(x), /*conjugate=*/true}, product, components(gw), {});
+  } else {
+    fast8_hamilton_product(
+        {blocks(gy)}, {blocks(x), /*conjugate=*/true}, product, components(gw), /*out_batched=*/false, {},
+        {x.size(0), batch_slice(x, gy)});
+  }
   return gw;
+}
+
+// fast8 on any device: the products in sequence, written into y (its bias added by the butterfly).
+at::Tensor conv_fast8_in_sequence(
+    const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, const ConvParams& p) {
+  at::Tensor y = at::empty(output_shape(x, w, p), x.options().memory_format(x.suggest_memory_format()));
+  std::array<at::Tensor, 4> b;
+  if (bias) {
+    std::vector<int64_t> shape(y.dim(), 1);
+    shape[1] = -1;
+    for (int c = 0; c < 4; ++c) b[c] = bias->chunk(4)[c].view(shape);
+  }
+  fast8_hamilton_product_in_sequence(
+      {components(w), p.transposed, /*batched=*/false}, {blocks(x)},
+      [&](const at::Tensor& wm, const at::Tensor& xm) { return real_conv(xm, wm, std::nullopt, p); }, blocks(y), b);
+  return y;
+}
+
+}  // namespace
+
+at::Tensor conv_weight_grad(
+    const at::Tensor& input,
+    const at::Tensor& grad_output,
+    at::IntArrayRef weight_shape,
+    const ConvParams& p,
+    bool fast8) {
+  check_args(input, weight_shape.size(), p, "conv_weight_grad");
+  return weight_grad(input, grad_output, weight_shape, p, fast8, /*in_sequence=*/false);
+}
+
+at::Tensor conv_aten(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const ConvParams& p,
+    bool fast8) {
+  check_args(input, weight.dim(), p, "conv_aten", /*cpu=*/false);
+  check_same_device(input, weight, bias, "conv_aten");
+  return fast8 ? conv_fast8_in_sequence(input, weight, bias, p) : conv_hamilton(input, weight, bias, p);
+}
+
+at::Tensor conv_weight_grad_aten(
+    const at::Tensor& input,
+    const at::Tensor& grad_output,
+    at::IntArrayRef weight_shape,
+    const ConvParams& p,
+    bool fast8) {
+  check_args(input, weight_shape.size(), p, "conv_weight_grad_aten", /*cpu=*/false);
+  check_same_device(input, grad_output, std::nullopt, "conv_weight_grad_aten");
+  return weight_grad(input, grad_output, weight_shape, p, fast8, /*in_sequence=*/true);
 }
 
 }  // namespace aqcf

@@ -1,4 +1,4 @@
-// Quaternion (transposed) convolution and its weight gradient on CPU tensors.
+// Quaternion (transposed) convolution and its weight gradient: on CPU tensors, and on any device as ATen ops.
 //
 // Same semantics as aqcf_kernels/backends/torch_impl.py: blocked [r|i|j|k] channels, y = W ⊗ x,
 // weight (4, out/4, in/4/groups, *k) (transposed: (4, in/4, out/4/groups, *k), the adjoint).
@@ -28,6 +28,24 @@ at::Tensor conv(
 
 // Gradient of <grad_output, conv(input, W)> with respect to W, a tensor of `weight_shape`.
 at::Tensor conv_weight_grad(
+    const at::Tensor& input,
+    const at::Tensor& grad_output,
+    at::IntArrayRef weight_shape,
+    const ConvParams& p,
+    bool fast8);
+
+// The same on any device, as ATen ops only (the `cuda` backend: cuDNN under at::convolution, cuBLAS
+// for the weight's expansion and fold): hamilton is the expanded conv (as on CPU); fast8 runs its
+// 8 products one after the other on the caller's thread and stream (on CPU the `conv` above runs
+// them in parallel items; this path runs on CPU tensors too, so CPU tests prove it).
+at::Tensor conv_aten(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    const ConvParams& p,
+    bool fast8);
+
+at::Tensor conv_weight_grad_aten(
     const at::Tensor& input,
     const at::Tensor& grad_output,
     at::IntArrayRef weight_shape,

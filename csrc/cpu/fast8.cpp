@@ -236,4 +236,28 @@ void fast8_hamilton_product(
   write_output(sums[0], [&](int c) { return out[c]; }, [](int) { return at::Tensor(); });
 }
 
+void fast8_hamilton_product_in_sequence(
+    const QuaternionOperand& left,
+    const QuaternionOperand& right,
+    BilinearProduct product,
+    const std::array<at::Tensor, 4>& out,
+    const std::array<at::Tensor, 4>& addend) {
+  auto whole = [](const QuaternionOperand& a, ComponentSum t) {
+    return transform(a, t, 0, a.batched ? a.components[t.p].size(0) : 0);
+  };
+  std::array<at::Tensor, 8> s;
+  std::array<double, 8> scale{};
+  for (int m = 0; m < 8; ++m) {
+    s[m] = product(whole(left, kLeft[m]), whole(right, kRight[m]));
+    scale[m] = transform_scale(left, kLeft[m]) * transform_scale(right, kRight[m]);
+  }
+  const at::ScalarType acc = at::toOpMathType(out[0].scalar_type());
+  for (int c = 0; c < 4; ++c) {  // Z_c = s_c + 1/2 sum_j kOut[c][j] s_{5+j}, each s_m carrying its scale
+    at::Tensor z = s[c].to(acc).mul(scale[c]);
+    for (int j = 0; j < 4; ++j) z.add_(s[4 + j].to(acc), 0.5 * kOut[c][j] * scale[4 + j]);
+    if (addend[c].defined()) z.add_(addend[c]);
+    out[c].copy_(z);
+  }
+}
+
 }  // namespace aqcf

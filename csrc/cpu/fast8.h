@@ -57,4 +57,15 @@ void fast8_hamilton_product(
     const std::array<at::Tensor, 4>& addend,
     BatchSlices slices);
 
+// The same product on any device (what runs on CUDA: cuDNN under at::convolution), on the caller's
+// thread and stream: the 8 products one after the other on whole operands, then out[c] = Z_c
+// (+ addend[c]) as ATen ops in the operands' accumulation type (float for bf16/fp16), rounded once.
+// Peak extra memory: the 8 products (the whole batch's).
+void fast8_hamilton_product_in_sequence(
+    const QuaternionOperand& left,
+    const QuaternionOperand& right,
+    BilinearProduct product,
+    const std::array<at::Tensor, 4>& out,
+    const std::array<at::Tensor, 4>& addend);
+
 }  // namespace aqcf

@@ -1,13 +1,10 @@
-// The one registration file of aqcf_kernels._C: thin pybind11 wrappers over conv.h (CPU) and, in a
-// CUDA build (-DAQCF_WITH_CUDA, see setup.py), the CUDA entry points of csrc/cuda.
+// The one registration file of aqcf_kernels._C: thin pybind11 wrappers over conv.h (CPU, and the
+// device-agnostic ATen path the cuda backend runs), norm.h and op.h.
 #include <torch/extension.h>
 
 #include "conv.h"
 #include "norm.h"
 #include "op.h"
-#ifdef AQCF_WITH_CUDA
-#include "../cuda/qconv_cuda.h"
-#endif
 
 namespace {
 
@@ -56,6 +53,34 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "y = W ⊗ x (+ bias): quaternion (transposed) conv; fast8 = 8 dense products, else the expanded conv",
       py::arg("input"), py::arg("weight"), py::arg("bias"), py::arg("stride"), py::arg("padding"),
+      py::arg("dilation"), py::arg("transposed"), py::arg("output_padding"), py::arg("groups"), py::arg("fast8"),
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "conv_aten",
+      [](const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+         std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation, bool transposed,
+         std::vector<int64_t> output_padding, int64_t groups, bool fast8) {
+        return aqcf::conv_aten(
+            input, weight, bias,
+            params(std::move(stride), std::move(padding), std::move(dilation), transposed, std::move(output_padding), groups),
+            fast8);
+      },
+      "conv on any device as ATen ops (the cuda backend: cuDNN under at::convolution); fast8's products in sequence",
+      py::arg("input"), py::arg("weight"), py::arg("bias"), py::arg("stride"), py::arg("padding"),
+      py::arg("dilation"), py::arg("transposed"), py::arg("output_padding"), py::arg("groups"), py::arg("fast8"),
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "conv_weight_grad_aten",
+      [](const at::Tensor& input, const at::Tensor& grad_output, std::vector<int64_t> weight_shape,
+         std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation, bool transposed,
+         std::vector<int64_t> output_padding, int64_t groups, bool fast8) {
+        return aqcf::conv_weight_grad_aten(
+            input, grad_output, weight_shape,
+            params(std::move(stride), std::move(padding), std::move(dilation), transposed, std::move(output_padding), groups),
+            fast8);
+      },
+      "conv_weight_grad on any device as ATen ops (the cuda backend)",
+      py::arg("input"), py::arg("grad_output"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"),
       py::arg("dilation"), py::arg("transposed"), py::arg("output_padding"), py::arg("groups"), py::arg("fast8"),
       py::call_guard<py::gil_scoped_release>());
   m.def(
@@ -123,7 +148,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("groups"), py::arg("fast8"));
   m.def("_forget_conv_choices", &aqcf::forget_choices, "Drop every remembered choice (the dispatch state changed)");
   m.def("_remembered_conv_choices", &aqcf::remembered_choices, "How many call signatures are served in C++");
-#ifdef AQCF_WITH_CUDA
-  aqcf_register_cuda(m);
-#endif
 }

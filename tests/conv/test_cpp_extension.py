@@ -4,7 +4,10 @@ The op-level tests reach ``_C`` only through backend selection; these pin its ow
 forward and the weight gradient of both algorithms on a small grid of conv shapes (1d/2d/3d,
 transposed, stride/padding/dilation/output_padding, groups, bias), the input layouts it must accept
 (channels_last, non-contiguous) and the layout it returns, low precision, and fast8's batch slicing.
-CI builds the extension, so a missing one is a failure here, not a skip.
+Each for both pairs of entry points: the CPU ones (``conv``, ``conv_weight_grad``) and the device-agnostic
+ATen path the ``cuda`` backend runs on CUDA tensors (``conv_aten``, ``conv_weight_grad_aten``: fast8's
+products in sequence; cuDNN instead of oneDNN under ``at::convolution`` there). CI builds the extension,
+so a missing one is a failure here, not a skip.
 """
 
 from __future__ import annotations
@@ -24,14 +27,23 @@ except ImportError as e:  # pragma: no cover - exercised only when the build is 
     _C, _IMPORT_ERROR = None, e
 
 
-@pytest.fixture(scope="module")
-def ext():
+class _Entries:
+    """One pair of entry points of the extension, called as ``conv`` and ``conv_weight_grad``."""
+
+    def __init__(self, conv, conv_weight_grad):
+        self.conv, self.conv_weight_grad = conv, conv_weight_grad
+
+
+@pytest.fixture(scope="module", params=["cpu", "aten"], ids=["cpu-entries", "aten-entries"])
+def ext(request):
     if _C is None:
         pytest.fail(
             f"aqcf_kernels._C is not built ({_IMPORT_ERROR}): run `make ext` "
             "(or `python setup.py build_ext --inplace`) first"
         )
-    return _C
+    if request.param == "cpu":
+        return _Entries(_C.conv, _C.conv_weight_grad)
+    return _Entries(_C.conv_aten, _C.conv_weight_grad_aten)
 
 
 def _case(qrand, dims, transposed, groups, stride, padding, dilation, bias, *, batch=2, size=7, dtype=torch.float64):
@@ -122,3 +134,25 @@ def test_fast8_batch_slices(ext, qrand, transposed):
     # gradient accumulates across slices.
     x, w, bias, p = _case(qrand, 1, transposed, 1, 1, 1, 1, True, batch=3, size=70000)
     _check(ext, x, w, bias, p, True)
+
+
+@pytest.mark.parametrize("entry", ["conv", "conv_aten"])
+def test_bad_arguments_raise_instead_of_crashing(entry):
+    """The raw entry points check what they are given (the old CUDA kernels' launcher segfaulted on one
+    error path; the ATen path that replaced it raises)."""
+    if _C is None:
+        pytest.fail(f"aqcf_kernels._C is not built ({_IMPORT_ERROR})")
+    conv = getattr(_C, entry)
+    x, w = torch.randn(1, 8, 5, 5), torch.randn(4, 2, 2, 3, 3)
+    args = ([1, 1], [0, 0], [1, 1], False, [0, 0], 1, False)
+    with pytest.raises(RuntimeError, match="multiple of 4"):
+        conv(torch.randn(1, 6, 5, 5), w, None, *args)
+    with pytest.raises(RuntimeError, match="entries each"):
+        conv(x, w, None, [1], [0, 0], [1, 1], False, [0, 0], 1, False)
+    with pytest.raises(RuntimeError, match="input must be"):
+        conv(x, torch.randn(4, 2, 2, 3), None, *args)
+    if entry == "conv_aten":
+        with pytest.raises(RuntimeError, match="one dtype"):
+            conv(x, w.double(), None, *args)
+        with pytest.raises(RuntimeError, match="one dtype"):
+            conv(x, w, torch.randn(8, dtype=torch.float64), *args)

@@ -1,9 +1,9 @@
-"""The ``cuda`` backend (csrc/cuda, aqcf_kernels._C.cuda_conv*) against the reference, on a GPU.
+"""The ``cuda`` backend (aqcf_kernels._C.conv_aten / conv_weight_grad_aten: the extension's ATen host
+code on CUDA tensors, cuDNN under at::convolution) against the reference, on a GPU.
 
 Everything goes through the public functions with ``AQCF_BACKEND=cuda`` (forward, input gradient
-= the adjoint conv, weight gradient), except the tests of the raw entry points. Outputs are
-poisoned: ``AQCF_CUDA_POISON_OUTPUT=1`` makes ``cuda_conv`` NaN-fill its output before the kernel
-runs, so an element the kernel never writes fails the comparison instead of passing by luck.
+= the adjoint conv, weight gradient), except the tests of the raw entry points. (The same host code
+runs on CPU tensors in tests/conv/test_aten_path.py.)
 
 Contract (see DESIGN.md): float64 gradcheck (+ gradgradcheck for hamilton), fp32 (tf32 off)
 ≤ 1e-5 (hamilton) / ≤ 5e-4 (fast8) relative to the float64 reference, fp16/bf16 ≤ 2x the error of
@@ -33,15 +33,14 @@ FP32_TOL = {"hamilton": 1e-5, "fast8": 5e-4}
 
 @pytest.fixture(autouse=True)
 def force_cuda(monkeypatch):
-    """AQCF_BACKEND=cuda, poisoned outputs, ieee fp32 everywhere (tf32 would be ~1e-3)."""
+    """AQCF_BACKEND=cuda, ieee fp32 everywhere (tf32 would be ~1e-3)."""
     backend = registered().get("cuda")
     if backend is None:
         pytest.fail("the cuda backend is not registered (aqcf_kernels/backends/cuda/__init__.py)")
     why = backend.unavailable()
-    if why is not None:  # a GPU machine whose extension lacks the CUDA kernels: a build bug
+    if why is not None:  # a GPU machine without the extension: a build bug
         pytest.fail(f"cuda backend unavailable on a machine with a GPU: {why}")
     monkeypatch.setenv("AQCF_BACKEND", "cuda")
-    monkeypatch.setenv("AQCF_CUDA_POISON_OUTPUT", "1")
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
@@ -105,7 +104,7 @@ def _grads(fn, case, x, w, b, gy_seed, memory_format=None):
 def _rel(out, ref) -> float:
     out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
     assert out.shape == ref.shape, (out.shape, ref.shape)
-    assert not out.isnan().any(), "NaN in the output: an element was never written (poisoned output)"
+    assert not out.isnan().any(), "NaN in the output"
     return ((out - ref).norm() / ref.norm()).item()
 
 
@@ -137,7 +136,7 @@ def test_fp32_matches_reference(case, algorithm):
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize("case", ["2d-g2-s-d", "2d-T-g2", "3d", "3d-T-g3", "2d-multitile"])
 def test_fp32_channels_last(case, algorithm):
-    """Strided (channels_last) input and grad_output: the kernels take strides, not layouts."""
+    """Strided (channels_last) input and grad_output."""
     x, w, b = _make(case, _seed(case, algorithm, "cl"))
     fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
     ref = _grads(reference.quaternion_conv_naive, case, x, w, b, gy_seed=3)
@@ -176,7 +175,7 @@ def test_fp32_real_dominant(algorithm, qrand):
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_weight_grad_with_split_pixel_reduction(algorithm):
-    """Many pixels, few channels: the weight gradient splits the pixel sum over blocks (atomics)."""
+    """Many pixels, few channels, through the raw entry point."""
     g = torch.Generator().manual_seed(_seed("split", algorithm))
     x = torch.randn(4, 8, 65, 67, generator=g, dtype=torch.float64)
     w = torch.randn(4, 3, 2, 3, 3, generator=g, dtype=torch.float64)
@@ -184,7 +183,7 @@ def test_weight_grad_with_split_pixel_reduction(algorithm):
     x_, gy_, w_ = x.to(DEVICE), gy.to(DEVICE), w.to(DEVICE).requires_grad_()
     (ref,) = torch.autograd.grad(reference.quaternion_conv_naive(x_, w_, padding=1), w_, gy_)  # float64
     args = ([1, 1], [1, 1], [1, 1], False, [0, 0], 1, algorithm == "fast8")
-    got = _raw().cuda_conv_weight_grad(x_.float(), gy_.float(), list(w.shape), *args)
+    got = _raw().conv_weight_grad_aten(x_.float(), gy_.float(), list(w.shape), *args)
     assert got.dtype == torch.float32
     assert _rel(got, ref) <= FP32_TOL[algorithm]
 
@@ -231,29 +230,28 @@ def _raw():
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
-def test_raw_conv_writes_every_element(dtype, algorithm):
-    """Poisoned output, every dtype: no NaN may survive, the values match the reference."""
+def test_raw_conv_every_dtype(dtype, algorithm):
+    """Every dtype through the raw entry point: the values match the reference."""
     x, w, b = _make("2d-T-g2", _seed("raw", dtype, algorithm))
     ref = reference.quaternion_conv_naive(x, w, b, **_kwargs("2d-T-g2"))
     xd, wd = _on(DEVICE, dtype, x, w)
-    y = _raw().cuda_conv(xd, wd, None, [2, 3], [0, 1], [2, 1], True, [1, 2], 2, algorithm == "fast8")
+    y = _raw().conv_aten(xd, wd, None, [2, 3], [0, 1], [2, 1], True, [1, 2], 2, algorithm == "fast8")
     assert y.dtype == dtype and y.shape == ref.shape
     tol = {torch.float64: 1e-12, torch.float32: FP32_TOL[algorithm], torch.float16: 5e-3, torch.bfloat16: 4e-2}[dtype]
     assert _rel(y, ref) <= tol
 
 
 def test_raw_conv_rejects_bad_arguments():
+    """Raised, not crashed (the old hand-written kernels' launcher segfaulted on an error path)."""
     C = _raw()
     x = torch.randn(1, 8, 5, 5, device=DEVICE)
     w = torch.randn(4, 2, 2, 3, 3, device=DEVICE)
     args = ([1, 1], [0, 0], [1, 1], False, [0, 0], 1, False)
-    with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
-        C.cuda_conv(x.cpu(), w.cpu(), None, *args)
-    with pytest.raises(RuntimeError, match="dtype"):
-        C.cuda_conv(x, w.double(), None, *args)
-    with pytest.raises(RuntimeError, match="does not fit"):
-        C.cuda_conv(x, torch.randn(4, 2, 3, 3, 3, device=DEVICE), None, *args)
-    with pytest.raises(RuntimeError, match="bias"):
-        C.cuda_conv(x, w, torch.randn(7, device=DEVICE), *args)
-    with pytest.raises(RuntimeError, match="weight_shape"):
-        C.cuda_conv_weight_grad(x, torch.randn(1, 8, 3, 3, device=DEVICE), [4, 3, 2, 3, 3], *args)
+    with pytest.raises(RuntimeError, match="one device"):
+        C.conv_aten(x, w.cpu(), None, *args)
+    with pytest.raises(RuntimeError, match="one dtype"):
+        C.conv_aten(x, w.double(), None, *args)
+    with pytest.raises(RuntimeError, match="multiple of 4"):
+        C.conv_aten(torch.randn(1, 6, 5, 5, device=DEVICE), w, None, *args)
+    with pytest.raises(RuntimeError, match="one device"):
+        C.conv_weight_grad_aten(x, torch.randn(1, 8, 3, 3), [4, 2, 2, 3, 3], *args)

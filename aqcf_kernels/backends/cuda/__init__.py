@@ -1,5 +1,5 @@
-"""The ``cuda`` backend: the CUDA kernels of the compiled extension ``aqcf_kernels._C`` (csrc/cuda);
-conv family only."""
+"""The ``cuda`` backend: the compiled extension's device-agnostic ATen host code on CUDA tensors (cuDNN under
+``at::convolution``); conv family only."""
 
 from ..registry import register
 from .conv import CudaConvBackend
