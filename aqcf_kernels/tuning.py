@@ -175,20 +175,20 @@ def _changed() -> None:
         listener()
 
 
+#: the module's settings, checked and announced on assignment: name -> (what the error calls it, choices)
+_SETTINGS = {"mode": ("tuning mode", MODES), "half_fast8": ("tuning.half_fast8", HALF_FAST8)}
+
+
+def _set(name: str, value: str) -> None:
+    what, choices = _SETTINGS[name]
+    if value not in choices:
+        raise ValueError(f"{what} must be one of {choices}, got {value!r}")
+    globals()[name] = value
+    _changed()
+
+
 def _set_mode(new_mode: str) -> None:
-    global mode
-    if new_mode not in MODES:
-        raise ValueError(f"tuning mode must be one of {MODES}, got {new_mode!r}")
-    mode = new_mode
-    _changed()
-
-
-def _set_half_fast8(value: str) -> None:
-    global half_fast8
-    if value not in HALF_FAST8:
-        raise ValueError(f"tuning.half_fast8 must be one of {HALF_FAST8}, got {value!r}")
-    half_fast8 = value
-    _changed()
+    _set("mode", new_mode)
 
 
 def half_fast8_allowed(input: torch.Tensor, weight: torch.Tensor | None = None) -> bool:
@@ -566,24 +566,16 @@ def choose(
     return Choice(winner, "measured", _ms(best)), output
 
 
+def _setting(name: str) -> property:
+    return property(lambda self: globals()[name], lambda self, value: _set(name, value))
+
+
 class _TuningModule(types.ModuleType):
-    """``tuning.mode = ...`` is checked and announced (:func:`on_change`), like :func:`using`."""
+    """``tuning.mode = ...`` (and ``tuning.half_fast8``) is checked and announced (:func:`on_change`), like
+    :func:`using`."""
 
-    @property
-    def mode(self) -> str:
-        return globals()["mode"]
-
-    @mode.setter
-    def mode(self, new_mode: str) -> None:
-        _set_mode(new_mode)
-
-    @property
-    def half_fast8(self) -> str:
-        return globals()["half_fast8"]
-
-    @half_fast8.setter
-    def half_fast8(self, value: str) -> None:
-        _set_half_fast8(value)
+    mode = _setting("mode")
+    half_fast8 = _setting("half_fast8")
 
 
 _this = sys.modules.get(__name__)

@@ -520,21 +520,24 @@ def check_gpu_targets(results: Sequence[Result], dtype: torch.dtype) -> list[dic
             detail = f"{provider} or {over} on {case.name} cl {mode} not in this run"
         out.append(_verdict(label, value, value is not None and value >= need, detail))
     names = GPU_AUTO_BEST_OF["half" if dtype in (torch.float16, torch.bfloat16) else "full"]
+    out.append(_auto_against_the_best(results, names))
+    return out
+
+
+def _auto_against_the_best(results: Sequence[Result], names: Sequence[str]) -> dict[str, Any]:
+    """auto's speed over the fastest of ``names`` in each fwdbwd case: the worst case's verdict."""
     vs_best = []
     for r in results:
         best = best_of(r, names)
         if r.mode == "fwdbwd" and best is not None and "auto" in r.timings:
             vs_best.append((best[1] / r.timings["auto"].median, best[0], r))
     worst = min(vs_best, key=lambda p: p[0], default=None)
-    out.append(
-        _verdict(
-            f"auto >= {AUTO_FLOOR}x the best of {', '.join(names)} in every case (fwdbwd)",
-            worst[0] if worst else None,
-            worst is not None and worst[0] >= AUTO_FLOOR,
-            f"worst {worst[0]:.2f}x ({worst[2].case.name}, best {worst[1]})" if worst else "auto not run",
-        )
+    return _verdict(
+        f"auto >= {AUTO_FLOOR}x the best of {', '.join(names)} in every case (fwdbwd)",
+        worst[0] if worst else None,
+        worst is not None and worst[0] >= AUTO_FLOOR,
+        f"worst {worst[0]:.2f}x ({worst[2].case.name}, best {worst[1]})" if worst else "auto not run",
     )
-    return out
 
 
 def check_targets(results: Sequence[Result], load: int = 0) -> list[dict[str, Any]]:
@@ -565,20 +568,7 @@ def check_targets(results: Sequence[Result], load: int = 0) -> list[dict[str, An
         )
     )
 
-    vs_best = []
-    for r in results:
-        best = best_of(r, AUTO_BEST_OF)
-        if r.mode == "fwdbwd" and best is not None and "auto" in r.timings:
-            vs_best.append((best[1] / r.timings["auto"].median, best[0], r))
-    worst = min(vs_best, key=lambda p: p[0], default=None)
-    out.append(
-        verdict(
-            f"auto >= {AUTO_FLOOR}x the best of {', '.join(AUTO_BEST_OF)} in every case (fwdbwd)",
-            worst[0] if worst else None,
-            worst is not None and worst[0] >= AUTO_FLOOR,
-            f"worst {worst[0]:.2f}x ({worst[2].case.name}, best {worst[1]})" if worst else "auto not run",
-        )
-    )
+    out.append(_auto_against_the_best(results, AUTO_BEST_OF))
     if load:
         for tname, need in LOADED_TARGETS:
             r = by_key.get((TARGETS[tname], "fwdbwd"))

@@ -148,7 +148,11 @@ at::Tensor conv_hamilton(const at::Tensor& x, const at::Tensor& w, const std::op
   return swap_channel_factors(y, g, 4);
 }
 
-at::Tensor conv_fast8(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, const ConvParams& p) {
+// `in_sequence`: the products one after the other on the caller's thread (any device); else in parallel
+// items on batch slices (CPU).
+at::Tensor conv_fast8(
+    const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, const ConvParams& p,
+    bool in_sequence) {
   // The output pass writes straight into y, so y is born in the layout the op layer returns.
   at::Tensor y = at::empty(output_shape(x, w, p), x.options().memory_format(x.suggest_memory_format()));
   std::array<at::Tensor, 4> b;
@@ -160,9 +164,14 @@ at::Tensor conv_fast8(const at::Tensor& x, const at::Tensor& w, const std::optio
   // Groups partition the quaternion channels inside each component block, which is exactly
   // torch's `groups` on one component: every product is a plain (grouped) real conv. A transposed
   // conv is the adjoint, conj(W) ⊗ x with transposed products.
+  const QuaternionOperand weight{components(w), p.transposed, /*batched=*/false};
+  auto product = [&](const at::Tensor& wm, const at::Tensor& xm) { return real_conv(xm, wm, std::nullopt, p); };
+  if (in_sequence) {
+    fast8_hamilton_product_in_sequence(weight, {blocks(x)}, product, blocks(y), b);
+    return y;
+  }
   fast8_hamilton_product(
-      {components(w), p.transposed, /*batched=*/false}, {blocks(x)},
-      [&](const at::Tensor& wm, const at::Tensor& xm) { return real_conv(xm, wm, std::nullopt, p); }, blocks(y),
+      weight, {blocks(x)}, product, blocks(y),
       /*out_batched=*/true, b, {x.size(0), batch_slice(x, y)});
   return y;
 }
@@ -198,7 +207,7 @@ at::Tensor conv(
     const ConvParams& p,
     bool fast8) {
   check_args(input, weight.dim(), p, "conv");
-  return fast8 ? conv_fast8(input, weight, bias, p) : conv_hamilton(input, weight, bias, p);
+  return fast8 ? conv_fast8(input, weight, bias, p, /*in_sequence=*/false) : conv_hamilton(input, weight, bias, p);
 }
 
 namespace {
@@ -244,22 +253,6 @@ at::Tensor weight_grad(
   return gw;
 }
 
-// fast8 on any device: the products in sequence, written into y (its bias added by the butterfly).
-at::Tensor conv_fast8_in_sequence(
-    const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, const ConvParams& p) {
-  at::Tensor y = at::empty(output_shape(x, w, p), x.options().memory_format(x.suggest_memory_format()));
-  std::array<at::Tensor, 4> b;
-  if (bias) {
-    std::vector<int64_t> shape(y.dim(), 1);
-    shape[1] = -1;
-    for (int c = 0; c < 4; ++c) b[c] = bias->chunk(4)[c].view(shape);
-  }
-  fast8_hamilton_product_in_sequence(
-      {components(w), p.transposed, /*batched=*/false}, {blocks(x)},
-      [&](const at::Tensor& wm, const at::Tensor& xm) { return real_conv(xm, wm, std::nullopt, p); }, blocks(y), b);
-  return y;
-}
-
 }  // namespace
 
 at::Tensor conv_weight_grad(
@@ -280,7 +273,7 @@ at::Tensor conv_aten(
     bool fast8) {
   check_args(input, weight.dim(), p, "conv_aten", /*cpu=*/false);
   check_same_device(input, weight, bias, "conv_aten");
-  return fast8 ? conv_fast8_in_sequence(input, weight, bias, p) : conv_hamilton(input, weight, bias, p);
+  return fast8 ? conv_fast8(input, weight, bias, p, /*in_sequence=*/true) : conv_hamilton(input, weight, bias, p);
 }
 
 at::Tensor conv_weight_grad_aten(
