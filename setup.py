@@ -22,9 +22,7 @@ cpu_sources = sorted(glob.glob("csrc/cpu/*.cpp"))
 # torch chooses the -std its headers need (C++20 from 2.14). -fno-trapping-math (nothing here enables
 # floating-point traps) lets GCC turn per-element selects into vector blends (csrc/cpu/norm.cpp).
 cxx_flags = ["-O3", "-fopenmp", "-fno-trapping-math"]
-ext_modules = [
-    CppExtension("aqcf_kernels._C", cpu_sources, extra_compile_args=cxx_flags, extra_link_args=["-fopenmp"])
-]
+ext_modules = [CppExtension("aqcf_kernels._C", cpu_sources, extra_compile_args=cxx_flags, extra_link_args=["-fopenmp"])]
 
 setup(
     packages=find_packages(include=["aqcf_kernels", "aqcf_kernels.*", "benchmarks", "benchmarks.*"]),
