@@ -3,6 +3,9 @@
 #include "fast8.h"
 
 #include <algorithm>
+#include <map>
+#include <mutex>
+#include <tuple>
 
 namespace aqcf {
 namespace {
@@ -13,13 +16,24 @@ constexpr int kHamiltonComponent[4][4] = {{0, 1, 2, 3}, {1, 0, 3, 2}, {2, 3, 0, 
 constexpr int kHamiltonSign[4][4] = {{+1, -1, -1, -1}, {+1, +1, -1, +1}, {+1, +1, +1, -1}, {+1, -1, +1, +1}};
 
 // S[4c + a, p] = sign iff W_p feeds block (c, a) of the expanded weight. Expansion is S @ W and
-// the weight-gradient fold is its adjoint S^T @ gE: one table, adjoint by construction.
+// the weight-gradient fold is its adjoint S^T @ gE: one table, adjoint by construction. Made once per
+// device and dtype (read-only): on a GPU a fresh one would be a host-to-device copy in every call.
 at::Tensor hamilton_matrix(const at::TensorOptions& options) {
+  static std::mutex mutex;
+  // never destroyed: tensors of a device must not be freed after its runtime has shut down
+  static auto* made = new std::map<std::tuple<int, int, int>, at::Tensor>();
+  const std::tuple<int, int, int> key{
+      static_cast<int>(options.device().type()), options.device().index(),
+      static_cast<int>(c10::typeMetaToScalarType(options.dtype()))};
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = made->find(key);
+  if (it != made->end()) return it->second;
+  c10::InferenceMode normal_tensor(false);  // not an inference tensor, whatever mode the first call ran in
   at::Tensor s = at::zeros({16, 4}, at::kDouble);
   auto acc = s.accessor<double, 2>();
   for (int c = 0; c < 4; ++c)
     for (int a = 0; a < 4; ++a) acc[4 * c + a][kHamiltonComponent[c][a]] = kHamiltonSign[c][a];
-  return s.to(options);
+  return made->emplace(key, s.to(options)).first->second;
 }
 
 // (4, G*Ag, B, *k) -> (G*4*Ag, 4*B, *k): each group's expanded weight, stacked group-major, i.e.
