@@ -40,7 +40,6 @@ import threading
 import time
 import types
 import warnings
-import weakref
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,26 +198,10 @@ def half_fast8_allowed(input: torch.Tensor, weight: torch.Tensor | None = None) 
         return False
     from .quaternion import component_balance
 
-    # Every backend on offer asks about the same call: read the data once per call. The same tensor
-    # objects (not just the same addresses, which the allocator reuses) at the same versions (an
-    # in-place write bumps them) hold the same data.
-    operands = [(weakref.ref(t), t._version) for t in (input, weight) if t is not None]
-    last = _last_guard.get("operands")
-    if (
-        last is None
-        or len(last) != len(operands)
-        or any(
-            ref() is None or ref() is not now() or v != nv for (ref, v), (now, nv) in zip(last, operands, strict=True)
-        )
-    ):
-        balance = component_balance(input)
-        if weight is not None:
-            balance = min(balance, component_balance(weight, dim=0))
-        _last_guard.update(operands=operands, allowed=balance >= HALF_FAST8_MIN_BALANCE)
-    return _last_guard["allowed"]
-
-
-_last_guard: dict = {}  # the operands the guard read last (weak references and versions) and its verdict
+    balance = component_balance(input)
+    if weight is not None:
+        balance = min(balance, component_balance(weight, dim=0))
+    return balance >= HALF_FAST8_MIN_BALANCE
 
 
 @contextlib.contextmanager

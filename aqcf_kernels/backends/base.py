@@ -26,6 +26,18 @@ from .. import tuning
 from ..params import ConvParams
 from ..quaternion import ALGORITHMS
 
+
+def contract_algorithms(input: Tensor, weight: Tensor | None = None) -> tuple[str, ...]:
+    """The algorithms the accuracy contract (DESIGN.md) lets ``algorithm='auto'`` pick for a call on ``input``
+    (and ``weight``, when it is an operand of the call: not for a weight gradient): hamilton always; fast8
+    in float32 and float64 — in half precision its error is bounded only on balanced components, so there
+    it is opt-in (an explicit ``algorithm='fast8'``), or picked for the caller only behind the balance
+    guard when ``tuning.half_fast8 = 'balanced'`` (:func:`aqcf_kernels.tuning.half_fast8_allowed`)."""
+    if input.dtype in (torch.float32, torch.float64) or tuning.half_fast8_allowed(input, weight):
+        return ALGORITHMS
+    return ("hamilton",)
+
+
 #: Which of the three computations of a conv a call is: the op's output, the input gradient (a conv of
 #: ``grad_output`` with the adjoint geometry) or the weight gradient. Autograd saves ``'auto'``, so
 #: each is resolved to an algorithm on its own (see :func:`aqcf_kernels.backends.resolve_conv`).
@@ -69,18 +81,10 @@ class ConvBackend(Backend, Protocol):
         """
         ...
 
-    def algorithms(self, input: Tensor, weight: Tensor | None = None) -> tuple[str, ...]:
-        """The algorithms ``algorithm='auto'`` may choose on this backend for ``input`` (and ``weight``, when it
-        is an operand of the call: not for a weight gradient).
-
-        The default is the accuracy contract (DESIGN.md): hamilton always; fast8 in float32 and float64 —
-        in half precision its error is bounded only on balanced components, so there it is opt-in (an
-        explicit ``algorithm='fast8'``), or picked for the caller only behind the balance guard when
-        ``tuning.half_fast8 = 'balanced'`` (:func:`aqcf_kernels.tuning.half_fast8_allowed`).
-        """
-        if input.dtype in (torch.float32, torch.float64) or tuning.half_fast8_allowed(input, weight):
-            return ALGORITHMS
-        return ("hamilton",)
+    def algorithms(self, input: Tensor) -> tuple[str, ...]:
+        """The algorithms this backend offers ``algorithm='auto'`` for ``input`` (default: both). What the
+        accuracy contract allows for the call is applied on top, once per call (:func:`contract_algorithms`)."""
+        return ALGORITHMS
 
     @abstractmethod
     def conv(self, input: Tensor, weight: Tensor, bias: Tensor | None, params: ConvParams, algorithm: str) -> Tensor:

@@ -29,7 +29,7 @@ from .. import tuning
 from ..params import ConvParams
 from . import policy
 from ._extension import forget_native_choices
-from .base import CONV_KINDS, AttentionBackend, Backend, ConvBackend, ConvKind, protocol_members
+from .base import CONV_KINDS, AttentionBackend, Backend, ConvBackend, ConvKind, contract_algorithms, protocol_members
 
 B = TypeVar("B", bound=Backend)
 
@@ -199,23 +199,21 @@ def resolve_conv(
 
     ``algorithm`` is the caller's: 'hamilton', 'fast8' or 'auto'. The candidates are every
     (backend, algorithm) pair that can serve the call — backends as :func:`serving` orders them,
-    algorithms from :meth:`ConvBackend.algorithms` for 'auto' — and :func:`policy.choose_conv`
-    picks among them, measuring when it is given ``run`` (which computes the call with one pair);
-    a measured call's result is the third value (``None`` otherwise: run the pair yourself).
+    algorithms from :meth:`ConvBackend.algorithms` within :func:`contract_algorithms` for 'auto' — and
+    :func:`policy.choose_conv` picks among them, measuring when it is given ``run`` (which computes the
+    call with one pair); a measured call's result is the third value (``None`` otherwise: run the pair yourself).
     ``kind`` says which computation of a conv this call is (forward, input gradient, weight
     gradient; for the weight gradient ``weight`` is a stand-in of its shape).
     """
     if kind not in CONV_KINDS:
         raise ValueError(f"kind must be one of {CONV_KINDS}, got {kind!r}")
     offered: dict[str, list[str]] = {}  # backend name -> the algorithms it serves for this call
+    # The contract is the call's, read once whatever the backends on offer (a weight gradient's "weight" is
+    # a stand-in of the shape, no data).
+    allowed = contract_algorithms(input, None if kind == "weight_grad" else weight) if algorithm == "auto" else ()
 
     def why_not(backend: ConvBackend) -> str | None:
-        # (a weight gradient's "weight" is a stand-in of the shape, no data)
-        wanted = (
-            backend.algorithms(input, None if kind == "weight_grad" else weight)
-            if algorithm == "auto"
-            else (algorithm,)
-        )
+        wanted = [a for a in backend.algorithms(input) if a in allowed] if algorithm == "auto" else (algorithm,)
         refusals = {a: backend.cannot_serve(input, weight, params, a) for a in wanted}
         offered[backend.name] = [a for a, why in refusals.items() if why is None]
         if offered[backend.name]:

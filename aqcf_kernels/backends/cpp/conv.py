@@ -54,7 +54,7 @@ class CppChannelsLastConvBackend(CppConvBackend):
 
     name = "cpp_cl"
 
-    def algorithms(self, input: Tensor, weight: Tensor | None = None) -> tuple[str, ...]:
+    def algorithms(self, input: Tensor) -> tuple[str, ...]:
         return ("hamilton",)
 
     def cannot_serve(self, input: Tensor, weight: Tensor, params: ConvParams, algorithm: str) -> str | None:

@@ -258,9 +258,12 @@ def qconv_igemm_kernel(
         # outputs o = q·S + ph of that phase only, so each dim runs only the taps that feed it, with the
         # input coordinate a per-row base plus a scalar per tap (no division, no stride mask in the loop).
         phase = tl.program_id(2)
-        k0d, TD, offd = _phase_taps(phase // (SW * SH), SD, PD, DD, KD, KSD)
-        k0h, TH, offh = _phase_taps((phase // SW) % SH, SH, PH, DH, KH, KSH)
-        k0w, TW, offw = _phase_taps(phase % SW, SW, PW, DW, KW, KSW)
+        ph_d = phase // (SW * SH)
+        ph_h = (phase // SW) % SH
+        ph_w = phase % SW
+        k0d, TD, offd = _phase_taps(ph_d, SD, PD, DD, KD, KSD)
+        k0h, TH, offh = _phase_taps(ph_h, SH, PH, DH, KH, KSH)
+        k0w, TW, offw = _phase_taps(ph_w, SW, PW, DW, KW, KSW)
         QD = tl.cdiv(OD, SD)
         QH = tl.cdiv(OH, SH)
         QW = tl.cdiv(OW, SW)
@@ -270,9 +273,9 @@ def qconv_igemm_kernel(
         t = t // QH
         qd = t % QD
         nb = t // QD
-        od = qd * SD + phase // (SW * SH)
-        oh = qh * SH + (phase // SW) % SH
-        ow = qw * SW + phase % SW
+        od = qd * SD + ph_d
+        oh = qh * SH + ph_h
+        ow = qw * SW + ph_w
         m_mask = (offs_m < M) & (od < OD) & (oh < OH) & (ow < OW)
         y_rows = ((nb * OD + od) * OH + oh) * OW + ow
         bd = qd + offd

@@ -414,10 +414,8 @@ def _operands(input: Tensor, grad_output: Tensor, p: ConvParams) -> tuple[Tensor
 def gemm_tiles(cq_in: int, cq_out: int, groups: int, taps: int, block_m: int, block_n: int, fast8: bool = False) -> int:
     """Tiles of one split and group of the GEMM (rows and columns come in runs; see the kernel); fast8: of
     one split and product-group."""
-    if fast8:
-        seg, cg_in, cg_out = 1, cq_in // groups, cq_out // groups
-    elif groups > 1:
-        seg, cg_in, cg_out = 4, cq_in // groups, cq_out // groups
+    if fast8 or groups > 1:  # runs of Cg channels: per product, or per component of a group
+        seg, cg_in, cg_out = (1 if fast8 else 4), cq_in // groups, cq_out // groups
     else:
         seg, cg_in, cg_out = 1, 4 * cq_in, 4 * cq_out
     return seg * triton.cdiv(cg_out, block_m) * taps * seg * triton.cdiv(cg_in, block_n)
