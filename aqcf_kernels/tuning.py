@@ -109,8 +109,13 @@ TIE_MARGIN = 0.05
 # After the first runs, the candidates within CLEAR_LOSS are timed on the next calls of the
 # signature, which they compute in turn (the leader most often): REFINE_SAMPLES warm timings for the
 # leader and every candidate within DOUBT_MARGIN of it, one for the others (a re-check of a first
-# run that may have been cold). Then the best times decide (the tie rule above still applies) and
-# the choice is remembered. Those calls do the layer's real work, so they cost only the difference
+# run that may have been cold). Who is close is decided again after every warm timing, on the best
+# times so far: a runner-up whose first run was cold and whose one warm re-check lands close to the
+# leader gets the full REFINE_SAMPLES too, as does the leader. With one re-check each, a tiny layer's
+# choice was one sample against one (2d 16q N8 16x16 input gradient on an Intel Xeon: fast8 0.93 ms
+# cold-first, hamilton 2.05 cold then 0.72 warm; which won flipped between runs, and fast8 was 13%
+# slower in the step). Then the best times decide (the tie rule above still applies) and the choice
+# is remembered. Those calls do the layer's real work, so they cost only the difference
 # between the candidates, not extra calls.
 # Why several warm timings where candidates are close: a fresh process's first call is timed while
 # threads, allocator and oneDNN's JIT are still warming up: on the 2-core EPYC the 1d 16q N8 1024
@@ -139,8 +144,13 @@ class _Refining:
 
     prior: Candidate
     best: dict[Candidate, float]
-    left: dict[Candidate, int]
+    taken: dict[Candidate, int]  # warm timings taken so far (the first, maybe cold, run not counted)
     fast_key: Hashable | None
+
+    def left(self) -> dict[Candidate, int]:
+        """The warm timings each candidate still needs, by who is close to the leader now."""
+        leader = min(self.best, key=lambda c: self.best[c])
+        return {c: n - self.taken[c] for c, n in _samples(self.best, leader).items() if n > self.taken[c]}
 
 
 @dataclass(frozen=True)
@@ -471,13 +481,14 @@ def _settle(key: str, winner: Candidate, fast_key: Hashable | None, best: dict[C
 
 def _refine(key: str, state: _Refining, run: Callable[[Candidate], T], device: torch.device) -> tuple[Choice, T]:
     """Compute this call with the provisional choice's next candidate, timed; settle when done."""
-    c = max(state.left, key=lambda c: state.left[c])  # the candidate with the most samples to take
+    left = state.left()
+    c = max(left, key=lambda c: left[c])  # the candidate with the most samples to take
     now = _timer(device)
     start = now()
     output = run(c)
     state.best[c] = min(state.best[c], now() - start)
-    state.left[c] -= 1
-    if any(state.left.values()):
+    state.taken[c] += 1
+    if state.left():
         return Choice(c, "refining", _ms(state.best)), output
     winner = _winner(state.best, state.prior)
     log.debug("%s: %s (refined, ms: %s)", key, winner, _ms(state.best))
@@ -543,7 +554,7 @@ def choose(
     winner, output, best = _measure(candidates, run, device, prior)
     log.debug("%s: %s (first runs, ms: %s)", key, winner, _ms(best))
     if len(best) > 1:
-        _pending[key] = _Refining(prior, best, _samples(best, winner), fast_key)
+        _pending[key] = _Refining(prior, best, dict.fromkeys(best, 0), fast_key)
         return Choice(winner, "refining", _ms(best)), output
     _settle(key, winner, fast_key, best)
     return Choice(winner, "measured", _ms(best)), output
