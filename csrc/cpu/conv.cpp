@@ -1,6 +1,7 @@
 #include "conv.h"
 
 #include "fast8.h"
+#include "real_conv.h"
 
 #include <algorithm>
 #include <map>
@@ -69,19 +70,6 @@ at::Tensor swap_channel_factors(const at::Tensor& x, int64_t a, int64_t b) {
   at::Tensor out = at::empty_like(x, x.options(), x.suggest_memory_format());
   out.view(split(b, a)).copy_(x.reshape(split(a, b)).transpose(1, 2));
   return out;
-}
-
-at::Tensor real_conv(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, const ConvParams& p) {
-  return at::convolution(x, w, bias, p.stride, p.padding, p.dilation, p.transposed, p.output_padding, p.groups);
-}
-
-// Gradient w.r.t. the weight (of `shape`) of the NON-transposed real conv gy = conv(x, w).
-at::Tensor real_conv_weight_grad(const at::Tensor& x, const at::Tensor& gy, at::IntArrayRef shape, const ConvParams& p) {
-  const at::Tensor w = at::empty({}, x.options()).expand(shape);  // only its shape is read
-  const std::vector<int64_t> no_output_padding(p.stride.size(), 0);
-  return std::get<1>(at::convolution_backward(
-      gy, x, w, std::nullopt, p.stride, p.padding, p.dilation, false, no_output_padding, p.groups,
-      {false, true, false}));
 }
 
 // Blocked [r|i|j|k] components along dim 1 (views).

@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "conv.h"
+#include "real_conv.h"
 #include "norm.h"
 #include "op.h"
 
@@ -128,6 +129,31 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("grad_output"), py::arg("input"), py::arg("weight"), py::arg("bias"), py::arg("mean"), py::arg("var"),
       py::arg("use_input_stats"), py::arg("per_sample"), py::arg("eps"), py::arg("activation"),
       py::arg("negative_slope"), py::arg("needs"), py::call_guard<py::gil_scoped_release>());
+  // The real convs under both algorithms (real_conv.h), and which way they compute: for the tests.
+  m.def(
+      "_real_conv",
+      [](const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, std::vector<int64_t> stride,
+         std::vector<int64_t> padding, std::vector<int64_t> dilation, bool transposed,
+         std::vector<int64_t> output_padding, int64_t groups) {
+        const auto p = params(std::move(stride), std::move(padding), std::move(dilation), transposed, std::move(output_padding), groups);
+        return std::make_tuple(aqcf::real_conv(x, w, bias, p), std::string(aqcf::real_conv_route(x, w.sizes(), p)));
+      },
+      "(real conv or transposed conv of x with w, the route it took)", py::arg("input"), py::arg("weight"),
+      py::arg("bias"), py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("transposed"),
+      py::arg("output_padding"), py::arg("groups"), py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "_real_conv_weight_grad",
+      [](const at::Tensor& x, const at::Tensor& gy, std::vector<int64_t> weight_shape, std::vector<int64_t> stride,
+         std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups) {
+        const std::vector<int64_t> no_output_padding(stride.size(), 0);
+        const auto p = params(std::move(stride), std::move(padding), std::move(dilation), false, no_output_padding, groups);
+        return std::make_tuple(
+            aqcf::real_conv_weight_grad(x, gy, weight_shape, p),
+            std::string(aqcf::real_conv_weight_grad_route(x, gy, weight_shape, p)));
+      },
+      "(weight gradient of the real conv gy = conv(x, w), the route it took)", py::arg("input"),
+      py::arg("grad_output"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
+      py::arg("groups"), py::call_guard<py::gil_scoped_release>());
   m.def("_set_fallbacks", &set_fallbacks,
         "The Python implementations of aqcf::qconv and aqcf::qconv_weight_grad the CPU kernels ask first",
         py::arg("conv"), py::arg("weight_grad"));

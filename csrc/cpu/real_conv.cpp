@@ -1,0 +1,157 @@
+#include "real_conv.h"
+
+#include <ATen/Context.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace aqcf {
+namespace {
+
+// PyTorch's CPU conv sends float32 inputs of ONE sample with few channels to its own im2col kernels
+// (slow_conv2d / slow_conv3d / slow_conv_transpose*) instead of oneDNN: its rule (ConvParams::use_mkldnn
+// in aten/src/ATen/native/Convolution.cpp) keeps those "for some case, native is faster". On the 3D
+// model (batch 1) nearly every fast8 product and the small expanded convs matched it, and oneDNN was
+// 2-16x faster there (Intel Xeon, 2 threads, 1x16x32³ 16->16 3x3x3: forward 26.3 ms vs 1.8 ms; the
+// stride-1 transposed conv of 1x4x64³ 4->4: 54.6 ms vs 3.4 ms; weight gradient of 1x16x32³: 25.0 vs
+// 3.6 ms). The rule, after PyTorch views a 1-d conv as 2-d (N, C, 1, L):
+bool torch_uses_onednn(const at::Tensor& x, at::IntArrayRef weight_shape, const ConvParams& p) {
+  if (!x.device().is_cpu() || x.scalar_type() != at::kFloat) return true;  // not a case of the rule
+  if (!at::hasMKLDNN() || !at::globalContext().userEnabledMkldnn()) return true;  // nothing to route to
+  const auto kernel = weight_shape.slice(2);
+  const int64_t k_last = kernel.back(), k_before = kernel.size() > 1 ? kernel[kernel.size() - 2] : 1;
+  auto any_not_one = [](at::IntArrayRef v) { return std::any_of(v.begin(), v.end(), [](int64_t e) { return e != 1; }); };
+  if (p.transposed) {
+    for (size_t d = 0; d < p.stride.size(); ++d)
+      if (p.output_padding[d] >= p.stride[d]) return false;  // neither oneDNN nor ours
+  }
+  const bool not_single_thread_1x1 = any_not_one(p.stride) || any_not_one(p.dilation) || x.size(0) >= 16 ||
+      k_last != 1 || k_before != 1 || at::get_num_threads() > 1;
+  const int64_t leading = x.size(0) * x.size(1) * x.size(2) * (x.dim() > 3 ? x.size(3) : 1);
+  return not_single_thread_1x1 &&
+      (p.groups > 1 || (k_last > 3 && k_before > 3) || x.size(0) > 1 || leading > 20480);
+}
+
+bool all_of(const std::vector<int64_t>& v, int64_t value) {
+  return std::all_of(v.begin(), v.end(), [value](int64_t e) { return e == value; });
+}
+
+std::vector<int64_t> spatial_dims(int64_t dim) {
+  std::vector<int64_t> dims;
+  for (int64_t d = 2; d < dim; ++d) dims.push_back(d);
+  return dims;
+}
+
+// A stride-1 transposed conv is the forward conv with the weight flipped and its two channel dims
+// swapped, padded by the kernel's extent minus the transposed conv's padding.
+bool flippable(at::IntArrayRef weight_shape, const ConvParams& p) {
+  if (!all_of(p.stride, 1) || !all_of(p.output_padding, 0)) return false;
+  for (size_t d = 0; d < p.padding.size(); ++d)
+    if (p.padding[d] > p.dilation[d] * (weight_shape[2 + d] - 1)) return false;
+  return true;
+}
+
+at::Tensor flipped_transposed_conv(
+    const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, const ConvParams& p) {
+  const at::Tensor wf = w.transpose(0, 1).flip(spatial_dims(w.dim())).contiguous();
+  std::vector<int64_t> padding(p.padding.size());
+  for (size_t d = 0; d < padding.size(); ++d) padding[d] = p.dilation[d] * (w.size(2 + d) - 1) - p.padding[d];
+  const std::vector<int64_t> ones(p.stride.size(), 1);
+  return at::mkldnn_convolution(x.contiguous(x.suggest_memory_format()), wf, bias, padding, ones, p.dilation, 1);
+}
+
+// A one-group transposed conv as a 2-group one on the input twice: group g computes output channels
+// [g*h, (g+1)*h) from its copy (weight (in, out, *k) -> (2*in, out/2, *k)). Same multiplications;
+// PyTorch sends grouped convs to oneDNN. The copy of x is small next to the conv.
+at::Tensor two_group_transposed_conv(
+    const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, const ConvParams& p) {
+  const int64_t h = w.size(1) / 2;
+  const at::Tensor w2 = at::cat({w.narrow(1, 0, h), w.narrow(1, h, h)}, 0);
+  return at::convolution(at::cat({x, x}, 1), w2, bias, p.stride, p.padding, p.dilation, true, p.output_padding, 2);
+}
+
+enum class Route { Aten, OneDnn, Flipped, TwoGroups };
+
+Route conv_route(const at::Tensor& x, at::IntArrayRef weight_shape, const ConvParams& p) {
+  if (torch_uses_onednn(x, weight_shape, p)) return Route::Aten;
+  if (!p.transposed) return Route::OneDnn;
+  if (flippable(weight_shape, p)) return Route::Flipped;
+  return weight_shape[1] % 2 == 0 ? Route::TwoGroups : Route::Aten;
+}
+
+// The weight gradient of a one-sample conv as the gradient over TWO samples: the output rows (first
+// spatial dim) split in halves, each sample the input rows its half reads (zero rows where the
+// conv pads, or past an odd last half). The same sum of products, so the same gradient; two samples
+// go to oneDNN. Copies x and gy once (small next to the correlation).
+bool two_slabs_fit(const at::Tensor& x, const at::Tensor& gy, at::IntArrayRef shape, const ConvParams& p) {
+  return !p.transposed && x.size(0) == 1 && gy.size(2) >= 2 && !torch_uses_onednn(x, shape, p);
+}
+
+at::Tensor two_slab_weight_grad(const at::Tensor& x, const at::Tensor& gy, at::IntArrayRef shape, const ConvParams& p) {
+  const int64_t rows_out = gy.size(2), half = (rows_out + 1) / 2;
+  const int64_t s = p.stride[0], pad = p.padding[0], extent = p.dilation[0] * (shape[2] - 1);
+  const int64_t slab = (half - 1) * s + extent + 1;  // input rows one half reads
+  const int64_t back = std::max<int64_t>(0, (2 * half - 1) * s - pad + extent - (x.size(2) - 1));
+  std::vector<int64_t> pad_rows(2 * (x.dim() - 2), 0);  // at::constant_pad_nd: last dim first
+  pad_rows[pad_rows.size() - 2] = pad;
+  pad_rows[pad_rows.size() - 1] = back;
+  const at::Tensor xp = at::constant_pad_nd(x, pad_rows);
+  const at::Tensor x2 = at::cat({xp.narrow(2, 0, slab), xp.narrow(2, half * s, slab)}, 0);
+  std::vector<int64_t> pad_gy(2 * (gy.dim() - 2), 0);
+  pad_gy.back() = 2 * half - rows_out;
+  const at::Tensor gyp = at::constant_pad_nd(gy, pad_gy);
+  const at::Tensor gy2 = at::cat({gyp.narrow(2, 0, half), gyp.narrow(2, half, half)}, 0);
+  std::vector<int64_t> padding = p.padding;
+  padding[0] = 0;  // the rows carry their padding
+  const at::Tensor w = at::empty({}, x.options()).expand(shape);  // only its shape is read
+  const std::vector<int64_t> no_output_padding(p.stride.size(), 0);
+  return std::get<1>(at::convolution_backward(
+      gy2, x2, w, std::nullopt, p.stride, padding, p.dilation, false, no_output_padding, p.groups, {false, true, false}));
+}
+
+}  // namespace
+
+at::Tensor real_conv(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, const ConvParams& p) {
+  switch (conv_route(x, w.sizes(), p)) {
+    case Route::OneDnn:
+      return at::mkldnn_convolution(
+          x.contiguous(x.suggest_memory_format()), w.contiguous(), bias, p.padding, p.stride, p.dilation, p.groups);
+    case Route::Flipped:
+      return flipped_transposed_conv(x, w, bias, p);
+    case Route::TwoGroups:
+      return two_group_transposed_conv(x, w, bias, p);
+    case Route::Aten:
+      break;
+  }
+  return at::convolution(x, w, bias, p.stride, p.padding, p.dilation, p.transposed, p.output_padding, p.groups);
+}
+
+at::Tensor real_conv_weight_grad(const at::Tensor& x, const at::Tensor& gy, at::IntArrayRef shape, const ConvParams& p) {
+  if (two_slabs_fit(x, gy, shape, p)) return two_slab_weight_grad(x, gy, shape, p);
+  const at::Tensor w = at::empty({}, x.options()).expand(shape);  // only its shape is read
+  const std::vector<int64_t> no_output_padding(p.stride.size(), 0);
+  return std::get<1>(at::convolution_backward(
+      gy, x, w, std::nullopt, p.stride, p.padding, p.dilation, false, no_output_padding, p.groups,
+      {false, true, false}));
+}
+
+const char* real_conv_route(const at::Tensor& x, at::IntArrayRef weight_shape, const ConvParams& p) {
+  switch (conv_route(x, weight_shape, p)) {
+    case Route::OneDnn:
+      return "onednn";
+    case Route::Flipped:
+      return "flipped";
+    case Route::TwoGroups:
+      return "two_groups";
+    case Route::Aten:
+      break;
+  }
+  return "aten";
+}
+
+const char* real_conv_weight_grad_route(const at::Tensor& x, const at::Tensor& gy, at::IntArrayRef shape, const ConvParams& p) {
+  return two_slabs_fit(x, gy, shape, p) ? "two_slabs" : "aten";
+}
+
+}  // namespace aqcf

@@ -1,0 +1,27 @@
+// The real convolutions every quaternion algorithm runs (the expanded conv, fast8's 8 products) and
+// their weight gradients: at::convolution / at::convolution_backward, except on CPU float32 inputs
+// that PyTorch would hand to its own im2col kernels instead of oneDNN (see real_conv.cpp).
+#pragma once
+
+#include "conv.h"
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+namespace aqcf {
+
+// conv(x, w) or, with p.transposed, the transposed conv; any device.
+at::Tensor real_conv(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, const ConvParams& p);
+
+// Gradient w.r.t. the weight (of `shape`) of the NON-transposed real conv gy = conv(x, w); any device.
+at::Tensor real_conv_weight_grad(const at::Tensor& x, const at::Tensor& gy, at::IntArrayRef shape, const ConvParams& p);
+
+// Which way real_conv / real_conv_weight_grad would compute these arguments: "aten" (PyTorch's own
+// choice), "onednn" (the forward straight to oneDNN), "flipped" (a stride-1 transposed conv as the
+// forward conv with the flipped weight), "two_groups" (a strided transposed conv as a 2-group conv
+// on the input twice), "two_slabs" (a one-sample weight gradient as two samples). For tests.
+const char* real_conv_route(const at::Tensor& x, at::IntArrayRef weight_shape, const ConvParams& p);
+const char* real_conv_weight_grad_route(const at::Tensor& x, const at::Tensor& gy, at::IntArrayRef shape, const ConvParams& p);
+
+}  // namespace aqcf

@@ -1,0 +1,162 @@
+"""The real convs under both quaternion algorithms (``csrc/cpu/real_conv.cpp``): where PyTorch would run a
+one-sample float32 conv on its own im2col kernels, the extension takes oneDNN another way. Each way must
+compute exactly what the conv means: checked here against PyTorch's conv in float64, forward and
+weight gradient, on odd sizes, every stride/padding/dilation the route accepts, and non-contiguous and
+channels_last inputs; that the route is taken where it should be (and only there); and, through the
+quaternion op, that a batch-1 3D conv of both algorithms still meets the accuracy contract against
+``reference.py``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from aqcf_kernels import functional as QF
+from aqcf_kernels import reference
+from aqcf_kernels.backends._extension import _C
+
+pytestmark = pytest.mark.skipif(
+    _C is None or not torch.backends.mkldnn.is_available(), reason="needs the extension and a oneDNN build of torch"
+)
+
+CONV = (F.conv1d, F.conv2d, F.conv3d)
+CONV_T = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _rand(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _inputs(dims, c_in, c_out, size, transposed, seed=0):
+    x = _rand(1, c_in, *[size + d for d in range(dims)], seed=seed)  # unequal, odd and even sizes
+    w = _rand(*((c_in, c_out) if transposed else (c_out, c_in)), *[3] * dims, seed=seed + 1)
+    b = _rand(c_out, seed=seed + 2)
+    return x, w, b
+
+
+# (dims, stride, padding, dilation, output_padding, expected route of the transposed conv)
+TRANSPOSED = [
+    (3, 1, 1, 1, 0, "flipped"),
+    (3, 1, 0, 1, 0, "flipped"),
+    (2, 1, 2, 1, 0, "flipped"),  # padding = the kernel's extent: still a forward conv (padding 0)
+    (3, 1, 1, 2, 0, "flipped"),
+    (2, 1, 3, 1, 0, "two_groups"),  # padding past the extent: not a forward conv
+    (3, 2, 1, 1, 1, "two_groups"),
+    (3, 2, 1, 1, 0, "two_groups"),
+    (1, 2, 1, 1, 1, "two_groups"),
+    (2, 3, 0, 2, 2, "two_groups"),
+]
+
+
+@pytest.mark.parametrize(("dims", "stride", "padding", "dilation", "output_padding", "route"), TRANSPOSED)
+def test_a_one_sample_transposed_conv_takes_onednn_and_matches_pytorch(
+    dims, stride, padding, dilation, output_padding, route
+) -> None:
+    x, w, b = _inputs(dims, 4, 6, 7, transposed=True)
+    args = ([stride] * dims, [padding] * dims, [dilation] * dims, True, [output_padding] * dims, 1)
+    y, taken = _C._real_conv(x, w, b, *args)
+    assert taken == route
+    expected = CONV_T[dims - 1](x.double(), w.double(), b.double(), stride, padding, output_padding, 1, dilation)
+    assert y.shape == expected.shape and _rel(y, expected) < 1e-6
+
+
+def test_an_odd_output_channel_count_keeps_pytorchs_strided_transposed_conv() -> None:
+    x, w, b = _inputs(3, 4, 5, 6, transposed=True)
+    y, taken = _C._real_conv(x, w, b, [2] * 3, [1] * 3, [1] * 3, True, [1] * 3, 1)
+    assert taken == "aten"
+    assert _rel(y, F.conv_transpose3d(x.double(), w.double(), b.double(), 2, 1, 1)) < 1e-6
+
+
+@pytest.mark.parametrize(
+    ("dims", "stride", "padding", "dilation"), [(3, 1, 1, 1), (3, 2, 1, 1), (2, 1, 2, 2), (1, 2, 0, 1)]
+)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+def test_a_one_sample_forward_conv_takes_onednn_and_matches_pytorch(dims, stride, padding, dilation, layout) -> None:
+    x, w, b = _inputs(dims, 4, 6, 7, transposed=False)
+    if layout == "channels_last" and dims > 1:
+        x = x.to(memory_format=(torch.channels_last, torch.channels_last_3d)[dims - 2])
+    if layout == "sliced":  # a component view of a blocked tensor: not contiguous
+        x = torch.cat([x, _rand(*x.shape, seed=9)], 1)[:, : x.shape[1]]
+    y, taken = _C._real_conv(x, w, b, [stride] * dims, [padding] * dims, [dilation] * dims, False, [0] * dims, 1)
+    assert taken == "onednn"
+    expected = CONV[dims - 1](x.double(), w.double(), b.double(), stride, padding, dilation)
+    assert _rel(y, expected) < 1e-6
+
+
+# (dims, size, stride, padding, dilation): odd and even output rows, rows the conv never reads
+@pytest.mark.parametrize(
+    ("dims", "size", "stride", "padding", "dilation"),
+    [
+        (3, 7, 1, 1, 1),
+        (3, 8, 1, 1, 1),
+        (3, 9, 2, 1, 1),
+        (3, 8, 2, 0, 1),
+        (2, 11, 1, 2, 2),
+        (1, 13, 3, 1, 1),
+        (2, 6, 1, 0, 1),
+    ],
+)
+def test_a_one_sample_weight_gradient_as_two_samples_matches_pytorch(dims, size, stride, padding, dilation) -> None:
+    x, w, _ = _inputs(dims, 4, 6, size, transposed=False)
+    x = x[..., : x.shape[-1] - 1] if dims > 1 else x  # a non-contiguous view
+    gy = _rand(*CONV[dims - 1](x, w, None, stride, padding, dilation).shape, seed=5)
+    gw, taken = _C._real_conv_weight_grad(x, gy, list(w.shape), [stride] * dims, [padding] * dims, [dilation] * dims, 1)
+    assert taken == "two_slabs"
+    wd = w.double().requires_grad_()
+    CONV[dims - 1](x.double(), wd, None, stride, padding, dilation).backward(gy.double())
+    assert _rel(gw, wd.grad) < 1e-6
+
+
+@pytest.mark.parametrize(
+    ("what", "batch", "channels", "size", "groups", "dtype"),
+    [
+        ("two samples", 2, 4, 7, 1, torch.float32),
+        ("many channels", 1, 64, 32, 1, torch.float32),
+        ("groups", 1, 4, 7, 2, torch.float32),
+        ("float64", 1, 4, 7, 1, torch.float64),
+    ],
+)
+def test_pytorchs_own_choice_stands_where_it_takes_onednn_or_the_dtype_is_not_float32(
+    what, batch, channels, size, groups, dtype
+) -> None:
+    x = _rand(batch, channels, size, size, size, seed=0).to(dtype)
+    w = _rand(channels, channels // groups, 3, 3, 3, seed=1).to(dtype)
+    _, taken = _C._real_conv(x, w, None, [1] * 3, [1] * 3, [1] * 3, False, [0] * 3, groups)
+    assert taken == "aten", what
+    gy = _rand(*x.shape, seed=2).to(dtype)
+    _, taken = _C._real_conv_weight_grad(x, gy, list(w.shape), [1] * 3, [1] * 3, [1] * 3, groups)
+    assert taken == "aten", what
+
+
+@pytest.mark.parametrize("algorithm", ["hamilton", "fast8"])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_a_batch1_3d_quaternion_conv_meets_the_contract_through_the_routes(
+    qrand, monkeypatch, algorithm, transposed
+) -> None:
+    """The model's case: one sample, 3D, few quaternion channels, stride 2 (the down- and up-samplings):
+    on the cpp backend no real conv runs on PyTorch's im2col kernels any more, and the forward and both
+    gradients meet the accuracy contract against the float64 reference."""
+    monkeypatch.setenv("AQCF_BACKEND", "cpp")
+    x = qrand(1, 16, 9, 8, 7, dtype=torch.float32, seed=1)
+    w = qrand(4, 4, 4, 3, 3, 3, dim=0, dtype=torch.float32, seed=2)
+    b = qrand(16, dim=0, dtype=torch.float32, seed=3)
+    kw = {"stride": 2, "padding": 1, "transposed": transposed, "output_padding": 1 if transposed else 0}
+    xs, ws, bs = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        y = QF.quaternion_conv(xs, ws, bs, algorithm=algorithm, **kw)
+        gy = qrand(*y.shape, dtype=torch.float32, seed=4)
+        y.backward(gy)
+    ran = {e.name for e in prof.events()}
+    assert not {name for name in ran if name.startswith("aten::slow_conv")}, sorted(ran)
+    assert "aten::mkldnn_convolution" in ran
+    xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, w, b))
+    ref = reference.quaternion_conv_naive(xd, wd, bd, **kw)
+    ref.backward(gy.double())
+    tol = 1e-5 if algorithm == "hamilton" else 5e-4
+    for got, want in ((y, ref), (xs.grad, xd.grad), (ws.grad, wd.grad), (bs.grad, bd.grad)):
+        assert _rel(got, want) < tol
