@@ -55,6 +55,29 @@ CASES = [
 IDS = ["Na!=Nb-E4", "pooled-E12", "one-query-E20"]
 
 
+@pytest.mark.parametrize(
+    ("case", "chunks"),
+    [((1, 1, 12, 5, 9, 7, 8), (4, 3)), ((1, 1, 7, 5, 5, 3, 4), (1, 1))],
+    ids=["divisible", "prime-counts"],
+)
+def test_one_head_backward_runs_query_chunks_and_matches_reference_float64(case, chunks):
+    """With fewer (batch, head) pairs than threads, the CPU backward cuts the queries into chunks run as
+    extra heads and adds their dK, dV: same gradients (a query count with no divisor runs whole)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert (TA.query_chunks(1, case[2]), TA.query_chunks(1, case[4])) == chunks
+        assert TA.query_chunks(2, 12) == 1
+        inputs = attention_inputs(*case, seed=5)
+        grads = output_grads(inputs, seed=6)
+        ref = run_attention(reference_attention, inputs, torch.float64, grads)
+        got = run_attention(_op, inputs, torch.float64, grads)
+    finally:
+        torch.set_num_threads(previous)
+    for name, o, r in zip(ATTN_NAMES, got, ref, strict=True):
+        assert rel(o, r) <= 1e-12, f"{name}: relative error {rel(o, r):.2e}"
+
+
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_op_forward_lse_and_grads_float64(case):
     inputs = attention_inputs(*case, seed=sum(case))
