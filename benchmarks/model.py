@@ -436,7 +436,7 @@ def main(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     config = {"modes": args.modes, "providers": providers, "reps": args.reps, "warmup": args.warmup,
               "dtype": args.dtype, "baseline": BASELINE,
-              "model": "AQCFNet joint, train mode, norm='batch', down='conv', kv_pool=1024, alphas +-0.5"}  # fmt: skip
+              "model": "AQCFNet joint, train mode, norm='batch', down='conv', kv_pool=256, alphas +-0.5"}  # fmt: skip
     common.write_json(args.out / "model.json", {"family": "model", "env": env, "config": config,
                       "results": [r.to_json() for r in results], "targets": checks})  # fmt: skip
     text = markdown(results, env, checks)

@@ -68,7 +68,7 @@ class ArchitectureOptions:
     bottleneck: int = 512
     fusion_levels: str | tuple[int, ...] = "all"
     heads: int | str = "auto"
-    kv_pool: int | None = 1024
+    kv_pool: int | None = 256
     gate: str = "token"
     norm: str = "batch"
     act: str = "leaky_relu"
