@@ -92,16 +92,20 @@ at::Tensor two_slab_weight_grad(const at::Tensor& x, const at::Tensor& gy, at::I
   const int64_t rows_out = gy.size(2), half = (rows_out + 1) / 2;
   const int64_t s = p.stride[0], pad = p.padding[0], extent = p.dilation[0] * (shape[2] - 1);
   const int64_t slab = (half - 1) * s + extent + 1;  // input rows one half reads
-  const int64_t back = std::max<int64_t>(0, (2 * half - 1) * s - pad + extent - (x.size(2) - 1));
-  std::vector<int64_t> pad_rows(2 * (x.dim() - 2), 0);  // at::constant_pad_nd: last dim first
-  pad_rows[pad_rows.size() - 2] = pad;
-  pad_rows[pad_rows.size() - 1] = back;
-  const at::Tensor xp = at::constant_pad_nd(x, pad_rows);
-  const at::Tensor x2 = at::cat({xp.narrow(2, 0, slab), xp.narrow(2, half * s, slab)}, 0);
-  std::vector<int64_t> pad_gy(2 * (gy.dim() - 2), 0);
-  pad_gy.back() = 2 * half - rows_out;
-  const at::Tensor gyp = at::constant_pad_nd(gy, pad_gy);
-  const at::Tensor gy2 = at::cat({gyp.narrow(2, 0, half), gyp.narrow(2, half, half)}, 0);
+  // Each sample written once into zeros (no padded copy of x or gy first: the peak stays two copies).
+  std::vector<int64_t> shape_x = x.sizes().vec(), shape_gy = gy.sizes().vec();
+  shape_x[0] = shape_gy[0] = 2;
+  shape_x[2] = slab;
+  shape_gy[2] = half;
+  const at::Tensor x2 = at::zeros(shape_x, x.options().memory_format(x.suggest_memory_format()));
+  const at::Tensor gy2 = at::zeros(shape_gy, gy.options().memory_format(gy.suggest_memory_format()));
+  for (int64_t i = 0; i < 2; ++i) {
+    const int64_t first = i * half * s - pad;  // the input row of the sample's row 0
+    const int64_t lo = std::max<int64_t>(0, first), hi = std::min<int64_t>(x.size(2), first + slab);
+    if (hi > lo) x2[i].narrow(1, lo - first, hi - lo).copy_(x[0].narrow(1, lo, hi - lo));
+    const int64_t rows = std::min(half, rows_out - i * half);
+    gy2[i].narrow(1, 0, rows).copy_(gy[0].narrow(1, i * half, rows));
+  }
   std::vector<int64_t> padding = p.padding;
   padding[0] = 0;  // the rows carry their padding
   const at::Tensor w = at::empty({}, x.options()).expand(shape);  // only its shape is read

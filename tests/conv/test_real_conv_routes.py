@@ -101,9 +101,15 @@ def test_a_one_sample_forward_conv_takes_onednn_and_matches_pytorch(dims, stride
         (2, 6, 1, 0, 1),
     ],
 )
-def test_a_one_sample_weight_gradient_as_two_samples_matches_pytorch(dims, size, stride, padding, dilation) -> None:
+@pytest.mark.parametrize("layout", ["sliced", "channels_last"])
+def test_a_one_sample_weight_gradient_as_two_samples_matches_pytorch(
+    dims, size, stride, padding, dilation, layout
+) -> None:
     x, w, _ = _inputs(dims, 4, 6, size, transposed=False)
-    x = x[..., : x.shape[-1] - 1] if dims > 1 else x  # a non-contiguous view
+    if layout == "sliced":
+        x = x[..., : x.shape[-1] - 1] if dims > 1 else x  # a non-contiguous view
+    elif dims > 1:
+        x = x.to(memory_format=(torch.channels_last, torch.channels_last_3d)[dims - 2])
     gy = _rand(*CONV[dims - 1](x, w, None, stride, padding, dilation).shape, seed=5)
     gw, taken = _C._real_conv_weight_grad(x, gy, list(w.shape), [stride] * dims, [padding] * dims, [dilation] * dims, 1)
     assert taken == "two_slabs"
