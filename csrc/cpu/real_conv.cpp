@@ -15,26 +15,26 @@ namespace {
 // model (batch 1) nearly every fast8 product and the small expanded convs matched it, and oneDNN was
 // 2-16x faster there (Intel Xeon, 2 threads, 1x16x32³ 16->16 3x3x3: forward 26.3 ms vs 1.8 ms; the
 // stride-1 transposed conv of 1x4x64³ 4->4: 54.6 ms vs 3.4 ms; weight gradient of 1x16x32³: 25.0 vs
-// 3.6 ms). The rule, after PyTorch views a 1-d conv as 2-d (N, C, 1, L):
-bool torch_uses_onednn(const at::Tensor& x, at::IntArrayRef weight_shape, const ConvParams& p) {
+// 3.6 ms). Whether PyTorch's own choice stands: it is oneDNN already, or not a case of that rule. The
+// rule, after PyTorch views a 1-d conv as 2-d (N, C, 1, L):
+bool all_of(const std::vector<int64_t>& v, int64_t value) {
+  return std::all_of(v.begin(), v.end(), [value](int64_t e) { return e == value; });
+}
+
+bool pytorch_choice_stands(const at::Tensor& x, at::IntArrayRef weight_shape, const ConvParams& p) {
   if (!x.device().is_cpu() || x.scalar_type() != at::kFloat) return true;  // not a case of the rule
   if (!at::hasMKLDNN() || !at::globalContext().userEnabledMkldnn()) return true;  // nothing to route to
-  const auto kernel = weight_shape.slice(2);
-  const int64_t k_last = kernel.back(), k_before = kernel.size() > 1 ? kernel[kernel.size() - 2] : 1;
-  auto any_not_one = [](at::IntArrayRef v) { return std::any_of(v.begin(), v.end(), [](int64_t e) { return e != 1; }); };
   if (p.transposed) {
     for (size_t d = 0; d < p.stride.size(); ++d)
-      if (p.output_padding[d] >= p.stride[d]) return false;  // neither oneDNN nor ours
+      if (p.output_padding[d] >= p.stride[d]) return true;  // oneDNN can't take it either
   }
-  const bool not_single_thread_1x1 = any_not_one(p.stride) || any_not_one(p.dilation) || x.size(0) >= 16 ||
+  const auto kernel = weight_shape.slice(2);
+  const int64_t k_last = kernel.back(), k_before = kernel.size() > 1 ? kernel[kernel.size() - 2] : 1;
+  const bool not_single_thread_1x1 = !all_of(p.stride, 1) || !all_of(p.dilation, 1) || x.size(0) >= 16 ||
       k_last != 1 || k_before != 1 || at::get_num_threads() > 1;
   const int64_t leading = x.size(0) * x.size(1) * x.size(2) * (x.dim() > 3 ? x.size(3) : 1);
   return not_single_thread_1x1 &&
       (p.groups > 1 || (k_last > 3 && k_before > 3) || x.size(0) > 1 || leading > 20480);
-}
-
-bool all_of(const std::vector<int64_t>& v, int64_t value) {
-  return std::all_of(v.begin(), v.end(), [value](int64_t e) { return e == value; });
 }
 
 std::vector<int64_t> spatial_dims(int64_t dim) {
@@ -74,7 +74,7 @@ at::Tensor two_group_transposed_conv(
 enum class Route { Aten, OneDnn, Flipped, TwoGroups };
 
 Route conv_route(const at::Tensor& x, at::IntArrayRef weight_shape, const ConvParams& p) {
-  if (torch_uses_onednn(x, weight_shape, p)) return Route::Aten;
+  if (pytorch_choice_stands(x, weight_shape, p)) return Route::Aten;
   if (!p.transposed) return Route::OneDnn;
   if (flippable(weight_shape, p)) return Route::Flipped;
   return weight_shape[1] % 2 == 0 ? Route::TwoGroups : Route::Aten;
@@ -85,7 +85,7 @@ Route conv_route(const at::Tensor& x, at::IntArrayRef weight_shape, const ConvPa
 // conv pads, or past an odd last half). The same sum of products, so the same gradient; two samples
 // go to oneDNN. Copies x and gy once (small next to the correlation).
 bool two_slabs_fit(const at::Tensor& x, const at::Tensor& gy, at::IntArrayRef shape, const ConvParams& p) {
-  return !p.transposed && x.size(0) == 1 && gy.size(2) >= 2 && !torch_uses_onednn(x, shape, p);
+  return !p.transposed && gy.size(2) >= 2 && !pytorch_choice_stands(x, shape, p);
 }
 
 at::Tensor two_slab_weight_grad(const at::Tensor& x, const at::Tensor& gy, at::IntArrayRef shape, const ConvParams& p) {

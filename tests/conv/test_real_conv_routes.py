@@ -50,6 +50,7 @@ TRANSPOSED = [
     (3, 2, 1, 1, 0, "two_groups"),
     (1, 2, 1, 1, 1, "two_groups"),
     (2, 3, 0, 2, 2, "two_groups"),
+    (2, 1, 1, 2, 1, "aten"),  # output_padding >= stride: oneDNN refuses it, PyTorch's own path stays
 ]
 
 
@@ -142,7 +143,7 @@ def test_pytorchs_own_choice_stands_where_it_takes_onednn_or_the_dtype_is_not_fl
 @pytest.mark.parametrize("algorithm", ["hamilton", "fast8"])
 @pytest.mark.parametrize("transposed", [False, True])
 def test_a_batch1_3d_quaternion_conv_meets_the_contract_through_the_routes(
-    qrand, monkeypatch, algorithm, transposed
+    qrand, rel_errors, monkeypatch, algorithm, transposed
 ) -> None:
     """The model's case: one sample, 3D, few quaternion channels, stride 2 (the down- and up-samplings):
     on the cpp backend no real conv runs on PyTorch's im2col kernels any more, and the forward and both
@@ -164,5 +165,6 @@ def test_a_batch1_3d_quaternion_conv_meets_the_contract_through_the_routes(
     ref = reference.quaternion_conv_naive(xd, wd, bd, **kw)
     ref.backward(gy.double())
     tol = 1e-5 if algorithm == "hamilton" else 5e-4
-    for got, want in ((y, ref), (xs.grad, xd.grad), (ws.grad, wd.grad), (bs.grad, bd.grad)):
-        assert _rel(got, want) < tol
+    # whole tensor and per component (DESIGN.md's contract); weights and bias are blocked along dim 0
+    for got, want, dim in ((y, ref, 1), (xs.grad, xd.grad, 1), (ws.grad, wd.grad, 0), (bs.grad, bd.grad, 0)):
+        assert max(rel_errors(got, want, dim).values()) < tol
