@@ -42,8 +42,35 @@ def qcat(tensors: Sequence[Tensor], dim: int = 1) -> Tensor:
     """Concatenate quaternion tensors per component: ``[r_a r_b | i_a i_b | j_a j_b | k_a k_b]``."""
     if len(tensors) == 0:
         raise ValueError("qcat: expected at least one tensor")
+    if dim == 1 and all(is_channels_last(t) for t in tensors):
+        # Channels innermost: concatenate along the last axis of the (N, *spatial, C) view, so the
+        # result is channels_last too (a cat of the (N, 4, Cq, *spatial) views would write a
+        # channels-first tensor, strided, and every following op would convert it back).
+        last = [t.movedim(1, -1) for t in tensors]
+        joined = torch.cat([as_components(t, -1) for t in last], dim=-1)
+        return from_components(joined, -2).movedim(-1, 1)
     parts = [as_components(t, dim) for t in tensors]
     return from_components(torch.cat(parts, dim=dim + 1), dim)
+
+
+def channels_last_format(x: Tensor) -> torch.memory_format | None:
+    """``torch.channels_last`` for a 4-d tensor, ``torch.channels_last_3d`` for a 5-d one, else None."""
+    return {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+
+
+def is_channels_last(x: Tensor) -> bool:
+    """Whether ``x`` is a 4-d/5-d tensor laid out channels_last(_3d) and not also channels-first (a
+    tensor with one channel or one pixel is both, and counts as channels-first)."""
+    fmt = channels_last_format(x)
+    return fmt is not None and x.is_contiguous(memory_format=fmt) and not x.is_contiguous()
+
+
+def like_layout(x: Tensor, reference: Tensor) -> Tensor:
+    """``x`` in ``reference``'s layout: channels_last(_3d) if ``reference`` is (a copy only if ``x``
+    isn't already), else ``x`` unchanged."""
+    if is_channels_last(reference):
+        return x.contiguous(memory_format=channels_last_format(reference))
+    return x
 
 
 def qsplit(x: Tensor, split_size_or_sections: int | Sequence[int], dim: int = 1) -> tuple[Tensor, ...]:

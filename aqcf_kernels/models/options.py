@@ -25,6 +25,7 @@ MODES = ("joint", "ct", "mri")
 DOWNS = ("conv", "pool")
 NORMS = ("batch", "instance")
 ACTIVATIONS = ("relu", "leaky_relu", "gelu")
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 
 #: Real channels per attention head under ``heads='auto'`` (MONAI's SwinUNETR keeps 16 per head too).
 #: Narrower heads make the A-QCF block cost several times more for the same width: each head's
@@ -42,6 +43,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "down": DOWNS,
     "mode": MODES,
     "algorithm": ALGORITHM_CHOICES,
+    "memory_format": MEMORY_FORMATS,
 }
 
 
@@ -77,6 +79,7 @@ class ArchitectureOptions:
     real_valued: bool = False
     dropout: float = 0.0
     algorithm: str = "auto"
+    memory_format: str = "auto"
 
 
 @dataclass(kw_only=True)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import functional as QF
-from ..layout import merge_heads, qcat, qsplit, quaternion_channels, split_heads
+from ..layout import like_layout, merge_heads, qcat, qsplit, quaternion_channels, split_heads
 from .conv import QuaternionConv1d
 
 GATES = ("token", "channel", "none")
@@ -147,7 +147,9 @@ class AQCFBlock(nn.Module):
             g_a, g_b = self._gate(self.gate_a, t_a, o_a), self._gate(self.gate_b, t_b, o_b)
             out_a = QF.gated_residual(t_a, o_a, g_a, self.alpha_a)
             out_b = QF.gated_residual(t_b, o_b, g_b, self.alpha_b)
-        return out_a.view(f_a.shape), out_b.view(batch, *f_b.shape[1:])
+        # Outputs in the inputs' layout (the tokens were computed channels-first): a channels_last
+        # network stays channels_last past the block.
+        return like_layout(out_a.view(f_a.shape), f_a), like_layout(out_b.view(batch, *f_b.shape[1:]), f_b)
 
     def extra_repr(self) -> str:
         s = f"channels={self.channels}, heads={self.heads}"

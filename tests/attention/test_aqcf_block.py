@@ -423,3 +423,26 @@ def test_block_compiles_with_one_quaternion_channel_per_head():
         torch.testing.assert_close(got, want)
     (outs[0].square().sum() + outs[1].sum()).backward()
     assert all(p.grad is not None for p in block.parameters())
+
+
+@pytest.mark.parametrize("spatial", [(4, 5), (3, 2, 3)], ids=["2d", "3d"])
+def test_block_keeps_channels_last_and_matches_channels_first(spatial):
+    """A channels_last network stays channels_last past the block (its tokens are computed
+    channels-first): same values and gradients as channels-first inputs, outputs in the inputs' layout."""
+    block = make_block(8, 2, "token", kv_pool=8, seed=4)
+    fmt = torch.channels_last if len(spatial) == 2 else torch.channels_last_3d
+    f_a, f_b = _inputs((2, 8, *spatial), (2, 8, *spatial), seed=11)
+    gy_a, gy_b = rand(2, 8, *spatial, seed=12), rand(2, 8, *spatial, seed=13)
+
+    def run(to_format):
+        a, b = (to_format(t).detach().requires_grad_() for t in (f_a, f_b))
+        y_a, y_b = block(a, b)
+        ((y_a * gy_a).sum() + (y_b * gy_b).sum()).backward()
+        return y_a, y_b, a.grad, b.grad
+
+    got = run(lambda t: t.contiguous(memory_format=fmt))
+    ref = run(lambda t: t.contiguous())
+    assert got[0].is_contiguous(memory_format=fmt) and got[1].is_contiguous(memory_format=fmt)
+    assert ref[0].is_contiguous() and ref[1].is_contiguous()
+    for name, o, r in zip(("f_a'", "f_b'", "d f_a", "d f_b"), got, ref, strict=True):
+        assert rel(o, r) <= 1e-12, f"{name}: {rel(o, r):.2e}"

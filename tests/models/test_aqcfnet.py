@@ -349,6 +349,7 @@ def test_expanded_build_needs_quaternion_convs() -> None:
         ({"kv_pool": 0}, "kv_pool must be None or a positive int"),
         ({"dropout": 1.0}, "dropout must be a probability"),
         ({"algorithm": "fast4"}, "algorithm must be one of"),
+        ({"memory_format": "nhwc"}, "memory_format must be one of"),
         ({"real_valued": 1}, "real_valued must be a bool"),
         ({"deep_supervision": 2}, r"deep_supervision must be a bool or an int in 0..1"),
     ],
@@ -382,3 +383,48 @@ def test_repr_names_the_settings() -> None:
     ):
         assert setting in text, setting
     assert "real_valued=True" in repr(tiny(real_valued=True))
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_memory_format_changes_layout_not_results(spatial_dims: int) -> None:
+    """``memory_format='channels_last'`` (what ``'auto'`` picks on CPU) runs every feature map
+    channels_last and returns channels-first logits; values and every gradient equal the contiguous
+    network's (float64, both streams fused, deep supervision on)."""
+    kw = {"dtype": torch.float64, "deep_supervision": True, "kv_pool": 16}
+    cl = torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
+    size = SIZES[spatial_dims]
+    ct, mri = image(2, size, seed=1, dtype=torch.float64), image(2, size, seed=2, dtype=torch.float64)
+    results = {}
+    for fmt in ("contiguous", "channels_last"):
+        model = tiny(spatial_dims, memory_format=fmt, **kw)
+        set_alphas(model)
+        layouts: list[bool] = []
+        hooks = [
+            m.register_forward_hook(lambda m, a, out: layouts.append(out.is_contiguous(memory_format=cl)))
+            for m in model.modules()
+            if isinstance(m, (qnn.QuaternionConv2d, qnn.QuaternionConv3d))
+        ]
+        out = model(ct=ct, mri=mri)
+        for h in hooks:
+            h.remove()
+        logits = [t for name in ("ct", "mri") for t in out[name]]
+        assert all(t.is_contiguous() for t in logits)
+        loss = sum((t * torch.linspace(-1, 1, t.numel(), dtype=t.dtype).view_as(t)).sum() for t in logits)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        results[fmt] = (logits, grads, layouts)
+    (ref_logits, ref_grads, ref_layouts), (got_logits, got_grads, got_layouts) = results.values()
+    assert got_layouts and all(got_layouts), "a quaternion conv ran outside channels_last"
+    assert not any(ref_layouts)
+    for o, r in zip(got_logits, ref_logits, strict=True):
+        torch.testing.assert_close(o, r, rtol=1e-10, atol=1e-12)
+    for name, r in ref_grads.items():
+        torch.testing.assert_close(got_grads[name], r, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_memory_format_auto_is_channels_last_on_cpu() -> None:
+    model = tiny(2)
+    assert model.options.memory_format == "auto"
+    feats = model._in_feature_layout(torch.randn(2, 8, 5, 6))
+    assert feats.is_contiguous(memory_format=torch.channels_last) and not feats.is_contiguous()
+    assert tiny(2, memory_format="contiguous")._in_feature_layout(feats.contiguous()).is_contiguous()
