@@ -400,7 +400,7 @@ def test_memory_format_changes_layout_not_results(spatial_dims: int) -> None:
         set_alphas(model)
         layouts: list[bool] = []
         hooks = [
-            m.register_forward_hook(lambda m, a, out: layouts.append(out.is_contiguous(memory_format=cl)))
+            m.register_forward_hook(lambda m, a, out, seen=layouts: seen.append(out.is_contiguous(memory_format=cl)))
             for m in model.modules()
             if isinstance(m, (qnn.QuaternionConv2d, qnn.QuaternionConv3d))
         ]
