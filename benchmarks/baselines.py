@@ -31,15 +31,23 @@ class _ExpandedConvMixin:
     fused and an expanded build with the same weights compute the same function.
     """
 
-    def _conv_forward(self, input: Tensor, output_padding: Sequence[int]) -> Tensor:
+    def _conv_forward(
+        self,
+        input: Tensor,
+        output_padding: Sequence[int],
+        weight: Tensor | None = None,
+        bias: Tensor | None = None,
+    ) -> Tensor:
+        if weight is None:
+            weight, bias = self.weight, self.bias
         padding = self.padding
         if self.padding_mode != "zeros":
             input = nn.functional.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
         return reference.quaternion_conv_expanded(
             input,
-            self.weight,
-            self.bias,
+            weight,
+            bias,
             self.stride,
             padding,
             self.dilation,

@@ -139,9 +139,15 @@ class LayerFactory:
         """conv 3 (no bias: the norm's shift replaces it) → norm → activation (:meth:`norm_act`).
 
         The norm sits between the conv and the activation, so the activation is fused into the norm,
-        not the conv; no quaternion conv of the model is followed directly by an activation.
+        not the conv; no quaternion conv of the model is followed directly by an activation. In the
+        quaternion flavour the unit is a :class:`~aqcf_kernels.nn.QuaternionConvNormAct` (an
+        ``nn.Sequential`` with the same children), which folds the norm into the conv in eval mode.
         """
-        return nn.Sequential(self.conv(cin, cout, 3, stride=stride, padding=1), *self.norm_act(cout))
+        conv = self.conv(cin, cout, 3, stride=stride, padding=1)
+        if self.real_valued:
+            return nn.Sequential(conv, *self.norm_act(cout))
+        (norm,) = self.norm_act(cout)
+        return qnn.QuaternionConvNormAct(conv, norm)
 
     def conv_block(self, cin: int, cout: int) -> nn.Sequential:
         """Two units; dropout (whole quaternions in the quaternion flavour) at the end if ``dropout > 0``."""

@@ -34,12 +34,14 @@ from .pool import (
     quaternion_max_pool,
 )
 from .recurrent import QuaternionLiGRU, QuaternionLSTM, QuaternionRNN
+from .unit import QuaternionConvNormAct
 
 __all__ = [
     "AQCFBlock",
     "QuaternionConv1d",
     "QuaternionConv2d",
     "QuaternionConv3d",
+    "QuaternionConvNormAct",
     "QuaternionConvTranspose1d",
     "QuaternionConvTranspose2d",
     "QuaternionConvTranspose3d",

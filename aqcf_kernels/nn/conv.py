@@ -147,13 +147,23 @@ class _QuaternionConvNd(QuaternionModule):
         in_channels, out_channels = (a, b) if cls._transposed else (b, a)
         return in_channels, out_channels, tuple(shape[2:])
 
-    def _conv_forward(self, input: Tensor, output_padding: Sequence[int]) -> Tensor:
+    def _conv_forward(
+        self,
+        input: Tensor,
+        output_padding: Sequence[int],
+        weight: Tensor | None = None,
+        bias: Tensor | None = None,
+    ) -> Tensor:
+        """The conv with this module's geometry; ``weight`` and ``bias`` (when ``weight`` is given)
+        replace the module's own (a norm folded in: :class:`~aqcf_kernels.nn.QuaternionConvNormAct`)."""
+        if weight is None:
+            weight, bias = self.weight, self.bias
         padding = self.padding
         if self.padding_mode != "zeros":
             # Like torch: pad explicitly with the mode, then convolve without padding.
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
-        args = (input, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
+        args = (input, weight, bias, self.stride, padding, self.dilation, self.groups)
         geometry = {"transposed": self._transposed, "output_padding": output_padding}
         if self.rotation:
             return quaternion_rotation_conv(

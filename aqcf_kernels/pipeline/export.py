@@ -493,11 +493,16 @@ def lowered_for_onnx(module: nn.Module) -> nn.Module:
     from ..nn.conv import _QuaternionConvNd
     from ..nn.norm import _QuaternionNorm
     from ..nn.rotation import rotation_real_weight
+    from ..nn.unit import QuaternionConvNormAct
     from ..quaternion import expand_weight_grouped
 
     lowered = copy.deepcopy(module)
     for m in lowered.modules():
-        if isinstance(m, _QuaternionConvNd):
+        if isinstance(m, QuaternionConvNormAct):
+            # Its two modules are lowered on their own below; its eval-mode fold reads the quaternion
+            # weight this copy drops, so it runs them in turn, as the nn.Sequential it extends.
+            m.__class__ = nn.Sequential
+        elif isinstance(m, _QuaternionConvNd):
             with torch.no_grad():
                 if m.rotation:
                     scale = None if m.scale_param is None else m.scale_param.detach()

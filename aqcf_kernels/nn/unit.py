@@ -1,0 +1,94 @@
+"""``QuaternionConvNormAct``: quaternion conv → quaternion norm (with its fused activation), one module.
+
+In training it is exactly ``nn.Sequential(conv, norm)``. In eval mode a norm with running statistics
+is an affine map per channel, and the shared-variance norm's scale is one scalar per *quaternion*
+channel, ``s = γ / sqrt(running_var + eps)``. Scaling an output quaternion channel of ``W ⊗ x`` by a
+real scalar is scaling that channel's four weight components, which is again a quaternion weight, so
+the norm folds into the conv exactly (the same fold as ``torch.nn.utils.fusion.fuse_conv_bn_eval``):
+
+    W'[:, a] = s_a · W[:, a]        b' = s ⊙ (b − μ) + β      (s repeated over the four blocks)
+
+and the unit is one conv plus the activation, applied in place on the conv's fresh output. The norm's
+pass over the tensor (and its output buffer) is gone: the unit's eval forward is what inference and
+``aqcf-predict`` run. Measured on one unit (Intel Xeon, 2 threads, no grad, channels_last): 3D 4q 64³
+15.2 → 12.5 ms, 2D 8q 128² B4 4.2 → 3.6 ms.
+
+Nothing is folded (the two modules run in turn) in training mode, for a norm that uses the input's
+statistics (instance norm without ``track_running_stats``), a whitening norm (its 4×4 ``γ L⁻¹``
+mixes the components: not a quaternion scale), a composite norm (``fused = False``: the benchmarks'
+baseline), a rotation conv (its weight is normalised inside) or a transposed conv. The weights
+themselves are never changed: the folded ones are recomputed per call (a few small ops), so
+``train()``/``eval()`` switch freely and gradients reach ``W``, ``γ`` and ``β`` through the fold.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .conv import _QuaternionConvNd
+from .norm import _QuaternionNorm
+
+
+class QuaternionConvNormAct(nn.Sequential):
+    """``conv`` then ``norm`` (``self[0]``, ``self[1]``: the state-dict keys of ``nn.Sequential(conv, norm)``),
+    with the norm folded into the conv in eval mode (see the module docstring)."""
+
+    def __init__(self, conv: _QuaternionConvNd, norm: _QuaternionNorm) -> None:
+        if not isinstance(conv, _QuaternionConvNd):
+            raise TypeError(f"QuaternionConvNormAct: conv must be a quaternion conv, got {type(conv).__name__}")
+        if not isinstance(norm, _QuaternionNorm):
+            raise TypeError(f"QuaternionConvNormAct: norm must be a quaternion norm, got {type(norm).__name__}")
+        if conv.out_channels != norm.num_features:
+            raise ValueError(
+                f"QuaternionConvNormAct: the conv has {conv.out_channels} output channels but the norm "
+                f"num_features={norm.num_features}"
+            )
+        super().__init__(conv, norm)
+
+    @property
+    def folds(self) -> bool:
+        """Whether :meth:`forward` runs the folded conv now (eval mode and a foldable pair)."""
+        conv, norm = self[0], self[1]
+        return (
+            not self.training
+            and not norm.training
+            and norm.track_running_stats
+            and not norm.whiten
+            and norm.fused
+            and not conv.rotation
+            and not conv.transposed
+        )
+
+    def folded_weight_and_bias(self) -> tuple[Tensor, Tensor]:
+        """``(W', b')``: the conv's weight and bias with the eval-mode norm folded in."""
+        conv, norm = self[0], self[1]
+        w = conv.weight
+        scale = torch.rsqrt(norm.running_var.to(w.dtype) + norm.eps)  # (Cq,)
+        if norm.weight is not None:
+            scale = scale * norm.weight
+        shift = -norm.running_mean.to(w.dtype)
+        if conv.bias is not None:
+            shift = shift + conv.bias
+        bias = scale.repeat(4) * shift  # blocked [r|i|j|k]: quaternion channel c is real c + k·Cq
+        if norm.bias is not None:
+            bias = bias + norm.bias
+        return w * scale.view(1, -1, *[1] * (w.dim() - 2)), bias
+
+    def forward(self, input: Tensor) -> Tensor:
+        conv, norm = self[0], self[1]
+        # An unbatched input goes the unfolded way: the norm decides whether it takes one.
+        if not self.folds or conv._unbatched(input):
+            return super().forward(input)
+        y = conv._conv_forward(input, conv.output_padding, *self.folded_weight_and_bias())
+        if norm.activation == "relu":
+            y = F.relu_(y)  # in place on the conv's own output: nothing else holds it
+        elif norm.activation == "leaky_relu":
+            y = F.leaky_relu_(y, norm.negative_slope)
+        elif norm.activation == "gelu":
+            y = F.gelu(y)
+        return y
+
+
+__all__ = ["QuaternionConvNormAct"]

@@ -1,0 +1,147 @@
+"""``QuaternionConvNormAct``: in eval mode the norm folded into the conv must compute exactly what
+``nn.Sequential(conv, norm)`` computes (float64: forward and the gradients of the input, the conv's
+weight and bias and the norm's affine parameters), the norm must really be skipped, and every case
+that cannot fold must run the two modules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from aqcf_kernels import nn as qnn
+
+CONVS = {1: qnn.QuaternionConv1d, 2: qnn.QuaternionConv2d, 3: qnn.QuaternionConv3d}
+BATCH_NORMS = {1: qnn.QuaternionBatchNorm1d, 2: qnn.QuaternionBatchNorm2d, 3: qnn.QuaternionBatchNorm3d}
+SPATIAL = {1: (11,), 2: (7, 9), 3: (5, 6, 7)}
+
+
+def seeded(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def make_unit(dims=2, cin=8, cout=12, activation="leaky_relu", conv_bias=True, affine=True, norm_cls=None, **conv_kw):
+    torch.manual_seed(dims + cin + cout)
+    conv = CONVS[dims](cin, cout, 3, padding=1, bias=conv_bias, dtype=torch.float64, **conv_kw)
+    norm_cls = norm_cls or BATCH_NORMS[dims]
+    norm = norm_cls(cout, affine=affine, activation=activation, negative_slope=0.2, dtype=torch.float64)
+    with torch.no_grad():  # trained-looking statistics and affine parameters, none of them trivial
+        if norm.track_running_stats:
+            norm.running_mean.copy_(seeded(cout, seed=1))
+            norm.running_var.copy_(seeded(cout // 4, seed=2).abs() + 0.3)
+        if affine:
+            norm.weight.copy_(seeded(cout // 4, seed=3))
+            norm.bias.copy_(seeded(cout, seed=4))
+    return qnn.QuaternionConvNormAct(conv, norm)
+
+
+def run(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    module.zero_grad()
+    x = x.detach().requires_grad_()
+    y = module(x)
+    y.backward(grad)
+    return (y.detach(), x.grad, *[p.grad for p in module.parameters()])
+
+
+def check_same_as_sequential(unit: qnn.QuaternionConvNormAct, x: torch.Tensor) -> None:
+    grad = seeded(*unit(x).shape, seed=7)
+    got = run(unit, x, grad)
+    ref = run(nn.Sequential(*unit), x, grad)  # the same two modules, one after the other
+    names = ["output", "d input", *[n for n, _ in unit.named_parameters()]]
+    for name, g, r in zip(names, got, ref, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "gelu", None])
+def test_eval_fold_equals_conv_then_norm(dims, activation) -> None:
+    unit = make_unit(dims, activation=activation).eval()
+    assert unit.folds
+    check_same_as_sequential(unit, seeded(3, 8, *SPATIAL[dims], seed=5))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"conv_bias": False},
+        {"affine": False},
+        {"stride": 2},
+        {"groups": 2, "cout": 16},
+        {"dilation": 2, "padding_mode": "reflect"},
+    ],
+    ids=["no-conv-bias", "no-affine", "stride-2", "groups-2", "dilated-reflect"],
+)
+def test_eval_fold_equals_conv_then_norm_for_every_geometry(options) -> None:
+    unit = make_unit(2, **options).eval()  # 8 -> 12 (or 16) channels
+    assert unit.folds
+    x = seeded(2, 8, 9, 8, seed=6).contiguous(memory_format=torch.channels_last)  # the model's layout
+    check_same_as_sequential(unit, x)
+
+
+def test_eval_fold_skips_the_norm() -> None:
+    unit = make_unit(2).eval()
+    calls = []
+    unit[1].register_forward_hook(lambda *args: calls.append(1))
+    x = seeded(2, 8, 7, 9, seed=8)
+    y = unit(x)
+    assert not calls, "the folded unit ran the norm"
+    torch.testing.assert_close(y, unit[1](unit[0](x)), rtol=1e-10, atol=1e-12)
+    # an unbatched input is the norm's to accept or refuse, as in nn.Sequential(conv, norm)
+    with pytest.raises(ValueError, match="expected 4D input"):
+        unit(x[0])
+
+
+def test_weights_are_never_changed_and_train_mode_runs_both_modules() -> None:
+    unit = make_unit(2)
+    before = {k: v.clone() for k, v in unit.state_dict().items()}
+    unit.eval()(seeded(2, 8, 5, 5, seed=9))
+    assert all(torch.equal(before[k], v) for k, v in unit.state_dict().items())
+    unit.train()
+    assert not unit.folds
+    check_same_as_sequential(unit, seeded(2, 8, 5, 5, seed=10))  # batch statistics: no fold
+
+
+@pytest.mark.parametrize("case", ["instance-norm", "whiten", "composite-norm", "rotation"])
+def test_unfoldable_units_run_both_modules(case) -> None:
+    if case == "instance-norm":  # input statistics in eval too
+        unit = make_unit(2, norm_cls=qnn.QuaternionInstanceNorm2d)
+    elif case == "whiten":
+        torch.manual_seed(0)
+        conv = qnn.QuaternionConv2d(8, 12, 3, padding=1, dtype=torch.float64)
+        unit = qnn.QuaternionConvNormAct(conv, qnn.QuaternionBatchNorm2d(12, whiten=True, dtype=torch.float64))
+    elif case == "composite-norm":
+        unit = make_unit(2)
+        unit[1].fused = False
+    else:
+        torch.manual_seed(0)
+        conv = qnn.QuaternionConv2d(8, 12, 3, padding=1, rotation=True, dtype=torch.float64)
+        unit = qnn.QuaternionConvNormAct(conv, qnn.QuaternionBatchNorm2d(12, dtype=torch.float64))
+    unit.eval()
+    assert not unit.folds
+    calls = []
+    unit[1].register_forward_hook(lambda *args: calls.append(1))
+    check_same_as_sequential(unit, seeded(2, 8, 5, 6, seed=11))
+    assert calls
+
+
+def test_the_fold_is_exact_algebra() -> None:
+    """W' and b' against the formula written out per real channel (not through the unit's code)."""
+    unit = make_unit(2).eval()
+    conv, norm = unit
+    w, b = unit.folded_weight_and_bias()
+    cq = norm.num_features // 4
+    for real in range(norm.num_features):
+        q = real % cq
+        s = norm.weight[q] / torch.sqrt(norm.running_var[q] + norm.eps)
+        torch.testing.assert_close(b[real], s * (conv.bias[real] - norm.running_mean[real]) + norm.bias[real])
+        torch.testing.assert_close(w[:, q], s * conv.weight[:, q])
+
+
+def test_constructor_errors() -> None:
+    conv = qnn.QuaternionConv2d(8, 12, 3)
+    with pytest.raises(TypeError, match="conv must be a quaternion conv"):
+        qnn.QuaternionConvNormAct(nn.Conv2d(8, 12, 3), qnn.QuaternionBatchNorm2d(12))
+    with pytest.raises(TypeError, match="norm must be a quaternion norm"):
+        qnn.QuaternionConvNormAct(conv, nn.BatchNorm2d(12))
+    with pytest.raises(ValueError, match="12 output channels but the norm num_features=16"):
+        qnn.QuaternionConvNormAct(conv, qnn.QuaternionBatchNorm2d(16))
