@@ -26,21 +26,31 @@ _SCOPE = "breakdown::"
 _BACKWARD = "autograd::engine::evaluate_function: "
 
 
+#: A family member: a module type, or a test ``module -> bool`` asked at each call (a module whose
+#: role depends on its mode, e.g. a conv + norm unit that is one folded conv in eval mode only).
+Member = type | Callable[[nn.Module], bool]
+
+
+def _family_of(module: nn.Module, families: Mapping[str, tuple[Member, ...]]) -> str | None:
+    for family, members in families.items():
+        for m in members:
+            if isinstance(m, type) and isinstance(module, m) or not isinstance(m, type) and m(module):
+                return family
+    return None
+
+
 @contextlib.contextmanager
-def _family_scopes(model: nn.Module, families: Mapping[str, tuple[type, ...]]) -> Iterator[None]:
+def _family_scopes(model: nn.Module, families: Mapping[str, tuple[Member, ...]]) -> Iterator[None]:
     """Every module of a family runs its forward inside a ``breakdown::<family>`` profiler scope,
-    unless a family scope is already open (the outermost wins)."""
+    unless a family scope is already open (the outermost wins). Membership is decided per call."""
     open_scopes: list[record_function | None] = []
 
-    def enter(family: str) -> Callable:
-        def hook(module: nn.Module, args) -> None:
-            inside = any(s is not None for s in open_scopes)
-            scope = None if inside else record_function(_SCOPE + family)
-            if scope is not None:
-                scope.__enter__()
-            open_scopes.append(scope)
-
-        return hook
+    def enter(module: nn.Module, args) -> None:
+        family = None if any(s is not None for s in open_scopes) else _family_of(module, families)
+        scope = None if family is None else record_function(_SCOPE + family)
+        if scope is not None:
+            scope.__enter__()
+        open_scopes.append(scope)
 
     def leave(module: nn.Module, args, output) -> None:
         scope = open_scopes.pop()
@@ -49,10 +59,8 @@ def _family_scopes(model: nn.Module, families: Mapping[str, tuple[type, ...]]) -
 
     handles = []
     for module in model.modules():
-        family = next((f for f, types in families.items() if isinstance(module, types)), None)
-        if family is not None:
-            handles.append(module.register_forward_pre_hook(enter(family)))
-            handles.append(module.register_forward_hook(leave))
+        handles.append(module.register_forward_pre_hook(enter))
+        handles.append(module.register_forward_hook(leave))
     try:
         yield
     finally:
@@ -60,7 +68,7 @@ def _family_scopes(model: nn.Module, families: Mapping[str, tuple[type, ...]]) -
             h.remove()
 
 
-def _attributed(model: nn.Module, step: Callable[[], None], families: Mapping[str, tuple[type, ...]]):
+def _attributed(model: nn.Module, step: Callable[[], None], families: Mapping[str, tuple[Member, ...]]):
     """Run ``step()`` once under the profiler; return its wall time in µs and, for each op event of the
     step's thread that a family claims, ``(event, family)``."""
     with _family_scopes(model, families), profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -96,7 +104,7 @@ def _attributed(model: nn.Module, step: Callable[[], None], families: Mapping[st
 
 
 def profiled_seconds(
-    model: nn.Module, step: Callable[[], None], families: Mapping[str, tuple[type, ...]]
+    model: nn.Module, step: Callable[[], None], families: Mapping[str, tuple[Member, ...]]
 ) -> dict[str, float]:
     """Seconds of one profiled ``step()`` spent in each family's modules (forward and backward) and in
     ``rest``; they sum to the profiled step's wall time."""
@@ -109,7 +117,7 @@ def profiled_seconds(
 
 
 def profiled_ops(
-    model: nn.Module, step: Callable[[], None], families: Mapping[str, tuple[type, ...]]
+    model: nn.Module, step: Callable[[], None], families: Mapping[str, tuple[Member, ...]]
 ) -> dict[str, set[str]]:
     """The names of the ops of one profiled ``step()`` that each family claims (what
     :func:`profiled_seconds` adds up), for checking the attribution without timing anything."""
@@ -119,7 +127,7 @@ def profiled_ops(
     return ops
 
 
-def shares(model: nn.Module, step: Callable[[], None], families: Mapping[str, tuple[type, ...]]) -> dict[str, float]:
+def shares(model: nn.Module, step: Callable[[], None], families: Mapping[str, tuple[Member, ...]]) -> dict[str, float]:
     """:func:`profiled_seconds` as fractions of the profiled step; they sum to 1."""
     seconds = profiled_seconds(model, step, families)
     total = sum(seconds.values())
@@ -127,7 +135,7 @@ def shares(model: nn.Module, step: Callable[[], None], families: Mapping[str, tu
 
 
 def component_times(
-    model: nn.Module, step: Callable[[], None], families: Mapping[str, tuple[type, ...]], median_s: float
+    model: nn.Module, step: Callable[[], None], families: Mapping[str, tuple[Member, ...]], median_s: float
 ) -> dict[str, float]:
     """:func:`shares` of one profiled step, scaled to an unprofiled step of ``median_s`` seconds."""
     return {f: share * median_s for f, share in shares(model, step, families).items()}

@@ -119,10 +119,15 @@ def make_inputs(case: Case, dtype: torch.dtype, device: torch.device) -> Inputs:
     return Inputs(rand(shape), rand(shape), rand(grad_shape), rand(grad_shape))
 
 
+def _folded_unit(module: torch.nn.Module) -> bool:
+    """A conv + norm unit running as one conv (eval mode: the norm folded in; its activation runs in place)."""
+    return isinstance(module, qnn.QuaternionConvNormAct) and module.folds
+
+
 #: The module families of the time breakdown (outermost wins: an A-QCF block's projections are attention).
-FAMILIES: dict[str, tuple[type, ...]] = {
+FAMILIES: dict[str, tuple[breakdown.Member, ...]] = {
     "attention": (qnn.AQCFBlock,),
-    "convs": (_QuaternionConvNd, torch.nn.modules.conv._ConvNd),
+    "convs": (_QuaternionConvNd, torch.nn.modules.conv._ConvNd, _folded_unit),
     "norms+acts": (
         _QuaternionNorm,
         torch.nn.modules.batchnorm._NormBase,

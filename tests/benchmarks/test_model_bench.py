@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from aqcf_kernels import nn as qnn
 from benchmarks import breakdown, common
 from benchmarks.model import FAMILIES, TARGET_CASES, Case, Result, check_targets, conv_gflop, markdown, run
 
@@ -146,3 +147,23 @@ def test_conv_gflop_counts_the_convs_of_a_step() -> None:
     expected = 2 * 2 * 16 * 8 * 3 * 3 * 8 * 10 / 1e9  # output 8x10 (no padding)
     assert conv_gflop(lambda: torch.nn.functional.conv2d(x, w)) == pytest.approx(expected)
     assert conv_gflop(lambda: torch.mm(x.flatten(1), x.flatten(1).T)) is None
+
+
+def test_a_folded_unit_counts_as_a_conv_and_a_training_unit_as_its_parts() -> None:
+    """In eval mode a conv + norm unit is one folded conv (its norm never runs): the breakdown bills it to
+    convs; in training its conv and norm are billed to their own families."""
+    torch.manual_seed(0)
+    conv = qnn.QuaternionConv2d(16, 16, 3, padding=1)
+    unit = qnn.QuaternionConvNormAct(conv, qnn.QuaternionBatchNorm2d(16, activation="relu"))
+    x = torch.randn(2, 16, 48, 48)
+
+    def step() -> None:
+        with torch.no_grad():
+            unit(x)
+
+    unit.eval()
+    folded = breakdown.profiled_seconds(unit, step, FAMILIES)
+    assert folded["convs"] > 0 and folded["norms+acts"] == 0.0
+    unit.train()
+    parts = breakdown.profiled_seconds(unit, step, FAMILIES)
+    assert parts["convs"] > 0 and parts["norms+acts"] > 0
