@@ -118,13 +118,17 @@ def use_expanded_convs(module: nn.Module) -> nn.Module:
 def use_composite_norms(module: nn.Module) -> nn.Module:
     """Make every quaternion norm in ``module`` compute as the quaternion libraries do: the composite
     PyTorch norm (several passes: mean, centring, squares per component, rsqrt, scale, shift; as
-    speechbrain's ``QBatchNorm``), then the activation as a separate pass. Returns ``module``, changed in
-    place (no state added)."""
+    speechbrain's ``QBatchNorm``), then the activation as a separate pass; and a conv unit given several
+    inputs (a decoder's features and skip) convolves their ``qcat``, as code written with those
+    libraries does. Returns ``module``, changed in place (no state added)."""
     norms = [m for m in module.modules() if isinstance(m, qnn.norm._QuaternionNorm)]
     if not norms:
         raise ValueError(f"use_composite_norms: {type(module).__name__} has no quaternion norms")
     for m in norms:
         m.fused = False
+    for m in module.modules():  # and a U-Net decoder unit concatenates its inputs, then convolves
+        if isinstance(m, qnn.QuaternionConvNormAct):
+            m.concatenates_inputs = True
     return module
 
 

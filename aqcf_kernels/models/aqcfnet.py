@@ -91,7 +91,6 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import nn as qnn
 from ..layout import channels_last_format
 from .layers import LayerFactory
 from .options import MODES, AQCFNetOptions
@@ -115,7 +114,8 @@ class _Stream(nn.Module):
 
 
 class _Decoder(nn.Module):
-    """``ups[l]`` (transposed conv into width ``F_l``), qcat with the skip, ``blocks[l]``; l from deep to shallow."""
+    """``ups[l]`` (transposed conv into width ``F_l``), qcat with the skip, ``blocks[l]``; l from deep to shallow.
+    (A block takes the pair; the quaternion flavour's first unit never builds their qcat: ConvBlock.)"""
 
     def __init__(self, layers: LayerFactory, features: tuple[int, ...], bottleneck: int) -> None:
         super().__init__()
@@ -268,7 +268,7 @@ class AQCFNet(nn.Module):
             skip = skips[l]
             if skip.shape[0] != x.shape[0]:  # a shared batch-1 MRI stream, fused with every CT sample
                 skip = skip.expand(x.shape[0], *skip.shape[1:])
-            x = self.decoder.blocks[l](qnn.qcat([x, skip]))
+            x = self.decoder.blocks[l](x, skip)  # their qcat (never built in the quaternion flavour)
             if l <= aux:
                 crop = tuple(slice(0, -(-s // 2**l)) for s in size)
                 outputs.append(self.head[l](x)[(..., *crop)].contiguous())  # channels-first logits

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from .. import nn as qnn
 from .options import AQCFNetOptions
@@ -149,12 +149,31 @@ class LayerFactory:
         (norm,) = self.norm_act(cout)
         return qnn.QuaternionConvNormAct(conv, norm)
 
-    def conv_block(self, cin: int, cout: int) -> nn.Sequential:
+    def conv_block(self, cin: int, cout: int) -> ConvBlock:
         """Two units; dropout (whole quaternions in the quaternion flavour) at the end if ``dropout > 0``."""
         layers = [self.unit(cin, cout), self.unit(cout, cout)]
         if self.options.dropout > 0:
             layers.append(self.dropout())
-        return nn.Sequential(*layers)
+        return ConvBlock(*layers)
 
 
-__all__ = ["LayerFactory", "RealAQCFBlock"]
+class ConvBlock(nn.Sequential):
+    """Its modules in turn, on one input or on the ``qcat`` of several (a decoder's features and skip).
+
+    Several inputs go to a first :class:`~aqcf_kernels.nn.QuaternionConvNormAct` as they are: it
+    convolves their concatenation without building it. Any other first module gets the ``qcat``.
+    An ``nn.Sequential`` (same children, same state-dict keys), so hooks on the block see one call.
+    """
+
+    def forward(self, *inputs: Tensor) -> Tensor:
+        first, *rest = self
+        if isinstance(first, qnn.QuaternionConvNormAct):
+            x = first(*inputs)
+        else:
+            x = first(inputs[0] if len(inputs) == 1 else qnn.qcat(list(inputs)))
+        for module in rest:
+            x = module(x)
+        return x
+
+
+__all__ = ["ConvBlock", "LayerFactory", "RealAQCFBlock"]

@@ -13,6 +13,13 @@ pass over the tensor (and its output buffer) is gone: the unit's eval forward is
 ``aqcf-predict`` run. Measured on one unit (Intel Xeon, 2 threads, no grad, channels_last): 3D 4q 64³
 15.2 → 12.5 ms, 2D 8q 128² B4 4.2 → 3.6 ms.
 
+Several inputs (``unit(x, skip)``, a U-Net decoder's up-sampled features and skip) are the quaternion
+concatenation ``qcat([x, skip])``, but it is never built: the conv is linear in its input, so it is
+the sum of one conv per input, each with its slice of the weight's input channels, added in place
+into the first's output. A concatenation costs a full copy of both (more in channels_last, where its
+contiguous runs are one component's few channels: 10.6 ms for two 1×16×64³ maps, Intel Xeon), and
+as much again in the backward; the two convs cost what the one on the concatenation does.
+
 Nothing is folded (the two modules run in turn) in training mode, for a norm that uses the input's
 statistics (instance norm without ``track_running_stats``), a whitening norm (its 4×4 ``γ L⁻¹``
 mixes the components: not a quaternion scale), a composite norm (``fused = False``: the benchmarks'
@@ -27,13 +34,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..layout import qcat, quaternion_channels
 from .conv import _QuaternionConvNd
 from .norm import _QuaternionNorm
 
 
 class QuaternionConvNormAct(nn.Sequential):
     """``conv`` then ``norm`` (``self[0]``, ``self[1]``: the state-dict keys of ``nn.Sequential(conv, norm)``),
-    with the norm folded into the conv in eval mode (see the module docstring)."""
+    with the norm folded into the conv in eval mode; ``unit(a, b, ...)`` is ``unit(qcat([a, b, ...]))``
+    without the concatenation (see the module docstring)."""
+
+    #: Several inputs are concatenated (``qcat``) and then convolved, instead of convolving each with
+    #: its slice of the weight: what a network assembled from other libraries computes (the benchmarks'
+    #: baseline sets it).
+    concatenates_inputs: bool = False
 
     def __init__(self, conv: _QuaternionConvNd, norm: _QuaternionNorm) -> None:
         if not isinstance(conv, _QuaternionConvNd):
@@ -76,12 +90,43 @@ class QuaternionConvNormAct(nn.Sequential):
             bias = bias + norm.bias
         return w * scale.view(1, -1, *[1] * (w.dim() - 2)), bias
 
-    def forward(self, input: Tensor) -> Tensor:
+    def _splits_inputs(self, inputs: tuple[Tensor, ...]) -> bool:
+        """Whether ``inputs`` are convolved one by one (see the module docstring) rather than concatenated."""
+        conv = self[0]
+        if len(inputs) == 1 or self.concatenates_inputs or conv.groups != 1 or conv.rotation or conv.transposed:
+            return False
+        widths = [4 * quaternion_channels(t, f"QuaternionConvNormAct: input {i}") for i, t in enumerate(inputs)]
+        if sum(widths) != conv.in_channels:
+            raise ValueError(
+                f"QuaternionConvNormAct: the inputs have {' + '.join(map(str, widths))} = {sum(widths)} channels "
+                f"together, the conv takes in_channels={conv.in_channels}"
+            )
+        # (batched inputs only: an unbatched one goes the concatenating way, where the norm decides)
+        return all(t.dim() == conv._spatial_dims + 2 for t in inputs)
+
+    def _conv_of_parts(self, inputs: tuple[Tensor, ...], weight: Tensor, bias: Tensor | None) -> Tensor:
+        """``conv(qcat(inputs))`` with ``weight`` and ``bias``, as one conv per input on its weight slice."""
+        conv, y, start = self[0], None, 0
+        for t in inputs:
+            cq = t.shape[1] // 4
+            part = conv._conv_forward(t, conv.output_padding, weight[:, :, start : start + cq], bias)
+            y, bias, start = (part if y is None else y.add_(part)), None, start + cq
+        return y
+
+    def forward(self, *inputs: Tensor) -> Tensor:
+        if not inputs:
+            raise TypeError("QuaternionConvNormAct: expected at least one input")
         conv, norm = self[0], self[1]
-        # An unbatched input goes the unfolded way: the norm decides whether it takes one.
-        if not self.folds or conv._unbatched(input):
-            return super().forward(input)
-        y = conv._conv_forward(input, conv.output_padding, *self.folded_weight_and_bias())
+        if not self._splits_inputs(inputs):
+            input = inputs[0] if len(inputs) == 1 else qcat(list(inputs))
+            # An unbatched input goes the unfolded way: the norm decides whether it takes one.
+            if not self.folds or conv._unbatched(input):
+                return super().forward(input)
+            y = conv._conv_forward(input, conv.output_padding, *self.folded_weight_and_bias())
+        elif not self.folds:
+            return norm(self._conv_of_parts(inputs, conv.weight, conv.bias))
+        else:
+            y = self._conv_of_parts(inputs, *self.folded_weight_and_bias())
         if norm.activation == "relu":
             y = F.relu_(y)  # in place on the conv's own output: nothing else holds it
         elif norm.activation == "leaky_relu":

@@ -500,7 +500,8 @@ def lowered_for_onnx(module: nn.Module) -> nn.Module:
     for m in lowered.modules():
         if isinstance(m, QuaternionConvNormAct):
             # Its two modules are lowered on their own below; its eval-mode fold reads the quaternion
-            # weight this copy drops, so it runs them in turn, as the nn.Sequential it extends.
+            # weight this copy drops, so it runs them in turn, as the nn.Sequential it extends (a
+            # ConvBlock gives it the qcat of several inputs).
             m.__class__ = nn.Sequential
         elif isinstance(m, _QuaternionConvNd):
             with torch.no_grad():

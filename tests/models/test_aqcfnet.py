@@ -428,3 +428,40 @@ def test_memory_format_auto_is_channels_last_on_cpu() -> None:
     feats = model._in_feature_layout(torch.randn(2, 8, 5, 6))
     assert feats.is_contiguous(memory_format=torch.channels_last) and not feats.is_contiguous()
     assert tiny(2, memory_format="contiguous")._in_feature_layout(feats.contiguous()).is_contiguous()
+
+
+@pytest.mark.parametrize("real_valued", [False, True], ids=["quaternion", "real"])
+def test_decoder_blocks_take_features_and_skip(real_valued: bool) -> None:
+    """Each decoder block is called once with (features, skip) and computes what it computes on their
+    qcat: values and every gradient equal the network whose units concatenate first (float64, train
+    mode, so both the per-input and the concatenating conv run the norm on batch statistics)."""
+    from aqcf_kernels.models.layers import ConvBlock
+
+    kw = {"dtype": torch.float64, "kv_pool": 16, "real_valued": real_valued}
+    ct, mri = image(2, SIZES[2], seed=3, dtype=torch.float64), image(2, SIZES[2], seed=4, dtype=torch.float64)
+    results = []
+    for concatenates in (False, True):
+        model = tiny(2, **kw)
+        set_alphas(model)
+        assert all(isinstance(b, ConvBlock) for b in model.decoder.blocks)
+        units = [m for m in model.modules() if isinstance(m, qnn.QuaternionConvNormAct)]
+        assert bool(units) != real_valued
+        for m in units:
+            m.concatenates_inputs = concatenates
+        calls: list[int] = []
+        hooks = [
+            b.register_forward_pre_hook(lambda m, args, seen=calls: seen.append(len(args)))
+            for b in model.decoder.blocks
+        ]
+        out = model(ct=ct, mri=mri)
+        for h in hooks:
+            h.remove()
+        assert calls == [2] * 2 * len(model.decoder.blocks)  # once per stream, with (features, skip)
+        loss = sum((t * torch.linspace(-1, 1, t.numel(), dtype=t.dtype).view_as(t)).sum() for t in out.values())
+        loss.backward()
+        results.append((out, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (got, got_grads), (ref, ref_grads) = results
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-10, atol=1e-12, msg=name)
+    for name, r in ref_grads.items():
+        torch.testing.assert_close(got_grads[name], r, rtol=1e-9, atol=1e-12, msg=name)

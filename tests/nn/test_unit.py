@@ -145,3 +145,41 @@ def test_constructor_errors() -> None:
         qnn.QuaternionConvNormAct(conv, nn.BatchNorm2d(12))
     with pytest.raises(ValueError, match="12 output channels but the norm num_features=16"):
         qnn.QuaternionConvNormAct(conv, qnn.QuaternionBatchNorm2d(16))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("concatenates", [False, True], ids=["per-input", "concatenated"])
+def test_several_inputs_are_their_qcat(mode, concatenates) -> None:
+    """unit(a, b) == nn.Sequential(conv, norm)(qcat([a, b])): values and every gradient (a, b, the
+    conv's weight and bias, the norm's parameters), without building the concatenation (per-input) or
+    with it (what the benchmarks' baseline asks)."""
+    from aqcf_kernels.layout import qcat
+
+    unit = make_unit(2, cin=20, cout=12)  # 8 + 12 input channels: unequal slices of the weight
+    unit.concatenates_inputs = concatenates
+    unit.train(mode == "train")
+    fmt = torch.channels_last
+    a = seeded(3, 8, 7, 9, seed=20).contiguous(memory_format=fmt)
+    b = seeded(3, 12, 7, 9, seed=21).contiguous(memory_format=fmt)
+    grad = seeded(3, 12, 7, 9, seed=22)
+
+    def run(fn):
+        unit.zero_grad()
+        x, y = a.detach().requires_grad_(), b.detach().requires_grad_()
+        out = fn(x, y)
+        out.backward(grad)
+        return (out.detach(), x.grad, y.grad, *[p.grad for p in unit.parameters()])
+
+    state = {k: v.clone() for k, v in unit.state_dict().items()}  # train mode moves the running stats
+    got = run(unit)
+    unit.load_state_dict(state)
+    ref = run(lambda x, y: nn.Sequential(*unit)(qcat([x, y])))
+    names = ["output", "d a", "d b", *[n for n, _ in unit.named_parameters()]]
+    for name, g, r in zip(names, got, ref, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_several_inputs_must_add_up_to_the_conv_input() -> None:
+    unit = make_unit(2, cin=20, cout=12)
+    with pytest.raises(ValueError, match=r"8 \+ 8 = 16 channels together, the conv takes in_channels=20"):
+        unit(seeded(1, 8, 5, 5, seed=0), seeded(1, 8, 5, 5, seed=1))
