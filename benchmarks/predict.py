@@ -21,6 +21,8 @@ a warm-up batch of windows first (so ``auto``'s one-off measurements are not tim
 Reported per provider: seconds per case (median over ``--reps``), the peak resident set size of the
 process during the case (``VmHWM`` after resetting it through ``/proc/self/clear_refs``, on Linux)
 and its growth over the RSS before the case. Target (issue 15): ours >= 1.8x the baseline's speed.
+The workers inherit the environment; the report names the allocator variables set (``MALLOC_*``,
+``LD_PRELOAD``...: they move these numbers by 10-30%, README, Benchmarks).
 """
 
 from __future__ import annotations
@@ -233,6 +235,7 @@ def run_benchmark(
         "reps": reps,
         "providers": results,
         "baseline_build": "expanded-weight convs + composite quaternion norms with separate activations",
+        "allocator": allocator_settings(),
         "env": common.environment(torch.device("cpu"), threads),
     }
     if "baseline" in results and "ours" in results:
@@ -242,6 +245,17 @@ def run_benchmark(
             out["peak_ratio"] = o["peak_rss_bytes"] / b["peak_rss_bytes"]
         out["target"] = {"speedup >= 1.8": out["speedup"] >= TARGET_SPEEDUP}
     return out
+
+
+def allocator_settings(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The allocator-related environment variables set for this run (glibc's ``MALLOC_*`` tunables,
+    ``GLIBC_TUNABLES``, jemalloc's ``MALLOC_CONF``, tcmalloc's, an ``LD_PRELOAD``); empty = defaults."""
+    env = os.environ if environ is None else environ
+    return {
+        k: v
+        for k, v in sorted(env.items())
+        if k.startswith(("MALLOC_", "TCMALLOC_")) or k in ("LD_PRELOAD", "GLIBC_TUNABLES")
+    }
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -264,7 +278,12 @@ def markdown(result: dict[str, Any]) -> str:
     shape = "x".join(map(str, result["shape"]))
     head = f"aqcf-predict, one {shape} synthetic CT, {result['threads']} threads, median of {result['reps']}\n\n"
     table = common.markdown_table(["provider", "s/case", "speed vs baseline", "peak RSS MiB", "growth MiB"], rows)
-    return head + table + f"\n\nbaseline: {result['baseline_build']}\n{common.environment_line(result['env'])}\n"
+    settings = result.get("allocator") or {}
+    allocator = " ".join(f"{k}={v}" for k, v in settings.items()) or "the C library's defaults"
+    return (
+        head + table + f"\n\nbaseline: {result['baseline_build']}\nallocator: {allocator}\n"
+        f"{common.environment_line(result['env'])}\n"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

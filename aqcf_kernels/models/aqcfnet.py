@@ -16,6 +16,7 @@ blocked ``[r|i|j|k]`` quaternion feature maps, so ``F/4`` quaternion channels ea
     shared, run once per modality:
       bottleneck: [qconv 3 → qnorm → act] x 2  (F_{L-1} -> B)
       decoder l = L-1 .. 0: qconvT 2 stride 2 (-> F_l), qcat with skip_s[l], [qconv → qnorm → act] x 2 (2F_l -> F_l)
+        (the first qconv takes the pair and convolves their qcat without building it: layers.ConvBlock)
       head:       real conv 1 (F0 -> out_channels);  deep supervision: real conv 1 at decoder levels 1..n
 
 Documented choices where the paper is silent (deviations):
