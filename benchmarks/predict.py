@@ -21,8 +21,8 @@ a warm-up batch of windows first (so ``auto``'s one-off measurements are not tim
 Reported per provider: seconds per case (median over ``--reps``), the peak resident set size of the
 process during the case (``VmHWM`` after resetting it through ``/proc/self/clear_refs``, on Linux)
 and its growth over the RSS before the case. Target (issue 15): ours >= 1.8x the baseline's speed.
-The workers inherit the environment; the report names the allocator variables set (``MALLOC_*``,
-``LD_PRELOAD``...: they move these numbers by 10-30%, README, Benchmarks).
+The workers run ``aqcf-predict``'s ``--malloc`` (``keep`` by default, as the command) and inherit the
+environment; the report names both (the allocator moves these numbers by 10-30%: README, Benchmarks).
 """
 
 from __future__ import annotations
@@ -144,14 +144,19 @@ def _reset_peak() -> bool:
         return False
 
 
-def worker(provider: str, run: Path, scan: Path, out: Path, reps: int, threads: int) -> dict[str, Any]:
-    """One provider in this process: warm up, then ``reps`` predictions of the case; times and peak memory."""
+def worker(
+    provider: str, run: Path, scan: Path, out: Path, reps: int, threads: int, malloc: str = "keep"
+) -> dict[str, Any]:
+    """One provider in this process: warm up, then ``reps`` predictions of the case; times and peak memory.
+    ``malloc``: ``aqcf-predict --malloc``, applied first, as the command does."""
     import gc
 
     import torch
 
+    from aqcf_kernels.pipeline.allocator import apply_malloc_choice
     from aqcf_kernels.pipeline.predict import predict
 
+    apply_malloc_choice(malloc)
     torch.set_num_threads(threads)
     _warm_up(run, provider)
     seconds, wall, peaks, growths = [], [], [], []
@@ -188,7 +193,7 @@ def _ru_maxrss() -> int | None:
         return None
 
 
-def _spawn(provider: str, run: Path, scan: Path, out: Path, reps: int, threads: int) -> dict[str, Any]:
+def _spawn(provider: str, run: Path, scan: Path, out: Path, reps: int, threads: int, malloc: str) -> dict[str, Any]:
     env = dict(os.environ)
     root = Path(__file__).resolve().parent.parent
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
@@ -196,7 +201,8 @@ def _spawn(provider: str, run: Path, scan: Path, out: Path, reps: int, threads: 
     env["OMP_NUM_THREADS"] = str(threads)
     result = out / f"{provider}.json"
     cmd = [sys.executable, "-m", "benchmarks.predict", "--worker", provider, "--run", str(run), "--scan", str(scan),
-           "--work", str(out), "--reps", str(reps), "--threads", str(threads), "--result", str(result)]  # fmt: skip
+           "--work", str(out), "--reps", str(reps), "--threads", str(threads), "--result", str(result),
+           "--malloc", malloc]  # fmt: skip
     subprocess.run(cmd, env=env, check=True)
     return json.loads(result.read_text())
 
@@ -207,8 +213,10 @@ def run_benchmark(
     reps: int = 1,
     threads: int = 2,
     workdir: str | os.PathLike | None = None,
+    malloc: str = "keep",
 ) -> dict[str, Any]:
     """Write the run and the scan, run each provider in a fresh process, return the results with ratios.
+    ``malloc``: ``aqcf-predict --malloc`` for both providers (its default, ``keep``, unless asked).
 
     Returns ``{"size", "shape", "spacing", "threads", "reps", "providers": {name: {...}}, "speedup",
     "peak_ratio", "target", "env"}``; ``speedup`` is baseline seconds / ours seconds.
@@ -225,7 +233,7 @@ def run_benchmark(
         for i, provider in enumerate(providers, 1):
             print(f"[{i}/{len(providers)}] {provider}: {SIZES[size]['shape']} CT through aqcf-predict",
                   file=sys.stderr, flush=True)  # fmt: skip
-            results[provider] = _spawn(provider, run, scan, work, reps, threads)
+            results[provider] = _spawn(provider, run, scan, work, reps, threads, malloc)
     out: dict[str, Any] = {
         "size": size,
         "shape": list(SIZES[size]["shape"]),
@@ -235,6 +243,7 @@ def run_benchmark(
         "reps": reps,
         "providers": results,
         "baseline_build": "expanded-weight convs + composite quaternion norms with separate activations",
+        "malloc": malloc,
         "allocator": allocator_settings(),
         "env": common.environment(torch.device("cpu"), threads),
     }
@@ -278,8 +287,8 @@ def markdown(result: dict[str, Any]) -> str:
     shape = "x".join(map(str, result["shape"]))
     head = f"aqcf-predict, one {shape} synthetic CT, {result['threads']} threads, median of {result['reps']}\n\n"
     table = common.markdown_table(["provider", "s/case", "speed vs baseline", "peak RSS MiB", "growth MiB"], rows)
-    settings = result.get("allocator") or {}
-    allocator = " ".join(f"{k}={v}" for k, v in settings.items()) or "the C library's defaults"
+    settings = " ".join(f"{k}={v}" for k, v in (result.get("allocator") or {}).items())
+    allocator = f"--malloc {result.get('malloc', 'default')}" + (f", environment {settings}" if settings else "")
     return (
         head + table + f"\n\nbaseline: {result['baseline_build']}\nallocator: {allocator}\n"
         f"{common.environment_line(result['env'])}\n"
@@ -287,12 +296,16 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from aqcf_kernels.pipeline.allocator import MALLOC_CHOICES
+
     p = argparse.ArgumentParser(prog="python -m benchmarks.predict", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a 96x96x8 CT and a tiny net (checks the harness)")
     p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
     p.add_argument("--reps", type=int, default=1, help="cases timed per provider (median reported; default 1)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="folder for predict.json / predict.md")
+    p.add_argument("--malloc", choices=MALLOC_CHOICES, default="keep",
+                   help="aqcf-predict's --malloc for both providers (default keep, the command's default)")  # fmt: skip
     # Internal: one provider in this process (started by run_benchmark).
     p.add_argument("--worker", choices=PROVIDERS, help=argparse.SUPPRESS)
     p.add_argument("--run", type=Path, help=argparse.SUPPRESS)
@@ -301,10 +314,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        result = worker(args.worker, args.run, args.scan, args.work, args.reps, args.threads)
+        result = worker(args.worker, args.run, args.scan, args.work, args.reps, args.threads, args.malloc)
         args.result.write_text(json.dumps(result))
         return 0
-    result = run_benchmark("quick" if args.quick else "lits", args.providers, args.reps, args.threads)
+    result = run_benchmark("quick" if args.quick else "lits", args.providers, args.reps, args.threads,
+                           malloc=args.malloc)  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "predict.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     text = markdown(result)

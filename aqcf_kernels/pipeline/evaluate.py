@@ -53,6 +53,7 @@ from typing import Any
 
 import numpy as np
 
+from .allocator import add_malloc_argument, apply_malloc_choice
 from .checkpoint import load_run_checkpoint
 from .config import apply_overrides
 from .data import SPLITS, check_splits, prepare_data
@@ -391,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(default eval_{split}_{checkpoint}_runs in their common parent folder)",
     )
     p.add_argument("--device", default="auto", help=f"{DEVICE_CHOICES_HELP} (default auto)")
+    add_malloc_argument(p)
     p.add_argument("--no-masks", action="store_true", help="do not write the predicted masks as NIfTI")
     p.add_argument(
         "--set", action="append", default=[], metavar="data.KEY=VALUE", help="override a data path (moved data/cache)"
@@ -402,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``aqcf-evaluate``; returns the exit status (2 on a user-facing error)."""
     args = build_parser().parse_args(argv)
+    apply_malloc_choice(args.malloc)
     several = len(args.run_dirs) > 1
     try:
         (evaluate_runs if several else evaluate)(

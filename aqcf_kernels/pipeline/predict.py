@@ -63,6 +63,7 @@ from typing import Any
 
 import numpy as np
 
+from .allocator import add_malloc_argument, apply_malloc_choice
 from .device import DEVICE_CHOICES_HELP, DeviceError, resolve_device
 
 __all__ = [
@@ -672,6 +673,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest-component: keep the largest connected liver component, tumour only inside it",
     )
     p.add_argument("--device", default="auto", help=DEVICE_CHOICES_HELP)
+    add_malloc_argument(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars or final message")
     return p
 
@@ -681,6 +683,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ..data import DataError
 
     args = build_parser().parse_args(argv)
+    apply_malloc_choice(args.malloc)
     try:
         rows = predict(
             args.input,

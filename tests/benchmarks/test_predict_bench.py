@@ -26,13 +26,13 @@ def test_allocator_settings_name_only_allocator_variables() -> None:
     assert bench.allocator_settings({"PATH": "/usr/bin"}) == {}
 
 
-@pytest.mark.parametrize("retain", [False, True], ids=["defaults", "malloc-env"])
-def test_quick_run_reports_both_providers(tmp_path, monkeypatch, capsys, retain: bool) -> None:
+@pytest.mark.parametrize("malloc", ["keep", "default"])
+def test_quick_run_reports_both_providers(tmp_path, monkeypatch, malloc: str) -> None:
     for k in list(bench.allocator_settings()):
         monkeypatch.delenv(k)
-    if retain:
-        monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "2147483647")
-    assert bench.main(["--quick", "--out", str(tmp_path / "out")]) == 0
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")  # an allocator variable the report must name
+    args = ["--quick", "--out", str(tmp_path / "out")] + (["--malloc", malloc] if malloc != "keep" else [])
+    assert bench.main(args) == 0
     result = json.loads((tmp_path / "out" / "predict.json").read_text())
     base, ours = result["providers"]["baseline"], result["providers"]["ours"]
     assert result["shape"] == [96, 96, 8] and result["reps"] == 1
@@ -44,8 +44,5 @@ def test_quick_run_reports_both_providers(tmp_path, monkeypatch, capsys, retain:
     assert ours["tumour_ml"] == pytest.approx(base["tumour_ml"], abs=0.01)
     text = (tmp_path / "out" / "predict.md").read_text()
     assert "| baseline |" in text and "| ours     |" in text
-    if retain:
-        assert result["allocator"] == {"MALLOC_TRIM_THRESHOLD_": "2147483647"}
-        assert "allocator: MALLOC_TRIM_THRESHOLD_=2147483647\n" in text
-    else:
-        assert result["allocator"] == {} and "allocator: the C library's defaults\n" in text
+    assert result["malloc"] == malloc and result["allocator"] == {"MALLOC_ARENA_MAX": "4"}
+    assert f"allocator: --malloc {malloc}, environment MALLOC_ARENA_MAX=4\n" in text
