@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aqcf_kernels import nn as qnn
+from aqcf_kernels import tuning
 from aqcf_kernels.models import AQCFNet, RealAQCFBlock
 from benchmarks.baselines import ExpandedQuaternionConv2d, ExpandedQuaternionConvTranspose2d, use_expanded_convs
 
@@ -289,7 +290,10 @@ def test_state_dict_round_trip() -> None:
     fresh = tiny(seed=1, deep_supervision=True).eval()
     fresh.load_state_dict(torch.load(buf, weights_only=True))
     ct, mri = image(2, SIZES[2], 3), image(2, SIZES[2], 4)
-    a, b = model(ct=ct, mri=mri), fresh(ct=ct, mri=mri)
+    # Bitwise: so both models must run the same algorithms. Under measuring, a signature whose choice
+    # is still provisional computes its next calls with each candidate in turn (different rounding).
+    with tuning.using("heuristic"):
+        a, b = model(ct=ct, mri=mri), fresh(ct=ct, mri=mri)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 

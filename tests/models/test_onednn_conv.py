@@ -1,0 +1,96 @@
+"""The model's real convs (stem, heads): ``torch.nn`` convs that run float32 CPU inputs on oneDNN where
+PyTorch's rule would take its im2col kernels (batch 1, few channels). Against the parent conv:
+values and every gradient, odd sizes, strides, dilation, groups, channels_last; which kernel ran;
+the cases that go the parent's way."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+from aqcf_kernels.models.layers import ONEDNN_CONVS
+
+PARENTS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def pair(dims: int, *args, seed: int = 0, **kwargs) -> tuple[nn.Module, nn.Module]:
+    """(oneDNN conv, parent conv) with the same weights."""
+    torch.manual_seed(seed)
+    ours = ONEDNN_CONVS[dims - 1](*args, **kwargs)
+    ref = PARENTS[dims - 1](*args, **kwargs)
+    ref.load_state_dict(ours.state_dict())
+    return ours, ref
+
+
+def ops_run(fn) -> set[str]:
+    with profile(activities=[ProfilerActivity.CPU]) as p:
+        fn()
+    return {e.key for e in p.key_averages()}
+
+
+GEOMETRIES = [
+    # (dims, in, out, kernel, kwargs, input spatial size)
+    (3, 1, 16, 3, {"padding": 1, "bias": False}, (9, 10, 11)),  # the 3D stem at batch 1
+    (3, 16, 3, 1, {}, (7, 6, 5)),  # a head
+    (3, 4, 6, 3, {"stride": 2, "padding": 2, "dilation": 2, "groups": 2}, (11, 9, 10)),
+    (2, 1, 8, 3, {"padding": 1}, (13, 17)),
+    (2, 6, 4, 3, {"stride": (2, 1), "padding": (0, 1), "groups": 2}, (12, 9)),
+    (1, 3, 5, 3, {"padding": 1}, (23,)),
+]
+
+
+@pytest.mark.parametrize(
+    "dims,cin,cout,k,kwargs,size,channels_last",
+    [(*g, cl) for g in GEOMETRIES for cl in (False, True) if g[0] > 1 or not cl],  # channels_last: 2d/3d
+)
+def test_matches_the_parent_conv(dims, cin, cout, k, kwargs, size, channels_last) -> None:
+    ours, ref = pair(dims, cin, cout, k, **kwargs)
+    x = torch.randn(1, cin, *size)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last if dims == 2 else torch.channels_last_3d)
+    grad = torch.randn_like(ref(x))
+    results = []
+    for conv in (ours, ref):
+        conv.zero_grad()
+        xi = x.detach().clone().requires_grad_()
+        y = conv(xi)
+        y.backward(grad)
+        results.append([y.detach(), xi.grad, *[p.grad for p in conv.parameters()]])
+    for name, got, want in zip(["y", "dx", "dw", "db"], *results, strict=False):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_batch_one_3d_stem_runs_on_onednn_not_im2col() -> None:
+    ours, ref = pair(3, 1, 16, 3, padding=1, bias=False)
+    x = torch.randn(1, 1, 12, 12, 12)
+    assert "aten::slow_conv3d_forward" in ops_run(lambda: ref(x))  # what PyTorch's rule picks here
+    ran = ops_run(lambda: ours(x))
+    assert "aten::mkldnn_convolution" in ran and not any(k.startswith("aten::slow_conv") for k in ran)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "float64",
+        "unbatched",
+        "padding_same",
+        "reflect",
+    ],
+)
+def test_other_cases_go_the_parent_way(case) -> None:
+    kwargs = {"padding": "same"} if case == "padding_same" else {"padding": 1}
+    if case == "reflect":
+        kwargs["padding_mode"] = "reflect"
+    dtype = torch.float64 if case == "float64" else torch.float32
+    ours, ref = pair(3, 2, 4, 3, dtype=dtype, **kwargs)
+    x = torch.randn(2, 7, 8, 9, dtype=dtype) if case == "unbatched" else torch.randn(1, 2, 7, 8, 9, dtype=dtype)
+    assert "aten::mkldnn_convolution" not in ops_run(lambda: ours(x))
+    torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=0)
+
+
+def test_is_the_parent_for_state_dicts_and_repr() -> None:
+    ours, ref = pair(3, 1, 16, 3, padding=1)
+    assert isinstance(ours, nn.Conv3d) and list(ours.state_dict()) == list(ref.state_dict())
+    assert repr(ours).startswith("OneDNNConv3d(1, 16, kernel_size=(3, 3, 3)")
