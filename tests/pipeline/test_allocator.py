@@ -13,7 +13,7 @@ import pytest
 
 from aqcf_kernels.pipeline import allocator, evaluate, predict
 
-# Minor page faults of the 2nd and 3rd allocate-and-fill of a 64 MiB tensor (above glibc's largest
+# Minor page faults of 4 allocate-and-fills of a 64 MiB tensor after 2 more (above glibc's largest
 # mmap threshold, 32 MiB: by default every one is fresh pages from the kernel).
 FAULTS = textwrap.dedent(
     """
@@ -23,13 +23,14 @@ FAULTS = textwrap.dedent(
     apply_malloc_choice(sys.argv[1])
     def faults():
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    torch.empty(16 * 2**20).fill_(1)
+    for _ in range(2):  # warm-up: torch's thread pool starts on the first fill
+        torch.empty(16 * 2**20).fill_(1)
     counts = []
-    for _ in range(3):
+    for _ in range(4):
         before = faults()
         torch.empty(16 * 2**20).fill_(1)
         counts.append(faults() - before)
-    print(*counts[1:])
+    print(*counts)
     """
 )
 
@@ -44,8 +45,11 @@ def _faults(choice: str) -> list[int]:
 )
 def test_keep_stops_the_page_faults_of_a_large_allocation() -> None:
     pages = 16 * 2**20 * 4 // 4096
-    assert all(f >= pages // 2 for f in _faults("default"))  # fresh pages, every time
-    assert all(f < pages // 50 for f in _faults("keep"))  # the freed block is reused
+    default, keep = _faults("default"), _faults("keep")
+    assert all(f >= pages // 2 for f in default), default  # fresh pages, every time
+    # The freed block is reused. (On a busy machine the block freed first was once not the one
+    # reused, [16384, 0] after one warm-up: one round may still fault, the steady state may not.)
+    assert sum(f >= pages // 2 for f in keep) <= 1 and keep[-1] < pages // 50, keep
 
 
 def test_keep_explains_where_it_cannot_apply(monkeypatch) -> None:
