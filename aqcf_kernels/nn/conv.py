@@ -263,7 +263,13 @@ class _QuaternionConv(_QuaternionConvNd):
             scale,
         )
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, *, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+        """``weight`` and ``bias`` (keyword only, with ``weight``; batched input) replace the module's own
+        for this call: a unit that folds its norm in or convolves a slice of its input channels calls
+        the conv through the module, so the module's hooks see the call
+        (:class:`~aqcf_kernels.nn.QuaternionConvNormAct`)."""
+        if weight is not None:  # a batched input, whose channels are the weight's (a slice of in_channels)
+            return self._conv_forward(input, self.output_padding, weight, bias)
         if self._unbatched(input):
             return self._conv_forward(input.unsqueeze(0), self.output_padding).squeeze(0)
         return self._conv_forward(input, self.output_padding)

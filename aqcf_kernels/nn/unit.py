@@ -113,7 +113,7 @@ class QuaternionConvNormAct(nn.Sequential):
         conv, y, start = self[0], None, 0
         for t in inputs:
             cq = t.shape[1] // 4
-            part = conv._conv_forward(t, conv.output_padding, weight[:, :, start : start + cq], bias)
+            part = conv(t, weight=weight[:, :, start : start + cq], bias=bias)
             y, bias, start = (part if y is None else y.add_(part)), None, start + cq
         return y
 
@@ -126,13 +126,14 @@ class QuaternionConvNormAct(nn.Sequential):
             # An unbatched input goes the unfolded way: the norm decides whether it takes one.
             if not self.folds or conv._unbatched(input):
                 return super().forward(input)
-            y = conv._conv_forward(input, conv.output_padding, *self.folded_weight_and_bias())
+            weight, bias = self.folded_weight_and_bias()
+            y = conv(input, weight=weight, bias=bias)
         elif not self.folds:
             return norm(self._conv_of_parts(inputs, conv.weight, conv.bias))
         else:
             y = self._conv_of_parts(inputs, *self.folded_weight_and_bias())
         if norm.activation == "relu":
-            y = F.relu_(y)  # in place on the conv's own output: nothing else holds it
+            y = F.relu_(y)  # in place on the conv's fresh output (a hook on the conv that keeps it sees it activated)
         elif norm.activation == "leaky_relu":
             y = F.leaky_relu_(y, norm.negative_slope)
         elif norm.activation == "gelu":

@@ -167,3 +167,21 @@ def test_a_folded_unit_counts_as_a_conv_and_a_training_unit_as_its_parts() -> No
     unit.train()
     parts = breakdown.profiled_seconds(unit, step, FAMILIES)
     assert parts["convs"] > 0 and parts["norms+acts"] > 0
+
+
+def test_a_unit_convolving_its_inputs_one_by_one_bills_the_convs_to_convs() -> None:
+    """Given (features, skip), a unit convolves each on its weight slice, through its conv module: in
+    training the conv ops are billed to convs and the norm to norms+acts, none of the convs to rest."""
+    torch.manual_seed(0)
+    unit = qnn.QuaternionConvNormAct(
+        qnn.QuaternionConv2d(32, 16, 3, padding=1), qnn.QuaternionBatchNorm2d(16, activation="relu")
+    ).train()
+    x, skip = torch.randn(2, 16, 48, 48), torch.randn(2, 16, 48, 48)
+
+    def step() -> None:
+        with torch.no_grad():
+            unit(x, skip)
+
+    ops = breakdown.profiled_ops(unit, step, FAMILIES)
+    assert "aqcf::qconv" in ops["convs"] and "aqcf::qnorm" in ops["norms+acts"]
+    assert "aqcf::qconv" not in ops["norms+acts"]

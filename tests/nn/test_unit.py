@@ -183,3 +183,17 @@ def test_several_inputs_must_add_up_to_the_conv_input() -> None:
     unit = make_unit(2, cin=20, cout=12)
     with pytest.raises(ValueError, match=r"8 \+ 8 = 16 channels together, the conv takes in_channels=20"):
         unit(seeded(1, 8, 5, 5, seed=0), seeded(1, 8, 5, 5, seed=1))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("inputs", [1, 2])
+def test_the_conv_module_sees_every_conv_call(mode, inputs) -> None:
+    """Folded (eval) or on one input at a time (two inputs), the conv runs through its module: its
+    forward hooks fire once per conv computed (one per input when split)."""
+    unit = make_unit(2, cin=20, cout=12)
+    unit.train(mode == "train")
+    calls: list[tuple[int, ...]] = []
+    unit[0].register_forward_hook(lambda m, args, out: calls.append(tuple(out.shape)))
+    xs = [seeded(3, 20, 7, 9, seed=30)] if inputs == 1 else [seeded(3, 8, 7, 9, seed=31), seeded(3, 12, 7, 9, seed=32)]
+    unit(*xs)
+    assert calls == [(3, 12, 7, 9)] * inputs
