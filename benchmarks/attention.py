@@ -7,7 +7,10 @@ gate and residual included):
   materialised ``softmax(QKᵀ)V`` — what a user writes without a fused attention;
 * ``sdpa``: expanded-weight projections and PyTorch's ``scaled_dot_product_attention`` per direction
   (its flash kernel on CPU and CUDA) — the honest baseline;
-* ``ours``: ``aqcf_kernels.nn.AQCFBlock`` (``aqcf.cross_attention`` + ``aqcf.gated_residual``).
+* ``ours``: ``aqcf_kernels.nn.AQCFBlock`` (``aqcf.cross_attention`` + ``aqcf.gated_residual``), on the
+  backend the registry picks (``torch``: PyTorch's own attention kernels through their aten ops);
+* ``ours/triton`` (CUDA only, by default): the same block with the Triton attention kernels forced,
+  the measurement that decides whether they may come first on CUDA.
 
 Cases sweep the token count (N_a = N_b) from 256 to 16384 at 64 quaternion channels and 4 heads.
 ``naive`` is skipped where its N×N matrices would not fit (``--naive-max-gib``).
@@ -16,6 +19,7 @@ Cases sweep the token count (N_a = N_b) from 256 to 16384 at 64 quaternion chann
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -28,15 +32,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from aqcf_kernels import reference
+from aqcf_kernels import backends, reference
 from aqcf_kernels.layout import merge_heads, qcat, qsplit, split_heads
 from aqcf_kernels.nn import AQCFBlock
 
 from . import common
 
 MODES = ("fwd", "fwdbwd")
-PROVIDERS = ("naive", "sdpa", "ours")
+PROVIDERS = ("naive", "sdpa", "ours", "ours/triton")
+CPU_PROVIDERS = ("naive", "sdpa", "ours")
 BASELINE = "naive"
+#: the backend a provider forces for its whole step (forward and backward); others take the registry's
+FORCED_BACKEND = {"ours/triton": "triton"}
 
 
 @dataclass(frozen=True)
@@ -130,12 +137,17 @@ def make_inputs(case: Case, dtype: torch.dtype, device: torch.device) -> Inputs:
     return Inputs(f_a, f_b, rand(), rand())
 
 
-def make_step(mode: str, fn, block: AQCFBlock, inputs: Inputs) -> common.Step:
+def _scope(name: str) -> contextlib.AbstractContextManager:
+    forced = FORCED_BACKEND.get(name)
+    return contextlib.nullcontext() if forced is None else backends.use(forced)
+
+
+def make_step(mode: str, fn, block: AQCFBlock, inputs: Inputs, name: str = "ours") -> common.Step:
     params = list(block.parameters())
     if mode == "fwd":
 
         def step() -> None:
-            with torch.no_grad():
+            with _scope(name), torch.no_grad():
                 fn(inputs.f_a, inputs.f_b)
 
         return step
@@ -143,8 +155,9 @@ def make_step(mode: str, fn, block: AQCFBlock, inputs: Inputs) -> common.Step:
     def step() -> None:
         for t in (*params, inputs.f_a, inputs.f_b):
             t.grad = None
-        out_a, out_b = fn(inputs.f_a, inputs.f_b)
-        torch.autograd.backward([out_a, out_b], [inputs.g_a, inputs.g_b])
+        with _scope(name):  # the backward too: autograd selects its backend when it runs
+            out_a, out_b = fn(inputs.f_a, inputs.f_b)
+            torch.autograd.backward([out_a, out_b], [inputs.g_a, inputs.g_b])
 
     return step
 
@@ -181,8 +194,10 @@ def _runnable(case: Case, providers: Sequence[str], dtype: torch.dtype, naive_ma
 
 def _forward_errors(fns: dict, inputs: Inputs) -> dict[str, float]:
     """Relative error of each provider's forward against the ``sdpa`` composition (double-checks ours)."""
-    with torch.no_grad():
-        outs = {name: torch.cat([o.flatten() for o in fn(inputs.f_a, inputs.f_b)]) for name, fn in fns.items()}
+    outs = {}
+    for name, fn in fns.items():
+        with _scope(name), torch.no_grad():
+            outs[name] = torch.cat([o.flatten() for o in fn(inputs.f_a, inputs.f_b)])
     ref = outs.get("sdpa", next(iter(outs.values())))
     return {name: ((o - ref).norm() / ref.norm()).item() for name, o in outs.items()}
 
@@ -199,7 +214,7 @@ def run(cases, modes, providers, reps, warmup, dtype, device, naive_max_gib, mem
         for mode in modes:
             i += 1
             common.progress(i, n, f"time {case.name} {mode}", started)
-            steps = {name: make_step(mode, fn, block, inputs) for name, fn in fns.items()}
+            steps = {name: make_step(mode, fn, block, inputs, name) for name, fn in fns.items()}
             times = common.time_interleaved(steps, reps, warmup, device)
             timings = {p: (common.Timing.of(times[p]) if p in times else None) for p in providers}
             results.append(Result(case, mode, timings, errors))
@@ -225,7 +240,7 @@ def measure_memory(payload: dict[str, Any], pinned: bool) -> dict[str, Any]:
         for mode in payload["modes"]:
             row: dict[str, int | None] = dict.fromkeys(payload["providers"])
             for name in names:
-                step = make_step(mode, build(name, block), block, inputs)
+                step = make_step(mode, build(name, block), block, inputs, name)
                 step()  # first call: kernels, caches
                 row[name] = meter.measure(step)
                 del step
@@ -244,7 +259,28 @@ TARGETS = (
 )
 
 
-def check_targets(results: Sequence[Result]) -> list[dict[str, Any]]:
+#: GPU (issue 13): the block at least 0.9x the SDPA-composed block at every token count from 1k to 16k
+GPU_TOKENS = (1024, 16384)
+
+
+def check_gpu_targets(results: Sequence[Result]) -> list[dict[str, Any]]:
+    checks = []
+    for name in ("ours", "ours/triton"):
+        rows = [r for r in results if r.mode == "fwdbwd" and GPU_TOKENS[0] <= r.case.tokens <= GPU_TOKENS[1]]
+        ratios = [(r.speedup(name, over="sdpa"), r.case.name) for r in rows]
+        measured = [(v, c) for v, c in ratios if v is not None]
+        worst = min(measured) if measured else None
+        label = f"speed {name} >= 0.9x sdpa, fwdbwd, every case of {GPU_TOKENS[0]}-{GPU_TOKENS[1]} tokens"
+        verdict = common.target_verdict(label, worst[0] if worst else None, lambda v: v >= 0.9)
+        if worst:
+            verdict["detail"] += f" (worst: {worst[1]})"
+        checks.append(verdict)
+    return checks
+
+
+def check_targets(results: Sequence[Result], device_type: str = "cpu") -> list[dict[str, Any]]:
+    if device_type == "cuda":
+        return check_gpu_targets(results)
     hit = [r for r in results if r.case == TARGET_CASE and r.mode == "fwdbwd"]
     return [common.target_verdict(label, metric(hit[0]) if hit else None, ok) for label, metric, ok in TARGETS]
 
@@ -337,12 +373,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heads", type=int, default=4, help="default 4")
     parser.add_argument("--batch", type=int, default=1, help="default 1")
     parser.add_argument("--modes", type=lambda t: t.split(","), default=list(MODES), help="fwd,fwdbwd")
-    parser.add_argument("--providers", type=lambda t: t.split(","), default=list(PROVIDERS), help="naive,sdpa,ours")
+    parser.add_argument("--providers", type=lambda t: t.split(","), default=None,
+                        help=f"comma-separated, of {','.join(PROVIDERS)}; default {','.join(CPU_PROVIDERS)} on CPU, "
+                        "all on CUDA")  # fmt: skip
     parser.add_argument("--naive-max-gib", type=float, default=6.0, help="skip naive above this estimated peak")
-    parser.add_argument("--check-targets", action="store_true", help="PASS/FAIL of the issue's CPU targets")
+    parser.add_argument(
+        "--check-targets",
+        action="store_true",
+        help="PASS/FAIL of the issues' targets (CPU: N=4096 fp32; CUDA: 1k-16k tokens vs sdpa)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.providers is None:
+        args.providers = list(PROVIDERS if torch.device(args.device).type == "cuda" else CPU_PROVIDERS)
     bad = [m for m in args.modes if m not in MODES] + [p for p in args.providers if p not in PROVIDERS]
     if bad:
         print(f"unknown mode/provider {bad}; modes {MODES}, providers {PROVIDERS}", file=sys.stderr)
@@ -360,7 +404,7 @@ def main(args: argparse.Namespace) -> int:
         results = run(cases, args.modes, providers, args.reps, args.warmup, dtype, device, args.naive_max_gib,
                       memory=not args.no_memory)  # fmt: skip
     env["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    checks = check_targets(results) if args.check_targets else None
+    checks = check_targets(results, device.type) if args.check_targets else None
     args.out.mkdir(parents=True, exist_ok=True)
     config = {"modes": args.modes, "providers": providers, "reps": args.reps, "warmup": args.warmup,
               "dtype": args.dtype, "baseline": BASELINE, "block": "AQCFBlock, gate='token', no kv_pool"}  # fmt: skip

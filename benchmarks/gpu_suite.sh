@@ -86,7 +86,7 @@ if wants attention; then
   stamp "benchmark attention bf16"
   # shellcheck disable=SC2086
   if ! timeout 240 "$PY" -m benchmarks.cli attention --device cuda --dtype bfloat16 --grid full --reps 10 --warmup 3 \
-      --naive-max-gib 20 ${BENCH_ARGS:-} --out "$OUT/attention" >>"$OUT/setup.log" 2>&1; then
+      --naive-max-gib 20 --check-targets ${BENCH_ARGS:-} --out "$OUT/attention" >>"$OUT/setup.log" 2>&1; then
     stamp "BENCHMARK attention FAILED or timed out"; status=1
   fi
 fi

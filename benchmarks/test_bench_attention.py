@@ -17,7 +17,7 @@ import os
 import pytest
 import torch
 
-from benchmarks.attention import MODES, PROVIDERS, TARGET_CASE, build, make_block, make_inputs, make_step
+from benchmarks.attention import CPU_PROVIDERS, MODES, TARGET_CASE, build, make_block, make_inputs, make_step
 from benchmarks.conftest import THREADS
 
 pytestmark = pytest.mark.benchmark
@@ -33,10 +33,10 @@ def setup():
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("provider", CPU_PROVIDERS)
 def test_attention_block(benchmark, setup, provider: str, mode: str) -> None:
     block, inputs = setup
-    step = make_step(mode, build(provider, block), block, inputs)
+    step = make_step(mode, build(provider, block), block, inputs, provider)
     benchmark.group = f"{TARGET_CASE.name} {mode}"
     benchmark.extra_info.update(provider=provider, mode=mode, threads=THREADS)
     benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=1)

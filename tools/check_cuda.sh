@@ -7,6 +7,9 @@
 # this builds it through the project's own setup.py into a temporary directory against torch with CUDA,
 # imports the result (which resolves every symbol against libtorch_cuda's ATen) and runs the entry
 # points the cuda backend calls on CPU tensors, against the expanded conv. No GPU is needed or used.
+# Then it runs the attention tests that need no GPU against this torch: the torch backend's calls of
+# PyTorch's CUDA attention kernels (flash, memory-efficient) on meta tensors, through this torch's own
+# meta functions of those aten ops, so a changed schema fails here rather than on a lent GPU.
 #
 # torch with CUDA lives in a separate venv (default .venv-cuda, created on first use) because the
 # project's .venv has the CPU torch.
@@ -28,10 +31,11 @@ venv="${AQCF_CUDA_VENV:-$root/.venv-cuda}"
 torch_spec="${AQCF_CUDA_TORCH:-torch==2.14.1}"
 py="$venv/bin/python"
 if ! { [ -x "$py" ] && "$py" -c "import torch, numpy, ninja, pybind11, setuptools" 2>/dev/null; }; then
-  echo "check-cuda: creating $venv ($torch_spec numpy ninja pybind11 setuptools)"
+  echo "check-cuda: creating $venv ($torch_spec numpy ninja pybind11 setuptools pytest)"
   "${PYTHON:-python3}" -m venv "$venv"
-  "$py" -m pip install --quiet "$torch_spec" numpy ninja pybind11 setuptools wheel
+  "$py" -m pip install --quiet "$torch_spec" numpy ninja pybind11 setuptools wheel pytest
 fi
+"$py" -c "import pytest" 2>/dev/null || "$py" -m pip install --quiet pytest
 "$py" -c "import sys, torch; sys.exit(0 if torch.version.cuda else 1)" \
   || die "torch in $venv was built without CUDA ($("$py" -c 'import torch; print(torch.__version__)'))"
 export MAX_JOBS="${MAX_JOBS:-2}"
@@ -74,4 +78,8 @@ gw = [ext.conv_weight_grad_aten(x, hamilton, list(w.shape), *args, f) for f in (
 assert torch.allclose(gw[0], gw[1], atol=1e-9), (gw[0] - gw[1]).abs().max()
 print(f"check-cuda: {found[0].rsplit('/', 1)[1]} imports; {', '.join(entries)} bound; the ATen path runs")
 PYEOF
+# The package from the source tree on this torch; its extension is the project venv's build (another
+# torch's ABI), so it is left out: the attention backend does not use it.
+AQCF_NO_EXTENSION=1 PYTHONPATH="$root" "$py" -m pytest -q -p no:cacheprovider tests/attention/test_cuda_attention.py \
+  || die "the CUDA attention calls do not match this torch's aten schemas (tests/attention/test_cuda_attention.py)"
 echo "check-cuda: OK in $((SECONDS - start)) s"

@@ -2,9 +2,12 @@
 
 On CPU it is PyTorch's own flash-attention kernel (what ``F.scaled_dot_product_attention`` runs
 there), called through the aten op that also returns the log-sum-exp the backward needs, so the
-forward/backward split of ``aqcf::cross_attention`` costs nothing extra. Elsewhere (a CUDA machine
-without triton) it is a query-chunked attention in plain PyTorch: memory grows with
-``chunk × N_k``, never with ``N_q × N_k``.
+forward/backward split of ``aqcf::cross_attention`` costs nothing extra. On CUDA it is, the same way,
+the kernel ``F.scaled_dot_product_attention`` would pick: FlashAttention-2 for fp16/bf16, the
+memory-efficient kernel for fp32, whenever PyTorch's own eligibility checks pass
+(:func:`cuda_kernel`) — so the A-QCF block's attention is SDPA's by construction. Everything else
+(float64, head sizes that are not a multiple of 8, other devices) runs a query-chunked attention in
+plain PyTorch: memory grows with ``chunk × N_k``, never with ``N_q × N_k``.
 """
 
 from __future__ import annotations
@@ -88,6 +91,54 @@ def query_chunks(batch_heads: int, queries: int) -> int:
     return chunks
 
 
+def cuda_kernel(q: Tensor, k: Tensor, v: Tensor) -> str | None:
+    """Which of PyTorch's fused CUDA attention kernels serves ``(q, k, v)``: ``'flash'``, ``'efficient'``
+    or ``None`` (the chunked path). PyTorch's own checks decide (dtype, head size, strides, the GPU's
+    architecture: the ones ``F.scaled_dot_product_attention`` runs), plus one of ours: SDPA pads the
+    head dim to a multiple of 8 before calling these kernels; we call them directly, so we don't pad
+    and leave other head sizes to the chunked path. Flash first where it can serve (fp16/bf16), as
+    SDPA orders them."""
+    if q.shape[-1] % 8 or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return None
+    from torch.backends import cuda as sdp
+
+    params = sdp.SDPAParams(q, k, v, None, 0.0, False, False)
+    if q.dtype != torch.float32 and sdp.can_use_flash_attention(params):
+        return "flash"
+    if sdp.can_use_efficient_attention(params):
+        return "efficient"
+    return None
+
+
+def _cuda_fused_forward(kernel: str, q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    aten = torch.ops.aten
+    if kernel == "flash":
+        out, lse = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)[:2]
+    else:
+        out, lse = aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, False, scale=scale)[:2]
+        lse = lse[..., : q.shape[-2]]  # the kernel pads its log-sum-exp rows to a multiple of 32
+    return out.contiguous(), lse.to(lse_dtype(q.dtype)).contiguous()
+
+
+def _cuda_fused_backward(kernel: str, grad_out, q, k, v, out, lse, scale) -> tuple[Tensor, Tensor, Tensor]:
+    aten = torch.ops.aten
+    grad_out, out, lse = grad_out.contiguous(), _dense_rows(out), lse.float()
+    # Without dropout neither kernel reads the RNG state its forward returned; these stand in for it.
+    seed, offset = (torch.zeros(n, dtype=torch.int64, device=q.device) for n in ((2,), ()))
+    if kernel == "flash":
+        nq, nk = q.shape[-2], k.shape[-2]
+        grads = aten._scaled_dot_product_flash_attention_backward(
+            grad_out, q, k, v, out, lse, None, None, nq, nk, 0.0, False, seed, offset, scale=scale
+        )
+    else:
+        padded = -(-q.shape[-2] // 32) * 32
+        lse = torch.nn.functional.pad(lse, (0, padded - lse.shape[-1]))
+        grads = aten._scaled_dot_product_efficient_attention_backward(
+            grad_out, q, k, v, None, out, lse, seed[0], offset, 0.0, [True, True, True, False], False, scale=scale
+        )
+    return tuple(g.contiguous() for g in grads[:3])
+
+
 def _cpu_flash_backward(grad_out, q, k, v, out, lse, scale) -> tuple[Tensor, Tensor, Tensor]:
     # The kernel reads the log-sum-exp in the dtype its forward wrote (fp32 for half inputs).
     lse = lse.to(q.dtype) if q.dtype in (torch.float32, torch.float64) else lse.float()
@@ -125,11 +176,21 @@ class TorchAttentionBackend(AttentionBackend):
     def attention_forward(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
         if q.device.type == "cpu":
             return _cpu_flash_forward(q, k, v, scale)
+        if q.device.type == "cuda":
+            q, k, v = _dense_rows(q), _dense_rows(k), _dense_rows(v)
+            kernel = cuda_kernel(q, k, v)
+            if kernel is not None:
+                return _cuda_fused_forward(kernel, q, k, v, scale)
         return chunked_attention_forward(q, k, v, scale)
 
     def attention_backward(self, grad_out, q, k, v, out, lse, scale) -> tuple[Tensor, Tensor, Tensor]:
         if q.device.type == "cpu":
             return _cpu_flash_backward(grad_out, q, k, v, out, lse, scale)
+        if q.device.type == "cuda":
+            q, k, v = _dense_rows(q), _dense_rows(k), _dense_rows(v)
+            kernel = cuda_kernel(q, k, v)  # the forward's: same tensors, same checks
+            if kernel is not None:
+                return _cuda_fused_backward(kernel, grad_out, q, k, v, out, lse, scale)
         return chunked_attention_backward(grad_out, q, k, v, out, lse, scale)
 
     def cross_attention(self, q_a, k_a, v_a, q_b, k_b, v_b, scale):
