@@ -70,14 +70,15 @@ Documented choices where the paper is silent (deviations):
 * **Batches**: sample n of the CT batch is fused with sample n of the MRI batch; an MRI batch of 1 is
   shared by every CT sample (the ``'mri'`` logits then have the CT batch size, one per pairing).
   Other mismatches are an error.
-* **Memory format** (``memory_format='auto'``: channels_last on CPU): the stem's output is made
-  channels_last and every later module keeps it (``qcat`` concatenates channels_last maps into one,
-  the A-QCF block returns its inputs' layout); the logits come back channels-first. oneDNN's convs
-  read and write channels_last directly; from NCHW it reorders to its blocked layout and back around
-  every conv (a 2D 8q 128² B4 conv: fwd 9.4 ms NCHW, 3.6 ms channels_last). Measured, joint net, Intel
-  Xeon 2 threads, fwd+bwd: 2D 128² B4 793 → 743 ms, 3D 64³ B1 1067 → 960 ms; the same net on
-  expanded convs with composite norms 1078 → 1060 and 1627 → 1631 ms, the real twin 866 → 831 and
-  1513 → 1327 ms. ``'contiguous'`` keeps NCHW (the layout on other devices, where it is unmeasured).
+* **Memory format** (``memory_format='auto'``: channels_last on CPU): the stem writes its output
+  channels_last (its input is given channels_last strides) and every later module keeps it (``qcat``
+  concatenates channels_last maps into one, the A-QCF block returns its inputs' layout); the logits
+  come back channels-first. oneDNN's convs read and write channels_last directly; from NCHW it
+  reorders to its blocked layout and back around every conv (a 2D 8q 128² B4 conv: fwd 9.4 ms NCHW,
+  3.6 ms channels_last). Measured, joint net, Intel Xeon 2 threads, fwd+bwd: 2D 128² B4 793 → 743
+  ms, 3D 64³ B1 1067 → 960 ms; the same net on expanded convs with composite norms 1078 → 1060 and
+  1627 → 1631 ms, the real twin 866 → 831 and 1513 → 1327 ms. ``'contiguous'`` keeps NCHW (the
+  layout on other devices, where it is unmeasured).
 * **Real twin** (``real_valued=True``): the same topology and real channel counts with ``torch.nn``
   convs, norms, pools and dropout (C² instead of C²/4 weights per tap), and
   :class:`~aqcf_kernels.models.layers.RealAQCFBlock` (the A-QCF block with real projections) for
@@ -91,6 +92,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -248,12 +250,28 @@ class AQCFNet(nn.Module):
                     "sample n of mri, or mri has batch 1 and is shared by every ct sample"
                 )
 
-    def _in_feature_layout(self, x: Tensor) -> Tensor:
-        """The stem's output in the feature maps' memory format (the stem's one-channel input can't
-        carry channels_last, so its output is where the network's layout is set; every later module
-        keeps it)."""
+    def _channels_last(self, x: Tensor) -> bool:
         fmt = self.options.memory_format
-        if fmt == "channels_last" or (fmt == "auto" and x.device.type == "cpu"):
+        return fmt == "channels_last" or (fmt == "auto" and x.device.type == "cpu")
+
+    def _stem_input(self, x: Tensor) -> Tensor:
+        """The image with channels_last strides, so that the stem conv writes its output channels_last
+        itself (oneDNN follows its input's strides). A one-channel image is contiguous in both layouts,
+        but its default strides read as channels-first, so it is copied (a few MB at most) into
+        channels_last strides: without this, the stem's 16-channel output needed a strided copy
+        afterwards (1×1×64³ → 16 on an Intel Xeon, 2 threads: conv 1.4 ms, then the copy ~10 ms)."""
+        if not self._channels_last(x):
+            return x
+        fmt = channels_last_format(x)
+        if x.shape[1] > 1 and x.is_contiguous(memory_format=fmt):
+            return x
+        return torch.empty_like(x, memory_format=fmt).copy_(x)
+
+    def _in_feature_layout(self, x: Tensor) -> Tensor:
+        """The stem's output in the feature maps' memory format, where the network's layout is set:
+        every later module keeps it. (A no-op when the stem conv already wrote it so; not every conv
+        follows its input's strides: PyTorch's own CPU kernels for a batch-1 3D conv don't.)"""
+        if self._channels_last(x):
             return x.contiguous(memory_format=channels_last_format(x))
         return x
 
@@ -287,7 +305,9 @@ class AQCFNet(nn.Module):
         inputs = {name: x for name, x in (("ct", ct), ("mri", mri)) if x is not None}
         self._check_inputs(inputs)
         sizes = {name: tuple(x.shape[2:]) for name, x in inputs.items()}
-        feats = {name: self._in_feature_layout(self.stem[name](self._pad(x))) for name, x in inputs.items()}
+        feats = {
+            name: self._in_feature_layout(self.stem[name](self._stem_input(self._pad(x)))) for name, x in inputs.items()
+        }
         skips: dict[str, list[Tensor]] = {name: [] for name in inputs}
         for l in range(len(self.features)):
             for name in inputs:

@@ -434,6 +434,31 @@ def test_memory_format_auto_is_channels_last_on_cpu() -> None:
     assert tiny(2, memory_format="contiguous")._in_feature_layout(feats.contiguous()).is_contiguous()
 
 
+@pytest.mark.parametrize("in_channels", [1, 2])
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_stem_conv_writes_channels_last_itself(spatial_dims: int, in_channels: int) -> None:
+    """The stem's input gets channels_last strides (a one-channel image too, whose default strides read
+    as channels-first), so the stem conv's oneDNN kernel writes its output channels_last and nothing
+    converts it after; the stem's output is the one it computes on the plain image."""
+    cl = torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
+    model = tiny(spatial_dims, in_channels=in_channels).eval()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, in_channels, *SIZES[spatial_dims], generator=g)
+    staged = model._stem_input(x)
+    assert staged.stride(1) == 1 and torch.equal(staged, x)
+    conv = model.stem["ct"][0]
+    seen = []
+    hook = conv.register_forward_hook(lambda m, a, out: seen.append(out.is_contiguous(memory_format=cl)))
+    with torch.no_grad():
+        got = model.stem["ct"](staged)
+        ref = model.stem["ct"](x)
+    hook.remove()
+    assert seen == [True, False]  # from the plain image it would come out channels-first
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    assert model._in_feature_layout(got).data_ptr() == got.data_ptr()  # already in the maps' layout: no copy
+    assert tiny(spatial_dims, in_channels=in_channels, memory_format="contiguous")._stem_input(x) is x
+
+
 @pytest.mark.parametrize("real_valued", [False, True], ids=["quaternion", "real"])
 def test_decoder_blocks_take_features_and_skip(real_valued: bool) -> None:
     """Each decoder block is called once with (features, skip) and computes what it computes on their
