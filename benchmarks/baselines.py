@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from aqcf_kernels import nn as qnn
 from aqcf_kernels import reference
+from aqcf_kernels.backends.base import activate
 from aqcf_kernels.nn.conv import _QuaternionConvNd
 
 
@@ -37,6 +38,8 @@ class _ExpandedConvMixin:
         output_padding: Sequence[int],
         weight: Tensor | None = None,
         bias: Tensor | None = None,
+        activation: str | None = None,
+        negative_slope: float = 0.01,
     ) -> Tensor:
         if weight is None:
             weight, bias = self.weight, self.bias
@@ -44,7 +47,7 @@ class _ExpandedConvMixin:
         if self.padding_mode != "zeros":
             input = nn.functional.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
-        return reference.quaternion_conv_expanded(
+        y = reference.quaternion_conv_expanded(
             input,
             weight,
             bias,
@@ -55,6 +58,7 @@ class _ExpandedConvMixin:
             transposed=self.transposed,
             output_padding=output_padding,
         )
+        return y if activation is None else activate(y, activation, negative_slope)  # a separate pass
 
 
 class ExpandedQuaternionConv1d(_ExpandedConvMixin, qnn.QuaternionConv1d):

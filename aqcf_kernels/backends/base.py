@@ -38,6 +38,16 @@ def contract_algorithms(input: Tensor, weight: Tensor | None = None) -> tuple[st
     return ("hamilton",)
 
 
+def activate(z: Tensor, activation: str, negative_slope: float) -> Tensor:
+    """``act(z)`` out of place, as ``aqcf::qconv`` defines its ``activation`` (GELU in erf form): what a
+    backend that does not fuse the activation, or must keep ``z``, applies after the conv."""
+    if activation == "relu":
+        return torch.relu(z)
+    if activation == "leaky_relu":
+        return torch.nn.functional.leaky_relu(z, negative_slope)
+    return torch.nn.functional.gelu(z)
+
+
 #: Which of the three computations of a conv a call is: the op's output, the input gradient (a conv of
 #: ``grad_output`` with the adjoint geometry) or the weight gradient. Autograd saves ``'auto'``, so
 #: each is resolved to an algorithm on its own (see :func:`aqcf_kernels.backends.resolve_conv`).

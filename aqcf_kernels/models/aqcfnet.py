@@ -206,9 +206,7 @@ class AQCFNet(nn.Module):
         self.stem = nn.ModuleDict()
         self.encoder = nn.ModuleDict()
         for name in self.modalities:
-            # No bias in the stem conv: the norm's shift replaces it.
-            stem_conv = layers.real_conv(in_channels, features[0], 3, padding=1, bias=False)
-            self.stem[name] = nn.Sequential(stem_conv, *layers.norm_act(features[0]))
+            self.stem[name] = layers.stem(in_channels, features[0])
             self.encoder[name] = _Stream(layers, features)
         self.fusion = nn.ModuleDict({str(l): layers.fusion(features[l]) for l in options.fusion_levels})
         self.bottleneck = layers.conv_block(features[-1], bottleneck)

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..backends.base import activate
 from ..functional import quaternion_conv
 from ..params import int_tuple
 from ._base import QuaternionModule, check_layer_options, check_quaternion_channels, check_rotation_options
@@ -153,9 +154,12 @@ class _QuaternionConvNd(QuaternionModule):
         output_padding: Sequence[int],
         weight: Tensor | None = None,
         bias: Tensor | None = None,
+        activation: str | None = None,
+        negative_slope: float = 0.01,
     ) -> Tensor:
         """The conv with this module's geometry; ``weight`` and ``bias`` (when ``weight`` is given)
-        replace the module's own (a norm folded in: :class:`~aqcf_kernels.nn.QuaternionConvNormAct`)."""
+        replace the module's own (a norm folded in: :class:`~aqcf_kernels.nn.QuaternionConvNormAct`);
+        ``activation`` as :func:`~aqcf_kernels.functional.quaternion_conv`'s (fused where the backend can)."""
         if weight is None:
             weight, bias = self.weight, self.bias
         padding = self.padding
@@ -166,10 +170,13 @@ class _QuaternionConvNd(QuaternionModule):
         args = (input, weight, bias, self.stride, padding, self.dilation, self.groups)
         geometry = {"transposed": self._transposed, "output_padding": output_padding}
         if self.rotation:
-            return quaternion_rotation_conv(
+            y = quaternion_rotation_conv(
                 *args, **geometry, scale=self.scale_param, quaternion_format=self.quaternion_format
             )
-        return quaternion_conv(*args, **geometry, algorithm=self.algorithm)
+            return y if activation is None else activate(y, activation, negative_slope)
+        return quaternion_conv(
+            *args, **geometry, algorithm=self.algorithm, activation=activation, negative_slope=negative_slope
+        )
 
     def _unbatched(self, input: Tensor) -> bool:
         """Whether ``input`` is one unbatched sample ``(C, *spatial)`` (torch's conv modules accept it;
@@ -263,16 +270,28 @@ class _QuaternionConv(_QuaternionConvNd):
             scale,
         )
 
-    def forward(self, input: Tensor, *, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        input: Tensor,
+        *,
+        weight: Tensor | None = None,
+        bias: Tensor | None = None,
+        activation: str | None = None,
+        negative_slope: float = 0.01,
+    ) -> Tensor:
         """``weight`` and ``bias`` (keyword only, with ``weight``; batched input) replace the module's own
         for this call: a unit that folds its norm in or convolves a slice of its input channels calls
         the conv through the module, so the module's hooks see the call
-        (:class:`~aqcf_kernels.nn.QuaternionConvNormAct`)."""
+        (:class:`~aqcf_kernels.nn.QuaternionConvNormAct`). ``activation`` ('relu', 'leaky_relu' with
+        ``negative_slope``, 'gelu'; keyword only) is applied to the output, in the conv's epilogue where
+        the backend fuses it."""
+        # (passed on only when given: a subclass overriding _conv_forward without them keeps working)
+        act = {} if activation is None else {"activation": activation, "negative_slope": negative_slope}
         if weight is not None:  # a batched input, whose channels are the weight's (a slice of in_channels)
-            return self._conv_forward(input, self.output_padding, weight, bias)
+            return self._conv_forward(input, self.output_padding, weight, bias, **act)
         if self._unbatched(input):
-            return self._conv_forward(input.unsqueeze(0), self.output_padding).squeeze(0)
-        return self._conv_forward(input, self.output_padding)
+            return self._conv_forward(input.unsqueeze(0), self.output_padding, **act).squeeze(0)
+        return self._conv_forward(input, self.output_padding, **act)
 
 
 class _QuaternionConvTranspose(_QuaternionConvNd):

@@ -8,10 +8,12 @@ the norm folds into the conv exactly (the same fold as ``torch.nn.utils.fusion.f
 
     W'[:, a] = s_a · W[:, a]        b' = s ⊙ (b − μ) + β      (s repeated over the four blocks)
 
-and the unit is one conv plus the activation, applied in place on the conv's fresh output. The norm's
-pass over the tensor (and its output buffer) is gone: the unit's eval forward is what inference and
-``aqcf-predict`` run. Measured on one unit (Intel Xeon, 2 threads, no grad, channels_last): 3D 4q 64³
-15.2 → 12.5 ms, 2D 8q 128² B4 4.2 → 3.6 ms.
+and the unit is one conv with the activation handed to it: the ``cpp`` backend applies it in the
+conv's epilogue (oneDNN's post-op on the expanded conv, fast8's output pass), other backends after the
+conv. The norm's pass over the tensor (and its output buffer) is gone, and the activation's too: the
+unit's eval forward is what inference and ``aqcf-predict`` run. Measured on one unit (Intel Xeon, 2
+threads, no grad, channels_last): 3D 4q 64³ 15.2 → 12.5 ms, 2D 8q 128² B4 4.2 → 3.6 ms with the
+activation in place after the conv.
 
 Several inputs (``unit(x, skip)``, a U-Net decoder's up-sampled features and skip) are the quaternion
 concatenation ``qcat([x, skip])``, but it is never built: the conv is linear in its input, so it is
@@ -43,6 +45,43 @@ from .conv import _QuaternionConvNd
 from .norm import _QuaternionNorm
 
 
+def fold_eval_norm(
+    weight: Tensor, bias: Tensor | None, norm: _QuaternionNorm, real_weight: bool
+) -> tuple[Tensor, Tensor]:
+    """``(W', b')``: a conv's weight and bias with ``norm`` (eval mode, running statistics, no whitening)
+    folded in, ``W' = s·W`` per output channel and ``b' = s ⊙ (b − μ) + β``, ``s = γ / sqrt(running_var +
+    eps)`` one real per quaternion channel. ``real_weight``: ``weight`` is a real conv's ``(4·Cq, in,
+    *k)`` (the network's stem), else a quaternion conv's ``(4, Cq, in/4, *k)``."""
+    scale = torch.rsqrt(norm.running_var.to(weight.dtype) + norm.eps)  # (Cq,)
+    if norm.weight is not None:
+        scale = scale * norm.weight
+    per_real = scale.repeat(4)  # blocked [r|i|j|k]: quaternion channel c is real c + k·Cq
+    shift = -norm.running_mean.to(weight.dtype)
+    if bias is not None:
+        shift = shift + bias
+    folded_bias = per_real * shift
+    if norm.bias is not None:
+        folded_bias = folded_bias + norm.bias
+    if real_weight:
+        return weight * per_real.view(-1, *[1] * (weight.dim() - 1)), folded_bias
+    return weight * scale.view(1, -1, *[1] * (weight.dim() - 2)), folded_bias
+
+
+def folds_in_eval(unit: nn.Sequential) -> bool:
+    """Whether ``unit`` = (conv, quaternion norm) runs folded now: both in eval mode, and a norm that is
+    a per-channel affine then (running statistics, no whitening, the fused kind)."""
+    conv, norm = unit[0], unit[1]
+    return (
+        not unit.training
+        and not norm.training
+        and norm.track_running_stats
+        and not norm.whiten
+        and norm.fused
+        and not getattr(conv, "rotation", False)
+        and not getattr(conv, "transposed", False)
+    )
+
+
 class QuaternionConvNormAct(nn.Sequential):
     """``conv`` then ``norm`` (``self[0]``, ``self[1]``: the state-dict keys of ``nn.Sequential(conv, norm)``),
     with the norm folded into the conv in eval mode; ``unit(a, b, ...)`` is ``unit(qcat([a, b, ...]))``
@@ -68,31 +107,11 @@ class QuaternionConvNormAct(nn.Sequential):
     @property
     def folds(self) -> bool:
         """Whether :meth:`forward` runs the folded conv now (eval mode and a foldable pair)."""
-        conv, norm = self[0], self[1]
-        return (
-            not self.training
-            and not norm.training
-            and norm.track_running_stats
-            and not norm.whiten
-            and norm.fused
-            and not conv.rotation
-            and not conv.transposed
-        )
+        return folds_in_eval(self)
 
     def folded_weight_and_bias(self) -> tuple[Tensor, Tensor]:
         """``(W', b')``: the conv's weight and bias with the eval-mode norm folded in."""
-        conv, norm = self[0], self[1]
-        w = conv.weight
-        scale = torch.rsqrt(norm.running_var.to(w.dtype) + norm.eps)  # (Cq,)
-        if norm.weight is not None:
-            scale = scale * norm.weight
-        shift = -norm.running_mean.to(w.dtype)
-        if conv.bias is not None:
-            shift = shift + conv.bias
-        bias = scale.repeat(4) * shift  # blocked [r|i|j|k]: quaternion channel c is real c + k·Cq
-        if norm.bias is not None:
-            bias = bias + norm.bias
-        return w * scale.view(1, -1, *[1] * (w.dim() - 2)), bias
+        return fold_eval_norm(self[0].weight, self[0].bias, self[1], real_weight=False)
 
     def _splits_inputs(self, inputs: tuple[Tensor, ...]) -> bool:
         """Whether ``inputs`` are convolved one by one (see the module docstring) rather than concatenated."""
@@ -126,12 +145,15 @@ class QuaternionConvNormAct(nn.Sequential):
             # An unbatched input goes the unfolded way: the norm decides whether it takes one.
             if not self.folds or conv._unbatched(input):
                 return super().forward(input)
+            # The activation goes to the conv, whose backend may apply it in the epilogue (cpp: oneDNN's
+            # post-op, fast8's output pass), saving a pass over the output.
             weight, bias = self.folded_weight_and_bias()
-            y = conv(input, weight=weight, bias=bias)
-        elif not self.folds:
+            act = {"activation": norm.activation, "negative_slope": norm.negative_slope}
+            return conv(input, weight=weight, bias=bias, **act)
+        if not self.folds:
             return norm(self._conv_of_parts(inputs, conv.weight, conv.bias))
-        else:
-            y = self._conv_of_parts(inputs, *self.folded_weight_and_bias())
+        # The parts' sum is activated after, in place (the activation of a sum is not a sum of them).
+        y = self._conv_of_parts(inputs, *self.folded_weight_and_bias())
         if norm.activation == "relu":
             y = F.relu_(y)  # in place on the conv's fresh output (a hook on the conv that keeps it sees it activated)
         elif norm.activation == "leaky_relu":

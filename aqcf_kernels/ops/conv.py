@@ -40,6 +40,7 @@ from torch._prims_common import make_channels_last_strides_for, make_contiguous_
 
 from .. import backends
 from ..backends._extension import _C
+from ..backends.base import activate  # noqa: F401 - part of this module's interface (nn.norm, export)
 from ..params import ConvParams, conv_output_shape
 
 #: Whether the compiled extension defines ``aqcf::qconv`` and ``aqcf::qconv_weight_grad`` (csrc/cpu/op.cpp).
@@ -91,14 +92,6 @@ def stores_preactivation(activation: str | None, negative_slope: float) -> bool:
     """Whether the backward needs the pre-activation ``z``: ReLU and LeakyReLU (slope ≥ 0) read the
     sign of z off the output (``y > 0 ⇔ z > 0``), so only GELU and a negative slope keep z."""
     return activation == "gelu" or (activation == "leaky_relu" and negative_slope < 0)
-
-
-def activate(z: Tensor, activation: str, negative_slope: float) -> Tensor:
-    if activation == "relu":
-        return torch.relu(z)
-    if activation == "leaky_relu":
-        return torch.nn.functional.leaky_relu(z, negative_slope)
-    return torch.nn.functional.gelu(z)
 
 
 def activation_grad(grad: Tensor, y: Tensor, pre: Tensor, activation: str, negative_slope: float) -> Tensor:
@@ -202,6 +195,8 @@ def _qconv(call: QConvArgs) -> tuple[Tensor, Tensor]:
         z = out.zero_() if bias is None else out.copy_(bias.view(1, -1, *[1] * p.spatial_dims).expand_as(out))
     elif activation is not None and backend.fuses_activation:
         y, z = backend.conv_act(input, weight, bias, p, algorithm, activation, slope, keep)
+        if final:
+            _remember(call.kind, call.algorithm, backend, algorithm, input, weight, weight.shape, p)
         y = _in_output_format(input, y)  # the output's memory format, as the fake's
         return y, (_in_output_format(input, z) if keep else _no_preactivation(input))
     else:

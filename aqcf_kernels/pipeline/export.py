@@ -490,6 +490,7 @@ def lowered_for_onnx(module: nn.Module) -> nn.Module:
     into a scale and shift, or for a whitening norm into one 4x4 matrix per quaternion channel). The
     lowered norms refuse to run in training mode. ``module`` itself is not changed.
     """
+    from ..models.layers import RealConvNormAct
     from ..nn.conv import _QuaternionConvNd
     from ..nn.norm import _QuaternionNorm
     from ..nn.rotation import rotation_real_weight
@@ -498,10 +499,11 @@ def lowered_for_onnx(module: nn.Module) -> nn.Module:
 
     lowered = copy.deepcopy(module)
     for m in lowered.modules():
-        if isinstance(m, QuaternionConvNormAct):
+        if isinstance(m, (QuaternionConvNormAct, RealConvNormAct)):
             # Its two modules are lowered on their own below; its eval-mode fold reads the quaternion
-            # weight this copy drops, so it runs them in turn, as the nn.Sequential it extends (a
-            # ConvBlock gives it the qcat of several inputs).
+            # weight this copy drops (and the norm's statistics the lowered norm keeps as a scale and
+            # shift), so it runs them in turn, as the nn.Sequential it extends (a ConvBlock gives a
+            # quaternion unit the qcat of several inputs).
             m.__class__ = nn.Sequential
         elif isinstance(m, _QuaternionConvNd):
             with torch.no_grad():

@@ -141,12 +141,19 @@ at::Tensor conv_pointwise_weight_grad(const at::Tensor& x, const at::Tensor& gy,
   return fold_weight_grad(ge.reshape(expanded), weight_shape, 1);
 }
 
-at::Tensor conv_hamilton(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, const ConvParams& p) {
-  if (is_pointwise(w.sizes(), p)) return conv_pointwise(x, w, bias, p);
+at::Tensor conv_hamilton(
+    const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, const ConvParams& p,
+    const Activation& act) {
+  if (is_pointwise(w.sizes(), p)) {
+    at::Tensor y = conv_pointwise(x, w, bias, p);
+    activate_(y, act);
+    return y;
+  }
   const int64_t g = p.groups;
   std::optional<at::Tensor> b;  // the conv adds it, in the conv's (group-major) channel order
   if (bias) b = swap_channel_factors(bias->view({1, -1}), 4, g).view(-1);
-  const at::Tensor y = real_conv(swap_channel_factors(x, 4, g), expand_weight(w, g), b, p);
+  // (an elementwise activation commutes with the channel reordering)
+  const at::Tensor y = real_conv(swap_channel_factors(x, 4, g), expand_weight(w, g), b, p, act);
   return swap_channel_factors(y, g, 4);
 }
 
@@ -154,7 +161,7 @@ at::Tensor conv_hamilton(const at::Tensor& x, const at::Tensor& w, const std::op
 // items on batch slices (CPU).
 at::Tensor conv_fast8(
     const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, const ConvParams& p,
-    bool in_sequence) {
+    bool in_sequence, const Activation& act) {
   // The output pass writes straight into y, so y is born in the layout the op layer returns.
   at::Tensor y = at::empty(output_shape(x, w, p), x.options().memory_format(x.suggest_memory_format()));
   std::array<at::Tensor, 4> b;
@@ -169,12 +176,12 @@ at::Tensor conv_fast8(
   const QuaternionOperand weight{components(w), p.transposed, /*batched=*/false};
   auto product = [&](const at::Tensor& wm, const at::Tensor& xm) { return real_conv(xm, wm, std::nullopt, p); };
   if (in_sequence) {
-    fast8_hamilton_product_in_sequence(weight, {blocks(x)}, product, blocks(y), b);
+    fast8_hamilton_product_in_sequence(weight, {blocks(x)}, product, blocks(y), b, act);
     return y;
   }
   fast8_hamilton_product(
       weight, {blocks(x)}, product, blocks(y),
-      /*out_batched=*/true, b, {x.size(0), batch_slice(x, y)});
+      /*out_batched=*/true, b, {x.size(0), batch_slice(x, y)}, act);
   return y;
 }
 
@@ -207,9 +214,11 @@ at::Tensor conv(
     const at::Tensor& weight,
     const std::optional<at::Tensor>& bias,
     const ConvParams& p,
-    bool fast8) {
+    bool fast8,
+    const Activation& act) {
   check_args(input, weight.dim(), p, "conv");
-  return fast8 ? conv_fast8(input, weight, bias, p, /*in_sequence=*/false) : conv_hamilton(input, weight, bias, p);
+  return fast8 ? conv_fast8(input, weight, bias, p, /*in_sequence=*/false, act)
+               : conv_hamilton(input, weight, bias, p, act);
 }
 
 namespace {
@@ -275,7 +284,7 @@ at::Tensor conv_aten(
     bool fast8) {
   check_args(input, weight.dim(), p, "conv_aten", /*cpu=*/false);
   check_same_device(input, weight, bias, "conv_aten");
-  return fast8 ? conv_fast8(input, weight, bias, p, /*in_sequence=*/true) : conv_hamilton(input, weight, bias, p);
+  return fast8 ? conv_fast8(input, weight, bias, p, /*in_sequence=*/true, {}) : conv_hamilton(input, weight, bias, p, {});
 }
 
 at::Tensor conv_weight_grad_aten(

@@ -6,6 +6,8 @@
 
 #include <ATen/ATen.h>
 
+#include "activation.h"
+
 #include <optional>
 #include <vector>
 
@@ -18,13 +20,15 @@ struct ConvParams {
   int64_t groups;
 };
 
-// y = W ⊗ x (+ bias); `fast8` picks Howell & Lafon's 8 dense products over the expanded conv.
+// y = act(W ⊗ x (+ bias)); `fast8` picks Howell & Lafon's 8 dense products over the expanded conv.
+// The activation runs in the epilogue: oneDNN's post-op on the expanded conv, fast8's output pass.
 at::Tensor conv(
     const at::Tensor& input,
     const at::Tensor& weight,
     const std::optional<at::Tensor>& bias,
     const ConvParams& p,
-    bool fast8);
+    bool fast8,
+    const Activation& act = {});
 
 // Gradient of <grad_output, conv(input, W)> with respect to W, a tensor of `weight_shape`.
 at::Tensor conv_weight_grad(

@@ -57,9 +57,9 @@ at::Tensor transform(const QuaternionOperand& a, ComponentSum t, int64_t n0, int
 
 // The innermost loop, written so the compiler vectorises it. `addend_at(i)` is 0, a per-row
 // constant (a bias in a channels-first layout) or a per-element load (a bias in channels_last, or
-// the output itself when accumulating).
-template <typename scalar_t, typename acc_t, typename AddendAt>
-inline void combine_row(int64_t n, char* const* p, const acc_t* k, AddendAt addend_at) {
+// the output itself when accumulating); the activation K is applied to the sum before the store.
+template <typename scalar_t, Activation::Kind K, typename acc_t, typename AddendAt>
+inline void combine_row(int64_t n, char* const* p, const acc_t* k, acc_t slope, AddendAt addend_at) {
   auto* o = reinterpret_cast<scalar_t*>(p[0]);
   const auto* a = reinterpret_cast<const scalar_t*>(p[1]);
   const auto* s5 = reinterpret_cast<const scalar_t*>(p[2]);
@@ -69,16 +69,18 @@ inline void combine_row(int64_t n, char* const* p, const acc_t* k, AddendAt adde
   const acc_t k0 = k[0], k1 = k[1], k2 = k[2], k3 = k[3], k4 = k[4];
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    o[i] = static_cast<scalar_t>(
+    o[i] = static_cast<scalar_t>(activate_value<K>(
         k0 * acc_t(a[i]) + k1 * acc_t(s5[i]) + k2 * acc_t(s6[i]) + k3 * acc_t(s7[i]) + k4 * acc_t(s8[i]) +
-        addend_at(i));
+            addend_at(i),
+        slope));
   }
 }
 
-template <typename scalar_t>
-void combine_kernel(at::TensorIterator& iter, const std::array<double, 5>& coef, bool has_addend) {
+template <typename scalar_t, Activation::Kind K>
+void combine_kernel(at::TensorIterator& iter, const std::array<double, 5>& coef, bool has_addend, double negative_slope) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t k[5] = {acc_t(coef[0]), acc_t(coef[1]), acc_t(coef[2]), acc_t(coef[3]), acc_t(coef[4])};
+  const acc_t slope = acc_t(negative_slope);
   constexpr int64_t kSize = sizeof(scalar_t);
   const int nt = iter.ntensors();
   iter.for_each([&](char** data, const int64_t* strides, int64_t n, int64_t rows) {
@@ -89,33 +91,34 @@ void combine_kernel(at::TensorIterator& iter, const std::array<double, 5>& coef,
     for (int64_t r = 0; r < rows; ++r) {
       for (int t = 0; t < nt; ++t) p[t] = data[t] + r * strides[nt + t];
       if (dense && !has_addend) {
-        combine_row<scalar_t>(n, p, k, [](int64_t) { return acc_t(0); });
+        combine_row<scalar_t, K>(n, p, k, slope, [](int64_t) { return acc_t(0); });
       } else if (dense && addend_stride == 0) {
         const acc_t b = *reinterpret_cast<const scalar_t*>(p[6]);
-        combine_row<scalar_t>(n, p, k, [b](int64_t) { return b; });
+        combine_row<scalar_t, K>(n, p, k, slope, [b](int64_t) { return b; });
       } else if (dense && addend_stride == kSize) {
         const auto* b = reinterpret_cast<const scalar_t*>(p[6]);
-        combine_row<scalar_t>(n, p, k, [b](int64_t i) { return acc_t(b[i]); });
+        combine_row<scalar_t, K>(n, p, k, slope, [b](int64_t i) { return acc_t(b[i]); });
       } else {  // mismatched layouts (e.g. a product that ignored channels_last): any strides
         for (int64_t i = 0; i < n; ++i) {
           auto in = [&](int t) { return acc_t(*reinterpret_cast<const scalar_t*>(p[t] + i * strides[t])); };
           acc_t v = k[0] * in(1) + k[1] * in(2) + k[2] * in(3) + k[3] * in(4) + k[4] * in(5);
           if (has_addend) v += in(6);
-          *reinterpret_cast<scalar_t*>(p[0] + i * strides[0]) = static_cast<scalar_t>(v);
+          *reinterpret_cast<scalar_t*>(p[0] + i * strides[0]) = static_cast<scalar_t>(activate_value<K>(v, slope));
         }
       }
     }
   });
 }
 
-// out = coef[0] * s + sum_j coef[1 + j] * shared[j] (+ addend), in one pass accumulating in opmath
-// (float for bf16/fp16), so low-precision outputs are rounded once.
+// out = act(coef[0] * s + sum_j coef[1 + j] * shared[j] (+ addend)), in one pass accumulating in
+// opmath (float for bf16/fp16), so low-precision outputs are rounded once.
 void combine(
     const at::Tensor& out,
     const at::Tensor& s,
     const std::array<at::Tensor, 4>& shared,
     const std::array<double, 5>& coef,
-    const at::Tensor& addend) {
+    const at::Tensor& addend,
+    const Activation& act) {
   at::TensorIteratorConfig config;
   config.add_output(out).add_const_input(s);
   for (const auto& t : shared) config.add_const_input(t);
@@ -123,7 +126,17 @@ void combine(
   // `out` is a view into the blocked output (or the weight gradient): never resized.
   auto iter = config.resize_outputs(false).build();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "aqcf_fast8_combine", [&] {
-    combine_kernel<scalar_t>(iter, coef, addend.defined());
+    using Kind = Activation::Kind;
+    switch (act.kind) {
+      case Kind::None:
+        return combine_kernel<scalar_t, Kind::None>(iter, coef, addend.defined(), 0.0);
+      case Kind::Relu:
+        return combine_kernel<scalar_t, Kind::Relu>(iter, coef, addend.defined(), 0.0);
+      case Kind::LeakyRelu:
+        return combine_kernel<scalar_t, Kind::LeakyRelu>(iter, coef, addend.defined(), act.negative_slope);
+      case Kind::Gelu:
+        return combine_kernel<scalar_t, Kind::Gelu>(iter, coef, addend.defined(), 0.0);
+    }
   });
 }
 
@@ -171,7 +184,9 @@ void fast8_hamilton_product(
     const std::array<at::Tensor, 4>& out,
     bool out_batched,
     const std::array<at::Tensor, 4>& addend,
-    BatchSlices batch) {
+    BatchSlices batch,
+    const Activation& act) {
+  TORCH_CHECK(out_batched || !act.any(), "fast8_hamilton_product: an activation needs a batched output");
   const int64_t slices = (batch.batch + batch.slice - 1) / batch.slice;
   auto slice_start = [&](int64_t s) { return s * batch.slice; };
   auto slice_len = [&](int64_t s) { return std::min(batch.slice, batch.batch - s * batch.slice); };
@@ -195,7 +210,7 @@ void fast8_hamilton_product(
     for (int c = 0; c < 4; ++c) {
       std::array<double, 5> k{scale[c]};
       for (int j = 0; j < 4; ++j) k[1 + j] = 0.5 * kOut[c][j] * scale[4 + j];
-      combine(out_c(c), s[c], {s[4], s[5], s[6], s[7]}, k, addend_c(c));
+      combine(out_c(c), s[c], {s[4], s[5], s[6], s[7]}, k, addend_c(c), act);
     }
   };
 
@@ -241,7 +256,8 @@ void fast8_hamilton_product_in_sequence(
     const QuaternionOperand& right,
     BilinearProduct product,
     const std::array<at::Tensor, 4>& out,
-    const std::array<at::Tensor, 4>& addend) {
+    const std::array<at::Tensor, 4>& addend,
+    const Activation& act) {
   auto whole = [](const QuaternionOperand& a, ComponentSum t) {
     return transform(a, t, 0, a.batched ? a.components[t.p].size(0) : 0);
   };
@@ -256,6 +272,7 @@ void fast8_hamilton_product_in_sequence(
     at::Tensor z = s[c].to(acc).mul(scale[c]);
     for (int j = 0; j < 4; ++j) z.add_(s[4 + j].to(acc), 0.5 * kOut[c][j] * scale[4 + j]);
     if (addend[c].defined()) z.add_(addend[c]);
+    activate_(z, act);
     out[c].copy_(z);
   }
 }

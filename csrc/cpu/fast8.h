@@ -18,6 +18,8 @@
 #include <ATen/ATen.h>
 #include <c10/util/FunctionRef.h>
 
+#include "activation.h"
+
 #include <array>
 
 namespace aqcf {
@@ -43,8 +45,9 @@ struct BatchSlices {
 };
 
 // Z = left ⊗ right, slice by slice.
-// * batched output: writes Z_c + addend[c] into out[c] (strided views, e.g. the blocks of one
-//   blocked tensor); `addend[c]`, if defined, broadcasts to out[c] (a bias).
+// * batched output: writes act(Z_c + addend[c]) into out[c] (strided views, e.g. the blocks of one
+//   blocked tensor); `addend[c]`, if defined, broadcasts to out[c] (a bias); `act` runs in the same
+//   output pass.
 // * shared output (a weight gradient): writes the sum over slices of Z_c into out[c], with a
 //   summation order fixed by the thread count (deterministic run to run).
 // Peak extra memory: the 8 products of the slices in flight (~ threads + 1 slices).
@@ -55,17 +58,19 @@ void fast8_hamilton_product(
     const std::array<at::Tensor, 4>& out,
     bool out_batched,
     const std::array<at::Tensor, 4>& addend,
-    BatchSlices slices);
+    BatchSlices slices,
+    const Activation& act = {});
 
 // The same product on any device (what runs on CUDA: cuDNN under at::convolution), on the caller's
-// thread and stream: the 8 products one after the other on whole operands, then out[c] = Z_c
-// (+ addend[c]) as ATen ops in the operands' accumulation type (float for bf16/fp16), rounded once.
+// thread and stream: the 8 products one after the other on whole operands, then out[c] = act(Z_c
+// (+ addend[c])) as ATen ops in the operands' accumulation type (float for bf16/fp16), rounded once.
 // Peak extra memory: the 8 products (the whole batch's).
 void fast8_hamilton_product_in_sequence(
     const QuaternionOperand& left,
     const QuaternionOperand& right,
     BilinearProduct product,
     const std::array<at::Tensor, 4>& out,
-    const std::array<at::Tensor, 4>& addend);
+    const std::array<at::Tensor, 4>& addend,
+    const Activation& act = {});
 
 }  // namespace aqcf

@@ -46,16 +46,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "conv",
       [](const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
          std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation, bool transposed,
-         std::vector<int64_t> output_padding, int64_t groups, bool fast8) {
+         std::vector<int64_t> output_padding, int64_t groups, bool fast8, std::optional<std::string> activation,
+         double negative_slope) {
+        std::optional<std::string_view> name;
+        if (activation) name = *activation;
         return aqcf::conv(
             input, weight, bias,
             params(std::move(stride), std::move(padding), std::move(dilation), transposed, std::move(output_padding), groups),
-            fast8);
+            fast8, aqcf::parse_activation(name, negative_slope));
       },
-      "y = W ⊗ x (+ bias): quaternion (transposed) conv; fast8 = 8 dense products, else the expanded conv",
+      "y = act(W ⊗ x (+ bias)): quaternion (transposed) conv; fast8 = 8 dense products, else the expanded conv; "
+      "the activation (relu, leaky_relu, gelu) in the conv's epilogue",
       py::arg("input"), py::arg("weight"), py::arg("bias"), py::arg("stride"), py::arg("padding"),
       py::arg("dilation"), py::arg("transposed"), py::arg("output_padding"), py::arg("groups"), py::arg("fast8"),
-      py::call_guard<py::gil_scoped_release>());
+      py::arg("activation") = py::none(), py::arg("negative_slope") = 0.01, py::call_guard<py::gil_scoped_release>());
   m.def(
       "conv_aten",
       [](const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -134,13 +138,27 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "_real_conv",
       [](const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, std::vector<int64_t> stride,
          std::vector<int64_t> padding, std::vector<int64_t> dilation, bool transposed,
-         std::vector<int64_t> output_padding, int64_t groups) {
+         std::vector<int64_t> output_padding, int64_t groups, std::optional<std::string> activation,
+         double negative_slope) {
         const auto p = params(std::move(stride), std::move(padding), std::move(dilation), transposed, std::move(output_padding), groups);
-        return std::make_tuple(aqcf::real_conv(x, w, bias, p), std::string(aqcf::real_conv_route(x, w.sizes(), p)));
+        std::optional<std::string_view> name;
+        if (activation) name = *activation;
+        return std::make_tuple(
+            aqcf::real_conv(x, w, bias, p, aqcf::parse_activation(name, negative_slope)),
+            std::string(aqcf::real_conv_route(x, w.sizes(), p)));
       },
-      "(real conv or transposed conv of x with w, the route it took)", py::arg("input"), py::arg("weight"),
+      "(act(real conv or transposed conv of x with w), the route it took)", py::arg("input"), py::arg("weight"),
       py::arg("bias"), py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("transposed"),
-      py::arg("output_padding"), py::arg("groups"), py::call_guard<py::gil_scoped_release>());
+      py::arg("output_padding"), py::arg("groups"), py::arg("activation") = py::none(),
+      py::arg("negative_slope") = 0.01, py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "_real_conv_fuses_activation",
+      [](const at::Tensor& x, bool transposed) {
+        const std::vector<int64_t> none;
+        return aqcf::real_conv_fuses_activation(x, {none, none, none, transposed, none, 1});
+      },
+      "Whether _real_conv applies an activation as oneDNN's post-op for such an input", py::arg("input"),
+      py::arg("transposed"));
   m.def(
       "_real_conv_weight_grad",
       [](const at::Tensor& x, const at::Tensor& gy, std::vector<int64_t> weight_shape, std::vector<int64_t> stride,

@@ -140,10 +140,12 @@ std::tuple<Tensor, Tensor> qconv_cpu(
     if (activation) act = std::string(*activation);
     return conv_fallback(input, weight, bias, p, std::string(algorithm), act, negative_slope, std::string(kind));
   }
+  if (!stores_preactivation(activation, negative_slope)) {  // none, relu, leaky_relu >= 0: in the epilogue
+    const Activation act = parse_activation(activation, negative_slope);
+    return {in_output_format(input, conv(input, weight, bias, p, *fast8, act)), input.new_empty({0})};
+  }
   const Tensor z = in_output_format(input, conv(input, weight, bias, p, *fast8));
-  if (!activation) return {z, input.new_empty({0})};
-  const Tensor y = activate(z, *activation, negative_slope);
-  return {y, stores_preactivation(activation, negative_slope) ? z : input.new_empty({0})};
+  return {activate(z, *activation, negative_slope), z};
 }
 
 Tensor qconv_weight_grad_cpu(

@@ -2,6 +2,7 @@
 
 #include <ATen/Context.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>
 #include <vector>
@@ -114,9 +115,8 @@ at::Tensor two_slab_weight_grad(const at::Tensor& x, const at::Tensor& gy, at::I
       gy2, x2, w, std::nullopt, p.stride, padding, p.dilation, false, no_output_padding, p.groups, {false, true, false}));
 }
 
-}  // namespace
-
-at::Tensor real_conv(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, const ConvParams& p) {
+// Without activation: the route conv_route names.
+at::Tensor routed_conv(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, const ConvParams& p) {
   switch (conv_route(x, w.sizes(), p)) {
     case Route::OneDnn:
       return at::mkldnn_convolution(
@@ -129,6 +129,58 @@ at::Tensor real_conv(const at::Tensor& x, const at::Tensor& w, const std::option
       break;
   }
   return at::convolution(x, w, bias, p.stride, p.padding, p.dilation, p.transposed, p.output_padding, p.groups);
+}
+
+// oneDNN's conv with an eltwise post-op, as PyTorch registers it for Inductor's CPU fusions
+// (mkldnn::_convolution_pointwise); absent from a build without oneDNN.
+using PointwiseConv = at::Tensor(
+    const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, at::IntArrayRef, at::IntArrayRef,
+    at::IntArrayRef, int64_t, c10::string_view, c10::List<std::optional<at::Scalar>>, std::optional<c10::string_view>);
+
+const c10::TypedOperatorHandle<PointwiseConv>* pointwise_conv_op() {
+  static const c10::TypedOperatorHandle<PointwiseConv>* op = []() -> const c10::TypedOperatorHandle<PointwiseConv>* {
+    auto handle = c10::Dispatcher::singleton().findSchema({"mkldnn::_convolution_pointwise", ""});
+    if (!handle) return nullptr;
+    return new c10::TypedOperatorHandle<PointwiseConv>(handle->typed<PointwiseConv>());
+  }();
+  return op;
+}
+
+at::Tensor pointwise_conv(
+    const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, const ConvParams& p,
+    const Activation& act) {
+  c10::List<std::optional<at::Scalar>> scalars;
+  std::string_view attr = "relu";
+  std::optional<c10::string_view> algorithm;
+  if (act.kind == Activation::Kind::LeakyRelu) {
+    attr = "leaky_relu";
+    scalars.push_back(at::Scalar(act.negative_slope));
+  } else if (act.kind == Activation::Kind::Gelu) {
+    attr = "gelu";
+    algorithm = "none";  // the erf form, as at::gelu's default
+  }
+  return pointwise_conv_op()->call(
+      x.contiguous(x.suggest_memory_format()), w.contiguous(), bias, p.padding, p.stride, p.dilation, p.groups, attr,
+      scalars, algorithm);
+}
+
+}  // namespace
+
+bool real_conv_fuses_activation(const at::Tensor& x, const ConvParams& p) {
+  // Forward 2d/3d float32 CPU convs: oneDNN serves them anyway (PyTorch's rule or our OneDnn route),
+  // so the post-op changes nothing but the extra pass over the output it saves.
+  return !p.transposed && x.device().is_cpu() && x.scalar_type() == at::kFloat && (x.dim() == 4 || x.dim() == 5) &&
+      at::hasMKLDNN() && at::globalContext().userEnabledMkldnn() && pointwise_conv_op() != nullptr;
+}
+
+at::Tensor real_conv(
+    const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, const ConvParams& p,
+    const Activation& act) {
+  if (!act.any()) return routed_conv(x, w, bias, p);
+  if (real_conv_fuses_activation(x, p)) return pointwise_conv(x, w, bias, p, act);
+  at::Tensor y = routed_conv(x, w, bias, p);
+  activate_(y, act);
+  return y;
 }
 
 at::Tensor real_conv_weight_grad(const at::Tensor& x, const at::Tensor& gy, at::IntArrayRef shape, const ConvParams& p) {

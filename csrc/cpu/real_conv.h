@@ -11,8 +11,15 @@
 
 namespace aqcf {
 
-// conv(x, w) or, with p.transposed, the transposed conv; any device.
-at::Tensor real_conv(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, const ConvParams& p);
+// act(conv(x, w)) or, with p.transposed, the transposed conv; any device. On CPU float32 2d/3d forward
+// convs the activation is oneDNN's post-op (mkldnn::_convolution_pointwise, what Inductor fuses to);
+// elsewhere it runs in place after the conv.
+at::Tensor real_conv(
+    const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, const ConvParams& p,
+    const Activation& act = {});
+
+// Whether real_conv applies `act` as a oneDNN post-op for these arguments (for tests).
+bool real_conv_fuses_activation(const at::Tensor& x, const ConvParams& p);
 
 // Gradient w.r.t. the weight (of `shape`) of the NON-transposed real conv gy = conv(x, w); any device.
 at::Tensor real_conv_weight_grad(const at::Tensor& x, const at::Tensor& gy, at::IntArrayRef shape, const ConvParams& p);

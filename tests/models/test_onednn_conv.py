@@ -94,3 +94,84 @@ def test_is_the_parent_for_state_dicts_and_repr() -> None:
     ours, ref = pair(3, 1, 16, 3, padding=1)
     assert isinstance(ours, nn.Conv3d) and list(ours.state_dict()) == list(ref.state_dict())
     assert repr(ours).startswith("OneDNNConv3d(1, 16, kernel_size=(3, 3, 3)")
+
+
+# ---- the activation as oneDNN's post-op, and the stem unit that folds its norm in eval mode
+
+ACTS = {
+    "relu": lambda z, s: nn.functional.relu(z),
+    "leaky_relu": lambda z, s: nn.functional.leaky_relu(z, s),
+    "gelu": lambda z, s: nn.functional.gelu(z),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32-post-op", "fp64-after"])
+@pytest.mark.parametrize("activation", list(ACTS))
+@pytest.mark.parametrize("dims", [2, 3])
+def test_activation_keyword_matches_conv_then_activation(dims, activation, dtype) -> None:
+    """float32 (batched, CPU): oneDNN's post-op, no separate activation op; float64: the parent conv,
+    then the activation. Both equal the parent conv followed by torch's activation; a given weight and
+    bias replace the module's for the call."""
+    ours, ref = pair(dims, 4, 6, 3, padding=1, stride=2, dtype=dtype)
+    fmt = torch.channels_last if dims == 2 else torch.channels_last_3d
+    x = torch.randn(2, 4, *[7] * dims, dtype=dtype).contiguous(memory_format=fmt)
+    w, b = torch.randn_like(ref.weight), torch.randn_like(ref.bias)
+    with torch.no_grad():
+        got = ours(x, weight=w, bias=b, activation=activation, negative_slope=0.2)
+        ran = ops_run(lambda: ours(x, weight=w, bias=b, activation=activation, negative_slope=0.2))
+        want = ACTS[activation](ref._conv_forward(x, w, b), 0.2)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    separate = {k for k in ran if k.startswith("aten::") and activation in k}
+    assert (separate == set()) == (dtype == torch.float32), ran
+
+
+def _stem(dims: int, dtype=torch.float32, seed: int = 0):
+    from aqcf_kernels import nn as qnn
+    from aqcf_kernels.models.layers import RealConvNormAct
+
+    torch.manual_seed(seed)
+    conv = ONEDNN_CONVS[dims - 1](1, 16, 3, padding=1, bias=False, dtype=dtype)
+    norm = (qnn.QuaternionBatchNorm2d if dims == 2 else qnn.QuaternionBatchNorm3d)(
+        16, activation="leaky_relu", negative_slope=0.01, dtype=dtype
+    )
+    with torch.no_grad():  # trained-looking statistics and affine
+        norm.running_mean.uniform_(-0.3, 0.3)
+        norm.running_var.uniform_(0.5, 2.0)
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.2, 0.2)
+    return RealConvNormAct(conv, norm)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("dims", [2, 3])
+def test_stem_unit_folds_its_norm_in_eval(dims, dtype) -> None:
+    """Eval mode: one conv with the folded weight and the activation as post-op (float32: no norm or
+    activation op runs), equal to the two modules in turn; training mode runs them in turn (same
+    values and gradients as nn.Sequential), and the state dict is nn.Sequential's."""
+    unit = _stem(dims, dtype)
+    seq = nn.Sequential(unit[0], unit[1])
+    x = torch.randn(2, 1, *[9] * dims, dtype=dtype)
+    unit.eval()
+    with torch.no_grad():
+        got, want = unit(x), seq(x)
+        ran = ops_run(lambda: unit(x))
+    torch.testing.assert_close(got, want, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-6)
+    if dtype == torch.float32:
+        assert not any("qnorm" in k or "leaky_relu" in k or "batch_norm" in k for k in ran), ran
+    unit.train()
+    xg = x.clone().requires_grad_()
+    y = unit(xg)
+    y.backward(torch.ones_like(y))
+    assert xg.grad is not None and unit[1].weight.grad is not None
+    assert list(unit.state_dict()) == list(nn.Sequential(unit[0], unit[1]).state_dict())
+
+
+def test_stem_unit_type_errors() -> None:
+    from aqcf_kernels.models.layers import RealConvNormAct
+
+    unit = _stem(2)
+    with pytest.raises(TypeError, match="conv must be one of ONEDNN_CONVS"):
+        RealConvNormAct(nn.Conv2d(1, 16, 3), unit[1])
+    with pytest.raises(TypeError, match="norm must be a quaternion norm"):
+        RealConvNormAct(unit[0], nn.BatchNorm2d(16))

@@ -10,12 +10,16 @@ from torch._prims_common import suggest_memory_format
 from ...params import ConvParams, is_pointwise
 from .._extension import _C
 from .._extension import IMPORT_ERROR as _IMPORT_ERROR
-from ..base import ConvBackend
+from ..base import ConvBackend, activate
 
 
 class CppConvBackend(ConvBackend):
     name = "cpp"
     device_types = ("cpu",)
+    # relu and leaky_relu (slope >= 0) run in the conv's epilogue: oneDNN's post-op on the expanded conv,
+    # fast8's output pass; so the op writes the output once. Where the backward needs the
+    # pre-activation (gelu, a negative slope), the conv's output is kept and activated after.
+    fuses_activation = True
 
     def unavailable(self) -> str | None:
         return _IMPORT_ERROR
@@ -27,14 +31,35 @@ class CppConvBackend(ConvBackend):
         """Whether the extension's op kernels compute what this backend's methods do (not when a test has
         replaced them), so a call this backend served may skip Python next time (ops/conv.py)."""
         own = CppConvBackend
-        return (
-            getattr(self.conv, "__func__", None) is own.conv
-            and getattr(self.conv_weight_grad, "__func__", None) is own.conv_weight_grad
+        return all(
+            getattr(getattr(self, name), "__func__", None) is getattr(own, name)
+            for name in ("conv", "conv_act", "conv_weight_grad", "_operand")
         )
+
+    def _operand(self, t: Tensor) -> Tensor:
+        """An activation or gradient as the extension is handed it (``cpp_cl``: a channels_last copy)."""
+        return t
 
     # Pointwise hamilton convs are one GEMM in the extension too (csrc/cpu/conv.cpp: conv_pointwise).
     def conv(self, input: Tensor, weight: Tensor, bias: Tensor | None, p: ConvParams, algorithm: str) -> Tensor:
-        return _C.conv(input, weight, bias, *p.as_op_args(), algorithm == "fast8")
+        return _C.conv(self._operand(input), weight, bias, *p.as_op_args(), algorithm == "fast8")
+
+    def conv_act(
+        self,
+        input: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        p: ConvParams,
+        algorithm: str,
+        activation: str,
+        negative_slope: float,
+        keep_pre: bool,
+    ) -> tuple[Tensor, Tensor | None]:
+        x, fast8 = self._operand(input), algorithm == "fast8"
+        if keep_pre:  # the backward reads the pre-activation: write it, then activate a copy
+            z = _C.conv(x, weight, bias, *p.as_op_args(), fast8)
+            return activate(z, activation, negative_slope), z
+        return _C.conv(x, weight, bias, *p.as_op_args(), fast8, activation, negative_slope), None
 
     def conv_weight_grad(
         self, input: Tensor, grad_output: Tensor, weight_shape: list[int], p: ConvParams, algorithm: str
@@ -68,15 +93,15 @@ class CppChannelsLastConvBackend(CppConvBackend):
             return "a pointwise conv is one GEMM on the tokens in the cpp backend, whatever the layout"
         return None
 
+    def _operand(self, t: Tensor) -> Tensor:
+        return t.contiguous(memory_format=torch.channels_last if t.dim() == 4 else torch.channels_last_3d)
+
+    # Its own methods (not the inherited ones), so measuring and tests treat the two backends apart.
     def conv(self, input: Tensor, weight: Tensor, bias: Tensor | None, p: ConvParams, algorithm: str) -> Tensor:
-        return _C.conv(_channels_last(input), weight, bias, *p.as_op_args(), False)
+        return _C.conv(self._operand(input), weight, bias, *p.as_op_args(), False)
 
     def conv_weight_grad(
         self, input: Tensor, grad_output: Tensor, weight_shape: list[int], p: ConvParams, algorithm: str
     ) -> Tensor:
-        x, gy = _channels_last(input), _channels_last(grad_output)
+        x, gy = self._operand(input), self._operand(grad_output)
         return _C.conv_weight_grad(x, gy, list(weight_shape), *p.as_op_args(), False)
-
-
-def _channels_last(t: Tensor) -> Tensor:
-    return t.contiguous(memory_format=torch.channels_last if t.dim() == 4 else torch.channels_last_3d)
