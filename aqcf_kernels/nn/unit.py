@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import tuning
 from ..layout import qcat, quaternion_channels
 from .conv import _QuaternionConvNd
 from .norm import _QuaternionNorm
@@ -145,22 +146,63 @@ class QuaternionConvNormAct(nn.Sequential):
             # An unbatched input goes the unfolded way: the norm decides whether it takes one.
             if not self.folds or conv._unbatched(input):
                 return super().forward(input)
-            # The activation goes to the conv, whose backend may apply it in the epilogue (cpp: oneDNN's
-            # post-op, fast8's output pass), saving a pass over the output.
-            weight, bias = self.folded_weight_and_bias()
-            act = {"activation": norm.activation, "negative_slope": norm.negative_slope}
-            return conv(input, weight=weight, bias=bias, **act)
+            return self._folded(inputs, *self.folded_weight_and_bias(), split=False)
         if not self.folds:
             return norm(self._conv_of_parts(inputs, conv.weight, conv.bias))
-        # The parts' sum is activated after, in place (the activation of a sum is not a sum of them).
-        y = self._conv_of_parts(inputs, *self.folded_weight_and_bias())
+        weight, bias = self.folded_weight_and_bias()
+        if torch.is_grad_enabled():
+            return self._folded(inputs, weight, bias, split=True)
+        return self._measured_split(inputs, weight, bias)
+
+    def _folded(self, inputs: tuple[Tensor, ...], weight: Tensor, bias: Tensor, split: bool) -> Tensor:
+        """The eval-mode unit with the folded ``weight`` and ``bias``: the activation is handed to the conv,
+        whose backend may apply it in the epilogue (cpp: oneDNN's post-op, fast8's output pass); a sum of
+        per-input convs (``split``) is activated after, in place (an activation of a sum is not a sum)."""
+        conv, norm = self[0], self[1]
+        if not split:
+            input = inputs[0] if len(inputs) == 1 else qcat(list(inputs))
+            return conv(input, weight=weight, bias=bias, activation=norm.activation, negative_slope=norm.negative_slope)
+        y = self._conv_of_parts(inputs, weight, bias)
         if norm.activation == "relu":
-            y = F.relu_(y)  # in place on the conv's fresh output (a hook on the conv that keeps it sees it activated)
-        elif norm.activation == "leaky_relu":
-            y = F.leaky_relu_(y, norm.negative_slope)
-        elif norm.activation == "gelu":
-            y = F.gelu(y)
-        return y
+            return F.relu_(y)
+        if norm.activation == "leaky_relu":
+            return F.leaky_relu_(y, norm.negative_slope)
+        return F.gelu(y) if norm.activation == "gelu" else y
+
+    def _measured_split(self, inputs: tuple[Tensor, ...], weight: Tensor, bias: Tensor) -> Tensor:
+        """Inference with several inputs: split or concatenate, whichever ``aqcf_kernels.tuning`` measured
+        faster for this call signature (remembered like a conv's choice; the rule, and ``'heuristic'``
+        mode, split). Measured on the 3D model (Intel Xeon, 2 threads, eval): concatenating is 26 ms
+        slower at 64³ and ~3 ms faster at 32³ and 16³, so no size rule would hold on another machine.
+        A signature's first call runs both ways untimed first, so that each way's own conv choices are
+        measured before the two are timed against each other."""
+        key = _split_signature(self[0], inputs)
+        run = {
+            SPLIT: lambda: self._folded(inputs, weight, bias, True),
+            CONCAT: lambda: self._folded(inputs, weight, bias, False),
+        }
+        if tuning.mode == "measure" and tuning.can_time(inputs) and tuning.lookup(key) is None and key not in _warmed:
+            _warmed.add(key)
+            run[CONCAT]()
+            return run[SPLIT]()
+        choice, output = tuning.choose(key, [SPLIT, CONCAT], SPLIT, lambda c: run[c](), inputs)
+        return output if output is not None else run[choice.candidate]()
+
+
+#: the two ways an inference unit may convolve several inputs (tuning candidates)
+SPLIT, CONCAT = tuning.Candidate("unit", "split"), tuning.Candidate("unit", "concatenate")
+_warmed: set[str] = set()  # signatures whose two ways have run once (untimed) in this process
+
+
+def _split_signature(conv: _QuaternionConvNd, inputs: tuple[Tensor, ...]) -> str:
+    """What the split-or-concatenate choice is valid for: the inputs (shapes, layout, dtype), the conv's
+    geometry and algorithm, where it runs (CPU model, threads)."""
+    x = inputs[0]
+    where = f"{x.device}:{tuning.fingerprint()['cpu']}:{torch.get_num_threads()}t"
+    parts = ";".join(f"{list(t.shape)}/{list(t.stride())}" for t in inputs)
+    geometry = f"k{list(conv.kernel_size)}s{list(conv.stride)}p{conv.padding}d{list(conv.dilation)}"
+    dtype = str(x.dtype).removeprefix("torch.")
+    return f"unit_split|{where}|{dtype}|{parts}|{conv.out_channels}|{geometry}|{conv.algorithm}"
 
 
 __all__ = ["QuaternionConvNormAct"]

@@ -197,3 +197,53 @@ def test_the_conv_module_sees_every_conv_call(mode, inputs) -> None:
     xs = [seeded(3, 20, 7, 9, seed=30)] if inputs == 1 else [seeded(3, 8, 7, 9, seed=31), seeded(3, 12, 7, 9, seed=32)]
     unit(*xs)
     assert calls == [(3, 12, 7, 9)] * inputs
+
+
+@pytest.mark.parametrize("slower", ["split", "concatenate"])
+def test_inference_measures_split_against_concatenate(slower, tmp_path, monkeypatch) -> None:
+    """With several inputs and no grad, the unit times convolving them one by one against convolving
+    their qcat (after one untimed run of each) and keeps the faster, remembered in the tuning cache;
+    every call returns the same values; with grad, or in 'heuristic' mode, it splits."""
+    import time
+
+    from aqcf_kernels import tuning
+    from aqcf_kernels.layout import qcat
+    from aqcf_kernels.nn import unit as unit_module
+
+    monkeypatch.setenv("AQCF_TUNING_CACHE", str(tmp_path / "tuning.json"))
+    monkeypatch.setattr(tuning, "mode", "measure")
+    monkeypatch.setattr(unit_module, "_warmed", set())
+    tuning.clear()
+    unit = make_unit(2, cin=20, cout=12).eval()
+    a, b = seeded(2, 8, 6, 7, seed=30), seeded(2, 12, 6, 7, seed=31)
+    ran: list[str] = []
+    folded = unit_module.QuaternionConvNormAct._folded
+
+    def timed(self, inputs, weight, bias, split):
+        ran.append("split" if split else "concatenate")
+        if ran[-1] == slower:
+            time.sleep(0.02)
+        return folded(self, inputs, weight, bias, split)
+
+    monkeypatch.setattr(unit_module.QuaternionConvNormAct, "_folded", timed)
+    want = nn.Sequential(*unit)(qcat([a, b]))
+    try:
+        with torch.no_grad():
+            outs = [unit(a, b) for _ in range(2 + 2 * tuning.REFINE_SAMPLES)]
+            key = unit_module._split_signature(unit[0], (a, b))
+            faster = "concatenate" if slower == "split" else "split"
+            assert tuning.lookup(key) == tuning.Candidate("unit", faster)
+            assert ran[:2] == ["concatenate", "split"]  # the first call: both ways once, untimed
+            ran.clear()
+            unit(a, b)
+            assert ran == [faster]
+        for out in outs:
+            torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-12)
+        ran.clear()
+        unit(a, b)  # grad enabled: split, not measured
+        with torch.no_grad(), tuning.using("heuristic"):
+            tuning.clear()
+            unit(a, b)
+        assert ran == ["split", "split"]
+    finally:
+        tuning.clear()
