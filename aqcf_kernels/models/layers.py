@@ -107,8 +107,8 @@ class RealConvNormAct(nn.Sequential):
     :class:`~aqcf_kernels.nn.QuaternionConvNormAct` (one real scale per quaternion channel, repeated
     over the four blocks of the conv's output channels), and the activation is the conv's oneDNN
     post-op: inference runs one pass over the stem's output instead of three. Measured (Intel Xeon,
-    2 threads, 1×1×64³ → 16, channels_last, eval): see ``AQCFNet``'s memory-format note. Training
-    mode runs the two modules in turn.
+    2 threads, 1×1×64³ → 16, channels_last output, eval): 3.2 → 1.5 ms. Training mode runs the two
+    modules in turn.
     """
 
     def __init__(self, conv: OneDNNConvMixin, norm: nn.Module) -> None:
