@@ -9,7 +9,8 @@
 #   conv-tf32  QuaternionConv2d/3d fwd, bwd, fwd+bwd: naive16, expanded (cuDNN), cuda,
 #   conv-bf16  triton/hamilton, triton/fast8, auto; ratios to expanded (bf16: channels_last, the GPU
 #              targets checked; plus conv+bias+ReLU fused vs cuDNN + torch.relu on 2d 64q)
-#   attention  the A-QCF block in bf16 (naive, SDPA-composed, ours), 256 to 16384 tokens
+#   attention  the A-QCF block in bf16 (naive, SDPA-composed, ours = PyTorch's flash kernel through the
+#              torch backend, ours/triton), 256 to 16384 tokens; the 1k-16k target (>= 0.9x SDPA) checked
 #   norm       fused quaternion norm + GELU fwd+bwd (Triton kernels) vs the composite path, batch and
 #              instance, 2d and 3d, fp32 and bf16 (~1 min)
 #   rnn        QLSTM / QLiGRU layer fwd+bwd, 512 hidden, batch 8, 100 steps: the fused recurrence
