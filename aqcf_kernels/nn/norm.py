@@ -45,9 +45,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..backends.base import activate
 from ..layout import quaternion_channels
 from ..ops import norm as norm_ops
-from ..ops.conv import ACTIVATIONS, activate
+from ..ops.conv import ACTIVATIONS
 from ._base import check_quaternion_channels
 
 

@@ -146,7 +146,7 @@ class QuaternionConvNormAct(nn.Sequential):
             # An unbatched input goes the unfolded way: the norm decides whether it takes one.
             if not self.folds or conv._unbatched(input):
                 return super().forward(input)
-            return self._folded(inputs, *self.folded_weight_and_bias(), split=False)
+            return self._folded((input,), *self.folded_weight_and_bias(), split=False)
         if not self.folds:
             return norm(self._conv_of_parts(inputs, conv.weight, conv.bias))
         weight, bias = self.folded_weight_and_bias()

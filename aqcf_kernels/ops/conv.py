@@ -40,7 +40,7 @@ from torch._prims_common import make_channels_last_strides_for, make_contiguous_
 
 from .. import backends
 from ..backends._extension import _C
-from ..backends.base import activate  # noqa: F401 - part of this module's interface (nn.norm, export)
+from ..backends.base import activate
 from ..params import ConvParams, conv_output_shape
 
 #: Whether the compiled extension defines ``aqcf::qconv`` and ``aqcf::qconv_weight_grad`` (csrc/cpu/op.cpp).

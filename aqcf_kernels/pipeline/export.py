@@ -358,7 +358,7 @@ class _LoweredNormMixin:
     """
 
     def forward(self, input: Tensor) -> Tensor:
-        from ..ops.conv import activate
+        from ..backends.base import activate
 
         if self.training:
             raise RuntimeError(f"{type(self).__name__}: a lowered norm is for inference (call .eval())")
@@ -538,8 +538,9 @@ def _expanded_weight(weight: Tensor, groups: int) -> Tensor:
 
 def _qconv_lowering(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups, algorithm,
                     activation=None, negative_slope=0.01, kind="forward"):  # fmt: skip
+    from ..backends.base import activate
     from ..backends.torch.conv import add_bias, real_conv
-    from ..ops.conv import activate, stores_preactivation
+    from ..ops.conv import stores_preactivation
     from ..params import ConvParams
     from ..quaternion import from_group_major, to_group_major
 

@@ -4,26 +4,40 @@ namespace aqcf {
 
 Activation parse_activation(const std::optional<std::string_view>& name, double negative_slope) {
   if (!name) return {};
-  if (*name == "relu") return {Activation::Kind::Relu, 0.0};
-  if (*name == "leaky_relu") return {Activation::Kind::LeakyRelu, negative_slope};
+  if (*name == "relu") return {Act::Relu, 0.0};
+  if (*name == "leaky_relu") return {Act::Leaky, negative_slope};
   TORCH_CHECK(*name == "gelu", "aqcf: unknown activation ", *name, " (expected relu, leaky_relu or gelu)");
-  return {Activation::Kind::Gelu, 0.0};
+  return {Act::Gelu, 0.0};
 }
 
-void activate_(const at::Tensor& t, const Activation& act) {
+void activate_(at::Tensor t, const Activation& act) {
   switch (act.kind) {
-    case Activation::Kind::Relu:
-      at::relu_(const_cast<at::Tensor&>(t));
+    case Act::Relu:
+      at::relu_(t);
       break;
-    case Activation::Kind::LeakyRelu:
-      at::leaky_relu_(const_cast<at::Tensor&>(t), act.negative_slope);
+    case Act::Leaky:
+      at::leaky_relu_(t, act.negative_slope);
       break;
-    case Activation::Kind::Gelu:
-      at::gelu_(const_cast<at::Tensor&>(t));
+    case Act::Gelu:
+      at::gelu_(t);
       break;
-    case Activation::Kind::None:
+    case Act::None:
       break;
   }
+}
+
+at::Tensor activated(const at::Tensor& z, const Activation& act) {
+  switch (act.kind) {
+    case Act::Relu:
+      return at::relu(z);
+    case Act::Leaky:
+      return at::leaky_relu(z, act.negative_slope);
+    case Act::Gelu:
+      return at::gelu(z);
+    case Act::None:
+      break;
+  }
+  return z;
 }
 
 }  // namespace aqcf

@@ -179,9 +179,13 @@ at::Tensor conv_fast8(
     fast8_hamilton_product_in_sequence(weight, {blocks(x)}, product, blocks(y), b, act);
     return y;
   }
+  // relu and leaky_relu ride in the output pass for free; GELU's erf does not vectorise there, and
+  // ATen's own gelu after the pass is faster (2d 32q B4 64², Intel Xeon, 2 threads: 30 vs 12 ms).
+  const bool after = act.kind == Act::Gelu;
   fast8_hamilton_product(
       weight, {blocks(x)}, product, blocks(y),
-      /*out_batched=*/true, b, {x.size(0), batch_slice(x, y)}, act);
+      /*out_batched=*/true, b, {x.size(0), batch_slice(x, y)}, after ? Activation{} : act);
+  if (after) activate_(y, act);
   return y;
 }
 

@@ -58,7 +58,7 @@ at::Tensor transform(const QuaternionOperand& a, ComponentSum t, int64_t n0, int
 // The innermost loop, written so the compiler vectorises it. `addend_at(i)` is 0, a per-row
 // constant (a bias in a channels-first layout) or a per-element load (a bias in channels_last, or
 // the output itself when accumulating); the activation K is applied to the sum before the store.
-template <typename scalar_t, Activation::Kind K, typename acc_t, typename AddendAt>
+template <typename scalar_t, Act K, typename acc_t, typename AddendAt>
 inline void combine_row(int64_t n, char* const* p, const acc_t* k, acc_t slope, AddendAt addend_at) {
   auto* o = reinterpret_cast<scalar_t*>(p[0]);
   const auto* a = reinterpret_cast<const scalar_t*>(p[1]);
@@ -69,14 +69,14 @@ inline void combine_row(int64_t n, char* const* p, const acc_t* k, acc_t slope, 
   const acc_t k0 = k[0], k1 = k[1], k2 = k[2], k3 = k[3], k4 = k[4];
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    o[i] = static_cast<scalar_t>(activate_value<K>(
+    o[i] = static_cast<scalar_t>(activate<acc_t, K>(
         k0 * acc_t(a[i]) + k1 * acc_t(s5[i]) + k2 * acc_t(s6[i]) + k3 * acc_t(s7[i]) + k4 * acc_t(s8[i]) +
             addend_at(i),
         slope));
   }
 }
 
-template <typename scalar_t, Activation::Kind K>
+template <typename scalar_t, Act K>
 void combine_kernel(at::TensorIterator& iter, const std::array<double, 5>& coef, bool has_addend, double negative_slope) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t k[5] = {acc_t(coef[0]), acc_t(coef[1]), acc_t(coef[2]), acc_t(coef[3]), acc_t(coef[4])};
@@ -103,7 +103,7 @@ void combine_kernel(at::TensorIterator& iter, const std::array<double, 5>& coef,
           auto in = [&](int t) { return acc_t(*reinterpret_cast<const scalar_t*>(p[t] + i * strides[t])); };
           acc_t v = k[0] * in(1) + k[1] * in(2) + k[2] * in(3) + k[3] * in(4) + k[4] * in(5);
           if (has_addend) v += in(6);
-          *reinterpret_cast<scalar_t*>(p[0] + i * strides[0]) = static_cast<scalar_t>(activate_value<K>(v, slope));
+          *reinterpret_cast<scalar_t*>(p[0] + i * strides[0]) = static_cast<scalar_t>(activate<acc_t, K>(v, slope));
         }
       }
     }
@@ -126,17 +126,9 @@ void combine(
   // `out` is a view into the blocked output (or the weight gradient): never resized.
   auto iter = config.resize_outputs(false).build();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "aqcf_fast8_combine", [&] {
-    using Kind = Activation::Kind;
-    switch (act.kind) {
-      case Kind::None:
-        return combine_kernel<scalar_t, Kind::None>(iter, coef, addend.defined(), 0.0);
-      case Kind::Relu:
-        return combine_kernel<scalar_t, Kind::Relu>(iter, coef, addend.defined(), 0.0);
-      case Kind::LeakyRelu:
-        return combine_kernel<scalar_t, Kind::LeakyRelu>(iter, coef, addend.defined(), act.negative_slope);
-      case Kind::Gelu:
-        return combine_kernel<scalar_t, Kind::Gelu>(iter, coef, addend.defined(), 0.0);
-    }
+    with_activation(act.kind, [&](auto a) {
+      combine_kernel<scalar_t, decltype(a)::value>(iter, coef, addend.defined(), act.negative_slope);
+    });
   });
 }
 

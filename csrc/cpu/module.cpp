@@ -38,6 +38,11 @@ void set_fallbacks(py::function conv, py::function weight_grad) {
       });
 }
 
+// The activation arguments of the Python entry points (None: none).
+aqcf::Activation activation_arg(const std::optional<std::string>& name, double negative_slope) {
+  return aqcf::parse_activation(name ? std::optional<std::string_view>(*name) : std::nullopt, negative_slope);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -48,12 +53,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
          std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation, bool transposed,
          std::vector<int64_t> output_padding, int64_t groups, bool fast8, std::optional<std::string> activation,
          double negative_slope) {
-        std::optional<std::string_view> name;
-        if (activation) name = *activation;
         return aqcf::conv(
             input, weight, bias,
             params(std::move(stride), std::move(padding), std::move(dilation), transposed, std::move(output_padding), groups),
-            fast8, aqcf::parse_activation(name, negative_slope));
+            fast8, activation_arg(activation, negative_slope));
       },
       "y = act(W ⊗ x (+ bias)): quaternion (transposed) conv; fast8 = 8 dense products, else the expanded conv; "
       "the activation (relu, leaky_relu, gelu) in the conv's epilogue",
@@ -141,10 +144,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
          std::vector<int64_t> output_padding, int64_t groups, std::optional<std::string> activation,
          double negative_slope) {
         const auto p = params(std::move(stride), std::move(padding), std::move(dilation), transposed, std::move(output_padding), groups);
-        std::optional<std::string_view> name;
-        if (activation) name = *activation;
         return std::make_tuple(
-            aqcf::real_conv(x, w, bias, p, aqcf::parse_activation(name, negative_slope)),
+            aqcf::real_conv(x, w, bias, p, activation_arg(activation, negative_slope)),
             std::string(aqcf::real_conv_route(x, w.sizes(), p)));
       },
       "(act(real conv or transposed conv of x with w), the route it took)", py::arg("input"), py::arg("weight"),

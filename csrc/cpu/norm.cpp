@@ -1,5 +1,7 @@
 #include "norm.h"
 
+#include "activation.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
@@ -12,53 +14,16 @@ namespace {
 
 using at::Tensor;
 
-enum class Act { None, Relu, Leaky, Gelu };
-
-Act parse_activation(const std::optional<std::string>& name) {
-  if (!name) return Act::None;
-  if (*name == "relu") return Act::Relu;
-  if (*name == "leaky_relu") return Act::Leaky;
-  TORCH_CHECK(*name == "gelu", "aqcf qnorm: unknown activation ", *name);
-  return Act::Gelu;
-}
-
-constexpr double kSqrtHalf = 0.7071067811865476;    // 1/sqrt(2)
-constexpr double kInvSqrt2Pi = 0.3989422804014327;  // 1/sqrt(2π)
-
 // (Every parallel lambda below takes `slope` by value: captured by reference it was reloaded per
 // element in the OpenMP-outlined loops and blocked their vectorisation: leaky_relu's backward ran 9x
 // slower on 2 threads than on 1.)
 // Plain scalar loops the compiler vectorises (-O3, `omp simd`) for whatever the extension is built for.
 // ATen's Vectorized<T> emulates its vectors element by element in an extension built without ATen's
-// CPU_CAPABILITY flags (this pass ran ~5x slower than the composite norm with it). The selects below
-// vectorise only with -fno-trapping-math (setup.py): otherwise GCC keeps a branch per element, which
-// mispredicts half the time.
-template <typename T, Act A>
-inline T activate(T z, T slope) {
-  if constexpr (A == Act::None) {
-    return z;
-  } else if constexpr (A == Act::Relu) {
-    return std::max(z, T(0));
-  } else if constexpr (A == Act::Leaky) {
-    return std::max(z, T(0)) + slope * std::min(z, T(0));
-  } else {
-    return z * T(0.5) * (T(1) + std::erf(z * T(kSqrtHalf)));
-  }
-}
+// CPU_CAPABILITY flags (this pass ran ~5x slower than the composite norm with it); the activation's
+// per-value form is activation.h's.
 
-// dL/dz = g · act'(z)
-template <typename T, Act A>
-inline T activation_grad(T z, T g, T slope) {
-  if constexpr (A == Act::None) {
-    return g;
-  } else if constexpr (A == Act::Relu) {
-    return z > T(0) ? g : T(0);
-  } else if constexpr (A == Act::Leaky) {
-    return g * (z > T(0) ? T(1) : slope);
-  } else {
-    const T cdf = T(0.5) * (T(1) + std::erf(z * T(kSqrtHalf)));
-    return g * (cdf + z * std::exp(T(-0.5) * z * z) * T(kInvSqrt2Pi));
-  }
+Act norm_activation(const NormOptions& o) {
+  return parse_activation(o.activation ? std::optional<std::string_view>(*o.activation) : std::nullopt, o.negative_slope).kind;
 }
 
 // The input as (N, C, S), S the flattened spatial dims, in one of two layouts: planes (each (n, c)
@@ -317,15 +282,6 @@ void input_grad(const T* gy, const T* x, T* dx, const Layout& L, const Tables<T>
   });
 }
 
-template <typename F>
-void with_activation(Act a, F&& f) {
-  switch (a) {
-    case Act::None: f(std::integral_constant<Act, Act::None>{}); break;
-    case Act::Relu: f(std::integral_constant<Act, Act::Relu>{}); break;
-    case Act::Leaky: f(std::integral_constant<Act, Act::Leaky>{}); break;
-    case Act::Gelu: f(std::integral_constant<Act, Act::Gelu>{}); break;
-  }
-}
 
 // The forward's per-(g, c) tables: μ (G, C), γ r (G, C) and β (C), in the input's dtype.
 struct ForwardTables {
@@ -385,7 +341,7 @@ std::tuple<Tensor, Tensor, Tensor> qnorm_forward(
   }
   const ForwardTables t = forward_tables(mean, var, weight, bias, cq, o.eps, input.options());
   Tensor y = at::empty_like(input);
-  with_activation(parse_activation(o.activation), [&](auto act) {
+  with_activation(norm_activation(o), [&](auto act) {
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "qnorm_forward", [&] {
       const Tables<scalar_t> tab{t.shift.data_ptr<scalar_t>(), t.scale.data_ptr<scalar_t>(), t.beta.data_ptr<scalar_t>(),
                                  L.C, mean.size(0) > 1};
@@ -408,7 +364,7 @@ std::tuple<Tensor, Tensor, Tensor> qnorm_backward(
   const int64_t cq = L.C / 4, groups = mean.size(0);
   const bool per_sample = groups > 1;  // per-sample tables (instance norm in training, N > 1)
   const ForwardTables t = forward_tables(mean, var, weight, bias, cq, o.eps, input.options());
-  const Act act = parse_activation(o.activation);
+  const Act act = norm_activation(o);
   const auto dbl = input.options().dtype(at::kDouble);
 
   // Pass 1: Σ gz and Σ gz (x − μ) per (n, c), then per statistic group.

@@ -84,13 +84,6 @@ bool stores_preactivation(const std::optional<std::string_view>& activation, dou
   return activation && (*activation == "gelu" || (*activation == "leaky_relu" && negative_slope < 0));
 }
 
-Tensor activate(const Tensor& z, std::string_view activation, double negative_slope) {
-  if (activation == "relu") return at::relu(z);
-  if (activation == "leaky_relu") return at::leaky_relu(z, negative_slope);
-  TORCH_CHECK(activation == "gelu", "aqcf::qconv: unknown activation ", activation);
-  return at::gelu(z);
-}
-
 // dL/dz from dL/dy (differentiable: double backward goes through it); as ops/conv.py's activation_grad.
 Tensor activation_grad(
     const Tensor& grad, const Tensor& y, const Tensor& pre, std::string_view activation, double negative_slope) {
@@ -140,12 +133,12 @@ std::tuple<Tensor, Tensor> qconv_cpu(
     if (activation) act = std::string(*activation);
     return conv_fallback(input, weight, bias, p, std::string(algorithm), act, negative_slope, std::string(kind));
   }
+  const Activation act = parse_activation(activation, negative_slope);
   if (!stores_preactivation(activation, negative_slope)) {  // none, relu, leaky_relu >= 0: in the epilogue
-    const Activation act = parse_activation(activation, negative_slope);
     return {in_output_format(input, conv(input, weight, bias, p, *fast8, act)), input.new_empty({0})};
   }
   const Tensor z = in_output_format(input, conv(input, weight, bias, p, *fast8));
-  return {activate(z, *activation, negative_slope), z};
+  return {activated(z, act), z};
 }
 
 Tensor qconv_weight_grad_cpu(

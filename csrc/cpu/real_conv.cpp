@@ -152,10 +152,10 @@ at::Tensor pointwise_conv(
   c10::List<std::optional<at::Scalar>> scalars;
   std::string_view attr = "relu";
   std::optional<c10::string_view> algorithm;
-  if (act.kind == Activation::Kind::LeakyRelu) {
+  if (act.kind == Act::Leaky) {
     attr = "leaky_relu";
     scalars.push_back(at::Scalar(act.negative_slope));
-  } else if (act.kind == Activation::Kind::Gelu) {
+  } else if (act.kind == Act::Gelu) {
     attr = "gelu";
     algorithm = "none";  // the erf form, as at::gelu's default
   }
