@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from aqcf_kernels import tuning
+from aqcf_kernels.pipeline.allocator import MALLOC_CHOICES, keep_freed_memory
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MiB = 2**20
@@ -73,6 +74,33 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_out: str = "be
         help="keep N other processes busy (one spinning core each, like `yes > /dev/null`) while timing: "
         "how the providers hold up on a machine that is not idle. Default 0",
     )
+    g.add_argument(
+        "--malloc",
+        choices=MALLOC_CHOICES,
+        default="default",
+        help="keep: glibc's malloc keeps freed memory (aqcf-predict's --malloc keep), so no provider pays page "
+        "faults for fresh pages that depend on what the provider timed before it left in the heap; "
+        "default (the default): the C library's own behaviour",
+    )
+
+
+# What --malloc did in this process, for the report (set by apply_malloc).
+_malloc_setting = "default"
+
+
+def apply_malloc(choice: str) -> None:
+    """``--malloc``: ``keep`` applies :func:`keep_freed_memory` to this process (timing only: the
+    peak-memory workers are fresh processes with their own pinned setting); where it cannot be
+    applied, says why on stderr and the report says ``default``."""
+    global _malloc_setting
+    if choice not in MALLOC_CHOICES:
+        raise ValueError(f"--malloc must be one of {', '.join(MALLOC_CHOICES)}, got {choice!r}")
+    if choice == "keep":
+        problem = keep_freed_memory()
+        if problem is not None:
+            print(f"--malloc keep not applied: {problem}", file=sys.stderr)
+            choice = "default"
+    _malloc_setting = choice
 
 
 def configure_torch(threads: int) -> None:
@@ -444,6 +472,7 @@ def environment(device: torch.device, threads: int, load: int = 0) -> dict[str, 
         "device": str(device),
         "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "background_load": load,
+        "malloc": _malloc_setting,
     }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
@@ -487,6 +516,7 @@ def environment_line(env: Mapping[str, Any]) -> str:
         f"torch {env['torch']}, triton {env['triton']}, "
         f"commit {env['git_commit']}{dirty}, {env['date']}"
         + (f", {env['background_load']} busy process(es) (--load)" if env.get("background_load") else "")
+        + (", --malloc keep" if env.get("malloc") == "keep" else "")
     )
 
 
