@@ -31,103 +31,188 @@ constexpr ComponentSum kLeft[8] = {
 constexpr ComponentSum kRight[8] = {
     {J, K, -1}, {R, I, +1}, {J, K, +1}, {R, I, -1}, {I, J, -1}, {I, J, +1}, {R, K, -1}, {R, K, +1},
 };
-// Z_c = s_c + 1/2 * sum_j kOut[c][j] * s_{5+j}
+// Z_c = s_c + 1/2 * sum_j kOut[c][j] * s_{4+j} (products numbered from 0)
 constexpr int kOut[4][4] = {{+1, -1, +1, +1}, {+1, -1, -1, -1}, {+1, +1, +1, -1}, {+1, +1, -1, +1}};
 
-// A transformed operand is `scale * tensor`. The scale is ±1 and only comes from conjugation: it
-// is carried to the output coefficients (the products are bilinear) instead of costing a pass.
-// conj(A)_c = σ_c A_c with σ = (1, -1, -1, -1), and σ_p A_p + s σ_q A_q = σ_p (A_p + s σ_p σ_q A_q):
-// the transform of a conjugated operand is σ_p times a plain sum.
+// Product m's operand is `scale * (A_p + sum_sign * A_q)` over the raw components, with p < q.
+// The scale is ±1 and is carried to the output coefficients (the products are bilinear) instead of
+// costing a pass. It comes from conjugation, conj(A)_c = σ_c A_c with σ = (1, -1, -1, -1), and
+// from writing the pair in component order: σ_p A_p + s σ_q A_q = σ_p (A_p + s σ_p σ_q A_q)
+// = s σ_q (A_q + s σ_p σ_q A_p). Two products whose operands share a component pair read A_p + A_q
+// and A_p - A_q: one pass forms both.
+struct OperandForm {
+  int p, q, sum_sign, scale;
+};
+
 int conjugation_sign(const QuaternionOperand& a, int component) {
   return (a.conjugate && component != R) ? -1 : 1;
 }
 
-double transform_scale(const QuaternionOperand& a, ComponentSum t) {
-  return conjugation_sign(a, t.p);
+OperandForm operand_form(const QuaternionOperand& a, ComponentSum t) {
+  const int sp = conjugation_sign(a, t.p), sq = conjugation_sign(a, t.q);
+  const int sum_sign = t.sign * sp * sq;
+  if (t.p < t.q) return {t.p, t.q, sum_sign, sp};
+  return {t.q, t.p, sum_sign, t.sign * sq};
 }
 
-// The transformed operand (without its scale) on samples [n0, n0 + len) of a batched operand, or
-// whole for a shared one. One TensorIterator pass (ATen's vectorised kernel) reading both
+// Component c of an operand on samples [n0, n0 + len) if it is batched, whole if it is shared.
+at::Tensor component(const QuaternionOperand& a, int c, int64_t n0, int64_t len) {
+  return a.batched ? a.components[c].narrow(0, n0, len) : a.components[c];
+}
+
+// The operand without its scale: one TensorIterator pass (ATen's vectorised add) reading both
 // components once; its output follows the components' memory format (channels_last stays so).
-at::Tensor transform(const QuaternionOperand& a, ComponentSum t, int64_t n0, int64_t len) {
-  const int sign = t.sign * conjugation_sign(a, t.p) * conjugation_sign(a, t.q);
-  if (!a.batched) return at::add(a.components[t.p], a.components[t.q], sign);
-  return at::add(a.components[t.p].narrow(0, n0, len), a.components[t.q].narrow(0, n0, len), sign);
+at::Tensor transform(const QuaternionOperand& a, OperandForm f, int64_t n0, int64_t len) {
+  return at::add(component(a, f.p, n0, len), component(a, f.q, n0, len), f.sum_sign);
 }
 
-// The innermost loop, written so the compiler vectorises it. `addend_at(i)` is 0, a per-row
-// constant (a bias in a channels-first layout) or a per-element load (a bias in channels_last, or
-// the output itself when accumulating); the activation K is applied to the sum before the store.
-template <typename scalar_t, Act K, typename acc_t, typename AddendAt>
-inline void combine_row(int64_t n, char* const* p, const acc_t* k, acc_t slope, AddendAt addend_at) {
-  auto* o = reinterpret_cast<scalar_t*>(p[0]);
-  const auto* a = reinterpret_cast<const scalar_t*>(p[1]);
-  const auto* s5 = reinterpret_cast<const scalar_t*>(p[2]);
-  const auto* s6 = reinterpret_cast<const scalar_t*>(p[3]);
-  const auto* s7 = reinterpret_cast<const scalar_t*>(p[4]);
-  const auto* s8 = reinterpret_cast<const scalar_t*>(p[5]);
-  const acc_t k0 = k[0], k1 = k[1], k2 = k[2], k3 = k[3], k4 = k[4];
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    o[i] = static_cast<scalar_t>(activate<acc_t, K>(
-        k0 * acc_t(a[i]) + k1 * acc_t(s5[i]) + k2 * acc_t(s6[i]) + k3 * acc_t(s7[i]) + k4 * acc_t(s8[i]) +
-            addend_at(i),
-        slope));
-  }
-}
-
-template <typename scalar_t, Act K>
-void combine_kernel(at::TensorIterator& iter, const std::array<double, 5>& coef, bool has_addend, double negative_slope) {
+template <typename scalar_t>
+void transform_pair_kernel(at::TensorIterator& iter) {
   using acc_t = at::opmath_type<scalar_t>;
-  const acc_t k[5] = {acc_t(coef[0]), acc_t(coef[1]), acc_t(coef[2]), acc_t(coef[3]), acc_t(coef[4])};
-  const acc_t slope = acc_t(negative_slope);
   constexpr int64_t kSize = sizeof(scalar_t);
-  const int nt = iter.ntensors();
-  iter.for_each([&](char** data, const int64_t* strides, int64_t n, int64_t rows) {
-    bool dense = true;  // every operand but the addend walks its row contiguously
-    for (int t = 0; t < 6; ++t) dense = dense && strides[t] == kSize;
-    const int64_t addend_stride = has_addend ? strides[6] : 0;
-    char* p[7];
+  iter.for_each([](char** data, const int64_t* strides, int64_t n, int64_t rows) {
+    const bool dense = strides[0] == kSize && strides[1] == kSize && strides[2] == kSize && strides[3] == kSize;
     for (int64_t r = 0; r < rows; ++r) {
-      for (int t = 0; t < nt; ++t) p[t] = data[t] + r * strides[nt + t];
-      if (dense && !has_addend) {
-        combine_row<scalar_t, K>(n, p, k, slope, [](int64_t) { return acc_t(0); });
-      } else if (dense && addend_stride == 0) {
-        const acc_t b = *reinterpret_cast<const scalar_t*>(p[6]);
-        combine_row<scalar_t, K>(n, p, k, slope, [b](int64_t) { return b; });
-      } else if (dense && addend_stride == kSize) {
-        const auto* b = reinterpret_cast<const scalar_t*>(p[6]);
-        combine_row<scalar_t, K>(n, p, k, slope, [b](int64_t i) { return acc_t(b[i]); });
-      } else {  // mismatched layouts (e.g. a product that ignored channels_last): any strides
+      char* p[4];
+      for (int t = 0; t < 4; ++t) p[t] = data[t] + r * strides[4 + t];
+      if (dense) {
+        auto* plus = reinterpret_cast<scalar_t*>(p[0]);
+        auto* minus = reinterpret_cast<scalar_t*>(p[1]);
+        const auto* x = reinterpret_cast<const scalar_t*>(p[2]);
+        const auto* y = reinterpret_cast<const scalar_t*>(p[3]);
+#pragma omp simd
         for (int64_t i = 0; i < n; ++i) {
-          auto in = [&](int t) { return acc_t(*reinterpret_cast<const scalar_t*>(p[t] + i * strides[t])); };
-          acc_t v = k[0] * in(1) + k[1] * in(2) + k[2] * in(3) + k[3] * in(4) + k[4] * in(5);
-          if (has_addend) v += in(6);
-          *reinterpret_cast<scalar_t*>(p[0] + i * strides[0]) = static_cast<scalar_t>(activate<acc_t, K>(v, slope));
+          const acc_t xi = acc_t(x[i]), yi = acc_t(y[i]);
+          plus[i] = static_cast<scalar_t>(xi + yi);
+          minus[i] = static_cast<scalar_t>(xi - yi);
+        }
+      } else {
+        for (int64_t i = 0; i < n; ++i) {
+          const acc_t xi = acc_t(*reinterpret_cast<const scalar_t*>(p[2] + i * strides[2]));
+          const acc_t yi = acc_t(*reinterpret_cast<const scalar_t*>(p[3] + i * strides[3]));
+          *reinterpret_cast<scalar_t*>(p[0] + i * strides[0]) = static_cast<scalar_t>(xi + yi);
+          *reinterpret_cast<scalar_t*>(p[1] + i * strides[1]) = static_cast<scalar_t>(xi - yi);
         }
       }
     }
   });
 }
 
-// out = act(coef[0] * s + sum_j coef[1 + j] * shared[j] (+ addend)), in one pass accumulating in
-// opmath (float for bf16/fp16), so low-precision outputs are rounded once.
+// (A_p + A_q, A_p - A_q) in one pass that reads each component once, accumulating in opmath. The
+// outputs follow the components' memory format, as ATen's add does.
+std::array<at::Tensor, 2> transform_pair(const QuaternionOperand& a, int p, int q, int64_t n0, int64_t len) {
+  const at::Tensor x = component(a, p, n0, len), y = component(a, q, n0, len);
+  at::Tensor plus, minus;  // undefined: the iterator allocates them
+  auto iter = at::TensorIteratorConfig().add_output(plus).add_output(minus).add_const_input(x).add_const_input(y).build();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "aqcf_fast8_transform_pair", [&] {
+    transform_pair_kernel<scalar_t>(iter);
+  });
+  return {iter.output(0), iter.output(1)};
+}
+
+// The output coefficients: Z_c = sum_m coef[c][m] s_m, i.e. s_c + 1/2 sum_j kOut[c][j] s_{4+j},
+// each s_m carrying its operands' scales.
+using OutputCoefficients = std::array<std::array<double, 8>, 4>;
+
+OutputCoefficients output_coefficients(const std::array<double, 8>& scale) {
+  OutputCoefficients k{};
+  for (int c = 0; c < 4; ++c) {
+    k[c][c] = scale[c];
+    for (int j = 0; j < 4; ++j) k[c][4 + j] = 0.5 * kOut[c][j] * scale[4 + j];
+  }
+  return k;
+}
+
+// The innermost loop, written so the compiler vectorises it: reads the 8 products once and writes
+// the 4 outputs. `addend_at(c, i)` is 0, a per-row constant (a bias in a channels-first layout) or
+// a per-element load (a bias in channels_last, or the output itself when accumulating); the
+// activation K is applied to the sum before the store.
+template <typename scalar_t, Act K, typename acc_t, typename AddendAt>
+inline void combine_row(int64_t n, char* const* p, const acc_t (&k)[4][5], acc_t slope, AddendAt addend_at) {
+  scalar_t* o[4];
+  const scalar_t* s[8];
+  for (int c = 0; c < 4; ++c) o[c] = reinterpret_cast<scalar_t*>(p[c]);
+  for (int m = 0; m < 8; ++m) s[m] = reinterpret_cast<const scalar_t*>(p[4 + m]);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t s4 = acc_t(s[4][i]), s5 = acc_t(s[5][i]), s6 = acc_t(s[6][i]), s7 = acc_t(s[7][i]);
+    for (int c = 0; c < 4; ++c) {
+      const acc_t v = k[c][0] * acc_t(s[c][i]) + k[c][1] * s4 + k[c][2] * s5 + k[c][3] * s6 + k[c][4] * s7;
+      o[c][i] = static_cast<scalar_t>(activate<acc_t, K>(v + addend_at(c, i), slope));
+    }
+  }
+}
+
+template <typename scalar_t, Act K>
+void combine_kernel(at::TensorIterator& iter, const OutputCoefficients& coef, bool has_addend, double negative_slope) {
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t k[4][5];
+  for (int c = 0; c < 4; ++c) {
+    k[c][0] = acc_t(coef[c][c]);
+    for (int j = 0; j < 4; ++j) k[c][1 + j] = acc_t(coef[c][4 + j]);
+  }
+  const acc_t slope = acc_t(negative_slope);
+  constexpr int64_t kSize = sizeof(scalar_t);
+  const int nt = iter.ntensors();
+  iter.for_each([&](char** data, const int64_t* strides, int64_t n, int64_t rows) {
+    bool dense = true;  // every output and product walks its row contiguously
+    for (int t = 0; t < 12; ++t) dense = dense && strides[t] == kSize;
+    bool addend_constant = has_addend, addend_dense = has_addend;  // the same for the four addends
+    for (int t = 12; t < nt; ++t) {
+      addend_constant = addend_constant && strides[t] == 0;
+      addend_dense = addend_dense && strides[t] == kSize;
+    }
+    char* p[16];
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int t = 0; t < nt; ++t) p[t] = data[t] + r * strides[nt + t];
+      auto addend = [&](int c) { return reinterpret_cast<const scalar_t*>(p[12 + c]); };
+      if (dense && !has_addend) {
+        combine_row<scalar_t, K>(n, p, k, slope, [](int, int64_t) { return acc_t(0); });
+      } else if (dense && addend_constant) {
+        const acc_t b[4] = {acc_t(*addend(0)), acc_t(*addend(1)), acc_t(*addend(2)), acc_t(*addend(3))};
+        combine_row<scalar_t, K>(n, p, k, slope, [&b](int c, int64_t) { return b[c]; });
+      } else if (dense && addend_dense) {
+        const scalar_t* b[4] = {addend(0), addend(1), addend(2), addend(3)};
+        combine_row<scalar_t, K>(n, p, k, slope, [&b](int c, int64_t i) { return acc_t(b[c][i]); });
+      } else {  // mismatched layouts (e.g. a product that ignored channels_last): any strides
+        for (int64_t i = 0; i < n; ++i) {
+          auto in = [&](int t) { return acc_t(*reinterpret_cast<const scalar_t*>(p[t] + i * strides[t])); };
+          for (int c = 0; c < 4; ++c) {
+            acc_t v = k[c][0] * in(4 + c);
+            for (int j = 0; j < 4; ++j) v += k[c][1 + j] * in(8 + j);
+            if (has_addend) v += in(12 + c);
+            *reinterpret_cast<scalar_t*>(p[c] + i * strides[c]) = static_cast<scalar_t>(activate<acc_t, K>(v, slope));
+          }
+        }
+      }
+    }
+  });
+}
+
+// out[c] = act(sum_m coef[c][m] s[m] (+ addend[c])) for the four c in ONE pass over the 8 products
+// (writing each output from its own 5 would read s_4..s_7 four times), accumulating in opmath
+// (float for bf16/fp16), so low-precision outputs are rounded once. The addends are all defined or
+// none.
 void combine(
-    const at::Tensor& out,
-    const at::Tensor& s,
-    const std::array<at::Tensor, 4>& shared,
-    const std::array<double, 5>& coef,
-    const at::Tensor& addend,
+    const std::array<at::Tensor, 4>& out,
+    const std::array<at::Tensor, 8>& s,
+    const OutputCoefficients& coef,
+    const std::array<at::Tensor, 4>& addend,
     const Activation& act) {
+  const bool has_addend = addend[0].defined();
+  for (const auto& a : addend) TORCH_INTERNAL_ASSERT(a.defined() == has_addend, "fast8: addends all or none");
   at::TensorIteratorConfig config;
-  config.add_output(out).add_const_input(s);
-  for (const auto& t : shared) config.add_const_input(t);
-  if (addend.defined()) config.add_const_input(addend);  // `out` itself is fine: same element in and out
-  // `out` is a view into the blocked output (or the weight gradient): never resized.
-  auto iter = config.resize_outputs(false).build();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "aqcf_fast8_combine", [&] {
+  for (const auto& o : out) config.add_output(o);
+  for (const auto& t : s) config.add_const_input(t);
+  if (has_addend)  // `out` itself is fine: same element in and out
+    for (const auto& a : addend) config.add_const_input(a);
+  // The outputs are views into the blocked output (or the weight gradient): never resized. They
+  // are disjoint blocks of one tensor, interleaved in channels_last, which the overlap check
+  // cannot tell from a partial overlap.
+  auto iter = config.resize_outputs(false).set_check_mem_overlap(false).build();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out[0].scalar_type(), "aqcf_fast8_combine", [&] {
     with_activation(act.kind, [&](auto a) {
-      combine_kernel<scalar_t, decltype(a)::value>(iter, coef, addend.defined(), act.negative_slope);
+      combine_kernel<scalar_t, decltype(a)::value>(iter, coef, has_addend, act.negative_slope);
     });
   });
 }
@@ -179,68 +264,96 @@ void fast8_hamilton_product(
     BatchSlices batch,
     const Activation& act) {
   TORCH_CHECK(out_batched || !act.any(), "fast8_hamilton_product: an activation needs a batched output");
+  TORCH_CHECK(left.batched || right.batched, "fast8_hamilton_product: one operand must be batched");
   const int64_t slices = (batch.batch + batch.slice - 1) / batch.slice;
   auto slice_start = [&](int64_t s) { return s * batch.slice; };
   auto slice_len = [&](int64_t s) { return std::min(batch.slice, batch.batch - s * batch.slice); };
-  // A shared operand (the weight) is transformed once for every slice; a batched one per item,
-  // right before its product reads it.
-  std::array<at::Tensor, 8> left_shared, right_shared;
+  std::array<OperandForm, 8> left_form, right_form;
   std::array<double, 8> scale{};
   for (int m = 0; m < 8; ++m) {
-    if (!left.batched) left_shared[m] = transform(left, kLeft[m], 0, 0);
-    if (!right.batched) right_shared[m] = transform(right, kRight[m], 0, 0);
-    scale[m] = transform_scale(left, kLeft[m]) * transform_scale(right, kRight[m]);
+    left_form[m] = operand_form(left, kLeft[m]);
+    right_form[m] = operand_form(right, kRight[m]);
+    scale[m] = left_form[m].scale * right_form[m].scale;
   }
-  auto product_m = [&](int m, int64_t s) {
+  const OutputCoefficients coef = output_coefficients(scale);
+  // A shared operand (the weight) is transformed once for every slice. The batched one (the right
+  // operand if it is batched: a conv's input, or x of a weight gradient) is transformed per item:
+  // item (slice, pair) forms the pair's two operands in one pass, right before its two products
+  // read them.
+  const bool by_right = right.batched;
+  const QuaternionOperand& paired = by_right ? right : left;
+  const QuaternionOperand& other = by_right ? left : right;
+  const std::array<OperandForm, 8>& paired_form = by_right ? right_form : left_form;
+  const std::array<OperandForm, 8>& other_form = by_right ? left_form : right_form;
+  std::array<at::Tensor, 8> other_shared;
+  if (!other.batched)
+    for (int m = 0; m < 8; ++m) other_shared[m] = transform(other, other_form[m], 0, 0);
+  // pairs[k] = {the product reading A_p + A_q, the one reading A_p - A_q}, for one pair (p, q).
+  std::array<std::array<int, 2>, 4> pairs;
+  int n_pairs = 0;
+  for (int m = 0; m < 8; ++m) {
+    if (paired_form[m].sum_sign < 0) continue;
+    int partner = -1;
+    for (int n = 0; n < 8; ++n)
+      if (paired_form[n].sum_sign < 0 && paired_form[n].p == paired_form[m].p && paired_form[n].q == paired_form[m].q)
+        partner = n;
+    TORCH_INTERNAL_ASSERT(partner >= 0 && n_pairs < 4, "fast8: the operand tables do not pair up");
+    pairs[n_pairs++] = {m, partner};
+  }
+  TORCH_INTERNAL_ASSERT(n_pairs == 4, "fast8: the operand tables do not pair up");
+  // The two products of pair k on slice s, as {s_m for pairs[k][0], s_m for pairs[k][1]}.
+  auto pair_products = [&](int k, int64_t s) {
     const int64_t n0 = slice_start(s), len = slice_len(s);
-    const at::Tensor l = left.batched ? transform(left, kLeft[m], n0, len) : left_shared[m];
-    const at::Tensor r = right.batched ? transform(right, kRight[m], n0, len) : right_shared[m];
-    return product(l, r);
-  };
-  // Z_c = s_c + 1/2 sum_j kOut[c][j] s_{5+j}, each s_m carrying its conjugation scale.
-  auto write_output = [&](const std::array<at::Tensor, 8>& s, auto&& out_c, auto&& addend_c) {
-    for (int c = 0; c < 4; ++c) {
-      std::array<double, 5> k{scale[c]};
-      for (int j = 0; j < 4; ++j) k[1 + j] = 0.5 * kOut[c][j] * scale[4 + j];
-      combine(out_c(c), s[c], {s[4], s[5], s[6], s[7]}, k, addend_c(c), act);
+    const OperandForm f = paired_form[pairs[k][0]];
+    const std::array<at::Tensor, 2> both = transform_pair(paired, f.p, f.q, n0, len);
+    std::array<at::Tensor, 2> result;
+    for (int h = 0; h < 2; ++h) {
+      const int m = pairs[k][h];
+      const at::Tensor o = other.batched ? transform(other, other_form[m], n0, len) : other_shared[m];
+      result[h] = by_right ? product(o, both[h]) : product(both[h], o);
     }
+    return result;
   };
 
   if (out_batched) {
-    // Items (slice, product), slice-major, so only ~threads + 1 slices are in flight; whoever
-    // finishes a slice's 8th product writes that slice's output while it is still in cache.
+    // Items (slice, pair), slice-major, so only ~threads + 1 slices are in flight; whoever
+    // finishes a slice's 4th pair writes that slice's output while it is still in cache.
     std::vector<std::array<at::Tensor, 8>> products(slices);
     std::unique_ptr<std::atomic<int>[]> pending(new std::atomic<int>[slices]);
-    for (int64_t s = 0; s < slices; ++s) pending[s].store(8);
-    parallel_items(8 * slices, [&](int64_t i) {
-      const int64_t s = i / 8;
-      const int m = int(i % 8);
-      products[s][m] = product_m(m, s);
+    for (int64_t s = 0; s < slices; ++s) pending[s].store(4);
+    parallel_items(4 * slices, [&](int64_t i) {
+      const int64_t s = i / 4;
+      const int k = int(i % 4);
+      const std::array<at::Tensor, 2> two = pair_products(k, s);
+      products[s][pairs[k][0]] = two[0];
+      products[s][pairs[k][1]] = two[1];
       if (pending[s].fetch_sub(1, std::memory_order_acq_rel) != 1) return;
-      write_output(
-          products[s], [&](int c) { return out[c].narrow(0, slice_start(s), slice_len(s)); },
-          [&](int c) { return addend[c]; });
+      std::array<at::Tensor, 4> out_s;
+      for (int c = 0; c < 4; ++c) out_s[c] = out[c].narrow(0, slice_start(s), slice_len(s));
+      combine(out_s, products[s], coef, addend, act);
       products[s] = {};
     });
     return;
   }
-  // Shared output: the slices are cut into one contiguous run per thread, and item (run, product)
+  // Shared output: the slices are cut into one contiguous run per thread, and item (run, pair)
   // sums its run's products in order; runs are then added in order, so the sum does not depend on
   // which thread took which item.
   const int64_t runs = std::min<int64_t>(slices, std::max(1, at::get_num_threads()));
   std::vector<std::array<at::Tensor, 8>> sums(runs);
-  parallel_items(8 * runs, [&](int64_t i) {
-    const int64_t run = i / 8;
-    const int m = int(i % 8);
-    at::Tensor& sum = sums[run][m];
+  parallel_items(4 * runs, [&](int64_t i) {
+    const int64_t run = i / 4;
+    const int k = int(i % 4);
     for (int64_t s = run * slices / runs; s < (run + 1) * slices / runs; ++s) {
-      at::Tensor p = product_m(m, s);
-      sum = sum.defined() ? sum.add_(p) : std::move(p);
+      std::array<at::Tensor, 2> two = pair_products(k, s);
+      for (int h = 0; h < 2; ++h) {
+        at::Tensor& sum = sums[run][pairs[k][h]];
+        sum = sum.defined() ? sum.add_(two[h]) : std::move(two[h]);
+      }
     }
   });
   for (int64_t run = 1; run < runs; ++run)
     for (int m = 0; m < 8; ++m) sums[0][m].add_(sums[run][m]);
-  write_output(sums[0], [&](int c) { return out[c]; }, [](int) { return at::Tensor(); });
+  combine(out, sums[0], coef, {}, act);
 }
 
 void fast8_hamilton_product_in_sequence(
@@ -250,19 +363,21 @@ void fast8_hamilton_product_in_sequence(
     const std::array<at::Tensor, 4>& out,
     const std::array<at::Tensor, 4>& addend,
     const Activation& act) {
-  auto whole = [](const QuaternionOperand& a, ComponentSum t) {
-    return transform(a, t, 0, a.batched ? a.components[t.p].size(0) : 0);
+  auto whole = [](const QuaternionOperand& a, OperandForm f) {
+    return transform(a, f, 0, a.batched ? a.components[f.p].size(0) : 0);
   };
   std::array<at::Tensor, 8> s;
   std::array<double, 8> scale{};
   for (int m = 0; m < 8; ++m) {
-    s[m] = product(whole(left, kLeft[m]), whole(right, kRight[m]));
-    scale[m] = transform_scale(left, kLeft[m]) * transform_scale(right, kRight[m]);
+    const OperandForm l = operand_form(left, kLeft[m]), r = operand_form(right, kRight[m]);
+    s[m] = product(whole(left, l), whole(right, r));
+    scale[m] = l.scale * r.scale;
   }
+  const OutputCoefficients coef = output_coefficients(scale);
   const at::ScalarType acc = at::toOpMathType(out[0].scalar_type());
-  for (int c = 0; c < 4; ++c) {  // Z_c = s_c + 1/2 sum_j kOut[c][j] s_{5+j}, each s_m carrying its scale
-    at::Tensor z = s[c].to(acc).mul(scale[c]);
-    for (int j = 0; j < 4; ++j) z.add_(s[4 + j].to(acc), 0.5 * kOut[c][j] * scale[4 + j]);
+  for (int c = 0; c < 4; ++c) {
+    at::Tensor z = s[c].to(acc).mul(coef[c][c]);
+    for (int j = 4; j < 8; ++j) z.add_(s[j].to(acc), coef[c][j]);
     if (addend[c].defined()) z.add_(addend[c]);
     activate_(z, act);
     out[c].copy_(z);

@@ -4,10 +4,15 @@
 // Z = A ⊗ B whose scalar products A_p * B_a are one real bilinear map (conv, conv_transpose or
 // the weight-gradient correlation); see aqcf_kernels/quaternion.py. This engine runs any of them
 // with 8 calls of that map instead of 16, on batch slices, streaming so that the transformed
-// operands never outlive the product that reads them.
+// operands never outlive the products that read them.
 //
-// Threading: the whole product is ONE parallel region whose threads take (slice, product) items
-// from a shared counter, and each item runs single-threaded (ATen and oneDNN run serially inside a
+// Memory passes: the 8 operands of the batched side come in 4 pairs A_p ± A_q, each formed in one
+// pass reading A_p and A_q once; the 4 output components are written in one pass reading the 8
+// products once. (One pass per operand and one per output component read 24 and 20
+// component-sized tensors where these read 8 and 8.)
+//
+// Threading: the whole product is ONE parallel region whose threads take (slice, pair) items
+// from a shared counter (two products each), and each item runs single-threaded (ATen and oneDNN run serially inside a
 // parallel region). The first engine parallelised every add, conv and output pass separately:
 // ~30 parallel regions per slice, each ending in a barrier that waits for the slowest thread. On a
 // busy machine (another process on one of the two cores) a descheduled thread stalled every one of
