@@ -7,6 +7,7 @@
 #include <ATen/ThreadLocalState.h>
 #include <c10/util/ParallelGuard.h>
 
+#include <algorithm>
 #include <atomic>
 #include <exception>
 #include <memory>
@@ -217,6 +218,46 @@ void combine(
   });
 }
 
+// pairs[k] = {the product reading A_p + A_q, the one reading A_p - A_q} for one component pair
+// (p, q) of an operand: each table's 8 sums are 4 such pairs.
+using Pairs = std::array<std::array<int, 2>, 4>;
+
+Pairs pair_up(const std::array<OperandForm, 8>& form) {
+  Pairs pairs;
+  int n = 0;
+  for (int m = 0; m < 8; ++m) {
+    if (form[m].sum_sign < 0) continue;
+    for (int k = 0; k < 8; ++k) {
+      if (form[k].sum_sign < 0 && form[k].p == form[m].p && form[k].q == form[m].q) {
+        TORCH_INTERNAL_ASSERT(n < 4, "fast8: an operand table does not pair up");
+        pairs[n++] = {m, k};
+      }
+    }
+  }
+  TORCH_INTERNAL_ASSERT(n == 4, "fast8: an operand table does not pair up");
+  return pairs;
+}
+
+// The products linked by any of `linking`'s pairs, as groups (connected components), largest first.
+std::vector<std::vector<int>> linked_groups(const std::vector<Pairs>& linking) {
+  std::array<int, 8> root;
+  for (int m = 0; m < 8; ++m) root[m] = m;
+  auto find = [&](int m) {
+    while (root[m] != m) m = root[m];
+    return m;
+  };
+  for (const Pairs& pairs : linking)
+    for (const auto& pair : pairs) root[find(pair[1])] = find(pair[0]);
+  std::vector<std::vector<int>> groups;
+  for (int m = 0; m < 8; ++m) {
+    auto it = std::find_if(groups.begin(), groups.end(), [&](const auto& g) { return find(g[0]) == find(m); });
+    if (it == groups.end()) groups.push_back({m});
+    else it->push_back(m);
+  }
+  std::stable_sort(groups.begin(), groups.end(), [](const auto& a, const auto& b) { return a.size() > b.size(); });
+  return groups;
+}
+
 // Runs item(i) for i in [0, n) on at::get_num_threads() threads in ONE parallel region, handing
 // items out on demand (a shared counter), so a thread that gets less CPU takes fewer items and
 // nobody waits at a barrier until the end. Inside, ATen (and oneDNN) see a parallel region and
@@ -276,57 +317,59 @@ void fast8_hamilton_product(
     scale[m] = left_form[m].scale * right_form[m].scale;
   }
   const OutputCoefficients coef = output_coefficients(scale);
-  // A shared operand (the weight) is transformed once for every slice. The batched one (the right
-  // operand if it is batched: a conv's input, or x of a weight gradient) is transformed per item:
-  // item (slice, pair) forms the pair's two operands in one pass, right before its two products
-  // read them.
-  const bool by_right = right.batched;
-  const QuaternionOperand& paired = by_right ? right : left;
-  const QuaternionOperand& other = by_right ? left : right;
-  const std::array<OperandForm, 8>& paired_form = by_right ? right_form : left_form;
-  const std::array<OperandForm, 8>& other_form = by_right ? left_form : right_form;
-  std::array<at::Tensor, 8> other_shared;
-  if (!other.batched)
-    for (int m = 0; m < 8; ++m) other_shared[m] = transform(other, other_form[m], 0, 0);
-  // pairs[k] = {the product reading A_p + A_q, the one reading A_p - A_q}, for one pair (p, q).
-  std::array<std::array<int, 2>, 4> pairs;
-  int n_pairs = 0;
+  // A shared operand (the weight) is transformed once for every slice; a batched one per item, in
+  // pairs A_p ± A_q formed in one pass each, right before the products read them. An item computes
+  // one group of products: the products whose batched operands' pairs link them. One batched
+  // operand (a conv, its input gradient) gives 4 groups of 2; two (a weight gradient: both tables'
+  // pairs) give {0, 1, 2, 3}, {4, 5}, {6, 7}.
+  std::array<at::Tensor, 8> left_shared, right_shared;
   for (int m = 0; m < 8; ++m) {
-    if (paired_form[m].sum_sign < 0) continue;
-    int partner = -1;
-    for (int n = 0; n < 8; ++n)
-      if (paired_form[n].sum_sign < 0 && paired_form[n].p == paired_form[m].p && paired_form[n].q == paired_form[m].q)
-        partner = n;
-    TORCH_INTERNAL_ASSERT(partner >= 0 && n_pairs < 4, "fast8: the operand tables do not pair up");
-    pairs[n_pairs++] = {m, partner};
+    if (!left.batched) left_shared[m] = transform(left, left_form[m], 0, 0);
+    if (!right.batched) right_shared[m] = transform(right, right_form[m], 0, 0);
   }
-  TORCH_INTERNAL_ASSERT(n_pairs == 4, "fast8: the operand tables do not pair up");
-  // The two products of pair k on slice s, as {s_m for pairs[k][0], s_m for pairs[k][1]}.
-  auto pair_products = [&](int k, int64_t s) {
+  const Pairs left_pairs = pair_up(left_form), right_pairs = pair_up(right_form);
+  std::vector<std::vector<int>> groups;
+  {
+    std::vector<Pairs> linking;
+    if (left.batched) linking.push_back(left_pairs);
+    if (right.batched) linking.push_back(right_pairs);
+    groups = linked_groups(linking);
+  }
+  // Group g's products on slice s, at their indices m (the other entries undefined).
+  auto group_products = [&](const std::vector<int>& group, int64_t s) {
     const int64_t n0 = slice_start(s), len = slice_len(s);
-    const OperandForm f = paired_form[pairs[k][0]];
-    const std::array<at::Tensor, 2> both = transform_pair(paired, f.p, f.q, n0, len);
-    std::array<at::Tensor, 2> result;
-    for (int h = 0; h < 2; ++h) {
-      const int m = pairs[k][h];
-      const at::Tensor o = other.batched ? transform(other, other_form[m], n0, len) : other_shared[m];
-      result[h] = by_right ? product(o, both[h]) : product(both[h], o);
-    }
+    auto operands = [&](const QuaternionOperand& a, const std::array<OperandForm, 8>& form, const Pairs& pairs,
+                        const std::array<at::Tensor, 8>& shared) {
+      if (!a.batched) return shared;
+      std::array<at::Tensor, 8> op;
+      for (const auto& pair : pairs) {
+        if (std::find(group.begin(), group.end(), pair[0]) == group.end()) continue;
+        const OperandForm f = form[pair[0]];
+        const std::array<at::Tensor, 2> both = transform_pair(a, f.p, f.q, n0, len);
+        op[pair[0]] = both[0];
+        op[pair[1]] = both[1];
+      }
+      return op;
+    };
+    const std::array<at::Tensor, 8> l = operands(left, left_form, left_pairs, left_shared);
+    const std::array<at::Tensor, 8> r = operands(right, right_form, right_pairs, right_shared);
+    std::array<at::Tensor, 8> result;
+    for (int m : group) result[m] = product(l[m], r[m]);
     return result;
   };
+  const int64_t n_groups = static_cast<int64_t>(groups.size());
 
   if (out_batched) {
-    // Items (slice, pair), slice-major, so only ~threads + 1 slices are in flight; whoever
-    // finishes a slice's 4th pair writes that slice's output while it is still in cache.
+    // Items (slice, group), slice-major, so only ~threads + 1 slices are in flight; whoever
+    // finishes a slice's last group writes that slice's output while it is still in cache.
     std::vector<std::array<at::Tensor, 8>> products(slices);
     std::unique_ptr<std::atomic<int>[]> pending(new std::atomic<int>[slices]);
-    for (int64_t s = 0; s < slices; ++s) pending[s].store(4);
-    parallel_items(4 * slices, [&](int64_t i) {
-      const int64_t s = i / 4;
-      const int k = int(i % 4);
-      const std::array<at::Tensor, 2> two = pair_products(k, s);
-      products[s][pairs[k][0]] = two[0];
-      products[s][pairs[k][1]] = two[1];
+    for (int64_t s = 0; s < slices; ++s) pending[s].store(int(n_groups));
+    parallel_items(n_groups * slices, [&](int64_t i) {
+      const int64_t s = i / n_groups;
+      const std::vector<int>& group = groups[i % n_groups];
+      const std::array<at::Tensor, 8> computed = group_products(group, s);
+      for (int m : group) products[s][m] = computed[m];
       if (pending[s].fetch_sub(1, std::memory_order_acq_rel) != 1) return;
       std::array<at::Tensor, 4> out_s;
       for (int c = 0; c < 4; ++c) out_s[c] = out[c].narrow(0, slice_start(s), slice_len(s));
@@ -335,19 +378,19 @@ void fast8_hamilton_product(
     });
     return;
   }
-  // Shared output: the slices are cut into one contiguous run per thread, and item (run, pair)
+  // Shared output: the slices are cut into one contiguous run per thread, and item (run, group)
   // sums its run's products in order; runs are then added in order, so the sum does not depend on
   // which thread took which item.
   const int64_t runs = std::min<int64_t>(slices, std::max(1, at::get_num_threads()));
   std::vector<std::array<at::Tensor, 8>> sums(runs);
-  parallel_items(4 * runs, [&](int64_t i) {
-    const int64_t run = i / 4;
-    const int k = int(i % 4);
+  parallel_items(n_groups * runs, [&](int64_t i) {
+    const int64_t run = i / n_groups;
+    const std::vector<int>& group = groups[i % n_groups];
     for (int64_t s = run * slices / runs; s < (run + 1) * slices / runs; ++s) {
-      std::array<at::Tensor, 2> two = pair_products(k, s);
-      for (int h = 0; h < 2; ++h) {
-        at::Tensor& sum = sums[run][pairs[k][h]];
-        sum = sum.defined() ? sum.add_(two[h]) : std::move(two[h]);
+      std::array<at::Tensor, 8> computed = group_products(group, s);
+      for (int m : group) {
+        at::Tensor& sum = sums[run][m];
+        sum = sum.defined() ? sum.add_(computed[m]) : std::move(computed[m]);
       }
     }
   });
