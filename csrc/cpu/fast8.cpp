@@ -335,26 +335,36 @@ void fast8_hamilton_product(
     if (right.batched) linking.push_back(right_pairs);
     groups = linked_groups(linking);
   }
-  // Group g's products on slice s, at their indices m (the other entries undefined).
+  // Group g's products on slice s, at their indices m (the other entries undefined). A batched
+  // operand's pair is formed when the first of its two products needs it, and each operand is
+  // dropped right after its product: every operand is read by one product only. The next product is
+  // the one needing the fewest new pairs, so a weight gradient's group {0, 1, 2, 3} holds 4
+  // operands at most rather than all 8.
   auto group_products = [&](const std::vector<int>& group, int64_t s) {
     const int64_t n0 = slice_start(s), len = slice_len(s);
-    auto operands = [&](const QuaternionOperand& a, const std::array<OperandForm, 8>& form, const Pairs& pairs,
-                        const std::array<at::Tensor, 8>& shared) {
-      if (!a.batched) return shared;
-      std::array<at::Tensor, 8> op;
+    std::array<at::Tensor, 8> left_op, right_op;
+    auto missing = [&](int m) { return int(left.batched && !left_op[m].defined()) + int(right.batched && !right_op[m].defined()); };
+    auto form_pair = [&](const QuaternionOperand& a, const std::array<OperandForm, 8>& form, const Pairs& pairs,
+                         std::array<at::Tensor, 8>& op, int m) {
+      if (!a.batched || op[m].defined()) return;
       for (const auto& pair : pairs) {
-        if (std::find(group.begin(), group.end(), pair[0]) == group.end()) continue;
-        const OperandForm f = form[pair[0]];
-        const std::array<at::Tensor, 2> both = transform_pair(a, f.p, f.q, n0, len);
+        if (pair[0] != m && pair[1] != m) continue;
+        const std::array<at::Tensor, 2> both = transform_pair(a, form[pair[0]].p, form[pair[0]].q, n0, len);
         op[pair[0]] = both[0];
         op[pair[1]] = both[1];
       }
-      return op;
     };
-    const std::array<at::Tensor, 8> l = operands(left, left_form, left_pairs, left_shared);
-    const std::array<at::Tensor, 8> r = operands(right, right_form, right_pairs, right_shared);
     std::array<at::Tensor, 8> result;
-    for (int m : group) result[m] = product(l[m], r[m]);
+    std::vector<int> todo = group;
+    while (!todo.empty()) {
+      auto next = std::min_element(todo.begin(), todo.end(), [&](int a, int b) { return missing(a) < missing(b); });
+      const int m = *next;
+      todo.erase(next);
+      form_pair(left, left_form, left_pairs, left_op, m);
+      form_pair(right, right_form, right_pairs, right_op, m);
+      result[m] = product(left.batched ? left_op[m] : left_shared[m], right.batched ? right_op[m] : right_shared[m]);
+      left_op[m] = right_op[m] = at::Tensor();
+    }
     return result;
   };
   const int64_t n_groups = static_cast<int64_t>(groups.size());

@@ -55,7 +55,8 @@ struct BatchSlices {
 //   output pass.
 // * shared output (a weight gradient): writes the sum over slices of Z_c into out[c], with a
 //   summation order fixed by the thread count (deterministic run to run).
-// Peak extra memory: the 8 products of the slices in flight (~ threads + 1 slices).
+// Peak extra memory: the 8 products of the slices in flight (~ threads + 1 slices), and per item in
+// flight up to 4 transformed operands of a slice (2 for a conv).
 void fast8_hamilton_product(
     const QuaternionOperand& left,
     const QuaternionOperand& right,
