@@ -181,7 +181,9 @@ def fast8_pays_off(input: Tensor, weight: Tensor, p: ConvParams) -> bool:
     per_group = min(cq_in, cq_out) // p.groups
     if per_group >= FAST8_MIN_CHANNELS_PER_GROUP:
         return True
-    # Below that, only 2d convs with 16 channels per group (one AVX-512 register of fp32) won, in
-    # one-process A/B runs of fwd+bwd: 1.20-1.44x (N4-8, 64-128², plain and 2x2 transposed); 8, 24
-    # and 40 channels, and 3d with 16, did not (0.79x, 0.89x, 1.06x, 0.13x).
-    return p.spatial_dims == 2 and per_group == 16
+    # Below that, only 2d and 3d convs with 16 channels per group (one AVX-512 register of fp32) won,
+    # in one-process A/B runs of fwd+bwd: 2d 1.20-1.44x (N4-8, 64-128², plain and 2x2 transposed); 3d
+    # 1.04-1.34x (N1-4, 8³-32³, Intel Xeon, 2026-12-03: after the one-sample oneDNN routes and the
+    # engine's paired operands; 0.13x before those, on PyTorch's im2col); 8, 24 and 40 channels did
+    # not (0.79x, 0.89x, 1.06x), nor 1d with 16 (0.58-0.96x).
+    return p.spatial_dims in (2, 3) and per_group == 16
