@@ -190,7 +190,16 @@ def test_cuda_calls_go_to_cudnn_on_the_expanded_weight_unless_forced(monkeypatch
 
 @pytest.mark.parametrize(
     ("dims", "channels", "fast8"),
-    [(2, 8, False), (2, 16, True), (2, 24, False), (2, 32, True), (3, 16, True), (3, 8, False), (3, 32, True), (1, 16, False)],
+    [
+        (2, 8, False),
+        (2, 16, True),
+        (2, 24, False),
+        (2, 32, True),
+        (3, 16, True),
+        (3, 8, False),
+        (3, 32, True),
+        (1, 16, False),
+    ],
 )
 def test_auto_policy_on_cpu_follows_the_measured_channel_counts(dims, channels, fast8):
     # From one-process A/B runs (see backends.policy.fast8_pays_off): fast8 from 32 quaternion channels per
