@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from aqcf_kernels import tuning
-from aqcf_kernels.pipeline.allocator import MALLOC_CHOICES, keep_freed_memory
+from aqcf_kernels.pipeline.allocator import MALLOC_CHOICES, apply_malloc_choice
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MiB = 2**20
@@ -89,18 +89,14 @@ _malloc_setting = "default"
 
 
 def apply_malloc(choice: str) -> None:
-    """``--malloc``: ``keep`` applies :func:`keep_freed_memory` to this process (timing only: the
-    peak-memory workers are fresh processes with their own pinned setting); where it cannot be
-    applied, says why on stderr and the report says ``default``."""
+    """``--malloc``, as ``aqcf-predict`` applies it, to this process (timing only: the peak-memory
+    workers are fresh processes with their own pinned setting); where ``keep`` cannot be applied,
+    says why on stderr and the report says ``default``."""
     global _malloc_setting
-    if choice not in MALLOC_CHOICES:
-        raise ValueError(f"--malloc must be one of {', '.join(MALLOC_CHOICES)}, got {choice!r}")
-    if choice == "keep":
-        problem = keep_freed_memory()
-        if problem is not None:
-            print(f"--malloc keep not applied: {problem}", file=sys.stderr)
-            choice = "default"
-    _malloc_setting = choice
+    problem = apply_malloc_choice(choice)
+    if problem is not None:
+        print(f"--malloc keep not applied: {problem}", file=sys.stderr)
+    _malloc_setting = "default" if problem is not None else choice
 
 
 def configure_torch(threads: int) -> None:

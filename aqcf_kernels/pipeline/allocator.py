@@ -61,14 +61,17 @@ def add_malloc_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--malloc", choices=MALLOC_CHOICES, default="keep", help=MALLOC_HELP)
 
 
-def apply_malloc_choice(choice: str) -> None:
-    """What ``--malloc`` asks for; ``keep`` where it cannot be set is logged (debug) and ignored."""
+def apply_malloc_choice(choice: str) -> str | None:
+    """What ``--malloc`` asks for; ``keep`` where it cannot be set is logged (debug) and ignored.
+    Returns why ``keep`` could not be set (None when it was, or for ``default``)."""
     if choice not in MALLOC_CHOICES:
         raise ValueError(f"--malloc must be one of {', '.join(MALLOC_CHOICES)}, got {choice!r}")
-    if choice == "keep":
-        problem = keep_freed_memory()
-        if problem is not None:
-            log.debug("--malloc keep not applied: %s", problem)
+    if choice != "keep":
+        return None
+    problem = keep_freed_memory()
+    if problem is not None:
+        log.debug("--malloc keep not applied: %s", problem)
+    return problem
 
 
 __all__ = ["MALLOC_CHOICES", "add_malloc_argument", "apply_malloc_choice", "keep_freed_memory"]

@@ -352,6 +352,7 @@ void fast8_hamilton_product(
         const std::array<at::Tensor, 2> both = transform_pair(a, form[pair[0]].p, form[pair[0]].q, n0, len);
         op[pair[0]] = both[0];
         op[pair[1]] = both[1];
+        return;
       }
     };
     std::array<at::Tensor, 8> result;

@@ -11,9 +11,9 @@
 // products once. (One pass per operand and one per output component read 24 and 20
 // component-sized tensors where these read 8 and 8.)
 //
-// Threading: the whole product is ONE parallel region whose threads take (slice, pair) items
-// from a shared counter (two products each), and each item runs single-threaded (ATen and oneDNN run serially inside a
-// parallel region). The first engine parallelised every add, conv and output pass separately:
+// Threading: the whole product is ONE parallel region whose threads take (slice, group of products)
+// items from a shared counter, and each item runs single-threaded (ATen and oneDNN run serially
+// inside a parallel region). The first engine parallelised every add, conv and output pass separately:
 // ~30 parallel regions per slice, each ending in a barrier that waits for the slowest thread. On a
 // busy machine (another process on one of the two cores) a descheduled thread stalled every one of
 // those barriers and fwd+bwd fell to 0.26-0.6x of the expanded conv. With items handed out on

@@ -35,3 +35,11 @@ def test_conv_run_applies_and_reports_the_allocator_setting(tmp_path: Path, mall
 def test_unknown_setting_is_refused() -> None:
     with pytest.raises(ValueError, match="--malloc must be one of keep, default"):
         common.apply_malloc("jemalloc")
+
+
+def test_a_keep_that_cannot_apply_is_reported_as_default(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(common, "apply_malloc_choice", lambda choice: "the C library is musl, not glibc")
+    monkeypatch.setattr(common, "_malloc_setting", "default")
+    common.apply_malloc("keep")
+    assert common._malloc_setting == "default"
+    assert "--malloc keep not applied: the C library is musl, not glibc" in capsys.readouterr().err

@@ -58,7 +58,8 @@ def test_keep_explains_where_it_cannot_apply(monkeypatch) -> None:
     assert allocator.keep_freed_memory() == "the C library is musl, not glibc"
     monkeypatch.setattr(allocator.sys, "platform", "darwin")
     assert "not darwin" in allocator.keep_freed_memory()
-    allocator.apply_malloc_choice("keep")  # a reason, logged, not an error
+    assert "not darwin" in allocator.apply_malloc_choice("keep")  # a reason, logged, not an error
+    assert allocator.apply_malloc_choice("default") is None
 
 
 def test_commands_take_malloc(tmp_path) -> None:
