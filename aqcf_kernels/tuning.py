@@ -7,9 +7,12 @@ accuracy contract allows and the heuristic prior did not rule out, once, and ret
 result. A first run is cold, so that choice is provisional while a runner-up is within
 :data:`CLEAR_LOSS`: the next calls of the signature are computed by the candidates still in the
 running in turn, each timed (:data:`REFINE_SAMPLES` warm timings for the leader and candidates
-within :data:`DOUBT_MARGIN` of it, one for the others), then the best times decide and the choice
-is remembered: in-process, and in an on-disk cache keyed by a machine fingerprint (CPU model,
-torch, triton and package versions), so the next process on the same machine measures nothing.
+within :data:`DOUBT_MARGIN` of it, one for the others), then the best times decide. A close call
+(a runner-up still within :data:`DOUBT_MARGIN`) is confirmed once the process is steady: the leader
+computes the next :data:`CONFIRM_AFTER` calls, then the close candidates are timed again as before and
+those fresh timings alone decide. Then the choice is remembered: in-process, and in an on-disk
+cache keyed by a machine fingerprint (CPU model, torch, triton and package versions), so the next
+process on the same machine measures nothing.
 Those later calls do the layer's real work, so measuring costs only the other candidates' first
 runs plus their difference to the winner on a few calls (``tools/tuning_cost.py``, README).
 
@@ -126,6 +129,23 @@ TIE_MARGIN = 0.05
 DOUBT_MARGIN = 0.25
 REFINE_SAMPLES = 3
 
+# A close call (a runner-up within DOUBT_MARGIN after the warm timings) is decided again on fresh
+# timings after the leader has computed this many more calls of the signature. The warm timings
+# above are still taken in a process's first calls of a layer, while the allocator is settling:
+# with glibc's default malloc (its mmap threshold grows as big buffers are freed) the 1d 16q N8
+# 1024 forward kept fast8 (6.0 ms in the benchmark) against hamilton's 5.2 ms in the full grid on
+# the EPYC and on the Xeon (2026-12-03), while with --malloc keep it chose hamilton on both. Only
+# fresh timings decide then, not the best over all: a candidate's early best may be the one that
+# the steady state no longer gives. It costs at most REFINE_SAMPLES runs of each runner-up, each
+# within DOUBT_MARGIN of the leader's time.
+CONFIRM_AFTER = 10
+
+
+def max_provisional_calls(candidates: int) -> int:
+    """The most calls of a signature, after its first, that a measured choice among ``candidates``
+    pairs stays provisional: every candidate's warm timings, the steady calls, the confirmation."""
+    return 2 * candidates * REFINE_SAMPLES + CONFIRM_AFTER
+
 
 @dataclass(frozen=True)
 class Candidate:
@@ -143,9 +163,12 @@ class _Refining:
     """A provisional choice: the close candidates' best times so far and the samples still to take."""
 
     prior: Candidate
-    best: dict[Candidate, float]
+    best: dict[Candidate, float]  # (inf: no timing yet in this round)
     taken: dict[Candidate, int]  # warm timings taken so far (the first, maybe cold, run not counted)
     fast_key: Hashable | None
+    steady_calls_left: int = 0  # calls the leader computes, untimed, before the confirmation round
+    leader: Candidate | None = None  # who computes those calls: the warm timings' winner
+    confirming: bool = False  # the timings are the confirmation round's (CONFIRM_AFTER)
 
     def left(self) -> dict[Candidate, int]:
         """The warm timings each candidate still needs, by who is close to the leader now."""
@@ -462,7 +485,7 @@ def _samples(best: dict[Candidate, float], leader: Candidate) -> dict[Candidate,
 
 
 def _ms(best: dict[Candidate, float]) -> dict[str, float]:
-    return {str(c): round(t * 1e3, 4) for c, t in best.items()}
+    return {str(c): round(t * 1e3, 4) for c, t in best.items() if t != float("inf")}
 
 
 def _settle(key: str, winner: Candidate, fast_key: Hashable | None, best: dict[Candidate, float]) -> None:
@@ -480,7 +503,11 @@ def _settle(key: str, winner: Candidate, fast_key: Hashable | None, best: dict[C
 
 
 def _refine(key: str, state: _Refining, run: Callable[[Candidate], T], device: torch.device) -> tuple[Choice, T]:
-    """Compute this call with the provisional choice's next candidate, timed; settle when done."""
+    """Compute this call with the provisional choice's next candidate, timed; settle when done (or,
+    after a close call, let the leader compute the steady calls before the confirmation round)."""
+    if state.steady_calls_left > 0:
+        state.steady_calls_left -= 1
+        return Choice(state.leader, "refining", _ms(state.best)), run(state.leader)
     left = state.left()
     c = max(left, key=lambda c: left[c])  # the candidate with the most samples to take
     now = _timer(device)
@@ -491,7 +518,14 @@ def _refine(key: str, state: _Refining, run: Callable[[Candidate], T], device: t
     if state.left():
         return Choice(c, "refining", _ms(state.best)), output
     winner = _winner(state.best, state.prior)
-    log.debug("%s: %s (refined, ms: %s)", key, winner, _ms(state.best))
+    close = [k for k, n in _samples(state.best, winner).items() if n == REFINE_SAMPLES]
+    if close and not state.confirming and CONFIRM_AFTER > 0:
+        log.debug("%s: %s for now (refined, ms: %s); confirming later", key, winner, _ms(state.best))
+        state.confirming, state.steady_calls_left, state.leader = True, CONFIRM_AFTER, winner
+        state.best = dict.fromkeys(close, float("inf"))  # the leader's too: fresh timings alone decide
+        state.taken = dict.fromkeys(close, 0)
+        return Choice(c, "refining", _ms(state.best)), output
+    log.debug("%s: %s (%s, ms: %s)", key, winner, "confirmed" if state.confirming else "refined", _ms(state.best))
     _settle(key, winner, state.fast_key, state.best)
     return Choice(c, "measured" if c == winner else "outrun", _ms(state.best)), output
 

@@ -27,6 +27,7 @@ import math
 import os
 import platform
 import random
+import re
 import shlex
 import statistics
 import subprocess
@@ -103,14 +104,50 @@ def configure_torch(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+#: set by :func:`use_fresh_tuning_cache` (and inherited by the memory pass's process): the folder of
+#: this run's tuning caches, one per workload (:func:`workload_tuning`)
+TUNING_DIR_ENV = "AQCF_BENCH_TUNING_DIR"
+
+
 def use_fresh_tuning_cache() -> None:
-    """Make ``auto`` measure in this run: a temporary tuning cache, unless ``AQCF_TUNING_CACHE`` is set.
+    """Make ``auto`` measure in this run: temporary tuning caches, unless ``AQCF_TUNING_CACHE`` is set.
 
     A cache written earlier (idle, or by another load) would replay that run's choices; the
     benchmark shows what ``auto`` picks under the conditions it measures.
     """
     if "AQCF_TUNING_CACHE" not in os.environ:
-        os.environ["AQCF_TUNING_CACHE"] = str(Path(tempfile.mkdtemp(prefix="aqcf-bench-tuning-")) / "tuning.json")
+        folder = Path(tempfile.mkdtemp(prefix="aqcf-bench-tuning-"))
+        os.environ[TUNING_DIR_ENV] = str(folder)
+        os.environ["AQCF_TUNING_CACHE"] = str(folder / "tuning.json")
+
+
+@contextlib.contextmanager
+def workload_tuning(workload: str) -> Iterator[None]:
+    """``auto`` chooses afresh for ``workload`` (a case and mode), as a process running only it would.
+
+    Where a choice is made matters on CPU under glibc's default malloc: which computation is
+    fastest depends on the page faults of the whole step (glibc returns freed memory at the top
+    of the heap to the kernel once it exceeds twice its mmap threshold, and the next step faults it
+    in again). On the AMD EPYC (2026-12-04), the 1d 16q N8 1024 conv's ``fwdbwd`` step ran with the
+    choices the ``bwd`` workload had made before it (there fast8's weight gradient timed 1.5-1.6x
+    faster than hamilton's) at 0.84x and 0.94x of all-hamilton's speed in two runs; choosing in
+    ``fwdbwd`` itself, ``auto`` was within 3% of the best provider in two runs. So each workload
+    measures with its own cache file in this run's folder, and the memory pass replays that file.
+    Without that folder (``AQCF_TUNING_CACHE`` set by the caller) the workloads share the caller's
+    cache, as a process doing them all in turn would.
+    """
+    folder = os.environ.get(TUNING_DIR_ENV)
+    if folder is None:
+        yield
+        return
+    before = os.environ["AQCF_TUNING_CACHE"]
+    os.environ["AQCF_TUNING_CACHE"] = str(Path(folder) / f"tuning-{re.sub(r'[^A-Za-z0-9]+', '-', workload)}.json")
+    tuning.clear(memory=True)
+    try:
+        yield
+    finally:
+        os.environ["AQCF_TUNING_CACHE"] = before
+        tuning.clear(memory=True)
 
 
 _SPIN = "while True: pass"
@@ -216,7 +253,7 @@ def settle_choices(steps: Mapping[str, Step]) -> int:
 
 
 #: more rounds than refining a choice can take (each call times one candidate of each open choice)
-SETTLE_LIMIT = 4 * tuning.REFINE_SAMPLES + 2
+SETTLE_LIMIT = tuning.max_provisional_calls(4) + 2
 
 
 def matmul_gflops(dtype: torch.dtype, device: torch.device | str, reps: int = 5) -> float:

@@ -151,6 +151,16 @@ def target_name(case: Case) -> str | None:
 # ---------------------------------------------------------------------------------------------
 
 
+#: the computations each mode runs (what :meth:`Provider.served_by` reports for it)
+MODE_KINDS = {
+    "fwd": ("forward",),
+    "bwd": ("input_grad", "weight_grad"),
+    "fwdbwd": ("forward", "input_grad", "weight_grad"),
+}
+#: how :meth:`Provider.served_by` names the gradient computations
+GRADIENT_TAGS = {"input_grad": "dx", "weight_grad": "dw"}
+
+
 @dataclass(frozen=True)
 class Provider:
     """A reference function, or ours (:func:`quaternion_conv` with ``algorithm``)."""
@@ -173,12 +183,14 @@ class Provider:
         selects the backend of the backward ops when they run, not when the forward ran)."""
         return contextlib.nullcontext() if self.backend is None else _backends.use(self.backend)
 
-    def served_by(self, inputs: Inputs, case: Case) -> str:
-        """``reference``, or the ``backend/algorithm`` pairs that serve ours: the forward's, then in
-        parentheses those of the input gradient (``dx``) and weight gradient (``dw``) that differ
-        from it, e.g. ``cpp/hamilton (dw cpp/fast8)``: each is chosen on its own.
+    def served_by(self, inputs: Inputs, case: Case, kinds: Sequence[str] = tuple(MODE_KINDS["fwdbwd"])) -> str:
+        """``reference``, or the ``backend/algorithm`` pairs that serve ours in the computations
+        ``kinds`` (those a mode runs, :data:`MODE_KINDS`): the first's, then in parentheses those
+        that differ from it, tagged (``dx`` the input gradient, ``dw`` the weight gradient), e.g.
+        ``cpp/hamilton (dw cpp/fast8)``: each is chosen on its own. A mode without the forward tags
+        its first too: ``dx cpp/fast8 (dw cpp/hamilton)``.
 
-        For ``auto``, asked after the timing: the choices its measurement made in this run.
+        For ``auto``, asked after the timing: the choices its measurement made in this workload.
         """
         if self.algorithm is None:
             return "reference"
@@ -192,13 +204,16 @@ class Provider:
             }
             with self.scope():
                 chosen = {}
-                for kind, (a, b, params) in calls.items():
+                for kind in kinds:
+                    a, b, params = calls[kind]
                     backend, algorithm, *_ = _backends.resolve_conv(a, b, params, self.algorithm, kind)
                     chosen[kind] = f"{backend.name}/{algorithm}"
         except Exception as e:  # noqa: BLE001 - a report, not a check
             return f"unknown ({type(e).__name__})"
-        others = [f"{GRADIENT_TAGS[k]} {c}" for k, c in chosen.items() if k != "forward" and c != chosen["forward"]]
-        return chosen["forward"] + (f" ({', '.join(others)})" if others else "")
+        (first, pair), *rest = chosen.items()
+        others = [f"{GRADIENT_TAGS[k]} {c}" for k, c in rest if c != pair]
+        lead = pair if first == "forward" or not others else f"{GRADIENT_TAGS[first]} {pair}"
+        return lead + (f" ({', '.join(others)})" if others else "")
 
 
 def _then_relu(conv: ConvFn) -> ConvFn:
@@ -206,10 +221,6 @@ def _then_relu(conv: ConvFn) -> ConvFn:
         return torch.relu(conv(x, w, b))
 
     return conv_relu
-
-
-#: how :meth:`Provider.served_by` names the gradient computations
-GRADIENT_TAGS = {"input_grad": "dx", "weight_grad": "dw"}
 
 
 PROVIDERS: dict[str, Provider] = {
@@ -392,16 +403,16 @@ def run(
         inputs = make_inputs(case, dtype, device)
         fns = {name: PROVIDERS[name].build(case) for name in providers}
         errors = _forward_errors(case, fns, inputs, dtype)  # also the first call: auto measures its forward
-        served: dict[str, str] = {}  # filled after the timing: auto's choice once its refining is done
         for mode in modes:
             i += 1
             common.progress(i, n, f"time {case.name} {mode}", started)
-            steps = {name: make_step(mode, fn, inputs, PROVIDERS[name].scope) for name, fn in fns.items()}
-            common.settle_choices(steps)
-            times = common.time_interleaved(steps, reps, warmup, device, min_time)
+            with common.workload_tuning(f"{case.name} {mode}"):
+                steps = {name: make_step(mode, fn, inputs, PROVIDERS[name].scope) for name, fn in fns.items()}
+                common.settle_choices(steps)
+                times = common.time_interleaved(steps, reps, warmup, device, min_time)
+                served = {name: PROVIDERS[name].served_by(inputs, case, MODE_KINDS[mode]) for name in providers}
             timings = {k: common.Timing.of(v) for k, v in times.items()}
             results.append(Result(case, mode, timings, dict.fromkeys(fns), served, errors))
-        served.update({name: PROVIDERS[name].served_by(inputs, case) for name in providers})
     memory_method = "not measured"
     if memory:
         payload = common.memory_payload(
@@ -432,11 +443,12 @@ def measure_memory(payload: dict[str, Any], pinned: bool) -> dict[str, Any]:
             i += 1
             common.progress(i, n, f"memory {case.name} {mode}", started)
             row = {}
-            for name, fn in fns.items():
-                step = make_step(mode, fn, inputs, PROVIDERS[name].scope)  # one bwd graph alive at a time
-                common.settle_choices({name: step})  # first calls: auto's choices, oneDNN primitives, caches
-                row[name] = meter.measure(step)
-                del step
+            with common.workload_tuning(f"{case.name} {mode}"):  # the timing's choices, from its cache file
+                for name, fn in fns.items():
+                    step = make_step(mode, fn, inputs, PROVIDERS[name].scope)  # one bwd graph alive at a time
+                    common.settle_choices({name: step})  # first calls: oneDNN primitives, caches
+                    row[name] = meter.measure(step)
+                    del step
             peaks.append(row)
     return {"peaks": peaks, "method": meter.method(pinned)}
 

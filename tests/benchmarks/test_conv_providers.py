@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from aqcf_kernels import backends, tuning
-from benchmarks.conv import MODES, PROVIDERS, Case, Provider, make_inputs, make_step
+from benchmarks.conv import MODE_KINDS, MODES, PROVIDERS, Case, Provider, make_inputs, make_step
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -65,17 +65,22 @@ def test_auto_reports_the_choice_of_each_computation(monkeypatch):
     inputs = make_inputs(case, torch.float32)
     step = make_step("fwdbwd", PROVIDERS["auto"].build(case), inputs)
     try:
-        for _ in range(2 + 2 * tuning.REFINE_SAMPLES):
+        for _ in range(2 + tuning.max_provisional_calls(2)):
             step()
         assert not tuning._pending, "still refining"
         settled = dict(tuning._memory)
         asked.clear()
         tuning._recent.clear()  # the choices by their cheap keys: the report must find them by signature
         report = PROVIDERS["auto"].served_by(inputs, case)
+        asked_by_report = list(asked)
+        by_mode = {mode: PROVIDERS["auto"].served_by(inputs, case, MODE_KINDS[mode]) for mode in MODES}
     finally:
         tuning.clear()
-    assert sorted(asked) == sorted(settled), "the report asked about other signatures than the step measured"
-    assert report == f"{impl.name}/hamilton (dw {impl.name}/fast8)"
+    assert sorted(asked_by_report) == sorted(settled), "the report asked about other signatures than the step measured"
+    assert report == by_mode["fwdbwd"] == f"{impl.name}/hamilton (dw {impl.name}/fast8)"
+    # each mode reports the computations it runs; without the forward, the first is tagged too
+    assert by_mode["fwd"] == f"{impl.name}/hamilton"
+    assert by_mode["bwd"] == f"dx {impl.name}/hamilton (dw {impl.name}/fast8)"
 
 
 def test_a_provider_served_by_one_pair_reports_it_once():

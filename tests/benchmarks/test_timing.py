@@ -4,10 +4,13 @@ adds for fast steps."""
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
+import torch
 
 from aqcf_kernels import tuning
 from benchmarks import common
@@ -89,3 +92,63 @@ def test_settle_choices_calls_until_auto_remembers(monkeypatch) -> None:
     with pytest.raises(RuntimeError, match="still provisional"):
         common.settle_choices({"never": never})
     assert calls.count("never") == common.SETTLE_LIMIT
+
+
+def _choose_by_fake_clock(monkeypatch, faster: str) -> tuning.Candidate:
+    """One call of the signature 'sig' between pairs x/a and x/b, ``faster`` 10x the other (a fake
+    clock): beyond CLEAR_LOSS, so the choice is remembered at once."""
+    clock = [0.0]
+    monkeypatch.setattr(tuning, "_timer", lambda device: lambda: clock[0])
+    a, b = tuning.Candidate("x", "a"), tuning.Candidate("x", "b")
+
+    def run(c: tuning.Candidate) -> None:
+        clock[0] += 1e-3 if c.algorithm == faster else 1e-2
+
+    choice, _ = tuning.choose("sig", [a, b], a, run, [torch.zeros(1)])
+    assert choice.how == "measured"
+    return choice.candidate
+
+
+def test_each_workload_chooses_afresh_and_the_memory_pass_replays_its_file(tmp_path, monkeypatch) -> None:
+    """Choices made in one workload (a case and mode) neither leak into the next nor are lost: the
+    same workload entered again (the memory pass, another process) finds its own cache file."""
+    monkeypatch.setattr(tuning, "mode", "measure")
+    monkeypatch.setenv(common.TUNING_DIR_ENV, "set, so that the teardown removes it")
+    monkeypatch.delenv(common.TUNING_DIR_ENV)
+    monkeypatch.delenv("AQCF_TUNING_CACHE")
+    common.use_fresh_tuning_cache()
+    folder, run_cache = Path(os.environ[common.TUNING_DIR_ENV]), os.environ["AQCF_TUNING_CACHE"]
+    assert Path(run_cache).parent == folder and not any(folder.iterdir())
+    try:
+        with common.workload_tuning("1d 16q k3 N8 1024 bwd"):
+            assert _choose_by_fake_clock(monkeypatch, "a").algorithm == "a"
+        assert os.environ["AQCF_TUNING_CACHE"] == run_cache and tuning.lookup("sig") is None
+        with common.workload_tuning("1d 16q k3 N8 1024 fwdbwd"):
+            assert tuning.lookup("sig") is None, "a choice leaked from the bwd workload"
+            assert _choose_by_fake_clock(monkeypatch, "b").algorithm == "b"
+        files = sorted(p.name for p in folder.glob("*.json"))
+        assert files == ["tuning-1d-16q-k3-N8-1024-bwd.json", "tuning-1d-16q-k3-N8-1024-fwdbwd.json"]
+        with common.workload_tuning("1d 16q k3 N8 1024 bwd"):
+            assert tuning.lookup("sig") == tuning.Candidate("x", "a")
+    finally:
+        tuning.clear()
+
+
+def test_workloads_share_a_cache_the_caller_chose(tmp_path, monkeypatch) -> None:
+    """With ``AQCF_TUNING_CACHE`` set by the caller there is no run folder: every workload uses that
+    cache, as one process doing them all in turn would."""
+    monkeypatch.setattr(tuning, "mode", "measure")
+    monkeypatch.setenv("AQCF_TUNING_CACHE", str(tmp_path / "mine.json"))
+    monkeypatch.setenv(common.TUNING_DIR_ENV, "set, so that the teardown removes it")
+    monkeypatch.delenv(common.TUNING_DIR_ENV)
+    common.use_fresh_tuning_cache()
+    assert common.TUNING_DIR_ENV not in os.environ
+    tuning.clear()
+    try:
+        with common.workload_tuning("a bwd"):
+            _choose_by_fake_clock(monkeypatch, "a")
+        with common.workload_tuning("a fwdbwd"):
+            assert tuning.lookup("sig") == tuning.Candidate("x", "a")
+        assert [p.name for p in tmp_path.glob("*.json")] == ["mine.json"]
+    finally:
+        tuning.clear()

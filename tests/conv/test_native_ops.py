@@ -75,7 +75,7 @@ def test_a_signature_is_resolved_in_python_once_then_served_natively(asked, qran
     x, w, b = qrand(2, 12, 7, 6, dtype=torch.float64, seed=1), qrand(4, 5, 3, 3, 3, seed=2), qrand(20, seed=3)
     y1, g1 = _step(x, w, b, algorithm)
     if algorithm == "auto":  # the first runs are re-checked on the next calls before a choice is remembered
-        for _ in range(2 * tuning.REFINE_SAMPLES):
+        for _ in range(tuning.max_provisional_calls(2)):
             if _C._remembered_conv_choices() == 3:
                 break
             y1, g1 = _step(x, w, b, algorithm)

@@ -54,13 +54,14 @@ def _inputs(dtype=torch.float32, channels=8, seed=0):
 
 
 def _settled(call) -> torch.Tensor:
-    """``call()`` until no choice is provisional any more (the first runs are re-checked on later calls)."""
+    """``call()`` until no choice is provisional any more (the first runs are re-checked on later calls,
+    a close call confirmed after steady ones)."""
     out = call()
-    for _ in range(2 * tuning.REFINE_SAMPLES):
+    for _ in range(tuning.max_provisional_calls(2)):
         if not tuning._pending:
             break
         out = call()
-    assert not tuning._pending, "still refining after 2 * REFINE_SAMPLES more calls"
+    assert not tuning._pending, "still provisional after max_provisional_calls(2) more calls"
     return out
 
 
@@ -130,6 +131,7 @@ def test_a_close_first_measurement_is_refined_on_later_calls(cache, monkeypatch)
     """The prior, slow on a first call's cold run (as in a fresh process), loses the first measurement
     by less than DOUBT_MARGIN: the next calls run each close candidate in turn (their real output,
     timed), and the warm timings decide; only then is the choice remembered (a fake clock)."""
+    monkeypatch.setattr(tuning, "CONFIRM_AFTER", 0)  # the warm timings alone (confirming: below)
     clock = [0.0]
     monkeypatch.setattr(tuning, "_timer", lambda device: lambda: clock[0])
     prior, other = tuning.Candidate("cpp", "hamilton"), tuning.Candidate("cpp", "fast8")
@@ -173,6 +175,7 @@ def test_a_far_first_run_is_rechecked_once_warm(cache, monkeypatch, warm_ms, exp
     timing on a later call, as does the leader. If the re-check stays far (1.5 ms against 1.0), that
     decides; if it lands close (0.9 against 1.0), both are close now and each gets REFINE_SAMPLES warm
     timings before the best times decide (one sample against one flipped tiny layers' choices)."""
+    monkeypatch.setattr(tuning, "CONFIRM_AFTER", 0)  # the warm timings alone (confirming: below)
     clock = [0.0]
     monkeypatch.setattr(tuning, "_timer", lambda device: lambda: clock[0])
     prior, other = tuning.Candidate("cpp", "hamilton"), tuning.Candidate("cpp", "fast8")
@@ -189,6 +192,66 @@ def test_a_far_first_run_is_rechecked_once_warm(cache, monkeypatch, warm_ms, exp
     assert warm.count(prior) == warm.count(other) == warm_runs // 2
     # after the settled choice, no more timing: the next call is served from memory
     assert tuning.choose("sig", [prior, other], prior, run, tensors)[0].how == "cached"
+
+
+@pytest.mark.parametrize(
+    ("early_ms", "why"),
+    [
+        # the prior (hamilton) measures slow in a process's first calls, fast once steady
+        ({"hamilton": 1.1, "fast8": 1.0}, "the leader's early timings were disturbed"),
+        # fast8's early best (0.7) is one the steady state no longer gives: the best over all calls
+        # would keep it; the fresh timings alone put it behind
+        ({"hamilton": 0.8, "fast8": 0.7}, "a runner-up's early best does not last"),
+    ],
+)
+def test_a_close_call_is_confirmed_on_fresh_timings_after_steady_calls(cache, monkeypatch, early_ms, why) -> None:
+    """After the warm timings, a runner-up within DOUBT_MARGIN: the leader computes the next CONFIRM_AFTER
+    calls (untimed), then the close candidates are timed afresh in turn, and those timings alone
+    decide. Steady: hamilton 0.8 ms, fast8 0.95 ms (a fake clock)."""
+    clock = [0.0]
+    monkeypatch.setattr(tuning, "_timer", lambda device: lambda: clock[0])
+    prior, other = tuning.Candidate("cpp", "hamilton"), tuning.Candidate("cpp", "fast8")
+    steady_ms = {"hamilton": 0.8, "fast8": 0.95}
+    first_runs_and_warm = 2 + 2 * tuning.REFINE_SAMPLES
+    runs: list[tuning.Candidate] = []
+
+    def run(c: tuning.Candidate) -> str:
+        clock[0] += (early_ms if len(runs) < first_runs_and_warm else steady_ms)[c.algorithm] / 1e3
+        runs.append(c)
+        return f"output of {c} #{len(runs)}"
+
+    tensors = [torch.zeros(1)]
+    hows = []
+    for _ in range(1 + tuning.max_provisional_calls(2)):
+        choice, output = tuning.choose("sig", [prior, other], prior, run, tensors, fast_key="fast")
+        assert output == f"output of {choice.candidate} #{len(runs)}"  # every call is one run: its own
+        hows.append(choice.how)
+        if not tuning._pending:
+            break
+        assert tuning.lookup("sig") is None and tuning.recall("fast") is None and not cache.exists()
+    calls = len(hows)
+    assert not tuning._pending, f"not settled after {calls} calls ({why})"
+    assert calls - 1 <= tuning.max_provisional_calls(2)
+    steady = runs[first_runs_and_warm : first_runs_and_warm + tuning.CONFIRM_AFTER]
+    assert steady == [other] * tuning.CONFIRM_AFTER, "the warm timings' leader computes the steady calls"
+    confirming = runs[first_runs_and_warm + tuning.CONFIRM_AFTER :]
+    assert confirming.count(prior) == confirming.count(other) == tuning.REFINE_SAMPLES
+    assert hows[:-1] == ["refining"] * (calls - 1) and hows[-1] == ("measured" if runs[-1] == prior else "outrun")
+    assert tuning.lookup("sig") == prior and tuning.recall("fast") == prior, why
+    entry = json.loads(cache.read_text())["choices"]["sig"]
+    assert entry["algorithm"] == "hamilton" and entry["ms"] == {"cpp/hamilton": 0.8, "cpp/fast8": 0.95}
+
+
+def test_a_clear_result_of_the_warm_timings_is_not_confirmed(cache, monkeypatch) -> None:
+    """A runner-up beyond DOUBT_MARGIN after the warm timings: remembered at once, no steady calls."""
+    clock = [0.0]
+    monkeypatch.setattr(tuning, "_timer", lambda device: lambda: clock[0])
+    prior, other = tuning.Candidate("cpp", "hamilton"), tuning.Candidate("cpp", "fast8")
+    runs: list[tuning.Candidate] = []
+    run = _scripted_run({prior: [2.0, 1.4], other: [1.0]}, runs, clock)  # one warm re-check each: 1.4 vs 1.0
+    for _ in range(3):
+        tuning.choose("sig", [prior, other], prior, run, [torch.zeros(1)])
+    assert not tuning._pending and tuning.lookup("sig") == other and len(runs) == 4
 
 
 @pytest.mark.parametrize("faster", ["hamilton", "fast8"])
@@ -216,7 +279,7 @@ def test_only_the_winner_is_handed_to_the_extension(cache, monkeypatch, faster) 
 
     monkeypatch.setattr(conv_ops, "_remember", spy)
     x, w, b = _inputs()
-    for _ in range(2 + 2 * tuning.REFINE_SAMPLES):
+    for _ in range(2 + tuning.max_provisional_calls(2)):
         QF.quaternion_conv2d(x, w, b, padding=1)
     assert not tuning._pending, "still refining"
     assert [str(c) for c in tuning._memory.values()] == [f"{impl.name}/{faster}"]
@@ -420,7 +483,7 @@ def test_measuring_chooses_between_backends(cache, measured, monkeypatch) -> Non
     x, w, b = _inputs()
     # torch, the fallback of every device, is a candidate too (it is the same computation as
     # fast-second): the two are close, so the next calls refine the choice before it is remembered.
-    for _ in range(1 + 3 * tuning.REFINE_SAMPLES):
+    for _ in range(1 + tuning.max_provisional_calls(3)):
         QF.quaternion_conv2d(x, w, b, padding=1)
     assert len(measured) == 1 and {"fast-second/hamilton", "slow-first/hamilton"} <= set(measured[0])
     (entry,) = json.loads(cache.read_text())["choices"].values()

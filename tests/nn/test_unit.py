@@ -229,7 +229,7 @@ def test_inference_measures_split_against_concatenate(slower, tmp_path, monkeypa
     want = nn.Sequential(*unit)(qcat([a, b]))
     try:
         with torch.no_grad():
-            outs = [unit(a, b) for _ in range(2 + 2 * tuning.REFINE_SAMPLES)]
+            outs = [unit(a, b) for _ in range(2 + tuning.max_provisional_calls(2))]
             key = unit_module._split_signature(unit[0], (a, b))
             faster = "concatenate" if slower == "split" else "split"
             assert tuning.lookup(key) == tuning.Candidate("unit", faster)
