@@ -61,6 +61,7 @@ __all__ = [
     "choose",
     "lookup",
     "recall",
+    "steady_leader",
     "clear",
     "cache_path",
     "cpu_model",
@@ -309,6 +310,7 @@ _memory: dict[str, Candidate] = {}
 # signature is then found without formatting its string key, which cost more than a small conv.
 _recent: dict[Hashable, Candidate] = {}
 _pending: dict[str, _Refining] = {}  # signature -> a provisional choice still being timed
+_steady: dict[Hashable, str] = {}  # cheap key -> signature, while its leader computes the steady calls
 _disk: dict[str, dict[str, Any]] | None = None  # the file's entries as loaded (None: not read yet)
 _disk_path: Path | None = None
 _warned: set[str] = set()
@@ -411,6 +413,7 @@ def clear(memory: bool = True, disk: bool = False) -> None:
             _memory.clear()
             _recent.clear()
             _pending.clear()
+            _steady.clear()
             _disk, _disk_path = None, None
             _changed()
         path = cache_path()
@@ -522,6 +525,8 @@ def _refine(key: str, state: _Refining, run: Callable[[Candidate], T], device: t
     if close and not state.confirming and CONFIRM_AFTER > 0:
         log.debug("%s: %s for now (refined, ms: %s); confirming later", key, winner, _ms(state.best))
         state.confirming, state.steady_calls_left, state.leader = True, CONFIRM_AFTER, winner
+        if state.fast_key is not None:
+            _steady[state.fast_key] = key
         state.best = dict.fromkeys(close, float("inf"))  # the leader's too: fresh timings alone decide
         state.taken = dict.fromkeys(close, 0)
         return Choice(c, "refining", _ms(state.best)), output
@@ -540,6 +545,24 @@ def provisional() -> frozenset[str]:
 def recall(fast_key: Hashable) -> Candidate | None:
     """The choice made in this process for a call whose cheap key is ``fast_key`` (see :func:`choose`)."""
     return _recent.get(fast_key) if mode == "measure" else None
+
+
+def steady_leader(fast_key: Hashable) -> Candidate | None:
+    """The provisional leader that computes this call, if the call's signature (by its cheap key) is
+    in its steady calls before a confirmation (:data:`CONFIRM_AFTER`); counts the call. Not final:
+    the caller must not remember it. Cheap, like :func:`recall`: those calls skip the signature's
+    string key and :func:`choose`, which cost more than a small conv."""
+    key = _steady.get(fast_key) if mode == "measure" else None
+    if key is None:
+        return None
+    state = _pending.get(key)
+    if state is None or state.steady_calls_left <= 0:
+        _steady.pop(fast_key, None)
+        return None
+    state.steady_calls_left -= 1
+    if state.steady_calls_left == 0:
+        _steady.pop(fast_key, None)
+    return state.leader
 
 
 def lookup(key: str) -> Candidate | None:

@@ -60,11 +60,15 @@ def main() -> None:
             measuring = [step(x, w, b)]
             while tuning._pending:  # the first runs re-checked on the next calls
                 measuring.append(step(x, w, b))
-            later = statistics.median(step(x, w, b) for _ in range(5))
+            # as many steps with the remembered choices: sums of equally many steps, so that the
+            # machine's right-skewed step times weigh on both sides alike (a median of a few later
+            # steps against the sum of twenty measuring ones billed that skew to measuring)
+            remembered = [step(x, w, b) for _ in measuring]
+            later = statistics.median(remembered)
             firsts.append(measuring[0])
             laters.append(later)
             counts.append(len(measuring))
-            costs.append((sum(measuring) - len(measuring) * later) / later)
+            costs.append((sum(measuring) - sum(remembered)) / later)
         print(
             f"{name:<16} {statistics.median(firsts) * 1e3:9.0f}ms {statistics.median(counts):7.0f} "
             f"{statistics.median(laters) * 1e3:9.0f}ms {statistics.median(costs):13.2f}"
