@@ -159,3 +159,35 @@ def test_gpu_auto_is_judged_against_what_it_may_pick():
     r = _result(case, "fwdbwd", {"expanded": 1.0, "triton/hamilton": 1.2, "triton/fast8": 0.5, "auto": 1.0})
     assert check_gpu_targets([r], torch.bfloat16)[-1]["status"] == "PASS"
     assert check_gpu_targets([r], torch.float32)[-1]["status"] == "FAIL"
+
+
+def test_the_auto_check_says_which_misses_ran_the_best_providers_own_pairs():
+    """The verdict is the ratio's; the detail tells a miss of the choice from the same computation timed
+    twice (auto ran exactly the best provider's pairs)."""
+    from benchmarks import common
+    from benchmarks.conv import Result, _auto_against_the_best
+
+    def result(name: str, ms: dict, served: dict) -> Result:
+        case = Case(dims=1, channels=int(name), size=8, batch=2)
+        timings = {k: common.Timing.of([v / 1e3]) for k, v in ms.items()}
+        return Result(case, "fwdbwd", timings, dict.fromkeys(ms), served)
+
+    names = ("expanded", "hamilton", "fast8")
+    fine = result(
+        "4", {"expanded": 10, "hamilton": 10, "fast8": 8, "auto": 8.1}, {"fast8": "cpp/fast8", "auto": "cpp/fast8"}
+    )
+    noise = result(
+        "8", {"expanded": 10, "hamilton": 10, "fast8": 8, "auto": 9}, {"fast8": "cpp/fast8", "auto": "cpp/fast8"}
+    )
+    choice = result(
+        "16",
+        {"expanded": 10, "hamilton": 9, "fast8": 8, "auto": 9},
+        {"fast8": "cpp/fast8", "auto": "cpp/hamilton (dw cpp/fast8)"},
+    )
+    verdict = _auto_against_the_best([fine], names)
+    assert verdict["status"] == "PASS" and ";" not in verdict["detail"]
+    verdict = _auto_against_the_best([fine, noise, choice], names)
+    assert verdict["status"] == "FAIL" and verdict["value"] == pytest.approx(8 / 9)
+    assert verdict["detail"].endswith(
+        f"; 2 of 3 cases below 0.95x, 1 of them running the best provider's own pairs ({noise.case.name})"
+    )
