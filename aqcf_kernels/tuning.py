@@ -137,8 +137,9 @@ REFINE_SAMPLES = 3
 # 1024 forward kept fast8 (6.0 ms in the benchmark) against hamilton's 5.2 ms in the full grid on
 # the EPYC and on the Xeon (2026-12-03), while with --malloc keep it chose hamilton on both. Only
 # fresh timings decide then, not the best over all: a candidate's early best may be the one that
-# the steady state no longer gives. It costs at most REFINE_SAMPLES runs of each runner-up, each
-# within DOUBT_MARGIN of the leader's time.
+# the steady state no longer gives. It costs REFINE_SAMPLES runs of each runner-up, each within
+# DOUBT_MARGIN of the leader's time, and, where the confirmation overturns the leader, the steady
+# calls that the then slower pair computed.
 CONFIRM_AFTER = 10
 
 
