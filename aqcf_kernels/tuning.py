@@ -169,8 +169,8 @@ class _Refining:
     taken: dict[Candidate, int]  # warm timings taken so far (the first, maybe cold, run not counted)
     fast_key: Hashable | None
     steady_calls_left: int = 0  # calls the leader computes, untimed, before the confirmation round
-    leader: Candidate | None = None  # who computes those calls: the warm timings' winner
-    confirming: bool = False  # the timings are the confirmation round's (CONFIRM_AFTER)
+    # who computes those calls: the warm timings' winner; set once the confirmation round is open
+    leader: Candidate | None = None
 
     def left(self) -> dict[Candidate, int]:
         """The warm timings each candidate still needs, by who is close to the leader now."""
@@ -523,15 +523,17 @@ def _refine(key: str, state: _Refining, run: Callable[[Candidate], T], device: t
         return Choice(c, "refining", _ms(state.best)), output
     winner = _winner(state.best, state.prior)
     close = [k for k, n in _samples(state.best, winner).items() if n == REFINE_SAMPLES]
-    if close and not state.confirming and CONFIRM_AFTER > 0:
+    if close and state.leader is None and CONFIRM_AFTER > 0:
         log.debug("%s: %s for now (refined, ms: %s); confirming later", key, winner, _ms(state.best))
-        state.confirming, state.steady_calls_left, state.leader = True, CONFIRM_AFTER, winner
+        state.steady_calls_left, state.leader = CONFIRM_AFTER, winner
         if state.fast_key is not None:
             _steady[state.fast_key] = key
         state.best = dict.fromkeys(close, float("inf"))  # the leader's too: fresh timings alone decide
         state.taken = dict.fromkeys(close, 0)
         return Choice(c, "refining", _ms(state.best)), output
-    log.debug("%s: %s (%s, ms: %s)", key, winner, "confirmed" if state.confirming else "refined", _ms(state.best))
+    log.debug(
+        "%s: %s (%s, ms: %s)", key, winner, "confirmed" if state.leader is not None else "refined", _ms(state.best)
+    )
     _settle(key, winner, state.fast_key, state.best)
     return Choice(c, "measured" if c == winner else "outrun", _ms(state.best)), output
 

@@ -183,7 +183,7 @@ class Provider:
         selects the backend of the backward ops when they run, not when the forward ran)."""
         return contextlib.nullcontext() if self.backend is None else _backends.use(self.backend)
 
-    def served_by(self, inputs: Inputs, case: Case, kinds: Sequence[str] = tuple(MODE_KINDS["fwdbwd"])) -> str:
+    def served_by(self, inputs: Inputs, case: Case, kinds: Sequence[str] = MODE_KINDS["fwdbwd"]) -> str:
         """``reference``, or the ``backend/algorithm`` pairs that serve ours in the computations
         ``kinds`` (those a mode runs, :data:`MODE_KINDS`): the first's, then in parentheses those
         that differ from it, tagged (``dx`` the input gradient, ``dw`` the weight gradient), e.g.
