@@ -313,7 +313,7 @@ def markdown(results: Sequence[Result], env: dict[str, Any], checks) -> str:
         "",
         f"`{env['command']}`",
         "",
-        "## Time: median ms (speedup vs naive = t_naive / t, > 1 is faster)",
+        "## Time: median ms (speedup vs naive: the median over reps of t_naive / t, > 1 is faster)",
         "",
         common.markdown_table(
             head, [[r.case.name, r.mode, *(_ms(r, p) for p in providers), vs_sdpa(r)] for r in results], 2

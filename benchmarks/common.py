@@ -637,7 +637,11 @@ def plot_ratios(path: Path, results: Sequence[Any], baseline: str, title: str) -
     providers = [p for p in (list(results[0].timings) if results else []) if p != baseline]
     groups = [f"{r.case.name} {r.mode}" for r in results]
     panels = [
-        (f"speedup vs {baseline} (t_{baseline} / t)", "x", {p: [r.speedup(p) for r in results] for p in providers}),
+        (
+            f"speedup vs {baseline} (t_{baseline} / t per rep, median)",
+            "x",
+            {p: [r.speedup(p) for r in results] for p in providers},
+        ),
         (f"peak memory / {baseline}'s", "ratio", {p: [r.peak_ratio(p) for r in results] for p in providers}),
     ]
     grouped_bars(path, groups, panels, title)
@@ -666,6 +670,25 @@ def target_verdict(label: str, value: float | None, ok: Callable[[float], bool])
     return {"target": label, "status": status, "value": value, "detail": detail}
 
 
+def paired_ratio(over: Timing, provider: Timing) -> float:
+    """``t_over / t_provider``: the median over reps of the ratio of the two calls made in one rep, when
+    both have one sample per rep (:func:`time_interleaved`'s, in rep order), else the ratio of the medians.
+
+    A rep runs every provider once, side by side, so the ratio of one rep cancels what the machine did
+    to that rep as a whole (a descheduled core, a neighbour's burst, a trimmed heap); two medians
+    taken apart each pick their own reps and do not. Measured on the committed conv full grids (14 runs
+    on two CPUs, ``benchmarks/results/conv-cpu-*-full*.json``), over the cases where auto ran exactly one
+    provider's computations (the same computations timed twice): this ratio's spread around 1 was
+    smaller than the ratio of medians' in 10 runs, equal (to 0.001) in 2 and 0.001 larger in 1; on the
+    noisy days it was half (standard deviation 0.081 -> 0.041, 0.062 -> 0.028). It does not hide a real
+    difference: the choices auto missed in those runs are below 0.95x by it too.
+    """
+    a, b = over.samples, provider.samples
+    if len(a) != len(b) or len(a) < 2:
+        return over.median / provider.median
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
+
+
 class ProviderRatios:
     """Speedup and memory ratio of a provider over the baseline, for result rows holding
     ``timings`` and ``peaks`` per provider (the class sets ``baseline``)."""
@@ -676,7 +699,7 @@ class ProviderRatios:
 
     def speedup(self, name: str, over: str | None = None) -> float | None:
         a, b = self.timings.get(over or self.baseline), self.timings.get(name)
-        return None if a is None or b is None else a.median / b.median
+        return None if a is None or b is None else paired_ratio(a, b)
 
     def peak_ratio(self, name: str, over: str | None = None) -> float | None:
         a, b = self.peaks.get(over or self.baseline), self.peaks.get(name)

@@ -338,10 +338,10 @@ class Result:
     memory_method: str = "not measured"
 
     def speedup(self, provider: str, over: str = BASELINE) -> float | None:
-        """``t_over / t_provider`` (> 1: the provider is faster)."""
+        """``t_over / t_provider`` (> 1: the provider is faster), rep by rep (:func:`common.paired_ratio`)."""
         if provider not in self.timings or over not in self.timings:
             return None
-        return self.timings[over].median / self.timings[provider].median
+        return common.paired_ratio(self.timings[over], self.timings[provider])
 
     def peak_ratio(self, provider: str, over: str = BASELINE) -> float | None:
         """``peak_provider / peak_over`` (< 1: the provider needs less memory)."""
@@ -505,8 +505,9 @@ GPU_AUTO_BEST_OF = {
 
 
 def best_of(r: Result, names: Sequence[str]) -> tuple[str, float] | None:
-    """The fastest of ``names`` that ran on this case and mode, with its median seconds."""
-    ran = [(n, r.timings[n].median) for n in names if n in r.timings]
+    """The one of ``names`` that ran on this case and mode that auto is slowest against, with auto's
+    speedup over it (rep by rep, :meth:`Result.speedup`)."""
+    ran = [(n, r.speedup("auto", over=n)) for n in names if n in r.timings and "auto" in r.timings]
     return min(ran, key=lambda p: p[1]) if ran else None
 
 
@@ -541,8 +542,8 @@ def _auto_against_the_best(results: Sequence[Result], names: Sequence[str]) -> d
     vs_best = []
     for r in results:
         best = best_of(r, names)
-        if r.mode == "fwdbwd" and best is not None and "auto" in r.timings:
-            vs_best.append((best[1] / r.timings["auto"].median, best[0], r))
+        if r.mode == "fwdbwd" and best is not None:
+            vs_best.append((best[1], best[0], r))
     worst = min(vs_best, key=lambda p: p[0], default=None)
     below = [(ratio, best, r) for ratio, best, r in vs_best if ratio < AUTO_FLOOR]
     # Below the floor while running exactly the best provider's pairs: the same computations timed
@@ -551,7 +552,10 @@ def _auto_against_the_best(results: Sequence[Result], names: Sequence[str]) -> d
     same = [
         r.case.name for _, best, r in below if r.served_by.get(best) and r.served_by.get("auto") == r.served_by[best]
     ]
-    detail = f"worst {worst[0]:.2f}x ({worst[2].case.name}, best {worst[1]})" if worst else "auto not run"
+    detail = "auto not run"
+    if worst:
+        of_medians = worst[2].timings[worst[1]].median / worst[2].timings["auto"].median
+        detail = f"worst {worst[0]:.2f}x ({worst[2].case.name}, best {worst[1]}; ratio of medians {of_medians:.2f}x)"
     if below:
         detail += f"; {len(below)} of {len(vs_best)} cases below {AUTO_FLOOR}x"
         detail += f", {len(same)} of them running the best provider's own pairs" + (
@@ -662,7 +666,7 @@ def markdown(results: Sequence[Result], env: dict[str, Any], checks: Sequence[di
         "",
         f"`{env['command']}`",
         "",
-        "## Time: median ms (speedup vs expanded = t_expanded / t_provider, > 1 is faster)",
+        "## Time: median ms (speedup vs expanded: the median over reps of t_expanded / t_provider, > 1 is faster)",
         "",
         common.markdown_table(head + providers + [auto_by], time_rows, align_left=2),
         "",

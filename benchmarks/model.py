@@ -350,7 +350,7 @@ def markdown(results: Sequence[Result], env: dict[str, Any], checks) -> str:
         "Joint mode (CT + MRI), training mode, loss gradient w.r.t. both logits; `expanded` = the same",
         "network and weights with expanded-weight reference convs, `real` = the real-valued twin.",
         "",
-        "## Time: median ms (speedup vs expanded = t_expanded / t, > 1 is faster)",
+        "## Time: median ms (speedup vs expanded: the median over reps of t_expanded / t, > 1 is faster)",
         "",
         common.markdown_table(head, [[r.case.name, r.mode, *(_ms(r, p) for p in providers)] for r in results], 2),
         "",

@@ -242,7 +242,8 @@ def markdown(results: Sequence[Result], env: dict[str, Any], checks) -> str:
         "Training mode, batch-first, unidirectional; `expanded` = the same layer and weights computed the",
         "way speechbrain's q_RNN.py does (expanded-weight QLinear rebuilt every step, composite cell).",
         "",
-        "## Time: median ms per sequence batch (speedup vs expanded = t_expanded / t, > 1 is faster)",
+        "## Time: median ms per sequence batch (speedup vs expanded: the median over reps of t_expanded / t, > 1 is "
+        "faster)",
         "",
         common.markdown_table(head, [[r.case.name, r.mode, *(ms(r, p) for p in providers)] for r in results], 2),
         "",

@@ -152,3 +152,18 @@ def test_workloads_share_a_cache_the_caller_chose(tmp_path, monkeypatch) -> None
         assert [p.name for p in tmp_path.glob("*.json")] == ["mine.json"]
     finally:
         tuning.clear()
+
+
+def test_ratios_are_taken_rep_by_rep_and_fall_back_to_the_medians() -> None:
+    """A speedup is the median of the per-rep ratios (the reps are side by side); with samples that are not
+    paired (unequally many, or one each) it is the ratio of the medians."""
+    from benchmarks.conv import Case, Result
+
+    over = common.Timing.of([0.010, 0.030, 0.012])
+    provider = common.Timing.of([0.005, 0.020, 0.012])
+    assert common.paired_ratio(over, provider) == pytest.approx(1.5)  # ratios 2, 1.5, 1; medians 12 / 12
+    assert common.paired_ratio(over, common.Timing.of([0.006, 0.024])) == pytest.approx(0.012 / 0.015)
+    assert common.paired_ratio(common.Timing.of([0.02]), common.Timing.of([0.01])) == pytest.approx(2.0)
+    r = Result(Case(dims=1, channels=4, size=8, batch=2), "fwdbwd", {"expanded": over, "auto": provider}, {}, {})
+    assert r.speedup("auto") == pytest.approx(1.5)
+    assert r.speedup("expanded", over="auto") == pytest.approx(1 / 1.5)  # ratios 1/2, 2/3, 1
