@@ -308,3 +308,59 @@ def test_fast8_fp16_balanced_within_twice_expanded_error(case, igemm_calls):
     for name, o, e, r in zip(("y", "grad_input"), got, baseline, ref, strict=True):
         assert o.dtype == torch.float16
         assert _rel(o, r) <= max(2 * _rel(e, r), 2e-3), f"{name}: {_rel(o, r):.2e} vs expanded {_rel(e, r):.2e}"
+
+
+# ------------------------------------------------------------------------------------------------
+# the activation's gradient formed as the input-gradient GEMM loads dL/dy (ACT_GRAD)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("activation", "slope"), [("relu", 0.0), ("leaky_relu", 0.1), ("leaky_relu", -0.2), ("gelu", 0.0)]
+)
+@pytest.mark.parametrize("case", [*ACT_CASES, CASES[1]], ids=["2d-conv", IDS[7], IDS[1]])
+def test_igemm_input_grad_with_the_activation_gradient_on_load(case, activation, slope):
+    """``conv_igemm(dL/dy, gate=…)`` is the input gradient of ``act(conv(x) + b)``: dL/dz is formed from dL/dy
+    and the gate (y, or z where ops.conv keeps it) inside the GEMM, against the float64 reference's autograd.
+    dL/dy comes in NCHW (converted at the boundary), the gate channels_last."""
+    from aqcf_kernels.ops.conv import adjoint_params, stores_preactivation
+    from aqcf_kernels.params import ConvParams
+
+    g = torch.Generator().manual_seed(23)
+    x, w, b = _make(case, g)
+    x = x.requires_grad_()
+    z = reference.quaternion_conv_naive(x, w, b, **_kwargs(case))
+    y = F.gelu(z) if activation == "gelu" else F.leaky_relu(z, slope)
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    (ref,) = torch.autograd.grad(y, x, gy)
+
+    n, transposed, groups, stride, padding, dilation, output_padding, *_ = case
+
+    def per_dim(v) -> list[int]:
+        return list(v) if isinstance(v, tuple) else [v] * n
+
+    p = ConvParams.from_op_args(
+        n, per_dim(stride), per_dim(padding), per_dim(dilation), transposed, per_dim(output_padding), groups
+    )
+    adjoint = adjoint_params(gy.shape, w.shape, x.shape, p)
+    gate = z if stores_preactivation(activation, slope) else y
+    to = dict(dtype=torch.float32, device=DEVICE)
+    memory_format = torch.channels_last if n == 2 else torch.contiguous_format
+    got, _ = igemm.conv_igemm(
+        gy.to(**to), w.to(**to), None, adjoint, negative_slope=slope,
+        gate=gate.detach().to(**to).contiguous(memory_format=memory_format), gate_activation=activation,
+    )  # fmt: skip
+    assert got.shape == x.shape
+    assert _rel(got, ref) <= 1e-5, f"relative error {_rel(got, ref):.2e}"
+
+
+def test_igemm_gate_activation_is_refused_where_it_cannot_apply():
+    case = ACT_CASES[0]
+    x, w, _ = _make(case, torch.Generator().manual_seed(1))
+    from aqcf_kernels.params import ConvParams
+
+    p = ConvParams.from_op_args(2, [1, 1], [1, 1], [1, 1], False, [0, 0], 1)
+    for kwargs in (dict(algorithm="fast8"), dict(activation="relu"), dict(gate=None)):
+        call = {"gate": x.float(), "gate_activation": "relu", **kwargs}
+        with pytest.raises(ValueError, match="gate_activation"):
+            igemm.conv_igemm(x.float(), w.float(), None, p, **call)
