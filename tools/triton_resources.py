@@ -269,7 +269,7 @@ def igemm_launch_args(
     unit = (1,) * (3 - dims)
     c_x, per_product = (8 * cq_in, 1) if fast8 else (4 * cq_in, 4)
     ptr = IGEMM_POINTERS[dtype]
-    args = dict(x_ptr=ptr, w_ptr=ptr, b_ptr=ptr, y_ptr=ptr, z_ptr=ptr, g_ptr=ptr, negative_slope=0.01)
+    args = dict(x_ptr=ptr, w_ptr=ptr, b_ptr=ptr, y_ptr=ptr, z_ptr=ptr, negative_slope=0.01)
     args.update(M=batch * sp_out[0] * sp_out[1] * sp_out[2], C_Y=4 * cq_out, K_TAP=per_product * cq_in // groups)
     args.update(N_G=per_product * cq_out // groups, CQ_IN=cq_in, CG_IN=cq_in // groups, CQ_OUT=cq_out)
     args.update(CG_OUT=cq_out // groups)
@@ -296,9 +296,7 @@ def igemm_variants():
     bf16 (the GPU targets), its input gradient, groups, 16q, and fp32 with TF32 and in IEEE fp32."""
     from aqcf_kernels.backends.triton.igemm import gpu_configs, prune_configs
 
-    base = dict(TRANSPOSED=False, GROUPED=False, FAST8=False, HAS_BIAS=True, ACTIVATION=1, STORE_PRE=False, ACT_GRAD=0)
-    # the input gradient of a conv + activation: dL/dz formed from dL/dy and the gate as they are loaded
-    dgrad_act = dict(TRANSPOSED=True, HAS_BIAS=False, ACTIVATION=0)
+    base = dict(TRANSPOSED=False, GROUPED=False, FAST8=False, HAS_BIAS=True, ACTIVATION=1, STORE_PRE=False)
     f8 = dict(FAST8=True)
     cases = [
         ("2d 64q", "bf16", "ieee", igemm_launch_args("bf16", 64, 64), {}, None),
@@ -311,12 +309,6 @@ def igemm_variants():
             dict(TRANSPOSED=True, HAS_BIAS=False, ACTIVATION=0), 0,
         ),
         ("3d 32q", "bf16", "ieee", igemm_launch_args("bf16", 32, 32, dims=3, size=32, batch=2), {}, 2),
-        ("2d 64q dgrad relu'", "bf16", "ieee", igemm_launch_args("bf16", 64, 64, transposed=True),
-         dict(dgrad_act, ACT_GRAD=1), None),
-        ("2d 64q dgrad gelu'", "fp16", "ieee", igemm_launch_args("fp16", 64, 64, transposed=True),
-         dict(dgrad_act, ACT_GRAD=3), 0),
-        ("2d 16q dgrad relu'", "bf16", "ieee", igemm_launch_args("bf16", 16, 16, transposed=True),
-         dict(dgrad_act, ACT_GRAD=1), None),
         ("2d 64q", "fp32", "tf32", igemm_launch_args("fp32", 64, 64), {}, 0),
         ("2d 64q", "fp32", "tf32", igemm_launch_args("fp32", 64, 64), {}, 4),
         ("2d 64q", "fp32", "ieee", igemm_launch_args("fp32", 64, 64), {}, None),
@@ -406,7 +398,6 @@ def igemm_main(json_path: str | None = None) -> int:
         kernel = compile_launch(qconv_igemm_kernel, args, consts, options)
         tiles = tuple(config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
         row = dict(case=label, dtype=dtype, precision=precision, tiles=tiles, fast8=consts["FAST8"], **options)
-        row["act_grad"] = consts["ACT_GRAD"]
         row.update(analyse_igemm(kernel, dtype))
         rows.append(row)
         print(

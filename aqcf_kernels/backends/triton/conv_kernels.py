@@ -183,24 +183,6 @@ def _activate(v, ACTIVATION: tl.constexpr, negative_slope):
 
 
 @triton.jit
-def _activation_grad(g, gate, ACTIVATION: tl.constexpr, negative_slope):
-    """``dL/dz`` from ``g = dL/dy`` in fp32, for the epilogue's activation codes: ``gate`` is the output y
-    (ReLU, LeakyReLU with slope ≥ 0: ``y > 0 ⇔ z > 0``) or the pre-activation z (GELU, a negative slope),
-    as ``ops.conv.activation_grad`` reads them."""
-    if ACTIVATION == 1:
-        out = tl.where(gate > 0, g, 0.0)
-    elif ACTIVATION == 2:
-        out = tl.where(gate > 0, g, g * negative_slope)
-    elif ACTIVATION == 3:
-        cdf = 0.5 * (1.0 + tl.math.erf(gate * 0.7071067811865476))
-        pdf = tl.exp(-0.5 * gate * gate) * 0.3989422804014327
-        out = g * (cdf + gate * pdf)
-    else:
-        out = g
-    return out
-
-
-@triton.jit
 def qconv_kernel(
     x_ptr,
     w_ptr,

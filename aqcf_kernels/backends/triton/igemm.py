@@ -60,7 +60,7 @@ from torch import Tensor
 from ...params import ConvParams, conv_output_shape
 from ...quaternion import hamilton_table
 from . import common
-from .conv_kernels import _activate, _activation_grad
+from .conv_kernels import _activate
 from .fast8 import combine_activation
 from .fast8 import pack_weight as fast8_pack_weight
 
@@ -128,16 +128,11 @@ def _phase_taps(ph, S, P, D, K, KSTEP):
 
 @triton.jit
 def _k_loop(
-    acc, x_rows, g_rows, bd, bh, bw, m_mask, w_cols, n_mask, k_all, x_chan, seg_len, seg_stride, n_seg, k_tap,
+    acc, x_rows, bd, bh, bw, m_mask, w_cols, n_mask, k_all, x_chan, seg_len, seg_stride, n_seg, k_tap,
     TD, TH, TW, k0d, k0h, k0w, ksd, ksh, ksw, ed, eh, ew, ID, IH, IW, KH, KW, s_xd, s_xh, s_xw,
-    negative_slope, ACT_GRAD: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """``acc += im2col(x)[rows, K] · B[K, cols]`` over K = taps × ``n_seg`` runs of ``seg_len`` channels.
-
-    With ``ACT_GRAD`` (an activation code) x is the output gradient ``dL/dy`` of an activated conv and
-    ``g_rows`` the rows of its gate (y or z, laid out as x): the loop multiplies ``dL/dz``, formed from the
-    two tiles as they are loaded, so ``dL/dz`` is never written to memory.
 
     The taps are ``TD × TH × TW``: the j-th of a dim is the weight's tap ``k0 + j·ks`` and moves the input
     coordinate by ``e`` (per row, from the base ``b``). Run ``seg`` of a tap is x's channels
@@ -165,10 +160,6 @@ def _k_loop(
         k_ok = ck < seg_len
         x_tile = (x_rows + idd * s_xd + ih * s_xh + iw * s_xw)[:, None] + (x_chan + seg * seg_stride + ck)[None, :]
         a = tl.load(x_tile, mask=ok[:, None] & k_ok[None, :], other=0.0)
-        if ACT_GRAD != 0:
-            g_tile = (g_rows + idd * s_xd + ih * s_xh + iw * s_xw)[:, None] + (x_chan + seg * seg_stride + ck)[None, :]
-            gate = tl.load(g_tile, mask=ok[:, None] & k_ok[None, :], other=0.0)
-            a = _activation_grad(a.to(tl.float32), gate.to(tl.float32), ACT_GRAD, negative_slope).to(a.dtype)
         w_tile = w_cols + (tap * k_tap + seg * seg_len + ck)[:, None]
         b = tl.load(w_tile, mask=k_ok[:, None] & n_mask[None, :], other=0.0)
         acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
@@ -199,7 +190,6 @@ def qconv_igemm_kernel(
     b_ptr,  # (4*CQ_OUT,) blocked bias (read when HAS_BIAS)
     y_ptr,  # (N*OD*OH*OW, C_Y) channels_last output
     z_ptr,  # (N*OD*OH*OW, C_Y) pre-activation (written when STORE_PRE)
-    g_ptr,  # laid out as x: the gate of dL/dz = act'(gate) · x when ACT_GRAD (y, or z where kept)
     M,  # GEMM rows per phase: N*OD*OH*OW output pixels (TRANSPOSED: N * ⌈OD/SD⌉ * ⌈OH/SH⌉ * ⌈OW/SW⌉)
     C_Y,  # real channels of y: its pixel stride
     K_TAP,  # real input channels of a group per tap: 4 * CG_IN (FAST8: CG_IN, one product's)
@@ -243,7 +233,6 @@ def qconv_igemm_kernel(
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,
     STORE_PRE: tl.constexpr,
-    ACT_GRAD: tl.constexpr,  # x is dL/dy of a conv activated by this code (0: x as it is); not with FAST8
     DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -324,7 +313,6 @@ def qconv_igemm_kernel(
         eh = DH
         ew = DW
     x_rows = x_ptr + nb * s_xn
-    g_rows = g_ptr + nb * s_xn
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N_G
@@ -342,10 +330,9 @@ def qconv_igemm_kernel(
         z = zero
         for m in tl.static_range(4, 8):
             # fmt: off
-            s = _k_loop(zero, x_rows, x_rows, bd, bh, bw, m_mask, w_group + m * N_G * k_all, n_mask, k_all,
+            s = _k_loop(zero, x_rows, bd, bh, bw, m_mask, w_group + m * N_G * k_all, n_mask, k_all,
                         m * CQ_IN + g * CG_IN, K_TAP, 0, 1, K_TAP, TD, TH, TW, k0d, k0h, k0w, ksd, ksh, ksw,
-                        ed, eh, ew, ID, IH, IW, KH, KW, s_xd, s_xh, s_xw, negative_slope, 0, DOT_DTYPE, PRECISION,
-                        BLOCK_K)
+                        ed, eh, ew, ID, IH, IW, KH, KW, s_xd, s_xh, s_xw, DOT_DTYPE, PRECISION, BLOCK_K)
             # fmt: on
             if m == 4:
                 u = s
@@ -372,10 +359,9 @@ def qconv_igemm_kernel(
             if c == 3:
                 acc = half_k
             # fmt: off
-            acc = _k_loop(acc, x_rows, x_rows, bd, bh, bw, m_mask, w_group + c * N_G * k_all, n_mask, k_all,
+            acc = _k_loop(acc, x_rows, bd, bh, bw, m_mask, w_group + c * N_G * k_all, n_mask, k_all,
                           c * CQ_IN + g * CG_IN, K_TAP, 0, 1, K_TAP, TD, TH, TW, k0d, k0h, k0w, ksd, ksh, ksw,
-                          ed, eh, ew, ID, IH, IW, KH, KW, s_xd, s_xh, s_xw, negative_slope, 0, DOT_DTYPE, PRECISION,
-                          BLOCK_K)
+                          ed, eh, ew, ID, IH, IW, KH, KW, s_xd, s_xh, s_xw, DOT_DTYPE, PRECISION, BLOCK_K)
             _epilogue(acc, c * CQ_OUT + g * CG_OUT + offs_n, n_mask, y_rows, m_mask, b_ptr, y_ptr, z_ptr, C_Y,
                       negative_slope, HAS_BIAS, ACTIVATION, STORE_PRE)
             # fmt: on
@@ -387,18 +373,18 @@ def qconv_igemm_kernel(
         w_cols = w_ptr + (g * N_G + offs_n[None, :]) * k_all
         if GROUPED:
             # fmt: off
-            acc = _k_loop(zero, x_rows, g_rows, bd, bh, bw, m_mask, w_cols, n_mask, k_all, g * CG_IN, CG_IN, CQ_IN, 4,
+            acc = _k_loop(zero, x_rows, bd, bh, bw, m_mask, w_cols, n_mask, k_all, g * CG_IN, CG_IN, CQ_IN, 4,
                           K_TAP, TD, TH, TW, k0d, k0h, k0w, ksd, ksh, ksw, ed, eh, ew, ID, IH, IW, KH, KW,
-                          s_xd, s_xh, s_xw, negative_slope, ACT_GRAD, DOT_DTYPE, PRECISION, BLOCK_K)
+                          s_xd, s_xh, s_xw, DOT_DTYPE, PRECISION, BLOCK_K)
             # fmt: on
             # column n = (component c, channel o) of the group -> blocked channel c·Cq_out + g·Cg_out + o
             comp = offs_n // CG_OUT
             ch = comp * CQ_OUT + g * CG_OUT + (offs_n - comp * CG_OUT)
         else:
             # fmt: off
-            acc = _k_loop(zero, x_rows, g_rows, bd, bh, bw, m_mask, w_cols, n_mask, k_all, 0, K_TAP, 0, 1, K_TAP,
+            acc = _k_loop(zero, x_rows, bd, bh, bw, m_mask, w_cols, n_mask, k_all, 0, K_TAP, 0, 1, K_TAP,
                           TD, TH, TW, k0d, k0h, k0w, ksd, ksh, ksw, ed, eh, ew, ID, IH, IW, KH, KW,
-                          s_xd, s_xh, s_xw, negative_slope, ACT_GRAD, DOT_DTYPE, PRECISION, BLOCK_K)
+                          s_xd, s_xh, s_xw, DOT_DTYPE, PRECISION, BLOCK_K)
             # fmt: on
             ch = offs_n
         _epilogue(acc, ch, n_mask, y_rows, m_mask, b_ptr, y_ptr, z_ptr, C_Y, negative_slope, HAS_BIAS, ACTIVATION,
@@ -488,7 +474,6 @@ _igemm = triton.autotune(
         "FAST8",
         "HAS_BIAS",
         "ACTIVATION",
-        "ACT_GRAD",
     ],
     prune_configs_by=None if common.INTERPRET else {"early_config_prune": prune_configs},
 )(qconv_igemm_kernel)
@@ -525,25 +510,16 @@ def conv_igemm(
     negative_slope: float = 0.0,
     keep_pre: bool = False,
     algorithm: str = "hamilton",
-    gate: Tensor | None = None,
-    gate_activation: str | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """``(act(W ⊗ x + b), W ⊗ x + b or None)`` (transposed: the adjoint) as one implicit GEMM (``hamilton``)
     or 8 (``fast8``: on the combinations of x and W, :mod:`.fast8`, with the butterfly in the epilogue).
 
     ``input`` ``(N, 4·Cq_in, *S)`` in any layout; outputs are channels_last (strides of
     ``torch.channels_last`` / ``channels_last_3d``; 1d outputs ``(N, C, L)`` with channel stride 1).
-
-    With ``gate_activation``, ``input`` is ``dL/dy`` of a conv activated by it, ``gate`` (input's shape) that
-    conv's y or pre-activation (as :func:`ops.conv.activation_grad` reads them), and the GEMM multiplies
-    ``dL/dz`` formed as its tiles are loaded (hamilton only; the epilogue's ``activation`` must be None).
     """
-    if gate_activation is not None and (algorithm == "fast8" or activation is not None or gate is None):
-        raise ValueError("conv_igemm: gate_activation needs a gate, algorithm='hamilton' and no epilogue activation")
     n = p.spatial_dims
     shape = conv_output_shape(input.shape, weight.shape, p)
     x5 = _channels_last_5d(input)
-    g5 = x5 if gate_activation is None else _channels_last_5d(gate)
     out_spatial = _spatial3(shape[2:], n, 1)
     y5 = torch.empty((shape[0], *out_spatial, shape[1]), dtype=input.dtype, device=input.device)
     z5 = torch.empty_like(y5) if keep_pre else y5
@@ -579,7 +555,6 @@ def conv_igemm(
         bias if bias is not None else packed,
         y5,
         z5,
-        g5,
         m,
         shape[1],
         k_tap,
@@ -604,7 +579,6 @@ def conv_igemm(
         HAS_BIAS=bias is not None,
         ACTIVATION=ACTIVATION_CODES[activation],
         STORE_PRE=keep_pre,
-        ACT_GRAD=ACTIVATION_CODES[gate_activation],
         DOT_DTYPE=dot_dtype,
         PRECISION=precision,
     )
