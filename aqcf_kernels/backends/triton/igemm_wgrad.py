@@ -47,6 +47,17 @@ order; the result is cast to the input dtype. The same launch reduces the bias p
 of the hamilton GEMM's size each; the fold applies the butterfly (:func:`.fast8.fold_table`) instead of
 the Hamilton table.
 
+**Why a conv + activation's dL/dz is not formed here** (issue 13 asked for the activation's gradient
+applied while loading gy). Tried on 2026-12-04 and compiled for sm_90 by triton 3.6: with gy's tile
+multiplied by ``act'(gate)`` as it is loaded (a gate tile copied like gy's), gy and its gate went
+through plain loads, not async copies, at 199–255 registers, with 224 B spilled at 128×64×64. On a
+transposed conv's weight gradient, where the gate belongs to the x operand, the three copies stayed
+async but the wgmma were waited on with 0 in flight. The input-gradient GEMM (:mod:`.igemm`) took the
+same change without loss: three async copies, wgmma in flight, 0 spills. But it saves nothing on its
+own, because this GEMM needs dL/dz as well. So dL/dz is written once, for both GEMMs to read: today by
+``ops.conv.activation_grad`` (element-wise torch ops). What is left to fuse is that pass, as one kernel
+that also sums the bias gradient; the GEMMs' loads stay as they are.
+
 Accumulation is fp32 throughout; inputs fp16 / bf16 / fp32 (see :func:`common.dot_config`).
 """
 
