@@ -84,17 +84,14 @@ bool stores_preactivation(const std::optional<std::string_view>& activation, dou
   return activation && (*activation == "gelu" || (*activation == "leaky_relu" && negative_slope < 0));
 }
 
-// dL/dz from dL/dy (differentiable: double backward goes through it); as ops/conv.py's activation_grad.
+// dL/dz from dL/dy (differentiable: double backward goes through it); as ops/conv.py's activation_grad:
+// aten's own backward of each activation, one element-wise kernel.
 Tensor activation_grad(
     const Tensor& grad, const Tensor& y, const Tensor& pre, std::string_view activation, double negative_slope) {
-  if (activation == "gelu") {
-    const Tensor cdf = 0.5 * (1.0 + at::erf(pre * 0.7071067811865476));
-    const Tensor pdf = at::exp(-0.5 * pre * pre) * 0.3989422804014327;
-    return grad * (cdf + pre * pdf);
-  }
-  const Tensor positive = stores_preactivation(activation, negative_slope) ? pre.gt(0) : y.gt(0);
-  const double slope = activation == "relu" ? 0.0 : negative_slope;
-  return at::where(positive, grad, grad * slope);
+  if (activation == "gelu") return at::gelu_backward(grad, pre);
+  if (activation == "relu") return at::threshold_backward(grad, y, 0.0);
+  const bool keep = stores_preactivation(activation, negative_slope);  // a negative slope reads z
+  return at::leaky_relu_backward(grad, keep ? pre : y, negative_slope, !keep);
 }
 
 // The op's outputs follow the input's memory format (as the fake implementation in ops/conv.py):
