@@ -555,7 +555,7 @@ def _auto_against_the_best(results: Sequence[Result], names: Sequence[str]) -> d
     detail = "auto not run"
     if worst:
         of_medians = worst[2].timings[worst[1]].median / worst[2].timings["auto"].median
-        detail = f"worst {worst[0]:.2f}x ({worst[2].case.name}, best {worst[1]}; ratio of medians {of_medians:.2f}x)"
+        detail = f"worst {worst[0]:.2f}x ({worst[2].case.name}, best {worst[1]}, ratio of medians {of_medians:.2f}x)"
     if below:
         detail += f"; {len(below)} of {len(vs_best)} cases below {AUTO_FLOOR}x"
         detail += f", {len(same)} of them running the best provider's own pairs" + (

@@ -186,6 +186,7 @@ def test_the_auto_check_says_which_misses_ran_the_best_providers_own_pairs():
     )
     verdict = _auto_against_the_best([fine], names)
     assert verdict["status"] == "PASS" and ";" not in verdict["detail"]
+    assert verdict["detail"].endswith(f"best fast8, ratio of medians {8 / 8.1:.2f}x)")
     verdict = _auto_against_the_best([fine, noise, choice], names)
     assert verdict["status"] == "FAIL" and verdict["value"] == pytest.approx(8 / 9)
     assert verdict["detail"].endswith(
