@@ -481,6 +481,23 @@ SPEED_TARGETS = (
     ("3d-32q", "expanded", 1.9),
 )
 AUTO_FLOOR = 0.95  # auto never slower than this fraction of expanded's speed, anywhere
+
+#: ``--min-time`` by grid: seconds of timed calls per provider and case. The full grid's check asks
+#: whether auto is within 5% of the best provider in every one of 21 cases, and 7 reps (what 0.5 s
+#: gives a 60 ms step) cannot tell 5% on a 2-core machine. There, the same computations timed twice
+#: in one run spread 0.94–1.10x (per-rep ratios; standard deviation 0.024–0.037 over three runs). At
+#: 2 s (30–200 reps for steps under 300 ms) they spread 0.98–1.03x (0.011). The grid then takes
+#: ~18 minutes instead of ~14 (AMD EPYC, 2026-12-04, benchmarks/results/...-full-min-time-2.*).
+MIN_TIME_S = {"full": 2.0, "other": 0.5}
+
+
+def min_time(grid: str, asked: float | None) -> float:
+    """The ``--min-time`` a run uses: the one asked for, else :data:`MIN_TIME_S` for its grid."""
+    if asked is not None:
+        return asked
+    return MIN_TIME_S["full" if grid == "full" else "other"]
+
+
 # auto against the fastest of these in the same run (fwdbwd, every case): measuring must find it.
 AUTO_BEST_OF = ("expanded", "hamilton", "fast8")
 # With another process spinning on a core (--load): auto on these targets, fwdbwd, vs expanded.
@@ -745,10 +762,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--min-time",
         type=float,
-        default=0.5,
+        default=None,
         metavar="S",
         help="more reps for fast cases: about S seconds of timed calls per provider and case (at most "
-        f"{common.MAX_REPS} reps; 0: exactly --reps). Default 0.5",
+        f"{common.MAX_REPS} reps; 0: exactly --reps). Default {MIN_TIME_S['full']} with --grid full, "
+        f"{MIN_TIME_S['other']} otherwise",
     )
     parser.add_argument(
         "--tf32", action="store_true", help="CUDA float32: allow TF32 in cuDNN/cuBLAS and the Triton kernels"
@@ -796,7 +814,7 @@ def main(args: argparse.Namespace) -> int:
             common.DTYPES[args.dtype],
             device,
             memory=not args.no_memory,
-            min_time=args.min_time,
+            min_time=min_time(args.grid, args.min_time),
         )
     env["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     if not args.check_targets:
@@ -813,7 +831,7 @@ def main(args: argparse.Namespace) -> int:
         "modes": args.modes,
         "providers": providers,
         "reps": args.reps,
-        "min_time_s": args.min_time,
+        "min_time_s": min_time(args.grid, args.min_time),
         "warmup": args.warmup,
         "dtype": args.dtype,
         "tf32": bool(device.type == "cuda" and args.tf32),

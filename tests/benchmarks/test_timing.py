@@ -167,3 +167,13 @@ def test_ratios_are_taken_rep_by_rep_and_fall_back_to_the_medians() -> None:
     r = Result(Case(dims=1, channels=4, size=8, batch=2), "fwdbwd", {"expanded": over, "auto": provider}, {}, {})
     assert r.speedup("auto") == pytest.approx(1.5)
     assert r.speedup("expanded", over="auto") == pytest.approx(1 / 1.5)  # ratios 1/2, 2/3, 1
+
+
+def test_the_full_grid_times_longer_unless_asked_otherwise() -> None:
+    """--min-time defaults to MIN_TIME_S by grid (the full grid's 5% check needs more reps); an explicit
+    value, 0 included, always wins."""
+    from benchmarks import conv
+
+    assert conv.min_time("full", None) == conv.MIN_TIME_S["full"] > conv.MIN_TIME_S["other"]
+    assert conv.min_time("quick", None) == conv.min_time("targets", None) == conv.MIN_TIME_S["other"]
+    assert conv.min_time("full", 0.0) == 0.0 and conv.min_time("quick", 3.0) == 3.0
