@@ -676,9 +676,9 @@ def paired_ratio(over: Timing, provider: Timing) -> float:
 
     A rep runs every provider once, side by side, so the ratio of one rep cancels what the machine did
     to that rep as a whole (a descheduled core, a neighbour's burst, a trimmed heap); two medians
-    taken apart each pick their own reps and do not. Measured on the committed conv full grids (14 runs
-    on two CPUs, ``benchmarks/results/conv-cpu-*-full*.json``), over the cases where auto ran exactly one
-    provider's computations (the same computations timed twice): this ratio's spread around 1 was
+    taken apart each pick their own reps and do not. Measured on the 13 conv full grids committed before
+    this statistic (two CPUs, ``benchmarks/results/conv-cpu-*-full*.json``), over the cases where auto ran
+    exactly one provider's computations (the same computations timed twice): this ratio's spread around 1 was
     smaller than the ratio of medians' in 10 runs, equal (to 0.001) in 2 and 0.001 larger in 1; on the
     noisy days it was half (standard deviation 0.081 -> 0.041, 0.062 -> 0.028). It does not hide a real
     difference: the choices auto missed in those runs are below 0.95x by it too.

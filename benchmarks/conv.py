@@ -804,6 +804,7 @@ def main(args: argparse.Namespace) -> int:
         torch.backends.cudnn.allow_tf32 = True
     env = common.environment(device, args.threads, args.load)
     common.warn_if_busy(env)
+    timed_s = min_time(args.grid, args.min_time)
     with common.background_load(args.load):
         results = run(
             cases,
@@ -814,7 +815,7 @@ def main(args: argparse.Namespace) -> int:
             common.DTYPES[args.dtype],
             device,
             memory=not args.no_memory,
-            min_time=min_time(args.grid, args.min_time),
+            min_time=timed_s,
         )
     env["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     if not args.check_targets:
@@ -831,7 +832,7 @@ def main(args: argparse.Namespace) -> int:
         "modes": args.modes,
         "providers": providers,
         "reps": args.reps,
-        "min_time_s": min_time(args.grid, args.min_time),
+        "min_time_s": timed_s,
         "warmup": args.warmup,
         "dtype": args.dtype,
         "tf32": bool(device.type == "cuda" and args.tf32),
