@@ -9,8 +9,10 @@ result. A first run is cold, so that choice is provisional while a runner-up is 
 running in turn, each timed (:data:`REFINE_SAMPLES` warm timings for the leader and candidates
 within :data:`DOUBT_MARGIN` of it, one for the others), then the best times decide. A close call
 (a runner-up still within :data:`DOUBT_MARGIN`) is confirmed once the process is steady: the leader
-computes the next :data:`CONFIRM_AFTER` calls, then the close candidates are timed again as before and
-those fresh timings alone decide. Then the choice is remembered: in-process, and in an on-disk
+computes the next :data:`CONFIRM_AFTER` calls, then the close candidates are timed again, in rounds
+(each computes one call per round), until the median over rounds of each one's time over the
+leader's in the same round is clear (:data:`CONFIRM_EVIDENCE`) or :data:`CONFIRM_MAX_ROUNDS` have
+been taken: those paired ratios alone decide. Then the choice is remembered: in-process, and in an on-disk
 cache keyed by a machine fingerprint (CPU model, torch, triton and package versions), so the next
 process on the same machine measures nothing.
 Those later calls do the layer's real work, so measuring costs only the other candidates' first
@@ -35,8 +37,10 @@ import hashlib
 import importlib.metadata
 import json
 import logging
+import math
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import threading
@@ -142,11 +146,26 @@ REFINE_SAMPLES = 3
 # calls that the then slower pair computed.
 CONFIRM_AFTER = 10
 
+# The confirmation round's statistic and length. Each round times every close candidate once, in an
+# order that rotates between rounds; a candidate's standing is the median over rounds of its time
+# over the leader's in the same round (the benchmark's own statistic, benchmarks.common.paired_ratio).
+# Why not the best time, as the warm timings use: a small layer's time under glibc's default malloc
+# is skewed by page faults, and unevenly between algorithms (1d 16q N8 1024 forward on the EPYC,
+# 200 reps: hamilton 1.6-2.1 ms, fast8 2.0-4.7 ms): fast8's best of three came out ahead of hamilton's
+# although its median was 1.7x hamilton's, and auto ran fast8 at 0.87x of hamilton (2026-12-04).
+# How many rounds: at least REFINE_SAMPLES, then until rounds * |ln(ratio)| reaches CONFIRM_EVIDENCE
+# for every candidate, at most CONFIRM_MAX_ROUNDS. What a round costs over the winner's own call is
+# its losers' excess (ratio - 1), so the round stops early where that is large: a loser at 1.25x is
+# out after 3 rounds (0.75 calls, as the three best-time samples cost before), at 1.10x after 4 (0.4),
+# at 1.05x after 7 (0.35); closer than 1.034x it runs all 9 (under 0.31) and a tie goes to the prior.
+CONFIRM_EVIDENCE = 0.3
+CONFIRM_MAX_ROUNDS = 9
+
 
 def max_provisional_calls(candidates: int) -> int:
     """The most calls of a signature, after its first, that a measured choice among ``candidates``
     pairs stays provisional: every candidate's warm timings, the steady calls, the confirmation."""
-    return 2 * candidates * REFINE_SAMPLES + CONFIRM_AFTER
+    return 2 * candidates * REFINE_SAMPLES + CONFIRM_AFTER + candidates * CONFIRM_MAX_ROUNDS
 
 
 @dataclass(frozen=True)
@@ -171,6 +190,7 @@ class _Refining:
     steady_calls_left: int = 0  # calls the leader computes, untimed, before the confirmation round
     # who computes those calls: the warm timings' winner; set once the confirmation round is open
     leader: Candidate | None = None
+    rounds: list[dict[Candidate, float]] | None = None  # the confirmation's rounds (None: not open)
 
     def left(self) -> dict[Candidate, int]:
         """The warm timings each candidate still needs, by who is close to the leader now."""
@@ -512,6 +532,8 @@ def _refine(key: str, state: _Refining, run: Callable[[Candidate], T], device: t
     if state.steady_calls_left > 0:
         state.steady_calls_left -= 1
         return Choice(state.leader, "refining", _ms(state.best)), run(state.leader)
+    if state.rounds is not None:
+        return _confirm(key, state, run, device)
     left = state.left()
     c = max(left, key=lambda c: left[c])  # the candidate with the most samples to take
     now = _timer(device)
@@ -528,11 +550,57 @@ def _refine(key: str, state: _Refining, run: Callable[[Candidate], T], device: t
         state.steady_calls_left, state.leader = CONFIRM_AFTER, winner
         if state.fast_key is not None:
             _steady[state.fast_key] = key
-        state.best = dict.fromkeys(close, float("inf"))  # the leader's too: fresh timings alone decide
-        state.taken = dict.fromkeys(close, 0)
+        state.best = dict.fromkeys(close, float("inf"))  # the leader's too: the fresh rounds alone decide
+        state.rounds = [{}]
         return Choice(c, "refining", _ms(state.best)), output
+    log.debug("%s: %s (refined, ms: %s)", key, winner, _ms(state.best))
+    _settle(key, winner, state.fast_key, state.best)
+    return Choice(c, "measured" if c == winner else "outrun", _ms(state.best)), output
+
+
+def paired_ratios(rounds: Sequence[dict[Candidate, float]], leader: Candidate) -> dict[Candidate, float]:
+    """Each candidate's median over ``rounds`` of its time over ``leader``'s in the same round (1 for
+    the leader)."""
+    return {c: statistics.median(r[c] / r[leader] for r in rounds) for c in rounds[0]}
+
+
+def confirmed(ratios: dict[Candidate, float], leader: Candidate, rounds: int) -> bool:
+    """Whether ``rounds`` rounds with these paired ratios to ``leader`` decide the confirmation: every other
+    candidate is clearly apart (:data:`CONFIRM_EVIDENCE`), or :data:`CONFIRM_MAX_ROUNDS` were taken."""
+    if rounds >= CONFIRM_MAX_ROUNDS:
+        return True
+    others = [r for c, r in ratios.items() if c != leader]
+    return rounds >= REFINE_SAMPLES and all(r > 0 and rounds * abs(math.log(r)) >= CONFIRM_EVIDENCE for r in others)
+
+
+def _confirm(key: str, state: _Refining, run: Callable[[Candidate], T], device: torch.device) -> tuple[Choice, T]:
+    """Compute this call with the confirmation round's next candidate, timed; settle once the paired
+    ratios are clear (:data:`CONFIRM_EVIDENCE`)."""
+    assert state.rounds is not None and state.leader is not None
+    close = list(state.best)
+    done = len(state.rounds) - 1
+    order = close[done % len(close) :] + close[: done % len(close)]  # who goes first rotates
+    c = next(k for k in order if k not in state.rounds[-1])
+    now = _timer(device)
+    start = now()
+    output = run(c)
+    state.rounds[-1][c] = now() - start
+    if len(state.rounds[-1]) < len(close):
+        return Choice(c, "refining", _ms(state.best)), output
+    ratios = paired_ratios(state.rounds, state.leader)
+    state.best = {k: statistics.median(r[k] for r in state.rounds) for k in close}  # (reported)
+    if not confirmed(ratios, state.leader, len(state.rounds)):
+        state.rounds.append({})
+        return Choice(c, "refining", _ms(state.best)), output
+    winner = _winner(ratios, state.prior)
     log.debug(
-        "%s: %s (%s, ms: %s)", key, winner, "confirmed" if state.leader is not None else "refined", _ms(state.best)
+        "%s: %s (confirmed in %d rounds, median ms: %s, paired ratios to %s: %s)",
+        key,
+        winner,
+        len(state.rounds),
+        _ms(state.best),
+        state.leader,
+        {str(k): round(r, 3) for k, r in ratios.items()},
     )
     _settle(key, winner, state.fast_key, state.best)
     return Choice(c, "measured" if c == winner else "outrun", _ms(state.best)), output

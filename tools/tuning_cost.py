@@ -4,9 +4,9 @@ choices are remembered, against steps whose choices are known.
 Each case runs in a fresh tuning cache. The first training step measures three signatures (forward,
 input gradient, weight gradient), the next few re-check the first runs on real calls
 (``tuning.REFINE_SAMPLES``) and, for a close call, the leader computes ``tuning.CONFIRM_AFTER``
-more before the close pairs are timed again; the extra time all those steps take over as many steps
-with the remembered choices, divided by one such step's time, is the cost of measuring in "calls of
-the layer" (fwd+bwd steps).
+more before the close pairs are timed again in rounds (``tuning.CONFIRM_MAX_ROUNDS`` at most); the
+extra time all those steps take over as many steps with the remembered choices, divided by one such
+step's time, is the cost of measuring in "calls of the layer" (fwd+bwd steps).
 
     python tools/tuning_cost.py            # the conv benchmark's target cases
     python tools/tuning_cost.py --reps 5

@@ -4,6 +4,7 @@ that the cache file survives corruption, foreign machines and concurrent writers
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -240,6 +241,65 @@ def test_a_close_call_is_confirmed_on_fresh_timings_after_steady_calls(cache, mo
     assert tuning.lookup("sig") == prior and tuning.recall("fast") == prior, why
     entry = json.loads(cache.read_text())["choices"]["sig"]
     assert entry["algorithm"] == "hamilton" and entry["ms"] == {"cpp/hamilton": 0.8, "cpp/fast8": 0.95}
+
+
+def _confirmation_runs(monkeypatch, steady_ms) -> tuple[list[tuning.Candidate], tuning.Candidate | None]:
+    """Settle a close call on a fake clock: the first runs and warm timings see both pairs at 1.0 ms (a
+    tie: the prior, hamilton, leads and computes the steady calls); from then on ``steady_ms[name](k)`` is
+    the time of that pair's k-th steady run. Returns the runs of the confirmation rounds and the choice."""
+    clock = [0.0]
+    monkeypatch.setattr(tuning, "_timer", lambda device: lambda: clock[0])
+    prior, other = tuning.Candidate("cpp", "hamilton"), tuning.Candidate("cpp", "fast8")
+    warm = 2 + 2 * tuning.REFINE_SAMPLES
+    runs: list[tuning.Candidate] = []
+
+    def run(c: tuning.Candidate) -> None:
+        k = sum(1 for r in runs[warm:] if r == c)
+        clock[0] += (1.0 if len(runs) < warm else steady_ms[c.algorithm](k)) / 1e3
+        runs.append(c)
+
+    for _ in range(1 + tuning.max_provisional_calls(2)):
+        tuning.choose("sig", [prior, other], prior, run, [torch.zeros(1)])
+        if not tuning._pending:
+            break
+    assert not tuning._pending, "not settled within max_provisional_calls(2)"
+    steady = runs[warm : warm + tuning.CONFIRM_AFTER]
+    assert steady == [prior] * tuning.CONFIRM_AFTER, "the warm timings' leader (a tie: the prior) computes them"
+    return runs[warm + tuning.CONFIRM_AFTER :], tuning.lookup("sig")
+
+
+def test_the_confirmation_decides_on_paired_medians_not_best_times(cache, monkeypatch) -> None:
+    """A pair whose time is skewed by page faults (fast8: 0.9 ms once in three, 1.7 ms otherwise, against
+    hamilton's steady 1.0) wins on its best time and loses on the median of its per-round ratios: the
+    confirmation keeps hamilton (the best of three fresh timings each picked fast8 before)."""
+    confirming, chosen = _confirmation_runs(
+        monkeypatch, {"hamilton": lambda k: 1.0, "fast8": lambda k: 0.9 if k % 3 == 0 else 1.7}
+    )
+    assert chosen == tuning.Candidate("cpp", "hamilton")
+    assert confirming.count(tuning.Candidate("cpp", "fast8")) >= tuning.REFINE_SAMPLES
+    entry = json.loads(cache.read_text())["choices"]["sig"]
+    assert entry["ms"] == {"cpp/hamilton": 1.0, "cpp/fast8": 1.7}, "the medians of the rounds are recorded"
+
+
+@pytest.mark.parametrize(
+    ("ratio", "rounds", "winner"),
+    # rounds = max(REFINE_SAMPLES, ceil(CONFIRM_EVIDENCE / ln ratio)), at most CONFIRM_MAX_ROUNDS; within
+    # TIE_MARGIN the prior (hamilton) keeps it
+    [(1.25, 3, "fast8"), (1.10, 4, "fast8"), (1.06, 6, "fast8"), (1.02, 9, "hamilton")],
+)
+def test_the_confirmation_takes_more_rounds_the_closer_the_call(cache, monkeypatch, ratio, rounds, winner) -> None:
+    """Each round times both pairs once, who goes first alternating; the rounds stop once the paired
+    ratio is clear, so what the losing pair costs (its excess, summed over the rounds) stays under a
+    call of the layer however close it is."""
+    assert rounds == min(
+        tuning.CONFIRM_MAX_ROUNDS, max(tuning.REFINE_SAMPLES, math.ceil(tuning.CONFIRM_EVIDENCE / math.log(ratio)))
+    )
+    confirming, chosen = _confirmation_runs(monkeypatch, {"hamilton": lambda k: ratio, "fast8": lambda k: 1.0})
+    assert chosen == tuning.Candidate("cpp", winner)
+    prior, other = tuning.Candidate("cpp", "hamilton"), tuning.Candidate("cpp", "fast8")
+    assert len(confirming) == 2 * rounds
+    pairs = [confirming[i : i + 2] for i in range(0, len(confirming), 2)]
+    assert pairs == [[prior, other] if i % 2 == 0 else [other, prior] for i in range(rounds)]
 
 
 def test_a_clear_result_of_the_warm_timings_is_not_confirmed(cache, monkeypatch) -> None:
