@@ -558,13 +558,13 @@ def _refine(key: str, state: _Refining, run: Callable[[Candidate], T], device: t
     return Choice(c, "measured" if c == winner else "outrun", _ms(state.best)), output
 
 
-def paired_ratios(rounds: Sequence[dict[Candidate, float]], leader: Candidate) -> dict[Candidate, float]:
+def _paired_ratios(rounds: Sequence[dict[Candidate, float]], leader: Candidate) -> dict[Candidate, float]:
     """Each candidate's median over ``rounds`` of its time over ``leader``'s in the same round (1 for
     the leader)."""
     return {c: statistics.median(r[c] / r[leader] for r in rounds) for c in rounds[0]}
 
 
-def confirmed(ratios: dict[Candidate, float], leader: Candidate, rounds: int) -> bool:
+def _confirmed(ratios: dict[Candidate, float], leader: Candidate, rounds: int) -> bool:
     """Whether ``rounds`` rounds with these paired ratios to ``leader`` decide the confirmation: every other
     candidate is clearly apart (:data:`CONFIRM_EVIDENCE`), or :data:`CONFIRM_MAX_ROUNDS` were taken."""
     if rounds >= CONFIRM_MAX_ROUNDS:
@@ -587,9 +587,9 @@ def _confirm(key: str, state: _Refining, run: Callable[[Candidate], T], device: 
     state.rounds[-1][c] = now() - start
     if len(state.rounds[-1]) < len(close):
         return Choice(c, "refining", _ms(state.best)), output
-    ratios = paired_ratios(state.rounds, state.leader)
+    ratios = _paired_ratios(state.rounds, state.leader)
     state.best = {k: statistics.median(r[k] for r in state.rounds) for k in close}  # (reported)
-    if not confirmed(ratios, state.leader, len(state.rounds)):
+    if not _confirmed(ratios, state.leader, len(state.rounds)):
         state.rounds.append({})
         return Choice(c, "refining", _ms(state.best)), output
     winner = _winner(ratios, state.prior)
