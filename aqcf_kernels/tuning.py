@@ -545,7 +545,7 @@ def _refine(key: str, state: _Refining, run: Callable[[Candidate], T], device: t
         return Choice(c, "refining", _ms(state.best)), output
     winner = _winner(state.best, state.prior)
     close = [k for k, n in _samples(state.best, winner).items() if n == REFINE_SAMPLES]
-    if close and state.leader is None and CONFIRM_AFTER > 0:
+    if close and CONFIRM_AFTER > 0:  # (once open, the confirmation takes every later call: _confirm)
         log.debug("%s: %s for now (refined, ms: %s); confirming later", key, winner, _ms(state.best))
         state.steady_calls_left, state.leader = CONFIRM_AFTER, winner
         if state.fast_key is not None:
