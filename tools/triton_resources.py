@@ -3,7 +3,7 @@ variant is compiled with the local triton and its cubin read with the ``cuobjdum
 A static proxy only; a GPU run decides.
 
     python tools/triton_resources.py            # the conv weight-gradient kernel (autotuned configs)
-    python tools/triton_resources.py --norm     # the fused norm kernels: registers, stack, load widths
+    python tools/triton_resources.py --norm     # the fused norm kernels (and the conv activation pass): regs, stack, loads
     python tools/triton_resources.py --igemm [--json FILE]   # the implicit-GEMM conv: issue 13's criteria
     python tools/triton_resources.py --wgrad [--json FILE]   # its weight-gradient GEMM: the same criteria
     python tools/triton_resources.py --rnn [--quick]         # the fused recurrence's cell kernels (issue 16)
@@ -85,6 +85,7 @@ def main() -> int:
 
 #: pointers to fp32 statistics, partial sums and coefficients whatever the input dtype
 NORM_FP32_POINTERS = {"mean_ptr", "var_ptr", "pmean_ptr", "pm2_ptr", "psum_gz_ptr", "psum_gzx_ptr", "coef_ptr"}
+NORM_FP32_POINTERS |= {"part_ptr"}  # the conv activation pass's partial bias sums
 #: the pointers the kernels stream over the activation tensor with (the loads that must be vectorised)
 NORM_STREAMS = {"x_ptr", "gy_ptr"}
 
@@ -130,7 +131,10 @@ def load_widths(ptx: str) -> dict[str, int]:
 
 
 def norm_variants(quick: bool = False):
-    """``(label, kernel, dtype, layout, constexprs)`` of the norm kernels as the launcher picks their tiles."""
+    """``(label, kernel, dtype, layout, constexprs)`` of the norm kernels as the launcher picks their tiles,
+    and of the conv activation's backward pass (backends/triton/activation_grad.py), which tiles the
+    same ``(N, C, S)`` view the same way."""
+    from aqcf_kernels.backends.triton import activation_grad as tag
     from aqcf_kernels.backends.triton import norm as tn
 
     c, s = 256, 64 * 64
@@ -144,9 +148,12 @@ def norm_variants(quick: bool = False):
             ("apply", tn.qnorm_apply_kernel, affine),
             ("bwd_sums", tn.qnorm_bwd_sums_kernel, affine),
             ("bwd_input", tn.qnorm_bwd_input_kernel, affine),
+            ("act_bias", tag.activation_grad_bias_kernel, dict(ACTIVATION=3, **blocks)),
         ]
         for j, (label, kernel, constexprs) in enumerate(kernels):
-            if not quick or j == i:  # quick (the test suite): each kernel once, each in another dtype/layout
+            # quick (the test suite): each kernel once, each norm kernel in another dtype/layout, the
+            # activation pass in bf16 channels_last (what the GPU benchmarks run)
+            if not quick or j == i or (label == "act_bias" and i == 1):
                 yield label, kernel, dtype, layout, constexprs
 
 

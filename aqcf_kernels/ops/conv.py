@@ -108,6 +108,58 @@ def activation_grad(grad: Tensor, y: Tensor, pre: Tensor, activation: str, negat
     return torch.ops.aten.leaky_relu_backward(grad, pre if keep else y, negative_slope, not keep)
 
 
+def activation_gate(y: Tensor, pre: Tensor, activation: str, negative_slope: float) -> Tensor:
+    """The tensor an activation's derivative reads: ``y`` where its sign is z's, else the pre-activation."""
+    return pre if stores_preactivation(activation, negative_slope) else y
+
+
+def activation_grad_bias(
+    grad: Tensor, y: Tensor, pre: Tensor, activation: str, negative_slope: float
+) -> tuple[Tensor, Tensor]:
+    """``aqcf::activation_grad_bias``: ``(dL/dz, bias gradient)`` of a conv with a fused activation.
+
+    ``dL/dz`` as :func:`activation_grad` (in the gate's layout), and its sum over every dim but the
+    channels. On CUDA one Triton pass (:mod:`..backends.triton.activation_grad`) writes dL/dz and sums it
+    from registers; elsewhere aten's activation backward then a sum (on CPU the compiled extension's
+    kernel, csrc/cpu/op.cpp). It has no derivative: the backward calls it only when the gradient need
+    not be differentiable.
+    """
+    gate = activation_gate(y, pre, activation, negative_slope)
+    if _triton_activation_serves(grad, gate):
+        from ..backends.triton import activation_grad as triton_activation
+
+        return triton_activation.activation_grad_bias(grad, gate, activation, negative_slope)
+    grad_z = activation_grad(grad, y, pre, activation, negative_slope)
+    if grad_z.stride() != gate.stride():  # the layout the fake promises
+        grad_z = torch.empty_like(gate).copy_(grad_z)
+    return grad_z, grad_z.sum(dim=[0, *range(2, grad_z.dim())])
+
+
+def _triton_activation_serves(grad: Tensor, gate: Tensor) -> bool:
+    """Whether the Triton pass takes this call: CUDA tensors whenever triton imports (CPU ones under the
+    interpreter with the ``triton`` backend forced), in a dtype, size and layout it serves."""
+    from ..backends.triton import common
+
+    if not common.serves_fused(grad):
+        return False
+    from ..backends.triton import activation_grad as triton_activation
+
+    return triton_activation.cannot_serve(grad, gate) is None
+
+
+def _activation_grad_bias_fake(grad, y, pre, activation, negative_slope):
+    gate = activation_gate(y, pre, activation, negative_slope)
+    return torch.empty_like(gate), grad.new_empty(grad.shape[1])
+
+
+def _bias_from_activation_pass(ctx, grad_pre: Tensor | None) -> bool:
+    """Whether the backward takes the bias gradient from the activation's pass (``activation_grad_bias``):
+    not when the gradient must be differentiable (that op has no derivative), nor when z itself
+    reached the loss (its gradient adds to dL/dz)."""
+    wants_bias = ctx.has_bias and ctx.needs_input_grad[2]
+    return wants_bias and not torch.is_grad_enabled() and (grad_pre is None or not grad_pre.numel())
+
+
 # --------------------------------------------------------------------------------------------
 # aqcf::qconv
 # --------------------------------------------------------------------------------------------
@@ -257,23 +309,34 @@ def _qconv_setup_context(ctx, inputs, output):
     ctx.params, ctx.algorithm, ctx.has_bias = call.params, call.algorithm, call.bias is not None
     ctx.activation, ctx.negative_slope = call.activation, call.negative_slope
     ctx.num_inputs = len(inputs)
+    # An output the loss never reached gets None, not zeros: z mostly does not, and adding zeros to
+    # dL/dz would cost a pass and keep the bias gradient out of the activation's pass.
+    ctx.set_materialize_grads(False)
 
 
 def _qconv_backward(ctx, grad_y, grad_pre):
     input, weight, *activation_saved = ctx.saved_tensors
-    grad_z = grad_y
+    if grad_y is None:  # only z reached the loss
+        grad_y = torch.zeros_like(grad_pre) if grad_pre is not None else None
+    if grad_y is None:
+        return (None,) * ctx.num_inputs
+    grad_z, grad_bias = grad_y, None
     if ctx.activation is not None:
         y, pre = activation_saved
-        grad_z = activation_grad(grad_y, y, pre, ctx.activation, ctx.negative_slope)
+        if _bias_from_activation_pass(ctx, grad_pre):
+            op = torch.ops.aqcf.activation_grad_bias
+            grad_z, grad_bias = op(grad_y, y, pre, ctx.activation, ctx.negative_slope)
+        else:
+            grad_z = activation_grad(grad_y, y, pre, ctx.activation, ctx.negative_slope)
         if grad_pre is not None and grad_pre.numel():  # z itself reached the loss (double backward)
             grad_z = grad_z + grad_pre
     p, algorithm = ctx.params, ctx.algorithm
-    grad_input = grad_weight = grad_bias = None
+    grad_input = grad_weight = None
     if ctx.needs_input_grad[0]:
         grad_input = input_grad(grad_z, weight, input.shape, p, algorithm)
     if ctx.needs_input_grad[1]:
         grad_weight = weight_grad(input, grad_z, weight.shape, p, algorithm)
-    if ctx.has_bias and ctx.needs_input_grad[2]:
+    if grad_bias is None and ctx.has_bias and ctx.needs_input_grad[2]:
         grad_bias = grad_z.sum(dim=[0, *range(2, grad_z.dim())])
     return grad_input, grad_weight, grad_bias, *[None] * (ctx.num_inputs - 3)
 
@@ -351,6 +414,9 @@ if NATIVE:
     ):
         torch.library.impl(_name, "CompositeExplicitAutograd", _impl)  # devices without a compiled kernel
         torch.library.register_fake(_name, _fake)
+    # the compiled CPU kernel serves CPU; this serves the other devices (the Triton pass on CUDA)
+    torch.library.impl("aqcf::activation_grad_bias", "CompositeExplicitAutograd", activation_grad_bias)
+    torch.library.register_fake("aqcf::activation_grad_bias", _activation_grad_bias_fake)
 else:
     _qconv_op = torch.library.custom_op("aqcf::qconv", qconv, mutates_args=())
     _qconv_op.register_fake(_qconv_fake)
@@ -358,3 +424,7 @@ else:
     _weight_grad_op = torch.library.custom_op("aqcf::qconv_weight_grad", qconv_weight_grad, mutates_args=())
     _weight_grad_op.register_fake(_weight_grad_fake)
     _weight_grad_op.register_autograd(_weight_grad_backward, setup_context=_weight_grad_setup_context)
+    _activation_grad_bias_op = torch.library.custom_op(
+        "aqcf::activation_grad_bias", activation_grad_bias, mutates_args=()
+    )
+    _activation_grad_bias_op.register_fake(_activation_grad_bias_fake)

@@ -94,6 +94,25 @@ Tensor activation_grad(
   return at::leaky_relu_backward(grad, keep ? pre : y, negative_slope, !keep);
 }
 
+// The gate an activation's backward reads: y for ReLU and LeakyReLU with a slope >= 0 (y > 0 <=> z > 0),
+// the pre-activation z otherwise.
+const Tensor& activation_gate(const Tensor& y, const Tensor& pre, std::string_view activation, double negative_slope) {
+  return stores_preactivation(activation, negative_slope) ? pre : y;
+}
+
+// aqcf::activation_grad_bias on CPU (and wherever Python registers nothing faster): dL/dz as
+// activation_grad, in the gate's layout, and its sum over every dim but the channels (the bias
+// gradient). aten's two passes; the CUDA kernel (backends/triton/activation_grad.py) makes it one.
+std::tuple<Tensor, Tensor> activation_grad_bias_cpu(
+    const Tensor& grad, const Tensor& y, const Tensor& pre, std::string_view activation, double negative_slope) {
+  Tensor grad_z = activation_grad(grad, y, pre, activation, negative_slope);
+  const Tensor& gate = activation_gate(y, pre, activation, negative_slope);
+  if (grad_z.strides() != gate.strides()) grad_z = at::empty_like(gate).copy_(grad_z);  // as the fake says
+  std::vector<int64_t> dims{0};
+  for (int64_t d = 2; d < grad_z.dim(); ++d) dims.push_back(d);
+  return {grad_z, grad_z.sum(dims)};
+}
+
 // The op's outputs follow the input's memory format (as the fake implementation in ops/conv.py):
 // channels_last in, channels_last out; a backend output with other strides is copied once.
 Tensor in_output_format(const Tensor& input, const Tensor& t) {
@@ -178,6 +197,14 @@ const auto& weight_grad_op() {
   return op;
 }
 
+const auto& activation_grad_bias_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("aqcf::activation_grad_bias", "")
+                             .typed<std::tuple<Tensor, Tensor>(
+                                 const Tensor&, const Tensor&, const Tensor&, std::string_view, double)>();
+  return op;
+}
+
 // The geometry an autograd context keeps: stride, padding, dilation, output_padding, groups, transposed.
 struct Geometry {
   std::vector<c10::SymInt> stride, padding, dilation, output_padding;
@@ -247,6 +274,9 @@ class QConvFunction : public torch::autograd::Function<QConvFunction> {
           input, weight, bias, stride, padding, dilation, transposed, output_padding, groups, algorithm, activation,
           negative_slope, kind);
     }
+    // An output the loss never reached gets no gradient (not a tensor of zeros): z mostly does not, and
+    // adding zeros to dL/dz would cost a pass and keep the bias gradient out of the activation's pass.
+    ctx->set_materialize_grads(false);
     // The activation's backward reads y (and the pre-activation, where kept); a plain conv needs neither.
     if (activation) {
       ctx->save_for_backward({input, weight, y, pre});
@@ -267,20 +297,27 @@ class QConvFunction : public torch::autograd::Function<QConvFunction> {
     const Geometry g = Geometry::load(ctx);
     const std::string algorithm = ctx->saved_data["algorithm"].toStringRef();
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    Tensor grad_z = grads[0];
+    const bool pre_reached_loss = grads[1].defined() && grads[1].sym_numel() != 0;
+    Tensor grad_z = grads[0], grad_bias;
     if (saved.size() == 4 && grad_z.defined()) {
-      grad_z = activation_grad(
-          grad_z, saved[2], saved[3], ctx->saved_data["activation"].toStringRef(),
-          ctx->saved_data["negative_slope"].toDouble());
+      const std::string& activation = ctx->saved_data["activation"].toStringRef();
+      const double slope = ctx->saved_data["negative_slope"].toDouble();
+      // The bias gradient from the activation's pass (one read of dL/dz fewer on CUDA), unless the
+      // gradient must be differentiable (create_graph: this op has no derivative) or z itself adds to it.
+      if (has_bias && ctx->needs_input_grad(2) && !pre_reached_loss && !at::GradMode::is_enabled()) {
+        std::tie(grad_z, grad_bias) = activation_grad_bias_op().call(grad_z, saved[2], saved[3], activation, slope);
+      } else {
+        grad_z = activation_grad(grad_z, saved[2], saved[3], activation, slope);
+      }
     }
-    if (grads[1].defined() && grads[1].sym_numel() != 0) {  // the pre-activation itself reached the loss
-      grad_z = grad_z.defined() ? grad_z + grads[1] : grads[1];
-    }
+    if (pre_reached_loss) grad_z = grad_z.defined() ? grad_z + grads[1] : grads[1];
     variable_list out(13);
     if (!grad_z.defined()) return out;
     if (ctx->needs_input_grad(0)) out[0] = input_grad(grad_z, weight, input.sym_sizes(), g, algorithm);
     if (ctx->needs_input_grad(1)) out[1] = weight_grad(input, grad_z, weight.sym_sizes(), g, algorithm);
-    if (has_bias && ctx->needs_input_grad(2)) {
+    if (grad_bias.defined()) {
+      out[2] = grad_bias;
+    } else if (has_bias && ctx->needs_input_grad(2)) {
       std::vector<int64_t> dims{0};
       for (int64_t d = 2; d < grad_z.dim(); ++d) dims.push_back(d);
       out[2] = grad_z.sum(dims);
@@ -380,11 +417,16 @@ TORCH_LIBRARY(aqcf, m) {
       "qconv_weight_grad(Tensor input, Tensor grad_output, SymInt[] weight_shape, SymInt[] stride, "
       "SymInt[] padding, SymInt[] dilation, bool transposed, SymInt[] output_padding, SymInt groups, "
       "str algorithm) -> Tensor");
+  // dL/dz of a fused activation's backward and its sum over every dim but the channels (no derivative).
+  m.def(
+      "activation_grad_bias(Tensor grad, Tensor y, Tensor pre, str activation, float negative_slope) "
+      "-> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(aqcf, CPU, m) {
   m.impl("qconv", &aqcf::qconv_cpu);
   m.impl("qconv_weight_grad", &aqcf::qconv_weight_grad_cpu);
+  m.impl("activation_grad_bias", &aqcf::activation_grad_bias_cpu);
 }
 
 TORCH_LIBRARY_IMPL(aqcf, Autograd, m) {

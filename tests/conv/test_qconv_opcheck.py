@@ -86,3 +86,104 @@ def test_torch_compile_fullgraph_matches_eager(monkeypatch, qrand):
     y_compiled.backward(g)
     for name, a, b in zip(("input", "weight1", "bias1", "weight2"), compiled_in, eager_in, strict=True):
         torch.testing.assert_close(a.grad, b.grad, msg=lambda m, name=name: f"{name} gradient: {m}")
+
+
+# --------------------------------------------------------------------------------------------
+# aqcf::activation_grad_bias: dL/dz of a fused activation and the bias gradient from one pass
+# --------------------------------------------------------------------------------------------
+
+# (activation, negative_slope): a negative slope, like GELU, makes the gate the pre-activation
+GATES = [("relu", 0.01), ("leaky_relu", 0.2), ("leaky_relu", -0.3), ("gelu", 0.01)]
+# (shape, memory format of y / z)
+GATE_LAYOUTS = [
+    ((2, 12, 7), torch.contiguous_format),
+    ((3, 8, 5, 4), torch.contiguous_format),
+    ((3, 8, 5, 4), torch.channels_last),
+    ((2, 4, 3, 2, 5), torch.channels_last_3d),
+]
+
+
+def _gate_inputs(shape, memory_format, activation, slope, qrand, dtype=torch.float64):
+    z = qrand(*shape, seed=40, dtype=dtype).contiguous(memory_format=memory_format)
+    y = torch.nn.functional.gelu(z) if activation == "gelu" else torch.nn.functional.leaky_relu(z, max(slope, 0.0))
+    keep = activation == "gelu" or slope < 0
+    if activation == "leaky_relu":
+        y = torch.nn.functional.leaky_relu(z, slope)
+    grad = qrand(*shape, seed=41, dtype=dtype)  # contiguous: another layout than y's where y is channels_last
+    return grad, y, (z if keep else z.new_empty(0))
+
+
+@pytest.mark.parametrize("activation,slope", GATES)
+@pytest.mark.parametrize("shape,memory_format", GATE_LAYOUTS)
+def test_activation_grad_bias_is_the_activation_backward_and_its_channel_sums(
+    shape, memory_format, activation, slope, qrand
+):
+    from aqcf_kernels.ops.conv import activation_gate, activation_grad
+
+    grad, y, pre = _gate_inputs(shape, memory_format, activation, slope, qrand)
+    gz, gb = torch.ops.aqcf.activation_grad_bias(grad, y, pre, activation, slope)
+    want = activation_grad(grad, y, pre, activation, slope)
+    torch.testing.assert_close(gz, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gb, want.sum(dim=[0, *range(2, want.dim())]), rtol=1e-12, atol=1e-12)
+    assert gz.stride() == activation_gate(y, pre, activation, slope).stride()  # the layout the fake promises
+    assert gz.abs().sum() > 0 and gb.abs().sum() > 0
+
+
+@pytest.mark.parametrize("activation,slope", GATES)
+def test_opcheck_activation_grad_bias(activation, slope, qrand):
+    for shape, memory_format in GATE_LAYOUTS[1:3]:
+        args = (*_gate_inputs(shape, memory_format, activation, slope, qrand), activation, slope)
+        # no autograd formula: the backward calls it only when the gradient need not be differentiable
+        tests = ("test_schema", "test_faketensor", "test_aot_dispatch_static", "test_aot_dispatch_dynamic")
+        torch.library.opcheck(torch.ops.aqcf.activation_grad_bias.default, args, test_utils=tests)
+
+
+def _op_calls(fn) -> int:
+    with torch.autograd.profiler.profile() as prof:
+        fn()
+    return sum(e.name == "aqcf::activation_grad_bias" for e in prof.function_events)
+
+
+@pytest.mark.parametrize("activation,slope", [("relu", 0.01), ("gelu", 0.01)])
+def test_the_backward_takes_the_bias_gradient_from_the_activation_pass(activation, slope, qrand):
+    """One activation_grad_bias call in a plain backward with a bias; none where the gradient must be
+    differentiable (create_graph) or without a bias; the gradients equal the two-pass ones either way."""
+    x = qrand(2, 8, 5, 4, seed=42, requires_grad=True)
+    w = qrand(4, 3, 2, 3, 3, dim=0, seed=43, requires_grad=True)
+    b = qrand(12, dim=0, seed=44, requires_grad=True)
+    g = qrand(2, 12, 5, 4, seed=45)
+
+    def grads(bias, create_graph):
+        y = qF.quaternion_conv2d(x, w, bias, padding=1, activation=activation, negative_slope=slope)
+        leaves = (x, w) if bias is None else (x, w, bias)
+        return torch.autograd.grad(y, leaves, g, create_graph=create_graph)
+
+    assert _op_calls(lambda: grads(b, False)) == 1
+    assert _op_calls(lambda: grads(b, True)) == 0
+    assert _op_calls(lambda: grads(None, False)) == 0
+    for one_pass, differentiable in zip(grads(b, False), grads(b, True), strict=True):
+        torch.testing.assert_close(one_pass, differentiable.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_torch_compile_conv_bias_activation_backward_matches_eager(monkeypatch, qrand):
+    monkeypatch.delenv("AQCF_BACKEND", raising=False)
+
+    def f(x, w, b):
+        return qF.quaternion_conv2d(x, w, b, padding=1, activation="gelu")
+
+    def leaves():
+        return (
+            qrand(2, 8, 5, 3, seed=46, dtype=torch.float32, requires_grad=True),
+            qrand(4, 4, 2, 3, 3, dim=0, seed=47, dtype=torch.float32, requires_grad=True),
+            qrand(16, dim=0, seed=48, dtype=torch.float32, requires_grad=True),
+        )
+
+    torch._dynamo.reset()
+    eager_in, compiled_in = leaves(), leaves()
+    y_eager, y_compiled = f(*eager_in), torch.compile(f, fullgraph=True)(*compiled_in)
+    torch.testing.assert_close(y_compiled, y_eager)
+    g = qrand(*y_eager.shape, seed=49, dtype=torch.float32)
+    y_eager.backward(g)
+    y_compiled.backward(g)
+    for name, a, b in zip(("input", "weight", "bias"), compiled_in, eager_in, strict=True):
+        torch.testing.assert_close(a.grad, b.grad, msg=lambda m, name=name: f"{name} gradient: {m}")
