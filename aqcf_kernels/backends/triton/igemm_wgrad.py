@@ -54,9 +54,9 @@ through plain loads, not async copies, at 199–255 registers, with 224 B spille
 transposed conv's weight gradient, where the gate belongs to the x operand, the three copies stayed
 async but the wgmma were waited on with 0 in flight. The input-gradient GEMM (:mod:`.igemm`) took the
 same change without loss: three async copies, wgmma in flight, 0 spills. But it saves nothing on its
-own, because this GEMM needs dL/dz as well. So dL/dz is written once, for both GEMMs to read, by
-``ops.conv.activation_grad`` (aten's backward kernel of the activation, one pass); the bias gradient is
-a separate sum of it. What is left to fuse is that sum into the pass; the GEMMs' loads stay as they are.
+own, because this GEMM needs dL/dz as well. So dL/dz is written once, for both GEMMs to read, by one
+pass that also sums the bias gradient from its registers (``aqcf::activation_grad_bias``, on CUDA the
+kernel of :mod:`.activation_grad`); the GEMMs' loads stay as they are.
 
 Accumulation is fp32 throughout; inputs fp16 / bf16 / fp32 (see :func:`common.dot_config`).
 """
