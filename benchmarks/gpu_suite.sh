@@ -12,11 +12,12 @@
 #   attention  the A-QCF block in bf16 (naive, SDPA-composed, ours = PyTorch's flash kernel through the
 #              torch backend, ours/triton), 256 to 16384 tokens; the 1k-16k target (>= 0.9x SDPA) checked
 #   norm       fused quaternion norm + GELU fwd+bwd (Triton kernels) vs the composite path, batch and
-#              instance, 2d and 3d, fp32 and bf16 (~1 min)
+#              instance, 2d and 3d, fp32 and bf16 (~1 min); then the conv activation's backward pass
+#              (dL/dz + bias gradient in one Triton pass vs aten's two), bf16, relu/gelu, both layouts
 #   rnn        QLSTM / QLiGRU layer fwd+bwd, 512 hidden, batch 8, 100 steps: the fused recurrence
 #              (aqcf::rnn_sequence on the Triton cell kernels) vs the composite per-step loop, fp32 and bf16
 # Writes OUTDIR/{setup.log,tests.txt}, OUTDIR/{tf32,bf16,bf16-relu}/conv.{md,json,png},
-# OUTDIR/attention/attention.{md,json,png}, OUTDIR/norm/norm.{md,json} and OUTDIR/rnn/rnn.{md,json}. (The device tool brings back 8 files: tar OUTDIR there.)
+# OUTDIR/attention/attention.{md,json,png}, OUTDIR/norm/{norm,activation_pass}.{md,json} and OUTDIR/rnn/rnn.{md,json}. (The device tool brings back 8 files: tar OUTDIR there.)
 # Each stage runs even if an earlier one failed; the exit code is non-zero if any failed.
 # Environment: PYTHON (default python3); CONV_CASES, a --cases filter for the conv grid (e.g.
 # "2d 64q,3d 32q"); BENCH_ARGS, extra arguments for every benchmark (e.g. --no-memory);
@@ -148,6 +149,64 @@ with open(f"{out}/norm.md", "w") as f:
 PYEOF
   then
     stamp "BENCHMARK norm FAILED or timed out"; status=1
+  fi
+  stamp "benchmark the conv activation's backward pass: aqcf::activation_grad_bias vs aten's two passes"
+  if ! timeout 90 "$PY" - "$OUT/norm" >>"$OUT/setup.log" 2>&1 <<'PYEOF'
+import json, os, sys, torch
+from aqcf_kernels.ops import conv as conv_ops
+
+# dL/dz and the bias gradient of conv + bias + activation (the 2d 64q N32 64x64 target layer's output):
+# one Triton pass against aten's activation backward then a sum (ACT_DEVICE=cpu ACT_BATCH=1: a dry run)
+out, rows = sys.argv[1], []
+device, batch = os.environ.get("ACT_DEVICE", "cuda"), int(os.environ.get("ACT_BATCH", "32"))
+sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+
+def timed(fn, reps=30, warmup=5):
+    import time
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        sync(); start = time.perf_counter(); fn(); sync(); times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+for activation in ("relu", "gelu"):
+    for layout in ("channels_last", "nchw"):
+        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        z = torch.randn(batch, 256, 64, 64, device=device, dtype=torch.bfloat16).contiguous(memory_format=fmt)
+        y = torch.relu(z) if activation == "relu" else torch.nn.functional.gelu(z)
+        pre = z if activation == "gelu" else z.new_empty(0)
+        gy = torch.randn_like(y)
+
+        def one_pass():
+            return torch.ops.aqcf.activation_grad_bias(gy, y, pre, activation, 0.01)
+
+        def two_passes():
+            gz = conv_ops.activation_grad(gy, y, pre, activation, 0.01)
+            return gz, gz.sum(dim=(0, 2, 3))
+
+        (gz1, gb1), (gz2, gb2) = one_pass(), two_passes()
+        ref = conv_ops.activation_grad(gy.float(), y.float(), pre.float(), activation, 0.01).sum(dim=(0, 2, 3))
+        rel = lambda a: ((a.float() - ref).norm() / ref.norm()).item()  # noqa: E731
+        fused_ms, aten_ms = timed(one_pass), timed(two_passes)
+        rows.append(dict(activation=activation, layout=layout, shape=list(z.shape), one_pass_ms=fused_ms,
+                         two_passes_ms=aten_ms, speedup=aten_ms / fused_ms, gz_equal=bool(torch.equal(gz1, gz2)),
+                         rel_err_bias_one=rel(gb1), rel_err_bias_two=rel(gb2)))
+        print(rows[-1], flush=True)
+json.dump(dict(device=torch.cuda.get_device_name() if device == "cuda" else device, rows=rows),
+          open(f"{out}/activation_pass.json", "w"), indent=1)
+with open(f"{out}/activation_pass.md", "w") as f:
+    f.write("| activation | layout | shape (bf16) | one pass ms | two passes ms | speedup | dL/dz equal | "
+            "bias rel err (one / two) |\n|---|---|---|---|---|---|---|---|\n")
+    for r in rows:
+        f.write(f"| {r['activation']} | {r['layout']} | {tuple(r['shape'])} | {r['one_pass_ms']:.3f} | "
+                f"{r['two_passes_ms']:.3f} | {r['speedup']:.2f}x | {r['gz_equal']} | "
+                f"{r['rel_err_bias_one']:.1e} / {r['rel_err_bias_two']:.1e} |\n")
+PYEOF
+  then
+    stamp "BENCHMARK activation pass FAILED or timed out"; status=1
   fi
 fi
 if wants rnn; then
