@@ -132,6 +132,32 @@ def test_what_the_kernel_does_not_take_runs_aten(triton_calls):
     torch.testing.assert_close(gb.cpu(), want[1])
 
 
+@pytest.fixture
+def python_kernel_on_cpu():
+    """The op's Python implementation registered as its CPU kernel, as it is the CUDA kernel on a GPU
+    (here the compiled extension's CPU kernel would serve instead); the extension's comes back after."""
+    import warnings
+
+    lib = torch.library.Library("aqcf", "IMPL")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Overriding a previously registered kernel": that is the point
+        lib.impl("activation_grad_bias", conv_ops.activation_grad_bias, "CPU")
+    yield
+    lib._destroy()
+
+
+@pytest.mark.skipif(not common.INTERPRET, reason="CPU tensors reach the kernel only under the interpreter")
+@pytest.mark.parametrize("activation,slope", [("relu", 0.01), ("leaky_relu", -0.3), ("gelu", 0.01)])
+def test_a_conv_backward_reaches_the_kernel_through_the_dispatcher(
+    triton_calls, python_kernel_on_cpu, activation, slope
+):
+    """What a GPU runs, on CPU: the conv's autograd (the extension's, or Python's) calls the op, the
+    dispatcher hands it to the Python implementation, which runs the kernel (interpreted)."""
+    errors = _conv_bias_activation_errors("cpu", activation, slope)
+    assert triton_calls == [torch.float32]
+    assert errors == pytest.approx([0, 0, 0], abs=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the backward on CUDA tensors needs a CUDA device")
 @pytest.mark.parametrize("activation,slope", [("relu", 0.01), ("gelu", 0.01)])
@@ -162,6 +188,6 @@ def _conv_bias_activation_errors(device, activation, slope) -> list[float]:
     grads = torch.autograd.grad(y, leaves, gy.to(device))
     leaves64 = [t.double().requires_grad_() for t in (x, w, b)]
     z = reference.quaternion_conv_expanded(*leaves64, padding=1)
-    ref = F.gelu(z) if activation == "gelu" else F.relu(z)
+    ref = F.gelu(z) if activation == "gelu" else F.leaky_relu(z, slope if activation == "leaky_relu" else 0.0)
     want = torch.autograd.grad(ref, leaves64, gy.double())
     return [_rel(got, expected) for got, expected in zip(grads, want, strict=True)]
