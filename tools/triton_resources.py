@@ -3,7 +3,7 @@ variant is compiled with the local triton and its cubin read with the ``cuobjdum
 A static proxy only; a GPU run decides.
 
     python tools/triton_resources.py            # the conv weight-gradient kernel (autotuned configs)
-    python tools/triton_resources.py --norm     # the fused norm kernels (and the conv activation pass): regs, stack, loads
+    python tools/triton_resources.py --norm     # the norm kernels and the conv activation pass: regs, stack, loads
     python tools/triton_resources.py --igemm [--json FILE]   # the implicit-GEMM conv: issue 13's criteria
     python tools/triton_resources.py --wgrad [--json FILE]   # its weight-gradient GEMM: the same criteria
     python tools/triton_resources.py --rnn [--quick]         # the fused recurrence's cell kernels (issue 16)
