@@ -94,18 +94,24 @@ def stores_preactivation(activation: str | None, negative_slope: float) -> bool:
     return activation == "gelu" or (activation == "leaky_relu" and negative_slope < 0)
 
 
-def activation_grad(grad: Tensor, y: Tensor, pre: Tensor, activation: str, negative_slope: float) -> Tensor:
-    """``dL/dz`` from ``dL/dy``; differentiable (double backward goes through it).
+def activation_grad(
+    grad: Tensor, y: Tensor, pre: Tensor, activation: str, negative_slope: float, out: Tensor | None = None
+) -> Tensor:
+    """``dL/dz`` from ``dL/dy``; differentiable (double backward goes through it) unless written into ``out``
+    (aten's out= variant, in ``out``'s layout).
 
     Each is aten's own backward of that activation, one element-wise kernel that reads ``dL/dy`` and the gate
     (what torch.nn's ReLU, LeakyReLU and GELU run), where the formula written out in torch ops took 3 passes
     (ReLU: a mask, a product, a select) to 8 (GELU), each writing a full-size temporary."""
+    into = {} if out is None else {"grad_input": out}
     if activation == "gelu":
-        return torch.ops.aten.gelu_backward(grad, pre)
+        return (torch.ops.aten.gelu_backward.grad_input if into else torch.ops.aten.gelu_backward)(grad, pre, **into)
     if activation == "relu":
-        return torch.ops.aten.threshold_backward(grad, y, 0.0)
+        op = torch.ops.aten.threshold_backward.grad_input if into else torch.ops.aten.threshold_backward
+        return op(grad, y, 0.0, **into)
     keep = stores_preactivation(activation, negative_slope)  # a negative slope reads z (y's sign is z's)
-    return torch.ops.aten.leaky_relu_backward(grad, pre if keep else y, negative_slope, not keep)
+    op = torch.ops.aten.leaky_relu_backward.grad_input if into else torch.ops.aten.leaky_relu_backward
+    return op(grad, pre if keep else y, negative_slope, not keep, **into)
 
 
 def activation_gate(y: Tensor, pre: Tensor, activation: str, negative_slope: float) -> Tensor:
@@ -129,9 +135,8 @@ def activation_grad_bias(
         from ..backends.triton import activation_grad as triton_activation
 
         return triton_activation.activation_grad_bias(grad, gate, activation, negative_slope)
-    grad_z = activation_grad(grad, y, pre, activation, negative_slope)
-    if grad_z.stride() != gate.stride():  # the layout the fake promises
-        grad_z = torch.empty_like(gate).copy_(grad_z)
+    # written straight into the gate's layout (what the fake says), whatever grad's layout
+    grad_z = activation_grad(grad, y, pre, activation, negative_slope, out=torch.empty_like(gate))
     return grad_z, grad_z.sum(dim=[0, *range(2, grad_z.dim())])
 
 

@@ -85,13 +85,21 @@ bool stores_preactivation(const std::optional<std::string_view>& activation, dou
 }
 
 // dL/dz from dL/dy (differentiable: double backward goes through it); as ops/conv.py's activation_grad:
-// aten's own backward of each activation, one element-wise kernel.
+// aten's own backward of each activation, one element-wise kernel. With `out`, written into it in its
+// layout (aten's out= variant: not differentiable).
 Tensor activation_grad(
-    const Tensor& grad, const Tensor& y, const Tensor& pre, std::string_view activation, double negative_slope) {
-  if (activation == "gelu") return at::gelu_backward(grad, pre);
-  if (activation == "relu") return at::threshold_backward(grad, y, 0.0);
+    const Tensor& grad, const Tensor& y, const Tensor& pre, std::string_view activation, double negative_slope,
+    std::optional<Tensor> out = std::nullopt) {
+  if (activation == "gelu") {
+    return out ? at::gelu_backward_outf(grad, pre, "none", *out) : at::gelu_backward(grad, pre);
+  }
+  if (activation == "relu") {
+    return out ? at::threshold_backward_outf(grad, y, 0.0, *out) : at::threshold_backward(grad, y, 0.0);
+  }
   const bool keep = stores_preactivation(activation, negative_slope);  // a negative slope reads z
-  return at::leaky_relu_backward(grad, keep ? pre : y, negative_slope, !keep);
+  const Tensor& gate = keep ? pre : y;
+  return out ? at::leaky_relu_backward_outf(grad, gate, negative_slope, !keep, *out)
+             : at::leaky_relu_backward(grad, gate, negative_slope, !keep);
 }
 
 // The gate an activation's backward reads: y for ReLU and LeakyReLU with a slope >= 0 (y > 0 <=> z > 0),
@@ -105,9 +113,9 @@ const Tensor& activation_gate(const Tensor& y, const Tensor& pre, std::string_vi
 // gradient). aten's two passes; the CUDA kernel (backends/triton/activation_grad.py) makes it one.
 std::tuple<Tensor, Tensor> activation_grad_bias_cpu(
     const Tensor& grad, const Tensor& y, const Tensor& pre, std::string_view activation, double negative_slope) {
-  Tensor grad_z = activation_grad(grad, y, pre, activation, negative_slope);
   const Tensor& gate = activation_gate(y, pre, activation, negative_slope);
-  if (grad_z.strides() != gate.strides()) grad_z = at::empty_like(gate).copy_(grad_z);  // as the fake says
+  // written straight into the gate's layout (what the fake says), whatever grad's layout
+  const Tensor grad_z = activation_grad(grad, y, pre, activation, negative_slope, at::empty_like(gate));
   std::vector<int64_t> dims{0};
   for (int64_t d = 2; d < grad_z.dim(); ++d) dims.push_back(d);
   return {grad_z, grad_z.sum(dims)};
