@@ -321,10 +321,10 @@ def _qconv_setup_context(ctx, inputs, output):
 
 def _qconv_backward(ctx, grad_y, grad_pre):
     input, weight, *activation_saved = ctx.saved_tensors
-    if grad_y is None:  # only z reached the loss
-        grad_y = torch.zeros_like(grad_pre) if grad_pre is not None else None
-    if grad_y is None:
+    if grad_y is None and grad_pre is None:
         return (None,) * ctx.num_inputs
+    if grad_y is None:  # only z reached the loss: dL/dy = 0
+        grad_y = torch.zeros_like(grad_pre)
     grad_z, grad_bias = grad_y, None
     if ctx.activation is not None:
         y, pre = activation_saved

@@ -189,3 +189,24 @@ def test_torch_compile_conv_bias_activation_backward_matches_eager(monkeypatch, 
     for name, a, b in zip(("input", "weight", "bias"), compiled_in, eager_in, strict=True):
         err = ((a.grad - b.grad).norm() / b.grad.norm()).item()
         assert err <= 1e-5, f"{name} gradient: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("outputs_used", ["y", "pre", "both"])
+def test_gradients_of_whichever_outputs_reach_the_loss(outputs_used, qrand):
+    """qconv's outputs (y, z) get no materialised zero gradient: the loss reaching y, z or both gives the
+    reference's gradients (GELU keeps z)."""
+    from aqcf_kernels import reference
+
+    x = qrand(2, 8, 5, seed=50, requires_grad=True)
+    w = qrand(4, 3, 2, 3, dim=0, seed=51, requires_grad=True)
+    b = qrand(12, dim=0, seed=52, requires_grad=True)
+    gy, gz = qrand(2, 12, 5, seed=53), qrand(2, 12, 5, seed=54)
+    y, z = torch.ops.aqcf.qconv(x, w, b, [1], [1], [1], False, [0], 1, "hamilton", "gelu", 0.01)
+    z_ref = reference.quaternion_conv_expanded(x, w, b, padding=1)
+    y_ref = torch.nn.functional.gelu(z_ref)
+    pick = {"y": ([y], [y_ref], [gy]), "pre": ([z], [z_ref], [gz]), "both": ([y, z], [y_ref, z_ref], [gy, gz])}
+    outs, refs, grads = pick[outputs_used]
+    got = torch.autograd.grad(outs, (x, w, b), grads)
+    want = torch.autograd.grad(refs, (x, w, b), grads)
+    for name, a, e in zip(("input", "weight", "bias"), got, want, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10, msg=lambda m, name=name: f"{name}: {m}")
