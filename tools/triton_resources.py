@@ -84,8 +84,17 @@ def main() -> int:
 # --------------------------------------------------------------------------------------------------
 
 #: pointers to fp32 statistics, partial sums and coefficients whatever the input dtype
-NORM_FP32_POINTERS = {"mean_ptr", "var_ptr", "pmean_ptr", "pm2_ptr", "psum_gz_ptr", "psum_gzx_ptr", "coef_ptr"}
-NORM_FP32_POINTERS |= {"part_ptr"}  # the conv activation pass's partial bias sums
+#: (``part_ptr``: the conv activation pass's partial bias sums)
+NORM_FP32_POINTERS = {
+    "mean_ptr",
+    "var_ptr",
+    "pmean_ptr",
+    "pm2_ptr",
+    "psum_gz_ptr",
+    "psum_gzx_ptr",
+    "coef_ptr",
+    "part_ptr",
+}
 #: the pointers the kernels stream over the activation tensor with (the loads that must be vectorised)
 NORM_STREAMS = {"x_ptr", "gy_ptr"}
 

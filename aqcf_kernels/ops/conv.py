@@ -103,15 +103,14 @@ def activation_grad(
     Each is aten's own backward of that activation, one element-wise kernel that reads ``dL/dy`` and the gate
     (what torch.nn's ReLU, LeakyReLU and GELU run), where the formula written out in torch ops took 3 passes
     (ReLU: a mask, a product, a select) to 8 (GELU), each writing a full-size temporary."""
-    into = {} if out is None else {"grad_input": out}
+    gate = activation_gate(y, pre, activation, negative_slope)
     if activation == "gelu":
-        return (torch.ops.aten.gelu_backward.grad_input if into else torch.ops.aten.gelu_backward)(grad, pre, **into)
-    if activation == "relu":
-        op = torch.ops.aten.threshold_backward.grad_input if into else torch.ops.aten.threshold_backward
-        return op(grad, y, 0.0, **into)
-    keep = stores_preactivation(activation, negative_slope)  # a negative slope reads z (y's sign is z's)
-    op = torch.ops.aten.leaky_relu_backward.grad_input if into else torch.ops.aten.leaky_relu_backward
-    return op(grad, pre if keep else y, negative_slope, not keep, **into)
+        op, args = torch.ops.aten.gelu_backward, (grad, gate)
+    elif activation == "relu":
+        op, args = torch.ops.aten.threshold_backward, (grad, gate, 0.0)
+    else:  # leaky_relu: its gate is y (y's sign is z's) unless the slope is negative
+        op, args = torch.ops.aten.leaky_relu_backward, (grad, gate, negative_slope, gate is y)
+    return op(*args) if out is None else op.grad_input(*args, grad_input=out)
 
 
 def activation_gate(y: Tensor, pre: Tensor, activation: str, negative_slope: float) -> Tensor:

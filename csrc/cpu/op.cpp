@@ -84,28 +84,28 @@ bool stores_preactivation(const std::optional<std::string_view>& activation, dou
   return activation && (*activation == "gelu" || (*activation == "leaky_relu" && negative_slope < 0));
 }
 
+// The gate an activation's backward reads: y for ReLU and LeakyReLU with a slope >= 0 (y > 0 <=> z > 0),
+// the pre-activation z otherwise.
+const Tensor& activation_gate(const Tensor& y, const Tensor& pre, std::string_view activation, double negative_slope) {
+  return stores_preactivation(activation, negative_slope) ? pre : y;
+}
+
 // dL/dz from dL/dy (differentiable: double backward goes through it); as ops/conv.py's activation_grad:
 // aten's own backward of each activation, one element-wise kernel. With `out`, written into it in its
 // layout (aten's out= variant: not differentiable).
 Tensor activation_grad(
     const Tensor& grad, const Tensor& y, const Tensor& pre, std::string_view activation, double negative_slope,
     std::optional<Tensor> out = std::nullopt) {
+  const Tensor& gate = activation_gate(y, pre, activation, negative_slope);
   if (activation == "gelu") {
-    return out ? at::gelu_backward_outf(grad, pre, "none", *out) : at::gelu_backward(grad, pre);
+    return out ? at::gelu_backward_outf(grad, gate, "none", *out) : at::gelu_backward(grad, gate);
   }
   if (activation == "relu") {
-    return out ? at::threshold_backward_outf(grad, y, 0.0, *out) : at::threshold_backward(grad, y, 0.0);
+    return out ? at::threshold_backward_outf(grad, gate, 0.0, *out) : at::threshold_backward(grad, gate, 0.0);
   }
-  const bool keep = stores_preactivation(activation, negative_slope);  // a negative slope reads z
-  const Tensor& gate = keep ? pre : y;
-  return out ? at::leaky_relu_backward_outf(grad, gate, negative_slope, !keep, *out)
-             : at::leaky_relu_backward(grad, gate, negative_slope, !keep);
-}
-
-// The gate an activation's backward reads: y for ReLU and LeakyReLU with a slope >= 0 (y > 0 <=> z > 0),
-// the pre-activation z otherwise.
-const Tensor& activation_gate(const Tensor& y, const Tensor& pre, std::string_view activation, double negative_slope) {
-  return stores_preactivation(activation, negative_slope) ? pre : y;
+  const bool gate_is_y = gate.is_same(y);  // leaky_relu: y unless the slope is negative
+  return out ? at::leaky_relu_backward_outf(grad, gate, negative_slope, gate_is_y, *out)
+             : at::leaky_relu_backward(grad, gate, negative_slope, gate_is_y);
 }
 
 // aqcf::activation_grad_bias on CPU (and wherever Python registers nothing faster): dL/dz as

@@ -8,6 +8,7 @@ import torch
 
 import aqcf_kernels  # noqa: F401  (registers torch.ops.aqcf)
 from aqcf_kernels import functional as qF
+from aqcf_kernels.ops import conv as conv_ops
 from aqcf_kernels.params import ConvParams, conv_output_shape
 
 # Tiny convs only: one intra-op thread runs them faster (see tests/conv/conftest.py).
@@ -105,10 +106,9 @@ GATE_LAYOUTS = [
 
 def _gate_inputs(shape, memory_format, activation, slope, qrand, dtype=torch.float64):
     z = qrand(*shape, seed=40, dtype=dtype).contiguous(memory_format=memory_format)
-    y = torch.nn.functional.gelu(z) if activation == "gelu" else torch.nn.functional.leaky_relu(z, max(slope, 0.0))
-    keep = activation == "gelu" or slope < 0
-    if activation == "leaky_relu":
-        y = torch.nn.functional.leaky_relu(z, slope)
+    F = torch.nn.functional
+    y = F.gelu(z) if activation == "gelu" else F.leaky_relu(z, slope if activation == "leaky_relu" else 0.0)
+    keep = conv_ops.stores_preactivation(activation, slope)
     grad = qrand(*shape, seed=41, dtype=dtype)  # contiguous: another layout than y's where y is channels_last
     return grad, y, (z if keep else z.new_empty(0))
 
