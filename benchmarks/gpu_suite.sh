@@ -13,11 +13,12 @@
 #              torch backend, ours/triton), 256 to 16384 tokens; the 1k-16k target (>= 0.9x SDPA) checked
 #   norm       fused quaternion norm + GELU fwd+bwd (Triton kernels) vs the composite path, batch and
 #              instance, 2d and 3d, fp32 and bf16 (~1 min); then the conv activation's backward pass
-#              (dL/dz + bias gradient in one Triton pass vs aten's two), bf16, relu/gelu, both layouts
+#              (dL/dz + bias gradient in one Triton pass vs aten's two), bf16, relu/gelu, both layouts, and a
+#              conv's weight + bias gradients from one Triton launch vs the weight gradient then a sum
 #   rnn        QLSTM / QLiGRU layer fwd+bwd, 512 hidden, batch 8, 100 steps: the fused recurrence
 #              (aqcf::rnn_sequence on the Triton cell kernels) vs the composite per-step loop, fp32 and bf16
 # Writes OUTDIR/{setup.log,tests.txt}, OUTDIR/{tf32,bf16,bf16-relu}/conv.{md,json,png},
-# OUTDIR/attention/attention.{md,json,png}, OUTDIR/norm/{norm,activation_pass}.{md,json} and OUTDIR/rnn/rnn.{md,json}. (The device tool brings back 8 files: tar OUTDIR there.)
+# OUTDIR/attention/attention.{md,json,png}, OUTDIR/norm/{norm,activation_pass,wgrad_bias}.{md,json} and OUTDIR/rnn/rnn.{md,json}. (The device tool brings back 8 files: tar OUTDIR there.)
 # Each stage runs even if an earlier one failed; the exit code is non-zero if any failed.
 # Environment: PYTHON (default python3); CONV_CASES, a --cases filter for the conv grid (e.g.
 # "2d 64q,3d 32q"); BENCH_ARGS, extra arguments for every benchmark (e.g. --no-memory);
@@ -207,6 +208,62 @@ with open(f"{out}/activation_pass.md", "w") as f:
 PYEOF
   then
     stamp "BENCHMARK activation pass FAILED or timed out"; status=1
+  fi
+  stamp "benchmark a conv's weight and bias gradients: aqcf::qconv_weight_bias_grad (one launch) vs two"
+  if ! timeout 90 "$PY" - "$OUT/norm" >>"$OUT/setup.log" 2>&1 <<'PYEOF'
+import json, os, sys, time, torch
+
+# The weight and bias gradients of the 2d 16q and 64q N32 64x64 3x3 layers, bf16 channels_last, hamilton, on the
+# Triton backend: its split-K weight-gradient GEMM summing the bias in the same launch, against the same GEMM
+# then torch's sum of grad_output (WGB_DEVICE=cpu WGB_BATCH=1: a dry run on the default backend)
+out, rows = sys.argv[1], []
+device, batch = os.environ.get("WGB_DEVICE", "cuda"), int(os.environ.get("WGB_BATCH", "32"))
+if device == "cuda":
+    os.environ["AQCF_BACKEND"] = "triton"
+import aqcf_kernels  # noqa: E402,F401  (registers torch.ops.aqcf)
+
+sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+
+def timed(fn, reps=30, warmup=5):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        sync(); start = time.perf_counter(); fn(); sync(); times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+for cq in (16, 64):
+    x, gy = (torch.randn(batch, 4 * cq, 64, 64, device=device, dtype=torch.bfloat16)
+             .contiguous(memory_format=torch.channels_last) for _ in range(2))
+    args = (x, gy, [4, cq, cq, 3, 3], [1, 1], [1, 1], [1, 1], False, [0, 0], 1, "hamilton")
+
+    def one_launch():
+        return torch.ops.aqcf.qconv_weight_bias_grad(*args)
+
+    def two():
+        return torch.ops.aqcf.qconv_weight_grad(*args), gy.sum(dim=(0, 2, 3))
+
+    (gw1, gb1), (gw2, gb2) = one_launch(), two()
+    ref = gy.float().sum(dim=(0, 2, 3))
+    rel = lambda a, r: ((a.float() - r.float()).norm() / r.float().norm()).item()  # noqa: E731
+    one_ms, two_ms = timed(one_launch), timed(two)
+    rows.append(dict(quaternions=cq, shape=list(x.shape), one_launch_ms=one_ms, two_ms=two_ms, speedup=two_ms / one_ms,
+                     rel_diff_weight=rel(gw1, gw2), rel_err_bias_one=rel(gb1, ref), rel_err_bias_two=rel(gb2, ref)))
+    print(rows[-1], flush=True)
+json.dump(dict(device=torch.cuda.get_device_name() if device == "cuda" else device, rows=rows),
+          open(f"{out}/wgrad_bias.json", "w"), indent=1)
+with open(f"{out}/wgrad_bias.md", "w") as f:
+    f.write("| quaternions | shape (bf16) | one launch ms | wgrad + sum ms | speedup | weight rel diff | "
+            "bias rel err (one / two) |\n|---|---|---|---|---|---|---|\n")
+    for r in rows:
+        f.write(f"| {r['quaternions']} | {tuple(r['shape'])} | {r['one_launch_ms']:.3f} | {r['two_ms']:.3f} | "
+                f"{r['speedup']:.2f}x | {r['rel_diff_weight']:.1e} | "
+                f"{r['rel_err_bias_one']:.1e} / {r['rel_err_bias_two']:.1e} |\n")
+PYEOF
+  then
+    stamp "BENCHMARK weight+bias gradient FAILED or timed out"; status=1
   fi
 fi
 if wants rnn; then

@@ -48,6 +48,12 @@ def activate(z: Tensor, activation: str, negative_slope: float) -> Tensor:
     return torch.nn.functional.gelu(z)
 
 
+def bias_grad(grad_output: Tensor) -> Tensor:
+    """The gradient of a per-channel bias added to an output whose gradient is ``grad_output``: its sum over
+    every dim but the channels (dim 1)."""
+    return grad_output.sum(dim=[0, *range(2, grad_output.dim())])
+
+
 #: Which of the three computations of a conv a call is: the op's output, the input gradient (a conv of
 #: ``grad_output`` with the adjoint geometry) or the weight gradient. Autograd saves ``'auto'``, so
 #: each is resolved to an algorithm on its own (see :func:`aqcf_kernels.backends.resolve_conv`).
@@ -107,6 +113,14 @@ class ConvBackend(Backend, Protocol):
     ) -> Tensor:
         """Gradient of ``<grad_output, conv(input, W)>`` with respect to W, shape ``weight_shape``."""
         ...
+
+    def conv_weight_bias_grad(
+        self, input: Tensor, grad_output: Tensor, weight_shape: list[int], params: ConvParams, algorithm: str
+    ) -> tuple[Tensor, Tensor]:
+        """``(weight gradient, bias gradient)``: :meth:`conv_weight_grad` and the bias's, ``grad_output`` summed
+        over every dim but the channels (:func:`bias_grad`). Default: the two one after the other; a backend
+        whose weight-gradient kernel reads ``grad_output`` anyway may sum it in the same launch."""
+        return self.conv_weight_grad(input, grad_output, weight_shape, params, algorithm), bias_grad(grad_output)
 
     def conv_act(
         self,

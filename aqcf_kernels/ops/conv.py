@@ -1,4 +1,5 @@
-"""The quaternion convolution op family: ``torch.ops.aqcf.qconv`` and ``aqcf.qconv_weight_grad``.
+"""The quaternion convolution op family: ``torch.ops.aqcf.qconv``, ``aqcf.qconv_weight_grad`` and the backward's
+no-derivative helpers ``aqcf.qconv_weight_bias_grad`` and ``aqcf.activation_grad_bias``.
 
 ``qconv`` is the conv of any rank, plain or transposed, with an optional activation applied to every
 real output channel; it returns ``(y, pre)``, where ``pre`` is the pre-activation when the backward
@@ -13,6 +14,9 @@ with the same two ops, so double backward, ``torch.compile`` and ``opcheck`` wor
 * input gradient of a conv = the transposed conv of ``grad_output`` with the same weight
   (and vice versa) — a quaternion transposed conv is defined as the adjoint;
 * weight gradient = ``qconv_weight_grad(input, grad_output)``;
+* bias gradient = ``grad_output`` summed over all dims but the channels; where the gradient need not be
+  differentiable it comes with the weight gradient's, from ``qconv_weight_bias_grad`` (one launch on CUDA),
+  or, after a fused activation, with dL/dz from ``activation_grad_bias`` (one pass on CUDA);
 * double backward of ``qconv_weight_grad`` (bilinear in input and grad_output) is again a
   conv and an input gradient, with the incoming gradient as weight.
 
@@ -40,7 +44,7 @@ from torch._prims_common import make_channels_last_strides_for, make_contiguous_
 
 from .. import backends
 from ..backends._extension import _C
-from ..backends.base import activate
+from ..backends.base import activate, bias_grad
 from ..params import ConvParams, conv_output_shape
 
 #: Whether the compiled extension defines ``aqcf::qconv`` and ``aqcf::qconv_weight_grad`` (csrc/cpu/op.cpp).
@@ -136,7 +140,7 @@ def activation_grad_bias(
         return triton_activation.activation_grad_bias(grad, gate, activation, negative_slope)
     # written straight into the gate's layout (what the fake says), whatever grad's layout
     grad_z = activation_grad(grad, y, pre, activation, negative_slope, out=torch.empty_like(gate))
-    return grad_z, grad_z.sum(dim=[0, *range(2, grad_z.dim())])
+    return grad_z, bias_grad(grad_z)
 
 
 def _triton_activation_serves(grad: Tensor, gate: Tensor) -> bool:
@@ -305,6 +309,14 @@ def weight_grad(input: Tensor, grad_output: Tensor, weight_shape, p: ConvParams,
     return torch.ops.aqcf.qconv_weight_grad(input, grad_output, list(weight_shape), *p.as_op_args(), algorithm)
 
 
+def weight_bias_grad(
+    input: Tensor, grad_output: Tensor, weight_shape, p: ConvParams, algorithm: str
+) -> tuple[Tensor, Tensor]:
+    """Gradients w.r.t. the weight and the bias of ``qconv(input, weight, bias)``, not differentiable."""
+    op = torch.ops.aqcf.qconv_weight_bias_grad
+    return op(input, grad_output, list(weight_shape), *p.as_op_args(), algorithm)
+
+
 def _qconv_setup_context(ctx, inputs, output):
     call = qconv_args(*inputs)
     y, pre = output
@@ -338,10 +350,15 @@ def _qconv_backward(ctx, grad_y, grad_pre):
     grad_input = grad_weight = None
     if ctx.needs_input_grad[0]:
         grad_input = input_grad(grad_z, weight, input.shape, p, algorithm)
-    if ctx.needs_input_grad[1]:
-        grad_weight = weight_grad(input, grad_z, weight.shape, p, algorithm)
-    if grad_bias is None and ctx.has_bias and ctx.needs_input_grad[2]:
-        grad_bias = grad_z.sum(dim=[0, *range(2, grad_z.dim())])
+    wants_bias = grad_bias is None and ctx.has_bias and ctx.needs_input_grad[2]
+    if ctx.needs_input_grad[1] and wants_bias and not torch.is_grad_enabled():
+        # the bias gradient from the weight gradient's launch where the backend can (that op has no derivative)
+        grad_weight, grad_bias = weight_bias_grad(input, grad_z, weight.shape, p, algorithm)
+    else:
+        if ctx.needs_input_grad[1]:
+            grad_weight = weight_grad(input, grad_z, weight.shape, p, algorithm)
+        if wants_bias:
+            grad_bias = bias_grad(grad_z)
     return grad_input, grad_weight, grad_bias, *[None] * (ctx.num_inputs - 3)
 
 
@@ -364,6 +381,37 @@ def qconv_weight_grad(
 ) -> Tensor:
     """Gradient of ``<grad_output, qconv(input, W)>`` with respect to W."""
     p = ConvParams.from_op_args(len(weight_shape) - 3, stride, padding, dilation, transposed, output_padding, groups)
+    return _weight_grad(input, grad_output, weight_shape, p, algorithm, with_bias=False)[0]
+
+
+def qconv_weight_bias_grad(
+    input: Tensor,
+    grad_output: Tensor,
+    weight_shape: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    transposed: bool,
+    output_padding: list[int],
+    groups: int,
+    algorithm: str,
+) -> tuple[Tensor, Tensor]:
+    """``aqcf::qconv_weight_bias_grad``: ``(qconv_weight_grad(...), bias gradient)``, the bias gradient being
+    ``grad_output`` summed over every dim but the channels.
+
+    The backend is resolved as for ``qconv_weight_grad`` (the same measured choice); one whose weight-gradient
+    kernel reads ``grad_output`` anyway sums the bias gradient in the same launch (Triton's implicit GEMM:
+    one read of grad_output fewer), the others run the two one after the other
+    (:meth:`~aqcf_kernels.backends.base.ConvBackend.conv_weight_bias_grad`). It has no derivative: the
+    backward calls it only when the gradient need not be differentiable.
+    """
+    p = ConvParams.from_op_args(len(weight_shape) - 3, stride, padding, dilation, transposed, output_padding, groups)
+    return _weight_grad(input, grad_output, weight_shape, p, algorithm, with_bias=True)
+
+
+def _weight_grad(
+    input: Tensor, grad_output: Tensor, weight_shape: list[int], p: ConvParams, algorithm: str, with_bias: bool
+) -> tuple[Tensor, Tensor | None]:
     weight = input.new_empty(1).expand(weight_shape)  # its shape, dtype and device, without data
     empty = input.numel() == 0 or grad_output.numel() == 0
 
@@ -375,11 +423,19 @@ def qconv_weight_grad(
         input, weight, p, algorithm, "weight_grad", run=None if empty else run
     )
     if empty:
-        return input.new_zeros(weight_shape)
-    out = (measured if measured is not None else run(backend, algorithm)).contiguous()
+        return input.new_zeros(weight_shape), (bias_grad(grad_output) if with_bias else None)
+    if with_bias and measured is None:
+        gw, gb = backend.conv_weight_bias_grad(input, grad_output, weight_shape, p, algorithm)
+    else:  # a first call measured under 'auto' has its weight gradient already
+        gw = measured if measured is not None else run(backend, algorithm)
+        gb = bias_grad(grad_output) if with_bias else None
     if final:
         _remember("weight_grad", algorithm_asked, backend, algorithm, input, grad_output, weight_shape, p)
-    return out
+    return gw.contiguous(), gb
+
+
+def _weight_bias_grad_fake(input, grad_output, weight_shape, *geometry_and_algorithm):
+    return input.new_empty(weight_shape), grad_output.new_empty(grad_output.shape[1])
 
 
 def _weight_grad_fake(input, grad_output, weight_shape, *geometry_and_algorithm):
@@ -418,9 +474,13 @@ if NATIVE:
     ):
         torch.library.impl(_name, "CompositeExplicitAutograd", _impl)  # devices without a compiled kernel
         torch.library.register_fake(_name, _fake)
-    # the compiled CPU kernel serves CPU; this serves the other devices (the Triton pass on CUDA)
-    torch.library.impl("aqcf::activation_grad_bias", "CompositeExplicitAutograd", activation_grad_bias)
-    torch.library.register_fake("aqcf::activation_grad_bias", _activation_grad_bias_fake)
+    # no derivatives: the compiled CPU kernels serve CPU; these serve the other devices (Triton on CUDA)
+    for _name, _impl, _fake in (
+        ("aqcf::activation_grad_bias", activation_grad_bias, _activation_grad_bias_fake),
+        ("aqcf::qconv_weight_bias_grad", qconv_weight_bias_grad, _weight_bias_grad_fake),
+    ):
+        torch.library.impl(_name, "CompositeExplicitAutograd", _impl)
+        torch.library.register_fake(_name, _fake)
 else:
     _qconv_op = torch.library.custom_op("aqcf::qconv", qconv, mutates_args=())
     _qconv_op.register_fake(_qconv_fake)
@@ -432,3 +492,7 @@ else:
         "aqcf::activation_grad_bias", activation_grad_bias, mutates_args=()
     )
     _activation_grad_bias_op.register_fake(_activation_grad_bias_fake)
+    _weight_bias_grad_op = torch.library.custom_op(
+        "aqcf::qconv_weight_bias_grad", qconv_weight_bias_grad, mutates_args=()
+    )
+    _weight_bias_grad_op.register_fake(_weight_bias_grad_fake)

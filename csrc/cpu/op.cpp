@@ -108,6 +108,14 @@ Tensor activation_grad(
              : at::leaky_relu_backward(grad, gate, negative_slope, gate_is_y);
 }
 
+// The gradient of a per-channel bias added to an output whose gradient is grad_output: its sum over every
+// dim but the channels (dim 1).
+Tensor bias_grad(const Tensor& grad_output) {
+  std::vector<int64_t> dims{0};
+  for (int64_t d = 2; d < grad_output.dim(); ++d) dims.push_back(d);
+  return grad_output.sum(dims);
+}
+
 // aqcf::activation_grad_bias on CPU (and wherever Python registers nothing faster): dL/dz as
 // activation_grad, in the gate's layout, and its sum over every dim but the channels (the bias
 // gradient). aten's two passes; the CUDA kernel (backends/triton/activation_grad.py) makes it one.
@@ -116,9 +124,7 @@ std::tuple<Tensor, Tensor> activation_grad_bias_cpu(
   const Tensor& gate = activation_gate(y, pre, activation, negative_slope);
   // written straight into the gate's layout (what the fake says), whatever grad's layout
   const Tensor grad_z = activation_grad(grad, y, pre, activation, negative_slope, at::empty_like(gate));
-  std::vector<int64_t> dims{0};
-  for (int64_t d = 2; d < grad_z.dim(); ++d) dims.push_back(d);
-  return {grad_z, grad_z.sum(dims)};
+  return {grad_z, bias_grad(grad_z)};
 }
 
 // The op's outputs follow the input's memory format (as the fake implementation in ops/conv.py):
@@ -180,6 +186,19 @@ Tensor qconv_weight_grad_cpu(
   return conv_weight_grad(input, grad_output, shape, p, *fast8).contiguous();
 }
 
+// The bias gradient: grad_output summed over every dim but the channels. On CPU the weight gradient's
+// kernels are oneDNN's, which do not sum it, so this is the two one after the other; on CUDA the Python
+// implementation lets the Triton weight-gradient launch sum it.
+std::tuple<Tensor, Tensor> qconv_weight_bias_grad_cpu(
+    const Tensor& input, const Tensor& grad_output, c10::SymIntArrayRef weight_shape, c10::SymIntArrayRef stride,
+    c10::SymIntArrayRef padding, c10::SymIntArrayRef dilation, bool transposed, c10::SymIntArrayRef output_padding,
+    c10::SymInt groups, std::string_view algorithm) {
+  Tensor gw = qconv_weight_grad_cpu(
+      input, grad_output, weight_shape, stride, padding, dilation, transposed, output_padding, std::move(groups),
+      algorithm);
+  return {std::move(gw), bias_grad(grad_output)};
+}
+
 // ------------------------------------------------------------------------------------------------
 // Autograd: the backward is made of the same two ops (double backward, torch.compile, opcheck)
 // ------------------------------------------------------------------------------------------------
@@ -200,6 +219,16 @@ const auto& weight_grad_op() {
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("aqcf::qconv_weight_grad", "")
           .typed<Tensor(
+              const Tensor&, const Tensor&, c10::SymIntArrayRef, c10::SymIntArrayRef, c10::SymIntArrayRef,
+              c10::SymIntArrayRef, bool, c10::SymIntArrayRef, c10::SymInt, std::string_view)>();
+  return op;
+}
+
+const auto& weight_bias_grad_op() {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("aqcf::qconv_weight_bias_grad", "")
+          .typed<std::tuple<Tensor, Tensor>(
               const Tensor&, const Tensor&, c10::SymIntArrayRef, c10::SymIntArrayRef, c10::SymIntArrayRef,
               c10::SymIntArrayRef, bool, c10::SymIntArrayRef, c10::SymInt, std::string_view)>();
   return op;
@@ -322,13 +351,19 @@ class QConvFunction : public torch::autograd::Function<QConvFunction> {
     variable_list out(13);
     if (!grad_z.defined()) return out;
     if (ctx->needs_input_grad(0)) out[0] = input_grad(grad_z, weight, input.sym_sizes(), g, algorithm);
+    const bool wants_bias = !grad_bias.defined() && has_bias && ctx->needs_input_grad(2);
+    if (ctx->needs_input_grad(1) && wants_bias && !at::GradMode::is_enabled()) {
+      // the bias gradient from the weight gradient's launch where the backend can (no derivative)
+      std::tie(out[1], out[2]) = weight_bias_grad_op().call(
+          input, grad_z, weight.sym_sizes(), g.stride, g.padding, g.dilation, g.transposed, g.output_padding,
+          g.groups, algorithm);
+      return out;
+    }
     if (ctx->needs_input_grad(1)) out[1] = weight_grad(input, grad_z, weight.sym_sizes(), g, algorithm);
     if (grad_bias.defined()) {
       out[2] = grad_bias;
-    } else if (has_bias && ctx->needs_input_grad(2)) {
-      std::vector<int64_t> dims{0};
-      for (int64_t d = 2; d < grad_z.dim(); ++d) dims.push_back(d);
-      out[2] = grad_z.sum(dims);
+    } else if (wants_bias) {
+      out[2] = bias_grad(grad_z);
     }
     return out;
   }
@@ -425,6 +460,12 @@ TORCH_LIBRARY(aqcf, m) {
       "qconv_weight_grad(Tensor input, Tensor grad_output, SymInt[] weight_shape, SymInt[] stride, "
       "SymInt[] padding, SymInt[] dilation, bool transposed, SymInt[] output_padding, SymInt groups, "
       "str algorithm) -> Tensor");
+  // qconv_weight_grad's result and the bias gradient (grad_output's sum over every dim but the channels),
+  // from one launch where a backend can; no derivative.
+  m.def(
+      "qconv_weight_bias_grad(Tensor input, Tensor grad_output, SymInt[] weight_shape, SymInt[] stride, "
+      "SymInt[] padding, SymInt[] dilation, bool transposed, SymInt[] output_padding, SymInt groups, "
+      "str algorithm) -> (Tensor, Tensor)");
   // dL/dz of a fused activation's backward and its sum over every dim but the channels (no derivative).
   m.def(
       "activation_grad_bias(Tensor grad, Tensor y, Tensor pre, str activation, float negative_slope) "
@@ -434,6 +475,7 @@ TORCH_LIBRARY(aqcf, m) {
 TORCH_LIBRARY_IMPL(aqcf, CPU, m) {
   m.impl("qconv", &aqcf::qconv_cpu);
   m.impl("qconv_weight_grad", &aqcf::qconv_weight_grad_cpu);
+  m.impl("qconv_weight_bias_grad", &aqcf::qconv_weight_bias_grad_cpu);
   m.impl("activation_grad_bias", &aqcf::activation_grad_bias_cpu);
 }
 

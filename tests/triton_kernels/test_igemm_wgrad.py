@@ -183,7 +183,8 @@ def wgrad_calls(monkeypatch):
     real = igemm_wgrad.conv_weight_grad_igemm
 
     def counting(*args, **kwargs):
-        calls.append((args[3].transposed, kwargs.get("algorithm", "hamilton")))
+        with_bias = kwargs.get("with_bias", args[4] if len(args) > 4 else False)
+        calls.append((args[3].transposed, kwargs.get("algorithm", "hamilton"), with_bias))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(igemm_wgrad, "conv_weight_grad_igemm", counting)
@@ -191,8 +192,10 @@ def wgrad_calls(monkeypatch):
 
 
 @pytest.mark.parametrize("case", [CASES[2], CASES[7]], ids=[IDS[2], IDS[7]])
-def test_backend_weight_grad_uses_the_gemm_kernel(case, wgrad_calls):
-    """Through the public op: autograd's weight gradient runs the split-K GEMM, with either algorithm."""
+def test_backend_weight_grad_uses_the_gemm_kernel(case, wgrad_calls, python_kernels_on_cpu):
+    """Through the public op: autograd's weight and bias gradients come from one launch of the split-K GEMM
+    (``aqcf::qconv_weight_bias_grad``, served by its Python implementation as on a GPU), with either
+    algorithm."""
     x, w, b = _make(case, torch.Generator().manual_seed(8))
     rw, rb, gy = _reference_grads(reference.quaternion_conv_naive, case, x, w, b, gy_seed=3)
     for algorithm in ("hamilton", "fast8"):
@@ -202,5 +205,18 @@ def test_backend_weight_grad_uses_the_gemm_kernel(case, wgrad_calls):
         y.backward(gy.float().to(DEVICE))
         assert _rel(wf.grad, rw) <= (1e-5 if algorithm == "hamilton" else 5e-4)
         assert _rel(bf.grad, rb) <= 1e-5
-        assert wgrad_calls == [(case[1], algorithm)], algorithm
+        assert wgrad_calls == [(case[1], algorithm, True)], algorithm
         wgrad_calls.clear()
+
+
+def test_backend_weight_grad_without_a_bias_sums_none(wgrad_calls, python_kernels_on_cpu):
+    """Without a bias the backward asks the GEMM for the weight gradient only (``aqcf::qconv_weight_grad``)."""
+    case = CASES[7]
+    x, w, b = _make(case, torch.Generator().manual_seed(9))
+    wf = w.float().to(DEVICE).requires_grad_()
+    y = QF.quaternion_conv(x.float().to(DEVICE), wf, None, algorithm="hamilton", **_kwargs(case))
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    y.backward(gy.float().to(DEVICE))
+    rw = _reference_grads(reference.quaternion_conv_naive, case, x, w, b, gy_seed=4)[0]
+    assert _rel(wf.grad, rw) <= 1e-5
+    assert wgrad_calls == [(case[1], "hamilton", False)]

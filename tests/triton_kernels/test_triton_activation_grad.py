@@ -132,24 +132,10 @@ def test_what_the_kernel_does_not_take_runs_aten(triton_calls):
     torch.testing.assert_close(gb.cpu(), want[1])
 
 
-@pytest.fixture
-def python_kernel_on_cpu():
-    """The op's Python implementation registered as its CPU kernel, as it is the CUDA kernel on a GPU
-    (here the compiled extension's CPU kernel would serve instead); the extension's comes back after."""
-    import warnings
-
-    lib = torch.library.Library("aqcf", "IMPL")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "Overriding a previously registered kernel": that is the point
-        lib.impl("activation_grad_bias", conv_ops.activation_grad_bias, "CPU")
-    yield
-    lib._destroy()
-
-
 @pytest.mark.skipif(not common.INTERPRET, reason="CPU tensors reach the kernel only under the interpreter")
 @pytest.mark.parametrize("activation,slope", [("relu", 0.01), ("leaky_relu", -0.3), ("gelu", 0.01)])
 def test_a_conv_backward_reaches_the_kernel_through_the_dispatcher(
-    triton_calls, python_kernel_on_cpu, activation, slope
+    triton_calls, python_kernels_on_cpu, activation, slope
 ):
     """What a GPU runs, on CPU: the conv's autograd (the extension's, or Python's) calls the op, the
     dispatcher hands it to the Python implementation, which runs the kernel (interpreted)."""

@@ -222,6 +222,17 @@ class TritonConvBackend(ConvBackend):
             return igemm_wgrad.conv_weight_grad_igemm(input, grad_output, weight_shape, p, algorithm=algorithm)[0]
         return conv_weight_grad(input, grad_output, weight_shape, p, algorithm)
 
+    def conv_weight_bias_grad(
+        self, input: Tensor, grad_output: Tensor, weight_shape: list[int], p: ConvParams, algorithm: str
+    ) -> tuple[Tensor, Tensor]:
+        """The implicit-GEMM weight gradient sums the bias gradient in its own launch (its bias programs read
+        ``grad_output`` in the layout it converted it to, and the fold kernel reduces their splits)."""
+        if igemm_wgrad.cannot_serve(input, grad_output, algorithm) is None:
+            return igemm_wgrad.conv_weight_grad_igemm(
+                input, grad_output, weight_shape, p, with_bias=True, algorithm=algorithm
+            )
+        return super().conv_weight_bias_grad(input, grad_output, weight_shape, p, algorithm)
+
     def conv_act(
         self,
         input: Tensor,

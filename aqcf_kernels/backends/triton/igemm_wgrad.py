@@ -29,7 +29,8 @@ the forward is ``y = im2col(x) · E[g]ᵀ``. Its gradient is therefore one GEMM 
   the wgmma it feeds.
 * **Bias gradient from the same launch**: with ``HAS_BIAS`` the grid has a few more programs that sum
   the conv's output gradient over their split's pixels (``[splits, C]`` fp32 partial sums); they read
-  the same pixel range the GEMM programs of that split read, while those run.
+  the same pixel range the GEMM programs of that split read, while those run. A conv's backward with a
+  bias asks for it through ``aqcf::qconv_weight_bias_grad`` (the backend's ``conv_weight_bias_grad``).
 * Groups: the group is grid axis 2; with groups each component of a group is its own run of channels
   (``GROUPED``), as in igemm. Geometry: 1d/2d/3d as 3d with size-1 dims (launch-time specialisation
   makes them constants). A transposed conv's weight gradient is the conv's with input and

@@ -1,0 +1,25 @@
+"""Fixtures of the Triton kernel tests."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from aqcf_kernels.ops import conv as conv_ops
+
+
+@pytest.fixture
+def python_kernels_on_cpu():
+    """The Python implementations of the ops without a derivative that a backward calls
+    (``aqcf::activation_grad_bias``, ``aqcf::qconv_weight_bias_grad``) registered as their CPU kernels, as
+    they are the CUDA kernels on a GPU: here the compiled extension's CPU kernels would serve instead, and
+    the Triton kernels behind them (interpreted) would not run. The extension's come back after."""
+    lib = torch.library.Library("aqcf", "IMPL")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Overriding a previously registered kernel": that is the point
+        lib.impl("activation_grad_bias", conv_ops.activation_grad_bias, "CPU")
+        lib.impl("qconv_weight_bias_grad", conv_ops.qconv_weight_bias_grad, "CPU")
+    yield
+    lib._destroy()
