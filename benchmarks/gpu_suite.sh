@@ -153,24 +153,20 @@ PYEOF
   fi
   stamp "benchmark the conv activation's backward pass: aqcf::activation_grad_bias vs aten's two passes"
   if ! timeout 90 "$PY" - "$OUT/norm" >>"$OUT/setup.log" 2>&1 <<'PYEOF'
-import json, os, sys, torch
+import json, os, statistics, sys, torch
 from aqcf_kernels.ops import conv as conv_ops
+from benchmarks import common
 
 # dL/dz and the bias gradient of conv + bias + activation (the 2d 64q N32 64x64 target layer's output):
 # one Triton pass against aten's activation backward then a sum (ACT_DEVICE=cpu ACT_BATCH=1: a dry run)
 out, rows = sys.argv[1], []
 device, batch = os.environ.get("ACT_DEVICE", "cuda"), int(os.environ.get("ACT_BATCH", "32"))
-sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
 
-def timed(fn, reps=30, warmup=5):
-    import time
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        sync(); start = time.perf_counter(); fn(); sync(); times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)[len(times) // 2]
+def medians_ms(**steps):
+    """Median ms of each step, 30 interleaved reps after 5 warmup rounds (benchmarks.common's clock)."""
+    times = common.time_interleaved(steps, reps=30, warmup=5, device=device)
+    return [statistics.median(times[name]) * 1e3 for name in steps]
 
 
 for activation in ("relu", "gelu"):
@@ -191,7 +187,7 @@ for activation in ("relu", "gelu"):
         (gz1, gb1), (gz2, gb2) = one_pass(), two_passes()
         ref = conv_ops.activation_grad(gy.float(), y.float(), pre.float(), activation, 0.01).sum(dim=(0, 2, 3))
         rel = lambda a: ((a.float() - ref).norm() / ref.norm()).item()  # noqa: E731
-        fused_ms, aten_ms = timed(one_pass), timed(two_passes)
+        fused_ms, aten_ms = medians_ms(one_pass=one_pass, two_passes=two_passes)
         rows.append(dict(activation=activation, layout=layout, shape=list(z.shape), one_pass_ms=fused_ms,
                          two_passes_ms=aten_ms, speedup=aten_ms / fused_ms, gz_equal=bool(torch.equal(gz1, gz2)),
                          rel_err_bias_one=rel(gb1), rel_err_bias_two=rel(gb2)))
@@ -211,7 +207,7 @@ PYEOF
   fi
   stamp "benchmark a conv's weight and bias gradients: aqcf::qconv_weight_bias_grad (one launch) vs two"
   if ! timeout 90 "$PY" - "$OUT/norm" >>"$OUT/setup.log" 2>&1 <<'PYEOF'
-import json, os, sys, time, torch
+import json, os, statistics, sys, torch
 
 # The weight and bias gradients of the 2d 16q and 64q N32 64x64 3x3 layers, bf16 channels_last, hamilton, on the
 # Triton backend: its split-K weight-gradient GEMM summing the bias in the same launch, against the same GEMM
@@ -221,17 +217,14 @@ device, batch = os.environ.get("WGB_DEVICE", "cuda"), int(os.environ.get("WGB_BA
 if device == "cuda":
     os.environ["AQCF_BACKEND"] = "triton"
 import aqcf_kernels  # noqa: E402,F401  (registers torch.ops.aqcf)
+from benchmarks import common  # noqa: E402
 
-sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
 
-def timed(fn, reps=30, warmup=5):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        sync(); start = time.perf_counter(); fn(); sync(); times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)[len(times) // 2]
+def medians_ms(**steps):
+    """Median ms of each step, 30 interleaved reps after 5 warmup rounds (benchmarks.common's clock)."""
+    times = common.time_interleaved(steps, reps=30, warmup=5, device=device)
+    return [statistics.median(times[name]) * 1e3 for name in steps]
 
 
 for cq in (16, 64):
@@ -248,7 +241,7 @@ for cq in (16, 64):
     (gw1, gb1), (gw2, gb2) = one_launch(), two()
     ref = gy.float().sum(dim=(0, 2, 3))
     rel = lambda a, r: ((a.float() - r.float()).norm() / r.float().norm()).item()  # noqa: E731
-    one_ms, two_ms = timed(one_launch), timed(two)
+    one_ms, two_ms = medians_ms(one_launch=one_launch, two=two)
     rows.append(dict(quaternions=cq, shape=list(x.shape), one_launch_ms=one_ms, two_ms=two_ms, speedup=two_ms / one_ms,
                      rel_diff_weight=rel(gw1, gw2), rel_err_bias_one=rel(gb1, ref), rel_err_bias_two=rel(gb2, ref)))
     print(rows[-1], flush=True)
