@@ -151,16 +151,26 @@ PYEOF
   then
     stamp "BENCHMARK norm FAILED or timed out"; status=1
   fi
-  stamp "benchmark the conv activation's backward pass: aqcf::activation_grad_bias vs aten's two passes"
-  if ! timeout 90 "$PY" - "$OUT/norm" >>"$OUT/setup.log" 2>&1 <<'PYEOF'
-import json, os, statistics, sys, torch
-from aqcf_kernels.ops import conv as conv_ops
-from benchmarks import common
+  stamp "benchmark a conv's backward passes: activation_grad_bias and qconv_weight_bias_grad vs two passes each"
+  if ! timeout 150 "$PY" - "$OUT/norm" >>"$OUT/setup.log" 2>&1 <<'PYEOF'
+import os, statistics, sys
+from pathlib import Path
 
-# dL/dz and the bias gradient of conv + bias + activation (the 2d 64q N32 64x64 target layer's output):
-# one Triton pass against aten's activation backward then a sum (ACT_DEVICE=cpu ACT_BATCH=1: a dry run)
-out, rows = sys.argv[1], []
-device, batch = os.environ.get("ACT_DEVICE", "cuda"), int(os.environ.get("ACT_BATCH", "32"))
+# Where a conv's backward gets its bias gradient without a read of its own, bf16, N32 64x64 (PASSES_DEVICE=cpu
+# PASSES_BATCH=1: a dry run on the default backend):
+# - activation_pass: dL/dz and the bias gradient of conv + bias + activation (the 2d 64q target layer's output)
+#   from one Triton pass, against aten's activation backward then a sum;
+# - wgrad_bias: the weight and bias gradients of the 2d 16q and 64q 3x3 layers (channels_last, hamilton, the
+#   Triton backend) from one launch of its split-K weight-gradient GEMM, against the same GEMM then a sum.
+device, batch = os.environ.get("PASSES_DEVICE", "cuda"), int(os.environ.get("PASSES_BATCH", "32"))
+if device == "cuda":
+    os.environ["AQCF_BACKEND"] = "triton"
+import torch  # noqa: E402
+from aqcf_kernels.ops import conv as conv_ops  # noqa: E402  (registers torch.ops.aqcf)
+from benchmarks import common  # noqa: E402
+
+out = Path(sys.argv[1])
+env = dict(device=torch.cuda.get_device_name() if device == "cuda" else device, torch=torch.__version__)
 
 
 def medians_ms(**steps):
@@ -169,6 +179,17 @@ def medians_ms(**steps):
     return [statistics.median(times[name]) * 1e3 for name in steps]
 
 
+def rel(a, ref):
+    return ((a.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def write(name, rows, headers, cells):
+    common.write_json(out / f"{name}.json", dict(env, rows=rows))
+    (out / f"{name}.md").write_text(common.markdown_table(headers, [cells(r) for r in rows], align_left=2) + "\n")
+    print(f"{name}:", *rows, sep="\n", flush=True)
+
+
+rows = []
 for activation in ("relu", "gelu"):
     for layout in ("channels_last", "nchw"):
         fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
@@ -186,47 +207,18 @@ for activation in ("relu", "gelu"):
 
         (gz1, gb1), (gz2, gb2) = one_pass(), two_passes()
         ref = conv_ops.activation_grad(gy.float(), y.float(), pre.float(), activation, 0.01).sum(dim=(0, 2, 3))
-        rel = lambda a: ((a.float() - ref).norm() / ref.norm()).item()  # noqa: E731
-        fused_ms, aten_ms = medians_ms(one_pass=one_pass, two_passes=two_passes)
-        rows.append(dict(activation=activation, layout=layout, shape=list(z.shape), one_pass_ms=fused_ms,
-                         two_passes_ms=aten_ms, speedup=aten_ms / fused_ms, gz_equal=bool(torch.equal(gz1, gz2)),
-                         rel_err_bias_one=rel(gb1), rel_err_bias_two=rel(gb2)))
-        print(rows[-1], flush=True)
-json.dump(dict(device=torch.cuda.get_device_name() if device == "cuda" else device, rows=rows),
-          open(f"{out}/activation_pass.json", "w"), indent=1)
-with open(f"{out}/activation_pass.md", "w") as f:
-    f.write("| activation | layout | shape (bf16) | one pass ms | two passes ms | speedup | dL/dz equal | "
-            "bias rel err (one / two) |\n|---|---|---|---|---|---|---|---|\n")
-    for r in rows:
-        f.write(f"| {r['activation']} | {r['layout']} | {tuple(r['shape'])} | {r['one_pass_ms']:.3f} | "
-                f"{r['two_passes_ms']:.3f} | {r['speedup']:.2f}x | {r['gz_equal']} | "
-                f"{r['rel_err_bias_one']:.1e} / {r['rel_err_bias_two']:.1e} |\n")
-PYEOF
-  then
-    stamp "BENCHMARK activation pass FAILED or timed out"; status=1
-  fi
-  stamp "benchmark a conv's weight and bias gradients: aqcf::qconv_weight_bias_grad (one launch) vs two"
-  if ! timeout 90 "$PY" - "$OUT/norm" >>"$OUT/setup.log" 2>&1 <<'PYEOF'
-import json, os, statistics, sys, torch
+        one_ms, two_ms = medians_ms(one_pass=one_pass, two_passes=two_passes)
+        rows.append(dict(activation=activation, layout=layout, shape=list(z.shape), one_pass_ms=one_ms,
+                         two_passes_ms=two_ms, speedup=two_ms / one_ms, gz_equal=bool(torch.equal(gz1, gz2)),
+                         rel_err_bias_one=rel(gb1, ref), rel_err_bias_two=rel(gb2, ref)))
+write("activation_pass", rows,
+      ["activation", "layout", "shape (bf16)", "one pass ms", "two passes ms", "speedup", "dL/dz equal",
+       "bias rel err (one / two)"],
+      lambda r: [r["activation"], r["layout"], tuple(r["shape"]), f"{r['one_pass_ms']:.3f}",
+                 f"{r['two_passes_ms']:.3f}", f"{r['speedup']:.2f}x", r["gz_equal"],
+                 f"{r['rel_err_bias_one']:.1e} / {r['rel_err_bias_two']:.1e}"])
 
-# The weight and bias gradients of the 2d 16q and 64q N32 64x64 3x3 layers, bf16 channels_last, hamilton, on the
-# Triton backend: its split-K weight-gradient GEMM summing the bias in the same launch, against the same GEMM
-# then torch's sum of grad_output (WGB_DEVICE=cpu WGB_BATCH=1: a dry run on the default backend)
-out, rows = sys.argv[1], []
-device, batch = os.environ.get("WGB_DEVICE", "cuda"), int(os.environ.get("WGB_BATCH", "32"))
-if device == "cuda":
-    os.environ["AQCF_BACKEND"] = "triton"
-import aqcf_kernels  # noqa: E402,F401  (registers torch.ops.aqcf)
-from benchmarks import common  # noqa: E402
-
-
-
-def medians_ms(**steps):
-    """Median ms of each step, 30 interleaved reps after 5 warmup rounds (benchmarks.common's clock)."""
-    times = common.time_interleaved(steps, reps=30, warmup=5, device=device)
-    return [statistics.median(times[name]) * 1e3 for name in steps]
-
-
+rows = []
 for cq in (16, 64):
     x, gy = (torch.randn(batch, 4 * cq, 64, 64, device=device, dtype=torch.bfloat16)
              .contiguous(memory_format=torch.channels_last) for _ in range(2))
@@ -240,23 +232,18 @@ for cq in (16, 64):
 
     (gw1, gb1), (gw2, gb2) = one_launch(), two()
     ref = gy.float().sum(dim=(0, 2, 3))
-    rel = lambda a, r: ((a.float() - r.float()).norm() / r.float().norm()).item()  # noqa: E731
     one_ms, two_ms = medians_ms(one_launch=one_launch, two=two)
     rows.append(dict(quaternions=cq, shape=list(x.shape), one_launch_ms=one_ms, two_ms=two_ms, speedup=two_ms / one_ms,
                      rel_diff_weight=rel(gw1, gw2), rel_err_bias_one=rel(gb1, ref), rel_err_bias_two=rel(gb2, ref)))
-    print(rows[-1], flush=True)
-json.dump(dict(device=torch.cuda.get_device_name() if device == "cuda" else device, rows=rows),
-          open(f"{out}/wgrad_bias.json", "w"), indent=1)
-with open(f"{out}/wgrad_bias.md", "w") as f:
-    f.write("| quaternions | shape (bf16) | one launch ms | wgrad + sum ms | speedup | weight rel diff | "
-            "bias rel err (one / two) |\n|---|---|---|---|---|---|---|\n")
-    for r in rows:
-        f.write(f"| {r['quaternions']} | {tuple(r['shape'])} | {r['one_launch_ms']:.3f} | {r['two_ms']:.3f} | "
-                f"{r['speedup']:.2f}x | {r['rel_diff_weight']:.1e} | "
-                f"{r['rel_err_bias_one']:.1e} / {r['rel_err_bias_two']:.1e} |\n")
+write("wgrad_bias", rows,
+      ["quaternions", "shape (bf16)", "one launch ms", "wgrad + sum ms", "speedup", "weight rel diff",
+       "bias rel err (one / two)"],
+      lambda r: [r["quaternions"], tuple(r["shape"]), f"{r['one_launch_ms']:.3f}", f"{r['two_ms']:.3f}",
+                 f"{r['speedup']:.2f}x", f"{r['rel_diff_weight']:.1e}",
+                 f"{r['rel_err_bias_one']:.1e} / {r['rel_err_bias_two']:.1e}"])
 PYEOF
   then
-    stamp "BENCHMARK weight+bias gradient FAILED or timed out"; status=1
+    stamp "BENCHMARK conv backward passes FAILED or timed out"; status=1
   fi
 fi
 if wants rnn; then

@@ -160,12 +160,12 @@ def _activation_grad_bias_fake(grad, y, pre, activation, negative_slope):
     return torch.empty_like(gate), grad.new_empty(grad.shape[1])
 
 
-def _bias_from_activation_pass(ctx, grad_pre: Tensor | None) -> bool:
+def _bias_from_activation_pass(ctx, pre_reached_loss: bool) -> bool:
     """Whether the backward takes the bias gradient from the activation's pass (``activation_grad_bias``):
     not when the gradient must be differentiable (that op has no derivative), nor when z itself
     reached the loss (its gradient adds to dL/dz)."""
     wants_bias = ctx.has_bias and ctx.needs_input_grad[2]
-    return wants_bias and not torch.is_grad_enabled() and (grad_pre is None or not grad_pre.numel())
+    return wants_bias and not torch.is_grad_enabled() and not pre_reached_loss
 
 
 # --------------------------------------------------------------------------------------------
@@ -332,20 +332,19 @@ def _qconv_setup_context(ctx, inputs, output):
 
 def _qconv_backward(ctx, grad_y, grad_pre):
     input, weight, *activation_saved = ctx.saved_tensors
-    if grad_y is None and grad_pre is None:
-        return (None,) * ctx.num_inputs
-    if grad_y is None:  # only z reached the loss: dL/dy = 0
-        grad_y = torch.zeros_like(grad_pre)
+    pre_reached_loss = grad_pre is not None and grad_pre.numel() > 0  # z itself (double backward)
     grad_z, grad_bias = grad_y, None
-    if ctx.activation is not None:
+    if grad_y is not None and ctx.activation is not None:
         y, pre = activation_saved
-        if _bias_from_activation_pass(ctx, grad_pre):
+        if _bias_from_activation_pass(ctx, pre_reached_loss):
             op = torch.ops.aqcf.activation_grad_bias
             grad_z, grad_bias = op(grad_y, y, pre, ctx.activation, ctx.negative_slope)
         else:
             grad_z = activation_grad(grad_y, y, pre, ctx.activation, ctx.negative_slope)
-        if grad_pre is not None and grad_pre.numel():  # z itself reached the loss (double backward)
-            grad_z = grad_z + grad_pre
+    if pre_reached_loss:
+        grad_z = grad_pre if grad_z is None else grad_z + grad_pre
+    if grad_z is None:  # neither output reached the loss
+        return (None,) * ctx.num_inputs
     p, algorithm = ctx.params, ctx.algorithm
     grad_input = grad_weight = None
     if ctx.needs_input_grad[0]:

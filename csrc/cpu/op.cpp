@@ -297,6 +297,14 @@ Tensor weight_grad(const Tensor& input, const Tensor& grad_output, c10::SymIntAr
       algorithm);
 }
 
+std::tuple<Tensor, Tensor> weight_bias_grad(const Tensor& input, const Tensor& grad_output,
+                                            c10::SymIntArrayRef weight_shape, const Geometry& g,
+                                            std::string_view algorithm) {
+  return weight_bias_grad_op().call(
+      input, grad_output, weight_shape, g.stride, g.padding, g.dilation, g.transposed, g.output_padding, g.groups,
+      algorithm);
+}
+
 class QConvFunction : public torch::autograd::Function<QConvFunction> {
  public:
   static variable_list forward(
@@ -351,19 +359,14 @@ class QConvFunction : public torch::autograd::Function<QConvFunction> {
     variable_list out(13);
     if (!grad_z.defined()) return out;
     if (ctx->needs_input_grad(0)) out[0] = input_grad(grad_z, weight, input.sym_sizes(), g, algorithm);
+    out[2] = grad_bias;  // from the activation's pass, or undefined
     const bool wants_bias = !grad_bias.defined() && has_bias && ctx->needs_input_grad(2);
     if (ctx->needs_input_grad(1) && wants_bias && !at::GradMode::is_enabled()) {
       // the bias gradient from the weight gradient's launch where the backend can (no derivative)
-      std::tie(out[1], out[2]) = weight_bias_grad_op().call(
-          input, grad_z, weight.sym_sizes(), g.stride, g.padding, g.dilation, g.transposed, g.output_padding,
-          g.groups, algorithm);
-      return out;
-    }
-    if (ctx->needs_input_grad(1)) out[1] = weight_grad(input, grad_z, weight.sym_sizes(), g, algorithm);
-    if (grad_bias.defined()) {
-      out[2] = grad_bias;
-    } else if (wants_bias) {
-      out[2] = bias_grad(grad_z);
+      std::tie(out[1], out[2]) = weight_bias_grad(input, grad_z, weight.sym_sizes(), g, algorithm);
+    } else {
+      if (ctx->needs_input_grad(1)) out[1] = weight_grad(input, grad_z, weight.sym_sizes(), g, algorithm);
+      if (wants_bias) out[2] = bias_grad(grad_z);
     }
     return out;
   }

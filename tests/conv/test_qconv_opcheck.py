@@ -138,10 +138,18 @@ def test_opcheck_activation_grad_bias(activation, slope, qrand):
         torch.library.opcheck(torch.ops.aqcf.activation_grad_bias.default, args, test_utils=tests)
 
 
-def _op_calls(fn) -> int:
+def _calls_of(fn, *names: str) -> list[int]:
+    """How many times ``fn`` called each op ``aqcf::<name>`` (profiler)."""
     with torch.autograd.profiler.profile() as prof:
         fn()
-    return sum(e.name == "aqcf::activation_grad_bias" for e in prof.function_events)
+    return [sum(e.name == f"aqcf::{name}" for e in prof.function_events) for name in names]
+
+
+def _assert_grads_within_fp32_contract(compiled_in, eager_in, names=("input", "weight", "bias")) -> None:
+    # eager may measure its way to another backend than compile's heuristic: the fp32 contract (1e-5)
+    for name, a, b in zip(names, compiled_in, eager_in, strict=True):
+        err = ((a.grad - b.grad).norm() / b.grad.norm()).item()
+        assert err <= 1e-5, f"{name} gradient: relative error {err:.2e}"
 
 
 @pytest.mark.parametrize("activation,slope", [("relu", 0.01), ("gelu", 0.01)])
@@ -158,9 +166,9 @@ def test_the_backward_takes_the_bias_gradient_from_the_activation_pass(activatio
         leaves = (x, w) if bias is None else (x, w, bias)
         return torch.autograd.grad(y, leaves, g, create_graph=create_graph)
 
-    assert _op_calls(lambda: grads(b, False)) == 1
-    assert _op_calls(lambda: grads(b, True)) == 0
-    assert _op_calls(lambda: grads(None, False)) == 0
+    assert _calls_of(lambda: grads(b, False), "activation_grad_bias") == [1]
+    assert _calls_of(lambda: grads(b, True), "activation_grad_bias") == [0]
+    assert _calls_of(lambda: grads(None, False), "activation_grad_bias") == [0]
     for one_pass, differentiable in zip(grads(b, False), grads(b, True), strict=True):
         torch.testing.assert_close(one_pass, differentiable.detach(), rtol=1e-12, atol=1e-12)
 
@@ -185,10 +193,7 @@ def test_torch_compile_conv_bias_activation_backward_matches_eager(monkeypatch, 
     g = qrand(*y_eager.shape, seed=49, dtype=torch.float32)
     y_eager.backward(g)
     y_compiled.backward(g)
-    # eager may measure its way to another backend than compile's heuristic: the fp32 contract (1e-5)
-    for name, a, b in zip(("input", "weight", "bias"), compiled_in, eager_in, strict=True):
-        err = ((a.grad - b.grad).norm() / b.grad.norm()).item()
-        assert err <= 1e-5, f"{name} gradient: relative error {err:.2e}"
+    _assert_grads_within_fp32_contract(compiled_in, eager_in)
 
 
 @pytest.mark.parametrize("outputs_used", ["y", "pre", "both"])
@@ -252,12 +257,6 @@ def test_opcheck_qconv_weight_bias_grad(backend, args, qrand, served):
     torch.library.opcheck(torch.ops.aqcf.qconv_weight_bias_grad.default, op_args, test_utils=tests)
 
 
-def _calls_of(fn, *names: str) -> list[int]:
-    with torch.autograd.profiler.profile() as prof:
-        fn()
-    return [sum(e.name == f"aqcf::{name}" for e in prof.function_events) for name in names]
-
-
 def test_the_backward_takes_the_bias_gradient_from_the_weight_gradient_call(qrand):
     """One qconv_weight_bias_grad call (and no qconv_weight_grad) in a plain backward with a bias and a weight
     gradient; none where the gradient must be differentiable (create_graph), without a bias, with a frozen
@@ -309,7 +308,4 @@ def test_torch_compile_conv_bias_backward_calls_the_weight_bias_grad(monkeypatch
     compiled(*leaves()).backward(g)  # compiles the backward (lazily, on its first call) outside the count
     y_compiled = compiled(*compiled_in)
     assert _calls_of(lambda: y_compiled.backward(g), "qconv_weight_bias_grad") == [1]
-    # eager may measure its way to another backend than compile's heuristic: the fp32 contract (1e-5)
-    for name, a, b in zip(("input", "weight", "bias"), compiled_in, eager_in, strict=True):
-        err = ((a.grad - b.grad).norm() / b.grad.norm()).item()
-        assert err <= 1e-5, f"{name} gradient: relative error {err:.2e}"
+    _assert_grads_within_fp32_contract(compiled_in, eager_in)

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from aqcf_kernels.backends.triton import common
 from aqcf_kernels.ops import conv as conv_ops
 
+from .test_igemm import _rel
+
 pytestmark = pytest.mark.skipif(common.unavailable() is not None, reason=f"triton: {common.unavailable()}")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 GATES = [("relu", 0.01), ("leaky_relu", 0.2), ("leaky_relu", -0.3), ("gelu", 0.01)]
@@ -42,11 +44,6 @@ def _inputs(shape, memory_format, activation, slope, seed=0):
 def _reference(grad, y, pre, activation, slope):
     gz = conv_ops.activation_grad(grad, y, pre, activation, slope)
     return gz, gz.sum(dim=[0, *range(2, gz.dim())])
-
-
-def _rel(got, want):
-    got, want = got.detach().double().cpu(), want.detach().double().cpu()
-    return ((got - want).norm() / want.norm()).item()
 
 
 @pytest.fixture

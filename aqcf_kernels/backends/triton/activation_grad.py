@@ -32,11 +32,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ...layout import is_channels_last
 from .norm import ACTIVATION_CODES, _activation_grad, _blocks, _chunking, _launch_options, _ncs
 
 #: the dtypes the kernel serves (its arithmetic is fp32)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 @triton.jit
@@ -87,9 +87,7 @@ def cannot_serve(grad: Tensor, gate: Tensor) -> str | None:
         return "grad and gate differ in shape, dtype or device"
     if grad.dim() < 3:
         return "fewer than 3 dims (no spatial dim)"
-    if not (
-        gate.is_contiguous() or (gate.dim() in (4, 5) and gate.is_contiguous(memory_format=_CHANNELS_LAST[gate.dim()]))
-    ):
+    if not (gate.is_contiguous() or is_channels_last(gate)):
         return "the gate is neither contiguous nor channels_last (the op's y and z always are)"
     if grad.numel() >= 2**31:
         return "2**31 elements or more (the kernel's offsets are int32)"
