@@ -1,5 +1,6 @@
 """What the Triton launchers of both op families share: the optional import of triton, the interpreter
-flag, the dtypes ``tl.dot`` takes and its configuration per dtype, and the refusals both backends give.
+flag, the dtypes ``tl.dot`` takes and its configuration per dtype, how kernels are autotuned, and the
+refusals both backends give.
 
 The launchers read these as ``common.NAME`` at call time (never ``from .common import NAME``), so a
 test that patches ``common.INTERPRET`` changes what every launcher and backend sees.
@@ -39,6 +40,56 @@ def dot_config(dtype: torch.dtype) -> tuple[object, str]:
         # cudnn.allow_tf32: that one defaults to True and would cost fp32 callers three digits.
         return tl.float32, "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
     return (tl.float16 if dtype == torch.float16 else tl.bfloat16), "ieee"
+
+
+#: ``AQCF_TRITON_AUTOTUNE``: ``on`` (the default) times every config that fits a call (once per shape and
+#: process) and keeps the fastest; ``first`` takes the first that fits, untimed: one compile and no timing
+#: trials per shape (tests, short jobs), for a kernel that may be slower.
+AUTOTUNE_MODES = ("on", "first")
+
+
+def autotune_mode() -> str:
+    """``AQCF_TRITON_AUTOTUNE``, read whenever an autotuned kernel meets a new shape."""
+    mode = os.environ.get("AQCF_TRITON_AUTOTUNE", "on")
+    if mode not in AUTOTUNE_MODES:
+        raise ValueError(f"AQCF_TRITON_AUTOTUNE={mode!r}: expected one of {', '.join(AUTOTUNE_MODES)}")
+    return mode
+
+
+#: Every kernel built by :func:`autotuned`, by the kernel's name: ``(its autotuner, its GPU configs)``
+#: (tests/triton_kernels/test_autotune_configs.py runs each config of each).
+AUTOTUNED: dict[str, tuple[object, list]] = {}
+
+
+def autotuned(kernel, *, gpu_configs: list, interpreter_config: dict, key: list, prune=None, **kwargs):
+    """``kernel`` behind ``triton.autotune``: over ``gpu_configs`` (those ``prune(configs, named_args,
+    **meta)`` keeps for a call, all if ``None``) on a GPU, or one config of ``interpreter_config`` under the
+    interpreter (interpreted programs cost per program, not per element: big tiles), so CPU tests run the
+    launchers the GPU runs. :func:`autotune_mode` ``first`` keeps the first fitting config and times
+    nothing. ``kwargs`` go to ``triton.autotune`` (``reset_to_zero``)."""
+    if INTERPRET:
+        tuner = triton.autotune(configs=[triton.Config(interpreter_config)], key=key, **kwargs)(kernel)
+        AUTOTUNED[kernel.fn.__name__] = (tuner, gpu_configs)
+        return tuner
+
+    def early_config_prune(configs: list, named_args: dict, **meta) -> list:
+        kept = prune(configs, named_args, **meta) if prune is not None else configs
+        return kept[:1] if autotune_mode() == "first" else kept
+
+    def do_bench(kernel_call, quantiles):
+        if autotune_mode() == "first":  # one config left: nothing to compare, nothing to launch
+            return [0.0] * len(quantiles)
+        return triton.runtime.driver.active.get_benchmarker()(kernel_call, quantiles=quantiles)
+
+    tuner = triton.autotune(
+        configs=gpu_configs,
+        key=key,
+        prune_configs_by={"early_config_prune": early_config_prune},
+        do_bench=do_bench,
+        **kwargs,
+    )(kernel)
+    AUTOTUNED[kernel.fn.__name__] = (tuner, gpu_configs)
+    return tuner
 
 
 def unavailable() -> str | None:

@@ -73,19 +73,22 @@ def wgrad_gpu_configs() -> list:
 
 
 # The autotuner re-benchmarks every config for each new key: the GEMM sizes and the constexpr
-# variant (dtypes are added to the key by triton itself). The interpreter gets the same wrappers
-# with one config each (more fail there), so CPU tests run the launchers the GPU runs. The
-# weight gradient accumulates with fp32 atomics: the autotuner zeroes it before every trial.
+# variant (dtypes are added to the key by triton itself). The weight gradient accumulates with fp32
+# atomics: the autotuner zeroes it before every trial.
 if triton is not None:
-    _qconv_forward = triton.autotune(
-        configs=[triton.Config(INTERPRETER_BLOCKS)] if common.INTERPRET else forward_gpu_configs(),
+    _qconv_forward = common.autotuned(
+        qconv_kernel,
+        gpu_configs=forward_gpu_configs(),
+        interpreter_config=INTERPRETER_BLOCKS,
         key=["M", "CG_IN", "CG_OUT", "KD", "KH", "KW", "TRANSPOSED", "FAST8", "HAS_BIAS", "ACTIVATION", "STORE_PRE"],
-    )(qconv_kernel)
-    _qconv_wgrad = triton.autotune(
-        configs=[triton.Config(INTERPRETER_WGRAD_BLOCKS)] if common.INTERPRET else wgrad_gpu_configs(),
+    )
+    _qconv_wgrad = common.autotuned(
+        qconv_wgrad_kernel,
+        gpu_configs=wgrad_gpu_configs(),
+        interpreter_config=INTERPRETER_WGRAD_BLOCKS,
         key=["P", "CG_IN", "CG_OUT", "KD", "KH", "KW", "FAST8"],
         reset_to_zero=["gw_ptr"],
-    )(qconv_wgrad_kernel)
+    )
 
 
 ACTIVATION_CODES = {None: 0, "relu": 1, "leaky_relu": 2, "gelu": 3}

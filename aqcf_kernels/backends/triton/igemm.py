@@ -457,8 +457,10 @@ def prune_configs(configs: list, named_args: dict, **kwargs) -> list:
     return [c for c in kept if fits(c)] or kept
 
 
-_igemm = triton.autotune(
-    configs=[triton.Config(INTERPRETER_CONFIG)] if common.INTERPRET else gpu_configs(),
+_igemm = common.autotuned(
+    qconv_igemm_kernel,
+    gpu_configs=gpu_configs(),
+    interpreter_config=INTERPRETER_CONFIG,
     key=[
         "M",
         "K_TAP",
@@ -475,8 +477,8 @@ _igemm = triton.autotune(
         "HAS_BIAS",
         "ACTIVATION",
     ],
-    prune_configs_by=None if common.INTERPRET else {"early_config_prune": prune_configs},
-)(qconv_igemm_kernel)
+    prune=prune_configs,
+)
 
 
 def _spatial3(values, n: int, fill: int) -> tuple[int, int, int]:

@@ -411,11 +411,13 @@ def prune_configs(configs: list, named_args: dict, **kwargs) -> list:
 
 
 # Each program writes (never accumulates into) its own partial tile: autotuning trials need no reset.
-_wgrad_igemm = triton.autotune(
-    configs=[triton.Config(INTERPRETER_CONFIG)] if common.INTERPRET else gpu_configs(),
+_wgrad_igemm = common.autotuned(
+    qconv_wgrad_igemm_kernel,
+    gpu_configs=gpu_configs(),
+    interpreter_config=INTERPRETER_CONFIG,
     key=["M", "K_TAP", "N_G", "KD", "KH", "KW", "SD", "SH", "SW", "SPLITS", "GROUPED", "FAST8", "HAS_BIAS"],
-    prune_configs_by=None if common.INTERPRET else {"early_config_prune": prune_configs},
-)(qconv_wgrad_igemm_kernel)
+    prune=prune_configs,
+)
 
 
 def _operands(input: Tensor, grad_output: Tensor, p: ConvParams) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,189 @@
+"""Every tile config the Triton conv kernels may be autotuned to, run against reference.py, and how
+``AQCF_TRITON_AUTOTUNE`` chooses the configs of a call.
+
+The static tests (test_*_static.py) prove that each config compiles for sm_90 without spilling; these
+prove that each computes the right thing. Under triton's interpreter (CPU) the launchers otherwise run
+one big-tile config, and on a GPU the autotuner runs whichever config is fastest, so without this
+file most configs would never run anywhere before a user's call picks them. Each kernel of
+``common.AUTOTUNED`` runs every GPU config (the set the autotuner is built with, before any pruning)
+on a case with partial tiles in every dimension for tiles of 32 to 128 (126 output pixels, 36 real
+channels in and out), hamilton and fast8, in fp32 against the float64 reference: the implicit GEMM's
+forward, its weight gradient with the bias, and the first design's forward and weight gradient. (The
+GPU configs' grouped tile order, 8 row tiles to a band, has no partial band at this size; test_igemm.py
+covers one with the interpreter's 2.)
+``benchmarks/gpu_suite.sh`` runs the GPU tests with ``AQCF_TRITON_AUTOTUNE=first`` (one config per
+shape, untimed), so on a GPU too this is where every config runs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from aqcf_kernels import reference
+from aqcf_kernels.backends import registered
+from aqcf_kernels.params import ConvParams
+
+from .test_igemm import _rel
+
+TRITON = registered()["triton"]
+pytestmark = pytest.mark.skipif(
+    TRITON.unavailable() is not None, reason=f"triton backend unavailable: {TRITON.unavailable()}"
+)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if TRITON.unavailable() is None:
+    from aqcf_kernels.backends.triton import common, igemm, igemm_wgrad
+    from aqcf_kernels.backends.triton import conv as conv_v1
+
+    AUTOTUNED = dict(common.AUTOTUNED)
+else:
+    AUTOTUNED = {}
+
+#: a 1x3 "same" conv, 9 quaternion channels in and out, 2 images of 9x7: 126 output pixels and 36 real
+#: channels per side, partial for tiles of 32, 64 and 128 (fast8: 9 channels per product); 3 taps (the
+#: interpreter's time grows with them, and no tile depends on their count)
+PARAMS = ConvParams(2, (1, 1), (0, 1), (1, 1), False, (0, 0), 1)
+CQ, SPATIAL, KERNEL = 9, (9, 7), (1, 3)
+TOLERANCE = {"hamilton": 1e-5, "fast8": 5e-4}  # the fp32 contracts
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(2026)
+    x = torch.randn(2, 4 * CQ, *SPATIAL, generator=g, dtype=torch.float64)
+    w = torch.randn(4, CQ, CQ, *KERNEL, generator=g, dtype=torch.float64) / 4
+    b = torch.randn(4 * CQ, generator=g, dtype=torch.float64)
+    gy = torch.randn(2, 4 * CQ, *SPATIAL, generator=g, dtype=torch.float64)
+    return x, w, b, gy
+
+
+def _reference(x, w, b, gy):
+    """``(y, grad_weight, grad_bias)`` of the conv by autograd through the naive reference."""
+    w, b = w.detach().requires_grad_(), b.detach().requires_grad_()
+    y = reference.quaternion_conv_naive(x, w, b, padding=PARAMS.padding)
+    y.backward(gy)
+    return y.detach(), w.grad, b.grad
+
+
+def _forward_igemm(x, w, b, gy, algorithm):
+    return {"y": igemm.conv_igemm(x, w, b, PARAMS, algorithm=algorithm)[0]}
+
+
+def _wgrad_igemm(x, w, b, gy, algorithm):
+    gw, gb = igemm_wgrad.conv_weight_grad_igemm(x, gy, w.shape, PARAMS, True, splits=2, algorithm=algorithm)
+    return {"grad_weight": gw, "grad_bias": gb}
+
+
+def _forward_v1(x, w, b, gy, algorithm):
+    return {"y": conv_v1.conv(x, w, b, PARAMS, algorithm)}
+
+
+def _wgrad_v1(x, w, b, gy, algorithm):
+    return {"grad_weight": conv_v1.conv_weight_grad(x, gy, w.shape, PARAMS, algorithm)}
+
+
+#: the launcher that runs each autotuned kernel, and what it returns
+LAUNCHERS = {
+    "qconv_igemm_kernel": _forward_igemm,
+    "qconv_wgrad_igemm_kernel": _wgrad_igemm,
+    "qconv_kernel": _forward_v1,
+    "qconv_wgrad_kernel": _wgrad_v1,
+}
+
+
+def _config_id(name: str, config) -> str:
+    tiles = "x".join(str(v) for k, v in config.kwargs.items() if k.startswith("BLOCK"))
+    return f"{name}-{tiles}-w{config.num_warps}-s{config.num_stages}"
+
+
+CONFIG_CASES = [(name, i) for name, (_, configs) in AUTOTUNED.items() for i in range(len(configs))]
+CONFIG_IDS = [_config_id(name, AUTOTUNED[name][1][i]) for name, i in CONFIG_CASES]
+
+
+def test_every_autotuned_kernel_has_a_launcher_here():
+    """A kernel added to the autotuned set without a launcher here would have its configs run nowhere."""
+    assert set(AUTOTUNED) == set(LAUNCHERS)
+
+
+@pytest.mark.parametrize("algorithm", ["hamilton", "fast8"])
+@pytest.mark.parametrize(("name", "index"), CONFIG_CASES, ids=CONFIG_IDS)
+def test_every_gpu_config_matches_the_reference(name, index, algorithm, monkeypatch):
+    tuner, configs = AUTOTUNED[name]
+    # one config left: the autotuner runs it without pruning or timing, on a GPU and in the interpreter
+    monkeypatch.setattr(tuner, "configs", [configs[index]])
+    x, w, b, gy = _inputs()
+    y, gw, gb = _reference(x, w, b, gy)
+    want = {"y": y, "grad_weight": gw, "grad_bias": gb}
+    to = dict(dtype=torch.float32, device=DEVICE)
+    got = LAUNCHERS[name](x.to(**to), w.to(**to), b.to(**to), gy.to(**to), algorithm)
+    for key, out in got.items():
+        assert out.dtype == torch.float32 and out.shape == want[key].shape, key
+        err = _rel(out, want[key])
+        assert err <= TOLERANCE[algorithm], f"{key}: relative error {err:.2e} with {configs[index]}"
+
+
+# ------------------------------------------------------------------------------------------------
+# AQCF_TRITON_AUTOTUNE: how the configs of a call are chosen
+# ------------------------------------------------------------------------------------------------
+
+
+def _gpu_tuner(monkeypatch, prune):
+    """An autotuner built as on a GPU (the interpreter flag off; nothing compiles until a launch)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def scale_kernel(x_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(x_ptr + offs, 2 * tl.load(x_ptr + offs, mask=offs < n), mask=offs < n)
+
+    monkeypatch.setattr(common, "INTERPRET", False)
+    monkeypatch.setattr(common, "AUTOTUNED", {})
+    configs = [triton.Config({"BLOCK": b}) for b in (32, 64, 128)]
+    tuner = common.autotuned(
+        scale_kernel, gpu_configs=configs, interpreter_config={"BLOCK": 32}, key=["n"], prune=prune
+    )
+    return tuner, configs
+
+
+def test_autotune_on_times_every_config_that_fits(monkeypatch):
+    monkeypatch.delenv("AQCF_TRITON_AUTOTUNE", raising=False)
+    tuner, configs = _gpu_tuner(monkeypatch, prune=lambda configs, named_args, **meta: configs[1:])
+    assert tuner.early_config_prune(configs, {"n": 100}) == configs[1:]
+    assert common.AUTOTUNED["scale_kernel"] == (tuner, configs)
+
+
+def test_autotune_first_keeps_the_first_config_that_fits_and_times_nothing(monkeypatch):
+    monkeypatch.setenv("AQCF_TRITON_AUTOTUNE", "first")
+    seen = []
+
+    def prune(configs, named_args, **meta):
+        seen.append((named_args, meta))
+        return configs[1:]
+
+    tuner, configs = _gpu_tuner(monkeypatch, prune)
+    assert tuner.early_config_prune(configs, {"n": 100}, BLOCK_HINT=1) == [configs[1]]
+    assert seen == [({"n": 100}, {"BLOCK_HINT": 1})]  # the kernel's own pruning still decides what fits
+
+    def launch():
+        raise AssertionError("a lone config is not timed")
+
+    assert tuner.do_bench(launch, quantiles=(0.5, 0.2, 0.8)) == [0.0, 0.0, 0.0]
+
+
+def test_autotune_mode_names_the_variable_on_a_bad_value(monkeypatch):
+    monkeypatch.setenv("AQCF_TRITON_AUTOTUNE", "fastest")
+    with pytest.raises(ValueError, match=r"AQCF_TRITON_AUTOTUNE='fastest': expected one of on, first"):
+        common.autotune_mode()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or common.INTERPRET, reason="a GPU launch (autotuning)")
+def test_autotune_first_on_a_gpu_launch(monkeypatch):
+    """A real call in ``first`` mode tries one config for a new shape; ``on`` compares several."""
+    tuner, _ = AUTOTUNED["qconv_igemm_kernel"]
+    x, w, b, _ = _inputs()
+    to = dict(dtype=torch.bfloat16, device=DEVICE)
+    for mode, trials in (("first", lambda n: n == 1), ("on", lambda n: n > 1)):
+        monkeypatch.setenv("AQCF_TRITON_AUTOTUNE", mode)
+        monkeypatch.setattr(tuner, "cache", {})
+        igemm.conv_igemm(x.to(**to), w.to(**to), b.to(**to), PARAMS)
+        assert trials(len(tuner.configs_timings)), (mode, tuner.configs_timings)
