@@ -1,0 +1,258 @@
+"""The GPU suite's timings that are no ``aqcf-bench`` family (``benchmarks/gpu_suite.sh``'s norm and rnn
+stages): a fused Triton path against the composite or two-pass one it replaces, same process, interleaved
+reps (:func:`common.time_interleaved`, CUDA events on a GPU), a Markdown table and JSON per table.
+
+    python -m benchmarks.gpu_stages norm   OUTDIR   # QuaternionBatch/InstanceNorm + GELU fwd+bwd: fused vs composite
+    python -m benchmarks.gpu_stages passes OUTDIR   # a conv's backward: one pass (activation_grad_bias,
+                                                    # qconv_weight_bias_grad) vs two
+    python -m benchmarks.gpu_stages rnn    OUTDIR   # QLSTM / QLiGRU: the fused recurrence vs the per-step loop
+
+``--device cpu --small``: a dry run at tiny sizes (CI runs it, tests/benchmarks/test_gpu_stages.py); on CPU
+both sides of a row often run the same code, so its times mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks import common
+
+
+def _medians_ms(device: str, reps: int, warmup: int, **steps: Callable[[], object]) -> list[float]:
+    """Median ms of each step over ``reps`` interleaved reps after ``warmup`` rounds."""
+    times = common.time_interleaved(steps, reps=reps, warmup=warmup, device=device)
+    return [statistics.median(times[name]) * 1e3 for name in steps]
+
+
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def _environment(device: str) -> dict[str, Any]:
+    return common.environment(torch.device(device), threads=torch.get_num_threads())
+
+
+def _write(out: Path, name: str, env: Mapping[str, Any], rows: list[dict], headers: list[str], cells) -> None:
+    common.write_json(out / f"{name}.json", dict(env, rows=rows))
+    table = common.markdown_table(headers, [cells(r) for r in rows], align_left=3)
+    (out / f"{name}.md").write_text(f"{common.environment_line(env)}\n\n`{env['command']}`\n\n{table}\n")
+    print(f"{name}:", *rows, sep="\n", flush=True)
+
+
+def norm_stage(out: Path, device: str, small: bool) -> None:
+    """Fused quaternion norm + GELU (the Triton kernels on CUDA) against the composite path, forward and
+    backward, batch and instance norm, 2d and 3d, fp32 and bf16."""
+    from aqcf_kernels import nn as qnn
+
+    shapes = (
+        {"2d": (2, 16, 8, 8), "3d": (1, 16, 4, 4, 4)} if small else {"2d": (8, 256, 64, 64), "3d": (2, 128, 32, 32, 32)}
+    )
+    classes = {
+        "2d": (qnn.QuaternionBatchNorm2d, qnn.QuaternionInstanceNorm2d),
+        "3d": (qnn.QuaternionBatchNorm3d, qnn.QuaternionInstanceNorm3d),
+    }
+    rows = []
+    for dims, shape in shapes.items():
+        for kind, cls in zip(("batch", "instance"), classes[dims], strict=True):
+            for dtype in (torch.float32, torch.bfloat16):
+                x = torch.randn(shape, device=device, dtype=dtype).requires_grad_()
+                gy = torch.randn_like(x)
+                steps, results = {}, {}
+                for provider in ("fused", "composite"):
+                    m = cls(shape[1], activation="gelu", affine=True).to(device=device, dtype=dtype)
+                    m.fused = provider == "fused"
+                    x.grad = None
+                    y = m(x)
+                    y.backward(gy)
+                    results[provider] = (y.detach(), x.grad.clone())
+
+                    def step(m=m, x=x, gy=gy):
+                        m(x).backward(gy)
+
+                    steps[provider] = step
+                fused_ms, composite_ms = _medians_ms(device, 20, 5, **steps)
+                (yf, gf), (yc, gc) = results["fused"], results["composite"]
+                rows.append(
+                    dict(dims=dims, norm=kind, dtype=str(dtype).split(".")[1], shape=list(shape), fused_ms=fused_ms,
+                         composite_ms=composite_ms, speedup=composite_ms / fused_ms, rel_err_y=_rel(yf, yc),
+                         rel_err_dx=_rel(gf, gc))
+                )  # fmt: skip
+    _write(
+        out, "norm", _environment(device), rows,
+        ["dims", "norm", "dtype", "shape", "fused ms", "composite ms", "speedup", "rel err y", "rel err dx"],
+        lambda r: [r["dims"], r["norm"], r["dtype"], tuple(r["shape"]), f"{r['fused_ms']:.3f}",
+                   f"{r['composite_ms']:.3f}", f"{r['speedup']:.2f}x", f"{r['rel_err_y']:.1e}",
+                   f"{r['rel_err_dx']:.1e}"],
+    )  # fmt: skip
+
+
+def passes_stage(out: Path, device: str, small: bool) -> None:
+    """Where a conv's backward gets its bias gradient without a read of its own, bf16, N32 64x64:
+
+    * ``activation_pass``: dL/dz and the bias gradient of conv + bias + activation (the 2d 64q target
+      layer's output) from one Triton pass, against aten's activation backward then a sum;
+    * ``wgrad_bias``: the weight and bias gradients of the 2d 16q and 64q 3x3 layers (channels_last,
+      hamilton) from one launch of the Triton split-K weight-gradient GEMM, against the same GEMM then a sum.
+    """
+    from aqcf_kernels.ops import conv as conv_ops  # (registers torch.ops.aqcf)
+
+    batch, size = (1, 8) if small else (32, 64)
+    env = _environment(device)
+    rows = []
+    for activation in ("relu", "gelu"):
+        for layout in ("channels_last", "nchw"):
+            fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+            z = torch.randn(batch, 256, size, size, device=device, dtype=torch.bfloat16).contiguous(memory_format=fmt)
+            y = torch.relu(z) if activation == "relu" else F.gelu(z)
+            pre = z if activation == "gelu" else z.new_empty(0)
+            gy = torch.randn_like(y)
+
+            def one_pass(gy=gy, y=y, pre=pre, activation=activation):
+                return torch.ops.aqcf.activation_grad_bias(gy, y, pre, activation, 0.01)
+
+            def two_passes(gy=gy, y=y, pre=pre, activation=activation):
+                gz = conv_ops.activation_grad(gy, y, pre, activation, 0.01)
+                return gz, gz.sum(dim=(0, 2, 3))
+
+            (gz1, gb1), (gz2, gb2) = one_pass(), two_passes()
+            ref = conv_ops.activation_grad(gy.float(), y.float(), pre.float(), activation, 0.01).sum(dim=(0, 2, 3))
+            one_ms, two_ms = _medians_ms(device, 30, 5, one_pass=one_pass, two_passes=two_passes)
+            rows.append(
+                dict(activation=activation, layout=layout, shape=list(z.shape), one_pass_ms=one_ms,
+                     two_passes_ms=two_ms, speedup=two_ms / one_ms, gz_equal=bool(torch.equal(gz1, gz2)),
+                     rel_err_bias_one=_rel(gb1, ref), rel_err_bias_two=_rel(gb2, ref))
+            )  # fmt: skip
+    _write(
+        out, "activation_pass", env, rows,
+        ["activation", "layout", "shape (bf16)", "one pass ms", "two passes ms", "speedup", "dL/dz equal",
+         "bias rel err (one / two)"],
+        lambda r: [r["activation"], r["layout"], tuple(r["shape"]), f"{r['one_pass_ms']:.3f}",
+                   f"{r['two_passes_ms']:.3f}", f"{r['speedup']:.2f}x", r["gz_equal"],
+                   f"{r['rel_err_bias_one']:.1e} / {r['rel_err_bias_two']:.1e}"],
+    )  # fmt: skip
+
+    rows = []
+    for cq in (16, 64):
+        x, gy = (
+            torch.randn(batch, 4 * cq, size, size, device=device, dtype=torch.bfloat16).contiguous(
+                memory_format=torch.channels_last
+            )
+            for _ in range(2)
+        )
+        args = (x, gy, [4, cq, cq, 3, 3], [1, 1], [1, 1], [1, 1], False, [0, 0], 1, "hamilton")
+
+        def one_launch(args=args):
+            return torch.ops.aqcf.qconv_weight_bias_grad(*args)
+
+        def two(args=args, gy=gy):
+            return torch.ops.aqcf.qconv_weight_grad(*args), gy.sum(dim=(0, 2, 3))
+
+        (gw1, gb1), (gw2, gb2) = one_launch(), two()
+        ref = gy.float().sum(dim=(0, 2, 3))
+        one_ms, two_ms = _medians_ms(device, 30, 5, one_launch=one_launch, two=two)
+        rows.append(
+            dict(quaternions=cq, shape=list(x.shape), one_launch_ms=one_ms, two_ms=two_ms, speedup=two_ms / one_ms,
+                 rel_diff_weight=_rel(gw1, gw2), rel_err_bias_one=_rel(gb1, ref), rel_err_bias_two=_rel(gb2, ref))
+        )  # fmt: skip
+    _write(
+        out, "wgrad_bias", env, rows,
+        ["quaternions", "shape (bf16)", "one launch ms", "wgrad + sum ms", "speedup", "weight rel diff",
+         "bias rel err (one / two)"],
+        lambda r: [r["quaternions"], tuple(r["shape"]), f"{r['one_launch_ms']:.3f}", f"{r['two_ms']:.3f}",
+                   f"{r['speedup']:.2f}x", f"{r['rel_diff_weight']:.1e}",
+                   f"{r['rel_err_bias_one']:.1e} / {r['rel_err_bias_two']:.1e}"],
+    )  # fmt: skip
+
+
+def rnn_stage(out: Path, device: str, small: bool) -> None:
+    """QLSTM / QLiGRU layer fwd+bwd, 512 hidden, batch 8, 100 steps: the fused recurrence
+    (``aqcf::rnn_sequence``, on CUDA the Triton cell kernels) against the layer's composite per-step loop
+    (what runs when no fused kernel serves), fp32 and bf16. The Triton forward launches are counted: proof
+    of which path served each row."""
+    from aqcf_kernels import nn as qnn
+    from aqcf_kernels.backends.triton import rnn_cell as triton_rnn
+    from aqcf_kernels.nn import recurrent
+
+    size, steps, batch = (16, 5, 2) if small else (512, 100, 8)
+    available = recurrent.rnn_cell_ops.available
+    launches = [0]
+    real_forward = triton_rnn.forward
+
+    def counting(*args):
+        launches[0] += 1
+        return real_forward(*args)
+
+    rows = []
+    triton_rnn.forward = counting
+    try:
+        for name, cls in (("lstm", qnn.QuaternionLSTM), ("ligru", qnn.QuaternionLiGRU)):
+            for dtype in (torch.float32, torch.bfloat16):
+                layer = cls(size, size).to(device=device, dtype=dtype)
+                x = torch.randn(steps, batch, size, device=device, dtype=dtype).requires_grad_()
+                gy = torch.randn(steps, batch, size, device=device, dtype=dtype)
+                results, times, calls = {}, {}, {}
+                for provider in ("fused", "composite"):
+                    fused = provider == "fused"
+                    recurrent.rnn_cell_ops.available = available if fused else (lambda *args: False)
+                    launches[0] = 0
+                    x.grad = None
+                    y = layer(x)[0]
+                    y.backward(gy)
+                    results[provider] = (y.detach(), x.grad.clone())
+
+                    def step(layer=layer, x=x, gy=gy):
+                        layer(x)[0].backward(gy)
+
+                    (times[provider],) = _medians_ms(device, 10, 3, step=step)
+                    calls[provider] = launches[0]
+                recurrent.rnn_cell_ops.available = available
+                (yf, gf), (yc, gc) = results["fused"], results["composite"]
+                rows.append(
+                    dict(layer=name, dtype=str(dtype).split(".")[1], steps=steps, batch=batch, hidden=size,
+                         fused_ms=times["fused"], composite_ms=times["composite"],
+                         speedup=times["composite"] / times["fused"], rel_err_y=_rel(yf, yc), rel_err_dx=_rel(gf, gc),
+                         triton_forward_calls=calls["fused"], composite_triton_calls=calls["composite"])
+                )  # fmt: skip
+    finally:
+        triton_rnn.forward = real_forward
+        recurrent.rnn_cell_ops.available = available
+    _write(
+        out, "rnn", _environment(device), rows,
+        ["layer", "dtype", "T x B x H", "fused ms", "composite ms", "speedup", "rel err y", "rel err dx",
+         "triton calls"],
+        lambda r: [r["layer"], r["dtype"], f"{r['steps']}x{r['batch']}x{r['hidden']}", f"{r['fused_ms']:.2f}",
+                   f"{r['composite_ms']:.2f}", f"{r['speedup']:.2f}x", f"{r['rel_err_y']:.1e}",
+                   f"{r['rel_err_dx']:.1e}", r["triton_forward_calls"]],
+    )  # fmt: skip
+
+
+STAGES: dict[str, Callable[[Path, str, bool], None]] = {"norm": norm_stage, "passes": passes_stage, "rnn": rnn_stage}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=list(STAGES))
+    parser.add_argument("out", type=Path, help="folder for the stage's tables (created)")
+    parser.add_argument("--device", default="cuda", help="default cuda; cpu with --small: a dry run")
+    parser.add_argument("--small", action="store_true", help="tiny sizes (a dry run)")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here (a dry run: --device cpu --small)")
+    if args.device == "cuda" and args.stage == "passes":
+        os.environ["AQCF_BACKEND"] = "triton"  # the Triton kernels these tables are about
+    args.out.mkdir(parents=True, exist_ok=True)
+    STAGES[args.stage](args.out, args.device, args.small)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
