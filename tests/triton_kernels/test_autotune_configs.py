@@ -8,9 +8,8 @@ file most configs would never run anywhere before a user's call picks them. Each
 ``common.AUTOTUNED`` runs every GPU config (the set the autotuner is built with, before any pruning)
 on a case with partial tiles in every dimension for tiles of 32 to 128 (126 output pixels, 36 real
 channels in and out), hamilton and fast8, in fp32 against the float64 reference: the implicit GEMM's
-forward, its weight gradient with the bias, and the first design's forward and weight gradient. (The
-GPU configs' grouped tile order, 8 row tiles to a band, has no partial band at this size; test_igemm.py
-covers one with the interpreter's 2.)
+forward, its weight gradient with the bias, and the first design's forward and weight gradient. The
+GPU configs' grouped tile order (8 row tiles to a band) gets a case of its own with a partial band.
 ``benchmarks/gpu_suite.sh`` runs the GPU tests with ``AQCF_TRITON_AUTOTUNE=first`` (one config per
 shape, untimed), so on a GPU too this is where every config runs.
 """
@@ -119,6 +118,21 @@ def test_every_gpu_config_matches_the_reference(name, index, algorithm, monkeypa
         assert out.dtype == torch.float32 and out.shape == want[key].shape, key
         err = _rel(out, want[key])
         assert err <= TOLERANCE[algorithm], f"{key}: relative error {err:.2e} with {configs[index]}"
+
+
+def test_grouped_tile_order_with_a_partial_band_of_the_gpu_configs(monkeypatch):
+    """10 row tiles of 32 (2 images of 15x10) with the GPU configs' GROUP_M = 8: a band of 8 and one of 2,
+    each sweeping both column tiles."""
+    tuner, configs = AUTOTUNED["qconv_igemm_kernel"]
+    config = next(c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) == (32, 32))
+    assert config.kwargs["GROUP_M"] == 8
+    monkeypatch.setattr(tuner, "configs", [config])
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 4 * CQ, 15, 10, generator=g, dtype=torch.float64)
+    w = torch.randn(4, CQ, CQ, *KERNEL, generator=g, dtype=torch.float64) / 4
+    want = reference.quaternion_conv_naive(x, w, None, padding=PARAMS.padding)
+    got = igemm.conv_igemm(x.to(DEVICE, torch.float32), w.to(DEVICE, torch.float32), None, PARAMS)[0]
+    assert _rel(got, want) <= TOLERANCE["hamilton"]
 
 
 # ------------------------------------------------------------------------------------------------
