@@ -16,6 +16,8 @@ shape, untimed), so on a GPU too this is where every config runs.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -159,10 +161,18 @@ def _gpu_tuner(monkeypatch, prune):
     return tuner, configs
 
 
-def test_autotune_on_times_every_config_that_fits(monkeypatch):
+def _record_precompiles(monkeypatch) -> list:
+    calls = []
+    monkeypatch.setattr(common, "precompile", lambda kernel, configs, named_args, meta: calls.append(configs))
+    return calls
+
+
+def test_autotune_on_compiles_the_configs_that_fit_in_parallel_then_times_them(monkeypatch):
     monkeypatch.delenv("AQCF_TRITON_AUTOTUNE", raising=False)
+    precompiled = _record_precompiles(monkeypatch)
     tuner, configs = _gpu_tuner(monkeypatch, prune=lambda configs, named_args, **meta: configs[1:])
     assert tuner.early_config_prune(configs, {"n": 100}) == configs[1:]
+    assert precompiled == [configs[1:]]
     assert common.AUTOTUNED["scale_kernel"] == (tuner, configs)
 
 
@@ -174,9 +184,11 @@ def test_autotune_first_keeps_the_first_config_that_fits_and_times_nothing(monke
         seen.append((named_args, meta))
         return configs[1:]
 
+    precompiled = _record_precompiles(monkeypatch)
     tuner, configs = _gpu_tuner(monkeypatch, prune)
     assert tuner.early_config_prune(configs, {"n": 100}, BLOCK_HINT=1) == [configs[1]]
     assert seen == [({"n": 100}, {"BLOCK_HINT": 1})]  # the kernel's own pruning still decides what fits
+    assert precompiled == []  # one config: compiled when it runs
 
     def launch():
         raise AssertionError("a lone config is not timed")
@@ -190,14 +202,81 @@ def test_autotune_mode_names_the_variable_on_a_bad_value(monkeypatch):
         common.autotune_mode()
 
 
+def test_compile_threads_default_to_the_cpus_of_this_process(monkeypatch):
+    import os
+
+    monkeypatch.delenv("AQCF_TRITON_COMPILE_THREADS", raising=False)
+    assert common.compile_threads() == len(os.sched_getaffinity(0))
+    monkeypatch.setenv("AQCF_TRITON_COMPILE_THREADS", "3")
+    assert common.compile_threads() == 3
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("AQCF_TRITON_COMPILE_THREADS", bad)
+        with pytest.raises(ValueError, match=f"AQCF_TRITON_COMPILE_THREADS='{bad}': expected a whole number"):
+            common.compile_threads()
+
+
+class _WarmupRecorder:
+    """Stands for a JITFunction: records each ``warmup`` (compile, no launch) and whether triton's
+    AsyncCompileMode was active (its compiles then go to the pool)."""
+
+    def __init__(self, error: Exception | None = None):
+        self.calls, self.async_modes, self.error = [], [], error
+        self.fn = SimpleNamespace(__name__="recorded_kernel")
+
+    def warmup(self, *args, **kwargs):
+        from triton.runtime import _async_compile
+
+        if self.error is not None:
+            raise self.error
+        self.calls.append((args, kwargs))
+        self.async_modes.append(_async_compile.active_mode.get())
+
+
+def _configs():
+    import triton
+
+    return [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((32, 4), (64, 4), (128, 8))]
+
+
+def test_precompile_warms_each_config_with_the_call_arguments_under_async_compile(monkeypatch):
+    monkeypatch.setenv("AQCF_TRITON_COMPILE_THREADS", "4")
+    kernel, configs, x = _WarmupRecorder(), _configs(), torch.ones(3)
+    # the autotuner's run() passes the launch's grid and warmup flag with the constexprs: not for warmup
+    common.precompile(kernel, configs, {"x_ptr": x, "n": 100}, {"FLAG": True, "grid": (7,), "warmup": False})
+    assert [kw for _, kw in kernel.calls] == [dict(grid=(1,), FLAG=True, **c.all_kwargs()) for c in configs]
+    assert all(args[0] is x and args[1:] == (100,) for args, _ in kernel.calls)
+    assert all(mode is not None for mode in kernel.async_modes)
+
+
+def test_precompile_leaves_one_config_or_one_thread_to_the_autotuner(monkeypatch):
+    kernel = _WarmupRecorder()
+    monkeypatch.setenv("AQCF_TRITON_COMPILE_THREADS", "4")
+    common.precompile(kernel, _configs()[:1], {"n": 100}, {})
+    monkeypatch.setenv("AQCF_TRITON_COMPILE_THREADS", "1")
+    common.precompile(kernel, _configs(), {"n": 100}, {})
+    assert kernel.calls == []
+
+
+def test_precompile_that_fails_warms_nothing_and_says_so(monkeypatch):
+    monkeypatch.setenv("AQCF_TRITON_COMPILE_THREADS", "4")
+    kernel = _WarmupRecorder(error=RuntimeError("0 active drivers"))
+    with pytest.warns(RuntimeWarning, match=r"compiling 3 configs of recorded_kernel in parallel failed .*0 active"):
+        common.precompile(kernel, _configs(), {"n": 100}, {})
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or common.INTERPRET, reason="a GPU launch (autotuning)")
 def test_autotune_first_on_a_gpu_launch(monkeypatch):
-    """A real call in ``first`` mode tries one config for a new shape; ``on`` compares several."""
+    """A real call in ``first`` mode tries one config for a new shape; ``on`` compiles several in parallel
+    (a failure there would only warn: here it is an error) and compares them."""
+    import warnings
+
     tuner, _ = AUTOTUNED["qconv_igemm_kernel"]
     x, w, b, _ = _inputs()
     to = dict(dtype=torch.bfloat16, device=DEVICE)
     for mode, trials in (("first", lambda n: n == 1), ("on", lambda n: n > 1)):
         monkeypatch.setenv("AQCF_TRITON_AUTOTUNE", mode)
         monkeypatch.setattr(tuner, "cache", {})
-        igemm.conv_igemm(x.to(**to), w.to(**to), b.to(**to), PARAMS)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            igemm.conv_igemm(x.to(**to), w.to(**to), b.to(**to), PARAMS)
         assert trials(len(tuner.configs_timings)), (mode, tuner.configs_timings)

@@ -147,3 +147,24 @@ def test_wgmma_in_flight_across_iterations(variants, kind):
             "wgmma with torch.backends.cuda.matmul.allow_tf32 = True. Measured: " + "; ".join(bad)
         )
     assert not bad, "; ".join(bad)
+
+
+def test_autotuning_compiles_the_kept_configs_in_parallel_once(tmp_path):
+    """The launcher's autotuning through triton 3.6's own JIT and autotuner (tests/triton_kernels/
+    _autotune_with_triton36.py: a stand-in sm_90 driver, real compiles, no launch): with ``on``, every
+    config the launcher keeps compiles once, in the precompile's worker threads, and the timing trials find
+    them compiled (the warmup's cache keys are the launch's); with ``first``, one config compiles, at its
+    launch, and is the only trial."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "AQCF_TRITON_AUTOTUNE")}
+    env["PYTHONPATH"] = os.pathsep.join([str(TRITON36), str(ROOT), env.get("PYTHONPATH", "")])
+    env.update(AQCF_TRITON_COMPILE_THREADS="2", TRITON_CACHE_DIR=str(tmp_path))
+    script = ROOT / "tests" / "triton_kernels" / "_autotune_with_triton36.py"
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "Warning" not in result.stderr, result.stdout[-3000:] + result.stderr[-5000:]
+    on, first = (json.loads(result.stdout.splitlines()[-1])[mode] for mode in ("on", "first"))
+    print(f"on: {on}\nfirst: {first}")
+    assert on["kept"] > 1 and on["trials"] == on["kept"]
+    assert on["compiles_precompiling"] == on["kept"] and on["compile_threads"] == 2
+    assert on["compiles_after"] == 0 and on["main_thread_compiles"] == 0
+    assert first == dict(kept=1, trials=1, compiles_precompiling=0, compile_threads=0, compiles_after=1,
+                         main_thread_compiles=1)  # fmt: skip

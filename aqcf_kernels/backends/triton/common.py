@@ -9,6 +9,8 @@ test that patches ``common.INTERPRET`` changes what every launcher and backend s
 from __future__ import annotations
 
 import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
@@ -56,6 +58,45 @@ def autotune_mode() -> str:
     return mode
 
 
+def compile_threads() -> int:
+    """``AQCF_TRITON_COMPILE_THREADS``, default the CPUs this process may run on: how many configs of a
+    kernel :func:`autotuned` compiles at once for a new shape (1: one after the other, as triton does)."""
+    value = os.environ.get("AQCF_TRITON_COMPILE_THREADS", "").strip()
+    if not value:
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"AQCF_TRITON_COMPILE_THREADS={value!r}: expected a whole number >= 1")
+    return int(value)
+
+
+def precompile(kernel, configs: list, named_args: dict, meta: dict) -> None:
+    """Compile ``kernel`` for each of ``configs`` with the arguments of the call being tuned, on
+    :func:`compile_threads` threads (triton's ``AsyncCompileMode``: its compiler passes and ptxas run
+    outside the GIL), so that autotuning then times compiled kernels instead of compiling each in turn
+    (about a second each). Nothing is launched. A config that fails to compile is left for the autotuner,
+    which rates it as it always does; if the parallel compile itself fails, a warning says so and each
+    config compiles when the autotuner first runs it."""
+    threads = min(len(configs), compile_threads())
+    if threads < 2:
+        return
+    try:
+        from triton.runtime._async_compile import AsyncCompileMode
+
+        args = list(named_args.values())  # the call's positional arguments, in order
+        # the constexprs of the call (the autotuner's run() also gets the launch's grid and warmup flag)
+        constexprs = {k: v for k, v in meta.items() if k not in ("grid", "warmup")}
+        with ThreadPoolExecutor(threads) as pool, AsyncCompileMode(pool, ignore_errors=True):
+            for config in configs:
+                kernel.warmup(*args, grid=(1,), **constexprs, **config.all_kwargs())
+    except Exception as e:  # noqa: BLE001  (an optimisation: the autotuner compiles what is missing)
+        warnings.warn(
+            f"aqcf_kernels: compiling {len(configs)} configs of {kernel.fn.__name__} in parallel failed ({e!r}); "
+            "the autotuner compiles them one at a time",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
 #: Every kernel built by :func:`autotuned`, by the kernel's name: ``(its autotuner, its GPU configs)``
 #: (tests/triton_kernels/test_autotune_configs.py runs each config of each).
 AUTOTUNED: dict[str, tuple[object, list]] = {}
@@ -65,7 +106,8 @@ def autotuned(kernel, *, gpu_configs: list, interpreter_config: dict, key: list,
     """``kernel`` behind ``triton.autotune``: over ``gpu_configs`` (those ``prune(configs, named_args,
     **meta)`` keeps for a call, all if ``None``) on a GPU, or one config of ``interpreter_config`` under the
     interpreter (interpreted programs cost per program, not per element: big tiles), so CPU tests run the
-    launchers the GPU runs. :func:`autotune_mode` ``first`` keeps the first fitting config and times
+    launchers the GPU runs. The configs kept for a new shape are compiled in parallel first
+    (:func:`precompile`); :func:`autotune_mode` ``first`` keeps the first fitting config and times
     nothing. ``kwargs`` go to ``triton.autotune`` (``reset_to_zero``)."""
     if INTERPRET:
         tuner = triton.autotune(configs=[triton.Config(interpreter_config)], key=key, **kwargs)(kernel)
@@ -74,7 +116,10 @@ def autotuned(kernel, *, gpu_configs: list, interpreter_config: dict, key: list,
 
     def early_config_prune(configs: list, named_args: dict, **meta) -> list:
         kept = prune(configs, named_args, **meta) if prune is not None else configs
-        return kept[:1] if autotune_mode() == "first" else kept
+        if autotune_mode() == "first":
+            return kept[:1]
+        precompile(kernel, kept, named_args, meta)
+        return kept
 
     def do_bench(kernel_call, quantiles):
         if autotune_mode() == "first":  # one config left: nothing to compare, nothing to launch
