@@ -21,6 +21,11 @@ IEEE fp32 (the default for fp32 inputs: TF32 only when ``torch.backends.cuda.mat
 no tensor-core instruction: that variant is an expected failure of the wgmma criterion, with its figure.
 Registers and shared memory per variant are printed (``pytest -s`` or ``-rA`` shows them).
 
+The same triton 3.6 also runs the launchers' GPU path on a stand-in sm_90 (_standin_gpu.py: real
+compiles, no launch): every Triton launcher's call bound, specialised and compiled as on a GPU
+(_launch_with_triton36.py), and the implicit GEMM's autotuning: the configs it keeps compiled once each,
+in parallel, before their timing trials (_autotune_with_triton36.py).
+
 Triton 3.6 is looked for in ``$AQCF_TRITON36`` (a directory holding the ``triton`` package), then
 ``.venv-triton36/`` at the repository root, then ``/tmp/triton36``; install one with
 ``pip install --no-deps --target .venv-triton36 triton==3.6.0``.
@@ -149,19 +154,36 @@ def test_wgmma_in_flight_across_iterations(variants, kind):
     assert not bad, "; ".join(bad)
 
 
+def _run_with_triton36(script: str, tmp_path, **env_extra: str) -> dict:
+    """The last line of ``tests/triton_kernels/<script>``'s output, as JSON, run with triton 3.6 (and a fresh
+    triton cache) on _standin_gpu.py's sm_90."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "AQCF_TRITON_AUTOTUNE")}
+    env["PYTHONPATH"] = os.pathsep.join([str(TRITON36), str(ROOT), env.get("PYTHONPATH", "")])
+    env.update(TRITON_CACHE_DIR=str(tmp_path), **env_extra)
+    path = ROOT / "tests" / "triton_kernels" / script
+    result = subprocess.run([sys.executable, str(path)], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "Warning" not in result.stderr, result.stdout[-3000:] + result.stderr[-5000:]
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def test_every_launcher_launches_through_triton36(tmp_path):
+    """Each Triton launcher's GPU branch (bf16 dots, TF32, the GPU launch options and autotune sets) bound,
+    specialised and compiled by triton 3.6's JIT as a real launch (_launch_with_triton36.py): what the
+    interpreter never runs. bf16: every launcher and variant; fp32: one launch of each."""
+    out = _run_with_triton36("_launch_with_triton36.py", tmp_path)
+    failed = {name: error for name, error in out["results"].items() if error != "ok"}
+    assert not failed, "\n\n".join(f"{name}:\n{error}" for name, error in failed.items())
+    assert len(out["results"]) == 27 and out["compiles"] >= 27, out
+
+
 def test_autotuning_compiles_the_kept_configs_in_parallel_once(tmp_path):
     """The launcher's autotuning through triton 3.6's own JIT and autotuner (tests/triton_kernels/
     _autotune_with_triton36.py: a stand-in sm_90 driver, real compiles, no launch): with ``on``, every
     config the launcher keeps compiles once, in the precompile's worker threads, and the timing trials find
     them compiled (the warmup's cache keys are the launch's); with ``first``, one config compiles, at its
     launch, and is the only trial."""
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "AQCF_TRITON_AUTOTUNE")}
-    env["PYTHONPATH"] = os.pathsep.join([str(TRITON36), str(ROOT), env.get("PYTHONPATH", "")])
-    env.update(AQCF_TRITON_COMPILE_THREADS="2", TRITON_CACHE_DIR=str(tmp_path))
-    script = ROOT / "tests" / "triton_kernels" / "_autotune_with_triton36.py"
-    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0 and "Warning" not in result.stderr, result.stdout[-3000:] + result.stderr[-5000:]
-    on, first = (json.loads(result.stdout.splitlines()[-1])[mode] for mode in ("on", "first"))
+    out = _run_with_triton36("_autotune_with_triton36.py", tmp_path, AQCF_TRITON_COMPILE_THREADS="2")
+    on, first = out["on"], out["first"]
     print(f"on: {on}\nfirst: {first}")
     assert on["kept"] > 1 and on["trials"] == on["kept"]
     assert on["compiles_precompiling"] == on["kept"] and on["compile_threads"] == 2

@@ -1,0 +1,54 @@
+"""An sm_90 GPU as far as triton 3.6's JIT and autotuner ask, for scripts run with triton 3.6 first on the
+path and no GPU (_autotune_with_triton36.py, _launch_with_triton36.py): every launch specialises its
+arguments and compiles for real (ptxas included), and launches nothing; the kernels' inputs are CPU
+tensors, so their outputs are whatever memory held.
+"""
+
+import threading
+from types import SimpleNamespace
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import compiler as triton_compiler
+
+#: the SM count of the H100/H200 (what launchers that size their grids by the GPU read)
+SMS = 132
+
+
+class StandInDriver:
+    """What triton's JIT and autotuner ask of the active driver before a launch."""
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_benchmarker(self):
+        def bench(kernel_call, quantiles):
+            kernel_call()  # a trial: the lookup (or compile) of its kernel, then the no-op launch
+            return [1.0] * len(quantiles)
+
+        return bench
+
+
+def install(on_compile=None) -> list:
+    """Make triton launch onto the stand-in; returns the list that each compile appends
+    ``(thread name, on_compile())`` to."""
+    compiles = []
+    real_compile = triton_compiler.compile
+
+    def counting_compile(*args, **kwargs):
+        compiles.append((threading.current_thread().name, on_compile() if on_compile else None))
+        return real_compile(*args, **kwargs)
+
+    triton.runtime.driver.set_active(StandInDriver())
+    triton.compiler.compile = triton_compiler.compile = counting_compile  # (the JIT binds it at first call)
+    triton_compiler.CompiledKernel.launch_metadata = lambda self, *args: None
+    triton_compiler.CompiledKernel.run = property(lambda self: lambda *args: None)
+    torch.cuda.get_device_properties = lambda device=None: SimpleNamespace(multi_processor_count=SMS)
+    return compiles
