@@ -7,8 +7,9 @@ reps (:func:`common.time_interleaved`, CUDA events on a GPU), a Markdown table a
                                                     # qconv_weight_bias_grad) vs two
     python -m benchmarks.gpu_stages rnn    OUTDIR   # QLSTM / QLiGRU: the fused recurrence vs the per-step loop
 
-``--device cpu --small``: a dry run at tiny sizes (CI runs it, tests/benchmarks/test_gpu_stages.py); on CPU
-both sides of a row often run the same code, so its times mean nothing.
+``--device cpu --small``: a dry run at tiny sizes (CI runs it through gpu_suite.sh,
+tests/benchmarks/test_gpu_suite.py); on CPU both sides of a row often run the same code, so its times mean
+nothing.
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ printf '| stage | seconds | limit | result |\n|:--|--:|--:|:--|\n' >"$OUT/stages
 # run NAME CAP LOG CMD...: CMD under `timeout` for min(CAP, the budget left), output appended to LOG;
 # a line in stages.md either way.
 run() {
-  local name=$1 cap=$2 log=$3 left limit start rc result
+  local name=$1 cap=$2 log=$3 left limit start rc result seconds
   shift 3
   left=$((deadline - $(date +%s)))
   if ((left < 15)); then
@@ -76,8 +76,9 @@ run() {
     *) result="FAILED (exit $rc)" ;;
   esac
   ((rc == 0)) || status=1
-  stamp "$name: $result after $(($(date +%s) - start))s"
-  echo "| $name | $(($(date +%s) - start)) | $limit | $result |" >>"$OUT/stages.md"
+  seconds=$(($(date +%s) - start))
+  stamp "$name: $result after ${seconds}s"
+  echo "| $name | $seconds | $limit | $result |" >>"$OUT/stages.md"
   return "$rc"
 }
 

@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "triton_kernels"))
 from _standin_gpu import install  # noqa: E402
 
+from aqcf_kernels.backends.triton import common  # noqa: E402
 from aqcf_kernels.backends.triton.conv import TritonConvBackend  # noqa: E402
 from aqcf_kernels.ops.conv import adjoint_params  # noqa: E402
 from aqcf_kernels.params import ConvParams  # noqa: E402
@@ -45,7 +46,7 @@ def main() -> int:
             backend.conv(y, w, None, adjoint_params(y.shape, w.shape, x.shape, p), algorithm)
             backend.conv_weight_bias_grad(x, y, list(w.shape), p, algorithm)
         print(f"{n}d {c}q: {len(compiles) - before} compiles, {time.perf_counter() - case_started:.1f} s", flush=True)
-    threads = os.environ.get("AQCF_TRITON_COMPILE_THREADS") or f"{len(os.sched_getaffinity(0))} (the CPUs)"
+    threads = common.compile_threads()
     print(f"total: {len(compiles)} compiles in {time.perf_counter() - started:.1f} s, {threads} compile threads")
     return 0
 

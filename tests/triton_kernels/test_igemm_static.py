@@ -69,14 +69,23 @@ def _triton36() -> tuple[Path | None, str]:
 
 
 TRITON36, WHY_NOT = _triton36()
+
+
+def triton36_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a subprocess that runs triton 3.6 compiled, not interpreted, and
+    autotunes as a user's process would; ``extra`` added."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "AQCF_TRITON_AUTOTUNE")}
+    env["PYTHONPATH"] = os.pathsep.join([str(TRITON36), str(ROOT), env.get("PYTHONPATH", "")])
+    return {**env, **extra}
+
+
 pytestmark = pytest.mark.skipif(TRITON36 is None, reason=WHY_NOT)
 
 
 @pytest.fixture(scope="module")
 def variants(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("igemm-static") / "figures.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(TRITON36), str(ROOT), env.get("PYTHONPATH", "")])
+    env = triton36_env()
     cmd = [sys.executable, str(ROOT / "tools" / "triton_resources.py"), "--igemm", "--json", str(out)]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
@@ -157,9 +166,7 @@ def test_wgmma_in_flight_across_iterations(variants, kind):
 def _run_with_triton36(script: str, tmp_path, **env_extra: str) -> dict:
     """The last line of ``tests/triton_kernels/<script>``'s output, as JSON, run with triton 3.6 (and a fresh
     triton cache) on _standin_gpu.py's sm_90."""
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "AQCF_TRITON_AUTOTUNE")}
-    env["PYTHONPATH"] = os.pathsep.join([str(TRITON36), str(ROOT), env.get("PYTHONPATH", "")])
-    env.update(TRITON_CACHE_DIR=str(tmp_path), **env_extra)
+    env = triton36_env(TRITON_CACHE_DIR=str(tmp_path), **env_extra)
     path = ROOT / "tests" / "triton_kernels" / script
     result = subprocess.run([sys.executable, str(path)], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and "Warning" not in result.stderr, result.stdout[-3000:] + result.stderr[-5000:]

@@ -26,13 +26,12 @@ else): IEEE fp32 has no tensor-core instruction; TF32 compiles to wgmma in fligh
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-from .test_igemm_static import ROOT, TRITON36, WHY_NOT
+from .test_igemm_static import ROOT, TRITON36, WHY_NOT, triton36_env
 
 pytestmark = pytest.mark.skipif(TRITON36 is None, reason=WHY_NOT)
 
@@ -40,8 +39,7 @@ pytestmark = pytest.mark.skipif(TRITON36 is None, reason=WHY_NOT)
 @pytest.fixture(scope="module")
 def variants(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("wgrad-static") / "figures.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(TRITON36), str(ROOT), env.get("PYTHONPATH", "")])
+    env = triton36_env()
     cmd = [sys.executable, str(ROOT / "tools" / "triton_resources.py"), "--wgrad", "--json", str(out)]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]

@@ -10,20 +10,18 @@ Triton 3.6 is found as for test_igemm_static.py.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import pytest
 
-from .test_igemm_static import ROOT, TRITON36, WHY_NOT
+from .test_igemm_static import ROOT, TRITON36, WHY_NOT, triton36_env
 
 pytestmark = pytest.mark.skipif(TRITON36 is None, reason=WHY_NOT)
 
 
 def test_cell_kernels_compile_for_sm90_without_spills_and_with_vector_loads():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(TRITON36), str(ROOT), env.get("PYTHONPATH", "")])
+    env = triton36_env()
     cmd = [sys.executable, str(ROOT / "tools" / "triton_resources.py"), "--rnn", "--quick"]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     print("\n" + result.stdout)  # registers, stack and load widths per variant

@@ -111,8 +111,14 @@ def autotuned(kernel, *, gpu_configs: list, interpreter_config: dict, key: list,
     nothing. ``kwargs`` go to ``triton.autotune`` (``reset_to_zero``)."""
     if INTERPRET:
         tuner = triton.autotune(configs=[triton.Config(interpreter_config)], key=key, **kwargs)(kernel)
-        AUTOTUNED[kernel.fn.__name__] = (tuner, gpu_configs)
-        return tuner
+    else:
+        tuner = _gpu_autotuned(kernel, gpu_configs, key, prune, **kwargs)
+    AUTOTUNED[kernel.fn.__name__] = (tuner, gpu_configs)
+    return tuner
+
+
+def _gpu_autotuned(kernel, gpu_configs: list, key: list, prune, **kwargs):
+    """:func:`autotuned` on a GPU: the kept configs precompiled, then timed (neither in ``first`` mode)."""
 
     def early_config_prune(configs: list, named_args: dict, **meta) -> list:
         kept = prune(configs, named_args, **meta) if prune is not None else configs
@@ -126,15 +132,13 @@ def autotuned(kernel, *, gpu_configs: list, interpreter_config: dict, key: list,
             return [0.0] * len(quantiles)
         return triton.runtime.driver.active.get_benchmarker()(kernel_call, quantiles=quantiles)
 
-    tuner = triton.autotune(
+    return triton.autotune(
         configs=gpu_configs,
         key=key,
         prune_configs_by={"early_config_prune": early_config_prune},
         do_bench=do_bench,
         **kwargs,
     )(kernel)
-    AUTOTUNED[kernel.fn.__name__] = (tuner, gpu_configs)
-    return tuner
 
 
 def unavailable() -> str | None:
