@@ -49,7 +49,7 @@ def quaternion_conv(
     p, extra = check_conv_args(
         input, weight, bias, spatial_dims, stride, padding, dilation, groups, transposed, output_padding, algorithm
     )
-    if any(extra):  # padding='same' with an even effective kernel: one more on the right
+    if any(extra):  # 'same' with an even effective kernel, or output_padding >= stride (check_conv_args)
         input = F.pad(input, [v for e in reversed(extra) for v in (0, e)])
     # 'auto' goes to the op as is: the backend that serves the call picks the algorithm.
     y, _ = torch.ops.aqcf.qconv(input, weight, bias, *p.as_op_args(), algorithm, activation, float(negative_slope))

@@ -8,6 +8,7 @@ only checked here, and resolved by the backend that serves the call (``aqcf_kern
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -64,7 +65,11 @@ def int_tuple(owner: str, name: str, value: IntOrSeq, n: int, minimum: int | Non
         out: tuple[int, ...] = (value,) * n
     else:
         try:
-            out = tuple(int(v) for v in value)  # type: ignore[union-attr]
+            if isinstance(value, (str, bytes)) or any(isinstance(v, bool) for v in value):  # type: ignore[union-attr]
+                raise TypeError
+            # operator.index, not int(): an int-like (numpy's, a 0-d integer tensor) passes; 1.5 or '2' is
+            # refused, as torch refuses it, instead of truncated
+            out = tuple(operator.index(v) for v in value)  # type: ignore[union-attr]
         except TypeError:
             raise TypeError(f"{owner}: {name} must be an int or a sequence of {n} ints, got {value!r}") from None
         if len(out) == 1:
@@ -118,7 +123,9 @@ def check_conv_args(
 ) -> tuple[ConvParams, tuple[int, ...]]:
     """Validate everything and resolve ``padding``.
 
-    Returns the params and the extra right-side padding ``'same'`` needs (zeros otherwise).
+    Returns the params and the extra right-side padding of the input the call needs (zeros otherwise):
+    ``padding='same'`` with an even effective kernel, or a transposed conv's ``output_padding`` of a
+    stride or more (then reduced modulo the stride in the params).
     """
     kind = f"quaternion_conv{'_transpose' if transposed else ''}{spatial_dims}d"
     if not isinstance(input, Tensor):
@@ -237,8 +244,17 @@ def _conv_geometry(
     if any(p < 0 for p in pad_t):
         raise ValueError(f"{kind}: padding must be non-negative, got {padding}")
     if transposed:
-        if any(op < 0 or op >= s for op, s in zip(out_pad, stride_t, strict=True)):
-            raise ValueError(f"{kind}: output_padding must be in [0, stride), got {output_padding} (stride={stride})")
+        # torch's rule (nn.ConvTranspose*d, F.conv_transpose*d): below the stride or the dilation
+        if any(op < 0 or op >= max(s, d) for op, s, d in zip(out_pad, stride_t, dilation_t, strict=True)):
+            raise ValueError(
+                f"{kind}: output_padding must be in [0, max(stride, dilation)), got {output_padding} "
+                f"(stride={stride}, dilation={dilation})"
+            )
+        # One of a stride or more (only a dilation above the stride allows it) is the same transposed conv
+        # of the input with op // stride zero rows more on the right: the op and every backend's adjoint
+        # geometry then keep output_padding < stride (the conv of grad_output lands on the input's size).
+        extra = tuple(op // s for op, s in zip(out_pad, stride_t, strict=True))
+        out_pad = tuple(op % s for op, s in zip(out_pad, stride_t, strict=True))
     elif any(out_pad):
         raise ValueError(f"{kind}: output_padding is only meaningful for transposed convs")
 

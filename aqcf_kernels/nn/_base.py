@@ -88,6 +88,25 @@ class QuaternionModule(nn.Module):
         if scale is not None:
             nn.init.xavier_uniform_(scale, generator=generator)
 
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (nn.Module's signature)
+        """``nn.Module._apply``, except that a 5-d weight takes a memory format through its 4-d view.
+
+        ``model.to(memory_format=torch.channels_last)`` converts every 4-d and 5-d tensor, and a 2d conv's
+        weight ``(4, A, B, kh, kw)`` is 5-d without being a 3d map: ``channels_last`` refuses rank 5. Its
+        ``(4·A, B, kh, kw)`` view (the expanded weight's row blocks) takes the format instead, as
+        ``nn.Conv2d``'s 4-d weight would; any other conversion does the same on either view.
+        """
+
+        def convert(t: Tensor) -> Tensor:
+            try:
+                return fn(t)
+            except RuntimeError:
+                if t.dim() != 5:
+                    raise
+                return fn(t.flatten(0, 1)).unflatten(0, t.shape[:2])
+
+        return super()._apply(convert, recurse)
+
     def _options_repr(self) -> str:
         """The ``extra_repr`` suffix of the options every quaternion layer has, where not the default."""
         s = ""

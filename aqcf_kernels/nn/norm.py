@@ -116,17 +116,22 @@ def _quaternion_norm(
 
     if activation is not None and activation not in ACTIVATIONS:
         raise ValueError(f"{fn}: activation must be None or one of {ACTIVATIONS}, got {activation!r}")
+    if not input.is_floating_point():  # (torch's norms refuse integers too, instead of truncating)
+        raise TypeError(f"{fn}: input must be a floating-point tensor, got {input.dtype}")
     acc = _stat_dtype(input.dtype)
     spatial = tuple(range(3, input.dim() + 1))
     ones = (1,) * len(spatial)
     reduce = spatial if per_sample else (0, *spatial)
     blocked = input.unflatten(1, (4, cq)).shape
     count = math.prod([blocked[d] for d in reduce])  # (a list: dynamo cannot trace a generator here)
-    if use_input_stats and count <= 1:
+    # An empty input (a zero-size batch or spatial dim) is normalised to an empty output, the running
+    # statistics untouched, as torch's norms do: no statistics to take, nothing to check.
+    empty = input.numel() == 0
+    if use_input_stats and count <= 1 and not empty:
         what = "spatial element" if per_sample else "value per channel"
         raise ValueError(f"{fn}: expected more than 1 {what} when training, got input size {tuple(input.shape)}")
 
-    if fused and norm_ops.available(input, whiten):
+    if fused and not empty and norm_ops.available(input, whiten):
         stats = (None, None) if use_input_stats else (running_mean, running_var)
         y, mean, var = torch.ops.aqcf.qnorm(
             input, weight, bias, *stats, use_input_stats, per_sample, eps, activation, float(negative_slope)
@@ -136,7 +141,10 @@ def _quaternion_norm(
         return y
 
     x = input.unflatten(1, (4, cq)).to(acc)  # (N, 4, Cq, *S): component axis 1, quaternion channel axis 2
-    if use_input_stats:
+    if empty:  # the shapes below, no data: centring by 0 and scaling by 1 keeps γ and β in the graph
+        xc = x
+        stat = torch.eye(4, dtype=acc, device=x.device).expand(cq, 4, 4) if whiten else x.new_ones((1, 1, cq, *ones))
+    elif use_input_stats:
         mean = x.mean(reduce, keepdim=True)  # (N or 1, 4, Cq, 1...)
         xc = x - mean
         if whiten:

@@ -184,7 +184,7 @@ def quaternion_rotation_conv(
     p, extra = check_conv_args(
         stand_in, weight, None, spatial_dims, stride, padding, dilation, groups, transposed, output_padding, "auto"
     )
-    if any(extra):  # padding='same' with an even effective kernel: one more on the right
+    if any(extra):  # 'same' with an even effective kernel, or output_padding >= stride (check_conv_args)
         input = F.pad(input, [v for e in reversed(extra) for v in (0, e)])
 
     pure = input[:, cq_in:] if quaternion_format else input

@@ -155,12 +155,22 @@ BAD_CALLS = {
     "output_padding equal to stride": (
         lambda: qF.quaternion_conv_transpose2d(_x(*X), _x(*W), stride=2, output_padding=2),
         ValueError,
-        r"output_padding must be in \[0, stride\)",
+        r"output_padding must be in \[0, max\(stride, dilation\)\)",
     ),
     "output_padding with stride 1": (
         lambda: qF.quaternion_conv_transpose1d(_x(2, 8, 5), _x(4, 2, 2, 3), output_padding=1),
         ValueError,
-        r"output_padding must be in \[0, stride\)",
+        r"output_padding must be in \[0, max\(stride, dilation\)\)",
+    ),
+    "output_padding equal to the dilation, above the stride": (
+        lambda: qF.quaternion_conv_transpose1d(_x(2, 8, 5), _x(4, 2, 2, 3), stride=2, dilation=3, output_padding=3),
+        ValueError,
+        r"output_padding must be in \[0, max\(stride, dilation\)\)",
+    ),
+    "stride with a float element": (
+        lambda: qF.quaternion_conv2d(_x(*X), _x(*W), stride=(1.5, 1)),
+        TypeError,
+        r"stride must be an int or a sequence of 2 ints, got \(1.5, 1\)",
     ),
     "output_padding on a conv": (
         lambda: qF.quaternion_conv(_x(*X), _x(*W), output_padding=1),

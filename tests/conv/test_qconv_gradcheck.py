@@ -51,6 +51,15 @@ CASES = {
         qF.quaternion_conv_transpose2d,
         Case((1, 8, 3, 2), (4, 2, 1, 3, 2), dict(stride=2, padding=1, output_padding=1, groups=2)),
     ),
+    # output_padding of a stride or more (allowed below the dilation): the input is padded instead
+    "conv_transpose2d_output_padding_above_stride": (
+        qF.quaternion_conv_transpose2d,
+        Case(
+            (1, 8, 3, 2),
+            (4, 2, 1, 3, 2),
+            dict(stride=(1, 2), padding=(1, 0), dilation=(2, 3), output_padding=(1, 2), groups=2),
+        ),
+    ),
     "conv3d": (
         qF.quaternion_conv3d,
         Case((1, 4, 3, 4, 3), (4, 2, 1, 2, 3, 1), dict(stride=(1, 2, 1), padding=(0, 1, 1))),

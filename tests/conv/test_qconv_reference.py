@@ -88,7 +88,8 @@ def conv_configs(draw) -> ConvConfig:
     int_padding = st.one_of(st.integers(0, 2), st.tuples(*[st.integers(0, 2)] * n))
     if transposed:
         padding = draw(int_padding)
-        output_padding = tuple(draw(st.integers(0, s - 1)) for s in stride)
+        # torch's rule: below the stride or the dilation (a stride of 1 with a dilation of 2 allows 1)
+        output_padding = tuple(draw(st.integers(0, max(s, d) - 1)) for s, d in zip(stride, dilation, strict=True))
     else:
         strings = ["valid", "same"] if all(s == 1 for s in stride) else ["valid"]
         padding = draw(st.one_of(int_padding, st.sampled_from(strings)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -372,6 +373,57 @@ def test_load_parcollet_state_dict_strictness():
 def test_bad_arguments_name_the_argument(make, argument):
     with pytest.raises(ValueError, match=argument):
         make()
+
+
+@pytest.mark.parametrize(
+    "kwargs, argument",
+    [
+        (dict(kernel_size=(3.5, 3)), "kernel_size"),
+        (dict(kernel_size=3, stride=(1.9, 1)), "stride"),
+        (dict(kernel_size=3, padding=("1", 1)), "padding"),
+        (dict(kernel_size=(True, 3)), "kernel_size"),
+    ],
+)
+def test_non_integer_sizes_are_refused_not_truncated(kwargs, argument):
+    with pytest.raises(TypeError, match=f"{argument} must be an int or a sequence of 2 ints"):
+        QuaternionConv2d(8, 8, **kwargs)
+
+
+def test_integer_likes_are_sizes():
+    conv = QuaternionConv2d(8, 8, (np.int64(3), torch.tensor(1)), stride=(np.int32(2), 1))
+    assert conv.kernel_size == (3, 1) and conv.stride == (2, 1)
+    assert all(type(v) is int for v in (*conv.kernel_size, *conv.stride))
+
+
+@pytest.mark.parametrize(
+    "make, fmt",
+    [
+        (lambda: QuaternionConv2d(8, 8, 3, padding=1), torch.channels_last),
+        (lambda: QuaternionConvTranspose2d(8, 8, 3, stride=2), torch.channels_last),
+        (lambda: QuaternionConv2d(8, 8, 3, rotation=True, scale=True), torch.channels_last),
+        (lambda: QuaternionConv1d(8, 8, 3), torch.channels_last),
+        (lambda: QuaternionConv3d(8, 8, 3), torch.channels_last_3d),
+    ],
+)
+def test_module_to_memory_format(make, fmt):
+    # nn.Conv2d users write model.to(memory_format=torch.channels_last): a 2d conv's 5-d weight takes the
+    # format through its 4-d view instead of failing; values, gradients and the output are unchanged.
+    torch.manual_seed(0)
+    layer = make()
+    spatial = layer._spatial_dims
+    x = torch.randn(2, 8, *[5] * spatial)
+    expected = layer(x)
+    layer.weight.grad = torch.randn_like(layer.weight)
+    weight, grad = layer.weight.detach().clone(), layer.weight.grad.clone()
+    model = nn.Sequential(layer, qnn.QuaternionBatchNorm2d(8) if spatial == 2 else nn.Identity())
+    assert model.to(memory_format=fmt) is model
+    assert isinstance(layer.weight, nn.Parameter)
+    assert torch.equal(layer.weight, weight) and torch.equal(layer.weight.grad, grad)
+    if spatial == 2:
+        assert layer.weight.flatten(0, 1).is_contiguous(memory_format=torch.channels_last)
+    assert_close(layer(x), expected)
+    layer(x).sum().backward()
+    assert layer.to(torch.float64).weight.dtype == torch.float64
 
 
 def test_extra_repr():

@@ -457,6 +457,39 @@ def test_input_errors(layer: torch.nn.Module, x: torch.Tensor, match: str) -> No
         layer(x)
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+@pytest.mark.parametrize("layer", [QuaternionBatchNorm2d(8), QuaternionInstanceNorm2d(8, affine=True)])
+def test_integer_input_is_refused(layer: torch.nn.Module, dtype: torch.dtype) -> None:
+    x = torch.randint(-50, 50, (2, 8, 3, 3)).to(dtype)
+    with pytest.raises(TypeError, match=rf"{type(layer).__name__}: input must be a floating-point tensor, got {dtype}"):
+        layer(x)
+
+
+@pytest.mark.parametrize("shape", [(0, 8, 3, 3), (2, 8, 0, 3)])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: QuaternionBatchNorm2d(8),
+        lambda: QuaternionBatchNorm2d(8, whiten=True),
+        lambda: QuaternionInstanceNorm2d(8, affine=True, track_running_stats=True),
+        lambda: QuaternionBatchNorm2d(8, activation="gelu"),
+    ],
+)
+def test_empty_input_in_training_is_an_empty_output(make, shape) -> None:
+    # As torch's norms: nothing to normalise, the running statistics untouched (not NaN), γ and β
+    # still in the graph (zero gradients, as torch's BatchNorm gives).
+    layer = make()
+    with torch.no_grad():
+        layer.running_mean.normal_()
+    before = {name: b.clone() for name, b in layer.named_buffers() if name != "num_batches_tracked"}
+    y = layer(torch.randn(*shape, requires_grad=True))
+    assert y.shape == shape and y.dtype == torch.float32
+    y.sum().backward()
+    assert all(torch.equal(getattr(layer, name), b) for name, b in before.items())
+    assert torch.equal(layer.weight.grad, torch.zeros_like(layer.weight))
+    assert torch.equal(layer.bias.grad, torch.zeros_like(layer.bias))
+
+
 def test_constructor_and_functional_errors() -> None:
     with pytest.raises(ValueError, match=r"QuaternionBatchNorm2d: num_features must be a positive multiple of 4"):
         QuaternionBatchNorm2d(6)

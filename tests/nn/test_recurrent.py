@@ -377,3 +377,11 @@ def test_bad_inputs_name_the_argument(mode, call, error, argument):
     layer = CLASSES[mode](8, 8)
     with pytest.raises(error, match=argument):
         call(layer)
+
+
+@pytest.mark.parametrize("cls", [QuaternionRNN, QuaternionLSTM, QuaternionLiGRU])
+def test_zero_size_batch_in_training_gives_empty_outputs(cls):
+    # nn.GRU takes a batch of 0; the LiGRU's batch norm over (batch, time) must too
+    layer = cls(8, 8, num_layers=2).train()
+    out, _ = layer(torch.randn(3, 0, 8))
+    assert out.shape == (3, 0, 8)
