@@ -13,7 +13,7 @@ from torch import Tensor
 
 from . import ops  # noqa: F401  (registers torch.ops.aqcf)
 from .ops.conv import ACTIVATIONS
-from .params import IntOrSeq, check_conv_args
+from .params import IntOrSeq, check_conv_args, same_dtype_under_autocast
 
 
 def quaternion_conv(
@@ -184,7 +184,7 @@ def _check_attention_args(q_a, k_a, v_a, q_b, k_b, v_b) -> None:
             raise ValueError(f"cross_attention: {name} must be (batch, heads, tokens, head_dim), got {tuple(t.shape)}")
         if not t.is_floating_point():
             raise TypeError(f"cross_attention: {name} must be floating point, got {t.dtype}")
-        if t.dtype != q_a.dtype or t.device != q_a.device:
+        if not same_dtype_under_autocast(t, q_a) or t.device != q_a.device:
             raise ValueError(
                 f"cross_attention: {name} is {t.dtype} on {t.device} but q_a is {q_a.dtype} on {q_a.device}"
             )
@@ -233,6 +233,6 @@ def gated_residual(f: Tensor, o: Tensor, gate_logits: Tensor, alpha: Tensor) -> 
     if alpha.numel() != 1:
         raise ValueError(f"gated_residual: alpha must hold one value, got shape {tuple(alpha.shape)}")
     for name, t in (("o", o), ("gate_logits", gate_logits), ("alpha", alpha)):
-        if t.dtype != f.dtype or t.device != f.device:
+        if not same_dtype_under_autocast(t, f) or t.device != f.device:
             raise ValueError(f"gated_residual: {name} is {t.dtype} on {t.device} but f is {f.dtype} on {f.device}")
     return torch.ops.aqcf.gated_residual(f, o, gate_logits, alpha)

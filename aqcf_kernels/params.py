@@ -148,7 +148,7 @@ def check_conv_args(
     for name, t in (("weight", weight), ("bias", bias)):
         if t is None:
             continue
-        if t.dtype != input.dtype:
+        if not same_dtype_under_autocast(t, input):
             raise TypeError(f"{kind}: {name} dtype {t.dtype} does not match input dtype {input.dtype}")
         if t.device != input.device:
             raise ValueError(f"{kind}: {name} is on {t.device} but input is on {input.device}")
@@ -194,6 +194,22 @@ def check_conv_args(
             f"with padding={p.padding}, dilation={p.dilation}, stride={p.stride}"
         )
     return p, extra
+
+
+def autocast_casts(t: Tensor) -> bool:
+    """Whether ``torch.autocast``, on for ``t``'s device, casts ``t``: floating and not float64, as aten's
+    autocast and the aqcf ops' autocast kernels (:mod:`aqcf_kernels.ops.autocast`) decide."""
+    return (
+        t.is_floating_point()
+        and t.dtype != torch.float64
+        and t.device.type in ("cpu", "cuda")
+        and torch.is_autocast_enabled(t.device.type)
+    )
+
+
+def same_dtype_under_autocast(a: Tensor, b: Tensor) -> bool:
+    """``a`` and ``b`` have one dtype, or will have when an op that autocast casts receives them."""
+    return a.dtype == b.dtype or (autocast_casts(a) and autocast_casts(b))
 
 
 def _plain(value: object) -> object:

@@ -193,7 +193,7 @@ def quaternion_rotation_conv(
     if quaternion_format:
         y = torch.cat([y.new_zeros((y.shape[0], out_q, *y.shape[2:])), y], dim=1)
     if bias is not None:
-        y = y + bias.view(1, -1, *([1] * spatial_dims))
+        y = y + bias.view(1, -1, *([1] * spatial_dims)).to(y.dtype)  # (under autocast y is in its dtype)
     return y
 
 

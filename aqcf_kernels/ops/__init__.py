@@ -1,3 +1,5 @@
 """torch.library ops. Importing this package registers them under ``torch.ops.aqcf``."""
 
-from . import attention, conv, norm, rnn_cell  # noqa: F401
+from . import attention, autocast, conv, norm, rnn_cell  # noqa: F401
+
+autocast.register()

@@ -203,9 +203,8 @@ def test_the_conv_module_sees_every_conv_call(mode, inputs) -> None:
 def test_inference_measures_split_against_concatenate(slower, tmp_path, monkeypatch) -> None:
     """With several inputs and no grad, the unit times convolving them one by one against convolving
     their qcat (after one untimed run of each) and keeps the faster, remembered in the tuning cache;
-    every call returns the same values; with grad, or in 'heuristic' mode, it splits."""
-    import time
-
+    every call returns the same values; with grad, or in 'heuristic' mode, it splits. A fake clock times
+    the two ways (20 ms against 1 ms), so the machine's load cannot decide (a sleep did, once, under load)."""
     from aqcf_kernels import tuning
     from aqcf_kernels.layout import qcat
     from aqcf_kernels.nn import unit as unit_module
@@ -218,11 +217,17 @@ def test_inference_measures_split_against_concatenate(slower, tmp_path, monkeypa
     a, b = seeded(2, 8, 6, 7, seed=30), seeded(2, 12, 6, 7, seed=31)
     ran: list[str] = []
     folded = unit_module.QuaternionConvNormAct._folded
+    clock = [0.0]
+
+    def now() -> float:  # a microsecond a reading: the convs' own measurements inside see ties, never 0
+        clock[0] += 1e-6
+        return clock[0]
+
+    monkeypatch.setattr(tuning, "_timer", lambda device: now)
 
     def timed(self, inputs, weight, bias, split):
         ran.append("split" if split else "concatenate")
-        if ran[-1] == slower:
-            time.sleep(0.02)
+        clock[0] += 0.02 if ran[-1] == slower else 0.001
         return folded(self, inputs, weight, bias, split)
 
     monkeypatch.setattr(unit_module.QuaternionConvNormAct, "_folded", timed)
