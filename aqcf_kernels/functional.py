@@ -161,6 +161,12 @@ def quaternion_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None,
         raise ValueError(
             f"quaternion_linear: input has {input.shape[-1]} features, weight expects {4 * weight.shape[2]}"
         )
+    # checked here too, so the error names this function and not the 1x1 conv it runs
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and (not same_dtype_under_autocast(t, input) or t.device != input.device):
+            raise TypeError(
+                f"quaternion_linear: {name} is {t.dtype} on {t.device} but input is {input.dtype} on {input.device}"
+            )
     lead, features = input.shape[:-1], input.shape[-1]
     x = input.reshape(-1, features)
     if x.shape[0] == 0:  # no rows: a batch of zero 1x1 convs keeps shapes and autograd intact

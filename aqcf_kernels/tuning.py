@@ -20,8 +20,9 @@ runs plus their difference to the winner on a few calls (``tools/tuning_cost.py`
 
 The switch: ``aqcf_kernels.tuning.mode = 'measure' | 'heuristic'`` (environment:
 ``AQCF_TUNING``); ``heuristic`` is the fixed rule of :mod:`aqcf_kernels.backends.policy`, which
-is also used wherever nothing can be timed (fake tensors, CUDA graph capture) and prunes hopeless
-candidates before measuring. The cache file is ``AQCF_TUNING_CACHE`` (``off`` for none; default
+is also used wherever nothing can be timed (fake tensors, CUDA graph capture) or results must not
+depend on timing (``torch.use_deterministic_algorithms(True)``), and prunes hopeless candidates before
+measuring. The cache file is ``AQCF_TUNING_CACHE`` (``off`` for none; default
 ``$XDG_CACHE_HOME/aqcf_kernels/tuning-<fingerprint>.json``). Writes are atomic (temporary file,
 then rename, under a file lock where the OS has one), so concurrent processes and DDP ranks never
 corrupt it; a corrupt or foreign file is ignored with one warning and rewritten.
@@ -668,7 +669,10 @@ def choose(
         raise ValueError(f"the prior {prior} is not among the candidates {[str(c) for c in candidates]}")
     if len(candidates) == 1:
         return Choice(candidates[0], "only"), None
-    if mode == "heuristic" or not can_time(tensors):
+    # torch.use_deterministic_algorithms(True) asks for the same result every run: the heuristic's
+    # pick is the same on every machine and process; a measurement's is not, and while refining, calls
+    # of one signature are computed by different candidates (results that differ in the last bits).
+    if mode == "heuristic" or not can_time(tensors) or torch.are_deterministic_algorithms_enabled():
         return Choice(prior, "heuristic"), None
     known = lookup(key)
     if known in candidates:  # (not if that backend is gone, e.g. triton uninstalled: measure again)

@@ -14,6 +14,7 @@ Signatures follow ``torch.nn.MaxPool*d``, ``AvgPool*d`` and ``Dropout``; unbatch
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layout import quaternion_channels
+from ..params import int_tuple
 
 IntOrTuple = int | Sequence[int]
 
@@ -78,6 +80,7 @@ def _max_pool(
     return_indices: bool,
 ) -> Tensor | tuple[Tensor, Tensor]:
     x, unbatched = _batched(name, input, spatial_dims)
+    _check_pool_output(name, input, spatial_dims, kernel_size, stride, padding, dilation, ceil_mode)
     n, c = x.shape[:2]
     x4 = x.unflatten(1, (4, c // 4))  # (N, 4, Cq, *S)
     with torch.no_grad():
@@ -96,6 +99,44 @@ def _max_pool(
     return y.squeeze(0) if unbatched else y
 
 
+def _check_pool_output(
+    name: str,
+    input: Tensor,
+    spatial_dims: int,
+    kernel_size: IntOrTuple,
+    stride: IntOrTuple | None,
+    padding: IntOrTuple,
+    dilation: IntOrTuple,
+    ceil_mode: bool,
+) -> None:
+    """torch's "output size is too small" check, made here (torch's own would describe the pooled modulus,
+    one channel per quaternion, instead of the input), and one torch does not make: a window that holds no
+    input element, only padding (a dilation with padding can make one), has no quaternion to select, where
+    torch's max pool returns -inf with an index outside the input."""
+    k = int_tuple(name, "kernel_size", kernel_size, spatial_dims, minimum=1)
+    s = k if stride is None else int_tuple(name, "stride", stride, spatial_dims, minimum=1)
+    p = int_tuple(name, "padding", padding, spatial_dims, minimum=0)
+    d = int_tuple(name, "dilation", dilation, spatial_dims, minimum=1)
+    geometry = [_pool_geometry(*dim, ceil_mode) for dim in zip(input.shape[-spatial_dims:], k, s, p, d, strict=True)]
+    out = tuple(o for o, _ in geometry)
+    where = f"input of shape {tuple(input.shape)} with kernel_size={k}, stride={s}, padding={p}, dilation={d}"
+    if any(o < 1 for o in out):
+        raise ValueError(f"{name}: {where} is too small: the output size would be {out}")
+    if not all(every_window_reads_input for _, every_window_reads_input in geometry):
+        raise ValueError(f"{name}: {where}: a pooling window holds only padding, no quaternion to select")
+
+
+@functools.lru_cache(maxsize=1024)
+def _pool_geometry(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> tuple[int, bool]:
+    """(output size along one dim, torch's formula; whether every window there reads an input element)."""
+    span = size + 2 * p - d * (k - 1) - 1
+    out = (-(-span // s) if ceil_mode else span // s) + 1
+    if ceil_mode and (out - 1) * s >= size + p:  # the last window must start inside the input or its left padding
+        out -= 1
+    reads = all(any(0 <= o * s - p + j * d < size for j in range(k)) for o in range(max(out, 0)))
+    return out, reads
+
+
 def quaternion_dropout(
     input: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False, channelwise: bool = False
 ) -> Tensor:
@@ -111,6 +152,12 @@ def quaternion_dropout(
 def _dropout(name: str, input: Tensor, p: float, training: bool, inplace: bool, channelwise: bool) -> Tensor:
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"{name}: dropout probability has to be between 0 and 1, but got {p}")
+    if isinstance(input, Tensor) and input.dim() == 1:  # one unbatched vector (C,), as a linear layer takes
+        quaternion_channels(input, name=f"{name}: input", dim=0)
+        if not training or p == 0.0:
+            return input
+        out = _dropout(name, input.unsqueeze(0), p, training, inplace, channelwise)
+        return input if inplace else out.squeeze(0)
     cq = quaternion_channels(input, name=f"{name}: input")
     if not training or p == 0.0:
         return input

@@ -88,6 +88,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from ..functional import quaternion_linear
 from ..ops import rnn_cell as rnn_cell_ops
+from ..params import same_dtype_under_autocast
 from ..quaternion import check_algorithm
 from ._base import COMPONENTS, check_quaternion_channels
 from .init import check_init, init_quaternion_
@@ -336,6 +337,12 @@ class _QuaternionRNNBase(nn.Module):
             sorted_indices = unsorted_indices = None
         if not x.is_floating_point():
             raise TypeError(f"{name}: input must be floating point, got {x.dtype}")
+        weight = self.weight_ih_l0
+        if not same_dtype_under_autocast(x, weight) or x.device != weight.device:  # as nn.LSTM's check
+            raise TypeError(
+                f"{name}: input is {x.dtype} on {x.device} but the layer's parameters are {weight.dtype} on "
+                f"{weight.device}"
+            )
         if x.shape[-1] != self.input_size:
             raise ValueError(
                 f"{name}: input has {x.shape[-1]} features (last dim), expected input_size={self.input_size}"

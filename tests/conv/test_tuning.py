@@ -494,6 +494,23 @@ def test_heuristic_mode_measures_nothing_and_follows_the_rule(cache, measured) -
     assert choice[1] == expected
 
 
+def test_deterministic_algorithms_follow_the_rule_every_call(cache, measured) -> None:
+    """torch.use_deterministic_algorithms(True): nothing timed, nothing cached, the heuristic's pick, and
+    every call the same bits (measuring runs the candidates in turn while refining)."""
+    x, w, b = _inputs(channels=32)
+    expected = "fast8" if policy.fast8_pays_off(x, w, _geometry()[0]) else "hamilton"
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        outs = [QF.quaternion_conv2d(x, w, b, padding=1) for _ in range(2 + tuning.max_provisional_calls(2))]
+        choice = backends.resolve_conv(x, w, *_geometry(), "auto", "forward")
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert measured == [] and not cache.exists()
+    assert choice[1] == expected
+    assert all(torch.equal(out, outs[0]) for out in outs)
+
+
 def _geometry():
     from aqcf_kernels.params import ConvParams
 

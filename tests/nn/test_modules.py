@@ -426,6 +426,13 @@ def test_module_to_memory_format(make, fmt):
     assert layer.to(torch.float64).weight.dtype == torch.float64
 
 
+def test_linear_dtype_mismatch_names_the_linear_map():
+    with pytest.raises(
+        TypeError, match=r"quaternion_linear: weight is torch.float32 on cpu but input is torch.float64"
+    ):
+        QuaternionLinear(8, 8)(torch.randn(3, 8, dtype=torch.float64))
+
+
 def test_extra_repr():
     assert repr(QuaternionConv2d(8, 16, 3, stride=2, padding=1, groups=2, bias=False)) == (
         "QuaternionConv2d(8, 16, kernel_size=(3, 3), stride=(2, 2), padding=(1, 1), groups=2, bias=False)"

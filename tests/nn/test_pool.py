@@ -27,6 +27,7 @@ from aqcf_kernels.nn import (
 F64 = torch.float64
 MAXPOOL = {1: QuaternionMaxPool1d, 2: QuaternionMaxPool2d, 3: QuaternionMaxPool3d}
 AVGPOOL = {1: QuaternionAvgPool1d, 2: QuaternionAvgPool2d, 3: QuaternionAvgPool3d}
+MAX_POOL_F = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
@@ -196,6 +197,42 @@ def test_dropout_drops_whole_quaternions() -> None:
     assert 0.3 < (kept == 0).double().mean().item() < 0.5  # about p of the quaternions, not of all values
 
 
+def test_dropout_of_one_unbatched_vector() -> None:
+    # nn.Dropout takes a (C,) vector, and QuaternionLinear does: its channels are dim 0
+    torch.manual_seed(2)
+    x = qrandn(64, seed=37)
+    layer = QuaternionDropout(0.5)
+    y = layer(x)
+    assert y.shape == x.shape
+    kept = (y / x).view(4, 16)
+    assert_close(kept, kept[:1].expand_as(kept))  # whole quaternions
+    assert set(torch.unique(kept.round(decimals=6)).tolist()) == {0.0, 2.0}
+    assert layer.eval()(x) is x
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_max_pool_output_sizes_and_errors_match_torch(dims: int) -> None:
+    # torch's output-size rule (ceil_mode included) on a grid of small geometries; where torch's max pool
+    # has a window of padding only (its output -inf) ours refuses the call instead of gathering out of range
+    shapes = {1: [(5,), (1,), (2,)], 2: [(5, 3), (1, 2)], 3: [(3, 1, 2)]}[dims]
+    for spatial, kernel, stride, padding, dilation, ceil_mode in itertools.product(
+        shapes, [1, 2, 3], [1, 2, 3], [0, 1], [1, 2], [False, True]
+    ):
+        if padding > (dilation * (kernel - 1) + 1) // 2:
+            continue  # torch refuses it too, with its own message
+        x = torch.randn(1, 8, *spatial)
+        args = (kernel, stride, padding, dilation)
+        try:
+            expected = MAX_POOL_F[dims](x, *args, ceil_mode=ceil_mode)
+        except RuntimeError:
+            expected = None
+        if expected is None or torch.isinf(expected).any():
+            with pytest.raises(ValueError, match="too small|only padding"):
+                MAXPOOL[dims](*args, ceil_mode=ceil_mode)(x)
+        else:
+            assert MAXPOOL[dims](*args, ceil_mode=ceil_mode)(x).shape == expected.shape
+
+
 def test_dropout_channelwise_drops_whole_feature_maps() -> None:
     torch.manual_seed(1)
     x = qrandn(6, 16, 5, 7, seed=37)
@@ -274,7 +311,18 @@ def test_reprs() -> None:
         ),
         (QuaternionAvgPool3d(2), torch.randn(8, 4), r"QuaternionAvgPool3d: expected 4D \(unbatched\) or 5D"),
         (QuaternionDropout(0.5), torch.randn(2, 7, 3), r"QuaternionDropout: input must have a positive multiple of 4"),
-        (QuaternionDropout(0.5), torch.randn(8), r"QuaternionDropout: input must have a channel dim 1"),
+        (QuaternionDropout(0.5), torch.randn(7), r"QuaternionDropout: input must have a positive multiple of 4"),
+        (
+            QuaternionMaxPool2d(3),
+            torch.randn(1, 8, 2, 2),
+            r"QuaternionMaxPool2d: input of shape \(1, 8, 2, 2\) with kernel_size=\(3, 3\).* is too small: the "
+            r"output size would be \(0, 0\)",
+        ),
+        (
+            QuaternionMaxPool1d(2, stride=1, padding=1, dilation=2),
+            torch.randn(1, 8, 1),
+            r"QuaternionMaxPool1d: .* a pooling window holds only padding, no quaternion to select",
+        ),
     ],
 )
 def test_errors(layer: nn.Module, x: torch.Tensor, match: str) -> None:

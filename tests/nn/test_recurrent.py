@@ -385,3 +385,9 @@ def test_zero_size_batch_in_training_gives_empty_outputs(cls):
     layer = cls(8, 8, num_layers=2).train()
     out, _ = layer(torch.randn(3, 0, 8))
     assert out.shape == (3, 0, 8)
+
+
+@pytest.mark.parametrize("cls", [QuaternionRNN, QuaternionLSTM, QuaternionLiGRU])
+def test_input_dtype_other_than_the_parameters_names_the_layer(cls):
+    with pytest.raises(TypeError, match=rf"{cls.__name__}: input is torch.float64 on cpu but the layer's parameters"):
+        cls(8, 8)(torch.randn(3, 2, 8, dtype=torch.float64))
