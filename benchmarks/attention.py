@@ -367,16 +367,19 @@ def plot(path: Path, results: Sequence[Result], env: dict[str, Any]) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grid", choices=list(GRIDS), default="quick", help="quick (~1 min), targets, full")
-    parser.add_argument("--tokens", type=lambda t: [int(x) for x in t.split(",")], default=None,
+    parser.add_argument("--tokens", type=common.positive_ints, default=None,
                         help="comma-separated token counts instead of the grid's")  # fmt: skip
-    parser.add_argument("--channels", type=int, default=64, help="quaternion channels (default 64)")
-    parser.add_argument("--heads", type=int, default=4, help="default 4")
-    parser.add_argument("--batch", type=int, default=1, help="default 1")
+    parser.add_argument("--channels", type=common.positive_int, default=64,
+                        help="quaternion channels, a multiple of --heads (default 64)")  # fmt: skip
+    parser.add_argument("--heads", type=common.positive_int, default=4, help="default 4")
+    parser.add_argument("--batch", type=common.positive_int, default=1, help="default 1")
     parser.add_argument("--modes", type=lambda t: t.split(","), default=list(MODES), help="fwd,fwdbwd")
     parser.add_argument("--providers", type=lambda t: t.split(","), default=None,
                         help=f"comma-separated, of {','.join(PROVIDERS)}; default {','.join(CPU_PROVIDERS)} on CPU, "
                         "all on CUDA")  # fmt: skip
-    parser.add_argument("--naive-max-gib", type=float, default=6.0, help="skip naive above this estimated peak")
+    parser.add_argument(
+        "--naive-max-gib", type=common.non_negative_float, default=6.0, help="skip naive above this estimated peak"
+    )
     parser.add_argument(
         "--check-targets",
         action="store_true",
@@ -391,10 +394,13 @@ def main(args: argparse.Namespace) -> int:
     if bad:
         print(f"unknown mode/provider {bad}; modes {MODES}, providers {PROVIDERS}", file=sys.stderr)
         return 2
+    if args.channels % args.heads:  # AQCFBlock's rule, said before any work instead of as its traceback
+        print(f"--channels {args.channels} is not a multiple of --heads {args.heads}: each head owns whole "
+              "quaternion channels", file=sys.stderr)  # fmt: skip
+        return 2
     tokens = args.tokens or [c.tokens for c in GRIDS[args.grid]()]
     cases = [Case(n, args.channels, args.heads, args.batch) for n in tokens]
     common.configure_torch(args.threads)
-    common.use_fresh_tuning_cache()
     device = torch.device(args.device)
     dtype = common.DTYPES[args.dtype]
     providers = [p for p in PROVIDERS if p in args.providers or p == BASELINE]

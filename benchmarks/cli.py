@@ -1,7 +1,8 @@
 """``aqcf-bench FAMILY [options]``: run one op family's benchmark and write its table, JSON and plot.
 
 Each family is a module with ``add_arguments(parser)`` and ``main(args) -> int``; register new
-ones (``model``) in :data:`FAMILIES`.
+ones (``model``) in :data:`FAMILIES`. ``main`` runs in a tuning cache of its own
+(:func:`common.fresh_tuning_cache`), removed when it ends.
 
 Examples::
 
@@ -16,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from . import common
@@ -46,10 +49,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     common.apply_malloc(args.malloc)
-    return args.family_main(args)
+    # SIGTERM (gpu_suite.sh's `timeout` cutting a stage) ends the run through the cleanups, as an error
+    # does: the temporary tuning folder is removed and --load's busy processes are killed, not orphaned.
+    main_thread = threading.current_thread() is threading.main_thread()  # (signal handlers: only there)
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main_thread else None
+    try:
+        with common.fresh_tuning_cache():
+            return args.family_main(args)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import platform
 import random
 import re
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -56,24 +57,123 @@ Step = Callable[[], object]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
+#: ``--load`` spins at most this many processes per core: each takes a whole core, so beyond a few per
+#: core more only starves the machine (999 of them took the load average to ~205) and models no real load
+MAX_LOAD_PER_CORE = 2
+
+
+# argparse types: a bad value is refused while parsing, as ``argument --reps: ...`` and exit 2, before
+# any work starts, instead of a traceback from deep inside the run (or after it, for ``--out``).
+
+
+def _int_at_least(text: str, low: int, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"{value}: must be {what}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An int >= 1 (a count: reps, threads, channels, tokens...)."""
+    return _int_at_least(text, 1, "a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    """An int >= 0 (warmup rounds, busy processes)."""
+    return _int_at_least(text, 0, "0 or more")
+
+
+def positive_ints(text: str) -> list[int]:
+    """Comma-separated ints >= 1 (``--tokens 256,1024``)."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated positive integers")
+    return [positive_int(t) for t in items]
+
+
+def non_negative_float(text: str) -> float:
+    """A finite float >= 0 (seconds, GiB)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text}: must be a finite number, 0 or more")
+    return value
+
+
+def load_processes(text: str) -> int:
+    """``--load``: busy processes, at most :data:`MAX_LOAD_PER_CORE` per core of this machine."""
+    value = non_negative_int(text)
+    cores = os.cpu_count() or 1
+    limit = MAX_LOAD_PER_CORE * cores
+    if value > limit:
+        raise argparse.ArgumentTypeError(
+            f"{value} busy processes on {cores} cores: at most {limit} ({MAX_LOAD_PER_CORE} per core); each "
+            "spins a whole core, so more only starves the machine"
+        )
+    return value
+
+
+def device_name(text: str) -> str:
+    """A torch device the benchmarks can time (cpu, or cuda where torch has a CUDA device), as torch spells it."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    # StepClock and PeakMemory know how to time and measure only these two
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text!r}: the benchmarks run on cpu or cuda, not {device.type}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "sees no CUDA device" if torch.version.cuda else "is built without CUDA"
+            raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available here (torch {torch.__version__} {why})")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {count} CUDA device(s)")
+    return str(device)
+
+
+def output_folder(text: str) -> Path:
+    """A folder the run can write its files into, checked (not created) when parsing: the run
+    creates it only once the benchmark is done, and a bad path must not cost the benchmark."""
+    path = Path(text)
+    existing = path.absolute()
+    try:
+        while not existing.exists() and existing.parent != existing:
+            existing = existing.parent
+    except OSError as e:  # e.g. a parent folder this user may not look into
+        raise argparse.ArgumentTypeError(f"{text!r}: {e.filename}: {e.strerror}") from None
+    if not existing.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{text!r}: cannot create or write files in {existing}")
+    return path
+
 
 def add_common_arguments(parser: argparse.ArgumentParser, default_out: str = "bench-out") -> None:
     """Options shared by every family: threads, reps, warmup, dtype, device, output folder."""
     g = parser.add_argument_group("measurement")
-    g.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU); default 2")
-    g.add_argument("--reps", type=int, default=7, help="timed reps per provider and case (default 7)")
-    g.add_argument("--warmup", type=int, default=2, help="untimed reps per provider and case first (default 2)")
+    g.add_argument("--threads", type=positive_int, default=2, help="torch.set_num_threads (CPU); default 2")
+    g.add_argument("--reps", type=positive_int, default=7, help="timed reps per provider and case (default 7)")
+    g.add_argument(
+        "--warmup", type=non_negative_int, default=2, help="untimed reps per provider and case first (default 2)"
+    )
     g.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="default float32")
-    g.add_argument("--device", default="cpu", help="torch device, e.g. cpu (default) or cuda")
+    g.add_argument("--device", type=device_name, default="cpu", help="torch device, e.g. cpu (default) or cuda")
     g.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    g.add_argument("--out", type=Path, default=Path(default_out), help=f"output folder (default {default_out}/)")
+    # a str default goes through the type too: the default folder is checked like a given one
+    g.add_argument("--out", type=output_folder, default=default_out, help=f"output folder (default {default_out}/)")
     g.add_argument(
         "--load",
-        type=int,
+        type=load_processes,
         default=0,
         metavar="N",
         help="keep N other processes busy (one spinning core each, like `yes > /dev/null`) while timing: "
-        "how the providers hold up on a machine that is not idle. Default 0",
+        f"how the providers hold up on a machine that is not idle. At most {MAX_LOAD_PER_CORE} per core; default 0",
     )
     g.add_argument(
         "--malloc",
@@ -104,21 +204,35 @@ def configure_torch(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-#: set by :func:`use_fresh_tuning_cache` (and inherited by the memory pass's process): the folder of
+#: set by :func:`fresh_tuning_cache` (and inherited by the memory pass's process): the folder of
 #: this run's tuning caches, one per workload (:func:`workload_tuning`)
 TUNING_DIR_ENV = "AQCF_BENCH_TUNING_DIR"
 
 
-def use_fresh_tuning_cache() -> None:
-    """Make ``auto`` measure in this run: temporary tuning caches, unless ``AQCF_TUNING_CACHE`` is set.
+@contextlib.contextmanager
+def fresh_tuning_cache() -> Iterator[None]:
+    """Make ``auto`` measure in this run: temporary tuning caches for the block, unless ``AQCF_TUNING_CACHE``
+    is set. The folder is removed when the block ends, error or not, and the environment restored.
 
     A cache written earlier (idle, or by another load) would replay that run's choices; the
     benchmark shows what ``auto`` picks under the conditions it measures.
     """
-    if "AQCF_TUNING_CACHE" not in os.environ:
-        folder = Path(tempfile.mkdtemp(prefix="aqcf-bench-tuning-"))
-        os.environ[TUNING_DIR_ENV] = str(folder)
-        os.environ["AQCF_TUNING_CACHE"] = str(folder / "tuning.json")
+    if "AQCF_TUNING_CACHE" in os.environ:
+        yield
+        return
+    before = {name: os.environ.get(name) for name in (TUNING_DIR_ENV, "AQCF_TUNING_CACHE")}
+    folder = Path(tempfile.mkdtemp(prefix="aqcf-bench-tuning-"))
+    os.environ[TUNING_DIR_ENV] = str(folder)
+    os.environ["AQCF_TUNING_CACHE"] = str(folder / "tuning.json")
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -761,7 +761,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--check-targets", action="store_true", help="report PASS/FAIL for the issue's targets")
     parser.add_argument(
         "--min-time",
-        type=float,
+        type=common.non_negative_float,
         default=None,
         metavar="S",
         help="more reps for fast cases: about S seconds of timed calls per provider and case (at most "
@@ -795,7 +795,6 @@ def main(args: argparse.Namespace) -> int:
         print(f"{len(cases)} cases, {sum(c.gflop for c in cases):.1f} GFLOP fwd in all")
         return 0
     common.configure_torch(args.threads)
-    common.use_fresh_tuning_cache()
     device = torch.device(args.device)
     wanted = args.providers or (GPU_PROVIDERS if device.type == "cuda" else CPU_PROVIDERS)
     providers = [p for p in PROVIDERS if p in wanted or p == BASELINE]

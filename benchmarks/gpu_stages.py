@@ -242,12 +242,16 @@ STAGES: dict[str, Callable[[Path, str, bool], None]] = {"norm": norm_stage, "pas
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=list(STAGES))
-    parser.add_argument("out", type=Path, help="folder for the stage's tables (created)")
+    parser.add_argument("out", type=common.output_folder, help="folder for the stage's tables (created)")
     parser.add_argument("--device", default="cuda", help="default cuda; cpu with --small: a dry run")
     parser.add_argument("--small", action="store_true", help="tiny sizes (a dry run)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here (a dry run: --device cpu --small)")
+    try:  # (not the argument's type: the default, cuda, gets the dry-run hint above on a machine without one)
+        args.device = common.device_name(args.device)
+    except argparse.ArgumentTypeError as e:
+        parser.error(f"argument --device: {e}")
     if args.device == "cuda" and args.stage == "passes":
         os.environ["AQCF_BACKEND"] = "triton"  # the Triton kernels these tables are about
     args.out.mkdir(parents=True, exist_ok=True)

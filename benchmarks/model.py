@@ -428,7 +428,6 @@ def main(args: argparse.Namespace) -> int:
         print(f"no case of grid {args.grid!r} has spatial dims {args.dims}", file=sys.stderr)
         return 2
     common.configure_torch(args.threads)
-    common.use_fresh_tuning_cache()
     device = torch.device(args.device)
     dtype = common.DTYPES[args.dtype]
     providers = [p for p in PROVIDERS if p in args.providers or p == BASELINE]

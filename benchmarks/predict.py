@@ -298,12 +298,16 @@ def markdown(result: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     from aqcf_kernels.pipeline.allocator import MALLOC_CHOICES
 
+    from . import common
+
     p = argparse.ArgumentParser(prog="python -m benchmarks.predict", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a 96x96x8 CT and a tiny net (checks the harness)")
     p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
-    p.add_argument("--reps", type=int, default=1, help="cases timed per provider (median reported; default 1)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    p.add_argument("--out", type=Path, default=Path("bench-out"), help="folder for predict.json / predict.md")
+    p.add_argument(
+        "--reps", type=common.positive_int, default=1, help="cases timed per provider (median reported; default 1)"
+    )
+    p.add_argument("--threads", type=common.positive_int, default=2, help="torch threads (default 2)")
+    p.add_argument("--out", type=common.output_folder, default="bench-out", help="folder for predict.json / predict.md")
     p.add_argument("--malloc", choices=MALLOC_CHOICES, default="keep",
                    help="aqcf-predict's --malloc for both providers (default keep, the command's default)")  # fmt: skip
     # Internal: one provider in this process (started by run_benchmark).

@@ -292,7 +292,6 @@ def main(args: argparse.Namespace) -> int:
         return 2
     cases = [c for c in GRIDS[args.grid]() if c.cell in args.cells]
     common.configure_torch(args.threads)
-    common.use_fresh_tuning_cache()
     device = torch.device(args.device)
     dtype = common.DTYPES[args.dtype]
     providers = [p for p in PROVIDERS if p in args.providers or p == BASELINE]

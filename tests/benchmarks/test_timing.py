@@ -116,20 +116,20 @@ def test_each_workload_chooses_afresh_and_the_memory_pass_replays_its_file(tmp_p
     monkeypatch.setenv(common.TUNING_DIR_ENV, "set, so that the teardown removes it")
     monkeypatch.delenv(common.TUNING_DIR_ENV)
     monkeypatch.delenv("AQCF_TUNING_CACHE")
-    common.use_fresh_tuning_cache()
-    folder, run_cache = Path(os.environ[common.TUNING_DIR_ENV]), os.environ["AQCF_TUNING_CACHE"]
-    assert Path(run_cache).parent == folder and not any(folder.iterdir())
     try:
-        with common.workload_tuning("1d 16q k3 N8 1024 bwd"):
-            assert _choose_by_fake_clock(monkeypatch, "a").algorithm == "a"
-        assert os.environ["AQCF_TUNING_CACHE"] == run_cache and tuning.lookup("sig") is None
-        with common.workload_tuning("1d 16q k3 N8 1024 fwdbwd"):
-            assert tuning.lookup("sig") is None, "a choice leaked from the bwd workload"
-            assert _choose_by_fake_clock(monkeypatch, "b").algorithm == "b"
-        files = sorted(p.name for p in folder.glob("*.json"))
-        assert files == ["tuning-1d-16q-k3-N8-1024-bwd.json", "tuning-1d-16q-k3-N8-1024-fwdbwd.json"]
-        with common.workload_tuning("1d 16q k3 N8 1024 bwd"):
-            assert tuning.lookup("sig") == tuning.Candidate("x", "a")
+        with common.fresh_tuning_cache():
+            folder, run_cache = Path(os.environ[common.TUNING_DIR_ENV]), os.environ["AQCF_TUNING_CACHE"]
+            assert Path(run_cache).parent == folder and not any(folder.iterdir())
+            with common.workload_tuning("1d 16q k3 N8 1024 bwd"):
+                assert _choose_by_fake_clock(monkeypatch, "a").algorithm == "a"
+            assert os.environ["AQCF_TUNING_CACHE"] == run_cache and tuning.lookup("sig") is None
+            with common.workload_tuning("1d 16q k3 N8 1024 fwdbwd"):
+                assert tuning.lookup("sig") is None, "a choice leaked from the bwd workload"
+                assert _choose_by_fake_clock(monkeypatch, "b").algorithm == "b"
+            files = sorted(p.name for p in folder.glob("*.json"))
+            assert files == ["tuning-1d-16q-k3-N8-1024-bwd.json", "tuning-1d-16q-k3-N8-1024-fwdbwd.json"]
+            with common.workload_tuning("1d 16q k3 N8 1024 bwd"):
+                assert tuning.lookup("sig") == tuning.Candidate("x", "a")
     finally:
         tuning.clear()
 
@@ -141,14 +141,14 @@ def test_workloads_share_a_cache_the_caller_chose(tmp_path, monkeypatch) -> None
     monkeypatch.setenv("AQCF_TUNING_CACHE", str(tmp_path / "mine.json"))
     monkeypatch.setenv(common.TUNING_DIR_ENV, "set, so that the teardown removes it")
     monkeypatch.delenv(common.TUNING_DIR_ENV)
-    common.use_fresh_tuning_cache()
-    assert common.TUNING_DIR_ENV not in os.environ
     tuning.clear()
     try:
-        with common.workload_tuning("a bwd"):
-            _choose_by_fake_clock(monkeypatch, "a")
-        with common.workload_tuning("a fwdbwd"):
-            assert tuning.lookup("sig") == tuning.Candidate("x", "a")
+        with common.fresh_tuning_cache():
+            assert common.TUNING_DIR_ENV not in os.environ
+            with common.workload_tuning("a bwd"):
+                _choose_by_fake_clock(monkeypatch, "a")
+            with common.workload_tuning("a fwdbwd"):
+                assert tuning.lookup("sig") == tuning.Candidate("x", "a")
         assert [p.name for p in tmp_path.glob("*.json")] == ["mine.json"]
     finally:
         tuning.clear()
