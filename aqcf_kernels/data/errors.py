@@ -7,8 +7,17 @@ bad values keep working.
 
 from __future__ import annotations
 
+import re
+
 __all__ = ["DataError"]
 
 
 class DataError(ValueError):
-    """Bad or missing data on disk: unreadable NIfTI, mismatched image/label, unexpected layout."""
+    """Bad or missing data on disk: unreadable NIfTI, mismatched image/label, unexpected layout.
+
+    The message is kept to one line: the tools print it as their one-line error, and the messages of
+    the libraries quoted in it can span several (nibabel's "... - could the file be damaged?").
+    """
+
+    def __init__(self, message: object = "") -> None:
+        super().__init__(re.sub(r"\s*\n\s*", " ", str(message)).strip())

@@ -123,7 +123,8 @@ class PreprocessConfig:
 def load_nifti(path: str | os.PathLike) -> nib.Nifti1Image:
     """Open a 3D NIfTI lazily (header only), or raise :class:`DataError` naming the file.
 
-    A 4D image with a single volume (shape ``(X, Y, Z, 1)``) counts as 3D.
+    A 4D image with a single volume (shape ``(X, Y, Z, 1)``) counts as 3D; a size of 0 along an axis
+    (no voxels) is an error.
     """
     try:
         img = nib.load(os.fspath(path))
@@ -134,6 +135,8 @@ def load_nifti(path: str | os.PathLike) -> nib.Nifti1Image:
     shape = img.shape
     if not (len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)):
         raise DataError(f"{path}: expected a 3D volume, got shape {shape}")
+    if 0 in shape[:3]:  # a header can declare it; every later step (body crop, windowing) needs voxels
+        raise DataError(f"{path}: empty volume (shape {shape}, no voxels)")
     return img
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -40,6 +41,8 @@ import nibabel as nib
 import numpy as np
 from nibabel import orientations as nio
 from scipy import ndimage
+
+from .outputs import check_output_dir
 
 __all__ = ["DEFAULT_SHAPE", "DEFAULT_SPACING", "Phantom", "main", "make_phantom", "write_dataset"]
 
@@ -227,6 +230,43 @@ def _to_disk(ph: Phantom) -> tuple[np.ndarray, np.ndarray]:
     return image, ph.label.astype(np.uint8)
 
 
+#: The smallest phantom side that still holds a liver voxel (see :func:`make_phantom`).
+MIN_SIDE = 4
+#: Each stored axis is one of these pairs, each pair used once (nibabel's axis codes).
+_AXIS_PAIRS = ("RL", "AP", "SI")
+
+
+def check_arguments(
+    layout: str,
+    cases: int,
+    shape: Sequence[int] | None = None,
+    spacing: Sequence[float] | None = None,
+    no_tumour_frac: float = 0.0,
+    orientation: str | None = None,
+) -> None:
+    """Refuse bad :func:`write_dataset` arguments before anything is written, with a ValueError of one
+    line naming the ``aqcf-synth`` option (the keyword of the same name, dashed)."""
+    if layout not in LAYOUT_DEFAULTS:
+        raise ValueError(f"--layout must be one of {', '.join(sorted(LAYOUT_DEFAULTS))}, got {layout!r}")
+    if isinstance(cases, bool) or not isinstance(cases, int) or cases < 1:
+        raise ValueError(f"--cases must be at least 1, got {cases!r}")
+    if shape is not None and (len(shape) != 3 or any(int(n) < MIN_SIDE for n in shape)):
+        raise ValueError(f"--shape must be 3 sizes of at least {MIN_SIDE} voxels, got {' '.join(map(str, shape))}")
+    if spacing is not None and (len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing)):
+        # nibabel would otherwise fail on a singular affine with a matrix dump
+        raise ValueError(f"--spacing must be 3 positive sizes in mm, got {' '.join(map(str, spacing))}")
+    if not 0 <= no_tumour_frac <= 1:  # also False for NaN
+        raise ValueError(f"--no-tumour-frac must be in [0, 1], got {no_tumour_frac}")
+    if orientation is not None:
+        codes = orientation.upper()
+        pairs = sorted(next((i for i, pair in enumerate(_AXIS_PAIRS) if c in pair), -1) for c in codes)
+        if len(codes) != 3 or pairs != [0, 1, 2]:
+            raise ValueError(
+                f"--orientation {orientation!r}: expected 3 axis codes, one of R/L, one of A/P and one of S/I "
+                "(e.g. RAS, LPS)"
+            )
+
+
 def write_dataset(
     out: str | os.PathLike,
     layout: str,
@@ -255,20 +295,15 @@ def write_dataset(
     """
     from tqdm.auto import tqdm
 
-    if layout not in LAYOUT_DEFAULTS:
-        raise ValueError(f"layout must be one of {sorted(LAYOUT_DEFAULTS)}, got {layout!r}")
-    if cases < 1:
-        raise ValueError(f"cases must be at least 1, got {cases}")
-    if not 0 <= no_tumour_frac <= 1:
-        raise ValueError(f"no_tumour_frac must be in [0, 1], got {no_tumour_frac}")
+    check_arguments(layout, cases, shape, spacing, no_tumour_frac, orientation)
     default_modality, default_orientation = LAYOUT_DEFAULTS[layout]
     modality = modality or default_modality
     axcodes = (orientation or default_orientation).upper()
-    nio.axcodes2ornt(tuple(axcodes))  # validates the codes early (raises ValueError)
-    out = Path(out)
+    out = check_output_dir(out, "OUT")  # before the first case: a file in the way is named, not a traceback
     root = {"lits": out, "atlas": out / "train", "msd": out / "Task03_Liver", "nnunet": out / "Dataset003_Liver"}[
         layout
     ]
+    check_output_dir(root, "OUT")
     ext = ".nii" if layout == "lits" else ".nii.gz"
     training = []
     bar = tqdm(
@@ -328,7 +363,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="aqcf-synth",
         description="Write synthetic liver/tumour CT or MRI phantoms in a public dataset's on-disk layout.",
     )
-    p.add_argument("out", type=Path, help="output folder (created; existing files of the same name are replaced)")
+    p.add_argument(
+        "out", type=Path, metavar="OUT", help="output folder (created; existing files of the same name are replaced)"
+    )
     p.add_argument("--layout", required=True, choices=sorted(LAYOUT_DEFAULTS), help="on-disk layout to write")
     p.add_argument("--cases", type=int, required=True, help="number of cases")
     p.add_argument("--seed", type=int, default=0, help="random seed (case i depends only on seed and i)")
@@ -345,21 +382,29 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``aqcf-synth`` console script."""
+    """Entry point of the ``aqcf-synth`` console script; returns the exit status (2 on a user-facing error,
+    130 on Ctrl-C)."""
     args = _parser().parse_args(argv)
-    root = write_dataset(
-        args.out,
-        args.layout,
-        args.cases,
-        seed=args.seed,
-        modality=args.modality,
-        shape=args.shape,
-        spacing=args.spacing,
-        no_tumour_frac=args.no_tumour_frac,
-        orientation=args.orientation,
-        macos_junk=args.macos_junk,
-        progress=False if args.quiet else None,
-    )
+    try:
+        root = write_dataset(
+            args.out,
+            args.layout,
+            args.cases,
+            seed=args.seed,
+            modality=args.modality,
+            shape=args.shape,
+            spacing=args.spacing,
+            no_tumour_frac=args.no_tumour_frac,
+            orientation=args.orientation,
+            macos_junk=args.macos_junk,
+            progress=False if args.quiet else None,
+        )
+    except KeyboardInterrupt:
+        print(f"aqcf-synth: interrupted; the cases written so far are in {args.out}", file=sys.stderr, flush=True)
+        return 130
+    except ValueError as e:  # check_arguments, OutputError
+        print(f"aqcf-synth: error: {e}", file=sys.stderr)
+        return 2
     if not args.quiet:
         print(f"wrote {args.cases} {args.layout} case(s) to {root}")
     return 0

@@ -39,7 +39,19 @@ from ..models import AQCFNet
 from .config import RunConfig
 
 
+def _umask() -> int:
+    """The process's umask (reading it means setting it: put back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save(obj)`` to ``path`` through a temporary file in the same folder, flushed and renamed over it.
+
+    The file gets the mode a plain ``open(path, "wb")`` would give it (``0o666 & ~umask``): mkstemp
+    creates its file 0600, which would make checkpoints the only files of a run others cannot read.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -48,6 +60,7 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # before the rename: the final name never has mkstemp's 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -96,10 +109,24 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
                 f"checkpoint {path} cannot be loaded safely: its pickle imports {', '.join(refused)}, beyond the "
                 f"tensors and plain values torch.load(weights_only=True) allows ({why}); nothing in it was run"
             ) from None
+        if not _looks_like_torch_save(path):
+            # torch's unpickler fails on such a file with e.g. "KeyError: 105" (a byte it takes for an opcode)
+            raise ValueError(
+                f"checkpoint {path} is not readable: not a checkpoint of aqcf_kernels (aqcf-train writes torch.save "
+                "files, .pt; this is neither a torch zip archive nor a pickle)"
+            ) from None
         raise ValueError(f"checkpoint {path} is not readable ({type(e).__name__}: {_first_line(e)})") from None
     if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
         raise ValueError(f"checkpoint {path} is not an aqcf-train checkpoint (no config/model)")
     return ckpt
+
+
+def _looks_like_torch_save(path: Path) -> bool:
+    """Whether the file starts as a ``torch.save`` file does: a zip archive, or a pickle (the legacy format,
+    and bare pickles): a damaged one of those is "not readable", anything else not a checkpoint at all."""
+    with path.open("rb") as f:
+        head = f.read(4)
+    return head.startswith((b"PK\x03\x04", b"\x80"))
 
 
 def _first_line(error: BaseException) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from collections.abc import Sequence
@@ -94,6 +95,8 @@ class RunConfig:
         return cfg
 
     def validate(self) -> None:
+        """Every value in range, or a ValueError naming its dotted key; called on load and after overrides,
+        so that a bad value is refused before a run folder is written, not deep inside training."""
         if self.train.mode not in MODES:
             raise ValueError(f"train.mode must be one of {MODES}, got {self.train.mode!r}")
         if not 0.0 <= self.train.solo_prob <= 1.0:
@@ -101,6 +104,7 @@ class RunConfig:
         for name in ("epochs", "steps_per_epoch", "batch_size", "val_every"):
             if getattr(self.train, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self.train, name)}")
+        self._validate_numbers()
         if self.data.fold is not None:
             from ..data.split import check_fold
 
@@ -111,6 +115,35 @@ class RunConfig:
         elif isinstance(self.data.folds, bool) or self.data.folds < 2:
             raise ValueError(f"data.folds must be >= 2, got {self.data.folds}")
         self.model_options().validated(prefix="model.")
+
+    def _validate_numbers(self) -> None:
+        d, t = self.data, self.train
+        # NaN fails every comparison, so each check is written as "not (valid)".
+        _check(math.isfinite(t.lr) and t.lr > 0, "train.lr", "must be a positive number", t.lr)
+        _check(math.isfinite(t.weight_decay) and t.weight_decay >= 0, "train.weight_decay", "must be >= 0",
+               t.weight_decay)  # fmt: skip
+        _check(math.isfinite(t.grad_clip) and t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0: no clipping)",
+               t.grad_clip)  # fmt: skip
+        _check(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0", t.warmup_steps)
+        # numpy's legacy seeding (np.random.seed) takes 0 .. 2**32 - 1 only
+        _check(0 <= t.seed < 2**32, "train.seed", "must be in 0 .. 2**32 - 1", t.seed)
+        _check(t.val_cases is None or t.val_cases >= 1, "train.val_cases", "must be >= 1 or null (all)", t.val_cases)
+        _check(all(math.isfinite(v) for v in d.hu_window) and d.hu_window[0] < d.hu_window[1], "data.hu_window",
+               "must be [low, high] with low < high", list(d.hu_window))  # fmt: skip
+        if d.target_spacing is not None:
+            _check(all(math.isfinite(v) and v > 0 for v in d.target_spacing), "data.target_spacing",
+                   "must be 3 positive sizes in mm (or null)", list(d.target_spacing))  # fmt: skip
+        _check(d.split_seed >= 0, "data.split_seed", "must be >= 0", d.split_seed)
+        for name in ("val_fraction", "test_fraction"):
+            value = getattr(d, name)
+            _check(0.0 <= value < 1.0, f"data.{name}", "must be in [0, 1)", value)
+        if d.fold is None:  # with a fold, the fold is the validation set and val_fraction is unused
+            _check(d.val_fraction + d.test_fraction < 1.0, "data.val_fraction + data.test_fraction",
+                   "must be < 1 (the rest is the training share)", d.val_fraction + d.test_fraction)  # fmt: skip
+        _check(all(n >= 1 for n in d.slice_size), "data.slice_size", "must hold sizes >= 1", list(d.slice_size))
+        _check(all(n >= 1 for n in d.patch_size), "data.patch_size", "must hold sizes >= 1", list(d.patch_size))
+        _check(0.0 <= d.tumour_prob <= 1.0, "data.tumour_prob", "must be in [0, 1]", d.tumour_prob)
+        _check(d.num_workers >= 0, "data.num_workers", "must be >= 0", d.num_workers)
 
     def model_options(self) -> AQCFNetOptions:
         """The A-QCF-Net of this run: the ``model`` section, one input channel, three classes, ``train.mode``.
@@ -144,6 +177,11 @@ class RunConfig:
     @property
     def modalities(self) -> tuple[str, ...]:
         return {"joint": ("ct", "mri"), "ct": ("ct",), "mri": ("mri",), "dynunet": ("ct", "mri")}[self.train.mode]
+
+
+def _check(ok: bool, key: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ValueError(f"{key} {rule}, got {json.dumps(value)}")
 
 
 #: Keys a resumed run may change (``--resume`` with another value): where it runs, not what it computes.

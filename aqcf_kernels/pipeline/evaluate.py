@@ -46,13 +46,13 @@ import math
 import os
 import sys
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..data.outputs import check_output_dir, output_dir
 from .allocator import add_malloc_argument, apply_malloc_choice
 from .checkpoint import load_run_checkpoint
 from .config import apply_overrides
@@ -162,22 +162,44 @@ def evaluate(
         FileNotFoundError: missing run folder, checkpoint or split file.
         ValueError: bad split name or override; :class:`~aqcf_kernels.data.DataError` for bad data.
     """
-    import torch
-    from tqdm.auto import tqdm
-
-    from ..data import write_prediction
-
     torch_device = resolve_device(device)
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     run_dir = Path(run_dir)
+    out_argument = "--out" if out is not None else "output folder"
+    out = check_output_dir(out if out is not None else run_dir / f"eval_{split}_{_tag(checkpoint)}", out_argument)
     ckpt_path = resolve_checkpoint(run_dir, checkpoint)
     model, cfg, info = load_run_checkpoint(ckpt_path, torch_device)
     apply_overrides(cfg, data_overrides, sections=("data",))
+    cfg.validate()  # an override is checked as in training (e.g. data.hu_window), not met deep in preprocessing
     check_splits(run_dir, cfg.modalities)
     data = prepare_data(cfg, run_dir, progress=progress)
-    out = Path(out) if out is not None else run_dir / f"eval_{split}_{_tag(checkpoint)}"
-    out.mkdir(parents=True, exist_ok=True)
+    # created now; removed again if nothing gets written into it (an error or Ctrl-C on the first case)
+    with output_dir(out, out_argument):
+        return _evaluate_into(out, run_dir, ckpt_path, model, cfg, info, data, split, torch_device, write_masks,
+                              progress=progress, echo=echo)  # fmt: skip
+
+
+def _evaluate_into(
+    out: Path,
+    run_dir: Path,
+    ckpt_path: Path,
+    model: Any,
+    cfg: Any,
+    info: dict[str, Any],
+    data: dict[str, dict[str, list]],
+    split: str,
+    torch_device: Any,
+    write_masks: bool,
+    *,
+    progress: bool | None,
+    echo: bool,
+) -> dict[str, Any]:
+    """The body of :func:`evaluate` once the model and data are loaded: predict, score and write into ``out``."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from ..data import write_prediction
 
     results: dict[str, Any] = {
         "run_dir": str(run_dir),
@@ -194,7 +216,7 @@ def evaluate(
     for modality in cfg.modalities:
         cases = data[modality][split]
         if not cases:
-            warnings.warn(f"{modality}: the {split} split of {run_dir} is empty; nothing to evaluate", stacklevel=2)
+            note(f"{modality}: the {split} split of {run_dir} is empty; nothing to evaluate")
         rows: list[dict[str, Any]] = []
         bar = tqdm(cases, desc=f"evaluate {modality}", unit="case", disable=None if progress is None else not progress)
         try:
@@ -288,13 +310,14 @@ def evaluate_runs(
     """:func:`evaluate` each run (into its default folder), then mean ± sd over the runs per modality.
 
     Meant for the folds of one cross-validation (``aqcf-train --fold k``): the runs must share the
-    mode; runs of the same fold, or (``split="test"``) with different test cases, get a warning.
+    mode; runs of the same fold, or (``split="test"``) with different test cases, get a note (printed as
+    a ``note:`` line, and under ``notes`` in the result and ``summary.md``).
     Writes ``summary.json`` and ``summary.md`` to ``out`` (default: the runs' common parent folder /
     ``eval_{split}_{checkpoint}_runs``).
 
     Returns:
         ``{"split", "checkpoint", "mode", "out", "runs": [{"run_dir", "fold", "checkpoint_info", "out",
-        "summaries"}], "same_cases", "modalities": {modality: {metric: {"mean", "sd", "n", "values"}}},
+        "summaries"}], "same_cases", "notes", "modalities": {modality: {metric: {"mean", "sd", "n", "values"}}},
         "table"}``.
     """
     resolve_device(device)
@@ -303,6 +326,11 @@ def evaluate_runs(
     run_dirs = [Path(r) for r in run_dirs]
     if len({r.resolve() for r in run_dirs}) != len(run_dirs):
         raise ValueError("a run folder is given more than once")
+    out_argument = "--out" if out is not None else "output folder"
+    if out is None:
+        parent = Path(os.path.commonpath([str(r.resolve()) for r in run_dirs]))
+        out = parent / f"eval_{split}_{checkpoint}_runs"
+    out = check_output_dir(out, out_argument)  # before the first run is evaluated, not after the last
     modes = {}
     for run_dir in run_dirs:
         resolve_checkpoint(run_dir, checkpoint)  # every folder checked before the first is evaluated
@@ -322,25 +350,24 @@ def evaluate_runs(
     if len(modes) > 1:
         raise ValueError(f"the runs have different modes ({', '.join(modes)}): summarise runs of one model only")
     folds = [r["fold"] for r in each]
+    notes = []
     if len(set(map(str, folds))) != len(folds):
-        warnings.warn(f"several runs of the same fold ({folds}): the summary is not a cross-validation", stacklevel=2)
+        notes.append(f"several runs of the same fold ({folds}): the summary is not a cross-validation")
     cases = [{m: [row["case_id"] for row in r["modalities"][m]["cases"]] for m in r["modalities"]} for r in each]
     same_cases = all(c == cases[0] for c in cases)
     if split == "test" and not same_cases:
-        warnings.warn("the runs' test sets differ: the summary mixes different cases", stacklevel=2)
+        notes.append("the runs' test sets differ: the summary mixes different cases")
+    for text in notes:
+        note(text)
     summary = summarise_runs(each)
-    if out is None:
-        parent = Path(os.path.commonpath([str(r.resolve()) for r in run_dirs]))
-        out = parent / f"eval_{split}_{checkpoint}_runs"
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)  # checked above, before the runs were evaluated
     table = _runs_table(summary, f"{len(each)} runs, {modes[0]}, {checkpoint}.pt, {split} split")
     lines = [
         f"- {r['run_dir']}" + ("" if r["fold"] is None else f" (fold {r['fold']})")
         + f": {r['checkpoint_info']['description']}; results in {r['out']}"
         for r in each
     ]  # fmt: skip
-    markdown = table + "\nRuns:\n\n" + "\n".join(lines) + "\n"
+    markdown = table + "\nRuns:\n\n" + "\n".join(lines) + "\n" + "".join(f"\nNote: {text}.\n" for text in notes)
     result = {
         "split": split,
         "checkpoint": str(checkpoint),
@@ -357,6 +384,7 @@ def evaluate_runs(
             for r in each
         ],  # fmt: skip
         "same_cases": same_cases,
+        "notes": notes,
         "modalities": summary,
         "table": table,
     }
@@ -366,6 +394,12 @@ def evaluate_runs(
         print(table, end="", flush=True)
         print(f"written to {out}", flush=True)
     return result
+
+
+def note(text: str) -> None:
+    """A caveat about the results, as one plain ``note:`` line on stderr (not a Python warning with its source
+    line); printed whatever ``echo`` says, as the warning it replaces was."""
+    print(f"note: {text}", file=sys.stderr, flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -402,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``aqcf-evaluate``; returns the exit status (2 on a user-facing error)."""
+    """Entry point of ``aqcf-evaluate``; returns the exit status (2 on a user-facing error, 130 on Ctrl-C)."""
     args = build_parser().parse_args(argv)
     apply_malloc_choice(args.malloc)
     several = len(args.run_dirs) > 1
@@ -417,6 +451,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             data_overrides=args.set,
             progress=False if args.quiet else None,
         )
+    except KeyboardInterrupt:
+        # results.json and results.md are written at the end: an interrupted evaluation has none
+        print("aqcf-evaluate: interrupted; results.json not written (evaluate again)", file=sys.stderr, flush=True)
+        return 130
     except (ValueError, FileNotFoundError) as e:
         print(f"aqcf-evaluate: error: {e}", file=sys.stderr)
         return 2

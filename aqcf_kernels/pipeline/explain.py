@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -53,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..data.outputs import check_output_dir, output_dir
 from .checkpoint import load_run_checkpoint
 from .config import apply_overrides
 from .data import SPLITS, check_splits, prepare_data
@@ -363,9 +363,12 @@ def explain(
     if cases < 1:
         raise ValueError(f"cases must be at least 1, got {cases}")
     run_dir = Path(run_dir)
+    out_argument = "--out" if out is not None else "output folder"
+    out = check_output_dir(out if out is not None else run_dir / "explain", out_argument)
     ckpt_path = resolve_checkpoint(run_dir, checkpoint)
     model, cfg, info = load_run_checkpoint(ckpt_path, device)
     apply_overrides(cfg, data_overrides, sections=("data",))
+    cfg.validate()  # an override is checked as in training, not met deep in preprocessing
     modalities = _modalities(modality, cfg.modalities)
     dims = cfg.model.spatial_dims
     multiple = 2 ** len(cfg.model.features)
@@ -374,54 +377,61 @@ def explain(
     methods = list(METHODS) if method == "both" else [method]
     check_splits(run_dir, cfg.modalities)
     data = prepare_data(cfg, run_dir, progress=progress)
-    out = Path(out) if out is not None else run_dir / "explain"
     if echo:
         print(f"Checkpoint {info['description']}.", flush=True)
     epoch = "" if info["epoch"] is None else f" (epoch {info['epoch']})"
 
-    written: list[Path] = []
-    for m in modalities:
-        wrapper = ClassScores(model, m)
-        cams = {}  # (layer, method) -> CAM; one hooked model per layer, shared by both methods
-        for layer in chosen[m]:
-            hooked = visualize.class_activation_maps.ModelWithHooks(
-                wrapper, layer, register_forward=True, register_backward=True
-            )
-            for name in methods:
-                cam_cls = getattr(visualize, METHODS[name])
-                cams[layer, name] = cam_cls(nn_module=hooked, target_layers=layer, postprocessing=_identity)
-        selected = data[m][split][:cases]
-        if not selected:
-            warnings.warn(f"{m}: the {split} split of {run_dir} is empty; nothing to explain", stacklevel=2)
-        bar = tqdm(selected, desc=f"explain {m}", unit="case", disable=None if progress is None else not progress)
-        try:
-            for case in bar:
-                pred = predict_case_labels(model, case, m, cfg, device)
-                label = np.asarray(case.label) if case.label is not None else None
-                z, why, focus = _pick_slice(label, pred)
-                x, window, z_in = _cam_input(case, z, focus, cfg)
-                size = x.shape[2:]
-                x = _pad_to(x, multiple, case.pad_value).to(device)
-                label_in = label[window] if label is not None else None
-                wrapper.region, region_name = _score_region(wrapper, x, label_in, multiple)
-                image_in, pred_in = np.asarray(case.image[window]), pred[window]
-                for (layer, name), cam in cams.items():
-                    raw = cam(x, class_idx=TUMOUR)[(..., *[slice(0, s) for s in size])]
-                    heat, top = _unit(raw)
-                    if dims == 2:
-                        heat = heat[None]  # (1, x, y): the slice, like image_in
-                    short = short_name(layer)
-                    path = out / m / f"{_sanitise(case.case_id)}_{name}_{_sanitise(short)}.png"
-                    title = f"{case.case_id} ({m}), axial slice {z} ({why}); {cfg.train.mode} model, "
-                    title += f"{ckpt_path.name}{epoch}"
-                    heat_title = f"{METHODS[name]}, tumour, at {short}\nscore region: {region_name}"
-                    if top <= 0:
-                        heat_title += " (map all zero)"
-                    panels = (image_in[z_in], None if label_in is None else label_in[z_in], pred_in[z_in], heat[z_in])
-                    written.append(_figure(path, *panels, title, heat_title))
-                wrapper.region = None
-        finally:
-            bar.close()  # also on an error: the message then starts on a clean line
+    # created now; removed again if no PNG gets written into it (an error or Ctrl-C on the first case)
+    with output_dir(out, out_argument):
+        written: list[Path] = []
+        for m in modalities:
+            wrapper = ClassScores(model, m)
+            cams = {}  # (layer, method) -> CAM; one hooked model per layer, shared by both methods
+            for layer in chosen[m]:
+                hooked = visualize.class_activation_maps.ModelWithHooks(
+                    wrapper, layer, register_forward=True, register_backward=True
+                )
+                for name in methods:
+                    cam_cls = getattr(visualize, METHODS[name])
+                    cams[layer, name] = cam_cls(nn_module=hooked, target_layers=layer, postprocessing=_identity)
+            selected = data[m][split][:cases]
+            if not selected:
+                # a plain note line, as aqcf-evaluate prints it (not a warning with its source line)
+                print(f"note: {m}: the {split} split of {run_dir} is empty; nothing to explain", file=sys.stderr)
+            bar = tqdm(selected, desc=f"explain {m}", unit="case", disable=None if progress is None else not progress)
+            try:
+                for case in bar:
+                    pred = predict_case_labels(model, case, m, cfg, device)
+                    label = np.asarray(case.label) if case.label is not None else None
+                    z, why, focus = _pick_slice(label, pred)
+                    x, window, z_in = _cam_input(case, z, focus, cfg)
+                    size = x.shape[2:]
+                    x = _pad_to(x, multiple, case.pad_value).to(device)
+                    label_in = label[window] if label is not None else None
+                    wrapper.region, region_name = _score_region(wrapper, x, label_in, multiple)
+                    image_in, pred_in = np.asarray(case.image[window]), pred[window]
+                    for (layer, name), cam in cams.items():
+                        raw = cam(x, class_idx=TUMOUR)[(..., *[slice(0, s) for s in size])]
+                        heat, top = _unit(raw)
+                        if dims == 2:
+                            heat = heat[None]  # (1, x, y): the slice, like image_in
+                        short = short_name(layer)
+                        path = out / m / f"{_sanitise(case.case_id)}_{name}_{_sanitise(short)}.png"
+                        title = f"{case.case_id} ({m}), axial slice {z} ({why}); {cfg.train.mode} model, "
+                        title += f"{ckpt_path.name}{epoch}"
+                        heat_title = f"{METHODS[name]}, tumour, at {short}\nscore region: {region_name}"
+                        if top <= 0:
+                            heat_title += " (map all zero)"
+                        panels = (
+                            image_in[z_in],
+                            None if label_in is None else label_in[z_in],
+                            pred_in[z_in],
+                            heat[z_in],
+                        )
+                        written.append(_figure(path, *panels, title, heat_title))
+                    wrapper.region = None
+            finally:
+                bar.close()  # also on an error: the message then starts on a clean line
     return written
 
 
@@ -476,7 +486,7 @@ def _list_layers(run_dir: Path, checkpoint: str, modality: str, device: str) -> 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``aqcf-explain``; returns the exit status (2 on a user-facing error)."""
+    """Entry point of ``aqcf-explain``; returns the exit status (2 on a user-facing error, 130 on Ctrl-C)."""
     args = build_parser().parse_args(argv)
     try:
         if args.list_layers:
@@ -495,6 +505,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             data_overrides=args.set,
             progress=False if args.quiet else None,
         )
+    except KeyboardInterrupt:
+        print("aqcf-explain: interrupted; the PNGs written so far are kept", file=sys.stderr, flush=True)
+        return 130
     except (ValueError, FileNotFoundError) as e:
         print(f"aqcf-explain: error: {e}", file=sys.stderr)
         return 2

@@ -43,15 +43,18 @@ line and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import functools
 import importlib.util
 import json
+import logging
 import os
 import sys
+import warnings
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..data.outputs import check_output_dir, output_dir
 from .config import RunConfig
 from .device import DeviceError, resolve_device
 
@@ -720,6 +724,23 @@ def export_onnx(
     return path
 
 
+@contextlib.contextmanager
+def quiet_onnx_export() -> Iterator[None]:
+    """Silence what torch's ONNX exporter prints on a successful export, for ``--quiet``: its log warnings
+    (``torchvision is not installed. Skipping torchvision::nms`` ..., from the ``torch.onnx`` loggers)
+    and FutureWarnings from torch internals (pytree deprecations). Nothing the user can act on; errors
+    still raise, and everything is restored afterwards."""
+    onnx_logger = logging.getLogger("torch.onnx")
+    level = onnx_logger.level
+    onnx_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        onnx_logger.setLevel(level)
+
+
 # ------------------------------------------------------------------------------------------- run
 
 
@@ -801,6 +822,7 @@ def export_run(
     output: str | os.PathLike | None = None,
     device: str = "cpu",
     verify: bool = True,
+    quiet: bool = False,
 ) -> list[ExportedFile]:
     """Export a run's checkpoint: one file per format and modality, ``{output}/{checkpoint}-{modality}.{format}``.
 
@@ -812,6 +834,7 @@ def export_run(
         output: the folder written to (default ``run_dir/export``).
         device: where the pt2 program runs (``cpu`` or ``cuda[:N]``); ONNX is traced on CPU.
         verify: compare each written file with the eager model on a random input.
+        quiet: silence the ONNX exporter's warnings (:func:`quiet_onnx_export`).
 
     Raises:
         ExportError, DeviceError: one-line user-facing errors.
@@ -828,6 +851,8 @@ def export_run(
     run_dir = Path(run_dir).expanduser()
     if not run_dir.is_dir():
         raise ExportError(f"run folder {run_dir} does not exist (expected the --out folder of aqcf-train)")
+    out_argument = "-o" if output is not None else "output folder"
+    out = check_output_dir(Path(output) if output is not None else run_dir / "export", out_argument)
     try:
         path = _checkpoint_path(run_dir, checkpoint)
     except PredictError as e:
@@ -849,24 +874,23 @@ def export_run(
             f"--modality {modality}: the run (train.mode={cfg.train.mode}) was trained for "
             f"{'/'.join(cfg.modalities)} only"
         )
-    out = Path(output).expanduser() if output is not None else run_dir / "export"
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"output {out} exists and is not a folder")
     spec = InputSpec.of_run(cfg)
     written = []
-    for fmt in formats:
-        for mod in modalities:
-            target = out / f"{path.stem}-{mod}.{fmt}"
-            meta = _metadata(cfg, mod, spec, dev if fmt == "pt2" else torch.device("cpu"), info)
-            if fmt == "pt2":
-                program = export_program(net, mod, spec, dev)
-                out.mkdir(parents=True, exist_ok=True)
-                torch.export.save(program, target, extra_files={METADATA_FILE: json.dumps(meta)})
-            else:
-                export_onnx(net, mod, spec, target, meta)
-            error = _verify(target, fmt, net, mod, spec, dev) if verify else None
-            why = None if error is not None else "--no-verify" if not verify else "onnxruntime is not installed"
-            written.append(ExportedFile(target, fmt, mod, spec, error, why))
+    # created now; removed again if no file gets written into it (an export error, Ctrl-C)
+    with output_dir(out, out_argument):
+        for fmt in formats:
+            for mod in modalities:
+                target = out / f"{path.stem}-{mod}.{fmt}"
+                meta = _metadata(cfg, mod, spec, dev if fmt == "pt2" else torch.device("cpu"), info)
+                if fmt == "pt2":
+                    program = export_program(net, mod, spec, dev)
+                    torch.export.save(program, target, extra_files={METADATA_FILE: json.dumps(meta)})
+                else:
+                    with quiet_onnx_export() if quiet else contextlib.nullcontext():
+                        export_onnx(net, mod, spec, target, meta)
+                error = _verify(target, fmt, net, mod, spec, dev) if verify else None
+                why = None if error is not None else "--no-verify" if not verify else "onnxruntime is not installed"
+                written.append(ExportedFile(target, fmt, mod, spec, error, why))
     return written
 
 
@@ -914,7 +938,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``aqcf-export``; returns the exit status (2 on a user-facing error)."""
+    """Entry point of ``aqcf-export``; returns the exit status (2 on a user-facing error, 130 on Ctrl-C)."""
     args = build_parser().parse_args(argv)
     try:
         written = export_run(
@@ -925,7 +949,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             output=args.output,
             device=args.device,
             verify=not args.no_verify,
+            quiet=args.quiet,
         )
+    except KeyboardInterrupt:
+        print(
+            "aqcf-export: interrupted; export again (a file being written may be incomplete)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 130
     except (ExportError, DeviceError, FileNotFoundError, ValueError) as e:
         print(f"aqcf-export: error: {e}", file=sys.stderr)
         return 2

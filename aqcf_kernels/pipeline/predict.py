@@ -42,7 +42,9 @@ needed; its run config travels inside it).
 The modality of a case is ``--modality``, else the DICOM Modality tag (CT or MR), else the run's only
 modality (a joint run needs ``--modality`` for NIfTI inputs). Errors (missing input, nothing readable,
 a run folder without checkpoints, a modality the run was not trained for, a DICOM folder mixing
-series, bad data) print one line and exit with status 2.
+series, bad data, an output path that is a file) print one line and exit with status 2; Ctrl-C prints
+one line saying how many cases were written and exits with status 130. The output folder is created
+once the inputs and models are read, and removed again if the command created it and wrote nothing.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ from typing import Any
 
 import numpy as np
 
+from ..data.outputs import check_output_dir, output_dir
 from .allocator import add_malloc_argument, apply_malloc_choice
 from .device import DEVICE_CHOICES_HELP, DeviceError, resolve_device
 
@@ -71,6 +74,7 @@ __all__ = [
     "InputVolume",
     "Member",
     "PredictError",
+    "PredictInterrupted",
     "build_parser",
     "find_inputs",
     "keep_largest_liver",
@@ -105,6 +109,18 @@ _LITS_SEGMENTATION = re.compile(r"^segmentation-\d+$")
 
 class PredictError(ValueError):
     """A user-facing problem with the command's inputs, runs or options (printed as one line)."""
+
+
+class PredictInterrupted(KeyboardInterrupt):
+    """Ctrl-C while predicting; ``str()`` says how many cases were written (their masks and summary.csv stay)."""
+
+    def __init__(self, done: int, total: int, out: Path) -> None:
+        self.done, self.total, self.out = done, total, out
+        if done:
+            text = f"interrupted after {done} of {total} case(s): their masks and summary.csv are in {out}"
+        else:
+            text = "interrupted before the first case was written: nothing written"
+        super().__init__(text)
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -272,9 +288,14 @@ def _checkpoint_path(run_dir: Path, checkpoint: str) -> Path:
         return path
     path = Path(checkpoint).expanduser()
     if not path.is_absolute() and (run_dir / path).is_file():
-        return run_dir / path  # a file name inside each run folder (works for ensembles)
-    if not path.is_file():
+        path = run_dir / path  # a file name inside each run folder (works for ensembles)
+    elif not path.is_file():
         raise PredictError(f"checkpoint {path} does not exist (--checkpoint best, last or a file)")
+    if path.suffix.lower() == ".onnx":
+        raise PredictError(
+            f"--checkpoint {path}: an ONNX file cannot be used here (it is for ONNX Runtime); give the run's "
+            f".pt checkpoint or the .pt2 program aqcf-export wrote next to it"
+        )
     return path
 
 
@@ -341,8 +362,22 @@ def _run_modalities(members: Sequence[Member]) -> tuple[str, ...]:
 
 
 def _describe_runs(members: Sequence[Member]) -> str:
+    exported = next((m for m in members if getattr(m.model, "exported_modality", None)), None)
+    if exported is not None:
+        # A program holds one stream whatever its run was trained for: the file is what limits it, not the run.
+        return f"{exported.checkpoint} (an aqcf-export file of a train.mode={exported.cfg.train.mode} run, one stream)"
     modes = sorted({m.cfg.train.mode for m in members})
     return f"{members[0].run_dir if len(members) == 1 else f'{len(members)} runs'} (train.mode={'/'.join(modes)})"
+
+
+def _not_available(members: Sequence[Member], available: Sequence[str], wanted: str) -> str:
+    """What the members can predict instead of ``wanted``, and for an exported file where ``wanted`` is."""
+    if any(getattr(m.model, "exported_modality", None) for m in members):
+        return (
+            f"{_describe_runs(members)} holds the {'/'.join(available)} stream only; export the {wanted} one "
+            f"(aqcf-export RUN_DIR --modality {wanted}) or give the run's .pt checkpoint"
+        )
+    return f"{_describe_runs(members)} was trained for {'/'.join(available)} only"
 
 
 def _case_modalities(volumes: Sequence[InputVolume], members: Sequence[Member], requested: str | None) -> list[str]:
@@ -351,9 +386,7 @@ def _case_modalities(volumes: Sequence[InputVolume], members: Sequence[Member], 
         if requested not in ("ct", "mri"):
             raise PredictError(f"--modality {requested!r}: expected ct or mri")
         if requested not in available:
-            raise PredictError(
-                f"--modality {requested}: {_describe_runs(members)} was trained for {'/'.join(available)} only"
-            )
+            raise PredictError(f"--modality {requested}: {_not_available(members, available, requested)}")
         return [requested] * len(volumes)
     out = []
     for v in volumes:
@@ -586,36 +619,40 @@ def predict(
         The rows of ``summary.csv`` (volumes as floats).
 
     Raises:
-        PredictError, :class:`~aqcf_kernels.data.DataError`, DeviceError: one-line user-facing errors.
+        PredictError, :class:`~aqcf_kernels.data.DataError`, DeviceError,
+        :class:`~aqcf_kernels.data.outputs.OutputError`: one-line user-facing errors; ``out`` is then
+            left as it was (a folder this call created is removed if no case was written).
+        PredictInterrupted: Ctrl-C (a KeyboardInterrupt), saying how many cases were written.
     """
     import torch
 
     if postprocess is not None and postprocess not in POSTPROCESS:
         raise PredictError(f"--postprocess {postprocess!r}: expected one of {', '.join(POSTPROCESS)}")
+    out = check_output_dir(out, "-o")  # a file in the way is named before the models load
     dev = resolve_device(device)
     volumes = find_inputs(inputs)
     members = load_members(run, folds, checkpoint, dev, prepare_model)
     modalities = _case_modalities(volumes, members, modality)
-    out = Path(out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise PredictError(f"output {out} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="aqcf-predict-") as tmp:
+    # Created once the inputs and models are read; removed again if no case gets written (bad data, Ctrl-C).
+    with output_dir(out, "-o"), tempfile.TemporaryDirectory(prefix="aqcf-predict-") as tmp:
         ctx = _Context(members, dev, tta, save_probabilities, postprocess, progress, Path(tmp), out)
-        with torch.inference_mode():
-            for volume, mod in zip(volumes, modalities, strict=True):
-                ctx.rows.append(_predict_case(ctx, volume, mod))
-                _write_summary(out, ctx.rows)  # after every case: an interrupted run keeps its table
-    provenance = {
-        "command": " ".join(sys.argv) if sys.argv else None,
-        "members": [{"run_dir": str(m.run_dir), "checkpoint": str(m.checkpoint)} for m in members],
-        "device": str(dev),
-        "tta": tta,
-        "postprocess": postprocess,
-        "save_probabilities": save_probabilities,
-        "cases": [{"case": r["case"], "input": r["input"], "modality": r["modality"]} for r in ctx.rows],
-    }
-    (out / "predict.json").write_text(json.dumps(provenance, indent=1) + "\n")
+        try:
+            with torch.inference_mode():
+                for volume, mod in zip(volumes, modalities, strict=True):
+                    ctx.rows.append(_predict_case(ctx, volume, mod))
+                    _write_summary(out, ctx.rows)  # after every case: an interrupted run keeps its table
+        except KeyboardInterrupt:
+            raise PredictInterrupted(len(ctx.rows), len(volumes), out) from None
+        provenance = {
+            "command": " ".join(sys.argv) if sys.argv else None,
+            "members": [{"run_dir": str(m.run_dir), "checkpoint": str(m.checkpoint)} for m in members],
+            "device": str(dev),
+            "tta": tta,
+            "postprocess": postprocess,
+            "save_probabilities": save_probabilities,
+            "cases": [{"case": r["case"], "input": r["input"], "modality": r["modality"]} for r in ctx.rows],
+        }
+        (out / "predict.json").write_text(json.dumps(provenance, indent=1) + "\n")
     return ctx.rows
 
 
@@ -679,7 +716,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``aqcf-predict``; returns the exit status (2 on a user-facing error)."""
+    """Entry point of ``aqcf-predict``; returns the exit status (2 on a user-facing error, 130 on Ctrl-C)."""
     from ..data import DataError
 
     args = build_parser().parse_args(argv)
@@ -698,6 +735,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             device=args.device,
             progress=False if args.quiet else None,
         )
+    except KeyboardInterrupt as e:  # while loading (nothing written yet) or predicting (PredictInterrupted)
+        what = e if isinstance(e, PredictInterrupted) else "interrupted: nothing written"
+        print(f"aqcf-predict: {what}", file=sys.stderr, flush=True)
+        return 130
     except (PredictError, DataError, DeviceError, FileNotFoundError, ValueError) as e:
         print(f"aqcf-predict: error: {e}", file=sys.stderr)
         return 2

@@ -57,6 +57,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..data.outputs import check_output_dir
 from .checkpoint import build_model, load_checkpoint, save_atomic
 from .config import RESUME_MAY_CHANGE, RunConfig, apply_override, config_diff, format_diff, load_config
 from .data import SingleStream, make_loader, prepare_data
@@ -359,6 +360,10 @@ class TrainingInterrupted(Exception):
         return self.saved_epoch is not None
 
 
+class RunComplete(Exception):
+    """``--resume`` of a run whose ``last.pt`` already holds its last epoch: nothing to train; ``str()`` says so."""
+
+
 def train(
     cfg: RunConfig | None,
     run_dir: str | Path,
@@ -377,13 +382,24 @@ def train(
         max_epochs_this_run: stop after this many epochs of this session (a job-length limit).
         device: overrides ``train.device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``).
 
+    A ``resume`` of a run that already finished all its epochs says so (one line, rank 0), trains
+    nothing, appends nothing to ``metrics.jsonl`` and returns ``{}``.
+
     Raises:
         TrainingInterrupted: on KeyboardInterrupt, after writing ``last.pt`` if an epoch finished since
             the last save.
         DeviceError: a device this machine cannot provide (a ValueError).
+        ValueError: ``max_epochs_this_run`` below 1.
     """
+    if max_epochs_this_run is not None and max_epochs_this_run < 1:
+        raise ValueError(f"--max-epochs-this-run must be at least 1, got {max_epochs_this_run}")
     run_dir = Path(run_dir)
-    run = setup_run(cfg, run_dir, resume=resume, device=device)
+    try:
+        run = setup_run(cfg, run_dir, resume=resume, device=device)
+    except RunComplete as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"aqcf-train: {e}", flush=True)
+        return {}
     t = run.cfg.train
     stop = t.epochs if max_epochs_this_run is None else min(t.epochs, run.start_epoch + max_epochs_this_run)
     record: dict[str, Any] = {}
@@ -445,6 +461,13 @@ def setup_run(cfg: RunConfig | None, run_dir: Path, *, resume: bool = False, dev
     if resume:
         ckpt = load_checkpoint(run_dir / "last.pt")
         cfg = resolve_run_config(cfg, run_dir, ckpt)
+        done = ckpt.get("epochs_done")
+        if isinstance(done, int) and done >= cfg.train.epochs:
+            # before anything is set up or logged: a repeated --resume must not add "resume" rows
+            raise RunComplete(
+                f"{run_dir} is already complete ({run_dir / 'last.pt'} holds epoch {done} of "
+                f"{cfg.train.epochs}); nothing to train"
+            )
     elif cfg is None:
         raise ValueError("a new run needs a config")
     else:
@@ -534,7 +557,7 @@ def _seed_everything(seed: int) -> None:
 def _prepare_run_folder(cfg: RunConfig, run_dir: Path, *, main_process: bool) -> dict[str, dict[str, list]]:
     """``config.json`` and the data (:func:`prepare_data`): rank 0 first, the other ranks once it is done."""
     if main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        check_output_dir(run_dir, "--out").mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         data = prepare_data(cfg, run_dir)  # preprocessing writes the cache once, on rank 0
     _barrier()
@@ -716,6 +739,16 @@ def _fold(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected a fold number or 'all', got {text!r}") from None
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``aqcf-train`` command line."""
     p = argparse.ArgumentParser(
@@ -733,8 +766,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help=f"train.device: {DEVICE_CHOICES_HELP} (default auto; torchrun: each rank's GPU)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from last.pt (see 'resuming' below)")  # fmt: skip
-    p.add_argument("--max-epochs-this-run", type=int, default=None,
-                   help="stop after this many epochs (a job-length limit); --resume continues")  # fmt: skip
+    p.add_argument("--max-epochs-this-run", type=_positive_int, default=None, metavar="N",
+                   help="stop after N >= 1 epochs (a job-length limit); --resume continues")  # fmt: skip
     return p
 
 
@@ -769,6 +802,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     main_process = int(os.environ.get("RANK", "0")) == 0
     try:
+        check_output_dir(args.out, "--out")  # a file in the way: one line now, not a traceback after the data
         if args.resume:
             if not (args.out / "last.pt").is_file():
                 raise FileNotFoundError(f"--resume: {args.out} holds no run to continue (no last.pt)")

@@ -119,3 +119,36 @@ def test_module_help_runs():
     )
     assert out.returncode == 0, out.stderr
     assert "--layout" in out.stdout and "nnunet" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--cases", "0"], "--cases must be at least 1, got 0"),
+        (["--cases", "-3"], "--cases must be at least 1, got -3"),
+        (["--cases", "1", "--shape", "0", "48", "16"], "--shape must be 3 sizes of at least 4 voxels, got 0 48 16"),
+        (["--cases", "1", "--shape", "4", "4", "2"], "--shape must be 3 sizes of at least 4 voxels, got 4 4 2"),
+        (["--cases", "1", "--no-tumour-frac", "2"], "--no-tumour-frac must be in [0, 1], got 2.0"),
+        (["--cases", "1", "--orientation", "XYZ"], "--orientation 'XYZ': expected 3 axis codes"),
+        (["--cases", "1", "--orientation", "RRS"], "--orientation 'RRS': expected 3 axis codes"),
+        (["--cases", "1", "--spacing", "0", "1", "1"], "--spacing must be 3 positive sizes in mm, got 0.0 1.0 1.0"),
+    ],
+)
+def test_cli_argument_errors(tmp_path, capsys, args, message):
+    """One line naming the option, exit status 2, nothing written (were tracebacks: numpy, nibabel's matrix dump)."""
+    out = tmp_path / "out"
+    assert main([str(out), "--layout", "lits", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"aqcf-synth: error: {message}") and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("below", [False, True])
+def test_cli_output_under_a_file(tmp_path, capsys, below):
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    out = afile / "sub" if below else afile
+    assert main([str(out), "--layout", "atlas", "--cases", "1", "--shape", "8", "8", "4"]) == 2
+    why = f"{afile} is a file, not a folder" if below else "exists and is not a folder"
+    assert capsys.readouterr().err == f"aqcf-synth: error: OUT {out}: {why}\n"
+    assert afile.read_text() == "keep me"

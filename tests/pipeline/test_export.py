@@ -358,6 +358,26 @@ def test_errors_are_one_line(exported: Exported, tmp_path: Path, capsys, monkeyp
     assert not (tmp_path / "out").exists()  # nothing written by a failed command
 
 
+def test_predict_names_what_the_exported_file_holds(exported: Exported, datasets, tmp_path: Path, capsys) -> None:
+    """The run is joint; the .pt2 holds CT only: the error names the file (it said the run was trained for ct
+    only). An .onnx file is not a checkpoint for aqcf-predict: said so (it was an UnpicklingError)."""
+    scan = next(datasets.ct.rglob("volume-0.nii*"))
+    common = ["-i", str(scan), "-o", str(tmp_path / "out"), "--run", str(exported.run_dir), "--quiet"]
+    assert pr.main([*common, "--checkpoint", str(exported.pt2), "--modality", "mri"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"aqcf-predict: error: --modality mri: {exported.pt2} (an aqcf-export file of a ") and (
+        "holds the ct stream only; export the mri one (aqcf-export RUN_DIR --modality mri)" in err
+    ), err
+    assert "was trained for" not in err and err.count("\n") == 1
+    assert pr.main([*common, "--checkpoint", str(exported.onnx), "--modality", "ct"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"aqcf-predict: error: --checkpoint {exported.onnx}: an ONNX file cannot be used here (it is for ONNX "
+        "Runtime); give the run's .pt checkpoint or the .pt2 program aqcf-export wrote next to it\n"
+    )
+    assert not (tmp_path / "out").exists()
+
+
 def test_loading_errors(exported: Exported, tmp_path: Path) -> None:
     junk = tmp_path / "junk.pt2"
     junk.write_bytes(b"not a program")

@@ -195,3 +195,22 @@ def test_damaged_file_is_not_readable_in_one_line(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"is not readable") as caught:
         load_checkpoint(path)
     assert "\n" not in str(caught.value)
+
+
+def test_a_file_of_another_kind_is_not_a_checkpoint(datasets, tmp_path: Path, capsys) -> None:
+    """Text (or any non-torch file) was "not readable (KeyError: 105)": say it is not a checkpoint of this package."""
+    run = tmp_path / "run"
+    run.mkdir()
+    path = run / "notes.pt"
+    path.write_text("i am a text file")
+    with pytest.raises(ValueError, match="not a checkpoint of aqcf_kernels") as caught:
+        load_checkpoint(path)
+    assert "KeyError" not in str(caught.value) and "\n" not in str(caught.value)
+    scan = next(datasets.ct.rglob("volume-0.nii*"))
+    argv = ["-i", str(scan), "-o", str(tmp_path / "out"), "--run", str(run), "--checkpoint", "notes.pt", "--quiet"]
+    assert pr.main(argv) == 2
+    assert capsys.readouterr().err == (
+        f"aqcf-predict: error: checkpoint {path} is not readable: not a checkpoint of aqcf_kernels (aqcf-train "
+        "writes torch.save files, .pt; this is neither a torch zip archive nor a pickle)\n"
+    )
+    assert not (tmp_path / "out").exists()

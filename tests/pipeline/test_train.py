@@ -91,6 +91,39 @@ def test_config_errors(datasets, tmp_path: Path, capsys, extra: list[str], messa
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        ("train.lr=-1", "train.lr must be a positive number, got -1.0"),
+        ("train.lr=.nan", "train.lr must be a positive number, got NaN"),
+        ("data.slice_size=[0,0]", "data.slice_size must hold sizes >= 1, got [0, 0]"),
+        ("data.patch_size=[8,0,32]", "data.patch_size must hold sizes >= 1"),
+        ("data.tumour_prob=2", "data.tumour_prob must be in [0, 1], got 2.0"),
+        ("data.hu_window=[250,-200]", "data.hu_window must be [low, high] with low < high"),
+        ("data.target_spacing=[1,0,1]", "data.target_spacing must be 3 positive sizes"),
+        ("data.test_fraction=1", "data.test_fraction must be in [0, 1)"),
+        ("data.val_fraction=0.9", "data.val_fraction + data.test_fraction must be < 1"),
+        ("data.split_seed=-1", "data.split_seed must be >= 0"),
+        ("data.num_workers=-1", "data.num_workers must be >= 0"),
+        ("train.weight_decay=-0.1", "train.weight_decay must be >= 0"),
+        ("train.warmup_steps=-1", "train.warmup_steps must be >= 0"),
+        ("train.grad_clip=-1", "train.grad_clip must be >= 0"),
+        ("train.seed=-1", "train.seed must be in 0 .. 2**32 - 1"),
+        ("train.val_cases=0", "train.val_cases must be >= 1 or null"),
+    ],
+)
+def test_bad_numbers_are_refused_before_anything_is_written(datasets, tmp_path: Path, capsys, item, message) -> None:
+    """Named by their full dotted key, before the run folder exists (was: torch's "Invalid learning rate: -1.0",
+    numpy's "low >= high", the sampler's "tumour_prob", after config.json and the split files were written)."""
+    args = ["--out", str(tmp_path / "run")]
+    for override in [*datasets.overrides("joint"), item]:
+        args += ["--set", override]
+    assert train_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"aqcf-train: error: {message}") and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_config_file_errors(tmp_path: Path, capsys) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  epochs: 2\n  lr: fast\n")

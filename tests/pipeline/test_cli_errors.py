@@ -1,0 +1,248 @@
+"""The pipeline commands on user mistakes and Ctrl-C: one line, exit status 2 (130 for Ctrl-C), no traceback, and
+no empty output folder left behind; checkpoints readable by others as every other file of a run is.
+
+Every check stops before the slow work (or fakes it with monkeypatch), so each test takes about a second on the
+tiny ``ct`` run of conftest.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import stat
+import warnings
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from aqcf_kernels.data.outputs import OutputError, output_dir
+from aqcf_kernels.pipeline import evaluate as ev
+from aqcf_kernels.pipeline import explain as xp
+from aqcf_kernels.pipeline import export as ex
+from aqcf_kernels.pipeline import predict as pr
+from aqcf_kernels.pipeline import train as tr
+from aqcf_kernels.pipeline.checkpoint import load_checkpoint, save_atomic
+
+TOOLS = ("train", "evaluate", "explain", "predict", "export")
+
+
+def _one_error_line(err: str, tool: str, *needles: str) -> str:
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"aqcf-{tool}: error: "), err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def _scan(datasets) -> Path:
+    return datasets.ct / "Training Batch 1" / "volume-0.nii"
+
+
+def _argv(tool: str, datasets, run: Path, out: Path) -> list[str]:
+    if tool == "train":
+        args = ["--out", str(out)]
+        for item in datasets.overrides("ct"):
+            args += ["--set", item]
+        return args
+    if tool == "predict":
+        return ["-i", str(_scan(datasets)), "-o", str(out), "--run", str(run), "--quiet"]
+    if tool == "export":
+        return [str(run), "-o", str(out), "--quiet"]
+    return [str(run), "--out", str(out), "--quiet"]
+
+
+MAINS = {"train": tr.main, "evaluate": ev.main, "explain": xp.main, "predict": pr.main, "export": ex.main}
+
+
+@pytest.mark.parametrize("below", [False, True], ids=["file", "under-file"])
+@pytest.mark.parametrize("tool", TOOLS)
+def test_output_path_that_is_or_lies_under_a_file(trained, datasets, tmp_path: Path, capsys, tool, below) -> None:
+    """``--out afile`` and ``--out afile/sub``: one line naming the path (was a traceback, exit status 1)."""
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    out = afile / "sub" if below else afile
+    assert MAINS[tool](_argv(tool, datasets, trained("ct"), out)) == 2
+    why = f"{afile} is a file, not a folder" if below else "exists and is not a folder"
+    _one_error_line(capsys.readouterr().err, tool, str(out), why)
+    assert afile.read_text() == "keep me"
+
+
+def test_output_dir_removes_only_what_it_created_and_left_empty(tmp_path: Path) -> None:
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    with pytest.raises(RuntimeError), output_dir(kept / "a" / "b", "-o"):
+        raise RuntimeError
+    assert kept.is_dir() and not (kept / "a").exists()  # both created levels removed, the existing one kept
+    with pytest.raises(KeyboardInterrupt), output_dir(tmp_path / "c" / "d", "-o") as out:
+        (out / "written.csv").write_text("x")
+        raise KeyboardInterrupt
+    assert (tmp_path / "c" / "d" / "written.csv").is_file()  # a folder holding a file stays
+    (tmp_path / "f").write_text("")
+    with pytest.raises(OutputError, match="exists and is not a folder"), output_dir(tmp_path / "f", "-o"):
+        pass
+
+
+def test_zero_size_input_names_the_file_and_writes_nothing(trained, tmp_path: Path, capsys) -> None:
+    empty = tmp_path / "empty.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((48, 48, 0), np.int16), np.eye(4)), empty)
+    out = tmp_path / "out"
+    assert pr.main(["-i", str(empty), "-o", str(out), "--run", str(trained("ct")), "--quiet"]) == 2
+    _one_error_line(capsys.readouterr().err, "predict", str(empty), "empty volume")
+    assert not out.exists()
+
+
+def test_failed_prediction_leaves_no_output_folder(trained, datasets, tmp_path: Path, capsys) -> None:
+    """A header that reads but data that do not (a truncated download) fail after the folder would be made."""
+    broken = tmp_path / "broken.nii"
+    data = _scan(datasets).read_bytes()
+    broken.write_bytes(data[: len(data) - 500])
+    out = tmp_path / "nested" / "out"
+    assert pr.main(["-i", str(broken), "-o", str(out), "--run", str(trained("ct")), "--quiet"]) == 2
+    _one_error_line(capsys.readouterr().err, "predict", str(broken), "unreadable NIfTI")
+    assert not (tmp_path / "nested").exists()
+
+
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+def _main(main, argv: list[str]) -> int:
+    """``main(argv)``; a KeyboardInterrupt escaping it (the traceback a user saw) fails the test instead of
+    ending the pytest session."""
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped main() (a traceback for the user)")
+
+
+def test_ctrl_c_in_predict(trained, datasets, tmp_path: Path, monkeypatch, capsys) -> None:
+    """One line and status 130 (was a 23-frame traceback); no empty folder, and after a finished case its mask and
+    summary.csv stay and the line says so."""
+    run, out = trained("ct"), tmp_path / "out"
+    monkeypatch.setattr(pr, "_predict_case", _interrupt)
+    assert _main(pr.main, ["-i", str(_scan(datasets)), "-o", str(out), "--run", str(run), "--quiet"]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip() == "aqcf-predict: interrupted before the first case was written: nothing written"
+    assert not out.exists()
+
+    monkeypatch.undo()
+    real = pr._predict_case
+    calls: list[str] = []
+
+    def second_interrupted(ctx, volume, modality):
+        calls.append(volume.case_id)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(ctx, volume, modality)
+
+    monkeypatch.setattr(pr, "_predict_case", second_interrupted)
+    scans = [str(_scan(datasets)), str(datasets.ct / "Training Batch 1" / "volume-1.nii")]
+    assert _main(pr.main, ["-i", *scans, "-o", str(out), "--run", str(run), "--quiet"]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == f"aqcf-predict: interrupted after 1 of 2 case(s): their masks and summary.csv are in {out}"
+    assert (out / "volume-0.nii.gz").is_file() and (out / "summary.csv").read_text().count("\n") == 2
+
+
+@pytest.mark.parametrize("tool", ["evaluate", "explain", "export"])
+def test_ctrl_c_in_the_other_commands(trained, tmp_path: Path, monkeypatch, capsys, tool) -> None:
+    """Ctrl-C on the first case (file): one line, status 130, and the output folder it created is gone."""
+    target = {"evaluate": (ev, "predict_case_labels"), "explain": (xp, "predict_case_labels"),
+              "export": (ex, "export_program")}[tool]  # fmt: skip
+    monkeypatch.setattr(*target, _interrupt)
+    out = tmp_path / "out"
+    assert _main(MAINS[tool], _argv(tool, None, trained("ct"), out)) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().startswith(f"aqcf-{tool}: interrupted"), err
+    assert len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_max_epochs_this_run_below_1_is_refused(datasets, tmp_path: Path, capsys) -> None:
+    for value in ("0", "-1"):
+        with pytest.raises(SystemExit) as caught:
+            tr.main([*_argv("train", datasets, tmp_path, tmp_path / "run"), "--max-epochs-this-run", value])
+        assert caught.value.code == 2
+        assert f"--max-epochs-this-run: must be at least 1, got {value}" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="max-epochs-this-run must be at least 1"):
+        tr.train(datasets.config("ct"), tmp_path / "run", max_epochs_this_run=0)
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_of_a_finished_run_says_so_and_logs_nothing(trained, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained("ct"), run)
+    before = (run / "metrics.jsonl").read_text()
+    for _ in range(2):
+        assert tr.main(["--out", str(run), "--resume"]) == 0
+        out = capsys.readouterr().out
+        last = run / "last.pt"
+        assert out.strip() == f"aqcf-train: {run} is already complete ({last} holds epoch 1 of 1); nothing to train"
+    assert (run / "metrics.jsonl").read_text() == before  # no "resume" row per call
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_checkpoints_get_the_mode_of_a_normal_file(tmp_path: Path, umask: int) -> None:
+    """mkstemp's 0600 made last.pt/best.pt the only files of a run others could not read."""
+    old = os.umask(umask)
+    try:
+        path = save_atomic({"config": {}, "model": {"w": torch.ones(2)}}, tmp_path / "last.pt")
+        normal = tmp_path / "config.json"
+        normal.write_text("{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == stat.S_IMODE(normal.stat().st_mode) == 0o666 & ~umask
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(2))
+
+
+def test_export_quiet_silences_the_onnx_exporter(trained, tmp_path: Path, monkeypatch, capfd) -> None:
+    """``--quiet`` prints nothing on success: torch's exporter logs "torchvision is not installed" and its pytree
+    code a FutureWarning during every ONNX export. Stood in for by what they emit, so the test takes a second
+    (the real exporter was checked by hand: nothing printed)."""
+
+    def chatty_export(net, modality, spec, path, metadata=None):
+        logging.getLogger("torch.onnx._internal.exporter._registration").warning(
+            "torchvision is not installed. Skipping torchvision::nms"
+        )
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated", FutureWarning, stacklevel=2)
+        Path(path).write_bytes(b"onnx")
+        return Path(path)
+
+    monkeypatch.setattr(ex, "export_onnx", chatty_export)
+    monkeypatch.setattr(ex, "_check_onnx_packages", lambda: None)
+    argv = [str(trained("ct")), "--format", "onnx", "--no-verify", "-o", str(tmp_path / "out")]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert ex.main([*argv, "--quiet"]) == 0
+    outerr = capfd.readouterr()
+    assert outerr.out == "" and "torchvision" not in outerr.err, outerr
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)]
+    assert logging.getLogger("torch.onnx").level == logging.NOTSET  # restored after the export
+    with warnings.catch_warnings(record=True) as caught:  # without --quiet nothing is hidden
+        warnings.simplefilter("always")
+        assert ex.main(argv) == 0
+    assert [w for w in caught if issubclass(w.category, FutureWarning)]
+
+
+def test_several_runs_of_one_fold_get_a_plain_note(trained, tmp_path: Path, capsys) -> None:
+    """The note is a ``note:`` line (and in summary.json/.md), not a Python warning showing evaluate.py's source."""
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for run in runs:
+        shutil.copytree(trained("ct"), run)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code = ev.main([*map(str, runs), "--no-masks", "--quiet", "--out", str(tmp_path / "summary")])
+    assert code == 0
+    assert not [w for w in caught if "same fold" in str(w.message)]
+    err = capsys.readouterr().err
+    assert "note: several runs of the same fold ([None, None]): the summary is not a cross-validation\n" in err
+    assert "evaluate.py" not in err and "warnings.warn" not in err
+    summary = json.loads((tmp_path / "summary" / "summary.json").read_text())
+    assert summary["notes"] == ["several runs of the same fold ([None, None]): the summary is not a cross-validation"]
