@@ -37,13 +37,16 @@ def plausible(
 ) -> bool:
     """Whether a pair is worth timing: False for what was measured hopeless, so measuring stays cheap."""
     names = {b.name for b, _ in candidates}
-    if backend.name in ("triton", "cuda") and "torch" in names:
-        # cuDNN on the expanded weight beat the first-design Triton kernels and the hand-written CUDA
-        # kernels in every case measured on an H100 and an H200 by 2.5x and more
-        # (benchmarks/results/*-gpu-*). Their replacements (Triton's implicit GEMMs, whose first calls
-        # also autotune and compile for seconds; the cuda backend's ATen path, cuDNN itself) have not
-        # run on a GPU yet: until benchmarks/gpu_suite.sh measures them they serve when forced.
+    if backend.name == "triton" and "torch" in names:
+        # cuDNN on the expanded weight beat the Triton kernels in every case measured: the first design
+        # by 2.5x and more (H100, H200), the second (implicit GEMMs, fast8 as 8 GEMMs) at 0.48-0.65x
+        # (hamilton) and 0.27-0.50x (fast8) of it, bf16 on an H200 (2026-12-04,
+        # benchmarks/results/conv-gpu-h200-bf16-2026-12-04.md); their first calls also autotune and
+        # compile for seconds. They serve when forced.
         return False
+    # The cuda backend (cuDNN on the packed expanded weight through the extension's ATen host code) is
+    # timed against torch's: it measured 0.91-1.01x of cuDNN-expanded fwd+bwd where the torch backend,
+    # the same cuDNN conv behind Python's expansion and folding, measured 0.69-1.02x (same run).
     if backend.name == "torch" and (_offers(candidates, "cpp", algorithm)):
         # The same algorithm, compiled: the cpp engine is the composite's computation without its
         # Python passes (and its fast8 runs its products in one parallel region).
