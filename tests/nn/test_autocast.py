@@ -126,3 +126,19 @@ def test_the_autocast_kernels_are_registered_for_cpu_and_cuda():
     for op in ("qconv", "cross_attention", "gated_residual"):
         for key in ("AutocastCPU", "AutocastCUDA"):
             assert torch._C._dispatch_has_kernel_for_dispatch_key(f"aqcf::{op}", key), (op, key)
+
+
+def test_compiled_conv_under_autocast_matches_eager(qrand):
+    torch._dynamo.reset()
+    conv = QuaternionConv2d(8, 8, 3, padding=1)
+    x = qrand(2, 8, 6, 6, seed=4, dtype=torch.float32, requires_grad=True)
+
+    def loss(x):
+        return conv(x).float().square().sum()
+
+    compiled = torch.compile(loss, fullgraph=True)
+    with autocast():
+        eager, got = loss(x), compiled(x)
+    assert abs(got.item() - eager.item()) <= 1e-5 * abs(eager.item())
+    got.backward()
+    assert conv.weight.grad.dtype == torch.float32 and torch.isfinite(conv.weight.grad).all()
