@@ -57,10 +57,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data.outputs import check_output_dir
+from ..data.outputs import check_output_dir, output_dir
 from .checkpoint import build_model, load_checkpoint, save_atomic
 from .config import RESUME_MAY_CHANGE, RunConfig, apply_override, config_diff, format_diff, load_config
-from .data import SingleStream, make_loader, prepare_data
+from .data import SPLIT_FILE, SingleStream, make_loader, prepare_data
 from .device import DEVICE_CHOICES_HELP, resolve_device
 from .inference import predict_case_labels
 from .metrics import dice
@@ -557,9 +557,19 @@ def _seed_everything(seed: int) -> None:
 def _prepare_run_folder(cfg: RunConfig, run_dir: Path, *, main_process: bool) -> dict[str, dict[str, list]]:
     """``config.json`` and the data (:func:`prepare_data`): rank 0 first, the other ranks once it is done."""
     if main_process:
-        check_output_dir(run_dir, "--out").mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        data = prepare_data(cfg, run_dir)  # preprocessing writes the cache once, on rank 0
+        config = check_output_dir(run_dir, "--out") / "config.json"
+        fresh = not config.exists()  # (a resumed run's folder is never cleaned)
+        with output_dir(run_dir, "--out"):
+            config.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+            try:
+                data = prepare_data(cfg, run_dir)  # preprocessing writes the cache once, on rank 0
+            except BaseException:
+                # Bad data, or Ctrl-C while preparing: a new run's folder keeps nothing of this attempt
+                # (output_dir then removes the folder it created, now empty), so the same command runs again.
+                if fresh:
+                    for path in (config, *(run_dir / SPLIT_FILE.format(modality=m) for m in cfg.modalities)):
+                        path.unlink(missing_ok=True)
+                raise
     _barrier()
     if not main_process:
         data = prepare_data(cfg, run_dir, progress=False)

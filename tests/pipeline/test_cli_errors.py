@@ -246,3 +246,26 @@ def test_several_runs_of_one_fold_get_a_plain_note(trained, tmp_path: Path, caps
     assert "evaluate.py" not in err and "warnings.warn" not in err
     summary = json.loads((tmp_path / "summary" / "summary.json").read_text())
     assert summary["notes"] == ["several runs of the same fold ([None, None]): the summary is not a cross-validation"]
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new-folder", "empty-folder"])
+def test_bad_data_leaves_nothing_of_a_new_run(datasets, tmp_path: Path, capsys, existing: bool) -> None:
+    # config.json and the split files were left behind when data preparation failed (bad data, Ctrl-C):
+    # the same command, with the data fixed, then met "--out already holds a run"
+    ct = tmp_path / "ct"
+    shutil.copytree(datasets.ct, ct)
+    label_path = next(ct.rglob("segmentation-0.nii"))
+    label = nib.load(label_path)
+    values = np.asarray(label.dataobj).copy()
+    values.flat[0] = 7
+    nib.save(nib.Nifti1Image(values, label.affine, label.header), label_path)
+    out = tmp_path / "run"
+    if existing:
+        out.mkdir()
+    args = ["--out", str(out)]
+    for item in datasets.overrides("ct", data__ct_root=str(ct), data__cache_dir=str(tmp_path / "cache")):
+        args += ["--set", item]
+    assert tr.main(args) == 2
+    _one_error_line(capsys.readouterr().err, "train", "segmentation-0.nii")
+    assert out.is_dir() == existing
+    assert not existing or not any(out.iterdir())
