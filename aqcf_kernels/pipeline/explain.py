@@ -57,6 +57,7 @@ from .checkpoint import load_run_checkpoint
 from .config import apply_overrides
 from .data import SPLITS, check_splits, prepare_data
 from .device import DEVICE_CHOICES_HELP, resolve_device
+from .evaluate import note
 from .inference import predict_case_labels, resolve_checkpoint
 
 __all__ = ["METHODS", "ClassScores", "available_layers", "default_layers", "explain", "main", "short_name"]
@@ -396,8 +397,7 @@ def explain(
                     cams[layer, name] = cam_cls(nn_module=hooked, target_layers=layer, postprocessing=_identity)
             selected = data[m][split][:cases]
             if not selected:
-                # a plain note line, as aqcf-evaluate prints it (not a warning with its source line)
-                print(f"note: {m}: the {split} split of {run_dir} is empty; nothing to explain", file=sys.stderr)
+                note(f"{m}: the {split} split of {run_dir} is empty; nothing to explain")
             bar = tqdm(selected, desc=f"explain {m}", unit="case", disable=None if progress is None else not progress)
             try:
                 for case in bar:

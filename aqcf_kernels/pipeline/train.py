@@ -557,9 +557,9 @@ def _seed_everything(seed: int) -> None:
 def _prepare_run_folder(cfg: RunConfig, run_dir: Path, *, main_process: bool) -> dict[str, dict[str, list]]:
     """``config.json`` and the data (:func:`prepare_data`): rank 0 first, the other ranks once it is done."""
     if main_process:
-        config = check_output_dir(run_dir, "--out") / "config.json"
-        fresh = not config.exists()  # (a resumed run's folder is never cleaned)
         with output_dir(run_dir, "--out"):
+            config = run_dir / "config.json"
+            fresh = not config.exists()  # (a resumed run's folder is never cleaned)
             config.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
             try:
                 data = prepare_data(cfg, run_dir)  # preprocessing writes the cache once, on rank 0
