@@ -162,8 +162,9 @@ def all_threads():
 
 @pytest.fixture(autouse=True)
 def _no_remembered_native_choices():
-    """Each test starts with no conv choices remembered by the compiled extension (csrc/cpu/op.h): a test
-    that replaces a backend's methods must see its own replacement asked, not a choice another test made."""
-    from aqcf_kernels.backends._extension import forget_native_choices
+    """Each test starts with no conv candidates or choices remembered (by the registry, and by the compiled
+    extension, csrc/cpu/op.h): a test that replaces a backend's methods must see its own replacement asked,
+    not a choice another test made."""
+    from aqcf_kernels.backends.registry import forget_choices
 
-    forget_native_choices()
+    forget_choices()

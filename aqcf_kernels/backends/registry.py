@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+import torch
 from torch import Tensor
 
 from .. import tuning
@@ -38,17 +39,24 @@ class BackendError(RuntimeError):
     pass
 
 
+def forget_choices() -> None:
+    """Drop what was derived from the registry, the forced backend and the tuning settings: the candidates
+    of each call signature (:func:`resolve_conv`) and the choices the compiled extension serves itself."""
+    _CONV_CANDIDATES.clear()
+    forget_native_choices()
+
+
 class _Announced(dict):
-    """A dict whose item changes (``register``, tests' ``monkeypatch.setitem``) drop the choices the
-    compiled extension remembered: they were made with the old contents."""
+    """A dict whose item changes (``register``, tests' ``monkeypatch.setitem``) drop the remembered
+    candidates and choices (:func:`forget_choices`): they were made with the old contents."""
 
     def __setitem__(self, key, value) -> None:
         super().__setitem__(key, value)
-        forget_native_choices()
+        forget_choices()
 
     def __delitem__(self, key) -> None:
         super().__delitem__(key)
-        forget_native_choices()
+        forget_choices()
 
 
 class Family(Generic[B]):
@@ -79,7 +87,7 @@ ATTENTION: Family[AttentionBackend] = Family(
     "attention", AttentionBackend, {"cpu": ["torch"], "cuda": ["torch", "triton"]}
 )
 FAMILIES: dict[str, Family] = {f.name: f for f in (CONV, ATTENTION)}
-tuning.on_change(forget_native_choices)
+tuning.on_change(forget_choices)
 #: The backend tried last on every device (after the device's priority list): it runs anywhere.
 FALLBACK = "torch"
 
@@ -123,12 +131,12 @@ def use(name: str) -> Iterator[None]:
     if not any(name in f.backends for f in FAMILIES.values()):
         raise BackendError(f"{name!r} is not a backend; known: {_known()}")
     _USE.append(name)
-    forget_native_choices()
+    forget_choices()
     try:
         yield
     finally:
         _USE.pop()
-        forget_native_choices()
+        forget_choices()
 
 
 def _known() -> list[str]:
@@ -210,6 +218,44 @@ def resolve_conv(
     """
     if kind not in CONV_KINDS:
         raise ValueError(f"kind must be one of {CONV_KINDS}, got {kind!r}")
+    key = _candidates_key(input, weight, params, algorithm, kind)
+    candidates = _CONV_CANDIDATES.get(key) if key is not None else None
+    if candidates is None:
+        candidates = _conv_candidates(input, weight, params, algorithm, kind)
+        if key is not None:
+            if len(_CONV_CANDIDATES) >= 4096:
+                _CONV_CANDIDATES.clear()
+            _CONV_CANDIDATES[key] = candidates
+    if len(candidates) == 1:  # forced backend and algorithm: nothing to choose
+        return (*candidates[0], None, True)
+    return policy.choose_conv(input.device.type, candidates, input, weight, params, kind, run)
+
+
+#: resolve_conv's candidates per call signature: listing them asks every backend (availability, refusals,
+#: the accuracy contract), ~13 µs of host time a call on CPU with the cpp, cpp_cl and torch backends, three
+#: calls a training step of each conv. Dropped by :func:`forget_choices`.
+_CONV_CANDIDATES: dict[tuple, list[tuple[ConvBackend, str]]] = {}
+
+
+def _candidates_key(input: Tensor, weight: Tensor, params: ConvParams, algorithm: str, kind: ConvKind) -> tuple | None:
+    """What the candidates of a call depend on, or None where they also depend on the data (the balance
+    guard of fast8 in half precision, :func:`~aqcf_kernels.tuning.half_fast8_allowed`) or the sizes are
+    symbolic (unhashable). Everything else a backend's refusal reads is in it: the device, dtype, shape
+    and strides (the memory format), the weight's shape and the geometry; and the forced backend."""
+    if algorithm == "auto" and tuning.half_fast8 == "balanced" and input.dtype not in (torch.float32, torch.float64):
+        return None
+    key = (kind, algorithm, forced(), input.device, input.dtype, input.shape, input.stride(), weight.shape, params)
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _conv_candidates(
+    input: Tensor, weight: Tensor, params: ConvParams, algorithm: str, kind: ConvKind
+) -> list[tuple[ConvBackend, str]]:
+    """Every (backend, algorithm) pair that can serve the call, in preference order (see :func:`resolve_conv`)."""
     offered: dict[str, list[str]] = {}  # backend name -> the algorithms it serves for this call
     # The contract is the call's, read once whatever the backends on offer (a weight gradient's "weight" is
     # a stand-in of the shape, no data).
@@ -223,10 +269,7 @@ def resolve_conv(
             return None
         return "; ".join(dict.fromkeys(why for why in refusals.values() if why))
 
-    candidates = [(b, a) for b in serving(CONV, input.device.type, why_not) for a in offered[b.name]]
-    if len(candidates) == 1:  # forced backend and algorithm: nothing to choose
-        return (*candidates[0], None, True)
-    return policy.choose_conv(input.device.type, candidates, input, weight, params, kind, run)
+    return [(b, a) for b in serving(CONV, input.device.type, why_not) for a in offered[b.name]]
 
 
 def select(input: Tensor, weight: Tensor, params: ConvParams, algorithm: str) -> ConvBackend:

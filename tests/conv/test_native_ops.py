@@ -55,7 +55,7 @@ class CountingFallbacks:
 def asked():
     counter = CountingFallbacks()
     _C._set_fallbacks(counter.qconv, counter.qconv_weight_grad)
-    backends.registry.forget_native_choices()
+    backends.registry.forget_choices()
     try:
         yield counter
     finally:

@@ -245,3 +245,34 @@ def test_library_hamilton_table_is_the_references():
     from aqcf_kernels import quaternion
 
     assert quaternion.HAMILTON == reference.HAMILTON
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    kernel=st.sampled_from([(), (3,), (2, 3), (3, 1, 2)]),
+    groups=st.integers(1, 3),
+    a_per_group=st.integers(1, 3),
+    b=st.integers(1, 3),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_weight_expansion_is_the_references_and_folding_its_adjoint(kernel, groups, a_per_group, b, seed):
+    # The torch backend's hamilton algorithm runs one conv on quaternion.expand_weight_grouped and folds
+    # the expanded weight gradient with fold_weight_grad_grouped: the first must be Parcollet's weight
+    # per group (reference.expand_weight), the second its adjoint, <expand(W), G> = <W, fold(G)>.
+    from aqcf_kernels import quaternion
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(4, groups * a_per_group, b, *kernel, generator=g, dtype=torch.float64)
+    expected = torch.cat([reference.expand_weight(wg) for wg in w.chunk(groups, dim=1)], dim=0)
+    e = quaternion.expand_weight_grouped(w, groups)
+    assert torch.equal(e, expected)
+    grad = torch.randn(e.shape, generator=g, dtype=torch.float64)
+    folded = quaternion.fold_weight_grad_grouped(grad, groups)
+    assert folded.shape == w.shape
+    torch.testing.assert_close((e * grad).sum(), (w * folded).sum(), rtol=1e-12, atol=1e-12)
+    # and fold(G) is exactly the gradient autograd finds through the reference expansion
+    w.requires_grad_(True)
+    (auto_grad,) = torch.autograd.grad(
+        torch.cat([reference.expand_weight(wg) for wg in w.chunk(groups, dim=1)], dim=0), w, grad
+    )
+    torch.testing.assert_close(folded, auto_grad, rtol=0, atol=1e-14)

@@ -24,14 +24,14 @@ from ...quaternion import (
 from ..base import ConvBackend
 
 
-def real_conv(x: Tensor, w: Tensor, p: ConvParams) -> Tensor:
+def real_conv(x: Tensor, w: Tensor, p: ConvParams, bias: Tensor | None = None) -> Tensor:
     """The real (transposed) conv that one quaternion product is made of."""
     n = p.spatial_dims
     if p.transposed:
         fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[n - 1]
-        return fn(x, w, None, p.stride, p.padding, p.output_padding, p.groups, p.dilation)
+        return fn(x, w, bias, p.stride, p.padding, p.output_padding, p.groups, p.dilation)
     fn = (F.conv1d, F.conv2d, F.conv3d)[n - 1]
-    return fn(x, w, None, p.stride, p.padding, p.dilation, p.groups)
+    return fn(x, w, bias, p.stride, p.padding, p.dilation, p.groups)
 
 
 def real_conv_weight_grad(x: Tensor, gy: Tensor, weight_shape, p: ConvParams) -> Tensor:
@@ -102,8 +102,9 @@ class TorchConvBackend(ConvBackend):
             return pointwise_conv(input, weight, bias, p)
         if algorithm == "hamilton":
             e = expand_weight_grouped(weight, p.groups)
-            y = from_group_major(real_conv(to_group_major(input, p.groups), e, p), p.groups)
-            return add_bias(y, bias)
+            # the bias in the conv's call, in the conv's (group-major) channel order
+            b = None if bias is None else to_group_major(bias.view(1, -1), p.groups).view(-1)
+            return from_group_major(real_conv(to_group_major(input, p.groups), e, p, b), p.groups)
         # A transposed conv is the adjoint: conj(W) ⊗ x with conv_transpose products.
         w = weight.unbind(0)
         left = conjugate_components(w) if p.transposed else w
