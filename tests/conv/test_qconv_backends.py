@@ -121,6 +121,75 @@ def test_no_backend_for_the_device_is_an_error(monkeypatch, fake_backends):
         select(x, w, p, "hamilton")
 
 
+class AskedBackend(FakeBackend):
+    """A fake backend that counts how often the registry asks whether it can serve a call."""
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.asked = 0
+
+    def cannot_serve(self, input, weight, params, algorithm):
+        self.asked += 1
+        return None
+
+
+def test_candidates_are_remembered_per_signature_until_what_decides_them_changes(monkeypatch, fake_backends):
+    # Listing the candidates asks every backend (availability, refusals): a signature's list is remembered,
+    # so a second identical call asks nobody; another signature, another forced backend (use() or the
+    # environment), a registry or priority change and a tuning change each make the registry ask again.
+    monkeypatch.delenv("AQCF_BACKEND", raising=False)
+    asked = AskedBackend("fake-asked")
+    monkeypatch.setitem(backends.CONV.backends, "fake-asked", asked)
+    monkeypatch.setitem(PRIORITY, "cpu", ["fake-asked", *PRIORITY["cpu"]])
+    x, w, p = _args()
+
+    def resolve(x=x, p=p, algorithm="auto"):
+        return backends.resolve_conv(x, w, p, algorithm, "forward")[0].name
+
+    assert resolve() == "fake-asked"
+    first = asked.asked
+    assert first >= 1
+    assert resolve() == "fake-asked" and asked.asked == first  # remembered
+    resolve(x=x[:, :, :4])  # another shape
+    assert asked.asked > first
+    n = asked.asked
+    resolve(p=ConvParams(2, (2, 2), (0, 0), (1, 1), False, (0, 0), 1))  # another geometry
+    assert asked.asked > n
+    with backends.use("torch"):
+        assert resolve() == "torch"
+    monkeypatch.setenv("AQCF_BACKEND", "torch")
+    assert resolve() == "torch"  # the environment is read per call
+    monkeypatch.delenv("AQCF_BACKEND")
+    n = asked.asked
+    assert resolve() == "fake-asked" and asked.asked > n
+    monkeypatch.setitem(PRIORITY, "cpu", ["fake-ok", "fake-asked", *PRIORITY["cpu"]])
+    assert resolve() == "fake-ok"
+    n = asked.asked
+    monkeypatch.setattr(tuning, "half_fast8", "balanced")  # a tuning setting: announced
+    resolve()
+    assert asked.asked > n
+
+
+def test_half_precision_candidates_under_the_balance_guard_are_asked_every_call(monkeypatch, fake_backends):
+    # With tuning.half_fast8 = 'balanced', whether 'auto' may consider fast8 in half precision depends on
+    # the operands' data (their component balance): nothing of it may be remembered by signature.
+    monkeypatch.delenv("AQCF_BACKEND", raising=False)
+    monkeypatch.setattr(tuning, "half_fast8", "balanced")
+    asked = AskedBackend("fake-asked")
+    monkeypatch.setitem(backends.CONV.backends, "fake-asked", asked)
+    monkeypatch.setitem(PRIORITY, "cpu", ["fake-asked", *PRIORITY["cpu"]])
+    x, w, p = _args()
+    x, w = x.bfloat16(), w.bfloat16()
+    offered = []
+    for scale in (1.0, 0.01):  # balanced, then imaginary parts at 1% of the real part
+        xs = torch.cat([x[:, :2], x[:, 2:] * scale], dim=1)
+        before = asked.asked
+        backends.resolve_conv(xs, w, p, "auto", "forward")
+        offered.append(asked.asked - before)
+    # fast8 and hamilton asked for balanced data, hamilton only for unbalanced: asked both times
+    assert offered == [2, 1]
+
+
 def test_backends_table_lists_every_backend_with_reasons(fake_backends):
     table = str(aqcf_kernels.backends())
     rows = {line.split()[0]: line for line in table.splitlines()[2:] if line.split()[1] == "conv"}
