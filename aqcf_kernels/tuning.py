@@ -5,9 +5,10 @@ signature (the op kind — forward, input gradient or weight gradient —, the d
 dtype, shapes, conv hyper-parameters, memory format and thread count) runs every candidate the
 accuracy contract allows and the heuristic prior did not rule out, once, and returns the fastest's
 result. A first run is cold, so that choice is provisional while a runner-up is within
-:data:`CLEAR_LOSS`: the next calls of the signature are computed by the candidates still in the
-running in turn, each timed (:data:`REFINE_SAMPLES` warm timings for the leader and candidates
-within :data:`DOUBT_MARGIN` of it, one for the others), then the best times decide. A close call
+:data:`CLEAR_LOSS` (or lost by less than :data:`CLEAR_LOSS_MIN_S`): the next calls of the signature are
+computed by the candidates still in the running in turn, each timed (:data:`REFINE_SAMPLES` warm timings
+for the leader and candidates within :data:`DOUBT_MARGIN` of it, one for the others), then the best
+times decide. A close call
 (a runner-up still within :data:`DOUBT_MARGIN`) is confirmed once the process is steady: the leader
 computes the next :data:`CONFIRM_AFTER` calls, then the close candidates are timed again, in rounds
 (each computes one call per round), until the median over rounds of each one's time over the
@@ -107,6 +108,12 @@ HALF_FAST8_MIN_BALANCE = 0.5
 # warm self (1d 16q N8 1024: hamilton 6.5 ms cold, 3.0 ms warm), so a tighter factor dropped the
 # faster candidate.
 CLEAR_LOSS = 2.5
+# ... and by more than this many seconds: a cold first run costs milliseconds whatever the layer's size,
+# so on a small layer the cold pair loses by any factor. A 2d 4q N2 8x8 forward on the 2-core EPYC:
+# hamilton's first run (oneDNN's primitive for a new shape) took over 3.4 ms, 2.5x fast8's cold
+# 1.3 ms, and was dropped, while warm it takes 0.085 ms against fast8's 0.29: auto ran fast8 at 3.4x
+# hamilton's time (2026-12-04). Below this, the loser gets its one warm re-check (under ~20 ms, once).
+CLEAR_LOSS_MIN_S = 0.02
 
 # Candidates whose best times are within this fraction of the fastest are a tie, and a tie goes to
 # the prior (the heuristic's pick). Two timings per candidate cannot separate closer pairs on a
@@ -297,9 +304,13 @@ def _version(dist: str) -> str | None:
 
 _FINGERPRINT: dict[str, Any] | None = None
 
+#: The version of the measuring rules above: a cached choice made under other rules is measured again
+#: (2: CLEAR_LOSS_MIN_S; choices cached before it may rest on a cold first run).
+RULES = 2
+
 
 def fingerprint() -> dict[str, Any]:
-    """What a cached choice is only valid for: this CPU, these torch/triton/package versions."""
+    """What a cached choice is only valid for: this CPU, these torch/triton/package versions, these rules."""
     global _FINGERPRINT
     if _FINGERPRINT is None:
         _FINGERPRINT = {
@@ -308,6 +319,7 @@ def fingerprint() -> dict[str, Any]:
             "torch": torch.__version__,
             "triton": _version("triton"),
             "aqcf_kernels": _version("aqcf-kernels"),
+            "rules": RULES,
         }
     return _FINGERPRINT
 
@@ -498,7 +510,8 @@ def _measure(
         leader = min(first, key=first.__getitem__)
         kept_output = {k: v for k, v in {**kept_output, c: output}.items() if k in (leader, prior)}
         del output
-    kept = {c: t for c, t in first.items() if t <= CLEAR_LOSS * min(first.values())}
+    fastest = min(first.values())
+    kept = {c: t for c, t in first.items() if t <= CLEAR_LOSS * fastest or t - fastest <= CLEAR_LOSS_MIN_S}
     winner = _winner(kept, prior)
     return winner, kept_output[winner], kept
 

@@ -6,6 +6,8 @@ reps (:func:`common.time_interleaved`, CUDA events on a GPU), a Markdown table a
     python -m benchmarks.gpu_stages passes OUTDIR   # a conv's backward: one pass (activation_grad_bias,
                                                     # qconv_weight_bias_grad) vs two
     python -m benchmarks.gpu_stages rnn    OUTDIR   # QLSTM / QLiGRU: the fused recurrence vs the per-step loop
+    python -m benchmarks.gpu_stages host   OUTDIR   # a small conv's time per call, back to back: what the op
+                                                    # layer costs over one aten conv (host-bound; real on CPU too)
 
 ``--device cpu --small``: a dry run at tiny sizes (CI runs it through gpu_suite.sh,
 tests/benchmarks/test_gpu_suite.py); on CPU both sides of a row often run the same code, so its times mean
@@ -15,6 +17,7 @@ nothing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -236,7 +239,87 @@ def rnn_stage(out: Path, device: str, small: bool) -> None:
     )  # fmt: skip
 
 
-STAGES: dict[str, Callable[[Path, str, bool], None]] = {"norm": norm_stage, "passes": passes_stage, "rnn": rnn_stage}
+#: host_stage's conv: small enough that the device computes each call in microseconds, so calls issued back
+#: to back are bound by the host's time per call (Python, dispatch, launches)
+HOST_CASE = {"batch": 2, "channels_q": 4, "size": 8}
+HOST_CALLS = 100  # calls per timed rep
+
+
+def host_stage(out: Path, device: str, small: bool) -> None:
+    """A small 2d quaternion conv (3x3, bias) called back to back, forward (no grad) and forward+backward:
+    microseconds per call of one aten conv on a ready expanded weight (the floor), the expanded-weight
+    baseline (the weight built per call, as the quaternion libraries do), and ours with ``auto`` and each
+    backend forced. The device work of a call is a few microseconds, so these are host times: what the op
+    layer (argument checks, backend resolution, weight packing, autograd) adds to each conv of a step.
+    On CPU with one intra-op thread: the thread pool's hand-offs on microsecond ops are no host cost a GPU
+    pays. The same sizes with ``--small`` (it is host time either way); fewer reps."""
+    from aqcf_kernels import backends, reference
+    from aqcf_kernels import functional as qF
+
+    if device == "cpu":
+        torch.set_num_threads(1)
+
+    n, cq, size = HOST_CASE["batch"], HOST_CASE["channels_q"], HOST_CASE["size"]
+    g = torch.Generator().manual_seed(0)
+
+    def leaf(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * scale).to(device).requires_grad_()
+
+    x, w, b = leaf(n, 4 * cq, size, size), leaf(4, cq, cq, 3, 3, scale=0.2), leaf(4 * cq, scale=0.1)
+    e = reference.expand_weight(w.detach()).requires_grad_()
+    gy = torch.randn(n, 4 * cq, size, size, generator=g).to(device)
+    providers: dict[str, tuple[Callable[..., torch.Tensor], tuple[torch.Tensor, ...], str | None]] = {
+        "aten conv": (lambda x, e, b: F.conv2d(x, e, b, padding=1), (x, e, b), None),
+        "expanded": (lambda x, w, b: reference.quaternion_conv_expanded(x, w, b, padding=1), (x, w, b), None),
+        "auto": (lambda x, w, b: qF.quaternion_conv2d(x, w, b, padding=1), (x, w, b), None),
+    }
+    conv_backends = backends.registered("conv")
+    for name in ("torch", "cuda", "triton") if device == "cuda" else ("torch", "cpp"):
+        if name in conv_backends and conv_backends[name].unavailable() is None:
+            providers[f"{name}/hamilton"] = (
+                lambda x, w, b: qF.quaternion_conv2d(x, w, b, padding=1, algorithm="hamilton"),
+                (x, w, b),
+                name,
+            )
+    ref = reference.quaternion_conv_naive(x.detach(), w.detach(), b.detach(), padding=1)
+    rows = []
+    for mode in ("fwd", "fwdbwd"):
+        steps = {}
+        for name, (fn, leaves, forced) in providers.items():
+
+            def call(fn=fn, leaves=leaves, forced=forced, mode=mode):
+                with backends.use(forced) if forced else contextlib.nullcontext():
+                    for _ in range(HOST_CALLS):
+                        if mode == "fwd":
+                            with torch.no_grad():
+                                fn(*leaves)
+                        else:
+                            torch.autograd.grad(fn(*leaves), leaves, gy)
+
+            steps[name] = call
+        reps, warmup = (5, 2) if small else (15, 3)
+        per_call = dict(zip(steps, _medians_ms(device, reps, warmup, **steps), strict=True))
+        for name, ms in per_call.items():
+            fn, leaves, forced = providers[name]
+            with backends.use(forced) if forced else contextlib.nullcontext(), torch.no_grad():
+                err = _rel(fn(*leaves), ref)
+            us = ms * 1e3 / HOST_CALLS
+            floor = per_call["aten conv"] * 1e3 / HOST_CALLS
+            rows.append({"mode": mode, "provider": name, "us_per_call": us, "over_aten_us": us - floor, "rel_err": err})
+    _write(
+        out, "host", _environment(device), rows,
+        ["mode", "provider", "µs per call", "over one aten conv, µs", "rel err y"],
+        lambda r: [r["mode"], r["provider"], f"{r['us_per_call']:.0f}", f"{r['over_aten_us']:+.0f}",
+                   f"{r['rel_err']:.1e}"],
+    )  # fmt: skip
+
+
+STAGES: dict[str, Callable[[Path, str, bool], None]] = {
+    "norm": norm_stage,
+    "passes": passes_stage,
+    "rnn": rnn_stage,
+    "host": host_stage,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
