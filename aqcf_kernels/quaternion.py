@@ -124,14 +124,26 @@ def hamilton_table(like: Tensor) -> Tensor:
     return _hamilton_table(like.dtype, like.device)
 
 
+def hamilton_blocks(weight: Tensor, groups: int, adjoint: bool = False) -> Tensor:
+    """``(4, G*A, B, *k)`` -> ``(4, 4, G, A, B, *k)``: block ``[c, a]`` is the signed component
+    ``Σ_p T[p, c, a] W_p`` that maps input component a to output component c (``adjoint``: ``T[p, a, c]``,
+    the conjugate transpose's blocks, for the weight of a transposed conv read as ``(in, out)``).
+
+    One GEMM with the ``(16, 4)`` sign matrix; callers permute the result into their layout with one copy.
+    (torch.einsum took twice the host time, ~20 µs a call on CPU, where a small layer's conv takes a few,
+    and packing runs every step.)
+    """
+    t = hamilton_table(like=weight)
+    t = (t.transpose(1, 2) if adjoint else t).reshape(4, 16).t()
+    four, ga, b, *ks = weight.shape
+    return torch.mm(t, weight.reshape(4, -1)).view(4, 4, groups, ga // groups, b, *ks)
+
+
 def expand_weight_grouped(weight: Tensor, groups: int) -> Tensor:
     """``(4, G*A, B, *k)`` -> ``(G*4*A, 4*B, *k)``: per group the expanded weight, stacked
     group-major — the weight of one real conv with ``groups=G`` on a group-major tensor."""
     four, ga, b, *ks = weight.shape
-    # One GEMM with the (16, 4) sign matrix, then one copy into place: torch.einsum took twice the host
-    # time (~20 µs a call on CPU, where the conv of a small layer takes a few), and runs every step.
-    t = hamilton_table(like=weight).reshape(4, 16).t()
-    e = torch.mm(t, weight.reshape(4, -1)).view(4, 4, groups, ga // groups, b, *ks)  # (c, a, g, x, y, *k)
+    e = hamilton_blocks(weight, groups)  # (c, a, g, x, y, *k)
     kernel_dims = range(5, 5 + len(ks))
     return e.permute(2, 0, 3, 1, 4, *kernel_dims).reshape(ga * 4, 4 * b, *ks)
 

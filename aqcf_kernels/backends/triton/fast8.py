@@ -120,8 +120,17 @@ def combine_weight(weight: Tensor, side: str, conjugate: bool = False) -> Tensor
     """``(4, A, B, *k)`` -> ``(8, A, B, *k)``: the 8 combinations of the ``side`` operand (formed in fp32 or
     wider, returned in the weight's dtype)."""
     wide = torch.promote_types(weight.dtype, torch.float32)
-    m = torch.tensor(combination_matrix(side, conjugate), dtype=wide, device=weight.device)
-    return torch.einsum("mp,p...->m...", m, weight.to(wide)).to(weight.dtype)
+    m = _combination_table(side, conjugate, wide, weight.device)
+    combined = torch.mm(m, weight.to(wide).reshape(4, -1))
+    return combined.view(PRODUCTS, *weight.shape[1:]).to(weight.dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _combination_table(side: str, conjugate: bool, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """:func:`combination_matrix` as an ``(8, 4)`` tensor on ``device``, cached (read-only): built per call,
+    ``torch.tensor(..., device='cuda')`` is a blocking host-to-device copy, i.e. a wait for every kernel
+    queued before it, in each fast8 conv and input gradient."""
+    return torch.tensor(combination_matrix(side, conjugate), dtype=dtype).to(device)
 
 
 def pack_weight(weight: Tensor, groups: int, transposed: bool, dtype: torch.dtype | None = None) -> Tensor:

@@ -58,7 +58,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ...params import ConvParams, conv_output_shape
-from ...quaternion import hamilton_table
+from ...quaternion import hamilton_blocks
 from . import common
 from .conv_kernels import _activate
 from .fast8 import combine_activation
@@ -91,17 +91,17 @@ def pack_weight(weight: Tensor, groups: int, transposed: bool, dtype: torch.dtyp
     Each entry is one signed weight (the table's sum has a single non-zero term): exact in any dtype.
     """
     four, a_dim, b_dim, *ks = weight.shape
-    t = hamilton_table(like=weight)  # T[p, c, a]: sign of W_p from input comp a into output comp c
-    if transposed:  # (4, G*Cg_in, Cg_out, *k): rows are input channels
-        w = weight.reshape(4, groups, a_dim // groups, b_dim, *ks)
-        packed = torch.einsum("pac,pgio...->gco...ai", t, w)
+    blocks = hamilton_blocks(weight, groups, adjoint=transposed)  # (c, a, g, A, B, *k)
+    kernel_dims = range(5, 5 + len(ks))
+    if transposed:  # (4, G*Cg_in, Cg_out, *k): A are input channels
+        packed = blocks.permute(2, 0, 4, *kernel_dims, 1, 3)  # (g, c, o, *k, a, i)
         cg_in, cg_out = a_dim // groups, b_dim
     else:  # (4, G*Cg_out, Cg_in, *k)
-        w = weight.reshape(4, groups, a_dim // groups, b_dim, *ks)
-        packed = torch.einsum("pca,pgoi...->gco...ai", t, w)
+        packed = blocks.permute(2, 0, 3, *kernel_dims, 1, 4)
         cg_in, cg_out = b_dim, a_dim // groups
-    taps = math.prod(ks)
-    return packed.reshape(groups, 4 * cg_out, taps * 4 * cg_in).to(dtype or weight.dtype).contiguous()
+    # one copy into place, cast on the way
+    out = torch.empty(packed.shape, dtype=dtype or weight.dtype, device=weight.device).copy_(packed)
+    return out.view(groups, 4 * cg_out, math.prod(ks) * 4 * cg_in)
 
 
 # --------------------------------------------------------------------------------------------
