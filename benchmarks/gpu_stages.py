@@ -8,6 +8,8 @@ reps (:func:`common.time_interleaved`, CUDA events on a GPU), a Markdown table a
     python -m benchmarks.gpu_stages rnn    OUTDIR   # QLSTM / QLiGRU: the fused recurrence vs the per-step loop
     python -m benchmarks.gpu_stages host   OUTDIR   # a small conv's time per call, back to back: what the op
                                                     # layer costs over one aten conv (host-bound; real on CPU too)
+    python -m benchmarks.gpu_stages profile OUTDIR  # one profiled fwd+bwd step of the GPU target cases per
+                                                    # provider: host time, device busy time, top kernels
 
 ``--device cpu --small``: a dry run at tiny sizes (CI runs it through gpu_suite.sh,
 tests/benchmarks/test_gpu_suite.py); on CPU both sides of a row often run the same code, so its times mean
@@ -18,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import statistics
 import sys
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -314,11 +318,106 @@ def host_stage(out: Path, device: str, small: bool) -> None:
     )  # fmt: skip
 
 
+#: profile_stage's cases and providers: the issue's GPU target cases, the conv providers of the bf16 table
+PROFILE_CASES = ("2d 16q k3 N32 64x64 cl", "2d 64q k3 N32 64x64 cl")
+PROFILE_PROVIDERS = ("expanded", "cuda", "triton/hamilton", "triton/fast8", "auto")
+PROFILE_STEPS = 3
+PROFILE_TOP_KERNELS = 6
+
+
+def profile_stage(out: Path, device: str, small: bool) -> None:
+    """Where a fwd+bwd step of the GPU target cases goes (bf16, channels_last), per provider: the step's wall
+    time, the device's busy time in it (the union of its kernels' intervals), the kernels' summed time and
+    count, and the top kernels by time (on CPU: ops by self time), from :data:`PROFILE_STEPS` profiled
+    steps after the choices settle (``torch.profiler``; one ``profile-*.json`` Chrome trace per case and
+    provider alongside). Busy time well under the wall time is a host-bound step (launches, Python), kernels
+    adding up to it a device-bound one. ``--small``: 2d 4q N2 8x8 on whatever device (a dry run)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from benchmarks import conv as conv_bench
+
+    cuda = device == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    from aqcf_kernels.backends import registered
+
+    cases = [dataclasses.replace(c, channels_last=True) for c in conv_bench.GRIDS["gpu"]()]
+    cases = [c for c in cases if c.name in PROFILE_CASES]
+    if small:
+        cases = [conv_bench.Case(dims=2, channels=4, size=8, batch=2, channels_last=True)]
+    backends = registered("conv")
+    available = [
+        name
+        for name in PROFILE_PROVIDERS
+        if conv_bench.PROVIDERS[name].backend is None
+        or backends[conv_bench.PROVIDERS[name].backend].unavailable() is None
+    ]
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    rows = []
+    for case in cases:
+        inputs = conv_bench.make_inputs(case, dtype=dtype, device=device)
+        for name in PROFILE_PROVIDERS:
+            if name not in available:
+                continue
+            provider = conv_bench.PROVIDERS[name]
+            step = conv_bench.make_step("fwdbwd", provider.build(case), inputs, provider.scope)
+            common.settle_choices({name: step})
+            for _ in range(3):
+                step()
+            if cuda:
+                torch.cuda.synchronize()
+            with torch_profile(activities=activities) as prof:
+                started = time.perf_counter()
+                for _ in range(PROFILE_STEPS):
+                    step()
+                if cuda:
+                    torch.cuda.synchronize()
+                wall = (time.perf_counter() - started) / PROFILE_STEPS
+            trace = out / f"profile-{case.name.replace(' ', '_')}-{name.replace('/', '_')}.json"
+            prof.export_chrome_trace(str(trace))
+            kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA] if cuda else []
+            busy = _union_us(kernels) / PROFILE_STEPS
+            total = sum(e.time_range.elapsed_us() for e in kernels) / PROFILE_STEPS
+            by_name: dict[str, float] = {}
+            if cuda:  # kernels by device time
+                for e in kernels:
+                    by_name[e.name] = by_name.get(e.name, 0.0) + e.time_range.elapsed_us() / PROFILE_STEPS
+            else:  # ops by self CPU time
+                for avg in prof.key_averages():
+                    by_name[avg.key] = avg.self_cpu_time_total / PROFILE_STEPS
+            top = sorted(by_name.items(), key=lambda kv: -kv[1])[:PROFILE_TOP_KERNELS]
+            rows.append({
+                "case": case.name, "provider": name, "served_by": provider.served_by(inputs, case),
+                "wall_us": wall * 1e6, "device_busy_us": busy, "kernel_us": total,
+                "kernels_per_step": len(kernels) / PROFILE_STEPS, "top": [[k, round(v, 1)] for k, v in top],
+            })  # fmt: skip
+    _write(
+        out, "profile", _environment(device), rows,
+        ["case", "provider", "served by", "wall µs/step", "device busy µs", "kernel µs", "kernels/step",
+         "top kernels, on CPU ops (µs/step)"],
+        lambda r: [r["case"], r["provider"], r["served_by"], f"{r['wall_us']:.0f}", f"{r['device_busy_us']:.0f}",
+                   f"{r['kernel_us']:.0f}", f"{r['kernels_per_step']:.0f}",
+                   "; ".join(f"{k[:60]} {v}" for k, v in r["top"])],
+    )  # fmt: skip
+
+
+def _union_us(events: list) -> float:
+    """Microseconds during which at least one of ``events`` ran (overlapping kernels counted once)."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events)
+    busy, reach = 0.0, float("-inf")
+    for start, end in spans:
+        if end > reach:
+            busy += end - max(start, reach)
+            reach = end
+    return busy
+
+
 STAGES: dict[str, Callable[[Path, str, bool], None]] = {
     "norm": norm_stage,
     "passes": passes_stage,
     "rnn": rnn_stage,
     "host": host_stage,
+    "profile": profile_stage,
 }
 
 

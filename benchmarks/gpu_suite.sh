@@ -12,6 +12,8 @@
 #              naive16, expanded (cuDNN), cuda, triton/hamilton, triton/fast8, auto; ratios to expanded;
 #              bf16, channels_last, the issue's GPU targets checked; then conv+bias+ReLU fused vs cuDNN +
 #              torch.relu on 2d 64q
+#   profile    one profiled fwd+bwd step of the conv target cases (2d 16q, 64q) per provider: wall time, device
+#              busy time, kernels per step, top kernels; Chrome traces (benchmarks/gpu_stages.py profile)
 #   host       a small conv's time per call, back to back (host-bound): one aten conv, the expanded-weight
 #              baseline, ours with auto and each backend forced, fwd and fwd+bwd (benchmarks/gpu_stages.py host)
 #   attention  the A-QCF block in bf16 (naive, SDPA-composed, ours = PyTorch's flash kernel through the
@@ -27,7 +29,7 @@
 #   conv-tf32  the conv grid in float32 with TF32 (no target: last)
 # Writes OUTDIR/{setup.log,tests.txt,test-failures.txt,stages.md},
 # OUTDIR/{bf16,bf16-relu,bf16-grid,tf32}/conv.{md,json,png},
-# OUTDIR/host/host.{md,json}, OUTDIR/attention/attention.{md,json,png}, OUTDIR/norm/{norm,activation_pass,wgrad_bias}.{md,json} and
+# OUTDIR/profile/profile.{md,json} (and its traces), OUTDIR/host/host.{md,json}, OUTDIR/attention/attention.{md,json,png}, OUTDIR/norm/{norm,activation_pass,wgrad_bias}.{md,json} and
 # OUTDIR/rnn/rnn.{md,json}. (The device tool brings back 8 files: tar OUTDIR there.)
 # Time: the whole suite gets SUITE_BUDGET seconds (default 360, the issue's 6 minutes); each stage runs
 # under `timeout` for the smaller of its own cap and what is left, and a stage with under 15 s left is
@@ -38,9 +40,9 @@
 # (e.g. --no-memory); XDIST_WORKERS, pytest-xdist workers for the tests (default 16); SUITE_DEVICE=cpu, a dry run of every
 # stage's command at tiny sizes on CPU (tests/benchmarks/test_gpu_suite.py; its numbers mean nothing).
 set -uo pipefail
-OUT=${1:?usage: bash benchmarks/gpu_suite.sh OUTDIR [build|tests|conv-bf16|host|attention|norm|rnn|conv-bf16-grid|conv-tf32 ...]}
+OUT=${1:?usage: bash benchmarks/gpu_suite.sh OUTDIR [build|tests|conv-bf16|profile|host|attention|norm|rnn|conv-bf16-grid|conv-tf32 ...]}
 shift
-STAGES=${*:-build tests conv-bf16 host attention norm rnn conv-bf16-grid conv-tf32}
+STAGES=${*:-build tests conv-bf16 profile host attention norm rnn conv-bf16-grid conv-tf32}
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -54,8 +56,8 @@ deadline=$((t0 + BUDGET))
 stamp() { echo "[gpu_suite +$(($(date +%s) - t0))s] $*" | tee -a "$OUT/setup.log"; }
 wants() { [[ " $STAGES " == *" $1 "* ]]; }
 for s in $STAGES; do
-  case $s in build | tests | conv-bf16 | host | attention | norm | rnn | conv-bf16-grid | conv-tf32) ;;
-    *) echo "gpu_suite: unknown stage '$s' (build tests conv-bf16 host attention norm rnn conv-bf16-grid conv-tf32)" >&2
+  case $s in build | tests | conv-bf16 | profile | host | attention | norm | rnn | conv-bf16-grid | conv-tf32) ;;
+    *) echo "gpu_suite: unknown stage '$s' (build tests conv-bf16 profile host attention norm rnn conv-bf16-grid conv-tf32)" >&2
       exit 2 ;;
   esac
 done
@@ -141,6 +143,10 @@ if wants conv-bf16; then
   # shellcheck disable=SC2086
   run conv-bf16-relu 45 "$OUT/setup.log" "$PY" -m benchmarks.cli conv "${CONV[@]}" "${RELU[@]}" \
     --modes fwdbwd --dtype bfloat16 --channels-last --check-targets ${BENCH_ARGS:-} --out "$OUT/bf16-relu"
+fi
+
+if wants profile; then
+  run profile 60 "$OUT/setup.log" "$PY" -m benchmarks.gpu_stages profile "$OUT/profile" --device "$DEVICE" "${SIZES[@]}"
 fi
 
 if wants host; then
