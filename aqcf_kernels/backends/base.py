@@ -122,6 +122,13 @@ class ConvBackend(Backend, Protocol):
         whose weight-gradient kernel reads ``grad_output`` anyway may sum it in the same launch."""
         return self.conv_weight_grad(input, grad_output, weight_shape, params, algorithm), bias_grad(grad_output)
 
+    def native_engine(self) -> str | None:
+        """Which code of the compiled extension computes exactly what this backend's methods do: ``'cpu'`` (its
+        CPU conv engine) or ``'aten'`` (its ATen path, ``conv_aten``), or ``None``. A call signature this
+        backend served is then remembered by the extension's op kernels (CPU and CUDA), which serve its later
+        calls without Python (``aqcf_kernels.ops.conv``). Default ``None``: every call comes through Python."""
+        return None
+
     def conv_act(
         self,
         input: Tensor,
@@ -205,6 +212,12 @@ class AttentionBackend(Backend, Protocol):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """``(d_o, d_gate_logits, d_alpha)``; ``d_gate_logits`` has ``gate_logits``' (broadcast) shape."""
         ...
+
+
+def has_own_methods(backend: object, cls: type, names: tuple[str, ...]) -> bool:
+    """Whether ``backend``'s methods ``names`` are ``cls``'s own: not replaced by a subclass or a test, so
+    what they compute is what ``cls`` declares (:meth:`ConvBackend.native_engine`)."""
+    return all(getattr(getattr(backend, name), "__func__", None) is getattr(cls, name) for name in names)
 
 
 def protocol_members(protocol: type) -> frozenset[str]:

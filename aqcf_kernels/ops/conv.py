@@ -24,11 +24,12 @@ Autograd saves the caller's algorithm (``'auto'`` stays ``'auto'``), and ``qconv
 argument says which of the three computations a call is, so each is resolved on its own.
 Arguments reaching these ops are already checked (``aqcf_kernels.params``).
 
-Where the compiled extension is built (:data:`NATIVE`), it defines both ops: schema, CPU kernel and
-autograd in C++ (csrc/cpu/op.cpp; the Python path cost ~0.2 ms a call, several times a small conv).
-Its CPU kernel asks the Python implementation here the first time it meets a call signature, and
-serves that signature itself afterwards when the answer was the extension (:func:`_remember`).
-Python keeps the fake implementations and the kernels of other devices. Without the extension
+Where the compiled extension is built (:data:`NATIVE`), it defines both ops: schema, CPU and CUDA kernels
+and autograd in C++ (csrc/cpu/op.cpp; the Python path cost ~0.2 ms a call, several times a small conv).
+Its kernels ask the Python implementation here the first time they meet a call signature, and serve that
+signature themselves afterwards when the answer was the extension's own code (:func:`_remember`: the
+``cpp`` backend's CPU engine, or the ``cuda`` backend's ATen path, cuDNN on CUDA). Python keeps the fake
+implementations and the kernels of other devices. Without the extension
 these functions define the ops, with the same schemas, and the autograd formulas below.
 """
 
@@ -49,6 +50,8 @@ from ..params import ConvParams, conv_output_shape
 
 #: Whether the compiled extension defines ``aqcf::qconv`` and ``aqcf::qconv_weight_grad`` (csrc/cpu/op.cpp).
 NATIVE = _C is not None and hasattr(_C, "_set_fallbacks")
+#: The devices whose op kernels the extension registers (they serve the remembered choices, ask Python otherwise).
+NATIVE_DEVICES = ("cpu", "cuda")
 
 ACTIVATIONS = ("relu", "leaky_relu", "gelu")
 
@@ -224,9 +227,14 @@ def _no_preactivation(input: Tensor) -> Tensor:
 
 def _remember(kind: str, algorithm: str, backend, chosen: str, input: Tensor, other: Tensor, weight_shape, p) -> None:
     """Let the extension serve later calls with this signature without asking Python again, when what
-    served this one is the extension's own conv (not a test's stand-in for it)."""
-    if NATIVE and input.device.type == "cpu" and getattr(backend, "serves_natively", lambda: False)():
-        _C._remember_conv_choice(kind, algorithm, input, other, list(weight_shape), *p.as_op_args(), chosen == "fast8")
+    served this one is the extension's own code (:meth:`~aqcf_kernels.backends.base.ConvBackend.native_engine`;
+    not a test's stand-in for it) and the extension has a kernel for the device (CPU and CUDA)."""
+    if not NATIVE or input.device.type not in NATIVE_DEVICES:
+        return
+    engine = backend.native_engine()
+    if engine is not None:
+        args = (kind, algorithm, input, other, list(weight_shape), *p.as_op_args(), chosen == "fast8", engine)
+        _C._remember_conv_choice(*args)
 
 
 def qconv(
@@ -487,14 +495,15 @@ def _weight_grad_backward(ctx, grad_grad_weight):
 # --------------------------------------------------------------------------------------------
 
 if NATIVE:
-    _C._set_fallbacks(qconv, qconv_weight_grad)
+    _C._set_fallbacks(qconv, qconv_weight_grad, qconv_weight_bias_grad)
     for _name, _impl, _fake in (
         ("aqcf::qconv", qconv, _qconv_fake),
         ("aqcf::qconv_weight_grad", qconv_weight_grad, _weight_grad_fake),
     ):
         torch.library.impl(_name, "CompositeExplicitAutograd", _impl)  # devices without a compiled kernel
         torch.library.register_fake(_name, _fake)
-    # no derivatives: the compiled CPU kernels serve CPU; these serve the other devices (Triton on CUDA)
+    # no derivatives: the compiled kernels serve CPU (both) and CUDA (qconv_weight_bias_grad, asking Python
+    # for what it did not remember); these serve the other devices (activation_grad_bias: Triton on CUDA)
     for _name, _impl, _fake in (
         ("aqcf::activation_grad_bias", activation_grad_bias, _activation_grad_bias_fake),
         ("aqcf::qconv_weight_bias_grad", qconv_weight_bias_grad, _weight_bias_grad_fake),

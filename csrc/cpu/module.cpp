@@ -15,11 +15,25 @@ aqcf::ConvParams params(
   return {std::move(stride), std::move(padding), std::move(dilation), transposed, std::move(output_padding), groups};
 }
 
-// Python callables called from the CPU kernels of aqcf::qconv / aqcf::qconv_weight_grad (op.h). They
-// are never destroyed: the dispatcher may outlive the interpreter's teardown of module globals.
-void set_fallbacks(py::function conv, py::function weight_grad) {
+// Python callables called from the CPU and CUDA kernels of aqcf::qconv / aqcf::qconv_weight_grad /
+// aqcf::qconv_weight_bias_grad (op.h). They are never destroyed: the dispatcher may outlive the
+// interpreter's teardown of module globals.
+void set_fallbacks(py::function conv, py::function weight_grad, std::optional<py::function> weight_bias_grad) {
   auto* conv_fn = new py::function(std::move(conv));
   auto* weight_grad_fn = new py::function(std::move(weight_grad));
+  aqcf::QConvWeightBiasGradFallback weight_bias_grad_call;
+  if (weight_bias_grad) {
+    auto* weight_bias_grad_fn = new py::function(std::move(*weight_bias_grad));
+    weight_bias_grad_call = [weight_bias_grad_fn](
+                                const at::Tensor& input, const at::Tensor& grad_output,
+                                const std::vector<int64_t>& shape, const aqcf::ConvParams& p,
+                                const std::string& algorithm) {
+      py::gil_scoped_acquire gil;
+      return (*weight_bias_grad_fn)(input, grad_output, shape, p.stride, p.padding, p.dilation, p.transposed,
+                                    p.output_padding, p.groups, algorithm)
+          .cast<std::tuple<at::Tensor, at::Tensor>>();
+    };
+  }
   aqcf::set_fallbacks(
       [conv_fn](const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                 const aqcf::ConvParams& p, const std::string& algorithm, const std::optional<std::string>& activation,
@@ -35,7 +49,8 @@ void set_fallbacks(py::function conv, py::function weight_grad) {
         return (*weight_grad_fn)(input, grad_output, shape, p.stride, p.padding, p.dilation, p.transposed,
                                  p.output_padding, p.groups, algorithm)
             .cast<at::Tensor>();
-      });
+      },
+      std::move(weight_bias_grad_call));
 }
 
 // The activation arguments of the Python entry points (None: none).
@@ -174,23 +189,26 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("grad_output"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
       py::arg("groups"), py::call_guard<py::gil_scoped_release>());
   m.def("_set_fallbacks", &set_fallbacks,
-        "The Python implementations of aqcf::qconv and aqcf::qconv_weight_grad the CPU kernels ask first",
-        py::arg("conv"), py::arg("weight_grad"));
+        "The Python implementations of aqcf::qconv, aqcf::qconv_weight_grad and (optional) "
+        "aqcf::qconv_weight_bias_grad the CPU and CUDA kernels ask first",
+        py::arg("conv"), py::arg("weight_grad"), py::arg("weight_bias_grad") = py::none());
   m.def(
       "_remember_conv_choice",
       [](const std::string& kind, const std::string& algorithm, const at::Tensor& input, const at::Tensor& other,
          std::vector<int64_t> weight_shape, std::vector<int64_t> stride, std::vector<int64_t> padding,
          std::vector<int64_t> dilation, bool transposed, std::vector<int64_t> output_padding, int64_t groups,
-         bool fast8) {
+         bool fast8, const std::string& engine) {
+        TORCH_CHECK(engine == "cpu" || engine == "aten", "engine must be 'cpu' or 'aten', got '", engine, "'");
         aqcf::remember_choice(
             kind, algorithm, input, other, weight_shape,
             params(std::move(stride), std::move(padding), std::move(dilation), transposed, std::move(output_padding), groups),
-            fast8);
+            fast8, engine == "cpu" ? aqcf::Engine::Cpu : aqcf::Engine::Aten);
       },
-      "Serve later calls with this signature in C++ (other: the weight, or grad_output for 'weight_grad')",
+      "Serve later calls with this signature in C++ (other: the weight, or grad_output for 'weight_grad'); "
+      "engine 'cpu' (the compiled CPU conv) or 'aten' (conv_aten, the cuda backend's path)",
       py::arg("kind"), py::arg("algorithm"), py::arg("input"), py::arg("other"), py::arg("weight_shape"),
       py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("transposed"), py::arg("output_padding"),
-      py::arg("groups"), py::arg("fast8"));
+      py::arg("groups"), py::arg("fast8"), py::arg("engine") = "cpu");
   m.def("_forget_conv_choices", &aqcf::forget_choices, "Drop every remembered choice (the dispatch state changed)");
   m.def("_remembered_conv_choices", &aqcf::remembered_choices, "How many call signatures are served in C++");
 }

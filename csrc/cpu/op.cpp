@@ -24,9 +24,14 @@ using torch::autograd::variable_list;
 // ------------------------------------------------------------------------------------------------
 
 std::mutex choices_mutex;
-std::unordered_map<std::string, bool> choices;  // signature -> fast8
+struct Choice {
+  bool fast8;
+  Engine engine;
+};
+std::unordered_map<std::string, Choice> choices;  // signature -> what serves it
 QConvFallback conv_fallback;
 QConvWeightGradFallback weight_grad_fallback;
+QConvWeightBiasGradFallback weight_bias_grad_fallback;
 
 // What a choice depends on that Python does not announce: the thread count (tuning measures per
 // thread count) and AQCF_BACKEND, which users and tests change with the environment.
@@ -38,6 +43,7 @@ std::string signature(
   key.append(kind).append("|").append(algorithm).append("|");
   const char* forced = std::getenv("AQCF_BACKEND");
   key.append(forced ? forced : "").append("|");
+  key.append(input.device().str()).append("|");
   auto put = [&](int64_t v) { key.append(std::to_string(v)).push_back(','); };
   auto put_all = [&](at::IntArrayRef values) {
     for (int64_t v : values) put(v);
@@ -59,7 +65,7 @@ std::string signature(
   return key;
 }
 
-std::optional<bool> recall_choice(const std::string& key) {
+std::optional<Choice> recall_choice(const std::string& key) {
   std::lock_guard<std::mutex> lock(choices_mutex);
   auto it = choices.find(key);
   if (it == choices.end()) return std::nullopt;
@@ -146,57 +152,72 @@ Tensor in_output_format(const Tensor& input, const Tensor& t) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// CPU kernels: a remembered choice runs here; anything else asks Python
+// CPU and CUDA kernels: a remembered choice runs here; anything else asks Python
 // ------------------------------------------------------------------------------------------------
 
-std::tuple<Tensor, Tensor> qconv_cpu(
+std::tuple<Tensor, Tensor> qconv_native(
     const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias, c10::SymIntArrayRef stride,
     c10::SymIntArrayRef padding, c10::SymIntArrayRef dilation, bool transposed, c10::SymIntArrayRef output_padding,
     c10::SymInt groups, std::string_view algorithm, std::optional<std::string_view> activation,
     double negative_slope, std::string_view kind) {
   const ConvParams p = params_of(stride, padding, dilation, transposed, output_padding, groups);
-  const std::optional<bool> fast8 =
-      recall_choice(signature(kind, algorithm, input, weight, weight.sizes(), p));
-  if (!fast8) {
+  const std::optional<Choice> choice = recall_choice(signature(kind, algorithm, input, weight, weight.sizes(), p));
+  if (!choice) {
     TORCH_CHECK(conv_fallback, "aqcf::qconv: the Python implementation is not registered (import aqcf_kernels)");
     std::optional<std::string> act;
     if (activation) act = std::string(*activation);
     return conv_fallback(input, weight, bias, p, std::string(algorithm), act, negative_slope, std::string(kind));
   }
   const Activation act = parse_activation(activation, negative_slope);
-  if (!stores_preactivation(activation, negative_slope)) {  // none, relu, leaky_relu >= 0: in the epilogue
-    return {in_output_format(input, conv(input, weight, bias, p, *fast8, act)), input.new_empty({0})};
+  const bool keep = stores_preactivation(activation, negative_slope);
+  if (choice->engine == Engine::Cpu && !keep) {  // none, relu, leaky_relu >= 0: in the engine's epilogue
+    return {in_output_format(input, conv(input, weight, bias, p, choice->fast8, act)), input.new_empty({0})};
   }
-  const Tensor z = in_output_format(input, conv(input, weight, bias, p, *fast8));
-  return {activated(z, act), z};
+  // The ATen path has no epilogue: the activation after the conv, as ops/conv.py applies it for a
+  // backend that does not fuse it.
+  const Tensor z = in_output_format(
+      input, choice->engine == Engine::Cpu ? conv(input, weight, bias, p, choice->fast8)
+                                           : conv_aten(input, weight, bias, p, choice->fast8));
+  if (!activation) return {z, input.new_empty({0})};
+  return {activated(z, act), keep ? z : input.new_empty({0})};
 }
 
-Tensor qconv_weight_grad_cpu(
+std::optional<Tensor> remembered_weight_grad(
+    const Tensor& input, const Tensor& grad_output, const std::vector<int64_t>& shape, const ConvParams& p,
+    std::string_view algorithm) {
+  const std::optional<Choice> choice = recall_choice(signature("weight_grad", algorithm, input, grad_output, shape, p));
+  if (!choice) return std::nullopt;
+  const Tensor gw = choice->engine == Engine::Cpu ? conv_weight_grad(input, grad_output, shape, p, choice->fast8)
+                                                  : conv_weight_grad_aten(input, grad_output, shape, p, choice->fast8);
+  return gw.contiguous();
+}
+
+Tensor qconv_weight_grad_native(
     const Tensor& input, const Tensor& grad_output, c10::SymIntArrayRef weight_shape, c10::SymIntArrayRef stride,
     c10::SymIntArrayRef padding, c10::SymIntArrayRef dilation, bool transposed, c10::SymIntArrayRef output_padding,
     c10::SymInt groups, std::string_view algorithm) {
   const ConvParams p = params_of(stride, padding, dilation, transposed, output_padding, groups);
   const std::vector<int64_t> shape = ints(weight_shape);
-  const std::optional<bool> fast8 =
-      recall_choice(signature("weight_grad", algorithm, input, grad_output, shape, p));
-  if (!fast8) {
-    TORCH_CHECK(weight_grad_fallback, "aqcf::qconv_weight_grad: the Python implementation is not registered");
-    return weight_grad_fallback(input, grad_output, shape, p, std::string(algorithm));
-  }
-  return conv_weight_grad(input, grad_output, shape, p, *fast8).contiguous();
+  if (std::optional<Tensor> gw = remembered_weight_grad(input, grad_output, shape, p, algorithm)) return *gw;
+  TORCH_CHECK(weight_grad_fallback, "aqcf::qconv_weight_grad: the Python implementation is not registered");
+  return weight_grad_fallback(input, grad_output, shape, p, std::string(algorithm));
 }
 
-// The bias gradient: grad_output summed over every dim but the channels. On CPU the weight gradient's
-// kernels are oneDNN's, which do not sum it, so this is the two one after the other; on CUDA the Python
-// implementation lets the Triton weight-gradient launch sum it.
-std::tuple<Tensor, Tensor> qconv_weight_bias_grad_cpu(
+// The weight gradient and the bias gradient (grad_output summed over every dim but the channels). A
+// remembered choice runs the two one after the other (oneDNN's and cuDNN's weight gradients do not sum
+// it); otherwise Python's implementation, which lets the Triton weight-gradient launch sum it.
+std::tuple<Tensor, Tensor> qconv_weight_bias_grad_native(
     const Tensor& input, const Tensor& grad_output, c10::SymIntArrayRef weight_shape, c10::SymIntArrayRef stride,
     c10::SymIntArrayRef padding, c10::SymIntArrayRef dilation, bool transposed, c10::SymIntArrayRef output_padding,
     c10::SymInt groups, std::string_view algorithm) {
-  Tensor gw = qconv_weight_grad_cpu(
-      input, grad_output, weight_shape, stride, padding, dilation, transposed, output_padding, std::move(groups),
-      algorithm);
-  return {std::move(gw), bias_grad(grad_output)};
+  const ConvParams p = params_of(stride, padding, dilation, transposed, output_padding, groups);
+  const std::vector<int64_t> shape = ints(weight_shape);
+  if (std::optional<Tensor> gw = remembered_weight_grad(input, grad_output, shape, p, algorithm)) {
+    return {std::move(*gw), bias_grad(grad_output)};
+  }
+  if (weight_bias_grad_fallback) return weight_bias_grad_fallback(input, grad_output, shape, p, std::string(algorithm));
+  TORCH_CHECK(weight_grad_fallback, "aqcf::qconv_weight_bias_grad: the Python implementation is not registered");
+  return {weight_grad_fallback(input, grad_output, shape, p, std::string(algorithm)), bias_grad(grad_output)};
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -427,17 +448,19 @@ Tensor qconv_weight_grad_autograd(
 
 }  // namespace
 
-void set_fallbacks(QConvFallback conv, QConvWeightGradFallback weight_grad) {
+void set_fallbacks(
+    QConvFallback conv, QConvWeightGradFallback weight_grad, QConvWeightBiasGradFallback weight_bias_grad) {
   conv_fallback = std::move(conv);
   weight_grad_fallback = std::move(weight_grad);
+  weight_bias_grad_fallback = std::move(weight_bias_grad);
 }
 
 void remember_choice(
     const std::string& kind, const std::string& algorithm, const at::Tensor& input, const at::Tensor& other,
-    at::IntArrayRef weight_shape, const ConvParams& p, bool fast8) {
+    at::IntArrayRef weight_shape, const ConvParams& p, bool fast8, Engine engine) {
   const std::string key = signature(kind, algorithm, input, other, weight_shape, p);
   std::lock_guard<std::mutex> lock(choices_mutex);
-  choices[key] = fast8;
+  choices[key] = Choice{fast8, engine};
 }
 
 void forget_choices() {
@@ -476,10 +499,19 @@ TORCH_LIBRARY(aqcf, m) {
 }
 
 TORCH_LIBRARY_IMPL(aqcf, CPU, m) {
-  m.impl("qconv", &aqcf::qconv_cpu);
-  m.impl("qconv_weight_grad", &aqcf::qconv_weight_grad_cpu);
-  m.impl("qconv_weight_bias_grad", &aqcf::qconv_weight_bias_grad_cpu);
+  m.impl("qconv", &aqcf::qconv_native);
+  m.impl("qconv_weight_grad", &aqcf::qconv_weight_grad_native);
+  m.impl("qconv_weight_bias_grad", &aqcf::qconv_weight_bias_grad_native);
   m.impl("activation_grad_bias", &aqcf::activation_grad_bias_cpu);
+}
+
+// On CUDA the same kernels: a signature the `cuda` backend serves (cuDNN through the ATen path) never
+// leaves C++ once remembered; the Python path cost ~0.1 ms of host time a call (README), more than the
+// device time of a small layer's conv. activation_grad_bias stays Python's there (one Triton pass).
+TORCH_LIBRARY_IMPL(aqcf, CUDA, m) {
+  m.impl("qconv", &aqcf::qconv_native);
+  m.impl("qconv_weight_grad", &aqcf::qconv_weight_grad_native);
+  m.impl("qconv_weight_bias_grad", &aqcf::qconv_weight_bias_grad_native);
 }
 
 TORCH_LIBRARY_IMPL(aqcf, Autograd, m) {

@@ -6,9 +6,10 @@
 // and the autograd formula are C++; Python keeps what only Python knows:
 //
 //  * which backend and algorithm serve a call (aqcf_kernels.backends: priorities, AQCF_BACKEND,
-//    `auto` measured by aqcf_kernels.tuning). The CPU kernel asks Python (the fallback below) the
-//    first time it sees a call signature; when the answer is this extension, Python remembers it
-//    here (`remember_choice`) and later calls with that signature never leave C++. Python forgets
+//    `auto` measured by aqcf_kernels.tuning). The CPU and CUDA kernels ask Python (the fallbacks below)
+//    the first time they see a call signature; when the answer is this extension (the `cpp` backend's
+//    CPU engine, or the `cuda` backend's ATen path), Python remembers it here (`remember_choice`) and
+//    later calls with that signature never leave C++. Python forgets
 //    every remembered choice whenever something that decides them changes (`forget_choices`).
 //  * the fake (meta) implementations and the kernels of other devices (Python registrations on the
 //    same schema).
@@ -35,15 +36,26 @@ using QConvFallback = std::function<std::tuple<at::Tensor, at::Tensor>(
 using QConvWeightGradFallback = std::function<at::Tensor(
     const at::Tensor& input, const at::Tensor& grad_output, const std::vector<int64_t>& weight_shape,
     const ConvParams& p, const std::string& algorithm)>;
+// qconv_weight_bias_grad's: (weight gradient, bias gradient) from one launch where the backend can.
+using QConvWeightBiasGradFallback = std::function<std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor& input, const at::Tensor& grad_output, const std::vector<int64_t>& weight_shape,
+    const ConvParams& p, const std::string& algorithm)>;
 
-void set_fallbacks(QConvFallback conv, QConvWeightGradFallback weight_grad);
+// `weight_bias_grad` may be empty: qconv_weight_bias_grad then asks `weight_grad` and sums the bias gradient.
+void set_fallbacks(
+    QConvFallback conv, QConvWeightGradFallback weight_grad, QConvWeightBiasGradFallback weight_bias_grad = {});
+
+// Which compiled code serves a remembered choice: the CPU engine (conv.h's conv / conv_weight_grad, the
+// `cpp` backend) or the ATen path (conv_aten / conv_weight_grad_aten, the `cuda` backend, cuDNN on CUDA).
+enum class Engine { Cpu, Aten };
 
 // `kind`: 'forward' | 'input_grad' (a qconv call) or 'weight_grad'; `other` is the weight for the
 // first two and grad_output for the last. `algorithm` is the caller's ('auto' included); `fast8`
-// what served it. Only choices this extension serves are remembered.
+// what served it, with `engine`. Only choices this extension serves are remembered. A signature
+// includes the device (the CPU and CUDA kernels share the remembered choices).
 void remember_choice(
     const std::string& kind, const std::string& algorithm, const at::Tensor& input, const at::Tensor& other,
-    at::IntArrayRef weight_shape, const ConvParams& p, bool fast8);
+    at::IntArrayRef weight_shape, const ConvParams& p, bool fast8, Engine engine = Engine::Cpu);
 void forget_choices();
 int64_t remembered_choices();
 

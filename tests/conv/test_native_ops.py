@@ -18,6 +18,7 @@ import torch
 from aqcf_kernels import backends, reference, tuning
 from aqcf_kernels import functional as qF
 from aqcf_kernels.backends._extension import _C
+from aqcf_kernels.backends.cuda.conv import CudaConvBackend
 from aqcf_kernels.ops import conv as conv_ops
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,16 +51,20 @@ class CountingFallbacks:
         self.weight_grad += 1
         return conv_ops.qconv_weight_grad(*args)
 
+    def qconv_weight_bias_grad(self, *args):  # (a weight gradient too: counted as one)
+        self.weight_grad += 1
+        return conv_ops.qconv_weight_bias_grad(*args)
+
 
 @pytest.fixture
 def asked():
     counter = CountingFallbacks()
-    _C._set_fallbacks(counter.qconv, counter.qconv_weight_grad)
+    _C._set_fallbacks(counter.qconv, counter.qconv_weight_grad, counter.qconv_weight_bias_grad)
     backends.registry.forget_choices()
     try:
         yield counter
     finally:
-        _C._set_fallbacks(conv_ops.qconv, conv_ops.qconv_weight_grad)
+        _C._set_fallbacks(conv_ops.qconv, conv_ops.qconv_weight_grad, conv_ops.qconv_weight_bias_grad)
 
 
 def _step(x, w, b, algorithm="hamilton", **kw):
@@ -132,6 +137,82 @@ def test_what_decides_a_choice_drops_the_remembered_ones(asked, qrand, monkeypat
     monkeypatch.setenv("AQCF_BACKEND", "torch")  # the environment is part of the signature
     _step(x, w, b)
     assert asked.conv == asked_before + 2
+
+
+@native
+def test_the_extension_has_cpu_and_cuda_kernels_for_the_conv_ops() -> None:
+    # Registered whatever the build (a CPU-only torch has the CUDA dispatch key): on a GPU, a signature the
+    # cuda backend served is served by the CUDA kernel afterwards; activation_grad_bias stays Python's there
+    # (one Triton pass).
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    for name in ("qconv", "qconv_weight_grad", "qconv_weight_bias_grad"):
+        assert has(f"aqcf::{name}", "CPU") and has(f"aqcf::{name}", "CUDA"), name
+    assert has("aqcf::activation_grad_bias", "CPU") and not has("aqcf::activation_grad_bias", "CUDA")
+
+
+class AtenOnCpu(CudaConvBackend):
+    """The ``cuda`` backend's code (the extension's ATen path, ``conv_aten``) serving CPU tensors: what the
+    extension's CUDA kernels run once they remember a choice of the ``cuda`` backend, proven here on CPU."""
+
+    name = "aten-cpu"
+    device_types = ("cpu",)
+
+    def unavailable(self):
+        return None
+
+    def cannot_serve(self, input, weight, params, algorithm):
+        return None
+
+
+@native
+@pytest.mark.parametrize("activation", [None, "relu", "gelu"])
+@pytest.mark.parametrize("algorithm", ["hamilton", "fast8"])
+@pytest.mark.parametrize("geometry", ["plain", "transposed-groups-channels-last"])
+def test_the_aten_path_is_remembered_and_served_natively(asked, qrand, monkeypatch, geometry, algorithm, activation):
+    # A signature the ATen path served (the cuda backend on a GPU) is remembered with its engine: the next
+    # calls never ask Python, and compute what Python's calls computed (the same conv_aten), bit for bit.
+    monkeypatch.setitem(backends.CONV.backends, "aten-cpu", AtenOnCpu())
+    assert AtenOnCpu().native_engine() == "aten"
+    if geometry == "plain":
+        x, w, b = qrand(2, 12, 7, 6, dtype=torch.float64, seed=11), qrand(4, 5, 3, 3, 3, seed=12), qrand(20, seed=13)
+        kwargs, conv, naive = {"padding": 1}, qF.quaternion_conv2d, {"padding": 1}
+    else:
+        x = qrand(2, 16, 5, 4, dtype=torch.float64, seed=14).contiguous(memory_format=torch.channels_last)
+        w, b = qrand(4, 4, 3, 3, 2, seed=15), qrand(24, seed=16)
+        kwargs = {"stride": 2, "padding": 1, "groups": 2, "output_padding": 1}
+        conv, naive = qF.quaternion_conv_transpose2d, {**kwargs, "transposed": True}
+
+    def step():
+        leaves = tuple(t.detach().requires_grad_() for t in (x, w, b))
+        y = conv(*leaves, algorithm=algorithm, activation=activation, **kwargs)
+        return y, torch.autograd.grad(y, leaves, torch.ones_like(y))
+
+    with backends.use("aten-cpu"):
+        first = step()
+        assert (asked.conv, asked.weight_grad) == (2, 1)
+        assert _C._remembered_conv_choices() == 3
+        second = step()
+        assert (asked.conv, asked.weight_grad) == (2, 1), "a remembered signature went back to Python"
+    assert second[0].stride() == first[0].stride()
+    for a, b_ in zip((second[0], *second[1]), (first[0], *first[1]), strict=True):
+        torch.testing.assert_close(a, b_, rtol=0, atol=0)
+    z = reference.quaternion_conv_naive(x, w, b, **naive)
+    expected = {None: z, "relu": torch.relu(z), "gelu": torch.nn.functional.gelu(z)}[activation]
+    torch.testing.assert_close(second[0], expected)
+
+
+@native
+def test_a_bias_and_weight_gradient_ask_python_once_for_both(asked, qrand) -> None:
+    # Not remembered, aqcf::qconv_weight_bias_grad asks Python's implementation of it (on CUDA the Triton
+    # weight-gradient launch sums the bias gradient), not the weight gradient's then a sum.
+    x, w, b = qrand(1, 8, 5, 5, dtype=torch.float64, seed=17), qrand(4, 2, 2, 3, 3, seed=18), qrand(8, seed=19)
+    calls = []
+    _C._set_fallbacks(asked.qconv, lambda *a: calls.append("weight") or conv_ops.qconv_weight_grad(*a),
+                      lambda *a: calls.append("weight+bias") or conv_ops.qconv_weight_bias_grad(*a))  # fmt: skip
+    with backends.use("torch"):  # never remembered: every call asks
+        _, grads = _step(x, w, b)
+    assert calls == ["weight+bias"]
+    torch.testing.assert_close(grads[2], torch.ones(1, 8, 5, 5, dtype=torch.float64).sum(dim=(0, 2, 3)))
 
 
 def test_tuning_mode_assignments_are_checked() -> None:

@@ -10,7 +10,7 @@ from torch._prims_common import suggest_memory_format
 from ...params import ConvParams, is_pointwise
 from .._extension import _C
 from .._extension import IMPORT_ERROR as _IMPORT_ERROR
-from ..base import ConvBackend, activate
+from ..base import ConvBackend, activate, has_own_methods
 
 
 class CppConvBackend(ConvBackend):
@@ -27,14 +27,11 @@ class CppConvBackend(ConvBackend):
     def cannot_serve(self, input: Tensor, weight: Tensor, params: ConvParams, algorithm: str) -> str | None:
         return None
 
-    def serves_natively(self) -> bool:
-        """Whether the extension's op kernels compute what this backend's methods do (not when a test has
-        replaced them), so a call this backend served may skip Python next time (ops/conv.py)."""
-        own = CppConvBackend
-        return all(
-            getattr(getattr(self, name), "__func__", None) is getattr(own, name)
-            for name in ("conv", "conv_act", "conv_weight_grad", "_operand")
-        )
+    def native_engine(self) -> str | None:
+        """``'cpu'``: the extension's op kernels compute what this backend's methods do (not when a test or a
+        subclass has replaced them), so a call this backend served may skip Python next time (ops/conv.py)."""
+        own = ("conv", "conv_act", "conv_weight_grad", "_operand")
+        return "cpu" if has_own_methods(self, CppConvBackend, own) else None
 
     def _operand(self, t: Tensor) -> Tensor:
         """An activation or gradient as the extension is handed it (``cpp_cl``: a channels_last copy)."""
@@ -74,7 +71,7 @@ class CppChannelsLastConvBackend(CppConvBackend):
     for the copies there and not elsewhere (the measurements are with the rule that says where it is
     timed: ``policy.plausible``). One more candidate for ``algorithm='auto'``, never the rule's pick;
     the caller's memory format is kept, so a network stays channels-first. (Its methods are not the
-    extension's op kernels, so ``serves_natively`` is false: every call comes through Python.)
+    extension's op kernels, so ``native_engine`` is None: every call comes through Python.)
     """
 
     name = "cpp_cl"

@@ -18,7 +18,7 @@ from torch import Tensor
 from ...params import ConvParams
 from .._extension import _C
 from .._extension import IMPORT_ERROR as _IMPORT_ERROR
-from ..base import ConvBackend
+from ..base import ConvBackend, has_own_methods
 
 
 class CudaConvBackend(ConvBackend):
@@ -38,6 +38,13 @@ class CudaConvBackend(ConvBackend):
         if input.dtype not in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
             return f"no kernel for {input.dtype} (float64/float32/float16/bfloat16 only)"
         return None
+
+    def native_engine(self) -> str | None:
+        """``'aten'``: the extension's op kernels (registered for CUDA too) run the same ``conv_aten`` and
+        ``conv_weight_grad_aten``, so a signature this backend served never leaves C++ again (unless a test or
+        a subclass replaced its methods)."""
+        own = ("conv", "conv_weight_grad", "conv_weight_bias_grad")
+        return "aten" if has_own_methods(self, CudaConvBackend, own) else None
 
     def conv(self, input: Tensor, weight: Tensor, bias: Tensor | None, p: ConvParams, algorithm: str) -> Tensor:
         return _C.conv_aten(input, weight, bias, *p.as_op_args(), algorithm == "fast8")
