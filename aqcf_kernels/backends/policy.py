@@ -46,7 +46,8 @@ def plausible(
         return False
     # The cuda backend (cuDNN on the packed expanded weight through the extension's ATen host code) is
     # timed against torch's: it measured 0.91-1.01x of cuDNN-expanded fwd+bwd where the torch backend,
-    # the same cuDNN conv behind Python's expansion and folding, measured 0.69-1.02x (same run).
+    # the same cuDNN conv behind Python's expansion and folding, measured 0.69-1.02x (same run). It is
+    # first in the CUDA priority, so the prior and a tie are its.
     if backend.name == "torch" and (_offers(candidates, "cpp", algorithm)):
         # The same algorithm, compiled: the cpp engine is the composite's computation without its
         # Python passes (and its fast8 runs its products in one parallel region).

@@ -71,14 +71,18 @@ class Family(Generic[B]):
         self.priority: dict[str, list[str]] = _Announced(priority)
 
 
-# On CUDA the composite backend comes first: cuDNN on the expanded weight beat the fused Triton and
-# CUDA kernels in every case measured on an H100 and an H200 (benchmarks/results/*-gpu-*), by 2.5x
-# and more. Those two serve when forced (AQCF_BACKEND / use()). On the CPU, ``cpp_cl`` (the same
+# On CUDA cuDNN on the expanded weight comes first: it beat the fused Triton kernels in every case measured
+# on an H100 and an H200 (benchmarks/results/*-gpu-*), by 1.5x and more; Triton serves when forced
+# (AQCF_BACKEND / use()). Of the two backends that run it, ``cuda`` (the extension's ATen path) leads:
+# its remembered signatures are served by the extension's CUDA kernels without Python (the ``torch``
+# backend's Python path cost ~110-160 µs of host time a fwd+bwd, more than a small layer's device time),
+# and a measured tie (the same cuDNN conv) goes to the first. ``torch`` serves where the extension is
+# not built. On the CPU, ``cpp_cl`` (the same
 # engine on channels_last copies) is a candidate ``auto`` measures, never the rule's pick. Ranking
 # backends against each other is a measured, cross-backend decision, so it lives here and not in
 # each backend.
 CONV: Family[ConvBackend] = Family(
-    "conv", ConvBackend, {"cpu": ["cpp", "cpp_cl", "torch"], "cuda": ["torch", "triton", "cuda"]}
+    "conv", ConvBackend, {"cpu": ["cpp", "cpp_cl", "torch"], "cuda": ["cuda", "torch", "triton"]}
 )
 # Attention on CUDA: ``torch`` first, since it calls the kernels SDPA itself runs (flash, memory-efficient);
 # the Triton attention kernels measured 0.35-0.68x of the SDPA-composed block on an H200 (issue 13), so

@@ -96,13 +96,14 @@ def test_settle_choices_calls_until_auto_remembers(monkeypatch) -> None:
 
 def _choose_by_fake_clock(monkeypatch, faster: str) -> tuning.Candidate:
     """One call of the signature 'sig' between pairs x/a and x/b, ``faster`` 10x the other (a fake
-    clock): beyond CLEAR_LOSS, so the choice is remembered at once."""
+    clock): beyond CLEAR_LOSS and CLEAR_LOSS_MIN_S, so the choice is remembered at once."""
     clock = [0.0]
     monkeypatch.setattr(tuning, "_timer", lambda device: lambda: clock[0])
     a, b = tuning.Candidate("x", "a"), tuning.Candidate("x", "b")
+    fast = tuning.CLEAR_LOSS_MIN_S
 
     def run(c: tuning.Candidate) -> None:
-        clock[0] += 1e-3 if c.algorithm == faster else 1e-2
+        clock[0] += fast if c.algorithm == faster else 10 * fast
 
     choice, _ = tuning.choose("sig", [a, b], a, run, [torch.zeros(1)])
     assert choice.how == "measured"
