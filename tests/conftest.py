@@ -24,6 +24,9 @@ if "AQCF_TUNING_CACHE" not in os.environ:
     os.environ["AQCF_TUNING_CACHE"] = os.path.join(tempfile.mkdtemp(prefix="aqcf-tests-tuning-"), "tuning.json")
 
 from aqcf_kernels.backends import registered  # noqa: E402
+from aqcf_kernels.backends._extension import _C
+from aqcf_kernels.backends.registry import forget_choices
+from aqcf_kernels.ops import conv as conv_ops
 from aqcf_kernels.params import check_conv_args
 
 #: Every registered backend, in a stable order; tests parametrise over all of them and the
@@ -165,6 +168,40 @@ def _no_remembered_native_choices():
     """Each test starts with no conv candidates or choices remembered (by the registry, and by the compiled
     extension, csrc/cpu/op.h): a test that replaces a backend's methods must see its own replacement asked,
     not a choice another test made."""
-    from aqcf_kernels.backends.registry import forget_choices
-
     forget_choices()
+
+
+class CountingFallbacks:
+    """The Python implementations of the conv ops, counting how often the extension's kernels ask them
+    (``weight_grad`` counts qconv_weight_grad and qconv_weight_bias_grad: each is the weight gradient)."""
+
+    def __init__(self) -> None:
+        self.conv = self.weight_grad = 0
+
+    def qconv(self, *args):
+        self.conv += 1
+        return conv_ops.qconv(*args)
+
+    def qconv_weight_grad(self, *args):
+        self.weight_grad += 1
+        return conv_ops.qconv_weight_grad(*args)
+
+    def qconv_weight_bias_grad(self, *args):
+        self.weight_grad += 1
+        return conv_ops.qconv_weight_bias_grad(*args)
+
+
+@pytest.fixture
+def asked():
+    """The extension's op kernels ask :class:`CountingFallbacks` instead of the Python implementations (so
+    a test sees which calls left C++); no choice remembered at the start. Needs the compiled extension."""
+    if not conv_ops.NATIVE:
+        pytest.skip("aqcf_kernels._C is not built")
+    counter = CountingFallbacks()
+    _C._set_fallbacks(counter.qconv, counter.qconv_weight_grad, counter.qconv_weight_bias_grad)
+    forget_choices()
+    try:
+        yield counter
+    finally:
+        _C._set_fallbacks(conv_ops.qconv, conv_ops.qconv_weight_grad, conv_ops.qconv_weight_bias_grad)
+        forget_choices()

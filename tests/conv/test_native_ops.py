@@ -37,36 +37,6 @@ def test_the_extension_defines_the_ops_when_built() -> None:
         assert registered == f"aqcf::{name}{inferred}"
 
 
-class CountingFallbacks:
-    """The Python implementations, counting how often the extension's CPU kernels ask them."""
-
-    def __init__(self) -> None:
-        self.conv = self.weight_grad = 0
-
-    def qconv(self, *args):
-        self.conv += 1
-        return conv_ops.qconv(*args)
-
-    def qconv_weight_grad(self, *args):
-        self.weight_grad += 1
-        return conv_ops.qconv_weight_grad(*args)
-
-    def qconv_weight_bias_grad(self, *args):  # (a weight gradient too: counted as one)
-        self.weight_grad += 1
-        return conv_ops.qconv_weight_bias_grad(*args)
-
-
-@pytest.fixture
-def asked():
-    counter = CountingFallbacks()
-    _C._set_fallbacks(counter.qconv, counter.qconv_weight_grad, counter.qconv_weight_bias_grad)
-    backends.registry.forget_choices()
-    try:
-        yield counter
-    finally:
-        _C._set_fallbacks(conv_ops.qconv, conv_ops.qconv_weight_grad, conv_ops.qconv_weight_bias_grad)
-
-
 def _step(x, w, b, algorithm="hamilton", **kw):
     x, w, b = (t.detach().requires_grad_() for t in (x, w, b))
     y = qF.quaternion_conv2d(x, w, b, padding=1, algorithm=algorithm, **kw)
