@@ -232,9 +232,7 @@ def gated_residual(f: Tensor, o: Tensor, gate_logits: Tensor, alpha: Tensor) -> 
     if f.shape != o.shape:
         raise ValueError(f"gated_residual: f {tuple(f.shape)} and o {tuple(o.shape)} must have the same shape")
     if not _broadcasts_to(gate_logits.shape, f.shape):
-        raise ValueError(
-            f"gated_residual: gate_logits {tuple(gate_logits.shape)} must broadcast to f {tuple(f.shape)}"
-        )
+        raise ValueError(f"gated_residual: gate_logits {tuple(gate_logits.shape)} must broadcast to f {tuple(f.shape)}")
     if alpha.numel() != 1:
         raise ValueError(f"gated_residual: alpha must hold one value, got shape {tuple(alpha.shape)}")
     for name, t in (("o", o), ("gate_logits", gate_logits), ("alpha", alpha)):
