@@ -34,7 +34,8 @@ QConvWeightGradFallback weight_grad_fallback;
 QConvWeightBiasGradFallback weight_bias_grad_fallback;
 
 // What a choice depends on that Python does not announce: the thread count (tuning measures per
-// thread count) and AQCF_BACKEND, which users and tests change with the environment.
+// thread count) and AQCF_BACKEND, which users and tests change with the environment; and the device,
+// since the CPU and CUDA kernels share the table (a choice is made per device model, and per device).
 std::string signature(
     std::string_view kind, std::string_view algorithm, const Tensor& input, const Tensor& other,
     at::IntArrayRef weight_shape, const ConvParams& p) {
