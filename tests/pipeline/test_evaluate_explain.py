@@ -166,6 +166,7 @@ def test_evaluate_errors(trained, tmp_path: Path, capsys) -> None:
 
 def test_explain_cli_and_layers(trained, tmp_path: Path, capsys) -> None:
     run_dir = trained("joint")
+    capsys.readouterr()  # (the run's own log, when this test is the first on its worker to train it)
     assert ex.main([str(run_dir), "--list-layers", "--modality", "ct"]) == 0
     listed = capsys.readouterr().out
     assert "* encoder.ct.levels.1" in listed and " decoder.blocks.0 " in listed and "model." not in listed
@@ -208,6 +209,7 @@ def _listed_layers(text: str) -> list[str]:
 def test_listed_layer_names_are_the_png_names(trained, tmp_path: Path, capsys) -> None:
     """Each name --list-layers prints is accepted by --layers as printed and is the name the PNG carries."""
     run_dir = trained("mri")
+    capsys.readouterr()  # (the run's own log, when this test is the first on its worker to train it)
     assert ex.main([str(run_dir), "--list-layers"]) == 0
     listed = _listed_layers(capsys.readouterr().out)
     assert "encoder.mri.levels.1" in listed and len(listed) > 5
@@ -221,6 +223,7 @@ def test_listed_layer_names_are_the_png_names(trained, tmp_path: Path, capsys) -
 
 def test_unknown_layer_lists_the_known_ones(trained, capsys) -> None:
     run_dir = trained("joint")
+    capsys.readouterr()  # (the run's own log, when this test is the first on its worker to train it)
     assert ex.main([str(run_dir), "--list-layers"]) == 0
     listed = set(_listed_layers(capsys.readouterr().out))
     assert ex.main([str(run_dir), "--layers", "encoder.ct.levelz.9"]) == 2
