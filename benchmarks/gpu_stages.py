@@ -243,6 +243,14 @@ def rnn_stage(out: Path, device: str, small: bool) -> None:
     )  # fmt: skip
 
 
+def _conv_backend_runs_here(name: str) -> bool:
+    """Whether conv backend ``name`` is registered and available on this machine."""
+    from aqcf_kernels.backends import registered
+
+    backend = registered("conv").get(name)
+    return backend is not None and backend.unavailable() is None
+
+
 #: host_stage's conv: small enough that the device computes each call in microseconds, so calls issued back
 #: to back are bound by the host's time per call (Python, dispatch, launches)
 HOST_CASE = {"batch": 2, "channels_q": 4, "size": 8}
@@ -277,9 +285,8 @@ def host_stage(out: Path, device: str, small: bool) -> None:
         "expanded": (lambda x, w, b: reference.quaternion_conv_expanded(x, w, b, padding=1), (x, w, b), None),
         "auto": (lambda x, w, b: qF.quaternion_conv2d(x, w, b, padding=1), (x, w, b), None),
     }
-    conv_backends = backends.registered("conv")
     for name in ("torch", "cuda", "triton") if device == "cuda" else ("torch", "cpp"):
-        if name in conv_backends and conv_backends[name].unavailable() is None:
+        if _conv_backend_runs_here(name):
             providers[f"{name}/hamilton"] = (
                 lambda x, w, b: qF.quaternion_conv2d(x, w, b, padding=1, algorithm="hamilton"),
                 (x, w, b),
@@ -339,18 +346,14 @@ def profile_stage(out: Path, device: str, small: bool) -> None:
 
     cuda = device == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
-    from aqcf_kernels.backends import registered
-
     cases = [dataclasses.replace(c, channels_last=True) for c in conv_bench.GRIDS["gpu"]()]
     cases = [c for c in cases if c.name in PROFILE_CASES]
     if small:
         cases = [conv_bench.Case(dims=2, channels=4, size=8, batch=2, channels_last=True)]
-    backends = registered("conv")
     available = [
         name
         for name in PROFILE_PROVIDERS
-        if conv_bench.PROVIDERS[name].backend is None
-        or backends[conv_bench.PROVIDERS[name].backend].unavailable() is None
+        if conv_bench.PROVIDERS[name].backend is None or _conv_backend_runs_here(conv_bench.PROVIDERS[name].backend)
     ]
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     rows = []

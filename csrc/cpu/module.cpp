@@ -18,22 +18,10 @@ aqcf::ConvParams params(
 // Python callables called from the CPU and CUDA kernels of aqcf::qconv / aqcf::qconv_weight_grad /
 // aqcf::qconv_weight_bias_grad (op.h). They are never destroyed: the dispatcher may outlive the
 // interpreter's teardown of module globals.
-void set_fallbacks(py::function conv, py::function weight_grad, std::optional<py::function> weight_bias_grad) {
+void set_fallbacks(py::function conv, py::function weight_grad, py::function weight_bias_grad) {
   auto* conv_fn = new py::function(std::move(conv));
   auto* weight_grad_fn = new py::function(std::move(weight_grad));
-  aqcf::QConvWeightBiasGradFallback weight_bias_grad_call;
-  if (weight_bias_grad) {
-    auto* weight_bias_grad_fn = new py::function(std::move(*weight_bias_grad));
-    weight_bias_grad_call = [weight_bias_grad_fn](
-                                const at::Tensor& input, const at::Tensor& grad_output,
-                                const std::vector<int64_t>& shape, const aqcf::ConvParams& p,
-                                const std::string& algorithm) {
-      py::gil_scoped_acquire gil;
-      return (*weight_bias_grad_fn)(input, grad_output, shape, p.stride, p.padding, p.dilation, p.transposed,
-                                    p.output_padding, p.groups, algorithm)
-          .cast<std::tuple<at::Tensor, at::Tensor>>();
-    };
-  }
+  auto* weight_bias_grad_fn = new py::function(std::move(weight_bias_grad));
   aqcf::set_fallbacks(
       [conv_fn](const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                 const aqcf::ConvParams& p, const std::string& algorithm, const std::optional<std::string>& activation,
@@ -50,7 +38,13 @@ void set_fallbacks(py::function conv, py::function weight_grad, std::optional<py
                                  p.output_padding, p.groups, algorithm)
             .cast<at::Tensor>();
       },
-      std::move(weight_bias_grad_call));
+      [weight_bias_grad_fn](const at::Tensor& input, const at::Tensor& grad_output, const std::vector<int64_t>& shape,
+                            const aqcf::ConvParams& p, const std::string& algorithm) {
+        py::gil_scoped_acquire gil;
+        return (*weight_bias_grad_fn)(input, grad_output, shape, p.stride, p.padding, p.dilation, p.transposed,
+                                      p.output_padding, p.groups, algorithm)
+            .cast<std::tuple<at::Tensor, at::Tensor>>();
+      });
 }
 
 // The activation arguments of the Python entry points (None: none).
@@ -189,9 +183,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("grad_output"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
       py::arg("groups"), py::call_guard<py::gil_scoped_release>());
   m.def("_set_fallbacks", &set_fallbacks,
-        "The Python implementations of aqcf::qconv, aqcf::qconv_weight_grad and (optional) "
-        "aqcf::qconv_weight_bias_grad the CPU and CUDA kernels ask first",
-        py::arg("conv"), py::arg("weight_grad"), py::arg("weight_bias_grad") = py::none());
+        "The Python implementations of aqcf::qconv, aqcf::qconv_weight_grad and aqcf::qconv_weight_bias_grad "
+        "the CPU and CUDA kernels ask first",
+        py::arg("conv"), py::arg("weight_grad"), py::arg("weight_bias_grad"));
   m.def(
       "_remember_conv_choice",
       [](const std::string& kind, const std::string& algorithm, const at::Tensor& input, const at::Tensor& other,
@@ -208,7 +202,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "engine 'cpu' (the compiled CPU conv) or 'aten' (conv_aten, the cuda backend's path)",
       py::arg("kind"), py::arg("algorithm"), py::arg("input"), py::arg("other"), py::arg("weight_shape"),
       py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("transposed"), py::arg("output_padding"),
-      py::arg("groups"), py::arg("fast8"), py::arg("engine") = "cpu");
+      py::arg("groups"), py::arg("fast8"), py::arg("engine"));
   m.def("_forget_conv_choices", &aqcf::forget_choices, "Drop every remembered choice (the dispatch state changed)");
   m.def("_remembered_conv_choices", &aqcf::remembered_choices, "How many call signatures are served in C++");
 }

@@ -216,9 +216,8 @@ std::tuple<Tensor, Tensor> qconv_weight_bias_grad_native(
   if (std::optional<Tensor> gw = remembered_weight_grad(input, grad_output, shape, p, algorithm)) {
     return {std::move(*gw), bias_grad(grad_output)};
   }
-  if (weight_bias_grad_fallback) return weight_bias_grad_fallback(input, grad_output, shape, p, std::string(algorithm));
-  TORCH_CHECK(weight_grad_fallback, "aqcf::qconv_weight_bias_grad: the Python implementation is not registered");
-  return {weight_grad_fallback(input, grad_output, shape, p, std::string(algorithm)), bias_grad(grad_output)};
+  TORCH_CHECK(weight_bias_grad_fallback, "aqcf::qconv_weight_bias_grad: the Python implementation is not registered");
+  return weight_bias_grad_fallback(input, grad_output, shape, p, std::string(algorithm));
 }
 
 // ------------------------------------------------------------------------------------------------

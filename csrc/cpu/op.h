@@ -41,9 +41,8 @@ using QConvWeightBiasGradFallback = std::function<std::tuple<at::Tensor, at::Ten
     const at::Tensor& input, const at::Tensor& grad_output, const std::vector<int64_t>& weight_shape,
     const ConvParams& p, const std::string& algorithm)>;
 
-// `weight_bias_grad` may be empty: qconv_weight_bias_grad then asks `weight_grad` and sums the bias gradient.
 void set_fallbacks(
-    QConvFallback conv, QConvWeightGradFallback weight_grad, QConvWeightBiasGradFallback weight_bias_grad = {});
+    QConvFallback conv, QConvWeightGradFallback weight_grad, QConvWeightBiasGradFallback weight_bias_grad);
 
 // Which compiled code serves a remembered choice: the CPU engine (conv.h's conv / conv_weight_grad, the
 // `cpp` backend) or the ATen path (conv_aten / conv_weight_grad_aten, the `cuda` backend, cuDNN on CUDA).
@@ -55,7 +54,7 @@ enum class Engine { Cpu, Aten };
 // includes the device (the CPU and CUDA kernels share the remembered choices).
 void remember_choice(
     const std::string& kind, const std::string& algorithm, const at::Tensor& input, const at::Tensor& other,
-    at::IntArrayRef weight_shape, const ConvParams& p, bool fast8, Engine engine = Engine::Cpu);
+    at::IntArrayRef weight_shape, const ConvParams& p, bool fast8, Engine engine);
 void forget_choices();
 int64_t remembered_choices();
 
