@@ -183,7 +183,26 @@ def quaternion_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None,
     return y.squeeze(0).t().contiguous().reshape(*lead, y.shape[1])
 
 
+def _attention_args_plainly_fine(q_a, k_a, v_a, q_b, k_b, v_b) -> bool:
+    """The common case in a few attribute reads (the full check took 8 µs a call, a quarter of the op's
+    own host time): six 4-D tensors of q_a's floating dtype and device, batch, heads and head_dim, with
+    tokens, and each stream's keys and values of one count. False sends the call to the full check."""
+    if not (isinstance(q_a, Tensor) and q_a.dim() == 4 and q_a.is_floating_point()):
+        return False
+    b, h, n, e = q_a.shape
+    dtype, device = q_a.dtype, q_a.device
+    for t in (k_a, v_a, q_b, k_b, v_b):
+        if not isinstance(t, Tensor) or t.dim() != 4 or t.dtype != dtype or t.device != device:
+            return False
+        tb, th, tn, te = t.shape
+        if tb != b or th != h or te != e or tn == 0:
+            return False
+    return n != 0 and k_a.shape[2] == v_a.shape[2] and k_b.shape[2] == v_b.shape[2]
+
+
 def _check_attention_args(q_a, k_a, v_a, q_b, k_b, v_b) -> None:
+    if _attention_args_plainly_fine(q_a, k_a, v_a, q_b, k_b, v_b):
+        return
     named = {"q_a": q_a, "k_a": k_a, "v_a": v_a, "q_b": q_b, "k_b": k_b, "v_b": v_b}
     for name, t in named.items():
         if not isinstance(t, Tensor):

@@ -76,7 +76,16 @@ fast8 = ext.conv_aten(x, w, None, *args, True)
 assert torch.allclose(hamilton, fast8, atol=1e-10), (hamilton - fast8).abs().max()
 gw = [ext.conv_weight_grad_aten(x, hamilton, list(w.shape), *args, f) for f in (False, True)]
 assert torch.allclose(gw[0], gw[1], atol=1e-9), (gw[0] - gw[1]).abs().max()
-print(f"check-cuda: {found[0].rsplit('/', 1)[1]} imports; {', '.join(entries)} bound; the ATen path runs")
+# The native attention ops' calls of PyTorch's CUDA kernels, through this torch's meta functions of them.
+for kernel, dtype in (("flash", torch.bfloat16), ("efficient", torch.float32)):
+    q = torch.empty(2, 3, 50, 16, dtype=dtype, device="meta")
+    k, v = (torch.empty(2, 3, 37, 16, dtype=dtype, device="meta") for _ in range(2))
+    out, lse = ext.attention_forward(kernel, q, k, v, 0.25)
+    assert out.shape == q.shape and out.dtype == dtype and lse.shape == (2, 3, 50) and lse.dtype == torch.float32
+    grads = ext.attention_backward(kernel, torch.empty_like(out), q, k, v, out, lse, 0.25)
+    assert [g.shape for g in grads] == [q.shape, k.shape, v.shape], [g.shape for g in grads]
+print(f"check-cuda: {found[0].rsplit('/', 1)[1]} imports; {', '.join(entries)} bound; the ATen path runs; "
+      "the native attention's flash and efficient calls fit this torch's schemas")
 PYEOF
 # The package from the source tree on this torch; its extension is the project venv's build (another
 # torch's ABI), so it is left out: the attention backend does not use it.

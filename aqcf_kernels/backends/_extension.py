@@ -24,7 +24,10 @@ else:
 
 
 def forget_native_choices() -> None:
-    """Drop the choices the extension serves without asking Python (see csrc/cpu/op.h): something that
-    decides them changed (a backend registered or forced, the priorities, the tuning mode or memory)."""
+    """Drop the choices the extension serves without asking Python (see csrc/cpu/op.h and
+    attention_op.h): something that decides them changed (a backend registered or forced, the
+    priorities, the tuning mode or memory)."""
     if _C is not None:
         _C._forget_conv_choices()
+        if hasattr(_C, "_forget_attention_choices"):  # an extension built before the attention ops
+            _C._forget_attention_choices()

@@ -213,6 +213,19 @@ class AttentionBackend(Backend, Protocol):
         """``(d_o, d_gate_logits, d_alpha)``; ``d_gate_logits`` has ``gate_logits``' (broadcast) shape."""
         ...
 
+    def native_attention_kernel(self, q: Tensor, k: Tensor, v: Tensor) -> str | None:
+        """The PyTorch kernel this backend runs for one direction ``(q, k, v)`` when the compiled extension
+        calls it the same way (csrc/cpu/attention_op.h): ``'cpu_flash'``, ``'flash'`` or ``'efficient'``
+        (CUDA); else ``None``. A call signature whose two directions have one is then served by the
+        extension's op kernels without Python (``aqcf_kernels.ops.attention``). Default ``None``."""
+        return None
+
+    def native_gate(self) -> bool:
+        """Whether the compiled extension's gate (csrc/cpu/attention_op.h) computes exactly what this
+        backend's ``gated_residual`` and its backward do, so that a call signature it served may skip Python
+        next time. Default ``False``."""
+        return False
+
 
 def has_own_methods(backend: object, cls: type, names: tuple[str, ...]) -> bool:
     """Whether ``backend``'s methods ``names`` are ``cls``'s own: not replaced by a subclass or a test, so

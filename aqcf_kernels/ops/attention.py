@@ -14,6 +14,13 @@ the probabilities: no ``N_a × N_b`` matrix is ever stored. The backward is an o
 ``gated_residual(f, o, g, alpha) = f + alpha · sigmoid(g) ⊙ o`` is the block's epilogue, one fused
 elementwise pass (``g`` may broadcast over tokens). Arguments reaching these ops are already checked
 (``aqcf_kernels.functional``).
+
+With the compiled extension the four ops are defined natively (csrc/cpu/attention_op.h), as the conv
+ops are: their CPU and CUDA kernels call the functions below the first time they see a call signature,
+and when the ``torch`` backend served it with PyTorch's own kernels (its flash and memory-efficient
+attention, its gate's elementwise ops) they serve that signature's later calls in C++. The block is
+host-bound at its small sizes, and the Python custom ops cost ~30 µs (cross_attention) and ~10 µs
+(gated_residual) a call over their kernels. Without the extension the functions below are the ops.
 """
 
 from __future__ import annotations
@@ -22,7 +29,13 @@ import torch
 from torch import Tensor
 
 from .. import backends
+from ..backends._extension import _C
 from ..backends.base import AttentionBackend, lse_dtype
+
+#: the four ops are the extension's (csrc/cpu/attention_op.cpp), with the functions below as fallbacks
+NATIVE = _C is not None and hasattr(_C, "_set_attention_fallbacks")
+#: devices with a compiled kernel of those ops
+NATIVE_DEVICES = ("cpu", "cuda")
 
 
 def _select_attention(q: Tensor) -> AttentionBackend:
@@ -33,16 +46,38 @@ def _select_gate(f: Tensor, gate_logits: Tensor) -> AttentionBackend:
     return backends.select_in(backends.ATTENTION, f.device.type, lambda b: b.cannot_serve_gate(f, gate_logits))
 
 
+def _native(t: Tensor) -> bool:
+    return NATIVE and t.device.type in NATIVE_DEVICES
+
+
+def _remember_attention(backend: AttentionBackend, q_a, k_a, v_a, q_b, k_b, v_b) -> None:
+    """Let the extension serve later calls with these inputs' signature (and their backward) itself when
+    both directions ran a PyTorch kernel it calls the same way
+    (:meth:`~aqcf_kernels.backends.base.AttentionBackend.native_attention_kernel`)."""
+    if not _native(q_a):
+        return
+    kernel_a = backend.native_attention_kernel(q_a, k_b, v_b)
+    kernel_b = kernel_a and backend.native_attention_kernel(q_b, k_a, v_a)
+    if kernel_a and kernel_b:
+        _C._remember_attention_choice(q_a, k_a, v_a, q_b, k_b, v_b, kernel_a, kernel_b)
+
+
+def _remember_gate(backend: AttentionBackend, f: Tensor, gate_logits: Tensor) -> None:
+    if _native(f) and backend.native_gate():
+        _C._remember_gate_choice(f, gate_logits)
+
+
 def _lse_like(q: Tensor) -> Tensor:
     return q.new_empty(q.shape[:-1], dtype=lse_dtype(q.dtype))
 
 
-@torch.library.custom_op("aqcf::cross_attention", mutates_args=())
 def cross_attention(
     q_a: Tensor, k_a: Tensor, v_a: Tensor, q_b: Tensor, k_b: Tensor, v_b: Tensor, scale: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Both attention directions: ``(out_a, out_b, lse_a, lse_b)``."""
-    out_a, out_b, lse_a, lse_b = _select_attention(q_a).cross_attention(q_a, k_a, v_a, q_b, k_b, v_b, scale)
+    backend = _select_attention(q_a)
+    out_a, out_b, lse_a, lse_b = backend.cross_attention(q_a, k_a, v_a, q_b, k_b, v_b, scale)
+    _remember_attention(backend, q_a, k_a, v_a, q_b, k_b, v_b)
     return out_a.contiguous(), out_b.contiguous(), lse_a.contiguous(), lse_b.contiguous()
 
 
@@ -51,12 +86,10 @@ def _dense_like(t: Tensor) -> Tensor:
     return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
-@cross_attention.register_fake
-def _(q_a, k_a, v_a, q_b, k_b, v_b, scale):
+def _cross_attention_fake(q_a, k_a, v_a, q_b, k_b, v_b, scale):
     return _dense_like(q_a), _dense_like(q_b), _lse_like(q_a), _lse_like(q_b)
 
 
-@torch.library.custom_op("aqcf::cross_attention_backward", mutates_args=())
 def cross_attention_backward(
     grad_a: Tensor,
     grad_b: Tensor,
@@ -73,14 +106,15 @@ def cross_attention_backward(
     scale: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients ``(dq_a, dk_a, dv_a, dq_b, dk_b, dv_b)`` from the saved outputs and log-sum-exps."""
-    grads = _select_attention(q_a).cross_attention_backward(
+    backend = _select_attention(q_a)
+    grads = backend.cross_attention_backward(
         grad_a, grad_b, q_a, k_a, v_a, q_b, k_b, v_b, out_a, out_b, lse_a, lse_b, scale
     )
+    _remember_attention(backend, q_a, k_a, v_a, q_b, k_b, v_b)
     return tuple(g.contiguous() for g in grads)
 
 
-@cross_attention_backward.register_fake
-def _(grad_a, grad_b, q_a, k_a, v_a, q_b, k_b, v_b, out_a, out_b, lse_a, lse_b, scale):
+def _cross_attention_backward_fake(grad_a, grad_b, q_a, k_a, v_a, q_b, k_b, v_b, out_a, out_b, lse_a, lse_b, scale):
     return tuple(_dense_like(t) for t in (q_a, k_a, v_a, q_b, k_b, v_b))
 
 
@@ -102,31 +136,29 @@ def _attention_backward(ctx, grad_a, grad_b, _grad_lse_a, _grad_lse_b):
     return (*grads, None)
 
 
-cross_attention.register_autograd(_attention_backward, setup_context=_attention_setup_context)
-
-
-@torch.library.custom_op("aqcf::gated_residual", mutates_args=())
 def gated_residual(f: Tensor, o: Tensor, gate_logits: Tensor, alpha: Tensor) -> Tensor:
     """``f + alpha · sigmoid(gate_logits) ⊙ o``."""
-    return _select_gate(f, gate_logits).gated_residual(f, o, gate_logits, alpha).contiguous()
+    backend = _select_gate(f, gate_logits)
+    y = backend.gated_residual(f, o, gate_logits, alpha).contiguous()
+    _remember_gate(backend, f, gate_logits)
+    return y
 
 
-@gated_residual.register_fake
-def _(f, o, gate_logits, alpha):
+def _gated_residual_fake(f, o, gate_logits, alpha):
     return torch.empty_like(f, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("aqcf::gated_residual_backward", mutates_args=())
 def gated_residual_backward(
     grad: Tensor, o: Tensor, gate_logits: Tensor, alpha: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients ``(d_o, d_gate_logits, d_alpha)`` of :func:`gated_residual` (``d_f`` is ``grad``)."""
-    d_o, d_g, d_alpha = _select_gate(grad, gate_logits).gated_residual_backward(grad, o, gate_logits, alpha)
+    backend = _select_gate(grad, gate_logits)
+    d_o, d_g, d_alpha = backend.gated_residual_backward(grad, o, gate_logits, alpha)
+    _remember_gate(backend, grad, gate_logits)
     return d_o.contiguous(), d_g.contiguous(), d_alpha.contiguous()
 
 
-@gated_residual_backward.register_fake
-def _(grad, o, gate_logits, alpha):
+def _gated_residual_backward_fake(grad, o, gate_logits, alpha):
     return (
         torch.empty_like(o, memory_format=torch.contiguous_format),
         torch.empty_like(gate_logits, memory_format=torch.contiguous_format),
@@ -145,4 +177,25 @@ def _gate_backward(ctx, grad):
     return grad, d_o, d_g, d_alpha
 
 
-gated_residual.register_autograd(_gate_backward, setup_context=_gate_setup_context)
+# --------------------------------------------------------------------------------------------
+# Registration
+# --------------------------------------------------------------------------------------------
+
+_OPS = (
+    ("aqcf::cross_attention", cross_attention, _cross_attention_fake),
+    ("aqcf::cross_attention_backward", cross_attention_backward, _cross_attention_backward_fake),
+    ("aqcf::gated_residual", gated_residual, _gated_residual_fake),
+    ("aqcf::gated_residual_backward", gated_residual_backward, _gated_residual_backward_fake),
+)
+
+if NATIVE:
+    _C._set_attention_fallbacks(cross_attention, cross_attention_backward, gated_residual, gated_residual_backward)
+    for _name, _impl, _fake in _OPS:
+        torch.library.impl(_name, "CompositeExplicitAutograd", _impl)  # devices without a compiled kernel
+        torch.library.register_fake(_name, _fake)
+else:
+    _custom = {name: torch.library.custom_op(name, impl, mutates_args=()) for name, impl, _ in _OPS}
+    for _name, _, _fake in _OPS:
+        _custom[_name].register_fake(_fake)
+    _custom["aqcf::cross_attention"].register_autograd(_attention_backward, setup_context=_attention_setup_context)
+    _custom["aqcf::gated_residual"].register_autograd(_gate_backward, setup_context=_gate_setup_context)

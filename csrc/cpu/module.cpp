@@ -1,7 +1,8 @@
 // The one registration file of aqcf_kernels._C: thin pybind11 wrappers over conv.h (CPU, and the
-// device-agnostic ATen path the cuda backend runs), norm.h and op.h.
+// device-agnostic ATen path the cuda backend runs), norm.h, op.h and attention_op.h.
 #include <torch/extension.h>
 
+#include "attention_op.h"
 #include "conv.h"
 #include "real_conv.h"
 #include "norm.h"
@@ -45,6 +46,37 @@ void set_fallbacks(py::function conv, py::function weight_grad, py::function wei
                                       p.output_padding, p.groups, algorithm)
             .cast<std::tuple<at::Tensor, at::Tensor>>();
       });
+}
+
+// The Python implementations of the attention ops (attention_op.h), never destroyed either.
+void set_attention_fallbacks(
+    py::function cross_attention, py::function cross_attention_backward, py::function gated_residual,
+    py::function gated_residual_backward) {
+  auto* attention_fn = new py::function(std::move(cross_attention));
+  auto* attention_backward_fn = new py::function(std::move(cross_attention_backward));
+  auto* gate_fn = new py::function(std::move(gated_residual));
+  auto* gate_backward_fn = new py::function(std::move(gated_residual_backward));
+  using T = const at::Tensor&;
+  aqcf::AttentionFallbacks fns;
+  fns.cross_attention = [attention_fn](T q_a, T k_a, T v_a, T q_b, T k_b, T v_b, double scale) {
+    py::gil_scoped_acquire gil;
+    return (*attention_fn)(q_a, k_a, v_a, q_b, k_b, v_b, scale).cast<aqcf::Tensors4>();
+  };
+  fns.cross_attention_backward = [attention_backward_fn](T grad_a, T grad_b, T q_a, T k_a, T v_a, T q_b, T k_b, T v_b,
+                                                         T out_a, T out_b, T lse_a, T lse_b, double scale) {
+    py::gil_scoped_acquire gil;
+    return (*attention_backward_fn)(grad_a, grad_b, q_a, k_a, v_a, q_b, k_b, v_b, out_a, out_b, lse_a, lse_b, scale)
+        .cast<aqcf::Tensors6>();
+  };
+  fns.gated_residual = [gate_fn](T f, T o, T gate_logits, T alpha) {
+    py::gil_scoped_acquire gil;
+    return (*gate_fn)(f, o, gate_logits, alpha).cast<at::Tensor>();
+  };
+  fns.gated_residual_backward = [gate_backward_fn](T grad, T o, T gate_logits, T alpha) {
+    py::gil_scoped_acquire gil;
+    return (*gate_backward_fn)(grad, o, gate_logits, alpha).cast<aqcf::Tensors3>();
+  };
+  aqcf::set_attention_fallbacks(std::move(fns));
 }
 
 // The activation arguments of the Python entry points (None: none).
@@ -203,6 +235,47 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("kind"), py::arg("algorithm"), py::arg("input"), py::arg("other"), py::arg("weight_shape"),
       py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("transposed"), py::arg("output_padding"),
       py::arg("groups"), py::arg("fast8"), py::arg("engine"));
+  m.def("_set_attention_fallbacks", &set_attention_fallbacks,
+        "The Python implementations of aqcf::cross_attention, aqcf::cross_attention_backward, "
+        "aqcf::gated_residual and aqcf::gated_residual_backward the CPU and CUDA kernels ask first",
+        py::arg("cross_attention"), py::arg("cross_attention_backward"), py::arg("gated_residual"),
+        py::arg("gated_residual_backward"));
+  m.def(
+      "_remember_attention_choice",
+      [](const at::Tensor& q_a, const at::Tensor& k_a, const at::Tensor& v_a, const at::Tensor& q_b,
+         const at::Tensor& k_b, const at::Tensor& v_b, const std::string& kernel_a, const std::string& kernel_b) {
+        aqcf::remember_attention_choice(
+            q_a, k_a, v_a, q_b, k_b, v_b, aqcf::parse_attention_kernel(kernel_a), aqcf::parse_attention_kernel(kernel_b));
+      },
+      "Serve later cross_attention calls (and their backward) with these inputs' signature in C++, direction a "
+      "(q_a against k_b, v_b) with kernel_a and b with kernel_b: 'cpu_flash', 'flash' or 'efficient'",
+      py::arg("q_a"), py::arg("k_a"), py::arg("v_a"), py::arg("q_b"), py::arg("k_b"), py::arg("v_b"),
+      py::arg("kernel_a"), py::arg("kernel_b"));
+  m.def("_remember_gate_choice", &aqcf::remember_gate_choice,
+        "Serve later gated_residual calls (f, or grad for its backward, and gate_logits like these) in C++",
+        py::arg("f"), py::arg("gate_logits"));
+  m.def("_forget_attention_choices", &aqcf::forget_attention_choices,
+        "Drop every remembered attention and gate choice (the dispatch state changed)");
+  m.def("_remembered_attention_choices", &aqcf::remembered_attention_choices,
+        "How many attention and gate call signatures are served in C++");
+  m.def(
+      "attention_forward",
+      [](const std::string& kernel, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
+        return aqcf::attention_forward(aqcf::parse_attention_kernel(kernel), q, k, v, scale);
+      },
+      "(out, lse) of PyTorch's attention kernel 'cpu_flash', 'flash' or 'efficient', as the native "
+      "cross_attention calls it",
+      py::arg("kernel"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"),
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "attention_backward",
+      [](const std::string& kernel, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+         const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, double scale) {
+        return aqcf::attention_backward(aqcf::parse_attention_kernel(kernel), grad_out, q, k, v, out, lse, scale);
+      },
+      "(dq, dk, dv) of PyTorch's attention kernel, as the native cross_attention_backward calls it",
+      py::arg("kernel"), py::arg("grad_out"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
+      py::arg("lse"), py::arg("scale"), py::call_guard<py::gil_scoped_release>());
   m.def("_forget_conv_choices", &aqcf::forget_choices, "Drop every remembered choice (the dispatch state changed)");
   m.def("_remembered_conv_choices", &aqcf::remembered_choices, "How many call signatures are served in C++");
 }

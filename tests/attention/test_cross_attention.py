@@ -307,20 +307,23 @@ def test_chunked_attention_several_chunks(dtype, monkeypatch):
 
 
 def test_torch_backend_generic_path_through_the_op(monkeypatch, single_threaded):
-    """The op on the chunked path end to end (the CPU flash kernel swapped out): forward, grads, gradcheck."""
+    """The op on the chunked path end to end (no fused kernel serves, as on devices PyTorch has none
+    for): forward, grads, gradcheck; every call reaches it (nothing is served natively instead)."""
     monkeypatch.setattr(TA, "CHUNK_ROWS", 3)
+    monkeypatch.setattr(TA.TorchAttentionBackend, "kernel", lambda self, q, k, v: None)
     calls = []
+    chunked_forward, chunked_backward = TA.chunked_attention_forward, TA.chunked_attention_backward
 
     def fwd(*a):
         calls.append("fwd")
-        return TA.chunked_attention_forward(*a)
+        return chunked_forward(*a)
 
     def bwd(*a):
         calls.append("bwd")
-        return TA.chunked_attention_backward(*a)
+        return chunked_backward(*a)
 
-    monkeypatch.setattr(TA, "_cpu_flash_forward", fwd)
-    monkeypatch.setattr(TA, "_cpu_flash_backward", bwd)
+    monkeypatch.setattr(TA, "chunked_attention_forward", fwd)
+    monkeypatch.setattr(TA, "chunked_attention_backward", bwd)
     inputs = attention_inputs(2, 2, 8, 5, 7, 4, 12, seed=81)
     grads = output_grads(inputs, seed=82)
     ref = run_attention(reference_attention, inputs, torch.float64, grads)
@@ -353,9 +356,24 @@ def _good():
         (1, lambda t: t[:, :, :2], r"k_a has 2 tokens but v_a has 3"),
         (3, lambda t: t[:, :, :0], r"q_b has no tokens"),
         (1, lambda t: t[:, :, :0], r"k_a has no tokens"),
+        (0, lambda t: t[:, :, :0], r"q_a has no tokens"),
         (2, lambda t: t.float(), r"v_a is torch.float32 on cpu but q_a is torch.float64"),
+        (4, lambda t: t.to("meta"), r"k_b is torch.float64 on meta but q_a is torch.float64 on cpu"),
     ],
-    ids=["rank-3", "rank-5", "head-dim", "heads", "batch", "kv-tokens-b", "kv-tokens-a", "empty-q", "empty-k", "dtype"],
+    ids=[
+        "rank-3",
+        "rank-5",
+        "head-dim",
+        "heads",
+        "batch",
+        "kv-tokens-b",
+        "kv-tokens-a",
+        "empty-q",
+        "empty-k",
+        "empty-q_a",
+        "dtype",
+        "device",
+    ],
 )
 def test_cross_attention_errors(index, make, match):
     args = _good()
@@ -367,6 +385,17 @@ def test_cross_attention_errors(index, make, match):
 def test_cross_attention_rejects_integer_tensors():
     args = [t.long() for t in _good()]
     with pytest.raises(TypeError, match="q_a must be floating point"):
+        QF.cross_attention(*args)
+    args = _good()
+    args[1] = args[1].long()
+    with pytest.raises(TypeError, match="k_a must be floating point, got torch.int64"):
+        QF.cross_attention(*args)
+
+
+def test_cross_attention_rejects_non_tensors():
+    args = _good()
+    args[2] = args[2].numpy()
+    with pytest.raises(TypeError, match="v_a must be a Tensor, got ndarray"):
         QF.cross_attention(*args)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..base import AttentionBackend, lse_dtype
+from ..base import AttentionBackend, has_own_methods, lse_dtype
 
 # Query rows per chunk of the generic path: 256 rows × 16384 keys × 4 B = 16 MB of scores.
 CHUNK_ROWS = 256
@@ -173,25 +173,44 @@ class TorchAttentionBackend(AttentionBackend):
     def cannot_serve_gate(self, f: Tensor, gate_logits: Tensor) -> str | None:
         return None
 
-    def attention_forward(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    def kernel(self, q: Tensor, k: Tensor, v: Tensor) -> str | None:
+        """The PyTorch kernel that serves one direction: ``'cpu_flash'`` on CPU, ``'flash'`` or
+        ``'efficient'`` on CUDA (:func:`cuda_kernel`, asked about the rows of unit stride the kernels get),
+        or ``None``: the chunked path."""
         if q.device.type == "cpu":
-            return _cpu_flash_forward(q, k, v, scale)
+            return "cpu_flash"
         if q.device.type == "cuda":
-            q, k, v = _dense_rows(q), _dense_rows(k), _dense_rows(v)
-            kernel = cuda_kernel(q, k, v)
-            if kernel is not None:
-                return _cuda_fused_forward(kernel, q, k, v, scale)
+            return cuda_kernel(_dense_rows(q), _dense_rows(k), _dense_rows(v))
+        return None
+
+    def attention_forward(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+        q, k, v = _dense_rows(q), _dense_rows(k), _dense_rows(v)
+        kernel = self.kernel(q, k, v)
+        if kernel == "cpu_flash":
+            return _cpu_flash_forward(q, k, v, scale)
+        if kernel is not None:
+            return _cuda_fused_forward(kernel, q, k, v, scale)
         return chunked_attention_forward(q, k, v, scale)
 
     def attention_backward(self, grad_out, q, k, v, out, lse, scale) -> tuple[Tensor, Tensor, Tensor]:
-        if q.device.type == "cpu":
+        q, k, v = _dense_rows(q), _dense_rows(k), _dense_rows(v)
+        kernel = self.kernel(q, k, v)  # the forward's: same tensors, same checks
+        if kernel == "cpu_flash":
             return _cpu_flash_backward(grad_out, q, k, v, out, lse, scale)
-        if q.device.type == "cuda":
-            q, k, v = _dense_rows(q), _dense_rows(k), _dense_rows(v)
-            kernel = cuda_kernel(q, k, v)  # the forward's: same tensors, same checks
-            if kernel is not None:
-                return _cuda_fused_backward(kernel, grad_out, q, k, v, out, lse, scale)
+        if kernel is not None:
+            return _cuda_fused_backward(kernel, grad_out, q, k, v, out, lse, scale)
         return chunked_attention_backward(grad_out, q, k, v, out, lse, scale)
+
+    def native_attention_kernel(self, q: Tensor, k: Tensor, v: Tensor) -> str | None:
+        """:meth:`kernel`: the extension calls these kernels as this module does (csrc/cpu/attention_op.cpp,
+        tested against it), unless a subclass or a test replaced the methods that run them."""
+        own = ("kernel", "attention_forward", "attention_backward", "cross_attention", "cross_attention_backward")
+        if not has_own_methods(self, TorchAttentionBackend, own):
+            return None
+        return self.kernel(q, k, v)
+
+    def native_gate(self) -> bool:
+        return has_own_methods(self, TorchAttentionBackend, ("gated_residual", "gated_residual_backward"))
 
     def cross_attention(self, q_a, k_a, v_a, q_b, k_b, v_b, scale):
         out_a, lse_a = self.attention_forward(q_a, k_b, v_b, scale)
@@ -203,14 +222,16 @@ class TorchAttentionBackend(AttentionBackend):
         dq_b, dk_a, dv_a = self.attention_backward(grad_b, q_b, k_a, v_a, out_b, lse_b, scale)
         return dq_a, dk_a, dv_a, dq_b, dk_b, dv_b
 
+    # The extension's gate (csrc/cpu/attention_op.cpp) runs these ops in this order: results are identical.
     def gated_residual(self, f: Tensor, o: Tensor, gate_logits: Tensor, alpha: Tensor) -> Tensor:
-        return f + alpha * (torch.sigmoid(gate_logits) * o)
+        # alpha · (s ⊙ o) added to f in one pass (addcmul), not two
+        return torch.addcmul(f, alpha, torch.sigmoid(gate_logits) * o)
 
     def gated_residual_backward(self, grad, o, gate_logits, alpha) -> tuple[Tensor, Tensor, Tensor]:
         s = torch.sigmoid(gate_logits)
+        d_alpha = (grad * (s * o)).sum().reshape(alpha.shape)
         go = grad * alpha
-        d_o = go * s
-        # The gate may broadcast (one value per channel): its gradient sums over what it spans.
-        d_g = (go * o * s * (1 - s)).sum_to_size(gate_logits.shape)
-        d_alpha = (grad * s * o).sum().reshape(alpha.shape)
-        return d_o, d_g, d_alpha
+        # d sigmoid(g)/dg = s (1 - s), in one pass; the gate may broadcast (one value per channel): its
+        # gradient sums over what it spans.
+        d_g = torch.ops.aten.sigmoid_backward(go * o, s).sum_to_size(gate_logits.shape)
+        return go * s, d_g, d_alpha

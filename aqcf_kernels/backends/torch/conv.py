@@ -76,10 +76,13 @@ def pointwise_conv(input: Tensor, weight: Tensor, bias: Tensor | None, p: ConvPa
 
 
 def pointwise_weight_grad(input: Tensor, grad_output: Tensor, weight_shape) -> Tensor:
-    """Weight gradient of the non-transposed :func:`pointwise_conv`: ``Σ_b gy_b x_bᵀ``, folded."""
-    x = input.reshape(input.shape[0], input.shape[1], -1)
-    gy = grad_output.reshape(grad_output.shape[0], grad_output.shape[1], -1)
-    ge = torch.einsum("bon,bin->oi", gy, x)
+    """Weight gradient of the non-transposed :func:`pointwise_conv`: ``Σ_b gy_b x_bᵀ``, folded; one matmul
+    over (sample, token) pairs (``torch.einsum`` does the same after ~5 µs of host time parsing)."""
+
+    def samples_tokens(t: Tensor) -> Tensor:  # (C, B·N): views with batch 1, else a copy (as einsum's)
+        return t.reshape(t.shape[0], t.shape[1], -1).transpose(0, 1).reshape(t.shape[1], -1)
+
+    ge = samples_tokens(grad_output) @ samples_tokens(input).t()
     return fold_weight_grad_grouped(ge.reshape(ge.shape[0], ge.shape[1], *weight_shape[3:]), 1)
 
 

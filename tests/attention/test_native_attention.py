@@ -1,0 +1,334 @@
+"""The attention ops defined by the compiled extension (csrc/cpu/attention_op.cpp) and, without it, by Python.
+
+With the extension, a call signature is resolved in Python once; when the ``torch`` backend served it with
+PyTorch's own kernels (its attention kernels, its gate's elementwise ops), later calls with that signature
+are served in C++ — with results identical to the Python path's, bit for bit. Anything that decides a
+choice drops the remembered ones; a backend whose methods a test replaced is never remembered. Without
+the extension (``AQCF_NO_EXTENSION=1``) the same schemas come from Python, through the same tests.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from aqcf_kernels import backends
+from aqcf_kernels import functional as QF
+from aqcf_kernels.backends._extension import _C
+from aqcf_kernels.backends.registry import forget_choices
+from aqcf_kernels.backends.torch import attention as TA
+from aqcf_kernels.ops import attention as attention_ops
+
+from ._util import attention_inputs, output_grads, rand
+
+ROOT = Path(__file__).resolve().parents[2]
+native = pytest.mark.skipif(not attention_ops.NATIVE, reason="aqcf_kernels._C is not built")
+OPS = ("cross_attention", "cross_attention_backward", "gated_residual", "gated_residual_backward")
+
+
+@pytest.fixture(autouse=True)
+def torch_backend(monkeypatch):
+    monkeypatch.setenv("AQCF_BACKEND", "torch")
+
+
+class CountingFallbacks:
+    """The Python implementations of the attention ops, counting how often the extension's kernels ask."""
+
+    def __init__(self) -> None:
+        self.asked = dict.fromkeys(OPS, 0)
+
+    def _counted(self, name):
+        def call(*args):
+            self.asked[name] += 1
+            return getattr(attention_ops, name)(*args)
+
+        return call
+
+    def install(self) -> None:
+        _C._set_attention_fallbacks(*(self._counted(name) for name in OPS))
+
+
+@pytest.fixture
+def asked():
+    """The extension's attention kernels ask a :class:`CountingFallbacks`; nothing remembered at the start."""
+    counter = CountingFallbacks()
+    counter.install()
+    forget_choices()
+    try:
+        yield counter.asked
+    finally:
+        _C._set_attention_fallbacks(*(getattr(attention_ops, name) for name in OPS))
+        forget_choices()
+
+
+def test_the_schemas_are_those_python_infers() -> None:
+    """A program exported on either install (extension or not) calls the same ops."""
+    for name in OPS:
+        registered = str(getattr(torch.ops.aqcf, name).default._schema)
+        inferred = torch.library.infer_schema(getattr(attention_ops, name), mutates_args=())
+        assert registered == f"aqcf::{name}{inferred}"
+
+
+@native
+def test_the_extension_has_cpu_and_cuda_kernels_for_the_attention_ops() -> None:
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    for name in OPS:
+        assert has(f"aqcf::{name}", "CPU") and has(f"aqcf::{name}", "CUDA"), name
+        assert has(f"aqcf::{name}", "Autograd"), name
+
+
+def _attention_step(inputs, grads, scale=0.3, python_backward=False):
+    """The op's outputs and log-sum-exps, then the backward op's six gradients (through autograd);
+    ``python_backward``: the choice the forward remembered is dropped first, so Python runs the backward."""
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    out_a, out_b, lse_a, lse_b = torch.ops.aqcf.cross_attention(*leaves, scale)
+    if python_backward:
+        forget_choices()
+    dq = torch.autograd.grad([out_a, out_b], leaves, grads)
+    return [out_a.detach(), out_b.detach(), lse_a, lse_b, *dq]
+
+
+def _same(got, expected, names=None):
+    for i, (g, e) in enumerate(zip(got, expected, strict=True)):
+        name = names[i] if names else i
+        assert g.dtype == e.dtype and g.shape == e.shape and g.stride() == e.stride(), name
+        assert torch.equal(g, e), f"{name}: max difference {(g.double() - e.double()).abs().max().item():.3e}"
+
+
+def _views(inputs):
+    """q_a with its head dim strided (one quaternion channel per head makes such views), k_b a transposed
+    layout, v_b a batch-1 stream broadcast with stride 0."""
+    q_a, k_a, v_a, q_b, k_b, v_b = inputs
+    q_a = torch.cat([q_a, q_a], -1)[..., ::2]
+    k_b = k_b.transpose(1, 2).contiguous().transpose(1, 2)
+    v_b = v_b[:1].expand_as(v_b)
+    return [q_a, k_a, v_a, q_b, k_b, v_b]
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["fp64", "fp32", "bf16"])
+@pytest.mark.parametrize("layout", ["contiguous", "views"])
+@pytest.mark.parametrize("threads", [1, 2], ids=["1-thread", "2-threads"])
+def test_a_signature_is_resolved_in_python_once_then_served_natively(asked, dtype, layout, threads) -> None:
+    """Identical outputs, log-sum-exps and gradients from Python and from C++; with one (batch, head) on two
+    threads the backward cuts the queries into chunks (query_chunks) in both."""
+    inputs = [t.to(dtype) for t in attention_inputs(1, 1, 12, 5, 9, 7, 8, seed=3)]
+    if layout == "views":
+        inputs = _views(inputs)
+    grads = [g.to(dtype) for g in output_grads(inputs, seed=4)]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        first = _attention_step(inputs, grads, python_backward=True)
+        assert asked["cross_attention"] == 1 and asked["cross_attention_backward"] == 1
+        assert _C._remembered_attention_choices() == 1  # remembered by the backward too
+        again = _attention_step(inputs, grads)
+        again_twice = _attention_step(inputs, grads)
+    finally:
+        torch.set_num_threads(previous)
+    assert asked["cross_attention"] == 1 and asked["cross_attention_backward"] == 1
+    _same(again_twice, again)
+    _same(again, first, ["out_a", "out_b", "lse_a", "lse_b", "dq_a", "dk_a", "dv_a", "dq_b", "dk_b", "dv_b"])
+
+
+@native
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(
+    ("dtype", "kernel"), [(torch.bfloat16, "flash"), (torch.float16, "flash"), (torch.float32, "efficient")]
+)
+@pytest.mark.parametrize("layout", ["contiguous", "views"])
+def test_cuda_signatures_are_served_natively_with_pytorchs_kernels(asked, dtype, kernel, layout) -> None:
+    """On a GPU: the flash and memory-efficient kernels called from C++ give what the Python path gives
+    (a query count off the efficient kernel's multiple of 32: its log-sum-exp padding). The forwards
+    are deterministic: identical; the backwards add partial sums with atomics, in any order: close."""
+    inputs = [t.to(dtype).cuda() for t in attention_inputs(2, 3, 50, 37, 33, 20, 16, seed=21)]
+    if layout == "views":
+        inputs = _views(inputs)
+    assert TA.cuda_kernel(*(TA._dense_rows(t) for t in inputs[:3])) == kernel
+    grads = [g.to(dtype).cuda() for g in output_grads(inputs, seed=22)]
+    first = _attention_step(inputs, grads, python_backward=True)
+    again = _attention_step(inputs, grads)
+    assert asked["cross_attention"] == 1 and asked["cross_attention_backward"] == 1
+    _same(again[:4], first[:4], ["out_a", "out_b", "lse_a", "lse_b"])
+    for name, g, e in zip(["dq_a", "dk_a", "dv_a", "dq_b", "dk_b", "dv_b"], again[4:], first[4:], strict=True):
+        torch.testing.assert_close(g, e, msg=name)
+
+
+@native
+def test_the_backward_alone_is_served_by_what_python_remembers(asked) -> None:
+    """A backward op called before any forward of its signature asks Python, which remembers it."""
+    inputs = attention_inputs(2, 3, 6, 4, 5, 7, 8, seed=5)
+    with torch.no_grad():
+        outs = torch.ops.aqcf.cross_attention(*inputs, 0.4)
+    forget_choices()
+    args = (*output_grads(inputs, seed=6), *inputs, *outs, 0.4)
+    first = torch.ops.aqcf.cross_attention_backward(*args)
+    again = torch.ops.aqcf.cross_attention_backward(*args)
+    assert asked["cross_attention_backward"] == 1
+    _same(again, first)
+
+
+@native
+@pytest.mark.parametrize("gate_shape", [(2, 8, 5), (2, 8, 1), (8, 1)], ids=["token", "channel", "no-batch"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["fp64", "bf16"])
+def test_the_gate_is_resolved_in_python_once_then_served_natively(asked, gate_shape, dtype) -> None:
+    f, o = rand(2, 8, 5, seed=1, dtype=dtype), rand(2, 8, 5, seed=2, dtype=dtype)
+    g, alpha = rand(*gate_shape, seed=3, dtype=dtype), torch.tensor(-0.7, dtype=dtype)
+    gy = rand(2, 8, 5, seed=4, dtype=dtype)
+
+    def step(python_backward=False):
+        leaves = [t.detach().requires_grad_() for t in (f, o, g, alpha)]
+        y = torch.ops.aqcf.gated_residual(*leaves)
+        if python_backward:
+            forget_choices()
+        return [y.detach(), *torch.autograd.grad(y, leaves, gy)]
+
+    first = step(python_backward=True)
+    assert (asked["gated_residual"], asked["gated_residual_backward"]) == (1, 1)
+    # the backward's signature (grad and gate_logits) is the forward's (f and gate_logits): either remembers both
+    forget_choices()
+    step()
+    assert (asked["gated_residual"], asked["gated_residual_backward"]) == (2, 1)
+    again = step()
+    assert (asked["gated_residual"], asked["gated_residual_backward"]) == (2, 1)
+    _same(again, first, ["y", "df", "do", "dg", "dalpha"])
+
+
+@native
+def test_what_decides_a_choice_drops_the_remembered_ones(asked, monkeypatch) -> None:
+    inputs = attention_inputs(1, 2, 4, 3, 5, 6, 8, seed=7)
+
+    def call():
+        torch.ops.aqcf.cross_attention(*inputs, 0.5)
+        return asked["cross_attention"]
+
+    assert (call(), call()) == (1, 1)
+    monkeypatch.setenv("AQCF_BACKEND", "")  # part of the signature: another one
+    assert (call(), call()) == (2, 2)
+    with backends.use("torch"):  # forcing a backend forgets every choice
+        assert _C._remembered_attention_choices() == 0
+        assert (call(), call()) == (3, 3)
+    assert _C._remembered_attention_choices() == 0  # and leaving the scope again
+    call()
+    monkeypatch.setitem(backends.ATTENTION.priority, "cpu", ["torch"])  # the priorities
+    assert _C._remembered_attention_choices() == 0
+    call()
+    monkeypatch.setitem(backends.ATTENTION.backends, "torch", TA.TorchAttentionBackend())  # the registry
+    assert _C._remembered_attention_choices() == 0
+
+
+def _register_replacing(monkeypatch, method: str, replacement) -> None:
+    """Register (as ``torch``) a subclass of the torch backend whose ``method`` is ``replacement``."""
+    replaced = type("Replaced", (TA.TorchAttentionBackend,), {method: replacement})
+    monkeypatch.setitem(backends.ATTENTION.backends, "torch", replaced())
+
+
+@native
+@pytest.mark.parametrize("method", ["cross_attention", "attention_forward", "kernel"])
+def test_a_backend_whose_methods_were_replaced_is_asked_every_time(asked, monkeypatch, method) -> None:
+    """The extension computes what the torch backend's own methods do: once a test (or a subclass) replaces
+    one, its calls are never remembered, so the replacement keeps being asked."""
+    original = getattr(TA.TorchAttentionBackend, method)
+    calls = []
+
+    def replaced(self, *args, **kwargs):
+        calls.append(method)
+        return original(self, *args, **kwargs)
+
+    _register_replacing(monkeypatch, method, replaced)
+    inputs = attention_inputs(1, 2, 4, 3, 5, 6, 8, seed=8)
+    for _ in range(3):
+        torch.ops.aqcf.cross_attention(*inputs, 0.5)
+    assert asked["cross_attention"] == 3 and len(calls) >= 3
+    assert _C._remembered_attention_choices() == 0
+
+
+@native
+def test_a_replaced_gate_is_asked_every_time(asked, monkeypatch) -> None:
+    _register_replacing(monkeypatch, "gated_residual", lambda self, f, o, g, a: f + a * o)
+    f = rand(2, 8, 5, seed=9)
+    for _ in range(2):
+        y = torch.ops.aqcf.gated_residual(f, f, f, torch.tensor(0.5, dtype=f.dtype))
+    assert asked["gated_residual"] == 2 and torch.equal(y, 1.5 * f)
+
+
+@native
+def test_the_native_kernels_match_the_torch_backend_bit_for_bit() -> None:
+    """``_C.attention_forward``/``_backward('cpu_flash', ...)`` against the Python functions they mirror,
+    including the query chunks of the backward (one head on two threads)."""
+    q, k, v = rand(1, 1, 12, 8, seed=10), rand(1, 1, 5, 8, seed=11), rand(1, 1, 5, 8, seed=12)
+    gy = rand(1, 1, 12, 8, seed=13)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert TA.query_chunks(1, 12) > 1
+        for dtype in (torch.float64, torch.float32, torch.float16):
+            args = [t.to(dtype) for t in (q, k, v)]
+            out, lse = _C.attention_forward("cpu_flash", *args, 0.3)
+            _same([out, lse], TA._cpu_flash_forward(*args, 0.3))
+            got = _C.attention_backward("cpu_flash", gy.to(dtype), *args, out, lse, 0.3)
+            _same(got, TA._cpu_flash_backward(gy.to(dtype), *args, out, lse, 0.3))
+    finally:
+        torch.set_num_threads(previous)
+    with pytest.raises(RuntimeError, match="attention kernel must be 'cpu_flash', 'flash' or 'efficient'"):
+        _C.attention_forward("math", q, k, v, 0.3)
+
+
+@native
+@pytest.mark.parametrize(("kernel", "dtype"), [("flash", torch.bfloat16), ("efficient", torch.float32)])
+@pytest.mark.parametrize("n_q", [50, 64], ids=["Nq-not-a-multiple-of-32", "Nq-64"])
+def test_the_native_cuda_calls_on_meta_tensors(kernel, dtype, n_q) -> None:
+    """The extension's calls of PyTorch's CUDA attention kernels (argument order, the outputs taken, the
+    efficient kernel's padded log-sum-exp) through PyTorch's meta functions of those ops: the contract
+    the Python path's own meta test holds (tests/attention/test_cuda_attention.py)."""
+    b, h, n_k, e = 2, 3, 37, 16
+    q = torch.empty(b, h, n_q, e, dtype=dtype, device="meta")
+    k, v = (torch.empty(b, h, n_k, e, dtype=dtype, device="meta") for _ in range(2))
+    out, lse = _C.attention_forward(kernel, q, k, v, 0.25)
+    expected = TA._cuda_fused_forward(kernel, q, k, v, 0.25)
+    assert (out.shape, out.dtype, out.stride()) == (expected[0].shape, dtype, expected[0].stride())
+    assert (lse.shape, lse.dtype) == ((b, h, n_q), torch.float32) == (expected[1].shape, expected[1].dtype)
+    grads = _C.attention_backward(kernel, torch.empty_like(out), q, k, v, out, lse, 0.25)
+    assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
+    assert all(g.dtype == dtype and g.is_contiguous() for g in grads)
+
+
+@native
+def test_the_backward_ops_have_no_derivative(asked) -> None:
+    """As the Python custom ops: backpropagating through a gradient of the block's attention or gate raises."""
+    inputs = [t.requires_grad_() for t in attention_inputs(1, 1, 3, 2, 4, 3, 8, seed=14)]
+    out_a, out_b = QF.cross_attention(*inputs)
+    (dq,) = torch.autograd.grad(out_a.sum() + out_b.sum(), inputs[:1], create_graph=True)
+    with pytest.raises(RuntimeError, match="cross_attention_backward"):
+        dq.sum().backward()
+    f = rand(2, 4, 3, seed=15).requires_grad_()
+    y = QF.gated_residual(f, f, f, torch.tensor(0.5, dtype=f.dtype))
+    (df,) = torch.autograd.grad(y.sum(), [f], create_graph=True)
+    with pytest.raises(RuntimeError, match="gated_residual_backward"):
+        df.sum().backward()
+
+
+@pytest.mark.skipif(_C is None, reason="without the extension the whole suite tests the Python definitions")
+def test_the_python_definitions_pass_the_attention_tests() -> None:
+    """``AQCF_NO_EXTENSION=1``: the ops as defined without the extension, through the op's tests."""
+    env = {k: v for k, v in os.environ.items() if k != "AQCF_REQUIRE_CPP"}
+    env["AQCF_NO_EXTENSION"] = "1"
+    check = "from aqcf_kernels.ops import attention; assert not attention.NATIVE, 'the extension defines the ops'"
+    subprocess.run([sys.executable, "-c", check], env=env, cwd=ROOT, check=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-p", "no:xdist"]
+        + ["tests/attention/test_cross_attention.py", "tests/attention/test_native_attention.py"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout
