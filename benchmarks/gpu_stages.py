@@ -7,7 +7,8 @@ reps (:func:`common.time_interleaved`, CUDA events on a GPU), a Markdown table a
                                                     # qconv_weight_bias_grad) vs two
     python -m benchmarks.gpu_stages rnn    OUTDIR   # QLSTM / QLiGRU: the fused recurrence vs the per-step loop
     python -m benchmarks.gpu_stages host   OUTDIR   # a small conv's time per call, back to back: what the op
-                                                    # layer costs over one aten conv (host-bound; real on CPU too)
+                                                    # layer costs over one aten conv (host-bound; real on CPU too);
+                                                    # and a small A-QCF block's against the SDPA-composed block
     python -m benchmarks.gpu_stages profile OUTDIR  # one profiled fwd+bwd step of the GPU target cases per
                                                     # provider: host time, device busy time, top kernels
 
@@ -49,9 +50,11 @@ def _environment(device: str) -> dict[str, Any]:
     return common.environment(torch.device(device), threads=torch.get_num_threads())
 
 
-def _write(out: Path, name: str, env: Mapping[str, Any], rows: list[dict], headers: list[str], cells) -> None:
+def _write(
+    out: Path, name: str, env: Mapping[str, Any], rows: list[dict], headers: list[str], cells, align_left: int = 3
+) -> None:
     common.write_json(out / f"{name}.json", dict(env, rows=rows))
-    table = common.markdown_table(headers, [cells(r) for r in rows], align_left=3)
+    table = common.markdown_table(headers, [cells(r) for r in rows], align_left=align_left)
     (out / f"{name}.md").write_text(f"{common.environment_line(env)}\n\n`{env['command']}`\n\n{table}\n")
     print(f"{name}:", *rows, sep="\n", flush=True)
 
@@ -264,7 +267,8 @@ def host_stage(out: Path, device: str, small: bool) -> None:
     backend forced. The device work of a call is a few microseconds, so these are host times: what the op
     layer (argument checks, backend resolution, weight packing, autograd) adds to each conv of a step.
     On CPU with one intra-op thread: the thread pool's hand-offs on microsecond ops are no host cost a GPU
-    pays. The same sizes with ``--small`` (it is host time either way); fewer reps."""
+    pays. The same sizes with ``--small`` (it is host time either way); fewer reps. Then a small A-QCF
+    block's, against the SDPA-composed block (:func:`_block_host`, table ``block``)."""
     from aqcf_kernels import backends, reference
     from aqcf_kernels import functional as qF
 
@@ -322,6 +326,63 @@ def host_stage(out: Path, device: str, small: bool) -> None:
         ["mode", "provider", "µs per call", "over one aten conv, µs", "rel err y"],
         lambda r: [r["mode"], r["provider"], f"{r['us_per_call']:.0f}", f"{r['over_aten_us']:+.0f}",
                    f"{r['rel_err']:.1e}"],
+    )  # fmt: skip
+    _block_host(out, device, small)
+
+
+#: _block_host's A-QCF block: 8 quaternion channels, 2 heads, 16 tokens a stream: device work is nil, as at
+#: the low end of the block's target (1k tokens) on a GPU, where the host's time per op decides the step
+BLOCK_HOST_CASE = {"channels": 32, "heads": 2, "tokens": 16}
+BLOCK_HOST_CALLS = 20
+
+
+def _block_host(out: Path, device: str, small: bool) -> None:
+    """The small A-QCF block called back to back, forward (no grad) and forward+backward: µs per call of
+    ours and of the SDPA-composed block (expanded-weight projections, ``F.scaled_dot_product_attention``,
+    the gate in plain ops: :func:`benchmarks.attention.composed_block`), and their ratio (the block target's
+    ``speedup = t_sdpa / t_ours``)."""
+    from aqcf_kernels.nn import AQCFBlock
+    from benchmarks import attention as ab
+
+    torch.manual_seed(0)
+    c, tokens = BLOCK_HOST_CASE["channels"], BLOCK_HOST_CASE["tokens"]
+    block = AQCFBlock(c, heads=BLOCK_HOST_CASE["heads"], device=device)
+    with torch.no_grad():  # a trained block: the attention path contributes
+        block.alpha_a.fill_(0.5)
+        block.alpha_b.fill_(-0.5)
+    f_a, f_b = (torch.randn(1, c, tokens, device=device).requires_grad_() for _ in range(2))
+    g_a, g_b = (torch.randn(1, c, tokens, device=device) for _ in range(2))
+    leaves = [f_a, f_b, *block.parameters()]
+    fns = {name: ab.build(name, block) for name in ("sdpa", "ours")}
+    with torch.no_grad():
+        outs = {name: torch.cat([o.flatten() for o in fn(f_a, f_b)]) for name, fn in fns.items()}
+    rows = []
+    for mode in ("fwd", "fwdbwd"):
+
+        def call(fn, mode=mode):
+            for _ in range(BLOCK_HOST_CALLS):
+                if mode == "fwd":
+                    with torch.no_grad():
+                        fn(f_a, f_b)
+                else:
+                    torch.autograd.grad(fn(f_a, f_b), leaves, (g_a, g_b))
+
+        steps = {name: (lambda fn=fn: call(fn)) for name, fn in fns.items()}
+        reps, warmup = (5, 2) if small else (15, 3)
+        us = {
+            name: ms * 1e3 / BLOCK_HOST_CALLS
+            for name, ms in zip(steps, _medians_ms(device, reps, warmup, **steps), strict=True)
+        }
+        rows.append({
+            "mode": mode, "sdpa_us": us["sdpa"], "ours_us": us["ours"], "speedup": us["sdpa"] / us["ours"],
+            "rel_err": _rel(outs["ours"], outs["sdpa"]),
+        })  # fmt: skip
+    _write(
+        out, "block", _environment(device), rows,
+        ["mode", "SDPA-composed block, µs per call", "ours, µs per call", "speedup (target ≥ 0.9x)", "rel err"],
+        lambda r: [r["mode"], f"{r['sdpa_us']:.0f}", f"{r['ours_us']:.0f}", f"{r['speedup']:.2f}x",
+                   f"{r['rel_err']:.1e}"],
+        align_left=1,
     )  # fmt: skip
 
 

@@ -15,7 +15,8 @@
 #   profile    one profiled fwd+bwd step of the conv target cases (2d 16q, 64q) per provider: wall time, device
 #              busy time, kernels per step, top kernels; Chrome traces (benchmarks/gpu_stages.py profile)
 #   host       a small conv's time per call, back to back (host-bound): one aten conv, the expanded-weight
-#              baseline, ours with auto and each backend forced, fwd and fwd+bwd (benchmarks/gpu_stages.py host)
+#              baseline, ours with auto and each backend forced, fwd and fwd+bwd; a small A-QCF block against
+#              the SDPA-composed block (benchmarks/gpu_stages.py host)
 #   attention  the A-QCF block in bf16 (naive, SDPA-composed, ours = PyTorch's flash kernel through the
 #              torch backend, ours/triton), 256 to 16384 tokens, time only; the 1k-16k target (>= 0.9x
 #              SDPA) checked
@@ -29,7 +30,7 @@
 #   conv-tf32  the conv grid in float32 with TF32 (no target: last)
 # Writes OUTDIR/{setup.log,tests.txt,test-failures.txt,stages.md},
 # OUTDIR/{bf16,bf16-relu,bf16-grid,tf32}/conv.{md,json,png},
-# OUTDIR/profile/profile.{md,json} (and its traces), OUTDIR/host/host.{md,json}, OUTDIR/attention/attention.{md,json,png}, OUTDIR/norm/{norm,activation_pass,wgrad_bias}.{md,json} and
+# OUTDIR/profile/profile.{md,json} (and its traces), OUTDIR/host/{host,block}.{md,json}, OUTDIR/attention/attention.{md,json,png}, OUTDIR/norm/{norm,activation_pass,wgrad_bias}.{md,json} and
 # OUTDIR/rnn/rnn.{md,json}. (The device tool brings back 8 files: tar OUTDIR there.)
 # Time: the whole suite gets SUITE_BUDGET seconds (default 360, the 6 minutes); each stage runs
 # under `timeout` for the smaller of its own cap and what is left, and a stage with under 15 s left is
