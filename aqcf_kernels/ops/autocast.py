@@ -9,6 +9,9 @@ features with a float32 parameter, with them. Their floating inputs other than f
 A-QCF-Net under ``aqcf-train``'s bf16 autocast.) The casts are differentiable: a parameter's gradient
 arrives in its own dtype, as under torch's autocast.
 
+With the compiled extension these kernels are its own (csrc/cpu/autocast.h: the same rule, aten's cast)
+for the ops it defines, and the functions here serve only without it (:func:`register`).
+
 The other ops keep their inputs' dtypes, as aten's norms and activations do under autocast. Their
 inputs are the outputs of the ops before them, so inside a network they meet the convs' dtype.
 """
@@ -49,9 +52,12 @@ def _lower_precision_kernel(op: torch._ops.OpOverload, device_type: str):  # noq
 
 
 def register() -> None:
-    """Registers the autocast kernels (once, when :mod:`aqcf_kernels.ops` is imported)."""
+    """Registers the autocast kernels (once, when :mod:`aqcf_kernels.ops` is imported) the compiled
+    extension has not: it registers its own for the ops it defines (csrc/cpu/autocast.h, the same rule
+    with aten's cast, which casts a parameter once per autocast region), so those calls pass no Python."""
     for name in LOWER_PRECISION:
         op = getattr(torch.ops.aqcf, name).default
         for device_type in DEVICE_TYPES:
             key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
-            _library.impl(name, _lower_precision_kernel(op, device_type), key, with_keyset=True)
+            if not torch._C._dispatch_has_kernel_for_dispatch_key(f"aqcf::{name}", key):
+                _library.impl(name, _lower_precision_kernel(op, device_type), key, with_keyset=True)

@@ -1,5 +1,7 @@
 #include "attention_op.h"
 
+#include "autocast.h"
+
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
@@ -354,6 +356,22 @@ Tensor gated_residual_autograd(const Tensor& f, const Tensor& o, const Tensor& g
   return GatedResidualFunction::apply(f, o, gate_logits, alpha);
 }
 
+// Under autocast: the attention and the gate that adds its output in the autocast dtype (autocast.h),
+// like aten's scaled_dot_product_attention.
+template <c10::DeviceType device>
+Tensors4 cross_attention_autocast(
+    const Tensor& q_a, const Tensor& k_a, const Tensor& v_a, const Tensor& q_b, const Tensor& k_b, const Tensor& v_b,
+    double scale) {
+  const LowerPrecision<device> cast;
+  return cross_attention_op().call(cast(q_a), cast(k_a), cast(v_a), cast(q_b), cast(k_b), cast(v_b), scale);
+}
+
+template <c10::DeviceType device>
+Tensor gated_residual_autocast(const Tensor& f, const Tensor& o, const Tensor& gate_logits, const Tensor& alpha) {
+  const LowerPrecision<device> cast;
+  return gated_residual_op().call(cast(f), cast(o), cast(gate_logits), cast(alpha));
+}
+
 }  // namespace
 
 void set_attention_fallbacks(AttentionFallbacks fns) {
@@ -415,6 +433,16 @@ TORCH_LIBRARY_IMPL(aqcf, CUDA, m) {
   m.impl("cross_attention_backward", &aqcf::cross_attention_backward_native);
   m.impl("gated_residual", &aqcf::gated_residual_native);
   m.impl("gated_residual_backward", &aqcf::gated_residual_backward_native);
+}
+
+TORCH_LIBRARY_IMPL(aqcf, AutocastCPU, m) {
+  m.impl("cross_attention", &aqcf::cross_attention_autocast<c10::DeviceType::CPU>);
+  m.impl("gated_residual", &aqcf::gated_residual_autocast<c10::DeviceType::CPU>);
+}
+
+TORCH_LIBRARY_IMPL(aqcf, AutocastCUDA, m) {
+  m.impl("cross_attention", &aqcf::cross_attention_autocast<c10::DeviceType::CUDA>);
+  m.impl("gated_residual", &aqcf::gated_residual_autocast<c10::DeviceType::CUDA>);
 }
 
 TORCH_LIBRARY_IMPL(aqcf, Autograd, m) {

@@ -1,5 +1,7 @@
 #include "op.h"
 
+#include "autocast.h"
+
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/MemoryFormat.h>
@@ -446,6 +448,19 @@ Tensor qconv_weight_grad_autograd(
       algorithm)[0];
 }
 
+// Under autocast: the conv in the autocast dtype (autocast.h), like aten's convolutions.
+template <c10::DeviceType device>
+std::tuple<Tensor, Tensor> qconv_autocast(
+    const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias, c10::SymIntArrayRef stride,
+    c10::SymIntArrayRef padding, c10::SymIntArrayRef dilation, bool transposed, c10::SymIntArrayRef output_padding,
+    c10::SymInt groups, std::string_view algorithm, std::optional<std::string_view> activation,
+    double negative_slope, std::string_view kind) {
+  const LowerPrecision<device> cast;
+  return qconv_op().call(
+      cast(input), cast(weight), cast(bias), stride, padding, dilation, transposed, output_padding, std::move(groups),
+      algorithm, activation, negative_slope, kind);
+}
+
 }  // namespace
 
 void set_fallbacks(
@@ -512,6 +527,14 @@ TORCH_LIBRARY_IMPL(aqcf, CUDA, m) {
   m.impl("qconv", &aqcf::qconv_native);
   m.impl("qconv_weight_grad", &aqcf::qconv_weight_grad_native);
   m.impl("qconv_weight_bias_grad", &aqcf::qconv_weight_bias_grad_native);
+}
+
+TORCH_LIBRARY_IMPL(aqcf, AutocastCPU, m) {
+  m.impl("qconv", &aqcf::qconv_autocast<c10::DeviceType::CPU>);
+}
+
+TORCH_LIBRARY_IMPL(aqcf, AutocastCUDA, m) {
+  m.impl("qconv", &aqcf::qconv_autocast<c10::DeviceType::CUDA>);
 }
 
 TORCH_LIBRARY_IMPL(aqcf, Autograd, m) {

@@ -9,11 +9,18 @@ backends (mixed dtypes) and a bf16 feature map met a float32 weight in the argum
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
+import aqcf_kernels
 from aqcf_kernels import reference
+from aqcf_kernels.backends._extension import _C
 from aqcf_kernels.models import AQCFNet
 from aqcf_kernels.nn import AQCFBlock, QuaternionConv2d, QuaternionConvTranspose2d, QuaternionLinear
 
@@ -124,8 +131,66 @@ def test_aqcfnet_trains_under_autocast():
 
 def test_the_autocast_kernels_are_registered_for_cpu_and_cuda():
     for op in ("qconv", "cross_attention", "gated_residual"):
+        dump = torch._C._dispatch_dump(f"aqcf::{op}")
         for key in ("AutocastCPU", "AutocastCUDA"):
             assert torch._C._dispatch_has_kernel_for_dispatch_key(f"aqcf::{op}", key), (op, key)
+            # the extension's own (csrc/cpu/autocast.h) where it defines the op, else Python's
+            (line,) = [line for line in dump.splitlines() if line.startswith(f"{key}:")]
+            assert ("csrc/cpu/" in line) == (_C is not None), line
+
+
+def _aqcf_python_frames(fn) -> list[str]:
+    """The package's Python functions entered while ``fn()`` runs."""
+    package = str(Path(aqcf_kernels.__file__).parent)
+    entered = []
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code.co_filename.startswith(package):
+            entered.append(f"{Path(frame.f_code.co_filename).name}:{frame.f_code.co_name}")
+
+    sys.setprofile(profile)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return entered
+
+
+@pytest.mark.skipif(_C is None, reason="aqcf_kernels._C is not built")
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")],
+        ),
+    ],
+)
+def test_remembered_calls_under_autocast_run_no_python(monkeypatch, qrand, device):
+    """Once a signature is remembered, a conv, the attention and the gate under autocast run the extension's
+    autocast kernels and op kernels only: no function of the package is entered (the training step's ops on
+    CUDA run under bf16 autocast)."""
+
+    def rand(*shape, seed, dim=1):
+        return qrand(*shape, dim=dim, seed=seed, dtype=torch.float32).to(device)
+
+    x, w, b = rand(2, 16, 7, 6, seed=1), rand(4, 3, 4, 1, 1, seed=2), rand(12, dim=0, seed=3)
+    q = [rand(2, 2, 5, 8, dim=-1, seed=4 + i) for i in range(6)]
+    f, alpha = rand(2, 8, 5, seed=10), torch.tensor(0.3, device=device)
+    calls = {
+        "qconv": lambda: torch.ops.aqcf.qconv(x, w, b, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, "hamilton"),
+        "cross_attention": lambda: torch.ops.aqcf.cross_attention(*q, 0.35),
+        "gated_residual": lambda: torch.ops.aqcf.gated_residual(f, f, f, alpha),
+    }
+    # conv: the cpp backend (CPU) or the cuda backend (CUDA), served natively once remembered
+    monkeypatch.delenv("AQCF_BACKEND", raising=False)
+    with torch.autocast(device, dtype=BF16), torch.no_grad():
+        for name, call in calls.items():
+            assert _aqcf_python_frames(call), f"{name}: the first call is resolved in Python"
+            out = call()
+            assert (out[0] if isinstance(out, tuple) else out).dtype == BF16, name
+            assert _aqcf_python_frames(call) == [], name
 
 
 def test_compiled_conv_under_autocast_matches_eager(qrand):
@@ -142,3 +207,20 @@ def test_compiled_conv_under_autocast_matches_eager(qrand):
     assert abs(got.item() - eager.item()) <= 1e-5 * abs(eager.item())
     got.backward()
     assert conv.weight.grad.dtype == torch.float32 and torch.isfinite(conv.weight.grad).all()
+
+
+@pytest.mark.skipif(_C is None, reason="without the extension the whole suite tests the Python kernels")
+def test_the_python_autocast_kernels_pass_these_tests():
+    """``AQCF_NO_EXTENSION=1``: the ops and their autocast kernels as Python defines them, through this file."""
+    env = {k: v for k, v in os.environ.items() if k != "AQCF_REQUIRE_CPP"}
+    env["AQCF_NO_EXTENSION"] = "1"
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-p", "no:xdist", __file__],
+        env=env,
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout
