@@ -226,3 +226,32 @@ def test_forced_cpp_backend_without_the_extension_is_an_error(monkeypatch):
     else:
         with pytest.raises(BackendError, match=r"AQCF_BACKEND='cpp' cannot serve this call: .*_C"):
             qF.quaternion_conv2d(_x(*X), _x(*W))
+
+
+def test_a_call_like_one_that_passed_is_still_checked():
+    """The checks remember the calls that passed (aqcf_kernels.params.check_conv_args): a call that differs
+    from one of them in any single property the checks read still gets its error."""
+    x, w, b = _x(*X), _x(*W), _x(8)
+    ok = qF.quaternion_conv2d(x, w, b, padding=1, stride=1, groups=1)
+    torch.testing.assert_close(qF.quaternion_conv2d(x, w, b, padding=1, stride=1, groups=1), ok)  # remembered
+    bad = [
+        (lambda: qF.quaternion_conv2d(x, w, b.float(), padding=1), TypeError, r"bias dtype torch.float32"),
+        (lambda: qF.quaternion_conv2d(x, w, b[:4], padding=1), ValueError, r"bias must have shape \(8,\)"),
+        (lambda: qF.quaternion_conv2d(x, w, b.to("meta"), padding=1), ValueError, r"bias is on meta"),
+        (lambda: qF.quaternion_conv2d(x, w.float(), b, padding=1), TypeError, r"weight dtype torch.float32"),
+        (lambda: qF.quaternion_conv2d(x.float(), w, b, padding=1), TypeError, r"weight dtype torch.float64"),
+        (lambda: qF.quaternion_conv2d(x[..., :1, :1], w, b), ValueError, r"too small for kernel"),
+        (lambda: qF.quaternion_conv2d(x, w, b, padding=1, groups=True), ValueError, r"groups must be a positive"),
+        (lambda: qF.quaternion_conv2d(x, w, b, padding=1, stride=True), TypeError, r"stride must be an int"),
+        (lambda: qF.quaternion_conv2d(x, w, b, padding=1, algorithm="fast16"), ValueError, r"unknown algorithm"),
+        (lambda: qF.quaternion_conv(x, w, b, padding=1, output_padding=1), ValueError, r"only meaningful"),
+    ]
+    for call, error, match in bad:
+        with pytest.raises(error, match=match):
+            call()
+    # mixed dtypes pass under autocast only: a call remembered there is checked again outside
+    xb, wf = _x(*X, dtype=torch.bfloat16), _x(*W, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        qF.quaternion_conv2d(xb, wf, padding=1)
+    with pytest.raises(TypeError, match=r"weight dtype torch.float32 does not match input dtype torch.bfloat16"):
+        qF.quaternion_conv2d(xb, wf, padding=1)
