@@ -29,5 +29,6 @@ def forget_native_choices() -> None:
     priorities, the tuning mode or memory)."""
     if _C is not None:
         _C._forget_conv_choices()
-        if hasattr(_C, "_forget_attention_choices"):  # an extension built before the attention ops
-            _C._forget_attention_choices()
+        for forget in ("_forget_attention_choices", "_forget_norm_choices"):  # (an extension built before them)
+            if hasattr(_C, forget):
+                getattr(_C, forget)()

@@ -20,6 +20,11 @@ gradient), recomputing the pre-activation from the input instead of storing it.
 
 Its backward is an op of its own (``qnorm_backward``) with no derivative; when the gradient must be
 differentiable (``create_graph=True``), the backward differentiates the composite reference instead.
+
+With the compiled extension both ops are defined natively (csrc/cpu/norm_op.h), as the conv ops are:
+their CPU kernel asks the functions below the first time it sees a signature and serves its later
+calls itself when the compiled kernels served it (the Python custom op cost ~10 µs a forward and
+~80 µs a backward over those kernels); other devices get the functions below through the dispatcher.
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ from torch import Tensor
 
 from ..backends._extension import _C
 from ..layout import quaternion_channels
+
+#: the ops are the extension's (csrc/cpu/norm_op.cpp), with the functions below as fallbacks
+NATIVE = _C is not None and hasattr(_C, "_set_norm_fallbacks")
 
 
 def available(input: Tensor, whiten: bool) -> bool:
@@ -68,7 +76,6 @@ def _output_like(input: Tensor) -> Tensor:
     return torch.empty_like(input, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("aqcf::qnorm", mutates_args=())
 def qnorm(
     input: Tensor,
     weight: Tensor | None,
@@ -88,20 +95,22 @@ def qnorm(
         return triton_norm.forward(
             input, weight, bias, running_mean, running_var, use_input_stats, per_sample, eps, activation, negative_slope
         )
-    return _C.qnorm_forward(
+    out = _C.qnorm_forward(
         input, weight, bias, running_mean, running_var, use_input_stats, per_sample, eps, activation, negative_slope
     )
+    if NATIVE and input.device.type == "cpu":  # the extension's CPU kernel serves the next ones itself
+        _C._remember_norm_choice(input)
+    return out
 
 
-@qnorm.register_fake
-def _(input, weight, bias, running_mean, running_var, use_input_stats, per_sample, eps, activation, negative_slope):
+def _qnorm_fake(input, weight, bias, running_mean, running_var, use_input_stats, per_sample, eps, activation,
+                negative_slope):  # fmt: skip
     cq = quaternion_channels(input, name="qnorm: input")
     g = _groups(input, use_input_stats, per_sample)
     acc = _stat_dtype(input)
     return _output_like(input), input.new_empty(g, 4 * cq, dtype=acc), input.new_empty(g, cq, dtype=acc)
 
 
-@torch.library.custom_op("aqcf::qnorm_backward", mutates_args=())
 def qnorm_backward(
     grad_output: Tensor,
     input: Tensor,
@@ -129,12 +138,14 @@ def qnorm_backward(
         grad_output, input, weight, bias, mean, var, use_input_stats, per_sample, eps, activation, negative_slope,
         needs,
     )  # fmt: skip
+    if NATIVE and input.device.type == "cpu":
+        _C._remember_norm_choice(input)
     # a fresh empty tensor for each gradient not computed (outputs of a custom op may not alias)
     return tuple(g if g is not None else input.new_empty(0) for g in (gx, gw, gb))
 
 
-@qnorm_backward.register_fake
-def _(grad_output, input, weight, bias, mean, var, use_input_stats, per_sample, eps, activation, slope, needs):
+def _qnorm_backward_fake(grad_output, input, weight, bias, mean, var, use_input_stats, per_sample, eps, activation,
+                         slope, needs):  # fmt: skip
     gx = _output_like(input) if needs[0] else input.new_empty(0)
     gw = torch.empty_like(weight) if needs[1] and weight is not None else input.new_empty(0)
     gb = torch.empty_like(bias) if needs[2] and bias is not None else input.new_empty(0)
@@ -178,4 +189,24 @@ def _composite_backward(grad_y, input, weight, bias, mean, var, options, needs):
     )
 
 
-qnorm.register_autograd(_backward, setup_context=_setup_context)
+def _composite_backward_entry(grad_y, input, weight, bias, mean, var, use_input_stats, per_sample, eps,
+                              activation, slope, needs):  # fmt: skip
+    """The extension's autograd formula asks this one when the gradient must be differentiable."""
+    options = (use_input_stats, per_sample, eps, activation, slope)
+    return _composite_backward(grad_y, input, weight, bias, mean, var, options, list(needs))
+
+
+if NATIVE:
+    _C._set_norm_fallbacks(qnorm, qnorm_backward, _composite_backward_entry)
+    for _name, _impl, _fake in (
+        ("aqcf::qnorm", qnorm, _qnorm_fake),
+        ("aqcf::qnorm_backward", qnorm_backward, _qnorm_backward_fake),
+    ):
+        torch.library.impl(_name, "CompositeExplicitAutograd", _impl)  # CUDA and devices without a compiled kernel
+        torch.library.register_fake(_name, _fake)
+else:
+    _qnorm_op = torch.library.custom_op("aqcf::qnorm", qnorm, mutates_args=())
+    _qnorm_op.register_fake(_qnorm_fake)
+    _qnorm_op.register_autograd(_backward, setup_context=_setup_context)
+    _qnorm_backward_op = torch.library.custom_op("aqcf::qnorm_backward", qnorm_backward, mutates_args=())
+    _qnorm_backward_op.register_fake(_qnorm_backward_fake)

@@ -6,6 +6,7 @@
 #include "conv.h"
 #include "real_conv.h"
 #include "norm.h"
+#include "norm_op.h"
 #include "op.h"
 
 namespace {
@@ -77,6 +78,41 @@ void set_attention_fallbacks(
     return (*gate_backward_fn)(grad, o, gate_logits, alpha).cast<aqcf::Tensors3>();
   };
   aqcf::set_attention_fallbacks(std::move(fns));
+}
+
+// The Python functions of the norm ops (norm_op.h), never destroyed either.
+void set_norm_fallbacks(py::function qnorm, py::function qnorm_backward, py::function composite_backward) {
+  auto* forward_fn = new py::function(std::move(qnorm));
+  auto* backward_fn = new py::function(std::move(qnorm_backward));
+  auto* composite_fn = new py::function(std::move(composite_backward));
+  using T = const at::Tensor&;
+  using O = const std::optional<at::Tensor>&;
+  using S = const std::optional<std::string>&;
+  aqcf::NormFallbacks fns;
+  fns.qnorm = [forward_fn](T input, O weight, O bias, O running_mean, O running_var, bool use_input_stats,
+                           bool per_sample, double eps, S activation, double negative_slope) {
+    py::gil_scoped_acquire gil;
+    return (*forward_fn)(input, weight, bias, running_mean, running_var, use_input_stats, per_sample, eps, activation,
+                         negative_slope)
+        .cast<aqcf::NormTensors>();
+  };
+  fns.qnorm_backward = [backward_fn](T grad_output, T input, O weight, O bias, T mean, T var, bool use_input_stats,
+                                     bool per_sample, double eps, S activation, double negative_slope,
+                                     const std::vector<bool>& needs) {
+    py::gil_scoped_acquire gil;
+    return (*backward_fn)(grad_output, input, weight, bias, mean, var, use_input_stats, per_sample, eps, activation,
+                          negative_slope, needs)
+        .cast<aqcf::NormTensors>();
+  };
+  fns.composite_backward = [composite_fn](T grad_output, T input, O weight, O bias, T mean, T var, bool use_input_stats,
+                                          bool per_sample, double eps, S activation, double negative_slope,
+                                          const std::vector<bool>& needs) {
+    py::gil_scoped_acquire gil;
+    return (*composite_fn)(grad_output, input, weight, bias, mean, var, use_input_stats, per_sample, eps, activation,
+                           negative_slope, needs)
+        .cast<aqcf::OptionalNormTensors>();
+  };
+  aqcf::set_norm_fallbacks(std::move(fns));
 }
 
 // The activation arguments of the Python entry points (None: none).
@@ -276,6 +312,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "(dq, dk, dv) of PyTorch's attention kernel, as the native cross_attention_backward calls it",
       py::arg("kernel"), py::arg("grad_out"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
       py::arg("lse"), py::arg("scale"), py::call_guard<py::gil_scoped_release>());
+  m.def("_set_norm_fallbacks", &set_norm_fallbacks,
+        "The Python functions of aqcf::qnorm and aqcf::qnorm_backward the CPU kernels ask first, and the "
+        "composite backward of a differentiable gradient",
+        py::arg("qnorm"), py::arg("qnorm_backward"), py::arg("composite_backward"));
+  m.def("_remember_norm_choice", &aqcf::remember_norm_choice,
+        "Serve later qnorm calls (and their backward) with inputs like this one by the compiled CPU kernels",
+        py::arg("input"));
+  m.def("_forget_norm_choices", &aqcf::forget_norm_choices, "Drop every remembered norm choice");
+  m.def("_remembered_norm_choices", &aqcf::remembered_norm_choices, "How many norm signatures are served in C++");
   m.def("_forget_conv_choices", &aqcf::forget_choices, "Drop every remembered choice (the dispatch state changed)");
   m.def("_remembered_conv_choices", &aqcf::remembered_choices, "How many call signatures are served in C++");
 }

@@ -11,6 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from aqcf_kernels import backends
+from aqcf_kernels.backends._extension import _C
+from aqcf_kernels.backends.registry import forget_choices
 from aqcf_kernels.nn import QuaternionBatchNorm2d, QuaternionInstanceNorm3d
 from aqcf_kernels.nn.norm import _quaternion_norm
 from aqcf_kernels.ops import norm as norm_ops
@@ -120,3 +123,91 @@ def test_modules_take_an_activation_and_serve_it_fused(qrand, monkeypatch) -> No
     torch.testing.assert_close(inorm(x3), torch.nn.functional.gelu(QuaternionInstanceNorm3d(8, affine=True)(x3)))
     with pytest.raises(ValueError, match="activation must be None or one of"):
         QuaternionBatchNorm2d(8, activation="tanh")
+
+
+# ---- the ops as the extension defines them (csrc/cpu/norm_op.cpp): resolved in Python once, then native
+
+native = pytest.mark.skipif(not norm_ops.NATIVE, reason="the extension does not define the norm ops")
+
+
+def test_the_norm_schemas_are_those_python_infers() -> None:
+    for name in ("qnorm", "qnorm_backward"):
+        registered = str(getattr(torch.ops.aqcf, name).default._schema)
+        assert registered == f"aqcf::{name}{torch.library.infer_schema(getattr(norm_ops, name), mutates_args=())}"
+
+
+@pytest.fixture
+def norm_asked():
+    """The extension's CPU norm kernels ask counting wrappers of the Python functions; nothing remembered."""
+    asked = {"qnorm": 0, "qnorm_backward": 0}
+
+    def counted(name):
+        def call(*args):
+            asked[name] += 1
+            return getattr(norm_ops, name)(*args)
+
+        return call
+
+    _C._set_norm_fallbacks(counted("qnorm"), counted("qnorm_backward"), norm_ops._composite_backward_entry)
+    forget_choices()
+    try:
+        yield asked
+    finally:
+        _C._set_norm_fallbacks(norm_ops.qnorm, norm_ops.qnorm_backward, norm_ops._composite_backward_entry)
+        forget_choices()
+
+
+@native
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+@pytest.mark.parametrize(("per_sample", "training"), [(False, True), (True, True), (False, False)],
+                         ids=["batch", "instance", "eval"])  # fmt: skip
+@pytest.mark.parametrize("act,slope", [("relu", 0.01), ("gelu", 0.01), (None, 0.01)])
+def test_a_signature_is_served_natively_after_python_with_identical_results(
+    norm_asked, qrand, affine, per_sample, training, act, slope
+) -> None:
+    """The first call of a signature runs the Python implementation, which remembers it; later calls (forward
+    and backward) never ask Python and give the same results, bit for bit, the weight's and the bias's
+    gradients included whichever of them are given (autograd numbers only the tensors given)."""
+    x, w, b, rm, rv = _inputs(qrand, SHAPES["2d"], torch.float64, affine=affine, seed=5)
+    gy = qrand(*SHAPES["2d"], seed=9)
+
+    def step(python_backward=False):
+        leaves = [x.detach().requires_grad_()] + [t.detach().requires_grad_() for t in (w, b) if t is not None]
+        weight, bias = (leaves[1], leaves[2]) if affine else (None, None)
+        stats = (None, None) if training else (rm, rv)
+        y, mean, var = torch.ops.aqcf.qnorm(leaves[0], weight, bias, *stats, training, per_sample, 1e-5, act, slope)
+        if python_backward:
+            forget_choices()
+        return [y.detach(), mean, var, *torch.autograd.grad(y, leaves, gy)]
+
+    first = step(python_backward=True)
+    assert norm_asked == {"qnorm": 1, "qnorm_backward": 1} and _C._remembered_norm_choices() == 1
+    again = step()
+    assert norm_asked == {"qnorm": 1, "qnorm_backward": 1}
+    for i, (g, e) in enumerate(zip(again, first, strict=True)):
+        assert g.stride() == e.stride() and torch.equal(g, e), i
+
+
+@native
+def test_forcing_a_backend_drops_the_remembered_norms(norm_asked, qrand) -> None:
+    x, w, b, _, _ = _inputs(qrand, SHAPES["1d"], torch.float32, seed=6)
+    for _ in range(2):
+        torch.ops.aqcf.qnorm(x, w, b, None, None, True, False, 1e-5, None, 0.01)
+    assert norm_asked["qnorm"] == 1 and _C._remembered_norm_choices() == 1
+    with backends.use("torch"):
+        assert _C._remembered_norm_choices() == 0
+        torch.ops.aqcf.qnorm(x, w, b, None, None, True, False, 1e-5, None, 0.01)
+    assert norm_asked["qnorm"] == 2
+
+
+@native
+def test_the_norm_backward_op_has_no_derivative(qrand) -> None:
+    """As the Python custom op: a gradient through the op itself is not differentiable (the module's path
+    differentiates the composite reference for create_graph, tests/nn/test_norm.py's gradgradcheck)."""
+    x, w, b, _, _ = _inputs(qrand, SHAPES["1d"], torch.float64, seed=7)
+    args = [qrand(*SHAPES["1d"], seed=8), x, w, b, *torch.ops.aqcf.qnorm(x, w, b, None, None, True, False, 1e-5,
+                                                                         None, 0.01)[1:]]  # fmt: skip
+    grads = torch.ops.aqcf.qnorm_backward(args[0].requires_grad_(), *args[1:], True, False, 1e-5, None, 0.01,
+                                          [True, True, True])  # fmt: skip
+    with pytest.raises(RuntimeError, match="qnorm_backward"):
+        grads[0].sum().backward()
