@@ -168,20 +168,9 @@ def check_conv_args(
     return checked
 
 
-def _check_conv_args(
-    input: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    spatial_dims: int,
-    stride: IntOrSeq,
-    padding: IntOrSeq | str,
-    dilation: IntOrSeq,
-    groups: int,
-    transposed: bool,
-    output_padding: IntOrSeq,
-    algorithm: str,
-) -> tuple[ConvParams, tuple[int, ...]]:
-    """:func:`check_conv_args`, every check run."""
+def _check_conv_args(input, weight, bias, spatial_dims, stride, padding, dilation, groups, transposed, output_padding,
+                     algorithm) -> tuple[ConvParams, tuple[int, ...]]:  # fmt: skip
+    """:func:`check_conv_args` (the same arguments), every check run."""
     kind = f"quaternion_conv{'_transpose' if transposed else ''}{spatial_dims}d"
     if not isinstance(input, Tensor):
         raise TypeError(f"{kind}: input must be a Tensor, got {type(input).__name__}")

@@ -6,7 +6,11 @@ test package can use them without depending on how pytest names this module.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -205,3 +209,59 @@ def asked():
     finally:
         _C._set_fallbacks(conv_ops.qconv, conv_ops.qconv_weight_grad, conv_ops.qconv_weight_bias_grad)
         forget_choices()
+
+
+def _run_without_extension(*test_files: str, check: str | None = None) -> None:
+    """Run ``test_files`` in a fresh interpreter with ``AQCF_NO_EXTENSION=1`` (the ops as Python defines
+    them, on this machine that has the extension); ``check`` (Python source) runs first, to prove the
+    switch took. Fails with the run's output unless every test passed or skipped and one passed."""
+    env = {k: v for k, v in os.environ.items() if k != "AQCF_REQUIRE_CPP"}
+    env["AQCF_NO_EXTENSION"] = "1"
+    root = Path(__file__).resolve().parents[1]
+    if check is not None:
+        subprocess.run([sys.executable, "-c", check], env=env, cwd=root, check=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-p", "no:xdist", *test_files],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout
+
+
+@pytest.fixture(scope="session")
+def without_extension():
+    """Factory fixture: :func:`_run_without_extension`."""
+    return _run_without_extension
+
+
+@contextlib.contextmanager
+def _counting_fallbacks(set_fallbacks, module, names, *others):
+    """The extension's op kernels ask counting wrappers of ``module``'s functions ``names`` (passed to
+    ``set_fallbacks`` in that order, then ``others`` as they are) for as long as the context lasts;
+    nothing is remembered at its start and end. Yields ``{name: times asked}``."""
+    asked = dict.fromkeys(names, 0)
+
+    def counted(name):
+        def call(*args):
+            asked[name] += 1
+            return getattr(module, name)(*args)
+
+        return call
+
+    set_fallbacks(*(counted(name) for name in names), *others)
+    forget_choices()
+    try:
+        yield asked
+    finally:
+        set_fallbacks(*(getattr(module, name) for name in names), *others)
+        forget_choices()
+
+
+@pytest.fixture(scope="session")
+def counting_fallbacks():
+    """Factory fixture: :func:`_counting_fallbacks`."""
+    return _counting_fallbacks

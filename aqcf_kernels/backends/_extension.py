@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Callable, Iterable
 from types import ModuleType
+
+import torch
 
 _C: ModuleType | None = None
 IMPORT_ERROR: str | None = None
@@ -32,3 +35,12 @@ def forget_native_choices() -> None:
         for forget in ("_forget_attention_choices", "_forget_norm_choices"):  # (an extension built before them)
             if hasattr(_C, forget):
                 getattr(_C, forget)()
+
+
+def register_python_kernels(ops: Iterable[tuple[str, Callable, Callable]]) -> None:
+    """For ops the extension defines: each ``(name, implementation, fake)``'s Python implementation serves
+    the devices the extension has no kernel for (its kernels ask it first for the others), and its fake
+    implementation the meta tensors of tracing."""
+    for name, impl, fake in ops:
+        torch.library.impl(name, "CompositeExplicitAutograd", impl)
+        torch.library.register_fake(name, fake)

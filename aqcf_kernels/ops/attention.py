@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from ..backends._extension import _C
+from ..backends._extension import _C, register_python_kernels
 from ..backends.base import AttentionBackend, lse_dtype
 
 #: the four ops are the extension's (csrc/cpu/attention_op.cpp), with the functions below as fallbacks
@@ -190,9 +190,7 @@ _OPS = (
 
 if NATIVE:
     _C._set_attention_fallbacks(cross_attention, cross_attention_backward, gated_residual, gated_residual_backward)
-    for _name, _impl, _fake in _OPS:
-        torch.library.impl(_name, "CompositeExplicitAutograd", _impl)  # devices without a compiled kernel
-        torch.library.register_fake(_name, _fake)
+    register_python_kernels(_OPS)
 else:
     _custom = {name: torch.library.custom_op(name, impl, mutates_args=()) for name, impl, _ in _OPS}
     for _name, _, _fake in _OPS:

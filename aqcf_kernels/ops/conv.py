@@ -44,7 +44,7 @@ from torch import Tensor
 from torch._prims_common import make_channels_last_strides_for, make_contiguous_strides_for, suggest_memory_format
 
 from .. import backends
-from ..backends._extension import _C
+from ..backends._extension import _C, register_python_kernels
 from ..backends.base import activate, bias_grad
 from ..params import ConvParams, conv_output_shape
 
@@ -496,20 +496,17 @@ def _weight_grad_backward(ctx, grad_grad_weight):
 
 if NATIVE:
     _C._set_fallbacks(qconv, qconv_weight_grad, qconv_weight_bias_grad)
-    for _name, _impl, _fake in (
-        ("aqcf::qconv", qconv, _qconv_fake),
-        ("aqcf::qconv_weight_grad", qconv_weight_grad, _weight_grad_fake),
-    ):
-        torch.library.impl(_name, "CompositeExplicitAutograd", _impl)  # devices without a compiled kernel
-        torch.library.register_fake(_name, _fake)
-    # no derivatives: the compiled kernels serve CPU (both) and CUDA (qconv_weight_bias_grad, asking Python
-    # for what it did not remember); these serve the other devices (activation_grad_bias: Triton on CUDA)
-    for _name, _impl, _fake in (
-        ("aqcf::activation_grad_bias", activation_grad_bias, _activation_grad_bias_fake),
-        ("aqcf::qconv_weight_bias_grad", qconv_weight_bias_grad, _weight_bias_grad_fake),
-    ):
-        torch.library.impl(_name, "CompositeExplicitAutograd", _impl)
-        torch.library.register_fake(_name, _fake)
+    # The last two have no derivatives: the compiled kernels serve CPU (both) and CUDA
+    # (qconv_weight_bias_grad, asking Python for what it did not remember); the Python ones serve the other
+    # devices (activation_grad_bias: Triton on CUDA).
+    register_python_kernels(
+        [
+            ("aqcf::qconv", qconv, _qconv_fake),
+            ("aqcf::qconv_weight_grad", qconv_weight_grad, _weight_grad_fake),
+            ("aqcf::activation_grad_bias", activation_grad_bias, _activation_grad_bias_fake),
+            ("aqcf::qconv_weight_bias_grad", qconv_weight_bias_grad, _weight_bias_grad_fake),
+        ]
+    )
 else:
     _qconv_op = torch.library.custom_op("aqcf::qconv", qconv, mutates_args=())
     _qconv_op.register_fake(_qconv_fake)

@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..backends._extension import _C
+from ..backends._extension import _C, register_python_kernels
 from ..layout import quaternion_channels
 
 #: the ops are the extension's (csrc/cpu/norm_op.cpp), with the functions below as fallbacks
@@ -198,12 +198,9 @@ def _composite_backward_entry(grad_y, input, weight, bias, mean, var, use_input_
 
 if NATIVE:
     _C._set_norm_fallbacks(qnorm, qnorm_backward, _composite_backward_entry)
-    for _name, _impl, _fake in (
-        ("aqcf::qnorm", qnorm, _qnorm_fake),
-        ("aqcf::qnorm_backward", qnorm_backward, _qnorm_backward_fake),
-    ):
-        torch.library.impl(_name, "CompositeExplicitAutograd", _impl)  # CUDA and devices without a compiled kernel
-        torch.library.register_fake(_name, _fake)
+    register_python_kernels(  # CUDA (Triton) and the devices without a compiled kernel
+        [("aqcf::qnorm", qnorm, _qnorm_fake), ("aqcf::qnorm_backward", qnorm_backward, _qnorm_backward_fake)]
+    )
 else:
     _qnorm_op = torch.library.custom_op("aqcf::qnorm", qnorm, mutates_args=())
     _qnorm_op.register_fake(_qnorm_fake)

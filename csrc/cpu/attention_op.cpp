@@ -1,6 +1,7 @@
 #include "attention_op.h"
 
 #include "autocast.h"
+#include "choices.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -8,13 +9,9 @@
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
-#include <cstdlib>
 #include <initializer_list>
-#include <mutex>
 #include <optional>
 #include <string>
-#include <unordered_map>
-#include <unordered_set>
 #include <utility>
 
 namespace aqcf {
@@ -28,21 +25,14 @@ using torch::autograd::variable_list;
 // Choices remembered from Python
 // ------------------------------------------------------------------------------------------------
 
-std::mutex choices_mutex;
-std::unordered_map<std::string, std::pair<AttentionKernel, AttentionKernel>> attention_choices;
-std::unordered_set<std::string> gate_choices;
+RememberedChoices<std::pair<AttentionKernel, AttentionKernel>> attention_choices;  // kernels of a, b
+RememberedChoices<bool> gate_choices;
 AttentionFallbacks fallbacks;
 
-// What Python's choice depends on: the forced backend (AQCF_BACKEND, which users and tests change with
-// the environment), and the tensors' device, dtypes, sizes and strides (PyTorch's kernel eligibility
-// checks read all of them).
+// What Python's choice depends on beyond signature_start's: the tensors' dtypes, sizes and strides
+// (PyTorch's kernel eligibility checks read all of them).
 std::string signature(std::string_view kind, std::initializer_list<const Tensor*> tensors) {
-  std::string key;
-  key.reserve(320);
-  key.append(kind).push_back('|');
-  const char* forced = std::getenv("AQCF_BACKEND");
-  key.append(forced ? forced : "").push_back('|');
-  key.append((*tensors.begin())->device().str()).push_back('|');
+  std::string key = signature_start(kind, (*tensors.begin())->device());
   for (const Tensor* t : tensors) {
     key.append(std::to_string(static_cast<int>(t->scalar_type()))).push_back(':');
     for (int64_t v : t->sizes()) key.append(std::to_string(v)).push_back(',');
@@ -60,21 +50,6 @@ std::string attention_signature(
 
 std::string gate_signature(const Tensor& f, const Tensor& gate_logits) {
   return signature("gate", {&f, &gate_logits});
-}
-
-std::optional<std::pair<AttentionKernel, AttentionKernel>> recall_attention(
-    const Tensor& q_a, const Tensor& k_a, const Tensor& v_a, const Tensor& q_b, const Tensor& k_b, const Tensor& v_b) {
-  const std::string key = attention_signature(q_a, k_a, v_a, q_b, k_b, v_b);
-  std::lock_guard<std::mutex> lock(choices_mutex);
-  auto it = attention_choices.find(key);
-  if (it == attention_choices.end()) return std::nullopt;
-  return it->second;
-}
-
-bool recall_gate(const Tensor& f, const Tensor& gate_logits) {
-  const std::string key = gate_signature(f, gate_logits);
-  std::lock_guard<std::mutex> lock(choices_mutex);
-  return gate_choices.count(key) != 0;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -216,7 +191,7 @@ namespace {
 Tensors4 cross_attention_native(
     const Tensor& q_a, const Tensor& k_a, const Tensor& v_a, const Tensor& q_b, const Tensor& k_b, const Tensor& v_b,
     double scale) {
-  if (auto kernels = recall_attention(q_a, k_a, v_a, q_b, k_b, v_b)) {
+  if (auto kernels = attention_choices.recall(attention_signature(q_a, k_a, v_a, q_b, k_b, v_b))) {
     auto [out_a, lse_a] = attention_forward(kernels->first, q_a, k_b, v_b, scale);
     auto [out_b, lse_b] = attention_forward(kernels->second, q_b, k_a, v_a, scale);
     return {out_a, out_b, lse_a, lse_b};
@@ -229,7 +204,7 @@ Tensors6 cross_attention_backward_native(
     const Tensor& grad_a, const Tensor& grad_b, const Tensor& q_a, const Tensor& k_a, const Tensor& v_a,
     const Tensor& q_b, const Tensor& k_b, const Tensor& v_b, const Tensor& out_a, const Tensor& out_b,
     const Tensor& lse_a, const Tensor& lse_b, double scale) {
-  if (auto kernels = recall_attention(q_a, k_a, v_a, q_b, k_b, v_b)) {
+  if (auto kernels = attention_choices.recall(attention_signature(q_a, k_a, v_a, q_b, k_b, v_b))) {
     auto [dq_a, dk_b, dv_b] = attention_backward(kernels->first, grad_a, q_a, k_b, v_b, out_a, lse_a, scale);
     auto [dq_b, dk_a, dv_a] = attention_backward(kernels->second, grad_b, q_b, k_a, v_a, out_b, lse_b, scale);
     return {dq_a, dk_a, dv_a, dq_b, dk_b, dv_b};
@@ -241,14 +216,14 @@ Tensors6 cross_attention_backward_native(
 }
 
 Tensor gated_residual_native(const Tensor& f, const Tensor& o, const Tensor& gate_logits, const Tensor& alpha) {
-  if (recall_gate(f, gate_logits)) return gated_residual(f, o, gate_logits, alpha).contiguous();
+  if (gate_choices.recall(gate_signature(f, gate_logits))) return gated_residual(f, o, gate_logits, alpha).contiguous();
   TORCH_CHECK(fallbacks.gated_residual, "aqcf::gated_residual: the Python implementation is not registered");
   return fallbacks.gated_residual(f, o, gate_logits, alpha);
 }
 
 Tensors3 gated_residual_backward_native(
     const Tensor& grad, const Tensor& o, const Tensor& gate_logits, const Tensor& alpha) {
-  if (recall_gate(grad, gate_logits)) {
+  if (gate_choices.recall(gate_signature(grad, gate_logits))) {
     auto [d_o, d_g, d_alpha] = gated_residual_backward(grad, o, gate_logits, alpha);
     return {d_o.contiguous(), d_g.contiguous(), d_alpha.contiguous()};
   }
@@ -381,26 +356,20 @@ void set_attention_fallbacks(AttentionFallbacks fns) {
 void remember_attention_choice(
     const Tensor& q_a, const Tensor& k_a, const Tensor& v_a, const Tensor& q_b, const Tensor& k_b, const Tensor& v_b,
     AttentionKernel kernel_a, AttentionKernel kernel_b) {
-  const std::string key = attention_signature(q_a, k_a, v_a, q_b, k_b, v_b);
-  std::lock_guard<std::mutex> lock(choices_mutex);
-  attention_choices[key] = {kernel_a, kernel_b};
+  attention_choices.remember(attention_signature(q_a, k_a, v_a, q_b, k_b, v_b), {kernel_a, kernel_b});
 }
 
 void remember_gate_choice(const Tensor& f, const Tensor& gate_logits) {
-  const std::string key = gate_signature(f, gate_logits);
-  std::lock_guard<std::mutex> lock(choices_mutex);
-  gate_choices.insert(key);
+  gate_choices.remember(gate_signature(f, gate_logits), true);
 }
 
 void forget_attention_choices() {
-  std::lock_guard<std::mutex> lock(choices_mutex);
-  attention_choices.clear();
-  gate_choices.clear();
+  attention_choices.forget();
+  gate_choices.forget();
 }
 
 int64_t remembered_attention_choices() {
-  std::lock_guard<std::mutex> lock(choices_mutex);
-  return static_cast<int64_t>(attention_choices.size() + gate_choices.size());
+  return attention_choices.size() + gate_choices.size();
 }
 
 }  // namespace aqcf

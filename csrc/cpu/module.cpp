@@ -49,69 +49,35 @@ void set_fallbacks(py::function conv, py::function weight_grad, py::function wei
       });
 }
 
-// The Python implementations of the attention ops (attention_op.h), never destroyed either.
+// A Python function as a C++ fallback with the same arguments: called with the GIL held, its result cast
+// to R. Never destroyed either (see set_fallbacks).
+template <typename R>
+auto through_python(py::function fn) {
+  auto* f = new py::function(std::move(fn));
+  return [f](const auto&... args) {
+    py::gil_scoped_acquire gil;
+    return (*f)(args...).template cast<R>();
+  };
+}
+
+// The Python implementations of the attention ops (attention_op.h).
 void set_attention_fallbacks(
     py::function cross_attention, py::function cross_attention_backward, py::function gated_residual,
     py::function gated_residual_backward) {
-  auto* attention_fn = new py::function(std::move(cross_attention));
-  auto* attention_backward_fn = new py::function(std::move(cross_attention_backward));
-  auto* gate_fn = new py::function(std::move(gated_residual));
-  auto* gate_backward_fn = new py::function(std::move(gated_residual_backward));
-  using T = const at::Tensor&;
   aqcf::AttentionFallbacks fns;
-  fns.cross_attention = [attention_fn](T q_a, T k_a, T v_a, T q_b, T k_b, T v_b, double scale) {
-    py::gil_scoped_acquire gil;
-    return (*attention_fn)(q_a, k_a, v_a, q_b, k_b, v_b, scale).cast<aqcf::Tensors4>();
-  };
-  fns.cross_attention_backward = [attention_backward_fn](T grad_a, T grad_b, T q_a, T k_a, T v_a, T q_b, T k_b, T v_b,
-                                                         T out_a, T out_b, T lse_a, T lse_b, double scale) {
-    py::gil_scoped_acquire gil;
-    return (*attention_backward_fn)(grad_a, grad_b, q_a, k_a, v_a, q_b, k_b, v_b, out_a, out_b, lse_a, lse_b, scale)
-        .cast<aqcf::Tensors6>();
-  };
-  fns.gated_residual = [gate_fn](T f, T o, T gate_logits, T alpha) {
-    py::gil_scoped_acquire gil;
-    return (*gate_fn)(f, o, gate_logits, alpha).cast<at::Tensor>();
-  };
-  fns.gated_residual_backward = [gate_backward_fn](T grad, T o, T gate_logits, T alpha) {
-    py::gil_scoped_acquire gil;
-    return (*gate_backward_fn)(grad, o, gate_logits, alpha).cast<aqcf::Tensors3>();
-  };
+  fns.cross_attention = through_python<aqcf::Tensors4>(std::move(cross_attention));
+  fns.cross_attention_backward = through_python<aqcf::Tensors6>(std::move(cross_attention_backward));
+  fns.gated_residual = through_python<at::Tensor>(std::move(gated_residual));
+  fns.gated_residual_backward = through_python<aqcf::Tensors3>(std::move(gated_residual_backward));
   aqcf::set_attention_fallbacks(std::move(fns));
 }
 
-// The Python functions of the norm ops (norm_op.h), never destroyed either.
+// The Python functions of the norm ops (norm_op.h).
 void set_norm_fallbacks(py::function qnorm, py::function qnorm_backward, py::function composite_backward) {
-  auto* forward_fn = new py::function(std::move(qnorm));
-  auto* backward_fn = new py::function(std::move(qnorm_backward));
-  auto* composite_fn = new py::function(std::move(composite_backward));
-  using T = const at::Tensor&;
-  using O = const std::optional<at::Tensor>&;
-  using S = const std::optional<std::string>&;
   aqcf::NormFallbacks fns;
-  fns.qnorm = [forward_fn](T input, O weight, O bias, O running_mean, O running_var, bool use_input_stats,
-                           bool per_sample, double eps, S activation, double negative_slope) {
-    py::gil_scoped_acquire gil;
-    return (*forward_fn)(input, weight, bias, running_mean, running_var, use_input_stats, per_sample, eps, activation,
-                         negative_slope)
-        .cast<aqcf::NormTensors>();
-  };
-  fns.qnorm_backward = [backward_fn](T grad_output, T input, O weight, O bias, T mean, T var, bool use_input_stats,
-                                     bool per_sample, double eps, S activation, double negative_slope,
-                                     const std::vector<bool>& needs) {
-    py::gil_scoped_acquire gil;
-    return (*backward_fn)(grad_output, input, weight, bias, mean, var, use_input_stats, per_sample, eps, activation,
-                          negative_slope, needs)
-        .cast<aqcf::NormTensors>();
-  };
-  fns.composite_backward = [composite_fn](T grad_output, T input, O weight, O bias, T mean, T var, bool use_input_stats,
-                                          bool per_sample, double eps, S activation, double negative_slope,
-                                          const std::vector<bool>& needs) {
-    py::gil_scoped_acquire gil;
-    return (*composite_fn)(grad_output, input, weight, bias, mean, var, use_input_stats, per_sample, eps, activation,
-                           negative_slope, needs)
-        .cast<aqcf::OptionalNormTensors>();
-  };
+  fns.qnorm = through_python<aqcf::NormTensors>(std::move(qnorm));
+  fns.qnorm_backward = through_python<aqcf::NormTensors>(std::move(qnorm_backward));
+  fns.composite_backward = through_python<aqcf::OptionalNormTensors>(std::move(composite_backward));
   aqcf::set_norm_fallbacks(std::move(fns));
 }
 

@@ -6,11 +6,10 @@
 #include <torch/library.h>
 
 #include <cstdlib>
-#include <mutex>
 #include <string_view>
-#include <unordered_set>
 #include <utility>
 
+#include "choices.h"
 #include "norm.h"
 
 namespace aqcf {
@@ -20,27 +19,21 @@ using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-std::mutex choices_mutex;
-std::unordered_set<std::string> choices;
+RememberedChoices<bool> choices;
 NormFallbacks fallbacks;
 
-// What decides whether the compiled kernels serve a call: the forced backend (AQCF_BACKEND) and the
-// Triton interpreter (TRITON_INTERPRET: with both, Triton serves CPU tensors), the device and the dtype.
+// What decides whether the compiled kernels serve a call, beyond signature_start's: the Triton
+// interpreter (TRITON_INTERPRET: with the triton backend forced, Triton serves CPU tensors) and the dtype.
 std::string signature(const Tensor& input) {
-  std::string key = "norm|";
-  for (const char* name : {"AQCF_BACKEND", "TRITON_INTERPRET"}) {
-    const char* value = std::getenv(name);
-    key.append(value ? value : "").push_back('|');
-  }
-  key.append(input.device().str()).push_back('|');
+  std::string key = signature_start("norm", input.device());
+  const char* interpreter = std::getenv("TRITON_INTERPRET");
+  key.append(interpreter ? interpreter : "").push_back('|');
   key.append(std::to_string(static_cast<int>(input.scalar_type())));
   return key;
 }
 
 bool recall(const Tensor& input) {
-  const std::string key = signature(input);
-  std::lock_guard<std::mutex> lock(choices_mutex);
-  return choices.count(key) != 0;
+  return choices.recall(signature(input)).has_value();
 }
 
 std::optional<std::string> owned(std::optional<std::string_view> s) {
@@ -181,19 +174,15 @@ void set_norm_fallbacks(NormFallbacks fns) {
 }
 
 void remember_norm_choice(const Tensor& input) {
-  const std::string key = signature(input);
-  std::lock_guard<std::mutex> lock(choices_mutex);
-  choices.insert(key);
+  choices.remember(signature(input), true);
 }
 
 void forget_norm_choices() {
-  std::lock_guard<std::mutex> lock(choices_mutex);
-  choices.clear();
+  choices.forget();
 }
 
 int64_t remembered_norm_choices() {
-  std::lock_guard<std::mutex> lock(choices_mutex);
-  return static_cast<int64_t>(choices.size());
+  return choices.size();
 }
 
 }  // namespace aqcf

@@ -1,6 +1,7 @@
 #include "op.h"
 
 #include "autocast.h"
+#include "choices.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -9,10 +10,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <mutex>
 #include <string_view>
-#include <unordered_map>
 
 namespace aqcf {
 namespace {
@@ -25,28 +23,23 @@ using torch::autograd::variable_list;
 // Choices remembered from Python
 // ------------------------------------------------------------------------------------------------
 
-std::mutex choices_mutex;
 struct Choice {
   bool fast8;
   Engine engine;
 };
-std::unordered_map<std::string, Choice> choices;  // signature -> what serves it
+RememberedChoices<Choice> choices;
 QConvFallback conv_fallback;
 QConvWeightGradFallback weight_grad_fallback;
 QConvWeightBiasGradFallback weight_bias_grad_fallback;
 
-// What a choice depends on that Python does not announce: the thread count (tuning measures per
-// thread count) and AQCF_BACKEND, which users and tests change with the environment; and the device,
-// since the CPU and CUDA kernels share the table (a choice is made per device model, and per device).
+// What a choice depends on beyond signature_start's: the thread count (tuning measures per thread
+// count); the device is there too, since the CPU and CUDA kernels share the table (a choice is made per
+// device model, and per device).
 std::string signature(
     std::string_view kind, std::string_view algorithm, const Tensor& input, const Tensor& other,
     at::IntArrayRef weight_shape, const ConvParams& p) {
-  std::string key;
-  key.reserve(256);
-  key.append(kind).append("|").append(algorithm).append("|");
-  const char* forced = std::getenv("AQCF_BACKEND");
-  key.append(forced ? forced : "").append("|");
-  key.append(input.device().str()).append("|");
+  std::string key = signature_start(kind, input.device());
+  key.append(algorithm).append("|");
   auto put = [&](int64_t v) { key.append(std::to_string(v)).push_back(','); };
   auto put_all = [&](at::IntArrayRef values) {
     for (int64_t v : values) put(v);
@@ -66,13 +59,6 @@ std::string signature(
   put(p.transposed);
   put(p.groups);
   return key;
-}
-
-std::optional<Choice> recall_choice(const std::string& key) {
-  std::lock_guard<std::mutex> lock(choices_mutex);
-  auto it = choices.find(key);
-  if (it == choices.end()) return std::nullopt;
-  return it->second;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -164,7 +150,7 @@ std::tuple<Tensor, Tensor> qconv_native(
     c10::SymInt groups, std::string_view algorithm, std::optional<std::string_view> activation,
     double negative_slope, std::string_view kind) {
   const ConvParams p = params_of(stride, padding, dilation, transposed, output_padding, groups);
-  const std::optional<Choice> choice = recall_choice(signature(kind, algorithm, input, weight, weight.sizes(), p));
+  const std::optional<Choice> choice = choices.recall(signature(kind, algorithm, input, weight, weight.sizes(), p));
   if (!choice) {
     TORCH_CHECK(conv_fallback, "aqcf::qconv: the Python implementation is not registered (import aqcf_kernels)");
     std::optional<std::string> act;
@@ -188,7 +174,7 @@ std::tuple<Tensor, Tensor> qconv_native(
 std::optional<Tensor> remembered_weight_grad(
     const Tensor& input, const Tensor& grad_output, const std::vector<int64_t>& shape, const ConvParams& p,
     std::string_view algorithm) {
-  const std::optional<Choice> choice = recall_choice(signature("weight_grad", algorithm, input, grad_output, shape, p));
+  const std::optional<Choice> choice = choices.recall(signature("weight_grad", algorithm, input, grad_output, shape, p));
   if (!choice) return std::nullopt;
   const Tensor gw = choice->engine == Engine::Cpu ? conv_weight_grad(input, grad_output, shape, p, choice->fast8)
                                                   : conv_weight_grad_aten(input, grad_output, shape, p, choice->fast8);
@@ -473,19 +459,15 @@ void set_fallbacks(
 void remember_choice(
     const std::string& kind, const std::string& algorithm, const at::Tensor& input, const at::Tensor& other,
     at::IntArrayRef weight_shape, const ConvParams& p, bool fast8, Engine engine) {
-  const std::string key = signature(kind, algorithm, input, other, weight_shape, p);
-  std::lock_guard<std::mutex> lock(choices_mutex);
-  choices[key] = Choice{fast8, engine};
+  choices.remember(signature(kind, algorithm, input, other, weight_shape, p), Choice{fast8, engine});
 }
 
 void forget_choices() {
-  std::lock_guard<std::mutex> lock(choices_mutex);
-  choices.clear();
+  choices.forget();
 }
 
 int64_t remembered_choices() {
-  std::lock_guard<std::mutex> lock(choices_mutex);
-  return static_cast<int64_t>(choices.size());
+  return choices.size();
 }
 
 }  // namespace aqcf

@@ -9,9 +9,6 @@ the extension (``AQCF_NO_EXTENSION=1``) the same schemas come from Python, throu
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -36,34 +33,11 @@ def torch_backend(monkeypatch):
     monkeypatch.setenv("AQCF_BACKEND", "torch")
 
 
-class CountingFallbacks:
-    """The Python implementations of the attention ops, counting how often the extension's kernels ask."""
-
-    def __init__(self) -> None:
-        self.asked = dict.fromkeys(OPS, 0)
-
-    def _counted(self, name):
-        def call(*args):
-            self.asked[name] += 1
-            return getattr(attention_ops, name)(*args)
-
-        return call
-
-    def install(self) -> None:
-        _C._set_attention_fallbacks(*(self._counted(name) for name in OPS))
-
-
 @pytest.fixture
-def asked():
-    """The extension's attention kernels ask a :class:`CountingFallbacks`; nothing remembered at the start."""
-    counter = CountingFallbacks()
-    counter.install()
-    forget_choices()
-    try:
-        yield counter.asked
-    finally:
-        _C._set_attention_fallbacks(*(getattr(attention_ops, name) for name in OPS))
-        forget_choices()
+def asked(counting_fallbacks):
+    """The extension's attention kernels ask counting wrappers of the Python functions; nothing remembered."""
+    with counting_fallbacks(_C._set_attention_fallbacks, attention_ops, OPS) as asked:
+        yield asked
 
 
 def test_the_schemas_are_those_python_infers() -> None:
@@ -315,20 +289,9 @@ def test_the_backward_ops_have_no_derivative(asked) -> None:
 
 
 @pytest.mark.skipif(_C is None, reason="without the extension the whole suite tests the Python definitions")
-def test_the_python_definitions_pass_the_attention_tests() -> None:
+def test_the_python_definitions_pass_the_attention_tests(without_extension) -> None:
     """``AQCF_NO_EXTENSION=1``: the ops as defined without the extension, through the op's tests."""
-    env = {k: v for k, v in os.environ.items() if k != "AQCF_REQUIRE_CPP"}
-    env["AQCF_NO_EXTENSION"] = "1"
     check = "from aqcf_kernels.ops import attention; assert not attention.NATIVE, 'the extension defines the ops'"
-    subprocess.run([sys.executable, "-c", check], env=env, cwd=ROOT, check=True)
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-p", "no:xdist"]
-        + ["tests/attention/test_cross_attention.py", "tests/attention/test_native_attention.py"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
+    without_extension(
+        "tests/attention/test_cross_attention.py", "tests/attention/test_native_attention.py", check=check
     )
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    assert " passed" in run.stdout

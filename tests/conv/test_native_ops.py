@@ -8,8 +8,6 @@ the remembered ones. Without it (``AQCF_NO_EXTENSION=1``) the same schemas come 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -195,19 +193,7 @@ def test_tuning_mode_assignments_are_checked() -> None:
 @pytest.mark.parametrize(
     "test_file", ["tests/conv/test_qconv_opcheck.py", "tests/conv/test_qconv_gradcheck.py", "tests/conv/test_tuning.py"]
 )
-def test_the_python_definitions_pass_opcheck_and_gradcheck(test_file: str) -> None:
+def test_the_python_definitions_pass_opcheck_and_gradcheck(test_file: str, without_extension) -> None:
     """``AQCF_NO_EXTENSION=1``: the ops as defined without the extension, through the same tests."""
-    env = {k: v for k, v in os.environ.items() if k != "AQCF_REQUIRE_CPP"}
-    env["AQCF_NO_EXTENSION"] = "1"
     check = "from aqcf_kernels.ops import conv; assert not conv.NATIVE, 'the extension still defines the ops'"
-    subprocess.run([sys.executable, "-c", check], env=env, cwd=ROOT, check=True)
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-p", "no:xdist", test_file],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    assert " passed" in run.stdout
+    without_extension(test_file, check=check)

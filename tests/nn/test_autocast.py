@@ -9,8 +9,6 @@ backends (mixed dtypes) and a bf16 feature map met a float32 weight in the argum
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -210,17 +208,6 @@ def test_compiled_conv_under_autocast_matches_eager(qrand):
 
 
 @pytest.mark.skipif(_C is None, reason="without the extension the whole suite tests the Python kernels")
-def test_the_python_autocast_kernels_pass_these_tests():
+def test_the_python_autocast_kernels_pass_these_tests(without_extension):
     """``AQCF_NO_EXTENSION=1``: the ops and their autocast kernels as Python defines them, through this file."""
-    env = {k: v for k, v in os.environ.items() if k != "AQCF_REQUIRE_CPP"}
-    env["AQCF_NO_EXTENSION"] = "1"
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-p", "no:xdist", __file__],
-        env=env,
-        cwd=Path(__file__).resolve().parents[2],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    assert " passed" in run.stdout
+    without_extension(__file__)

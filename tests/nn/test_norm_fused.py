@@ -137,24 +137,11 @@ def test_the_norm_schemas_are_those_python_infers() -> None:
 
 
 @pytest.fixture
-def norm_asked():
+def norm_asked(counting_fallbacks):
     """The extension's CPU norm kernels ask counting wrappers of the Python functions; nothing remembered."""
-    asked = {"qnorm": 0, "qnorm_backward": 0}
-
-    def counted(name):
-        def call(*args):
-            asked[name] += 1
-            return getattr(norm_ops, name)(*args)
-
-        return call
-
-    _C._set_norm_fallbacks(counted("qnorm"), counted("qnorm_backward"), norm_ops._composite_backward_entry)
-    forget_choices()
-    try:
+    names = ("qnorm", "qnorm_backward")
+    with counting_fallbacks(_C._set_norm_fallbacks, norm_ops, names, norm_ops._composite_backward_entry) as asked:
         yield asked
-    finally:
-        _C._set_norm_fallbacks(norm_ops.qnorm, norm_ops.qnorm_backward, norm_ops._composite_backward_entry)
-        forget_choices()
 
 
 @native

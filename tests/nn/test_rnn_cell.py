@@ -9,8 +9,6 @@ need the kernel skip.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -247,21 +245,10 @@ def test_compile_ligru_on_the_kernel():
 
 
 @pytest.mark.skipif(os.environ.get("AQCF_NO_EXTENSION") == "1", reason="already the no-extension run")
-def test_without_the_extension():
+def test_without_the_extension(without_extension):
     """``AQCF_NO_EXTENSION=1``: the op is the composite loop (opcheck, gradcheck, the layers' tests)."""
-    env = {k: v for k, v in os.environ.items() if k != "AQCF_REQUIRE_CPP"}
-    env["AQCF_NO_EXTENSION"] = "1"
     check = (
         "import torch; from aqcf_kernels.ops import rnn_cell as R; "
         "assert not R.available(torch.empty(0)), 'the kernel still serves the op'"
     )
-    subprocess.run([sys.executable, "-c", check], env=env, cwd=ROOT, check=True)
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-p", "no:xdist", __file__],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    without_extension(__file__, check=check)

@@ -1,0 +1,60 @@
+// The call signatures the extension's op kernels serve without asking Python: filled by Python when the
+// extension's own code served a call (remember), emptied whenever something that decides the choices
+// changes (forget: a backend registered or forced, the priorities, the tuning settings). Used by the
+// conv (op.h), attention (attention_op.h) and norm (norm_op.h) operators.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <utility>
+
+namespace aqcf {
+
+// signature -> what serves it; thread-safe (autograd runs backward ops on its own threads).
+template <typename Choice>
+class RememberedChoices {
+ public:
+  void remember(std::string key, Choice choice) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    choices_[std::move(key)] = std::move(choice);
+  }
+  std::optional<Choice> recall(const std::string& key) const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = choices_.find(key);
+    if (it == choices_.end()) return std::nullopt;
+    return it->second;
+  }
+  void forget() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    choices_.clear();
+  }
+  int64_t size() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return static_cast<int64_t>(choices_.size());
+  }
+
+ private:
+  mutable std::mutex mutex_;
+  std::unordered_map<std::string, Choice> choices_;
+};
+
+// The start of every signature: `kind`, then what every choice depends on that Python does not announce:
+// the forced backend (AQCF_BACKEND, which users and tests change with the environment) and the device.
+inline std::string signature_start(std::string_view kind, const at::Device& device) {
+  std::string key;
+  key.reserve(256);
+  key.append(kind).push_back('|');
+  const char* forced = std::getenv("AQCF_BACKEND");
+  key.append(forced ? forced : "").push_back('|');
+  key.append(device.str()).push_back('|');
+  return key;
+}
+
+}  // namespace aqcf
