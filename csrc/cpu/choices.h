@@ -17,12 +17,17 @@
 
 namespace aqcf {
 
-// signature -> what serves it; thread-safe (autograd runs backward ops on its own threads).
+// signature -> what serves it; thread-safe (autograd runs backward ops on its own threads). Bounded: a
+// program that keeps changing shapes (variable-size inference) stops adding signatures at kMaxChoices,
+// and the calls it would have served go through Python, as before they were remembered.
 template <typename Choice>
 class RememberedChoices {
  public:
+  static constexpr size_t kMaxChoices = 4096;
+
   void remember(std::string key, Choice choice) {
     std::lock_guard<std::mutex> lock(mutex_);
+    if (choices_.size() >= kMaxChoices && choices_.find(key) == choices_.end()) return;
     choices_[std::move(key)] = std::move(choice);
   }
   std::optional<Choice> recall(const std::string& key) const {

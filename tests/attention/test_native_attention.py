@@ -295,3 +295,19 @@ def test_the_python_definitions_pass_the_attention_tests(without_extension) -> N
     without_extension(
         "tests/attention/test_cross_attention.py", "tests/attention/test_native_attention.py", check=check
     )
+
+
+@native
+def test_the_remembered_signatures_are_bounded(asked) -> None:
+    """A program that keeps changing shapes stops adding signatures at the bound (csrc/cpu/choices.h); the
+    calls past it are served through Python, correctly."""
+    bound = 4096
+    alpha = torch.tensor(0.5)
+    for n in range(1, bound + 3):
+        f = torch.full((1, 4, n), 2.0)
+        y = torch.ops.aqcf.gated_residual(f, f, f, alpha)
+    assert _C._remembered_attention_choices() == bound
+    assert torch.equal(y, f + 0.5 * torch.sigmoid(f) * f)
+    before = asked["gated_residual"]
+    torch.ops.aqcf.gated_residual(f, f, f, alpha)  # the last shape, never remembered: Python again
+    assert asked["gated_residual"] == before + 1
