@@ -182,7 +182,6 @@ def _quaternion_norm(
     return y if activation is None else activate(y, activation, negative_slope)
 
 
-@torch.no_grad()
 def _update_running(
     running_mean: Tensor,
     running_var: Tensor,
@@ -195,11 +194,17 @@ def _update_running(
 ) -> None:
     """torch.nn.BatchNorm's update from this batch's statistics (biased ``stat``; unbiased into the average).
 
-    Instance norm tracks the average over the batch of the per-sample statistics (torch does too).
+    Instance norm tracks the average over the batch of the per-sample statistics (torch does too). Batch
+    norm has one set: no average to take. Three ops then, where a layer of a training step ran seven (a
+    launch each on a GPU); the statistics are detached, so nothing is recorded for autograd.
     """
-    new_mean = mean.detach().reshape(-1, 4 * cq).mean(0)
+    new_mean = mean.detach().reshape(-1, 4 * cq)
     new_var = stat.detach().reshape(-1, cq, 4, 4) if whiten else stat.detach().reshape(-1, cq)
-    new_var = new_var.mean(0) * (count / (count - 1))
+    unbiased = count / (count - 1)
+    if new_mean.shape[0] == 1:
+        new_mean, new_var = new_mean[0], new_var[0] * unbiased
+    else:
+        new_mean, new_var = new_mean.mean(0), new_var.mean(0) * unbiased
     running_mean.lerp_(new_mean.to(running_mean.dtype), momentum)
     running_var.lerp_(new_var.to(running_var.dtype), momentum)
 
