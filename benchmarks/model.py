@@ -73,6 +73,9 @@ GRIDS: dict[str, Callable[[], list[Case]]] = {
     "quick": lambda: [Case(2, 64, 2), Case(3, 32, 2, **F3D)],
     "targets": lambda: [Case(2, 128, 4), Case(3, 64, 1, **F3D)],
     "full": lambda: [Case(2, 64, 2), Case(2, 128, 4), Case(3, 32, 2, **F3D), Case(3, 64, 1, **F3D)],
+    # a step small enough to be bound by the host's time per op (Python, dispatch, launches), as a GPU
+    # step of a small network is: what the op layer costs the training loop
+    "host": lambda: [Case(2, 32, 1, features=(8, 16, 16, 32), bottleneck=32)],
 }
 TARGET_CASES = (Case(2, 128, 4), Case(3, 64, 1, **F3D))
 
@@ -408,7 +411,10 @@ def plot(path: Path, results: Sequence[Result], env: dict[str, Any]) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    grids = "quick (2D 64² B2, 3D 32³ B2; ~1-2 min), targets (2D 128² B4, 3D 64³ B1), full (both)"
+    grids = (
+        "quick (2D 64² B2, 3D 32³ B2; ~1-2 min), targets (2D 128² B4, 3D 64³ B1), full (both), "
+        "host (2D 32² B1, features 8-32: host-bound)"
+    )
     parser.add_argument("--grid", choices=list(GRIDS), default="quick", help=grids)
     parser.add_argument("--modes", type=lambda t: t.split(","), default=["fwdbwd"], help="fwd,fwdbwd (default fwdbwd)")
     parser.add_argument("--providers", type=lambda t: t.split(","), default=list(PROVIDERS),
