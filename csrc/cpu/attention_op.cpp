@@ -43,9 +43,15 @@ std::string signature(std::string_view kind, std::initializer_list<const Tensor*
   return key;
 }
 
+// And PyTorch's switches of its fused kernels (torch.backends.cuda.enable_flash_sdp / enable_mem_efficient_sdp),
+// which its eligibility checks read: a kernel switched off after a choice is not called from here.
 std::string attention_signature(
     const Tensor& q_a, const Tensor& k_a, const Tensor& v_a, const Tensor& q_b, const Tensor& k_b, const Tensor& v_b) {
-  return signature("attention", {&q_a, &k_a, &v_a, &q_b, &k_b, &v_b});
+  std::string key = signature("attention", {&q_a, &k_a, &v_a, &q_b, &k_b, &v_b});
+  const at::Context& context = at::globalContext();
+  key.push_back(context.userEnabledFlashSDP() ? 'F' : '-');
+  key.push_back(context.userEnabledMemEfficientSDP() ? 'E' : '-');
+  return key;
 }
 
 std::string gate_signature(const Tensor& f, const Tensor& gate_logits) {

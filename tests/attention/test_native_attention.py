@@ -185,9 +185,16 @@ def test_what_decides_a_choice_drops_the_remembered_ones(asked, monkeypatch) -> 
     assert (call(), call()) == (1, 1)
     monkeypatch.setenv("AQCF_BACKEND", "")  # part of the signature: another one
     assert (call(), call()) == (2, 2)
+    flash = torch.backends.cuda.flash_sdp_enabled()
+    torch.backends.cuda.enable_flash_sdp(not flash)  # PyTorch's switches of its kernels: part of it too
+    try:
+        assert (call(), call()) == (3, 3)
+    finally:
+        torch.backends.cuda.enable_flash_sdp(flash)
+    assert call() == 3  # the first signature again
     with backends.use("torch"):  # forcing a backend forgets every choice
         assert _C._remembered_attention_choices() == 0
-        assert (call(), call()) == (3, 3)
+        assert (call(), call()) == (4, 4)
     assert _C._remembered_attention_choices() == 0  # and leaving the scope again
     call()
     monkeypatch.setitem(backends.ATTENTION.priority, "cpu", ["torch"])  # the priorities
