@@ -254,6 +254,27 @@ def _conv_backend_runs_here(name: str) -> bool:
     return backend is not None and backend.unavailable() is None
 
 
+def _per_call_us(
+    device: str,
+    small: bool,
+    calls: int,
+    fns: Mapping[str, Callable[[], object]],
+    scopes: Mapping[str, Callable[[], contextlib.AbstractContextManager]] | None = None,
+) -> dict[str, float]:
+    """Median µs per call of each of ``fns``, called ``calls`` times back to back in each timed rep, inside
+    its ``scopes`` entry if any (entered once per rep: e.g. a forced backend, whose entry and exit drop the
+    remembered choices); reps of the functions interleaved, fewer with ``small``."""
+
+    def back_to_back(name: str) -> None:
+        with (scopes or {}).get(name, contextlib.nullcontext)():
+            for _ in range(calls):
+                fns[name]()
+
+    steps = {name: (lambda name=name: back_to_back(name)) for name in fns}
+    reps, warmup = (5, 2) if small else (15, 3)
+    return {name: ms * 1e3 / calls for name, ms in zip(steps, _medians_ms(device, reps, warmup, **steps), strict=True)}
+
+
 #: host_stage's conv: small enough that the device computes each call in microseconds, so calls issued back
 #: to back are bound by the host's time per call (Python, dispatch, launches)
 HOST_CASE = {"batch": 2, "channels_q": 4, "size": 8}
@@ -297,29 +318,28 @@ def host_stage(out: Path, device: str, small: bool) -> None:
                 name,
             )
     ref = reference.quaternion_conv_naive(x.detach(), w.detach(), b.detach(), padding=1)
+
+    def scope(forced: str | None) -> contextlib.AbstractContextManager:
+        return backends.use(forced) if forced else contextlib.nullcontext()
+
+    def call(fn, leaves, mode) -> None:
+        if mode == "fwd":
+            with torch.no_grad():
+                fn(*leaves)
+        else:
+            torch.autograd.grad(fn(*leaves), leaves, gy)
+
+    scopes = {name: (lambda forced=forced: scope(forced)) for name, (_, _, forced) in providers.items()}
     rows = []
     for mode in ("fwd", "fwdbwd"):
-        steps = {}
-        for name, (fn, leaves, forced) in providers.items():
-
-            def call(fn=fn, leaves=leaves, forced=forced, mode=mode):
-                with backends.use(forced) if forced else contextlib.nullcontext():
-                    for _ in range(HOST_CALLS):
-                        if mode == "fwd":
-                            with torch.no_grad():
-                                fn(*leaves)
-                        else:
-                            torch.autograd.grad(fn(*leaves), leaves, gy)
-
-            steps[name] = call
-        reps, warmup = (5, 2) if small else (15, 3)
-        per_call = dict(zip(steps, _medians_ms(device, reps, warmup, **steps), strict=True))
-        for name, ms in per_call.items():
+        calls = {name: (lambda fn=fn, leaves=leaves, mode=mode: call(fn, leaves, mode))
+                 for name, (fn, leaves, _) in providers.items()}  # fmt: skip
+        per_call = _per_call_us(device, small, HOST_CALLS, calls, scopes)
+        for name, us in per_call.items():
             fn, leaves, forced = providers[name]
-            with backends.use(forced) if forced else contextlib.nullcontext(), torch.no_grad():
+            with scope(forced), torch.no_grad():
                 err = _rel(fn(*leaves), ref)
-            us = ms * 1e3 / HOST_CALLS
-            floor = per_call["aten conv"] * 1e3 / HOST_CALLS
+            floor = per_call["aten conv"]
             rows.append({"mode": mode, "provider": name, "us_per_call": us, "over_aten_us": us - floor, "rel_err": err})
     _write(
         out, "host", _environment(device), rows,
@@ -356,23 +376,22 @@ def _block_host(out: Path, device: str, small: bool) -> None:
     fns = {name: ab.build(name, block) for name in ("sdpa", "ours")}
     with torch.no_grad():
         outs = {name: torch.cat([o.flatten() for o in fn(f_a, f_b)]) for name, fn in fns.items()}
+
+    def call(fn, mode) -> None:
+        if mode == "fwd":
+            with torch.no_grad():
+                fn(f_a, f_b)
+        else:
+            torch.autograd.grad(fn(f_a, f_b), leaves, (g_a, g_b))
+
     rows = []
     for mode in ("fwd", "fwdbwd"):
-
-        def call(fn, mode=mode):
-            for _ in range(BLOCK_HOST_CALLS):
-                if mode == "fwd":
-                    with torch.no_grad():
-                        fn(f_a, f_b)
-                else:
-                    torch.autograd.grad(fn(f_a, f_b), leaves, (g_a, g_b))
-
-        steps = {name: (lambda fn=fn: call(fn)) for name, fn in fns.items()}
-        reps, warmup = (5, 2) if small else (15, 3)
-        us = {
-            name: ms * 1e3 / BLOCK_HOST_CALLS
-            for name, ms in zip(steps, _medians_ms(device, reps, warmup, **steps), strict=True)
-        }
+        us = _per_call_us(
+            device,
+            small,
+            BLOCK_HOST_CALLS,
+            {name: (lambda fn=fn, mode=mode: call(fn, mode)) for name, fn in fns.items()},
+        )
         rows.append({
             "mode": mode, "sdpa_us": us["sdpa"], "ours_us": us["ours"], "speedup": us["sdpa"] / us["ours"],
             "rel_err": _rel(outs["ours"], outs["sdpa"]),

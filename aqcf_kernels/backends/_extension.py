@@ -26,6 +26,11 @@ else:
         IMPORT_ERROR = f"extension aqcf_kernels._C not importable ({e}); build it with `make ext`"
 
 
+#: the devices the extension's op kernels are registered for (they serve remembered signatures, ask Python
+#: for the rest); other devices always run the Python implementations
+NATIVE_DEVICES = ("cpu", "cuda")
+
+
 def forget_native_choices() -> None:
     """Drop the choices the extension serves without asking Python (see csrc/cpu/op.h and
     attention_op.h): something that decides them changed (a backend registered or forced, the

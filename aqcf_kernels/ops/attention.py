@@ -29,13 +29,11 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from ..backends._extension import _C, register_python_kernels
+from ..backends._extension import _C, NATIVE_DEVICES, register_python_kernels
 from ..backends.base import AttentionBackend, lse_dtype
 
 #: the four ops are the extension's (csrc/cpu/attention_op.cpp), with the functions below as fallbacks
 NATIVE = _C is not None and hasattr(_C, "_set_attention_fallbacks")
-#: devices with a compiled kernel of those ops
-NATIVE_DEVICES = ("cpu", "cuda")
 
 
 def _select_attention(q: Tensor) -> AttentionBackend:

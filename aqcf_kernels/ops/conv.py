@@ -44,14 +44,12 @@ from torch import Tensor
 from torch._prims_common import make_channels_last_strides_for, make_contiguous_strides_for, suggest_memory_format
 
 from .. import backends
-from ..backends._extension import _C, register_python_kernels
+from ..backends._extension import _C, NATIVE_DEVICES, register_python_kernels
 from ..backends.base import activate, bias_grad
 from ..params import ConvParams, conv_output_shape
 
 #: Whether the compiled extension defines ``aqcf::qconv`` and ``aqcf::qconv_weight_grad`` (csrc/cpu/op.cpp).
 NATIVE = _C is not None and hasattr(_C, "_set_fallbacks")
-#: The devices whose op kernels the extension registers (they serve the remembered choices, ask Python otherwise).
-NATIVE_DEVICES = ("cpu", "cuda")
 
 ACTIVATIONS = ("relu", "leaky_relu", "gelu")
 

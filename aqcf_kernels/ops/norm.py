@@ -164,19 +164,19 @@ def _backward(ctx, grad_y, _grad_mean, _grad_var):
     input, weight, bias, mean, var = ctx.saved_tensors
     needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
     if torch.is_grad_enabled():  # create_graph=True: the gradient must itself be differentiable
-        gx, gw, gb = _composite_backward(grad_y, input, weight, bias, mean, var, ctx.options, needs)
+        gx, gw, gb = composite_backward(grad_y, input, weight, bias, mean, var, *ctx.options, needs)
     else:
         gx, gw, gb = torch.ops.aqcf.qnorm_backward(grad_y, input, weight, bias, mean, var, *ctx.options, needs)
     return (gx if needs[0] else None), (gw if needs[1] else None), (gb if needs[2] else None), *[None] * 7
 
 
-def _composite_backward(grad_y, input, weight, bias, mean, var, options, needs):
+def composite_backward(grad_y, input, weight, bias, mean, var, use_input_stats, per_sample, eps, activation, slope,
+                       needs):  # fmt: skip
     """The gradients through the composite reference (double backward works through it): slower, only
-    for ``create_graph=True``. The statistics are recomputed from the input in training, and are the
-    saved running ones in eval."""
+    for ``create_graph=True`` (the extension's autograd formula asks it too). The statistics are
+    recomputed from the input in training, and are the saved running ones in eval."""
     from ..nn.norm import _quaternion_norm  # (nn.norm imports this module)
 
-    use_input_stats, per_sample, eps, activation, slope = options
     running = (None, None) if use_input_stats else (mean.reshape(-1), var.reshape(-1))
     wrt = [t for t, need in zip((input, weight, bias), needs, strict=True) if need and t is not None]
     y = _quaternion_norm(
@@ -189,15 +189,8 @@ def _composite_backward(grad_y, input, weight, bias, mean, var, options, needs):
     )
 
 
-def _composite_backward_entry(grad_y, input, weight, bias, mean, var, use_input_stats, per_sample, eps,
-                              activation, slope, needs):  # fmt: skip
-    """The extension's autograd formula asks this one when the gradient must be differentiable."""
-    options = (use_input_stats, per_sample, eps, activation, slope)
-    return _composite_backward(grad_y, input, weight, bias, mean, var, options, list(needs))
-
-
 if NATIVE:
-    _C._set_norm_fallbacks(qnorm, qnorm_backward, _composite_backward_entry)
+    _C._set_norm_fallbacks(qnorm, qnorm_backward, composite_backward)
     register_python_kernels(  # CUDA (Triton) and the devices without a compiled kernel
         [("aqcf::qnorm", qnorm, _qnorm_fake), ("aqcf::qnorm_backward", qnorm_backward, _qnorm_backward_fake)]
     )

@@ -140,7 +140,7 @@ def test_the_norm_schemas_are_those_python_infers() -> None:
 def norm_asked(counting_fallbacks):
     """The extension's CPU norm kernels ask counting wrappers of the Python functions; nothing remembered."""
     names = ("qnorm", "qnorm_backward")
-    with counting_fallbacks(_C._set_norm_fallbacks, norm_ops, names, norm_ops._composite_backward_entry) as asked:
+    with counting_fallbacks(_C._set_norm_fallbacks, norm_ops, names, norm_ops.composite_backward) as asked:
         yield asked
 
 
