@@ -121,14 +121,14 @@ def backend(request, monkeypatch) -> str:
     """Force one registered backend through ``AQCF_BACKEND`` for the whole test.
 
     An unavailable backend is skipped with its own reason (visible in ``pytest -rs``), except
-    ``cpp`` and ``cpp_cl`` under ``AQCF_REQUIRE_CPP=1``, which fail: CI built it, so its absence is a bug.
+    ``cpp``, ``cpp_cl`` and ``cpp_im2col`` under ``AQCF_REQUIRE_CPP=1``, which fail: CI built it, so its absence is a bug.
     A backend that does not serve CPU tensors at all is skipped too: these are CPU tests.
     """
     name = request.param
     impl = registered()[name]
     why = impl.unavailable()
     if why is not None:
-        if name in ("cpp", "cpp_cl") and cpp_required():
+        if name in ("cpp", "cpp_cl", "cpp_im2col") and cpp_required():
             pytest.fail(f"AQCF_REQUIRE_CPP=1 but the cpp backend is unavailable: {why}")
         pytest.skip(f"backend {name!r} unavailable: {why}")
     if "cpu" not in impl.device_types:

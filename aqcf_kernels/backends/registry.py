@@ -78,11 +78,12 @@ class Family(Generic[B]):
 # backend's Python path cost ~110-160 µs of host time a fwd+bwd, more than a small layer's device time),
 # and a measured tie (the same cuDNN conv) goes to the first. ``torch`` serves where the extension is
 # not built. On the CPU, ``cpp_cl`` (the same
-# engine on channels_last copies) is a candidate ``auto`` measures, never the rule's pick. Ranking
+# engine on channels_last copies) and ``cpp_im2col`` (the same engine on PyTorch's own real-conv kernels)
+# are candidates ``auto`` measures, never the rule's pick. Ranking
 # backends against each other is a measured, cross-backend decision, so it lives here and not in
 # each backend.
 CONV: Family[ConvBackend] = Family(
-    "conv", ConvBackend, {"cpu": ["cpp", "cpp_cl", "torch"], "cuda": ["cuda", "torch", "triton"]}
+    "conv", ConvBackend, {"cpu": ["cpp", "cpp_cl", "cpp_im2col", "torch"], "cuda": ["cuda", "torch", "triton"]}
 )
 # Attention on CUDA: ``torch`` first, since it calls the kernels SDPA itself runs (flash, memory-efficient);
 # the Triton attention kernels measured 0.35-0.68x of the SDPA-composed block on an H200 (issue 13), so

@@ -18,6 +18,10 @@ struct ConvParams {
   bool transposed;
   std::vector<int64_t> output_padding;
   int64_t groups;
+  // CPU float32 real convs keep PyTorch's own kernel choice (its im2col kernels, where its rule prefers
+  // them to oneDNN) instead of the extension's route to oneDNN (real_conv.h): the `cpp_im2col` backend.
+  // Which is faster at those small sizes depends on the machine, so `auto` times both.
+  bool im2col = false;
 };
 
 // y = act(W ⊗ x (+ bias)); `fast8` picks Howell & Lafon's 8 dense products over the expanded conv.

@@ -13,8 +13,8 @@ namespace {
 
 aqcf::ConvParams params(
     std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation,
-    bool transposed, std::vector<int64_t> output_padding, int64_t groups) {
-  return {std::move(stride), std::move(padding), std::move(dilation), transposed, std::move(output_padding), groups};
+    bool transposed, std::vector<int64_t> output_padding, int64_t groups, bool im2col = false) {
+  return {std::move(stride), std::move(padding), std::move(dilation), transposed, std::move(output_padding), groups, im2col};
 }
 
 // Python callables called from the CPU and CUDA kernels of aqcf::qconv / aqcf::qconv_weight_grad /
@@ -95,17 +95,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       [](const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
          std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation, bool transposed,
          std::vector<int64_t> output_padding, int64_t groups, bool fast8, std::optional<std::string> activation,
-         double negative_slope) {
+         double negative_slope, bool im2col) {
         return aqcf::conv(
             input, weight, bias,
-            params(std::move(stride), std::move(padding), std::move(dilation), transposed, std::move(output_padding), groups),
+            params(std::move(stride), std::move(padding), std::move(dilation), transposed, std::move(output_padding), groups,
+                   im2col),
             fast8, activation_arg(activation, negative_slope));
       },
       "y = act(W ⊗ x (+ bias)): quaternion (transposed) conv; fast8 = 8 dense products, else the expanded conv; "
-      "the activation (relu, leaky_relu, gelu) in the conv's epilogue",
+      "the activation (relu, leaky_relu, gelu) in the conv's epilogue; im2col: the real convs keep PyTorch's own "
+      "kernel choice (no route to oneDNN)",
       py::arg("input"), py::arg("weight"), py::arg("bias"), py::arg("stride"), py::arg("padding"),
       py::arg("dilation"), py::arg("transposed"), py::arg("output_padding"), py::arg("groups"), py::arg("fast8"),
-      py::arg("activation") = py::none(), py::arg("negative_slope") = 0.01, py::call_guard<py::gil_scoped_release>());
+      py::arg("activation") = py::none(), py::arg("negative_slope") = 0.01, py::arg("im2col") = false,
+      py::call_guard<py::gil_scoped_release>());
   m.def(
       "conv_aten",
       [](const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -138,16 +141,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "conv_weight_grad",
       [](const at::Tensor& input, const at::Tensor& grad_output, std::vector<int64_t> weight_shape,
          std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation, bool transposed,
-         std::vector<int64_t> output_padding, int64_t groups, bool fast8) {
+         std::vector<int64_t> output_padding, int64_t groups, bool fast8, bool im2col) {
         return aqcf::conv_weight_grad(
             input, grad_output, weight_shape,
-            params(std::move(stride), std::move(padding), std::move(dilation), transposed, std::move(output_padding), groups),
+            params(std::move(stride), std::move(padding), std::move(dilation), transposed, std::move(output_padding), groups,
+                   im2col),
             fast8);
       },
-      "Gradient of <grad_output, conv(input, W)> w.r.t. W (of weight_shape)",
+      "Gradient of <grad_output, conv(input, W)> w.r.t. W (of weight_shape); im2col as for conv",
       py::arg("input"), py::arg("grad_output"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"),
       py::arg("dilation"), py::arg("transposed"), py::arg("output_padding"), py::arg("groups"), py::arg("fast8"),
-      py::call_guard<py::gil_scoped_release>());
+      py::arg("im2col") = false, py::call_guard<py::gil_scoped_release>());
   m.def(
       "qnorm_forward",
       [](const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
@@ -185,8 +189,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       [](const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, std::vector<int64_t> stride,
          std::vector<int64_t> padding, std::vector<int64_t> dilation, bool transposed,
          std::vector<int64_t> output_padding, int64_t groups, std::optional<std::string> activation,
-         double negative_slope) {
-        const auto p = params(std::move(stride), std::move(padding), std::move(dilation), transposed, std::move(output_padding), groups);
+         double negative_slope, bool im2col) {
+        const auto p = params(
+            std::move(stride), std::move(padding), std::move(dilation), transposed, std::move(output_padding), groups, im2col);
         return std::make_tuple(
             aqcf::real_conv(x, w, bias, p, activation_arg(activation, negative_slope)),
             std::string(aqcf::real_conv_route(x, w.sizes(), p)));
@@ -194,7 +199,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "(act(real conv or transposed conv of x with w), the route it took)", py::arg("input"), py::arg("weight"),
       py::arg("bias"), py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("transposed"),
       py::arg("output_padding"), py::arg("groups"), py::arg("activation") = py::none(),
-      py::arg("negative_slope") = 0.01, py::call_guard<py::gil_scoped_release>());
+      py::arg("negative_slope") = 0.01, py::arg("im2col") = false, py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "_real_conv_route",
+      [](const at::Tensor& x, std::vector<int64_t> weight_shape, std::vector<int64_t> stride,
+         std::vector<int64_t> padding, std::vector<int64_t> dilation, bool transposed,
+         std::vector<int64_t> output_padding, int64_t groups) {
+        const auto p = params(std::move(stride), std::move(padding), std::move(dilation), transposed, std::move(output_padding), groups);
+        return std::string(aqcf::real_conv_route(x, weight_shape, p));
+      },
+      "The route _real_conv takes for such an input and weight shape, without computing it ('aten': PyTorch's own "
+      "choice)",
+      py::arg("input"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
+      py::arg("transposed"), py::arg("output_padding"), py::arg("groups"));
   m.def(
       "_real_conv_fuses_activation",
       [](const at::Tensor& x, bool transposed) {
@@ -206,16 +223,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "_real_conv_weight_grad",
       [](const at::Tensor& x, const at::Tensor& gy, std::vector<int64_t> weight_shape, std::vector<int64_t> stride,
-         std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups) {
+         std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups, bool im2col) {
         const std::vector<int64_t> no_output_padding(stride.size(), 0);
-        const auto p = params(std::move(stride), std::move(padding), std::move(dilation), false, no_output_padding, groups);
+        const auto p =
+            params(std::move(stride), std::move(padding), std::move(dilation), false, no_output_padding, groups, im2col);
         return std::make_tuple(
             aqcf::real_conv_weight_grad(x, gy, weight_shape, p),
             std::string(aqcf::real_conv_weight_grad_route(x, gy, weight_shape, p)));
       },
       "(weight gradient of the real conv gy = conv(x, w), the route it took)", py::arg("input"),
       py::arg("grad_output"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
-      py::arg("groups"), py::call_guard<py::gil_scoped_release>());
+      py::arg("groups"), py::arg("im2col") = false, py::call_guard<py::gil_scoped_release>());
   m.def("_set_fallbacks", &set_fallbacks,
         "The Python implementations of aqcf::qconv, aqcf::qconv_weight_grad and aqcf::qconv_weight_bias_grad "
         "the CPU and CUDA kernels ask first",
@@ -226,14 +244,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
          std::vector<int64_t> weight_shape, std::vector<int64_t> stride, std::vector<int64_t> padding,
          std::vector<int64_t> dilation, bool transposed, std::vector<int64_t> output_padding, int64_t groups,
          bool fast8, const std::string& engine) {
-        TORCH_CHECK(engine == "cpu" || engine == "aten", "engine must be 'cpu' or 'aten', got '", engine, "'");
+        TORCH_CHECK(engine == "cpu" || engine == "cpu_im2col" || engine == "aten",
+                    "engine must be 'cpu', 'cpu_im2col' or 'aten', got '", engine, "'");
         aqcf::remember_choice(
             kind, algorithm, input, other, weight_shape,
             params(std::move(stride), std::move(padding), std::move(dilation), transposed, std::move(output_padding), groups),
-            fast8, engine == "cpu" ? aqcf::Engine::Cpu : aqcf::Engine::Aten);
+            fast8,
+            engine == "cpu" ? aqcf::Engine::Cpu : engine == "cpu_im2col" ? aqcf::Engine::CpuIm2col : aqcf::Engine::Aten);
       },
       "Serve later calls with this signature in C++ (other: the weight, or grad_output for 'weight_grad'); "
-      "engine 'cpu' (the compiled CPU conv) or 'aten' (conv_aten, the cuda backend's path)",
+      "engine 'cpu' (the compiled CPU conv), 'cpu_im2col' (the same with PyTorch's own real-conv kernels, the "
+      "cpp_im2col backend) or 'aten' (conv_aten, the cuda backend's path)",
       py::arg("kind"), py::arg("algorithm"), py::arg("input"), py::arg("other"), py::arg("weight_shape"),
       py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("transposed"), py::arg("output_padding"),
       py::arg("groups"), py::arg("fast8"), py::arg("engine"));

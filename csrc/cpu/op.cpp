@@ -149,7 +149,7 @@ std::tuple<Tensor, Tensor> qconv_native(
     c10::SymIntArrayRef padding, c10::SymIntArrayRef dilation, bool transposed, c10::SymIntArrayRef output_padding,
     c10::SymInt groups, std::string_view algorithm, std::optional<std::string_view> activation,
     double negative_slope, std::string_view kind) {
-  const ConvParams p = params_of(stride, padding, dilation, transposed, output_padding, groups);
+  ConvParams p = params_of(stride, padding, dilation, transposed, output_padding, groups);
   const std::optional<Choice> choice = choices.recall(signature(kind, algorithm, input, weight, weight.sizes(), p));
   if (!choice) {
     TORCH_CHECK(conv_fallback, "aqcf::qconv: the Python implementation is not registered (import aqcf_kernels)");
@@ -157,27 +157,29 @@ std::tuple<Tensor, Tensor> qconv_native(
     if (activation) act = std::string(*activation);
     return conv_fallback(input, weight, bias, p, std::string(algorithm), act, negative_slope, std::string(kind));
   }
+  const bool cpu_engine = choice->engine != Engine::Aten;
+  p.im2col = choice->engine == Engine::CpuIm2col;
   const Activation act = parse_activation(activation, negative_slope);
   const bool keep = stores_preactivation(activation, negative_slope);
-  if (choice->engine == Engine::Cpu && !keep) {  // none, relu, leaky_relu >= 0: in the engine's epilogue
+  if (cpu_engine && !keep) {  // none, relu, leaky_relu >= 0: in the engine's epilogue
     return {in_output_format(input, conv(input, weight, bias, p, choice->fast8, act)), input.new_empty({0})};
   }
   // The ATen path has no epilogue: the activation after the conv, as ops/conv.py applies it for a
   // backend that does not fuse it.
   const Tensor z = in_output_format(
-      input, choice->engine == Engine::Cpu ? conv(input, weight, bias, p, choice->fast8)
-                                           : conv_aten(input, weight, bias, p, choice->fast8));
+      input, cpu_engine ? conv(input, weight, bias, p, choice->fast8) : conv_aten(input, weight, bias, p, choice->fast8));
   if (!activation) return {z, input.new_empty({0})};
   return {activated(z, act), keep ? z : input.new_empty({0})};
 }
 
 std::optional<Tensor> remembered_weight_grad(
-    const Tensor& input, const Tensor& grad_output, const std::vector<int64_t>& shape, const ConvParams& p,
+    const Tensor& input, const Tensor& grad_output, const std::vector<int64_t>& shape, ConvParams p,
     std::string_view algorithm) {
   const std::optional<Choice> choice = choices.recall(signature("weight_grad", algorithm, input, grad_output, shape, p));
   if (!choice) return std::nullopt;
-  const Tensor gw = choice->engine == Engine::Cpu ? conv_weight_grad(input, grad_output, shape, p, choice->fast8)
-                                                  : conv_weight_grad_aten(input, grad_output, shape, p, choice->fast8);
+  p.im2col = choice->engine == Engine::CpuIm2col;
+  const Tensor gw = choice->engine != Engine::Aten ? conv_weight_grad(input, grad_output, shape, p, choice->fast8)
+                                                   : conv_weight_grad_aten(input, grad_output, shape, p, choice->fast8);
   return gw.contiguous();
 }
 

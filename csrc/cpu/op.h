@@ -45,8 +45,9 @@ void set_fallbacks(
     QConvFallback conv, QConvWeightGradFallback weight_grad, QConvWeightBiasGradFallback weight_bias_grad);
 
 // Which compiled code serves a remembered choice: the CPU engine (conv.h's conv / conv_weight_grad, the
-// `cpp` backend) or the ATen path (conv_aten / conv_weight_grad_aten, the `cuda` backend, cuDNN on CUDA).
-enum class Engine { Cpu, Aten };
+// `cpp` backend; CpuIm2col: the same with ConvParams::im2col, the `cpp_im2col` backend) or the ATen path
+// (conv_aten / conv_weight_grad_aten, the `cuda` backend, cuDNN on CUDA).
+enum class Engine { Cpu, CpuIm2col, Aten };
 
 // `kind`: 'forward' | 'input_grad' (a qconv call) or 'weight_grad'; `other` is the weight for the
 // first two and grad_output for the last. `algorithm` is the caller's ('auto' included); `fast8`

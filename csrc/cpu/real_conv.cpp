@@ -72,10 +72,16 @@ at::Tensor two_group_transposed_conv(
   return at::convolution(at::cat({x, x}, 1), w2, bias, p.stride, p.padding, p.dilation, true, p.output_padding, 2);
 }
 
+// Whether this call runs PyTorch's own non-oneDNN kernels: the caller asked for PyTorch's choice
+// (p.im2col) where it differs from the extension's routes.
+bool kept_off_onednn(const at::Tensor& x, at::IntArrayRef weight_shape, const ConvParams& p) {
+  return p.im2col && !pytorch_choice_stands(x, weight_shape, p);
+}
+
 enum class Route { Aten, OneDnn, Flipped, TwoGroups };
 
 Route conv_route(const at::Tensor& x, at::IntArrayRef weight_shape, const ConvParams& p) {
-  if (pytorch_choice_stands(x, weight_shape, p)) return Route::Aten;
+  if (p.im2col || pytorch_choice_stands(x, weight_shape, p)) return Route::Aten;
   if (!p.transposed) return Route::OneDnn;
   if (flippable(weight_shape, p)) return Route::Flipped;
   return weight_shape[1] % 2 == 0 ? Route::TwoGroups : Route::Aten;
@@ -86,7 +92,7 @@ Route conv_route(const at::Tensor& x, at::IntArrayRef weight_shape, const ConvPa
 // conv pads, or past an odd last half). The same sum of products, so the same gradient; two samples
 // go to oneDNN. Copies x and gy once (small next to the correlation).
 bool two_slabs_fit(const at::Tensor& x, const at::Tensor& gy, at::IntArrayRef shape, const ConvParams& p) {
-  return !p.transposed && gy.size(2) >= 2 && !pytorch_choice_stands(x, shape, p);
+  return !p.transposed && !p.im2col && gy.size(2) >= 2 && !pytorch_choice_stands(x, shape, p);
 }
 
 at::Tensor two_slab_weight_grad(const at::Tensor& x, const at::Tensor& gy, at::IntArrayRef shape, const ConvParams& p) {
@@ -177,7 +183,7 @@ at::Tensor real_conv(
     const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, const ConvParams& p,
     const Activation& act) {
   if (!act.any()) return routed_conv(x, w, bias, p);
-  if (real_conv_fuses_activation(x, p)) return pointwise_conv(x, w, bias, p, act);
+  if (real_conv_fuses_activation(x, p) && !kept_off_onednn(x, w.sizes(), p)) return pointwise_conv(x, w, bias, p, act);
   at::Tensor y = routed_conv(x, w, bias, p);
   activate_(y, act);
   return y;

@@ -1,5 +1,6 @@
 """The ``cpp`` conv backends: the compiled CPU extension ``aqcf_kernels._C`` (csrc/cpu), as called
-(``cpp``) and on channels_last copies of channels-first operands (``cpp_cl``)."""
+(``cpp``), on channels_last copies of channels-first operands (``cpp_cl``), and with its real convs on
+PyTorch's own kernel choice (``cpp_im2col``)."""
 
 from __future__ import annotations
 
@@ -102,3 +103,69 @@ class CppChannelsLastConvBackend(CppConvBackend):
     ) -> Tensor:
         x, gy = self._operand(input), self._operand(grad_output)
         return _C.conv_weight_grad(x, gy, list(weight_shape), *p.as_op_args(), False)
+
+
+class CppIm2colConvBackend(CppConvBackend):
+    """The ``cpp`` engine with its real convs left to PyTorch's own kernel choice.
+
+    PyTorch sends a float32 conv of one sample on few channels to its im2col kernels (``slow_conv2d``
+    and kin) rather than oneDNN; the cpp engine routes those to oneDNN (csrc/cpu/real_conv.cpp), which was
+    2-16x faster on the 3D model's convs. At the small end the order flips: oneDNN's cost per call is
+    more than such a conv's work (A-QCF-Net at 2D 32² B1, features 8-32, AMD EPYC, 1 thread: a training
+    step 29 ms with the route, 22 ms without). Where the crossover lies depends on the CPU, so this is
+    one more candidate ``auto`` times wherever the two routes differ, never the rule's pick. The hamilton
+    algorithm only: fast8's 8 products are smaller convs still, one more candidate pair to time where the
+    expanded conv is the faster of the two anyway at these sizes (``policy.fast8_pays_off``).
+    """
+
+    name = "cpp_im2col"
+
+    def algorithms(self, input: Tensor) -> tuple[str, ...]:
+        return ("hamilton",)
+
+    def cannot_serve(self, input: Tensor, weight: Tensor, params: ConvParams, algorithm: str) -> str | None:
+        if algorithm != "hamilton":
+            return "runs the hamilton algorithm only"
+        if input.dtype != torch.float32:
+            return f"the cpp engine reroutes float32 real convs only: in {input.dtype} it runs PyTorch's choice already"
+        if is_pointwise(weight.shape, params):
+            return "a pointwise conv is one GEMM on the tokens in the cpp backend: no real conv to route"
+        # The expanded conv's route; a weight gradient is asked about its forward conv's input (for a
+        # transposed conv the correlation runs on the output gradient, of other sizes: an estimate).
+        expanded = [4 * weight.shape[1], 4 * weight.shape[2], *weight.shape[3:]]
+        if _C._real_conv_route(input, expanded, *params.as_op_args()) == "aten":
+            return "PyTorch's own kernel choice is the cpp backend's here: nothing differs"
+        return None
+
+    def native_engine(self) -> str | None:
+        """``'cpu_im2col'``: the extension's CPU engine with ConvParams::im2col (see :class:`CppConvBackend`)."""
+        own = ("conv", "conv_act", "conv_weight_grad", "_operand")
+        return "cpu_im2col" if has_own_methods(self, CppIm2colConvBackend, own) else None
+
+    # Its own methods, as cpp_cl's: measuring and tests treat the backends apart.
+    def conv(self, input: Tensor, weight: Tensor, bias: Tensor | None, p: ConvParams, algorithm: str) -> Tensor:
+        return _C.conv(input, weight, bias, *p.as_op_args(), False, im2col=True)
+
+    def conv_act(
+        self,
+        input: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        p: ConvParams,
+        algorithm: str,
+        activation: str,
+        negative_slope: float,
+        keep_pre: bool,
+    ) -> tuple[Tensor, Tensor | None]:
+        if keep_pre:
+            z = _C.conv(input, weight, bias, *p.as_op_args(), False, im2col=True)
+            return activate(z, activation, negative_slope), z
+        return _C.conv(input, weight, bias, *p.as_op_args(), False, activation, negative_slope, im2col=True), None
+
+    def conv_weight_grad(
+        self, input: Tensor, grad_output: Tensor, weight_shape: list[int], p: ConvParams, algorithm: str
+    ) -> Tensor:
+        return _C.conv_weight_grad(input, grad_output, list(weight_shape), *p.as_op_args(), False, im2col=True)
+
+    def _operand(self, t: Tensor) -> Tensor:
+        return t
