@@ -77,7 +77,7 @@ def _attributed(model: nn.Module, step: Callable[[], None], families: Mapping[st
         wall_us = (time.perf_counter() - start) * 1e6
     events = prof.events()
     family_of_event: dict[int, str] = {}
-    family_of_node: dict[int, str] = {}  # forward op's sequence number -> family
+    family_of_node: dict[int, str | None] = {}  # forward op's sequence number -> family
 
     def family(e) -> str | None:
         key = id(e)
@@ -92,11 +92,13 @@ def _attributed(model: nn.Module, step: Callable[[], None], families: Mapping[st
         return family_of_event[key]
 
     # Forward first (events come in start order, a node's forward op before its backward), then all.
+    # Every op that starts while autograd's counter is at n records n, whether or not it makes a node
+    # (a norm's in-place update of its running statistics does not); the op that makes node n is the
+    # last of them to start, since the counter moves on as it does. So the last one decides, family or
+    # not: with the first, a conv's backward after a norm counted for the norm.
     for e in events:
         if not e.name.startswith(_BACKWARD) and e.sequence_nr >= 0:
-            f = family(e)
-            if f is not None:
-                family_of_node.setdefault(e.sequence_nr, f)
+            family_of_node[e.sequence_nr] = family(e)
     thread = next((e.thread for e in events if e.name.startswith(_SCOPE)), None)
     # (intra-op worker threads run inside a main-thread op's span)
     claimed = [(e, f) for e in events if e.thread == thread and (f := family(e)) is not None]

@@ -120,8 +120,8 @@ def rel_errors():
 def backend(request, monkeypatch) -> str:
     """Force one registered backend through ``AQCF_BACKEND`` for the whole test.
 
-    An unavailable backend is skipped with its own reason (visible in ``pytest -rs``), except
-    ``cpp``, ``cpp_cl`` and ``cpp_im2col`` under ``AQCF_REQUIRE_CPP=1``, which fail: CI built it, so its absence is a bug.
+    An unavailable backend is skipped with its own reason (visible in ``pytest -rs``), except ``cpp``,
+    ``cpp_cl`` and ``cpp_im2col`` under ``AQCF_REQUIRE_CPP=1``, which fail: CI built it, so its absence is a bug.
     A backend that does not serve CPU tensors at all is skipped too: these are CPU tests.
     """
     name = request.param

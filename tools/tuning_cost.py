@@ -10,6 +10,7 @@ step's time, is the cost of measuring in "calls of the layer" (fwd+bwd steps).
 
     python tools/tuning_cost.py            # the conv benchmark's target cases
     python tools/tuning_cost.py --reps 5
+    python tools/tuning_cost.py --only N1   # the one-sample cases (where cpp_im2col is a candidate)
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ CASES = {  # name: (spatial dims, quaternion channels, size, batch)
     "3d 32q N2 32³": (3, 32, 32, 2),
     "2d 16q N4 64²": (2, 16, 64, 4),
     "1d 16q N8 1024": (1, 16, 1024, 8),
+    # one sample on few channels: the cpp engine's oneDNN route and PyTorch's im2col kernels (cpp_im2col)
+    # are both timed; the host model's level 0, and a 3D level where oneDNN was far ahead
+    "2d 2q N1 32²": (2, 2, 32, 1),
+    "3d 4q N1 32³": (3, 4, 32, 1),
 }
 
 
@@ -47,10 +52,13 @@ def step(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=3, help="fresh-cache repetitions per case (default 3)")
+    parser.add_argument("--only", default="", help="run the cases whose name contains this text")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"{'case':<16} {'first step':>11} {'steps':>7} {'later step':>11} {'cost (calls)':>13}")
     for name, (dims, ch, size, batch) in CASES.items():
+        if args.only not in name:
+            continue
         x = torch.randn(batch, 4 * ch, *[size] * dims, requires_grad=True)
         w = (0.1 * torch.randn(4, ch, ch, *[3] * dims)).requires_grad_()
         b = torch.randn(4 * ch, requires_grad=True)

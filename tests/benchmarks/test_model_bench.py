@@ -65,6 +65,38 @@ def test_backward_ops_go_to_the_family_of_their_forward_op() -> None:
     assert "aten::mm" in fwdbwd["mm"] and "aten::mm" not in fwd["mm"]
 
 
+class _RunningMean(nn.Module):
+    """tanh, then an in-place update of a buffer, as a norm updates its running statistics: an op that
+    records autograd's counter without making a node."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("running", torch.zeros(768))
+
+    def forward(self, x):
+        y = torch.tanh(x)
+        self.running.mul_(0.9).add_(y.detach().mean(0), alpha=0.1)
+        return y
+
+
+def test_a_node_goes_to_the_op_that_made_it_not_to_an_earlier_one_with_its_number() -> None:
+    """The buffer update and the next module's first op record the same sequence number; the node is the
+    second's (a conv's backward after a norm was counted for the norm)."""
+    net = nn.Sequential(_RunningMean(), nn.Linear(768, 768))
+    families = {"cheap": (_RunningMean,), "mm": (nn.Linear,)}
+    x = torch.randn(64, 768, requires_grad=True)
+
+    def forward_backward() -> None:
+        net.zero_grad()
+        net(x).sum().backward()
+
+    ops = breakdown.profiled_ops(net, forward_backward, families)
+    backward = {
+        f: {n[len(breakdown._BACKWARD) :] for n in o if n.startswith(breakdown._BACKWARD)} for f, o in ops.items()
+    }
+    assert backward == {"cheap": {"TanhBackward0"}, "mm": {"AddmmBackward0", "TBackward0"}}
+
+
 def test_the_outermost_family_claims_nested_modules() -> None:
     outer = nn.Sequential(nn.Linear(512, 512), nn.Tanh())
     families = {"block": (nn.Sequential,), "mm": (nn.Linear,)}

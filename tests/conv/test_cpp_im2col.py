@@ -50,9 +50,7 @@ def _real_args(dims, stride, padding, dilation, output_padding, transposed):
 
 
 @pytest.mark.parametrize("activation", [None, "relu", "gelu"])
-@pytest.mark.parametrize(
-    ("geometry", "transposed"), [(g, False) for g in FORWARD] + [(g, True) for g in TRANSPOSED]
-)
+@pytest.mark.parametrize(("geometry", "transposed"), [(g, False) for g in FORWARD] + [(g, True) for g in TRANSPOSED])
 def test_im2col_runs_pytorchs_own_conv_where_the_extension_takes_onednn(geometry, transposed, activation) -> None:
     dims, stride, padding, dilation, output_padding = geometry
     x = _rand(1, 4, *[7 + d for d in range(dims)], seed=1)
@@ -73,7 +71,9 @@ def test_im2col_runs_pytorchs_own_conv_where_the_extension_takes_onednn(geometry
     _exactly(y, want)
 
 
-@pytest.mark.parametrize(("dims", "size", "stride", "padding", "dilation"), [(3, 8, 1, 1, 1), (2, 11, 2, 2, 2), (1, 13, 3, 1, 1)])
+@pytest.mark.parametrize(
+    ("dims", "size", "stride", "padding", "dilation"), [(3, 8, 1, 1, 1), (2, 11, 2, 2, 2), (1, 13, 3, 1, 1)]
+)
 def test_im2col_weight_gradient_is_pytorchs_own(dims, size, stride, padding, dilation) -> None:
     x = _rand(1, 4, *[size + d for d in range(dims)], seed=4)[..., 1:]  # a non-contiguous view
     w = _rand(6, 4, *[3] * dims, seed=5)
@@ -159,7 +159,7 @@ def test_the_quaternion_conv_meets_the_contract_on_pytorchs_kernels(
 ) -> None:
     monkeypatch.setenv("AQCF_BACKEND", "cpp_im2col")
     x = qrand(1, 12, *[9 - d for d in range(dims)], dtype=torch.float32, seed=1)
-    x = torch.cat([x, x], -1)[..., 1:10 - dims]  # a non-contiguous view, odd sizes
+    x = torch.cat([x, x], -1)[..., 1 : 10 - dims]  # a non-contiguous view, odd sizes
     w = qrand(4, 2, 3, *[3] * dims, dim=0, dtype=torch.float32, seed=2)
     b = qrand(8, dim=0, dtype=torch.float32, seed=3)
     if transposed:
@@ -174,7 +174,9 @@ def test_the_quaternion_conv_meets_the_contract_on_pytorchs_kernels(
         y.backward(gy)
     ran = {e.name for e in prof.events()}
     assert not {name for name in ran if "mkldnn" in name}, sorted(ran)
-    assert {name for name in ran if name.startswith("aten::_slow_conv") or name.startswith("aten::slow_conv")}, sorted(ran)
+    assert {name for name in ran if name.startswith("aten::_slow_conv") or name.startswith("aten::slow_conv")}, sorted(
+        ran
+    )
     xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, w, b))
     ref = reference.quaternion_conv_naive(xd, wd, bd, **kw)
     if activation == "leaky_relu":
