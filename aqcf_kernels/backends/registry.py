@@ -303,10 +303,12 @@ class BackendTable(list):
     """What :func:`backends` returns: a list of :class:`BackendStatus` that prints as a table."""
 
     def __repr__(self) -> str:
-        rows = ["backend  family     devices            status", "-------  ---------  -----------------  ------"]
+        width = max([len("backend"), *(len(s.name) for s in self)])
+        rows = [f"{'backend':<{width}}  family     devices            status"]
+        rows.append(f"{'-' * width}  ---------  -----------------  ------")
         for s in self:
             status = "available" if s.available else f"unavailable: {s.reason}"
-            rows.append(f"{s.name:<8} {s.family:<10} {','.join(s.device_types):<18} {status}")
+            rows.append(f"{s.name:<{width}}  {s.family:<10} {','.join(s.device_types):<18} {status}")
         return "\n".join(rows)
 
     __str__ = __repr__
