@@ -21,6 +21,10 @@ class CppConvBackend(ConvBackend):
     # fast8's output pass; so the op writes the output once. Where the backward needs the
     # pre-activation (gelu, a negative slope), the conv's output is kept and activated after.
     fuses_activation = True
+    #: The extension's ConvParams::im2col: its real convs on PyTorch's own kernel choice (``cpp_im2col``),
+    #: and the engine name its remembered calls are served by.
+    _im2col = False
+    _engine = "cpu"
 
     def unavailable(self) -> str | None:
         return _IMPORT_ERROR
@@ -29,10 +33,11 @@ class CppConvBackend(ConvBackend):
         return None
 
     def native_engine(self) -> str | None:
-        """``'cpu'``: the extension's op kernels compute what this backend's methods do (not when a test or a
-        subclass has replaced them), so a call this backend served may skip Python next time (ops/conv.py)."""
+        """``'cpu'`` (``'cpu_im2col'``): the extension's op kernels compute what this backend's methods do
+        (not when a test or a subclass has replaced them), so a call this backend served may skip Python
+        next time (ops/conv.py)."""
         own = ("conv", "conv_act", "conv_weight_grad", "_operand")
-        return "cpu" if has_own_methods(self, CppConvBackend, own) else None
+        return self._engine if has_own_methods(self, CppConvBackend, own) else None
 
     def _operand(self, t: Tensor) -> Tensor:
         """An activation or gradient as the extension is handed it (``cpp_cl``: a channels_last copy)."""
@@ -40,7 +45,7 @@ class CppConvBackend(ConvBackend):
 
     # Pointwise hamilton convs are one GEMM in the extension too (csrc/cpu/conv.cpp: conv_pointwise).
     def conv(self, input: Tensor, weight: Tensor, bias: Tensor | None, p: ConvParams, algorithm: str) -> Tensor:
-        return _C.conv(self._operand(input), weight, bias, *p.as_op_args(), algorithm == "fast8")
+        return _C.conv(self._operand(input), weight, bias, *p.as_op_args(), algorithm == "fast8", im2col=self._im2col)
 
     def conv_act(
         self,
@@ -55,14 +60,15 @@ class CppConvBackend(ConvBackend):
     ) -> tuple[Tensor, Tensor | None]:
         x, fast8 = self._operand(input), algorithm == "fast8"
         if keep_pre:  # the backward reads the pre-activation: write it, then activate a copy
-            z = _C.conv(x, weight, bias, *p.as_op_args(), fast8)
+            z = _C.conv(x, weight, bias, *p.as_op_args(), fast8, im2col=self._im2col)
             return activate(z, activation, negative_slope), z
-        return _C.conv(x, weight, bias, *p.as_op_args(), fast8, activation, negative_slope), None
+        return _C.conv(x, weight, bias, *p.as_op_args(), fast8, activation, negative_slope, im2col=self._im2col), None
 
     def conv_weight_grad(
         self, input: Tensor, grad_output: Tensor, weight_shape: list[int], p: ConvParams, algorithm: str
     ) -> Tensor:
-        return _C.conv_weight_grad(input, grad_output, list(weight_shape), *p.as_op_args(), algorithm == "fast8")
+        args = (input, grad_output, list(weight_shape), *p.as_op_args(), algorithm == "fast8")
+        return _C.conv_weight_grad(*args, im2col=self._im2col)
 
 
 class CppChannelsLastConvBackend(CppConvBackend):
@@ -119,6 +125,8 @@ class CppIm2colConvBackend(CppConvBackend):
     """
 
     name = "cpp_im2col"
+    _im2col = True
+    _engine = "cpu_im2col"
 
     def algorithms(self, input: Tensor) -> tuple[str, ...]:
         return ("hamilton",)
@@ -136,36 +144,3 @@ class CppIm2colConvBackend(CppConvBackend):
         if _C._real_conv_route(input, expanded, *params.as_op_args()) == "aten":
             return "PyTorch's own kernel choice is the cpp backend's here: nothing differs"
         return None
-
-    def native_engine(self) -> str | None:
-        """``'cpu_im2col'``: the extension's CPU engine with ConvParams::im2col (see :class:`CppConvBackend`)."""
-        own = ("conv", "conv_act", "conv_weight_grad", "_operand")
-        return "cpu_im2col" if has_own_methods(self, CppIm2colConvBackend, own) else None
-
-    # Its own methods, as cpp_cl's: measuring and tests treat the backends apart.
-    def conv(self, input: Tensor, weight: Tensor, bias: Tensor | None, p: ConvParams, algorithm: str) -> Tensor:
-        return _C.conv(input, weight, bias, *p.as_op_args(), False, im2col=True)
-
-    def conv_act(
-        self,
-        input: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        p: ConvParams,
-        algorithm: str,
-        activation: str,
-        negative_slope: float,
-        keep_pre: bool,
-    ) -> tuple[Tensor, Tensor | None]:
-        if keep_pre:
-            z = _C.conv(input, weight, bias, *p.as_op_args(), False, im2col=True)
-            return activate(z, activation, negative_slope), z
-        return _C.conv(input, weight, bias, *p.as_op_args(), False, activation, negative_slope, im2col=True), None
-
-    def conv_weight_grad(
-        self, input: Tensor, grad_output: Tensor, weight_shape: list[int], p: ConvParams, algorithm: str
-    ) -> Tensor:
-        return _C.conv_weight_grad(input, grad_output, list(weight_shape), *p.as_op_args(), False, im2col=True)
-
-    def _operand(self, t: Tensor) -> Tensor:
-        return t
