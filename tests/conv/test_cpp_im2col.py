@@ -8,7 +8,7 @@ post-op); the route query agrees with the route taken; the backend serves exactl
 differ and says why not elsewhere; through the quaternion op, forward and both gradients meet the
 accuracy contract against ``reference.py`` on odd sizes, strides, transposed convs, activations and
 non-contiguous inputs, and never touch oneDNN; a call it served is remembered by the extension and
-served natively, bit-identically; ``auto`` offers it where it can differ."""
+served natively, bit-identically. (That ``auto`` times it where the routes differ: test_tuning.py.)"""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aqcf_kernels import backends, reference, tuning
+from aqcf_kernels import backends, reference
 from aqcf_kernels import functional as QF
 from aqcf_kernels.backends._extension import _C
 from aqcf_kernels.params import ConvParams
@@ -207,26 +207,3 @@ def test_a_call_it_served_is_remembered_and_served_natively(asked, qrand, monkey
     assert not {e.name for e in prof.events() if "mkldnn" in e.name}, "the native path took oneDNN"
     for a, b_ in zip(second, first, strict=True):
         _exactly(a, b_)
-
-
-def test_auto_times_it_where_the_routes_differ_and_only_there(monkeypatch) -> None:
-    monkeypatch.delenv("AQCF_BACKEND", raising=False)
-    monkeypatch.setattr(tuning, "mode", "measure")
-    seen: list[list[str]] = []
-    real = tuning._measure
-
-    def spy(candidates, run, device, prior):
-        seen.append([str(c) for c in candidates])
-        return real(candidates, run, device, prior)
-
-    monkeypatch.setattr(tuning, "_measure", spy)
-    monkeypatch.setenv("AQCF_TUNING_CACHE", "off")
-    tuning.clear()
-    try:
-        w = _rand(4, 2, 2, 3, 3, seed=9)
-        QF.quaternion_conv2d(_rand(1, 8, 9, 9, seed=10), w, None, padding=1)
-        assert "cpp_im2col/hamilton" in seen[-1]
-        QF.quaternion_conv2d(_rand(2, 8, 9, 9, seed=11), w, None, padding=1)
-        assert "cpp_im2col/hamilton" not in seen[-1]
-    finally:
-        tuning.clear()

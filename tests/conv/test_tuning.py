@@ -657,6 +657,22 @@ def test_each_candidate_is_timed_with_its_copy_back_to_the_callers_layout(cache,
         assert out.is_contiguous(), f"{name} was timed without its conversion to the caller's layout"
 
 
+@pytest.mark.skipif(
+    "cpp_im2col" not in backends.registered() or backends.registered()["cpp_im2col"].unavailable() is not None,
+    reason="the extension is not built",
+)
+def test_pytorchs_own_kernels_are_timed_where_the_cpp_engine_reroutes_and_only_there(cache, measured, monkeypatch):
+    """``cpp_im2col`` (the cpp engine without its route to oneDNN) is a candidate for a one-sample float32
+    conv on few channels, where the two differ; not for two samples, where PyTorch takes oneDNN itself."""
+    monkeypatch.delenv("AQCF_BACKEND", raising=False)
+    g = torch.Generator().manual_seed(9)
+    w = torch.randn(4, 2, 2, 3, 3, generator=g)
+    QF.quaternion_conv2d(torch.randn(1, 8, 9, 9, generator=g), w, None, padding=1)
+    assert "cpp_im2col/hamilton" in measured[-1]
+    QF.quaternion_conv2d(torch.randn(2, 8, 9, 9, generator=g), w, None, padding=1)
+    assert "cpp_im2col/hamilton" not in measured[-1]
+
+
 def test_channels_last_copies_are_timed_only_for_3d_convs_on_few_channels() -> None:
     """Where ``cpp_cl`` never won (2d; 32+ quaternion channels per group) it is not a candidate: a third
     candidate that cannot win only makes measuring dearer."""
