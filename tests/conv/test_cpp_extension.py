@@ -46,11 +46,13 @@ def ext(request):
     return _Entries(_C.conv_aten, _C.conv_weight_grad_aten)
 
 
-def _case(qrand, dims, transposed, groups, stride, padding, dilation, bias, *, batch=2, size=7, dtype=torch.float64):
+def _case(
+    qrand, dims, transposed, groups, stride, padding, dilation, bias, *, batch=2, size=7, dtype=torch.float64, kernel=3
+):
     cq_in, cq_out = 2 * groups, 3 * groups
     x = qrand(batch, 4 * cq_in, *[size - d for d in range(dims)], dtype=dtype, seed=1)  # odd, unequal sizes
     a, b = (cq_in, cq_out // groups) if transposed else (cq_out, cq_in // groups)
-    w = qrand(4, a, b, *[3] * dims, dim=0, dtype=dtype, seed=2)
+    w = qrand(4, a, b, *[kernel] * dims, dim=0, dtype=dtype, seed=2)
     bias_t = qrand(4 * cq_out, dim=0, dtype=dtype, seed=3) if bias else None
     p = ConvParams(
         dims,
@@ -101,6 +103,20 @@ GRID = [
 @pytest.mark.parametrize("dims,transposed,groups,stride,padding,dilation,bias", GRID)
 def test_matches_reference_float64(ext, qrand, dims, transposed, groups, stride, padding, dilation, bias, fast8):
     _check(ext, *_case(qrand, dims, transposed, groups, stride, padding, dilation, bias), fast8)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_pointwise_convs_match_reference_float64(ext, qrand, transposed, bias, batch, layout):
+    """1x1 convs are one GEMM over the tokens (conv_pointwise; one sample: the bias is the GEMM's addend)."""
+    x, w, b, p = _case(qrand, 2, transposed, 1, 1, 0, 1, bias, batch=batch, kernel=1)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = torch.repeat_interleave(x, 2, dim=-1)[..., ::2]
+    _check(ext, x, w, b, p, fast8=False)
 
 
 @pytest.mark.parametrize("fast8", [False, True], ids=["hamilton", "fast8"])
