@@ -122,8 +122,8 @@ def _quaternion_norm(
     spatial = tuple(range(3, input.dim() + 1))
     ones = (1,) * len(spatial)
     reduce = spatial if per_sample else (0, *spatial)
-    blocked = input.unflatten(1, (4, cq)).shape
-    count = math.prod([blocked[d] for d in reduce])  # (a list: dynamo cannot trace a generator here)
+    # values per statistic: the spatial size, times the batch for batch norm (no view made to count them)
+    count = math.prod(input.shape[2:]) * (1 if per_sample else input.shape[0])
     # An empty input (a zero-size batch or spatial dim) is normalised to an empty output, the running
     # statistics untouched, as torch's norms do: no statistics to take, nothing to check.
     empty = input.numel() == 0
@@ -198,13 +198,13 @@ def _update_running(
     norm has one set: no average to take. Three ops then, where a layer of a training step ran seven (a
     launch each on a GPU); the statistics are detached, so nothing is recorded for autograd.
     """
-    new_mean = mean.detach().reshape(-1, 4 * cq)
-    new_var = stat.detach().reshape(-1, cq, 4, 4) if whiten else stat.detach().reshape(-1, cq)
+    shape = (cq, 4, 4) if whiten else (cq,)
     unbiased = count / (count - 1)
-    if new_mean.shape[0] == 1:
-        new_mean, new_var = new_mean[0], new_var[0] * unbiased
+    if mean.numel() == 4 * cq:  # one set of statistics
+        new_mean, new_var = mean.detach().reshape(4 * cq), stat.detach().reshape(shape) * unbiased
     else:
-        new_mean, new_var = new_mean.mean(0), new_var.mean(0) * unbiased
+        new_mean = mean.detach().reshape(-1, 4 * cq).mean(0)
+        new_var = stat.detach().reshape(-1, *shape).mean(0) * unbiased
     running_mean.lerp_(new_mean.to(running_mean.dtype), momentum)
     running_var.lerp_(new_var.to(running_var.dtype), momentum)
 
