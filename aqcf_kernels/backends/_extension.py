@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from types import ModuleType
 
 import torch
@@ -42,10 +42,25 @@ def forget_native_choices() -> None:
                 getattr(_C, forget)()
 
 
-def register_python_kernels(ops: Iterable[tuple[str, Callable, Callable]]) -> None:
-    """For ops the extension defines: each ``(name, implementation, fake)``'s Python implementation serves
-    the devices the extension has no kernel for (its kernels ask it first for the others), and its fake
-    implementation the meta tensors of tracing."""
+def define_ops(
+    ops: Iterable[tuple[str, Callable, Callable]],
+    native: bool,
+    autograd: Mapping[str, tuple[Callable, Callable]] = {},  # noqa: B006 (read only)
+) -> None:
+    """The Python side of the ops ``ops``, each ``(name, implementation, fake)``.
+
+    ``native`` (the extension defines them, with its own autograd): each Python implementation serves the
+    devices the extension has no kernel for (its kernels ask it first for the others), and its fake
+    implementation the meta tensors of tracing. Otherwise each is a ``torch.library.custom_op`` with its
+    fake and, where ``autograd`` names it, its ``(backward, setup_context)``.
+    """
     for name, impl, fake in ops:
-        torch.library.impl(name, "CompositeExplicitAutograd", impl)
-        torch.library.register_fake(name, fake)
+        if native:
+            torch.library.impl(name, "CompositeExplicitAutograd", impl)
+            torch.library.register_fake(name, fake)
+            continue
+        op = torch.library.custom_op(name, impl, mutates_args=())
+        op.register_fake(fake)
+        if name in autograd:
+            backward, setup_context = autograd[name]
+            op.register_autograd(backward, setup_context=setup_context)

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from ..backends._extension import _C, NATIVE_DEVICES, register_python_kernels
+from ..backends._extension import _C, NATIVE_DEVICES, define_ops
 from ..backends.base import AttentionBackend, lse_dtype
 
 #: the four ops are the extension's (csrc/cpu/attention_op.cpp), with the functions below as fallbacks
@@ -188,10 +188,11 @@ _OPS = (
 
 if NATIVE:
     _C._set_attention_fallbacks(cross_attention, cross_attention_backward, gated_residual, gated_residual_backward)
-    register_python_kernels(_OPS)
-else:
-    _custom = {name: torch.library.custom_op(name, impl, mutates_args=()) for name, impl, _ in _OPS}
-    for _name, _, _fake in _OPS:
-        _custom[_name].register_fake(_fake)
-    _custom["aqcf::cross_attention"].register_autograd(_attention_backward, setup_context=_attention_setup_context)
-    _custom["aqcf::gated_residual"].register_autograd(_gate_backward, setup_context=_gate_setup_context)
+define_ops(
+    _OPS,
+    NATIVE,
+    autograd={
+        "aqcf::cross_attention": (_attention_backward, _attention_setup_context),
+        "aqcf::gated_residual": (_gate_backward, _gate_setup_context),
+    },
+)

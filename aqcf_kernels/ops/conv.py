@@ -44,7 +44,7 @@ from torch import Tensor
 from torch._prims_common import make_channels_last_strides_for, make_contiguous_strides_for, suggest_memory_format
 
 from .. import backends
-from ..backends._extension import _C, NATIVE_DEVICES, register_python_kernels
+from ..backends._extension import _C, NATIVE_DEVICES, define_ops
 from ..backends.base import activate, bias_grad
 from ..params import ConvParams, conv_output_shape
 
@@ -494,29 +494,19 @@ def _weight_grad_backward(ctx, grad_grad_weight):
 
 if NATIVE:
     _C._set_fallbacks(qconv, qconv_weight_grad, qconv_weight_bias_grad)
-    # The last two have no derivatives: the compiled kernels serve CPU (both) and CUDA
-    # (qconv_weight_bias_grad, asking Python for what it did not remember); the Python ones serve the other
-    # devices (activation_grad_bias: Triton on CUDA).
-    register_python_kernels(
-        [
-            ("aqcf::qconv", qconv, _qconv_fake),
-            ("aqcf::qconv_weight_grad", qconv_weight_grad, _weight_grad_fake),
-            ("aqcf::activation_grad_bias", activation_grad_bias, _activation_grad_bias_fake),
-            ("aqcf::qconv_weight_bias_grad", qconv_weight_bias_grad, _weight_bias_grad_fake),
-        ]
-    )
-else:
-    _qconv_op = torch.library.custom_op("aqcf::qconv", qconv, mutates_args=())
-    _qconv_op.register_fake(_qconv_fake)
-    _qconv_op.register_autograd(_qconv_backward, setup_context=_qconv_setup_context)
-    _weight_grad_op = torch.library.custom_op("aqcf::qconv_weight_grad", qconv_weight_grad, mutates_args=())
-    _weight_grad_op.register_fake(_weight_grad_fake)
-    _weight_grad_op.register_autograd(_weight_grad_backward, setup_context=_weight_grad_setup_context)
-    _activation_grad_bias_op = torch.library.custom_op(
-        "aqcf::activation_grad_bias", activation_grad_bias, mutates_args=()
-    )
-    _activation_grad_bias_op.register_fake(_activation_grad_bias_fake)
-    _weight_bias_grad_op = torch.library.custom_op(
-        "aqcf::qconv_weight_bias_grad", qconv_weight_bias_grad, mutates_args=()
-    )
-    _weight_bias_grad_op.register_fake(_weight_bias_grad_fake)
+# The last two have no derivatives: with the extension its compiled kernels serve CPU (both) and CUDA
+# (qconv_weight_bias_grad, asking Python for what it did not remember); the Python ones serve the other
+# devices (activation_grad_bias: Triton on CUDA).
+define_ops(
+    [
+        ("aqcf::qconv", qconv, _qconv_fake),
+        ("aqcf::qconv_weight_grad", qconv_weight_grad, _weight_grad_fake),
+        ("aqcf::activation_grad_bias", activation_grad_bias, _activation_grad_bias_fake),
+        ("aqcf::qconv_weight_bias_grad", qconv_weight_bias_grad, _weight_bias_grad_fake),
+    ],
+    NATIVE,
+    autograd={
+        "aqcf::qconv": (_qconv_backward, _qconv_setup_context),
+        "aqcf::qconv_weight_grad": (_weight_grad_backward, _weight_grad_setup_context),
+    },
+)

@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..backends._extension import _C, register_python_kernels
+from ..backends._extension import _C, define_ops
 from ..layout import quaternion_channels
 
 #: the ops are the extension's (csrc/cpu/norm_op.cpp), with the functions below as fallbacks
@@ -191,12 +191,8 @@ def composite_backward(grad_y, input, weight, bias, mean, var, use_input_stats, 
 
 if NATIVE:
     _C._set_norm_fallbacks(qnorm, qnorm_backward, composite_backward)
-    register_python_kernels(  # CUDA (Triton) and the devices without a compiled kernel
-        [("aqcf::qnorm", qnorm, _qnorm_fake), ("aqcf::qnorm_backward", qnorm_backward, _qnorm_backward_fake)]
-    )
-else:
-    _qnorm_op = torch.library.custom_op("aqcf::qnorm", qnorm, mutates_args=())
-    _qnorm_op.register_fake(_qnorm_fake)
-    _qnorm_op.register_autograd(_backward, setup_context=_setup_context)
-    _qnorm_backward_op = torch.library.custom_op("aqcf::qnorm_backward", qnorm_backward, mutates_args=())
-    _qnorm_backward_op.register_fake(_qnorm_backward_fake)
+define_ops(  # with the extension, Python serves CUDA (Triton) and the devices without a compiled kernel
+    [("aqcf::qnorm", qnorm, _qnorm_fake), ("aqcf::qnorm_backward", qnorm_backward, _qnorm_backward_fake)],
+    NATIVE,
+    autograd={"aqcf::qnorm": (_backward, _setup_context)},
+)
