@@ -251,6 +251,43 @@ def ptx_loops(ptx: str) -> list[str]:
     return ["\n".join(lines[s : e + 1]) for s, e in sorted(innermost)]
 
 
+def sass_loops(cubin: bytes) -> list[int]:
+    """The SASS instructions of one iteration of each MMA loop (``HGMMA``/``HMMA``; else ``FFMA``), innermost
+    ones, in program order: what every warp of a program issues per K step."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        sass = subprocess.run([str(CUOBJDUMP), "-sass", f.name], capture_output=True, text=True).stdout
+    finally:
+        os.unlink(f.name)
+    code = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*;)", sass)]
+    regions = []
+    for i, (address, text) in enumerate(code):
+        m = re.search(r"\bBRA (0x[0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < address:
+            start = next(j for j, (a, _) in enumerate(code) if a == int(m.group(1), 16))
+            if any(re.match(r"(HGMMA|HMMA|FFMA)", t) for _, t in code[start : i + 1]):
+                regions.append((start, i))
+    innermost = [r for r in regions if not any(o != r and r[0] <= o[0] and o[1] <= r[1] for o in regions)]
+    return [e - s + 1 for s, e in sorted(innermost)]
+
+
+#: Dense tensor-core FLOPs per clock of one sm_90 SM (H100/H200: 989 TFLOPS bf16 = 132 SMs x 1.83 GHz x 4096),
+#: by the dot's input precision; and the SM's warp schedulers, each issuing one warp's instruction a clock.
+TENSOR_FLOPS_PER_CLOCK = {"bf16": 4096, "fp16": 4096, "tf32": 2048}
+SCHEDULERS = 4
+
+
+def issue_share(instructions: int, num_warps: int, tiles: tuple[int, int, int], dot: str) -> float | None:
+    """The clocks an SM's schedulers need to issue one K step of a program's loop (each of its warps runs the
+    ``instructions``) over the clocks its tensor cores need for that step's ``BLOCK_M x BLOCK_N x BLOCK_K``
+    product: above 1 the loop is issue-bound even with no stall at all. ``None`` without tensor cores."""
+    if dot not in TENSOR_FLOPS_PER_CLOCK:
+        return None
+    m, n, k = tiles
+    return instructions * num_warps / SCHEDULERS / (2 * m * n * k / TENSOR_FLOPS_PER_CLOCK[dot])
+
+
 def ttgir_loops(ttgir: str) -> list[str]:
     """The body of each ``scf.for`` that holds a dot (TTGIR text), innermost ones, in program order."""
     lines = ttgir.splitlines()
@@ -304,47 +341,64 @@ def igemm_launch_args(
     return args
 
 
+def _config(configs: list, shape: tuple[int, int, int, int, int]):
+    """The config of ``configs`` with tiles, warps and stages ``(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)``."""
+    (found,) = [
+        c
+        for c in configs
+        if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) == shape
+    ]
+    return found
+
+
 def igemm_variants():
     """``(label, dtype, precision, args, constexprs, config)``: every autotune config a launch of each case
     may run (``igemm.prune_configs``), over the cases: 2d 64q bf16 (conv + bias + ReLU), fp16 with GELU
     keeping the pre-activation, 16q and 8q (memory-bound widths), groups=4, the input gradient of a
     stride-2 conv (transposed), 3d 32q, and fp32 with TF32 and in IEEE fp32; fast8 (8 K loops) at 64q and 128q
     bf16 (the GPU targets), its input gradient, groups, 16q, and fp32 with TF32 and in IEEE fp32."""
-    from aqcf_kernels.backends.triton.igemm import gpu_configs, prune_configs
+    from aqcf_kernels.backends.triton.igemm import K_ALIGN, gpu_configs, prune_configs
 
-    base = dict(TRANSPOSED=False, GROUPED=False, FAST8=False, HAS_BIAS=True, ACTIVATION=1, STORE_PRE=False)
+    base = dict(DIMS=2, TRANSPOSED=False, GROUPED=False, FAST8=False, HAS_BIAS=True, ACTIVATION=1, STORE_PRE=False)
     f8 = dict(FAST8=True)
+    WIDE = (128, 256, 64, 8, 3)  # noqa: N806  (the widest tile: with the pre-activation stored, sub-pixel)
     cases = [
         ("2d 64q", "bf16", "ieee", igemm_launch_args("bf16", 64, 64), {}, None),
-        ("2d 64q gelu+pre", "fp16", "ieee", igemm_launch_args("fp16", 64, 64), dict(ACTIVATION=3, STORE_PRE=True), 0),
+        ("2d 64q gelu+pre", "fp16", "ieee", igemm_launch_args("fp16", 64, 64), dict(ACTIVATION=3, STORE_PRE=True),
+         None),
+        ("2d 64q relu+pre", "bf16", "ieee", igemm_launch_args("bf16", 64, 64), dict(STORE_PRE=True), WIDE),
         ("2d 16q", "bf16", "ieee", igemm_launch_args("bf16", 16, 16), {}, None),
         ("2d 8q", "bf16", "ieee", igemm_launch_args("bf16", 8, 8), {}, None),
         ("2d 64q g4", "bf16", "ieee", igemm_launch_args("bf16", 64, 64, groups=4), dict(GROUPED=True), None),
         (
             "2d 64q dgrad s2", "bf16", "ieee", igemm_launch_args("bf16", 64, 64, stride=2, transposed=True, size=32),
-            dict(TRANSPOSED=True, HAS_BIAS=False, ACTIVATION=0), 0,
+            dict(TRANSPOSED=True, HAS_BIAS=False, ACTIVATION=0), WIDE,
         ),
-        ("3d 32q", "bf16", "ieee", igemm_launch_args("bf16", 32, 32, dims=3, size=32, batch=2), {}, 2),
-        ("2d 64q", "fp32", "tf32", igemm_launch_args("fp32", 64, 64), {}, 0),
-        ("2d 64q", "fp32", "tf32", igemm_launch_args("fp32", 64, 64), {}, 4),
+        ("3d 32q", "bf16", "ieee", igemm_launch_args("bf16", 32, 32, dims=3, size=32, batch=2), dict(DIMS=3),
+         (128, 64, 64, 4, 3)),
+        ("2d 64q", "fp32", "tf32", igemm_launch_args("fp32", 64, 64), {}, (128, 128, 64, 8, 3)),
+        ("2d 64q", "fp32", "tf32", igemm_launch_args("fp32", 64, 64), {}, (128, 64, 32, 4, 4)),
         ("2d 64q", "fp32", "ieee", igemm_launch_args("fp32", 64, 64), {}, None),
         ("2d 64q fast8", "bf16", "ieee", igemm_launch_args("bf16", 64, 64, fast8=True), f8, None),
-        ("2d 128q fast8", "bf16", "ieee", igemm_launch_args("bf16", 128, 128, fast8=True), f8, 8),
+        ("2d 128q fast8", "bf16", "ieee", igemm_launch_args("bf16", 128, 128, fast8=True), f8, (128, 32, 64, 8, 3)),
         (
             "2d 64q f8 dgrad", "fp16", "ieee", igemm_launch_args("fp16", 64, 64, stride=2, transposed=True, size=32,
                                                                  fast8=True),
-            dict(f8, TRANSPOSED=True, HAS_BIAS=False, ACTIVATION=0), 10,
+            dict(f8, TRANSPOSED=True, HAS_BIAS=False, ACTIVATION=0), (64, 64, 64, 8, 3),
         ),
         ("2d 128q f8 g2", "bf16", "ieee", igemm_launch_args("bf16", 128, 128, groups=2, fast8=True),
-         dict(f8, GROUPED=True), 9),
+         dict(f8, GROUPED=True), (64, 32, 32, 4, 4)),
         ("2d 16q fast8", "bf16", "ieee", igemm_launch_args("bf16", 16, 16, fast8=True), f8, None),
-        ("2d 64q fast8", "fp32", "tf32", igemm_launch_args("fp32", 64, 64, fast8=True), f8, 8),
+        ("2d 64q fast8", "fp32", "tf32", igemm_launch_args("fp32", 64, 64, fast8=True), f8, (128, 32, 64, 8, 3)),
         ("2d 64q fast8", "fp32", "ieee", igemm_launch_args("fp32", 64, 64, fast8=True), f8, None),
     ]  # fmt: skip
     configs = gpu_configs()
     for label, dtype, precision, args, extra, which in cases:
         consts = {**base, **extra, "DOT_DTYPE": IGEMM_DOTS[dtype], "PRECISION": precision}
-        chosen = prune_configs(configs, args, **consts) if which is None else [configs[which]]
+        # as conv_igemm sets it: a tap's contiguous channel run a multiple of K_ALIGN (8q's is not)
+        seg_len = args["CG_IN"] if consts["GROUPED"] or consts["FAST8"] else args["K_TAP"]
+        consts["K_EVEN"] = seg_len % K_ALIGN == 0
+        chosen = prune_configs(configs, args, **consts) if which is None else [_config(configs, which)]
         for config in chosen:
             yield label, dtype, precision, args, consts, config
 
@@ -372,17 +426,32 @@ def _copies(row: dict) -> str:
     return first + (f" x{len(loops)}" if len(loops) > 1 and all(c == loops[0] for c in loops) else "")
 
 
-def analyse_igemm(kernel, dtype: str) -> dict:
+def _per_step(row: dict) -> str:
+    """A variant's SASS instructions per K step for the table: one loop's, with ``xN`` for N alike."""
+    steps = row["sass_loop_instructions"]
+    return f"{steps[0]}" + (f" x{len(steps)}" if len(steps) > 1 and len(set(steps)) == 1 else "") if steps else "-"
+
+
+def _share(row: dict) -> str:
+    return "-" if row["issue_share"] is None else f"{row['issue_share']:.2f}"
+
+
+def analyse_igemm(kernel, dtype: str, precision: str, tiles: tuple[int, int, int], num_warps: int) -> dict:
     """The static figures and the criteria of issue 13 for one compiled variant, over every MMA loop (one,
     or fast8's eight): counts summed, the async copies of each loop, the wgmma count of the poorest loop,
-    every wait's pending count."""
+    every wait's pending count, the SASS instructions of each loop's iteration and the largest
+    :func:`issue_share` among them."""
     ptx, ttgir = kernel.asm["ptx"], kernel.asm["ttgir"]
     ploops, tloops = ptx_loops(ptx), ttgir_loops(ttgir)
     usage = resource_usage(kernel.asm["cubin"])
     per_loop = [_loop_figures(p, t, dtype) for p, t in zip(ploops, tloops, strict=False)] or [
         _loop_figures("", "", dtype)
     ]
+    per_step = sass_loops(kernel.asm["cubin"])
+    dot = precision if dtype == "fp32" else dtype
     return dict(
+        sass_loop_instructions=per_step,
+        issue_share=issue_share(max(per_step), num_warps, tiles, dot) if per_step else None,
         regs=usage["REG"],
         stack=usage["STACK"],
         smem=kernel.metadata.shared,
@@ -407,20 +476,22 @@ def igemm_main(json_path: str | None = None) -> int:
 
     rows = []
     head = f"{'case':16} {'dtype':5} {'dot':4} {'tiles (M,N,K)':15} {'w':>2} {'st':>2} {'regs':>4} {'smem B':>7}"
-    print(head + f" {'spill':>5} {'ld16':>4} {'async copies':16} {'wgmma':>5} {'waits':8}")
+    print(
+        head + f" {'spill':>5} {'ld16':>4} {'async copies':16} {'wgmma':>5} {'waits':8} {'SASS/step':>9} {'issue':>5}"
+    )
     for label, dtype, precision, args, constexprs, config in igemm_variants():
         consts = dict(constexprs, **config.kwargs)
         options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
         kernel = compile_launch(qconv_igemm_kernel, args, consts, options)
         tiles = tuple(config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
         row = dict(case=label, dtype=dtype, precision=precision, tiles=tiles, fast8=consts["FAST8"], **options)
-        row.update(analyse_igemm(kernel, dtype))
+        row.update(analyse_igemm(kernel, dtype, precision, tiles, config.num_warps))
         rows.append(row)
         print(
             f"{label:16} {dtype:5} {precision:4} {','.join(map(str, tiles)):15} {config.num_warps:2} "
             f"{config.num_stages:2} {row['regs']:4} {row['smem']:7} {row['stack']:5} "
             f"{row['scalar_2byte_loads_in_loop']:4} {_copies(row):16} "
-            f"{row['wgmma_in_loop']:5} {row['wait_pendings_in_loop']!s:8}"
+            f"{row['wgmma_in_loop']:5} {row['wait_pendings_in_loop']!s:8} {_per_step(row):>9} {_share(row):>5}"
         )
     if json_path:
         Path(json_path).write_text(json.dumps(rows, indent=1))
@@ -562,30 +633,36 @@ def wgrad_variants():
     run (``igemm_wgrad.prune_configs``; a fixed one where ``which`` says so), over the cases: 2d 64q bf16 and
     fp16, 16q and 8q (narrow), groups 2 (128q: runs of 64 channels) and 4 (64q: runs of 16), the transposed
     conv's weight gradient (stride 2), 3d 32q, 1d, and fp32 with TF32 and in IEEE fp32."""
-    from aqcf_kernels.backends.triton.igemm_wgrad import gpu_configs, prune_configs
+    from aqcf_kernels.backends.triton.igemm_wgrad import P_ALIGN, gpu_configs, prune_configs
 
+    WIDE = (256, 128, 64, 8, 3)  # noqa: N806  (the widest tile: without a bias, transposed)
     cases = [
         ("2d 64q", "bf16", "ieee", wgrad_launch_args("bf16", 64, 64), {}, None),
-        ("2d 64q", "fp16", "ieee", wgrad_launch_args("fp16", 64, 64), {}, 0),
-        ("2d 64q no bias", "bf16", "ieee", wgrad_launch_args("bf16", 64, 64), dict(HAS_BIAS=False), 0),
+        ("2d 64q", "fp16", "ieee", wgrad_launch_args("fp16", 64, 64), {}, (128, 128, 64, 8, 3)),
+        ("2d 64q no bias", "bf16", "ieee", wgrad_launch_args("bf16", 64, 64), dict(HAS_BIAS=False), WIDE),
         ("2d 16q", "bf16", "ieee", wgrad_launch_args("bf16", 16, 16), {}, None),
         ("2d 8q", "bf16", "ieee", wgrad_launch_args("bf16", 8, 8), {}, None),
         ("2d 128q g2", "bf16", "ieee", wgrad_launch_args("bf16", 128, 128, groups=2), dict(GROUPED=True), None),
         ("2d 64q g4", "fp16", "ieee", wgrad_launch_args("fp16", 64, 64, groups=4), dict(GROUPED=True), None),
-        ("2d 64q T s2", "bf16", "ieee", wgrad_launch_args("bf16", 64, 64, stride=2, transposed=True), {}, 0),
-        ("3d 32q", "bf16", "ieee", wgrad_launch_args("bf16", 32, 32, dims=3, size=32, batch=2), {}, 4),
-        ("1d 64q", "fp16", "ieee", wgrad_launch_args("fp16", 64, 64, dims=1, size=4096, batch=32), {}, 2),
-        ("2d 64q", "fp32", "tf32", wgrad_launch_args("fp32", 64, 64), {}, 0),
+        ("2d 64q T s2", "bf16", "ieee", wgrad_launch_args("bf16", 64, 64, stride=2, transposed=True), {}, WIDE),
+        ("3d 32q", "bf16", "ieee", wgrad_launch_args("bf16", 32, 32, dims=3, size=32, batch=2), {}, (64, 64, 64, 4, 4)),
+        ("1d 64q", "fp16", "ieee", wgrad_launch_args("fp16", 64, 64, dims=1, size=4096, batch=32), {},
+         (128, 64, 64, 4, 3)),
+        ("2d 64q", "fp32", "tf32", wgrad_launch_args("fp32", 64, 64), {}, (128, 128, 64, 8, 3)),
         ("2d 64q", "fp32", "ieee", wgrad_launch_args("fp32", 64, 64), {}, None),
         ("2d 64q fast8", "bf16", "ieee", wgrad_launch_args("bf16", 64, 64, fast8=True), dict(FAST8=True), None),
-        ("2d 128q fast8", "bf16", "ieee", wgrad_launch_args("bf16", 128, 128, fast8=True), dict(FAST8=True), 0),
+        ("2d 128q fast8", "bf16", "ieee", wgrad_launch_args("bf16", 128, 128, fast8=True), dict(FAST8=True),
+         (128, 128, 64, 8, 3)),
         ("2d 64q f8 g4", "fp16", "ieee", wgrad_launch_args("fp16", 64, 64, groups=4, fast8=True),
          dict(FAST8=True, GROUPED=True), None),
-        ("2d 64q fast8", "fp32", "tf32", wgrad_launch_args("fp32", 64, 64, fast8=True), dict(FAST8=True), 2),
+        ("2d 64q fast8", "fp32", "tf32", wgrad_launch_args("fp32", 64, 64, fast8=True), dict(FAST8=True),
+         (128, 64, 64, 4, 3)),
     ]  # fmt: skip
     configs = gpu_configs()
     for label, dtype, precision, args, extra, which in cases:
         consts = {
+            "DIMS": int(label[0]),  # as the launcher passes them: the conv's dims, whole pixel steps
+            "P_EVEN": args["M"] % P_ALIGN == 0,
             "GROUPED": False,
             "FAST8": False,
             "HAS_BIAS": True,
@@ -593,7 +670,7 @@ def wgrad_variants():
             "DOT_DTYPE": IGEMM_DOTS[dtype],
             "PRECISION": precision,
         }
-        chosen = prune_configs(configs, args, **consts) if which is None else [configs[which]]
+        chosen = prune_configs(configs, args, **consts) if which is None else [_config(configs, which)]
         for config in chosen:
             yield label, dtype, precision, args, consts, config
 
@@ -607,20 +684,24 @@ def wgrad_main(json_path: str | None = None) -> int:
 
     rows = []
     head = f"{'case':15} {'dtype':5} {'dot':4} {'tiles (M,N,K)':13} {'w':>2} {'st':>2} {'spl':>3} {'regs':>4}"
-    print(head + f" {'smem B':>7} {'spill':>5} {'ld16':>4} {'async copies':14} {'wgmma':>5} {'mma':>3} {'waits':8}")
+    print(
+        head + f" {'smem B':>7} {'spill':>5} {'ld16':>4} {'async copies':14} {'wgmma':>5} {'mma':>3} {'waits':8}"
+        f" {'SASS/step':>9} {'issue':>5}"
+    )
     for label, dtype, precision, args, constexprs, config in wgrad_variants():
         consts = dict(constexprs, **config.kwargs)
         options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
         kernel = compile_launch(qconv_wgrad_igemm_kernel, args, consts, options)
         tiles = tuple(config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
         row = dict(case=label, dtype=dtype, precision=precision, tiles=tiles, splits=args["SPLITS"], **options)
-        row.update(analyse_igemm(kernel, dtype))
+        row.update(analyse_igemm(kernel, dtype, precision, tiles, config.num_warps))
         rows.append(row)
         print(
             f"{label:15} {dtype:5} {precision:4} {','.join(map(str, tiles)):13} {config.num_warps:2} "
             f"{config.num_stages:2} {args['SPLITS']:3} {row['regs']:4} {row['smem']:7} {row['stack']:5} "
             f"{row['scalar_2byte_loads_in_loop']:4} {_copies(row):14} "
             f"{row['wgmma_in_loop']:5} {row['mma_sync_in_loop']:3} {row['wait_pendings_in_loop']!s:8}"
+            f" {_per_step(row):>9} {_share(row):>5}"
         )
     if json_path:
         Path(json_path).write_text(json.dumps(rows, indent=1))

@@ -23,3 +23,29 @@ def python_kernels_on_cpu():
         lib.impl("qconv_weight_bias_grad", conv_ops.qconv_weight_bias_grad, "CPU")
     yield
     lib._destroy()
+
+
+@pytest.fixture
+def launch_constexprs(monkeypatch):
+    """``record(module, name)`` wraps the autotuned kernel ``module.name`` so that each launch's keyword
+    arguments (its constexprs) are appended to the list it returns: proof that a test ran the variant it
+    is about."""
+
+    def record(module, name: str) -> list[dict]:
+        seen: list[dict] = []
+        tuner = getattr(module, name)
+
+        class Recording:
+            def __getitem__(self, grid):
+                launch = tuner[grid]
+
+                def run(*args, **kwargs):
+                    seen.append(dict(kwargs))
+                    return launch(*args, **kwargs)
+
+                return run
+
+        monkeypatch.setattr(module, name, Recording())
+        return seen
+
+    return record

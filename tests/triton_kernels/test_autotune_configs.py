@@ -280,3 +280,11 @@ def test_autotune_first_on_a_gpu_launch(monkeypatch):
             warnings.simplefilter("error", RuntimeWarning)
             igemm.conv_igemm(x.to(**to), w.to(**to), b.to(**to), PARAMS)
         assert trials(len(tuner.configs_timings)), (mode, tuner.configs_timings)
+
+
+def test_every_block_k_divides_the_even_alignment():
+    """``K_EVEN`` (igemm) and ``P_EVEN`` (igemm_wgrad) drop the K mask when a run or the pixel count is a
+    multiple of K_ALIGN / P_ALIGN: sound only if every config's BLOCK_K, the interpreter's included, divides it."""
+    for module, align in ((igemm, igemm.K_ALIGN), (igemm_wgrad, igemm_wgrad.P_ALIGN)):
+        blocks = {c.kwargs["BLOCK_K"] for c in module.gpu_configs()} | {module.INTERPRETER_CONFIG["BLOCK_K"]}
+        assert all(align % k == 0 for k in blocks), (module.__name__, align, blocks)

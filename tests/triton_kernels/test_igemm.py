@@ -308,3 +308,28 @@ def test_fast8_fp16_balanced_within_twice_expanded_error(case, igemm_calls):
     for name, o, e, r in zip(("y", "grad_input"), got, baseline, ref, strict=True):
         assert o.dtype == torch.float16
         assert _rel(o, r) <= max(2 * _rel(e, r), 2e-3), f"{name}: {_rel(o, r):.2e} vs expanded {_rel(e, r):.2e}"
+
+
+#: channel runs that are whole K blocks (K_EVEN: the kernel's loads have no K mask): 16 quaternion channels
+#: (a tap's run of 64 real channels) without groups, both ways; 64 per group with groups (one run per
+#: component); fast8's runs of Cg_in = 64; a 1d case. The adjoint's runs are the output's channels.
+EVEN_CASES = [
+    ((2, False, 1, 1, 1, 1, 0, 16, 16, (5, 6), (3, 3)), "hamilton", [True, True]),
+    ((1, True, 1, 2, 1, 1, 1, 16, 16, (7,), (3,)), "hamilton", [True, True]),
+    ((2, False, 2, 1, 1, 1, 0, 128, 2, (3, 3), (3, 3)), "hamilton", [True, False]),
+    ((2, False, 1, 1, 1, 1, 0, 64, 3, (3, 4), (3, 3)), "fast8", [True, False]),
+]
+
+
+@pytest.mark.parametrize("case, algorithm, even", EVEN_CASES, ids=["2d", "1d-T", "2d-g2", "2d-fast8"])
+def test_whole_channel_blocks_without_k_mask(case, algorithm, even, igemm_calls, launch_constexprs):
+    launches = launch_constexprs(igemm, "_igemm")
+    g = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
+    x, w, b = _make(case, g)
+    ref = _forward_and_input_grad(reference.quaternion_conv_naive, case, x, w, b, gy_seed=1)
+    to = dict(dtype=torch.float32, device=DEVICE)
+    got = _forward_and_input_grad(_ours(algorithm=algorithm), case, x.to(**to), w.to(**to), b.to(**to), gy_seed=1)
+    assert [c["K_EVEN"] for c in launches] == even and [c["DIMS"] for c in launches] == [case[0]] * 2
+    tol = 1e-5 if algorithm == "hamilton" else 5e-4
+    for name, o, r in zip(("y", "grad_input"), got, ref, strict=True):
+        assert _rel(o, r) <= tol, f"{name}: relative error {_rel(o, r):.2e}"

@@ -31,7 +31,7 @@ import sys
 
 import pytest
 
-from .test_igemm_static import ROOT, TRITON36, WHY_NOT, triton36_env
+from .test_igemm_static import ROOT, TRITON36, WHY_NOT, best_issue_shares, triton36_env
 
 pytestmark = pytest.mark.skipif(TRITON36 is None, reason=WHY_NOT)
 
@@ -102,3 +102,27 @@ def test_wgmma_in_flight_where_tiles_allow(variants):
     assert not bad, "; ".join(bad)
     narrow = [v for v in variants if _half(v) and v["tiles"][0] < 64]
     assert all(v["mma_sync_in_loop"] or v["wgmma_in_loop"] for v in narrow), [_name(v) for v in narrow]
+
+
+@pytest.mark.parametrize(
+    "cases, expected",
+    [
+        ({"2d 64q", "2d 64q no bias", "2d 64q T s2"}, True),
+        ({"2d 16q"}, False),
+    ],
+    ids=["wide", "16q"],
+)
+def test_best_kept_config_is_not_issue_bound(variants, cases, expected):
+    """As in test_igemm_static.py: the best kept config of each case issues its pixel step in fewer clocks than
+    its MMAs take. Wide layers do (0.42 at 256×128×64; 1.06 before 2026-12-05, when the loop checked and
+    carried the size-1 dims of a 2d conv and masked whole pixel steps). A 16q layer's runs of 64 channels
+    cap its tiles at 64×64: issue-bound, an expected failure with its figure."""
+    best = best_issue_shares([dict(v, fast8=False) for v in variants], cases, fast8=False)
+    assert set(best) == cases, best
+    report = "; ".join(f"{case}: {share:.2f} ({name})" for case, (share, name) in sorted(best.items()))
+    print(f"\nbest issue share per case: {report}")
+    bound = [case for case, (share, _) in best.items() if share >= 1.0]
+    if not expected:
+        assert bound, f"no longer issue-bound: make it an expectation ({report})"
+        pytest.xfail(f"issue-bound at every kept tile: {report}")
+    assert not bound, f"issue-bound (share >= 1): {report}"

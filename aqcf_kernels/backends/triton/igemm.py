@@ -128,41 +128,70 @@ def _phase_taps(ph, S, P, D, K, KSTEP):
 
 @triton.jit
 def _k_loop(
-    acc, x_rows, bd, bh, bw, m_mask, w_cols, n_mask, k_all, x_chan, seg_len, seg_stride, n_seg, k_tap,
+    acc, x_ptr, row_off, bd, bh, bw, row_ok, w_cols, n_mask, x_chan, seg_len, seg_stride, n_seg, k_tap,
     TD, TH, TW, k0d, k0h, k0w, ksd, ksh, ksw, ed, eh, ew, ID, IH, IW, KH, KW, s_xd, s_xh, s_xw,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
+    DIMS: tl.constexpr, K_EVEN: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """``acc += im2col(x)[rows, K] · B[K, cols]`` over K = taps × ``n_seg`` runs of ``seg_len`` channels.
 
     The taps are ``TD × TH × TW``: the j-th of a dim is the weight's tap ``k0 + j·ks`` and moves the input
-    coordinate by ``e`` (per row, from the base ``b``). Run ``seg`` of a tap is x's channels
-    ``x_chan + seg·seg_stride + [0, seg_len)`` and B's columns ``tap·k_tap + seg·seg_len + [0, seg_len)`` of
-    the rows at ``w_cols`` (row pointers, ``k_all`` long).
+    coordinate by ``e`` (per row, from the base ``b``; x's offset of a row at its base is ``row_off``). Run
+    ``seg`` of a tap is x's channels ``x_chan + seg·seg_stride + [0, seg_len)`` and B's columns
+    ``tap·k_tap + seg·seg_len + [0, seg_len)`` of the rows at ``w_cols``. Only the last ``DIMS`` dims of
+    (d, h, w) are checked against the input's bounds (the others are size-1 dims of a 1d or 2d conv).
+
+    Why the loop is written this way: on Hopper the K step of a 128×128×64 tile is 512 tensor-core cycles,
+    and every instruction of the loop is issued by each of the program's warps. The step's position (which
+    channel block of which segment of which tap) is carried from step to step as counters with carries,
+    not recovered from the step index by division (six runtime divisions, ~120 of the loop's ~320 SASS
+    instructions per warp), and a row's x offset is its base offset plus one scalar per step.
     """
     offs_k = tl.arange(0, BLOCK_K)
-    blocks = tl.cdiv(seg_len, BLOCK_K)
-    steps_per_tap = n_seg * blocks
-    steps = TD * TH * TW * steps_per_tap
-    for s in range(0, steps):
-        t = s // steps_per_tap
-        r = s - t * steps_per_tap
-        seg = r // blocks
-        c0 = (r - seg * blocks) * BLOCK_K
-        jw = t % TW
-        jh = (t // TW) % TH
-        jd = t // (TW * TH)
-        idd = bd + jd * ed
-        ih = bh + jh * eh
-        iw = bw + jw * ew
-        ok = (idd >= 0) & (ih >= 0) & (iw >= 0) & (idd < ID) & (ih < IH) & (iw < IW) & m_mask
-        tap = ((k0d + jd * ksd) * KH + k0h + jh * ksh) * KW + k0w + jw * ksw
+    steps = TD * TH * TW * n_seg * tl.cdiv(seg_len, BLOCK_K)
+    # x offsets of one tap step along each dim: scalars
+    move_d = ed * s_xd
+    move_h = eh * s_xh
+    move_w = ew * s_xw
+    c0 = 0
+    seg = 0
+    jd = 0
+    jh = 0
+    jw = 0
+    for _ in range(0, steps):
+        ok = row_ok
+        if DIMS == 3:
+            ok = ok & ((bd + jd * ed).to(tl.uint32, bitcast=True) < ID)
+        if DIMS >= 2:
+            ok = ok & ((bh + jh * eh).to(tl.uint32, bitcast=True) < IH)
+        ok = ok & ((bw + jw * ew).to(tl.uint32, bitcast=True) < IW)
+        chan = x_chan + seg * seg_stride + c0
+        x_tile = x_ptr + (row_off + (jd * move_d + jh * move_h + jw * move_w + chan))[:, None] + offs_k[None, :]
         ck = c0 + offs_k
-        k_ok = ck < seg_len
-        x_tile = (x_rows + idd * s_xd + ih * s_xh + iw * s_xw)[:, None] + (x_chan + seg * seg_stride + ck)[None, :]
-        a = tl.load(x_tile, mask=ok[:, None] & k_ok[None, :], other=0.0)
+        tap = ((k0d + jd * ksd) * KH + k0h + jh * ksh) * KW + k0w + jw * ksw
         w_tile = w_cols + (tap * k_tap + seg * seg_len + ck)[:, None]
-        b = tl.load(w_tile, mask=k_ok[:, None] & n_mask[None, :], other=0.0)
+        if K_EVEN:  # every channel block full: the masks are the rows' and the columns' alone
+            a = tl.load(x_tile, mask=ok[:, None], other=0.0)
+            b = tl.load(w_tile, mask=n_mask[None, :], other=0.0)
+        else:
+            k_ok = ck < seg_len
+            a = tl.load(x_tile, mask=ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(w_tile, mask=k_ok[:, None] & n_mask[None, :], other=0.0)
         acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
+        # the next step: the next channel block, carrying into the segment, then the taps (w, h, d)
+        c0 += BLOCK_K
+        carry = c0 >= seg_len
+        c0 = tl.where(carry, 0, c0)
+        seg += carry.to(tl.int32)
+        carry = seg >= n_seg
+        seg = tl.where(carry, 0, seg)
+        jw += carry.to(tl.int32)
+        carry = jw >= TW
+        jw = tl.where(carry, 0, jw)
+        jh += carry.to(tl.int32)
+        carry = jh >= TH
+        jh = tl.where(carry, 0, jh)
+        jd += carry.to(tl.int32)
     return acc
 
 
@@ -227,6 +256,8 @@ def qconv_igemm_kernel(
     ESH,
     ESW,
     negative_slope,
+    DIMS: tl.constexpr,  # spatial dims of the conv: the last DIMS of (D, H, W) have extent
+    K_EVEN: tl.constexpr,  # every contiguous channel run (K_TAP, or CG_IN with groups) a multiple of K_ALIGN
     TRANSPOSED: tl.constexpr,
     GROUPED: tl.constexpr,
     FAST8: tl.constexpr,
@@ -312,7 +343,13 @@ def qconv_igemm_kernel(
         ed = DD
         eh = DH
         ew = DW
-    x_rows = x_ptr + nb * s_xn
+    # x's offset of each row at its base coordinates (a tap step adds a scalar to it)
+    if DIMS == 3:
+        row_off = nb * s_xn + bd * s_xd + bh * s_xh + bw * s_xw
+    elif DIMS == 2:
+        row_off = nb * s_xn + bh * s_xh + bw * s_xw
+    else:
+        row_off = nb * s_xn + bw * s_xw
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N_G
@@ -330,9 +367,10 @@ def qconv_igemm_kernel(
         z = zero
         for m in tl.static_range(4, 8):
             # fmt: off
-            s = _k_loop(zero, x_rows, bd, bh, bw, m_mask, w_group + m * N_G * k_all, n_mask, k_all,
+            s = _k_loop(zero, x_ptr, row_off, bd, bh, bw, m_mask, w_group + m * N_G * k_all, n_mask,
                         m * CQ_IN + g * CG_IN, K_TAP, 0, 1, K_TAP, TD, TH, TW, k0d, k0h, k0w, ksd, ksh, ksw,
-                        ed, eh, ew, ID, IH, IW, KH, KW, s_xd, s_xh, s_xw, DOT_DTYPE, PRECISION, BLOCK_K)
+                        ed, eh, ew, ID, IH, IW, KH, KW, s_xd, s_xh, s_xw, DIMS, K_EVEN, DOT_DTYPE, PRECISION,
+                          BLOCK_K)
             # fmt: on
             if m == 4:
                 u = s
@@ -359,9 +397,10 @@ def qconv_igemm_kernel(
             if c == 3:
                 acc = half_k
             # fmt: off
-            acc = _k_loop(acc, x_rows, bd, bh, bw, m_mask, w_group + c * N_G * k_all, n_mask, k_all,
+            acc = _k_loop(acc, x_ptr, row_off, bd, bh, bw, m_mask, w_group + c * N_G * k_all, n_mask,
                           c * CQ_IN + g * CG_IN, K_TAP, 0, 1, K_TAP, TD, TH, TW, k0d, k0h, k0w, ksd, ksh, ksw,
-                          ed, eh, ew, ID, IH, IW, KH, KW, s_xd, s_xh, s_xw, DOT_DTYPE, PRECISION, BLOCK_K)
+                          ed, eh, ew, ID, IH, IW, KH, KW, s_xd, s_xh, s_xw, DIMS, K_EVEN, DOT_DTYPE, PRECISION,
+                          BLOCK_K)
             _epilogue(acc, c * CQ_OUT + g * CG_OUT + offs_n, n_mask, y_rows, m_mask, b_ptr, y_ptr, z_ptr, C_Y,
                       negative_slope, HAS_BIAS, ACTIVATION, STORE_PRE)
             # fmt: on
@@ -373,18 +412,20 @@ def qconv_igemm_kernel(
         w_cols = w_ptr + (g * N_G + offs_n[None, :]) * k_all
         if GROUPED:
             # fmt: off
-            acc = _k_loop(zero, x_rows, bd, bh, bw, m_mask, w_cols, n_mask, k_all, g * CG_IN, CG_IN, CQ_IN, 4,
+            acc = _k_loop(zero, x_ptr, row_off, bd, bh, bw, m_mask, w_cols, n_mask, g * CG_IN, CG_IN, CQ_IN, 4,
                           K_TAP, TD, TH, TW, k0d, k0h, k0w, ksd, ksh, ksw, ed, eh, ew, ID, IH, IW, KH, KW,
-                          s_xd, s_xh, s_xw, DOT_DTYPE, PRECISION, BLOCK_K)
+                          s_xd, s_xh, s_xw, DIMS, K_EVEN, DOT_DTYPE, PRECISION,
+                          BLOCK_K)
             # fmt: on
             # column n = (component c, channel o) of the group -> blocked channel c·Cq_out + g·Cg_out + o
             comp = offs_n // CG_OUT
             ch = comp * CQ_OUT + g * CG_OUT + (offs_n - comp * CG_OUT)
         else:
             # fmt: off
-            acc = _k_loop(zero, x_rows, bd, bh, bw, m_mask, w_cols, n_mask, k_all, 0, K_TAP, 0, 1, K_TAP,
+            acc = _k_loop(zero, x_ptr, row_off, bd, bh, bw, m_mask, w_cols, n_mask, 0, K_TAP, 0, 1, K_TAP,
                           TD, TH, TW, k0d, k0h, k0w, ksd, ksh, ksw, ed, eh, ew, ID, IH, IW, KH, KW,
-                          s_xd, s_xh, s_xw, DOT_DTYPE, PRECISION, BLOCK_K)
+                          s_xd, s_xh, s_xw, DIMS, K_EVEN, DOT_DTYPE, PRECISION,
+                          BLOCK_K)
             # fmt: on
             ch = offs_n
         _epilogue(acc, ch, n_mask, y_rows, m_mask, b_ptr, y_ptr, z_ptr, C_Y, negative_slope, HAS_BIAS, ACTIVATION,
@@ -395,6 +436,10 @@ def qconv_igemm_kernel(
 # launcher
 # --------------------------------------------------------------------------------------------
 
+#: Every config's BLOCK_K divides it (test_autotune_configs.py): a layer whose contiguous channel runs
+#: are multiples of it has no partial K block in any config, and its kernel no K mask (``K_EVEN``).
+K_ALIGN = 64
+
 #: Interpreted programs cost per program and step, whatever their tiles: one config with big tiles
 #: (tests/triton_kernels/test_igemm.py has a case with several M, N and K blocks and a partial band).
 INTERPRETER_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 2}
@@ -403,12 +448,19 @@ INTERPRETER_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 2
 def gpu_configs() -> list:
     """The autotune set on a GPU: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), BLOCK_K 32–64, 3–4 stages.
 
-    hamilton: 128×128 with 8 warps for wide layers, 128×64 / 64×128 with 4, and narrow N for 8q–16q layers
-    (4·Cg_out = 32–64 columns). fast8 holds four accumulator tiles (the butterfly's), so its tiles are a
-    quarter of those: 128×32 and 64×64 with 8 warps, 64×32 with 4. :func:`prune_configs` keeps for each
-    call the tiles that fit its width and its accumulators.
+    hamilton: 128×256, 256×128 and 128×128 with 8 warps for wide layers, 128×64 / 64×128 with 4, and
+    narrow N for 8q–16q layers (4·Cg_out = 32–64 columns). fast8 holds four accumulator tiles (the
+    butterfly's), so its tiles are a quarter of those: 128×32 and 64×64 with 8 warps, 64×32 with 4.
+    :func:`prune_configs` keeps for each call the tiles that fit its width and its accumulators.
+
+    Why the widest tiles: every warp issues the whole loop each K step, and the loop's cost in issue slots
+    barely grows with the tile (SASS per step, compiled for sm_90: 156 at 128×128×64, 189 at 128×256×64),
+    while the tensor cores' time doubles. The Triton GEMM tutorial's Hopper tile is 128×256×64 for the same
+    reason. ``tools/triton_resources.py --igemm`` prints each config's share (``issue``).
     """
     shapes = [
+        (128, 256, 64, 8, 3),
+        (256, 128, 64, 8, 3),
         (128, 128, 64, 8, 3),
         (128, 128, 32, 8, 4),
         (128, 64, 64, 4, 3),
@@ -430,29 +482,60 @@ def gpu_configs() -> list:
 
 
 #: fp32 accumulator registers per thread (all of a program's accumulator tiles: fast8 holds four) that
-#: the kept tiles have: on tensor cores (wgmma) more than 64 spill (compiled for sm_90 by triton 3.6:
-#: fast8 128×64 with 8 warps 64 B, 64×64 with 4 warps 48 B), fewer than 32 only add autotuning trials;
-#: on FMAs (IEEE fp32) 32 (the bigger hamilton tiles spill 64–168 B, and even 128×32 on 8 warps, 16 a
-#: thread, spills 8 B). See test_igemm_static.py.
-ACCUMULATOR_REGS = {"tensor cores": (32, 64), "fma": (32, 32)}
+#: the kept tiles have, compiled for sm_90 by triton 3.6. On tensor cores (wgmma) hamilton's one tile may
+#: take 128 (128×256 and 256×128 on 8 warps: 192–246 registers, no spill, with ReLU, leaky ReLU or the
+#: pre-activation stored), but 64 under a GELU epilogue (its erf's temporaries: 40–160 B spilled at 128);
+#: fast8's four no more than 64 (128×64 on 8 warps spills 64 B, 64×64 on 4 warps 48 B, its operand
+#: combinations beside them); fewer than 32 only add autotuning trials. On FMAs (IEEE fp32) 32 (the bigger
+#: hamilton tiles spill 64–168 B, and even 128×32 on 8 warps, 16 a thread, spills 8 B), in tiles at most 32
+#: wide (64×64×64 keeps two values on the stack across its loop: 8 B). See test_igemm_static.py.
+ACCUMULATOR_REGS = {
+    "tensor cores": (32, 128),
+    "tensor cores, gelu": (32, 64),
+    "tensor cores, fast8": (32, 64),
+    "fma": (32, 32),
+}
+FMA_WIDEST_N = 32
+
+#: Shared memory one program may hold on sm_90 (227 KiB): the pipeline's operand tiles, ``num_stages ×
+#: (BLOCK_M + BLOCK_N) × BLOCK_K`` elements, must fit (fp32 operands at 128×256×64 need 288 KiB).
+SHARED_BYTES = 227 * 1024
 
 
 def prune_configs(configs: list, named_args: dict, **kwargs) -> list:
     """Drop configs whose N tile is wider than the layer (``N_G`` columns) or whose K tile is wider than a
     contiguous channel run (``K_TAP``, or ``CG_IN`` with groups), each rounded up to a power of two ≥ 32,
-    then those outside :data:`ACCUMULATOR_REGS` (and, on tensor cores, narrower than a warpgroup's 64 rows).
+    then those whose operand buffers exceed :data:`SHARED_BYTES`, and those outside
+    :data:`ACCUMULATOR_REGS` (and, on tensor cores, narrower than a warpgroup's 64 rows; on FMAs, wider
+    than :data:`FMA_WIDEST_N`).
     """
     grouped = kwargs.get("GROUPED", named_args.get("GROUPED", False))
     widest_n = max(32, triton.next_power_of_2(named_args["N_G"]))
     widest_k = max(32, triton.next_power_of_2(named_args["CG_IN"] if grouped else named_args["K_TAP"]))
     kept = [c for c in configs if c.kwargs["BLOCK_N"] <= widest_n and c.kwargs["BLOCK_K"] <= widest_k] or configs
     fma = kwargs.get("PRECISION") == "ieee" and kwargs.get("DOT_DTYPE") == tl.float32
-    low, high = ACCUMULATOR_REGS["fma" if fma else "tensor cores"]
-    tiles = 4 if kwargs.get("FAST8") else 1
+    fast8 = bool(kwargs.get("FAST8"))
+    if fma:
+        kind = "fma"
+    elif fast8:
+        kind = "tensor cores, fast8"
+    elif kwargs.get("ACTIVATION") == ACTIVATION_CODES["gelu"]:
+        kind = "tensor cores, gelu"
+    else:
+        kind = "tensor cores"
+    low, high = ACCUMULATOR_REGS[kind]
+    tiles = 4 if fast8 else 1
+
+    item = 4 if kwargs.get("DOT_DTYPE") == tl.float32 else 2
 
     def fits(c) -> bool:
-        regs = tiles * c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] // (32 * c.num_warps)
-        return low <= regs <= high and (fma or c.kwargs["BLOCK_M"] >= 64)
+        m, n, k = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        if c.num_stages * (m + n) * k * item > SHARED_BYTES:  # the pipeline's operand buffers
+            return False
+        regs = tiles * m * n // (32 * c.num_warps)
+        if fma:
+            return low <= regs <= high and c.kwargs["BLOCK_N"] <= FMA_WIDEST_N
+        return low <= regs <= high and c.kwargs["BLOCK_M"] >= 64
 
     return [c for c in kept if fits(c)] or kept
 
@@ -471,6 +554,7 @@ _igemm = common.autotuned(
         "SD",
         "SH",
         "SW",
+        "DIMS",
         "TRANSPOSED",
         "GROUPED",
         "FAST8",
@@ -535,6 +619,7 @@ def conv_igemm(
     else:
         packed = pack_weight(weight, p.groups, p.transposed, input.dtype)
         k_tap, n_g = 4 * cg_in, 4 * cg_out
+    seg_len = cg_in if fast8 or p.groups > 1 else 4 * cg_in  # a contiguous channel run of a tap
     ks = _spatial3(weight.shape[3:], n, 1)
     strides, dilations = _spatial3(p.stride, n, 1), _spatial3(p.dilation, n, 1)
     if p.transposed:  # one grid slice per sub-pixel phase, each over its ⌈O/S⌉ outputs per dim
@@ -575,6 +660,8 @@ def conv_igemm(
         *tap_steps,
         *input_steps,
         float(negative_slope),
+        DIMS=n,
+        K_EVEN=seg_len % K_ALIGN == 0,
         TRANSPOSED=p.transposed,
         GROUPED=p.groups > 1,
         FAST8=fast8,

@@ -76,7 +76,7 @@ from ...quaternion import hamilton_table
 from . import common
 from .conv_kernels import _unflatten_pixels
 from .fast8 import PRODUCTS, combine_activation, fold_table
-from .igemm import INT32_LIMIT, _channels_last_5d, _spatial3
+from .igemm import INT32_LIMIT, SHARED_BYTES, _channels_last_5d, _spatial3
 
 # --------------------------------------------------------------------------------------------
 # the GEMM kernel
@@ -98,8 +98,9 @@ def _wgrad_gemm_tile(
     M, C_Y, K_TAP, N_G, CQ_IN, CG_IN, CQ_OUT, CG_OUT,
     ID, IH, IW, OD, OH, OW, KD, KH, KW,
     s_xn, s_xd, s_xh, s_xw, SD, SH, SW, PD, PH, PW, DD, DH, DW, SPLITS,
-    GROUPED: tl.constexpr, FAST8: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DIMS: tl.constexpr, P_EVEN: tl.constexpr, GROUPED: tl.constexpr, FAST8: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """One [BLOCK_M, BLOCK_N] tile of split ``split``'s partial dE of group g (FAST8: of product-group g)."""
     # Rows (output channels) and columns (one tap's input channels) come in runs of contiguous
@@ -160,28 +161,50 @@ def _wgrad_gemm_tile(
     nb, od, oh, ow = _unflatten_pixels(offs_p, OD, OH, OW)
     step_n, step_d, step_h, step_w = _unflatten_pixels(BLOCK_K, OD, OH, OW)
 
+    # Only the last DIMS of (d, h, w) are real dims (1d and 2d convs run as 3d with size-1 dims): the others
+    # are neither checked nor carried. A coordinate is in bounds when it is below the size as an unsigned
+    # number (negative ones wrap above it): one compare per dim. Each of these is an instruction per pixel
+    # a thread holds, every step, in a loop that must issue less than its wgmma takes.
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for p0 in range(p_start, p_end, BLOCK_K):
         offs_p = p0 + tl.arange(0, BLOCK_K)
-        p_ok = offs_p < p_end
-        a = tl.load(gy_ptr + offs_p[:, None] * C_Y + gy_cols[None, :], mask=p_ok[:, None] & r_ok[None, :], other=0.0)
-        idd = od * SD + td
-        ih = oh * SH + th
         iw = ow * SW + tw
-        ok = p_ok & (idd >= 0) & (ih >= 0) & (iw >= 0) & (idd < ID) & (ih < IH) & (iw < IW)
-        x_rows = nb * s_xn + idd * s_xd + ih * s_xh + iw * s_xw
-        b = tl.load(x_ptr + x_rows[:, None] + x_cols[None, :], mask=ok[:, None] & k_ok[None, :], other=0.0)
+        ok = iw.to(tl.uint32, bitcast=True) < IW
+        x_rows = nb * s_xn + iw * s_xw
+        if DIMS >= 2:
+            ih = oh * SH + th
+            ok = ok & (ih.to(tl.uint32, bitcast=True) < IH)
+            x_rows += ih * s_xh
+        if DIMS == 3:
+            idd = od * SD + td
+            ok = ok & (idd.to(tl.uint32, bitcast=True) < ID)
+            x_rows += idd * s_xd
+        gy_tile = gy_ptr + offs_p[:, None] * C_Y + gy_cols[None, :]
+        x_tile = x_ptr + x_rows[:, None] + x_cols[None, :]
+        if P_EVEN:  # every step of every split is BLOCK_K whole pixels
+            a = tl.load(gy_tile, mask=r_ok[None, :], other=0.0)
+            b = tl.load(x_tile, mask=ok[:, None] & k_ok[None, :], other=0.0)
+        else:
+            p_ok = offs_p < p_end
+            a = tl.load(gy_tile, mask=p_ok[:, None] & r_ok[None, :], other=0.0)
+            b = tl.load(x_tile, mask=(p_ok & ok)[:, None] & k_ok[None, :], other=0.0)
         acc = tl.dot(tl.trans(a.to(DOT_DTYPE)), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
         ow += step_w
         carry = ow >= OW
         ow = tl.where(carry, ow - OW, ow)
-        oh += step_h + carry.to(tl.int32)
-        carry = oh >= OH
-        oh = tl.where(carry, oh - OH, oh)
-        od += step_d + carry.to(tl.int32)
-        carry = od >= OD
-        od = tl.where(carry, od - OD, od)
-        nb += step_n + carry.to(tl.int32)
+        if DIMS == 1:
+            nb += step_n + carry.to(tl.int32)
+        else:
+            oh += step_h + carry.to(tl.int32)
+            carry = oh >= OH
+            oh = tl.where(carry, oh - OH, oh)
+            if DIMS == 2:
+                nb += step_n + carry.to(tl.int32)
+            else:
+                od += step_d + carry.to(tl.int32)
+                carry = od >= OD
+                od = tl.where(carry, od - OD, od)
+                nb += step_n + carry.to(tl.int32)
 
     # partial dE of (split, group): row rseg·rseg_len + o, column tap·K_TAP + cseg·cseg_len + channel
     tk = KD * KH * KW * K_TAP
@@ -247,6 +270,8 @@ def qconv_wgrad_igemm_kernel(
     MB,  # pixels of the bias source
     C_B,  # channels of the bias source
     SPLITS,
+    DIMS: tl.constexpr,  # spatial dims of the conv: the last DIMS of (D, H, W) have extent
+    P_EVEN: tl.constexpr,  # M a multiple of P_ALIGN: no step of any split is partial
     GROUPED: tl.constexpr,
     FAST8: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -275,13 +300,13 @@ def qconv_wgrad_igemm_kernel(
             _wgrad_gemm_tile(
                 x_ptr, gy_ptr, part_ptr, tile, split, g, G, M, C_Y, K_TAP, N_G, CQ_IN, CG_IN, CQ_OUT, CG_OUT,
                 ID, IH, IW, OD, OH, OW, KD, KH, KW, s_xn, s_xd, s_xh, s_xw, SD, SH, SW, PD, PH, PW, DD, DH, DW,
-                SPLITS, GROUPED, FAST8, DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+                SPLITS, DIMS, P_EVEN, GROUPED, FAST8, DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
             )  # fmt: skip
     else:
         _wgrad_gemm_tile(
             x_ptr, gy_ptr, part_ptr, tile, split, g, G, M, C_Y, K_TAP, N_G, CQ_IN, CG_IN, CQ_OUT, CG_OUT,
             ID, IH, IW, OD, OH, OW, KD, KH, KW, s_xn, s_xd, s_xh, s_xw, SD, SH, SW, PD, PH, PW, DD, DH, DW,
-            SPLITS, GROUPED, FAST8, DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+            SPLITS, DIMS, P_EVEN, GROUPED, FAST8, DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip
 
 
@@ -360,6 +385,10 @@ def qconv_wgrad_fold_kernel(
 #: configs itself for cases with several row, column and pixel blocks and partial ones).
 INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 128}
 
+#: Every config's BLOCK_K (pixels per step, the interpreter's included) divides it: with M a multiple of
+#: it, every split is whole steps (``P_EVEN``) and the loop has no pixel mask.
+P_ALIGN = 128
+
 #: fold-kernel positions per program
 FOLD_BLOCK = 128
 
@@ -374,11 +403,16 @@ PARTIAL_BYTES = 64 << 20
 def gpu_configs() -> list:
     """The autotune set on a GPU: (BLOCK_M out-channels, BLOCK_N tap-channels, BLOCK_K pixels, warps, stages).
 
-    ≥ 64 in M and N for wgmma (one warpgroup covers 64 rows), 128×128 with 8 warps for wide layers, narrow
-    tiles for 8q–16q layers and grouped ones (runs of Cg channels); :func:`prune_configs` drops tiles
-    wider than the layer's runs.
+    ≥ 64 in M and N for wgmma (one warpgroup covers 64 rows), 256×128, 128×256 and 128×128 with 8 warps
+    for wide layers, narrow tiles for 8q–16q layers and grouped ones (runs of Cg channels);
+    :func:`prune_configs` drops tiles wider than the layer's runs or the shared memory. The widest tiles
+    because every warp issues the whole loop each step (compiled for sm_90, 2d 64q bf16: 186 SASS
+    instructions per step at 128×128×64, 215 at 256×128×64, for twice the tensor-core work; see
+    :func:`.igemm.gpu_configs`).
     """
     shapes = [
+        (256, 128, 64, 8, 3),
+        (128, 256, 64, 8, 3),
         (128, 128, 64, 8, 3),
         (128, 128, 32, 8, 4),
         (128, 64, 64, 4, 3),
@@ -396,13 +430,21 @@ def gpu_configs() -> list:
 
 def prune_configs(configs: list, named_args: dict, **kwargs) -> list:
     """Drop configs wider than the layer's contiguous runs (rows: ``N_G``, or ``CG_OUT`` with groups;
-    columns: ``K_TAP``, or ``CG_IN``), each rounded up to a power of two ≥ 32. In IEEE fp32 the dot runs on
+    columns: ``K_TAP``, or ``CG_IN``), each rounded up to a power of two ≥ 32, and those whose pipeline
+    buffers exceed :data:`.igemm.SHARED_BYTES` (fp32 operands at 256×128×64). In IEEE fp32 the dot runs on
     FMAs with the accumulator *and both operands* in registers: keep tiles with BLOCK_M·BLOCK_N·BLOCK_K
     ≤ 32³ per warp (compiled for sm_90, 64×64×64 with 4 warps spills 16 B; the kept ones do not)."""
     grouped = kwargs.get("GROUPED", named_args.get("GROUPED", False)) or kwargs.get("FAST8", False)
     widest_m = max(32, triton.next_power_of_2(named_args["CG_OUT"] if grouped else named_args["N_G"]))
     widest_n = max(32, triton.next_power_of_2(named_args["CG_IN"] if grouped else named_args["K_TAP"]))
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= widest_m and c.kwargs["BLOCK_N"] <= widest_n]
+    item = 4 if kwargs.get("DOT_DTYPE") == tl.float32 else 2
+    kept = [
+        c
+        for c in configs
+        if c.kwargs["BLOCK_M"] <= widest_m
+        and c.kwargs["BLOCK_N"] <= widest_n
+        and c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * item <= SHARED_BYTES
+    ]
     if kwargs.get("PRECISION") == "ieee" and kwargs.get("DOT_DTYPE") == tl.float32:
         tile = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
         fma = [c for c in kept or configs if math.prod(c.kwargs[k] for k in tile) <= 32**3 * c.num_warps]
@@ -514,7 +556,9 @@ def conv_weight_grad_igemm(
         *_spatial3(p.stride, n, 1), *_spatial3(p.padding, n, 0), *_spatial3(p.dilation, n, 1),
         math.prod(bsrc.shape[:4]), c_b, splits,
     )  # fmt: skip
-    consts = dict(GROUPED=groups > 1, FAST8=fast8, HAS_BIAS=with_bias, DOT_DTYPE=dot_dtype, PRECISION=precision)
+    whole_steps = m % P_ALIGN == 0 and (config is None or P_ALIGN % config["BLOCK_K"] == 0)
+    consts = dict(DIMS=n, P_EVEN=whole_steps, GROUPED=groups > 1, FAST8=fast8, HAS_BIAS=with_bias)
+    consts.update(DOT_DTYPE=dot_dtype, PRECISION=precision)
     if config is None:
         _wgrad_igemm[grid](*args, **consts)
     else:
