@@ -223,14 +223,19 @@ def compile_launch(kernel, args: dict, constexprs: dict, options: dict):
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def resource_usage(cubin: bytes) -> dict[str, int]:
-    """``{'REG', 'STACK', 'SHARED'}`` of the cubin's kernel, from ``cuobjdump --dump-resource-usage``."""
+def cuobjdump(cubin: bytes, flag: str) -> str:
+    """What the ``cuobjdump`` triton ships prints for ``cubin`` with ``flag``."""
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(cubin)
     try:
-        out = subprocess.run([str(CUOBJDUMP), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        return subprocess.run([str(CUOBJDUMP), flag, f.name], capture_output=True, text=True).stdout
     finally:
         os.unlink(f.name)
+
+
+def resource_usage(cubin: bytes) -> dict[str, int]:
+    """``{'REG', 'STACK', 'SHARED'}`` of the cubin's kernel, from ``cuobjdump --dump-resource-usage``."""
+    out = cuobjdump(cubin, "--dump-resource-usage")
     return {key: int(re.search(key + r":(\d+)", out).group(1)) for key in ("REG", "STACK", "SHARED")}
 
 
@@ -254,12 +259,7 @@ def ptx_loops(ptx: str) -> list[str]:
 def sass_loops(cubin: bytes) -> list[int]:
     """The SASS instructions of one iteration of each MMA loop (``HGMMA``/``HMMA``; else ``FFMA``), innermost
     ones, in program order: what every warp of a program issues per K step."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(cubin)
-    try:
-        sass = subprocess.run([str(CUOBJDUMP), "-sass", f.name], capture_output=True, text=True).stdout
-    finally:
-        os.unlink(f.name)
+    sass = cuobjdump(cubin, "-sass")
     code = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*;)", sass)]
     regions = []
     for i, (address, text) in enumerate(code):

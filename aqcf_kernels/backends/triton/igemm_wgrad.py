@@ -84,6 +84,15 @@ from .igemm import INT32_LIMIT, SHARED_BYTES, _channels_last_5d, _spatial3
 
 
 @triton.jit
+def carry_digit(digit, add, size):
+    """``(digit + add) mod size`` and the carry out (0 or 1), for ``digit < size`` and ``add <= size``: a
+    mixed-radix counter's digit advanced without a division."""
+    digit += add
+    carry = digit >= size
+    return tl.where(carry, digit - size, digit), carry.to(tl.int32)
+
+
+@triton.jit
 def _split_range(P, split, SPLITS, BLOCK_K: tl.constexpr):
     """``[start, end)`` of split ``split`` over ``P`` pixels: a whole number of BLOCK_K steps each (trailing
     splits may be empty: their programs write zeros)."""
@@ -189,22 +198,12 @@ def _wgrad_gemm_tile(
             a = tl.load(gy_tile, mask=p_ok[:, None] & r_ok[None, :], other=0.0)
             b = tl.load(x_tile, mask=(p_ok & ok)[:, None] & k_ok[None, :], other=0.0)
         acc = tl.dot(tl.trans(a.to(DOT_DTYPE)), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
-        ow += step_w
-        carry = ow >= OW
-        ow = tl.where(carry, ow - OW, ow)
-        if DIMS == 1:
-            nb += step_n + carry.to(tl.int32)
-        else:
-            oh += step_h + carry.to(tl.int32)
-            carry = oh >= OH
-            oh = tl.where(carry, oh - OH, oh)
-            if DIMS == 2:
-                nb += step_n + carry.to(tl.int32)
-            else:
-                od += step_d + carry.to(tl.int32)
-                carry = od >= OD
-                od = tl.where(carry, od - OD, od)
-                nb += step_n + carry.to(tl.int32)
+        ow, carry = carry_digit(ow, step_w, OW)
+        if DIMS >= 2:
+            oh, carry = carry_digit(oh, step_h + carry, OH)
+        if DIMS == 3:
+            od, carry = carry_digit(od, step_d + carry, OD)
+        nb += step_n + carry
 
     # partial dE of (split, group): row rseg·rseg_len + o, column tap·K_TAP + cseg·cseg_len + channel
     tk = KD * KH * KW * K_TAP
