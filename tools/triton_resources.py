@@ -374,6 +374,7 @@ def igemm_variants():
             "2d 64q dgrad s2", "bf16", "ieee", igemm_launch_args("bf16", 64, 64, stride=2, transposed=True, size=32),
             dict(TRANSPOSED=True, HAS_BIAS=False, ACTIVATION=0), WIDE,
         ),
+        ("2d 64q 7x7", "bf16", "ieee", igemm_launch_args("bf16", 64, 64, k=7), {}, (128, 128, 64, 8, 3)),
         ("3d 32q", "bf16", "ieee", igemm_launch_args("bf16", 32, 32, dims=3, size=32, batch=2), dict(DIMS=3),
          (128, 64, 64, 4, 3)),
         ("2d 64q", "fp32", "tf32", igemm_launch_args("fp32", 64, 64), {}, (128, 128, 64, 8, 3)),
@@ -398,6 +399,7 @@ def igemm_variants():
         # as conv_igemm sets it: a tap's contiguous channel run a multiple of K_ALIGN (8q's is not)
         seg_len = args["CG_IN"] if consts["GROUPED"] or consts["FAST8"] else args["K_TAP"]
         consts["K_EVEN"] = seg_len % K_ALIGN == 0
+        consts["TAP_BITS"] = args["KD"] * args["KH"] * args["KW"] <= 32  # (the 7x7 case's 49 taps are not)
         chosen = prune_configs(configs, args, **consts) if which is None else [_config(configs, which)]
         for config in chosen:
             yield label, dtype, precision, args, consts, config

@@ -330,6 +330,28 @@ def test_whole_channel_blocks_without_k_mask(case, algorithm, even, igemm_calls,
     to = dict(dtype=torch.float32, device=DEVICE)
     got = _forward_and_input_grad(_ours(algorithm=algorithm), case, x.to(**to), w.to(**to), b.to(**to), gy_seed=1)
     assert [c["K_EVEN"] for c in launches] == even and [c["DIMS"] for c in launches] == [case[0]] * 2
+    assert all(c["TAP_BITS"] for c in launches)
     tol = 1e-5 if algorithm == "hamilton" else 5e-4
     for name, o, r in zip(("y", "grad_input"), got, ref, strict=True):
         assert _rel(o, r) <= tol, f"{name}: relative error {_rel(o, r):.2e}"
+
+
+#: more than 32 taps: the kernel checks each row's bounds every step instead of reading them from the
+#: per-row tap bits (TAP_BITS); a 7x5 conv with padding 3, and a transposed 6x6 with stride 2
+MANY_TAP_CASES = [
+    (2, False, 1, 1, 3, 1, 0, 3, 5, (6, 7), (7, 5)),
+    (2, True, 1, 2, 2, 1, 1, 3, 4, (4, 3), (6, 6)),
+]
+
+
+@pytest.mark.parametrize("case", MANY_TAP_CASES, ids=["7x5", "T-6x6-s2"])
+def test_more_taps_than_bits_checks_bounds_per_step(case, igemm_calls, launch_constexprs):
+    launches = launch_constexprs(igemm, "_igemm")
+    g = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
+    x, w, b = _make(case, g)
+    ref = _forward_and_input_grad(reference.quaternion_conv_naive, case, x, w, b, gy_seed=1)
+    to = dict(dtype=torch.float32, device=DEVICE)
+    got = _forward_and_input_grad(_ours(), case, x.to(**to), w.to(**to), b.to(**to), gy_seed=1)
+    assert [c["TAP_BITS"] for c in launches] == [False, False]
+    for name, o, r in zip(("y", "grad_input"), got, ref, strict=True):
+        assert _rel(o, r) <= 1e-5, f"{name}: relative error {_rel(o, r):.2e}"
