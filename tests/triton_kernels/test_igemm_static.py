@@ -225,8 +225,9 @@ def test_best_kept_config_is_not_issue_bound(variants, algorithm):
     schedulers over 2·BLOCK_M·BLOCK_N·BLOCK_K / 4096 FLOP per clock, tools/triton_resources.py), so the loop
     can keep the tensor cores busy. Measured before 2026-12-05: 320 instructions per step at 128×128×64 on 8
     warps (share 1.25), ~120 of them the six runtime divisions that recovered a step's tap and channel
-    block; hamilton now 0.30 at its widest tile, 0.71 at 16q's. fast8 holds four accumulator tiles, hence tiles a quarter
-    the size and a loop that is issue-bound: an expected failure, with its figures."""
+    block (best kept config: 64q 1.25, 16q 1.72, fast8 4.02); now 0.30, 0.71 and 1.55-1.81. fast8 holds
+    four accumulator tiles, hence tiles a quarter the size and a loop that is issue-bound: an expected
+    failure, with its figures."""
     cases, expected = ISSUE_CASES[algorithm]
     best = best_issue_shares(variants, cases, fast8=algorithm == "fast8")
     assert set(best) == cases, best

@@ -116,7 +116,7 @@ def test_best_kept_config_is_not_issue_bound(variants, cases, expected):
     """As in test_igemm_static.py: the best kept config of each case issues its pixel step in fewer clocks than
     its MMAs take. Wide layers do (0.42 at 256×128×64; 1.06 before 2026-12-05, when the loop checked and
     carried the size-1 dims of a 2d conv and masked whole pixel steps). A 16q layer's runs of 64 channels
-    cap its tiles at 64×64: issue-bound, an expected failure with its figure."""
+    cap its tiles at 64×64: issue-bound (2.15 before, 1.48 now), an expected failure with its figure."""
     best = best_issue_shares([dict(v, fast8=False) for v in variants], cases, fast8=False)
     assert set(best) == cases, best
     report = "; ".join(f"{case}: {share:.2f} ({name})" for case, (share, name) in sorted(best.items()))
