@@ -258,12 +258,14 @@ def ptx_loops(ptx: str) -> list[str]:
 
 def sass_loops(cubin: bytes) -> list[int]:
     """The SASS instructions of one iteration of each MMA loop (``HGMMA``/``HMMA``; else ``FFMA``), innermost
-    ones, in program order: what every warp of a program issues per K step."""
+    ones, in program order: what every warp of a program issues per K step. A loop ends in a predicated
+    backward branch; the unconditional ones are ptxas's retry paths of an mbarrier wait (TMA), which jump
+    back into the middle of the loop from code laid out after it."""
     sass = cuobjdump(cubin, "-sass")
     code = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*;)", sass)]
     regions = []
     for i, (address, text) in enumerate(code):
-        m = re.search(r"\bBRA (0x[0-9a-f]+)", text)
+        m = re.search(r"^@!?U?P\w+\s+BRA (0x[0-9a-f]+)", text)
         if m and int(m.group(1), 16) < address:
             start = next(j for j, (a, _) in enumerate(code) if a == int(m.group(1), 16))
             if any(re.match(r"(HGMMA|HMMA|FFMA)", t) for _, t in code[start : i + 1]):
@@ -341,12 +343,15 @@ def igemm_launch_args(
     return args
 
 
-def _config(configs: list, shape: tuple[int, int, int, int, int]):
-    """The config of ``configs`` with tiles, warps and stages ``(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)``."""
+def _config(configs: list, shape: tuple):
+    """The config of ``configs`` with tiles, warps and stages ``(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)``
+    (and ``TMA``, default False, where the configs have it)."""
+    *spec, tma = shape if len(shape) == 6 else (*shape, False)
     (found,) = [
         c
         for c in configs
-        if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) == shape
+        if [c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages] == spec
+        and c.kwargs.get("TMA", False) == tma
     ]
     return found
 
@@ -486,11 +491,14 @@ def igemm_main(json_path: str | None = None) -> int:
         options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
         kernel = compile_launch(qconv_igemm_kernel, args, consts, options)
         tiles = tuple(config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-        row = dict(case=label, dtype=dtype, precision=precision, tiles=tiles, fast8=consts["FAST8"], **options)
+        tma = bool(config.kwargs.get("TMA"))
+        row = dict(case=label, dtype=dtype, precision=precision, tiles=tiles, fast8=consts["FAST8"], tma=tma)
+        row.update(options)
         row.update(analyse_igemm(kernel, dtype, precision, tiles, config.num_warps))
         rows.append(row)
+        shown = ",".join(map(str, tiles)) + (" TMA" if tma else "")
         print(
-            f"{label:16} {dtype:5} {precision:4} {','.join(map(str, tiles)):15} {config.num_warps:2} "
+            f"{label:16} {dtype:5} {precision:4} {shown:15} {config.num_warps:2} "
             f"{config.num_stages:2} {row['regs']:4} {row['smem']:7} {row['stack']:5} "
             f"{row['scalar_2byte_loads_in_loop']:4} {_copies(row):16} "
             f"{row['wgmma_in_loop']:5} {row['wait_pendings_in_loop']!s:8} {_per_step(row):>9} {_share(row):>5}"
