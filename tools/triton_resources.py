@@ -343,15 +343,12 @@ def igemm_launch_args(
     return args
 
 
-def _config(configs: list, shape: tuple):
-    """The config of ``configs`` with tiles, warps and stages ``(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)``
-    (and ``TMA``, default False, where the configs have it)."""
-    *spec, tma = shape if len(shape) == 6 else (*shape, False)
+def _config(configs: list, shape: tuple[int, int, int, int, int]):
+    """The config of ``configs`` with tiles, warps and stages ``(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)``."""
     (found,) = [
         c
         for c in configs
-        if [c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages] == spec
-        and c.kwargs.get("TMA", False) == tma
+        if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) == shape
     ]
     return found
 
@@ -491,14 +488,11 @@ def igemm_main(json_path: str | None = None) -> int:
         options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
         kernel = compile_launch(qconv_igemm_kernel, args, consts, options)
         tiles = tuple(config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-        tma = bool(config.kwargs.get("TMA"))
-        row = dict(case=label, dtype=dtype, precision=precision, tiles=tiles, fast8=consts["FAST8"], tma=tma)
-        row.update(options)
+        row = dict(case=label, dtype=dtype, precision=precision, tiles=tiles, fast8=consts["FAST8"], **options)
         row.update(analyse_igemm(kernel, dtype, precision, tiles, config.num_warps))
         rows.append(row)
-        shown = ",".join(map(str, tiles)) + (" TMA" if tma else "")
         print(
-            f"{label:16} {dtype:5} {precision:4} {shown:15} {config.num_warps:2} "
+            f"{label:16} {dtype:5} {precision:4} {','.join(map(str, tiles)):15} {config.num_warps:2} "
             f"{config.num_stages:2} {row['regs']:4} {row['smem']:7} {row['stack']:5} "
             f"{row['scalar_2byte_loads_in_loop']:4} {_copies(row):16} "
             f"{row['wgmma_in_loop']:5} {row['wait_pendings_in_loop']!s:8} {_per_step(row):>9} {_share(row):>5}"

@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from aqcf_kernels import functional as QF
 from aqcf_kernels import reference
 from aqcf_kernels.backends import registered
-from aqcf_kernels.params import ConvParams
 
 TRITON = registered()["triton"]
 pytestmark = pytest.mark.skipif(
@@ -64,15 +63,6 @@ def _kwargs(case) -> dict:
     if transposed:
         kw.update(transposed=True, output_padding=output_padding)
     return kw
-
-
-def _params(case) -> ConvParams:
-    n, transposed, groups, stride, padding, dilation, output_padding, *_ = case
-
-    def tup(v):
-        return tuple(v) if isinstance(v, tuple) else (v,) * n
-
-    return ConvParams(n, tup(stride), tup(padding), tup(dilation), transposed, tup(output_padding), groups)
 
 
 def _forward_and_input_grad(fn, case, x, w, b, gy_seed: int, activation: str | None = None):
@@ -365,42 +355,3 @@ def test_more_taps_than_bits_checks_bounds_per_step(case, igemm_calls, launch_co
     assert [c["TAP_BITS"] for c in launches] == [False, False]
     for name, o, r in zip(("y", "grad_input"), got, ref, strict=True):
         assert _rel(o, r) <= 1e-5, f"{name}: relative error {_rel(o, r):.2e}"
-
-
-#: Tiles by TMA (config TMA=True: a row tile is a run of BLOCK_M pixels of one output line, x's tile a box
-#: whose out-of-bounds positions, padding included, read as zeros; B's a box of the packed weight), run
-#: with small tiles so that lines have full and partial tiles: a conv with a stride along h and a dilation
-#: along w, channel runs that are not whole K blocks (36 channels, boxes of 32), 1d with ReLU, 3d, groups
-#: and fast8 with whole runs, and the transposed conv of stride 1 (the input gradient of a stride-1 conv).
-TMA_CASES = [
-    ((2, False, 1, (2, 1), 1, (1, 2), 0, 9, 10, (6, 13), (3, 3)), "hamilton", None),
-    ((1, False, 1, 1, 2, 1, 0, 5, 4, (19,), (5,)), "hamilton", "relu"),
-    ((3, False, 1, 1, 1, 1, 0, 3, 5, (3, 4, 9), (2, 3, 3)), "hamilton", None),
-    ((2, False, 2, 1, 1, 1, 0, 128, 4, (2, 9), (3, 3)), "hamilton", None),
-    ((2, False, 1, 1, 1, 1, 0, 64, 3, (2, 10), (3, 3)), "fast8", None),
-    ((2, True, 1, 1, 1, (1, 2), 0, 6, 5, (3, 11), (2, 3)), "hamilton", None),
-]
-TMA_CONFIG = {"BLOCK_M": 8, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2, "TMA": True}
-
-
-@pytest.mark.parametrize(
-    "case, algorithm, activation", TMA_CASES, ids=["2d-s2x1-d1x2", "1d-relu", "3d", "2d-g2", "2d-fast8", "2d-T"]
-)
-def test_tma_tiles_match_the_reference(case, algorithm, activation, launch_constexprs):
-    g = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
-    x, w, b = _make(case, g)
-    want = reference.quaternion_conv_naive(x, w, b, **_kwargs(case))
-    want = F.relu(want) if activation == "relu" else want
-    config = dict(TMA_CONFIG, BLOCK_K=64) if case[2] > 1 or algorithm == "fast8" else TMA_CONFIG
-    to = dict(dtype=torch.float32, device=DEVICE)
-    got, _ = igemm.conv_igemm(
-        x.to(**to), w.to(**to), b.to(**to), _params(case), activation, 0.0, False, algorithm, config
-    )
-    assert got.shape == want.shape and _rel(got, want) <= (1e-5 if algorithm == "hamilton" else 5e-4)
-
-
-def test_tma_refuses_a_stride_along_w():
-    case = (2, False, 1, (1, 2), 1, 1, 0, 2, 2, (4, 8), (3, 3))
-    x, w, b = _make(case, torch.Generator().manual_seed(3))
-    with pytest.raises(ValueError, match="stride along w"):
-        igemm.conv_igemm(x.float(), w.float(), b.float(), _params(case), config=TMA_CONFIG)

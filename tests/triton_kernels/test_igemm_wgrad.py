@@ -23,8 +23,9 @@ import torch
 from aqcf_kernels import functional as QF
 from aqcf_kernels import reference
 from aqcf_kernels.backends import registered
+from aqcf_kernels.params import ConvParams
 
-from .test_igemm import _kwargs, _make, _params, _rel
+from .test_igemm import _kwargs, _make, _rel
 
 TRITON = registered()["triton"]
 pytestmark = pytest.mark.skipif(
@@ -50,6 +51,15 @@ CASES = [
 IDS = [f"{c[0]}d-{'T' if c[1] else 'conv'}-g{c[2]}-s{c[3]}-p{c[4]}-d{c[5]}" for c in CASES]
 #: few taps, so that split counts are cheap to interpret: 2 row tiles x 2 column blocks x 2 taps, 84 pixels
 SPLIT_CASE = (2, False, 1, 1, 1, 1, 0, 10, 9, (7, 6), (1, 2))
+
+
+def _params(case) -> ConvParams:
+    n, transposed, groups, stride, padding, dilation, output_padding, *_ = case
+
+    def tup(v):
+        return tuple(v) if isinstance(v, tuple) else (v,) * n
+
+    return ConvParams(n, tup(stride), tup(padding), tup(dilation), transposed, tup(output_padding), groups)
 
 
 def _reference_grads(fn, case, x, w, b, gy_seed: int):

@@ -155,16 +155,10 @@ def _tap_bits(row_ok, bd, bh, bw, TD, TH, TW, ed, eh, ew, ID, IH, IW, DIMS: tl.c
 def _k_loop(
     acc, x_ptr, row_off, bd, bh, bw, row_ok, valid, w_cols, n_mask, x_chan, seg_len, seg_stride, n_seg, k_tap,
     TD, TH, TW, k0d, k0h, k0w, ksd, ksh, ksw, ed, eh, ew, ID, IH, IW, KH, KW, s_xd, s_xh, s_xw,
-    x_desc, w_desc, box, g, w_row0,
-    DIMS: tl.constexpr, K_EVEN: tl.constexpr, TAP_BITS: tl.constexpr, TMA: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DIMS: tl.constexpr, K_EVEN: tl.constexpr, TAP_BITS: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """``acc += im2col(x)[rows, K] · B[K, cols]`` over K = taps × ``n_seg`` runs of ``seg_len`` channels.
-
-    With ``TMA`` the tiles come by tensor-memory-access copies instead: x's as the box of ``BLOCK_M`` pixels
-    of one input line at ``box`` = (n, d, h, w) plus the tap's moves (out-of-bounds positions, padding
-    included, are zeros), B's as rows ``w_row0 + [0, BLOCK_N)`` of group ``g`` of the packed weight; no
-    address or mask is computed per row.
 
     The taps are ``TD × TH × TW``: the j-th of a dim is the weight's tap ``k0 + j·ks`` and moves the input
     coordinate by ``e`` (per row, from the base ``b``; x's offset of a row at its base is ``row_off``; with
@@ -192,27 +186,22 @@ def _k_loop(
     jw = 0
     tap_bit = 1
     for _ in range(0, steps):
-        chan = x_chan + seg * seg_stride + c0
-        tap = ((k0d + jd * ksd) * KH + k0h + jh * ksh) * KW + k0w + jw * ksw
-        if TMA:
-            n, d, h, w = box
-            a = x_desc.load([n, d + jd * ed, h + jh * eh, w + jw * ew, chan]).reshape(BLOCK_M, BLOCK_K)
-            b = w_desc.load([g, w_row0, tap * k_tap + seg * seg_len + c0]).reshape(BLOCK_N, BLOCK_K).T
+        if TAP_BITS:
+            ok = (valid & tap_bit) != 0
         else:
-            if TAP_BITS:
-                ok = (valid & tap_bit) != 0
-            else:
-                ok = _in_bounds(row_ok, bd, bh, bw, jd * ed, jh * eh, jw * ew, ID, IH, IW, DIMS)
-            x_tile = x_ptr + (row_off + (jd * move_d + jh * move_h + jw * move_w + chan))[:, None] + offs_k[None, :]
-            ck = c0 + offs_k
-            w_tile = w_cols + (tap * k_tap + seg * seg_len + ck)[:, None]
-            if K_EVEN:  # every channel block full: the masks are the rows' and the columns' alone
-                a = tl.load(x_tile, mask=ok[:, None], other=0.0)
-                b = tl.load(w_tile, mask=n_mask[None, :], other=0.0)
-            else:
-                k_ok = ck < seg_len
-                a = tl.load(x_tile, mask=ok[:, None] & k_ok[None, :], other=0.0)
-                b = tl.load(w_tile, mask=k_ok[:, None] & n_mask[None, :], other=0.0)
+            ok = _in_bounds(row_ok, bd, bh, bw, jd * ed, jh * eh, jw * ew, ID, IH, IW, DIMS)
+        chan = x_chan + seg * seg_stride + c0
+        x_tile = x_ptr + (row_off + (jd * move_d + jh * move_h + jw * move_w + chan))[:, None] + offs_k[None, :]
+        ck = c0 + offs_k
+        tap = ((k0d + jd * ksd) * KH + k0h + jh * ksh) * KW + k0w + jw * ksw
+        w_tile = w_cols + (tap * k_tap + seg * seg_len + ck)[:, None]
+        if K_EVEN:  # every channel block full: the masks are the rows' and the columns' alone
+            a = tl.load(x_tile, mask=ok[:, None], other=0.0)
+            b = tl.load(w_tile, mask=n_mask[None, :], other=0.0)
+        else:
+            k_ok = ck < seg_len
+            a = tl.load(x_tile, mask=ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(w_tile, mask=k_ok[:, None] & n_mask[None, :], other=0.0)
         acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
         # the next step: the next channel block (a partial last block restarts at 0), carrying into the
         # segment, then the taps (w, h, d)
@@ -298,7 +287,6 @@ def qconv_igemm_kernel(
     negative_slope,
     DIMS: tl.constexpr,  # spatial dims of the conv: the last DIMS of (D, H, W) have extent
     TAP_BITS: tl.constexpr,  # at most 32 taps: each row's in-bounds taps as bits, computed before the K loop
-    TMA: tl.constexpr,  # rows a run of one output line, tiles by TMA copies (a config's choice: tma_fits)
     K_EVEN: tl.constexpr,  # every contiguous channel run (K_TAP, or CG_IN with groups) a multiple of K_ALIGN
     TRANSPOSED: tl.constexpr,
     GROUPED: tl.constexpr,
@@ -317,11 +305,7 @@ def qconv_igemm_kernel(
     g = tl.program_id(1)
 
     # grouped tile order: GROUP_M consecutive row tiles sweep the column tiles together (L2 reuse)
-    if TMA:  # a row tile is BLOCK_M consecutive pixels of one output line (n, od, oh): M // OW lines
-        line_tiles = tl.cdiv(OW, BLOCK_M)
-        num_m = (M // OW) * line_tiles
-    else:
-        num_m = tl.cdiv(M, BLOCK_M)
+    num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N_G, BLOCK_N)
     width = GROUP_M * num_n
     first_m = (pid // width) * GROUP_M
@@ -329,14 +313,7 @@ def qconv_igemm_kernel(
     pid_m = first_m + (pid % width) % rows_here
     pid_n = (pid % width) // rows_here
 
-    if TMA:
-        line = pid_m // line_tiles
-        ow0 = (pid_m - line * line_tiles) * BLOCK_M
-        offs_m = line * OW + ow0 + tl.arange(0, BLOCK_M)
-        in_line = ow0 + tl.arange(0, BLOCK_M) < OW
-    else:
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        in_line = offs_m >= 0
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     if TRANSPOSED:
         # Sub-pixel: grid axis 2 is the output phase (o ≡ ph mod stride per dim); the program's rows are
         # outputs o = q·S + ph of that phase only, so each dim runs only the taps that feed it, with the
@@ -360,7 +337,7 @@ def qconv_igemm_kernel(
         od = qd * SD + ph_d
         oh = qh * SH + ph_h
         ow = qw * SW + ph_w
-        m_mask = (offs_m < M) & (od < OD) & (oh < OH) & (ow < OW) & in_line
+        m_mask = (offs_m < M) & (od < OD) & (oh < OH) & (ow < OW)
         y_rows = ((nb * OD + od) * OH + oh) * OW + ow
         bd = qd + offd
         bh = qh + offh
@@ -372,7 +349,7 @@ def qconv_igemm_kernel(
         ksh = KSH
         ksw = KSW
     else:
-        m_mask = (offs_m < M) & in_line
+        m_mask = offs_m < M
         y_rows = offs_m
         ow = offs_m % OW
         t = offs_m // OW
@@ -404,34 +381,10 @@ def qconv_igemm_kernel(
     else:
         row_off = nb * s_xn + bw * s_xw
 
-    if TAP_BITS and not TMA:
+    if TAP_BITS:
         valid = _tap_bits(m_mask, bd, bh, bw, TD, TH, TW, ed, eh, ew, ID, IH, IW, DIMS)
     else:
-        valid = row_off  # (unread: each step checks the coordinates, or TMA does)
-    rows_w = 8 * N_G if FAST8 else N_G  # rows of a group of the packed weight
-    if TMA:
-        # the first row's input position (n, d, h, w) of tap 0: the line's, scalars (stride 1 along w)
-        s_oh = line % OH
-        s_od = (line // OH) % OD
-        s_nb = line // (OH * OD)
-        if TRANSPOSED:  # (one phase: every stride 1)
-            box = (s_nb, s_od + offd, s_oh + offh, ow0 + offw)
-        else:
-            box = (s_nb, s_od * SD - PD, s_oh * SH - PH, ow0 - PW)
-        nb_all = M // (OD * OH * OW)
-        x_desc = tl.make_tensor_descriptor(
-            x_ptr, shape=[nb_all, ID, IH, IW, s_xw], strides=[s_xn, s_xd, s_xh, s_xw, 1],
-            block_shape=[1, 1, 1, BLOCK_M, BLOCK_K],
-        )  # fmt: skip
-        k_rows = KD * KH * KW * K_TAP
-        w_desc = tl.make_tensor_descriptor(
-            w_ptr, shape=[tl.num_programs(1), rows_w, k_rows], strides=[rows_w * k_rows, k_rows, 1],
-            block_shape=[1, BLOCK_N, BLOCK_K],
-        )  # fmt: skip
-    else:
-        box = (0, 0, 0, 0)
-        x_desc = x_ptr
-        w_desc = w_ptr
+        valid = row_off  # (unread: each step checks the coordinates)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N_G
@@ -451,9 +404,8 @@ def qconv_igemm_kernel(
             # fmt: off
             s = _k_loop(zero, x_ptr, row_off, bd, bh, bw, m_mask, valid, w_group + m * N_G * k_all, n_mask,
                         m * CQ_IN + g * CG_IN, K_TAP, 0, 1, K_TAP, TD, TH, TW, k0d, k0h, k0w, ksd, ksh, ksw,
-                        ed, eh, ew, ID, IH, IW, KH, KW, s_xd, s_xh, s_xw, x_desc, w_desc, box, g,
-                        m * N_G + pid_n * BLOCK_N, DIMS, K_EVEN, TAP_BITS, TMA, DOT_DTYPE, PRECISION, BLOCK_M,
-                        BLOCK_N, BLOCK_K)
+                        ed, eh, ew, ID, IH, IW, KH, KW, s_xd, s_xh, s_xw, DIMS, K_EVEN, TAP_BITS, DOT_DTYPE,
+                        PRECISION, BLOCK_K)
             # fmt: on
             if m == 4:
                 u = s
@@ -482,9 +434,8 @@ def qconv_igemm_kernel(
             # fmt: off
             acc = _k_loop(acc, x_ptr, row_off, bd, bh, bw, m_mask, valid, w_group + c * N_G * k_all, n_mask,
                           c * CQ_IN + g * CG_IN, K_TAP, 0, 1, K_TAP, TD, TH, TW, k0d, k0h, k0w, ksd, ksh, ksw,
-                          ed, eh, ew, ID, IH, IW, KH, KW, s_xd, s_xh, s_xw, x_desc, w_desc, box, g,
-                          c * N_G + pid_n * BLOCK_N, DIMS, K_EVEN, TAP_BITS, TMA, DOT_DTYPE, PRECISION, BLOCK_M,
-                          BLOCK_N, BLOCK_K)
+                          ed, eh, ew, ID, IH, IW, KH, KW, s_xd, s_xh, s_xw, DIMS, K_EVEN, TAP_BITS, DOT_DTYPE,
+                          PRECISION, BLOCK_K)
             _epilogue(acc, c * CQ_OUT + g * CG_OUT + offs_n, n_mask, y_rows, m_mask, b_ptr, y_ptr, z_ptr, C_Y,
                       negative_slope, HAS_BIAS, ACTIVATION, STORE_PRE)
             # fmt: on
@@ -498,8 +449,7 @@ def qconv_igemm_kernel(
             # fmt: off
             acc = _k_loop(zero, x_ptr, row_off, bd, bh, bw, m_mask, valid, w_cols, n_mask, g * CG_IN, CG_IN,
                           CQ_IN, 4, K_TAP, TD, TH, TW, k0d, k0h, k0w, ksd, ksh, ksw, ed, eh, ew, ID, IH, IW, KH, KW,
-                          s_xd, s_xh, s_xw, x_desc, w_desc, box, g, pid_n * BLOCK_N, DIMS, K_EVEN, TAP_BITS, TMA,
-                          DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+                          s_xd, s_xh, s_xw, DIMS, K_EVEN, TAP_BITS, DOT_DTYPE, PRECISION, BLOCK_K)
             # fmt: on
             # column n = (component c, channel o) of the group -> blocked channel c·Cq_out + g·Cg_out + o
             comp = offs_n // CG_OUT
@@ -508,8 +458,7 @@ def qconv_igemm_kernel(
             # fmt: off
             acc = _k_loop(zero, x_ptr, row_off, bd, bh, bw, m_mask, valid, w_cols, n_mask, 0, K_TAP, 0, 1, K_TAP,
                           TD, TH, TW, k0d, k0h, k0w, ksd, ksh, ksw, ed, eh, ew, ID, IH, IW, KH, KW,
-                          s_xd, s_xh, s_xw, x_desc, w_desc, box, g, pid_n * BLOCK_N, DIMS, K_EVEN, TAP_BITS, TMA,
-                          DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+                          s_xd, s_xh, s_xw, DIMS, K_EVEN, TAP_BITS, DOT_DTYPE, PRECISION, BLOCK_K)
             # fmt: on
             ch = offs_n
         _epilogue(acc, ch, n_mask, y_rows, m_mask, b_ptr, y_ptr, z_ptr, C_Y, negative_slope, HAS_BIAS, ACTIVATION,
@@ -526,7 +475,7 @@ K_ALIGN = 64
 
 #: Interpreted programs cost per program and step, whatever their tiles: one config with big tiles
 #: (tests/triton_kernels/test_igemm.py has a case with several M, N and K blocks and a partial band).
-INTERPRETER_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 2, "TMA": False}
+INTERPRETER_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 2}
 
 
 def gpu_configs() -> list:
@@ -559,45 +508,10 @@ def gpu_configs() -> list:
         (64, 32, 64, 4, 3),
         (32, 32, 32, 4, 3),  # fast8 in IEEE fp32: four accumulators on FMAs
     ]
-    # TMA: the x tile is a box of BLOCK_M pixels of one line (so BLOCK_M ≤ the output's width), B's by TMA
-    # too; no per-row address or mask in the loop (tma_cannot_serve says where it applies)
-    tma_shapes = [
-        (128, 256, 64, 8, 3),
-        (128, 128, 64, 8, 3),
-        (64, 256, 64, 8, 3),
-        (64, 128, 64, 4, 3),
-        (128, 64, 64, 4, 3),
-        (64, 64, 64, 4, 3),
-        (64, 64, 64, 8, 3),
-        (64, 32, 64, 4, 4),
-    ]
     return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8, "TMA": tma}, num_warps=w, num_stages=s)
-        for tma, listed in ((False, shapes), (True, tma_shapes))
-        for m, n, k, w, s in listed
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for m, n, k, w, s in shapes
     ]
-
-
-def tma_cannot_serve(named_args: dict, constexprs: dict) -> str | None:
-    """Why a call of the kernel cannot take its tiles by TMA (``None`` if it can): each row tile must be a run
-    of consecutive input pixels along w (a conv with stride 1 along w; a transposed conv with stride 1
-    everywhere, one sub-pixel phase), a box must not run past a tap's channel run into other channels
-    (with groups or fast8 the runs must be whole K blocks), and TMA wants 16-byte aligned rows."""
-    if constexprs.get("TRANSPOSED"):
-        if named_args["SD"] * named_args["SH"] * named_args["SW"] != 1:
-            return "a transposed conv with a stride (its sub-pixel phases' rows are not runs of a line)"
-    elif named_args["SW"] != 1:
-        return "a stride along w (a tile's input pixels are not consecutive)"
-    if (constexprs.get("GROUPED") or constexprs.get("FAST8")) and not constexprs.get("K_EVEN"):
-        return "channel runs that are not whole K blocks (a box would read the next run's channels)"
-    item = 4 if constexprs.get("DOT_DTYPE") == tl.float32 else 2
-    k_all = named_args["KD"] * named_args["KH"] * named_args["KW"] * named_args["K_TAP"]
-    if (named_args["s_xw"] * item) % 16 or (k_all * item) % 16:
-        return "rows of x or of the packed weight not a multiple of 16 bytes"
-    for name in ("x_ptr", "w_ptr"):
-        if isinstance(named_args[name], Tensor) and named_args[name].data_ptr() % 16:
-            return f"{name} not 16-byte aligned"
-    return None
 
 
 #: fp32 accumulator registers per thread (all of a program's accumulator tiles: fast8 holds four) that
@@ -624,8 +538,7 @@ SHARED_BYTES = 227 * 1024
 def prune_configs(configs: list, named_args: dict, **kwargs) -> list:
     """Drop configs whose N tile is wider than the layer (``N_G`` columns) or whose K tile is wider than a
     contiguous channel run (``K_TAP``, or ``CG_IN`` with groups), each rounded up to a power of two ≥ 32,
-    then TMA configs where :func:`tma_cannot_serve` or whose rows are wider than the output's lines, those
-    whose operand buffers exceed :data:`SHARED_BYTES`, and those outside
+    then those whose operand buffers exceed :data:`SHARED_BYTES`, and those outside
     :data:`ACCUMULATOR_REGS` (and, on tensor cores, narrower than a warpgroup's 64 rows; on FMAs, wider
     than :data:`FMA_WIDEST_N`).
     """
@@ -647,12 +560,9 @@ def prune_configs(configs: list, named_args: dict, **kwargs) -> list:
     tiles = 4 if fast8 else 1
 
     item = 4 if kwargs.get("DOT_DTYPE") == tl.float32 else 2
-    tma = tma_cannot_serve(named_args, kwargs) is None
 
     def fits(c) -> bool:
         m, n, k = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-        if c.kwargs.get("TMA") and (not tma or m > named_args["OW"]):  # (a TMA tile is a run of one line)
-            return False
         if c.num_stages * (m + n) * k * item > SHARED_BYTES:  # the pipeline's operand buffers
             return False
         regs = tiles * m * n // (32 * c.num_warps)
@@ -688,20 +598,6 @@ _igemm = common.autotuned(
 )
 
 
-def _ensure_allocator() -> None:
-    """Give triton an allocator for the TMA descriptors its kernels create on the device, if none is set
-    (triton's default refuses): blocks from torch's caching allocator. One set by the caller is kept."""
-    from triton.runtime import _allocation
-
-    current = getattr(_allocation, "_allocator", None)
-    if current is not None and isinstance(current.get(), _allocation.NullAllocator):
-        triton.set_allocator(_torch_allocation)
-
-
-def _torch_allocation(size: int, alignment: int, stream: int | None) -> Tensor:
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
 def _spatial3(values, n: int, fill: int) -> tuple[int, int, int]:
     return (fill,) * (3 - n) + tuple(values)
 
@@ -733,12 +629,9 @@ def conv_igemm(
     negative_slope: float = 0.0,
     keep_pre: bool = False,
     algorithm: str = "hamilton",
-    config: dict | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """``(act(W ⊗ x + b), W ⊗ x + b or None)`` (transposed: the adjoint) as one implicit GEMM (``hamilton``)
     or 8 (``fast8``: on the combinations of x and W, :mod:`.fast8`, with the butterfly in the epilogue).
-    ``config``: one tile config (``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``, ``GROUP_M``, ``TMA``, optionally
-    ``num_warps``, ``num_stages``) instead of the autotuned set (tests, tools).
 
     ``input`` ``(N, 4·Cq_in, *S)`` in any layout; outputs are channels_last (strides of
     ``torch.channels_last`` / ``channels_last_3d``; 1d outputs ``(N, C, L)`` with channel stride 1).
@@ -773,35 +666,45 @@ def conv_igemm(
         tap_steps = input_steps = [1, 1, 1]
     dot_dtype, precision = common.dot_config(input.dtype)
 
-    ow = out_spatial[2]  # (a transposed conv served by TMA has stride 1: its phase's width is OW)
-
     def grid(meta):
-        rows = (m // ow) * triton.cdiv(ow, meta["BLOCK_M"]) if meta["TMA"] else triton.cdiv(m, meta["BLOCK_M"])
-        return rows * triton.cdiv(n_g, meta["BLOCK_N"]), p.groups, phases
+        return triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n_g, meta["BLOCK_N"]), p.groups, phases
 
-    args = (
-        x5, packed, bias if bias is not None else packed, y5, z5, m, shape[1], k_tap, n_g, cq_in, cg_in, cq_out,
-        cg_out, *x5.shape[1:4], *out_spatial, *ks, *x5.stride()[:4], *strides, *_spatial3(p.padding, n, 0),
-        *dilations, *tap_steps, *input_steps, float(negative_slope),
-    )  # fmt: skip
-    consts = dict(
-        DIMS=n, K_EVEN=seg_len % K_ALIGN == 0, TAP_BITS=math.prod(ks) <= 32, TRANSPOSED=p.transposed,
-        GROUPED=p.groups > 1, FAST8=fast8, HAS_BIAS=bias is not None, ACTIVATION=ACTIVATION_CODES[activation],
-        STORE_PRE=keep_pre, DOT_DTYPE=dot_dtype, PRECISION=precision,
-    )  # fmt: skip
-    if input.is_cuda:
-        _ensure_allocator()  # (TMA configs create their descriptors on the device)
-    if config is None:
-        _igemm[grid](*args, **consts)
-    else:
-        tiles = {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
-        launch = {k: config[k] for k in ("num_warps", "num_stages") if k in config}
-        if tiles.get("TMA"):
-            named = dict(zip(qconv_igemm_kernel.arg_names, args, strict=False))  # (the constexprs follow)
-            why = tma_cannot_serve(named, consts)
-            if why is not None:
-                raise ValueError(f"config {config}: TMA cannot serve this call: {why}")
-        qconv_igemm_kernel[grid](*args, **consts, **tiles, **launch)
+    _igemm[grid](
+        x5,
+        packed,
+        bias if bias is not None else packed,
+        y5,
+        z5,
+        m,
+        shape[1],
+        k_tap,
+        n_g,
+        cq_in,
+        cg_in,
+        cq_out,
+        cg_out,
+        *x5.shape[1:4],
+        *out_spatial,
+        *ks,
+        *x5.stride()[:4],
+        *strides,
+        *_spatial3(p.padding, n, 0),
+        *dilations,
+        *tap_steps,
+        *input_steps,
+        float(negative_slope),
+        DIMS=n,
+        K_EVEN=seg_len % K_ALIGN == 0,
+        TAP_BITS=math.prod(ks) <= 32,
+        TRANSPOSED=p.transposed,
+        GROUPED=p.groups > 1,
+        FAST8=fast8,
+        HAS_BIAS=bias is not None,
+        ACTIVATION=ACTIVATION_CODES[activation],
+        STORE_PRE=keep_pre,
+        DOT_DTYPE=dot_dtype,
+        PRECISION=precision,
+    )
 
     def blocked(t5: Tensor) -> Tensor:
         return t5.reshape(shape[0], *shape[2:], shape[1]).movedim(-1, 1)
