@@ -418,7 +418,8 @@ def profile_stage(out: Path, device: str, small: bool) -> None:
     count, and the top kernels by time (on CPU: ops by self time), from :data:`PROFILE_STEPS` profiled
     steps after the choices settle (``torch.profiler``; one ``profile-*.json`` Chrome trace per case and
     provider alongside). Busy time well under the wall time is a host-bound step (launches, Python), kernels
-    adding up to it a device-bound one. ``--small``: 2d 4q N2 8x8 on whatever device (a dry run)."""
+    adding up to it a device-bound one. Then ``autotune.{md,json}``: the tiles the Triton autotuner kept for
+    each shape it tuned (:func:`autotune_picks`). ``--small``: 2d 4q N2 8x8 on whatever device (a dry run)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -481,6 +482,40 @@ def profile_stage(out: Path, device: str, small: bool) -> None:
         lambda r: [r["case"], r["provider"], r["served_by"], f"{r['wall_us']:.0f}", f"{r['device_busy_us']:.0f}",
                    f"{r['kernel_us']:.0f}", f"{r['kernels_per_step']:.0f}",
                    "; ".join(f"{k[:60]} {v}" for k, v in r["top"])],
+    )  # fmt: skip
+    _write_autotune_picks(out, device)
+
+
+def autotune_picks() -> list[dict]:
+    """What the Triton autotuner chose in this process: for each autotuned kernel (``common.AUTOTUNED`` of the
+    Triton backend) and each shape it tuned, the key's values and the config it kept (tiles, warps, stages),
+    so that a GPU run shows which tiles won, next to the static issue shares of ``tools/triton_resources.py``.
+    Empty without triton, and under the interpreter (one config, nothing tuned)."""
+    try:
+        from aqcf_kernels.backends.triton import common as triton_common
+    except ImportError:
+        return []
+    rows = []
+    for kernel, (tuner, _) in sorted(getattr(triton_common, "AUTOTUNED", {}).items()):
+        names = list(getattr(tuner, "keys", []))
+        for key, config in getattr(tuner, "cache", {}).items():
+            shape = ", ".join(f"{n}={v}" for n, v in zip(names, key, strict=False))
+            tiles = "x".join(str(v) for k, v in config.kwargs.items() if k.startswith("BLOCK"))
+            rows.append({
+                "kernel": kernel, "key": shape, "tiles": tiles, "num_warps": config.num_warps,
+                "num_stages": config.num_stages,
+            })  # fmt: skip
+    return rows
+
+
+def _write_autotune_picks(out: Path, device: str) -> None:
+    rows = autotune_picks()
+    if not rows:  # (a table that says why it is empty rather than none)
+        rows = [{"kernel": "-", "key": "no autotuned launch in this process", "tiles": "-", "num_warps": 0,
+                 "num_stages": 0}]  # fmt: skip
+    _write(
+        out, "autotune", _environment(device), rows, ["kernel", "key", "tiles (M x N x K)", "warps", "stages"],
+        lambda r: [r["kernel"], r["key"], r["tiles"], str(r["num_warps"]), str(r["num_stages"])], align_left=3,
     )  # fmt: skip
 
 

@@ -50,7 +50,8 @@ def test_every_benchmark_stage_runs_and_writes_its_tables(tmp_path):
         "conv-tf32",
     ]
     assert _results(tmp_path) == dict.fromkeys(stages, "ok")
-    tables = ["bf16/conv", "bf16-relu/conv", "bf16-grid/conv", "profile/profile", "host/host", "host/block",
+    tables = ["bf16/conv", "bf16-relu/conv", "bf16-grid/conv", "profile/profile", "profile/autotune", "host/host",
+              "host/block",
               "attention/attention",
               "tf32/conv", "norm/norm", "norm/activation_pass", "norm/wgrad_bias", "rnn/rnn"]  # fmt: skip
     for table in tables:

@@ -3,7 +3,7 @@ script with triton 3.6 first on the path; test_igemm_static.py does) on _standin
 compile is real and counted with the thread it ran on, nothing is launched, and the benchmarker runs each
 trial once and rates it 1 ms. Prints JSON: for ``AQCF_TRITON_AUTOTUNE`` ``on`` and ``first``, the configs
 the launcher kept for a 2d bf16 conv, and the compiles made while precompiling (on how many threads) and
-after it.
+after it; and the tiles kept per shape as the GPU suite's profile stage reports them.
 """
 
 import json
@@ -52,6 +52,10 @@ def main() -> int:
             compiles_after=sum(not pre for _, pre in compiles),
             main_thread_compiles=sum(name == "MainThread" for name, _ in compiles),
         )
+    # what the GPU suite's profile stage reports of these tunings (benchmarks.gpu_stages.autotune_picks)
+    from benchmarks.gpu_stages import autotune_picks
+
+    results["picks"] = [r for r in autotune_picks() if r["kernel"] == "qconv_igemm_kernel"]
     print(json.dumps(results))
     return 0
 

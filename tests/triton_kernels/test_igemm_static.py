@@ -197,6 +197,11 @@ def test_autotuning_compiles_the_kept_configs_in_parallel_once(tmp_path):
     assert on["compiles_after"] == 0 and on["main_thread_compiles"] == 0
     assert first == dict(kept=1, trials=1, compiles_precompiling=0, compile_threads=0, compiles_after=1,
                          main_thread_compiles=1)  # fmt: skip
+    # the GPU suite's report of the picks (benchmarks.gpu_stages.autotune_picks) reads triton 3.6's autotuner:
+    # one row per tuned shape (64 and 40 channels), its key's values and a kept config's tiles
+    picks = out["picks"]
+    assert [p["key"].split(", ")[1:3] for p in picks] == [["K_TAP=256", "N_G=256"], ["K_TAP=160", "N_G=160"]], picks
+    assert all(p["tiles"].count("x") == 2 and p["num_warps"] in (4, 8) for p in picks), picks
 
 
 def best_issue_shares(variants: list[dict], cases: set[str], fast8: bool) -> dict[str, tuple[float, str]]:
