@@ -31,7 +31,7 @@ import sys
 
 import pytest
 
-from .test_igemm_static import ROOT, TRITON36, WHY_NOT, best_issue_shares, triton36_env
+from .test_igemm_static import ROOT, TRITON36, WHY_NOT, check_issue_shares, triton36_env
 
 pytestmark = pytest.mark.skipif(TRITON36 is None, reason=WHY_NOT)
 
@@ -117,12 +117,4 @@ def test_best_kept_config_is_not_issue_bound(variants, cases, expected):
     its MMAs take. Wide layers do (0.42 at 256×128×64; 1.06 before 2026-12-05, when the loop checked and
     carried the size-1 dims of a 2d conv and masked whole pixel steps). A 16q layer's runs of 64 channels
     cap its tiles at 64×64: issue-bound (2.15 before, 1.48 now), an expected failure with its figure."""
-    best = best_issue_shares([dict(v, fast8=False) for v in variants], cases, fast8=False)
-    assert set(best) == cases, best
-    report = "; ".join(f"{case}: {share:.2f} ({name})" for case, (share, name) in sorted(best.items()))
-    print(f"\nbest issue share per case: {report}")
-    bound = [case for case, (share, _) in best.items() if share >= 1.0]
-    if not expected:
-        assert bound, f"no longer issue-bound: make it an expectation ({report})"
-        pytest.xfail(f"issue-bound at every kept tile: {report}")
-    assert not bound, f"issue-bound (share >= 1): {report}"
+    check_issue_shares([dict(v, fast8=False) for v in variants], cases, expected)
