@@ -490,16 +490,13 @@ def autotune_picks() -> list[dict]:
     """What the Triton autotuner chose in this process: for each autotuned kernel (``common.AUTOTUNED`` of the
     Triton backend) and each shape it tuned, the key's values and the config it kept (tiles, warps, stages),
     so that a GPU run shows which tiles won, next to the static issue shares of ``tools/triton_resources.py``.
-    Empty without triton, and under the interpreter (one config, nothing tuned)."""
-    try:
-        from aqcf_kernels.backends.triton import common as triton_common
-    except ImportError:
-        return []
+    Empty without triton (nothing registered), and under the interpreter (one config, nothing tuned)."""
+    from aqcf_kernels.backends.triton import common as triton_common
+
     rows = []
-    for kernel, (tuner, _) in sorted(getattr(triton_common, "AUTOTUNED", {}).items()):
-        names = list(getattr(tuner, "keys", []))
-        for key, config in getattr(tuner, "cache", {}).items():
-            shape = ", ".join(f"{n}={v}" for n, v in zip(names, key, strict=False))
+    for kernel, (tuner, _) in sorted(triton_common.AUTOTUNED.items()):
+        for key, config in tuner.cache.items():  # (the key: the tuner's key arguments, then dtypes)
+            shape = ", ".join(f"{n}={v}" for n, v in zip(tuner.keys, key, strict=False))
             tiles = "x".join(str(v) for k, v in config.kwargs.items() if k.startswith("BLOCK"))
             rows.append({
                 "kernel": kernel, "key": shape, "tiles": tiles, "num_warps": config.num_warps,

@@ -359,7 +359,7 @@ def igemm_variants():
     keeping the pre-activation, 16q and 8q (memory-bound widths), groups=4, the input gradient of a
     stride-2 conv (transposed), 3d 32q, and fp32 with TF32 and in IEEE fp32; fast8 (8 K loops) at 64q and 128q
     bf16 (the GPU targets), its input gradient, groups, 16q, and fp32 with TF32 and in IEEE fp32."""
-    from aqcf_kernels.backends.triton.igemm import K_ALIGN, gpu_configs, prune_configs
+    from aqcf_kernels.backends.triton.igemm import gpu_configs, loop_constexprs, prune_configs
 
     base = dict(DIMS=2, TRANSPOSED=False, GROUPED=False, FAST8=False, HAS_BIAS=True, ACTIVATION=1, STORE_PRE=False)
     f8 = dict(FAST8=True)
@@ -398,10 +398,9 @@ def igemm_variants():
     configs = gpu_configs()
     for label, dtype, precision, args, extra, which in cases:
         consts = {**base, **extra, "DOT_DTYPE": IGEMM_DOTS[dtype], "PRECISION": precision}
-        # as conv_igemm sets it: a tap's contiguous channel run a multiple of K_ALIGN (8q's is not)
+        # as conv_igemm sets them (8q's channel runs are not whole K blocks, the 7x7 case's 49 taps not bits)
         seg_len = args["CG_IN"] if consts["GROUPED"] or consts["FAST8"] else args["K_TAP"]
-        consts["K_EVEN"] = seg_len % K_ALIGN == 0
-        consts["TAP_BITS"] = args["KD"] * args["KH"] * args["KW"] <= 32  # (the 7x7 case's 49 taps are not)
+        consts.update(loop_constexprs(seg_len, args["KD"] * args["KH"] * args["KW"]))
         chosen = prune_configs(configs, args, **consts) if which is None else [_config(configs, which)]
         for config in chosen:
             yield label, dtype, precision, args, consts, config

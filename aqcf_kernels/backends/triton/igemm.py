@@ -216,7 +216,7 @@ def _k_loop(
         # segment, then the taps (w, h, d)
         c0, carry = _wrap_to_zero(c0 + BLOCK_K, seg_len)
         seg, carry = _wrap_to_zero(seg + carry, n_seg)
-        tap_bit = tl.where(carry == 1, tap_bit << 1, tap_bit)
+        tap_bit <<= carry
         jw, carry = _wrap_to_zero(jw + carry, TW)
         jh, carry = _wrap_to_zero(jh + carry, TH)
         jd += carry
@@ -472,6 +472,16 @@ def qconv_igemm_kernel(
 #: are multiples of it has no partial K block in any config, and its kernel no K mask (``K_EVEN``).
 K_ALIGN = 64
 
+#: Taps (per sub-pixel phase) up to which each row's in-bounds taps are the bits of one int32 (``TAP_BITS``).
+TAP_BITS_MAX = 32
+
+
+def loop_constexprs(seg_len: int, taps: int) -> dict:
+    """The K loop's constexprs that follow from the layer: ``K_EVEN`` for contiguous channel runs of
+    ``seg_len`` (whole K blocks in every config), ``TAP_BITS`` for ``taps`` taps."""
+    return {"K_EVEN": seg_len % K_ALIGN == 0, "TAP_BITS": taps <= TAP_BITS_MAX}
+
+
 #: Interpreted programs cost per program and step, whatever their tiles: one config with big tiles
 #: (tests/triton_kernels/test_igemm.py has a case with several M, N and K blocks and a partial band).
 INTERPRETER_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 2}
@@ -534,6 +544,15 @@ FMA_WIDEST_N = 32
 SHARED_BYTES = 227 * 1024
 
 
+def operand_buffers_fit(config, dot_dtype) -> bool:
+    """Whether ``config``'s pipelined operand tiles fit :data:`SHARED_BYTES` with ``dot_dtype`` operands
+    (this kernel's and the weight gradient's: both stage a BLOCK_M-side and a BLOCK_N-side tile of
+    BLOCK_K)."""
+    item = 4 if dot_dtype == tl.float32 else 2
+    m, n, k = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
+    return config.num_stages * (m + n) * k * item <= SHARED_BYTES
+
+
 def prune_configs(configs: list, named_args: dict, **kwargs) -> list:
     """Drop configs whose N tile is wider than the layer (``N_G`` columns) or whose K tile is wider than a
     contiguous channel run (``K_TAP``, or ``CG_IN`` with groups), each rounded up to a power of two ≥ 32,
@@ -558,13 +577,10 @@ def prune_configs(configs: list, named_args: dict, **kwargs) -> list:
     low, high = ACCUMULATOR_REGS[kind]
     tiles = 4 if fast8 else 1
 
-    item = 4 if kwargs.get("DOT_DTYPE") == tl.float32 else 2
-
     def fits(c) -> bool:
-        m, n, k = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-        if c.num_stages * (m + n) * k * item > SHARED_BYTES:  # the pipeline's operand buffers
+        if not operand_buffers_fit(c, kwargs.get("DOT_DTYPE")):
             return False
-        regs = tiles * m * n // (32 * c.num_warps)
+        regs = tiles * c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] // (32 * c.num_warps)
         if fma:
             return low <= regs <= high and c.kwargs["BLOCK_N"] <= FMA_WIDEST_N
         return low <= regs <= high and c.kwargs["BLOCK_M"] >= 64
@@ -693,8 +709,7 @@ def conv_igemm(
         *input_steps,
         float(negative_slope),
         DIMS=n,
-        K_EVEN=seg_len % K_ALIGN == 0,
-        TAP_BITS=math.prod(ks) <= 32,
+        **loop_constexprs(seg_len, math.prod(ks)),
         TRANSPOSED=p.transposed,
         GROUPED=p.groups > 1,
         FAST8=fast8,

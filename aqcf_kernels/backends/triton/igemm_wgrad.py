@@ -76,7 +76,7 @@ from ...quaternion import hamilton_table
 from . import common
 from .conv_kernels import _unflatten_pixels
 from .fast8 import PRODUCTS, combine_activation, fold_table
-from .igemm import INT32_LIMIT, SHARED_BYTES, _channels_last_5d, _spatial3
+from .igemm import INT32_LIMIT, _channels_last_5d, _spatial3, operand_buffers_fit
 
 # --------------------------------------------------------------------------------------------
 # the GEMM kernel
@@ -436,13 +436,12 @@ def prune_configs(configs: list, named_args: dict, **kwargs) -> list:
     grouped = kwargs.get("GROUPED", named_args.get("GROUPED", False)) or kwargs.get("FAST8", False)
     widest_m = max(32, triton.next_power_of_2(named_args["CG_OUT"] if grouped else named_args["N_G"]))
     widest_n = max(32, triton.next_power_of_2(named_args["CG_IN"] if grouped else named_args["K_TAP"]))
-    item = 4 if kwargs.get("DOT_DTYPE") == tl.float32 else 2
     kept = [
         c
         for c in configs
         if c.kwargs["BLOCK_M"] <= widest_m
         and c.kwargs["BLOCK_N"] <= widest_n
-        and c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * item <= SHARED_BYTES
+        and operand_buffers_fit(c, kwargs.get("DOT_DTYPE"))
     ]
     if kwargs.get("PRECISION") == "ieee" and kwargs.get("DOT_DTYPE") == tl.float32:
         tile = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
