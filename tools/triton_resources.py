@@ -356,9 +356,10 @@ def _config(configs: list, shape: tuple[int, int, int, int, int]):
 def igemm_variants():
     """``(label, dtype, precision, args, constexprs, config)``: every autotune config a launch of each case
     may run (``igemm.prune_configs``), over the cases: 2d 64q bf16 (conv + bias + ReLU), fp16 with GELU
-    keeping the pre-activation, 16q and 8q (memory-bound widths), groups=4, the input gradient of a
-    stride-2 conv (transposed), 3d 32q, and fp32 with TF32 and in IEEE fp32; fast8 (8 K loops) at 64q and 128q
-    bf16 (the GPU targets), its input gradient, groups, 16q, and fp32 with TF32 and in IEEE fp32."""
+    keeping the pre-activation, 16q, 10q and 8q (memory-bound widths; 10q's runs of 40 channels are not
+    multiples of 16), groups=4, the input gradient of a stride-2 conv (transposed), 3d 32q, and fp32 with
+    TF32 and in IEEE fp32; fast8 (8 K loops) at 64q and 128q bf16 (the GPU targets), its input gradient,
+    groups, 16q, 40q (runs of 40: not whole K blocks, so a K mask), and fp32 with TF32 and in IEEE fp32."""
     from aqcf_kernels.backends.triton.igemm import gpu_configs, loop_constexprs, prune_configs
 
     base = dict(DIMS=2, TRANSPOSED=False, GROUPED=False, FAST8=False, HAS_BIAS=True, ACTIVATION=1, STORE_PRE=False)
@@ -371,6 +372,7 @@ def igemm_variants():
         ("2d 64q relu+pre", "bf16", "ieee", igemm_launch_args("bf16", 64, 64), dict(STORE_PRE=True), WIDE),
         ("2d 16q", "bf16", "ieee", igemm_launch_args("bf16", 16, 16), {}, None),
         ("2d 8q", "bf16", "ieee", igemm_launch_args("bf16", 8, 8), {}, None),
+        ("2d 10q", "bf16", "ieee", igemm_launch_args("bf16", 10, 10), {}, None),
         ("2d 64q g4", "bf16", "ieee", igemm_launch_args("bf16", 64, 64, groups=4), dict(GROUPED=True), None),
         (
             "2d 64q dgrad s2", "bf16", "ieee", igemm_launch_args("bf16", 64, 64, stride=2, transposed=True, size=32),
@@ -383,15 +385,16 @@ def igemm_variants():
         ("2d 64q", "fp32", "tf32", igemm_launch_args("fp32", 64, 64), {}, (128, 64, 32, 4, 4)),
         ("2d 64q", "fp32", "ieee", igemm_launch_args("fp32", 64, 64), {}, None),
         ("2d 64q fast8", "bf16", "ieee", igemm_launch_args("bf16", 64, 64, fast8=True), f8, None),
-        ("2d 128q fast8", "bf16", "ieee", igemm_launch_args("bf16", 128, 128, fast8=True), f8, (128, 32, 64, 8, 3)),
+        ("2d 128q fast8", "bf16", "ieee", igemm_launch_args("bf16", 128, 128, fast8=True), f8, (64, 128, 64, 8, 3)),
         (
             "2d 64q f8 dgrad", "fp16", "ieee", igemm_launch_args("fp16", 64, 64, stride=2, transposed=True, size=32,
                                                                  fast8=True),
-            dict(f8, TRANSPOSED=True, HAS_BIAS=False, ACTIVATION=0), (64, 64, 64, 8, 3),
+            dict(f8, TRANSPOSED=True, HAS_BIAS=False, ACTIVATION=0), (128, 64, 64, 8, 3),
         ),
         ("2d 128q f8 g2", "bf16", "ieee", igemm_launch_args("bf16", 128, 128, groups=2, fast8=True),
          dict(f8, GROUPED=True), (64, 32, 32, 4, 4)),
         ("2d 16q fast8", "bf16", "ieee", igemm_launch_args("bf16", 16, 16, fast8=True), f8, None),
+        ("2d 40q fast8", "bf16", "ieee", igemm_launch_args("bf16", 40, 40, fast8=True), f8, None),
         ("2d 64q fast8", "fp32", "tf32", igemm_launch_args("fp32", 64, 64, fast8=True), f8, (128, 32, 64, 8, 3)),
         ("2d 64q fast8", "fp32", "ieee", igemm_launch_args("fp32", 64, 64, fast8=True), f8, None),
     ]  # fmt: skip
@@ -635,7 +638,10 @@ def wgrad_variants():
     """``(label, dtype, precision, args, constexprs, config)``: every autotune config a launch of each case may
     run (``igemm_wgrad.prune_configs``; a fixed one where ``which`` says so), over the cases: 2d 64q bf16 and
     fp16, 16q and 8q (narrow), groups 2 (128q: runs of 64 channels) and 4 (64q: runs of 16), the transposed
-    conv's weight gradient (stride 2), 3d 32q, 1d, and fp32 with TF32 and in IEEE fp32."""
+    conv's weight gradient (stride 2), 3d 32q, 1d, and fp32 with TF32 and in IEEE fp32; fast8 at 64q, 128q,
+    groups 4, in fp32 with TF32; and runs that are not multiples of 16 channels: 10q (runs of 40) and fast8 at
+    40q."""
+    from aqcf_kernels.backends.triton.igemm import chan_align
     from aqcf_kernels.backends.triton.igemm_wgrad import P_ALIGN, gpu_configs, prune_configs
 
     WIDE = (256, 128, 64, 8, 3)  # noqa: N806  (the widest tile: without a bias, transposed)
@@ -658,6 +664,8 @@ def wgrad_variants():
          (128, 128, 64, 8, 3)),
         ("2d 64q f8 g4", "fp16", "ieee", wgrad_launch_args("fp16", 64, 64, groups=4, fast8=True),
          dict(FAST8=True, GROUPED=True), None),
+        ("2d 10q", "bf16", "ieee", wgrad_launch_args("bf16", 10, 10), {}, None),
+        ("2d 40q fast8", "bf16", "ieee", wgrad_launch_args("bf16", 40, 40, fast8=True), dict(FAST8=True), None),
         ("2d 64q fast8", "fp32", "tf32", wgrad_launch_args("fp32", 64, 64, fast8=True), dict(FAST8=True),
          (128, 64, 64, 4, 3)),
     ]  # fmt: skip
@@ -673,6 +681,9 @@ def wgrad_variants():
             "DOT_DTYPE": IGEMM_DOTS[dtype],
             "PRECISION": precision,
         }
+        # as the launcher says it: the power of two dividing gy's and x's contiguous channel runs
+        runs = ("CG_OUT", "CG_IN") if consts["GROUPED"] or consts["FAST8"] else ("N_G", "K_TAP")
+        consts["CHAN_ALIGN"] = chan_align(*(args[r] for r in runs))
         chosen = prune_configs(configs, args, **consts) if which is None else [_config(configs, which)]
         for config in chosen:
             yield label, dtype, precision, args, consts, config

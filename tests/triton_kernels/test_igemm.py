@@ -312,17 +312,22 @@ def test_fast8_fp16_balanced_within_twice_expanded_error(case, igemm_calls):
 
 #: channel runs that are whole K blocks (K_EVEN: the kernel's loads have no K mask): 16 quaternion channels
 #: (a tap's run of 64 real channels) without groups, both ways; 64 per group with groups (one run per
-#: component); fast8's runs of Cg_in = 64; a 1d case. The adjoint's runs are the output's channels.
+#: component); fast8's runs of Cg_in = 64; a 1d case. The adjoint's runs are the output's channels. Each
+#: run's alignment (CHAN_ALIGN, the power of two said to the compiler, at most 16) follows its length: runs
+#: of 24 and 12 (fast8 at 24 quaternion channels in, 12 out) start at multiples of 8 and 4.
 EVEN_CASES = [
-    ((2, False, 1, 1, 1, 1, 0, 16, 16, (5, 6), (3, 3)), "hamilton", [True, True]),
-    ((1, True, 1, 2, 1, 1, 1, 16, 16, (7,), (3,)), "hamilton", [True, True]),
-    ((2, False, 2, 1, 1, 1, 0, 128, 2, (3, 3), (3, 3)), "hamilton", [True, False]),
-    ((2, False, 1, 1, 1, 1, 0, 64, 3, (3, 4), (3, 3)), "fast8", [True, False]),
+    ((2, False, 1, 1, 1, 1, 0, 16, 16, (5, 6), (3, 3)), "hamilton", [True, True], [16, 16]),
+    ((1, True, 1, 2, 1, 1, 1, 16, 16, (7,), (3,)), "hamilton", [True, True], [16, 16]),
+    ((2, False, 2, 1, 1, 1, 0, 128, 2, (3, 3), (3, 3)), "hamilton", [True, False], [16, 1]),
+    ((2, False, 1, 1, 1, 1, 0, 64, 3, (3, 4), (3, 3)), "fast8", [True, False], [16, 1]),
+    ((2, False, 1, 1, 1, 1, 0, 24, 12, (3, 4), (3, 3)), "fast8", [False, False], [8, 4]),
 ]
 
 
-@pytest.mark.parametrize("case, algorithm, even", EVEN_CASES, ids=["2d", "1d-T", "2d-g2", "2d-fast8"])
-def test_whole_channel_blocks_without_k_mask(case, algorithm, even, igemm_calls, launch_constexprs):
+@pytest.mark.parametrize(
+    "case, algorithm, even, align", EVEN_CASES, ids=["2d", "1d-T", "2d-g2", "2d-fast8", "2d-fast8-24q"]
+)
+def test_whole_channel_blocks_without_k_mask(case, algorithm, even, align, igemm_calls, launch_constexprs):
     launches = launch_constexprs(igemm, "_igemm")
     g = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
     x, w, b = _make(case, g)
@@ -330,6 +335,7 @@ def test_whole_channel_blocks_without_k_mask(case, algorithm, even, igemm_calls,
     to = dict(dtype=torch.float32, device=DEVICE)
     got = _forward_and_input_grad(_ours(algorithm=algorithm), case, x.to(**to), w.to(**to), b.to(**to), gy_seed=1)
     assert [c["K_EVEN"] for c in launches] == even and [c["DIMS"] for c in launches] == [case[0]] * 2
+    assert [c["CHAN_ALIGN"] for c in launches] == align
     assert all(c["TAP_BITS"] for c in launches)
     tol = 1e-5 if algorithm == "hamilton" else 5e-4
     for name, o, r in zip(("y", "grad_input"), got, ref, strict=True):

@@ -223,17 +223,19 @@ def test_backend_weight_grad_without_a_bias_sums_none(wgrad_calls, python_kernel
 
 
 #: N·OD·OH·OW a multiple of igemm_wgrad.P_ALIGN (128 output pixels): every split is whole steps and the
-#: loop has no pixel mask (P_EVEN); in 1d, 2d and 3d, with 1 and 2 splits (the second one empty here)
+#: loop has no pixel mask (P_EVEN); in 1d, 2d and 3d, with 1 and 2 splits (the second one empty here). With
+#: each, the alignment said of both operands' channel runs (CHAN_ALIGN): runs of 36 and 40 channels (9 and 10
+#: quaternion channels) start at multiples of 4, of 24 and 16 at multiples of 8, of 20 and 12 of 4.
 EVEN_PIXEL_CASES = [
-    (2, False, 1, 1, 1, 1, 0, 10, 9, (8, 8), (3, 3)),
-    (1, False, 1, 1, 1, 1, 0, 4, 6, (64,), (3,)),
-    (3, False, 1, 1, 1, 1, 0, 3, 5, (4, 4, 4), (3, 3, 3)),
+    ((2, False, 1, 1, 1, 1, 0, 10, 9, (8, 8), (3, 3)), 4),
+    ((1, False, 1, 1, 1, 1, 0, 4, 6, (64,), (3,)), 8),
+    ((3, False, 1, 1, 1, 1, 0, 3, 5, (4, 4, 4), (3, 3, 3)), 4),
 ]
 
 
 @pytest.mark.parametrize("splits", [1, 2], ids=lambda s: f"splits{s}")
-@pytest.mark.parametrize("case", EVEN_PIXEL_CASES, ids=["2d", "1d", "3d"])
-def test_wgrad_whole_pixel_steps_without_pixel_mask(case, splits, launch_constexprs):
+@pytest.mark.parametrize("case, align", EVEN_PIXEL_CASES, ids=["2d", "1d", "3d"])
+def test_wgrad_whole_pixel_steps_without_pixel_mask(case, align, splits, launch_constexprs):
     launches = launch_constexprs(igemm_wgrad, "_wgrad_igemm")
     _check_fp32(case, splits=splits)
-    assert [(c["P_EVEN"], c["DIMS"]) for c in launches] == [(True, case[0])]
+    assert [(c["P_EVEN"], c["DIMS"], c["CHAN_ALIGN"]) for c in launches] == [(True, case[0], align)]

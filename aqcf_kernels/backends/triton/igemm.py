@@ -39,7 +39,7 @@ for the ``hamilton`` algorithm (issue 13, second design). The kernel is a plain 
   product, each the loop above with one run of Cg_in channels per tap (half the hamilton loop's
   multiply-adds in all). The butterfly happens in registers: s5..s8 are folded into four accumulators
   as they finish, s1..s4 accumulate onto them, and the epilogue stores the four output components. Four
-  accumulators live at once, so fast8 takes tiles a quarter the size of hamilton's
+  accumulators live at once, so fast8 takes tiles a quarter to a half the size of hamilton's
   (:data:`ACCUMULATOR_REGS`). A grid axis over the products with the butterfly in a second pass would
   keep hamilton's tiles but write and read the 8 products in fp32: ~8x the output's bytes twice.
 
@@ -127,6 +127,14 @@ def _phase_taps(ph, S, P, D, K, KSTEP):
 
 
 @triton.jit
+def said_multiple(value, ALIGN: tl.constexpr):
+    """``value``, a multiple of ``ALIGN``, in a form the compiler knows to be one: ``value // ALIGN * ALIGN``
+    (a few scalar instructions). ``tl.multiple_of`` marks an op, so it is lost on a kernel argument and on
+    an op that canonicalisation folds away (``g·Cg + 0``); outside a loop this costs next to nothing."""
+    return value // ALIGN * ALIGN
+
+
+@triton.jit
 def _wrap_to_zero(digit, size):
     """A counter's digit just advanced: at or past ``size`` it restarts at 0 with a carry of 1, else it stays,
     with 0. (Restarting at 0, where ``igemm_wgrad.carry_digit`` subtracts ``size`` for digits that move by
@@ -164,8 +172,8 @@ def _tap_bits(row_ok, bd, bh, bw, TD, TH, TW, ed, eh, ew, ID, IH, IW, DIMS: tl.c
 def _k_loop(
     acc, x_ptr, row_off, bd, bh, bw, row_ok, valid, w_cols, n_mask, x_chan, seg_len, seg_stride, n_seg, k_tap,
     TD, TH, TW, k0d, k0h, k0w, ksd, ksh, ksw, ed, eh, ew, ID, IH, IW, KH, KW, s_xd, s_xh, s_xw,
-    DIMS: tl.constexpr, K_EVEN: tl.constexpr, TAP_BITS: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
+    DIMS: tl.constexpr, K_EVEN: tl.constexpr, TAP_BITS: tl.constexpr, CHAN_ALIGN: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """``acc += im2col(x)[rows, K] · B[K, cols]`` over K = taps × ``n_seg`` runs of ``seg_len`` channels.
 
@@ -183,6 +191,9 @@ def _k_loop(
     instructions per warp), and a row's x offset is its base offset plus one scalar per step.
     """
     offs_k = tl.arange(0, BLOCK_K)
+    # a run's length is a multiple of CHAN_ALIGN: said, so that the K mask is known to be constant over
+    # aligned groups of channels and the masked copies stay 16 bytes wide
+    seg_len = said_multiple(seg_len, CHAN_ALIGN)
     steps = TD * TH * TW * n_seg * tl.cdiv(seg_len, BLOCK_K)
     # x offsets of one tap step along each dim: scalars
     move_d = ed * s_xd
@@ -199,11 +210,14 @@ def _k_loop(
             ok = (valid & tap_bit) != 0
         else:
             ok = _in_bounds(row_ok, bd, bh, bw, jd * ed, jh * eh, jw * ew, ID, IH, IW, DIMS)
-        chan = x_chan + seg * seg_stride + c0
-        x_tile = x_ptr + (row_off + (jd * move_d + jh * move_h + jw * move_w + chan))[:, None] + offs_k[None, :]
+        # both operands' runs start at multiples of CHAN_ALIGN channels, and x's pixel strides are multiples
+        # of a run: said, for their vector copies
+        step_off = tl.multiple_of(jd * move_d + jh * move_h + jw * move_w + x_chan + seg * seg_stride + c0,
+                                  CHAN_ALIGN)  # fmt: skip
+        x_tile = x_ptr + (row_off + step_off)[:, None] + offs_k[None, :]
         ck = c0 + offs_k
         tap = ((k0d + jd * ksd) * KH + k0h + jh * ksh) * KW + k0w + jw * ksw
-        w_tile = w_cols + (tap * k_tap + seg * seg_len + ck)[:, None]
+        w_tile = w_cols + (tl.multiple_of(tap * k_tap + seg * seg_len + c0, CHAN_ALIGN) + offs_k)[:, None]
         if K_EVEN:  # every channel block full: the masks are the rows' and the columns' alone
             a = tl.load(x_tile, mask=ok[:, None], other=0.0)
             b = tl.load(w_tile, mask=n_mask[None, :], other=0.0)
@@ -287,6 +301,7 @@ def qconv_igemm_kernel(
     DIMS: tl.constexpr,  # spatial dims of the conv: the last DIMS of (D, H, W) have extent
     TAP_BITS: tl.constexpr,  # at most 32 taps: each row's in-bounds taps as bits, computed before the K loop
     K_EVEN: tl.constexpr,  # every contiguous channel run (K_TAP, or CG_IN with groups) a multiple of K_ALIGN
+    CHAN_ALIGN: tl.constexpr,  # a power of two dividing that run's length (at most 16): where each run starts
     TRANSPOSED: tl.constexpr,
     GROUPED: tl.constexpr,
     FAST8: tl.constexpr,
@@ -379,6 +394,7 @@ def qconv_igemm_kernel(
         row_off = nb * s_xn + bh * s_xh + bw * s_xw
     else:
         row_off = nb * s_xn + bw * s_xw
+    row_off = tl.multiple_of(row_off, CHAN_ALIGN)  # x's pixel strides are multiples of a channel run
 
     if TAP_BITS:
         valid = _tap_bits(m_mask, bd, bh, bw, TD, TH, TW, ed, eh, ew, ID, IH, IW, DIMS)
@@ -387,13 +403,15 @@ def qconv_igemm_kernel(
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N_G
-    k_all = KD * KH * KW * K_TAP
+    k_all = said_multiple(KD * KH * KW * K_TAP, CHAN_ALIGN)  # B's row stride
     zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
     if FAST8:
         # Product m of group g: x's run m·Cq_in + g·Cg_in, B's rows (g·8 + m)·Cg_out + o. The butterfly
         # (quaternion.FAST8_OUT, computed as quaternion.fast8_product does) keeps four accumulators alive:
-        # s5..s8 become u, w, v, z, those the four outputs' halves, and s1..s4 accumulate onto them.
+        # s5..s8 become u, w, v, z, those the four outputs' halves, and s1..s4 accumulate onto them. Every
+        # K loop runs before the first epilogue: an epilogue between two loops keeps its output offsets and
+        # masks alive through the loops after it (at 128 accumulator registers, 24-56 B spilled).
         w_group = w_ptr + (g * 8 * N_G + offs_n[None, :]) * k_all
         u = zero
         w = zero
@@ -403,8 +421,8 @@ def qconv_igemm_kernel(
             # fmt: off
             s = _k_loop(zero, x_ptr, row_off, bd, bh, bw, m_mask, valid, w_group + m * N_G * k_all, n_mask,
                         m * CQ_IN + g * CG_IN, K_TAP, 0, 1, K_TAP, TD, TH, TW, k0d, k0h, k0w, ksd, ksh, ksw,
-                        ed, eh, ew, ID, IH, IW, KH, KW, s_xd, s_xh, s_xw, DIMS, K_EVEN, TAP_BITS, DOT_DTYPE,
-                        PRECISION, BLOCK_K)
+                        ed, eh, ew, ID, IH, IW, KH, KW, s_xd, s_xh, s_xw, DIMS, K_EVEN, TAP_BITS, CHAN_ALIGN,
+                        DOT_DTYPE, PRECISION, BLOCK_K)
             # fmt: on
             if m == 4:
                 u = s
@@ -418,26 +436,43 @@ def qconv_igemm_kernel(
             if m == 7:
                 v = v + s
                 z = z - s
-        half_r = 0.5 * (u + v)
-        half_i = 0.5 * (u - v)
-        half_j = 0.5 * (w + z)
-        half_k = 0.5 * (w - z)
+        # the halves of the four outputs (r, i, j, k), each then plus its s1..s4
+        out_r = 0.5 * (u + v)
+        out_i = 0.5 * (u - v)
+        out_j = 0.5 * (w + z)
+        out_k = 0.5 * (w - z)
         for c in tl.static_range(4):
-            acc = half_r
+            acc = out_r
             if c == 1:
-                acc = half_i
+                acc = out_i
             if c == 2:
-                acc = half_j
+                acc = out_j
             if c == 3:
-                acc = half_k
+                acc = out_k
             # fmt: off
             acc = _k_loop(acc, x_ptr, row_off, bd, bh, bw, m_mask, valid, w_group + c * N_G * k_all, n_mask,
                           c * CQ_IN + g * CG_IN, K_TAP, 0, 1, K_TAP, TD, TH, TW, k0d, k0h, k0w, ksd, ksh, ksw,
-                          ed, eh, ew, ID, IH, IW, KH, KW, s_xd, s_xh, s_xw, DIMS, K_EVEN, TAP_BITS, DOT_DTYPE,
-                          PRECISION, BLOCK_K)
-            _epilogue(acc, c * CQ_OUT + g * CG_OUT + offs_n, n_mask, y_rows, m_mask, b_ptr, y_ptr, z_ptr, C_Y,
-                      negative_slope, HAS_BIAS, ACTIVATION, STORE_PRE)
+                          ed, eh, ew, ID, IH, IW, KH, KW, s_xd, s_xh, s_xw, DIMS, K_EVEN, TAP_BITS, CHAN_ALIGN,
+                          DOT_DTYPE, PRECISION, BLOCK_K)
             # fmt: on
+            if c == 0:
+                out_r = acc
+            if c == 1:
+                out_i = acc
+            if c == 2:
+                out_j = acc
+            if c == 3:
+                out_k = acc
+        for c in tl.static_range(4):
+            acc = out_r
+            if c == 1:
+                acc = out_i
+            if c == 2:
+                acc = out_j
+            if c == 3:
+                acc = out_k
+            _epilogue(acc, c * CQ_OUT + g * CG_OUT + offs_n, n_mask, y_rows, m_mask, b_ptr, y_ptr, z_ptr, C_Y,
+                      negative_slope, HAS_BIAS, ACTIVATION, STORE_PRE)  # fmt: skip
     else:
         # K = taps × segments × channel blocks: one contiguous run of 4·Cq_in channels per tap without
         # groups, four runs (one per component) of Cg_in channels with them.
@@ -448,7 +483,7 @@ def qconv_igemm_kernel(
             # fmt: off
             acc = _k_loop(zero, x_ptr, row_off, bd, bh, bw, m_mask, valid, w_cols, n_mask, g * CG_IN, CG_IN,
                           CQ_IN, 4, K_TAP, TD, TH, TW, k0d, k0h, k0w, ksd, ksh, ksw, ed, eh, ew, ID, IH, IW, KH, KW,
-                          s_xd, s_xh, s_xw, DIMS, K_EVEN, TAP_BITS, DOT_DTYPE, PRECISION, BLOCK_K)
+                          s_xd, s_xh, s_xw, DIMS, K_EVEN, TAP_BITS, CHAN_ALIGN, DOT_DTYPE, PRECISION, BLOCK_K)
             # fmt: on
             # column n = (component c, channel o) of the group -> blocked channel c·Cq_out + g·Cg_out + o
             comp = offs_n // CG_OUT
@@ -457,7 +492,7 @@ def qconv_igemm_kernel(
             # fmt: off
             acc = _k_loop(zero, x_ptr, row_off, bd, bh, bw, m_mask, valid, w_cols, n_mask, 0, K_TAP, 0, 1, K_TAP,
                           TD, TH, TW, k0d, k0h, k0w, ksd, ksh, ksw, ed, eh, ew, ID, IH, IW, KH, KW,
-                          s_xd, s_xh, s_xw, DIMS, K_EVEN, TAP_BITS, DOT_DTYPE, PRECISION, BLOCK_K)
+                          s_xd, s_xh, s_xw, DIMS, K_EVEN, TAP_BITS, CHAN_ALIGN, DOT_DTYPE, PRECISION, BLOCK_K)
             # fmt: on
             ch = offs_n
         _epilogue(acc, ch, n_mask, y_rows, m_mask, b_ptr, y_ptr, z_ptr, C_Y, negative_slope, HAS_BIAS, ACTIVATION,
@@ -476,10 +511,27 @@ K_ALIGN = 64
 TAP_BITS_MAX = 32
 
 
+#: The largest alignment of the channel runs said to the compiler (CHAN_ALIGN): 16 elements, as launch-time
+#: specialisation says of integer arguments.
+CHAN_ALIGN_MAX = 16
+
+
 def loop_constexprs(seg_len: int, taps: int) -> dict:
     """The K loop's constexprs that follow from the layer: ``K_EVEN`` for contiguous channel runs of
-    ``seg_len`` (whole K blocks in every config), ``TAP_BITS`` for ``taps`` taps."""
-    return {"K_EVEN": seg_len % K_ALIGN == 0, "TAP_BITS": taps <= TAP_BITS_MAX}
+    ``seg_len`` (whole K blocks in every config), ``TAP_BITS`` for ``taps`` taps, and ``CHAN_ALIGN``, the
+    largest power of two up to :data:`CHAN_ALIGN_MAX` dividing ``seg_len``.
+
+    Every run of x and of B starts at a multiple of ``seg_len`` (x's at ``m·Cq_in + g·Cg_in`` or ``seg·Cq_in``
+    plus whole K blocks, B's at ``tap·K_TAP + seg·seg_len``), but the compiler knows only what launch-time
+    specialisation tells it of the arguments (divisible by 16, or not): at 40 quaternion channels fast8's
+    runs start 16-byte aligned without its knowing, and its K loops copied 2 bytes at a time (192–384
+    scalar loads per step, no cp.async) until the launcher said so."""
+    return {"K_EVEN": seg_len % K_ALIGN == 0, "TAP_BITS": taps <= TAP_BITS_MAX, "CHAN_ALIGN": chan_align(seg_len)}
+
+
+def chan_align(*run_lengths: int) -> int:
+    """The largest power of two up to :data:`CHAN_ALIGN_MAX` dividing every one of ``run_lengths``."""
+    return min(CHAN_ALIGN_MAX, *(n & -n for n in run_lengths))
 
 
 #: Interpreted programs cost per program and step, whatever their tiles: one config with big tiles
@@ -492,7 +544,8 @@ def gpu_configs() -> list:
 
     hamilton: 128×256, 256×128 and 128×128 with 8 warps for wide layers, 128×64 / 64×128 with 4, and
     narrow N for 8q–16q layers (4·Cg_out = 32–64 columns). fast8 holds four accumulator tiles (the
-    butterfly's), so its tiles are a quarter of those: 128×32 and 64×64 with 8 warps, 64×32 with 4.
+    butterfly's), so its tiles are a quarter to a half of those: 128×64 and 64×128 with 8 warps (128
+    registers a thread) where its channel runs are whole K blocks, 128×32 and 64×64 with 8, 64×32 with 4.
     :func:`prune_configs` keeps for each call the tiles that fit its width and its accumulators.
 
     Why the widest tiles: every warp issues the whole loop each K step, and the loop's cost in issue slots
@@ -514,6 +567,8 @@ def gpu_configs() -> list:
         (128, 32, 64, 8, 3),
         (64, 32, 32, 4, 4),  # (not 8 warps: a 32x32 half-precision B tile is 8 bytes per thread, no 16-byte copies)
         (64, 64, 64, 8, 3),
+        (128, 64, 64, 8, 3),  # fast8's widest (four accumulator tiles: 128 registers a thread)
+        (64, 128, 64, 8, 3),
         (64, 32, 64, 4, 3),
         (32, 32, 32, 4, 3),  # fast8 in IEEE fp32: four accumulators on FMAs
     ]
@@ -524,18 +579,23 @@ def gpu_configs() -> list:
 
 
 #: fp32 accumulator registers per thread (all of a program's accumulator tiles: fast8 holds four) that
-#: the kept tiles have, compiled for sm_90 by triton 3.6. On tensor cores (wgmma) hamilton's one tile may
-#: take 128 (128×256 and 256×128 on 8 warps: 192–246 registers, no spill, with ReLU, leaky ReLU or the
-#: pre-activation stored), but 64 under a GELU epilogue (its erf's temporaries: 40–160 B spilled at 128);
-#: fast8's four no more than 64 (128×64 on 8 warps spills 64 B, 64×64 on 4 warps 48 B, its operand
-#: combinations beside them); fewer than 32 only add autotuning trials. On FMAs (IEEE fp32) 32 (the bigger
-#: hamilton tiles spill 64–168 B, and even 128×32 on 8 warps, 16 a thread, spills 8 B), in tiles at most 32
-#: wide (64×64×64 keeps two values on the stack across its loop: 8 B). See test_igemm_static.py.
+#: the kept tiles have, by the program's warps, compiled for sm_90 by triton 3.6. On tensor cores (wgmma)
+#: hamilton's one tile may take 128 (128×256 and 256×128 on 8 warps: 192–246 registers, no spill, with
+#: ReLU, leaky ReLU or the pre-activation stored), but 64 under a GELU epilogue (its erf's temporaries:
+#: 40–160 B spilled at 128); on 8 warps at least 64 (an 8-warp tile of 32 issues each K step on twice the
+#: warps of the 4-warp tile of the same size). fast8's four may take 128 on 8 warps where its channel runs
+#: are whole K blocks (128×64 and 64×128: 251–255 registers, no spill, with every epilogue, transposed,
+#: grouped, 1d to 3d), else 64: with a K mask 128×64 spills 64 B (24q, 40q), and on 4 warps 128×32×64 spills
+#: 8 B (a 4-warp thread copies twice the operand bytes of an 8-warp one each step). Fewer than 32 only
+#: add autotuning trials. On FMAs (IEEE fp32) 32 (the bigger hamilton tiles spill 64–168 B, and even
+#: 128×32 on 8 warps, 16 a thread, spills 8 B), in tiles at most 32 wide (64×64×64 keeps two values on
+#: the stack across its loop: 8 B). See test_igemm_static.py.
 ACCUMULATOR_REGS = {
-    "tensor cores": (32, 128),
-    "tensor cores, gelu": (32, 64),
-    "tensor cores, fast8": (32, 64),
-    "fma": (32, 32),
+    "tensor cores": {4: (32, 128), 8: (64, 128)},
+    "tensor cores, gelu": {4: (32, 64), 8: (64, 64)},
+    "tensor cores, fast8": {4: (32, 64), 8: (64, 128)},
+    "tensor cores, fast8, K mask": {4: (32, 64), 8: (64, 64)},
+    "fma": {4: (32, 32), 8: (32, 32)},
 }
 FMA_WIDEST_N = 32
 
@@ -569,17 +629,17 @@ def prune_configs(configs: list, named_args: dict, **kwargs) -> list:
     if fma:
         kind = "fma"
     elif fast8:
-        kind = "tensor cores, fast8"
+        kind = "tensor cores, fast8" if kwargs.get("K_EVEN") else "tensor cores, fast8, K mask"
     elif kwargs.get("ACTIVATION") == ACTIVATION_CODES["gelu"]:
         kind = "tensor cores, gelu"
     else:
         kind = "tensor cores"
-    low, high = ACCUMULATOR_REGS[kind]
     tiles = 4 if fast8 else 1
 
     def fits(c) -> bool:
         if not operand_buffers_fit(c, kwargs.get("DOT_DTYPE")):
             return False
+        low, high = ACCUMULATOR_REGS[kind][c.num_warps]
         regs = tiles * c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] // (32 * c.num_warps)
         if fma:
             return low <= regs <= high and c.kwargs["BLOCK_N"] <= FMA_WIDEST_N

@@ -76,7 +76,7 @@ from ...quaternion import hamilton_table
 from . import common
 from .conv_kernels import _unflatten_pixels
 from .fast8 import PRODUCTS, combine_activation, fold_table
-from .igemm import INT32_LIMIT, _channels_last_5d, _spatial3, operand_buffers_fit
+from .igemm import INT32_LIMIT, _channels_last_5d, _spatial3, chan_align, operand_buffers_fit, said_multiple
 
 # --------------------------------------------------------------------------------------------
 # the GEMM kernel
@@ -108,8 +108,8 @@ def _wgrad_gemm_tile(
     ID, IH, IW, OD, OH, OW, KD, KH, KW,
     s_xn, s_xd, s_xh, s_xw, SD, SH, SW, PD, PH, PW, DD, DH, DW, SPLITS,
     DIMS: tl.constexpr, P_EVEN: tl.constexpr, GROUPED: tl.constexpr, FAST8: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    CHAN_ALIGN: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """One [BLOCK_M, BLOCK_N] tile of split ``split``'s partial dE of group g (FAST8: of product-group g)."""
     # Rows (output channels) and columns (one tap's input channels) come in runs of contiguous
@@ -142,6 +142,12 @@ def _wgrad_gemm_tile(
         cseg_stride = 0
         x_chan = 0
         n_cseg = 1
+    # Every run's length, hence where each run starts and the pixel strides of gy and x, is a multiple of
+    # CHAN_ALIGN: said to the compiler, so that the masks are constant over aligned groups of channels and
+    # the copies stay 16 bytes wide where launch-time specialisation alone cannot tell (runs of 40).
+    rseg_len = said_multiple(rseg_len, CHAN_ALIGN)
+    cseg_len = said_multiple(cseg_len, CHAN_ALIGN)
+    c_y = said_multiple(C_Y, CHAN_ALIGN)
     rblocks = tl.cdiv(rseg_len, BLOCK_M)
     n_rows = n_rseg * rblocks
     row_tile = tile % n_rows  # consecutive programs share the x tile (same columns), differ in gy rows
@@ -156,8 +162,8 @@ def _wgrad_gemm_tile(
     ck = (rc - cseg * cblocks) * BLOCK_N + tl.arange(0, BLOCK_N)
     r_ok = ro < rseg_len
     k_ok = ck < cseg_len
-    gy_cols = y_chan + rseg * rseg_stride + ro
-    x_cols = x_chan + cseg * cseg_stride + ck
+    gy_cols = said_multiple(y_chan + rseg * rseg_stride, CHAN_ALIGN) + ro
+    x_cols = said_multiple(x_chan + cseg * cseg_stride, CHAN_ALIGN) + ck
     # the tap's offset into the input, hoisted: input = output · stride + (k · dil − pad)
     td = (tap // (KW * KH)) * DD - PD
     th = ((tap // KW) % KH) * DH - PH
@@ -188,8 +194,8 @@ def _wgrad_gemm_tile(
             idd = od * SD + td
             ok = ok & (idd.to(tl.uint32, bitcast=True) < ID)
             x_rows += idd * s_xd
-        gy_tile = gy_ptr + offs_p[:, None] * C_Y + gy_cols[None, :]
-        x_tile = x_ptr + x_rows[:, None] + x_cols[None, :]
+        gy_tile = gy_ptr + offs_p[:, None] * c_y + gy_cols[None, :]
+        x_tile = x_ptr + tl.multiple_of(x_rows, CHAN_ALIGN)[:, None] + x_cols[None, :]
         if P_EVEN:  # every step of every split is BLOCK_K whole pixels
             a = tl.load(gy_tile, mask=r_ok[None, :], other=0.0)
             b = tl.load(x_tile, mask=ok[:, None] & k_ok[None, :], other=0.0)
@@ -271,6 +277,7 @@ def qconv_wgrad_igemm_kernel(
     SPLITS,
     DIMS: tl.constexpr,  # spatial dims of the conv: the last DIMS of (D, H, W) have extent
     P_EVEN: tl.constexpr,  # M a multiple of P_ALIGN: no step of any split is partial
+    CHAN_ALIGN: tl.constexpr,  # a power of two dividing the runs of both operands (igemm.chan_align)
     GROUPED: tl.constexpr,
     FAST8: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -299,13 +306,13 @@ def qconv_wgrad_igemm_kernel(
             _wgrad_gemm_tile(
                 x_ptr, gy_ptr, part_ptr, tile, split, g, G, M, C_Y, K_TAP, N_G, CQ_IN, CG_IN, CQ_OUT, CG_OUT,
                 ID, IH, IW, OD, OH, OW, KD, KH, KW, s_xn, s_xd, s_xh, s_xw, SD, SH, SW, PD, PH, PW, DD, DH, DW,
-                SPLITS, DIMS, P_EVEN, GROUPED, FAST8, DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+                SPLITS, DIMS, P_EVEN, GROUPED, FAST8, CHAN_ALIGN, DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
             )  # fmt: skip
     else:
         _wgrad_gemm_tile(
             x_ptr, gy_ptr, part_ptr, tile, split, g, G, M, C_Y, K_TAP, N_G, CQ_IN, CG_IN, CQ_OUT, CG_OUT,
             ID, IH, IW, OD, OH, OW, KD, KH, KW, s_xn, s_xd, s_xh, s_xw, SD, SH, SW, PD, PH, PW, DD, DH, DW,
-            SPLITS, DIMS, P_EVEN, GROUPED, FAST8, DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+            SPLITS, DIMS, P_EVEN, GROUPED, FAST8, CHAN_ALIGN, DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip
 
 
@@ -556,6 +563,8 @@ def conv_weight_grad_igemm(
     )  # fmt: skip
     whole_steps = m % P_ALIGN == 0 and (config is None or P_ALIGN % config["BLOCK_K"] == 0)
     consts = dict(DIMS=n, P_EVEN=whole_steps, GROUPED=groups > 1, FAST8=fast8, HAS_BIAS=with_bias)
+    runs = (cg_out, cg_in) if fast8 or groups > 1 else (n_g, k_tap)  # gy's and x's contiguous channel runs
+    consts.update(CHAN_ALIGN=chan_align(*runs))
     consts.update(DOT_DTYPE=dot_dtype, PRECISION=precision)
     if config is None:
         _wgrad_igemm[grid](*args, **consts)
