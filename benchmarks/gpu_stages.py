@@ -498,6 +498,8 @@ def autotune_picks() -> list[dict]:
         for key, config in tuner.cache.items():  # (the key: the tuner's key arguments, then dtypes)
             shape = ", ".join(f"{n}={v}" for n, v in zip(tuner.keys, key, strict=False))
             tiles = "x".join(str(v) for k, v in config.kwargs.items() if k.startswith("BLOCK"))
+            if config.kwargs.get("RUNS", 1) > 1:  # the weight gradient's column blocks a program
+                tiles += f" x{config.kwargs['RUNS']} blocks"
             rows.append({
                 "kernel": kernel, "key": shape, "tiles": tiles, "num_warps": config.num_warps,
                 "num_stages": config.num_stages,

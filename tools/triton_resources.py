@@ -344,11 +344,13 @@ def igemm_launch_args(
 
 
 def _config(configs: list, shape: tuple[int, int, int, int, int]):
-    """The config of ``configs`` with tiles, warps and stages ``(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)``."""
+    """The config of ``configs`` with tiles, warps and stages ``(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)``
+    (and one column block a program, where configs say how many)."""
     (found,) = [
         c
         for c in configs
         if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) == shape
+        and c.kwargs.get("RUNS", 1) == 1
     ]
     return found
 
@@ -707,11 +709,14 @@ def wgrad_main(json_path: str | None = None) -> int:
         options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
         kernel = compile_launch(qconv_wgrad_igemm_kernel, args, consts, options)
         tiles = tuple(config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-        row = dict(case=label, dtype=dtype, precision=precision, tiles=tiles, splits=args["SPLITS"], **options)
-        row.update(analyse_igemm(kernel, dtype, precision, tiles, config.num_warps))
+        runs = config.kwargs["RUNS"]  # column blocks a program: its MMA work per step is runs x the tile's
+        row = dict(case=label, dtype=dtype, precision=precision, tiles=tiles, runs=runs, splits=args["SPLITS"])
+        row.update(options)
+        row.update(analyse_igemm(kernel, dtype, precision, (tiles[0], runs * tiles[1], tiles[2]), config.num_warps))
         rows.append(row)
+        shown = ",".join(map(str, tiles)) + (f"x{runs}" if runs > 1 else "")
         print(
-            f"{label:15} {dtype:5} {precision:4} {','.join(map(str, tiles)):13} {config.num_warps:2} "
+            f"{label:15} {dtype:5} {precision:4} {shown:13} {config.num_warps:2} "
             f"{config.num_stages:2} {args['SPLITS']:3} {row['regs']:4} {row['smem']:7} {row['stack']:5} "
             f"{row['scalar_2byte_loads_in_loop']:4} {_copies(row):14} "
             f"{row['wgmma_in_loop']:5} {row['mma_sync_in_loop']:3} {row['wait_pendings_in_loop']!s:8}"

@@ -112,6 +112,35 @@ def test_wgrad_other_tiles():
     _check_fp32(CASES[4], splits=1, config={"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64})
 
 
+#: several column blocks a program (RUNS, the narrow layers' configs): 16-channel blocks of runs of 40
+#: (three a tap, the last partial), so a program's blocks cross channel blocks, taps and (grouped) component
+#: runs, and its last blocks run past the last tap (6 taps: 18 blocks, 5 programs of 4 a row tile)
+RUNS_CASES = [
+    (CASES[0], 4, "hamilton"),
+    (CASES[0], 2, "hamilton"),
+    (CASES[1], 4, "hamilton"),
+    (CASES[2], 4, "hamilton"),
+    (CASES[0], 4, "fast8"),
+]
+
+
+@pytest.mark.parametrize("case, runs, algorithm", RUNS_CASES, ids=["2d-4", "2d-2", "2d-g2-4", "2d-T-4", "2d-fast8-4"])
+def test_wgrad_several_column_blocks_per_program(case, runs, algorithm):
+    config = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "RUNS": runs}
+    _check_fp32(case, splits=2, config=config, algorithm=algorithm)
+
+
+def test_gemm_tiles_counts_programs_of_several_blocks():
+    """The grid's GEMM programs (the bias programs follow them): CASES[0] (runs of 36 rows and 40 columns, 6
+    taps) in 16x16 blocks is 3 row tiles by 18 column blocks; 4 blocks a program make 5 a row tile (the last
+    with 2), 2 make 9. Per group of a grouped conv (2 groups of 6 quaternion channels), 4 component runs a
+    side: 4 row tiles by 6 taps * 4 runs = 24 column blocks, 6 programs of 4."""
+    assert igemm_wgrad.gemm_tiles(10, 9, 1, 6, 16, 16) == 3 * 18
+    assert igemm_wgrad.gemm_tiles(10, 9, 1, 6, 16, 16, runs=4) == 3 * 5
+    assert igemm_wgrad.gemm_tiles(10, 9, 1, 6, 16, 16, runs=2) == 3 * 9
+    assert igemm_wgrad.gemm_tiles(12, 12, 2, 6, 16, 16, runs=4) == 4 * 6
+
+
 def test_wgrad_non_contiguous_inputs():
     """A spatially strided x and a gy view with permuted strides (converted at the boundary)."""
 

@@ -604,13 +604,13 @@ FMA_WIDEST_N = 32
 SHARED_BYTES = 227 * 1024
 
 
-def operand_buffers_fit(config, dot_dtype) -> bool:
+def operand_buffers_fit(config, dot_dtype, n_tiles: int = 1) -> bool:
     """Whether ``config``'s pipelined operand tiles fit :data:`SHARED_BYTES` with ``dot_dtype`` operands
-    (this kernel's and the weight gradient's: both stage a BLOCK_M-side and a BLOCK_N-side tile of
-    BLOCK_K)."""
+    (this kernel's and the weight gradient's: both stage a BLOCK_M-side tile and ``n_tiles`` BLOCK_N-side
+    tiles of BLOCK_K)."""
     item = 4 if dot_dtype == tl.float32 else 2
     m, n, k = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
-    return config.num_stages * (m + n) * k * item <= SHARED_BYTES
+    return config.num_stages * (m + n_tiles * n) * k * item <= SHARED_BYTES
 
 
 def prune_configs(configs: list, named_args: dict, **kwargs) -> list:

@@ -15,13 +15,17 @@ the forward is ``y = im2col(x) · E[g]ᵀ``. Its gradient is therefore one GEMM 
 * **Split-K over pixels** (grid axis 1): split s reduces a contiguous pixel range into its own fp32
   partial buffer ``[splits, G, 4·Cg_out, taps·4·Cg_in]`` — no atomics, so the result is deterministic
   (bit-identical from run to run for a given tile config) and the autotuner needs no reset.
-* **A column tile never crosses a tap** (nor, with groups, a component): it is BLOCK_N contiguous
+* **A column block never crosses a tap** (nor, with groups, a component): it is BLOCK_N contiguous
   channels of one tap, so the x tile of a step is BLOCK_K pixels × BLOCK_N contiguous channels (16-byte
   vector loads, async copies when pipelined), and the tap's spatial offset ``k·dil − pad`` is a
-  scalar computed once per program. The gy tile is BLOCK_K pixels × BLOCK_M contiguous channels. One
-  ``tl.dot`` per step: ``acc += tl.trans(gy_tile) · x_tile`` (both operands pixel-major in memory, i.e.
-  MN-major: wgmma reads 16-bit MN-major operands from shared memory directly; compiled for sm_90 by
-  triton 3.6, TF32 gets wgmma in flight too: ``tools/triton_resources.py --wgrad``).
+  scalar computed once per program. A program takes ``RUNS`` consecutive column blocks (1, 2 or 4), one
+  x tile and one dot each on the step's one gy tile: where a tap's run is 64 channels (16q; fast8 at 64q)
+  no block is wider than 64, and one 64×64 block a program issued 186 instructions a step for 128
+  tensor-core clocks (sm_90, 4 warps), four 434 for 512. The gy tile is BLOCK_K pixels × BLOCK_M
+  contiguous channels. One ``tl.dot`` per step and block: ``acc += tl.trans(gy_tile) · x_tile`` (both
+  operands pixel-major in memory, i.e. MN-major: wgmma reads 16-bit MN-major operands from shared memory
+  directly; compiled for sm_90 by triton 3.6, TF32 gets wgmma in flight too:
+  ``tools/triton_resources.py --wgrad``).
 * **Per-pixel coordinates without a division in the loop**: the pixel coordinates (n, od, oh, ow) of a
   step are those of the previous step plus BLOCK_K written in the mixed radix (OW, OH, OD): digits
   computed once, then an add and a conditional subtract per digit (each digit's carry is 0 or 1). A
@@ -109,9 +113,10 @@ def _wgrad_gemm_tile(
     s_xn, s_xd, s_xh, s_xw, SD, SH, SW, PD, PH, PW, DD, DH, DW, SPLITS,
     DIMS: tl.constexpr, P_EVEN: tl.constexpr, GROUPED: tl.constexpr, FAST8: tl.constexpr,
     CHAN_ALIGN: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, RUNS: tl.constexpr,
 ):  # fmt: skip
-    """One [BLOCK_M, BLOCK_N] tile of split ``split``'s partial dE of group g (FAST8: of product-group g)."""
+    """``RUNS`` [BLOCK_M, BLOCK_N] tiles (consecutive column blocks, one dot each on the same gy tile) of split
+    ``split``'s partial dE of group g (FAST8: of product-group g)."""
     # Rows (output channels) and columns (one tap's input channels) come in runs of contiguous
     # channels: one run of 4·Cg without groups, one per component with them. (Without groups the run
     # offsets are literal 0s: an unhinted runtime term would cost the tiles their 16-byte alignment.)
@@ -150,24 +155,32 @@ def _wgrad_gemm_tile(
     c_y = said_multiple(C_Y, CHAN_ALIGN)
     rblocks = tl.cdiv(rseg_len, BLOCK_M)
     n_rows = n_rseg * rblocks
-    row_tile = tile % n_rows  # consecutive programs share the x tile (same columns), differ in gy rows
+    row_tile = tile % n_rows  # consecutive programs share the x tiles (same columns), differ in gy rows
     col_tile = tile // n_rows
     rseg = row_tile // rblocks
     ro = (row_tile - rseg * rblocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    r_ok = ro < rseg_len
+    gy_cols = said_multiple(y_chan + rseg * rseg_stride, CHAN_ALIGN) + ro
+    # the program's RUNS column blocks: consecutive (tap, run, channel block) triples, each with its tap's
+    # offset into the input hoisted (input = output · stride + (k · dil − pad))
     cblocks = tl.cdiv(cseg_len, BLOCK_N)
     per_tap = n_cseg * cblocks
-    tap = col_tile // per_tap
-    rc = col_tile - tap * per_tap
-    cseg = rc // cblocks
-    ck = (rc - cseg * cblocks) * BLOCK_N + tl.arange(0, BLOCK_N)
-    r_ok = ro < rseg_len
-    k_ok = ck < cseg_len
-    gy_cols = said_multiple(y_chan + rseg * rseg_stride, CHAN_ALIGN) + ro
-    x_cols = said_multiple(x_chan + cseg * cseg_stride, CHAN_ALIGN) + ck
-    # the tap's offset into the input, hoisted: input = output · stride + (k · dil − pad)
-    td = (tap // (KW * KH)) * DD - PD
-    th = ((tap // KW) % KH) * DH - PH
-    tw = (tap % KW) * DW - PW
+    # fmt: off
+    td0, th0, tw0, xc0, kok0, oc0 = _column_block(
+        col_tile * RUNS, per_tap, cblocks, x_chan, cseg_stride, cseg_len, K_TAP, KD, KH, KW, DD, DH, DW, PD, PH, PW,
+        CHAN_ALIGN, BLOCK_N)
+    if RUNS >= 2:
+        td1, th1, tw1, xc1, kok1, oc1 = _column_block(
+            col_tile * RUNS + 1, per_tap, cblocks, x_chan, cseg_stride, cseg_len, K_TAP, KD, KH, KW, DD, DH, DW,
+            PD, PH, PW, CHAN_ALIGN, BLOCK_N)
+    if RUNS == 4:
+        td2, th2, tw2, xc2, kok2, oc2 = _column_block(
+            col_tile * RUNS + 2, per_tap, cblocks, x_chan, cseg_stride, cseg_len, K_TAP, KD, KH, KW, DD, DH, DW,
+            PD, PH, PW, CHAN_ALIGN, BLOCK_N)
+        td3, th3, tw3, xc3, kok3, oc3 = _column_block(
+            col_tile * RUNS + 3, per_tap, cblocks, x_chan, cseg_stride, cseg_len, K_TAP, KD, KH, KW, DD, DH, DW,
+            PD, PH, PW, CHAN_ALIGN, BLOCK_N)
+    # fmt: on
 
     p_start, p_end = _split_range(M, split, SPLITS, BLOCK_K)
     # Pixel coordinates of the first step (the only division per pixel), and BLOCK_K in the mixed
@@ -176,34 +189,36 @@ def _wgrad_gemm_tile(
     nb, od, oh, ow = _unflatten_pixels(offs_p, OD, OH, OW)
     step_n, step_d, step_h, step_w = _unflatten_pixels(BLOCK_K, OD, OH, OW)
 
-    # Only the last DIMS of (d, h, w) are real dims (1d and 2d convs run as 3d with size-1 dims): the others
-    # are neither checked nor carried. A coordinate is in bounds when it is below the size as an unsigned
-    # number (negative ones wrap above it): one compare per dim. Each of these is an instruction per pixel
-    # a thread holds, every step, in a loop that must issue less than its wgmma takes.
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc0 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc1 = acc0
+    acc2 = acc0
+    acc3 = acc0
     for p0 in range(p_start, p_end, BLOCK_K):
         offs_p = p0 + tl.arange(0, BLOCK_K)
-        iw = ow * SW + tw
-        ok = iw.to(tl.uint32, bitcast=True) < IW
-        x_rows = nb * s_xn + iw * s_xw
-        if DIMS >= 2:
-            ih = oh * SH + th
-            ok = ok & (ih.to(tl.uint32, bitcast=True) < IH)
-            x_rows += ih * s_xh
-        if DIMS == 3:
-            idd = od * SD + td
-            ok = ok & (idd.to(tl.uint32, bitcast=True) < ID)
-            x_rows += idd * s_xd
+        p_ok = offs_p < p_end
         gy_tile = gy_ptr + offs_p[:, None] * c_y + gy_cols[None, :]
-        x_tile = x_ptr + tl.multiple_of(x_rows, CHAN_ALIGN)[:, None] + x_cols[None, :]
         if P_EVEN:  # every step of every split is BLOCK_K whole pixels
             a = tl.load(gy_tile, mask=r_ok[None, :], other=0.0)
-            b = tl.load(x_tile, mask=ok[:, None] & k_ok[None, :], other=0.0)
         else:
-            p_ok = offs_p < p_end
             a = tl.load(gy_tile, mask=p_ok[:, None] & r_ok[None, :], other=0.0)
-            b = tl.load(x_tile, mask=(p_ok & ok)[:, None] & k_ok[None, :], other=0.0)
-        acc = tl.dot(tl.trans(a.to(DOT_DTYPE)), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
+        a = tl.trans(a.to(DOT_DTYPE))
+        # one dot per column block, on the same gy tile
+        # fmt: off
+        b = _x_tile(x_ptr, nb, od, oh, ow, td0, th0, tw0, xc0, kok0, p_ok, ID, IH, IW, s_xn, s_xd, s_xh, s_xw, SD,
+                    SH, SW, DIMS, P_EVEN, CHAN_ALIGN)
+        acc0 = tl.dot(a, b.to(DOT_DTYPE), acc0, input_precision=PRECISION)
+        if RUNS >= 2:
+            b = _x_tile(x_ptr, nb, od, oh, ow, td1, th1, tw1, xc1, kok1, p_ok, ID, IH, IW, s_xn, s_xd, s_xh, s_xw,
+                        SD, SH, SW, DIMS, P_EVEN, CHAN_ALIGN)
+            acc1 = tl.dot(a, b.to(DOT_DTYPE), acc1, input_precision=PRECISION)
+        if RUNS == 4:
+            b = _x_tile(x_ptr, nb, od, oh, ow, td2, th2, tw2, xc2, kok2, p_ok, ID, IH, IW, s_xn, s_xd, s_xh, s_xw,
+                        SD, SH, SW, DIMS, P_EVEN, CHAN_ALIGN)
+            acc2 = tl.dot(a, b.to(DOT_DTYPE), acc2, input_precision=PRECISION)
+            b = _x_tile(x_ptr, nb, od, oh, ow, td3, th3, tw3, xc3, kok3, p_ok, ID, IH, IW, s_xn, s_xd, s_xh, s_xw,
+                        SD, SH, SW, DIMS, P_EVEN, CHAN_ALIGN)
+            acc3 = tl.dot(a, b.to(DOT_DTYPE), acc3, input_precision=PRECISION)
+        # fmt: on
         ow, carry = carry_digit(ow, step_w, OW)
         if DIMS >= 2:
             oh, carry = carry_digit(oh, step_h + carry, OH)
@@ -212,10 +227,64 @@ def _wgrad_gemm_tile(
         nb += step_n + carry
 
     # partial dE of (split, group): row rseg·rseg_len + o, column tap·K_TAP + cseg·cseg_len + channel
-    tk = KD * KH * KW * K_TAP
     rows = (split * G + g) * N_G + rseg * rseg_len + ro
-    out = part_ptr + rows[:, None] * tk + (tap * K_TAP + cseg * cseg_len + ck)[None, :]
-    tl.store(out, acc, mask=r_ok[:, None] & k_ok[None, :])
+    out = part_ptr + rows[:, None] * (KD * KH * KW * K_TAP)
+    tl.store(out + oc0[None, :], acc0, mask=r_ok[:, None] & kok0[None, :])
+    if RUNS >= 2:
+        tl.store(out + oc1[None, :], acc1, mask=r_ok[:, None] & kok1[None, :])
+    if RUNS == 4:
+        tl.store(out + oc2[None, :], acc2, mask=r_ok[:, None] & kok2[None, :])
+        tl.store(out + oc3[None, :], acc3, mask=r_ok[:, None] & kok3[None, :])
+
+
+@triton.jit
+def _column_block(
+    b, per_tap, cblocks, x_chan, cseg_stride, cseg_len, K_TAP, KD, KH, KW, DD, DH, DW, PD, PH, PW,
+    CHAN_ALIGN: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Column block ``b`` of the GEMM, the ``(tap, run, channel block)`` of its index: ``(td, th, tw)``, its
+    tap's offset into the input; x's channels of the block; which of them exist (none past the last tap: a
+    program's last blocks may run past it); and their columns in the partial dE."""
+    tap = b // per_tap
+    rc = b - tap * per_tap
+    cseg = rc // cblocks
+    ck = (rc - cseg * cblocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_ok = ck < tl.where(tap < KD * KH * KW, cseg_len, 0)
+    x_cols = said_multiple(x_chan + cseg * cseg_stride, CHAN_ALIGN) + ck
+    td = (tap // (KW * KH)) * DD - PD
+    th = ((tap // KW) % KH) * DH - PH
+    tw = (tap % KW) * DW - PW
+    return td, th, tw, x_cols, k_ok, tap * K_TAP + cseg * cseg_len + ck
+
+
+@triton.jit
+def _x_tile(
+    x_ptr, nb, od, oh, ow, td, th, tw, x_cols, k_ok, p_ok, ID, IH, IW, s_xn, s_xd, s_xh, s_xw, SD, SH, SW,
+    DIMS: tl.constexpr, P_EVEN: tl.constexpr, CHAN_ALIGN: tl.constexpr,
+):  # fmt: skip
+    """A step's x tile of one column block: its pixels' inputs through the block's tap (zero outside the
+    input), its channels.
+
+    Only the last DIMS of (d, h, w) are real dims (1d and 2d convs run as 3d with size-1 dims): the others
+    are neither checked nor carried. A coordinate is in bounds when it is below the size as an unsigned
+    number (negative ones wrap above it): one compare per dim. Each of these is an instruction per pixel a
+    thread holds, every step, in a loop that must issue less than its wgmma takes."""
+    iw = ow * SW + tw
+    ok = iw.to(tl.uint32, bitcast=True) < IW
+    x_rows = nb * s_xn + iw * s_xw
+    if DIMS >= 2:
+        ih = oh * SH + th
+        ok = ok & (ih.to(tl.uint32, bitcast=True) < IH)
+        x_rows += ih * s_xh
+    if DIMS == 3:
+        idd = od * SD + td
+        ok = ok & (idd.to(tl.uint32, bitcast=True) < ID)
+        x_rows += idd * s_xd
+    x_tile = x_ptr + tl.multiple_of(x_rows, CHAN_ALIGN)[:, None] + x_cols[None, :]
+    if P_EVEN:
+        return tl.load(x_tile, mask=ok[:, None] & k_ok[None, :], other=0.0)
+    else:
+        return tl.load(x_tile, mask=(p_ok & ok)[:, None] & k_ok[None, :], other=0.0)
 
 
 @triton.jit
@@ -286,6 +355,7 @@ def qconv_wgrad_igemm_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    RUNS: tl.constexpr,  # column blocks per program (1, 2 or 4), one dot each on the step's gy tile
 ):
     """Grid ``(GEMM tiles [+ bias tiles per group], SPLITS, G)``; see the module docstring."""
     tile = tl.program_id(0)
@@ -295,7 +365,7 @@ def qconv_wgrad_igemm_kernel(
     n_seg = 4 if GROUPED and not FAST8 else 1
     row_len = CG_OUT if GROUPED or FAST8 else N_G
     col_len = CG_IN if GROUPED or FAST8 else K_TAP
-    gemm_tiles = n_seg * tl.cdiv(row_len, BLOCK_M) * KD * KH * KW * n_seg * tl.cdiv(col_len, BLOCK_N)
+    gemm_tiles = n_seg * tl.cdiv(row_len, BLOCK_M) * tl.cdiv(KD * KH * KW * n_seg * tl.cdiv(col_len, BLOCK_N), RUNS)
     # (the GEMM call is written once per constexpr branch: only one of them is compiled)
     if HAS_BIAS:
         if tile >= gemm_tiles:  # the bias programs: channel tiles dealt over the groups' grid axis
@@ -307,12 +377,14 @@ def qconv_wgrad_igemm_kernel(
                 x_ptr, gy_ptr, part_ptr, tile, split, g, G, M, C_Y, K_TAP, N_G, CQ_IN, CG_IN, CQ_OUT, CG_OUT,
                 ID, IH, IW, OD, OH, OW, KD, KH, KW, s_xn, s_xd, s_xh, s_xw, SD, SH, SW, PD, PH, PW, DD, DH, DW,
                 SPLITS, DIMS, P_EVEN, GROUPED, FAST8, CHAN_ALIGN, DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+                RUNS,
             )  # fmt: skip
     else:
         _wgrad_gemm_tile(
             x_ptr, gy_ptr, part_ptr, tile, split, g, G, M, C_Y, K_TAP, N_G, CQ_IN, CG_IN, CQ_OUT, CG_OUT,
             ID, IH, IW, OD, OH, OW, KD, KH, KW, s_xn, s_xd, s_xh, s_xw, SD, SH, SW, PD, PH, PW, DD, DH, DW,
             SPLITS, DIMS, P_EVEN, GROUPED, FAST8, CHAN_ALIGN, DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+            RUNS,
         )  # fmt: skip
 
 
@@ -389,7 +461,7 @@ def qconv_wgrad_fold_kernel(
 #: Interpreted programs cost per program and step, whatever their tiles, so the interpreter takes 128
 #: pixels per step (4x fewer steps than 32; tests/triton_kernels/test_igemm_wgrad.py passes smaller
 #: configs itself for cases with several row, column and pixel blocks and partial ones).
-INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 128}
+INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 128, "RUNS": 1}
 
 #: Every config's BLOCK_K (pixels per step, the interpreter's included) divides it: with M a multiple of
 #: it, every split is whole steps (``P_EVEN``) and the loop has no pixel mask.
@@ -407,37 +479,44 @@ PARTIAL_BYTES = 64 << 20
 
 
 def gpu_configs() -> list:
-    """The autotune set on a GPU: (BLOCK_M out-channels, BLOCK_N tap-channels, BLOCK_K pixels, warps, stages).
+    """The autotune set on a GPU: (BLOCK_M out-channels, BLOCK_N tap-channels, BLOCK_K pixels, warps, stages,
+    RUNS column blocks per program).
 
     ≥ 64 in M and N for wgmma (one warpgroup covers 64 rows), 256×128, 128×256 and 128×128 with 8 warps
     for wide layers, narrow tiles for 8q–16q layers and grouped ones (runs of Cg channels);
     :func:`prune_configs` drops tiles wider than the layer's runs or the shared memory. The widest tiles
     because every warp issues the whole loop each step (compiled for sm_90, 2d 64q bf16: 186 SASS
     instructions per step at 128×128×64, 215 at 256×128×64, for twice the tensor-core work; see
-    :func:`.igemm.gpu_configs`).
+    :func:`.igemm.gpu_configs`). Where a run is 64 channels (16q; fast8 at 64q) no block is wider than
+    64×64, so a program takes 2 or 4 of them (consecutive taps) on one gy tile: at 64×64×64 on 4 warps
+    186 instructions per step for one block, 251 for two, 434 for four (issue shares 1.45, 0.98, 0.85).
     """
     shapes = [
-        (256, 128, 64, 8, 3),
-        (128, 256, 64, 8, 3),
-        (128, 128, 64, 8, 3),
-        (128, 128, 32, 8, 4),
-        (128, 64, 64, 4, 3),
-        (64, 128, 64, 4, 3),
-        (64, 64, 64, 4, 4),
-        (64, 64, 32, 4, 3),
-        (64, 32, 64, 4, 4),
-        (32, 64, 64, 4, 4),
-        (32, 32, 64, 4, 4),
+        (256, 128, 64, 8, 3, 1),
+        (128, 256, 64, 8, 3, 1),
+        (128, 128, 64, 8, 3, 1),
+        (128, 128, 32, 8, 4, 1),
+        (128, 64, 64, 4, 3, 1),
+        (64, 128, 64, 4, 3, 1),
+        (64, 64, 64, 4, 4, 4),
+        (64, 64, 64, 4, 4, 2),
+        (64, 64, 64, 4, 4, 1),
+        (64, 64, 32, 4, 3, 1),
+        (64, 32, 64, 4, 4, 1),
+        (32, 64, 64, 4, 4, 1),
+        (32, 32, 64, 4, 4, 1),
     ]
     return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s) for m, n, k, w, s in shapes
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "RUNS": r}, num_warps=w, num_stages=s)
+        for m, n, k, w, s, r in shapes
     ]
 
 
 def prune_configs(configs: list, named_args: dict, **kwargs) -> list:
     """Drop configs wider than the layer's contiguous runs (rows: ``N_G``, or ``CG_OUT`` with groups;
-    columns: ``K_TAP``, or ``CG_IN``), each rounded up to a power of two ≥ 32, and those whose pipeline
-    buffers exceed :data:`.igemm.SHARED_BYTES` (fp32 operands at 256×128×64). In IEEE fp32 the dot runs on
+    columns: ``K_TAP``, or ``CG_IN``), each rounded up to a power of two ≥ 32, those with several column
+    blocks a program unless a block is a whole run (narrow layers), and those whose pipeline buffers exceed
+    :data:`.igemm.SHARED_BYTES` (fp32 operands at 256×128×64). In IEEE fp32 the dot runs on
     FMAs with the accumulator *and both operands* in registers: keep tiles with BLOCK_M·BLOCK_N·BLOCK_K
     ≤ 32³ per warp (compiled for sm_90, 64×64×64 with 4 warps spills 16 B; the kept ones do not)."""
     grouped = kwargs.get("GROUPED", named_args.get("GROUPED", False)) or kwargs.get("FAST8", False)
@@ -448,7 +527,8 @@ def prune_configs(configs: list, named_args: dict, **kwargs) -> list:
         for c in configs
         if c.kwargs["BLOCK_M"] <= widest_m
         and c.kwargs["BLOCK_N"] <= widest_n
-        and operand_buffers_fit(c, kwargs.get("DOT_DTYPE"))
+        and (c.kwargs["RUNS"] == 1 or c.kwargs["BLOCK_N"] == widest_n)
+        and operand_buffers_fit(c, kwargs.get("DOT_DTYPE"), c.kwargs["RUNS"])
     ]
     if kwargs.get("PRECISION") == "ieee" and kwargs.get("DOT_DTYPE") == tl.float32:
         tile = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
@@ -472,14 +552,16 @@ def _operands(input: Tensor, grad_output: Tensor, p: ConvParams) -> tuple[Tensor
     return (grad_output, input) if p.transposed else (input, grad_output)
 
 
-def gemm_tiles(cq_in: int, cq_out: int, groups: int, taps: int, block_m: int, block_n: int, fast8: bool = False) -> int:
-    """Tiles of one split and group of the GEMM (rows and columns come in runs; see the kernel); fast8: of
-    one split and product-group."""
+def gemm_tiles(
+    cq_in: int, cq_out: int, groups: int, taps: int, block_m: int, block_n: int, fast8: bool = False, runs: int = 1
+) -> int:
+    """Programs of one split and group of the GEMM (rows and columns come in runs; see the kernel), each
+    ``block_m`` rows by ``runs`` column blocks of ``block_n``; fast8: of one split and product-group."""
     if fast8 or groups > 1:  # runs of Cg channels: per product, or per component of a group
         seg, cg_in, cg_out = (1 if fast8 else 4), cq_in // groups, cq_out // groups
     else:
         seg, cg_in, cg_out = 1, 4 * cq_in, 4 * cq_out
-    return seg * triton.cdiv(cg_out, block_m) * taps * seg * triton.cdiv(cg_in, block_n)
+    return seg * triton.cdiv(cg_out, block_m) * triton.cdiv(taps * seg * triton.cdiv(cg_in, block_n), runs)
 
 
 def default_splits(pixels: int, tiles: int, partial_bytes: int, device: torch.device) -> int:
@@ -518,7 +600,8 @@ def conv_weight_grad_igemm(
     group axis), the butterfly in the fold. ``input`` and ``grad_output`` in any layout (converted to
     channels_last at the boundary, one copy each if they are not). ``splits``: pixel ranges of the split-K
     reduction (default :func:`default_splits`); ``config``: ``{"BLOCK_M", "BLOCK_N", "BLOCK_K"}`` (+
-    ``num_warps``, ``num_stages``) to run one tile config instead of the autotuned set (tests, tools).
+    ``RUNS``, default 1, ``num_warps``, ``num_stages``) to run one tile config instead of the autotuned set
+    (tests, tools).
     """
     x, gy = _operands(input, grad_output, p)
     n = p.spatial_dims
@@ -550,7 +633,7 @@ def conv_weight_grad_igemm(
     dot_dtype, precision = common.dot_config(x.dtype)
 
     def grid(meta):
-        tiles = gemm_tiles(cq_in, cq_out, groups, taps, meta["BLOCK_M"], meta["BLOCK_N"], fast8)
+        tiles = gemm_tiles(cq_in, cq_out, groups, taps, meta["BLOCK_M"], meta["BLOCK_N"], fast8, meta["RUNS"])
         if with_bias:
             tiles += triton.cdiv(triton.cdiv(c_b, meta["BLOCK_M"]), grid_groups)
         return tiles, splits, grid_groups
@@ -561,6 +644,8 @@ def conv_weight_grad_igemm(
         *_spatial3(p.stride, n, 1), *_spatial3(p.padding, n, 0), *_spatial3(p.dilation, n, 1),
         math.prod(bsrc.shape[:4]), c_b, splits,
     )  # fmt: skip
+    if config is not None:
+        config = {"RUNS": 1, **config}
     whole_steps = m % P_ALIGN == 0 and (config is None or P_ALIGN % config["BLOCK_K"] == 0)
     consts = dict(DIMS=n, P_EVEN=whole_steps, GROUPED=groups > 1, FAST8=fast8, HAS_BIAS=with_bias)
     runs = (cg_out, cg_in) if fast8 or groups > 1 else (n_g, k_tap)  # gy's and x's contiguous channel runs
