@@ -255,6 +255,19 @@ def _epilogue(
 
 
 @triton.jit
+def _component(c: tl.constexpr, r, i, j, k):
+    """The ``c``-th of four (a quaternion's components, in ``[r|i|j|k]`` order)."""
+    if c == 0:
+        return r
+    elif c == 1:
+        return i
+    elif c == 2:
+        return j
+    else:
+        return k
+
+
+@triton.jit
 def qconv_igemm_kernel(
     x_ptr,  # (N, ID, IH, IW, C_X) channels_last, channel stride 1 (FAST8: the 8 combinations, C_X = 8·CQ_IN)
     w_ptr,  # (G, R, KD*KH*KW*K_TAP) packed weight, K-major (R = N_G; FAST8: 8·N_G, fast8.pack_weight)
@@ -442,18 +455,11 @@ def qconv_igemm_kernel(
         out_j = 0.5 * (w + z)
         out_k = 0.5 * (w - z)
         for c in tl.static_range(4):
-            acc = out_r
-            if c == 1:
-                acc = out_i
-            if c == 2:
-                acc = out_j
-            if c == 3:
-                acc = out_k
             # fmt: off
-            acc = _k_loop(acc, x_ptr, row_off, bd, bh, bw, m_mask, valid, w_group + c * N_G * k_all, n_mask,
-                          c * CQ_IN + g * CG_IN, K_TAP, 0, 1, K_TAP, TD, TH, TW, k0d, k0h, k0w, ksd, ksh, ksw,
-                          ed, eh, ew, ID, IH, IW, KH, KW, s_xd, s_xh, s_xw, DIMS, K_EVEN, TAP_BITS, CHAN_ALIGN,
-                          DOT_DTYPE, PRECISION, BLOCK_K)
+            acc = _k_loop(_component(c, out_r, out_i, out_j, out_k), x_ptr, row_off, bd, bh, bw, m_mask, valid,
+                          w_group + c * N_G * k_all, n_mask, c * CQ_IN + g * CG_IN, K_TAP, 0, 1, K_TAP, TD, TH, TW,
+                          k0d, k0h, k0w, ksd, ksh, ksw, ed, eh, ew, ID, IH, IW, KH, KW, s_xd, s_xh, s_xw, DIMS,
+                          K_EVEN, TAP_BITS, CHAN_ALIGN, DOT_DTYPE, PRECISION, BLOCK_K)
             # fmt: on
             if c == 0:
                 out_r = acc
@@ -464,15 +470,8 @@ def qconv_igemm_kernel(
             if c == 3:
                 out_k = acc
         for c in tl.static_range(4):
-            acc = out_r
-            if c == 1:
-                acc = out_i
-            if c == 2:
-                acc = out_j
-            if c == 3:
-                acc = out_k
-            _epilogue(acc, c * CQ_OUT + g * CG_OUT + offs_n, n_mask, y_rows, m_mask, b_ptr, y_ptr, z_ptr, C_Y,
-                      negative_slope, HAS_BIAS, ACTIVATION, STORE_PRE)  # fmt: skip
+            _epilogue(_component(c, out_r, out_i, out_j, out_k), c * CQ_OUT + g * CG_OUT + offs_n, n_mask, y_rows,
+                      m_mask, b_ptr, y_ptr, z_ptr, C_Y, negative_slope, HAS_BIAS, ACTIVATION, STORE_PRE)  # fmt: skip
     else:
         # K = taps × segments × channel blocks: one contiguous run of 4·Cq_in channels per tap without
         # groups, four runs (one per component) of Cg_in channels with them.
