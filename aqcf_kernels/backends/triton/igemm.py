@@ -35,12 +35,16 @@ for the ``hamilton`` algorithm (issue 13, second design). The kernel is a plain 
 * **Epilogue**: bias, then relu / leaky_relu / gelu (``ACTIVATION``, constexpr) on the fp32
   accumulator; the pre-activation is written too when the backward needs it (``STORE_PRE``).
 * **fast8** (``FAST8``): x is replaced by its 8 operand combinations and B by the 8 combinations of the
-  weight (:mod:`.fast8`, pre-passes), and a program runs 8 K loops over the same output tile, one per
-  product, each the loop above with one run of Cg_in channels per tap (half the hamilton loop's
-  multiply-adds in all). The butterfly happens in registers: s5..s8 are folded into four accumulators
-  as they finish, s1..s4 accumulate onto them, and the epilogue stores the four output components. Four
-  accumulators live at once, so fast8 takes tiles a quarter to a half the size of hamilton's
-  (:data:`ACCUMULATOR_REGS`). A grid axis over the products with the butterfly in a second pass would
+  weight (:mod:`.fast8`, pre-passes), and a program runs two K loops over the same output tile, each the
+  loop above with one run of Cg_in channels per tap and four dots a step, one per product (half the
+  hamilton loop's multiply-adds in all): s5..s8, then s1..s4. The four products' tiles of a step differ
+  only by a channel offset (x) and a row offset (B), so the step's counters, bounds and masks serve four
+  MMAs (compiled for sm_90: 273 SASS instructions a step for four 128×64×64 dots on 8 warps, issue share
+  0.53; as eight loops of one dot it was 120 for one, 0.94, plus eight pipeline fills a tile). The
+  butterfly happens in registers between the loops: s5..s8 become the four outputs' halves, onto which
+  s1..s4 accumulate, and the epilogue stores the four components. Four accumulators live at once, so
+  fast8 takes tiles a quarter to a half the size of hamilton's (:data:`ACCUMULATOR_REGS`), and a stage
+  holds four operand pairs. A grid axis over the products with the butterfly in a second pass would
   keep hamilton's tiles but write and read the 8 products in fp32: ~8x the output's bytes twice.
 
 Accumulation is fp32; inputs fp16 / bf16 / fp32 (fp32 dots in IEEE fp32 unless TF32 is allowed,
@@ -170,12 +174,16 @@ def _tap_bits(row_ok, bd, bh, bw, TD, TH, TW, ed, eh, ew, ID, IH, IW, DIMS: tl.c
 
 @triton.jit
 def _k_loop(
-    acc, x_ptr, row_off, bd, bh, bw, row_ok, valid, w_cols, n_mask, x_chan, seg_len, seg_stride, n_seg, k_tap,
+    acc, acc1, acc2, acc3, x_next, w_next, x_ptr, row_off, bd, bh, bw, row_ok, valid, w_cols, n_mask, x_chan,
+    seg_len, seg_stride, n_seg, k_tap,
     TD, TH, TW, k0d, k0h, k0w, ksd, ksh, ksw, ed, eh, ew, ID, IH, IW, KH, KW, s_xd, s_xh, s_xw,
     DIMS: tl.constexpr, K_EVEN: tl.constexpr, TAP_BITS: tl.constexpr, CHAN_ALIGN: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, DOTS: tl.constexpr,
 ):  # fmt: skip
-    """``acc += im2col(x)[rows, K] · B[K, cols]`` over K = taps × ``n_seg`` runs of ``seg_len`` channels.
+    """``acc += im2col(x)[rows, K] · B[K, cols]`` over K = taps × ``n_seg`` runs of ``seg_len`` channels
+    (with ``DOTS = 4``, also ``acc_j`` += the same product on x's channels ``j·x_next`` further and B's
+    elements ``j·w_next`` further, j = 1..3: fast8's four products of a phase on one step's positions);
+    returns the four accumulators (``acc1..acc3`` unread and returned as they came when ``DOTS = 1``).
 
     The taps are ``TD × TH × TW``: the j-th of a dim is the weight's tap ``k0 + j·ks`` and moves the input
     coordinate by ``e`` (per row, from the base ``b``; x's offset of a row at its base is ``row_off``; with
@@ -219,13 +227,17 @@ def _k_loop(
         tap = ((k0d + jd * ksd) * KH + k0h + jh * ksh) * KW + k0w + jw * ksw
         w_tile = w_cols + (tl.multiple_of(tap * k_tap + seg * seg_len + c0, CHAN_ALIGN) + offs_k)[:, None]
         if K_EVEN:  # every channel block full: the masks are the rows' and the columns' alone
-            a = tl.load(x_tile, mask=ok[:, None], other=0.0)
-            b = tl.load(w_tile, mask=n_mask[None, :], other=0.0)
+            a_mask = ok[:, None]
+            b_mask = n_mask[None, :]
         else:
             k_ok = ck < seg_len
-            a = tl.load(x_tile, mask=ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(w_tile, mask=k_ok[:, None] & n_mask[None, :], other=0.0)
-        acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
+            a_mask = ok[:, None] & k_ok[None, :]
+            b_mask = k_ok[:, None] & n_mask[None, :]
+        acc = _dot_at(acc, x_tile, w_tile, a_mask, b_mask, DOT_DTYPE, PRECISION)
+        if DOTS == 4:  # the step's counters, bounds and masks serve all four
+            acc1 = _dot_at(acc1, x_tile + x_next, w_tile + w_next, a_mask, b_mask, DOT_DTYPE, PRECISION)
+            acc2 = _dot_at(acc2, x_tile + 2 * x_next, w_tile + 2 * w_next, a_mask, b_mask, DOT_DTYPE, PRECISION)
+            acc3 = _dot_at(acc3, x_tile + 3 * x_next, w_tile + 3 * w_next, a_mask, b_mask, DOT_DTYPE, PRECISION)
         # the next step: the next channel block (a partial last block restarts at 0), carrying into the
         # segment, then the taps (w, h, d)
         c0, carry = _wrap_to_zero(c0 + BLOCK_K, seg_len)
@@ -234,7 +246,15 @@ def _k_loop(
         jw, carry = _wrap_to_zero(jw + carry, TW)
         jh, carry = _wrap_to_zero(jh + carry, TH)
         jd += carry
-    return acc
+    return acc, acc1, acc2, acc3
+
+
+@triton.jit
+def _dot_at(acc, x_tile, w_tile, a_mask, b_mask, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """``acc`` + the x tile at ``x_tile`` times the B tile at ``w_tile`` (masked positions read 0)."""
+    a = tl.load(x_tile, mask=a_mask, other=0.0)
+    b = tl.load(w_tile, mask=b_mask, other=0.0)
+    return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
 
 
 @triton.jit
@@ -420,55 +440,27 @@ def qconv_igemm_kernel(
     zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
     if FAST8:
-        # Product m of group g: x's run m·Cq_in + g·Cg_in, B's rows (g·8 + m)·Cg_out + o. The butterfly
-        # (quaternion.FAST8_OUT, computed as quaternion.fast8_product does) keeps four accumulators alive:
-        # s5..s8 become u, w, v, z, those the four outputs' halves, and s1..s4 accumulate onto them. Every
-        # K loop runs before the first epilogue: an epilogue between two loops keeps its output offsets and
-        # masks alive through the loops after it (at 128 accumulator registers, 24-56 B spilled).
+        # Product m of group g: x's run m·Cq_in + g·Cg_in, B's rows (g·8 + m)·Cg_out + o. Two K loops of four
+        # dots a step, each dot one product (so the step's counters, bounds and masks serve four MMAs, and
+        # four accumulators live at once): s5..s8 first, then the butterfly (quaternion.FAST8_OUT, computed
+        # as quaternion.fast8_product does) makes them the four outputs' halves, onto which s1..s4 accumulate.
         w_group = w_ptr + (g * 8 * N_G + offs_n[None, :]) * k_all
-        u = zero
-        w = zero
-        v = zero
-        z = zero
-        for m in tl.static_range(4, 8):
-            # fmt: off
-            s = _k_loop(zero, x_ptr, row_off, bd, bh, bw, m_mask, valid, w_group + m * N_G * k_all, n_mask,
-                        m * CQ_IN + g * CG_IN, K_TAP, 0, 1, K_TAP, TD, TH, TW, k0d, k0h, k0w, ksd, ksh, ksw,
-                        ed, eh, ew, ID, IH, IW, KH, KW, s_xd, s_xh, s_xw, DIMS, K_EVEN, TAP_BITS, CHAN_ALIGN,
-                        DOT_DTYPE, PRECISION, BLOCK_K)
-            # fmt: on
-            if m == 4:
-                u = s
-                w = s
-            if m == 5:
-                u = u - s
-                w = w + s
-            if m == 6:
-                v = s
-                z = s
-            if m == 7:
-                v = v + s
-                z = z - s
-        # the halves of the four outputs (r, i, j, k), each then plus its s1..s4
-        out_r = 0.5 * (u + v)
-        out_i = 0.5 * (u - v)
-        out_j = 0.5 * (w + z)
-        out_k = 0.5 * (w - z)
-        for c in tl.static_range(4):
-            # fmt: off
-            acc = _k_loop(_component(c, out_r, out_i, out_j, out_k), x_ptr, row_off, bd, bh, bw, m_mask, valid,
-                          w_group + c * N_G * k_all, n_mask, c * CQ_IN + g * CG_IN, K_TAP, 0, 1, K_TAP, TD, TH, TW,
-                          k0d, k0h, k0w, ksd, ksh, ksw, ed, eh, ew, ID, IH, IW, KH, KW, s_xd, s_xh, s_xw, DIMS,
-                          K_EVEN, TAP_BITS, CHAN_ALIGN, DOT_DTYPE, PRECISION, BLOCK_K)
-            # fmt: on
-            if c == 0:
-                out_r = acc
-            if c == 1:
-                out_i = acc
-            if c == 2:
-                out_j = acc
-            if c == 3:
-                out_k = acc
+        x_next = said_multiple(CQ_IN, CHAN_ALIGN)  # from one product's x run to the next's
+        # fmt: off
+        s5, s6, s7, s8 = _k_loop(zero, zero, zero, zero, x_next, N_G * k_all, x_ptr, row_off, bd, bh, bw, m_mask,
+                                 valid, w_group + 4 * N_G * k_all, n_mask, 4 * CQ_IN + g * CG_IN, K_TAP, 0, 1, K_TAP,
+                                 TD, TH, TW, k0d, k0h, k0w, ksd, ksh, ksw, ed, eh, ew, ID, IH, IW, KH, KW, s_xd, s_xh,
+                                 s_xw, DIMS, K_EVEN, TAP_BITS, CHAN_ALIGN, DOT_DTYPE, PRECISION, BLOCK_K, 4)
+        u = s5 - s6
+        w = s5 + s6
+        v = s7 + s8
+        z = s7 - s8
+        out_r, out_i, out_j, out_k = _k_loop(
+            0.5 * (u + v), 0.5 * (u - v), 0.5 * (w + z), 0.5 * (w - z), x_next, N_G * k_all, x_ptr, row_off, bd, bh,
+            bw, m_mask, valid, w_group, n_mask, g * CG_IN, K_TAP, 0, 1, K_TAP, TD, TH, TW, k0d, k0h, k0w, ksd, ksh,
+            ksw, ed, eh, ew, ID, IH, IW, KH, KW, s_xd, s_xh, s_xw, DIMS, K_EVEN, TAP_BITS, CHAN_ALIGN, DOT_DTYPE,
+            PRECISION, BLOCK_K, 4)
+        # fmt: on
         for c in tl.static_range(4):
             _epilogue(_component(c, out_r, out_i, out_j, out_k), c * CQ_OUT + g * CG_OUT + offs_n, n_mask, y_rows,
                       m_mask, b_ptr, y_ptr, z_ptr, C_Y, negative_slope, HAS_BIAS, ACTIVATION, STORE_PRE)  # fmt: skip
@@ -480,18 +472,20 @@ def qconv_igemm_kernel(
         w_cols = w_ptr + (g * N_G + offs_n[None, :]) * k_all
         if GROUPED:
             # fmt: off
-            acc = _k_loop(zero, x_ptr, row_off, bd, bh, bw, m_mask, valid, w_cols, n_mask, g * CG_IN, CG_IN,
-                          CQ_IN, 4, K_TAP, TD, TH, TW, k0d, k0h, k0w, ksd, ksh, ksw, ed, eh, ew, ID, IH, IW, KH, KW,
-                          s_xd, s_xh, s_xw, DIMS, K_EVEN, TAP_BITS, CHAN_ALIGN, DOT_DTYPE, PRECISION, BLOCK_K)
+            acc, _, _, _ = _k_loop(zero, zero, zero, zero, 0, 0, x_ptr, row_off, bd, bh, bw, m_mask, valid, w_cols,
+                                   n_mask, g * CG_IN, CG_IN, CQ_IN, 4, K_TAP, TD, TH, TW, k0d, k0h, k0w, ksd, ksh, ksw,
+                                   ed, eh, ew, ID, IH, IW, KH, KW, s_xd, s_xh, s_xw, DIMS, K_EVEN, TAP_BITS,
+                                   CHAN_ALIGN, DOT_DTYPE, PRECISION, BLOCK_K, 1)
             # fmt: on
             # column n = (component c, channel o) of the group -> blocked channel c·Cq_out + g·Cg_out + o
             comp = offs_n // CG_OUT
             ch = comp * CQ_OUT + g * CG_OUT + (offs_n - comp * CG_OUT)
         else:
             # fmt: off
-            acc = _k_loop(zero, x_ptr, row_off, bd, bh, bw, m_mask, valid, w_cols, n_mask, 0, K_TAP, 0, 1, K_TAP,
-                          TD, TH, TW, k0d, k0h, k0w, ksd, ksh, ksw, ed, eh, ew, ID, IH, IW, KH, KW,
-                          s_xd, s_xh, s_xw, DIMS, K_EVEN, TAP_BITS, CHAN_ALIGN, DOT_DTYPE, PRECISION, BLOCK_K)
+            acc, _, _, _ = _k_loop(zero, zero, zero, zero, 0, 0, x_ptr, row_off, bd, bh, bw, m_mask, valid, w_cols,
+                                   n_mask, 0, K_TAP, 0, 1, K_TAP, TD, TH, TW, k0d, k0h, k0w, ksd, ksh, ksw, ed, eh, ew,
+                                   ID, IH, IW, KH, KW, s_xd, s_xh, s_xw, DIMS, K_EVEN, TAP_BITS, CHAN_ALIGN, DOT_DTYPE,
+                                   PRECISION, BLOCK_K, 1)
             # fmt: on
             ch = offs_n
         _epilogue(acc, ch, n_mask, y_rows, m_mask, b_ptr, y_ptr, z_ptr, C_Y, negative_slope, HAS_BIAS, ACTIVATION,
@@ -543,8 +537,9 @@ def gpu_configs() -> list:
 
     hamilton: 128×256, 256×128 and 128×128 with 8 warps for wide layers, 128×64 / 64×128 with 4, and
     narrow N for 8q–16q layers (4·Cg_out = 32–64 columns). fast8 holds four accumulator tiles (the
-    butterfly's), so its tiles are a quarter to a half of those: 128×64 and 64×128 with 8 warps (128
-    registers a thread) where its channel runs are whole K blocks, 128×32 and 64×64 with 8, 64×32 with 4.
+    butterfly's) and stages four operand pairs, so its tiles are a quarter to a half of those: 128×64 and
+    64×128 with 8 warps (128 registers a thread) where its channel runs are whole K blocks, 64×64 with 8,
+    64×32 with 4.
     :func:`prune_configs` keeps for each call the tiles that fit its width and its accumulators.
 
     Why the widest tiles: every warp issues the whole loop each K step, and the loop's cost in issue slots
@@ -566,8 +561,10 @@ def gpu_configs() -> list:
         (128, 32, 64, 8, 3),
         (64, 32, 32, 4, 4),  # (not 8 warps: a 32x32 half-precision B tile is 8 bytes per thread, no 16-byte copies)
         (64, 64, 64, 8, 3),
-        (128, 64, 64, 8, 3),  # fast8's widest (four accumulator tiles: 128 registers a thread)
-        (64, 128, 64, 8, 3),
+        (128, 64, 64, 8, 2),  # fast8's widest (four accumulator tiles, 128 registers a thread; four operand
+        (64, 128, 64, 8, 2),  # pairs a stage: 2 stages of 64-wide K, 3 of 32, fit in shared memory)
+        (128, 64, 32, 8, 3),
+        (64, 128, 32, 8, 3),
         (64, 32, 64, 4, 3),
         (32, 32, 32, 4, 3),  # fast8 in IEEE fp32: four accumulators on FMAs
     ]
@@ -583,12 +580,11 @@ def gpu_configs() -> list:
 #: ReLU, leaky ReLU or the pre-activation stored), but 64 under a GELU epilogue (its erf's temporaries:
 #: 40–160 B spilled at 128); on 8 warps at least 64 (an 8-warp tile of 32 issues each K step on twice the
 #: warps of the 4-warp tile of the same size). fast8's four may take 128 on 8 warps where its channel runs
-#: are whole K blocks (128×64 and 64×128: 251–255 registers, no spill, with every epilogue, transposed,
-#: grouped, 1d to 3d), else 64: with a K mask 128×64 spills 64 B (24q, 40q), and on 4 warps 128×32×64 spills
-#: 8 B (a 4-warp thread copies twice the operand bytes of an 8-warp one each step). Fewer than 32 only
-#: add autotuning trials. On FMAs (IEEE fp32) 32 (the bigger hamilton tiles spill 64–168 B, and even
-#: 128×32 on 8 warps, 16 a thread, spills 8 B), in tiles at most 32 wide (64×64×64 keeps two values on
-#: the stack across its loop: 8 B). See test_igemm_static.py.
+#: are whole K blocks (128×64 and 64×128: 198–255 registers, no spill, with every epilogue, transposed,
+#: grouped, 1d to 3d), else 64: with a K mask 128×64 spills 64–72 B (40q), and on 4 warps 128×32×32 spills
+#: 24 B (transposed). Fewer than 32 only add autotuning trials. On FMAs (IEEE fp32) 32 (the bigger hamilton
+#: tiles spill 64–168 B, and even 128×32 on 8 warps, 16 a thread, spills 8 B), in tiles at most 32 wide
+#: (64×64×64 keeps two values on the stack across its loop: 8 B). See test_igemm_static.py.
 ACCUMULATOR_REGS = {
     "tensor cores": {4: (32, 128), 8: (64, 128)},
     "tensor cores, gelu": {4: (32, 64), 8: (64, 64)},
@@ -603,13 +599,14 @@ FMA_WIDEST_N = 32
 SHARED_BYTES = 227 * 1024
 
 
-def operand_buffers_fit(config, dot_dtype, n_tiles: int = 1) -> bool:
+def operand_buffers_fit(config, dot_dtype, m_tiles: int = 1, n_tiles: int = 1) -> bool:
     """Whether ``config``'s pipelined operand tiles fit :data:`SHARED_BYTES` with ``dot_dtype`` operands
-    (this kernel's and the weight gradient's: both stage a BLOCK_M-side tile and ``n_tiles`` BLOCK_N-side
-    tiles of BLOCK_K)."""
+    (this kernel's and the weight gradient's: each stage holds ``m_tiles`` BLOCK_M-side tiles and ``n_tiles``
+    BLOCK_N-side tiles of BLOCK_K: fast8's forward four of each, the weight gradient one gy tile and one x
+    tile per column block)."""
     item = 4 if dot_dtype == tl.float32 else 2
     m, n, k = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
-    return config.num_stages * (m + n_tiles * n) * k * item <= SHARED_BYTES
+    return config.num_stages * (m_tiles * m + n_tiles * n) * k * item <= SHARED_BYTES
 
 
 def prune_configs(configs: list, named_args: dict, **kwargs) -> list:
@@ -636,7 +633,7 @@ def prune_configs(configs: list, named_args: dict, **kwargs) -> list:
     tiles = 4 if fast8 else 1
 
     def fits(c) -> bool:
-        if not operand_buffers_fit(c, kwargs.get("DOT_DTYPE")):
+        if not operand_buffers_fit(c, kwargs.get("DOT_DTYPE"), tiles, tiles):
             return False
         low, high = ACCUMULATOR_REGS[kind][c.num_warps]
         regs = tiles * c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] // (32 * c.num_warps)
