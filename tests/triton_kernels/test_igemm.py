@@ -222,7 +222,7 @@ def test_igemm_channels_last_in_channels_last_out_no_bias(igemm_calls):
 # fast8: 8 GEMMs on the operand combinations, the butterfly in the epilogue
 # ------------------------------------------------------------------------------------------------
 
-#: fast8 interprets 8 K loops per program: the cases with several M, N and K blocks, groups, 3d, 1d
+#: fast8 interprets 2 K loops of 4 dots per program: the cases with several M, N and K blocks, groups, 3d, 1d
 FAST8_CASES = [CASES[0], CASES[3], CASES[5], CASES[7]]
 FAST8_IDS = [IDS[CASES.index(c)] for c in FAST8_CASES]
 
