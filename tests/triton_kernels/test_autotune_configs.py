@@ -288,3 +288,20 @@ def test_every_block_k_divides_the_even_alignment():
     for module, align in ((igemm, igemm.K_ALIGN), (igemm_wgrad, igemm_wgrad.P_ALIGN)):
         blocks = {c.kwargs["BLOCK_K"] for c in module.gpu_configs()} | {module.INTERPRETER_CONFIG["BLOCK_K"]}
         assert all(align % k == 0 for k in blocks), (module.__name__, align, blocks)
+
+
+def test_weight_gradient_prune_counts_one_x_tile_per_column_block():
+    """A stage of the weight gradient holds one gy tile (BLOCK_K x BLOCK_M) and RUNS x tiles (BLOCK_K x
+    BLOCK_N): at 32 x 64 x 64 with 4 blocks, 7 stages of bf16 are 7 * (32 + 4 * 64) * 64 * 2 = 258048 B, over
+    the 227 KiB an sm_90 program may hold (4 gy tiles and one x tile would be 172032 B); 6 stages, 221184 B,
+    fit. The layer: runs of 64 channels each side (16q), so both tile widths and several blocks are allowed."""
+    import triton.language as tl
+    from triton import Config
+
+    def config(stages):
+        return Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "RUNS": 4}, num_warps=4, num_stages=stages)
+
+    layer = {"N_G": 64, "K_TAP": 64, "CG_OUT": 16, "CG_IN": 16}
+    fitting, over = config(6), config(7)
+    kept = igemm_wgrad.prune_configs([fitting, over], layer, DOT_DTYPE=tl.bfloat16, PRECISION="ieee")
+    assert kept == [fitting], [c.num_stages for c in kept]

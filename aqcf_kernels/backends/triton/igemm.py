@@ -633,7 +633,7 @@ def prune_configs(configs: list, named_args: dict, **kwargs) -> list:
     tiles = 4 if fast8 else 1
 
     def fits(c) -> bool:
-        if not operand_buffers_fit(c, kwargs.get("DOT_DTYPE"), tiles, tiles):
+        if not operand_buffers_fit(c, kwargs.get("DOT_DTYPE"), m_tiles=tiles, n_tiles=tiles):
             return False
         low, high = ACCUMULATOR_REGS[kind][c.num_warps]
         regs = tiles * c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] // (32 * c.num_warps)

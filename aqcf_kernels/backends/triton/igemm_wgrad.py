@@ -529,7 +529,7 @@ def prune_configs(configs: list, named_args: dict, **kwargs) -> list:
         if c.kwargs["BLOCK_M"] <= widest_m
         and c.kwargs["BLOCK_N"] <= widest_n
         and (c.kwargs["RUNS"] == 1 or c.kwargs["BLOCK_N"] == widest_n)
-        and operand_buffers_fit(c, kwargs.get("DOT_DTYPE"), c.kwargs["RUNS"])
+        and operand_buffers_fit(c, kwargs.get("DOT_DTYPE"), n_tiles=c.kwargs["RUNS"])
     ]
     if kwargs.get("PRECISION") == "ieee" and kwargs.get("DOT_DTYPE") == tl.float32:
         tile = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
