@@ -4,8 +4,10 @@ branches they take on a GPU (``tl.dot`` in bf16, TF32 when allowed, the GPU laun
 sets; ``AQCF_TRITON_AUTOTUNE=first``: one config each), and triton binds, specialises and compiles each
 launch as it would there. The interpreter runs none of this: a launcher that passes an argument the
 compiled kernel does not take, or a constexpr of the wrong kind, fails here and not only on a GPU.
-Nothing is launched, so no output is checked. bf16 runs every launcher and variant, fp32 (with TF32)
-one launch of each. Prints JSON ``{launch: "ok" | error}`` and the compile count.
+Nothing is launched, so no output is checked. Each launch runs twice: the second finds its key tuned and
+launches the JIT kernel with the autotuner's choice itself (``common.TunedLauncher``). bf16 runs every
+launcher and variant, fp32 (with TF32) one launch of each. Prints JSON ``{launch: "ok" | error}``, the
+compile count, and per autotuned kernel its launches and how many the autotuner handled.
 """
 
 import json
@@ -18,7 +20,15 @@ os.environ["AQCF_TRITON_AUTOTUNE"] = "first"
 import torch  # noqa: E402
 from _standin_gpu import install  # noqa: E402
 
-from aqcf_kernels.backends.triton import activation_grad, attention, igemm, igemm_wgrad, norm, rnn_cell  # noqa: E402
+from aqcf_kernels.backends.triton import (  # noqa: E402
+    activation_grad,
+    attention,
+    common,
+    igemm,
+    igemm_wgrad,
+    norm,
+    rnn_cell,
+)
 from aqcf_kernels.backends.triton import conv as conv_v1  # noqa: E402
 from aqcf_kernels.params import ConvParams  # noqa: E402
 
@@ -105,18 +115,44 @@ def launches(dtype, every: bool):
         yield f"rnn {tag} ligru fwd+bwd", _rnn, ("ligru", dtype)
 
 
+def _count_autotuned_launches() -> dict:
+    """Per autotuned kernel, how many launches its :class:`common.TunedLauncher` took and how many of them
+    the autotuner handled (the rest went straight to the JIT kernel)."""
+    counts = {name: {"launches": 0, "through_autotuner": 0} for name in common.AUTOTUNED}
+    for name, (tuner, _) in common.AUTOTUNED.items():
+        tuner.run = _counted(tuner.run, counts[name], "through_autotuner")
+    launcher_run = common.TunedLauncher.run
+
+    def counted_launch(self, grid, *args, **kwargs):
+        counts[self.tuner.fn.__name__]["launches"] += 1
+        return launcher_run(self, grid, *args, **kwargs)
+
+    common.TunedLauncher.run = counted_launch
+    return counts
+
+
+def _counted(function, counts: dict, field: str):
+    def counted(*args, **kwargs):
+        counts[field] += 1
+        return function(*args, **kwargs)
+
+    return counted
+
+
 def main() -> int:
     compiles = install()
+    autotuned = _count_autotuned_launches()
     results = {}
     torch.backends.cuda.matmul.allow_tf32 = True  # fp32 launches take the TF32 dot (off: IEEE, static tests)
     # bf16 (the GPU targets' dtype): every launcher and variant; fp32 (TF32): one launch per launcher
     for name, function, args in [*launches(BF16, every=True), *launches(FP32, every=False)]:
         try:
             function(*args)
+            function(*args)  # again: an autotuned kernel's tuned key now launches directly (common.TunedLauncher)
             results[name] = "ok"
         except Exception:  # noqa: BLE001  (reported: the test fails on any)
             results[name] = traceback.format_exc(limit=-3)
-    print(json.dumps(dict(results=results, compiles=len(compiles))))
+    print(json.dumps(dict(results=results, compiles=len(compiles), autotuned=autotuned)))
     return 0
 
 

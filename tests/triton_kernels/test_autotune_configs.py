@@ -155,10 +155,10 @@ def _gpu_tuner(monkeypatch, prune):
     monkeypatch.setattr(common, "INTERPRET", False)
     monkeypatch.setattr(common, "AUTOTUNED", {})
     configs = [triton.Config({"BLOCK": b}) for b in (32, 64, 128)]
-    tuner = common.autotuned(
+    launcher = common.autotuned(
         scale_kernel, gpu_configs=configs, interpreter_config={"BLOCK": 32}, key=["n"], prune=prune
     )
-    return tuner, configs
+    return launcher.tuner, configs
 
 
 def _record_precompiles(monkeypatch) -> list:
@@ -194,6 +194,106 @@ def test_autotune_first_keeps_the_first_config_that_fits_and_times_nothing(monke
         raise AssertionError("a lone config is not timed")
 
     assert tuner.do_bench(launch, quantiles=(0.5, 0.2, 0.8)) == [0.0, 0.0, 0.0]
+
+
+class _LaunchRecorder:
+    """Stands for the JIT kernel's launch: records each ``run`` (its arguments and keywords)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+
+
+def _launcher_without_a_gpu(monkeypatch, prune=lambda configs, named_args, **meta: configs[1:]):
+    """A GPU-built launcher whose JIT launches are recorded, not run; ``first`` mode, so the autotuner
+    chooses without timing anything."""
+    monkeypatch.setenv("AQCF_TRITON_AUTOTUNE", "first")
+    tuner, configs = _gpu_tuner(monkeypatch, prune)
+    launches = _LaunchRecorder()
+    monkeypatch.setattr(tuner.fn, "run", launches)
+    return common.TunedLauncher(tuner), tuner, configs, launches
+
+
+def _count_calls(monkeypatch, obj, name: str) -> list:
+    calls, real = [], getattr(obj, name)
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("grid"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(obj, name, counted)
+    return calls
+
+
+def test_tuned_launcher_launches_a_tuned_key_with_the_autotuners_choice(monkeypatch):
+    """The first call of a key goes through the autotuner; later ones launch its cached choice directly,
+    with the same arguments, grid and config as the autotuner's own launch."""
+    launcher, tuner, configs, launches = _launcher_without_a_gpu(monkeypatch)
+    through_tuner = _count_calls(monkeypatch, tuner, "run")
+    x = torch.ones(5)
+    launcher[(3,)](x, 100, FLAG=True)
+    assert through_tuner == [(3,)] and list(tuner.cache.values()) == [configs[1]]
+    assert list(tuner.cache) == [launcher.key((x, 100), {"FLAG": True})]  # the autotuner's own key
+    launcher[(4,)](x, 100, FLAG=True)
+    assert through_tuner == [(3,)]  # not asked again
+    (args0, kw0), (args1, kw1) = launches.calls
+    assert args0 == args1 == (x, 100)
+    assert kw1 == dict(kw0, grid=(4,)) and kw1["BLOCK"] == 64 and kw1["warmup"] is False
+
+
+def test_tuned_launcher_key_is_the_autotuners_for_values_and_dtypes(monkeypatch):
+    """The key holds the key arguments' values then every argument's dtype: another size or dtype is
+    another key, tuned by the autotuner; the same ones are found in its cache."""
+    launcher, tuner, _, launches = _launcher_without_a_gpu(monkeypatch)
+    through_tuner = _count_calls(monkeypatch, tuner, "run")
+    x32, x16 = torch.ones(5), torch.ones(5, dtype=torch.float16)
+    for x, n in ((x32, 100), (x32, 101), (x16, 100), (x32, 100), (x16, 100), (x32, 101)):
+        launcher[(1,)](x, n)
+    assert len(through_tuner) == 3 and len(launches.calls) == 6
+    assert set(tuner.cache) == {(100, "torch.float32"), (101, "torch.float32"), (100, "torch.float16")}
+    assert launcher.key((x16, 100), {}) == (100, "torch.float16")
+
+
+def test_tuned_launcher_follows_the_autotuners_cache_and_configs(monkeypatch):
+    """What the autotuner would launch, launched: a cleared cache tunes again, a set patched to one config
+    (as the GPU config tests do) runs that config, and a config with a pre_hook goes through the autotuner,
+    which runs the hook."""
+    import triton
+
+    launcher, tuner, configs, launches = _launcher_without_a_gpu(monkeypatch)
+    through_tuner = _count_calls(monkeypatch, tuner, "run")
+    x = torch.ones(5)
+    launcher[(1,)](x, 100)
+    monkeypatch.setattr(tuner, "cache", {})
+    launcher[(1,)](x, 100)
+    assert len(through_tuner) == 2
+    monkeypatch.setattr(tuner, "configs", [configs[2]])
+    launcher[(1,)](x, 100)
+    assert len(through_tuner) == 3 and launches.calls[-1][1]["BLOCK"] == 128
+    hooked = []
+    with_hook = triton.Config({"BLOCK": 32}, pre_hook=lambda nargs: hooked.append(nargs["n"]))
+    monkeypatch.setattr(tuner, "configs", [with_hook, configs[1]])
+    tuner.cache[launcher.key((x, 100), {})] = with_hook
+    launcher[(1,)](x, 100)
+    assert len(through_tuner) == 4 and hooked == [100] and launches.calls[-1][1]["BLOCK"] == 32
+
+
+def test_every_triton_launcher_launches_through_a_tuned_launcher():
+    """The launchers' autotuned kernels are :class:`common.TunedLauncher` s of the autotuners in
+    ``common.AUTOTUNED`` (a launcher holding the bare autotuner would pay its per-call key again)."""
+    launchers = [igemm._igemm, igemm_wgrad._wgrad_igemm, conv_v1._qconv_forward, conv_v1._qconv_wgrad]
+    assert all(isinstance(launcher, common.TunedLauncher) for launcher in launchers)
+    assert {id(launcher.tuner) for launcher in launchers} == {id(tuner) for tuner, _ in AUTOTUNED.values()}
+
+
+def test_host_cdiv_matches_triton():
+    import triton
+
+    for a in (0, 1, 63, 64, 65, 1000):
+        for b in (1, 7, 64):
+            assert common.cdiv(a, b) == triton.cdiv(a, b)
 
 
 def test_autotune_mode_names_the_variable_on_a_bad_value(monkeypatch):

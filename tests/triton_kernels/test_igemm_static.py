@@ -178,11 +178,15 @@ def _run_with_triton36(script: str, tmp_path, **env_extra: str) -> dict:
 def test_every_launcher_launches_through_triton36(tmp_path):
     """Each Triton launcher's GPU branch (bf16 dots, TF32, the GPU launch options and autotune sets) bound,
     specialised and compiled by triton 3.6's JIT as a real launch (_launch_with_triton36.py): what the
-    interpreter never runs. bf16: every launcher and variant; fp32: one launch of each."""
+    interpreter never runs. bf16: every launcher and variant; fp32: one launch of each. Each runs twice, and
+    the second launch of an autotuned kernel goes straight to the JIT kernel (``common.TunedLauncher``)."""
     out = _run_with_triton36("_launch_with_triton36.py", tmp_path)
     failed = {name: error for name, error in out["results"].items() if error != "ok"}
     assert not failed, "\n\n".join(f"{name}:\n{error}" for name, error in failed.items())
     assert len(out["results"]) == 27 and out["compiles"] >= 27, out
+    # each launch ran twice: the second of an autotuned kernel's launches went straight to the JIT kernel
+    for kernel, counts in out["autotuned"].items():
+        assert 0 < 2 * counts["through_autotuner"] <= counts["launches"], (kernel, counts)
 
 
 def test_autotuning_compiles_the_kept_configs_in_parallel_once(tmp_path):

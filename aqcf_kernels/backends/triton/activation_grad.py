@@ -33,6 +33,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ...layout import is_channels_last
+from . import common
 from .norm import ACTIVATION_CODES, _activation_grad, _blocks, _chunking, _launch_options, _ncs
 
 #: the dtypes the kernel serves (its arithmetic is fp32)
@@ -105,7 +106,7 @@ def activation_grad_bias(grad: Tensor, gate: Tensor, activation: str, negative_s
     block_c, block_s = _blocks(c, s, stride_c == 1 and c > 1)
     chunk, splits = _chunking(n, c, s, block_c, block_s, gate.device)
     partials = torch.empty((n, splits, c), dtype=torch.float32, device=gate.device)
-    activation_grad_bias_kernel[(triton.cdiv(c, block_c), n, splits)](
+    activation_grad_bias_kernel[(common.cdiv(c, block_c), n, splits)](
         grad, gate, gz, partials, c, s, chunk, stride_n, stride_c, stride_s, float(negative_slope),
         ACTIVATION=ACTIVATION_CODES[activation], BLOCK_C=block_c, BLOCK_S=block_s, **_launch_options(),
     )  # fmt: skip

@@ -54,8 +54,8 @@ def cross_attention(q_a, k_a, v_a, q_b, k_b, v_b, scale: float):
     lse_b = torch.empty((b, h, n_qb), dtype=torch.float32, device=q_a.device)
     block_m, block_n = _tiles(e)
     dot_dtype, precision = common.dot_config(q_a.dtype)
-    tiles_a = triton.cdiv(n_qa, block_m)
-    grid = (tiles_a + triton.cdiv(n_qb, block_m), b * h)
+    tiles_a = common.cdiv(n_qa, block_m)
+    grid = (tiles_a + common.cdiv(n_qb, block_m), b * h)
     attention_fwd_kernel[grid](
         q_a, k_b, v_b, out_a, lse_a, q_b, k_a, v_a, out_b, lse_b,
         n_qa, n_ka, n_qb, n_kb, tiles_a, scale,
@@ -78,14 +78,14 @@ def cross_attention_backward(grad_a, grad_b, q_a, k_a, v_a, q_b, k_b, v_b, out_a
     block_m, block_n = _tiles(e)
     dot_dtype, precision = common.dot_config(q_a.dtype)
     consts = dict(E=e, DOT_DTYPE=dot_dtype, PRECISION=precision, BLOCK_E=_head_block(e), **_launch_options())
-    tiles_b = triton.cdiv(n_kb, block_n)
-    attention_bwd_dkdv_kernel[(tiles_b + triton.cdiv(n_ka, block_n), b * h)](
+    tiles_b = common.cdiv(n_kb, block_n)
+    attention_bwd_dkdv_kernel[(tiles_b + common.cdiv(n_ka, block_n), b * h)](
         q_a, k_b, v_b, grad_a, lse_a, delta_a, dk_b, dv_b,
         q_b, k_a, v_a, grad_b, lse_b, delta_b, dk_a, dv_a,
         n_qa, n_ka, n_qb, n_kb, tiles_b, scale, BLOCK_M=block_m, BLOCK_N=block_n, **consts,
     )  # fmt: skip
-    tiles_a = triton.cdiv(n_qa, block_m)
-    attention_bwd_dq_kernel[(tiles_a + triton.cdiv(n_qb, block_m), b * h)](
+    tiles_a = common.cdiv(n_qa, block_m)
+    attention_bwd_dq_kernel[(tiles_a + common.cdiv(n_qb, block_m), b * h)](
         q_a, k_b, v_b, grad_a, lse_a, delta_a, dq_a,
         q_b, k_a, v_a, grad_b, lse_b, delta_b, dq_b,
         n_qa, n_ka, n_qb, n_kb, tiles_a, scale, BLOCK_M=block_m, BLOCK_N=block_n, **consts,
@@ -97,14 +97,14 @@ def gated_residual(f: Tensor, o: Tensor, gate_logits: Tensor, alpha: Tensor) -> 
     f, o, g = _contiguous(f, o, gate_logits.expand_as(f))
     y = torch.empty_like(f)
     numel = f.numel()
-    gated_residual_fwd_kernel[(triton.cdiv(numel, GATE_BLOCK),)](f, o, g, alpha, y, numel, BLOCK=GATE_BLOCK)
+    gated_residual_fwd_kernel[(common.cdiv(numel, GATE_BLOCK),)](f, o, g, alpha, y, numel, BLOCK=GATE_BLOCK)
     return y
 
 
 def gated_residual_backward(grad: Tensor, o: Tensor, gate_logits: Tensor, alpha: Tensor):
     grad, o, g = _contiguous(grad, o, gate_logits.expand_as(o))
     d_o, d_g = torch.empty_like(o), torch.empty_like(g)
-    programs = triton.cdiv(o.numel(), GATE_BLOCK)
+    programs = common.cdiv(o.numel(), GATE_BLOCK)
     partial = torch.empty(programs, dtype=torch.float32, device=o.device)
     gated_residual_bwd_kernel[(programs,)](grad, o, g, alpha, d_o, d_g, partial, o.numel(), BLOCK=GATE_BLOCK)
     d_alpha = partial.sum().to(alpha.dtype).reshape(alpha.shape)

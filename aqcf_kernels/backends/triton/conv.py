@@ -119,7 +119,7 @@ def conv(
     dot_dtype, precision = common.dot_config(input.dtype)
 
     def grid(meta):
-        return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(cg_out, meta["BLOCK_N"]), p.groups
+        return common.cdiv(m, meta["BLOCK_M"]), common.cdiv(cg_out, meta["BLOCK_N"]), p.groups
 
     _qconv_forward[grid](
         x5,
@@ -171,12 +171,12 @@ def conv_weight_grad(input: Tensor, grad_output: Tensor, weight_shape, p: ConvPa
     # Split the pixel reduction until the grid has a few programs per SM (atomics combine them),
     # counted with 32 x 32 tiles and 32-pixel slices whatever tiles the autotuner picks.
     target = 1 if common.INTERPRET else 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
-    n_oc = triton.cdiv(cg_out, 32) * triton.cdiv(cg_in, 32)
-    splits = max(1, min(triton.cdiv(pix, 32), target // max(1, n_oc * kvol * p.groups)))
+    n_oc = common.cdiv(cg_out, 32) * common.cdiv(cg_in, 32)
+    splits = max(1, min(common.cdiv(pix, 32), target // max(1, n_oc * kvol * p.groups)))
     dot_dtype, precision = common.dot_config(x.dtype)
 
     def grid(meta):
-        tiles = triton.cdiv(cg_out, meta["BLOCK_O"]) * triton.cdiv(cg_in, meta["BLOCK_C"])
+        tiles = common.cdiv(cg_out, meta["BLOCK_O"]) * common.cdiv(cg_in, meta["BLOCK_C"])
         return tiles, kvol, p.groups * splits
 
     _qconv_wgrad[grid](

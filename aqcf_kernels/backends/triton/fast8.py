@@ -33,6 +33,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ...quaternion import FAST8_LEFT, FAST8_OUT, FAST8_RIGHT
+from . import common
 
 #: products of fast8
 PRODUCTS = 8
@@ -109,7 +110,7 @@ def combine_activation(x5: Tensor, side: str, conjugate: bool = False) -> Tensor
     cq = c4 // 4
     out = torch.empty((*lead, 2 * c4), dtype=x5.dtype, device=x5.device)
     pixels = math.prod(lead)
-    grid = (triton.cdiv(pixels, COMBINE_BLOCK_P), triton.cdiv(cq, COMBINE_BLOCK_C))
+    grid = (common.cdiv(pixels, COMBINE_BLOCK_P), common.cdiv(cq, COMBINE_BLOCK_C))
     combine_kernel[grid](
         x5, out, pixels, cq, **combination_codes(side, conjugate), BLOCK_P=COMBINE_BLOCK_P, BLOCK_C=COMBINE_BLOCK_C
     )

@@ -738,7 +738,7 @@ def conv_igemm(
     dot_dtype, precision = common.dot_config(input.dtype)
 
     def grid(meta):
-        return triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n_g, meta["BLOCK_N"]), p.groups, phases
+        return common.cdiv(m, meta["BLOCK_M"]) * common.cdiv(n_g, meta["BLOCK_N"]), p.groups, phases
 
     _igemm[grid](
         x5,

@@ -562,7 +562,7 @@ def gemm_tiles(
         seg, cg_in, cg_out = (1 if fast8 else 4), cq_in // groups, cq_out // groups
     else:
         seg, cg_in, cg_out = 1, 4 * cq_in, 4 * cq_out
-    return seg * triton.cdiv(cg_out, block_m) * triton.cdiv(taps * seg * triton.cdiv(cg_in, block_n), runs)
+    return seg * common.cdiv(cg_out, block_m) * common.cdiv(taps * seg * common.cdiv(cg_in, block_n), runs)
 
 
 def default_splits(pixels: int, tiles: int, partial_bytes: int, device: torch.device) -> int:
@@ -572,7 +572,7 @@ def default_splits(pixels: int, tiles: int, partial_bytes: int, device: torch.de
     if device.type != "cuda":
         return 1
     target = PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
-    splits = min(triton.cdiv(target, max(1, tiles)), pixels // MIN_PIXELS_PER_SPLIT, MAX_SPLITS)
+    splits = min(common.cdiv(target, max(1, tiles)), pixels // MIN_PIXELS_PER_SPLIT, MAX_SPLITS)
     return max(1, min(splits, PARTIAL_BYTES // max(1, partial_bytes)))
 
 
@@ -636,7 +636,7 @@ def conv_weight_grad_igemm(
     def grid(meta):
         tiles = gemm_tiles(cq_in, cq_out, groups, taps, meta["BLOCK_M"], meta["BLOCK_N"], fast8, meta["RUNS"])
         if with_bias:
-            tiles += triton.cdiv(triton.cdiv(c_b, meta["BLOCK_M"]), grid_groups)
+            tiles += common.cdiv(common.cdiv(c_b, meta["BLOCK_M"]), grid_groups)
         return tiles, splits, grid_groups
 
     args = (
@@ -660,7 +660,7 @@ def conv_weight_grad_igemm(
     gw = torch.empty((4, weight_shape[1], weight_shape[2], taps), dtype=x.dtype, device=x.device)
     gb = torch.empty(c_b, dtype=x.dtype, device=x.device) if with_bias else None
     q = weight_shape[1] * weight_shape[2] * taps
-    programs = triton.cdiv(q, FOLD_BLOCK) + (triton.cdiv(c_b, FOLD_BLOCK) if with_bias else 0)
+    programs = common.cdiv(q, FOLD_BLOCK) + (common.cdiv(c_b, FOLD_BLOCK) if with_bias else 0)
     qconv_wgrad_fold_kernel[(programs,)](
         part, table, gw, bpart, gb if gb is not None else gw,
         q, part_numel, splits, n_g, k_tap, groups * cg_out * tk, cg_out, cg_in, taps, c_b,

@@ -339,9 +339,9 @@ def _chunking(n: int, c: int, s: int, block_c: int, block_s: int, device: torch.
         chunk = 2 * block_s  # several tiles per program and several programs per sample: both merges run
     else:
         target = PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
-        splits = max(1, min(triton.cdiv(s, block_s), target // max(1, n * triton.cdiv(c, block_c))))
-        chunk = triton.cdiv(triton.cdiv(s, splits), block_s) * block_s
-    return chunk, triton.cdiv(s, chunk)
+        splits = max(1, min(common.cdiv(s, block_s), target // max(1, n * common.cdiv(c, block_c))))
+        chunk = common.cdiv(common.cdiv(s, splits), block_s) * block_s
+    return chunk, common.cdiv(s, chunk)
 
 
 def _launch_options() -> dict:
@@ -376,7 +376,7 @@ def forward(
         chunk, splits = _chunking(n, c, s, block_c, block_s, x.device)
         pmean = torch.empty((n, splits, c), dtype=acc, device=x.device)
         pm2 = torch.empty_like(pmean)
-        qnorm_stats_kernel[(triton.cdiv(c, block_c), n, splits)](
+        qnorm_stats_kernel[(common.cdiv(c, block_c), n, splits)](
             x, pmean, pm2, c, s, chunk, sxn, sxc, sxs, PER_SAMPLE=per_sample,
             ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK_C=block_c, BLOCK_S=block_s,
             **_launch_options(),
@@ -388,7 +388,7 @@ def forward(
         var = running_var.reshape(1, cq).to(acc, copy=True)
     y = torch.empty_like(x)
     _, (syn, syc, sys) = _ncs(y)
-    qnorm_apply_kernel[(triton.cdiv(s, block_s), triton.cdiv(c, block_c), n)](
+    qnorm_apply_kernel[(common.cdiv(s, block_s), common.cdiv(c, block_c), n)](
         x, y, mean, var, weight if weight is not None else mean, bias if bias is not None else mean,
         c, cq, s, sxn, sxc, sxs, syn, syc, sys, float(eps), float(negative_slope),
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, PER_SAMPLE=mean.shape[0] > 1,
@@ -450,7 +450,7 @@ def backward(
         chunk, splits = _chunking(n, c, s, block_c, block_s, x.device)
         psum_gz = torch.empty((n, splits, c), dtype=acc, device=x.device)
         psum_gzx = torch.empty_like(psum_gz)
-        qnorm_bwd_sums_kernel[(triton.cdiv(c, block_c), n, splits)](
+        qnorm_bwd_sums_kernel[(common.cdiv(c, block_c), n, splits)](
             gy, x, mean, var, w, b, psum_gz, psum_gzx, c, cq, s, chunk,
             sxn, sxc, sxs, sgn, sgc, sgs, float(eps), float(negative_slope), **consts,
         )  # fmt: skip
@@ -470,7 +470,7 @@ def backward(
     if needs[0]:
         grad_input = torch.empty_like(x)
         _, (sdn, sdc, sds) = _ncs(grad_input)
-        qnorm_bwd_input_kernel[(triton.cdiv(s, block_s), triton.cdiv(c, block_c), n)](
+        qnorm_bwd_input_kernel[(common.cdiv(s, block_s), common.cdiv(c, block_c), n)](
             gy, x, grad_input, mean, var, w, b, coefs, c, cq, s, groups,
             sxn, sxc, sxs, sgn, sgc, sgs, sdn, sdc, sds, float(eps), float(negative_slope), **consts,
         )  # fmt: skip

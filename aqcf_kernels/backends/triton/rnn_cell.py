@@ -41,6 +41,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ...quaternion import expand_weight_grouped, fold_weight_grad_grouped
+from . import common
 
 #: gates per mode, and the codes the kernels take
 GATES = {"rnn": 1, "lstm": 4, "ligru": 2}
@@ -327,7 +328,7 @@ def forward(
     h_prev = h0.contiguous()
     c_prev = c0.contiguous() if lstm else h_prev
     consts = _constants(proj.dtype, mode, nonlinearity, batch, hidden)
-    grid = (triton.cdiv(hidden, consts["BLOCK_H"]), triton.cdiv(batch, consts["BLOCK_B"]))
+    grid = (common.cdiv(hidden, consts["BLOCK_H"]), common.cdiv(batch, consts["BLOCK_B"]))
     slope = float(negative_slope)
     for t in range(steps - 1, -1, -1) if reverse else range(steps):
         torch.mm(h_prev, weight_t, out=scratch)
@@ -374,7 +375,7 @@ def backward(
     order = list(range(steps - 1, -1, -1) if reverse else range(steps))
     if batch:
         consts = _constants(output.dtype, mode, nonlinearity, batch, hidden)
-        grid = (triton.cdiv(hidden, consts["BLOCK_H"]), triton.cdiv(batch, consts["BLOCK_B"]))
+        grid = (common.cdiv(hidden, consts["BLOCK_H"]), common.cdiv(batch, consts["BLOCK_B"]))
         slope = float(negative_slope)
         for step in range(steps - 1, -1, -1):
             t = order[step]
