@@ -189,6 +189,21 @@ def test_every_launcher_launches_through_triton36(tmp_path):
         assert 0 < 2 * counts["through_autotuner"] <= counts["launches"], (kernel, counts)
 
 
+def test_host_cost_tool_times_every_entry_point(tmp_path):
+    """``tools/triton_host_cost.py`` (the Triton path's host time per call, on the stand-in sm_90) runs and
+    writes one positive time per entry point and the layer step, with the machine and commit."""
+    out = tmp_path / "host"
+    cmd = [sys.executable, str(ROOT / "tools" / "triton_host_cost.py"), "--rounds", "1", "--calls", "2"]
+    env = triton36_env(TRITON_CACHE_DIR=str(tmp_path / "cache"))
+    result = subprocess.run([*cmd, "--out", str(out)], env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    data = json.loads(out.with_suffix(".json").read_text())
+    medians = data["medians_us"]
+    assert len(medians) == 9 and all(us > 0 for us in medians.values()), medians
+    assert data["triton"].startswith("3.6") and data["git_commit"]
+    assert all(name in out.with_suffix(".md").read_text() for name in medians)
+
+
 def test_autotuning_compiles_the_kept_configs_in_parallel_once(tmp_path):
     """The launcher's autotuning through triton 3.6's own JIT and autotuner (tests/triton_kernels/
     _autotune_with_triton36.py: a stand-in sm_90 driver, real compiles, no launch): with ``on``, every
