@@ -509,22 +509,29 @@ def igemm_main(json_path: str | None = None) -> int:
 
 
 def fast8_combine_main() -> int:
-    """Registers, stack and load widths of fast8's pre-pass (the 8 combinations of a 64q activation, 32 x 64x64
-    pixels); non-zero if it spills or loads scalars."""
+    """Registers, stack and load widths of fast8's pre-pass (the 8 combinations of a 64q, 16q and 40q activation,
+    32 x 64x64 pixels); non-zero if it spills, loads scalars, or loads a component more than once."""
     from aqcf_kernels.backends.triton import fast8
+    from aqcf_kernels.backends.triton.channels import chan_align
 
     bad = 0
-    for ptr in ("*bf16", "*fp32"):
-        args = dict(src_ptr=ptr, dst_ptr=ptr, P=32 * 64 * 64, CQ=64)
-        consts = dict(
-            fast8.combination_codes("right", False), BLOCK_P=fast8.COMBINE_BLOCK_P, BLOCK_C=fast8.COMBINE_BLOCK_C
-        )
+    for ptr, cq in (("*bf16", 64), ("*bf16", 16), ("*bf16", 40), ("*fp32", 64)):
+        args = dict(src_ptr=ptr, dst_ptr=ptr, P=32 * 64 * 64, CQ=cq)
+        block_p, block_c = fast8.combine_blocks(cq)
+        codes = fast8.combination_codes("right", False)
+        consts = dict(codes, CHAN_ALIGN=chan_align(cq), BLOCK_P=block_p, BLOCK_C=block_c)
         kernel = compile_launch(fast8.combine_kernel, args, consts, {"num_warps": 4})
         usage = resource_usage(kernel.asm["cubin"])
         widths = load_widths(kernel.asm["ptx"])
         vector = any(w.startswith(("v4", "v2")) for w in widths)
-        print(f"fast8 combinations, {ptr[1:]}: regs {usage['REG']}, stack {usage['STACK']} B, loads {widths}")
-        bad += usage["STACK"] != 0 or not vector
+        # each component once: as many loads as the tile's four component tiles take at their widths
+        loads = sum(widths.values())
+        once = 4 * block_p * block_c * (2 if ptr == "*bf16" else 4) // (16 * 128)  # 16-byte loads, 128 threads
+        print(
+            f"fast8 combinations, {ptr[1:]} {cq}q ({block_p}x{block_c}): regs {usage['REG']}, "
+            f"stack {usage['STACK']} B, loads {widths} ({once} if each component is loaded once in 16 bytes)"
+        )
+        bad += usage["STACK"] != 0 or not vector or loads != once
     return 1 if bad else 0
 
 
@@ -645,7 +652,7 @@ def wgrad_variants():
     conv's weight gradient (stride 2), 3d 32q, 1d, and fp32 with TF32 and in IEEE fp32; fast8 at 64q, 128q,
     groups 4, in fp32 with TF32; and runs that are not multiples of 16 channels: 10q (runs of 40) and fast8 at
     40q."""
-    from aqcf_kernels.backends.triton.igemm import chan_align
+    from aqcf_kernels.backends.triton.channels import chan_align
     from aqcf_kernels.backends.triton.igemm_wgrad import P_ALIGN, gpu_configs, prune_configs
 
     WIDE = (256, 128, 64, 8, 3)  # noqa: N806  (the widest tile: without a bias, transposed)

@@ -288,12 +288,14 @@ def test_every_triton_launcher_launches_through_a_tuned_launcher():
     assert {id(launcher.tuner) for launcher in launchers} == {id(tuner) for tuner, _ in AUTOTUNED.values()}
 
 
-def test_host_cdiv_matches_triton():
+def test_host_cdiv_and_next_power_of_2_match_triton():
     import triton
 
     for a in (0, 1, 63, 64, 65, 1000):
         for b in (1, 7, 64):
             assert common.cdiv(a, b) == triton.cdiv(a, b)
+    for n in (0, 1, 2, 3, 9, 16, 17, 40, 64, 65, 1000, 2**20 + 1):
+        assert common.next_power_of_2(n) == triton.next_power_of_2(n), n
 
 
 def test_autotune_mode_names_the_variable_on_a_bad_value(monkeypatch):

@@ -252,6 +252,22 @@ def test_fast8_combinations_follow_the_tables(side, conjugate):
     )
 
 
+@pytest.mark.parametrize(("cq", "tile", "align"), [(9, (64, 16), 1), (24, (32, 32), 8), (72, (16, 64), 8)])
+def test_fast8_combinations_tiles_and_channel_alignment(cq, tile, align, launch_constexprs):
+    """The pre-pass's tile follows the channel count (partial in pixels and channels here: 105 pixels; 72
+    channels take two channel blocks of 64) and each launch says the alignment of its channel runs."""
+    from aqcf_kernels.backends.triton import fast8
+    from aqcf_kernels.quaternion import FAST8_RIGHT
+
+    launches = launch_constexprs(fast8, "combine_kernel")
+    g = torch.Generator().manual_seed(cq)
+    x = torch.randn(3, 1, 5, 7, 4 * cq, generator=g, dtype=torch.float16).to(DEVICE)
+    got = fast8.combine_activation(x, "right")
+    want = [c.float() for c in _fast8_combinations(list(x.float().chunk(4, dim=-1)), FAST8_RIGHT, False)]
+    assert torch.equal(got, torch.cat(want, dim=-1).half())  # formed in fp32, rounded once
+    assert [(k["BLOCK_P"], k["BLOCK_C"], k["CHAN_ALIGN"]) for k in launches] == [(*tile, align)]
+
+
 @pytest.mark.parametrize("case", FAST8_CASES, ids=FAST8_IDS)
 def test_fast8_fp32_forward_and_input_grad(case, igemm_calls):
     g = torch.Generator().manual_seed(zlib.crc32(("fast8" + IDS[CASES.index(case)]).encode()))

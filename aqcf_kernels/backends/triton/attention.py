@@ -25,7 +25,7 @@ GATE_BLOCK = 1024
 
 
 def _head_block(e: int) -> int:
-    return max(16, triton.next_power_of_2(e))
+    return max(16, common.next_power_of_2(e))
 
 
 def _tiles(e: int) -> tuple[int, int]:

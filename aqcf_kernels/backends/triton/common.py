@@ -164,6 +164,12 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two ``>= n`` (0 for ``n <= 0``, as triton's) for host code: ``triton.next_power_of_2``
+    is a ``constexpr_function`` too (see :func:`cdiv`)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def _gpu_autotuned(kernel, gpu_configs: list, key: list, prune, **kwargs):
     """:func:`autotuned` on a GPU: the kept configs precompiled, then timed (neither in ``first`` mode)."""
 

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from ...quaternion import FAST8_LEFT, FAST8_OUT, FAST8_RIGHT
 from . import common
+from .channels import chan_align, component, said_multiple
 
 #: products of fast8
 PRODUCTS = 8
@@ -78,18 +79,28 @@ def combine_kernel(
     SECOND: tl.constexpr,
     NEG_FIRST: tl.constexpr,
     NEG_SECOND: tl.constexpr,
+    CHAN_ALIGN: tl.constexpr,  # a power of two dividing CQ (channels.chan_align): the runs' 16-byte loads
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """``dst[p, m·CQ + c] = ±src[p, FIRST_m·CQ + c] ± src[p, SECOND_m·CQ + c]`` (fp32, rounded once)."""
+    """``dst[p, m·CQ + c] = ±src[p, FIRST_m·CQ + c] ± src[p, SECOND_m·CQ + c]`` (fp32, rounded once).
+
+    Each component tile is loaded once, in the input dtype, and each combination picks its two: loaded per
+    combination instead, the compiler reloaded each component four times (the stores in between may alias
+    for all it knows: 64 16-byte loads a thread in bf16 for 16 distinct ones)."""
+    CQ = said_multiple(CQ, CHAN_ALIGN)
     offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     ok = (offs_p < P)[:, None] & (offs_c < CQ)[None, :]
     src = src_ptr + offs_p[:, None] * (4 * CQ) + offs_c[None, :]
     dst = dst_ptr + offs_p[:, None] * (8 * CQ) + offs_c[None, :]
+    r = tl.load(src, mask=ok, other=0.0)
+    i = tl.load(src + CQ, mask=ok, other=0.0)
+    j = tl.load(src + 2 * CQ, mask=ok, other=0.0)
+    k = tl.load(src + 3 * CQ, mask=ok, other=0.0)
     for m in tl.static_range(8):
-        a = tl.load(src + ((FIRST >> (2 * m)) & 3) * CQ, mask=ok, other=0.0).to(tl.float32)
-        b = tl.load(src + ((SECOND >> (2 * m)) & 3) * CQ, mask=ok, other=0.0).to(tl.float32)
+        a = component((FIRST >> (2 * m)) & 3, r, i, j, k).to(tl.float32)
+        b = component((SECOND >> (2 * m)) & 3, r, i, j, k).to(tl.float32)
         if (NEG_FIRST >> m) & 1:
             a = -a
         if (NEG_SECOND >> m) & 1:
@@ -97,9 +108,16 @@ def combine_kernel(
         tl.store(dst + m * CQ, (a + b).to(dst_ptr.dtype.element_ty), mask=ok)
 
 
-#: pre-pass tile: pixels x quaternion channels per program
-COMBINE_BLOCK_P = 64
-COMBINE_BLOCK_C = 64
+#: elements of a pre-pass program's tile (pixels x quaternion channels): 8 a thread on 4 warps, one 16-byte
+#: load of each component in half precision
+COMBINE_TILE = 1024
+
+
+def combine_blocks(cq: int) -> tuple[int, int]:
+    """``(BLOCK_P, BLOCK_C)`` of the pre-pass for ``cq`` quaternion channels: channels up to 64 a tile (16 at
+    least), as few of them past ``cq`` as a power of two allows, and pixels for the rest of the tile."""
+    block_c = min(64, max(16, common.next_power_of_2(cq)))
+    return COMBINE_TILE // block_c, block_c
 
 
 def combine_activation(x5: Tensor, side: str, conjugate: bool = False) -> Tensor:
@@ -110,10 +128,10 @@ def combine_activation(x5: Tensor, side: str, conjugate: bool = False) -> Tensor
     cq = c4 // 4
     out = torch.empty((*lead, 2 * c4), dtype=x5.dtype, device=x5.device)
     pixels = math.prod(lead)
-    grid = (common.cdiv(pixels, COMBINE_BLOCK_P), common.cdiv(cq, COMBINE_BLOCK_C))
-    combine_kernel[grid](
-        x5, out, pixels, cq, **combination_codes(side, conjugate), BLOCK_P=COMBINE_BLOCK_P, BLOCK_C=COMBINE_BLOCK_C
-    )
+    block_p, block_c = combine_blocks(cq)
+    grid = (common.cdiv(pixels, block_p), common.cdiv(cq, block_c))
+    codes = combination_codes(side, conjugate)
+    combine_kernel[grid](x5, out, pixels, cq, **codes, CHAN_ALIGN=chan_align(cq), BLOCK_P=block_p, BLOCK_C=block_c)
     return out
 
 

@@ -64,6 +64,7 @@ from torch import Tensor
 from ...params import ConvParams, conv_output_shape
 from ...quaternion import hamilton_blocks
 from . import common
+from .channels import chan_align, component, said_multiple
 from .conv_kernels import _activate
 from .fast8 import combine_activation
 from .fast8 import pack_weight as fast8_pack_weight
@@ -128,14 +129,6 @@ def _phase_taps(ph, S, P, D, K, KSTEP):
     count = tl.where(k0 < tl.minimum(K, KSTEP), (K - 1 - k0) // KSTEP + 1, 0)
     offset = (ph + P - k0 * D) // S  # exact when count > 0
     return k0, count, offset
-
-
-@triton.jit
-def said_multiple(value, ALIGN: tl.constexpr):
-    """``value``, a multiple of ``ALIGN``, in a form the compiler knows to be one: ``value // ALIGN * ALIGN``
-    (a few scalar instructions). ``tl.multiple_of`` marks an op, so it is lost on a kernel argument and on
-    an op that canonicalisation folds away (``g·Cg + 0``); outside a loop this costs next to nothing."""
-    return value // ALIGN * ALIGN
 
 
 @triton.jit
@@ -272,19 +265,6 @@ def _epilogue(
     if STORE_PRE:
         tl.store(z_ptr + y_rel, acc.to(out_ty), mask=y_msk)
     tl.store(y_ptr + y_rel, _activate(acc, ACTIVATION, negative_slope).to(out_ty), mask=y_msk)
-
-
-@triton.jit
-def _component(c: tl.constexpr, r, i, j, k):
-    """The ``c``-th of four (a quaternion's components, in ``[r|i|j|k]`` order)."""
-    if c == 0:
-        return r
-    elif c == 1:
-        return i
-    elif c == 2:
-        return j
-    else:
-        return k
 
 
 @triton.jit
@@ -462,7 +442,7 @@ def qconv_igemm_kernel(
             PRECISION, BLOCK_K, 4)
         # fmt: on
         for c in tl.static_range(4):
-            _epilogue(_component(c, out_r, out_i, out_j, out_k), c * CQ_OUT + g * CG_OUT + offs_n, n_mask, y_rows,
+            _epilogue(component(c, out_r, out_i, out_j, out_k), c * CQ_OUT + g * CG_OUT + offs_n, n_mask, y_rows,
                       m_mask, b_ptr, y_ptr, z_ptr, C_Y, negative_slope, HAS_BIAS, ACTIVATION, STORE_PRE)  # fmt: skip
     else:
         # K = taps × segments × channel blocks: one contiguous run of 4·Cq_in channels per tap without
@@ -504,15 +484,10 @@ K_ALIGN = 64
 TAP_BITS_MAX = 32
 
 
-#: The largest alignment of the channel runs said to the compiler (CHAN_ALIGN): 16 elements, as launch-time
-#: specialisation says of integer arguments.
-CHAN_ALIGN_MAX = 16
-
-
 def loop_constexprs(seg_len: int, taps: int) -> dict:
     """The K loop's constexprs that follow from the layer: ``K_EVEN`` for contiguous channel runs of
     ``seg_len`` (whole K blocks in every config), ``TAP_BITS`` for ``taps`` taps, and ``CHAN_ALIGN``, the
-    largest power of two up to :data:`CHAN_ALIGN_MAX` dividing ``seg_len``.
+    largest power of two up to :data:`.channels.CHAN_ALIGN_MAX` dividing ``seg_len``.
 
     Every run of x and of B starts at a multiple of ``seg_len`` (x's at ``m·Cq_in + g·Cg_in`` or ``seg·Cq_in``
     plus whole K blocks, B's at ``tap·K_TAP + seg·seg_len``), but the compiler knows only what launch-time
@@ -520,11 +495,6 @@ def loop_constexprs(seg_len: int, taps: int) -> dict:
     runs start 16-byte aligned without its knowing, and its K loops copied 2 bytes at a time (192–384
     scalar loads per step, no cp.async) until the launcher said so."""
     return {"K_EVEN": seg_len % K_ALIGN == 0, "TAP_BITS": taps <= TAP_BITS_MAX, "CHAN_ALIGN": chan_align(seg_len)}
-
-
-def chan_align(*run_lengths: int) -> int:
-    """The largest power of two up to :data:`CHAN_ALIGN_MAX` dividing every one of ``run_lengths``."""
-    return min(CHAN_ALIGN_MAX, *(n & -n for n in run_lengths))
 
 
 #: Interpreted programs cost per program and step, whatever their tiles: one config with big tiles
@@ -617,8 +587,8 @@ def prune_configs(configs: list, named_args: dict, **kwargs) -> list:
     than :data:`FMA_WIDEST_N`).
     """
     grouped = kwargs.get("GROUPED", named_args.get("GROUPED", False))
-    widest_n = max(32, triton.next_power_of_2(named_args["N_G"]))
-    widest_k = max(32, triton.next_power_of_2(named_args["CG_IN"] if grouped else named_args["K_TAP"]))
+    widest_n = max(32, common.next_power_of_2(named_args["N_G"]))
+    widest_k = max(32, common.next_power_of_2(named_args["CG_IN"] if grouped else named_args["K_TAP"]))
     kept = [c for c in configs if c.kwargs["BLOCK_N"] <= widest_n and c.kwargs["BLOCK_K"] <= widest_k] or configs
     fma = kwargs.get("PRECISION") == "ieee" and kwargs.get("DOT_DTYPE") == tl.float32
     fast8 = bool(kwargs.get("FAST8"))

@@ -78,9 +78,10 @@ from torch import Tensor
 from ...params import ConvParams
 from ...quaternion import hamilton_table
 from . import common
+from .channels import chan_align, said_multiple
 from .conv_kernels import _unflatten_pixels
 from .fast8 import PRODUCTS, combine_activation, fold_table
-from .igemm import INT32_LIMIT, _channels_last_5d, _spatial3, chan_align, operand_buffers_fit, said_multiple
+from .igemm import INT32_LIMIT, _channels_last_5d, _spatial3, operand_buffers_fit
 
 # --------------------------------------------------------------------------------------------
 # the GEMM kernel
@@ -521,8 +522,8 @@ def prune_configs(configs: list, named_args: dict, **kwargs) -> list:
     FMAs with the accumulator *and both operands* in registers: keep tiles with BLOCK_M·BLOCK_N·BLOCK_K
     ≤ 32³ per warp (compiled for sm_90, 64×64×64 with 4 warps spills 16 B; the kept ones do not)."""
     grouped = kwargs.get("GROUPED", named_args.get("GROUPED", False)) or kwargs.get("FAST8", False)
-    widest_m = max(32, triton.next_power_of_2(named_args["CG_OUT"] if grouped else named_args["N_G"]))
-    widest_n = max(32, triton.next_power_of_2(named_args["CG_IN"] if grouped else named_args["K_TAP"]))
+    widest_m = max(32, common.next_power_of_2(named_args["CG_OUT"] if grouped else named_args["N_G"]))
+    widest_n = max(32, common.next_power_of_2(named_args["CG_IN"] if grouped else named_args["K_TAP"]))
     kept = [
         c
         for c in configs

@@ -325,11 +325,11 @@ def _ncs(t: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
 def _blocks(c: int, s: int, channels_fast: bool) -> tuple[int, int]:
     """``(BLOCK_C, BLOCK_S)``: the unit-stride dim long (up to the whole tile), the other fills the tile."""
     if common.INTERPRET:
-        return min(triton.next_power_of_2(c), INTERPRETER_BLOCK), min(triton.next_power_of_2(s), INTERPRETER_BLOCK)
+        return min(common.next_power_of_2(c), INTERPRETER_BLOCK), min(common.next_power_of_2(s), INTERPRETER_BLOCK)
     if channels_fast:
-        block_c = min(triton.next_power_of_2(c), 128)
+        block_c = min(common.next_power_of_2(c), 128)
         return block_c, GPU_TILE // block_c
-    block_s = min(triton.next_power_of_2(s), GPU_TILE)
+    block_s = min(common.next_power_of_2(s), GPU_TILE)
     return GPU_TILE // block_s, block_s
 
 

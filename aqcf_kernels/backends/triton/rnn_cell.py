@@ -275,8 +275,8 @@ def serves(*tensors: Tensor | None) -> bool:
 def _blocks(batch: int, hidden: int) -> tuple[int, int]:
     if _interpret():
         return INTERPRETER_BLOCK_B, INTERPRETER_BLOCK_H
-    block_h = min(triton.next_power_of_2(hidden), GPU_BLOCK_H)
-    return min(triton.next_power_of_2(batch), GPU_TILE // block_h), block_h
+    block_h = min(common.next_power_of_2(hidden), GPU_BLOCK_H)
+    return min(common.next_power_of_2(batch), GPU_TILE // block_h), block_h
 
 
 def _constants(dtype: torch.dtype, mode: str, nonlinearity: str, batch: int, hidden: int) -> dict:
