@@ -359,7 +359,8 @@ def igemm_variants():
     """``(label, dtype, precision, args, constexprs, config)``: every autotune config a launch of each case
     may run (``igemm.prune_configs``), over the cases: 2d 64q bf16 (conv + bias + ReLU), fp16 with GELU
     keeping the pre-activation, 16q, 10q and 8q (memory-bound widths; 10q's runs of 40 channels are not
-    multiples of 16), groups=4, the input gradient of a stride-2 conv (transposed), 3d 32q, and fp32 with
+    multiples of 16), groups=4, the input gradient of a stride-2 conv and (64q, 16q) of the targets' stride-1
+    conv (transposed), 3d 32q, and fp32 with
     TF32 and in IEEE fp32; fast8 (2 K loops of 4 dots) at 64q and 128q bf16 (the GPU targets), its input gradient,
     groups, 16q, 40q (runs of 40: not whole K blocks, so a K mask), and fp32 with TF32 and in IEEE fp32."""
     from aqcf_kernels.backends.triton.igemm import gpu_configs, loop_constexprs, prune_configs
@@ -379,6 +380,14 @@ def igemm_variants():
         (
             "2d 64q dgrad s2", "bf16", "ieee", igemm_launch_args("bf16", 64, 64, stride=2, transposed=True, size=32),
             dict(TRANSPOSED=True, HAS_BIAS=False, ACTIVATION=0), WIDE,
+        ),
+        (  # the targets' input gradient: a stride-1 transposed conv (at each config the forward's figures)
+            "2d 64q dgrad s1", "bf16", "ieee", igemm_launch_args("bf16", 64, 64, transposed=True),
+            dict(TRANSPOSED=True, HAS_BIAS=False, ACTIVATION=0), (128, 256, 64, 8, 3),
+        ),
+        (
+            "2d 16q dgrad s1", "bf16", "ieee", igemm_launch_args("bf16", 16, 16, transposed=True),
+            dict(TRANSPOSED=True, HAS_BIAS=False, ACTIVATION=0), (128, 64, 64, 4, 3),
         ),
         ("2d 64q 7x7", "bf16", "ieee", igemm_launch_args("bf16", 64, 64, k=7), {}, (128, 128, 64, 8, 3)),
         ("3d 32q", "bf16", "ieee", igemm_launch_args("bf16", 32, 32, dims=3, size=32, batch=2), dict(DIMS=3),

@@ -248,7 +248,15 @@ def best_issue_shares(variants: list[dict], cases: set[str], fast8: bool) -> dic
 
 #: The issue's half-precision target cases of each algorithm (see test_best_kept_config_is_not_issue_bound).
 ISSUE_CASES = {
-    "hamilton": {"2d 64q", "2d 16q", "2d 64q dgrad s2", "2d 64q relu+pre", "2d 64q gelu+pre"},
+    "hamilton": {
+        "2d 64q",
+        "2d 16q",
+        "2d 64q dgrad s1",
+        "2d 16q dgrad s1",
+        "2d 64q dgrad s2",
+        "2d 64q relu+pre",
+        "2d 64q gelu+pre",
+    },
     "fast8": {"2d 64q fast8", "2d 128q fast8", "2d 64q f8 dgrad"},
 }
 
