@@ -500,6 +500,8 @@ def autotune_picks() -> list[dict]:
             tiles = "x".join(str(v) for k, v in config.kwargs.items() if k.startswith("BLOCK"))
             if config.kwargs.get("RUNS", 1) > 1:  # the weight gradient's column blocks a program
                 tiles += f" x{config.kwargs['RUNS']} blocks"
+            if config.kwargs.get("FAST8_PRODUCTS", 1) > 1:  # and its fast8 products a program
+                tiles += f" x{config.kwargs['FAST8_PRODUCTS']} products"
             rows.append({
                 "kernel": kernel, "key": shape, "tiles": tiles, "num_warps": config.num_warps,
                 "num_stages": config.num_stages,

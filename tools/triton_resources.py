@@ -343,14 +343,16 @@ def igemm_launch_args(
     return args
 
 
-def _config(configs: list, shape: tuple[int, int, int, int, int]):
+def _config(configs: list, shape: tuple[int, ...]):
     """The config of ``configs`` with tiles, warps and stages ``(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)``
-    (and one column block a program, where configs say how many)."""
+    (and one column block a program, where configs say how many; the weight gradient's fast8 products a
+    program: a sixth entry, default 1)."""
     (found,) = [
         c
         for c in configs
-        if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) == shape
+        if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) == shape[:5]
         and c.kwargs.get("RUNS", 1) == 1
+        and c.kwargs.get("FAST8_PRODUCTS", 1) == (shape[5] if len(shape) > 5 else 1)
     ]
     return found
 
@@ -682,6 +684,8 @@ def wgrad_variants():
         ("2d 64q fast8", "bf16", "ieee", wgrad_launch_args("bf16", 64, 64, fast8=True), dict(FAST8=True), None),
         ("2d 128q fast8", "bf16", "ieee", wgrad_launch_args("bf16", 128, 128, fast8=True), dict(FAST8=True),
          (128, 128, 64, 8, 3)),
+        ("2d 128q fast8", "bf16", "ieee", wgrad_launch_args("bf16", 128, 128, fast8=True), dict(FAST8=True),
+         (128, 64, 64, 8, 2, 4)),
         ("2d 64q f8 g4", "fp16", "ieee", wgrad_launch_args("fp16", 64, 64, groups=4, fast8=True),
          dict(FAST8=True, GROUPED=True), None),
         ("2d 10q", "bf16", "ieee", wgrad_launch_args("bf16", 10, 10), {}, None),
@@ -728,11 +732,13 @@ def wgrad_main(json_path: str | None = None) -> int:
         kernel = compile_launch(qconv_wgrad_igemm_kernel, args, consts, options)
         tiles = tuple(config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
         runs = config.kwargs["RUNS"]  # column blocks a program: its MMA work per step is runs x the tile's
-        row = dict(case=label, dtype=dtype, precision=precision, tiles=tiles, runs=runs, splits=args["SPLITS"])
-        row.update(options)
-        row.update(analyse_igemm(kernel, dtype, precision, (tiles[0], runs * tiles[1], tiles[2]), config.num_warps))
+        products = config.kwargs["FAST8_PRODUCTS"] if consts["FAST8"] else 1  # and fast8's products a program
+        row = dict(case=label, dtype=dtype, precision=precision, tiles=tiles, runs=runs, products=products)
+        row.update(options, splits=args["SPLITS"])
+        dots = runs * products
+        row.update(analyse_igemm(kernel, dtype, precision, (tiles[0], dots * tiles[1], tiles[2]), config.num_warps))
         rows.append(row)
-        shown = ",".join(map(str, tiles)) + (f"x{runs}" if runs > 1 else "")
+        shown = ",".join(map(str, tiles)) + (f"x{runs}" if runs > 1 else "") + (f"p{products}" if products > 1 else "")
         print(
             f"{label:15} {dtype:5} {precision:4} {shown:13} {config.num_warps:2} "
             f"{config.num_stages:2} {args['SPLITS']:3} {row['regs']:4} {row['smem']:7} {row['stack']:5} "

@@ -407,3 +407,23 @@ def test_weight_gradient_prune_counts_one_x_tile_per_column_block():
     fitting, over = config(6), config(7)
     kept = igemm_wgrad.prune_configs([fitting, over], layer, DOT_DTYPE=tl.bfloat16, PRECISION="ieee")
     assert kept == [fitting], [c.num_stages for c in kept]
+
+
+def test_weight_gradient_prune_counts_four_products_tiles_and_keeps_them_for_fast8_only():
+    """With ``FAST8_PRODUCTS`` 4 a stage holds four gy tiles and four x tiles: at 64 x 64 x 64 in bf16, 3 stages
+    are 3 * (4 * 64 + 4 * 64) * 64 * 2 = 196608 B (fit), 4 stages 262144 B (over). hamilton never keeps them
+    (it would run them as one product: a copy of a one-product config). fast8 at 64q: runs of 64 channels."""
+    import triton.language as tl
+    from triton import Config
+
+    def config(stages, products=4):
+        kwargs = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "RUNS": 1, "FAST8_PRODUCTS": products}
+        return Config(kwargs, num_warps=4, num_stages=stages)
+
+    fitting, over, one = config(3), config(4), config(4, products=1)
+    layer = {"N_G": 64, "K_TAP": 64, "CG_OUT": 64, "CG_IN": 64}
+    kept = igemm_wgrad.prune_configs([fitting, over, one], layer, DOT_DTYPE=tl.bfloat16, PRECISION="ieee", FAST8=True)
+    assert kept == [fitting, one], [(c.num_stages, c.kwargs["FAST8_PRODUCTS"]) for c in kept]
+    hamilton = {"N_G": 256, "K_TAP": 256, "CG_OUT": 64, "CG_IN": 64}
+    kept = igemm_wgrad.prune_configs([fitting, one], hamilton, DOT_DTYPE=tl.bfloat16, PRECISION="ieee")
+    assert kept == [one]

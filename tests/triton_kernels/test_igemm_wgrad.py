@@ -191,6 +191,24 @@ def test_wgrad_fast8_other_tiles_and_splits():
     _check_fp32(CASES[0], splits=3, config={"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, algorithm="fast8")
 
 
+@pytest.mark.parametrize("case", FAST8_CASES, ids=[IDS[CASES.index(c)] for c in FAST8_CASES])
+def test_wgrad_fast8_four_products_per_program(case, launch_constexprs):
+    """``FAST8_PRODUCTS`` 4: a program computes one tile of four products' GEMMs (products 0-3, then 4-7, of
+    each group: with groups, a program's products are not consecutive product-groups), with partial row,
+    column and pixel blocks, several splits and the bias programs dealt over half as many programs."""
+    launches = launch_constexprs(igemm_wgrad, "qconv_wgrad_igemm_kernel")
+    config = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "FAST8_PRODUCTS": 4}
+    _check_fp32(case, splits=2 if case[2] == 1 else 1, config=config, algorithm="fast8")
+    assert [k["FAST8_PRODUCTS"] for k in launches] == [4]
+
+
+def test_wgrad_four_products_config_is_one_product_for_hamilton():
+    """The autotune set's four-product configs run hamilton as one product a program (the GPU config tests run
+    every config with both algorithms): same result."""
+    config = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "FAST8_PRODUCTS": 4}
+    _check_fp32(CASES[1], splits=1, config=config)
+
+
 @pytest.mark.parametrize("case", FAST8_CASES[:2], ids=[IDS[CASES.index(c)] for c in FAST8_CASES[:2]])
 def test_wgrad_fast8_fp16_balanced_within_twice_expanded_error(case):
     """Opt-in fast8 in half precision (combinations rounded to fp16 once), balanced components."""

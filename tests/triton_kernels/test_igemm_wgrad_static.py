@@ -50,6 +50,7 @@ def variants(tmp_path_factory) -> list[dict]:
 
 def _name(v: dict) -> str:
     tiles = "x".join(map(str, v["tiles"])) + (f" ({v['runs']} blocks)" if v["runs"] > 1 else "")
+    tiles += f" ({v['products']} products)" if v["products"] > 1 else ""
     return f"{v['case']} {v['dtype']}/{v['precision']} {tiles} w{v['num_warps']} s{v['num_stages']}"
 
 
@@ -83,7 +84,7 @@ def test_async_copies_for_both_operands(variants):
         m, n, k = v["tiles"]
         copies = [sorted(c) for c in v["async_copies_per_loop"]]
         if (
-            any(c != sorted([f"{k}x{m}"] + [f"{k}x{n}"] * v["runs"]) for c in copies)
+            any(c != sorted([f"{k}x{m}"] * v["products"] + [f"{k}x{n}"] * v["runs"] * v["products"]) for c in copies)
             or v["plain_loads_in_loop"]
             or v["cp_async_bytes"] != [16]
         ):
@@ -116,5 +117,7 @@ def test_best_kept_config_is_not_issue_bound(variants, cases):
     carried the size-1 dims of a 2d conv and masked whole pixel steps). A 16q layer's runs of 64 channels
     cap its blocks at 64×64 (2.15 before, then 1.45: issue-bound); a program now takes 4 blocks (4 taps) on
     one gy tile, 434 instructions per step for 4 blocks' MMAs: 0.85. fast8's GEMMs (one per product) have
-    runs of Cg channels: 64q likewise (1.46 -> 0.85), 128q 0.71 at 128×128."""
+    runs of Cg channels: 64q likewise (1.46 -> 0.85), 128q 0.71 at 128×128; a program taking one tile of each
+    of four products (four gy tiles, four x tiles, four dots a step on one set of pixel counters and tap
+    masks): 64q 0.70 (356 instructions a step at 64×64×64 on 4 warps), 128q 0.56 (128×64×64 on 8 warps)."""
     check_issue_shares([dict(v, fast8=False) for v in variants], cases)

@@ -50,7 +50,11 @@ order; the result is cast to the input dtype. The same launch reduces the bias p
 (:func:`.fast8.combine_activation`), each product of each group one run of Cg channels on both sides
 (``FAST8``: the product-groups ``m·G + g`` are the group axis, 8·G of them), so 8 GEMMs of a sixteenth
 of the hamilton GEMM's size each; the fold applies the butterfly (:func:`.fast8.fold_table`) instead of
-the Hamilton table.
+the Hamilton table. A program may take the same tile of four products (``FAST8_PRODUCTS`` 4: products
+4·h..4·h+3 of one group, 2·G programs on the group axis): four gy tiles, four x tiles and four dots a
+step, the products' runs ``Cq_out`` / ``Cq_in`` channels apart, on one set of pixel counters and one tap's
+masks (sm_90: 356 instructions a step for four 64×64×64 dots on 4 warps, issue share 0.70, against 434
+and 0.85 for four column blocks of one product).
 
 **Why a conv + activation's dL/dz is not formed here** (issue 13 asked for the activation's gradient
 applied while loading gy). Tried on 2026-12-04 and compiled for sm_90 by triton 3.6: with gy's tile
@@ -114,10 +118,17 @@ def _wgrad_gemm_tile(
     s_xn, s_xd, s_xh, s_xw, SD, SH, SW, PD, PH, PW, DD, DH, DW, SPLITS,
     DIMS: tl.constexpr, P_EVEN: tl.constexpr, GROUPED: tl.constexpr, FAST8: tl.constexpr,
     CHAN_ALIGN: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, RUNS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, RUNS: tl.constexpr, FAST8_PRODUCTS: tl.constexpr,
 ):  # fmt: skip
     """``RUNS`` [BLOCK_M, BLOCK_N] tiles (consecutive column blocks, one dot each on the same gy tile) of split
-    ``split``'s partial dE of group g (FAST8: of product-group g)."""
+    ``split``'s partial dE of group g (FAST8: of product-group g; with ``FAST8_PRODUCTS`` 4, the same tile of
+    four consecutive products' GEMMs, one gy tile, x tile and dot each a step, from product-group g on)."""
+    if FAST8:
+        if FAST8_PRODUCTS == 4:  # program g of G: products 4·(g // groups) + j of group g % groups, j < 4
+            tl.static_assert(RUNS == 1, "four products a program take one column block each")
+            groups = CQ_OUT // CG_OUT
+            g = (g // groups) * 4 * groups + g % groups
+            G = 4 * G
     # Rows (output channels) and columns (one tap's input channels) come in runs of contiguous
     # channels: one run of 4·Cg without groups, one per component with them. (Without groups the run
     # offsets are literal 0s: an unhinted runtime term would cost the tiles their 16-byte alignment.)
@@ -154,6 +165,8 @@ def _wgrad_gemm_tile(
     rseg_len = said_multiple(rseg_len, CHAN_ALIGN)
     cseg_len = said_multiple(cseg_len, CHAN_ALIGN)
     c_y = said_multiple(C_Y, CHAN_ALIGN)
+    y_next = said_multiple(CQ_OUT, CHAN_ALIGN)  # fast8: from one product's gy run to the next's
+    x_next = said_multiple(CQ_IN, CHAN_ALIGN)  # and x's
     rblocks = tl.cdiv(rseg_len, BLOCK_M)
     n_rows = n_rseg * rblocks
     row_tile = tile % n_rows  # consecutive programs share the x tiles (same columns), differ in gy rows
@@ -198,16 +211,24 @@ def _wgrad_gemm_tile(
         offs_p = p0 + tl.arange(0, BLOCK_K)
         p_ok = offs_p < p_end
         gy_tile = gy_ptr + offs_p[:, None] * c_y + gy_cols[None, :]
-        if P_EVEN:  # every step of every split is BLOCK_K whole pixels
-            a = tl.load(gy_tile, mask=r_ok[None, :], other=0.0)
-        else:
-            a = tl.load(gy_tile, mask=p_ok[:, None] & r_ok[None, :], other=0.0)
-        a = tl.trans(a.to(DOT_DTYPE))
+        a = _gy_operand(gy_tile, r_ok, p_ok, P_EVEN, DOT_DTYPE)
         # one dot per column block, on the same gy tile
         # fmt: off
         b = _x_tile(x_ptr, nb, od, oh, ow, td0, th0, tw0, xc0, kok0, p_ok, ID, IH, IW, s_xn, s_xd, s_xh, s_xw, SD,
                     SH, SW, DIMS, P_EVEN, CHAN_ALIGN)
         acc0 = tl.dot(a, b.to(DOT_DTYPE), acc0, input_precision=PRECISION)
+        if FAST8:
+            if FAST8_PRODUCTS == 4:  # the next products: their runs start CQ_OUT / CQ_IN channels on
+                for j in tl.static_range(1, 4):
+                    a = _gy_operand(gy_tile + j * y_next, r_ok, p_ok, P_EVEN, DOT_DTYPE)
+                    b = _x_tile(x_ptr, nb, od, oh, ow, td0, th0, tw0, xc0 + j * x_next, kok0, p_ok, ID, IH, IW,
+                                s_xn, s_xd, s_xh, s_xw, SD, SH, SW, DIMS, P_EVEN, CHAN_ALIGN)
+                    if j == 1:
+                        acc1 = tl.dot(a, b.to(DOT_DTYPE), acc1, input_precision=PRECISION)
+                    elif j == 2:
+                        acc2 = tl.dot(a, b.to(DOT_DTYPE), acc2, input_precision=PRECISION)
+                    else:
+                        acc3 = tl.dot(a, b.to(DOT_DTYPE), acc3, input_precision=PRECISION)
         if RUNS >= 2:
             b = _x_tile(x_ptr, nb, od, oh, ow, td1, th1, tw1, xc1, kok1, p_ok, ID, IH, IW, s_xn, s_xd, s_xh, s_xw,
                         SD, SH, SW, DIMS, P_EVEN, CHAN_ALIGN)
@@ -231,11 +252,27 @@ def _wgrad_gemm_tile(
     rows = (split * G + g) * N_G + rseg * rseg_len + ro
     out = part_ptr + rows[:, None] * (KD * KH * KW * K_TAP)
     tl.store(out + oc0[None, :], acc0, mask=r_ok[:, None] & kok0[None, :])
+    if FAST8:
+        if FAST8_PRODUCTS == 4:  # product j's partial: product-group g + j·groups
+            step = groups * N_G * (KD * KH * KW * K_TAP)
+            tl.store(out + step + oc0[None, :], acc1, mask=r_ok[:, None] & kok0[None, :])
+            tl.store(out + 2 * step + oc0[None, :], acc2, mask=r_ok[:, None] & kok0[None, :])
+            tl.store(out + 3 * step + oc0[None, :], acc3, mask=r_ok[:, None] & kok0[None, :])
     if RUNS >= 2:
         tl.store(out + oc1[None, :], acc1, mask=r_ok[:, None] & kok1[None, :])
     if RUNS == 4:
         tl.store(out + oc2[None, :], acc2, mask=r_ok[:, None] & kok2[None, :])
         tl.store(out + oc3[None, :], acc3, mask=r_ok[:, None] & kok3[None, :])
+
+
+@triton.jit
+def _gy_operand(gy_tile, r_ok, p_ok, P_EVEN: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """A step's gy tile (pixels x output channels at ``gy_tile``) as the dot's left operand: transposed."""
+    if P_EVEN:  # every step of every split is BLOCK_K whole pixels
+        a = tl.load(gy_tile, mask=r_ok[None, :], other=0.0)
+    else:
+        a = tl.load(gy_tile, mask=p_ok[:, None] & r_ok[None, :], other=0.0)
+    return tl.trans(a.to(DOT_DTYPE))
 
 
 @triton.jit
@@ -357,6 +394,7 @@ def qconv_wgrad_igemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     RUNS: tl.constexpr,  # column blocks per program (1, 2 or 4), one dot each on the step's gy tile
+    FAST8_PRODUCTS: tl.constexpr,  # fast8's products per program (1 or 4; with RUNS 1); ignored without FAST8
 ):
     """Grid ``(GEMM tiles [+ bias tiles per group], SPLITS, G)``; see the module docstring."""
     tile = tl.program_id(0)
@@ -378,14 +416,14 @@ def qconv_wgrad_igemm_kernel(
                 x_ptr, gy_ptr, part_ptr, tile, split, g, G, M, C_Y, K_TAP, N_G, CQ_IN, CG_IN, CQ_OUT, CG_OUT,
                 ID, IH, IW, OD, OH, OW, KD, KH, KW, s_xn, s_xd, s_xh, s_xw, SD, SH, SW, PD, PH, PW, DD, DH, DW,
                 SPLITS, DIMS, P_EVEN, GROUPED, FAST8, CHAN_ALIGN, DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
-                RUNS,
+                RUNS, FAST8_PRODUCTS,
             )  # fmt: skip
     else:
         _wgrad_gemm_tile(
             x_ptr, gy_ptr, part_ptr, tile, split, g, G, M, C_Y, K_TAP, N_G, CQ_IN, CG_IN, CQ_OUT, CG_OUT,
             ID, IH, IW, OD, OH, OW, KD, KH, KW, s_xn, s_xd, s_xh, s_xw, SD, SH, SW, PD, PH, PW, DD, DH, DW,
             SPLITS, DIMS, P_EVEN, GROUPED, FAST8, CHAN_ALIGN, DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
-            RUNS,
+            RUNS, FAST8_PRODUCTS,
         )  # fmt: skip
 
 
@@ -462,7 +500,7 @@ def qconv_wgrad_fold_kernel(
 #: Interpreted programs cost per program and step, whatever their tiles, so the interpreter takes 128
 #: pixels per step (4x fewer steps than 32; tests/triton_kernels/test_igemm_wgrad.py passes smaller
 #: configs itself for cases with several row, column and pixel blocks and partial ones).
-INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 128, "RUNS": 1}
+INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 128, "RUNS": 1, "FAST8_PRODUCTS": 1}
 
 #: Every config's BLOCK_K (pixels per step, the interpreter's included) divides it: with M a multiple of
 #: it, every split is whole steps (``P_EVEN``) and the loop has no pixel mask.
@@ -491,7 +529,11 @@ def gpu_configs() -> list:
     :func:`.igemm.gpu_configs`). Where a run is 64 channels (16q; fast8 at 64q) no block is wider than
     64×64, so a program takes 2 or 4 of them (consecutive taps) on one gy tile: at 64×64×64 on 4 warps
     186 instructions per step for one block, 251 for two, 434 for four (issue shares 1.45, 0.98, 0.85).
+    fast8's GEMMs, one per product, have those runs at 64q too: there a program may instead take one block
+    of each of four products (``FAST8_PRODUCTS``), four gy tiles, four x tiles and four dots a step that
+    share the step's pixel bookkeeping and tap masks (the last tuple entry; kept only for fast8).
     """
+    # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, RUNS[, FAST8_PRODUCTS])
     shapes = [
         (256, 128, 64, 8, 3, 1),
         (128, 256, 64, 8, 3, 1),
@@ -507,10 +549,17 @@ def gpu_configs() -> list:
         (64, 32, 64, 4, 4, 1),
         (32, 64, 64, 4, 4, 1),
         (32, 32, 64, 4, 4, 1),
+        (64, 64, 64, 4, 3, 1, 4),  # (192 KB of stages: one program an SM)
+        (64, 64, 32, 4, 3, 1, 4),  # (96 KB: two)
+        (128, 64, 64, 8, 2, 1, 4),
     ]
     return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "RUNS": r}, num_warps=w, num_stages=s)
-        for m, n, k, w, s, r in shapes
+        triton.Config(
+            {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "RUNS": r, "FAST8_PRODUCTS": p[0] if p else 1},
+            num_warps=w,
+            num_stages=s,
+        )
+        for m, n, k, w, s, r, *p in shapes
     ]
 
 
@@ -521,16 +570,22 @@ def prune_configs(configs: list, named_args: dict, **kwargs) -> list:
     :data:`.igemm.SHARED_BYTES` (fp32 operands at 256×128×64). In IEEE fp32 the dot runs on
     FMAs with the accumulator *and both operands* in registers: keep tiles with BLOCK_M·BLOCK_N·BLOCK_K
     ≤ 32³ per warp (compiled for sm_90, 64×64×64 with 4 warps spills 16 B; the kept ones do not)."""
-    grouped = kwargs.get("GROUPED", named_args.get("GROUPED", False)) or kwargs.get("FAST8", False)
+    fast8 = bool(kwargs.get("FAST8", False))
+    grouped = kwargs.get("GROUPED", named_args.get("GROUPED", False)) or fast8
     widest_m = max(32, common.next_power_of_2(named_args["CG_OUT"] if grouped else named_args["N_G"]))
     widest_n = max(32, common.next_power_of_2(named_args["CG_IN"] if grouped else named_args["K_TAP"]))
+
+    def products(c) -> int:
+        return c.kwargs.get("FAST8_PRODUCTS", 1) if fast8 else 1
+
     kept = [
         c
         for c in configs
         if c.kwargs["BLOCK_M"] <= widest_m
         and c.kwargs["BLOCK_N"] <= widest_n
         and (c.kwargs["RUNS"] == 1 or c.kwargs["BLOCK_N"] == widest_n)
-        and operand_buffers_fit(c, kwargs.get("DOT_DTYPE"), n_tiles=c.kwargs["RUNS"])
+        and (fast8 or c.kwargs.get("FAST8_PRODUCTS", 1) == 1)  # (elsewhere a copy of its one-product config)
+        and operand_buffers_fit(c, kwargs.get("DOT_DTYPE"), m_tiles=products(c), n_tiles=c.kwargs["RUNS"] * products(c))
     ]
     if kwargs.get("PRECISION") == "ieee" and kwargs.get("DOT_DTYPE") == tl.float32:
         tile = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
@@ -602,8 +657,8 @@ def conv_weight_grad_igemm(
     group axis), the butterfly in the fold. ``input`` and ``grad_output`` in any layout (converted to
     channels_last at the boundary, one copy each if they are not). ``splits``: pixel ranges of the split-K
     reduction (default :func:`default_splits`); ``config``: ``{"BLOCK_M", "BLOCK_N", "BLOCK_K"}`` (+
-    ``RUNS``, default 1, ``num_warps``, ``num_stages``) to run one tile config instead of the autotuned set
-    (tests, tools).
+    ``RUNS`` and ``FAST8_PRODUCTS``, default 1, ``num_warps``, ``num_stages``) to run one tile config instead
+    of the autotuned set (tests, tools).
     """
     x, gy = _operands(input, grad_output, p)
     n = p.spatial_dims
@@ -636,9 +691,10 @@ def conv_weight_grad_igemm(
 
     def grid(meta):
         tiles = gemm_tiles(cq_in, cq_out, groups, taps, meta["BLOCK_M"], meta["BLOCK_N"], fast8, meta["RUNS"])
+        programs = grid_groups // (meta["FAST8_PRODUCTS"] if fast8 else 1)  # (fast8: 4 products a program)
         if with_bias:
-            tiles += common.cdiv(common.cdiv(c_b, meta["BLOCK_M"]), grid_groups)
-        return tiles, splits, grid_groups
+            tiles += common.cdiv(common.cdiv(c_b, meta["BLOCK_M"]), programs)
+        return tiles, splits, programs
 
     args = (
         x5, g5, part, bsrc, bpart, m, g5.shape[-1], k_tap, n_g, cq_in, cg_in, cq_out, cg_out,
@@ -647,7 +703,7 @@ def conv_weight_grad_igemm(
         math.prod(bsrc.shape[:4]), c_b, splits,
     )  # fmt: skip
     if config is not None:
-        config = {"RUNS": 1, **config}
+        config = {"RUNS": 1, "FAST8_PRODUCTS": 1, **config}
     whole_steps = m % P_ALIGN == 0 and (config is None or P_ALIGN % config["BLOCK_K"] == 0)
     consts = dict(DIMS=n, P_EVEN=whole_steps, GROUPED=groups > 1, FAST8=fast8, HAS_BIAS=with_bias)
     runs = (cg_out, cg_in) if fast8 or groups > 1 else (n_g, k_tap)  # gy's and x's contiguous channel runs
