@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -145,10 +146,12 @@ class TunedLauncher:
         values = [named[k] for k in self.tuner.keys if k in named]
         return (*values, *(str(v.dtype) for v in named.values() if hasattr(v, "dtype")))
 
-    def __getitem__(self, grid):
+    def __getitem__(self, grid) -> Callable[..., object]:
         return lambda *args, **kwargs: self.run(grid, *args, **kwargs)
 
-    def run(self, grid, *args, **kwargs):
+    def run(self, grid, *args, **kwargs) -> object:
+        """Launch on ``grid`` (a tuple, or a function of the launch's arguments and config) with ``args`` and
+        the constexprs ``kwargs``: what ``tuner[grid](*args, **kwargs)`` launches."""
         tuner = self.tuner
         if len(tuner.configs) > 1:
             config = tuner.cache.get(self.key(args, kwargs))

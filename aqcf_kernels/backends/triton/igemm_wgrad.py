@@ -122,9 +122,10 @@ def _wgrad_gemm_tile(
 ):  # fmt: skip
     """``RUNS`` [BLOCK_M, BLOCK_N] tiles (consecutive column blocks, one dot each on the same gy tile) of split
     ``split``'s partial dE of group g (FAST8: of product-group g; with ``FAST8_PRODUCTS`` 4, the same tile of
-    four consecutive products' GEMMs, one gy tile, x tile and dot each a step, from product-group g on)."""
+    four products' GEMMs, one gy tile, x tile and dot each a step: program g takes products 4·(g // groups)
+    to 4·(g // groups) + 3 of group g % groups)."""
     if FAST8:
-        if FAST8_PRODUCTS == 4:  # program g of G: products 4·(g // groups) + j of group g % groups, j < 4
+        if FAST8_PRODUCTS == 4:  # from here on g is product-group (first product)·groups + group, G all of them
             tl.static_assert(RUNS == 1, "four products a program take one column block each")
             groups = CQ_OUT // CG_OUT
             g = (g // groups) * 4 * groups + g % groups
@@ -566,8 +567,9 @@ def gpu_configs() -> list:
 def prune_configs(configs: list, named_args: dict, **kwargs) -> list:
     """Drop configs wider than the layer's contiguous runs (rows: ``N_G``, or ``CG_OUT`` with groups;
     columns: ``K_TAP``, or ``CG_IN``), each rounded up to a power of two ≥ 32, those with several column
-    blocks a program unless a block is a whole run (narrow layers), and those whose pipeline buffers exceed
-    :data:`.igemm.SHARED_BYTES` (fp32 operands at 256×128×64). In IEEE fp32 the dot runs on
+    blocks a program unless a block is a whole run (narrow layers), four fast8 products a program except for
+    fast8, and those whose pipeline buffers exceed :data:`.igemm.SHARED_BYTES` (fp32 operands at 256×128×64;
+    four products hold four tiles of each operand). In IEEE fp32 the dot runs on
     FMAs with the accumulator *and both operands* in registers: keep tiles with BLOCK_M·BLOCK_N·BLOCK_K
     ≤ 32³ per warp (compiled for sm_90, 64×64×64 with 4 warps spills 16 B; the kept ones do not)."""
     fast8 = bool(kwargs.get("FAST8", False))
