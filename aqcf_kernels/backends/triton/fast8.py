@@ -162,14 +162,18 @@ def pack_weight(weight: Tensor, groups: int, transposed: bool, dtype: torch.dtyp
     """
     four, a_dim, b_dim, *ks = weight.shape
     taps = math.prod(ks)
-    w8 = combine_weight(weight, "left", conjugate=transposed).reshape(PRODUCTS, groups, a_dim // groups, b_dim, taps)
+    # the combinations in fp32 (or wider), permuted into place and rounded by one copy
+    wide = torch.promote_types(weight.dtype, torch.float32)
+    table = _combination_table("left", transposed, wide, weight.device)
+    w8 = torch.mm(table, weight.to(wide).reshape(4, -1)).view(PRODUCTS, groups, a_dim // groups, b_dim, taps)
     if transposed:  # (8, G, Cg_in, Cg_out, taps)
         packed = w8.permute(1, 0, 3, 4, 2)
         cg_in, cg_out = a_dim // groups, b_dim
     else:  # (8, G, Cg_out, Cg_in, taps)
         packed = w8.permute(1, 0, 2, 4, 3)
         cg_in, cg_out = b_dim, a_dim // groups
-    return packed.reshape(groups, PRODUCTS * cg_out, taps * cg_in).to(dtype or weight.dtype).contiguous()
+    out = torch.empty(packed.shape, dtype=dtype or weight.dtype, device=weight.device).copy_(packed)
+    return out.view(groups, PRODUCTS * cg_out, taps * cg_in)
 
 
 @functools.lru_cache(maxsize=16)
