@@ -625,7 +625,6 @@ def wgrad_launch_args(
     them, its split count included (the GPU policy with :data:`SM90_SMS` SMs). ``transposed``: the weight
     gradient of the stride-``stride`` transposed conv whose output is that image (x and gy swapped, the
     bias summed over x). ``fast8``: x and gy are the 8 combinations, one GEMM per product and group."""
-    from aqcf_kernels.backends.triton import igemm_wgrad as iw
 
     pad = k // 2
     out = (size + 2 * pad - k) // stride + 1
@@ -647,13 +646,20 @@ def wgrad_launch_args(
     args.update(zip(("PD", "PH", "PW"), (0,) * (3 - dims) + (pad,) * dims, strict=True))
     args.update(zip(("DD", "DH", "DW"), (1, 1, 1), strict=True))
     args.update(MB=batch * math.prod(sp_in), C_B=4 * cq_in) if transposed else args.update(MB=m, C_B=4 * cq_out)
-    taps = math.prod(ks)
-    grid_groups = (8 if fast8 else 1) * groups
-    tiles = iw.gemm_tiles(cq_in, cq_out, groups, taps, 128, 128, fast8) * grid_groups
-    partial = 4 * (8 if fast8 else 16) * cq_out * cq_in // groups * taps
-    splits = min(triton.cdiv(iw.PROGRAMS_PER_SM * SM90_SMS, tiles), m // iw.MIN_PIXELS_PER_SPLIT, iw.MAX_SPLITS)
-    args["SPLITS"] = max(1, min(splits, iw.PARTIAL_BYTES // partial))
     return args
+
+
+def wgrad_splits(args: dict, config, fast8: bool) -> int:
+    """The split count the launcher gives a launch of ``args`` with ``config`` on an H100/H200
+    (``igemm_wgrad.config_splits``: the config's own programs per split)."""
+    from aqcf_kernels.backends.triton import igemm_wgrad as iw
+
+    groups, taps = args["CQ_OUT"] // args["CG_OUT"], args["KD"] * args["KH"] * args["KW"]
+    k = config.kwargs
+    tiles = iw.gemm_tiles(args["CQ_IN"], args["CQ_OUT"], groups, taps, k["BLOCK_M"], k["BLOCK_N"], fast8, k["RUNS"])
+    programs = tiles * (8 * groups // k["FAST8_PRODUCTS"] if fast8 else groups)
+    partial = 4 * (8 if fast8 else 16) * args["CQ_OUT"] * args["CG_IN"] * taps
+    return iw.config_splits(args["M"], programs, partial, SM90_SMS)
 
 
 def wgrad_variants():
@@ -734,14 +740,14 @@ def wgrad_main(json_path: str | None = None) -> int:
         runs = config.kwargs["RUNS"]  # column blocks a program: its MMA work per step is runs x the tile's
         products = config.kwargs["FAST8_PRODUCTS"] if consts["FAST8"] else 1  # and fast8's products a program
         row = dict(case=label, dtype=dtype, precision=precision, tiles=tiles, runs=runs, products=products)
-        row.update(options, splits=args["SPLITS"])
+        row.update(options, splits=wgrad_splits(args, config, consts["FAST8"]))
         dots = runs * products
         row.update(analyse_igemm(kernel, dtype, precision, (tiles[0], dots * tiles[1], tiles[2]), config.num_warps))
         rows.append(row)
         shown = ",".join(map(str, tiles)) + (f"x{runs}" if runs > 1 else "") + (f"p{products}" if products > 1 else "")
         print(
             f"{label:15} {dtype:5} {precision:4} {shown:13} {config.num_warps:2} "
-            f"{config.num_stages:2} {args['SPLITS']:3} {row['regs']:4} {row['smem']:7} {row['stack']:5} "
+            f"{config.num_stages:2} {row['splits']:3} {row['regs']:4} {row['smem']:7} {row['stack']:5} "
             f"{row['scalar_2byte_loads_in_loop']:4} {_copies(row):14} "
             f"{row['wgmma_in_loop']:5} {row['mma_sync_in_loop']:3} {row['wait_pendings_in_loop']!s:8}"
             f" {_per_step(row):>9} {_share(row):>5}"

@@ -36,6 +36,9 @@ def launch_constexprs(monkeypatch):
         tuner = getattr(module, name)
 
         class Recording:
+            def __getattr__(self, name):  # the rest of the launcher's interface (e.g. tuned_config)
+                return getattr(tuner, name)
+
             def __getitem__(self, grid):
                 launch = tuner[grid]
 

@@ -141,6 +141,57 @@ def test_gemm_tiles_counts_programs_of_several_blocks():
     assert igemm_wgrad.gemm_tiles(12, 12, 2, 6, 16, 16, runs=4) == 4 * 6
 
 
+def test_each_config_gets_its_own_split_count_on_an_h100():
+    """``config_splits`` fills 132 SMs (2 programs each) with each config's own programs: at 16q (runs of 64
+    channels, 9 taps, N32 64²) a 64x64 one-block program covers one tap and a four-block program four, so the
+    four-block config takes more splits (it ran 90 programs with the one-block count); fast8 at 64q likewise
+    with four products a program (72 programs before). Every config reaches 264 programs or a bound."""
+    pixels, sms, target = 32 * 64 * 64, 132, 2 * 132
+    for cq, fast8, groups_axis, bytes_per_split in ((16, False, 1, 4 * 64 * 576), (64, True, 8, 4 * 8 * 64 * 576)):
+        for runs, products in ((1, 1), (2, 1), (4, 1), (1, 4)):
+            if products > 1 and not fast8:
+                continue
+            per_split = igemm_wgrad.gemm_tiles(cq, cq, 1, 9, 64, 64, fast8, runs) * groups_axis // products
+            splits = igemm_wgrad.config_splits(pixels, per_split, bytes_per_split, sms)
+            bound = min(igemm_wgrad.MAX_SPLITS, igemm_wgrad.PARTIAL_BYTES // bytes_per_split)
+            assert splits * per_split >= target or splits == bound, (cq, runs, products, splits, per_split)
+    one, four = (igemm_wgrad.gemm_tiles(16, 16, 1, 9, 64, 64, False, r) for r in (1, 4))
+    assert igemm_wgrad.config_splits(pixels, four, 4 * 64 * 576, sms) > igemm_wgrad.config_splits(
+        pixels, one, 4 * 64 * 576, sms
+    )
+
+
+@pytest.mark.parametrize("runs, products, algorithm", [(1, 1, "hamilton"), (4, 1, "hamilton"), (1, 4, "fast8")])
+def test_wgrad_split_count_follows_the_config(runs, products, algorithm, monkeypatch):
+    """With a (pretend) GPU of 64 SMs and 16-pixel splits allowed, the launch takes its config's own split count
+    (fewer programs a split, more splits: 3 for one-block programs, 6 for four blocks or four products, the
+    bound of 98 output pixels in 16-pixel splits), sizes its partial buffers for it and the fold sums exactly
+    those: the result matches the reference whatever the count."""
+    monkeypatch.setattr(igemm_wgrad, "gpu_sms", lambda device: 64)
+    monkeypatch.setattr(igemm_wgrad, "MIN_PIXELS_PER_SPLIT", 16)
+    folded = []
+    fold = igemm_wgrad.qconv_wgrad_fold_kernel
+
+    class RecordingFold:
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                folded.append((args[0].shape[0], args[7]))  # (partial rows, splits summed)
+                return fold[grid](*args, **kwargs)
+
+            return run
+
+    monkeypatch.setattr(igemm_wgrad, "qconv_wgrad_fold_kernel", RecordingFold())
+    config = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "RUNS": runs, "FAST8_PRODUCTS": products}
+    _check_fp32(CASES[0], config=config, algorithm=algorithm)
+    (rows, summed), *_ = folded
+    per_split = igemm_wgrad.gemm_tiles(10, 9, 1, 6, 16, 16, algorithm == "fast8", runs) * (
+        8 // products if algorithm == "fast8" else 1
+    )
+    blocks = 8 if algorithm == "fast8" else 16
+    want = igemm_wgrad.config_splits(2 * 7 * 7, per_split, 4 * blocks * 9 * 10 * 6, 64)
+    assert rows == summed == want == (3 if runs * products == 1 else 6), (rows, summed, want)
+
+
 def test_wgrad_non_contiguous_inputs():
     """A spatially strided x and a gy view with permuted strides (converted at the boundary)."""
 

@@ -155,6 +155,14 @@ class TunedLauncher:
         values += [str(v.dtype) for k, v in kwargs.items() if k in names and hasattr(v, "dtype")]
         return tuple(values)
 
+    def tuned_config(self, args: tuple, kwargs: dict):
+        """The config a launch with ``args`` and ``kwargs`` runs if its key is tuned (the only one of a
+        one-config set), else ``None``: a launcher that sizes buffers by the config asks before launching and
+        learns what ran after."""
+        if len(self.tuner.configs) == 1:
+            return self.tuner.configs[0]
+        return self.tuner.cache.get(self.key(args, kwargs))
+
     def __getitem__(self, grid) -> Callable[..., object]:
         return lambda *args, **kwargs: self.run(grid, *args, **kwargs)
 

@@ -14,7 +14,10 @@ the forward is ``y = im2col(x) · E[g]ᵀ``. Its gradient is therefore one GEMM 
 
 * **Split-K over pixels** (grid axis 1): split s reduces a contiguous pixel range into its own fp32
   partial buffer ``[splits, G, 4·Cg_out, taps·4·Cg_in]`` — no atomics, so the result is deterministic
-  (bit-identical from run to run for a given tile config) and the autotuner needs no reset.
+  (bit-identical from run to run for a given tile config) and the autotuner needs no reset. The split
+  count is each tile config's own (:func:`config_splits`: two programs an SM), read by the kernel from
+  its grid; the buffers are sized for the tuned config's, or for the most any config takes while the
+  autotuner tries them, and the fold sums those of the config that ran.
 * **A column block never crosses a tap** (nor, with groups, a component): it is BLOCK_N contiguous
   channels of one tap, so the x tile of a step is BLOCK_K pixels × BLOCK_N contiguous channels (16-byte
   vector loads, async copies when pipelined), and the tap's spatial offset ``k·dil − pad`` is a
@@ -347,9 +350,9 @@ def _bias_partial_tile(
 def qconv_wgrad_igemm_kernel(
     x_ptr,  # (N, ID, IH, IW, C_X) channels_last, contiguous: the conv's input
     gy_ptr,  # (M, C_Y) channels_last, contiguous: the gradient of the conv's output
-    part_ptr,  # (SPLITS, G, N_G, KD*KH*KW*K_TAP) fp32: partial dE per split
+    part_ptr,  # (≥ SPLITS, G, N_G, KD*KH*KW*K_TAP) fp32: partial dE per split
     bsrc_ptr,  # (MB, C_B) contiguous: the tensor whose pixel sums are the bias gradient (HAS_BIAS)
-    bpart_ptr,  # (SPLITS, C_B) fp32: partial bias sums (HAS_BIAS)
+    bpart_ptr,  # (≥ SPLITS, C_B) fp32: partial bias sums (HAS_BIAS)
     M,  # N * OD * OH * OW: output pixels, the reduction dim
     C_Y,  # 4 * CQ_OUT: channels of gy (FAST8: 8 * CQ_OUT, its combinations)
     K_TAP,  # 4 * CG_IN: input channels of a group per tap
@@ -382,7 +385,6 @@ def qconv_wgrad_igemm_kernel(
     DW,
     MB,  # pixels of the bias source
     C_B,  # channels of the bias source
-    SPLITS,
     DIMS: tl.constexpr,  # spatial dims of the conv: the last DIMS of (D, H, W) have extent
     P_EVEN: tl.constexpr,  # M a multiple of P_ALIGN: no step of any split is partial
     CHAN_ALIGN: tl.constexpr,  # a power of two dividing the runs of both operands (igemm.chan_align)
@@ -397,9 +399,11 @@ def qconv_wgrad_igemm_kernel(
     RUNS: tl.constexpr,  # column blocks per program (1, 2 or 4), one dot each on the step's gy tile
     FAST8_PRODUCTS: tl.constexpr,  # fast8's products per program (1 or 4; with RUNS 1); ignored without FAST8
 ):
-    """Grid ``(GEMM tiles [+ bias tiles per group], SPLITS, G)``; see the module docstring."""
+    """Grid ``(GEMM tiles [+ bias tiles per group], SPLITS, G)``; see the module docstring. The split count is
+    the grid's: each tile config gets its own (:func:`config_splits`)."""
     tile = tl.program_id(0)
     split = tl.program_id(1)
+    SPLITS = tl.num_programs(1)
     g = tl.program_id(2)
     G = tl.num_programs(2)
     n_seg = 4 if GROUPED and not FAST8 else 1
@@ -601,7 +605,7 @@ _wgrad_igemm = common.autotuned(
     qconv_wgrad_igemm_kernel,
     gpu_configs=gpu_configs(),
     interpreter_config=INTERPRETER_CONFIG,
-    key=["M", "K_TAP", "N_G", "KD", "KH", "KW", "SD", "SH", "SW", "SPLITS", "GROUPED", "FAST8", "HAS_BIAS"],
+    key=["M", "K_TAP", "N_G", "KD", "KH", "KW", "SD", "SH", "SW", "GROUPED", "FAST8", "HAS_BIAS"],
     prune=prune_configs,
 )
 
@@ -623,15 +627,23 @@ def gemm_tiles(
     return seg * common.cdiv(cg_out, block_m) * common.cdiv(taps * seg * common.cdiv(cg_in, block_n), runs)
 
 
-def default_splits(pixels: int, tiles: int, partial_bytes: int, device: torch.device) -> int:
-    """How many pixel ranges the GEMM splits its reduction into: enough programs to fill the GPU
-    (:data:`PROGRAMS_PER_SM` per SM, counted with ``tiles`` programs per split), bounded by
-    :data:`MIN_PIXELS_PER_SPLIT`, :data:`MAX_SPLITS` and :data:`PARTIAL_BYTES`. 1 off CUDA (interpreter)."""
-    if device.type != "cuda":
-        return 1
-    target = PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
-    splits = min(common.cdiv(target, max(1, tiles)), pixels // MIN_PIXELS_PER_SPLIT, MAX_SPLITS)
+def config_splits(pixels: int, programs: int, partial_bytes: int, sms: int) -> int:
+    """How many pixel ranges a launch splits its reduction into: enough programs to fill the GPU
+    (:data:`PROGRAMS_PER_SM` per SM of ``sms``, with ``programs`` programs per split: the tile config's own
+    count), bounded by :data:`MIN_PIXELS_PER_SPLIT`, :data:`MAX_SPLITS` and :data:`PARTIAL_BYTES` (of
+    ``partial_bytes`` a split).
+
+    Per config, because programs per split range over 16x between the autotune set's configs: at 16q
+    (runs of 64 channels) a program of four 64×64 blocks covers four taps, and with the split count of
+    one-block programs the GPU suite's 16q layer ran 90 programs of them on 132 SMs, fast8's 64q weight
+    gradient 72 programs of four products."""
+    splits = min(common.cdiv(PROGRAMS_PER_SM * sms, max(1, programs)), pixels // MIN_PIXELS_PER_SPLIT, MAX_SPLITS)
     return max(1, min(splits, PARTIAL_BYTES // max(1, partial_bytes)))
+
+
+def gpu_sms(device: torch.device) -> int | None:
+    """The SM count of a CUDA ``device`` (``None`` elsewhere: the interpreter runs one split)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
 
 
 def cannot_serve(input: Tensor, grad_output: Tensor, algorithm: str = "hamilton") -> str | None:
@@ -681,48 +693,71 @@ def conv_weight_grad_igemm(
         grid_groups, k_tap, n_g, blocks = groups, 4 * cg_in, 4 * cg_out, 16
     tk = taps * k_tap
     part_numel = grid_groups * n_g * tk
-    if splits is None:
-        nominal = gemm_tiles(cq_in, cq_out, groups, taps, 128, 128, fast8) * grid_groups
-        splits = default_splits(m, nominal, 4 * part_numel, x.device)
-    splits = max(1, min(splits, (INT32_LIMIT - 1) // part_numel))
-    part = torch.empty((splits, grid_groups, n_g, tk), dtype=torch.float32, device=x.device)
-    table = fold_table(like=part) if fast8 else hamilton_table(like=part)
     c_b = bsrc.shape[-1]
-    bpart = torch.empty((splits, c_b), dtype=torch.float32, device=x.device) if with_bias else part
-    dot_dtype, precision = common.dot_config(x.dtype)
+    sms = gpu_sms(x.device)
+    most_splits = (INT32_LIMIT - 1) // part_numel  # (the partials' int32 offsets)
+
+    def group_programs(meta) -> int:  # on the group axis (fast8: 4 products a program, or 1)
+        return grid_groups // (meta["FAST8_PRODUCTS"] if fast8 else 1)
+
+    def launch_splits(meta: dict | None) -> int:  # the split count of a launch with tile config ``meta``
+        if splits is not None or sms is None:
+            return max(1, min(splits or 1, most_splits))
+        if meta is None:  # any config: the most splits one may take (a program per split)
+            per_split = 1
+        else:
+            tiles = gemm_tiles(cq_in, cq_out, groups, taps, meta["BLOCK_M"], meta["BLOCK_N"], fast8, meta["RUNS"])
+            per_split = tiles * group_programs(meta)
+        return min(config_splits(m, per_split, 4 * part_numel, sms), most_splits)
 
     def grid(meta):
         tiles = gemm_tiles(cq_in, cq_out, groups, taps, meta["BLOCK_M"], meta["BLOCK_N"], fast8, meta["RUNS"])
-        programs = grid_groups // (meta["FAST8_PRODUCTS"] if fast8 else 1)  # (fast8: 4 products a program)
         if with_bias:
-            tiles += common.cdiv(common.cdiv(c_b, meta["BLOCK_M"]), programs)
-        return tiles, splits, programs
+            tiles += common.cdiv(common.cdiv(c_b, meta["BLOCK_M"]), group_programs(meta))
+        return tiles, launch_splits(meta), group_programs(meta)
 
-    args = (
-        x5, g5, part, bsrc, bpart, m, g5.shape[-1], k_tap, n_g, cq_in, cg_in, cq_out, cg_out,
-        *x5.shape[1:4], *g5.shape[1:4], *ks, *x5.stride()[:4],
-        *_spatial3(p.stride, n, 1), *_spatial3(p.padding, n, 0), *_spatial3(p.dilation, n, 1),
-        math.prod(bsrc.shape[:4]), c_b, splits,
-    )  # fmt: skip
+    def launch_args(part: Tensor, bpart: Tensor) -> tuple:
+        return (
+            x5, g5, part, bsrc, bpart, m, g5.shape[-1], k_tap, n_g, cq_in, cg_in, cq_out, cg_out,
+            *x5.shape[1:4], *g5.shape[1:4], *ks, *x5.stride()[:4],
+            *_spatial3(p.stride, n, 1), *_spatial3(p.padding, n, 0), *_spatial3(p.dilation, n, 1),
+            math.prod(bsrc.shape[:4]), c_b,
+        )  # fmt: skip
+
     if config is not None:
         config = {"RUNS": 1, "FAST8_PRODUCTS": 1, **config}
     whole_steps = m % P_ALIGN == 0 and (config is None or P_ALIGN % config["BLOCK_K"] == 0)
     consts = dict(DIMS=n, P_EVEN=whole_steps, GROUPED=groups > 1, FAST8=fast8, HAS_BIAS=with_bias)
     runs = (cg_out, cg_in) if fast8 or groups > 1 else (n_g, k_tap)  # gy's and x's contiguous channel runs
     consts.update(CHAN_ALIGN=chan_align(*runs))
+    dot_dtype, precision = common.dot_config(x.dtype)
     consts.update(DOT_DTYPE=dot_dtype, PRECISION=precision)
+    # Partial buffers for the launch's splits: the tuned config's where this shape is tuned (the key reads the
+    # buffers' dtype only), else as many as any config may take (autotuning runs them all)
+    if config is None:
+        fp32 = torch.empty(0, dtype=torch.float32, device=x.device)
+        tuned = _wgrad_igemm.tuned_config(launch_args(fp32, fp32), consts)
+        rows = launch_splits(tuned.kwargs if tuned is not None else None)
+    else:
+        rows = launch_splits(config)
+    part = torch.empty((rows, grid_groups, n_g, tk), dtype=torch.float32, device=x.device)
+    bpart = torch.empty((rows, c_b), dtype=torch.float32, device=x.device) if with_bias else part
+    table = fold_table(like=part) if fast8 else hamilton_table(like=part)
+    args = launch_args(part, bpart)
     if config is None:
         _wgrad_igemm[grid](*args, **consts)
+        used = launch_splits(_wgrad_igemm.tuned_config(args, consts).kwargs)
     else:
         qconv_wgrad_igemm_kernel[grid](*args, **consts, **config)
+        used = launch_splits(config)
 
     gw = torch.empty((4, weight_shape[1], weight_shape[2], taps), dtype=x.dtype, device=x.device)
     gb = torch.empty(c_b, dtype=x.dtype, device=x.device) if with_bias else None
     q = weight_shape[1] * weight_shape[2] * taps
-    programs = common.cdiv(q, FOLD_BLOCK) + (common.cdiv(c_b, FOLD_BLOCK) if with_bias else 0)
-    qconv_wgrad_fold_kernel[(programs,)](
+    fold_programs = common.cdiv(q, FOLD_BLOCK) + (common.cdiv(c_b, FOLD_BLOCK) if with_bias else 0)
+    qconv_wgrad_fold_kernel[(fold_programs,)](
         part, table, gw, bpart, gb if gb is not None else gw,
-        q, part_numel, splits, n_g, k_tap, groups * cg_out * tk, cg_out, cg_in, taps, c_b,
+        q, part_numel, used, n_g, k_tap, groups * cg_out * tk, cg_out, cg_in, taps, c_b,
         NB=blocks, HAS_BIAS=with_bias, BLOCK=FOLD_BLOCK,
     )  # fmt: skip
     return gw.reshape(weight_shape), gb
