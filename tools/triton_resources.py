@@ -655,9 +655,7 @@ def wgrad_splits(args: dict, config, fast8: bool) -> int:
     from aqcf_kernels.backends.triton import igemm_wgrad as iw
 
     groups, taps = args["CQ_OUT"] // args["CG_OUT"], args["KD"] * args["KH"] * args["KW"]
-    k = config.kwargs
-    tiles = iw.gemm_tiles(args["CQ_IN"], args["CQ_OUT"], groups, taps, k["BLOCK_M"], k["BLOCK_N"], fast8, k["RUNS"])
-    programs = tiles * (8 * groups // k["FAST8_PRODUCTS"] if fast8 else groups)
+    programs = iw.split_programs(args["CQ_IN"], args["CQ_OUT"], groups, taps, fast8, config.kwargs)
     partial = 4 * (8 if fast8 else 16) * args["CQ_OUT"] * args["CG_IN"] * taps
     return iw.config_splits(args["M"], programs, partial, SM90_SMS)
 

@@ -135,13 +135,14 @@ def combine_activation(x5: Tensor, side: str, conjugate: bool = False) -> Tensor
     return out
 
 
-def combine_weight(weight: Tensor, side: str, conjugate: bool = False) -> Tensor:
+def combine_weight(weight: Tensor, side: str, conjugate: bool = False, rounded: bool = True) -> Tensor:
     """``(4, A, B, *k)`` -> ``(8, A, B, *k)``: the 8 combinations of the ``side`` operand (formed in fp32 or
-    wider, returned in the weight's dtype)."""
+    wider, returned in the weight's dtype, or as formed if not ``rounded``: for a caller that rounds them on
+    its own copy)."""
     wide = torch.promote_types(weight.dtype, torch.float32)
     m = _combination_table(side, conjugate, wide, weight.device)
-    combined = torch.mm(m, weight.to(wide).reshape(4, -1))
-    return combined.view(PRODUCTS, *weight.shape[1:]).to(weight.dtype)
+    combined = torch.mm(m, weight.to(wide).reshape(4, -1)).view(PRODUCTS, *weight.shape[1:])
+    return combined.to(weight.dtype) if rounded else combined
 
 
 @functools.lru_cache(maxsize=64)
@@ -163,9 +164,7 @@ def pack_weight(weight: Tensor, groups: int, transposed: bool, dtype: torch.dtyp
     four, a_dim, b_dim, *ks = weight.shape
     taps = math.prod(ks)
     # the combinations in fp32 (or wider), permuted into place and rounded by one copy
-    wide = torch.promote_types(weight.dtype, torch.float32)
-    table = _combination_table("left", transposed, wide, weight.device)
-    w8 = torch.mm(table, weight.to(wide).reshape(4, -1)).view(PRODUCTS, groups, a_dim // groups, b_dim, taps)
+    w8 = combine_weight(weight, "left", transposed, rounded=False).view(PRODUCTS, groups, a_dim // groups, b_dim, taps)
     if transposed:  # (8, G, Cg_in, Cg_out, taps)
         packed = w8.permute(1, 0, 3, 4, 2)
         cg_in, cg_out = a_dim // groups, b_dim

@@ -627,6 +627,19 @@ def gemm_tiles(
     return seg * common.cdiv(cg_out, block_m) * common.cdiv(taps * seg * common.cdiv(cg_in, block_n), runs)
 
 
+def split_programs(cq_in: int, cq_out: int, groups: int, taps: int, fast8: bool, config: dict) -> int:
+    """Programs of one split with tile ``config`` (its ``BLOCK_M``, ``BLOCK_N``, ``RUNS``, ``FAST8_PRODUCTS``):
+    :func:`gemm_tiles` per program on the group axis (``groups``; fast8 ``8·groups`` product-groups, four a
+    program with ``FAST8_PRODUCTS`` 4). The bias programs, a few, are not counted."""
+    tiles = gemm_tiles(cq_in, cq_out, groups, taps, config["BLOCK_M"], config["BLOCK_N"], fast8, config["RUNS"])
+    return tiles * group_programs(groups, fast8, config)
+
+
+def group_programs(groups: int, fast8: bool, config: dict) -> int:
+    """Programs on the grid's group axis: one per group, fast8 one per product-group or per four."""
+    return PRODUCTS * groups // config["FAST8_PRODUCTS"] if fast8 else groups
+
+
 def config_splits(pixels: int, programs: int, partial_bytes: int, sms: int) -> int:
     """How many pixel ranges a launch splits its reduction into: enough programs to fill the GPU
     (:data:`PROGRAMS_PER_SM` per SM of ``sms``, with ``programs`` programs per split: the tile config's own
@@ -670,9 +683,9 @@ def conv_weight_grad_igemm(
     on the combinations of gy and conj(x) (:mod:`.fast8`; the product-groups ``m·G + g`` are the grid's
     group axis), the butterfly in the fold. ``input`` and ``grad_output`` in any layout (converted to
     channels_last at the boundary, one copy each if they are not). ``splits``: pixel ranges of the split-K
-    reduction (default :func:`default_splits`); ``config``: ``{"BLOCK_M", "BLOCK_N", "BLOCK_K"}`` (+
-    ``RUNS`` and ``FAST8_PRODUCTS``, default 1, ``num_warps``, ``num_stages``) to run one tile config instead
-    of the autotuned set (tests, tools).
+    reduction (default: each tile config's own, :func:`config_splits`); ``config``: ``{"BLOCK_M",
+    "BLOCK_N", "BLOCK_K"}`` (+ ``RUNS`` and ``FAST8_PRODUCTS``, default 1, ``num_warps``, ``num_stages``) to
+    run one tile config instead of the autotuned set (tests, tools).
     """
     x, gy = _operands(input, grad_output, p)
     n = p.spatial_dims
@@ -697,24 +710,19 @@ def conv_weight_grad_igemm(
     sms = gpu_sms(x.device)
     most_splits = (INT32_LIMIT - 1) // part_numel  # (the partials' int32 offsets)
 
-    def group_programs(meta) -> int:  # on the group axis (fast8: 4 products a program, or 1)
-        return grid_groups // (meta["FAST8_PRODUCTS"] if fast8 else 1)
-
     def launch_splits(meta: dict | None) -> int:  # the split count of a launch with tile config ``meta``
         if splits is not None or sms is None:
             return max(1, min(splits or 1, most_splits))
-        if meta is None:  # any config: the most splits one may take (a program per split)
-            per_split = 1
-        else:
-            tiles = gemm_tiles(cq_in, cq_out, groups, taps, meta["BLOCK_M"], meta["BLOCK_N"], fast8, meta["RUNS"])
-            per_split = tiles * group_programs(meta)
+        # meta None: any config, the most splits one may take (a program per split)
+        per_split = 1 if meta is None else split_programs(cq_in, cq_out, groups, taps, fast8, meta)
         return min(config_splits(m, per_split, 4 * part_numel, sms), most_splits)
 
     def grid(meta):
         tiles = gemm_tiles(cq_in, cq_out, groups, taps, meta["BLOCK_M"], meta["BLOCK_N"], fast8, meta["RUNS"])
+        axis = group_programs(groups, fast8, meta)
         if with_bias:
-            tiles += common.cdiv(common.cdiv(c_b, meta["BLOCK_M"]), group_programs(meta))
-        return tiles, launch_splits(meta), group_programs(meta)
+            tiles += common.cdiv(common.cdiv(c_b, meta["BLOCK_M"]), axis)
+        return tiles, launch_splits(meta), axis
 
     def launch_args(part: Tensor, bpart: Tensor) -> tuple:
         return (
@@ -744,12 +752,13 @@ def conv_weight_grad_igemm(
     bpart = torch.empty((rows, c_b), dtype=torch.float32, device=x.device) if with_bias else part
     table = fold_table(like=part) if fast8 else hamilton_table(like=part)
     args = launch_args(part, bpart)
+    used = rows  # the launch's splits: the tuned config's, or (tuning) those of the config it chose
     if config is None:
         _wgrad_igemm[grid](*args, **consts)
-        used = launch_splits(_wgrad_igemm.tuned_config(args, consts).kwargs)
+        if tuned is None:
+            used = launch_splits(_wgrad_igemm.tuned_config(args, consts).kwargs)
     else:
         qconv_wgrad_igemm_kernel[grid](*args, **consts, **config)
-        used = launch_splits(config)
 
     gw = torch.empty((4, weight_shape[1], weight_shape[2], taps), dtype=x.dtype, device=x.device)
     gb = torch.empty(c_b, dtype=x.dtype, device=x.device) if with_bias else None
