@@ -357,8 +357,15 @@ def _warn_once(problem: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def _read(path: Path) -> dict[str, dict[str, Any]]:
-    """The valid entries of the cache file; ``{}`` (with one warning) if it is corrupt or foreign."""
+def _is_choice(entry: Any) -> bool:
+    """Whether a cache file's entry is a remembered ``(backend, algorithm)`` choice."""
+    return isinstance(entry, dict) and isinstance(entry.get("backend"), str) and isinstance(entry.get("algorithm"), str)
+
+
+def read_cache_file(path: Path, valid: Callable[[Any], bool] = _is_choice) -> dict[str, dict[str, Any]]:
+    """The entries of the cache file at ``path`` that ``valid`` accepts; ``{}`` (with one warning) if the file is
+    corrupt or foreign (written for another fingerprint). Also the Triton autotuner's file of kept configs
+    (``backends/triton/autotune_cache.py``)."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -383,11 +390,7 @@ def _read(path: Path) -> dict[str, dict[str, Any]]:
             f"({payload.get('fingerprint')}); it will be rewritten",
         )
         return {}
-    return {
-        k: v
-        for k, v in payload["choices"].items()
-        if isinstance(v, dict) and isinstance(v.get("backend"), str) and isinstance(v.get("algorithm"), str)
-    }
+    return {k: v for k, v in payload["choices"].items() if valid(v)}
 
 
 @contextlib.contextmanager
@@ -405,12 +408,13 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _write(path: Path, key: str, entry: dict[str, Any]) -> None:
-    """Merge one entry into the file: read, add, write a temporary file, rename over it."""
+def write_cache_entry(path: Path, key: str, entry: dict[str, Any]) -> None:
+    """Merge one entry into the cache file at ``path``: read, add, write a temporary file, rename over it. The
+    entries of every kind are kept (a file both caches were pointed at keeps both)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with _file_lock(path):
-            choices = _read(path)
+            choices = read_cache_file(path, lambda entry: isinstance(entry, dict))
             choices[key] = entry
             payload = {"fingerprint": fingerprint(), "choices": choices}
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
@@ -435,7 +439,7 @@ def _disk_entries() -> dict[str, dict[str, Any]]:
     if path is None:
         return {}
     if _disk is None or _disk_path != path:
-        _disk, _disk_path = _read(path), path
+        _disk, _disk_path = read_cache_file(path), path
     return _disk
 
 
@@ -536,7 +540,7 @@ def _settle(key: str, winner: Candidate, fast_key: Hashable | None, best: dict[C
         path = cache_path()
         if path is not None:
             entry = {"backend": winner.backend, "algorithm": winner.algorithm, "ms": _ms(best)}
-            _write(path, key, entry)
+            write_cache_entry(path, key, entry)
             _disk_entries()[key] = entry
 
 

@@ -26,6 +26,12 @@ if "AQCF_TUNING_CACHE" not in os.environ:
     import tempfile
 
     os.environ["AQCF_TUNING_CACHE"] = os.path.join(tempfile.mkdtemp(prefix="aqcf-tests-tuning-"), "tuning.json")
+# and so are the Triton autotuner's timed choices (aqcf_kernels/backends/triton/autotune_cache.py)
+if "AQCF_TRITON_AUTOTUNE_CACHE" not in os.environ:
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="aqcf-tests-autotune-")
+    os.environ["AQCF_TRITON_AUTOTUNE_CACHE"] = os.path.join(folder, "autotune.json")
 
 from aqcf_kernels.backends import registered  # noqa: E402
 from aqcf_kernels.backends._extension import _C

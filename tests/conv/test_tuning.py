@@ -470,9 +470,9 @@ def test_concurrent_writers_never_corrupt_the_cache(tmp_path: Path) -> None:
         spec = importlib.util.spec_from_file_location("tuning", {tuning.__file__!r})
         tuning = sys.modules["tuning"] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(tuning)
-        me = int(sys.argv[1])
+        me, path = int(sys.argv[1]), tuning.Path({str(path)!r})
         for i in range({entries}):
-            tuning._write(tuning.Path({str(path)!r}), f"key-{{me}}-{{i}}", {{"backend": "cpp", "algorithm": "fast8"}})
+            tuning.write_cache_entry(path, f"key-{{me}}-{{i}}", {{"backend": "cpp", "algorithm": "fast8"}})
         """
     )
     procs = [subprocess.Popen([sys.executable, "-c", script, str(i)]) for i in range(writers)]

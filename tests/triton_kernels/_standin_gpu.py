@@ -50,5 +50,7 @@ def install(on_compile=None) -> list:
     triton.compiler.compile = triton_compiler.compile = counting_compile  # (the JIT binds it at first call)
     triton_compiler.CompiledKernel.launch_metadata = lambda self, *args: None
     triton_compiler.CompiledKernel.run = property(lambda self: lambda *args: None)
-    torch.cuda.get_device_properties = lambda device=None: SimpleNamespace(multi_processor_count=SMS)
+    torch.cuda.get_device_properties = lambda device=None: SimpleNamespace(
+        name="stand-in sm_90", multi_processor_count=SMS, major=9, minor=0
+    )
     return compiles

@@ -16,6 +16,7 @@ shape, untimed), so on a GPU too this is where every config runs.
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -280,6 +281,146 @@ def test_tuned_launcher_follows_the_autotuners_cache_and_configs(monkeypatch):
     assert len(through_tuner) == 4 and hooked == [100] and launches.calls[-1][1]["BLOCK"] == 32
 
 
+# ------------------------------------------------------------------------------------------------
+# The autotuner's choices kept on disk for later processes (autotune_cache)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def kept_choices(monkeypatch, tmp_path):
+    """A GPU-built launcher in ``on`` mode whose trials rate ``BLOCK`` 128 fastest without a GPU (the JIT's
+    launches and the precompiles recorded), its choices kept in a file of this test's, on a named GPU."""
+    from aqcf_kernels.backends.triton import autotune_cache
+
+    monkeypatch.setenv("AQCF_TRITON_AUTOTUNE", "on")
+    path = tmp_path / "autotune.json"
+    monkeypatch.setenv("AQCF_TRITON_AUTOTUNE_CACHE", str(path))
+    monkeypatch.setattr(autotune_cache, "current_gpu", lambda: "NVIDIA H200/132sm/9.0")
+    monkeypatch.setattr(autotune_cache, "_loaded", {})
+    precompiled = _record_precompiles(monkeypatch)
+    tuner, configs = _gpu_tuner(monkeypatch, prune=lambda configs, named_args, **meta: configs)
+    launches = _LaunchRecorder()
+    monkeypatch.setattr(tuner.fn, "run", launches)
+    trials = []
+
+    def do_bench(kernel_call, quantiles):  # the config being timed is the one its launch receives
+        kernel_call()
+        trials.append(launches.calls[-1][1]["BLOCK"])
+        return [1.0 if trials[-1] == 128 else 2.0] * len(quantiles)
+
+    monkeypatch.setattr(tuner, "do_bench", do_bench)
+
+    def new_process():
+        """What a later process has: the file, and an autotuner that has timed nothing."""
+        monkeypatch.setattr(tuner, "cache", {})
+        autotune_cache.forget()
+        precompiled.clear(), trials.clear(), launches.calls.clear()
+
+    return SimpleNamespace(
+        launcher=common.TunedLauncher(tuner), tuner=tuner, configs=configs, path=path, trials=trials,
+        precompiled=precompiled, launches=launches, new_process=new_process, cache=autotune_cache,
+    )  # fmt: skip
+
+
+def test_a_timed_choice_is_launched_by_a_later_process_without_timing(kept_choices):
+    k = kept_choices
+    x = torch.ones(5)
+    assert k.launcher.tuned_config((x, 100), {}) is None
+    k.launcher[(2,)](x, 100)
+    assert sorted(k.trials) == [32, 64, 128] and k.precompiled == [k.configs]
+    assert str(k.configs[2]) in k.path.read_text()
+    k.new_process()
+    assert k.launcher.tuned_config((x, 100), {}) is k.configs[2]  # (known before the launch: buffers sized by it)
+    k.launcher[(2,)](x, 100)
+    assert k.trials == [] and k.precompiled == []
+    assert [kw["BLOCK"] for _, kw in k.launches.calls] == [128] and k.launches.calls[0][1]["grid"] == (2,)
+    k.launcher[(2,)](x, 101)  # another shape is timed, and kept beside the first
+    assert sorted(k.trials) == [32, 64, 128]
+    assert len(json.loads(k.path.read_text())["choices"]) == 2
+
+
+def test_a_kept_choice_serves_only_its_gpu_kernel_and_config_set(kept_choices, monkeypatch):
+    k = kept_choices
+    x = torch.ones(5)
+    k.launcher[(1,)](x, 100)
+    for change in (
+        lambda: monkeypatch.setattr(k.cache, "current_gpu", lambda: "NVIDIA H100 80GB HBM3/132sm/9.0"),
+        lambda: monkeypatch.setattr(k.tuner, "configs", k.configs[:2]),  # another config set
+        lambda: monkeypatch.setattr(k.cache, "source_hash", lambda fn: "0" * 16),  # the kernel edited
+    ):
+        k.new_process()
+        change()
+        k.launcher[(1,)](x, 100)
+        assert k.trials, "timed again"
+
+
+def test_a_kept_config_the_set_lacks_is_timed_again(kept_choices):
+    k = kept_choices
+    k.launcher[(1,)](torch.ones(5), 100)
+    k.path.write_text(k.path.read_text().replace("BLOCK: 128", "BLOCK: 256"))  # (an edited file)
+    k.new_process()
+    k.launcher[(1,)](torch.ones(5), 100)
+    assert sorted(k.trials) == [32, 64, 128] and k.launches.calls[-1][1]["BLOCK"] == 128
+
+
+def test_first_mode_neither_keeps_nor_reads_and_off_keeps_nothing(kept_choices, monkeypatch):
+    k = kept_choices
+    x = torch.ones(5)
+    monkeypatch.setenv("AQCF_TRITON_AUTOTUNE", "first")  # an untimed pick is not a choice to keep
+    k.launcher[(1,)](x, 100)
+    assert not k.path.exists()
+    k.new_process()
+    monkeypatch.setenv("AQCF_TRITON_AUTOTUNE", "on")
+    monkeypatch.setenv("AQCF_TRITON_AUTOTUNE_CACHE", "off")
+    k.launcher[(1,)](x, 100)
+    assert sorted(k.trials) == [32, 64, 128] and not k.path.exists()
+    k.new_process()
+    monkeypatch.setenv("AQCF_TRITON_AUTOTUNE_CACHE", str(k.path))
+    k.launcher[(1,)](x, 100)  # timed and kept: 128
+    k.new_process()
+    monkeypatch.setenv("AQCF_TRITON_AUTOTUNE", "first")  # the first config that fits, as always
+    k.launcher[(1,)](x, 100)
+    assert [kw["BLOCK"] for _, kw in k.launches.calls] == [32]
+
+
+def test_a_corrupt_file_is_ignored_with_a_warning_and_rewritten(kept_choices):
+    k = kept_choices
+    k.path.write_text("{not json")
+    with pytest.warns(RuntimeWarning, match="ignoring the corrupt cache file"):
+        k.launcher[(1,)](torch.ones(5), 100)
+    assert sorted(k.trials) == [32, 64, 128]
+    k.new_process()
+    k.launcher[(1,)](torch.ones(5), 100)
+    assert k.trials == []
+
+
+def test_one_file_for_both_caches_keeps_both_kinds_of_entries(kept_choices):
+    """``AQCF_TUNING_CACHE`` and ``AQCF_TRITON_AUTOTUNE_CACHE`` pointed at one file: each cache's writes keep
+    the other's entries, and each reads its own kind."""
+    from aqcf_kernels import tuning
+
+    k = kept_choices
+    k.launcher[(1,)](torch.ones(5), 100)
+    tuning.write_cache_entry(k.path, "conv:signature", {"backend": "cpp", "algorithm": "fast8"})
+    assert list(tuning.read_cache_file(k.path)) == ["conv:signature"]
+    k.new_process()
+    k.launcher[(1,)](torch.ones(5), 100)
+    assert k.trials == []
+
+
+def test_the_file_lives_in_tritons_cache_directory_by_default(monkeypatch, tmp_path):
+    from aqcf_kernels import tuning
+    from aqcf_kernels.backends.triton import autotune_cache
+
+    monkeypatch.delenv("AQCF_TRITON_AUTOTUNE_CACHE", raising=False)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    path = autotune_cache.cache_path()
+    assert path == tmp_path / "aqcf_kernels" / f"autotune-{tuning._fingerprint_hash()}.json"
+    for off in ("off", "0", "none", ""):
+        monkeypatch.setenv("AQCF_TRITON_AUTOTUNE_CACHE", off)
+        assert autotune_cache.cache_path() is None
+
+
 def test_every_triton_launcher_launches_through_a_tuned_launcher():
     """The launchers' autotuned kernels are :class:`common.TunedLauncher` s of the autotuners in
     ``common.AUTOTUNED`` (a launcher holding the bare autotuner would pay its per-call key again)."""
@@ -377,6 +518,7 @@ def test_autotune_first_on_a_gpu_launch(monkeypatch):
     to = dict(dtype=torch.bfloat16, device=DEVICE)
     for mode, trials in (("first", lambda n: n == 1), ("on", lambda n: n > 1)):
         monkeypatch.setenv("AQCF_TRITON_AUTOTUNE", mode)
+        monkeypatch.setenv("AQCF_TRITON_AUTOTUNE_CACHE", "off")  # (an earlier test's kept choice is no trial)
         monkeypatch.setattr(tuner, "cache", {})
         with warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)

@@ -75,7 +75,9 @@ TRITON36, WHY_NOT = _triton36()
 def triton36_env(**extra: str) -> dict[str, str]:
     """This process's environment for a subprocess that runs triton 3.6 compiled, not interpreted, and
     autotunes as a user's process would; ``extra`` added."""
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "AQCF_TRITON_AUTOTUNE")}
+    # (the autotuner's kept choices in the subprocess's own TRITON_CACHE_DIR, as a user's: the default)
+    skip = ("TRITON_INTERPRET", "AQCF_TRITON_AUTOTUNE", "AQCF_TRITON_AUTOTUNE_CACHE")
+    env = {k: v for k, v in os.environ.items() if k not in skip}
     env["PYTHONPATH"] = os.pathsep.join([str(TRITON36), str(ROOT), env.get("PYTHONPATH", "")])
     return {**env, **extra}
 
@@ -216,13 +218,30 @@ def test_autotuning_compiles_the_kept_configs_in_parallel_once(tmp_path):
     assert on["kept"] > 1 and on["trials"] == on["kept"]
     assert on["compiles_precompiling"] == on["kept"] and on["compile_threads"] == 2
     assert on["compiles_after"] == 0 and on["main_thread_compiles"] == 0
-    assert first == dict(kept=1, trials=1, compiles_precompiling=0, compile_threads=0, compiles_after=1,
-                         main_thread_compiles=1)  # fmt: skip
+    assert on["precompiles"] == 1 and on["chosen"]
+    assert first.pop("seconds") > 0
+    assert first == dict(kept=1, precompiles=0, trials=1, compiles_precompiling=0, compile_threads=0,
+                         compiles_after=1, main_thread_compiles=1, chosen=None)  # fmt: skip
     # the GPU suite's report of the picks (benchmarks.gpu_stages.autotune_picks) reads triton 3.6's autotuner:
     # one row per tuned shape (64 and 40 channels), its key's values and a kept config's tiles
     picks = out["picks"]
     assert [p["key"].split(", ")[1:3] for p in picks] == [["K_TAP=256", "N_G=256"], ["K_TAP=160", "N_G=160"]], picks
     assert all(p["tiles"].count("x") == 2 and p["num_warps"] in (4, 8) for p in picks), picks
+
+
+def test_a_later_process_launches_the_kept_choice_without_tuning(tmp_path):
+    """The autotuner's choice outlives its process (``autotune_cache``): a second process on the same triton
+    cache directory (a user's next run) launches the config the first one timed for that shape, with no
+    precompile and no trial; the one compile it asks for is the chosen kernel (from triton's own cache)."""
+    first = _run_with_triton36("_autotune_with_triton36.py", tmp_path, AQCF_TRITON_COMPILE_THREADS="2")["on"]
+    kept = list((tmp_path / "aqcf_kernels").glob("autotune-*.json"))
+    assert len(kept) == 1 and first["chosen"] in kept[0].read_text()
+    again = _run_with_triton36("_autotune_with_triton36.py", tmp_path, AUTOTUNE_AGAIN="1")["on"]
+    print(f"first process: {first}\nlater process: {again}")
+    assert first["trials"] > 1 and first["precompiles"] == 1
+    assert again["chosen"] == first["chosen"]
+    assert again["trials"] == again["precompiles"] == again["compiles_precompiling"] == 0
+    assert again["compiles_after"] == 1
 
 
 def check_issue_shares(variants: list[dict], cases: set[str], fast8: bool = False) -> None:

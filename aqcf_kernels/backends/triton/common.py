@@ -16,6 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import Tensor
 
+from . import autotune_cache
+
 #: Run the kernels in triton's interpreter, on CPU tensors. Read once: the interpreter must be chosen
 #: before triton compiles anything, so set ``TRITON_INTERPRET=1`` before importing ``aqcf_kernels``.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -45,9 +47,10 @@ def dot_config(dtype: torch.dtype) -> tuple[object, str]:
     return (tl.float16 if dtype == torch.float16 else tl.bfloat16), "ieee"
 
 
-#: ``AQCF_TRITON_AUTOTUNE``: ``on`` (the default) times every config that fits a call (once per shape and
-#: process) and keeps the fastest; ``first`` takes the first that fits, untimed: one compile and no timing
-#: trials per shape (tests, short jobs), for a kernel that may be slower.
+#: ``AQCF_TRITON_AUTOTUNE``: ``on`` (the default) times every config that fits a call once per shape and GPU
+#: and keeps the fastest, for this process and on disk for later ones (:mod:`.autotune_cache`, where
+#: ``AQCF_TRITON_AUTOTUNE_CACHE=off`` keeps it in memory only); ``first`` takes the first that fits, untimed: one
+#: compile and no timing trials per shape (tests, short jobs), for a kernel that may be slower, and nothing kept.
 AUTOTUNE_MODES = ("on", "first")
 
 
@@ -122,8 +125,9 @@ def autotuned(kernel, *, gpu_configs: list, interpreter_config: dict, key: list,
 
 
 class TunedLauncher:
-    """An autotuned kernel's launches: a call whose key the autotuner has already tuned launches the JIT
-    kernel with the config it chose; any other call (a new key, a one-config set) goes through the autotuner.
+    """An autotuned kernel's launches: a call whose key the autotuner has already tuned (in this process, or
+    in an earlier one: :mod:`.autotune_cache`) launches the JIT kernel with the config it chose; any other call
+    (a new key, a one-config set) goes through the autotuner, and a choice it timed is kept on disk.
 
     Why: triton 3.6's ``Autotuner.run`` rebuilds its key on every launch by filtering all of the call's
     arguments against its list of argument names (quadratic in their number: the implicit GEMM has 58),
@@ -161,7 +165,17 @@ class TunedLauncher:
         learns what ran after."""
         if len(self.tuner.configs) == 1:
             return self.tuner.configs[0]
-        return self.tuner.cache.get(self.key(args, kwargs))
+        return self._chosen(self.key(args, kwargs))
+
+    def _chosen(self, key: tuple):
+        """The autotuner's choice for ``key``: in its cache, else (``on`` mode) kept on disk by an earlier
+        process (:mod:`.autotune_cache`), which then goes into its cache; ``None`` if the key is untuned."""
+        config = self.tuner.cache.get(key)
+        if config is None and autotune_mode() == "on":
+            config = autotune_cache.load(self.tuner, key)
+            if config is not None:
+                self.tuner.cache[key] = config
+        return config
 
     def __getitem__(self, grid) -> Callable[..., object]:
         return lambda *args, **kwargs: self.run(grid, *args, **kwargs)
@@ -170,11 +184,16 @@ class TunedLauncher:
         """Launch on ``grid`` (a tuple, or a function of the launch's arguments and config) with ``args`` and
         the constexprs ``kwargs``: what ``tuner[grid](*args, **kwargs)`` launches."""
         tuner = self.tuner
-        if len(tuner.configs) > 1:
-            config = tuner.cache.get(self.key(args, kwargs))
-            if config is not None and config.pre_hook is None:
-                return tuner.fn.run(*args, grid=grid, warmup=False, **kwargs, **config.all_kwargs())
-        return tuner.run(*args, grid=grid, warmup=False, **kwargs)
+        if len(tuner.configs) == 1:
+            return tuner.run(*args, grid=grid, warmup=False, **kwargs)
+        key = self.key(args, kwargs)
+        config = self._chosen(key)
+        if config is not None and config.pre_hook is None:
+            return tuner.fn.run(*args, grid=grid, warmup=False, **kwargs, **config.all_kwargs())
+        result = tuner.run(*args, grid=grid, warmup=False, **kwargs)
+        if config is None and autotune_mode() == "on" and key in tuner.cache:  # timed now: kept for later processes
+            autotune_cache.store(tuner, key, tuner.cache[key])
+        return result
 
 
 def cdiv(a: int, b: int) -> int:
