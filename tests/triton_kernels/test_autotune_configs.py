@@ -197,6 +197,28 @@ def test_autotune_first_keeps_the_first_config_that_fits_and_times_nothing(monke
     assert tuner.do_bench(launch, quantiles=(0.5, 0.2, 0.8)) == [0.0, 0.0, 0.0]
 
 
+def test_autotune_on_times_nothing_when_one_config_fits(monkeypatch):
+    """A prune that keeps one config leaves nothing to compare: it is not timed (triton would, ~0.125 s a
+    shape) nor precompiled; two kept are timed again."""
+    import triton
+
+    monkeypatch.delenv("AQCF_TRITON_AUTOTUNE", raising=False)
+    precompiled = _record_precompiles(monkeypatch)
+    tuner, configs = _gpu_tuner(monkeypatch, prune=lambda configs, named_args, **meta: configs[named_args["n"] :])
+    timed = []
+    benchmarker = SimpleNamespace(get_benchmarker=lambda: lambda call, quantiles: timed.append(1))
+    monkeypatch.setattr(triton.runtime.driver, "_active", benchmarker)  # (what triton's active driver times with)
+
+    def launch():
+        raise AssertionError("a lone config is not launched to be timed")
+
+    assert tuner.early_config_prune(configs, {"n": 2}) == configs[2:] and precompiled == []
+    assert tuner.do_bench(launch, quantiles=(0.5, 0.2, 0.8)) == [0.0, 0.0, 0.0] and timed == []
+    assert tuner.early_config_prune(configs, {"n": 1}) == configs[1:] and precompiled == [configs[1:]]
+    tuner.do_bench(launch, quantiles=(0.5,))
+    assert timed == [1]
+
+
 class _LaunchRecorder:
     """Stands for the JIT kernel's launch: records each ``run`` (its arguments and keywords)."""
 
