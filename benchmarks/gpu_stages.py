@@ -488,9 +488,11 @@ def profile_stage(out: Path, device: str, small: bool) -> None:
 
 def autotune_picks() -> list[dict]:
     """What the Triton autotuner chose in this process: for each autotuned kernel (``common.AUTOTUNED`` of the
-    Triton backend) and each shape it tuned, the key's values and the config it kept (tiles, warps, stages),
+    Triton backend) and each shape it tuned, the key's values and the config it kept (tiles, warps, stages,
+    and whether this process timed it or took an earlier process's timing from ``autotune_cache``),
     so that a GPU run shows which tiles won, next to the static issue shares of ``tools/triton_resources.py``.
     Empty without triton (nothing registered), and under the interpreter (one config, nothing tuned)."""
+    from aqcf_kernels.backends.triton import autotune_cache
     from aqcf_kernels.backends.triton import common as triton_common
 
     rows = []
@@ -502,9 +504,10 @@ def autotune_picks() -> list[dict]:
                 tiles += f" x{config.kwargs['RUNS']} blocks"
             if config.kwargs.get("FAST8_PRODUCTS", 1) > 1:  # and its fast8 products a program
                 tiles += f" x{config.kwargs['FAST8_PRODUCTS']} products"
+            timed = "earlier process" if (id(tuner), key) in autotune_cache.from_disk else "this process"
             rows.append({
                 "kernel": kernel, "key": shape, "tiles": tiles, "num_warps": config.num_warps,
-                "num_stages": config.num_stages,
+                "num_stages": config.num_stages, "timed": timed,
             })  # fmt: skip
     return rows
 
@@ -513,10 +516,12 @@ def _write_autotune_picks(out: Path, device: str) -> None:
     rows = autotune_picks()
     if not rows:  # (a table that says why it is empty rather than none)
         rows = [{"kernel": "-", "key": "no autotuned launch in this process", "tiles": "-", "num_warps": 0,
-                 "num_stages": 0}]  # fmt: skip
+                 "num_stages": 0, "timed": "-"}]  # fmt: skip
     _write(
-        out, "autotune", _environment(device), rows, ["kernel", "key", "tiles (M x N x K)", "warps", "stages"],
-        lambda r: [r["kernel"], r["key"], r["tiles"], str(r["num_warps"]), str(r["num_stages"])], align_left=3,
+        out, "autotune", _environment(device), rows,
+        ["kernel", "key", "tiles (M x N x K)", "warps", "stages", "timed in"],
+        lambda r: [r["kernel"], r["key"], r["tiles"], str(r["num_warps"]), str(r["num_stages"]), r["timed"]],
+        align_left=3,
     )  # fmt: skip
 
 

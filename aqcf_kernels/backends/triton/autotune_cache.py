@@ -38,6 +38,8 @@ OFF = ("", "off", "0", "none")
 
 #: path -> the file's entries as read (one read per path and process; our own writes are added to it).
 _loaded: dict[Path, dict[str, dict[str, Any]]] = {}
+#: ``(id(tuner), key)`` of each choice this process took from the file rather than timed (reports say which)
+from_disk: set[tuple[int, tuple]] = set()
 
 
 def _is_config_entry(entry: Any) -> bool:
@@ -105,7 +107,10 @@ def load(tuner, key: tuple):
     entry = _entries(path).get(entry_key(tuner, key))
     if entry is None:
         return None
-    return next((c for c in tuner.configs if str(c) == entry["config"]), None)
+    config = next((c for c in tuner.configs if str(c) == entry["config"]), None)
+    if config is not None:
+        from_disk.add((id(tuner), key))
+    return config
 
 
 def store(tuner, key: tuple, config) -> None:
@@ -121,3 +126,4 @@ def store(tuner, key: tuple, config) -> None:
 def forget() -> None:
     """Drop what this process read from the files (the next lookup reads them again)."""
     _loaded.clear()
+    from_disk.clear()
