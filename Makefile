@@ -58,8 +58,8 @@ format: install
 ext: install
 	$(PY) setup.py build_ext --inplace
 
-# Compile-and-link check of the CUDA sources against a CUDA build of torch (no GPU needed to
-# build; nothing built here runs): a separate .venv-cuda with torch 2.14.1.
+# Compile-and-link check of the extension against a CUDA build of torch (no GPU needed to build;
+# nothing built here runs): a separate .venv-cuda with the lent GPU machines' torch, 2.11.0+cu130.
 check-cuda:
 	tools/check_cuda.sh
 

@@ -310,11 +310,34 @@ class _LoweredConvMixin:
 
     def _conv_forward(self, input: Tensor, output_padding: Sequence[int]) -> Tensor:
         from ..backends.torch.conv import add_bias, real_conv
-        from ..quaternion import from_group_major, to_group_major
 
         input, p = _lowered_geometry(self, input, output_padding)
-        y = from_group_major(real_conv(to_group_major(input, p.groups), self.expanded_weight, p), p.groups)
+        y = _reordered(
+            real_conv(_reordered(input, self, "group_major_in"), self.expanded_weight, p), self, "blocked_out"
+        )
         return add_bias(y, self.bias)
+
+
+def _channel_order(channels: int, outer: int, inner: int) -> Tensor:
+    """The channel indices that take ``outer`` blocks, each split in ``inner`` parts, to ``inner`` blocks each
+    split in ``outer`` parts: ``x.index_select(1, order)`` is ``to_group_major`` with ``(outer, inner) = (4, G)``
+    (``(G, 4)`` undoes it; 3 for the pure blocks of a rotation conv)."""
+    return torch.arange(channels).view(outer, inner, -1).transpose(0, 1).reshape(-1)
+
+
+def _register_channel_orders(m: nn.Module, blocks: int, channels_in: int, channels_out: int) -> None:
+    """A grouped lowered conv's channel reorders, as index buffers (not saved in its state dict).
+
+    Why indices rather than the eager layers' reshape → transpose → reshape: torch 2.11's ``torch.export``
+    (the lent GPU machines' torch) fails that reshape on a 1-d input whose length is dynamic (a guard
+    ``min(L, 2·L) == L`` it cannot prove); ``index_select`` (ONNX ``Gather``) is the same single copy."""
+    if m.groups > 1:
+        m.register_buffer("group_major_in", _channel_order(channels_in, blocks, m.groups), persistent=False)
+        m.register_buffer("blocked_out", _channel_order(channels_out, m.groups, blocks), persistent=False)
+
+
+def _reordered(x: Tensor, m: nn.Module, order: str) -> Tensor:
+    return x if m.groups == 1 else x.index_select(1, getattr(m, order))
 
 
 class _LoweredRotationConvMixin:
@@ -334,12 +357,13 @@ class _LoweredRotationConvMixin:
 
     def _conv_forward(self, input: Tensor, output_padding: Sequence[int]) -> Tensor:
         from ..backends.torch.conv import add_bias, real_conv
-        from ..nn.rotation import _pure_from_group_major, _pure_group_major
 
         input, p = _lowered_geometry(self, input, output_padding)
         if self.quaternion_format:
             input = input[:, self.in_channels // 4 :]
-        y = _pure_from_group_major(real_conv(_pure_group_major(input, p.groups), self.rotation_weight, p), p.groups)
+        y = _reordered(
+            real_conv(_reordered(input, self, "group_major_in"), self.rotation_weight, p), self, "blocked_out"
+        )
         if self.quaternion_format:  # the zero real block in front of [i|j|k] (F.pad lists the last dim first)
             y = F.pad(y, [0, 0] * self._spatial_dims + [self.out_channels // 4, 0])
         return add_bias(y, self.bias)
@@ -523,6 +547,10 @@ def lowered_for_onnx(module: nn.Module) -> nn.Module:
             if m.rotation:
                 m.scale_param = None
             m.register_buffer(buffer, folded.contiguous())
+            pure = m.rotation and m.quaternion_format  # (its real blocks are dropped before the conv)
+            blocks = 3 if m.rotation else 4
+            c_in, c_out = (m.in_channels // 4 * 3, m.out_channels // 4 * 3) if pure else (m.in_channels, m.out_channels)
+            _register_channel_orders(m, blocks, c_in, c_out)
             m.__class__ = _lowered_class(type(m), mixin)
         elif isinstance(m, _QuaternionNorm):
             _lower_norm(m)
