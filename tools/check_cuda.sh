@@ -10,7 +10,8 @@
 # Then it runs the attention tests that need no GPU against this torch: the torch backend's calls of
 # PyTorch's CUDA attention kernels (flash, memory-efficient) on meta tensors, through this torch's own
 # meta functions of those aten ops, so a changed schema fails here rather than on a lent GPU; and the
-# ONNX lowering's grouped convs through this torch's torch.export.
+# ONNX lowering's grouped convs through this torch's torch.export; and every Triton launcher compiled by this
+# torch's triton.
 #
 # torch with CUDA lives in a separate venv (default .venv-cuda, created on first use) because the
 # project's .venv has the CPU torch. Its default is the lent GPU machines' own torch (2.11.0+cu130, with
@@ -107,4 +108,25 @@ AQCF_NO_EXTENSION=1 PYTHONPATH="$root" "$py" -m pytest -q -p no:cacheprovider te
 AQCF_NO_EXTENSION=1 AQCF_TUNING_CACHE=off PYTHONPATH="$root" "$py" -m pytest -q -p no:cacheprovider --noconftest \
   tests/pipeline/test_export_grouped.py \
   || die "the lowered grouped convs do not export with dynamic sizes on this torch (tests/pipeline/test_export_grouped.py)"
+# Every Triton launcher's GPU launch path through this torch and the triton it brings (3.6 with 2.11: the GPU
+# machines' pair), on the static tests' stand-in sm_90: bound, specialised and compiled as a launch is there,
+# nothing run (tests/triton_kernels/_launch_with_triton36.py; CI's own runs use torch 2.13 with triton 3.6 beside).
+if "$py" -c "import triton" 2>/dev/null; then
+  env -u TRITON_INTERPRET TRITON_CACHE_DIR="$build/triton-cache" AQCF_NO_EXTENSION=1 \
+    PYTHONPATH="$root:$root/tests/triton_kernels" "$py" tests/triton_kernels/_launch_with_triton36.py >"$build/launch.json" \
+    || die "a Triton launcher fails to bind or compile on this torch and triton (see above)"
+  "$py" - "$build/launch.json" <<'PYEOF' || die "a Triton launcher fails on this torch and triton (above)"
+import json
+import sys
+
+import torch
+import triton
+
+out = json.loads(open(sys.argv[1]).read().splitlines()[-1])
+failed = {name: error for name, error in out["results"].items() if error != "ok"}
+assert out["results"] and not failed, "\n\n".join(f"{name}:\n{error}" for name, error in failed.items())
+print(f"check-cuda: {len(out['results'])} Triton launches bound and compiled for sm_90 ({out['compiles']} compiles) "
+      f"with torch {torch.__version__} and triton {triton.__version__}")
+PYEOF
+fi
 echo "check-cuda: OK in $((SECONDS - start)) s"
