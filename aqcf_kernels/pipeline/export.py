@@ -318,22 +318,24 @@ class _LoweredConvMixin:
         return add_bias(y, self.bias)
 
 
-def _channel_order(channels: int, outer: int, inner: int) -> Tensor:
+def _channel_order(channels: int, outer: int, inner: int, device: torch.device) -> Tensor:
     """The channel indices that take ``outer`` blocks, each split in ``inner`` parts, to ``inner`` blocks each
     split in ``outer`` parts: ``x.index_select(1, order)`` is ``to_group_major`` with ``(outer, inner) = (4, G)``
     (``(G, 4)`` undoes it; 3 for the pure blocks of a rotation conv)."""
-    return torch.arange(channels).view(outer, inner, -1).transpose(0, 1).reshape(-1)
+    return torch.arange(channels, device=device).view(outer, inner, -1).transpose(0, 1).reshape(-1)
 
 
-def _register_channel_orders(m: nn.Module, blocks: int, channels_in: int, channels_out: int) -> None:
+def _register_channel_orders(
+    m: nn.Module, blocks: int, channels_in: int, channels_out: int, device: torch.device
+) -> None:
     """A grouped lowered conv's channel reorders, as index buffers (not saved in its state dict).
 
     Why indices rather than the eager layers' reshape → transpose → reshape: torch 2.11's ``torch.export``
     (the lent GPU machines' torch) fails that reshape on a 1-d input whose length is dynamic (a guard
     ``min(L, 2·L) == L`` it cannot prove); ``index_select`` (ONNX ``Gather``) is the same single copy."""
-    if m.groups > 1:
-        m.register_buffer("group_major_in", _channel_order(channels_in, blocks, m.groups), persistent=False)
-        m.register_buffer("blocked_out", _channel_order(channels_out, m.groups, blocks), persistent=False)
+    if m.groups > 1:  # (on the device of the layer's folded weight)
+        m.register_buffer("group_major_in", _channel_order(channels_in, blocks, m.groups, device), persistent=False)
+        m.register_buffer("blocked_out", _channel_order(channels_out, m.groups, blocks, device), persistent=False)
 
 
 def _reordered(x: Tensor, m: nn.Module, order: str) -> Tensor:
@@ -550,7 +552,7 @@ def lowered_for_onnx(module: nn.Module) -> nn.Module:
             pure = m.rotation and m.quaternion_format  # (its real blocks are dropped before the conv)
             blocks = 3 if m.rotation else 4
             c_in, c_out = (m.in_channels // 4 * 3, m.out_channels // 4 * 3) if pure else (m.in_channels, m.out_channels)
-            _register_channel_orders(m, blocks, c_in, c_out)
+            _register_channel_orders(m, blocks, c_in, c_out, folded.device)
             m.__class__ = _lowered_class(type(m), mixin)
         elif isinstance(m, _QuaternionNorm):
             _lower_norm(m)

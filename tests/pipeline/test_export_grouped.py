@@ -52,3 +52,14 @@ def test_grouped_lowered_convs_match_eager_and_export_with_a_dynamic_length(make
     y = _random_input(3, conv.in_channels, *([7] * (x.dim() - 2)), seed=6)
     with torch.no_grad():
         torch.testing.assert_close(program.module()(y), conv(y), rtol=RTOL, atol=ATOL)
+
+
+def test_the_channel_orders_live_on_the_layers_device() -> None:
+    """A layer lowered where it lives (e.g. on a GPU) gathers with indices on that device: here ``meta``."""
+    for conv in (
+        qnn.QuaternionConv1d(16, 16, 3, padding=1, groups=2),
+        qnn.QuaternionConv1d(16, 24, 3, padding=1, groups=2, rotation=True),
+    ):
+        lowered = ex.lowered_for_onnx(conv.to("meta"))
+        devices = {name: b.device.type for name, b in lowered.named_buffers()}
+        assert devices and set(devices.values()) == {"meta"} and "group_major_in" in devices, devices
