@@ -328,12 +328,24 @@ def _fingerprint_hash() -> str:
     return hashlib.sha256(json.dumps(fingerprint(), sort_keys=True).encode()).hexdigest()[:12]
 
 
+#: The values of a cache-file variable (``AQCF_TUNING_CACHE``, ``AQCF_TRITON_AUTOTUNE_CACHE``) that mean no file.
+CACHE_OFF = ("", "off", "0", "none")
+
+
+def configured_cache_path(variable: str) -> Path | None | bool:
+    """The file named by environment ``variable``; ``None`` if it says none (:data:`CACHE_OFF`); ``False`` if unset."""
+    configured = os.environ.get(variable)
+    if configured is None:
+        return False
+    configured = configured.strip()
+    return None if configured.lower() in CACHE_OFF else Path(configured).expanduser()
+
+
 def cache_path() -> Path | None:
     """The cache file (``None``: no disk cache)."""
-    configured = os.environ.get("AQCF_TUNING_CACHE")
-    if configured is not None:
-        configured = configured.strip()
-        return None if configured.lower() in ("", "off", "0", "none") else Path(configured).expanduser()
+    configured = configured_cache_path("AQCF_TUNING_CACHE")
+    if configured is not False:
+        return configured
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "aqcf_kernels" / f"tuning-{_fingerprint_hash()}.json"
 

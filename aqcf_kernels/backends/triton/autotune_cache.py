@@ -27,14 +27,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
-import os
 from pathlib import Path
 from typing import Any
 
 from ... import tuning
-
-#: ``AQCF_TRITON_AUTOTUNE_CACHE`` values that turn the file off.
-OFF = ("", "off", "0", "none")
 
 #: path -> the file's entries as read (one read per path and process; our own writes are added to it).
 _loaded: dict[Path, dict[str, dict[str, Any]]] = {}
@@ -48,9 +44,9 @@ def _is_config_entry(entry: Any) -> bool:
 
 def cache_path() -> Path | None:
     """The file of kept configs (``None``: none)."""
-    configured = os.environ.get("AQCF_TRITON_AUTOTUNE_CACHE")
-    if configured is not None:
-        return None if configured.strip().lower() in OFF else Path(configured.strip()).expanduser()
+    configured = tuning.configured_cache_path("AQCF_TRITON_AUTOTUNE_CACHE")
+    if configured is not False:
+        return configured
     import triton
 
     return Path(triton.knobs.cache.dir) / "aqcf_kernels" / f"autotune-{tuning._fingerprint_hash()}.json"

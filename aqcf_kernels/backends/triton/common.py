@@ -215,19 +215,19 @@ def _gpu_autotuned(kernel, gpu_configs: list, key: list, prune, **kwargs):
 
     # whether the prune of the call being tuned (in this thread) kept one config: triton times it all the same
     # (a do_bench of ~0.125 s: 16q fast8's kernels at the GPU targets' shapes keep one each)
-    tuning = threading.local()
+    pruned = threading.local()
 
     def early_config_prune(configs: list, named_args: dict, **meta) -> list:
         kept = prune(configs, named_args, **meta) if prune is not None else configs
         if autotune_mode() == "first":
             kept = kept[:1]
-        tuning.lone = len(kept) == 1
-        if not tuning.lone:
+        pruned.lone = len(kept) == 1
+        if not pruned.lone:
             precompile(kernel, kept, named_args, meta)
         return kept
 
     def do_bench(kernel_call, quantiles):
-        if getattr(tuning, "lone", False):  # one config left: nothing to compare, nothing to launch
+        if getattr(pruned, "lone", False):  # one config left: nothing to compare, nothing to launch
             return [0.0] * len(quantiles)
         return triton.runtime.driver.active.get_benchmarker()(kernel_call, quantiles=quantiles)
 
