@@ -7,6 +7,13 @@ backward op belongs to the family of the forward op that recorded its autograd n
 profiler gives both the same sequence number. What no family claims, and the step's time outside
 any op (Python, the optimizer's bookkeeping), is ``rest``.
 
+On CPU a family's time is its ops' own CPU time. On a GPU (``device="cuda"``) it is the device time
+of the kernels its ops launched (the step synchronised before and after), since there the host runs
+ahead of the device and an op's CPU time is its launch; ``rest`` is then the rest of the step's wall
+time: kernels launched outside any op and the time the device waited on the host (a host-bound step's
+share). Backward ops are taken from every thread that runs autograd's engine (on a GPU the engine's
+device thread, not the caller's).
+
 Profiling slows small ops more than big ones, so the breakdown is reported as shares of the
 profiled step; :func:`component_times` scales them to an unprofiled median.
 """
@@ -17,7 +24,9 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator, Mapping
 
+import torch
 from torch import nn
+from torch.autograd import DeviceType
 from torch.autograd.profiler import record_function
 from torch.profiler import ProfilerActivity, profile
 
@@ -68,15 +77,27 @@ def _family_scopes(model: nn.Module, families: Mapping[str, tuple[Member, ...]])
             h.remove()
 
 
-def _attributed(model: nn.Module, step: Callable[[], None], families: Mapping[str, tuple[Member, ...]]):
+def _attributed(model: nn.Module, step: Callable[[], None], families: Mapping[str, tuple[Member, ...]], device: str):
     """Run ``step()`` once under the profiler; return its wall time in µs and, for each op event of the
-    step's thread that a family claims, ``(event, family)``."""
-    with _family_scopes(model, families), profile(activities=[ProfilerActivity.CPU]) as prof:
+    step's threads that a family claims, ``(event, family)``."""
+    cuda = device == "cuda"
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    with _family_scopes(model, families), profile(activities=activities) as prof:
+        if cuda:
+            torch.cuda.synchronize()
         start = time.perf_counter()
         step()
+        if cuda:
+            torch.cuda.synchronize()
         wall_us = (time.perf_counter() - start) * 1e6
-    events = prof.events()
-    family_of_event: dict[int, str] = {}
+    return wall_us, claimed_events(prof.events())
+
+
+def claimed_events(events) -> list:
+    """``(event, family)`` for each host op event of the step that a family claims: events of the thread that
+    ran the family scopes and of autograd's engine threads (intra-op worker threads run inside a claimed op's
+    span; device kernels are counted through the op that launched them)."""
+    family_of_event: dict[int, str | None] = {}
     family_of_node: dict[int, str | None] = {}  # forward op's sequence number -> family
 
     def family(e) -> str | None:
@@ -91,6 +112,7 @@ def _attributed(model: nn.Module, step: Callable[[], None], families: Mapping[st
             family_of_event[key] = found
         return family_of_event[key]
 
+    events = [e for e in events if e.device_type == DeviceType.CPU]
     # Forward first (events come in start order, a node's forward op before its backward), then all.
     # Every op that starts while autograd's counter is at n records n, whether or not it makes a node
     # (a norm's in-place update of its running statistics does not); the op that makes node n is the
@@ -99,23 +121,31 @@ def _attributed(model: nn.Module, step: Callable[[], None], families: Mapping[st
     for e in events:
         if not e.name.startswith(_BACKWARD) and e.sequence_nr >= 0:
             family_of_node[e.sequence_nr] = family(e)
-    thread = next((e.thread for e in events if e.name.startswith(_SCOPE)), None)
-    # (intra-op worker threads run inside a main-thread op's span)
-    claimed = [(e, f) for e in events if e.thread == thread and (f := family(e)) is not None]
-    return wall_us, claimed
+    threads = {e.thread for e in events if e.name.startswith((_SCOPE, _BACKWARD))}
+    return [(e, f) for e in events if e.thread in threads and (f := family(e)) is not None]
+
+
+def spent_seconds(
+    wall_us: float, claimed: list, families: Mapping[str, tuple[Member, ...]], device: str
+) -> dict[str, float]:
+    """Seconds of each family (its ops' own CPU time; on ``cuda`` the device time of the kernels they
+    launched) and of ``rest``, the step's wall time that no family's ops account for."""
+    spent: dict[str, float] = dict.fromkeys(families, 0.0)
+    for e, f in claimed:
+        if device == "cuda":  # a scope launches nothing itself (its device annotation spans its ops' kernels)
+            spent[f] += 0.0 if e.name.startswith(_SCOPE) else e.self_device_time_total
+        else:
+            spent[f] += e.self_cpu_time_total
+    spent[REST] = max(wall_us - sum(spent.values()), 0.0)
+    return {f: t / 1e6 for f, t in spent.items()}
 
 
 def profiled_seconds(
-    model: nn.Module, step: Callable[[], None], families: Mapping[str, tuple[Member, ...]]
+    model: nn.Module, step: Callable[[], None], families: Mapping[str, tuple[Member, ...]], device: str = "cpu"
 ) -> dict[str, float]:
     """Seconds of one profiled ``step()`` spent in each family's modules (forward and backward) and in
-    ``rest``; they sum to the profiled step's wall time."""
-    wall_us, claimed = _attributed(model, step, families)
-    spent: dict[str, float] = dict.fromkeys(families, 0.0)
-    for e, f in claimed:
-        spent[f] += e.self_cpu_time_total
-    spent[REST] = max(wall_us - sum(spent.values()), 0.0)
-    return {f: t / 1e6 for f, t in spent.items()}
+    ``rest`` (:func:`spent_seconds`); they sum to the profiled step's wall time."""
+    return spent_seconds(*_attributed(model, step, families, device), families, device)
 
 
 def profiled_ops(
@@ -124,23 +154,30 @@ def profiled_ops(
     """The names of the ops of one profiled ``step()`` that each family claims (what
     :func:`profiled_seconds` adds up), for checking the attribution without timing anything."""
     ops: dict[str, set[str]] = {f: set() for f in families}
-    for e, f in _attributed(model, step, families)[1]:
+    for e, f in _attributed(model, step, families, "cpu")[1]:
         ops[f].add(e.name)
     return ops
 
 
-def shares(model: nn.Module, step: Callable[[], None], families: Mapping[str, tuple[Member, ...]]) -> dict[str, float]:
+def shares(
+    model: nn.Module, step: Callable[[], None], families: Mapping[str, tuple[Member, ...]], device: str = "cpu"
+) -> dict[str, float]:
     """:func:`profiled_seconds` as fractions of the profiled step; they sum to 1."""
-    seconds = profiled_seconds(model, step, families)
+    seconds = profiled_seconds(model, step, families, device)
     total = sum(seconds.values())
     return {f: t / total for f, t in seconds.items()}
 
 
 def component_times(
-    model: nn.Module, step: Callable[[], None], families: Mapping[str, tuple[Member, ...]], median_s: float
+    model: nn.Module,
+    step: Callable[[], None],
+    families: Mapping[str, tuple[Member, ...]],
+    median_s: float,
+    device: str = "cpu",
 ) -> dict[str, float]:
-    """:func:`shares` of one profiled step, scaled to an unprofiled step of ``median_s`` seconds."""
-    return {f: share * median_s for f, share in shares(model, step, families).items()}
+    """:func:`shares` of one profiled step on ``device`` (its type), scaled to an unprofiled step of ``median_s``
+    seconds."""
+    return {f: share * median_s for f, share in shares(model, step, families, device).items()}
 
 
-__all__ = ["REST", "component_times", "profiled_ops", "profiled_seconds", "shares"]
+__all__ = ["REST", "claimed_events", "component_times", "profiled_ops", "profiled_seconds", "shares", "spent_seconds"]

@@ -14,6 +14,9 @@
 #              torch.relu on 2d 64q
 #   profile    one profiled fwd+bwd step of the conv target cases (2d 16q, 64q) per provider: wall time, device
 #              busy time, kernels per step, top kernels; Chrome traces (benchmarks/gpu_stages.py profile)
+#   model      the A-QCF-Net training step (aqcf-bench model --grid targets: 2D 128² B4, 3D 64³ B1) in bf16:
+#              baseline (today's libraries), expanded, ours, the real twin; issue 14's GPU target (ours >=
+#              1.3x baseline) checked; each build's device time per module family
 #   host       a small conv's time per call, back to back (host-bound): one aten conv, the expanded-weight
 #              baseline, ours with auto and each backend forced, fwd and fwd+bwd; a small A-QCF block against
 #              the SDPA-composed block (benchmarks/gpu_stages.py host)
@@ -30,7 +33,7 @@
 #   conv-tf32  the conv grid in float32 with TF32 (no target: last)
 # Writes OUTDIR/{setup.log,tests.txt,test-failures.txt,stages.md},
 # OUTDIR/{bf16,bf16-relu,bf16-grid,tf32}/conv.{md,json,png},
-# OUTDIR/profile/profile.{md,json} (and its traces), OUTDIR/host/{host,block}.{md,json}, OUTDIR/attention/attention.{md,json,png}, OUTDIR/norm/{norm,activation_pass,wgrad_bias}.{md,json} and
+# OUTDIR/profile/profile.{md,json} (and its traces), OUTDIR/model/model.{md,json,png}, OUTDIR/host/{host,block}.{md,json}, OUTDIR/attention/attention.{md,json,png}, OUTDIR/norm/{norm,activation_pass,wgrad_bias}.{md,json} and
 # OUTDIR/rnn/rnn.{md,json}. (The device tool brings back 8 files: tar OUTDIR there.)
 # Time: the whole suite gets SUITE_BUDGET seconds (default 360, the issue's 6 minutes); each stage runs
 # under `timeout` for the smaller of its own cap and what is left, and a stage with under 15 s left is
@@ -41,9 +44,9 @@
 # (e.g. --no-memory); XDIST_WORKERS, pytest-xdist workers for the tests (default 16); SUITE_DEVICE=cpu, a dry run of every
 # stage's command at tiny sizes on CPU (tests/benchmarks/test_gpu_suite.py; its numbers mean nothing).
 set -uo pipefail
-OUT=${1:?usage: bash benchmarks/gpu_suite.sh OUTDIR [build|tests|conv-bf16|profile|host|attention|norm|rnn|conv-bf16-grid|conv-tf32 ...]}
+OUT=${1:?usage: bash benchmarks/gpu_suite.sh OUTDIR [build|tests|conv-bf16|profile|model|host|attention|norm|rnn|conv-bf16-grid|conv-tf32 ...]}
 shift
-STAGES=${*:-build tests conv-bf16 profile host attention norm rnn conv-bf16-grid conv-tf32}
+STAGES=${*:-build tests conv-bf16 profile model host attention norm rnn conv-bf16-grid conv-tf32}
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -57,8 +60,8 @@ deadline=$((t0 + BUDGET))
 stamp() { echo "[gpu_suite +$(($(date +%s) - t0))s] $*" | tee -a "$OUT/setup.log"; }
 wants() { [[ " $STAGES " == *" $1 "* ]]; }
 for s in $STAGES; do
-  case $s in build | tests | conv-bf16 | profile | host | attention | norm | rnn | conv-bf16-grid | conv-tf32) ;;
-    *) echo "gpu_suite: unknown stage '$s' (build tests conv-bf16 profile host attention norm rnn conv-bf16-grid conv-tf32)" >&2
+  case $s in build | tests | conv-bf16 | profile | model | host | attention | norm | rnn | conv-bf16-grid | conv-tf32) ;;
+    *) echo "gpu_suite: unknown stage '$s' (build tests conv-bf16 profile model host attention norm rnn conv-bf16-grid conv-tf32)" >&2
       exit 2 ;;
   esac
 done
@@ -99,6 +102,8 @@ if [ "$DEVICE" = cuda ]; then
   # no memory pass: its fresh process recompiles the kernels (cut at 100 s on the H200 after 73 s of timing)
   ATTENTION=(--device cuda --grid full --reps 10 --warmup 3 --naive-max-gib 20 --no-memory)
   TARGET_CASES="2d 64q k3 N32,2d 16q k3 N32,2d 128q k3 N32"
+  # no memory pass (a fresh process: compiles and tunes again); peak memory is a CPU target only
+  MODEL=(--device cuda --grid targets --reps 10 --warmup 3 --no-memory)
   SIZES=()
 else # a dry run: the same commands, on CPU, at tiny sizes
   CONV=(--device "$DEVICE" --grid quick --reps 1 --warmup 0 --min-time 0)
@@ -106,6 +111,7 @@ else # a dry run: the same commands, on CPU, at tiny sizes
   TARGET_CASES=$CONV_CASES
   RELU=(--cases "2d 16q" --providers expanded+relu) # (no Triton off CUDA)
   ATTENTION=(--device "$DEVICE" --tokens 256 --channels 8 --reps 1 --warmup 0)
+  MODEL=(--device "$DEVICE" --grid host --reps 1 --warmup 0 --no-memory)
   SIZES=(--small)
 fi
 
@@ -148,6 +154,12 @@ fi
 
 if wants profile; then
   run profile 60 "$OUT/setup.log" "$PY" -m benchmarks.gpu_stages profile "$OUT/profile" --device "$DEVICE" "${SIZES[@]}"
+fi
+
+if wants model; then
+  # shellcheck disable=SC2086
+  run model 120 "$OUT/setup.log" "$PY" -m benchmarks.cli model "${MODEL[@]}" --modes fwdbwd --dtype bfloat16 \
+    --check-targets ${BENCH_ARGS:-} --out "$OUT/model"
 fi
 
 if wants host; then

@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SUITE = ROOT / "benchmarks" / "gpu_suite.sh"
-BENCHMARK_STAGES = ["conv-bf16", "profile", "host", "attention", "norm", "rnn", "conv-bf16-grid", "conv-tf32"]
+BENCHMARK_STAGES = ["conv-bf16", "profile", "model", "host", "attention", "norm", "rnn", "conv-bf16-grid", "conv-tf32"]
 
 
 def _suite(out: Path, *stages: str, **env: str) -> subprocess.CompletedProcess:
@@ -41,6 +41,7 @@ def test_every_benchmark_stage_runs_and_writes_its_tables(tmp_path):
         "conv-bf16",
         "conv-bf16-relu",
         "profile",
+        "model",
         "host",
         "attention",
         "norm",
@@ -50,7 +51,8 @@ def test_every_benchmark_stage_runs_and_writes_its_tables(tmp_path):
         "conv-tf32",
     ]
     assert _results(tmp_path) == dict.fromkeys(stages, "ok")
-    tables = ["bf16/conv", "bf16-relu/conv", "bf16-grid/conv", "profile/profile", "profile/autotune", "host/host",
+    tables = ["bf16/conv", "bf16-relu/conv", "bf16-grid/conv", "profile/profile", "profile/autotune", "model/model",
+              "host/host",
               "host/block",
               "attention/attention",
               "tf32/conv", "norm/norm", "norm/activation_pass", "norm/wgrad_bias", "rnn/rnn"]  # fmt: skip

@@ -221,3 +221,73 @@ def test_a_unit_convolving_its_inputs_one_by_one_bills_the_convs_to_convs() -> N
     ops = breakdown.profiled_ops(unit, step, FAMILIES)
     assert "aqcf::qconv" in ops["convs"] and "aqcf::qnorm" in ops["norms+acts"]
     assert "aqcf::qconv" not in ops["norms+acts"]
+
+
+class _Event:
+    """A profiler event as breakdown reads it (torch.autograd.profiler_util.FunctionEvent's fields)."""
+
+    def __init__(self, name, thread, parent=None, seq=-1, cpu_us=0.0, device_us=0.0, device_type=None):
+        self.name, self.thread, self.cpu_parent, self.sequence_nr = name, thread, parent, seq
+        self.self_cpu_time_total, self.self_device_time_total = cpu_us, device_us
+        self.device_type = device_type or torch.autograd.DeviceType.CPU
+
+
+def _gpu_step_events() -> list[_Event]:
+    """A conv then a norm on the caller's thread (1), their backward on autograd's device thread (2), as on a
+    GPU: each op's kernels counted on the op that launched them (self device time), the kernels themselves
+    events of their own (here on the caller's thread, under the op) and the scopes' device annotations too."""
+    conv_scope = _Event("breakdown::convs", 1, cpu_us=40.0, device_us=300.0)
+    conv = _Event("aten::convolution", 1, conv_scope, seq=10, cpu_us=30.0, device_us=120.0)
+    norm_scope = _Event("breakdown::norms", 1, cpu_us=20.0, device_us=90.0)
+    norm = _Event("aqcf::qnorm", 1, norm_scope, seq=11, cpu_us=15.0, device_us=25.0)
+    norm_bwd = _Event(breakdown._BACKWARD + "QNormBackward", 2, seq=11, cpu_us=12.0)
+    norm_bwd_op = _Event("aqcf::qnorm_backward", 2, norm_bwd, cpu_us=10.0, device_us=50.0)
+    conv_bwd = _Event(breakdown._BACKWARD + "ConvolutionBackward0", 2, seq=10, cpu_us=25.0)
+    conv_bwd_op = _Event("aten::convolution_backward", 2, conv_bwd, cpu_us=20.0, device_us=240.0)
+    kernel = _Event("sm90_xmma_fprop", 1, conv, device_us=120.0, device_type=torch.autograd.DeviceType.CUDA)
+    outside = _Event("aten::add_", 1, cpu_us=5.0, device_us=4.0)  # no family: rest
+    return [conv_scope, conv, norm_scope, norm, outside, kernel, norm_bwd, norm_bwd_op, conv_bwd, conv_bwd_op]
+
+
+def test_on_a_gpu_the_families_are_their_kernels_time_backward_from_the_engine_thread_included() -> None:
+    families = {"convs": (), "norms": ()}
+    claimed = breakdown.claimed_events(_gpu_step_events())
+    names = {f: {e.name for e, g in claimed if g == f} for f in families}
+    assert names == {
+        "convs": {"breakdown::convs", "aten::convolution", breakdown._BACKWARD + "ConvolutionBackward0",
+                  "aten::convolution_backward"},
+        "norms": {"breakdown::norms", "aqcf::qnorm", breakdown._BACKWARD + "QNormBackward", "aqcf::qnorm_backward"},
+    }  # fmt: skip
+    # device: each op's own kernels (a scope's annotation spans them: not counted again); rest is the wall's rest
+    gpu = breakdown.spent_seconds(1000.0, claimed, families, "cuda")
+    assert gpu["convs"] == pytest.approx((120.0 + 240.0) / 1e6)
+    assert gpu["norms"] == pytest.approx((25.0 + 50.0) / 1e6)
+    assert gpu[breakdown.REST] == pytest.approx((1000.0 - 435.0) / 1e6)
+    # on CPU the same events count their own CPU time
+    cpu = breakdown.spent_seconds(1000.0, claimed, families, "cpu")
+    assert cpu["convs"] == pytest.approx((40.0 + 30.0 + 25.0 + 20.0) / 1e6)
+    assert cpu["norms"] == pytest.approx((20.0 + 15.0 + 12.0 + 10.0) / 1e6)
+
+
+def test_a_thread_that_runs_no_scope_and_no_backward_is_left_out() -> None:
+    # an intra-op worker thread's events run inside a claimed op's span: counting them would count it twice
+    events = _gpu_step_events()
+    worker = _Event("aten::mul", 3, _Event("aten::convolution", 3, seq=12, cpu_us=30.0), cpu_us=30.0)
+    claimed = breakdown.claimed_events(events + [worker, worker.cpu_parent])
+    assert all(e.thread in (1, 2) for e, _ in claimed)
+
+
+def test_the_gpu_target_is_the_bf16_training_step_over_the_baseline() -> None:
+    def fam(convs, other):
+        return {"convs": convs, "attention": other, "norms+acts": 0.0, breakdown.REST: 0.0}
+
+    fwdbwd = _result("fwdbwd", {"baseline": fam(8.0, 5.0), "ours": fam(5.0, 5.0), "real": fam(6.0, 4.0)})
+    name = TARGET_CASES[0].name
+    checks = [c for c in check_targets([fwdbwd], "cuda", torch.bfloat16) if name in c["target"]]
+    assert [c["target"] for c in checks] == [f"{name}: training step ours >= 1.3x baseline"]
+    assert checks[0]["status"] == "PASS" and checks[0]["value"] == pytest.approx(1.3)
+    # the same run in another dtype is not a verdict on a target stated in bf16 (nor in fp32 on CPU)
+    for device, dtype in (("cuda", torch.float32), ("cpu", torch.bfloat16)):
+        other = [c for c in check_targets([fwdbwd], device, dtype) if name in c["target"]]
+        assert {c["status"] for c in other} == {"SKIP"} and "stated for" in other[0]["detail"]
+    assert check_targets([fwdbwd], "mps", torch.float32) == []
