@@ -6,7 +6,8 @@ one training step of the joint model with its fusion blocks active. Here the ker
 (``TRITON_INTERPRET=1``, tests/conftest.py) on CPU tensors; on a GPU they run natively. A spy on each
 Triton entry point proves they served. The accuracy rule is FlashAttention's: the logits and the whole
 gradient are within twice the error of the CPU build in the same dtype, both measured against the CPU
-build in float64 (same weights, same inputs).
+build in float64 (same weights, same inputs). The references run on CPU on a GPU machine too, where the
+norms of a CUDA model take the Triton kernels whatever the backend.
 """
 
 from __future__ import annotations
@@ -50,9 +51,9 @@ def triton_served(monkeypatch, python_kernels_on_cpu) -> Counter:
     return served
 
 
-def _model(dtype: torch.dtype) -> AQCFNet:
+def _model(dtype: torch.dtype, device: str = "cpu") -> AQCFNet:
     torch.manual_seed(0)
-    model = AQCFNet(2, features=(4, 8), bottleneck=8, heads=1, dtype=dtype, device=DEVICE)
+    model = AQCFNet(2, features=(4, 8), bottleneck=8, heads=1, dtype=dtype, device=device)
     with torch.no_grad():  # a trained model's fusion: the attention path contributes to the output
         for block in model.modules():
             if hasattr(block, "alpha_a"):
@@ -61,21 +62,21 @@ def _model(dtype: torch.dtype) -> AQCFNet:
     return model
 
 
-def _training_step(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The logits of both modalities and every parameter's gradient, flattened, in float64."""
-    model = _model(dtype)
+def _training_step(dtype: torch.dtype, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits of both modalities and every parameter's gradient, flattened, in float64 on CPU."""
+    model = _model(dtype, device)
     model.load_state_dict(_model(torch.float64).state_dict())  # the same weights, rounded once
     g = torch.Generator().manual_seed(1)
-    ct, mri = (torch.randn(1, 1, 11, 9, generator=g, dtype=torch.float64).to(DEVICE, dtype) for _ in range(2))
+    ct, mri = (torch.randn(1, 1, 11, 9, generator=g, dtype=torch.float64).to(device, dtype) for _ in range(2))
     out = model(ct=ct, mri=mri)
     # a loss with a fresh gradient per logit (not a plain sum: that one is constant over the logits)
     loss = sum((out[m].double() * torch.linspace(-1, 2, out[m].numel(), dtype=torch.float64,
-               device=DEVICE).view_as(out[m])).square().mean() for m in ("ct", "mri"))  # fmt: skip
+               device=device).view_as(out[m])).square().mean() for m in ("ct", "mri"))  # fmt: skip
     loss.backward()
     logits = torch.cat([out[m].detach().double().flatten() for m in ("ct", "mri")])
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None for g in grads)
-    return logits, torch.cat([g.double().flatten() for g in grads])
+    return logits.cpu(), torch.cat([g.double().flatten() for g in grads]).cpu()
 
 
 def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -88,7 +89,7 @@ def test_training_step_on_triton_kernels_is_as_accurate_as_the_cpu_build(triton_
     cpu_logits, cpu_grads = _training_step(dtype)
     assert not triton_served, "the CPU build ran a Triton kernel"
     with backends.use("triton"):
-        logits, grads = _training_step(dtype)
+        logits, grads = _training_step(dtype, DEVICE)
     served = dict(triton_served)
     # every quaternion conv's forward and input gradient (conv), and its weight gradient; each norm's and
     # each fusion block's forward and backward
