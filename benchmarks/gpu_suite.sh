@@ -44,9 +44,10 @@
 # (e.g. --no-memory); XDIST_WORKERS, pytest-xdist workers for the tests (default 16); SUITE_DEVICE=cpu, a dry run of every
 # stage's command at tiny sizes on CPU (tests/benchmarks/test_gpu_suite.py; its numbers mean nothing).
 set -uo pipefail
-OUT=${1:?usage: bash benchmarks/gpu_suite.sh OUTDIR [build|tests|conv-bf16|profile|model|host|attention|norm|rnn|conv-bf16-grid|conv-tf32 ...]}
+ALL_STAGES="build tests conv-bf16 profile model host attention norm rnn conv-bf16-grid conv-tf32"
+OUT=${1:?usage: bash benchmarks/gpu_suite.sh OUTDIR [STAGE ...], stages: $ALL_STAGES}
 shift
-STAGES=${*:-build tests conv-bf16 profile model host attention norm rnn conv-bf16-grid conv-tf32}
+STAGES=${*:-$ALL_STAGES}
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -60,10 +61,10 @@ deadline=$((t0 + BUDGET))
 stamp() { echo "[gpu_suite +$(($(date +%s) - t0))s] $*" | tee -a "$OUT/setup.log"; }
 wants() { [[ " $STAGES " == *" $1 "* ]]; }
 for s in $STAGES; do
-  case $s in build | tests | conv-bf16 | profile | model | host | attention | norm | rnn | conv-bf16-grid | conv-tf32) ;;
-    *) echo "gpu_suite: unknown stage '$s' (build tests conv-bf16 profile model host attention norm rnn conv-bf16-grid conv-tf32)" >&2
-      exit 2 ;;
-  esac
+  if [[ " $ALL_STAGES " != *" $s "* ]]; then
+    echo "gpu_suite: unknown stage '$s' ($ALL_STAGES)" >&2
+    exit 2
+  fi
 done
 printf '| stage | seconds | limit | result |\n|:--|--:|--:|:--|\n' >"$OUT/stages.md"
 

@@ -1,7 +1,7 @@
 """A-QCF-Net's training step with every quaternion op on the Triton kernels, against float64.
 
-What a GPU runs when the ``triton`` backend serves the network: the convs (forward with the fused
-activation, input gradient, weight + bias gradient), the fused norms and the A-QCF attention and gate, in
+What a GPU runs when the ``triton`` backend serves the network: the convs (forward, input gradient,
+weight gradient with or without the bias's), the fused norms and the A-QCF attention and gate, in
 one training step of the joint model with its fusion blocks active. Here the kernels are interpreted
 (``TRITON_INTERPRET=1``, tests/conftest.py) on CPU tensors; on a GPU they run natively. A spy on each
 Triton entry point proves they served. The accuracy rule is FlashAttention's: the logits and the whole
@@ -42,7 +42,7 @@ def triton_served(monkeypatch, python_kernels_on_cpu) -> Counter:
 
         monkeypatch.setattr(owner, name, staticmethod(counted) if static else counted)
 
-    for name in ("conv", "conv_act", "conv_weight_grad", "conv_weight_bias_grad"):
+    for name in ("conv", "conv_weight_grad", "conv_weight_bias_grad"):
         spy(TritonConvBackend, name)
     for name in ("cross_attention", "cross_attention_backward", "gated_residual", "gated_residual_backward"):
         spy(attention.TritonAttentionBackend, name, static=True)
