@@ -102,7 +102,7 @@ NORM_STREAMS = {"x_ptr", "gy_ptr"}
 def norm_case(layout: str, n: int = 8, c: int = 256, s: int = 64 * 64) -> dict[str, int]:
     """The integer arguments of a launch on an ``(n, c, s)`` tensor in ``layout`` ('nchw' or 'channels_last')."""
     strides = (c * s, s, 1) if layout == "nchw" else (c * s, 1, c)
-    values = {"C": c, "CQ": c // 4, "S": s, "G": n, "CHUNK": 512}
+    values = {"C": c, "CQ": c // 4, "S": s, "G": n, "CHUNK": 512, "SPLITS": 8, "PARTS": 8 * n, "COUNT": n * s}
     for prefix in ("stride_", "sx", "sy", "sg", "sd"):  # every tensor in the same layout
         values.update({prefix + k: v for k, v in zip("ncs", strides, strict=True)})
     return values
@@ -159,10 +159,17 @@ def norm_variants(quick: bool = False):
             ("bwd_input", tn.qnorm_bwd_input_kernel, affine),
             ("act_bias", tag.activation_grad_bias_kernel, dict(ACTIVATION=3, **blocks)),
         ]
+        block_q, block_p = tn._pool_blocks(c // 4)
+        pool = dict(ACC=tl.float32, BLOCK_Q=block_q, BLOCK_P=block_p)
+        kernels += [
+            ("stats_pool", tn.qnorm_stats_pool_kernel, dict(PER_SAMPLE=False, **pool)),
+            ("bwd_coefs", tn.qnorm_bwd_coefficients_kernel,
+             dict(HAS_WEIGHT=True, SUMS=True, USE_INPUT_STATS=True, WANT_GW=True, WANT_GB=True, **pool)),
+        ]  # fmt: skip
         for j, (label, kernel, constexprs) in enumerate(kernels):
             # quick (the test suite): each kernel once, each norm kernel in another dtype/layout, the
             # activation pass in bf16 channels_last (what the GPU benchmarks run)
-            if not quick or j == i or (label == "act_bias" and i == 1):
+            if not quick or j == i or (label in ("act_bias", "stats_pool", "bwd_coefs") and i == 1):
                 yield label, kernel, dtype, layout, constexprs
 
 
@@ -178,7 +185,11 @@ def norm_main(quick: bool = False) -> int:
         widths = load_widths(compiled.asm["ptx"])
         # the streamed tensor's element loads: 16 B per thread (v4.b32 fp32, v4.b32 packing 8 bf16) or 8 B
         vector = any(k.startswith(("v4", "v2")) for k in widths)
-        tile = (constexprs["BLOCK_C"], constexprs["BLOCK_S"])
+        # (the pooling kernels' tiles: 4 components x BLOCK_Q channels by BLOCK_P partial rows)
+        tile = (
+            constexprs.get("BLOCK_C", 4 * constexprs.get("BLOCK_Q", 0)),
+            constexprs.get("BLOCK_S", constexprs.get("BLOCK_P")),
+        )
         print(f"{label:10} {dtype:5} {layout:13} {tile!s:12} {regs:5} {stack:8}  {widths}")
         if stack or not vector:
             bad += 1

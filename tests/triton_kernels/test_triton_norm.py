@@ -222,3 +222,113 @@ def test_opcheck_half_input_float32_statistics(triton_calls):
         (*args, None, None, True, True, 1e-5, "gelu", 0.01),
         test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
     )
+
+
+def test_eval_without_affine_runs_no_sums_pass(triton_calls, monkeypatch):
+    """Running statistics and no γ/β to differentiate: dx = γ r gz needs no reduction, so the backward skips the
+    sums pass and the coefficient kernel writes A alone (B = D = 0)."""
+    from aqcf_kernels.backends.triton import norm as triton_norm
+
+    launched = _spy_kernels(monkeypatch, triton_norm)
+    x, _, _, rm, rv, gy = _inputs((3, 12, 7, 5), torch.float64, channels_last=True, seed=71)
+
+    def run(fused, dtype, device):
+        xx = x.to(device=device, dtype=dtype).requires_grad_()
+        stats = (rm.to(device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32),
+                 rv.to(device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32))  # fmt: skip
+        y = _quaternion_norm("t", xx, False, *stats, None, None, False, 0.1, 1e-5, False, "gelu", 0.01, fused=fused)
+        return y, torch.autograd.grad(y, [xx], gy.to(y))
+
+    got, ref = run(True, torch.float32, DEVICE), run(False, torch.float64, "cpu")
+    assert triton_calls == {"forward": 1, "backward": 1}
+    assert launched == ["qnorm_apply_kernel", "qnorm_bwd_coefficients_kernel", "qnorm_bwd_input_kernel"]
+    _check(got, ref, 1e-5, names=("y", "grad_input"))
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["batch", "instance"])
+def test_affine_gradients_without_the_input_gradient(triton_calls, monkeypatch, per_sample):
+    """dγ and dβ alone (a frozen input): the sums pass and the coefficient kernel run, the input pass does not."""
+    from aqcf_kernels.backends.triton import norm as triton_norm
+
+    launched = _spy_kernels(monkeypatch, triton_norm)
+    x, w, b, *_, gy = _inputs((2, 8, 6, 5), torch.float64, seed=81 + per_sample)
+
+    def run(fused, dtype):
+        device = DEVICE if fused else "cpu"
+        ww, bb = (t.to(device=device, dtype=dtype).requires_grad_() for t in (w, b))
+        y = _quaternion_norm("t", x.to(device=device, dtype=dtype), per_sample, None, None, ww, bb, True, 0.1, 1e-5,
+                             False, "leaky_relu", -0.3, fused=fused)  # fmt: skip
+        return y, torch.autograd.grad(y, [ww, bb], gy.to(y))
+
+    got, ref = run(True, torch.float32), run(False, torch.float64)
+    assert triton_calls == {"forward": 1, "backward": 1}
+    assert "qnorm_bwd_input_kernel" not in launched and "qnorm_bwd_coefficients_kernel" in launched
+    _check(got, ref, 1e-5, names=("y", "grad_weight", "grad_bias"))
+
+
+def _spy_kernels(monkeypatch, module) -> list[str]:
+    """Record the names of ``module``'s Triton kernels as they launch (they still run)."""
+    launched = []
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            launched.append(self.kernel.fn.__name__ if hasattr(self.kernel, "fn") else self.kernel.__name__)
+            return self.kernel[grid]
+
+    for name in dir(module):
+        if name.startswith("qnorm_") and name.endswith("_kernel"):
+            monkeypatch.setattr(module, name, Spy(getattr(module, name)))
+    return launched
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["batch", "instance"])
+def test_a_training_step_is_six_launches_and_no_torch_kernel(monkeypatch, per_sample):
+    """The host cost of a norm on a GPU, where a small layer's norm is host-bound: its training forward is three
+    kernels (statistics, pooling, apply) and its backward three (sums, coefficients, input gradient), with no
+    torch op that would launch a kernel of its own between them (the pooling and the coefficients were ~12 and
+    ~25 torch ops). Counted with the kernels replaced by recorders: nothing runs but the launchers' host code."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from aqcf_kernels.backends.triton import norm as triton_norm
+
+    launched = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append(self.name)
+
+    for name in dir(triton_norm):
+        if name.startswith("qnorm_") and name.endswith("_kernel"):
+            monkeypatch.setattr(triton_norm, name, Recorder(name))
+
+    class TorchKernels(TorchDispatchMode):
+        """The torch ops that compute (a kernel launch each on a GPU): not views, not allocations."""
+
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not (func.is_view or func.overloadpacket.__name__.startswith(("empty", "new_empty"))):
+                self.ops.append(func.overloadpacket.__name__)
+            return out
+
+    x = torch.randn(2, 16, 5, 3).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(4), torch.randn(16)
+    with TorchKernels() as forward_ops:
+        y, mean, var = triton_norm.forward(x, w, b, None, None, True, per_sample, 1e-5, "relu", 0.0)
+    assert launched == ["qnorm_stats_kernel", "qnorm_stats_pool_kernel", "qnorm_apply_kernel"]
+    launched.clear()
+    gy = torch.randn_like(x)
+    with TorchKernels() as backward_ops:
+        triton_norm.backward(gy, x, w, b, mean, var, True, per_sample, 1e-5, "relu", 0.0, [True] * 3)
+    assert launched == ["qnorm_bwd_sums_kernel", "qnorm_bwd_coefficients_kernel", "qnorm_bwd_input_kernel"]
+    assert forward_ops.ops == [] and backward_ops.ops == []
+    assert (mean.shape, var.shape) == (((2 if per_sample else 1), 16), ((2 if per_sample else 1), 4))

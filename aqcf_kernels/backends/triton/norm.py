@@ -134,6 +134,82 @@ def qnorm_stats_kernel(
 
 
 @triton.jit
+def _group_parts(
+    part_a_ptr, part_b_ptr, g, offs_c, c_mask, C, PARTS, CHUNK, SPLITS, S, total,
+    WEIGHTED: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    """Over the partial rows ``g·PARTS + [0, PARTS)`` of a ``(rows, C)`` pair of partial buffers, at the channels
+    ``offs_c`` (any shape): ``(Σ nₚ aₚ / total, Σ bₚ)`` with ``nₚ`` the chunk's positions where ``WEIGHTED``
+    (row r is chunk ``r mod SPLITS`` of a sample, ``min(CHUNK, S − k·CHUNK)`` positions), else ``(Σ aₚ, Σ bₚ)``."""
+    sum_a = tl.zeros(offs_c.shape, dtype=ACC)
+    sum_b = tl.zeros(offs_c.shape, dtype=ACC)
+    for p0 in range(0, PARTS, BLOCK_P):
+        rows = p0 + tl.arange(0, BLOCK_P)
+        keep = rows < PARTS
+        rows3 = (g * PARTS + rows)[:, None, None]
+        mask = keep[:, None, None] & c_mask[None, :, :]
+        a = tl.load(part_a_ptr + rows3 * C + offs_c[None, :, :], mask=mask, other=0.0)
+        if WEIGHTED:
+            counts = tl.minimum(CHUNK, S - (rows % SPLITS) * CHUNK).to(ACC)
+            a = a * counts[:, None, None]
+        sum_a += tl.sum(a, 0)
+        sum_b += tl.sum(tl.load(part_b_ptr + rows3 * C + offs_c[None, :, :], mask=mask, other=0.0), 0)
+    if WEIGHTED:
+        sum_a = sum_a / total
+    return sum_a, sum_b
+
+
+@triton.jit
+def qnorm_stats_pool_kernel(
+    pmean_ptr,  # (N, SPLITS, C) partial means of x − K
+    pm2_ptr,  # (N, SPLITS, C) partial centred sums of squares
+    x_ptr,  # the input: K = x[g or 0, c, 0] is added back to the mean
+    mean_ptr,  # (G, C) out: the mean per real channel
+    var_ptr,  # (G, CQ) out: the biased variance shared by each quaternion channel's four components
+    C,
+    CQ,
+    S,
+    CHUNK,
+    SPLITS,
+    PARTS,  # partial rows per statistic group: SPLITS (instance norm) or N·SPLITS (batch norm)
+    stride_n,
+    stride_c,
+    PER_SAMPLE: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """Pool one statistic group's per-chunk ``(mean, M2)`` exactly (``M2 = Σ M2ₚ + Σ nₚ (μₚ − μ)²``) into its
+    mean per real channel and its shared variance ``Σ_a M2_a / count`` per quaternion channel, for a block of
+    quaternion channels and their four components; program (q block, g).
+
+    In the statistics' launch order, where it was ~12 torch ops (a launch each on a GPU: a small layer's
+    norm is host-bound there)."""
+    g = tl.program_id(1)
+    q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_c = tl.arange(0, 4)[:, None] * CQ + q[None, :]  # (4, BLOCK_Q): component a of channel q
+    c_mask = (q < CQ)[None, :] & (offs_c < C)
+    # values per statistic, in ACC (a size equal to 1 arrives as a constexpr, and N·S may pass int32)
+    total = tl.zeros((1,), ACC) + S
+    if not PER_SAMPLE:
+        total = total * (PARTS // SPLITS)
+    mean, m2 = _group_parts(pmean_ptr, pm2_ptr, g, offs_c, c_mask, C, PARTS, CHUNK, SPLITS, S, total, True, ACC,
+                            BLOCK_P)  # fmt: skip
+    # the chunks' spread about the pooled mean: a second read of the (small) partial means
+    for p0 in range(0, PARTS, BLOCK_P):
+        rows = p0 + tl.arange(0, BLOCK_P)
+        mask = (rows < PARTS)[:, None, None] & c_mask[None, :, :]
+        part = tl.load(pmean_ptr + (g * PARTS + rows)[:, None, None] * C + offs_c[None, :, :], mask=mask, other=0.0)
+        counts = tl.minimum(CHUNK, S - (rows % SPLITS) * CHUNK).to(ACC)[:, None, None]
+        spread = tl.where(mask, part - mean[None, :, :], 0.0)
+        m2 += tl.sum(counts * spread * spread, 0)
+    shift_n = g.to(tl.int64) * stride_n if PER_SAMPLE else 0
+    shift = tl.load(x_ptr + shift_n + offs_c * stride_c, mask=c_mask, other=0.0).to(ACC)
+    tl.store(mean_ptr + g * C + offs_c, mean + shift, mask=c_mask)
+    tl.store(var_ptr + g * CQ + q, tl.sum(m2, 0) / total, mask=q < CQ)
+
+
+@triton.jit
 def qnorm_apply_kernel(
     x_ptr,
     y_ptr,
@@ -231,6 +307,71 @@ def qnorm_bwd_sums_kernel(
     out = (n * tl.num_programs(2) + k) * C + offs_c
     tl.store(psum_gz_ptr + out, sum_gz, mask=c_mask)
     tl.store(psum_gzx_ptr + out, sum_gzx, mask=c_mask)
+
+
+@triton.jit
+def qnorm_bwd_coefficients_kernel(
+    psum_gz_ptr,  # (N, SPLITS, C) partial Σ gz (read when SUMS)
+    psum_gzx_ptr,  # (N, SPLITS, C) partial Σ gz (x − μ)
+    var_ptr,  # (G, CQ)
+    w_ptr,  # (CQ,) γ (read when HAS_WEIGHT)
+    coef_ptr,  # (3, G, C) out: A, B, D of dx = A gz + B (x − μ) + D
+    gw_ptr,  # (CQ,) out: dγ (written when WANT_GW)
+    gb_ptr,  # (C,) out: dβ (written when WANT_GB)
+    C,
+    CQ,
+    G,
+    PARTS,  # partial rows per statistic group: SPLITS (instance norm) or N·SPLITS (batch norm)
+    COUNT,  # values per statistic
+    eps,
+    HAS_WEIGHT: tl.constexpr,
+    SUMS: tl.constexpr,  # the sums pass ran (training statistics, or dγ / dβ wanted)
+    USE_INPUT_STATS: tl.constexpr,  # μ and σ² depend on x: the B and D terms
+    WANT_GW: tl.constexpr,
+    WANT_GB: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """Between the backward's two passes: each group's sums pooled from the chunks, then the coefficients of
+    ``dx`` (``A = γ r``, ``B = −A r Σ gz x̂ / count``, ``D = −A Σ gz / count`` with ``r = 1/sqrt(σ² + eps)``
+    and ``Σ gz x̂`` summed over the quaternion channel's components), ``dγ = Σ_g Σ gz x̂`` and
+    ``dβ = Σ_g Σ gz``; program (q block), groups in a loop (dγ and dβ sum over them).
+
+    In one launch where it was ~25 torch ops (a launch each on a GPU: a small layer's norm is host-bound)."""
+    q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_mask = q < CQ
+    offs_c = tl.arange(0, 4)[:, None] * CQ + q[None, :]  # (4, BLOCK_Q): component a of channel q
+    c_mask = q_mask[None, :] & (offs_c < C)
+    count = tl.zeros((1,), ACC) + COUNT
+    if HAS_WEIGHT:
+        gamma = tl.load(w_ptr + q, mask=q_mask, other=0.0).to(ACC)
+    else:
+        gamma = tl.full((BLOCK_Q,), 1.0, ACC)
+    grad_weight = tl.zeros((BLOCK_Q,), dtype=ACC)
+    grad_bias = tl.zeros((4, BLOCK_Q), dtype=ACC)
+    for g in range(0, G):
+        r = 1.0 / tl.sqrt(tl.load(var_ptr + g * CQ + q, mask=q_mask, other=1.0) + eps)
+        coef_a = gamma * r
+        coef_b = tl.zeros((BLOCK_Q,), dtype=ACC)
+        coef_d = tl.zeros((4, BLOCK_Q), dtype=ACC)
+        if SUMS:
+            sum_gz, sum_gzx = _group_parts(psum_gz_ptr, psum_gzx_ptr, g, offs_c, c_mask, C, PARTS, 1, 1, 1, count,
+                                           False, ACC, BLOCK_P)  # fmt: skip
+            xhat_sum = tl.sum(sum_gzx, 0) * r
+            grad_weight += xhat_sum
+            grad_bias += sum_gz
+            if USE_INPUT_STATS:
+                coef_b = -coef_a * r * xhat_sum / count
+                coef_d = -coef_a[None, :] * sum_gz / count
+        coef = coef_ptr + g * C + offs_c
+        tl.store(coef, tl.zeros((4, BLOCK_Q), dtype=ACC) + coef_a[None, :], mask=c_mask)
+        tl.store(coef + G * C, tl.zeros((4, BLOCK_Q), dtype=ACC) + coef_b[None, :], mask=c_mask)
+        tl.store(coef + 2 * G * C, coef_d, mask=c_mask)
+    if WANT_GW:
+        tl.store(gw_ptr + q, grad_weight.to(gw_ptr.dtype.element_ty), mask=q_mask)
+    if WANT_GB:
+        tl.store(gb_ptr + offs_c, grad_bias.to(gb_ptr.dtype.element_ty), mask=c_mask)
 
 
 @triton.jit
@@ -344,6 +485,18 @@ def _chunking(n: int, c: int, s: int, block_c: int, block_s: int, device: torch.
     return chunk, common.cdiv(s, chunk)
 
 
+def _pool_blocks(cq: int) -> tuple[int, int]:
+    """``(BLOCK_Q, BLOCK_P)`` of the kernels that pool the partials: quaternion channels by partial rows (4 of each
+    channel's components a tile). The interpreter's are small, so the tests' shapes cross both."""
+    if common.INTERPRET:
+        return min(common.next_power_of_2(cq), 2), 4
+    return min(common.next_power_of_2(cq), 32), 16
+
+
+def _tl_acc(acc: torch.dtype):
+    return tl.float64 if acc == torch.float64 else tl.float32
+
+
 def _launch_options() -> dict:
     return {} if common.INTERPRET else {"num_warps": GPU_WARPS}
 
@@ -377,12 +530,17 @@ def forward(
         pmean = torch.empty((n, splits, c), dtype=acc, device=x.device)
         pm2 = torch.empty_like(pmean)
         qnorm_stats_kernel[(common.cdiv(c, block_c), n, splits)](
-            x, pmean, pm2, c, s, chunk, sxn, sxc, sxs, PER_SAMPLE=per_sample,
-            ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK_C=block_c, BLOCK_S=block_s,
-            **_launch_options(),
+            x, pmean, pm2, c, s, chunk, sxn, sxc, sxs, PER_SAMPLE=per_sample, ACC=_tl_acc(acc),
+            BLOCK_C=block_c, BLOCK_S=block_s, **_launch_options(),
         )  # fmt: skip
-        mean, var = _pool(pmean, pm2, s, chunk, per_sample)
-        mean += x.flatten(2)[:, :, 0] if per_sample else x.flatten(2)[:1, :, 0]  # the kernel's shift K
+        groups = n if per_sample else 1
+        mean = torch.empty((groups, c), dtype=acc, device=x.device)
+        var = torch.empty((groups, cq), dtype=acc, device=x.device)
+        block_q, block_p = _pool_blocks(cq)
+        qnorm_stats_pool_kernel[(common.cdiv(cq, block_q), groups)](
+            pmean, pm2, x, mean, var, c, cq, s, chunk, splits, n * splits // groups, sxn, sxc,
+            PER_SAMPLE=per_sample, ACC=_tl_acc(acc), BLOCK_Q=block_q, BLOCK_P=block_p, **_launch_options(),
+        )  # fmt: skip
     else:
         mean = running_mean.reshape(1, c).to(acc, copy=True)
         var = running_var.reshape(1, cq).to(acc, copy=True)
@@ -395,19 +553,6 @@ def forward(
         ACTIVATION=ACTIVATION_CODES[activation], BLOCK_C=block_c, BLOCK_S=block_s, **_launch_options(),
     )  # fmt: skip
     return y, mean, var
-
-
-def _pool(pmean: Tensor, pm2: Tensor, s: int, chunk: int, per_sample: bool) -> tuple[Tensor, Tensor]:
-    """Pool the per-chunk ``(mean, M2)`` exactly into ``(mean (G, C), shared var (G, Cq))`` (means still shifted)."""
-    n, splits, c = pmean.shape
-    counts = (s - chunk * torch.arange(splits, device=pmean.device)).clamp(max=chunk).to(pmean.dtype)
-    if not per_sample:  # one statistic group: every sample's chunks
-        pmean, pm2, counts = pmean.reshape(1, n * splits, c), pm2.reshape(1, n * splits, c), counts.repeat(n)
-    total = s if per_sample else n * s
-    counts = counts.view(1, -1, 1)
-    mean = (pmean * counts).sum(1) / total
-    m2 = pm2.sum(1) + ((pmean - mean.unsqueeze(1)).square() * counts).sum(1)
-    return mean, (m2 / total).view(-1, 4, c // 4).sum(1)
 
 
 def backward(
@@ -440,13 +585,11 @@ def backward(
     )  # fmt: skip
     w = weight if weight is not None else mean
     b = bias if bias is not None else mean
-    r = (var + eps).rsqrt()  # (G, Cq)
-    gamma = weight.to(acc).view(1, cq) if weight is not None else torch.ones((1, cq), dtype=acc, device=x.device)
-    coef_a = gamma * r
-    grad_weight = grad_bias = None
-    coefs = torch.zeros((3, groups, c), dtype=acc, device=x.device)
-    coefs[0] = coef_a.repeat(1, 4)
-    if use_input_stats or needs[1] or needs[2]:  # with running statistics, dx needs no sums
+    want_gw, want_gb = needs[1] and weight is not None, needs[2] and bias is not None
+    if not (needs[0] or want_gw or want_gb):
+        return None, None, None
+    sums = use_input_stats or want_gw or want_gb  # with running statistics, dx needs no sums
+    if sums:
         chunk, splits = _chunking(n, c, s, block_c, block_s, x.device)
         psum_gz = torch.empty((n, splits, c), dtype=acc, device=x.device)
         psum_gzx = torch.empty_like(psum_gz)
@@ -454,18 +597,18 @@ def backward(
             gy, x, mean, var, w, b, psum_gz, psum_gzx, c, cq, s, chunk,
             sxn, sxc, sxs, sgn, sgc, sgs, float(eps), float(negative_slope), **consts,
         )  # fmt: skip
-        sum_gz, sum_gzx = psum_gz.sum(1), psum_gzx.sum(1)  # (N, C)
-        if groups == 1:
-            sum_gz, sum_gzx = sum_gz.sum(0, keepdim=True), sum_gzx.sum(0, keepdim=True)
-        xhat_sum = sum_gzx.view(groups, 4, cq).sum(1) * r  # Σ gz · x̂ per (g, q)
-        if needs[1] and weight is not None:
-            grad_weight = xhat_sum.sum(0).to(weight.dtype)
-        if needs[2] and bias is not None:
-            grad_bias = sum_gz.sum(0).to(bias.dtype)
-        if use_input_stats:
-            count = s if per_sample else n * s
-            coefs[1] = (-coef_a * r * xhat_sum / count).repeat(1, 4)
-            coefs[2] = -(coef_a.unsqueeze(1) * sum_gz.view(groups, 4, cq)).reshape(groups, c) / count
+    else:
+        splits, psum_gz, psum_gzx = 1, var, var  # not read
+    coefs = torch.empty((3, groups, c), dtype=acc, device=x.device)
+    grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=x.device) if want_gw else None
+    grad_bias = torch.empty(bias.shape, dtype=bias.dtype, device=x.device) if want_gb else None
+    block_q, block_p = _pool_blocks(cq)
+    qnorm_bwd_coefficients_kernel[(common.cdiv(cq, block_q),)](
+        psum_gz, psum_gzx, var, w, coefs, grad_weight if want_gw else coefs, grad_bias if want_gb else coefs,
+        c, cq, groups, n * splits // groups, (s if per_sample else n * s), float(eps),
+        HAS_WEIGHT=weight is not None, SUMS=sums, USE_INPUT_STATS=use_input_stats, WANT_GW=want_gw,
+        WANT_GB=want_gb, ACC=_tl_acc(acc), BLOCK_Q=block_q, BLOCK_P=block_p, **_launch_options(),
+    )  # fmt: skip
     grad_input = None
     if needs[0]:
         grad_input = torch.empty_like(x)
