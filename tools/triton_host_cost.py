@@ -1,4 +1,4 @@
-"""The host time of the Triton conv path per call, without a GPU: what Python, torch's dispatch and triton's
+"""The host time of the Triton conv and norm paths per call, without a GPU: what Python, torch's dispatch and triton's
 launch machinery cost on the CPU before a kernel reaches the device, the part of a small layer's step that
 no kernel speeds up (at 16q N32 64² a conv's device work is tens of microseconds).
 
@@ -11,7 +11,9 @@ outputs) run for real but cost little; their CUDA launches would cost a few µs 
 Rows: each Triton backend entry point once per call (the forward with bias, with a fused ReLU keeping the
 pre-activation, the input gradient, the weight + bias gradient; hamilton and fast8), and a
 ``QuaternionConv2d`` forward+backward step through ``aqcf::qconv`` with the ``triton`` backend forced
-(the stand-in GPU is let serve CPU tensors). Median µs per call over interleaved rounds, one thread.
+(the stand-in GPU is let serve CPU tensors), and a quaternion batch norm's and instance norm's (+ ReLU)
+forward+backward through ``aqcf::qnorm`` on its Triton kernels. Median µs per call over interleaved
+rounds, one thread.
 
     PYTHONPATH=.venv-triton36:. python tools/triton_host_cost.py [--channels 16] [--rounds 7] [--calls 200] [--out P]
 """
@@ -67,7 +69,17 @@ def _calls(cq: int) -> dict[str, Callable[[], object]]:
             y.backward(torch.ones_like(y))
 
     calls["QuaternionConv2d fwd+bwd (aqcf::qconv, triton forced)"] = step
+    for norm in (
+        qnn.QuaternionBatchNorm2d(4 * cq, activation="relu", dtype=bf16),
+        qnn.QuaternionInstanceNorm2d(4 * cq, affine=True, activation="relu", dtype=bf16),
+    ):
+        calls[f"{type(norm).__name__} + ReLU fwd+bwd (aqcf::qnorm)"] = lambda m=norm: _step(m, leaf)
     return calls
+
+
+def _step(module: torch.nn.Module, leaf: torch.Tensor) -> None:
+    y = module(leaf)
+    y.backward(torch.ones_like(y))
 
 
 def measure(cq: int, rounds: int, calls_per_round: int, seed: int = 0) -> dict[str, float]:
@@ -101,11 +113,13 @@ def main(argv: list[str] | None = None) -> int:
         print("unset TRITON_INTERPRET: the interpreter runs no launch path", file=sys.stderr)
         return 2
     install()
-    from aqcf_kernels.backends.triton import common
+    from aqcf_kernels.backends.triton import common, norm
 
     # the stand-in GPU takes CPU tensors (its launches do nothing with them)
     common.cannot_serve_tensor = lambda t: None
     common.unavailable = lambda: None
+    common.serves_fused = lambda t: True  # the norm's kernels too (on CPU, the compiled kernel's)
+    norm.serves = lambda t: True
     torch.set_num_threads(1)
     medians = measure(args.channels, args.rounds, args.calls)
     width = max(map(len, medians))

@@ -193,7 +193,8 @@ def test_every_launcher_launches_through_triton36(tmp_path):
 
 def test_host_cost_tool_times_every_entry_point(tmp_path):
     """``tools/triton_host_cost.py`` (the Triton path's host time per call, on the stand-in sm_90) runs and
-    writes one positive time per entry point and the layer step, with the machine and commit."""
+    writes one positive time per entry point, the conv layer's step and the two norms' steps, with the machine and
+    commit."""
     out = tmp_path / "host"
     cmd = [sys.executable, str(ROOT / "tools" / "triton_host_cost.py"), "--rounds", "1", "--calls", "2"]
     env = triton36_env(TRITON_CACHE_DIR=str(tmp_path / "cache"))
@@ -201,7 +202,7 @@ def test_host_cost_tool_times_every_entry_point(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     data = json.loads(out.with_suffix(".json").read_text())
     medians = data["medians_us"]
-    assert len(medians) == 9 and all(us > 0 for us in medians.values()), medians
+    assert len(medians) == 11 and all(us > 0 for us in medians.values()), medians
     assert data["triton"].startswith("3.6") and data["git_commit"]
     assert all(name in out.with_suffix(".md").read_text() for name in medians)
 
