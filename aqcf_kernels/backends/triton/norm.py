@@ -9,15 +9,19 @@ C++ CPU kernel (csrc/cpu/norm.cpp) and the composite reference (``nn.norm._quate
   merged with Chan's formula (no ``E[x²] − E[x]²`` cancellation). All of it runs on ``x − K`` with
   ``K`` one value of the channel (its first in the statistic group), so when ``|μ| ≫ σ`` the means
   being merged are ``O(σ)`` and keep float32's relative precision (unshifted, each merge of two means
-  near ``μ`` would lose ``log10(|μ|/σ)`` digits); ``K`` is added back at the end. The per-chunk
-  partials are pooled exactly (``M2 = Σ M2ₚ + Σ nₚ (μₚ − μ)²``) per statistic group (one sample for
-  instance norm, the batch for batch norm), and the shared variance is the sum of the four components'
-  ``M2 / count``;
+  near ``μ`` would lose ``log10(|μ|/σ)`` digits); ``K`` is added back at the end. A second, small
+  kernel pools the per-chunk partials exactly (``M2 = Σ M2ₚ + Σ nₚ (μₚ − μ)²``) per statistic group (one
+  sample for instance norm, the batch for batch norm), and the shared variance is the sum of the four
+  components' ``M2 / count``;
 * normalise + affine + activation, a second read: ``z = γ_q (x − μ_c) / sqrt(σ²_q + eps) + β_c``,
   ``y = act(z)`` with ``γ`` per quaternion channel ``(Cq,)`` and ``β`` per real channel ``(4Cq,)``;
 * backward, two reads: pass 1 recomputes ``z`` from ``x`` and the statistics (nothing stored in the
-  forward) and reduces ``Σ gz`` and ``Σ gz (x − μ)`` per real channel (``gz = act'(z) · gy``), which give
-  ``dβ``, ``dγ`` and the coefficients of pass 2: ``dx = A gz + B (x − μ) + D``.
+  forward) and reduces ``Σ gz`` and ``Σ gz (x − μ)`` per real channel (``gz = act'(z) · gy``), from which
+  a small kernel computes ``dβ``, ``dγ`` and the coefficients of pass 2: ``dx = A gz + B (x − μ) + D``.
+
+A training step is so six launches and no torch op between them. Why the small kernels: on a GPU every
+torch op is a launch of its own, a small layer's norm is host-bound there, and the pooling and the
+coefficients were ~45 torch ops on tensors of a few hundred values.
 
 Tensors are viewed as ``(N, C, S)`` with ``S`` the flattened spatial dims: NCHW-contiguous
 (``stride_s == 1``) or channels_last (``stride_c == 1``) as they come, anything else copied to
@@ -181,10 +185,8 @@ def qnorm_stats_pool_kernel(
 ):
     """Pool one statistic group's per-chunk ``(mean, M2)`` exactly (``M2 = Σ M2ₚ + Σ nₚ (μₚ − μ)²``) into its
     mean per real channel and its shared variance ``Σ_a M2_a / count`` per quaternion channel, for a block of
-    quaternion channels and their four components; program (q block, g).
-
-    In the statistics' launch order, where it was ~12 torch ops (a launch each on a GPU: a small layer's
-    norm is host-bound there)."""
+    quaternion channels and their four components; program (q block, g). One launch where this was ~12 torch
+    ops (see the module docstring)."""
     g = tl.program_id(1)
     q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     offs_c = tl.arange(0, 4)[:, None] * CQ + q[None, :]  # (4, BLOCK_Q): component a of channel q
@@ -338,7 +340,7 @@ def qnorm_bwd_coefficients_kernel(
     and ``Σ gz x̂`` summed over the quaternion channel's components), ``dγ = Σ_g Σ gz x̂`` and
     ``dβ = Σ_g Σ gz``; program (q block), groups in a loop (dγ and dβ sum over them).
 
-    In one launch where it was ~25 torch ops (a launch each on a GPU: a small layer's norm is host-bound)."""
+    One launch where this was ~25 torch ops (see the module docstring)."""
     q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     q_mask = q < CQ
     offs_c = tl.arange(0, 4)[:, None] * CQ + q[None, :]  # (4, BLOCK_Q): component a of channel q
