@@ -73,8 +73,9 @@ class OneDNNConvMixin:
         """The parent's forward; keyword-only ``weight``/``bias`` replace the module's own for one call
         (a norm folded in: :class:`RealConvNormAct`) and ``activation`` ('relu', 'leaky_relu' with
         ``negative_slope``, 'gelu') is applied to the output, as oneDNN's post-op where the conv runs
-        on oneDNN (``mkldnn::_convolution_pointwise``, what Inductor fuses to), else after it. Called
-        through the module, so its hooks see the call."""
+        on oneDNN (``mkldnn::_convolution_pointwise``, what Inductor fuses to) and no gradient is needed
+        (that op has no autograd formula: through it torch's backward warns and returns none), else after
+        it. Called through the module, so its hooks see the call."""
         if weight is None:
             weight, bias = self.weight, self.bias
         if activation is None:
@@ -83,6 +84,7 @@ class OneDNNConvMixin:
             self._on_onednn(input, weight)
             and input.dim() in (4, 5)
             and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+            and not _needs_grad(input, weight, bias)
         ):
             scalars = [negative_slope] if activation == "leaky_relu" else []
             algorithm = "none" if activation == "gelu" else None  # gelu's erf form, as F.gelu's default
@@ -91,6 +93,11 @@ class OneDNNConvMixin:
                 list(self.stride), list(self.dilation), self.groups, activation, scalars, algorithm,
             )  # fmt: skip
         return activate(self._conv_forward(input, weight, bias), activation, negative_slope)
+
+
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    """Whether autograd would record an op on ``tensors``."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 ONEDNN_CONVS: tuple[type[nn.Module], ...] = tuple(

@@ -220,6 +220,38 @@ def test_gradients_reach_every_parameter() -> None:
         assert p.grad.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_eval_mode_gradients_equal_the_unfolded_network(spatial_dims: int) -> None:
+    """In eval mode the conv + norm units run folded (one conv, the activation as its epilogue or oneDNN's
+    post-op). Gradients taken there (saliency maps, Grad-CAM, fine-tuning with frozen statistics) must be
+    the network's: the input's and every parameter's equal those of the same weights with the composite
+    norms, which never fold. (The folded stem once ran oneDNN's post-op conv under autograd: no gradient
+    reached the input at all, and the stem's weights got none.)"""
+    from benchmarks.baselines import use_composite_norms
+
+    size = SIZES[spatial_dims]
+    folded = tiny(spatial_dims, deep_supervision=True)
+    set_alphas(folded)
+    folded(ct=image(2, size, 1), mri=image(2, size, 2))  # running statistics of a batch, then eval
+    unfolded = use_composite_norms(copy.deepcopy(folded))
+    grads = []
+    for model in (folded.eval(), unfolded.eval()):
+        ct, mri = image(2, size, 3).requires_grad_(), image(2, size, 4).requires_grad_()
+        out = model(ct=ct, mri=mri)
+        g = torch.Generator().manual_seed(5)
+        loss = sum((t * torch.randn(t.shape, generator=g)).sum() for v in out.values() for t in v)
+        params = [p for _, p in model.named_parameters()]
+        # (allow_unused: eval mode returns no deep-supervision logits, so their heads are not in the graph)
+        grads.append(torch.autograd.grad(loss, [ct, mri, *params], allow_unused=True))
+    names = ["ct", "mri", *(n for n, _ in folded.named_parameters())]
+    assert grads[0][0] is not None and grads[0][1] is not None
+    assert sum(g is not None for g in grads[0]) > len(names) // 2
+    for name, got, want in zip(names, *grads, strict=True):
+        assert (got is None) == (want is None), name
+        if got is not None:
+            torch.testing.assert_close(got, want, rtol=2e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Modes of operation
 # ---------------------------------------------------------------------------------------------

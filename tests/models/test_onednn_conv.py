@@ -5,6 +5,8 @@ the cases that go the parent's way."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -165,6 +167,37 @@ def test_stem_unit_folds_its_norm_in_eval(dims, dtype) -> None:
     y.backward(torch.ones_like(y))
     assert xg.grad is not None and unit[1].weight.grad is not None
     assert list(unit.state_dict()) == list(nn.Sequential(unit[0], unit[1]).state_dict())
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_eval_mode_gradients_flow_through_the_folded_stem(dims) -> None:
+    """Eval mode with autograd on (saliency maps, Grad-CAM, fine-tuning with frozen statistics): the folded
+    unit's gradients w.r.t. the input, the conv weight and the norm's affine equal nn.Sequential's in eval
+    mode. oneDNN's post-op conv has no autograd formula: called with autograd on, torch warned and its
+    backward returned no gradient at all (x.grad stayed None), so it serves only calls that need none."""
+    unit = _stem(dims, torch.float32, seed=3)
+    seq = nn.Sequential(unit[0], unit[1])
+    unit.eval()
+    x = torch.randn(2, 1, *[9] * dims)
+    gy = torch.randn(2, 16, *[9] * dims)
+    params = [unit[0].weight, unit[1].weight, unit[1].bias]
+    grads = {}
+    for name, module in (("unit", unit), ("seq", seq)):
+        xg = x.clone().requires_grad_()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # torch's "autograd kernel was not registered" warning fails it
+            y = module(xg)
+            grads[name] = (y, *torch.autograd.grad(y, [xg, *params], gy))
+    for got, want in zip(grads["unit"], grads["seq"], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    # and the activation keyword alone: the post-op only where nothing needs a gradient
+    conv = unit[0]
+    xg = x.clone().requires_grad_()
+    y = conv(xg, activation="gelu")
+    (gx,) = torch.autograd.grad(y, [xg], torch.ones_like(y))
+    ref = nn.functional.gelu(conv._conv_forward(x.clone().requires_grad_(), conv.weight, None))
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+    assert gx.abs().sum() > 0
 
 
 def test_stem_unit_type_errors() -> None:
