@@ -158,9 +158,13 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(mean, var)
     ctx.save_for_backward(input, weight, bias, mean, var)
     ctx.options = (use_input_stats, per_sample, eps, activation, slope)
+    # The statistics get None, not tensors of zeros (two launches per norm and step on a GPU)
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_y, _grad_mean, _grad_var):
+    if grad_y is None:  # y never reached the loss
+        return (None,) * 10
     input, weight, bias, mean, var = ctx.saved_tensors
     needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
     if torch.is_grad_enabled():  # create_graph=True: the gradient must itself be differentiable

@@ -114,6 +114,8 @@ class QNormFunction : public torch::autograd::Function<QNormFunction> {
     }
     auto& [y, mean, var] = out;
     ctx->mark_non_differentiable({mean, var});
+    // The statistics get undefined gradients, not tensors of zeros (two launches per norm and step on a GPU)
+    ctx->set_materialize_grads(false);
     ctx->save_for_backward({input, weight.value_or(Tensor()), bias.value_or(Tensor()), mean, var});
     ctx->saved_data["use_input_stats"] = use_input_stats;
     ctx->saved_data["per_sample"] = per_sample;
@@ -137,6 +139,7 @@ class QNormFunction : public torch::autograd::Function<QNormFunction> {
         ctx->needs_input_grad(0), has_weight && ctx->needs_input_grad(1),
         has_bias && ctx->needs_input_grad(has_weight ? 2 : 1)};
     variable_list out(10);
+    if (!grads[0].defined()) return out;  // y never reached the loss
     if (at::GradMode::is_enabled()) {  // create_graph=True
       TORCH_CHECK(fallbacks.composite_backward, "aqcf::qnorm: the Python implementation is not registered");
       auto [gx, gw, gb] = fallbacks.composite_backward(

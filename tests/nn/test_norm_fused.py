@@ -198,3 +198,60 @@ def test_the_norm_backward_op_has_no_derivative(qrand) -> None:
                                           [True, True, True])  # fmt: skip
     with pytest.raises(RuntimeError, match="qnorm_backward"):
         grads[0].sum().backward()
+
+
+@pytest.mark.parametrize("native_op", [True, False], ids=["extension", "python"])
+def test_the_backward_makes_no_zero_gradients_for_the_statistics(qrand, native_op, monkeypatch) -> None:
+    """mean and var are outputs without a gradient: autograd passes the backward None for them, and no
+    tensor of zeros is made (on a GPU each would be a kernel launch per norm and step, two per norm)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    if native_op and not norm_ops.NATIVE:
+        pytest.skip("the compiled extension is not built")
+    x, w, b, _, _ = _inputs(qrand, SHAPES["2d"], torch.float64, seed=9)
+    x, w, b = (t.detach().requires_grad_() for t in (x, w, b))
+    if native_op:
+        y = torch.ops.aqcf.qnorm(x, w, b, None, None, True, False, 1e-5, "relu", 0.01)[0]
+    else:  # the Python op's autograd formula, as registered without the extension
+        seen = {}
+        real = norm_ops._backward
+
+        def spy(ctx, grad_y, grad_mean, grad_var):
+            seen["grads"] = (grad_mean, grad_var)
+            return real(ctx, grad_y, grad_mean, grad_var)
+
+        monkeypatch.setattr(norm_ops, "_backward", spy)
+        y = _PythonQNorm.apply(x, w, b, None, None, True, False, 1e-5, "relu", 0.01)[0]
+
+    class Factories(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.made = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in ("zeros", "zeros_like", "zero_", "fill_", "new_zeros"):
+                self.made.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Factories() as factories:
+        y.backward(qrand(*y.shape, seed=10))
+    assert factories.made == [], factories.made
+    assert x.grad is not None and w.grad is not None and b.grad is not None
+    if not native_op:
+        assert seen["grads"] == (None, None)
+
+
+class _PythonQNorm(torch.autograd.Function):
+    """``aqcf::qnorm`` with the Python op's autograd formula (what ``define_ops`` registers without the extension)."""
+
+    @staticmethod
+    def forward(*args):
+        return tuple(torch.ops.aqcf.qnorm(*args))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        norm_ops._setup_context(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return norm_ops._backward(ctx, *grads)

@@ -207,6 +207,22 @@ def test_host_cost_tool_times_every_entry_point(tmp_path):
     assert all(name in out.with_suffix(".md").read_text() for name in medians)
 
 
+def test_model_launch_counts(tmp_path):
+    """``tools/model_launches.py``: the kernels one A-QCF-Net training step launches per build (norms on their
+    Triton kernels through the stand-in sm_90). Each fused norm's call is six Triton launches, and ours launches
+    well under half the baseline's kernels (a host-bound GPU step's time goes with that count)."""
+    out = tmp_path / "launches"
+    cmd = [sys.executable, str(ROOT / "tools" / "model_launches.py"), "--out", str(out)]
+    env = triton36_env(TRITON_CACHE_DIR=str(tmp_path / "cache"))
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    counts = json.loads(out.with_suffix(".json").read_text())["counts"]
+    ours, baseline = counts["ours"], counts["baseline"]
+    assert ours["fused_norm_calls"] > 0 and ours["triton"] == 6 * ours["fused_norm_calls"], ours
+    assert baseline["fused_norm_calls"] == 0 and baseline["triton"] == 0, baseline
+    assert ours["total"] < 0.5 * baseline["total"], (ours["total"], baseline["total"])
+
+
 def test_autotuning_compiles_the_kept_configs_in_parallel_once(tmp_path):
     """The launcher's autotuning through triton 3.6's own JIT and autotuner (tests/triton_kernels/
     _autotune_with_triton36.py: a stand-in sm_90 driver, real compiles, no launch): with ``on``, every
