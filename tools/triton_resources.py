@@ -159,18 +159,30 @@ def norm_variants(quick: bool = False):
             ("bwd_input", tn.qnorm_bwd_input_kernel, affine),
             ("act_bias", tag.activation_grad_bias_kernel, dict(ACTIVATION=3, **blocks)),
         ]
-        block_q, block_p = tn._pool_blocks(c // 4)
-        pool = dict(ACC=tl.float32, BLOCK_Q=block_q, BLOCK_P=block_p)
-        kernels += [
-            ("stats_pool", tn.qnorm_stats_pool_kernel, dict(PER_SAMPLE=False, **pool)),
-            ("bwd_coefs", tn.qnorm_bwd_coefficients_kernel,
-             dict(HAS_WEIGHT=True, SUMS=True, USE_INPUT_STATS=True, WANT_GW=True, WANT_GB=True, **pool)),
-        ]  # fmt: skip
+        kernels += list(pool_variants(tn, every=not quick and i == 0))
         for j, (label, kernel, constexprs) in enumerate(kernels):
             # quick (the test suite): each kernel once, each norm kernel in another dtype/layout, the
             # activation pass in bf16 channels_last (what the GPU benchmarks run)
-            if not quick or j == i or (label in ("act_bias", "stats_pool", "bwd_coefs") and i == 1):
+            if not quick or j == i or (label in ("act_bias", *POOL_KERNELS) and i == 1):
                 yield label, kernel, dtype, layout, constexprs
+
+
+#: the kernels that pool the norm's partial rows: small and latency-bound, they stream nothing (their loads of
+#: partial sums need not be vectorised: at BLOCK_Q = 1 a tile's channels are Cq apart)
+POOL_KERNELS = ("stats_pool", "bwd_coefs")
+
+
+def pool_variants(tn, every: bool):
+    """``(label, kernel, constexprs)`` of the pooling kernels: at a 64q layer's tiles, or (``every``) at every
+    ``BLOCK_Q`` the launcher picks (1, 2, 4 quaternion channels) with every combination of their flags."""
+    block_p = tn._pool_blocks(64)[1]
+    for block_q in (1, 2, 4) if every else (tn._pool_blocks(64)[0],):
+        pool = dict(ACC=tl.float32, BLOCK_Q=block_q, BLOCK_P=block_p)
+        for per_sample in (False, True) if every else (False,):
+            yield "stats_pool", tn.qnorm_stats_pool_kernel, dict(PER_SAMPLE=per_sample, **pool)
+        for flags in itertools.product((False, True), repeat=4) if every else [(True,) * 4]:
+            names = ("HAS_WEIGHT", "USE_INPUT_STATS", "WANT_GW", "WANT_GB")
+            yield "bwd_coefs", tn.qnorm_bwd_coefficients_kernel, dict(zip(names, flags, strict=True), **pool)
 
 
 def norm_main(quick: bool = False) -> int:
@@ -191,7 +203,7 @@ def norm_main(quick: bool = False) -> int:
             constexprs.get("BLOCK_S", constexprs.get("BLOCK_P")),
         )
         print(f"{label:10} {dtype:5} {layout:13} {tile!s:12} {regs:5} {stack:8}  {widths}")
-        if stack or not vector:
+        if stack or not (vector or label in POOL_KERNELS):
             bad += 1
     print("all variants: no spills, vectorised loads" if not bad else f"{bad} variant(s) spill or load scalars")
     return 1 if bad else 0

@@ -313,7 +313,7 @@ def qnorm_bwd_sums_kernel(
 
 @triton.jit
 def qnorm_bwd_coefficients_kernel(
-    psum_gz_ptr,  # (N, SPLITS, C) partial Σ gz (read when SUMS)
+    psum_gz_ptr,  # (N, SPLITS, C) partial Σ gz (read with input statistics, or for dγ / dβ)
     psum_gzx_ptr,  # (N, SPLITS, C) partial Σ gz (x − μ)
     var_ptr,  # (G, CQ)
     w_ptr,  # (CQ,) γ (read when HAS_WEIGHT)
@@ -327,7 +327,6 @@ def qnorm_bwd_coefficients_kernel(
     COUNT,  # values per statistic
     eps,
     HAS_WEIGHT: tl.constexpr,
-    SUMS: tl.constexpr,  # the sums pass ran (training statistics, or dγ / dβ wanted)
     USE_INPUT_STATS: tl.constexpr,  # μ and σ² depend on x: the B and D terms
     WANT_GW: tl.constexpr,
     WANT_GB: tl.constexpr,
@@ -335,45 +334,58 @@ def qnorm_bwd_coefficients_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    """Between the backward's two passes: each group's sums pooled from the chunks, then the coefficients of
-    ``dx`` (``A = γ r``, ``B = −A r Σ gz x̂ / count``, ``D = −A Σ gz / count`` with ``r = 1/sqrt(σ² + eps)``
-    and ``Σ gz x̂`` summed over the quaternion channel's components), ``dγ = Σ_g Σ gz x̂`` and
-    ``dβ = Σ_g Σ gz``; program (q block), groups in a loop (dγ and dβ sum over them).
+    """Between the backward's two passes: one statistic group's sums pooled from its chunks, then its
+    coefficients of ``dx`` (``A = γ r``, ``B = −A r Σ gz x̂ / count``, ``D = −A Σ gz / count`` with
+    ``r = 1/sqrt(σ² + eps)`` and ``Σ gz x̂`` summed over the quaternion channel's components); program
+    (q block, g). The programs of group 0 then take ``dγ = Σ_g r_g Σ gz (x − μ)`` and ``dβ = Σ gz`` over
+    every group's chunks in one more loop, each row scaled by its own group's ``r``. (With the groups in a
+    loop of each program instead, the two nested loops made ptxas spill the values the final stores read,
+    and an instance norm's groups ran one after the other.)
 
     One launch where this was ~25 torch ops (see the module docstring)."""
+    g = tl.program_id(1)
     q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     q_mask = q < CQ
     offs_c = tl.arange(0, 4)[:, None] * CQ + q[None, :]  # (4, BLOCK_Q): component a of channel q
     c_mask = q_mask[None, :] & (offs_c < C)
-    count = tl.zeros((1,), ACC) + COUNT
+    inv_count = 1.0 / (tl.zeros((1,), ACC) + COUNT)
     if HAS_WEIGHT:
         gamma = tl.load(w_ptr + q, mask=q_mask, other=0.0).to(ACC)
     else:
         gamma = tl.full((BLOCK_Q,), 1.0, ACC)
-    grad_weight = tl.zeros((BLOCK_Q,), dtype=ACC)
-    grad_bias = tl.zeros((4, BLOCK_Q), dtype=ACC)
-    for g in range(0, G):
-        r = 1.0 / tl.sqrt(tl.load(var_ptr + g * CQ + q, mask=q_mask, other=1.0) + eps)
-        coef_a = gamma * r
-        coef_b = tl.zeros((BLOCK_Q,), dtype=ACC)
-        coef_d = tl.zeros((4, BLOCK_Q), dtype=ACC)
-        if SUMS:
-            sum_gz, sum_gzx = _group_parts(psum_gz_ptr, psum_gzx_ptr, g, offs_c, c_mask, C, PARTS, 1, 1, 1, count,
-                                           False, ACC, BLOCK_P)  # fmt: skip
-            xhat_sum = tl.sum(sum_gzx, 0) * r
-            grad_weight += xhat_sum
-            grad_bias += sum_gz
-            if USE_INPUT_STATS:
-                coef_b = -coef_a * r * xhat_sum / count
-                coef_d = -coef_a[None, :] * sum_gz / count
-        coef = coef_ptr + g * C + offs_c
-        tl.store(coef, tl.zeros((4, BLOCK_Q), dtype=ACC) + coef_a[None, :], mask=c_mask)
-        tl.store(coef + G * C, tl.zeros((4, BLOCK_Q), dtype=ACC) + coef_b[None, :], mask=c_mask)
-        tl.store(coef + 2 * G * C, coef_d, mask=c_mask)
-    if WANT_GW:
-        tl.store(gw_ptr + q, grad_weight.to(gw_ptr.dtype.element_ty), mask=q_mask)
-    if WANT_GB:
-        tl.store(gb_ptr + offs_c, grad_bias.to(gb_ptr.dtype.element_ty), mask=c_mask)
+    r = 1.0 / tl.sqrt(tl.load(var_ptr + g * CQ + q, mask=q_mask, other=1.0) + eps)
+    coef_a = gamma * r
+    coef_b = tl.zeros((BLOCK_Q,), dtype=ACC)
+    coef_d = tl.zeros((4, BLOCK_Q), dtype=ACC)
+    if USE_INPUT_STATS:  # (the sums pass ran)
+        sum_gz, sum_gzx = _group_parts(psum_gz_ptr, psum_gzx_ptr, g, offs_c, c_mask, C, PARTS, 1, 1, 1, inv_count,
+                                       False, ACC, BLOCK_P)  # fmt: skip
+        coef_b = -coef_a * r * (tl.sum(sum_gzx, 0) * r) * inv_count
+        coef_d = -coef_a[None, :] * sum_gz * inv_count
+    coef = coef_ptr + g * C + offs_c
+    tl.store(coef, tl.zeros((4, BLOCK_Q), dtype=ACC) + coef_a[None, :], mask=c_mask)
+    tl.store(coef + G * C, tl.zeros((4, BLOCK_Q), dtype=ACC) + coef_b[None, :], mask=c_mask)
+    tl.store(coef + 2 * G * C, coef_d, mask=c_mask)
+    if WANT_GW or WANT_GB:
+        if g == 0:
+            grad_weight = tl.zeros((BLOCK_Q,), dtype=ACC)
+            grad_bias = tl.zeros((4, BLOCK_Q), dtype=ACC)
+            for p0 in range(0, G * PARTS, BLOCK_P):
+                rows = p0 + tl.arange(0, BLOCK_P)
+                keep = rows < G * PARTS
+                mask = keep[:, None, None] & c_mask[None, :, :]
+                at = rows[:, None, None] * C + offs_c[None, :, :]
+                if WANT_GW:
+                    var_rows = tl.load(var_ptr + (rows // PARTS)[:, None] * CQ + q[None, :],
+                                       mask=keep[:, None] & q_mask[None, :], other=1.0)  # fmt: skip
+                    gzx = tl.sum(tl.load(psum_gzx_ptr + at, mask=mask, other=0.0), 1)  # (BLOCK_P, BLOCK_Q)
+                    grad_weight += tl.sum(gzx / tl.sqrt(var_rows + eps), 0)
+                if WANT_GB:
+                    grad_bias += tl.sum(tl.load(psum_gz_ptr + at, mask=mask, other=0.0), 0)
+            if WANT_GW:
+                tl.store(gw_ptr + q, grad_weight.to(gw_ptr.dtype.element_ty), mask=q_mask)
+            if WANT_GB:
+                tl.store(gb_ptr + offs_c, grad_bias.to(gb_ptr.dtype.element_ty), mask=c_mask)
 
 
 @triton.jit
@@ -488,11 +500,15 @@ def _chunking(n: int, c: int, s: int, block_c: int, block_s: int, device: torch.
 
 
 def _pool_blocks(cq: int) -> tuple[int, int]:
-    """``(BLOCK_Q, BLOCK_P)`` of the kernels that pool the partials: quaternion channels by partial rows (4 of each
-    channel's components a tile). The interpreter's are small, so the tests' shapes cross both."""
+    """``(BLOCK_Q, BLOCK_P)`` of the kernels that pool the partial rows: tiles of ``BLOCK_P`` rows by 4 components
+    × ``BLOCK_Q`` quaternion channels. Narrow in channels, so that the ``Cq / BLOCK_Q`` programs spread over SMs,
+    and long in rows, so that a batch norm's ~500 rows (the statistics pass fills the GPU) take a few steps of one
+    program rather than dozens: these kernels are chains of dependent loads, and their latency is what they
+    cost. (Compiled for sm_90, every variant at these tiles is spill-free; ``tools/triton_resources.py --norm``.)
+    The interpreter's are small, so the tests' shapes cross both."""
     if common.INTERPRET:
         return min(common.next_power_of_2(cq), 2), 4
-    return min(common.next_power_of_2(cq), 32), 16
+    return min(common.next_power_of_2(cq), 4), 128
 
 
 def _tl_acc(acc: torch.dtype):
@@ -605,10 +621,10 @@ def backward(
     grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=x.device) if want_gw else None
     grad_bias = torch.empty(bias.shape, dtype=bias.dtype, device=x.device) if want_gb else None
     block_q, block_p = _pool_blocks(cq)
-    qnorm_bwd_coefficients_kernel[(common.cdiv(cq, block_q),)](
+    qnorm_bwd_coefficients_kernel[(common.cdiv(cq, block_q), groups)](
         psum_gz, psum_gzx, var, w, coefs, grad_weight if want_gw else coefs, grad_bias if want_gb else coefs,
         c, cq, groups, n * splits // groups, (s if per_sample else n * s), float(eps),
-        HAS_WEIGHT=weight is not None, SUMS=sums, USE_INPUT_STATS=use_input_stats, WANT_GW=want_gw,
+        HAS_WEIGHT=weight is not None, USE_INPUT_STATS=use_input_stats, WANT_GW=want_gw,
         WANT_GB=want_gb, ACC=_tl_acc(acc), BLOCK_Q=block_q, BLOCK_P=block_p, **_launch_options(),
     )  # fmt: skip
     grad_input = None
