@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
 import sys
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "triton_kernels"))
 sys.path.insert(0, str(ROOT))
-from _standin_gpu import install  # noqa: E402
+from _standin_gpu import start_for_tool  # noqa: E402
 
 #: ATen ops that launch no kernel: views, allocations, metadata
 NOT_KERNELS = frozenset(
@@ -96,14 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--builds", nargs="+", default=["ours", "baseline"], help="aqcf-bench model's builds")
     parser.add_argument("--out", type=Path, help="also write OUT.md and OUT.json")
     args = parser.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET"):
-        print("unset TRITON_INTERPRET: the interpreter runs no launch path", file=sys.stderr)
+    if not start_for_tool(convs=False):
         return 2
-    install()
-    from aqcf_kernels.backends.triton import common, norm
-
-    common.serves_fused = lambda t: True  # the norms' Triton kernels take the stand-in's CPU tensors
-    norm.serves = lambda t: True
     torch.set_num_threads(1)
     counts = {build: count(build) for build in args.builds}
     lines = ["| build | torch ops | Triton launches | total | most frequent torch ops |", "|:--|--:|--:|--:|:--|"]

@@ -21,7 +21,6 @@ rounds, one thread.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import statistics
 import sys
@@ -32,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "triton_kernels"))
-from _standin_gpu import install  # noqa: E402
+from _standin_gpu import start_for_tool  # noqa: E402
 
 
 def _calls(cq: int) -> dict[str, Callable[[], object]]:
@@ -109,17 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=200, help="calls per row and round")
     parser.add_argument("--out", type=Path, help="also write OUT.md and OUT.json (the medians, machine, commit)")
     args = parser.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET"):
-        print("unset TRITON_INTERPRET: the interpreter runs no launch path", file=sys.stderr)
+    if not start_for_tool(convs=True):
         return 2
-    install()
-    from aqcf_kernels.backends.triton import common, norm
-
-    # the stand-in GPU takes CPU tensors (its launches do nothing with them)
-    common.cannot_serve_tensor = lambda t: None
-    common.unavailable = lambda: None
-    common.serves_fused = lambda t: True  # the norm's kernels too (on CPU, the compiled kernel's)
-    norm.serves = lambda t: True
     torch.set_num_threads(1)
     medians = measure(args.channels, args.rounds, args.calls)
     width = max(map(len, medians))

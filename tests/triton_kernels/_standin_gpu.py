@@ -54,3 +54,24 @@ def install(on_compile=None) -> list:
         name="stand-in sm_90", multi_processor_count=SMS, major=9, minor=0
     )
     return compiles
+
+
+def start_for_tool(convs: bool) -> bool:
+    """What a tool measuring the Triton launch path on CPU does first: False (with a line on stderr) under
+    ``TRITON_INTERPRET``, whose launches take no launch path; else install the stand-in and let the norm's
+    Triton launchers (and with ``convs`` the conv backend's) take CPU tensors: a launch does nothing with them."""
+    import os
+    import sys
+
+    if os.environ.get("TRITON_INTERPRET"):
+        print("unset TRITON_INTERPRET: the interpreter runs no launch path", file=sys.stderr)
+        return False
+    install()
+    from aqcf_kernels.backends.triton import common, norm
+
+    common.serves_fused = lambda t: True
+    norm.serves = lambda t: True
+    if convs:
+        common.cannot_serve_tensor = lambda t: None
+        common.unavailable = lambda: None
+    return True
