@@ -195,8 +195,9 @@ def _update_running(
     """torch.nn.BatchNorm's update from this batch's statistics (biased ``stat``; unbiased into the average).
 
     Instance norm tracks the average over the batch of the per-sample statistics (torch does too). Batch
-    norm has one set: no average to take. Three ops then, where a layer of a training step ran seven (a
-    launch each on a GPU); the statistics are detached, so nothing is recorded for autograd.
+    norm has one set: no average to take. Two ops then (the unbiased scaling, one multi-tensor lerp), where a
+    layer of a training step ran seven (a launch each on a GPU); the statistics are detached, so nothing is
+    recorded for autograd.
     """
     shape = (cq, 4, 4) if whiten else (cq,)
     unbiased = count / (count - 1)
@@ -205,8 +206,10 @@ def _update_running(
     else:
         new_mean = mean.detach().reshape(-1, 4 * cq).mean(0)
         new_var = stat.detach().reshape(-1, *shape).mean(0) * unbiased
-    running_mean.lerp_(new_mean.to(running_mean.dtype), momentum)
-    running_var.lerp_(new_var.to(running_var.dtype), momentum)
+    # one multi-tensor launch for both averages on a GPU (two lerp_ launches otherwise)
+    torch._foreach_lerp_(
+        [running_mean, running_var], [new_mean.to(running_mean.dtype), new_var.to(running_var.dtype)], momentum
+    )
 
 
 def quaternion_batch_norm(
