@@ -266,21 +266,21 @@ def test_affine_gradients_without_the_input_gradient(triton_calls, monkeypatch, 
     _check(got, ref, 1e-5, names=("y", "grad_weight", "grad_bias"))
 
 
-def _spy_kernels(monkeypatch, module) -> list[str]:
-    """Record the names of ``module``'s Triton kernels as they launch (they still run)."""
+def _spy_kernels(monkeypatch, module, run: bool = True) -> list[str]:
+    """Record the names of ``module``'s norm kernels as they launch; they still run unless ``run`` is False."""
     launched = []
 
     class Spy:
-        def __init__(self, kernel):
-            self.kernel = kernel
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
 
         def __getitem__(self, grid):
-            launched.append(self.kernel.fn.__name__ if hasattr(self.kernel, "fn") else self.kernel.__name__)
-            return self.kernel[grid]
+            launched.append(self.name)
+            return self.kernel[grid] if run else lambda *args, **kwargs: None
 
     for name in dir(module):
         if name.startswith("qnorm_") and name.endswith("_kernel"):
-            monkeypatch.setattr(module, name, Spy(getattr(module, name)))
+            monkeypatch.setattr(module, name, Spy(name, getattr(module, name)))
     return launched
 
 
@@ -294,18 +294,7 @@ def test_a_training_step_is_six_launches_and_no_torch_kernel(monkeypatch, per_sa
 
     from aqcf_kernels.backends.triton import norm as triton_norm
 
-    launched = []
-
-    class Recorder:
-        def __init__(self, name):
-            self.name = name
-
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launched.append(self.name)
-
-    for name in dir(triton_norm):
-        if name.startswith("qnorm_") and name.endswith("_kernel"):
-            monkeypatch.setattr(triton_norm, name, Recorder(name))
+    launched = _spy_kernels(monkeypatch, triton_norm, run=False)
 
     class TorchKernels(TorchDispatchMode):
         """The torch ops that compute (a kernel launch each on a GPU): not views, not allocations."""

@@ -138,29 +138,18 @@ def qnorm_stats_kernel(
 
 
 @triton.jit
-def _group_parts(
-    part_a_ptr, part_b_ptr, g, offs_c, c_mask, C, PARTS, CHUNK, SPLITS, S, total,
-    WEIGHTED: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
-):  # fmt: skip
-    """Over the partial rows ``g·PARTS + [0, PARTS)`` of a ``(rows, C)`` pair of partial buffers, at the channels
-    ``offs_c`` (any shape): ``(Σ nₚ aₚ / total, Σ bₚ)`` with ``nₚ`` the chunk's positions where ``WEIGHTED``
-    (row r is chunk ``r mod SPLITS`` of a sample, ``min(CHUNK, S − k·CHUNK)`` positions), else ``(Σ aₚ, Σ bₚ)``."""
-    sum_a = tl.zeros(offs_c.shape, dtype=ACC)
-    sum_b = tl.zeros(offs_c.shape, dtype=ACC)
-    for p0 in range(0, PARTS, BLOCK_P):
-        rows = p0 + tl.arange(0, BLOCK_P)
-        keep = rows < PARTS
-        rows3 = (g * PARTS + rows)[:, None, None]
-        mask = keep[:, None, None] & c_mask[None, :, :]
-        a = tl.load(part_a_ptr + rows3 * C + offs_c[None, :, :], mask=mask, other=0.0)
-        if WEIGHTED:
-            counts = tl.minimum(CHUNK, S - (rows % SPLITS) * CHUNK).to(ACC)
-            a = a * counts[:, None, None]
-        sum_a += tl.sum(a, 0)
-        sum_b += tl.sum(tl.load(part_b_ptr + rows3 * C + offs_c[None, :, :], mask=mask, other=0.0), 0)
-    if WEIGHTED:
-        sum_a = sum_a / total
-    return sum_a, sum_b
+def _group_rows(g, p0, PARTS, offs_c, c_mask, C, BLOCK_P: tl.constexpr):
+    """Rows ``p0 + [0, BLOCK_P)`` of statistic group ``g``'s ``PARTS`` partial rows in a ``(rows, C)`` buffer, at the
+    channels ``offs_c``: ``(row index in the group, offsets (BLOCK_P, *offs_c.shape), mask)``."""
+    rows = p0 + tl.arange(0, BLOCK_P)
+    at = (g * PARTS + rows)[:, None, None] * C + offs_c[None, :, :]
+    return rows, at, (rows < PARTS)[:, None, None] & c_mask[None, :, :]
+
+
+@triton.jit
+def _chunk_counts(rows, CHUNK, SPLITS, S, ACC: tl.constexpr):
+    """Positions in each row's chunk: row r is chunk ``k = r mod SPLITS`` of a sample, ``min(CHUNK, S − k·CHUNK)``."""
+    return tl.minimum(CHUNK, S - (rows % SPLITS) * CHUNK).to(ACC)[:, None, None]
 
 
 @triton.jit
@@ -195,16 +184,19 @@ def qnorm_stats_pool_kernel(
     total = tl.zeros((1,), ACC) + S
     if not PER_SAMPLE:
         total = total * (PARTS // SPLITS)
-    mean, m2 = _group_parts(pmean_ptr, pm2_ptr, g, offs_c, c_mask, C, PARTS, CHUNK, SPLITS, S, total, True, ACC,
-                            BLOCK_P)  # fmt: skip
+    mean = tl.zeros(offs_c.shape, dtype=ACC)
+    m2 = tl.zeros(offs_c.shape, dtype=ACC)
+    for p0 in range(0, PARTS, BLOCK_P):
+        rows, at, mask = _group_rows(g, p0, PARTS, offs_c, c_mask, C, BLOCK_P)
+        counts = _chunk_counts(rows, CHUNK, SPLITS, S, ACC)
+        mean += tl.sum(counts * tl.load(pmean_ptr + at, mask=mask, other=0.0), 0)
+        m2 += tl.sum(tl.load(pm2_ptr + at, mask=mask, other=0.0), 0)
+    mean = mean / total
     # the chunks' spread about the pooled mean: a second read of the (small) partial means
     for p0 in range(0, PARTS, BLOCK_P):
-        rows = p0 + tl.arange(0, BLOCK_P)
-        mask = (rows < PARTS)[:, None, None] & c_mask[None, :, :]
-        part = tl.load(pmean_ptr + (g * PARTS + rows)[:, None, None] * C + offs_c[None, :, :], mask=mask, other=0.0)
-        counts = tl.minimum(CHUNK, S - (rows % SPLITS) * CHUNK).to(ACC)[:, None, None]
-        spread = tl.where(mask, part - mean[None, :, :], 0.0)
-        m2 += tl.sum(counts * spread * spread, 0)
+        rows, at, mask = _group_rows(g, p0, PARTS, offs_c, c_mask, C, BLOCK_P)
+        spread = tl.where(mask, tl.load(pmean_ptr + at, mask=mask, other=0.0) - mean[None, :, :], 0.0)
+        m2 += tl.sum(_chunk_counts(rows, CHUNK, SPLITS, S, ACC) * spread * spread, 0)
     shift_n = g.to(tl.int64) * stride_n if PER_SAMPLE else 0
     shift = tl.load(x_ptr + shift_n + offs_c * stride_c, mask=c_mask, other=0.0).to(ACC)
     tl.store(mean_ptr + g * C + offs_c, mean + shift, mask=c_mask)
@@ -358,8 +350,12 @@ def qnorm_bwd_coefficients_kernel(
     coef_b = tl.zeros((BLOCK_Q,), dtype=ACC)
     coef_d = tl.zeros((4, BLOCK_Q), dtype=ACC)
     if USE_INPUT_STATS:  # (the sums pass ran)
-        sum_gz, sum_gzx = _group_parts(psum_gz_ptr, psum_gzx_ptr, g, offs_c, c_mask, C, PARTS, 1, 1, 1, inv_count,
-                                       False, ACC, BLOCK_P)  # fmt: skip
+        sum_gz = tl.zeros(offs_c.shape, dtype=ACC)
+        sum_gzx = tl.zeros(offs_c.shape, dtype=ACC)
+        for p0 in range(0, PARTS, BLOCK_P):
+            _, at, mask = _group_rows(g, p0, PARTS, offs_c, c_mask, C, BLOCK_P)
+            sum_gz += tl.sum(tl.load(psum_gz_ptr + at, mask=mask, other=0.0), 0)
+            sum_gzx += tl.sum(tl.load(psum_gzx_ptr + at, mask=mask, other=0.0), 0)
         coef_b = -coef_a * r * (tl.sum(sum_gzx, 0) * r) * inv_count
         coef_d = -coef_a[None, :] * sum_gz * inv_count
     coef = coef_ptr + g * C + offs_c
@@ -370,14 +366,11 @@ def qnorm_bwd_coefficients_kernel(
         if g == 0:
             grad_weight = tl.zeros((BLOCK_Q,), dtype=ACC)
             grad_bias = tl.zeros((4, BLOCK_Q), dtype=ACC)
-            for p0 in range(0, G * PARTS, BLOCK_P):
-                rows = p0 + tl.arange(0, BLOCK_P)
-                keep = rows < G * PARTS
-                mask = keep[:, None, None] & c_mask[None, :, :]
-                at = rows[:, None, None] * C + offs_c[None, :, :]
+            for p0 in range(0, G * PARTS, BLOCK_P):  # every group's rows: group 0's rows extended to all
+                rows, at, mask = _group_rows(0, p0, G * PARTS, offs_c, c_mask, C, BLOCK_P)
                 if WANT_GW:
                     var_rows = tl.load(var_ptr + (rows // PARTS)[:, None] * CQ + q[None, :],
-                                       mask=keep[:, None] & q_mask[None, :], other=1.0)  # fmt: skip
+                                       mask=(rows < G * PARTS)[:, None] & q_mask[None, :], other=1.0)  # fmt: skip
                     gzx = tl.sum(tl.load(psum_gzx_ptr + at, mask=mask, other=0.0), 1)  # (BLOCK_P, BLOCK_Q)
                     grad_weight += tl.sum(gzx / tl.sqrt(var_rows + eps), 0)
                 if WANT_GB:
