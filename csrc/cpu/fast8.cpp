@@ -62,9 +62,13 @@ at::Tensor component(const QuaternionOperand& a, int c, int64_t n0, int64_t len)
 }
 
 // The operand without its scale: one TensorIterator pass (ATen's vectorised add) reading both
-// components once; its output follows the components' memory format (channels_last stays so).
+// components once; its output follows the components' memory format (channels_last stays so), or the
+// operand's own.
 at::Tensor transform(const QuaternionOperand& a, OperandForm f, int64_t n0, int64_t len) {
-  return at::add(component(a, f.p, n0, len), component(a, f.q, n0, len), f.sum_sign);
+  const at::Tensor x = component(a, f.p, n0, len), y = component(a, f.q, n0, len);
+  if (a.memory_format == at::MemoryFormat::Preserve) return at::add(x, y, f.sum_sign);
+  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(a.memory_format));
+  return at::add_out(out, x, y, f.sum_sign);
 }
 
 template <typename scalar_t>

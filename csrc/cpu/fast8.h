@@ -37,6 +37,9 @@ struct QuaternionOperand {
   std::array<at::Tensor, 4> components;
   bool conjugate = false;
   bool batched = true;
+  // The memory format a shared operand's transforms are written in (Preserve: its components'); a
+  // conv's weight in its input's channels_last, so that no product copies it (weight_format_for).
+  at::MemoryFormat memory_format = at::MemoryFormat::Preserve;
 };
 
 // A real bilinear map product(left, right) -> tensor with the shape of one output component.

@@ -126,7 +126,7 @@ at::Tensor routed_conv(const at::Tensor& x, const at::Tensor& w, const std::opti
   switch (conv_route(x, w.sizes(), p)) {
     case Route::OneDnn:
       return at::mkldnn_convolution(
-          x.contiguous(x.suggest_memory_format()), w.contiguous(), bias, p.padding, p.stride, p.dilation, p.groups);
+          x.contiguous(x.suggest_memory_format()), w.contiguous(weight_format_for(x)), bias, p.padding, p.stride, p.dilation, p.groups);
     case Route::Flipped:
       return flipped_transposed_conv(x, w, bias, p);
     case Route::TwoGroups:
@@ -166,11 +166,16 @@ at::Tensor pointwise_conv(
     algorithm = "none";  // the erf form, as at::gelu's default
   }
   return pointwise_conv_op()->call(
-      x.contiguous(x.suggest_memory_format()), w.contiguous(), bias, p.padding, p.stride, p.dilation, p.groups, attr,
+      x.contiguous(x.suggest_memory_format()), w.contiguous(weight_format_for(x)), bias, p.padding, p.stride, p.dilation, p.groups, attr,
       scalars, algorithm);
 }
 
 }  // namespace
+
+at::MemoryFormat weight_format_for(const at::Tensor& x) {
+  const at::MemoryFormat f = x.suggest_memory_format();
+  return f == at::MemoryFormat::ChannelsLast || f == at::MemoryFormat::ChannelsLast3d ? f : at::MemoryFormat::Contiguous;
+}
 
 bool real_conv_fuses_activation(const at::Tensor& x, const ConvParams& p) {
   // Forward 2d/3d float32 CPU convs: oneDNN serves them anyway (PyTorch's rule or our OneDnn route),

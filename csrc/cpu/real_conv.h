@@ -11,6 +11,11 @@
 
 namespace aqcf {
 
+// The memory format a conv's weight is best made in for the input x: channels_last(_3d) when x is,
+// else contiguous. PyTorch's CPU (oneDNN) and cuDNN convs convert the weight to the input's format on
+// every call: a weight made in that format is read as it is, where a contiguous one costs a copy.
+at::MemoryFormat weight_format_for(const at::Tensor& x);
+
 // act(conv(x, w)) or, with p.transposed, the transposed conv; any device. On CPU float32 2d/3d forward
 // convs the activation is oneDNN's post-op (mkldnn::_convolution_pointwise, what Inductor fuses to);
 // elsewhere it runs in place after the conv.

@@ -168,3 +168,41 @@ def test_a_batch1_3d_quaternion_conv_meets_the_contract_through_the_routes(
     # whole tensor and per component (DESIGN.md's contract); weights and bias are blocked along dim 0
     for got, want, dim in ((y, ref, 1), (xs.grad, xd.grad, 1), (ws.grad, wd.grad, 0), (bs.grad, bd.grad, 0)):
         assert max(rel_errors(got, want, dim).values()) < tol
+
+
+@pytest.mark.parametrize("batch", [1, 2], ids=["onednn-route", "aten-route"])
+@pytest.mark.parametrize("algorithm", ["hamilton", "fast8"])
+@pytest.mark.parametrize("dims", [2, 3])
+def test_a_channels_last_conv_gets_its_weight_made_in_channels_last(
+    qrand, rel_errors, monkeypatch, dims, algorithm, batch
+) -> None:
+    """PyTorch's CPU conv converts a weight to its input's channels_last on every call. The expanded weight
+    (hamilton) and fast8's 8 weight operands are written in that format, so no real conv copies a
+    weight-shaped tensor; the forward still meets the contract, and both gradients (the input gradient's
+    transposed conv keeps a contiguous weight) too."""
+    monkeypatch.setenv("AQCF_BACKEND", "cpp")
+    fmt = torch.channels_last if dims == 2 else torch.channels_last_3d
+    x = qrand(batch, 32, *(7, 6, 5)[:dims], dtype=torch.float32, seed=5).contiguous(memory_format=fmt)
+    w = qrand(4, 8, 8, *[3] * dims, dim=0, dtype=torch.float32, seed=6)
+    kernel = (3,) * dims
+    weight_shapes = {(32, 32, *kernel), (8, 8, *kernel)}  # expanded; one component (fast8's operands)
+    with (
+        torch.no_grad(),
+        torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof,
+    ):
+        y = QF.quaternion_conv(x, w, None, padding=1, algorithm=algorithm)
+    copies = [
+        e.input_shapes for e in prof.events() if e.name == "aten::copy_" and tuple(e.input_shapes[0]) in weight_shapes
+    ]
+    assert not copies, copies
+    assert {"aten::mkldnn_convolution", "aten::convolution"} & {e.name for e in prof.events()}
+    xs, ws = (t.detach().clone().requires_grad_() for t in (x, w))
+    ys = QF.quaternion_conv(xs, ws, None, padding=1, algorithm=algorithm)
+    gy = qrand(*ys.shape, dtype=torch.float32, seed=7)
+    ys.backward(gy)
+    xd, wd = (t.detach().double().requires_grad_() for t in (x, w))
+    ref = reference.quaternion_conv_naive(xd, wd, None, padding=1)
+    ref.backward(gy.double())
+    tol = 1e-5 if algorithm == "hamilton" else 5e-4
+    for got, want, dim in ((y, ref, 1), (ys, ref, 1), (xs.grad, xd.grad, 1), (ws.grad, wd.grad, 0)):
+        assert max(rel_errors(got, want, dim).values()) < tol
