@@ -72,12 +72,12 @@ at::Tensor fold_weight_grad(const at::Tensor& grad_expanded, at::IntArrayRef wei
   return at::mm(hamilton_matrix(e.options()).t(), e).view(weight_shape);
 }
 
-// The memory format a forward conv's weight is made in (weight_format_for). A transposed conv keeps
-// it contiguous: the flipped route (real_conv.cpp) swaps the weight's channel dims, and from a
-// channels_last weight that copy gathers with a stride of (taps x channels) elements (3d 64q: 3.9 ms
-// against 1.4 ms for each of the two copies from a contiguous one).
-at::MemoryFormat weight_layout(const at::Tensor& x, const ConvParams& p) {
-  return p.transposed ? at::MemoryFormat::Contiguous : weight_format_for(x);
+// The memory format a conv's weight is made in: its input's channels_last (weight_format_for), except for
+// a transposed conv that real_conv flips: that swap of the weight's channel dims gathers with a stride of
+// (taps x channels) elements from a channels_last weight (3d 64q: 3.9 ms, against 1.4 ms for each of
+// the two copies from a contiguous one).
+at::MemoryFormat weight_layout(const at::Tensor& x, at::IntArrayRef weight_shape, const ConvParams& p) {
+  return real_conv_flips(x, weight_shape, p) ? at::MemoryFormat::Contiguous : weight_format_for(x);
 }
 
 // Reorders dim 1 from [a][b][rest] to [b][a][rest], keeping the memory format (channels_last in,
@@ -190,7 +190,10 @@ at::Tensor conv_hamilton(
   std::optional<at::Tensor> b;  // the conv adds it, in the conv's (group-major) channel order
   if (bias) b = swap_channel_factors(bias->view({1, -1}), 4, g).view(-1);
   // (an elementwise activation commutes with the channel reordering)
-  const at::Tensor y = real_conv(swap_channel_factors(x, 4, g), expand_weight(w, g, weight_layout(x, p)), b, p, act);
+  const at::Tensor xg = swap_channel_factors(x, 4, g);
+  std::vector<int64_t> expanded{4 * w.size(1), 4 * w.size(2)};
+  expanded.insert(expanded.end(), w.sizes().begin() + 3, w.sizes().end());
+  const at::Tensor y = real_conv(xg, expand_weight(w, g, weight_layout(xg, expanded, p)), b, p, act);
   return swap_channel_factors(y, g, 4);
 }
 
@@ -210,7 +213,10 @@ at::Tensor conv_fast8(
   // Groups partition the quaternion channels inside each component block, which is exactly
   // torch's `groups` on one component: every product is a plain (grouped) real conv. A transposed
   // conv is the adjoint, conj(W) ⊗ x with transposed products.
-  const QuaternionOperand weight{components(w), p.transposed, /*batched=*/false, weight_layout(x, p)};
+  // (the weight's layout as the first slice's products read it)
+  const at::Tensor x_product = blocks(x)[0].narrow(0, 0, in_sequence ? x.size(0) : std::min(x.size(0), batch_slice(x, y)));
+  const QuaternionOperand weight{
+      components(w), p.transposed, /*batched=*/false, weight_layout(x_product, w.sizes().slice(1), p)};
   auto product = [&](const at::Tensor& wm, const at::Tensor& xm) { return real_conv(xm, wm, std::nullopt, p); };
   if (in_sequence) {
     fast8_hamilton_product_in_sequence(weight, {blocks(x)}, product, blocks(y), b, act);

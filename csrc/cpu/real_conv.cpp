@@ -115,7 +115,9 @@ at::Tensor two_slab_weight_grad(const at::Tensor& x, const at::Tensor& gy, at::I
   }
   std::vector<int64_t> padding = p.padding;
   padding[0] = 0;  // the rows carry their padding
-  const at::Tensor w = at::empty({}, x.options()).expand(shape);  // only its shape is read
+  // Only its shape is read, but PyTorch's backward makes it contiguous in the input's memory format:
+  // an uninitialised one in that format costs nothing, where a broadcast scalar was copied out in full.
+  const at::Tensor w = at::empty(shape, x.options().memory_format(weight_format_for(x)));
   const std::vector<int64_t> no_output_padding(p.stride.size(), 0);
   return std::get<1>(at::convolution_backward(
       gy2, x2, w, std::nullopt, p.stride, padding, p.dilation, false, no_output_padding, p.groups, {false, true, false}));
@@ -177,6 +179,10 @@ at::MemoryFormat weight_format_for(const at::Tensor& x) {
   return f == at::MemoryFormat::ChannelsLast || f == at::MemoryFormat::ChannelsLast3d ? f : at::MemoryFormat::Contiguous;
 }
 
+bool real_conv_flips(const at::Tensor& x, at::IntArrayRef weight_shape, const ConvParams& p) {
+  return p.transposed && conv_route(x, weight_shape, p) == Route::Flipped;
+}
+
 bool real_conv_fuses_activation(const at::Tensor& x, const ConvParams& p) {
   // Forward 2d/3d float32 CPU convs: oneDNN serves them anyway (PyTorch's rule or our OneDnn route),
   // so the post-op changes nothing but the extra pass over the output it saves.
@@ -196,7 +202,9 @@ at::Tensor real_conv(
 
 at::Tensor real_conv_weight_grad(const at::Tensor& x, const at::Tensor& gy, at::IntArrayRef shape, const ConvParams& p) {
   if (two_slabs_fit(x, gy, shape, p)) return two_slab_weight_grad(x, gy, shape, p);
-  const at::Tensor w = at::empty({}, x.options()).expand(shape);  // only its shape is read
+  // Only its shape is read, but PyTorch's backward makes it contiguous in the input's memory format:
+  // an uninitialised one in that format costs nothing, where a broadcast scalar was copied out in full.
+  const at::Tensor w = at::empty(shape, x.options().memory_format(weight_format_for(x)));
   const std::vector<int64_t> no_output_padding(p.stride.size(), 0);
   return std::get<1>(at::convolution_backward(
       gy, x, w, std::nullopt, p.stride, p.padding, p.dilation, false, no_output_padding, p.groups,

@@ -23,6 +23,10 @@ at::Tensor real_conv(
     const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, const ConvParams& p,
     const Activation& act = {});
 
+// Whether real_conv runs this transposed conv as the forward conv with the flipped weight (the route
+// "flipped" below), which swaps the weight's channel dims in a copy.
+bool real_conv_flips(const at::Tensor& x, at::IntArrayRef weight_shape, const ConvParams& p);
+
 // Whether real_conv applies `act` as a oneDNN post-op for these arguments (for tests).
 bool real_conv_fuses_activation(const at::Tensor& x, const ConvParams& p);
 

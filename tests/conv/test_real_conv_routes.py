@@ -206,3 +206,26 @@ def test_a_channels_last_conv_gets_its_weight_made_in_channels_last(
     tol = 1e-5 if algorithm == "hamilton" else 5e-4
     for got, want, dim in ((y, ref, 1), (ys, ref, 1), (xs.grad, xd.grad, 1), (ws.grad, wd.grad, 0)):
         assert max(rel_errors(got, want, dim).values()) < tol
+
+
+@pytest.mark.parametrize("algorithm", ["hamilton", "fast8"])
+@pytest.mark.parametrize("dims", [2, 3])
+def test_a_channels_last_backward_on_pytorchs_route_clones_no_weight(qrand, monkeypatch, dims, algorithm) -> None:
+    """Two samples: every real conv takes PyTorch's own route. Its transposed conv (the input gradient) gets
+    the weight in channels_last too, and its weight-gradient kernel a weight-shaped argument already in
+    that format (it only reads the shape, but made a broadcast scalar contiguous in full): no weight-shaped
+    tensor is cloned in a training step."""
+    monkeypatch.setenv("AQCF_BACKEND", "cpp")
+    fmt = torch.channels_last if dims == 2 else torch.channels_last_3d
+    x = qrand(2, 32, *(7, 6, 5)[:dims], dtype=torch.float32, seed=8).contiguous(memory_format=fmt).requires_grad_()
+    w = qrand(4, 8, 8, *[3] * dims, dim=0, dtype=torch.float32, seed=9).requires_grad_()
+    kernel = (3,) * dims
+    weight_shapes = {(32, 32, *kernel), (8, 8, *kernel)}
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        y = QF.quaternion_conv(x, w, None, padding=1, algorithm=algorithm)
+        y.backward(qrand(*y.shape, dtype=torch.float32, seed=10))
+    clones = [
+        e.input_shapes for e in prof.events() if e.name == "aten::clone" and tuple(e.input_shapes[0]) in weight_shapes
+    ]
+    assert not clones, clones
+    assert "aten::convolution_backward" in {e.name for e in prof.events()}
