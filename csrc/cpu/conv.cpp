@@ -37,6 +37,13 @@ at::Tensor hamilton_matrix(const at::TensorOptions& options) {
   return made->emplace(key, s.to(options)).first->second;
 }
 
+// The shape expand_weight makes of a (4, A, B, *k) weight: (4*A, 4*B, *k).
+std::vector<int64_t> expanded_shape(at::IntArrayRef weight_shape) {
+  std::vector<int64_t> shape{4 * weight_shape[1], 4 * weight_shape[2]};
+  shape.insert(shape.end(), weight_shape.begin() + 3, weight_shape.end());
+  return shape;
+}
+
 // (4, G*Ag, B, *k) -> (G*4*Ag, 4*B, *k): each group's expanded weight, stacked group-major, i.e.
 // the weight of one real conv with `groups=G` on a group-major tensor (expand_weight_grouped).
 // Written once, in `format`. Channels_last is (out, *k, in) in memory: the small quaternion weight
@@ -46,12 +53,10 @@ at::Tensor expand_weight(const at::Tensor& w, int64_t groups, at::MemoryFormat f
   const auto kernel = w.sizes().slice(3);
   const at::Tensor s = hamilton_matrix(w.options());
   if (format == at::MemoryFormat::Contiguous) {
-    std::vector<int64_t> shape{4 * a, 4 * b};
-    shape.insert(shape.end(), kernel.begin(), kernel.end());
     return at::mm(s, w.reshape({4, -1}))  // (c, a, G, Ag, B, taps)
         .view({4, 4, groups, a / groups, b, taps})
         .permute({2, 0, 3, 1, 4, 5})
-        .reshape(shape);
+        .reshape(expanded_shape(w.sizes()));
   }
   const at::Tensor w_last = w.reshape({4, a, b, taps}).transpose(2, 3).reshape({4, -1});  // (4, A, taps, B)
   std::vector<int64_t> shape{4 * a}, order{0, w.dim() - 2};  // (out, *k, in) -> dims (out, in, *k)
@@ -191,9 +196,7 @@ at::Tensor conv_hamilton(
   if (bias) b = swap_channel_factors(bias->view({1, -1}), 4, g).view(-1);
   // (an elementwise activation commutes with the channel reordering)
   const at::Tensor xg = swap_channel_factors(x, 4, g);
-  std::vector<int64_t> expanded{4 * w.size(1), 4 * w.size(2)};
-  expanded.insert(expanded.end(), w.sizes().begin() + 3, w.sizes().end());
-  const at::Tensor y = real_conv(xg, expand_weight(w, g, weight_layout(xg, expanded, p)), b, p, act);
+  const at::Tensor y = real_conv(xg, expand_weight(w, g, weight_layout(xg, expanded_shape(w.sizes()), p)), b, p, act);
   return swap_channel_factors(y, g, 4);
 }
 
@@ -288,11 +291,9 @@ at::Tensor weight_grad(
 
   if (!fast8 && is_pointwise(weight_shape, q)) return conv_pointwise_weight_grad(x, gy, weight_shape);
   if (!fast8) {
-    std::vector<int64_t> expanded{4 * weight_shape[1], 4 * weight_shape[2]};
-    expanded.insert(expanded.end(), weight_shape.begin() + 3, weight_shape.end());
     const int64_t g = q.groups;
     const at::Tensor ge = real_conv_weight_grad(
-        swap_channel_factors(x, 4, g), swap_channel_factors(gy, 4, g), expanded, q);
+        swap_channel_factors(x, 4, g), swap_channel_factors(gy, 4, g), expanded_shape(weight_shape), q);
     return fold_weight_grad(ge, weight_shape, g);
   }
   at::Tensor gw = at::empty(weight_shape, input.options());

@@ -44,6 +44,13 @@ std::vector<int64_t> spatial_dims(int64_t dim) {
   return dims;
 }
 
+// The weight argument of a weight-gradient call, which reads only its shape. PyTorch's backward still
+// makes it contiguous in the input's memory format: an uninitialised one in that format costs nothing,
+// where a broadcast scalar was copied out in full on every call.
+at::Tensor shape_only_weight(const at::Tensor& x, at::IntArrayRef shape) {
+  return at::empty(shape, x.options().memory_format(weight_format_for(x)));
+}
+
 // A stride-1 transposed conv is the forward conv with the weight flipped and its two channel dims
 // swapped, padded by the kernel's extent minus the transposed conv's padding.
 bool flippable(at::IntArrayRef weight_shape, const ConvParams& p) {
@@ -115,9 +122,7 @@ at::Tensor two_slab_weight_grad(const at::Tensor& x, const at::Tensor& gy, at::I
   }
   std::vector<int64_t> padding = p.padding;
   padding[0] = 0;  // the rows carry their padding
-  // Only its shape is read, but PyTorch's backward makes it contiguous in the input's memory format:
-  // an uninitialised one in that format costs nothing, where a broadcast scalar was copied out in full.
-  const at::Tensor w = at::empty(shape, x.options().memory_format(weight_format_for(x)));
+  const at::Tensor w = shape_only_weight(x, shape);
   const std::vector<int64_t> no_output_padding(p.stride.size(), 0);
   return std::get<1>(at::convolution_backward(
       gy2, x2, w, std::nullopt, p.stride, padding, p.dilation, false, no_output_padding, p.groups, {false, true, false}));
@@ -202,9 +207,7 @@ at::Tensor real_conv(
 
 at::Tensor real_conv_weight_grad(const at::Tensor& x, const at::Tensor& gy, at::IntArrayRef shape, const ConvParams& p) {
   if (two_slabs_fit(x, gy, shape, p)) return two_slab_weight_grad(x, gy, shape, p);
-  // Only its shape is read, but PyTorch's backward makes it contiguous in the input's memory format:
-  // an uninitialised one in that format costs nothing, where a broadcast scalar was copied out in full.
-  const at::Tensor w = at::empty(shape, x.options().memory_format(weight_format_for(x)));
+  const at::Tensor w = shape_only_weight(x, shape);
   const std::vector<int64_t> no_output_padding(p.stride.size(), 0);
   return std::get<1>(at::convolution_backward(
       gy, x, w, std::nullopt, p.stride, p.padding, p.dilation, false, no_output_padding, p.groups,
