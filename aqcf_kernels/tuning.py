@@ -115,6 +115,15 @@ CLEAR_LOSS = 2.5
 # hamilton's time (2026-12-04). Below this, the loser gets its one warm re-check (under ~20 ms, once).
 CLEAR_LOSS_MIN_S = 0.02
 
+# A choice remembered on disk is checked on its first call in a process: the call is timed, and if the
+# winner ran this many times faster than the time it was chosen with, that measurement was taken in
+# other conditions and the signature is measured again (the call itself counts, cold as it is, so the
+# check errs towards keeping). Another job on one of the two cores slows oneDNN's multi-threaded conv
+# far more than fast8's item-scheduled products: on an Intel Xeon a 3d 8q 1x32³ forward measured beside
+# a running test suite was remembered as fast8 16.0 ms against hamilton 30.9, and quiet it took fast8
+# 7.9 against hamilton's 4.9 ms in every later process (2026-12-05).
+STALE_SPEEDUP = 1.5
+
 # Candidates whose best times are within this fraction of the fastest are a tie, and a tie goes to
 # the prior (the heuristic's pick). Two timings per candidate cannot separate closer pairs on a
 # machine that runs anything else: repeated measurements of the same 1d 16q layer flipped between
@@ -212,14 +221,16 @@ class Choice:
 
     candidate: Candidate  # what computes this call
     # 'measured', 'refining' (provisional: later calls still time), 'outrun' (the last refining call,
-    # computed by a candidate that lost: later calls run the winner), 'cached', 'heuristic', 'only'
+    # computed by a candidate that lost: later calls run the winner), 'cached', 'stale' (a cached choice
+    # that ran far faster than the time it was chosen with: later calls measure again, STALE_SPEEDUP),
+    # 'heuristic', 'only'
     how: str
     timings_ms: dict[str, float] | None = None
 
     @property
     def final(self) -> bool:
         """Whether later calls of the signature run ``candidate`` too, so a caller may remember it."""
-        return self.how not in ("refining", "outrun")
+        return self.how not in ("refining", "outrun", "stale")
 
 
 _listeners: list[Callable[[], None]] = []
@@ -352,6 +363,7 @@ def cache_path() -> Path | None:
 
 _lock = threading.Lock()
 _memory: dict[str, Candidate] = {}
+_stale: set[str] = set()  # signatures whose disk entry proved stale in this process (STALE_SPEEDUP)
 # The same choices under the callers' cheap hashable keys (tuples of shapes, dtypes, ...): a known
 # signature is then found without formatting its string key, which cost more than a small conv.
 _recent: dict[Hashable, Candidate] = {}
@@ -461,6 +473,7 @@ def clear(memory: bool = True, disk: bool = False) -> None:
     with _lock:
         if memory:
             _memory.clear()
+            _stale.clear()
             _recent.clear()
             _pending.clear()
             _steady.clear()
@@ -546,6 +559,7 @@ def _settle(key: str, winner: Candidate, fast_key: Hashable | None, best: dict[C
     """Remember ``winner`` for ``key`` in this process and in the disk cache."""
     with _lock:
         _memory[key] = winner
+        _stale.discard(key)
         _pending.pop(key, None)
         if fast_key is not None:
             _recent[fast_key] = winner
@@ -670,7 +684,7 @@ def lookup(key: str) -> Candidate | None:
     """The remembered choice for ``key`` (this process's, else the disk cache's), without measuring."""
     with _lock:
         cached = _memory.get(key)
-        if cached is None:
+        if cached is None and key not in _stale:
             entry = _disk_entries().get(key)
             if entry is not None:
                 cached = _memory[key] = Candidate(entry["backend"], entry["algorithm"])
@@ -703,12 +717,16 @@ def choose(
     # of one signature are computed by different candidates (results that differ in the last bits).
     if mode == "heuristic" or not can_time(tensors) or torch.are_deterministic_algorithms_enabled():
         return Choice(prior, "heuristic"), None
+    recorded = None if key in _memory else _disk_entries().get(key, {}).get("ms")  # another process's choice
     known = lookup(key)
+    device = next((t.device for t in tensors), torch.device("cpu"))
     if known in candidates:  # (not if that backend is gone, e.g. triton uninstalled: measure again)
+        chosen_with = recorded.get(str(known)) if isinstance(recorded, dict) else None
+        if isinstance(chosen_with, (int, float)) and chosen_with > 0:
+            return _check_remembered(key, known, chosen_with, run, device, fast_key)
         if fast_key is not None:
             _recent[fast_key] = known
         return Choice(known, "cached"), None
-    device = next((t.device for t in tensors), torch.device("cpu"))
     state = _pending.get(key)
     if state is not None and set(state.best) <= set(candidates):
         return _refine(key, state, run, device)
@@ -719,6 +737,34 @@ def choose(
         return Choice(winner, "refining", _ms(best)), output
     _settle(key, winner, fast_key, best)
     return Choice(winner, "measured", _ms(best)), output
+
+
+def _check_remembered(
+    key: str,
+    known: Candidate,
+    chosen_with_ms: float,
+    run: Callable[[Candidate], T],
+    device: torch.device,
+    fast_key: Hashable | None,
+) -> tuple[Choice, T]:
+    """Compute the first call of a choice another process remembered with ``known``, timed. If it ran
+    :data:`STALE_SPEEDUP` times faster than the time it was chosen with, that measurement was taken in
+    other conditions (another job on the cores): forget it, so the next call measures again."""
+    now = _timer(device)
+    start = now()
+    output = run(known)
+    took_ms = (now() - start) * 1e3
+    if took_ms * STALE_SPEEDUP < chosen_with_ms:
+        log.debug(
+            "%s: %s was chosen at %.3f ms and now takes %.3f ms: measuring again", key, known, chosen_with_ms, took_ms
+        )
+        with _lock:
+            _memory.pop(key, None)
+            _stale.add(key)
+        return Choice(known, "stale"), output
+    if fast_key is not None:
+        _recent[fast_key] = known
+    return Choice(known, "cached"), output
 
 
 def _setting(name: str) -> property:

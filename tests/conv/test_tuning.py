@@ -172,6 +172,55 @@ def test_a_clear_first_measurement_is_remembered_at_once(cache, monkeypatch) -> 
     assert tuning.lookup("sig") == other and not tuning._pending
 
 
+def _remembered_by_another_process(path: Path, key: str, winner: tuning.Candidate, ms: dict | None) -> None:
+    entry = {"backend": winner.backend, "algorithm": winner.algorithm}
+    if ms is not None:
+        entry["ms"] = {str(c): t for c, t in ms.items()}
+    tuning.write_cache_entry(path, key, entry)
+    tuning.clear(memory=True)  # this process has chosen nothing yet; the file holds the other's choice
+
+
+def test_a_remembered_choice_that_now_runs_far_faster_is_measured_again(cache, monkeypatch) -> None:
+    """A disk entry measured while another job slowed the cores (fast8 16.0 against hamilton 30.9 ms)
+    whose winner now runs STALE_SPEEDUP times faster is dropped after its first, timed call; the next
+    calls measure again, pick the pair that is faster now, and rewrite the entry."""
+    clock = [0.0]
+    monkeypatch.setattr(tuning, "_timer", lambda device: lambda: clock[0])
+    hamilton, fast8 = tuning.Candidate("cpp", "hamilton"), tuning.Candidate("cpp", "fast8")
+    _remembered_by_another_process(cache, "sig", fast8, {fast8: 16.0, hamilton: 30.9})
+    runs: list[tuning.Candidate] = []
+    run = _scripted_run({hamilton: [4.9], fast8: [7.9]}, runs, clock)
+    choice, output = tuning.choose("sig", [hamilton, fast8], hamilton, run, [torch.zeros(1)])
+    assert (choice.candidate, choice.how, choice.final) == (fast8, "stale", False)
+    assert output == "output of cpp/fast8 #0" and runs == [fast8]
+    assert tuning.lookup("sig") is None  # not the file's stale entry either
+    for _ in range(40):
+        choice, _ = tuning.choose("sig", [hamilton, fast8], hamilton, run, [torch.zeros(1)])
+        if choice.how == "cached":
+            break
+    assert choice.candidate == hamilton and hamilton in runs[1:] and fast8 in runs[1:]
+    assert tuning.read_cache_file(cache)["sig"]["algorithm"] == "hamilton"
+
+
+@pytest.mark.parametrize("ms", [{"cpp/fast8": 16.0}, None], ids=["recorded-time-still-holds", "no-recorded-time"])
+def test_a_remembered_choice_that_runs_as_fast_as_it_was_chosen_with_is_kept(cache, monkeypatch, ms) -> None:
+    """Within STALE_SPEEDUP of the time it was chosen with (here 12 ms against 16), or with no time
+    recorded (an older file), the other process's choice serves every call; only the first is timed."""
+    clock = [0.0]
+    monkeypatch.setattr(tuning, "_timer", lambda device: lambda: clock[0])
+    hamilton, fast8 = tuning.Candidate("cpp", "hamilton"), tuning.Candidate("cpp", "fast8")
+    recorded = None if ms is None else {fast8: ms["cpp/fast8"], hamilton: 30.9}
+    _remembered_by_another_process(cache, "sig", fast8, recorded)
+    runs: list[tuning.Candidate] = []
+    run = _scripted_run({hamilton: [4.9], fast8: [12.0]}, runs, clock)
+    choice, output = tuning.choose("sig", [hamilton, fast8], hamilton, run, [torch.zeros(1)])
+    assert (choice.candidate, choice.how) == (fast8, "cached")
+    assert (output, runs) == (("output of cpp/fast8 #0", [fast8]) if ms else (None, []))
+    choice, output = tuning.choose("sig", [hamilton, fast8], hamilton, run, [torch.zeros(1)])
+    assert (choice.candidate, choice.how, output) == (fast8, "cached", None)
+    assert runs == ([fast8] if ms else [])
+
+
 def test_a_cold_first_run_of_a_small_layer_is_rechecked_whatever_the_factor(cache, monkeypatch) -> None:
     """A first run that loses by CLEAR_LOSS and more, but by less than CLEAR_LOSS_MIN_S, may be only cold
     (a new shape's first call costs milliseconds, whatever the layer): it gets its warm re-check. Measured:
