@@ -15,7 +15,9 @@ computes the next :data:`CONFIRM_AFTER` calls, then the close candidates are tim
 leader's in the same round is clear (:data:`CONFIRM_EVIDENCE`) or :data:`CONFIRM_MAX_ROUNDS` have
 been taken: those paired ratios alone decide. Then the choice is remembered: in-process, and in an on-disk
 cache keyed by a machine fingerprint (CPU model, torch, triton and package versions), so the next
-process on the same machine measures nothing.
+process on the same machine measures nothing, unless a remembered winner's first call there runs
+:data:`STALE_SPEEDUP` times faster than the time it was chosen with (it was measured beside another
+job): that signature is measured again.
 Those later calls do the layer's real work, so measuring costs only the other candidates' first
 runs plus their difference to the winner on a few calls (``tools/tuning_cost.py``, README).
 
