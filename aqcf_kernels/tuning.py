@@ -365,7 +365,8 @@ def cache_path() -> Path | None:
 
 _lock = threading.Lock()
 _memory: dict[str, Candidate] = {}
-_stale: set[str] = set()  # signatures whose disk entry proved stale in this process (STALE_SPEEDUP)
+# Choices read from the disk cache and not yet timed in this process: the times (ms) they were chosen with.
+_unverified: dict[str, dict[str, Any]] = {}
 # The same choices under the callers' cheap hashable keys (tuples of shapes, dtypes, ...): a known
 # signature is then found without formatting its string key, which cost more than a small conv.
 _recent: dict[Hashable, Candidate] = {}
@@ -475,7 +476,7 @@ def clear(memory: bool = True, disk: bool = False) -> None:
     with _lock:
         if memory:
             _memory.clear()
-            _stale.clear()
+            _unverified.clear()
             _recent.clear()
             _pending.clear()
             _steady.clear()
@@ -561,7 +562,6 @@ def _settle(key: str, winner: Candidate, fast_key: Hashable | None, best: dict[C
     """Remember ``winner`` for ``key`` in this process and in the disk cache."""
     with _lock:
         _memory[key] = winner
-        _stale.discard(key)
         _pending.pop(key, None)
         if fast_key is not None:
             _recent[fast_key] = winner
@@ -686,10 +686,11 @@ def lookup(key: str) -> Candidate | None:
     """The remembered choice for ``key`` (this process's, else the disk cache's), without measuring."""
     with _lock:
         cached = _memory.get(key)
-        if cached is None and key not in _stale:
+        if cached is None:
             entry = _disk_entries().get(key)
             if entry is not None:
                 cached = _memory[key] = Candidate(entry["backend"], entry["algorithm"])
+                _unverified[key] = entry.get("ms") if isinstance(entry.get("ms"), dict) else {}
                 log.debug("%s: %s (from %s)", key, cached, _disk_path)
     return cached
 
@@ -719,11 +720,10 @@ def choose(
     # of one signature are computed by different candidates (results that differ in the last bits).
     if mode == "heuristic" or not can_time(tensors) or torch.are_deterministic_algorithms_enabled():
         return Choice(prior, "heuristic"), None
-    recorded = None if key in _memory else _disk_entries().get(key, {}).get("ms")  # another process's choice
     known = lookup(key)
     device = next((t.device for t in tensors), torch.device("cpu"))
     if known in candidates:  # (not if that backend is gone, e.g. triton uninstalled: measure again)
-        chosen_with = recorded.get(str(known)) if isinstance(recorded, dict) else None
+        chosen_with = _unverified.pop(key, {}).get(str(known))  # another process's choice: check it once
         if isinstance(chosen_with, (int, float)) and chosen_with > 0:
             return _check_remembered(key, known, chosen_with, run, device, fast_key)
         if fast_key is not None:
@@ -760,9 +760,9 @@ def _check_remembered(
         log.debug(
             "%s: %s was chosen at %.3f ms and now takes %.3f ms: measuring again", key, known, chosen_with_ms, took_ms
         )
-        with _lock:
+        with _lock:  # the next call measures; the file's entry is rewritten then
             _memory.pop(key, None)
-            _stale.add(key)
+            _disk_entries().pop(key, None)
         return Choice(known, "stale"), output
     if fast_key is not None:
         _recent[fast_key] = known

@@ -216,21 +216,23 @@ at::Tensor conv_fast8(
   // Groups partition the quaternion channels inside each component block, which is exactly
   // torch's `groups` on one component: every product is a plain (grouped) real conv. A transposed
   // conv is the adjoint, conj(W) ⊗ x with transposed products.
+  const std::array<at::Tensor, 4> x_blocks = blocks(x);
+  const int64_t slice = in_sequence ? x.size(0) : batch_slice(x, y);
   // (the weight's layout as the first slice's products read it)
-  const at::Tensor x_product = blocks(x)[0].narrow(0, 0, in_sequence ? x.size(0) : std::min(x.size(0), batch_slice(x, y)));
+  const at::Tensor x_product = x_blocks[0].narrow(0, 0, std::min(x.size(0), slice));
   const QuaternionOperand weight{
       components(w), p.transposed, /*batched=*/false, weight_layout(x_product, w.sizes().slice(1), p)};
   auto product = [&](const at::Tensor& wm, const at::Tensor& xm) { return real_conv(xm, wm, std::nullopt, p); };
   if (in_sequence) {
-    fast8_hamilton_product_in_sequence(weight, {blocks(x)}, product, blocks(y), b, act);
+    fast8_hamilton_product_in_sequence(weight, {x_blocks}, product, blocks(y), b, act);
     return y;
   }
   // relu and leaky_relu ride in the output pass for free; GELU's erf does not vectorise there, and
   // ATen's own gelu after the pass is faster (2d 32q B4 64², Intel Xeon, 2 threads: 30 vs 12 ms).
   const bool after = act.kind == Act::Gelu;
   fast8_hamilton_product(
-      weight, {blocks(x)}, product, blocks(y),
-      /*out_batched=*/true, b, {x.size(0), batch_slice(x, y)}, after ? Activation{} : act);
+      weight, {x_blocks}, product, blocks(y),
+      /*out_batched=*/true, b, {x.size(0), slice}, after ? Activation{} : act);
   if (after) activate_(y, act);
   return y;
 }
