@@ -9,7 +9,10 @@ attention in one call (the Triton backend in one launch):
 with every tensor ``(B, H, N, E)`` (``E = 4·d``: a head's ``d`` quaternion channels, ``[r|i|j|k]``).
 It also returns the log-sum-exp of each score row, which is all the backward needs to recompute
 the probabilities: no ``N_a × N_b`` matrix is ever stored. The backward is an op of its own
-(``cross_attention_backward``); like FlashAttention's, it has no derivative itself.
+(``cross_attention_backward``); like FlashAttention's, it has no derivative itself, so a backward that
+must be differentiable (``create_graph=True``: gradient penalties, Hessian-vector products, double
+backward) differentiates a composite attention instead (:func:`composite_attention_backward`), as the
+norm's and the recurrent cell's do. The gate's backward op likewise (:func:`composite_gate_backward`).
 
 ``gated_residual(f, o, g, alpha) = f + alpha · sigmoid(g) ⊙ o`` is the block's epilogue, one fused
 elementwise pass (``g`` may broadcast over tokens). Arguments reaching these ops are already checked
@@ -128,10 +131,50 @@ def _attention_backward(ctx, grad_a, grad_b, _grad_lse_a, _grad_lse_b):
     # An output that did not reach the loss arrives as None: its direction contributes nothing.
     grad_a = torch.zeros_like(out_a) if grad_a is None else grad_a
     grad_b = torch.zeros_like(out_b) if grad_b is None else grad_b
-    grads = torch.ops.aqcf.cross_attention_backward(
-        grad_a, grad_b, q_a, k_a, v_a, q_b, k_b, v_b, out_a, out_b, lse_a, lse_b, ctx.scale
-    )
+    if torch.is_grad_enabled():  # create_graph=True: the gradient must itself be differentiable
+        grads = composite_attention_backward(grad_a, grad_b, q_a, k_a, v_a, q_b, k_b, v_b, ctx.scale)
+    else:
+        grads = torch.ops.aqcf.cross_attention_backward(
+            grad_a, grad_b, q_a, k_a, v_a, q_b, k_b, v_b, out_a, out_b, lse_a, lse_b, ctx.scale
+        )
     return (*grads, None)
+
+
+def _differentiable(t: Tensor) -> Tensor:
+    """An alias of ``t`` in its graph, or a leaf where ``t`` is a constant (its gradient is asked for, and
+    dropped by the caller's autograd). An alias per argument: the same tensor passed as two arguments
+    (``o`` and ``gate_logits``, or ``k`` and ``v``) gets each argument's own gradient, not their sum."""
+    return t.view_as(t) if t.requires_grad else t.detach().requires_grad_()
+
+
+def _composite_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """``softmax(q kᵀ · scale) v`` from differentiable torch ops, the scores materialised (in float32 for
+    half-precision inputs); only for a differentiable backward, whose graph keeps them anyway."""
+    compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    scores = (q.to(compute) @ k.to(compute).transpose(-1, -2)) * scale
+    return (torch.softmax(scores, dim=-1) @ v.to(compute)).to(q.dtype)
+
+
+def composite_attention_backward(
+    grad_a: Tensor,
+    grad_b: Tensor,
+    q_a: Tensor,
+    k_a: Tensor,
+    v_a: Tensor,
+    q_b: Tensor,
+    k_b: Tensor,
+    v_b: Tensor,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(dq_a, dk_a, dv_a, dq_b, dk_b, dv_b)`` by differentiating the composite attention with
+    ``create_graph=True``: gradients that are differentiable in the inputs and in ``grad_a, grad_b``
+    (double backward works through them). Slower and ``N_a × N_b`` in memory per direction, so only the
+    autograd formulas' ``create_graph=True`` path calls it (the extension's too)."""
+    with torch.enable_grad():
+        inputs = [_differentiable(t) for t in (q_a, k_a, v_a, q_b, k_b, v_b)]
+        q_a, k_a, v_a, q_b, k_b, v_b = inputs
+        outs = (_composite_attention(q_a, k_b, v_b, scale), _composite_attention(q_b, k_a, v_a, scale))
+        return tuple(torch.autograd.grad(outs, inputs, (grad_a, grad_b), create_graph=True))
 
 
 def gated_residual(f: Tensor, o: Tensor, gate_logits: Tensor, alpha: Tensor) -> Tensor:
@@ -171,8 +214,24 @@ def _gate_setup_context(ctx, inputs, output):
 
 def _gate_backward(ctx, grad):
     o, gate_logits, alpha = ctx.saved_tensors
-    d_o, d_g, d_alpha = torch.ops.aqcf.gated_residual_backward(grad, o, gate_logits, alpha)
+    if torch.is_grad_enabled():  # create_graph=True
+        d_o, d_g, d_alpha = composite_gate_backward(grad, o, gate_logits, alpha)
+    else:
+        d_o, d_g, d_alpha = torch.ops.aqcf.gated_residual_backward(grad, o, gate_logits, alpha)
     return grad, d_o, d_g, d_alpha
+
+
+def composite_gate_backward(
+    grad: Tensor, o: Tensor, gate_logits: Tensor, alpha: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(d_o, d_gate_logits, d_alpha)`` of the gate by differentiating ``alpha · sigmoid(g) ⊙ o`` with
+    ``create_graph=True`` (double backward works through them); the ``create_graph=True`` path of the
+    autograd formulas (the extension's too). ``d_f`` is ``grad`` itself."""
+    with torch.enable_grad():
+        inputs = [_differentiable(t) for t in (o, gate_logits, alpha)]
+        o, gate_logits, alpha = inputs
+        y = alpha * torch.sigmoid(gate_logits) * o
+        return tuple(torch.autograd.grad(y, inputs, grad, create_graph=True))
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,7 +246,14 @@ _OPS = (
 )
 
 if NATIVE:
-    _C._set_attention_fallbacks(cross_attention, cross_attention_backward, gated_residual, gated_residual_backward)
+    _C._set_attention_fallbacks(
+        cross_attention,
+        cross_attention_backward,
+        gated_residual,
+        gated_residual_backward,
+        composite_attention_backward,
+        composite_gate_backward,
+    )
 define_ops(
     _OPS,
     NATIVE,

@@ -240,7 +240,8 @@ Tensors3 gated_residual_backward_native(
 
 // ------------------------------------------------------------------------------------------------
 // Autograd: the backward is the backward op (torch.compile and opcheck see it); like FlashAttention's,
-// the backward ops have no derivative themselves
+// the backward ops have no derivative themselves, so a backward under create_graph=True (grad mode on)
+// asks Python for the gradients through the composite attention and gate, which have one
 // ------------------------------------------------------------------------------------------------
 
 const auto& cross_attention_op() {
@@ -299,9 +300,17 @@ class CrossAttentionFunction : public torch::autograd::Function<CrossAttentionFu
     // An output that did not reach the loss contributes nothing: its gradient is zero.
     const Tensor grad_a = grads[0].defined() ? grads[0] : at::zeros_like(s[6]);
     const Tensor grad_b = grads[1].defined() ? grads[1] : at::zeros_like(s[7]);
-    auto [dq_a, dk_a, dv_a, dq_b, dk_b, dv_b] = cross_attention_backward_op().call(
-        grad_a, grad_b, s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8], s[9],
-        ctx->saved_data["scale"].toDouble());
+    const double scale = ctx->saved_data["scale"].toDouble();
+    Tensors6 g;
+    if (at::GradMode::is_enabled()) {  // create_graph=True
+      TORCH_CHECK(fallbacks.composite_cross_attention_backward,
+                  "aqcf::cross_attention: the Python composite backward is not registered");
+      g = fallbacks.composite_cross_attention_backward(grad_a, grad_b, s[0], s[1], s[2], s[3], s[4], s[5], scale);
+    } else {
+      g = cross_attention_backward_op().call(
+          grad_a, grad_b, s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8], s[9], scale);
+    }
+    auto& [dq_a, dk_a, dv_a, dq_b, dk_b, dv_b] = g;
     return {dq_a, dk_a, dv_a, dq_b, dk_b, dv_b, Tensor()};
   }
 };
@@ -321,7 +330,15 @@ class GatedResidualFunction : public torch::autograd::Function<GatedResidualFunc
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list s = ctx->get_saved_variables();
-    auto [d_o, d_g, d_alpha] = gated_residual_backward_op().call(grads[0], s[0], s[1], s[2]);
+    Tensors3 g;
+    if (at::GradMode::is_enabled()) {  // create_graph=True
+      TORCH_CHECK(fallbacks.composite_gated_residual_backward,
+                  "aqcf::gated_residual: the Python composite backward is not registered");
+      g = fallbacks.composite_gated_residual_backward(grads[0], s[0], s[1], s[2]);
+    } else {
+      g = gated_residual_backward_op().call(grads[0], s[0], s[1], s[2]);
+    }
+    auto& [d_o, d_g, d_alpha] = g;
     return {grads[0], d_o, d_g, d_alpha};
   }
 };

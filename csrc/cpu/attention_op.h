@@ -43,7 +43,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_residual_backward(
     const at::Tensor& grad, const at::Tensor& o, const at::Tensor& gate_logits, const at::Tensor& alpha);
 
 // The Python implementations of the four ops (aqcf_kernels.ops.attention): they select the backend,
-// run it and remember what the extension can serve itself.
+// run it and remember what the extension can serve itself. And the gradients through the composite
+// attention and gate (create_graph=True: the backward ops have no derivative, these are differentiable).
 using Tensors4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using Tensors6 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using Tensors3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
@@ -58,6 +59,12 @@ struct AttentionFallbacks {
   std::function<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&)> gated_residual;
   std::function<Tensors3(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&)>
       gated_residual_backward;
+  // (grad_a, grad_b, q_a, k_a, v_a, q_b, k_b, v_b, scale) -> (dq_a, dk_a, dv_a, dq_b, dk_b, dv_b)
+  std::function<Tensors6(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>
+      composite_cross_attention_backward;
+  std::function<Tensors3(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&)>
+      composite_gated_residual_backward;
 };
 void set_attention_fallbacks(AttentionFallbacks fallbacks);
 

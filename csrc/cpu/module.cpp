@@ -63,12 +63,16 @@ auto through_python(py::function fn) {
 // The Python implementations of the attention ops (attention_op.h).
 void set_attention_fallbacks(
     py::function cross_attention, py::function cross_attention_backward, py::function gated_residual,
-    py::function gated_residual_backward) {
+    py::function gated_residual_backward, py::function composite_cross_attention_backward,
+    py::function composite_gated_residual_backward) {
   aqcf::AttentionFallbacks fns;
   fns.cross_attention = through_python<aqcf::Tensors4>(std::move(cross_attention));
   fns.cross_attention_backward = through_python<aqcf::Tensors6>(std::move(cross_attention_backward));
   fns.gated_residual = through_python<at::Tensor>(std::move(gated_residual));
   fns.gated_residual_backward = through_python<aqcf::Tensors3>(std::move(gated_residual_backward));
+  fns.composite_cross_attention_backward =
+      through_python<aqcf::Tensors6>(std::move(composite_cross_attention_backward));
+  fns.composite_gated_residual_backward = through_python<aqcf::Tensors3>(std::move(composite_gated_residual_backward));
   aqcf::set_attention_fallbacks(std::move(fns));
 }
 
@@ -260,9 +264,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("groups"), py::arg("fast8"), py::arg("engine"));
   m.def("_set_attention_fallbacks", &set_attention_fallbacks,
         "The Python implementations of aqcf::cross_attention, aqcf::cross_attention_backward, "
-        "aqcf::gated_residual and aqcf::gated_residual_backward the CPU and CUDA kernels ask first",
+        "aqcf::gated_residual and aqcf::gated_residual_backward the CPU and CUDA kernels ask first, and the "
+        "differentiable gradients through the composite attention and gate (create_graph=True)",
         py::arg("cross_attention"), py::arg("cross_attention_backward"), py::arg("gated_residual"),
-        py::arg("gated_residual_backward"));
+        py::arg("gated_residual_backward"), py::arg("composite_cross_attention_backward"),
+        py::arg("composite_gated_residual_backward"));
   m.def(
       "_remember_attention_choice",
       [](const at::Tensor& q_a, const at::Tensor& k_a, const at::Tensor& v_a, const at::Tensor& q_b,

@@ -14,7 +14,7 @@ import contextlib
 
 import pytest
 import torch
-from torch.autograd import gradcheck
+from torch.autograd import gradcheck, gradgradcheck
 
 import aqcf_kernels
 from aqcf_kernels import backends, reference
@@ -105,6 +105,65 @@ def test_gradcheck_gated_residual_float64(gate_shape, single_threaded):
     g = rand(*gate_shape, seed=3).requires_grad_()
     alpha = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
     assert gradcheck(QF.gated_residual, (f, o, g, alpha))
+
+
+def _check_second_order(fn, inputs) -> None:
+    """gradgradcheck of ``fn``, and its gradients under create_graph=True (the composite path) equal to the
+    plain backward's: gradgradcheck differentiates the create_graph gradient numerically, so a wrong but
+    smooth one would pass it alone."""
+    assert gradgradcheck(fn, inputs)
+    outs = fn(*inputs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    grads_out = [rand(*o.shape, seed=40 + i) for i, o in enumerate(outs)]
+    plain = torch.autograd.grad(outs, inputs, grads_out, retain_graph=True)
+    differentiable = torch.autograd.grad(outs, inputs, grads_out, create_graph=True)
+    for i, (d, p) in enumerate(zip(differentiable, plain, strict=True)):
+        assert rel(d, p) <= 1e-12, f"input {i}: {rel(d, p):.2e}"
+
+
+@pytest.mark.parametrize("aliased", [False, True], ids=["distinct", "k-is-v"])
+def test_gradgradcheck_cross_attention_float64(aliased, single_threaded):
+    """Double backward: the backward under create_graph=True differentiates the composite attention. With
+    one tensor passed as both keys and values of a stream, each argument keeps its own gradient."""
+    q_a, k_a, v_a, q_b, k_b, v_b = (t.requires_grad_() for t in attention_inputs(1, 2, 3, 2, 4, 3, 4, seed=6))
+    if aliased:
+        _check_second_order(lambda q_a, kv_a, q_b, kv_b: QF.cross_attention(q_a, kv_a, kv_a, q_b, kv_b, kv_b),
+                            (q_a, k_a, q_b, k_b))  # fmt: skip
+    else:
+        _check_second_order(lambda *a: QF.cross_attention(*a, scale=0.37), (q_a, k_a, v_a, q_b, k_b, v_b))
+
+
+@pytest.mark.parametrize("gate_shape", [(2, 8, 5), (2, 8, 1)], ids=["token", "channel"])
+def test_gradgradcheck_gated_residual_float64(gate_shape, single_threaded):
+    f, o = rand(2, 8, 5, seed=1).requires_grad_(), rand(2, 8, 5, seed=2).requires_grad_()
+    g = rand(*gate_shape, seed=3).requires_grad_()
+    alpha = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
+    _check_second_order(QF.gated_residual, (f, o, g, alpha))
+    _check_second_order(lambda f, alpha: QF.gated_residual(f, f, f, alpha), (f, alpha))  # one tensor, three roles
+
+
+@pytest.mark.parametrize(("dtype", "bound"), [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+def test_second_derivative_in_low_precision_within_contract(dtype, bound):
+    """A Hessian-vector product through the attention in float32 / fp16 / bf16: float32 within the contract's
+    1e-5 of float64; the composite computes half-precision scores in float32, so fp16 and bf16 stay within
+    a few of their ulps (2.5 bf16 ulps; measured 2.5-4.1e-3 bf16, 2.8-5.0e-4 fp16) of the float64
+    computation on the same rounded inputs."""
+    exact_inputs = attention_inputs(2, 2, 9, 5, 7, 4, 8, seed=8)
+    v_dir = [rand(*t.shape, seed=30 + i) for i, t in enumerate(exact_inputs)]
+
+    def hvp(inputs, direction):
+        inputs = [t.detach().clone().requires_grad_() for t in inputs]
+        out_a, out_b = QF.cross_attention(*inputs)
+        grads = torch.autograd.grad(out_a.square().sum() + out_b.square().sum(), inputs, create_graph=True)
+        dot = sum((g * d).sum() for g, d in zip(grads, direction, strict=True))
+        return [h.double() for h in torch.autograd.grad(dot, inputs)]
+
+    exact = hvp(exact_inputs, v_dir)
+    got = hvp([t.to(dtype) for t in exact_inputs], [d.to(dtype) for d in v_dir])
+    rounded = hvp([t.to(dtype).double() for t in exact_inputs], [d.to(dtype).double() for d in v_dir])
+    for i, (g, r, e) in enumerate(zip(got, rounded, exact, strict=True)):
+        against = e if dtype == torch.float32 else r
+        assert rel(g, against) <= bound, f"input {i}: {rel(g, against):.2e}"
 
 
 @pytest.mark.parametrize("gate_shape", [(3, 12, 37), (3, 12, 1)], ids=["token", "channel"])

@@ -14,18 +14,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from aqcf_kernels import backends
+from aqcf_kernels import backends, reference
 from aqcf_kernels import functional as QF
 from aqcf_kernels.backends._extension import _C
 from aqcf_kernels.backends.registry import forget_choices
 from aqcf_kernels.backends.torch import attention as TA
 from aqcf_kernels.ops import attention as attention_ops
 
-from ._util import attention_inputs, output_grads, rand
+from ._util import attention_inputs, output_grads, rand, rel
 
 ROOT = Path(__file__).resolve().parents[2]
 native = pytest.mark.skipif(not attention_ops.NATIVE, reason="aqcf_kernels._C is not built")
 OPS = ("cross_attention", "cross_attention_backward", "gated_residual", "gated_residual_backward")
+#: the differentiable gradients the native autograd formulas ask for under create_graph=True
+COMPOSITES = ("composite_attention_backward", "composite_gate_backward")
 
 
 @pytest.fixture(autouse=True)
@@ -36,7 +38,7 @@ def torch_backend(monkeypatch):
 @pytest.fixture
 def asked(counting_fallbacks):
     """The extension's attention kernels ask counting wrappers of the Python functions; nothing remembered."""
-    with counting_fallbacks(_C._set_attention_fallbacks, attention_ops, OPS) as asked:
+    with counting_fallbacks(_C._set_attention_fallbacks, attention_ops, OPS + COMPOSITES) as asked:
         yield asked
 
 
@@ -281,18 +283,31 @@ def test_the_native_cuda_calls_on_meta_tensors(kernel, dtype, n_q) -> None:
 
 
 @native
-def test_the_backward_ops_have_no_derivative(asked) -> None:
-    """As the Python custom ops: backpropagating through a gradient of the block's attention or gate raises."""
+def test_a_differentiable_backward_goes_through_the_composites(asked) -> None:
+    """The backward ops have no derivative (as FlashAttention's): the native autograd formulas take the
+    composite attention and gate under create_graph=True, and only then; the second derivatives through
+    them are the reference's."""
     inputs = [t.requires_grad_() for t in attention_inputs(1, 1, 3, 2, 4, 3, 8, seed=14)]
-    out_a, out_b = QF.cross_attention(*inputs)
-    (dq,) = torch.autograd.grad(out_a.sum() + out_b.sum(), inputs[:1], create_graph=True)
-    with pytest.raises(RuntimeError, match="cross_attention_backward"):
-        dq.sum().backward()
     f = rand(2, 4, 3, seed=15).requires_grad_()
-    y = QF.gated_residual(f, f, f, torch.tensor(0.5, dtype=f.dtype))
-    (df,) = torch.autograd.grad(y.sum(), [f], create_graph=True)
-    with pytest.raises(RuntimeError, match="gated_residual_backward"):
-        df.sum().backward()
+    alpha = torch.tensor(0.5, dtype=f.dtype, requires_grad=True)
+
+    def second_derivatives(attention, gate):
+        out_a, out_b = attention(*inputs)
+        y = gate(f, f, f, alpha)
+        loss = out_a.square().sum() + out_b.sum() + y.square().sum()
+        first = torch.autograd.grad(loss, [*inputs, f], create_graph=True)
+        return torch.autograd.grad(sum(g.square().sum() for g in first), [*inputs, f, alpha])
+
+    got = second_derivatives(QF.cross_attention, QF.gated_residual)
+    assert (asked["composite_attention_backward"], asked["composite_gate_backward"]) == (1, 1)
+    expected = second_derivatives(lambda *a: reference.cross_attention(*a, 8**-0.5), reference.gated_residual)
+    for i, (g, e) in enumerate(zip(got, expected, strict=True)):
+        assert rel(g, e) <= 1e-12, f"input {i}: relative error {rel(g, e):.2e}"
+    out_a, out_b = QF.cross_attention(*inputs)
+    (out_a.sum() + out_b.sum() + QF.gated_residual(f, f, f, alpha).sum()).backward()  # no create_graph
+    assert (asked["composite_attention_backward"], asked["composite_gate_backward"]) == (1, 1), (
+        "a plain backward took the composite path"
+    )
 
 
 @pytest.mark.skipif(_C is None, reason="without the extension the whole suite tests the Python definitions")

@@ -252,6 +252,43 @@ def test_eval_mode_gradients_equal_the_unfolded_network(spatial_dims: int) -> No
             torch.testing.assert_close(got, want, rtol=2e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_gradient_penalty_is_the_derivative_of_the_penalty(spatial_dims: int, train: bool) -> None:
+    """A gradient penalty P(θ) = ‖∂L/∂ct‖² (WGAN-GP, R1: create_graph=True through every op — convs, fused
+    norms, the A-QCF attention and gate, the folded eval units) backpropagates to the parameters: its
+    gradient along a random direction d is (P(θ + εd) − P(θ − εd)) / 2ε, float64. GELU, because a
+    piecewise-linear activation's kinks make that difference quotient jump wherever a unit crosses zero."""
+    size = SIZES[spatial_dims]
+    model = tiny(spatial_dims, kv_pool=16, act="gelu").double()
+    set_alphas(model)
+    model(ct=image(2, size, 9, torch.float64), mri=image(2, size, 8, torch.float64))  # running statistics
+    model.train(train)
+    ct, mri = image(2, size, 1, torch.float64), image(2, size, 2, torch.float64)
+    params = list(model.parameters())
+    g = torch.Generator().manual_seed(7)
+    direction = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in params]
+
+    def penalty() -> torch.Tensor:
+        x = ct.clone().requires_grad_()
+        out = model(ct=x, mri=mri)
+        (grad,) = torch.autograd.grad(out["ct"].square().sum() + out["mri"].square().sum(), x, create_graph=True)
+        return grad.square().sum()
+
+    analytic = sum((a * d).sum() for a, d in zip(torch.autograd.grad(penalty(), params), direction, strict=True))
+    eps, shifted = 1e-6, []
+    with torch.no_grad():
+        for sign in (1, -1):
+            for p, d in zip(params, direction, strict=True):
+                p.add_(sign * eps * d)
+            with torch.enable_grad():
+                shifted.append(penalty().item())
+            for p, d in zip(params, direction, strict=True):
+                p.sub_(sign * eps * d)
+    numeric = (shifted[0] - shifted[1]) / (2 * eps)
+    assert abs(analytic.item() - numeric) <= 1e-6 * abs(numeric), (analytic.item(), numeric)
+
+
 # ---------------------------------------------------------------------------------------------
 # Modes of operation
 # ---------------------------------------------------------------------------------------------
