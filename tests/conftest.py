@@ -20,6 +20,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+    # ...and there check every alignment hint the kernels give the compiler (tests/_interpreter_hints.py)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.path.insert(0, str(Path(__file__).parent))
+        import _interpreter_hints
+
+        _interpreter_hints.install()
+
 # 'auto' measures and remembers its choices (aqcf_kernels.tuning): the suite keeps them in a cache
 # file of its own, never in the user's ~/.cache, and child processes (torchrun tests) share it.
 if "AQCF_TUNING_CACHE" not in os.environ:
