@@ -20,12 +20,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-    # ...and there check every alignment hint the kernels give the compiler (tests/_interpreter_hints.py)
+    # ...and there check what it cannot see: alignment hints, accesses outside the tensors
+    # (tests/_interpreter_checks.py)
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.path.insert(0, str(Path(__file__).parent))
-        import _interpreter_hints
+        import _interpreter_checks
 
-        _interpreter_hints.install()
+        _interpreter_checks.install()
 
 # 'auto' measures and remembers its choices (aqcf_kernels.tuning): the suite keeps them in a cache
 # file of its own, never in the user's ~/.cache, and child processes (torchrun tests) share it.

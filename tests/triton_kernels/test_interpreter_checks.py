@@ -1,0 +1,114 @@
+"""The checks the suite adds to the Triton interpreter (tests/_interpreter_checks.py): a true
+``tl.multiple_of`` passes and a false one fails the launch; an access inside the launch's tensors passes
+and one past a tensor's end (by one element, masked or not) fails it. Every Triton test of the suite runs
+with the checks installed."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+import _interpreter_checks  # noqa: E402  (tests/, on sys.path through tests/conftest.py)
+import triton.language as tl  # noqa: E402
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the interpreter's check")
+
+
+@triton.jit
+def _copy_runs(src, dst, RUN: tl.constexpr, ALIGN: tl.constexpr):
+    """Copies one run of RUN elements per program, its start said to be a multiple of ALIGN."""
+    start = tl.multiple_of(tl.program_id(0) * RUN, ALIGN)
+    offs = start + tl.arange(0, RUN)
+    tl.store(dst + offs, tl.load(src + offs))
+
+
+def test_the_check_is_installed() -> None:
+    from triton.runtime import interpreter
+
+    assert getattr(interpreter.TensorHandle.set_attr, "checked", False)
+
+
+def test_a_true_hint_passes() -> None:
+    src = torch.randn(3 * 16)
+    dst = torch.empty_like(src)
+    _copy_runs[(3,)](src, dst, RUN=16, ALIGN=16)
+    assert torch.equal(dst, src)
+
+
+def test_a_false_hint_fails_the_launch() -> None:
+    """Runs of 8 elements said to start at multiples of 16: the second program's start, 8, is not."""
+    src = torch.randn(3 * 8)
+    with pytest.raises(Exception) as caught:
+        _copy_runs[(3,)](src, torch.empty_like(src), RUN=8, ALIGN=16)
+    # (the interpreter wraps an exception raised inside a kernel in its InterpreterError)
+    assert isinstance(caught.value, _interpreter_checks.FalseAlignmentHint) or isinstance(
+        caught.value.__cause__, _interpreter_checks.FalseAlignmentHint
+    ), repr(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("data", "values", "ok"),
+    [([0, 16, -32], [16], True), ([0, 8], [16], False), ([48], [16, 8], True), ([24], [8, 16], False)],
+)
+def test_check_divisibility(data, values, ok) -> None:
+    import numpy as np
+
+    if ok:
+        _interpreter_checks.check_divisibility(np.array(data, dtype=np.int32), values)
+    else:
+        with pytest.raises(_interpreter_checks.FalseAlignmentHint, match="is false"):
+            _interpreter_checks.check_divisibility(np.array(data, dtype=np.int32), values)
+
+
+@triton.jit
+def _copy_masked(src, dst, n, BLOCK: tl.constexpr, SLACK: tl.constexpr):
+    """Copies n elements in one block; its mask lets SLACK elements past n through (0: a correct kernel)."""
+    offs = tl.arange(0, BLOCK)
+    keep = offs < n + SLACK
+    tl.store(dst + offs, tl.load(src + offs, mask=keep), mask=keep)
+
+
+def _raised(caught) -> BaseException:
+    return caught.value.__cause__ if caught.value.__cause__ is not None else caught.value
+
+
+def test_accesses_inside_the_tensors_pass() -> None:
+    src = torch.randn(13)
+    dst = torch.empty_like(src)
+    _copy_masked[(1,)](src, dst, 13, BLOCK=16, SLACK=0)
+    assert torch.equal(dst, src)
+    view = torch.randn(40)[8:21]  # a view: its storage is the whole tensor, which a kernel may address
+    _copy_masked[(1,)](view, dst, 13, BLOCK=16, SLACK=0)
+    assert torch.equal(dst, view)
+
+
+def test_a_load_past_the_end_fails_the_launch() -> None:
+    src = torch.randn(13)
+    with pytest.raises(Exception) as caught:
+        _copy_masked[(1,)](src, torch.empty(14), 13, BLOCK=16, SLACK=1)  # reads src[13]: one past the end
+    assert isinstance(_raised(caught), _interpreter_checks.OutOfBoundsAccess), repr(caught.value)
+    assert "load" in str(_raised(caught))
+
+
+def test_a_store_past_the_end_fails_the_launch() -> None:
+    src = torch.randn(14)
+    with pytest.raises(Exception) as caught:
+        _copy_masked[(1,)](src, torch.empty(13), 13, BLOCK=16, SLACK=1)  # writes dst[13]
+    assert isinstance(_raised(caught), _interpreter_checks.OutOfBoundsAccess), repr(caught.value)
+    assert "store" in str(_raised(caught))
+
+
+def test_check_in_bounds_counts_whole_elements() -> None:
+    import numpy as np
+
+    ranges = [(1000, 1016), (2000, 2008)]
+    ok = np.array([1000, 1012, 2004], dtype=np.uint64)
+    _interpreter_checks.check_in_bounds(ok, np.ones(3, dtype=bool), 4, ranges, "load")
+    straddles = np.array([1014], dtype=np.uint64)  # its last 2 bytes are past 1016
+    with pytest.raises(_interpreter_checks.OutOfBoundsAccess):
+        _interpreter_checks.check_in_bounds(straddles, np.ones(1, dtype=bool), 4, ranges, "load")
+    masked_out = np.array([1000, 5000], dtype=np.uint64)
+    _interpreter_checks.check_in_bounds(masked_out, np.array([True, False]), 4, ranges, "store")
