@@ -13,8 +13,13 @@ two faults it cannot see would only show on a GPU:
   address a load or store lets through must lie, with its whole element, in the storage of one of the
   launch's tensor arguments.
 
-A failed check raises :class:`InterpreterCheckFailed` inside the launch (the interpreter wraps it in its
-``InterpreterError``), so the test that launched the kernel fails.
+* **A race between programs.** The interpreter runs a launch's programs one after another, so two
+  programs that store to the same address, or one that loads what another stores in the same launch, get
+  the sequential order's result; on a GPU the programs run at once and the order is undefined. Here every
+  address stored (atomics aside) must be stored by one program of the launch only, and read by no other.
+
+A failed check raises :class:`InterpreterCheckFailed`: inside the launch (the interpreter wraps it in its
+``InterpreterError``), or for a race at its end, so the test that launched the kernel fails.
 """
 
 from __future__ import annotations
@@ -39,6 +44,10 @@ class OutOfBoundsAccess(InterpreterCheckFailed):
     """A load or store let through an address outside every tensor argument of the launch."""
 
 
+class RaceBetweenPrograms(InterpreterCheckFailed):
+    """Two programs of a launch store to one address, or one loads what another stores."""
+
+
 def check_divisibility(data: np.ndarray, values: list[int]) -> None:
     """Raise :class:`FalseAlignmentHint` unless every element of ``data`` is a multiple of every one of
     ``values`` (one per dimension, as ``tl.multiple_of`` takes them)."""
@@ -59,7 +68,7 @@ def check_in_bounds(addresses: np.ndarray, mask: np.ndarray, itemsize: int, rang
                     what: str) -> None:  # fmt: skip
     """Raise :class:`OutOfBoundsAccess` unless every address of ``addresses`` that ``mask`` lets through
     lies, with its ``itemsize`` bytes, in one of ``ranges`` (``[start, end)`` byte ranges)."""
-    through = np.broadcast_to(np.asarray(addresses, dtype=np.uint64), np.shape(mask))[np.asarray(mask, dtype=bool)]
+    through = _through(addresses, mask)
     if through.size == 0:
         return
     starts = np.array(sorted(r[0] for r in ranges), dtype=np.uint64)
@@ -76,7 +85,55 @@ def check_in_bounds(addresses: np.ndarray, mask: np.ndarray, itemsize: int, rang
         )
 
 
-_launch = threading.local()  # .ranges: the byte ranges of the running launch's tensor arguments
+def check_races(stores: list[tuple[int, np.ndarray]], loads: list[tuple[int, np.ndarray]]) -> None:
+    """Raise :class:`RaceBetweenPrograms` if an address of ``stores`` (``(program, addresses)`` pairs of one
+    launch) is stored by two programs, or one of ``loads`` reads an address another program stores."""
+    if not stores:
+        return
+    written = _unique_pairs(stores)
+    addresses, writers = np.unique(written[:, 0], return_counts=True)
+    if (writers > 1).any():
+        address = addresses[writers > 1][0]
+        programs = sorted(int(p) for p in written[written[:, 0] == address, 1])
+        raise RaceBetweenPrograms(
+            f"{int((writers > 1).sum())} addresses are stored by more than one program of the launch, e.g. "
+            f"{int(address):#x} by programs {programs} (on a GPU which one lands is undefined)"
+        )
+    if not loads:
+        return
+    order = np.argsort(written[:, 0])
+    owner_address, owner = written[order, 0], written[order, 1]
+    read = _unique_pairs(loads)
+    slot = np.clip(np.searchsorted(owner_address, read[:, 0]), 0, len(owner_address) - 1)
+    foreign = (owner_address[slot] == read[:, 0]) & (owner[slot] != read[:, 1])
+    if foreign.any():
+        address, reader = read[foreign][0]
+        raise RaceBetweenPrograms(
+            f"{int(foreign.sum())} loads read an address another program of the same launch stores, e.g. "
+            f"{int(address):#x}, read by program {int(reader)} and stored by program "
+            f"{int(owner[slot][foreign][0])} (on a GPU the read may come before or after the store)"
+        )
+
+
+def _unique_pairs(accesses: list[tuple[int, np.ndarray]]) -> np.ndarray:
+    """``(address, program)`` rows, each once."""
+    rows = np.concatenate([np.stack([a, np.full(a.shape, p, dtype=np.uint64)], axis=1) for p, a in accesses])
+    return np.unique(rows, axis=0)
+
+
+#: per thread, the running launch: .ranges (byte ranges of its tensor arguments), .stores and .loads
+#: (``(program, addresses)`` of each access its masks let through)
+_launch = threading.local()
+
+
+def _program(builder) -> int:
+    x, y, z = builder.grid_idx
+    nx, ny, _ = builder.grid_dim
+    return x + nx * (y + ny * z)
+
+
+def _through(addresses, mask) -> np.ndarray:
+    return np.broadcast_to(np.asarray(addresses, dtype=np.uint64), np.shape(mask))[np.asarray(mask, dtype=bool)]
 
 
 def _storage_ranges(args, kwargs) -> list[tuple[int, int]]:
@@ -118,7 +175,15 @@ def install() -> bool:
     def recording_init_args(self, args_dev, kwargs):
         args_hst, kwargs_hst = init_args(self, args_dev, kwargs)
         _launch.ranges = _storage_ranges(args_hst, kwargs_hst)  # the host copies the kernel runs on
+        _launch.stores, _launch.loads = [], []
         return args_hst, kwargs_hst
+
+    restore_args = interpreter.GridExecutor._restore_args_dev
+
+    def race_checked_restore(self, *args):  # after the launch's last program
+        check_races(_launch.stores, _launch.loads)
+        _launch.stores, _launch.loads = [], []
+        return restore_args(self, *args)
 
     builder = interpreter.InterpreterBuilder
     masked_load, masked_store, atomic_rmw = (
@@ -130,10 +195,14 @@ def install() -> bool:
     def checked_load(self, ptrs, mask, other, cache_policy, is_volatile):
         itemsize = np.dtype(interpreter._get_np_dtype(ptrs.get_element_ty())).itemsize
         check_in_bounds(ptrs.data, mask.data, itemsize, getattr(_launch, "ranges", []), "load")
+        if getattr(_launch, "loads", None) is not None:
+            _launch.loads.append((_program(self), np.unique(_through(ptrs.data, mask.data))))
         return masked_load(self, ptrs, mask, other, cache_policy, is_volatile)
 
     def checked_store(self, ptrs, value, mask, cache_policy):
         check_in_bounds(ptrs.data, mask.data, value.data.dtype.itemsize, getattr(_launch, "ranges", []), "store")
+        if getattr(_launch, "stores", None) is not None:
+            _launch.stores.append((_program(self), np.unique(_through(ptrs.data, mask.data))))
         return masked_store(self, ptrs, value, mask, cache_policy)
 
     def checked_atomic_rmw(self, rmw_op, ptr, val, mask, sem, scope):
@@ -143,6 +212,7 @@ def install() -> bool:
     checked_set_attr.checked = True
     interpreter.TensorHandle.set_attr = checked_set_attr
     interpreter.GridExecutor._init_args_hst = recording_init_args
+    interpreter.GridExecutor._restore_args_dev = race_checked_restore
     builder.create_masked_load, builder.create_masked_store = checked_load, checked_store
     builder.create_atomic_rmw = checked_atomic_rmw
     return True

@@ -1,7 +1,8 @@
 """The checks the suite adds to the Triton interpreter (tests/_interpreter_checks.py): a true
 ``tl.multiple_of`` passes and a false one fails the launch; an access inside the launch's tensors passes
-and one past a tensor's end (by one element, masked or not) fails it. Every Triton test of the suite runs
-with the checks installed."""
+and one past a tensor's end (by one element, masked or not) fails it; programs that store their own
+outputs pass, two storing one address or one reading another's output fail. Every Triton test of the
+suite runs with the checks installed."""
 
 from __future__ import annotations
 
@@ -112,3 +113,54 @@ def test_check_in_bounds_counts_whole_elements() -> None:
         _interpreter_checks.check_in_bounds(straddles, np.ones(1, dtype=bool), 4, ranges, "load")
     masked_out = np.array([1000, 5000], dtype=np.uint64)
     _interpreter_checks.check_in_bounds(masked_out, np.array([True, False]), 4, ranges, "store")
+
+
+@triton.jit
+def _shift_runs(src, dst, RUN: tl.constexpr, WRITE_SHIFT: tl.constexpr, READ_DST: tl.constexpr):
+    """Program p copies run p of src to run p + WRITE_SHIFT of dst; with READ_DST it also reads dst's run
+    p + WRITE_SHIFT + 1 (what the next program stores)."""
+    p = tl.program_id(0)
+    offs = tl.arange(0, RUN)
+    value = tl.load(src + p * RUN + offs)
+    if READ_DST:
+        value += tl.load(dst + (p + WRITE_SHIFT + 1) * RUN + offs)
+    tl.store(dst + (p + WRITE_SHIFT) * RUN + offs, value)
+
+
+def test_programs_with_their_own_outputs_pass() -> None:
+    src = torch.randn(4 * 8)
+    dst = torch.zeros(5 * 8)
+    _shift_runs[(4,)](src, dst, RUN=8, WRITE_SHIFT=1, READ_DST=False)
+    assert torch.equal(dst[8:], src)
+
+
+@triton.jit
+def _store_run_zero(src, dst, RUN: tl.constexpr):
+    """Every program stores its run of src to dst's run 0."""
+    offs = tl.arange(0, RUN)
+    tl.store(dst + offs, tl.load(src + tl.program_id(0) * RUN + offs))
+
+
+def test_two_programs_storing_one_address_fail() -> None:
+    src = torch.randn(3 * 8)
+    with pytest.raises(_interpreter_checks.RaceBetweenPrograms, match="stored by more than one program"):
+        _store_run_zero[(3,)](src, torch.zeros(8), RUN=8)
+
+
+def test_a_program_reading_another_programs_output_fails() -> None:
+    src = torch.randn(4 * 8)
+    with pytest.raises(_interpreter_checks.RaceBetweenPrograms, match="another program of the same launch"):
+        _shift_runs[(4,)](src, torch.zeros(6 * 8), RUN=8, WRITE_SHIFT=1, READ_DST=True)
+
+
+def test_check_races_rules() -> None:
+    import numpy as np
+
+    def a(*addresses):
+        return np.array(addresses, dtype=np.uint64)
+
+    _interpreter_checks.check_races([(0, a(0, 4)), (1, a(8)), (0, a(0))], [(0, a(0, 4, 100)), (1, a(8, 100))])
+    with pytest.raises(_interpreter_checks.RaceBetweenPrograms):
+        _interpreter_checks.check_races([(0, a(0)), (1, a(0))], [])
+    with pytest.raises(_interpreter_checks.RaceBetweenPrograms):
+        _interpreter_checks.check_races([(0, a(0))], [(1, a(0))])
