@@ -34,9 +34,12 @@ from ._util import (
 )
 
 TRITON = registered("attention")["triton"]
-pytestmark = pytest.mark.skipif(
-    TRITON.unavailable() is not None, reason=f"triton attention backend unavailable: {TRITON.unavailable()}"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        TRITON.unavailable() is not None, reason=f"triton attention backend unavailable: {TRITON.unavailable()}"
+    ),
+    pytest.mark.usefixtures("poisoned_allocations"),  # an unwritten element read fails (tests/conftest.py)
+]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETED = DEVICE == "cpu"
 FP16_FLOOR = 2.0**-11

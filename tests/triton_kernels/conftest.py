@@ -55,14 +55,5 @@ def launch_constexprs(monkeypatch):
 
 
 @pytest.fixture(autouse=True)
-def poisoned_allocations():
-    """Every tensor made without values (``torch.empty`` and kin: the launchers' outputs and partial
-    buffers) starts as NaN (integers at their maximum), PyTorch's own ``fill_uninitialized_memory`` under
-    deterministic mode: a kernel that reads an element no launch wrote fails its test here, where fresh
-    host memory would often read as zeros and pass, while a GPU's caching allocator hands back old data.
-    (``warn_only``: no aten op here raises for lacking a deterministic kernel.)"""
-    was = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    assert torch.utils.deterministic.fill_uninitialized_memory
-    yield
-    torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+def _poisoned(poisoned_allocations):
+    """Every Triton kernel test runs with poisoned allocations (tests/conftest.py)."""
