@@ -103,6 +103,7 @@ def norm_case(layout: str, n: int = 8, c: int = 256, s: int = 64 * 64) -> dict[s
     """The integer arguments of a launch on an ``(n, c, s)`` tensor in ``layout`` ('nchw' or 'channels_last')."""
     strides = (c * s, s, 1) if layout == "nchw" else (c * s, 1, c)
     values = {"C": c, "CQ": c // 4, "S": s, "G": n, "CHUNK": 512, "SPLITS": 8, "PARTS": 8 * n, "COUNT": n * s}
+    values.update(N0=0, G0=0)  # the grid's slice starts at 0 (common.axis_slices)
     for prefix in ("stride_", "sx", "sy", "sg", "sd"):  # every tensor in the same layout
         values.update({prefix + k: v for k, v in zip("ncs", strides, strict=True)})
     return values

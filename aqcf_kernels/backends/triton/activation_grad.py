@@ -53,6 +53,7 @@ def activation_grad_bias_kernel(
     stride_c,
     stride_s,
     negative_slope,
+    N0,  # the first sample of this launch's slice of the grid's sample axis (common.axis_slices)
     ACTIVATION: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
@@ -60,7 +61,7 @@ def activation_grad_bias_kernel(
     """``gz = act'(gate) · gy`` over one chunk of one sample's channel block, and its sum per channel.
 
     Program (c block, n, k), as :func:`.norm.qnorm_stats_kernel`."""
-    n = tl.program_id(1).to(tl.int64)
+    n = (tl.program_id(1) + N0).to(tl.int64)
     k = tl.program_id(2)
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C
@@ -106,8 +107,9 @@ def activation_grad_bias(grad: Tensor, gate: Tensor, activation: str, negative_s
     block_c, block_s = _blocks(c, s, stride_c == 1 and c > 1)
     chunk, splits = _chunking(n, c, s, block_c, block_s, gate.device)
     partials = torch.empty((n, splits, c), dtype=torch.float32, device=gate.device)
-    activation_grad_bias_kernel[(common.cdiv(c, block_c), n, splits)](
-        grad, gate, gz, partials, c, s, chunk, stride_n, stride_c, stride_s, float(negative_slope),
-        ACTIVATION=ACTIVATION_CODES[activation], BLOCK_C=block_c, BLOCK_S=block_s, **_launch_options(),
-    )  # fmt: skip
+    for n0, count in common.axis_slices(n):
+        activation_grad_bias_kernel[(common.cdiv(c, block_c), count, splits)](
+            grad, gate, gz, partials, c, s, chunk, stride_n, stride_c, stride_s, float(negative_slope), n0,
+            ACTIVATION=ACTIVATION_CODES[activation], BLOCK_C=block_c, BLOCK_S=block_s, **_launch_options(),
+        )  # fmt: skip
     return gz, partials.sum((0, 1)).to(grad.dtype)

@@ -55,13 +55,13 @@ def cross_attention(q_a, k_a, v_a, q_b, k_b, v_b, scale: float):
     block_m, block_n = _tiles(e)
     dot_dtype, precision = common.dot_config(q_a.dtype)
     tiles_a = common.cdiv(n_qa, block_m)
-    grid = (tiles_a + common.cdiv(n_qb, block_m), b * h)
-    attention_fwd_kernel[grid](
-        q_a, k_b, v_b, out_a, lse_a, q_b, k_a, v_a, out_b, lse_b,
-        n_qa, n_ka, n_qb, n_kb, tiles_a, scale,
-        E=e, DOT_DTYPE=dot_dtype, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_E=_head_block(e),
-        **_launch_options(),
-    )  # fmt: skip
+    for bh0, count in common.axis_slices(b * h):
+        attention_fwd_kernel[(tiles_a + common.cdiv(n_qb, block_m), count)](
+            q_a, k_b, v_b, out_a, lse_a, q_b, k_a, v_a, out_b, lse_b,
+            n_qa, n_ka, n_qb, n_kb, tiles_a, scale, bh0,
+            E=e, DOT_DTYPE=dot_dtype, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_E=_head_block(e),
+            **_launch_options(),
+        )  # fmt: skip
     return out_a, out_b, lse_a, lse_b
 
 
@@ -79,17 +79,19 @@ def cross_attention_backward(grad_a, grad_b, q_a, k_a, v_a, q_b, k_b, v_b, out_a
     dot_dtype, precision = common.dot_config(q_a.dtype)
     consts = dict(E=e, DOT_DTYPE=dot_dtype, PRECISION=precision, BLOCK_E=_head_block(e), **_launch_options())
     tiles_b = common.cdiv(n_kb, block_n)
-    attention_bwd_dkdv_kernel[(tiles_b + common.cdiv(n_ka, block_n), b * h)](
-        q_a, k_b, v_b, grad_a, lse_a, delta_a, dk_b, dv_b,
-        q_b, k_a, v_a, grad_b, lse_b, delta_b, dk_a, dv_a,
-        n_qa, n_ka, n_qb, n_kb, tiles_b, scale, BLOCK_M=block_m, BLOCK_N=block_n, **consts,
-    )  # fmt: skip
+    for bh0, count in common.axis_slices(b * h):
+        attention_bwd_dkdv_kernel[(tiles_b + common.cdiv(n_ka, block_n), count)](
+            q_a, k_b, v_b, grad_a, lse_a, delta_a, dk_b, dv_b,
+            q_b, k_a, v_a, grad_b, lse_b, delta_b, dk_a, dv_a,
+            n_qa, n_ka, n_qb, n_kb, tiles_b, scale, bh0, BLOCK_M=block_m, BLOCK_N=block_n, **consts,
+        )  # fmt: skip
     tiles_a = common.cdiv(n_qa, block_m)
-    attention_bwd_dq_kernel[(tiles_a + common.cdiv(n_qb, block_m), b * h)](
-        q_a, k_b, v_b, grad_a, lse_a, delta_a, dq_a,
-        q_b, k_a, v_a, grad_b, lse_b, delta_b, dq_b,
-        n_qa, n_ka, n_qb, n_kb, tiles_a, scale, BLOCK_M=block_m, BLOCK_N=block_n, **consts,
-    )  # fmt: skip
+    for bh0, count in common.axis_slices(b * h):
+        attention_bwd_dq_kernel[(tiles_a + common.cdiv(n_qb, block_m), count)](
+            q_a, k_b, v_b, grad_a, lse_a, delta_a, dq_a,
+            q_b, k_a, v_a, grad_b, lse_b, delta_b, dq_b,
+            n_qa, n_ka, n_qb, n_kb, tiles_a, scale, bh0, BLOCK_M=block_m, BLOCK_N=block_n, **consts,
+        )  # fmt: skip
     return dq_a, dk_a, dv_a, dq_b, dk_b, dv_b
 
 

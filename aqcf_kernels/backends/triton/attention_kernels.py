@@ -48,6 +48,7 @@ def attention_fwd_kernel(
     n_kb,
     tiles_a,
     scale,
+    BH0,  # the first (batch, head) of this launch's slice of grid axis 1 (common.axis_slices)
     E: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -55,7 +56,7 @@ def attention_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_E: tl.constexpr,
 ):
-    pid, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    pid, bh = tl.program_id(0), (tl.program_id(1) + BH0).to(tl.int64)
     is_b = pid >= tiles_a
     if is_b:
         q_ptr, k_ptr, v_ptr, o_ptr, l_ptr = qb_ptr, ka_ptr, va_ptr, ob_ptr, lb_ptr
@@ -113,6 +114,7 @@ def attention_bwd_dkdv_kernel(
     n_kb,
     tiles_b,
     scale,
+    BH0,  # the first (batch, head) of this launch's slice of grid axis 1 (common.axis_slices)
     E: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -121,7 +123,7 @@ def attention_bwd_dkdv_kernel(
     BLOCK_E: tl.constexpr,
 ):
     """Key tiles of b (direction a: queries of a) first, then key tiles of a (direction b)."""
-    pid, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    pid, bh = tl.program_id(0), (tl.program_id(1) + BH0).to(tl.int64)
     if pid >= tiles_b:
         q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, d_ptr = qb_ptr, ka_ptr, va_ptr, dob_ptr, lb_ptr, db_ptr
         dk_ptr, dv_ptr = dka_ptr, dva_ptr
@@ -181,6 +183,7 @@ def attention_bwd_dq_kernel(
     n_kb,
     tiles_a,
     scale,
+    BH0,  # the first (batch, head) of this launch's slice of grid axis 1 (common.axis_slices)
     E: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -188,7 +191,7 @@ def attention_bwd_dq_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_E: tl.constexpr,
 ):
-    pid, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    pid, bh = tl.program_id(0), (tl.program_id(1) + BH0).to(tl.int64)
     if pid >= tiles_a:
         q_ptr, k_ptr, v_ptr, do_ptr, l_ptr, d_ptr, dq_ptr = qb_ptr, ka_ptr, va_ptr, dob_ptr, lb_ptr, db_ptr, dqb_ptr
         n_q, n_k, tile = n_qb, n_ka, pid - tiles_a

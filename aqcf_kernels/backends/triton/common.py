@@ -197,6 +197,20 @@ class TunedLauncher:
         return result
 
 
+#: CUDA's limit on a launch grid's second and third axes (the first may reach 2**31 - 1). Triton passes the
+#: grid to cuLaunchKernel as it is, and the launch fails above it.
+GRID_YZ_MAX = 65535
+
+
+def axis_slices(total: int) -> list[tuple[int, int]]:
+    """``(first, count)`` slices of a grid axis of ``total`` programs, none longer than :data:`GRID_YZ_MAX`:
+    a launcher whose axis 1 or 2 runs over samples, statistic groups or (batch, head) pairs, which have no
+    bound of their own (a batch norm on ``(N, C)`` features puts N there), launches once per slice and the
+    kernel adds ``first`` to its program id. One slice, from 0, in every ordinary case (and for ``total``
+    0, an empty launch as before)."""
+    return [(first, min(GRID_YZ_MAX, total - first)) for first in range(0, max(total, 1), GRID_YZ_MAX)]
+
+
 def cdiv(a: int, b: int) -> int:
     """``⌈a / b⌉`` for the launchers' host code. ``triton.cdiv`` is a ``constexpr_function`` since triton 3.5:
     called from Python it unwraps its arguments first, ~1.6 µs a call against ~0.02 µs (2-core EPYC), and a

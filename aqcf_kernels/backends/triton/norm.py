@@ -97,6 +97,7 @@ def qnorm_stats_kernel(
     stride_n,
     stride_c,
     stride_s,
+    N0,  # the first sample of this launch's slice of the grid's sample axis (common.axis_slices)
     PER_SAMPLE: tl.constexpr,  # K = x[n, c, 0] (instance norm) or x[0, c, 0] (batch norm)
     ACC: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -105,7 +106,7 @@ def qnorm_stats_kernel(
     """``(mean, M2)`` of ``x[n, c, k·CHUNK : (k+1)·CHUNK] − K`` for a block of real channels.
 
     Program (c block, n, k)."""
-    n = tl.program_id(1).to(tl.int64)
+    n = (tl.program_id(1) + N0).to(tl.int64)
     k = tl.program_id(2)
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C
@@ -167,6 +168,7 @@ def qnorm_stats_pool_kernel(
     PARTS,  # partial rows per statistic group: SPLITS (instance norm) or N·SPLITS (batch norm)
     stride_n,
     stride_c,
+    G0,  # the first group of this launch's slice of the grid's group axis (common.axis_slices)
     PER_SAMPLE: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_Q: tl.constexpr,
@@ -176,7 +178,7 @@ def qnorm_stats_pool_kernel(
     mean per real channel and its shared variance ``Σ_a M2_a / count`` per quaternion channel, for a block of
     quaternion channels and their four components; program (q block, g). One launch where this was ~12 torch
     ops (see the module docstring)."""
-    g = tl.program_id(1)
+    g = tl.program_id(1) + G0
     q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     offs_c = tl.arange(0, 4)[:, None] * CQ + q[None, :]  # (4, BLOCK_Q): component a of channel q
     c_mask = (q < CQ)[None, :] & (offs_c < C)
@@ -222,6 +224,7 @@ def qnorm_apply_kernel(
     sys,
     eps,
     negative_slope,
+    N0,  # the first sample of this launch's slice of the grid's sample axis (common.axis_slices)
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     PER_SAMPLE: tl.constexpr,  # statistics per sample (G = N) or shared (G = 1)
@@ -230,7 +233,7 @@ def qnorm_apply_kernel(
     BLOCK_S: tl.constexpr,
 ):
     """``y = act(γ (x − μ) / sqrt(σ² + eps) + β)`` for one tile; program (s block, c block, n)."""
-    n = tl.program_id(2).to(tl.int64)
+    n = (tl.program_id(2) + N0).to(tl.int64)
     offs_s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C
@@ -267,6 +270,7 @@ def qnorm_bwd_sums_kernel(
     sgs,
     eps,
     negative_slope,
+    N0,  # the first sample of this launch's slice of the grid's sample axis (common.axis_slices)
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     PER_SAMPLE: tl.constexpr,
@@ -275,7 +279,7 @@ def qnorm_bwd_sums_kernel(
     BLOCK_S: tl.constexpr,
 ):
     """Backward pass 1: ``Σ gz`` and ``Σ gz (x − μ)`` over one chunk; program (c block, n, k) as the statistics."""
-    n = tl.program_id(1).to(tl.int64)
+    n = (tl.program_id(1) + N0).to(tl.int64)
     k = tl.program_id(2)
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C
@@ -318,6 +322,7 @@ def qnorm_bwd_coefficients_kernel(
     PARTS,  # partial rows per statistic group: SPLITS (instance norm) or N·SPLITS (batch norm)
     COUNT,  # values per statistic
     eps,
+    G0,  # the first group of this launch's slice of the grid's group axis (common.axis_slices)
     HAS_WEIGHT: tl.constexpr,
     USE_INPUT_STATS: tl.constexpr,  # μ and σ² depend on x: the B and D terms
     WANT_GW: tl.constexpr,
@@ -335,7 +340,7 @@ def qnorm_bwd_coefficients_kernel(
     and an instance norm's groups ran one after the other.)
 
     One launch where this was ~25 torch ops (see the module docstring)."""
-    g = tl.program_id(1)
+    g = tl.program_id(1) + G0
     q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     q_mask = q < CQ
     offs_c = tl.arange(0, 4)[:, None] * CQ + q[None, :]  # (4, BLOCK_Q): component a of channel q
@@ -406,6 +411,7 @@ def qnorm_bwd_input_kernel(
     sds,
     eps,
     negative_slope,
+    N0,  # the first sample of this launch's slice of the grid's sample axis (common.axis_slices)
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     PER_SAMPLE: tl.constexpr,
@@ -414,7 +420,7 @@ def qnorm_bwd_input_kernel(
     BLOCK_S: tl.constexpr,
 ):
     """Backward pass 2: ``dx`` for one tile; program (s block, c block, n) as the forward's."""
-    n = tl.program_id(2).to(tl.int64)
+    n = (tl.program_id(2) + N0).to(tl.int64)
     offs_s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C
@@ -540,29 +546,32 @@ def forward(
         chunk, splits = _chunking(n, c, s, block_c, block_s, x.device)
         pmean = torch.empty((n, splits, c), dtype=acc, device=x.device)
         pm2 = torch.empty_like(pmean)
-        qnorm_stats_kernel[(common.cdiv(c, block_c), n, splits)](
-            x, pmean, pm2, c, s, chunk, sxn, sxc, sxs, PER_SAMPLE=per_sample, ACC=_tl_acc(acc),
-            BLOCK_C=block_c, BLOCK_S=block_s, **_launch_options(),
-        )  # fmt: skip
+        for n0, count in common.axis_slices(n):
+            qnorm_stats_kernel[(common.cdiv(c, block_c), count, splits)](
+                x, pmean, pm2, c, s, chunk, sxn, sxc, sxs, n0, PER_SAMPLE=per_sample, ACC=_tl_acc(acc),
+                BLOCK_C=block_c, BLOCK_S=block_s, **_launch_options(),
+            )  # fmt: skip
         groups = n if per_sample else 1
         mean = torch.empty((groups, c), dtype=acc, device=x.device)
         var = torch.empty((groups, cq), dtype=acc, device=x.device)
         block_q, block_p = _pool_blocks(cq)
-        qnorm_stats_pool_kernel[(common.cdiv(cq, block_q), groups)](
-            pmean, pm2, x, mean, var, c, cq, s, chunk, splits, n * splits // groups, sxn, sxc,
-            PER_SAMPLE=per_sample, ACC=_tl_acc(acc), BLOCK_Q=block_q, BLOCK_P=block_p, **_launch_options(),
-        )  # fmt: skip
+        for g0, count in common.axis_slices(groups):
+            qnorm_stats_pool_kernel[(common.cdiv(cq, block_q), count)](
+                pmean, pm2, x, mean, var, c, cq, s, chunk, splits, n * splits // groups, sxn, sxc, g0,
+                PER_SAMPLE=per_sample, ACC=_tl_acc(acc), BLOCK_Q=block_q, BLOCK_P=block_p, **_launch_options(),
+            )  # fmt: skip
     else:
         mean = running_mean.reshape(1, c).to(acc, copy=True)
         var = running_var.reshape(1, cq).to(acc, copy=True)
     y = torch.empty_like(x)
     _, (syn, syc, sys) = _ncs(y)
-    qnorm_apply_kernel[(common.cdiv(s, block_s), common.cdiv(c, block_c), n)](
-        x, y, mean, var, weight if weight is not None else mean, bias if bias is not None else mean,
-        c, cq, s, sxn, sxc, sxs, syn, syc, sys, float(eps), float(negative_slope),
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, PER_SAMPLE=mean.shape[0] > 1,
-        ACTIVATION=ACTIVATION_CODES[activation], BLOCK_C=block_c, BLOCK_S=block_s, **_launch_options(),
-    )  # fmt: skip
+    for n0, count in common.axis_slices(n):
+        qnorm_apply_kernel[(common.cdiv(s, block_s), common.cdiv(c, block_c), count)](
+            x, y, mean, var, weight if weight is not None else mean, bias if bias is not None else mean,
+            c, cq, s, sxn, sxc, sxs, syn, syc, sys, float(eps), float(negative_slope), n0,
+            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, PER_SAMPLE=mean.shape[0] > 1,
+            ACTIVATION=ACTIVATION_CODES[activation], BLOCK_C=block_c, BLOCK_S=block_s, **_launch_options(),
+        )  # fmt: skip
     return y, mean, var
 
 
@@ -604,28 +613,31 @@ def backward(
         chunk, splits = _chunking(n, c, s, block_c, block_s, x.device)
         psum_gz = torch.empty((n, splits, c), dtype=acc, device=x.device)
         psum_gzx = torch.empty_like(psum_gz)
-        qnorm_bwd_sums_kernel[(common.cdiv(c, block_c), n, splits)](
-            gy, x, mean, var, w, b, psum_gz, psum_gzx, c, cq, s, chunk,
-            sxn, sxc, sxs, sgn, sgc, sgs, float(eps), float(negative_slope), **consts,
-        )  # fmt: skip
+        for n0, count in common.axis_slices(n):
+            qnorm_bwd_sums_kernel[(common.cdiv(c, block_c), count, splits)](
+                gy, x, mean, var, w, b, psum_gz, psum_gzx, c, cq, s, chunk,
+                sxn, sxc, sxs, sgn, sgc, sgs, float(eps), float(negative_slope), n0, **consts,
+            )  # fmt: skip
     else:
         splits, psum_gz, psum_gzx = 1, var, var  # not read
     coefs = torch.empty((3, groups, c), dtype=acc, device=x.device)
     grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=x.device) if want_gw else None
     grad_bias = torch.empty(bias.shape, dtype=bias.dtype, device=x.device) if want_gb else None
     block_q, block_p = _pool_blocks(cq)
-    qnorm_bwd_coefficients_kernel[(common.cdiv(cq, block_q), groups)](
-        psum_gz, psum_gzx, var, w, coefs, grad_weight if want_gw else coefs, grad_bias if want_gb else coefs,
-        c, cq, groups, n * splits // groups, (s if per_sample else n * s), float(eps),
-        HAS_WEIGHT=weight is not None, USE_INPUT_STATS=use_input_stats, WANT_GW=want_gw,
-        WANT_GB=want_gb, ACC=_tl_acc(acc), BLOCK_Q=block_q, BLOCK_P=block_p, **_launch_options(),
-    )  # fmt: skip
+    for g0, count in common.axis_slices(groups):
+        qnorm_bwd_coefficients_kernel[(common.cdiv(cq, block_q), count)](
+            psum_gz, psum_gzx, var, w, coefs, grad_weight if want_gw else coefs, grad_bias if want_gb else coefs,
+            c, cq, groups, n * splits // groups, (s if per_sample else n * s), float(eps), g0,
+            HAS_WEIGHT=weight is not None, USE_INPUT_STATS=use_input_stats, WANT_GW=want_gw,
+            WANT_GB=want_gb, ACC=_tl_acc(acc), BLOCK_Q=block_q, BLOCK_P=block_p, **_launch_options(),
+        )  # fmt: skip
     grad_input = None
     if needs[0]:
         grad_input = torch.empty_like(x)
         _, (sdn, sdc, sds) = _ncs(grad_input)
-        qnorm_bwd_input_kernel[(common.cdiv(s, block_s), common.cdiv(c, block_c), n)](
-            gy, x, grad_input, mean, var, w, b, coefs, c, cq, s, groups,
-            sxn, sxc, sxs, sgn, sgc, sgs, sdn, sdc, sds, float(eps), float(negative_slope), **consts,
-        )  # fmt: skip
+        for n0, count in common.axis_slices(n):
+            qnorm_bwd_input_kernel[(common.cdiv(s, block_s), common.cdiv(c, block_c), count)](
+                gy, x, grad_input, mean, var, w, b, coefs, c, cq, s, groups,
+                sxn, sxc, sxs, sgn, sgc, sgs, sdn, sdc, sds, float(eps), float(negative_slope), n0, **consts,
+            )  # fmt: skip
     return grad_input, grad_weight, grad_bias
