@@ -13,6 +13,10 @@ two faults it cannot see would only show on a GPU:
   address a load or store lets through must lie, with its whole element, in the storage of one of the
   launch's tensor arguments.
 
+* **A load that counts on its masked-off lanes without saying what they hold.** ``tl.load(p, mask)`` with no
+  ``other`` leaves them undefined; the interpreter fills them with zeros, so a kernel that sums, multiplies or
+  compares them as zeros passes here and reads whatever a GPU's registers held. Here they are NaN (floats)
+  or the type's largest value (integers), so such a kernel fails its test.
 * **A race between programs.** The interpreter runs a launch's programs one after another, so two
   programs that store to the same address, or one that loads what another stores in the same launch, get
   the sequential order's result; on a GPU the programs run at once and the order is undefined. Here every
@@ -126,6 +130,15 @@ def _unique_pairs(accesses: list[tuple[int, np.ndarray]]) -> np.ndarray:
 _launch = threading.local()
 
 
+def _poison(dtype: np.dtype):
+    """What an undefined lane holds here: NaN for floats, the largest value for integers (and True)."""
+    if np.issubdtype(dtype, np.floating):
+        return np.nan
+    if dtype == np.bool_:
+        return True
+    return np.iinfo(dtype).max
+
+
 def _program(builder) -> int:
     x, y, z = builder.grid_idx
     nx, ny, _ = builder.grid_dim
@@ -193,8 +206,11 @@ def install() -> bool:
     )
 
     def checked_load(self, ptrs, mask, other, cache_policy, is_volatile):
-        itemsize = np.dtype(interpreter._get_np_dtype(ptrs.get_element_ty())).itemsize
-        check_in_bounds(ptrs.data, mask.data, itemsize, getattr(_launch, "ranges", []), "load")
+        np_dtype = np.dtype(interpreter._get_np_dtype(ptrs.get_element_ty()))
+        check_in_bounds(ptrs.data, mask.data, np_dtype.itemsize, getattr(_launch, "ranges", []), "load")
+        if other is None:  # undefined lanes: poisoned, not the interpreter's zeros
+            other = interpreter.TensorHandle(np.full(np.shape(ptrs.data), _poison(np_dtype), dtype=np_dtype),
+                                             ptrs.get_element_ty())  # fmt: skip
         if getattr(_launch, "loads", None) is not None:
             _launch.loads.append((_program(self), np.unique(_through(ptrs.data, mask.data))))
         return masked_load(self, ptrs, mask, other, cache_policy, is_volatile)

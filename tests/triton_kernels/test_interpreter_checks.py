@@ -1,8 +1,8 @@
 """The checks the suite adds to the Triton interpreter (tests/_interpreter_checks.py): a true
 ``tl.multiple_of`` passes and a false one fails the launch; an access inside the launch's tensors passes
 and one past a tensor's end (by one element, masked or not) fails it; programs that store their own
-outputs pass, two storing one address or one reading another's output fail. Every Triton test of the
-suite runs with the checks installed."""
+outputs pass, two storing one address or one reading another's output fail; a masked load without
+``other`` gives NaN in its masked-off lanes. Every Triton test of the suite runs with the checks installed."""
 
 from __future__ import annotations
 
@@ -164,3 +164,22 @@ def test_check_races_rules() -> None:
         _interpreter_checks.check_races([(0, a(0)), (1, a(0))], [])
     with pytest.raises(_interpreter_checks.RaceBetweenPrograms):
         _interpreter_checks.check_races([(0, a(0))], [(1, a(0))])
+
+
+@triton.jit
+def _masked_sum(src, out, n, BLOCK: tl.constexpr, SAY_ZERO: tl.constexpr):
+    """The sum of src's n elements in one block; its masked-off lanes enter the sum as loaded."""
+    offs = tl.arange(0, BLOCK)
+    if SAY_ZERO:
+        x = tl.load(src + offs, mask=offs < n, other=0.0)
+    else:
+        x = tl.load(src + offs, mask=offs < n)  # the masked-off lanes are undefined
+    tl.store(out, tl.sum(x, 0))
+
+
+def test_undefined_masked_lanes_are_poisoned() -> None:
+    src, out = torch.randn(13), torch.empty(1)
+    _masked_sum[(1,)](src, out, 13, BLOCK=16, SAY_ZERO=True)
+    torch.testing.assert_close(out[0], src.sum())
+    _masked_sum[(1,)](src, out, 13, BLOCK=16, SAY_ZERO=False)  # the interpreter's zeros would pass
+    assert torch.isnan(out[0])
