@@ -155,17 +155,8 @@ def _composite_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tenso
     return (torch.softmax(scores, dim=-1) @ v.to(compute)).to(q.dtype)
 
 
-def composite_attention_backward(
-    grad_a: Tensor,
-    grad_b: Tensor,
-    q_a: Tensor,
-    k_a: Tensor,
-    v_a: Tensor,
-    q_b: Tensor,
-    k_b: Tensor,
-    v_b: Tensor,
-    scale: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def composite_attention_backward(grad_a: Tensor, grad_b: Tensor, q_a: Tensor, k_a: Tensor, v_a: Tensor, q_b: Tensor,
+                                 k_b: Tensor, v_b: Tensor, scale: float) -> tuple[Tensor, ...]:  # fmt: skip
     """``(dq_a, dk_a, dv_a, dq_b, dk_b, dv_b)`` by differentiating the composite attention with
     ``create_graph=True``: gradients that are differentiable in the inputs and in ``grad_a, grad_b``
     (double backward works through them). Slower and ``N_a × N_b`` in memory per direction, so only the
