@@ -721,14 +721,14 @@ def choose(
     if mode == "heuristic" or not can_time(tensors) or torch.are_deterministic_algorithms_enabled():
         return Choice(prior, "heuristic"), None
     known = lookup(key)
-    device = next((t.device for t in tensors), torch.device("cpu"))
     if known in candidates:  # (not if that backend is gone, e.g. triton uninstalled: measure again)
         chosen_with = _unverified.pop(key, {}).get(str(known))  # another process's choice: check it once
         if isinstance(chosen_with, (int, float)) and chosen_with > 0:
-            return _check_remembered(key, known, chosen_with, run, device, fast_key)
+            return _check_remembered(key, known, chosen_with, run, _device(tensors), fast_key)
         if fast_key is not None:
             _recent[fast_key] = known
         return Choice(known, "cached"), None
+    device = _device(tensors)
     state = _pending.get(key)
     if state is not None and set(state.best) <= set(candidates):
         return _refine(key, state, run, device)
@@ -739,6 +739,10 @@ def choose(
         return Choice(winner, "refining", _ms(best)), output
     _settle(key, winner, fast_key, best)
     return Choice(winner, "measured", _ms(best)), output
+
+
+def _device(tensors: Sequence[torch.Tensor]) -> torch.device:
+    return next((t.device for t in tensors), torch.device("cpu"))
 
 
 def _check_remembered(

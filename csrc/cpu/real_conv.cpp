@@ -133,7 +133,8 @@ at::Tensor routed_conv(const at::Tensor& x, const at::Tensor& w, const std::opti
   switch (conv_route(x, w.sizes(), p)) {
     case Route::OneDnn:
       return at::mkldnn_convolution(
-          x.contiguous(x.suggest_memory_format()), w.contiguous(weight_format_for(x)), bias, p.padding, p.stride, p.dilation, p.groups);
+          x.contiguous(x.suggest_memory_format()), w.contiguous(weight_format_for(x)), bias, p.padding, p.stride,
+          p.dilation, p.groups);
     case Route::Flipped:
       return flipped_transposed_conv(x, w, bias, p);
     case Route::TwoGroups:
@@ -173,8 +174,8 @@ at::Tensor pointwise_conv(
     algorithm = "none";  // the erf form, as at::gelu's default
   }
   return pointwise_conv_op()->call(
-      x.contiguous(x.suggest_memory_format()), w.contiguous(weight_format_for(x)), bias, p.padding, p.stride, p.dilation, p.groups, attr,
-      scalars, algorithm);
+      x.contiguous(x.suggest_memory_format()), w.contiguous(weight_format_for(x)), bias, p.padding, p.stride,
+      p.dilation, p.groups, attr, scalars, algorithm);
 }
 
 }  // namespace

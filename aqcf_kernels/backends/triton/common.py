@@ -208,7 +208,9 @@ def axis_slices(total: int) -> list[tuple[int, int]]:
     bound of their own (a batch norm on ``(N, C)`` features puts N there), launches once per slice and the
     kernel adds ``first`` to its program id. One slice, from 0, in every ordinary case (and for ``total``
     0, an empty launch as before)."""
-    return [(first, min(GRID_YZ_MAX, total - first)) for first in range(0, max(total, 1), GRID_YZ_MAX)]
+    if total <= GRID_YZ_MAX:  # the usual case, without a range (a launch's host time counts)
+        return [(0, total)]
+    return [(first, min(GRID_YZ_MAX, total - first)) for first in range(0, total, GRID_YZ_MAX)]
 
 
 def cdiv(a: int, b: int) -> int:
