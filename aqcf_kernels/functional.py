@@ -14,7 +14,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops  # noqa: F401  (registers torch.ops.aqcf)
-from .ops.conv import ACTIVATIONS
+from .ops.attention import composite_attention
+from .ops.conv import ACTIVATIONS, call_qconv
+from .ops.func import transforms_active
 from .params import IntOrSeq, check_conv_args, same_dtype_under_autocast
 
 
@@ -54,8 +56,8 @@ def quaternion_conv(
     if any(extra):  # 'same' with an even effective kernel, or output_padding >= stride (check_conv_args)
         input = F.pad(input, [v for e in reversed(extra) for v in (0, e)])
     # 'auto' goes to the op as is: the backend that serves the call picks the algorithm.
-    y, _ = torch.ops.aqcf.qconv(input, weight, bias, *p.as_op_args(), algorithm, activation, float(negative_slope))
-    return y
+    args = (*p.as_op_args(), algorithm, activation, float(negative_slope), "forward")
+    return call_qconv(input, weight, bias, *args)[0]
 
 
 def _check_rank(name: str, weight: Tensor, spatial_dims: int) -> None:
@@ -242,6 +244,8 @@ def cross_attention(
     """
     _check_attention_args(q_a, k_a, v_a, q_b, k_b, v_b)
     scale = q_a.shape[-1] ** -0.5 if scale is None else float(scale)
+    if transforms_active():  # the composite attention, which torch.func transforms (see ops.func)
+        return composite_attention(q_a, k_b, v_b, scale), composite_attention(q_b, k_a, v_a, scale)
     out_a, out_b, _, _ = torch.ops.aqcf.cross_attention(q_a, k_a, v_a, q_b, k_b, v_b, scale)
     return out_a, out_b
 
@@ -257,6 +261,8 @@ def gated_residual(f: Tensor, o: Tensor, gate_logits: Tensor, alpha: Tensor) -> 
     for name, t in (("o", o), ("gate_logits", gate_logits), ("alpha", alpha)):
         if not same_dtype_under_autocast(t, f) or t.device != f.device:
             raise ValueError(f"gated_residual: {name} is {t.dtype} on {t.device} but f is {f.dtype} on {f.device}")
+    if transforms_active():  # composite, for torch.func's transforms (see ops.func)
+        return f + alpha * torch.sigmoid(gate_logits) * o
     return torch.ops.aqcf.gated_residual(f, o, gate_logits, alpha)
 
 

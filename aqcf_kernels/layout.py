@@ -58,11 +58,19 @@ def channels_last_format(x: Tensor) -> torch.memory_format | None:
     return {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
 
 
+def is_vmapped(x: Tensor) -> bool:
+    """Whether ``x`` is vmapped by torch.func: its memory format can be neither asked nor set per sample."""
+    return torch._C._functorch.is_batchedtensor(x)
+
+
 def is_channels_last(x: Tensor) -> bool:
     """Whether ``x`` is a 4-d/5-d tensor laid out channels_last(_3d) and not also channels-first (a
-    tensor with one channel or one pixel is both, and counts as channels-first)."""
+    tensor with one channel or one pixel is both, and counts as channels-first). A tensor vmapped by
+    torch.func counts as channels-first: vmap cannot tell a sample's layout (and layout is only a hint)."""
     fmt = channels_last_format(x)
-    return fmt is not None and x.is_contiguous(memory_format=fmt) and not x.is_contiguous()
+    if fmt is None or is_vmapped(x):
+        return False
+    return x.is_contiguous(memory_format=fmt) and not x.is_contiguous()
 
 
 def like_layout(x: Tensor, reference: Tensor) -> Tensor:

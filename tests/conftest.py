@@ -181,6 +181,17 @@ def all_threads():
     yield from _with_threads(_DEFAULT_THREADS)
 
 
+@pytest.fixture
+def no_vmap_fallback():
+    """torch.func.vmap raises where an op has no batching rule, instead of looping over the slices with a
+    warning (to stderr, which no test reads)."""
+    torch._C._functorch._set_vmap_fallback_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._functorch._set_vmap_fallback_enabled(True)
+
+
 @pytest.fixture(autouse=True)
 def _no_remembered_native_choices():
     """Each test starts with no conv candidates or choices remembered (by the registry, and by the compiled

@@ -96,7 +96,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layout import channels_last_format
+from ..layout import channels_last_format, is_vmapped
 from .layers import LayerFactory
 from .options import MODES, AQCFNetOptions
 
@@ -250,6 +250,8 @@ class AQCFNet(nn.Module):
 
     def _channels_last(self, x: Tensor) -> bool:
         fmt = self.options.memory_format
+        if is_vmapped(x):  # torch.func.vmap: a sample's layout can be neither asked nor set
+            return False
         return fmt == "channels_last" or (fmt == "auto" and x.device.type == "cpu")
 
     def _stem_input(self, x: Tensor) -> Tensor:

@@ -21,6 +21,7 @@ from torch._prims_common import suggest_memory_format
 from .. import nn as qnn
 from ..backends.base import activate
 from ..nn.unit import fold_eval_norm, folds_in_eval
+from ..ops.func import transforms_active
 from .options import AQCFNetOptions
 
 # ---------------------------------------------------------------------------------------------
@@ -37,8 +38,8 @@ class OneDNNConvMixin:
     stem of a batch-1 3D network (one image channel) is such a conv. Measured on an Intel Xeon, 2
     threads, 1×1×64³ → 16, kernel 3: forward 6.6 ms there, 1.4 ms on oneDNN; forward + weight
     gradient 14.5 → 8.5 ms; identical outputs. Everything else (other dtypes and devices, padding
-    modes, unbatched input, tracing and export, where the standard op is what should be recorded)
-    goes the parent's way. Parameters, state dict and repr are the parent's.
+    modes, unbatched input, tracing and export, where the standard op is what should be recorded,
+    torch.func's transforms) goes the parent's way. Parameters, state dict and repr are the parent's.
     """
 
     def _on_onednn(self, input: Tensor, weight: Tensor) -> bool:
@@ -52,6 +53,7 @@ class OneDNNConvMixin:
             and not torch.compiler.is_compiling()
             and not torch.jit.is_tracing()
             and not torch.jit.is_scripting()
+            and not transforms_active()  # torch.func batches and differentiates torch's own conv
         )
 
     def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

@@ -147,9 +147,10 @@ def _differentiable(t: Tensor) -> Tensor:
     return t.view_as(t) if t.requires_grad else t.detach().requires_grad_()
 
 
-def _composite_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+def composite_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     """``softmax(q kᵀ · scale) v`` from differentiable torch ops, the scores materialised (in float32 for
-    half-precision inputs); only for a differentiable backward, whose graph keeps them anyway."""
+    half-precision inputs); for a differentiable backward, whose graph keeps them anyway, and for torch.func's
+    transforms (:mod:`.func`)."""
     compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     scores = (q.to(compute) @ k.to(compute).transpose(-1, -2)) * scale
     return (torch.softmax(scores, dim=-1) @ v.to(compute)).to(q.dtype)
@@ -164,7 +165,7 @@ def composite_attention_backward(grad_a: Tensor, grad_b: Tensor, q_a: Tensor, k_
     with torch.enable_grad():
         inputs = [_differentiable(t) for t in (q_a, k_a, v_a, q_b, k_b, v_b)]
         q_a, k_a, v_a, q_b, k_b, v_b = inputs
-        outs = (_composite_attention(q_a, k_b, v_b, scale), _composite_attention(q_b, k_a, v_a, scale))
+        outs = (composite_attention(q_a, k_b, v_b, scale), composite_attention(q_b, k_a, v_a, scale))
         return tuple(torch.autograd.grad(outs, inputs, (grad_a, grad_b), create_graph=True))
 
 

@@ -47,6 +47,7 @@ from .. import backends
 from ..backends._extension import _C, NATIVE_DEVICES, define_ops
 from ..backends.base import activate, bias_grad
 from ..params import ConvParams, conv_output_shape
+from .func import functorch_active, transforms_active
 
 #: Whether the compiled extension defines ``aqcf::qconv`` and ``aqcf::qconv_weight_grad`` (csrc/cpu/op.cpp).
 NATIVE = _C is not None and hasattr(_C, "_set_fallbacks")
@@ -166,7 +167,14 @@ def _bias_from_activation_pass(ctx, pre_reached_loss: bool) -> bool:
     not when the gradient must be differentiable (that op has no derivative), nor when z itself
     reached the loss (its gradient adds to dL/dz)."""
     wants_bias = ctx.has_bias and ctx.needs_input_grad[2]
-    return wants_bias and not torch.is_grad_enabled() and not pre_reached_loss
+    return wants_bias and not differentiable_backward() and not pre_reached_loss
+
+
+def differentiable_backward() -> bool:
+    """Whether a backward must give differentiable gradients: under ``create_graph=True``, and under a
+    torch.func transform (whose ops on the gradients a transform may trace: a batched backward under
+    ``vmap``, ``jacfwd`` of ``jacrev``)."""
+    return torch.is_grad_enabled() or transforms_active()
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,7 +315,7 @@ def _qconv_fake(*args, **kwargs):
 
 def conv(input: Tensor, weight: Tensor, bias: Tensor | None, p: ConvParams, algorithm: str, kind: str) -> Tensor:
     """``y`` of ``aqcf::qconv`` without activation (as autograd calls it)."""
-    return torch.ops.aqcf.qconv(input, weight, bias, *p.as_op_args(), algorithm, kind=kind)[0]
+    return call_qconv(input, weight, bias, *p.as_op_args(), algorithm, None, 0.01, kind)[0]
 
 
 def adjoint_params(grad_output_shape, weight_shape, input_shape, p: ConvParams) -> ConvParams:
@@ -333,7 +341,7 @@ def input_grad(grad_output: Tensor, weight: Tensor, input_shape, p: ConvParams, 
 
 def weight_grad(input: Tensor, grad_output: Tensor, weight_shape, p: ConvParams, algorithm: str) -> Tensor:
     """Gradient w.r.t. the weight of ``qconv(input, weight)``."""
-    return torch.ops.aqcf.qconv_weight_grad(input, grad_output, list(weight_shape), *p.as_op_args(), algorithm)
+    return call_qconv_weight_grad(input, grad_output, list(weight_shape), *p.as_op_args(), algorithm)
 
 
 def weight_bias_grad(
@@ -377,7 +385,7 @@ def _qconv_backward(ctx, grad_y, grad_pre):
     if ctx.needs_input_grad[0]:
         grad_input = input_grad(grad_z, weight, input.shape, p, algorithm)
     wants_bias = grad_bias is None and ctx.has_bias and ctx.needs_input_grad[2]
-    if ctx.needs_input_grad[1] and wants_bias and not torch.is_grad_enabled():
+    if ctx.needs_input_grad[1] and wants_bias and not differentiable_backward():
         # the bias gradient from the weight gradient's launch where the backend can (that op has no derivative)
         grad_weight, grad_bias = weight_bias_grad(input, grad_z, weight.shape, p, algorithm)
     else:
@@ -486,6 +494,145 @@ def _weight_grad_backward(ctx, grad_grad_weight):
     if ctx.needs_input_grad[1]:
         g_grad_output = conv(input, grad_grad_weight, None, p, algorithm, kind="forward")
     return g_input, g_grad_output, *[None] * (ctx.num_inputs - 2)
+
+
+# --------------------------------------------------------------------------------------------
+# torch.func: grad, vjp, jacrev, jvp, jacfwd, hessian, vmap (see .func)
+# --------------------------------------------------------------------------------------------
+# While a transform is active the callers go through :class:`_QConvFunction` / :class:`_WeightGradFunction`
+# (otherwise the op as before): the op's own autograd formulas, forward-mode formulas (the conv is
+# bilinear in input and weight), and vmap rules that fold the vmapped dim into the conv's batch (only
+# the input vmapped) or into its groups (per-sample weights, per-sample weight gradients: a grouped
+# conv, as functorch's own rule for aten's conv does), so a vmapped conv is one conv, not a loop.
+
+
+def call_qconv(*args) -> tuple[Tensor, Tensor]:
+    """``torch.ops.aqcf.qconv(*args)``, the 13 arguments positional; through :class:`_QConvFunction` while
+    a torch.func transform is active."""
+    if transforms_active():
+        return _QConvFunction.apply(*args)
+    return torch.ops.aqcf.qconv(*args)
+
+
+def call_qconv_weight_grad(*args) -> Tensor:
+    """``torch.ops.aqcf.qconv_weight_grad(*args)``, through :class:`_WeightGradFunction` while a torch.func
+    transform is active."""
+    if transforms_active():
+        return _WeightGradFunction.apply(*args)
+    return torch.ops.aqcf.qconv_weight_grad(*args)
+
+
+def _batch_first(t: Tensor, dim: int | None, size: int) -> Tensor:
+    """A vmapped argument with its vmapped dim first; an unvmapped one repeated ``size`` times (a view)."""
+    return t.movedim(dim, 0) if dim is not None else t.expand(size, *t.shape)
+
+
+def _fold_channels(t: Tensor, dim: int) -> Tensor:
+    """``t`` with its vmapped dim first and a blocked ``[r|i|j|k]`` channel dim ``dim``: that dim holds every
+    vmapped slice's channels, each component's together (``[r: slice 0, slice 1, ...| i: ...]``), so slice
+    ``b`` is group ``b`` of a grouped conv (groups partition each component block)."""
+    t = t.unflatten(dim, (4, -1)).movedim(0, dim)  # (..., 4, slices, C, ...)
+    return t.flatten(dim - 1, dim + 1)
+
+
+def _unfold_channels(t: Tensor, dim: int, size: int) -> Tensor:
+    """:func:`_fold_channels` undone, the vmapped dim first."""
+    return t.unflatten(dim, (4, size, -1)).movedim(dim + 1, 0).flatten(dim + 1, dim + 2)
+
+
+def _fold_weight(w: Tensor) -> Tensor:
+    """Per-slice weights ``(slices, 4, A, B, *k)`` as one grouped conv's ``(4, slices·A, B, *k)``."""
+    return w.movedim(0, 1).flatten(1, 2)
+
+
+class _QConvFunction(torch.autograd.Function):
+    """``aqcf::qconv`` under torch.func transforms (see above): backward as the op's, ``jvp``, ``vmap``."""
+
+    @staticmethod
+    def forward(*args):  # one transform level down: the Function again, or the op
+        return _QConvFunction.apply(*args) if functorch_active() else torch.ops.aqcf.qconv(*args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _qconv_setup_context(ctx, inputs, output)
+        call = qconv_args(*inputs)
+        ctx.save_for_forward(call.input, call.weight, *output)
+        ctx.kind = call.kind
+
+    backward = staticmethod(_qconv_backward)
+
+    @staticmethod
+    def jvp(ctx, d_input, d_weight, d_bias, *_):
+        input, weight, y, pre = ctx.saved_tensors
+        p, algorithm = ctx.params, ctx.algorithm
+        d_z = None  # W ⊗ dx + dW ⊗ x + db
+        if d_input is not None:
+            d_z = conv(d_input, weight, None, p, algorithm, ctx.kind)
+        if d_weight is not None:
+            term = conv(input, d_weight, None, p, algorithm, ctx.kind)
+            d_z = term if d_z is None else d_z + term
+        if d_bias is not None:
+            term = d_bias.view(1, -1, *[1] * p.spatial_dims)
+            d_z = term.expand_as(y) if d_z is None else d_z + term
+        if ctx.activation is None:
+            return d_z, torch.zeros_like(pre)
+        d_y = activation_grad(d_z, y, pre, ctx.activation, ctx.negative_slope)
+        return d_y, (d_z if stores_preactivation(ctx.activation, ctx.negative_slope) else torch.zeros_like(pre))
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        call = qconv_args(*args)
+        size, (input_dim, weight_dim, bias_dim) = info.batch_size, in_dims[:3]
+        keep = stores_preactivation(call.activation, call.negative_slope)
+        if weight_dim is None and bias_dim is None:  # one weight: the slices are more samples
+            x = call.input.movedim(input_dim, 0)
+            y, pre = call_qconv(x.flatten(0, 1), *args[1:])
+            y = y.unflatten(0, (size, x.shape[1]))
+            return (y, pre.unflatten(0, (size, x.shape[1])) if keep else pre), (0, 0 if keep else None)
+        x = _fold_channels(_batch_first(call.input, input_dim, size), 2)
+        weight = _fold_weight(_batch_first(call.weight, weight_dim, size))
+        bias = None if call.bias is None else _fold_channels(_batch_first(call.bias, bias_dim, size), 1)
+        geometry = args[3:8]
+        y, pre = call_qconv(x, weight, bias, *geometry, call.params.groups * size, *args[9:])
+        y = _unfold_channels(y, 1, size)
+        return (y, _unfold_channels(pre, 1, size) if keep else pre), (0, 0 if keep else None)
+
+
+class _WeightGradFunction(torch.autograd.Function):
+    """``aqcf::qconv_weight_grad`` under torch.func transforms: backward as the op's, ``jvp``, ``vmap``."""
+
+    @staticmethod
+    def forward(*args):
+        return _WeightGradFunction.apply(*args) if functorch_active() else torch.ops.aqcf.qconv_weight_grad(*args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _weight_grad_setup_context(ctx, inputs, output)
+        ctx.save_for_forward(inputs[0], inputs[1])
+        ctx.weight_shape = list(inputs[2])
+
+    backward = staticmethod(_weight_grad_backward)
+
+    @staticmethod
+    def jvp(ctx, d_input, d_grad_output, *_):
+        input, grad_output = ctx.saved_tensors
+        p, algorithm, shape = ctx.params, ctx.algorithm, ctx.weight_shape
+        terms = []  # bilinear in (input, grad_output)
+        if d_input is not None:
+            terms.append(weight_grad(d_input, grad_output, shape, p, algorithm))
+        if d_grad_output is not None:
+            terms.append(weight_grad(input, d_grad_output, shape, p, algorithm))
+        return terms[0] if len(terms) == 1 else terms[0] + terms[1]
+
+    @staticmethod
+    def vmap(info, in_dims, input, grad_output, weight_shape, *geometry_and_algorithm):
+        size = info.batch_size
+        x = _fold_channels(_batch_first(input, in_dims[0], size), 2)
+        gy = _fold_channels(_batch_first(grad_output, in_dims[1], size), 2)
+        *geometry, groups, algorithm = geometry_and_algorithm
+        shape = [4, size * weight_shape[1], *weight_shape[2:]]
+        grad_weight = call_qconv_weight_grad(x, gy, shape, *geometry, groups * size, algorithm)
+        return grad_weight.unflatten(1, (size, -1)).movedim(1, 0), 0
 
 
 # --------------------------------------------------------------------------------------------
