@@ -14,7 +14,12 @@ Cases are stride-1, ``padding=kernel//2`` ("same") convs with bias, in = out cha
 * ``fwd``    — inference forward (``torch.no_grad``);
 * ``bwd``    — gradients w.r.t. input, weight and bias, of a forward graph built beforehand;
 * ``fwdbwd`` — a training step: forward, then those gradients. Its peak memory includes what
-  autograd saves for backward.
+  autograd saves for backward;
+* ``per-sample`` (not in the default modes) — each sample's weight and bias gradients, as DP-SGD
+  clips them: ``torch.func.vmap(torch.func.grad(loss))`` over the batch, the loss one sample's
+  ``<conv(x), grad_output>``. The references run through functorch's own rules for aten's conv; ours
+  through its vmap rules (``aqcf_kernels.ops.func``), which fold the samples into the conv's batch for
+  the forward and into its groups for the weight gradient.
 
 Timing and memory start once ``auto`` (and a forced algorithm's choice among backends) has settled
 its choices for the step (:func:`common.settle_choices`): the steady state. What measuring costs is
@@ -47,7 +52,8 @@ from aqcf_kernels.reference import quaternion_conv_expanded, quaternion_conv_nai
 from . import common
 
 ConvFn = Callable[[Tensor, Tensor, Tensor | None], Tensor]
-MODES = ("fwd", "bwd", "fwdbwd")
+MODES = ("fwd", "bwd", "fwdbwd", "per-sample")
+DEFAULT_MODES = ("fwd", "bwd", "fwdbwd")
 BASELINE = "expanded"
 
 
@@ -156,9 +162,10 @@ MODE_KINDS = {
     "fwd": ("forward",),
     "bwd": ("input_grad", "weight_grad"),
     "fwdbwd": ("forward", "input_grad", "weight_grad"),
+    "per-sample": ("forward", "per_sample_weight_grad"),
 }
 #: how :meth:`Provider.served_by` names the gradient computations
-GRADIENT_TAGS = {"input_grad": "dx", "weight_grad": "dw"}
+GRADIENT_TAGS = {"input_grad": "dx", "weight_grad": "dw", "per_sample_weight_grad": "dw per sample"}
 
 
 @dataclass(frozen=True)
@@ -197,17 +204,24 @@ class Provider:
         x, w, gy = inputs.x, inputs.w, inputs.grad_out
         try:
             p, _ = check_conv_args(x, w, None, case.dims, 1, case.padding, 1, 1, False, 0, self.algorithm)
-            calls = {
-                "forward": (x, w, p),
-                "input_grad": (gy, w, adjoint_params(gy.shape, w.shape, x.shape, p)),
-                "weight_grad": (x, x.new_empty(1).expand(w.shape), p),  # the weight's shape, no data
+            n = x.shape[0]  # per sample: one weight gradient of n groups, each sample's channels a group
+            calls = {  # computation -> (input, weight, geometry, kind)
+                "forward": (x, w, p, "forward"),
+                "input_grad": (gy, w, adjoint_params(gy.shape, w.shape, x.shape, p), "input_grad"),
+                "weight_grad": (x, x.new_empty(1).expand(w.shape), p, "weight_grad"),  # the weight's shape, no data
+                "per_sample_weight_grad": (  # the folded input is a dense copy (channels-first)
+                    x.new_empty(1, n * x.shape[1], *x.shape[2:]),
+                    x.new_empty(1).expand(4, n * w.shape[1], *w.shape[2:]),
+                    replace(p, groups=n),
+                    "weight_grad",
+                ),
             }
             with self.scope():
                 chosen = {}
-                for kind in kinds:
-                    a, b, params = calls[kind]
+                for computation in kinds:
+                    a, b, params, kind = calls[computation]
                     backend, algorithm, *_ = _backends.resolve_conv(a, b, params, self.algorithm, kind)
-                    chosen[kind] = f"{backend.name}/{algorithm}"
+                    chosen[computation] = f"{backend.name}/{algorithm}"
         except Exception as e:  # noqa: BLE001 - a report, not a check
             return f"unknown ({type(e).__name__})"
         (first, pair), *rest = chosen.items()
@@ -312,6 +326,19 @@ def make_step(
                 torch.autograd.grad(y, leaves, gy, retain_graph=True)
 
         return bwd
+    if mode == "per-sample":
+        x, w, b = (t.detach() for t in leaves)
+
+        def loss(w: Tensor, b: Tensor, x: Tensor, gy: Tensor) -> Tensor:  # one sample's
+            return (fn(x[None], w, b)[0] * gy).sum()
+
+        per_sample_grads = torch.func.vmap(torch.func.grad(loss, argnums=(0, 1)), in_dims=(None, None, 0, 0))
+
+        def per_sample() -> None:
+            with scope():
+                per_sample_grads(w, b, x, gy)
+
+        return per_sample
     raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
 
 
@@ -381,7 +408,7 @@ class Result:
 
 def run(
     cases: Sequence[Case],
-    modes: Sequence[str] = MODES,
+    modes: Sequence[str] = DEFAULT_MODES,
     providers: Sequence[str] = tuple(PROVIDERS),
     reps: int = 7,
     warmup: int = 2,
@@ -744,7 +771,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="quick: small cases, ~1 min; targets: the issue's 3 cases; full: every rank, "
         "channel count and shape (several minutes). Default quick",
     )
-    parser.add_argument("--modes", type=_csv(MODES), default=list(MODES), help="comma-separated; default all")
+    parser.add_argument(
+        "--modes",
+        type=_csv(MODES),
+        default=list(DEFAULT_MODES),
+        help=f"comma-separated, of {', '.join(MODES)}; default {','.join(DEFAULT_MODES)}",
+    )
     parser.add_argument(
         "--providers",
         type=_csv(list(PROVIDERS)),

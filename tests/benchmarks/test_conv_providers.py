@@ -31,8 +31,14 @@ def test_forced_backend_serves_every_op_of_the_step(mode, monkeypatch):
     step = make_step(mode, provider.build(case), inputs, provider.scope)
     calls.clear()  # the bwd step runs its forward when built
     step()
-    # fwd: one conv; bwd: input grad (a conv) and weight grad; fwdbwd: all three
-    expected = {"fwd": ["conv"], "bwd": ["conv", "conv_weight_grad"], "fwdbwd": ["conv", "conv", "conv_weight_grad"]}
+    # fwd: one conv; bwd: input grad (a conv) and weight grad; fwdbwd: all three; per-sample: the forward
+    # and one weight gradient for every sample (the vmap rules fold them: one call each, not one a sample)
+    expected = {
+        "fwd": ["conv"],
+        "bwd": ["conv", "conv_weight_grad"],
+        "fwdbwd": ["conv", "conv", "conv_weight_grad"],
+        "per-sample": ["conv", "conv_weight_grad"],
+    }
     assert sorted(calls) == expected[mode]
 
 
@@ -81,6 +87,49 @@ def test_auto_reports_the_choice_of_each_computation(monkeypatch):
     # each mode reports the computations it runs; without the forward, the first is tagged too
     assert by_mode["fwd"] == f"{impl.name}/hamilton"
     assert by_mode["bwd"] == f"dx {impl.name}/hamilton (dw {impl.name}/fast8)"
+
+
+@pytest.mark.parametrize("provider", ["expanded", "naive16", "fast8", "auto"])
+def test_per_sample_step_gives_each_samples_gradients(provider, monkeypatch):
+    """The per-sample mode computes what it is named for (functorch's rules for the references, ours for
+    the rest), and auto's report asks only about signatures its step settled (the folded weight gradient's)."""
+    monkeypatch.setenv("AQCF_TUNING_CACHE", "off")
+    monkeypatch.setattr(tuning, "mode", "measure")
+    tuning.clear()
+    case = Case(dims=2, channels=2, size=5, batch=3)
+    inputs = make_inputs(case, torch.float64)
+    fn = PROVIDERS[provider].build(case)
+    seen = []
+    vmap = torch.func.vmap
+
+    def recording_vmap(f, in_dims):
+        v = vmap(f, in_dims=in_dims)
+        return lambda *args: seen.append(v(*args))
+
+    monkeypatch.setattr(torch.func, "vmap", recording_vmap)
+    step = make_step("per-sample", fn, inputs)
+    asked: list[str] = []
+    lookup = tuning.lookup
+    try:
+        for _ in range(2 + tuning.max_provisional_calls(2)):
+            step()
+        settled = dict(tuning._memory)
+        tuning._recent.clear()  # the choices by their cheap keys: the report must find them by signature
+        monkeypatch.setattr(tuning, "lookup", lambda key: asked.append(key) or lookup(key))
+        report = PROVIDERS[provider].served_by(inputs, case, MODE_KINDS["per-sample"])
+    finally:
+        tuning.clear()
+    assert set(asked) <= set(settled)
+    assert bool(asked) == (provider == "auto")  # auto resolves by signature; a forced algorithm does not ask
+    if provider == "auto":
+        assert report.count("/") >= 1 and "unknown" not in report
+    gw, gb = seen[-1]
+    x, w, b = (t.detach() for t in inputs.leaves)
+    for i in range(case.batch):
+        leaves = [w.clone().requires_grad_(), b.clone().requires_grad_()]
+        y = PROVIDERS["expanded"].build(case)(x[i : i + 1], *leaves)
+        want = torch.autograd.grad(y, leaves, inputs.grad_out[i : i + 1])
+        torch.testing.assert_close((gw[i], gb[i]), want)
 
 
 def test_a_provider_served_by_one_pair_reports_it_once():
