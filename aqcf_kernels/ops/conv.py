@@ -499,16 +499,17 @@ def _weight_grad_backward(ctx, grad_grad_weight):
 # --------------------------------------------------------------------------------------------
 # torch.func: grad, vjp, jacrev, jvp, jacfwd, hessian, vmap (see .func)
 # --------------------------------------------------------------------------------------------
-# While a transform is active the callers go through :class:`_QConvFunction` / :class:`_WeightGradFunction`
-# (otherwise the op as before): the op's own autograd formulas, forward-mode formulas (the conv is
-# bilinear in input and weight), and vmap rules that fold the vmapped dim into the conv's batch (only
-# the input vmapped) or into its groups (per-sample weights, per-sample weight gradients: a grouped
-# conv, as functorch's own rule for aten's conv does), so a vmapped conv is one conv, not a loop.
+# While a transform or a dual level is active the callers go through :class:`_QConvFunction` /
+# :class:`_WeightGradFunction` (otherwise the op as before): the op's own autograd formulas,
+# forward-mode formulas (the conv is bilinear in input and weight), and vmap rules that fold the
+# vmapped dim into the conv's batch (only the input vmapped) or into its groups (per-sample weights,
+# per-sample weight gradients: a grouped conv, as functorch's own rule for aten's conv does), so a
+# vmapped conv is one conv, not a loop.
 
 
 def call_qconv(*args) -> tuple[Tensor, Tensor]:
     """``torch.ops.aqcf.qconv(*args)``, the 13 arguments positional; through :class:`_QConvFunction` while
-    a torch.func transform is active."""
+    a torch.func transform or a forward-mode AD dual level is active."""
     if transforms_active():
         return _QConvFunction.apply(*args)
     return torch.ops.aqcf.qconv(*args)
@@ -516,7 +517,7 @@ def call_qconv(*args) -> tuple[Tensor, Tensor]:
 
 def call_qconv_weight_grad(*args) -> Tensor:
     """``torch.ops.aqcf.qconv_weight_grad(*args)``, through :class:`_WeightGradFunction` while a torch.func
-    transform is active."""
+    transform or a forward-mode AD dual level is active."""
     if transforms_active():
         return _WeightGradFunction.apply(*args)
     return torch.ops.aqcf.qconv_weight_grad(*args)
