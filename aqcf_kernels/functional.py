@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops  # noqa: F401  (registers torch.ops.aqcf)
-from .ops.attention import composite_attention
+from .ops.attention import composite_attention, composite_gate
 from .ops.conv import ACTIVATIONS, call_qconv
 from .ops.func import transforms_active
 from .params import IntOrSeq, check_conv_args, same_dtype_under_autocast
@@ -262,7 +262,7 @@ def gated_residual(f: Tensor, o: Tensor, gate_logits: Tensor, alpha: Tensor) -> 
         if not same_dtype_under_autocast(t, f) or t.device != f.device:
             raise ValueError(f"gated_residual: {name} is {t.dtype} on {t.device} but f is {f.dtype} on {f.device}")
     if transforms_active():  # composite, for torch.func's transforms (see ops.func)
-        return f + alpha * torch.sigmoid(gate_logits) * o
+        return f + composite_gate(o, gate_logits, alpha)
     return torch.ops.aqcf.gated_residual(f, o, gate_logits, alpha)
 
 

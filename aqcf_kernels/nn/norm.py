@@ -49,7 +49,6 @@ from ..backends.base import activate
 from ..layout import quaternion_channels
 from ..ops import norm as norm_ops
 from ..ops.conv import ACTIVATIONS
-from ..ops.func import transforms_active
 from ._base import check_quaternion_channels
 
 
@@ -132,8 +131,7 @@ def _quaternion_norm(
         what = "spatial element" if per_sample else "value per channel"
         raise ValueError(f"{fn}: expected more than 1 {what} when training, got input size {tuple(input.shape)}")
 
-    # under a torch.func transform the composite code serves (functorch differentiates and batches it)
-    if fused and not empty and norm_ops.available(input, whiten) and not transforms_active():
+    if fused and not empty and norm_ops.available(input, whiten):
         stats = (None, None) if use_input_stats else (running_mean, running_var)
         y, mean, var = torch.ops.aqcf.qnorm(
             input, weight, bias, *stats, use_input_stats, per_sample, eps, activation, float(negative_slope)

@@ -88,7 +88,6 @@ from torch.nn.utils.rnn import PackedSequence
 
 from ..functional import quaternion_linear
 from ..ops import rnn_cell as rnn_cell_ops
-from ..ops.func import transforms_active
 from ..params import same_dtype_under_autocast
 from ..quaternion import check_algorithm
 from ._base import COMPONENTS, check_quaternion_channels
@@ -412,7 +411,6 @@ class _QuaternionRNNBase(nn.Module):
             and sizes is None
             and proj.shape[0] > 0
             and rnn_cell_ops.available(proj, h0, c0, w_hh)
-            and not transforms_active()  # the step loop below serves torch.func's transforms
         ):
             # the whole sequence in one fused op (csrc/cpu/rnn_cell.cpp; Triton on CUDA)
             output, cells, _ = torch.ops.aqcf.rnn_sequence(proj, h0, c0, w_hh, *self._sequence_args(), reverse)

@@ -221,9 +221,13 @@ def composite_gate_backward(
     autograd formulas (the extension's too). ``d_f`` is ``grad`` itself."""
     with torch.enable_grad():
         inputs = [_differentiable(t) for t in (o, gate_logits, alpha)]
-        o, gate_logits, alpha = inputs
-        y = alpha * torch.sigmoid(gate_logits) * o
-        return tuple(torch.autograd.grad(y, inputs, grad, create_graph=True))
+        return tuple(torch.autograd.grad(composite_gate(*inputs), inputs, grad, create_graph=True))
+
+
+def composite_gate(o: Tensor, gate_logits: Tensor, alpha: Tensor) -> Tensor:
+    """The gate's term ``alpha · sigmoid(gate_logits) ⊙ o`` of :func:`gated_residual` from differentiable torch
+    ops: for a differentiable backward and for torch.func's transforms (:mod:`.func`)."""
+    return alpha * torch.sigmoid(gate_logits) * o
 
 
 # --------------------------------------------------------------------------------------------

@@ -34,14 +34,16 @@ from torch import Tensor
 
 from ..backends._extension import _C, define_ops
 from ..layout import quaternion_channels
+from .func import transforms_active
 
 #: the ops are the extension's (csrc/cpu/norm_op.cpp), with the functions below as fallbacks
 NATIVE = _C is not None and hasattr(_C, "_set_norm_fallbacks")
 
 
 def available(input: Tensor, whiten: bool) -> bool:
-    """Whether ``qnorm`` serves this call (else the composite path does)."""
-    if whiten or input.dim() < 3:
+    """Whether ``qnorm`` serves this call (else the composite path does: also under a torch.func transform,
+    which differentiates and batches it, :mod:`.func`)."""
+    if whiten or input.dim() < 3 or transforms_active():
         return False
     cpp = _C is not None and input.device.type == "cpu" and input.dtype in (torch.float32, torch.float64)
     return cpp or _triton_serves(input)

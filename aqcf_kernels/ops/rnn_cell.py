@@ -42,6 +42,7 @@ from torch import Tensor
 
 from ..backends._extension import _C
 from ..quaternion import HAMILTON
+from .func import transforms_active
 
 GATES = {"rnn": 1, "lstm": 4, "ligru": 2}
 
@@ -118,8 +119,9 @@ def _triton_serves(*tensors: Tensor | None) -> bool:
 
 def available(proj: Tensor, *others: Tensor | None) -> bool:
     """Whether a fused kernel (Triton, or the compiled C++ one on CPU) serves ``rnn_sequence`` for this
-    input (else the composite loop does); ``others`` (h0, c0, weight), if given, must match ``proj``."""
-    return _triton_serves(proj, *others) or _cpp_serves(proj)
+    input (else the composite loop does: also under a torch.func transform, :mod:`.func`); ``others`` (h0,
+    c0, weight), if given, must match ``proj``."""
+    return not transforms_active() and (_triton_serves(proj, *others) or _cpp_serves(proj))
 
 
 def _composite(
