@@ -14,12 +14,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops  # noqa: F401  (registers torch.ops.aqcf)
+from ._fx import fx_leaf_function
 from .ops.attention import composite_attention, composite_gate
 from .ops.conv import ACTIVATIONS, call_qconv
 from .ops.func import transforms_active
 from .params import IntOrSeq, check_conv_args, same_dtype_under_autocast
 
 
+@fx_leaf_function
 def quaternion_conv(
     input: Tensor,
     weight: Tensor,
@@ -102,7 +104,7 @@ def _make_conv(spatial_dims: int):
         f"Quaternion {spatial_dims}d conv ``y = W ⊗ x``; arguments as ``F.conv{spatial_dims}d``, plus "
         "``algorithm`` and a fused ``activation`` (see :func:`quaternion_conv`)."
     )
-    return conv
+    return fx_leaf_function(conv)
 
 
 def _make_conv_transpose(spatial_dims: int):
@@ -143,7 +145,7 @@ def _make_conv_transpose(spatial_dims: int):
         f"Quaternion {spatial_dims}d transposed conv (the adjoint of the conv with the same weight); "
         f"arguments as ``F.conv_transpose{spatial_dims}d``."
     )
-    return conv_transpose
+    return fx_leaf_function(conv_transpose)
 
 
 quaternion_conv1d = _make_conv(1)
@@ -154,6 +156,7 @@ quaternion_conv_transpose2d = _make_conv_transpose(2)
 quaternion_conv_transpose3d = _make_conv_transpose(3)
 
 
+@fx_leaf_function
 def quaternion_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, algorithm: str = "auto") -> Tensor:
     """Quaternion linear map over the last dim (blocked ``[r|i|j|k]``); weight ``(4, out/4, in/4)``."""
     if not isinstance(weight, Tensor) or weight.dim() != 3 or weight.shape[0] != 4:
@@ -232,6 +235,7 @@ def _check_attention_args(q_a, k_a, v_a, q_b, k_b, v_b) -> None:
             )
 
 
+@fx_leaf_function
 def cross_attention(
     q_a: Tensor, k_a: Tensor, v_a: Tensor, q_b: Tensor, k_b: Tensor, v_b: Tensor, scale: float | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -250,6 +254,7 @@ def cross_attention(
     return out_a, out_b
 
 
+@fx_leaf_function
 def gated_residual(f: Tensor, o: Tensor, gate_logits: Tensor, alpha: Tensor) -> Tensor:
     """``f + alpha · sigmoid(gate_logits) ⊙ o`` in one fused pass; ``gate_logits`` may broadcast."""
     if f.shape != o.shape:

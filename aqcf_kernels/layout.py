@@ -11,6 +11,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ._fx import fx_leaf_function
+
 
 def quaternion_channels(x: Tensor, name: str = "input", dim: int = 1) -> int:
     """Number of quaternion channels of ``x`` along ``dim``; a clear error if it isn't blocked."""
@@ -27,17 +29,20 @@ def quaternion_channels(x: Tensor, name: str = "input", dim: int = 1) -> int:
     return c // 4
 
 
+@fx_leaf_function
 def as_components(x: Tensor, dim: int = 1) -> Tensor:
     """View ``(..., 4·Cq, ...)`` as ``(..., 4, Cq, ...)``: component axis at ``dim``, channels at ``dim + 1``."""
     cq = quaternion_channels(x, dim=dim)
     return x.unflatten(dim, (4, cq))
 
 
+@fx_leaf_function
 def from_components(x: Tensor, dim: int = 1) -> Tensor:
     """Inverse of :func:`as_components`."""
     return x.flatten(dim, dim + 1)
 
 
+@fx_leaf_function
 def qcat(tensors: Sequence[Tensor], dim: int = 1) -> Tensor:
     """Concatenate quaternion tensors per component: ``[r_a r_b | i_a i_b | j_a j_b | k_a k_b]``."""
     if len(tensors) == 0:
@@ -81,6 +86,7 @@ def like_layout(x: Tensor, reference: Tensor) -> Tensor:
     return x
 
 
+@fx_leaf_function
 def qsplit(x: Tensor, split_size_or_sections: int | Sequence[int], dim: int = 1) -> tuple[Tensor, ...]:
     """Split quaternion channels (counts in quaternions), each piece keeping all four components."""
     comp = as_components(x, dim)

@@ -96,6 +96,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._fx import fx_leaf
 from ..layout import channels_last_format, is_vmapped
 from .layers import LayerFactory
 from .options import MODES, AQCFNetOptions
@@ -296,6 +297,7 @@ class AQCFNet(nn.Module):
         outputs.reverse()  # full resolution first
         return outputs if aux else outputs[0]
 
+    @fx_leaf
     def forward(self, ct: Tensor | None = None, mri: Tensor | None = None) -> dict[str, Output]:
         """Logits ``(B, out_channels, *size)`` per modality given, at each input's own size.
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import functional as QF
+from .._fx import fx_leaf
 from ..layout import like_layout, merge_heads, qcat, qsplit, quaternion_channels, split_heads
 from .conv import QuaternionConv1d
 
@@ -126,6 +127,7 @@ class AQCFBlock(nn.Module):
             return conv(qcat([f, o]))
         return conv(qcat([f, o]).mean(2, keepdim=True))  # 'channel': (B, C, 1), broadcast over tokens
 
+    @fx_leaf
     def forward(self, f_a: Tensor, f_b: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         if f_b is None:
             return f_a, None

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._fx import fx_leaf
 from ..backends.base import activate
 from ..functional import quaternion_conv
 from ..params import int_tuple
@@ -270,6 +271,7 @@ class _QuaternionConv(_QuaternionConvNd):
             scale,
         )
 
+    @fx_leaf
     def forward(
         self,
         input: Tensor,
@@ -373,6 +375,7 @@ class _QuaternionConvTranspose(_QuaternionConvNd):
             )
         return tuple(size - lo for size, lo in zip(output_size, min_sizes, strict=True))
 
+    @fx_leaf
     def forward(self, input: Tensor, output_size: Sequence[int] | None = None) -> Tensor:
         output_padding = self._output_padding(input, output_size)
         if self._unbatched(input):

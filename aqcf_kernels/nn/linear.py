@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._fx import fx_leaf
 from ..functional import quaternion_linear
 from ._base import QuaternionModule, check_layer_options, check_quaternion_channels, check_rotation_options
 from .rotation import quaternion_rotation_linear, rotation_channel_blocks
@@ -73,6 +74,7 @@ class QuaternionLinear(QuaternionModule):
         blocks = rotation_channel_blocks(kwargs.get("quaternion_format", True))
         return blocks * shape[1], blocks * shape[0]
 
+    @fx_leaf
     def forward(self, input: Tensor) -> Tensor:
         if self.rotation:
             return quaternion_rotation_linear(

@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._fx import fx_leaf
 from ..backends.base import activate
 from ..layout import quaternion_channels
 from ..ops import norm as norm_ops
@@ -409,6 +410,7 @@ class _QuaternionNorm(nn.Module):
             )
         return unbatched
 
+    @fx_leaf
     def forward(self, input: Tensor) -> Tensor:
         unbatched = self._check_input(input)
         x = input.unsqueeze(0) if unbatched else input

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._fx import fx_leaf
 from ..layout import quaternion_channels
 from ..params import int_tuple
 
@@ -194,6 +195,7 @@ class _QuaternionMaxPoolNd(nn.Module):
         self.padding, self.dilation = padding, dilation
         self.return_indices, self.ceil_mode = return_indices, ceil_mode
 
+    @fx_leaf
     def forward(self, input: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         return _max_pool(
             type(self).__name__,
@@ -250,6 +252,7 @@ class _QuaternionAvgPoolNd(nn.Module):
         self.padding, self.ceil_mode = padding, ceil_mode
         self.count_include_pad, self.divisor_override = count_include_pad, divisor_override
 
+    @fx_leaf
     def forward(self, input: Tensor) -> Tensor:
         # Averaging is linear, so the per-component average is the quaternion average.
         _batched(type(self).__name__, input, self._spatial_dims)
@@ -310,6 +313,7 @@ class QuaternionDropout(nn.Module):
             raise ValueError(f"QuaternionDropout: dropout probability has to be between 0 and 1, but got {p}")
         self.p, self.inplace, self.channelwise = p, inplace, channelwise
 
+    @fx_leaf
     def forward(self, input: Tensor) -> Tensor:
         return _dropout(type(self).__name__, input, self.p, self.training, self.inplace, self.channelwise)
 

@@ -86,6 +86,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
+from .._fx import fx_leaf
 from ..functional import quaternion_linear
 from ..ops import rnn_cell as rnn_cell_ops
 from ..params import same_dtype_under_autocast
@@ -304,6 +305,7 @@ class _QuaternionRNNBase(nn.Module):
 
     # ----------------------------------------------------------------- forward
 
+    @fx_leaf
     def forward(self, input: Tensor | PackedSequence, hx: Any = None) -> tuple[Any, Any]:
         """``(output, h_n)`` (LSTM: ``(output, (h_n, c_n))``) as ``torch.nn.RNN`` / ``GRU`` / ``LSTM``.
 

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import tuning
+from .._fx import fx_leaf
 from ..layout import qcat, quaternion_channels
 from .conv import _QuaternionConvNd
 from .norm import _QuaternionNorm
@@ -137,6 +138,7 @@ class QuaternionConvNormAct(nn.Sequential):
             y, bias, start = (part if y is None else y.add_(part)), None, start + cq
         return y
 
+    @fx_leaf
     def forward(self, *inputs: Tensor) -> Tensor:
         if not inputs:
             raise TypeError("QuaternionConvNormAct: expected at least one input")
