@@ -95,6 +95,17 @@ class AQCFBlock(nn.Module):
         self.alpha_a = nn.Parameter(torch.zeros((), device=device, dtype=dtype))
         self.alpha_b = nn.Parameter(torch.zeros((), device=device, dtype=dtype))
 
+    def reset_parameters(self) -> None:
+        """A fresh block: the projections initialised again (each by its own ``reset_parameters``) and
+        ``alpha_a = alpha_b = 0``, so the block is the identity. Deferred initialisation calls this (a
+        block built under ``torch.device('meta')``, then ``to_empty``: FSDP's ``reset_parameters`` loop),
+        where the alphas would otherwise keep whatever the new memory held."""
+        for module in self.children():
+            module.reset_parameters()  # type: ignore[operator]
+        with torch.no_grad():
+            self.alpha_a.zero_()
+            self.alpha_b.zero_()
+
     def _check(self, f_a: Tensor, f_b: Tensor) -> None:
         for name, f in (("f_a", f_a), ("f_b", f_b)):
             if not isinstance(f, Tensor) or f.dim() < 3:
