@@ -38,6 +38,19 @@ def _cast(value: Any, device_type: str, dtype: torch.dtype) -> Any:
     return value.to(dtype) if eligible else value
 
 
+def cast_for_transforms(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """autocast's rule for a lower-precision op's arguments, applied by the callers that enter a
+    torch.func ``autograd.Function`` (:func:`aqcf_kernels.ops.conv.call_qconv`): functorch runs such a
+    Function as a higher-order operator whose autocast keys fall through, so the op inside never met
+    its autocast kernel and got the caller's mixed dtypes (a bf16 feature map, a float32 weight).
+    The casts are differentiable, so a parameter's gradient arrives in its own dtype."""
+    tensor = next((a for a in args if isinstance(a, Tensor)), None)
+    if tensor is None or tensor.device.type not in DEVICE_TYPES or not torch.is_autocast_enabled(tensor.device.type):
+        return args
+    dtype = torch.get_autocast_dtype(tensor.device.type)
+    return tuple(_cast(a, tensor.device.type, dtype) for a in args)
+
+
 def _lower_precision_kernel(op: torch._ops.OpOverload, device_type: str):  # noqa: ANN202
     key = getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
 

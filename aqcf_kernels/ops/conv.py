@@ -47,6 +47,7 @@ from .. import backends
 from ..backends._extension import _C, NATIVE_DEVICES, define_ops
 from ..backends.base import activate, bias_grad
 from ..params import ConvParams, conv_output_shape
+from .autocast import cast_for_transforms
 from .func import functorch_active, transforms_active
 
 #: Whether the compiled extension defines ``aqcf::qconv`` and ``aqcf::qconv_weight_grad`` (csrc/cpu/op.cpp).
@@ -511,7 +512,7 @@ def call_qconv(*args) -> tuple[Tensor, Tensor]:
     """``torch.ops.aqcf.qconv(*args)``, the 13 arguments positional; through :class:`_QConvFunction` while
     a torch.func transform or a forward-mode AD dual level is active."""
     if transforms_active():
-        return _QConvFunction.apply(*args)
+        return _QConvFunction.apply(*cast_for_transforms(args))
     return torch.ops.aqcf.qconv(*args)
 
 

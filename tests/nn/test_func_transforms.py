@@ -210,3 +210,54 @@ def test_model_vmap_in_eval_is_a_loop():
     with torch.no_grad():
         want = torch.stack([model(ct=c, mri=m)["mri"] for c, m in zip(ct, mri, strict=True)])
     assert_close(got, want)
+
+
+def _bf16_close(got, want, what):
+    """Within bf16's rounding at the tensor's scale (the two computations round at different places)."""
+    scale = want.abs().max().clamp_min(1e-6)
+    assert_close(got, want, rtol=0, atol=float(2e-2 * scale), msg=lambda m: f"{what}: {m}")
+
+
+def test_autocast_inside_transformed_functions():
+    """CPU bf16 autocast inside ``vmap(grad(...))``, ``grad`` and ``jvp``: the convs run in bf16 as they do under
+    autocast outside torch.func, and parameter gradients arrive in float32. functorch runs the Function that
+    serves a transform outside the dispatcher's autocast keys, so before, a bf16 feature map met a float32
+    weight inside it (per-sample gradients failed at the second conv, ``grad`` in oneDNN)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        qnn.QuaternionConv2d(8, 8, 3, padding=1),
+        qnn.QuaternionInstanceNorm2d(8, affine=True, activation="relu"),
+        qnn.QuaternionConvTranspose2d(8, 8, 2, stride=2),
+        nn.Flatten(),
+        qnn.QuaternionLinear(8 * 10 * 10, 4),
+    )
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    x = torch.randn(3, 8, 5, 5)
+
+    def loss(params, x):  # one sample
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = functional_call(net, params, (x[None],))
+        assert y.dtype == torch.bfloat16
+        return y.float().square().mean()
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, x)
+    one = grad(loss)(params, x[1])
+    for i in range(x.shape[0]):
+        net.zero_grad()
+        loss(dict(net.named_parameters()), x[i]).backward()
+        for k, p in net.named_parameters():
+            assert per_sample[k].dtype == torch.float32
+            _bf16_close(per_sample[k][i], p.grad, f"sample {i}, {k}")
+            if i == 1:
+                _bf16_close(one[k], p.grad, f"grad, {k}")
+
+    def forward(x, enabled=True):  # the convs (the norm's ReLU has kinks a tangent's rounding may cross)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            return net[2](net[0](x))
+
+    dx = torch.randn_like(x)
+    out, tangent = jvp(forward, (x,), (dx,))
+    assert out.dtype == tangent.dtype == torch.bfloat16
+    _bf16_close(out.float(), forward(x).float(), "jvp's output")
+    _, tangent_fp32 = jvp(lambda x: forward(x, enabled=False), (x,), (dx,))
+    _bf16_close(tangent.float(), tangent_fp32, "jvp's tangent")
