@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import io
 import operator
+import warnings
 
 import pytest
 import torch
@@ -277,3 +278,33 @@ def test_aqcfnet_is_one_node_of_a_traced_model():
     assert [n.target for n in traced.graph.nodes if n.op == "call_module"] == ["net"]
     ct, mri = torch.randn(2, 1, 12, 9, **DOUBLE), torch.randn(2, 1, 8, 8, **DOUBLE)
     assert_close(traced(ct, mri), model(ct, mri))
+
+
+def test_fx_graph_mode_quantization_keeps_the_quaternion_layers_in_float():
+    """torch.ao's FX graph-mode quantization (prepare_fx / convert_fx) on a model mixing torch's convs and
+    ours: torch's are quantized, ours stay float leaves between a dequantize and a quantize, and the result
+    is the float model's within int8's rounding."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(1, 8, 3, padding=1)
+            self.q = qnn.QuaternionConv2d(8, 8, 3, padding=1)
+            self.head = nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.q(torch.relu(self.stem(x)))))
+
+    torch.manual_seed(0)
+    model, x = Net().eval(), torch.randn(2, 1, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # (torch.ao.quantization is deprecated for torchao)
+        prepared = prepare_fx(copy.deepcopy(model), get_default_qconfig_mapping("x86"), (x,))
+        prepared(x)  # calibration
+        quantized = convert_fx(prepared)
+    assert type(quantized.q) is qnn.QuaternionConv2d
+    assert type(quantized.stem).__module__.startswith("torch.ao.nn.quantized")
+    want = model(x)
+    assert_close(quantized(x), want, rtol=0, atol=0.05 * float(want.abs().max()))
