@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -57,6 +58,13 @@ def fx_leaf(forward: Fn) -> Fn:
             raise TypeError(
                 f"torch.fx: {type(self).__name__} is a leaf of traced graphs (one call_module node, as torch.nn's "
                 "layers are); trace a module that contains it, e.g. torch.fx.symbolic_trace(torch.nn.Sequential(layer))"
+            )
+        if self._forward_pre_hooks or self._forward_hooks:
+            # (nn.Module's call ran them around this forward, on Proxy values; torch.nn's leaves skip them)
+            warnings.warn(
+                f"torch.fx: the hooks of {type(self).__name__} ran while tracing, on Proxy values, and run again "
+                "each time the traced graph calls the layer; register them after tracing",
+                stacklevel=3,
             )
         return tracer.create_proxy("call_module", tracer.path_of_module(self), args, kwargs)
 

@@ -146,8 +146,11 @@ def test_mode_hooks_and_unbatched_inputs_are_decided_when_the_graph_runs():
     traced(x)
     assert not torch.equal(model[1].running_mean, before)  # the traced graph updated the shared buffers
     conv_alone = torch.fx.symbolic_trace(nn.Sequential(model[0]))
-    seen = []  # (a hook registered before tracing would also run while tracing, on Proxy values)
+    seen = []
     model[0].register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    with pytest.warns(UserWarning, match="hooks of QuaternionConv2d ran while tracing"):
+        torch.fx.symbolic_trace(nn.Sequential(model[0]))  # (a torch.nn leaf's hooks would not run here)
+    assert len(seen) == 1 and isinstance(seen.pop(), torch.fx.Proxy)
     traced.eval()
     model.eval()
     assert_close(traced(x), model(x))  # eval mode, though traced in training
