@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -75,7 +76,7 @@ def fx_leaf(forward: Fn) -> Fn:
     # inspect.signature (help(), docs) shows.
     del traced_as_leaf.__wrapped__
     traced_as_leaf.__signature__ = inspect.signature(forward)  # type: ignore[attr-defined]
-    return traced_as_leaf  # type: ignore[return-value]
+    return _own_code(traced_as_leaf, forward)
 
 
 def fx_leaf_function(fn: Fn) -> Fn:
@@ -89,7 +90,19 @@ def fx_leaf_function(fn: Fn) -> Fn:
             return fn(*args, **kwargs)
         return proxy.tracer.create_proxy("call_function", traced_as_call, args, kwargs)
 
-    return traced_as_call  # type: ignore[return-value]
+    return _own_code(traced_as_call, fn)
+
+
+def _own_code(wrapper: Callable[..., Any], wrapped: Callable[..., Any]) -> Any:
+    """``wrapper`` with a code object of its own, named after ``wrapped``. torch.compile keeps its compiled
+    graphs per code object, up to a small number (``torch._dynamo.config.recompile_limit``, 8): with one
+    code object shared by every decorated forward, each layer class compiled on its own took a slot of the
+    same few, and the ninth ran uncompiled. (Tracebacks name the wrapped function too.)"""
+    names = {"co_name": wrapped.__name__}
+    if sys.version_info >= (3, 11):
+        names["co_qualname"] = f"{wrapped.__qualname__}.<fx wrapper>"
+    wrapper.__code__ = wrapper.__code__.replace(**names)
+    return wrapper
 
 
 __all__ = ["fx_leaf", "fx_leaf_function"]

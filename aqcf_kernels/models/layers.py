@@ -44,13 +44,13 @@ class OneDNNConvMixin:
 
     def _on_onednn(self, input: Tensor, weight: Tensor) -> bool:
         return (
-            input.device.type == "cpu"
+            not torch.compiler.is_compiling()  # first: torch.compile traces no mkldnn.is_available()
+            and input.device.type == "cpu"
             and input.dtype == torch.float32
             and input.dim() == weight.dim()  # batched
             and self.padding_mode == "zeros"
             and not isinstance(self.padding, str)
             and torch.backends.mkldnn.is_available()
-            and not torch.compiler.is_compiling()
             and not torch.jit.is_tracing()
             and not torch.jit.is_scripting()
             and not transforms_active()  # torch.func batches and differentiates torch's own conv

@@ -37,7 +37,7 @@ def pooled_size(spatial: tuple[int, ...], max_tokens: int) -> tuple[int, ...]:
     """Spatial size after average-pooling by the smallest integer factor r (every dim ceil(s/r))
     that leaves at most ``max_tokens`` tokens."""
     r = 1
-    while math.prod(-(-s // r) for s in spatial) > max_tokens:
+    while math.prod([-(-s // r) for s in spatial]) > max_tokens:  # (a list: torch.compile traces no generator here)
         r += 1
     return tuple(-(-s // r) for s in spatial)
 

@@ -14,7 +14,6 @@ Signatures follow ``torch.nn.MaxPool*d``, ``AvgPool*d`` and ``Dropout``; unbatch
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -127,14 +126,25 @@ def _check_pool_output(
         raise ValueError(f"{name}: {where}: a pooling window holds only padding, no quaternion to select")
 
 
-@functools.lru_cache(maxsize=1024)
 def _pool_geometry(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> tuple[int, bool]:
-    """(output size along one dim, torch's formula; whether every window there reads an input element)."""
+    """(output size along one dim, torch's formula; whether every window there reads an input element).
+
+    Only a window starting in the left padding can miss the input (the last one starts before the end:
+    torch's formula, and ceil_mode's rule), so only those ``ceil(p / s)`` are looked at: no loop over
+    the output, whose length torch.compile would then fix to each input size's (a recompile per size
+    under ``dynamic=True``). The same answers as every window's taps checked, on every size <= 13,
+    kernel <= 5, stride and dilation <= 4, padding <= 3, ceil_mode both ways."""
     span = size + 2 * p - d * (k - 1) - 1
     out = (-(-span // s) if ceil_mode else span // s) + 1
     if ceil_mode and (out - 1) * s >= size + p:  # the last window must start inside the input or its left padding
         out -= 1
-    reads = all(any(0 <= o * s - p + j * d < size for j in range(k)) for o in range(max(out, 0)))
+    reads = True
+    for o in range(-(-p // s)):
+        if o >= out:
+            break
+        start = o * s - p  # < 0
+        first = -(start // d)  # the first tap at or after position 0: ceil(-start / d)
+        reads = reads and first < k and start + first * d < size
     return out, reads
 
 

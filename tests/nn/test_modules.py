@@ -485,6 +485,44 @@ def test_torch_compile_matches_eager():
         assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+# Compiled once for every input size under dynamic=True (fullgraph: no break either). Sizes chosen so that
+# dynamo's own specialisations do not apply (no size 0 or 1, no spatial size equal to the channel count).
+DYNAMIC_LAYERS = {
+    "conv": (lambda: QuaternionConv2d(8, 12, 3, padding=1), "nchw"),
+    "conv_transpose": (lambda: QuaternionConvTranspose2d(8, 4, 3, stride=2, padding=1, output_padding=1), "nchw"),
+    "max_pool_padded": (lambda: qnn.QuaternionMaxPool2d(3, stride=2, padding=1), "nchw"),
+    "avg_pool": (lambda: qnn.QuaternionAvgPool2d(2, ceil_mode=True), "nchw"),
+    "batch_norm_relu": (lambda: qnn.QuaternionBatchNorm2d(8, activation="relu"), "nchw"),
+    "instance_norm": (lambda: qnn.QuaternionInstanceNorm2d(8, affine=True), "nchw"),
+    "linear": (lambda: QuaternionLinear(8, 12), "tokens"),
+    # (with kv_pool, one graph per pooling factor: the factor is a loop over the sizes)
+    "aqcf_block": (lambda: qnn.AQCFBlock(8, heads=2), "two_streams"),
+}
+
+
+@pytest.mark.parametrize("name", DYNAMIC_LAYERS)
+def test_torch_compile_dynamic_shapes_compiles_once(name):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    factory, kind = DYNAMIC_LAYERS[name]
+    torch.manual_seed(0)
+    layer = factory()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(layer, backend=counter, dynamic=True, fullgraph=True)
+    frames = []
+    for n, h, w in ((2, 10, 13), (3, 17, 11), (5, 9, 22)):
+        x = torch.randn(n, 8, h, w) if kind != "tokens" else torch.randn(n, h, 8)
+        inputs = (x, torch.randn(n, 8, w + 3, h)) if kind == "two_streams" else (x,)
+        if kind == "two_streams":
+            with torch.no_grad():  # (alpha = 0 at init: the block would be the identity)
+                layer.alpha_a.fill_(0.6)
+                layer.alpha_b.fill_(-0.3)
+        got, want = compiled(*inputs), layer(*inputs)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        frames.append(counter.frame_count)
+    assert frames[0] >= 1 and frames[1:] == frames[:1] * 2  # compiled on the first size, never again
+
+
 def test_linear_double_backward_and_empty_input():
     # quaternion_linear runs the rows as the length of one 1x1 conv1d; the op's double backward must survive it.
     x = torch.randn(3, 8, dtype=F64, requires_grad=True)
