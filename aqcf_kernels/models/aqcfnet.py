@@ -279,7 +279,9 @@ class AQCFNet(nn.Module):
     def _pad(self, x: Tensor) -> Tensor:
         """Zero-pad the far end of every spatial dim to a multiple of ``2**levels``."""
         m = 2 ** len(self.features)
-        pads = [p for s in reversed(x.shape[2:]) for p in (0, -s % m)]
+        # -(-s // m) * m - s, not -s % m: the same pad, and torch.compile's dynamic shapes can lower a floor division in
+        # training, not a modulo (torch 2.13's TensorReferenceAnalysis has no python_mod)
+        pads = [p for s in reversed(x.shape[2:]) for p in (0, -(-s // m) * m - s)]
         return F.pad(x, pads) if any(pads) else x
 
     def _decode(self, x: Tensor, skips: list[Tensor], size: Sequence[int]) -> Output:
