@@ -182,6 +182,16 @@ def all_threads():
 
 
 @pytest.fixture
+def fresh_dynamo():
+    """torch.compile's state (compiled graphs, the sizes each code object has seen) reset before and after the
+    test: dynamo keys that state by code object, so a test compiling a layer with dynamic shapes would make a
+    later test's compile of the same layer class dynamic too ("automatic dynamic"), and the other way round."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
 def no_vmap_fallback():
     """torch.func.vmap raises where an op has no batching rule, instead of looping over the slices with a
     warning (to stderr, which no test reads)."""

@@ -333,6 +333,7 @@ def test_torch_compile_matches_eager() -> None:
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.usefixtures("fresh_dynamo")
 def test_torch_compile_fullgraph(train: bool) -> None:
     """The whole network is one graph (``fullgraph=True``: no break) in training (forward and backward) and in
     eval (folded units, the unit's split rule, no oneDNN stem), with kv pooling and deep supervision, and
@@ -358,6 +359,7 @@ def test_torch_compile_fullgraph(train: bool) -> None:
             assert_close(g, w, rtol=1e-3, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
+@pytest.mark.usefixtures("fresh_dynamo")
 def test_torch_compile_dynamic_shapes_training() -> None:
     """``dynamic=True`` training on a size that needs padding to a multiple of ``2**levels`` and one that does
     not: the same gradients as eager. The padding was ``-s % m``, whose symbolic modulo torch 2.13 could not

@@ -501,6 +501,7 @@ DYNAMIC_LAYERS = {
 
 
 @pytest.mark.parametrize("name", DYNAMIC_LAYERS)
+@pytest.mark.usefixtures("fresh_dynamo")
 def test_torch_compile_dynamic_shapes_compiles_once(name):
     from torch._dynamo.testing import CompileCounterWithBackend
 
