@@ -76,11 +76,45 @@ def _whitening_matrix(cov: Tensor, eps: float) -> Tensor:
     Maida proposed for quaternion BN. Any two whitening matrices differ by an orthogonal matrix on
     the left, which the full 4x4 ``γ`` that follows can absorb, so nothing is lost in expressiveness.
     """
+    if torch.onnx.is_in_onnx_export():
+        # ONNX has no Cholesky or triangular solve; torch.onnx.export of a model with a whitening norm
+        # gets the same matrix as elementwise ops (torch.compile sees False here: dynamo folds the call).
+        return _unrolled_whitening_matrix(cov, eps)
     eye = torch.eye(4, dtype=cov.dtype, device=cov.device)
     # Not checked for positive definiteness: a check costs a sync, and a failed factorisation
     # shows up as NaN in the output. eps > 0 keeps V + eps*I positive definite in exact arithmetic.
     chol = torch.linalg.cholesky_ex(cov + eps * eye).L
     return torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
+
+
+def _unrolled_whitening_matrix(cov: Tensor, eps: float) -> Tensor:
+    """:func:`_whitening_matrix`'s value (``L⁻¹`` with ``cov + eps·I = L Lᵀ``, batched over the
+    leading dims of ``cov`` ``(..., 4, 4)``) unrolled into elementwise ops on the 4x4 entries: the
+    Cholesky-Banachiewicz recurrence (LAPACK's, for a matrix this small), then forward substitution.
+
+    For a whitening norm on its input's statistics, whose covariance exists only at run time: ONNX has
+    no Cholesky or triangular solve, and a 4x4 needs 4 ``Sqrt``, 4 ``Reciprocal`` and a few dozen
+    ``Mul``/``Sub``/``Div`` on ``(N, Cq)`` tensors, nothing next to the matmul over the data.
+    """
+    a = [[cov[..., i, j] for j in range(4)] for i in range(4)]
+    chol: list[list[Tensor]] = [[] for _ in range(4)]  # row i holds L[i, 0..i]
+    for i in range(4):
+        for j in range(i + 1):
+            s = a[i][j] + eps if i == j else a[i][j]
+            for k in range(j):
+                s = s - chol[i][k] * chol[j][k]
+            chol[i].append(s.sqrt() if i == j else s / chol[j][j])
+    inv: list[list[Tensor]] = [[] for _ in range(4)]  # row i holds L⁻¹[i, 0..i]
+    for i in range(4):
+        d = chol[i][i].reciprocal()
+        for j in range(i):  # L[i, j..i] · L⁻¹[j..i, j] = 0 below the diagonal
+            s = chol[i][j] * inv[j][j]
+            for k in range(j + 1, i):
+                s = s + chol[i][k] * inv[k][j]
+            inv[i].append(-s * d)
+        inv[i].append(d)
+    zero = torch.zeros_like(a[0][0])
+    return torch.stack([torch.stack(row + [zero] * (3 - i), dim=-1) for i, row in enumerate(inv)], dim=-2)
 
 
 def _quaternion_norm(

@@ -384,7 +384,7 @@ class _LoweredNormMixin:
     (:func:`_per_channel_4x4`). With running statistics ``M`` is folded at lowering (``lowered_matrix``,
     the eager layer's own Cholesky of ``running_cov``), so the graph has no factorisation at all;
     otherwise (instance norm) the covariance is the input's and ``L⁻¹`` is
-    :func:`_unrolled_whitening_matrix`, elementwise ops on the 4x4 entries.
+    :func:`~aqcf_kernels.nn.norm._unrolled_whitening_matrix`, elementwise ops on the 4x4 entries.
     """
 
     def forward(self, input: Tensor) -> Tensor:
@@ -430,6 +430,8 @@ class _LoweredNormMixin:
                 z = centred.transpose(1, 2).flatten(3)
             else:
                 z = centred.permute(2, 1, 0, *spatial).flatten(2)
+            from ..nn.norm import _unrolled_whitening_matrix
+
             matrix = _unrolled_whitening_matrix(z @ z.mT / z.shape[-1], self.eps)
             if self.weight is not None:
                 matrix = self.weight @ matrix
@@ -451,36 +453,6 @@ def _per_channel_4x4(matrix: Tensor, x: Tensor) -> Tensor:
     """
     flat = x.flatten(3) if x.dim() > 3 else x.unsqueeze(3)  # (N, 4, Cq, S); S = 1 for a (N, C) batch norm input
     return (matrix @ flat.transpose(1, 2)).transpose(1, 2).reshape(x.shape)
-
-
-def _unrolled_whitening_matrix(cov: Tensor, eps: float) -> Tensor:
-    """:func:`~aqcf_kernels.nn.norm._whitening_matrix` (``L⁻¹`` with ``cov + eps·I = L Lᵀ``, batched over the
-    leading dims of ``cov`` ``(..., 4, 4)``) unrolled into elementwise ops on the 4x4 entries: the
-    Cholesky-Banachiewicz recurrence (LAPACK's, for a matrix this small), then forward substitution.
-
-    For a whitening norm on its input's statistics, whose covariance exists only at run time: ONNX has
-    no Cholesky or triangular solve, and a 4x4 needs 4 ``Sqrt``, 4 ``Reciprocal`` and a few dozen
-    ``Mul``/``Sub``/``Div`` on ``(N, Cq)`` tensors, nothing next to the matmul over the data.
-    """
-    a = [[cov[..., i, j] for j in range(4)] for i in range(4)]
-    chol: list[list[Tensor]] = [[] for _ in range(4)]  # row i holds L[i, 0..i]
-    for i in range(4):
-        for j in range(i + 1):
-            s = a[i][j] + eps if i == j else a[i][j]
-            for k in range(j):
-                s = s - chol[i][k] * chol[j][k]
-            chol[i].append(s.sqrt() if i == j else s / chol[j][j])
-    inv: list[list[Tensor]] = [[] for _ in range(4)]  # row i holds L⁻¹[i, 0..i]
-    for i in range(4):
-        d = chol[i][i].reciprocal()
-        for j in range(i):  # L[i, j..i] · L⁻¹[j..i, j] = 0 below the diagonal
-            s = chol[i][j] * inv[j][j]
-            for k in range(j + 1, i):
-                s = s + chol[i][k] * inv[k][j]
-            inv[i].append(-s * d)
-        inv[i].append(d)
-    zero = torch.zeros_like(a[0][0])
-    return torch.stack([torch.stack(row + [zero] * (3 - i), dim=-1) for i, row in enumerate(inv)], dim=-2)
 
 
 def _lower_norm(norm: nn.Module) -> None:
@@ -559,83 +531,7 @@ def lowered_for_onnx(module: nn.Module) -> nn.Module:
     return lowered
 
 
-def _expanded_weight(weight: Tensor, groups: int) -> Tensor:
-    """:func:`~aqcf_kernels.quaternion.expand_weight_grouped` from signed slices of ``weight`` (no constant
-    tensor: a traced lowering may not create one) — the same matrix, ``(G*4*A, 4*B, *k)``."""
-    from ..quaternion import HAMILTON
-
-    _, ga, b, *kernel = weight.shape
-    w = weight.reshape(4, groups, ga // groups, b, *kernel)
-    rows = [torch.stack([w[p] if sign > 0 else -w[p] for p, sign in HAMILTON[c]], dim=2) for c in range(4)]
-    return torch.stack(rows, dim=1).reshape(ga * 4, 4 * b, *kernel)
-
-
-def _qconv_lowering(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups, algorithm,
-                    activation=None, negative_slope=0.01, kind="forward"):  # fmt: skip
-    from ..backends.base import activate
-    from ..backends.torch.conv import add_bias, real_conv
-    from ..ops.conv import stores_preactivation
-    from ..params import ConvParams
-    from ..quaternion import from_group_major, to_group_major
-
-    p = ConvParams.from_op_args(weight.dim() - 3, stride, padding, dilation, transposed, output_padding, groups)
-    z = real_conv(to_group_major(input, p.groups), _expanded_weight(weight, p.groups), p)
-    z = add_bias(from_group_major(z, p.groups), bias)
-    if activation is None:
-        return z, input.new_empty(0)
-    y = activate(z, activation, negative_slope)
-    return y, (z if stores_preactivation(activation, negative_slope) else input.new_empty(0))
-
-
-def _qnorm_lowering(input, weight, bias, running_mean, running_var, use_input_stats, per_sample, eps, activation,
-                    negative_slope):  # fmt: skip
-    from ..nn.norm import _quaternion_norm
-
-    y = _quaternion_norm("qnorm", input, per_sample, running_mean, running_var, weight, bias, use_input_stats, 0.0,
-                         eps, False, activation, negative_slope, fused=False)  # fmt: skip
-    # The statistics outputs (for the running averages in training): used by no inference graph, but
-    # they are the op's contract, so computed as the op computes them.
-    cq = input.shape[1] // 4
-    x = input.unflatten(1, (4, cq))
-    if use_input_stats:
-        reduce = tuple(range(3, x.dim())) if per_sample else (0, *range(3, x.dim()))
-        mean = x.mean(reduce, keepdim=True)
-        var = (x - mean).square().mean(reduce, keepdim=True).sum(1)
-        groups = input.shape[0] if per_sample else 1
-        return y, mean.reshape(groups, 4 * cq), var.reshape(groups, cq)
-    return y, running_mean.reshape(1, 4 * cq).clone(), running_var.reshape(1, cq).clone()
-
-
-def _attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    # What scaled_dot_product_attention computes, spelled out so ONNX gets MatMul/Softmax/MatMul.
-    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
-    return torch.matmul(torch.softmax(scores, dim=-1), v), torch.logsumexp(scores.float(), dim=-1)
-
-
-def _cross_attention_lowering(q_a, k_a, v_a, q_b, k_b, v_b, scale):
-    from ..backends.base import lse_dtype
-
-    out_a, lse_a = _attention(q_a, k_b, v_b, scale)
-    out_b, lse_b = _attention(q_b, k_a, v_a, scale)
-    return out_a, out_b, lse_a.to(lse_dtype(q_a.dtype)), lse_b.to(lse_dtype(q_b.dtype))
-
-
-def _gated_residual_lowering(f, o, gate_logits, alpha):
-    return f + alpha * torch.sigmoid(gate_logits) * o
-
-
-def _lowerings() -> dict[Any, Any]:
-    from .. import ops  # noqa: F401  (registers torch.ops.aqcf)
-
-    return {
-        torch.ops.aqcf.qconv.default: _qconv_lowering,
-        torch.ops.aqcf.qnorm.default: _qnorm_lowering,
-        torch.ops.aqcf.cross_attention.default: _cross_attention_lowering,
-        torch.ops.aqcf.gated_residual.default: _gated_residual_lowering,
-    }
-
-
-#: ``aqcf`` op -> its plain-PyTorch lowering (a decomposition for :meth:`ExportedProgram.run_decompositions`).
+#: ``aqcf`` op -> its plain-PyTorch lowering (:func:`aqcf_kernels.ops.lowerings.lowerings`), filled on first use.
 LOWERINGS: dict[Any, Any] = {}
 
 
@@ -655,7 +551,9 @@ def lower_custom_ops(program: torch.export.ExportedProgram) -> torch.export.Expo
     Raises :class:`ExportError` naming any custom op without a lowering.
     """
     if not LOWERINGS:
-        LOWERINGS.update(_lowerings())
+        from ..ops.lowerings import lowerings
+
+        LOWERINGS.update(lowerings())
     if not _custom_ops(program):
         return program  # nothing to lower: a retrace would only cost time
     lowered = program.run_decompositions({op: fn for op, fn in LOWERINGS.items()})

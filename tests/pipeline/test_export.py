@@ -23,6 +23,7 @@ from torch import nn
 
 from aqcf_kernels import nn as qnn
 from aqcf_kernels.models import AQCFNet
+from aqcf_kernels.ops import lowerings
 from aqcf_kernels.pipeline import export as ex
 from aqcf_kernels.pipeline import predict as pr
 from aqcf_kernels.pipeline.checkpoint import load_run_checkpoint
@@ -238,14 +239,14 @@ def test_attention_lowerings_match_the_ops() -> None:
     q_a, k_a, v_a = (_random_input(2, 3, 7, 8, seed=s) for s in (1, 2, 3))
     q_b, k_b, v_b = (_random_input(2, 3, 5, 8, seed=s) for s in (4, 5, 6))
     want = torch.ops.aqcf.cross_attention(q_a, k_a, v_a, q_b, k_b, v_b, 0.3)
-    got = ex._cross_attention_lowering(q_a, k_a, v_a, q_b, k_b, v_b, 0.3)
+    got = lowerings.cross_attention_lowering(q_a, k_a, v_a, q_b, k_b, v_b, 0.3)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
     f, o, gate = (_random_input(2, 8, 6, seed=s) for s in (7, 8, 9))
     alpha = torch.tensor(0.6)
     for logits in (gate, gate.mean(2, keepdim=True)):  # per token, and per channel (broadcast)
         want = torch.ops.aqcf.gated_residual(f, o, logits, alpha)
-        torch.testing.assert_close(ex._gated_residual_lowering(f, o, logits, alpha), want, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(lowerings.gated_residual_lowering(f, o, logits, alpha), want, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.slow  # ~75 s of CPU on 2 cores: shape reasoning over two streams' dynamic token counts

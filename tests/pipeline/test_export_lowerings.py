@@ -18,7 +18,7 @@ from torch.export import Dim
 
 from aqcf_kernels import nn as qnn
 from aqcf_kernels.nn.conv import _QuaternionConvNd
-from aqcf_kernels.nn.norm import _QuaternionNorm, _whitening_matrix, quaternion_batch_norm
+from aqcf_kernels.nn.norm import _QuaternionNorm, _unrolled_whitening_matrix, _whitening_matrix, quaternion_batch_norm
 from aqcf_kernels.pipeline import export as ex
 
 onnx = pytest.importorskip("onnx")
@@ -174,10 +174,10 @@ def test_unrolled_whitening_matrix_is_the_cholesky_one() -> None:
     a = torch.randn(3, 5, 4, 6, generator=g, dtype=torch.float64)
     cov = a @ a.mT / 6  # batched (3, 5): some near-singular (rank 4 from 6 samples), eps keeps them definite
     for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
-        got = ex._unrolled_whitening_matrix(cov.to(dtype), 1e-3)
+        got = _unrolled_whitening_matrix(cov.to(dtype), 1e-3)
         want = _whitening_matrix(cov.to(dtype), 1e-3)
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)
-    m = ex._unrolled_whitening_matrix(cov, 1e-3)
+    m = _unrolled_whitening_matrix(cov, 1e-3)
     eye = torch.eye(4, dtype=torch.float64)
     torch.testing.assert_close(m @ (cov + 1e-3 * eye) @ m.mT, eye.expand_as(cov), rtol=1e-9, atol=1e-9)
     assert (m.triu(1) == 0).all()

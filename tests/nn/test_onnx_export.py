@@ -1,0 +1,213 @@
+"""``torch.onnx.export`` of models built from the layers, with no call to this package: what a user of
+torch.nn's layers does. Every custom op of a layer's forward is lowered through torch's decomposition
+table (:mod:`aqcf_kernels.ops.lowerings`), so the ONNX graph holds standard operators only and ONNX
+Runtime's outputs equal eager mode's. Before, every layer with a conv, a norm, an attention or a
+recurrence failed in the exporter ("No ONNX function found for aqcf.qconv"), and a whitening norm on
+aten's Cholesky, which ONNX lacks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+
+import pytest
+import torch
+from torch import nn
+from torch.export import Dim
+from torch.testing import assert_close
+from torch.utils._pytree import tree_leaves
+
+from aqcf_kernels import nn as qnn
+from aqcf_kernels.models import AQCFNet
+from aqcf_kernels.nn.norm import quaternion_instance_norm
+
+from .test_fx import LAYERS, _Holder, _Holder2
+
+pytest.importorskip("onnxscript")
+ort = pytest.importorskip("onnxruntime")
+
+pytestmark = pytest.mark.usefixtures("single_threaded")
+
+# fp32 rounding of a re-associated computation (the expanded conv, the unrolled 4x4 Cholesky)
+RTOL, ATOL = 1e-4, 1e-5
+
+# Beyond LAYERS (one per public class): the norms' other statistics paths.
+EXTRA = {
+    "instance_norm2d_whitened_affine": (
+        lambda: qnn.QuaternionInstanceNorm2d(8, whiten=True, affine=True),
+        [(2, 8, 5, 4)],
+    ),
+    "batch_norm1d_whitened_without_running_stats": (
+        lambda: qnn.QuaternionBatchNorm1d(8, whiten=True, track_running_stats=False),
+        [(6, 8, 3)],
+    ),
+    "grouped_fast8_conv_gelu": (
+        lambda: qnn.QuaternionConvNormAct(
+            qnn.QuaternionConv2d(8, 8, 3, padding=1, groups=2, algorithm="fast8"),
+            qnn.QuaternionInstanceNorm2d(8, affine=True, activation="gelu"),
+        ),
+        [(2, 8, 6, 5)],
+    ),
+}
+CASES = {**LAYERS, **EXTRA}
+
+
+class _FunctionalWhitening(nn.Module):
+    """A whitening norm called as a function, on its input's statistics (no module to lower)."""
+
+    def forward(self, x):
+        return quaternion_instance_norm(x, whiten=True, activation="relu")
+
+
+def test_a_whitening_norm_called_as_a_function_exports():
+    x = torch.randn(2, 8, 5, 3) * 1.5 + 0.3
+    model = _FunctionalWhitening()
+    (got,) = _run(_session(_export(model, (x,))), [x])
+    assert_close(got, _outputs(model, [x])[0], rtol=RTOL, atol=ATOL)
+
+
+def _trained_layer(name: str) -> tuple[nn.Module, list[torch.Tensor]]:
+    """The layer in eval mode with parameters away from their initial values and running statistics
+    from three training batches (a fresh layer's are the identity's; the A-QCF block's alphas are 0)."""
+    torch.manual_seed(0)
+    factory, shapes = CASES[name]
+    layer = factory()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(torch.randn(p.shape) * 0.1)
+        layer.train()
+        for _ in range(3):
+            layer(*[torch.randn(s) * 2 + 0.5 for s in shapes])
+    holder = (_Holder2 if len(shapes) == 2 else _Holder)(layer).eval()
+    return holder, [torch.randn(s) for s in shapes]
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporter prints its steps and logs a warning per torchvision op it cannot find."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _export(model: nn.Module, args: tuple, **kwargs):
+    with _quiet():
+        program = torch.onnx.export(model, args, dynamo=True, **kwargs)
+    graph = program.model.graph
+    custom = sorted({f"{n.domain}::{n.op_type}" for n in graph.all_nodes() if n.domain not in ("", "ai.onnx")})
+    assert custom == [] and len(program.model.functions) == 0, custom
+    return program
+
+
+def _session(program):
+    return ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def _run(session, inputs) -> list[torch.Tensor]:
+    names = [i.name for i in session.get_inputs()]
+    return [torch.from_numpy(o) for o in session.run(None, {n: x.numpy() for n, x in zip(names, inputs, strict=True)})]
+
+
+def _outputs(model: nn.Module, inputs) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [t for t in tree_leaves(model(*inputs)) if isinstance(t, torch.Tensor)]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_a_model_of_the_layer_exports_and_onnx_runtime_agrees(name):
+    model, inputs = _trained_layer(name)
+    program = _export(model, tuple(inputs))
+    want = _outputs(model, inputs)
+    got = _run(_session(program), inputs)
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        assert_close(g, w, rtol=RTOL, atol=ATOL, check_dtype=False)
+        assert w.float().abs().max() > 0  # the layer computed something
+
+
+class _Stack(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = qnn.QuaternionConv2d(4, 8, 3, padding=1, padding_mode="reflect")
+        self.norm = qnn.QuaternionBatchNorm2d(8, activation="relu")
+        self.down = qnn.QuaternionMaxPool2d(2)
+        self.up = qnn.QuaternionConvTranspose2d(8, 4, 2, stride=2)
+
+    def forward(self, x):
+        return self.up(self.down(self.norm(self.conv(x))))
+
+
+def test_dynamic_batch_and_spatial_sizes():
+    torch.manual_seed(1)
+    model = _Stack()
+    with torch.no_grad():
+        model(torch.randn(4, 4, 8, 8))  # running statistics
+    model.eval()
+    height, width = Dim("h", min=1) * 2, Dim("w", min=1) * 2
+    program = _export(model, (torch.randn(2, 4, 6, 8),), dynamic_shapes=({0: Dim("n"), 2: height, 3: width},))
+    session = _session(program)
+    for shape in ((1, 4, 10, 6), (3, 4, 4, 12)):
+        x = torch.randn(shape)
+        (got,) = _run(session, [x])
+        assert_close(got, _outputs(model, [x])[0], rtol=RTOL, atol=ATOL)
+
+
+class _Joint(nn.Module):
+    def __init__(self, net: AQCFNet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, ct, mri):
+        out = self.net(ct=ct, mri=mri)
+        return out["ct"], out["mri"]
+
+
+def test_the_joint_network_exports_with_its_fusion():
+    """A-QCF-Net on both streams (the fusion blocks' attention is in the graph) through plain torch.onnx.export."""
+    torch.manual_seed(2)
+    net = AQCFNet(2, features=(8, 16), bottleneck=16, heads=2).eval()
+    with torch.no_grad():
+        for block in net.fusion.values():  # a fresh block is the identity (alpha = 0)
+            block.alpha_a.fill_(0.6)
+            block.alpha_b.fill_(-0.4)
+    model = _Joint(net).eval()
+    inputs = [torch.randn(1, 1, 32, 32), torch.randn(1, 1, 32, 32)]
+    got = _run(_session(_export(model, tuple(inputs))), inputs)
+    want = _outputs(model, inputs)
+    assert (want[0] - _outputs(net, [inputs[0]])[0]).abs().max() > 1e-3  # the fusion changed the CT logits
+    for g, w in zip(got, want, strict=True):
+        assert_close(g, w, rtol=RTOL, atol=ATOL)
+
+
+def test_the_lowerings_stay_out_of_torchs_default_decompositions():
+    """Registered for ONNX only: torch.export's default decompositions (and so torch.compile's, which are
+    also explicit lists of aten ops) keep the custom ops, whose kernels are the point of the package."""
+    model = _Stack().eval()
+    program = torch.export.export(model, (torch.randn(2, 4, 8, 8),)).run_decompositions()
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert {"aqcf.qconv.default", "aqcf.qnorm.default"} <= targets
+
+
+def test_eager_whitening_keeps_lapack_outside_an_export():
+    """The unrolled Cholesky serves ONNX export only; eager mode and its gradients use LAPACK's."""
+    from aqcf_kernels.nn import norm
+
+    a = torch.randn(3, 4, 6, dtype=torch.float64)
+    cov = a @ a.mT / 6
+    calls = []
+    original = norm._unrolled_whitening_matrix
+    norm._unrolled_whitening_matrix = lambda *args: calls.append(1) or original(*args)
+    try:
+        eager = norm._whitening_matrix(cov, 1e-3)
+    finally:
+        norm._unrolled_whitening_matrix = original
+    assert calls == []
+    assert_close(original(cov, 1e-3), eager)
