@@ -49,6 +49,7 @@ from ..backends.base import activate, bias_grad
 from ..params import ConvParams, conv_output_shape
 from .autocast import cast_for_transforms
 from .func import functorch_active, transforms_active
+from .lowerings import qconv_lowering
 
 #: Whether the compiled extension defines ``aqcf::qconv`` and ``aqcf::qconv_weight_grad`` (csrc/cpu/op.cpp).
 NATIVE = _C is not None and hasattr(_C, "_set_fallbacks")
@@ -512,6 +513,13 @@ def call_qconv(*args) -> tuple[Tensor, Tensor]:
     """``torch.ops.aqcf.qconv(*args)``, the 13 arguments positional; through :class:`_QConvFunction` while
     a torch.func transform or a forward-mode AD dual level is active."""
     if transforms_active():
+        if torch.compiler.is_compiling():
+            # torch.compile of a transformed function: dynamo inlines the Function's forward without popping
+            # the transform's level, so the Function calls itself until the recursion limit (torch 2.13),
+            # and a graph break here crashes dynamo inside grad (a torch.nn-only function with one does
+            # too). The op's plain-PyTorch lowering (the expanded-weight conv) is what dynamo traces,
+            # transforms included.
+            return qconv_lowering(*cast_for_transforms(args))
         return _QConvFunction.apply(*cast_for_transforms(args))
     return torch.ops.aqcf.qconv(*args)
 

@@ -144,6 +144,54 @@ def test_per_sample_gradients_of_a_network():
             assert_close(got[k][i], p.grad, msg=lambda m, k=k, i=i: f"sample {i}, {k}: {m}")
 
 
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_compiled_per_sample_gradients_are_the_eager_ones():
+    """``torch.compile(vmap(grad(loss)), fullgraph=True)``: one graph (the convs are their expanded-weight
+    lowering there, which dynamo traces; the Function serving eager transforms made dynamo recurse until
+    the recursion limit) and eager mode's per-sample gradients, float64."""
+    torch.manual_seed(0)
+    net = _SmallNet().double()
+    x, target = torch.randn(4, 4, 6, 7, **DOUBLE), torch.randn(4, 4, **DOUBLE)
+    params = {k: v.detach() for k, v in net.named_parameters()}
+
+    def loss(params, x, t):
+        return (functional_call(net, params, (x[None],))[0] - t).square().sum()
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0, 0))
+    want = per_sample(params, x, target)
+    got = torch.compile(per_sample, backend="aot_eager", fullgraph=True)(params, x, target)
+    assert_close(got, want)
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+@pytest.mark.parametrize("train", [True, False])
+def test_compiled_model_gradients_through_torch_func(train):
+    """A-QCF-Net under ``torch.compile(grad(loss), fullgraph=True)``: autograd's parameter gradients."""
+    torch.manual_seed(1)
+    model = AQCFNet(2, features=(8, 16), bottleneck=16, heads=2, kv_pool=16).double().train(train)
+    for block in model.modules():
+        if isinstance(block, qnn.AQCFBlock):
+            with torch.no_grad():
+                block.alpha_a.fill_(0.5)
+                block.alpha_b.fill_(-0.5)
+    ct, mri = torch.randn(2, 1, 16, 12, **DOUBLE), torch.randn(2, 1, 16, 12, **DOUBLE)
+
+    def buffers():  # inputs of the transformed function: training updates the running statistics
+        return {k: v.clone() for k, v in model.named_buffers()}
+
+    def loss(params, buffers):
+        out = functional_call(model, {**params, **buffers}, (), {"ct": ct, "mri": mri})
+        return out["ct"].square().mean() + out["mri"].sin().mean()
+
+    compiled = torch.compile(grad(loss), backend="eager", fullgraph=True)
+    got = compiled({k: v.detach() for k, v in model.named_parameters()}, buffers())
+    want = torch.autograd.grad(
+        loss(dict(model.named_parameters()), buffers()), list(model.parameters()), allow_unused=True
+    )
+    for (k, _), w in zip(model.named_parameters(), want, strict=True):
+        assert_close(got[k], torch.zeros_like(got[k]) if w is None else w, msg=lambda m, k=k: f"{k}: {m}")
+
+
 def test_model_gradients_through_torch_func():
     """A-QCF-Net (twin encoders, fused norms, A-QCF attention and gate): ``grad`` over ``functional_call``
     gives autograd's parameter gradients, in training and in eval."""
