@@ -241,10 +241,13 @@ def _update_running(
     else:
         new_mean = mean.detach().reshape(-1, 4 * cq).mean(0)
         new_var = stat.detach().reshape(-1, *shape).mean(0) * unbiased
+    new_mean, new_var = new_mean.to(running_mean.dtype), new_var.to(running_var.dtype)
+    if torch.onnx.is_in_onnx_export():  # ONNX has no multi-tensor lerp (a model exported in training mode)
+        running_mean.lerp_(new_mean, momentum)
+        running_var.lerp_(new_var, momentum)
+        return
     # one multi-tensor launch for both averages on a GPU (two lerp_ launches otherwise)
-    torch._foreach_lerp_(
-        [running_mean, running_var], [new_mean.to(running_mean.dtype), new_var.to(running_var.dtype)], momentum
-    )
+    torch._foreach_lerp_([running_mean, running_var], [new_mean, new_var], momentum)
 
 
 def quaternion_batch_norm(

@@ -9,6 +9,7 @@ aten's Cholesky, which ONNX lacks.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 
@@ -131,6 +132,21 @@ def test_a_model_of_the_layer_exports_and_onnx_runtime_agrees(name):
         assert g.shape == w.shape and g.dtype == w.dtype
         assert_close(g, w, rtol=RTOL, atol=ATOL, check_dtype=False)
         assert w.float().abs().max() > 0  # the layer computed something
+
+
+@pytest.mark.parametrize("name", ["batch_norm2d_relu", "batch_norm3d_whitened", "conv_norm_act_two_inputs", "ligru"])
+def test_a_model_in_training_mode_exports_with_batch_statistics(name):
+    """As torch.nn's batch norm does: the graph normalises by the batch's statistics (the running averages'
+    update, a multi-tensor lerp in eager mode, is two ``lerp_`` in an export: ONNX has no multi-tensor op)."""
+    model, inputs = _trained_layer(name)
+    model.train()
+    program = _export(copy.deepcopy(model), tuple(inputs))
+    got = _run(_session(program), inputs)
+    want = _outputs(model, inputs)
+    for g, w in zip(got, want, strict=True):
+        assert_close(g, w, rtol=RTOL, atol=ATOL)
+    model.eval()  # the batch statistics are not the running ones: eval mode gives another output
+    assert (want[0] - _outputs(model, inputs)[0]).abs().max() > 1e-3
 
 
 class _Stack(nn.Module):
