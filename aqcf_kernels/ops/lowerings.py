@@ -8,10 +8,18 @@ imported, so a model built from the layers exports to ONNX as torch.nn's layers 
 this package (``aqcf-export`` and :func:`aqcf_kernels.pipeline.export.lower_custom_ops` pass the same
 functions to ``ExportedProgram.run_decompositions`` explicitly).
 
-What else reads that table, checked on torch 2.13: torch's own default decompositions
-(``torch.export.default_decompositions``, Inductor's) are explicit lists of aten ops, so neither
-``torch.compile`` nor a plain ``torch.export`` lowers the ops (they keep their kernels); DTensor's
-sharding propagation may trace an op's decomposition on a fake mesh to place its outputs.
+What else reads that table, checked on torch 2.13:
+
+* FakeTensorMode, when it computes an op's output shapes with symbolic sizes (``torch.compile`` with
+  dynamic shapes, ``torch.export`` with ``dynamic_shapes``), prefers a table entry to the op's fake
+  implementation. A lowering there would add its own guards (the recurrent lowering's Python loop fixes
+  the sequence length), so each entry gives the op's fake implementation back while FakeTensorMode alone
+  is asking (:func:`_propagating_metadata`), and the lowering to a tracer (its proxy mode is active:
+  ``run_decompositions``, the ONNX exporter's decomposition step) and to anyone else;
+* torch's own default decompositions (``torch.export.default_decompositions``, Inductor's) are explicit
+  lists of aten ops, so neither ``torch.compile`` nor a plain ``torch.export`` lowers the ops (they keep
+  their kernels);
+* DTensor's sharding propagation may run an op's decomposition on meta tensors to place its outputs.
 
 Each lowering returns exactly the op's outputs (shapes, dtypes), including those only training reads
 (the norm's batch statistics, the recurrent op's saved gates), so a graph that uses them stays valid:
@@ -22,8 +30,8 @@ Each lowering returns exactly the op's outputs (shapes, dtypes), including those
   into elementwise ops during an ONNX export: :func:`aqcf_kernels.nn.norm._whitening_matrix`);
 * ``cross_attention``: ``MatMul``/``Softmax``/``MatMul`` per direction, and its log-sum-exp;
 * ``gated_residual``: ``f + α σ(g) o``;
-* ``rnn_sequence``: the composite cells, one step after another (the graph is unrolled over the
-  example's sequence length, which is therefore static).
+* ``rnn_sequence``: the composite cells, one step after another (unrolled over the example's sequence
+  length: a dynamic length is refused, see :func:`rnn_sequence_lowering`).
 
 The backward ops (``*_backward``, ``qconv_weight_grad`` ...) have none: an inference graph has no
 backward, and a training graph is not what ONNX export takes.
@@ -111,9 +119,19 @@ def gated_residual_lowering(f, o, gate_logits, alpha):
 
 
 def rnn_sequence_lowering(proj, h0, c0, weight, mode, nonlinearity, negative_slope, reverse):
-    """``aqcf::rnn_sequence``: the composite cells over the sequence (:func:`.rnn_cell._composite`)."""
+    """``aqcf::rnn_sequence``: the composite cells over the sequence, unrolled (:func:`.rnn_cell._composite`).
+
+    A symbolic sequence length is refused: unrolling would fix it to the example's length without a word
+    (a decomposition's guards are not checked), and ``torch._higher_order_ops.scan``, which would keep it
+    symbolic, is traced by dynamo with state kept between calls: a second export in one process with another
+    recurrent mode lost the metadata of the loop body's inputs (torch 2.13)."""
     from .rnn_cell import _composite
 
+    if isinstance(proj.shape[0], torch.SymInt):
+        raise NotImplementedError(
+            "aqcf::rnn_sequence: a quaternion recurrent layer exports with a fixed sequence length; "
+            "export with the time dim static (not in dynamic_shapes)"
+        )
     return _composite(proj, h0, c0, weight, mode, nonlinearity, negative_slope, reverse, keep_saved=True)
 
 
@@ -129,11 +147,44 @@ def lowerings() -> dict[Any, Callable[..., Any]]:
     }
 
 
+def _fakes() -> dict[Any, Callable[..., Any]]:
+    from .attention import _cross_attention_fake, _gated_residual_fake
+    from .conv import _qconv_fake
+    from .norm import _qnorm_fake
+    from .rnn_cell import _rnn_sequence_fake
+
+    ops = torch.ops.aqcf
+    return {
+        ops.qconv.default: _qconv_fake,
+        ops.qnorm.default: _qnorm_fake,
+        ops.cross_attention.default: _cross_attention_fake,
+        ops.gated_residual.default: _gated_residual_fake,
+        ops.rnn_sequence.default: _rnn_sequence_fake,
+    }
+
+
+def _propagating_metadata() -> bool:
+    """Whether FakeTensorMode is computing an op's outputs' metadata (it has entered itself to call a table
+    entry), rather than a tracer decomposing the op (whose proxy mode is then on the mode stack)."""
+    key = torch._C._TorchDispatchModeKey
+    return torch._C._get_dispatch_mode(key.FAKE) is not None and torch._C._get_dispatch_mode(key.PROXY) is None
+
+
+def _table_entry(lowering: Callable[..., Any], fake: Callable[..., Any]) -> Callable[..., Any]:
+    def decomposition(*args: Any, **kwargs: Any) -> Any:
+        return (fake if _propagating_metadata() else lowering)(*args, **kwargs)
+
+    decomposition.__name__ = decomposition.__qualname__ = lowering.__name__
+    return decomposition
+
+
 def register() -> None:
     """Put :func:`lowerings` in torch's global decomposition table (what ``torch.onnx.export`` decomposes
-    with). An entry already there is left alone: someone registered their own on purpose."""
+    with), each behind :func:`_table_entry`. An entry already there is left alone: someone registered their
+    own on purpose."""
     table = getattr(torch._decomp, "decomposition_table", None)
     if table is None:  # a torch without the table: the explicit paths (aqcf-export) still lower
         return
+    fakes = _fakes()
     for op, fn in lowerings().items():
-        table.setdefault(op, fn)
+        table.setdefault(op, _table_entry(fn, fakes[op]))

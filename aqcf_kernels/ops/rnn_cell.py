@@ -205,7 +205,7 @@ def rnn_sequence(
 
 
 @rnn_sequence.register_fake
-def _(proj, h0, c0, weight, mode, nonlinearity, negative_slope, reverse):
+def _rnn_sequence_fake(proj, h0, c0, weight, mode, nonlinearity, negative_slope, reverse):
     steps, batch, gates_h = proj.shape
     hidden = h0.shape[-1]
     output = proj.new_empty(steps, batch, hidden)

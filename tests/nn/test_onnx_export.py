@@ -217,6 +217,48 @@ def test_the_lowerings_stay_out_of_torchs_default_decompositions():
     assert custom_ops(program.run_decompositions()) == before
 
 
+class _Recurrent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = qnn.QuaternionLSTM(8, 8, num_layers=2)
+
+    def forward(self, x):
+        return self.lstm(x)[0]
+
+
+def test_symbolic_sizes_keep_the_ops_fake_implementations():
+    """FakeTensorMode prefers a decomposition-table entry to an op's fake implementation when sizes are
+    symbolic: the entries give the fake back then, so the recurrent lowering's Python loop cannot fix the
+    sequence length of a torch.export with a dynamic one (it did: "T specialized to be a constant")."""
+    torch.manual_seed(3)
+    model = _Recurrent().eval()
+    program = torch.export.export(model, (torch.randn(5, 2, 8),), dynamic_shapes=({0: Dim("T", min=2)},))
+    assert "aqcf.rnn_sequence.default" in {str(n.target) for n in program.graph.nodes}
+    for steps in (3, 9):
+        x = torch.randn(steps, 2, 8)
+        assert_close(program.module()(x), _outputs(model, [x])[0])
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_compiling_with_dynamic_shapes_compiles_a_recurrent_layer_once():
+    from torch._dynamo.testing import CompileCounter
+
+    model, counter = _Recurrent().eval(), CompileCounter()
+    compiled = torch.compile(model, backend=counter, dynamic=True)
+    for steps in (4, 7, 11):
+        x = torch.randn(steps, 2, 8)
+        assert_close(compiled(x), _outputs(model, [x])[0])
+    assert counter.frame_count == 1
+
+
+def test_a_dynamic_sequence_length_is_refused_in_onnx_not_fixed():
+    """Unrolled over the example's length, a graph declaring the length dynamic would compute that many steps
+    whatever it is given; the lowering refuses instead (a fixed length exports: the layer cases above)."""
+    model = _Recurrent().eval()
+    with pytest.raises(Exception, match="fixed sequence length"), _quiet():
+        torch.onnx.export(model, (torch.randn(5, 2, 8),), dynamic_shapes=({0: Dim("T", min=2)},), dynamo=True)
+
+
 def test_eager_whitening_keeps_lapack_outside_an_export():
     """The unrolled Cholesky serves ONNX export only; eager mode and its gradients use LAPACK's."""
     from aqcf_kernels.nn import norm
