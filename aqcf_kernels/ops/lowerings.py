@@ -135,19 +135,8 @@ def rnn_sequence_lowering(proj, h0, c0, weight, mode, nonlinearity, negative_slo
     return _composite(proj, h0, c0, weight, mode, nonlinearity, negative_slope, reverse, keep_saved=True)
 
 
-def lowerings() -> dict[Any, Callable[..., Any]]:
-    """``aqcf`` op overload -> its plain-PyTorch lowering (a decomposition for ``run_decompositions``)."""
-    ops = torch.ops.aqcf
-    return {
-        ops.qconv.default: qconv_lowering,
-        ops.qnorm.default: qnorm_lowering,
-        ops.cross_attention.default: cross_attention_lowering,
-        ops.gated_residual.default: gated_residual_lowering,
-        ops.rnn_sequence.default: rnn_sequence_lowering,
-    }
-
-
-def _fakes() -> dict[Any, Callable[..., Any]]:
+def _entries() -> dict[Any, tuple[Callable[..., Any], Callable[..., Any]]]:
+    """``aqcf`` op overload -> (its lowering, its fake implementation)."""
     from .attention import _cross_attention_fake, _gated_residual_fake
     from .conv import _qconv_fake
     from .norm import _qnorm_fake
@@ -155,12 +144,17 @@ def _fakes() -> dict[Any, Callable[..., Any]]:
 
     ops = torch.ops.aqcf
     return {
-        ops.qconv.default: _qconv_fake,
-        ops.qnorm.default: _qnorm_fake,
-        ops.cross_attention.default: _cross_attention_fake,
-        ops.gated_residual.default: _gated_residual_fake,
-        ops.rnn_sequence.default: _rnn_sequence_fake,
+        ops.qconv.default: (qconv_lowering, _qconv_fake),
+        ops.qnorm.default: (qnorm_lowering, _qnorm_fake),
+        ops.cross_attention.default: (cross_attention_lowering, _cross_attention_fake),
+        ops.gated_residual.default: (gated_residual_lowering, _gated_residual_fake),
+        ops.rnn_sequence.default: (rnn_sequence_lowering, _rnn_sequence_fake),
     }
+
+
+def lowerings() -> dict[Any, Callable[..., Any]]:
+    """``aqcf`` op overload -> its plain-PyTorch lowering (a decomposition for ``run_decompositions``)."""
+    return {op: lowering for op, (lowering, _) in _entries().items()}
 
 
 def _propagating_metadata() -> bool:
@@ -185,6 +179,5 @@ def register() -> None:
     table = getattr(torch._decomp, "decomposition_table", None)
     if table is None:  # a torch without the table: the explicit paths (aqcf-export) still lower
         return
-    fakes = _fakes()
-    for op, fn in lowerings().items():
-        table.setdefault(op, _table_entry(fn, fakes[op]))
+    for op, (lowering, fake) in _entries().items():
+        table.setdefault(op, _table_entry(lowering, fake))
