@@ -30,8 +30,8 @@ Each lowering returns exactly the op's outputs (shapes, dtypes), including those
   into elementwise ops during an ONNX export: :func:`aqcf_kernels.nn.norm._whitening_matrix`);
 * ``cross_attention``: ``MatMul``/``Softmax``/``MatMul`` per direction, and its log-sum-exp;
 * ``gated_residual``: ``f + α σ(g) o``;
-* ``rnn_sequence``: the composite cells, one step after another (unrolled over the example's sequence
-  length: a dynamic length is refused, see :func:`rnn_sequence_lowering`).
+* ``rnn_sequence``: the composite cells, one step after another: unrolled over a fixed sequence length,
+  one ``scan`` (ONNX ``Scan``) over a dynamic one.
 
 The backward ops (``*_backward``, ``qconv_weight_grad`` ...) have none: an inference graph has no
 backward, and a training graph is not what ONNX export takes.
@@ -119,19 +119,13 @@ def gated_residual_lowering(f, o, gate_logits, alpha):
 
 
 def rnn_sequence_lowering(proj, h0, c0, weight, mode, nonlinearity, negative_slope, reverse):
-    """``aqcf::rnn_sequence``: the composite cells over the sequence, unrolled (:func:`.rnn_cell._composite`).
-
-    A symbolic sequence length is refused: unrolling would fix it to the example's length without a word
-    (a decomposition's guards are not checked), and ``torch._higher_order_ops.scan``, which would keep it
-    symbolic, is traced by dynamo with state kept between calls: a second export in one process with another
-    recurrent mode lost the metadata of the loop body's inputs (torch 2.13)."""
-    from .rnn_cell import _composite
+    """``aqcf::rnn_sequence``: the composite cells over the sequence, unrolled for a fixed length
+    (:func:`.rnn_cell._composite`), one ``scan`` for a symbolic one (:func:`.rnn_cell._scanned`): unrolling
+    would fix a symbolic length to the example's without a word (a decomposition's guards are not checked)."""
+    from .rnn_cell import _composite, _scanned
 
     if isinstance(proj.shape[0], torch.SymInt):
-        raise NotImplementedError(
-            "aqcf::rnn_sequence: a quaternion recurrent layer exports with a fixed sequence length; "
-            "export with the time dim static (not in dynamic_shapes)"
-        )
+        return _scanned(proj, h0, c0, weight, mode, nonlinearity, negative_slope, reverse)
     return _composite(proj, h0, c0, weight, mode, nonlinearity, negative_slope, reverse, keep_saved=True)
 
 

@@ -124,6 +124,35 @@ def available(proj: Tensor, *others: Tensor | None) -> bool:
     return not transforms_active() and (_triton_serves(proj, *others) or _cpp_serves(proj))
 
 
+def _step(
+    proj_t: Tensor,
+    h: Tensor,
+    c: Tensor | None,
+    weight_t: Tensor,
+    mode: str,
+    nonlinearity: str,
+    negative_slope: float,
+    keep_saved: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """One step of the composite cells: ``(h, c, saved)``, ``c`` None but for the LSTM, ``saved`` None unless
+    ``keep_saved`` and the mode keeps anything for its backward (the kernel's ``saved`` of that step)."""
+    gates = torch.addmm(proj_t, h, weight_t)
+    saved = None
+    if mode == "lstm":
+        h, c = lstm_cell(gates, c)
+        if keep_saved:
+            hidden = h.shape[-1]
+            saved = torch.cat([torch.sigmoid(gates[:, : 3 * hidden]), torch.tanh(gates[:, 3 * hidden :])], -1)
+    elif mode == "ligru":
+        h = ligru_cell(gates, h, nonlinearity, negative_slope)
+        if keep_saved:
+            a, z = gates.chunk(2, dim=-1)
+            saved = torch.cat([a, torch.sigmoid(z)], -1)
+    else:
+        h = rnn_cell(gates, nonlinearity)
+    return h, c, saved
+
+
 def _composite(
     proj: Tensor,
     h0: Tensor,
@@ -143,27 +172,53 @@ def _composite(
     cells: list[Tensor] = [h0] * steps
     saved: list[Tensor] = [h0] * steps
     for t in range(steps - 1, -1, -1) if reverse else range(steps):
-        gates = torch.addmm(proj[t], h, weight_t)
-        if mode == "lstm":
-            h, c = lstm_cell(gates, c)
-            cells[t] = c
-            if keep_saved:
-                hidden = h.shape[-1]
-                saved[t] = torch.cat([torch.sigmoid(gates[:, : 3 * hidden]), torch.tanh(gates[:, 3 * hidden :])], -1)
-        elif mode == "ligru":
-            h = ligru_cell(gates, h, nonlinearity, negative_slope)
-            if keep_saved:
-                a, z = gates.chunk(2, dim=-1)
-                saved[t] = torch.cat([a, torch.sigmoid(z)], -1)
-        else:
-            h = rnn_cell(gates, nonlinearity)
+        h, c, saved_t = _step(proj[t], h, c, weight_t, mode, nonlinearity, negative_slope, keep_saved)
         outputs[t] = h
+        if c is not None:
+            cells[t] = c
+        if saved_t is not None:
+            saved[t] = saved_t
     empty = proj.new_empty(0)
     return (
         torch.stack(outputs) if steps else proj.new_empty(0, *h0.shape),
         torch.stack(cells) if mode == "lstm" and steps else empty.clone(),
         torch.stack(saved) if mode != "rnn" and keep_saved and steps else empty.clone(),
     )
+
+
+def _scanned(
+    proj: Tensor,
+    h0: Tensor,
+    c0: Tensor | None,
+    weight: Tensor,
+    mode: str,
+    nonlinearity: str,
+    negative_slope: float,
+    reverse: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_composite` (with ``saved``) as one ``scan`` over the steps, for a tracer: the traced graph keeps
+    the sequence length symbolic (ONNX gets a ``Scan``), where the loop would be unrolled over the example's.
+
+    Calls torch's ``scan`` operator itself, not ``torch._higher_order_ops.scan.scan``: that wrapper traces
+    through ``torch.compile``, whose state across calls made a second export in one process, of another
+    recurrent mode, lose the metadata of the body's inputs ("Node.meta arg3_1 is missing val field", torch
+    2.13). The operator under a tracer traces the body directly; the weight is an explicit input of the body."""
+    from torch._higher_order_ops.scan import scan_op
+
+    lstm = mode == "lstm"
+
+    def body(*args: Tensor) -> list[Tensor]:  # (h[, c], proj_t, weight_t) -> [h[, c], h[, c], saved]
+        c = args[1] if lstm else None
+        h, c, saved = _step(args[-2], args[0], c, args[-1], mode, nonlinearity, negative_slope, keep_saved=True)
+        carry = [h, c] if lstm else [h]
+        out = [t.clone() for t in carry] + ([saved] if saved is not None else [])
+        return carry + out
+
+    init = [h0, c0] if lstm else [h0]
+    flat = scan_op(body, init, [proj.flip(0) if reverse else proj], (expanded_weight(weight).t(),))
+    ys = [y.flip(0) if reverse else y for y in flat[len(init) :]]
+    empty = proj.new_empty(0)
+    return ys[0], (ys[1] if lstm else empty.clone()), (ys[-1] if mode != "rnn" else empty.clone())
 
 
 def _check(proj: Tensor, h0: Tensor, c0: Tensor | None, weight: Tensor, mode: str) -> None:

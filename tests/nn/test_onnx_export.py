@@ -23,6 +23,7 @@ from torch.utils._pytree import tree_leaves
 from aqcf_kernels import nn as qnn
 from aqcf_kernels.models import AQCFNet
 from aqcf_kernels.nn.norm import quaternion_instance_norm
+from aqcf_kernels.ops import rnn_cell
 
 from .test_fx import LAYERS, _Holder, _Holder2
 
@@ -217,6 +218,14 @@ def test_the_lowerings_stay_out_of_torchs_default_decompositions():
     assert custom_ops(program.run_decompositions()) == before
 
 
+# Where the fused recurrent op does not serve (no compiled extension), a recurrent layer runs its own per-step
+# loop and never calls the op, so tracing fixes the sequence length there, as in any Python loop.
+needs_the_fused_recurrence = pytest.mark.skipif(
+    not rnn_cell.available(torch.empty(1, 1, 4)),
+    reason="the recurrent layers call aqcf::rnn_sequence only where a fused kernel serves",
+)
+
+
 class _Recurrent(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -226,6 +235,7 @@ class _Recurrent(nn.Module):
         return self.lstm(x)[0]
 
 
+@needs_the_fused_recurrence
 def test_symbolic_sizes_keep_the_ops_fake_implementations():
     """FakeTensorMode prefers a decomposition-table entry to an op's fake implementation when sizes are
     symbolic: the entries give the fake back then, so the recurrent lowering's Python loop cannot fix the
@@ -239,6 +249,7 @@ def test_symbolic_sizes_keep_the_ops_fake_implementations():
         assert_close(program.module()(x), _outputs(model, [x])[0])
 
 
+@needs_the_fused_recurrence
 @pytest.mark.usefixtures("fresh_dynamo")
 def test_compiling_with_dynamic_shapes_compiles_a_recurrent_layer_once():
     from torch._dynamo.testing import CompileCounter
@@ -251,12 +262,28 @@ def test_compiling_with_dynamic_shapes_compiles_a_recurrent_layer_once():
     assert counter.frame_count == 1
 
 
-def test_a_dynamic_sequence_length_is_refused_in_onnx_not_fixed():
-    """Unrolled over the example's length, a graph declaring the length dynamic would compute that many steps
-    whatever it is given; the lowering refuses instead (a fixed length exports: the layer cases above)."""
-    model = _Recurrent().eval()
-    with pytest.raises(Exception, match="fixed sequence length"), _quiet():
-        torch.onnx.export(model, (torch.randn(5, 2, 8),), dynamic_shapes=({0: Dim("T", min=2)},), dynamo=True)
+@needs_the_fused_recurrence
+def test_a_dynamic_sequence_length_exports_as_a_scan():
+    """Recurrent layers of every mode, one after another in one process, exported with a dynamic length: one
+    ONNX ``Scan`` each, and ONNX Runtime agrees with eager mode at shorter and longer sequences than the
+    example's. (Unrolled, the graph would compute the example's number of steps whatever it is given; through
+    torch's ``scan`` wrapper, the second export in a process failed.)"""
+    torch.manual_seed(4)
+    layers = {
+        "lstm_batch_first": (qnn.QuaternionLSTM(8, 8, num_layers=2, batch_first=True), 1),
+        "ligru": (qnn.QuaternionLiGRU(8, 8), 0),
+        "rnn_bidirectional": (qnn.QuaternionRNN(8, 8, bidirectional=True), 0),
+    }
+    for name, (layer, time_dim) in layers.items():
+        model = _Holder(layer).eval()
+        example = torch.randn(2, 5, 8) if time_dim else torch.randn(5, 2, 8)
+        program = _export(model, (example,), dynamic_shapes=({time_dim: Dim("T", min=2)},))
+        assert "Scan" in {n.op_type for n in program.model.graph}, name
+        session = _session(program)
+        for steps in (3, 9):
+            x = torch.randn(2, steps, 8) if time_dim else torch.randn(steps, 2, 8)
+            for got, want in zip(_run(session, [x]), _outputs(model, [x]), strict=True):  # output, final states
+                assert_close(got, want, rtol=RTOL, atol=ATOL, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_eager_whitening_keeps_lapack_outside_an_export():
