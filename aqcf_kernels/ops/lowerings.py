@@ -166,12 +166,16 @@ def _table_entry(lowering: Callable[..., Any], fake: Callable[..., Any]) -> Call
     return decomposition
 
 
-def register() -> None:
-    """Put :func:`lowerings` in torch's global decomposition table (what ``torch.onnx.export`` decomposes
-    with), each behind :func:`_table_entry`. An entry already there is left alone: someone registered their
-    own on purpose."""
-    table = getattr(torch._decomp, "decomposition_table", None)
-    if table is None:  # a torch without the table: the explicit paths (aqcf-export) still lower
-        return
+def register(table: dict[Any, Callable[..., Any]] | None = None) -> bool:
+    """Put :func:`lowerings` in ``table`` (default: torch's global decomposition table, what
+    ``torch.onnx.export`` decomposes with), each behind :func:`_table_entry`; whether it did. An entry already
+    there is left alone: someone registered their own on purpose. Nothing is registered on a torch without
+    the table or the dispatch-mode queries the entries need (private APIs): the package still imports, and
+    the explicit paths (``aqcf-export``) still lower."""
+    table = getattr(torch._decomp, "decomposition_table", None) if table is None else table
+    modes = getattr(torch._C, "_TorchDispatchModeKey", None)
+    if table is None or not hasattr(torch._C, "_get_dispatch_mode") or not hasattr(modes, "PROXY"):
+        return False
     for op, (lowering, fake) in _entries().items():
         table.setdefault(op, _table_entry(lowering, fake))
+    return True

@@ -286,6 +286,18 @@ def test_a_dynamic_sequence_length_exports_as_a_scan():
                 assert_close(got, want, rtol=RTOL, atol=ATOL, msg=lambda m, n=name: f"{n}: {m}")
 
 
+def test_a_torch_without_the_private_apis_gets_no_entries_and_still_imports(monkeypatch):
+    from aqcf_kernels.ops import lowerings
+
+    table: dict = {}
+    assert lowerings.register(table) and set(table) == set(lowerings.lowerings())
+    own = {torch.ops.aqcf.qconv.default: print}
+    assert lowerings.register(own) and own[torch.ops.aqcf.qconv.default] is print  # a user's own entry is kept
+    monkeypatch.delattr(torch._C, "_TorchDispatchModeKey")
+    table = {}
+    assert not lowerings.register(table) and table == {}
+
+
 def test_eager_whitening_keeps_lapack_outside_an_export():
     """The unrolled Cholesky serves ONNX export only; eager mode and its gradients use LAPACK's."""
     from aqcf_kernels.nn import norm
