@@ -31,9 +31,9 @@ the training crop, already such a size for the usual configurations.
   ``MatMul`` per quaternion channel (with running statistics the Cholesky is done at export; on the
   input's statistics it is unrolled into elementwise ops); the A-QCF attention
   ``MatMul``/``Softmax``/``MatMul`` per direction and its gated residual ``Sigmoid``/``Mul``/``Add``
-  (:data:`LOWERINGS`, applied to whatever custom op remains in the program). The trained weights and
-  the eager path are untouched: the lowering works on a copy. ``metadata_props["aqcf_export"]`` holds
-  the same JSON as the pt2's extra file.
+  (:func:`aqcf_kernels.ops.lowerings.lowerings`, applied to whatever custom op remains in the program).
+  The trained weights and the eager path are untouched: the lowering works on a copy.
+  ``metadata_props["aqcf_export"]`` holds the same JSON as the pt2's extra file.
 
 Each file is checked after writing against the eager model on a random input (``--no-verify`` skips
 it). Errors (a missing run or checkpoint, an unknown format, ONNX packages not installed) print one
@@ -63,12 +63,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.outputs import check_output_dir, output_dir
+from ..ops.lowerings import lowerings
 from .config import RunConfig
 from .device import DeviceError, resolve_device
 
 __all__ = [
     "EXPORT_FORMATS",
-    "LOWERINGS",
     "ExportError",
     "ExportedNet",
     "InputSpec",
@@ -531,10 +531,6 @@ def lowered_for_onnx(module: nn.Module) -> nn.Module:
     return lowered
 
 
-#: ``aqcf`` op -> its plain-PyTorch lowering (:func:`aqcf_kernels.ops.lowerings.lowerings`), filled on first use.
-LOWERINGS: dict[Any, Any] = {}
-
-
 def _custom_ops(program: torch.export.ExportedProgram) -> list[str]:
     return sorted(
         {
@@ -546,17 +542,14 @@ def _custom_ops(program: torch.export.ExportedProgram) -> list[str]:
 
 
 def lower_custom_ops(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
-    """``program`` with every ``aqcf`` op replaced by its plain-PyTorch lowering (:data:`LOWERINGS`).
+    """``program`` with every ``aqcf`` op replaced by its plain-PyTorch lowering
+    (:func:`aqcf_kernels.ops.lowerings.lowerings`).
 
     Raises :class:`ExportError` naming any custom op without a lowering.
     """
-    if not LOWERINGS:
-        from ..ops.lowerings import lowerings
-
-        LOWERINGS.update(lowerings())
     if not _custom_ops(program):
         return program  # nothing to lower: a retrace would only cost time
-    lowered = program.run_decompositions({op: fn for op, fn in LOWERINGS.items()})
+    lowered = program.run_decompositions(lowerings())
     left = _custom_ops(lowered)
     if left:
         raise ExportError(f"no ONNX lowering for the custom op(s) {', '.join(left)}")

@@ -320,7 +320,7 @@ class _Layers(nn.Module):
 
 
 def test_lowerings_match_the_ops() -> None:
-    """The module lowering (ONNX's) and the op decompositions (LOWERINGS) both equal the eager layers."""
+    """The module lowering (ONNX's) and the op decompositions (ops.lowerings) both equal the eager layers."""
     layers = _randomise_norms(_Layers(), seed=5).eval()
     x = _random_input(2, 8, 10, 12, seed=5)
     with torch.no_grad():

@@ -278,7 +278,7 @@ class _Foreign(nn.Module):
 
 
 def test_custom_op_without_lowering_is_refused() -> None:
-    """A custom op that :data:`~aqcf_kernels.pipeline.export.LOWERINGS` does not know is named, not exported."""
+    """A custom op that :func:`~aqcf_kernels.ops.lowerings.lowerings` does not know is named, not exported."""
     program = torch.export.export(_Foreign(), (torch.randn(2, 4),))
     with pytest.raises(ex.ExportError, match=r"no ONNX lowering for the custom op\(s\) aqcf_export_test.twice"):
         ex.lower_custom_ops(program)
