@@ -166,7 +166,8 @@ def _quaternion_norm(
         what = "spatial element" if per_sample else "value per channel"
         raise ValueError(f"{fn}: expected more than 1 {what} when training, got input size {tuple(input.shape)}")
 
-    if fused and not empty and norm_ops.available(input, whiten):
+    # torch.onnx.export captures the composite below: standard ops (ONNX has no function for the fused op)
+    if fused and not empty and not torch.onnx.is_in_onnx_export() and norm_ops.available(input, whiten):
         stats = (None, None) if use_input_stats else (running_mean, running_var)
         y, mean, var = torch.ops.aqcf.qnorm(
             input, weight, bias, *stats, use_input_stats, per_sample, eps, activation, float(negative_slope)

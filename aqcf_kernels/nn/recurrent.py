@@ -89,6 +89,7 @@ from torch.nn.utils.rnn import PackedSequence
 from .._fx import fx_leaf
 from ..functional import quaternion_linear
 from ..ops import rnn_cell as rnn_cell_ops
+from ..ops.lowerings import rnn_sequence_lowering
 from ..params import same_dtype_under_autocast
 from ..quaternion import check_algorithm
 from ._base import COMPONENTS, check_quaternion_channels
@@ -408,14 +409,18 @@ class _QuaternionRNNBase(nn.Module):
         # bias (b_ih + b_hh: one pass fewer), then the norm (the LiGRU, which never has b_hh).
         bias = b_hh if b_ih is None else (b_ih if b_hh is None else b_ih + b_hh)
         proj = self._normalize(sfx, quaternion_linear(x, w_ih, bias, algorithm=self.algorithm))
+        # while torch.onnx.export captures a model: the op's lowering, one ONNX Scan over a dynamic length
+        # (this loop would fix it to the example's), whether or not a fused kernel serves (see ops.lowerings)
+        exporting = torch.onnx.is_in_onnx_export()
         if (
             self.algorithm != "fast8"
             and sizes is None
             and proj.shape[0] > 0
-            and rnn_cell_ops.available(proj, h0, c0, w_hh)
+            and (exporting or rnn_cell_ops.available(proj, h0, c0, w_hh))
         ):
             # the whole sequence in one fused op (csrc/cpu/rnn_cell.cpp; Triton on CUDA)
-            output, cells, _ = torch.ops.aqcf.rnn_sequence(proj, h0, c0, w_hh, *self._sequence_args(), reverse)
+            sequence = rnn_sequence_lowering if exporting else torch.ops.aqcf.rnn_sequence
+            output, cells, _ = sequence(proj, h0, c0, w_hh, *self._sequence_args(), reverse)
             last = 0 if reverse else -1
             return output, output[last], (cells[last] if c0 is not None else None)
         steps = proj.unbind(0) if sizes is None else proj.split(sizes)

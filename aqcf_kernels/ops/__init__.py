@@ -3,4 +3,3 @@
 from . import attention, autocast, conv, lowerings, norm, rnn_cell  # noqa: F401
 
 autocast.register()
-lowerings.register()

@@ -511,7 +511,10 @@ def _weight_grad_backward(ctx, grad_grad_weight):
 
 def call_qconv(*args) -> tuple[Tensor, Tensor]:
     """``torch.ops.aqcf.qconv(*args)``, the 13 arguments positional; through :class:`_QConvFunction` while
-    a torch.func transform or a forward-mode AD dual level is active."""
+    a torch.func transform or a forward-mode AD dual level is active; its lowering (standard ops) while
+    ``torch.onnx.export`` captures a model (see :mod:`.lowerings`)."""
+    if torch.onnx.is_in_onnx_export():
+        return qconv_lowering(*args)
     if transforms_active():
         if torch.compiler.is_compiling():
             # torch.compile of a transformed function: dynamo inlines the Function's forward without popping

@@ -1,25 +1,18 @@
-"""Every forward ``aqcf`` op as plain PyTorch ops: its decomposition, for exporters that need standard ops.
+"""Every forward ``aqcf`` op as plain PyTorch ops: its lowering, for exporters that need standard ops.
 
 ``torch.onnx.export(model, args)`` (the dynamo exporter, torch's default) captures a model with
-``torch.export`` and then decomposes every op ONNX has no function for through
-``torch._decomp.decomposition_table``; an op with no entry there fails the export ("No ONNX function
-found for aqcf.qconv"). :func:`register` puts these lowerings in that table when ``aqcf_kernels.ops`` is
-imported, so a model built from the layers exports to ONNX as torch.nn's layers do, with no call to
-this package (``aqcf-export`` and :func:`aqcf_kernels.pipeline.export.lower_custom_ops` pass the same
-functions to ``ExportedProgram.run_decompositions`` explicitly).
+``torch.export`` and fails on an op ONNX has no function for ("No ONNX function found for aqcf.qconv").
+While it captures (``torch.onnx.is_in_onnx_export()``), the callers of the ops call these lowerings
+instead, so a model built from the layers exports to ONNX as torch.nn's layers do, with no call to this
+package. ``aqcf-export`` captures with ``torch.export`` itself (custom ops kept) and lowers with
+:func:`lowerings` explicitly (:func:`aqcf_kernels.pipeline.export.lower_custom_ops`, which also serves an
+``ExportedProgram`` a user captured).
 
-What else reads that table, checked on torch 2.13:
-
-* FakeTensorMode, when it computes an op's output shapes with symbolic sizes (``torch.compile`` with
-  dynamic shapes, ``torch.export`` with ``dynamic_shapes``), prefers a table entry to the op's fake
-  implementation. A lowering there would add its own guards (the recurrent lowering's Python loop fixes
-  the sequence length), so each entry gives the op's fake implementation back while FakeTensorMode alone
-  is asking (:func:`_propagating_metadata`), and the lowering to a tracer (its proxy mode is active:
-  ``run_decompositions``, the ONNX exporter's decomposition step) and to anyone else;
-* torch's own default decompositions (``torch.export.default_decompositions``, Inductor's) are explicit
-  lists of aten ops, so neither ``torch.compile`` nor a plain ``torch.export`` lowers the ops (they keep
-  their kernels);
-* DTensor's sharding propagation may run an op's decomposition on meta tensors to place its outputs.
+Not in torch's global decomposition table, where the exporter would also find them: Inductor asserts, when
+the ``CI`` environment variable is set, that an op with an entry there is never a fallback kernel
+("make_fallback(aqcf.qconv.default): a decomposition exists"), so ``torch.compile`` failed in every CI job
+of a user's; and FakeTensorMode prefers a table entry to an op's fake implementation when sizes are
+symbolic, which fixed a dynamic sequence length through the recurrent lowering's loop.
 
 Each lowering returns exactly the op's outputs (shapes, dtypes), including those only training reads
 (the norm's batch statistics, the recurrent op's saved gates), so a graph that uses them stays valid:
@@ -43,10 +36,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch._decomp
 from torch import Tensor
 
-__all__ = ["lowerings", "register"]
+__all__ = ["lowerings"]
 
 
 def _expanded_weight(weight: Tensor, groups: int) -> Tensor:
@@ -129,53 +121,13 @@ def rnn_sequence_lowering(proj, h0, c0, weight, mode, nonlinearity, negative_slo
     return _composite(proj, h0, c0, weight, mode, nonlinearity, negative_slope, reverse, keep_saved=True)
 
 
-def _entries() -> dict[Any, tuple[Callable[..., Any], Callable[..., Any]]]:
-    """``aqcf`` op overload -> (its lowering, its fake implementation)."""
-    from .attention import _cross_attention_fake, _gated_residual_fake
-    from .conv import _qconv_fake
-    from .norm import _qnorm_fake
-    from .rnn_cell import _rnn_sequence_fake
-
-    ops = torch.ops.aqcf
-    return {
-        ops.qconv.default: (qconv_lowering, _qconv_fake),
-        ops.qnorm.default: (qnorm_lowering, _qnorm_fake),
-        ops.cross_attention.default: (cross_attention_lowering, _cross_attention_fake),
-        ops.gated_residual.default: (gated_residual_lowering, _gated_residual_fake),
-        ops.rnn_sequence.default: (rnn_sequence_lowering, _rnn_sequence_fake),
-    }
-
-
 def lowerings() -> dict[Any, Callable[..., Any]]:
     """``aqcf`` op overload -> its plain-PyTorch lowering (a decomposition for ``run_decompositions``)."""
-    return {op: lowering for op, (lowering, _) in _entries().items()}
-
-
-def _propagating_metadata() -> bool:
-    """Whether FakeTensorMode is computing an op's outputs' metadata (it has entered itself to call a table
-    entry), rather than a tracer decomposing the op (whose proxy mode is then on the mode stack)."""
-    key = torch._C._TorchDispatchModeKey
-    return torch._C._get_dispatch_mode(key.FAKE) is not None and torch._C._get_dispatch_mode(key.PROXY) is None
-
-
-def _table_entry(lowering: Callable[..., Any], fake: Callable[..., Any]) -> Callable[..., Any]:
-    def decomposition(*args: Any, **kwargs: Any) -> Any:
-        return (fake if _propagating_metadata() else lowering)(*args, **kwargs)
-
-    decomposition.__name__ = decomposition.__qualname__ = lowering.__name__
-    return decomposition
-
-
-def register(table: dict[Any, Callable[..., Any]] | None = None) -> bool:
-    """Put :func:`lowerings` in ``table`` (default: torch's global decomposition table, what
-    ``torch.onnx.export`` decomposes with), each behind :func:`_table_entry`; whether it did. An entry already
-    there is left alone: someone registered their own on purpose. Nothing is registered on a torch without
-    the table or the dispatch-mode queries the entries need (private APIs): the package still imports, and
-    the explicit paths (``aqcf-export``) still lower."""
-    table = getattr(torch._decomp, "decomposition_table", None) if table is None else table
-    modes = getattr(torch._C, "_TorchDispatchModeKey", None)
-    if table is None or not hasattr(torch._C, "_get_dispatch_mode") or not hasattr(modes, "PROXY"):
-        return False
-    for op, (lowering, fake) in _entries().items():
-        table.setdefault(op, _table_entry(lowering, fake))
-    return True
+    ops = torch.ops.aqcf
+    return {
+        ops.qconv.default: qconv_lowering,
+        ops.qnorm.default: qnorm_lowering,
+        ops.cross_attention.default: cross_attention_lowering,
+        ops.gated_residual.default: gated_residual_lowering,
+        ops.rnn_sequence.default: rnn_sequence_lowering,
+    }

@@ -214,7 +214,8 @@ def _scanned(
         out = [t.clone() for t in carry] + ([saved] if saved is not None else [])
         return carry + out
 
-    init = [h0, c0] if lstm else [h0]
+    # copies: scan refuses inputs that alias each other, and a layer's h0 and c0 may be views of one tensor
+    init = [h0.clone(), c0.clone()] if lstm else [h0]
     flat = scan_op(body, init, [proj.flip(0) if reverse else proj], (expanded_weight(weight).t(),))
     ys = [y.flip(0) if reverse else y for y in flat[len(init) :]]
     empty = proj.new_empty(0)

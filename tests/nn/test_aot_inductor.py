@@ -1,8 +1,13 @@
-"""AOTInductor, torch's ahead-of-time deployment path (TorchScript's successor): ``torch.export`` of a model
-built from the layers, compiled into a package with ``aoti_compile_and_package`` and loaded back, gives
-eager mode's outputs. The package keeps the custom ops (``aqcf::qconv``, ``qnorm``, ``cross_attention``,
-``gated_residual``) and calls them through the dispatcher, so the process that loads it imports
-``aqcf_kernels`` (which registers them).
+"""Inductor: ``torch.compile`` and AOTInductor, torch's ahead-of-time deployment path (TorchScript's
+successor). ``torch.export`` of a model built from the layers, compiled into a package with
+``aoti_compile_and_package`` and loaded back, gives eager mode's outputs. The package keeps the custom ops
+(``aqcf::qconv``, ``qnorm``, ``cross_attention``, ``gated_residual``) and calls them through the
+dispatcher, so the process that loads it imports ``aqcf_kernels`` (which registers them).
+
+Every test runs as in a CI job (the ``CI`` environment variable set, as GitHub Actions sets it), with
+Inductor's graph cache off: Inductor then asserts that no op it calls as a fallback kernel has an entry in
+torch's global decomposition table. The package once put its ONNX lowerings there, and ``torch.compile``
+failed in every CI job of a user's ("make_fallback(aqcf.qconv.default): a decomposition exists").
 """
 
 from __future__ import annotations
@@ -15,7 +20,14 @@ from torch.testing import assert_close
 
 from aqcf_kernels import nn as qnn
 
-pytestmark = pytest.mark.usefixtures("single_threaded", "fresh_dynamo")
+pytestmark = pytest.mark.usefixtures("single_threaded", "fresh_dynamo", "as_in_a_ci_job")
+
+
+@pytest.fixture
+def as_in_a_ci_job(monkeypatch):
+    monkeypatch.setenv("CI", "1")
+    with torch._inductor.config.patch(fx_graph_cache=False):  # a cached graph skips Inductor's lowering
+        yield
 
 
 class _TwoStreams(nn.Module):
@@ -31,14 +43,30 @@ class _TwoStreams(nn.Module):
         return self.up(a), self.up(b)
 
 
-def test_an_aot_inductor_package_runs_as_eager_mode(tmp_path):
+def _trained_two_streams() -> _TwoStreams:
     torch.manual_seed(0)
     model = _TwoStreams()
     with torch.no_grad():
         model.block.alpha_a.fill_(0.5)  # a fresh block is the identity (alpha = 0)
         model.block.alpha_b.fill_(-0.3)
         model(torch.randn(4, 4, 6, 6), torch.randn(4, 4, 6, 6))  # running statistics
-    model.eval()
+    return model.eval()
+
+
+def test_torch_compile_runs_every_op_as_eager_mode():
+    model = _trained_two_streams()
+    a, b = torch.randn(2, 4, 6, 6), torch.randn(2, 4, 5, 7)
+    with torch.no_grad():
+        for got, want in zip(torch.compile(model)(a, b), model(a, b), strict=True):
+            assert_close(got, want, rtol=1e-5, atol=1e-5)
+    lstm = qnn.QuaternionLSTM(8, 8, num_layers=2).eval()  # aqcf::rnn_sequence, where a fused kernel serves
+    x = torch.randn(5, 2, 8)
+    with torch.no_grad():
+        assert_close(torch.compile(lstm)(x)[0], lstm(x)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_an_aot_inductor_package_runs_as_eager_mode(tmp_path):
+    model = _trained_two_streams()
     batch = Dim("batch", min=1)
     args = (torch.randn(2, 4, 6, 6), torch.randn(2, 4, 5, 7))
     program = torch.export.export(model, args, dynamic_shapes=({0: batch}, {0: batch}))

@@ -1,7 +1,7 @@
 """``torch.onnx.export`` of models built from the layers, with no call to this package: what a user of
-torch.nn's layers does. Every custom op of a layer's forward is lowered through torch's decomposition
-table (:mod:`aqcf_kernels.ops.lowerings`), so the ONNX graph holds standard operators only and ONNX
-Runtime's outputs equal eager mode's. Before, every layer with a conv, a norm, an attention or a
+torch.nn's layers does. While the exporter captures a model, the layers call each custom op's lowering
+(:mod:`aqcf_kernels.ops.lowerings`), so the ONNX graph holds standard operators only and ONNX Runtime's
+outputs equal eager mode's. Before, every layer with a conv, a norm, an attention or a
 recurrence failed in the exporter ("No ONNX function found for aqcf.qconv"), and a whitening norm on
 aten's Cholesky, which ONNX lacks.
 """
@@ -177,6 +177,23 @@ def test_dynamic_batch_and_spatial_sizes():
         assert_close(got, _outputs(model, [x])[0], rtol=RTOL, atol=ATOL)
 
 
+def test_a_program_the_user_exported_exports_once_lowered():
+    """A ``torch.export`` program keeps the custom ops (captured outside an ONNX export):
+    ``lower_custom_ops`` gives the exporter standard ops."""
+    from aqcf_kernels.pipeline.export import lower_custom_ops
+
+    torch.manual_seed(5)
+    model = _Stack()
+    with torch.no_grad():
+        model(torch.randn(4, 4, 8, 8))  # running statistics
+    model.eval()
+    x = torch.randn(2, 4, 6, 8)
+    program = torch.export.export(model, (x,))
+    assert "aqcf.qconv.default" in {str(n.target) for n in program.graph.nodes}
+    (got,) = _run(_session(_export(lower_custom_ops(program), ())), [x])
+    assert_close(got, _outputs(model, [x])[0], rtol=RTOL, atol=ATOL)
+
+
 class _Joint(nn.Module):
     def __init__(self, net: AQCFNet) -> None:
         super().__init__()
@@ -219,7 +236,8 @@ def test_the_lowerings_stay_out_of_torchs_default_decompositions():
 
 
 # Where the fused recurrent op does not serve (no compiled extension), a recurrent layer runs its own per-step
-# loop and never calls the op, so tracing fixes the sequence length there, as in any Python loop.
+# loop and never calls the op, so torch.export and torch.compile fix the sequence length there, as in any
+# Python loop. (An ONNX export calls the op's lowering, a scan, either way.)
 needs_the_fused_recurrence = pytest.mark.skipif(
     not rnn_cell.available(torch.empty(1, 1, 4)),
     reason="the recurrent layers call aqcf::rnn_sequence only where a fused kernel serves",
@@ -237,9 +255,9 @@ class _Recurrent(nn.Module):
 
 @needs_the_fused_recurrence
 def test_symbolic_sizes_keep_the_ops_fake_implementations():
-    """FakeTensorMode prefers a decomposition-table entry to an op's fake implementation when sizes are
-    symbolic: the entries give the fake back then, so the recurrent lowering's Python loop cannot fix the
-    sequence length of a torch.export with a dynamic one (it did: "T specialized to be a constant")."""
+    """A torch.export with a dynamic sequence length keeps the op, on its fake implementation (through a
+    decomposition-table entry, the recurrent lowering's loop once fixed it: "T specialized to be a
+    constant")."""
     torch.manual_seed(3)
     model = _Recurrent().eval()
     program = torch.export.export(model, (torch.randn(5, 2, 8),), dynamic_shapes=({0: Dim("T", min=2)},))
@@ -262,7 +280,6 @@ def test_compiling_with_dynamic_shapes_compiles_a_recurrent_layer_once():
     assert counter.frame_count == 1
 
 
-@needs_the_fused_recurrence
 def test_a_dynamic_sequence_length_exports_as_a_scan():
     """Recurrent layers of every mode, one after another in one process, exported with a dynamic length: one
     ONNX ``Scan`` each, and ONNX Runtime agrees with eager mode at shorter and longer sequences than the
@@ -286,16 +303,11 @@ def test_a_dynamic_sequence_length_exports_as_a_scan():
                 assert_close(got, want, rtol=RTOL, atol=ATOL, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def test_a_torch_without_the_private_apis_gets_no_entries_and_still_imports(monkeypatch):
-    from aqcf_kernels.ops import lowerings
-
-    table: dict = {}
-    assert lowerings.register(table) and set(table) == set(lowerings.lowerings())
-    own = {torch.ops.aqcf.qconv.default: print}
-    assert lowerings.register(own) and own[torch.ops.aqcf.qconv.default] is print  # a user's own entry is kept
-    monkeypatch.delattr(torch._C, "_TorchDispatchModeKey")
-    table = {}
-    assert not lowerings.register(table) and table == {}
+def test_no_op_has_an_entry_in_torchs_global_decomposition_table():
+    """Inductor refuses, in a CI job, to run an op with an entry there as a fallback kernel; FakeTensorMode
+    prefers an entry to the op's fake implementation under symbolic sizes (tests/nn/test_aot_inductor.py)."""
+    tables = torch._decomp.global_decomposition_table.values()
+    assert not [str(op) for table in tables for op in table if str(op).startswith("aqcf.")]
 
 
 def test_eager_whitening_keeps_lapack_outside_an_export():
