@@ -18,7 +18,7 @@ from ._fx import fx_leaf_function
 from .ops.attention import composite_attention, composite_gate
 from .ops.conv import ACTIVATIONS, call_qconv
 from .ops.func import transforms_active
-from .ops.lowerings import cross_attention_lowering, gated_residual_lowering
+from .ops.lowerings import cross_attention_lowering, exporting_to_onnx, gated_residual_lowering
 from .params import IntOrSeq, check_conv_args, same_dtype_under_autocast
 
 
@@ -252,7 +252,7 @@ def cross_attention(
     if transforms_active():  # the composite attention, which torch.func transforms (see ops.func)
         return composite_attention(q_a, k_b, v_b, scale), composite_attention(q_b, k_a, v_a, scale)
     # while torch.onnx.export captures a model: MatMul/Softmax/MatMul (see ops.lowerings)
-    attend = cross_attention_lowering if torch.onnx.is_in_onnx_export() else torch.ops.aqcf.cross_attention
+    attend = cross_attention_lowering if exporting_to_onnx() else torch.ops.aqcf.cross_attention
     out_a, out_b, _, _ = attend(q_a, k_a, v_a, q_b, k_b, v_b, scale)
     return out_a, out_b
 
@@ -271,7 +271,7 @@ def gated_residual(f: Tensor, o: Tensor, gate_logits: Tensor, alpha: Tensor) -> 
             raise ValueError(f"gated_residual: {name} is {t.dtype} on {t.device} but f is {f.dtype} on {f.device}")
     if transforms_active():  # composite, for torch.func's transforms (see ops.func)
         return f + composite_gate(o, gate_logits, alpha)
-    if torch.onnx.is_in_onnx_export():  # standard ops for ONNX (see ops.lowerings)
+    if exporting_to_onnx():  # standard ops for ONNX (see ops.lowerings)
         return gated_residual_lowering(f, o, gate_logits, alpha)
     return torch.ops.aqcf.gated_residual(f, o, gate_logits, alpha)
 

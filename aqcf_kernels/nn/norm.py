@@ -50,6 +50,7 @@ from ..backends.base import activate
 from ..layout import quaternion_channels
 from ..ops import norm as norm_ops
 from ..ops.conv import ACTIVATIONS
+from ..ops.lowerings import exporting_to_onnx
 from ._base import check_quaternion_channels
 
 
@@ -76,7 +77,7 @@ def _whitening_matrix(cov: Tensor, eps: float) -> Tensor:
     Maida proposed for quaternion BN. Any two whitening matrices differ by an orthogonal matrix on
     the left, which the full 4x4 ``γ`` that follows can absorb, so nothing is lost in expressiveness.
     """
-    if torch.onnx.is_in_onnx_export():
+    if exporting_to_onnx():
         # ONNX has no Cholesky or triangular solve; torch.onnx.export of a model with a whitening norm
         # gets the same matrix as elementwise ops (torch.compile sees False here: dynamo folds the call).
         return _unrolled_whitening_matrix(cov, eps)
@@ -167,7 +168,7 @@ def _quaternion_norm(
         raise ValueError(f"{fn}: expected more than 1 {what} when training, got input size {tuple(input.shape)}")
 
     # torch.onnx.export captures the composite below: standard ops (ONNX has no function for the fused op)
-    if fused and not empty and not torch.onnx.is_in_onnx_export() and norm_ops.available(input, whiten):
+    if fused and not empty and not exporting_to_onnx() and norm_ops.available(input, whiten):
         stats = (None, None) if use_input_stats else (running_mean, running_var)
         y, mean, var = torch.ops.aqcf.qnorm(
             input, weight, bias, *stats, use_input_stats, per_sample, eps, activation, float(negative_slope)
@@ -243,7 +244,7 @@ def _update_running(
         new_mean = mean.detach().reshape(-1, 4 * cq).mean(0)
         new_var = stat.detach().reshape(-1, *shape).mean(0) * unbiased
     new_mean, new_var = new_mean.to(running_mean.dtype), new_var.to(running_var.dtype)
-    if torch.onnx.is_in_onnx_export():  # ONNX has no multi-tensor lerp (a model exported in training mode)
+    if exporting_to_onnx():  # ONNX has no multi-tensor lerp (a model exported in training mode)
         running_mean.lerp_(new_mean, momentum)
         running_var.lerp_(new_var, momentum)
         return

@@ -89,7 +89,7 @@ from torch.nn.utils.rnn import PackedSequence
 from .._fx import fx_leaf
 from ..functional import quaternion_linear
 from ..ops import rnn_cell as rnn_cell_ops
-from ..ops.lowerings import rnn_sequence_lowering
+from ..ops.lowerings import exporting_to_onnx, rnn_sequence_lowering
 from ..params import same_dtype_under_autocast
 from ..quaternion import check_algorithm
 from ._base import COMPONENTS, check_quaternion_channels
@@ -411,7 +411,7 @@ class _QuaternionRNNBase(nn.Module):
         proj = self._normalize(sfx, quaternion_linear(x, w_ih, bias, algorithm=self.algorithm))
         # while torch.onnx.export captures a model: the op's lowering, one ONNX Scan over a dynamic length
         # (this loop would fix it to the example's), whether or not a fused kernel serves (see ops.lowerings)
-        exporting = torch.onnx.is_in_onnx_export()
+        exporting = exporting_to_onnx()
         if (
             self.algorithm != "fast8"
             and sizes is None

@@ -49,7 +49,7 @@ from ..backends.base import activate, bias_grad
 from ..params import ConvParams, conv_output_shape
 from .autocast import cast_for_transforms
 from .func import functorch_active, transforms_active
-from .lowerings import qconv_lowering
+from .lowerings import exporting_to_onnx, qconv_lowering
 
 #: Whether the compiled extension defines ``aqcf::qconv`` and ``aqcf::qconv_weight_grad`` (csrc/cpu/op.cpp).
 NATIVE = _C is not None and hasattr(_C, "_set_fallbacks")
@@ -513,7 +513,7 @@ def call_qconv(*args) -> tuple[Tensor, Tensor]:
     """``torch.ops.aqcf.qconv(*args)``, the 13 arguments positional; through :class:`_QConvFunction` while
     a torch.func transform or a forward-mode AD dual level is active; its lowering (standard ops) while
     ``torch.onnx.export`` captures a model (see :mod:`.lowerings`)."""
-    if torch.onnx.is_in_onnx_export():
+    if exporting_to_onnx():
         return qconv_lowering(*args)
     if transforms_active():
         if torch.compiler.is_compiling():

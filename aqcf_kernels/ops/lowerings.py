@@ -2,7 +2,7 @@
 
 ``torch.onnx.export(model, args)`` (the dynamo exporter, torch's default) captures a model with
 ``torch.export`` and fails on an op ONNX has no function for ("No ONNX function found for aqcf.qconv").
-While it captures (``torch.onnx.is_in_onnx_export()``), the callers of the ops call these lowerings
+While it captures (:func:`exporting_to_onnx`), the callers of the ops call these lowerings
 instead, so a model built from the layers exports to ONNX as torch.nn's layers do, with no call to this
 package. ``aqcf-export`` captures with ``torch.export`` itself (custom ops kept) and lowers with
 :func:`lowerings` explicitly (:func:`aqcf_kernels.pipeline.export.lower_custom_ops`, which also serves an
@@ -38,7 +38,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["lowerings"]
+__all__ = ["exporting_to_onnx", "lowerings"]
+
+
+def exporting_to_onnx() -> bool:
+    """Whether ``torch.onnx.export`` is capturing a model: the layers then call these lowerings. Asked on
+    every op call, so ``torch.compiler.is_exporting()`` (a flag read, true while the exporter's
+    ``torch.export`` traces) comes first: ``torch.onnx.is_in_onnx_export()`` alone costs ~1 µs a call (it
+    imports two modules each time)."""
+    return torch.compiler.is_exporting() and torch.onnx.is_in_onnx_export()
 
 
 def _expanded_weight(weight: Tensor, groups: int) -> Tensor:
