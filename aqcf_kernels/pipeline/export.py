@@ -31,7 +31,8 @@ the training crop, already such a size for the usual configurations.
   ``MatMul`` per quaternion channel (with running statistics the Cholesky is done at export; on the
   input's statistics it is unrolled into elementwise ops); the A-QCF attention
   ``MatMul``/``Softmax``/``MatMul`` per direction and its gated residual ``Sigmoid``/``Mul``/``Add``
-  (:func:`aqcf_kernels.ops.lowerings.lowerings`, applied to whatever custom op remains in the program).
+  (:mod:`aqcf_kernels.ops.lowerings`, called while the exporter captures wherever a custom op remains:
+  functional calls, the attention; a whitening norm called as a function unrolls its Cholesky there).
   The trained weights and the eager path are untouched: the lowering works on a copy.
   ``metadata_props["aqcf_export"]`` holds the same JSON as the pt2's extra file.
 
@@ -556,23 +557,6 @@ def lower_custom_ops(program: torch.export.ExportedProgram) -> torch.export.Expo
     return lowered
 
 
-#: aten ops a quaternion layer can put in a graph that ONNX has no operator for: the whitening norms'
-#: factorisation when they are called as functions (the modules are lowered without it).
-_FACTORISATIONS = ("aten.linalg_cholesky_ex.default", "aten.linalg_solve_triangular.default")
-
-
-def _check_no_factorisation(program: torch.export.ExportedProgram) -> None:
-    """Refuse, in one line, a graph the ONNX exporter would fail on with a page of its own diagnostics."""
-    found = sorted({str(n.target) for n in program.graph.nodes if str(n.target) in _FACTORISATIONS})
-    if found:
-        raise ExportError(
-            f"the graph computes a Cholesky factorisation ({', '.join(found)}), which ONNX has no operator for: "
-            "a whitening norm called as a function (quaternion_batch_norm/quaternion_instance_norm with "
-            "whiten=True); use the QuaternionBatchNorm*d/QuaternionInstanceNorm*d modules, which are lowered "
-            "without it"
-        )
-
-
 def _onnx_missing() -> list[str]:
     return [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
 
@@ -595,18 +579,18 @@ def onnx_program(
 ) -> Any:
     """``module`` (eval mode, CPU) as a ``torch.onnx.ONNXProgram`` made of standard ONNX operators only.
 
-    :func:`lowered_for_onnx`, :func:`torch.export.export` with ``dynamic_shapes``, :func:`lower_custom_ops`
-    for any ``aqcf`` op left (functional calls, the A-QCF attention), then the dynamo ONNX exporter at
-    opset :data:`ONNX_OPSET`. Raises :class:`ExportError` for a factorisation left in the graph (a whitening
-    norm called as a function) and if a node outside the standard domain remains.
+    :func:`lowered_for_onnx` (weights folded once), then the dynamo ONNX exporter at opset
+    :data:`ONNX_OPSET` with ``dynamic_shapes``: while it captures, any ``aqcf`` op left (functional calls,
+    the A-QCF attention) is its lowering (:mod:`aqcf_kernels.ops.lowerings`), and a whitening norm called as
+    a function unrolls its Cholesky. Raises :class:`ExportError` if a node outside the standard domain
+    remains.
     """
     _check_onnx_packages()
     lowered = lowered_for_onnx(module).cpu().eval()
-    program = lower_custom_ops(torch.export.export(lowered, args, dynamic_shapes=dynamic_shapes))
-    _check_no_factorisation(program)
     exported = torch.onnx.export(
-        program,
+        lowered,
         args,
+        dynamic_shapes=dynamic_shapes,
         dynamo=True,
         opset_version=ONNX_OPSET,
         input_names=list(input_names),
