@@ -25,7 +25,11 @@ cxx_flags = ["-O3", "-fopenmp", "-fno-trapping-math"]
 ext_modules = [CppExtension("aqcf_kernels._C", cpu_sources, extra_compile_args=cxx_flags, extra_link_args=["-fopenmp"])]
 
 setup(
-    packages=find_packages(include=["aqcf_kernels", "aqcf_kernels.*", "benchmarks", "benchmarks.*"]),
+    # benchmarks/ installs as ``aqcf_bench`` (the ``aqcf-bench`` console script): a top-level ``benchmarks``
+    # in site-packages would take the name from any other distribution's. Its modules refer to each other
+    # relatively, so a source tree still runs them as ``python -m benchmarks.cli`` (gpu_suite.sh does).
+    packages=[*find_packages(include=["aqcf_kernels", "aqcf_kernels.*"]), "aqcf_bench"],
+    package_dir={"aqcf_bench": "benchmarks"},
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -24,12 +24,13 @@ from collections.abc import Sequence
 
 from . import common
 
-# family -> (module, one-line help).
+# family -> (module, relative to this package: installed as ``aqcf_bench``, ``benchmarks`` in a source tree;
+# one-line help).
 FAMILIES: dict[str, tuple[str, str]] = {
-    "conv": ("benchmarks.conv", "quaternion convolutions 1d/2d/3d vs naive16 and expanded-weight baselines"),
-    "attention": ("benchmarks.attention", "the A-QCF block vs materialised and SDPA-composed blocks, 256-16384 tokens"),
-    "model": ("benchmarks.model", "A-QCF-Net training step: ours vs expanded-weight convs vs the real-valued twin"),
-    "rnn": ("benchmarks.rnn", "quaternion LiGRU/LSTM stacks: ours vs speechbrain's per-step expanded-weight build"),
+    "conv": (".conv", "quaternion convolutions 1d/2d/3d vs naive16 and expanded-weight baselines"),
+    "attention": (".attention", "the A-QCF block vs materialised and SDPA-composed blocks, 256-16384 tokens"),
+    "model": (".model", "A-QCF-Net training step: ours vs expanded-weight convs vs the real-valued twin"),
+    "rnn": (".rnn", "quaternion LiGRU/LSTM stacks: ours vs speechbrain's per-step expanded-weight build"),
 }
 
 
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="family", required=True, metavar="FAMILY")
     for name, (module_name, help_text) in FAMILIES.items():
-        module = importlib.import_module(module_name)
+        module = importlib.import_module(module_name, __package__)
         p = sub.add_parser(
             name, help=help_text, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
         )

@@ -560,7 +560,7 @@ def measure_memory_in_subprocess(module: str, payload: Mapping[str, Any]) -> Any
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "memory.json"
-        cmd = [sys.executable, "-m", "benchmarks._memory_worker", module, str(out)]
+        cmd = [sys.executable, "-m", f"{__package__}._memory_worker", module, str(out)]
         proc = subprocess.run(cmd, input=json.dumps(payload), text=True, env=env)
         if proc.returncode != 0 or not out.exists():
             print(f"WARNING: peak-memory worker failed (exit {proc.returncode}): peaks are n/a", file=sys.stderr)
@@ -576,8 +576,8 @@ def measure_memory_in_subprocess(module: str, payload: Mapping[str, Any]) -> Any
 def command_line() -> str:
     """How this benchmark was started, as one would type it again."""
     prog = Path(sys.argv[0])
-    if prog.name in ("cli.py", "__main__.py") and prog.parent.name == "benchmarks":
-        head = ["python", "-m", "benchmarks.cli"]
+    if prog.name in ("cli.py", "__main__.py") and prog.parent == Path(__file__).parent:
+        head = ["python", "-m", f"{__package__}.cli"]
     else:
         head = [prog.name]
     return shlex.join([*head, *sys.argv[1:]])

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from benchmarks import common
+from . import common
 
 
 def _medians_ms(device: str, reps: int, warmup: int, **steps: Callable[[], object]) -> list[float]:
@@ -362,7 +362,8 @@ def _block_host(out: Path, device: str, small: bool) -> None:
     the gate in plain ops: :func:`benchmarks.attention.composed_block`), and their ratio (the block target's
     ``speedup = t_sdpa / t_ours``)."""
     from aqcf_kernels.nn import AQCFBlock
-    from benchmarks import attention as ab
+
+    from . import attention as ab
 
     torch.manual_seed(0)
     c, tokens = BLOCK_HOST_CASE["channels"], BLOCK_HOST_CASE["tokens"]
@@ -423,7 +424,7 @@ def profile_stage(out: Path, device: str, small: bool) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from benchmarks import conv as conv_bench
+    from . import conv as conv_bench
 
     cuda = device == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32

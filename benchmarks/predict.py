@@ -200,7 +200,7 @@ def _spawn(provider: str, run: Path, scan: Path, out: Path, reps: int, threads: 
     env.setdefault("AQCF_TUNING_CACHE", str(out / f"tuning-{provider}.json"))  # a fresh cache: auto measures
     env["OMP_NUM_THREADS"] = str(threads)
     result = out / f"{provider}.json"
-    cmd = [sys.executable, "-m", "benchmarks.predict", "--worker", provider, "--run", str(run), "--scan", str(scan),
+    cmd = [sys.executable, "-m", f"{__package__}.predict", "--worker", provider, "--run", str(run), "--scan", str(scan),
            "--work", str(out), "--reps", str(reps), "--threads", str(threads), "--result", str(result),
            "--malloc", malloc]  # fmt: skip
     subprocess.run(cmd, env=env, check=True)

@@ -17,8 +17,8 @@ import os
 import pytest
 import torch
 
-from benchmarks.attention import CPU_PROVIDERS, MODES, TARGET_CASE, build, make_block, make_inputs, make_step
-from benchmarks.conftest import THREADS
+from .attention import CPU_PROVIDERS, MODES, TARGET_CASE, build, make_block, make_inputs, make_step
+from .conftest import THREADS
 
 pytestmark = pytest.mark.benchmark
 

@@ -18,7 +18,7 @@ import os
 import pytest
 import torch
 
-from benchmarks.conv import CPU_PROVIDERS, MODES, PROVIDERS, TARGETS, make_inputs, make_step
+from .conv import CPU_PROVIDERS, MODES, PROVIDERS, TARGETS, make_inputs, make_step
 
 pytestmark = pytest.mark.benchmark
 

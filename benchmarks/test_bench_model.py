@@ -18,8 +18,8 @@ import os
 import pytest
 import torch
 
-from benchmarks.conftest import THREADS
-from benchmarks.model import GRIDS, PROVIDERS, make_inputs, make_model, make_step
+from .conftest import THREADS
+from .model import GRIDS, PROVIDERS, make_inputs, make_model, make_step
 
 pytestmark = pytest.mark.benchmark
 
