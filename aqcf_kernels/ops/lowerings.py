@@ -4,9 +4,9 @@
 ``torch.export`` and fails on an op ONNX has no function for ("No ONNX function found for aqcf.qconv").
 While it captures (:func:`exporting_to_onnx`), the callers of the ops call these lowerings
 instead, so a model built from the layers exports to ONNX as torch.nn's layers do, with no call to this
-package. ``aqcf-export`` captures with ``torch.export`` itself (custom ops kept) and lowers with
-:func:`lowerings` explicitly (:func:`aqcf_kernels.pipeline.export.lower_custom_ops`, which also serves an
-``ExportedProgram`` a user captured).
+package (``aqcf-export`` hands its folded model to the same exporter). An ``ExportedProgram`` captured
+outside an ONNX export keeps the ops: :func:`lowerings` are their decompositions for
+``run_decompositions`` (:func:`aqcf_kernels.pipeline.export.lower_custom_ops`).
 
 Not in torch's global decomposition table, where the exporter would also find them: Inductor asserts, when
 the ``CI`` environment variable is set, that an op with an entry there is never a fallback kernel
@@ -121,7 +121,8 @@ def gated_residual_lowering(f, o, gate_logits, alpha):
 def rnn_sequence_lowering(proj, h0, c0, weight, mode, nonlinearity, negative_slope, reverse):
     """``aqcf::rnn_sequence``: the composite cells over the sequence, unrolled for a fixed length
     (:func:`.rnn_cell._composite`), one ``scan`` for a symbolic one (:func:`.rnn_cell._scanned`): unrolling
-    would fix a symbolic length to the example's without a word (a decomposition's guards are not checked)."""
+    would fix a symbolic length to the example's (silently in ``run_decompositions``, whose guards are not
+    checked; an export that declared the length dynamic would fail)."""
     from .rnn_cell import _composite, _scanned
 
     if isinstance(proj.shape[0], torch.SymInt):
