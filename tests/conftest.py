@@ -4,12 +4,15 @@ The helpers are handed out as session-scoped fixtures (factories) rather than im
 test package can use them without depending on how pytest names this module.
 """
 
+# ruff: noqa: E402  (aqcf_kernels is imported after the environment below is set: triton reads it at import)
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -29,23 +32,35 @@ if not torch.cuda.is_available():
         _interpreter_checks.install()
 
 # 'auto' measures and remembers its choices (aqcf_kernels.tuning): the suite keeps them in a cache
-# file of its own, never in the user's ~/.cache, and child processes (torchrun tests) share it.
+# file of its own, never in the user's ~/.cache, and child processes (torchrun tests) share it; so are
+# the Triton autotuner's timed choices (aqcf_kernels/backends/triton/autotune_cache.py), and
+# torch.compile's compiled graphs (Inductor's caches, /tmp/torchinductor_$USER by default): a graph that an
+# earlier run cached, from older code, skips Inductor's lowering, where a custom op can fail. The CI
+# machine's cache so passed every torch.compile test while an uncached compile failed (make_fallback
+# under CI=1, tests/nn/test_aot_inductor.py). The folders this process makes are removed when its session
+# ends (pytest_sessionfinish); a pytest-xdist worker that inherited the variables makes none.
+_SUITE_FOLDERS: list[str] = []
 if "AQCF_TUNING_CACHE" not in os.environ:
-    import tempfile
-
-    os.environ["AQCF_TUNING_CACHE"] = os.path.join(tempfile.mkdtemp(prefix="aqcf-tests-tuning-"), "tuning.json")
-# and so are the Triton autotuner's timed choices (aqcf_kernels/backends/triton/autotune_cache.py)
+    _SUITE_FOLDERS.append(tempfile.mkdtemp(prefix="aqcf-tests-tuning-"))
+    os.environ["AQCF_TUNING_CACHE"] = os.path.join(_SUITE_FOLDERS[-1], "tuning.json")
 if "AQCF_TRITON_AUTOTUNE_CACHE" not in os.environ:
-    import tempfile
+    _SUITE_FOLDERS.append(tempfile.mkdtemp(prefix="aqcf-tests-autotune-"))
+    os.environ["AQCF_TRITON_AUTOTUNE_CACHE"] = os.path.join(_SUITE_FOLDERS[-1], "autotune.json")
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    _SUITE_FOLDERS.append(tempfile.mkdtemp(prefix="aqcf-tests-inductor-"))
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _SUITE_FOLDERS[-1]
 
-    folder = tempfile.mkdtemp(prefix="aqcf-tests-autotune-")
-    os.environ["AQCF_TRITON_AUTOTUNE_CACHE"] = os.path.join(folder, "autotune.json")
-
-from aqcf_kernels.backends import registered  # noqa: E402
+from aqcf_kernels.backends import registered
 from aqcf_kernels.backends._extension import _C
 from aqcf_kernels.backends.registry import forget_choices
 from aqcf_kernels.ops import conv as conv_ops
 from aqcf_kernels.params import check_conv_args
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    for folder in _SUITE_FOLDERS:
+        shutil.rmtree(folder, ignore_errors=True)
+
 
 #: Every registered backend, in a stable order; tests parametrise over all of them and the
 #: ``backend`` fixture skips (with the backend's own reason) those that cannot run here.
