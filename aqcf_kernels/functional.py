@@ -18,7 +18,7 @@ from ._fx import fx_leaf_function
 from .ops.attention import composite_attention, composite_gate
 from .ops.conv import ACTIVATIONS, call_qconv
 from .ops.func import transforms_active
-from .ops.lowerings import cross_attention_lowering, exporting_to_onnx, gated_residual_lowering
+from .ops.lowerings import exporting_to_onnx
 from .params import IntOrSeq, check_conv_args, same_dtype_under_autocast
 
 
@@ -249,11 +249,11 @@ def cross_attention(
     """
     _check_attention_args(q_a, k_a, v_a, q_b, k_b, v_b)
     scale = q_a.shape[-1] ** -0.5 if scale is None else float(scale)
-    if transforms_active():  # the composite attention, which torch.func transforms (see ops.func)
+    # the composite attention: what torch.func transforms (see ops.func), and MatMul/Softmax/MatMul for
+    # torch.onnx.export (see ops.lowerings)
+    if transforms_active() or exporting_to_onnx():
         return composite_attention(q_a, k_b, v_b, scale), composite_attention(q_b, k_a, v_a, scale)
-    # while torch.onnx.export captures a model: MatMul/Softmax/MatMul (see ops.lowerings)
-    attend = cross_attention_lowering if exporting_to_onnx() else torch.ops.aqcf.cross_attention
-    out_a, out_b, _, _ = attend(q_a, k_a, v_a, q_b, k_b, v_b, scale)
+    out_a, out_b, _, _ = torch.ops.aqcf.cross_attention(q_a, k_a, v_a, q_b, k_b, v_b, scale)
     return out_a, out_b
 
 
@@ -269,10 +269,8 @@ def gated_residual(f: Tensor, o: Tensor, gate_logits: Tensor, alpha: Tensor) -> 
     for name, t in (("o", o), ("gate_logits", gate_logits), ("alpha", alpha)):
         if not same_dtype_under_autocast(t, f) or t.device != f.device:
             raise ValueError(f"gated_residual: {name} is {t.dtype} on {t.device} but f is {f.dtype} on {f.device}")
-    if transforms_active():  # composite, for torch.func's transforms (see ops.func)
+    if transforms_active() or exporting_to_onnx():  # composite: for torch.func's transforms, and ONNX's ops
         return f + composite_gate(o, gate_logits, alpha)
-    if exporting_to_onnx():  # standard ops for ONNX (see ops.lowerings)
-        return gated_residual_lowering(f, o, gate_logits, alpha)
     return torch.ops.aqcf.gated_residual(f, o, gate_logits, alpha)
 
 

@@ -115,7 +115,9 @@ def cross_attention_lowering(q_a, k_a, v_a, q_b, k_b, v_b, scale):
 
 def gated_residual_lowering(f, o, gate_logits, alpha):
     """``aqcf::gated_residual``: ``f + α σ(g) o``."""
-    return f + alpha * torch.sigmoid(gate_logits) * o
+    from .attention import composite_gate
+
+    return f + composite_gate(o, gate_logits, alpha)
 
 
 def rnn_sequence_lowering(proj, h0, c0, weight, mode, nonlinearity, negative_slope, reverse):
