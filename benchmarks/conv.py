@@ -19,7 +19,8 @@ Cases are stride-1, ``padding=kernel//2`` ("same") convs with bias, in = out cha
   clips them: ``torch.func.vmap(torch.func.grad(loss))`` over the batch, the loss one sample's
   ``<conv(x), grad_output>``. The references run through functorch's own rules for aten's conv; ours
   through its vmap rules (``aqcf_kernels.ops.func``), which fold the samples into the conv's batch for
-  the forward and into its groups for the weight gradient.
+  the forward and into its groups for the weight gradient (``ops.conv.FOLD_BYTES``: on CPU at most 1 MiB
+  of folded copies a call, so a large sample's weight gradient is a call of its own on its own tensors).
 
 Timing and memory start once ``auto`` (and a forced algorithm's choice among backends) has settled
 its choices for the step (:func:`common.settle_choices`): the steady state. What measuring costs is
@@ -45,7 +46,7 @@ from torch import Tensor
 
 from aqcf_kernels import backends as _backends
 from aqcf_kernels.functional import quaternion_conv
-from aqcf_kernels.ops.conv import adjoint_params
+from aqcf_kernels.ops.conv import adjoint_params, fold_chunk
 from aqcf_kernels.params import check_conv_args
 from aqcf_kernels.reference import quaternion_conv_expanded, quaternion_conv_naive
 
@@ -204,13 +205,14 @@ class Provider:
         x, w, gy = inputs.x, inputs.w, inputs.grad_out
         try:
             p, _ = check_conv_args(x, w, None, case.dims, 1, case.padding, 1, 1, False, 0, self.algorithm)
-            n = x.shape[0]  # per sample: one weight gradient of n groups, each sample's channels a group
+            # per sample: one weight gradient per n samples, each sample's channels a group (one sample: as is)
+            n = fold_chunk((x[0].numel() + gy[0].numel()) * x.element_size(), x.shape[0], x.device)
             calls = {  # computation -> (input, weight, geometry, kind)
                 "forward": (x, w, p, "forward"),
                 "input_grad": (gy, w, adjoint_params(gy.shape, w.shape, x.shape, p), "input_grad"),
                 "weight_grad": (x, x.new_empty(1).expand(w.shape), p, "weight_grad"),  # the weight's shape, no data
                 "per_sample_weight_grad": (  # the folded input is a dense copy (channels-first)
-                    x.new_empty(1, n * x.shape[1], *x.shape[2:]),
+                    x[:1] if n == 1 else x.new_empty(1, n * x.shape[1], *x.shape[2:]),
                     x.new_empty(1).expand(4, n * w.shape[1], *w.shape[2:]),
                     replace(p, groups=n),
                     "weight_grad",

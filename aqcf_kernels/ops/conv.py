@@ -506,7 +506,8 @@ def _weight_grad_backward(ctx, grad_grad_weight):
 # forward-mode formulas (the conv is bilinear in input and weight), and vmap rules that fold the
 # vmapped dim into the conv's batch (only the input vmapped) or into its groups (per-sample weights,
 # per-sample weight gradients: a grouped conv, as functorch's own rule for aten's conv does), so a
-# vmapped conv is one conv, not a loop.
+# vmapped conv is one conv, not a loop over slices; on CPU one conv per :data:`FOLD_BYTES` of copies
+# the fold makes, a large slice's conv on its own tensors.
 
 
 def call_qconv(*args) -> tuple[Tensor, Tensor]:
@@ -551,6 +552,38 @@ def _fold_channels(t: Tensor, dim: int) -> Tensor:
 def _unfold_channels(t: Tensor, dim: int, size: int) -> Tensor:
     """:func:`_fold_channels` undone, the vmapped dim first."""
     return t.unflatten(dim, (4, size, -1)).movedim(dim + 1, 0).flatten(dim + 1, dim + 2)
+
+
+#: Per device type, the most bytes one call of a vmap rule below copies to fold slices into the conv's groups
+#: (the slices' inputs, and for a weight gradient their output gradients too). More slices are served in
+#: several calls, and a slice larger than this in a call of its own: its tensors as they are, no copy. On
+#: CPU, per-sample weight gradients took the same time folded whole, in 1 MiB calls and one call per sample
+#: (``aqcf-bench conv --modes per-sample``, ±10% run to run, 1.15x faster unfolded at 2d 64q N8 64²), and
+#: the copies were most of their peak memory: 1 MiB keeps them at a cache's size. Other devices keep one
+#: folded call: there every call costs kernel launches, and no GPU has measured the trade.
+FOLD_BYTES: dict[str, int] = {"cpu": 1 << 20}
+
+
+def fold_chunk(slice_bytes: int, size: int, device: torch.device) -> int:
+    """How many of ``size`` vmapped slices, each copying ``slice_bytes`` when folded, one call of a vmap rule
+    below folds into the conv's groups (:data:`FOLD_BYTES`); at least one."""
+    budget = FOLD_BYTES.get(device.type)
+    if budget is None:
+        return size
+    return max(1, min(size, budget // max(1, slice_bytes)))
+
+
+def _nbytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _in_chunks(size: int, chunk: int, serve) -> list:
+    """``serve(start, stop)`` for consecutive ranges of ``chunk`` slices covering ``size``."""
+    return [serve(start, min(size, start + chunk)) for start in range(0, size, chunk)]
+
+
+def _cat(parts: list[Tensor]) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _fold_weight(w: Tensor) -> Tensor:
@@ -602,13 +635,23 @@ class _QConvFunction(torch.autograd.Function):
             y, pre = call_qconv(x.flatten(0, 1), *args[1:])
             y = y.unflatten(0, (size, x.shape[1]))
             return (y, pre.unflatten(0, (size, x.shape[1])) if keep else pre), (0, 0 if keep else None)
-        x = _fold_channels(_batch_first(call.input, input_dim, size), 2)
-        weight = _fold_weight(_batch_first(call.weight, weight_dim, size))
-        bias = None if call.bias is None else _fold_channels(_batch_first(call.bias, bias_dim, size), 1)
-        geometry = args[3:8]
-        y, pre = call_qconv(x, weight, bias, *geometry, call.params.groups * size, *args[9:])
-        y = _unfold_channels(y, 1, size)
-        return (y, _unfold_channels(pre, 1, size) if keep else pre), (0, 0 if keep else None)
+        x, weight = _batch_first(call.input, input_dim, size), _batch_first(call.weight, weight_dim, size)
+        bias = None if call.bias is None else _batch_first(call.bias, bias_dim, size)
+        geometry, groups, options = args[3:8], call.params.groups, args[9:]
+
+        def outputs(start: int, stop: int) -> tuple[Tensor, Tensor]:  # slices [start, stop), one call
+            n = stop - start
+            if n == 1:  # its tensors as they are
+                b = None if bias is None else bias[start]
+                y, pre = call_qconv(x[start], weight[start], b, *geometry, groups, *options)
+                return y[None], (pre[None] if keep else pre)
+            b = None if bias is None else _fold_channels(bias[start:stop], 1)
+            folded = _fold_channels(x[start:stop], 2), _fold_weight(weight[start:stop]), b
+            y, pre = call_qconv(*folded, *geometry, groups * n, *options)
+            return _unfold_channels(y, 1, n), (_unfold_channels(pre, 1, n) if keep else pre)
+
+        ys, pres = zip(*_in_chunks(size, fold_chunk(_nbytes(x[0]), size, x.device), outputs), strict=True)
+        return (_cat(list(ys)), _cat(list(pres)) if keep else pres[0]), (0, 0 if keep else None)
 
 
 class _WeightGradFunction(torch.autograd.Function):
@@ -640,12 +683,20 @@ class _WeightGradFunction(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, input, grad_output, weight_shape, *geometry_and_algorithm):
         size = info.batch_size
-        x = _fold_channels(_batch_first(input, in_dims[0], size), 2)
-        gy = _fold_channels(_batch_first(grad_output, in_dims[1], size), 2)
+        x, gy = _batch_first(input, in_dims[0], size), _batch_first(grad_output, in_dims[1], size)
         *geometry, groups, algorithm = geometry_and_algorithm
-        shape = [4, size * weight_shape[1], *weight_shape[2:]]
-        grad_weight = call_qconv_weight_grad(x, gy, shape, *geometry, groups * size, algorithm)
-        return grad_weight.unflatten(1, (size, -1)).movedim(1, 0), 0
+
+        def grad_weight(start: int, stop: int) -> Tensor:  # slices [start, stop), one call
+            n = stop - start
+            if n == 1:  # per-sample gradients of large samples: the sample's tensors as they are
+                return call_qconv_weight_grad(x[start], gy[start], weight_shape, *geometry, groups, algorithm)[None]
+            shape = [4, n * weight_shape[1], *weight_shape[2:]]
+            folded = _fold_channels(x[start:stop], 2), _fold_channels(gy[start:stop], 2)
+            grad = call_qconv_weight_grad(*folded, shape, *geometry, groups * n, algorithm)
+            return grad.unflatten(1, (n, -1)).movedim(1, 0)
+
+        chunk = fold_chunk(_nbytes(x[0]) + _nbytes(gy[0]), size, x.device)
+        return _cat(_in_chunks(size, chunk, grad_weight)), 0
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,7 +18,9 @@ from torch.testing import assert_close
 from aqcf_kernels import functional as qF
 from aqcf_kernels import reference
 from aqcf_kernels.backends.base import activate
+from aqcf_kernels.ops import conv as conv_ops
 from aqcf_kernels.ops.conv import NATIVE
+from aqcf_kernels.ops.func import transforms_active
 
 # every vmap below must be served by a batching rule (the ops' own), not a loop over slices
 pytestmark = pytest.mark.usefixtures("single_threaded", "no_vmap_fallback")
@@ -141,6 +143,85 @@ def test_per_sample_gradients(case, algorithm, act):
     got = vmap(grad(loss(ours), argnums=(0, 1)), in_dims=(None, None, 0, 0))(w, b, x, target)
     want = [grad(loss(ref), argnums=(0, 1))(w, b, x[i], target[i]) for i in range(x.shape[0])]
     assert_close(got, tuple(torch.stack(g) for g in zip(*want, strict=True)))
+
+
+# How many slices one call folds (``ops.conv.fold_chunk``): one (every slice its own call, on its own tensors),
+# two of three (the last call holds one), all (one folded call)
+CHUNKS = {"each": 1, "two": 2, "all": None}
+
+
+@pytest.fixture(params=CHUNKS)
+def fold_in_chunks(request, monkeypatch):
+    chunk = CHUNKS[request.param]
+    if chunk is not None:
+        monkeypatch.setattr(conv_ops, "fold_chunk", lambda slice_bytes, size, device: min(size, chunk))
+    return request.param
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_per_sample_gradients_in_chunks(case, fold_in_chunks):
+    """Three samples' gradients folded in one call, in calls of two and one, or one call per sample."""
+    ours, ref, x, w, b = _convs(case, "fast8", "relu")
+    x = torch.cat([x, torch.randn_like(x)])[:3]
+    target = torch.randn(x.shape[0], *ref(x[:1], w, b).shape[1:], **DOUBLE)
+
+    def loss(conv):
+        return lambda w, b, x, t: (conv(x[None], w, b)[0] - t).square().sum()
+
+    got = vmap(grad(loss(ours), argnums=(0, 1)), in_dims=(None, None, 0, 0))(w, b, x, target)
+    want = [grad(loss(ref), argnums=(0, 1))(w, b, x[i], target[i]) for i in range(x.shape[0])]
+    assert_close(got, tuple(torch.stack(g) for g in zip(*want, strict=True)))
+
+
+@pytest.mark.parametrize("vmapped", ["weight+bias", "all"])
+@pytest.mark.parametrize("act", ["gelu", "none"])
+def test_vmap_over_weights_in_chunks(vmapped, act, fold_in_chunks):
+    """Three per-slice weights (an ensemble) in one grouped conv, in calls of two and one, or one each."""
+    ours, ref, x, w, b = _convs("conv_transpose2d", "hamilton", act)
+    n = 3
+    args = [torch.stack([torch.randn_like(t) for _ in range(n)]) for t in (x, w, b)]
+    in_dims = (0 if vmapped == "all" else None, 0, 0)
+    if in_dims[0] is None:
+        args[0] = x
+    got = vmap(ours, in_dims=in_dims)(*args)
+    want = torch.stack([ref(*(a[i] if d == 0 else a for a, d in zip(args, in_dims, strict=True))) for i in range(n)])
+    assert_close(got, want)
+
+
+def test_fold_chunk_bounds_the_copies(monkeypatch):
+    """Slices of 0.3 MiB: three to a 1 MiB call; slices over the budget one each; no budget, one call."""
+    monkeypatch.setattr(conv_ops, "FOLD_BYTES", {"cpu": 1 << 20})
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    assert conv_ops.fold_chunk(300 << 10, 8, cpu) == 3
+    assert conv_ops.fold_chunk(300 << 10, 2, cpu) == 2
+    assert conv_ops.fold_chunk(3 << 20, 8, cpu) == 1
+    assert conv_ops.fold_chunk(0, 8, cpu) == 8
+    assert conv_ops.fold_chunk(3 << 20, 8, meta) == 8  # no budget for that device: one folded call
+
+
+def test_a_large_samples_weight_gradient_reads_the_callers_tensor(monkeypatch):
+    """Per-sample gradients of samples larger than the fold budget: each sample's weight gradient is a call
+    on a view of the caller's input, not on a folded copy (the copies were most of the peak memory)."""
+    monkeypatch.setattr(conv_ops, "FOLD_BYTES", {"cpu": 1 << 10})
+    x, w = torch.randn(3, 8, 9, 7, **DOUBLE), torch.randn(4, 2, 2, 3, 3, **DOUBLE)
+    seen = []
+    original = conv_ops.call_qconv_weight_grad
+
+    def spy(input, *args):
+        if not transforms_active():  # the op's own call, inside the vmap rule: plain tensors
+            seen.append((input.shape, input.untyped_storage().data_ptr()))
+        return original(input, *args)
+
+    monkeypatch.setattr(conv_ops, "call_qconv_weight_grad", spy)
+
+    def loss(w, x):
+        return qF.quaternion_conv2d(x[None], w, None, padding=1, algorithm="hamilton").square().sum()
+
+    got = vmap(grad(loss), in_dims=(None, 0))(w, x)
+    assert [shape for shape, _ in seen] == [(1, 8, 9, 7)] * 3
+    assert all(ptr == x.untyped_storage().data_ptr() for _, ptr in seen)
+    want = torch.stack([grad(loss)(w, x[i]) for i in range(3)])
+    assert_close(got, want)
 
 
 @pytest.mark.parametrize("case", CASES)
