@@ -19,7 +19,7 @@ Cases are stride-1, ``padding=kernel//2`` ("same") convs with bias, in = out cha
   clips them: ``torch.func.vmap(torch.func.grad(loss))`` over the batch, the loss one sample's
   ``<conv(x), grad_output>``. The references run through functorch's own rules for aten's conv; ours
   through its vmap rules (``aqcf_kernels.ops.func``), which fold the samples into the conv's batch for
-  the forward and into its groups for the weight gradient (``ops.conv.FOLD_BYTES``: on CPU at most 1 MiB
+  the forward and into its groups for the weight gradient (``ops.conv.FOLD_BYTES``: on CPU at most 4 MiB
   of folded copies a call, so a large sample's weight gradient is a call of its own on its own tensors).
 
 Timing and memory start once ``auto`` (and a forced algorithm's choice among backends) has settled

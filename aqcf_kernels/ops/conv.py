@@ -556,12 +556,15 @@ def _unfold_channels(t: Tensor, dim: int, size: int) -> Tensor:
 
 #: Per device type, the most bytes one call of a vmap rule below copies to fold slices into the conv's groups
 #: (the slices' inputs, and for a weight gradient their output gradients too). More slices are served in
-#: several calls, and a slice larger than this in a call of its own: its tensors as they are, no copy. On
-#: CPU, per-sample weight gradients took the same time folded whole, in 1 MiB calls and one call per sample
-#: (``aqcf-bench conv --modes per-sample``, ±10% run to run, 1.15x faster unfolded at 2d 64q N8 64²), and
-#: the copies were most of their peak memory: 1 MiB keeps them at a cache's size. Other devices keep one
-#: folded call: there every call costs kernel launches, and no GPU has measured the trade.
-FOLD_BYTES: dict[str, int] = {"cpu": 1 << 20}
+#: several calls, and a slice larger than this in a call of its own: its tensors as they are, no copy. The
+#: copies were most of the peak memory of per-sample gradients, and each call costs ~0.2-0.4 ms on CPU.
+#: Measured on CPU (Intel Xeon, 2 threads; vmap(grad) per-sample gradients of 2d 4-64q convs, batches of
+#: 8-256, samples of 16 KiB-4 MiB; budgets of 0.25-8 MiB against one folded call): 4 MiB was within 7% of
+#: the fastest budget on every case, 1.14-1.59x faster than one folded call on samples of 32² and 64²
+#: and 0.94-0.96x on samples of 16² and 8²; 1 MiB was up to 1.2x slower than 4 MiB on small samples (more
+#: calls). Other devices keep one folded call: there each call costs kernel launches, and no GPU has
+#: measured the trade.
+FOLD_BYTES: dict[str, int] = {"cpu": 4 << 20}
 
 
 def fold_chunk(slice_bytes: int, size: int, device: torch.device) -> int:
