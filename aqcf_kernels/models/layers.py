@@ -102,10 +102,21 @@ def _needs_grad(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-ONEDNN_CONVS: tuple[type[nn.Module], ...] = tuple(
-    type(f"OneDNN{cls.__name__}", (OneDNNConvMixin, cls), {"__module__": __name__})
-    for cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-)
+# Named at module level, as pickle (torch.save of a whole model, deepcopy's fallback, multiprocessing) finds a
+# class by its module and name.
+class OneDNNConv1d(OneDNNConvMixin, nn.Conv1d):
+    """:class:`torch.nn.Conv1d` with :class:`OneDNNConvMixin`."""
+
+
+class OneDNNConv2d(OneDNNConvMixin, nn.Conv2d):
+    """:class:`torch.nn.Conv2d` with :class:`OneDNNConvMixin`."""
+
+
+class OneDNNConv3d(OneDNNConvMixin, nn.Conv3d):
+    """:class:`torch.nn.Conv3d` with :class:`OneDNNConvMixin`."""
+
+
+ONEDNN_CONVS: tuple[type[nn.Module], ...] = (OneDNNConv1d, OneDNNConv2d, OneDNNConv3d)
 
 
 class RealConvNormAct(nn.Sequential):
@@ -301,4 +312,13 @@ class ConvBlock(nn.Sequential):
         return x
 
 
-__all__ = ["ONEDNN_CONVS", "ConvBlock", "LayerFactory", "OneDNNConvMixin", "RealAQCFBlock"]
+__all__ = [
+    "ONEDNN_CONVS",
+    "ConvBlock",
+    "LayerFactory",
+    "OneDNNConv1d",
+    "OneDNNConv2d",
+    "OneDNNConv3d",
+    "OneDNNConvMixin",
+    "RealAQCFBlock",
+]

@@ -416,6 +416,26 @@ def test_state_dict_round_trip() -> None:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize(
+    "kwargs", [{"spatial_dims": 2}, {"spatial_dims": 3}, {"spatial_dims": 2, "real_valued": True}], ids=str
+)
+def test_the_whole_model_pickles(kwargs: dict) -> None:
+    """``torch.save(model)`` / pickle of a whole network (multiprocessing, checkpoints of the module): every class
+    in it, the stem's real convs included, is found by its module and name."""
+    model = tiny(**kwargs).eval()
+    size = SIZES[kwargs["spatial_dims"]]
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert {type(m) for m in loaded.modules()} == {type(m) for m in model.modules()}
+    ct, mri = image(1, size, 3), image(1, size, 4)
+    with tuning.using("heuristic"):
+        a, b = model(ct=ct, mri=mri), loaded(ct=ct, mri=mri)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("algorithm", ["hamilton", "fast8"])
 def test_expanded_build_matches_fused(algorithm: str) -> None:
     kw = {"dtype": torch.float64, "algorithm": algorithm, "deep_supervision": True, "kv_pool": 16}
