@@ -149,8 +149,14 @@ def output_folder(text: str) -> Path:
         raise argparse.ArgumentTypeError(f"{text!r}: {e.filename}: {e.strerror}") from None
     if not existing.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r}: {existing} is not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise argparse.ArgumentTypeError(f"{text!r}: cannot create or write files in {existing}")
+    # Permission bits do not say it all (root may write anywhere, and /proc or a read-only mount still
+    # refuse): a folder made and removed there does.
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".aqcf-bench-check-", dir=existing))
+    except OSError as e:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: cannot create or write files in {existing} ({e.strerror})"
+        ) from None
     return path
 
 

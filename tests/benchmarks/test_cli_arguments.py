@@ -7,6 +7,7 @@ Every test here stubs out the benchmark itself: a value that got through would f
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import tempfile
@@ -87,6 +88,21 @@ def test_an_output_folder_that_cannot_be_created_is_refused_before_the_run(a_fil
     _refused(capsys, cli.main, ["rnn", "--out", str(a_file)], "--out")
 
 
+def test_an_output_folder_a_mount_refuses_is_refused_before_the_run(tmp_path, capsys, monkeypatch, no_benchmark):
+    """Permission bits pass (root writes anywhere; /proc or a read-only mount still refuse): the benchmark once
+    ran to its end and then failed to write its files."""
+
+    def read_only(**kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(common.tempfile, "mkdtemp", read_only)
+    line = _refused(capsys, cli.main, ["conv", "--out", str(tmp_path / "out")], "--out")
+    assert "cannot create or write files in" in line and os.strerror(errno.EROFS) in line
+    monkeypatch.undo()
+    if Path("/proc/self").is_dir():  # Linux: a real folder nobody can create files in
+        _refused(capsys, cli.main, ["conv", "--out", "/proc/aqcf-bench-out"], "--out")
+
+
 def test_load_is_bounded_by_the_cores(tmp_path, capsys, no_benchmark) -> None:
     """``--load 999`` once started 999 spinning processes (load average ~205 on 2 cores)."""
     cores = os.cpu_count() or 1
@@ -105,6 +121,7 @@ def test_good_values_still_parse(tmp_path) -> None:
     )  # fmt: skip
     assert args.tokens == [256, 1024] and args.channels == 8 and args.device == "cpu" and args.warmup == 0
     assert args.out == tmp_path / "new" / "folder" and not args.out.exists()  # checked, not created
+    assert list(tmp_path.iterdir()) == []  # nor is anything else left there
     assert cli.build_parser().parse_args(["conv"]).out == Path("bench-out")
     assert cli.build_parser().parse_args(["conv", "--min-time", "0"]).min_time == 0.0
 
