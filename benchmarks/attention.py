@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -392,12 +391,10 @@ def main(args: argparse.Namespace) -> int:
         args.providers = list(PROVIDERS if torch.device(args.device).type == "cuda" else CPU_PROVIDERS)
     bad = [m for m in args.modes if m not in MODES] + [p for p in args.providers if p not in PROVIDERS]
     if bad:
-        print(f"unknown mode/provider {bad}; modes {MODES}, providers {PROVIDERS}", file=sys.stderr)
-        return 2
+        return common.usage_error(args, f"unknown mode/provider {bad}; modes {MODES}, providers {PROVIDERS}")
     if args.channels % args.heads:  # AQCFBlock's rule, said before any work instead of as its traceback
-        print(f"--channels {args.channels} is not a multiple of --heads {args.heads}: each head owns whole "
-              "quaternion channels", file=sys.stderr)  # fmt: skip
-        return 2
+        message = f"--channels {args.channels} is not a multiple of --heads {args.heads}: each head owns whole"
+        return common.usage_error(args, message + " quaternion channels")
     tokens = args.tokens or [c.tokens for c in GRIDS[args.grid]()]
     cases = [Case(n, args.channels, args.heads, args.batch) for n in tokens]
     common.configure_torch(args.threads)

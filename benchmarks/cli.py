@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         module.add_arguments(p)
         common.add_common_arguments(p)
-        p.set_defaults(family_main=module.main)
+        p.set_defaults(family_main=module.main, prog=p.prog)
     return parser
 
 

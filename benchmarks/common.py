@@ -137,6 +137,13 @@ def device_name(text: str) -> str:
     return str(device)
 
 
+def usage_error(args: argparse.Namespace, message: str) -> int:
+    """A value the parser could not judge alone (it depends on another option), refused as argparse refuses
+    one: ``aqcf-bench conv: error: ...`` on stderr; returns the exit status, 2."""
+    print(f"{getattr(args, 'prog', 'aqcf-bench')}: error: {message}", file=sys.stderr)
+    return 2
+
+
 def output_folder(text: str) -> Path:
     """A folder the run can write its files into, checked (not created) when parsing: the run
     creates it only once the benchmark is done, and a bad path must not cost the benchmark."""

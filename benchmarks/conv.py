@@ -818,8 +818,7 @@ def main(args: argparse.Namespace) -> int:
     if args.cases:
         cases = [c for c in cases if any(m in c.name for m in args.cases)]
         if not cases:
-            print(f"no case of grid {args.grid!r} matches {args.cases}; see --list", file=sys.stderr)
-            return 2
+            return common.usage_error(args, f"no case of grid {args.grid!r} matches {args.cases}; see --list")
     if args.channels_last:
         cases = [replace(c, channels_last=True) for c in cases]
     if args.list:

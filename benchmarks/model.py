@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -460,12 +459,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     bad = [m for m in args.modes if m not in MODES] + [p for p in args.providers if p not in PROVIDERS]
     if bad:
-        print(f"unknown mode/provider {bad}; modes {MODES}, providers {PROVIDERS}", file=sys.stderr)
-        return 2
+        return common.usage_error(args, f"unknown mode/provider {bad}; modes {MODES}, providers {PROVIDERS}")
     cases = [c for c in GRIDS[args.grid]() if c.spatial_dims in args.dims]
     if not cases:
-        print(f"no case of grid {args.grid!r} has spatial dims {args.dims}", file=sys.stderr)
-        return 2
+        return common.usage_error(args, f"no case of grid {args.grid!r} has spatial dims {args.dims}")
     common.configure_torch(args.threads)
     device = torch.device(args.device)
     dtype = common.DTYPES[args.dtype]

@@ -287,9 +287,8 @@ def main(args: argparse.Namespace) -> int:
     bad = [m for m in args.modes if m not in MODES] + [p for p in args.providers if p not in PROVIDERS]
     bad += [c for c in args.cells if c not in CELLS]
     if bad:
-        print(f"unknown mode/provider/cell {bad}; modes {MODES}, providers {PROVIDERS}, cells {tuple(CELLS)}",
-              file=sys.stderr)  # fmt: skip
-        return 2
+        known = f"modes {MODES}, providers {PROVIDERS}, cells {tuple(CELLS)}"
+        return common.usage_error(args, f"unknown mode/provider/cell {bad}; {known}")
     cases = [c for c in GRIDS[args.grid]() if c.cell in args.cells]
     common.configure_torch(args.threads)
     device = torch.device(args.device)

@@ -133,6 +133,23 @@ def test_heads_that_do_not_divide_the_channels_are_refused(tmp_path, capsys, no_
     assert "Traceback" not in err and "--channels 6 is not a multiple of --heads 4" in err
 
 
+LATE_REFUSALS = [  # values judged after parsing (against another option), each with its message
+    (["attention", "--channels", "6", "--heads", "4"], "aqcf-bench attention: error: --channels 6 is not a multiple"),
+    (["attention", "--modes", "sideways"], "aqcf-bench attention: error: unknown mode/provider ['sideways']"),
+    (["conv", "--cases", "no such case"], "aqcf-bench conv: error: no case of grid 'quick' matches"),
+    (["model", "--providers", "nobody"], "aqcf-bench model: error: unknown mode/provider ['nobody']"),
+    (["rnn", "--cells", "gru9"], "aqcf-bench rnn: error: unknown mode/provider/cell ['gru9']"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), LATE_REFUSALS, ids=[" ".join(a) for a, _ in LATE_REFUSALS])
+def test_a_value_refused_after_parsing_reads_as_a_usage_error(argv, message, tmp_path, capsys, no_benchmark):
+    """As argparse's own refusals: ``aqcf-bench FAMILY: error: ...``, exit status 2, no traceback."""
+    assert cli.main([*argv, "--no-memory", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith(message), err
+
+
 def test_predict_and_gpu_stages_refuse_bad_values(tmp_path, a_file, capsys, no_benchmark) -> None:
     _refused(capsys, predict.main, ["--quick", "--reps", "0", "--out", str(tmp_path)], "--reps")
     _refused(capsys, predict.main, ["--quick", "--threads", "-2", "--out", str(tmp_path)], "--threads")
