@@ -54,8 +54,16 @@ def qcat(tensors: Sequence[Tensor], dim: int = 1) -> Tensor:
         last = [t.movedim(1, -1) for t in tensors]
         joined = torch.cat([as_components(t, -1) for t in last], dim=-1)
         return from_components(joined, -2).movedim(-1, 1)
+    dim = _nonnegative_dim(tensors[0], dim)
     parts = [as_components(t, dim) for t in tensors]
     return from_components(torch.cat(parts, dim=dim + 1), dim)
+
+
+def _nonnegative_dim(x: Tensor, dim: int) -> int:
+    """``dim`` counted from the front (a negative one from the back, as torch counts): in the ``(..., 4, Cq, ...)``
+    view of :func:`as_components` the channels are then at ``dim + 1``. Out of range stays as it is, for
+    :func:`quaternion_channels` to refuse."""
+    return dim + x.dim() if isinstance(x, Tensor) and -x.dim() <= dim < 0 else dim
 
 
 def channels_last_format(x: Tensor) -> torch.memory_format | None:
@@ -88,8 +96,17 @@ def like_layout(x: Tensor, reference: Tensor) -> Tensor:
 
 @fx_leaf_function
 def qsplit(x: Tensor, split_size_or_sections: int | Sequence[int], dim: int = 1) -> tuple[Tensor, ...]:
-    """Split quaternion channels (counts in quaternions), each piece keeping all four components."""
+    """Split quaternion channels, each piece keeping all four components. Sizes count **quaternion**
+    channels (``torch.split``'s, per component block): 16 real channels are 4 quaternions, split e.g. ``[1, 3]``."""
+    dim = _nonnegative_dim(x, dim)
     comp = as_components(x, dim)
+    quaternions = comp.shape[dim + 1]
+    sizes = [split_size_or_sections] if isinstance(split_size_or_sections, int) else list(split_size_or_sections)
+    if any(s < 0 for s in sizes) or (not isinstance(split_size_or_sections, int) and sum(sizes) != quaternions):
+        raise ValueError(
+            f"qsplit: split sizes count quaternion channels: the {x.shape[dim]} real channels of dim {dim} are "
+            f"{quaternions} quaternions, got {split_size_or_sections!r}"
+        )
     pieces = torch.split(comp, split_size_or_sections, dim=dim + 1)
     return tuple(from_components(p, dim) for p in pieces)
 

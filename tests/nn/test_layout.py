@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aqcf_kernels.layout import is_channels_last, like_layout, qcat
+from aqcf_kernels.layout import is_channels_last, like_layout, qcat, qsplit
 
 CL = {4: torch.channels_last, 5: torch.channels_last_3d}
 
@@ -62,3 +62,25 @@ def test_is_channels_last_and_like_layout() -> None:
     assert is_channels_last(moved) and torch.equal(moved, x)
     assert like_layout(cl, x) is cl  # a channels-first reference changes nothing
     assert like_layout(cl, cl) is cl  # already in the layout: no copy
+
+
+@pytest.mark.parametrize("dim", [2, -1, -2], ids=["dim2", "dim-1", "dim-2"])
+def test_qsplit_and_qcat_on_any_dim(dim) -> None:
+    """Split sizes count quaternions; a channel dim counted from the back splits and joins the same (the
+    components' view once put the channels at the wrong axis for a negative dim: qcat raised, qsplit split dim 0)."""
+    x = rand(3, 5, 12, 6, seed=1).movedim(2, dim)  # 3 quaternions on `dim`
+    pieces = qsplit(x, [1, 2], dim=dim)
+    moved = [p.movedim(dim, 1) for p in pieces]
+    assert torch.equal(hand_qcat(moved), x.movedim(dim, 1))  # per component: the pieces joined
+    assert [p.shape[1] for p in moved] == [4, 8]
+    assert torch.equal(qcat(pieces, dim=dim), x)
+    assert [p.shape[dim] for p in qsplit(x, 2, dim=dim)] == [8, 4]  # a size: pieces of 2 quaternions
+
+
+def test_qsplit_names_the_quaternion_count() -> None:
+    x = rand(1, 16, 4, 4, seed=2)
+    with pytest.raises(ValueError, match=r"count quaternion channels: the 16 real channels of dim 1 are 4 quaternions"):
+        qsplit(x, [8, 8])  # real channels
+    with pytest.raises(ValueError, match="got \\[1, -1, 4\\]"):
+        qsplit(x, [1, -1, 4])
+    assert [p.shape[1] for p in qsplit(x, [1, 3])] == [4, 12]
