@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
@@ -18,7 +19,13 @@ def check_quaternion_channels(cls_name: str, name: str, value: Any, groups: int 
 
     ``blocks=3``: the pure ``[i|j|k]`` tensors of a rotation layer with ``quaternion_format=False``.
     """
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0 or value % (blocks * groups):
+    try:  # an int-like (numpy's) counts as torch.nn counts it; 4.0 or True is refused, not truncated
+        if isinstance(value, bool):
+            raise TypeError
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{cls_name}: {name} must be an int (real channels), got {value!r}") from None
+    if value <= 0 or value % (blocks * groups):
         why = f"{blocks} * groups = {blocks * groups}" if groups > 1 else str(blocks)
         layout = "[r|i|j|k] quaternion" if blocks == 4 else "[i|j|k] pure-quaternion"
         raise ValueError(
@@ -163,7 +170,16 @@ class QuaternionModule(nn.Module):
             comps = [state_dict.pop(key) for key in keys]
             if self._parcollet_transposed:
                 comps = [c.transpose(0, 1) for c in comps]
-            state_dict[prefix + "weight"] = torch.stack(comps)
+            shapes = [tuple(c.shape) if isinstance(c, Tensor) else type(c).__name__ for c in comps]
+            if len(set(shapes)) == 1:
+                state_dict[prefix + "weight"] = torch.stack(comps)
+            else:  # torch's wording for a shape that does not fit; the weight keeps its value
+                error_msgs.append(
+                    f"size mismatch for {', '.join(keys)}: the four components must have one shape, got "
+                    f"{', '.join(f'{c} {s}' for c, s in zip(COMPONENTS, shapes, strict=True))} (as this layer "
+                    f"lays them out); the shape in current model is {tuple(self.weight.shape[1:])} each."
+                )
+                state_dict[prefix + "weight"] = self.weight.detach()
             # Rotation (spinor) layers: their per-weight ``scale_param`` is laid out as a component.
             scale = state_dict.get(prefix + "scale_param")
             if self._parcollet_transposed and isinstance(scale, Tensor) and scale.dim() == 2:

@@ -50,8 +50,8 @@ class QuaternionLinear(QuaternionModule):
         check_layer_options(name, algorithm, init_criterion, init)
         check_rotation_options(name, rotation, quaternion_format, scale, algorithm)
         blocks = rotation_channel_blocks(quaternion_format)
-        check_quaternion_channels(name, "in_features", in_features, blocks=blocks)
-        check_quaternion_channels(name, "out_features", out_features, blocks=blocks)
+        in_features = check_quaternion_channels(name, "in_features", in_features, blocks=blocks)
+        out_features = check_quaternion_channels(name, "out_features", out_features, blocks=blocks)
         self.in_features, self.out_features = in_features, out_features
         self.algorithm, self.init_criterion, self.init = algorithm, init_criterion, init
         self.rotation, self.quaternion_format, self.scale = rotation, quaternion_format, scale

@@ -359,7 +359,7 @@ class _QuaternionNorm(nn.Module):
     ) -> None:
         super().__init__()
         name = type(self).__name__
-        check_quaternion_channels(name, "num_features", num_features)
+        num_features = check_quaternion_channels(name, "num_features", num_features)
         if activation is not None and activation not in ACTIVATIONS:
             raise ValueError(f"{name}: activation must be None or one of {ACTIVATIONS}, got {activation!r}")
         self.activation, self.negative_slope = activation, negative_slope
@@ -395,6 +395,12 @@ class _QuaternionNorm(nn.Module):
             state_dict[prefix + "weight"] = state_dict.pop(prefix + "gamma")
             if prefix + "beta" in state_dict:
                 state_dict[prefix + "bias"] = state_dict.pop(prefix + "beta")
+        # As torch.nn's norms: a dict with running statistics but no count (torch < 0.4.1's, hand-made ones)
+        # loads, keeping this module's count.
+        count = prefix + "num_batches_tracked"
+        if self.num_batches_tracked is not None and count not in state_dict and prefix + "running_mean" in state_dict:
+            meta = self.num_batches_tracked.device.type == "meta"
+            state_dict[count] = torch.tensor(0, dtype=torch.long) if meta else self.num_batches_tracked
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

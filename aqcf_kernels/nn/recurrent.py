@@ -145,8 +145,8 @@ class _QuaternionRNNBase(nn.Module):
     ) -> None:
         super().__init__()
         name = type(self).__name__
-        check_quaternion_channels(name, "input_size", input_size)
-        check_quaternion_channels(name, "hidden_size", hidden_size)
+        input_size = check_quaternion_channels(name, "input_size", input_size)
+        hidden_size = check_quaternion_channels(name, "hidden_size", hidden_size)
         if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers <= 0:
             raise ValueError(f"{name}: num_layers must be a positive int, got {num_layers!r}")
         if (

@@ -349,6 +349,15 @@ def test_load_parcollet_state_dict_strictness():
     wrong = _ParcolletLayer((2, 3, 3), 12).state_dict()  # transposed layout into a conv
     with pytest.raises(RuntimeError, match="size mismatch"):
         QuaternionConv1d(8, 12, 3, dtype=F64).load_state_dict(wrong)
+    # components of different shapes: torch's size-mismatch error, naming them (was torch.stack's own error)
+    uneven = _ParcolletLayer((3, 2, 3), 12).state_dict()
+    uneven["i_weight"] = torch.randn(2, 2, 3, dtype=F64)
+    layer = QuaternionConv1d(8, 12, 3, dtype=F64)
+    before = layer.weight.detach().clone()
+    message = r"size mismatch for r_weight, i_weight, j_weight, k_weight: .* r \(3, 2, 3\), i \(2, 2, 3\)"
+    with pytest.raises(RuntimeError, match=message):
+        layer.load_state_dict(uneven)
+    assert torch.equal(layer.weight, before)
 
 
 @pytest.mark.parametrize(
@@ -551,3 +560,15 @@ def test_conv_input_errors_say_how_the_input_was_read(transposed: bool) -> None:
     with pytest.raises(ValueError, match=r"\(2, 12, 6, 6\) has 12 channels \(dim 1\), .*in_channels=8"):
         layer(torch.randn(2, 12, 6, 6))
     assert layer(torch.randn(8, 6, 6)).shape[0] == 8  # unbatched in, unbatched out
+
+
+def test_channel_counts_take_int_likes_as_torch_nn_does():
+    """numpy's ints (a config read with numpy, ``arange``) count as torch.nn counts them; 4.0 and True do not."""
+    import numpy as np
+
+    layer = QuaternionConv2d(np.int64(4), np.int32(8), 3)
+    assert (layer.in_channels, layer.out_channels) == (4, 8) and type(layer.in_channels) is int
+    assert QuaternionLinear(np.int64(8), 4).in_features == 8
+    for bad in (4.0, True, "4"):
+        with pytest.raises(TypeError, match=r"QuaternionConv2d: in_channels must be an int \(real channels\), got"):
+            QuaternionConv2d(bad, 8, 3)

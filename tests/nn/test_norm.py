@@ -426,6 +426,23 @@ def test_parameter_shapes_state_dict_and_repr() -> None:
     assert repr(whiten).endswith("momentum=None, affine=True, track_running_stats=True, whiten=True)")
 
 
+@pytest.mark.parametrize("whiten", [False, True], ids=["shared", "whiten"])
+def test_a_state_dict_without_the_batch_count_loads_as_torch_nn_loads_it(whiten: bool) -> None:
+    """torch.nn.BatchNorm2d loads a dict with running statistics but no ``num_batches_tracked`` (older torch's,
+    hand-made ones) and keeps its own count; so do ours (they reported it as a missing key)."""
+    source = QuaternionBatchNorm2d(16, whiten=whiten)
+    source(torch.randn(3, 16, 4, 4))
+    state = {k: v for k, v in source.state_dict().items() if k != "num_batches_tracked"}
+    layer, real = QuaternionBatchNorm2d(16, whiten=whiten), torch.nn.BatchNorm2d(16)
+    layer.num_batches_tracked.fill_(5)
+    real.num_batches_tracked.fill_(5)
+    layer.load_state_dict(state)
+    real.load_state_dict({k: v for k, v in torch.nn.BatchNorm2d(16).state_dict().items() if "num_batches" not in k})
+    assert layer.num_batches_tracked.item() == real.num_batches_tracked.item() == 5
+    for name, value in state.items():
+        assert torch.equal(layer.state_dict()[name], value), name
+
+
 @pytest.mark.parametrize(
     "layer, x, match",
     [
