@@ -241,6 +241,7 @@ class AQCFNet(nn.Module):
                     f"AQCFNet.forward: {name} must be (batch, in_channels={self.in_channels}, "
                     f"{', '.join('DHW'[3 - n :])}), got {shape}"
                 )
+            self._check_dtype_and_device(name, x)
         if len(inputs) == 2:
             b_ct, b_mri = inputs["ct"].shape[0], inputs["mri"].shape[0]
             if b_mri not in (b_ct, 1):
@@ -248,6 +249,20 @@ class AQCFNet(nn.Module):
                     f"AQCFNet.forward: batch sizes ct={b_ct} and mri={b_mri} differ; sample n of ct is fused with "
                     "sample n of mri, or mri has batch 1 and is shared by every ct sample"
                 )
+
+    def _check_dtype_and_device(self, name: str, x: Tensor) -> None:
+        """The image in the parameters' dtype (any floating dtype under autocast, which casts it) and on their
+        device: said here, naming the input, instead of by the stem conv's error."""
+        weight = next(self.parameters())
+        if x.device != weight.device:
+            raise ValueError(f"AQCFNet.forward: {name} is on {x.device}, the model on {weight.device}")
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if x.dtype != weight.dtype and not (autocast and x.is_floating_point()):
+            raise TypeError(
+                f"AQCFNet.forward: {name} has dtype {x.dtype}, the model {weight.dtype}: pass a "
+                f"{'normalised ' if not x.is_floating_point() else ''}{weight.dtype} image, or move the model "
+                f"with .to({x.dtype}) (or run under torch.autocast)"
+            )
 
     def _channels_last(self, x: Tensor) -> bool:
         fmt = self.options.memory_format

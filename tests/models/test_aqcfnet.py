@@ -172,6 +172,16 @@ def test_forward_input_errors() -> None:
         model(ct=torch.randn(2, 1, 8, 8, 8))
     with pytest.raises(ValueError, match="in_channels=1"):
         model(ct=torch.randn(2, 2, 8, 8))
+    # the dtype and device named for the input, before the stem conv's own error
+    with pytest.raises(TypeError, match=r"mri has dtype torch.float64, the model torch.float32"):
+        model(ct=torch.randn(2, 1, 8, 8), mri=torch.randn(2, 1, 8, 8, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"ct has dtype torch.int16, the model torch.float32: pass a normalised"):
+        model(ct=torch.zeros(1, 1, 8, 8, dtype=torch.int16))
+    with pytest.raises(ValueError, match=r"ct is on meta, the model on cpu"):
+        model(ct=torch.empty(1, 1, 8, 8, device="meta"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts a half image as it casts the weights
+        out = model(ct=torch.randn(1, 1, 8, 8, dtype=torch.bfloat16))
+    assert out["ct"].shape[-2:] == (8, 8)
 
 
 # ---------------------------------------------------------------------------------------------
