@@ -382,7 +382,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--check-targets",
         action="store_true",
-        help="PASS/FAIL of the issues' targets (CPU: N=4096 fp32; CUDA: 1k-16k tokens vs sdpa)",
+        help="PASS/FAIL of the speed targets (README, Benchmarks; CPU: N=4096 fp32; CUDA: 1k-16k tokens vs sdpa)",
     )
 
 

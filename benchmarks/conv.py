@@ -770,8 +770,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--grid",
         choices=list(GRIDS),
         default="quick",
-        help="quick: small cases, ~1 min; targets: the issue's 3 cases; full: every rank, "
-        "channel count and shape (several minutes). Default quick",
+        help="quick: small cases, ~1 min; targets: the 3 cases of the speed targets (README, Benchmarks); "
+        "full: every rank, channel count and shape (several minutes). Default quick",
     )
     parser.add_argument(
         "--modes",
@@ -792,7 +792,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="comma-separated substrings: keep the grid's cases whose name contains one (e.g. '2d 64q,3d')",
     )
-    parser.add_argument("--check-targets", action="store_true", help="report PASS/FAIL for the issue's targets")
+    parser.add_argument(
+        "--check-targets",
+        action="store_true",
+        help="report PASS/FAIL for the project's speed targets (README, Benchmarks), from this run's ratios",
+    )
     parser.add_argument(
         "--min-time",
         type=common.non_negative_float,

@@ -453,7 +453,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dims", type=lambda t: [int(x) for x in t.split(",")], default=[2, 3],
                         help="spatial dims of the grid's cases to run: 2, 3 or 2,3 (default)")  # fmt: skip
     parser.add_argument("--check-targets", action="store_true",
-                        help="PASS/FAIL of the issue's targets for the device: CPU fp32, or CUDA bf16")  # fmt: skip
+                        help="PASS/FAIL of the model-step targets (README): CPU fp32, CUDA bf16")  # fmt: skip
 
 
 def main(args: argparse.Namespace) -> int:
