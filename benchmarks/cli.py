@@ -22,6 +22,8 @@ import sys
 import threading
 from collections.abc import Sequence
 
+from aqcf_kernels._help import plain_text
+
 from . import common
 
 # family -> (module, relative to this package: installed as ``aqcf_bench``, ``benchmarks`` in a source tree;
@@ -42,7 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module_name, help_text) in FAMILIES.items():
         module = importlib.import_module(module_name, __package__)
         p = sub.add_parser(
-            name, help=help_text, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+            name,
+            help=help_text,
+            description=plain_text(module.__doc__),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         module.add_arguments(p)
         common.add_common_arguments(p)

@@ -2,20 +2,24 @@
 
 Every tool (``aqcf-synth``, ``aqcf-train``, ``aqcf-evaluate``, ``aqcf-explain``, ``aqcf-predict``,
 ``aqcf-export``) writes into a folder the user names. :func:`check_output_dir` refuses, in one line
-naming the argument and the path, a path that is a file or lies under one, before anything slow runs;
+naming the argument and the path, a path that is a file, lies under one, or cannot be created (a
+read-only or virtual file system such as ``/proc``), before anything slow runs;
 :func:`output_dir` then creates the folder and, if the work inside fails or is interrupted before any
 file was written, removes what it created, so a failed command leaves no empty folder behind.
+:func:`make_folder` checks and creates a folder that is not an output (``data.cache_dir``), its errors
+prefixed by the config key that names it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["OutputError", "check_output_dir", "output_dir"]
+__all__ = ["OutputError", "check_folder", "check_output_dir", "make_folder", "output_dir"]
 
 
 class OutputError(ValueError):
@@ -28,22 +32,51 @@ class OutputError(ValueError):
 def check_output_dir(path: str | os.PathLike, argument: str) -> Path:
     """``path`` as a Path, if it is a folder or could be created as one; else :class:`OutputError`.
 
-    ``argument`` names the command-line option in the message (``--out``, ``-o``, ``OUT``). Checks
-    without creating anything: the path itself and its nearest existing ancestor must be folders.
+    ``argument`` names the command-line option in the message (``--out``, ``-o``, ``OUT``). Leaves
+    nothing behind: the path itself and its nearest existing ancestor must be folders, and a missing
+    path is created and removed again at once, so that a file system where ``mkdir`` fails (``/proc``,
+    read-only mounts, where root's :func:`os.access` says yes) is refused now, not after the slow work.
     """
+    path = Path(path).expanduser()
+    return check_folder(path, f"{argument} {path}")
+
+
+def check_folder(path: str | os.PathLike, label: str) -> Path:
+    """:func:`check_output_dir` with the message's prefix (``label``, e.g. ``data.cache_dir=cache``) given whole."""
     path = Path(path).expanduser()
     if path.exists() or path.is_symlink():
         if not path.is_dir():
-            raise OutputError(f"{argument} {path}: exists and is not a folder")
+            raise OutputError(f"{label}: exists and is not a folder")
         return path
     # Path.exists() is False below a regular file (ENOTDIR), so walk up to what does exist.
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
-                raise OutputError(f"{argument} {path}: {parent} is a file, not a folder")
+                raise OutputError(f"{label}: {parent} is a file, not a folder")
             if not os.access(parent, os.W_OK | os.X_OK):
-                raise OutputError(f"{argument} {path}: cannot create it, {parent} is not writable")
+                raise OutputError(f"{label}: cannot create it, {parent} is not writable")
             break
+    top = _created_by_mkdir(path)
+    if top is not None:  # the first folder mkdir would create: made and removed, to know that it can be
+        try:
+            top.mkdir()
+        except FileExistsError:  # made meanwhile by someone else: theirs, not ours to remove
+            return path
+        except OSError as e:
+            raise OutputError(f"{label}: cannot create the folder ({e.strerror or e})") from None
+        with contextlib.suppress(OSError):  # someone wrote into it meanwhile: then it is theirs
+            top.rmdir()
+    return path
+
+
+def make_folder(path: str | os.PathLike, label: str) -> Path:
+    """Check (:func:`check_folder`) and create the folder ``path``; errors are an :class:`OutputError` starting
+    with ``label`` (e.g. ``data.cache_dir=cache``), the name the user gave it."""
+    path = check_folder(path, label)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{label}: cannot create the folder ({e.strerror or e})") from None
     return path
 
 

@@ -43,6 +43,7 @@ __all__ = [
     "Case",
     "DicomSeries",
     "DicomVolume",
+    "declared_channels",
     "detect_layouts",
     "dicom_files",
     "find_cases",
@@ -299,6 +300,19 @@ def detect_layouts(root: str | os.PathLike) -> list[str]:
     """Names of the layouts (keys of :data:`LAYOUTS`) that have files under ``root``."""
     tree, jsons = _scan(_check_root(root))
     return _evidence(tree, jsons)
+
+
+def declared_channels(root: str | os.PathLike) -> list[tuple[Path, str]]:
+    """``(dataset.json, channel name as written)`` of every MSD / nnU-Net dataset under ``root``: the
+    modality the dataset declares (``"CT"``, ``"MRI"``, ``"T2"``; :func:`modality_from_name` maps it)."""
+    _, jsons = _scan(_check_root(root))
+    found = []
+    for kind, key in (("msd", "modality"), ("nnunet", "channel_names")):
+        for jpath, data in jsons[kind]:
+            names = data.get(key) or {}
+            if isinstance(names, dict) and names:
+                found.append((jpath, str(next(iter(names.values())))))
+    return found
 
 
 def _describe(layouts: Iterable[str]) -> str:

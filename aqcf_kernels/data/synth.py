@@ -368,13 +368,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--layout", required=True, choices=sorted(LAYOUT_DEFAULTS), help="on-disk layout to write")
     p.add_argument("--cases", type=int, required=True, help="number of cases")
-    p.add_argument("--seed", type=int, default=0, help="random seed (case i depends only on seed and i)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0; case i depends only on seed and i)")
     p.add_argument("--modality", choices=["ct", "mri"], help="default: ct for lits/msd/nnunet, mri for atlas")
     p.add_argument("--shape", type=int, nargs=3, metavar=("X", "Y", "Z"), help="default: 96 96 48 (CT), 80 80 24 (MRI)")
     p.add_argument(
         "--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"), help="mm; default ~0.77 0.77 1 (CT), ~1 1 3 (MRI)"
     )
-    p.add_argument("--no-tumour-frac", type=float, default=0.0, help="share of cases without tumour (LiTS: ~0.1)")
+    p.add_argument(
+        "--no-tumour-frac",
+        type=float,
+        default=0.0,
+        help="share of cases without tumour, 0 to 1 (default 0; LiTS: ~0.1)",
+    )
     p.add_argument("--orientation", help="stored axis codes, e.g. RAS or LPS (default: LPS for lits, RAS otherwise)")
     p.add_argument("--macos-junk", action="store_true", help="also write '._*' AppleDouble files, as in MSD archives")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no summary line")

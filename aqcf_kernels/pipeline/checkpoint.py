@@ -29,6 +29,7 @@ import pickletools
 import re
 import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,12 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
                 f"checkpoint {path} cannot be loaded safely: its pickle imports {', '.join(refused)}, beyond the "
                 f"tensors and plain values torch.load(weights_only=True) allows ({why}); nothing in it was run"
             ) from None
+        if _is_exported_program(path):
+            # torch's reader says "failed locating file data.pkl ... corrupted": it is not damaged, it is a program
+            raise ValueError(
+                f"checkpoint {path} is an exported program (aqcf-export's .pt2 format, which aqcf-predict runs), "
+                "not a training checkpoint: give a .pt file aqcf-train wrote (best, last or its path)"
+            ) from None
         if not _looks_like_torch_save(path):
             # torch's unpickler fails on such a file with e.g. "KeyError: 105" (a byte it takes for an opcode)
             raise ValueError(
@@ -119,6 +126,17 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
         raise ValueError(f"checkpoint {path} is not an aqcf-train checkpoint (no config/model)")
     return ckpt
+
+
+def _is_exported_program(path: Path) -> bool:
+    """Whether the file is a ``torch.export.save`` archive (``*/archive_format``, no ``data.pkl``), whatever
+    its name."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return any(n.endswith("/archive_format") for n in names) and not any(n.endswith("/data.pkl") for n in names)
 
 
 def _looks_like_torch_save(path: Path) -> bool:

@@ -84,6 +84,12 @@ class RunConfig:
     @staticmethod
     def from_dict(data: dict[str, Any], source: str = "config") -> RunConfig:
         cfg = RunConfig()
+        if data is not None and not isinstance(data, dict):
+            # a YAML file of one word ("hello") or a list: it was an AttributeError traceback
+            raise ValueError(
+                f"{source}: must be a mapping of sections (data:, model:, train:), got {type(data).__name__} "
+                f"{_short(data)}"
+            )
         for section, values in (data or {}).items():
             if section not in ("data", "model", "train"):
                 raise ValueError(f"{source}: unknown section {section!r} (expected data, model, train)")
@@ -155,7 +161,12 @@ class RunConfig:
         return AQCFNetOptions(**dataclasses.asdict(self.model), in_channels=1, out_channels=3, mode=mode)
 
     def check_data_roots(self) -> None:
-        """Training and evaluation need the roots of the modalities of the mode, as existing folders."""
+        """Training and evaluation need the roots of the modalities of the mode, as existing folders, and a
+        ``data.cache_dir`` that is a folder or can be made one (checked, not created: an OutputError, a
+        ValueError, naming the key)."""
+        from ..data.outputs import check_folder
+
+        check_folder(self.data.cache_dir, f"data.cache_dir={self.data.cache_dir}")
         for modality in self.modalities:
             root = getattr(self.data, f"{modality}_root")
             if not root:
@@ -177,6 +188,11 @@ class RunConfig:
     @property
     def modalities(self) -> tuple[str, ...]:
         return {"joint": ("ct", "mri"), "ct": ("ct",), "mri": ("mri",), "dynunet": ("ct", "mri")}[self.train.mode]
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _check(ok: bool, key: str, rule: str, value: Any) -> None:

@@ -9,6 +9,7 @@ The readers, cache and samplers themselves live in :mod:`aqcf_kernels.data`; thi
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,9 +17,18 @@ from typing import TYPE_CHECKING, Any
 from .config import RunConfig
 
 if TYPE_CHECKING:
-    from ..data import CachedCase, InfiniteLoader, JointLoader, PreprocessConfig
+    from ..data import CachedCase, Case, InfiniteLoader, JointLoader, PreprocessConfig
 
-__all__ = ["SPLITS", "SPLIT_FILE", "SingleStream", "check_splits", "make_loader", "prepare_data", "preprocess_config"]
+__all__ = [
+    "SPLITS",
+    "SPLIT_FILE",
+    "SingleStream",
+    "check_declared_modality",
+    "check_splits",
+    "make_loader",
+    "prepare_data",
+    "preprocess_config",
+]
 
 #: The split's file in the run folder, per modality.
 SPLIT_FILE = "split_{modality}.json"
@@ -47,6 +57,7 @@ def prepare_data(
     from tqdm.auto import tqdm
 
     from ..data import find_cases, load_or_create_split, preprocess_case
+    from ..data.outputs import make_folder
 
     cfg.check_data_roots()
     d = cfg.data
@@ -54,7 +65,12 @@ def prepare_data(
     out: dict[str, dict[str, list]] = {}
     for modality in cfg.modalities:
         root, layout = getattr(d, f"{modality}_root"), getattr(d, f"{modality}_layout") or "auto"
-        cases = find_cases(root, layout, modality=modality)
+        cases = find_cases(root, layout)
+        check_declared_modality(cases, modality, root)
+        # the key decides (LiTS and ATLAS declare nothing; a dataset.json that disagrees was refused above)
+        cases = [dataclasses.replace(c, modality=modality) for c in cases]
+        # the cache folder now, named by its key: preprocessing's mkdir met a file or /proc as a traceback
+        make_folder(Path(d.cache_dir) / modality, f"data.cache_dir={d.cache_dir}")
         disable = None if progress is None else not progress
         # The bar closes also on a DataError, so the error line that follows starts on a line of its own.
         with tqdm(cases, desc=f"preprocess {modality}", unit="case", disable=disable) as bar:
@@ -72,6 +88,27 @@ def prepare_data(
         if not out[modality]["train"]:
             raise ValueError(f"{modality}: the split leaves no training case ({len(cached)} cases under {root})")
     return out
+
+
+def check_declared_modality(cases: Sequence[Case], modality: str, root: str | Path) -> None:
+    """Refuse a dataset whose ``dataset.json`` declares the other modality than the key it was given as
+    (``data.ct_root`` / ``data.mri_root``): a ValueError naming the key, the file and the declared channel.
+
+    MRI cases given as ``data.ct_root`` were normalised as MRI and fed to the CT stream without a word.
+    LiTS and ATLAS layouts declare no modality; the key decides for them.
+    """
+    from ..data.readers import declared_channels, modality_from_name
+
+    if not any(c.layout in ("msd", "nnunet") and c.modality != modality for c in cases):
+        return
+    names = {"ct": "CT", "mri": "MRI"}
+    other = "mri" if modality == "ct" else "ct"
+    wrong = [(j, n) for j, n in declared_channels(root) if modality_from_name(n) != modality]
+    where = f"{wrong[0][0]} declares the modality {wrong[0][1]!r}" if wrong else "its dataset.json declares"
+    raise ValueError(
+        f"data.{modality}_root={root}: {where} ({names[other]} data, not {names[modality]}); give it as "
+        f"data.{other}_root (with train.mode {other} or joint), or point data.{modality}_root at {names[modality]} data"
+    )
 
 
 def check_splits(run_dir: Path, modalities: Sequence[str]) -> None:

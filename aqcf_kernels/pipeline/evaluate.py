@@ -168,7 +168,7 @@ def evaluate(
     run_dir = Path(run_dir)
     out_argument = "--out" if out is not None else "output folder"
     out = check_output_dir(out if out is not None else run_dir / f"eval_{split}_{_tag(checkpoint)}", out_argument)
-    ckpt_path = resolve_checkpoint(run_dir, checkpoint)
+    ckpt_path = resolve_checkpoint(run_dir, checkpoint, command="aqcf-evaluate", several=True)
     model, cfg, info = load_run_checkpoint(ckpt_path, torch_device)
     apply_overrides(cfg, data_overrides, sections=("data",))
     cfg.validate()  # an override is checked as in training (e.g. data.hu_window), not met deep in preprocessing
@@ -333,7 +333,8 @@ def evaluate_runs(
     out = check_output_dir(out, out_argument)  # before the first run is evaluated, not after the last
     modes = {}
     for run_dir in run_dirs:
-        resolve_checkpoint(run_dir, checkpoint)  # every folder checked before the first is evaluated
+        # every folder checked before the first is evaluated
+        resolve_checkpoint(run_dir, checkpoint, command="aqcf-evaluate", several=True)
         if (run_dir / "config.json").is_file():
             modes[run_dir] = (json.loads((run_dir / "config.json").read_text()).get("train") or {}).get("mode")
     if len(set(modes.values())) > 1:

@@ -362,11 +362,11 @@ def explain(
     if method not in (*METHODS, "both"):
         raise ValueError(f"method must be one of {(*METHODS, 'both')}, got {method!r}")
     if cases < 1:
-        raise ValueError(f"cases must be at least 1, got {cases}")
+        raise ValueError(f"--cases must be at least 1, got {cases}")
     run_dir = Path(run_dir)
     out_argument = "--out" if out is not None else "output folder"
     out = check_output_dir(out if out is not None else run_dir / "explain", out_argument)
-    ckpt_path = resolve_checkpoint(run_dir, checkpoint)
+    ckpt_path = resolve_checkpoint(run_dir, checkpoint, command="aqcf-explain")
     model, cfg, info = load_run_checkpoint(ckpt_path, device)
     apply_overrides(cfg, data_overrides, sections=("data",))
     cfg.validate()  # an override is checked as in training, not met deep in preprocessing
@@ -459,11 +459,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("run_dir", type=Path, help="the --out folder of aqcf-train")
     p.add_argument("--checkpoint", default="best", help="best (default), last, or a path to a checkpoint")
-    p.add_argument("--modality", default="both", choices=["ct", "mri", "both"], help="stream(s) to explain")
+    p.add_argument(
+        "--modality",
+        default="both",
+        choices=["ct", "mri", "both"],
+        help="stream(s) to explain (default both: every stream of the run)",
+    )
     p.add_argument("--layers", nargs="+", metavar="NAME", help="layers to explain (default: deepest encoder level)")
-    p.add_argument("--method", default="both", choices=[*METHODS, "both"], help="Grad-CAM, Grad-CAM++ or both")
+    p.add_argument(
+        "--method", default="both", choices=[*METHODS, "both"], help="Grad-CAM, Grad-CAM++ or both (default both)"
+    )
     p.add_argument("--cases", type=int, default=3, help="cases per modality (the first of the split; default 3)")
-    p.add_argument("--split", default="test", choices=SPLITS, help="which part of the saved split")
+    p.add_argument("--split", default="test", choices=SPLITS, help="which part of the saved split (default test)")
     p.add_argument("--out", type=Path, help="output folder (default RUN_DIR/explain)")
     p.add_argument("--device", default="auto", help=f"{DEVICE_CHOICES_HELP} (default auto)")
     p.add_argument("--set", action="append", default=[], metavar="data.KEY=VALUE", help="override a data path")
@@ -476,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _list_layers(run_dir: Path, checkpoint: str, modality: str, device: str) -> None:
     device = resolve_device(device)
-    model, cfg, _ = load_run_checkpoint(resolve_checkpoint(run_dir, checkpoint), device)
+    model, cfg, _ = load_run_checkpoint(resolve_checkpoint(run_dir, checkpoint, command="aqcf-explain"), device)
     size = _probe_size(cfg)
     for m in _modalities(modality, cfg.modalities):
         defaults = set(default_layers(model, m))

@@ -737,7 +737,7 @@ def export_run(
         checkpoint: ``"best"``, ``"last"`` or a checkpoint file (a bare name is looked up in ``run_dir``).
         modality: ``"ct"``, ``"mri"`` or ``"all"`` (every modality the run was trained for).
         output: the folder written to (default ``run_dir/export``).
-        device: where the pt2 program runs (``cpu`` or ``cuda[:N]``); ONNX is traced on CPU.
+        device: where the pt2 program runs (``cpu``, ``cuda[:N]`` or ``auto``); ONNX is traced on CPU.
         verify: compare each written file with the eager model on a random input.
         quiet: silence the ONNX exporter's warnings (:func:`quiet_onnx_export`).
 
@@ -759,7 +759,7 @@ def export_run(
     out_argument = "-o" if output is not None else "output folder"
     out = check_output_dir(Path(output) if output is not None else run_dir / "export", out_argument)
     try:
-        path = _checkpoint_path(run_dir, checkpoint)
+        path = _checkpoint_path(run_dir, checkpoint, "aqcf-export")
     except PredictError as e:
         raise ExportError(str(e)) from None
     if path.suffix == ".pt2":
@@ -834,7 +834,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--device",
         default="cpu",
-        help="where the pt2 program will run: cpu (default) or cuda[:N] (a program keeps its device's ops); "
+        help="where the pt2 program will run: cpu (default), cuda[:N], or auto (CUDA when present, else CPU; "
+        "a program keeps its device's ops); "
         "ONNX is always traced on CPU",
     )
     p.add_argument("--no-verify", action="store_true", help="skip comparing each file with the eager model")

@@ -12,6 +12,7 @@ callback; :func:`count_windows` says how many windows a volume takes, for progre
 from __future__ import annotations
 
 import itertools
+import shlex
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,14 +31,65 @@ OVERLAP = 0.25
 SW_BATCH_SIZE = 4
 
 
-def resolve_checkpoint(run_dir: str | Path, checkpoint: str | Path = "best") -> Path:
-    """``best``/``last`` -> ``RUN_DIR/{best,last}.pt``; anything else is a path. Raises if it is missing."""
+#: Files of other kinds that a ``--checkpoint`` may name by mistake, and what they are for.
+NOT_TRAINING_CHECKPOINTS = {
+    ".pt2": "an exported program (aqcf-export's .pt2, which aqcf-predict runs)",
+    ".onnx": "an ONNX file (aqcf-export's, for ONNX Runtime)",
+}
+
+
+def fold_folders(folder: str | Path) -> list[Path]:
+    """The ``fold_*`` (or ``fold*``) subfolders holding a checkpoint: ``folder`` is then the parent of a
+    cross-validation's runs (``aqcf-train --fold k --out folder/fold_k``), not a run itself."""
+    return [d for d in sorted(Path(folder).glob("fold*")) if d.is_dir() and any(d.glob("*.pt"))]
+
+
+def missing_checkpoint_hint(run_dir: str | Path, command: str, *, several: bool = False) -> str:
+    """What to pass instead when ``run_dir`` has not the checkpoint asked for: its fold folders (all of them
+    for a ``command`` taking ``several`` run folders, else one), or that it holds no checkpoint at all;
+    ``""`` when it holds other checkpoints."""
+    run_dir = Path(run_dir)
+    folds = fold_folders(run_dir)
+    if folds:
+        names = ", ".join(d.name for d in folds)
+        if several:
+            return (
+                f"{run_dir} holds the fold folders {names} of a cross-validation: pass them as run folders, "
+                f"{command} {' '.join(shlex.quote(str(d)) for d in folds)}"
+            )
+        return (
+            f"{run_dir} holds the fold folders {names} of a cross-validation: pass one of them, e.g. "
+            f"{command} {shlex.quote(str(folds[0]))}"
+        )
+    others = sorted(p.name for p in run_dir.glob("*.pt"))
+    if not others:
+        return (
+            f"{run_dir} holds no checkpoints (*.pt); is it the --out folder of aqcf-train, "
+            "and has training saved one yet?"
+        )
+    return f"it has {', '.join(others)}; choose with --checkpoint"
+
+
+def resolve_checkpoint(
+    run_dir: str | Path, checkpoint: str | Path = "best", *, command: str = "this command", several: bool = False
+) -> Path:
+    """``best``/``last`` -> ``RUN_DIR/{best,last}.pt``; anything else is a path. Raises if it is missing, with
+    :func:`missing_checkpoint_hint` (``command``, ``several``) for ``best``/``last``, and a ValueError for an
+    exported program or ONNX file (a training checkpoint is needed)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder {run_dir} does not exist (expected the --out folder of aqcf-train)")
-    path = run_dir / f"{checkpoint}.pt" if str(checkpoint) in ("best", "last") else Path(checkpoint)
+    named = str(checkpoint) in ("best", "last")
+    path = run_dir / f"{checkpoint}.pt" if named else Path(checkpoint)
+    what = NOT_TRAINING_CHECKPOINTS.get(path.suffix.lower())
+    if what is not None and not named:
+        raise ValueError(
+            f"--checkpoint {path}: {what}; {command} needs a training checkpoint (.pt: best, last or a file "
+            "aqcf-train wrote), not an exported one"
+        )
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        hint = missing_checkpoint_hint(run_dir, command, several=several) if named else ""
+        raise FileNotFoundError(f"checkpoint {path} does not exist" + (f"; {hint}" if hint else ""))
     return path
 
 

@@ -43,8 +43,12 @@ The modality of a case is ``--modality``, else the DICOM Modality tag (CT or MR)
 modality (a joint run needs ``--modality`` for NIfTI inputs). Errors (missing input, nothing readable,
 a run folder without checkpoints, a modality the run was not trained for, a DICOM folder mixing
 series, bad data, an output path that is a file) print one line and exit with status 2; Ctrl-C prints
-one line saying how many cases were written and exits with status 130. The output folder is created
-once the inputs and models are read, and removed again if the command created it and wrote nothing.
+one line saying how many cases were written and exits with status 130. A case that fails (bad data)
+stops the command as Ctrl-C does: the cases finished before it keep their masks and ``summary.csv``,
+and the error line says how many and where (``predict.json`` is written only by a complete run).
+The output folder is created once the inputs and models are read, and removed again if the command
+created it and wrote nothing. nnU-Net's channel files other than ``_0000`` (``case_0001`` beside
+``case_0000``) are refused, as by the training reader: one channel is read.
 """
 
 from __future__ import annotations
@@ -154,6 +158,20 @@ def _case_id(stem: str) -> str:
     return stem[:-5] if stem.endswith("_0000") and len(stem) > 5 else stem
 
 
+_CHANNEL = re.compile(r"^(.+)_(\d{4})$")
+
+
+def _check_one_channel(path: Path) -> None:
+    """Refuse nnU-Net's channel 1, 2 ... of a case (``case_0001.nii.gz`` next to ``case_0000.nii.gz``), as the
+    training reader does: they were predicted as cases of their own."""
+    from ..data import DataError
+
+    stem = _nifti_stem(path.name) or ""
+    m = _CHANNEL.match(stem)
+    if m and m.group(2) != "0000" and path.with_name(f"{m.group(1)}_0000{path.name[len(stem) :]}").is_file():
+        raise DataError(f"{path}: channel {m.group(2)} found; this pipeline reads one channel")
+
+
 def _scan_folder(root: Path) -> list[tuple[str, Path, str]]:
     """(relative id, path, kind) of every NIfTI file and DICOM series folder under ``root``."""
     from ..data.readers import _walk, is_dicom_file
@@ -179,7 +197,8 @@ def find_inputs(paths: Sequence[str | os.PathLike]) -> list[InputVolume]:
     Raises:
         PredictError: a path that does not exist, a file that is neither NIfTI nor DICOM, nothing
             found, or two inputs with the same case id.
-        DataError: an unreadable NIfTI header, or a DICOM folder that is not one series.
+        DataError: an unreadable NIfTI header, a DICOM folder that is not one series, or an nnU-Net channel
+            file other than ``_0000`` (``case_0001`` beside ``case_0000``: one channel is read, as in training).
     """
     from ..data import load_nifti
     from ..data.readers import is_dicom_file, scan_dicom_series
@@ -213,6 +232,7 @@ def find_inputs(paths: Sequence[str | os.PathLike]) -> list[InputVolume]:
             raise PredictError(f"{path}: case id {case_id!r} is also that of {seen[case_id]}; rename one of them")
         seen[case_id] = path
         if kind == "nifti":
+            _check_one_channel(path)
             load_nifti(path)  # header only: a broken file is reported before anything is predicted
             volumes.append(InputVolume(case_id, path, kind))
         else:
@@ -279,12 +299,19 @@ def _member_dirs(run: Path, folds: Sequence[str]) -> list[Path]:
     return list(unique.values())
 
 
-def _checkpoint_path(run_dir: Path, checkpoint: str) -> Path:
+def _checkpoint_path(run_dir: Path, checkpoint: str, command: str = "aqcf-predict") -> Path:
     if checkpoint in CHECKPOINT_NAMES:
         path = run_dir / f"{checkpoint}.pt"
         if not path.is_file():
             others = ", ".join(p.name for p in _checkpoints_in(run_dir))
-            raise PredictError(f"run folder {run_dir} has no {path.name} (it has {others}); choose with --checkpoint")
+            if others:
+                raise PredictError(
+                    f"run folder {run_dir} has no {path.name} (it has {others}); choose with --checkpoint"
+                )
+            # no checkpoint at all: "(it has )" said nothing; a cross-validation's parent folder says how
+            from .inference import missing_checkpoint_hint
+
+            raise PredictError(f"run folder {run_dir} has no {path.name}; {missing_checkpoint_hint(run_dir, command)}")
         return path
     path = Path(checkpoint).expanduser()
     if not path.is_absolute() and (run_dir / path).is_file():
@@ -620,8 +647,10 @@ def predict(
 
     Raises:
         PredictError, :class:`~aqcf_kernels.data.DataError`, DeviceError,
-        :class:`~aqcf_kernels.data.outputs.OutputError`: one-line user-facing errors; ``out`` is then
-            left as it was (a folder this call created is removed if no case was written).
+        :class:`~aqcf_kernels.data.outputs.OutputError`: one-line user-facing errors. A case that fails
+            stops the command; the cases written before it stay (masks and ``summary.csv``, as after
+            Ctrl-C) and the error, then a PredictError, says how many and where; with none written, a
+            folder this call created is removed.
         PredictInterrupted: Ctrl-C (a KeyboardInterrupt), saying how many cases were written.
     """
     import torch
@@ -643,6 +672,13 @@ def predict(
                     _write_summary(out, ctx.rows)  # after every case: an interrupted run keeps its table
         except KeyboardInterrupt:
             raise PredictInterrupted(len(ctx.rows), len(volumes), out) from None
+        except (ValueError, OSError) as e:  # bad data in a later case: the finished ones stay, as after Ctrl-C
+            if not ctx.rows:
+                raise  # nothing written: output_dir removes the folder it created
+            raise PredictError(
+                f"{e}; {len(ctx.rows)} of {len(volumes)} case(s) were written before it: their masks and "
+                f"summary.csv are in {out}"
+            ) from e
         provenance = {
             "command": " ".join(sys.argv) if sys.argv else None,
             "members": [{"run_dir": str(m.run_dir), "checkpoint": str(m.checkpoint)} for m in members],
@@ -666,8 +702,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Liver (1) and tumour (2) masks for new scans, NIfTI or DICOM, from trained aqcf-train runs: "
         "written as NIfTI on each input's own grid and affine, with a per-case summary.csv (volumes in mL, "
         "tumour count).",
-        epilog="Folders are searched recursively; a DICOM series is a folder of .dcm slices (one series per folder). "
-        "Errors print one line and exit with status 2.",
+        epilog="Folders are searched recursively; a DICOM series is a folder of .dcm slices (one series per folder); "
+        "nnU-Net's CASE_0000 files are read, a CASE_0001 beside one is refused (one channel). "
+        "Errors print one line and exit with status 2 (Ctrl-C: 130). A case that fails stops the command; as "
+        "after Ctrl-C, the cases written before it keep their masks and summary.csv and the line says how many "
+        "and where; with none written, nothing is left.",
     )
     p.add_argument("-i", "--input", nargs="+", required=True, metavar="IN", help="NIfTI files, DICOM series folders, "
                    "or folders holding them")  # fmt: skip

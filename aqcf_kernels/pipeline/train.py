@@ -57,6 +57,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._help import plain_text
 from ..data.outputs import check_output_dir, output_dir
 from .checkpoint import build_model, load_checkpoint, save_atomic
 from .config import RESUME_MAY_CHANGE, RunConfig, apply_override, config_diff, format_diff, load_config
@@ -763,7 +764,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``aqcf-train`` command line."""
     p = argparse.ArgumentParser(
         prog="aqcf-train",
-        description=__doc__.split("\n\n")[0],
+        description=plain_text(__doc__.split("\n\n")[0]),
         epilog=RESUME_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

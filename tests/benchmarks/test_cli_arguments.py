@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import signal
 import tempfile
 from pathlib import Path
@@ -228,3 +229,13 @@ def test_sigterm_ends_the_run_through_the_cleanup(bench_tmp, tmp_path, monkeypat
     assert exit_info.value.code == 128 + signal.SIGTERM
     assert len(seen) == 1 and list(bench_tmp.iterdir()) == []
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+@pytest.mark.parametrize("family", list(cli.FAMILIES))
+def test_help_shows_no_rst_markup(family, capsys) -> None:
+    """The descriptions are the modules' docstrings, reStructuredText for the API docs: --help shows them plain."""
+    with pytest.raises(SystemExit) as stop:
+        cli.main([family, "--help"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert "``" not in out and not re.search(r":(func|class|mod|meth|data|attr):`", out), out

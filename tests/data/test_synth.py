@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 from scipy import ndimage
 
-from aqcf_kernels.data.synth import DEFAULT_SHAPE, DEFAULT_SPACING, main, make_phantom, write_dataset
+from aqcf_kernels.data.synth import DEFAULT_SHAPE, DEFAULT_SPACING, _parser, main, make_phantom, write_dataset
 
 
 @pytest.mark.parametrize("modality", ["ct", "mri"])
@@ -152,3 +153,18 @@ def test_cli_output_under_a_file(tmp_path, capsys, below):
     why = f"{afile} is a file, not a folder" if below else "exists and is not a folder"
     assert capsys.readouterr().err == f"aqcf-synth: error: OUT {out}: {why}\n"
     assert afile.read_text() == "keep me"
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where no folder can be made")
+def test_cli_output_that_cannot_be_created(capsys):
+    """``OUT /proc/x``: one line naming OUT before any case is made, as the other commands say it (was a
+    FileNotFoundError traceback chained through the first case's save)."""
+    assert main(["/proc/x", "--layout", "lits", "--cases", "1", "--shape", "8", "8", "4", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("aqcf-synth: error: OUT /proc/x: cannot create") and err.count("\n") == 1, err
+
+
+def test_cli_help_states_the_defaults():
+    text = " ".join(_parser().format_help().split())  # argparse wraps lines where it likes
+    assert "random seed (default 0;" in text
+    assert "share of cases without tumour, 0 to 1 (default 0;" in text

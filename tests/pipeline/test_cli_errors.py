@@ -272,3 +272,177 @@ def test_bad_data_leaves_nothing_of_a_new_run(datasets, tmp_path: Path, capsys, 
     _one_error_line(capsys.readouterr().err, "train", "segmentation-0.nii")
     assert out.is_dir() == existing
     assert not existing or not any(out.iterdir())
+
+
+# ------------------------------------------------------------------------ user audit (tiny phantoms)
+
+_PROC = pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where no folder can be made")
+
+
+@_PROC
+@pytest.mark.parametrize("tool", TOOLS)
+def test_output_folder_that_cannot_be_created_is_refused_first(trained, datasets, capsys, tool) -> None:
+    """``--out /proc/x``: refused before the checkpoint is read (aqcf-explain printed its checkpoint line first:
+    os.access says root may write in /proc, but mkdir fails there)."""
+    run = trained("ct")
+    capsys.readouterr()  # (the run's own log, when this test is the first on its worker to train it)
+    assert MAINS[tool](_argv(tool, datasets, run, Path("/proc/x"))) == 2
+    outerr = capsys.readouterr()
+    _one_error_line(outerr.err, tool, "/proc/x: cannot create")
+    assert outerr.out == "", outerr.out
+
+
+@pytest.mark.parametrize("where", ["file", "proc"])
+@pytest.mark.parametrize("tool", ["train", "evaluate", "explain"])
+def test_cache_dir_that_cannot_be_a_folder_names_the_key(
+    trained, datasets, tmp_path: Path, capsys, tool, where
+) -> None:
+    """``data.cache_dir`` an existing file: a NotADirectoryError traceback; ``/proc/x``: a line not naming the key."""
+    if where == "proc" and not Path("/proc/self").is_dir():
+        pytest.skip("needs Linux's /proc")
+    run = trained("ct")
+    capsys.readouterr()
+    cache = tmp_path / "fake.txt"
+    cache.write_text("not a folder")
+    if where == "proc":
+        cache = Path("/proc/x")
+    out = tmp_path / "out"
+    assert MAINS[tool]([*_argv(tool, datasets, run, out), "--set", f"data.cache_dir={cache}"]) == 2
+    why = "exists and is not a folder" if where == "file" else "cannot create"
+    _one_error_line(capsys.readouterr().err, tool, f"data.cache_dir={cache}: {why}")
+    assert not out.exists()
+    assert where == "proc" or cache.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("text", ["hello\n", "- data\n- train\n"], ids=["word", "list"])
+def test_config_file_that_is_not_a_mapping(tmp_path: Path, capsys, text: str) -> None:
+    """Valid YAML but no sections: was ``AttributeError: 'str' object has no attribute 'items'``."""
+    config = tmp_path / "config.yaml"
+    config.write_text(text)
+    out = tmp_path / "run"
+    assert tr.main(["--config", str(config), "--out", str(out)]) == 2
+    _one_error_line(capsys.readouterr().err, "train", str(config), "must be a mapping of sections")
+    assert not out.exists()
+
+
+def test_failed_case_after_a_written_one_says_what_was_kept(trained, datasets, tmp_path: Path, capsys) -> None:
+    """A bad later case: the error said nothing of the first case's mask and summary.csv it left behind. They stay
+    (as after Ctrl-C), and the line says so; --help says so too."""
+    good = _scan(datasets)
+    scan = nib.load(good)
+    values = np.asarray(scan.dataobj, dtype=np.float32).copy()
+    values[0, 0, 0] = np.nan
+    bad = tmp_path / "nan.nii.gz"
+    nib.save(nib.Nifti1Image(values, scan.affine), bad)
+    out = tmp_path / "out"
+    assert pr.main(["-i", str(good), str(bad), "-o", str(out), "--run", str(trained("ct")), "--quiet"]) == 2
+    line = _one_error_line(capsys.readouterr().err, "predict", str(bad), "NaN")
+    assert line.endswith(f"; 1 of 2 case(s) were written before it: their masks and summary.csv are in {out}")
+    assert (out / "volume-0.nii.gz").is_file() and (out / "summary.csv").read_text().count("\n") == 2
+    assert not (out / "predict.json").exists()  # written by a complete run only
+    assert "as after Ctrl-C, the cases written before it keep" in " ".join(pr.build_parser().format_help().split())
+
+
+def test_nnunet_channel_files_are_refused_as_in_training(trained, datasets, tmp_path: Path, capsys) -> None:
+    """``liver_0_0000`` + ``liver_0_0001`` were predicted as two cases; the training reader refuses channel 0001."""
+    folder = tmp_path / "imagesTs"
+    folder.mkdir()
+    for channel in ("0000", "0001"):
+        shutil.copy(_scan(datasets), folder / f"liver_0_{channel}.nii")
+    out = tmp_path / "out"
+    assert pr.main(["-i", str(folder), "-o", str(out), "--run", str(trained("ct")), "--quiet"]) == 2
+    message = f"{folder / 'liver_0_0001.nii'}: channel 0001 found; this pipeline reads one channel"
+    assert _one_error_line(capsys.readouterr().err, "predict") == f"aqcf-predict: error: {message}"
+    assert not out.exists()
+    # a name that only ends in four digits, with no _0000 file beside it, is still a case
+    shutil.copy(_scan(datasets), tmp_path / "scan_2019.nii")
+    assert [v.case_id for v in pr.find_inputs([tmp_path / "scan_2019.nii"])] == ["scan_2019"]
+
+
+@pytest.mark.parametrize(("layout", "data_modality", "key"), [("nnunet", "mri", "ct"), ("msd", "ct", "mri")])
+def test_dataset_json_modality_must_match_its_key(datasets, tmp_path: Path, capsys, layout, data_modality, key) -> None:
+    """MRI data (dataset.json channel "MRI") given as data.ct_root trained silently: normalised as MRI, fed to the CT
+    stream. Refused before training, naming the key, the file and the declared modality."""
+    from aqcf_kernels.data.synth import write_dataset
+
+    root = tmp_path / "data"
+    write_dataset(root, layout, 3, modality=data_modality, shape=(24, 24, 6), progress=False)
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    args = ["--out", str(out)]
+    for item in datasets.overrides(key, **{f"data__{key}_root": str(root), "data__cache_dir": str(cache)}):
+        args += ["--set", item]
+    assert tr.main(args) == 2
+    declared = {"ct": "CT", "mri": "MRI"}[data_modality]
+    _one_error_line(capsys.readouterr().err, "train", f"data.{key}_root={root}", "dataset.json", f"'{declared}'")
+    assert not out.exists() and not cache.exists()
+
+
+def _exported_program(path: Path) -> Path:
+    """A torch.export archive (of a tiny Linear: what matters here is the file format, not the model)."""
+    program = torch.export.export(torch.nn.Linear(2, 2), (torch.randn(1, 2),))
+    torch.export.save(program, path)
+    return path
+
+
+@pytest.mark.parametrize("tool", ["evaluate", "explain"])
+def test_exported_program_is_not_a_training_checkpoint(trained, tmp_path: Path, capsys, tool) -> None:
+    """``--checkpoint FILE.pt2`` said "PytorchStreamReader failed locating file data.pkl ... corrupted"."""
+    run = trained("ct")
+    capsys.readouterr()
+    program = _exported_program(tmp_path / "best-ct.pt2")
+    out = tmp_path / "out"
+    assert MAINS[tool]([str(run), "--checkpoint", str(program), "--out", str(out), "--quiet"]) == 2
+    _one_error_line(capsys.readouterr().err, tool, str(program), "exported program",
+                    f"aqcf-{tool} needs a training checkpoint (.pt")  # fmt: skip
+    renamed = program.rename(tmp_path / "model.pt")  # the same file under a checkpoint's name: found by its content
+    assert MAINS[tool]([str(run), "--checkpoint", str(renamed), "--out", str(out), "--quiet"]) == 2
+    line = _one_error_line(capsys.readouterr().err, tool, str(renamed), "is an exported program", "training checkpoint")
+    assert "data.pkl" not in line and "corrupted" not in line
+    assert not out.exists()
+
+
+def test_run_folder_without_checkpoints_or_with_fold_folders(trained, tmp_path: Path, capsys) -> None:
+    """aqcf-export of an empty folder said "(it has )"; evaluate/explain of a cross-validation's parent folder said
+    only "best.pt does not exist": now what it holds and how to pass its folds."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert ex.main([str(empty), "-o", str(tmp_path / "out"), "--quiet"]) == 2
+    line = _one_error_line(capsys.readouterr().err, "export", str(empty), "holds no checkpoints")
+    assert "it has )" not in line
+    cv = tmp_path / "cv"
+    for k in (0, 1):
+        shutil.copytree(trained("ct"), cv / f"fold_{k}")
+    capsys.readouterr()
+    hints = {
+        "evaluate": f"pass them as run folders, aqcf-evaluate {cv / 'fold_0'} {cv / 'fold_1'}",
+        "explain": f"pass one of them, e.g. aqcf-explain {cv / 'fold_0'}",
+        "export": f"pass one of them, e.g. aqcf-export {cv / 'fold_0'}",
+    }
+    for tool, hint in hints.items():
+        assert MAINS[tool](_argv(tool, None, cv, tmp_path / "out")) == 2
+        _one_error_line(capsys.readouterr().err, tool, "holds the fold folders fold_0, fold_1", hint)
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_states_defaults_without_rst_markup(capsys) -> None:
+    """--help of every pipeline command: defaults stated, no reStructuredText roles or literals shown raw."""
+    parsers = {"train": tr.build_parser, "evaluate": ev.build_parser, "explain": xp.build_parser,
+               "predict": pr.build_parser, "export": ex.build_parser}  # fmt: skip
+    texts = {tool: " ".join(build().format_help().split()) for tool, build in parsers.items()}
+    for tool, text in texts.items():
+        for markup in ("``", ":func:", ":class:", ":mod:", ":attr:"):
+            assert markup not in text, (tool, markup)
+    explain = texts["explain"]
+    assert "stream(s) to explain (default both" in explain
+    assert "Grad-CAM, Grad-CAM++ or both (default both)" in explain
+    assert "which part of the saved split (default test)" in explain
+    assert "auto (CUDA when present, else CPU" in texts["export"]
+    assert texts["train"].count("aqcf-train: unpaired joint training") == 1
+
+
+def test_explain_cases_below_1_names_the_option(trained, tmp_path: Path, capsys) -> None:
+    run = trained("ct")
+    capsys.readouterr()
+    assert xp.main([str(run), "--cases", "0", "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    _one_error_line(capsys.readouterr().err, "explain", "--cases must be at least 1, got 0")
+    assert not (tmp_path / "out").exists()
