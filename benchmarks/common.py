@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from aqcf_kernels import tuning
+from aqcf_kernels.data.outputs import OutputError, check_folder
 from aqcf_kernels.pipeline.allocator import MALLOC_CHOICES, apply_malloc_choice
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -146,25 +147,14 @@ def usage_error(args: argparse.Namespace, message: str) -> int:
 
 def output_folder(text: str) -> Path:
     """A folder the run can write its files into, checked (not created) when parsing: the run
-    creates it only once the benchmark is done, and a bad path must not cost the benchmark."""
-    path = Path(text)
-    existing = path.absolute()
+    creates it only once the benchmark is done, and a bad path must not cost the benchmark. The
+    pipeline's check (:func:`aqcf_kernels.data.outputs.check_folder`): a folder made and removed
+    there, as permission bits pass /proc or a read-only mount for root."""
     try:
-        while not existing.exists() and existing.parent != existing:
-            existing = existing.parent
-    except OSError as e:  # e.g. a parent folder this user may not look into
-        raise argparse.ArgumentTypeError(f"{text!r}: {e.filename}: {e.strerror}") from None
-    if not existing.is_dir():
-        raise argparse.ArgumentTypeError(f"{text!r}: {existing} is not a folder")
-    # Permission bits do not say it all (root may write anywhere, and /proc or a read-only mount still
-    # refuse): a folder made and removed there does.
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".aqcf-bench-check-", dir=existing))
-    except OSError as e:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: cannot create or write files in {existing} ({e.strerror})"
-        ) from None
-    return path
+        check_folder(text, text)  # argparse names the option: "argument --out: PATH: ..."
+    except OutputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return Path(text)
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, default_out: str = "bench-out") -> None:

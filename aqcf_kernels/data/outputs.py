@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,6 +48,10 @@ def check_folder(path: str | os.PathLike, label: str) -> Path:
     if path.exists() or path.is_symlink():
         if not path.is_dir():
             raise OutputError(f"{label}: exists and is not a folder")
+        try:  # files can be made in it: a folder made and removed there says so where permission bits do not
+            os.rmdir(tempfile.mkdtemp(prefix=".aqcf-check-", dir=path))
+        except OSError as e:
+            raise OutputError(f"{label}: cannot write in the folder ({e.strerror or e})") from None
         return path
     # Path.exists() is False below a regular file (ENOTDIR), so walk up to what does exist.
     for parent in path.parents:

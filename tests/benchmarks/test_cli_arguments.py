@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from aqcf_kernels.data import outputs
 from benchmarks import attention, cli, common, conv, gpu_stages, model, predict, rnn
 
 
@@ -85,7 +86,7 @@ def test_cuda_is_refused_where_torch_has_none(tmp_path, capsys, monkeypatch, no_
 def test_an_output_folder_that_cannot_be_created_is_refused_before_the_run(a_file, capsys, no_benchmark) -> None:
     for family in ("conv", "attention", "model", "rnn"):
         line = _refused(capsys, cli.main, [family, "--out", str(a_file / "x")], "--out")
-        assert f"{a_file} is not a folder" in line
+        assert f"{a_file} is a file, not a folder" in line
     _refused(capsys, cli.main, ["rnn", "--out", str(a_file)], "--out")
 
 
@@ -96,12 +97,13 @@ def test_an_output_folder_a_mount_refuses_is_refused_before_the_run(tmp_path, ca
     def read_only(**kwargs):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
-    monkeypatch.setattr(common.tempfile, "mkdtemp", read_only)
-    line = _refused(capsys, cli.main, ["conv", "--out", str(tmp_path / "out")], "--out")
-    assert "cannot create or write files in" in line and os.strerror(errno.EROFS) in line
+    monkeypatch.setattr(outputs.tempfile, "mkdtemp", read_only)
+    line = _refused(capsys, cli.main, ["conv", "--out", str(tmp_path)], "--out")
+    assert f"cannot write in the folder ({os.strerror(errno.EROFS)})" in line
     monkeypatch.undo()
     if Path("/proc/self").is_dir():  # Linux: a real folder nobody can create files in
         _refused(capsys, cli.main, ["conv", "--out", "/proc/aqcf-bench-out"], "--out")
+        _refused(capsys, cli.main, ["conv", "--out", "/proc"], "--out")
 
 
 def test_load_is_bounded_by_the_cores(tmp_path, capsys, no_benchmark) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -162,6 +164,21 @@ def test_cli_output_that_cannot_be_created(capsys):
     assert main(["/proc/x", "--layout", "lits", "--cases", "1", "--shape", "8", "8", "4", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("aqcf-synth: error: OUT /proc/x: cannot create") and err.count("\n") == 1, err
+
+
+def test_cli_output_folder_that_exists_but_takes_no_files(tmp_path, capsys, monkeypatch):
+    """An existing folder where nothing can be written (a read-only mount; permission bits pass for root): one
+    line naming OUT before any case is made."""
+    from aqcf_kernels.data import outputs
+
+    def read_only(**kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(outputs.tempfile, "mkdtemp", read_only)
+    assert main([str(tmp_path), "--layout", "lits", "--cases", "1", "--shape", "8", "8", "4", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"aqcf-synth: error: OUT {tmp_path}: cannot write in the folder ({os.strerror(errno.EROFS)})\n"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_help_states_the_defaults():
