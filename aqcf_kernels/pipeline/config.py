@@ -190,6 +190,17 @@ class RunConfig:
         return {"joint": ("ct", "mri"), "ct": ("ct",), "mri": ("mri",), "dynunet": ("ct", "mri")}[self.train.mode]
 
 
+def _yaml_problem(e: Exception) -> str:
+    """A YAML error on one line: what went wrong and where (PyYAML's own text spans 5 lines, with a caret
+    drawing)."""
+    problem, mark = getattr(e, "problem", None), getattr(e, "problem_mark", None)
+    if problem is None:
+        return " ".join(str(e).split())
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    context = getattr(e, "context", None)
+    return f"{where}{problem}" + (f", {context}" if context else "")
+
+
 def _short(value: Any, limit: int = 40) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -304,7 +315,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not valid YAML ({e})") from None
+            raise ValueError(f"{path}: not valid YAML ({_yaml_problem(e)})") from None
     cfg = RunConfig.from_dict(data, str(path) if path else "defaults")
     apply_overrides(cfg, overrides or [])
     cfg.validate()

@@ -325,6 +325,15 @@ def test_config_file_that_is_not_a_mapping(tmp_path: Path, capsys, text: str) ->
     assert not out.exists()
 
 
+def test_a_config_file_that_is_not_yaml_is_one_line(tmp_path: Path, capsys) -> None:
+    """PyYAML's message spans 5 lines with a caret drawing; the error is one line saying where."""
+    config = tmp_path / "config.yaml"
+    config.write_text("data:\n  ct_root: [a\nmodel: {\n")
+    assert tr.main(["--config", str(config), "--out", str(tmp_path / "run")]) == 2
+    line = _one_error_line(capsys.readouterr().err, "train", str(config), "not valid YAML (line 3, column 6: ")
+    assert "expected ',' or ']'" in line and "while parsing a flow sequence" in line
+
+
 def test_failed_case_after_a_written_one_says_what_was_kept(trained, datasets, tmp_path: Path, capsys) -> None:
     """A bad later case: the error said nothing of the first case's mask and summary.csv it left behind. They stay
     (as after Ctrl-C), and the line says so; --help says so too."""
