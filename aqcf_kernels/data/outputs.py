@@ -35,8 +35,9 @@ def check_output_dir(path: str | os.PathLike, argument: str) -> Path:
 
     ``argument`` names the command-line option in the message (``--out``, ``-o``, ``OUT``). Leaves
     nothing behind: the path itself and its nearest existing ancestor must be folders, and a missing
-    path is created and removed again at once, so that a file system where ``mkdir`` fails (``/proc``,
-    read-only mounts, where root's :func:`os.access` says yes) is refused now, not after the slow work.
+    path is created and removed again at once (an existing one gets a folder made and removed inside),
+    so that a file system where ``mkdir`` fails (``/proc``, read-only mounts, where root's
+    :func:`os.access` says yes) is refused now, not after the slow work.
     """
     path = Path(path).expanduser()
     return check_folder(path, f"{argument} {path}")
