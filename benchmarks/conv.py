@@ -46,7 +46,7 @@ from torch import Tensor
 
 from aqcf_kernels import backends as _backends
 from aqcf_kernels.functional import quaternion_conv
-from aqcf_kernels.ops.conv import adjoint_params, fold_chunk
+from aqcf_kernels.ops.conv import adjoint_params, fold_bytes, fold_chunk
 from aqcf_kernels.params import check_conv_args
 from aqcf_kernels.reference import quaternion_conv_expanded, quaternion_conv_naive
 
@@ -206,7 +206,7 @@ class Provider:
         try:
             p, _ = check_conv_args(x, w, None, case.dims, 1, case.padding, 1, 1, False, 0, self.algorithm)
             # per sample: one weight gradient per n samples, each sample's channels a group (one sample: as is)
-            n = fold_chunk((x[0].numel() + gy[0].numel()) * x.element_size(), x.shape[0], x.device)
+            n = fold_chunk(fold_bytes(x[0], gy[0]), x.shape[0], x.device)  # as the vmap rule asks
             calls = {  # computation -> (input, weight, geometry, kind)
                 "forward": (x, w, p, "forward"),
                 "input_grad": (gy, w, adjoint_params(gy.shape, w.shape, x.shape, p), "input_grad"),

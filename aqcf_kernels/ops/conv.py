@@ -576,8 +576,9 @@ def fold_chunk(slice_bytes: int, size: int, device: torch.device) -> int:
     return max(1, min(size, budget // max(1, slice_bytes)))
 
 
-def _nbytes(t: Tensor) -> int:
-    return t.numel() * t.element_size()
+def fold_bytes(*slices: Tensor) -> int:
+    """What folding one vmapped slice copies: the bytes of its tensors (one slice each) that the fold moves."""
+    return sum(t.numel() * t.element_size() for t in slices)
 
 
 def _in_chunks(size: int, chunk: int, serve) -> list:
@@ -653,7 +654,7 @@ class _QConvFunction(torch.autograd.Function):
             y, pre = call_qconv(*folded, *geometry, groups * n, *options)
             return _unfold_channels(y, 1, n), (_unfold_channels(pre, 1, n) if keep else pre)
 
-        ys, pres = zip(*_in_chunks(size, fold_chunk(_nbytes(x[0]), size, x.device), outputs), strict=True)
+        ys, pres = zip(*_in_chunks(size, fold_chunk(fold_bytes(x[0]), size, x.device), outputs), strict=True)
         return (_cat(list(ys)), _cat(list(pres)) if keep else pres[0]), (0, 0 if keep else None)
 
 
@@ -698,7 +699,7 @@ class _WeightGradFunction(torch.autograd.Function):
             grad = call_qconv_weight_grad(*folded, shape, *geometry, groups * n, algorithm)
             return grad.unflatten(1, (n, -1)).movedim(1, 0)
 
-        chunk = fold_chunk(_nbytes(x[0]) + _nbytes(gy[0]), size, x.device)
+        chunk = fold_chunk(fold_bytes(x[0], gy[0]), size, x.device)
         return _cat(_in_chunks(size, chunk, grad_weight)), 0
 
 

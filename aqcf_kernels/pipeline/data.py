@@ -104,7 +104,7 @@ def check_declared_modality(cases: Sequence[Case], modality: str, root: str | Pa
     names = {"ct": "CT", "mri": "MRI"}
     other = "mri" if modality == "ct" else "ct"
     wrong = [(j, n) for j, n in declared_channels(root) if modality_from_name(n) != modality]
-    where = f"{wrong[0][0]} declares the modality {wrong[0][1]!r}" if wrong else "its dataset.json declares"
+    where = f"{wrong[0][0]} declares the modality {wrong[0][1]!r}" if wrong else "its dataset.json declares it"
     raise ValueError(
         f"data.{modality}_root={root}: {where} ({names[other]} data, not {names[modality]}); give it as "
         f"data.{other}_root (with train.mode {other} or joint), or point data.{modality}_root at {names[modality]} data"
