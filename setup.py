@@ -21,12 +21,14 @@ except ImportError as e:  # pragma: no cover - a clear message beats setuptools'
 
 cpu_sources = sorted(glob.glob("csrc/cpu/*.cpp"))
 # torch chooses the -std its headers need (C++20 from 2.14). -fno-trapping-math (nothing here enables
-# floating-point traps) lets GCC turn per-element selects into vector blends (csrc/cpu/norm.cpp).
-cxx_flags = ["-O3", "-fopenmp", "-fno-trapping-math"]
+# floating-point traps) lets GCC turn per-element selects into vector blends (csrc/cpu/norm.cpp). -g0: no
+# debug information (Python's own flags ask for -g), which changes no code: the build takes 81 s instead of
+# 143 s on 2 cores and the library is 1.8 MB instead of 42 MB (2026-12-06).
+cxx_flags = ["-O3", "-g0", "-fopenmp", "-fno-trapping-math"]
 if os.environ.get("AQCF_COMPILE_CHECK") == "1":
     # tools/check_cuda.sh builds the extension only to prove it compiles and links against another torch:
-    # unoptimised and without debug information, the same headers and symbols in a fraction of the time.
-    cxx_flags += ["-O0", "-g0"]
+    # unoptimised, the same headers, templates and symbols in a fraction of the time.
+    cxx_flags += ["-O0"]
 ext_modules = [CppExtension("aqcf_kernels._C", cpu_sources, extra_compile_args=cxx_flags, extra_link_args=["-fopenmp"])]
 
 setup(
