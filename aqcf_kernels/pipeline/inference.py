@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import RunConfig
+from .runs import checkpoints_in, fold_folders
 
 if TYPE_CHECKING:
     from ..data import CachedCase
@@ -36,12 +37,6 @@ NOT_TRAINING_CHECKPOINTS = {
     ".pt2": "an exported program (aqcf-export's .pt2, which aqcf-predict runs)",
     ".onnx": "an ONNX file (aqcf-export's, for ONNX Runtime)",
 }
-
-
-def fold_folders(folder: str | Path) -> list[Path]:
-    """The ``fold_*`` (or ``fold*``) subfolders holding a checkpoint: ``folder`` is then the parent of a
-    cross-validation's runs (``aqcf-train --fold k --out folder/fold_k``), not a run itself."""
-    return [d for d in sorted(Path(folder).glob("fold*")) if d.is_dir() and any(d.glob("*.pt"))]
 
 
 def missing_checkpoint_hint(run_dir: str | Path, command: str, *, several: bool = False) -> str:
@@ -61,7 +56,7 @@ def missing_checkpoint_hint(run_dir: str | Path, command: str, *, several: bool 
             f"{run_dir} holds the fold folders {names} of a cross-validation: pass one of them, e.g. "
             f"{command} {shlex.quote(str(folds[0]))}"
         )
-    others = sorted(p.name for p in run_dir.glob("*.pt"))
+    others = [p.name for p in checkpoints_in(run_dir)]
     if not others:
         return (
             f"{run_dir} holds no checkpoints (*.pt); is it the --out folder of aqcf-train, "

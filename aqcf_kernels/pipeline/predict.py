@@ -72,6 +72,7 @@ import numpy as np
 from ..data.outputs import check_output_dir, output_dir
 from .allocator import add_malloc_argument, apply_malloc_choice
 from .device import DEVICE_CHOICES_HELP, DeviceError, resolve_device
+from .runs import PREDICTABLE, checkpoints_in, fold_folders
 
 __all__ = [
     "CLASSES",
@@ -259,12 +260,11 @@ class Member:
 
 
 def _checkpoints_in(folder: Path) -> list[Path]:
-    return sorted([*folder.glob("*.pt"), *folder.glob("*.pt2")])  # .pt2: programs written by aqcf-export
+    return checkpoints_in(folder, PREDICTABLE)  # .pt2: programs written by aqcf-export
 
 
 def _fold_dirs(folder: Path) -> list[Path]:
-    # nnU-Net's fold_0 ... fold_4 / fold_all, and the fold0 spelling of aqcf-train's examples.
-    return [d for d in sorted(folder.glob("fold*")) if d.is_dir() and _checkpoints_in(d)]
+    return fold_folders(folder, PREDICTABLE)
 
 
 def _member_dirs(run: Path, folds: Sequence[str]) -> list[Path]:
