@@ -9,7 +9,9 @@ Which kernel serves what:
 * the weight gradient: the split-K GEMM ``dE = gyᵀ · im2col(x)`` (fast8: 8 of them, on the
   combinations of gy and conj(x)) and the reduce-and-fold kernel of :mod:`.igemm_wgrad`;
 * tensors of 2**31 elements or more (the implicit GEMMs' offsets are int32): ``qconv_kernel`` and
-  ``qconv_wgrad_kernel`` of :mod:`.conv_kernels`, the first design.
+  ``qconv_wgrad_kernel`` of :mod:`.conv_kernels`, the first design, whose element offsets are int64;
+* nothing with 2**31 pixels or more (N × spatial size of the input or the output): every kernel's pixel
+  index is int32 (:func:`cannot_index_pixels`).
 
 Serves CUDA tensors; under ``TRITON_INTERPRET=1`` it also serves CPU tensors so the kernels are
 proven on machines without a GPU (``AQCF_BACKEND=triton``). The interpreter must be chosen before
@@ -17,6 +19,8 @@ triton compiles anything: set the variable before importing ``aqcf_kernels``.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -92,6 +96,20 @@ if triton is not None:
 
 
 ACTIVATION_CODES = {None: 0, "relu": 1, "leaky_relu": 2, "gelu": 3}
+
+#: Pixels (N × spatial size) from which the kernels' pixel index, an int32 from program ids and aranges, wraps.
+PIXEL_LIMIT = 2**31
+
+
+def cannot_index_pixels(input: Tensor, weight: Tensor, p: ConvParams) -> str | None:
+    """Why no kernel here can index this call's pixels (``None`` if they can): the implicit GEMMs' rows and
+    the first design's ``M`` and ``P`` are int32 pixel indices, of the output (forward, weight gradient) or of
+    the input (the input gradient, a transposed conv whose output is the conv's input)."""
+    out = conv_output_shape(input.shape, weight.shape, p)
+    pixels = max(input.shape[0] * math.prod(input.shape[2:]), out[0] * math.prod(out[2:]))
+    if pixels >= PIXEL_LIMIT:
+        return f"{pixels} pixels: 2**31 or more (the kernels' pixel indices are int32)"
+    return None
 
 
 def conv(
@@ -213,7 +231,7 @@ class TritonConvBackend(ConvBackend):
         return common.unavailable()
 
     def cannot_serve(self, input: Tensor, weight: Tensor, params: ConvParams, algorithm: str) -> str | None:
-        return common.cannot_serve_tensor(input)
+        return common.cannot_serve_tensor(input) or cannot_index_pixels(input, weight, params)
 
     def conv(self, input: Tensor, weight: Tensor, bias: Tensor | None, p: ConvParams, algorithm: str) -> Tensor:
         return conv_any(input, weight, bias, p, algorithm, None, 0.0, False)[0]
@@ -221,7 +239,7 @@ class TritonConvBackend(ConvBackend):
     def conv_weight_grad(
         self, input: Tensor, grad_output: Tensor, weight_shape: list[int], p: ConvParams, algorithm: str
     ) -> Tensor:
-        if igemm_wgrad.cannot_serve(input, grad_output, algorithm) is None:
+        if igemm_wgrad.cannot_serve(input, grad_output, algorithm, weight_shape) is None:
             return igemm_wgrad.conv_weight_grad_igemm(input, grad_output, weight_shape, p, algorithm=algorithm)[0]
         return conv_weight_grad(input, grad_output, weight_shape, p, algorithm)
 
@@ -230,7 +248,7 @@ class TritonConvBackend(ConvBackend):
     ) -> tuple[Tensor, Tensor]:
         """The implicit-GEMM weight gradient sums the bias gradient in its own launch (its bias programs read
         ``grad_output`` in the layout it converted it to, and the fold kernel reduces their splits)."""
-        if igemm_wgrad.cannot_serve(input, grad_output, algorithm) is None:
+        if igemm_wgrad.cannot_serve(input, grad_output, algorithm, weight_shape) is None:
             return igemm_wgrad.conv_weight_grad_igemm(
                 input, grad_output, weight_shape, p, with_bias=True, algorithm=algorithm
             )

@@ -16,6 +16,8 @@ structure is applied in registers: the 16-block expanded weight is never written
 16) and undoes them in the epilogue, with the bias.
 
 Only plain pointer arithmetic (``tl.make_block_ptr`` is gone in triton 3.9; GPUs here run 3.6).
+Element offsets into x, y and gy are int64 (:func:`_pixel_offset`): these kernels serve the tensors of
+2**31 elements or more, which the implicit GEMMs refuse. Pixel indices (``M``, ``P``) stay int32.
 Loads are upcast to fp32 at once: bf16 arithmetic is wrong under ``TRITON_INTERPRET=1``, and
 the fast8 combinations must not be rounded to half precision before the dot.
 """
@@ -169,6 +171,15 @@ def _unflatten_pixels(offs, OD, OH, OW):
 
 
 @triton.jit
+def _pixel_offset(n, d, h, w, s_n, s_d, s_h, s_w):
+    """``n·s_n + d·s_d + h·s_h + w·s_w`` in int64. The coordinates are int32 (from program ids and aranges)
+    and so is every stride argument below 2**31; their products would wrap in int32 past 2**31 elements
+    (e.g. sample n of a batch of 3D volumes: ``n·s_n``), so each coordinate is widened where it meets its
+    stride (a stride in [2**31, 2**32), passed as u32, is zero-extended by the promotion)."""
+    return n.to(tl.int64) * s_n + d.to(tl.int64) * s_d + h.to(tl.int64) * s_h + w.to(tl.int64) * s_w
+
+
+@triton.jit
 def _activate(v, ACTIVATION: tl.constexpr, negative_slope):
     """Epilogue activation on the fp32 accumulator: 0 none, 1 ReLU, 2 LeakyReLU, 3 GELU (erf)."""
     if ACTIVATION == 1:
@@ -256,7 +267,7 @@ def qconv_kernel(
 
     acc = _zero_accumulators(BLOCK_M, BLOCK_N)
 
-    x_comp = CQ_IN * s_xc  # distance between the r, i, j, k blocks of x
+    x_comp = tl.cast(CQ_IN, tl.int64) * s_xc  # distance between the r, i, j, k blocks of x (int64)
     w_base = w_ptr + g * w_group + offs_n[None, :] * s_wo
     for kk in range(0, KD * KH * KW):
         kw = kk % KW
@@ -277,12 +288,12 @@ def qconv_kernel(
             iw = ow * SW - PW + kw * DW
             valid = (idd >= 0) & (ih >= 0) & (iw >= 0)
         valid = valid & (idd < ID) & (ih < IH) & (iw < IW) & m_mask
-        x_pix = x_ptr + n * s_xn + idd * s_xd + ih * s_xh + iw * s_xw
+        x_pix = x_ptr + _pixel_offset(n, idd, ih, iw, s_xn, s_xd, s_xh, s_xw)
         w_k = w_base + kd * s_wd + kh * s_wh + kw * s_ww
         for c0 in range(0, CG_IN, BLOCK_K):
             offs_k = c0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < CG_IN
-            x_off = x_pix[:, None] + (g * CG_IN + offs_k)[None, :] * s_xc
+            x_off = x_pix[:, None] + (g * CG_IN + offs_k).to(tl.int64)[None, :] * s_xc
             x_msk = valid[:, None] & k_mask[None, :]
             xr, xi, xj, xk = _load_quaternion(x_off, x_comp, x_msk)
             w_off = w_k + offs_k[:, None] * s_wc
@@ -300,10 +311,10 @@ def qconv_kernel(
 
     ch = g * CG_OUT + offs_n
     # z (when stored) has y's shape and strides: one offset serves both
-    y_rel = (n * s_yn + od * s_yd + oh * s_yh + ow * s_yw)[:, None] + ch[None, :] * s_yc
+    y_rel = _pixel_offset(n, od, oh, ow, s_yn, s_yd, s_yh, s_yw)[:, None] + ch.to(tl.int64)[None, :] * s_yc
     y_off = y_ptr + y_rel
     y_msk = m_mask[:, None] & n_mask[None, :]
-    y_comp = CQ_OUT * s_yc
+    y_comp = tl.cast(CQ_OUT, tl.int64) * s_yc
     if HAS_BIAS:
         acc_r += tl.load(b_ptr + ch, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         acc_i += tl.load(b_ptr + CQ_OUT + ch, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -387,10 +398,10 @@ def qconv_wgrad_kernel(
 
     acc = _zero_accumulators(BLOCK_O, BLOCK_C)
 
-    g_comp = CQ_OUT * s_gc
-    x_comp = CQ_IN * s_xc
-    g_ch = (g * CG_OUT + offs_o) * s_gc
-    x_ch = (g * CG_IN + offs_c) * s_xc
+    g_comp = tl.cast(CQ_OUT, tl.int64) * s_gc
+    x_comp = tl.cast(CQ_IN, tl.int64) * s_xc
+    g_ch = (g * CG_OUT + offs_o).to(tl.int64) * s_gc
+    x_ch = (g * CG_IN + offs_c).to(tl.int64) * s_xc
     p_start = split * per_split
     # The split count is the launcher's, the slice size the autotuner's: trailing splits can be
     # empty, and then skip the loop (their atomics add zeros).
@@ -404,10 +415,10 @@ def qconv_wgrad_kernel(
         iw = ow * SW - PW + kw * DW
         valid = p_mask & (idd >= 0) & (ih >= 0) & (iw >= 0) & (idd < ID) & (ih < IH) & (iw < IW)
         # gy tiles as [BLOCK_O, BLOCK_P] (the left operand), x tiles as [BLOCK_P, BLOCK_C]
-        g_off = g_ch[:, None] + (n * s_gn + od * s_gd + oh * s_gh + ow * s_gw)[None, :]
+        g_off = g_ch[:, None] + _pixel_offset(n, od, oh, ow, s_gn, s_gd, s_gh, s_gw)[None, :]
         g_msk = o_mask[:, None] & p_mask[None, :]
         gr, gi, gj, gk = _load_quaternion(gy_ptr + g_off, g_comp, g_msk)
-        x_off = (n * s_xn + idd * s_xd + ih * s_xh + iw * s_xw)[:, None] + x_ch[None, :]
+        x_off = _pixel_offset(n, idd, ih, iw, s_xn, s_xd, s_xh, s_xw)[:, None] + x_ch[None, :]
         x_msk = valid[:, None] & c_mask[None, :]
         xr, xi, xj, xk = _load_quaternion(x_ptr + x_off, x_comp, x_msk)
         # conj(x): the weight gradient is gy ⊗ conj(x)

@@ -76,6 +76,7 @@ Accumulation is fp32 throughout; inputs fp16 / bf16 / fp32 (see :func:`common.do
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -659,11 +660,16 @@ def gpu_sms(device: torch.device) -> int | None:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
 
 
-def cannot_serve(input: Tensor, grad_output: Tensor, algorithm: str = "hamilton") -> str | None:
+def cannot_serve(
+    input: Tensor, grad_output: Tensor, algorithm: str = "hamilton", weight_shape: Sequence[int] | None = None
+) -> str | None:
     """Why :func:`conv_weight_grad_igemm` cannot take this call (``None`` if it can)."""
     combined = 2 if algorithm == "fast8" else 1  # fast8 reads the 8 combinations of each operand
     if combined * max(input.numel(), grad_output.numel()) >= INT32_LIMIT:
         return "a tensor of 2**31 elements or more (the implicit GEMM's offsets are int32)"
+    # one split's partial sums: the 16 blocks of the expanded weight (fast8: its 8 products' 2 per component)
+    if weight_shape is not None and (2 if algorithm == "fast8" else 4) * math.prod(weight_shape) >= INT32_LIMIT - 1:
+        return "a weight gradient whose partial sums reach 2**31 elements (the implicit GEMM's offsets are int32)"
     return None
 
 

@@ -456,8 +456,11 @@ PROGRAMS_PER_SM = 4
 
 
 def serves(input: Tensor) -> bool:
-    """Whether these kernels serve ``input`` here: triton importable, CUDA (or CPU under the interpreter)."""
+    """Whether these kernels serve ``input`` here: triton importable, CUDA (or CPU under the interpreter), and
+    one sample's offsets within int32 (else the composite path serves: it raised in :func:`_check_size`)."""
     if common.IMPORT_ERROR is not None or input.dtype not in ACC_DTYPES or input.dim() < 3:
+        return False
+    if math.prod(input.shape[1:]) >= 2**31:
         return False
     if input.device.type == "cuda":
         return not common.INTERPRET
