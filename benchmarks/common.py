@@ -705,6 +705,14 @@ def write_json(path: Path, data: object) -> None:
     path.write_text(json.dumps(data, indent=2, allow_nan=False, default=str) + "\n")
 
 
+def wrap_title(text: str, fig_width: float, fontsize: float) -> str:
+    """``text`` broken into lines that fit a figure ``fig_width`` inches wide at ``fontsize`` points (a
+    character ~0.6 em): the environment line is wider than a small figure, and was cut at both ends."""
+    import textwrap
+
+    return textwrap.fill(text, width=max(20, int(fig_width * 72 / (0.6 * fontsize))))
+
+
 def grouped_bars(
     path: Path,
     groups: Sequence[str],
@@ -742,8 +750,9 @@ def grouped_bars(
         ax.set_xlim(-0.6, len(groups) - 0.4)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=7, ncols=min(len(series), 6), loc="upper left")
-    fig.suptitle(suptitle, fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.98))
+    title = wrap_title(suptitle, fig_w, fontsize=9)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()  # (which keeps the panels clear of the suptitle's lines)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
