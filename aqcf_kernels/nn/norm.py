@@ -19,7 +19,10 @@ covariance of the four components of each quaternion channel, and
 
     V + eps·I = L Lᵀ  (Cholesky),   y = γ · L⁻¹ (x − μ) + β,
 
-so ``L⁻¹(x − μ)`` has identity covariance. ``γ`` is a full 4×4 matrix per quaternion channel
+so ``L⁻¹(x − μ)`` has identity covariance. Where the components are (nearly) linearly dependent, V is
+singular and ``eps`` can be below its rounding (float32, V ~ 1e6): those channels' factorisation gets a
+jitter of ``3e-5 · tr V`` on top of ``eps`` instead of failing (NaN); see :func:`_whitening_matrix`.
+``γ`` is a full 4×4 matrix per quaternion channel
 (``(Cq, 4, 4)``), ``β`` is ``(4Cq,)``. All channels are whitened at once: one batched covariance
 (a batched matmul), one batched 4×4 Cholesky and triangular solve, ``γ·L⁻¹`` folded into one 4×4
 matrix, and one batched matmul over the data; no Python loop over channels.
@@ -65,6 +68,11 @@ def _check_shape(fn: str, name: str, t: Tensor | None, shape: tuple[int, ...]) -
         raise ValueError(f"{fn}: {name} must have shape {shape}, got {tuple(t.shape)}")
 
 
+#: the jitter, relative to the trace of V, that :func:`_whitening_matrix` adds to the covariances that
+#: ``V + eps·I`` does not make positive definite in floating point (float32: ~250 ulp of tr V)
+WHITENING_JITTER = 3e-5
+
+
 def _whitening_matrix(cov: Tensor, eps: float) -> Tensor:
     """``L⁻¹`` with ``cov + eps·I = L Lᵀ``: lower triangular, and ``L⁻¹ (cov + eps·I) L⁻ᵀ = I``.
 
@@ -82,9 +90,21 @@ def _whitening_matrix(cov: Tensor, eps: float) -> Tensor:
         # gets the same matrix as elementwise ops (torch.compile sees False here: dynamo folds the call).
         return _unrolled_whitening_matrix(cov, eps)
     eye = torch.eye(4, dtype=cov.dtype, device=cov.device)
-    # Not checked for positive definiteness: a check costs a sync, and a failed factorisation
-    # shows up as NaN in the output. eps > 0 keeps V + eps*I positive definite in exact arithmetic.
-    chol = torch.linalg.cholesky_ex(cov + eps * eye).L
+    # eps > 0 keeps V + eps·I positive definite in exact arithmetic, not in floating point: where the
+    # components are (nearly) linearly dependent (i = j = k = r, a constant offset between two of them),
+    # V is singular and its computed entries carry rounding errors of ~ε·|V|, next to which eps is nothing
+    # (V ~ 1e6 in float32: ulp 0.06 against eps = 1e-5), and the factorisation failed: NaN in the output
+    # and every gradient. So each matrix is factorised once to probe it (no graph, no sync: cholesky_ex
+    # reports failure in a tensor), and the ones that failed get, on top of eps, a jitter relative to
+    # their scale (WHITENING_JITTER · tr V, far above the rounding) before the factorisation that counts.
+    # The others are unchanged, and only one factorisation is in the autograd graph (a where over a
+    # failed one would leak its NaN into the gradients).
+    reg = cov + eps * eye
+    with torch.no_grad():
+        failed = torch.linalg.cholesky_ex(reg.detach()).info > 0
+        scale = cov.detach().diagonal(dim1=-2, dim2=-1).sum(-1).abs()
+        jitter = torch.where(failed, WHITENING_JITTER * scale + eps, 0.0)
+    chol = torch.linalg.cholesky_ex(reg + jitter[..., None, None] * eye).L
     return torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
 
 
@@ -177,6 +197,17 @@ def _quaternion_norm(
             _update_running(running_mean, running_var, mean, var, count, momentum, cq, whiten)
         return y
 
+    if whiten and _autocast_on(input.device.type):
+        # The covariance and the whitening are matmuls, which autocast would run in its half dtype: the
+        # statistics (and the running covariance) from bf16-rounded operands, 3e-3 off under CPU bf16 autocast,
+        # where the shared-variance mode (elementwise ops) stays in float32. Norms run in float32 under
+        # autocast, as torch.nn's do: this one too.
+        with torch.autocast(input.device.type, enabled=False):
+            return _quaternion_norm(
+                fn, input, per_sample, running_mean, running_var, weight, bias, use_input_stats, momentum, eps,
+                whiten, activation, negative_slope, fused,
+            )  # fmt: skip
+
     x = input.unflatten(1, (4, cq)).to(acc)  # (N, 4, Cq, *S): component axis 1, quaternion channel axis 2
     if empty:  # the shapes below, no data: centring by 0 and scaling by 1 keeps γ and β in the graph
         xc = x
@@ -184,16 +215,21 @@ def _quaternion_norm(
     elif use_input_stats:
         mean = x.mean(reduce, keepdim=True)  # (N or 1, 4, Cq, 1...)
         xc = x - mean
+        # The data is centred by the mean rounded to acc, off by δ (up to half an ulp of μ: 5e-4 at 1e4 in
+        # float32), so E[xc²] = σ² + δ²; the corrected two-pass formula E[xc²] − E[xc]² takes δ² out (a
+        # reduction more): 3e-7 relative at μ = 1e4 σ, 10x torch's Welford, without it. (Zero in exact
+        # arithmetic, the correction adds nothing to the gradients.)
+        shift = xc.mean(reduce, keepdim=True)  # δ per real channel
         if whiten:
             # Components on the second-to-last axis, every sample of the statistic on the last:
-            # (Cq, 4, N*S) for batch norm, (N, Cq, 4, S) for instance norm; V = Z Zᵀ / count.
+            # (Cq, 4, N*S) for batch norm, (N, Cq, 4, S) for instance norm; V = Z Zᵀ / count − δ δᵀ.
             if per_sample:
-                z = xc.permute(0, 2, 1, *spatial).flatten(3)
+                z, d = xc.permute(0, 2, 1, *spatial).flatten(3), shift.permute(0, 2, 1, *spatial).flatten(3)
             else:
-                z = xc.permute(2, 1, 0, *spatial).flatten(2)
-            stat = z @ z.mT / count  # (Cq, 4, 4) or (N, Cq, 4, 4)
+                z, d = xc.permute(2, 1, 0, *spatial).flatten(2), shift.permute(2, 1, 0, *spatial).flatten(2)
+            stat = z @ z.mT / count - d @ d.mT  # (Cq, 4, 4) or (N, Cq, 4, 4)
         else:
-            stat = xc.square().mean(reduce, keepdim=True).sum(1, keepdim=True)  # (N or 1, 1, Cq, 1...)
+            stat = (xc.square().mean(reduce, keepdim=True) - shift.square()).sum(1, keepdim=True)  # (N|1, 1, Cq, 1…)
         if running_mean is not None:
             _update_running(running_mean, running_var, mean, stat, count, momentum, cq, whiten)
     else:
@@ -217,6 +253,10 @@ def _quaternion_norm(
         y = xc * scale if beta is None else torch.addcmul(beta, xc, scale)
     y = y.flatten(1, 2).to(input.dtype)
     return y if activation is None else activate(y, activation, negative_slope)
+
+
+def _autocast_on(device_type: str) -> bool:
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
 def _update_running(
