@@ -118,13 +118,12 @@ def _unrolled_whitening_matrix(cov: Tensor, eps: float) -> Tensor:
     ``Mul``/``Sub``/``Div`` on ``(N, Cq)`` tensors, nothing next to the matmul over the data.
     """
     a = [[cov[..., i, j] for j in range(4)] for i in range(4)]
-    chol: list[list[Tensor]] = [[] for _ in range(4)]  # row i holds L[i, 0..i]
-    for i in range(4):
-        for j in range(i + 1):
-            s = a[i][j] + eps if i == j else a[i][j]
-            for k in range(j):
-                s = s - chol[i][k] * chol[j][k]
-            chol[i].append(s.sqrt() if i == j else s / chol[j][j])
+    # As the eager path: where the factorisation of cov + eps·I fails (a pivot not positive, or NaN), it is
+    # done again with the jitter on top of eps, so an exported model whitens degenerate channels as eager
+    # mode does (NaN before).
+    chol, ok = _unrolled_cholesky(a, eps)
+    scale = (a[0][0] + a[1][1] + a[2][2] + a[3][3]).detach().abs()
+    chol, _ = _unrolled_cholesky(a, torch.where(ok, eps, WHITENING_JITTER * scale + 2 * eps))
     inv: list[list[Tensor]] = [[] for _ in range(4)]  # row i holds L⁻¹[i, 0..i]
     for i in range(4):
         d = chol[i][i].reciprocal()
@@ -136,6 +135,22 @@ def _unrolled_whitening_matrix(cov: Tensor, eps: float) -> Tensor:
         inv[i].append(d)
     zero = torch.zeros_like(a[0][0])
     return torch.stack([torch.stack(row + [zero] * (3 - i), dim=-1) for i, row in enumerate(inv)], dim=-2)
+
+
+def _unrolled_cholesky(a: list[list[Tensor]], diagonal: float | Tensor) -> tuple[list[list[Tensor]], Tensor]:
+    """The lower Cholesky factor of ``a + diagonal·I`` (row ``i`` holds ``L[i, 0..i]``) by the
+    Cholesky-Banachiewicz recurrence, and where every pivot was positive (the factorisation succeeded)."""
+    chol: list[list[Tensor]] = [[] for _ in range(4)]
+    ok: Tensor | None = None
+    for i in range(4):
+        for j in range(i + 1):
+            s = a[i][j] + diagonal if i == j else a[i][j]
+            for k in range(j):
+                s = s - chol[i][k] * chol[j][k]
+            if i == j:
+                ok = s > 0 if ok is None else ok & (s > 0)  # (False for NaN)
+            chol[i].append(s.sqrt() if i == j else s / chol[j][j])
+    return chol, ok
 
 
 def _quaternion_norm(

@@ -145,6 +145,27 @@ def test_whitening_jitter_leaves_well_conditioned_covariances_alone():
     torch.testing.assert_close(m[keep].double(), want[keep], rtol=1e-4, atol=1e-5)
 
 
+def test_the_onnx_exports_whitening_matrix_jitters_as_eager_mode():
+    """The elementwise Cholesky an ONNX export uses (ONNX has none) factorises degenerate covariances as the
+    eager path does, with the jitter where ``cov + eps·I`` fails: the exported model gave NaN there."""
+    from aqcf_kernels.nn.norm import _unrolled_whitening_matrix, _whitening_matrix
+
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(6, 4, 4, generator=g, dtype=torch.float64)
+    cov = a @ a.mT / 4 + 0.1 * torch.eye(4, dtype=torch.float64)
+    cov[2] = 1e6  # rank 1
+    r = torch.randn(4, 50, generator=g, dtype=torch.float64) * 1e3
+    cov[4] = torch.stack([r[0], -r[0], r[1], r[1]]).cov(correction=0)  # i = -r, k = j: rank 2
+    cov = cov.float()
+    eager, unrolled = _whitening_matrix(cov, 1e-5), _unrolled_whitening_matrix(cov, 1e-5)
+    assert torch.isfinite(unrolled).all()
+    keep = [0, 1, 3, 5]  # well conditioned: the same matrix
+    torch.testing.assert_close(unrolled[keep], eager[keep], rtol=1e-4, atol=1e-6)
+    for i in (2, 4):  # degenerate: (whether the first factorisation fails is rounding's call) still a whitening
+        whitened = unrolled[i].double() @ cov[i].double() @ unrolled[i].double().T
+        assert 0.99 < torch.linalg.eigvalsh(whitened).max() < 1.01, i
+
+
 @pytest.mark.parametrize("module", [QuaternionBatchNorm2d, QuaternionInstanceNorm2d])
 def test_whitening_under_autocast_keeps_float32_statistics(module):
     """Under CPU bf16 autocast the covariance ``z zᵀ`` and the whitening ran as bf16 matmuls (3e-3 off, the
