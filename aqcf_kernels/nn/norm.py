@@ -101,11 +101,15 @@ def _whitening_matrix(cov: Tensor, eps: float) -> Tensor:
     # failed one would leak its NaN into the gradients).
     reg = cov + eps * eye
     with torch.no_grad():
-        failed = torch.linalg.cholesky_ex(reg.detach()).info > 0
-        scale = cov.detach().diagonal(dim1=-2, dim2=-1).sum(-1).abs()
-        jitter = torch.where(failed, WHITENING_JITTER * scale + eps, 0.0)
+        jitter = _whitening_jitter(cov.diagonal(dim1=-2, dim2=-1).sum(-1), torch.linalg.cholesky_ex(reg).info > 0, eps)
     chol = torch.linalg.cholesky_ex(reg + jitter[..., None, None] * eye).L
     return torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
+
+
+def _whitening_jitter(trace: Tensor, failed: Tensor, eps: float) -> Tensor:
+    """What the factorisation of ``V + eps·I`` adds to its diagonal where it ``failed`` (0 elsewhere):
+    :data:`WHITENING_JITTER` of ``|tr V|`` (``trace``), and eps again; no gradient flows through it."""
+    return torch.where(failed, WHITENING_JITTER * trace.detach().abs() + eps, 0.0)
 
 
 def _unrolled_whitening_matrix(cov: Tensor, eps: float) -> Tensor:
@@ -122,8 +126,7 @@ def _unrolled_whitening_matrix(cov: Tensor, eps: float) -> Tensor:
     # done again with the jitter on top of eps, so an exported model whitens degenerate channels as eager
     # mode does (NaN before).
     chol, ok = _unrolled_cholesky(a, eps)
-    scale = (a[0][0] + a[1][1] + a[2][2] + a[3][3]).detach().abs()
-    chol, _ = _unrolled_cholesky(a, torch.where(ok, eps, WHITENING_JITTER * scale + 2 * eps))
+    chol, _ = _unrolled_cholesky(a, eps + _whitening_jitter(a[0][0] + a[1][1] + a[2][2] + a[3][3], ~ok, eps))
     inv: list[list[Tensor]] = [[] for _ in range(4)]  # row i holds L⁻¹[i, 0..i]
     for i in range(4):
         d = chol[i][i].reciprocal()
