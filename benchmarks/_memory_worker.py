@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import importlib
 import json
 import sys
@@ -39,7 +40,12 @@ def main() -> int:
     pinned = pin_mmap_threshold()
     module_name, out = sys.argv[1], Path(sys.argv[2])
     payload = json.loads(sys.stdin.read())
-    result = importlib.import_module(module_name).measure_memory(payload, pinned)
+    module = importlib.import_module(module_name)
+    # What the imports made lives as long as the process: frozen, the full collection before each
+    # measured step scans only what the steps left (~0.1 s a collection with torch loaded, 15 of them
+    # for one case of five providers).
+    gc.freeze()
+    result = module.measure_memory(payload, pinned)
     out.write_text(json.dumps(result))
     return 0
 
