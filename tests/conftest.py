@@ -24,12 +24,15 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
     # ...and there check what it cannot see: alignment hints, accesses outside the tensors
-    # (tests/_interpreter_checks.py)
+    # (tests/_interpreter_checks.py); and patch triton.language once a launch, not again on each
+    # call of a @triton.jit helper (tests/_interpreter_patch_once.py: a fifth of the interpreter's time)
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.path.insert(0, str(Path(__file__).parent))
         import _interpreter_checks
+        import _interpreter_patch_once
 
         _interpreter_checks.install()
+        _interpreter_patch_once.install()
 
 # 'auto' measures and remembers its choices (aqcf_kernels.tuning): the suite keeps them in a cache
 # file of its own, never in the user's ~/.cache, and child processes (torchrun tests) share it; so are
