@@ -262,6 +262,28 @@ def test_cpu_tensors_go_to_the_compiled_kernel_unless_triton_is_forced(monkeypat
     assert not R._triton_serves(proj.int(), h0.int(), c0.int(), weight.int())
 
 
+@pytest.mark.parametrize("mode", ["rnn", "lstm"])
+def test_a_step_beyond_32_bit_offsets_is_left_to_the_composite_loop(monkeypatch, mode):
+    """The kernels index a step (batch x gates values) in int32: a sequence whose step reaches 2**31 values is
+    not theirs (it raised a ValueError in the kernels' launcher), forward or backward; one value fewer is."""
+    from aqcf_kernels.backends.triton import rnn_cell as triton_rnn
+
+    monkeypatch.setenv("AQCF_BACKEND", "triton")
+    gates = triton_rnn.GATES[mode]
+    for batch, hidden, served in ((2**31 // (4 * gates), 4, False), (2**31 // (4 * gates) - 1, 4, True)):
+        meta = {"device": "meta", "dtype": torch.float32}
+        proj = torch.empty(2, batch, gates * hidden, **meta)
+        output = torch.empty(2, batch, hidden, **meta)
+        saved = torch.empty(2, batch, gates * hidden, **meta) if mode != "rnn" else None
+        h0 = torch.empty(batch, hidden, **meta)
+        c0 = h0 if mode == "lstm" else None
+        weight = torch.empty(hidden // 4, hidden, **meta)
+        assert triton_rnn.serves(proj, h0, c0, weight) == served, (batch, "forward")
+        assert triton_rnn.serves(output, saved, h0, c0, weight) == served, (batch, "backward")
+    with pytest.raises(ValueError, match="32-bit offsets"):  # a direct call of the kernels still says why
+        triton_rnn._check(mode, "tanh", 4, 2**31 // (4 * gates), 4 * gates)
+
+
 def test_layer_runs_its_directions_on_the_kernels(triton_calls, monkeypatch):
     """A bidirectional QuaternionLiGRU (leaky ReLU, no norm) with the triton backend forced: both directions on
     the Triton recurrence, output, final state and every gradient as the same layer without forcing."""

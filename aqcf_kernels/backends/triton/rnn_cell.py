@@ -264,11 +264,15 @@ def _interpret() -> bool:
 
 
 def serves(*tensors: Tensor | None) -> bool:
-    """Whether the kernels take these tensors (dtype, one device and dtype for all); which DEVICE may be
-    served is :func:`aqcf_kernels.backends.triton.common.serves_fused`'s rule, the caller's to apply."""
+    """Whether the kernels take these tensors (dtype, one device and dtype for all, a step's values within
+    32-bit offsets); which DEVICE may be served is :func:`aqcf_kernels.backends.triton.common.serves_fused`'s
+    rule, the caller's to apply. A sequence whose step (batch x gates) reaches 2**31 values goes to the
+    composite loop: the kernels index a step in int32."""
     first = tensors[0]
     if first.dtype not in ACC_DTYPES:
         return False
+    if any(t is not None and t.dim() == 3 and t.shape[1] * t.shape[2] >= 2**31 for t in tensors):
+        return False  # (the sequences, (steps, batch, features); _check says why to a direct call)
     return all(t is None or (t.dtype == first.dtype and t.device == first.device) for t in tensors)
 
 
