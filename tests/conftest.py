@@ -65,6 +65,33 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+#: Modules whose module-scoped fixture is costly (a compile of every kernel variant for sm_90, ~25 s; an
+#: export of a trained run, ~9 s): under pytest-xdist each one's tests go to one worker, so that the fixture is
+#: computed once instead of once per worker (both workers computed both compiles, ~50 s of a 2-core run).
+ONE_WORKER_MODULES = (
+    "tests/triton_kernels/test_igemm_static.py",
+    "tests/triton_kernels/test_igemm_wgrad_static.py",
+    "tests/pipeline/test_export.py",
+)
+
+
+@pytest.hookimpl(optionalhook=True)  # (pytest-xdist's hook: without xdist there is nothing to schedule)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """``--dist load`` (what ``-n`` implies) with :data:`ONE_WORKER_MODULES` kept whole: xdist's scope
+    scheduling, each other test a scope of its own (xdist's ``loadgroup`` would do it, but pytest 9.2 ignores
+    the node ids it rewrites). Any other ``--dist`` is xdist's own."""
+    if config.getoption("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleFixtureScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if module in ONE_WORKER_MODULES else nodeid
+
+    return ModuleFixtureScheduling(config, log)
+
+
 #: Every registered backend, in a stable order; tests parametrise over all of them and the
 #: ``backend`` fixture skips (with the backend's own reason) those that cannot run here.
 BACKEND_NAMES = sorted(registered())
