@@ -89,6 +89,21 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
             module = nodeid.split("::", 1)[0]
             return module if module in ONE_WORKER_MODULES else nodeid
 
+        def remove_node(self, node):
+            """A worker is gone: its unfinished tests go back to the queue but for the one it was running when it
+            crashed, which xdist reports failed (as ``--dist load`` does; scope scheduling would run it again, and
+            a test that crashes its worker, a segfault, would take down one worker after another)."""
+            workload = self.assigned_work.pop(node)
+            unfinished = [(scope, test) for scope, unit in workload.items() for test, done in unit.items() if not done]
+            if not unfinished:
+                return None
+            scope, crashed = unfinished[0]
+            workload[scope][crashed] = True
+            self.workqueue.update((scope, unit) for scope, unit in workload.items() if not all(unit.values()))
+            for other in self.assigned_work:
+                self._reschedule(other)
+            return crashed
+
     return ModuleFixtureScheduling(config, log)
 
 

@@ -1,6 +1,7 @@
 """The suite's pytest-xdist scheduling (tests/conftest.py): under ``--dist load`` the tests of each module with
 a costly module fixture (``ONE_WORKER_MODULES``) run on one worker, so the fixture is computed once; every
-other test is scheduled on its own, spread over the workers as they free up; another ``--dist`` is xdist's."""
+other test is scheduled on its own, spread over the workers as they free up; a test that crashed its worker is
+not run again; another ``--dist`` is xdist's."""
 
 from __future__ import annotations
 
@@ -32,21 +33,31 @@ def _config(dist: str) -> SimpleNamespace:
                            option=SimpleNamespace(**options))  # fmt: skip
 
 
-def _run(scheduler, collection: list[str]) -> dict[str, str]:
-    """Drive ``scheduler`` over two workers that each finish one test a turn; ``{test: worker}``."""
+def _run(scheduler, collection: list[str], crash: str | None = None) -> dict[str, list[str]]:
+    """Drive ``scheduler`` over two workers that each finish one test a turn; a worker that starts ``crash``
+    goes down (and is replaced, as xdist does). ``{test: [workers that ran it]}``."""
     nodes = [_Node("gw0"), _Node("gw1")]
     for node in nodes:
         scheduler.add_node(node)
     for node in nodes:
         scheduler.add_node_collection(node, collection)
     scheduler.schedule()
+    ran: dict[str, list[str]] = {}
     while any(node.pending for node in nodes):
-        for node in nodes:
-            if node.pending:
-                index = node.pending.pop(0)
-                node.ran.append(collection[index])
-                scheduler.mark_test_complete(node, index)
-    return {test: node.name for node in nodes for test in node.ran}
+        for i, node in enumerate(nodes):
+            if not node.pending:
+                continue
+            test = collection[node.pending[0]]
+            ran.setdefault(test, []).append(node.name)
+            if test == crash:
+                assert scheduler.remove_node(node) == crash
+                nodes[i] = _Node(f"{node.name}-replaced")
+                scheduler.add_node(nodes[i])
+                scheduler.add_node_collection(nodes[i], collection)
+                scheduler.schedule()
+                continue
+            scheduler.mark_test_complete(node, node.pending.pop(0))
+    return ran
 
 
 def test_a_costly_fixtures_module_runs_on_one_worker_and_the_rest_spreads() -> None:
@@ -54,11 +65,20 @@ def test_a_costly_fixtures_module_runs_on_one_worker_and_the_rest_spreads() -> N
     collection = [f"tests/a/test_one.py::test_{i}" for i in range(6)]
     collection += [f"{costly}::test_{i}" for i in range(5)]
     collection += [f"tests/b/test_two.py::test_{i}" for i in range(6)]
-    ran_on = _run(conftest.pytest_xdist_make_scheduler(_config("load"), None), collection)
-    assert sorted(ran_on) == sorted(collection)  # each test once
-    assert len({ran_on[t] for t in collection if t.startswith(costly)}) == 1
+    ran = _run(conftest.pytest_xdist_make_scheduler(_config("load"), None), collection)
+    assert sorted(ran) == sorted(collection) and all(len(w) == 1 for w in ran.values())  # each test once
+    assert len({ran[t][0] for t in collection if t.startswith(costly)}) == 1
     for module in ("tests/a/test_one.py", "tests/b/test_two.py"):  # not kept whole: both workers take some
-        assert len({ran_on[t] for t in collection if t.startswith(module)}) == 2, module
+        assert len({ran[t][0] for t in collection if t.startswith(module)}) == 2, module
+
+
+@pytest.mark.parametrize("crash", ["tests/a/test_one.py::test_3", f"{conftest.ONE_WORKER_MODULES[0]}::test_1"])
+def test_a_test_that_crashes_its_worker_is_not_run_again(crash) -> None:
+    collection = [f"tests/a/test_one.py::test_{i}" for i in range(6)]
+    collection += [f"{conftest.ONE_WORKER_MODULES[0]}::test_{i}" for i in range(4)]
+    ran = _run(conftest.pytest_xdist_make_scheduler(_config("load"), None), collection, crash=crash)
+    assert sorted(ran) == sorted(collection)  # the rest of the crashed worker's tests ran elsewhere
+    assert all(len(w) == 1 for w in ran.values()), ran
 
 
 @pytest.mark.parametrize("dist", ["loadfile", "loadscope", "worksteal", "loadgroup"])
