@@ -29,8 +29,10 @@ def install() -> bool:
         return False
     patch_lang = getattr(interpreter, "_patch_lang", None)
     no_patch = getattr(interpreter, "_LangPatchScope", None)
-    if patch_lang is None or no_patch is None or getattr(patch_lang, "once", False):
-        return patch_lang is not None and getattr(patch_lang, "once", False)
+    if getattr(patch_lang, "once", False):
+        return True  # (installed already)
+    if patch_lang is None or no_patch is None:
+        return False
 
     launch_call = interpreter.GridExecutor.__call__
     state = threading.local()  # the language modules the launch in progress patched

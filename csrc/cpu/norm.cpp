@@ -7,7 +7,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace aqcf {
@@ -72,6 +74,12 @@ struct Moments {
   }
 };
 
+// The shifted, corrected two-pass moments (see plane_moments) of k values: K their shift, m̃ the first
+// pass's mean of x − K (rounded), dev and sq the sums of d = x − K − m̃ and of d². Returns (mean, M2).
+inline std::pair<double, double> corrected_moments(double k, double shift, double first_mean, double dev, double sq) {
+  return {shift + (first_mean + dev / k), sq - dev * dev / k};
+}
+
 // Rows s0..s1 of a channels_last block, four at a time, then one at a time: rows(s, R) takes R rows from
 // s (R a std::integral_constant). A short row's per-channel accumulators (C = 32 real channels: two AVX-512
 // vectors) are so loaded and stored once per four rows, not once per row: an InstanceNorm3d forward,
@@ -114,8 +122,8 @@ void plane_moments(const T* x, const Layout& L, double* mean, double* m2) {
             dev += d;
             sq += d * d;
           }
-          m.add(double(k), double(shift) + (double(cm) + double(dev) / double(k)),
-                double(sq) - double(dev) * double(dev) / double(k));
+          const auto [chunk_mean, chunk_m2] = corrected_moments(double(k), shift, cm, dev, sq);
+          m.add(double(k), chunk_mean, chunk_m2);
         }
         mean[p] = m.mean;
         m2[p] = m.m2;
@@ -161,10 +169,8 @@ void plane_moments(const T* x, const Layout& L, double* mean, double* m2) {
           sqp[c] += acc_sq;
         }
       });
-      // the shifted, corrected two-pass moments (see above)
       for (int64_t c = 0; c < C; ++c) {
-        bmean[q * C + c] = double(shift[c]) + (double(su[c]) + double(dv[c]) / double(count));
-        bm2[q * C + c] = double(sqp[c]) - double(dv[c]) * double(dv[c]) / double(count);
+        std::tie(bmean[q * C + c], bm2[q * C + c]) = corrected_moments(count, shift[c], su[c], dv[c], sqp[c]);
       }
     }
   });
