@@ -749,7 +749,10 @@ def grouped_bars(
         ax.set_xticklabels(groups, rotation=30, ha="right", fontsize=7)
         ax.set_xlim(-0.6, len(groups) - 0.4)
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=7, ncols=min(len(series), 6), loc="upper left")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, ncols=min(len(series), 6), loc="upper left")
+        else:  # e.g. a run of the baseline alone: say so, not matplotlib's "no artists" warning
+            ax.text(0.5, 0.5, "nothing measured to compare", transform=ax.transAxes, ha="center", va="center")
     title = wrap_title(suptitle, fig_w, fontsize=9)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()  # (which keeps the panels clear of the suptitle's lines)

@@ -37,5 +37,11 @@ def test_the_console_script_runs_a_benchmark_with_its_memory_worker(tmp_path):
                     "--providers", "expanded", "--reps", "1", "--warmup", "0", "--out", str(out))  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "peak-memory worker failed" not in proc.stderr
+    # A clean run prints its progress and what it wrote, nothing else (the worker's exit once printed triton's
+    # nanobind leak report: ~60 lines).
+    noise = [
+        line for line in proc.stderr.splitlines() if not line.startswith(("[", "WARNING: 1-minute load", "wrote "))
+    ]
+    assert noise == [], proc.stderr
     (row,) = json.loads((out / "conv.json").read_text())["results"]
     assert row["providers"]["expanded"]["peak_mib"] > 0
