@@ -373,18 +373,36 @@ def settle_choices(steps: Mapping[str, Step]) -> int:
 SETTLE_LIMIT = tuning.max_provisional_calls(4) + 2
 
 
-def matmul_gflops(dtype: torch.dtype, device: torch.device | str, reps: int = 5) -> float:
-    """This device's dense matmul throughput in ``dtype``, GFLOP/s: the best of ``reps`` square
-    products (2048 on CPU, 8192 on CUDA), after one untimed. The roofline a conv cannot beat."""
-    device = torch.device(device)
-    n = 8192 if device.type == "cuda" else 2048
+def dense_products(n: int, dtype: torch.dtype, device: torch.device | str) -> dict[str, Callable[[], torch.Tensor]]:
+    """The same ``n × n × n`` product (``2 n³`` FLOPs) through the two dense kernels a conv can run on: the
+    BLAS matmul (``torch.mm``) and a 1×1 conv (oneDNN on CPU, cuDNN on CUDA), whose output channels and
+    pixels are the product's rows and columns."""
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    pixels = b.view(1, n, 32, n // 32)  # b's rows as input channels, its columns as 32 × n/32 pixels
+    weight = a.view(n, n, 1, 1)
+    return {"mm": lambda: torch.mm(a, b), "conv1x1": lambda: torch.nn.functional.conv2d(pixels, weight)}
+
+
+def dense_peak_gflops(
+    dtype: torch.dtype, device: torch.device | str, reps: int = 10, n: int | None = None
+) -> dict[str, float]:
+    """This device's dense throughput in ``dtype``, GFLOP/s, per kernel of :func:`dense_products` (square
+    products of ``n``, by default 2048 on CPU and 8192 on CUDA; the best of ``reps`` calls after an untimed
+    one), and their best as ``"peak"``: the roofline a conv cannot beat. Both kernels, because neither leads
+    everywhere: on AMD EPYC (2 threads, fp32) one run measured MKL's matmul at 172 GFLOP/s and oneDNN's 1×1
+    conv at 193, while a model step's convs ran 187, above that matmul-only peak; three later runs 190-191
+    against 180-186; in bf16 the matmul led, 423 against 326."""
+    device = torch.device(device)
+    n = n or (8192 if device.type == "cuda" else 2048)
+    products = dense_products(n, dtype, device)
     clock = StepClock(device)
-    times: dict[str, list[float]] = {"mm": []}
+    times: dict[str, list[float]] = {name: [] for name in products}
     for _ in range(reps + 1):
-        clock.time("mm", lambda: torch.mm(a, b), times)
+        for name, product in products.items():
+            clock.time(name, product, times)
         clock.collect(times)
-    return 2 * n**3 / min(times["mm"][1:]) / 1e9
+    rates = {name: 2 * n**3 / min(seconds[1:]) / 1e9 for name, seconds in times.items()}
+    return {**rates, "peak": max(rates.values())}
 
 
 #: the most reps ``min_time`` may ask for

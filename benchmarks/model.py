@@ -172,14 +172,14 @@ class Result(common.ProviderRatios):
     peaks: dict[str, int | None] = field(default_factory=dict)
     components: dict[str, dict[str, float]] = field(default_factory=dict)  # provider -> family -> seconds
     conv_gflop: float | None = None  # the step's conv work, as torch's FLOP counter counts the baseline's
-    peak_gflops: float | None = None  # this device's matmul throughput, measured in the same run
+    peak_gflops: float | None = None  # this device's dense peak (common.dense_peak_gflops), same run
 
     def time_bound(self, over: str) -> float | None:
         """The most ``ours`` could be faster than ``over`` in this step (``t_over / t_ours`` at best).
 
         Ours' convs are credited with half of ``over``'s conv time (the 8-multiplication product does
         half the expanded conv's multiplications; the other convs, real stems and heads, cannot halve
-        at all) or with half the step's conv FLOPs at the matmul peak, whichever is less, and every
+        at all) or with half the step's conv FLOPs at the dense peak, whichever is less, and every
         other family (attention, norms + activations, rest) with the least any build spent on it.
         The first is the tighter when ``over``'s convs already run near the peak (see
         :data:`TARGETS`); the second keeps the bound honest where they do not.
@@ -257,7 +257,7 @@ def run(cases, modes, providers, reps, warmup, dtype, device, memory=True) -> li
             gflop = conv_gflop(steps[BASELINE])
             results.append(Result(case, mode, timings, errors, params, components=components, conv_gflop=gflop))
         del models
-    peak = common.matmul_gflops(dtype, device)
+    peak = common.dense_peak_gflops(dtype, device)["peak"]
     for r in results:
         r.peak_gflops = peak
     if memory:
@@ -419,15 +419,15 @@ def _breakdown_tables(results: Sequence[Result], providers: Sequence[str]) -> li
 
 
 def _throughput_lines(r: Result) -> list[str]:
-    """How close the baseline's convs run to the matmul peak, and the speedup bounds (Result.time_bound)."""
+    """How close the baseline's convs run to the dense peak, and the speedup bounds (Result.time_bound)."""
     comps = r.components.get("baseline")
     if not (r.conv_gflop and r.peak_gflops and comps):
         return []
     bounds = [f"{over} {b:.2f}x" for over in ("baseline", "real") if (b := r.time_bound(over)) is not None]
     return [
         f"Convs: {r.conv_gflop:.1f} GFLOP per step; the baseline's ran at {r.conv_gflop / comps['convs']:.0f} "
-        f"GFLOP/s, against a matmul peak of {r.peak_gflops:.0f} GFLOP/s. Most ours could gain (convs at half the "
-        f"work, every other family at the fastest build's time): over {', '.join(bounds)}.",
+        f"GFLOP/s, against a dense peak (matmul or 1×1 conv) of {r.peak_gflops:.0f} GFLOP/s. Most ours could gain "
+        f"(convs at half the work, every other family at the fastest build's time): over {', '.join(bounds)}.",
         "",
     ]
 

@@ -135,6 +135,19 @@ def test_tiny_model_run_reports_breakdown_and_targets() -> None:
     assert fwd.time_bound("baseline") > 1  # the other families at most the baseline's own, its convs halved
 
 
+def test_the_dense_peak_is_the_best_of_two_kernels_computing_one_product():
+    """Both kernels of the roofline compute the same ``n × n × n`` product (so ``2 n³`` FLOPs each), and the
+    peak is the faster one's rate."""
+    torch.manual_seed(0)
+    products = common.dense_products(64, torch.float64, "cpu")
+    mm, conv = products["mm"](), products["conv1x1"]()
+    assert conv.shape == (1, 64, 32, 2)
+    torch.testing.assert_close(conv.reshape(64, 64), mm)
+    rates = common.dense_peak_gflops(torch.float32, "cpu", reps=2, n=64)
+    assert set(rates) == {"mm", "conv1x1", "peak"} and min(rates.values()) > 0
+    assert rates["peak"] == max(rates["mm"], rates["conv1x1"])
+
+
 def _timing(seconds: float) -> common.Timing:
     return common.Timing.of([seconds])
 
