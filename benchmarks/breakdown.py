@@ -21,6 +21,9 @@ profiled step; :func:`component_times` scales them to an unprofiled median.
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 
@@ -77,12 +80,44 @@ def _family_scopes(model: nn.Module, families: Mapping[str, tuple[Member, ...]])
             h.remove()
 
 
+#: how kineto (torch 2.13) starts the two lines it writes to stderr at each profile's start and stop,
+#: ``USDT:<date> <pid>:<tid> SyncActivityProfilerHandler.cpp:52] profiler_start``, whatever
+#: ``KINETO_LOG_LEVEL`` short of silencing its errors too
+KINETO_MARKER = "USDT:"
+
+
+@contextlib.contextmanager
+def kineto_markers_dropped() -> Iterator[None]:
+    """File descriptor 2 diverted to a file while the block runs, then written back without kineto's start
+    and stop markers (:data:`KINETO_MARKER`): a benchmark that profiles a step per case printed two such
+    lines a case between its progress lines. Everything else on stderr (kineto's errors, warnings) is kept,
+    after the block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as diverted:
+        os.dup2(diverted.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            diverted.seek(0)
+            kept = [
+                line
+                for line in diverted.read().splitlines(keepends=True)
+                if not line.startswith(KINETO_MARKER.encode())
+            ]
+            if kept:
+                os.write(2, b"".join(kept))
+
+
 def _attributed(model: nn.Module, step: Callable[[], None], families: Mapping[str, tuple[Member, ...]], device: str):
     """Run ``step()`` once under the profiler; return its wall time in µs and, for each op event of the
     step's threads that a family claims, ``(event, family)``."""
     cuda = device == "cuda"
     activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
-    with _family_scopes(model, families), profile(activities=activities) as prof:
+    with kineto_markers_dropped(), _family_scopes(model, families), profile(activities=activities) as prof:
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -180,4 +215,13 @@ def component_times(
     return {f: share * median_s for f, share in shares(model, step, families, device).items()}
 
 
-__all__ = ["REST", "claimed_events", "component_times", "profiled_ops", "profiled_seconds", "shares", "spent_seconds"]
+__all__ = [
+    "REST",
+    "claimed_events",
+    "component_times",
+    "kineto_markers_dropped",
+    "profiled_ops",
+    "profiled_seconds",
+    "shares",
+    "spent_seconds",
+]

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import common
+from . import breakdown, common
 
 
 def _medians_ms(device: str, reps: int, warmup: int, **steps: Callable[[], object]) -> list[float]:
@@ -451,7 +451,7 @@ def profile_stage(out: Path, device: str, small: bool) -> None:
                 step()
             if cuda:
                 torch.cuda.synchronize()
-            with torch_profile(activities=activities) as prof:
+            with breakdown.kineto_markers_dropped(), torch_profile(activities=activities) as prof:
                 started = time.perf_counter()
                 for _ in range(PROFILE_STEPS):
                     step()

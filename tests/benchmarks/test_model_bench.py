@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -35,6 +38,23 @@ def test_shares_sum_to_one_and_name_every_family() -> None:
     assert sum(shares.values()) == pytest.approx(1.0)
     assert all(0.0 <= v <= 1.0 for v in shares.values())
     assert shares["mm"] > shares["cheap"]  # 768² MACs per row against one tanh per element
+
+
+def test_a_profiled_step_prints_no_kineto_markers_and_keeps_the_rest_of_stderr(capfd) -> None:
+    """kineto writes ``USDT:... profiler_start`` / ``profiler_stop`` to fd 2 around every profile: two lines a
+    case between the model benchmark's progress lines. They go; whatever else the step wrote there stays."""
+    net, x = _Net(), torch.randn(64, 768)
+
+    def step() -> None:
+        net(x).sum().backward()
+        os.write(2, b"written by the step\n")
+        print("through sys.stderr", file=sys.stderr)
+
+    breakdown.shares(net, step, FAMILIES_OF_NET)
+    err = capfd.readouterr().err
+    assert breakdown.KINETO_MARKER not in err
+    # (under capfd sys.stderr writes to the capture directly, not through fd 2: the order is capfd's)
+    assert sorted(err.splitlines()) == ["through sys.stderr", "written by the step"]
 
 
 def test_backward_ops_go_to_the_family_of_their_forward_op() -> None:
