@@ -510,6 +510,27 @@ def _weight_grad_backward(ctx, grad_grad_weight):
 # the fold makes, a large slice's conv on its own tensors.
 
 
+class _Static:
+    """An op call's arguments after its tensors, as one pytree leaf: functorch flattens and unflattens a
+    Function's arguments many times per transform level (each int of the geometry's lists a leaf of its own);
+    ~340 pytree calls a conv under ``vmap(grad(...))`` cost more than a small conv itself."""
+
+    __slots__ = ("args",)
+
+    def __init__(self, args: Sequence) -> None:
+        self.args = tuple(args)
+
+
+def _packed(args: Sequence, tensors: int) -> tuple:
+    """``args`` as ``(*tensors, _Static(rest))`` for a Function's ``apply``."""
+    return (*args[:tensors], _Static(args[tensors:]))
+
+
+def _unpacked(args: Sequence) -> tuple:
+    """A Function's arguments as the op's: :func:`_packed` undone."""
+    return (*args[:-1], *args[-1].args)
+
+
 def call_qconv(*args) -> tuple[Tensor, Tensor]:
     """``torch.ops.aqcf.qconv(*args)``, the 13 arguments positional; through :class:`_QConvFunction` while
     a torch.func transform or a forward-mode AD dual level is active; its lowering (standard ops) while
@@ -524,7 +545,7 @@ def call_qconv(*args) -> tuple[Tensor, Tensor]:
             # too). The op's plain-PyTorch lowering (the expanded-weight conv) is what dynamo traces,
             # transforms included.
             return qconv_lowering(*cast_for_transforms(args))
-        return _QConvFunction.apply(*cast_for_transforms(args))
+        return _QConvFunction.apply(*_packed(cast_for_transforms(args), 3))
     return torch.ops.aqcf.qconv(*args)
 
 
@@ -532,7 +553,7 @@ def call_qconv_weight_grad(*args) -> Tensor:
     """``torch.ops.aqcf.qconv_weight_grad(*args)``, through :class:`_WeightGradFunction` while a torch.func
     transform or a forward-mode AD dual level is active."""
     if transforms_active():
-        return _WeightGradFunction.apply(*args)
+        return _WeightGradFunction.apply(*_packed(args, 2))
     return torch.ops.aqcf.qconv_weight_grad(*args)
 
 
@@ -600,14 +621,15 @@ class _QConvFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(*args):  # one transform level down: the Function again, or the op
-        return _QConvFunction.apply(*args) if functorch_active() else torch.ops.aqcf.qconv(*args)
+        return _QConvFunction.apply(*args) if functorch_active() else torch.ops.aqcf.qconv(*_unpacked(args))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _qconv_setup_context(ctx, inputs, output)
-        call = qconv_args(*inputs)
-        ctx.save_for_forward(call.input, call.weight, *output)
-        ctx.kind = call.kind
+        args = _unpacked(inputs)
+        _qconv_setup_context(ctx, args, output)
+        ctx.num_inputs = len(inputs)  # the backward's gradients: one per argument of apply
+        ctx.save_for_forward(inputs[0], inputs[1], *output)
+        ctx.kind = qconv_args(*args).kind
 
     backward = staticmethod(_qconv_backward)
 
@@ -630,7 +652,8 @@ class _QConvFunction(torch.autograd.Function):
         return d_y, (d_z if stores_preactivation(ctx.activation, ctx.negative_slope) else torch.zeros_like(pre))
 
     @staticmethod
-    def vmap(info, in_dims, *args):
+    def vmap(info, in_dims, *packed):
+        args = _unpacked(packed)
         call = qconv_args(*args)
         size, (input_dim, weight_dim, bias_dim) = info.batch_size, in_dims[:3]
         keep = stores_preactivation(call.activation, call.negative_slope)
@@ -663,13 +686,17 @@ class _WeightGradFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(*args):
-        return _WeightGradFunction.apply(*args) if functorch_active() else torch.ops.aqcf.qconv_weight_grad(*args)
+        if functorch_active():
+            return _WeightGradFunction.apply(*args)
+        return torch.ops.aqcf.qconv_weight_grad(*_unpacked(args))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _weight_grad_setup_context(ctx, inputs, output)
+        args = _unpacked(inputs)
+        _weight_grad_setup_context(ctx, args, output)
+        ctx.num_inputs = len(inputs)
         ctx.save_for_forward(inputs[0], inputs[1])
-        ctx.weight_shape = list(inputs[2])
+        ctx.weight_shape = list(args[2])
 
     backward = staticmethod(_weight_grad_backward)
 
@@ -685,7 +712,8 @@ class _WeightGradFunction(torch.autograd.Function):
         return terms[0] if len(terms) == 1 else terms[0] + terms[1]
 
     @staticmethod
-    def vmap(info, in_dims, input, grad_output, weight_shape, *geometry_and_algorithm):
+    def vmap(info, in_dims, input, grad_output, static):
+        weight_shape, *geometry_and_algorithm = static.args
         size = info.batch_size
         x, gy = _batch_first(input, in_dims[0], size), _batch_first(grad_output, in_dims[1], size)
         *geometry, groups, algorithm = geometry_and_algorithm
