@@ -50,7 +50,7 @@ from torch import Tensor, nn
 
 from .._fx import fx_leaf
 from ..backends.base import activate
-from ..layout import quaternion_channels
+from ..layout import like_layout, quaternion_channels
 from ..ops import norm as norm_ops
 from ..ops.conv import ACTIVATIONS
 from ..ops.lowerings import exporting_to_onnx
@@ -270,6 +270,8 @@ def _quaternion_norm(
         # (x - μ)·scale rather than x·scale - μ·scale (one pass fewer): no cancellation when |μ| >> σ.
         y = xc * scale if beta is None else torch.addcmul(beta, xc, scale)
     y = y.flatten(1, 2).to(input.dtype)
+    if whiten:  # the einsum writes channels-first: a channels_last input gets a channels_last output, as torch's
+        y = like_layout(y, input)
     return y if activation is None else activate(y, activation, negative_slope)
 
 

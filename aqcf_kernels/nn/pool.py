@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._fx import fx_leaf
-from ..layout import quaternion_channels
+from ..layout import is_channels_last, quaternion_channels
 from ..params import int_tuple
 
 IntOrTuple = int | Sequence[int]
@@ -91,10 +91,17 @@ def _max_pool(
             modulus, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode, return_indices=True
         )
     out_spatial = index.shape[2:]
-    index = index.flatten(2).unsqueeze(1).expand(n, 4, -1, -1)  # (N, 4, Cq, L_out): same for the 4 components
-    y = x4.flatten(3).gather(3, index).view(n, c, *out_spatial)
-    if return_indices:
+    if is_channels_last(x):
+        # gathered in (N, positions, 4, Cq) order, a view of x: the output is channels_last as torch's
+        # max pool's is (a channels-first gather would cost a channels_last network a copy after each pool)
+        index = index.flatten(2).transpose(1, 2).unsqueeze(2).expand(n, -1, 4, -1)  # (N, L_out, 4, Cq)
+        y = x.movedim(1, -1).flatten(1, -2).unflatten(-1, (4, c // 4)).gather(1, index)
+        y, idx = (t.reshape(n, *out_spatial, c).movedim(-1, 1) for t in (y, index))
+    else:
+        index = index.flatten(2).unsqueeze(1).expand(n, 4, -1, -1)  # (N, 4, Cq, L_out): same for the 4 components
+        y = x4.flatten(3).gather(3, index).view(n, c, *out_spatial)
         idx = index.reshape(n, c, *out_spatial)
+    if return_indices:
         return (y.squeeze(0), idx.squeeze(0)) if unbatched else (y, idx)
     return y.squeeze(0) if unbatched else y
 

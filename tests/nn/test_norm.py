@@ -136,6 +136,20 @@ def test_matches_naive_reference(kind: str, dims: int, whiten: bool) -> None:
 
 
 @pytest.mark.parametrize("whiten", [False, True], ids=["shared", "whiten"])
+@pytest.mark.parametrize("kind, dims", [("bn", 2), ("bn", 3), ("in", 2), ("in", 3)])
+def test_channels_last_input_gives_channels_last_output(kind: str, dims: int, whiten: bool) -> None:
+    """As torch.nn.BatchNorm2d/3d keep channels_last: in both modes, the values those of the naive reference."""
+    fmt = {2: torch.channels_last, 3: torch.channels_last_3d}[dims]
+    layer = (BN if kind == "bn" else IN)[dims](12, eps=1e-3, affine=True, whiten=whiten, dtype=F64)
+    randomise(layer, seed=20 + dims)
+    x = correlated(3, 3, ODD[dims], seed=30 + dims).contiguous(memory_format=fmt)
+    y = layer.train()(x)
+    expected = naive_norm(x, layer.weight.detach(), layer.bias.detach(), 1e-3, whiten, per_sample=kind == "in")
+    assert y.is_contiguous(memory_format=fmt)
+    assert_close(y, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("whiten", [False, True], ids=["shared", "whiten"])
 @pytest.mark.parametrize("fn", [quaternion_batch_norm, quaternion_instance_norm], ids=["batch", "instance"])
 def test_gradcheck_train_mode(fn, whiten: bool) -> None:
     cq = 2

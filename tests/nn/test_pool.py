@@ -108,6 +108,25 @@ def test_max_pool_picks_the_largest_modulus_quaternion(dims, spatial, kernel, st
     assert not torch.equal(per_component(x, kernel, stride, padding, dilation, ceil_mode=ceil_mode), y)
 
 
+@pytest.mark.parametrize("dims, spatial, kernel, stride, padding, dilation, ceil_mode", [c for c in CASES if c[0] > 1])
+def test_max_pool_of_channels_last_input_is_channels_last(dims, spatial, kernel, stride, padding, dilation, ceil_mode):
+    """As torch's max pool: a channels_last(_3d) input gives a channels_last output (and indices), with the values,
+    indices and gradient of the same input laid out channels-first."""
+    fmt = {2: torch.channels_last, 3: torch.channels_last_3d}[dims]
+    x = qrandn(2, 12, *spatial, seed=40 + dims + kernel)
+    pool = MAXPOOL[dims](kernel, stride, padding, dilation, ceil_mode=ceil_mode, return_indices=True)
+    x_cl = x.contiguous(memory_format=fmt).requires_grad_()
+    y_cl, idx_cl = pool(x_cl)
+    expected, _ = naive_max_pool(x, kernel, stride, padding, dilation, ceil_mode)
+    assert_close(y_cl, expected, rtol=0, atol=0)
+    assert y_cl.is_contiguous(memory_format=fmt) and idx_cl.is_contiguous(memory_format=fmt)
+    x_cf = x.clone().requires_grad_()
+    y_cf, idx_cf = pool(x_cf)
+    assert torch.equal(idx_cl, idx_cf)
+    g = qrandn(*y_cf.shape, seed=41)
+    assert_close(torch.autograd.grad(y_cl, x_cl, g)[0], torch.autograd.grad(y_cf, x_cf, g)[0], rtol=0, atol=0)
+
+
 def test_max_pool_keeps_components_of_one_quaternion_together() -> None:
     # Craft a window where the largest |r| and the largest |q| sit at different positions.
     x = torch.zeros(1, 4, 1, 2, dtype=F64)
