@@ -90,7 +90,7 @@ from .._fx import fx_leaf
 from ..functional import quaternion_linear
 from ..ops import rnn_cell as rnn_cell_ops
 from ..ops.lowerings import exporting_to_onnx, rnn_sequence_lowering
-from ..params import same_dtype_under_autocast
+from ..params import autocast_casts, same_dtype_under_autocast
 from ..quaternion import check_algorithm
 from ._base import COMPONENTS, check_quaternion_channels
 from .init import check_init, init_quaternion_
@@ -112,6 +112,18 @@ _rnn_cell, _lstm_cell, _ligru_cell = rnn_cell_ops.rnn_cell, rnn_cell_ops.lstm_ce
 
 
 _expanded_weight = rnn_cell_ops.expanded_weight
+
+
+def _autocast_plan(proj: Tensor, *others: Tensor | None) -> tuple[torch.dtype, torch.dtype] | None:
+    """Under ``torch.autocast`` (on for ``proj``'s device, and ``proj`` a dtype it casts): ``(the dtype the
+    recurrence runs in, the dtype of its outputs)``, the second the autocast dtype, the first too where a fused
+    kernel serves it (:func:`aqcf_kernels.ops.rnn_cell.available`, asked on zero-stride stand-ins: no copy),
+    else float32. ``None`` without autocast."""
+    if not autocast_casts(proj):
+        return None
+    dtype = torch.get_autocast_dtype(proj.device.type)
+    stand_ins = [None if t is None else t.new_empty(1, dtype=dtype).expand(t.shape) for t in (proj, *others)]
+    return (dtype if rnn_cell_ops.available(*stand_ins) else torch.float32), dtype
 
 
 def _direction_suffix(direction: int) -> str:
@@ -409,6 +421,22 @@ class _QuaternionRNNBase(nn.Module):
         # bias (b_ih + b_hh: one pass fewer), then the norm (the LiGRU, which never has b_hh).
         bias = b_hh if b_ih is None else (b_ih if b_hh is None else b_ih + b_hh)
         proj = self._normalize(sfx, quaternion_linear(x, w_ih, bias, algorithm=self.algorithm))
+        plan = _autocast_plan(proj, h0, c0, w_hh)
+        if plan is None:
+            return self._recurrence(proj, w_hh, sizes, h0, c0, reverse)
+        # Under autocast the recurrence is one op, as torch.nn.LSTM is: its outputs in the autocast dtype. It
+        # runs in that dtype where a fused kernel serves it (Triton on CUDA), else in float32 (the C++ kernel
+        # on CPU): left to autocast op by op, its mixed dtypes took the composite loop, 11x slower on CPU.
+        run, out = plan
+        with torch.autocast(proj.device.type, enabled=False):
+            cast = [None if t is None else t.to(run) for t in (proj, w_hh, h0, c0)]
+            output, h, c = self._recurrence(*cast[:2], sizes, *cast[2:], reverse)
+        return output.to(out), h.to(out), (None if c is None else c.to(out))
+
+    def _recurrence(
+        self, proj: Tensor, w_hh: Tensor, sizes: list[int] | None, h0: Tensor, c0: Tensor | None, reverse: bool
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """:meth:`_run_direction` from the input projection ``proj`` on: the recurrence over every step."""
         # while torch.onnx.export captures a model: the op's lowering, one ONNX Scan over a dynamic length
         # (this loop would fix it to the example's), whether or not a fused kernel serves (see ops.lowerings)
         exporting = exporting_to_onnx()

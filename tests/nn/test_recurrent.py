@@ -14,6 +14,7 @@ from torch.testing import assert_close
 
 from aqcf_kernels import reference as ref
 from aqcf_kernels.nn import QuaternionLiGRU, QuaternionLSTM, QuaternionRNN
+from aqcf_kernels.ops import rnn_cell as rnn_cell_ops
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
 
@@ -391,3 +392,38 @@ def test_zero_size_batch_in_training_gives_empty_outputs(cls):
 def test_input_dtype_other_than_the_parameters_names_the_layer(cls):
     with pytest.raises(TypeError, match=rf"{cls.__name__}: input is torch.float64 on cpu but the layer's parameters"):
         cls(8, 8)(torch.randn(3, 2, 8, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["tensor", "packed"])
+@pytest.mark.parametrize("mode", ["rnn", "lstm", "ligru"])
+def test_under_cpu_autocast_the_outputs_are_bfloat16_as_torch_nn_lstm_s(mode, packed, monkeypatch):
+    """As torch.nn.RNN/GRU/LSTM under CPU bf16 autocast: output and final states in bfloat16, the parameters'
+    gradients in float32, the values the float32 layer's within bf16 rounding. The recurrence runs as one
+    fused op in float32, the dtype the compiled CPU kernel serves (a packed sequence: the composite loop, in
+    float32): left to autocast op by op it took the composite loop in mixed dtypes, 11x slower."""
+    layer = make_layer(mode, input_size=16, hidden_size=16, num_layers=2, bidirectional=True).float()
+    x = torch.randn(7, 3, 16, generator=_gen(21))
+    lengths = torch.tensor([7, 5, 2])
+
+    def run(inputs):
+        out, state = layer(pack_padded_sequence(inputs, lengths) if packed else inputs)
+        out = pad_packed_sequence(out)[0] if packed else out
+        return out, (state if isinstance(state, tuple) else (state,))
+
+    out32, states32 = run(x)
+    received = []  # the dtype of proj at each call of the fused op
+    fused = torch.ops.aqcf.rnn_sequence
+    monkeypatch.setattr(torch.ops.aqcf, "rnn_sequence", lambda proj, *a: received.append(proj.dtype) or fused(proj, *a))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, states = run(x)
+    reference = torch.nn.LSTM(16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert reference(x)[0].dtype == torch.bfloat16  # what a drop-in layer matches
+    assert out.dtype == torch.bfloat16 and all(s.dtype == torch.bfloat16 for s in states)
+    for got, want in zip((out, *states), (out32, *states32), strict=True):
+        assert ((got.float() - want).norm() / want.norm()).item() <= 2e-2
+    out.float().square().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in layer.parameters())
+    stand_in = x.new_empty(1).expand(7, 3, 16 * rnn_cell_ops.GATES[mode])
+    expected = [] if packed or not rnn_cell_ops.available(stand_in) else [torch.float32] * 4  # 2 layers x 2 directions
+    assert received == expected

@@ -306,3 +306,28 @@ def test_layer_runs_its_directions_on_the_kernels(triton_calls, monkeypatch):
     assert triton_calls == {"forward": 2 * (DEVICE == "cuda") + 2, "backward": 2 * (DEVICE == "cuda") + 2}
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_under_autocast_a_layer_runs_the_kernels_in_the_autocast_dtype(triton_calls, monkeypatch):
+    """Under bf16 autocast a QuaternionLSTM's recurrence is one fused op in bfloat16 where the Triton kernels
+    serve that dtype (the CUDA rule; forced here on CPU): output and states bfloat16, as torch.nn.LSTM's, values
+    the float32 layer's within bf16 rounding, gradients reaching every parameter in float32."""
+    from aqcf_kernels.backends.triton import rnn_cell as triton_rnn
+    from aqcf_kernels.nn import QuaternionLSTM
+
+    layer = QuaternionLSTM(8, 12).to(DEVICE)
+    x = torch.randn(3, 3, 8, generator=torch.Generator().manual_seed(71)).to(DEVICE)
+    with torch.no_grad():
+        want, (h_want, c_want) = layer(x)
+    received = []
+    spied = triton_rnn.forward  # the fixture's counting spy
+    monkeypatch.setattr(triton_rnn, "forward", lambda proj, *a: received.append(proj.dtype) or spied(proj, *a))
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        out, (h, c) = layer(x)
+    assert received == [torch.bfloat16]
+    for got, ref in ((out, want), (h, h_want), (c, c_want)):
+        assert got.dtype == torch.bfloat16
+        assert ((got.float() - ref).norm() / ref.norm()).item() <= 2e-2
+    out.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in layer.parameters())
+    assert triton_calls["backward"] == 1
