@@ -74,6 +74,10 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
     return path
 
 
+class CheckpointMismatchError(ValueError):
+    """A checkpoint whose weights do not load into the model its own config describes (one line naming it)."""
+
+
 class UnsafeCheckpointError(ValueError):
     """A file that ``torch.load(weights_only=True)`` refuses because its pickle imports or calls more
     than tensors and plain values need; it was not run."""
@@ -289,7 +293,12 @@ def load_run_checkpoint(
     ckpt = load_checkpoint(path)
     cfg = RunConfig.from_dict(ckpt["config"], f"{path} (config)")
     model = build_model(cfg)
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:  # state dict and config disagree: a damaged or hand-edited checkpoint
+        raise CheckpointMismatchError(
+            f"checkpoint {path} does not load into the model its config describes ({_first_line(e)})"
+        ) from e
     return model.to(device).eval(), cfg, checkpoint_info(ckpt, path)
 
 

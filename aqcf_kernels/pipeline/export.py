@@ -744,7 +744,7 @@ def export_run(
     Raises:
         ExportError, DeviceError: one-line user-facing errors.
     """
-    from .checkpoint import load_run_checkpoint
+    from .checkpoint import CheckpointMismatchError, load_run_checkpoint
     from .predict import PredictError, _checkpoint_path
 
     formats = list(dict.fromkeys(formats))
@@ -767,9 +767,8 @@ def export_run(
     dev = resolve_device(device)
     try:
         net, cfg, info = load_run_checkpoint(path, dev)
-    except RuntimeError as e:  # state dict and config disagree: a damaged or hand-edited checkpoint
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ExportError(f"checkpoint {path} does not load into the model its config describes ({first})") from e
+    except CheckpointMismatchError as e:  # state dict and config disagree: a damaged or hand-edited checkpoint
+        raise ExportError(str(e)) from e
     if modality == "all":
         modalities = list(cfg.modalities)
     elif modality in cfg.modalities:

@@ -76,15 +76,15 @@ def resolve_checkpoint(
         raise FileNotFoundError(f"run folder {run_dir} does not exist (expected the --out folder of aqcf-train)")
     named = str(checkpoint) in ("best", "last")
     path = run_dir / f"{checkpoint}.pt" if named else Path(checkpoint)
+    if not path.is_file():  # first: a mistyped path is missing, whatever its suffix says it would be
+        hint = missing_checkpoint_hint(run_dir, command, several=several) if named else ""
+        raise FileNotFoundError(f"checkpoint {path} does not exist" + (f"; {hint}" if hint else ""))
     what = NOT_TRAINING_CHECKPOINTS.get(path.suffix.lower())
     if what is not None and not named:
         raise ValueError(
             f"--checkpoint {path}: {what}; {command} needs a training checkpoint (.pt: best, last or a file "
             "aqcf-train wrote), not an exported one"
         )
-    if not path.is_file():
-        hint = missing_checkpoint_hint(run_dir, command, several=several) if named else ""
-        raise FileNotFoundError(f"checkpoint {path} does not exist" + (f"; {hint}" if hint else ""))
     return path
 
 

@@ -339,7 +339,7 @@ def load_members(
     expanded-conv baseline build). Raises :class:`PredictError` for missing runs or checkpoints, and
     when the members preprocess differently (an ensemble averages on one preprocessed grid).
     """
-    from .checkpoint import load_for_inference
+    from .checkpoint import CheckpointMismatchError, load_for_inference
     from .data import preprocess_config
 
     dirs = _member_dirs(Path(run).expanduser(), folds)
@@ -363,9 +363,8 @@ def load_members(
                     raise PredictError(str(e)) from None
             else:
                 model, cfg = load_for_inference(path, device)
-        except RuntimeError as e:  # state dict and config disagree: a damaged or hand-edited checkpoint
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise PredictError(f"checkpoint {path} does not load into the model its config describes ({first})") from e
+        except CheckpointMismatchError as e:  # state dict and config disagree: a damaged or hand-edited checkpoint
+            raise PredictError(str(e)) from e
         if prepare_model is not None:
             model = prepare_model(model)
         members.append(Member(d, path, model.eval(), cfg))

@@ -410,6 +410,33 @@ def test_exported_program_is_not_a_training_checkpoint(trained, tmp_path: Path, 
     assert not out.exists()
 
 
+@pytest.mark.parametrize("tool", ["evaluate", "explain", "predict", "export"])
+def test_a_checkpoint_its_config_does_not_describe_is_one_line(trained, datasets, tmp_path: Path, capsys, tool) -> None:
+    """Weights that do not fit the model of the checkpoint's own config (a hand-edited file): evaluate and explain
+    printed load_state_dict's traceback, predict and export one line; now all four that line."""
+    run = trained("ct")
+    capsys.readouterr()
+    ckpt = torch.load(run / "best.pt", weights_only=True)
+    ckpt["config"]["model"]["features"] = [f * 2 for f in ckpt["config"]["model"]["features"]]
+    edited = tmp_path / "edited.pt"
+    torch.save(ckpt, edited)
+    out = tmp_path / "out"
+    assert MAINS[tool]([*_argv(tool, datasets, run, out), "--checkpoint", str(edited)]) == 2
+    _one_error_line(capsys.readouterr().err, tool, str(edited), "does not load into the model its config describes")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("tool", ["evaluate", "explain"])
+def test_a_missing_exported_file_is_missing_not_the_wrong_kind(trained, tmp_path: Path, capsys, tool) -> None:
+    """A mistyped ``--checkpoint x.pt2`` was refused as "an exported program": it does not exist."""
+    run = trained("ct")
+    capsys.readouterr()
+    missing = tmp_path / "nowhere" / "model.pt2"
+    assert MAINS[tool]([str(run), "--checkpoint", str(missing), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    line = _one_error_line(capsys.readouterr().err, tool, str(missing), "does not exist")
+    assert "exported program" not in line
+
+
 def test_run_folder_without_checkpoints_or_with_fold_folders(trained, tmp_path: Path, capsys) -> None:
     """aqcf-export of an empty folder said "(it has )"; evaluate/explain of a cross-validation's parent folder said
     only "best.pt does not exist": now what it holds and how to pass its folds."""
