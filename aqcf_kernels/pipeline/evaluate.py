@@ -21,6 +21,11 @@ original grid against the dataset's own label file (:func:`score_case`). Written
   ORIGINAL image grid with the input's affine and header, so they overlay the input in any viewer
   (skipped with ``--no-masks``).
 
+The checkpoint part of the default folder is ``best``, ``last``, the stem of a file of the run, or
+``{folder}-{stem}`` for another run's file. A folder that holds an earlier evaluation gets this one's files
+only: what the earlier ``results.json`` lists and this one did not rewrite (masks, a modality's table) is
+removed, other files are left alone, and a ``note:`` line says so.
+
 Which weights were scored is always said: the checkpoint file, the epoch its weights are from, and
 the criterion that made it ``best.pt`` (:func:`~aqcf_kernels.pipeline.checkpoint.checkpoint_info`)
 are printed, written under ``checkpoint_info`` in ``results.json`` and as a line of ``results.md``.
@@ -67,8 +72,45 @@ __all__ = ["METRICS", "evaluate", "evaluate_runs", "main", "resolve_checkpoint",
 METRICS = ("dice_liver", "dice_tumour", "hd95_liver", "hd95_tumour")
 
 
-def _tag(checkpoint: str | Path) -> str:
-    return str(checkpoint) if str(checkpoint) in ("best", "last") else Path(checkpoint).stem
+def _tag(checkpoint: str | Path, path: Path, run_dir: Path) -> str:
+    """The default output folder's checkpoint part: ``best``, ``last``, a file of the run by its stem, and a file
+    from elsewhere by its folder too (``run_ct-best``): another run's ``best.pt`` wrote into this run's own
+    ``eval_test_best``."""
+    if str(checkpoint) in ("best", "last"):
+        return str(checkpoint)
+    folder = path.resolve().parent
+    return path.stem if folder == run_dir.resolve() else f"{folder.name}-{path.stem}"
+
+
+def _recorded_outputs(out: Path) -> set[Path]:
+    """The files an earlier evaluation wrote into ``out``, as its ``results.json`` lists them (the results, the
+    per-case tables, the masks); only paths inside ``out``; empty where there is no such record."""
+    try:
+        old = json.loads((out / "results.json").read_text())
+    except (OSError, ValueError):
+        return set()
+    if not isinstance(old, dict) or not isinstance(old.get("modalities"), dict):
+        return set()
+    files = {out / "results.json", out / "results.md"}
+    for modality, entry in old["modalities"].items():
+        files.add(out / f"per_case_{modality}.csv")
+        cases = entry.get("cases", []) if isinstance(entry, dict) else []
+        files.update(out / row["mask"] for row in cases if isinstance(row, dict) and isinstance(row.get("mask"), str))
+    inside = out.resolve()
+    return {f for f in files if inside in f.resolve().parents}
+
+
+def _remove_stale(out: Path, stale: set[Path]) -> None:
+    """Delete ``stale`` files and the folders under ``out`` they leave empty."""
+    for path in stale:
+        path.unlink(missing_ok=True)
+    for folder in sorted({p.parent for p in stale}, key=lambda p: len(p.parts), reverse=True):
+        while folder != out and out in folder.parents:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (or gone): leave it
+                break
+            folder = folder.parent
 
 
 def _json_safe(value: Any) -> Any:
@@ -167,8 +209,11 @@ def evaluate(
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     run_dir = Path(run_dir)
     out_argument = "--out" if out is not None else "output folder"
-    out = check_output_dir(out if out is not None else run_dir / f"eval_{split}_{_tag(checkpoint)}", out_argument)
+    if out is not None:
+        out = check_output_dir(out, out_argument)
     ckpt_path = resolve_checkpoint(run_dir, checkpoint, command="aqcf-evaluate", several=True)
+    if out is None:
+        out = check_output_dir(run_dir / f"eval_{split}_{_tag(checkpoint, ckpt_path, run_dir)}", out_argument)
     model, cfg, info = load_run_checkpoint(ckpt_path, torch_device)
     apply_overrides(cfg, data_overrides, sections=("data",))
     cfg.validate()  # an override is checked as in training (e.g. data.hu_window), not met deep in preprocessing
@@ -201,6 +246,14 @@ def _evaluate_into(
 
     from ..data import write_prediction
 
+    # An earlier evaluation here (a rerun, --no-masks, another checkpoint or split): its record goes first, so a
+    # failure below leaves no results that describe files it did not write, and what this one does not rewrite
+    # goes at the end, so the folder holds this evaluation's files only.
+    earlier = _recorded_outputs(out)
+    if earlier:
+        _remove_stale(out, {out / "results.json", out / "results.md"})
+        note(f"{out} held an earlier evaluation: its files are replaced")
+    written: set[Path] = {out / "results.json", out / "results.md"}
     results: dict[str, Any] = {
         "run_dir": str(run_dir),
         "checkpoint": str(ckpt_path),
@@ -228,6 +281,7 @@ def _evaluate_into(
                 if write_masks:
                     mask = write_prediction(pred, case, out / "masks" / modality / f"{case.case_id}.nii.gz")
                     row["mask"] = str(mask.relative_to(out))
+                    written.add(mask)
                 row["seconds"] = time.perf_counter() - started
                 rows.append(row)
                 if not math.isnan(row["dice_tumour"]):
@@ -237,6 +291,7 @@ def _evaluate_into(
         summaries[modality] = summarise([{k: row[k] for k in METRICS} for row in rows])
         results["modalities"][modality] = {"summary": summaries[modality], "cases": rows}
         _write_csv(out / f"per_case_{modality}.csv", rows)
+        written.add(out / f"per_case_{modality}.csv")
 
     fold = "" if cfg.data.fold is None else f", fold {cfg.data.fold}"
     epoch = "" if info["epoch"] is None else f" (epoch {info['epoch']})"
@@ -245,6 +300,7 @@ def _evaluate_into(
     checkpoint_line = f"Checkpoint {info['description']}."
     (out / "results.md").write_text(f"{table}\n{checkpoint_line}\n")
     (out / "results.json").write_text(json.dumps(_json_safe(results), indent=1) + "\n")
+    _remove_stale(out, earlier - written)
     if echo:
         print(table, end="", flush=True)
         print(checkpoint_line, flush=True)

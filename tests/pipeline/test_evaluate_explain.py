@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -142,6 +143,39 @@ def test_evaluate_cli(trained, tmp_path: Path, capsys) -> None:
     assert "| ct |" in capsys.readouterr().out
     assert (tmp_path / "results.json").is_file() and not (tmp_path / "masks").exists()
     assert json.loads((tmp_path / "results.json").read_text())["split"] == "val"
+
+
+def test_an_evaluation_replaces_an_earlier_one_in_its_folder(trained, tmp_path: Path, capsys) -> None:
+    """A second evaluation into one folder (here --no-masks after masks, on the joint run, then the ct run's
+    checkpoint into the same --out): its files only, nothing of the earlier one left beside them (its masks and
+    the per-case table of a modality it no longer has stayed, under results that did not describe them); the
+    user's own files in the folder untouched."""
+    run_dir = trained("joint")
+    out = tmp_path / "eval"
+    ev.evaluate(run_dir, out=out, progress=False, echo=False)
+    masks = sorted(out.glob("masks/*/*.nii.gz"))
+    assert masks and (out / "per_case_mri.csv").is_file()
+    (out / "mine.txt").write_text("a note of the user's\n")
+    capsys.readouterr()
+    ev.evaluate(run_dir, out=out, write_masks=False, progress=False, echo=False)
+    assert f"{out} held an earlier evaluation" in capsys.readouterr().err
+    assert not (out / "masks").exists()
+    ct_run = trained("ct")
+    ev.evaluate(run_dir, checkpoint=ct_run / "best.pt", out=out, write_masks=False, progress=False, echo=False)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["mine.txt", "per_case_ct.csv", "results.json", "results.md"]
+    assert json.loads((out / "results.json").read_text())["mode"] == "ct"
+
+
+def test_another_runs_checkpoint_gets_its_own_default_folder(trained, tmp_path: Path) -> None:
+    """``aqcf-evaluate RUN --checkpoint OTHER/best.pt`` wrote into RUN/eval_test_best, RUN's own best's folder."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained("ct"), run_dir)
+    other = tmp_path / "other"
+    shutil.copytree(trained("ct"), other)
+    ev.evaluate(run_dir, checkpoint=other / "best.pt", write_masks=False, progress=False, echo=False)
+    ev.evaluate(run_dir, checkpoint=run_dir / "last.pt", write_masks=False, progress=False, echo=False)
+    assert sorted(p.name for p in run_dir.glob("eval_*")) == ["eval_test_last", "eval_test_other-best"]
 
 
 def test_evaluate_errors(trained, tmp_path: Path, capsys) -> None:
