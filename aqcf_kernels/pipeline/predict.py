@@ -33,8 +33,8 @@ the run's resampling), predicted with MONAI's sliding window (:mod:`aqcf_kernels
 
 Several models are averaged (softmax probabilities) when ``--folds`` names more run folders, fold
 names (``--folds 0 1 2``: ``RUN/fold_0`` or ``RUN/fold0`` ...), or when ``--run`` holds no checkpoint
-itself but ``fold*`` subfolders that do (nnU-Net's layout). The members must share the preprocessing
-(CT window, spacing).
+itself but ``fold*`` subfolders that do (nnU-Net's layout and default: its numbered folds, ``fold_all`` only
+when named or alone). The members must share the preprocessing (CT window, spacing).
 
 ``--checkpoint FILE.pt2`` predicts with a program written by ``aqcf-export`` (one modality, no model code
 needed; its run config travels inside it).
@@ -264,7 +264,12 @@ def _checkpoints_in(folder: Path) -> list[Path]:
 
 
 def _fold_dirs(folder: Path) -> list[Path]:
-    return fold_folders(folder, PREDICTABLE)
+    """The runs of a cross-validation's folder that an ensemble takes unasked: its numbered folds (``fold_0``,
+    ``fold1`` ...), as nnU-Net's default ensemble; ``fold_all`` (trained on every training case, a model of its
+    own: ``--folds all`` names it) only when it is all the folder holds."""
+    found = fold_folders(folder, PREDICTABLE)
+    numbered = [d for d in found if d.name.removeprefix("fold").removeprefix("_").isdigit()]
+    return numbered or found
 
 
 def _member_dirs(run: Path, folds: Sequence[str]) -> list[Path]:
@@ -715,7 +720,8 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         type=Path,
         metavar="RUN_DIR",
-        help="the --out folder of aqcf-train (or one with fold_*/)",
+        help="the --out folder of aqcf-train, or a cross-validation's folder: its numbered fold_*/ are ensembled "
+        "(fold_all only with --folds all, or when it is the only one)",
     )
     p.add_argument(
         "--modality",

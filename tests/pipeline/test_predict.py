@@ -239,6 +239,23 @@ def test_tta_ensemble_probabilities_postprocess(trained, phantom, tmp_path: Path
     np.testing.assert_array_equal(post, pr.keep_largest_liver(raw))
 
 
+def test_a_cross_validation_folder_ensembles_its_numbered_folds(trained, tmp_path: Path) -> None:
+    """As nnU-Net's default: ``--run CV`` takes fold_0, fold_1 ... and not fold_all (trained on every training case:
+    a model of its own, which the ensemble took too); ``--folds all`` names it; alone, it is the run."""
+    cv = tmp_path / "cv"
+    for name in ("fold_0", "fold_1", "fold_all"):
+        shutil.copytree(trained("ct"), cv / name)
+
+    def members(run: Path, *folds: str) -> list[str]:
+        return [m.run_dir.name for m in pr.load_members(run, folds)]
+
+    assert members(cv) == ["fold_0", "fold_1"]
+    assert members(cv, "0", "all") == ["fold_0", "fold_all"]
+    for name in ("fold_0", "fold_1"):
+        shutil.rmtree(cv / name)
+    assert members(cv) == ["fold_all"]
+
+
 def test_dataset_folder_matches_evaluation_path(trained, datasets, tmp_path: Path, capsys) -> None:
     """-i at a LiTS-layout folder: segmentations skipped; masks equal the cache + predict_labels path."""
     from aqcf_kernels.data import find_cases, preprocess_case, restore_to_original
