@@ -58,6 +58,7 @@ import csv
 import json
 import os
 import re
+import shlex
 import shutil
 import sys
 import tempfile
@@ -629,6 +630,7 @@ def predict(
     device: str = "auto",
     progress: bool | None = None,
     prepare_model: Callable[[Any], Any] | None = None,
+    command: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Predict every input case and write masks, ``summary.csv`` and ``predict.json`` to ``out``.
 
@@ -645,6 +647,8 @@ def predict(
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         progress: a tqdm bar per case (``None``: only on a terminal; ``False``: never).
         prepare_model: applied to each loaded network (benchmarks: a baseline build of the same weights).
+        command: the command line that asked for this (``aqcf-predict``'s), recorded in ``predict.json``
+            shell-quoted, so it can be pasted back; ``None`` for a call from Python.
 
     Returns:
         The rows of ``summary.csv`` (volumes as floats).
@@ -684,7 +688,7 @@ def predict(
                 f"summary.csv are in {out}"
             ) from e
         provenance = {
-            "command": " ".join(sys.argv) if sys.argv else None,
+            "command": None if command is None else shlex.join(command),
             "members": [{"run_dir": str(m.run_dir), "checkpoint": str(m.checkpoint)} for m in members],
             "device": str(dev),
             "tta": tta,
@@ -778,6 +782,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             postprocess=args.postprocess,
             device=args.device,
             progress=False if args.quiet else None,
+            command=["aqcf-predict", *(sys.argv[1:] if argv is None else argv)],
         )
     except KeyboardInterrupt as e:  # while loading (nothing written yet) or predicting (PredictInterrupted)
         what = e if isinstance(e, PredictInterrupted) else "interrupted: nothing written"

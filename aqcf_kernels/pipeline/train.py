@@ -416,6 +416,13 @@ def train(
         raise save_on_interrupt(run) from None
     if run.main_process:
         _ensure_best_checkpoint(run)
+        if stop < t.epochs:  # the job-length limit, not the run's end: say where it is and how it goes on
+            print(
+                f"aqcf-train: stopped after epoch {stop} of {t.epochs} (--max-epochs-this-run {max_epochs_this_run}); "
+                f"{run.run_dir / 'last.pt'} holds it; continue with: aqcf-train --out {shlex.quote(str(run.run_dir))} "
+                "--resume",
+                flush=True,
+            )
     return record
 
 

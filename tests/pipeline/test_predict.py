@@ -10,7 +10,9 @@ model learned. The trained tiny run (``trained("ct")``) covers loading, ensemble
 from __future__ import annotations
 
 import csv
+import json
 import math
+import shlex
 import shutil
 from pathlib import Path
 
@@ -237,6 +239,21 @@ def test_tta_ensemble_probabilities_postprocess(trained, phantom, tmp_path: Path
     raw = np.load(tmp_path / "pp" / "scan.npz")["probabilities"].argmax(0).astype(np.uint8)
     post = _check_mask(tmp_path / "pp" / "scan.nii.gz", hu.shape, affine)
     np.testing.assert_array_equal(post, pr.keep_largest_liver(raw))
+
+
+def test_predict_json_records_the_command_quoted(trained, phantom, tmp_path: Path, capsys) -> None:
+    """predict.json's command is the one given to aqcf-predict, shell-quoted (a path with a space, as LiTS's
+    "Training Batch 1", was written unquoted, and from a Python call it was the host program's sys.argv)."""
+    hu, affine = phantom
+    (tmp_path / "Training Batch 1").mkdir()
+    scan = _write_nifti(tmp_path / "Training Batch 1" / "scan.nii.gz", hu, affine)
+    argv = ["-i", str(scan), "-o", str(tmp_path / "out"), "--run", str(trained("ct")), "--quiet"]
+    capsys.readouterr()
+    assert pr.main(argv) == 0
+    command = json.loads((tmp_path / "out" / "predict.json").read_text())["command"]
+    assert shlex.split(command) == ["aqcf-predict", *argv]
+    pr.predict([scan], tmp_path / "api", trained("ct"), progress=False)
+    assert json.loads((tmp_path / "api" / "predict.json").read_text())["command"] is None
 
 
 def test_a_cross_validation_folder_ensembles_its_numbered_folds(trained, tmp_path: Path) -> None:

@@ -32,8 +32,15 @@ def _interrupt_line(err: str) -> str:
 def test_resume_with_another_config_lists_the_differences(datasets, tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
     args = _args(datasets, out)
+    capsys.readouterr()
     assert tr.main([*args, "--max-epochs-this-run", "1"]) == 0
     assert load_checkpoint(out / "last.pt")["epochs_done"] == 1
+    # stopped short of the run's end: one line says where and how it goes on (it ended in silence)
+    stopped = [line for line in capsys.readouterr().out.splitlines() if line.startswith("aqcf-train: stopped")]
+    assert stopped == [
+        f"aqcf-train: stopped after epoch 1 of 2 (--max-epochs-this-run 1); {out / 'last.pt'} holds it; "
+        f"continue with: aqcf-train --out {out} --resume"
+    ]
     before = (out / "last.pt").read_bytes()
 
     changed = [*args, "--set", "train.lr=0.01", "--set", "train.epochs=3", "--fold", "0", "--resume"]
