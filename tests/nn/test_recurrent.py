@@ -400,7 +400,7 @@ def test_under_cpu_autocast_the_outputs_are_bfloat16_as_torch_nn_lstm_s(mode, pa
     """As torch.nn.RNN/GRU/LSTM under CPU bf16 autocast: output and final states in bfloat16, the parameters'
     gradients in float32, the values the float32 layer's within bf16 rounding. The recurrence runs as one
     fused op in float32, the dtype the compiled CPU kernel serves (a packed sequence: the composite loop, in
-    float32): left to autocast op by op it took the composite loop in mixed dtypes, 11x slower."""
+    float32): left to autocast op by op it took the composite loop in mixed dtypes."""
     layer = make_layer(mode, input_size=16, hidden_size=16, num_layers=2, bidirectional=True).float()
     x = torch.randn(7, 3, 16, generator=_gen(21))
     lengths = torch.tensor([7, 5, 2])
