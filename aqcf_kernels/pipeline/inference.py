@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import RunConfig
-from .runs import checkpoints_in, fold_folders
+from .runs import checkpoints_in, ensemble_folds, fold_folders
 
 if TYPE_CHECKING:
     from ..data import CachedCase
@@ -47,10 +47,10 @@ def missing_checkpoint_hint(run_dir: str | Path, command: str, *, several: bool 
     folds = fold_folders(run_dir)
     if folds:
         names = ", ".join(d.name for d in folds)
-        if several:
+        if several:  # the runs a summary over the cross-validation takes: its numbered folds, as predict's ensemble
             return (
                 f"{run_dir} holds the fold folders {names} of a cross-validation: pass them as run folders, "
-                f"{command} {' '.join(shlex.quote(str(d)) for d in folds)}"
+                f"{command} {' '.join(shlex.quote(str(d)) for d in ensemble_folds(run_dir))}"
             )
         return (
             f"{run_dir} holds the fold folders {names} of a cross-validation: pass one of them, e.g. "

@@ -73,7 +73,7 @@ import numpy as np
 from ..data.outputs import check_output_dir, output_dir
 from .allocator import add_malloc_argument, apply_malloc_choice
 from .device import DEVICE_CHOICES_HELP, DeviceError, resolve_device
-from .runs import PREDICTABLE, checkpoints_in, fold_folders
+from .runs import PREDICTABLE, checkpoints_in, ensemble_folds
 
 __all__ = [
     "CLASSES",
@@ -265,12 +265,8 @@ def _checkpoints_in(folder: Path) -> list[Path]:
 
 
 def _fold_dirs(folder: Path) -> list[Path]:
-    """The runs of a cross-validation's folder that an ensemble takes unasked: its numbered folds (``fold_0``,
-    ``fold1`` ...), as nnU-Net's default ensemble; ``fold_all`` (trained on every training case, a model of its
-    own: ``--folds all`` names it) only when it is all the folder holds."""
-    found = fold_folders(folder, PREDICTABLE)
-    numbered = [d for d in found if d.name.removeprefix("fold").removeprefix("_").isdigit()]
-    return numbered or found
+    """The runs of a cross-validation's folder that an ensemble takes unasked (``--folds all`` names fold_all)."""
+    return ensemble_folds(folder, PREDICTABLE)
 
 
 def _member_dirs(run: Path, folds: Sequence[str]) -> list[Path]:

@@ -22,3 +22,12 @@ def fold_folders(folder: str | Path, patterns: tuple[str, ...] = TRAINING_CHECKP
     checkpoint (``patterns``): ``folder`` is then the parent of a cross-validation's runs (``aqcf-train --fold
     k --out folder/fold_k``), not a run itself."""
     return [d for d in sorted(Path(folder).glob("fold*")) if d.is_dir() and checkpoints_in(d, patterns)]
+
+
+def ensemble_folds(folder: str | Path, patterns: tuple[str, ...] = TRAINING_CHECKPOINTS) -> list[Path]:
+    """The fold folders (:func:`fold_folders`) a cross-validation's results are taken over unasked: its numbered
+    folds (``fold_0``, ``fold1`` ...), as nnU-Net's default ensemble; ``fold_all`` (trained on every training
+    case, a model of its own) only when it is all the folder holds."""
+    found = fold_folders(folder, patterns)
+    numbered = [d for d in found if d.name.removeprefix("fold").removeprefix("_").isdigit()]
+    return numbered or found

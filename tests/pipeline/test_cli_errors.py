@@ -446,9 +446,10 @@ def test_run_folder_without_checkpoints_or_with_fold_folders(trained, tmp_path: 
     line = _one_error_line(capsys.readouterr().err, "export", str(empty), "holds no checkpoints")
     assert "it has )" not in line
     cv = tmp_path / "cv"
-    for k in (0, 1):
+    for k in (0, 1, "all"):
         shutil.copytree(trained("ct"), cv / f"fold_{k}")
     capsys.readouterr()
+    # a summary over the cross-validation takes its numbered folds, not fold_all (as aqcf-predict's ensemble)
     hints = {
         "evaluate": f"pass them as run folders, aqcf-evaluate {cv / 'fold_0'} {cv / 'fold_1'}",
         "explain": f"pass one of them, e.g. aqcf-explain {cv / 'fold_0'}",
@@ -456,7 +457,8 @@ def test_run_folder_without_checkpoints_or_with_fold_folders(trained, tmp_path: 
     }
     for tool, hint in hints.items():
         assert MAINS[tool](_argv(tool, None, cv, tmp_path / "out")) == 2
-        _one_error_line(capsys.readouterr().err, tool, "holds the fold folders fold_0, fold_1", hint)
+        line = _one_error_line(capsys.readouterr().err, tool, "holds the fold folders fold_0, fold_1, fold_all", hint)
+        assert line.endswith(hint), line
     assert not (tmp_path / "out").exists()
 
 
