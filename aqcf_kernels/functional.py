@@ -20,6 +20,7 @@ from .ops.conv import ACTIVATIONS, call_qconv
 from .ops.func import transforms_active
 from .ops.lowerings import exporting_to_onnx
 from .params import IntOrSeq, check_conv_args, same_dtype_under_autocast
+from .quaternion import check_algorithm
 
 
 @fx_leaf_function
@@ -170,6 +171,13 @@ def quaternion_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None,
             f"quaternion_linear: input has {input.shape[-1]} features, weight expects {4 * weight.shape[2]}"
         )
     # checked here too, so the error names this function and not the 1x1 conv it runs
+    check_algorithm("quaternion_linear", algorithm)
+    if not input.is_floating_point():
+        raise TypeError(f"quaternion_linear: input must be a floating-point tensor, got {input.dtype}")
+    if bias is not None and not isinstance(bias, Tensor):
+        raise TypeError(f"quaternion_linear: bias must be a Tensor or None, got {type(bias).__name__}")
+    if bias is not None and tuple(bias.shape) != (4 * weight.shape[1],):
+        raise ValueError(f"quaternion_linear: bias must have shape ({4 * weight.shape[1]},), got {tuple(bias.shape)}")
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and (not same_dtype_under_autocast(t, input) or t.device != input.device):
             raise TypeError(

@@ -55,14 +55,28 @@ class ConvParams:
         )
 
 
+def _int_like(value: object) -> int | None:
+    """``value`` as an int if it is one scalar integer (an int, numpy's, a 0-d integer tensor: what ``F.conv2d``
+    accepts for ``stride=``), else None; a bool is not one."""
+    if isinstance(value, bool) or (isinstance(value, Tensor) and (value.dim() != 0 or value.dtype == torch.bool)):
+        return None
+    if type(value).__name__ == "bool_":  # numpy's bool: an index only in old numpy
+        return None
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
 def int_tuple(owner: str, name: str, value: IntOrSeq, n: int, minimum: int | None = None) -> tuple[int, ...]:
     """The one parser of int-or-sequence arguments (``stride=2``, ``kernel_size=(3, 5)``) for an ``n``-d op.
 
     An int, or a sequence of ``n`` ints (or of one, repeated, as ``F.conv2d`` accepts); with
     ``minimum``, every element must be at least that. Errors name ``owner`` and the argument.
     """
-    if isinstance(value, int) and not isinstance(value, bool):
-        out: tuple[int, ...] = (value,) * n
+    scalar = _int_like(value)
+    if scalar is not None:
+        out: tuple[int, ...] = (scalar,) * n
     else:
         try:
             if isinstance(value, (str, bytes)) or any(isinstance(v, bool) for v in value):  # type: ignore[union-attr]
@@ -188,6 +202,10 @@ def _check_conv_args(input, weight, bias, spatial_dims, stride, padding, dilatio
         )
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
         raise ValueError(f"{kind}: groups must be a positive int, got {groups!r}")
+    if bias is not None and not isinstance(bias, Tensor):
+        raise TypeError(f"{kind}: bias must be a Tensor or None, got {type(bias).__name__}")
+    if 0 in weight.shape[3:]:
+        raise ValueError(f"{kind}: weight has a zero-size kernel {tuple(weight.shape[3:])}")
     check_algorithm(kind, algorithm)
     for name, t in (("weight", weight), ("bias", bias)):
         if t is None:

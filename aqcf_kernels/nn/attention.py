@@ -116,6 +116,8 @@ class AQCFBlock(nn.Module):
                 raise ValueError(
                     f"AQCFBlock: {name} has {f.shape[1]} channels, the block was built for {self.channels}"
                 )
+            if 0 in f.shape[2:]:
+                raise ValueError(f"AQCFBlock: {name} has no tokens (spatial size {tuple(f.shape[2:])})")
         if f_b.dtype != f_a.dtype or f_b.device != f_a.device:
             raise ValueError(f"AQCFBlock: f_b is {f_b.dtype} on {f_b.device} but f_a is {f_a.dtype} on {f_a.device}")
         if f_b.shape[0] not in (f_a.shape[0], 1):

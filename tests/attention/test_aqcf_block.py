@@ -388,8 +388,21 @@ def test_construction_errors(kwargs, match):
         ((2, 16, 5), (2, 16, 5), torch.float32, r"f_b is torch.float32 on cpu but f_a is torch.float64"),
         ((2, 16), (2, 16, 5), torch.float64, r"f_a must be \(batch, channels, \*spatial\), got \(2, 16\)"),
         ((2, 16, 5), (16, 5), torch.float64, r"f_b must be \(batch, channels, \*spatial\), got \(16, 5\)"),
+        ((2, 16, 5), (2, 16, 0), torch.float64, r"f_b has no tokens \(spatial size \(0,\)\)"),
+        ((2, 16, 3, 0), (2, 16, 5), torch.float64, r"f_a has no tokens \(spatial size \(3, 0\)\)"),
     ],
-    ids=["f_b-channels", "f_a-channels", "not-blocked", "batch", "batch-a1", "dtype", "rank-a", "rank-b"],
+    ids=[
+        "f_b-channels",
+        "f_a-channels",
+        "not-blocked",
+        "batch",
+        "batch-a1",
+        "dtype",
+        "rank-a",
+        "rank-b",
+        "no-tokens-b",
+        "no-tokens-a",
+    ],  # fmt: skip
 )
 def test_forward_errors(shape_a, shape_b, dtype_b, match):
     block = make_block(16, 2, "token", seed=30)

@@ -6,6 +6,7 @@ so they do not depend on which backend would have served the call.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -187,6 +188,41 @@ BAD_CALLS = {
         ValueError,
         r"unknown algorithm 'fast16'",
     ),
+    "bias not a tensor": (
+        lambda: qF.quaternion_conv2d(_x(*X), _x(*W), [0.0] * 8),
+        TypeError,
+        r"quaternion_conv2d: bias must be a Tensor or None, got list",
+    ),
+    "zero-size kernel": (
+        lambda: qF.quaternion_conv2d(_x(*X), _x(4, 2, 2, 0, 3)),
+        ValueError,
+        r"quaternion_conv2d: weight has a zero-size kernel \(0, 3\)",
+    ),
+    "a bool stride": (
+        lambda: qF.quaternion_conv2d(_x(*X), _x(*W), stride=torch.tensor(True)),
+        TypeError,
+        r"stride must be an int or a sequence of 2 ints",
+    ),
+    "linear: bias not a tensor": (
+        lambda: qF.quaternion_linear(_x(3, 8), _x(4, 2, 2), [0.0] * 8),
+        TypeError,
+        r"quaternion_linear: bias must be a Tensor or None, got list",
+    ),
+    "linear: bias shape": (
+        lambda: qF.quaternion_linear(_x(3, 8), _x(4, 2, 2), _x(4)),
+        ValueError,
+        r"quaternion_linear: bias must have shape \(8,\), got \(4,\)",
+    ),
+    "linear: unknown algorithm": (
+        lambda: qF.quaternion_linear(_x(3, 8), _x(4, 2, 2), algorithm="x"),
+        ValueError,
+        r"quaternion_linear: unknown algorithm 'x'",
+    ),
+    "linear: integer input": (
+        lambda: qF.quaternion_linear(_x(3, 8, dtype=torch.int64), _x(4, 2, 2, dtype=torch.int64)),
+        TypeError,
+        r"quaternion_linear: input must be a floating-point tensor",
+    ),
 }
 
 
@@ -195,6 +231,19 @@ def test_bad_argument_raises_error_naming_it(case):
     call, exc, match = BAD_CALLS[case]
     with pytest.raises(exc, match=match):
         call()
+
+
+@pytest.mark.parametrize(
+    "stride, padding",
+    [(np.int64(2), np.int64(1)), (torch.tensor(2), torch.tensor(1)), ((np.int64(2), torch.tensor(2)), 1)],
+    ids=["numpy", "0-d tensor", "sequence"],
+)
+def test_integer_like_geometry_is_taken_as_f_conv2d_takes_it(stride, padding):
+    """A numpy integer or a 0-d integer tensor alone, not only inside a sequence (F.conv2d accepts both)."""
+    x, w = _x(*X), _x(*W)
+    expected = qF.quaternion_conv2d(x, w, stride=2, padding=1, algorithm="hamilton")
+    got = qF.quaternion_conv2d(x, w, stride=stride, padding=padding, algorithm="hamilton")
+    assert torch.equal(got, expected)
 
 
 def test_unknown_aqcf_backend_is_an_error(monkeypatch):
