@@ -383,17 +383,44 @@ def dense_products(n: int, dtype: torch.dtype, device: torch.device | str) -> di
     return {"mm": lambda: torch.mm(a, b), "conv1x1": lambda: torch.nn.functional.conv2d(pixels, weight)}
 
 
+#: the most seconds the next size's product may be expected to take when :func:`dense_size` doubles it
+DENSE_SIZE_BUDGET_S = 0.1
+
+
+def dense_size(cap: int, seconds_of: Callable[[int], float], budget_s: float = DENSE_SIZE_BUDGET_S) -> int:
+    """The size of the dense peak's products: from 256, doubled up to ``cap`` while the next size's product
+    (8x the work) is expected within ``budget_s`` (``seconds_of(n)``: one product of size ``n``). A dtype the
+    device has no fast kernel for stays small: float16 on a CPU without one ran 1-3 GFLOP/s, and 22 products of
+    2048 took minutes before a model benchmark printed anything."""
+    n = 256
+    while n < cap and 8 * seconds_of(n) <= budget_s:
+        n *= 2
+    return n
+
+
+def _one_product_seconds(n: int, dtype: torch.dtype, device: torch.device) -> float:
+    """Seconds of one ``torch.mm`` of size ``n`` in ``dtype`` (its second call: the first pays for set-up)."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    clock = StepClock(device)
+    times: dict[str, list[float]] = {"mm": []}
+    for _ in range(2):
+        clock.time("mm", lambda: torch.mm(a, a), times)
+        clock.collect(times)
+    return times["mm"][-1]
+
+
 def dense_peak_gflops(
     dtype: torch.dtype, device: torch.device | str, reps: int = 10, n: int | None = None
 ) -> dict[str, float]:
     """This device's dense throughput in ``dtype``, GFLOP/s, per kernel of :func:`dense_products` (square
-    products of ``n``, by default 2048 on CPU and 8192 on CUDA; the best of ``reps`` calls after an untimed
-    one), and their best as ``"peak"``: the roofline a conv cannot beat. Both kernels, because neither leads
-    everywhere: on AMD EPYC (2 threads, fp32) one run measured MKL's matmul at 172 GFLOP/s and oneDNN's 1×1
-    conv at 193, while a model step's convs ran 187, above that matmul-only peak; three later runs 190-191
-    against 180-186; in bf16 the matmul led, 423 against 326."""
+    products of ``n``, by default :func:`dense_size`'s, at most 2048 on CPU and 8192 on CUDA; the best of
+    ``reps`` calls after an untimed one), and their best as ``"peak"``: the roofline a conv cannot beat. Both
+    kernels, because neither leads everywhere: on AMD EPYC (2 threads, fp32) one run measured MKL's matmul at
+    172 GFLOP/s and oneDNN's 1×1 conv at 193, while a model step's convs ran 187, above that matmul-only peak;
+    three later runs 190-191 against 180-186; in bf16 the matmul led, 423 against 326."""
     device = torch.device(device)
-    n = n or (8192 if device.type == "cuda" else 2048)
+    if n is None:
+        n = dense_size(8192 if device.type == "cuda" else 2048, lambda size: _one_product_seconds(size, dtype, device))
     products = dense_products(n, dtype, device)
     clock = StepClock(device)
     times: dict[str, list[float]] = {name: [] for name in products}
@@ -423,9 +450,9 @@ def time_interleaved(
     grown heap). See :class:`StepClock` for what is timed on each device.
 
     ``min_time``: more reps (up to :data:`MAX_REPS`) until each provider gets about this many seconds
-    of timed calls, judged from the last warmup round. On the 2-core CPU machine the medians of 7 or
-    15 reps of a 5-10 ms step moved by ±10% between runs, even for two providers running the same
-    code, which is as large as the differences a 5% target asks about.
+    of timed calls, judged from the last warmup round (without warmup, from the first timed rep). On the
+    2-core CPU machine the medians of 7 or 15 reps of a 5-10 ms step moved by ±10% between runs, even for two
+    providers running the same code, which is as large as the differences a 5% target asks about.
     """
     clock = StepClock(torch.device(device))
     names = list(steps)
@@ -444,10 +471,15 @@ def time_interleaved(
     gc.disable()
     try:
         order = random.Random(ORDER_SEED)
-        for _ in range(reps):
+        rep = 0
+        while rep < reps:
             for name in order.sample(names, len(names)):
                 clock.time(name, steps[name], times)
             clock.collect(times)
+            rep += 1
+            if rep == 1 and min_time > 0 and warmup == 0 and names:  # no warmup round to judge from
+                per_call = sum(times[name][0] for name in names) / len(names)
+                reps = max(reps, min(MAX_REPS, math.ceil(min_time / max(per_call, 1e-6))))
     finally:
         if gc_was_enabled:
             gc.enable()

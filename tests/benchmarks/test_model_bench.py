@@ -168,6 +168,15 @@ def test_the_dense_peak_is_the_best_of_two_kernels_computing_one_product():
     assert rates["peak"] == max(rates["mm"], rates["conv1x1"])
 
 
+def test_the_dense_peak_s_size_doubles_while_the_next_product_fits_its_budget():
+    """From 256, doubled while 8x one product's time fits the budget, capped: a slow dtype stays small."""
+    fast = common.dense_size(2048, lambda n: (n / 1024) ** 3 * 0.01, budget_s=0.1)  # 1024: 10 ms, 2048: 80 ms
+    assert fast == 2048
+    slow = common.dense_size(2048, lambda n: (n / 256) ** 3 * 0.02, budget_s=0.1)  # 256: 20 ms, 512: 160 ms
+    assert slow == 256
+    assert common.dense_size(8192, lambda n: 0.0) == 8192
+
+
 def _timing(seconds: float) -> common.Timing:
     return common.Timing.of([seconds])
 

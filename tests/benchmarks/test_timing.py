@@ -32,6 +32,9 @@ def test_min_time_adds_reps_for_fast_steps() -> None:
     assert all(8 <= len(v) <= 26 for v in times.values()), {k: len(v) for k, v in times.items()}
     assert len(times["a"]) == len(times["b"])
     assert all(t >= 0.002 for v in times.values() for t in v)
+    # without a warmup round, judged from the first timed rep (min_time was ignored then)
+    unwarmed = common.time_interleaved(steps, reps=3, warmup=0, min_time=0.05)
+    assert all(8 <= len(v) <= 26 for v in unwarmed.values()), {k: len(v) for k, v in unwarmed.items()}
 
 
 def test_without_min_time_the_reps_are_exact_and_capped_with_it() -> None:
