@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -277,11 +278,14 @@ def check_gpu_targets(results: Sequence[Result]) -> list[dict[str, Any]]:
     return checks
 
 
-def check_targets(results: Sequence[Result], device_type: str = "cpu") -> list[dict[str, Any]]:
+def check_targets(
+    results: Sequence[Result], device_type: str = "cpu", dtype: torch.dtype = torch.float32
+) -> list[dict[str, Any]]:
     if device_type == "cuda":
         return check_gpu_targets(results)
     hit = [r for r in results if r.case == TARGET_CASE and r.mode == "fwdbwd"]
-    return [common.target_verdict(label, metric(hit[0]) if hit else None, ok) for label, metric, ok in TARGETS]
+    checks = [common.target_verdict(label, metric(hit[0]) if hit else None, ok) for label, metric, ok in TARGETS]
+    return common.skipped_outside(checks, dtype, device_type)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,13 +406,18 @@ def main(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     dtype = common.DTYPES[args.dtype]
     providers = [p for p in PROVIDERS if p in args.providers or p == BASELINE]
+    for name in providers:
+        forced = FORCED_BACKEND.get(name)
+        why = None if forced is None else common.forced_backend_refusal("attention", forced, torch.device(args.device))
+        if why is not None:
+            return common.usage_error(args, f"--providers {name}: the {forced} backend cannot run here: {why}")
     env = common.environment(device, args.threads, args.load)
     common.warn_if_busy(env)
     with common.background_load(args.load):
         results = run(cases, args.modes, providers, args.reps, args.warmup, dtype, device, args.naive_max_gib,
                       memory=not args.no_memory)  # fmt: skip
     env["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    checks = check_targets(results, device.type) if args.check_targets else None
+    checks = check_targets(results, device.type, dtype) if args.check_targets else None
     args.out.mkdir(parents=True, exist_ok=True)
     config = {"modes": args.modes, "providers": providers, "reps": args.reps, "warmup": args.warmup,
               "dtype": args.dtype, "baseline": BASELINE, "block": "AQCFBlock, gate='token', no kv_pool"}  # fmt: skip
@@ -418,5 +427,5 @@ def main(args: argparse.Namespace) -> int:
     (args.out / "attention.md").write_text(text)
     plot(args.out / "attention.png", results, env)
     print(text)
-    print(f"wrote {args.out}/attention.md, .json, .png")
+    print(f"wrote {args.out}/attention.md, .json, .png", file=sys.stderr)  # stdout is the report alone, as conv's
     return 0

@@ -138,6 +138,19 @@ def device_name(text: str) -> str:
     return str(device)
 
 
+def forced_backend_refusal(family: str, name: str, device: torch.device) -> str | None:
+    """Why the ``family`` backend ``name``, forced for a provider, cannot run on ``device`` here (``None``: it
+    can): the benchmark says so up front, naming the provider, instead of a BackendError traceback mid-run."""
+    from aqcf_kernels.backends import registered
+
+    backend = registered(family).get(name)
+    if backend is None:
+        return "it is not registered"
+    if device.type not in backend.device_types:
+        return f"it runs on {', '.join(backend.device_types)} tensors, this run's device is {device}"
+    return backend.unavailable()
+
+
 def usage_error(args: argparse.Namespace, message: str) -> int:
     """A value the parser could not judge alone (it depends on another option), refused as argparse refuses
     one: ``aqcf-bench conv: error: ...`` on stderr; returns the exit status, 2."""
@@ -840,6 +853,21 @@ def memory_cell(peak: int | None, ratio: float | None, baseline: bool, digits: i
         return "n/a"
     text = f"{peak / MiB:.{digits}f}"
     return text if baseline or ratio is None else f"{text} ({ratio:.3f}x)"
+
+
+def skipped_outside(
+    checks: Sequence[dict[str, Any]],
+    dtype: torch.dtype,
+    device_type: str,
+    stated_dtype: torch.dtype = torch.float32,
+    stated_device: str = "cpu",
+) -> list[dict[str, Any]]:
+    """``checks`` as they are, or each a SKIP saying why where the run's dtype or device is not the one the
+    targets are stated for (a float64 run's ratios are in its tables, not a verdict on an fp32 target)."""
+    if dtype == stated_dtype and device_type == stated_device:
+        return list(checks)
+    why = f"stated for {stated_dtype} on {stated_device}; this run is {dtype} on {device_type}"
+    return [{**c, "status": "SKIP", "value": None, "detail": why} for c in checks]
 
 
 def target_verdict(label: str, value: float | None, ok: Callable[[float], bool]) -> dict[str, Any]:

@@ -607,12 +607,8 @@ def _auto_against_the_best(results: Sequence[Result], names: Sequence[str]) -> d
         detail += f", {len(same)} of them running the best provider's own pairs" + (
             f" ({', '.join(same)})" if same else ""
         )
-    return _verdict(
-        f"auto >= {AUTO_FLOOR}x the best of {', '.join(names)} in every case (fwdbwd)",
-        worst[0] if worst else None,
-        worst is not None and worst[0] >= AUTO_FLOOR,
-        detail,
-    )
+    label = f"auto >= {AUTO_FLOOR}x the best of {', '.join(names)} in every case (fwdbwd)"
+    return _verdict(label, worst[0] if worst else None, worst is not None and worst[0] >= AUTO_FLOOR, detail)
 
 
 def check_targets(results: Sequence[Result], load: int = 0) -> list[dict[str, Any]]:
@@ -643,7 +639,12 @@ def check_targets(results: Sequence[Result], load: int = 0) -> list[dict[str, An
         )
     )
 
-    out.append(_auto_against_the_best(results, AUTO_BEST_OF))
+    missing = [n for n in AUTO_BEST_OF if not any(n in r.timings for r in results)]
+    if missing:  # the best of the others is not the best of these: a verdict would judge what did not run
+        label = f"auto >= {AUTO_FLOOR}x the best of {', '.join(AUTO_BEST_OF)} in every case (fwdbwd)"
+        out.append(verdict(label, None, False, f"{', '.join(missing)} not in this run"))
+    else:
+        out.append(_auto_against_the_best(results, AUTO_BEST_OF))
     if load:
         for tname, need in LOADED_TARGETS:
             r = by_key.get((TARGETS[tname], "fwdbwd"))
@@ -835,6 +836,11 @@ def main(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     wanted = args.providers or (GPU_PROVIDERS if device.type == "cuda" else CPU_PROVIDERS)
     providers = [p for p in PROVIDERS if p in wanted or p == BASELINE]
+    for name in providers:
+        forced = PROVIDERS[name].backend
+        why = None if forced is None else common.forced_backend_refusal("conv", forced, device)
+        if why is not None:
+            return common.usage_error(args, f"--providers {name}: the {forced} backend cannot run here: {why}")
     if device.type == "cuda" and args.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -859,7 +865,7 @@ def main(args: argparse.Namespace) -> int:
     elif device.type == "cuda":
         checks = check_gpu_targets(results, common.DTYPES[args.dtype])
     else:
-        checks = check_targets(results, args.load)
+        checks = common.skipped_outside(check_targets(results, args.load), common.DTYPES[args.dtype], device.type)
 
     args.out.mkdir(parents=True, exist_ok=True)
     memory_method = results[0].memory_method if results else "not measured"

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -483,5 +484,5 @@ def main(args: argparse.Namespace) -> int:
     (args.out / "model.md").write_text(text)
     plot(args.out / "model.png", results, env)
     print(text)
-    print(f"wrote {args.out}/model.md, .json, .png")
+    print(f"wrote {args.out}/model.md, .json, .png", file=sys.stderr)  # stdout is the report alone, as conv's
     return 0

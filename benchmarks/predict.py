@@ -328,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = markdown(result)
     (args.out / "predict.md").write_text(text)
     print(text)
-    print(f"wrote {args.out}/predict.md, predict.json")
+    print(f"wrote {args.out}/predict.md, predict.json", file=sys.stderr)  # stdout is the report alone, as conv's
     return 0
 
 

@@ -66,3 +66,26 @@ def test_gpu_targets_take_the_worst_case_in_range():
 def test_gpu_targets_skip_what_was_not_run():
     ours, triton = check_targets([_row(1024, 1.0, 0.8, None)], "cuda")
     assert ours["status"] == "PASS" and triton["status"] == "SKIP"
+
+
+def test_cpu_targets_skip_in_another_dtype():
+    """The CPU targets are stated for N=4096 in float32: a float64 run said PASS/FAIL on them."""
+    from benchmarks.attention import TARGET_CASE
+
+    row = Result(TARGET_CASE, "fwdbwd", {k: common.Timing.of([1e-3]) for k in ("naive", "sdpa", "ours")}, {})
+    assert {c["status"] for c in check_targets([row], "cpu", torch.float64)} == {"SKIP"}
+    speed = [c for c in check_targets([row], "cpu", torch.float32) if c["target"].startswith("speed")]
+    assert len(speed) == 2 and all(c["status"] in ("PASS", "FAIL") for c in speed)  # (no peaks: memory is SKIP)
+
+
+def test_stdout_is_the_report_alone(tmp_path, capsys):
+    """As conv's: the markdown report on stdout, the "wrote ..." line on stderr with the progress."""
+    from benchmarks import cli
+
+    out = tmp_path / "out"
+    argv = ["attention", "--tokens", "64", "--channels", "8", "--heads", "1", "--providers", "sdpa,ours",
+            "--modes", "fwd", "--reps", "1", "--warmup", "0", "--no-memory", "--out", str(out)]  # fmt: skip
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == (out / "attention.md").read_text().strip()
+    assert f"wrote {out}/attention.md" in captured.err

@@ -142,6 +142,11 @@ LATE_REFUSALS = [  # values judged after parsing (against another option), each 
     (["conv", "--cases", "no such case"], "aqcf-bench conv: error: no case of grid 'quick' matches"),
     (["model", "--providers", "nobody"], "aqcf-bench model: error: unknown mode/provider ['nobody']"),
     (["rnn", "--cells", "gru9"], "aqcf-bench rnn: error: unknown mode/provider/cell ['gru9']"),
+    # a provider that forces a backend the device cannot run (it was a BackendError traceback mid-run)
+    (
+        ["conv", "--device", "cpu", "--providers", "cuda"],
+        "aqcf-bench conv: error: --providers cuda: the cuda backend cannot run here: it runs on cuda tensors",
+    ),
 ]
 
 

@@ -241,3 +241,27 @@ def test_the_auto_check_says_which_misses_ran_the_best_providers_own_pairs():
     assert verdict["detail"].endswith(
         f"; 2 of 3 cases below 0.95x, 1 of them running the best provider's own pairs ({noise.case.name})"
     )
+
+
+def test_the_auto_check_skips_when_a_provider_it_names_did_not_run():
+    """``--providers auto``: "auto >= 0.95x the best of expanded, hamilton, fast8" said PASS against expanded
+    alone."""
+    from benchmarks import common
+    from benchmarks.conv import Result, check_targets
+
+    case = Case(dims=1, channels=4, size=8, batch=2)
+    timings = {k: common.Timing.of([v / 1e3]) for k, v in {"expanded": 10, "auto": 8}.items()}
+    checks = check_targets([Result(case, "fwdbwd", timings, dict.fromkeys(timings), {})])
+    (verdict,) = [c for c in checks if "the best of" in c["target"]]
+    assert verdict["status"] == "SKIP" and verdict["detail"] == "hamilton, fast8 not in this run"
+
+
+def test_cpu_targets_stated_for_float32_skip_in_another_dtype_or_device():
+    from benchmarks import common
+
+    checks = [{"target": "t", "status": "FAIL", "value": 1.2, "detail": "1.20x"}]
+    assert common.skipped_outside(checks, torch.float32, "cpu") == checks
+    for dtype, device in ((torch.float64, "cpu"), (torch.float32, "cuda")):
+        (check,) = common.skipped_outside(checks, dtype, device)
+        assert check["status"] == "SKIP" and check["value"] is None
+        assert check["detail"] == f"stated for torch.float32 on cpu; this run is {dtype} on {device}"
