@@ -642,8 +642,8 @@ def measure_memory_in_subprocess(module: str, payload: Mapping[str, Any]) -> Any
 def command_line() -> str:
     """How this benchmark was started, as one would type it again."""
     prog = Path(sys.argv[0])
-    if prog.name in ("cli.py", "__main__.py") and prog.parent == Path(__file__).parent:
-        head = ["python", "-m", f"{__package__}.cli"]
+    if prog.suffix == ".py" and prog.parent == Path(__file__).parent:  # python -m <package>.<module>
+        head = ["python", "-m", f"{__package__}.{'cli' if prog.name == '__main__.py' else prog.stem}"]
     else:
         head = [prog.name]
     return shlex.join([*head, *sys.argv[1:]])

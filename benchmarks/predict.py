@@ -245,7 +245,8 @@ def run_benchmark(
         "baseline_build": "expanded-weight convs + composite quaternion norms with separate activations",
         "malloc": malloc,
         "allocator": allocator_settings(),
-        "env": common.environment(torch.device("cpu"), threads),
+        # the workers ran with ``threads``, this parent process never set its own: theirs is the run's
+        "env": {**common.environment(torch.device("cpu"), threads), "threads": threads},
     }
     if "baseline" in results and "ours" in results:
         b, o = results["baseline"], results["ours"]

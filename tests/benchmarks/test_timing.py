@@ -181,3 +181,15 @@ def test_the_full_grid_times_longer_unless_asked_otherwise() -> None:
     assert conv.min_time("full", None) == conv.MIN_TIME_S["full"] > conv.MIN_TIME_S["other"]
     assert conv.min_time("quick", None) == conv.min_time("targets", None) == conv.MIN_TIME_S["other"]
     assert conv.min_time("full", 0.0) == 0.0 and conv.min_time("quick", 3.0) == 3.0
+
+
+def test_the_recorded_command_can_be_typed_again(monkeypatch) -> None:
+    """``python -m benchmarks.predict`` was recorded as ``predict.py ...``, which no shell runs."""
+    from pathlib import Path
+
+    here = Path(common.__file__).parent
+    for module, expected in (("predict.py", "predict"), ("cli.py", "cli"), ("__main__.py", "cli")):
+        monkeypatch.setattr("sys.argv", [str(here / module), "--quick", "--out", "a b"])
+        assert common.command_line() == f"python -m {common.__package__}.{expected} --quick --out 'a b'"
+    monkeypatch.setattr("sys.argv", ["/usr/bin/aqcf-bench", "conv"])
+    assert common.command_line() == "aqcf-bench conv"
