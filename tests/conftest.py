@@ -75,6 +75,26 @@ ONE_WORKER_MODULES = (
 )
 
 
+#: Scheduled first, in this order (then everything else in collection order): the kept-whole modules and the
+#: longest single tests (20-100 s each on the 2-core CPU). Collected last (tests/triton_kernels sorts after every
+#: other folder), a kept module of ~2 minutes started when the rest of the queue was nearly done, and the other
+#: worker waited for it; longest first leaves the short tests to even out the end.
+RUN_FIRST = (
+    *ONE_WORKER_MODULES,
+    "tests/benchmarks/test_gpu_suite.py",
+    "tests/models/test_aqcfnet.py",
+    "tests/conv/test_native_ops.py",
+    "tests/conv/test_func_transforms.py",
+    "tests/triton_kernels/test_model_on_triton.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """:data:`RUN_FIRST`'s modules to the front of the run, each keeping its tests' order (a stable sort)."""
+    rank = {module: i for i, module in enumerate(RUN_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))
+
+
 @pytest.hookimpl(optionalhook=True)  # (pytest-xdist's hook: without xdist there is nothing to schedule)
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
     """``--dist load`` (what ``-n`` implies) with :data:`ONE_WORKER_MODULES` kept whole: xdist's scope

@@ -84,3 +84,13 @@ def test_a_test_that_crashes_its_worker_is_not_run_again(crash) -> None:
 @pytest.mark.parametrize("dist", ["loadfile", "loadscope", "worksteal", "loadgroup"])
 def test_any_other_dist_is_left_to_xdist(dist) -> None:
     assert conftest.pytest_xdist_make_scheduler(_config(dist), None) is None
+
+
+def test_the_longest_modules_are_collected_first_each_in_its_own_order() -> None:
+    first, second = conftest.RUN_FIRST[0], conftest.RUN_FIRST[-1]
+    ids = ["tests/a.py::t1", f"{second}::x", "tests/b.py::t2", f"{first}::y", f"{second}::z", "tests/c.py::t3"]
+    items = [SimpleNamespace(nodeid=nodeid) for nodeid in ids]
+    conftest.pytest_collection_modifyitems(None, items)
+    assert [item.nodeid for item in items] == [
+        f"{first}::y", f"{second}::x", f"{second}::z", "tests/a.py::t1", "tests/b.py::t2", "tests/c.py::t3",
+    ]  # fmt: skip
