@@ -867,7 +867,7 @@ def skipped_outside(
     if dtype == stated_dtype and device_type == stated_device:
         return list(checks)
     why = f"stated for {stated_dtype} on {stated_device}; this run is {dtype} on {device_type}"
-    return [{**c, "status": "SKIP", "value": None, "detail": why} for c in checks]
+    return [{"target": c["target"], "status": "SKIP", "value": None, "detail": why} for c in checks]
 
 
 def target_verdict(label: str, value: float | None, ok: Callable[[float], bool]) -> dict[str, Any]:

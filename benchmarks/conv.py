@@ -607,8 +607,13 @@ def _auto_against_the_best(results: Sequence[Result], names: Sequence[str]) -> d
         detail += f", {len(same)} of them running the best provider's own pairs" + (
             f" ({', '.join(same)})" if same else ""
         )
-    label = f"auto >= {AUTO_FLOOR}x the best of {', '.join(names)} in every case (fwdbwd)"
-    return _verdict(label, worst[0] if worst else None, worst is not None and worst[0] >= AUTO_FLOOR, detail)
+    return _verdict(
+        _auto_best_label(names), worst[0] if worst else None, worst is not None and worst[0] >= AUTO_FLOOR, detail
+    )
+
+
+def _auto_best_label(names: Sequence[str]) -> str:
+    return f"auto >= {AUTO_FLOOR}x the best of {', '.join(names)} in every case (fwdbwd)"
 
 
 def check_targets(results: Sequence[Result], load: int = 0) -> list[dict[str, Any]]:
@@ -641,8 +646,7 @@ def check_targets(results: Sequence[Result], load: int = 0) -> list[dict[str, An
 
     missing = [n for n in AUTO_BEST_OF if not any(n in r.timings for r in results)]
     if missing:  # the best of the others is not the best of these: a verdict would judge what did not run
-        label = f"auto >= {AUTO_FLOOR}x the best of {', '.join(AUTO_BEST_OF)} in every case (fwdbwd)"
-        out.append(verdict(label, None, False, f"{', '.join(missing)} not in this run"))
+        out.append(verdict(_auto_best_label(AUTO_BEST_OF), None, False, f"{', '.join(missing)} not in this run"))
     else:
         out.append(_auto_against_the_best(results, AUTO_BEST_OF))
     if load:

@@ -332,11 +332,6 @@ def check_targets(
     for case in TARGET_CASES:
         for mode, label, metric, ok, over in targets:
             name = f"{case.name}: {label}"
-            if dtype != stated:
-                check = common.target_verdict(name, None, ok)
-                check["detail"] = f"stated for {stated}; this run is {dtype}"
-                checks.append(check)
-                continue
             hit = [r for r in results if r.case == case and r.mode == mode]
             check = common.target_verdict(name, metric(hit[0]) if hit else None, ok)
             bound = hit[0].time_bound(over) if hit and over else None
@@ -344,7 +339,7 @@ def check_targets(
                 check["bound"] = bound
                 check["detail"] += f" (bound {bound:.2f}{'' if ok(bound) else ': unreachable'})"
             checks.append(check)
-    return checks
+    return common.skipped_outside(checks, dtype, device, stated, device)
 
 
 # ---------------------------------------------------------------------------------------------
