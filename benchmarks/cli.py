@@ -61,6 +61,11 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not getattr(args, "list", False):  # (a given --out was checked when parsed; this checks the default)
+        try:
+            common.output_folder(str(args.out))
+        except argparse.ArgumentTypeError as e:
+            return common.usage_error(args, f"argument --out: {e}")
     common.apply_malloc(args.malloc)
     # SIGTERM (gpu_suite.sh's `timeout` cutting a stage) ends the run through the cleanups, as an error
     # does: the temporary tuning folder is removed and --load's busy processes are killed, not orphaned.

@@ -181,8 +181,10 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_out: str = "be
     g.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="default float32")
     g.add_argument("--device", type=device_name, default="cpu", help="torch device, e.g. cpu (default) or cuda")
     g.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    # a str default goes through the type too: the default folder is checked like a given one
-    g.add_argument("--out", type=output_folder, default=default_out, help=f"output folder (default {default_out}/)")
+    # (a Path default skips the type: cli.main checks the default folder, unless the run only lists its cases)
+    g.add_argument(
+        "--out", type=output_folder, default=Path(default_out), help=f"output folder (default {default_out}/)"
+    )
     g.add_argument(
         "--load",
         type=load_processes,

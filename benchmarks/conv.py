@@ -706,9 +706,13 @@ def _mib(r: Result, name: str) -> str:
 
 def markdown(results: Sequence[Result], env: dict[str, Any], checks: Sequence[dict[str, Any]] | None = None) -> str:
     providers = list(results[0].timings) if results else []
-    auto_by = "auto served by"
+    # which backend served `auto`, where auto ran
+    auto_by = ["auto served by"] if "auto" in providers else []
     head = ["case", "mode"]
-    time_rows = [[r.case.name, r.mode, *(_ms(r, p) for p in providers), r.served_by.get("auto", "-")] for r in results]
+    time_rows = [
+        [r.case.name, r.mode, *(_ms(r, p) for p in providers), *(r.served_by.get("auto", "-") for _ in auto_by)]
+        for r in results
+    ]
     mem_rows = [[r.case.name, r.mode, *(_mib(r, p) for p in providers)] for r in results]
     parts = [
         "# Quaternion conv benchmark",
@@ -719,7 +723,7 @@ def markdown(results: Sequence[Result], env: dict[str, Any], checks: Sequence[di
         "",
         "## Time: median ms (speedup vs expanded: the median over reps of t_expanded / t_provider, > 1 is faster)",
         "",
-        common.markdown_table(head + providers + [auto_by], time_rows, align_left=2),
+        common.markdown_table(head + providers + auto_by, time_rows, align_left=2),
         "",
         "## Peak memory: MiB above what was live before one step (ratio to expanded, < 1 is less)",
         "",
@@ -761,9 +765,11 @@ def plot(path: Path, results: Sequence[Result], env: dict[str, Any]) -> None:
 def _csv(choices: Sequence[str]) -> Callable[[str], list[str]]:
     def parse(text: str) -> list[str]:
         items = [t.strip() for t in text.split(",") if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"{text!r} names none; give one or more of {', '.join(choices)}")
         bad = [t for t in items if t not in choices]
-        if bad or not items:
-            raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(choices)}")
+        if bad:
+            raise argparse.ArgumentTypeError(f"{', '.join(map(repr, bad))}: not one of {', '.join(choices)}")
         return items
 
     return parse
@@ -829,7 +835,7 @@ def main(args: argparse.Namespace) -> int:
         if not cases:
             return common.usage_error(args, f"no case of grid {args.grid!r} matches {args.cases}; see --list")
     if args.channels_last:
-        cases = [replace(c, channels_last=True) for c in cases]
+        cases = [replace(c, channels_last=True) if c.dims in CHANNELS_LAST else c for c in cases]
     if args.list:
         for case in cases:
             tag = target_name(case)

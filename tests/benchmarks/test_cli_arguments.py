@@ -106,6 +106,23 @@ def test_an_output_folder_a_mount_refuses_is_refused_before_the_run(tmp_path, ca
         _refused(capsys, cli.main, ["conv", "--out", "/proc"], "--out")
 
 
+def test_the_default_output_folder_is_checked_unless_the_run_only_lists(tmp_path, capsys, monkeypatch, no_benchmark):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bench-out").write_text("a file where the default folder would be")
+    assert cli.main(["conv", "--no-memory"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("aqcf-bench conv: error: argument --out: ") and "not a folder" in err, err
+    assert cli.main(["conv", "--list"]) == 0  # listing writes nothing
+    assert "cases" in capsys.readouterr().out
+
+
+def test_an_empty_list_says_so(tmp_path, capsys, no_benchmark) -> None:
+    line = _refused(capsys, cli.main, ["conv", "--modes", ",", "--out", str(tmp_path)], "--modes")
+    assert "names none" in line
+    line = _refused(capsys, cli.main, ["conv", "--modes", "fwd,sideways", "--out", str(tmp_path)], "--modes")
+    assert "'sideways': not one of" in line
+
+
 def test_load_is_bounded_by_the_cores(tmp_path, capsys, no_benchmark) -> None:
     """``--load 999`` once started 999 spinning processes (load average ~205 on 2 cores)."""
     cores = os.cpu_count() or 1

@@ -265,3 +265,30 @@ def test_cpu_targets_stated_for_float32_skip_in_another_dtype_or_device():
         (check,) = common.skipped_outside(checks, dtype, device)
         assert check["status"] == "SKIP" and check["value"] is None
         assert check["detail"] == f"stated for torch.float32 on cpu; this run is {dtype} on {device}"
+
+
+def test_the_table_names_what_served_auto_only_where_auto_ran():
+    from benchmarks import common
+    from benchmarks.conv import Result, markdown
+
+    case = Case(dims=2, channels=2, size=5, batch=2)
+    env = {**common.environment(torch.device("cpu"), 1, 0), "command": "aqcf-bench conv"}
+    timing = common.Timing.of([1e-3, 2e-3])
+
+    def table(providers: list[str]) -> str:
+        result = Result(case, "fwd", dict.fromkeys(providers, timing), {}, {"auto": "torch/hamilton"})
+        return markdown([result], env)
+
+    with_auto = table(["expanded", "auto"])
+    assert "| auto served by |" in with_auto and "torch/hamilton" in with_auto
+    assert "auto served by" not in table(["expanded", "torch"])
+
+
+def test_channels_last_leaves_1d_cases_alone(capsys):
+    from benchmarks import cli
+
+    assert cli.main(["conv", "--grid", "full", "--channels-last", "--list"]) == 0
+    names = [line.split("  ")[0] for line in capsys.readouterr().out.splitlines()[:-1]]
+    assert {n.startswith("1d") for n in names} == {True, False}  # (the grid has both)
+    for name in names:
+        assert name.endswith(" cl") != name.startswith("1d"), name
