@@ -814,15 +814,22 @@ def grouped_bars(
         ax.set_xticklabels(groups, rotation=30, ha="right", fontsize=7)
         ax.set_xlim(-0.6, len(groups) - 0.4)
         ax.grid(axis="y", alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7, ncols=min(len(series), 6), loc="upper left")
-        else:  # e.g. a run of the baseline alone: say so, not matplotlib's "no artists" warning
-            ax.text(0.5, 0.5, "nothing measured to compare", transform=ax.transAxes, ha="center", va="center")
+        # (empty: e.g. a run of the baseline alone)
+        legend_or_note(ax, "nothing measured to compare", fontsize=7, ncols=min(len(series), 6), loc="upper left")
     title = wrap_title(suptitle, fig_w, fontsize=9)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()  # (which keeps the panels clear of the suptitle's lines)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def legend_or_note(ax: Any, note: str, **legend: Any) -> None:
+    """``ax.legend(**legend)``, or ``note`` in the middle of a panel that has nothing labelled to show (rather
+    than matplotlib's "No artists with labels found" warning and an empty legend box)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**legend)
+    else:
+        ax.text(0.5, 0.5, note, transform=ax.transAxes, ha="center", va="center")
 
 
 def plot_ratios(path: Path, results: Sequence[Any], baseline: str, title: str) -> None:

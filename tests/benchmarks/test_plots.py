@@ -48,3 +48,32 @@ def test_the_conv_plot_keeps_its_title_inside(tmp_path, monkeypatch) -> None:
     assert frame.x0 <= title.x0 and title.x1 <= frame.x1, (title, frame)
     assert seen["axes_top"] < title.y0  # the panel below it, not under it
     assert (tmp_path / "plot.png").stat().st_size > 0
+
+
+def test_an_empty_panel_says_so_without_a_warning(tmp_path, recwarn) -> None:
+    """The attention plot of a --no-memory run: its peak-memory panel has no line (matplotlib warned "No artists
+    with labels found to put in legend")."""
+    from benchmarks import attention
+
+    case = attention.Case(tokens=64, channels_q=2, heads=1)
+    timing = common.Timing.of([1e-3, 2e-3])
+    results = [attention.Result(case, "fwd", {"sdpa": timing, "ours": timing}, {})]
+    seen = {}
+    original = plt.Figure.savefig
+
+    def savefig(fig, *args, **kwargs):
+        seen["texts"] = [t.get_text() for ax in fig.axes for t in ax.texts]
+        seen["legends"] = [ax.get_legend() is not None for ax in fig.axes]
+        return original(fig, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(plt.Figure, "savefig", savefig)
+        attention.plot(tmp_path / "attention.png", results, {"command": "x", **_environment()})
+    assert not [w for w in recwarn if "legend" in str(w.message)], [str(w.message) for w in recwarn]
+    assert seen["legends"] == [True, False] and seen["texts"] == ["not measured in this run"]
+
+
+def _environment() -> dict:
+    import torch
+
+    return common.environment(torch.device("cpu"), 1, 0)
