@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,9 @@ __all__ = ["METHODS", "ClassScores", "available_layers", "default_layers", "expl
 
 #: Method name -> MONAI class name in :mod:`monai.visualize`.
 METHODS = {"gradcam": "GradCAM", "gradcampp": "GradCAMpp"}
+#: torch's warning (a regex for warnings.filterwarnings) when a module's full backward hook fires with no input
+#: needing a gradient: for a CAM at the first layer, which reads only the output's gradient
+FULL_BACKWARD_HOOK_WARNING = "Full backward hook is firing when gradients are computed with respect to module outputs"
 TUMOUR = 2
 PREFIX = "model."
 
@@ -411,7 +415,11 @@ def explain(
                     wrapper.region, region_name = _score_region(wrapper, x, label_in, multiple)
                     image_in, pred_in = np.asarray(case.image[window]), pred[window]
                     for (layer, name), cam in cams.items():
-                        raw = cam(x, class_idx=TUMOUR)[(..., *[slice(0, s) for s in size])]
+                        with warnings.catch_warnings():
+                            # a layer whose input is the image (no gradient): torch warns that the full backward
+                            # hook sees the output's gradient only, which is the one a CAM reads
+                            warnings.filterwarnings("ignore", FULL_BACKWARD_HOOK_WARNING, UserWarning)
+                            raw = cam(x, class_idx=TUMOUR)[(..., *[slice(0, s) for s in size])]
                         heat, top = _unit(raw)
                         if dims == 2:
                             heat = heat[None]  # (1, x, y): the slice, like image_in

@@ -12,6 +12,7 @@ import json
 import math
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -248,8 +249,11 @@ def test_listed_layer_names_are_the_png_names(trained, tmp_path: Path, capsys) -
     listed = _listed_layers(capsys.readouterr().out)
     assert "encoder.mri.levels.1" in listed and len(listed) > 5
     chosen = [listed[0], "encoder.mri.levels.1", listed[-1]]
-    assert ex.main([str(run_dir), "--layers", *chosen, "--method", "gradcam", "--cases", "1",
-                    "--out", str(tmp_path), "--quiet"]) == 0  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:  # (the first layer's input is the image: no gradient)
+        warnings.simplefilter("always")
+        assert ex.main([str(run_dir), "--layers", *chosen, "--method", "gradcam", "--cases", "1",
+                        "--out", str(tmp_path), "--quiet"]) == 0  # fmt: skip
+    assert not [w for w in caught if "backward hook" in str(w.message)], [str(w.message) for w in caught]
     case = json.loads((run_dir / "split_mri.json").read_text())["test"][0]
     names = sorted(p.name for p in (tmp_path / "mri").glob("*.png"))
     assert names == sorted(f"{case}_gradcam_{layer}.png" for layer in chosen)
