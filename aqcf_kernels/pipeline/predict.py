@@ -73,6 +73,7 @@ import numpy as np
 from ..data.outputs import check_output_dir, output_dir
 from .allocator import add_malloc_argument, apply_malloc_choice
 from .device import DEVICE_CHOICES_HELP, DeviceError, resolve_device
+from .evaluate import note
 from .runs import PREDICTABLE, checkpoints_in, ensemble_folds
 
 __all__ = [
@@ -517,6 +518,19 @@ def _spacing_text(affine: np.ndarray) -> str:
     return "x".join(f"{s:.4g}" for s in spacing)
 
 
+def _not_like_ct(image: np.ndarray, low_value: float, low_hu: float) -> str | None:
+    """Why a volume preprocessed as CT looks unlike one, or None: no voxel reaches the CT window's low end
+    (``low_hu``, which preprocessing maps to ``low_value``), while a CT scan in Hounsfield units has air around
+    the body at about -1000 HU. An MRI volume (intensities from 0) given to a CT run is so, and is predicted as
+    CT without a word otherwise; so is a CT stored without its rescale intercept."""
+    if image.size == 0 or float(image.min()) <= low_value + 1e-6:
+        return None
+    return (
+        f"predicted as CT, but no voxel is at or below {low_hu:g} HU (the CT window's low end; air is about "
+        "-1000 HU): is this a CT scan in Hounsfield units? An MRI volume needs --modality mri and a run trained on MRI"
+    )
+
+
 def _predict_case(ctx: _Context, volume: InputVolume, modality: str) -> dict[str, Any]:
     import torch
     from tqdm.auto import tqdm
@@ -547,6 +561,9 @@ def _predict_case(ctx: _Context, volume: InputVolume, modality: str) -> dict[str
         except DataError as e:  # name the user's input, not the temporary NIfTI a DICOM series became
             raise DataError(str(e).replace(str(image_path), str(volume.path))) from None
         image = np.asarray(cached.image)
+        caution = _not_like_ct(image, cached.pad_value, preprocess_config(ctx.members[0].cfg).ct_window[0])
+        if modality == "ct" and caution:
+            note(f"{volume.path}: {caution}")
         total = sum(count_windows(image.shape, m.cfg, tta=ctx.tta) for m in ctx.members)
         disable = None if ctx.progress is None else not ctx.progress  # None: a bar only on a terminal
         bar = tqdm(total=total, desc=volume.case_id, unit="win", disable=disable)
@@ -589,6 +606,7 @@ def _predict_case(ctx: _Context, volume: InputVolume, modality: str) -> dict[str
         return {
             "case": volume.case_id,
             "modality": modality,
+            **({"note": caution} if modality == "ct" and caution else {}),
             **mask_statistics(labels, affine),
             "spacing_mm": _spacing_text(affine),
             "shape": "x".join(str(n) for n in shape),
@@ -690,7 +708,7 @@ def predict(
             "tta": tta,
             "postprocess": postprocess,
             "save_probabilities": save_probabilities,
-            "cases": [{"case": r["case"], "input": r["input"], "modality": r["modality"]} for r in ctx.rows],
+            "cases": [{k: r[k] for k in ("case", "input", "modality", "note") if k in r} for r in ctx.rows],
         }
         (out / "predict.json").write_text(json.dumps(provenance, indent=1) + "\n")
     return ctx.rows

@@ -256,6 +256,24 @@ def test_predict_json_records_the_command_quoted(trained, phantom, tmp_path: Pat
     assert json.loads((tmp_path / "api" / "predict.json").read_text())["command"] is None
 
 
+def test_a_volume_unlike_ct_predicted_as_ct_gets_a_note(trained, phantom, tmp_path: Path, capsys) -> None:
+    """An MRI volume given to a CT run is predicted as CT (the run has no other modality); with no voxel at the
+    CT window's low end (air is about -1000 HU), stderr and predict.json say so. The CT phantom gets no note."""
+    hu, affine = phantom
+    mri = make_phantom("mri", seed=4, shape=SHAPE, spacing=SPACING).image.astype(np.float32)
+    assert mri.min() >= 0  # (MRI intensities: no air at -1000)
+    scans = [_write_nifti(tmp_path / "ct.nii.gz", hu, affine), _write_nifti(tmp_path / "mr.nii.gz", mri, affine)]
+    capsys.readouterr()
+    argv = ["-i", *map(str, scans), "-o", str(tmp_path / "out"), "--run", str(trained("ct")), "--quiet"]
+    assert pr.main(argv) == 0
+    err = capsys.readouterr().err
+    notes = [line for line in err.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 1 and notes[0].startswith(f"note: {scans[1]}: predicted as CT, but no voxel"), err
+    assert "--modality mri" in notes[0]
+    cases = {c["case"]: c for c in json.loads((tmp_path / "out" / "predict.json").read_text())["cases"]}
+    assert "note" not in cases["ct"] and cases["mr"]["note"].startswith("predicted as CT")
+
+
 def test_a_cross_validation_folder_ensembles_its_numbered_folds(trained, tmp_path: Path) -> None:
     """As nnU-Net's default: ``--run CV`` takes fold_0, fold_1 ... and not fold_all (trained on every training case:
     a model of its own, which the ensemble took too); ``--folds all`` names it; alone, it is the run."""
