@@ -78,6 +78,9 @@ def test_extension_conv_applies_the_activation(name, activation, slope, algorith
     assert _rel(_C.conv(x, w, b, *args, algorithm == "fast8"), ref_z) <= tol
 
 
+# (torch.backends.mkldnn.flags() sets every flag it has, TF32 included, and torch warns that oneDNN's TF32 is
+# for Intel GPUs)
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN:UserWarning")
 def test_post_op_serves_float32_forward_2d_3d_only():
     fuses = _C._real_conv_fuses_activation
     if not torch.backends.mkldnn.is_available():
