@@ -409,7 +409,7 @@ def main(args: argparse.Namespace) -> int:
     providers = [p for p in PROVIDERS if p in args.providers or p == BASELINE]
     for name in providers:
         forced = FORCED_BACKEND.get(name)
-        why = None if forced is None else common.forced_backend_refusal("attention", forced, torch.device(args.device))
+        why = None if forced is None else common.forced_backend_refusal("attention", forced, device)
         if why is not None:
             return common.usage_error(args, f"--providers {name}: the {forced} backend cannot run here: {why}")
     env = common.environment(device, args.threads, args.load)

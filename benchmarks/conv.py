@@ -706,11 +706,10 @@ def _mib(r: Result, name: str) -> str:
 
 def markdown(results: Sequence[Result], env: dict[str, Any], checks: Sequence[dict[str, Any]] | None = None) -> str:
     providers = list(results[0].timings) if results else []
-    # which backend served `auto`, where auto ran
-    auto_by = ["auto served by"] if "auto" in providers else []
+    auto_ran = "auto" in providers  # then a column says which backend served it
     head = ["case", "mode"]
     time_rows = [
-        [r.case.name, r.mode, *(_ms(r, p) for p in providers), *(r.served_by.get("auto", "-") for _ in auto_by)]
+        [r.case.name, r.mode, *(_ms(r, p) for p in providers), *([r.served_by.get("auto", "-")] if auto_ran else [])]
         for r in results
     ]
     mem_rows = [[r.case.name, r.mode, *(_mib(r, p) for p in providers)] for r in results]
@@ -723,7 +722,7 @@ def markdown(results: Sequence[Result], env: dict[str, Any], checks: Sequence[di
         "",
         "## Time: median ms (speedup vs expanded: the median over reps of t_expanded / t_provider, > 1 is faster)",
         "",
-        common.markdown_table(head + providers + auto_by, time_rows, align_left=2),
+        common.markdown_table(head + providers + (["auto served by"] if auto_ran else []), time_rows, align_left=2),
         "",
         "## Peak memory: MiB above what was live before one step (ratio to expanded, < 1 is less)",
         "",

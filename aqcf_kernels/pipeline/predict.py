@@ -561,8 +561,10 @@ def _predict_case(ctx: _Context, volume: InputVolume, modality: str) -> dict[str
         except DataError as e:  # name the user's input, not the temporary NIfTI a DICOM series became
             raise DataError(str(e).replace(str(image_path), str(volume.path))) from None
         image = np.asarray(cached.image)
-        caution = _not_like_ct(image, cached.pad_value, preprocess_config(ctx.members[0].cfg).ct_window[0])
-        if modality == "ct" and caution:
+        # (the window this case was preprocessed with, whose low end its pad value is)
+        window = cached.meta["normalisation"].get("window") if modality == "ct" else None
+        caution = _not_like_ct(image, cached.pad_value, window[0]) if window else None
+        if caution:
             note(f"{volume.path}: {caution}")
         total = sum(count_windows(image.shape, m.cfg, tta=ctx.tta) for m in ctx.members)
         disable = None if ctx.progress is None else not ctx.progress  # None: a bar only on a terminal
@@ -606,7 +608,7 @@ def _predict_case(ctx: _Context, volume: InputVolume, modality: str) -> dict[str
         return {
             "case": volume.case_id,
             "modality": modality,
-            **({"note": caution} if modality == "ct" and caution else {}),
+            **({"note": caution} if caution else {}),
             **mask_statistics(labels, affine),
             "spacing_mm": _spacing_text(affine),
             "shape": "x".join(str(n) for n in shape),
