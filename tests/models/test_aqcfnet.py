@@ -317,7 +317,10 @@ def test_train_eval_switch() -> None:
     assert not torch.equal(model(ct=ct)["ct"], model(ct=ct)["ct"])
     model.eval()
     stats = {k: v.clone() for k, v in model.state_dict().items()}
-    a, b = model(ct=ct, mri=mri), model(ct=ct, mri=mri)
+    # Bitwise: both calls must run the same algorithms. Under measuring, a signature whose choice is still
+    # provisional computes its next calls with each candidate in turn (different rounding: 3e-8 apart, in CI).
+    with tuning.using("heuristic"):
+        a, b = model(ct=ct, mri=mri), model(ct=ct, mri=mri)
     torch.testing.assert_close(a["ct"], b["ct"], rtol=0, atol=0)
     # Running statistics: a sample's logits don't depend on the rest of its batch, nor do buffers move.
     torch.testing.assert_close(model(ct=ct[:1], mri=mri[:1])["ct"], a["ct"][:1])
