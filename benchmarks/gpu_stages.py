@@ -262,8 +262,8 @@ def _per_call_us(
     scopes: Mapping[str, Callable[[], contextlib.AbstractContextManager]] | None = None,
 ) -> dict[str, float]:
     """Median µs per call of each of ``fns``, called ``calls`` times back to back in each timed rep, inside
-    its ``scopes`` entry if any (entered once per rep: e.g. a forced backend, whose entry and exit drop the
-    remembered choices); reps of the functions interleaved, fewer with ``small``."""
+    its ``scopes`` entry if any (entered once per rep: e.g. a forced backend); reps of the functions
+    interleaved, fewer with ``small``."""
 
     def back_to_back(name: str) -> None:
         with (scopes or {}).get(name, contextlib.nullcontext)():

@@ -42,6 +42,16 @@ def forget_native_choices() -> None:
                 getattr(_C, forget)()
 
 
+def announce_forced_backend(name: str) -> bool:
+    """Tell the extension the backend ``aqcf_kernels.backends.use`` forces now (``''``: none), which it puts
+    in every signature it remembers (csrc/cpu/choices.h). False where it cannot be told: no extension, or
+    one built before it could."""
+    if _C is None or not hasattr(_C, "_set_forced_backend"):
+        return _C is None  # (nothing is remembered without an extension)
+    _C._set_forced_backend(name)
+    return True
+
+
 def define_ops(
     ops: Iterable[tuple[str, Callable, Callable]],
     native: bool,

@@ -29,7 +29,7 @@ from torch import Tensor
 from .. import tuning
 from ..params import ConvParams
 from . import policy
-from ._extension import forget_native_choices
+from ._extension import announce_forced_backend, forget_native_choices
 from .base import CONV_KINDS, AttentionBackend, Backend, ConvBackend, ConvKind, contract_algorithms, protocol_members
 
 B = TypeVar("B", bound=Backend)
@@ -132,15 +132,29 @@ _USE: list[str] = []  # stack of `use(...)` overrides; a module global, not a co
 
 @contextlib.contextmanager
 def use(name: str) -> Iterator[None]:
-    """Force backend ``name`` inside the block (over ``AQCF_BACKEND``); same errors if it can't serve."""
+    """Force backend ``name`` inside the block (over ``AQCF_BACKEND``); same errors if it can't serve.
+
+    What was chosen inside is kept for the next time the same backend is forced, and what was chosen
+    outside for after the block: the candidates of a call are cached per forced backend, and the
+    compiled extension puts the forced backend in every signature it remembers
+    (:func:`~aqcf_kernels.backends._extension.announce_forced_backend`). So ``use`` may be entered
+    around every step of a loop without sending each call back through Python's selection.
+    """
     if not any(name in f.backends for f in FAMILIES.values()):
         raise BackendError(f"{name!r} is not a backend; known: {_known()}")
     _USE.append(name)
-    forget_choices()
+    _announce_use()
     try:
         yield
     finally:
         _USE.pop()
+        _announce_use()
+
+
+def _announce_use() -> None:
+    """Tell the compiled extension which backend :func:`use` forces now; an extension that cannot be
+    told (built before it could) forgets its choices instead, as every entry and exit once did."""
+    if not announce_forced_backend(_USE[-1] if _USE else ""):
         forget_choices()
 
 

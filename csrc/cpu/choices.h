@@ -50,12 +50,42 @@ class RememberedChoices {
   std::unordered_map<std::string, Choice> choices_;
 };
 
-// The start of every signature: `kind`, then what every choice depends on that Python does not announce:
-// the forced backend (AQCF_BACKEND, which users and tests change with the environment) and the device.
+// The backend Python forces with aqcf_kernels.backends.use(), announced on entering and leaving it
+// (set_forced_backend). A part of every signature rather than a reason to forget every choice: a
+// benchmark or a training loop that enters use() around each step then keeps the choices it made
+// under it, where each entry and exit used to send the next calls of every signature back through
+// Python (~75 us of host time a call on CPU). Read under a lock: autograd's threads make signatures
+// while the main thread may enter or leave use().
+class ForcedBackend {
+ public:
+  void set(std::string name) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    name_ = std::move(name);
+  }
+  void append_to(std::string& key) const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    key.append(name_);
+  }
+
+ private:
+  mutable std::mutex mutex_;
+  std::string name_;
+};
+
+inline ForcedBackend& forced_backend() {
+  static ForcedBackend* forced = new ForcedBackend();  // never destroyed: read by threads at exit
+  return *forced;
+}
+
+// The start of every signature: `kind`, then what every choice depends on that is not in the call's
+// arguments: the backend forced by use() (above) or by AQCF_BACKEND (which users and tests change with
+// the environment), and the device.
 inline std::string signature_start(std::string_view kind, const at::Device& device) {
   std::string key;
   key.reserve(256);
   key.append(kind).push_back('|');
+  forced_backend().append_to(key);
+  key.push_back('|');
   const char* forced = std::getenv("AQCF_BACKEND");
   key.append(forced ? forced : "").push_back('|');
   key.append(device.str()).push_back('|');

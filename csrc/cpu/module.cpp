@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "attention_op.h"
+#include "choices.h"
 #include "conv.h"
 #include "real_conv.h"
 #include "norm.h"
@@ -315,5 +316,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_forget_norm_choices", &aqcf::forget_norm_choices, "Drop every remembered norm choice");
   m.def("_remembered_norm_choices", &aqcf::remembered_norm_choices, "How many norm signatures are served in C++");
   m.def("_forget_conv_choices", &aqcf::forget_choices, "Drop every remembered choice (the dispatch state changed)");
+  m.def(
+      "_set_forced_backend", [](std::string name) { aqcf::forced_backend().set(std::move(name)); },
+      "The backend aqcf_kernels.backends.use() forces now ('' for none): a part of every remembered signature",
+      py::arg("name"));
   m.def("_remembered_conv_choices", &aqcf::remembered_choices, "How many call signatures are served in C++");
 }

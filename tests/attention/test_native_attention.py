@@ -194,11 +194,11 @@ def test_what_decides_a_choice_drops_the_remembered_ones(asked, monkeypatch) -> 
     finally:
         torch.backends.cuda.enable_flash_sdp(flash)
     assert call() == 3  # the first signature again
-    with backends.use("torch"):  # forcing a backend forgets every choice
-        assert _C._remembered_attention_choices() == 0
+    with backends.use("torch"):  # a forced backend: signatures of its own
         assert (call(), call()) == (4, 4)
-    assert _C._remembered_attention_choices() == 0  # and leaving the scope again
-    call()
+    assert call() == 4  # the choices made before the block serve after it
+    with backends.use("torch"):
+        assert call() == 4  # and those made under it, the next time it is forced
     monkeypatch.setitem(backends.ATTENTION.priority, "cpu", ["torch"])  # the priorities
     assert _C._remembered_attention_choices() == 0
     call()

@@ -82,14 +82,14 @@ def test_what_decides_a_choice_drops_the_remembered_ones(asked, qrand, monkeypat
     x, w, b = qrand(1, 8, 5, 5, dtype=torch.float64, seed=7), qrand(4, 2, 2, 3, 3, seed=8), qrand(8, seed=9)
     _step(x, w, b)
     assert _C._remembered_conv_choices() == 3
-    with backends.use("torch"):  # forcing a backend
-        assert _C._remembered_conv_choices() == 0
+    with backends.use("torch"):  # forcing a backend: its calls are other signatures (next test)
         asked_before = asked.conv
         _step(x, w, b)
         _step(x, w, b)
         assert asked.conv == asked_before + 4, "the forced torch backend must be asked every time"
-    assert _C._remembered_conv_choices() == 0
+    asked_before = asked.conv
     _step(x, w, b)
+    assert asked.conv == asked_before, "the choices made before the block still serve after it"
     assert _C._remembered_conv_choices() == 3
     monkeypatch.setattr(tuning, "mode", "heuristic")  # the tuning mode
     assert _C._remembered_conv_choices() == 0
@@ -116,6 +116,30 @@ def test_the_extension_has_cpu_and_cuda_kernels_for_the_conv_ops() -> None:
     for name in ("qconv", "qconv_weight_grad", "qconv_weight_bias_grad"):
         assert has(f"aqcf::{name}", "CPU") and has(f"aqcf::{name}", "CUDA"), name
     assert has("aqcf::activation_grad_bias", "CPU") and not has("aqcf::activation_grad_bias", "CUDA")
+
+
+@native
+def test_choices_are_kept_per_forced_backend(asked, qrand) -> None:
+    # A loop may enter use() around every step (the benchmarks' forced providers do): what was chosen under a
+    # forced backend is served natively the next time it is forced, and what was chosen without forcing
+    # after the block; neither is served for the other. (Each entry and exit used to drop every choice.)
+    x, w, b = qrand(1, 8, 5, 5, dtype=torch.float64, seed=27), qrand(4, 2, 2, 3, 3, seed=28), qrand(8, seed=29)
+    _step(x, w, b)
+    assert (asked.conv, asked.weight_grad) == (2, 1)
+    with backends.use("cpp"):
+        _step(x, w, b)
+    assert (asked.conv, asked.weight_grad) == (4, 2), "a choice made without forcing served a forced call"
+    assert _C._remembered_conv_choices() == 6
+    for _ in range(2):
+        with backends.use("cpp"):
+            forced = _step(x, w, b)
+        free = _step(x, w, b)
+    assert (asked.conv, asked.weight_grad) == (4, 2), "entering or leaving use() sent calls back to Python"
+    with backends.use("torch"):  # another forced backend: its own signatures (torch's are never remembered)
+        _step(x, w, b)
+    assert (asked.conv, asked.weight_grad) == (6, 3)
+    for y in (forced[0], free[0]):
+        torch.testing.assert_close(y, reference.quaternion_conv_naive(x, w, b, padding=1))
 
 
 class AtenOnCpu(CudaConvBackend):

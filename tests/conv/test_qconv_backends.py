@@ -135,8 +135,9 @@ class AskedBackend(FakeBackend):
 
 def test_candidates_are_remembered_per_signature_until_what_decides_them_changes(monkeypatch, fake_backends):
     # Listing the candidates asks every backend (availability, refusals): a signature's list is remembered,
-    # so a second identical call asks nobody; another signature, another forced backend (use() or the
-    # environment), a registry or priority change and a tuning change each make the registry ask again.
+    # so a second identical call asks nobody; another signature, a registry or priority change and a tuning
+    # change each make the registry ask again. A forced backend (use() or the environment) has lists of its
+    # own, and the unforced ones outlive it.
     monkeypatch.delenv("AQCF_BACKEND", raising=False)
     asked = AskedBackend("fake-asked")
     monkeypatch.setitem(backends.CONV.backends, "fake-asked", asked)
@@ -161,7 +162,9 @@ def test_candidates_are_remembered_per_signature_until_what_decides_them_changes
     assert resolve() == "torch"  # the environment is read per call
     monkeypatch.delenv("AQCF_BACKEND")
     n = asked.asked
-    assert resolve() == "fake-asked" and asked.asked > n
+    assert resolve() == "fake-asked" and asked.asked == n  # (remembered before the forcing)
+    resolve(x=x[:, :, :3])
+    assert asked.asked > n  # a signature first met now is listed
     monkeypatch.setitem(PRIORITY, "cpu", ["fake-ok", "fake-asked", *PRIORITY["cpu"]])
     assert resolve() == "fake-ok"
     n = asked.asked

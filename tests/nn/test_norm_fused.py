@@ -176,14 +176,19 @@ def test_a_signature_is_served_natively_after_python_with_identical_results(
 
 
 @native
-def test_forcing_a_backend_drops_the_remembered_norms(norm_asked, qrand) -> None:
+def test_a_forced_backend_has_norm_choices_of_its_own(norm_asked, qrand) -> None:
     x, w, b, _, _ = _inputs(qrand, SHAPES["1d"], torch.float32, seed=6)
-    for _ in range(2):
+
+    def norm() -> None:
         torch.ops.aqcf.qnorm(x, w, b, None, None, True, False, 1e-5, None, 0.01)
+
+    for _ in range(2):
+        norm()
     assert norm_asked["qnorm"] == 1 and _C._remembered_norm_choices() == 1
     with backends.use("torch"):
-        assert _C._remembered_norm_choices() == 0
-        torch.ops.aqcf.qnorm(x, w, b, None, None, True, False, 1e-5, None, 0.01)
+        norm()  # not served by the choice made without forcing
+    assert norm_asked["qnorm"] == 2
+    norm()  # which still serves after the block
     assert norm_asked["qnorm"] == 2
 
 
