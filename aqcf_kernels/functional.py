@@ -45,6 +45,29 @@ def quaternion_conv(
     applied to every real output channel; the Triton backend fuses it into the conv's epilogue.
     ``algorithm='auto'`` is resolved per call by the backend registry (``aqcf_kernels.backends.policy``).
     """
+    return _quaternion_conv(
+        input, weight, bias, stride, padding, dilation, groups, transposed, output_padding, algorithm, activation,
+        negative_slope,
+    )  # fmt: skip
+
+
+def _quaternion_conv(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: IntOrSeq,
+    padding: IntOrSeq | str,
+    dilation: IntOrSeq,
+    groups: int,
+    transposed: bool,
+    output_padding: IntOrSeq,
+    algorithm: str,
+    activation: str | None,
+    negative_slope: float,
+) -> Tensor:
+    """:func:`quaternion_conv` with every argument positional and no FX wrapper: what the functional convs
+    and the conv modules call (each an FX leaf itself). A small conv's whole host time is a few tens of
+    µs, and the wrapper and keyword passing cost a few of them per call."""
     if activation is not None and activation not in ACTIVATIONS:
         raise ValueError(f"activation must be None or one of {ACTIVATIONS}, got {activation!r}")
     if not isinstance(negative_slope, (int, float)) or isinstance(negative_slope, bool):
@@ -88,17 +111,8 @@ def _make_conv(spatial_dims: int):
         negative_slope=0.01,
     ):
         _check_rank(name, weight, spatial_dims)
-        return quaternion_conv(
-            input,
-            weight,
-            bias,
-            stride,
-            padding,
-            dilation,
-            groups,
-            algorithm=algorithm,
-            activation=activation,
-            negative_slope=negative_slope,
+        return _quaternion_conv(
+            input, weight, bias, stride, padding, dilation, groups, False, 0, algorithm, activation, negative_slope
         )
 
     conv.__name__ = conv.__qualname__ = name
@@ -127,20 +141,10 @@ def _make_conv_transpose(spatial_dims: int):
         negative_slope=0.01,
     ):
         _check_rank(name, weight, spatial_dims)
-        return quaternion_conv(
-            input,
-            weight,
-            bias,
-            stride,
-            padding,
-            dilation,
-            groups,
-            transposed=True,
-            output_padding=output_padding,
-            algorithm=algorithm,
-            activation=activation,
-            negative_slope=negative_slope,
-        )
+        return _quaternion_conv(
+            input, weight, bias, stride, padding, dilation, groups, True, output_padding, algorithm, activation,
+            negative_slope,
+        )  # fmt: skip
 
     conv_transpose.__name__ = conv_transpose.__qualname__ = name
     conv_transpose.__doc__ = (

@@ -138,7 +138,7 @@ def _checked_key(input, weight, bias, spatial_dims, stride, padding, dilation, g
         return None
     if type(groups) is not int or type(transposed) is not bool or type(algorithm) is not str:
         return None
-    geometry = tuple(_plain(v) for v in (stride, padding, dilation, output_padding))
+    geometry = (_plain(stride), _plain(padding), _plain(dilation), _plain(output_padding))
     if None in geometry:
         return None
     dtype, device = input.dtype, input.device
@@ -277,10 +277,14 @@ def same_dtype_under_autocast(a: Tensor, b: Tensor) -> bool:
 def _plain(value: object) -> object:
     """``value`` as a hashable cache key if it is an int or a list/tuple of ints (``bool`` excluded:
     ``True == 1`` would share a cache entry with ``1``), else ``None``."""
-    if type(value) is int or type(value) is str:
+    kind = type(value)
+    if kind is tuple or kind is list:
+        for v in value:  # (a loop: all() over a generator costs twice as much on these 1-3 element tuples)
+            if type(v) is not int:
+                return None
+        return value if kind is tuple else tuple(value)
+    if kind is int or kind is str:
         return value
-    if type(value) in (tuple, list) and all(type(v) is int for v in value):
-        return tuple(value)
     return None
 
 

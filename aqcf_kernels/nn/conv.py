@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from .._fx import fx_leaf
 from ..backends.base import activate
-from ..functional import quaternion_conv
+from ..functional import _quaternion_conv
 from ..params import int_tuple
 from ._base import QuaternionModule, check_layer_options, check_quaternion_channels, check_rotation_options
 from .rotation import quaternion_rotation_conv, rotation_channel_blocks
@@ -169,15 +169,16 @@ class _QuaternionConvNd(QuaternionModule):
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
         args = (input, weight, bias, self.stride, padding, self.dilation, self.groups)
-        geometry = {"transposed": self._transposed, "output_padding": output_padding}
         if self.rotation:
             y = quaternion_rotation_conv(
-                *args, **geometry, scale=self.scale_param, quaternion_format=self.quaternion_format
-            )
+                *args, transposed=self._transposed, output_padding=output_padding, scale=self.scale_param,
+                quaternion_format=self.quaternion_format,
+            )  # fmt: skip
             return y if activation is None else activate(y, activation, negative_slope)
-        return quaternion_conv(
-            *args, **geometry, algorithm=self.algorithm, activation=activation, negative_slope=negative_slope
-        )
+        # (the functional conv's body: this forward is the FX leaf)
+        return _quaternion_conv(
+            *args, self._transposed, output_padding, self.algorithm, activation, negative_slope
+        )  # fmt: skip
 
     def _unbatched(self, input: Tensor) -> bool:
         """Whether ``input`` is one unbatched sample ``(C, *spatial)`` (torch's conv modules accept it;
