@@ -247,6 +247,9 @@ PROVIDERS: dict[str, Provider] = {
     "auto": Provider("auto", algorithm="auto"),
     # GPU providers: each backend forced (the registry would pick triton first)
     "cuda": Provider("cuda", algorithm="hamilton", backend="cuda"),
+    # fast8 as 8 cuDNN convs on the operand combinations (the cuda backend's ATen path): half the FLOPs in
+    # smaller convs, measured beside Triton's fast8 (issue 13's fast8 target names no implementation)
+    "cuda/fast8": Provider("cuda/fast8", algorithm="fast8", backend="cuda"),
     "triton/hamilton": Provider("triton/hamilton", algorithm="hamilton", backend="triton"),
     "triton/fast8": Provider("triton/fast8", algorithm="fast8", backend="triton"),
     # conv + bias + ReLU (GPU target): cuDNN on the expanded weight then torch.relu, against the fused epilogue
@@ -254,7 +257,7 @@ PROVIDERS: dict[str, Provider] = {
     "triton/hamilton+relu": Provider("triton/hamilton+relu", algorithm="hamilton", backend="triton", activation="relu"),
 }
 CPU_PROVIDERS = ("naive16", "expanded", "hamilton", "fast8", "auto")
-GPU_PROVIDERS = ("naive16", "expanded", "cuda", "triton/hamilton", "triton/fast8", "auto")
+GPU_PROVIDERS = ("naive16", "expanded", "cuda", "cuda/fast8", "triton/hamilton", "triton/fast8", "auto")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -546,7 +549,7 @@ GPU_SPEED_TARGETS = (
 #: what auto may pick on a GPU, by dtype class: fast8 is opt-in in half precision (DESIGN.md)
 GPU_AUTO_BEST_OF = {
     "half": ("expanded", "triton/hamilton", "cuda"),
-    "full": ("expanded", "triton/hamilton", "triton/fast8", "cuda"),
+    "full": ("expanded", "triton/hamilton", "triton/fast8", "cuda", "cuda/fast8"),
 }
 
 

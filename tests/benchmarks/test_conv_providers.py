@@ -200,12 +200,13 @@ def test_gpu_targets_read_the_bf16_channels_last_cases():
     assert all(c["status"] == "SKIP" for c in check_gpu_targets(nchw, torch.bfloat16)[:-1])
 
 
-def test_gpu_auto_is_judged_against_what_it_may_pick():
-    """In bf16 fast8 is opt-in: a faster triton/fast8 does not count against auto; in fp32 it does."""
+@pytest.mark.parametrize("fast8", ["triton/fast8", "cuda/fast8"])
+def test_gpu_auto_is_judged_against_what_it_may_pick(fast8):
+    """In bf16 fast8 is opt-in: a faster fast8 (Triton's or cuDNN's) does not count against auto; in fp32 it does."""
     from benchmarks.conv import check_gpu_targets
 
     case = Case(dims=2, channels=32, size=64, batch=32)
-    r = _result(case, "fwdbwd", {"expanded": 1.0, "triton/hamilton": 1.2, "triton/fast8": 0.5, "auto": 1.0})
+    r = _result(case, "fwdbwd", {"expanded": 1.0, "triton/hamilton": 1.2, fast8: 0.5, "auto": 1.0})
     assert check_gpu_targets([r], torch.bfloat16)[-1]["status"] == "PASS"
     assert check_gpu_targets([r], torch.float32)[-1]["status"] == "FAIL"
 
