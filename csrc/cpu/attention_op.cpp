@@ -1,6 +1,7 @@
 #include "attention_op.h"
 
 #include "autocast.h"
+#include "below_autograd.h"
 #include "choices.h"
 
 #include <ATen/Parallel.h>
@@ -346,11 +347,17 @@ class GatedResidualFunction : public torch::autograd::Function<GatedResidualFunc
 Tensors4 cross_attention_autograd(
     const Tensor& q_a, const Tensor& k_a, const Tensor& v_a, const Tensor& q_b, const Tensor& k_b, const Tensor& v_b,
     double scale) {
+  if (!records_graph(q_a, k_a, v_a, q_b, k_b, v_b)) {
+    return call_below_autograd(cross_attention_op(), q_a, k_a, v_a, q_b, k_b, v_b, scale);
+  }
   auto out = CrossAttentionFunction::apply(q_a, k_a, v_a, q_b, k_b, v_b, scale);
   return {out[0], out[1], out[2], out[3]};
 }
 
 Tensor gated_residual_autograd(const Tensor& f, const Tensor& o, const Tensor& gate_logits, const Tensor& alpha) {
+  if (!records_graph(f, o, gate_logits, alpha)) {
+    return call_below_autograd(gated_residual_op(), f, o, gate_logits, alpha);
+  }
   return GatedResidualFunction::apply(f, o, gate_logits, alpha);
 }
 

@@ -9,6 +9,7 @@
 #include <string_view>
 #include <utility>
 
+#include "below_autograd.h"
 #include "choices.h"
 #include "norm.h"
 
@@ -165,6 +166,11 @@ NormTensors qnorm_autograd(
     const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
     const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var, bool use_input_stats,
     bool per_sample, double eps, std::optional<std::string_view> activation, double negative_slope) {
+  if (!records_graph(input, weight, bias)) {
+    return call_below_autograd(
+        qnorm_op(), input, weight, bias, running_mean, running_var, use_input_stats, per_sample, eps, activation,
+        negative_slope);
+  }
   auto out = QNormFunction::apply(
       input, weight, bias, running_mean, running_var, use_input_stats, per_sample, eps, activation, negative_slope);
   return {out[0], out[1], out[2]};

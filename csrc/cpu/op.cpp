@@ -1,6 +1,7 @@
 #include "op.h"
 
 #include "autocast.h"
+#include "below_autograd.h"
 #include "choices.h"
 
 #include <ATen/Parallel.h>
@@ -421,6 +422,11 @@ std::tuple<Tensor, Tensor> qconv_autograd(
     c10::SymIntArrayRef padding, c10::SymIntArrayRef dilation, bool transposed, c10::SymIntArrayRef output_padding,
     c10::SymInt groups, std::string_view algorithm, std::optional<std::string_view> activation,
     double negative_slope, std::string_view kind) {
+  if (!records_graph(input, weight, bias)) {
+    return call_below_autograd(
+        qconv_op(), input, weight, bias, stride, padding, dilation, transposed, output_padding, std::move(groups),
+        algorithm, activation, negative_slope, kind);
+  }
   auto out = QConvFunction::apply(
       input, weight, bias, stride, padding, dilation, transposed, output_padding, std::move(groups), algorithm,
       activation, negative_slope, kind);
@@ -431,6 +437,11 @@ Tensor qconv_weight_grad_autograd(
     const Tensor& input, const Tensor& grad_output, c10::SymIntArrayRef weight_shape, c10::SymIntArrayRef stride,
     c10::SymIntArrayRef padding, c10::SymIntArrayRef dilation, bool transposed, c10::SymIntArrayRef output_padding,
     c10::SymInt groups, std::string_view algorithm) {
+  if (!records_graph(input, grad_output)) {
+    return call_below_autograd(
+        weight_grad_op(), input, grad_output, weight_shape, stride, padding, dilation, transposed, output_padding,
+        std::move(groups), algorithm);
+  }
   return QConvWeightGradFunction::apply(
       input, grad_output, weight_shape, stride, padding, dilation, transposed, output_padding, std::move(groups),
       algorithm)[0];
