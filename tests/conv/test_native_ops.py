@@ -8,6 +8,7 @@ the remembered ones. Without it (``AQCF_NO_EXTENSION=1``) the same schemas come 
 from __future__ import annotations
 
 import os
+import types
 from pathlib import Path
 
 import pytest
@@ -140,6 +141,18 @@ def test_choices_are_kept_per_forced_backend(asked, qrand) -> None:
     assert (asked.conv, asked.weight_grad) == (6, 3)
     for y in (forced[0], free[0]):
         torch.testing.assert_close(y, reference.quaternion_conv_naive(x, w, b, padding=1))
+
+
+def test_an_extension_that_cannot_be_told_the_forced_backend_forgets_its_choices_instead(monkeypatch) -> None:
+    # (an extension built before use() announced the forced backend: its signatures do not include it)
+    from aqcf_kernels.backends import _extension
+
+    forgotten = []
+    stale = types.SimpleNamespace(_forget_conv_choices=lambda: forgotten.append("conv"))
+    monkeypatch.setattr(_extension, "_C", stale)
+    with backends.use("torch"):
+        assert forgotten == ["conv"]
+    assert forgotten == ["conv", "conv"]
 
 
 class AtenOnCpu(CudaConvBackend):
