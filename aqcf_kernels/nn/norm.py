@@ -192,10 +192,6 @@ def _quaternion_norm(
         raise ValueError(f"{fn}: activation must be None or one of {ACTIVATIONS}, got {activation!r}")
     if not input.is_floating_point():  # (torch's norms refuse integers too, instead of truncating)
         raise TypeError(f"{fn}: input must be a floating-point tensor, got {input.dtype}")
-    acc = _stat_dtype(input.dtype)
-    spatial = tuple(range(3, input.dim() + 1))
-    ones = (1,) * len(spatial)
-    reduce = spatial if per_sample else (0, *spatial)
     # values per statistic: the spatial size, times the batch for batch norm (no view made to count them)
     count = math.prod(input.shape[2:]) * (1 if per_sample else input.shape[0])
     # An empty input (a zero-size batch or spatial dim) is normalised to an empty output, the running
@@ -226,6 +222,10 @@ def _quaternion_norm(
                 whiten, activation, negative_slope, fused,
             )  # fmt: skip
 
+    acc = _stat_dtype(input.dtype)
+    spatial = tuple(range(3, input.dim() + 1))
+    ones = (1,) * len(spatial)
+    reduce = spatial if per_sample else (0, *spatial)
     x = input.unflatten(1, (4, cq)).to(acc)  # (N, 4, Cq, *S): component axis 1, quaternion channel axis 2
     if empty:  # the shapes below, no data: centring by 0 and scaling by 1 keeps γ and β in the graph
         xc = x
@@ -303,7 +303,8 @@ def _update_running(
     else:
         new_mean = mean.detach().reshape(-1, 4 * cq).mean(0)
         new_var = stat.detach().reshape(-1, *shape).mean(0) * unbiased
-    new_mean, new_var = new_mean.to(running_mean.dtype), new_var.to(running_var.dtype)
+    if new_mean.dtype != running_mean.dtype:  # (statistics in float32 for a half-precision module's input)
+        new_mean, new_var = new_mean.to(running_mean.dtype), new_var.to(running_var.dtype)
     if exporting_to_onnx():  # ONNX has no multi-tensor lerp (a model exported in training mode)
         running_mean.lerp_(new_mean, momentum)
         running_var.lerp_(new_var, momentum)
