@@ -54,18 +54,25 @@ def fold_eval_norm(
     folded in, ``W' = s·W`` per output channel and ``b' = s ⊙ (b − μ) + β``, ``s = γ / sqrt(running_var +
     eps)`` one real per quaternion channel. ``real_weight``: ``weight`` is a real conv's ``(4·Cq, in,
     *k)`` (the network's stem), else a quaternion conv's ``(4, Cq, in/4, *k)``."""
-    scale = torch.rsqrt(norm.running_var.to(weight.dtype) + norm.eps)  # (Cq,)
+    # Each unit folds on every eval call, so in as few ops as the formula allows (a launch each on a GPU,
+    # ~2 µs each on CPU): the blocked [r|i|j|k] channels as (4, Cq) views, where quaternion channel c is
+    # real channel c + k·Cq, broadcast against the (Cq,) scale instead of repeating it 4 times.
+    dtype, cq = weight.dtype, norm.running_var.shape[0]
+    running_var, running_mean = norm.running_var, norm.running_mean
+    if running_var.dtype != dtype:
+        running_var, running_mean = running_var.to(dtype), running_mean.to(dtype)
+    scale = torch.rsqrt(running_var + norm.eps)  # (Cq,)
     if norm.weight is not None:
         scale = scale * norm.weight
-    per_real = scale.repeat(4)  # blocked [r|i|j|k]: quaternion channel c is real c + k·Cq
-    shift = -norm.running_mean.to(weight.dtype)
-    if bias is not None:
-        shift = shift + bias
-    folded_bias = per_real * shift
-    if norm.bias is not None:
-        folded_bias = folded_bias + norm.bias
+    shift = -running_mean if bias is None else bias - running_mean  # (4·Cq,)
+    if norm.bias is None:
+        folded_bias = (shift.view(4, cq) * scale).view(-1)
+    else:
+        folded_bias = torch.addcmul(norm.bias.view(4, cq), shift.view(4, cq), scale).view(-1)
     if real_weight:
-        return weight * per_real.view(-1, *[1] * (weight.dim() - 1)), folded_bias
+        # (a real conv's output channels split as (4, Cq): a view whatever the weight's memory format)
+        scaled = weight.unflatten(0, (4, cq)) * scale.view(1, cq, *[1] * (weight.dim() - 1))
+        return scaled.flatten(0, 1), folded_bias
     return weight * scale.view(1, -1, *[1] * (weight.dim() - 2)), folded_bias
 
 
