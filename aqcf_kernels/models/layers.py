@@ -20,7 +20,7 @@ from torch._prims_common import suggest_memory_format
 
 from .. import nn as qnn
 from ..backends.base import activate
-from ..nn.unit import fold_eval_norm, folds_in_eval
+from ..nn.unit import conv_and_norm, fold_eval_norm, folds_in_eval
 from ..ops.func import transforms_active
 from .options import AQCFNetOptions
 
@@ -139,7 +139,7 @@ class RealConvNormAct(nn.Sequential):
         super().__init__(conv, norm)
 
     def forward(self, input: Tensor) -> Tensor:
-        conv, norm = self[0], self[1]
+        conv, norm = conv_and_norm(self)
         if not folds_in_eval(self) or input.dim() != conv.weight.dim():  # (unbatched: the modules decide)
             return super().forward(input)
         weight, bias = fold_eval_norm(conv.weight, conv.bias, norm, real_weight=True)

@@ -76,10 +76,18 @@ def fold_eval_norm(
     return weight * scale.view(1, -1, *[1] * (weight.dim() - 2)), folded_bias
 
 
+def conv_and_norm(unit: nn.Sequential) -> tuple[nn.Module, nn.Module]:
+    """``(unit[0], unit[1])`` of a two-module unit, read from its module dict (keys ``'0'`` and ``'1'``, as
+    ``nn.Sequential`` names them): its integer indexing walks the modules, ~1 µs a lookup, and each call of
+    a unit asked it up to ten times."""
+    modules = unit._modules
+    return modules["0"], modules["1"]
+
+
 def folds_in_eval(unit: nn.Sequential) -> bool:
     """Whether ``unit`` = (conv, quaternion norm) runs folded now: both in eval mode, and a norm that is
     a per-channel affine then (running statistics, no whitening, the fused kind)."""
-    conv, norm = unit[0], unit[1]
+    conv, norm = conv_and_norm(unit)
     return (
         not unit.training
         and not norm.training
@@ -120,11 +128,12 @@ class QuaternionConvNormAct(nn.Sequential):
 
     def folded_weight_and_bias(self) -> tuple[Tensor, Tensor]:
         """``(W', b')``: the conv's weight and bias with the eval-mode norm folded in."""
-        return fold_eval_norm(self[0].weight, self[0].bias, self[1], real_weight=False)
+        conv, norm = conv_and_norm(self)
+        return fold_eval_norm(conv.weight, conv.bias, norm, real_weight=False)
 
     def _splits_inputs(self, inputs: tuple[Tensor, ...]) -> bool:
         """Whether ``inputs`` are convolved one by one (see the module docstring) rather than concatenated."""
-        conv = self[0]
+        conv = conv_and_norm(self)[0]
         if len(inputs) == 1 or self.concatenates_inputs or conv.groups != 1 or conv.rotation or conv.transposed:
             return False
         widths = [4 * quaternion_channels(t, f"QuaternionConvNormAct: input {i}") for i, t in enumerate(inputs)]
@@ -138,7 +147,7 @@ class QuaternionConvNormAct(nn.Sequential):
 
     def _conv_of_parts(self, inputs: tuple[Tensor, ...], weight: Tensor, bias: Tensor | None) -> Tensor:
         """``conv(qcat(inputs))`` with ``weight`` and ``bias``, as one conv per input on its weight slice."""
-        conv, y, start = self[0], None, 0
+        conv, y, start = conv_and_norm(self)[0], None, 0
         for t in inputs:
             cq = t.shape[1] // 4
             part = conv(t, weight=weight[:, :, start : start + cq], bias=bias)
@@ -149,7 +158,7 @@ class QuaternionConvNormAct(nn.Sequential):
     def forward(self, *inputs: Tensor) -> Tensor:
         if not inputs:
             raise TypeError("QuaternionConvNormAct: expected at least one input")
-        conv, norm = self[0], self[1]
+        conv, norm = conv_and_norm(self)
         if not self._splits_inputs(inputs):
             input = inputs[0] if len(inputs) == 1 else qcat(list(inputs))
             # An unbatched input goes the unfolded way: the norm decides whether it takes one.
@@ -167,7 +176,7 @@ class QuaternionConvNormAct(nn.Sequential):
         """The eval-mode unit with the folded ``weight`` and ``bias``: the activation is handed to the conv,
         whose backend may apply it in the epilogue (cpp: oneDNN's post-op, fast8's output pass); a sum of
         per-input convs (``split``) is activated after, in place (an activation of a sum is not a sum)."""
-        conv, norm = self[0], self[1]
+        conv, norm = conv_and_norm(self)
         if not split:
             input = inputs[0] if len(inputs) == 1 else qcat(list(inputs))
             return conv(input, weight=weight, bias=bias, activation=norm.activation, negative_slope=norm.negative_slope)
@@ -187,7 +196,7 @@ class QuaternionConvNormAct(nn.Sequential):
         measured before the two are timed against each other."""
         if torch.compiler.is_compiling():  # the rule's way: a measurement is no part of a compiled graph
             return self._folded(inputs, weight, bias, split=True)
-        key = _split_signature(self[0], inputs)
+        key = _split_signature(conv_and_norm(self)[0], inputs)
         run = {
             SPLIT: lambda: self._folded(inputs, weight, bias, True),
             CONCAT: lambda: self._folded(inputs, weight, bias, False),
