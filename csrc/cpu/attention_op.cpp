@@ -283,10 +283,7 @@ class CrossAttentionFunction : public torch::autograd::Function<CrossAttentionFu
       AutogradContext* ctx, const Tensor& q_a, const Tensor& k_a, const Tensor& v_a, const Tensor& q_b,
       const Tensor& k_b, const Tensor& v_b, double scale) {
     Tensors4 out;
-    {
-      at::AutoDispatchBelowADInplaceOrView guard;
-      out = cross_attention_op().call(q_a, k_a, v_a, q_b, k_b, v_b, scale);
-    }
+    out = call_below_autograd(cross_attention_op(), q_a, k_a, v_a, q_b, k_b, v_b, scale);
     auto& [out_a, out_b, lse_a, lse_b] = out;
     // The log-sum-exps never reach a loss through the backward (it ignores their gradient): no tensor
     // of zeros is made for them.
@@ -321,10 +318,7 @@ class GatedResidualFunction : public torch::autograd::Function<GatedResidualFunc
   static Tensor forward(
       AutogradContext* ctx, const Tensor& f, const Tensor& o, const Tensor& gate_logits, const Tensor& alpha) {
     Tensor y;
-    {
-      at::AutoDispatchBelowADInplaceOrView guard;
-      y = gated_residual_op().call(f, o, gate_logits, alpha);
-    }
+    y = call_below_autograd(gated_residual_op(), f, o, gate_logits, alpha);
     ctx->save_for_backward({o, gate_logits, alpha});
     return y;
   }

@@ -24,7 +24,7 @@ bool records_graph(const Tensors&... tensors) {
   return at::GradMode::is_enabled() && (requires_grad(tensors) || ...);
 }
 
-// Calls `op` below the autograd and ADInplaceOrView keys, as a Function's forward does.
+// Calls `op` below the autograd and ADInplaceOrView keys: each Function's forward, and the shortcut.
 template <typename Op, typename... Args>
 decltype(auto) call_below_autograd(const Op& op, Args&&... args) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;

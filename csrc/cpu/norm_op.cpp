@@ -108,11 +108,9 @@ class QNormFunction : public torch::autograd::Function<QNormFunction> {
       const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var, bool use_input_stats,
       bool per_sample, double eps, std::optional<std::string_view> activation, double negative_slope) {
     NormTensors out;
-    {
-      at::AutoDispatchBelowADInplaceOrView guard;
-      out = qnorm_op().call(
-          input, weight, bias, running_mean, running_var, use_input_stats, per_sample, eps, activation, negative_slope);
-    }
+    out = call_below_autograd(
+        qnorm_op(), input, weight, bias, running_mean, running_var, use_input_stats, per_sample, eps, activation,
+        negative_slope);
     auto& [y, mean, var] = out;
     ctx->mark_non_differentiable({mean, var});
     // The statistics get undefined gradients, not tensors of zeros (two launches per norm and step on a GPU)

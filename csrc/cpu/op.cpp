@@ -325,12 +325,9 @@ class QConvFunction : public torch::autograd::Function<QConvFunction> {
       c10::SymIntArrayRef output_padding, c10::SymInt groups, std::string_view algorithm,
       std::optional<std::string_view> activation, double negative_slope, std::string_view kind) {
     Tensor y, pre;
-    {
-      at::AutoDispatchBelowADInplaceOrView guard;
-      std::tie(y, pre) = qconv_op().call(
-          input, weight, bias, stride, padding, dilation, transposed, output_padding, groups, algorithm, activation,
-          negative_slope, kind);
-    }
+    std::tie(y, pre) = call_below_autograd(
+        qconv_op(), input, weight, bias, stride, padding, dilation, transposed, output_padding, groups, algorithm,
+        activation, negative_slope, kind);
     // An output the loss never reached gets no gradient (not a tensor of zeros): z mostly does not, and
     // adding zeros to dL/dz would cost a pass and keep the bias gradient out of the activation's pass.
     ctx->set_materialize_grads(false);
@@ -391,11 +388,9 @@ class QConvWeightGradFunction : public torch::autograd::Function<QConvWeightGrad
       c10::SymIntArrayRef stride, c10::SymIntArrayRef padding, c10::SymIntArrayRef dilation, bool transposed,
       c10::SymIntArrayRef output_padding, c10::SymInt groups, std::string_view algorithm) {
     Tensor gw;
-    {
-      at::AutoDispatchBelowADInplaceOrView guard;
-      gw = weight_grad_op().call(
-          input, grad_output, weight_shape, stride, padding, dilation, transposed, output_padding, groups, algorithm);
-    }
+    gw = call_below_autograd(
+        weight_grad_op(), input, grad_output, weight_shape, stride, padding, dilation, transposed, output_padding,
+        groups, algorithm);
     ctx->save_for_backward({input, grad_output});
     Geometry{stride.vec(), padding.vec(), dilation.vec(), output_padding.vec(), groups, transposed}.save(ctx);
     ctx->saved_data["algorithm"] = std::string(algorithm);
