@@ -5,11 +5,17 @@ direction a (queries of a against keys/values of b) and then those of direction 
 with ``N_a ≠ N_b`` wastes no program on the shorter side. Each program picks its direction's
 pointers once (a runtime branch on a scalar) and is then an ordinary flash-attention program:
 
-* forward: online softmax in base 2 (scores pre-scaled by ``scale·log2 e``), fp32 accumulators,
-  the log-sum-exp (natural log) stored per query row;
+* forward: online softmax, fp32 accumulators, the log-sum-exp (natural log) stored per query row;
 * backward, FlashAttention-2's split: ``dk, dv`` by key tile (looping over query tiles) and ``dq``
   by query tile (looping over key tiles), each recomputing ``P = exp(S − lse)``; no atomics.
   ``δ = rowsum(dO ⊙ O)`` is precomputed by the launcher.
+
+Every kernel forms ``S`` the same way (``_scores``: ``q·kᵀ`` on the same tiles, in natural units) and
+exponentiates ``(S − m)·log2 e`` (``_exp``), so the backward's ``P`` is the forward's bit for bit. With
+large logits (``|S|`` ~ 1e4, a one-hot softmax) one ulp of ``S`` is ~1e-3 and ``P`` would move by that
+much: a ``dk, dv`` kernel that formed ``Sᵀ = k·qᵀ`` (rounded in another order), or scores pre-scaled
+by ``scale·log2 e`` against a natural-log ``lse`` (an extra rounding each way), gave ``dv`` 1e-3 off
+where SDPA is 1e-7 (tests/attention/test_attention_robustness.py, in the interpreter on an AMD EPYC).
 
 Tensors are contiguous ``(B, H, N, E)``; ``E`` (4·d reals per head) is padded to a power of two
 ``BLOCK_E`` by masking. Plain pointer arithmetic only (triton 3.6–3.9). ``DOT_DTYPE`` is the
@@ -28,6 +34,18 @@ LOG2E = tl.constexpr(1.4426950408889634)
 def _load_rows(base, offs_n, offs_e, n, E: tl.constexpr):
     mask = (offs_n[:, None] < n) & (offs_e[None, :] < E)
     return tl.load(base + offs_n[:, None] * E + offs_e[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _scores(q, k, scale, PRECISION: tl.constexpr):
+    """``S = scale · q·kᵀ`` (queries × keys), formed the same way by the forward and both backward kernels."""
+    return tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+
+
+@triton.jit
+def _exp(x):
+    """``exp(x)`` as ``exp2(x·log2 e)``: the multiply comes after the subtraction of the row's max or lse."""
+    return tl.exp2(x * LOG2E)
 
 
 @triton.jit
@@ -68,18 +86,16 @@ def attention_fwd_kernel(
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_e = tl.arange(0, BLOCK_E)
     q = _load_rows(q_base, offs_m, offs_e, n_q, E).to(DOT_DTYPE)
-    qk_scale = scale * LOG2E
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_E), tl.float32)
     for start in range(0, n_k, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         k = _load_rows(k_ptr + kv_base, offs_n, offs_e, n_k, E).to(DOT_DTYPE)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        s = tl.where(offs_n[None, :] < n_k, s, float("-inf"))
+        s = tl.where(offs_n[None, :] < n_k, _scores(q, k, scale, PRECISION), float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        rescale = tl.exp2(m_i - m_new)
+        p = _exp(s - m_new[:, None])
+        rescale = _exp(m_i - m_new)
         l_i = l_i * rescale + tl.sum(p, 1)
         v = _load_rows(v_ptr + kv_base, offs_n, offs_e, n_k, E).to(DOT_DTYPE)
         acc = tl.dot(p.to(DOT_DTYPE), v, acc * rescale[:, None], input_precision=PRECISION)
@@ -87,7 +103,7 @@ def attention_fwd_kernel(
     acc = acc / l_i[:, None]
     mask = (offs_m[:, None] < n_q) & (offs_e[None, :] < E)
     tl.store(o_ptr + bh * n_q * E + offs_m[:, None] * E + offs_e[None, :], acc, mask=mask)
-    tl.store(l_ptr + bh * n_q + offs_m, (m_i + tl.log2(l_i)) / LOG2E, mask=offs_m < n_q)
+    tl.store(l_ptr + bh * n_q + offs_m, m_i + tl.log(l_i), mask=offs_m < n_q)
 
 
 @triton.jit
@@ -139,7 +155,6 @@ def attention_bwd_dkdv_kernel(
     v = _load_rows(v_ptr + kv_base, offs_n, offs_e, n_k, E).to(DOT_DTYPE)
     dk = tl.zeros((BLOCK_N, BLOCK_E), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_E), tl.float32)
-    qk_scale = scale * LOG2E
     for start in range(0, n_q, BLOCK_M):
         offs_m = start + tl.arange(0, BLOCK_M)
         row_ok = offs_m < n_q
@@ -147,14 +162,13 @@ def attention_bwd_dkdv_kernel(
         do = _load_rows(do_ptr + q_base, offs_m, offs_e, n_q, E).to(DOT_DTYPE)
         lse = tl.load(l_ptr + bh * n_q + offs_m, mask=row_ok, other=0.0)
         delta = tl.load(d_ptr + bh * n_q + offs_m, mask=row_ok, other=0.0)
-        # Pᵀ directly (keys × queries), so both products below are plain dots.
-        st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
-        pt = tl.exp2(st - lse[None, :] * LOG2E)
-        pt = tl.where((offs_n[:, None] < n_k) & row_ok[None, :], pt, 0.0)
-        dv = tl.dot(pt.to(DOT_DTYPE), do, dv, input_precision=PRECISION)
-        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        dst = pt * (dpt - delta[None, :])
-        dk = tl.dot(dst.to(DOT_DTYPE), q, dk, input_precision=PRECISION)
+        # P as the forward formed it (queries × keys), then transposed for the two products.
+        p = _exp(_scores(q, k, scale, PRECISION) - lse[:, None])
+        p = tl.where(row_ok[:, None] & (offs_n[None, :] < n_k), p, 0.0)
+        dv = tl.dot(tl.trans(p).to(DOT_DTYPE), do, dv, input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk = tl.dot(tl.trans(ds).to(DOT_DTYPE), q, dk, input_precision=PRECISION)
     mask = (offs_n[:, None] < n_k) & (offs_e[None, :] < E)
     out_offs = kv_base + offs_n[:, None] * E + offs_e[None, :]
     tl.store(dk_ptr + out_offs, dk * scale, mask=mask)
@@ -207,13 +221,11 @@ def attention_bwd_dq_kernel(
     lse = tl.load(l_ptr + bh * n_q + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(d_ptr + bh * n_q + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros((BLOCK_M, BLOCK_E), tl.float32)
-    qk_scale = scale * LOG2E
     for start in range(0, n_k, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         k = _load_rows(k_ptr + kv_base, offs_n, offs_e, n_k, E).to(DOT_DTYPE)
         v = _load_rows(v_ptr + kv_base, offs_n, offs_e, n_k, E).to(DOT_DTYPE)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        p = tl.exp2(s - lse[:, None] * LOG2E)
+        p = _exp(_scores(q, k, scale, PRECISION) - lse[:, None])
         p = tl.where(row_ok[:, None] & (offs_n[None, :] < n_k), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
