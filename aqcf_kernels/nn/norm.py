@@ -49,6 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from .._fx import fx_leaf
+from ..backends._extension import _C
 from ..backends.base import activate
 from ..layout import like_layout, quaternion_channels
 from ..ops import norm as norm_ops
@@ -208,7 +209,10 @@ def _quaternion_norm(
             input, weight, bias, *stats, use_input_stats, per_sample, eps, activation, float(negative_slope)
         )
         if use_input_stats and running_mean is not None:
-            _update_running(running_mean, running_var, mean, var, count, momentum, cq, whiten)
+            if _NATIVE_UPDATE is not None and not torch.compiler.is_compiling():
+                _NATIVE_UPDATE(running_mean, running_var, mean, var, count, momentum)
+            else:
+                _update_running(running_mean, running_var, mean, var, count, momentum, cq, whiten)
         return y
 
     if whiten and _autocast_on(input.device.type):
@@ -273,6 +277,12 @@ def _quaternion_norm(
     if whiten:  # the einsum writes channels-first: a channels_last input gets a channels_last output, as torch's
         y = like_layout(y, input)
     return y if activation is None else activate(y, activation, negative_slope)
+
+
+# The same update in C++ (csrc/cpu/norm_op.cpp), for the fused path's eager calls: its Python costs ~5 µs a call,
+# a norm's whole host time ~25. Dynamo traces the Python one (it cannot see into a pybind function); an
+# extension built before it has none.
+_NATIVE_UPDATE = getattr(_C, "_update_running_stats", None)
 
 
 def _autocast_on(device_type: str) -> bool:

@@ -313,6 +313,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_remember_norm_choice", &aqcf::remember_norm_choice,
         "Serve later qnorm calls (and their backward) with inputs like this one by the compiled CPU kernels",
         py::arg("input"));
+  m.def("_update_running_stats", &aqcf::update_running_stats,
+        "torch.nn.BatchNorm's in-place update of running_mean and running_var from one training call's "
+        "statistics (mean, biased var; a batch's per-sample statistics are averaged), count values each",
+        py::arg("running_mean"), py::arg("running_var"), py::arg("mean"), py::arg("var"), py::arg("count"),
+        py::arg("momentum"));
   m.def("_forget_norm_choices", &aqcf::forget_norm_choices, "Drop every remembered norm choice");
   m.def("_remembered_norm_choices", &aqcf::remembered_norm_choices, "How many norm signatures are served in C++");
   m.def("_forget_conv_choices", &aqcf::forget_choices, "Drop every remembered choice (the dispatch state changed)");

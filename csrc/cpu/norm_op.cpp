@@ -192,6 +192,34 @@ int64_t remembered_norm_choices() {
   return choices.size();
 }
 
+void update_running_stats(
+    const Tensor& running_mean, const Tensor& running_var, const Tensor& mean, const Tensor& var, int64_t count,
+    double momentum) {
+  TORCH_CHECK(count > 1, "update_running_stats: count must be > 1, got ", count);
+  const int64_t m = running_mean.numel(), v = running_var.numel();
+  TORCH_CHECK(m > 0 && v > 0 && mean.numel() % m == 0 && var.numel() % v == 0 && mean.numel() / m == var.numel() / v,
+              "update_running_stats: statistics of ", mean.numel(), " and ", var.numel(),
+              " values for running statistics of ", m, " and ", v);
+  at::NoGradGuard no_grad;  // the statistics may carry a graph in training; the buffers must not
+  Tensor new_mean, new_var;
+  if (mean.numel() == m) {  // one set of statistics (batch norm): no average to take
+    new_mean = mean.reshape(running_mean.sizes());
+    new_var = var.reshape(running_var.sizes());
+  } else {  // instance norm: the average of the samples' statistics
+    new_mean = mean.reshape({-1, m}).mean(0).view(running_mean.sizes());
+    new_var = var.reshape({-1, v}).mean(0).view(running_var.sizes());
+  }
+  if (new_mean.scalar_type() != running_mean.scalar_type()) {  // float32 statistics of a half-precision module
+    new_mean = new_mean.to(running_mean.scalar_type());
+    new_var = new_var.to(running_var.scalar_type());
+  }
+  // r += momentum (s - r) for both (one multi-tensor launch on a GPU), then the variance's unbiased part,
+  // momentum (count / (count - 1) - 1) var, in place: two ops and no temporary, where the Python update
+  // (aqcf_kernels/nn/norm.py) scales the variance into a new tensor first.
+  at::_foreach_lerp_({running_mean, running_var}, {new_mean, new_var}, momentum);
+  running_var.add_(new_var, momentum / static_cast<double>(count - 1));
+}
+
 }  // namespace aqcf
 
 // The schemas are those torch.library.custom_op infers from ops/norm.py's Python signatures, which define

@@ -45,6 +45,15 @@ struct NormFallbacks {
 };
 void set_norm_fallbacks(NormFallbacks fallbacks);
 
+// torch.nn.BatchNorm's running-statistics update from one training call's statistics, in place: ``mean``
+// ``(G, 4, Cq, 1...)`` and the biased ``var`` ``(G, 1, Cq, 1...)`` (G = 1 for batch norm, N for instance
+// norm, whose running statistics track the batch's average), ``count`` values each; the unbiased variance
+// goes into the average. Two ATen ops for batch norm (the unbiased scaling, one multi-tensor lerp), as the
+// Python update in aqcf_kernels/nn/norm.py runs them, but without ~5 us of Python per call.
+void update_running_stats(
+    const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& mean, const at::Tensor& var, int64_t count,
+    double momentum);
+
 // Serve later qnorm calls (and their backward) with inputs like this one by the compiled CPU kernels.
 void remember_norm_choice(const at::Tensor& input);
 void forget_norm_choices();

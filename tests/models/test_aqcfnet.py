@@ -237,8 +237,11 @@ def test_eval_mode_gradients_equal_the_unfolded_network(spatial_dims: int) -> No
     """In eval mode the conv + norm units run folded (one conv, the activation as its epilogue or oneDNN's
     post-op). Gradients taken there (saliency maps, Grad-CAM, fine-tuning with frozen statistics) must be
     the network's: the input's and every parameter's equal those of the same weights with the composite
-    norms, which never fold. (The folded stem once ran oneDNN's post-op conv under autograd: no gradient
-    reached the input at all, and the stem's weights got none.)"""
+    norms, which never fold, in float64. (The folded stem once ran oneDNN's post-op conv under autograd: no
+    gradient reached the input at all, and the stem's weights got none.) Norm-wise, per tensor: an entry of a
+    float32 gradient can be a sum that nearly cancels (a norm weight's, through the fold, was 1.8e-3 off in one
+    entry where its tensor was 1e-5 off), and whether the folded or the unfolded float32 run lands nearer depends
+    on the conv algorithm ``auto`` picked."""
     from benchmarks.baselines import use_composite_norms
 
     size = SIZES[spatial_dims]
@@ -246,22 +249,27 @@ def test_eval_mode_gradients_equal_the_unfolded_network(spatial_dims: int) -> No
     set_alphas(folded)
     folded(ct=image(2, size, 1), mri=image(2, size, 2))  # running statistics of a batch, then eval
     unfolded = use_composite_norms(copy.deepcopy(folded))
+    reference = copy.deepcopy(unfolded).double()
+    images = image(2, size, 3), image(2, size, 4)
     grads = []
-    for model in (folded.eval(), unfolded.eval()):
-        ct, mri = image(2, size, 3).requires_grad_(), image(2, size, 4).requires_grad_()
-        out = model(ct=ct, mri=mri)
+    for model, dtype in ((folded, torch.float32), (unfolded, torch.float32), (reference, torch.float64)):
+        ct, mri = (t.to(dtype).requires_grad_() for t in images)
+        out = model.eval()(ct=ct, mri=mri)
         g = torch.Generator().manual_seed(5)
-        loss = sum((t * torch.randn(t.shape, generator=g)).sum() for v in out.values() for t in v)
+        loss = sum((t * torch.randn(t.shape, generator=g).to(dtype)).sum() for v in out.values() for t in v)
         params = [p for _, p in model.named_parameters()]
         # (allow_unused: eval mode returns no deep-supervision logits, so their heads are not in the graph)
         grads.append(torch.autograd.grad(loss, [ct, mri, *params], allow_unused=True))
     names = ["ct", "mri", *(n for n, _ in folded.named_parameters())]
     assert grads[0][0] is not None and grads[0][1] is not None
     assert sum(g is not None for g in grads[0]) > len(names) // 2
-    for name, got, want in zip(names, *grads, strict=True):
-        assert (got is None) == (want is None), name
-        if got is not None:
-            torch.testing.assert_close(got, want, rtol=2e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    for name, got, unfolded_got, want in zip(names, *grads, strict=True):
+        assert (got is None) == (unfolded_got is None) == (want is None), name
+        if want is None:
+            continue
+        for what, g in (("folded", got), ("unfolded", unfolded_got)):
+            error = ((g.double() - want).norm() / want.norm()).item()
+            assert error < 1e-4, f"{name}: {what} float32 gradient {error:.1e} off the float64 one"
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])

@@ -15,7 +15,7 @@ from aqcf_kernels import backends
 from aqcf_kernels.backends._extension import _C
 from aqcf_kernels.backends.registry import forget_choices
 from aqcf_kernels.nn import QuaternionBatchNorm2d, QuaternionInstanceNorm3d
-from aqcf_kernels.nn.norm import _quaternion_norm
+from aqcf_kernels.nn.norm import _quaternion_norm, _update_running
 from aqcf_kernels.ops import norm as norm_ops
 
 pytestmark = pytest.mark.skipif(norm_ops._C is None, reason="aqcf_kernels._C is not built")
@@ -260,3 +260,34 @@ class _PythonQNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         return norm_ops._backward(ctx, *grads)
+
+
+@pytest.mark.parametrize("groups", [1, 3], ids=["batch", "instance"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_the_native_running_update_is_the_python_one(groups, dtype) -> None:
+    """``_C._update_running_stats`` (what the fused path's eager calls run) against the Python update (what the
+    composite path and compiled graphs run): batch norm's one set of statistics, instance norm's per-sample ones
+    averaged, a half-precision module's buffers with float32 statistics, statistics carrying a graph."""
+    cq, count, momentum = 5, 37, 0.3
+    g = torch.Generator().manual_seed(groups)
+    stat_dtype = torch.promote_types(dtype, torch.float32)
+    mean = (torch.randn(groups, 4, cq, 1, 1, generator=g, dtype=stat_dtype) * 3).requires_grad_()
+    var = (torch.rand(groups, 1, cq, 1, 1, generator=g, dtype=stat_dtype) + 0.5).requires_grad_()
+    rm = (torch.randn(4 * cq, generator=g, dtype=stat_dtype)).to(dtype)
+    rv = (torch.rand(cq, generator=g, dtype=stat_dtype) + 0.5).to(dtype)
+    want_m, want_v = rm.clone(), rv.clone()
+    _update_running(want_m, want_v, mean, var, count, momentum, cq, False)
+    _C._update_running_stats(rm, rv, mean, var, count, momentum)
+    torch.testing.assert_close(rm, want_m)
+    torch.testing.assert_close(rv, want_v)
+    assert rm.dtype == rv.dtype == dtype
+    assert not (rm.requires_grad or rv.requires_grad) and rm.grad_fn is None and rv.grad_fn is None
+
+
+def test_the_native_running_update_refuses_statistics_of_another_size() -> None:
+    rm, rv = torch.zeros(8), torch.ones(2)
+    with pytest.raises(RuntimeError, match="statistics of 12 and 3 values for running statistics of 8 and 2"):
+        _C._update_running_stats(rm, rv, torch.zeros(1, 4, 3), torch.ones(1, 1, 3), 10, 0.1)
+    with pytest.raises(RuntimeError, match="count must be > 1, got 1"):
+        _C._update_running_stats(rm, rv, torch.zeros(1, 4, 2), torch.ones(1, 1, 2), 1, 0.1)
+    assert rm.eq(0).all() and rv.eq(1).all()
