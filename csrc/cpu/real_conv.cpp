@@ -90,6 +90,11 @@ enum class Route { Aten, OneDnn, Flipped, TwoGroups };
 Route conv_route(const at::Tensor& x, at::IntArrayRef weight_shape, const ConvParams& p) {
   if (p.im2col || pytorch_choice_stands(x, weight_shape, p)) return Route::Aten;
   if (!p.transposed) return Route::OneDnn;
+  // The transposed routes rewrite a one-group conv. PyTorch's choice does not stand for a grouped one either
+  // where it is a single-threaded 1x1 conv (as every fast8 product is: each runs on one thread), and the
+  // flipped route once ran it as one group (a grouped 1x1 quaternion conv's input gradient had half its
+  // channels).
+  if (p.groups != 1) return Route::Aten;
   if (flippable(weight_shape, p)) return Route::Flipped;
   return weight_shape[1] % 2 == 0 ? Route::TwoGroups : Route::Aten;
 }
@@ -97,9 +102,12 @@ Route conv_route(const at::Tensor& x, at::IntArrayRef weight_shape, const ConvPa
 // The weight gradient of a one-sample conv as the gradient over TWO samples: the output rows (first
 // spatial dim) split in halves, each sample the input rows its half reads (zero rows where the
 // conv pads, or past an odd last half). The same sum of products, so the same gradient; two samples
-// go to oneDNN. Copies x and gy once (small next to the correlation).
+// go to oneDNN. Copies x and gy once (small next to the correlation). One sample only: PyTorch's
+// choice does not stand for a few samples of a single-threaded 1x1 conv either (pytorch_choice_stands),
+// and the slabs of sample 0 alone were once taken for the gradient of all of them (a fast8 1x1 weight
+// gradient, whose products run one thread each, was 35-100% off from batch 2 on).
 bool two_slabs_fit(const at::Tensor& x, const at::Tensor& gy, at::IntArrayRef shape, const ConvParams& p) {
-  return !p.transposed && !p.im2col && gy.size(2) >= 2 && !pytorch_choice_stands(x, shape, p);
+  return x.size(0) == 1 && !p.transposed && !p.im2col && gy.size(2) >= 2 && !pytorch_choice_stands(x, shape, p);
 }
 
 at::Tensor two_slab_weight_grad(const at::Tensor& x, const at::Tensor& gy, at::IntArrayRef shape, const ConvParams& p) {

@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from aqcf_kernels import backends, reference
 from aqcf_kernels import functional as QF
-from aqcf_kernels import reference
 from aqcf_kernels.backends._extension import _C
 
 pytestmark = pytest.mark.skipif(
@@ -229,3 +229,60 @@ def test_a_channels_last_backward_on_pytorchs_route_clones_no_weight(qrand, monk
     ]
     assert not clones, clones
     assert "aten::convolution_backward" in {e.name for e in prof.events()}
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("batch", [2, 3])
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_several_samples_of_a_1x1_conv_keep_every_sample_in_the_weight_gradient(dims, batch, threads) -> None:
+    """On one thread PyTorch's choice does not stand for a few samples of a 1x1 conv (pytorch_choice_stands), yet
+    the two-slab weight gradient is one sample's: it must not be taken, or the gradient is sample 0's alone. fast8's
+    products always run on one thread each, so its 1x1 weight gradients went this way (35-100% off)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = _rand(batch, 8, *[5 + d for d in range(dims)], seed=3)
+        w = _rand(6, 8, *[1] * dims, seed=4)
+        gy = _rand(batch, 6, *x.shape[2:], seed=5)
+        ones = [1] * dims
+        gw, taken = _C._real_conv_weight_grad(x, gy, list(w.shape), ones, [0] * dims, ones, 1)
+    finally:
+        torch.set_num_threads(previous)
+    assert taken == "aten"
+    wd = w.double().requires_grad_()
+    CONV[dims - 1](x.double(), wd).backward(gy.double())
+    assert _rel(gw, wd.grad) < 1e-6
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("algorithm", ["hamilton", "fast8"])
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_a_1x1_quaternion_conv_of_several_samples_meets_the_contract(
+    dims, algorithm, groups, transposed, threads, qrand
+) -> None:
+    """Forward, input and weight gradient of a float32 1x1 quaternion conv (and transposed conv) on 3 samples, one
+    group and two, through the cpp backend, against reference.py in float64 on the same rounded inputs (the
+    float32 contract). On one thread (and in every fast8 product) PyTorch's choice does not stand for these, and
+    the extension's one-sample, one-group routes once served them: weight gradients 35-100% off, and a grouped
+    conv's input gradient with half its channels."""
+    x = qrand(3, 16, *[5 + d for d in range(dims)], seed=20, dtype=torch.float32, requires_grad=True)
+    # (4, A, B, *k): A the output's quaternion channels (the input's when transposed), B the other side's per group
+    w_shape = (4, 4, 8 // groups) if transposed else (4, 8, 4 // groups)
+    w = qrand(*w_shape, *[1] * dims, dim=0, seed=21, dtype=torch.float32, requires_grad=True)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with backends.use("cpp"):
+            y = QF.quaternion_conv(x, w, groups=groups, transposed=transposed, algorithm=algorithm)
+            g = qrand(*y.shape, seed=22, dtype=torch.float32)
+            got = (y, *torch.autograd.grad(y, (x, w), g))
+    finally:
+        torch.set_num_threads(previous)
+    xd, wd = (t.detach().double().requires_grad_() for t in (x, w))
+    yd = reference.quaternion_conv_naive(xd, wd, None, groups=groups, transposed=transposed)
+    want = (yd, *torch.autograd.grad(yd, (xd, wd), g.double()))
+    tolerance = {"hamilton": 1e-5, "fast8": 5e-4}[algorithm]  # (test_qconv_accuracy.py's FP32_TOLERANCE)
+    for name, o, r in zip(("forward", "input grad", "weight grad"), got, want, strict=True):
+        assert _rel(o, r) < tolerance, f"{name}: {_rel(o, r):.1e}"
