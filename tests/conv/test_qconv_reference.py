@@ -1,7 +1,9 @@
 """Every backend and algorithm against ``reference.quaternion_conv_naive`` (the 16-conv ground truth).
 
 float64 over a hypothesis-driven grid of conv hyper-parameters and input layouts: forward and the
-input, weight and bias gradients. The two reference baselines are checked against each other on
+input, weight and bias gradients. The extension's float32 routes (oneDNN where PyTorch would take its own
+kernels: csrc/cpu/real_conv.cpp, float32 only) on the same grid, against the float64 reference within the
+float32 contract. The two reference baselines are checked against each other on
 the same grid, and the naive conv against an element-wise Hamilton product for 1x1 kernels (the
 one case where "y = W ⊗ x" can be written without any convolution at all), and the library's Hamilton
 table against the reference's.
@@ -13,11 +15,12 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, given, reject, settings
 from hypothesis import strategies as st
 
+from aqcf_kernels import backends, reference
 from aqcf_kernels import functional as qF
-from aqcf_kernels import reference
+from aqcf_kernels.backends.registry import BackendError, registered
 
 # Tiny convs only: one intra-op thread runs them faster (see tests/conv/conftest.py).
 pytestmark = pytest.mark.usefixtures("single_threaded")
@@ -120,35 +123,36 @@ def conv_configs(draw) -> ConvConfig:
     return config
 
 
-def _with_layout(shape, layout: str, seed: int, qrand, dim: int = 1) -> torch.Tensor:
-    """A float64 tensor with the given memory layout (values differ per layout; irrelevant)."""
+def _with_layout(shape, layout: str, seed: int, qrand, dim: int = 1, dtype=torch.float64) -> torch.Tensor:
+    """A ``dtype`` tensor with the given memory layout (values differ per layout; irrelevant)."""
     if layout == "contiguous":
-        t = qrand(*shape, dim=dim, seed=seed)
+        t = qrand(*shape, dim=dim, seed=seed, dtype=dtype)
     elif layout == "strided":  # every other element of a wider tensor: last-dim stride 2
-        t = qrand(*shape[:-1], 2 * shape[-1], dim=dim, seed=seed)[..., ::2]
+        t = qrand(*shape[:-1], 2 * shape[-1], dim=dim, seed=seed, dtype=dtype)[..., ::2]
     elif layout == "transposed-view":  # two dims swapped in memory: dims 1, 2 of a weight, else the last two
         a, b = (1, 2) if dim == 0 else (-2, -1)
         swapped = list(shape)
         swapped[a], swapped[b] = shape[b], shape[a]
-        t = qrand(*swapped, dim=dim, seed=seed).transpose(a, b)
+        t = qrand(*swapped, dim=dim, seed=seed, dtype=dtype).transpose(a, b)
     else:
         fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
-        t = qrand(*shape, seed=seed).contiguous(memory_format=fmt)
+        t = qrand(*shape, seed=seed, dtype=dtype).contiguous(memory_format=fmt)
     assert t.shape == tuple(shape)
     return t.detach()  # a leaf with the view's strides
 
 
-def _leaves(c: ConvConfig, qrand):
-    x = _with_layout((c.batch, 4 * c.cq_in, *c.spatial), c.layout, c.seed, qrand).requires_grad_(True)
-    w = _with_layout(c.weight_shape, c.weight_layout, c.seed + 1, qrand, dim=0).requires_grad_(True)
-    b = qrand(4 * c.cq_out, dim=0, seed=c.seed + 2, requires_grad=True) if c.bias else None
+def _leaves(c: ConvConfig, qrand, dtype=torch.float64):
+    x = _with_layout((c.batch, 4 * c.cq_in, *c.spatial), c.layout, c.seed, qrand, dtype=dtype).requires_grad_(True)
+    w = _with_layout(c.weight_shape, c.weight_layout, c.seed + 1, qrand, dim=0, dtype=dtype).requires_grad_(True)
+    b = qrand(4 * c.cq_out, dim=0, seed=c.seed + 2, dtype=dtype, requires_grad=True) if c.bias else None
     return x, w, b
 
 
 def _forward_and_grads(fn, x, w, b, c: ConvConfig, qrand):
-    """Output and the gradients of <g, out> w.r.t. (input, weight, bias) for a fixed random g."""
+    """Output and the gradients of <g, out> w.r.t. (input, weight, bias) for a fixed random g (in x's dtype,
+    drawn in float64)."""
     y = fn(x, w, b)
-    g = _with_layout(y.shape, c.grad_layout, c.seed + 3, qrand)
+    g = _with_layout(y.shape, c.grad_layout, c.seed + 3, qrand).to(x.dtype)
     leaves = [t for t in (x, w, b) if t is not None]
     return y, torch.autograd.grad(y, leaves, g)
 
@@ -189,6 +193,41 @@ def test_matches_naive_reference_forward_and_grads(backend, algorithm, c, qrand,
         # contiguous and channels_last, e.g. 1x1 spatial, is contiguous to torch too).
         fmt = torch.channels_last if c.spatial_dims == 2 else torch.channels_last_3d
         assert y.is_contiguous(memory_format=fmt)
+
+
+# The compiled CPU backends and the algorithms each runs; their float32 routes are what this grid adds (torch's
+# float32 convs are PyTorch's own).
+FLOAT32_BACKENDS = [("cpp", "hamilton"), ("cpp", "fast8"), ("cpp_cl", "hamilton"), ("cpp_im2col", "hamilton")]
+FP32_TOLERANCE = {"hamilton": 1e-5, "fast8": 5e-4}  # (the float32 contract, test_qconv_accuracy.py)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@pytest.mark.parametrize(("name", "algorithm"), FLOAT32_BACKENDS)
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(c=conv_configs())
+def test_float32_routes_match_the_naive_reference(name, algorithm, c, qrand):
+    """One thread (this module's fixture), as fast8's products always run: a single-threaded 1x1 conv of several
+    samples once took a one-sample route and got sample 0's weight gradient alone. Calls a backend declines (cpp_cl
+    has no 1d, cpp_im2col no pointwise conv) are not examples."""
+    if registered("conv")[name].unavailable() is not None:
+        pytest.skip(f"{name}: {registered('conv')[name].unavailable()}")
+    x, w, b = _leaves(c, qrand, torch.float32)
+    try:
+        with backends.use(name):
+            y, grads = _forward_and_grads(
+                lambda x, w, b: qF.quaternion_conv(x, w, b, **c.kwargs(), algorithm=algorithm), x, w, b, c, qrand
+            )
+    except BackendError:
+        reject()
+    y_ref, grads_ref = _forward_and_grads(
+        lambda x, w, b: reference.quaternion_conv_naive(x, w, b, **c.kwargs()),
+        *_fresh(*(None if t is None else t.double() for t in (x, w, b))), c, qrand,
+    )  # fmt: skip
+    tolerance = FP32_TOLERANCE[algorithm]
+    names = ("forward", "input grad", "weight grad", "bias grad")  # (no bias: no bias grad)
+    for what, got, want in zip(names, (y, *grads), (y_ref, *grads_ref), strict=False):
+        error = ((got.double() - want).norm() / want.norm().clamp_min(1e-30)).item()
+        assert error < tolerance, f"{name}/{algorithm} {what}: relative error {error:.1e} ({c})"
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same'")
