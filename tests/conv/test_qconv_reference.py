@@ -75,7 +75,8 @@ def _output_sizes(c: ConvConfig) -> list[int]:
 
 
 @st.composite
-def conv_configs(draw) -> ConvConfig:
+def conv_configs(draw, min_size: int = 1) -> ConvConfig:
+    """``min_size``: the smallest spatial size of the input."""
     n = draw(st.sampled_from([1, 2, 3]))
     transposed = draw(st.booleans())
     groups = draw(st.sampled_from([1, 1, 2]))
@@ -98,7 +99,7 @@ def conv_configs(draw) -> ConvConfig:
         padding = draw(st.one_of(int_padding, st.sampled_from(strings)))
         output_padding = (0,) * n
     # Odd and partial sizes; 3d stays smaller so each example costs milliseconds.
-    spatial = per_dim(st.integers(1, (9, 6, 4)[n - 1]))
+    spatial = per_dim(st.integers(min_size, (9, 6, 4)[n - 1]))
     layouts = ["contiguous", "strided", "transposed-view"] + (["channels_last"] if n > 1 else [])
     config = ConvConfig(
         spatial_dims=n,
@@ -203,8 +204,16 @@ FP32_TOLERANCE = {"hamilton": 1e-5, "fast8": 5e-4}  # (the float32 contract, tes
 
 @pytest.mark.filterwarnings("ignore:Using padding='same'")
 @pytest.mark.parametrize(("name", "algorithm"), FLOAT32_BACKENDS)
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(c=conv_configs())
+@settings(
+    max_examples=120,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.filter_too_much],  # (calls declined)
+)
+# Inputs of at least 2 per spatial dim: PyTorch's own float32 conv (oneDNN's BRGEMM kernel) segfaults on some with a
+# size-1 spatial dim in a strided layout (pytorch/pytorch#195394, open; here F.conv2d of a channels_last
+# (1, 16, 2, 1) input, groups 2, stride (1, 2), dilation 2, with a bias, on an AMD EPYC). Not this grid's subject,
+# and a crash ends the run; the float64 grid above, off oneDNN, keeps size 1.
+@given(c=conv_configs(min_size=2))
 def test_float32_routes_match_the_naive_reference(name, algorithm, c, qrand):
     """One thread (this module's fixture), as fast8's products always run: a single-threaded 1x1 conv of several
     samples once took a one-sample route and got sample 0's weight gradient alone. Calls a backend declines (cpp_cl
