@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from aqcf_kernels import backends, reference
 from aqcf_kernels import functional as qF
+from aqcf_kernels.backends.base import activate
 from aqcf_kernels.backends.registry import BackendError, registered
 
 # Tiny convs only: one intra-op thread runs them faster (see tests/conv/conftest.py).
@@ -213,23 +214,31 @@ FP32_TOLERANCE = {"hamilton": 1e-5, "fast8": 5e-4}  # (the float32 contract, tes
 # size-1 spatial dim in a strided layout (pytorch/pytorch#195394, open; here F.conv2d of a channels_last
 # (1, 16, 2, 1) input, groups 2, stride (1, 2), dilation 2, with a bias, on an AMD EPYC). Not this grid's subject,
 # and a crash ends the run; the float64 grid above, off oneDNN, keeps size 1.
-@given(c=conv_configs(min_size=2))
-def test_float32_routes_match_the_naive_reference(name, algorithm, c, qrand):
+@given(c=conv_configs(min_size=2), activation=st.sampled_from([None, "relu", "leaky_relu", "gelu"]))
+def test_float32_routes_match_the_naive_reference(name, algorithm, c, activation, qrand):
     """One thread (this module's fixture), as fast8's products always run: a single-threaded 1x1 conv of several
-    samples once took a one-sample route and got sample 0's weight gradient alone. Calls a backend declines (cpp_cl
-    has no 1d, cpp_im2col no pointwise conv) are not examples."""
+    samples once took a one-sample route and got sample 0's weight gradient alone. With a fused activation (oneDNN's
+    post-op on float32 forward convs, fast8's output pass) or none. Calls a backend declines (cpp_cl has no 1d,
+    cpp_im2col no pointwise conv) are not examples."""
     if registered("conv")[name].unavailable() is not None:
         pytest.skip(f"{name}: {registered('conv')[name].unavailable()}")
     x, w, b = _leaves(c, qrand, torch.float32)
     try:
         with backends.use(name):
             y, grads = _forward_and_grads(
-                lambda x, w, b: qF.quaternion_conv(x, w, b, **c.kwargs(), algorithm=algorithm), x, w, b, c, qrand
-            )
+                lambda x, w, b: qF.quaternion_conv(
+                    x, w, b, **c.kwargs(), algorithm=algorithm, activation=activation, negative_slope=0.1
+                ),
+                x, w, b, c, qrand,
+            )  # fmt: skip
     except BackendError:
         reject()
+
+    def act(z):
+        return z if activation is None else activate(z, activation, 0.1)
+
     y_ref, grads_ref = _forward_and_grads(
-        lambda x, w, b: reference.quaternion_conv_naive(x, w, b, **c.kwargs()),
+        lambda x, w, b: act(reference.quaternion_conv_naive(x, w, b, **c.kwargs())),
         *_fresh(*(None if t is None else t.double() for t in (x, w, b))), c, qrand,
     )  # fmt: skip
     tolerance = FP32_TOLERANCE[algorithm]
