@@ -213,7 +213,9 @@ FP32_TOLERANCE = {"hamilton": 1e-5, "fast8": 5e-4}  # (the float32 contract, tes
 # Inputs of at least 2 per spatial dim: PyTorch's own float32 conv (oneDNN's BRGEMM kernel) segfaults on some with a
 # size-1 spatial dim in a strided layout (pytorch/pytorch#195394, open; here F.conv2d of a channels_last
 # (1, 16, 2, 1) input, groups 2, stride (1, 2), dilation 2, with a bias, on an AMD EPYC). Not this grid's subject,
-# and a crash ends the run; the float64 grid above, off oneDNN, keeps size 1.
+# and a crash ends the run; the float64 grid above, off oneDNN, keeps size 1. (With AQCF_TEST_THREADS=2 this grid
+# can also reach a oneDNN crash of PyTorch's own, 2026-12-07, AMD EPYC: the 1x1 weight gradient of 4 channels, stride
+# 2, batch 3, channels_last, on 2 threads, `aten.convolution_backward` alone reproduces it; CI runs it on 1 thread.)
 @given(c=conv_configs(min_size=2), activation=st.sampled_from([None, "relu", "leaky_relu", "gelu"]))
 def test_float32_routes_match_the_naive_reference(name, algorithm, c, activation, qrand):
     """One thread (this module's fixture), as fast8's products always run: a single-threaded 1x1 conv of several
