@@ -214,8 +214,7 @@ void update_running_stats(
     new_var = new_var.to(running_var.scalar_type());
   }
   // r += momentum (s - r) for both (one multi-tensor launch on a GPU), then the variance's unbiased part,
-  // momentum (count / (count - 1) - 1) var, in place: two ops and no temporary, where the Python update
-  // (aqcf_kernels/nn/norm.py) scales the variance into a new tensor first.
+  // momentum (count / (count - 1) - 1) var, in place: two ops and no temporary (the Python update's too).
   at::_foreach_lerp_({running_mean, running_var}, {new_mean, new_var}, momentum);
   running_var.add_(new_var, momentum / static_cast<double>(count - 1));
 }

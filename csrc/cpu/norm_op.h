@@ -48,8 +48,9 @@ void set_norm_fallbacks(NormFallbacks fallbacks);
 // torch.nn.BatchNorm's running-statistics update from one training call's statistics, in place: ``mean``
 // ``(G, 4, Cq, 1...)`` and the biased ``var`` ``(G, 1, Cq, 1...)`` (G = 1 for batch norm, N for instance
 // norm, whose running statistics track the batch's average), ``count`` values each; the unbiased variance
-// goes into the average. Two ATen ops for batch norm (the unbiased scaling, one multi-tensor lerp), as the
-// Python update in aqcf_kernels/nn/norm.py runs them, but without ~5 us of Python per call.
+// goes into the average. Two ATen ops for batch norm (one multi-tensor lerp, the variance's unbiased part
+// added in place), as the Python update in aqcf_kernels/nn/norm.py (which dynamo traces) runs them, without
+// its Python.
 void update_running_stats(
     const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& mean, const at::Tensor& var, int64_t count,
     double momentum);

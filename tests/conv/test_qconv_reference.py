@@ -23,6 +23,8 @@ from aqcf_kernels import functional as qF
 from aqcf_kernels.backends.base import activate
 from aqcf_kernels.backends.registry import BackendError, registered
 
+from .test_qconv_accuracy import FP32_TOLERANCE  # the float32 contract
+
 # Tiny convs only: one intra-op thread runs them faster (see tests/conv/conftest.py).
 pytestmark = pytest.mark.usefixtures("single_threaded")
 
@@ -200,7 +202,6 @@ def test_matches_naive_reference_forward_and_grads(backend, algorithm, c, qrand,
 # The compiled CPU backends and the algorithms each runs; their float32 routes are what this grid adds (torch's
 # float32 convs are PyTorch's own).
 FLOAT32_BACKENDS = [("cpp", "hamilton"), ("cpp", "fast8"), ("cpp_cl", "hamilton"), ("cpp_im2col", "hamilton")]
-FP32_TOLERANCE = {"hamilton": 1e-5, "fast8": 5e-4}  # (the float32 contract, test_qconv_accuracy.py)
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same'")

@@ -16,6 +16,8 @@ from aqcf_kernels import backends, reference
 from aqcf_kernels import functional as QF
 from aqcf_kernels.backends._extension import _C
 
+from .test_qconv_accuracy import FP32_TOLERANCE
+
 pytestmark = pytest.mark.skipif(
     _C is None or not torch.backends.mkldnn.is_available(), reason="needs the extension and a oneDNN build of torch"
 )
@@ -283,6 +285,6 @@ def test_a_1x1_quaternion_conv_of_several_samples_meets_the_contract(
     xd, wd = (t.detach().double().requires_grad_() for t in (x, w))
     yd = reference.quaternion_conv_naive(xd, wd, None, groups=groups, transposed=transposed)
     want = (yd, *torch.autograd.grad(yd, (xd, wd), g.double()))
-    tolerance = {"hamilton": 1e-5, "fast8": 5e-4}[algorithm]  # (test_qconv_accuracy.py's FP32_TOLERANCE)
+    tolerance = FP32_TOLERANCE[algorithm]
     for name, o, r in zip(("forward", "input grad", "weight grad"), got, want, strict=True):
         assert _rel(o, r) < tolerance, f"{name}: {_rel(o, r):.1e}"
