@@ -7,6 +7,7 @@ A static proxy only; a GPU run decides.
     python tools/triton_resources.py --igemm [--json FILE]   # the implicit-GEMM conv: issue 13's criteria
     python tools/triton_resources.py --wgrad [--json FILE]   # its weight-gradient GEMM: the same criteria
     python tools/triton_resources.py --rnn [--quick]         # the fused recurrence's cell kernels (issue 16)
+    python tools/triton_resources.py --attention [--json FILE]  # the attention's kernels as launched on a GPU
 
 TRITON_INTERPRET must be unset. The GPU machines run triton 3.6: to read what they will run, put a
 triton 3.6 first on the path (``pip install --no-deps --target DIR triton==3.6.0``, then
@@ -63,6 +64,9 @@ def main() -> int:
     if "--wgrad" in sys.argv[1:]:  # [--json FILE]
         argv = sys.argv[1:]
         return wgrad_main(argv[argv.index("--json") + 1] if "--json" in argv else None)
+    if "--attention" in sys.argv[1:]:  # [--json FILE]
+        argv = sys.argv[1:]
+        return attention_main(argv[argv.index("--json") + 1] if "--json" in argv else None)
     if "--igemm" in sys.argv[1:]:  # [--json FILE]
         argv = sys.argv[1:]
         return igemm_main(argv[argv.index("--json") + 1] if "--json" in argv else None)
@@ -798,6 +802,79 @@ def wgrad_fold_main() -> int:
         print(f"fold kernel, {which}, {ptr[1:]} out: regs {usage['REG']}, stack {usage['STACK']} B, loads {widths}")
         bad += usage["STACK"] != 0
     return 1 if bad else 0
+
+
+# --------------------------------------------------------------------------------------------------
+# The A-QCF attention's kernels (aqcf_kernels/backends/triton/attention.py)
+# --------------------------------------------------------------------------------------------------
+
+#: (dtype, the dot's precision, head sizes E in reals): every configuration of :data:`attention.GPU_TILES`, E = 48
+#: and 96 masked to a power of two, and fp16 at two sizes (it compiles as bf16 does).
+ATTENTION_CASES = [
+    ("bf16", "ieee", (16, 32, 48, 64, 96, 128, 256)),
+    ("fp16", "ieee", (64, 128)),
+    ("fp32", "tf32", (16, 32, 64, 128, 256)),
+    ("fp32", "ieee", (16, 32, 64, 128, 256)),
+]
+#: The statistics' pointers, fp32 whatever the operands' dtype.
+ATTENTION_FP32_POINTERS = {"la_ptr", "lb_ptr", "da_ptr", "db_ptr"}
+
+
+def attention_variants(tokens: int = 4096):
+    """``(kernel name, kernel, dtype, precision, E, args, constexprs, tiles)``: each attention kernel as the
+    launcher launches it on a GPU (its :func:`attention.gpu_tiles`) on ``tokens`` queries and keys a side."""
+    from aqcf_kernels.backends.triton import attention as ta
+
+    kernels = dict(zip(ta.KERNEL_NAMES, (ta.attention_fwd_kernel, ta.attention_bwd_dkdv_kernel,
+                                         ta.attention_bwd_dq_kernel), strict=True))  # fmt: skip
+    sizes = dict(n_qa=tokens, n_ka=tokens, n_qb=tokens, n_kb=tokens, scale=0.125, BH0=0)
+    for dtype, precision, heads in ATTENTION_CASES:
+        dot = precision if dtype == "fp32" else "half"
+        for e, (name, kernel) in itertools.product(heads, kernels.items()):
+            block_e = ta._head_block(e)
+            tiles = ta.gpu_tiles(name, dot, block_e)
+            own = tiles.block_n if name == "dkdv" else tiles.block_m  # the rows a program owns
+            args = {
+                n: "*fp32" if n in ATTENTION_FP32_POINTERS else f"*{dtype}"
+                for n in kernel.arg_names
+                if n.endswith("_ptr")
+            }
+            args.update(sizes, tiles_a=tokens // own, tiles_b=tokens // own)
+            args = {n: v for n, v in args.items() if n in kernel.arg_names}
+            consts = dict(E=e, BLOCK_E=block_e, DOT_DTYPE=IGEMM_DOTS[dtype], PRECISION=precision,
+                          BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n)  # fmt: skip
+            yield name, kernel, dtype, precision, e, args, consts, tiles
+
+
+def attention_main(json_path: str | None = None) -> int:
+    """Compile every variant of :func:`attention_variants` for sm_90, print its figures (and write them as
+    JSON): registers, shared memory, spills, and the MMA loop's scalar 2-byte loads, async copies, wgmma and
+    mma.sync and their waits."""
+    import json
+
+    rows = []
+    print(f"triton {triton.__version__}, sm_90, 4096 tokens a side")
+    print(
+        f"{'kernel':6} {'dtype':5} {'dot':4} {'E':>3} {'tiles (M,N,E)':13} {'w':>2} {'st':>2} {'regs':>4} "
+        f"{'smem B':>7} {'spill':>5} {'ld16':>4} {'async copies':16} {'wgmma':>5} {'mma':>3} {'waits':12} "
+        f"{'SASS/step':>9}"
+    )
+    for name, kernel, dtype, precision, e, args, consts, tiles in attention_variants():
+        options = {"num_warps": tiles.num_warps, "num_stages": tiles.num_stages}
+        compiled = compile_launch(kernel, args, consts, options)
+        shape = (tiles.block_m, tiles.block_n, consts["BLOCK_E"])
+        row = dict(kernel=name, dtype=dtype, precision=precision, e=e, tiles=shape, **options)
+        row.update(analyse_igemm(compiled, dtype, precision, shape, tiles.num_warps))
+        rows.append(row)
+        print(
+            f"{name:6} {dtype:5} {precision:4} {e:3} {','.join(map(str, shape)):13} {tiles.num_warps:2} "
+            f"{tiles.num_stages:2} {row['regs']:4} {row['smem']:7} {row['stack']:5} "
+            f"{row['scalar_2byte_loads_in_loop']:4} {_copies(row):16} {row['wgmma_in_loop']:5} "
+            f"{row['mma_sync_in_loop']:3} {row['wait_pendings_in_loop']!s:12} {_per_step(row):>9}"
+        )
+    if json_path:
+        Path(json_path).write_text(json.dumps(rows, indent=1))
+    return 0
 
 
 if __name__ == "__main__":

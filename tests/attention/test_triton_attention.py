@@ -260,35 +260,60 @@ def test_triton_rejects_head_size_over_256():
 
 
 # ---------------------------------------------------------------------------------------------
-# Tile shapes: the GPU's (128, 64) tiles, run in the interpreter
+# Tile shapes: the GPU's configurations, run in the interpreter; the fallback where one does not fit
 # ---------------------------------------------------------------------------------------------
 
+KERNELS = {"fwd": "attention_fwd_kernel", "dkdv": "attention_bwd_dkdv_kernel", "dq": "attention_bwd_dq_kernel"}
 
-@pytest.mark.parametrize("tiles", [(64, 64), (128, 64)], ids=["interpreter-64x64", "gpu-128x64"])
-def test_triton_tiles_cover_every_row_once_and_no_idle_programs(tiles, monkeypatch):
-    """The launchers with the tile shapes they pick on a GPU for E ≤ 64 (BLOCK_M = 128 query rows,
-    BLOCK_N = 64 keys): results still match, and each launch's grid has exactly one program per tile of
-    the rows that program kind owns (query tiles for fwd/dq, key tiles for dk/dv), none idle."""
-    from aqcf_kernels.backends.triton import attention as TRA
 
-    monkeypatch.setattr(TRA, "_tiles", lambda e: tiles)
-    launches = {}
+def _spy_launches(monkeypatch, TRA, refuse=lambda kw: False) -> list:
+    """Record every launch of the three attention kernels as ``(name, grid, constexprs)``; a launch for which
+    ``refuse(constexprs)`` holds raises triton's ``OutOfResources`` instead, as a GPU without the shared memory
+    the configuration needs does before running anything."""
+    from triton.runtime import OutOfResources
 
-    def spy(name):
-        real = getattr(TRA, name)
+    launches = []
+
+    def spy(name, attribute):
+        real = getattr(TRA, attribute)
 
         class Spy:
             def __getitem__(self, grid):
                 def launch(*args, **kwargs):
-                    launches[name] = (grid, kwargs)
+                    if refuse(kwargs):
+                        launches.append((name, grid, kwargs, "refused"))
+                        raise OutOfResources(300_000, 232_448, "shared memory")
+                    launches.append((name, grid, kwargs, "ran"))
                     return real[grid](*args, **kwargs)
 
                 return launch
 
-        monkeypatch.setattr(TRA, name, Spy())
+        monkeypatch.setattr(TRA, attribute, Spy())
 
-    for name in ("attention_fwd_kernel", "attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel"):
-        spy(name)
+    for name, attribute in KERNELS.items():
+        spy(name, attribute)
+    return launches
+
+
+@pytest.mark.parametrize(
+    "tiles",
+    [
+        {"fwd": (64, 64), "dkdv": (64, 64), "dq": (64, 64)},
+        {"fwd": (128, 64), "dkdv": (128, 64), "dq": (128, 64)},
+        {"fwd": (64, 32), "dkdv": (64, 32), "dq": (32, 32)},
+    ],
+    ids=["interpreter-64x64", "gpu-128x64", "gpu-per-kernel"],
+)
+def test_triton_tiles_cover_every_row_once_and_no_idle_programs(tiles, monkeypatch):
+    """The launchers with the tile shapes they pick on a GPU (attention.GPU_TILES: 128 query rows and 64 keys
+    for E ≤ 64; smaller and different per kernel above): results still match, and each launch's grid has exactly
+    one program per tile of the rows that program kind owns (query tiles for fwd/dq, key tiles for dk/dv), none
+    idle."""
+    from aqcf_kernels.backends.triton import attention as TRA
+
+    monkeypatch.setattr(TRA, "first_tiles", lambda name, dtype, block_e: TRA.Tiles(*tiles[name], 8, 3))
+    monkeypatch.setattr(TRA, "_LAUNCHED", {})
+    launches = _spy_launches(monkeypatch, TRA)
     case = (1, 2, 70, 20, 9, 70, 12)  # N_qa, N_ka, N_qb, N_kb = 70, 20, 9, 70: 70 keys = 2 tiles of 64, 1 of 128
     inputs = attention_inputs(*case, seed=60)
     grads = output_grads(inputs, seed=61)
@@ -301,11 +326,44 @@ def test_triton_tiles_cover_every_row_once_and_no_idle_programs(tiles, monkeypat
         return -(-a // b)
 
     n_qa, n_ka, n_qb, n_kb = case[2:6]
-    for name in ("attention_fwd_kernel", "attention_bwd_dq_kernel"):  # programs own query tiles
-        grid, kw = launches[name]
+    seen = {name: (grid, kw) for name, grid, kw, _ in launches}
+    assert set(seen) == set(KERNELS)
+    for name, (_, kw) in seen.items():
+        assert (kw["BLOCK_M"], kw["BLOCK_N"]) == tiles[name], (name, kw)
+    for name in ("fwd", "dq"):  # programs own query tiles
+        grid, kw = seen[name]
         assert grid[0] == cdiv(n_qa, kw["BLOCK_M"]) + cdiv(n_qb, kw["BLOCK_M"]), (name, grid, kw["BLOCK_M"])
-    grid, kw = launches["attention_bwd_dkdv_kernel"]  # programs own key tiles (BLOCK_N keys each)
+    grid, kw = seen["dkdv"]  # programs own key tiles (BLOCK_N keys each)
     assert grid[0] == cdiv(n_kb, kw["BLOCK_N"]) + cdiv(n_ka, kw["BLOCK_N"]), (
         f"dk/dv grid {grid[0]} programs for key tiles of {kw['BLOCK_N']}: "
         f"{cdiv(n_kb, kw['BLOCK_N']) + cdiv(n_ka, kw['BLOCK_N'])} needed"
     )
+
+
+def test_a_configuration_the_device_cannot_hold_steps_down_until_one_fits(monkeypatch):
+    """A GPU with less shared memory than a configuration needs (an A100's 163 KB, a consumer GPU's 99 KB, where
+    GPU_TILES is sized for an H100's 227 KB) refuses its launch before running anything: the launcher tries the
+    smaller configurations of attention.smaller (a stage fewer, then half the larger tile) until one launches, and
+    later calls launch that one at once. Results are the reference's."""
+    from aqcf_kernels.backends.triton import attention as TRA
+
+    first = TRA.Tiles(128, 64, 8, 2)
+    monkeypatch.setattr(TRA, "first_tiles", lambda name, dtype, block_e: first)
+    monkeypatch.setattr(TRA, "_LAUNCHED", {})
+    launches = _spy_launches(monkeypatch, TRA, refuse=lambda kw: kw["BLOCK_M"] * kw["BLOCK_N"] > 32 * 64)
+    inputs = attention_inputs(1, 2, 70, 20, 9, 70, 12, seed=62)
+    grads = output_grads(inputs, seed=63)
+    ref = run_attention(reference_attention, inputs, torch.float64, grads)
+    for call in range(2):
+        del launches[:]
+        got = run_attention(_op, _on_device(inputs), torch.float32, _on_device(grads))
+        for name, o, r in zip(ATTN_NAMES, got, ref, strict=True):
+            assert rel(o, r) <= 1e-5, f"call {call}, {name}: relative error {rel(o, r):.2e}"
+        for name in KERNELS:
+            tried = [(kw["BLOCK_M"], kw["BLOCK_N"], outcome) for n, _, kw, outcome in launches if n == name]
+            if call == 0:  # 128x64 in 2 stages, then 1 stage, then 64x64, then 32x64: launched
+                expected = [(128, 64, "refused")] * 2 + [(64, 64, "refused"), (32, 64, "ran")]
+            else:
+                expected = [(32, 64, "ran")]
+            assert tried == expected, (call, name, tried)
+    assert TRA.smaller(TRA.Tiles(16, 16, 8, 1)) is None

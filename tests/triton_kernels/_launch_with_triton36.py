@@ -4,10 +4,13 @@ branches they take on a GPU (``tl.dot`` in bf16, TF32 when allowed, the GPU laun
 sets; ``AQCF_TRITON_AUTOTUNE=first``: one config each), and triton binds, specialises and compiles each
 launch as it would there. The interpreter runs none of this: a launcher that passes an argument the
 compiled kernel does not take, or a constexpr of the wrong kind, fails here and not only on a GPU.
-Nothing is launched, so no output is checked. Each launch runs twice: the second finds its key tuned and
-launches the JIT kernel with the autotuner's choice itself (``common.TunedLauncher``). bf16 runs every
-launcher and variant, fp32 (with TF32) one launch of each. Prints JSON ``{launch: "ok" | error}``, the
-compile count, and per autotuned kernel its launches and how many the autotuner handled.
+Nothing is launched, so no output is checked; a kernel that needs more shared memory than the GPU has is
+refused as on the GPU (``AQCF_STANDIN_MAX_SHARED`` stands in for a smaller one). Each launch runs twice: the
+second finds its key tuned and launches the JIT kernel with the autotuner's choice itself
+(``common.TunedLauncher``). bf16 runs every launcher and variant, fp32 (with TF32) one launch of each and the
+attention at its larger head sizes. Arguments, if any, keep only the launches whose name holds one of them.
+Prints JSON ``{launch: "ok" | error}``, the compile count, per autotuned kernel its launches and how many the
+autotuner handled, and the refused launches ``[kernel, shared memory]``.
 """
 
 import json
@@ -17,6 +20,7 @@ import traceback
 
 os.environ["AQCF_TRITON_AUTOTUNE"] = "first"
 
+import _standin_gpu as standin  # noqa: E402
 import torch  # noqa: E402
 from _standin_gpu import install  # noqa: E402
 
@@ -63,9 +67,9 @@ def _rnn(mode, dtype, hidden=16):
     )
 
 
-def _attention(dtype):
-    q_a, k_a, v_a = (torch.randn(1, 2, 40, 16, dtype=dtype) for _ in range(3))
-    q_b, k_b, v_b = (torch.randn(1, 2, 24, 16, dtype=dtype) for _ in range(3))
+def _attention(dtype, e=16):
+    q_a, k_a, v_a = (torch.randn(1, 2, 40, e, dtype=dtype) for _ in range(3))
+    q_b, k_b, v_b = (torch.randn(1, 2, 24, e, dtype=dtype) for _ in range(3))
     out_a, out_b, lse_a, lse_b = attention.cross_attention(q_a, k_a, v_a, q_b, k_b, v_b, 0.25)
     grads = torch.randn_like(out_a), torch.randn_like(out_b)
     attention.cross_attention_backward(*grads, q_a, k_a, v_a, q_b, k_b, v_b, out_a, out_b, lse_a, lse_b, 0.25)
@@ -109,6 +113,8 @@ def launches(dtype, every: bool):
     yield f"norm {tag} batch fwd+bwd", _norm, (torch.randn(2, 16, 6, 5, dtype=dtype), False)
     yield f"rnn {tag} lstm fwd+bwd", _rnn, ("lstm", dtype)
     yield f"attention {tag} fwd+bwd and gate", _attention, (dtype,)
+    for e in (96, 256):  # the attention kernels' larger tiles (attention.GPU_TILES), within the GPU's shared memory
+        yield f"attention {tag} E={e} fwd+bwd and gate", _attention, (dtype, e)
     if every:
         yield f"activation_grad_bias {tag} nchw", _activation_pass, (z,)
         yield f"norm {tag} instance fwd+bwd", _norm, (torch.randn(2, 16, 6, 5, dtype=dtype), True)
@@ -140,19 +146,22 @@ def _counted(function, counts: dict, field: str):
 
 
 def main() -> int:
+    """``[NAME ...]``: only the launches whose name holds one of these."""
     compiles = install()
     autotuned = _count_autotuned_launches()
     results = {}
     torch.backends.cuda.matmul.allow_tf32 = True  # fp32 launches take the TF32 dot (off: IEEE, static tests)
     # bf16 (the GPU targets' dtype): every launcher and variant; fp32 (TF32): one launch per launcher
     for name, function, args in [*launches(BF16, every=True), *launches(FP32, every=False)]:
+        if sys.argv[1:] and not any(part in name for part in sys.argv[1:]):
+            continue
         try:
             function(*args)
             function(*args)  # again: an autotuned kernel's tuned key now launches directly (common.TunedLauncher)
             results[name] = "ok"
         except Exception:  # noqa: BLE001  (reported: the test fails on any)
             results[name] = traceback.format_exc(limit=-3)
-    print(json.dumps(dict(results=results, compiles=len(compiles), autotuned=autotuned)))
+    print(json.dumps(dict(results=results, compiles=len(compiles), autotuned=autotuned, refused=standin.REFUSED)))
     return 0
 
 

@@ -4,6 +4,7 @@ arguments and compiles for real (ptxas included), and launches nothing; the kern
 tensors, so their outputs are whatever memory held.
 """
 
+import os
 import threading
 from types import SimpleNamespace
 
@@ -11,9 +12,16 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import compiler as triton_compiler
+from triton.runtime import OutOfResources
 
 #: the SM count of the H100/H200 (what launchers that size their grids by the GPU read)
 SMS = 132
+#: their shared memory a program may have (227 KB; ``AQCF_STANDIN_MAX_SHARED`` stands in for a GPU with less): a
+#: kernel that needs more is refused at its launch, as triton's ``CompiledKernel._init_handles`` refuses it on the
+#: GPU, with ``OutOfResources``
+MAX_SHARED = int(os.environ.get("AQCF_STANDIN_MAX_SHARED", 232448))
+#: ``(kernel name, shared memory it needed)`` of each launch refused so
+REFUSED: list[tuple[str, int]] = []
 
 
 class StandInDriver:
@@ -49,18 +57,26 @@ def install(on_compile=None) -> list:
     triton.runtime.driver.set_active(StandInDriver())
     triton.compiler.compile = triton_compiler.compile = counting_compile  # (the JIT binds it at first call)
     triton_compiler.CompiledKernel.launch_metadata = lambda self, *args: None
-    triton_compiler.CompiledKernel.run = property(lambda self: lambda *args: None)
+    triton_compiler.CompiledKernel.run = property(_checked_no_op_launch)
     torch.cuda.get_device_properties = lambda device=None: SimpleNamespace(
         name="stand-in sm_90", multi_processor_count=SMS, major=9, minor=0
     )
     return compiles
 
 
+def _checked_no_op_launch(kernel):
+    """A compiled kernel's launch function on the stand-in: nothing, once the kernel has passed the check triton
+    makes as it loads a kernel onto a GPU, its shared memory against the device's (:data:`MAX_SHARED`)."""
+    if kernel.metadata.shared > MAX_SHARED:
+        REFUSED.append((kernel.name, kernel.metadata.shared))
+        raise OutOfResources(kernel.metadata.shared, MAX_SHARED, "shared memory")
+    return lambda *args: None
+
+
 def start_for_tool(convs: bool) -> bool:
     """What a tool measuring the Triton launch path on CPU does first: False (with a line on stderr) under
     ``TRITON_INTERPRET``, whose launches take no launch path; else install the stand-in and let the norm's
     Triton launchers (and with ``convs`` the conv backend's) take CPU tensors: a launch does nothing with them."""
-    import os
     import sys
 
     if os.environ.get("TRITON_INTERPRET"):

@@ -167,12 +167,13 @@ def test_wgmma_in_flight_across_iterations(variants, kind):
     assert not bad, "; ".join(bad)
 
 
-def _run_with_triton36(script: str, tmp_path, **env_extra: str) -> dict:
-    """The last line of ``tests/triton_kernels/<script>``'s output, as JSON, run with triton 3.6 (and a fresh
-    triton cache) on _standin_gpu.py's sm_90."""
+def _run_with_triton36(script: str, tmp_path, *args: str, **env_extra: str) -> dict:
+    """The last line of ``tests/triton_kernels/<script>``'s output (run with ``args``), as JSON, run with triton
+    3.6 (and a fresh triton cache) on _standin_gpu.py's sm_90."""
     env = triton36_env(TRITON_CACHE_DIR=str(tmp_path), **env_extra)
     path = ROOT / "tests" / "triton_kernels" / script
-    result = subprocess.run([sys.executable, str(path)], env=env, capture_output=True, text=True, timeout=600)
+    cmd = [sys.executable, str(path), *args]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and "Warning" not in result.stderr, result.stdout[-3000:] + result.stderr[-5000:]
     return json.loads(result.stdout.splitlines()[-1])
 
@@ -180,12 +181,15 @@ def _run_with_triton36(script: str, tmp_path, **env_extra: str) -> dict:
 def test_every_launcher_launches_through_triton36(tmp_path):
     """Each Triton launcher's GPU branch (bf16 dots, TF32, the GPU launch options and autotune sets) bound,
     specialised and compiled by triton 3.6's JIT as a real launch (_launch_with_triton36.py): what the
-    interpreter never runs. bf16: every launcher and variant; fp32: one launch of each. Each runs twice, and
-    the second launch of an autotuned kernel goes straight to the JIT kernel (``common.TunedLauncher``)."""
+    interpreter never runs. bf16: every launcher and variant; fp32: one launch of each, and the attention at its
+    larger head sizes. Each runs twice, and the second launch of an autotuned kernel goes straight to the JIT
+    kernel (``common.TunedLauncher``). Every kernel fits an H100's shared memory as first launched: none is
+    refused."""
     out = _run_with_triton36("_launch_with_triton36.py", tmp_path)
     failed = {name: error for name, error in out["results"].items() if error != "ok"}
     assert not failed, "\n\n".join(f"{name}:\n{error}" for name, error in failed.items())
-    assert len(out["results"]) == 27 and out["compiles"] >= 27, out
+    assert len(out["results"]) == 31 and out["compiles"] >= 31, out
+    assert out["refused"] == [], out["refused"]
     # each launch ran twice: the second of an autotuned kernel's launches went straight to the JIT kernel
     for kernel, counts in out["autotuned"].items():
         assert 0 < 2 * counts["through_autotuner"] <= counts["launches"], (kernel, counts)
