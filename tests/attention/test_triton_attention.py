@@ -64,8 +64,11 @@ CASES = [
     (2, 1, 37, 37, 70, 70, 4),  # N_a ≠ N_b; b's 70 queries and keys span two tiles each
     (1, 3, 37, 9, 70, 5, 12),  # pooled k/v counts, unlike the queries'
     (1, 2, 130, 67, 3, 11, 32),  # three query tiles in a, two key tiles of a (read by b's queries)
+    # larger heads, padded to BLOCK_E 128 and 256: on a GPU, the smaller per-kernel tiles of attention.GPU_TILES
+    (1, 1, 70, 40, 20, 70, 96),
+    (1, 1, 40, 70, 9, 33, 200),
 ]
-IDS = ["37v70-E4", "pooled-E12", "130v3-E32"]
+IDS = ["37v70-E4", "pooled-E12", "130v3-E32", "70v20-E96", "40v9-E200"]
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -116,8 +119,9 @@ def test_triton_bf16():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bf16 is not testable in the interpreter)")
-def test_triton_bf16_cuda_large():
-    _check_bf16((2, 3, 300, 300, 170, 41, 32))
+@pytest.mark.parametrize("e", [32, 96, 200])
+def test_triton_bf16_cuda_large(e):
+    _check_bf16((2, 3, 300, 300, 170, 41, e))
 
 
 @pytest.mark.parametrize("used", ["a", "b"])
