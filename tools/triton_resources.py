@@ -872,9 +872,32 @@ def attention_main(json_path: str | None = None) -> int:
             f"{row['scalar_2byte_loads_in_loop']:4} {_copies(row):16} {row['wgmma_in_loop']:5} "
             f"{row['mma_sync_in_loop']:3} {row['wait_pendings_in_loop']!s:12} {_per_step(row):>9}"
         )
+    rows += gate_rows()
     if json_path:
         Path(json_path).write_text(json.dumps(rows, indent=1))
     return 0
+
+
+def gate_rows(numel: int = 32 * 64 * 64 * 64) -> list[dict]:
+    """Registers, stack and global load widths of the gate's forward and backward kernels (elementwise over
+    ``numel`` values, the launcher's block), bf16 and fp32; printed and returned as rows (``kernel``: gate_fwd,
+    gate_bwd)."""
+    from aqcf_kernels.backends.triton import attention as ta
+
+    rows = []
+    for (name, kernel), dtype in itertools.product(
+        (("gate_fwd", ta.gated_residual_fwd_kernel), ("gate_bwd", ta.gated_residual_bwd_kernel)), ("bf16", "fp32")
+    ):
+        args = {
+            n: "*fp32" if n == "dalpha_partial_ptr" else f"*{dtype}" for n in kernel.arg_names if n.endswith("_ptr")
+        }
+        args["numel"] = numel
+        compiled = compile_launch(kernel, args, {"BLOCK": ta.GATE_BLOCK}, {"num_warps": 4})
+        usage = resource_usage(compiled.asm["cubin"])
+        widths = load_widths(compiled.asm["ptx"])
+        rows.append(dict(kernel=name, dtype=dtype, regs=usage["REG"], stack=usage["STACK"], load_widths=widths))
+        print(f"{name:8} {dtype:5} regs {usage['REG']:3}  stack {usage['STACK']} B  loads {widths}")
+    return rows
 
 
 if __name__ == "__main__":

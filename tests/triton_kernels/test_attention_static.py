@@ -17,6 +17,8 @@ default) at some. The criteria, for every variant:
   wgmma needs 64 rows, so a configuration with fewer (the dk/dv kernel's 32 key rows above E = 128, where
   more do not fit) runs those products as ``mma.sync``.
 
+The gate's two elementwise kernels: no spills, their tensors read in 16-byte vectors.
+
 Not asserted, printed: the wgmma's waits. The loop's products are one chain (S → P → O in the forward;
 S → P → dV and dP → dS → dK in dk/dv), so each iteration waits for its own wgmma before using their results;
 overlapping them across iterations is FlashAttention-3's ping-pong scheduling, which these kernels do not do.
@@ -43,13 +45,30 @@ SM90_MAX_SHARED = 232448
 
 
 @pytest.fixture(scope="module")
-def variants(tmp_path_factory) -> list[dict]:
+def figures(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("attention-static") / "figures.json"
     cmd = [sys.executable, str(ROOT / "tools" / "triton_resources.py"), "--attention", "--json", str(out)]
     result = subprocess.run(cmd, env=triton36_env(), capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     print("\n" + result.stdout)  # registers, shared memory, spills, copies, MMAs per variant
     return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def variants(figures) -> list[dict]:
+    """The attention kernels' variants."""
+    return [f for f in figures if f["kernel"] in ("fwd", "dkdv", "dq")]
+
+
+def test_gate_kernels_load_vectors_and_do_not_spill(figures):
+    """The gate's elementwise kernels (forward, backward), bf16 and fp32: no stack, and their tensors read in
+    16-byte vectors (the one scalar load is α's)."""
+    gates = [f for f in figures if f["kernel"].startswith("gate")]
+    assert len(gates) == 4
+    bad = [
+        f for f in gates if f["stack"] or f["load_widths"].get("v4.b32", 0) < 3 or sum(f["load_widths"].values()) > 7
+    ]
+    assert not bad, bad
 
 
 def _name(v: dict) -> str:
