@@ -136,6 +136,15 @@ at::Tensor two_slab_weight_grad(const at::Tensor& x, const at::Tensor& gy, at::I
       gy2, x2, w, std::nullopt, p.stride, padding, p.dilation, false, no_output_padding, p.groups, {false, true, false}));
 }
 
+// PyTorch's CPU bf16 conv3d weight gradient (oneDNN's kernel; torch 2.13 on an AMD EPYC with avx512_bf16) is
+// garbage, 1 to 1e35 off or NaN, where the kernel is deeper than its input: a depth-2 map under a 3-deep kernel (a 3d
+// U-Net's bottleneck), depth 2-4 under a 5-deep one; its forward and input gradient are right, and so is the float32
+// weight gradient, which these take instead (the upcast copies are small: such a map has a depth of 1 to 4). The
+// torch backend's twin: backends/torch/conv.py, bf16_kernel_deeper_than_input.
+bool bf16_kernel_deeper_than_input(const at::Tensor& x, at::IntArrayRef shape) {
+  return x.scalar_type() == at::kBFloat16 && x.device().is_cpu() && x.dim() == 5 && shape[2] > x.size(2);
+}
+
 // Without activation: the route conv_route names.
 at::Tensor routed_conv(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, const ConvParams& p) {
   switch (conv_route(x, w.sizes(), p)) {
@@ -215,6 +224,9 @@ at::Tensor real_conv(
 }
 
 at::Tensor real_conv_weight_grad(const at::Tensor& x, const at::Tensor& gy, at::IntArrayRef shape, const ConvParams& p) {
+  if (bf16_kernel_deeper_than_input(x, shape)) {
+    return real_conv_weight_grad(x.to(at::kFloat), gy.to(at::kFloat), shape, p).to(at::kBFloat16);
+  }
   if (two_slabs_fit(x, gy, shape, p)) return two_slab_weight_grad(x, gy, shape, p);
   const at::Tensor w = shape_only_weight(x, shape);
   const std::vector<int64_t> no_output_padding(p.stride.size(), 0);
@@ -238,6 +250,7 @@ const char* real_conv_route(const at::Tensor& x, at::IntArrayRef weight_shape, c
 }
 
 const char* real_conv_weight_grad_route(const at::Tensor& x, const at::Tensor& gy, at::IntArrayRef shape, const ConvParams& p) {
+  if (bf16_kernel_deeper_than_input(x, shape)) return "float32";
   return two_slabs_fit(x, gy, shape, p) ? "two_slabs" : "aten";
 }
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from aqcf_kernels import backends, reference
 from aqcf_kernels import functional as QF
 from aqcf_kernels.backends._extension import _C
+from aqcf_kernels.params import ConvParams
 
 from .test_qconv_accuracy import FP32_TOLERANCE
 
@@ -288,3 +289,51 @@ def test_a_1x1_quaternion_conv_of_several_samples_meets_the_contract(
     tolerance = FP32_TOLERANCE[algorithm]
     for name, o, r in zip(("forward", "input grad", "weight grad"), got, want, strict=True):
         assert _rel(o, r) < tolerance, f"{name}: {_rel(o, r):.1e}"
+
+
+# (input depth, kernel depth, depth padding): deeper kernels than inputs, where PyTorch's bf16 weight gradient is
+# wrong on an AMD EPYC with avx512_bf16 (torch 2.13), and a depth equal to the kernel's, where it is right
+DEEP_KERNELS = [(2, 3, 1), (1, 2, 1), (4, 5, 2), (3, 3, 1)]
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize(("depth", "kernel_depth", "padding"), DEEP_KERNELS)
+def test_a_bf16_3d_weight_gradient_under_a_deeper_kernel_is_right(depth, kernel_depth, padding, channels_last) -> None:
+    """The real weight gradient of a bf16 conv3d, both twins (the extension's and the torch backend's), against
+    PyTorch in float64 within bf16's rounding: where the kernel is deeper than the input, PyTorch's own (oneDNN's
+    kernel) gave 1 to 1e35 relative error or NaN (a 3d U-Net's depth-2 bottleneck under a 3x3x3 kernel), so both take
+    the float32 gradient there, and PyTorch's elsewhere."""
+    from aqcf_kernels.backends.torch.conv import real_conv_weight_grad
+
+    x = _rand(2, 16, depth, 6, 5, seed=30).bfloat16()
+    w = _rand(16, 16, kernel_depth, 3, 3, seed=31)
+    gy = _rand(2, 16, depth + 2 * padding - kernel_depth + 1, 6, 5, seed=32).bfloat16()
+    if channels_last:
+        x, gy = (t.contiguous(memory_format=torch.channels_last_3d) for t in (x, gy))
+    geometry = ([1] * 3, [padding, 1, 1], [1] * 3)
+    gw, taken = _C._real_conv_weight_grad(x, gy, list(w.shape), *geometry, 1)
+    gw_torch = real_conv_weight_grad(x, gy, list(w.shape), ConvParams(3, *geometry, False, (0, 0, 0), 1))
+    assert taken == ("float32" if kernel_depth > depth else "aten")
+    wd = w.double().requires_grad_()
+    F.conv3d(x.double(), wd, padding=geometry[1]).backward(gy.double())
+    for name, got in (("extension", gw), ("torch backend", gw_torch)):
+        assert got.dtype == torch.bfloat16
+        assert _rel(got, wd.grad) < 8e-3, (name, _rel(got, wd.grad))  # bf16's eps: 7.8e-3, one rounding: 3e-3
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "cpp_cl"])
+def test_a_bf16_quaternion_conv3d_at_a_depth_2_bottleneck_meets_the_contract(backend, qrand) -> None:
+    """A bf16 QuaternionConv3d-sized call (8 quaternion channels, 3x3x3, padding 1) on a depth-2 map, through each
+    CPU backend: forward, input and weight gradient against reference.py in float64 on the same rounded inputs,
+    within a bf16 rounding (the expanded conv's weight gradient, PyTorch's own, is garbage here)."""
+    x = qrand(2, 32, 2, 6, 5, seed=40, dtype=torch.bfloat16, requires_grad=True)
+    w = qrand(4, 8, 8, 3, 3, 3, dim=0, seed=41, dtype=torch.bfloat16, requires_grad=True)
+    with backends.use(backend):
+        y = QF.quaternion_conv(x, w, None, padding=1, algorithm="hamilton")
+        g = qrand(*y.shape, seed=42, dtype=torch.bfloat16)
+        got = (y, *torch.autograd.grad(y, (x, w), g))
+    xd, wd = (t.detach().double().requires_grad_() for t in (x, w))
+    yd = reference.quaternion_conv_naive(xd, wd, None, padding=1)
+    want = (yd, *torch.autograd.grad(yd, (xd, wd), g.double()))
+    for name, o, r in zip(("forward", "input grad", "weight grad"), got, want, strict=True):
+        assert _rel(o, r) < 8e-3, (backend, name, _rel(o, r))
