@@ -3,7 +3,8 @@
 float64 over a hypothesis-driven grid of conv hyper-parameters and input layouts: forward and the
 input, weight and bias gradients. The extension's float32 routes (oneDNN where PyTorch would take its own
 kernels: csrc/cpu/real_conv.cpp, float32 only) on the same grid, against the float64 reference within the
-float32 contract. The two reference baselines are checked against each other on
+float32 contract; the CPU backends in bf16 and fp16 within the half-precision one (at most 2x the expanded conv's
+error in the same dtype). The two reference baselines are checked against each other on
 the same grid, and the naive conv against an element-wise Hamilton product for 1x1 kernels (the
 one case where "y = W ⊗ x" can be written without any convolution at all), and the library's Hamilton
 table against the reference's.
@@ -11,6 +12,7 @@ table against the reference's.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import pytest
@@ -152,11 +154,15 @@ def _leaves(c: ConvConfig, qrand, dtype=torch.float64):
     return x, w, b
 
 
-def _forward_and_grads(fn, x, w, b, c: ConvConfig, qrand):
-    """Output and the gradients of <g, out> w.r.t. (input, weight, bias) for a fixed random g (in x's dtype,
-    drawn in float64)."""
+def _forward_and_grads(fn, x, w, b, c: ConvConfig, qrand, grad_dtype=None, grad_mask=None):
+    """Output and the gradients of <g, out> w.r.t. (input, weight, bias) for a fixed random g: drawn in float64,
+    rounded to ``grad_dtype`` (default: x's dtype), times ``grad_mask`` if given, in x's dtype. In c.grad_layout
+    where that is x's dtype (a cast of the strided view would have made it contiguous)."""
     y = fn(x, w, b)
-    g = _with_layout(y.shape, c.grad_layout, c.seed + 3, qrand).to(x.dtype)
+    g = _with_layout(y.shape, c.grad_layout, c.seed + 3, qrand, dtype=grad_dtype or x.dtype)
+    if grad_mask is not None:
+        g.mul_(grad_mask)  # (in place: the view keeps its strides)
+    g = g.to(x.dtype)
     leaves = [t for t in (x, w, b) if t is not None]
     return y, torch.autograd.grad(y, leaves, g)
 
@@ -249,6 +255,122 @@ def test_float32_routes_match_the_naive_reference(name, algorithm, c, activation
     for what, got, want in zip(names, (y, *grads), (y_ref, *grads_ref), strict=False):
         error = ((got.double() - want).norm() / want.norm().clamp_min(1e-30)).item()
         assert error < tolerance, f"{name}/{algorithm} {what}: relative error {error:.1e} ({c})"
+
+
+# Half precision on CPU: PyTorch's own kernels run every real conv (csrc/cpu/real_conv.cpp reroutes float32 only;
+# cpp_im2col, which differs from cpp by that route alone, declines), so what this grid holds to the contract is the
+# extension's and the torch backend's own work around them: the expanded weight and its gradient's fold, the
+# group-major channel order, the pointwise GEMMs, the transposed conv's weight gradient with the roles swapped, the
+# activation and bias, cpp_cl's channels_last copies.
+HALF_BACKENDS = ["torch", "cpp", "cpp_cl", "cpp_im2col"]
+# The bound on a half-precision result's relative error (norm-wise, over the whole tensor), in units of the dtype's eps:
+# the contract's 2x the expanded conv's error in the same dtype, but not below HALF_FLOOR eps nor above HALF_CEILING
+# eps. Every result is rounded to the dtype at least once (up to eps/2 an element) and PyTorch's CPU kernels round a few
+# times more (a GEMM's output before col2im's or the bias's sums, the expanded weight gradient's blocks before their
+# fold): on this grid (1,000 examples a dtype and backend, 3,400 results) ours and the expanded conv's errors were all
+# below 1.6 eps, and on a tensor of 4 elements the expanded conv's can be lucky (0.2 eps where ours was 0.6: a ratio of
+# 3 with nothing wrong). The floor of 4 eps (3% in bf16, 0.4% in fp16) leaves those alone and still fails any wrong
+# route: a lost sample, group, sign or window row is an O(1) error in the elements it touches, above 10% of the norm
+# even where that is one element in a hundred. The ceiling, 10x the largest error seen, fails a result where PyTorch's
+# kernel is wrong in the expanded conv too, which would pass as "no worse than the expanded conv" (bf16 oneDNN weight
+# gradients: a conv3d's is garbage where the kernel is deeper than the input, e.g. a channels_last (3, 8, 2, 2, 2)
+# input, a (4, 8, 3, 3, 2) weight, padding 1; torch 2.13, AMD EPYC: this grid found it, through cpp_cl's
+# channels_last copies of contiguous inputs too, and the backends now take those gradients in float32,
+# test_real_conv_routes.py). Not on GELU's gradients: its slope vanishes at
+# z=-0.75 and in its tail, so where every z of a small map is there, the gradient's relative error is large for ours and
+# the expanded conv alike (ill-conditioned, not wrong).
+HALF_FLOOR, HALF_CEILING = 4.0, 16.0
+# ReLU's and leaky ReLU's gradients jump where the pre-activation z crosses 0: one rounded within its error of 0 may
+# take the other slope, an O(1) error in that element that is no fault of the conv (fp16 channels_last transposed
+# convs round partial sums: a z of 1.4e-3 came out 0.0 through cpp_cl; the expanded conv, contiguous, kept its sign).
+# So the output gradient is zeroed where |z| < HALF_KINK eps s, for s an upper bound (within 2x) on the root sum of
+# squares of the products z adds: the elements whose rounding error can reach 0 (|z_half - z| < 1.3 eps s on the
+# grid, ours and the expanded conv's alike). 5% of the elements in bf16, 0.7% in fp16: the gradients of <g, y> are
+# still compared in full, for a g a little sparser.
+HALF_KINK = 4.0
+
+
+def _error_scale(x, w, b, c: ConvConfig) -> torch.Tensor:
+    """Per output element, sqrt(sum of the squares of the products the conv adds) within a factor 2 above: each
+    output component adds 4 of the 16 component products, so all 16 bound it, the naive conv of sum(x_a^2) in every
+    input component with sum(w_p^2) in the weight's real part (whose products all come with a plus sign)."""
+    x2 = x.detach().double().square().unflatten(1, (4, -1)).sum(1).repeat(1, 4, *[1] * c.spatial_dims)
+    w2 = torch.zeros(w.shape, dtype=torch.float64)
+    w2[0] = w.detach().double().square().sum(0)
+    b2 = None if b is None else b.detach().double().square()
+    return reference.quaternion_conv_naive(x2, w2, b2, **c.kwargs()).sqrt()
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name", HALF_BACKENDS)
+@settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.filter_too_much],  # (calls declined)
+)
+# Sizes of at least 2 per spatial dim in the input, as the float32 grid, and in the output too: PyTorch's bf16
+# oneDNN conv segfaults on a channels_last map with a size-1 dim that a stride and a dilation of 2 step over
+# (F.conv2d of a channels_last (1, 4, 2, 1) bf16 input, a (4, 4, 1, 1) weight, stride (1, 2), padding (0, 1),
+# dilation (1, 2); torch 2.13, AMD EPYC, 1 or 2 threads; fine in float32, fp16, contiguous or without oneDNN). The
+# backward of a transposed conv with a size-1 output runs such a conv on its output gradient, which cpp_cl makes
+# channels_last.
+@given(
+    c=conv_configs(min_size=2).filter(lambda c: min(_output_sizes(c)) >= 2),
+    activation=st.sampled_from([None, "relu", "leaky_relu", "gelu"]),
+)
+def test_half_precision_routes_match_the_naive_reference(name, dtype, c, activation, qrand, served):
+    """The hamilton algorithm in bf16 and fp16, forward and every gradient, with a fused activation or none, against
+    the float64 naive reference on the same rounded inputs and output gradient: each result's relative error within
+    2x the expanded conv's (Parcollet's: one PyTorch conv on the expanded weight, in the same dtype, on the same
+    operands in the same layouts), and between HALF_FLOOR and HALF_CEILING eps (see those; a ReLU's output gradient
+    spares the elements at its kink). Calls a backend declines (cpp_cl: 1d, channels_last inputs, pointwise convs) are
+    not examples."""
+    if registered("conv")[name].unavailable() is not None:
+        pytest.skip(f"{name}: {registered('conv')[name].unavailable()}")
+    # A call every CPU backend serves in float32: a backend that declines it here declines the dtype (cpp_im2col).
+    served(name, torch.ones(1, 8, 5, 5, dtype=dtype), torch.ones(4, 2, 2, 3, 3, dtype=dtype), "hamilton")
+    x, w, b = _leaves(c, qrand, dtype)
+    eps = torch.finfo(dtype).eps
+    x64, w64, b64 = _fresh(*(None if t is None else t.double() for t in (x, w, b)))
+    mask = None
+    if activation in ("relu", "leaky_relu"):
+        with torch.no_grad():
+            z = reference.quaternion_conv_naive(x64, w64, b64, **c.kwargs())
+            mask = (z.abs() >= HALF_KINK * eps * _error_scale(x, w, b, c)).to(dtype)
+
+    def act(z):
+        return z if activation is None else activate(z, activation, 0.1)
+
+    try:
+        with backends.use(name):
+            y, grads = _forward_and_grads(
+                lambda x, w, b: qF.quaternion_conv(
+                    x, w, b, **c.kwargs(), algorithm="hamilton", activation=activation, negative_slope=0.1
+                ),
+                x, w, b, c, qrand, grad_mask=mask,
+            )  # fmt: skip
+    except BackendError:
+        reject()
+    y_exp, grads_exp = _forward_and_grads(
+        lambda x, w, b: act(reference.quaternion_conv_expanded(x, w, b, **c.kwargs())),
+        x, w, b, c, qrand, grad_mask=mask,
+    )  # fmt: skip
+    y_ref, grads_ref = _forward_and_grads(
+        lambda x, w, b: act(reference.quaternion_conv_naive(x, w, b, **c.kwargs())),
+        x64, w64, b64, c, qrand, grad_dtype=dtype, grad_mask=mask,
+    )  # fmt: skip
+    names = ("forward", "input grad", "weight grad", "bias grad")  # (no bias: no bias grad)
+    for what, got, exp, want in zip(names, (y, *grads), (y_exp, *grads_exp), (y_ref, *grads_ref), strict=False):
+        scale = want.norm().clamp_min(1e-30)
+        error, exp_error = (((t.double() - want).norm() / scale).item() / eps for t in (got, exp))
+        bound = max(2 * exp_error, HALF_FLOOR) if math.isfinite(exp_error) else HALF_FLOOR  # (NaN: PyTorch's)
+        if what == "forward" or activation != "gelu":
+            bound = min(bound, HALF_CEILING)
+        assert error <= bound, (
+            f"{name} {dtype} {what}: relative error {error:.3g} eps, the expanded conv's {exp_error:.3g} eps "
+            f"(bound {bound:.3g} eps, eps = {eps:.3g}; activation {activation}; {c})"
+        )
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same'")
