@@ -145,6 +145,19 @@ bool bf16_kernel_deeper_than_input(const at::Tensor& x, at::IntArrayRef shape) {
   return x.scalar_type() == at::kBFloat16 && x.device().is_cpu() && x.dim() == 5 && shape[2] > x.size(2);
 }
 
+// PyTorch's float32 CPU conv (oneDNN's kernel; torch 2.13, AMD EPYC) computes garbage, ~100% off, for a
+// one-channel input whose channel stride is 1 (a channel sliced out of a channels_last map: fast8's component
+// slices of a one-quaternion-channel input), which PyTorch takes for channels_last, where the output's last dim is 1
+// and strided over, in 2d and 3d. Given the channel stride of a channels-first map instead (the same memory: a dim
+// of size 1 has no stride of its own), it is right. The torch backend's twin: backends/torch/conv.py. (A weight of
+// one input channel per group is given the same.)
+at::Tensor one_channel_as_channels_first(const at::Tensor& x) {
+  if (x.dim() < 3 || x.size(1) != 1 || x.stride(1) == x.size(2) * x.stride(2)) return x;
+  std::vector<int64_t> strides = x.strides().vec();
+  strides[1] = x.size(2) * x.stride(2);
+  return x.as_strided(x.sizes(), strides);
+}
+
 // Without activation: the route conv_route names.
 at::Tensor routed_conv(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, const ConvParams& p) {
   switch (conv_route(x, w.sizes(), p)) {
@@ -214,8 +227,10 @@ bool real_conv_fuses_activation(const at::Tensor& x, const ConvParams& p) {
 }
 
 at::Tensor real_conv(
-    const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, const ConvParams& p,
+    const at::Tensor& x_in, const at::Tensor& w_in, const std::optional<at::Tensor>& bias, const ConvParams& p,
     const Activation& act) {
+  // (the weight too: PyTorch runs channels_last where either is, and a channels_last weight would take x back there)
+  const at::Tensor x = one_channel_as_channels_first(x_in), w = one_channel_as_channels_first(w_in);
   if (!act.any()) return routed_conv(x, w, bias, p);
   if (real_conv_fuses_activation(x, p) && !kept_off_onednn(x, w.sizes(), p)) return pointwise_conv(x, w, bias, p, act);
   at::Tensor y = routed_conv(x, w, bias, p);

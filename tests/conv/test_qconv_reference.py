@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, assume, given, reject, settings
 from hypothesis import strategies as st
 
@@ -246,15 +247,29 @@ def test_float32_routes_match_the_naive_reference(name, algorithm, c, activation
     def act(z):
         return z if activation is None else activate(z, activation, 0.1)
 
+    leaves64 = _fresh(*(None if t is None else t.double() for t in (x, w, b)))
     y_ref, grads_ref = _forward_and_grads(
-        lambda x, w, b: act(reference.quaternion_conv_naive(x, w, b, **c.kwargs())),
-        *_fresh(*(None if t is None else t.double() for t in (x, w, b))), c, qrand,
-    )  # fmt: skip
+        lambda x, w, b: act(reference.quaternion_conv_naive(x, w, b, **c.kwargs())), *leaves64, c, qrand
+    )
     tolerance = FP32_TOLERANCE[algorithm]
     names = ("forward", "input grad", "weight grad", "bias grad")  # (no bias: no bias grad)
     for what, got, want in zip(names, (y, *grads), (y_ref, *grads_ref), strict=False):
         error = ((got.double() - want).norm() / want.norm().clamp_min(1e-30)).item()
-        assert error < tolerance, f"{name}/{algorithm} {what}: relative error {error:.1e} ({c})"
+        bound = tolerance * (_gelu_condition(leaves64, c) if what == "forward" and activation == "gelu" else 1.0)
+        assert error < bound, f"{name}/{algorithm} {what}: relative error {error:.1e}, bound {bound:.1e} ({c})"
+
+
+def _gelu_condition(leaves64, c: ConvConfig) -> float:
+    """GELU's norm-wise relative condition number at the conv's float64 output z, ``max|gelu'(z)| ||z|| / ||gelu(z)||``
+    (at least 1): the factor by which the conv's relative error in z may grow through it. Where every z of a small map
+    lies in GELU's negative tail (z ~ -3: gelu(z) = -0.004, gelu'(z) = -0.01) it is ~10, and a conv within the
+    contract gave GELU outputs 1.7e-5 off (cpp_im2col, hamilton, one example in a thousand)."""
+    with torch.no_grad():
+        z = reference.quaternion_conv_naive(*leaves64, **c.kwargs())
+        normal = torch.distributions.Normal(0.0, 1.0)
+        slope = normal.cdf(z) + z * normal.log_prob(z).exp()
+        condition = slope.abs().max() * z.norm() / F.gelu(z).norm().clamp_min(1e-300)
+    return max(1.0, condition.item())
 
 
 # Half precision on CPU: PyTorch's own kernels run every real conv (csrc/cpu/real_conv.cpp reroutes float32 only;

@@ -337,3 +337,27 @@ def test_a_bf16_quaternion_conv3d_at_a_depth_2_bottleneck_meets_the_contract(bac
     want = (yd, *torch.autograd.grad(yd, (xd, wd), g.double()))
     for name, o, r in zip(("forward", "input grad", "weight grad"), got, want, strict=True):
         assert _rel(o, r) < 8e-3, (backend, name, _rel(o, r))
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_fast8_on_one_quaternion_channel_of_a_channels_last_map_with_a_strided_width_of_one(backend, dims, qrand):
+    """fast8 slices a channels_last input into its four components: with one quaternion channel each is a one-channel
+    tensor whose channel stride is 1, and PyTorch's float32 conv of such a tensor (oneDNN's kernel; torch 2.13, AMD
+    EPYC) is ~100% off where the output's last dim is 1 and strided over (a 3d conv of (3, 1, 3, 3, 4) with a
+    (1, 1, 3) kernel, stride (1, 1, 2)). Both real-conv twins give it contiguous strides (the same memory); forward
+    and both gradients against reference.py in float64, within the float32 contract."""
+    spatial, kernel, stride = ((3, 3, 4), (1, 1, 3), (1, 1, 2)) if dims == 3 else ((6, 5), (1, 3), (1, 3))
+    fmt = torch.channels_last if dims == 2 else torch.channels_last_3d
+    x = qrand(3, 4, *spatial, seed=50, dtype=torch.float32).contiguous(memory_format=fmt).requires_grad_()
+    w = qrand(4, 2, 1, *kernel, dim=0, seed=51, dtype=torch.float32, requires_grad=True)
+    with backends.use(backend):
+        y = QF.quaternion_conv(x, w, None, stride=stride, algorithm="fast8")
+        assert y.shape[-1] == 1
+        g = qrand(*y.shape, seed=52, dtype=torch.float32)
+        got = (y, *torch.autograd.grad(y, (x, w), g))
+    xd, wd = (t.detach().double().requires_grad_() for t in (x, w))
+    yd = reference.quaternion_conv_naive(xd, wd, None, stride=stride)
+    want = (yd, *torch.autograd.grad(yd, (xd, wd), g.double()))
+    for name, o, r in zip(("forward", "input grad", "weight grad"), got, want, strict=True):
+        assert _rel(o, r) < FP32_TOLERANCE["fast8"], (backend, name, _rel(o, r))

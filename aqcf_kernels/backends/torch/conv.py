@@ -24,8 +24,21 @@ from ...quaternion import (
 from ..base import ConvBackend
 
 
+def one_channel_as_channels_first(x: Tensor) -> Tensor:
+    """``x``, or where it has one channel whose stride is not a channels-first map's (a channel sliced out of a
+    channels_last map: fast8's component slices of a one-quaternion-channel input) the same memory with that stride
+    (a dim of size 1 has no stride of its own): PyTorch takes the former for channels_last, and its float32 CPU conv
+    (oneDNN's kernel; torch 2.13, AMD EPYC) computes garbage, ~100% off, for it where the output's last dim is 1 and
+    strided over. The extension's twin: csrc/cpu/real_conv.cpp."""
+    if x.dim() < 3 or x.shape[1] != 1 or x.stride(1) == x.shape[2] * x.stride(2):
+        return x
+    return x.as_strided(x.shape, (x.stride(0), x.shape[2] * x.stride(2), *x.stride()[2:]))
+
+
 def real_conv(x: Tensor, w: Tensor, p: ConvParams, bias: Tensor | None = None) -> Tensor:
     """The real (transposed) conv that one quaternion product is made of."""
+    # (the weight too: PyTorch runs channels_last where either is, and a channels_last weight would take x back there)
+    x, w = one_channel_as_channels_first(x), one_channel_as_channels_first(w)
     n = p.spatial_dims
     if p.transposed:
         fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[n - 1]
