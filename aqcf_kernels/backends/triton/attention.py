@@ -49,9 +49,9 @@ class Tiles(NamedTuple):
 #: operands copied asynchronously where the dot allows (tests/triton_kernels/test_attention_static.py proves each,
 #: ``tools/triton_resources.py --attention`` prints its figures). Up to 64 reals a head, FlashAttention's Triton
 #: settings (128 query rows, 64 keys, 8 warps, a 3-stage load pipeline) serve. The dk/dv kernel holds dk, dv, k
-#: and v for its whole loop, so it keeps the fewest key rows: above E = 128 (in TF32 from 128) only 32 fit, and its
-#: P·dO and dS·Q products then run as ``mma.sync`` (a wgmma needs 64 rows). An FMA dot holds a row of one operand and a column
-#: of the other per output a thread computes, so IEEE fp32 takes small tiles.
+#: and v for its whole loop, so it keeps the fewest key rows: above E = 128 (in TF32 from 128) only 32 fit, and
+#: its P·dO and dS·Q products then run as ``mma.sync`` (a wgmma needs 64 rows). An FMA dot holds a row of one
+#: operand and a column of the other per output a thread computes, so IEEE fp32 takes small tiles.
 _FLASH = {"fwd": Tiles(128, 64, 8, 3), "dkdv": Tiles(128, 64, 8, 3), "dq": Tiles(128, 64, 8, 3)}
 GPU_TILES: dict[tuple[str, int], dict[str, Tiles]] = {
     **{(dot, e): _FLASH for dot in ("half", "tf32") for e in (16, 32, 64)},
