@@ -71,6 +71,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 ONE_WORKER_MODULES = (
     "tests/triton_kernels/test_igemm_static.py",
     "tests/triton_kernels/test_igemm_wgrad_static.py",
+    "tests/triton_kernels/test_attention_static.py",
     "tests/pipeline/test_export.py",
 )
 
