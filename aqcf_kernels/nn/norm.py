@@ -70,11 +70,20 @@ def _check_shape(fn: str, name: str, t: Tensor | None, shape: tuple[int, ...]) -
 
 
 #: the jitter, relative to the trace of V, that :func:`_whitening_matrix` adds to the covariances that
-#: ``V + eps·I`` does not make positive definite in floating point (float32: ~250 ulp of tr V)
+#: ``V + eps·I`` does not make positive definite in floating point (float32: ~250 ulp of tr V); more for a
+#: covariance stored in half precision (:func:`whitening_jitter`)
 WHITENING_JITTER = 3e-5
 
 
-def _whitening_matrix(cov: Tensor, eps: float) -> Tensor:
+def whitening_jitter(stored: torch.dtype) -> float:
+    """The jitter relative to ``|tr V|`` for a covariance ``V`` that was rounded to ``stored`` (a running
+    covariance buffer of that dtype): rounding each entry of a positive semi-definite ``V`` by at most
+    ``u = eps/2`` moves its eigenvalues by at most ``u·‖V‖_F ≤ u·tr V``, so ``eps·tr V`` (twice that) restores
+    what the rounding took (bf16: 0.8% of tr V, where :data:`WHITENING_JITTER` is 130x below one rounding)."""
+    return max(WHITENING_JITTER, torch.finfo(stored).eps)
+
+
+def _whitening_matrix(cov: Tensor, eps: float, stored: torch.dtype | None = None) -> Tensor:
     """``L⁻¹`` with ``cov + eps·I = L Lᵀ``: lower triangular, and ``L⁻¹ (cov + eps·I) L⁻ᵀ = I``.
 
     Batched over every leading dim. Why Cholesky and not ZCA (``V^(-1/2)`` by ``eigh``, what
@@ -85,11 +94,14 @@ def _whitening_matrix(cov: Tensor, eps: float) -> Tensor:
     the components are isotropic, the common case for quaternion features; and it is what Gaudet &
     Maida proposed for quaternion BN. Any two whitening matrices differ by an orthogonal matrix on
     the left, which the full 4x4 ``γ`` that follows can absorb, so nothing is lost in expressiveness.
+
+    ``stored``: the dtype ``cov`` was rounded to, if lower than its own (a half-precision running covariance).
     """
+    jitter_scale = whitening_jitter(stored or cov.dtype)
     if exporting_to_onnx():
         # ONNX has no Cholesky or triangular solve; torch.onnx.export of a model with a whitening norm
         # gets the same matrix as elementwise ops (torch.compile sees False here: dynamo folds the call).
-        return _unrolled_whitening_matrix(cov, eps)
+        return _unrolled_whitening_matrix(cov, eps, jitter_scale)
     eye = torch.eye(4, dtype=cov.dtype, device=cov.device)
     # eps > 0 keeps V + eps·I positive definite in exact arithmetic, not in floating point: where the
     # components are (nearly) linearly dependent (i = j = k = r, a constant offset between two of them),
@@ -97,23 +109,24 @@ def _whitening_matrix(cov: Tensor, eps: float) -> Tensor:
     # (V ~ 1e6 in float32: ulp 0.06 against eps = 1e-5), and the factorisation failed: NaN in the output
     # and every gradient. So each matrix is factorised once to probe it (no graph, no sync: cholesky_ex
     # reports failure in a tensor), and the ones that failed get, on top of eps, a jitter relative to
-    # their scale (WHITENING_JITTER · tr V, far above the rounding) before the factorisation that counts.
+    # their scale (whitening_jitter · tr V, above the rounding) before the factorisation that counts.
     # The others are unchanged, and only one factorisation is in the autograd graph (a where over a
     # failed one would leak its NaN into the gradients).
     reg = cov + eps * eye
     with torch.no_grad():
-        jitter = _whitening_jitter(cov.diagonal(dim1=-2, dim2=-1).sum(-1), torch.linalg.cholesky_ex(reg).info > 0, eps)
+        failed = torch.linalg.cholesky_ex(reg).info > 0
+        jitter = _whitening_jitter(cov.diagonal(dim1=-2, dim2=-1).sum(-1), failed, eps, jitter_scale)
     chol = torch.linalg.cholesky_ex(reg + jitter[..., None, None] * eye).L
     return torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
 
 
-def _whitening_jitter(trace: Tensor, failed: Tensor, eps: float) -> Tensor:
+def _whitening_jitter(trace: Tensor, failed: Tensor, eps: float, scale: float = WHITENING_JITTER) -> Tensor:
     """What the factorisation of ``V + eps·I`` adds to its diagonal where it ``failed`` (0 elsewhere):
-    :data:`WHITENING_JITTER` of ``|tr V|`` (``trace``), and eps again; no gradient flows through it."""
-    return torch.where(failed, WHITENING_JITTER * trace.detach().abs() + eps, 0.0)
+    ``scale`` (:func:`whitening_jitter`) of ``|tr V|`` (``trace``), and eps again; no gradient flows through it."""
+    return torch.where(failed, scale * trace.detach().abs() + eps, 0.0)
 
 
-def _unrolled_whitening_matrix(cov: Tensor, eps: float) -> Tensor:
+def _unrolled_whitening_matrix(cov: Tensor, eps: float, jitter_scale: float = WHITENING_JITTER) -> Tensor:
     """:func:`_whitening_matrix`'s value (``L⁻¹`` with ``cov + eps·I = L Lᵀ``, batched over the
     leading dims of ``cov`` ``(..., 4, 4)``) unrolled into elementwise ops on the 4x4 entries: the
     Cholesky-Banachiewicz recurrence (LAPACK's, for a matrix this small), then forward substitution.
@@ -127,7 +140,8 @@ def _unrolled_whitening_matrix(cov: Tensor, eps: float) -> Tensor:
     # done again with the jitter on top of eps, so an exported model whitens degenerate channels as eager
     # mode does (NaN before).
     chol, ok = _unrolled_cholesky(a, eps)
-    chol, _ = _unrolled_cholesky(a, eps + _whitening_jitter(a[0][0] + a[1][1] + a[2][2] + a[3][3], ~ok, eps))
+    trace = a[0][0] + a[1][1] + a[2][2] + a[3][3]
+    chol, _ = _unrolled_cholesky(a, eps + _whitening_jitter(trace, ~ok, eps, jitter_scale))
     inv: list[list[Tensor]] = [[] for _ in range(4)]  # row i holds L⁻¹[i, 0..i]
     for i in range(4):
         d = chol[i][i].reciprocal()
@@ -260,7 +274,7 @@ def _quaternion_norm(
 
     beta = None if bias is None else bias.to(acc).view(1, 4, cq, *ones)
     if whiten:
-        m = _whitening_matrix(stat, eps)
+        m = _whitening_matrix(stat, eps, stored=None if use_input_stats else running_var.dtype)
         if weight is not None:
             m = weight.to(acc) @ m  # fold γ into the whitening: one 4x4 per channel touches the data
         # y[n, i, c] = Σ_j m[(n,) c, i, j] · xc[n, j, c]: a batched 4x4 matmul over every position.
@@ -273,9 +287,9 @@ def _quaternion_norm(
             scale = scale * weight.to(acc).view(1, 1, cq, *ones)
         # (x - μ)·scale rather than x·scale - μ·scale (one pass fewer): no cancellation when |μ| >> σ.
         y = xc * scale if beta is None else torch.addcmul(beta, xc, scale)
-    y = y.flatten(1, 2).to(input.dtype)
-    if whiten:  # the einsum writes channels-first: a channels_last input gets a channels_last output, as torch's
-        y = like_layout(y, input)
+    # A channels_last input gets a channels_last output, as torch's norms give: the einsum writes channels-first,
+    # and the elementwise ops do too where the input's strides also read as contiguous (a batch of 1 of height 1).
+    y = like_layout(y.flatten(1, 2).to(input.dtype), input)
     return y if activation is None else activate(y, activation, negative_slope)
 
 

@@ -465,7 +465,7 @@ def _lower_norm(norm: nn.Module) -> None:
 
                 # The eager layer's own γ·L⁻¹ (LAPACK's Cholesky, in its statistics dtype), once.
                 cov = norm.running_cov
-                matrix = _whitening_matrix(cov.to(_stat_dtype(cov.dtype)), norm.eps)
+                matrix = _whitening_matrix(cov.to(_stat_dtype(cov.dtype)), norm.eps, stored=cov.dtype)
                 if norm.weight is not None:
                     matrix = norm.weight.to(matrix.dtype) @ matrix
                 norm.register_buffer("lowered_matrix", matrix.to(cov.dtype).contiguous())

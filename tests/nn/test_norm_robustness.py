@@ -23,10 +23,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from aqcf_kernels.nn.norm import (
+    WHITENING_JITTER,
     QuaternionBatchNorm1d,
     QuaternionBatchNorm2d,
     QuaternionInstanceNorm2d,
     _quaternion_norm,
+    whitening_jitter,
 )
 
 
@@ -143,6 +145,38 @@ def test_whitening_jitter_leaves_well_conditioned_covariances_alone():
     want = torch.linalg.inv(torch.linalg.cholesky(cov + 1e-5 * torch.eye(4, dtype=torch.float64)))
     keep = [0, 1, 3, 4]
     torch.testing.assert_close(m[keep].double(), want[keep], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_eval_whitening_on_a_half_precision_running_covariance(dtype):
+    """A half-precision module's running covariance is stored rounded to its dtype: a singular one (two samples a
+    batch: rank 1) comes out indefinite by ~1e-3 of its trace, 30x the float32 jitter, and the factorisation with
+    that jitter failed (bf16: max |y| 4e3 from unit inputs, found by tests/nn/test_norm_grid.py). The jitter of a
+    covariance stored in half precision is one rounding of its trace (``whitening_jitter``): the whitening of the
+    buffer as stored, in float64, with that jitter."""
+    eps, cq = 1e-5, 32
+    layer = QuaternionBatchNorm1d(4 * cq, eps=eps, whiten=True, momentum=None, affine=False, dtype=dtype)
+    x = torch.randn(1, 4 * cq, 2, generator=torch.Generator().manual_seed(5)).to(dtype)
+    layer.train()(x)  # momentum None: the running covariance is this batch's (unbiased), rank 1
+    cov = layer.running_cov.double()
+    eye = torch.eye(4, dtype=torch.float64)
+    # the case at hand: the float32 factorisation of cov + eps·I fails for some channels, and with the float32
+    # jitter still does
+    failed = torch.linalg.cholesky_ex(cov.float() + eps * eye.float()).info > 0
+    trace = cov.diagonal(dim1=-2, dim2=-1).sum(-1)
+    float32_jitter = (WHITENING_JITTER * trace + eps)[:, None, None] * eye
+    assert (
+        failed.any()
+        and (torch.linalg.cholesky_ex(cov.float() + eps * eye.float() + float32_jitter.float()).info > 0).any()
+    )
+    y = layer.eval()(x)
+    assert whitening_jitter(dtype) == torch.finfo(dtype).eps  # the documented rule, spelled out below
+    jitter = torch.where(failed, torch.finfo(dtype).eps * trace + eps, 0.0)[:, None, None] * eye
+    m = torch.linalg.inv(torch.linalg.cholesky(cov + eps * eye + jitter))  # (Cq, 4, 4)
+    xc = (x.double() - layer.running_mean.double().view(1, -1, 1)).unflatten(1, (4, cq))  # (1, 4, Cq, 2)
+    want = torch.einsum("cij,njcs->nics", m, xc).flatten(1, 2)
+    rounding = torch.finfo(dtype).eps
+    torch.testing.assert_close(y.double(), want, rtol=0, atol=8 * rounding * want.abs().max().item())
 
 
 def test_the_onnx_exports_whitening_matrix_jitters_as_eager_mode():
