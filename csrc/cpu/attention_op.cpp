@@ -87,11 +87,17 @@ int64_t query_chunks(int64_t batch_heads, int64_t queries) {
 std::tuple<Tensor, Tensor, Tensor> cpu_flash_backward(
     const Tensor& grad_out, const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, const Tensor& out_in,
     const Tensor& lse_in, double scale) {
-  // The kernel reads the log-sum-exp in the dtype its forward wrote (fp32 for half inputs).
   const at::ScalarType dtype = q_in.scalar_type();
-  Tensor lse = lse_in.to(dtype == at::kFloat || dtype == at::kDouble ? dtype : at::kFloat);
-  Tensor q = dense_rows(q_in), k = dense_rows(k_in), v = dense_rows(v_in), out = dense_rows(out_in);
-  Tensor go = grad_out.contiguous();
+  Tensor q = dense_rows(q_in), k = dense_rows(k_in), v = dense_rows(v_in), out = dense_rows(out_in), go = grad_out;
+  if (dtype == at::kHalf || dtype == at::kBFloat16) {
+    // PyTorch's float32 kernel, as backends/torch/attention.py's _cpu_flash_backward says why: its half-precision
+    // one adds each block of queries' dK and dV into its output in the dtype.
+    q = q.to(at::kFloat), k = k.to(at::kFloat), v = v.to(at::kFloat), out = out.to(at::kFloat);
+    go = go.to(at::kFloat);
+  }
+  // The kernel reads the log-sum-exp in its own dtype (what the forward returns: fp32 for half inputs).
+  Tensor lse = lse_in.to(q.scalar_type());
+  go = go.contiguous();
   const int64_t b = q.size(0), h = q.size(1), nq = q.size(2), e = q.size(3);
   const int64_t c = query_chunks(b * h, nq);
   if (c > 1) {  // (B, H, Nq, E) -> (B, H*c, Nq/c, E): a view of contiguous rows; K, V repeated per chunk
@@ -106,15 +112,12 @@ std::tuple<Tensor, Tensor, Tensor> cpu_flash_backward(
   auto [dq, dk, dv] =
       at::_scaled_dot_product_flash_attention_for_cpu_backward(go, q, k, v, out, lse, 0.0, false, std::nullopt, scale);
   if (c > 1) {
-    const at::ScalarType acc = lse_dtype(dk.scalar_type());
     dq = dq.reshape({b, h, nq, e});
-    auto add_chunks = [&](const Tensor& t) {
-      return t.view({b, h, c, t.size(2), t.size(3)}).to(acc).sum(2).to(t.scalar_type());
-    };
+    auto add_chunks = [&](const Tensor& t) { return t.view({b, h, c, t.size(2), t.size(3)}).sum(2); };
     dk = add_chunks(dk);
     dv = add_chunks(dv);
   }
-  return {dq.contiguous(), dk.contiguous(), dv.contiguous()};
+  return {dq.to(dtype).contiguous(), dk.to(dtype).contiguous(), dv.to(dtype).contiguous()};
 }
 
 std::tuple<Tensor, Tensor, Tensor> cuda_fused_backward(

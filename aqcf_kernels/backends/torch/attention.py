@@ -140,10 +140,17 @@ def _cuda_fused_backward(kernel: str, grad_out, q, k, v, out, lse, scale) -> tup
 
 
 def _cpu_flash_backward(grad_out, q, k, v, out, lse, scale) -> tuple[Tensor, Tensor, Tensor]:
-    # The kernel reads the log-sum-exp in the dtype its forward wrote (fp32 for half inputs).
-    lse = lse.to(q.dtype) if q.dtype in (torch.float32, torch.float64) else lse.float()
+    dtype = q.dtype
     q, k, v, out = _dense_rows(q), _dense_rows(k), _dense_rows(v), _dense_rows(out)
-    grad_out = grad_out.contiguous()
+    if dtype in (torch.float16, torch.bfloat16):
+        # PyTorch's float32 kernel: its fp16/bf16 one adds each block of 32 queries' dK and dV into its output in the
+        # dtype, so the error grows with the query count (bf16, 32768 queries x 512 keys: 3.6 roundings, 2.8x the
+        # materialised product's; FlashAttention's rule allows 2x), and the chunks' sums below would add partials
+        # already rounded. Its fp16 kernel is also 8-10x slower than the float32 one (its bf16 one 1.1-1.7x faster;
+        # AMD EPYC with avx512_bf16, 2 threads, torch 2.13).
+        grad_out, q, k, v, out = (t.float() for t in (grad_out, q, k, v, out))
+    # The kernel reads the log-sum-exp in its own dtype (what the forward returns: fp32 for half inputs).
+    lse, grad_out = lse.to(q.dtype), grad_out.contiguous()
     b, h, nq, e = q.shape
     c = query_chunks(b * h, nq)
     if c > 1:  # (B, H, Nq, E) -> (B, H*c, Nq/c, E): a view of contiguous rows; K, V repeated per chunk
@@ -154,10 +161,9 @@ def _cpu_flash_backward(grad_out, q, k, v, out, lse, scale) -> tuple[Tensor, Ten
         grad_out, q, k, v, out, lse, 0.0, False, scale=scale
     )
     if c > 1:
-        acc = lse_dtype(dk.dtype)
         dq = dq.reshape(b, h, nq, e)
-        dk, dv = (t.view(b, h, c, *t.shape[2:]).to(acc).sum(2).to(t.dtype) for t in (dk, dv))
-    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+        dk, dv = (t.view(b, h, c, *t.shape[2:]).sum(2) for t in (dk, dv))
+    return tuple(t.to(dtype).contiguous() for t in (dq, dk, dv))
 
 
 class TorchAttentionBackend(AttentionBackend):
