@@ -605,7 +605,7 @@ def rnn_variants(quick: bool = False, batch: int = 8, hidden: int = 512):
             MODE=tr.MODE_CODES[mode], ACT=0 if mode == "lstm" else tr.ACTIVATION_CODES[nonlinearity], ACC=acc,
             SMALL=small, BLOCK_B=block_b, BLOCK_H=block_h,
         )  # fmt: skip
-        sizes = dict(B=batch, H=hidden, negative_slope=0.01)
+        sizes = dict(B=batch, H=hidden, slope_hi=0.01, slope_lo=1e-10)
         names = ("proj_ptr", "mm_ptr", "h_prev_ptr", "c_prev_ptr", "h_ptr", "c_ptr", "saved_ptr")
         fwd = dict(dict.fromkeys(names, ptr), stride_pb=tr.GATES[mode] * hidden, stride_pj=1, **sizes)
         names = ("go_ptr", "gc_ptr", "dh_ptr", "saved_ptr", "h_ptr", "h_prev_ptr", "c_prev_ptr", "c_ptr", "dg_ptr")

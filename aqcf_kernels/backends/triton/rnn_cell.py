@@ -29,12 +29,15 @@ wrong in the interpreter) and float64 for float64; stores cast back to the tenso
 carried ``dc`` stays in that accumulation dtype between steps. ``tanh`` is ``(1 − e)/(1 + e)`` with
 ``e = exp(−2|x|)`` (no ``tanh`` in ``tl`` the interpreter runs; libdevice's is not interpretable) and an
 odd Taylor polynomial near 0, where that form cancels (as csrc/cpu/rnn_cell.cpp does). The LiGRU's
-``negative_slope`` reaches the kernel as a float32 scalar (triton types Python floats so): float64
-runs see it rounded to float32.
+``negative_slope`` reaches the kernels as two float32 scalars, its float32 rounding and the rest
+(:func:`split_slope`; triton types Python floats as float32), added in the accumulation dtype: float64 runs see
+the slope to 2^-48, where one float32 scalar made the backward's ``act'(a)`` 2e-8 off while the forward, under
+the interpreter, multiplied by the exact Python float.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -139,7 +142,8 @@ def rnn_cell_fwd_kernel(
     H,
     stride_pb,
     stride_pj,
-    negative_slope,
+    slope_hi,  # negative_slope = slope_hi + slope_lo (split_slope)
+    slope_lo,
     MODE: tl.constexpr,  # 0 rnn, 1 lstm, 2 ligru
     ACT: tl.constexpr,
     ACC: tl.constexpr,
@@ -148,6 +152,7 @@ def rnn_cell_fwd_kernel(
     BLOCK_H: tl.constexpr,
 ):
     """One forward step of the cell for a ``(BLOCK_B, BLOCK_H)`` tile of hidden units; program (h block, b block)."""
+    negative_slope = tl.cast(slope_hi, ACC) + tl.cast(slope_lo, ACC)
     offs_b, offs_j, mask, GH = _step_tile(B, H, MODE, BLOCK_B, BLOCK_H)
     p = proj_ptr + offs_b[:, None] * stride_pb + offs_j[None, :] * stride_pj
     gate_offs = offs_b[:, None] * GH + offs_j[None, :]
@@ -194,7 +199,8 @@ def rnn_cell_bwd_kernel(
     dg_ptr,  # (B, G·H): the gates' gradient = the gradient of proj[t]
     B,
     H,
-    negative_slope,
+    slope_hi,  # negative_slope = slope_hi + slope_lo (split_slope)
+    slope_lo,
     MODE: tl.constexpr,
     ACT: tl.constexpr,
     HAS_GO: tl.constexpr,
@@ -205,6 +211,7 @@ def rnn_cell_bwd_kernel(
     BLOCK_H: tl.constexpr,
 ):
     """One backward step of the cell for a tile of hidden units; program (h block, b block) as the forward's."""
+    negative_slope = tl.cast(slope_hi, ACC) + tl.cast(slope_lo, ACC)
     offs_b, offs_j, mask, GH = _step_tile(B, H, MODE, BLOCK_B, BLOCK_H)
     hc = offs_b[:, None] * H + offs_j[None, :]
     gate_offs = offs_b[:, None] * GH + offs_j[None, :]
@@ -299,6 +306,13 @@ def _constants(dtype: torch.dtype, mode: str, nonlinearity: str, batch: int, hid
     return consts
 
 
+def split_slope(negative_slope: float) -> tuple[float, float]:
+    """``(hi, lo)``: ``hi`` the float32 rounding of ``negative_slope``, ``lo`` the float32 rounding of the rest, so
+    that ``hi + lo`` added in float64 is the slope to 2^-48 (the kernels take float32 scalars)."""
+    hi = float(np.float32(negative_slope))
+    return hi, float(np.float32(negative_slope - hi))
+
+
 def _check(mode: str, nonlinearity: str, hidden: int, batch: int, gates_h: int) -> None:
     allowed = {"rnn": ("tanh", "relu"), "lstm": (nonlinearity,), "ligru": ("relu", "leaky_relu", "tanh")}[mode]
     if nonlinearity not in allowed:
@@ -333,14 +347,14 @@ def forward(
     c_prev = c0.contiguous() if lstm else h_prev
     consts = _constants(proj.dtype, mode, nonlinearity, batch, hidden)
     grid = (common.cdiv(hidden, consts["BLOCK_H"]), common.cdiv(batch, consts["BLOCK_B"]))
-    slope = float(negative_slope)
+    slope = split_slope(negative_slope)
     for t in range(steps - 1, -1, -1) if reverse else range(steps):
         torch.mm(h_prev, weight_t, out=scratch)
         p, h = proj[t], output[t]
         c = cells[t] if lstm else h
         s = saved[t] if mode != "rnn" else h
         rnn_cell_fwd_kernel[grid](
-            p, scratch, h_prev, c_prev, h, c, s, batch, hidden, p.stride(0), p.stride(1), slope, **consts
+            p, scratch, h_prev, c_prev, h, c, s, batch, hidden, p.stride(0), p.stride(1), *slope, **consts
         )
         h_prev, c_prev = h, c
     return output, cells, saved
@@ -380,7 +394,7 @@ def backward(
     if batch:
         consts = _constants(output.dtype, mode, nonlinearity, batch, hidden)
         grid = (common.cdiv(hidden, consts["BLOCK_H"]), common.cdiv(batch, consts["BLOCK_B"]))
-        slope = float(negative_slope)
+        slope = split_slope(negative_slope)
         for step in range(steps - 1, -1, -1):
             t = order[step]
             h_prev = output[order[step - 1]] if step else h0c
@@ -389,7 +403,7 @@ def backward(
             rnn_cell_bwd_kernel[grid](
                 go[t] if go is not None else dh, gc[t] if gc is not None else dh, dh, dc,
                 saved[t] if mode != "rnn" else dh, output[t], h_prev, c_prev, cells[t] if lstm else dh, dg,
-                batch, hidden, slope, HAS_GO=go is not None, HAS_GC=gc is not None, **consts,
+                batch, hidden, *slope, HAS_GO=go is not None, HAS_GC=gc is not None, **consts,
             )  # fmt: skip
             if step or needs[1]:  # the GEMM part of h_{t−1}'s gradient (the LiGRU's kernel left the direct part)
                 if ligru:
