@@ -175,7 +175,8 @@ class QuaternionConvNormAct(nn.Sequential):
     def _folded(self, inputs: tuple[Tensor, ...], weight: Tensor, bias: Tensor, split: bool) -> Tensor:
         """The eval-mode unit with the folded ``weight`` and ``bias``: the activation is handed to the conv,
         whose backend may apply it in the epilogue (cpp: oneDNN's post-op, fast8's output pass); a sum of
-        per-input convs (``split``) is activated after, in place (an activation of a sum is not a sum)."""
+        per-input convs (``split``) is activated after, in place where autograd allows it (an activation of a sum is
+        not a sum)."""
         conv, norm = conv_and_norm(self)
         if not split:
             input = inputs[0] if len(inputs) == 1 else qcat(list(inputs))
@@ -184,6 +185,8 @@ class QuaternionConvNormAct(nn.Sequential):
         if norm.activation == "relu":
             return F.relu_(y)
         if norm.activation == "leaky_relu":
+            if norm.negative_slope < 0 and y.requires_grad:  # torch refuses that in-place backward (the output's
+                return F.leaky_relu(y, norm.negative_slope)  # sign no longer tells which slope an element took)
             return F.leaky_relu_(y, norm.negative_slope)
         return F.gelu(y) if norm.activation == "gelu" else y
 
