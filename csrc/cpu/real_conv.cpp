@@ -226,11 +226,24 @@ bool real_conv_fuses_activation(const at::Tensor& x, const ConvParams& p) {
       at::hasMKLDNN() && at::globalContext().userEnabledMkldnn() && pointwise_conv_op() != nullptr;
 }
 
+// A kernel one tap wide in a dim reads the same input whatever its dilation there, and the output's size does not
+// depend on it either; yet oneDNN's conv (torch 2.13, AMD EPYC) segfaults on a dilated one-wide kernel with a bias
+// where every output position of that dim reads only padding (a width-1 channels_last float32 map under padding 1,
+// stride 2, dilation 2; tests/nn/test_unit_grid.py found it, PyTorch's own routing keeps such a conv off oneDNN).
+// Such a dilation is 1 on every route.
+ConvParams undilated_single_taps(at::IntArrayRef weight_shape, const ConvParams& p) {
+  ConvParams q = p;
+  for (size_t d = 0; d < q.dilation.size(); ++d)
+    if (weight_shape[2 + d] == 1) q.dilation[d] = 1;
+  return q;
+}
+
 at::Tensor real_conv(
-    const at::Tensor& x_in, const at::Tensor& w_in, const std::optional<at::Tensor>& bias, const ConvParams& p,
+    const at::Tensor& x_in, const at::Tensor& w_in, const std::optional<at::Tensor>& bias, const ConvParams& p_in,
     const Activation& act) {
   // (the weight too: PyTorch runs channels_last where either is, and a channels_last weight would take x back there)
   const at::Tensor x = one_channel_as_channels_first(x_in), w = one_channel_as_channels_first(w_in);
+  const ConvParams p = undilated_single_taps(w.sizes(), p_in);
   if (!act.any()) return routed_conv(x, w, bias, p);
   if (real_conv_fuses_activation(x, p) && !kept_off_onednn(x, w.sizes(), p)) return pointwise_conv(x, w, bias, p, act);
   at::Tensor y = routed_conv(x, w, bias, p);
@@ -238,7 +251,9 @@ at::Tensor real_conv(
   return y;
 }
 
-at::Tensor real_conv_weight_grad(const at::Tensor& x, const at::Tensor& gy, at::IntArrayRef shape, const ConvParams& p) {
+at::Tensor real_conv_weight_grad(
+    const at::Tensor& x, const at::Tensor& gy, at::IntArrayRef shape, const ConvParams& p_in) {
+  const ConvParams p = undilated_single_taps(shape, p_in);
   if (bf16_kernel_deeper_than_input(x, shape)) {
     return real_conv_weight_grad(x.to(at::kFloat), gy.to(at::kFloat), shape, p).to(at::kBFloat16);
   }
@@ -251,7 +266,7 @@ at::Tensor real_conv_weight_grad(const at::Tensor& x, const at::Tensor& gy, at::
 }
 
 const char* real_conv_route(const at::Tensor& x, at::IntArrayRef weight_shape, const ConvParams& p) {
-  switch (conv_route(x, weight_shape, p)) {
+  switch (conv_route(x, weight_shape, undilated_single_taps(weight_shape, p))) {
     case Route::OneDnn:
       return "onednn";
     case Route::Flipped:
@@ -266,7 +281,7 @@ const char* real_conv_route(const at::Tensor& x, at::IntArrayRef weight_shape, c
 
 const char* real_conv_weight_grad_route(const at::Tensor& x, const at::Tensor& gy, at::IntArrayRef shape, const ConvParams& p) {
   if (bf16_kernel_deeper_than_input(x, shape)) return "float32";
-  return two_slabs_fit(x, gy, shape, p) ? "two_slabs" : "aten";
+  return two_slabs_fit(x, gy, shape, undilated_single_taps(shape, p)) ? "two_slabs" : "aten";
 }
 
 }  // namespace aqcf

@@ -8,6 +8,8 @@ quaternion op, that a batch-1 3D conv of both algorithms still meets the accurac
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -361,3 +363,51 @@ def test_fast8_on_one_quaternion_channel_of_a_channels_last_map_with_a_strided_w
     want = (yd, *torch.autograd.grad(yd, (xd, wd), g.double()))
     for name, o, r in zip(("forward", "input grad", "weight grad"), got, want, strict=True):
         assert _rel(o, r) < FP32_TOLERANCE["fast8"], (backend, name, _rel(o, r))
+
+
+# Run in a subprocess: a segfault would take the test run with it. Forward and both gradients on the cpp backend,
+# each printed as its relative error to reference.py in float64.
+_SINGLE_TAP_DILATED = """
+import sys
+import torch
+from aqcf_kernels import backends, reference
+from aqcf_kernels import functional as QF
+
+dims, algorithm = int(sys.argv[1]), sys.argv[2]
+g = torch.Generator().manual_seed(60)
+spatial, kernel = ((3, 1), (2, 1)) if dims == 2 else ((3, 2, 1), (2, 1, 1))
+stride, padding, dilation = (1,) * (dims - 1) + (2,), (0,) * (dims - 1) + (1,), (1,) * (dims - 1) + (2,)
+fmt = torch.channels_last if dims == 2 else torch.channels_last_3d
+x = torch.randn(1, 8, *spatial, generator=g).contiguous(memory_format=fmt).requires_grad_()
+w = torch.randn(4, 4, 2, *kernel, generator=g, requires_grad=True)
+b = torch.randn(16, generator=g, requires_grad=True)
+with backends.use("cpp"):
+    y = QF.quaternion_conv(x, w, b, stride=stride, padding=padding, dilation=dilation, algorithm=algorithm)
+    gy = torch.randn(y.shape, generator=g)
+    got = (y, *torch.autograd.grad(y, (x, w, b), gy))
+leaves = [t.detach().double().requires_grad_() for t in (x, w, b)]
+yd = reference.quaternion_conv_naive(*leaves, stride=stride, padding=padding, dilation=dilation)
+want = (yd, *torch.autograd.grad(yd, leaves, gy.double()))
+print(" ".join(f"{((o.double() - r).norm() / r.norm()).item():.3e}" for o, r in zip(got, want)))
+"""
+
+
+@pytest.mark.parametrize("algorithm", ["hamilton", "fast8"])
+@pytest.mark.parametrize("dims", [2, 3])
+def test_a_dilated_single_tap_kernel_over_padding_only(dims, algorithm):
+    """oneDNN's conv (torch 2.13, AMD EPYC), which the cpp backend calls directly, segfaulted on a float32
+    channels_last input with a bias and a kernel one tap wide and dilated in a dim where every output position reads
+    only padding (a width-1 map, padding 1, stride 2, dilation 2: tests/nn/test_unit_grid.py found it). A dilation
+    means nothing to a one-tap kernel: both real-conv routes set it to 1 (undilated_single_taps). Forward and every
+    gradient against reference.py in float64, within the float32 contract."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", _SINGLE_TAP_DILATED, str(dims), algorithm],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, f"exit status {done.returncode}: {done.stderr[-800:]}"
+    errors = [float(e) for e in done.stdout.split()]
+    assert len(errors) == 4 and max(errors) < FP32_TOLERANCE[algorithm], errors
