@@ -87,6 +87,13 @@ RUN_FIRST = (
     "tests/conv/test_native_ops.py",
     "tests/conv/test_func_transforms.py",
     "tests/triton_kernels/test_model_on_triton.py",
+    # the reference grids: single hypothesis tests of 5-25 s
+    "tests/attention/test_attention_grid.py",
+    "tests/nn/test_recurrent_grid.py",
+    "tests/nn/test_norm_grid.py",
+    "tests/nn/test_unit_grid.py",
+    "tests/nn/test_rotation_grid.py",
+    "tests/nn/test_pool_grid.py",
 )
 
 
