@@ -54,6 +54,7 @@ from aqcf_kernels.nn import (
 )
 from aqcf_kernels.nn.rotation import ROTATION_EPS, quaternion_rotation_conv, quaternion_rotation_linear
 
+from ._conv_geometry import draw_geometry, explicit_padding, output_size
 from .test_norm_grid import _in_layout
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
@@ -135,28 +136,14 @@ class ConvConfig:
         return 4 if self.quaternion_format else 3
 
     def pads(self) -> list[tuple[int, int]]:
-        """Explicit (left, right) padding per dim of the (non-transposed) conv: 'same' puts the odd element of
-        ``d·(k − 1)`` on the right, as torch does."""
-        if self.padding == "valid":
-            return [(0, 0)] * self.dims
-        if self.padding == "same":
-            return [
-                (d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2)
-                for d, k in zip(self.dilation, self.kernel, strict=True)
-            ]
-        return [(p, p) for p in self.padding]
+        """Explicit (left, right) padding per dim of the (non-transposed) conv."""
+        return explicit_padding(self.padding, self.kernel, self.dilation)
 
     @property
     def out_spatial(self) -> tuple[int, ...]:
-        out = []
-        for d in range(self.dims):
-            s, k, st_, dl = self.spatial[d], self.kernel[d], self.stride[d], self.dilation[d]
-            if self.transposed:
-                out.append((s - 1) * st_ - 2 * self.padding[d] + dl * (k - 1) + self.output_padding[d] + 1)
-            else:
-                left, right = self.pads()[d]
-                out.append((s + left + right - dl * (k - 1) - 1) // st_ + 1)
-        return tuple(out)
+        return output_size(
+            self.spatial, self.transposed, self.kernel, self.stride, self.padding, self.dilation, self.output_padding
+        )
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -173,21 +160,7 @@ def conv_configs(draw) -> ConvConfig:
     transposed = draw(st.booleans()) and draw(st.booleans())
     groups = draw(st.sampled_from([1, 1, 2]))
     tup = lambda s: draw(st.tuples(*[s] * dims))  # noqa: E731
-    kernel = tup(st.integers(1, 2 if dims == 3 else 3))
-    stride = tup(st.integers(1, 2))
-    dilation = tup(st.integers(1, 2))
-    output_padding = (0,) * dims
-    padding_mode = "zeros"
-    if transposed:
-        padding = tup(st.integers(0, 2))
-        output_padding = tuple(draw(st.integers(0, max(s, d) - 1)) for s, d in zip(stride, dilation, strict=True))
-    else:
-        padding = draw(st.sampled_from(["int", "int", "same", "valid"]))
-        if padding == "same":
-            stride = (1,) * dims
-        elif padding == "int":
-            padding = tup(st.integers(0, 2))
-        padding_mode = draw(st.sampled_from(["zeros", "zeros", "reflect", "replicate", "circular"]))
+    geometry = draw_geometry(draw, dims, transposed, max_kernel=2 if dims == 3 else 3)
     unbatched = draw(st.booleans()) and draw(st.booleans())
     functional = draw(st.booleans())
     weights = draw(st.sampled_from(WEIGHTS))
@@ -195,8 +168,7 @@ def conv_configs(draw) -> ConvConfig:
     layouts = ["contiguous", "strided", "transposed"] + (["channels_last"] if dims > 1 and not unbatched else [])
     c = ConvConfig(
         dims=dims, transposed=transposed, groups=groups, cin=groups * draw(st.integers(1, 2)),
-        cout=groups * draw(st.integers(1, 2)), kernel=kernel, stride=stride, padding=padding, dilation=dilation,
-        output_padding=output_padding, padding_mode=padding_mode, bias=draw(st.booleans()),
+        cout=groups * draw(st.integers(1, 2)), **geometry.__dict__, bias=draw(st.booleans()),
         quaternion_format=draw(st.booleans()), scale=draw(st.booleans()), unbatched=unbatched and not functional,
         batch=draw(st.integers(1, 3)), spatial=tup(st.integers(1, 6)), layout=draw(st.sampled_from(layouts)),
         functional=functional, eps=eps, weights=weights, seed=draw(st.integers(0, 2**31 - 1)),
@@ -403,13 +375,19 @@ def _module_params(layer: torch.nn.Module, params64: dict[str, torch.Tensor]) ->
     return out
 
 
-def _conv_case(c: ConvConfig, dtype: torch.dtype) -> None:
-    w, bias, scale = _weights(c, c.weight_shape())
-    params64 = {"weight": w}
+def _params64(c, weight_shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """The layer's float64 parameters by name: the weight, and the bias and scale where ``c`` has them."""
+    w, bias, scale = _weights(c, weight_shape)
+    params = {"weight": w}
     if c.bias:
-        params64["bias"] = bias
+        params["bias"] = bias
     if c.scale:
-        params64["scale"] = scale
+        params["scale"] = scale
+    return params
+
+
+def _conv_case(c: ConvConfig, dtype: torch.dtype) -> None:
+    params64 = _params64(c, c.weight_shape())
 
     def make(dtype, params64):
         if c.functional:
@@ -514,12 +492,7 @@ def reference_rotation_linear(
 @settings(GRID, max_examples=600 * SCALE)
 @given(c=linear_configs())
 def test_rotation_linear_matches_the_reference(dtype, c):
-    w, bias, scale = _weights(c, (4, c.cout, c.cin))
-    params64 = {"weight": w}
-    if c.bias:
-        params64["bias"] = bias
-    if c.scale:
-        params64["scale"] = scale
+    params64 = _params64(c, (4, c.cout, c.cin))
 
     def make(dtype, params64):
         if c.functional:

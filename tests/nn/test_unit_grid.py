@@ -71,6 +71,7 @@ from hypothesis import strategies as st
 from aqcf_kernels import nn as qnn
 from aqcf_kernels import reference
 
+from ._conv_geometry import draw_geometry, output_size
 from .test_norm_grid import MODULES as NORMS
 from .test_norm_grid import NormConfig, _in_layout, _randomise, _sum_conditions, reference_norm, reference_running
 
@@ -127,18 +128,9 @@ class UnitConfig:
 
     @property
     def out_spatial(self) -> tuple[int, ...]:
-        out = []
-        for d in range(self.dims):
-            s, k, st_, dl = self.spatial[d], self.kernel[d], self.stride[d], self.dilation[d]
-            if self.transposed:
-                p = self.padding[d]
-                out.append((s - 1) * st_ - 2 * p + dl * (k - 1) + self.output_padding[d] + 1)
-            elif self.padding == "same":
-                out.append(s)
-            else:
-                p = 0 if self.padding == "valid" else self.padding[d]
-                out.append((s + 2 * p - dl * (k - 1) - 1) // st_ + 1)
-        return tuple(out)
+        return output_size(
+            self.spatial, self.transposed, self.kernel, self.stride, self.padding, self.dilation, self.output_padding
+        )
 
     @property
     def count(self) -> int:
@@ -207,22 +199,7 @@ def unit_configs(draw) -> UnitConfig:
     cin = groups * draw(st.integers(1, 3 if groups == 1 else 2))
     cout = groups * draw(st.integers(1, 3 if groups == 1 else 2))
     tup = lambda s: draw(st.tuples(*[s] * dims))  # noqa: E731
-    kernel = tup(st.integers(1, 3))
-    stride = tup(st.integers(1, 2))
-    dilation = tup(st.integers(1, 2))
-    output_padding = (0,) * dims
-    padding_mode = "zeros"
-    if transposed:
-        padding = tup(st.integers(0, 2))
-        # output_padding below stride or dilation (torch's rule)
-        output_padding = tuple(draw(st.integers(0, max(s, d) - 1)) for s, d in zip(stride, dilation, strict=True))
-    else:
-        padding = draw(st.sampled_from(["int", "int", "same", "valid"]))
-        if padding == "same":
-            stride = (1,) * dims
-        elif padding == "int":
-            padding = tup(st.integers(0, 2))
-        padding_mode = draw(st.sampled_from(["zeros", "zeros", "reflect", "replicate", "circular"]))
+    geometry = draw_geometry(draw, dims, transposed, max_kernel=3)
     kind = draw(st.sampled_from(["batch", "instance"]))
     unbatched = kind == "instance" and draw(st.booleans()) and draw(st.booleans())
     split = (cin,)
@@ -232,9 +209,8 @@ def unit_configs(draw) -> UnitConfig:
     layouts = ["contiguous", "strided", "transposed"] + (["channels_last"] if dims > 1 and not unbatched else [])
     activation, slope = draw(st.sampled_from(ACTIVATIONS))
     c = UnitConfig(
-        dims=dims, transposed=transposed, groups=groups, cin=cin, cout=cout, kernel=kernel, stride=stride,
-        padding=padding, dilation=dilation, output_padding=output_padding, bias=draw(st.booleans()),
-        padding_mode=padding_mode, algorithm=draw(st.sampled_from(["hamilton", "fast8", "auto"])), split=split,
+        dims=dims, transposed=transposed, groups=groups, cin=cin, cout=cout, **geometry.__dict__,
+        bias=draw(st.booleans()), algorithm=draw(st.sampled_from(["hamilton", "fast8", "auto"])), split=split,
         concatenates=len(split) > 1 and draw(st.booleans()),
         unbatched=unbatched, batch=1 if unbatched else draw(st.integers(1, 3)), spatial=tup(SIZES),
         layouts=tuple(draw(st.sampled_from(layouts)) for _ in split),
