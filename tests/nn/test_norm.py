@@ -149,6 +149,23 @@ def test_channels_last_input_gives_channels_last_output(kind: str, dims: int, wh
     assert_close(y, expected, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "composite"])
+@pytest.mark.parametrize("kind, dims", [("bn", 2), ("bn", 3), ("in", 2), ("in", 3)])
+def test_channels_last_of_one_sample_one_row_stays_channels_last(kind: str, dims: int, fused: bool) -> None:
+    """A batch of 1 whose spatial dims but the last are 1: the composite path's elementwise ops, on the (N, 4, Cq, *S)
+    view, took its strides for a channels-first tensor's and wrote a channels-first output (found by
+    tests/nn/test_norm_grid.py)."""
+    fmt = {2: torch.channels_last, 3: torch.channels_last_3d}[dims]
+    layer = (BN if kind == "bn" else IN)[dims](12, eps=1e-3, affine=True, dtype=F64)
+    randomise(layer, seed=40 + dims)
+    layer.fused = fused
+    x = correlated(1, 3, (1,) * (dims - 1) + (3,), seed=50 + dims).contiguous(memory_format=fmt)
+    y = layer.train()(x)
+    expected = naive_norm(x, layer.weight.detach(), layer.bias.detach(), 1e-3, False, per_sample=kind == "in")
+    assert y.is_contiguous(memory_format=fmt) and y.stride() == x.stride()
+    assert_close(y, expected, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("whiten", [False, True], ids=["shared", "whiten"])
 @pytest.mark.parametrize("fn", [quaternion_batch_norm, quaternion_instance_norm], ids=["batch", "instance"])
 def test_gradcheck_train_mode(fn, whiten: bool) -> None:
