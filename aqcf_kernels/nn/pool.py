@@ -276,7 +276,12 @@ class _QuaternionAvgPoolNd(nn.Module):
         args = (self.kernel_size, self.stride, self.padding, self.ceil_mode, self.count_include_pad)
         if self._spatial_dims == 1:
             return F.avg_pool1d(input, *args)
-        return _AVG_POOL[self._spatial_dims](input, *args, divisor_override=self.divisor_override)
+        pool = _AVG_POOL[self._spatial_dims]
+        if self._spatial_dims == 3 and input.device.type == "cpu" and input.dtype in (torch.float16, torch.bfloat16):
+            # PyTorch's CPU avg_pool3d has no fp16/bf16 kernel (torch 2.13: NotImplementedError, in either layout):
+            # the average in float32, rounded once, as its 1d/2d half-precision kernels accumulate
+            return pool(input.float(), *args, divisor_override=self.divisor_override).to(input.dtype)
+        return pool(input, *args, divisor_override=self.divisor_override)
 
     def extra_repr(self) -> str:
         s = f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"

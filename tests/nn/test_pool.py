@@ -201,6 +201,28 @@ def test_avg_pool_is_the_componentwise_average(dims: int) -> None:
     assert_close(pool(x[0]), pool(x)[0])
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_avg_pool3d_in_half_precision(dtype: torch.dtype, channels_last: bool) -> None:
+    """PyTorch's CPU avg_pool3d has no fp16/bf16 kernel (torch 2.13: NotImplementedError, which the layer raised):
+    the layer averages in float32 and rounds once, so output and input gradient are within one rounding of the
+    float64 average, in the layout float32 gives."""
+    x64 = qrandn(2, 8, 4, 5, 3, seed=36)
+    x = x64.to(dtype).contiguous(memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format)
+    x.requires_grad_()
+    pool = QuaternionAvgPool3d(3, 2, 1, ceil_mode=True, count_include_pad=False)
+    y = pool(x)
+    gy = qrandn(*y.shape, seed=37).to(dtype)
+    (gx,) = torch.autograd.grad(y, x, gy)
+    x_ref = x.detach().double().requires_grad_()
+    y_ref = F.avg_pool3d(x_ref, 3, 2, 1, True, False)
+    (gx_ref,) = torch.autograd.grad(y_ref, x_ref, gy.double())
+    assert y.dtype == gx.dtype == dtype and y.stride() == pool(x.detach().float()).stride()  # float32's layout
+    eps = torch.finfo(dtype).eps
+    for got, want in ((y, y_ref), (gx, gx_ref)):
+        assert_close(got.double(), want, rtol=eps, atol=eps * want.abs().max().item())
+
+
 def dropout_ratios(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (y / x).unflatten(1, (4, x.shape[1] // 4))  # (N, 4, Cq, ...); x is never zero
 

@@ -30,10 +30,10 @@ Criteria (``‖got − want‖ / ‖want‖`` over the whole tensor below float6
 exactly in every dtype, and the indices (return_indices) the picks, equal over the four components; float64
 ``torch.testing.assert_close`` defaults elsewhere; float32 the library's contract 1e-5; bfloat16 / float16 at most
 twice the error of the same reference run in that dtype, with a floor of one rounding of the result (HALF_FLOOR eps:
-on a few elements the reference in the dtype can be exact by chance). The average pools are plain ``F.avg_pool``: they
-inherit torch's CPU limits (avg_pool3d: no float16 / bfloat16 kernel, checked to raise torch's error; an input at least
-the kernel, padding aside). A channels_last input gives a channels_last
-max pool output (nn/pool.py gathers it so, as torch's max pool does).
+on a few elements the reference in the dtype can be exact by chance). The average pools are ``F.avg_pool``: they
+inherit torch's CPU limits (an input at least the kernel, padding aside) but one: torch's CPU avg_pool3d has no
+float16 / bfloat16 kernel, and the 3d layer averages those in float32 (it raised torch's NotImplementedError). A
+channels_last input gives a channels_last max pool output (nn/pool.py gathers it so, as torch's max pool does).
 """
 
 from __future__ import annotations
@@ -286,11 +286,6 @@ def _check_close(got: torch.Tensor, want64: torch.Tensor, want_lo: torch.Tensor,
 def test_pool_matches_the_naive_reference(dtype, c):
     layer = c.module()
     x = _input(c, dtype).requires_grad_()
-    if c.kind == "avg" and c.dims == 3 and dtype in (torch.bfloat16, torch.float16):
-        # plain F.avg_pool3d, whose CPU kernel (torch 2.13) has no half-precision version: torch's own error
-        with pytest.raises(NotImplementedError, match="avg_pool3d"):
-            layer(x)
-        return
     xb = x.unsqueeze(0) if c.unbatched else x
     if c.kind == "max":
         # a window of padding only must raise
