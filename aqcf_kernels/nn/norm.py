@@ -120,7 +120,7 @@ def _whitening_matrix(cov: Tensor, eps: float, stored: torch.dtype | None = None
     return torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
 
 
-def _whitening_jitter(trace: Tensor, failed: Tensor, eps: float, scale: float = WHITENING_JITTER) -> Tensor:
+def _whitening_jitter(trace: Tensor, failed: Tensor, eps: float, scale: float) -> Tensor:
     """What the factorisation of ``V + eps·I`` adds to its diagonal where it ``failed`` (0 elsewhere):
     ``scale`` (:func:`whitening_jitter`) of ``|tr V|`` (``trace``), and eps again; no gradient flows through it."""
     return torch.where(failed, scale * trace.detach().abs() + eps, 0.0)
@@ -288,7 +288,7 @@ def _quaternion_norm(
         # (x - μ)·scale rather than x·scale - μ·scale (one pass fewer): no cancellation when |μ| >> σ.
         y = xc * scale if beta is None else torch.addcmul(beta, xc, scale)
     # A channels_last input gets a channels_last output, as torch's norms give: the einsum writes channels-first,
-    # and the elementwise ops do too where the input's strides also read as contiguous (a batch of 1 of height 1).
+    # and so do the elementwise ops on the (N, 4, Cq, *S) view of some channels_last inputs (a batch of 1, height 1).
     y = like_layout(y.flatten(1, 2).to(input.dtype), input)
     return y if activation is None else activate(y, activation, negative_slope)
 

@@ -434,17 +434,6 @@ def _abs_conv(c: UnitConfig, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor |
         return reference_conv(c, x, w, b)
 
 
-def _act_size(c: UnitConfig, z: torch.Tensor) -> torch.Tensor:
-    """The size of what the activation's derivative adds up (GELU's ``Φ(z) + z φ(z)``: ``|Φ| + |z φ|``)."""
-    if c.activation == "gelu":
-        return torch.special.ndtr(z).abs() + (z * torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)).abs()
-    if c.activation == "relu":
-        return (z > 0).double()
-    if c.activation == "leaky_relu":
-        return torch.where(z > 0, 1.0, abs(c.slope))
-    return torch.ones_like(z)
-
-
 def _terms(c: UnitConfig, chain: Chain, gy: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
     """The float64 conv's terms ``|W| * |x| + |b|`` elementwise (its sums' sizes, what a rounding error of the conv
     is relative to), and for each gradient that is a sum, ``‖Σ |terms|‖ / ‖Σ terms‖`` (≥ 1): the conv's input, weight
