@@ -68,6 +68,7 @@ __all__ = [
     "mode",
     "choose",
     "lookup",
+    "measuring",
     "recall",
     "steady_leader",
     "clear",
@@ -659,9 +660,16 @@ def provisional() -> frozenset[str]:
         return frozenset(_pending)
 
 
+def measuring() -> bool:
+    """Whether choices are measured now: not in 'heuristic' mode, nor under deterministic algorithms (which
+    :func:`choose` answers with the heuristic's pick, so a choice measured before they were switched on is not
+    used while they are)."""
+    return mode == "measure" and not torch.are_deterministic_algorithms_enabled()
+
+
 def recall(fast_key: Hashable) -> Candidate | None:
     """The choice made in this process for a call whose cheap key is ``fast_key`` (see :func:`choose`)."""
-    return _recent.get(fast_key) if mode == "measure" else None
+    return _recent.get(fast_key) if measuring() else None
 
 
 def steady_leader(fast_key: Hashable) -> Candidate | None:
@@ -669,7 +677,7 @@ def steady_leader(fast_key: Hashable) -> Candidate | None:
     in its steady calls before a confirmation (:data:`CONFIRM_AFTER`); counts the call. Not final:
     the caller must not remember it. Cheap, like :func:`recall`: those calls skip the signature's
     string key and :func:`choose`, which cost more than a small conv."""
-    key = _steady.get(fast_key) if mode == "measure" else None
+    key = _steady.get(fast_key) if measuring() else None
     if key is None:
         return None
     state = _pending.get(key)
@@ -718,7 +726,7 @@ def choose(
     # torch.use_deterministic_algorithms(True) asks for the same result every run: the heuristic's
     # pick is the same on every machine and process; a measurement's is not, and while refining, calls
     # of one signature are computed by different candidates (results that differ in the last bits).
-    if mode == "heuristic" or not can_time(tensors) or torch.are_deterministic_algorithms_enabled():
+    if not measuring() or not can_time(tensors):
         return Choice(prior, "heuristic"), None
     known = lookup(key)
     if known in candidates:  # (not if that backend is gone, e.g. triton uninstalled: measure again)

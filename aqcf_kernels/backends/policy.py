@@ -154,7 +154,7 @@ def choose_conv(
     pairs = {tuning.Candidate(b.name, a): (b, a) for b, a in kept}
     key = signature(input, weight, params, kind, [str(c) for c in pairs])
     if run is None:
-        known = tuning.lookup(key)
+        known = tuning.lookup(key) if tuning.measuring() else None
         return (*pairs.get(known, prior), None, True) if known is not None else (*prior, None, True)
     choice, output = tuning.choose(
         key,

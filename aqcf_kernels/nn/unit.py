@@ -204,7 +204,7 @@ class QuaternionConvNormAct(nn.Sequential):
             SPLIT: lambda: self._folded(inputs, weight, bias, True),
             CONCAT: lambda: self._folded(inputs, weight, bias, False),
         }
-        if tuning.mode == "measure" and tuning.can_time(inputs) and tuning.lookup(key) is None and key not in _warmed:
+        if tuning.measuring() and tuning.can_time(inputs) and tuning.lookup(key) is None and key not in _warmed:
             _warmed.add(key)
             run[CONCAT]()
             return run[SPLIT]()

@@ -79,7 +79,7 @@ inline ForcedBackend& forced_backend() {
 
 // The start of every signature: `kind`, then what every choice depends on that is not in the call's
 // arguments: the backend forced by use() (above) or by AQCF_BACKEND (which users and tests change with
-// the environment), and the device.
+// the environment), the device, and whether deterministic algorithms are on (torch.use_deterministic_algorithms).
 inline std::string signature_start(std::string_view kind, const at::Device& device) {
   std::string key;
   key.reserve(256);
@@ -89,6 +89,9 @@ inline std::string signature_start(std::string_view kind, const at::Device& devi
   const char* forced = std::getenv("AQCF_BACKEND");
   key.append(forced ? forced : "").push_back('|');
   key.append(device.str()).push_back('|');
+  // Python answers deterministic algorithms with the heuristic's pick, not a measured one (tuning.measuring).
+  key.push_back(at::globalContext().deterministicAlgorithms() ? 'D' : '-');
+  key.push_back('|');
   return key;
 }
 

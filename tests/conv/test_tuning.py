@@ -581,6 +581,37 @@ def test_deterministic_algorithms_follow_the_rule_every_call(cache, measured) ->
     assert all(torch.equal(out, outs[0]) for out in outs)
 
 
+def test_deterministic_algorithms_switched_on_after_a_measured_choice_follow_the_rule(cache, monkeypatch) -> None:
+    """A choice measured before torch.use_deterministic_algorithms(True) is not used while it is on, by Python
+    (its cheap recall) nor by the extension (which had been told to serve the signature): the rule's pick runs;
+    switched off again, the measured choice is back. The rule's algorithm is slowed down, so the two differ."""
+    x, w, b = _inputs(channels=32)
+    rule = "fast8" if policy.fast8_pays_off(x, w, _geometry()[0]) else "hamilton"
+    measured = "hamilton" if rule == "fast8" else "fast8"
+    _slow_down(monkeypatch, _cpu_backend(), rule, 0.02)
+    _settled(lambda: QF.quaternion_conv2d(x, w, b, padding=1))
+    assert backends.resolve_conv(x, w, *_geometry(), "auto", "forward")[1] == measured
+    impl = backends.registered()[_cpu_backend()]
+    conv = type(impl).conv  # (the slowed one)
+    seen: list[str] = []
+
+    def spy(self, input, weight, bias, p, alg):
+        seen.append(alg)
+        return conv(self, input, weight, bias, p, alg)
+
+    monkeypatch.setattr(type(impl), "conv", spy)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        for _ in range(2):
+            QF.quaternion_conv2d(x, w, b, padding=1)
+        assert backends.resolve_conv(x, w, *_geometry(), "auto", "forward")[1] == rule
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert seen and set(seen) == {rule}
+    assert backends.resolve_conv(x, w, *_geometry(), "auto", "forward")[1] == measured
+
+
 def _geometry():
     from aqcf_kernels.params import ConvParams
 
