@@ -146,9 +146,11 @@ std::tuple<Tensor, Tensor, Tensor> cuda_fused_backward(
 
 AttentionKernel parse_attention_kernel(std::string_view name) {
   if (name == "cpu_flash") return AttentionKernel::CpuFlash;
+  if (name == "cpu_flash_float32") return AttentionKernel::CpuFlashFloat32;
   if (name == "flash") return AttentionKernel::CudaFlash;
   if (name == "efficient") return AttentionKernel::CudaEfficient;
-  TORCH_CHECK(false, "attention kernel must be 'cpu_flash', 'flash' or 'efficient', got '", name, "'");
+  TORCH_CHECK(false, "attention kernel must be 'cpu_flash', 'cpu_flash_float32', 'flash' or 'efficient', got '", name,
+              "'");
 }
 
 std::tuple<Tensor, Tensor> attention_forward(
@@ -157,6 +159,10 @@ std::tuple<Tensor, Tensor> attention_forward(
   Tensor out, lse;
   if (kernel == AttentionKernel::CpuFlash) {
     std::tie(out, lse) = at::_scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, false, std::nullopt, scale);
+  } else if (kernel == AttentionKernel::CpuFlashFloat32) {  // the output rounded once, to the inputs' dtype
+    std::tie(out, lse) = at::_scaled_dot_product_flash_attention_for_cpu(
+        q.to(at::kFloat), k.to(at::kFloat), v.to(at::kFloat), 0.0, false, std::nullopt, scale);
+    out = out.to(q.scalar_type());
   } else if (kernel == AttentionKernel::CudaFlash) {
     auto r = at::_scaled_dot_product_flash_attention(q, k, v, 0.0, false, false, scale);
     out = std::get<0>(r);
@@ -172,7 +178,9 @@ std::tuple<Tensor, Tensor> attention_forward(
 std::tuple<Tensor, Tensor, Tensor> attention_backward(
     AttentionKernel kernel, const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
     const Tensor& out, const Tensor& lse, double scale) {
-  if (kernel == AttentionKernel::CpuFlash) return cpu_flash_backward(grad_out, q, k, v, out, lse, scale);
+  if (kernel == AttentionKernel::CpuFlash || kernel == AttentionKernel::CpuFlashFloat32) {
+    return cpu_flash_backward(grad_out, q, k, v, out, lse, scale);  // (float32 for half inputs either way)
+  }
   return cuda_fused_backward(kernel, grad_out, q, k, v, out, lse, scale);
 }
 

@@ -20,12 +20,13 @@
 
 namespace aqcf {
 
-// The PyTorch kernel that serves a remembered direction of the attention: the CPU flash kernel, or on
-// CUDA FlashAttention-2 or the memory-efficient kernel (backends/torch/attention.py calls the same aten
-// ops with the same arguments).
-enum class AttentionKernel { CpuFlash, CudaFlash, CudaEfficient };
+// The PyTorch kernel that serves a remembered direction of the attention: the CPU flash kernel (for
+// fp16/bf16 inputs in their dtype, or its float32 kernel on float32 copies: what `auto` measured faster),
+// or on CUDA FlashAttention-2 or the memory-efficient kernel (backends/torch/attention.py calls the same
+// aten ops with the same arguments).
+enum class AttentionKernel { CpuFlash, CpuFlashFloat32, CudaFlash, CudaEfficient };
 
-// 'cpu_flash' | 'flash' | 'efficient' (the names backends/torch/attention.py gives them).
+// 'cpu_flash' | 'cpu_flash_float32' | 'flash' | 'efficient' (the names backends/torch/attention.py gives them).
 AttentionKernel parse_attention_kernel(std::string_view name);
 
 // softmax(q k^T * scale) v and its log-sum-exp (fp32, fp64 for fp64 inputs), both contiguous.

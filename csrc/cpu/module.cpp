@@ -278,7 +278,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
             q_a, k_a, v_a, q_b, k_b, v_b, aqcf::parse_attention_kernel(kernel_a), aqcf::parse_attention_kernel(kernel_b));
       },
       "Serve later cross_attention calls (and their backward) with these inputs' signature in C++, direction a "
-      "(q_a against k_b, v_b) with kernel_a and b with kernel_b: 'cpu_flash', 'flash' or 'efficient'",
+      "(q_a against k_b, v_b) with kernel_a and b with kernel_b: 'cpu_flash', 'cpu_flash_float32', 'flash' or "
+      "'efficient'",
       py::arg("q_a"), py::arg("k_a"), py::arg("v_a"), py::arg("q_b"), py::arg("k_b"), py::arg("v_b"),
       py::arg("kernel_a"), py::arg("kernel_b"));
   m.def("_remember_gate_choice", &aqcf::remember_gate_choice,
@@ -293,7 +294,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       [](const std::string& kernel, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
         return aqcf::attention_forward(aqcf::parse_attention_kernel(kernel), q, k, v, scale);
       },
-      "(out, lse) of PyTorch's attention kernel 'cpu_flash', 'flash' or 'efficient', as the native "
+      "(out, lse) of PyTorch's attention kernel 'cpu_flash', 'cpu_flash_float32', 'flash' or 'efficient', as the native "
       "cross_attention calls it",
       py::arg("kernel"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"),
       py::call_guard<py::gil_scoped_release>());

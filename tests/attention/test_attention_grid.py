@@ -13,9 +13,10 @@ and one output or both in the loss. Every output, log-sum-exp and all six input 
 Routes of the ``torch`` backend on CPU, drawn: PyTorch's flash kernel called from Python (the extension's choice
 switched off), and the extension's C++ (the signature's first call runs Python's forward and remembers the choice;
 the backward and a second call run in C++), each on 1 or 2 intra-op threads (the backward cuts the queries of
-fewer (batch, head) pairs than threads into chunks, run as extra heads); and the generic query-chunked path (what
-devices without a fused kernel run) with chunks of 1, 3, 32 and 256 rows. The ``triton`` backend (the interpreter
-on CPU) on a grid of its own, fp32 and fp16 (bf16 arithmetic is wrong in the interpreter).
+fewer (batch, head) pairs than threads into chunks, run as extra heads), an fp16/bf16 forward in the dtype or in
+float32 (``auto`` measures which; drawn here, as if measured: its choice is pinned); and the generic query-chunked
+path (what devices without a fused kernel run) with chunks of 1, 3, 32 and 256 rows. The ``triton`` backend (the
+interpreter on CPU) on a grid of its own, fp32 and fp16 (bf16 arithmetic is wrong in the interpreter).
 
 Criteria, per tensor, ‖got − ref‖ / ‖ref‖ against the float64 reference on the same rounded inputs and upstream
 gradients:
@@ -56,7 +57,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aqcf_kernels import backends, reference
+from aqcf_kernels import backends, reference, tuning
 from aqcf_kernels import functional as QF
 from aqcf_kernels.backends import registered
 from aqcf_kernels.backends.registry import forget_choices
@@ -106,6 +107,7 @@ class AttentionCase:
     threads: int
     chunk_rows: int  # the generic path's CHUNK_ROWS
     entry: str  # "op" (torch.ops.aqcf.cross_attention) or "functional" (aqcf_kernels.functional)
+    half_route: str  # fp16/bf16 on the flash kernel: its forward in the dtype or in float32 (TA.IN_DTYPE)
     seed: int
 
     def shapes(self) -> list[tuple[int, int, int, int]]:
@@ -138,6 +140,7 @@ def attention_cases(draw, routes, dtypes=DTYPES, max_tokens=150, max_batch_heads
         threads=draw(st.sampled_from([1, 2])) if route in ("python", "native") else 1,
         chunk_rows=draw(st.sampled_from([1, 3, 32, TA.CHUNK_ROWS])),
         entry=draw(st.sampled_from(["op", "functional"])),
+        half_route=draw(st.sampled_from([TA.IN_DTYPE.algorithm, TA.IN_FLOAT32.algorithm])),
         seed=draw(st.integers(0, 2**31 - 1)),
     )
 
@@ -367,15 +370,24 @@ def check_torch_backend(c: AttentionCase, sources, views, grads) -> None:
     flash_forward, chunked_forward = TA._cpu_flash_forward, TA.chunked_attention_forward
 
     def counting(key, real):
-        def call(*args):
+        def call(*args, **kwargs):
             calls[key] += 1
-            return real(*args)
+            return real(*args, **kwargs)
 
         return call
+
+    # The fp16/bf16 forward's route, pinned as if measured: measuring it would run both routes, a varying number
+    # of calls (test_native_attention.py checks the measuring).
+    route = next(r for r in (TA.IN_DTYPE, TA.IN_FLOAT32) if r.algorithm == c.half_route)
+    recall = tuning.recall
+
+    def pinned_recall(fast_key):
+        return route if fast_key[0] == "cpu_flash_half" else recall(fast_key)
 
     forget_choices()  # nothing remembered from an earlier example with the same signature
     with pytest.MonkeyPatch.context() as mp, intra_op_threads(c.threads):
         mp.setenv("AQCF_BACKEND", "torch")
+        mp.setattr(tuning, "recall", pinned_recall)
         mp.setattr(TA, "_cpu_flash_forward", counting("flash", flash_forward))
         mp.setattr(TA, "chunked_attention_forward", counting("chunked", chunked_forward))
         if c.route == "python":  # the extension never remembers a choice: every call asks Python
@@ -419,6 +431,7 @@ CANCELLING = dict(
     use="ab",
     chunk_rows=TA.CHUNK_ROWS,
     entry="op",
+    half_route=TA.IN_DTYPE.algorithm,  # (the forward these faults were found with)
     seed=3,
 )
 

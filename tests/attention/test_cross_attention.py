@@ -210,6 +210,27 @@ def test_half_within_twice_materialised_reference(case, dtype):
         assert rel(o, r) <= 2 * rel(e, r), f"{name}: {rel(o, r):.2e} vs materialised {dtype}: {rel(e, r):.2e}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("in_float32", [False, True], ids=["in-dtype", "in-float32"])
+@pytest.mark.parametrize(
+    "shape", [(2, 2, 37, 70, 12), (1, 3, 45, 6, 20), (1, 1, 300, 129, 8)], ids=["E12", "pooled-E20", "E8"]
+)
+def test_both_cpu_half_routes_within_twice_materialised_reference(shape, in_float32, dtype):
+    """Either route 'auto' may measure faster for a half-precision CPU forward (the kernel in the dtype, or in float32
+    with the output rounded once) meets the contract: the output and the log-sum-exp within 2x the materialised
+    attention's error in the dtype."""
+    b, h, n_q, n_k, e = shape
+    q, k, v = (rand(b, h, n, e, seed=40 + i) for i, n in enumerate((n_q, n_k, n_k)))
+    scale = e**-0.5
+    ref = reference.attention(q, k, v, scale)
+    rounded = [t.to(dtype) for t in (q, k, v)]
+    baseline = reference.attention(*rounded, scale)
+    got = TA._cpu_flash_forward(*rounded, scale, in_float32=in_float32)
+    assert got[0].dtype == dtype and got[1].dtype == torch.float32
+    for name, o, e_, r in zip(("out", "lse"), got, baseline, ref, strict=True):
+        assert rel(o, r) <= 2 * rel(e_, r), f"{name}: {rel(o, r):.2e} vs materialised {dtype}: {rel(e_, r):.2e}"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 def test_opcheck(dtype, single_threaded):
     ins = [t.to(dtype).requires_grad_() for t in attention_inputs(2, 3, 5, 3, 7, 4, 8, seed=31)]

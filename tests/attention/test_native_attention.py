@@ -9,12 +9,14 @@ the extension (``AQCF_NO_EXTENSION=1``) the same schemas come from Python, throu
 
 from __future__ import annotations
 
+import contextlib
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from aqcf_kernels import backends, reference
+from aqcf_kernels import backends, reference, tuning
 from aqcf_kernels import functional as QF
 from aqcf_kernels.backends._extension import _C
 from aqcf_kernels.backends.registry import forget_choices
@@ -99,12 +101,17 @@ def test_a_signature_is_resolved_in_python_once_then_served_natively(asked, dtyp
     grads = [g.to(dtype) for g in output_grads(inputs, seed=4)]
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
+    # (fp16/bf16 on CPU: 'auto' first measures the forward's route, in the dtype or in float32, and nothing is
+    # remembered until that choice is final: test_the_half_precision_route_is_measured_then_served_natively.
+    # Here the rule's route, float32.)
+    rule = tuning.using("heuristic") if dtype in TA.HALF_DTYPES else contextlib.nullcontext()
     try:
-        first = _attention_step(inputs, grads, python_backward=True)
-        assert asked["cross_attention"] == 1 and asked["cross_attention_backward"] == 1
-        assert _C._remembered_attention_choices() == 1  # remembered by the backward too
-        again = _attention_step(inputs, grads)
-        again_twice = _attention_step(inputs, grads)
+        with rule:
+            first = _attention_step(inputs, grads, python_backward=True)
+            assert asked["cross_attention"] == 1 and asked["cross_attention_backward"] == 1
+            assert _C._remembered_attention_choices() == 1  # remembered by the backward too
+            again = _attention_step(inputs, grads)
+            again_twice = _attention_step(inputs, grads)
     finally:
         torch.set_num_threads(previous)
     assert asked["cross_attention"] == 1 and asked["cross_attention_backward"] == 1
@@ -242,24 +249,105 @@ def test_a_replaced_gate_is_asked_every_time(asked, monkeypatch) -> None:
 
 
 @native
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("faster", ["cpu_flash", "cpu_flash_float32"])
+def test_the_half_precision_route_is_measured_then_served_natively(asked, dtype, faster, tmp_path, monkeypatch) -> None:
+    """fp16/bf16 on CPU: 'auto' times the forward in the dtype and in float32 (here the other route is slowed
+    down 20 ms), remembers the faster per direction, and the extension then serves the signature with that
+    route: its outputs are the route's, bit for bit, and Python is not asked again."""
+    monkeypatch.setenv("AQCF_TUNING_CACHE", str(tmp_path / "tuning.json"))
+    monkeypatch.setattr(tuning, "mode", "measure")
+    tuning.clear()
+    real = TA._cpu_flash_forward
+
+    def slowed(q, k, v, scale, in_float32=False):
+        if in_float32 != (faster == "cpu_flash_float32"):
+            time.sleep(0.02)
+        return real(q, k, v, scale, in_float32)
+
+    monkeypatch.setattr(TA, "_cpu_flash_forward", slowed)
+    inputs = [t.to(dtype) for t in attention_inputs(1, 2, 12, 5, 9, 7, 8, seed=5)]
+    q_a, k_a, v_a, q_b, k_b, v_b = inputs
+    grads = [g.to(dtype) for g in output_grads(inputs, seed=6)]
+    try:
+        first = _attention_step(inputs, grads)
+        assert asked["cross_attention"] == 1
+        assert TA.cpu_kernel_chosen(q_a, k_b, v_b) == TA.cpu_kernel_chosen(q_b, k_a, v_a) == faster
+        assert _C._remembered_attention_choices() == 1
+        again = _attention_step(inputs, grads)
+        # remembered by the first forward: both backwards and the second forward ran in C++ alone
+        assert asked["cross_attention"] == 1 and asked["cross_attention_backward"] == 0
+        float32 = faster == "cpu_flash_float32"
+        expected = [*real(q_a, k_b, v_b, 0.3, float32), *real(q_b, k_a, v_a, 0.3, float32)]
+        _same(again[:4], [expected[i] for i in (0, 2, 1, 3)], ["out_a", "out_b", "lse_a", "lse_b"])
+        _same(again, first)
+    finally:
+        tuning.clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("rule", ["heuristic", "deterministic"])
+def test_the_rule_runs_half_precision_cpu_attention_in_float32(dtype, rule, tmp_path, monkeypatch) -> None:
+    """'heuristic' mode and deterministic algorithms run the rule's route, float32, even for a signature whose
+    measured choice (here the dtype's kernel: the float32 route is slowed down) is remembered in Python and in
+    the extension; back in 'measure' mode without them, the measured route again."""
+    monkeypatch.setenv("AQCF_TUNING_CACHE", str(tmp_path / "tuning.json"))
+    monkeypatch.setattr(tuning, "mode", "measure")
+    tuning.clear()
+    real = TA._cpu_flash_forward
+
+    def slowed(q, k, v, scale, in_float32=False):
+        if in_float32:
+            time.sleep(0.02)
+        return real(q, k, v, scale, in_float32)
+
+    monkeypatch.setattr(TA, "_cpu_flash_forward", slowed)
+    inputs = [t.to(dtype) for t in attention_inputs(2, 1, 12, 5, 9, 7, 8, seed=8)]
+    q_a, k_a, v_a, q_b, k_b, v_b = inputs
+
+    def out_a():
+        return torch.ops.aqcf.cross_attention(*inputs, 0.3)[0]
+
+    try:
+        out_a()
+        assert torch.equal(out_a(), real(q_a, k_b, v_b, 0.3)[0])  # measured: the dtype's kernel
+        if rule == "heuristic":
+            context = tuning.using("heuristic")
+        else:
+            context = contextlib.ExitStack()
+            was = torch.are_deterministic_algorithms_enabled()
+            torch.use_deterministic_algorithms(True)
+            context.callback(torch.use_deterministic_algorithms, was)
+        with context:
+            assert TA.cpu_kernel_chosen(q_a, k_b, v_b) == "cpu_flash_float32"
+            float32 = real(q_a, k_b, v_b, 0.3, True)[0]
+            assert not torch.equal(float32, real(q_a, k_b, v_b, 0.3)[0])
+            assert all(torch.equal(out_a(), float32) for _ in range(3))
+        assert torch.equal(out_a(), real(q_a, k_b, v_b, 0.3)[0])
+    finally:
+        tuning.clear()
+
+
+@native
 def test_the_native_kernels_match_the_torch_backend_bit_for_bit() -> None:
-    """``_C.attention_forward``/``_backward('cpu_flash', ...)`` against the Python functions they mirror,
-    including the query chunks of the backward (one head on two threads)."""
+    """``_C.attention_forward``/``_backward('cpu_flash' or 'cpu_flash_float32', ...)`` against the Python functions
+    they mirror, including the query chunks of the backward (one head on two threads)."""
     q, k, v = rand(1, 1, 12, 8, seed=10), rand(1, 1, 5, 8, seed=11), rand(1, 1, 5, 8, seed=12)
     gy = rand(1, 1, 12, 8, seed=13)
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         assert TA.query_chunks(1, 12) > 1
-        for dtype in (torch.float64, torch.float32, torch.float16):
+        for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
             args = [t.to(dtype) for t in (q, k, v)]
-            out, lse = _C.attention_forward("cpu_flash", *args, 0.3)
-            _same([out, lse], TA._cpu_flash_forward(*args, 0.3))
-            got = _C.attention_backward("cpu_flash", gy.to(dtype), *args, out, lse, 0.3)
-            _same(got, TA._cpu_flash_backward(gy.to(dtype), *args, out, lse, 0.3))
+            for kernel in ("cpu_flash", "cpu_flash_float32"):
+                out, lse = _C.attention_forward(kernel, *args, 0.3)
+                _same([out, lse], TA._cpu_flash_forward(*args, 0.3, in_float32=kernel == "cpu_flash_float32"))
+                got = _C.attention_backward(kernel, gy.to(dtype), *args, out, lse, 0.3)
+                _same(got, TA._cpu_flash_backward(gy.to(dtype), *args, out, lse, 0.3))
     finally:
         torch.set_num_threads(previous)
-    with pytest.raises(RuntimeError, match="attention kernel must be 'cpu_flash', 'flash' or 'efficient'"):
+    with pytest.raises(RuntimeError, match="attention kernel must be 'cpu_flash', 'cpu_flash_float32', 'flash' or"):
         _C.attention_forward("math", q, k, v, 0.3)
 
 

@@ -2,9 +2,10 @@
 
 On CPU it is PyTorch's own flash-attention kernel (what ``F.scaled_dot_product_attention`` runs
 there), called through the aten op that also returns the log-sum-exp the backward needs, so the
-forward/backward split of ``aqcf::cross_attention`` costs nothing extra. On CUDA it is, the same way,
-the kernel ``F.scaled_dot_product_attention`` would pick: FlashAttention-2 for fp16/bf16, the
-memory-efficient kernel for fp32, whenever PyTorch's own eligibility checks pass
+forward/backward split of ``aqcf::cross_attention`` costs nothing extra; for fp16/bf16 inputs its float32
+kernel serves the backward, and the forward whichever ``auto`` measured faster (:data:`IN_DTYPE`). On
+CUDA it is, the same way, the kernel ``F.scaled_dot_product_attention`` would pick: FlashAttention-2
+for fp16/bf16, the memory-efficient kernel for fp32, whenever PyTorch's own eligibility checks pass
 (:func:`cuda_kernel`) — so the A-QCF block's attention is SDPA's by construction. Everything else
 (float64, head sizes that are not a multiple of 8, other devices) runs a query-chunked attention in
 plain PyTorch: memory grows with ``chunk × N_k``, never with ``N_q × N_k``.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ... import tuning
 from ..base import AttentionBackend, has_own_methods, lse_dtype
 
 # Query rows per chunk of the generic path: 256 rows × 16384 keys × 4 B = 16 MB of scores.
@@ -69,10 +71,69 @@ def _dense_rows(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _cpu_flash_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+def _cpu_flash_forward(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, in_float32: bool = False
+) -> tuple[Tensor, Tensor]:
+    """PyTorch's CPU flash kernel; ``in_float32``: its float32 kernel on float32 copies, the output rounded once."""
     q, k, v = _dense_rows(q), _dense_rows(k), _dense_rows(v)
+    dtype = q.dtype
+    if in_float32:
+        q, k, v = q.float(), k.float(), v.float()
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
-    return out.contiguous(), lse.to(lse_dtype(q.dtype)).contiguous()
+    return out.to(dtype).contiguous(), lse.to(lse_dtype(dtype)).contiguous()
+
+
+#: How PyTorch's CPU flash kernel may serve fp16/bf16 inputs (``auto``'s candidates): its kernel in the dtype, or its
+#: float32 kernel on float32 copies with the output rounded once. Both meet the accuracy contract (the float32 one
+#: with less error: tests/attention/test_cross_attention.py); which is faster depends on the CPU. On an AMD EPYC
+#: (avx512_bf16, 2 threads, torch 2.13) float32 took 0.45-0.66x the fp16 kernel's time and 0.89-0.98x the bf16
+#: one's; a CPU with AMX runs bf16 matrix products natively, so no rule holds for both. ``auto`` measures it per
+#: call signature, as it measures conv algorithms; the rule (heuristic mode, deterministic algorithms) is float32,
+#: the more accurate. The backward always runs in float32 (:func:`_cpu_flash_backward` says why).
+IN_DTYPE = tuning.Candidate("torch", "cpu_flash")
+IN_FLOAT32 = tuning.Candidate("torch", "cpu_flash_float32")
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _half_route_keys(q: Tensor, k: Tensor, v: Tensor) -> tuple[str, tuple]:
+    """The tuning cache's key of a half-precision CPU attention direction (the shapes, strides and dtype the
+    kernels see, where it runs: CPU model, threads), and the cheap key :func:`tuning.recall` takes."""
+    threads = torch.get_num_threads()
+    fast_key = ("cpu_flash_half", q.dtype, *((t.shape, t.stride()) for t in (q, k, v)), threads)
+    where = f"cpu:{tuning.fingerprint()['cpu']}:{threads}t"
+    parts = ";".join(f"{list(t.shape)}/{list(t.stride())}" for t in (q, k, v))
+    return f"cpu_flash_half|{where}|{str(q.dtype).removeprefix('torch.')}|{parts}", fast_key
+
+
+def _cpu_attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """The CPU flash kernel; for fp16/bf16 inputs in the dtype or in float32, as ``auto`` measured
+    (:data:`IN_DTYPE`)."""
+    if q.dtype not in HALF_DTYPES:
+        return _cpu_flash_forward(q, k, v, scale)
+    key, fast_key = _half_route_keys(q, k, v)
+    known = tuning.recall(fast_key)
+    if known is None:
+
+        def run(route: tuning.Candidate) -> tuple[Tensor, Tensor]:
+            return _cpu_flash_forward(q, k, v, scale, in_float32=route == IN_FLOAT32)
+
+        choice, output = tuning.choose(key, [IN_FLOAT32, IN_DTYPE], IN_FLOAT32, run, (q, k, v), fast_key)
+        if output is not None:
+            return output
+        known = choice.candidate
+    return _cpu_flash_forward(q, k, v, scale, in_float32=known == IN_FLOAT32)
+
+
+def cpu_kernel_chosen(q: Tensor, k: Tensor, v: Tensor) -> str | None:
+    """The kernel that serves this CPU direction's later calls: ``'cpu_flash'``, or for fp16/bf16 inputs the one
+    ``auto`` chose (``'cpu_flash_float32'`` for :data:`IN_FLOAT32`); ``None`` while that choice is provisional (its
+    next calls still time the candidates) or unknown."""
+    if q.dtype not in HALF_DTYPES:
+        return "cpu_flash"
+    if not tuning.measuring():
+        return IN_FLOAT32.algorithm
+    known = tuning.recall(_half_route_keys(q, k, v)[1])
+    return None if known is None else known.algorithm
 
 
 def query_chunks(batch_heads: int, queries: int) -> int:
@@ -193,7 +254,7 @@ class TorchAttentionBackend(AttentionBackend):
         q, k, v = _dense_rows(q), _dense_rows(k), _dense_rows(v)
         kernel = self.kernel(q, k, v)
         if kernel == "cpu_flash":
-            return _cpu_flash_forward(q, k, v, scale)
+            return _cpu_attention_forward(q, k, v, scale)
         if kernel is not None:
             return _cuda_fused_forward(kernel, q, k, v, scale)
         return chunked_attention_forward(q, k, v, scale)
@@ -213,7 +274,8 @@ class TorchAttentionBackend(AttentionBackend):
         own = ("kernel", "attention_forward", "attention_backward", "cross_attention", "cross_attention_backward")
         if not has_own_methods(self, TorchAttentionBackend, own):
             return None
-        return self.kernel(q, k, v)
+        kernel = self.kernel(q, k, v)
+        return cpu_kernel_chosen(_dense_rows(q), _dense_rows(k), _dense_rows(v)) if kernel == "cpu_flash" else kernel
 
     def native_gate(self) -> bool:
         return has_own_methods(self, TorchAttentionBackend, ("gated_residual", "gated_residual_backward"))
