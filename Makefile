@@ -32,8 +32,9 @@ $(TRITON36)/.installed:
 	$(PY) -m pip install --quiet --no-deps --target $(TRITON36) triton==3.6.0
 	touch $@
 
+# --durations: the slowest tests in every log, CI's included (the suite's time is budgeted, README "Tests").
 test: install $(TRITON36)/.installed
-	AQCF_TRITON36=$(TRITON36) $(PY) -m pytest -q -n $(TEST_WORKERS)
+	AQCF_TRITON36=$(TRITON36) $(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15
 
 # The synthetic demo: phantoms in LiTS (CT) and ATLAS (MRI) layouts, joint training (< 10 min on
 # 2 CPU cores), evaluation next to the paper's table, Grad-CAM overlays. Everything under demo/.
