@@ -647,12 +647,14 @@ def write_prediction(array: np.ndarray, case: CachedCase, path: str | os.PathLik
     in any viewer; the data type is uint8.
     """
     data = restore_to_original(np.asarray(array).astype(np.uint8), case, order=0)
-    affine = np.array(case.meta["original"]["affine"])
     try:
-        header = load_nifti(case.meta["image_path"]).header.copy()
+        original = load_nifti(case.meta["image_path"])
     except DataError:  # original moved away: the stored affine is enough
-        header = None
-    img = nib.Nifti1Image(data, affine, header=header)
+        img = nib.Nifti1Image(data, np.array(case.meta["original"]["affine"]))
+    else:
+        # The original's class and header as they are (no affine given: nibabel would rewrite the codes where its
+        # header's affine is not allclose to the one given, as a NIfTI-2 qform stored at NIfTI-1's float32 was).
+        img = type(original)(data, None, header=original.header.copy())
     img.set_data_dtype(np.uint8)
     img.header.set_slope_inter(1, 0)
     path = Path(path)

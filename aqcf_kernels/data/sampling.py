@@ -65,7 +65,8 @@ def _read_window(arr: np.ndarray, starts: Sequence[int], size: Sequence[int], pa
     """``arr[start:start+size]`` per axis, padded with ``pad`` where the window leaves the array."""
     src, dst = [], []
     for s, k, n in zip(starts, size, arr.shape, strict=True):
-        a, b = max(s, 0), min(s + k, n)
+        a = max(s, 0)
+        b = max(a, min(s + k, n))  # (a window wholly outside the array: an empty slice, all padding)
         src.append(slice(a, b))
         dst.append(slice(a - s, b - s))
     out = np.full(tuple(size), pad, dtype=arr.dtype)
