@@ -178,7 +178,9 @@ def gated_residual(f: Tensor, o: Tensor, gate_logits: Tensor, alpha: Tensor) -> 
 
 
 def _gated_residual_fake(f, o, gate_logits, alpha):
-    return torch.empty_like(f, memory_format=torch.contiguous_format)
+    # The kernel's shape: every argument broadcast (alpha, one value, may have more dims than f).
+    shape = torch.broadcast_shapes(f.shape, o.shape, gate_logits.shape, alpha.shape)
+    return f.new_empty(shape)
 
 
 def gated_residual_backward(

@@ -84,6 +84,7 @@ def qnorm_lowering(input, weight, bias, running_mean, running_var, use_input_sta
     """``aqcf::qnorm``: the composite norm + activation, and the statistics outputs (training reads them to
     update the running averages), computed as the op computes them."""
     from ..nn.norm import _quaternion_norm
+    from .norm import _stat_dtype
 
     y = _quaternion_norm("qnorm", input, per_sample, running_mean, running_var, weight, bias, use_input_stats, 0.0,
                          eps, False, activation, negative_slope, fused=False)  # fmt: skip
@@ -95,22 +96,24 @@ def qnorm_lowering(input, weight, bias, running_mean, running_var, use_input_sta
         var = (x - mean).square().mean(reduce, keepdim=True).sum(1)
         groups = input.shape[0] if per_sample else 1
         return y, mean.reshape(groups, 4 * cq), var.reshape(groups, cq)
-    return y, running_mean.reshape(1, 4 * cq).clone(), running_var.reshape(1, cq).clone()
+    acc = _stat_dtype(input)  # (the op's, whatever the buffers' dtype)
+    return y, running_mean.reshape(1, 4 * cq).to(acc, copy=True), running_var.reshape(1, cq).to(acc, copy=True)
 
 
 def _attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    # What scaled_dot_product_attention computes, spelled out so ONNX gets MatMul/Softmax/MatMul.
+    # What scaled_dot_product_attention computes, spelled out so ONNX gets MatMul/Softmax/MatMul; the log-sum-exp in
+    # the op's dtype for it (float32, float64 for float64 inputs).
+    from ..backends.base import lse_dtype
+
     scores = torch.matmul(q, k.transpose(-2, -1)) * scale
-    return torch.matmul(torch.softmax(scores, dim=-1), v), torch.logsumexp(scores.float(), dim=-1)
+    return torch.matmul(torch.softmax(scores, dim=-1), v), torch.logsumexp(scores.to(lse_dtype(q.dtype)), dim=-1)
 
 
 def cross_attention_lowering(q_a, k_a, v_a, q_b, k_b, v_b, scale):
     """``aqcf::cross_attention``: stream a attends to b and b to a, with each direction's log-sum-exp."""
-    from ..backends.base import lse_dtype
-
     out_a, lse_a = _attention(q_a, k_b, v_b, scale)
     out_b, lse_b = _attention(q_b, k_a, v_a, scale)
-    return out_a, out_b, lse_a.to(lse_dtype(q_a.dtype)), lse_b.to(lse_dtype(q_b.dtype))
+    return out_a, out_b, lse_a, lse_b
 
 
 def gated_residual_lowering(f, o, gate_logits, alpha):

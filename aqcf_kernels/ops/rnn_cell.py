@@ -178,11 +178,15 @@ def _composite(
             cells[t] = c
         if saved_t is not None:
             saved[t] = saved_t
+
+    def stacked(steps_: list[Tensor], row: torch.Size) -> Tensor:
+        return torch.stack(steps_) if steps else proj.new_empty(0, *row)  # (no steps: the kernel's (0, ...) shape)
+
     empty = proj.new_empty(0)
     return (
-        torch.stack(outputs) if steps else proj.new_empty(0, *h0.shape),
-        torch.stack(cells) if mode == "lstm" and steps else empty.clone(),
-        torch.stack(saved) if mode != "rnn" and keep_saved and steps else empty.clone(),
+        stacked(outputs, h0.shape),
+        stacked(cells, h0.shape) if mode == "lstm" else empty.clone(),
+        stacked(saved, proj.shape[1:]) if mode != "rnn" and keep_saved else empty.clone(),
     )
 
 

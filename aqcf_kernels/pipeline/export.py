@@ -532,19 +532,25 @@ def lowered_for_onnx(module: nn.Module) -> nn.Module:
     return lowered
 
 
+#: torch's own operators outside aten that the ONNX exporter translates: ``scan`` (ONNX ``Scan``), which the
+#: recurrent lowering leaves over a dynamic sequence length.
+EXPORTABLE_HIGHER_ORDER = ("scan",)
+
+
 def _custom_ops(program: torch.export.ExportedProgram) -> list[str]:
-    return sorted(
-        {
-            str(n.target)
-            for n in program.graph.nodes
-            if n.op == "call_function" and getattr(n.target, "namespace", None) not in (None, "aten", "prims")
-        }
-    )
+    def custom(target: Any) -> bool:
+        namespace = getattr(target, "namespace", None)
+        if namespace == "higher_order":
+            return getattr(target, "__name__", None) not in EXPORTABLE_HIGHER_ORDER
+        return namespace not in (None, "aten", "prims")
+
+    return sorted({str(n.target) for n in program.graph.nodes if n.op == "call_function" and custom(n.target)})
 
 
 def lower_custom_ops(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
     """``program`` with every ``aqcf`` op replaced by its plain-PyTorch lowering
-    (:func:`aqcf_kernels.ops.lowerings.lowerings`).
+    (:func:`aqcf_kernels.ops.lowerings.lowerings`); a recurrent layer's over a dynamic sequence length is one
+    ``scan``, which the ONNX exporter translates (:data:`EXPORTABLE_HIGHER_ORDER`).
 
     Raises :class:`ExportError` naming any custom op without a lowering.
     """

@@ -239,10 +239,13 @@ ConvParams undilated_single_taps(at::IntArrayRef weight_shape, const ConvParams&
 }
 
 at::Tensor real_conv(
-    const at::Tensor& x_in, const at::Tensor& w_in, const std::optional<at::Tensor>& bias, const ConvParams& p_in,
+    const at::Tensor& x_in, const at::Tensor& w_in, const std::optional<at::Tensor>& bias_in, const ConvParams& p_in,
     const Activation& act) {
   // (the weight too: PyTorch runs channels_last where either is, and a channels_last weight would take x back there)
   const at::Tensor x = one_channel_as_channels_first(x_in), w = one_channel_as_channels_first(w_in);
+  // oneDNN reads the bias as dense memory whatever its strides: a strided view's gaps were added as bias values
+  // (PyTorch's own conv hands it a contiguous bias; at::convolution does that itself).
+  const std::optional<at::Tensor> bias = bias_in ? std::optional<at::Tensor>(bias_in->contiguous()) : std::nullopt;
   const ConvParams p = undilated_single_taps(w.sizes(), p_in);
   if (!act.any()) return routed_conv(x, w, bias, p);
   if (real_conv_fuses_activation(x, p) && !kept_off_onednn(x, w.sizes(), p)) return pointwise_conv(x, w, bias, p, act);
