@@ -62,6 +62,9 @@ Documented choices where the paper is silent (deviations):
 * **Odd sizes**: each input is zero-padded at the far end of every spatial dim to a multiple of
   ``2**len(features)`` and the logits are cropped back, so any size works and every stride-2 stage
   halves exactly. CT and MRI may have different sizes (the A-QCF block allows different token counts).
+  The one limit is the norms': an image of at most ``2**len(features)`` in every dim leaves one token at
+  the bottleneck, which instance norm, and batch norm in training at batch 1, cannot normalise; such an
+  image is refused with a ``ValueError`` naming it, before anything runs.
 * **Deep supervision** (``deep_supervision=True`` or an int n): extra real 1×1 heads at the n
   coarsest-but-one decoder levels (True: every decoder level below full resolution). In training mode
   each modality then maps to a list ``[full-res, 1/2, 1/4, ...]`` of logits at their own resolution
@@ -249,6 +252,45 @@ class AQCFNet(nn.Module):
                     f"AQCFNet.forward: batch sizes ct={b_ct} and mri={b_mri} differ; sample n of ct is fused with "
                     "sample n of mri, or mri has batch 1 and is shared by every ct sample"
                 )
+        for name, x in inputs.items():
+            self._check_size(name, x, inputs)
+
+    def _check_size(self, name: str, x: Tensor, inputs: dict[str, Tensor]) -> None:
+        """An image the norms can normalise, said before anything runs: every spatial dim is padded to a multiple of
+        ``2**levels``, so an image of at most that in every dim leaves one token at the bottleneck, where instance
+        norm (over each sample's tokens) and batch norm in training at batch 1 would see one value per channel."""
+        size = tuple(x.shape[2:])
+        if not all(isinstance(s, int) for s in size):  # (symbolic sizes, while tracing: no guard on them)
+            return
+        if 0 in size:
+            raise ValueError(f"AQCFNet.forward: {name} has an empty spatial dim: {tuple(x.shape)}")
+        m = 2 ** len(self.features)
+        if any(s > m for s in size):
+            return
+        larger = f"pass an image larger than {m} in some spatial dim (it is padded to a multiple of {m})"
+        if self.options.norm == "instance":
+            raise ValueError(
+                f"AQCFNet.forward: {name} of spatial size {size} leaves one token at the bottleneck, which instance "
+                f"norm cannot normalise (one value per channel): {larger}"
+            )
+        if self.training and self._batch_through_bottleneck(name, inputs) == 1:
+            raise ValueError(
+                f"AQCFNet.forward: {name} of spatial size {size} and batch 1 leaves one value per channel at the "
+                f"bottleneck, which batch norm cannot normalise in training: {larger}, or a batch of more than one"
+            )
+
+    def _batch_through_bottleneck(self, name: str, inputs: dict[str, Tensor]) -> int:
+        """The smallest batch ``name``'s stream has where its maps are one token: at the last down-sampling unit (a
+        strided conv unit with its norm) and at the bottleneck. A shared batch-1 MRI takes the CT's batch in the
+        first fusion block that runs (after the down unit of that level)."""
+        batch = inputs[name].shape[0]
+        if name != "mri" or len(inputs) != 2 or not self.fusion_levels:
+            return batch
+        last = len(self.features) - 1
+        fused_before_last_down = any(level < last for level in self.fusion_levels)
+        if self.options.down == "conv" and not fused_before_last_down:
+            return batch  # (the last down unit runs on the MRI's own batch)
+        return max(batch, inputs["ct"].shape[0])
 
     def _check_dtype_and_device(self, name: str, x: Tensor) -> None:
         """The image in the parameters' dtype (any floating dtype under autocast, which casts it) and on their

@@ -170,7 +170,8 @@ std::tuple<Tensor, Tensor> qconv_native(
   const Tensor z = in_output_format(
       input, cpu_engine ? conv(input, weight, bias, p, choice->fast8) : conv_aten(input, weight, bias, p, choice->fast8));
   if (!activation) return {z, input.new_empty({0})};
-  return {activated(z, act), keep ? z : input.new_empty({0})};
+  // (an elementwise op may give a map whose spatial dims are all 1 channels-first strides: the input's format again)
+  return {in_output_format(input, activated(z, act)), keep ? z : input.new_empty({0})};
 }
 
 std::optional<Tensor> remembered_weight_grad(
