@@ -94,6 +94,9 @@ RUN_FIRST = (
     "tests/nn/test_unit_grid.py",
     "tests/nn/test_rotation_grid.py",
     "tests/nn/test_pool_grid.py",
+    "tests/models/test_aqcfnet_grid.py",
+    "tests/pipeline/test_lowerings_grid.py",
+    "tests/data/test_data_grid.py",
 )
 
 
