@@ -66,6 +66,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from nn._conv_geometry import draw_geometry, output_size  # (tests/nn: pytest puts tests/ on sys.path)
 from torch import Tensor, nn
 from torch.export import Dim
 from torch.utils._pytree import tree_leaves
@@ -262,44 +263,22 @@ class ConvCase:
         return (x, w, b, *p.as_op_args(), self.algorithm, self.activation, self.slope, self.kind)
 
 
-def _transposed_size(s: int, k: int, st_: int, p: int, d: int, op: int) -> int:
-    return (s - 1) * st_ - 2 * p + d * (k - 1) + op + 1
-
-
 @st.composite
 def conv_cases(draw) -> ConvCase:
     dims = draw(st.integers(1, 3))
     transposed = draw(st.booleans())
-    max_kernel = 3 if dims < 3 else 2
-
-    def tup(values):
-        return draw(st.tuples(*[values] * dims))
-
-    kernel, stride, dilation = tup(st.integers(1, max_kernel)), tup(st.integers(1, 2)), tup(st.integers(1, 2))
-    output_padding: tuple[int, ...] = (0,) * dims
-    spatial = []
-    extra_size = st.integers(0, 1 if dims == 3 else 3)
-    if transposed:
-        padding: tuple[int, ...] | str = tup(st.integers(0, 2))
-        # torch's rule: below the stride or the dilation (a stride or more: extra input padding, check_conv_args)
-        output_padding = tuple(draw(st.integers(0, max(s, d) - 1)) for s, d in zip(stride, dilation, strict=True))
-        for k, s_, p, d, op in zip(kernel, stride, padding, dilation, output_padding, strict=True):
-            size = 1 + draw(extra_size)
-            while _transposed_size(size, k, s_, p, d, op) < 1:
-                size += 1
-            spatial.append(size)
-    else:
-        kind = draw(st.sampled_from(["int", "int", "same", "valid"]))
-        if kind == "same":
-            padding, stride = "same", (1,) * dims
-        elif kind == "valid":
-            padding = "valid"
-        else:
-            padding = tup(st.integers(0, 2))
-        for i, (k, d) in enumerate(zip(kernel, dilation, strict=True)):
-            pad = 0 if isinstance(padding, str) else padding[i]
-            need = 1 if padding == "same" else max(1, d * (k - 1) + 1 - 2 * pad)
-            spatial.append(need + draw(extra_size))
+    # The layer grids' geometry; its padding mode is left out: a layer pads in its mode before calling the op, which
+    # pads with zeros only.
+    geo = draw_geometry(draw, dims, transposed, max_kernel=3 if dims < 3 else 2)
+    kernel, stride, dilation, padding, output_padding = (
+        geo.kernel, geo.stride, geo.dilation, geo.padding, geo.output_padding
+    )  # fmt: skip
+    # The smallest input with an output in every dim, then 0-3 more (0-1 in 3d).
+    spatial = [1] * dims
+    for i in range(dims):
+        while output_size(spatial, transposed, kernel, stride, padding, dilation, output_padding)[i] < 1:
+            spatial[i] += 1
+    spatial = [s + draw(st.integers(0, 1 if dims == 3 else 3)) for s in spatial]
     activation, slope = draw(st.sampled_from(ACTIVATIONS))
     layouts = ["contiguous", "strided", "transposed"] + (["channels_last"] if dims > 1 else [])
     return ConvCase(
