@@ -270,19 +270,32 @@ def test_the_half_precision_route_is_measured_then_served_natively(asked, dtype,
     q_a, k_a, v_a, q_b, k_b, v_b = inputs
     grads = [g.to(dtype) for g in output_grads(inputs, seed=6)]
     try:
-        first = _attention_step(inputs, grads)
-        assert asked["cross_attention"] == 1
+        calls = _until_the_half_route_is_chosen(lambda: _attention_step(inputs, grads), inputs)
+        assert asked["cross_attention"] == calls
         assert TA.cpu_kernel_chosen(q_a, k_b, v_b) == TA.cpu_kernel_chosen(q_b, k_a, v_a) == faster
         assert _C._remembered_attention_choices() == 1
+        backwards = asked["cross_attention_backward"]
         again = _attention_step(inputs, grads)
-        # remembered by the first forward: both backwards and the second forward ran in C++ alone
-        assert asked["cross_attention"] == 1 and asked["cross_attention_backward"] == 0
+        # remembered once chosen: the next forward and backward ran in C++ alone
+        assert asked["cross_attention"] == calls and asked["cross_attention_backward"] == backwards
         float32 = faster == "cpu_flash_float32"
         expected = [*real(q_a, k_b, v_b, 0.3, float32), *real(q_b, k_a, v_a, 0.3, float32)]
         _same(again[:4], [expected[i] for i in (0, 2, 1, 3)], ["out_a", "out_b", "lse_a", "lse_b"])
-        _same(again, first)
+        _same(_attention_step(inputs, grads), again)
     finally:
         tuning.clear()
+
+
+def _until_the_half_route_is_chosen(call, inputs) -> int:
+    """``call()`` until 'auto' has chosen both directions' half-precision route (a first measurement whose runs
+    are close, as a busy machine can make them, is refined over later calls); how many calls that took."""
+    q_a, k_a, v_a, q_b, k_b, v_b = inputs
+    calls = 0
+    while calls == 0 or None in (TA.cpu_kernel_chosen(q_a, k_b, v_b), TA.cpu_kernel_chosen(q_b, k_a, v_a)):
+        call()
+        calls += 1
+        assert calls <= 1 + tuning.max_provisional_calls(2), "still provisional"
+    return calls
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -309,7 +322,7 @@ def test_the_rule_runs_half_precision_cpu_attention_in_float32(dtype, rule, tmp_
         return torch.ops.aqcf.cross_attention(*inputs, 0.3)[0]
 
     try:
-        out_a()
+        _until_the_half_route_is_chosen(out_a, inputs)
         assert torch.equal(out_a(), real(q_a, k_b, v_b, 0.3)[0])  # measured: the dtype's kernel
         if rule == "heuristic":
             context = tuning.using("heuristic")
