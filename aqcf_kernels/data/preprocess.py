@@ -7,8 +7,9 @@ Pipeline per case (:func:`preprocess_case`):
    once in its stored dtype (int16 for CT: half the size of float32).
 2. Check: readable NIfTI, 3D, image/label shapes equal, affines equal within ``affine_atol`` mm,
    label values in {0, 1, 2}, image values finite. Any failure raises :class:`DataError` naming the file.
-3. Crop to the bounding box of the body (CT: > -500 HU; MRI: > 10% of the 99th percentile), or of the
-   liver label (``crop="label"``), always including every labelled voxel, plus a margin in mm.
+3. Crop to the bounding box of the body (CT: > -500 HU; MRI: > 10% of the 99th percentile of a strided
+   subsample, every 4th voxel in x and y and every 2nd in z), or of the liver label (``crop="label"``),
+   always including every labelled voxel, plus a margin in mm.
 4. Reorient to RAS (the closest canonical orientation, as ``nibabel.as_closest_canonical``).
 5. Normalise. CT: clip to the HU window (default [-200, 250]) and scale to [0, 1] (``ct_range="unit"``)
    or [-1, 1] (``"symmetric"``). MRI: clip to the 0.5/99.5 percentiles and z-score, both statistics
