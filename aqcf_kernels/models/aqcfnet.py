@@ -71,7 +71,8 @@ Documented choices where the paper is silent (deviations):
   (cropped to ``ceil(size / 2**k)``; resample the target for the loss, as nnU-Net does); in eval
   mode to the full-resolution logits only.
 * **Batches**: sample n of the CT batch is fused with sample n of the MRI batch; an MRI batch of 1 is
-  shared by every CT sample (the ``'mri'`` logits then have the CT batch size, one per pairing).
+  shared by every CT sample (the ``'mri'`` logits then have the CT batch size, one per pairing, where a
+  fusion block runs; with ``fusion_levels='none'`` the streams never meet and they keep batch 1).
   Other mismatches are an error.
 * **Memory format** (``memory_format='auto'``: channels_last on CPU): the stem writes its output
   channels_last (its input is given channels_last strides) and every later module keeps it (``qcat``
