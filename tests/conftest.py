@@ -97,6 +97,7 @@ RUN_FIRST = (
     "tests/models/test_aqcfnet_grid.py",
     "tests/pipeline/test_lowerings_grid.py",
     "tests/data/test_data_grid.py",
+    "tests/pipeline/test_inference_metrics_grid.py",
 )
 
 

@@ -34,7 +34,9 @@ def dice(pred: np.ndarray, label: np.ndarray, name: str) -> float:
 
 
 def hd95(pred: np.ndarray, label: np.ndarray, name: str, spacing: Sequence[float]) -> float:
-    """95th-percentile Hausdorff distance in mm between the region's surfaces (NaN if one is empty)."""
+    """95th-percentile Hausdorff distance in mm between the region's surfaces (NaN if one is empty): MONAI's
+    definition, the larger of the two directed 95th percentiles (each surface voxel's distance to the other
+    surface; a surface voxel has a face neighbour outside its mask), not the percentile of both sets pooled."""
     from monai.metrics import compute_hausdorff_distance
 
     p, g = region(pred, name), region(label, name)
