@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import aqcf_kernels
-from aqcf_kernels import reference
+from aqcf_kernels import reference, tuning
 from aqcf_kernels.backends._extension import _C
 from aqcf_kernels.models import AQCFNet
 from aqcf_kernels.nn import AQCFBlock, QuaternionConv2d, QuaternionConvTranspose2d, QuaternionLinear
@@ -187,6 +187,12 @@ def test_remembered_calls_under_autocast_run_no_python(monkeypatch, qrand, devic
         for name, call in calls.items():
             assert _aqcf_python_frames(call), f"{name}: the first call is resolved in Python"
             out = call()
+            # A measured choice ('auto': the bf16 attention's route on CPU) is remembered once final; on a busy
+            # machine a close first measurement is refined over later calls.
+            for _ in range(tuning.max_provisional_calls(2)):
+                if not tuning.provisional():
+                    break
+                out = call()
             assert (out[0] if isinstance(out, tuple) else out).dtype == BF16, name
             assert _aqcf_python_frames(call) == [], name
 
