@@ -95,14 +95,18 @@ IN_FLOAT32 = tuning.Candidate("torch", "cpu_flash_float32")
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def _half_route_keys(q: Tensor, k: Tensor, v: Tensor) -> tuple[str, tuple]:
-    """The tuning cache's key of a half-precision CPU attention direction (the shapes, strides and dtype the
-    kernels see, where it runs: CPU model, threads), and the cheap key :func:`tuning.recall` takes."""
-    threads = torch.get_num_threads()
-    fast_key = ("cpu_flash_half", q.dtype, *((t.shape, t.stride()) for t in (q, k, v)), threads)
-    where = f"cpu:{tuning.fingerprint()['cpu']}:{threads}t"
+def _half_route_fast_key(q: Tensor, k: Tensor, v: Tensor) -> tuple:
+    """The cheap key :func:`tuning.recall` takes for a half-precision CPU attention direction (the shapes, strides
+    and dtype the kernels see, the thread count)."""
+    return ("cpu_flash_half", q.dtype, *((t.shape, t.stride()) for t in (q, k, v)), torch.get_num_threads())
+
+
+def _half_route_key(q: Tensor, k: Tensor, v: Tensor) -> str:
+    """The tuning cache's key of the same direction, also naming where it runs (CPU model, threads): formatted
+    only where :func:`tuning.recall` does not know the choice."""
+    where = f"cpu:{tuning.fingerprint()['cpu']}:{torch.get_num_threads()}t"
     parts = ";".join(f"{list(t.shape)}/{list(t.stride())}" for t in (q, k, v))
-    return f"cpu_flash_half|{where}|{str(q.dtype).removeprefix('torch.')}|{parts}", fast_key
+    return f"cpu_flash_half|{where}|{str(q.dtype).removeprefix('torch.')}|{parts}"
 
 
 def _cpu_attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
@@ -110,13 +114,14 @@ def _cpu_attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tup
     (:data:`IN_DTYPE`)."""
     if q.dtype not in HALF_DTYPES:
         return _cpu_flash_forward(q, k, v, scale)
-    key, fast_key = _half_route_keys(q, k, v)
+    fast_key = _half_route_fast_key(q, k, v)
     known = tuning.recall(fast_key)
     if known is None:
 
         def run(route: tuning.Candidate) -> tuple[Tensor, Tensor]:
             return _cpu_flash_forward(q, k, v, scale, in_float32=route == IN_FLOAT32)
 
+        key = _half_route_key(q, k, v)
         choice, output = tuning.choose(key, [IN_FLOAT32, IN_DTYPE], IN_FLOAT32, run, (q, k, v), fast_key)
         if output is not None:
             return output
@@ -132,7 +137,7 @@ def cpu_kernel_chosen(q: Tensor, k: Tensor, v: Tensor) -> str | None:
         return "cpu_flash"
     if not tuning.measuring():
         return IN_FLOAT32.algorithm
-    known = tuning.recall(_half_route_keys(q, k, v)[1])
+    known = tuning.recall(_half_route_fast_key(q, k, v))
     return None if known is None else known.algorithm
 
 
