@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -71,6 +70,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from _grid import grid
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -92,15 +92,9 @@ from aqcf_kernels.data.split import make_fold_split, make_folds
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
 
-SCALE = int(os.environ.get("AQCF_GRID_SCALE", "1"))
 
-
-def grid(examples: int) -> settings:
-    return settings(
-        max_examples=examples * SCALE,
-        deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-    )
+def _grid(examples: int) -> settings:
+    return grid(examples, HealthCheck.function_scoped_fixture)
 
 
 SEEDS = st.integers(0, 2**32 - 1)
@@ -642,7 +636,7 @@ def check_against(c: CachedCase, exp: Expected, modality: str) -> None:
     np.testing.assert_allclose(c.pad_value, exp.pad_value, rtol=1e-5, atol=1e-5)
 
 
-@grid(100)
+@_grid(100)
 @given(d=case_draws())
 def test_preprocess_matches_reference(d: CaseDraw) -> None:
     """Crop box, RAS reorientation, normalisation, affine, per-slice counts and tumour points of prepared cases."""
@@ -680,7 +674,7 @@ def draw_target(rng: np.random.Generator, spacing_xyz: np.ndarray) -> tuple[floa
     return tuple(out)
 
 
-@grid(80)
+@_grid(80)
 @given(d=case_draws())
 def test_resampling_matches_reference(d: CaseDraw) -> None:
     """Shape, spacing, field of view, trilinear image and nearest label after resampling to a drawn spacing."""
@@ -719,7 +713,7 @@ def test_resampling_matches_reference(d: CaseDraw) -> None:
 # ------------------------------------------------------------------------------------------ back to the scanner
 
 
-@grid(70)
+@_grid(70)
 @given(d=case_draws(), resample=st.sampled_from(["none", "upsample", "any"]), gz=st.booleans())
 def test_restore_and_write_prediction(d: CaseDraw, resample: str, gz: bool) -> None:
     """restore_to_original against the world-space nearest voxel; write_prediction read back by nibabel."""
@@ -816,7 +810,7 @@ def ref_window(arr: np.ndarray, starts: Sequence[int], size: Sequence[int], pad:
     return padded[tuple(slice(s + b, s + b + k) for s, k, (b, _) in zip(starts, size, width, strict=True))]
 
 
-@grid(300)
+@_grid(300)
 @given(seed=SEEDS, ndim=st.integers(1, 3), dtype=st.sampled_from(["float32", "uint8", "int64"]))
 def test_read_window_matches_pad_and_slice(seed: int, ndim: int, dtype: str) -> None:
     """Windows inside, partly outside, larger than, or wholly outside the array on every axis."""
@@ -842,7 +836,7 @@ def test_read_window_wholly_outside(start: int) -> None:
     np.testing.assert_array_equal(_read_window(arr, [start], [3], -1.0), ref_window(arr, [start], [3], -1.0))
 
 
-@grid(300)
+@_grid(300)
 @given(seed=SEEDS, n=st.integers(1, 12), size=st.integers(1, 12), include=st.booleans())
 def test_window_start_range(seed: int, n: int, size: int, include: bool) -> None:
     """Inside [0, n - size] (or the centred start when the window covers the axis), holding must_include;
@@ -925,7 +919,7 @@ def window_start_of(window: np.ndarray, case: CachedCase) -> tuple[int, ...]:
 TUMOUR_PROBS = [None, 0.0, 0.3, 0.5, 1.0]
 
 
-@grid(50)
+@_grid(50)
 @given(
     seed=SEEDS,
     n_cases=st.integers(1, 3),
@@ -991,7 +985,7 @@ def check_resized(s: dict[str, torch.Tensor], image: np.ndarray, label: np.ndarr
     assert matches_nearest(got, label.astype(np.int64), cands).all()
 
 
-@grid(50)
+@_grid(50)
 @given(
     seed=SEEDS,
     n_cases=st.integers(1, 3),
@@ -1024,7 +1018,7 @@ def test_patch_dataset_items(
                 assert case.has_tumour and (s["label"] == 2).any()
 
 
-@grid(20)
+@_grid(20)
 @given(
     seed=SEEDS,
     tumour_prob=st.sampled_from([0.0, 0.2, 0.5, 0.8, 1.0]),
@@ -1058,7 +1052,7 @@ def within_binomial(count: int, n: int, p: float) -> bool:
     return abs(count - n * p) <= 6 * math.sqrt(n * p * (1 - p)) + 1
 
 
-@grid(15)
+@_grid(15)
 @given(seed=SEEDS, tumour_prob=st.sampled_from([None, 0.3, 0.5]))
 def test_slice_draws_are_uniform(seed: int, tumour_prob: float | None) -> None:
     """Within each kind (tumour / tumour-free / unconstrained) the case is uniform among the cases that have one,
@@ -1091,7 +1085,7 @@ def test_slice_draws_are_uniform(seed: int, tumour_prob: float | None) -> None:
                         assert within_binomial(n_slice, n_case, 1 / len(slices)), (ci, z, n_slice, n_case)
 
 
-@grid(200)
+@_grid(200)
 @given(
     seed=SEEDS,
     shape=st.one_of(st.tuples(st.integers(2, 7), st.integers(2, 7)), st.tuples(*[st.integers(2, 6)] * 3)),
@@ -1160,7 +1154,7 @@ def patients_of(ids: Sequence[str], groups: dict[str, str] | None) -> set[str]:
     return {(groups or {}).get(c, c) for c in ids}
 
 
-@grid(200)
+@_grid(200)
 @given(
     data=id_sets(),
     folds=st.integers(2, 6),
@@ -1204,7 +1198,7 @@ def test_folds_partition(data: tuple[list[str], dict[str, str] | None, int], fol
         assert fs["train"] == sorted(c for k, p in enumerate(res["folds"]) if k != fold for c in p)
 
 
-@grid(200)
+@_grid(200)
 @given(
     data=id_sets(),
     fractions=st.sampled_from(

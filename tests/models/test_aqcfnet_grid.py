@@ -72,6 +72,7 @@ from typing import Any
 
 import pytest
 import torch
+from _grid import grid
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -85,12 +86,11 @@ from aqcf_kernels.ops import conv as conv_ops
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
 
+
 # Examples per test sized for CI (~90 s on one core); a longer hunt multiplies them: AQCF_GRID_SCALE=5 pytest <this>.
-SCALE = int(os.environ.get("AQCF_GRID_SCALE", "1"))
-GRID = settings(
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
-)
+def _grid(examples: int) -> settings:
+    return grid(examples, HealthCheck.filter_too_much, HealthCheck.data_too_large)
+
 
 #: The option values the docstrings list (AQCFNet's Args), written out here rather than imported, so that the
 #: oracle is the documentation's, not the code's.
@@ -509,7 +509,7 @@ def option_sets(draw: st.DrawFn) -> dict[str, Any]:
     return kw
 
 
-@settings(GRID, max_examples=300 * SCALE)
+@_grid(300)
 @given(kw=option_sets())
 def test_options_build_or_refuse(kw: dict[str, Any]) -> None:
     bad = violations(kw)
@@ -550,7 +550,7 @@ def test_options_build_or_refuse(kw: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@settings(GRID, max_examples=450 * SCALE)
+@_grid(450)
 @given(cfg=configs())
 def test_forward_and_gradients(cfg: Config) -> None:
     model = build(cfg).train()
@@ -599,7 +599,7 @@ def _forward(model: AQCFNet, x: dict[str, Tensor], training: bool, seed: int = 0
         return model(**x)
 
 
-@settings(GRID, max_examples=300 * SCALE)
+@_grid(300)
 @given(cfg=configs())
 def test_eval_properties(cfg: Config) -> None:
     model = build(cfg)
@@ -692,7 +692,7 @@ def _assert_close(got: dict[str, Any], want: dict[str, Any], tol: float, what: s
             assert error <= tol, f"{what}: {name}[{k}] {error:.2e} off (tolerance {tol:.0e}): {cfg}"
 
 
-@settings(GRID, max_examples=220 * SCALE)
+@_grid(220)
 @given(cfg=configs())
 def test_memory_format_and_algorithm_agree(cfg: Config) -> None:
     model = build(cfg)
@@ -729,7 +729,7 @@ def test_memory_format_and_algorithm_agree(cfg: Config) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@settings(GRID, max_examples=100 * SCALE)
+@_grid(100)
 @given(cfg=configs(max_levels=2), data=st.data())
 def test_bad_inputs_are_refused_before_any_layer_runs(cfg: Config, data: st.DataObject) -> None:
     model = build(cfg)

@@ -47,14 +47,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from dataclasses import dataclass
 from unittest import mock
 
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from _grid import grid
+from hypothesis import given
 from hypothesis import strategies as st
 
 from aqcf_kernels import backends
@@ -663,10 +663,9 @@ def _check_common(c: NormConfig, dtype: torch.dtype, run: Run, grads: dict[str, 
 # --------------------------------------------------------------------------------------------------
 
 # Examples per test sized for CI; a longer hunt multiplies them: AQCF_GRID_SCALE=20 pytest <this file>.
-SCALE = int(os.environ.get("AQCF_GRID_SCALE", "1"))
-GRID = settings(max_examples=400 * SCALE, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-HALF_GRID = settings(max_examples=300 * SCALE, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-TRITON_GRID = settings(max_examples=50 * SCALE, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+GRID = grid(400)
+HALF_GRID = grid(300)
+TRITON_GRID = grid(50)
 TRITON = pytest.mark.skipif(triton_common.unavailable() is not None, reason="triton unavailable")
 
 

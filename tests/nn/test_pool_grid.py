@@ -40,12 +40,12 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 from dataclasses import dataclass
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from _grid import grid
+from hypothesis import HealthCheck, assume, given
 from hypothesis import strategies as st
 
 from aqcf_kernels.nn import (
@@ -246,12 +246,7 @@ def reference_max_pool(
 # --------------------------------------------------------------------------------------------------
 
 # Examples per test sized for CI; a longer hunt multiplies them: AQCF_GRID_SCALE=20 pytest <this file>.
-SCALE = int(os.environ.get("AQCF_GRID_SCALE", "1"))
-GRID = settings(
-    max_examples=1500 * SCALE,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-)
+GRID = grid(1500, HealthCheck.filter_too_much)
 
 
 def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -400,7 +395,7 @@ def _run_dropout(c: DropoutConfig, dtype: torch.dtype, x: torch.Tensor) -> tuple
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp64", "fp32", "bf16", "fp16"])
-@settings(GRID, max_examples=600 * SCALE)
+@grid(600, HealthCheck.filter_too_much)
 @given(c=dropout_configs())
 def test_dropout_drops_whole_quaternions(dtype, c):
     x = _dropout_input(c, dtype)

@@ -64,7 +64,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import warnings
 from dataclasses import dataclass
 from unittest import mock
@@ -72,7 +71,8 @@ from unittest import mock
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from _grid import grid
+from hypothesis import given
 from hypothesis import strategies as st
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
@@ -678,11 +678,10 @@ def _check_common(c: RecurrentCase, dtype: torch.dtype, got: Results, want: Resu
 # --------------------------------------------------------------------------------------------------
 
 # Examples per test sized for CI; a longer hunt multiplies them: AQCF_GRID_SCALE=10 pytest <this file>.
-SCALE = int(os.environ.get("AQCF_GRID_SCALE", "1"))
 # (~10 ms an example in float64, ~15 ms in float32 and bf16 on one core: ~50 s for the file)
-F64_GRID = settings(max_examples=1800 * SCALE, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-F32_GRID = settings(max_examples=1400 * SCALE, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-BF16_GRID = settings(max_examples=1400 * SCALE, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+F64_GRID = grid(1800)
+F32_GRID = grid(1400)
+BF16_GRID = grid(1400)
 
 #: Two float64 computations of the same function (the reference's roundings and the layer's, ~1e-16 each, through
 #: at most 9 steps x 3 layers of contractive or mildly growing maps): far below 1e-10, which any wrong weight,
@@ -777,7 +776,7 @@ def test_bfloat16_within_twice_the_references_error(c):
 
 
 TRITON = pytest.mark.skipif(triton_common.unavailable() is not None, reason="triton unavailable")
-TRITON_GRID = settings(max_examples=25 * SCALE, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+TRITON_GRID = grid(25)
 
 
 @TRITON

@@ -32,14 +32,14 @@ SUM_FACTOR float32 eps x ``‖Σ|terms|‖ / ‖Σ terms‖``.
 from __future__ import annotations
 
 import itertools
-import os
 from dataclasses import dataclass
 from unittest import mock
 
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, assume, given, settings
+from _grid import grid
+from hypothesis import HealthCheck, assume, given
 from hypothesis import strategies as st
 
 from aqcf_kernels import reference
@@ -416,12 +416,7 @@ def _conv_case(c: ConvConfig, dtype: torch.dtype) -> None:
 
 
 # Examples per test sized for CI; a longer hunt multiplies them: AQCF_GRID_SCALE=20 pytest <this file>.
-SCALE = int(os.environ.get("AQCF_GRID_SCALE", "1"))
-GRID = settings(
-    max_examples=700 * SCALE,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-)
+GRID = grid(700, HealthCheck.filter_too_much)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
@@ -489,7 +484,7 @@ def reference_rotation_linear(
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
-@settings(GRID, max_examples=600 * SCALE)
+@grid(600, HealthCheck.filter_too_much)
 @given(c=linear_configs())
 def test_rotation_linear_matches_the_reference(dtype, c):
     params64 = _params64(c, (4, c.cout, c.cin))

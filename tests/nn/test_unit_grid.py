@@ -58,14 +58,14 @@ a dim where every output reads only padding (tests/conv/test_real_conv_routes.py
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from unittest import mock
 
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, assume, given, settings
+from _grid import grid
+from hypothesis import HealthCheck, assume, given
 from hypothesis import strategies as st
 
 from aqcf_kernels import nn as qnn
@@ -470,12 +470,7 @@ def _terms(c: UnitConfig, chain: Chain, gy: torch.Tensor) -> tuple[torch.Tensor,
 # --------------------------------------------------------------------------------------------------
 
 # Examples per test sized for CI; a longer hunt multiplies them: AQCF_GRID_SCALE=20 pytest <this file>.
-SCALE = int(os.environ.get("AQCF_GRID_SCALE", "1"))
-GRID = settings(
-    max_examples=1500 * SCALE,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-)
+GRID = grid(1500, HealthCheck.filter_too_much)
 
 
 @GRID
@@ -571,7 +566,7 @@ def _float32(c: UnitConfig) -> list[tuple[str, float, float, float]]:
     return results
 
 
-@settings(GRID, max_examples=1200 * SCALE)
+@grid(1200, HealthCheck.filter_too_much)
 @given(c=unit_configs())
 def test_float32_within_the_contract(c):
     _float32(c)

@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -64,6 +63,7 @@ import nibabel.orientations as nio
 import numpy as np
 import pytest
 import torch
+from _grid import grid
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy import ndimage
@@ -76,16 +76,10 @@ from aqcf_kernels.pipeline.metrics import case_metrics, dice, hd95, summarise
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
 
+
 # Examples per test sized for the default run; a longer hunt multiplies them: AQCF_GRID_SCALE=5 pytest <this file>.
-SCALE = int(os.environ.get("AQCF_GRID_SCALE", "1"))
-
-
 def _grid(examples: int) -> settings:
-    return settings(
-        max_examples=examples * SCALE,
-        deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
-    )
+    return grid(examples, HealthCheck.filter_too_much, HealthCheck.data_too_large)
 
 
 # ----------------------------------------------------------------------------------------------- inference

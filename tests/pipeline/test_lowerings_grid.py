@@ -58,12 +58,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import os
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _grid import grid
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from nn._conv_geometry import draw_geometry, output_size  # (tests/nn: pytest puts tests/ on sys.path)
@@ -98,16 +98,10 @@ FAST8_TOL32 = 5e-4 + 1e-5
 #: ReLU can leave one nearly empty: one element of 1e-9 that one side rounds to 0 is not an error of 100%).
 COMPONENT_FLOOR = 0.1
 
+
 # Examples per test sized for the default run; a longer hunt multiplies them: AQCF_GRID_SCALE=8 pytest <this file>.
-SCALE = int(os.environ.get("AQCF_GRID_SCALE", "1"))
-
-
 def _grid(examples: int) -> settings:
-    return settings(
-        max_examples=examples * SCALE,
-        deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
-    )
+    return grid(examples, HealthCheck.filter_too_much, HealthCheck.data_too_large)
 
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
