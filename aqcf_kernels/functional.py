@@ -77,6 +77,12 @@ def _quaternion_conv(
     spatial_dims = weight.dim() - 3
     if spatial_dims not in (1, 2, 3):
         raise ValueError(f"weight must have 4, 5 or 6 dims (4, A, B, *kernel), got shape {tuple(weight.shape)}")
+    if isinstance(input, Tensor) and input.dim() == spatial_dims + 1:  # one unbatched sample (C, *spatial), as F.conv*
+        y = _quaternion_conv(
+            input.unsqueeze(0), weight, bias, stride, padding, dilation, groups, transposed, output_padding, algorithm,
+            activation, negative_slope,
+        )  # fmt: skip
+        return y.squeeze(0)
     p, extra = check_conv_args(
         input, weight, bias, spatial_dims, stride, padding, dilation, groups, transposed, output_padding, algorithm
     )

@@ -147,7 +147,7 @@ def _checked_key(input, weight, bias, spatial_dims, stride, padding, dilation, g
         tensors += (bias.shape, bias.dtype, bias.device)
     # dtypes that differ pass only under autocast (same_dtype_under_autocast)
     mixed = weight.dtype != dtype or (bias is not None and bias.dtype != dtype)
-    autocast = torch.is_autocast_enabled(device.type) if mixed else None
+    autocast = torch.is_autocast_enabled(device.type) if mixed and device.type in ("cpu", "cuda") else None
     return (*tensors, spatial_dims, *geometry, groups, transposed, algorithm, autocast)
 
 
@@ -192,7 +192,8 @@ def _check_conv_args(input, weight, bias, spatial_dims, stride, padding, dilatio
         raise TypeError(f"{kind}: weight must be a Tensor, got {type(weight).__name__}")
     if input.dim() != spatial_dims + 2:
         raise ValueError(
-            f"{kind}: input must be {spatial_dims + 2}-D (N, C, {'*' * spatial_dims}), got shape {tuple(input.shape)}"
+            f"{kind}: input must be {spatial_dims + 2}-D (N, C, {'*' * spatial_dims}) or {spatial_dims + 1}-D (one "
+            f"unbatched sample), got shape {tuple(input.shape)}"
         )
     if weight.dim() != spatial_dims + 3 or weight.shape[0] != 4:
         io = "in/4, out/4/groups" if transposed else "out/4, in/4/groups"
@@ -218,6 +219,10 @@ def _check_conv_args(input, weight, bias, spatial_dims, stride, padding, dilatio
         raise TypeError(f"{kind}: input must be a floating-point tensor, got {input.dtype}")
 
     channels = input.shape[1]
+    if input.shape[0] and channels and 0 in input.shape[2:]:  # (torch's convs refuse these too)
+        raise ValueError(
+            f"{kind}: input has a zero-size spatial dim, shape {tuple(input.shape)}: only an empty batch is supported"
+        )
     if channels % (4 * groups):
         raise ValueError(
             f"{kind}: input has {channels} channels, not a multiple of 4 * groups = {4 * groups} "

@@ -256,12 +256,20 @@ def resolve_conv(
 _CONV_CANDIDATES: dict[tuple, list[tuple[ConvBackend, str]]] = {}
 
 
+def candidates_read_the_data(input: Tensor, algorithm: str) -> bool:
+    """Whether the algorithms on offer for a call depend on its data, not only on what a signature holds: ``auto`` in
+    half precision under ``tuning.half_fast8 = 'balanced'`` offers fast8 only where the components' balance guard
+    passes (:func:`~aqcf_kernels.tuning.half_fast8_allowed`). Such a call's choice is neither cached here nor served
+    by the extension for later calls of the signature."""
+    return algorithm == "auto" and tuning.half_fast8 == "balanced" and input.dtype not in (torch.float32, torch.float64)
+
+
 def _candidates_key(input: Tensor, weight: Tensor, params: ConvParams, algorithm: str, kind: ConvKind) -> tuple | None:
     """What the candidates of a call depend on, or None where they also depend on the data (the balance
     guard of fast8 in half precision, :func:`~aqcf_kernels.tuning.half_fast8_allowed`) or the sizes are
     symbolic (unhashable). Everything else a backend's refusal reads is in it: the device, dtype, shape
     and strides (the memory format), the weight's shape and the geometry; and the forced backend."""
-    if algorithm == "auto" and tuning.half_fast8 == "balanced" and input.dtype not in (torch.float32, torch.float64):
+    if candidates_read_the_data(input, algorithm):
         return None
     key = (kind, algorithm, forced(), input.device, input.dtype, input.shape, input.stride(), weight.shape, params)
     try:

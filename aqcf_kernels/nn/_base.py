@@ -58,6 +58,13 @@ def check_layer_options(cls_name: str, algorithm: str, init_criterion: str, init
     check_init(cls_name, init, init_criterion)
 
 
+def check_real_dtype(cls_name: str, dtype: Any) -> None:
+    """A layer's ``dtype`` argument: None (the default dtype) or a real floating dtype; a quaternion layer's
+    components are real (a complex dtype would build a layer that refuses every input)."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"{cls_name}: dtype must be a real floating-point dtype or None, got {dtype!r}")
+
+
 class QuaternionModule(nn.Module):
     """Base of the quaternion layers: ``weight`` is ONE ``(4, A, B, ...)`` parameter, index r, i, j, k.
 

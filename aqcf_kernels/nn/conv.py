@@ -30,7 +30,13 @@ from .._fx import fx_leaf
 from ..backends.base import activate
 from ..functional import _quaternion_conv
 from ..params import int_tuple
-from ._base import QuaternionModule, check_layer_options, check_quaternion_channels, check_rotation_options
+from ._base import (
+    QuaternionModule,
+    check_layer_options,
+    check_quaternion_channels,
+    check_real_dtype,
+    check_rotation_options,
+)
 from .rotation import quaternion_rotation_conv, rotation_channel_blocks
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -74,6 +80,7 @@ class _QuaternionConvNd(QuaternionModule):
         if not isinstance(groups, int) or isinstance(groups, bool) or groups <= 0:
             raise ValueError(f"{name}: groups must be a positive int, got {groups!r}")
         check_layer_options(name, algorithm, init_criterion, init)
+        check_real_dtype(name, dtype)
         check_rotation_options(name, rotation, quaternion_format, scale, algorithm)
         blocks = rotation_channel_blocks(quaternion_format)
         in_channels = check_quaternion_channels(name, "in_channels", in_channels, groups, blocks)

@@ -9,7 +9,13 @@ from torch import Tensor, nn
 
 from .._fx import fx_leaf
 from ..functional import quaternion_linear
-from ._base import QuaternionModule, check_layer_options, check_quaternion_channels, check_rotation_options
+from ._base import (
+    QuaternionModule,
+    check_layer_options,
+    check_quaternion_channels,
+    check_real_dtype,
+    check_rotation_options,
+)
 from .rotation import quaternion_rotation_linear, rotation_channel_blocks
 
 
@@ -48,6 +54,7 @@ class QuaternionLinear(QuaternionModule):
         super().__init__()
         name = type(self).__name__
         check_layer_options(name, algorithm, init_criterion, init)
+        check_real_dtype(name, dtype)
         check_rotation_options(name, rotation, quaternion_format, scale, algorithm)
         blocks = rotation_channel_blocks(quaternion_format)
         in_features = check_quaternion_channels(name, "in_features", in_features, blocks=blocks)

@@ -55,7 +55,7 @@ from ..layout import like_layout, quaternion_channels
 from ..ops import norm as norm_ops
 from ..ops.conv import ACTIVATIONS
 from ..ops.lowerings import exporting_to_onnx
-from ._base import check_quaternion_channels
+from ._base import check_quaternion_channels, check_real_dtype
 
 
 def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -446,6 +446,7 @@ class _QuaternionNorm(nn.Module):
         super().__init__()
         name = type(self).__name__
         num_features = check_quaternion_channels(name, "num_features", num_features)
+        check_real_dtype(name, dtype)
         if activation is not None and activation not in ACTIVATIONS:
             raise ValueError(f"{name}: activation must be None or one of {ACTIVATIONS}, got {activation!r}")
         self.activation, self.negative_slope = activation, negative_slope
@@ -545,13 +546,18 @@ class _QuaternionNorm(nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         unbatched = self._check_input(input)
         x = input.unsqueeze(0) if unbatched else input
+        use_input_stats = self.training or not self.track_running_stats
+        if not self._per_sample and (self.eps < 0 or (self.eps == 0 and use_input_stats)):  # (torch's batch norms too)
+            raise ValueError(
+                f"{type(self).__name__}: eps must be positive to normalise by a batch's statistics, and never "
+                f"negative; got eps={self.eps}"
+            )
         # torch.nn.BatchNorm's bookkeeping: count batches, and momentum=None means a cumulative average.
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:
                 factor = 1.0 / float(self.num_batches_tracked)
-        use_input_stats = self.training or not self.track_running_stats
         y = _quaternion_norm(
             type(self).__name__,
             x,

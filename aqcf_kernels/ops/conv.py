@@ -236,8 +236,11 @@ def _no_preactivation(input: Tensor) -> Tensor:
 def _remember(kind: str, algorithm: str, backend, chosen: str, input: Tensor, other: Tensor, weight_shape, p) -> None:
     """Let the extension serve later calls with this signature without asking Python again, when what
     served this one is the extension's own code (:meth:`~aqcf_kernels.backends.base.ConvBackend.native_engine`;
-    not a test's stand-in for it) and the extension has a kernel for the device (CPU and CUDA)."""
+    not a test's stand-in for it) and the extension has a kernel for the device (CPU and CUDA), and what was on
+    offer did not depend on the call's data (the signature does not hold it)."""
     if not NATIVE or input.device.type not in NATIVE_DEVICES:
+        return
+    if backends.registry.candidates_read_the_data(input, algorithm):
         return
     engine = backend.native_engine()
     if engine is not None:

@@ -31,9 +31,11 @@ RememberedChoices<bool> gate_choices;
 AttentionFallbacks fallbacks;
 
 // What Python's choice depends on beyond signature_start's: the tensors' dtypes, sizes and strides
-// (PyTorch's kernel eligibility checks read all of them).
+// (PyTorch's kernel eligibility checks read all of them) and the thread count (a half-precision CPU route is
+// measured per thread count: backends/torch/attention.py, _half_route_fast_key).
 std::string signature(std::string_view kind, std::initializer_list<const Tensor*> tensors) {
   std::string key = signature_start(kind, (*tensors.begin())->device());
+  key.append(std::to_string(at::get_num_threads())).push_back('|');
   for (const Tensor* t : tensors) {
     key.append(std::to_string(static_cast<int>(t->scalar_type()))).push_back(':');
     for (int64_t v : t->sizes()) key.append(std::to_string(v)).push_back(',');

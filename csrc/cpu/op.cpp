@@ -165,12 +165,18 @@ std::tuple<Tensor, Tensor> qconv_native(
   if (cpu_engine && !keep) {  // none, relu, leaky_relu >= 0: in the engine's epilogue
     return {in_output_format(input, conv(input, weight, bias, p, choice->fast8, act)), input.new_empty({0})};
   }
-  // The ATen path has no epilogue: the activation after the conv, as ops/conv.py applies it for a
-  // backend that does not fuse it.
-  const Tensor z = in_output_format(
-      input, cpu_engine ? conv(input, weight, bias, p, choice->fast8) : conv_aten(input, weight, bias, p, choice->fast8));
-  if (!activation) return {z, input.new_empty({0})};
+  const Tensor raw = cpu_engine ? conv(input, weight, bias, p, choice->fast8) : conv_aten(input, weight, bias, p, choice->fast8);
+  if (!activation) return {in_output_format(input, raw), input.new_empty({0})};
+  // In the order ops/conv.py's _qconv takes for the same choice, so that a served call equals the first one bit for
+  // bit: the cpu engines (a backend that fuses the activation: conv_act) activate their output, then each goes into
+  // the output format; the ATen path (no epilogue) activates the output already in it. The orders differ in the last
+  // bit where the engine's output is in another format (GELU's vectorised and scalar loops round differently, and
+  // which one an element takes depends on the layout).
   // (an elementwise op may give a map whose spatial dims are all 1 channels-first strides: the input's format again)
+  if (cpu_engine) {
+    return {in_output_format(input, activated(raw, act)), keep ? in_output_format(input, raw) : input.new_empty({0})};
+  }
+  const Tensor z = in_output_format(input, raw);
   return {in_output_format(input, activated(z, act)), keep ? z : input.new_empty({0})};
 }
 

@@ -40,9 +40,10 @@ BAD_CALLS = {
         ValueError,
         r"input has 12 channels, not a multiple of 4 \* groups = 8",
     ),
-    "input ndim": (lambda: qF.quaternion_conv2d(_x(2, 8, 5), _x(*W)), ValueError, r"input must be 4-D"),
+    # (a 3-D input to a 2d conv is one unbatched sample, as in F.conv2d)
+    "input ndim": (lambda: qF.quaternion_conv2d(_x(8, 5), _x(*W)), ValueError, r"input must be 4-D"),
     "input ndim (transposed 3d)": (
-        lambda: qF.quaternion_conv_transpose3d(_x(*X), _x(4, 2, 2, 3, 3, 3)),
+        lambda: qF.quaternion_conv_transpose3d(_x(8, 5, 5), _x(4, 2, 2, 3, 3, 3)),
         ValueError,
         r"input must be 5-D",
     ),

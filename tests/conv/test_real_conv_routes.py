@@ -323,6 +323,42 @@ def test_a_bf16_3d_weight_gradient_under_a_deeper_kernel_is_right(depth, kernel_
         assert _rel(got, wd.grad) < 8e-3, (name, _rel(got, wd.grad))  # bf16's eps: 7.8e-3, one rounding: 3e-3
 
 
+# (input spatial size, kernel, stride, padding, dilation): kernels larger than the input along some dim, the depth or
+# another, in 1d, 2d and 3d (bf16 weight gradients PyTorch got wrong here, from a grid of random geometries:
+# tests/conv/test_native_served_grid.py), a dilated extent larger than the input, and kernels that fit
+LARGER_KERNELS = [
+    ((1,), (3,), (2,), (2,), (1,)),
+    ((5, 1), (3, 3), (1, 2), (0, 1), (1, 1)),
+    ((3, 1, 1), (3, 3, 1), (1, 2, 2), (1, 1, 0), (1, 1, 1)),
+    ((2, 5, 3), (2, 2, 3), (1, 2, 1), (1, 0, 1), (1, 1, 1)),
+    ((4, 6), (2, 3), (1, 1), (2, 1), (4, 1)),
+    ((3, 3), (3, 3), (1, 1), (1, 1), (1, 1)),
+    ((6,), (3,), (2,), (1,), (2,)),
+]
+
+
+@pytest.mark.parametrize(("size", "kernel", "stride", "padding", "dilation"), LARGER_KERNELS)
+def test_a_bf16_weight_gradient_under_a_kernel_larger_than_its_input_is_right(size, kernel, stride, padding, dilation):
+    """As above, along any spatial dim and in 1d and 2d too: where the kernel's dilated extent exceeds the input's size
+    along some dim, both twins take the float32 weight gradient, and PyTorch's elsewhere."""
+    from aqcf_kernels.backends.torch.conv import real_conv_weight_grad
+
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(size)]
+    x = _rand(1, 64, *size, seed=33).bfloat16()
+    w = _rand(16, 64, *kernel, seed=34)
+    geometry = (list(stride), list(padding), list(dilation))
+    gy = _rand(*conv(x.double(), w.double(), None, *geometry).shape, seed=35).bfloat16()
+    gw, taken = _C._real_conv_weight_grad(x, gy, list(w.shape), *geometry, 1)
+    gw_torch = real_conv_weight_grad(x, gy, list(w.shape), ConvParams(len(size), *geometry, False, (0,) * len(size), 1))
+    larger = any(d * (k - 1) + 1 > n for n, k, d in zip(size, kernel, dilation, strict=True))
+    assert taken == ("float32" if larger else "aten")
+    wd = w.double().requires_grad_()
+    conv(x.double(), wd, None, *geometry).backward(gy.double())
+    for name, got in (("extension", gw), ("torch backend", gw_torch)):
+        assert got.dtype == torch.bfloat16
+        assert _rel(got, wd.grad) < 8e-3, (name, _rel(got, wd.grad))  # bf16's eps: 7.8e-3, one rounding: 3e-3
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpp", "cpp_cl"])
 def test_a_bf16_quaternion_conv3d_at_a_depth_2_bottleneck_meets_the_contract(backend, qrand) -> None:
     """A bf16 QuaternionConv3d-sized call (8 quaternion channels, 3x3x3, padding 1) on a depth-2 map, through each

@@ -47,18 +47,21 @@ def real_conv(x: Tensor, w: Tensor, p: ConvParams, bias: Tensor | None = None) -
     return fn(x, w, bias, p.stride, p.padding, p.dilation, p.groups)
 
 
-def bf16_kernel_deeper_than_input(x: Tensor, weight_shape) -> bool:
-    """Whether PyTorch's CPU bf16 conv3d weight gradient is wrong for ``x`` and a weight of ``weight_shape``: oneDNN's
-    kernel (torch 2.13, an AMD EPYC with avx512_bf16) gives garbage, 1 to 1e35 off or NaN, where the kernel is deeper
-    than its input (a depth-2 map under a 3-deep kernel: a 3d U-Net's bottleneck); its float32 one is right. The
-    extension's twin: csrc/cpu/real_conv.cpp."""
-    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 5 and weight_shape[2] > x.shape[2]
+def bf16_kernel_larger_than_input(x: Tensor, weight_shape, dilation) -> bool:
+    """Whether PyTorch's CPU bf16 conv weight gradient is wrong for ``x`` and a weight of ``weight_shape``: oneDNN's
+    kernel (torch 2.13, an AMD EPYC with avx512_bf16) gives garbage, 1 to 1e35 off, inf or NaN, where the kernel's
+    dilated extent is larger than its input along some spatial dim (a depth-2 map under a 3-deep kernel: a 3d U-Net's
+    bottleneck; a width-1 map under a 3-wide kernel, in 1d, 2d and 3d); its float32 one is right. The extension's
+    twin, with the measurement: csrc/cpu/real_conv.cpp."""
+    if x.dtype != torch.bfloat16 or x.device.type != "cpu":
+        return False
+    return any(d * (k - 1) + 1 > n for k, d, n in zip(weight_shape[2:], dilation, x.shape[2:], strict=True))
 
 
 def real_conv_weight_grad(x: Tensor, gy: Tensor, weight_shape, p: ConvParams) -> Tensor:
     """Gradient w.r.t. the weight of the NON-transposed real conv ``gy = conv(x, w)`` (in float32 where PyTorch's
-    bf16 one is wrong: :func:`bf16_kernel_deeper_than_input`)."""
-    if bf16_kernel_deeper_than_input(x, weight_shape):
+    bf16 one is wrong: :func:`bf16_kernel_larger_than_input`)."""
+    if bf16_kernel_larger_than_input(x, weight_shape, p.dilation):
         return real_conv_weight_grad(x.float(), gy.float(), weight_shape, p).to(x.dtype)
     dummy = gy.new_empty(1).expand(weight_shape)
     return torch.ops.aten.convolution_backward(
