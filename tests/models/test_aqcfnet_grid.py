@@ -87,7 +87,7 @@ from aqcf_kernels.ops import conv as conv_ops
 pytestmark = pytest.mark.usefixtures("single_threaded")
 
 
-# Examples per test sized for CI (~90 s on one core); a longer hunt multiplies them: AQCF_GRID_SCALE=5 pytest <this>.
+# Examples per test sized for CI (~65 s on one core); a longer hunt multiplies them: AQCF_GRID_SCALE=5 pytest <this>.
 def _grid(examples: int) -> settings:
     return grid(examples, HealthCheck.filter_too_much, HealthCheck.data_too_large)
 
@@ -550,7 +550,7 @@ def test_options_build_or_refuse(kw: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@_grid(450)
+@_grid(300)
 @given(cfg=configs())
 def test_forward_and_gradients(cfg: Config) -> None:
     model = build(cfg).train()
@@ -692,7 +692,7 @@ def _assert_close(got: dict[str, Any], want: dict[str, Any], tol: float, what: s
             assert error <= tol, f"{what}: {name}[{k}] {error:.2e} off (tolerance {tol:.0e}): {cfg}"
 
 
-@_grid(220)
+@_grid(150)
 @given(cfg=configs())
 def test_memory_format_and_algorithm_agree(cfg: Config) -> None:
     model = build(cfg)

@@ -566,7 +566,7 @@ def _float32(c: UnitConfig) -> list[tuple[str, float, float, float]]:
     return results
 
 
-@grid(1200, HealthCheck.filter_too_much)
+@grid(800, HealthCheck.filter_too_much)
 @given(c=unit_configs())
 def test_float32_within_the_contract(c):
     _float32(c)
