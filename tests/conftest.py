@@ -98,6 +98,8 @@ RUN_FIRST = (
     "tests/pipeline/test_lowerings_grid.py",
     "tests/data/test_data_grid.py",
     "tests/pipeline/test_inference_metrics_grid.py",
+    "tests/conv/test_native_served_grid.py",
+    "tests/nn/test_torch_nn_parity_grid.py",
 )
 
 

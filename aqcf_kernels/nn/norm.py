@@ -442,6 +442,7 @@ class _QuaternionNorm(nn.Module):
         whiten: bool,
         activation: str | None = None,
         negative_slope: float = 0.01,
+        bias: bool = True,
     ) -> None:
         super().__init__()
         name = type(self).__name__
@@ -458,7 +459,8 @@ class _QuaternionNorm(nn.Module):
         factory = {"device": device, "dtype": dtype}
         if affine:
             self.weight = nn.Parameter(torch.empty((cq, 4, 4) if whiten else (cq,), **factory))
-            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+            # bias=False: a scale without a shift (torch.nn's norms' keyword)
+            self.bias = nn.Parameter(torch.empty(num_features, **factory)) if bias else None
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -521,7 +523,8 @@ class _QuaternionNorm(nn.Module):
                     self.weight.copy_(eye.div(2).expand_as(self.weight))
                 else:
                     self.weight.fill_(1.0)
-                self.bias.zero_()
+                if self.bias is not None:
+                    self.bias.zero_()
 
     def _check_input(self, input: Tensor) -> bool:
         """Rank and channel checks; returns whether ``input`` is unbatched."""
@@ -581,6 +584,8 @@ class _QuaternionNorm(nn.Module):
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
             f"track_running_stats={self.track_running_stats}"
         )
+        if self.affine and self.bias is None:
+            s += ", bias=False"
         if self.whiten:
             s += ", whiten=True"
         if self.activation is not None:
@@ -606,10 +611,12 @@ class _QuaternionBatchNorm(_QuaternionNorm):
         whiten: bool = False,
         activation: str | None = None,
         negative_slope: float = 0.01,
+        bias: bool = True,
     ) -> None:
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device, dtype, whiten, activation, negative_slope
-        )
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, whiten, activation, negative_slope,
+            bias,
+        )  # fmt: skip
 
 
 class _QuaternionInstanceNorm(_QuaternionNorm):
@@ -628,10 +635,12 @@ class _QuaternionInstanceNorm(_QuaternionNorm):
         whiten: bool = False,
         activation: str | None = None,
         negative_slope: float = 0.01,
+        bias: bool = True,
     ) -> None:
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device, dtype, whiten, activation, negative_slope
-        )
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, whiten, activation, negative_slope,
+            bias,
+        )  # fmt: skip
 
 
 class QuaternionBatchNorm1d(_QuaternionBatchNorm):

@@ -553,3 +553,32 @@ def test_constructor_and_functional_errors() -> None:
         quaternion_batch_norm(x, None, None, training=False)
     with pytest.raises(ValueError, match=r"quaternion_instance_norm: input must have a positive multiple of 4"):
         quaternion_instance_norm(torch.randn(2, 5, 3))
+
+
+@pytest.mark.parametrize("cls", [QuaternionBatchNorm2d, QuaternionInstanceNorm2d])
+@pytest.mark.parametrize("whiten", [False, True], ids=["shared", "whiten"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "composite"])
+def test_bias_false_is_a_scale_without_a_shift(cls, whiten, fused) -> None:
+    """``bias=False`` (torch.nn's norms' keyword): no ``bias`` parameter, and the outputs, the input and weight
+    gradients and the running statistics of the same norm with its shift held at 0, in training and in eval."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 12, 4, 5, generator=g, dtype=F64)
+    gy = torch.randn(3, 12, 4, 5, generator=g, dtype=F64)
+    kw = {"affine": True, "track_running_stats": True, "whiten": whiten, "activation": "leaky_relu", "dtype": F64}
+    scaled, shifted = cls(12, bias=False, **kw), cls(12, **kw)
+    assert scaled.bias is None and "bias" not in scaled.state_dict() and "bias=False" in repr(scaled)
+    with torch.no_grad():
+        shifted.weight.copy_(scaled.weight.uniform_(0.5, 1.5) if not whiten else scaled.weight.normal_())
+    shifted.bias.requires_grad_(False)
+    scaled.fused = shifted.fused = fused
+    for training in (True, False):
+        scaled.train(training), shifted.train(training)
+        outs = []
+        for norm in (scaled, shifted):
+            xi = x.clone().requires_grad_()
+            y = norm(xi)
+            outs.append((y, *torch.autograd.grad(y, (xi, norm.weight), gy)))
+        for a, b in zip(*outs, strict=True):
+            assert_close(a, b, rtol=0, atol=0)
+    for name in ("running_mean", "running_cov" if whiten else "running_var"):
+        assert_close(getattr(scaled, name), getattr(shifted, name), rtol=0, atol=0)
