@@ -321,3 +321,20 @@ def test_a_training_step_is_six_launches_and_no_torch_kernel(monkeypatch, per_sa
     assert launched == ["qnorm_bwd_sums_kernel", "qnorm_bwd_coefficients_kernel", "qnorm_bwd_input_kernel"]
     assert forward_ops.ops == [] and backward_ops.ops == []
     assert (mean.shape, var.shape) == (((2 if per_sample else 1), 16), ((2 if per_sample else 1), 4))
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["batch", "instance"])
+def test_a_scale_without_a_shift(triton_calls, per_sample):
+    """A weight and no bias (the norms' ``bias=False``: HAS_WEIGHT without HAS_BIAS): output, input and weight
+    gradients against the composite path in float64."""
+    x, w, _, rm, rv, gy = _inputs((2, 8, 3, 5), torch.float64, False, seed=61)
+
+    def run(fused, device):
+        xi, wi = (t.to(device).detach().requires_grad_() for t in (x, w))
+        y = _quaternion_norm("t", xi, per_sample, None, None, wi, None, True, 0.1, 1e-5, False, "relu", 0.0, fused=fused)
+        return y, torch.autograd.grad(y, [xi, wi], gy.to(y))
+
+    ref = run(False, "cpu")
+    got = run(True, DEVICE)
+    assert triton_calls == {"forward": 1, "backward": 1}
+    _check(got, ref, 1e-10, names=("y", "grad_input", "grad_weight"))
