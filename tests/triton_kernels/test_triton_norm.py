@@ -331,7 +331,8 @@ def test_a_scale_without_a_shift(triton_calls, per_sample):
 
     def run(fused, device):
         xi, wi = (t.to(device).detach().requires_grad_() for t in (x, w))
-        y = _quaternion_norm("t", xi, per_sample, None, None, wi, None, True, 0.1, 1e-5, False, "relu", 0.0, fused=fused)
+        args = (per_sample, None, None, wi, None, True, 0.1, 1e-5, False, "relu", 0.0)
+        y = _quaternion_norm("t", xi, *args, fused=fused)
         return y, torch.autograd.grad(y, [xi, wi], gy.to(y))
 
     ref = run(False, "cpu")
