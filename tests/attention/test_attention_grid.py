@@ -47,13 +47,13 @@ pieces: float64 1e-12 (parameter gradients 1e-11), float32 the contract of the p
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 
 import pytest
 import torch
 from _grid import SCALE, grid
+from _threads import intra_op_threads
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -319,16 +319,6 @@ def check_against_reference(c: AttentionCase, got, sources, views, grads, what: 
             base = error(baseline[i], r, cancelled.get(name, 0.0))
             bound, why = max(2 * base, HALF_FLOOR[c.dtype]), f"2x materialised {c.dtype} ({base:.2e}) or the floor"
         assert err <= bound, f"{what}{name}: relative error {err:.2e} > {bound:.2e} ({why}); {c}"
-
-
-@contextlib.contextmanager
-def intra_op_threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def attention_fn(c: AttentionCase):
