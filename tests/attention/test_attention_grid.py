@@ -337,10 +337,10 @@ def attention_fn(c: AttentionCase):
 
 # Examples per test sized for CI, whose time is budgeted: at 1000 (torch backend, block) and 100 (Triton) examples these
 # tests took 188 CPU-seconds of the 2-core suite (AMD EPYC, 2026-12-07), after hunts at 8-10x that found nothing
-# more; then 600 and 60, and the block (a whole A-QCF block an example: 84 s of a loaded CI) 300. A longer hunt
-# multiplies them: AQCF_GRID_SCALE=20 pytest <this file>.
+# more; since 2026-12-07 300 and 30, and the block (a whole A-QCF block an example: 84 s of a loaded CI) 150
+# (tests/_grid.py). A longer hunt multiplies them: AQCF_GRID_SCALE=20 pytest <this file>.
 # The fixtures (AQCF_BACKEND, poisoned allocations) hold for every example of the test.
-GRID = grid(600, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large)
+GRID = grid(300, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,7 +465,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 )
 @pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter grid (tests/attention/test_cuda_attention.py on CUDA)")
 @pytest.mark.usefixtures("poisoned_allocations")  # an unwritten element read fails (tests/conftest.py)
-@settings(GRID, max_examples=60 * SCALE)
+@settings(GRID, max_examples=30 * SCALE)
 @given(c=attention_cases(routes=("triton",), dtypes=(torch.float32, torch.float16), max_tokens=130, max_batch_heads=4))
 def test_triton_backend_matches_reference(c):
     """The Triton kernels (both directions in one launch, dk/dv and dq backward) on the grid: fp32 within the
@@ -601,7 +601,7 @@ def block_cancellation_scales(block64, f_a, f_b, gy_a, gy_b, pooled_a, pooled_b)
     return sizes
 
 
-@settings(GRID, max_examples=300 * SCALE)
+@settings(GRID, max_examples=150 * SCALE)
 @given(c=block_cases())
 def test_block_matches_reference(c, monkeypatch):
     """AQCFBlock's outputs, input and parameter gradients against test_aqcf_block.py's re-implementation from

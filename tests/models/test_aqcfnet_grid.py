@@ -87,7 +87,7 @@ from aqcf_kernels.ops import conv as conv_ops
 pytestmark = pytest.mark.usefixtures("single_threaded")
 
 
-# Examples per test sized for CI (~65 s on one core); a longer hunt multiplies them: AQCF_GRID_SCALE=5 pytest <this>.
+# Examples per test sized for CI (~35 s on one core); a longer hunt multiplies them: AQCF_GRID_SCALE=5 pytest <this>.
 def _grid(examples: int) -> settings:
     return grid(examples, HealthCheck.filter_too_much, HealthCheck.data_too_large)
 
@@ -509,7 +509,7 @@ def option_sets(draw: st.DrawFn) -> dict[str, Any]:
     return kw
 
 
-@_grid(300)
+@_grid(150)
 @given(kw=option_sets())
 def test_options_build_or_refuse(kw: dict[str, Any]) -> None:
     bad = violations(kw)
@@ -550,7 +550,7 @@ def test_options_build_or_refuse(kw: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@_grid(300)
+@_grid(150)
 @given(cfg=configs())
 def test_forward_and_gradients(cfg: Config) -> None:
     model = build(cfg).train()
@@ -599,7 +599,7 @@ def _forward(model: AQCFNet, x: dict[str, Tensor], training: bool, seed: int = 0
         return model(**x)
 
 
-@_grid(300)
+@_grid(150)
 @given(cfg=configs())
 def test_eval_properties(cfg: Config) -> None:
     model = build(cfg)
@@ -692,7 +692,7 @@ def _assert_close(got: dict[str, Any], want: dict[str, Any], tol: float, what: s
             assert error <= tol, f"{what}: {name}[{k}] {error:.2e} off (tolerance {tol:.0e}): {cfg}"
 
 
-@_grid(150)
+@_grid(75)
 @given(cfg=configs())
 def test_memory_format_and_algorithm_agree(cfg: Config) -> None:
     model = build(cfg)
@@ -729,7 +729,7 @@ def test_memory_format_and_algorithm_agree(cfg: Config) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@_grid(100)
+@_grid(50)
 @given(cfg=configs(max_levels=2), data=st.data())
 def test_bad_inputs_are_refused_before_any_layer_runs(cfg: Config, data: st.DataObject) -> None:
     model = build(cfg)

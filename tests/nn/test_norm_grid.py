@@ -663,9 +663,9 @@ def _check_common(c: NormConfig, dtype: torch.dtype, run: Run, grads: dict[str, 
 # --------------------------------------------------------------------------------------------------
 
 # Examples per test sized for CI; a longer hunt multiplies them: AQCF_GRID_SCALE=20 pytest <this file>.
-GRID = grid(400)
-HALF_GRID = grid(300)
-TRITON_GRID = grid(50)
+GRID = grid(200)
+HALF_GRID = grid(150)
+TRITON_GRID = grid(25)
 TRITON = pytest.mark.skipif(triton_common.unavailable() is not None, reason="triton unavailable")
 
 

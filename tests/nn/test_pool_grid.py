@@ -246,7 +246,7 @@ def reference_max_pool(
 # --------------------------------------------------------------------------------------------------
 
 # Examples per test sized for CI; a longer hunt multiplies them: AQCF_GRID_SCALE=20 pytest <this file>.
-GRID = grid(1500, HealthCheck.filter_too_much)
+GRID = grid(750, HealthCheck.filter_too_much)
 
 
 def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -395,7 +395,7 @@ def _run_dropout(c: DropoutConfig, dtype: torch.dtype, x: torch.Tensor) -> tuple
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp64", "fp32", "bf16", "fp16"])
-@grid(600, HealthCheck.filter_too_much)
+@grid(300, HealthCheck.filter_too_much)
 @given(c=dropout_configs())
 def test_dropout_drops_whole_quaternions(dtype, c):
     x = _dropout_input(c, dtype)

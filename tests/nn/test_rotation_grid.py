@@ -416,7 +416,7 @@ def _conv_case(c: ConvConfig, dtype: torch.dtype) -> None:
 
 
 # Examples per test sized for CI; a longer hunt multiplies them: AQCF_GRID_SCALE=20 pytest <this file>.
-GRID = grid(500, HealthCheck.filter_too_much)
+GRID = grid(250, HealthCheck.filter_too_much)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
@@ -484,7 +484,7 @@ def reference_rotation_linear(
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
-@grid(600, HealthCheck.filter_too_much)
+@grid(300, HealthCheck.filter_too_much)
 @given(c=linear_configs())
 def test_rotation_linear_matches_the_reference(dtype, c):
     params64 = _params64(c, (4, c.cout, c.cin))

@@ -229,7 +229,7 @@ def _whole_volume_logits(model: PointwiseNet, image: np.ndarray, c: WindowCase) 
 
 
 @given(c=window_cases())
-@_grid(600)
+@_grid(300)
 def test_pointwise_network_stitches_to_the_whole_volume(c: WindowCase) -> None:
     cfg, image = c.config(), c.image()
     model = PointwiseNet(c.seed, c.deep_supervision)
@@ -283,7 +283,7 @@ def _check_window_coordinate(got: np.ndarray, axis: int, size: int, roi: int, wh
 
 
 @given(c=window_cases(), alpha=st.tuples(*[st.sampled_from([0.0, 0.5, -2.0])] * 3), beta=st.floats(-2, 2))
-@_grid(600)
+@_grid(300)
 def test_position_dependent_network_blends_its_windows(
     c: WindowCase, alpha: tuple[float, float, float], beta: float
 ) -> None:
@@ -331,7 +331,7 @@ class WindowRangeNet(nn.Module):
 
 
 @given(c=window_cases(), pad=st.sampled_from([-10.0, 10.0]))
-@_grid(300)
+@_grid(150)
 def test_windows_are_padded_with_the_pad_value(c: WindowCase, pad: float) -> None:
     image = np.clip(c.image(), -5, 5)  # every value strictly inside (-10, 10): the pad value is an extreme
     logits = predict_logits(WindowRangeNet(), image, c.modality, c.config(), pad_value=pad).numpy()
@@ -450,7 +450,7 @@ def _same(got: float, want: float, rel: float) -> bool:
 
 
 @given(c=mask_cases())
-@_grid(1200)
+@_grid(600)
 def test_case_metrics_match_the_definitions(c: MaskCase) -> None:
     pred, label = c.arrays()
     got = case_metrics(pred, label, c.spacing)
@@ -486,7 +486,7 @@ def metric_rows(draw) -> list[dict]:
 
 
 @given(rows=metric_rows())
-@_grid(500)
+@_grid(250)
 def test_summarise_means_over_the_defined_cases(rows: list[dict]) -> None:
     got = summarise(rows)
     want: dict[str, float] = {"cases": float(len(rows))}
@@ -513,7 +513,7 @@ def label_maps(draw) -> tuple[MaskCase, np.dtype]:
 
 
 @given(case=label_maps())
-@_grid(1000)
+@_grid(500)
 def test_keep_largest_liver_keeps_one_largest_component(case: tuple[MaskCase, np.dtype]) -> None:
     c, dtype = case
     _, labels = c.arrays()
@@ -542,7 +542,7 @@ def _random_affine(rng: np.random.Generator, spacing: tuple[float, ...]) -> np.n
 
 
 @given(case=label_maps())
-@_grid(800)
+@_grid(400)
 def test_mask_statistics_volumes_and_tumour_count(case: tuple[MaskCase, np.dtype]) -> None:
     c, dtype = case
     _, labels = c.arrays()
@@ -589,7 +589,7 @@ def _softmax(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
 
 
 @given(c=grid_cases())
-@_grid(600)
+@_grid(300)
 def test_probabilities_on_the_input_grid_are_a_distribution(c: GridCase) -> None:
     rng = np.random.default_rng(c.seed)
     ornt = np.array([[p, f] for p, f in zip(c.perm, c.flips, strict=True)], dtype=float)

@@ -301,7 +301,7 @@ def conv_cases(draw) -> ConvCase:
 
 
 @DTYPES
-@_grid(800)
+@_grid(400)
 @given(c=conv_cases())
 def test_qconv_lowering_matches_the_op(dtype: torch.dtype, c: ConvCase) -> None:
     """``(y, pre)``: ``pre`` the pre-activation where the op keeps it (GELU, a negative slope), else empty in both."""
@@ -385,7 +385,7 @@ def norm_cases(draw) -> NormCase:
 
 
 @DTYPES
-@_grid(600)
+@_grid(300)
 @given(c=norm_cases())
 def test_qnorm_lowering_matches_the_op(dtype: torch.dtype, c: NormCase) -> None:
     """``(y, mean, var)``: the statistics used, ``(G, 4Cq)`` and ``(G, Cq)`` (``G`` the batch for per-sample input
@@ -449,7 +449,7 @@ def attention_cases(draw) -> AttentionCase:
 
 
 @DTYPES
-@_grid(500)
+@_grid(250)
 @given(c=attention_cases())
 def test_cross_attention_lowering_matches_the_op(dtype: torch.dtype, c: AttentionCase) -> None:
     """``(out_a, out_b, lse_a, lse_b)``: each direction's output and the log-sum-exp of its score rows, in float32
@@ -516,7 +516,7 @@ def gate_cases(draw) -> GateCase:
 
 
 @DTYPES
-@_grid(300)
+@_grid(150)
 @given(c=gate_cases())
 def test_gated_residual_lowering_matches_the_op(dtype: torch.dtype, c: GateCase) -> None:
     """``f + α σ(g) o``: one output, of f's shape broadcast with alpha's (f's where alpha has no more dims); the
@@ -606,7 +606,7 @@ def rnn_cases(draw) -> RnnCase:
 
 
 @DTYPES
-@_grid(500)
+@_grid(250)
 @given(c=rnn_cases())
 def test_rnn_sequence_lowering_matches_the_op(dtype: torch.dtype, c: RnnCase) -> None:
     """``(output, cells, saved)``: every ``h_t``; every ``c_t`` (LSTM, else empty); the gates the backward reads
@@ -755,7 +755,7 @@ def export_cases(draw) -> tuple[str, bool, torch.dtype, int]:
     )
 
 
-@_grid(25)
+@_grid(13)
 @given(case=export_cases())
 def test_lowered_program_matches_the_layer(case: tuple[str, bool, torch.dtype, int]) -> None:
     """``torch.export`` of the layer holds its ``aqcf`` ops; ``lower_custom_ops`` leaves none, anywhere; the lowered
@@ -801,7 +801,7 @@ RECURRENT = {
 }
 
 
-@_grid(5)
+@_grid(3)
 @given(
     name=st.sampled_from(sorted(RECURRENT)),
     dtype=st.sampled_from([F64, F32]),
@@ -856,7 +856,7 @@ class _Sequence(nn.Module):
 
 
 @DTYPES
-@_grid(4)
+@_grid(2)
 @given(c=rnn_cases(), length=st.integers(3, 7))
 def test_scanned_lowering_matches_the_op(dtype: torch.dtype, c: RnnCase, length: int) -> None:
     """The op exported with a dynamic sequence length, lowered (``rnn_sequence_lowering`` sees a symbolic length:
