@@ -36,10 +36,10 @@
 # OUTDIR/profile/profile.{md,json} (and its traces), OUTDIR/model/model.{md,json,png}, OUTDIR/host/{host,block}.{md,json}, OUTDIR/attention/attention.{md,json,png}, OUTDIR/norm/{norm,activation_pass,wgrad_bias}.{md,json} and
 # OUTDIR/rnn/rnn.{md,json}. (The device tool brings back 8 files: tar OUTDIR there.)
 # Time: the whole suite gets SUITE_BUDGET seconds (default 360, the 6 minutes); each stage runs
-# under `timeout` for the smaller of its own cap and what is left, and a stage with under 15 s left is
-# skipped and reported. stages.md lists each stage's seconds and result (plan a second call from it).
+# under `timeout` for the smaller of its own cap and what is left, and a stage with under SUITE_MIN_STAGE
+# seconds left (default 15) is skipped and reported. stages.md lists each stage's seconds and result (plan a second call from it).
 # Each stage runs even if an earlier one failed; the exit code is non-zero if any failed or was cut.
-# Environment: PYTHON (default python3); CONV_CASES, a --cases filter for the conv grid (e.g.
+# Environment: PYTHON (default python3); SUITE_BUDGET, SUITE_MIN_STAGE (above); CONV_CASES, a --cases filter for the conv grid (e.g.
 # "2d 64q,3d 32q"; conv-bf16 defaults to the target cases); BENCH_ARGS, extra arguments for every benchmark
 # (e.g. --no-memory); XDIST_WORKERS, pytest-xdist workers for the tests (default 16); SUITE_DEVICE=cpu, a dry run of every
 # stage's command at tiny sizes on CPU (tests/benchmarks/test_gpu_suite.py; its numbers mean nothing).
@@ -54,6 +54,7 @@ OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-python3}
 DEVICE=${SUITE_DEVICE:-cuda}
 BUDGET=${SUITE_BUDGET:-360}
+MIN_STAGE=${SUITE_MIN_STAGE:-15}
 export PYTHONUNBUFFERED=1
 status=0
 t0=$(date +%s)
@@ -74,7 +75,7 @@ run() {
   local name=$1 cap=$2 log=$3 left limit start rc result seconds
   shift 3
   left=$((deadline - $(date +%s)))
-  if ((left < 15)); then
+  if ((left < MIN_STAGE)); then
     stamp "SKIPPED $name: the suite's budget (${BUDGET}s) is spent"
     echo "| $name | 0 | 0 | skipped: budget spent |" >>"$OUT/stages.md"
     status=1

@@ -40,8 +40,12 @@ if not torch.cuda.is_available():
 # torch.compile's compiled graphs (Inductor's caches, /tmp/torchinductor_$USER by default): a graph that an
 # earlier run cached, from older code, skips Inductor's lowering, where a custom op can fail. The CI
 # machine's cache so passed every torch.compile test while an uncached compile failed (make_fallback
-# under CI=1, tests/nn/test_aot_inductor.py). The folders this process makes are removed when its session
-# ends (pytest_sessionfinish); a pytest-xdist worker that inherited the variables makes none.
+# under CI=1, tests/nn/test_aot_inductor.py). Likewise Triton's compiled kernels (~/.triton/cache by
+# default; the static tests compile every kernel for sm_90 with triton 3.6): a warm cache from earlier runs
+# made the suite ~2x faster there than on a fresh machine (tools/triton_resources.py --igemm: 33 s warm,
+# 67 s cold, 2026-12-07), so its times on a developer's machine were not CI's. The folders this process
+# makes are removed when its session ends (pytest_sessionfinish); a pytest-xdist worker that inherited the
+# variables makes none.
 _SUITE_FOLDERS: list[str] = []
 if "AQCF_TUNING_CACHE" not in os.environ:
     _SUITE_FOLDERS.append(tempfile.mkdtemp(prefix="aqcf-tests-tuning-"))
@@ -52,6 +56,9 @@ if "AQCF_TRITON_AUTOTUNE_CACHE" not in os.environ:
 if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
     _SUITE_FOLDERS.append(tempfile.mkdtemp(prefix="aqcf-tests-inductor-"))
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = _SUITE_FOLDERS[-1]
+if "TRITON_CACHE_DIR" not in os.environ:
+    _SUITE_FOLDERS.append(tempfile.mkdtemp(prefix="aqcf-tests-triton-"))
+    os.environ["TRITON_CACHE_DIR"] = _SUITE_FOLDERS[-1]
 
 from aqcf_kernels.backends import registered
 from aqcf_kernels.backends._extension import _C

@@ -66,12 +66,13 @@ def test_the_budget_cuts_an_overrunning_stage_and_skips_the_rest(tmp_path):
     stub.write_text('#!/bin/sh\n[ "$1" = -c ] && exit 0\nsleep 60\n')
     stub.chmod(0o755)
     started = time.monotonic()
-    run = _suite(tmp_path / "out", "norm", "rnn", PYTHON=str(stub), SUITE_BUDGET="16")
-    assert time.monotonic() - started < 40
+    # (a 6 s budget and stages skipped under 3 s left: the default 15 s kept a test worker asleep for 16 s)
+    run = _suite(tmp_path / "out", "norm", "rnn", PYTHON=str(stub), SUITE_BUDGET="6", SUITE_MIN_STAGE="3")
+    assert time.monotonic() - started < 30
     assert run.returncode == 1
     skipped = "skipped: budget spent"
     assert _results(tmp_path / "out") == {"norm": "TIMED OUT", "passes": skipped, "rnn": skipped}
-    assert "SKIPPED rnn: the suite's budget (16s) is spent" in run.stdout
+    assert "SKIPPED rnn: the suite's budget (6s) is spent" in run.stdout
 
 
 def test_an_unknown_stage_is_refused_before_anything_runs(tmp_path):

@@ -75,7 +75,8 @@ TRITON36, WHY_NOT = _triton36()
 def triton36_env(**extra: str) -> dict[str, str]:
     """This process's environment for a subprocess that runs triton 3.6 compiled, not interpreted, and
     autotunes as a user's process would; ``extra`` added."""
-    # (the autotuner's kept choices in the subprocess's own TRITON_CACHE_DIR, as a user's: the default)
+    # (the autotuner's kept choices in the subprocess's TRITON_CACHE_DIR, as a user's: the suite's own,
+    # tests/conftest.py, unless a test names one)
     skip = ("TRITON_INTERPRET", "AQCF_TRITON_AUTOTUNE", "AQCF_TRITON_AUTOTUNE_CACHE")
     env = {k: v for k, v in os.environ.items() if k not in skip}
     env["PYTHONPATH"] = os.pathsep.join([str(TRITON36), str(ROOT), env.get("PYTHONPATH", "")])
