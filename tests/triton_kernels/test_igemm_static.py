@@ -179,22 +179,14 @@ def _run_with_triton36(script: str, tmp_path, *args: str, **env_extra: str) -> d
     return json.loads(result.stdout.splitlines()[-1])
 
 
-@pytest.fixture(scope="module")
-def launch_cache(tmp_path_factory) -> Path:
-    """A triton cache the launchers' compiles fill first (test_every_launcher_launches_through_triton36: real
-    compiles, counted) and the tools timing or counting the same launches then read (compiling them again proved
-    nothing new and took ~60 s of a CI run)."""
-    return tmp_path_factory.mktemp("triton36-launch-cache")
-
-
-def test_every_launcher_launches_through_triton36(launch_cache):
+def test_every_launcher_launches_through_triton36(tmp_path):
     """Each Triton launcher's GPU branch (bf16 dots, TF32, the GPU launch options and autotune sets) bound,
     specialised and compiled by triton 3.6's JIT as a real launch (_launch_with_triton36.py): what the
     interpreter never runs. bf16: every launcher and variant; fp32: one launch of each, and the attention at its
     larger head sizes. Each runs twice, and the second launch of an autotuned kernel goes straight to the JIT
     kernel (``common.TunedLauncher``). Every kernel fits an H100's shared memory as first launched: none is
     refused."""
-    out = _run_with_triton36("_launch_with_triton36.py", launch_cache)
+    out = _run_with_triton36("_launch_with_triton36.py", tmp_path)  # (a fresh cache: its compiles are counted)
     failed = {name: error for name, error in out["results"].items() if error != "ok"}
     assert not failed, "\n\n".join(f"{name}:\n{error}" for name, error in failed.items())
     assert len(out["results"]) == 31 and out["compiles"] >= 31, out
@@ -204,13 +196,13 @@ def test_every_launcher_launches_through_triton36(launch_cache):
         assert 0 < 2 * counts["through_autotuner"] <= counts["launches"], (kernel, counts)
 
 
-def test_host_cost_tool_times_every_entry_point(tmp_path, launch_cache):
+def test_host_cost_tool_times_every_entry_point(tmp_path):
     """``tools/triton_host_cost.py`` (the Triton path's host time per call, on the stand-in sm_90) runs and
     writes one positive time per entry point, the conv layer's step and the two norms' steps, with the machine and
     commit."""
     out = tmp_path / "host"
     cmd = [sys.executable, str(ROOT / "tools" / "triton_host_cost.py"), "--rounds", "1", "--calls", "2"]
-    env = triton36_env(TRITON_CACHE_DIR=str(launch_cache))
+    env = triton36_env()  # (the suite's triton cache, tests/conftest.py)
     result = subprocess.run([*cmd, "--out", str(out)], env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     data = json.loads(out.with_suffix(".json").read_text())
@@ -220,13 +212,13 @@ def test_host_cost_tool_times_every_entry_point(tmp_path, launch_cache):
     assert all(name in out.with_suffix(".md").read_text() for name in medians)
 
 
-def test_model_launch_counts(tmp_path, launch_cache):
+def test_model_launch_counts(tmp_path):
     """``tools/model_launches.py``: the kernels one A-QCF-Net training step launches per build (norms on their
     Triton kernels through the stand-in sm_90). Each fused norm's call is six Triton launches, and ours launches
     well under half the baseline's kernels (a host-bound GPU step's time goes with that count)."""
     out = tmp_path / "launches"
     cmd = [sys.executable, str(ROOT / "tools" / "model_launches.py"), "--out", str(out)]
-    env = triton36_env(TRITON_CACHE_DIR=str(launch_cache))
+    env = triton36_env()  # (the suite's triton cache, tests/conftest.py)
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     counts = json.loads(out.with_suffix(".json").read_text())["counts"]
