@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _threads import intra_op_threads
 
 # Without a GPU, run the Triton kernels in triton's interpreter on CPU tensors. It must be set
 # before triton decorates any kernel, i.e. before aqcf_kernels is imported.
@@ -261,25 +262,19 @@ def backend(request, monkeypatch) -> str:
 _DEFAULT_THREADS = torch.get_num_threads()
 
 
-def _with_threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield n
-    finally:
-        torch.set_num_threads(before)
-
-
 @pytest.fixture
 def single_threaded():
     """Run the test with one intra-op thread (or ``AQCF_TEST_THREADS``)."""
-    yield from _with_threads(int(os.environ.get("AQCF_TEST_THREADS", "1")))
+    n = int(os.environ.get("AQCF_TEST_THREADS", "1"))
+    with intra_op_threads(n):
+        yield n
 
 
 @pytest.fixture
 def all_threads():
     """Run the test with torch's default intra-op thread count (what users get)."""
-    yield from _with_threads(_DEFAULT_THREADS)
+    with intra_op_threads(_DEFAULT_THREADS):
+        yield _DEFAULT_THREADS
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ import contextlib
 
 import pytest
 import torch
+from _threads import intra_op_threads
 from torch.autograd import gradcheck, gradgradcheck
 
 import aqcf_kernels
@@ -63,17 +64,13 @@ IDS = ["Na!=Nb-E4", "pooled-E12", "one-query-E20"]
 def test_one_head_backward_runs_query_chunks_and_matches_reference_float64(case, chunks):
     """With fewer (batch, head) pairs than threads, the CPU backward cuts the queries into chunks run as
     extra heads and adds their dK, dV: same gradients (a query count with no divisor runs whole)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with intra_op_threads(2):
         assert (TA.query_chunks(1, case[2]), TA.query_chunks(1, case[4])) == chunks
         assert TA.query_chunks(2, 12) == 1
         inputs = attention_inputs(*case, seed=5)
         grads = output_grads(inputs, seed=6)
         ref = run_attention(reference_attention, inputs, torch.float64, grads)
         got = run_attention(_op, inputs, torch.float64, grads)
-    finally:
-        torch.set_num_threads(previous)
     for name, o, r in zip(ATTN_NAMES, got, ref, strict=True):
         assert rel(o, r) <= 1e-12, f"{name}: relative error {rel(o, r):.2e}"
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _threads import intra_op_threads
 
 from aqcf_kernels import backends, reference, tuning
 from aqcf_kernels import functional as QF
@@ -99,21 +100,16 @@ def test_a_signature_is_resolved_in_python_once_then_served_natively(asked, dtyp
     if layout == "views":
         inputs = _views(inputs)
     grads = [g.to(dtype) for g in output_grads(inputs, seed=4)]
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
     # (fp16/bf16 on CPU: 'auto' first measures the forward's route, in the dtype or in float32, and nothing is
     # remembered until that choice is final: test_the_half_precision_route_is_measured_then_served_natively.
     # Here the rule's route, float32.)
     rule = tuning.using("heuristic") if dtype in TA.HALF_DTYPES else contextlib.nullcontext()
-    try:
-        with rule:
-            first = _attention_step(inputs, grads, python_backward=True)
-            assert asked["cross_attention"] == 1 and asked["cross_attention_backward"] == 1
-            assert _C._remembered_attention_choices() == 1  # remembered by the backward too
-            again = _attention_step(inputs, grads)
-            again_twice = _attention_step(inputs, grads)
-    finally:
-        torch.set_num_threads(previous)
+    with intra_op_threads(threads), rule:
+        first = _attention_step(inputs, grads, python_backward=True)
+        assert asked["cross_attention"] == 1 and asked["cross_attention_backward"] == 1
+        assert _C._remembered_attention_choices() == 1  # remembered by the backward too
+        again = _attention_step(inputs, grads)
+        again_twice = _attention_step(inputs, grads)
     assert asked["cross_attention"] == 1 and asked["cross_attention_backward"] == 1
     _same(again_twice, again)
     _same(again, first, ["out_a", "out_b", "lse_a", "lse_b", "dq_a", "dk_a", "dv_a", "dq_b", "dk_b", "dv_b"])
@@ -347,9 +343,7 @@ def test_the_native_kernels_match_the_torch_backend_bit_for_bit() -> None:
     they mirror, including the query chunks of the backward (one head on two threads)."""
     q, k, v = rand(1, 1, 12, 8, seed=10), rand(1, 1, 5, 8, seed=11), rand(1, 1, 5, 8, seed=12)
     gy = rand(1, 1, 12, 8, seed=13)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with intra_op_threads(2):
         assert TA.query_chunks(1, 12) > 1
         for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
             args = [t.to(dtype) for t in (q, k, v)]
@@ -358,8 +352,6 @@ def test_the_native_kernels_match_the_torch_backend_bit_for_bit() -> None:
                 _same([out, lse], TA._cpu_flash_forward(*args, 0.3, in_float32=kernel == "cpu_flash_float32"))
                 got = _C.attention_backward(kernel, gy.to(dtype), *args, out, lse, 0.3)
                 _same(got, TA._cpu_flash_backward(gy.to(dtype), *args, out, lse, 0.3))
-    finally:
-        torch.set_num_threads(previous)
     with pytest.raises(RuntimeError, match="attention kernel must be 'cpu_flash', 'cpu_flash_float32', 'flash' or"):
         _C.attention_forward("math", q, k, v, 0.3)
 

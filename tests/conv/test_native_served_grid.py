@@ -64,11 +64,8 @@ def _quiet_tuning(monkeypatch):
     """No tuning cache file (a choice another example wrote would come back 'cached' and be re-timed), one
     intra-op thread unless an example asks for two, and the rule's choices unless an example measures."""
     monkeypatch.setenv("AQCF_TUNING_CACHE", "off")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with tuning.using("heuristic"):
+    with intra_op_threads(1), tuning.using("heuristic"):
         yield
-    torch.set_num_threads(before)
     tuning.clear()
 
 

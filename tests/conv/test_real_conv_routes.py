@@ -13,6 +13,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from _threads import intra_op_threads
 
 from aqcf_kernels import backends, reference
 from aqcf_kernels import functional as QF
@@ -243,16 +244,12 @@ def test_several_samples_of_a_1x1_conv_keep_every_sample_in_the_weight_gradient(
     """On one thread PyTorch's choice does not stand for a few samples of a 1x1 conv (pytorch_choice_stands), yet
     the two-slab weight gradient is one sample's: it must not be taken, or the gradient is sample 0's alone. fast8's
     products always run on one thread each, so its 1x1 weight gradients went this way (35-100% off)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with intra_op_threads(threads):
         x = _rand(batch, 8, *[5 + d for d in range(dims)], seed=3)
         w = _rand(6, 8, *[1] * dims, seed=4)
         gy = _rand(batch, 6, *x.shape[2:], seed=5)
         ones = [1] * dims
         gw, taken = _C._real_conv_weight_grad(x, gy, list(w.shape), ones, [0] * dims, ones, 1)
-    finally:
-        torch.set_num_threads(previous)
     assert taken == "aten"
     wd = w.double().requires_grad_()
     CONV[dims - 1](x.double(), wd).backward(gy.double())
@@ -276,15 +273,11 @@ def test_a_1x1_quaternion_conv_of_several_samples_meets_the_contract(
     # (4, A, B, *k): A the output's quaternion channels (the input's when transposed), B the other side's per group
     w_shape = (4, 4, 8 // groups) if transposed else (4, 8, 4 // groups)
     w = qrand(*w_shape, *[1] * dims, dim=0, seed=21, dtype=torch.float32, requires_grad=True)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with intra_op_threads(threads):
         with backends.use("cpp"):
             y = QF.quaternion_conv(x, w, groups=groups, transposed=transposed, algorithm=algorithm)
             g = qrand(*y.shape, seed=22, dtype=torch.float32)
             got = (y, *torch.autograd.grad(y, (x, w), g))
-    finally:
-        torch.set_num_threads(previous)
     xd, wd = (t.detach().double().requires_grad_() for t in (x, w))
     yd = reference.quaternion_conv_naive(xd, wd, None, groups=groups, transposed=transposed)
     want = (yd, *torch.autograd.grad(yd, (xd, wd), g.double()))

@@ -19,6 +19,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from _threads import intra_op_threads
 from torch import nn
 
 from aqcf_kernels import nn as qnn
@@ -76,9 +77,7 @@ class Exported:
 @pytest.fixture(scope="module")
 def exported(trained, tmp_path_factory: pytest.TempPathFactory) -> Exported:
     """The tiny joint run's CT stream exported as pt2 and ONNX by the CLI (one thread: see conftest.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with intra_op_threads(1):
         run_dir = trained("joint")
         out = tmp_path_factory.mktemp("export")
         import contextlib
@@ -89,8 +88,6 @@ def exported(trained, tmp_path_factory: pytest.TempPathFactory) -> Exported:
             code = ex.main([str(run_dir), "--format", "pt2", "onnx", "--modality", "ct", "-o", str(out)])
         assert code == 0
         return Exported(run_dir, out, stdout.getvalue())
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
