@@ -68,6 +68,19 @@ from aqcf_kernels.ops import conv as conv_ops
 from aqcf_kernels.params import check_conv_args
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # The hunting aid of tests/_force_auto.py, for a whole run (not set in `make test`).
+    forced = os.environ.get("AQCF_TEST_FORCE_AUTO", "").strip()
+    if forced:
+        from _force_auto import force_auto
+
+        config.add_cleanup(_FORCED.close)
+        _FORCED.enter_context(force_auto(forced))
+
+
+_FORCED = contextlib.ExitStack()
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     for folder in _SUITE_FOLDERS:
         shutil.rmtree(folder, ignore_errors=True)
