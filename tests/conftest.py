@@ -61,6 +61,7 @@ if "TRITON_CACHE_DIR" not in os.environ:
     _SUITE_FOLDERS.append(tempfile.mkdtemp(prefix="aqcf-tests-triton-"))
     os.environ["TRITON_CACHE_DIR"] = _SUITE_FOLDERS[-1]
 
+from aqcf_kernels import tuning
 from aqcf_kernels.backends import registered
 from aqcf_kernels.backends._extension import _C
 from aqcf_kernels.backends.registry import forget_choices
@@ -273,6 +274,35 @@ def backend(request, monkeypatch) -> str:
 # tests use ``all_threads`` so multi-threaded kernels are held to the contract too.
 # ``AQCF_TEST_THREADS`` overrides the single thread.
 _DEFAULT_THREADS = torch.get_num_threads()
+
+
+# The tuning's state (tests/conv/test_tuning.py, tests/test_force_auto.py).
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch) -> Path:
+    """A fresh, empty tuning cache file and an empty in-process memory, in 'measure' mode."""
+    path = tmp_path / "tuning.json"
+    monkeypatch.setenv("AQCF_TUNING_CACHE", str(path))
+    monkeypatch.setattr(tuning, "mode", "measure")
+    monkeypatch.setattr(tuning, "_warned", set())
+    tuning.clear()
+    yield path
+    tuning.clear()
+
+
+@pytest.fixture
+def measured(monkeypatch) -> list[list[str]]:
+    """Records the candidates of every measurement (one list per measured signature)."""
+    calls: list[list[str]] = []
+    real = tuning._measure
+
+    def spy(candidates, run, device, prior):
+        calls.append([str(c) for c in candidates])
+        return real(candidates, run, device, prior)
+
+    monkeypatch.setattr(tuning, "_measure", spy)
+    return calls
 
 
 @pytest.fixture

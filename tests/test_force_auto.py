@@ -7,28 +7,9 @@ import torch
 from _force_auto import force_auto
 
 import aqcf_kernels.functional as QF
-from aqcf_kernels import tuning
 
 
-@pytest.fixture
-def measured(tmp_path, monkeypatch) -> list[list[str]]:
-    """'measure' mode with a fresh tuning cache file; records the candidates of every measurement."""
-    monkeypatch.setenv("AQCF_TUNING_CACHE", str(tmp_path / "tuning.json"))
-    monkeypatch.setattr(tuning, "mode", "measure")
-    tuning.clear()
-    calls: list[list[str]] = []
-    real = tuning._measure
-
-    def spy(candidates, run, device, prior):
-        calls.append([str(c) for c in candidates])
-        return real(candidates, run, device, prior)
-
-    monkeypatch.setattr(tuning, "_measure", spy)
-    yield calls
-    tuning.clear()
-
-
-def test_the_force_auto_hunting_aid_serves_the_named_algorithm(measured, tmp_path) -> None:
+def test_the_force_auto_hunting_aid_serves_the_named_algorithm(cache, measured) -> None:
     """tests/_force_auto.py (``AQCF_TEST_FORCE_AUTO``): inside it an 'auto' conv is the named algorithm's, bit for
     bit, with nothing measured or remembered; outside it 'auto' measures again; another name is refused."""
     g = torch.Generator().manual_seed(0)
@@ -40,7 +21,7 @@ def test_the_force_auto_hunting_aid_serves_the_named_algorithm(measured, tmp_pat
         with force_auto(algorithm):
             for _ in range(2):  # (the second call: not served by a choice the extension remembered)
                 assert torch.equal(QF.quaternion_conv2d(x, w, b, padding=1), by[algorithm]), algorithm
-    assert measured == [] and not (tmp_path / "tuning.json").exists()
+    assert measured == [] and not cache.exists()
     QF.quaternion_conv2d(x, w, b, padding=1)
     assert len(measured) == 1
     with pytest.raises(ValueError, match="AQCF_TEST_FORCE_AUTO must be one of hamilton, fast8, not 'fastest'"):

@@ -20,32 +20,6 @@ from aqcf_kernels.backends import base, policy
 from aqcf_kernels.ops import conv as conv_ops
 
 
-@pytest.fixture
-def cache(tmp_path: Path, monkeypatch) -> Path:
-    """A fresh, empty tuning cache file and an empty in-process memory, in 'measure' mode."""
-    path = tmp_path / "tuning.json"
-    monkeypatch.setenv("AQCF_TUNING_CACHE", str(path))
-    monkeypatch.setattr(tuning, "mode", "measure")
-    monkeypatch.setattr(tuning, "_warned", set())
-    tuning.clear()
-    yield path
-    tuning.clear()
-
-
-@pytest.fixture
-def measured(monkeypatch) -> list[list[str]]:
-    """Records the candidates of every measurement (one list per measured signature)."""
-    calls: list[list[str]] = []
-    real = tuning._measure
-
-    def spy(candidates, run, device, prior):
-        calls.append([str(c) for c in candidates])
-        return real(candidates, run, device, prior)
-
-    monkeypatch.setattr(tuning, "_measure", spy)
-    return calls
-
-
 def _inputs(dtype=torch.float32, channels=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 4 * channels, 9, 7, generator=g).to(dtype)
