@@ -346,6 +346,10 @@ class InfiniteLoader:
                 num_workers=self.num_workers,
                 pin_memory=self.pin_memory,
                 persistent_workers=self.persistent_workers,
+                # the iterator's worker seed drawn from a generator of its own, not torch's global one: a
+                # resumed process starts a new iterator where an unbroken one did not, and that extra draw
+                # shifted every later one (dropout's masks: resumed weights differed from an unbroken run's)
+                generator=torch.Generator().manual_seed(self.step),
             )
             self._it = iter(loader)
         batch = next(self._it)

@@ -327,6 +327,13 @@ class TrainingRun:
     current_epoch: int = -1  # the epoch (0-based) being trained or finished now
     trained_epoch: int = -1  # the last epoch (0-based) whose optimisation steps all ran
     saved_epoch: int = -1  # the epoch (0-based) last.pt holds
+    # An epoch is finished (finish_epoch, rank 0) once its validation is in `selection` and its rows are logged. A
+    # Ctrl-C between its training and that end saves it as unfinished: its training row and every RNG as its
+    # training left them (validation may draw from them), so that --resume finishes it as an unbroken run would.
+    finished_epoch: int = -1  # the last epoch (0-based) finished
+    logged_epoch: int = -1  # the last epoch (0-based) whose training row is in metrics.jsonl
+    epoch_row: dict[str, Any] | None = None  # trained_epoch's training row
+    epoch_rng: dict[str, Any] | None = None  # every RNG's state as trained_epoch's training steps left it
 
     @property
     def main_process(self) -> bool:
@@ -341,10 +348,18 @@ class TrainingInterrupted(Exception):
     """Ctrl-C during training, after :func:`train` saved what could be saved; ``str()`` says what that was."""
 
     def __init__(
-        self, run_dir: Path, epoch: int, epochs: int, saved_epoch: int | None, written_now: bool, main_process: bool
+        self,
+        run_dir: Path,
+        epoch: int,
+        epochs: int,
+        saved_epoch: int | None,
+        written_now: bool,
+        main_process: bool,
+        unvalidated: bool = False,
     ) -> None:
         self.run_dir, self.epoch, self.epochs = run_dir, epoch, epochs
         self.saved_epoch, self.written_now, self.main_process = saved_epoch, written_now, main_process
+        self.unvalidated = unvalidated
         super().__init__(self.summary())
 
     def summary(self) -> str:
@@ -353,7 +368,8 @@ class TrainingInterrupted(Exception):
         if self.saved_epoch is None:
             return f"{where} before any epoch finished: nothing saved"
         if self.written_now:
-            return f"{where}: saved {last} (epoch {self.saved_epoch}, written now)"
+            validation = "; its validation runs first when resumed" if self.unvalidated else ""
+            return f"{where}: saved {last} (epoch {self.saved_epoch}, written now{validation})"
         return f"{where}: {last} holds epoch {self.saved_epoch}, the last completed"
 
     @property
@@ -405,12 +421,19 @@ def train(
     stop = t.epochs if max_epochs_this_run is None else min(t.epochs, run.start_epoch + max_epochs_this_run)
     record: dict[str, Any] = {}
     try:
+        if run.finished_epoch < run.trained_epoch:  # resumed from a Ctrl-C in that epoch's validation
+            run.current_epoch = run.trained_epoch
+            if run.main_process:
+                record = finish_epoch(run, run.trained_epoch)
+            _barrier()
         for epoch in range(run.start_epoch, stop):
             run.current_epoch = epoch
             losses, seconds = train_epoch(run, epoch)
+            if run.main_process:
+                run.epoch_row, run.epoch_rng = training_row(run, epoch, losses, seconds), rng_state()
             run.trained_epoch = epoch
             if run.main_process:
-                record = finish_epoch(run, epoch, losses, seconds)
+                record = finish_epoch(run, epoch)
             _barrier()
     except KeyboardInterrupt:
         raise save_on_interrupt(run) from None
@@ -427,18 +450,23 @@ def train(
 
 
 def save_on_interrupt(run: TrainingRun) -> TrainingInterrupted:
-    """After a KeyboardInterrupt: write ``last.pt`` (rank 0, atomically) if an epoch finished since the
-    last save, and say what the run folder now holds."""
-    written = False
+    """After a KeyboardInterrupt: write ``last.pt`` (rank 0, atomically) if an epoch's training finished since
+    the last save, and say what the run folder now holds. An epoch interrupted before it was finished (its
+    validation) is saved as unfinished: ``--resume`` finishes it first, from the RNG states its training left."""
+    written = unfinished = False
     if run.main_process and run.trained_epoch > run.saved_epoch:
         selection = dataclasses.replace(run.selection)
         if not run.validates:
             selection.best_epoch = run.trained_epoch + 1
-        save_checkpoints(run, run.trained_epoch, selection, best=not run.validates)
+        unfinished = run.finished_epoch < run.trained_epoch
+        save_checkpoints(run, run.trained_epoch, selection, best=not run.validates, unfinished=unfinished)
         written = True
     saved = run.saved_epoch + 1 if run.saved_epoch >= 0 else None
     epochs = run.cfg.train.epochs
-    return TrainingInterrupted(run.run_dir, run.current_epoch + 1, epochs, saved, written, run.main_process)
+    return TrainingInterrupted(
+        run.run_dir, run.current_epoch + 1, epochs, saved, written, run.main_process,
+        unfinished and _validation_due(run, run.trained_epoch),
+    )  # fmt: skip
 
 
 def resolve_run_config(cfg: RunConfig | None, run_dir: Path, ckpt: dict[str, Any]) -> RunConfig:
@@ -470,7 +498,7 @@ def setup_run(cfg: RunConfig | None, run_dir: Path, *, resume: bool = False, dev
         ckpt = load_checkpoint(run_dir / "last.pt")
         cfg = resolve_run_config(cfg, run_dir, ckpt)
         done = ckpt.get("epochs_done")
-        if isinstance(done, int) and done >= cfg.train.epochs:
+        if isinstance(done, int) and done >= cfg.train.epochs and not ckpt.get("unfinished"):
             # before anything is set up or logged: a repeated --resume must not add "resume" rows
             raise RunComplete(
                 f"{run_dir} is already complete ({run_dir / 'last.pt'} holds epoch {done} of "
@@ -523,7 +551,14 @@ def setup_run(cfg: RunConfig | None, run_dir: Path, *, resume: bool = False, dev
         current_epoch=start_epoch - 1,
         trained_epoch=start_epoch - 1,
         saved_epoch=start_epoch - 1,
+        finished_epoch=start_epoch - 1,
+        logged_epoch=start_epoch - 1,
     )
+    unfinished = ckpt.get("unfinished") if ckpt is not None else None
+    if unfinished:  # a Ctrl-C in its last epoch's validation: train() finishes that epoch first
+        run.finished_epoch = start_epoch - 2
+        run.logged_epoch = start_epoch - (1 if unfinished["logged"] else 2)
+        run.epoch_row, run.epoch_rng = unfinished["training_row"], ckpt["rng"]
     if run.main_process:
         _append(run.log_path, {"kind": "run", "session": "resume" if resume else "start", "from_epoch": start_epoch + 1,
                                "device": str(torch_device), "world_size": world_size, "fold": cfg.data.fold,
@@ -652,60 +687,82 @@ def train_step(run: TrainingRun) -> dict[str, float]:
     return {k: v.item() for k, v in {"loss": loss, **{f"loss_{m}": p for m, p in parts.items()}}.items()}
 
 
-def finish_epoch(run: TrainingRun, epoch: int, losses: list[dict[str, float]], seconds: float) -> dict[str, Any]:
-    """Rank 0 after an epoch: its training row in ``metrics.jsonl``, validation when due, the best-epoch
-    criterion (:class:`BestSelection`), ``best.pt``/``last.pt``, then the validation row and
-    ``curves.png``; returns (and prints) the validation record.
+def training_row(run: TrainingRun, epoch: int, losses: list[dict[str, float]], seconds: float) -> dict[str, Any]:
+    """The ``metrics.jsonl`` row of an epoch's training: its step count, learning rate, seconds and mean losses."""
+    mean = {k: float(np.mean([r[k] for r in losses])) for k in losses[0]}
+    return {"kind": "train", "epoch": epoch + 1, "step": run.step, "lr": run.scheduler.get_last_lr()[0],
+            "seconds": seconds, **mean}  # fmt: skip
+
+
+def finish_epoch(run: TrainingRun, epoch: int) -> dict[str, Any]:
+    """Rank 0 after an epoch's training: its training row (``run.epoch_row``) in ``metrics.jsonl``, validation
+    when due, the best-epoch criterion (:class:`BestSelection`), ``best.pt``/``last.pt``, then the validation
+    row and ``curves.png``; returns (and prints) the validation record.
 
     The row is written after the checkpoints, so a Ctrl-C in between never leaves a log naming a
     best epoch that ``best.pt`` does not hold.
     """
-    t = run.cfg.train
-    mean = {k: float(np.mean([r[k] for r in losses])) for k in losses[0]}
-    _append(run.log_path, {"kind": "train", "epoch": epoch + 1, "step": run.step,
-                           "lr": run.scheduler.get_last_lr()[0], "seconds": seconds, **mean})  # fmt: skip
+    if run.logged_epoch < epoch:
+        _append(run.log_path, run.epoch_row)
+        run.logged_epoch = epoch
     record: dict[str, Any] = {"kind": "val", "epoch": epoch + 1, "step": run.step}
     selection = dataclasses.replace(run.selection)
     new_best = False
     if not run.validates:
         selection.best_epoch, new_best = epoch + 1, True  # best = last
-    elif (epoch + 1) % t.val_every == 0 or epoch + 1 == t.epochs:
+    elif _validation_due(run, epoch):
         record.update(validate(run.model, run.cfg, {m: run.data[m]["val"] for m in run.cfg.modalities}, run.device))
         new_best = selection.update(epoch + 1, record["score"])
         record["ema"] = selection.ema
     record["best_epoch"], record["new_best"] = selection.best_epoch, new_best
     save_checkpoints(run, epoch, selection, best=new_best)
+    run.selection = selection  # (not before last.pt holds it: a Ctrl-C saves the epoch unvalidated until then)
     _append(run.log_path, record)
+    run.finished_epoch = epoch
     plot_curves(run.log_path, run.run_dir / "curves.png")
     print(json.dumps(record), flush=True)
     return record
 
 
-def checkpoint_state(run: TrainingRun, epoch: int, selection: BestSelection | None = None) -> dict[str, Any]:
+def _validation_due(run: TrainingRun, epoch: int) -> bool:
+    """Whether ``epoch`` (0-based) ends with a validation: every ``val_every`` epochs and the last, given cases."""
+    t = run.cfg.train
+    return run.validates and ((epoch + 1) % t.val_every == 0 or epoch + 1 == t.epochs)
+
+
+def checkpoint_state(
+    run: TrainingRun, epoch: int, selection: BestSelection | None = None, *, unfinished: bool = False
+) -> dict[str, Any]:
     """Everything an exact resume after ``epoch`` (0-based loop index) needs, in the format of
-    :mod:`.checkpoint` (``epochs_done = epoch + 1``, tensors and plain values only), RNGs as of now."""
+    :mod:`.checkpoint` (``epochs_done = epoch + 1``, tensors and plain values only), RNGs as of now; for an
+    ``unfinished`` epoch (trained, not validated: :class:`TrainingRun`), RNGs as its training left them and
+    ``unfinished``: its training row and whether ``metrics.jsonl`` has it."""
     selection = run.selection if selection is None else selection
-    return {
+    state = {
         "config": run.cfg.to_dict(),
         "model": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(),
         "loader": run.loader.state_dict(),
-        "rng": rng_state(),
+        "rng": run.epoch_rng if unfinished and run.epoch_rng is not None else rng_state(),
         "epochs_done": epoch + 1,
         "step": run.step,
         "best": selection.best,
         "selection": selection.state_dict(),
     }
+    if unfinished:
+        state["unfinished"] = {"training_row": run.epoch_row, "logged": run.logged_epoch >= epoch}
+    return state
 
 
-def save_checkpoints(run: TrainingRun, epoch: int, selection: BestSelection, *, best: bool) -> None:
+def save_checkpoints(
+    run: TrainingRun, epoch: int, selection: BestSelection, *, best: bool, unfinished: bool = False
+) -> None:
     """``best.pt`` when ``best`` (this epoch is the new best of ``selection``), then ``last.pt``; each
-    written atomically. ``run.selection`` becomes ``selection`` once ``best.pt`` holds its best epoch."""
-    state = checkpoint_state(run, epoch, selection)
+    written atomically (``unfinished``: :func:`checkpoint_state`)."""
+    state = checkpoint_state(run, epoch, selection, unfinished=unfinished)
     if best:
         save_atomic({**state, "role": "best", "selected_by": selection.criterion}, run.run_dir / "best.pt")
-    run.selection = selection
     save_atomic({**state, "role": "last", "selected_by": None}, run.run_dir / "last.pt")
     run.saved_epoch = epoch
 
@@ -737,8 +794,9 @@ def _progress(total: int, desc: str, enabled: bool):
 
 RESUME_HELP = """\
 resuming: --resume continues the run in --out from its last.pt (written atomically after every
-epoch, and at the moment of a Ctrl-C if an epoch finished since): model, optimiser, scheduler,
-sampler position and every RNG, so the result equals an uninterrupted run's. Give either just
+epoch, and at the moment of a Ctrl-C if an epoch's training finished since; an epoch interrupted
+in its validation is validated first): model, optimiser, scheduler, sampler position and every RNG,
+so the result equals an uninterrupted run's. Give either just
 --out DIR --resume (the run's own config), or the original command line plus --resume: its config
 (--config, --set, --fold) must then equal the run's, else the differing keys are listed and nothing
 runs; only --device (train.device) may change. Ctrl-C prints the exact command that continues.

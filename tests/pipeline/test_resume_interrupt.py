@@ -3,18 +3,22 @@ command line when its config is the run's own, and lists the differing keys when
 
 from __future__ import annotations
 
+import json
+import math
 import shlex
 from pathlib import Path
 
 import pytest
+import torch
 
+from aqcf_kernels import tuning
 from aqcf_kernels.pipeline import train as tr
 from aqcf_kernels.pipeline.checkpoint import load_checkpoint, load_for_inference
 
 
 def _args(datasets, out: Path, **extra: object) -> list[str]:
     args = ["--out", str(out)]
-    for item in datasets.overrides("ct", train__epochs=2, train__steps_per_epoch=1, **extra):
+    for item in datasets.overrides("ct", **{"train__epochs": 2, "train__steps_per_epoch": 1, **extra}):
         args += ["--set", item]
     return args
 
@@ -106,28 +110,67 @@ def test_ctrl_c_during_an_epoch(datasets, tmp_path: Path, monkeypatch, capsys) -
     assert load_checkpoint(out / "last.pt")["epochs_done"] == 2
 
 
-def test_ctrl_c_during_validation_saves_the_finished_epoch(datasets, tmp_path: Path, monkeypatch, capsys) -> None:
-    """The training steps of epoch 2 finished, its validation was interrupted: last.pt is written at that
-    moment (epoch 2), atomically, and the line says so."""
+def _validate_drawing_from_the_rng(model, cfg, val_cases, device):
+    """A validation whose score depends on the weights and on a draw from torch's RNG (as an augmenting one's
+    would): a resumed run that validated other weights or from another RNG state scores differently."""
+    weights = sum(float(p.detach().double().sum()) for p in model.parameters())
+    score = abs(math.sin(weights)) * 0.5 + 0.5 * float(torch.rand(()))
+    return {"ct_dice_liver": score, "ct_dice_tumour": score, "score": score}
+
+
+def _rows(out: Path) -> list[dict]:
+    """metrics.jsonl's training and validation rows, without their timings."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows if r["kind"] in ("train", "val")]
+
+
+@pytest.mark.parametrize("epoch", [2, 3], ids=["middle", "last"])
+def test_ctrl_c_during_validation_saves_the_trained_epoch_and_resume_validates_it(
+    datasets, tmp_path: Path, monkeypatch, capsys, epoch: int
+) -> None:
+    """The training steps of an epoch finished, its validation was interrupted: last.pt is written at that
+    moment, atomically, and the line says so; --resume validates that epoch first, from the RNG states its
+    training left, so every row, the EMA, best.pt and last.pt equal an uninterrupted run's (the validation
+    was skipped before, and the EMA that picks best.pt came out different)."""
+    # (the rule's conv algorithms: measuring, 'auto' computes a signature's first calls with each candidate in
+    # turn, so the first run's weights would differ from the second's in the last bits)
+    monkeypatch.setattr(tuning, "mode", "heuristic")
+    args = _args(datasets, tmp_path / "straight", train__epochs=3)
+    monkeypatch.setattr(tr, "validate", _validate_drawing_from_the_rng)
+    assert tr.main(args) == 0
     out = tmp_path / "run"
-    args = _args(datasets, out)
+    args = _args(datasets, out, train__epochs=3)
     calls: list[int] = []
 
-    def validate(model, cfg, val_cases, device):
+    def interrupted(*a):
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == epoch:
+            torch.rand(())  # the validation drew from the RNG before the Ctrl-C
             raise KeyboardInterrupt
-        return {"ct_dice_liver": 0.5, "ct_dice_tumour": 0.1, "score": 0.3}
+        return _validate_drawing_from_the_rng(*a)
 
-    monkeypatch.setattr(tr, "validate", validate)
+    monkeypatch.setattr(tr, "validate", interrupted)
+    capsys.readouterr()
     assert tr.main(args) == 130
     line = _interrupt_line(capsys.readouterr().err)
-    assert line.startswith(f"aqcf-train: interrupted in epoch 2/2: saved {out / 'last.pt'} (epoch 2, written now);")
+    assert line.startswith(
+        f"aqcf-train: interrupted in epoch {epoch}/3: saved {out / 'last.pt'} (epoch {epoch}, written now; its "
+        "validation runs first when resumed);"
+    )
     assert line.endswith(shlex.join(["aqcf-train", *args, "--resume"]))
     ckpt = load_checkpoint(out / "last.pt")
-    assert ckpt["epochs_done"] == 2 and ckpt["step"] == 2 and ckpt["role"] == "last"
-    assert load_checkpoint(out / "best.pt")["epochs_done"] == 1  # best.pt is the validated epoch 1, untouched
+    assert ckpt["epochs_done"] == epoch and ckpt["step"] == epoch and ckpt["role"] == "last"
+    assert ckpt["unfinished"]["logged"] is True
+    assert load_checkpoint(out / "best.pt")["epochs_done"] < epoch  # best.pt holds a validated epoch, untouched
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+    monkeypatch.setattr(tr, "validate", _validate_drawing_from_the_rng)
+    assert tr.main([*args, "--resume"]) == 0
+    assert _rows(out) == _rows(tmp_path / "straight")
+    for name in ("last.pt", "best.pt"):
+        a, b = load_checkpoint(tmp_path / "straight" / name), load_checkpoint(out / name)
+        assert (a["epochs_done"], a["selection"]) == (b["epochs_done"], b["selection"]), name
+        assert "unfinished" not in b and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), name
 
 
 @pytest.mark.parametrize("resumed", [False, True])

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from aqcf_kernels import tuning
 from aqcf_kernels.pipeline import checkpoint as ckpt_module
 from aqcf_kernels.pipeline.checkpoint import load_checkpoint, save_atomic
 from aqcf_kernels.pipeline.train import main as train_main
@@ -29,8 +30,11 @@ def _crashing_save(obj, f, *args, **kwargs) -> None:
 
 
 def test_resume_matches_uninterrupted_run(datasets, tmp_path: Path, monkeypatch) -> None:
-    """2 epochs in one go == 1 epoch, a crash while saving epoch 2, then --resume (model, optimiser, step)."""
-    cfg = datasets.config("joint", train__epochs=2, train__augment=True)
+    """2 epochs in one go == 1 epoch, a crash while saving epoch 2, then --resume (model, optimiser, step), with
+    dropout: its masks come from torch's global RNG, which the resumed process's new data loader iterator drew
+    from (its workers' seed) where the unbroken run's did not, so every later mask differed."""
+    monkeypatch.setattr(tuning, "mode", "heuristic")  # (tests/pipeline/test_resume_interrupt.py says why)
+    cfg = datasets.config("joint", train__epochs=2, train__augment=True, model__dropout=0.3)
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     train(cfg, straight)
     train(cfg, interrupted, max_epochs_this_run=1)
