@@ -47,6 +47,7 @@ def qcat(tensors: Sequence[Tensor], dim: int = 1) -> Tensor:
     """Concatenate quaternion tensors per component: ``[r_a r_b | i_a i_b | j_a j_b | k_a k_b]``."""
     if len(tensors) == 0:
         raise ValueError("qcat: expected at least one tensor")
+    _check_cat_shapes(tensors, _nonnegative_dim(tensors[0], dim))
     if dim == 1 and all(is_channels_last(t) for t in tensors):
         # Channels innermost: concatenate along the last axis of the (N, *spatial, C) view, so the
         # result is channels_last too (a cat of the (N, 4, Cq, *spatial) views would write a
@@ -57,6 +58,22 @@ def qcat(tensors: Sequence[Tensor], dim: int = 1) -> Tensor:
     dim = _nonnegative_dim(tensors[0], dim)
     parts = [as_components(t, dim) for t in tensors]
     return from_components(torch.cat(parts, dim=dim + 1), dim)
+
+
+def _check_cat_shapes(tensors: Sequence[Tensor], dim: int) -> None:
+    """Every tensor's shape equals the first's except along ``dim``, or a ValueError naming the tensor and the
+    dimension in the caller's terms (torch.cat's own error would name a dimension of the component view)."""
+    first = tensors[0]
+    for i, t in enumerate(tensors[1:], start=1):
+        if not isinstance(t, Tensor) or not isinstance(first, Tensor) or not 0 <= dim < first.dim():
+            return  # (not tensors, or dim out of range: as_components says so)
+        differ = [d for d in range(first.dim()) if d != dim and (d >= t.dim() or t.shape[d] != first.shape[d])]
+        if t.dim() != first.dim() or differ:
+            where = "the number of dimensions" if t.dim() != first.dim() else f"dimension {differ[0]}"
+            raise ValueError(
+                f"qcat: tensor {i} has shape {tuple(t.shape)} and tensor 0 {tuple(first.shape)}: they differ in "
+                f"{where}; sizes must match except along dim={dim}, the quaternion channels joined"
+            )
 
 
 def _nonnegative_dim(x: Tensor, dim: int) -> int:

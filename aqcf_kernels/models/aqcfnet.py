@@ -301,11 +301,13 @@ class AQCFNet(nn.Module):
             raise ValueError(f"AQCFNet.forward: {name} is on {x.device}, the model on {weight.device}")
         autocast = torch.is_autocast_enabled(x.device.type)
         if x.dtype != weight.dtype and not (autocast and x.is_floating_point()):
-            raise TypeError(
-                f"AQCFNet.forward: {name} has dtype {x.dtype}, the model {weight.dtype}: pass a "
-                f"{'normalised ' if not x.is_floating_point() else ''}{weight.dtype} image, or move the model "
-                f"with .to({x.dtype}) (or run under torch.autocast)"
-            )
+            if not x.is_floating_point():  # (a model can't be moved to an integer dtype, nor autocast take one)
+                advice = f"pass a normalised {weight.dtype} image (e.g. a scanner's integers scaled to ~[-1, 1])"
+            else:
+                advice = (
+                    f"pass a {weight.dtype} image, or move the model with .to({x.dtype}) (or run under torch.autocast)"
+                )
+            raise TypeError(f"AQCFNet.forward: {name} has dtype {x.dtype}, the model {weight.dtype}: {advice}")
 
     def _channels_last(self, x: Tensor) -> bool:
         fmt = self.options.memory_format

@@ -60,7 +60,15 @@ from torch import Tensor, nn
 from .._help import plain_text
 from ..data.outputs import check_output_dir, output_dir
 from .checkpoint import build_model, load_checkpoint, save_atomic
-from .config import RESUME_MAY_CHANGE, RunConfig, apply_override, config_diff, format_diff, load_config
+from .config import (
+    RESUME_MAY_CHANGE,
+    RunConfig,
+    apply_override,
+    apply_overrides,
+    config_diff,
+    format_diff,
+    load_config,
+)
 from .data import SPLIT_FILE, SingleStream, make_loader, prepare_data
 from .device import DEVICE_CHOICES_HELP, resolve_device
 from .inference import predict_case_labels
@@ -799,7 +807,8 @@ in its validation is validated first): model, optimiser, scheduler, sampler posi
 so the result equals an uninterrupted run's. Give either just
 --out DIR --resume (the run's own config), or the original command line plus --resume: its config
 (--config, --set, --fold) must then equal the run's, else the differing keys are listed and nothing
-runs; only --device (train.device) may change. Ctrl-C prints the exact command that continues.
+runs; only --device (train.device) may change. --set and --fold without --config apply to the run's
+own config. Ctrl-C prints the exact command that continues.
 
 best.pt: the epoch with the highest EMA (alpha 0.9, started at 0 so that a lucky early validation
 cannot win) of the mean foreground Dice (liver and tumour, every modality) on the validation
@@ -847,9 +856,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _command_config(args: argparse.Namespace) -> RunConfig:
-    """The config the command line describes: --config, then --set, then --fold and --device."""
-    cfg = load_config(args.config, args.set)
+def _command_config(args: argparse.Namespace, base: Path | None = None) -> RunConfig:
+    """The config the command line describes: --config (or the run's own, from the checkpoint ``base``: a
+    ``--resume`` with ``--set`` but no ``--config`` is compared on what it sets, not on every default), then
+    --set, then --fold and --device."""
+    if base is None:
+        cfg = load_config(args.config, args.set)
+    else:
+        cfg = RunConfig.from_dict(load_checkpoint(base)["config"], f"{base} (config)")
+        apply_overrides(cfg, args.set)
     if args.fold is not None:
         apply_override(cfg, "data.fold", args.fold, "--fold")
     if args.device is not None:
@@ -882,8 +897,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.resume:
             if not (args.out / "last.pt").is_file():
                 raise FileNotFoundError(f"--resume: {args.out} holds no run to continue (no last.pt)")
-            given = args.config or args.set or args.fold is not None
-            cfg = _command_config(args) if given else None
+            if args.config is not None:
+                cfg = _command_config(args)
+            elif args.set or args.fold is not None:
+                cfg = _command_config(args, base=args.out / "last.pt")
+            else:
+                cfg = None
         else:
             cfg = _command_config(args)
             cfg.check_data_roots()

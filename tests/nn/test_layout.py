@@ -84,3 +84,27 @@ def test_qsplit_names_the_quaternion_count() -> None:
     with pytest.raises(ValueError, match="got \\[1, -1, 4\\]"):
         qsplit(x, [1, -1, 4])
     assert [p.shape[1] for p in qsplit(x, [1, 3])] == [4, 12]
+
+
+@pytest.mark.parametrize(
+    ("shapes", "dim", "named"),
+    [
+        ([(2, 8, 3, 3), (2, 4, 4, 3)], 1, "dimension 2"),
+        ([(2, 8, 3, 3), (3, 4, 3, 3)], 1, "dimension 0"),
+        ([(2, 8, 3, 3), (2, 4, 3)], 1, "the number of dimensions"),
+        ([(2, 3, 8), (2, 4, 4)], -1, "dimension 1"),
+    ],
+)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_qcat_names_the_mismatched_tensor_and_dimension(shapes, dim, named, channels_last) -> None:
+    """In the caller's terms, before torch.cat of the component views named a dimension of its own (2 for the
+    batch mismatch of two NCHW tensors)."""
+    parts = [rand(*s, seed=i) for i, s in enumerate(shapes)]
+    if channels_last:
+        parts = [p.contiguous(memory_format=torch.channels_last) if p.dim() == 4 else p for p in parts]
+    joined = dim % len(shapes[0])
+    message = (
+        rf"qcat: tensor 1 has shape \({', '.join(map(str, shapes[1]))},?\) and tensor 0 .* {named}; .* dim={joined}"
+    )
+    with pytest.raises(ValueError, match=message):
+        qcat(parts, dim=dim)

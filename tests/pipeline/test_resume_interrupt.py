@@ -67,6 +67,13 @@ def test_resume_with_another_config_lists_the_differences(datasets, tmp_path: Pa
     assert tr.main([*args, "--resume", "--device", "cpu"]) == 0
     ckpt = load_checkpoint(out / "last.pt")
     assert ckpt["epochs_done"] == 2 and ckpt["config"]["train"]["device"] == "cpu"
+    # --set without --config is compared on what it sets, on top of the run's own config: only the key typed is
+    # listed (it listed every default the run had overridden)
+    capsys.readouterr()
+    assert tr.main(["--out", str(out), "--resume", "--set", "train.epochs=3"]) == 2
+    err = capsys.readouterr().err
+    assert "differs from the run's own" in err and "train.epochs: 2 → 3" in err and "data.ct_root" not in err, err
+    assert tr.main(["--out", str(out), "--resume", "--set", "train.device=cpu"]) == 0  # the one key that may change
     # Just --out DIR --resume uses the run's own config (here: nothing left to train).
     assert tr.main(["--out", str(out), "--resume"]) == 0
     assert load_checkpoint(out / "last.pt")["epochs_done"] == 2
