@@ -311,3 +311,23 @@ def test_fx_graph_mode_quantization_keeps_the_quaternion_layers_in_float():
     assert type(quantized.stem).__module__.startswith("torch.ao.nn.quantized")
     want = model(x)
     assert_close(quantized(x), want, rtol=0, atol=0.05 * float(want.abs().max()))
+
+
+def test_torchscript_traces_the_custom_ops_and_refuses_scripting():
+    """``torch.jit.trace`` records the layer's ``aqcf`` op, and the saved trace gives eager mode's output when
+    loaded back (the op is found through the registration ``import aqcf_kernels`` makes); ``torch.jit.script``
+    refuses the modules, as the README says."""
+    layer = qnn.QuaternionConv2d(8, 12, 3, padding=1, algorithm="hamilton").eval()
+    x = torch.randn(2, 8, 5, 7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the tracer's warnings about Python values it bakes in)
+        traced = torch.jit.trace(layer, x)
+    assert "aqcf::qconv" in str(traced.graph)
+    buffer = io.BytesIO()
+    torch.jit.save(traced, buffer)
+    buffer.seek(0)
+    loaded = torch.jit.load(buffer)
+    y = torch.randn(3, 8, 5, 7)  # another batch: the trace is not the one input it was made with
+    assert_close(loaded(y), layer(y), rtol=1e-5, atol=1e-5)  # (auto may time another backend for a new size)
+    with pytest.raises(torch.jit.frontend.NotSupportedError):
+        torch.jit.script(layer)
