@@ -64,6 +64,21 @@ def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _check_dtypes(fn: str, input: Tensor, **tensors: Tensor | None) -> None:
+    """torch's rule for its norms: the affine parameters and running statistics have the input's dtype, or
+    float32 for a half-precision input (its mixed mode, as under autocast). A float64 input through float32
+    parameters was normalised in float64 without a word, its float32 running statistics updated from it, where
+    torch.nn's norms and this package's convs refuse it."""
+    allowed = (input.dtype, torch.float32) if input.dtype in (torch.float16, torch.bfloat16) else (input.dtype,)
+    for name, t in tensors.items():
+        if t is not None and t.dtype not in allowed:
+            also = " (or float32 for a half-precision input)" if len(allowed) > 1 else ""
+            raise TypeError(
+                f"{fn}: {name} has dtype {t.dtype}, the input {input.dtype}: they must match{also}; move the "
+                f"module with .to({input.dtype}) or pass a {t.dtype} input"
+            )
+
+
 def _check_shape(fn: str, name: str, t: Tensor | None, shape: tuple[int, ...]) -> None:
     if t is not None and tuple(t.shape) != shape:
         raise ValueError(f"{fn}: {name} must have shape {shape}, got {tuple(t.shape)}")
@@ -207,6 +222,7 @@ def _quaternion_norm(
         raise ValueError(f"{fn}: activation must be None or one of {ACTIVATIONS}, got {activation!r}")
     if not input.is_floating_point():  # (torch's norms refuse integers too, instead of truncating)
         raise TypeError(f"{fn}: input must be a floating-point tensor, got {input.dtype}")
+    _check_dtypes(fn, input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
     # values per statistic: the spatial size, times the batch for batch norm (no view made to count them)
     count = math.prod(input.shape[2:]) * (1 if per_sample else input.shape[0])
     # An empty input (a zero-size batch or spatial dim) is normalised to an empty output, the running
@@ -555,7 +571,12 @@ class _QuaternionNorm(nn.Module):
                 f"{type(self).__name__}: eps must be positive to normalise by a batch's statistics, and never "
                 f"negative; got eps={self.eps}"
             )
-        # torch.nn.BatchNorm's bookkeeping: count batches, and momentum=None means a cumulative average.
+        name, running_var = type(self).__name__, getattr(self, self._var_name)
+        _check_dtypes(
+            name, x, weight=self.weight, bias=self.bias, running_mean=self.running_mean, running_var=running_var
+        )
+        # torch.nn.BatchNorm's bookkeeping (after the checks: a refused batch is not counted): count batches, and
+        # momentum=None means a cumulative average.
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)

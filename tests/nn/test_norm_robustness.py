@@ -292,3 +292,47 @@ def test_running_statistics_follow_torch_batch_norm(fused):
     no_stats = QuaternionBatchNorm2d(8, track_running_stats=False).double()
     no_stats.fused = fused
     torch.testing.assert_close(no_stats.eval()(x), no_stats.train()(x))
+
+
+DTYPE_PAIRS = [
+    (torch.float64, torch.float32),
+    (torch.float32, torch.float64),
+    (torch.float32, torch.bfloat16),
+    (torch.bfloat16, torch.float64),
+    (torch.bfloat16, torch.float32),  # torch's mixed mode (a half input, float32 parameters): accepted
+    (torch.float16, torch.float32),
+    (torch.float64, torch.float64),
+]
+
+
+@pytest.mark.parametrize(("input_dtype", "module_dtype"), DTYPE_PAIRS, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize(
+    ("ours", "theirs"),
+    [
+        (lambda: QuaternionBatchNorm2d(8), lambda: nn.BatchNorm2d(8)),
+        (lambda: QuaternionInstanceNorm2d(8, affine=True), lambda: nn.InstanceNorm2d(8, affine=True)),
+        (lambda: QuaternionInstanceNorm2d(8), lambda: nn.InstanceNorm2d(8)),  # no parameters: any input
+        (lambda: QuaternionBatchNorm2d(8, whiten=True), lambda: nn.BatchNorm2d(8)),
+    ],
+    ids=["batch", "instance-affine", "instance", "batch-whiten"],
+)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_a_dtype_mismatch_is_refused_where_torch_refuses_it(input_dtype, module_dtype, ours, theirs, training):
+    """An input whose dtype differs from the norm's parameters and running statistics is refused as torch.nn's
+    norms refuse it, naming the tensor (a float64 batch through float32 parameters was normalised in float64
+    without a word, the float32 running statistics updated from it); half precision over float32 parameters
+    (torch's mixed mode, autocast's) is accepted, in the input's dtype."""
+    x = torch.randn(2, 8, 4, 5, dtype=input_dtype)
+    layer, twin = ours().to(module_dtype).train(training), theirs().to(module_dtype).train(training)
+    try:
+        twin(x)
+        refused = False
+    except RuntimeError:
+        refused = True
+    if refused:
+        before = [b.clone() for b in layer.buffers()]
+        with pytest.raises(TypeError, match=rf"has dtype {module_dtype}, the input {input_dtype}: they must match"):
+            layer(x)
+        assert all(torch.equal(a, b) for a, b in zip(before, layer.buffers(), strict=True))  # nothing updated
+    else:
+        assert layer(x).dtype == input_dtype
