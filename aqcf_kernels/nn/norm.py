@@ -65,10 +65,12 @@ def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _check_dtypes(fn: str, input: Tensor, **tensors: Tensor | None) -> None:
-    """A floating-point input, and torch's rule for its norms: the affine parameters and running statistics have
-    the input's dtype, or float32 for a half-precision input (its mixed mode, as under autocast). A float64 input
-    through float32 parameters was normalised in float64 without a word, its float32 running statistics updated
-    from it, where torch.nn's norms and this package's convs refuse it."""
+    """A module's input: floating-point, and by torch.nn's rule for its norms, the affine parameters and running
+    statistics have the input's dtype, or float32 for a half-precision input (its mixed mode, as under autocast).
+    A float64 input through float32 parameters was normalised in float64 without a word, its float32 running
+    statistics updated from it, where torch.nn's norms and this package's convs refuse it. (The shared body,
+    :func:`_quaternion_norm`, and the ops take statistics in another dtype on purpose: the lowerings, the eval
+    statistics of the fused op, the tests' float64 references on a module's float32 statistics.)"""
     if not input.is_floating_point():  # (torch's norms refuse integers too, instead of truncating)
         raise TypeError(f"{fn}: input must be a floating-point tensor, got {input.dtype}")
     allowed = (input.dtype, torch.float32) if input.dtype in (torch.float16, torch.bfloat16) else (input.dtype,)
@@ -222,7 +224,8 @@ def _quaternion_norm(
 
     if activation is not None and activation not in ACTIVATIONS:
         raise ValueError(f"{fn}: activation must be None or one of {ACTIVATIONS}, got {activation!r}")
-    _check_dtypes(fn, input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
+    if not input.is_floating_point():  # (torch's norms refuse integers too, instead of truncating)
+        raise TypeError(f"{fn}: input must be a floating-point tensor, got {input.dtype}")
     # values per statistic: the spatial size, times the batch for batch norm (no view made to count them)
     count = math.prod(input.shape[2:]) * (1 if per_sample else input.shape[0])
     # An empty input (a zero-size batch or spatial dim) is normalised to an empty output, the running
