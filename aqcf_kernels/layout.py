@@ -64,16 +64,22 @@ def _check_cat_shapes(tensors: Sequence[Tensor], dim: int) -> None:
     """Every tensor's shape equals the first's except along ``dim``, or a ValueError naming the tensor and the
     dimension in the caller's terms (torch.cat's own error would name a dimension of the component view)."""
     first = tensors[0]
+    if not isinstance(first, Tensor) or not 0 <= dim < first.dim():
+        return  # (dim out of range: as_components says so)
     for i, t in enumerate(tensors[1:], start=1):
-        if not isinstance(t, Tensor) or not isinstance(first, Tensor) or not 0 <= dim < first.dim():
-            return  # (not tensors, or dim out of range: as_components says so)
-        differ = [d for d in range(first.dim()) if d != dim and (d >= t.dim() or t.shape[d] != first.shape[d])]
-        if t.dim() != first.dim() or differ:
-            where = "the number of dimensions" if t.dim() != first.dim() else f"dimension {differ[0]}"
-            raise ValueError(
-                f"qcat: tensor {i} has shape {tuple(t.shape)} and tensor 0 {tuple(first.shape)}: they differ in "
-                f"{where}; sizes must match except along dim={dim}, the quaternion channels joined"
-            )
+        if not isinstance(t, Tensor):
+            return
+        if t.dim() != first.dim():
+            where = "the number of dimensions"
+        else:
+            differ = [d for d in range(t.dim()) if d != dim and t.shape[d] != first.shape[d]]
+            if not differ:
+                continue
+            where = f"dimension {differ[0]}"
+        raise ValueError(
+            f"qcat: tensor {i} has shape {tuple(t.shape)} and tensor 0 {tuple(first.shape)}: they differ in "
+            f"{where}; sizes must match except along dim={dim}, the quaternion channels joined"
+        )
 
 
 def _nonnegative_dim(x: Tensor, dim: int) -> int:

@@ -224,8 +224,7 @@ def _quaternion_norm(
 
     if activation is not None and activation not in ACTIVATIONS:
         raise ValueError(f"{fn}: activation must be None or one of {ACTIVATIONS}, got {activation!r}")
-    if not input.is_floating_point():  # (torch's norms refuse integers too, instead of truncating)
-        raise TypeError(f"{fn}: input must be a floating-point tensor, got {input.dtype}")
+    _check_dtypes(fn, input)  # (floating point; the statistics may have another dtype here: see there)
     # values per statistic: the spatial size, times the batch for batch norm (no view made to count them)
     count = math.prod(input.shape[2:]) * (1 if per_sample else input.shape[0])
     # An empty input (a zero-size batch or spatial dim) is normalised to an empty output, the running
