@@ -505,6 +505,8 @@ def setup_run(cfg: RunConfig | None, run_dir: Path, *, resume: bool = False, dev
     if resume:
         ckpt = load_checkpoint(run_dir / "last.pt")
         cfg = resolve_run_config(cfg, run_dir, ckpt)
+        if int(os.environ.get("RANK", "0")) == 0:
+            _log_saved_validation(run_dir, ckpt)
         done = ckpt.get("epochs_done")
         if isinstance(done, int) and done >= cfg.train.epochs and not ckpt.get("unfinished"):
             # before anything is set up or logged: a repeated --resume must not add "resume" rows
@@ -708,7 +710,8 @@ def finish_epoch(run: TrainingRun, epoch: int) -> dict[str, Any]:
     row and ``curves.png``; returns (and prints) the validation record.
 
     The row is written after the checkpoints, so a Ctrl-C in between never leaves a log naming a
-    best epoch that ``best.pt`` does not hold.
+    best epoch that ``best.pt`` does not hold; ``last.pt`` carries the row (``val_row``), and ``--resume``
+    appends it if the Ctrl-C came before it was (:func:`_log_saved_validation`).
     """
     if run.logged_epoch < epoch:
         _append(run.log_path, run.epoch_row)
@@ -723,13 +726,31 @@ def finish_epoch(run: TrainingRun, epoch: int) -> dict[str, Any]:
         new_best = selection.update(epoch + 1, record["score"])
         record["ema"] = selection.ema
     record["best_epoch"], record["new_best"] = selection.best_epoch, new_best
-    save_checkpoints(run, epoch, selection, best=new_best)
+    save_checkpoints(run, epoch, selection, best=new_best, val_row=record)
     run.selection = selection  # (not before last.pt holds it: a Ctrl-C saves the epoch unvalidated until then)
     _append(run.log_path, record)
     run.finished_epoch = epoch
     plot_curves(run.log_path, run.run_dir / "curves.png")
     print(json.dumps(record), flush=True)
     return record
+
+
+def _log_saved_validation(run_dir: Path, ckpt: dict[str, Any]) -> None:
+    """Append ``last.pt``'s validation row to ``metrics.jsonl`` (and redraw ``curves.png``) unless the log has it:
+    :func:`finish_epoch` writes it just after ``last.pt``, so a Ctrl-C in between left the log without it."""
+    row = ckpt.get("val_row")
+    if not isinstance(row, dict) or ckpt.get("unfinished"):
+        return
+    log = run_dir / "metrics.jsonl"
+    for line in log.read_text().splitlines() if log.is_file() else []:
+        try:
+            logged = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(logged, dict) and logged.get("kind") == "val" and logged.get("epoch") == row.get("epoch"):
+            return
+    _append(log, row)
+    plot_curves(log, run_dir / "curves.png")
 
 
 def _validation_due(run: TrainingRun, epoch: int) -> bool:
@@ -764,14 +785,24 @@ def checkpoint_state(
 
 
 def save_checkpoints(
-    run: TrainingRun, epoch: int, selection: BestSelection, *, best: bool, unfinished: bool = False
+    run: TrainingRun,
+    epoch: int,
+    selection: BestSelection,
+    *,
+    best: bool,
+    unfinished: bool = False,
+    val_row: dict[str, Any] | None = None,
 ) -> None:
     """``best.pt`` when ``best`` (this epoch is the new best of ``selection``), then ``last.pt``; each
-    written atomically (``unfinished``: :func:`checkpoint_state`)."""
+    written atomically (``unfinished``: :func:`checkpoint_state`). ``last.pt`` also holds ``val_row``, the
+    ``metrics.jsonl`` row about to follow it (:func:`_log_saved_validation`)."""
     state = checkpoint_state(run, epoch, selection, unfinished=unfinished)
     if best:
         save_atomic({**state, "role": "best", "selected_by": selection.criterion}, run.run_dir / "best.pt")
-    save_atomic({**state, "role": "last", "selected_by": None}, run.run_dir / "last.pt")
+    last = {**state, "role": "last", "selected_by": None}
+    if val_row is not None:
+        last["val_row"] = val_row
+    save_atomic(last, run.run_dir / "last.pt")
     run.saved_epoch = epoch
 
 

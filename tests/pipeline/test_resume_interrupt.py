@@ -180,6 +180,38 @@ def test_ctrl_c_during_validation_saves_the_trained_epoch_and_resume_validates_i
         assert "unfinished" not in b and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), name
 
 
+@pytest.mark.parametrize("epoch", [1, 2], ids=["middle", "last"])
+def test_ctrl_c_between_last_pt_and_its_validation_row_loses_no_row(
+    datasets, tmp_path: Path, monkeypatch, capsys, epoch: int
+) -> None:
+    """A Ctrl-C after an epoch's last.pt is written and before its validation row reaches metrics.jsonl: the
+    epoch is finished (last.pt holds it, validated); --resume appends the missing row, also when the run has no
+    epoch left to train, and the rows equal an uninterrupted run's (the row was lost before)."""
+    monkeypatch.setattr(tuning, "mode", "heuristic")
+    monkeypatch.setattr(tr, "validate", _validate_drawing_from_the_rng)
+    assert tr.main(_args(datasets, tmp_path / "straight")) == 0
+    out = tmp_path / "run"
+    args = _args(datasets, out)
+    save_checkpoints = tr.save_checkpoints
+
+    def interrupted_after_saving(run, saved_epoch, *a, **kw):
+        save_checkpoints(run, saved_epoch, *a, **kw)
+        if saved_epoch + 1 == epoch:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(tr, "save_checkpoints", interrupted_after_saving)
+    capsys.readouterr()
+    assert tr.main(args) == 130
+    line = _interrupt_line(capsys.readouterr().err)
+    assert line.startswith(f"aqcf-train: interrupted in epoch {epoch}/2: {out / 'last.pt'} holds epoch {epoch}")
+    assert [r["epoch"] for r in _rows(out) if r["kind"] == "val"] == list(range(1, epoch))
+    monkeypatch.setattr(tr, "save_checkpoints", save_checkpoints)
+    assert tr.main([*args, "--resume"]) == 0
+    assert _rows(out) == _rows(tmp_path / "straight")
+    assert tr.main([*args, "--resume"]) == 0  # the row is not appended twice
+    assert _rows(out) == _rows(tmp_path / "straight")
+
+
 @pytest.mark.parametrize("resumed", [False, True])
 def test_ctrl_c_before_any_epoch_finished(datasets, tmp_path: Path, monkeypatch, capsys, resumed: bool) -> None:
     out = tmp_path / "run"
