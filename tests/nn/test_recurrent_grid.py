@@ -42,8 +42,9 @@ Criteria, ``‖got − want‖ / ‖want‖`` per tensor against the float64 ref
 * float32: FP32_FACTOR (4) x, bfloat16: HALF_FACTOR (2) x the error of the same reference run in that dtype;
 * SENSITIVITY (4) x the example's sensitivity to roundings (:func:`reference`'s ``noise``): the largest relative
   change of the result over NOISE_DRAWS runs of the float64 reference with every projection, every step's gates
-  and every new state times ``1 + eps·u`` (``u`` uniform in [−1, 1], eps the dtype's): the error that one rounding
-  of each intermediate makes in exact arithmetic otherwise.
+  and every new state times ``1 + eps·u`` (``u`` uniform in [−1, 1], eps the dtype's), MORE_NOISE_DRAWS where the
+  error exceeds the bound after those: the error that one rounding of each intermediate makes in exact arithmetic
+  otherwise.
 
 The last two are computed only where an error exceeds the base (they are proof that the excess is rounding). They
 are the principled allowance for cancellation: a parameter gradient sums its per-step, per-sequence terms, the
@@ -72,7 +73,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _grid import grid
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
@@ -714,7 +715,15 @@ KINK = 64.0
 #: 1.2e-4); the sensitivity 1.1e-5 on that tensor, 4e-5 to 1e-4 on the others: no sign of a fault (the same example
 #: in float64 is 4e-12 off, on both routes). With it, on 3,000 float32 examples the largest error was 0.55 of its
 #: bound. Three draws, the largest: one draw can be lucky too, on a tensor whose error one intermediate dominates.
-SENSITIVITY, NOISE_DRAWS = 4.0, 3
+#: Where the error still exceeds the bound, MORE_NOISE_DRAWS before it fails: a bf16 LiGRU (1 -> 3 quaternions,
+#: 2 layers, 6 steps, leaky ReLU 0.3, eval norm, weight scale 2.5, seed 144) had h_n 0.123 off against a bound of
+#: 0.111 (3 draws, the largest 0.0278; the bf16 reference 0.011). Its last step's update-gate pre-activation is
+#: the sum of +106 and -109 (exactly -2.6; the layer's 9.9 from inputs 2% off, as layer 0's bf16 outputs were):
+#: its sign decides whether h_n keeps the state or takes the candidate. Over 200 draws of the perturbed float64
+#: reference, h_n's error had median 0.044 and 56 draws at or above the layer's (18 of 200 with half the noise, one
+#: rounding's size): the example is ill-conditioned and three draws are a sample too small for it, while a fault
+#: (an O(1) error) stays far above any of them. Extra draws run only on such rare examples.
+SENSITIVITY, NOISE_DRAWS, MORE_NOISE_DRAWS = 4.0, 3, 30
 
 
 def _flat(r: Results) -> dict[str, Tensor]:
@@ -749,6 +758,11 @@ def _check(c: RecurrentCase, dtype: torch.dtype, measure: bool = False) -> list[
             lo_error = lo_error if math.isfinite(lo_error) else 0.0  # the reference in the dtype broke down: no bound
             sensitivity = max(_rel(s[what], truth[what]) for s in sensitive)
         bound = max(base, factor * lo_error, SENSITIVITY * sensitivity)
+        if error > bound and len(sensitive) < MORE_NOISE_DRAWS:  # an ill-conditioned example, or a fault
+            noisy = range(len(sensitive), MORE_NOISE_DRAWS)
+            sensitive += [_flat(run_reference(c, F64, dtype, layer, buffers, eps, d)[0]) for d in noisy]
+            sensitivity = max(_rel(s[what], truth[what]) for s in sensitive)
+            bound = max(bound, SENSITIVITY * sensitivity)
         results.append((what, error, lo_error, bound, sensitivity))
         assert error <= bound, (
             f"{dtype} {what}: relative error {error:.3g} ({error / eps:.3g} eps), the reference's in {dtype} "
@@ -770,8 +784,20 @@ def test_float32_within_the_contract(c):
     _check(c, F32)
 
 
+#: The ill-conditioned bf16 example of MORE_NOISE_DRAWS, kept as an explicit case.
+ILL_CONDITIONED_LIGRU = RecurrentCase(
+    mode="ligru", iq=1, hq=3, num_layers=2, bidirectional=False, batch_first=False, unbatched=True, lengths=(6,),
+    packed=False, enforce_sorted=False, layout="contiguous", states="none", states_as_list=False, bias=False,
+    nonlinearity="leaky_relu", negative_slope=0.3, normalization="batchnorm", norm_eps=1e-4, norm_momentum=0.1,
+    training=False, dropout=0.0, algorithm="hamilton", route="default", params="random", init="quaternion",
+    init_criterion="glorot", weight_scale=2.5, input_grad=True, state_grad=True, frozen="none", grad_mode=True,
+    seed=144,
+)  # fmt: skip
+
+
 @BF16_GRID
 @given(c=recurrent_cases(BF16))
+@example(c=ILL_CONDITIONED_LIGRU)
 def test_bfloat16_within_twice_the_references_error(c):
     _check(c, BF16)
 
